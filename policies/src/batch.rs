@@ -1,0 +1,146 @@
+//! A batch of token sequences with its attention mask and position ids.
+
+use crate::error::PolicyError;
+
+/// `B` rows of `T` token ids, row-major, with a padding mask and per-token positions.
+///
+/// Positions follow transformers 5: `cumsum(attention_mask) - 1`, and 0 at pads. So a
+/// left-padded row sees the same positions at its real tokens as the unpadded sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// Rows.
+    pub b: usize,
+    /// Columns.
+    pub t: usize,
+    /// Token ids `(B·T)`.
+    pub ids: Vec<u32>,
+    /// 1 for real tokens, 0 for padding `(B·T)`.
+    pub attention_mask: Vec<u8>,
+    /// Position of each token `(B·T)`.
+    pub position_ids: Vec<usize>,
+}
+
+impl Batch {
+    /// A batch from ids and mask; positions are derived from the mask.
+    pub fn new(
+        ids: Vec<u32>,
+        attention_mask: Vec<u8>,
+        b: usize,
+        t: usize,
+    ) -> Result<Self, PolicyError> {
+        if ids.len() != b * t || attention_mask.len() != b * t {
+            return Err(PolicyError::Input(format!(
+                "batch of {b}x{t} needs {} ids and mask entries, got {} and {}",
+                b * t,
+                ids.len(),
+                attention_mask.len()
+            )));
+        }
+        let mut position_ids = vec![0usize; b * t];
+        for r in 0..b {
+            let mut seen = 0usize;
+            for j in 0..t {
+                if attention_mask[r * t + j] != 0 {
+                    position_ids[r * t + j] = seen;
+                    seen += 1;
+                }
+            }
+        }
+        Ok(Batch {
+            b,
+            t,
+            ids,
+            attention_mask,
+            position_ids,
+        })
+    }
+
+    /// Rows of equal length, no padding.
+    pub fn unpadded(rows: &[Vec<u32>]) -> Result<Self, PolicyError> {
+        let t = rows.first().map_or(0, Vec::len);
+        if rows.iter().any(|r| r.len() != t) {
+            return Err(PolicyError::Input(
+                "unpadded batch needs rows of equal length".into(),
+            ));
+        }
+        Self::new(rows.concat(), vec![1; rows.len() * t], rows.len(), t)
+    }
+
+    /// Rows left-padded with `pad_id` to the longest row (the layout generation uses).
+    pub fn left_padded(rows: &[Vec<u32>], pad_id: u32) -> Result<Self, PolicyError> {
+        Self::padded(rows, pad_id, true)
+    }
+
+    /// Rows right-padded with `pad_id` to the longest row (the layout training uses).
+    pub fn right_padded(rows: &[Vec<u32>], pad_id: u32) -> Result<Self, PolicyError> {
+        Self::padded(rows, pad_id, false)
+    }
+
+    fn padded(rows: &[Vec<u32>], pad_id: u32, left: bool) -> Result<Self, PolicyError> {
+        let t = rows.iter().map(Vec::len).max().unwrap_or(0);
+        let (mut ids, mut mask) = (
+            Vec::with_capacity(rows.len() * t),
+            Vec::with_capacity(rows.len() * t),
+        );
+        for r in rows {
+            let pad = t - r.len();
+            if left {
+                ids.extend(std::iter::repeat(pad_id).take(pad));
+                mask.extend(std::iter::repeat(0u8).take(pad));
+            }
+            ids.extend_from_slice(r);
+            mask.extend(std::iter::repeat(1u8).take(r.len()));
+            if !left {
+                ids.extend(std::iter::repeat(pad_id).take(pad));
+                mask.extend(std::iter::repeat(0u8).take(pad));
+            }
+        }
+        Self::new(ids, mask, rows.len(), t)
+    }
+
+    /// Whether column `j` of row `r` is a real token.
+    pub fn is_real(&self, r: usize, j: usize) -> bool {
+        self.attention_mask[r * self.t + j] != 0
+    }
+
+    /// Column of the last real token of each row (`None` for an all-pad row).
+    pub fn last_real_index(&self) -> Vec<Option<usize>> {
+        (0..self.b)
+            .map(|r| (0..self.t).rev().find(|&j| self.is_real(r, j)))
+            .collect()
+    }
+
+    /// Checks ids against the vocabulary and (for learned positions) positions against the table.
+    pub(crate) fn check(
+        &self,
+        vocab: usize,
+        max_positions: usize,
+        learned_positions: bool,
+    ) -> Result<(), PolicyError> {
+        if self.b == 0 || self.t == 0 {
+            return Err(PolicyError::Input(format!(
+                "empty batch ({}x{})",
+                self.b, self.t
+            )));
+        }
+        if let Some((k, &id)) = self
+            .ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= vocab)
+        {
+            return Err(PolicyError::Input(format!(
+                "token id {id} at row {}, column {} is outside the vocabulary of {vocab}",
+                k / self.t,
+                k % self.t
+            )));
+        }
+        let max_pos = self.position_ids.iter().copied().max().unwrap_or(0);
+        if learned_positions && max_pos >= max_positions {
+            return Err(PolicyError::Input(format!(
+                "sequence needs position {max_pos}, but the model has only {max_positions} positions (n_positions)"
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,484 @@
+//! Checkpoints in Hugging Face layout: a folder with `config.json`, `model.safetensors` and
+//! (optionally) `tokenizer.json`.
+//!
+//! Tensor names follow transformers exactly, per family: GPT-2's fused `c_attn` (Conv1D,
+//! `(in, out)`) is split into our q/k/v on load and re-fused on save; Llama's `nn.Linear`
+//! weights (`(out, in)`) are transposed into our `(in, out)` layout and back. So a folder
+//! written here loads with `AutoModelForCausalLM.from_pretrained`, and an HF folder loads here.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+
+use dfdx::prelude::*;
+
+use crate::config::{Family, ModelConfig};
+use crate::error::PolicyError;
+use crate::model::CausalLm;
+use crate::params::ParamMut;
+use crate::tokenizer::Tokenizer;
+
+/// Where one of our parameters lives in an HF state dict.
+#[derive(Debug, Clone, PartialEq)]
+enum Source {
+    /// Same layout.
+    Same(String),
+    /// Stored transposed (`nn.Linear`'s `(out, in)`).
+    Transposed(String),
+    /// Columns `part·w .. (part+1)·w` of a fused tensor with `parts` equal column blocks.
+    Columns {
+        name: String,
+        part: usize,
+        parts: usize,
+    },
+}
+
+impl Source {
+    fn name(&self) -> &str {
+        match self {
+            Source::Same(n) | Source::Transposed(n) | Source::Columns { name: n, .. } => n,
+        }
+    }
+}
+
+/// Maps a canonical parameter name (see [`CausalLm::params`]) to its HF source.
+fn hf_source(family: Family, canonical: &str) -> Source {
+    let mut parts = canonical.splitn(3, '.');
+    let (head, layer, rest) = (parts.next().unwrap_or(""), parts.next(), parts.next());
+    match family {
+        Family::Gpt2 => match (head, layer, rest) {
+            ("wte", None, None) => Source::Same("transformer.wte.weight".into()),
+            ("wpe", None, None) => Source::Same("transformer.wpe.weight".into()),
+            ("ln_f", Some(x), None) => Source::Same(format!("transformer.ln_f.{x}")),
+            ("blocks", Some(i), Some(rest)) => {
+                let p = format!("transformer.h.{i}");
+                let (module, x) = rest.rsplit_once('.').unwrap_or((rest, ""));
+                match module {
+                    "ln1" => Source::Same(format!("{p}.ln_1.{x}")),
+                    "ln2" => Source::Same(format!("{p}.ln_2.{x}")),
+                    "attn.q" | "attn.k" | "attn.v" => Source::Columns {
+                        name: format!("{p}.attn.c_attn.{x}"),
+                        part: ["attn.q", "attn.k", "attn.v"]
+                            .iter()
+                            .position(|m| *m == module)
+                            .unwrap_or(0),
+                        parts: 3,
+                    },
+                    "attn.o" => Source::Same(format!("{p}.attn.c_proj.{x}")),
+                    "mlp.fc" => Source::Same(format!("{p}.mlp.c_fc.{x}")),
+                    "mlp.proj" => Source::Same(format!("{p}.mlp.c_proj.{x}")),
+                    _ => Source::Same(canonical.into()),
+                }
+            }
+            _ => Source::Same(canonical.into()),
+        },
+        Family::Llama => match (head, layer, rest) {
+            ("wte", None, None) => Source::Same("model.embed_tokens.weight".into()),
+            ("lm_head", None, None) => Source::Same("lm_head.weight".into()),
+            ("ln_f", Some(x), None) => Source::Same(format!("model.norm.{x}")),
+            ("blocks", Some(i), Some(rest)) => {
+                let p = format!("model.layers.{i}");
+                let (module, x) = rest.rsplit_once('.').unwrap_or((rest, ""));
+                let lin = |n: &str| Source::Transposed(format!("{p}.{n}.{x}"));
+                match module {
+                    "ln1" => Source::Same(format!("{p}.input_layernorm.{x}")),
+                    "ln2" => Source::Same(format!("{p}.post_attention_layernorm.{x}")),
+                    "attn.q" => lin("self_attn.q_proj"),
+                    "attn.k" => lin("self_attn.k_proj"),
+                    "attn.v" => lin("self_attn.v_proj"),
+                    "attn.o" => lin("self_attn.o_proj"),
+                    "mlp.gate" => lin("mlp.gate_proj"),
+                    "mlp.up" => lin("mlp.up_proj"),
+                    "mlp.down" => lin("mlp.down_proj"),
+                    _ => Source::Same(canonical.into()),
+                }
+            }
+            _ => Source::Same(canonical.into()),
+        },
+    }
+}
+
+/// Tensors HF checkpoints may carry that are buffers, not parameters (safe to ignore).
+fn is_known_buffer(family: Family, name: &str, tied: bool) -> bool {
+    match family {
+        Family::Gpt2 => {
+            name.ends_with(".attn.bias")
+                || name.ends_with(".attn.masked_bias")
+                || name == "lm_head.weight"
+        }
+        Family::Llama => {
+            name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight")
+        }
+    }
+}
+
+/// A dense f32 tensor read from a weights file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    pub data: Vec<f32>,
+}
+
+/// Reads every tensor of a safetensors file as f32 (F32, F16 and BF16 are accepted).
+pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>, PolicyError> {
+    let buf = std::fs::read(path).map_err(|e| PolicyError::io(path, e))?;
+    let st = ::safetensors::SafeTensors::deserialize(&buf).map_err(|e| {
+        PolicyError::tensor(
+            path,
+            "<header>",
+            format!("not a valid safetensors file: {e:?}"),
+        )
+    })?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let bytes = view.data();
+        let data = match view.dtype() {
+            ::safetensors::Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            ::safetensors::Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| crate::half::f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+            ::safetensors::Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+                .collect(),
+            other => {
+                return Err(PolicyError::tensor(
+                    path,
+                    &name,
+                    format!("dtype {other:?} is not supported (F32, F16, BF16)"),
+                ))
+            }
+        };
+        out.insert(
+            name,
+            HostTensor {
+                shape: view.shape().to_vec(),
+                data,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Writes f32 tensors to a safetensors file (with transformers' `{"format": "pt"}` metadata),
+/// through a temporary file and a rename so a crash never leaves a half-written file.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &BTreeMap<String, HostTensor>,
+) -> Result<(), PolicyError> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                t.shape.clone(),
+                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            ::safetensors::tensor::TensorView::new(::safetensors::Dtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| PolicyError::tensor(path, n, format!("{e:?}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    let data = ::safetensors::tensor::serialize(views, &meta)
+        .map_err(|e| PolicyError::tensor(path, "<all>", format!("serialising failed: {e:?}")))?;
+    write_atomic(path, &data)
+}
+
+/// Writes `bytes` to `path` via `path.tmp` + rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PolicyError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| PolicyError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| PolicyError::io(path, e))
+}
+
+impl<D: Device<f32>> CausalLm<D> {
+    /// The model's weights as an HF state dict.
+    pub fn to_hf_tensors(&self) -> BTreeMap<String, HostTensor> {
+        let family = self.dims.family;
+        let mut out: BTreeMap<String, HostTensor> = BTreeMap::new();
+        let mut fused: BTreeMap<String, Vec<Option<HostTensor>>> = BTreeMap::new();
+        for (name, p) in self.params() {
+            let t = HostTensor {
+                shape: p.shape(),
+                data: p.to_vec(),
+            };
+            match hf_source(family, &name) {
+                Source::Same(n) => {
+                    out.insert(n, t);
+                }
+                Source::Transposed(n) => {
+                    out.insert(n, transpose(&t));
+                }
+                Source::Columns { name, part, parts } => {
+                    fused.entry(name).or_insert_with(|| vec![None; parts])[part] = Some(t);
+                }
+            }
+        }
+        for (name, parts) in fused {
+            let parts: Vec<HostTensor> = parts
+                .into_iter()
+                .map(|p| p.expect("q, k and v are always walked together"))
+                .collect();
+            out.insert(name, concat_columns(&parts));
+        }
+        out
+    }
+
+    /// Fills every parameter from an HF state dict read from `file`. Every tensor must be used,
+    /// except known buffers; missing tensors and shape mismatches are errors naming the tensor.
+    pub fn load_hf_tensors(
+        &mut self,
+        file: &Path,
+        tensors: &BTreeMap<String, HostTensor>,
+    ) -> Result<(), PolicyError> {
+        let family = self.dims.family;
+        let tied = self.dims.tied;
+        let tensors = normalise_names(family, tensors);
+        let mut used = BTreeSet::new();
+        let dev = self.dev.clone();
+        for (name, p) in self.params_mut() {
+            let src = hf_source(family, &name);
+            let t = tensors.get(src.name()).ok_or_else(|| {
+                PolicyError::tensor(file, src.name(), "missing from the checkpoint")
+            })?;
+            used.insert(src.name().to_string());
+            let value = match &src {
+                Source::Same(_) => t.clone(),
+                Source::Transposed(_) => {
+                    check_rank(file, src.name(), t, 2)?;
+                    transpose(t)
+                }
+                Source::Columns { part, parts, .. } => {
+                    split_columns(file, src.name(), t, *part, *parts)?
+                }
+            };
+            assign(file, src.name(), p, value, &dev)?;
+        }
+        let unused: Vec<&String> = tensors
+            .keys()
+            .filter(|n| !used.contains(*n) && !is_known_buffer(family, n, tied))
+            .collect();
+        if let Some(first) = unused.first() {
+            return Err(PolicyError::tensor(
+                file,
+                first.as_str(),
+                format!(
+                    "unexpected tensor ({} unused in all: {:?})",
+                    unused.len(),
+                    unused.iter().take(5).collect::<Vec<_>>()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Loads an HF-layout folder (`config.json` + `model.safetensors`).
+    pub fn load_pretrained(dir: &Path, dev: &D) -> Result<Self, PolicyError> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let mut model = CausalLm::new(config, dev, 0)?;
+        let weights = dir.join("model.safetensors");
+        let tensors = read_safetensors(&weights)?;
+        model.load_hf_tensors(&weights, &tensors)?;
+        Ok(model)
+    }
+
+    /// Writes `config.json`, `model.safetensors` and (if given) `tokenizer.json` into `dir`.
+    pub fn save_pretrained(
+        &self,
+        dir: &Path,
+        tokenizer: Option<&Tokenizer>,
+    ) -> Result<(), PolicyError> {
+        std::fs::create_dir_all(dir).map_err(|e| PolicyError::io(dir, e))?;
+        write_atomic(
+            &dir.join("config.json"),
+            self.config.to_json_pretty().as_bytes(),
+        )?;
+        write_safetensors(&dir.join("model.safetensors"), &self.to_hf_tensors())?;
+        if let Some(tok) = tokenizer {
+            tok.save(&dir.join("tokenizer.json"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Loads a checkpoint folder with its tokenizer, checking that every token id the tokenizer can
+/// produce fits the model's vocabulary.
+pub fn load_with_tokenizer<D: Device<f32>>(
+    dir: &Path,
+    dev: &D,
+) -> Result<(CausalLm<D>, Tokenizer), PolicyError> {
+    let model = CausalLm::load_pretrained(dir, dev)?;
+    let tok_path = dir.join("tokenizer.json");
+    let tok = Tokenizer::from_file(&tok_path)?;
+    if tok.vocab_size() > model.dims.vocab {
+        return Err(PolicyError::tokenizer(
+            tok_path.display().to_string(),
+            "vocab_size",
+            format!(
+                "the tokenizer has {} tokens but the model's config.json has vocab_size {}",
+                tok.vocab_size(),
+                model.dims.vocab
+            ),
+        ));
+    }
+    Ok((model, tok))
+}
+
+/// Accepts the original GPT-2 names without the `transformer.` prefix.
+fn normalise_names(
+    family: Family,
+    tensors: &BTreeMap<String, HostTensor>,
+) -> BTreeMap<String, HostTensor> {
+    let needs_prefix =
+        family == Family::Gpt2 && !tensors.keys().any(|k| k.starts_with("transformer."));
+    tensors
+        .iter()
+        .map(|(k, v)| {
+            let k = if needs_prefix && !k.starts_with("lm_head") {
+                format!("transformer.{k}")
+            } else {
+                k.clone()
+            };
+            (k, v.clone())
+        })
+        .collect()
+}
+
+fn assign<D: Device<f32>>(
+    file: &Path,
+    name: &str,
+    p: ParamMut<'_, D>,
+    t: HostTensor,
+    dev: &D,
+) -> Result<(), PolicyError> {
+    let mismatch = |want: Vec<usize>| {
+        PolicyError::tensor(
+            file,
+            name,
+            format!("shape {:?}, but the config needs {want:?}", t.shape),
+        )
+    };
+    match p {
+        ParamMut::V(p) => {
+            if t.shape != [p.shape().0] {
+                return Err(mismatch(vec![p.shape().0]));
+            }
+            *p = dev.tensor_from_vec(t.data, (t.shape[0],));
+        }
+        ParamMut::M(p) => {
+            let (r, c) = *p.shape();
+            if t.shape != [r, c] {
+                return Err(mismatch(vec![r, c]));
+            }
+            *p = dev.tensor_from_vec(t.data, (r, c));
+        }
+    }
+    Ok(())
+}
+
+fn check_rank(file: &Path, name: &str, t: &HostTensor, rank: usize) -> Result<(), PolicyError> {
+    if t.shape.len() != rank {
+        return Err(PolicyError::tensor(
+            file,
+            name,
+            format!(
+                "rank {} (shape {:?}), expected rank {rank}",
+                t.shape.len(),
+                t.shape
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn transpose(t: &HostTensor) -> HostTensor {
+    let (r, c) = (t.shape[0], t.shape[1]);
+    let mut data = vec![0.0; r * c];
+    for i in 0..r {
+        for j in 0..c {
+            data[j * r + i] = t.data[i * c + j];
+        }
+    }
+    HostTensor {
+        shape: vec![c, r],
+        data,
+    }
+}
+
+/// Columns `part` of `parts` equal blocks; a 1-D tensor is treated as one row.
+fn split_columns(
+    file: &Path,
+    name: &str,
+    t: &HostTensor,
+    part: usize,
+    parts: usize,
+) -> Result<HostTensor, PolicyError> {
+    let (rows, cols) = match t.shape.as_slice() {
+        [n] => (1, *n),
+        [r, c] => (*r, *c),
+        s => {
+            return Err(PolicyError::tensor(
+                file,
+                name,
+                format!("shape {s:?}, expected 1-D or 2-D"),
+            ))
+        }
+    };
+    if cols % parts != 0 {
+        return Err(PolicyError::tensor(
+            file,
+            name,
+            format!("{cols} columns do not split into {parts} equal parts"),
+        ));
+    }
+    let w = cols / parts;
+    let data = (0..rows)
+        .flat_map(|r| {
+            t.data[r * cols + part * w..r * cols + (part + 1) * w]
+                .iter()
+                .copied()
+        })
+        .collect();
+    let shape = if t.shape.len() == 1 {
+        vec![w]
+    } else {
+        vec![rows, w]
+    };
+    Ok(HostTensor { shape, data })
+}
+
+fn concat_columns(parts: &[HostTensor]) -> HostTensor {
+    let rows = if parts[0].shape.len() == 1 {
+        1
+    } else {
+        parts[0].shape[0]
+    };
+    let widths: Vec<usize> = parts
+        .iter()
+        .map(|p| *p.shape.last().expect("non-empty shape"))
+        .collect();
+    let mut data = Vec::with_capacity(rows * widths.iter().sum::<usize>());
+    for r in 0..rows {
+        for (p, &w) in parts.iter().zip(&widths) {
+            data.extend_from_slice(&p.data[r * w..(r + 1) * w]);
+        }
+    }
+    let total: usize = widths.iter().sum();
+    let shape = if parts[0].shape.len() == 1 {
+        vec![total]
+    } else {
+        vec![rows, total]
+    };
+    HostTensor { shape, data }
+}

@@ -1,0 +1,512 @@
+//! Model configuration: one serde type that reads Hugging Face `config.json` files directly.
+//!
+//! The `model_type` field selects the family (`"gpt2"` or `"llama"`); every other field keeps the
+//! name transformers uses, so an HF config deserialises unchanged and our saved configs load back
+//! in transformers. Unknown HF fields (`architectures`, `torch_dtype`, …) are accepted and ignored
+//! on purpose: they describe the checkpoint, not the network.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::PolicyError;
+
+/// Which transformer family a checkpoint belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// GPT-2: learned positions, LayerNorm, GELU (tanh), biases, fused `c_attn`.
+    Gpt2,
+    /// Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases.
+    Llama,
+}
+
+/// Normalisation layer kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormKind {
+    /// `(x - mean) / sqrt(var + eps) * w + b`
+    LayerNorm,
+    /// `x / sqrt(mean(x²) + eps) * w`
+    RmsNorm,
+}
+
+/// A model configuration in Hugging Face's `config.json` shape, tagged by `model_type`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "model_type")]
+pub enum ModelConfig {
+    /// GPT-2 family (`GPT2LMHeadModel`).
+    #[serde(rename = "gpt2")]
+    Gpt2(Gpt2Config),
+    /// Llama family (`LlamaForCausalLM`), also SmolLM2.
+    #[serde(rename = "llama")]
+    Llama(LlamaConfig),
+}
+
+/// `GPT2Config` fields (transformers names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Gpt2Config {
+    /// Vocabulary size V.
+    pub vocab_size: usize,
+    /// Maximum sequence length (learned position table size).
+    pub n_positions: usize,
+    /// Model width d.
+    pub n_embd: usize,
+    /// Number of transformer blocks.
+    pub n_layer: usize,
+    /// Attention heads (head_dim = n_embd / n_head).
+    pub n_head: usize,
+    /// MLP width; `null` means `4 * n_embd`.
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    /// Must be `gelu_new` (tanh approximation), `gelu_pytorch_tanh` or `gelu`.
+    #[serde(default = "default_gelu")]
+    pub activation_function: String,
+    /// LayerNorm epsilon. Defaults to `1e-5`.
+    #[serde(default = "default_ln_eps")]
+    pub layer_norm_epsilon: f64,
+    /// Std of the normal init. Defaults to `0.02`.
+    #[serde(default = "default_init")]
+    pub initializer_range: f64,
+    /// GPT-2 always ties the LM head to `wte`. Defaults to `true`.
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
+    /// Beginning-of-sequence id.
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence id.
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    /// Padding id.
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    /// Class names transformers uses to pick the model class when loading.
+    #[serde(default = "gpt2_architectures")]
+    pub architectures: Vec<String>,
+}
+
+/// `LlamaConfig` fields (transformers names; `rope_theta` top-level as in transformers 4, or inside
+/// `rope_parameters` as in transformers 5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// Vocabulary size V.
+    pub vocab_size: usize,
+    /// Model width d.
+    pub hidden_size: usize,
+    /// SwiGLU width.
+    pub intermediate_size: usize,
+    /// Number of transformer blocks.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention); defaults to `num_attention_heads`.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head width; defaults to `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// Must be `silu`.
+    #[serde(default = "default_silu")]
+    pub hidden_act: String,
+    /// RMSNorm epsilon. Defaults to `1e-6`.
+    #[serde(default = "default_rms_eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE base (transformers 4 layout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    /// RoPE parameters (transformers 5 layout). Only `rope_type = "default"` is supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<RopeParameters>,
+    /// RoPE scaling (transformers 4). Only `null` is supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// Maximum sequence length.
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    /// Whether `lm_head` shares `embed_tokens`. Defaults to `false`.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Biases on q/k/v/o. Must be `false`.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Biases on the MLP. Must be `false`.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// Std of the normal init. Defaults to `0.02`.
+    #[serde(default = "default_init")]
+    pub initializer_range: f64,
+    /// Beginning-of-sequence id.
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence id.
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    /// Padding id.
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    /// Class names transformers uses to pick the model class when loading.
+    #[serde(default = "llama_architectures")]
+    pub architectures: Vec<String>,
+}
+
+/// transformers 5 `rope_parameters`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeParameters {
+    /// Only `"default"` is supported.
+    #[serde(default = "default_rope_type")]
+    pub rope_type: String,
+    /// RoPE base.
+    pub rope_theta: f64,
+}
+
+fn default_gelu() -> String {
+    "gelu_new".into()
+}
+fn default_silu() -> String {
+    "silu".into()
+}
+fn default_rope_type() -> String {
+    "default".into()
+}
+fn default_ln_eps() -> f64 {
+    1e-5
+}
+fn default_rms_eps() -> f64 {
+    1e-6
+}
+fn default_init() -> f64 {
+    0.02
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_pos() -> usize {
+    2048
+}
+fn gpt2_architectures() -> Vec<String> {
+    vec!["GPT2LMHeadModel".into()]
+}
+fn llama_architectures() -> Vec<String> {
+    vec!["LlamaForCausalLM".into()]
+}
+
+/// The sizes every layer needs, resolved from either family. Built by [`ModelConfig::dims`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dims {
+    /// Family.
+    pub family: Family,
+    /// Vocabulary size V.
+    pub vocab: usize,
+    /// Width d.
+    pub d_model: usize,
+    /// Blocks.
+    pub n_layer: usize,
+    /// Query heads.
+    pub n_head: usize,
+    /// Key/value heads.
+    pub n_kv_head: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+    /// MLP width.
+    pub d_ff: usize,
+    /// Maximum positions.
+    pub max_positions: usize,
+    /// Norm epsilon.
+    pub norm_eps: f32,
+    /// RoPE base (Llama only).
+    pub rope_theta: f32,
+    /// LM head tied to the token embedding.
+    pub tied: bool,
+    /// Init std.
+    pub init_std: f32,
+}
+
+impl Dims {
+    /// Normalisation kind of this family.
+    pub fn norm(&self) -> NormKind {
+        match self.family {
+            Family::Gpt2 => NormKind::LayerNorm,
+            Family::Llama => NormKind::RmsNorm,
+        }
+    }
+    /// Whether linears and norms carry biases (GPT-2 yes, Llama no).
+    pub fn has_bias(&self) -> bool {
+        self.family == Family::Gpt2
+    }
+    /// Width of the q projection (n_head · head_dim).
+    pub fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+    /// Width of the k and v projections (n_kv_head · head_dim).
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_head * self.head_dim
+    }
+}
+
+impl ModelConfig {
+    /// Reads and validates a `config.json`; errors name the file and the field.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|e| PolicyError::io(path, e))?;
+        Self::from_json_str(&text).map_err(|e| e.in_file(path))
+    }
+
+    /// Parses and validates a config from JSON text.
+    pub fn from_json_str(text: &str) -> Result<Self, PolicyError> {
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| PolicyError::config("<json>", format!("not valid JSON: {e}")))?;
+        match value.get("model_type").and_then(|v| v.as_str()) {
+            Some("gpt2") | Some("llama") => {}
+            Some(other) => {
+                return Err(PolicyError::config(
+                    "model_type",
+                    format!("unsupported model_type {other:?} (expected \"gpt2\" or \"llama\")"),
+                ))
+            }
+            None => {
+                return Err(PolicyError::config(
+                    "model_type",
+                    "missing or not a string".into(),
+                ))
+            }
+        }
+        let cfg: ModelConfig = serde_json::from_value(value)
+            .map_err(|e| PolicyError::config(field_of_serde_error(&e), e.to_string()))?;
+        cfg.dims()?;
+        Ok(cfg)
+    }
+
+    /// Serialises as an HF `config.json`.
+    pub fn to_json_pretty(&self) -> String {
+        serde_json::to_string_pretty(self).expect("ModelConfig serialises: plain data")
+    }
+
+    /// The workload's `tiny` preset: GPT-2, d 256, 4 layers, 4 heads, vocab 4096, 256 positions.
+    pub fn tiny() -> Self {
+        Self::gpt2_preset(4096, 256, 4, 4, 256)
+    }
+
+    /// The workload's `small` preset: GPT-2, d 384, 6 layers, 6 heads, vocab 4096, 256 positions.
+    pub fn small() -> Self {
+        Self::gpt2_preset(4096, 384, 6, 6, 256)
+    }
+
+    /// A named preset (`tiny` or `small`).
+    pub fn preset(name: &str) -> Result<Self, PolicyError> {
+        match name {
+            "tiny" => Ok(Self::tiny()),
+            "small" => Ok(Self::small()),
+            other => Err(PolicyError::config(
+                "preset",
+                format!("unknown preset {other:?} (expected tiny or small)"),
+            )),
+        }
+    }
+
+    /// A GPT-2 config with the given sizes and the workload's conventions (eos = bos = pad = 0).
+    pub fn gpt2_preset(
+        vocab: usize,
+        d: usize,
+        layers: usize,
+        heads: usize,
+        positions: usize,
+    ) -> Self {
+        ModelConfig::Gpt2(Gpt2Config {
+            vocab_size: vocab,
+            n_positions: positions,
+            n_embd: d,
+            n_layer: layers,
+            n_head: heads,
+            n_inner: None,
+            activation_function: default_gelu(),
+            layer_norm_epsilon: 1e-5,
+            initializer_range: 0.02,
+            tie_word_embeddings: true,
+            bos_token_id: Some(0),
+            eos_token_id: Some(0),
+            pad_token_id: Some(0),
+            architectures: gpt2_architectures(),
+        })
+    }
+
+    /// Family of this config.
+    pub fn family(&self) -> Family {
+        match self {
+            ModelConfig::Gpt2(_) => Family::Gpt2,
+            ModelConfig::Llama(_) => Family::Llama,
+        }
+    }
+
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            ModelConfig::Gpt2(c) => c.vocab_size,
+            ModelConfig::Llama(c) => c.vocab_size,
+        }
+    }
+
+    /// Sets the vocabulary size (used when a tokenizer is trained for a fresh model).
+    pub fn set_vocab_size(&mut self, v: usize) {
+        match self {
+            ModelConfig::Gpt2(c) => c.vocab_size = v,
+            ModelConfig::Llama(c) => c.vocab_size = v,
+        }
+    }
+
+    /// EOS id, if the config names one.
+    pub fn eos_token_id(&self) -> Option<u32> {
+        match self {
+            ModelConfig::Gpt2(c) => c.eos_token_id,
+            ModelConfig::Llama(c) => c.eos_token_id,
+        }
+    }
+
+    /// Pad id, if the config names one.
+    pub fn pad_token_id(&self) -> Option<u32> {
+        match self {
+            ModelConfig::Gpt2(c) => c.pad_token_id,
+            ModelConfig::Llama(c) => c.pad_token_id,
+        }
+    }
+
+    /// Resolves and validates the sizes; the error names the offending field.
+    pub fn dims(&self) -> Result<Dims, PolicyError> {
+        let d = match self {
+            ModelConfig::Gpt2(c) => gpt2_dims(c)?,
+            ModelConfig::Llama(c) => llama_dims(c)?,
+        };
+        for (name, v) in [
+            ("vocab_size", d.vocab),
+            ("hidden size", d.d_model),
+            ("number of layers", d.n_layer),
+            ("number of heads", d.n_head),
+            ("MLP width", d.d_ff),
+            ("max positions", d.max_positions),
+        ] {
+            if v == 0 {
+                return Err(PolicyError::config(name, "must be > 0".into()));
+            }
+        }
+        Ok(d)
+    }
+}
+
+fn gpt2_dims(c: &Gpt2Config) -> Result<Dims, PolicyError> {
+    if !matches!(
+        c.activation_function.as_str(),
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast"
+    ) {
+        return Err(PolicyError::config(
+            "activation_function",
+            format!(
+                "{:?} is not supported (only the tanh GELU: gelu_new)",
+                c.activation_function
+            ),
+        ));
+    }
+    if c.n_head == 0 || c.n_embd % c.n_head != 0 {
+        return Err(PolicyError::config(
+            "n_head",
+            format!(
+                "n_embd {} is not divisible by n_head {}",
+                c.n_embd, c.n_head
+            ),
+        ));
+    }
+    if !c.tie_word_embeddings {
+        return Err(PolicyError::config(
+            "tie_word_embeddings",
+            "GPT-2 checkpoints with an untied head are not supported".into(),
+        ));
+    }
+    Ok(Dims {
+        family: Family::Gpt2,
+        vocab: c.vocab_size,
+        d_model: c.n_embd,
+        n_layer: c.n_layer,
+        n_head: c.n_head,
+        n_kv_head: c.n_head,
+        head_dim: c.n_embd / c.n_head,
+        d_ff: c.n_inner.unwrap_or(4 * c.n_embd),
+        max_positions: c.n_positions,
+        norm_eps: c.layer_norm_epsilon as f32,
+        rope_theta: 0.0,
+        tied: true,
+        init_std: c.initializer_range as f32,
+    })
+}
+
+fn llama_dims(c: &LlamaConfig) -> Result<Dims, PolicyError> {
+    if c.hidden_act != "silu" {
+        return Err(PolicyError::config(
+            "hidden_act",
+            format!("{:?} is not supported (only silu)", c.hidden_act),
+        ));
+    }
+    if c.attention_bias || c.mlp_bias {
+        return Err(PolicyError::config(
+            "attention_bias",
+            "Llama checkpoints with biases are not supported".into(),
+        ));
+    }
+    if c.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(PolicyError::config(
+            "rope_scaling",
+            "RoPE scaling is not supported".into(),
+        ));
+    }
+    let theta = match (&c.rope_parameters, c.rope_theta) {
+        (Some(p), _) if p.rope_type != "default" => {
+            return Err(PolicyError::config(
+                "rope_parameters.rope_type",
+                format!("{:?} is not supported (only \"default\")", p.rope_type),
+            ))
+        }
+        (Some(p), _) => p.rope_theta,
+        (None, Some(t)) => t,
+        (None, None) => 10000.0,
+    };
+    let n_head = c.num_attention_heads;
+    let n_kv = c.num_key_value_heads.unwrap_or(n_head);
+    if n_head == 0 || n_kv == 0 || n_head % n_kv != 0 {
+        return Err(PolicyError::config(
+            "num_key_value_heads",
+            format!("num_attention_heads {n_head} must be a positive multiple of num_key_value_heads {n_kv}"),
+        ));
+    }
+    let head_dim = match c.head_dim {
+        Some(h) => h,
+        None if c.hidden_size % n_head == 0 => c.hidden_size / n_head,
+        None => {
+            return Err(PolicyError::config(
+                "num_attention_heads",
+                format!("hidden_size {} is not divisible by {n_head}", c.hidden_size),
+            ))
+        }
+    };
+    if head_dim == 0 || head_dim % 2 != 0 {
+        return Err(PolicyError::config(
+            "head_dim",
+            format!("{head_dim} must be even and > 0 for RoPE"),
+        ));
+    }
+    Ok(Dims {
+        family: Family::Llama,
+        vocab: c.vocab_size,
+        d_model: c.hidden_size,
+        n_layer: c.num_hidden_layers,
+        n_head,
+        n_kv_head: n_kv,
+        head_dim,
+        d_ff: c.intermediate_size,
+        max_positions: c.max_position_embeddings,
+        norm_eps: c.rms_norm_eps as f32,
+        rope_theta: theta as f32,
+        tied: c.tie_word_embeddings,
+        init_std: c.initializer_range as f32,
+    })
+}
+
+/// Best-effort field name from a serde error message ("missing field `n_embd`").
+fn field_of_serde_error(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    match (msg.find('`'), msg.rfind('`')) {
+        (Some(a), Some(b)) if b > a => msg[a + 1..b].to_string(),
+        _ => format!("line {} column {}", e.line(), e.column()),
+    }
+}

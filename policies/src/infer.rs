@@ -1,0 +1,480 @@
+//! The tape-free inference forward with a preallocated KV cache, used for rollouts.
+//!
+//! It holds a plain-`Vec` snapshot of a [`CausalLm`]'s weights (q/k/v fused into one matrix,
+//! SwiGLU's gate and up fused), so decoding one token costs one pass over the weights and no
+//! allocation of graph nodes. Tests pin it to the dfdx training forward (logits within 1e-5),
+//! so the rollout and the PPO update see the same model. Refresh the snapshot after each
+//! optimizer step with [`InferenceModel::from_model`].
+//!
+//! Rows are left-padded: row `r` has `pad[r]` pad columns, its token at column `c` has
+//! position `c - pad[r]`, and pad keys are never attended to.
+
+use dfdx::prelude::*;
+use rayon::prelude::*;
+
+use crate::config::{Dims, Family, NormKind};
+use crate::error::PolicyError;
+use crate::kernels::{axpy, dot, gelu_tanh, matmul, matmul_bt, silu};
+use crate::model::{CausalLm, Mlp, Norm};
+use crate::rope;
+
+#[derive(Debug, Clone)]
+struct NormW {
+    w: Vec<f32>,
+    b: Option<Vec<f32>>,
+    kind: NormKind,
+    eps: f32,
+}
+
+#[derive(Debug, Clone)]
+enum MlpW {
+    Gelu {
+        fc: Vec<f32>,
+        fc_b: Option<Vec<f32>>,
+        proj: Vec<f32>,
+        proj_b: Option<Vec<f32>>,
+    },
+    /// `gate_up`: `(C, 2F)`, gate columns first.
+    SwiGlu { gate_up: Vec<f32>, down: Vec<f32> },
+}
+
+#[derive(Debug, Clone)]
+struct LayerW {
+    ln1: NormW,
+    /// `(C, H·Dh + 2·Hkv·Dh)`: q, k, v columns.
+    qkv: Vec<f32>,
+    qkv_b: Option<Vec<f32>>,
+    o: Vec<f32>,
+    o_b: Option<Vec<f32>>,
+    ln2: NormW,
+    mlp: MlpW,
+}
+
+/// A weight snapshot for fast, tape-free inference.
+#[derive(Debug, Clone)]
+pub struct InferenceModel {
+    /// Sizes.
+    pub dims: Dims,
+    wte: Vec<f32>,
+    wpe: Option<Vec<f32>>,
+    layers: Vec<LayerW>,
+    ln_f: NormW,
+    head: Option<Vec<f32>>,
+    inv_freq: Vec<f32>,
+}
+
+/// Per-layer keys and values for every row, `[B][Hkv][cap][Dh]`, plus each row's left padding.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    b: usize,
+    cap: usize,
+    len: usize,
+    pad: Vec<usize>,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+impl KvCache {
+    /// An empty cache for `pad.len()` rows and at most `cap` columns.
+    pub fn new(dims: &Dims, pad: Vec<usize>, cap: usize) -> Self {
+        let b = pad.len();
+        let size = b * dims.n_kv_head * cap * dims.head_dim;
+        KvCache {
+            b,
+            cap,
+            len: 0,
+            pad,
+            k: vec![vec![0.0; size]; dims.n_layer],
+            v: vec![vec![0.0; size]; dims.n_layer],
+        }
+    }
+    /// Columns filled so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether nothing has been fed yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Which positions to compute logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsAt {
+    /// Every fed position: `(B·n, V)`.
+    All,
+    /// Only the last fed column of each row: `(B, V)`.
+    Last,
+}
+
+fn norm_w<D: Device<f32>>(n: &Norm<D>) -> NormW {
+    NormW {
+        w: n.w.as_vec(),
+        b: n.b.as_ref().map(|b| b.as_vec()),
+        kind: n.kind,
+        eps: n.eps,
+    }
+}
+
+/// Concatenates `(k, n_i)` row-major matrices along columns.
+fn concat_cols(mats: &[(Vec<f32>, usize)], k: usize) -> Vec<f32> {
+    let total: usize = mats.iter().map(|(_, n)| n).sum();
+    let mut out = Vec::with_capacity(k * total);
+    for r in 0..k {
+        for (m, n) in mats {
+            out.extend_from_slice(&m[r * n..(r + 1) * n]);
+        }
+    }
+    out
+}
+
+impl InferenceModel {
+    /// Snapshots the weights of `model`.
+    pub fn from_model<D: Device<f32>>(model: &CausalLm<D>) -> Self {
+        let dims = model.dims;
+        let c = dims.d_model;
+        let layers = model
+            .blocks
+            .iter()
+            .map(|blk| {
+                let qkv = concat_cols(
+                    &[
+                        (blk.wq.w.as_vec(), dims.q_dim()),
+                        (blk.wk.w.as_vec(), dims.kv_dim()),
+                        (blk.wv.w.as_vec(), dims.kv_dim()),
+                    ],
+                    c,
+                );
+                let qkv_b = blk.wq.b.as_ref().map(|bq| {
+                    let mut b = bq.as_vec();
+                    b.extend(
+                        blk.wk
+                            .b
+                            .as_ref()
+                            .map(|t| t.as_vec())
+                            .unwrap_or_else(|| vec![0.0; dims.kv_dim()]),
+                    );
+                    b.extend(
+                        blk.wv
+                            .b
+                            .as_ref()
+                            .map(|t| t.as_vec())
+                            .unwrap_or_else(|| vec![0.0; dims.kv_dim()]),
+                    );
+                    b
+                });
+                let mlp = match &blk.mlp {
+                    Mlp::Gelu { fc, proj } => MlpW::Gelu {
+                        fc: fc.w.as_vec(),
+                        fc_b: fc.b.as_ref().map(|b| b.as_vec()),
+                        proj: proj.w.as_vec(),
+                        proj_b: proj.b.as_ref().map(|b| b.as_vec()),
+                    },
+                    Mlp::SwiGlu { gate, up, down } => MlpW::SwiGlu {
+                        gate_up: concat_cols(
+                            &[(gate.w.as_vec(), dims.d_ff), (up.w.as_vec(), dims.d_ff)],
+                            c,
+                        ),
+                        down: down.w.as_vec(),
+                    },
+                };
+                LayerW {
+                    ln1: norm_w(&blk.ln1),
+                    qkv,
+                    qkv_b,
+                    o: blk.wo.w.as_vec(),
+                    o_b: blk.wo.b.as_ref().map(|b| b.as_vec()),
+                    ln2: norm_w(&blk.ln2),
+                    mlp,
+                }
+            })
+            .collect();
+        InferenceModel {
+            dims,
+            wte: model.wte.as_vec(),
+            wpe: model.wpe.as_ref().map(|w| w.as_vec()),
+            layers,
+            ln_f: norm_w(&model.ln_f),
+            head: model.lm_head.as_ref().map(|h| h.as_vec()),
+            inv_freq: if dims.family == Family::Llama {
+                rope::inv_freq(dims.head_dim, dims.rope_theta)
+            } else {
+                vec![]
+            },
+        }
+    }
+
+    /// Feeds `n` new columns of ids for every row (`ids`: `(B, n)` row-major) and returns the
+    /// logits requested. The first call is the prefill (the whole left-padded prompt).
+    pub fn forward(
+        &self,
+        cache: &mut KvCache,
+        ids: &[u32],
+        n: usize,
+        at: LogitsAt,
+    ) -> Result<Vec<f32>, PolicyError> {
+        let d = &self.dims;
+        let (b, c) = (cache.b, d.d_model);
+        if ids.len() != b * n || n == 0 {
+            return Err(PolicyError::Input(format!(
+                "forward needs {b}x{n} ids, got {}",
+                ids.len()
+            )));
+        }
+        if cache.len + n > cache.cap {
+            return Err(PolicyError::Input(format!(
+                "KV cache of {} columns is full ({} + {n})",
+                cache.cap, cache.len
+            )));
+        }
+        let start = cache.len;
+        let positions: Vec<usize> = (0..b * n)
+            .map(|i| (start + i % n).saturating_sub(cache.pad[i / n]))
+            .collect();
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= d.vocab) {
+            return Err(PolicyError::Input(format!(
+                "token id {id} is outside the vocabulary of {}",
+                d.vocab
+            )));
+        }
+        if d.family == Family::Gpt2 && positions.iter().any(|&p| p >= d.max_positions) {
+            return Err(PolicyError::Input(format!(
+                "sequence longer than the model's {} positions",
+                d.max_positions
+            )));
+        }
+        let mut x = vec![0.0f32; b * n * c];
+        for (row, xr) in x.chunks_mut(c).enumerate() {
+            let id = ids[row] as usize;
+            xr.copy_from_slice(&self.wte[id * c..(id + 1) * c]);
+            if let Some(wpe) = &self.wpe {
+                let p = positions[row];
+                xr.iter_mut()
+                    .zip(&wpe[p * c..(p + 1) * c])
+                    .for_each(|(x, w)| *x += w);
+            }
+        }
+        for (li, layer) in self.layers.iter().enumerate() {
+            self.layer_forward(li, layer, cache, &mut x, &positions, n);
+        }
+        cache.len += n;
+        let rows: Vec<usize> = match at {
+            LogitsAt::All => (0..b * n).collect(),
+            LogitsAt::Last => (0..b).map(|r| r * n + n - 1).collect(),
+        };
+        let mut h: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| x[r * c..(r + 1) * c].iter().copied())
+            .collect();
+        apply_norm(&self.ln_f, &mut h, c);
+        let head = self.head.as_ref().unwrap_or(&self.wte);
+        let mut logits = vec![0.0f32; rows.len() * d.vocab];
+        matmul_bt(&h, head, &mut logits, rows.len(), c, d.vocab);
+        Ok(logits)
+    }
+
+    fn layer_forward(
+        &self,
+        li: usize,
+        l: &LayerW,
+        cache: &mut KvCache,
+        x: &mut [f32],
+        positions: &[usize],
+        n: usize,
+    ) {
+        let d = &self.dims;
+        let (c, rows) = (d.d_model, x.len() / d.d_model);
+        let (qd, kvd) = (d.q_dim(), d.kv_dim());
+        let width = qd + 2 * kvd;
+        // attention
+        let mut h = x.to_vec();
+        apply_norm(&l.ln1, &mut h, c);
+        let mut qkv = vec![0.0f32; rows * width];
+        matmul(&h, &l.qkv, &mut qkv, rows, c, width, false);
+        if let Some(bias) = &l.qkv_b {
+            add_bias(&mut qkv, bias);
+        }
+        if d.family == Family::Llama {
+            self.rope_rows(&mut qkv, positions, width);
+        }
+        self.write_cache(li, cache, &qkv, n, width);
+        let att = self.attention(li, cache, &qkv, n, width);
+        matmul(&att, &l.o, x, rows, qd, c, true);
+        if let Some(bias) = &l.o_b {
+            add_bias(x, bias);
+        }
+        // MLP
+        h.copy_from_slice(x);
+        apply_norm(&l.ln2, &mut h, c);
+        let f = d.d_ff;
+        match &l.mlp {
+            MlpW::Gelu {
+                fc,
+                fc_b,
+                proj,
+                proj_b,
+            } => {
+                let mut a = vec![0.0f32; rows * f];
+                matmul(&h, fc, &mut a, rows, c, f, false);
+                if let Some(bias) = fc_b {
+                    add_bias(&mut a, bias);
+                }
+                par_map(&mut a, gelu_tanh);
+                matmul(&a, proj, x, rows, f, c, true);
+                if let Some(bias) = proj_b {
+                    add_bias(x, bias);
+                }
+            }
+            MlpW::SwiGlu { gate_up, down } => {
+                let mut gu = vec![0.0f32; rows * 2 * f];
+                matmul(&h, gate_up, &mut gu, rows, c, 2 * f, false);
+                let a: Vec<f32> = gu
+                    .chunks(2 * f)
+                    .flat_map(|r| (0..f).map(move |j| silu(r[j]) * r[f + j]))
+                    .collect();
+                matmul(&a, down, x, rows, f, c, true);
+            }
+        }
+    }
+
+    fn rope_rows(&self, qkv: &mut [f32], positions: &[usize], width: usize) {
+        let d = &self.dims;
+        let (dh, half) = (d.head_dim, d.head_dim / 2);
+        let (mut cos, mut sin) = (vec![0.0f32; dh], vec![0.0f32; dh]);
+        for (row, &p) in positions.iter().enumerate() {
+            for i in 0..half {
+                let (s, co) = (p as f32 * self.inv_freq[i]).sin_cos();
+                (cos[i], cos[i + half], sin[i], sin[i + half]) = (co, co, s, s);
+            }
+            let r = &mut qkv[row * width..row * width + d.q_dim() + d.kv_dim()];
+            for head in r.chunks_mut(dh) {
+                rope::apply(head, &cos, &sin);
+            }
+        }
+    }
+
+    fn write_cache(&self, li: usize, cache: &mut KvCache, qkv: &[f32], n: usize, width: usize) {
+        let d = &self.dims;
+        let (dh, nkv, cap, start) = (d.head_dim, d.n_kv_head, cache.cap, cache.len);
+        let (qd, kvd) = (d.q_dim(), d.kv_dim());
+        for r in 0..cache.b {
+            for i in 0..n {
+                let src = &qkv[(r * n + i) * width..(r * n + i + 1) * width];
+                for h in 0..nkv {
+                    let dst = ((r * nkv + h) * cap + start + i) * dh;
+                    cache.k[li][dst..dst + dh]
+                        .copy_from_slice(&src[qd + h * dh..qd + (h + 1) * dh]);
+                    cache.v[li][dst..dst + dh]
+                        .copy_from_slice(&src[qd + kvd + h * dh..qd + kvd + (h + 1) * dh]);
+                }
+            }
+        }
+    }
+
+    /// Softmax attention of the `n` new queries of each row over its cached, non-pad keys.
+    fn attention(
+        &self,
+        li: usize,
+        cache: &KvCache,
+        qkv: &[f32],
+        n: usize,
+        width: usize,
+    ) -> Vec<f32> {
+        let d = &self.dims;
+        let (dh, nh, nkv, cap, start) = (d.head_dim, d.n_head, d.n_kv_head, cache.cap, cache.len);
+        let rep = nh / nkv;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let (kc, vc) = (&cache.k[li], &cache.v[li]);
+        let mut out = vec![0.0f32; cache.b * n * d.q_dim()];
+        let row_fn = |(r, out_r): (usize, &mut [f32])| {
+            let pad = cache.pad[r];
+            let mut scores = vec![0.0f32; start + n];
+            for i in 0..n {
+                let col = start + i;
+                if col < pad {
+                    continue; // a pad query: its output is never used
+                }
+                let q_row = &qkv[(r * n + i) * width..];
+                for h in 0..nh {
+                    let base = (r * nkv + h / rep) * cap;
+                    let q = &q_row[h * dh..(h + 1) * dh];
+                    let keys = pad..=col;
+                    let mut max = f32::NEG_INFINITY;
+                    for j in keys.clone() {
+                        let s = dot(q, &kc[(base + j) * dh..(base + j + 1) * dh]) * scale;
+                        scores[j] = s;
+                        max = max.max(s);
+                    }
+                    let mut sum = 0.0f32;
+                    for j in keys.clone() {
+                        scores[j] = (scores[j] - max).exp();
+                        sum += scores[j];
+                    }
+                    let o = &mut out_r[i * nh * dh + h * dh..i * nh * dh + (h + 1) * dh];
+                    for j in keys {
+                        axpy(
+                            scores[j] / sum,
+                            &vc[(base + j) * dh..(base + j + 1) * dh],
+                            o,
+                        );
+                    }
+                }
+            }
+        };
+        let chunk = n * d.q_dim();
+        if cache.b >= 4 {
+            out.par_chunks_mut(chunk).enumerate().for_each(row_fn);
+        } else {
+            out.chunks_mut(chunk).enumerate().for_each(row_fn);
+        }
+        out
+    }
+}
+
+fn add_bias(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_mut(bias.len()) {
+        row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+    }
+}
+
+/// Applies `f` element-wise, in parallel chunks when the slice is large.
+fn par_map(x: &mut [f32], f: fn(f32) -> f32) {
+    if x.len() >= 1 << 15 {
+        x.par_chunks_mut(1 << 13)
+            .for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
+    } else {
+        x.iter_mut().for_each(|v| *v = f(*v));
+    }
+}
+
+fn apply_norm(n: &NormW, x: &mut [f32], c: usize) {
+    let one = |row: &mut [f32]| {
+        let inv = match n.kind {
+            NormKind::LayerNorm => {
+                let mean = row.iter().sum::<f32>() / c as f32;
+                row.iter_mut().for_each(|v| *v -= mean);
+                let var = row.iter().map(|v| v * v).sum::<f32>() / c as f32;
+                1.0 / (var + n.eps).sqrt()
+            }
+            NormKind::RmsNorm => {
+                1.0 / (row.iter().map(|v| v * v).sum::<f32>() / c as f32 + n.eps).sqrt()
+            }
+        };
+        match &n.b {
+            Some(b) => row
+                .iter_mut()
+                .zip(&n.w)
+                .zip(b)
+                .for_each(|((v, w), b)| *v = *v * inv * w + b),
+            None => row
+                .iter_mut()
+                .zip(&n.w)
+                .for_each(|(v, w)| *v = *v * inv * w),
+        }
+    };
+    if x.len() >= 1 << 15 {
+        x.par_chunks_mut(c).for_each(one);
+    } else {
+        x.chunks_mut(c).for_each(one);
+    }
+}

@@ -1,0 +1,47 @@
+//! `rlhf-policies`: the language models that act as policies, references, critics and reward
+//! models, on dfdx with runtime shapes.
+//!
+//! - [`ModelConfig`]: HF `config.json` for the GPT-2 and Llama families, presets `tiny`/`small`.
+//! - [`CausalLm`]: the training forward (dfdx ops and tape), [`ScalarHead`] for values/rewards,
+//!   the parameter walker, [`AdamW`] and [`clip_grad_norm`], [`CausalLm::frozen_copy`].
+//! - [`InferenceModel`]: a tape-free, KV-cached forward for rollouts, pinned to the training
+//!   forward by tests; [`generate`] samples with temperature / top-k / top-p.
+//! - [`checkpoint`]: HF folders (`config.json`, `model.safetensors`, `tokenizer.json`).
+//! - [`Tokenizer`]: any `tokenizer.json`, BPE training, character level.
+//!
+//! ```
+//! use rlhf_policies::{CausalLm, ModelConfig, Batch};
+//! use dfdx::prelude::*;
+//! let dev = Cpu::default();
+//! let model = CausalLm::new(ModelConfig::gpt2_preset(64, 32, 2, 2, 16), &dev, 0).unwrap();
+//! let batch = Batch::unpadded(&[vec![1, 2, 3]]).unwrap();
+//! let logits = model.forward(&batch, NoneTape).unwrap();
+//! assert_eq!(*logits.shape(), (3, 64));
+//! ```
+#![deny(missing_docs)]
+
+pub mod batch;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod half;
+pub mod heads;
+pub mod infer;
+pub mod kernels;
+pub mod model;
+pub mod optim;
+pub mod params;
+pub mod rope;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use batch::Batch;
+pub use config::{Dims, Family, ModelConfig};
+pub use error::PolicyError;
+pub use heads::ScalarHead;
+pub use infer::{InferenceModel, KvCache, LogitsAt};
+pub use model::CausalLm;
+pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
+pub use params::{ParamMut, ParamRef};
+pub use sampling::{generate, Generation, SamplingConfig};
+pub use tokenizer::Tokenizer;

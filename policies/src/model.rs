@@ -1,0 +1,465 @@
+//! The runtime-shaped decoder-only transformer on dfdx: GPT-2 and Llama families.
+//!
+//! This is the *training* forward: every op is a dfdx op, so gradients flow through the tape
+//! that travels with the tensors (see `../shared/docs/dfdx-notes.md` §2). The rollout path uses
+//! the tape-free engine in [`crate::infer`], which a test pins to this forward.
+//!
+//! Shapes use nanoGPT's letters: `B` batch, `T` time, `C` = d_model, `V` vocab, `H` heads,
+//! `Hkv` key/value heads, `Dh` head width. Activations are kept as `(B·T, C)` so each linear is
+//! one gemm.
+
+use dfdx::prelude::*;
+use rand::{rngs::StdRng, SeedableRng};
+use rand_distr::Normal;
+
+use crate::batch::Batch;
+use crate::config::{Dims, Family, ModelConfig, NormKind};
+use crate::error::PolicyError;
+
+/// 1-D parameter.
+pub type T1<D> = Tensor<(usize,), f32, D>;
+/// 2-D parameter.
+pub type T2<D> = Tensor<(usize, usize), f32, D>;
+/// A `(rows, cols)` activation carrying tape `T`.
+pub type A2<D, T> = Tensor<(usize, usize), f32, D, T>;
+type A4<D, T> = Tensor<(usize, usize, usize, usize), f32, D, T>;
+
+/// Additive mask value for keys a query may not see (exp underflows to exactly 0 in f32).
+pub const MASKED: f32 = -1e9;
+
+/// `y = x·W + b` with `W` stored `(in, out)` (GPT-2's Conv1D layout; Llama's `(out, in)` weights
+/// are transposed when loaded).
+#[derive(Debug, Clone)]
+pub struct Linear<D: Storage<f32>> {
+    /// Weight `(in, out)`.
+    pub w: T2<D>,
+    /// Optional bias `(out,)`.
+    pub b: Option<T1<D>>,
+}
+
+impl<D: Device<f32>> Linear<D> {
+    fn new(dev: &D, rng: &mut StdRng, i: usize, o: usize, std: f32, bias: bool) -> Self {
+        let w = sample_normal(dev, rng, (i, o), std);
+        Linear {
+            w,
+            b: bias.then(|| dev.zeros_like(&(o,))),
+        }
+    }
+
+    /// `(N, in) → (N, out)`.
+    pub fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>) -> A2<D, T> {
+        let n = x.shape().0;
+        let o = self.w.shape().1;
+        let y = x.matmul(self.w.retaped::<T>());
+        match &self.b {
+            Some(b) => y + b.retaped::<T>().broadcast_like::<_, Axis<0>>(&(n, o)),
+            None => y,
+        }
+    }
+}
+
+/// LayerNorm (GPT-2) or RMSNorm (Llama).
+#[derive(Debug, Clone)]
+pub struct Norm<D: Storage<f32>> {
+    /// Gain `(C,)`.
+    pub w: T1<D>,
+    /// Bias `(C,)` (LayerNorm only).
+    pub b: Option<T1<D>>,
+    /// Which normalisation.
+    pub kind: NormKind,
+    /// Epsilon inside the square root.
+    pub eps: f32,
+}
+
+impl<D: Device<f32>> Norm<D> {
+    fn new(dev: &D, dims: &Dims) -> Self {
+        let c = dims.d_model;
+        let kind = dims.norm();
+        let b = (kind == NormKind::LayerNorm).then(|| dev.zeros_like(&(c,)));
+        Norm {
+            w: dev.ones_like(&(c,)),
+            b,
+            kind,
+            eps: dims.norm_eps,
+        }
+    }
+
+    /// `(N, C) → (N, C)`.
+    pub fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>) -> A2<D, T> {
+        let s = *x.shape();
+        let y = match self.kind {
+            // (x - mean) / sqrt(var_biased + eps)
+            NormKind::LayerNorm => x.normalize::<Axis<1>>(self.eps),
+            // x / sqrt(mean(x²) + eps); x is used twice, so split its tape.
+            NormKind::RmsNorm => {
+                let (x, tape) = x.split_tape();
+                let ms = x.retaped::<T>().square().mean::<(usize,), Axis<1>>();
+                let inv = (ms + self.eps).sqrt().recip();
+                x.put_tape(tape) * inv.broadcast_like::<_, Axis<1>>(&s)
+            }
+        };
+        let y = y * self.w.retaped::<T>().broadcast_like::<_, Axis<0>>(&s);
+        match &self.b {
+            Some(b) => y + b.retaped::<T>().broadcast_like::<_, Axis<0>>(&s),
+            None => y,
+        }
+    }
+}
+
+/// The feed-forward half of a block.
+#[derive(Debug, Clone)]
+pub enum Mlp<D: Storage<f32>> {
+    /// GPT-2: `proj(gelu_tanh(fc(x)))`.
+    Gelu {
+        /// `(C, F)`.
+        fc: Linear<D>,
+        /// `(F, C)`.
+        proj: Linear<D>,
+    },
+    /// Llama: `down(silu(gate(x)) * up(x))`.
+    SwiGlu {
+        /// `(C, F)`.
+        gate: Linear<D>,
+        /// `(C, F)`.
+        up: Linear<D>,
+        /// `(F, C)`.
+        down: Linear<D>,
+    },
+}
+
+impl<D: Device<f32>> Mlp<D> {
+    fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>) -> A2<D, T> {
+        match self {
+            Mlp::Gelu { fc, proj } => proj.forward(fc.forward(x).fast_gelu()),
+            Mlp::SwiGlu { gate, up, down } => {
+                let (x, tape) = x.split_tape();
+                let g = gate.forward(x.clone().put_tape(tape));
+                let u = up.forward(x.retaped::<T>());
+                let (g, tape) = g.split_tape();
+                let silu = g.clone().put_tape(tape) * g.retaped::<T>().sigmoid();
+                down.forward(silu * u)
+            }
+        }
+    }
+}
+
+/// One pre-norm transformer block.
+#[derive(Debug, Clone)]
+pub struct Block<D: Storage<f32>> {
+    /// Norm before attention.
+    pub ln1: Norm<D>,
+    /// Query projection `(C, H·Dh)`.
+    pub wq: Linear<D>,
+    /// Key projection `(C, Hkv·Dh)`.
+    pub wk: Linear<D>,
+    /// Value projection `(C, Hkv·Dh)`.
+    pub wv: Linear<D>,
+    /// Output projection `(H·Dh, C)`.
+    pub wo: Linear<D>,
+    /// Norm before the MLP.
+    pub ln2: Norm<D>,
+    /// Feed-forward.
+    pub mlp: Mlp<D>,
+}
+
+/// Per-forward constants shared by all blocks: the additive mask and RoPE tables.
+struct Ctx<D: Storage<f32>> {
+    b: usize,
+    t: usize,
+    /// `(B, T, T)` additive mask: causal and key padding.
+    mask: Tensor<(usize, usize, usize), f32, D>,
+    /// RoPE `(B·T·H, Dh)` tables for queries and `(B·T·Hkv, Dh)` for keys, and the
+    /// `(Dh, Dh)` matrix with `x·R = rotate_half(x)`.
+    rope: Option<Rope<D>>,
+}
+
+struct Rope<D: Storage<f32>> {
+    cos_q: T2<D>,
+    sin_q: T2<D>,
+    cos_k: T2<D>,
+    sin_k: T2<D>,
+    rot: T2<D>,
+}
+
+impl<D: Device<f32>> Block<D> {
+    fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>, dims: &Dims, ctx: &Ctx<D>) -> A2<D, T> {
+        // residual: keep an untaped handle, run the branch on the taped one, add back.
+        let (x, tape) = x.split_tape();
+        let a = self.attention(self.ln1.forward(x.clone().put_tape(tape)), dims, ctx);
+        let x = a + x;
+        let (x, tape) = x.split_tape();
+        let m = self.mlp.forward(self.ln2.forward(x.clone().put_tape(tape)));
+        m + x
+    }
+
+    /// Causal self-attention with GQA and optional RoPE. `(B·T, C) → (B·T, C)`.
+    fn attention<T: Tape<f32, D>>(&self, h: A2<D, T>, dims: &Dims, ctx: &Ctx<D>) -> A2<D, T> {
+        let (b, t) = (ctx.b, ctx.t);
+        let (nh, nkv, dh) = (dims.n_head, dims.n_kv_head, dims.head_dim);
+        let (h, tape) = h.split_tape();
+        let q = self.wq.forward(h.clone().put_tape(tape));
+        let k = self.wk.forward(h.retaped::<T>());
+        let v = self.wv.forward(h.retaped::<T>());
+        let (q, k) = match &ctx.rope {
+            Some(r) => (
+                apply_rope(
+                    q.reshape_like(&(b * t * nh, dh)),
+                    &r.cos_q,
+                    &r.sin_q,
+                    &r.rot,
+                ),
+                apply_rope(
+                    k.reshape_like(&(b * t * nkv, dh)),
+                    &r.cos_k,
+                    &r.sin_k,
+                    &r.rot,
+                ),
+            ),
+            None => (
+                q.reshape_like(&(b * t * nh, dh)),
+                k.reshape_like(&(b * t * nkv, dh)),
+            ),
+        };
+        let q = q
+            .reshape_like(&(b, t, nh, dh))
+            .permute::<_, Axes4<0, 2, 1, 3>>();
+        let k = repeat_kv(k.reshape_like(&(b, t, nkv, dh)), nh);
+        let v = repeat_kv(v.reshape_like(&(b, t, nkv, dh)), nh);
+        let scores = q.matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()) * (1.0 / (dh as f32).sqrt());
+        let scores = scores
+            + ctx
+                .mask
+                .clone()
+                .broadcast_like::<_, Axis<1>>(&(b, nh, t, t));
+        let y = scores.softmax::<Axis<3>>().matmul(v); // (B, H, T, Dh)
+        let y = y
+            .permute::<_, Axes4<0, 2, 1, 3>>()
+            .reshape_like(&(b * t, nh * dh));
+        self.wo.forward(y)
+    }
+}
+
+/// `rope(x) = x·cos + rotate_half(x)·sin` on `(N, Dh)` rows (NeoX / rotate_half layout).
+fn apply_rope<D: Device<f32>, T: Tape<f32, D>>(
+    x: A2<D, T>,
+    cos: &T2<D>,
+    sin: &T2<D>,
+    rot: &T2<D>,
+) -> A2<D, T> {
+    let (x, tape) = x.split_tape();
+    let rotated = x.retaped::<T>().matmul(rot.clone());
+    x.put_tape(tape) * cos.clone() + rotated * sin.clone()
+}
+
+/// `(B, T, Hkv, Dh)` → `(B, H, T, Dh)`, query head `j` reading KV head `j / (H / Hkv)`.
+fn repeat_kv<D: Device<f32>, T: Tape<f32, D>>(
+    x: Tensor<(usize, usize, usize, usize), f32, D, T>,
+    nh: usize,
+) -> A4<D, T> {
+    let (b, t, nkv, dh) = *x.shape();
+    let x = x.permute::<_, Axes4<0, 2, 1, 3>>(); // (B, Hkv, T, Dh)
+    if nkv == nh {
+        return x;
+    }
+    let rep = nh / nkv;
+    x.broadcast_like::<_, Axis<2>>(&(b, nkv, rep, t, dh))
+        .reshape_like(&(b, nh, t, dh))
+}
+
+/// A causal language model with runtime sizes. The frozen reference is [`CausalLm::frozen_copy`].
+#[derive(Debug, Clone)]
+pub struct CausalLm<D: Storage<f32>> {
+    /// The HF config it was built from (saved with checkpoints).
+    pub config: ModelConfig,
+    /// Resolved sizes.
+    pub dims: Dims,
+    /// Token embedding `(V, C)`; also the LM head when tied.
+    pub wte: T2<D>,
+    /// Learned positions `(P, C)` (GPT-2 only).
+    pub wpe: Option<T2<D>>,
+    /// Transformer blocks.
+    pub blocks: Vec<Block<D>>,
+    /// Final norm.
+    pub ln_f: Norm<D>,
+    /// Untied LM head `(V, C)` (HF layout); `None` when tied to `wte`.
+    pub lm_head: Option<T2<D>>,
+    /// The device.
+    pub dev: D,
+}
+
+impl<D: Device<f32>> CausalLm<D> {
+    /// A freshly initialised model: normal(0, initializer_range) weights, zero biases, unit
+    /// norms, and GPT-2's scaled init (std / sqrt(2·layers)) on the residual projections.
+    pub fn new(config: ModelConfig, dev: &D, seed: u64) -> Result<Self, PolicyError> {
+        let dims = config.dims()?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (c, std, bias) = (dims.d_model, dims.init_std, dims.has_bias());
+        let resid_std = match dims.family {
+            Family::Gpt2 => std / (2.0 * dims.n_layer as f32).sqrt(),
+            Family::Llama => std,
+        };
+        let wte = sample_normal(dev, &mut rng, (dims.vocab, c), std);
+        let wpe = (dims.family == Family::Gpt2)
+            .then(|| sample_normal(dev, &mut rng, (dims.max_positions, c), std / 2.0));
+        let blocks = (0..dims.n_layer)
+            .map(|_| {
+                let lin = |rng: &mut StdRng, i, o, s| Linear::new(dev, rng, i, o, s, bias);
+                let mlp = match dims.family {
+                    Family::Gpt2 => Mlp::Gelu {
+                        fc: lin(&mut rng, c, dims.d_ff, std),
+                        proj: lin(&mut rng, dims.d_ff, c, resid_std),
+                    },
+                    Family::Llama => Mlp::SwiGlu {
+                        gate: lin(&mut rng, c, dims.d_ff, std),
+                        up: lin(&mut rng, c, dims.d_ff, std),
+                        down: lin(&mut rng, dims.d_ff, c, resid_std),
+                    },
+                };
+                Block {
+                    ln1: Norm::new(dev, &dims),
+                    wq: lin(&mut rng, c, dims.q_dim(), std),
+                    wk: lin(&mut rng, c, dims.kv_dim(), std),
+                    wv: lin(&mut rng, c, dims.kv_dim(), std),
+                    wo: lin(&mut rng, dims.q_dim(), c, resid_std),
+                    ln2: Norm::new(dev, &dims),
+                    mlp,
+                }
+            })
+            .collect();
+        let lm_head = (!dims.tied).then(|| sample_normal(dev, &mut rng, (dims.vocab, c), std));
+        Ok(CausalLm {
+            ln_f: Norm::new(dev, &dims),
+            config,
+            dims,
+            wte,
+            wpe,
+            blocks,
+            lm_head,
+            dev: dev.clone(),
+        })
+    }
+
+    /// Final hidden states `(B·T, C)` (after the last norm) for a batch, recording on `tape`.
+    ///
+    /// Padding: keys with `attention_mask == 0` get zero attention weight, and positions come
+    /// from `batch.position_ids`, so a left-padded row gives the same hidden states at its real
+    /// tokens as the unpadded sequence. Rows for pad queries are finite garbage.
+    pub fn forward_hidden<T: Tape<f32, D>>(
+        &self,
+        batch: &Batch,
+        tape: T,
+    ) -> Result<A2<D, T>, PolicyError> {
+        batch.check(
+            self.dims.vocab,
+            self.dims.max_positions,
+            self.dims.family == Family::Gpt2,
+        )?;
+        let (b, t, c) = (batch.b, batch.t, self.dims.d_model);
+        let ids = self
+            .dev
+            .tensor_from_vec(batch.ids.iter().map(|&i| i as usize).collect(), (b, t));
+        let x: Tensor<(usize, usize, usize), f32, D, T> =
+            self.wte.clone().put_tape(tape).gather(ids);
+        let x = match &self.wpe {
+            Some(wpe) => {
+                let pos = self.dev.tensor_from_vec(batch.position_ids.clone(), (b, t));
+                x + wpe.retaped::<T>().gather(pos)
+            }
+            None => x,
+        };
+        let mut x = x.reshape_like(&(b * t, c));
+        let ctx = self.context(batch);
+        for block in &self.blocks {
+            x = block.forward(x, &self.dims, &ctx);
+        }
+        Ok(self.ln_f.forward(x))
+    }
+
+    /// LM logits `(N, V)` from hidden states `(N, C)`: `h · headᵀ` (head = `wte` when tied).
+    pub fn logits<T: Tape<f32, D>>(&self, h: A2<D, T>) -> A2<D, T> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.wte);
+        h.matmul(head.retaped::<T>().permute::<_, Axes2<1, 0>>())
+    }
+
+    /// Convenience: logits `(B·T, V)` for a batch, recording on `tape`.
+    pub fn forward<T: Tape<f32, D>>(
+        &self,
+        batch: &Batch,
+        tape: T,
+    ) -> Result<A2<D, T>, PolicyError> {
+        Ok(self.logits(self.forward_hidden(batch, tape)?))
+    }
+
+    fn context(&self, batch: &Batch) -> Ctx<D> {
+        let (b, t) = (batch.b, batch.t);
+        let mut mask = vec![0.0f32; b * t * t];
+        for r in 0..b {
+            for i in 0..t {
+                for j in 0..t {
+                    if j > i || !batch.is_real(r, j) {
+                        mask[(r * t + i) * t + j] = MASKED;
+                    }
+                }
+            }
+        }
+        let mask = self.dev.tensor_from_vec(mask, (b, t, t));
+        let rope = (self.dims.family == Family::Llama).then(|| self.rope_tables(batch));
+        Ctx { b, t, mask, rope }
+    }
+
+    fn rope_tables(&self, batch: &Batch) -> Rope<D> {
+        let dims = &self.dims;
+        let (cos, sin) = crate::rope::tables(&batch.position_ids, dims.head_dim, dims.rope_theta);
+        let expand = |tab: &[f32], heads: usize| {
+            let dh = dims.head_dim;
+            let mut out = Vec::with_capacity(tab.len() * heads);
+            for row in tab.chunks(dh) {
+                for _ in 0..heads {
+                    out.extend_from_slice(row);
+                }
+            }
+            self.dev
+                .tensor_from_vec(out, (batch.b * batch.t * heads, dh))
+        };
+        let dh = dims.head_dim;
+        let half = dh / 2;
+        // x·R = rotate_half(x) = [-x[half:], x[:half]]
+        let mut rot = vec![0.0f32; dh * dh];
+        for i in 0..half {
+            rot[(i + half) * dh + i] = -1.0; // out[i] = -x[i + half]
+            rot[i * dh + (i + half)] = 1.0; // out[i + half] = x[i]
+        }
+        Rope {
+            cos_q: expand(&cos, dims.n_head),
+            sin_q: expand(&sin, dims.n_head),
+            cos_k: expand(&cos, dims.n_kv_head),
+            sin_k: expand(&sin, dims.n_kv_head),
+            rot: self.dev.tensor_from_vec(rot, (dh, dh)),
+        }
+    }
+
+    /// A deep copy whose parameters have fresh tensor ids: a taped forward through it can never
+    /// write gradients onto the original's ids (`clone()` would share them).
+    pub fn frozen_copy(&self) -> Self {
+        let mut copy = self.clone();
+        copy.map_params(|t| t.clone() + 0.0f32, |t| t.clone() + 0.0f32);
+        copy
+    }
+
+    /// Number of parameters.
+    pub fn num_params(&self) -> usize {
+        self.params().iter().map(|(_, p)| p.len()).sum()
+    }
+}
+
+fn sample_normal<D: Device<f32>>(
+    dev: &D,
+    rng: &mut StdRng,
+    shape: (usize, usize),
+    std: f32,
+) -> T2<D> {
+    use rand::distributions::Distribution;
+    let dist = Normal::new(0.0f32, std.max(1e-12)).expect("std is positive and finite");
+    let data: Vec<f32> = (0..shape.0 * shape.1).map(|_| dist.sample(rng)).collect();
+    dev.tensor_from_vec(data, shape)
+}

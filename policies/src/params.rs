@@ -1,0 +1,134 @@
+//! The parameter walker (our substitute for dfdx's const-shaped `TensorCollection`), and what is
+//! built on it: parameter maps, AdamW with decay exclusions, and global grad-norm clipping.
+
+use dfdx::prelude::*;
+
+use crate::model::{CausalLm, Linear, Mlp, Norm, T1, T2};
+
+/// A shared reference to one parameter.
+#[derive(Debug)]
+pub enum ParamRef<'a, D: Storage<f32>> {
+    /// 1-D (biases, norm gains).
+    V(&'a T1<D>),
+    /// 2-D (weights, embeddings).
+    M(&'a T2<D>),
+}
+
+/// A mutable reference to one parameter.
+#[derive(Debug)]
+pub enum ParamMut<'a, D: Storage<f32>> {
+    /// 1-D (biases, norm gains).
+    V(&'a mut T1<D>),
+    /// 2-D (weights, embeddings).
+    M(&'a mut T2<D>),
+}
+
+impl<D: Device<f32>> ParamRef<'_, D> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            ParamRef::V(t) => t.shape().0,
+            ParamRef::M(t) => t.shape().0 * t.shape().1,
+        }
+    }
+    /// Whether it has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Row-major values.
+    pub fn to_vec(&self) -> Vec<f32> {
+        match self {
+            ParamRef::V(t) => t.as_vec(),
+            ParamRef::M(t) => t.as_vec(),
+        }
+    }
+    /// Shape as a list.
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            ParamRef::V(t) => vec![t.shape().0],
+            ParamRef::M(t) => vec![t.shape().0, t.shape().1],
+        }
+    }
+}
+
+/// Generates `params` (shared) and `params_mut` (mutable) from one list of fields, so the two
+/// walks can never disagree on names or order.
+macro_rules! walker {
+    ($fn_name:ident, $P:ident, $iter:ident, $($m:ident)?) => {
+        impl<D: Device<f32>> CausalLm<D> {
+            /// Every parameter with its canonical name, in a fixed order.
+            pub fn $fn_name(&$($m)? self) -> Vec<(String, $P<'_, D>)> {
+                let mut out = Vec::new();
+                out.push(("wte".to_string(), $P::M(&$($m)? self.wte)));
+                if let Some(w) = &$($m)? self.wpe {
+                    out.push(("wpe".to_string(), $P::M(w)));
+                }
+                for (i, blk) in self.blocks.$iter().enumerate() {
+                    let p = format!("blocks.{i}");
+                    norm(&format!("{p}.ln1"), &$($m)? blk.ln1, &mut out);
+                    linear(&format!("{p}.attn.q"), &$($m)? blk.wq, &mut out);
+                    linear(&format!("{p}.attn.k"), &$($m)? blk.wk, &mut out);
+                    linear(&format!("{p}.attn.v"), &$($m)? blk.wv, &mut out);
+                    linear(&format!("{p}.attn.o"), &$($m)? blk.wo, &mut out);
+                    norm(&format!("{p}.ln2"), &$($m)? blk.ln2, &mut out);
+                    match &$($m)? blk.mlp {
+                        Mlp::Gelu { fc, proj } => {
+                            linear(&format!("{p}.mlp.fc"), fc, &mut out);
+                            linear(&format!("{p}.mlp.proj"), proj, &mut out);
+                        }
+                        Mlp::SwiGlu { gate, up, down } => {
+                            linear(&format!("{p}.mlp.gate"), gate, &mut out);
+                            linear(&format!("{p}.mlp.up"), up, &mut out);
+                            linear(&format!("{p}.mlp.down"), down, &mut out);
+                        }
+                    }
+                }
+                norm("ln_f", &$($m)? self.ln_f, &mut out);
+                if let Some(w) = &$($m)? self.lm_head {
+                    out.push(("lm_head".to_string(), $P::M(w)));
+                }
+                return out;
+
+                fn linear<'a, D: Device<f32>>(p: &str, l: &'a $($m)? Linear<D>, out: &mut Vec<(String, $P<'a, D>)>) {
+                    out.push((format!("{p}.weight"), $P::M(&$($m)? l.w)));
+                    if let Some(b) = &$($m)? l.b {
+                        out.push((format!("{p}.bias"), $P::V(b)));
+                    }
+                }
+                fn norm<'a, D: Device<f32>>(p: &str, n: &'a $($m)? Norm<D>, out: &mut Vec<(String, $P<'a, D>)>) {
+                    out.push((format!("{p}.weight"), $P::V(&$($m)? n.w)));
+                    if let Some(b) = &$($m)? n.b {
+                        out.push((format!("{p}.bias"), $P::V(b)));
+                    }
+                }
+            }
+        }
+    };
+}
+
+walker!(params, ParamRef, iter,);
+walker!(params_mut, ParamMut, iter_mut, mut);
+
+impl<D: Device<f32>> CausalLm<D> {
+    /// Replaces every parameter by `f(param)` (used for frozen copies and device moves).
+    pub fn map_params(
+        &mut self,
+        mut fv: impl FnMut(&T1<D>) -> T1<D>,
+        mut fm: impl FnMut(&T2<D>) -> T2<D>,
+    ) {
+        for (_, p) in self.params_mut() {
+            match p {
+                ParamMut::V(t) => *t = fv(t),
+                ParamMut::M(t) => *t = fm(t),
+            }
+        }
+    }
+}
+
+/// The id dfdx keys a tensor's gradient by (dfdx has no public getter; `UnusedTensors::add`
+/// records it).
+pub fn tensor_id<S: Shape, D: Device<f32>, T>(t: &Tensor<S, f32, D, T>) -> UniqueId {
+    let mut u = dfdx::optim::UnusedTensors::default();
+    u.add(t);
+    u.ids[0]
+}

@@ -1,0 +1,269 @@
+//! Batched generation with a KV cache: temperature, top-k, top-p, EOS and stop ids, a per-row
+//! finished mask, and the log-prob of every sampled token under the distribution it was drawn
+//! from.
+
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::PolicyError;
+use crate::infer::{InferenceModel, KvCache, LogitsAt};
+
+/// How to pick each next token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingConfig {
+    /// Maximum number of new tokens per row. Default `64`.
+    pub max_new_tokens: usize,
+    /// EOS and stop ids are forbidden before this many new tokens (transformers'
+    /// `min_new_tokens`). Default `0`.
+    pub min_new_tokens: usize,
+    /// Logits are divided by this before filtering. Default `1.0`.
+    pub temperature: f32,
+    /// Keep only the `k` most likely tokens; `0` disables. Default `0`.
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose mass reaches `p`; `1.0` disables.
+    /// Default `1.0`.
+    pub top_p: f32,
+    /// Take the argmax instead of sampling. Default `false`.
+    pub greedy: bool,
+    /// Ids that end a row (appended to its tokens). Default: none.
+    pub eos_ids: Vec<u32>,
+    /// Extra ids that also end a row. Default: none.
+    pub stop_ids: Vec<u32>,
+    /// Seed; row `r` draws from its own RNG seeded from `(seed, r)`, so results do not depend
+    /// on thread scheduling. Default `0`.
+    pub seed: u64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        SamplingConfig {
+            max_new_tokens: 64,
+            min_new_tokens: 0,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            greedy: false,
+            eos_ids: vec![],
+            stop_ids: vec![],
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingConfig {
+    fn validate(&self) -> Result<(), PolicyError> {
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return Err(PolicyError::Input(format!(
+                "temperature must be > 0, got {}",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(PolicyError::Input(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
+        }
+        Ok(())
+    }
+
+    fn ends_row(&self, id: u32) -> bool {
+        self.eos_ids.contains(&id) || self.stop_ids.contains(&id)
+    }
+}
+
+/// What [`generate`] returns, per row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// New tokens of each row, up to and including its EOS/stop token.
+    pub tokens: Vec<Vec<u32>>,
+    /// `log p(token)` of each new token under the distribution it was sampled from (after
+    /// temperature, top-k, top-p and the min-new-tokens mask). Greedy rows report
+    /// `log_softmax(logits / T)` at the argmax.
+    pub logprobs: Vec<Vec<f32>>,
+    /// Whether the row ended on an EOS or stop id (false: it hit `max_new_tokens`).
+    pub finished: Vec<bool>,
+}
+
+/// Samples continuations of `prompts` (left-padded with `pad_id` into one batch).
+pub fn generate(
+    model: &InferenceModel,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    cfg: &SamplingConfig,
+) -> Result<Generation, PolicyError> {
+    cfg.validate()?;
+    if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
+        return Err(PolicyError::Input(
+            "every prompt needs at least one token".into(),
+        ));
+    }
+    let b = prompts.len();
+    let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let pad: Vec<usize> = prompts.iter().map(|p| t - p.len()).collect();
+    let ids: Vec<u32> = prompts
+        .iter()
+        .zip(&pad)
+        .flat_map(|(p, &k)| std::iter::repeat(pad_id).take(k).chain(p.iter().copied()))
+        .collect();
+    let mut cache = KvCache::new(&model.dims, pad, t + cfg.max_new_tokens);
+    let v = model.dims.vocab;
+    let mut rngs: Vec<StdRng> = (0..b)
+        .map(|r| StdRng::seed_from_u64(row_seed(cfg.seed, r)))
+        .collect();
+    let mut out = Generation {
+        tokens: vec![vec![]; b],
+        logprobs: vec![vec![]; b],
+        finished: vec![false; b],
+    };
+    if cfg.max_new_tokens == 0 {
+        return Ok(out);
+    }
+    let mut logits = model.forward(&mut cache, &ids, t, LogitsAt::Last)?;
+    for step in 0..cfg.max_new_tokens {
+        let forbid_end = step < cfg.min_new_tokens;
+        let picks: Vec<(u32, f32)> = if b >= 8 {
+            logits
+                .par_chunks_mut(v)
+                .zip(rngs.par_iter_mut())
+                .map(|(l, rng)| pick(l, cfg, forbid_end, rng))
+                .collect()
+        } else {
+            logits
+                .chunks_mut(v)
+                .zip(rngs.iter_mut())
+                .map(|(l, rng)| pick(l, cfg, forbid_end, rng))
+                .collect()
+        };
+        let mut next = Vec::with_capacity(b);
+        for (r, &(tok, lp)) in picks.iter().enumerate() {
+            if out.finished[r] {
+                next.push(pad_id);
+                continue;
+            }
+            out.tokens[r].push(tok);
+            out.logprobs[r].push(lp);
+            out.finished[r] = cfg.ends_row(tok);
+            next.push(tok);
+        }
+        if step + 1 == cfg.max_new_tokens || out.finished.iter().all(|&f| f) {
+            break;
+        }
+        logits = model.forward(&mut cache, &next, 1, LogitsAt::Last)?;
+    }
+    Ok(out)
+}
+
+fn row_seed(seed: u64, row: usize) -> u64 {
+    // splitmix64 of (seed, row): distinct, well-mixed streams per row.
+    let mut z = seed.wrapping_add((row as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Picks one token from a row of logits (modified in place) and returns it with its log-prob.
+fn pick(
+    logits: &mut [f32],
+    cfg: &SamplingConfig,
+    forbid_end: bool,
+    rng: &mut StdRng,
+) -> (u32, f32) {
+    if forbid_end {
+        for &id in cfg.eos_ids.iter().chain(&cfg.stop_ids) {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+    let inv_t = 1.0 / cfg.temperature;
+    logits.iter_mut().for_each(|l| *l *= inv_t);
+    if cfg.greedy {
+        let (id, _) = argmax(logits);
+        return (id as u32, log_softmax_at(logits, id));
+    }
+    let logprobs = filtered_logprobs(logits, cfg.top_k, cfg.top_p);
+    let u: f64 = rng.gen::<f64>();
+    let mut acc = 0.0f64;
+    let mut chosen = None;
+    for (i, &lp) in logprobs.iter().enumerate() {
+        if lp == f32::NEG_INFINITY {
+            continue;
+        }
+        chosen = Some(i);
+        acc += (lp as f64).exp();
+        if acc > u {
+            break;
+        }
+    }
+    let id = chosen.expect("at least one token survives filtering");
+    (id as u32, logprobs[id])
+}
+
+/// Log-probs of the distribution after top-k and top-p filtering of `logits` (already divided
+/// by the temperature); filtered-out tokens get `-inf`. This is the distribution [`generate`]
+/// samples from, exposed for tests and for scoring.
+pub fn filtered_logprobs(logits: &[f32], top_k: usize, top_p: f32) -> Vec<f32> {
+    let mut keep: Vec<bool> = logits.iter().map(|l| *l > f32::NEG_INFINITY).collect();
+    let k_active = top_k > 0 && top_k < logits.len();
+    if k_active || top_p < 1.0 {
+        let mut order: Vec<usize> = (0..logits.len()).filter(|&i| keep[i]).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        if k_active {
+            for &i in order.iter().skip(top_k) {
+                keep[i] = false;
+            }
+            order.truncate(top_k);
+        }
+        if top_p < 1.0 {
+            let lse = logsumexp(order.iter().map(|&i| logits[i]));
+            let mut mass = 0.0f32;
+            for (rank, &i) in order.iter().enumerate() {
+                if mass >= top_p && rank > 0 {
+                    keep[i] = false;
+                } else {
+                    mass += (logits[i] - lse).exp();
+                }
+            }
+        }
+    }
+    let lse = logsumexp(
+        logits
+            .iter()
+            .zip(&keep)
+            .filter(|(_, &k)| k)
+            .map(|(l, _)| *l),
+    );
+    logits
+        .iter()
+        .zip(&keep)
+        .map(|(l, &k)| if k { l - lse } else { f32::NEG_INFINITY })
+        .collect()
+}
+
+fn logsumexp(xs: impl Iterator<Item = f32> + Clone) -> f32 {
+    let max = xs.clone().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return max;
+    }
+    max + xs.map(|x| (x - max).exp()).sum::<f32>().ln()
+}
+
+fn log_softmax_at(logits: &[f32], id: usize) -> f32 {
+    logits[id] - logsumexp(logits.iter().copied())
+}
+
+/// Index and value of the largest logit (the first one on ties, like `torch.argmax`).
+pub fn argmax(xs: &[f32]) -> (usize, f32) {
+    xs.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv {
+                (i, v)
+            } else {
+                (bi, bv)
+            }
+        })
+}

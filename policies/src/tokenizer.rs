@@ -1,0 +1,212 @@
+//! Tokenizers through the `tokenizers` crate: load any `tokenizer.json`, train a byte-level BPE,
+//! or build a character-level vocabulary (nanoGPT's Shakespeare setup).
+//!
+//! Every tokenizer we make is a plain HF `tokenizer.json`, so it loads in Python unchanged.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::AddedToken;
+
+use crate::error::PolicyError;
+
+/// The end-of-text token our trained tokenizers reserve (id 0).
+pub const EOS_TOKEN: &str = "<|endoftext|>";
+/// The padding token our trained tokenizers reserve (id 1), distinct from EOS so that a
+/// response's EOS is never mistaken for padding.
+pub const PAD_TOKEN: &str = "<|pad|>";
+
+/// A tokenizer: the HF object, plus a strict fast path for character-level vocabularies.
+#[derive(Debug, Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// For character-level tokenizers: char → id, so encoding can reject unknown characters
+    /// (HF's BPE without an unk token would silently drop them).
+    chars: Option<HashMap<char, u32>>,
+    source: String,
+}
+
+impl Tokenizer {
+    /// Loads a `tokenizer.json`.
+    pub fn from_file(path: &Path) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|e| PolicyError::io(path, e))?;
+        let inner = tokenizers::Tokenizer::from_bytes(text.as_bytes()).map_err(|e| {
+            PolicyError::tokenizer(
+                path.display().to_string(),
+                "tokenizer.json",
+                format!("cannot parse: {e}"),
+            )
+        })?;
+        let mut tok = Tokenizer {
+            inner,
+            chars: None,
+            source: path.display().to_string(),
+        };
+        tok.chars = tok.char_vocab();
+        Ok(tok)
+    }
+
+    /// Trains a byte-level BPE (GPT-2 style) of `vocab_size` tokens on `texts`, reserving
+    /// [`EOS_TOKEN`] (id 0) and [`PAD_TOKEN`] (id 1). All 256 byte symbols are in the initial
+    /// alphabet, so any UTF-8 text encodes without unknown tokens.
+    pub fn train_bpe<I, S>(
+        texts: I,
+        vocab_size: usize,
+        min_frequency: u64,
+    ) -> Result<Self, PolicyError>
+    where
+        I: Iterator<Item = S> + Send,
+        S: AsRef<str> + Send,
+    {
+        let specials = vec![
+            AddedToken::from(EOS_TOKEN, true),
+            AddedToken::from(PAD_TOKEN, true),
+        ];
+        if vocab_size < 256 + specials.len() {
+            return Err(PolicyError::Input(format!(
+                "BPE vocab_size {vocab_size} is below the 258 bytes + special tokens"
+            )));
+        }
+        let trainer = BpeTrainerBuilder::new()
+            .vocab_size(vocab_size)
+            .min_frequency(min_frequency)
+            .special_tokens(specials)
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .show_progress(false)
+            .build();
+        let mut inner = tokenizers::Tokenizer::new(BPE::default());
+        inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        inner.with_decoder(Some(ByteLevel::new(false, true, true)));
+        inner.with_post_processor(Some(ByteLevel::new(false, false, true)));
+        let mut trainer: TrainerWrapper = trainer.into();
+        inner
+            .train(&mut trainer, texts)
+            .map_err(|e| PolicyError::tokenizer("<training>", "bpe", e.to_string()))?;
+        Ok(Tokenizer {
+            inner,
+            chars: None,
+            source: "<trained BPE>".into(),
+        })
+    }
+
+    /// A character-level tokenizer over the characters of `text` (sorted), after
+    /// [`EOS_TOKEN`] (id 0). Encoding a character outside it is an error.
+    pub fn char_level(text: &str) -> Result<Self, PolicyError> {
+        let mut chars: Vec<char> = text.chars().collect();
+        chars.sort_unstable();
+        chars.dedup();
+        let mut vocab = serde_json::Map::new();
+        vocab.insert(EOS_TOKEN.into(), 0.into());
+        for (i, c) in chars.iter().enumerate() {
+            vocab.insert(c.to_string(), (i + 1).into());
+        }
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [{"id": 0, "content": EOS_TOKEN, "single_word": false, "lstrip": false,
+                              "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+            "decoder": {"type": "Fuse"},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": false, "vocab": vocab, "merges": []}
+        });
+        let inner = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes())
+            .map_err(|e| PolicyError::tokenizer("<char-level>", "model", e.to_string()))?;
+        let mut tok = Tokenizer {
+            inner,
+            chars: None,
+            source: "<char-level>".into(),
+        };
+        tok.chars = tok.char_vocab();
+        Ok(tok)
+    }
+
+    /// If this is a character-level vocabulary (BPE, no merges, no pre-tokenizer, every
+    /// non-special token one character), its char → id map.
+    fn char_vocab(&self) -> Option<HashMap<char, u32>> {
+        let json: serde_json::Value =
+            serde_json::from_str(&self.inner.to_string(false).ok()?).ok()?;
+        let model = json.get("model")?;
+        let no_merges = model.get("merges")?.as_array()?.is_empty();
+        if model.get("type")?.as_str()? != "BPE"
+            || !no_merges
+            || !json.get("pre_tokenizer")?.is_null()
+        {
+            return None;
+        }
+        let mut map = HashMap::new();
+        for (tok, id) in model.get("vocab")?.as_object()? {
+            let mut it = tok.chars();
+            match (it.next(), it.next()) {
+                (Some(c), None) => {
+                    map.insert(c, id.as_u64()? as u32);
+                }
+                _ if self.inner.get_added_vocabulary().is_special_token(tok) => {}
+                _ => return None,
+            }
+        }
+        Some(map)
+    }
+
+    /// Token ids of `text` (no BOS/EOS added).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, PolicyError> {
+        if let Some(chars) = &self.chars {
+            return text
+                .chars()
+                .enumerate()
+                .map(|(i, c)| {
+                    chars.get(&c).copied().ok_or_else(|| {
+                        PolicyError::Input(format!("character {c:?} at offset {i} is not in the character vocabulary of {}", self.source))
+                    })
+                })
+                .collect();
+        }
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| PolicyError::Input(format!("encoding failed: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids` (special tokens kept, so an EOS shows).
+    pub fn decode(&self, ids: &[u32]) -> Result<String, PolicyError> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| PolicyError::Input(format!("decoding failed: {e}")))
+    }
+
+    /// Number of ids, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Id of a token string.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The EOS id, if the vocabulary has `<|endoftext|>`, `</s>`, `<|im_end|>` or `<eos>`.
+    pub fn eos_id(&self) -> Option<u32> {
+        [EOS_TOKEN, "</s>", "<|im_end|>", "<eos>"]
+            .iter()
+            .find_map(|t| self.token_to_id(t))
+    }
+
+    /// The pad id, if the vocabulary has `<|pad|>` or `<pad>`.
+    pub fn pad_id(&self) -> Option<u32> {
+        [PAD_TOKEN, "<pad>"]
+            .iter()
+            .find_map(|t| self.token_to_id(t))
+    }
+
+    /// Writes `tokenizer.json` (atomically).
+    pub fn save(&self, path: &Path) -> Result<(), PolicyError> {
+        let text = self.inner.to_string(true).map_err(|e| {
+            PolicyError::tokenizer(path.display().to_string(), "tokenizer.json", e.to_string())
+        })?;
+        crate::checkpoint::write_atomic(path, text.as_bytes())
+    }
+}

@@ -1,0 +1,69 @@
+//! Helpers shared by the integration tests: where `../shared` is, and JSON fixture readers.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+/// `../shared` beside the checkout (override with `RLHF_SHARED`).
+pub fn shared() -> PathBuf {
+    std::env::var_os("RLHF_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"))
+}
+
+/// A fixture folder under `shared/fixtures`.
+pub fn fixture(name: &str) -> PathBuf {
+    shared().join("fixtures").join(name)
+}
+
+/// Parses a JSON file.
+pub fn read_json(path: &std::path::Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+pub fn f32s(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
+}
+
+pub fn f32s_2d(v: &Value) -> Vec<Vec<f32>> {
+    v.as_array().expect("array").iter().map(f32s).collect()
+}
+
+pub fn u32s(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("int") as u32)
+        .collect()
+}
+
+pub fn u32s_2d(v: &Value) -> Vec<Vec<u32>> {
+    v.as_array().expect("array").iter().map(u32s).collect()
+}
+
+/// Largest absolute difference.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// log_softmax of one row, in f64 for the reference.
+pub fn log_softmax_ref(row: &[f32]) -> Vec<f32> {
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max
+        + row
+            .iter()
+            .map(|&x| (x as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    row.iter().map(|&x| (x as f64 - lse) as f32).collect()
+}
