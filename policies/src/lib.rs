@@ -43,5 +43,5 @@ pub use infer::{InferenceModel, KvCache, LogitsAt};
 pub use model::CausalLm;
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
 pub use params::{ParamMut, ParamRef};
-pub use sampling::{generate, Generation, SamplingConfig};
+pub use sampling::{filtered_logprobs, generate, sample_from_logits, Generation, SamplingConfig};
 pub use tokenizer::Tokenizer;

@@ -102,6 +102,13 @@ pub fn generate(
     }
     let b = prompts.len();
     let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let d = &model.dims;
+    if d.family == crate::config::Family::Gpt2 && t + cfg.max_new_tokens > d.max_positions {
+        return Err(PolicyError::Input(format!(
+            "prompt of {t} tokens + max_new_tokens {} exceeds the model's {} positions (n_positions)",
+            cfg.max_new_tokens, d.max_positions
+        )));
+    }
     let pad: Vec<usize> = prompts.iter().map(|p| t - p.len()).collect();
     let ids: Vec<u32> = prompts
         .iter()
@@ -128,13 +135,13 @@ pub fn generate(
             logits
                 .par_chunks_mut(v)
                 .zip(rngs.par_iter_mut())
-                .map(|(l, rng)| pick(l, cfg, forbid_end, rng))
+                .map(|(l, rng)| sample_from_logits(l, cfg, forbid_end, rng))
                 .collect()
         } else {
             logits
                 .chunks_mut(v)
                 .zip(rngs.iter_mut())
-                .map(|(l, rng)| pick(l, cfg, forbid_end, rng))
+                .map(|(l, rng)| sample_from_logits(l, cfg, forbid_end, rng))
                 .collect()
         };
         let mut next = Vec::with_capacity(b);
@@ -164,8 +171,10 @@ fn row_seed(seed: u64, row: usize) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Picks one token from a row of logits (modified in place) and returns it with its log-prob.
-fn pick(
+/// Picks one token from a row of raw logits (modified in place: mask, temperature) and returns
+/// it with its log-prob under the distribution it was drawn from. `forbid_end` masks the EOS
+/// and stop ids (the min-new-tokens rule). This is the per-row step of [`generate`].
+pub fn sample_from_logits(
     logits: &mut [f32],
     cfg: &SamplingConfig,
     forbid_end: bool,
