@@ -1,1 +1,5 @@
+//! `rlhf`: the trainer crate — stages, configs, run folders and the `rlhf` CLI, built on
+//! [`rlhf_policies`] (models) and [`rlhf_envs`] (environments).
+#![warn(missing_docs)]
 
+pub mod bench;

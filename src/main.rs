@@ -1,1 +1,228 @@
-fn main() {}
+//! The `rlhf` command line.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use dfdx::prelude::Cpu;
+use rlhf::bench;
+use rlhf_policies::checkpoint::load_with_tokenizer;
+use rlhf_policies::{generate, CausalLm, InferenceModel, ModelConfig, SamplingConfig, Tokenizer};
+
+/// RLHF in Rust: pretraining, SFT, reward models and PPO on small language models.
+#[derive(Debug, Parser)]
+#[command(name = "rlhf", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write a freshly initialised model (HF folder: config.json, model.safetensors,
+    /// tokenizer.json).
+    Init(InitArgs),
+    /// Sample a completion of a prompt from a checkpoint folder.
+    Generate(GenerateArgs),
+    /// Run the fixed peer workload's benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, clap::Args)]
+struct InitArgs {
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Architecture preset (the workload's shapes): tiny or small.
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// An HF config.json to use instead of a preset.
+    #[arg(long, conflicts_with = "preset")]
+    config: Option<PathBuf>,
+    /// A tokenizer.json to use. Without it (and without --corpus), a byte-level tokenizer
+    /// (256 bytes + <|endoftext|> + <|pad|>) is used.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Train a byte-level BPE of the preset's vocab size on this text file.
+    #[arg(long, conflicts_with = "tokenizer")]
+    corpus: Option<PathBuf>,
+    /// Seed of the weight init.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct GenerateArgs {
+    /// Checkpoint folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sampling temperature.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling mass (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Greedy decoding (argmax) instead of sampling.
+    #[arg(long)]
+    greedy: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Rollout tokens/s (batched sampling with the KV cache) at the workload's batch sizes.
+    Rollout(RolloutArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RolloutArgs {
+    /// The workload file (shared/peers/workload.json).
+    #[arg(long)]
+    workload: PathBuf,
+    /// Model name from the workload (tiny or small); default: every model.
+    #[arg(long)]
+    model: Option<String>,
+    /// Batch size; default: the workload's batch sizes.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Threads (default: the workload's).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Also write the JSON results to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Init(a) => init(a),
+        Command::Generate(a) => generate_cmd(a),
+        Command::Bench(BenchCommand::Rollout(a)) => bench_rollout(a),
+    }
+}
+
+fn init(a: InitArgs) -> Result<()> {
+    let mut cfg = match &a.config {
+        Some(p) => ModelConfig::from_file(p)?,
+        None => ModelConfig::preset(&a.preset)?,
+    };
+    let tok = match (&a.tokenizer, &a.corpus) {
+        (Some(p), _) => Tokenizer::from_file(p)?,
+        (None, Some(corpus)) => {
+            let text = std::fs::read_to_string(corpus)
+                .with_context(|| format!("reading corpus {}", corpus.display()))?;
+            Tokenizer::train_bpe(text.lines(), cfg.vocab_size(), 2)?
+        }
+        (None, None) => Tokenizer::byte_level()?,
+    };
+    // the model's vocabulary is exactly the tokenizer's
+    cfg.set_vocab_size(tok.vocab_size());
+    let model = CausalLm::new(cfg, &Cpu::default(), a.seed)?;
+    model.save_pretrained(&a.out, Some(&tok))?;
+    eprintln!(
+        "wrote {} ({} parameters, vocab {})",
+        a.out.display(),
+        model.num_params(),
+        tok.vocab_size()
+    );
+    Ok(())
+}
+
+fn generate_cmd(a: GenerateArgs) -> Result<()> {
+    let (model, tok) = load_with_tokenizer(&a.model, &Cpu::default())?;
+    let prompt = tok.encode(&a.prompt)?;
+    if prompt.is_empty() {
+        bail!("--prompt encodes to no tokens");
+    }
+    let eos = tok.eos_id().or(model.config.eos_token_id());
+    let pad = tok
+        .pad_id()
+        .or(model.config.pad_token_id())
+        .or(eos)
+        .unwrap_or(0);
+    let cfg = SamplingConfig {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        greedy: a.greedy,
+        eos_ids: eos.into_iter().collect(),
+        seed: a.seed,
+        ..SamplingConfig::default()
+    };
+    let engine = InferenceModel::from_model(&model);
+    let t0 = Instant::now();
+    let out = generate(&engine, &[prompt], pad, &cfg)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let new = &out.tokens[0];
+    println!("{}{}", a.prompt, tok.decode(new)?);
+    let lp: f32 = out.logprobs[0].iter().sum();
+    eprintln!(
+        "[{} new tokens in {:.3} s, {:.0} tok/s; sum log-prob {:.3}; {}]",
+        new.len(),
+        secs,
+        new.len() as f64 / secs,
+        lp,
+        if out.finished[0] {
+            "stopped at EOS"
+        } else {
+            "reached max_new_tokens"
+        }
+    );
+    Ok(())
+}
+
+fn bench_rollout(a: RolloutArgs) -> Result<()> {
+    let w = bench::Workload::from_file(&a.workload)?;
+    let threads = a.threads.unwrap_or(w.threads);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    let models: Vec<String> = match &a.model {
+        Some(m) => vec![m.clone()],
+        None => w.models.keys().cloned().collect(),
+    };
+    let batches = a
+        .batch
+        .map(|b| vec![b])
+        .unwrap_or_else(|| w.rollout.batch_sizes.clone());
+    let mut all = Vec::new();
+    for m in &models {
+        let results = pool.install(|| bench::rollout(&w, m, &batches))?;
+        for r in &results {
+            eprintln!(
+                "rollout {:>5} b={:<3} {:>8.0} tok/s  [{:.0}-{:.0}]  ({} tokens/run, {} threads)",
+                r.model,
+                r.batch,
+                r.tokens_per_s,
+                r.tokens_per_s_min,
+                r.tokens_per_s_max,
+                r.tokens,
+                r.threads
+            );
+        }
+        all.extend(results);
+    }
+    let json = serde_json::to_string_pretty(
+        &serde_json::json!({ "benchmark": "rollout", "results": all }),
+    )?;
+    println!("{json}");
+    if let Some(p) = &a.out {
+        std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}

@@ -92,6 +92,12 @@ impl Tokenizer {
         })
     }
 
+    /// A byte-level tokenizer with no merges: the 256 byte symbols after [`EOS_TOKEN`] (id 0)
+    /// and [`PAD_TOKEN`] (id 1). Encodes any text; the natural vocabulary of a fresh model.
+    pub fn byte_level() -> Result<Self, PolicyError> {
+        Self::train_bpe(std::iter::empty::<&str>(), 258, 2)
+    }
+
     /// A character-level tokenizer over the characters of `text` (sorted), after
     /// [`EOS_TOKEN`] (id 0). Encoding a character outside it is an error.
     pub fn char_level(text: &str) -> Result<Self, PolicyError> {

@@ -1,0 +1,193 @@
+//! Benchmarks on the fixed peer workload (`shared/peers/workload.json`): exactly its shapes,
+//! sampling settings, warm-up and repeat counts, so numbers compare with the PyTorch baseline.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use dfdx::prelude::Cpu;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use rlhf_policies::{generate, CausalLm, InferenceModel, ModelConfig, SamplingConfig};
+use serde::{Deserialize, Serialize};
+
+/// The parts of the workload file the benchmarks use (other sections are ignored here).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Workload {
+    /// Threads both sides use.
+    pub threads: usize,
+    /// Seed for weights and prompts.
+    pub seed: u64,
+    /// Model configs in HF GPT-2 fields, keyed by name (`tiny`, `small`).
+    pub models: BTreeMap<String, serde_json::Value>,
+    /// The rollout benchmark.
+    pub rollout: RolloutSpec,
+}
+
+/// `workload.rollout`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RolloutSpec {
+    /// Batch sizes to run.
+    pub batch_sizes: Vec<usize>,
+    /// Prompt length (uniform random ids).
+    pub prompt_len: usize,
+    /// New tokens per row.
+    pub max_new_tokens: usize,
+    /// EOS is suppressed for this many tokens.
+    pub min_new_tokens: usize,
+    /// Sampling temperature.
+    pub temperature: f32,
+    /// Top-k (0 = off).
+    pub top_k: usize,
+    /// Top-p (1 = off).
+    pub top_p: f32,
+    /// Untimed runs first.
+    pub warmup: usize,
+    /// Timed runs.
+    pub repeats: usize,
+}
+
+impl Workload {
+    /// Reads a workload file.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: line {}: {e}", path.display(), e.line()))
+    }
+
+    /// The model config named `name`, as an HF config (`architecture` becomes `model_type`).
+    pub fn model_config(&self, name: &str) -> anyhow::Result<ModelConfig> {
+        let mut v = self
+            .models
+            .get(name)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "workload has no model {name:?} (has {:?})",
+                    self.models.keys().collect::<Vec<_>>()
+                )
+            })?
+            .clone();
+        let arch = v
+            .get("architecture")
+            .cloned()
+            .unwrap_or_else(|| "gpt2".into());
+        v["model_type"] = arch;
+        Ok(ModelConfig::from_json_str(&v.to_string())?)
+    }
+}
+
+/// Timing summary of one benchmark cell.
+#[derive(Debug, Clone, Serialize)]
+pub struct RolloutResult {
+    /// Model name.
+    pub model: String,
+    /// Batch size.
+    pub batch: usize,
+    /// Generated tokens per timed run (batch · max_new_tokens).
+    pub tokens: usize,
+    /// Median tokens/s.
+    pub tokens_per_s: f64,
+    /// Slowest run's tokens/s.
+    pub tokens_per_s_min: f64,
+    /// Fastest run's tokens/s.
+    pub tokens_per_s_max: f64,
+    /// Wall seconds of each timed run.
+    pub wall_s: Vec<f64>,
+    /// Threads used.
+    pub threads: usize,
+}
+
+/// A rollout benchmark instance: the model snapshot, prompts and sampling settings.
+#[derive(Debug, Clone)]
+pub struct RolloutBench {
+    /// The inference snapshot of a freshly initialised model.
+    pub engine: InferenceModel,
+    /// `batch` prompts of uniform random ids.
+    pub prompts: Vec<Vec<u32>>,
+    /// The workload's sampling settings.
+    pub sampling: SamplingConfig,
+}
+
+impl RolloutBench {
+    /// Builds the model (seeded init) and prompts for one batch size.
+    pub fn new(w: &Workload, model: &str, batch: usize) -> anyhow::Result<Self> {
+        let cfg = w.model_config(model)?;
+        let eos = cfg.eos_token_id();
+        let lm = CausalLm::new(cfg, &Cpu::default(), w.seed)?;
+        let vocab = lm.dims.vocab as u32;
+        let mut rng = StdRng::seed_from_u64(w.seed);
+        let prompts = (0..batch)
+            .map(|_| {
+                (0..w.rollout.prompt_len)
+                    .map(|_| rng.gen_range(0..vocab))
+                    .collect()
+            })
+            .collect();
+        let r = &w.rollout;
+        let sampling = SamplingConfig {
+            max_new_tokens: r.max_new_tokens,
+            min_new_tokens: r.min_new_tokens,
+            temperature: r.temperature,
+            top_k: r.top_k,
+            top_p: r.top_p,
+            eos_ids: eos.into_iter().collect(),
+            seed: w.seed,
+            ..SamplingConfig::default()
+        };
+        Ok(RolloutBench {
+            engine: InferenceModel::from_model(&lm),
+            prompts,
+            sampling,
+        })
+    }
+
+    /// One `generate` call (the timed unit); returns the number of generated tokens.
+    pub fn run_once(&self) -> anyhow::Result<usize> {
+        let out = generate(&self.engine, &self.prompts, 0, &self.sampling)?;
+        Ok(out.tokens.iter().map(Vec::len).sum())
+    }
+}
+
+/// Runs the rollout benchmark for `model` at each batch size (warm-up, then timed repeats).
+pub fn rollout(w: &Workload, model: &str, batches: &[usize]) -> anyhow::Result<Vec<RolloutResult>> {
+    anyhow::ensure!(
+        w.rollout.repeats > 0,
+        "workload rollout.repeats must be at least 1"
+    );
+    let mut results = Vec::new();
+    for &batch in batches {
+        let bench = RolloutBench::new(w, model, batch)?;
+        for _ in 0..w.rollout.warmup {
+            bench.run_once()?;
+        }
+        let mut wall = Vec::new();
+        let mut tokens = 0;
+        for _ in 0..w.rollout.repeats {
+            let t0 = Instant::now();
+            tokens = bench.run_once()?;
+            wall.push(t0.elapsed().as_secs_f64());
+        }
+        let mut rates: Vec<f64> = wall.iter().map(|s| tokens as f64 / s).collect();
+        rates.sort_by(f64::total_cmp);
+        results.push(RolloutResult {
+            model: model.to_string(),
+            batch,
+            tokens,
+            tokens_per_s: median(&rates),
+            tokens_per_s_min: rates[0],
+            tokens_per_s_max: rates[rates.len() - 1],
+            wall_s: wall,
+            threads: rayon::current_num_threads(),
+        });
+    }
+    Ok(results)
+}
+
+fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
