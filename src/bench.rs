@@ -49,10 +49,8 @@ pub struct RolloutSpec {
 impl Workload {
     /// Reads a workload file.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: line {}: {e}", path.display(), e.line()))
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: line {}: {e}", path.display(), e.line()))
     }
 
     /// The model config named `name`, as an HF config (`architecture` becomes `model_type`).
@@ -61,16 +59,10 @@ impl Workload {
             .models
             .get(name)
             .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "workload has no model {name:?} (has {:?})",
-                    self.models.keys().collect::<Vec<_>>()
-                )
+                anyhow::anyhow!("workload has no model {name:?} (has {:?})", self.models.keys().collect::<Vec<_>>())
             })?
             .clone();
-        let arch = v
-            .get("architecture")
-            .cloned()
-            .unwrap_or_else(|| "gpt2".into());
+        let arch = v.get("architecture").cloned().unwrap_or_else(|| "gpt2".into());
         v["model_type"] = arch;
         Ok(ModelConfig::from_json_str(&v.to_string())?)
     }
@@ -116,13 +108,8 @@ impl RolloutBench {
         let lm = CausalLm::new(cfg, &Cpu::default(), w.seed)?;
         let vocab = lm.dims.vocab as u32;
         let mut rng = StdRng::seed_from_u64(w.seed);
-        let prompts = (0..batch)
-            .map(|_| {
-                (0..w.rollout.prompt_len)
-                    .map(|_| rng.gen_range(0..vocab))
-                    .collect()
-            })
-            .collect();
+        let prompts =
+            (0..batch).map(|_| (0..w.rollout.prompt_len).map(|_| rng.gen_range(0..vocab)).collect()).collect();
         let r = &w.rollout;
         let sampling = SamplingConfig {
             max_new_tokens: r.max_new_tokens,
@@ -134,11 +121,7 @@ impl RolloutBench {
             seed: w.seed,
             ..SamplingConfig::default()
         };
-        Ok(RolloutBench {
-            engine: InferenceModel::from_model(&lm),
-            prompts,
-            sampling,
-        })
+        Ok(RolloutBench { engine: InferenceModel::from_model(&lm), prompts, sampling })
     }
 
     /// One `generate` call (the timed unit); returns the number of generated tokens.
@@ -150,10 +133,7 @@ impl RolloutBench {
 
 /// Runs the rollout benchmark for `model` at each batch size (warm-up, then timed repeats).
 pub fn rollout(w: &Workload, model: &str, batches: &[usize]) -> anyhow::Result<Vec<RolloutResult>> {
-    anyhow::ensure!(
-        w.rollout.repeats > 0,
-        "workload rollout.repeats must be at least 1"
-    );
+    anyhow::ensure!(w.rollout.repeats > 0, "workload rollout.repeats must be at least 1");
     let mut results = Vec::new();
     for &batch in batches {
         let bench = RolloutBench::new(w, model, batch)?;

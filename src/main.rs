@@ -123,8 +123,8 @@ fn init(a: InitArgs) -> Result<()> {
     let tok = match (&a.tokenizer, &a.corpus) {
         (Some(p), _) => Tokenizer::from_file(p)?,
         (None, Some(corpus)) => {
-            let text = std::fs::read_to_string(corpus)
-                .with_context(|| format!("reading corpus {}", corpus.display()))?;
+            let text =
+                std::fs::read_to_string(corpus).with_context(|| format!("reading corpus {}", corpus.display()))?;
             Tokenizer::train_bpe(text.lines(), cfg.vocab_size(), 2)?
         }
         (None, None) => Tokenizer::byte_level()?,
@@ -133,12 +133,7 @@ fn init(a: InitArgs) -> Result<()> {
     cfg.set_vocab_size(tok.vocab_size());
     let model = CausalLm::new(cfg, &Cpu::default(), a.seed)?;
     model.save_pretrained(&a.out, Some(&tok))?;
-    eprintln!(
-        "wrote {} ({} parameters, vocab {})",
-        a.out.display(),
-        model.num_params(),
-        tok.vocab_size()
-    );
+    eprintln!("wrote {} ({} parameters, vocab {})", a.out.display(), model.num_params(), tok.vocab_size());
     Ok(())
 }
 
@@ -149,11 +144,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
         bail!("--prompt encodes to no tokens");
     }
     let eos = tok.eos_id().or(model.config.eos_token_id());
-    let pad = tok
-        .pad_id()
-        .or(model.config.pad_token_id())
-        .or(eos)
-        .unwrap_or(0);
+    let pad = tok.pad_id().or(model.config.pad_token_id()).or(eos).unwrap_or(0);
     let cfg = SamplingConfig {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
@@ -177,11 +168,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
         secs,
         new.len() as f64 / secs,
         lp,
-        if out.finished[0] {
-            "stopped at EOS"
-        } else {
-            "reached max_new_tokens"
-        }
+        if out.finished[0] { "stopped at EOS" } else { "reached max_new_tokens" }
     );
     Ok(())
 }
@@ -189,37 +176,24 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
 fn bench_rollout(a: RolloutArgs) -> Result<()> {
     let w = bench::Workload::from_file(&a.workload)?;
     let threads = a.threads.unwrap_or(w.threads);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()?;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
     let models: Vec<String> = match &a.model {
         Some(m) => vec![m.clone()],
         None => w.models.keys().cloned().collect(),
     };
-    let batches = a
-        .batch
-        .map(|b| vec![b])
-        .unwrap_or_else(|| w.rollout.batch_sizes.clone());
+    let batches = a.batch.map(|b| vec![b]).unwrap_or_else(|| w.rollout.batch_sizes.clone());
     let mut all = Vec::new();
     for m in &models {
         let results = pool.install(|| bench::rollout(&w, m, &batches))?;
         for r in &results {
             eprintln!(
                 "rollout {:>5} b={:<3} {:>8.0} tok/s  [{:.0}-{:.0}]  ({} tokens/run, {} threads)",
-                r.model,
-                r.batch,
-                r.tokens_per_s,
-                r.tokens_per_s_min,
-                r.tokens_per_s_max,
-                r.tokens,
-                r.threads
+                r.model, r.batch, r.tokens_per_s, r.tokens_per_s_min, r.tokens_per_s_max, r.tokens, r.threads
             );
         }
         all.extend(results);
     }
-    let json = serde_json::to_string_pretty(
-        &serde_json::json!({ "benchmark": "rollout", "results": all }),
-    )?;
+    let json = serde_json::to_string_pretty(&serde_json::json!({ "benchmark": "rollout", "results": all }))?;
     println!("{json}");
     if let Some(p) = &a.out {
         std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;

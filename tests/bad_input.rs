@@ -38,10 +38,7 @@ fn missing_config() {
     let d = broken_copy();
     std::fs::remove_file(d.path().join("config.json")).unwrap();
     let e = load_err(d.path());
-    assert!(
-        e.contains("config.json") && e.contains("No such file"),
-        "{e}"
-    );
+    assert!(e.contains("config.json") && e.contains("No such file"), "{e}");
 }
 
 #[test]
@@ -49,10 +46,7 @@ fn malformed_config() {
     let d = broken_copy();
     std::fs::write(d.path().join("config.json"), "{ \"model_type\": \"gpt2\", ").unwrap();
     let e = load_err(d.path());
-    assert!(
-        e.contains("config.json") && e.contains("not valid JSON"),
-        "{e}"
-    );
+    assert!(e.contains("config.json") && e.contains("not valid JSON"), "{e}");
 }
 
 #[test]
@@ -73,10 +67,7 @@ fn config_unsupported_values() {
     let d = broken_copy();
     edit_config(d.path(), |v| v["model_type"] = "mamba".into());
     let e = load_err(d.path());
-    assert!(
-        e.contains("config.json") && e.contains("model_type") && e.contains("mamba"),
-        "{e}"
-    );
+    assert!(e.contains("config.json") && e.contains("model_type") && e.contains("mamba"), "{e}");
     let d = broken_copy();
     edit_config(d.path(), |v| v["n_head"] = 5.into());
     let e = load_err(d.path());
@@ -94,10 +85,7 @@ fn missing_or_truncated_weights() {
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
     let e = load_err(d.path());
-    assert!(
-        e.contains("model.safetensors") && e.contains("not a valid safetensors"),
-        "{e}"
-    );
+    assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{e}");
     std::fs::write(&p, b"garbage").unwrap();
     assert!(load_err(d.path()).contains("model.safetensors"));
 }
@@ -108,9 +96,7 @@ fn shape_mismatch_names_the_tensor() {
     edit_config(d.path(), |v| v["n_inner"] = 128.into());
     let e = load_err(d.path());
     assert!(
-        e.contains("model.safetensors")
-            && e.contains("transformer.h.0.mlp.c_fc.weight")
-            && e.contains("[64, 256]"),
+        e.contains("model.safetensors") && e.contains("transformer.h.0.mlp.c_fc.weight") && e.contains("[64, 256]"),
         "{e}"
     );
 }
@@ -123,18 +109,12 @@ fn missing_and_unexpected_tensors_are_named() {
     let ln = t.remove("transformer.ln_f.bias").unwrap();
     write_safetensors(&p, &t).unwrap();
     let e = load_err(d.path());
-    assert!(
-        e.contains("transformer.ln_f.bias") && e.contains("missing"),
-        "{e}"
-    );
+    assert!(e.contains("transformer.ln_f.bias") && e.contains("missing"), "{e}");
     t.insert("transformer.ln_f.bias".into(), ln.clone());
     t.insert("transformer.extra.weight".into(), ln);
     write_safetensors(&p, &t).unwrap();
     let e = load_err(d.path());
-    assert!(
-        e.contains("transformer.extra.weight") && e.contains("unexpected"),
-        "{e}"
-    );
+    assert!(e.contains("transformer.extra.weight") && e.contains("unexpected"), "{e}");
 }
 
 #[test]
@@ -152,59 +132,24 @@ fn malformed_or_missing_tokenizer() {
 fn vocab_mismatch_between_model_and_tokenizer() {
     let d = broken_copy();
     // a model with a smaller vocabulary than the tokenizer's 512 ids
-    let m = CausalLm::new(
-        rlhf_policies::ModelConfig::gpt2_preset(300, 16, 1, 2, 32),
-        &Cpu::default(),
-        0,
-    )
-    .unwrap();
+    let m = CausalLm::new(rlhf_policies::ModelConfig::gpt2_preset(300, 16, 1, 2, 32), &Cpu::default(), 0).unwrap();
     m.save_pretrained(d.path(), None).unwrap();
     let e = load_err(d.path());
-    assert!(
-        e.contains("tokenizer.json")
-            && e.contains("vocab_size")
-            && e.contains("512")
-            && e.contains("300"),
-        "{e}"
-    );
+    assert!(e.contains("tokenizer.json") && e.contains("vocab_size") && e.contains("512") && e.contains("300"), "{e}");
 }
 
 #[test]
 fn out_of_range_inputs_are_errors() {
-    let m = CausalLm::new(
-        rlhf_policies::ModelConfig::gpt2_preset(10, 16, 1, 2, 4),
-        &Cpu::default(),
-        0,
-    )
-    .unwrap();
-    let e = m
-        .forward(&Batch::unpadded(&[vec![3, 12]]).unwrap(), NoneTape)
-        .unwrap_err();
-    assert!(
-        matches!(e, PolicyError::Input(_)) && e.to_string().contains("12"),
-        "{e}"
-    );
-    let e = m
-        .forward(&Batch::unpadded(&[vec![1; 5]]).unwrap(), NoneTape)
-        .unwrap_err();
+    let m = CausalLm::new(rlhf_policies::ModelConfig::gpt2_preset(10, 16, 1, 2, 4), &Cpu::default(), 0).unwrap();
+    let e = m.forward(&Batch::unpadded(&[vec![3, 12]]).unwrap(), NoneTape).unwrap_err();
+    assert!(matches!(e, PolicyError::Input(_)) && e.to_string().contains("12"), "{e}");
+    let e = m.forward(&Batch::unpadded(&[vec![1; 5]]).unwrap(), NoneTape).unwrap_err();
     assert!(e.to_string().contains("positions"), "{e}");
     assert!(Batch::unpadded(&[vec![1, 2], vec![3]]).is_err());
     let engine = rlhf_policies::InferenceModel::from_model(&m);
-    let cfg = rlhf_policies::SamplingConfig {
-        max_new_tokens: 10,
-        ..Default::default()
-    };
-    assert!(
-        rlhf_policies::generate(&engine, &[vec![1, 2]], 0, &cfg).is_err(),
-        "past n_positions"
-    );
-    assert!(
-        rlhf_policies::generate(&engine, &[vec![]], 0, &cfg).is_err(),
-        "empty prompt"
-    );
-    let bad_t = rlhf_policies::SamplingConfig {
-        temperature: 0.0,
-        ..cfg
-    };
+    let cfg = rlhf_policies::SamplingConfig { max_new_tokens: 10, ..Default::default() };
+    assert!(rlhf_policies::generate(&engine, &[vec![1, 2]], 0, &cfg).is_err(), "past n_positions");
+    assert!(rlhf_policies::generate(&engine, &[vec![]], 0, &cfg).is_err(), "empty prompt");
+    let bad_t = rlhf_policies::SamplingConfig { temperature: 0.0, ..cfg };
     assert!(rlhf_policies::generate(&engine, &[vec![1]], 0, &bad_t).is_err());
 }

@@ -52,12 +52,7 @@ fn hf_fixtures_resave_to_the_same_state_dict() {
         // the config keeps the HF field names and values
         let cfg_orig = read_json(&dir.join("config.json"));
         let cfg_ours = read_json(&out.path().join("config.json"));
-        for key in [
-            "model_type",
-            "vocab_size",
-            "tie_word_embeddings",
-            "architectures",
-        ] {
+        for key in ["model_type", "vocab_size", "tie_word_embeddings", "architectures"] {
             assert_eq!(cfg_orig[key], cfg_ours[key], "{name}: {key}");
         }
     }
@@ -116,10 +111,7 @@ fn trained_bpe_has_reserved_ids_and_round_trips() {
 fn char_level_tokenizer_round_trips_and_rejects_unknown_chars() {
     let text = "hello world\nthe end.";
     let tok = Tokenizer::char_level(text).unwrap();
-    let distinct = text
-        .chars()
-        .collect::<std::collections::BTreeSet<_>>()
-        .len();
+    let distinct = text.chars().collect::<std::collections::BTreeSet<_>>().len();
     assert_eq!(tok.vocab_size(), distinct + 1);
     let ids = tok.encode("the world").unwrap();
     assert_eq!(ids.len(), 9);

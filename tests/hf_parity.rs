@@ -22,19 +22,13 @@ fn check_texts(name: &str) {
     for text in exp["texts"].as_array().unwrap() {
         let ids = u32s(&text["ids"]);
         let want = f32s_2d(&text["logits"]).concat();
-        let got = model
-            .forward(&Batch::unpadded(&[ids.clone()]).unwrap(), NoneTape)
-            .unwrap()
-            .as_vec();
+        let got = model.forward(&Batch::unpadded(&[ids.clone()]).unwrap(), NoneTape).unwrap().as_vec();
         let diff = max_abs_diff(&got, &want);
         assert!(diff < ATOL, "{name}: logits differ by {diff}");
         let lp_want = f32s(&text["next_token_logprobs"]);
         for (t, w) in lp_want.iter().enumerate() {
             let lp = log_softmax_ref(&got[t * v..(t + 1) * v])[ids[t + 1] as usize];
-            assert!(
-                (lp - w).abs() < ATOL,
-                "{name}: next-token log-prob at {t}: {lp} vs {w}"
-            );
+            assert!((lp - w).abs() < ATOL, "{name}: next-token log-prob at {t}: {lp} vs {w}");
         }
     }
 }
@@ -46,37 +40,21 @@ fn check_left_padded(name: &str) {
     let ids = u32s_2d(&bp["input_ids"]);
     let mask: Vec<Vec<u32>> = u32s_2d(&bp["attention_mask"]);
     let (b, t) = (ids.len(), ids[0].len());
-    let batch = Batch::new(
-        ids.concat(),
-        mask.concat().iter().map(|&m| m as u8).collect(),
-        b,
-        t,
-    )
-    .unwrap();
+    let batch = Batch::new(ids.concat(), mask.concat().iter().map(|&m| m as u8).collect(), b, t).unwrap();
     // our derived positions equal transformers 5's
-    let want_pos: Vec<usize> = u32s_2d(&bp["position_ids"])
-        .concat()
-        .iter()
-        .map(|&p| p as usize)
-        .collect();
+    let want_pos: Vec<usize> = u32s_2d(&bp["position_ids"]).concat().iter().map(|&p| p as usize).collect();
     assert_eq!(batch.position_ids, want_pos);
     let logits = model.forward(&batch, NoneTape).unwrap().as_vec();
     let last = f32s_2d(&bp["last_logits"]);
     let lps = f32s_2d(&bp["next_token_logprobs"]);
     for r in 0..b {
         let row = |j: usize| &logits[(r * t + j) * v..(r * t + j + 1) * v];
-        assert!(
-            max_abs_diff(row(t - 1), &last[r]) < ATOL,
-            "{name}: padded row {r} last logits"
-        );
+        assert!(max_abs_diff(row(t - 1), &last[r]) < ATOL, "{name}: padded row {r} last logits");
         let pad = mask[r].iter().filter(|&&m| m == 0).count();
         for (j, w) in lps[r].iter().enumerate() {
             let next = ids[r][pad + j + 1] as usize;
             let lp = log_softmax_ref(row(pad + j))[next];
-            assert!(
-                (lp - w).abs() < ATOL,
-                "{name}: padded row {r} log-prob {j}: {lp} vs {w}"
-            );
+            assert!((lp - w).abs() < ATOL, "{name}: padded row {r} log-prob {j}: {lp} vs {w}");
         }
     }
 }
@@ -84,35 +62,19 @@ fn check_left_padded(name: &str) {
 fn check_greedy(name: &str) {
     let (model, exp) = load(name);
     let engine = InferenceModel::from_model(&model);
-    let cfg = SamplingConfig {
-        greedy: true,
-        max_new_tokens: 20,
-        ..Default::default()
-    };
+    let cfg = SamplingConfig { greedy: true, max_new_tokens: 20, ..Default::default() };
     for g in exp["greedy"].as_array().unwrap() {
         let prompt = u32s(&g["prompt_ids"]);
         let out = generate(&engine, &[prompt], 0, &cfg).unwrap();
-        assert_eq!(
-            out.tokens[0],
-            u32s(&g["new_ids"]),
-            "{name}: greedy continuation"
-        );
+        assert_eq!(out.tokens[0], u32s(&g["new_ids"]), "{name}: greedy continuation");
     }
     // the same prompts in one left-padded batch
     let gb = &exp["greedy_left_padded_batch"];
-    let idx: Vec<usize> = gb["prompt_indices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect();
+    let idx: Vec<usize> =
+        gb["prompt_indices"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
     let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| u32s(&exp["texts"][i]["ids"])).collect();
     let out = generate(&engine, &prompts, 0, &cfg).unwrap();
-    assert_eq!(
-        out.tokens,
-        u32s_2d(&gb["new_ids"]),
-        "{name}: left-padded greedy batch"
-    );
+    assert_eq!(out.tokens, u32s_2d(&gb["new_ids"]), "{name}: left-padded greedy batch");
 }
 
 /// The README's KV-cache test: feed each text one token at a time through the cache.
@@ -125,9 +87,7 @@ fn check_incremental(name: &str) {
         let want = f32s_2d(&text["logits"]);
         let mut cache = KvCache::new(&model.dims, vec![0], ids.len());
         for (t, &id) in ids.iter().enumerate() {
-            let got = engine
-                .forward(&mut cache, &[id], 1, LogitsAt::Last)
-                .unwrap();
+            let got = engine.forward(&mut cache, &[id], 1, LogitsAt::Last).unwrap();
             assert_eq!(got.len(), v);
             let diff = max_abs_diff(&got, &want[t]);
             assert!(diff < ATOL, "{name}: cached step {t} differs by {diff}");

@@ -9,8 +9,8 @@ use rlhf_policies::config::LlamaConfig;
 use rlhf_policies::params::ParamMut;
 use rlhf_policies::sampling::argmax;
 use rlhf_policies::{
-    clip_grad_norm, generate, AdamW, AdamWConfig, Batch, CausalLm, InferenceModel, KvCache,
-    LogitsAt, ModelConfig, SamplingConfig,
+    clip_grad_norm, generate, AdamW, AdamWConfig, Batch, CausalLm, InferenceModel, KvCache, LogitsAt, ModelConfig,
+    SamplingConfig,
 };
 
 fn tiny_gpt2(vocab: usize) -> ModelConfig {
@@ -43,13 +43,8 @@ fn loss_value(m: &CausalLm<Cpu>, batch: &Batch, targets: &[usize], weights: &[f3
     let dev = Cpu::default();
     let logits = m.forward(batch, NoneTape).unwrap();
     let n = targets.len();
-    let lp = logits
-        .log_softmax::<Axis<1>>()
-        .select(dev.tensor_from_vec(targets.to_vec(), (n,)));
-    (lp * dev.tensor_from_vec(weights.to_vec(), (n,)))
-        .sum::<Rank0, _>()
-        .array()
-        * -1.0
+    let lp = logits.log_softmax::<Axis<1>>().select(dev.tensor_from_vec(targets.to_vec(), (n,)));
+    (lp * dev.tensor_from_vec(weights.to_vec(), (n,))).sum::<Rank0, _>().array() * -1.0
 }
 
 fn grad_check(cfg: ModelConfig) {
@@ -61,22 +56,14 @@ fn grad_check(cfg: ModelConfig) {
     for r in 0..batch.b {
         for j in 0..batch.t {
             let next_real = j + 1 < batch.t && batch.is_real(r, j + 1);
-            targets.push(if next_real {
-                batch.ids[r * batch.t + j + 1] as usize
-            } else {
-                0
-            });
+            targets.push(if next_real { batch.ids[r * batch.t + j + 1] as usize } else { 0 });
             weights.push(if next_real { 1.0 / 8.0 } else { 0.0 });
         }
     }
     let n = targets.len();
     let logits = m.forward(&batch, OwnedTape::<f32, Cpu>::default()).unwrap();
-    let lp = logits
-        .log_softmax::<Axis<1>>()
-        .select(dev.tensor_from_vec(targets.clone(), (n,)));
-    let loss = (lp * dev.tensor_from_vec(weights.clone(), (n,)))
-        .sum::<Rank0, _>()
-        .negate();
+    let lp = logits.log_softmax::<Axis<1>>().select(dev.tensor_from_vec(targets.clone(), (n,)));
+    let loss = (lp * dev.tensor_from_vec(weights.clone(), (n,))).sum::<Rank0, _>().negate();
     let grads = loss.backward();
     let base = m.clone();
     let mut checked = 0;
@@ -108,10 +95,7 @@ fn grad_check(cfg: ModelConfig) {
             };
             let fd = ((f(eps) - f(-eps)) / (2.0 * eps as f64)) as f32;
             let g = analytic[idx];
-            assert!(
-                (fd - g).abs() <= 2e-3 + 3e-2 * g.abs(),
-                "{name}[{idx}]: analytic {g} vs finite difference {fd}"
-            );
+            assert!((fd - g).abs() <= 2e-3 + 3e-2 * g.abs(), "{name}[{idx}]: analytic {g} vs finite difference {fd}");
             checked += 1;
         }
     }
@@ -132,19 +116,13 @@ fn engine_matches_training_forward(cfg: ModelConfig) {
     let m = model(cfg, 5);
     let engine = InferenceModel::from_model(&m);
     let v = m.dims.vocab;
-    let rows = vec![
-        vec![3u32, 1, 4, 1, 5, 9, 2, 6],
-        vec![5, 3, 5],
-        vec![8, 9, 7, 9, 3],
-    ];
+    let rows = vec![vec![3u32, 1, 4, 1, 5, 9, 2, 6], vec![5, 3, 5], vec![8, 9, 7, 9, 3]];
     let batch = Batch::left_padded(&rows, 0).unwrap();
     let want = m.forward(&batch, NoneTape).unwrap().as_vec();
     // prefill over the whole padded batch
     let pad: Vec<usize> = rows.iter().map(|r| batch.t - r.len()).collect();
     let mut cache = KvCache::new(&m.dims, pad.clone(), batch.t);
-    let got = engine
-        .forward(&mut cache, &batch.ids, batch.t, LogitsAt::All)
-        .unwrap();
+    let got = engine.forward(&mut cache, &batch.ids, batch.t, LogitsAt::All).unwrap();
     for r in 0..rows.len() {
         let real = (pad[r] * v..batch.t * v).map(|i| r * batch.t * v + i);
         let (a, b): (Vec<f32>, Vec<f32>) = real.map(|i| (got[i], want[i])).unzip();
@@ -152,28 +130,17 @@ fn engine_matches_training_forward(cfg: ModelConfig) {
     }
     // prefill 2 columns, then one column at a time
     let mut cache = KvCache::new(&m.dims, pad.clone(), batch.t);
-    let col = |j: usize| {
-        (0..rows.len())
-            .map(|r| batch.ids[r * batch.t + j])
-            .collect::<Vec<u32>>()
-    };
-    let two: Vec<u32> = (0..rows.len())
-        .flat_map(|r| batch.ids[r * batch.t..r * batch.t + 2].to_vec())
-        .collect();
+    let col = |j: usize| (0..rows.len()).map(|r| batch.ids[r * batch.t + j]).collect::<Vec<u32>>();
+    let two: Vec<u32> = (0..rows.len()).flat_map(|r| batch.ids[r * batch.t..r * batch.t + 2].to_vec()).collect();
     engine.forward(&mut cache, &two, 2, LogitsAt::Last).unwrap();
     for j in 2..batch.t {
-        let got = engine
-            .forward(&mut cache, &col(j), 1, LogitsAt::Last)
-            .unwrap();
+        let got = engine.forward(&mut cache, &col(j), 1, LogitsAt::Last).unwrap();
         for r in 0..rows.len() {
             if j < pad[r] {
                 continue;
             }
             let w = &want[(r * batch.t + j) * v..(r * batch.t + j + 1) * v];
-            assert!(
-                max_abs_diff(&got[r * v..(r + 1) * v], w) < 1e-5,
-                "step {j} row {r}"
-            );
+            assert!(max_abs_diff(&got[r * v..(r + 1) * v], w) < 1e-5, "step {j} row {r}");
         }
     }
 }
@@ -195,37 +162,20 @@ fn greedy_equals_reforward_loop(cfg: ModelConfig, distinct_min: usize) {
     let engine = InferenceModel::from_model(&m);
     let prompts = vec![vec![1u32, 2, 3], vec![7, 8, 9, 10, 11]];
     let n_new = 12;
-    let out = generate(
-        &engine,
-        &prompts,
-        0,
-        &SamplingConfig {
-            greedy: true,
-            max_new_tokens: n_new,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let out =
+        generate(&engine, &prompts, 0, &SamplingConfig { greedy: true, max_new_tokens: n_new, ..Default::default() })
+            .unwrap();
     for (r, p) in prompts.iter().enumerate() {
         let mut seq = p.clone();
         for _ in 0..n_new {
-            let logits = m
-                .forward(&Batch::unpadded(&[seq.clone()]).unwrap(), NoneTape)
-                .unwrap()
-                .as_vec();
+            let logits = m.forward(&Batch::unpadded(&[seq.clone()]).unwrap(), NoneTape).unwrap().as_vec();
             let v = m.dims.vocab;
             let (id, _) = argmax(&logits[(seq.len() - 1) * v..]);
             seq.push(id as u32);
         }
         assert_eq!(out.tokens[r], seq[p.len()..], "row {r}");
-        let distinct = out.tokens[r]
-            .iter()
-            .collect::<std::collections::HashSet<_>>()
-            .len();
-        assert!(
-            distinct >= distinct_min,
-            "row {r}: only {distinct} distinct tokens"
-        );
+        let distinct = out.tokens[r].iter().collect::<std::collections::HashSet<_>>().len();
+        assert!(distinct >= distinct_min, "row {r}: only {distinct} distinct tokens");
     }
 }
 
@@ -246,14 +196,12 @@ fn frozen_copy_is_unchanged_by_an_optimizer_step() {
     let reference = policy.frozen_copy();
     for ((n, a), (_, b)) in policy.params().iter().zip(reference.params().iter()) {
         let (ia, ib) = match (a, b) {
-            (rlhf_policies::ParamRef::V(a), rlhf_policies::ParamRef::V(b)) => (
-                rlhf_policies::params::tensor_id(*a),
-                rlhf_policies::params::tensor_id(*b),
-            ),
-            (rlhf_policies::ParamRef::M(a), rlhf_policies::ParamRef::M(b)) => (
-                rlhf_policies::params::tensor_id(*a),
-                rlhf_policies::params::tensor_id(*b),
-            ),
+            (rlhf_policies::ParamRef::V(a), rlhf_policies::ParamRef::V(b)) => {
+                (rlhf_policies::params::tensor_id(*a), rlhf_policies::params::tensor_id(*b))
+            }
+            (rlhf_policies::ParamRef::M(a), rlhf_policies::ParamRef::M(b)) => {
+                (rlhf_policies::params::tensor_id(*a), rlhf_policies::params::tensor_id(*b))
+            }
             _ => panic!("walkers disagree at {n}"),
         };
         assert_ne!(ia, ib, "{n} shares its id with the reference");
@@ -268,27 +216,17 @@ fn frozen_copy_is_unchanged_by_an_optimizer_step() {
         .unwrap()
         .log_softmax::<Axis<1>>()
         .select(targets.clone());
-    let ref_lp = reference
-        .forward(&batch, NoneTape)
-        .unwrap()
-        .log_softmax::<Axis<1>>()
-        .select(targets);
+    let ref_lp = reference.forward(&batch, NoneTape).unwrap().log_softmax::<Axis<1>>().select(targets);
     let loss = (lp - ref_lp).mean();
     let mut grads = loss.backward();
     let norm = clip_grad_norm(&policy.params(), &mut grads, 1.0).unwrap();
     assert!(norm > 0.0);
-    let mut opt = AdamW::new(AdamWConfig {
-        lr: 1e-2,
-        ..Default::default()
-    });
+    let mut opt = AdamW::new(AdamWConfig { lr: 1e-2, ..Default::default() });
     opt.step(policy.params_mut(), &mut grads, 1e-2).unwrap();
     let after_ref = reference.forward(&batch, NoneTape).unwrap().as_vec();
     let after_pol = policy.forward(&batch, NoneTape).unwrap().as_vec();
     assert_eq!(before_ref, after_ref, "the frozen reference moved");
-    assert!(
-        max_abs_diff(&before_pol, &after_pol) > 1e-3,
-        "the policy did not move"
-    );
+    assert!(max_abs_diff(&before_pol, &after_pol) > 1e-3, "the policy did not move");
 }
 
 #[test]
@@ -296,11 +234,7 @@ fn clip_grad_norm_scales_to_max_norm() {
     let dev = Cpu::default();
     let m = model(tiny_gpt2(20), 2);
     let batch = Batch::unpadded(&[vec![1, 2, 3, 4]]).unwrap();
-    let loss = m
-        .forward(&batch, OwnedTape::<f32, Cpu>::default())
-        .unwrap()
-        .square()
-        .sum::<Rank0, _>();
+    let loss = m.forward(&batch, OwnedTape::<f32, Cpu>::default()).unwrap().square().sum::<Rank0, _>();
     let mut grads = loss.backward();
     let params = m.params();
     let before = clip_grad_norm(&params, &mut grads, 1e-3).unwrap();
@@ -314,25 +248,13 @@ fn clip_grad_norm_scales_to_max_norm() {
 fn adamw_excludes_1d_params_from_weight_decay() {
     // with a zero gradient, AdamW's only effect is decoupled decay: w ← w·(1 − lr·λ)
     let mut m = model(tiny_gpt2(20), 4);
-    let before: Vec<(String, Vec<f32>)> = m
-        .params()
-        .iter()
-        .map(|(n, p)| (n.clone(), p.to_vec()))
-        .collect();
+    let before: Vec<(String, Vec<f32>)> = m.params().iter().map(|(n, p)| (n.clone(), p.to_vec())).collect();
     let mut grads = Gradients::leaky();
-    let mut opt = AdamW::new(AdamWConfig {
-        weight_decay: 0.5,
-        no_decay_1d: true,
-        ..Default::default()
-    });
+    let mut opt = AdamW::new(AdamWConfig { weight_decay: 0.5, no_decay_1d: true, ..Default::default() });
     opt.step(m.params_mut(), &mut grads, 0.1).unwrap();
     for ((name, old), (_, p)) in before.iter().zip(m.params()) {
         let new = p.to_vec();
-        let factor = if p.shape().len() == 1 {
-            1.0
-        } else {
-            1.0 - 0.1 * 0.5
-        };
+        let factor = if p.shape().len() == 1 { 1.0 } else { 1.0 - 0.1 * 0.5 };
         for (a, b) in old.iter().zip(&new) {
             assert!((a * factor - b).abs() < 1e-6, "{name}: {a}·{factor} vs {b}");
         }

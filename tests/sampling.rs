@@ -6,8 +6,7 @@ mod common;
 use dfdx::prelude::*;
 use rand::{rngs::StdRng, SeedableRng};
 use rlhf_policies::{
-    filtered_logprobs, generate, sample_from_logits, Batch, CausalLm, InferenceModel, ModelConfig,
-    SamplingConfig,
+    filtered_logprobs, generate, sample_from_logits, Batch, CausalLm, InferenceModel, ModelConfig, SamplingConfig,
 };
 
 fn setup() -> (CausalLm<Cpu>, InferenceModel) {
@@ -29,24 +28,11 @@ fn prompts() -> Vec<Vec<u32>> {
 #[test]
 fn same_seed_same_tokens_other_seed_other_tokens() {
     let (_, e) = setup();
-    let cfg = SamplingConfig {
-        max_new_tokens: 20,
-        seed: 42,
-        ..Default::default()
-    };
+    let cfg = SamplingConfig { max_new_tokens: 20, seed: 42, ..Default::default() };
     let a = generate(&e, &prompts(), 0, &cfg).unwrap();
     let b = generate(&e, &prompts(), 0, &cfg).unwrap();
     assert_eq!(a, b);
-    let c = generate(
-        &e,
-        &prompts(),
-        0,
-        &SamplingConfig {
-            seed: 43,
-            ..cfg.clone()
-        },
-    )
-    .unwrap();
+    let c = generate(&e, &prompts(), 0, &SamplingConfig { seed: 43, ..cfg.clone() }).unwrap();
     assert_ne!(a.tokens, c.tokens);
     // a row's tokens do not depend on the batch it is in
     let solo = generate(&e, &prompts()[..1], 0, &cfg).unwrap();
@@ -56,29 +42,12 @@ fn same_seed_same_tokens_other_seed_other_tokens() {
 #[test]
 fn top_k_1_equals_greedy() {
     let (_, e) = setup();
-    let greedy = generate(
-        &e,
-        &prompts(),
-        0,
-        &SamplingConfig {
-            greedy: true,
-            max_new_tokens: 15,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let k1 = generate(
-        &e,
-        &prompts(),
-        0,
-        &SamplingConfig {
-            top_k: 1,
-            max_new_tokens: 15,
-            seed: 7,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let greedy =
+        generate(&e, &prompts(), 0, &SamplingConfig { greedy: true, max_new_tokens: 15, ..Default::default() })
+            .unwrap();
+    let k1 =
+        generate(&e, &prompts(), 0, &SamplingConfig { top_k: 1, max_new_tokens: 15, seed: 7, ..Default::default() })
+            .unwrap();
     assert_eq!(greedy.tokens, k1.tokens);
     // a point mass: log-prob 0
     assert!(k1.logprobs.iter().flatten().all(|&lp| lp == 0.0));
@@ -98,10 +67,7 @@ fn top_p_keeps_exactly_the_nucleus() {
     let lp = filtered_logprobs(&logits, 0, 0.5);
     assert_eq!(lp.iter().filter(|l| l.is_finite()).count(), 1);
     // draw 20k tokens: never outside the nucleus, frequencies as renormalised
-    let cfg = SamplingConfig {
-        top_p: 0.7,
-        ..Default::default()
-    };
+    let cfg = SamplingConfig { top_p: 0.7, ..Default::default() };
     let mut rng = StdRng::seed_from_u64(5);
     let mut counts = [0usize; 4];
     for _ in 0..20_000 {
@@ -118,10 +84,7 @@ fn top_p_keeps_exactly_the_nucleus() {
 #[test]
 fn min_new_tokens_forbids_eos() {
     let logits = vec![5.0f32, 0.0, -1.0];
-    let cfg = SamplingConfig {
-        eos_ids: vec![0],
-        ..Default::default()
-    };
+    let cfg = SamplingConfig { eos_ids: vec![0], ..Default::default() };
     let mut rng = StdRng::seed_from_u64(1);
     for _ in 0..200 {
         let (id, _) = sample_from_logits(&mut logits.clone(), &cfg, true, &mut rng);
@@ -145,10 +108,7 @@ fn reference_logprob(logits: &[f32], t: f32, k: usize, p: f32, id: usize) -> f32
         mass += scaled[i].exp() / z;
         kept.push(i);
     }
-    assert!(
-        kept.contains(&id),
-        "sampled token {id} outside the filtered set"
-    );
+    assert!(kept.contains(&id), "sampled token {id} outside the filtered set");
     let z2: f64 = kept.iter().map(|&i| scaled[i].exp()).sum();
     (scaled[id] - z2.ln()) as f32
 }
@@ -157,23 +117,13 @@ fn reference_logprob(logits: &[f32], t: f32, k: usize, p: f32, id: usize) -> f32
 fn returned_logprobs_match_the_filtered_distribution() {
     let (m, e) = setup();
     let (t, k, p) = (0.7f32, 8usize, 0.9f32);
-    let cfg = SamplingConfig {
-        temperature: t,
-        top_k: k,
-        top_p: p,
-        max_new_tokens: 10,
-        seed: 3,
-        ..Default::default()
-    };
+    let cfg = SamplingConfig { temperature: t, top_k: k, top_p: p, max_new_tokens: 10, seed: 3, ..Default::default() };
     let out = generate(&e, &prompts(), 0, &cfg).unwrap();
     let v = m.dims.vocab;
     for (r, prompt) in prompts().iter().enumerate() {
         let mut seq = prompt.clone();
         for (s, (&tok, &lp)) in out.tokens[r].iter().zip(&out.logprobs[r]).enumerate() {
-            let logits = m
-                .forward(&Batch::unpadded(&[seq.clone()]).unwrap(), NoneTape)
-                .unwrap()
-                .as_vec();
+            let logits = m.forward(&Batch::unpadded(&[seq.clone()]).unwrap(), NoneTape).unwrap().as_vec();
             let last = &logits[(seq.len() - 1) * v..];
             let want = reference_logprob(last, t, k, p, tok as usize);
             assert!((lp - want).abs() < 1e-4, "row {r} step {s}: {lp} vs {want}");
@@ -186,20 +136,12 @@ fn returned_logprobs_match_the_filtered_distribution() {
 fn eos_finishes_a_row_and_pads_the_rest() {
     let (_, e) = setup();
     // make every token an EOS: each row stops after one token
-    let cfg = SamplingConfig {
-        eos_ids: (0..50).collect(),
-        max_new_tokens: 5,
-        ..Default::default()
-    };
+    let cfg = SamplingConfig { eos_ids: (0..50).collect(), max_new_tokens: 5, ..Default::default() };
     let out = generate(&e, &prompts(), 0, &cfg).unwrap();
     assert!(out.tokens.iter().all(|t| t.len() == 1));
     assert!(out.finished.iter().all(|&f| f));
     // stop ids work the same way, and rows that never stop run to max_new_tokens
-    let cfg = SamplingConfig {
-        stop_ids: vec![],
-        max_new_tokens: 5,
-        ..Default::default()
-    };
+    let cfg = SamplingConfig { stop_ids: vec![], max_new_tokens: 5, ..Default::default() };
     let out = generate(&e, &prompts(), 0, &cfg).unwrap();
     assert!(out.tokens.iter().all(|t| t.len() == 5) && out.finished.iter().all(|&f| !f));
 }

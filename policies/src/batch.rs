@@ -22,12 +22,7 @@ pub struct Batch {
 
 impl Batch {
     /// A batch from ids and mask; positions are derived from the mask.
-    pub fn new(
-        ids: Vec<u32>,
-        attention_mask: Vec<u8>,
-        b: usize,
-        t: usize,
-    ) -> Result<Self, PolicyError> {
+    pub fn new(ids: Vec<u32>, attention_mask: Vec<u8>, b: usize, t: usize) -> Result<Self, PolicyError> {
         if ids.len() != b * t || attention_mask.len() != b * t {
             return Err(PolicyError::Input(format!(
                 "batch of {b}x{t} needs {} ids and mask entries, got {} and {}",
@@ -46,22 +41,14 @@ impl Batch {
                 }
             }
         }
-        Ok(Batch {
-            b,
-            t,
-            ids,
-            attention_mask,
-            position_ids,
-        })
+        Ok(Batch { b, t, ids, attention_mask, position_ids })
     }
 
     /// Rows of equal length, no padding.
     pub fn unpadded(rows: &[Vec<u32>]) -> Result<Self, PolicyError> {
         let t = rows.first().map_or(0, Vec::len);
         if rows.iter().any(|r| r.len() != t) {
-            return Err(PolicyError::Input(
-                "unpadded batch needs rows of equal length".into(),
-            ));
+            return Err(PolicyError::Input("unpadded batch needs rows of equal length".into()));
         }
         Self::new(rows.concat(), vec![1; rows.len() * t], rows.len(), t)
     }
@@ -78,10 +65,7 @@ impl Batch {
 
     fn padded(rows: &[Vec<u32>], pad_id: u32, left: bool) -> Result<Self, PolicyError> {
         let t = rows.iter().map(Vec::len).max().unwrap_or(0);
-        let (mut ids, mut mask) = (
-            Vec::with_capacity(rows.len() * t),
-            Vec::with_capacity(rows.len() * t),
-        );
+        let (mut ids, mut mask) = (Vec::with_capacity(rows.len() * t), Vec::with_capacity(rows.len() * t));
         for r in rows {
             let pad = t - r.len();
             if left {
@@ -105,30 +89,15 @@ impl Batch {
 
     /// Column of the last real token of each row (`None` for an all-pad row).
     pub fn last_real_index(&self) -> Vec<Option<usize>> {
-        (0..self.b)
-            .map(|r| (0..self.t).rev().find(|&j| self.is_real(r, j)))
-            .collect()
+        (0..self.b).map(|r| (0..self.t).rev().find(|&j| self.is_real(r, j))).collect()
     }
 
     /// Checks ids against the vocabulary and (for learned positions) positions against the table.
-    pub(crate) fn check(
-        &self,
-        vocab: usize,
-        max_positions: usize,
-        learned_positions: bool,
-    ) -> Result<(), PolicyError> {
+    pub(crate) fn check(&self, vocab: usize, max_positions: usize, learned_positions: bool) -> Result<(), PolicyError> {
         if self.b == 0 || self.t == 0 {
-            return Err(PolicyError::Input(format!(
-                "empty batch ({}x{})",
-                self.b, self.t
-            )));
+            return Err(PolicyError::Input(format!("empty batch ({}x{})", self.b, self.t)));
         }
-        if let Some((k, &id)) = self
-            .ids
-            .iter()
-            .enumerate()
-            .find(|(_, &id)| id as usize >= vocab)
-        {
+        if let Some((k, &id)) = self.ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
             return Err(PolicyError::Input(format!(
                 "token id {id} at row {}, column {} is outside the vocabulary of {vocab}",
                 k / self.t,

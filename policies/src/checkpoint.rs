@@ -25,11 +25,7 @@ enum Source {
     /// Stored transposed (`nn.Linear`'s `(out, in)`).
     Transposed(String),
     /// Columns `part·w .. (part+1)·w` of a fused tensor with `parts` equal column blocks.
-    Columns {
-        name: String,
-        part: usize,
-        parts: usize,
-    },
+    Columns { name: String, part: usize, parts: usize },
 }
 
 impl Source {
@@ -57,10 +53,7 @@ fn hf_source(family: Family, canonical: &str) -> Source {
                     "ln2" => Source::Same(format!("{p}.ln_2.{x}")),
                     "attn.q" | "attn.k" | "attn.v" => Source::Columns {
                         name: format!("{p}.attn.c_attn.{x}"),
-                        part: ["attn.q", "attn.k", "attn.v"]
-                            .iter()
-                            .position(|m| *m == module)
-                            .unwrap_or(0),
+                        part: ["attn.q", "attn.k", "attn.v"].iter().position(|m| *m == module).unwrap_or(0),
                         parts: 3,
                     },
                     "attn.o" => Source::Same(format!("{p}.attn.c_proj.{x}")),
@@ -100,14 +93,8 @@ fn hf_source(family: Family, canonical: &str) -> Source {
 /// Tensors HF checkpoints may carry that are buffers, not parameters (safe to ignore).
 fn is_known_buffer(family: Family, name: &str, tied: bool) -> bool {
     match family {
-        Family::Gpt2 => {
-            name.ends_with(".attn.bias")
-                || name.ends_with(".attn.masked_bias")
-                || name == "lm_head.weight"
-        }
-        Family::Llama => {
-            name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight")
-        }
+        Family::Gpt2 => name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") || name == "lm_head.weight",
+        Family::Llama => name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight"),
     }
 }
 
@@ -123,29 +110,21 @@ pub struct HostTensor {
 /// Reads every tensor of a safetensors file as f32 (F32, F16 and BF16 are accepted).
 pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>, PolicyError> {
     let buf = std::fs::read(path).map_err(|e| PolicyError::io(path, e))?;
-    let st = ::safetensors::SafeTensors::deserialize(&buf).map_err(|e| {
-        PolicyError::tensor(
-            path,
-            "<header>",
-            format!("not a valid safetensors file: {e:?}"),
-        )
-    })?;
+    let st = ::safetensors::SafeTensors::deserialize(&buf)
+        .map_err(|e| PolicyError::tensor(path, "<header>", format!("not a valid safetensors file: {e:?}")))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let bytes = view.data();
         let data = match view.dtype() {
-            ::safetensors::Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            ::safetensors::Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| crate::half::f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
-                .collect(),
-            ::safetensors::Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
-                .collect(),
+            ::safetensors::Dtype::F32 => {
+                bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+            }
+            ::safetensors::Dtype::F16 => {
+                bytes.chunks_exact(2).map(|c| crate::half::f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect()
+            }
+            ::safetensors::Dtype::BF16 => {
+                bytes.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect()
+            }
             other => {
                 return Err(PolicyError::tensor(
                     path,
@@ -154,32 +133,17 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>, Pol
                 ))
             }
         };
-        out.insert(
-            name,
-            HostTensor {
-                shape: view.shape().to_vec(),
-                data,
-            },
-        );
+        out.insert(name, HostTensor { shape: view.shape().to_vec(), data });
     }
     Ok(out)
 }
 
 /// Writes f32 tensors to a safetensors file (with transformers' `{"format": "pt"}` metadata),
 /// through a temporary file and a rename so a crash never leaves a half-written file.
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &BTreeMap<String, HostTensor>,
-) -> Result<(), PolicyError> {
+pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<(), PolicyError> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
-        .map(|(n, t)| {
-            (
-                n.clone(),
-                t.shape.clone(),
-                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            )
-        })
+        .map(|(n, t)| (n.clone(), t.shape.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect()))
         .collect();
     let views = bytes
         .iter()
@@ -209,10 +173,7 @@ impl<D: Device<f32>> CausalLm<D> {
         let mut out: BTreeMap<String, HostTensor> = BTreeMap::new();
         let mut fused: BTreeMap<String, Vec<Option<HostTensor>>> = BTreeMap::new();
         for (name, p) in self.params() {
-            let t = HostTensor {
-                shape: p.shape(),
-                data: p.to_vec(),
-            };
+            let t = HostTensor { shape: p.shape(), data: p.to_vec() };
             match hf_source(family, &name) {
                 Source::Same(n) => {
                     out.insert(n, t);
@@ -226,10 +187,8 @@ impl<D: Device<f32>> CausalLm<D> {
             }
         }
         for (name, parts) in fused {
-            let parts: Vec<HostTensor> = parts
-                .into_iter()
-                .map(|p| p.expect("q, k and v are always walked together"))
-                .collect();
+            let parts: Vec<HostTensor> =
+                parts.into_iter().map(|p| p.expect("q, k and v are always walked together")).collect();
             out.insert(name, concat_columns(&parts));
         }
         out
@@ -237,11 +196,7 @@ impl<D: Device<f32>> CausalLm<D> {
 
     /// Fills every parameter from an HF state dict read from `file`. Every tensor must be used,
     /// except known buffers; missing tensors and shape mismatches are errors naming the tensor.
-    pub fn load_hf_tensors(
-        &mut self,
-        file: &Path,
-        tensors: &BTreeMap<String, HostTensor>,
-    ) -> Result<(), PolicyError> {
+    pub fn load_hf_tensors(&mut self, file: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<(), PolicyError> {
         let family = self.dims.family;
         let tied = self.dims.tied;
         let tensors = normalise_names(family, tensors);
@@ -249,9 +204,9 @@ impl<D: Device<f32>> CausalLm<D> {
         let dev = self.dev.clone();
         for (name, p) in self.params_mut() {
             let src = hf_source(family, &name);
-            let t = tensors.get(src.name()).ok_or_else(|| {
-                PolicyError::tensor(file, src.name(), "missing from the checkpoint")
-            })?;
+            let t = tensors
+                .get(src.name())
+                .ok_or_else(|| PolicyError::tensor(file, src.name(), "missing from the checkpoint"))?;
             used.insert(src.name().to_string());
             let value = match &src {
                 Source::Same(_) => t.clone(),
@@ -259,16 +214,12 @@ impl<D: Device<f32>> CausalLm<D> {
                     check_rank(file, src.name(), t, 2)?;
                     transpose(t)
                 }
-                Source::Columns { part, parts, .. } => {
-                    split_columns(file, src.name(), t, *part, *parts)?
-                }
+                Source::Columns { part, parts, .. } => split_columns(file, src.name(), t, *part, *parts)?,
             };
             assign(file, src.name(), p, value, &dev)?;
         }
-        let unused: Vec<&String> = tensors
-            .keys()
-            .filter(|n| !used.contains(*n) && !is_known_buffer(family, n, tied))
-            .collect();
+        let unused: Vec<&String> =
+            tensors.keys().filter(|n| !used.contains(*n) && !is_known_buffer(family, n, tied)).collect();
         if let Some(first) = unused.first() {
             return Err(PolicyError::tensor(
                 file,
@@ -294,16 +245,9 @@ impl<D: Device<f32>> CausalLm<D> {
     }
 
     /// Writes `config.json`, `model.safetensors` and (if given) `tokenizer.json` into `dir`.
-    pub fn save_pretrained(
-        &self,
-        dir: &Path,
-        tokenizer: Option<&Tokenizer>,
-    ) -> Result<(), PolicyError> {
+    pub fn save_pretrained(&self, dir: &Path, tokenizer: Option<&Tokenizer>) -> Result<(), PolicyError> {
         std::fs::create_dir_all(dir).map_err(|e| PolicyError::io(dir, e))?;
-        write_atomic(
-            &dir.join("config.json"),
-            self.config.to_json_pretty().as_bytes(),
-        )?;
+        write_atomic(&dir.join("config.json"), self.config.to_json_pretty().as_bytes())?;
         write_safetensors(&dir.join("model.safetensors"), &self.to_hf_tensors())?;
         if let Some(tok) = tokenizer {
             tok.save(&dir.join("tokenizer.json"))?;
@@ -314,10 +258,7 @@ impl<D: Device<f32>> CausalLm<D> {
 
 /// Loads a checkpoint folder with its tokenizer, checking that every token id the tokenizer can
 /// produce fits the model's vocabulary.
-pub fn load_with_tokenizer<D: Device<f32>>(
-    dir: &Path,
-    dev: &D,
-) -> Result<(CausalLm<D>, Tokenizer), PolicyError> {
+pub fn load_with_tokenizer<D: Device<f32>>(dir: &Path, dev: &D) -> Result<(CausalLm<D>, Tokenizer), PolicyError> {
     let model = CausalLm::load_pretrained(dir, dev)?;
     let tok_path = dir.join("tokenizer.json");
     let tok = Tokenizer::from_file(&tok_path)?;
@@ -336,20 +277,12 @@ pub fn load_with_tokenizer<D: Device<f32>>(
 }
 
 /// Accepts the original GPT-2 names without the `transformer.` prefix.
-fn normalise_names(
-    family: Family,
-    tensors: &BTreeMap<String, HostTensor>,
-) -> BTreeMap<String, HostTensor> {
-    let needs_prefix =
-        family == Family::Gpt2 && !tensors.keys().any(|k| k.starts_with("transformer."));
+fn normalise_names(family: Family, tensors: &BTreeMap<String, HostTensor>) -> BTreeMap<String, HostTensor> {
+    let needs_prefix = family == Family::Gpt2 && !tensors.keys().any(|k| k.starts_with("transformer."));
     tensors
         .iter()
         .map(|(k, v)| {
-            let k = if needs_prefix && !k.starts_with("lm_head") {
-                format!("transformer.{k}")
-            } else {
-                k.clone()
-            };
+            let k = if needs_prefix && !k.starts_with("lm_head") { format!("transformer.{k}") } else { k.clone() };
             (k, v.clone())
         })
         .collect()
@@ -363,11 +296,7 @@ fn assign<D: Device<f32>>(
     dev: &D,
 ) -> Result<(), PolicyError> {
     let mismatch = |want: Vec<usize>| {
-        PolicyError::tensor(
-            file,
-            name,
-            format!("shape {:?}, but the config needs {want:?}", t.shape),
-        )
+        PolicyError::tensor(file, name, format!("shape {:?}, but the config needs {want:?}", t.shape))
     };
     match p {
         ParamMut::V(p) => {
@@ -392,11 +321,7 @@ fn check_rank(file: &Path, name: &str, t: &HostTensor, rank: usize) -> Result<()
         return Err(PolicyError::tensor(
             file,
             name,
-            format!(
-                "rank {} (shape {:?}), expected rank {rank}",
-                t.shape.len(),
-                t.shape
-            ),
+            format!("rank {} (shape {:?}), expected rank {rank}", t.shape.len(), t.shape),
         ));
     }
     Ok(())
@@ -410,10 +335,7 @@ fn transpose(t: &HostTensor) -> HostTensor {
             data[j * r + i] = t.data[i * c + j];
         }
     }
-    HostTensor {
-        shape: vec![c, r],
-        data,
-    }
+    HostTensor { shape: vec![c, r], data }
 }
 
 /// Columns `part` of `parts` equal blocks; a 1-D tensor is treated as one row.
@@ -427,47 +349,20 @@ fn split_columns(
     let (rows, cols) = match t.shape.as_slice() {
         [n] => (1, *n),
         [r, c] => (*r, *c),
-        s => {
-            return Err(PolicyError::tensor(
-                file,
-                name,
-                format!("shape {s:?}, expected 1-D or 2-D"),
-            ))
-        }
+        s => return Err(PolicyError::tensor(file, name, format!("shape {s:?}, expected 1-D or 2-D"))),
     };
     if cols % parts != 0 {
-        return Err(PolicyError::tensor(
-            file,
-            name,
-            format!("{cols} columns do not split into {parts} equal parts"),
-        ));
+        return Err(PolicyError::tensor(file, name, format!("{cols} columns do not split into {parts} equal parts")));
     }
     let w = cols / parts;
-    let data = (0..rows)
-        .flat_map(|r| {
-            t.data[r * cols + part * w..r * cols + (part + 1) * w]
-                .iter()
-                .copied()
-        })
-        .collect();
-    let shape = if t.shape.len() == 1 {
-        vec![w]
-    } else {
-        vec![rows, w]
-    };
+    let data = (0..rows).flat_map(|r| t.data[r * cols + part * w..r * cols + (part + 1) * w].iter().copied()).collect();
+    let shape = if t.shape.len() == 1 { vec![w] } else { vec![rows, w] };
     Ok(HostTensor { shape, data })
 }
 
 fn concat_columns(parts: &[HostTensor]) -> HostTensor {
-    let rows = if parts[0].shape.len() == 1 {
-        1
-    } else {
-        parts[0].shape[0]
-    };
-    let widths: Vec<usize> = parts
-        .iter()
-        .map(|p| *p.shape.last().expect("non-empty shape"))
-        .collect();
+    let rows = if parts[0].shape.len() == 1 { 1 } else { parts[0].shape[0] };
+    let widths: Vec<usize> = parts.iter().map(|p| *p.shape.last().expect("non-empty shape")).collect();
     let mut data = Vec::with_capacity(rows * widths.iter().sum::<usize>());
     for r in 0..rows {
         for (p, &w) in parts.iter().zip(&widths) {
@@ -475,10 +370,6 @@ fn concat_columns(parts: &[HostTensor]) -> HostTensor {
         }
     }
     let total: usize = widths.iter().sum();
-    let shape = if parts[0].shape.len() == 1 {
-        vec![total]
-    } else {
-        vec![rows, total]
-    };
+    let shape = if parts[0].shape.len() == 1 { vec![total] } else { vec![rows, total] };
     HostTensor { shape, data }
 }

@@ -248,8 +248,8 @@ impl ModelConfig {
 
     /// Parses and validates a config from JSON text.
     pub fn from_json_str(text: &str) -> Result<Self, PolicyError> {
-        let value: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| PolicyError::config("<json>", format!("not valid JSON: {e}")))?;
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| PolicyError::config("<json>", format!("not valid JSON: {e}")))?;
         match value.get("model_type").and_then(|v| v.as_str()) {
             Some("gpt2") | Some("llama") => {}
             Some(other) => {
@@ -258,15 +258,10 @@ impl ModelConfig {
                     format!("unsupported model_type {other:?} (expected \"gpt2\" or \"llama\")"),
                 ))
             }
-            None => {
-                return Err(PolicyError::config(
-                    "model_type",
-                    "missing or not a string".into(),
-                ))
-            }
+            None => return Err(PolicyError::config("model_type", "missing or not a string".into())),
         }
-        let cfg: ModelConfig = serde_json::from_value(value)
-            .map_err(|e| PolicyError::config(field_of_serde_error(&e), e.to_string()))?;
+        let cfg: ModelConfig =
+            serde_json::from_value(value).map_err(|e| PolicyError::config(field_of_serde_error(&e), e.to_string()))?;
         cfg.dims()?;
         Ok(cfg)
     }
@@ -291,21 +286,12 @@ impl ModelConfig {
         match name {
             "tiny" => Ok(Self::tiny()),
             "small" => Ok(Self::small()),
-            other => Err(PolicyError::config(
-                "preset",
-                format!("unknown preset {other:?} (expected tiny or small)"),
-            )),
+            other => Err(PolicyError::config("preset", format!("unknown preset {other:?} (expected tiny or small)"))),
         }
     }
 
     /// A GPT-2 config with the given sizes and the workload's conventions (eos = bos = pad = 0).
-    pub fn gpt2_preset(
-        vocab: usize,
-        d: usize,
-        layers: usize,
-        heads: usize,
-        positions: usize,
-    ) -> Self {
+    pub fn gpt2_preset(vocab: usize, d: usize, layers: usize, heads: usize, positions: usize) -> Self {
         ModelConfig::Gpt2(Gpt2Config {
             vocab_size: vocab,
             n_positions: positions,
@@ -387,25 +373,16 @@ impl ModelConfig {
 }
 
 fn gpt2_dims(c: &Gpt2Config) -> Result<Dims, PolicyError> {
-    if !matches!(
-        c.activation_function.as_str(),
-        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast"
-    ) {
+    if !matches!(c.activation_function.as_str(), "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast") {
         return Err(PolicyError::config(
             "activation_function",
-            format!(
-                "{:?} is not supported (only the tanh GELU: gelu_new)",
-                c.activation_function
-            ),
+            format!("{:?} is not supported (only the tanh GELU: gelu_new)", c.activation_function),
         ));
     }
     if c.n_head == 0 || c.n_embd % c.n_head != 0 {
         return Err(PolicyError::config(
             "n_head",
-            format!(
-                "n_embd {} is not divisible by n_head {}",
-                c.n_embd, c.n_head
-            ),
+            format!("n_embd {} is not divisible by n_head {}", c.n_embd, c.n_head),
         ));
     }
     if !c.tie_word_embeddings {
@@ -433,22 +410,13 @@ fn gpt2_dims(c: &Gpt2Config) -> Result<Dims, PolicyError> {
 
 fn llama_dims(c: &LlamaConfig) -> Result<Dims, PolicyError> {
     if c.hidden_act != "silu" {
-        return Err(PolicyError::config(
-            "hidden_act",
-            format!("{:?} is not supported (only silu)", c.hidden_act),
-        ));
+        return Err(PolicyError::config("hidden_act", format!("{:?} is not supported (only silu)", c.hidden_act)));
     }
     if c.attention_bias || c.mlp_bias {
-        return Err(PolicyError::config(
-            "attention_bias",
-            "Llama checkpoints with biases are not supported".into(),
-        ));
+        return Err(PolicyError::config("attention_bias", "Llama checkpoints with biases are not supported".into()));
     }
     if c.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-        return Err(PolicyError::config(
-            "rope_scaling",
-            "RoPE scaling is not supported".into(),
-        ));
+        return Err(PolicyError::config("rope_scaling", "RoPE scaling is not supported".into()));
     }
     let theta = match (&c.rope_parameters, c.rope_theta) {
         (Some(p), _) if p.rope_type != "default" => {
@@ -480,10 +448,7 @@ fn llama_dims(c: &LlamaConfig) -> Result<Dims, PolicyError> {
         }
     };
     if head_dim == 0 || head_dim % 2 != 0 {
-        return Err(PolicyError::config(
-            "head_dim",
-            format!("{head_dim} must be even and > 0 for RoPE"),
-        ));
+        return Err(PolicyError::config("head_dim", format!("{head_dim} must be even and > 0 for RoPE")));
     }
     Ok(Dims {
         family: Family::Llama,

@@ -56,51 +56,30 @@ pub enum PolicyError {
 impl PolicyError {
     /// An I/O error on `path`.
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        PolicyError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        PolicyError::Io { path: path.to_path_buf(), source }
     }
 
     /// A config error on `field` (the file is filled in by [`PolicyError::in_file`]).
     pub fn config(field: impl Into<String>, msg: String) -> Self {
-        PolicyError::Config {
-            file: "<json>".into(),
-            field: field.into(),
-            msg,
-        }
+        PolicyError::Config { file: "<json>".into(), field: field.into(), msg }
     }
 
     /// A tensor error in `file`.
     pub fn tensor(file: &Path, tensor: impl Into<String>, msg: impl Into<String>) -> Self {
-        PolicyError::Tensor {
-            file: file.display().to_string(),
-            tensor: tensor.into(),
-            msg: msg.into(),
-        }
+        PolicyError::Tensor { file: file.display().to_string(), tensor: tensor.into(), msg: msg.into() }
     }
 
     /// A tokenizer error in `file`.
-    pub fn tokenizer(
-        file: impl Into<String>,
-        field: impl Into<String>,
-        msg: impl Into<String>,
-    ) -> Self {
-        PolicyError::Tokenizer {
-            file: file.into(),
-            field: field.into(),
-            msg: msg.into(),
-        }
+    pub fn tokenizer(file: impl Into<String>, field: impl Into<String>, msg: impl Into<String>) -> Self {
+        PolicyError::Tokenizer { file: file.into(), field: field.into(), msg: msg.into() }
     }
 
     /// Attaches the file name to a config error parsed from text.
     pub fn in_file(self, path: &Path) -> Self {
         match self {
-            PolicyError::Config { field, msg, .. } => PolicyError::Config {
-                file: path.display().to_string(),
-                field,
-                msg,
-            },
+            PolicyError::Config { field, msg, .. } => {
+                PolicyError::Config { file: path.display().to_string(), field, msg }
+            }
             other => other,
         }
     }

@@ -25,17 +25,13 @@ impl<D: Device<f32>> ScalarHead<D> {
         let mut rng = StdRng::seed_from_u64(seed);
         let dist = Normal::new(0.0f32, std.max(1e-12)).expect("std is positive");
         let w: Vec<f32> = (0..d_model).map(|_| dist.sample(&mut rng)).collect();
-        ScalarHead {
-            w: dev.tensor_from_vec(w, (d_model, 1)),
-            b: dev.zeros_like(&(1,)),
-        }
+        ScalarHead { w: dev.tensor_from_vec(w, (d_model, 1)), b: dev.zeros_like(&(1,)) }
     }
 
     /// One score per row: `(N, C) → (N,)`.
     pub fn forward<T: Tape<f32, D>>(&self, h: A2<D, T>) -> Tensor<(usize,), f32, D, T> {
         let n = h.shape().0;
-        let y = h.matmul(self.w.retaped::<T>())
-            + self.b.retaped::<T>().broadcast_like::<_, Axis<0>>(&(n, 1));
+        let y = h.matmul(self.w.retaped::<T>()) + self.b.retaped::<T>().broadcast_like::<_, Axis<0>>(&(n, 1));
         y.reshape_like(&(n,))
     }
 
@@ -48,9 +44,7 @@ impl<D: Device<f32>> ScalarHead<D> {
     ) -> Result<Tensor<(usize,), f32, D, T>, PolicyError> {
         let n = h.shape().0;
         if let Some(&r) = rows.iter().find(|&&r| r >= n) {
-            return Err(PolicyError::Input(format!(
-                "scalar head row {r} is outside the {n} hidden rows"
-            )));
+            return Err(PolicyError::Input(format!("scalar head row {r} is outside the {n} hidden rows")));
         }
         let idx = h.device().tensor_from_vec(rows.to_vec(), (rows.len(),));
         Ok(self.forward(h.gather(idx)))
@@ -58,17 +52,11 @@ impl<D: Device<f32>> ScalarHead<D> {
 
     /// Parameters with their HF names (`score.weight`, `score.bias`).
     pub fn params(&self) -> Vec<(String, ParamRef<'_, D>)> {
-        vec![
-            ("score.weight".into(), ParamRef::M(&self.w)),
-            ("score.bias".into(), ParamRef::V(&self.b)),
-        ]
+        vec![("score.weight".into(), ParamRef::M(&self.w)), ("score.bias".into(), ParamRef::V(&self.b))]
     }
 
     /// Mutable parameters with their HF names.
     pub fn params_mut(&mut self) -> Vec<(String, ParamMut<'_, D>)> {
-        vec![
-            ("score.weight".into(), ParamMut::M(&mut self.w)),
-            ("score.bias".into(), ParamMut::V(&mut self.b)),
-        ]
+        vec![("score.weight".into(), ParamMut::M(&mut self.w)), ("score.bias".into(), ParamMut::V(&mut self.b))]
     }
 }

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::config::{Dims, Family, NormKind};
 use crate::error::PolicyError;
-use crate::kernels::{axpy, dot, gelu_tanh, matmul, matmul_bt, silu};
+use crate::kernels::{axpy, dot, gelu_tanh, matmul, silu, PackedMatrix};
 use crate::model::{CausalLm, Mlp, Norm};
 use crate::rope;
 
@@ -29,22 +29,25 @@ struct NormW {
 #[derive(Debug, Clone)]
 enum MlpW {
     Gelu {
-        fc: Vec<f32>,
+        fc: PackedMatrix,
         fc_b: Option<Vec<f32>>,
-        proj: Vec<f32>,
+        proj: PackedMatrix,
         proj_b: Option<Vec<f32>>,
     },
     /// `gate_up`: `(C, 2F)`, gate columns first.
-    SwiGlu { gate_up: Vec<f32>, down: Vec<f32> },
+    SwiGlu {
+        gate_up: PackedMatrix,
+        down: PackedMatrix,
+    },
 }
 
 #[derive(Debug, Clone)]
 struct LayerW {
     ln1: NormW,
     /// `(C, H·Dh + 2·Hkv·Dh)`: q, k, v columns.
-    qkv: Vec<f32>,
+    qkv: PackedMatrix,
     qkv_b: Option<Vec<f32>>,
-    o: Vec<f32>,
+    o: PackedMatrix,
     o_b: Option<Vec<f32>>,
     ln2: NormW,
     mlp: MlpW,
@@ -59,7 +62,9 @@ pub struct InferenceModel {
     wpe: Option<Vec<f32>>,
     layers: Vec<LayerW>,
     ln_f: NormW,
-    head: Option<Vec<f32>>,
+    /// The LM head transposed to `(C, V)` (a copy of `wte` when tied), so the head is one more
+    /// small-m matmul instead of a strided gemm that repacks the embedding every step.
+    head_t: PackedMatrix,
     inv_freq: Vec<f32>,
 }
 
@@ -79,14 +84,7 @@ impl KvCache {
     pub fn new(dims: &Dims, pad: Vec<usize>, cap: usize) -> Self {
         let b = pad.len();
         let size = b * dims.n_kv_head * cap * dims.head_dim;
-        KvCache {
-            b,
-            cap,
-            len: 0,
-            pad,
-            k: vec![vec![0.0; size]; dims.n_layer],
-            v: vec![vec![0.0; size]; dims.n_layer],
-        }
+        KvCache { b, cap, len: 0, pad, k: vec![vec![0.0; size]; dims.n_layer], v: vec![vec![0.0; size]; dims.n_layer] }
     }
     /// Columns filled so far.
     pub fn len(&self) -> usize {
@@ -107,13 +105,13 @@ pub enum LogitsAt {
     Last,
 }
 
+fn pack<D: Device<f32>>(w: &crate::model::T2<D>) -> PackedMatrix {
+    let (k, n) = *w.shape();
+    PackedMatrix::new(&w.as_vec(), k, n)
+}
+
 fn norm_w<D: Device<f32>>(n: &Norm<D>) -> NormW {
-    NormW {
-        w: n.w.as_vec(),
-        b: n.b.as_ref().map(|b| b.as_vec()),
-        kind: n.kind,
-        eps: n.eps,
-    }
+    NormW { w: n.w.as_vec(), b: n.b.as_ref().map(|b| b.as_vec()), kind: n.kind, eps: n.eps }
 }
 
 /// Concatenates `(k, n_i)` row-major matrices along columns.
@@ -145,44 +143,34 @@ impl InferenceModel {
                     ],
                     c,
                 );
+                let qkv = PackedMatrix::new(&qkv, c, dims.q_dim() + 2 * dims.kv_dim());
                 let qkv_b = blk.wq.b.as_ref().map(|bq| {
                     let mut b = bq.as_vec();
-                    b.extend(
-                        blk.wk
-                            .b
-                            .as_ref()
-                            .map(|t| t.as_vec())
-                            .unwrap_or_else(|| vec![0.0; dims.kv_dim()]),
-                    );
-                    b.extend(
-                        blk.wv
-                            .b
-                            .as_ref()
-                            .map(|t| t.as_vec())
-                            .unwrap_or_else(|| vec![0.0; dims.kv_dim()]),
-                    );
+                    b.extend(blk.wk.b.as_ref().map(|t| t.as_vec()).unwrap_or_else(|| vec![0.0; dims.kv_dim()]));
+                    b.extend(blk.wv.b.as_ref().map(|t| t.as_vec()).unwrap_or_else(|| vec![0.0; dims.kv_dim()]));
                     b
                 });
                 let mlp = match &blk.mlp {
                     Mlp::Gelu { fc, proj } => MlpW::Gelu {
-                        fc: fc.w.as_vec(),
+                        fc: pack(&fc.w),
                         fc_b: fc.b.as_ref().map(|b| b.as_vec()),
-                        proj: proj.w.as_vec(),
+                        proj: pack(&proj.w),
                         proj_b: proj.b.as_ref().map(|b| b.as_vec()),
                     },
                     Mlp::SwiGlu { gate, up, down } => MlpW::SwiGlu {
-                        gate_up: concat_cols(
-                            &[(gate.w.as_vec(), dims.d_ff), (up.w.as_vec(), dims.d_ff)],
+                        gate_up: PackedMatrix::new(
+                            &concat_cols(&[(gate.w.as_vec(), dims.d_ff), (up.w.as_vec(), dims.d_ff)], c),
                             c,
+                            2 * dims.d_ff,
                         ),
-                        down: down.w.as_vec(),
+                        down: pack(&down.w),
                     },
                 };
                 LayerW {
                     ln1: norm_w(&blk.ln1),
                     qkv,
                     qkv_b,
-                    o: blk.wo.w.as_vec(),
+                    o: pack(&blk.wo.w),
                     o_b: blk.wo.b.as_ref().map(|b| b.as_vec()),
                     ln2: norm_w(&blk.ln2),
                     mlp,
@@ -195,7 +183,11 @@ impl InferenceModel {
             wpe: model.wpe.as_ref().map(|w| w.as_vec()),
             layers,
             ln_f: norm_w(&model.ln_f),
-            head: model.lm_head.as_ref().map(|h| h.as_vec()),
+            head_t: PackedMatrix::new(
+                &transpose(&model.lm_head.as_ref().unwrap_or(&model.wte).as_vec(), dims.vocab, c),
+                c,
+                dims.vocab,
+            ),
             inv_freq: if dims.family == Family::Llama {
                 rope::inv_freq(dims.head_dim, dims.rope_theta)
             } else {
@@ -206,42 +198,22 @@ impl InferenceModel {
 
     /// Feeds `n` new columns of ids for every row (`ids`: `(B, n)` row-major) and returns the
     /// logits requested. The first call is the prefill (the whole left-padded prompt).
-    pub fn forward(
-        &self,
-        cache: &mut KvCache,
-        ids: &[u32],
-        n: usize,
-        at: LogitsAt,
-    ) -> Result<Vec<f32>, PolicyError> {
+    pub fn forward(&self, cache: &mut KvCache, ids: &[u32], n: usize, at: LogitsAt) -> Result<Vec<f32>, PolicyError> {
         let d = &self.dims;
         let (b, c) = (cache.b, d.d_model);
         if ids.len() != b * n || n == 0 {
-            return Err(PolicyError::Input(format!(
-                "forward needs {b}x{n} ids, got {}",
-                ids.len()
-            )));
+            return Err(PolicyError::Input(format!("forward needs {b}x{n} ids, got {}", ids.len())));
         }
         if cache.len + n > cache.cap {
-            return Err(PolicyError::Input(format!(
-                "KV cache of {} columns is full ({} + {n})",
-                cache.cap, cache.len
-            )));
+            return Err(PolicyError::Input(format!("KV cache of {} columns is full ({} + {n})", cache.cap, cache.len)));
         }
         let start = cache.len;
-        let positions: Vec<usize> = (0..b * n)
-            .map(|i| (start + i % n).saturating_sub(cache.pad[i / n]))
-            .collect();
+        let positions: Vec<usize> = (0..b * n).map(|i| (start + i % n).saturating_sub(cache.pad[i / n])).collect();
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= d.vocab) {
-            return Err(PolicyError::Input(format!(
-                "token id {id} is outside the vocabulary of {}",
-                d.vocab
-            )));
+            return Err(PolicyError::Input(format!("token id {id} is outside the vocabulary of {}", d.vocab)));
         }
         if d.family == Family::Gpt2 && positions.iter().any(|&p| p >= d.max_positions) {
-            return Err(PolicyError::Input(format!(
-                "sequence longer than the model's {} positions",
-                d.max_positions
-            )));
+            return Err(PolicyError::Input(format!("sequence longer than the model's {} positions", d.max_positions)));
         }
         let mut x = vec![0.0f32; b * n * c];
         for (row, xr) in x.chunks_mut(c).enumerate() {
@@ -249,9 +221,7 @@ impl InferenceModel {
             xr.copy_from_slice(&self.wte[id * c..(id + 1) * c]);
             if let Some(wpe) = &self.wpe {
                 let p = positions[row];
-                xr.iter_mut()
-                    .zip(&wpe[p * c..(p + 1) * c])
-                    .for_each(|(x, w)| *x += w);
+                xr.iter_mut().zip(&wpe[p * c..(p + 1) * c]).for_each(|(x, w)| *x += w);
             }
         }
         for (li, layer) in self.layers.iter().enumerate() {
@@ -262,26 +232,14 @@ impl InferenceModel {
             LogitsAt::All => (0..b * n).collect(),
             LogitsAt::Last => (0..b).map(|r| r * n + n - 1).collect(),
         };
-        let mut h: Vec<f32> = rows
-            .iter()
-            .flat_map(|&r| x[r * c..(r + 1) * c].iter().copied())
-            .collect();
+        let mut h: Vec<f32> = rows.iter().flat_map(|&r| x[r * c..(r + 1) * c].iter().copied()).collect();
         apply_norm(&self.ln_f, &mut h, c);
-        let head = self.head.as_ref().unwrap_or(&self.wte);
         let mut logits = vec![0.0f32; rows.len() * d.vocab];
-        matmul_bt(&h, head, &mut logits, rows.len(), c, d.vocab);
+        matmul(&h, &self.head_t, &mut logits, rows.len(), false);
         Ok(logits)
     }
 
-    fn layer_forward(
-        &self,
-        li: usize,
-        l: &LayerW,
-        cache: &mut KvCache,
-        x: &mut [f32],
-        positions: &[usize],
-        n: usize,
-    ) {
+    fn layer_forward(&self, li: usize, l: &LayerW, cache: &mut KvCache, x: &mut [f32], positions: &[usize], n: usize) {
         let d = &self.dims;
         let (c, rows) = (d.d_model, x.len() / d.d_model);
         let (qd, kvd) = (d.q_dim(), d.kv_dim());
@@ -290,7 +248,7 @@ impl InferenceModel {
         let mut h = x.to_vec();
         apply_norm(&l.ln1, &mut h, c);
         let mut qkv = vec![0.0f32; rows * width];
-        matmul(&h, &l.qkv, &mut qkv, rows, c, width, false);
+        matmul(&h, &l.qkv, &mut qkv, rows, false);
         if let Some(bias) = &l.qkv_b {
             add_bias(&mut qkv, bias);
         }
@@ -299,7 +257,7 @@ impl InferenceModel {
         }
         self.write_cache(li, cache, &qkv, n, width);
         let att = self.attention(li, cache, &qkv, n, width);
-        matmul(&att, &l.o, x, rows, qd, c, true);
+        matmul(&att, &l.o, x, rows, true);
         if let Some(bias) = &l.o_b {
             add_bias(x, bias);
         }
@@ -308,31 +266,23 @@ impl InferenceModel {
         apply_norm(&l.ln2, &mut h, c);
         let f = d.d_ff;
         match &l.mlp {
-            MlpW::Gelu {
-                fc,
-                fc_b,
-                proj,
-                proj_b,
-            } => {
+            MlpW::Gelu { fc, fc_b, proj, proj_b } => {
                 let mut a = vec![0.0f32; rows * f];
-                matmul(&h, fc, &mut a, rows, c, f, false);
+                matmul(&h, fc, &mut a, rows, false);
                 if let Some(bias) = fc_b {
                     add_bias(&mut a, bias);
                 }
                 par_map(&mut a, gelu_tanh);
-                matmul(&a, proj, x, rows, f, c, true);
+                matmul(&a, proj, x, rows, true);
                 if let Some(bias) = proj_b {
                     add_bias(x, bias);
                 }
             }
             MlpW::SwiGlu { gate_up, down } => {
                 let mut gu = vec![0.0f32; rows * 2 * f];
-                matmul(&h, gate_up, &mut gu, rows, c, 2 * f, false);
-                let a: Vec<f32> = gu
-                    .chunks(2 * f)
-                    .flat_map(|r| (0..f).map(move |j| silu(r[j]) * r[f + j]))
-                    .collect();
-                matmul(&a, down, x, rows, f, c, true);
+                matmul(&h, gate_up, &mut gu, rows, false);
+                let a: Vec<f32> = gu.chunks(2 * f).flat_map(|r| (0..f).map(move |j| silu(r[j]) * r[f + j])).collect();
+                matmul(&a, down, x, rows, true);
             }
         }
     }
@@ -362,24 +312,15 @@ impl InferenceModel {
                 let src = &qkv[(r * n + i) * width..(r * n + i + 1) * width];
                 for h in 0..nkv {
                     let dst = ((r * nkv + h) * cap + start + i) * dh;
-                    cache.k[li][dst..dst + dh]
-                        .copy_from_slice(&src[qd + h * dh..qd + (h + 1) * dh]);
-                    cache.v[li][dst..dst + dh]
-                        .copy_from_slice(&src[qd + kvd + h * dh..qd + kvd + (h + 1) * dh]);
+                    cache.k[li][dst..dst + dh].copy_from_slice(&src[qd + h * dh..qd + (h + 1) * dh]);
+                    cache.v[li][dst..dst + dh].copy_from_slice(&src[qd + kvd + h * dh..qd + kvd + (h + 1) * dh]);
                 }
             }
         }
     }
 
     /// Softmax attention of the `n` new queries of each row over its cached, non-pad keys.
-    fn attention(
-        &self,
-        li: usize,
-        cache: &KvCache,
-        qkv: &[f32],
-        n: usize,
-        width: usize,
-    ) -> Vec<f32> {
+    fn attention(&self, li: usize, cache: &KvCache, qkv: &[f32], n: usize, width: usize) -> Vec<f32> {
         let d = &self.dims;
         let (dh, nh, nkv, cap, start) = (d.head_dim, d.n_head, d.n_kv_head, cache.cap, cache.len);
         let rep = nh / nkv;
@@ -412,11 +353,7 @@ impl InferenceModel {
                     }
                     let o = &mut out_r[i * nh * dh + h * dh..i * nh * dh + (h + 1) * dh];
                     for j in keys {
-                        axpy(
-                            scores[j] / sum,
-                            &vc[(base + j) * dh..(base + j + 1) * dh],
-                            o,
-                        );
+                        axpy(scores[j] / sum, &vc[(base + j) * dh..(base + j + 1) * dh], o);
                     }
                 }
             }
@@ -431,6 +368,17 @@ impl InferenceModel {
     }
 }
 
+/// `(r, c)` row-major → `(c, r)` row-major.
+fn transpose(a: &[f32], r: usize, c: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; r * c];
+    for i in 0..r {
+        for j in 0..c {
+            t[j * r + i] = a[i * c + j];
+        }
+    }
+    t
+}
+
 fn add_bias(x: &mut [f32], bias: &[f32]) {
     for row in x.chunks_mut(bias.len()) {
         row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
@@ -440,8 +388,7 @@ fn add_bias(x: &mut [f32], bias: &[f32]) {
 /// Applies `f` element-wise, in parallel chunks when the slice is large.
 fn par_map(x: &mut [f32], f: fn(f32) -> f32) {
     if x.len() >= 1 << 15 {
-        x.par_chunks_mut(1 << 13)
-            .for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
+        x.par_chunks_mut(1 << 13).for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
     } else {
         x.iter_mut().for_each(|v| *v = f(*v));
     }
@@ -456,20 +403,11 @@ fn apply_norm(n: &NormW, x: &mut [f32], c: usize) {
                 let var = row.iter().map(|v| v * v).sum::<f32>() / c as f32;
                 1.0 / (var + n.eps).sqrt()
             }
-            NormKind::RmsNorm => {
-                1.0 / (row.iter().map(|v| v * v).sum::<f32>() / c as f32 + n.eps).sqrt()
-            }
+            NormKind::RmsNorm => 1.0 / (row.iter().map(|v| v * v).sum::<f32>() / c as f32 + n.eps).sqrt(),
         };
         match &n.b {
-            Some(b) => row
-                .iter_mut()
-                .zip(&n.w)
-                .zip(b)
-                .for_each(|((v, w), b)| *v = *v * inv * w + b),
-            None => row
-                .iter_mut()
-                .zip(&n.w)
-                .for_each(|(v, w)| *v = *v * inv * w),
+            Some(b) => row.iter_mut().zip(&n.w).zip(b).for_each(|((v, w), b)| *v = *v * inv * w + b),
+            None => row.iter_mut().zip(&n.w).for_each(|(v, w)| *v = *v * inv * w),
         }
     };
     if x.len() >= 1 << 15 {

@@ -40,10 +40,7 @@ pub struct Linear<D: Storage<f32>> {
 impl<D: Device<f32>> Linear<D> {
     fn new(dev: &D, rng: &mut StdRng, i: usize, o: usize, std: f32, bias: bool) -> Self {
         let w = sample_normal(dev, rng, (i, o), std);
-        Linear {
-            w,
-            b: bias.then(|| dev.zeros_like(&(o,))),
-        }
+        Linear { w, b: bias.then(|| dev.zeros_like(&(o,))) }
     }
 
     /// `(N, in) → (N, out)`.
@@ -76,12 +73,7 @@ impl<D: Device<f32>> Norm<D> {
         let c = dims.d_model;
         let kind = dims.norm();
         let b = (kind == NormKind::LayerNorm).then(|| dev.zeros_like(&(c,)));
-        Norm {
-            w: dev.ones_like(&(c,)),
-            b,
-            kind,
-            eps: dims.norm_eps,
-        }
+        Norm { w: dev.ones_like(&(c,)), b, kind, eps: dims.norm_eps }
     }
 
     /// `(N, C) → (N, C)`.
@@ -202,50 +194,24 @@ impl<D: Device<f32>> Block<D> {
         let v = self.wv.forward(h.retaped::<T>());
         let (q, k) = match &ctx.rope {
             Some(r) => (
-                apply_rope(
-                    q.reshape_like(&(b * t * nh, dh)),
-                    &r.cos_q,
-                    &r.sin_q,
-                    &r.rot,
-                ),
-                apply_rope(
-                    k.reshape_like(&(b * t * nkv, dh)),
-                    &r.cos_k,
-                    &r.sin_k,
-                    &r.rot,
-                ),
+                apply_rope(q.reshape_like(&(b * t * nh, dh)), &r.cos_q, &r.sin_q, &r.rot),
+                apply_rope(k.reshape_like(&(b * t * nkv, dh)), &r.cos_k, &r.sin_k, &r.rot),
             ),
-            None => (
-                q.reshape_like(&(b * t * nh, dh)),
-                k.reshape_like(&(b * t * nkv, dh)),
-            ),
+            None => (q.reshape_like(&(b * t * nh, dh)), k.reshape_like(&(b * t * nkv, dh))),
         };
-        let q = q
-            .reshape_like(&(b, t, nh, dh))
-            .permute::<_, Axes4<0, 2, 1, 3>>();
+        let q = q.reshape_like(&(b, t, nh, dh)).permute::<_, Axes4<0, 2, 1, 3>>();
         let k = repeat_kv(k.reshape_like(&(b, t, nkv, dh)), nh);
         let v = repeat_kv(v.reshape_like(&(b, t, nkv, dh)), nh);
         let scores = q.matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()) * (1.0 / (dh as f32).sqrt());
-        let scores = scores
-            + ctx
-                .mask
-                .clone()
-                .broadcast_like::<_, Axis<1>>(&(b, nh, t, t));
+        let scores = scores + ctx.mask.clone().broadcast_like::<_, Axis<1>>(&(b, nh, t, t));
         let y = scores.softmax::<Axis<3>>().matmul(v); // (B, H, T, Dh)
-        let y = y
-            .permute::<_, Axes4<0, 2, 1, 3>>()
-            .reshape_like(&(b * t, nh * dh));
+        let y = y.permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(b * t, nh * dh));
         self.wo.forward(y)
     }
 }
 
 /// `rope(x) = x·cos + rotate_half(x)·sin` on `(N, Dh)` rows (NeoX / rotate_half layout).
-fn apply_rope<D: Device<f32>, T: Tape<f32, D>>(
-    x: A2<D, T>,
-    cos: &T2<D>,
-    sin: &T2<D>,
-    rot: &T2<D>,
-) -> A2<D, T> {
+fn apply_rope<D: Device<f32>, T: Tape<f32, D>>(x: A2<D, T>, cos: &T2<D>, sin: &T2<D>, rot: &T2<D>) -> A2<D, T> {
     let (x, tape) = x.split_tape();
     let rotated = x.retaped::<T>().matmul(rot.clone());
     x.put_tape(tape) * cos.clone() + rotated * sin.clone()
@@ -262,8 +228,7 @@ fn repeat_kv<D: Device<f32>, T: Tape<f32, D>>(
         return x;
     }
     let rep = nh / nkv;
-    x.broadcast_like::<_, Axis<2>>(&(b, nkv, rep, t, dh))
-        .reshape_like(&(b, nh, t, dh))
+    x.broadcast_like::<_, Axis<2>>(&(b, nkv, rep, t, dh)).reshape_like(&(b, nh, t, dh))
 }
 
 /// A causal language model with runtime sizes. The frozen reference is [`CausalLm::frozen_copy`].
@@ -299,16 +264,15 @@ impl<D: Device<f32>> CausalLm<D> {
             Family::Llama => std,
         };
         let wte = sample_normal(dev, &mut rng, (dims.vocab, c), std);
-        let wpe = (dims.family == Family::Gpt2)
-            .then(|| sample_normal(dev, &mut rng, (dims.max_positions, c), std / 2.0));
+        let wpe =
+            (dims.family == Family::Gpt2).then(|| sample_normal(dev, &mut rng, (dims.max_positions, c), std / 2.0));
         let blocks = (0..dims.n_layer)
             .map(|_| {
                 let lin = |rng: &mut StdRng, i, o, s| Linear::new(dev, rng, i, o, s, bias);
                 let mlp = match dims.family {
-                    Family::Gpt2 => Mlp::Gelu {
-                        fc: lin(&mut rng, c, dims.d_ff, std),
-                        proj: lin(&mut rng, dims.d_ff, c, resid_std),
-                    },
+                    Family::Gpt2 => {
+                        Mlp::Gelu { fc: lin(&mut rng, c, dims.d_ff, std), proj: lin(&mut rng, dims.d_ff, c, resid_std) }
+                    }
                     Family::Llama => Mlp::SwiGlu {
                         gate: lin(&mut rng, c, dims.d_ff, std),
                         up: lin(&mut rng, c, dims.d_ff, std),
@@ -327,16 +291,7 @@ impl<D: Device<f32>> CausalLm<D> {
             })
             .collect();
         let lm_head = (!dims.tied).then(|| sample_normal(dev, &mut rng, (dims.vocab, c), std));
-        Ok(CausalLm {
-            ln_f: Norm::new(dev, &dims),
-            config,
-            dims,
-            wte,
-            wpe,
-            blocks,
-            lm_head,
-            dev: dev.clone(),
-        })
+        Ok(CausalLm { ln_f: Norm::new(dev, &dims), config, dims, wte, wpe, blocks, lm_head, dev: dev.clone() })
     }
 
     /// Final hidden states `(B·T, C)` (after the last norm) for a batch, recording on `tape`.
@@ -344,22 +299,11 @@ impl<D: Device<f32>> CausalLm<D> {
     /// Padding: keys with `attention_mask == 0` get zero attention weight, and positions come
     /// from `batch.position_ids`, so a left-padded row gives the same hidden states at its real
     /// tokens as the unpadded sequence. Rows for pad queries are finite garbage.
-    pub fn forward_hidden<T: Tape<f32, D>>(
-        &self,
-        batch: &Batch,
-        tape: T,
-    ) -> Result<A2<D, T>, PolicyError> {
-        batch.check(
-            self.dims.vocab,
-            self.dims.max_positions,
-            self.dims.family == Family::Gpt2,
-        )?;
+    pub fn forward_hidden<T: Tape<f32, D>>(&self, batch: &Batch, tape: T) -> Result<A2<D, T>, PolicyError> {
+        batch.check(self.dims.vocab, self.dims.max_positions, self.dims.family == Family::Gpt2)?;
         let (b, t, c) = (batch.b, batch.t, self.dims.d_model);
-        let ids = self
-            .dev
-            .tensor_from_vec(batch.ids.iter().map(|&i| i as usize).collect(), (b, t));
-        let x: Tensor<(usize, usize, usize), f32, D, T> =
-            self.wte.clone().put_tape(tape).gather(ids);
+        let ids = self.dev.tensor_from_vec(batch.ids.iter().map(|&i| i as usize).collect(), (b, t));
+        let x: Tensor<(usize, usize, usize), f32, D, T> = self.wte.clone().put_tape(tape).gather(ids);
         let x = match &self.wpe {
             Some(wpe) => {
                 let pos = self.dev.tensor_from_vec(batch.position_ids.clone(), (b, t));
@@ -382,11 +326,7 @@ impl<D: Device<f32>> CausalLm<D> {
     }
 
     /// Convenience: logits `(B·T, V)` for a batch, recording on `tape`.
-    pub fn forward<T: Tape<f32, D>>(
-        &self,
-        batch: &Batch,
-        tape: T,
-    ) -> Result<A2<D, T>, PolicyError> {
+    pub fn forward<T: Tape<f32, D>>(&self, batch: &Batch, tape: T) -> Result<A2<D, T>, PolicyError> {
         Ok(self.logits(self.forward_hidden(batch, tape)?))
     }
 
@@ -418,8 +358,7 @@ impl<D: Device<f32>> CausalLm<D> {
                     out.extend_from_slice(row);
                 }
             }
-            self.dev
-                .tensor_from_vec(out, (batch.b * batch.t * heads, dh))
+            self.dev.tensor_from_vec(out, (batch.b * batch.t * heads, dh))
         };
         let dh = dims.head_dim;
         let half = dh / 2;
@@ -452,12 +391,7 @@ impl<D: Device<f32>> CausalLm<D> {
     }
 }
 
-fn sample_normal<D: Device<f32>>(
-    dev: &D,
-    rng: &mut StdRng,
-    shape: (usize, usize),
-    std: f32,
-) -> T2<D> {
+fn sample_normal<D: Device<f32>>(dev: &D, rng: &mut StdRng, shape: (usize, usize), std: f32) -> T2<D> {
     use rand::distributions::Distribution;
     let dist = Normal::new(0.0f32, std.max(1e-12)).expect("std is positive and finite");
     let data: Vec<f32> = (0..shape.0 * shape.1).map(|_| dist.sample(rng)).collect();

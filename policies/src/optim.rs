@@ -43,13 +43,7 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig {
-            lr: 1e-4,
-            betas: [0.9, 0.999],
-            eps: 1e-8,
-            weight_decay: 0.0,
-            no_decay_1d: true,
-        }
+        AdamWConfig { lr: 1e-4, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0, no_decay_1d: true }
     }
 }
 
@@ -67,12 +61,7 @@ pub struct AdamW<D: Storage<f32>> {
 impl<D: Device<f32>> AdamW<D> {
     /// Fresh state.
     pub fn new(cfg: AdamWConfig) -> Self {
-        AdamW {
-            cfg,
-            t: 0,
-            m: Gradients::leaky(),
-            v: Gradients::leaky(),
-        }
+        AdamW { cfg, t: 0, m: Gradients::leaky(), v: Gradients::leaky() }
     }
 
     /// One update of every parameter in `params` with the gradients in `grads`, at learning
@@ -86,11 +75,7 @@ impl<D: Device<f32>> AdamW<D> {
         self.t += 1;
         for (_, p) in params {
             let decay = |is_1d: bool| {
-                let wd = if is_1d && self.cfg.no_decay_1d {
-                    0.0
-                } else {
-                    self.cfg.weight_decay
-                };
+                let wd = if is_1d && self.cfg.no_decay_1d { 0.0 } else { self.cfg.weight_decay };
                 (wd > 0.0).then_some(WeightDecay::Decoupled(wd))
             };
             match p {
@@ -114,12 +99,7 @@ impl<D: Device<f32>> AdamW<D> {
     }
 
     fn adam_cfg(&self, lr: f64, weight_decay: Option<WeightDecay>) -> AdamConfig {
-        AdamConfig {
-            lr,
-            betas: self.cfg.betas,
-            eps: self.cfg.eps,
-            weight_decay,
-        }
+        AdamConfig { lr, betas: self.cfg.betas, eps: self.cfg.eps, weight_decay }
     }
 }
 

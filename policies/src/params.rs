@@ -111,11 +111,7 @@ walker!(params_mut, ParamMut, iter_mut, mut);
 
 impl<D: Device<f32>> CausalLm<D> {
     /// Replaces every parameter by `f(param)` (used for frozen copies and device moves).
-    pub fn map_params(
-        &mut self,
-        mut fv: impl FnMut(&T1<D>) -> T1<D>,
-        mut fm: impl FnMut(&T2<D>) -> T2<D>,
-    ) {
+    pub fn map_params(&mut self, mut fv: impl FnMut(&T1<D>) -> T1<D>, mut fm: impl FnMut(&T2<D>) -> T2<D>) {
         for (_, p) in self.params_mut() {
             match p {
                 ParamMut::V(t) => *t = fv(t),

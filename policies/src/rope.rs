@@ -5,10 +5,7 @@
 pub fn tables(positions: &[usize], head_dim: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
     let inv_freq = inv_freq(head_dim, theta);
-    let (mut cos, mut sin) = (
-        vec![0.0; positions.len() * head_dim],
-        vec![0.0; positions.len() * head_dim],
-    );
+    let (mut cos, mut sin) = (vec![0.0; positions.len() * head_dim], vec![0.0; positions.len() * head_dim]);
     for (n, &p) in positions.iter().enumerate() {
         for i in 0..half {
             let ang = p as f32 * inv_freq[i];
@@ -24,9 +21,7 @@ pub fn tables(positions: &[usize], head_dim: usize, theta: f32) -> (Vec<f32>, Ve
 
 /// `inv_freq[i] = 1 / theta^(2i / Dh)` for `i < Dh/2`.
 pub fn inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
-    (0..head_dim / 2)
-        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
-        .collect()
+    (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect()
 }
 
 /// Rotates one head vector in place: `x·cos + rotate_half(x)·sin`.

@@ -55,16 +55,10 @@ impl Default for SamplingConfig {
 impl SamplingConfig {
     fn validate(&self) -> Result<(), PolicyError> {
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            return Err(PolicyError::Input(format!(
-                "temperature must be > 0, got {}",
-                self.temperature
-            )));
+            return Err(PolicyError::Input(format!("temperature must be > 0, got {}", self.temperature)));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(PolicyError::Input(format!(
-                "top_p must be in (0, 1], got {}",
-                self.top_p
-            )));
+            return Err(PolicyError::Input(format!("top_p must be in (0, 1], got {}", self.top_p)));
         }
         Ok(())
     }
@@ -96,9 +90,7 @@ pub fn generate(
 ) -> Result<Generation, PolicyError> {
     cfg.validate()?;
     if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
-        return Err(PolicyError::Input(
-            "every prompt needs at least one token".into(),
-        ));
+        return Err(PolicyError::Input("every prompt needs at least one token".into()));
     }
     let b = prompts.len();
     let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -117,14 +109,8 @@ pub fn generate(
         .collect();
     let mut cache = KvCache::new(&model.dims, pad, t + cfg.max_new_tokens);
     let v = model.dims.vocab;
-    let mut rngs: Vec<StdRng> = (0..b)
-        .map(|r| StdRng::seed_from_u64(row_seed(cfg.seed, r)))
-        .collect();
-    let mut out = Generation {
-        tokens: vec![vec![]; b],
-        logprobs: vec![vec![]; b],
-        finished: vec![false; b],
-    };
+    let mut rngs: Vec<StdRng> = (0..b).map(|r| StdRng::seed_from_u64(row_seed(cfg.seed, r))).collect();
+    let mut out = Generation { tokens: vec![vec![]; b], logprobs: vec![vec![]; b], finished: vec![false; b] };
     if cfg.max_new_tokens == 0 {
         return Ok(out);
     }
@@ -174,12 +160,7 @@ fn row_seed(seed: u64, row: usize) -> u64 {
 /// Picks one token from a row of raw logits (modified in place: mask, temperature) and returns
 /// it with its log-prob under the distribution it was drawn from. `forbid_end` masks the EOS
 /// and stop ids (the min-new-tokens rule). This is the per-row step of [`generate`].
-pub fn sample_from_logits(
-    logits: &mut [f32],
-    cfg: &SamplingConfig,
-    forbid_end: bool,
-    rng: &mut StdRng,
-) -> (u32, f32) {
+pub fn sample_from_logits(logits: &mut [f32], cfg: &SamplingConfig, forbid_end: bool, rng: &mut StdRng) -> (u32, f32) {
     if forbid_end {
         for &id in cfg.eos_ids.iter().chain(&cfg.stop_ids) {
             if let Some(l) = logits.get_mut(id as usize) {
@@ -238,18 +219,8 @@ pub fn filtered_logprobs(logits: &[f32], top_k: usize, top_p: f32) -> Vec<f32> {
             }
         }
     }
-    let lse = logsumexp(
-        logits
-            .iter()
-            .zip(&keep)
-            .filter(|(_, &k)| k)
-            .map(|(l, _)| *l),
-    );
-    logits
-        .iter()
-        .zip(&keep)
-        .map(|(l, &k)| if k { l - lse } else { f32::NEG_INFINITY })
-        .collect()
+    let lse = logsumexp(logits.iter().zip(&keep).filter(|(_, &k)| k).map(|(l, _)| *l));
+    logits.iter().zip(&keep).map(|(l, &k)| if k { l - lse } else { f32::NEG_INFINITY }).collect()
 }
 
 fn logsumexp(xs: impl Iterator<Item = f32> + Clone) -> f32 {
@@ -266,13 +237,5 @@ fn log_softmax_at(logits: &[f32], id: usize) -> f32 {
 
 /// Index and value of the largest logit (the first one on ties, like `torch.argmax`).
 pub fn argmax(xs: &[f32]) -> (usize, f32) {
-    xs.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-            if v > bv {
-                (i, v)
-            } else {
-                (bi, bv)
-            }
-        })
+    xs.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) })
 }

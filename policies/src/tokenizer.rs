@@ -34,17 +34,9 @@ impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self, PolicyError> {
         let text = std::fs::read_to_string(path).map_err(|e| PolicyError::io(path, e))?;
         let inner = tokenizers::Tokenizer::from_bytes(text.as_bytes()).map_err(|e| {
-            PolicyError::tokenizer(
-                path.display().to_string(),
-                "tokenizer.json",
-                format!("cannot parse: {e}"),
-            )
+            PolicyError::tokenizer(path.display().to_string(), "tokenizer.json", format!("cannot parse: {e}"))
         })?;
-        let mut tok = Tokenizer {
-            inner,
-            chars: None,
-            source: path.display().to_string(),
-        };
+        let mut tok = Tokenizer { inner, chars: None, source: path.display().to_string() };
         tok.chars = tok.char_vocab();
         Ok(tok)
     }
@@ -52,19 +44,12 @@ impl Tokenizer {
     /// Trains a byte-level BPE (GPT-2 style) of `vocab_size` tokens on `texts`, reserving
     /// [`EOS_TOKEN`] (id 0) and [`PAD_TOKEN`] (id 1). All 256 byte symbols are in the initial
     /// alphabet, so any UTF-8 text encodes without unknown tokens.
-    pub fn train_bpe<I, S>(
-        texts: I,
-        vocab_size: usize,
-        min_frequency: u64,
-    ) -> Result<Self, PolicyError>
+    pub fn train_bpe<I, S>(texts: I, vocab_size: usize, min_frequency: u64) -> Result<Self, PolicyError>
     where
         I: Iterator<Item = S> + Send,
         S: AsRef<str> + Send,
     {
-        let specials = vec![
-            AddedToken::from(EOS_TOKEN, true),
-            AddedToken::from(PAD_TOKEN, true),
-        ];
+        let specials = vec![AddedToken::from(EOS_TOKEN, true), AddedToken::from(PAD_TOKEN, true)];
         if vocab_size < 256 + specials.len() {
             return Err(PolicyError::Input(format!(
                 "BPE vocab_size {vocab_size} is below the 258 bytes + special tokens"
@@ -82,14 +67,8 @@ impl Tokenizer {
         inner.with_decoder(Some(ByteLevel::new(false, true, true)));
         inner.with_post_processor(Some(ByteLevel::new(false, false, true)));
         let mut trainer: TrainerWrapper = trainer.into();
-        inner
-            .train(&mut trainer, texts)
-            .map_err(|e| PolicyError::tokenizer("<training>", "bpe", e.to_string()))?;
-        Ok(Tokenizer {
-            inner,
-            chars: None,
-            source: "<trained BPE>".into(),
-        })
+        inner.train(&mut trainer, texts).map_err(|e| PolicyError::tokenizer("<training>", "bpe", e.to_string()))?;
+        Ok(Tokenizer { inner, chars: None, source: "<trained BPE>".into() })
     }
 
     /// A byte-level tokenizer with no merges: the 256 byte symbols after [`EOS_TOKEN`] (id 0)
@@ -121,11 +100,7 @@ impl Tokenizer {
         });
         let inner = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes())
             .map_err(|e| PolicyError::tokenizer("<char-level>", "model", e.to_string()))?;
-        let mut tok = Tokenizer {
-            inner,
-            chars: None,
-            source: "<char-level>".into(),
-        };
+        let mut tok = Tokenizer { inner, chars: None, source: "<char-level>".into() };
         tok.chars = tok.char_vocab();
         Ok(tok)
     }
@@ -133,14 +108,10 @@ impl Tokenizer {
     /// If this is a character-level vocabulary (BPE, no merges, no pre-tokenizer, every
     /// non-special token one character), its char → id map.
     fn char_vocab(&self) -> Option<HashMap<char, u32>> {
-        let json: serde_json::Value =
-            serde_json::from_str(&self.inner.to_string(false).ok()?).ok()?;
+        let json: serde_json::Value = serde_json::from_str(&self.inner.to_string(false).ok()?).ok()?;
         let model = json.get("model")?;
         let no_merges = model.get("merges")?.as_array()?.is_empty();
-        if model.get("type")?.as_str()? != "BPE"
-            || !no_merges
-            || !json.get("pre_tokenizer")?.is_null()
-        {
+        if model.get("type")?.as_str()? != "BPE" || !no_merges || !json.get("pre_tokenizer")?.is_null() {
             return None;
         }
         let mut map = HashMap::new();
@@ -165,23 +136,21 @@ impl Tokenizer {
                 .enumerate()
                 .map(|(i, c)| {
                     chars.get(&c).copied().ok_or_else(|| {
-                        PolicyError::Input(format!("character {c:?} at offset {i} is not in the character vocabulary of {}", self.source))
+                        PolicyError::Input(format!(
+                            "character {c:?} at offset {i} is not in the character vocabulary of {}",
+                            self.source
+                        ))
                     })
                 })
                 .collect();
         }
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| PolicyError::Input(format!("encoding failed: {e}")))?;
+        let enc = self.inner.encode(text, false).map_err(|e| PolicyError::Input(format!("encoding failed: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids` (special tokens kept, so an EOS shows).
     pub fn decode(&self, ids: &[u32]) -> Result<String, PolicyError> {
-        self.inner
-            .decode(ids, false)
-            .map_err(|e| PolicyError::Input(format!("decoding failed: {e}")))
+        self.inner.decode(ids, false).map_err(|e| PolicyError::Input(format!("decoding failed: {e}")))
     }
 
     /// Number of ids, added tokens included.
@@ -196,23 +165,20 @@ impl Tokenizer {
 
     /// The EOS id, if the vocabulary has `<|endoftext|>`, `</s>`, `<|im_end|>` or `<eos>`.
     pub fn eos_id(&self) -> Option<u32> {
-        [EOS_TOKEN, "</s>", "<|im_end|>", "<eos>"]
-            .iter()
-            .find_map(|t| self.token_to_id(t))
+        [EOS_TOKEN, "</s>", "<|im_end|>", "<eos>"].iter().find_map(|t| self.token_to_id(t))
     }
 
     /// The pad id, if the vocabulary has `<|pad|>` or `<pad>`.
     pub fn pad_id(&self) -> Option<u32> {
-        [PAD_TOKEN, "<pad>"]
-            .iter()
-            .find_map(|t| self.token_to_id(t))
+        [PAD_TOKEN, "<pad>"].iter().find_map(|t| self.token_to_id(t))
     }
 
     /// Writes `tokenizer.json` (atomically).
     pub fn save(&self, path: &Path) -> Result<(), PolicyError> {
-        let text = self.inner.to_string(true).map_err(|e| {
-            PolicyError::tokenizer(path.display().to_string(), "tokenizer.json", e.to_string())
-        })?;
+        let text = self
+            .inner
+            .to_string(true)
+            .map_err(|e| PolicyError::tokenizer(path.display().to_string(), "tokenizer.json", e.to_string()))?;
         crate::checkpoint::write_atomic(path, text.as_bytes())
     }
 }

@@ -24,11 +24,7 @@ pub fn read_json(path: &std::path::Path) -> Value {
 }
 
 pub fn f32s(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_f64().expect("number") as f32)
-        .collect()
+    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number") as f32).collect()
 }
 
 pub fn f32s_2d(v: &Value) -> Vec<Vec<f32>> {
@@ -36,11 +32,7 @@ pub fn f32s_2d(v: &Value) -> Vec<Vec<f32>> {
 }
 
 pub fn u32s(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_u64().expect("int") as u32)
-        .collect()
+    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("int") as u32).collect()
 }
 
 pub fn u32s_2d(v: &Value) -> Vec<Vec<u32>> {
@@ -50,20 +42,12 @@ pub fn u32s_2d(v: &Value) -> Vec<Vec<u32>> {
 /// Largest absolute difference.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// log_softmax of one row, in f64 for the reference.
 pub fn log_softmax_ref(row: &[f32]) -> Vec<f32> {
     let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = max
-        + row
-            .iter()
-            .map(|&x| (x as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
+    let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
     row.iter().map(|&x| (x as f64 - lse) as f32).collect()
 }
