@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::config::{Dims, Family, NormKind};
 use crate::error::PolicyError;
-use crate::kernels::{axpy, dot, gelu_tanh, matmul, silu, PackedMatrix};
+use crate::kernels::{axpy, dot, exp_inplace, gelu_tanh_inplace, matmul, silu_inplace, PackedMatrix};
 use crate::model::{CausalLm, Mlp, Norm};
 use crate::rope;
 
@@ -272,7 +272,7 @@ impl InferenceModel {
                 if let Some(bias) = fc_b {
                     add_bias(&mut a, bias);
                 }
-                par_map(&mut a, gelu_tanh);
+                par_apply(&mut a, gelu_tanh_inplace);
                 matmul(&a, proj, x, rows, true);
                 if let Some(bias) = proj_b {
                     add_bias(x, bias);
@@ -281,7 +281,11 @@ impl InferenceModel {
             MlpW::SwiGlu { gate_up, down } => {
                 let mut gu = vec![0.0f32; rows * 2 * f];
                 matmul(&h, gate_up, &mut gu, rows, false);
-                let a: Vec<f32> = gu.chunks(2 * f).flat_map(|r| (0..f).map(move |j| silu(r[j]) * r[f + j])).collect();
+                let mut a: Vec<f32> = gu.chunks(2 * f).flat_map(|r| r[..f].iter().copied()).collect();
+                par_apply(&mut a, silu_inplace);
+                for (a, r) in a.chunks_mut(f).zip(gu.chunks(2 * f)) {
+                    a.iter_mut().zip(&r[f..]).for_each(|(g, u)| *g *= u);
+                }
                 matmul(&a, down, x, rows, true);
             }
         }
@@ -346,11 +350,10 @@ impl InferenceModel {
                         scores[j] = s;
                         max = max.max(s);
                     }
-                    let mut sum = 0.0f32;
-                    for j in keys.clone() {
-                        scores[j] = (scores[j] - max).exp();
-                        sum += scores[j];
-                    }
+                    let probs = &mut scores[pad..=col];
+                    probs.iter_mut().for_each(|s| *s -= max);
+                    exp_inplace(probs);
+                    let sum: f32 = probs.iter().sum();
                     let o = &mut out_r[i * nh * dh + h * dh..i * nh * dh + (h + 1) * dh];
                     for j in keys {
                         axpy(scores[j] / sum, &vc[(base + j) * dh..(base + j + 1) * dh], o);
@@ -385,12 +388,12 @@ fn add_bias(x: &mut [f32], bias: &[f32]) {
     }
 }
 
-/// Applies `f` element-wise, in parallel chunks when the slice is large.
-fn par_map(x: &mut [f32], f: fn(f32) -> f32) {
+/// Applies an in-place slice kernel, in parallel chunks when the slice is large.
+fn par_apply(x: &mut [f32], f: fn(&mut [f32])) {
     if x.len() >= 1 << 15 {
-        x.par_chunks_mut(1 << 13).for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
+        x.par_chunks_mut(1 << 13).for_each(f);
     } else {
-        x.iter_mut().for_each(|v| *v = f(*v));
+        f(x);
     }
 }
 

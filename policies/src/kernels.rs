@@ -148,6 +148,47 @@ mod x86 {
         }
     }
 
+    /// Vectorised `exp` of 8 lanes (same polynomial as [`super::exp_fast`]).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        use super::{EXP_C, LN2_HI, LN2_LO};
+        let x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.72)), _mm256_set1_ps(-87.33));
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+        let mut p = _mm256_set1_ps(EXP_C[0]);
+        for c in &EXP_C[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+        }
+        let r2 = _mm256_mul_ps(r, r);
+        let p = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
+        let bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+        _mm256_mul_ps(p, _mm256_castsi256_ps(bits))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn map_with_exp(xs: &mut [f32], pre: impl Fn(f32) -> f32 + Copy, post: impl Fn(f32, f32) -> f32 + Copy) {
+        let mut chunks = xs.chunks_exact_mut(8);
+        for c in &mut chunks {
+            let mut a = [0.0f32; 8];
+            for (a, x) in a.iter_mut().zip(c.iter()) {
+                *a = pre(*x);
+            }
+            let mut e = [0.0f32; 8];
+            _mm256_storeu_ps(e.as_mut_ptr(), exp8(_mm256_loadu_ps(a.as_ptr())));
+            for (x, e) in c.iter_mut().zip(e) {
+                *x = post(*x, e);
+            }
+        }
+        for x in chunks.into_remainder() {
+            *x = post(*x, super::exp_fast(pre(*x)));
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
         let n = x.len();
@@ -282,17 +323,70 @@ unsafe fn panel(x: &[f32], wp: &[f32], y: *mut f32, m: usize, k: usize, n: usize
     }
 }
 
-/// `tanh`-approximated GELU (GPT-2's `gelu_new`): `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+/// `e^x` for f32 to about 2 ulp (Cephes `expf`: range reduction by ln 2, degree-6
+/// polynomial, exponent by integer add). Inputs below −87.3 give 0, above 88.7 give +∞.
+#[inline]
+pub fn exp_fast(x: f32) -> f32 {
+    if x < -87.33 {
+        return 0.0;
+    }
+    if x > 88.72 {
+        return f32::INFINITY;
+    }
+    let n = (x * std::f32::consts::LOG2_E).round();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = exp_poly(r);
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+const EXP_C: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+
+#[inline]
+fn exp_poly(r: f32) -> f32 {
+    let mut p = EXP_C[0];
+    for c in &EXP_C[1..] {
+        p = p * r + c;
+    }
+    p * r * r + r + 1.0
+}
+
+/// GPT-2's `gelu_new`, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, written as
+/// `x · σ(2·√(2/π)·(x + 0.044715·x³))` (the same function, with no cancellation) and applied
+/// in place with the vectorised [`exp_fast`].
+pub fn gelu_tanh_inplace(xs: &mut [f32]) {
+    const C2: f32 = 2.0 * 0.797_884_6; // 2·sqrt(2/pi)
+    map_with_exp(xs, |x| -C2 * (x + 0.044715 * x * x * x), |x, e| x / (1.0 + e));
+}
+
+/// SiLU `x · σ(x)` in place.
+pub fn silu_inplace(xs: &mut [f32]) {
+    map_with_exp(xs, |x| -x, |x, e| x / (1.0 + e));
+}
+
+/// `x ← e^x` in place.
+pub fn exp_inplace(xs: &mut [f32]) {
+    map_with_exp(xs, |x| x, |_, e| e);
+}
+
+/// `x ← post(x, exp(pre(x)))`, vectorised when AVX2+FMA is available.
+#[inline]
+fn map_with_exp(xs: &mut [f32], pre: impl Fn(f32) -> f32 + Copy, post: impl Fn(f32, f32) -> f32 + Copy) {
+    #[cfg(target_arch = "x86_64")]
+    if has_fma() {
+        // SAFETY: AVX2 and FMA are available (checked above).
+        unsafe { x86::map_with_exp(xs, pre, post) };
+        return;
+    }
+    xs.iter_mut().for_each(|x| *x = post(*x, exp_fast(pre(*x))));
+}
+
+/// Scalar `gelu_new` (reference for tests).
 #[inline]
 pub fn gelu_tanh(x: f32) -> f32 {
     const C: f32 = 0.797_884_6; // sqrt(2/pi)
     0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
-}
-
-/// `x / (1 + e^{-x})`.
-#[inline]
-pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
 }
 
 #[cfg(test)]
@@ -343,6 +437,36 @@ mod tests {
             for (a, b) in y2.iter().zip(&want) {
                 assert!((a - (b + 1.0)).abs() < 1e-3 * (1.0 + b.abs()));
             }
+        }
+    }
+
+    #[test]
+    fn fast_exp_gelu_silu_match_libm() {
+        let xs: Vec<f32> = (-2000..=2000)
+            .map(|i| i as f32 * 0.01)
+            .chain([-100.0, -88.0, -87.0, 0.0, 80.0, 88.0, 89.0, 100.0])
+            .collect();
+        for &x in &xs {
+            let (got, want) = (exp_fast(x), x.exp());
+            assert!(got == want || (got - want).abs() <= 4e-7 * want + 1e-37, "exp({x}) = {got}, libm {want}");
+        }
+        let mut e = xs.clone();
+        exp_inplace(&mut e);
+        for (&x, &got) in xs.iter().zip(&e) {
+            let want = x.exp();
+            assert!(got == want || (got - want).abs() <= 4e-7 * want + 1e-37, "exp8({x}) = {got}, libm {want}");
+        }
+        let mut g = xs.clone();
+        gelu_tanh_inplace(&mut g);
+        for (&x, &got) in xs.iter().zip(&g) {
+            let want = gelu_tanh(x);
+            assert!((got - want).abs() <= 1e-6 * (1.0 + want.abs()), "gelu({x}) = {got} vs {want}");
+        }
+        let mut si = xs.clone();
+        silu_inplace(&mut si);
+        for (&x, &got) in xs.iter().zip(&si) {
+            let want = x / (1.0 + (-x).exp());
+            assert!((got - want).abs() <= 1e-6 * (1.0 + want.abs()), "silu({x}) = {got} vs {want}");
         }
     }
 
