@@ -153,6 +153,8 @@ mod x86 {
     #[inline]
     unsafe fn exp8(x: __m256) -> __m256 {
         use super::{EXP_C, LN2_HI, LN2_LO};
+        // below the smallest normal result: exactly 0 (so exp(-inf) = 0 for masked tokens)
+        let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(-87.33));
         let x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.72)), _mm256_set1_ps(-87.33));
         let n = _mm256_round_ps(
             _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
@@ -167,7 +169,7 @@ mod x86 {
         let r2 = _mm256_mul_ps(r, r);
         let p = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
         let bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-        _mm256_mul_ps(p, _mm256_castsi256_ps(bits))
+        _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)))
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -451,7 +453,9 @@ mod tests {
             assert!(got == want || (got - want).abs() <= 4e-7 * want + 1e-37, "exp({x}) = {got}, libm {want}");
         }
         let mut e = xs.clone();
+        e.push(f32::NEG_INFINITY);
         exp_inplace(&mut e);
+        assert_eq!(e.pop(), Some(0.0), "exp(-inf) is exactly 0");
         for (&x, &got) in xs.iter().zip(&e) {
             let want = x.exp();
             assert!(got == want || (got - want).abs() <= 4e-7 * want + 1e-37, "exp8({x}) = {got}, libm {want}");

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::PolicyError;
 use crate::infer::{InferenceModel, KvCache, LogitsAt};
+use crate::kernels::exp_inplace;
 
 /// How to pick each next token.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -174,22 +175,31 @@ pub fn sample_from_logits(logits: &mut [f32], cfg: &SamplingConfig, forbid_end: 
         let (id, _) = argmax(logits);
         return (id as u32, log_softmax_at(logits, id));
     }
-    let logprobs = filtered_logprobs(logits, cfg.top_k, cfg.top_p);
-    let u: f64 = rng.gen::<f64>();
+    if (cfg.top_k > 0 && cfg.top_k < logits.len()) || cfg.top_p < 1.0 {
+        let lps = filtered_logprobs(logits, cfg.top_k, cfg.top_p);
+        logits.copy_from_slice(&lps);
+    }
+    // logits are now the log-weights of the sampling distribution (-inf: excluded); turn them
+    // into weights with one vectorised exp pass and draw by inverse CDF.
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    logits.iter_mut().for_each(|l| *l -= max);
+    exp_inplace(logits);
+    let total: f64 = logits.iter().map(|&w| w as f64).sum();
+    let target = rng.gen::<f64>() * total;
     let mut acc = 0.0f64;
     let mut chosen = None;
-    for (i, &lp) in logprobs.iter().enumerate() {
-        if lp == f32::NEG_INFINITY {
+    for (i, &w) in logits.iter().enumerate() {
+        if w == 0.0 {
             continue;
         }
         chosen = Some(i);
-        acc += (lp as f64).exp();
-        if acc > u {
+        acc += w as f64;
+        if acc > target {
             break;
         }
     }
-    let id = chosen.expect("at least one token survives filtering");
-    (id as u32, logprobs[id])
+    let id = chosen.expect("at least one token has positive weight");
+    (id as u32, (logits[id] as f64 / total).ln() as f32)
 }
 
 /// Log-probs of the distribution after top-k and top-p filtering of `logits` (already divided
