@@ -6,6 +6,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rlhf::bench::{RolloutBench, Workload};
+use rlhf_policies::WeightDtype;
 
 fn workload() -> Workload {
     let path = std::env::var_os("RLHF_WORKLOAD")
@@ -19,11 +20,13 @@ fn rollout(c: &mut Criterion) {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(w.threads).build().expect("thread pool");
     let mut group = c.benchmark_group("rollout");
     group.sample_size(10);
-    for model in ["tiny", "small"] {
+    for (model, weights, tag) in
+        [("tiny", WeightDtype::F32, ""), ("small", WeightDtype::F32, ""), ("small", WeightDtype::F16, "-f16")]
+    {
         for &batch in &w.rollout.batch_sizes {
-            let bench = RolloutBench::new(&w, model, batch).expect("bench setup");
+            let bench = RolloutBench::new(&w, model, batch, weights).expect("bench setup");
             group.throughput(Throughput::Elements((batch * w.rollout.max_new_tokens) as u64));
-            group.bench_function(format!("{model}/b{batch}"), |b| {
+            group.bench_function(format!("{model}{tag}/b{batch}"), |b| {
                 b.iter(|| pool.install(|| bench.run_once().expect("generate")))
             });
         }

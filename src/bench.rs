@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use dfdx::prelude::Cpu;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use rlhf_policies::{generate, CausalLm, InferenceModel, ModelConfig, SamplingConfig};
+use rlhf_policies::{generate, CausalLm, InferenceModel, ModelConfig, SamplingConfig, WeightDtype};
 use serde::{Deserialize, Serialize};
 
 /// The parts of the workload file the benchmarks use (other sections are ignored here).
@@ -87,6 +87,8 @@ pub struct RolloutResult {
     pub wall_s: Vec<f64>,
     /// Threads used.
     pub threads: usize,
+    /// Storage precision of the rollout weights.
+    pub weights: WeightDtype,
 }
 
 /// A rollout benchmark instance: the model snapshot, prompts and sampling settings.
@@ -102,7 +104,7 @@ pub struct RolloutBench {
 
 impl RolloutBench {
     /// Builds the model (seeded init) and prompts for one batch size.
-    pub fn new(w: &Workload, model: &str, batch: usize) -> anyhow::Result<Self> {
+    pub fn new(w: &Workload, model: &str, batch: usize, weights: WeightDtype) -> anyhow::Result<Self> {
         let cfg = w.model_config(model)?;
         let eos = cfg.eos_token_id();
         let lm = CausalLm::new(cfg, &Cpu::default(), w.seed)?;
@@ -121,7 +123,7 @@ impl RolloutBench {
             seed: w.seed,
             ..SamplingConfig::default()
         };
-        Ok(RolloutBench { engine: InferenceModel::from_model(&lm), prompts, sampling })
+        Ok(RolloutBench { engine: InferenceModel::from_model_with(&lm, weights), prompts, sampling })
     }
 
     /// One `generate` call (the timed unit); returns the number of generated tokens.
@@ -132,11 +134,16 @@ impl RolloutBench {
 }
 
 /// Runs the rollout benchmark for `model` at each batch size (warm-up, then timed repeats).
-pub fn rollout(w: &Workload, model: &str, batches: &[usize]) -> anyhow::Result<Vec<RolloutResult>> {
+pub fn rollout(
+    w: &Workload,
+    model: &str,
+    batches: &[usize],
+    weights: WeightDtype,
+) -> anyhow::Result<Vec<RolloutResult>> {
     anyhow::ensure!(w.rollout.repeats > 0, "workload rollout.repeats must be at least 1");
     let mut results = Vec::new();
     for &batch in batches {
-        let bench = RolloutBench::new(w, model, batch)?;
+        let bench = RolloutBench::new(w, model, batch, weights)?;
         for _ in 0..w.rollout.warmup {
             bench.run_once()?;
         }
@@ -158,6 +165,7 @@ pub fn rollout(w: &Workload, model: &str, batches: &[usize]) -> anyhow::Result<V
             tokens_per_s_max: rates[rates.len() - 1],
             wall_s: wall,
             threads: rayon::current_num_threads(),
+            weights,
         });
     }
     Ok(results)

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use dfdx::prelude::Cpu;
 use rlhf::bench;
 use rlhf_policies::checkpoint::load_with_tokenizer;
-use rlhf_policies::{generate, CausalLm, InferenceModel, ModelConfig, SamplingConfig, Tokenizer};
+use rlhf_policies::{generate, CausalLm, InferenceModel, ModelConfig, SamplingConfig, Tokenizer, WeightDtype};
 
 /// RLHF in Rust: pretraining, SFT, reward models and PPO on small language models.
 #[derive(Debug, Parser)]
@@ -79,6 +79,25 @@ struct GenerateArgs {
     /// Greedy decoding (argmax) instead of sampling.
     #[arg(long)]
     greedy: bool,
+    /// Storage precision of the sampling engine's weights (f16 halves the memory traffic).
+    #[arg(long, value_enum, default_value = "f32")]
+    weights: Weights,
+}
+
+/// `--weights` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Weights {
+    F32,
+    F16,
+}
+
+impl From<Weights> for WeightDtype {
+    fn from(w: Weights) -> Self {
+        match w {
+            Weights::F32 => WeightDtype::F32,
+            Weights::F16 => WeightDtype::F16,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,6 +123,9 @@ struct RolloutArgs {
     /// Also write the JSON results to this file.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Storage precision of the sampling engine's weights.
+    #[arg(long, value_enum, default_value = "f32")]
+    weights: Weights,
 }
 
 fn main() -> Result<()> {
@@ -155,7 +177,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
         ..SamplingConfig::default()
     };
-    let engine = InferenceModel::from_model(&model);
+    let engine = InferenceModel::from_model_with(&model, a.weights.into());
     let t0 = Instant::now();
     let out = generate(&engine, &[prompt], pad, &cfg)?;
     let secs = t0.elapsed().as_secs_f64();
@@ -184,11 +206,18 @@ fn bench_rollout(a: RolloutArgs) -> Result<()> {
     let batches = a.batch.map(|b| vec![b]).unwrap_or_else(|| w.rollout.batch_sizes.clone());
     let mut all = Vec::new();
     for m in &models {
-        let results = pool.install(|| bench::rollout(&w, m, &batches))?;
+        let results = pool.install(|| bench::rollout(&w, m, &batches, a.weights.into()))?;
         for r in &results {
             eprintln!(
-                "rollout {:>5} b={:<3} {:>8.0} tok/s  [{:.0}-{:.0}]  ({} tokens/run, {} threads)",
-                r.model, r.batch, r.tokens_per_s, r.tokens_per_s_min, r.tokens_per_s_max, r.tokens, r.threads
+                "rollout {:>5} b={:<3} {:>8.0} tok/s  [{:.0}-{:.0}]  ({} tokens/run, {} threads, {:?} weights)",
+                r.model,
+                r.batch,
+                r.tokens_per_s,
+                r.tokens_per_s_min,
+                r.tokens_per_s_max,
+                r.tokens,
+                r.threads,
+                r.weights
             );
         }
         all.extend(results);

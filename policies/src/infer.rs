@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::config::{Dims, Family, NormKind};
 use crate::error::PolicyError;
-use crate::kernels::{axpy, dot, exp_inplace, gelu_tanh_inplace, matmul, silu_inplace, PackedMatrix};
+use crate::kernels::{axpy, dot, exp_inplace, gelu_tanh_inplace, matmul, silu_inplace, PackedMatrix, WeightDtype};
 use crate::model::{CausalLm, Mlp, Norm};
 use crate::rope;
 
@@ -105,11 +105,6 @@ pub enum LogitsAt {
     Last,
 }
 
-fn pack<D: Device<f32>>(w: &crate::model::T2<D>) -> PackedMatrix {
-    let (k, n) = *w.shape();
-    PackedMatrix::new(&w.as_vec(), k, n)
-}
-
 fn norm_w<D: Device<f32>>(n: &Norm<D>) -> NormW {
     NormW { w: n.w.as_vec(), b: n.b.as_ref().map(|b| b.as_vec()), kind: n.kind, eps: n.eps }
 }
@@ -127,8 +122,18 @@ fn concat_cols(mats: &[(Vec<f32>, usize)], k: usize) -> Vec<f32> {
 }
 
 impl InferenceModel {
-    /// Snapshots the weights of `model`.
+    /// Snapshots the weights of `model` in f32 (exactly the training forward's numbers).
     pub fn from_model<D: Device<f32>>(model: &CausalLm<D>) -> Self {
+        Self::from_model_with(model, WeightDtype::F32)
+    }
+
+    /// Snapshots the weights of `model`, storing the matmul weights (and the LM head) as
+    /// `dtype`. Norms, biases and the embedding lookup stay f32; arithmetic is always f32.
+    pub fn from_model_with<D: Device<f32>>(model: &CausalLm<D>, dtype: WeightDtype) -> Self {
+        let pack = |w: &crate::model::T2<D>| {
+            let (k, n) = *w.shape();
+            PackedMatrix::with_dtype(&w.as_vec(), k, n, dtype)
+        };
         let dims = model.dims;
         let c = dims.d_model;
         let layers = model
@@ -143,7 +148,7 @@ impl InferenceModel {
                     ],
                     c,
                 );
-                let qkv = PackedMatrix::new(&qkv, c, dims.q_dim() + 2 * dims.kv_dim());
+                let qkv = PackedMatrix::with_dtype(&qkv, c, dims.q_dim() + 2 * dims.kv_dim(), dtype);
                 let qkv_b = blk.wq.b.as_ref().map(|bq| {
                     let mut b = bq.as_vec();
                     b.extend(blk.wk.b.as_ref().map(|t| t.as_vec()).unwrap_or_else(|| vec![0.0; dims.kv_dim()]));
@@ -158,10 +163,11 @@ impl InferenceModel {
                         proj_b: proj.b.as_ref().map(|b| b.as_vec()),
                     },
                     Mlp::SwiGlu { gate, up, down } => MlpW::SwiGlu {
-                        gate_up: PackedMatrix::new(
+                        gate_up: PackedMatrix::with_dtype(
                             &concat_cols(&[(gate.w.as_vec(), dims.d_ff), (up.w.as_vec(), dims.d_ff)], c),
                             c,
                             2 * dims.d_ff,
+                            dtype,
                         ),
                         down: pack(&down.w),
                     },
@@ -183,10 +189,11 @@ impl InferenceModel {
             wpe: model.wpe.as_ref().map(|w| w.as_vec()),
             layers,
             ln_f: norm_w(&model.ln_f),
-            head_t: PackedMatrix::new(
+            head_t: PackedMatrix::with_dtype(
                 &transpose(&model.lm_head.as_ref().unwrap_or(&model.wte).as_vec(), dims.vocab, c),
                 c,
                 dims.vocab,
+                dtype,
             ),
             inv_freq: if dims.family == Family::Llama {
                 rope::inv_freq(dims.head_dim, dims.rope_theta)

@@ -39,11 +39,14 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 fn has_fma() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    *HAS.get_or_init(|| {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::PanelElem;
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
@@ -75,11 +78,11 @@ mod x86 {
     }
 
     /// Row blocks of 6 (12 accumulators) over K-chunks of 256; see [`super::panel`].
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn panel(
+    pub unsafe fn panel<W: PanelElem>(
         x: *const f32,
-        wp: *const f32,
+        wp: *const W,
         y: *mut f32,
         m: usize,
         k: usize,
@@ -94,27 +97,27 @@ mod x86 {
             let acc_in = accumulate || k0 > 0;
             let mut r = 0;
             while r + 6 <= m {
-                block::<6>(x, wp, y, r, k0, k1, k, n, j0, acc_in);
+                block::<6, W>(x, wp, y, r, k0, k1, k, n, j0, acc_in);
                 r += 6;
             }
             match m - r {
-                5 => block::<5>(x, wp, y, r, k0, k1, k, n, j0, acc_in),
-                4 => block::<4>(x, wp, y, r, k0, k1, k, n, j0, acc_in),
-                3 => block::<3>(x, wp, y, r, k0, k1, k, n, j0, acc_in),
-                2 => block::<2>(x, wp, y, r, k0, k1, k, n, j0, acc_in),
-                1 => block::<1>(x, wp, y, r, k0, k1, k, n, j0, acc_in),
+                5 => block::<5, W>(x, wp, y, r, k0, k1, k, n, j0, acc_in),
+                4 => block::<4, W>(x, wp, y, r, k0, k1, k, n, j0, acc_in),
+                3 => block::<3, W>(x, wp, y, r, k0, k1, k, n, j0, acc_in),
+                2 => block::<2, W>(x, wp, y, r, k0, k1, k, n, j0, acc_in),
+                1 => block::<1, W>(x, wp, y, r, k0, k1, k, n, j0, acc_in),
                 _ => {}
             }
             k0 = k1;
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn block<const R: usize>(
+    unsafe fn block<const R: usize, W: PanelElem>(
         x: *const f32,
-        wp: *const f32,
+        wp: *const W,
         y: *mut f32,
         r0: usize,
         k0: usize,
@@ -134,7 +137,7 @@ mod x86 {
         }
         for kk in k0..k1 {
             let wr = wp.add(kk * 16);
-            let (w0, w1) = (_mm256_loadu_ps(wr), _mm256_loadu_ps(wr.add(8)));
+            let (w0, w1) = (W::load8(wr), W::load8(wr.add(8)));
             for (i, a) in acc.iter_mut().enumerate() {
                 let xb = _mm256_set1_ps(*x.add((r0 + i) * k + kk));
                 a[0] = _mm256_fmadd_ps(xb, w0, a[0]);
@@ -226,13 +229,36 @@ pub struct PackedMatrix {
     pub k: usize,
     /// Columns (output features).
     pub n: usize,
-    data: Vec<f32>,
+    data: Panels,
+}
+
+/// Storage precision of packed weights. Arithmetic is always f32; `F16` halves the bytes a
+/// memory-bound decoding step streams, at about 3 significant digits per weight.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDtype {
+    /// Exact weights (default).
+    #[default]
+    F32,
+    /// IEEE half precision, converted to f32 in registers (F16C).
+    F16,
+}
+
+#[derive(Debug, Clone)]
+enum Panels {
+    F32(Vec<f32>),
+    F16(Vec<u16>),
 }
 
 impl PackedMatrix {
-    /// Packs a row-major `(k, n)` matrix.
+    /// Packs a row-major `(k, n)` matrix in f32.
     pub fn new(w: &[f32], k: usize, n: usize) -> Self {
-        assert_eq!(w.len(), k * n, "PackedMatrix::new shape");
+        Self::with_dtype(w, k, n, WeightDtype::F32)
+    }
+
+    /// Packs a row-major `(k, n)` matrix, stored as `dtype`.
+    pub fn with_dtype(w: &[f32], k: usize, n: usize, dtype: WeightDtype) -> Self {
+        assert_eq!(w.len(), k * n, "PackedMatrix shape");
         let panels = n.div_ceil(PANEL);
         let mut data = vec![0.0f32; panels * k * PANEL];
         for p in 0..panels {
@@ -242,21 +268,63 @@ impl PackedMatrix {
                 data[dst..dst + width].copy_from_slice(&w[kk * n + p * PANEL..kk * n + p * PANEL + width]);
             }
         }
+        let data = match dtype {
+            WeightDtype::F32 => Panels::F32(data),
+            WeightDtype::F16 => Panels::F16(data.iter().map(|&v| crate::half::f32_to_f16(v)).collect()),
+        };
         PackedMatrix { k, n, data }
     }
 
-    /// The row-major `(k, n)` matrix back.
+    /// The row-major `(k, n)` matrix back (as stored: f16 weights come back rounded).
     pub fn unpack(&self) -> Vec<f32> {
+        let data: Vec<f32> = match &self.data {
+            Panels::F32(d) => d.clone(),
+            Panels::F16(d) => d.iter().map(|&h| crate::half::f16_to_f32(h)).collect(),
+        };
         let mut w = vec![0.0f32; self.k * self.n];
         for p in 0..self.n.div_ceil(PANEL) {
             let width = PANEL.min(self.n - p * PANEL);
             for kk in 0..self.k {
                 let src = (p * self.k + kk) * PANEL;
-                w[kk * self.n + p * PANEL..kk * self.n + p * PANEL + width]
-                    .copy_from_slice(&self.data[src..src + width]);
+                w[kk * self.n + p * PANEL..kk * self.n + p * PANEL + width].copy_from_slice(&data[src..src + width]);
             }
         }
         w
+    }
+}
+
+/// A weight element the kernels can load: f32, or f16 bits.
+pub trait PanelElem: Copy + Send + Sync + 'static {
+    /// As f32.
+    fn to_f32(self) -> f32;
+    /// Eight consecutive elements as f32 lanes.
+    ///
+    /// # Safety
+    /// `p` is valid for 8 reads; the CPU has AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl PanelElem for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl PanelElem for u16 {
+    fn to_f32(self) -> f32 {
+        crate::half::f16_to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
 }
 
@@ -266,6 +334,13 @@ struct SendPtr(*mut f32);
 // SAFETY: used only to write disjoint column ranges of one output from several threads.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method call makes closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// `y = x·W (+ y if accumulate)` for `x: (m, k)` and `y: (m, n)` row-major, `W` packed.
 ///
@@ -280,12 +355,17 @@ pub fn matmul(x: &[f32], w: &PackedMatrix, y: &mut [f32], m: usize, accumulate: 
     let parts = if big { rayon::current_num_threads().min(panels) } else { 1 };
     let yp = SendPtr(y.as_mut_ptr());
     let run = |part: usize| {
-        let yp = yp;
         let per = panels.div_ceil(parts);
         for p in (part * per).min(panels)..((part + 1) * per).min(panels) {
             // SAFETY: panel p writes columns 16p..min(16p+16, n) of the m rows of y, which no
             // other part touches; x and the panel have the asserted shapes.
-            unsafe { panel(x, &w.data[p * k * PANEL..(p + 1) * k * PANEL], yp.0, m, k, n, p * PANEL, accumulate) };
+            let span = p * k * PANEL..(p + 1) * k * PANEL;
+            unsafe {
+                match &w.data {
+                    Panels::F32(d) => panel(x, &d[span], yp.get(), m, k, n, p * PANEL, accumulate),
+                    Panels::F16(d) => panel(x, &d[span], yp.get(), m, k, n, p * PANEL, accumulate),
+                }
+            };
         }
     };
     if parts > 1 {
@@ -300,7 +380,16 @@ pub fn matmul(x: &[f32], w: &PackedMatrix, y: &mut [f32], m: usize, accumulate: 
 /// # Safety
 /// `x: (m,k)` row-major, `wp: (k,16)`, `y` valid for writes of `m` rows of stride `n`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn panel(x: &[f32], wp: &[f32], y: *mut f32, m: usize, k: usize, n: usize, j0: usize, accumulate: bool) {
+unsafe fn panel<W: PanelElem>(
+    x: &[f32],
+    wp: &[W],
+    y: *mut f32,
+    m: usize,
+    k: usize,
+    n: usize,
+    j0: usize,
+    accumulate: bool,
+) {
     let width = PANEL.min(n - j0);
     #[cfg(target_arch = "x86_64")]
     if has_fma() && width == PANEL {
@@ -316,7 +405,7 @@ unsafe fn panel(x: &[f32], wp: &[f32], y: *mut f32, m: usize, k: usize, n: usize
         for kk in 0..k {
             let xv = x[r * k + kk];
             for (a, wv) in acc.iter_mut().zip(&wp[kk * PANEL..(kk + 1) * PANEL]) {
-                *a += xv * wv;
+                *a += xv * wv.to_f32();
             }
         }
         for (c, a) in acc.iter().enumerate().take(width) {
@@ -343,7 +432,7 @@ pub fn exp_fast(x: f32) -> f32 {
 
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
-const EXP_C: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+const EXP_C: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
 
 #[inline]
 fn exp_poly(r: f32) -> f32 {
@@ -438,6 +527,22 @@ mod tests {
             matmul(&x, &packed, &mut y2, m, true);
             for (a, b) in y2.iter().zip(&want) {
                 assert!((a - (b + 1.0)).abs() < 1e-3 * (1.0 + b.abs()));
+            }
+        }
+    }
+
+    #[test]
+    fn f16_panels_match_rounded_weights() {
+        for &(m, k, n) in &[(1, 100, 48), (7, 300, 70), (20, 64, 4096)] {
+            let (x, w) = (data(m * k, 7), data(k * n, 8));
+            let packed = PackedMatrix::with_dtype(&w, k, n, WeightDtype::F16);
+            let rounded = packed.unpack();
+            assert!(rounded.iter().zip(&w).all(|(a, b)| (a - b).abs() <= 1e-3 * b.abs().max(1e-2)));
+            let want = naive(&x, &rounded, m, k, n);
+            let mut y = vec![0.0; m * n];
+            matmul(&x, &packed, &mut y, m, false);
+            for (a, b) in y.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-3 * (1.0 + b.abs()), "{m}x{k}x{n}: {a} vs {b}");
             }
         }
     }

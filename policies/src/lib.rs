@@ -40,6 +40,7 @@ pub use config::{Dims, Family, ModelConfig};
 pub use error::PolicyError;
 pub use heads::ScalarHead;
 pub use infer::{InferenceModel, KvCache, LogitsAt};
+pub use kernels::WeightDtype;
 pub use model::CausalLm;
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
 pub use params::{ParamMut, ParamRef};
