@@ -260,3 +260,38 @@ fn adamw_excludes_1d_params_from_weight_decay() {
         }
     }
 }
+
+/// Rows of one cache advance and restart independently (what a vector env with auto-reset
+/// needs), and each row's logits equal the training forward of its own sequence.
+#[test]
+fn kv_cache_rows_advance_and_reset_independently() {
+    for cfg in [tiny_gpt2(40), tiny_llama(40)] {
+        let m = model(cfg, 21);
+        let engine = InferenceModel::from_model(&m);
+        let v = m.dims.vocab;
+        let last_logits = |seq: &[u32]| {
+            let l = m.forward(&Batch::unpadded(&[seq.to_vec()]).unwrap(), NoneTape).unwrap().as_vec();
+            l[(seq.len() - 1) * v..].to_vec()
+        };
+        let mut cache = KvCache::new(&m.dims, vec![0, 0, 0], 16);
+        let (a, b) = (vec![1u32, 2, 3, 4, 5], vec![9u32, 8]);
+        engine.forward_rows(&mut cache, &[0], &a, a.len(), LogitsAt::Last).unwrap();
+        engine.forward_rows(&mut cache, &[2], &b, b.len(), LogitsAt::Last).unwrap();
+        assert_eq!((cache.len(0), cache.len(1), cache.len(2)), (5, 0, 2));
+        // one more token for rows 2 and 0 (in that order)
+        let out = engine.forward_rows(&mut cache, &[2, 0], &[7, 6], 1, LogitsAt::Last).unwrap();
+        assert!(max_abs_diff(&out[..v], &last_logits(&[9, 8, 7])) < 1e-5);
+        assert!(max_abs_diff(&out[v..], &last_logits(&[1, 2, 3, 4, 5, 6])) < 1e-5);
+        // restart row 0 on a new sequence while row 2 keeps going
+        cache.reset_row(0);
+        let c = vec![4u32, 4, 2];
+        let out0 = engine.forward_rows(&mut cache, &[0], &c, 3, LogitsAt::Last).unwrap();
+        assert!(max_abs_diff(&out0, &last_logits(&c)) < 1e-5);
+        let out = engine.forward_rows(&mut cache, &[0, 2], &[1, 1], 1, LogitsAt::Last).unwrap();
+        assert!(max_abs_diff(&out[..v], &last_logits(&[4, 4, 2, 1])) < 1e-5);
+        assert!(max_abs_diff(&out[v..], &last_logits(&[9, 8, 7, 1])) < 1e-5);
+        // bad row lists are errors
+        assert!(engine.forward_rows(&mut cache, &[0, 0], &[1, 1], 1, LogitsAt::Last).is_err());
+        assert!(engine.forward_rows(&mut cache, &[3], &[1], 1, LogitsAt::Last).is_err());
+    }
+}

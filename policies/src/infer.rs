@@ -68,31 +68,50 @@ pub struct InferenceModel {
     inv_freq: Vec<f32>,
 }
 
-/// Per-layer keys and values for every row, `[B][Hkv][cap][Dh]`, plus each row's left padding.
+/// Per-layer keys and values for every row, `[B][Hkv][cap][Dh]`. Each row has its own fill
+/// level and left padding, so rows can advance (and restart) independently — what a vector
+/// of environments with auto-reset needs.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     b: usize,
     cap: usize,
-    len: usize,
+    len: Vec<usize>,
     pad: Vec<usize>,
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
 }
 
 impl KvCache {
-    /// An empty cache for `pad.len()` rows and at most `cap` columns.
+    /// An empty cache for `pad.len()` rows and at most `cap` columns per row; row `r` will
+    /// start with `pad[r]` pad columns (left padding).
     pub fn new(dims: &Dims, pad: Vec<usize>, cap: usize) -> Self {
         let b = pad.len();
         let size = b * dims.n_kv_head * cap * dims.head_dim;
-        KvCache { b, cap, len: 0, pad, k: vec![vec![0.0; size]; dims.n_layer], v: vec![vec![0.0; size]; dims.n_layer] }
+        KvCache {
+            b,
+            cap,
+            len: vec![0; b],
+            pad,
+            k: vec![vec![0.0; size]; dims.n_layer],
+            v: vec![vec![0.0; size]; dims.n_layer],
+        }
     }
-    /// Columns filled so far.
-    pub fn len(&self) -> usize {
-        self.len
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.b
     }
-    /// Whether nothing has been fed yet.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+    /// Columns filled so far in `row`.
+    pub fn len(&self, row: usize) -> usize {
+        self.len[row]
+    }
+    /// Columns available per row.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+    /// Empties `row` (no padding), to start a new sequence there.
+    pub fn reset_row(&mut self, row: usize) {
+        self.len[row] = 0;
+        self.pad[row] = 0;
     }
 }
 
@@ -206,16 +225,46 @@ impl InferenceModel {
     /// Feeds `n` new columns of ids for every row (`ids`: `(B, n)` row-major) and returns the
     /// logits requested. The first call is the prefill (the whole left-padded prompt).
     pub fn forward(&self, cache: &mut KvCache, ids: &[u32], n: usize, at: LogitsAt) -> Result<Vec<f32>, PolicyError> {
+        let rows: Vec<usize> = (0..cache.b).collect();
+        self.forward_rows(cache, &rows, ids, n, at)
+    }
+
+    /// Feeds `n` new columns of ids to the cache rows `rows` only (`ids`: `(rows.len(), n)`),
+    /// each at its own fill level; returns the logits requested for those rows, in order.
+    pub fn forward_rows(
+        &self,
+        cache: &mut KvCache,
+        rows: &[usize],
+        ids: &[u32],
+        n: usize,
+        at: LogitsAt,
+    ) -> Result<Vec<f32>, PolicyError> {
         let d = &self.dims;
-        let (b, c) = (cache.b, d.d_model);
-        if ids.len() != b * n || n == 0 {
-            return Err(PolicyError::Input(format!("forward needs {b}x{n} ids, got {}", ids.len())));
+        let (b, c) = (rows.len(), d.d_model);
+        if ids.len() != b * n || n == 0 || b == 0 {
+            return Err(PolicyError::Input(format!("forward needs {b}x{n} ids (n, rows > 0), got {}", ids.len())));
         }
-        if cache.len + n > cache.cap {
-            return Err(PolicyError::Input(format!("KV cache of {} columns is full ({} + {n})", cache.cap, cache.len)));
+        let mut seen = vec![false; cache.b];
+        for &r in rows {
+            if r >= cache.b || std::mem::replace(&mut seen[r], true) {
+                return Err(PolicyError::Input(format!(
+                    "cache row {r} is out of range or repeated ({} rows)",
+                    cache.b
+                )));
+            }
+            if cache.len[r] + n > cache.cap {
+                return Err(PolicyError::Input(format!(
+                    "KV cache row {r} of {} columns is full ({} + {n})",
+                    cache.cap, cache.len[r]
+                )));
+            }
         }
-        let start = cache.len;
-        let positions: Vec<usize> = (0..b * n).map(|i| (start + i % n).saturating_sub(cache.pad[i / n])).collect();
+        let positions: Vec<usize> = (0..b * n)
+            .map(|i| {
+                let r = rows[i / n];
+                (cache.len[r] + i % n).saturating_sub(cache.pad[r])
+            })
+            .collect();
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= d.vocab) {
             return Err(PolicyError::Input(format!("token id {id} is outside the vocabulary of {}", d.vocab)));
         }
@@ -232,39 +281,51 @@ impl InferenceModel {
             }
         }
         for (li, layer) in self.layers.iter().enumerate() {
-            self.layer_forward(li, layer, cache, &mut x, &positions, n);
+            self.layer_forward(li, layer, cache, rows, &mut x, &positions, n);
         }
-        cache.len += n;
-        let rows: Vec<usize> = match at {
+        for &r in rows {
+            cache.len[r] += n;
+        }
+        let picked: Vec<usize> = match at {
             LogitsAt::All => (0..b * n).collect(),
             LogitsAt::Last => (0..b).map(|r| r * n + n - 1).collect(),
         };
-        let mut h: Vec<f32> = rows.iter().flat_map(|&r| x[r * c..(r + 1) * c].iter().copied()).collect();
+        let mut h: Vec<f32> = picked.iter().flat_map(|&r| x[r * c..(r + 1) * c].iter().copied()).collect();
         apply_norm(&self.ln_f, &mut h, c);
-        let mut logits = vec![0.0f32; rows.len() * d.vocab];
-        matmul(&h, &self.head_t, &mut logits, rows.len(), false);
+        let mut logits = vec![0.0f32; picked.len() * d.vocab];
+        matmul(&h, &self.head_t, &mut logits, picked.len(), false);
         Ok(logits)
     }
 
-    fn layer_forward(&self, li: usize, l: &LayerW, cache: &mut KvCache, x: &mut [f32], positions: &[usize], n: usize) {
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        li: usize,
+        l: &LayerW,
+        cache: &mut KvCache,
+        rows: &[usize],
+        x: &mut [f32],
+        positions: &[usize],
+        n: usize,
+    ) {
         let d = &self.dims;
-        let (c, rows) = (d.d_model, x.len() / d.d_model);
+        let (c, m) = (d.d_model, x.len() / d.d_model);
         let (qd, kvd) = (d.q_dim(), d.kv_dim());
         let width = qd + 2 * kvd;
         // attention
         let mut h = x.to_vec();
         apply_norm(&l.ln1, &mut h, c);
-        let mut qkv = vec![0.0f32; rows * width];
-        matmul(&h, &l.qkv, &mut qkv, rows, false);
+        let mut qkv = vec![0.0f32; m * width];
+        matmul(&h, &l.qkv, &mut qkv, m, false);
         if let Some(bias) = &l.qkv_b {
             add_bias(&mut qkv, bias);
         }
         if d.family == Family::Llama {
             self.rope_rows(&mut qkv, positions, width);
         }
-        self.write_cache(li, cache, &qkv, n, width);
-        let att = self.attention(li, cache, &qkv, n, width);
-        matmul(&att, &l.o, x, rows, true);
+        self.write_cache(li, cache, rows, &qkv, n, width);
+        let att = self.attention(li, cache, rows, &qkv, n, width);
+        matmul(&att, &l.o, x, m, true);
         if let Some(bias) = &l.o_b {
             add_bias(x, bias);
         }
@@ -274,26 +335,26 @@ impl InferenceModel {
         let f = d.d_ff;
         match &l.mlp {
             MlpW::Gelu { fc, fc_b, proj, proj_b } => {
-                let mut a = vec![0.0f32; rows * f];
-                matmul(&h, fc, &mut a, rows, false);
+                let mut a = vec![0.0f32; m * f];
+                matmul(&h, fc, &mut a, m, false);
                 if let Some(bias) = fc_b {
                     add_bias(&mut a, bias);
                 }
                 par_apply(&mut a, gelu_tanh_inplace);
-                matmul(&a, proj, x, rows, true);
+                matmul(&a, proj, x, m, true);
                 if let Some(bias) = proj_b {
                     add_bias(x, bias);
                 }
             }
             MlpW::SwiGlu { gate_up, down } => {
-                let mut gu = vec![0.0f32; rows * 2 * f];
-                matmul(&h, gate_up, &mut gu, rows, false);
+                let mut gu = vec![0.0f32; m * 2 * f];
+                matmul(&h, gate_up, &mut gu, m, false);
                 let mut a: Vec<f32> = gu.chunks(2 * f).flat_map(|r| r[..f].iter().copied()).collect();
                 par_apply(&mut a, silu_inplace);
                 for (a, r) in a.chunks_mut(f).zip(gu.chunks(2 * f)) {
                     a.iter_mut().zip(&r[f..]).for_each(|(g, u)| *g *= u);
                 }
-                matmul(&a, down, x, rows, true);
+                matmul(&a, down, x, m, true);
             }
         }
     }
@@ -314,13 +375,14 @@ impl InferenceModel {
         }
     }
 
-    fn write_cache(&self, li: usize, cache: &mut KvCache, qkv: &[f32], n: usize, width: usize) {
+    fn write_cache(&self, li: usize, cache: &mut KvCache, rows: &[usize], qkv: &[f32], n: usize, width: usize) {
         let d = &self.dims;
-        let (dh, nkv, cap, start) = (d.head_dim, d.n_kv_head, cache.cap, cache.len);
+        let (dh, nkv, cap) = (d.head_dim, d.n_kv_head, cache.cap);
         let (qd, kvd) = (d.q_dim(), d.kv_dim());
-        for r in 0..cache.b {
+        for (bi, &r) in rows.iter().enumerate() {
+            let start = cache.len[r];
             for i in 0..n {
-                let src = &qkv[(r * n + i) * width..(r * n + i + 1) * width];
+                let src = &qkv[(bi * n + i) * width..(bi * n + i + 1) * width];
                 for h in 0..nkv {
                     let dst = ((r * nkv + h) * cap + start + i) * dh;
                     cache.k[li][dst..dst + dh].copy_from_slice(&src[qd + h * dh..qd + (h + 1) * dh]);
@@ -331,22 +393,23 @@ impl InferenceModel {
     }
 
     /// Softmax attention of the `n` new queries of each row over its cached, non-pad keys.
-    fn attention(&self, li: usize, cache: &KvCache, qkv: &[f32], n: usize, width: usize) -> Vec<f32> {
+    fn attention(&self, li: usize, cache: &KvCache, rows: &[usize], qkv: &[f32], n: usize, width: usize) -> Vec<f32> {
         let d = &self.dims;
-        let (dh, nh, nkv, cap, start) = (d.head_dim, d.n_head, d.n_kv_head, cache.cap, cache.len);
+        let (dh, nh, nkv, cap) = (d.head_dim, d.n_head, d.n_kv_head, cache.cap);
         let rep = nh / nkv;
         let scale = 1.0 / (dh as f32).sqrt();
         let (kc, vc) = (&cache.k[li], &cache.v[li]);
-        let mut out = vec![0.0f32; cache.b * n * d.q_dim()];
-        let row_fn = |(r, out_r): (usize, &mut [f32])| {
-            let pad = cache.pad[r];
+        let mut out = vec![0.0f32; rows.len() * n * d.q_dim()];
+        let row_fn = |(bi, out_r): (usize, &mut [f32])| {
+            let r = rows[bi];
+            let (pad, start) = (cache.pad[r], cache.len[r]);
             let mut scores = vec![0.0f32; start + n];
             for i in 0..n {
                 let col = start + i;
                 if col < pad {
                     continue; // a pad query: its output is never used
                 }
-                let q_row = &qkv[(r * n + i) * width..];
+                let q_row = &qkv[(bi * n + i) * width..];
                 for h in 0..nh {
                     let base = (r * nkv + h / rep) * cap;
                     let q = &q_row[h * dh..(h + 1) * dh];
@@ -369,7 +432,7 @@ impl InferenceModel {
             }
         };
         let chunk = n * d.q_dim();
-        if cache.b >= 4 {
+        if rows.len() >= 4 {
             out.par_chunks_mut(chunk).enumerate().for_each(row_fn);
         } else {
             out.chunks_mut(chunk).enumerate().for_each(row_fn);
