@@ -132,7 +132,8 @@ impl RewardModel for CommandReward {
     fn score(&mut self, batch: &[RewardInput]) -> Result<Vec<f32>, EnvError> {
         self.next_id += 1;
         let id = self.next_id;
-        let line = serde_json::to_string(&Request { id, episodes: batch }).map_err(|e| EnvError::reward(&self.name, e.to_string()))?;
+        let line = serde_json::to_string(&Request { id, episodes: batch })
+            .map_err(|e| EnvError::reward(&self.name, e.to_string()))?;
         let sent = match self.stdin.as_mut() {
             Some(stdin) => writeln!(stdin, "{line}").and_then(|_| stdin.flush()),
             None => Err(std::io::Error::other("stdin closed after an earlier failure")),
@@ -151,7 +152,13 @@ impl RewardModel for CommandReward {
             Err(RecvTimeoutError::Disconnected) => return Err(self.died("stdout closed before a reply")),
         };
         let reply: Reply = serde_json::from_str(&reply).map_err(|e| {
-            EnvError::reward(&self.name, format!("malformed reply {:?}: {e} (expected {{\"id\": {id}, \"scores\": [...]}})", truncate(&reply, 200)))
+            EnvError::reward(
+                &self.name,
+                format!(
+                    "malformed reply {:?}: {e} (expected {{\"id\": {id}, \"scores\": [...]}})",
+                    truncate(&reply, 200)
+                ),
+            )
         })?;
         if reply.id != id {
             return Err(EnvError::reward(&self.name, format!("reply id {} does not match request id {id}", reply.id)));

@@ -150,7 +150,11 @@ mod tests {
 
     #[test]
     fn score_processing_order() {
-        let cfg = ScoreConfig { normalize: Some(ScoreNorm { mean: 1.0, std: 2.0 }), clip: Some(1.0), missing_eos: MissingEos::Subtract(0.5) };
+        let cfg = ScoreConfig {
+            normalize: Some(ScoreNorm { mean: 1.0, std: 2.0 }),
+            clip: Some(1.0),
+            missing_eos: MissingEos::Subtract(0.5),
+        };
         assert_eq!(cfg.process(2.0, true), 0.5);
         assert_eq!(cfg.process(9.0, true), 1.0);
         assert_eq!(cfg.process(9.0, false), 0.5);

@@ -1,11 +1,34 @@
 //! `rlhf-envs`: the gym-like side of RLHF, with no autodiff dependency.
 //!
 //! A language model is a policy whose action space is the vocabulary ([`Discrete`]) and whose
-//! observation is the token sequence so far ([`TokenSeq`]). The environment, reward-model
-//! plug-ins and vectorised rollouts build on these spaces; models reach this crate only
-//! through small traits, so it compiles and tests without dfdx.
+//! observation is the token sequence so far ([`TokenSeq`]).
+//!
+//! - [`TextGenEnv`]: one environment with gymnasium semantics ([`Env::reset`], [`Env::step`]);
+//!   per-token reward `−β·k(t)` against a frozen reference ([`LogProbModel`]) and the
+//!   processed reward-model score at the last response token ([`kl`]).
+//! - [`VecEnv`]: B environments stepped together (batched reference and reward calls),
+//!   auto-reset, and [`VecEnv::rollout`], the batched path trainers and benchmarks use.
+//! - [`RewardModel`]: closures ([`FnReward`]), rules ([`LengthReward`], [`KeywordReward`],
+//!   [`RegexReward`]), external processes ([`CommandReward`]) and sums ([`Weighted`]).
+//!
+//! Models reach this crate only through the small traits [`LogProbModel`], [`Policy`] and
+//! [`Detokenizer`]; `rlhf-policies` implements them for its dfdx models.
 #![deny(missing_docs)]
 
+pub mod command;
+pub mod error;
+pub mod kl;
+pub mod reward;
 pub mod spaces;
+pub mod text_env;
+pub mod vec_env;
 
+pub use command::CommandReward;
+pub use error::EnvError;
+pub use kl::{KlConfig, KlEstimator, MissingEos, ScoreConfig, ScoreNorm};
+pub use reward::{FnReward, KeywordReward, LengthReward, RegexReward, RewardInput, RewardModel, Weighted};
 pub use spaces::{Discrete, Space, TokenSeq};
+pub use text_env::{
+    Action, Detokenizer, Env, Episode, LogProbModel, Obs, PromptSource, Step, StepInfo, TextEnvConfig, TextGenEnv,
+};
+pub use vec_env::{Policy, VecEnv};

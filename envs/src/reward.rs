@@ -49,7 +49,10 @@ impl<R: RewardModel + ?Sized> RewardModel for Box<R> {
 
 /// Calls `model` and checks what it returned: one finite score per input, and dense rewards
 /// (if any) of one finite value per response token. Nothing is zeroed or dropped.
-pub fn score_checked<R: RewardModel + ?Sized>(model: &mut R, batch: &[RewardInput]) -> Result<(Vec<f32>, Option<Vec<Vec<f32>>>), EnvError> {
+pub fn score_checked<R: RewardModel + ?Sized>(
+    model: &mut R,
+    batch: &[RewardInput],
+) -> Result<(Vec<f32>, Option<Vec<Vec<f32>>>), EnvError> {
     let scores = model.score(batch)?;
     check_scores(&model.name(), &scores, batch.len())?;
     let dense = model.dense(batch)?;
@@ -59,7 +62,14 @@ pub fn score_checked<R: RewardModel + ?Sized>(model: &mut R, batch: &[RewardInpu
         }
         for (row, (values, input)) in d.iter().zip(batch).enumerate() {
             if values.len() != input.response_ids.len() {
-                return Err(EnvError::reward(model.name(), format!("dense rewards of row {row}: {} values for {} tokens", values.len(), input.response_ids.len())));
+                return Err(EnvError::reward(
+                    model.name(),
+                    format!(
+                        "dense rewards of row {row}: {} values for {} tokens",
+                        values.len(),
+                        input.response_ids.len()
+                    ),
+                ));
             }
             check_scores(&model.name(), values, values.len())?;
         }
@@ -148,7 +158,15 @@ impl RewardModel for KeywordReward {
     fn score(&mut self, batch: &[RewardInput]) -> Result<Vec<f32>, EnvError> {
         Ok(batch
             .iter()
-            .map(|x| self.weight * self.keywords.iter().filter(|k| !k.is_empty()).map(|k| x.response.matches(k.as_str()).count()).sum::<usize>() as f32)
+            .map(|x| {
+                self.weight
+                    * self
+                        .keywords
+                        .iter()
+                        .filter(|k| !k.is_empty())
+                        .map(|k| x.response.matches(k.as_str()).count())
+                        .sum::<usize>() as f32
+            })
             .collect())
     }
 }
@@ -165,7 +183,8 @@ pub struct RegexReward {
 impl RegexReward {
     /// Compiles `pattern`.
     pub fn new(pattern: &str, weight: f32) -> Result<Self, EnvError> {
-        let pattern = regex::Regex::new(pattern).map_err(|e| EnvError::Config { field: "pattern", msg: e.to_string() })?;
+        let pattern =
+            regex::Regex::new(pattern).map_err(|e| EnvError::Config { field: "pattern", msg: e.to_string() })?;
         Ok(RegexReward { pattern, weight })
     }
 }

@@ -1,0 +1,202 @@
+//! `VecEnv`: B text-generation environments stepped together, so that the reference model and
+//! the reward model are called once per step for all rows; auto-reset; and the batched
+//! rollout that trainers and benchmarks use.
+
+use crate::error::EnvError;
+use crate::reward::{score_checked, RewardModel};
+use crate::spaces::{Discrete, Space};
+use crate::text_env::{
+    validate, Action, Detokenizer, Episode, LogProbModel, Obs, PromptSource, Row, Step, StepInfo, TextEnvConfig,
+};
+
+/// A policy over rows of token streams (implemented by the sampling engine in
+/// `rlhf-policies`; tests use lookup tables).
+pub trait Policy {
+    /// Starts each row in `rows` on its prompt.
+    fn begin(&mut self, rows: &[usize], prompts: &[&[u32]]) -> Result<(), EnvError>;
+    /// Samples the next token of each row in `rows`, with its sampling log-prob.
+    fn act(&mut self, rows: &[usize]) -> Result<Vec<Action>, EnvError>;
+    /// Appends `tokens[i]` to row `rows[i]`.
+    fn push(&mut self, rows: &[usize], tokens: &[u32]) -> Result<(), EnvError>;
+}
+
+/// B environments sharing one reference model (one row each) and one reward model.
+pub struct VecEnv<R, M> {
+    cfg: TextEnvConfig,
+    prompts: PromptSource,
+    reference: R,
+    reward: M,
+    detok: Box<dyn Detokenizer>,
+    rows: Vec<Option<Row>>,
+}
+
+impl<R, M> std::fmt::Debug for VecEnv<R, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VecEnv").field("cfg", &self.cfg).field("rows", &self.rows.len()).finish()
+    }
+}
+
+impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
+    /// `num_envs` environments over `prompts`; `reference` must hold at least `num_envs` rows.
+    pub fn new(
+        num_envs: usize,
+        cfg: TextEnvConfig,
+        prompts: PromptSource,
+        reference: R,
+        reward: M,
+        detok: Box<dyn Detokenizer>,
+    ) -> Result<Self, EnvError> {
+        validate(&cfg)?;
+        if num_envs == 0 {
+            return Err(EnvError::Config { field: "num_envs", msg: "must be at least 1".into() });
+        }
+        Ok(VecEnv { cfg, prompts, reference, reward, detok, rows: (0..num_envs).map(|_| None).collect() })
+    }
+
+    /// Number of environments.
+    pub fn num_envs(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TextEnvConfig {
+        &self.cfg
+    }
+
+    /// Starts a new episode in every row (prompts drawn in row order); `seed` restarts the
+    /// prompt sampler. Returns the prompts as observations.
+    pub fn reset(&mut self, seed: Option<u64>) -> Result<Vec<Obs>, EnvError> {
+        if let Some(s) = seed {
+            self.prompts.reseed(s);
+        }
+        let all: Vec<usize> = (0..self.rows.len()).collect();
+        self.start_rows(&all)?;
+        Ok(self.rows.iter().map(|r| r.as_ref().expect("just started").obs()).collect())
+    }
+
+    fn start_rows(&mut self, rows: &[usize]) -> Result<(), EnvError> {
+        for &r in rows {
+            let i = self.prompts.next_index();
+            self.rows[r] = Some(Row::new(i, self.prompts.ids(i).to_vec()));
+        }
+        let prompts: Vec<&[u32]> =
+            rows.iter().map(|&r| self.rows[r].as_ref().expect("started").prompt.as_slice()).collect();
+        self.reference.begin(rows, &prompts)
+    }
+
+    /// Steps every row with its action (gymnasium's same-step auto-reset): a row whose episode
+    /// ends reports it in `info.episode` and its `obs` is already the next episode's prompt.
+    pub fn step(&mut self, actions: &[Action]) -> Result<Vec<Step>, EnvError> {
+        if actions.len() != self.rows.len() {
+            return Err(EnvError::Count { what: "actions", expected: self.rows.len(), got: actions.len() });
+        }
+        let all: Vec<usize> = (0..self.rows.len()).collect();
+        let mut steps = self.step_rows(&all, actions)?;
+        let finished: Vec<usize> =
+            all.iter().copied().filter(|&r| self.rows[r].as_ref().is_some_and(|row| row.done)).collect();
+        if !finished.is_empty() {
+            self.start_rows(&finished)?;
+            for &r in &finished {
+                steps[r].obs = self.rows[r].as_ref().expect("restarted").obs();
+            }
+        }
+        Ok(steps)
+    }
+
+    /// Steps the given (unfinished) rows: one batched reference call, then one batched reward
+    /// call for the rows whose episodes end here.
+    fn step_rows(&mut self, rows: &[usize], actions: &[Action]) -> Result<Vec<Step>, EnvError> {
+        let space = Discrete { n: self.cfg.vocab };
+        for (&r, a) in rows.iter().zip(actions) {
+            if !space.contains(&a.token) {
+                return Err(EnvError::InvalidAction { action: a.token, n: self.cfg.vocab });
+            }
+            match &self.rows[r] {
+                None => return Err(EnvError::NotReset { row: r }),
+                Some(row) if row.done => return Err(EnvError::EpisodeDone { row: r }),
+                Some(_) => {}
+            }
+        }
+        let tokens: Vec<u32> = actions.iter().map(|a| a.token).collect();
+        let ref_lps = self.reference.logprob_and_push(rows, &tokens)?;
+        if ref_lps.len() != rows.len() {
+            return Err(EnvError::Count { what: "reference log-probs", expected: rows.len(), got: ref_lps.len() });
+        }
+        let mut steps = Vec::with_capacity(rows.len());
+        let mut ending = Vec::new();
+        for (i, (&r, a)) in rows.iter().zip(actions).enumerate() {
+            let row = self.rows[r].as_mut().expect("checked above");
+            let pushed = row.push(*a, ref_lps[i], &self.cfg);
+            if row.done {
+                ending.push(i);
+            }
+            let info = StepInfo {
+                kl: pushed.kl,
+                ref_logprob: ref_lps[i],
+                eos: pushed.terminated,
+                raw_score: None,
+                score: None,
+                episode: None,
+            };
+            steps.push(Step {
+                obs: row.obs(),
+                reward: *row.ep.rewards.last().expect("pushed"),
+                terminated: pushed.terminated,
+                truncated: pushed.truncated,
+                info,
+            });
+        }
+        if !ending.is_empty() {
+            self.score_rows(rows, &ending, &mut steps)?;
+        }
+        Ok(steps)
+    }
+
+    fn score_rows(&mut self, rows: &[usize], ending: &[usize], steps: &mut [Step]) -> Result<(), EnvError> {
+        let inputs = ending
+            .iter()
+            .map(|&i| {
+                let row = self.rows[rows[i]].as_ref().expect("stepped");
+                row.reward_input(self.prompts.text(row.prompt_index), self.detok.as_ref())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let (scores, dense) = score_checked(&mut self.reward, &inputs)?;
+        for (k, &i) in ending.iter().enumerate() {
+            let row = self.rows[rows[i]].as_mut().expect("stepped");
+            let score = row.finish(scores[k], dense.as_ref().map(|d| d[k].as_slice()), &self.cfg);
+            let s = &mut steps[i];
+            s.reward = *row.ep.rewards.last().expect("non-empty");
+            s.info.raw_score = Some(scores[k]);
+            s.info.score = Some(score);
+            s.info.episode = Some(Box::new(row.ep.clone()));
+        }
+        Ok(())
+    }
+
+    /// The batched rollout: starts every row on a new prompt and steps all unfinished rows
+    /// together — `policy.act`, one reference call, rewards for rows that end — until every
+    /// row has ended (no auto-reset). Returns one episode per row, in row order.
+    pub fn rollout<P: Policy + ?Sized>(&mut self, policy: &mut P) -> Result<Vec<Episode>, EnvError> {
+        let all: Vec<usize> = (0..self.rows.len()).collect();
+        self.start_rows(&all)?;
+        let prompts: Vec<&[u32]> = self.rows.iter().map(|r| r.as_ref().expect("started").prompt.as_slice()).collect();
+        policy.begin(&all, &prompts)?;
+        let mut active = all;
+        while !active.is_empty() {
+            let actions = policy.act(&active)?;
+            if actions.len() != active.len() {
+                return Err(EnvError::Count { what: "policy actions", expected: active.len(), got: actions.len() });
+            }
+            self.step_rows(&active, &actions)?;
+            let still: Vec<usize> =
+                active.iter().copied().filter(|&r| !self.rows[r].as_ref().expect("active").done).collect();
+            if !still.is_empty() {
+                let tokens: Vec<u32> =
+                    active.iter().zip(&actions).filter(|(r, _)| still.contains(r)).map(|(_, a)| a.token).collect();
+                policy.push(&still, &tokens)?;
+            }
+            active = still;
+        }
+        Ok(self.rows.iter().map(|r| r.as_ref().expect("finished").ep.clone()).collect())
+    }
+}

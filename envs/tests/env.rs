@@ -1,0 +1,278 @@
+//! Environment semantics: step/reset rules, reward shaping against the PPO fixture, the
+//! equivalence of token-by-token stepping and the batched rollout, and KL 0 against itself.
+
+mod common;
+
+use common::*;
+use rlhf_envs::kl::{kl_terms, shaped_rewards};
+use rlhf_envs::*;
+
+fn cfg(max_new: usize, eos: u32) -> TextEnvConfig {
+    TextEnvConfig {
+        vocab: 12,
+        max_new_tokens: max_new,
+        eos_ids: vec![eos],
+        stop_ids: vec![],
+        kl: KlConfig { beta: 0.1, estimator: KlEstimator::K1 },
+        score: ScoreConfig::default(),
+    }
+}
+
+/// Reward: 0.5 per token of response plus 3 if it ends on EOS (id 0).
+fn rule() -> FnReward<impl FnMut(&RewardInput) -> f32> {
+    FnReward::new("rule", |x: &RewardInput| {
+        0.5 * x.response_ids.len() as f32 + if x.response_ids.last() == Some(&0) { 3.0 } else { 0.0 }
+    })
+}
+
+fn env(max_new: usize) -> TextGenEnv<Bigram, FnReward<impl FnMut(&RewardInput) -> f32>> {
+    TextGenEnv::new(
+        cfg(max_new, 0),
+        PromptSource::new(prompts(4), 1).unwrap(),
+        Bigram::new(12, 0.3, 1, 0),
+        rule(),
+        Box::new(Letters),
+    )
+    .unwrap()
+}
+
+fn act(tok: u32) -> Action {
+    Action { token: tok, logprob: -1.0 }
+}
+
+#[test]
+fn terminated_on_eos_and_score_on_that_token() {
+    let mut e = env(10);
+    let obs = e.reset(Some(3)).unwrap();
+    assert_eq!(obs.ids.len(), obs.prompt_len);
+    let s = e.step(act(5)).unwrap();
+    assert!(!s.terminated && !s.truncated && s.info.score.is_none());
+    assert_eq!(s.obs.ids.len(), obs.prompt_len + 1);
+    let s = e.step(act(0)).unwrap();
+    assert!(s.terminated && !s.truncated && s.info.eos);
+    // reward = -β·k1 + score, score = 0.5·2 + 3
+    assert!((s.reward - (-0.1 * s.info.kl + 4.0)).abs() < 1e-6);
+    let ep = s.info.episode.unwrap();
+    assert_eq!(ep.response_ids, vec![5, 0]);
+    assert_eq!(ep.rewards.len(), 2);
+    assert!((ep.rewards[0] + 0.1 * ep.kl[0]).abs() < 1e-6, "no score before the last token");
+    assert!(matches!(e.step(act(3)), Err(EnvError::EpisodeDone { .. })));
+}
+
+#[test]
+fn truncated_at_max_new_tokens_with_score_on_the_last_token() {
+    let mut e = env(3);
+    e.reset(None).unwrap();
+    for _ in 0..2 {
+        let s = e.step(act(4)).unwrap();
+        assert!(!s.terminated && !s.truncated);
+    }
+    let s = e.step(act(4)).unwrap();
+    assert!(s.truncated && !s.terminated);
+    assert_eq!(s.info.raw_score, Some(1.5));
+    assert!(matches!(e.step(act(4)), Err(EnvError::EpisodeDone { .. })));
+}
+
+#[test]
+fn errors_before_reset_and_for_invalid_actions() {
+    let mut e = env(3);
+    assert!(matches!(e.step(act(1)), Err(EnvError::NotReset { .. })));
+    e.reset(None).unwrap();
+    assert!(matches!(e.step(act(99)), Err(EnvError::InvalidAction { action: 99, n: 12 })));
+}
+
+#[test]
+fn missing_eos_penalty_applies_only_to_truncated_episodes() {
+    let mut c = cfg(2, 0);
+    c.score.missing_eos = MissingEos::Subtract(1.0);
+    let mut e = TextGenEnv::new(
+        c,
+        PromptSource::new(prompts(2), 1).unwrap(),
+        Bigram::new(12, 0.3, 1, 0),
+        rule(),
+        Box::new(Letters),
+    )
+    .unwrap();
+    e.reset(None).unwrap();
+    e.step(act(4)).unwrap();
+    let s = e.step(act(4)).unwrap();
+    assert_eq!((s.info.raw_score, s.info.score), (Some(1.0), Some(0.0)));
+    e.reset(None).unwrap();
+    let s = e.step(act(0)).unwrap();
+    assert_eq!((s.info.raw_score, s.info.score), (Some(3.5), Some(3.5)));
+}
+
+#[test]
+fn seeded_prompt_order_and_epochs() {
+    let mut a = PromptSource::new(prompts(5), 9).unwrap();
+    let mut b = PromptSource::new(prompts(5), 9).unwrap();
+    let xs: Vec<usize> = (0..10).map(|_| a.next_index()).collect();
+    let ys: Vec<usize> = (0..10).map(|_| b.next_index()).collect();
+    assert_eq!(xs, ys);
+    let mut first: Vec<usize> = xs[..5].to_vec();
+    first.sort();
+    assert_eq!(first, vec![0, 1, 2, 3, 4], "each prompt once per epoch");
+    a.reseed(9);
+    assert_eq!((0..10).map(|_| a.next_index()).collect::<Vec<_>>(), xs);
+    let mut c = PromptSource::new(prompts(5), 10).unwrap();
+    assert_ne!((0..10).map(|_| c.next_index()).collect::<Vec<_>>(), xs);
+}
+
+#[test]
+fn vec_env_auto_resets_finished_rows() {
+    let mut v = VecEnv::new(
+        3,
+        cfg(2, 0),
+        PromptSource::new(prompts(6), 2).unwrap(),
+        Bigram::new(12, 0.3, 3, 0),
+        rule(),
+        Box::new(Letters),
+    )
+    .unwrap();
+    let obs = v.reset(Some(2)).unwrap();
+    assert_eq!(obs.len(), 3);
+    // row 1 ends on EOS; rows 0 and 2 continue
+    let steps = v.step(&[act(4), act(0), act(5)]).unwrap();
+    assert!(steps[1].terminated && steps[1].info.episode.is_some());
+    assert_eq!(steps[1].obs.ids.len(), steps[1].obs.prompt_len, "row 1 already shows its next prompt");
+    assert_eq!(steps[0].obs.ids.len(), steps[0].obs.prompt_len + 1);
+    // next step: rows 0 and 2 truncate at 2 tokens, row 1 takes its first token of episode 2
+    let steps = v.step(&[act(4), act(6), act(5)]).unwrap();
+    assert!(steps[0].truncated && steps[2].truncated && !steps[1].truncated && !steps[1].terminated);
+    assert_eq!(steps[0].info.episode.as_ref().unwrap().response_ids, vec![4, 4]);
+    assert!(v.step(&[act(1)]).is_err(), "one action per env");
+}
+
+/// The batched rollout and token-by-token stepping of single environments give exactly the
+/// same per-token rewards (same prompts, same actions).
+#[test]
+fn stepping_equals_batched_rollout() {
+    let n = 4;
+    let mut v = VecEnv::new(
+        n,
+        cfg(8, 0),
+        PromptSource::new(prompts(7), 5).unwrap(),
+        Bigram::new(12, 0.3, n, 0),
+        rule(),
+        Box::new(Letters),
+    )
+    .unwrap();
+    let mut policy = Bigram::new(12, 0.9, n, 42);
+    let episodes = v.rollout(&mut policy).unwrap();
+    assert!(
+        episodes.iter().any(|e| e.terminated) && episodes.iter().any(|e| e.truncated),
+        "both endings are exercised"
+    );
+    // the same prompt order, row by row, through one TextGenEnv
+    let mut src = PromptSource::new(prompts(7), 5).unwrap();
+    for ep in &episodes {
+        let i = src.next_index();
+        assert_eq!(ep.prompt_index, i);
+        let mut one = TextGenEnv::new(
+            cfg(8, 0),
+            PromptSource::new(vec![(ep.prompt_ids.clone(), format!("prompt {i}"))], 0).unwrap(),
+            Bigram::new(12, 0.3, 1, 0),
+            rule(),
+            Box::new(Letters),
+        )
+        .unwrap();
+        one.reset(None).unwrap();
+        let mut rewards = vec![];
+        let mut last = None;
+        for (&t, &lp) in ep.response_ids.iter().zip(&ep.logprobs) {
+            let s = one.step(Action { token: t, logprob: lp }).unwrap();
+            rewards.push(s.reward);
+            last = s.info.episode;
+        }
+        assert_eq!(rewards, ep.rewards, "per-token rewards");
+        let mut last = *last.expect("the episode ended");
+        last.prompt_index = ep.prompt_index; // the single env's source holds just this prompt
+        assert_eq!(&last, ep, "whole episode");
+    }
+}
+
+#[test]
+fn kl_is_zero_when_the_policy_is_the_reference() {
+    let n = 3;
+    let mut v = VecEnv::new(
+        n,
+        cfg(6, 0),
+        PromptSource::new(prompts(3), 1).unwrap(),
+        Bigram::new(12, 0.3, n, 0),
+        rule(),
+        Box::new(Letters),
+    )
+    .unwrap();
+    let mut same = Bigram::new(12, 0.3, n, 7);
+    for ep in v.rollout(&mut same).unwrap() {
+        assert!(ep.kl.iter().all(|&k| k == 0.0), "{:?}", ep.kl);
+        assert_eq!(ep.logprobs, ep.ref_logprobs);
+        let last = ep.rewards.len() - 1;
+        assert!(ep.rewards[..last].iter().all(|&r| r == 0.0));
+        assert_eq!(ep.rewards[last], ep.score);
+    }
+}
+
+// ---- reward shaping against shared/fixtures/ppo ----
+
+fn fixture() -> serde_json::Value {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/ppo/expected.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+fn rows_f32(v: &serde_json::Value) -> Vec<Vec<f32>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+        .collect()
+}
+
+fn close(got: f32, want: f32) -> bool {
+    (got - want).abs() <= 1e-5 + 1e-4 * want.abs()
+}
+
+#[test]
+fn kl_estimators_and_shaped_rewards_match_the_ppo_fixture() {
+    let f = fixture();
+    let inp = &f["inputs"];
+    let lengths: Vec<usize> = inp["lengths"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+    let has_eos: Vec<bool> = inp["has_eos"].as_array().unwrap().iter().map(|x| x.as_bool().unwrap()).collect();
+    let scores: Vec<f32> = inp["scores"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+    let (old, refl) = (rows_f32(&inp["old_logprobs"]), rows_f32(&inp["ref_logprobs"]));
+    let beta = f["params"]["beta"].as_f64().unwrap() as f32;
+    for (name, est) in [("k1", KlEstimator::K1), ("k2", KlEstimator::K2), ("k3", KlEstimator::K3)] {
+        let want = rows_f32(&f["kl"][name]);
+        for b in 0..lengths.len() {
+            let got = kl_terms(&old[b][..lengths[b]], &refl[b][..lengths[b]], est);
+            for t in 0..want[b].len() {
+                let g = if t < lengths[b] { got[t] } else { 0.0 };
+                assert!(close(g, want[b][t]), "{name}[{b},{t}]: {g} vs {}", want[b][t]);
+            }
+        }
+    }
+    let kl = KlConfig { beta, estimator: KlEstimator::K1 };
+    let variants = [
+        ("rewards_k1", MissingEos::Keep),
+        (
+            "rewards_k1_missing_eos_replace",
+            MissingEos::Replace(f["params"]["missing_eos_score"].as_f64().unwrap() as f32),
+        ),
+        (
+            "rewards_k1_missing_eos_subtract",
+            MissingEos::Subtract(f["params"]["missing_eos_penalty_subtract"].as_f64().unwrap() as f32),
+        ),
+    ];
+    for (field, missing) in variants {
+        let sc = ScoreConfig { missing_eos: missing, ..Default::default() };
+        let want = rows_f32(&f["rewards"][field]);
+        for b in 0..lengths.len() {
+            let score = sc.process(scores[b], has_eos[b]);
+            let got = shaped_rewards(&old[b][..lengths[b]], &refl[b][..lengths[b]], &kl, score);
+            for t in 0..want[b].len() {
+                let g = if t < lengths[b] { got[t] } else { 0.0 };
+                assert!(close(g, want[b][t]), "{field}[{b},{t}]: {g} vs {}", want[b][t]);
+            }
+        }
+    }
+}
