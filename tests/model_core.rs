@@ -283,7 +283,7 @@ fn kv_cache_rows_advance_and_reset_independently() {
         assert!(max_abs_diff(&out[..v], &last_logits(&[9, 8, 7])) < 1e-5);
         assert!(max_abs_diff(&out[v..], &last_logits(&[1, 2, 3, 4, 5, 6])) < 1e-5);
         // restart row 0 on a new sequence while row 2 keeps going
-        cache.reset_row(0);
+        cache.reset_row(0, 0);
         let c = vec![4u32, 4, 2];
         let out0 = engine.forward_rows(&mut cache, &[0], &c, 3, LogitsAt::Last).unwrap();
         assert!(max_abs_diff(&out0, &last_logits(&c)) < 1e-5);

@@ -152,12 +152,14 @@ impl RewardModel for CommandReward {
             Err(RecvTimeoutError::Disconnected) => return Err(self.died("stdout closed before a reply")),
         };
         let reply: Reply = serde_json::from_str(&reply).map_err(|e| {
+            let not_finite =
+                ["NaN", "Infinity"].iter().any(|t| reply.contains(t)) || e.to_string().contains("out of range");
+            let hint =
+                if not_finite { " (a score is not finite: NaN/Infinity; scores must be finite numbers)" } else { "" };
+            let shown = truncate(&reply, 200);
             EnvError::reward(
                 &self.name,
-                format!(
-                    "malformed reply {:?}: {e} (expected {{\"id\": {id}, \"scores\": [...]}})",
-                    truncate(&reply, 200)
-                ),
+                format!("malformed reply {shown:?}: {e}{hint}; expected {{\"id\": {id}, \"scores\": [...]}}"),
             )
         })?;
         if reply.id != id {

@@ -108,10 +108,11 @@ impl KvCache {
     pub fn capacity(&self) -> usize {
         self.cap
     }
-    /// Empties `row` (no padding), to start a new sequence there.
-    pub fn reset_row(&mut self, row: usize) {
+    /// Empties `row` to start a new sequence there, with `pad` left-pad columns (so rows
+    /// restarted together can be prefilled as one left-padded batch).
+    pub fn reset_row(&mut self, row: usize, pad: usize) {
         self.len[row] = 0;
-        self.pad[row] = 0;
+        self.pad[row] = pad;
     }
 }
 

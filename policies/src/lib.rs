@@ -33,6 +33,7 @@ pub mod optim;
 pub mod params;
 pub mod rope;
 pub mod sampling;
+pub mod session;
 pub mod tokenizer;
 
 pub use batch::Batch;
@@ -45,4 +46,5 @@ pub use model::CausalLm;
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
 pub use params::{ParamMut, ParamRef};
 pub use sampling::{filtered_logprobs, generate, sample_from_logits, Generation, SamplingConfig};
+pub use session::{EngineSession, LearnedReward};
 pub use tokenizer::Tokenizer;

@@ -150,7 +150,8 @@ pub fn generate(
     Ok(out)
 }
 
-fn row_seed(seed: u64, row: usize) -> u64 {
+/// The seed of row `row`'s RNG: splitmix64 of `(seed, row)`.
+pub fn row_seed(seed: u64, row: usize) -> u64 {
     // splitmix64 of (seed, row): distinct, well-mixed streams per row.
     let mut z = seed.wrapping_add((row as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -179,16 +180,12 @@ pub fn sample_from_logits(logits: &mut [f32], cfg: &SamplingConfig, forbid_end: 
         let lps = filtered_logprobs(logits, cfg.top_k, cfg.top_p);
         logits.copy_from_slice(&lps);
     }
-    // logits are now the log-weights of the sampling distribution (-inf: excluded); turn them
-    // into weights with one vectorised exp pass and draw by inverse CDF.
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    logits.iter_mut().for_each(|l| *l -= max);
-    exp_inplace(logits);
-    let total: f64 = logits.iter().map(|&w| w as f64).sum();
-    let target = rng.gen::<f64>() * total;
+    // logits are now the log-weights z of the sampling distribution (-inf: excluded)
+    let (weights, max, ln_total) = softmax_weights(logits);
+    let target = rng.gen::<f64>() * ln_total.exp();
     let mut acc = 0.0f64;
     let mut chosen = None;
-    for (i, &w) in logits.iter().enumerate() {
+    for (i, &w) in weights.iter().enumerate() {
         if w == 0.0 {
             continue;
         }
@@ -199,7 +196,32 @@ pub fn sample_from_logits(logits: &mut [f32], cfg: &SamplingConfig, forbid_end: 
         }
     }
     let id = chosen.expect("at least one token has positive weight");
-    (id as u32, (logits[id] as f64 / total).ln() as f32)
+    (id as u32, logprob_from(logits[id], max, ln_total))
+}
+
+/// `w = exp(z − max)` with one vectorised exp pass, and `ln Σ w` (in f64).
+fn softmax_weights(z: &[f32]) -> (Vec<f32>, f32, f64) {
+    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut w: Vec<f32> = z.iter().map(|&l| l - max).collect();
+    exp_inplace(&mut w);
+    let total: f64 = w.iter().map(|&x| x as f64).sum();
+    (w, max, total.ln())
+}
+
+/// `log softmax(z)[i]` from `z[i]`, the max and `ln Σ exp(z − max)`: exact for tokens whose
+/// weight underflows, unlike `ln(w[i] / Σw)`.
+fn logprob_from(z_i: f32, max: f32, ln_total: f64) -> f32 {
+    ((z_i - max) as f64 - ln_total) as f32
+}
+
+/// `log_softmax(logits / temperature)[token]`, computed exactly as [`sample_from_logits`]
+/// computes the log-prob of the token it samples (no mask, no filtering): a reference model
+/// identical to the policy gives the same number bit for bit, so its KL is exactly 0.
+pub fn logprob_at_temperature(logits: &[f32], temperature: f32, token: usize) -> f32 {
+    let inv_t = 1.0 / temperature;
+    let z: Vec<f32> = logits.iter().map(|&l| l * inv_t).collect();
+    let (_, max, ln_total) = softmax_weights(&z);
+    logprob_from(z[token], max, ln_total)
 }
 
 /// Log-probs of the distribution after top-k and top-p filtering of `logits` (already divided
