@@ -21,6 +21,25 @@ pub struct Workload {
     pub models: BTreeMap<String, serde_json::Value>,
     /// The rollout benchmark.
     pub rollout: RolloutSpec,
+    /// The PPO iteration's shapes (the env benchmark uses its rollout part).
+    pub ppo: PpoSpec,
+}
+
+/// `workload.ppo` (the fields the benchmarks use so far).
+#[derive(Debug, Clone, Deserialize)]
+pub struct PpoSpec {
+    /// Prompts per iteration.
+    pub batch: usize,
+    /// Prompt length.
+    pub prompt_len: usize,
+    /// Response length (EOS suppressed).
+    pub response_len: usize,
+    /// β of the k1 KL penalty.
+    pub kl_coef: f32,
+    /// Untimed runs.
+    pub warmup: usize,
+    /// Timed runs.
+    pub repeats: usize,
 }
 
 /// `workload.rollout`.
@@ -171,7 +190,8 @@ pub fn rollout(
     Ok(results)
 }
 
-fn median(sorted: &[f64]) -> f64 {
+/// Median of a sorted slice.
+pub fn median(sorted: &[f64]) -> f64 {
     let n = sorted.len();
     if n % 2 == 1 {
         sorted[n / 2]

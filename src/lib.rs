@@ -3,3 +3,4 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod bench_env;

@@ -104,6 +104,24 @@ impl From<Weights> for WeightDtype {
 enum BenchCommand {
     /// Rollout tokens/s (batched sampling with the KV cache) at the workload's batch sizes.
     Rollout(RolloutArgs),
+    /// Token-level stepping through VecEnv vs raw generation + one reference pass (PPO shapes).
+    Env(EnvArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct EnvArgs {
+    /// The workload file (shared/peers/workload.json).
+    #[arg(long)]
+    workload: PathBuf,
+    /// Model name from the workload (tiny or small); default: every model.
+    #[arg(long)]
+    model: Option<String>,
+    /// Threads (default: the workload's).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Also write the JSON results to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -134,6 +152,7 @@ fn main() -> Result<()> {
         Command::Init(a) => init(a),
         Command::Generate(a) => generate_cmd(a),
         Command::Bench(BenchCommand::Rollout(a)) => bench_rollout(a),
+        Command::Bench(BenchCommand::Env(a)) => bench_env(a),
     }
 }
 
@@ -223,6 +242,32 @@ fn bench_rollout(a: RolloutArgs) -> Result<()> {
         all.extend(results);
     }
     let json = serde_json::to_string_pretty(&serde_json::json!({ "benchmark": "rollout", "results": all }))?;
+    println!("{json}");
+    if let Some(p) = &a.out {
+        std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn bench_env(a: EnvArgs) -> Result<()> {
+    let w = bench::Workload::from_file(&a.workload)?;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(a.threads.unwrap_or(w.threads)).build()?;
+    let models: Vec<String> = match &a.model {
+        Some(m) => vec![m.clone()],
+        None => w.models.keys().cloned().collect(),
+    };
+    let mut all = Vec::new();
+    for m in &models {
+        let r = pool.install(|| rlhf::bench_env::env_step(&w, m))?;
+        eprintln!(
+            "env {:>5}: VecEnv::rollout {:.0} tok/s [{:.0}-{:.0}], raw generate + reference pass {:.0} [{:.0}-{:.0}] (rollout slowdown {:.3}x), VecEnv::step {:.0} [{:.0}-{:.0}]",
+            r.model, r.env_tokens_per_s[0], r.env_tokens_per_s[1], r.env_tokens_per_s[2],
+            r.raw_tokens_per_s[0], r.raw_tokens_per_s[1], r.raw_tokens_per_s[2], r.slowdown,
+            r.step_tokens_per_s[0], r.step_tokens_per_s[1], r.step_tokens_per_s[2]
+        );
+        all.push(r);
+    }
+    let json = serde_json::to_string_pretty(&serde_json::json!({ "benchmark": "env_step", "results": all }))?;
     println!("{json}");
     if let Some(p) = &a.out {
         std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;

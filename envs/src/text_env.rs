@@ -22,6 +22,20 @@ pub trait LogProbModel {
     fn begin(&mut self, rows: &[usize], prompts: &[&[u32]]) -> Result<(), EnvError>;
     /// `log p(tokens[i] | row rows[i] so far)` for each i, then appends `tokens[i]` to the row.
     fn logprob_and_push(&mut self, rows: &[usize], tokens: &[u32]) -> Result<Vec<f32>, EnvError>;
+
+    /// Teacher-forced log-probs of every response token given its prompt and the earlier
+    /// response tokens, in one batched pass (rows may be used as scratch). It must give what
+    /// `begin` + `logprob_and_push` give; [`crate::VecEnv::rollout`] uses it when available.
+    /// Default: `None` (the rollout then calls the reference step by step).
+    fn score_responses(
+        &mut self,
+        rows: &[usize],
+        prompts: &[&[u32]],
+        responses: &[&[u32]],
+    ) -> Result<Option<Vec<Vec<f32>>>, EnvError> {
+        let _ = (rows, prompts, responses);
+        Ok(None)
+    }
 }
 
 /// Token ids → text, for reward models that read text (implemented by tokenizers).
@@ -232,6 +246,7 @@ impl Row {
 
     /// Appends an action with its reference log-prob: `r_t = −β·k(t)`.
     pub(crate) fn push(&mut self, a: Action, ref_logprob: f32, cfg: &TextEnvConfig) -> Pushed {
+        let (terminated, truncated) = cfg.ends(a.token, self.ep.response_ids.len() + 1);
         let kl = cfg.kl.estimator.estimate(a.logprob, ref_logprob);
         let ep = &mut self.ep;
         ep.response_ids.push(a.token);
@@ -239,8 +254,6 @@ impl Row {
         ep.ref_logprobs.push(ref_logprob);
         ep.kl.push(kl);
         ep.rewards.push(-cfg.kl.beta * kl);
-        let terminated = cfg.eos_ids.contains(&a.token) || cfg.stop_ids.contains(&a.token);
-        let truncated = !terminated && ep.response_ids.len() >= cfg.max_new_tokens;
         ep.terminated = terminated;
         ep.truncated = truncated;
         self.done = terminated || truncated;
@@ -371,6 +384,14 @@ impl<R: LogProbModel, M: RewardModel> Env for TextGenEnv<R, M> {
             info.episode = Some(Box::new(row.ep.clone()));
         }
         Ok(Step { obs: row.obs(), reward, terminated: pushed.terminated, truncated: pushed.truncated, info })
+    }
+}
+
+impl TextEnvConfig {
+    /// Whether a response whose `len`-th token is `token` ends: `(terminated, truncated)`.
+    pub fn ends(&self, token: u32, len: usize) -> (bool, bool) {
+        let terminated = self.eos_ids.contains(&token) || self.stop_ids.contains(&token);
+        (terminated, !terminated && len >= self.max_new_tokens)
     }
 }
 

@@ -75,13 +75,21 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
     }
 
     fn start_rows(&mut self, rows: &[usize]) -> Result<(), EnvError> {
+        self.draw_prompts(rows);
+        let prompts: Vec<&[u32]> =
+            rows.iter().map(|&r| self.rows[r].as_ref().expect("started").prompt.as_slice()).collect();
+        self.reference.begin(rows, &prompts)
+    }
+
+    fn draw_prompts(&mut self, rows: &[usize]) {
         for &r in rows {
             let i = self.prompts.next_index();
             self.rows[r] = Some(Row::new(i, self.prompts.ids(i).to_vec()));
         }
-        let prompts: Vec<&[u32]> =
-            rows.iter().map(|&r| self.rows[r].as_ref().expect("started").prompt.as_slice()).collect();
-        self.reference.begin(rows, &prompts)
+    }
+
+    fn prompts_of(&self, rows: &[usize]) -> Vec<&[u32]> {
+        rows.iter().map(|&r| self.rows[r].as_ref().expect("started").prompt.as_slice()).collect()
     }
 
     /// Steps every row with its action (gymnasium's same-step auto-reset): a row whose episode
@@ -153,50 +161,121 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
     }
 
     fn score_rows(&mut self, rows: &[usize], ending: &[usize], steps: &mut [Step]) -> Result<(), EnvError> {
-        let inputs = ending
-            .iter()
-            .map(|&i| {
-                let row = self.rows[rows[i]].as_ref().expect("stepped");
-                row.reward_input(self.prompts.text(row.prompt_index), self.detok.as_ref())
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let (scores, dense) = score_checked(&mut self.reward, &inputs)?;
-        for (k, &i) in ending.iter().enumerate() {
-            let row = self.rows[rows[i]].as_mut().expect("stepped");
-            let score = row.finish(scores[k], dense.as_ref().map(|d| d[k].as_slice()), &self.cfg);
+        let ended: Vec<usize> = ending.iter().map(|&i| rows[i]).collect();
+        let scores = self.finish_rows(&ended)?;
+        for (&i, (raw, score)) in ending.iter().zip(scores) {
+            let row = self.rows[rows[i]].as_ref().expect("stepped");
             let s = &mut steps[i];
             s.reward = *row.ep.rewards.last().expect("non-empty");
-            s.info.raw_score = Some(scores[k]);
+            s.info.raw_score = Some(raw);
             s.info.score = Some(score);
             s.info.episode = Some(Box::new(row.ep.clone()));
         }
         Ok(())
     }
 
-    /// The batched rollout: starts every row on a new prompt and steps all unfinished rows
-    /// together — `policy.act`, one reference call, rewards for rows that end — until every
-    /// row has ended (no auto-reset). Returns one episode per row, in row order.
+    /// One batched reward call for rows whose episodes just ended; adds the processed scores.
+    /// Returns `(raw, processed)` per row.
+    fn finish_rows(&mut self, rows: &[usize]) -> Result<Vec<(f32, f32)>, EnvError> {
+        let inputs = rows
+            .iter()
+            .map(|&r| {
+                let row = self.rows[r].as_ref().expect("stepped");
+                row.reward_input(self.prompts.text(row.prompt_index), self.detok.as_ref())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let (scores, dense) = score_checked(&mut self.reward, &inputs)?;
+        Ok(rows
+            .iter()
+            .enumerate()
+            .map(|(k, &r)| {
+                let row = self.rows[r].as_mut().expect("stepped");
+                (scores[k], row.finish(scores[k], dense.as_ref().map(|d| d[k].as_slice()), &self.cfg))
+            })
+            .collect())
+    }
+
+    /// The batched rollout: starts every row on a new prompt, samples all rows together with
+    /// `policy` until each has ended (no auto-reset), then takes the reference log-probs in one
+    /// teacher-forced pass when the reference offers it (else step by step), applies the same
+    /// per-token math as [`VecEnv::step`], and scores all responses in one reward call.
+    /// Returns one episode per row, in row order.
     pub fn rollout<P: Policy + ?Sized>(&mut self, policy: &mut P) -> Result<Vec<Episode>, EnvError> {
         let all: Vec<usize> = (0..self.rows.len()).collect();
-        self.start_rows(&all)?;
-        let prompts: Vec<&[u32]> = self.rows.iter().map(|r| r.as_ref().expect("started").prompt.as_slice()).collect();
-        policy.begin(&all, &prompts)?;
-        let mut active = all;
-        while !active.is_empty() {
-            let actions = policy.act(&active)?;
-            if actions.len() != active.len() {
-                return Err(EnvError::Count { what: "policy actions", expected: active.len(), got: actions.len() });
+        self.draw_prompts(&all);
+        policy.begin(&all, &self.prompts_of(&all))?;
+        let actions = self.sample_all(policy, &all)?;
+        let responses: Vec<Vec<u32>> = actions.iter().map(|a| a.iter().map(|x| x.token).collect()).collect();
+        let resp_refs: Vec<&[u32]> = responses.iter().map(Vec::as_slice).collect();
+        let prompts: Vec<Vec<u32>> = self.prompts_of(&all).iter().map(|p| p.to_vec()).collect();
+        let prompt_refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let ref_lps = match self.reference.score_responses(&all, &prompt_refs, &resp_refs)? {
+            Some(lps) => lps,
+            None => self.reference_step_by_step(&all, &prompt_refs, &resp_refs)?,
+        };
+        for (r, (acts, lps)) in actions.iter().zip(&ref_lps).enumerate() {
+            if lps.len() != acts.len() {
+                return Err(EnvError::Count { what: "reference log-probs", expected: acts.len(), got: lps.len() });
             }
-            self.step_rows(&active, &actions)?;
-            let still: Vec<usize> =
-                active.iter().copied().filter(|&r| !self.rows[r].as_ref().expect("active").done).collect();
+            let row = self.rows[r].as_mut().expect("drawn");
+            for (a, &lp) in acts.iter().zip(lps) {
+                row.push(*a, lp, &self.cfg);
+            }
+        }
+        self.finish_rows(&all)?;
+        Ok(self.rows.iter().map(|r| r.as_ref().expect("finished").ep.clone()).collect())
+    }
+
+    /// Samples every row to its end (EOS/stop id or `max_new_tokens`).
+    fn sample_all<P: Policy + ?Sized>(&self, policy: &mut P, rows: &[usize]) -> Result<Vec<Vec<Action>>, EnvError> {
+        let mut actions: Vec<Vec<Action>> = vec![vec![]; self.rows.len()];
+        let mut active = rows.to_vec();
+        while !active.is_empty() {
+            let acts = policy.act(&active)?;
+            if acts.len() != active.len() {
+                return Err(EnvError::Count { what: "policy actions", expected: active.len(), got: acts.len() });
+            }
+            let (mut still, mut tokens) = (vec![], vec![]);
+            for (&r, a) in active.iter().zip(&acts) {
+                if a.token >= self.cfg.vocab {
+                    return Err(EnvError::InvalidAction { action: a.token, n: self.cfg.vocab });
+                }
+                actions[r].push(*a);
+                let (terminated, truncated) = self.cfg.ends(a.token, actions[r].len());
+                if !(terminated || truncated) {
+                    still.push(r);
+                    tokens.push(a.token);
+                }
+            }
             if !still.is_empty() {
-                let tokens: Vec<u32> =
-                    active.iter().zip(&actions).filter(|(r, _)| still.contains(r)).map(|(_, a)| a.token).collect();
                 policy.push(&still, &tokens)?;
             }
             active = still;
         }
-        Ok(self.rows.iter().map(|r| r.as_ref().expect("finished").ep.clone()).collect())
+        Ok(actions)
+    }
+
+    /// Reference log-probs through `begin` + `logprob_and_push`, all rows in lockstep.
+    fn reference_step_by_step(
+        &mut self,
+        rows: &[usize],
+        prompts: &[&[u32]],
+        responses: &[&[u32]],
+    ) -> Result<Vec<Vec<f32>>, EnvError> {
+        self.reference.begin(rows, prompts)?;
+        let mut out: Vec<Vec<f32>> = vec![vec![]; rows.len()];
+        let longest = responses.iter().map(|r| r.len()).max().unwrap_or(0);
+        for t in 0..longest {
+            let idx: Vec<usize> = (0..rows.len()).filter(|&i| responses[i].len() > t).collect();
+            let (rs, toks): (Vec<usize>, Vec<u32>) = idx.iter().map(|&i| (rows[i], responses[i][t])).unzip();
+            let lps = self.reference.logprob_and_push(&rs, &toks)?;
+            if lps.len() != idx.len() {
+                return Err(EnvError::Count { what: "reference log-probs", expected: idx.len(), got: lps.len() });
+            }
+            for (&i, lp) in idx.iter().zip(lps) {
+                out[i].push(lp);
+            }
+        }
+        Ok(out)
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use dfdx::prelude::*;
 use rand::{rngs::StdRng, SeedableRng};
+use rayon::prelude::*;
 use rlhf_envs::{Action, Detokenizer, EnvError, LogProbModel, Policy, RewardInput, RewardModel, ScoreNorm};
 
 use crate::batch::Batch;
@@ -31,6 +32,9 @@ pub struct EngineSession {
     rngs: Vec<StdRng>,
     sampling: SamplingConfig,
 }
+
+/// Rows from which per-row sampling and log-prob work is spread over threads.
+const PAR_ROWS: usize = 8;
 
 fn model_err(e: crate::error::PolicyError) -> EnvError {
     EnvError::Model(e.to_string())
@@ -106,16 +110,97 @@ impl LogProbModel for EngineSession {
         self.prefill(rows, prompts)
     }
 
-    fn logprob_and_push(&mut self, rows: &[usize], tokens: &[u32]) -> Result<Vec<f32>, EnvError> {
-        let mut out = Vec::with_capacity(rows.len());
-        for (&r, &tok) in rows.iter().zip(tokens) {
-            let l = self.current(r)?;
-            if tok as usize >= l.len() {
-                return Err(EnvError::InvalidAction { action: tok, n: l.len() as u32 });
-            }
-            out.push(logprob_at_temperature(l, self.sampling.temperature, tok as usize));
+    fn score_responses(
+        &mut self,
+        rows: &[usize],
+        prompts: &[&[u32]],
+        responses: &[&[u32]],
+    ) -> Result<Option<Vec<Vec<f32>>>, EnvError> {
+        if rows.len() != prompts.len() || rows.len() != responses.len() {
+            return Err(EnvError::Count {
+                what: "prompts and responses",
+                expected: rows.len(),
+                got: prompts.len().min(responses.len()),
+            });
         }
+        let v = self.engine.dims.vocab as u32;
+        if let Some(&tok) = responses.iter().flat_map(|r| r.iter()).find(|&&t| t >= v) {
+            return Err(EnvError::InvalidAction { action: tok, n: v });
+        }
+        self.score_batch(rows, prompts, responses).map(Some)
+    }
+
+    fn logprob_and_push(&mut self, rows: &[usize], tokens: &[u32]) -> Result<Vec<f32>, EnvError> {
+        if rows.len() != tokens.len() {
+            return Err(EnvError::Count { what: "tokens", expected: rows.len(), got: tokens.len() });
+        }
+        for (&r, &tok) in rows.iter().zip(tokens) {
+            let n = self.current(r)?.len();
+            if tok as usize >= n {
+                return Err(EnvError::InvalidAction { action: tok, n: n as u32 });
+            }
+        }
+        let t = self.sampling.temperature;
+        let one = |(&r, &tok): (&usize, &u32)| logprob_at_temperature(&self.logits[r], t, tok as usize);
+        let out: Vec<f32> = if rows.len() >= PAR_ROWS {
+            rows.par_iter().zip(tokens).map(one).collect()
+        } else {
+            rows.iter().zip(tokens).map(one).collect()
+        };
         self.feed(rows, tokens)?;
+        Ok(out)
+    }
+}
+
+impl EngineSession {
+    /// Teacher-forced log-probs (at the sampling temperature) of each response token, rows
+    /// processed in left-padded chunks that keep the logits buffer under ~128 MiB.
+    fn score_batch(
+        &mut self,
+        rows: &[usize],
+        prompts: &[&[u32]],
+        responses: &[&[u32]],
+    ) -> Result<Vec<Vec<f32>>, EnvError> {
+        let v = self.engine.dims.vocab;
+        // inputs: prompt + all response tokens but the last (nothing is predicted from it)
+        let seqs: Vec<Vec<u32>> =
+            prompts.iter().zip(responses).map(|(p, r)| [*p, &r[..r.len().saturating_sub(1)]].concat()).collect();
+        let longest = seqs.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        let chunk = ((32usize << 20) / (longest * v)).clamp(1, rows.len().max(1));
+        let mut out = Vec::with_capacity(rows.len());
+        for start in (0..rows.len()).step_by(chunk) {
+            let end = (start + chunk).min(rows.len());
+            let t = seqs[start..end].iter().map(Vec::len).max().unwrap_or(0);
+            let mut ids = Vec::with_capacity((end - start) * t);
+            for i in start..end {
+                if prompts[i].is_empty() {
+                    return Err(EnvError::Model(format!("row {}: empty prompt", rows[i])));
+                }
+                self.cache.reset_row(rows[i], t - seqs[i].len());
+                ids.extend(std::iter::repeat(0).take(t - seqs[i].len()));
+                ids.extend_from_slice(&seqs[i]);
+            }
+            let logits = self
+                .engine
+                .forward_rows(&mut self.cache, &rows[start..end], &ids, t, LogitsAt::All)
+                .map_err(model_err)?;
+            for i in start..end {
+                let pad = t - seqs[i].len();
+                let base = (i - start) * t + pad + prompts[i].len() - 1;
+                let lps = responses[i]
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &tok)| {
+                        let row = &logits[(base + k) * v..(base + k + 1) * v];
+                        logprob_at_temperature(row, self.sampling.temperature, tok as usize)
+                    })
+                    .collect();
+                out.push(lps);
+            }
+        }
+        for &r in rows {
+            self.logits[r].clear(); // the rows were scratch: they must be begun again
+        }
         Ok(out)
     }
 }
@@ -126,14 +211,26 @@ impl Policy for EngineSession {
     }
 
     fn act(&mut self, rows: &[usize]) -> Result<Vec<Action>, EnvError> {
-        let mut out = Vec::with_capacity(rows.len());
         for &r in rows {
-            let mut l = self.current(r)?.to_vec();
-            let forbid_end = self.steps[r] < self.sampling.min_new_tokens;
-            let (token, logprob) = sample_from_logits(&mut l, &self.sampling, forbid_end, &mut self.rngs[r]);
-            out.push(Action { token, logprob });
+            self.current(r)?;
         }
-        Ok(out)
+        // each row draws from its own RNG, so the result does not depend on threading
+        let mut slots: Vec<Option<&mut StdRng>> = self.rngs.iter_mut().map(Some).collect();
+        let rngs: Vec<&mut StdRng> = rows
+            .iter()
+            .map(|&r| slots[r].take().ok_or_else(|| EnvError::Model(format!("row {r} repeated"))))
+            .collect::<Result<_, _>>()?;
+        let (logits, steps, sampling) = (&self.logits, &self.steps, &self.sampling);
+        let one = |(&r, rng): (&usize, &mut StdRng)| {
+            let mut l = logits[r].clone();
+            let (token, logprob) = sample_from_logits(&mut l, sampling, steps[r] < sampling.min_new_tokens, rng);
+            Action { token, logprob }
+        };
+        Ok(if rows.len() >= PAR_ROWS {
+            rows.par_iter().zip(rngs.into_par_iter()).map(one).collect()
+        } else {
+            rows.iter().zip(rngs).map(one).collect()
+        })
     }
 
     fn push(&mut self, rows: &[usize], tokens: &[u32]) -> Result<(), EnvError> {
