@@ -110,7 +110,7 @@ impl EnvBench {
         let mut policy = EngineSession::new(self.engine.clone(), b, self.capacity(), self.sampling.clone());
         let rows: Vec<usize> = (0..b).collect();
         let obs = env.reset(None)?;
-        let prompts: Vec<&[u32]> = obs.iter().map(|o| o.ids.as_slice()).collect();
+        let prompts: Vec<&[u32]> = obs.iter().map(|(o, _)| o.ids.as_slice()).collect();
         rlhf_envs::Policy::begin(&mut policy, &rows, &prompts)?;
         let mut stepped = 0;
         for t in 0..self.cfg.max_new_tokens {

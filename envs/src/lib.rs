@@ -13,6 +13,19 @@
 //!
 //! Models reach this crate only through the small traits [`LogProbModel`], [`Policy`] and
 //! [`Detokenizer`]; `rlhf-policies` implements them for its dfdx models.
+//!
+//! ```
+//! use rlhf_envs::kl::shaped_rewards;
+//! use rlhf_envs::{FnReward, KlConfig, KlEstimator, RewardInput, RewardModel};
+//! // a reward from a closure
+//! let mut polite = FnReward::new("polite", |x: &RewardInput| x.response.contains("please") as i32 as f32);
+//! let input = RewardInput { prompt: "Ask".into(), response: "please pass the salt".into(), prompt_ids: vec![1], response_ids: vec![2, 3] };
+//! let score = polite.score(&[input]).unwrap()[0];
+//! // per-token rewards: -β·k1(t), plus the score at the last token
+//! let kl = KlConfig { beta: 0.1, estimator: KlEstimator::K1 };
+//! let rewards = shaped_rewards(&[-1.0, -2.0], &[-1.5, -2.0], &kl, score);
+//! assert_eq!(rewards, vec![-0.05, 1.0]);
+//! ```
 #![deny(missing_docs)]
 
 pub mod command;

@@ -47,12 +47,15 @@ impl<R: RewardModel + ?Sized> RewardModel for Box<R> {
     }
 }
 
+/// Scores and optional dense rewards, as checked by [`score_checked`].
+pub type CheckedScores = (Vec<f32>, Option<Vec<Vec<f32>>>);
+
 /// Calls `model` and checks what it returned: one finite score per input, and dense rewards
 /// (if any) of one finite value per response token. Nothing is zeroed or dropped.
 pub fn score_checked<R: RewardModel + ?Sized>(
     model: &mut R,
     batch: &[RewardInput],
-) -> Result<(Vec<f32>, Option<Vec<Vec<f32>>>), EnvError> {
+) -> Result<CheckedScores, EnvError> {
     let scores = model.score(batch)?;
     check_scores(&model.name(), &scores, batch.len())?;
     let dense = model.dense(batch)?;

@@ -291,10 +291,19 @@ impl Row {
     }
 }
 
+/// What `reset` reports besides the observation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResetInfo {
+    /// Which prompt of the source was drawn.
+    pub prompt_index: usize,
+    /// Its text.
+    pub prompt: String,
+}
+
 /// The gymnasium-style interface.
 pub trait Env {
     /// Starts a new episode; `seed` restarts the prompt sampler.
-    fn reset(&mut self, seed: Option<u64>) -> Result<Obs, EnvError>;
+    fn reset(&mut self, seed: Option<u64>) -> Result<(Obs, ResetInfo), EnvError>;
     /// Takes one action.
     fn step(&mut self, action: Action) -> Result<Step, EnvError>;
 }
@@ -341,7 +350,7 @@ impl<R: LogProbModel, M: RewardModel> TextGenEnv<R, M> {
 }
 
 impl<R: LogProbModel, M: RewardModel> Env for TextGenEnv<R, M> {
-    fn reset(&mut self, seed: Option<u64>) -> Result<Obs, EnvError> {
+    fn reset(&mut self, seed: Option<u64>) -> Result<(Obs, ResetInfo), EnvError> {
         if let Some(s) = seed {
             self.prompts.reseed(s);
         }
@@ -350,7 +359,7 @@ impl<R: LogProbModel, M: RewardModel> Env for TextGenEnv<R, M> {
         self.reference.begin(&[0], &[&row.prompt])?;
         let obs = row.obs();
         self.row = Some(row);
-        Ok(obs)
+        Ok((obs, ResetInfo { prompt_index: i, prompt: self.prompts.text(i).to_string() }))
     }
 
     fn step(&mut self, action: Action) -> Result<Step, EnvError> {

@@ -6,7 +6,8 @@ use crate::error::EnvError;
 use crate::reward::{score_checked, RewardModel};
 use crate::spaces::{Discrete, Space};
 use crate::text_env::{
-    validate, Action, Detokenizer, Episode, LogProbModel, Obs, PromptSource, Row, Step, StepInfo, TextEnvConfig,
+    validate, Action, Detokenizer, Episode, LogProbModel, Obs, PromptSource, ResetInfo, Row, Step, StepInfo,
+    TextEnvConfig,
 };
 
 /// A policy over rows of token streams (implemented by the sampling engine in
@@ -65,13 +66,26 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
 
     /// Starts a new episode in every row (prompts drawn in row order); `seed` restarts the
     /// prompt sampler. Returns the prompts as observations.
-    pub fn reset(&mut self, seed: Option<u64>) -> Result<Vec<Obs>, EnvError> {
+    pub fn reset(&mut self, seed: Option<u64>) -> Result<Vec<(Obs, ResetInfo)>, EnvError> {
         if let Some(s) = seed {
             self.prompts.reseed(s);
         }
         let all: Vec<usize> = (0..self.rows.len()).collect();
         self.start_rows(&all)?;
-        Ok(self.rows.iter().map(|r| r.as_ref().expect("just started").obs()).collect())
+        Ok(self
+            .rows
+            .iter()
+            .map(|r| {
+                let row = r.as_ref().expect("just started");
+                (
+                    row.obs(),
+                    ResetInfo {
+                        prompt_index: row.prompt_index,
+                        prompt: self.prompts.text(row.prompt_index).to_string(),
+                    },
+                )
+            })
+            .collect())
     }
 
     fn start_rows(&mut self, rows: &[usize]) -> Result<(), EnvError> {

@@ -43,8 +43,9 @@ fn act(tok: u32) -> Action {
 #[test]
 fn terminated_on_eos_and_score_on_that_token() {
     let mut e = env(10);
-    let obs = e.reset(Some(3)).unwrap();
+    let (obs, info) = e.reset(Some(3)).unwrap();
     assert_eq!(obs.ids.len(), obs.prompt_len);
+    assert_eq!(info.prompt, format!("prompt {}", info.prompt_index));
     let s = e.step(act(5)).unwrap();
     assert!(!s.terminated && !s.truncated && s.info.score.is_none());
     assert_eq!(s.obs.ids.len(), obs.prompt_len + 1);
