@@ -44,7 +44,7 @@ fn loss_value(m: &CausalLm<Cpu>, batch: &Batch, targets: &[usize], weights: &[f3
     let logits = m.forward(batch, NoneTape).unwrap();
     let n = targets.len();
     let lp = logits.log_softmax::<Axis<1>>().select(dev.tensor_from_vec(targets.to_vec(), (n,)));
-    (lp * dev.tensor_from_vec(weights.to_vec(), (n,))).sum::<Rank0, _>().array() * -1.0
+    -(lp * dev.tensor_from_vec(weights.to_vec(), (n,))).sum::<Rank0, _>().array()
 }
 
 fn grad_check(cfg: ModelConfig) {

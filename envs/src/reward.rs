@@ -52,10 +52,7 @@ pub type CheckedScores = (Vec<f32>, Option<Vec<Vec<f32>>>);
 
 /// Calls `model` and checks what it returned: one finite score per input, and dense rewards
 /// (if any) of one finite value per response token. Nothing is zeroed or dropped.
-pub fn score_checked<R: RewardModel + ?Sized>(
-    model: &mut R,
-    batch: &[RewardInput],
-) -> Result<CheckedScores, EnvError> {
+pub fn score_checked<R: RewardModel + ?Sized>(model: &mut R, batch: &[RewardInput]) -> Result<CheckedScores, EnvError> {
     let scores = model.score(batch)?;
     check_scores(&model.name(), &scores, batch.len())?;
     let dense = model.dense(batch)?;
