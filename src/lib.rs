@@ -4,3 +4,6 @@
 
 pub mod bench;
 pub mod bench_env;
+pub mod config;
+pub mod run;
+pub mod schedule;

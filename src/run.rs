@@ -1,0 +1,206 @@
+//! Run folders: `runs/<name>/` with the resolved `config.json`, `metrics.jsonl` (one JSON
+//! object per logged step), `samples.jsonl`, and `checkpoints/step-N/` written atomically.
+//!
+//! A checkpoint is written into a hidden temporary folder, completed with a
+//! `checkpoint.json` marker (step and metadata), then renamed into place; a folder without
+//! the marker — a crash mid-write — is never taken as a checkpoint.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use serde_json::Value;
+
+/// The marker file that makes a checkpoint folder valid.
+pub const MARKER: &str = "checkpoint.json";
+
+/// A run folder.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    /// `runs/<name>`.
+    pub root: PathBuf,
+}
+
+impl RunDir {
+    /// Creates (or reopens) the folder and its `checkpoints/`.
+    pub fn create(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        std::fs::create_dir_all(root.join("checkpoints")).with_context(|| format!("creating {}", root.display()))?;
+        Ok(RunDir { root })
+    }
+
+    /// Writes the resolved config as `config.json` (atomically).
+    pub fn write_config<T: Serialize>(&self, cfg: &T) -> Result<()> {
+        write_atomic(&self.root.join("config.json"), serde_json::to_string_pretty(cfg)?.as_bytes())
+    }
+
+    /// Appends to `metrics.jsonl`.
+    pub fn metrics(&self) -> Result<JsonlWriter> {
+        JsonlWriter::append(&self.root.join("metrics.jsonl"))
+    }
+
+    /// Appends to `samples.jsonl`.
+    pub fn samples(&self) -> Result<JsonlWriter> {
+        JsonlWriter::append(&self.root.join("samples.jsonl"))
+    }
+
+    /// The folder of the checkpoint at `step`.
+    pub fn checkpoint_dir(&self, step: usize) -> PathBuf {
+        self.root.join("checkpoints").join(format!("step-{step}"))
+    }
+
+    /// Writes a checkpoint atomically: `write` fills a temporary folder, the marker (with
+    /// `meta`) is written last, and the folder is renamed to `checkpoints/step-N`.
+    pub fn save_checkpoint<M: Serialize>(
+        &self,
+        step: usize,
+        meta: &M,
+        write: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<PathBuf> {
+        let ckpts = self.root.join("checkpoints");
+        let tmp = ckpts.join(format!(".tmp-step-{step}-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp)?;
+        write(&tmp).with_context(|| format!("writing checkpoint {step} into {}", tmp.display()))?;
+        let marker = serde_json::json!({ "step": step, "meta": meta });
+        std::fs::write(tmp.join(MARKER), serde_json::to_string_pretty(&marker)?)?;
+        let dst = self.checkpoint_dir(step);
+        if dst.exists() {
+            let old = ckpts.join(format!(".old-step-{step}"));
+            let _ = std::fs::remove_dir_all(&old);
+            std::fs::rename(&dst, &old)?;
+            std::fs::rename(&tmp, &dst)?;
+            std::fs::remove_dir_all(&old)?;
+        } else {
+            std::fs::rename(&tmp, &dst)?;
+        }
+        Ok(dst)
+    }
+
+    /// The valid checkpoint with the highest step, if any.
+    pub fn latest_checkpoint(&self) -> Result<Option<(usize, PathBuf)>> {
+        let dir = self.root.join("checkpoints");
+        if !dir.exists() {
+            return Ok(None);
+        }
+        let mut best: Option<(usize, PathBuf)> = None;
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<usize>().ok()) else { continue };
+            if !path.join(MARKER).is_file() {
+                continue; // incomplete: a crash before the marker
+            }
+            if best.as_ref().is_none_or(|(b, _)| step > *b) {
+                best = Some((step, path));
+            }
+        }
+        Ok(best)
+    }
+
+    /// Drops `metrics.jsonl` and `samples.jsonl` lines whose `step` is past `step` (written
+    /// after the checkpoint a resume restarts from), so a resumed run's logs read as one run.
+    pub fn truncate_logs_after(&self, step: usize) -> Result<()> {
+        for name in ["metrics.jsonl", "samples.jsonl"] {
+            let path = self.root.join(name);
+            if !path.exists() {
+                continue;
+            }
+            let mut kept = String::new();
+            for (i, line) in BufReader::new(File::open(&path)?).lines().enumerate() {
+                let line = line?;
+                let v: Value =
+                    serde_json::from_str(&line).with_context(|| format!("{}: line {}", path.display(), i + 1))?;
+                let s = v.get("step").and_then(Value::as_u64);
+                if s.is_none_or(|s| s as usize <= step) {
+                    kept.push_str(&line);
+                    kept.push('\n');
+                }
+            }
+            write_atomic(&path, kept.as_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+/// Appends one JSON object per line, flushed after each.
+#[derive(Debug)]
+pub struct JsonlWriter {
+    file: File,
+    path: PathBuf,
+}
+
+impl JsonlWriter {
+    /// Opens `path` for appending.
+    pub fn append(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(JsonlWriter { file, path: path.to_path_buf() })
+    }
+
+    /// Writes one record.
+    pub fn write<T: Serialize>(&mut self, record: &T) -> Result<()> {
+        let line = serde_json::to_string(record)?;
+        if line.contains('\n') {
+            bail!("a JSONL record serialised with a newline");
+        }
+        writeln!(self.file, "{line}").with_context(|| format!("writing {}", self.path.display()))?;
+        self.file.flush()?;
+        Ok(())
+    }
+}
+
+/// Writes `bytes` via a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_are_atomic_and_latest_ignores_incomplete_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::create(dir.path().join("r")).unwrap();
+        assert!(run.latest_checkpoint().unwrap().is_none());
+        run.save_checkpoint(5, &"a", |d| Ok(std::fs::write(d.join("w.bin"), b"5")?)).unwrap();
+        run.save_checkpoint(10, &"b", |d| Ok(std::fs::write(d.join("w.bin"), b"10")?)).unwrap();
+        // a crash mid-write: a half-written temporary folder and a step folder without marker
+        std::fs::create_dir_all(run.root.join("checkpoints/.tmp-step-15-1")).unwrap();
+        std::fs::create_dir_all(run.root.join("checkpoints/step-20")).unwrap();
+        std::fs::write(run.root.join("checkpoints/step-20/w.bin"), b"partial").unwrap();
+        // a writer that fails leaves no step folder
+        assert!(run.save_checkpoint(25, &"c", |_| bail!("disk full")).is_err());
+        assert!(!run.checkpoint_dir(25).exists());
+        let (step, path) = run.latest_checkpoint().unwrap().unwrap();
+        assert_eq!(step, 10);
+        assert_eq!(std::fs::read(path.join("w.bin")).unwrap(), b"10");
+        // overwriting a step replaces it whole
+        run.save_checkpoint(10, &"b2", |d| Ok(std::fs::write(d.join("w.bin"), b"new")?)).unwrap();
+        assert_eq!(std::fs::read(run.checkpoint_dir(10).join("w.bin")).unwrap(), b"new");
+    }
+
+    #[test]
+    fn logs_are_truncated_to_the_resumed_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::create(dir.path()).unwrap();
+        let mut m = run.metrics().unwrap();
+        for step in 1..=6 {
+            m.write(&serde_json::json!({"step": step, "loss": 1.0 / step as f64})).unwrap();
+        }
+        run.truncate_logs_after(4).unwrap();
+        let text = std::fs::read_to_string(run.root.join("metrics.jsonl")).unwrap();
+        assert_eq!(text.lines().count(), 4);
+        assert!(text.lines().last().unwrap().contains("\"step\":4"));
+    }
+}
