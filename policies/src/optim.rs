@@ -3,6 +3,9 @@
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use std::collections::BTreeMap;
+
+use crate::checkpoint::HostTensor;
 use crate::error::{dev_err, PolicyError};
 use crate::params::{ParamMut, ParamRef};
 
@@ -13,6 +16,10 @@ pub trait GradBuffers: Device<f32> {
     fn sum_sq(buf: &<Self as Storage<f32>>::Vec) -> f64;
     /// `g *= s` in place.
     fn scale(buf: &mut <Self as Storage<f32>>::Vec, s: f32);
+    /// The buffer's values on the host.
+    fn read(buf: &<Self as Storage<f32>>::Vec) -> Vec<f32>;
+    /// Overwrites the buffer with `data` (same length).
+    fn write(buf: &mut <Self as Storage<f32>>::Vec, data: &[f32]);
 }
 
 impl GradBuffers for Cpu {
@@ -21,6 +28,12 @@ impl GradBuffers for Cpu {
     }
     fn scale(buf: &mut <Self as Storage<f32>>::Vec, s: f32) {
         buf.iter_mut().for_each(|g| *g *= s);
+    }
+    fn read(buf: &<Self as Storage<f32>>::Vec) -> Vec<f32> {
+        buf.to_vec()
+    }
+    fn write(buf: &mut <Self as Storage<f32>>::Vec, data: &[f32]) {
+        buf.copy_from_slice(data);
     }
 }
 
@@ -100,6 +113,54 @@ impl<D: Device<f32>> AdamW<D> {
 
     fn adam_cfg(&self, lr: f64, weight_decay: Option<WeightDecay>) -> AdamConfig {
         AdamConfig { lr, betas: self.cfg.betas, eps: self.cfg.eps, weight_decay }
+    }
+}
+
+impl<D: GradBuffers> AdamW<D> {
+    /// The optimizer state for a checkpoint: `exp_avg.<name>` and `exp_avg_sq.<name>` for
+    /// every parameter (PyTorch's names), and the step count.
+    pub fn state(
+        &mut self,
+        params: &[(String, ParamRef<'_, D>)],
+    ) -> Result<(i32, BTreeMap<String, HostTensor>), PolicyError> {
+        let mut out = BTreeMap::new();
+        for (name, p) in params {
+            let shape = p.shape();
+            out.insert(
+                format!("exp_avg.{name}"),
+                HostTensor { shape: shape.clone(), data: D::read(grad_mut(p, &mut self.m)?) },
+            );
+            out.insert(format!("exp_avg_sq.{name}"), HostTensor { shape, data: D::read(grad_mut(p, &mut self.v)?) });
+        }
+        Ok((self.t, out))
+    }
+
+    /// Restores what [`AdamW::state`] saved (`file` names the source in errors).
+    pub fn load_state(
+        &mut self,
+        params: &[(String, ParamRef<'_, D>)],
+        t: i32,
+        tensors: &BTreeMap<String, HostTensor>,
+        file: &std::path::Path,
+    ) -> Result<(), PolicyError> {
+        for (name, p) in params {
+            for (prefix, moments) in [("exp_avg", &mut self.m), ("exp_avg_sq", &mut self.v)] {
+                let key = format!("{prefix}.{name}");
+                let h = tensors
+                    .get(&key)
+                    .ok_or_else(|| PolicyError::tensor(file, &key, "missing from the optimizer state"))?;
+                if h.shape != p.shape() {
+                    return Err(PolicyError::tensor(
+                        file,
+                        &key,
+                        format!("shape {:?}, parameter has {:?}", h.shape, p.shape()),
+                    ));
+                }
+                D::write(grad_mut(p, moments)?, &h.data);
+            }
+        }
+        self.t = t;
+        Ok(())
     }
 }
 
