@@ -5,5 +5,8 @@
 pub mod bench;
 pub mod bench_env;
 pub mod config;
+pub mod data;
+pub mod progress;
 pub mod run;
 pub mod schedule;
+pub mod stages;

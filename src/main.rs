@@ -25,6 +25,8 @@ enum Command {
     Init(InitArgs),
     /// Sample a completion of a prompt from a checkpoint folder.
     Generate(GenerateArgs),
+    /// Stage 1: next-token pretraining on a text corpus.
+    Pretrain(StageArgs),
     /// Run the fixed peer workload's benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -100,6 +102,20 @@ impl From<Weights> for WeightDtype {
     }
 }
 
+#[derive(Debug, clap::Args)]
+struct StageArgs {
+    /// JSON config (fields of the stage's config struct; unknown fields are errors).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a config field, e.g. `--set steps=500 --set optim.lr=3e-4` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Continue the run in this folder from its last complete checkpoint (its config.json,
+    /// plus any --set overrides).
+    #[arg(long, conflicts_with = "config")]
+    resume: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// Rollout tokens/s (batched sampling with the KV cache) at the workload's batch sizes.
@@ -151,6 +167,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Init(a) => init(a),
         Command::Generate(a) => generate_cmd(a),
+        Command::Pretrain(a) => pretrain_cmd(a),
         Command::Bench(BenchCommand::Rollout(a)) => bench_rollout(a),
         Command::Bench(BenchCommand::Env(a)) => bench_env(a),
     }
@@ -272,5 +289,20 @@ fn bench_env(a: EnvArgs) -> Result<()> {
     if let Some(p) = &a.out {
         std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;
     }
+    Ok(())
+}
+
+fn pretrain_cmd(a: StageArgs) -> Result<()> {
+    use rlhf::stages::pretrain::{train, PretrainConfig};
+    let (cfg, resume) = match &a.resume {
+        Some(dir) => {
+            let mut set = a.set.clone();
+            set.push(format!("out_dir={}", serde_json::to_string(&dir)?));
+            (rlhf::config::load::<PretrainConfig>(Some(&dir.join("config.json")), &set)?, true)
+        }
+        None => (rlhf::config::load::<PretrainConfig>(a.config.as_deref(), &a.set)?, false),
+    };
+    let report = train(cfg, resume)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }

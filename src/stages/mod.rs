@@ -1,0 +1,3 @@
+//! The training stages, one module each, readable top to bottom.
+
+pub mod pretrain;

@@ -1,0 +1,320 @@
+//! Stage 1, pretraining: a text corpus → tokenizer → token stream → random blocks of
+//! `block_size` → next-token cross-entropy, `L = −(1/BT) Σ log p(x_{t+1} | x_{≤t})`.
+//!
+//! AdamW with linear warm-up and cosine decay, grad-norm clipping, gradient accumulation, a
+//! held-out validation split with periodic `val_loss`, samples at eval time, and checkpoints
+//! that resume exactly (batches are drawn from `(seed, step, micro-batch)`).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use dfdx::prelude::*;
+use rlhf_policies::checkpoint::{read_safetensors, write_safetensors};
+use rlhf_policies::params::tensor_id;
+use rlhf_policies::{
+    clip_grad_norm, generate, AdamW, AdamWConfig, Batch, CausalLm, InferenceModel, ModelConfig, SamplingConfig,
+    Tokenizer,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{read_corpus, sample_blocks, TokenSplit};
+use crate::run::RunDir;
+use crate::schedule::LrSchedule;
+
+/// How to get the tokenizer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TokenizerSpec {
+    /// One token per character of the corpus (nanoGPT's Shakespeare), plus `<|endoftext|>`.
+    Char,
+    /// A byte-level BPE trained on the corpus.
+    Bpe {
+        /// Vocabulary size, special tokens included.
+        vocab_size: usize,
+        /// Minimum pair frequency for a merge. Default 2.
+        #[serde(default = "two")]
+        min_frequency: u64,
+    },
+    /// An existing `tokenizer.json`.
+    File {
+        /// Its path.
+        path: PathBuf,
+    },
+}
+
+fn two() -> u64 {
+    2
+}
+
+/// `rlhf pretrain` configuration. Defaults are nanoGPT's character-level Shakespeare on CPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PretrainConfig {
+    /// Run folder. Default `runs/pretrain`.
+    pub out_dir: PathBuf,
+    /// Seed of the init and of every batch. Default `1337`.
+    pub seed: u64,
+    /// Corpus files (UTF-8 text), concatenated. Required.
+    pub files: Vec<PathBuf>,
+    /// Fraction of the token stream (its end) held out for validation. Default `0.1`.
+    pub val_fraction: f64,
+    /// Tokenizer. Default: character level.
+    pub tokenizer: TokenizerSpec,
+    /// Model config (HF fields; `vocab_size` is set from the tokenizer). Default: GPT-2 with
+    /// 4 layers, 4 heads, width 128, 64 positions.
+    pub model: ModelConfig,
+    /// Tokens per training sequence. Default `64`.
+    pub block_size: usize,
+    /// Sequences per micro-batch. Default `12`.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step. Default `1`.
+    pub grad_accum: usize,
+    /// Optimizer steps. Default `2000`.
+    pub steps: usize,
+    /// AdamW. Default lr 1e-3, betas (0.9, 0.99), weight decay 0.1 (not on biases and norms).
+    pub optim: AdamWConfig,
+    /// Learning rate per step. Default: warm-up 100, cosine from 1e-3 to 1e-4 at step 2000.
+    pub schedule: LrSchedule,
+    /// Global grad-norm clip. Default `1.0`.
+    pub grad_clip: f64,
+    /// Evaluate every this many steps (and at the end). Default `250`.
+    pub eval_every: usize,
+    /// Validation batches per evaluation. Default `20`.
+    pub eval_batches: usize,
+    /// Checkpoint every this many steps (and at the end). Default `500`.
+    pub checkpoint_every: usize,
+    /// Tokens sampled at each evaluation. Default `100`.
+    pub sample_tokens: usize,
+    /// Prompt of the samples. Default `"\n"`.
+    pub sample_prompt: String,
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        PretrainConfig {
+            out_dir: "runs/pretrain".into(),
+            seed: 1337,
+            files: vec![],
+            val_fraction: 0.1,
+            tokenizer: TokenizerSpec::Char,
+            model: ModelConfig::gpt2_preset(65, 128, 4, 4, 64),
+            block_size: 64,
+            batch_size: 12,
+            grad_accum: 1,
+            steps: 2000,
+            optim: AdamWConfig { lr: 1e-3, betas: [0.9, 0.99], eps: 1e-8, weight_decay: 0.1, no_decay_1d: true },
+            schedule: LrSchedule::WarmupCosine { lr: 1e-3, min_lr: 1e-4, warmup: 100, decay_steps: 2000 },
+            grad_clip: 1.0,
+            eval_every: 250,
+            eval_batches: 20,
+            checkpoint_every: 500,
+            sample_tokens: 100,
+            sample_prompt: "\n".into(),
+        }
+    }
+}
+
+/// What a checkpoint's marker records besides the step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TrainerState {
+    step: usize,
+    adam_t: i32,
+}
+
+/// The final numbers of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PretrainReport {
+    /// Steps done (in total, across resumes).
+    pub steps: usize,
+    /// Last training loss.
+    pub train_loss: f32,
+    /// Last validation loss.
+    pub val_loss: Option<f32>,
+    /// Wall seconds of this invocation.
+    pub wall_s: f64,
+}
+
+/// Mean next-token cross-entropy of `inputs` (rows of `block` ids) against `targets`,
+/// recorded on `tape`.
+pub fn lm_loss<T: Tape<f32, Cpu>>(
+    model: &CausalLm<Cpu>,
+    inputs: &[Vec<u32>],
+    targets: &[usize],
+    tape: T,
+) -> Result<Tensor<Rank0, f32, Cpu, T>> {
+    let logits = model.forward(&Batch::unpadded(inputs)?, tape)?;
+    let n = targets.len();
+    let targets = model.dev.tensor_from_vec(targets.to_vec(), (n,));
+    Ok(logits.log_softmax::<Axis<1>>().select(targets).mean().negate())
+}
+
+/// Runs (or, with `resume`, continues) pretraining as configured.
+pub fn train(cfg: PretrainConfig, resume: bool) -> Result<PretrainReport> {
+    validate(&cfg)?;
+    let run = RunDir::create(&cfg.out_dir)?;
+    let dev = Cpu::default();
+    // BOILERPLATE: data, tokenizer, model, optimizer (fresh or from the last checkpoint)
+    let text = read_corpus(&cfg.files)?;
+    let latest = if resume { run.latest_checkpoint()? } else { None };
+    if resume && latest.is_none() {
+        bail!("{}: no complete checkpoint to resume from", run.root.display());
+    }
+    let tok = match &latest {
+        Some((_, dir)) => Tokenizer::from_file(&dir.join("tokenizer.json"))?,
+        None => build_tokenizer(&cfg, &text)?,
+    };
+    let split = TokenSplit::new(tok.encode(&text)?, cfg.val_fraction, cfg.block_size, &cfg.files[0])?;
+    let mut model_cfg = cfg.model.clone();
+    model_cfg.set_vocab_size(tok.vocab_size());
+    let mut model = CausalLm::new(model_cfg, &dev, cfg.seed)?;
+    let mut opt = AdamW::new(cfg.optim.clone());
+    let mut start = 0;
+    if let Some((step, dir)) = &latest {
+        model = CausalLm::load_pretrained(dir, &dev)?;
+        let state: TrainerState = read_marker(dir)?;
+        let file = dir.join("optimizer.safetensors");
+        opt.load_state(&model.params(), state.adam_t, &read_safetensors(&file)?, &file)?;
+        start = *step;
+        run.truncate_logs_after(start)?;
+    } else {
+        run.write_config(&cfg)?;
+    }
+    let mut metrics = run.metrics()?;
+    let mut samples = run.samples()?;
+    let bar = crate::progress::bar(cfg.steps as u64, "pretrain");
+    bar.set_position(start as u64);
+    let t_run = Instant::now();
+    let (mut train_loss, mut val_loss) = (f32::NAN, None);
+    for step in start..cfg.steps {
+        // ALGO: one optimizer step over grad_accum micro-batches
+        let t0 = Instant::now();
+        let lr = cfg.schedule.at(step);
+        let mut grads = Gradients::leaky();
+        let mut loss_sum = 0.0f32;
+        for micro in 0..cfg.grad_accum {
+            let (x, y) =
+                sample_blocks(&split.train, cfg.block_size, cfg.batch_size, cfg.seed, step as u64, micro as u64);
+            // continue recording into the same Gradients: backward accumulates (+=) into them
+            let anchor: Tensor<Rank0, f32, Cpu> = dev.zeros();
+            let (_, tape) = anchor.traced(grads).split_tape();
+            let loss = lm_loss(&model, &x, &y, tape)? * (1.0 / cfg.grad_accum as f32);
+            loss_sum += loss.array();
+            grads = loss.backward();
+            grads.retain_leafs(&param_ids(&model)); // free activations' gradients between micro-batches
+        }
+        let grad_norm = clip_grad_norm(&model.params(), &mut grads, cfg.grad_clip)?;
+        opt.step(model.params_mut(), &mut grads, lr)?;
+        train_loss = loss_sum;
+        let tokens = cfg.grad_accum * cfg.batch_size * cfg.block_size;
+        let tok_s = tokens as f64 / t0.elapsed().as_secs_f64();
+        let done = step + 1;
+        let mut record = serde_json::json!({"step": done, "loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s});
+        if done % cfg.eval_every == 0 || done == cfg.steps {
+            let v = eval_loss(&model, &split.val, &cfg)?;
+            val_loss = Some(v);
+            record["val_loss"] = v.into();
+            let text = sample(&model, &tok, &cfg, done)?;
+            samples.write(&serde_json::json!({"step": done, "prompt": cfg.sample_prompt, "sample": text}))?;
+        }
+        metrics.write(&record)?;
+        bar.set_message(format!(
+            "loss {train_loss:.3}{} | {tok_s:.0} tok/s",
+            val_loss.map(|v| format!(" val {v:.3}")).unwrap_or_default()
+        ));
+        bar.inc(1);
+        if done % cfg.checkpoint_every == 0 || done == cfg.steps {
+            save(&run, done, &model, &tok, &mut opt)?;
+        }
+    }
+    bar.finish();
+    Ok(PretrainReport { steps: cfg.steps, train_loss, val_loss, wall_s: t_run.elapsed().as_secs_f64() })
+}
+
+fn param_ids(model: &CausalLm<Cpu>) -> Vec<UniqueId> {
+    model
+        .params()
+        .iter()
+        .map(|(_, p)| match p {
+            rlhf_policies::ParamRef::V(t) => tensor_id(*t),
+            rlhf_policies::ParamRef::M(t) => tensor_id(*t),
+        })
+        .collect()
+}
+
+fn validate(cfg: &PretrainConfig) -> Result<()> {
+    if cfg.files.is_empty() {
+        bail!("files: give at least one corpus file");
+    }
+    for (name, v) in [
+        ("block_size", cfg.block_size),
+        ("batch_size", cfg.batch_size),
+        ("grad_accum", cfg.grad_accum),
+        ("steps", cfg.steps),
+        ("eval_every", cfg.eval_every),
+        ("eval_batches", cfg.eval_batches),
+        ("checkpoint_every", cfg.checkpoint_every),
+    ] {
+        if v == 0 {
+            bail!("{name} must be at least 1");
+        }
+    }
+    let dims = cfg.model.dims()?;
+    if dims.family == rlhf_policies::Family::Gpt2 && dims.max_positions < cfg.block_size {
+        bail!("model.n_positions {} is smaller than block_size {}", dims.max_positions, cfg.block_size);
+    }
+    Ok(())
+}
+
+fn build_tokenizer(cfg: &PretrainConfig, text: &str) -> Result<Tokenizer> {
+    Ok(match &cfg.tokenizer {
+        TokenizerSpec::Char => Tokenizer::char_level(text)?,
+        TokenizerSpec::Bpe { vocab_size, min_frequency } => {
+            Tokenizer::train_bpe(text.lines(), *vocab_size, *min_frequency)?
+        }
+        TokenizerSpec::File { path } => Tokenizer::from_file(path)?,
+    })
+}
+
+/// Mean loss over `eval_batches` fixed validation batches (the same ones at every evaluation).
+fn eval_loss(model: &CausalLm<Cpu>, val: &[u32], cfg: &PretrainConfig) -> Result<f32> {
+    let mut total = 0.0;
+    for i in 0..cfg.eval_batches {
+        let (x, y) = sample_blocks(val, cfg.block_size, cfg.batch_size, cfg.seed, u64::MAX, i as u64);
+        total += lm_loss(model, &x, &y, NoneTape)?.array();
+    }
+    Ok(total / cfg.eval_batches as f32)
+}
+
+fn sample(model: &CausalLm<Cpu>, tok: &Tokenizer, cfg: &PretrainConfig, step: usize) -> Result<String> {
+    let prompt = tok.encode(&cfg.sample_prompt)?;
+    if prompt.is_empty() || cfg.sample_tokens == 0 {
+        return Ok(String::new());
+    }
+    let max_new = cfg.sample_tokens.min(model.dims.max_positions.saturating_sub(prompt.len()));
+    let sampling = SamplingConfig {
+        max_new_tokens: max_new,
+        temperature: 0.8,
+        seed: cfg.seed ^ step as u64,
+        ..Default::default()
+    };
+    let out = generate(&InferenceModel::from_model(model), &[prompt], 0, &sampling)?;
+    Ok(tok.decode(&out.tokens[0])?)
+}
+
+fn save(run: &RunDir, step: usize, model: &CausalLm<Cpu>, tok: &Tokenizer, opt: &mut AdamW<Cpu>) -> Result<()> {
+    let (adam_t, state) = opt.state(&model.params())?;
+    run.save_checkpoint(step, &TrainerState { step, adam_t }, |dir| {
+        model.save_pretrained(dir, Some(tok))?;
+        write_safetensors(&dir.join("optimizer.safetensors"), &state)?;
+        Ok(())
+    })?;
+    Ok(())
+}
+
+fn read_marker(dir: &Path) -> Result<TrainerState> {
+    let p = dir.join(crate::run::MARKER);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p)?).with_context(|| format!("{}", p.display()))?;
+    serde_json::from_value(v["meta"].clone()).with_context(|| format!("{}: field meta", p.display()))
+}
