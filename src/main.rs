@@ -27,6 +27,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Stage 1: next-token pretraining on a text corpus.
     Pretrain(StageArgs),
+    /// Loss and perplexity of a checkpoint on a text file (non-overlapping blocks).
+    Eval(EvalArgs),
     /// Run the fixed peer workload's benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -103,6 +105,22 @@ impl From<Weights> for WeightDtype {
 }
 
 #[derive(Debug, clap::Args)]
+struct EvalArgs {
+    /// Checkpoint folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// UTF-8 text file.
+    #[arg(long)]
+    data: PathBuf,
+    /// Tokens per block (default: the model's maximum positions, at most 256).
+    #[arg(long)]
+    block: Option<usize>,
+    /// Blocks per forward.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+}
+
+#[derive(Debug, clap::Args)]
 struct StageArgs {
     /// JSON config (fields of the stage's config struct; unknown fields are errors).
     #[arg(long)]
@@ -168,6 +186,7 @@ fn main() -> Result<()> {
         Command::Init(a) => init(a),
         Command::Generate(a) => generate_cmd(a),
         Command::Pretrain(a) => pretrain_cmd(a),
+        Command::Eval(a) => eval_cmd(a),
         Command::Bench(BenchCommand::Rollout(a)) => bench_rollout(a),
         Command::Bench(BenchCommand::Env(a)) => bench_env(a),
     }
@@ -304,5 +323,33 @@ fn pretrain_cmd(a: StageArgs) -> Result<()> {
     };
     let report = train(cfg, resume)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn eval_cmd(a: EvalArgs) -> Result<()> {
+    let (model, tok) = load_with_tokenizer(&a.model, &Cpu::default())?;
+    let text = rlhf::data::read_corpus(std::slice::from_ref(&a.data))?;
+    let ids = tok.encode(&text)?;
+    let block = a.block.unwrap_or(model.dims.max_positions.min(256)).max(1);
+    if ids.len() <= block {
+        bail!("{}: {} tokens, need more than one block of {block}", a.data.display(), ids.len());
+    }
+    // non-overlapping windows of block + 1 tokens (inputs and shifted targets)
+    let windows: Vec<&[u32]> = ids.windows(block + 1).step_by(block).collect();
+    let (mut total, mut count) = (0.0f64, 0usize);
+    for chunk in windows.chunks(a.batch.max(1)) {
+        let inputs: Vec<Vec<u32>> = chunk.iter().map(|w| w[..block].to_vec()).collect();
+        let targets: Vec<usize> = chunk.iter().flat_map(|w| w[1..].iter().map(|&t| t as usize)).collect();
+        let loss = rlhf::stages::pretrain::lm_loss(&model, &inputs, &targets, dfdx::prelude::NoneTape)?;
+        total += dfdx::prelude::AsArray::array(&loss) as f64 * targets.len() as f64;
+        count += targets.len();
+    }
+    let loss = total / count as f64;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(
+            &serde_json::json!({"data": a.data, "tokens": count, "block": block, "loss": loss, "perplexity": loss.exp()})
+        )?
+    );
     Ok(())
 }
