@@ -86,28 +86,28 @@ impl EnvBench {
         self.prompts[0].len() + self.cfg.max_new_tokens
     }
 
-    /// The env path: one `VecEnv::rollout`.
-    pub fn run_env(&self) -> anyhow::Result<Vec<Episode>> {
+    /// A fresh environment (reference = the engine, length reward) and policy session.
+    fn setup(&self) -> anyhow::Result<(VecEnv<EngineSession, LengthReward>, EngineSession)> {
         let b = self.prompts.len();
         let texts = self.prompts.iter().map(|p| (p.clone(), IdText.decode(p).unwrap_or_default())).collect();
         let reference = EngineSession::new(self.engine.clone(), b, self.capacity(), self.sampling.clone());
         let reward = LengthReward { target: 32, scale: 0.01, eos_id: Some(0) };
-        let mut env =
-            VecEnv::new(b, self.cfg.clone(), PromptSource::new(texts, 0)?, reference, reward, Box::new(IdText))?;
-        let mut policy = EngineSession::new(self.engine.clone(), b, self.capacity(), self.sampling.clone());
+        let env = VecEnv::new(b, self.cfg.clone(), PromptSource::new(texts, 0)?, reference, reward, Box::new(IdText))?;
+        let policy = EngineSession::new(self.engine.clone(), b, self.capacity(), self.sampling.clone());
+        Ok((env, policy))
+    }
+
+    /// The env path: one `VecEnv::rollout`.
+    pub fn run_env(&self) -> anyhow::Result<Vec<Episode>> {
+        let (mut env, mut policy) = self.setup()?;
         Ok(env.rollout(&mut policy)?)
     }
 
     /// The gym path: `VecEnv::reset` then `VecEnv::step` for every token (reference log-probs
     /// one token at a time, auto-reset at the end); returns the number of tokens stepped.
     pub fn run_steps(&self) -> anyhow::Result<usize> {
+        let (mut env, mut policy) = self.setup()?;
         let b = self.prompts.len();
-        let texts = self.prompts.iter().map(|p| (p.clone(), IdText.decode(p).unwrap_or_default())).collect();
-        let reference = EngineSession::new(self.engine.clone(), b, self.capacity(), self.sampling.clone());
-        let reward = LengthReward { target: 32, scale: 0.01, eos_id: Some(0) };
-        let mut env =
-            VecEnv::new(b, self.cfg.clone(), PromptSource::new(texts, 0)?, reference, reward, Box::new(IdText))?;
-        let mut policy = EngineSession::new(self.engine.clone(), b, self.capacity(), self.sampling.clone());
         let rows: Vec<usize> = (0..b).collect();
         let obs = env.reset(None)?;
         let prompts: Vec<&[u32]> = obs.iter().map(|(o, _)| o.ids.as_slice()).collect();

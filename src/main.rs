@@ -277,9 +277,14 @@ fn bench_rollout(a: RolloutArgs) -> Result<()> {
         }
         all.extend(results);
     }
-    let json = serde_json::to_string_pretty(&serde_json::json!({ "benchmark": "rollout", "results": all }))?;
+    print_results("rollout", &all, a.out.as_deref())
+}
+
+/// Prints `{"benchmark": name, "results": [...]}` and writes it to `out` if given.
+fn print_results<T: serde::Serialize>(name: &str, results: &[T], out: Option<&std::path::Path>) -> Result<()> {
+    let json = serde_json::to_string_pretty(&serde_json::json!({ "benchmark": name, "results": results }))?;
     println!("{json}");
-    if let Some(p) = &a.out {
+    if let Some(p) = out {
         std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
@@ -303,12 +308,7 @@ fn bench_env(a: EnvArgs) -> Result<()> {
         );
         all.push(r);
     }
-    let json = serde_json::to_string_pretty(&serde_json::json!({ "benchmark": "env_step", "results": all }))?;
-    println!("{json}");
-    if let Some(p) = &a.out {
-        std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;
-    }
-    Ok(())
+    print_results("env_step", &all, a.out.as_deref())
 }
 
 fn pretrain_cmd(a: StageArgs) -> Result<()> {
