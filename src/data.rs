@@ -128,3 +128,118 @@ mod tests {
         }
     }
 }
+
+/// Reads a JSONL file whose records each need the string fields `fields`; returns those
+/// fields' values per record, in order. Blank lines are skipped; every other problem — an
+/// unreadable or non-UTF-8 file, an empty file, a malformed line, a missing or non-string
+/// field — is an error naming the file, the line and the field.
+pub fn read_jsonl_fields(path: &Path, fields: &[&str]) -> Result<Vec<Vec<String>>> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        anyhow::anyhow!("{}: line {line}: not valid UTF-8", path.display())
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let n = i + 1;
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("{}: line {n}: malformed JSON: {e}", path.display()))?;
+        let obj =
+            v.as_object().ok_or_else(|| anyhow::anyhow!("{}: line {n}: expected a JSON object", path.display()))?;
+        let mut rec = Vec::with_capacity(fields.len());
+        for &f in fields {
+            match obj.get(f) {
+                None => bail!("{}: line {n}: field `{f}` is missing", path.display()),
+                Some(serde_json::Value::String(s)) => rec.push(s.clone()),
+                Some(other) => {
+                    bail!("{}: line {n}: field `{f}` must be a string, found {}", path.display(), json_kind(other))
+                }
+            }
+        }
+        out.push(rec);
+    }
+    if out.is_empty() {
+        bail!("{}: no records (the file is empty)", path.display());
+    }
+    Ok(out)
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// The dataset index for position `i` of the global example stream: shuffled epochs, each
+/// permutation drawn from `(seed, epoch)`, so the stream needs no saved state.
+pub fn epoch_index(n: usize, seed: u64, i: usize) -> usize {
+    use rand::seq::SliceRandom;
+    let epoch = (i / n) as u64;
+    let mut perm: Vec<usize> = (0..n).collect();
+    perm.shuffle(&mut StdRng::seed_from_u64(mix(seed, epoch, 0x5f7)));
+    perm[i % n]
+}
+
+#[cfg(test)]
+mod jsonl_tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn jsonl_errors_name_file_line_and_field() {
+        let d = tempfile::tempdir().unwrap();
+        let ok = write(
+            d.path(),
+            "ok.jsonl",
+            b"{\"prompt\": \"a\", \"response\": \"b\"}\n\n{\"prompt\": \"c\", \"response\": \"d\", \"x\": 1}\n",
+        );
+        assert_eq!(read_jsonl_fields(&ok, &["prompt", "response"]).unwrap(), vec![vec!["a", "b"], vec!["c", "d"]]);
+        let cases: [(&str, &[u8], &str); 6] = [
+            ("bad.jsonl", b"{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"a\",\n", "line 2: malformed JSON"),
+            ("missing.jsonl", b"{\"prompt\": \"a\"}\n", "line 1: field `response` is missing"),
+            (
+                "type.jsonl",
+                b"{\"prompt\": \"a\", \"response\": 7}\n",
+                "line 1: field `response` must be a string, found a number",
+            ),
+            ("array.jsonl", b"[1, 2]\n", "line 1: expected a JSON object"),
+            ("empty.jsonl", b"\n\n", "no records"),
+            (
+                "utf8.jsonl",
+                b"{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"\xff\"}\n",
+                "line 2: not valid UTF-8",
+            ),
+        ];
+        for (name, body, want) in cases {
+            let p = write(d.path(), name, body);
+            let e = read_jsonl_fields(&p, &["prompt", "response"]).unwrap_err().to_string();
+            assert!(e.contains(name) && e.contains(want), "{name}: {e}");
+        }
+        assert!(read_jsonl_fields(&d.path().join("none.jsonl"), &["a"])
+            .unwrap_err()
+            .to_string()
+            .contains("none.jsonl"));
+    }
+
+    #[test]
+    fn epoch_index_visits_every_example_once_per_epoch() {
+        let mut seen: Vec<usize> = (0..10).map(|i| epoch_index(10, 3, i)).collect();
+        seen.sort();
+        assert_eq!(seen, (0..10).collect::<Vec<_>>());
+        assert_eq!(epoch_index(10, 3, 4), epoch_index(10, 3, 4));
+    }
+}

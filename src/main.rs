@@ -27,6 +27,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Stage 1: next-token pretraining on a text corpus.
     Pretrain(StageArgs),
+    /// Stage 2: supervised fine-tuning on {prompt, response} JSONL (loss on the response).
+    Sft(StageArgs),
     /// Loss and perplexity of a checkpoint on a text file (non-overlapping blocks).
     Eval(EvalArgs),
     /// Run the fixed peer workload's benchmarks.
@@ -186,6 +188,7 @@ fn main() -> Result<()> {
         Command::Init(a) => init(a),
         Command::Generate(a) => generate_cmd(a),
         Command::Pretrain(a) => pretrain_cmd(a),
+        Command::Sft(a) => sft_cmd(a),
         Command::Eval(a) => eval_cmd(a),
         Command::Bench(BenchCommand::Rollout(a)) => bench_rollout(a),
         Command::Bench(BenchCommand::Env(a)) => bench_env(a),
@@ -311,17 +314,29 @@ fn bench_env(a: EnvArgs) -> Result<()> {
     print_results("env_step", &all, a.out.as_deref())
 }
 
-fn pretrain_cmd(a: StageArgs) -> Result<()> {
-    use rlhf::stages::pretrain::{train, PretrainConfig};
-    let (cfg, resume) = match &a.resume {
+/// The stage config: a fresh `--config` (+ `--set`), or the run's own `config.json` when
+/// resuming (+ `--set`, with `out_dir` pinned to the run). Returns it and whether to resume.
+fn stage_config<T: serde::de::DeserializeOwned>(a: &StageArgs) -> Result<(T, bool)> {
+    Ok(match &a.resume {
         Some(dir) => {
             let mut set = a.set.clone();
             set.push(format!("out_dir={}", serde_json::to_string(&dir)?));
-            (rlhf::config::load::<PretrainConfig>(Some(&dir.join("config.json")), &set)?, true)
+            (rlhf::config::load(Some(&dir.join("config.json")), &set)?, true)
         }
-        None => (rlhf::config::load::<PretrainConfig>(a.config.as_deref(), &a.set)?, false),
-    };
-    let report = train(cfg, resume)?;
+        None => (rlhf::config::load(a.config.as_deref(), &a.set)?, false),
+    })
+}
+
+fn pretrain_cmd(a: StageArgs) -> Result<()> {
+    let (cfg, resume) = stage_config(&a)?;
+    let report = rlhf::stages::pretrain::train(cfg, resume)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn sft_cmd(a: StageArgs) -> Result<()> {
+    let (cfg, resume) = stage_config(&a)?;
+    let report = rlhf::stages::sft::train(cfg, resume)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }

@@ -1,3 +1,5 @@
 //! The training stages, one module each, readable top to bottom.
 
+pub mod common;
 pub mod pretrain;
+pub mod sft;

@@ -5,22 +5,20 @@
 //! held-out validation split with periodic `val_loss`, samples at eval time, and checkpoints
 //! that resume exactly (batches are drawn from `(seed, step, micro-batch)`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use dfdx::prelude::*;
-use rlhf_policies::checkpoint::{read_safetensors, write_safetensors};
-use rlhf_policies::params::tensor_id;
 use rlhf_policies::{
-    clip_grad_norm, generate, AdamW, AdamWConfig, Batch, CausalLm, InferenceModel, ModelConfig, SamplingConfig,
-    Tokenizer,
+    generate, AdamW, AdamWConfig, Batch, CausalLm, InferenceModel, ModelConfig, SamplingConfig, Tokenizer,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::data::{read_corpus, sample_blocks, TokenSplit};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
+use crate::stages::common::{optimizer_step, restore_latest, save};
 
 /// How to get the tokenizer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,13 +113,6 @@ impl Default for PretrainConfig {
     }
 }
 
-/// What a checkpoint's marker records besides the step.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct TrainerState {
-    step: usize,
-    adam_t: i32,
-}
-
 /// The final numbers of a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct PretrainReport {
@@ -156,30 +147,17 @@ pub fn train(cfg: PretrainConfig, resume: bool) -> Result<PretrainReport> {
     let dev = Cpu::default();
     // BOILERPLATE: data, tokenizer, model, optimizer (fresh or from the last checkpoint)
     let text = read_corpus(&cfg.files)?;
-    let latest = if resume { run.latest_checkpoint()? } else { None };
-    if resume && latest.is_none() {
-        bail!("{}: no complete checkpoint to resume from", run.root.display());
-    }
-    let tok = match &latest {
-        Some((_, dir)) => Tokenizer::from_file(&dir.join("tokenizer.json"))?,
-        None => build_tokenizer(&cfg, &text)?,
+    let (mut model, tok, mut opt, start) = if resume {
+        let r = restore_latest(&run, &cfg.optim)?;
+        (r.model, r.tok, r.opt, r.step)
+    } else {
+        let tok = build_tokenizer(&cfg, &text)?;
+        let mut model_cfg = cfg.model.clone();
+        model_cfg.set_vocab_size(tok.vocab_size());
+        run.write_config(&cfg)?;
+        (CausalLm::new(model_cfg, &dev, cfg.seed)?, tok, AdamW::new(cfg.optim.clone()), 0)
     };
     let split = TokenSplit::new(tok.encode(&text)?, cfg.val_fraction, cfg.block_size, &cfg.files[0])?;
-    let mut model_cfg = cfg.model.clone();
-    model_cfg.set_vocab_size(tok.vocab_size());
-    let mut model = CausalLm::new(model_cfg, &dev, cfg.seed)?;
-    let mut opt = AdamW::new(cfg.optim.clone());
-    let mut start = 0;
-    if let Some((step, dir)) = &latest {
-        model = CausalLm::load_pretrained(dir, &dev)?;
-        let state: TrainerState = read_marker(dir)?;
-        let file = dir.join("optimizer.safetensors");
-        opt.load_state(&model.params(), state.adam_t, &read_safetensors(&file)?, &file)?;
-        start = *step;
-        run.truncate_logs_after(start)?;
-    } else {
-        run.write_config(&cfg)?;
-    }
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;
     let bar = crate::progress::bar(cfg.steps as u64, "pretrain");
@@ -190,21 +168,12 @@ pub fn train(cfg: PretrainConfig, resume: bool) -> Result<PretrainReport> {
         // ALGO: one optimizer step over grad_accum micro-batches
         let t0 = Instant::now();
         let lr = cfg.schedule.at(step);
-        let mut grads = Gradients::leaky();
-        let mut loss_sum = 0.0f32;
-        for micro in 0..cfg.grad_accum {
-            let (x, y) =
-                sample_blocks(&split.train, cfg.block_size, cfg.batch_size, cfg.seed, step as u64, micro as u64);
-            // continue recording into the same Gradients: backward accumulates (+=) into them
-            let anchor: Tensor<Rank0, f32, Cpu> = dev.zeros();
-            let (_, tape) = anchor.traced(grads).split_tape();
-            let loss = lm_loss(&model, &x, &y, tape)? * (1.0 / cfg.grad_accum as f32);
-            loss_sum += loss.array();
-            grads = loss.backward();
-            grads.retain_leafs(&param_ids(&model)); // free activations' gradients between micro-batches
-        }
-        let grad_norm = clip_grad_norm(&model.params(), &mut grads, cfg.grad_clip)?;
-        opt.step(model.params_mut(), &mut grads, lr)?;
+        let (loss_sum, grad_norm) =
+            optimizer_step(&mut model, &mut opt, lr, cfg.grad_clip, cfg.grad_accum, |m, micro, tape| {
+                let (x, y) =
+                    sample_blocks(&split.train, cfg.block_size, cfg.batch_size, cfg.seed, step as u64, micro as u64);
+                lm_loss(m, &x, &y, tape)
+            })?;
         train_loss = loss_sum;
         let tokens = cfg.grad_accum * cfg.batch_size * cfg.block_size;
         let tok_s = tokens as f64 / t0.elapsed().as_secs_f64();
@@ -229,17 +198,6 @@ pub fn train(cfg: PretrainConfig, resume: bool) -> Result<PretrainReport> {
     }
     bar.finish();
     Ok(PretrainReport { steps: cfg.steps, train_loss, val_loss, wall_s: t_run.elapsed().as_secs_f64() })
-}
-
-fn param_ids(model: &CausalLm<Cpu>) -> Vec<UniqueId> {
-    model
-        .params()
-        .iter()
-        .map(|(_, p)| match p {
-            rlhf_policies::ParamRef::V(t) => tensor_id(*t),
-            rlhf_policies::ParamRef::M(t) => tensor_id(*t),
-        })
-        .collect()
 }
 
 fn validate(cfg: &PretrainConfig) -> Result<()> {
@@ -300,21 +258,4 @@ fn sample(model: &CausalLm<Cpu>, tok: &Tokenizer, cfg: &PretrainConfig, step: us
     };
     let out = generate(&InferenceModel::from_model(model), &[prompt], 0, &sampling)?;
     Ok(tok.decode(&out.tokens[0])?)
-}
-
-fn save(run: &RunDir, step: usize, model: &CausalLm<Cpu>, tok: &Tokenizer, opt: &mut AdamW<Cpu>) -> Result<()> {
-    let (adam_t, state) = opt.state(&model.params())?;
-    run.save_checkpoint(step, &TrainerState { step, adam_t }, |dir| {
-        model.save_pretrained(dir, Some(tok))?;
-        write_safetensors(&dir.join("optimizer.safetensors"), &state)?;
-        Ok(())
-    })?;
-    Ok(())
-}
-
-fn read_marker(dir: &Path) -> Result<TrainerState> {
-    let p = dir.join(crate::run::MARKER);
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&p)?).with_context(|| format!("{}", p.display()))?;
-    serde_json::from_value(v["meta"].clone()).with_context(|| format!("{}: field meta", p.display()))
 }

@@ -1,0 +1,115 @@
+//! What every training stage shares: restoring from the last checkpoint, one optimizer step
+//! over accumulated micro-batches, and writing checkpoints.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use dfdx::prelude::*;
+use rlhf_policies::checkpoint::{read_safetensors, write_safetensors};
+use rlhf_policies::params::tensor_id;
+use rlhf_policies::{clip_grad_norm, AdamW, AdamWConfig, CausalLm, ParamRef, Tokenizer};
+use serde::{Deserialize, Serialize};
+
+use crate::run::RunDir;
+
+/// A taped scalar loss on the CPU.
+pub type Loss = Tensor<Rank0, f32, Cpu, OwnedTape<f32, Cpu>>;
+
+/// What a checkpoint's marker records besides the step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// AdamW's step count.
+    pub adam_t: i32,
+}
+
+/// A model, its tokenizer and optimizer, and the step to continue from.
+#[derive(Debug)]
+pub struct Restored {
+    /// Steps already done.
+    pub step: usize,
+    /// The model.
+    pub model: CausalLm<Cpu>,
+    /// Its tokenizer.
+    pub tok: Tokenizer,
+    /// The optimizer with its moments.
+    pub opt: AdamW<Cpu>,
+}
+
+/// The last complete checkpoint of `run` (model, tokenizer, optimizer), with the logs written
+/// after it dropped; an error if there is none.
+pub fn restore_latest(run: &RunDir, optim: &AdamWConfig) -> Result<Restored> {
+    let Some((step, dir)) = run.latest_checkpoint()? else {
+        bail!("{}: no complete checkpoint to resume from", run.root.display());
+    };
+    let (model, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&dir, &Cpu::default())?;
+    let state = read_marker(&dir)?;
+    let file = dir.join("optimizer.safetensors");
+    let mut opt = AdamW::new(optim.clone());
+    opt.load_state(&model.params(), state.adam_t, &read_safetensors(&file)?, &file)?;
+    run.truncate_logs_after(step)?;
+    Ok(Restored { step, model, tok, opt })
+}
+
+/// One optimizer step: `micro_loss(i, tape)` for each of `accum` micro-batches (each loss
+/// scaled by `1/accum`, gradients accumulated), global clipping, AdamW at `lr`. Returns the
+/// summed (scaled) loss and the gradient norm before clipping.
+pub fn optimizer_step(
+    model: &mut CausalLm<Cpu>,
+    opt: &mut AdamW<Cpu>,
+    lr: f64,
+    clip: f64,
+    accum: usize,
+    mut micro_loss: impl FnMut(&CausalLm<Cpu>, usize, OwnedTape<f32, Cpu>) -> Result<Loss>,
+) -> Result<(f32, f64)> {
+    let mut grads = Gradients::leaky();
+    let mut loss_sum = 0.0f32;
+    let leafs = param_ids(model);
+    for micro in 0..accum {
+        // keep recording into the same Gradients: backward accumulates (+=) into them
+        let anchor: Tensor<Rank0, f32, Cpu> = model.dev.zeros();
+        let (_, tape) = anchor.traced(grads).split_tape();
+        let loss = micro_loss(model, micro, tape)? * (1.0 / accum as f32);
+        let value = loss.array();
+        if !value.is_finite() {
+            bail!("loss is {value} at micro-batch {micro}");
+        }
+        loss_sum += value;
+        grads = loss.backward();
+        grads.retain_leafs(&leafs); // free the activations' gradients between micro-batches
+    }
+    let grad_norm = clip_grad_norm(&model.params(), &mut grads, clip)?;
+    opt.step(model.params_mut(), &mut grads, lr)?;
+    Ok((loss_sum, grad_norm))
+}
+
+fn param_ids(model: &CausalLm<Cpu>) -> Vec<UniqueId> {
+    model
+        .params()
+        .iter()
+        .map(|(_, p)| match p {
+            ParamRef::V(t) => tensor_id(*t),
+            ParamRef::M(t) => tensor_id(*t),
+        })
+        .collect()
+}
+
+/// Writes `checkpoints/step-N` atomically: the HF model folder with its tokenizer, and the
+/// optimizer state.
+pub fn save(run: &RunDir, step: usize, model: &CausalLm<Cpu>, tok: &Tokenizer, opt: &mut AdamW<Cpu>) -> Result<()> {
+    let (adam_t, state) = opt.state(&model.params())?;
+    run.save_checkpoint(step, &TrainerState { step, adam_t }, |dir| {
+        model.save_pretrained(dir, Some(tok))?;
+        write_safetensors(&dir.join("optimizer.safetensors"), &state)?;
+        Ok(())
+    })?;
+    Ok(())
+}
+
+fn read_marker(dir: &Path) -> Result<TrainerState> {
+    let p = dir.join(crate::run::MARKER);
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}", p.display()))?;
+    serde_json::from_value(v["meta"].clone()).with_context(|| format!("{}: field meta", p.display()))
+}

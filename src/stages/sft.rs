@@ -1,0 +1,359 @@
+//! Stage 2, supervised fine-tuning on `{prompt, response}` pairs:
+//!
+//! ```text
+//! x = template(prompt) ⧺ response ⧺ EOS,   L = −(1/|R|) Σ_{t∈R} log p(x_t | x_{<t})
+//! ```
+//! where `R` is the response tokens and the EOS (prompt tokens and padding are masked). The
+//! result is the initial policy and the frozen reference of RLHF.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use dfdx::prelude::*;
+use rlhf_policies::checkpoint::load_with_tokenizer;
+use rlhf_policies::{generate, AdamW, AdamWConfig, Batch, CausalLm, InferenceModel, SamplingConfig, Tokenizer};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{epoch_index, read_jsonl_fields};
+use crate::run::RunDir;
+use crate::schedule::LrSchedule;
+use crate::stages::common::{optimizer_step, restore_latest, save};
+
+/// What to do with an example longer than `max_len` tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Truncation {
+    /// Leave it out (counted and reported).
+    #[default]
+    Skip,
+    /// Cut the response (the EOS is then missing: the model learns to continue).
+    TruncateResponse,
+    /// Stop with an error naming the record.
+    Error,
+}
+
+/// `rlhf sft` configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SftConfig {
+    /// Run folder. Default `runs/sft`.
+    pub out_dir: PathBuf,
+    /// Seed of the example order and the samples. Default `1337`.
+    pub seed: u64,
+    /// The model to fine-tune: a pretrain checkpoint or any HF folder with a tokenizer.
+    /// Required.
+    pub init: PathBuf,
+    /// JSONL file of examples. Required.
+    pub data: PathBuf,
+    /// Field holding the prompt. Default `prompt`.
+    pub prompt_field: String,
+    /// Field holding the response. Default `response`.
+    pub response_field: String,
+    /// Fraction of the records (the last ones) held out for evaluation. Default `0.05`.
+    pub val_fraction: f64,
+    /// Prompt template; `{prompt}` is replaced by the prompt. Default `{prompt}`.
+    pub prompt_template: String,
+    /// Longest example in tokens (prompt + response + EOS). Default `256`.
+    pub max_len: usize,
+    /// Longer examples are skipped (default), truncated, or an error.
+    pub truncation: Truncation,
+    /// Examples per micro-batch (right-padded). Default `8`.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step. Default `1`.
+    pub grad_accum: usize,
+    /// Optimizer steps. Default `200`.
+    pub steps: usize,
+    /// AdamW. Default lr 1e-4, no weight decay.
+    pub optim: AdamWConfig,
+    /// Learning rate per step. Default: warm-up 10, cosine to 1e-5 at step 200.
+    pub schedule: LrSchedule,
+    /// Global grad-norm clip. Default `1.0`.
+    pub grad_clip: f64,
+    /// Evaluate every this many steps (and at the end). Default `50`.
+    pub eval_every: usize,
+    /// Checkpoint every this many steps (and at the end). Default `100`.
+    pub checkpoint_every: usize,
+    /// Validation prompts sampled at each evaluation. Default `3`.
+    pub sample_count: usize,
+    /// Tokens per sample. Default `48`.
+    pub sample_tokens: usize,
+}
+
+impl Default for SftConfig {
+    fn default() -> Self {
+        SftConfig {
+            out_dir: "runs/sft".into(),
+            seed: 1337,
+            init: PathBuf::new(),
+            data: PathBuf::new(),
+            prompt_field: "prompt".into(),
+            response_field: "response".into(),
+            val_fraction: 0.05,
+            prompt_template: "{prompt}".into(),
+            max_len: 256,
+            truncation: Truncation::Skip,
+            batch_size: 8,
+            grad_accum: 1,
+            steps: 200,
+            optim: AdamWConfig { lr: 1e-4, ..Default::default() },
+            schedule: LrSchedule::WarmupCosine { lr: 1e-4, min_lr: 1e-5, warmup: 10, decay_steps: 200 },
+            grad_clip: 1.0,
+            eval_every: 50,
+            checkpoint_every: 100,
+            sample_count: 3,
+            sample_tokens: 48,
+        }
+    }
+}
+
+/// One tokenized example: `ids = prompt ⧺ response ⧺ EOS`, loss on `ids[prompt_len..]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    /// All token ids.
+    pub ids: Vec<u32>,
+    /// How many of them are prompt.
+    pub prompt_len: usize,
+}
+
+/// The final numbers of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct SftReport {
+    /// Steps done.
+    pub steps: usize,
+    /// Examples used for training / evaluation.
+    pub train_examples: usize,
+    /// Held-out examples.
+    pub val_examples: usize,
+    /// Examples skipped for being longer than `max_len`.
+    pub skipped_too_long: usize,
+    /// Examples whose response was truncated.
+    pub truncated: usize,
+    /// Last training loss.
+    pub train_loss: f32,
+    /// Last validation loss.
+    pub val_loss: Option<f32>,
+}
+
+/// Tokenizes the records; returns the examples and the (skipped, truncated) counts.
+pub fn tokenize(
+    cfg: &SftConfig,
+    tok: &Tokenizer,
+    eos: u32,
+    records: &[Vec<String>],
+) -> Result<(Vec<Example>, usize, usize)> {
+    let (mut out, mut skipped, mut truncated) = (Vec::new(), 0, 0);
+    for (i, rec) in records.iter().enumerate() {
+        let prompt = tok.encode(&cfg.prompt_template.replace("{prompt}", &rec[0]))?;
+        let mut ids = prompt.clone();
+        ids.extend(tok.encode(&rec[1])?);
+        ids.push(eos);
+        if prompt.is_empty() {
+            bail!("{}: record {}: the prompt encodes to no tokens", cfg.data.display(), i + 1);
+        }
+        if ids.len() > cfg.max_len {
+            match cfg.truncation {
+                Truncation::Skip => {
+                    skipped += 1;
+                    continue;
+                }
+                Truncation::TruncateResponse if prompt.len() < cfg.max_len => {
+                    ids.truncate(cfg.max_len);
+                    truncated += 1;
+                }
+                _ => bail!(
+                    "{}: record {}: {} tokens exceed max_len {}",
+                    cfg.data.display(),
+                    i + 1,
+                    ids.len(),
+                    cfg.max_len
+                ),
+            }
+        }
+        out.push(Example { ids, prompt_len: prompt.len() });
+    }
+    Ok((out, skipped, truncated))
+}
+
+/// Mean negative log-likelihood of the response tokens (and EOS) of `examples`, prompt and
+/// padding masked out: `−(Σ_{t∈R} log p(x_t | x_<t)) / |R|`.
+pub fn sft_loss<T: Tape<f32, Cpu>>(
+    model: &CausalLm<Cpu>,
+    examples: &[&Example],
+    pad: u32,
+    tape: T,
+) -> Result<Tensor<Rank0, f32, Cpu, T>> {
+    // inputs are ids[..n-1], targets ids[1..]; target j is a response token iff j + 1 >= prompt_len
+    let inputs: Vec<Vec<u32>> = examples.iter().map(|e| e.ids[..e.ids.len() - 1].to_vec()).collect();
+    let batch = Batch::right_padded(&inputs, pad)?;
+    let (mut targets, mut weights) = (Vec::with_capacity(batch.b * batch.t), Vec::with_capacity(batch.b * batch.t));
+    for e in examples {
+        for j in 0..batch.t {
+            let real = j + 1 < e.ids.len();
+            targets.push(if real { e.ids[j + 1] as usize } else { 0 });
+            weights.push(if real && j + 1 >= e.prompt_len { 1.0f32 } else { 0.0 });
+        }
+    }
+    let n_resp: f32 = weights.iter().sum();
+    if n_resp == 0.0 {
+        bail!("a batch with no response tokens");
+    }
+    let logits = model.forward(&batch, tape)?;
+    let dev = &model.dev;
+    let n = targets.len();
+    let lp = logits.log_softmax::<Axis<1>>().select(dev.tensor_from_vec(targets, (n,)));
+    Ok((lp * dev.tensor_from_vec(weights, (n,))).sum::<Rank0, _>() * (-1.0 / n_resp))
+}
+
+/// Runs (or, with `resume`, continues) supervised fine-tuning as configured.
+pub fn train(cfg: SftConfig, resume: bool) -> Result<SftReport> {
+    validate(&cfg)?;
+    let run = RunDir::create(&cfg.out_dir)?;
+    // BOILERPLATE: model, tokenizer, optimizer (from init, or from the run's last checkpoint)
+    let (mut model, tok, mut opt, start) = if resume {
+        let r = restore_latest(&run, &cfg.optim)?;
+        (r.model, r.tok, r.opt, r.step)
+    } else {
+        let (model, tok) = load_with_tokenizer(&cfg.init, &Cpu::default())?;
+        run.write_config(&cfg)?;
+        (model, tok, AdamW::new(cfg.optim.clone()), 0)
+    };
+    let eos = tok
+        .eos_id()
+        .or(model.config.eos_token_id())
+        .ok_or_else(|| anyhow::anyhow!("{}: the tokenizer has no EOS token", cfg.init.display()))?;
+    let pad = tok.pad_id().unwrap_or(eos);
+    // DATA: records → examples → train / validation
+    let records = read_jsonl_fields(&cfg.data, &[&cfg.prompt_field, &cfg.response_field])?;
+    let (examples, skipped, truncated) = tokenize(&cfg, &tok, eos, &records)?;
+    let n_val = ((examples.len() as f64) * cfg.val_fraction).round() as usize;
+    let (train_set, val_set) = examples.split_at(examples.len() - n_val);
+    if train_set.is_empty() {
+        bail!(
+            "{}: no training examples left ({} records, {skipped} skipped as too long)",
+            cfg.data.display(),
+            records.len()
+        );
+    }
+    if skipped > 0 || truncated > 0 {
+        eprintln!("sft: {skipped} examples skipped and {truncated} truncated (max_len {})", cfg.max_len);
+    }
+    let mut metrics = run.metrics()?;
+    let mut samples = run.samples()?;
+    let bar = crate::progress::bar(cfg.steps as u64, "sft");
+    bar.set_position(start as u64);
+    let (mut train_loss, mut val_loss) = (f32::NAN, None);
+    for step in start..cfg.steps {
+        // ALGO: masked cross-entropy over grad_accum micro-batches, one AdamW step
+        let t0 = Instant::now();
+        let lr = cfg.schedule.at(step);
+        let mut tokens = 0usize;
+        let (loss, grad_norm) =
+            optimizer_step(&mut model, &mut opt, lr, cfg.grad_clip, cfg.grad_accum, |m, micro, tape| {
+                let first = (step * cfg.grad_accum + micro) * cfg.batch_size;
+                let batch: Vec<&Example> = (first..first + cfg.batch_size)
+                    .map(|i| &train_set[epoch_index(train_set.len(), cfg.seed, i)])
+                    .collect();
+                tokens += batch.iter().map(|e| e.ids.len()).sum::<usize>();
+                sft_loss(m, &batch, pad, tape)
+            })?;
+        train_loss = loss;
+        let done = step + 1;
+        let tok_s = tokens as f64 / t0.elapsed().as_secs_f64();
+        let mut record =
+            serde_json::json!({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s});
+        if (done % cfg.eval_every == 0 || done == cfg.steps) && !val_set.is_empty() {
+            let v = eval_loss(&model, val_set, pad, cfg.batch_size)?;
+            val_loss = Some(v);
+            record["val_loss"] = v.into();
+            for s in sample(&model, &tok, val_set, &cfg, eos, done)? {
+                samples.write(&s)?;
+            }
+        }
+        metrics.write(&record)?;
+        bar.set_message(format!(
+            "loss {loss:.3}{} | {tok_s:.0} tok/s",
+            val_loss.map(|v| format!(" val {v:.3}")).unwrap_or_default()
+        ));
+        bar.inc(1);
+        if done % cfg.checkpoint_every == 0 || done == cfg.steps {
+            save(&run, done, &model, &tok, &mut opt)?;
+        }
+    }
+    bar.finish();
+    Ok(SftReport {
+        steps: cfg.steps,
+        train_examples: train_set.len(),
+        val_examples: val_set.len(),
+        skipped_too_long: skipped,
+        truncated,
+        train_loss,
+        val_loss,
+    })
+}
+
+fn validate(cfg: &SftConfig) -> Result<()> {
+    for (name, v) in [
+        ("batch_size", cfg.batch_size),
+        ("grad_accum", cfg.grad_accum),
+        ("steps", cfg.steps),
+        ("eval_every", cfg.eval_every),
+        ("checkpoint_every", cfg.checkpoint_every),
+        ("max_len", cfg.max_len),
+    ] {
+        if v == 0 {
+            bail!("{name} must be at least 1");
+        }
+    }
+    if cfg.data.as_os_str().is_empty() || cfg.init.as_os_str().is_empty() {
+        bail!("data and init are required (a JSONL file and a checkpoint folder)");
+    }
+    if !(0.0..1.0).contains(&cfg.val_fraction) {
+        bail!("val_fraction must be in [0, 1), got {}", cfg.val_fraction);
+    }
+    Ok(())
+}
+
+/// Response-token-weighted mean loss over the whole validation set.
+fn eval_loss(model: &CausalLm<Cpu>, val: &[Example], pad: u32, batch: usize) -> Result<f32> {
+    let (mut total, mut count) = (0.0f64, 0.0f64);
+    for chunk in val.chunks(batch) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let n: usize = chunk.iter().map(|e| e.ids.len() - e.prompt_len).sum();
+        total += sft_loss(model, &refs, pad, NoneTape)?.array() as f64 * n as f64;
+        count += n as f64;
+    }
+    Ok((total / count) as f32)
+}
+
+fn sample(
+    model: &CausalLm<Cpu>,
+    tok: &Tokenizer,
+    val: &[Example],
+    cfg: &SftConfig,
+    eos: u32,
+    step: usize,
+) -> Result<Vec<serde_json::Value>> {
+    let prompts: Vec<Vec<u32>> = val.iter().take(cfg.sample_count).map(|e| e.ids[..e.prompt_len].to_vec()).collect();
+    if prompts.is_empty() {
+        return Ok(vec![]);
+    }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let room = model.dims.max_positions.saturating_sub(longest);
+    let sampling = SamplingConfig {
+        max_new_tokens: cfg.sample_tokens.min(room),
+        temperature: 0.7,
+        eos_ids: vec![eos],
+        seed: cfg.seed ^ step as u64,
+        ..Default::default()
+    };
+    if sampling.max_new_tokens == 0 {
+        return Ok(vec![]);
+    }
+    let out = generate(&InferenceModel::from_model(model), &prompts, tok.pad_id().unwrap_or(eos), &sampling)?;
+    prompts
+        .iter()
+        .zip(&out.tokens)
+        .map(|(p, r)| Ok(serde_json::json!({"step": step, "prompt": tok.decode(p)?, "response": tok.decode(r)?})))
+        .collect()
+}

@@ -1,0 +1,137 @@
+//! Supervised fine-tuning: the loss covers exactly the response tokens and the EOS, a tiny
+//! model overfits a handful of pairs, resume is exact, and long or malformed records are
+//! handled as configured.
+
+mod common;
+
+use common::*;
+use dfdx::prelude::*;
+use rlhf::schedule::LrSchedule;
+use rlhf::stages::sft::{sft_loss, tokenize, train, Example, SftConfig, Truncation};
+use rlhf_policies::{Batch, CausalLm, ModelConfig, Tokenizer};
+
+const PAIRS: [(&str, &str); 6] = [
+    ("color of sky?", "blue."),
+    ("color of grass?", "green."),
+    ("color of snow?", "white."),
+    ("color of coal?", "black."),
+    ("color of blood?", "red."),
+    ("color of sun?", "yellow."),
+];
+
+/// A fresh char-level model folder and a JSONL file of PAIRS.
+fn setup(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let all: String = PAIRS.iter().map(|(p, r)| format!("{p} {r}")).collect::<Vec<_>>().join("\n");
+    let tok = Tokenizer::char_level(&format!("{all} Q:A")).unwrap();
+    let model = CausalLm::new(ModelConfig::gpt2_preset(tok.vocab_size(), 32, 2, 2, 64), &Cpu::default(), 3).unwrap();
+    let init = dir.join("init");
+    model.save_pretrained(&init, Some(&tok)).unwrap();
+    let data = dir.join("pairs.jsonl");
+    let lines: Vec<String> =
+        PAIRS.iter().map(|(p, r)| serde_json::json!({"q": p, "a": format!(" {r}")}).to_string()).collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    (init, data)
+}
+
+fn cfg(dir: &std::path::Path, steps: usize) -> SftConfig {
+    let (init, data) = setup(dir);
+    SftConfig {
+        out_dir: dir.join("run"),
+        init,
+        data,
+        prompt_field: "q".into(),
+        response_field: "a".into(),
+        val_fraction: 0.0,
+        prompt_template: "Q:{prompt}A:".into(),
+        max_len: 40,
+        batch_size: 3,
+        steps,
+        schedule: LrSchedule::WarmupCosine { lr: 1e-2, min_lr: 1e-3, warmup: 2, decay_steps: steps },
+        eval_every: 10,
+        checkpoint_every: 10,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn loss_is_the_mean_over_response_and_eos_tokens_only() {
+    let d = tempfile::tempdir().unwrap();
+    let c = cfg(d.path(), 1);
+    let (m, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&c.init, &Cpu::default()).unwrap();
+    let records: Vec<Vec<String>> = PAIRS[..3].iter().map(|(p, r)| vec![p.to_string(), format!(" {r}")]).collect();
+    let (ex, _, _) = tokenize(&c, &tok, 0, &records).unwrap();
+    assert_eq!(ex[0].ids.last(), Some(&0), "EOS appended");
+    assert_eq!(ex[0].prompt_len, tok.encode("Q:color of sky?A:").unwrap().len());
+    let refs: Vec<&Example> = ex.iter().collect();
+    let got = sft_loss(&m, &refs, 0, NoneTape).unwrap().array();
+    // by hand: each example alone, -log p of every token after the prompt (response + EOS)
+    let v = m.dims.vocab;
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    for e in &ex {
+        let logits = m.forward(&Batch::unpadded(&[e.ids.clone()]).unwrap(), NoneTape).unwrap().as_vec();
+        for t in e.prompt_len..e.ids.len() {
+            sum -= log_softmax_ref(&logits[(t - 1) * v..t * v])[e.ids[t] as usize] as f64;
+            n += 1;
+        }
+    }
+    let want = (sum / n as f64) as f32;
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+}
+
+#[test]
+fn overfits_a_handful_of_pairs_and_resumes_exactly() {
+    let a = tempfile::tempdir().unwrap();
+    let report = train(cfg(a.path(), 30), false).unwrap();
+    let m: Vec<serde_json::Value> = std::fs::read_to_string(a.path().join("run/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let first = m[0]["loss"].as_f64().unwrap() as f32;
+    assert!(report.train_loss < 0.3 * first, "{first} -> {}", report.train_loss);
+    let b = tempfile::tempdir().unwrap();
+    train(cfg(b.path(), 30), false).unwrap();
+    std::fs::remove_dir_all(b.path().join("run/checkpoints/step-30")).unwrap();
+    train(cfg(b.path(), 30), true).unwrap();
+    let strip = |p: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p.join("run/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("tokens_per_s");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(strip(b.path()), strip(a.path()));
+}
+
+#[test]
+fn long_records_are_skipped_truncated_or_rejected_as_configured() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = cfg(d.path(), 2);
+    let (_, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&c.init, &Cpu::default()).unwrap();
+    let records = vec![
+        vec!["sky?".to_string(), " blue.".to_string()],
+        vec!["sky?".to_string(), " blue blue blue blue blue.".to_string()],
+    ];
+    c.max_len = 16;
+    let (ex, skipped, truncated) = tokenize(&c, &tok, 0, &records).unwrap();
+    assert_eq!((ex.len(), skipped, truncated), (1, 1, 0));
+    c.truncation = Truncation::TruncateResponse;
+    let (ex, skipped, truncated) = tokenize(&c, &tok, 0, &records).unwrap();
+    assert_eq!((ex.len(), skipped, truncated, ex[1].ids.len()), (2, 0, 1, 16));
+    c.truncation = Truncation::Error;
+    let e = tokenize(&c, &tok, 0, &records).unwrap_err().to_string();
+    assert!(e.contains("record 2") && e.contains("max_len 16"), "{e}");
+}
+
+#[test]
+fn malformed_data_names_file_line_and_field() {
+    let d = tempfile::tempdir().unwrap();
+    let c = cfg(d.path(), 2);
+    std::fs::write(&c.data, "{\"q\": \"a\", \"a\": \"b\"}\n{\"q\": \"a\"}\n").unwrap();
+    let e = train(c, false).unwrap_err().to_string();
+    assert!(e.contains("pairs.jsonl") && e.contains("line 2") && e.contains("`a`"), "{e}");
+}
