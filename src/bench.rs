@@ -23,6 +23,81 @@ pub struct Workload {
     pub rollout: RolloutSpec,
     /// The PPO iteration's shapes (the env benchmark uses its rollout part).
     pub ppo: PpoSpec,
+    /// One training step.
+    pub train_step: TrainStepSpec,
+}
+
+/// `workload.train_step`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TrainStepSpec {
+    /// Sequences.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// AdamW learning rate.
+    pub lr: f64,
+    /// AdamW betas.
+    pub betas: [f64; 2],
+    /// AdamW epsilon.
+    pub eps: f64,
+    /// Weight decay.
+    pub weight_decay: f64,
+    /// Untimed steps.
+    pub warmup: usize,
+    /// Timed steps.
+    pub repeats: usize,
+}
+
+/// Timing of the training step.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainStepResult {
+    /// Model name.
+    pub model: String,
+    /// Tokens per step (batch · seq_len).
+    pub tokens: usize,
+    /// Median tokens/s.
+    pub tokens_per_s: f64,
+    /// Slowest / fastest step's tokens/s.
+    pub range: [f64; 2],
+    /// Last loss (a sanity check that it trains).
+    pub loss: f32,
+}
+
+/// The workload's training step: forward, causal-LM cross-entropy over the batch·(seq−1)
+/// predicted positions, backward, grad clipping off, AdamW — the pretrain stage's own step.
+pub fn train_step(w: &Workload, model: &str) -> anyhow::Result<TrainStepResult> {
+    use rlhf_policies::AdamWConfig;
+    let t = &w.train_step;
+    let cfg = w.model_config(model)?;
+    let mut lm = CausalLm::new(cfg, &Cpu::default(), w.seed)?;
+    let vocab = lm.dims.vocab as u32;
+    let mut rng = StdRng::seed_from_u64(w.seed);
+    let seqs: Vec<Vec<u32>> = (0..t.batch).map(|_| (0..t.seq_len).map(|_| rng.gen_range(0..vocab)).collect()).collect();
+    let inputs: Vec<Vec<u32>> = seqs.iter().map(|s| s[..t.seq_len - 1].to_vec()).collect();
+    let targets: Vec<usize> = seqs.iter().flat_map(|s| s[1..].iter().map(|&x| x as usize)).collect();
+    let optim = AdamWConfig { lr: t.lr, betas: t.betas, eps: t.eps, weight_decay: t.weight_decay, no_decay_1d: false };
+    let mut opt = rlhf_policies::AdamW::new(optim);
+    let mut walls = Vec::new();
+    let mut loss = f32::NAN;
+    for i in 0..t.warmup + t.repeats.max(1) {
+        let t0 = Instant::now();
+        let (l, _) = crate::stages::common::optimizer_step(&mut lm, &mut opt, t.lr, f64::INFINITY, 1, |m, _, tape| {
+            crate::stages::pretrain::lm_loss(m, &inputs, &targets, tape)
+        })?;
+        loss = l;
+        if i >= t.warmup {
+            walls.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let tokens = t.batch * t.seq_len;
+    walls.sort_by(f64::total_cmp);
+    Ok(TrainStepResult {
+        model: model.into(),
+        tokens,
+        tokens_per_s: tokens as f64 / median(&walls),
+        range: [tokens as f64 / walls[walls.len() - 1], tokens as f64 / walls[0]],
+        loss,
+    })
 }
 
 /// `workload.ppo` (the fields the benchmarks use so far).

@@ -142,6 +142,8 @@ enum BenchCommand {
     Rollout(RolloutArgs),
     /// Token-level stepping through VecEnv vs raw generation + one reference pass (PPO shapes).
     Env(EnvArgs),
+    /// One training step (forward + cross-entropy + backward + AdamW) at the workload's shape.
+    Train(EnvArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -192,6 +194,7 @@ fn main() -> Result<()> {
         Command::Eval(a) => eval_cmd(a),
         Command::Bench(BenchCommand::Rollout(a)) => bench_rollout(a),
         Command::Bench(BenchCommand::Env(a)) => bench_env(a),
+        Command::Bench(BenchCommand::Train(a)) => bench_train(a),
     }
 }
 
@@ -367,4 +370,17 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
         )?
     );
     Ok(())
+}
+
+fn bench_train(a: EnvArgs) -> Result<()> {
+    let w = bench::Workload::from_file(&a.workload)?;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(a.threads.unwrap_or(w.threads)).build()?;
+    let models: Vec<String> = a.model.clone().map(|m| vec![m]).unwrap_or_else(|| w.models.keys().cloned().collect());
+    let mut all = Vec::new();
+    for m in &models {
+        let r = pool.install(|| bench::train_step(&w, m))?;
+        eprintln!("train_step {:>5}: {:.0} tok/s [{:.0}-{:.0}] ({} tokens/step, loss {:.3})", r.model, r.tokens_per_s, r.range[0], r.range[1], r.tokens, r.loss);
+        all.push(r);
+    }
+    print_results("train_step", &all, a.out.as_deref())
 }
