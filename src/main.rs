@@ -379,7 +379,10 @@ fn bench_train(a: EnvArgs) -> Result<()> {
     let mut all = Vec::new();
     for m in &models {
         let r = pool.install(|| bench::train_step(&w, m))?;
-        eprintln!("train_step {:>5}: {:.0} tok/s [{:.0}-{:.0}] ({} tokens/step, loss {:.3})", r.model, r.tokens_per_s, r.range[0], r.range[1], r.tokens, r.loss);
+        eprintln!(
+            "train_step {:>5}: {:.0} tok/s [{:.0}-{:.0}] ({} tokens/step, loss {:.3})",
+            r.model, r.tokens_per_s, r.range[0], r.range[1], r.tokens, r.loss
+        );
         all.push(r);
     }
     print_results("train_step", &all, a.out.as_deref())

@@ -264,8 +264,7 @@ impl<D: Device<f32>> CausalLm<D> {
             Family::Llama => std,
         };
         let wte = sample_normal(dev, &mut rng, (dims.vocab, c), std);
-        let wpe =
-            (dims.family == Family::Gpt2).then(|| sample_normal(dev, &mut rng, (dims.max_positions, c), std));
+        let wpe = (dims.family == Family::Gpt2).then(|| sample_normal(dev, &mut rng, (dims.max_positions, c), std));
         let blocks = (0..dims.n_layer)
             .map(|_| {
                 let lin = |rng: &mut StdRng, i, o, s| Linear::new(dev, rng, i, o, s, bias);
