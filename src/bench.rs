@@ -64,32 +64,72 @@ pub struct TrainStepResult {
 }
 
 /// The workload's training step: forward, causal-LM cross-entropy over the batch·(seq−1)
-/// predicted positions, backward, grad clipping off, AdamW — the pretrain stage's own step.
+/// predicted positions, backward, AdamW (no clipping) — the pretrain stage's own step.
+#[derive(Debug)]
+pub struct TrainStepBench {
+    model: CausalLm<Cpu>,
+    opt: rlhf_policies::AdamW<Cpu>,
+    inputs: Vec<Vec<u32>>,
+    targets: Vec<usize>,
+    lr: f64,
+    /// Tokens per step (batch · seq_len).
+    pub tokens: usize,
+}
+
+impl TrainStepBench {
+    /// The seeded model and random token batch of `workload.train_step`.
+    pub fn new(w: &Workload, model: &str) -> anyhow::Result<Self> {
+        let t = &w.train_step;
+        let lm = CausalLm::new(w.model_config(model)?, &Cpu::default(), w.seed)?;
+        let vocab = lm.dims.vocab as u32;
+        let mut rng = StdRng::seed_from_u64(w.seed);
+        let seqs: Vec<Vec<u32>> =
+            (0..t.batch).map(|_| (0..t.seq_len).map(|_| rng.gen_range(0..vocab)).collect()).collect();
+        let optim = rlhf_policies::AdamWConfig {
+            lr: t.lr,
+            betas: t.betas,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+            no_decay_1d: false,
+        };
+        Ok(TrainStepBench {
+            model: lm,
+            opt: rlhf_policies::AdamW::new(optim),
+            inputs: seqs.iter().map(|s| s[..t.seq_len - 1].to_vec()).collect(),
+            targets: seqs.iter().flat_map(|s| s[1..].iter().map(|&x| x as usize)).collect(),
+            lr: t.lr,
+            tokens: t.batch * t.seq_len,
+        })
+    }
+
+    /// One step; returns the loss.
+    pub fn step(&mut self) -> anyhow::Result<f32> {
+        let (inputs, targets) = (&self.inputs, &self.targets);
+        let (loss, _) = crate::stages::common::optimizer_step(
+            &mut self.model,
+            &mut self.opt,
+            self.lr,
+            f64::INFINITY,
+            1,
+            |m, _, tape| crate::stages::pretrain::lm_loss(m, inputs, targets, tape),
+        )?;
+        Ok(loss)
+    }
+}
+
+/// Times `workload.train_step` for `model` (warm-up, then timed repeats).
 pub fn train_step(w: &Workload, model: &str) -> anyhow::Result<TrainStepResult> {
-    use rlhf_policies::AdamWConfig;
-    let t = &w.train_step;
-    let cfg = w.model_config(model)?;
-    let mut lm = CausalLm::new(cfg, &Cpu::default(), w.seed)?;
-    let vocab = lm.dims.vocab as u32;
-    let mut rng = StdRng::seed_from_u64(w.seed);
-    let seqs: Vec<Vec<u32>> = (0..t.batch).map(|_| (0..t.seq_len).map(|_| rng.gen_range(0..vocab)).collect()).collect();
-    let inputs: Vec<Vec<u32>> = seqs.iter().map(|s| s[..t.seq_len - 1].to_vec()).collect();
-    let targets: Vec<usize> = seqs.iter().flat_map(|s| s[1..].iter().map(|&x| x as usize)).collect();
-    let optim = AdamWConfig { lr: t.lr, betas: t.betas, eps: t.eps, weight_decay: t.weight_decay, no_decay_1d: false };
-    let mut opt = rlhf_policies::AdamW::new(optim);
+    let mut bench = TrainStepBench::new(w, model)?;
     let mut walls = Vec::new();
     let mut loss = f32::NAN;
-    for i in 0..t.warmup + t.repeats.max(1) {
+    for i in 0..w.train_step.warmup + w.train_step.repeats.max(1) {
         let t0 = Instant::now();
-        let (l, _) = crate::stages::common::optimizer_step(&mut lm, &mut opt, t.lr, f64::INFINITY, 1, |m, _, tape| {
-            crate::stages::pretrain::lm_loss(m, &inputs, &targets, tape)
-        })?;
-        loss = l;
-        if i >= t.warmup {
+        loss = bench.step()?;
+        if i >= w.train_step.warmup {
             walls.push(t0.elapsed().as_secs_f64());
         }
     }
-    let tokens = t.batch * t.seq_len;
+    let tokens = bench.tokens;
     walls.sort_by(f64::total_cmp);
     Ok(TrainStepResult {
         model: model.into(),
