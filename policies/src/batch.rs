@@ -69,14 +69,14 @@ impl Batch {
         for r in rows {
             let pad = t - r.len();
             if left {
-                ids.extend(std::iter::repeat(pad_id).take(pad));
-                mask.extend(std::iter::repeat(0u8).take(pad));
+                ids.extend(std::iter::repeat_n(pad_id, pad));
+                mask.extend(std::iter::repeat_n(0u8, pad));
             }
             ids.extend_from_slice(r);
-            mask.extend(std::iter::repeat(1u8).take(r.len()));
+            mask.extend(std::iter::repeat_n(1u8, r.len()));
             if !left {
-                ids.extend(std::iter::repeat(pad_id).take(pad));
-                mask.extend(std::iter::repeat(0u8).take(pad));
+                ids.extend(std::iter::repeat_n(pad_id, pad));
+                mask.extend(std::iter::repeat_n(0u8, pad));
             }
         }
         Self::new(ids, mask, rows.len(), t)

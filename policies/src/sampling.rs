@@ -103,11 +103,8 @@ pub fn generate(
         )));
     }
     let pad: Vec<usize> = prompts.iter().map(|p| t - p.len()).collect();
-    let ids: Vec<u32> = prompts
-        .iter()
-        .zip(&pad)
-        .flat_map(|(p, &k)| std::iter::repeat(pad_id).take(k).chain(p.iter().copied()))
-        .collect();
+    let ids: Vec<u32> =
+        prompts.iter().zip(&pad).flat_map(|(p, &k)| std::iter::repeat_n(pad_id, k).chain(p.iter().copied())).collect();
     let mut cache = KvCache::new(&model.dims, pad, t + cfg.max_new_tokens);
     let v = model.dims.vocab;
     let mut rngs: Vec<StdRng> = (0..b).map(|r| StdRng::seed_from_u64(row_seed(cfg.seed, r))).collect();

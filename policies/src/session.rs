@@ -68,7 +68,7 @@ impl EngineSession {
                 return Err(EnvError::Model(format!("row {r}: empty prompt")));
             }
             self.cache.reset_row(r, t - p.len());
-            ids.extend(std::iter::repeat(0).take(t - p.len()));
+            ids.extend(std::iter::repeat_n(0, t - p.len()));
             ids.extend_from_slice(p);
             self.steps[r] = 0;
         }
@@ -177,7 +177,7 @@ impl EngineSession {
                     return Err(EnvError::Model(format!("row {}: empty prompt", rows[i])));
                 }
                 self.cache.reset_row(rows[i], t - seqs[i].len());
-                ids.extend(std::iter::repeat(0).take(t - seqs[i].len()));
+                ids.extend(std::iter::repeat_n(0, t - seqs[i].len()));
                 ids.extend_from_slice(&seqs[i]);
             }
             let logits = self
