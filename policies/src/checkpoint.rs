@@ -166,7 +166,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PolicyError> {
     std::fs::rename(&tmp, path).map_err(|e| PolicyError::io(path, e))
 }
 
-impl<D: Device<f32>> CausalLm<D> {
+impl<D: crate::fused::FusedOps> CausalLm<D> {
     /// The model's weights as an HF state dict.
     pub fn to_hf_tensors(&self) -> BTreeMap<String, HostTensor> {
         let family = self.dims.family;
@@ -258,7 +258,10 @@ impl<D: Device<f32>> CausalLm<D> {
 
 /// Loads a checkpoint folder with its tokenizer, checking that every token id the tokenizer can
 /// produce fits the model's vocabulary.
-pub fn load_with_tokenizer<D: Device<f32>>(dir: &Path, dev: &D) -> Result<(CausalLm<D>, Tokenizer), PolicyError> {
+pub fn load_with_tokenizer<D: crate::fused::FusedOps>(
+    dir: &Path,
+    dev: &D,
+) -> Result<(CausalLm<D>, Tokenizer), PolicyError> {
     let model = CausalLm::load_pretrained(dir, dev)?;
     let tok_path = dir.join("tokenizer.json");
     let tok = Tokenizer::from_file(&tok_path)?;

@@ -451,6 +451,15 @@ pub fn gelu_tanh_inplace(xs: &mut [f32]) {
     map_with_exp(xs, |x| -C2 * (x + 0.044715 * x * x * x), |x, e| x / (1.0 + e));
 }
 
+/// `gelu_new` of `x` into `y`, also writing the gate `s = σ(2u)` (so `y = x·s`) that the
+/// backward pass needs. All slices have the same length.
+pub fn gelu_tanh_with_gate(x: &[f32], y: &mut [f32], s: &mut [f32]) {
+    const C2: f32 = 2.0 * 0.797_884_6; // 2·sqrt(2/pi)
+    s.iter_mut().zip(x).for_each(|(s, &x)| *s = x);
+    map_with_exp(s, |x| -C2 * (x + 0.044715 * x * x * x), |_, e| 1.0 / (1.0 + e));
+    y.iter_mut().zip(x.iter().zip(s.iter())).for_each(|(y, (x, s))| *y = x * s);
+}
+
 /// SiLU `x · σ(x)` in place.
 pub fn silu_inplace(xs: &mut [f32]) {
     map_with_exp(xs, |x| -x, |x, e| x / (1.0 + e));

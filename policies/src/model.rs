@@ -15,6 +15,7 @@ use rand_distr::Normal;
 use crate::batch::Batch;
 use crate::config::{Dims, Family, ModelConfig, NormKind};
 use crate::error::PolicyError;
+use crate::fused::FusedOps;
 
 /// 1-D parameter.
 pub type T1<D> = Tensor<(usize,), f32, D>;
@@ -119,10 +120,10 @@ pub enum Mlp<D: Storage<f32>> {
     },
 }
 
-impl<D: Device<f32>> Mlp<D> {
+impl<D: FusedOps> Mlp<D> {
     fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>) -> A2<D, T> {
         match self {
-            Mlp::Gelu { fc, proj } => proj.forward(fc.forward(x).fast_gelu()),
+            Mlp::Gelu { fc, proj } => proj.forward(D::gelu_tanh(fc.forward(x))),
             Mlp::SwiGlu { gate, up, down } => {
                 let (x, tape) = x.split_tape();
                 let g = gate.forward(x.clone().put_tape(tape));
@@ -173,7 +174,7 @@ struct Rope<D: Storage<f32>> {
     rot: T2<D>,
 }
 
-impl<D: Device<f32>> Block<D> {
+impl<D: FusedOps> Block<D> {
     fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>, dims: &Dims, ctx: &Ctx<D>) -> A2<D, T> {
         // residual: keep an untaped handle, run the branch on the taped one, add back.
         let (x, tape) = x.split_tape();
@@ -252,7 +253,7 @@ pub struct CausalLm<D: Storage<f32>> {
     pub dev: D,
 }
 
-impl<D: Device<f32>> CausalLm<D> {
+impl<D: FusedOps> CausalLm<D> {
     /// A freshly initialised model: normal(0, initializer_range) weights, zero biases, unit
     /// norms, and GPT-2's scaled init (std / sqrt(2·layers)) on the residual projections.
     pub fn new(config: ModelConfig, dev: &D, seed: u64) -> Result<Self, PolicyError> {

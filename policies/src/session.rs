@@ -259,7 +259,7 @@ pub struct LearnedReward<D: Device<f32>> {
     pub pad_id: u32,
 }
 
-impl<D: Device<f32>> LearnedReward<D> {
+impl<D: crate::fused::FusedOps> LearnedReward<D> {
     /// Scores of token sequences (prompt + response each), read at each row's last token.
     pub fn score_ids(&self, seqs: &[Vec<u32>]) -> Result<Vec<f32>, crate::error::PolicyError> {
         let batch = Batch::right_padded(seqs, self.pad_id)?;
@@ -274,7 +274,7 @@ impl<D: Device<f32>> LearnedReward<D> {
     }
 }
 
-impl<D: Device<f32>> RewardModel for LearnedReward<D> {
+impl<D: crate::fused::FusedOps> RewardModel for LearnedReward<D> {
     fn name(&self) -> String {
         "learned".into()
     }
