@@ -69,7 +69,7 @@ pub struct Norm<D: Storage<f32>> {
     pub eps: f32,
 }
 
-impl<D: Device<f32>> Norm<D> {
+impl<D: FusedOps> Norm<D> {
     fn new(dev: &D, dims: &Dims) -> Self {
         let c = dims.d_model;
         let kind = dims.norm();
@@ -80,21 +80,24 @@ impl<D: Device<f32>> Norm<D> {
     /// `(N, C) → (N, C)`.
     pub fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>) -> A2<D, T> {
         let s = *x.shape();
-        let y = match self.kind {
-            // (x - mean) / sqrt(var_biased + eps)
-            NormKind::LayerNorm => x.normalize::<Axis<1>>(self.eps),
-            // x / sqrt(mean(x²) + eps); x is used twice, so split its tape.
-            NormKind::RmsNorm => {
+        match (self.kind, &self.b) {
+            // (x - mean) / sqrt(var_biased + eps) · w + b, fused on the CPU
+            (NormKind::LayerNorm, Some(b)) => D::layer_norm(x, &self.w, b, self.eps),
+            (NormKind::LayerNorm, None) => {
+                x.normalize::<Axis<1>>(self.eps) * self.w.retaped::<T>().broadcast_like::<_, Axis<0>>(&s)
+            }
+            // x / sqrt(mean(x²) + eps) · w; x is used twice, so split its tape.
+            (NormKind::RmsNorm, _) => {
                 let (x, tape) = x.split_tape();
                 let ms = x.retaped::<T>().square().mean::<(usize,), Axis<1>>();
                 let inv = (ms + self.eps).sqrt().recip();
-                x.put_tape(tape) * inv.broadcast_like::<_, Axis<1>>(&s)
+                let y = x.put_tape(tape) * inv.broadcast_like::<_, Axis<1>>(&s);
+                let y = y * self.w.retaped::<T>().broadcast_like::<_, Axis<0>>(&s);
+                match &self.b {
+                    Some(b) => y + b.retaped::<T>().broadcast_like::<_, Axis<0>>(&s),
+                    None => y,
+                }
             }
-        };
-        let y = y * self.w.retaped::<T>().broadcast_like::<_, Axis<0>>(&s);
-        match &self.b {
-            Some(b) => y + b.retaped::<T>().broadcast_like::<_, Axis<0>>(&s),
-            None => y,
         }
     }
 }
