@@ -8,7 +8,7 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-use crate::kernels::gelu_tanh_with_gate;
+use crate::kernels::{exp_inplace, gelu_tanh_with_gate};
 
 /// Ops the model uses that a device may fuse.
 pub trait FusedOps: Device<f32> {
@@ -23,6 +23,27 @@ pub trait FusedOps: Device<f32> {
         b: &Tensor<(usize,), f32, Self>,
         eps: f32,
     ) -> Tensor<(usize, usize), f32, Self, T>;
+
+    /// Weighted negative log-likelihood of `targets` under `softmax(logits)` rows:
+    /// `L = −Σᵢ wᵢ · log softmax(logitsᵢ)[targetsᵢ]` (the caller's weights carry the mean and
+    /// any mask). `logits: (N, V)`, `targets` and `weights` of length N.
+    fn weighted_nll<T: Tape<f32, Self>>(
+        logits: Tensor<(usize, usize), f32, Self, T>,
+        targets: &[usize],
+        weights: &[f32],
+    ) -> Tensor<Rank0, f32, Self, T>;
+}
+
+/// dfdx's composition of the weighted NLL (reference and fallback).
+pub fn weighted_nll_composed<D: Device<f32>, T: Tape<f32, D>>(
+    logits: Tensor<(usize, usize), f32, D, T>,
+    targets: &[usize],
+    weights: &[f32],
+) -> Tensor<Rank0, f32, D, T> {
+    let n = targets.len();
+    let dev = logits.device().clone();
+    let lp = logits.log_softmax::<Axis<1>>().select(dev.tensor_from_vec(targets.to_vec(), (n,)));
+    (lp * dev.tensor_from_vec(weights.to_vec(), (n,))).sum::<Rank0, _>().negate()
 }
 
 /// dfdx's composition of LayerNorm (the reference the fused op is tested against, and the
@@ -50,6 +71,13 @@ impl FusedOps for Cuda {
         eps: f32,
     ) -> Tensor<(usize, usize), f32, Self, T> {
         layer_norm_composed(x, g, b, eps)
+    }
+    fn weighted_nll<T: Tape<f32, Self>>(
+        logits: Tensor<(usize, usize), f32, Self, T>,
+        targets: &[usize],
+        weights: &[f32],
+    ) -> Tensor<Rank0, f32, Self, T> {
+        weighted_nll_composed(logits, targets, weights)
     }
 }
 
@@ -181,6 +209,54 @@ impl FusedOps for Cpu {
         }
         out.put_tape(tape)
     }
+
+    fn weighted_nll<T: Tape<f32, Self>>(
+        logits: Tensor<(usize, usize), f32, Self, T>,
+        targets: &[usize],
+        weights: &[f32],
+    ) -> Tensor<Rank0, f32, Self, T> {
+        let logits = logits.contiguous();
+        let (n, v) = *logits.shape();
+        assert!(targets.len() == n && weights.len() == n, "weighted_nll: {n} rows need {n} targets and weights");
+        assert!(targets.iter().all(|&t| t < v), "weighted_nll: target outside the vocabulary");
+        let (logits, mut tape) = logits.split_tape();
+        let mut lv = vec![0.0f32; n * v];
+        logits.copy_into(&mut lv);
+        let lv = std::sync::Arc::new(lv);
+        // per row: lse = max + ln Σ exp(x − max); loss_i = lse − x[t]
+        let lse: Vec<f32> = lv
+            .par_chunks(v)
+            .map(|row| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut e: Vec<f32> = row.iter().map(|x| x - max).collect();
+                exp_inplace(&mut e);
+                max + (e.iter().map(|&x| x as f64).sum::<f64>() as f32).ln()
+            })
+            .collect();
+        let loss: f64 = (0..n).map(|i| weights[i] as f64 * (lse[i] - lv[i * v + targets[i]]) as f64).sum();
+        let out = logits.device().tensor_from_vec(vec![loss as f32], ());
+        if T::OWNS_TAPE {
+            let (lg, og) = (logits.ghost(), out.ghost());
+            let (targets, weights) = (targets.to_vec(), weights.to_vec());
+            tape.add_backward_op(move |grads| {
+                let g = grads.get_or_alloc_mut(&og)?[0];
+                let dl: &mut Vec<f32> = grads.get_or_alloc_mut(&lg)?;
+                // d/dx = g·wᵢ·(softmax(xᵢ) − onehot(tᵢ)), softmax recomputed from the saved lse
+                dl.par_chunks_mut(v).zip(lv.par_chunks(v)).enumerate().for_each(|(i, (d, row))| {
+                    let scale = g * weights[i];
+                    if scale == 0.0 {
+                        return;
+                    }
+                    let mut p: Vec<f32> = row.iter().map(|x| x - lse[i]).collect();
+                    exp_inplace(&mut p);
+                    d.iter_mut().zip(&p).for_each(|(d, p)| *d += scale * p);
+                    d[targets[i]] -= scale;
+                });
+                Ok(())
+            });
+        }
+        out.put_tape(tape)
+    }
 }
 
 #[cfg(test)]
@@ -246,6 +322,26 @@ mod tests {
                 assert!(max_rel(&a, &bb) < 2e-4, "{shape:?} d{name}: {}", max_rel(&a, &bb));
             }
             assert!(max_rel(&Cpu::layer_norm(x.clone(), &g, &b, 1e-5).as_vec(), &v2) < 2e-6);
+        }
+    }
+
+    #[test]
+    fn fused_nll_matches_dfdx_log_softmax_select() {
+        let dev = Cpu::default();
+        let mut rng = StdRng::seed_from_u64(2);
+        for (n, v) in [(3usize, 7usize), (50, 4096)] {
+            let logits: Tensor<(usize, usize), f32, Cpu> =
+                dev.tensor_from_vec((0..n * v).map(|_| rng.gen_range(-8.0..8.0)).collect(), (n, v));
+            let targets: Vec<usize> = (0..n).map(|_| rng.gen_range(0..v)).collect();
+            let weights: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { 0.0 } else { rng.gen_range(0.0..1.0) }).collect();
+            let a = Cpu::weighted_nll(logits.leaky_trace(), &targets, &weights) * 1.5;
+            let av = a.retaped::<NoneTape>().array();
+            let ga = a.backward();
+            let b = weighted_nll_composed(logits.leaky_trace(), &targets, &weights) * 1.5;
+            let bv = b.retaped::<NoneTape>().array();
+            let gb = b.backward();
+            assert!((av - bv).abs() <= 1e-5 * (1.0 + bv.abs()), "{n}x{v}: {av} vs {bv}");
+            assert!(max_rel(&ga.get(&logits).as_vec(), &gb.get(&logits).as_vec()) < 1e-5, "{n}x{v} gradient");
         }
     }
 

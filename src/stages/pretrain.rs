@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use dfdx::prelude::*;
 use rlhf_policies::{
-    generate, AdamW, AdamWConfig, Batch, CausalLm, InferenceModel, ModelConfig, SamplingConfig, Tokenizer,
+    generate, AdamW, AdamWConfig, Batch, CausalLm, FusedOps, InferenceModel, ModelConfig, SamplingConfig, Tokenizer,
 };
 use serde::{Deserialize, Serialize};
 
@@ -135,9 +135,8 @@ pub fn lm_loss<T: Tape<f32, Cpu>>(
     tape: T,
 ) -> Result<Tensor<Rank0, f32, Cpu, T>> {
     let logits = model.forward(&Batch::unpadded(inputs)?, tape)?;
-    let n = targets.len();
-    let targets = model.dev.tensor_from_vec(targets.to_vec(), (n,));
-    Ok(logits.log_softmax::<Axis<1>>().select(targets).mean().negate())
+    let w = vec![1.0 / targets.len() as f32; targets.len()];
+    Ok(Cpu::weighted_nll(logits, targets, &w))
 }
 
 /// Runs (or, with `resume`, continues) pretraining as configured.

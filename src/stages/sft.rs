@@ -12,7 +12,9 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use dfdx::prelude::*;
 use rlhf_policies::checkpoint::load_with_tokenizer;
-use rlhf_policies::{generate, AdamW, AdamWConfig, Batch, CausalLm, InferenceModel, SamplingConfig, Tokenizer};
+use rlhf_policies::{
+    generate, AdamW, AdamWConfig, Batch, CausalLm, FusedOps, InferenceModel, SamplingConfig, Tokenizer,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{epoch_index, read_jsonl_fields};
@@ -199,10 +201,8 @@ pub fn sft_loss<T: Tape<f32, Cpu>>(
         bail!("a batch with no response tokens");
     }
     let logits = model.forward(&batch, tape)?;
-    let dev = &model.dev;
-    let n = targets.len();
-    let lp = logits.log_softmax::<Axis<1>>().select(dev.tensor_from_vec(targets, (n,)));
-    Ok((lp * dev.tensor_from_vec(weights, (n,))).sum::<Rank0, _>() * (-1.0 / n_resp))
+    let weights: Vec<f32> = weights.iter().map(|w| w / n_resp).collect();
+    Ok(Cpu::weighted_nll(logits, &targets, &weights))
 }
 
 /// Runs (or, with `resume`, continues) supervised fine-tuning as configured.
