@@ -157,11 +157,9 @@ impl JsonlWriter {
     }
 }
 
-/// Writes `bytes` via a temporary file and a rename.
+/// Writes `bytes` via a temporary file and a rename (the checkpoint writer's own helper).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+    Ok(rlhf_policies::checkpoint::write_atomic(path, bytes)?)
 }
 
 #[cfg(test)]

@@ -385,9 +385,8 @@ impl<R: LogProbModel, M: RewardModel> Env for TextGenEnv<R, M> {
         if row.done {
             let input = row.reward_input(self.prompts.text(row.prompt_index), self.detok.as_ref())?;
             let (scores, dense) = score_checked(&mut self.reward, std::slice::from_ref(&input))?;
-            let before = *row.ep.rewards.last().expect("non-empty");
             let score = row.finish(scores[0], dense.as_ref().map(|d| d[0].as_slice()), &self.cfg);
-            reward += *row.ep.rewards.last().expect("non-empty") - before;
+            reward = *row.ep.rewards.last().expect("non-empty"); // −β·k(t) (+ dense) + R
             info.raw_score = Some(scores[0]);
             info.score = Some(score);
             info.episode = Some(Box::new(row.ep.clone()));

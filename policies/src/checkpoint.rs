@@ -332,13 +332,18 @@ fn check_rank(file: &Path, name: &str, t: &HostTensor, rank: usize) -> Result<()
 
 fn transpose(t: &HostTensor) -> HostTensor {
     let (r, c) = (t.shape[0], t.shape[1]);
-    let mut data = vec![0.0; r * c];
+    HostTensor { shape: vec![c, r], data: transpose_rows(&t.data, r, c) }
+}
+
+/// `(r, c)` row-major → `(c, r)` row-major.
+pub(crate) fn transpose_rows(a: &[f32], r: usize, c: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; r * c];
     for i in 0..r {
         for j in 0..c {
-            data[j * r + i] = t.data[i * c + j];
+            t[j * r + i] = a[i * c + j];
         }
     }
-    HostTensor { shape: vec![c, r], data }
+    t
 }
 
 /// Columns `part` of `parts` equal blocks; a 1-D tensor is treated as one row.

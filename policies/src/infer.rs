@@ -210,7 +210,11 @@ impl InferenceModel {
             layers,
             ln_f: norm_w(&model.ln_f),
             head_t: PackedMatrix::with_dtype(
-                &transpose(&model.lm_head.as_ref().unwrap_or(&model.wte).as_vec(), dims.vocab, c),
+                &crate::checkpoint::transpose_rows(
+                    &model.lm_head.as_ref().unwrap_or(&model.wte).as_vec(),
+                    dims.vocab,
+                    c,
+                ),
                 c,
                 dims.vocab,
                 dtype,
@@ -440,17 +444,6 @@ impl InferenceModel {
         }
         out
     }
-}
-
-/// `(r, c)` row-major → `(c, r)` row-major.
-fn transpose(a: &[f32], r: usize, c: usize) -> Vec<f32> {
-    let mut t = vec![0.0f32; r * c];
-    for i in 0..r {
-        for j in 0..c {
-            t[j * r + i] = a[i * c + j];
-        }
-    }
-    t
 }
 
 fn add_bias(x: &mut [f32], bias: &[f32]) {
