@@ -70,6 +70,16 @@ fn loss_falls_and_resume_is_exact() {
 }
 
 #[test]
+fn no_validation_split_trains_without_val_loss() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = cfg(d.path(), 10);
+    c.val_fraction = 0.0;
+    let report = train(c, false).unwrap();
+    assert!(report.val_loss.is_none() && report.train_loss.is_finite());
+    assert!(!metrics(d.path()).iter().any(|m| m.get("val_loss").is_some()));
+}
+
+#[test]
 fn bad_inputs_are_clear_errors() {
     let d = tempfile::tempdir().unwrap();
     let mut c = cfg(d.path(), 3);

@@ -179,9 +179,12 @@ pub fn train(cfg: PretrainConfig, resume: bool) -> Result<PretrainReport> {
         let done = step + 1;
         let mut record = serde_json::json!({"step": done, "loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s});
         if done % cfg.eval_every == 0 || done == cfg.steps {
-            let v = eval_loss(&model, &split.val, &cfg)?;
-            val_loss = Some(v);
-            record["val_loss"] = v.into();
+            // val_fraction 0 means no validation split: samples only
+            if !split.val.is_empty() {
+                let v = eval_loss(&model, &split.val, &cfg)?;
+                val_loss = Some(v);
+                record["val_loss"] = v.into();
+            }
             let text = sample(&model, &tok, &cfg, done)?;
             samples.write(&serde_json::json!({"step": done, "prompt": cfg.sample_prompt, "sample": text}))?;
         }
