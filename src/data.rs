@@ -129,43 +129,101 @@ mod tests {
     }
 }
 
-/// Reads a JSONL file whose records each need the string fields `fields`; returns those
-/// fields' values per record, in order. Blank lines are skipped; every other problem — an
-/// unreadable or non-UTF-8 file, an empty file, a malformed line, a missing or non-string
-/// field — is an error naming the file, the line and the field.
-pub fn read_jsonl_fields(path: &Path, fields: &[&str]) -> Result<Vec<Vec<String>>> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+/// One JSONL record: its 1-based line number and its object, with typed field getters whose
+/// errors name the file, the line and the field.
+#[derive(Debug, Clone)]
+pub struct JsonRecord<'f> {
+    /// The file it came from.
+    pub file: &'f Path,
+    /// 1-based line number.
+    pub line: usize,
+    /// The object.
+    pub obj: serde_json::Map<String, serde_json::Value>,
+}
+
+impl JsonRecord<'_> {
+    /// An error about this record (file and line prefixed).
+    pub fn error(&self, msg: impl std::fmt::Display) -> anyhow::Error {
+        anyhow::anyhow!("{}: line {}: {msg}", self.file.display(), self.line)
+    }
+
+    fn field(&self, f: &str) -> Result<&serde_json::Value> {
+        self.obj.get(f).ok_or_else(|| self.error(format!("field `{f}` is missing")))
+    }
+
+    /// A required string field.
+    pub fn str(&self, f: &str) -> Result<String> {
+        match self.field(f)? {
+            serde_json::Value::String(s) => Ok(s.clone()),
+            other => Err(self.error(format!("field `{f}` must be a string, found {}", json_kind(other)))),
+        }
+    }
+
+    /// A required finite number.
+    pub fn f32(&self, f: &str) -> Result<f32> {
+        match self.field(f)? {
+            serde_json::Value::Number(n) if n.as_f64().is_some_and(f64::is_finite) => Ok(n.as_f64().unwrap() as f32),
+            other => Err(self.error(format!("field `{f}` must be a finite number, found {}", json_kind(other)))),
+        }
+    }
+
+    /// A required array of strings.
+    pub fn str_array(&self, f: &str) -> Result<Vec<String>> {
+        let serde_json::Value::Array(items) = self.field(f)? else {
+            return Err(
+                self.error(format!("field `{f}` must be an array of strings, found {}", json_kind(self.field(f)?)))
+            );
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                serde_json::Value::String(s) => Ok(s.clone()),
+                other => Err(self.error(format!("field `{f}`[{i}] must be a string, found {}", json_kind(other)))),
+            })
+            .collect()
+    }
+}
+
+/// Reads a JSONL file (`.gz` files are decompressed) into records. Blank lines are skipped;
+/// every other problem — an unreadable, non-UTF-8 or empty file, a malformed line, a line that
+/// is not an object — is an error naming the file and the line.
+pub fn read_jsonl(path: &Path) -> Result<Vec<JsonRecord<'_>>> {
+    let mut bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    if path.extension().is_some_and(|e| e == "gz") {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::MultiGzDecoder::new(bytes.as_slice()), &mut out)
+            .with_context(|| format!("{}: not a valid gzip file", path.display()))?;
+        bytes = out;
+    }
     let text = String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
         let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
         anyhow::anyhow!("{}: line {line}: not valid UTF-8", path.display())
     })?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
+    for (i, text) in text.lines().enumerate() {
+        if text.trim().is_empty() {
             continue;
         }
-        let n = i + 1;
-        let v: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| anyhow::anyhow!("{}: line {n}: malformed JSON: {e}", path.display()))?;
-        let obj =
-            v.as_object().ok_or_else(|| anyhow::anyhow!("{}: line {n}: expected a JSON object", path.display()))?;
-        let mut rec = Vec::with_capacity(fields.len());
-        for &f in fields {
-            match obj.get(f) {
-                None => bail!("{}: line {n}: field `{f}` is missing", path.display()),
-                Some(serde_json::Value::String(s)) => rec.push(s.clone()),
-                Some(other) => {
-                    bail!("{}: line {n}: field `{f}` must be a string, found {}", path.display(), json_kind(other))
-                }
-            }
-        }
-        out.push(rec);
+        let line = i + 1;
+        let v: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| anyhow::anyhow!("{}: line {line}: malformed JSON: {e}", path.display()))?;
+        let serde_json::Value::Object(obj) = v else {
+            bail!("{}: line {line}: expected a JSON object, found {}", path.display(), json_kind(&v));
+        };
+        out.push(JsonRecord { file: path, line, obj });
     }
     if out.is_empty() {
         bail!("{}: no records (the file is empty)", path.display());
     }
     Ok(out)
+}
+
+/// Reads a JSONL file whose records each need the string fields `fields`; returns those
+/// fields' values per record, in order. Errors as [`read_jsonl`] and [`JsonRecord::str`].
+pub fn read_jsonl_fields(path: &Path, fields: &[&str]) -> Result<Vec<Vec<String>>> {
+    read_jsonl(path)?.iter().map(|r| fields.iter().map(|f| r.str(f)).collect()).collect()
 }
 
 fn json_kind(v: &serde_json::Value) -> &'static str {

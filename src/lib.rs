@@ -6,6 +6,8 @@ pub mod bench;
 pub mod bench_env;
 pub mod config;
 pub mod data;
+pub mod math;
+pub mod preference;
 pub mod progress;
 pub mod run;
 pub mod schedule;

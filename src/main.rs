@@ -29,6 +29,9 @@ enum Command {
     Pretrain(StageArgs),
     /// Stage 2: supervised fine-tuning on {prompt, response} JSONL (loss on the response).
     Sft(StageArgs),
+    /// Stage 3a: a Bradley–Terry reward model on preference JSONL ({prompt, chosen,
+    /// rejected}, hh-rlhf conversations, or rankings).
+    Reward(StageArgs),
     /// Loss and perplexity of a checkpoint on a text file (non-overlapping blocks).
     Eval(EvalArgs),
     /// Run the fixed peer workload's benchmarks.
@@ -191,6 +194,7 @@ fn main() -> Result<()> {
         Command::Generate(a) => generate_cmd(a),
         Command::Pretrain(a) => pretrain_cmd(a),
         Command::Sft(a) => sft_cmd(a),
+        Command::Reward(a) => reward_cmd(a),
         Command::Eval(a) => eval_cmd(a),
         Command::Bench(BenchCommand::Rollout(a)) => bench_rollout(a),
         Command::Bench(BenchCommand::Env(a)) => bench_env(a),
@@ -340,6 +344,13 @@ fn pretrain_cmd(a: StageArgs) -> Result<()> {
 fn sft_cmd(a: StageArgs) -> Result<()> {
     let (cfg, resume) = stage_config(&a)?;
     let report = rlhf::stages::sft::train(cfg, resume)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn reward_cmd(a: StageArgs) -> Result<()> {
+    let (cfg, resume) = stage_config(&a)?;
+    let report = rlhf::stages::reward::train(cfg, resume)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }

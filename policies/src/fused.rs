@@ -34,6 +34,23 @@ pub trait FusedOps: Device<f32> {
     ) -> Tensor<Rank0, f32, Self, T>;
 }
 
+/// A scalar loss of a vector whose math runs on the host, in f64: `f(x) = (L, ∂L/∂x)`. The
+/// tape gets the linear surrogate `Σᵢ gᵢ·xᵢ + (L − Σᵢ gᵢ·xᵢ)`, whose value is `L` and whose
+/// gradient is `g`, so any device works with dfdx's own ops. Meant for losses over a few
+/// hundred per-sequence scalars (Bradley–Terry, DPO), written as pure functions over slices
+/// with their own tests of value and gradient.
+pub fn host_loss<D: Device<f32>, T: Tape<f32, D>>(
+    x: Tensor<(usize,), f32, D, T>,
+    f: impl FnOnce(&[f32]) -> (f64, Vec<f64>),
+) -> Tensor<Rank0, f32, D, T> {
+    let xv = x.as_vec();
+    let (loss, grad) = f(&xv);
+    assert_eq!(grad.len(), xv.len(), "host_loss: the gradient must have one entry per input");
+    let offset = loss - grad.iter().zip(&xv).map(|(g, &x)| g * x as f64).sum::<f64>();
+    let g = x.device().tensor_from_vec(grad.iter().map(|&g| g as f32).collect(), (xv.len(),));
+    (x * g).sum::<Rank0, _>() + offset as f32
+}
+
 /// dfdx's composition of the weighted NLL (reference and fallback).
 pub fn weighted_nll_composed<D: Device<f32>, T: Tape<f32, D>>(
     logits: Tensor<(usize, usize), f32, D, T>,

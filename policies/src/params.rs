@@ -128,3 +128,21 @@ pub fn tensor_id<S: Shape, D: Device<f32>, T>(t: &Tensor<S, f32, D, T>) -> Uniqu
     u.add(t);
     u.ids[0]
 }
+
+/// Anything trained as one unit: a model, a backbone with a head, a policy and its critic.
+/// The optimizer, grad clipping and checkpoints walk these names.
+pub trait HasParams<D: Device<f32>> {
+    /// Every trained parameter with a unique name, in a fixed order.
+    fn params(&self) -> Vec<(String, ParamRef<'_, D>)>;
+    /// The same parameters, mutable, in the same order.
+    fn params_mut(&mut self) -> Vec<(String, ParamMut<'_, D>)>;
+}
+
+impl<D: Device<f32>> HasParams<D> for CausalLm<D> {
+    fn params(&self) -> Vec<(String, ParamRef<'_, D>)> {
+        CausalLm::params(self)
+    }
+    fn params_mut(&mut self) -> Vec<(String, ParamMut<'_, D>)> {
+        CausalLm::params_mut(self)
+    }
+}

@@ -1,19 +1,14 @@
 //! The sampling engine as environment models: [`EngineSession`] implements the env's
 //! [`Policy`] (sampling) and [`LogProbModel`] (frozen reference) over rows of a KV cache;
-//! [`LearnedReward`] turns a transformer with a [`ScalarHead`] into a [`RewardModel`];
 //! [`Tokenizer`] is the env's [`Detokenizer`].
 
 use std::sync::Arc;
 
-use dfdx::prelude::*;
 use rand::{rngs::StdRng, SeedableRng};
 use rayon::prelude::*;
-use rlhf_envs::{Action, Detokenizer, EnvError, LogProbModel, Policy, RewardInput, RewardModel, ScoreNorm};
+use rlhf_envs::{Action, Detokenizer, EnvError, LogProbModel, Policy};
 
-use crate::batch::Batch;
-use crate::heads::ScalarHead;
 use crate::infer::{InferenceModel, KvCache, LogitsAt};
-use crate::model::CausalLm;
 use crate::sampling::{logprob_at_temperature, row_seed, sample_from_logits, SamplingConfig};
 use crate::tokenizer::Tokenizer;
 
@@ -241,46 +236,5 @@ impl Policy for EngineSession {
 impl Detokenizer for Tokenizer {
     fn decode(&self, ids: &[u32]) -> Result<String, EnvError> {
         Tokenizer::decode(self, ids).map_err(|e| EnvError::Model(e.to_string()))
-    }
-}
-
-/// A learned reward model: a transformer backbone and a scalar head read at the last token of
-/// prompt + response, optionally normalised (`(r − mean) / std`, lm-human-preferences' gain
-/// and bias).
-#[derive(Debug)]
-pub struct LearnedReward<D: Device<f32>> {
-    /// Backbone.
-    pub model: CausalLm<D>,
-    /// Score head.
-    pub head: ScalarHead<D>,
-    /// Optional normalisation.
-    pub norm: Option<ScoreNorm>,
-    /// Pad id for batching.
-    pub pad_id: u32,
-}
-
-impl<D: crate::fused::FusedOps> LearnedReward<D> {
-    /// Scores of token sequences (prompt + response each), read at each row's last token.
-    pub fn score_ids(&self, seqs: &[Vec<u32>]) -> Result<Vec<f32>, crate::error::PolicyError> {
-        let batch = Batch::right_padded(seqs, self.pad_id)?;
-        let rows: Vec<usize> =
-            batch.last_real_index().iter().enumerate().map(|(r, j)| r * batch.t + j.unwrap_or(0)).collect();
-        let h = self.model.forward_hidden(&batch, NoneTape)?;
-        let raw = self.head.read_at(h, &rows)?.as_vec();
-        Ok(match self.norm {
-            Some(n) => raw.iter().map(|r| (r - n.mean) / n.std).collect(),
-            None => raw,
-        })
-    }
-}
-
-impl<D: crate::fused::FusedOps> RewardModel for LearnedReward<D> {
-    fn name(&self) -> String {
-        "learned".into()
-    }
-
-    fn score(&mut self, batch: &[RewardInput]) -> Result<Vec<f32>, EnvError> {
-        let seqs: Vec<Vec<u32>> = batch.iter().map(|x| [x.prompt_ids.as_slice(), &x.response_ids].concat()).collect();
-        self.score_ids(&seqs).map_err(|e| EnvError::reward("learned", e.to_string()))
     }
 }

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use dfdx::prelude::*;
 use rlhf_policies::checkpoint::{read_safetensors, write_safetensors};
 use rlhf_policies::params::tensor_id;
-use rlhf_policies::{clip_grad_norm, AdamW, AdamWConfig, CausalLm, ParamRef, Tokenizer};
+use rlhf_policies::{clip_grad_norm, AdamW, AdamWConfig, CausalLm, HasParams, LearnedReward, ParamRef, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::run::RunDir;
@@ -24,13 +24,42 @@ pub struct TrainerState {
     pub adam_t: i32,
 }
 
+/// What a stage trains and checkpoints as one HF folder: a language model, or a backbone
+/// with a score head.
+pub trait Checkpointable: HasParams<Cpu> + Sized {
+    /// Writes the model folder (config, weights, tokenizer) into `dir`.
+    fn save_dir(&self, dir: &Path, tok: &Tokenizer) -> Result<()>;
+    /// Reads what [`Checkpointable::save_dir`] wrote.
+    fn load_dir(dir: &Path) -> Result<(Self, Tokenizer)>;
+}
+
+impl Checkpointable for CausalLm<Cpu> {
+    fn save_dir(&self, dir: &Path, tok: &Tokenizer) -> Result<()> {
+        Ok(self.save_pretrained(dir, Some(tok))?)
+    }
+    fn load_dir(dir: &Path) -> Result<(Self, Tokenizer)> {
+        Ok(rlhf_policies::checkpoint::load_with_tokenizer(dir, &Cpu::default())?)
+    }
+}
+
+impl Checkpointable for LearnedReward<Cpu> {
+    fn save_dir(&self, dir: &Path, tok: &Tokenizer) -> Result<()> {
+        Ok(self.save_pretrained(dir, Some(tok), None)?)
+    }
+    fn load_dir(dir: &Path) -> Result<(Self, Tokenizer)> {
+        let (rm, _) = LearnedReward::load_pretrained(dir, &Cpu::default())?;
+        let tok = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+        Ok((rm, tok))
+    }
+}
+
 /// A model, its tokenizer and optimizer, and the step to continue from.
 #[derive(Debug)]
-pub struct Restored {
+pub struct Restored<M> {
     /// Steps already done.
     pub step: usize,
     /// The model.
-    pub model: CausalLm<Cpu>,
+    pub model: M,
     /// Its tokenizer.
     pub tok: Tokenizer,
     /// The optimizer with its moments.
@@ -39,11 +68,11 @@ pub struct Restored {
 
 /// The last complete checkpoint of `run` (model, tokenizer, optimizer), with the logs written
 /// after it dropped; an error if there is none.
-pub fn restore_latest(run: &RunDir, optim: &AdamWConfig) -> Result<Restored> {
+pub fn restore_latest<M: Checkpointable>(run: &RunDir, optim: &AdamWConfig) -> Result<Restored<M>> {
     let Some((step, dir)) = run.latest_checkpoint()? else {
         bail!("{}: no complete checkpoint to resume from", run.root.display());
     };
-    let (model, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&dir, &Cpu::default())?;
+    let (model, tok) = M::load_dir(&dir)?;
     let state = read_marker(&dir)?;
     let file = dir.join("optimizer.safetensors");
     let mut opt = AdamW::new(optim.clone());
@@ -55,20 +84,20 @@ pub fn restore_latest(run: &RunDir, optim: &AdamWConfig) -> Result<Restored> {
 /// One optimizer step: `micro_loss(i, tape)` for each of `accum` micro-batches (each loss
 /// scaled by `1/accum`, gradients accumulated), global clipping, AdamW at `lr`. Returns the
 /// summed (scaled) loss and the gradient norm before clipping.
-pub fn optimizer_step(
-    model: &mut CausalLm<Cpu>,
+pub fn optimizer_step<M: HasParams<Cpu>>(
+    model: &mut M,
     opt: &mut AdamW<Cpu>,
     lr: f64,
     clip: f64,
     accum: usize,
-    mut micro_loss: impl FnMut(&CausalLm<Cpu>, usize, OwnedTape<f32, Cpu>) -> Result<Loss>,
+    mut micro_loss: impl FnMut(&M, usize, OwnedTape<f32, Cpu>) -> Result<Loss>,
 ) -> Result<(f32, f64)> {
     let mut grads = Gradients::leaky();
     let mut loss_sum = 0.0f32;
     let leafs = param_ids(model);
     for micro in 0..accum {
         // keep recording into the same Gradients: backward accumulates (+=) into them
-        let anchor: Tensor<Rank0, f32, Cpu> = model.dev.zeros();
+        let anchor: Tensor<Rank0, f32, Cpu> = Cpu::default().zeros();
         let (_, tape) = anchor.traced(grads).split_tape();
         let loss = micro_loss(model, micro, tape)? * (1.0 / accum as f32);
         let value = loss.array();
@@ -84,7 +113,7 @@ pub fn optimizer_step(
     Ok((loss_sum, grad_norm))
 }
 
-fn param_ids(model: &CausalLm<Cpu>) -> Vec<UniqueId> {
+fn param_ids(model: &impl HasParams<Cpu>) -> Vec<UniqueId> {
     model
         .params()
         .iter()
@@ -97,10 +126,27 @@ fn param_ids(model: &CausalLm<Cpu>) -> Vec<UniqueId> {
 
 /// Writes `checkpoints/step-N` atomically: the HF model folder with its tokenizer, and the
 /// optimizer state.
-pub fn save(run: &RunDir, step: usize, model: &CausalLm<Cpu>, tok: &Tokenizer, opt: &mut AdamW<Cpu>) -> Result<()> {
+pub fn save<M: Checkpointable>(
+    run: &RunDir,
+    step: usize,
+    model: &M,
+    tok: &Tokenizer,
+    opt: &mut AdamW<Cpu>,
+) -> Result<()> {
+    save_with(run, step, model, opt, |dir| model.save_dir(dir, tok))
+}
+
+/// [`save`] with a custom writer of the model folder (e.g. extra fields in its config).
+pub fn save_with<M: HasParams<Cpu>>(
+    run: &RunDir,
+    step: usize,
+    model: &M,
+    opt: &mut AdamW<Cpu>,
+    write_model: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let (adam_t, state) = opt.state(&model.params())?;
     run.save_checkpoint(step, &TrainerState { step, adam_t }, |dir| {
-        model.save_pretrained(dir, Some(tok))?;
+        write_model(dir)?;
         write_safetensors(&dir.join("optimizer.safetensors"), &state)?;
         Ok(())
     })?;

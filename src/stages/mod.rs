@@ -2,4 +2,5 @@
 
 pub mod common;
 pub mod pretrain;
+pub mod reward;
 pub mod sft;

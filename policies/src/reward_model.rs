@@ -1,0 +1,252 @@
+//! Learned reward models: a transformer backbone with a scalar `score` head read at the last
+//! real token of prompt + response — transformers' `*ForSequenceClassification` with
+//! `num_labels = 1` — plus its normalisation and its checkpoint folder.
+//!
+//! The head has **no trained bias**: Bradley–Terry only sees score differences, so a bias gets
+//! no gradient from it, and transformers' `score` layer has none (a saved `score.bias` would be
+//! dropped on load there, huggingface/trl#1783). Offsets are the job of the stored
+//! normalisation `r' = g·r + b` (lm-human-preferences), written into `config.json`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use dfdx::prelude::*;
+use rlhf_envs::{EnvError, RewardInput, RewardModel, ScoreNorm};
+use serde::{Deserialize, Serialize};
+
+use crate::batch::Batch;
+use crate::checkpoint::{read_safetensors, write_atomic, write_safetensors, HostTensor};
+use crate::config::{Family, ModelConfig};
+use crate::error::PolicyError;
+use crate::fused::FusedOps;
+use crate::heads::ScalarHead;
+use crate::model::CausalLm;
+use crate::params::{HasParams, ParamMut, ParamRef};
+use crate::tokenizer::Tokenizer;
+
+/// Key of the normalisation block in a reward model's `config.json`.
+pub const NORMALIZATION_KEY: &str = "reward_normalization";
+
+/// A learned reward model: a transformer backbone and a scalar head read at the last token of
+/// prompt + response, optionally normalised (`(r − mean) / std`).
+#[derive(Debug)]
+pub struct LearnedReward<D: Device<f32>> {
+    /// Backbone.
+    pub model: CausalLm<D>,
+    /// Score head.
+    pub head: ScalarHead<D>,
+    /// Optional normalisation applied to every score.
+    pub norm: Option<ScoreNorm>,
+    /// Pad id for batching.
+    pub pad_id: u32,
+}
+
+/// Scores are shifted and scaled to a target mean and std measured on a reference set:
+/// `r' = gain·r + bias` with `gain = σ_T/σ_D`, `bias = μ_T − gain·μ_D` (lm-human-preferences).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardNormalization {
+    /// Mean of the raw scores on the reference set, μ_D.
+    pub mean: f32,
+    /// Standard deviation of the raw scores on the reference set, σ_D.
+    pub std: f32,
+    /// Wanted mean, μ_T.
+    pub target_mean: f32,
+    /// Wanted standard deviation, σ_T.
+    pub target_std: f32,
+    /// `σ_T/σ_D`.
+    pub gain: f32,
+    /// `μ_T − gain·μ_D`.
+    pub bias: f32,
+    /// What the reference set was (e.g. `eval chosen + rejected responses`).
+    pub reference: String,
+    /// How many scores it held.
+    pub count: usize,
+}
+
+impl RewardNormalization {
+    /// Fits the gain and bias to `scores` (population std; at least two distinct scores).
+    pub fn fit(scores: &[f32], target_mean: f32, target_std: f32, reference: &str) -> Result<Self, PolicyError> {
+        let n = scores.len() as f64;
+        let mean = scores.iter().map(|&s| s as f64).sum::<f64>() / n;
+        let var = scores.iter().map(|&s| (s as f64 - mean).powi(2)).sum::<f64>() / n;
+        let std = var.sqrt();
+        if scores.len() < 2 || std.is_nan() || std <= 1e-12 || !std.is_finite() {
+            return Err(PolicyError::Input(format!(
+                "reward normalisation needs scores with a positive spread; {} scores on {reference} have std {std}",
+                scores.len()
+            )));
+        }
+        let gain = target_std as f64 / std;
+        Ok(RewardNormalization {
+            mean: mean as f32,
+            std: std as f32,
+            target_mean,
+            target_std,
+            gain: gain as f32,
+            bias: (target_mean as f64 - gain * mean) as f32,
+            reference: reference.to_string(),
+            count: scores.len(),
+        })
+    }
+
+    /// The same affine map as the env's `(r − mean) / std`.
+    pub fn as_score_norm(&self) -> ScoreNorm {
+        ScoreNorm { mean: -self.bias / self.gain, std: 1.0 / self.gain }
+    }
+}
+
+impl<D: FusedOps> LearnedReward<D> {
+    /// A fresh score head on `model` (lm-human-preferences' init: 𝒩(0, 1/√(C+1)), no bias).
+    pub fn from_backbone(model: CausalLm<D>, pad_id: u32, seed: u64) -> Self {
+        let c = model.dims.d_model;
+        let head = ScalarHead::new(&model.dev, c, 1.0 / ((c + 1) as f32).sqrt(), seed);
+        LearnedReward { model, head, norm: None, pad_id }
+    }
+
+    /// Raw scores (no normalisation) read at the last real token of each row of `batch`, with
+    /// the tape — the training forward. Correct for left and right padding alike.
+    pub fn forward<T: Tape<f32, D>>(&self, batch: &Batch, tape: T) -> Result<Tensor<(usize,), f32, D, T>, PolicyError> {
+        let mut rows = Vec::with_capacity(batch.b);
+        for (r, j) in batch.last_real_index().into_iter().enumerate() {
+            let j = j.ok_or_else(|| PolicyError::Input(format!("row {r} of the batch has no real token")))?;
+            rows.push(r * batch.t + j);
+        }
+        let h = self.model.forward_hidden(batch, tape)?;
+        self.head.read_at(h, &rows)
+    }
+
+    /// Scores of token sequences (prompt + response each), normalised if `norm` is set.
+    pub fn score_ids(&self, seqs: &[Vec<u32>]) -> Result<Vec<f32>, PolicyError> {
+        let raw = self.forward(&Batch::right_padded(seqs, self.pad_id)?, NoneTape)?.as_vec();
+        Ok(match self.norm {
+            Some(n) => raw.iter().map(|r| (r - n.mean) / n.std).collect(),
+            None => raw,
+        })
+    }
+
+    /// Writes an HF `*ForSequenceClassification` folder: `config.json` (with `num_labels` 1,
+    /// `pad_token_id`, and `normalization` under [`NORMALIZATION_KEY`]), `model.safetensors`
+    /// (backbone + `score.weight` `(1, C)`), and `tokenizer.json` if given.
+    pub fn save_pretrained(
+        &self,
+        dir: &Path,
+        tokenizer: Option<&Tokenizer>,
+        normalization: Option<&RewardNormalization>,
+    ) -> Result<(), PolicyError> {
+        std::fs::create_dir_all(dir).map_err(|e| PolicyError::io(dir, e))?;
+        let mut config = serde_json::to_value(&self.model.config).expect("ModelConfig serialises: plain data");
+        let class = match self.model.dims.family {
+            Family::Gpt2 => "GPT2ForSequenceClassification",
+            Family::Llama => "LlamaForSequenceClassification",
+        };
+        config["architectures"] = serde_json::json!([class]);
+        config["id2label"] = serde_json::json!({"0": "LABEL_0"});
+        config["label2id"] = serde_json::json!({"LABEL_0": 0});
+        if config["pad_token_id"].is_null() {
+            config["pad_token_id"] = self.pad_id.into();
+        }
+        if let Some(n) = normalization {
+            config[NORMALIZATION_KEY] = serde_json::to_value(n).expect("plain data");
+        }
+        let text = serde_json::to_string_pretty(&config).expect("JSON value serialises");
+        write_atomic(&dir.join("config.json"), text.as_bytes())?;
+        let mut tensors = self.model.to_hf_tensors();
+        tensors.insert(
+            "score.weight".into(),
+            HostTensor { shape: vec![1, self.model.dims.d_model], data: self.head.w.as_vec() },
+        );
+        let bias = self.head.b.as_vec();
+        if bias[0] != 0.0 {
+            tensors.insert("score.bias".into(), HostTensor { shape: vec![1], data: bias });
+        }
+        write_safetensors(&dir.join("model.safetensors"), &tensors)?;
+        if let Some(tok) = tokenizer {
+            tok.save(&dir.join("tokenizer.json"))?;
+        }
+        Ok(())
+    }
+
+    /// Loads what [`LearnedReward::save_pretrained`] wrote, or any HF sequence-classification
+    /// folder with one label. The normalisation is returned, not applied (`norm` is `None`).
+    /// An untied model saved without `lm_head.weight` gets a zero LM head (a reward model never
+    /// uses it).
+    pub fn load_pretrained(dir: &Path, dev: &D) -> Result<(Self, Option<RewardNormalization>), PolicyError> {
+        let config_path = dir.join("config.json");
+        let config = ModelConfig::from_file(&config_path)?;
+        let raw: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&config_path).map_err(|e| PolicyError::io(&config_path, e))?)
+                .map_err(|e| PolicyError::config("(file)", e.to_string()).in_file(&config_path))?;
+        let normalization = match raw.get(NORMALIZATION_KEY) {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(serde_json::from_value(v.clone()).map_err(|e| PolicyError::Config {
+                file: config_path.display().to_string(),
+                field: NORMALIZATION_KEY.into(),
+                msg: e.to_string(),
+            })?),
+        };
+        let mut model = CausalLm::new(config, dev, 0)?;
+        let file = dir.join("model.safetensors");
+        let mut tensors = read_safetensors(&file)?;
+        let head = take_head(&file, &mut tensors, model.dims.d_model, dev)?;
+        if !model.dims.tied && !tensors.contains_key("lm_head.weight") {
+            let (v, c) = (model.dims.vocab, model.dims.d_model);
+            tensors.insert("lm_head.weight".into(), HostTensor { shape: vec![v, c], data: vec![0.0; v * c] });
+        }
+        model.load_hf_tensors(&file, &tensors)?;
+        let pad_id = model.config.pad_token_id().or(model.config.eos_token_id()).unwrap_or(0);
+        Ok((LearnedReward { model, head, norm: None, pad_id }, normalization))
+    }
+}
+
+/// Removes `score.weight` (`(1, C)`, `(C,)` or `(C, 1)`) and the optional `score.bias` from
+/// `tensors` and builds the head.
+fn take_head<D: Device<f32>>(
+    file: &Path,
+    tensors: &mut BTreeMap<String, HostTensor>,
+    c: usize,
+    dev: &D,
+) -> Result<ScalarHead<D>, PolicyError> {
+    let w = tensors.remove("score.weight").ok_or_else(|| {
+        PolicyError::tensor(file, "score.weight", "missing: this is not a reward model (train one with `rlhf reward`)")
+    })?;
+    if w.data.len() != c || w.shape.iter().filter(|&&s| s != 1).count() > 1 {
+        return Err(PolicyError::tensor(
+            file,
+            "score.weight",
+            format!("shape {:?}; a one-label score head on width {c} needs [1, {c}]", w.shape),
+        ));
+    }
+    let b = match tensors.remove("score.bias") {
+        None => 0.0,
+        Some(b) if b.data.len() == 1 => b.data[0],
+        Some(b) => return Err(PolicyError::tensor(file, "score.bias", format!("shape {:?}, expected [1]", b.shape))),
+    };
+    Ok(ScalarHead { w: dev.tensor_from_vec(w.data, (c, 1)), b: dev.tensor_from_vec(vec![b], (1,)) })
+}
+
+/// The trained parameters: the backbone and `score.weight` (the bias stays fixed; see the
+/// module doc).
+impl<D: Device<f32>> HasParams<D> for LearnedReward<D> {
+    fn params(&self) -> Vec<(String, ParamRef<'_, D>)> {
+        let mut out = self.model.params();
+        out.push(("score.weight".into(), ParamRef::M(&self.head.w)));
+        out
+    }
+    fn params_mut(&mut self) -> Vec<(String, ParamMut<'_, D>)> {
+        let mut out = self.model.params_mut();
+        out.push(("score.weight".into(), ParamMut::M(&mut self.head.w)));
+        out
+    }
+}
+
+impl<D: FusedOps> RewardModel for LearnedReward<D> {
+    fn name(&self) -> String {
+        "learned".into()
+    }
+
+    fn score(&mut self, batch: &[RewardInput]) -> Result<Vec<f32>, EnvError> {
+        let seqs: Vec<Vec<u32>> = batch.iter().map(|x| [x.prompt_ids.as_slice(), &x.response_ids].concat()).collect();
+        self.score_ids(&seqs).map_err(|e| EnvError::reward("learned", e.to_string()))
+    }
+}

@@ -1,0 +1,191 @@
+//! Preference data: JSONL records of human choices between responses, in the three layouts
+//! users bring — `{prompt, chosen, rejected}` pairs, hh-rlhf's full conversations, and K-way
+//! rankings — read into one [`Comparison`] type (responses ranked best first).
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{read_jsonl, JsonRecord};
+
+/// How the records of a preference file are laid out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PreferenceFormat {
+    /// `{prompt, chosen, rejected}`, with an optional numeric margin field (the `m` of
+    /// `−log σ(r_c − r_r − m)`).
+    Pairs {
+        /// Default `prompt`.
+        #[serde(default = "default_prompt")]
+        prompt_field: String,
+        /// Default `chosen`.
+        #[serde(default = "default_chosen")]
+        chosen_field: String,
+        /// Default `rejected`.
+        #[serde(default = "default_rejected")]
+        rejected_field: String,
+        /// Default: none.
+        #[serde(default)]
+        margin_field: Option<String>,
+    },
+    /// Anthropic hh-rlhf: `{chosen, rejected}` whole conversations that share everything up
+    /// to the last assistant turn. The prompt is the longest common prefix cut after its last
+    /// `separator`; the rest of each conversation is its response.
+    Conversations {
+        /// Default `chosen`.
+        #[serde(default = "default_chosen")]
+        chosen_field: String,
+        /// Default `rejected`.
+        #[serde(default = "default_rejected")]
+        rejected_field: String,
+        /// Default `"\n\nAssistant:"`.
+        #[serde(default = "default_separator")]
+        separator: String,
+    },
+    /// `{prompt, responses}` with the responses ranked best first (K ≥ 2): every one of the
+    /// C(K,2) pairs is a comparison, and all of them together weigh as one batch element
+    /// (InstructGPT).
+    Ranking {
+        /// Default `prompt`.
+        #[serde(default = "default_prompt")]
+        prompt_field: String,
+        /// Default `responses`.
+        #[serde(default = "default_responses")]
+        responses_field: String,
+    },
+}
+
+fn default_prompt() -> String {
+    "prompt".into()
+}
+fn default_chosen() -> String {
+    "chosen".into()
+}
+fn default_rejected() -> String {
+    "rejected".into()
+}
+fn default_responses() -> String {
+    "responses".into()
+}
+fn default_separator() -> String {
+    "\n\nAssistant:".into()
+}
+
+impl Default for PreferenceFormat {
+    fn default() -> Self {
+        PreferenceFormat::Pairs {
+            prompt_field: default_prompt(),
+            chosen_field: default_chosen(),
+            rejected_field: default_rejected(),
+            margin_field: None,
+        }
+    }
+}
+
+/// One prompt with its responses ranked best first (two for a chosen/rejected pair).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Comparison {
+    /// 1-based line of the record in its file.
+    pub line: usize,
+    /// The prompt text.
+    pub prompt: String,
+    /// Responses, best first.
+    pub responses: Vec<String>,
+    /// Margin of a pair (`m`), if the data has one.
+    pub margin: Option<f32>,
+}
+
+impl Comparison {
+    /// Every (better, worse) index pair: `(i, j)` for `i < j`.
+    pub fn pairs(&self) -> Vec<(usize, usize)> {
+        let k = self.responses.len();
+        (0..k).flat_map(|i| (i + 1..k).map(move |j| (i, j))).collect()
+    }
+}
+
+/// Reads `path` (JSONL, optionally `.gz`) as comparisons in `format`. Every malformed record
+/// is an error naming the file, the line and the field.
+pub fn read_comparisons(path: &Path, format: &PreferenceFormat) -> Result<Vec<Comparison>> {
+    read_jsonl(path)?.iter().map(|r| comparison(r, format)).collect()
+}
+
+fn comparison(r: &JsonRecord<'_>, format: &PreferenceFormat) -> Result<Comparison> {
+    Ok(match format {
+        PreferenceFormat::Pairs { prompt_field, chosen_field, rejected_field, margin_field } => Comparison {
+            line: r.line,
+            prompt: r.str(prompt_field)?,
+            responses: vec![r.str(chosen_field)?, r.str(rejected_field)?],
+            margin: margin_field.as_deref().map(|f| r.f32(f)).transpose()?,
+        },
+        PreferenceFormat::Conversations { chosen_field, rejected_field, separator } => {
+            let (chosen, rejected) = (r.str(chosen_field)?, r.str(rejected_field)?);
+            let (prompt, c, j) = split_conversations(&chosen, &rejected, separator).ok_or_else(|| {
+                r.error(format!(
+                    "`{chosen_field}` and `{rejected_field}` share no prefix ending in {separator:?}, so the \
+                     prompt cannot be split off (the conversations differ before the last assistant turn)"
+                ))
+            })?;
+            Comparison { line: r.line, prompt, responses: vec![c, j], margin: None }
+        }
+        PreferenceFormat::Ranking { prompt_field, responses_field } => {
+            let responses = r.str_array(responses_field)?;
+            if responses.len() < 2 {
+                return Err(r.error(format!("field `{responses_field}` needs at least 2 ranked responses")));
+            }
+            Comparison { line: r.line, prompt: r.str(prompt_field)?, responses, margin: None }
+        }
+    })
+}
+
+/// Splits two conversations into `(prompt, chosen response, rejected response)` at the last
+/// `separator` inside their longest common prefix; `None` if that prefix holds no separator.
+pub fn split_conversations(chosen: &str, rejected: &str, separator: &str) -> Option<(String, String, String)> {
+    let common = chosen
+        .char_indices()
+        .zip(rejected.chars())
+        .find(|((_, a), b)| a != b)
+        .map_or_else(|| chosen.len().min(rejected.len()), |((i, _), _)| i);
+    let cut = chosen[..common].rfind(separator)? + separator.len();
+    Some((chosen[..cut].to_string(), chosen[cut..].to_string(), rejected[cut..].to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conversations_split_at_the_last_shared_assistant_turn() {
+        let c = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: help?\n\nAssistant: Sure, here.";
+        let r = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: help?\n\nAssistant: No.";
+        let (p, rc, rr) = split_conversations(c, r, "\n\nAssistant:").unwrap();
+        assert_eq!(p, "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: help?\n\nAssistant:");
+        assert_eq!((rc.as_str(), rr.as_str()), (" Sure, here.", " No."));
+        // responses sharing their first words still split at the turn, not inside the answer
+        let (p, rc, rr) = split_conversations(
+            "\n\nHuman: q\n\nAssistant: I am A",
+            "\n\nHuman: q\n\nAssistant: I am B",
+            "\n\nAssistant:",
+        )
+        .unwrap();
+        assert_eq!((p.as_str(), rc.as_str(), rr.as_str()), ("\n\nHuman: q\n\nAssistant:", " I am A", " I am B"));
+        // multi-byte characters at the point of difference
+        assert!(split_conversations("\n\nAssistant: é", "\n\nAssistant: è", "\n\nAssistant:").is_some());
+        // conversations that differ before any assistant turn cannot be split
+        assert_eq!(
+            split_conversations("\n\nHuman: a\n\nAssistant: x", "\n\nHuman: b\n\nAssistant: x", "\n\nAssistant:"),
+            None
+        );
+    }
+
+    #[test]
+    fn rankings_give_all_ordered_pairs() {
+        let c = Comparison {
+            line: 1,
+            prompt: "p".into(),
+            responses: vec!["a".into(), "b".into(), "c".into()],
+            margin: None,
+        };
+        assert_eq!(c.pairs(), vec![(0, 1), (0, 2), (1, 2)]);
+    }
+}

@@ -1,0 +1,581 @@
+//! Stage 3a, the reward model: a transformer with a scalar head read at the last token (EOS)
+//! of prompt + response, trained on human choices with the Bradley–Terry loss
+//!
+//! ```text
+//! L = −E[ log σ(r(x, y_w) − r(x, y_l) − m) ] + η · E[(r(x, y_w) + r(x, y_l))²]
+//! ```
+//! ([`crate::math::preference::bradley_terry_loss`]). After training, the scores of a
+//! reference set fix a gain and bias (`r' = g·r + b`, target mean 0 and std 1 by default) that
+//! go into the checkpoint's `config.json`; the learned-reward adapter applies them.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use dfdx::prelude::*;
+use rlhf_policies::checkpoint::load_with_tokenizer;
+use rlhf_policies::fused::host_loss;
+use rlhf_policies::{
+    generate, AdamW, AdamWConfig, Batch, CausalLm, InferenceModel, LearnedReward, RewardNormalization, SamplingConfig,
+    Tokenizer,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::data::epoch_index;
+use crate::math::preference::{bradley_terry_loss, preference_stats, PreferenceStats};
+use crate::preference::{read_comparisons, Comparison, PreferenceFormat};
+use crate::run::RunDir;
+use crate::schedule::LrSchedule;
+use crate::stages::common::{optimizer_step, restore_latest, save, save_with, Checkpointable, Loss};
+
+/// What to do with a comparison whose longest sequence exceeds `max_len` tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardTruncation {
+    /// Leave it out (counted and reported).
+    #[default]
+    Skip,
+    /// Drop prompt tokens from the start (keeping the latest turns) until every response fits;
+    /// a comparison whose response alone is too long is still skipped and counted.
+    TruncatePrompt,
+    /// Stop with an error naming the record.
+    Error,
+}
+
+/// Where the normalisation's reference scores come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum NormReference {
+    /// Every response of the held-out comparisons (the training ones if none are held out).
+    EvalResponses,
+    /// Responses sampled from a policy (lm-human-preferences: the reference policy) for the
+    /// held-out prompts.
+    PolicySamples {
+        /// The policy checkpoint. Default: `init`.
+        #[serde(default)]
+        policy: Option<PathBuf>,
+        /// Samples per prompt. Default `1`.
+        #[serde(default = "one")]
+        per_prompt: usize,
+        /// Tokens per sample. Default `64`.
+        #[serde(default = "sixty_four")]
+        max_new_tokens: usize,
+        /// Sampling temperature. Default `1.0`.
+        #[serde(default = "unit")]
+        temperature: f32,
+    },
+}
+
+fn one() -> usize {
+    1
+}
+fn sixty_four() -> usize {
+    64
+}
+fn unit() -> f32 {
+    1.0
+}
+
+/// The normalisation fitted after training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NormalizeConfig {
+    /// Reference set. Default: the eval responses.
+    pub reference: NormReference,
+    /// Target mean μ_T. Default `0`.
+    pub target_mean: f32,
+    /// Target standard deviation σ_T. Default `1`.
+    pub target_std: f32,
+}
+
+impl Default for NormalizeConfig {
+    fn default() -> Self {
+        NormalizeConfig { reference: NormReference::EvalResponses, target_mean: 0.0, target_std: 1.0 }
+    }
+}
+
+/// `rlhf reward` configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardConfig {
+    /// Run folder. Default `runs/reward`.
+    pub out_dir: PathBuf,
+    /// Seed of the comparison order and the head init. Default `1337`.
+    pub seed: u64,
+    /// The backbone: an SFT/pretrain checkpoint or any HF folder with a tokenizer (a fresh
+    /// score head is added), or a reward model to train further. Required.
+    pub init: PathBuf,
+    /// JSONL (or `.jsonl.gz`) preference file. Required.
+    pub data: PathBuf,
+    /// Record layout. Default: `{"kind": "pairs"}` with fields prompt / chosen / rejected.
+    pub format: PreferenceFormat,
+    /// Fraction of the comparisons (the last ones) held out for evaluation. Default `0.1`.
+    pub val_fraction: f64,
+    /// Prompt template; `{prompt}` is replaced by the prompt. Default `{prompt}`.
+    pub prompt_template: String,
+    /// Longest sequence in tokens (prompt + response + EOS). Default `256`.
+    pub max_len: usize,
+    /// Longer comparisons are skipped (default), their prompts cut, or an error.
+    pub truncation: RewardTruncation,
+    /// Comparisons per micro-batch. Default `8`.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step. Default `1`.
+    pub grad_accum: usize,
+    /// Optimizer steps. Default `200`.
+    pub steps: usize,
+    /// AdamW. Default lr 1e-4, no weight decay.
+    pub optim: AdamWConfig,
+    /// Learning rate per step. Default: warm-up 10, cosine to 1e-5 at step 200.
+    pub schedule: LrSchedule,
+    /// Global grad-norm clip. Default `1.0`.
+    pub grad_clip: f64,
+    /// Centering coefficient η (TRL's `center_rewards_coefficient`). Default `0.01`.
+    pub center_coef: f64,
+    /// Evaluate every this many steps (and at the end). Default `50`.
+    pub eval_every: usize,
+    /// Checkpoint every this many steps (and at the end). Default `100`.
+    pub checkpoint_every: usize,
+    /// Held-out comparisons written to `samples.jsonl` with their scores at each evaluation.
+    /// Default `3`.
+    pub sample_count: usize,
+    /// Normalisation fitted after training; `null` for none. Default: eval responses to
+    /// mean 0, std 1.
+    pub normalize: Option<NormalizeConfig>,
+}
+
+impl Default for RewardConfig {
+    fn default() -> Self {
+        RewardConfig {
+            out_dir: "runs/reward".into(),
+            seed: 1337,
+            init: PathBuf::new(),
+            data: PathBuf::new(),
+            format: PreferenceFormat::default(),
+            val_fraction: 0.1,
+            prompt_template: "{prompt}".into(),
+            max_len: 256,
+            truncation: RewardTruncation::Skip,
+            batch_size: 8,
+            grad_accum: 1,
+            steps: 200,
+            optim: AdamWConfig { lr: 1e-4, ..Default::default() },
+            schedule: LrSchedule::WarmupCosine { lr: 1e-4, min_lr: 1e-5, warmup: 10, decay_steps: 200 },
+            grad_clip: 1.0,
+            center_coef: 0.01,
+            eval_every: 50,
+            checkpoint_every: 100,
+            sample_count: 3,
+            normalize: Some(NormalizeConfig::default()),
+        }
+    }
+}
+
+/// A taped scalar.
+pub type Scalar<T> = Tensor<Rank0, f32, Cpu, T>;
+
+/// A comparison in tokens: each sequence is `prompt_ids ⧺ responses[k]` (responses end in EOS).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokComparison {
+    /// Line of the record.
+    pub line: usize,
+    /// Prompt tokens.
+    pub prompt_ids: Vec<u32>,
+    /// Response tokens (with EOS), best first.
+    pub responses: Vec<Vec<u32>>,
+    /// Margin, if any.
+    pub margin: Option<f32>,
+}
+
+impl TokComparison {
+    fn sequences(&self) -> impl Iterator<Item = Vec<u32>> + '_ {
+        self.responses.iter().map(|r| [self.prompt_ids.as_slice(), r].concat())
+    }
+}
+
+/// Loss and statistics of a set of comparisons.
+#[derive(Debug, Clone, Serialize)]
+pub struct RewardEval {
+    /// Bradley–Terry loss (incl. centering), weighted as in training.
+    pub loss: f64,
+    /// Accuracy, margin and reward statistics over all pairs.
+    pub stats: PreferenceStats,
+}
+
+/// The final numbers of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RewardReport {
+    /// Steps done.
+    pub steps: usize,
+    /// Training comparisons.
+    pub train_comparisons: usize,
+    /// Held-out comparisons.
+    pub val_comparisons: usize,
+    /// Comparisons skipped for being longer than `max_len`.
+    pub skipped_too_long: usize,
+    /// Comparisons whose prompt was cut.
+    pub truncated: usize,
+    /// Last training loss.
+    pub train_loss: f32,
+    /// Last evaluation.
+    pub eval: Option<RewardEval>,
+    /// The fitted normalisation.
+    pub normalization: Option<RewardNormalization>,
+}
+
+/// Tokenizes comparisons; returns them with the (skipped, truncated) counts.
+pub fn tokenize(
+    cfg: &RewardConfig,
+    tok: &Tokenizer,
+    eos: u32,
+    comparisons: &[Comparison],
+) -> Result<(Vec<TokComparison>, usize, usize)> {
+    let (mut out, mut skipped, mut truncated) = (Vec::new(), 0, 0);
+    for c in comparisons {
+        let mut prompt_ids = tok.encode(&cfg.prompt_template.replace("{prompt}", &c.prompt))?;
+        let responses: Vec<Vec<u32>> =
+            c.responses.iter().map(|r| Ok([tok.encode(r)?, vec![eos]].concat())).collect::<Result<_>>()?;
+        let longest = responses.iter().map(Vec::len).max().unwrap_or(0);
+        if prompt_ids.len() + longest > cfg.max_len {
+            let too_long = || {
+                anyhow::anyhow!(
+                    "{}: line {}: {} tokens exceed max_len {}",
+                    cfg.data.display(),
+                    c.line,
+                    prompt_ids.len() + longest,
+                    cfg.max_len
+                )
+            };
+            match cfg.truncation {
+                RewardTruncation::Error => return Err(too_long()),
+                RewardTruncation::TruncatePrompt if longest < cfg.max_len => {
+                    prompt_ids.drain(..prompt_ids.len() + longest - cfg.max_len);
+                    truncated += 1;
+                }
+                _ => {
+                    skipped += 1;
+                    continue;
+                }
+            }
+        }
+        out.push(TokComparison { line: c.line, prompt_ids, responses, margin: c.margin });
+    }
+    Ok((out, skipped, truncated))
+}
+
+/// The scores of every sequence of `comps` (one taped forward, right-padded) and the
+/// Bradley–Terry loss over all their pairs; each comparison weighs `1/len(comps)`, shared by
+/// its pairs. Also returns the raw scores.
+pub fn reward_loss<T: Tape<f32, Cpu>>(
+    rm: &LearnedReward<Cpu>,
+    comps: &[&TokComparison],
+    center_coef: f64,
+    tape: T,
+) -> Result<(Scalar<T>, Vec<f32>)> {
+    let seqs: Vec<Vec<u32>> = comps.iter().flat_map(|c| c.sequences()).collect();
+    let scores = rm.forward(&Batch::right_padded(&seqs, rm.pad_id)?, tape)?;
+    let raw = scores.as_vec();
+    let pairs = pair_layout(comps);
+    let loss = host_loss(scores, |r| {
+        let (rc, rr, m, w) = pairs.gather(r);
+        let bt = bradley_terry_loss(&rc, &rr, &m, &w, center_coef);
+        let mut grad = vec![0.0; r.len()];
+        for (p, &(i, j)) in pairs.index.iter().enumerate() {
+            grad[i] += bt.d_chosen[p];
+            grad[j] += bt.d_rejected[p];
+        }
+        (bt.loss, grad)
+    });
+    Ok((loss, raw))
+}
+
+/// Where each pair's two scores sit in the flat score vector, with its margin and weight.
+struct PairLayout {
+    index: Vec<(usize, usize)>,
+    margins: Vec<f64>,
+    weights: Vec<f64>,
+}
+
+fn pair_layout(comps: &[&TokComparison]) -> PairLayout {
+    let mut out = PairLayout { index: vec![], margins: vec![], weights: vec![] };
+    let mut offset = 0;
+    let has_margin = comps.iter().any(|c| c.margin.is_some());
+    for c in comps {
+        let k = c.responses.len();
+        let n_pairs = k * (k - 1) / 2;
+        for i in 0..k {
+            for j in i + 1..k {
+                out.index.push((offset + i, offset + j));
+                out.weights.push(1.0 / (n_pairs * comps.len()) as f64);
+                if has_margin {
+                    out.margins.push(c.margin.unwrap_or(0.0) as f64);
+                }
+            }
+        }
+        offset += k;
+    }
+    out
+}
+
+impl PairLayout {
+    /// (chosen, rejected, margins, weights) of every pair, from the flat scores.
+    fn gather(&self, r: &[f32]) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+        let rc = self.index.iter().map(|&(i, _)| r[i] as f64).collect();
+        let rr = self.index.iter().map(|&(_, j)| r[j] as f64).collect();
+        (rc, rr, self.margins.clone(), self.weights.clone())
+    }
+}
+
+/// Runs (or, with `resume`, continues) reward-model training as configured.
+pub fn train(cfg: RewardConfig, resume: bool) -> Result<RewardReport> {
+    validate(&cfg)?;
+    let run = RunDir::create(&cfg.out_dir)?;
+    // BOILERPLATE: backbone + head, tokenizer, optimizer (from init, or the run's checkpoint)
+    let (mut rm, tok, mut opt, start) = if resume {
+        let r = restore_latest::<LearnedReward<Cpu>>(&run, &cfg.optim)?;
+        (r.model, r.tok, r.opt, r.step)
+    } else {
+        let (rm, tok) = initial_model(&cfg)?;
+        run.write_config(&cfg)?;
+        (rm, tok, AdamW::new(cfg.optim.clone()), 0)
+    };
+    let eos = tok
+        .eos_id()
+        .or(rm.model.config.eos_token_id())
+        .ok_or_else(|| anyhow::anyhow!("{}: the tokenizer has no EOS token", cfg.init.display()))?;
+    // DATA: records → comparisons → tokens → train / validation
+    let comparisons = read_comparisons(&cfg.data, &cfg.format)?;
+    let (comps, skipped, truncated) = tokenize(&cfg, &tok, eos, &comparisons)?;
+    let n_val = ((comps.len() as f64) * cfg.val_fraction).round() as usize;
+    let (train_set, val_set) = comps.split_at(comps.len() - n_val);
+    if train_set.is_empty() {
+        bail!(
+            "{}: no training comparisons left ({} records, {skipped} skipped as too long)",
+            cfg.data.display(),
+            comparisons.len()
+        );
+    }
+    if skipped > 0 || truncated > 0 {
+        eprintln!("reward: {skipped} comparisons skipped and {truncated} prompts truncated (max_len {})", cfg.max_len);
+    }
+    let mut metrics = run.metrics()?;
+    let mut samples = run.samples()?;
+    let bar = crate::progress::bar(cfg.steps as u64, "reward");
+    bar.set_position(start as u64);
+    let mut report = RewardReport {
+        steps: cfg.steps,
+        train_comparisons: train_set.len(),
+        val_comparisons: val_set.len(),
+        skipped_too_long: skipped,
+        truncated,
+        train_loss: f32::NAN,
+        eval: None,
+        normalization: None,
+    };
+    for step in start..cfg.steps {
+        // ALGO: Bradley–Terry over grad_accum micro-batches of comparisons, one AdamW step
+        let t0 = Instant::now();
+        let lr = cfg.schedule.at(step);
+        let (mut tokens, mut batch_scores) = (0usize, Vec::new());
+        let (loss, grad_norm) =
+            optimizer_step(&mut rm, &mut opt, lr, cfg.grad_clip, cfg.grad_accum, |m, micro, tape| {
+                let first = (step * cfg.grad_accum + micro) * cfg.batch_size;
+                let batch: Vec<&TokComparison> = (first..first + cfg.batch_size)
+                    .map(|i| &train_set[epoch_index(train_set.len(), cfg.seed, i)])
+                    .collect();
+                tokens += batch.iter().flat_map(|c| c.sequences()).map(|s| s.len()).sum::<usize>();
+                let (loss, scores): (Loss, _) = reward_loss(m, &batch, cfg.center_coef, tape)?;
+                batch_scores.push((batch, scores));
+                Ok(loss)
+            })?;
+        report.train_loss = loss;
+        let done = step + 1;
+        let tok_s = tokens as f64 / t0.elapsed().as_secs_f64();
+        let mut record = serde_json::json!({
+            "step": done, "loss": loss, "accuracy": train_accuracy(&batch_scores),
+            "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s,
+        });
+        if done % cfg.eval_every == 0 || done == cfg.steps {
+            let (eval_set, _) = eval_split(train_set, val_set);
+            let (ev, scores) = evaluate(&rm, eval_set, cfg.center_coef, cfg.batch_size)?;
+            for (k, v) in [
+                ("eval/loss", ev.loss),
+                ("eval/accuracy", ev.stats.accuracy),
+                ("eval/margin_mean", ev.stats.margin_mean),
+                ("eval/reward_mean", ev.stats.reward_mean),
+                ("eval/reward_std", ev.stats.reward_std),
+            ] {
+                record[k] = v.into();
+            }
+            for s in sample_records(&tok, eval_set, &scores, cfg.sample_count, done)? {
+                samples.write(&s)?;
+            }
+            report.eval = Some(ev);
+        }
+        metrics.write(&record)?;
+        bar.set_message(format!(
+            "loss {loss:.3}{} | {tok_s:.0} tok/s",
+            report.eval.as_ref().map(|e| format!(" acc {:.3}", e.stats.accuracy)).unwrap_or_default()
+        ));
+        bar.inc(1);
+        if done == cfg.steps {
+            // ALGO: fit the normalisation on the reference set; it goes into the final config
+            report.normalization = match &cfg.normalize {
+                Some(n) => Some(fit_normalization(&cfg, n, &rm, eos, train_set, val_set)?),
+                None => None,
+            };
+            let norm = report.normalization.clone();
+            save_with(&run, done, &rm, &mut opt, |dir| Ok(rm.save_pretrained(dir, Some(&tok), norm.as_ref())?))?;
+        } else if done % cfg.checkpoint_every == 0 {
+            save(&run, done, &rm, &tok, &mut opt)?;
+        }
+    }
+    bar.finish();
+    Ok(report)
+}
+
+/// The backbone and tokenizer of `init` with a fresh head, or a reward model to continue.
+fn initial_model(cfg: &RewardConfig) -> Result<(LearnedReward<Cpu>, Tokenizer)> {
+    let is_rm = std::fs::read_to_string(cfg.init.join("config.json"))
+        .with_context(|| format!("{}: cannot read config.json", cfg.init.display()))?
+        .contains("ForSequenceClassification");
+    if is_rm {
+        return LearnedReward::load_dir(&cfg.init);
+    }
+    let (model, tok): (CausalLm<Cpu>, Tokenizer) = load_with_tokenizer(&cfg.init, &Cpu::default())?;
+    let pad = tok.pad_id().or(tok.eos_id()).or(model.config.pad_token_id()).unwrap_or(0);
+    Ok((LearnedReward::from_backbone(model, pad, cfg.seed), tok))
+}
+
+/// The evaluation set: the held-out comparisons, or the training ones if none are held out.
+fn eval_split<'a>(train: &'a [TokComparison], val: &'a [TokComparison]) -> (&'a [TokComparison], &'static str) {
+    if val.is_empty() {
+        (train, "training")
+    } else {
+        (val, "eval")
+    }
+}
+
+fn train_accuracy(batches: &[(Vec<&TokComparison>, Vec<f32>)]) -> f64 {
+    let (mut right, mut total) = (0usize, 0usize);
+    for (comps, scores) in batches {
+        for (i, j) in pair_layout(comps).index {
+            right += usize::from(scores[i] > scores[j]);
+            total += 1;
+        }
+    }
+    right as f64 / total.max(1) as f64
+}
+
+/// Loss and statistics on `set` (no tape), and the raw scores of every sequence in order.
+pub fn evaluate(
+    rm: &LearnedReward<Cpu>,
+    set: &[TokComparison],
+    center_coef: f64,
+    batch: usize,
+) -> Result<(RewardEval, Vec<f32>)> {
+    let mut scores = Vec::new();
+    for chunk in set.chunks(batch) {
+        let seqs: Vec<Vec<u32>> = chunk.iter().flat_map(|c| c.sequences()).collect();
+        scores.extend(rm.forward(&Batch::right_padded(&seqs, rm.pad_id)?, NoneTape)?.as_vec());
+    }
+    let refs: Vec<&TokComparison> = set.iter().collect();
+    let layout = pair_layout(&refs);
+    let (rc, rr, m, w) = layout.gather(&scores);
+    let loss = bradley_terry_loss(&rc, &rr, &m, &w, center_coef).loss;
+    Ok((RewardEval { loss, stats: preference_stats(&rc, &rr) }, scores))
+}
+
+fn sample_records(
+    tok: &Tokenizer,
+    set: &[TokComparison],
+    scores: &[f32],
+    count: usize,
+    step: usize,
+) -> Result<Vec<serde_json::Value>> {
+    let mut offset = 0;
+    let mut out = Vec::new();
+    for c in set.iter().take(count) {
+        let k = c.responses.len();
+        let responses: Vec<String> = c.responses.iter().map(|r| tok.decode(r)).collect::<Result<_, _>>()?;
+        out.push(serde_json::json!({
+            "step": step, "line": c.line, "prompt": tok.decode(&c.prompt_ids)?,
+            "responses": responses, "scores": &scores[offset..offset + k],
+        }));
+        offset += k;
+    }
+    Ok(out)
+}
+
+/// Scores the reference set and fits `r' = g·r + b` to the target mean and std.
+fn fit_normalization(
+    cfg: &RewardConfig,
+    n: &NormalizeConfig,
+    rm: &LearnedReward<Cpu>,
+    eos: u32,
+    train: &[TokComparison],
+    val: &[TokComparison],
+) -> Result<RewardNormalization> {
+    let (set, name) = eval_split(train, val);
+    let (seqs, reference): (Vec<Vec<u32>>, String) = match &n.reference {
+        NormReference::EvalResponses => {
+            (set.iter().flat_map(|c| c.sequences()).collect(), format!("{name} chosen and rejected responses"))
+        }
+        NormReference::PolicySamples { policy, per_prompt, max_new_tokens, temperature } => {
+            let path = policy.as_ref().unwrap_or(&cfg.init);
+            let (model, _) = load_with_tokenizer(path, &Cpu::default())
+                .with_context(|| format!("normalize.reference.policy {}", path.display()))?;
+            let mut prompts: Vec<Vec<u32>> = set.iter().map(|c| c.prompt_ids.clone()).collect();
+            prompts.dedup();
+            let prompts: Vec<Vec<u32>> =
+                prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), *per_prompt)).collect();
+            let room = model.dims.max_positions.saturating_sub(prompts.iter().map(Vec::len).max().unwrap_or(0));
+            let sampling = SamplingConfig {
+                max_new_tokens: (*max_new_tokens).min(room).max(1),
+                temperature: *temperature,
+                eos_ids: vec![eos],
+                seed: cfg.seed,
+                ..Default::default()
+            };
+            let engine = InferenceModel::from_model(&model);
+            let mut seqs = Vec::new();
+            for chunk in prompts.chunks(cfg.batch_size.max(8)) {
+                let out = generate(&engine, chunk, rm.pad_id, &sampling)?;
+                seqs.extend(chunk.iter().zip(&out.tokens).map(|(p, r)| [p.as_slice(), r].concat()));
+            }
+            let what = format!("{} samples of {} on the {name} prompts", seqs.len(), path.display());
+            (seqs, what)
+        }
+    };
+    let mut scores = Vec::with_capacity(seqs.len());
+    for chunk in seqs.chunks(cfg.batch_size * 2) {
+        scores.extend(rm.forward(&Batch::right_padded(chunk, rm.pad_id)?, NoneTape)?.as_vec());
+    }
+    Ok(RewardNormalization::fit(&scores, n.target_mean, n.target_std, &reference)?)
+}
+
+fn validate(cfg: &RewardConfig) -> Result<()> {
+    for (name, v) in [
+        ("batch_size", cfg.batch_size),
+        ("grad_accum", cfg.grad_accum),
+        ("steps", cfg.steps),
+        ("eval_every", cfg.eval_every),
+        ("checkpoint_every", cfg.checkpoint_every),
+        ("max_len", cfg.max_len),
+    ] {
+        if v == 0 {
+            bail!("{name} must be at least 1");
+        }
+    }
+    if cfg.data.as_os_str().is_empty() || cfg.init.as_os_str().is_empty() {
+        bail!("data and init are required (a preference JSONL file and a checkpoint folder)");
+    }
+    if !(0.0..1.0).contains(&cfg.val_fraction) {
+        bail!("val_fraction must be in [0, 1), got {}", cfg.val_fraction);
+    }
+    if let Some(n) = &cfg.normalize {
+        if n.target_std.is_nan() || n.target_std <= 0.0 {
+            bail!("normalize.target_std must be positive, got {}", n.target_std);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,274 @@
+//! The reward model: Bradley–Terry math equals TRL's (fixture), scores are read at the last
+//! real token whatever the padding, a tiny model learns a marker word, hh-rlhf conversations
+//! split at the last shared assistant turn, and the trained checkpoint loads back as a
+//! normalised `RewardModel` for the env.
+
+mod common;
+
+use common::*;
+use dfdx::prelude::*;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use rlhf::math::preference::{bradley_terry_loss, preference_stats};
+use rlhf::preference::{read_comparisons, PreferenceFormat};
+use rlhf::schedule::LrSchedule;
+use rlhf::stages::reward::{reward_loss, train, RewardConfig, TokComparison};
+use rlhf_envs::{RewardInput, RewardModel};
+use rlhf_policies::{Batch, CausalLm, LearnedReward, ModelConfig, Tokenizer};
+
+fn close(got: f64, want: f64) -> bool {
+    (got - want).abs() <= 1e-5 + 1e-4 * want.abs()
+}
+
+#[test]
+fn bradley_terry_equals_the_trl_fixture() {
+    let f = read_json(&fixture("preference/expected.json"))["bradley_terry"].clone();
+    let v = |k: &str| -> Vec<f64> { f32s(&f["inputs"][k]).iter().map(|&x| x as f64).collect() };
+    let out = |k: &str| f["outputs"][k].as_f64().unwrap();
+    let (rc, rr, m) = (v("rewards_chosen"), v("rewards_rejected"), v("margin"));
+    let eta = f["params"]["center_rewards_coefficient"].as_f64().unwrap();
+    let w = vec![1.0 / rc.len() as f64; rc.len()];
+    let plain = bradley_terry_loss(&rc, &rr, &[], &w, 0.0);
+    for (g, want) in plain.per_pair_loss.iter().zip(f32s(&f["outputs"]["per_pair_loss"])) {
+        assert!(close(*g, want as f64), "{g} vs {want}");
+    }
+    let margin = bradley_terry_loss(&rc, &rr, &m, &w, 0.0);
+    for (g, want) in margin.per_pair_loss.iter().zip(f32s(&f["outputs"]["per_pair_loss_margin"])) {
+        assert!(close(*g, want as f64), "{g} vs {want}");
+    }
+    let cases = [
+        (plain.loss, "loss"),
+        (margin.loss, "loss_margin"),
+        (bradley_terry_loss(&rc, &rr, &[], &w, eta).loss, "loss_center"),
+        (bradley_terry_loss(&rc, &rr, &m, &w, eta).loss, "loss_margin_center"),
+    ];
+    for (got, key) in cases {
+        assert!(close(got, out(key)), "{key}: {got} vs {}", out(key));
+    }
+    let s = preference_stats(&rc, &rr);
+    assert_eq!(s.accuracy, 2.0 / 6.0, "the exact tie counts as wrong");
+    for (got, key) in [
+        (s.margin_mean, "margin_mean"),
+        (s.center_penalty, "center_penalty"),
+        (s.reward_min, "min_reward"),
+        (s.reward_mean, "mean_reward"),
+        (s.reward_max, "max_reward"),
+    ] {
+        assert!(close(got, out(key)), "{key}: {got} vs {}", out(key));
+    }
+}
+
+fn tiny_rm(vocab: usize, seed: u64) -> LearnedReward<Cpu> {
+    let model = CausalLm::new(ModelConfig::gpt2_preset(vocab, 32, 2, 2, 64), &Cpu::default(), seed).unwrap();
+    LearnedReward::from_backbone(model, 1, seed)
+}
+
+#[test]
+fn the_score_is_read_at_the_last_real_token_under_left_and_right_padding() {
+    let rm = tiny_rm(20, 4);
+    let seqs = vec![vec![3, 4, 5, 6, 7, 8], vec![9, 10], vec![11, 12, 13, 2]];
+    let right = rm.forward(&Batch::right_padded(&seqs, 1).unwrap(), NoneTape).unwrap().as_vec();
+    let left = rm.forward(&Batch::left_padded(&seqs, 1).unwrap(), NoneTape).unwrap().as_vec();
+    for (i, s) in seqs.iter().enumerate() {
+        let alone = rm.forward(&Batch::unpadded(std::slice::from_ref(s)).unwrap(), NoneTape).unwrap().as_vec()[0];
+        assert!(
+            (right[i] - alone).abs() < 1e-5 && (left[i] - alone).abs() < 1e-5,
+            "{i}: {} {} {alone}",
+            right[i],
+            left[i]
+        );
+    }
+}
+
+#[test]
+fn a_ranking_weighs_as_one_comparison_of_all_its_pairs() {
+    let rm = tiny_rm(20, 5);
+    let ranked = TokComparison {
+        line: 1,
+        prompt_ids: vec![3, 4],
+        responses: vec![vec![5, 0], vec![6, 7, 0], vec![8, 0]],
+        margin: None,
+    };
+    let pair = TokComparison { line: 2, prompt_ids: vec![9], responses: vec![vec![10, 0], vec![11, 0]], margin: None };
+    let (loss, scores) = reward_loss(&rm, &[&ranked, &pair], 0.01, NoneTape).unwrap();
+    let s: Vec<f64> = scores.iter().map(|&x| x as f64).collect();
+    let bt = |c: f64, r: f64| bradley_terry_loss(&[c], &[r], &[], &[1.0], 0.01).loss;
+    let want = 0.5 * (bt(s[0], s[1]) + bt(s[0], s[2]) + bt(s[1], s[2])) / 3.0 + 0.5 * bt(s[3], s[4]);
+    assert!((loss.array() as f64 - want).abs() < 1e-5, "{} vs {want}", loss.array());
+}
+
+#[test]
+fn the_loss_gradient_reaches_the_backbone_and_the_head() {
+    let rm = tiny_rm(20, 6);
+    let c =
+        TokComparison { line: 1, prompt_ids: vec![3, 4], responses: vec![vec![5, 0], vec![6, 0]], margin: Some(0.5) };
+    let anchor: Tensor<Rank0, f32, Cpu> = Cpu::default().zeros();
+    let (_, tape) = anchor.traced(Gradients::leaky()).split_tape();
+    let (loss, _) = reward_loss(&rm, &[&c], 0.01, tape).unwrap();
+    let grads = loss.backward();
+    let gw = grads.get(&rm.head.w).as_vec();
+    assert!(grads.get(&rm.model.wte).as_vec().iter().any(|&g| g != 0.0), "the backbone gets a gradient");
+    // finite difference on one head weight
+    let h = 1e-2f32;
+    let mut bumped = LearnedReward { model: rm.model.clone(), head: rm.head.clone(), norm: None, pad_id: 1 };
+    let mut w = rm.head.w.as_vec();
+    w[3] += h;
+    bumped.head.w = Cpu::default().tensor_from_vec(w, (32, 1));
+    let up = reward_loss(&bumped, &[&c], 0.01, NoneTape).unwrap().0.array();
+    let base = reward_loss(&rm, &[&c], 0.01, NoneTape).unwrap().0.array();
+    assert!(((up - base) / h - gw[3]).abs() < 2e-3, "{} vs {}", (up - base) / h, gw[3]);
+}
+
+/// Comparisons whose chosen response contains the word "good" and rejected one does not
+/// (five words each: length gives nothing away).
+fn marker_data(path: &std::path::Path, n: usize) {
+    let words = ["the", "food", "was", "fine", "cold", "hot", "nice", "slow", "fast", "ok"];
+    let mut rng = StdRng::seed_from_u64(11);
+    let phrase = |rng: &mut StdRng| -> Vec<&str> { (0..5).map(|_| words[rng.gen_range(0..words.len())]).collect() };
+    let lines: Vec<String> = (0..n)
+        .map(|_| {
+            let mut chosen = phrase(&mut rng);
+            chosen[rng.gen_range(0..5)] = "good";
+            let rejected = phrase(&mut rng);
+            serde_json::json!({"prompt": "review:", "chosen": format!(" {}", chosen.join(" ")), "rejected": format!(" {}", rejected.join(" "))})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n")).unwrap();
+}
+
+fn marker_cfg(dir: &std::path::Path, steps: usize) -> RewardConfig {
+    let data = dir.join("prefs.jsonl");
+    marker_data(&data, 240);
+    let tok = Tokenizer::char_level("abcdefghijklmnopqrstuvwxyz :").unwrap();
+    let model = CausalLm::new(ModelConfig::gpt2_preset(tok.vocab_size(), 32, 2, 2, 64), &Cpu::default(), 3).unwrap();
+    let init = dir.join("init");
+    model.save_pretrained(&init, Some(&tok)).unwrap();
+    RewardConfig {
+        out_dir: dir.join("run"),
+        init,
+        data,
+        val_fraction: 0.25,
+        max_len: 48,
+        batch_size: 8,
+        steps,
+        schedule: LrSchedule::WarmupCosine { lr: 3e-3, min_lr: 3e-4, warmup: 5, decay_steps: steps },
+        eval_every: 40,
+        checkpoint_every: 40,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn learns_a_marker_word_and_loads_back_as_a_normalised_reward_model() {
+    let d = tempfile::tempdir().unwrap();
+    let report = train(marker_cfg(d.path(), 120), false).unwrap();
+    let ev = report.eval.as_ref().unwrap();
+    assert_eq!(report.val_comparisons, 60);
+    assert!(ev.stats.accuracy >= 0.95, "held-out accuracy {}", ev.stats.accuracy);
+    let norm = report.normalization.clone().unwrap();
+    // the final checkpoint is an HF sequence-classification folder with the normalisation
+    let ckpt = d.path().join("run/checkpoints/step-120");
+    let cfg_json = read_json(&ckpt.join("config.json"));
+    assert_eq!(cfg_json["architectures"][0], "GPT2ForSequenceClassification");
+    assert_eq!(cfg_json["reward_normalization"]["gain"].as_f64().unwrap() as f32, norm.gain);
+    let tensors = rlhf_policies::checkpoint::read_safetensors(&ckpt.join("model.safetensors")).unwrap();
+    assert_eq!(tensors["score.weight"].shape, vec![1, 32]);
+    assert!(!tensors.contains_key("score.bias") && !tensors.contains_key("lm_head.weight"));
+    // loaded with its normalisation, the reference responses score mean 0 and std 1
+    let (mut rm, stored) = LearnedReward::load_pretrained(&ckpt, &Cpu::default()).unwrap();
+    assert_eq!(stored.as_ref(), Some(&norm));
+    rm.norm = Some(norm.as_score_norm());
+    let tok = Tokenizer::from_file(&ckpt.join("tokenizer.json")).unwrap();
+    let comps = read_comparisons(&d.path().join("prefs.jsonl"), &PreferenceFormat::default()).unwrap();
+    let inputs: Vec<RewardInput> = comps[180..]
+        .iter()
+        .flat_map(|c| c.responses.iter().map(|r| (c.prompt.clone(), r.clone())))
+        .map(|(p, r)| RewardInput {
+            prompt_ids: tok.encode(&p).unwrap(),
+            response_ids: [tok.encode(&r).unwrap(), vec![0]].concat(),
+            prompt: p,
+            response: r,
+        })
+        .collect();
+    let scores = rm.score(&inputs).unwrap();
+    let mean = scores.iter().sum::<f32>() / scores.len() as f32;
+    let std = (scores.iter().map(|s| (s - mean).powi(2)).sum::<f32>() / scores.len() as f32).sqrt();
+    assert!(mean.abs() < 1e-3 && (std - 1.0).abs() < 1e-3, "mean {mean} std {std}");
+    // and the chosen response (with the marker) outscores the rejected one
+    assert!(scores.chunks(2).filter(|p| p[0] > p[1]).count() as f64 >= 0.95 * 60.0);
+}
+
+#[test]
+fn resume_gives_the_same_metrics_as_an_uninterrupted_run() {
+    let a = tempfile::tempdir().unwrap();
+    train(marker_cfg(a.path(), 50), false).unwrap();
+    let b = tempfile::tempdir().unwrap();
+    train(marker_cfg(b.path(), 50), false).unwrap();
+    std::fs::remove_dir_all(b.path().join("run/checkpoints/step-50")).unwrap();
+    train(marker_cfg(b.path(), 50), true).unwrap();
+    let strip = |p: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p.join("run/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("tokens_per_s");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(strip(b.path()), strip(a.path()));
+    let norm =
+        |p: &std::path::Path| read_json(&p.join("run/checkpoints/step-50/config.json"))["reward_normalization"].clone();
+    assert_eq!(norm(a.path()), norm(b.path()));
+}
+
+#[test]
+fn conversations_are_split_and_a_bad_record_is_named_by_line() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("hh.jsonl");
+    let ok = serde_json::json!({"chosen": "\n\nHuman: hi\n\nAssistant: Hello there.", "rejected": "\n\nHuman: hi\n\nAssistant: Go away."});
+    let bad = serde_json::json!({"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: x"});
+    let format: PreferenceFormat = serde_json::from_str(r#"{"kind": "conversations"}"#).unwrap();
+    std::fs::write(&p, format!("{ok}\n")).unwrap();
+    let c = read_comparisons(&p, &format).unwrap();
+    assert_eq!(c[0].prompt, "\n\nHuman: hi\n\nAssistant:");
+    assert_eq!(c[0].responses, vec![" Hello there.", " Go away."]);
+    std::fs::write(&p, format!("{ok}\n{bad}\n")).unwrap();
+    let e = read_comparisons(&p, &format).unwrap_err().to_string();
+    assert!(e.contains("hh.jsonl: line 2") && e.contains("cannot be split"), "{e}");
+}
+
+#[test]
+fn the_real_hh_rlhf_file_splits_cleanly() {
+    let path = shared().join("data/hh-rlhf/helpful-base/test.jsonl.gz");
+    let format: PreferenceFormat = serde_json::from_str(r#"{"kind": "conversations"}"#).unwrap();
+    let c = read_comparisons(&path, &format).unwrap();
+    assert_eq!(c.len(), 2354);
+    assert!(c.iter().all(|c| c.prompt.ends_with("\n\nAssistant:") && c.prompt.starts_with("\n\nHuman:")));
+}
+
+#[test]
+fn malformed_preference_records_name_file_line_and_field() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("p.jsonl");
+    let margin: PreferenceFormat = serde_json::from_str(r#"{"kind": "pairs", "margin_field": "m"}"#).unwrap();
+    let ranking: PreferenceFormat = serde_json::from_str(r#"{"kind": "ranking"}"#).unwrap();
+    let cases: [(&str, &PreferenceFormat, &str); 4] = [
+        ("{\"prompt\": \"a\", \"chosen\": \"b\"}", &PreferenceFormat::default(), "line 1: field `rejected` is missing"),
+        (
+            "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\", \"m\": \"x\"}",
+            &margin,
+            "field `m` must be a finite number",
+        ),
+        ("{\"prompt\": \"a\", \"responses\": [\"b\"]}", &ranking, "at least 2 ranked responses"),
+        ("{\"prompt\": \"a\", \"responses\": [\"b\", 3]}", &ranking, "field `responses`[1] must be a string"),
+    ];
+    for (text, format, want) in cases {
+        std::fs::write(&p, text).unwrap();
+        let e = read_comparisons(&p, format).unwrap_err().to_string();
+        assert!(e.contains("p.jsonl") && e.contains(want), "{e}");
+    }
+    let e = serde_json::from_str::<PreferenceFormat>(r#"{"kind": "pairs", "chosen": "x"}"#).unwrap_err().to_string();
+    assert!(e.contains("unknown field"), "{e}");
+}
