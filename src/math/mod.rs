@@ -2,6 +2,7 @@
 //! and tested against the fixtures computed by TRL / PyTorch. The stages wire them into the
 //! tape with [`rlhf_policies::fused::host_loss`].
 
+pub mod ppo;
 pub mod preference;
 
 /// `log σ(x)` without overflow: `−ln(1 + e^{−x})` for `x ≥ 0`, `x − ln(1 + e^{x})` below.
