@@ -79,7 +79,7 @@ fn gae_returns_and_whitening_match() {
 fn clipped_losses_and_stats_match() {
     let fx = Fx::load();
     let f = &fx.f;
-    let n = 30;
+    let n = 30.0;
     let adv = fx.flat(&f["whiten"]["advantages_whitened_unbiased"]);
     let pl = ppo_policy_loss(
         &fx.flat(&f["inputs"]["new_logprobs"]),

@@ -53,6 +53,8 @@ pub struct PromptSource {
     order: Vec<usize>,
     cursor: usize,
     rng: StdRng,
+    seed: u64,
+    draws: usize,
 }
 
 impl PromptSource {
@@ -65,7 +67,8 @@ impl PromptSource {
             return Err(EnvError::Config { field: "prompts", msg: format!("prompt {i} has no tokens") });
         }
         let (ids, texts) = prompts.into_iter().unzip();
-        let mut s = PromptSource { ids, texts, order: vec![], cursor: 0, rng: StdRng::seed_from_u64(seed) };
+        let mut s =
+            PromptSource { ids, texts, order: vec![], cursor: 0, rng: StdRng::seed_from_u64(seed), seed, draws: 0 };
         s.reseed(seed);
         Ok(s)
     }
@@ -76,10 +79,26 @@ impl PromptSource {
         self.order = (0..self.ids.len()).collect();
         self.order.shuffle(&mut self.rng);
         self.cursor = 0;
+        self.seed = seed;
+        self.draws = 0;
+    }
+
+    /// How many prompts were drawn since the last (re)seed: the data cursor of a checkpoint.
+    pub fn draws(&self) -> usize {
+        self.draws
+    }
+
+    /// Puts the sampler where it is after `draws` draws from its seed (exact resume).
+    pub fn seek(&mut self, draws: usize) {
+        self.reseed(self.seed);
+        for _ in 0..draws {
+            self.next_index();
+        }
     }
 
     /// The next prompt index.
     pub fn next_index(&mut self) -> usize {
+        self.draws += 1;
         if self.cursor == self.order.len() {
             self.order.shuffle(&mut self.rng);
             self.cursor = 0;

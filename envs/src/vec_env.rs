@@ -64,6 +64,21 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
         &self.cfg
     }
 
+    /// The prompt sampler (its cursor is what a checkpoint saves).
+    pub fn prompts(&self) -> &PromptSource {
+        &self.prompts
+    }
+
+    /// The prompt sampler, to seek it on resume.
+    pub fn prompts_mut(&mut self) -> &mut PromptSource {
+        &mut self.prompts
+    }
+
+    /// The reward model.
+    pub fn reward_model(&mut self) -> &mut M {
+        &mut self.reward
+    }
+
     /// Starts a new episode in every row (prompts drawn in row order); `seed` restarts the
     /// prompt sampler. Returns the prompts as observations.
     pub fn reset(&mut self, seed: Option<u64>) -> Result<Vec<(Obs, ResetInfo)>, EnvError> {

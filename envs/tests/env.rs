@@ -277,3 +277,16 @@ fn kl_estimators_and_shaped_rewards_match_the_ppo_fixture() {
         }
     }
 }
+
+#[test]
+fn prompt_source_seek_replays_the_draws_of_its_seed() {
+    let prompts: Vec<(Vec<u32>, String)> = (0..5).map(|i| (vec![i + 1], format!("p{i}"))).collect();
+    let mut a = rlhf_envs::PromptSource::new(prompts.clone(), 9).unwrap();
+    let first: Vec<usize> = (0..13).map(|_| a.next_index()).collect();
+    assert_eq!(a.draws(), 13);
+    let mut b = rlhf_envs::PromptSource::new(prompts, 9).unwrap();
+    b.next_index();
+    b.seek(7);
+    let rest: Vec<usize> = (0..6).map(|_| b.next_index()).collect();
+    assert_eq!(rest, first[7..]);
+}

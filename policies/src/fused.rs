@@ -32,6 +32,15 @@ pub trait FusedOps: Device<f32> {
         targets: &[usize],
         weights: &[f32],
     ) -> Tensor<Rank0, f32, Self, T>;
+
+    /// Per row of `logits / temperature` `(N, V)`: the log-prob of `targets[i]` and the
+    /// entropy of the row's distribution, as one `(2N,)` tensor `[logprobs…, entropies…]`,
+    /// with gradients through both (PPO's ratio and entropy bonus from one pass).
+    fn logprobs_and_entropy<T: Tape<f32, Self>>(
+        logits: Tensor<(usize, usize), f32, Self, T>,
+        targets: &[usize],
+        temperature: f32,
+    ) -> Tensor<(usize,), f32, Self, T>;
 }
 
 /// A scalar loss of a vector whose math runs on the host, in f64: `f(x) = (L, ∂L/∂x)`. The
@@ -49,6 +58,22 @@ pub fn host_loss<D: Device<f32>, T: Tape<f32, D>>(
     let offset = loss - grad.iter().zip(&xv).map(|(g, &x)| g * x as f64).sum::<f64>();
     let g = x.device().tensor_from_vec(grad.iter().map(|&g| g as f32).collect(), (xv.len(),));
     (x * g).sum::<Rank0, _>() + offset as f32
+}
+
+/// dfdx's composition of [`FusedOps::logprobs_and_entropy`] (reference and fallback).
+pub fn logprobs_and_entropy_composed<D: Device<f32>, T: Tape<f32, D>>(
+    logits: Tensor<(usize, usize), f32, D, T>,
+    targets: &[usize],
+    temperature: f32,
+) -> Tensor<(usize,), f32, D, T> {
+    let n = targets.len();
+    let dev = logits.device().clone();
+    let lsm = (logits * (1.0 / temperature)).log_softmax::<Axis<1>>();
+    // log_softmax feeds both outputs: split its tape (dfdx-notes §2)
+    let (lsm, tape) = lsm.split_tape();
+    let logprobs = lsm.clone().put_tape(tape).select(dev.tensor_from_vec(targets.to_vec(), (n,)));
+    let entropy = (lsm.retaped::<T>().exp() * lsm.clone()).sum::<(usize,), Axis<1>>().negate();
+    (logprobs, entropy).concat_along(Axis::<0>)
 }
 
 /// dfdx's composition of the weighted NLL (reference and fallback).
@@ -95,6 +120,13 @@ impl FusedOps for Cuda {
         weights: &[f32],
     ) -> Tensor<Rank0, f32, Self, T> {
         weighted_nll_composed(logits, targets, weights)
+    }
+    fn logprobs_and_entropy<T: Tape<f32, Self>>(
+        logits: Tensor<(usize, usize), f32, Self, T>,
+        targets: &[usize],
+        temperature: f32,
+    ) -> Tensor<(usize,), f32, Self, T> {
+        logprobs_and_entropy_composed(logits, targets, temperature)
     }
 }
 
@@ -274,6 +306,64 @@ impl FusedOps for Cpu {
         }
         out.put_tape(tape)
     }
+
+    fn logprobs_and_entropy<T: Tape<f32, Self>>(
+        logits: Tensor<(usize, usize), f32, Self, T>,
+        targets: &[usize],
+        temperature: f32,
+    ) -> Tensor<(usize,), f32, Self, T> {
+        let logits = logits.contiguous();
+        let (n, v) = *logits.shape();
+        assert!(targets.len() == n, "logprobs_and_entropy: {n} rows need {n} targets");
+        assert!(targets.iter().all(|&t| t < v), "logprobs_and_entropy: target outside the vocabulary");
+        let (logits, mut tape) = logits.split_tape();
+        let mut xv = vec![0.0f32; n * v];
+        logits.copy_into(&mut xv);
+        let inv_t = 1.0 / temperature;
+        xv.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|x| *x *= inv_t));
+        let xv = std::sync::Arc::new(xv);
+        // per row of x = logits/T: lse, log p[target] = x[t] − lse, H = lse − Σ p·x
+        let stats: Vec<(f32, f32)> = xv
+            .par_chunks(v)
+            .map(|row| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut e: Vec<f32> = row.iter().map(|x| x - max).collect();
+                exp_inplace(&mut e);
+                let z: f64 = e.iter().map(|&x| x as f64).sum();
+                let px: f64 = e.iter().zip(row).map(|(&e, &x)| e as f64 * x as f64).sum::<f64>() / z;
+                let lse = max as f64 + z.ln();
+                (lse as f32, (lse - px) as f32)
+            })
+            .collect();
+        let mut y: Vec<f32> = (0..n).map(|i| xv[i * v + targets[i]] - stats[i].0).collect();
+        y.extend(stats.iter().map(|s| s.1));
+        let out = logits.device().tensor_from_vec(y, (2 * n,));
+        if T::OWNS_TAPE {
+            let (lg, og) = (logits.ghost(), out.ghost());
+            let targets = targets.to_vec();
+            tape.add_backward_op(move |grads| {
+                let dy: Vec<f32> = grads.get_or_alloc_mut(&og)?.to_vec();
+                let dl: &mut Vec<f32> = grads.get_or_alloc_mut(&lg)?;
+                // d/dx [log p_t] = onehot(t) − p;  d/dx [H] = −p·(log p + H);  then × 1/T
+                dl.par_chunks_mut(v).zip(xv.par_chunks(v)).enumerate().for_each(|(i, (d, row))| {
+                    let (g_lp, g_h) = (dy[i], dy[n + i]);
+                    if g_lp == 0.0 && g_h == 0.0 {
+                        return;
+                    }
+                    let (lse, h) = stats[i];
+                    let mut p: Vec<f32> = row.iter().map(|x| x - lse).collect();
+                    exp_inplace(&mut p);
+                    for (j, (d, &p)) in d.iter_mut().zip(&p).enumerate() {
+                        let log_p = row[j] - lse;
+                        *d += inv_t * (-g_lp * p - g_h * p * (log_p + h));
+                    }
+                    d[targets[i]] += inv_t * g_lp;
+                });
+                Ok(())
+            });
+        }
+        out.put_tape(tape)
+    }
 }
 
 #[cfg(test)]
@@ -376,5 +466,26 @@ mod tests {
         let got = g.get(&x).as_vec();
         let ref_plus_one: Vec<f32> = want.get(&x).as_vec().iter().map(|v| v + 1.0).collect();
         assert!(max_rel(&got, &ref_plus_one) < 1e-5, "{got:?} vs {ref_plus_one:?}");
+    }
+
+    #[test]
+    fn fused_logprobs_and_entropy_match_dfdx() {
+        let dev = Cpu::default();
+        let mut rng = StdRng::seed_from_u64(3);
+        for (n, v, temp) in [(3usize, 7usize, 1.0f32), (40, 4096, 0.7)] {
+            let logits: Tensor<(usize, usize), f32, Cpu> =
+                dev.tensor_from_vec((0..n * v).map(|_| rng.gen_range(-6.0..6.0)).collect(), (n, v));
+            let targets: Vec<usize> = (0..n).map(|_| rng.gen_range(0..v)).collect();
+            let up: Tensor<(usize,), f32, Cpu> =
+                dev.tensor_from_vec((0..2 * n).map(|_| rng.gen_range(-1.0..1.0)).collect(), (2 * n,));
+            let a = Cpu::logprobs_and_entropy(logits.leaky_trace(), &targets, temp);
+            let av = a.retaped::<NoneTape>().as_vec();
+            let ga = (a * up.clone()).sum::<Rank0, _>().backward();
+            let b = logprobs_and_entropy_composed(logits.leaky_trace(), &targets, temp);
+            let bv = b.retaped::<NoneTape>().as_vec();
+            let gb = (b * up.clone()).sum::<Rank0, _>().backward();
+            assert!(max_rel(&av, &bv) < 1e-5, "{n}x{v}: values");
+            assert!(max_rel(&ga.get(&logits).as_vec(), &gb.get(&logits).as_vec()) < 1e-5, "{n}x{v}: gradient");
+        }
     }
 }

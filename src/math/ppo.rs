@@ -50,7 +50,7 @@ pub fn whiten(x: &[f32], unbiased: bool, eps: f64, shift_mean: bool) -> Vec<f32>
 /// The clipped policy loss, its gradient with respect to the new log-probs, and diagnostics.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicyLoss {
-    /// `Σ max(pg_losses, pg_losses2) / n_tokens`.
+    /// `Σ max(pg_losses, pg_losses2) / denom`.
     pub loss: f64,
     /// `∂loss/∂logprobs`.
     pub grad: Vec<f64>,
@@ -69,21 +69,21 @@ pub struct PolicyLoss {
 /// ```text
 /// ratio = exp(logprobs − old_logprobs)
 /// pg_losses  = −A·ratio,   pg_losses2 = −A·clip(ratio, 1 − ε, 1 + ε)
-/// L = Σ_t max(pg_losses, pg_losses2) / n_tokens
+/// L = Σ_t max(pg_losses, pg_losses2) / denom
 /// ```
 ///
-/// `n_tokens` is the minibatch's token count (the slice length, unless the minibatch is split
-/// into micro-batches whose losses are summed). The statistics are over the slice.
+/// The sum is divided by `denom`: the slice length for a plain masked mean, or the share of a
+/// minibatch's token count that a micro-batch's loss stands for. The statistics are over the
+/// slice.
 pub fn ppo_policy_loss(
     logprobs: &[f32],
     old_logprobs: &[f32],
     advantages: &[f32],
     cliprange: f64,
-    n_tokens: usize,
+    denom: f64,
 ) -> PolicyLoss {
     let n = logprobs.len();
     assert!(old_logprobs.len() == n && advantages.len() == n, "ppo_policy_loss: equal lengths");
-    let denom = n_tokens as f64;
     let mut out = PolicyLoss {
         loss: 0.0,
         grad: Vec::with_capacity(n),
@@ -119,7 +119,7 @@ pub fn ppo_policy_loss(
 /// The clipped value loss and its gradient with respect to the new values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValueLoss {
-    /// `½·Σ max(vf_losses1, vf_losses2) / n_tokens`.
+    /// `½·Σ max(vf_losses1, vf_losses2) / denom`.
     pub loss: f64,
     /// `∂loss/∂values`.
     pub grad: Vec<f64>,
@@ -131,18 +131,18 @@ pub struct ValueLoss {
 ///
 /// ```text
 /// v_clipped = V_old + clip(V − V_old, −ε_v, ε_v)
-/// L_V = ½ · Σ_t max((V − R)², (v_clipped − R)²) / n_tokens
+/// L_V = ½ · Σ_t max((V − R)², (v_clipped − R)²) / denom
 /// ```
+/// (`denom` as in [`ppo_policy_loss`].)
 pub fn ppo_value_loss(
     values: &[f32],
     old_values: &[f32],
     returns: &[f32],
     cliprange_value: f64,
-    n_tokens: usize,
+    denom: f64,
 ) -> ValueLoss {
     let n = values.len();
     assert!(old_values.len() == n && returns.len() == n, "ppo_value_loss: equal lengths");
-    let denom = n_tokens as f64;
     let mut out = ValueLoss { loss: 0.0, grad: Vec::with_capacity(n), clipfrac: 0.0 };
     for t in 0..n {
         let (v, v_old, ret) = (values[t] as f64, old_values[t] as f64, returns[t] as f64);
@@ -321,7 +321,7 @@ mod tests {
             let lp: Vec<f32> = xs.iter().map(|x| x.0 - 2.0).collect();
             let old: Vec<f32> = xs.iter().map(|x| x.0 - 2.0 + x.1).collect();
             let adv: Vec<f32> = xs.iter().map(|x| x.2).collect();
-            let out = ppo_policy_loss(&lp, &old, &adv, 0.2, lp.len());
+            let out = ppo_policy_loss(&lp, &old, &adv, 0.2, lp.len() as f64);
             let h = 1e-3f32;
             for t in 0..lp.len() {
                 let (mut up, mut dn) = (lp.clone(), lp.clone());
@@ -330,19 +330,19 @@ mod tests {
                 // skip points next to a kink of the max / clip
                 let r = ((lp[t] - old[t]) as f64).exp();
                 prop_assume!((r - 0.8).abs() > 0.01 && (r - 1.2).abs() > 0.01);
-                let fd = (ppo_policy_loss(&up, &old, &adv, 0.2, lp.len()).loss - ppo_policy_loss(&dn, &old, &adv, 0.2, lp.len()).loss) / (2.0 * h as f64);
+                let fd = (ppo_policy_loss(&up, &old, &adv, 0.2, lp.len() as f64).loss - ppo_policy_loss(&dn, &old, &adv, 0.2, lp.len() as f64).loss) / (2.0 * h as f64);
                 prop_assert!((fd - out.grad[t]).abs() < 1e-3, "t {}: {} vs {}", t, fd, out.grad[t]);
             }
             let v: Vec<f32> = xs.iter().map(|x| x.1 * 3.0).collect();
             let v_old: Vec<f32> = xs.iter().map(|x| x.0).collect();
             let ret: Vec<f32> = xs.iter().map(|x| x.2).collect();
-            let out = ppo_value_loss(&v, &v_old, &ret, 0.2, v.len());
+            let out = ppo_value_loss(&v, &v_old, &ret, 0.2, v.len() as f64);
             for t in 0..v.len() {
                 prop_assume!(((v[t] - v_old[t]).abs() - 0.2).abs() > 0.01);
                 let (mut up, mut dn) = (v.clone(), v.clone());
                 up[t] += h;
                 dn[t] -= h;
-                let fd = (ppo_value_loss(&up, &v_old, &ret, 0.2, v.len()).loss - ppo_value_loss(&dn, &v_old, &ret, 0.2, v.len()).loss) / (2.0 * h as f64);
+                let fd = (ppo_value_loss(&up, &v_old, &ret, 0.2, v.len() as f64).loss - ppo_value_loss(&dn, &v_old, &ret, 0.2, v.len() as f64).loss) / (2.0 * h as f64);
                 prop_assert!((fd - out.grad[t]).abs() < 1e-3, "value t {}: {} vs {}", t, fd, out.grad[t]);
             }
         }
@@ -351,7 +351,7 @@ mod tests {
     #[test]
     fn on_the_first_minibatch_the_ratio_is_one_and_approx_kl_zero() {
         let lp = [-1.0f32, -2.5, -0.3];
-        let out = ppo_policy_loss(&lp, &lp, &[0.5, -1.0, 2.0], 0.2, 3);
+        let out = ppo_policy_loss(&lp, &lp, &[0.5, -1.0, 2.0], 0.2, 3.0);
         assert_eq!((out.ratio_mean, out.ratio_var, out.approx_kl, out.clipfrac), (1.0, 0.0, 0.0, 0.0));
         assert!((out.loss - (-(0.5 - 1.0 + 2.0) / 3.0)).abs() < 1e-12);
     }

@@ -15,6 +15,18 @@ use crate::run::RunDir;
 /// A taped scalar loss on the CPU.
 pub type Loss = Tensor<Rank0, f32, Cpu, OwnedTape<f32, Cpu>>;
 
+/// A non-finite loss: the optimizer step was abandoned before any update.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{what} is {value} at micro-batch {micro}")]
+pub struct NonFinite {
+    /// The quantity.
+    pub what: &'static str,
+    /// Its value.
+    pub value: f32,
+    /// The micro-batch.
+    pub micro: usize,
+}
+
 /// What a checkpoint's marker records besides the step.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainerState {
@@ -102,7 +114,7 @@ pub fn optimizer_step<M: HasParams<Cpu>>(
         let loss = micro_loss(model, micro, tape)? * (1.0 / accum as f32);
         let value = loss.array();
         if !value.is_finite() {
-            bail!("loss is {value} at micro-batch {micro}");
+            return Err(NonFinite { what: "loss", value, micro }.into());
         }
         loss_sum += value;
         grads = loss.backward();

@@ -1,6 +1,8 @@
 //! The training stages, one module each, readable top to bottom.
 
 pub mod common;
+pub mod ppo;
+pub mod ppo_models;
 pub mod pretrain;
 pub mod reward;
 pub mod sft;

@@ -1,0 +1,235 @@
+//! PPO's trained models — the policy and its critic — as one unit for the optimizer and the
+//! checkpoints, and their training forward over rollouts: per response token, the log-prob of
+//! the sampled token and the entropy at the sampling temperature, and the value estimate.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use dfdx::prelude::*;
+use rlhf_policies::checkpoint::{read_safetensors, write_safetensors, HostTensor};
+use rlhf_policies::{Batch, CausalLm, FusedOps, HasParams, LearnedReward, ParamMut, ParamRef, ScalarHead, Tokenizer};
+use serde::{Deserialize, Serialize};
+
+use crate::stages::common::Checkpointable;
+
+/// Where the value estimates come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ValueModelConfig {
+    /// A separate critic: a transformer with a scalar head, initialised from a reward-model
+    /// checkpoint (N+ / InstructGPT), by default the one used as the reward.
+    Separate {
+        /// The checkpoint to start from. Default: the reward model's (`reward.kind = model`);
+        /// otherwise the policy's backbone with a zero head.
+        #[serde(default)]
+        init: Option<std::path::PathBuf>,
+    },
+    /// A value head on the policy's trunk (shared weights), zero-initialised
+    /// (lm-human-preferences).
+    Shared,
+}
+
+impl Default for ValueModelConfig {
+    fn default() -> Self {
+        ValueModelConfig::Separate { init: None }
+    }
+}
+
+/// The critic.
+#[derive(Debug)]
+pub enum Critic {
+    /// A value head `(C → 1)` on the policy's final hidden states.
+    Shared(ScalarHead<Cpu>),
+    /// Its own backbone and head (the head's bias is trained).
+    Separate(LearnedReward<Cpu>),
+}
+
+/// Policy + critic: what PPO's optimizer updates.
+#[derive(Debug)]
+pub struct PpoModels {
+    /// π_θ.
+    pub policy: CausalLm<Cpu>,
+    /// V_φ.
+    pub critic: Critic,
+}
+
+/// One rollout as the training forward sees it: `ids = prompt ⧺ response`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Seq {
+    /// Prompt then response ids.
+    pub ids: Vec<u32>,
+    /// Prompt length.
+    pub prompt_len: usize,
+}
+
+impl Seq {
+    /// Response length.
+    pub fn resp_len(&self) -> usize {
+        self.ids.len() - self.prompt_len
+    }
+}
+
+/// The input batch (each sequence without its last token, right-padded), the hidden-state row
+/// that predicts every response token, and those tokens.
+pub fn response_rows(seqs: &[&Seq], pad: u32) -> Result<(Batch, Vec<usize>, Vec<usize>)> {
+    let inputs: Vec<Vec<u32>> = seqs.iter().map(|s| s.ids[..s.ids.len() - 1].to_vec()).collect();
+    let batch = Batch::right_padded(&inputs, pad)?;
+    let (mut rows, mut targets) = (vec![], vec![]);
+    for (b, s) in seqs.iter().enumerate() {
+        for t in s.prompt_len..s.ids.len() {
+            rows.push(b * batch.t + t - 1);
+            targets.push(s.ids[t] as usize);
+        }
+    }
+    Ok((batch, rows, targets))
+}
+
+/// Per response token of `seqs` (in order): `[log π(token)…, entropy…]` `(2N,)` of
+/// `softmax(logits / temperature)`, with `model`'s training forward.
+pub fn logprobs_and_entropy<T: Tape<f32, Cpu>>(
+    model: &CausalLm<Cpu>,
+    seqs: &[&Seq],
+    pad: u32,
+    temperature: f32,
+    tape: T,
+) -> Result<Tensor<(usize,), f32, Cpu, T>> {
+    let (batch, rows, targets) = response_rows(seqs, pad)?;
+    let h = model.forward_hidden(&batch, tape)?;
+    let idx = model.dev.tensor_from_vec(rows, (targets.len(),));
+    Ok(Cpu::logprobs_and_entropy(model.logits(h.gather(idx)), &targets, temperature))
+}
+
+impl PpoModels {
+    /// The policy's `[logprobs…, entropies…]` `(2N,)` and the critic's values `(N,)` for
+    /// every response token of `seqs`, from one taped pass (two for a separate critic).
+    #[allow(clippy::type_complexity)]
+    pub fn forward<T: Tape<f32, Cpu>>(
+        &self,
+        seqs: &[&Seq],
+        pad: u32,
+        temperature: f32,
+        tape: T,
+    ) -> Result<(Tensor<(usize,), f32, Cpu, T>, Tensor<(usize,), f32, Cpu, T>)> {
+        let (batch, rows, targets) = response_rows(seqs, pad)?;
+        let n = targets.len();
+        let h = self.policy.forward_hidden(&batch, tape)?;
+        let idx = self.policy.dev.tensor_from_vec(rows.clone(), (n,));
+        let hr = h.gather(idx);
+        match &self.critic {
+            Critic::Shared(head) => {
+                // the gathered hidden states feed both heads: split the tape (dfdx-notes §2)
+                let (hr, tape) = hr.split_tape();
+                let lpe =
+                    Cpu::logprobs_and_entropy(self.policy.logits(hr.clone().put_tape(tape)), &targets, temperature);
+                let (lpe, tape) = lpe.split_tape();
+                let values = head.forward(hr.put_tape(tape));
+                Ok((lpe.retaped::<T>(), values))
+            }
+            Critic::Separate(critic) => {
+                let lpe = Cpu::logprobs_and_entropy(self.policy.logits(hr), &targets, temperature);
+                // the critic's pass continues on the same tape
+                let (lpe, tape) = lpe.split_tape();
+                let hv = critic.model.forward_hidden(&batch, tape)?;
+                let idx = self.policy.dev.tensor_from_vec(rows, (n,));
+                let values = critic.head.forward(hv.gather(idx));
+                Ok((lpe.retaped::<T>(), values))
+            }
+        }
+    }
+
+    /// Builds the critic as configured: `reward_model` is the reward checkpoint, if any.
+    pub fn new(policy: CausalLm<Cpu>, cfg: &ValueModelConfig, reward_model: Option<&Path>) -> Result<Self> {
+        let critic = match cfg {
+            ValueModelConfig::Shared => Critic::Shared(zero_head(policy.dims.d_model)),
+            ValueModelConfig::Separate { init } => match init.as_deref().or(reward_model) {
+                Some(dir) => {
+                    let (rm, _) = LearnedReward::load_pretrained(dir, &Cpu::default())
+                        .with_context(|| format!("value model init {}", dir.display()))?;
+                    Critic::Separate(rm)
+                }
+                None => {
+                    let mut rm = LearnedReward::from_backbone(policy.frozen_copy(), 0, 0);
+                    rm.head = zero_head(policy.dims.d_model);
+                    Critic::Separate(rm)
+                }
+            },
+        };
+        Ok(PpoModels { policy, critic })
+    }
+}
+
+fn zero_head(c: usize) -> ScalarHead<Cpu> {
+    let dev = Cpu::default();
+    ScalarHead { w: dev.zeros_like(&(c, 1)), b: dev.zeros_like(&(1,)) }
+}
+
+impl HasParams<Cpu> for PpoModels {
+    fn params(&self) -> Vec<(String, ParamRef<'_, Cpu>)> {
+        let mut out: Vec<_> = self.policy.params().into_iter().map(|(n, p)| (format!("policy.{n}"), p)).collect();
+        let (model, head) = match &self.critic {
+            Critic::Shared(h) => (None, h),
+            Critic::Separate(c) => (Some(&c.model), &c.head),
+        };
+        if let Some(m) = model {
+            out.extend(m.params().into_iter().map(|(n, p)| (format!("value.{n}"), p)));
+        }
+        out.push(("value.head.weight".into(), ParamRef::M(&head.w)));
+        out.push(("value.head.bias".into(), ParamRef::V(&head.b)));
+        out
+    }
+    fn params_mut(&mut self) -> Vec<(String, ParamMut<'_, Cpu>)> {
+        let mut out: Vec<_> = self.policy.params_mut().into_iter().map(|(n, p)| (format!("policy.{n}"), p)).collect();
+        let (model, head) = match &mut self.critic {
+            Critic::Shared(h) => (None, h),
+            Critic::Separate(c) => (Some(&mut c.model), &mut c.head),
+        };
+        if let Some(m) = model {
+            out.extend(m.params_mut().into_iter().map(|(n, p)| (format!("value.{n}"), p)));
+        }
+        out.push(("value.head.weight".into(), ParamMut::M(&mut head.w)));
+        out.push(("value.head.bias".into(), ParamMut::V(&mut head.b)));
+        out
+    }
+}
+
+/// A checkpoint holds the policy as an HF folder (with the tokenizer), and the critic under
+/// `value/` (an HF sequence-classification folder) or as `value_head.safetensors` (TRL's
+/// `v_head.summary.*` names) when shared.
+impl Checkpointable for PpoModels {
+    fn save_dir(&self, dir: &Path, tok: &Tokenizer) -> Result<()> {
+        self.policy.save_pretrained(dir, Some(tok))?;
+        match &self.critic {
+            Critic::Separate(c) => c.save_pretrained(&dir.join("value"), None, None)?,
+            Critic::Shared(h) => {
+                let c = self.policy.dims.d_model;
+                let tensors = BTreeMap::from([
+                    ("v_head.summary.weight".to_string(), HostTensor { shape: vec![1, c], data: h.w.as_vec() }),
+                    ("v_head.summary.bias".to_string(), HostTensor { shape: vec![1], data: h.b.as_vec() }),
+                ]);
+                write_safetensors(&dir.join("value_head.safetensors"), &tensors)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn load_dir(dir: &Path) -> Result<(Self, Tokenizer)> {
+        let (policy, tok) = rlhf_policies::checkpoint::load_with_tokenizer(dir, &Cpu::default())?;
+        let critic = if dir.join("value").is_dir() {
+            Critic::Separate(LearnedReward::load_pretrained(&dir.join("value"), &Cpu::default())?.0)
+        } else {
+            let file = dir.join("value_head.safetensors");
+            let t = read_safetensors(&file)?;
+            let get = |k: &str| {
+                t.get(k).map(|h| h.data.clone()).with_context(|| format!("{}: tensor `{k}` is missing", file.display()))
+            };
+            let (w, b) = (get("v_head.summary.weight")?, get("v_head.summary.bias")?);
+            let dev = Cpu::default();
+            Critic::Shared(ScalarHead {
+                w: dev.tensor_from_vec(w, (policy.dims.d_model, 1)),
+                b: dev.tensor_from_vec(b, (1,)),
+            })
+        };
+        Ok((PpoModels { policy, critic }, tok))
+    }
+}
