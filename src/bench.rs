@@ -151,6 +151,30 @@ pub struct PpoSpec {
     pub response_len: usize,
     /// β of the k1 KL penalty.
     pub kl_coef: f32,
+    /// GAE γ.
+    pub gamma: f32,
+    /// GAE λ.
+    pub lam: f32,
+    /// Passes over the batch.
+    pub ppo_epochs: usize,
+    /// Sequences per minibatch.
+    pub minibatch_size: usize,
+    /// Policy ratio clip.
+    pub cliprange: f64,
+    /// Value clip.
+    pub cliprange_value: f64,
+    /// Value-loss coefficient.
+    pub vf_coef: f64,
+    /// Grad-norm clip.
+    pub max_grad_norm: f64,
+    /// AdamW learning rate.
+    pub lr: f64,
+    /// AdamW betas.
+    pub betas: [f64; 2],
+    /// AdamW epsilon.
+    pub eps: f64,
+    /// Weight decay.
+    pub weight_decay: f64,
     /// Untimed runs.
     pub warmup: usize,
     /// Timed runs.

@@ -32,6 +32,9 @@ enum Command {
     /// Stage 3a: a Bradley–Terry reward model on preference JSONL ({prompt, chosen,
     /// rejected}, hh-rlhf conversations, or rankings).
     Reward(StageArgs),
+    /// Stage 3b: PPO against a reward model (or a rule / external command) with a KL penalty
+    /// to the frozen SFT model.
+    Ppo(PpoArgs),
     /// Loss and perplexity of a checkpoint on a text file (non-overlapping blocks).
     Eval(EvalArgs),
     /// Run the fixed peer workload's benchmarks.
@@ -139,6 +142,33 @@ struct StageArgs {
     resume: Option<PathBuf>,
 }
 
+#[derive(Debug, clap::Args)]
+struct PpoArgs {
+    #[command(flatten)]
+    stage: StageArgs,
+    /// Use this reward-model folder (from `rlhf reward`) as the reward, with its stored
+    /// normalisation.
+    #[arg(long)]
+    reward_model: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct PpoBenchArgs {
+    #[command(flatten)]
+    env: EnvArgs,
+    /// Critic: shared value head, separate critic, or both.
+    #[arg(long, value_enum, default_value = "both")]
+    value: ValueChoice,
+}
+
+/// `--value` values.
+#[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
+enum ValueChoice {
+    Shared,
+    Separate,
+    Both,
+}
+
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// Rollout tokens/s (batched sampling with the KV cache) at the workload's batch sizes.
@@ -147,6 +177,8 @@ enum BenchCommand {
     Env(EnvArgs),
     /// One training step (forward + cross-entropy + backward + AdamW) at the workload's shape.
     Train(EnvArgs),
+    /// One PPO iteration (rollout, scoring, advantages, 4 × 4 minibatch updates) per phase.
+    Ppo(PpoBenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -195,10 +227,12 @@ fn main() -> Result<()> {
         Command::Pretrain(a) => pretrain_cmd(a),
         Command::Sft(a) => sft_cmd(a),
         Command::Reward(a) => reward_cmd(a),
+        Command::Ppo(a) => ppo_cmd(a),
         Command::Eval(a) => eval_cmd(a),
         Command::Bench(BenchCommand::Rollout(a)) => bench_rollout(a),
         Command::Bench(BenchCommand::Env(a)) => bench_env(a),
         Command::Bench(BenchCommand::Train(a)) => bench_train(a),
+        Command::Bench(BenchCommand::Ppo(a)) => bench_ppo(a),
     }
 }
 
@@ -353,6 +387,47 @@ fn reward_cmd(a: StageArgs) -> Result<()> {
     let report = rlhf::stages::reward::train(cfg, resume)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+fn ppo_cmd(a: PpoArgs) -> Result<()> {
+    let (mut cfg, resume): (rlhf::stages::ppo::PpoConfig, bool) = stage_config(&a.stage)?;
+    if let Some(path) = a.reward_model {
+        cfg.reward = Some(rlhf::stages::ppo::RewardSpec::Model { path, normalize: true });
+    }
+    let report = rlhf::stages::ppo::train(cfg, resume)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn bench_ppo(a: PpoBenchArgs) -> Result<()> {
+    let w = bench::Workload::from_file(&a.env.workload)?;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(a.env.threads.unwrap_or(w.threads)).build()?;
+    let models: Vec<String> =
+        a.env.model.clone().map(|m| vec![m]).unwrap_or_else(|| w.models.keys().cloned().collect());
+    let critics: &[bool] = match a.value {
+        ValueChoice::Shared => &[true],
+        ValueChoice::Separate => &[false],
+        ValueChoice::Both => &[true, false],
+    };
+    let mut all = Vec::new();
+    for m in &models {
+        for &shared in critics {
+            let r = pool.install(|| rlhf::bench_ppo::ppo_iteration(&w, m, shared))?;
+            eprintln!(
+                "ppo {:>5} {:>8}: {:.2} s/iteration [{:.2}-{:.2}] (rollout {:.2}, scoring {:.2}, update {:.2})",
+                r.model,
+                r.value_model,
+                r.seconds,
+                r.range[0],
+                r.range[1],
+                r.phases["rollout"],
+                r.phases["scoring"],
+                r.phases["update"]
+            );
+            all.push(r);
+        }
+    }
+    print_results("ppo_iteration", &all, a.env.out.as_deref())
 }
 
 fn eval_cmd(a: EvalArgs) -> Result<()> {

@@ -3,6 +3,7 @@
 pub mod common;
 pub mod ppo;
 pub mod ppo_models;
+pub mod ppo_step;
 pub mod pretrain;
 pub mod reward;
 pub mod sft;

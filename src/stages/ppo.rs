@@ -11,29 +11,21 @@
 //! whitening) → **update** (`ppo_epochs` × minibatches) → KL-controller step.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use dfdx::prelude::*;
-use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
-use rlhf_envs::kl::shaped_rewards;
-use rlhf_envs::{
-    Episode, KeywordReward, KlConfig, KlEstimator, LengthReward, PromptSource, RewardModel, ScoreConfig, TextEnvConfig,
-    VecEnv,
-};
-use rlhf_policies::fused::host_loss;
-use rlhf_policies::{
-    AdamW, AdamWConfig, CausalLm, EngineSession, InferenceModel, LearnedReward, SamplingConfig, Tokenizer,
-};
+use rlhf_envs::{KeywordReward, KlEstimator, LengthReward, RewardModel, ScoreConfig};
+use rlhf_policies::{AdamW, AdamWConfig, LearnedReward, Tokenizer};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{mix, read_corpus, read_jsonl, sample_blocks};
-use crate::math::ppo::{explained_variance, gae, ppo_policy_loss, ppo_value_loss, whiten, KlControl, KlController};
+use crate::data::{read_corpus, read_jsonl};
+use crate::math::ppo::{KlControl, KlController};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
-use crate::stages::common::{optimizer_step, restore_latest, save_with, Checkpointable, NonFinite};
-use crate::stages::ppo_models::{logprobs_and_entropy, PpoModels, Seq, ValueModelConfig};
+use crate::stages::common::{restore_latest, save_with, Checkpointable};
+use crate::stages::ppo_models::{PpoModels, ValueModelConfig};
+use crate::stages::ppo_step::{PpoState, PpoTrainer};
 
 /// The reward: a trained reward model, a rule, or an external command.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -250,17 +242,6 @@ impl Default for PpoConfig {
     }
 }
 
-/// What a checkpoint stores besides the models and the optimizer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct PpoState {
-    /// The KL controller (β).
-    kl: KlController,
-    /// Prompts drawn so far (the data cursor).
-    prompt_draws: usize,
-    /// Batches skipped for non-finite values.
-    skipped_batches: usize,
-}
-
 /// The final numbers of a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct PpoReport {
@@ -276,29 +257,6 @@ pub struct PpoReport {
     pub skipped_prompts: usize,
 }
 
-/// One iteration's rollouts after the scoring pass (per episode, valid tokens only).
-#[derive(Debug, Clone)]
-pub struct Scored {
-    /// Prompt ⧺ response of each episode.
-    pub seqs: Vec<Seq>,
-    /// log π_θ_old of each response token (training forward).
-    pub old_logprobs: Vec<Vec<f32>>,
-    /// log π_ref of each response token (training forward of the frozen copy).
-    pub ref_logprobs: Vec<Vec<f32>>,
-    /// V_old.
-    pub values: Vec<Vec<f32>>,
-    /// Per-token KL terms `k(t)`.
-    pub kl: Vec<Vec<f32>>,
-    /// Per-token rewards (after optional whitening).
-    pub rewards: Vec<Vec<f32>>,
-    /// Advantages (whitened if configured).
-    pub advantages: Vec<Vec<f32>>,
-    /// Returns.
-    pub returns: Vec<Vec<f32>>,
-    /// Processed scores R.
-    pub scores: Vec<f32>,
-}
-
 /// Runs (or, with `resume`, continues) PPO with the reward given in the config.
 pub fn train(cfg: PpoConfig, resume: bool) -> Result<PpoReport> {
     let reward = build_reward(&cfg)?;
@@ -312,7 +270,7 @@ pub fn train_with_reward(cfg: PpoConfig, resume: bool, reward: Box<dyn RewardMod
     // BOILERPLATE: policy + critic, optimizer and controller (fresh, or the last checkpoint)
     let (reference, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&cfg.policy, &Cpu::default())
         .with_context(|| format!("policy {}", cfg.policy.display()))?;
-    let (mut models, mut opt, start, mut state) = if resume {
+    let (models, opt, start, state) = if resume {
         let r = restore_latest::<PpoModels>(&run, &cfg.optim)?;
         let state: PpoState = read_state(&run.checkpoint_dir(r.step))?;
         (r.model, r.opt, r.step, state)
@@ -328,95 +286,41 @@ pub fn train_with_reward(cfg: PpoConfig, resume: bool, reward: Box<dyn RewardMod
     };
     let eos = tok.eos_id().or(reference.config.eos_token_id()).context("the policy's tokenizer has no EOS token")?;
     let pad = tok.pad_id().unwrap_or(eos);
-    // DATA: prompts → the env (reference = the frozen SFT model's KV-cache engine)
+    // DATA: prompts, the PPO-ptx corpus
     let (prompts, skipped_prompts) = read_prompts(&cfg, &tok)?;
-    let ref_engine = Arc::new(InferenceModel::from_model(&reference));
-    let capacity = cfg.max_prompt_len + cfg.max_new_tokens;
-    let env_cfg = TextEnvConfig {
-        vocab: reference.dims.vocab as u32,
-        max_new_tokens: cfg.max_new_tokens,
-        eos_ids: vec![eos],
-        stop_ids: vec![],
-        kl: KlConfig { beta: cfg.beta as f32, estimator: cfg.kl_estimator },
-        score: cfg.score.clone(),
-    };
-    let ref_session = EngineSession::new(ref_engine, cfg.batch_size, capacity, sampling(&cfg, eos, 0));
-    let mut env = VecEnv::new(
-        cfg.batch_size,
-        env_cfg,
-        PromptSource::new(prompts, cfg.seed)?,
-        ref_session,
-        reward,
-        Box::new(tok.clone()),
-    )?;
-    env.prompts_mut().seek(state.prompt_draws);
     let ptx = cfg.ptx.as_ref().map(|p| read_corpus(&p.files).and_then(|t| Ok(tok.encode(&t)?))).transpose()?;
+    let (iterations, every, sample_every, sample_count) =
+        (cfg.iterations, cfg.checkpoint_every, cfg.sample_every, cfg.sample_count);
+    let detok = Box::new(tok.clone());
+    let mut trainer = PpoTrainer::new(cfg, models, reference, opt, state, prompts, reward, detok, Some(eos), pad)?;
+    trainer.ptx = ptx;
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;
-    let mut report =
-        PpoReport { iterations: cfg.iterations, scores: vec![], kl: vec![], skipped_batches: 0, skipped_prompts };
-    let bar = crate::progress::bar(cfg.iterations as u64, "ppo");
+    let mut report = PpoReport { iterations, scores: vec![], kl: vec![], skipped_batches: 0, skipped_prompts };
+    let bar = crate::progress::bar(iterations as u64, "ppo");
     bar.set_position(start as u64);
-    for it in start..cfg.iterations {
-        'work: {
-            // ALGO: rollout with the current policy (sampling engine with its KV cache)
-            let t0 = Instant::now();
-            let engine = Arc::new(InferenceModel::from_model(&models.policy));
-            let seed = mix(cfg.seed, it as u64, 1);
-            let mut session = EngineSession::new(engine, cfg.batch_size, capacity, sampling(&cfg, eos, seed));
-            let episodes = match env.rollout(&mut session) {
-                Ok(e) => e,
-                Err(rlhf_envs::EnvError::NonFinite { .. }) if cfg.on_nonfinite == OnNonFinite::Skip => {
-                    state.skipped_batches += 1;
-                    break 'work;
-                }
-                Err(e) => return Err(anyhow::Error::new(e).context(format!("iteration {}: rollout", it + 1))),
-            };
-            let t_rollout = t0.elapsed();
-            // ALGO: scoring pass — log-probs, values, rewards, GAE, whitening
-            let t1 = Instant::now();
-            let layout = minibatches(&cfg, it, 0);
-            let scored = score(&cfg, &models, &reference, &episodes, &layout, pad, state.kl.beta)?;
-            let t_scoring = t1.elapsed();
-            if let Some(what) = non_finite(&scored) {
-                if cfg.on_nonfinite == OnNonFinite::Stop {
-                    bail!("iteration {}: {what} is not finite", it + 1);
-                }
-                state.skipped_batches += 1;
-                break 'work;
-            }
-            // ALGO: ppo_epochs passes of clipped policy + value loss over shuffled minibatches
-            let t2 = Instant::now();
-            let lr = cfg.schedule.at(it);
-            let upd = update(&cfg, &mut models, &mut opt, &scored, it, lr, pad, ptx.as_deref(), &mut state)?;
-            let t_update = t2.elapsed();
-            // ALGO: KL control
-            let (kl_seq, kl_tok) = kl_means(&scored);
-            let beta = state.kl.beta;
-            state.kl.update(if cfg.kl_unit == KlUnit::SequenceSum { kl_seq } else { kl_tok }, cfg.batch_size);
-            // BOILERPLATE: metrics and samples
-            let tokens: usize = scored.seqs.iter().map(Seq::resp_len).sum();
-            let timing = [(t_rollout, "rollout"), (t_scoring, "scoring"), (t_update, "update")];
-            let record = iteration_metrics(it + 1, &scored, &upd, beta, lr, tokens, eos, &timing);
-            metrics.write(&record)?;
-            let mean_score = record["objective/scores"].as_f64().unwrap_or(f64::NAN);
-            report.scores.push(mean_score);
-            report.kl.push(kl_seq);
-            if (it + 1) % cfg.sample_every == 0 || it == start {
-                for (ep, k) in episodes.iter().zip(&scored.kl).take(cfg.sample_count) {
+    for it in start..iterations {
+        if let Some(out) = trainer.iteration(it)? {
+            // BOILERPLATE: metrics, samples, progress
+            metrics.write(&out.record)?;
+            let score = out.record["objective/scores"].as_f64().unwrap_or(f64::NAN);
+            let kl = out.record["objective/kl"].as_f64().unwrap_or(f64::NAN);
+            report.scores.push(score);
+            report.kl.push(kl);
+            if (it + 1) % sample_every == 0 || it == start {
+                for (ep, k) in out.episodes.iter().zip(&out.scored.kl).take(sample_count) {
                     let kl: f32 = k.iter().sum();
                     samples.write(&serde_json::json!({"step": it + 1, "prompt": tok.decode(&ep.prompt_ids)?,
                         "response": tok.decode(&ep.response_ids)?, "score": ep.score, "kl": kl}))?;
                 }
             }
-            let rollout_tok_s = tokens as f64 / t_rollout.as_secs_f64();
-            bar.set_message(format!("score {mean_score:.3} kl {kl_seq:.3} | rollout {rollout_tok_s:.0} tok/s"));
+            let rollout = out.record["timing/rollout_tokens_per_s"].as_f64().unwrap_or(0.0);
+            bar.set_message(format!("score {score:.3} kl {kl:.3} | rollout {rollout:.0} tok/s"));
         }
         bar.inc(1);
-        state.prompt_draws = env.prompts().draws();
-        if (it + 1) % cfg.checkpoint_every == 0 || it + 1 == cfg.iterations {
-            let st = state.clone();
-            save_with(&run, it + 1, &models, &mut opt, |dir| {
+        if (it + 1) % every == 0 || it + 1 == iterations {
+            let (models, st) = (&trainer.models, trainer.state.clone());
+            save_with(&run, it + 1, models, &mut trainer.opt, |dir| {
                 models.save_dir(dir, &tok)?;
                 std::fs::write(dir.join("ppo_state.json"), serde_json::to_string_pretty(&st)?)?;
                 Ok(())
@@ -424,290 +328,8 @@ pub fn train_with_reward(cfg: PpoConfig, resume: bool, reward: Box<dyn RewardMod
         }
     }
     bar.finish();
-    report.skipped_batches = state.skipped_batches;
+    report.skipped_batches = trainer.state.skipped_batches;
     Ok(report)
-}
-
-fn sampling(cfg: &PpoConfig, eos: u32, seed: u64) -> SamplingConfig {
-    SamplingConfig {
-        max_new_tokens: cfg.max_new_tokens,
-        temperature: cfg.temperature,
-        eos_ids: vec![eos],
-        seed,
-        ..Default::default()
-    }
-}
-
-/// Minibatches (episode indices) of epoch `epoch` of iteration `it`, each split into
-/// `grad_accum` micro-batches. The scoring pass walks epoch 0's layout, so the first
-/// minibatch sees bit-identical inputs and its ratio is exactly 1.
-fn minibatches(cfg: &PpoConfig, it: usize, epoch: usize) -> Vec<Vec<Vec<usize>>> {
-    let mut perm: Vec<usize> = (0..cfg.batch_size).collect();
-    perm.shuffle(&mut StdRng::seed_from_u64(mix(cfg.seed, it as u64, 2 + epoch as u64)));
-    let micro = cfg.minibatch_size / cfg.grad_accum;
-    perm.chunks(cfg.minibatch_size).map(|mb| mb.chunks(micro).map(<[usize]>::to_vec).collect()).collect()
-}
-
-/// The scoring pass over `episodes`, micro-batch by micro-batch in `layout`.
-fn score(
-    cfg: &PpoConfig,
-    models: &PpoModels,
-    reference: &CausalLm<Cpu>,
-    episodes: &[Episode],
-    layout: &[Vec<Vec<usize>>],
-    pad: u32,
-    beta: f64,
-) -> Result<Scored> {
-    let n = episodes.len();
-    let seqs: Vec<Seq> = episodes
-        .iter()
-        .map(|e| Seq { ids: [e.prompt_ids.as_slice(), &e.response_ids].concat(), prompt_len: e.prompt_ids.len() })
-        .collect();
-    let mut s = Scored {
-        seqs,
-        old_logprobs: vec![vec![]; n],
-        ref_logprobs: vec![vec![]; n],
-        values: vec![vec![]; n],
-        kl: vec![],
-        rewards: vec![],
-        advantages: vec![],
-        returns: vec![],
-        scores: episodes.iter().map(|e| e.score).collect(),
-    };
-    for micro in layout.iter().flatten() {
-        let batch: Vec<&Seq> = micro.iter().map(|&i| &s.seqs[i]).collect();
-        let (lpe, values) = models.forward(&batch, pad, cfg.temperature, NoneTape)?;
-        let ref_lpe = logprobs_and_entropy(reference, &batch, pad, cfg.temperature, NoneTape)?.as_vec();
-        let (lpe, values) = (lpe.as_vec(), values.as_vec());
-        let mut off = 0;
-        for &i in micro {
-            let len = s.seqs[i].resp_len();
-            s.old_logprobs[i] = lpe[off..off + len].to_vec();
-            s.ref_logprobs[i] = ref_lpe[off..off + len].to_vec();
-            s.values[i] = values[off..off + len].to_vec();
-            off += len;
-        }
-    }
-    let kl_cfg = KlConfig { beta: beta as f32, estimator: cfg.kl_estimator };
-    s.kl = (0..n).map(|i| rlhf_envs::kl::kl_terms(&s.old_logprobs[i], &s.ref_logprobs[i], cfg.kl_estimator)).collect();
-    s.rewards = (0..n).map(|i| shaped_rewards(&s.old_logprobs[i], &s.ref_logprobs[i], &kl_cfg, s.scores[i])).collect();
-    if cfg.whiten_rewards {
-        s.rewards = unflatten(&whiten(&s.rewards.concat(), true, 1e-8, false), &s.rewards);
-    }
-    for i in 0..n {
-        let (a, r) = gae(&s.rewards[i], &s.values[i], 0.0, cfg.gamma, cfg.lam);
-        s.advantages.push(a);
-        s.returns.push(r);
-    }
-    if cfg.whiten_advantages {
-        s.advantages = unflatten(&whiten(&s.advantages.concat(), true, 1e-8, true), &s.advantages);
-    }
-    Ok(s)
-}
-
-fn unflatten(flat: &[f32], like: &[Vec<f32>]) -> Vec<Vec<f32>> {
-    let mut off = 0;
-    like.iter()
-        .map(|r| {
-            off += r.len();
-            flat[off - r.len()..off].to_vec()
-        })
-        .collect()
-}
-
-fn non_finite(s: &Scored) -> Option<&'static str> {
-    let bad = |x: &[Vec<f32>]| x.iter().flatten().any(|v| !v.is_finite());
-    if s.scores.iter().any(|v| !v.is_finite()) {
-        Some("the reward score")
-    } else if bad(&s.rewards) {
-        Some("a per-token reward")
-    } else if bad(&s.advantages) || bad(&s.returns) {
-        Some("an advantage")
-    } else {
-        None
-    }
-}
-
-/// Token-weighted sums of the update's statistics.
-#[derive(Debug, Clone, Default)]
-pub struct UpdateStats {
-    /// Σ over minibatches of the policy loss.
-    pub pg_loss: f64,
-    /// Σ over minibatches of the value loss.
-    pub vf_loss: f64,
-    /// Σ over minibatches of the PPO-ptx loss.
-    pub ptx_loss: f64,
-    /// Minibatches done.
-    pub minibatches: usize,
-    /// Token-weighted sums: clipfrac, value clipfrac, approx-KL, ratio, ratio², entropy.
-    pub sums: [f64; 6],
-    /// Tokens seen.
-    pub tokens: usize,
-    /// (ratio mean, approx-KL) of the first minibatch of the first epoch.
-    pub first: Option<(f64, f64)>,
-}
-
-#[allow(clippy::too_many_arguments)]
-fn update(
-    cfg: &PpoConfig,
-    models: &mut PpoModels,
-    opt: &mut AdamW<Cpu>,
-    s: &Scored,
-    it: usize,
-    lr: f64,
-    pad: u32,
-    ptx: Option<&[u32]>,
-    state: &mut PpoState,
-) -> Result<UpdateStats> {
-    let mut st = UpdateStats::default();
-    for epoch in 0..cfg.ppo_epochs {
-        for (m, mb) in minibatches(cfg, it, epoch).iter().enumerate() {
-            let mb_tokens: usize = mb.iter().flatten().map(|&i| s.seqs[i].resp_len()).sum();
-            let denom = mb_tokens as f64 / cfg.grad_accum as f64;
-            let mut local = UpdateStats::default();
-            let step = optimizer_step(models, opt, lr, cfg.grad_clip, mb.len(), |models, k, tape| {
-                minibatch_loss(cfg, models, s, &mb[k], denom, pad, ptx, (it, epoch, m, k), &mut local, tape)
-            });
-            match step {
-                Ok(_) => {}
-                Err(e) if cfg.on_nonfinite == OnNonFinite::Skip && e.downcast_ref::<NonFinite>().is_some() => {
-                    state.skipped_batches += 1;
-                    continue;
-                }
-                Err(e) => {
-                    return Err(e.context(format!("iteration {}, epoch {}, minibatch {}", it + 1, epoch + 1, m + 1)))
-                }
-            }
-            if epoch == 0 && m == 0 {
-                st.first = Some((local.sums[3] / local.tokens as f64, local.sums[2] / local.tokens as f64));
-            }
-            st.pg_loss += local.pg_loss;
-            st.vf_loss += local.vf_loss;
-            st.ptx_loss += local.ptx_loss;
-            st.minibatches += 1;
-            st.tokens += local.tokens;
-            for (a, b) in st.sums.iter_mut().zip(local.sums) {
-                *a += b;
-            }
-        }
-    }
-    Ok(st)
-}
-
-/// The loss of one micro-batch: clipped policy loss − entropy bonus + c_v · clipped value loss
-/// (+ γ_ptx · LM loss), each sum divided by `denom`.
-#[allow(clippy::too_many_arguments)]
-fn minibatch_loss(
-    cfg: &PpoConfig,
-    models: &PpoModels,
-    s: &Scored,
-    micro: &[usize],
-    denom: f64,
-    pad: u32,
-    ptx: Option<&[u32]>,
-    (it, epoch, m, k): (usize, usize, usize, usize),
-    st: &mut UpdateStats,
-    tape: OwnedTape<f32, Cpu>,
-) -> Result<crate::stages::common::Loss> {
-    let seqs: Vec<&Seq> = micro.iter().map(|&i| &s.seqs[i]).collect();
-    let gather = |x: &[Vec<f32>]| -> Vec<f32> { micro.iter().flat_map(|&i| x[i].iter().copied()).collect() };
-    let (old, adv, old_v, ret) =
-        (gather(&s.old_logprobs), gather(&s.advantages), gather(&s.values), gather(&s.returns));
-    let n = old.len();
-    let (lpe, values) = models.forward(&seqs, pad, cfg.temperature, tape)?;
-    let pg = host_loss(lpe, |x| {
-        let pl = ppo_policy_loss(&x[..n], &old, &adv, cfg.cliprange, denom);
-        let entropy: f64 = x[n..].iter().map(|&h| h as f64).sum();
-        let mut grad = pl.grad;
-        grad.extend(std::iter::repeat_n(-cfg.ent_coef / denom, n));
-        st.pg_loss += pl.loss / cfg.grad_accum as f64;
-        st.sums[0] += pl.clipfrac * n as f64;
-        st.sums[2] += pl.approx_kl * n as f64;
-        st.sums[3] += pl.ratio_mean * n as f64;
-        st.sums[4] += (pl.ratio_var + pl.ratio_mean * pl.ratio_mean) * n as f64;
-        st.sums[5] += entropy;
-        (pl.loss - cfg.ent_coef * entropy / denom, grad)
-    });
-    let vf = host_loss(values, |v| {
-        let vl = ppo_value_loss(v, &old_v, &ret, cfg.cliprange_value, denom);
-        st.vf_loss += vl.loss / cfg.grad_accum as f64;
-        st.sums[1] += vl.clipfrac * n as f64;
-        (vl.loss, vl.grad)
-    });
-    st.tokens += n;
-    let loss = pg + vf * cfg.vf_coef as f32;
-    let (Some(p), Some(corpus)) = (&cfg.ptx, ptx) else { return Ok(loss) };
-    // PPO-ptx: the pretraining loss continues on the same tape
-    let (loss, tape) = loss.split_tape();
-    let (inputs, targets) = sample_blocks(
-        corpus,
-        p.block_size,
-        p.batch_size,
-        cfg.seed,
-        (it * cfg.ppo_epochs + epoch) as u64,
-        (m * 1000 + k) as u64,
-    );
-    let lm = crate::stages::pretrain::lm_loss(&models.policy, &inputs, &targets, tape)?;
-    st.ptx_loss += lm.array() as f64 / cfg.grad_accum as f64;
-    Ok(lm * p.coef as f32 + loss.retaped::<OwnedTape<f32, Cpu>>())
-}
-
-/// (mean over sequences of Σ_t k(t), mean over tokens of k(t)).
-fn kl_means(s: &Scored) -> (f64, f64) {
-    let seq: f64 = s.kl.iter().map(|k| k.iter().map(|&x| x as f64).sum::<f64>()).sum::<f64>() / s.kl.len() as f64;
-    let n: usize = s.kl.iter().map(Vec::len).sum();
-    let tok: f64 = s.kl.iter().flatten().map(|&x| x as f64).sum::<f64>() / n.max(1) as f64;
-    (seq, tok)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn iteration_metrics(
-    step: usize,
-    s: &Scored,
-    u: &UpdateStats,
-    beta: f64,
-    lr: f64,
-    tokens: usize,
-    eos: u32,
-    timing: &[(Duration, &str)],
-) -> serde_json::Value {
-    let b = s.seqs.len() as f64;
-    let mean_seq = |x: &[Vec<f32>]| x.iter().map(|r| r.iter().map(|&v| v as f64).sum::<f64>()).sum::<f64>() / b;
-    let (kl, _) = kl_means(s);
-    let non_score = -beta * kl;
-    let scores = s.scores.iter().map(|&x| x as f64).sum::<f64>() / b;
-    let t = u.tokens.max(1) as f64;
-    let ratio = u.sums[3] / t;
-    let mb = u.minibatches.max(1) as f64;
-    let mut r = serde_json::json!({
-        "step": step,
-        "objective/kl": kl,
-        "objective/entropy": -mean_seq(&s.old_logprobs),
-        "objective/non_score_reward": non_score,
-        "objective/rlhf_reward": scores + non_score,
-        "objective/scores": scores,
-        "policy/approxkl_avg": u.sums[2] / t,
-        "policy/clipfrac_avg": u.sums[0] / t,
-        "policy/entropy_avg": u.sums[5] / t,
-        "loss/policy_avg": u.pg_loss / mb,
-        "loss/value_avg": u.vf_loss / mb,
-        "loss/ptx_avg": u.ptx_loss / mb,
-        "val/ratio": ratio,
-        "val/ratio_var": u.sums[4] / t - ratio * ratio,
-        "val/clipfrac_avg": u.sums[1] / t,
-        "val/num_eos_tokens": s.seqs.iter().filter(|q| q.ids.last() == Some(&eos)).count(),
-        "val/explained_variance": explained_variance(&s.values.concat(), &s.returns.concat()),
-        "val/response_length": tokens as f64 / b,
-        "objective/beta": beta,
-        "lr": lr,
-        "debug/first_minibatch_ratio": u.first.map(|f| f.0),
-        "debug/first_minibatch_approxkl": u.first.map(|f| f.1),
-    });
-    for (d, name) in timing {
-        r[format!("timing/{name}")] = d.as_secs_f64().into();
-        r[format!("timing/{name}_tokens_per_s")] = (tokens as f64 / d.as_secs_f64().max(1e-9)).into();
-    }
-    r
 }
 
 fn build_reward(cfg: &PpoConfig) -> Result<Box<dyn RewardModel>> {

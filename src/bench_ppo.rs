@@ -1,0 +1,126 @@
+//! The workload's PPO iteration (`workload.ppo`): 32 random prompts of 32 tokens → exactly 64
+//! sampled tokens each (KV cache) → scoring pass (policy, reference, critic, reward model) →
+//! GAE and whitening → 4 epochs × 4 minibatches of 8 — run by the trainer `rlhf ppo` uses.
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use dfdx::prelude::Cpu;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use rlhf_envs::{Detokenizer, EnvError, KlEstimator};
+use rlhf_policies::{AdamW, AdamWConfig, CausalLm, LearnedReward};
+use serde::Serialize;
+
+use crate::bench::{median, Workload};
+use crate::math::ppo::{KlControl, KlController};
+use crate::schedule::LrSchedule;
+use crate::stages::ppo::PpoConfig;
+use crate::stages::ppo_models::{Critic, PpoModels, ValueModelConfig};
+use crate::stages::ppo_step::{PpoState, PpoTrainer};
+
+/// Random-id prompts have no text: the benchmark's reward model reads ids.
+#[derive(Debug)]
+struct NoText;
+
+impl Detokenizer for NoText {
+    fn decode(&self, _ids: &[u32]) -> Result<String, EnvError> {
+        Ok(String::new())
+    }
+}
+
+/// Seconds per PPO iteration and its phases.
+#[derive(Debug, Clone, Serialize)]
+pub struct PpoBenchResult {
+    /// Model name.
+    pub model: String,
+    /// `shared` or `separate`.
+    pub value_model: String,
+    /// Median seconds per iteration.
+    pub seconds: f64,
+    /// Fastest and slowest iteration.
+    pub range: [f64; 2],
+    /// Median seconds of each phase (rollout, scoring incl. advantages, update).
+    pub phases: BTreeMap<String, f64>,
+    /// Mean score of the last iteration (a sanity check).
+    pub score_mean: f64,
+}
+
+/// A trainer on the workload's models: policy (seed), frozen reference, reward model (GPT-2
+/// seed + 1 with a score head) and a shared value head or a critic copied from the reward model.
+pub fn ppo_trainer(w: &Workload, model: &str, shared: bool) -> Result<PpoTrainer<LearnedReward<Cpu>>> {
+    let p = &w.ppo;
+    let dev = Cpu::default();
+    let policy = CausalLm::new(w.model_config(model)?, &dev, w.seed)?;
+    let reference = policy.frozen_copy();
+    let rm = LearnedReward::from_backbone(CausalLm::new(w.model_config(model)?, &dev, w.seed + 1)?, 0, w.seed + 1);
+    let critic = if shared {
+        Critic::Shared(LearnedReward::from_backbone(policy.frozen_copy(), 0, w.seed + 2).head)
+    } else {
+        Critic::Separate(LearnedReward { model: rm.model.frozen_copy(), head: rm.head.clone(), norm: None, pad_id: 0 })
+    };
+    let optim = AdamWConfig { lr: p.lr, betas: p.betas, eps: p.eps, weight_decay: p.weight_decay, no_decay_1d: false };
+    let cfg = PpoConfig {
+        seed: w.seed,
+        batch_size: p.batch,
+        max_new_tokens: p.response_len,
+        max_prompt_len: p.prompt_len,
+        ppo_epochs: p.ppo_epochs,
+        minibatch_size: p.minibatch_size,
+        cliprange: p.cliprange,
+        cliprange_value: p.cliprange_value,
+        vf_coef: p.vf_coef,
+        gamma: p.gamma,
+        lam: p.lam,
+        beta: p.kl_coef as f64,
+        kl_estimator: KlEstimator::K1,
+        grad_clip: p.max_grad_norm,
+        optim: optim.clone(),
+        schedule: LrSchedule::Constant { lr: p.lr },
+        value_model: if shared { ValueModelConfig::Shared } else { ValueModelConfig::Separate { init: None } },
+        ..Default::default()
+    };
+    let vocab = policy.dims.vocab as u32;
+    let mut rng = StdRng::seed_from_u64(w.seed);
+    let prompts: Vec<(Vec<u32>, String)> = (0..p.batch * 8)
+        .map(|_| ((0..p.prompt_len).map(|_| rng.gen_range(0..vocab)).collect(), String::new()))
+        .collect();
+    let state =
+        PpoState { kl: KlController::new(KlControl::Fixed, p.kl_coef as f64), prompt_draws: 0, skipped_batches: 0 };
+    let models = PpoModels { policy, critic };
+    // EOS suppressed: every response has exactly response_len tokens
+    PpoTrainer::new(cfg, models, reference, AdamW::new(optim), state, prompts, rm, Box::new(NoText), None, 0)
+}
+
+/// Times `workload.ppo` for `model` with a shared or separate critic.
+pub fn ppo_iteration(w: &Workload, model: &str, shared: bool) -> Result<PpoBenchResult> {
+    let mut t = ppo_trainer(w, model, shared)?;
+    let (mut walls, mut phases) = (vec![], vec![vec![]; 3]);
+    let mut score_mean = f64::NAN;
+    for it in 0..w.ppo.warmup + w.ppo.repeats.max(1) {
+        let out = t.iteration(it)?.ok_or_else(|| anyhow::anyhow!("iteration {it} skipped"))?;
+        if it >= w.ppo.warmup {
+            walls.push(out.timing.iter().map(|d| d.as_secs_f64()).sum::<f64>());
+            for (p, d) in phases.iter_mut().zip(out.timing) {
+                p.push(d.as_secs_f64());
+            }
+        }
+        score_mean = out.record["objective/scores"].as_f64().unwrap_or(f64::NAN);
+    }
+    walls.sort_by(f64::total_cmp);
+    let phases = ["rollout", "scoring", "update"]
+        .iter()
+        .zip(phases.iter_mut())
+        .map(|(n, v)| {
+            v.sort_by(f64::total_cmp);
+            (n.to_string(), median(v))
+        })
+        .collect();
+    Ok(PpoBenchResult {
+        model: model.into(),
+        value_model: if shared { "shared" } else { "separate" }.into(),
+        seconds: median(&walls),
+        range: [walls[0], walls[walls.len() - 1]],
+        phases,
+        score_mean,
+    })
+}
