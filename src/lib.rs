@@ -7,6 +7,7 @@ pub mod bench_env;
 pub mod bench_ppo;
 pub mod config;
 pub mod data;
+pub mod demo;
 pub mod math;
 pub mod preference;
 pub mod progress;

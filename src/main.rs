@@ -20,6 +20,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The main job: pretrain → SFT → reward model → PPO on an embedded task, then SFT vs PPO
+    /// (and best-of-n) on gold reward, proxy reward and KL.
+    Demo(DemoArgs),
     /// Write a freshly initialised model (HF folder: config.json, model.safetensors,
     /// tokenizer.json).
     Init(InitArgs),
@@ -143,6 +146,19 @@ struct StageArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct DemoArgs {
+    /// Output folder (data, every stage's run folder, summary.json).
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    /// quick (a few minutes on 2 cores), full (longer; shows over-optimisation), or test.
+    #[arg(long, value_enum, default_value = "quick")]
+    preset: rlhf::demo::Preset,
+    /// Seed of the task, the data and every stage.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Debug, clap::Args)]
 struct PpoArgs {
     #[command(flatten)]
     stage: StageArgs,
@@ -227,6 +243,7 @@ fn main() -> Result<()> {
         Command::Pretrain(a) => pretrain_cmd(a),
         Command::Sft(a) => sft_cmd(a),
         Command::Reward(a) => reward_cmd(a),
+        Command::Demo(a) => demo_cmd(a),
         Command::Ppo(a) => ppo_cmd(a),
         Command::Eval(a) => eval_cmd(a),
         Command::Bench(BenchCommand::Rollout(a)) => bench_rollout(a),
@@ -386,6 +403,14 @@ fn reward_cmd(a: StageArgs) -> Result<()> {
     let (cfg, resume) = stage_config(&a)?;
     let report = rlhf::stages::reward::train(cfg, resume)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn demo_cmd(a: DemoArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let summary = rlhf::demo::run(&a.out, a.preset, a.seed)?;
+    println!("{}", rlhf::demo::table(&summary));
+    println!("({:.0} s; details in {}/summary.json)", t0.elapsed().as_secs_f64(), a.out.display());
     Ok(())
 }
 

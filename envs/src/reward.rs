@@ -11,7 +11,8 @@ use crate::error::EnvError;
 pub struct RewardInput {
     /// Prompt text.
     pub prompt: String,
-    /// Response text (EOS included as text if the tokenizer renders it).
+    /// Response text, without the EOS / stop token that ended it (text rewards should not see
+    /// `<|endoftext|>`); `response_ids` keep it.
     pub response: String,
     /// Prompt token ids.
     pub prompt_ids: Vec<u32>,

@@ -280,10 +280,20 @@ impl Row {
     }
 
     /// The reward model's view of this (finished) row.
+    /// The response ids whose text a reward model reads: without the terminating EOS / stop id.
+    fn text_ids(&self) -> &[u32] {
+        let ids = &self.ep.response_ids;
+        if self.ep.terminated {
+            &ids[..ids.len().saturating_sub(1)]
+        } else {
+            ids
+        }
+    }
+
     pub(crate) fn reward_input(&self, prompt_text: &str, detok: &dyn Detokenizer) -> Result<RewardInput, EnvError> {
         Ok(RewardInput {
             prompt: prompt_text.to_string(),
-            response: detok.decode(&self.ep.response_ids)?,
+            response: detok.decode(self.text_ids())?,
             prompt_ids: self.prompt.clone(),
             response_ids: self.ep.response_ids.clone(),
         })

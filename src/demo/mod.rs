@@ -1,0 +1,475 @@
+//! `rlhf demo`: the whole seed on an embedded task, with the real stage code — pretrain → SFT →
+//! preference pairs labelled by a hidden gold reward → reward model (the proxy) → PPO — then
+//! SFT vs PPO (and best-of-n) on held-out prompts: gold reward, proxy reward, KL, length.
+
+pub mod world;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use dfdx::prelude::*;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use rlhf_envs::{EnvError, RewardInput, RewardModel};
+use rlhf_policies::{generate, CausalLm, InferenceModel, LearnedReward, ModelConfig, SamplingConfig, Tokenizer};
+use serde::{Deserialize, Serialize};
+
+use crate::math::sigmoid;
+use crate::schedule::LrSchedule;
+use crate::stages::ppo::{self, PpoConfig, RewardSpec};
+use crate::stages::ppo_models::{logprobs_and_entropy, Seq, ValueModelConfig};
+use crate::stages::pretrain::{self, PretrainConfig, TokenizerSpec};
+use crate::stages::reward::{self, RewardConfig};
+use crate::stages::sft::{self, SftConfig};
+use world::{gold_reward, World};
+
+/// How big the demo is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Preset {
+    /// A few minutes on 2 cores.
+    Quick,
+    /// Longer training and PPO, to show over-optimisation.
+    Full,
+    /// Seconds: the CI smoke test.
+    Test,
+}
+
+/// Sizes of one preset.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// Pretraining corpus lines.
+    pub corpus_lines: usize,
+    /// Model width, layers, heads.
+    pub model: (usize, usize, usize),
+    /// BPE vocabulary.
+    pub vocab: usize,
+    /// Pretraining steps.
+    pub pretrain_steps: usize,
+    /// SFT pairs and steps.
+    pub sft: (usize, usize),
+    /// Preference prompts (two samples each) and reward-model steps.
+    pub reward: (usize, usize),
+    /// PPO iterations and rollouts per iteration.
+    pub ppo: (usize, usize),
+    /// Held-out evaluation prompts.
+    pub eval_prompts: usize,
+    /// Largest best-of-n.
+    pub bon_max: usize,
+}
+
+impl Preset {
+    /// The sizes.
+    pub fn plan(self) -> Plan {
+        match self {
+            Preset::Test => Plan {
+                corpus_lines: 600,
+                model: (32, 2, 2),
+                vocab: 300,
+                pretrain_steps: 30,
+                sft: (200, 20),
+                reward: (64, 20),
+                ppo: (3, 8),
+                eval_prompts: 8,
+                bon_max: 4,
+            },
+            Preset::Quick => Plan {
+                corpus_lines: 8000,
+                model: (64, 2, 4),
+                vocab: 700,
+                pretrain_steps: 600,
+                sft: (3000, 300),
+                reward: (6000, 1500),
+                ppo: (60, 32),
+                eval_prompts: 256,
+                bon_max: 32,
+            },
+            Preset::Full => Plan {
+                corpus_lines: 20000,
+                model: (96, 3, 4),
+                vocab: 700,
+                pretrain_steps: 1500,
+                sft: (4000, 300),
+                reward: (1500, 400),
+                ppo: (150, 32),
+                eval_prompts: 128,
+                bon_max: 64,
+            },
+        }
+    }
+}
+
+/// One policy on the held-out prompts.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyEval {
+    /// `sft`, `ppo`, `best-of-N`.
+    pub name: String,
+    /// Mean gold reward.
+    pub gold: f64,
+    /// Mean proxy (reward-model, normalised) score.
+    pub proxy: f64,
+    /// KL to the SFT policy (sampled estimate; analytic for best-of-n).
+    pub kl: f64,
+    /// Mean response length in tokens.
+    pub length: f64,
+}
+
+/// What the demo measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct DemoSummary {
+    /// The preset's sizes.
+    pub plan: Plan,
+    /// Held-out accuracy of the reward model against the gold ordering (ties left out).
+    pub rm_gold_accuracy: f64,
+    /// SFT, PPO and best-of-n.
+    pub policies: Vec<PolicyEval>,
+    /// Per PPO iteration: (mean gold, mean proxy, KL) of its rollouts.
+    pub ppo_curve: Vec<(f64, f64, f64)>,
+    /// A few held-out prompts with the SFT and PPO responses.
+    pub samples: Vec<(String, String, String)>,
+}
+
+/// The reward the PPO stage sees — the proxy — with the gold score of every rollout recorded
+/// on the side, so gold can be tracked along training.
+struct GoldTracked {
+    proxy: LearnedReward<Cpu>,
+    gold: Arc<Mutex<Vec<f64>>>,
+}
+
+impl RewardModel for GoldTracked {
+    fn name(&self) -> String {
+        "proxy (gold tracked)".into()
+    }
+    fn score(&mut self, batch: &[RewardInput]) -> Result<Vec<f32>, EnvError> {
+        let g: f64 = batch.iter().map(|x| gold_reward(&x.prompt, &x.response) as f64).sum::<f64>() / batch.len() as f64;
+        self.gold.lock().expect("not poisoned").push(g);
+        self.proxy.score(batch)
+    }
+}
+
+/// Runs the demo into `out` (its data, every stage's run folder, `summary.json`).
+pub fn run(out: &Path, preset: Preset, seed: u64) -> Result<DemoSummary> {
+    let plan = preset.plan();
+    let data = out.join("data");
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    // DATA: the world's corpus, SFT pairs, RL and evaluation prompts
+    let mut w = World::new(seed);
+    std::fs::write(data.join("corpus.txt"), w.corpus(plan.corpus_lines))?;
+    write_jsonl(
+        &data.join("sft.jsonl"),
+        w.sft_pairs(plan.sft.0).iter().map(|(p, r)| serde_json::json!({"prompt": p, "response": r})),
+    )?;
+    write_jsonl(&data.join("prompts.jsonl"), w.prompts(256).iter().map(|p| serde_json::json!({"prompt": p})))?;
+    let eval_prompts = w.prompts(plan.eval_prompts);
+    // STAGE 1: pretraining (BPE on the corpus)
+    let (d, layers, heads) = plan.model;
+    eprintln!("demo: 1/4 pretraining");
+    pretrain::train(
+        PretrainConfig {
+            out_dir: out.join("pretrain"),
+            seed,
+            files: vec![data.join("corpus.txt")],
+            val_fraction: 0.05,
+            tokenizer: TokenizerSpec::Bpe { vocab_size: plan.vocab, min_frequency: 2 },
+            model: ModelConfig::gpt2_preset(plan.vocab, d, layers, heads, 64),
+            block_size: 48,
+            batch_size: 16,
+            steps: plan.pretrain_steps,
+            schedule: LrSchedule::WarmupCosine { lr: 3e-3, min_lr: 3e-4, warmup: 20, decay_steps: plan.pretrain_steps },
+            eval_every: plan.pretrain_steps,
+            checkpoint_every: plan.pretrain_steps,
+            sample_prompt: "review of the".into(),
+            sample_tokens: 20,
+            ..Default::default()
+        },
+        false,
+    )?;
+    let pre = out.join(format!("pretrain/checkpoints/step-{}", plan.pretrain_steps));
+    // STAGE 2: SFT on (prompt → one sentence + EOS)
+    eprintln!("demo: 2/4 supervised fine-tuning");
+    sft::train(
+        SftConfig {
+            out_dir: out.join("sft"),
+            seed,
+            init: pre,
+            data: data.join("sft.jsonl"),
+            max_len: 48,
+            batch_size: 16,
+            steps: plan.sft.1,
+            optim: rlhf_policies::AdamWConfig { lr: 1e-3, ..Default::default() },
+            schedule: LrSchedule::WarmupCosine { lr: 1e-3, min_lr: 1e-4, warmup: 10, decay_steps: plan.sft.1 },
+            eval_every: plan.sft.1,
+            checkpoint_every: plan.sft.1,
+            ..Default::default()
+        },
+        false,
+    )?;
+    let sft_dir = out.join(format!("sft/checkpoints/step-{}", plan.sft.1));
+    let (sft_model, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&sft_dir, &Cpu::default())?;
+    // STAGE 3a: preference pairs from the SFT policy, labelled by Bradley–Terry on the gold reward
+    eprintln!("demo: 3/4 reward model on gold-labelled pairs");
+    let pairs = labelled_pairs(&sft_model, &tok, &mut w, plan.reward.0, seed)?;
+    write_jsonl(
+        &data.join("prefs.jsonl"),
+        pairs.iter().map(|p| serde_json::json!({"prompt": p.0, "chosen": p.1, "rejected": p.2})),
+    )?;
+    reward::train(
+        RewardConfig {
+            out_dir: out.join("reward"),
+            seed,
+            init: sft_dir.clone(),
+            data: data.join("prefs.jsonl"),
+            max_len: 64,
+            batch_size: 16,
+            steps: plan.reward.1,
+            optim: rlhf_policies::AdamWConfig { lr: 1e-3, ..Default::default() },
+            schedule: LrSchedule::WarmupCosine { lr: 1e-3, min_lr: 1e-4, warmup: 10, decay_steps: plan.reward.1 },
+            eval_every: plan.reward.1,
+            checkpoint_every: plan.reward.1,
+            ..Default::default()
+        },
+        false,
+    )?;
+    let rm_dir = out.join(format!("reward/checkpoints/step-{}", plan.reward.1));
+    let (mut rm, norm) = LearnedReward::load_pretrained(&rm_dir, &Cpu::default())?;
+    rm.norm = norm.map(|n| n.as_score_norm());
+    let held_out = labelled_pairs(&sft_model, &tok, &mut w, 512, seed ^ 0xfeed)?;
+    let rm_gold_accuracy = gold_accuracy(&mut rm, &tok, &held_out)?;
+    // STAGE 3b: PPO against the proxy, gold tracked on the side
+    eprintln!("demo: 4/4 PPO");
+    let gold_log = Arc::new(Mutex::new(Vec::new()));
+    let (mut proxy, norm) = LearnedReward::load_pretrained(&rm_dir, &Cpu::default())?;
+    proxy.norm = norm.map(|n| n.as_score_norm());
+    let ppo_cfg = PpoConfig {
+        out_dir: out.join("ppo"),
+        seed,
+        policy: sft_dir.clone(),
+        reward: Some(RewardSpec::Model { path: rm_dir.clone(), normalize: true }),
+        value_model: ValueModelConfig::Separate { init: None },
+        prompts: data.join("prompts.jsonl"),
+        max_prompt_len: 16,
+        batch_size: plan.ppo.1,
+        max_new_tokens: 24,
+        iterations: plan.ppo.0,
+        minibatch_size: 8,
+        optim: rlhf_policies::AdamWConfig { lr: 5e-5, ..Default::default() },
+        schedule: LrSchedule::Constant { lr: 5e-5 },
+        beta: 0.1,
+        checkpoint_every: plan.ppo.0,
+        sample_every: 10,
+        ..Default::default()
+    };
+    let report = ppo::train_with_reward(ppo_cfg, false, Box::new(GoldTracked { proxy, gold: gold_log.clone() }))?;
+    let gold_curve = gold_log.lock().expect("not poisoned").clone();
+    let ppo_curve = gold_curve.iter().zip(&report.scores).zip(&report.kl).map(|((g, p), k)| (*g, *p, *k)).collect();
+    // EVALUATION: SFT, PPO and best-of-n on held-out prompts
+    let (ppo_model, _) = rlhf_policies::checkpoint::load_with_tokenizer(
+        &out.join(format!("ppo/checkpoints/step-{}", plan.ppo.0)),
+        &Cpu::default(),
+    )?;
+    let prompts: Vec<Vec<u32>> = eval_prompts.iter().map(|p| tok.encode(p)).collect::<Result<_, _>>()?;
+    let (sft_eval, sft_texts) = evaluate("sft", &sft_model, &sft_model, &mut rm, &tok, &eval_prompts, &prompts, seed)?;
+    let (ppo_eval, ppo_texts) = evaluate("ppo", &ppo_model, &sft_model, &mut rm, &tok, &eval_prompts, &prompts, seed)?;
+    let mut policies = vec![sft_eval, ppo_eval];
+    policies.extend(best_of_n(&sft_model, &mut rm, &tok, &eval_prompts, &prompts, plan.bon_max, seed)?);
+    let samples = (0..4.min(eval_prompts.len()))
+        .map(|i| (eval_prompts[i].clone(), sft_texts[i].clone(), ppo_texts[i].clone()))
+        .collect();
+    let summary = DemoSummary { plan, rm_gold_accuracy, policies, ppo_curve, samples };
+    std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    Ok(summary)
+}
+
+fn write_jsonl(path: &Path, rows: impl Iterator<Item = serde_json::Value>) -> Result<()> {
+    let text: Vec<String> = rows.map(|r| r.to_string()).collect();
+    std::fs::write(path, text.join("\n") + "\n").with_context(|| format!("writing {}", path.display()))
+}
+
+/// `n` prompts, two SFT samples each, the chosen one drawn with P = σ(gold_a − gold_b) —
+/// noisy, like people. Returns (prompt, chosen, rejected, gold_chosen, gold_rejected).
+fn labelled_pairs(
+    model: &CausalLm<Cpu>,
+    tok: &Tokenizer,
+    w: &mut World,
+    n: usize,
+    seed: u64,
+) -> Result<Vec<(String, String, String, f32, f32)>> {
+    let prompts = w.prompts(n);
+    let ids: Vec<Vec<u32>> = prompts.iter().flat_map(|p| [tok.encode(p), tok.encode(p)]).collect::<Result<_, _>>()?;
+    let texts = sample(model, tok, &ids, seed)?.texts;
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+    Ok(prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let (a, b) = (&texts[2 * i], &texts[2 * i + 1]);
+            let (ga, gb) = (gold_reward(p, a), gold_reward(p, b));
+            if rng.gen_bool(sigmoid((ga - gb) as f64)) {
+                (p.clone(), a.clone(), b.clone(), ga, gb)
+            } else {
+                (p.clone(), b.clone(), a.clone(), gb, ga)
+            }
+        })
+        .collect())
+}
+
+/// One sampled response per prompt (at most 24 tokens; EOS kept in the ids) and its text.
+struct Samples {
+    ids: Vec<Vec<u32>>,
+    texts: Vec<String>,
+}
+
+fn sample(model: &CausalLm<Cpu>, tok: &Tokenizer, prompts: &[Vec<u32>], seed: u64) -> Result<Samples> {
+    let eos = tok.eos_id().context("the demo tokenizer has an EOS")?;
+    let engine = InferenceModel::from_model(model);
+    let cfg = SamplingConfig { max_new_tokens: 24, eos_ids: vec![eos], seed, ..Default::default() };
+    let mut out = Samples { ids: vec![], texts: vec![] };
+    for chunk in prompts.chunks(64) {
+        let g = generate(&engine, chunk, tok.pad_id().unwrap_or(eos), &cfg)?;
+        for t in g.tokens {
+            let body: Vec<u32> = t.iter().copied().filter(|&x| x != eos).collect();
+            out.texts.push(tok.decode(&body)?);
+            out.ids.push(t);
+        }
+    }
+    Ok(out)
+}
+
+/// Proxy scores of prompt + response texts (re-encoded, EOS appended).
+fn proxy_scores(
+    rm: &mut LearnedReward<Cpu>,
+    tok: &Tokenizer,
+    prompts: &[String],
+    responses: &[String],
+) -> Result<Vec<f32>> {
+    let eos = tok.eos_id().context("EOS")?;
+    let ids: Vec<Vec<u32>> =
+        responses.iter().map(|r| Ok([tok.encode(r)?, vec![eos]].concat())).collect::<Result<_>>()?;
+    proxy_scores_ids(rm, tok, prompts, &ids)
+}
+
+/// Proxy scores of prompt texts with sampled response ids.
+fn proxy_scores_ids(
+    rm: &mut LearnedReward<Cpu>,
+    tok: &Tokenizer,
+    prompts: &[String],
+    responses: &[Vec<u32>],
+) -> Result<Vec<f32>> {
+    let inputs: Vec<RewardInput> = prompts
+        .iter()
+        .zip(responses)
+        .map(|(p, r)| {
+            Ok(RewardInput {
+                prompt_ids: tok.encode(p)?,
+                response_ids: r.clone(),
+                prompt: p.clone(),
+                response: String::new(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(rm.score(&inputs)?)
+}
+
+/// The reward model's agreement with the gold ordering on pairs whose gold scores differ.
+fn gold_accuracy(
+    rm: &mut LearnedReward<Cpu>,
+    tok: &Tokenizer,
+    pairs: &[(String, String, String, f32, f32)],
+) -> Result<f64> {
+    let prompts: Vec<String> = pairs.iter().flat_map(|p| [p.0.clone(), p.0.clone()]).collect();
+    let responses: Vec<String> = pairs.iter().flat_map(|p| [p.1.clone(), p.2.clone()]).collect();
+    let s = proxy_scores(rm, tok, &prompts, &responses)?;
+    let (mut right, mut n) = (0, 0);
+    for (i, p) in pairs.iter().enumerate() {
+        if p.3 != p.4 {
+            n += 1;
+            right += usize::from((s[2 * i] > s[2 * i + 1]) == (p.3 > p.4));
+        }
+    }
+    Ok(right as f64 / n.max(1) as f64)
+}
+
+/// Gold, proxy, sampled KL to `reference` and length of one sample per prompt from `model`.
+#[allow(clippy::too_many_arguments)]
+fn evaluate(
+    name: &str,
+    model: &CausalLm<Cpu>,
+    reference: &CausalLm<Cpu>,
+    rm: &mut LearnedReward<Cpu>,
+    tok: &Tokenizer,
+    texts: &[String],
+    prompts: &[Vec<u32>],
+    seed: u64,
+) -> Result<(PolicyEval, Vec<String>)> {
+    let s = sample(model, tok, prompts, seed ^ 0xe7a1)?;
+    let gold: f64 = texts.iter().zip(&s.texts).map(|(p, r)| gold_reward(p, r) as f64).sum::<f64>() / texts.len() as f64;
+    let proxy = proxy_scores_ids(rm, tok, texts, &s.ids)?;
+    let eos = tok.eos_id().context("EOS")?;
+    let seqs: Vec<Seq> =
+        prompts.iter().zip(&s.ids).map(|(p, r)| Seq { ids: [p.as_slice(), r].concat(), prompt_len: p.len() }).collect();
+    let refs: Vec<&Seq> = seqs.iter().collect();
+    let n_tok: usize = seqs.iter().map(Seq::resp_len).sum();
+    let pad = tok.pad_id().unwrap_or(eos);
+    let lp = logprobs_and_entropy(model, &refs, pad, 1.0, NoneTape)?.as_vec();
+    let lr = logprobs_and_entropy(reference, &refs, pad, 1.0, NoneTape)?.as_vec();
+    let kl: f64 = (0..n_tok).map(|i| (lp[i] - lr[i]) as f64).sum::<f64>() / seqs.len() as f64;
+    let eval = PolicyEval {
+        name: name.into(),
+        gold,
+        proxy: proxy.iter().map(|&x| x as f64).sum::<f64>() / proxy.len() as f64,
+        kl,
+        length: n_tok as f64 / seqs.len() as f64,
+    };
+    Ok((eval, s.texts))
+}
+
+/// Best-of-n from `model` for n = 1, 2, 4, … ≤ `max_n`, picked by the proxy; KL = log n − (n−1)/n.
+fn best_of_n(
+    model: &CausalLm<Cpu>,
+    rm: &mut LearnedReward<Cpu>,
+    tok: &Tokenizer,
+    texts: &[String],
+    prompts: &[Vec<u32>],
+    max_n: usize,
+    seed: u64,
+) -> Result<Vec<PolicyEval>> {
+    let many: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), max_n)).collect();
+    let s = sample(model, tok, &many, seed ^ 0xb0)?;
+    let many_texts: Vec<String> = texts.iter().flat_map(|t| std::iter::repeat_n(t.clone(), max_n)).collect();
+    let proxy = proxy_scores_ids(rm, tok, &many_texts, &s.ids)?;
+    let mut out = vec![];
+    let mut n = 1;
+    while n <= max_n {
+        let (mut gold, mut px, mut len) = (0.0, 0.0, 0.0);
+        for (i, t) in texts.iter().enumerate() {
+            let k = (0..n).max_by(|&a, &b| proxy[i * max_n + a].total_cmp(&proxy[i * max_n + b])).unwrap_or(0);
+            gold += gold_reward(t, &s.texts[i * max_n + k]) as f64;
+            px += proxy[i * max_n + k] as f64;
+            len += s.ids[i * max_n + k].len() as f64;
+        }
+        let m = texts.len() as f64;
+        let kl = (n as f64).ln() - (n as f64 - 1.0) / n as f64;
+        out.push(PolicyEval { name: format!("best-of-{n}"), gold: gold / m, proxy: px / m, kl, length: len / m });
+        n *= 2;
+    }
+    Ok(out)
+}
+
+/// The final table as text.
+pub fn table(s: &DemoSummary) -> String {
+    let mut t = format!("reward model: {:.3} held-out accuracy against the gold ordering\n\n", s.rm_gold_accuracy);
+    t += "| policy | gold reward | proxy reward | KL to SFT | response length |\n| --- | --- | --- | --- | --- |\n";
+    for p in &s.policies {
+        t += &format!("| {} | {:.3} | {:.3} | {:.3} | {:.1} |\n", p.name, p.gold, p.proxy, p.kl, p.length);
+    }
+    t += "\n| prompt | SFT | PPO |\n| --- | --- | --- |\n";
+    for (p, a, b) in &s.samples {
+        t += &format!("| {p} | {} | {} |\n", a.trim(), b.trim());
+    }
+    t
+}
+
+/// Where `rlhf demo` writes by default.
+pub fn default_out() -> PathBuf {
+    PathBuf::from("runs/demo")
+}

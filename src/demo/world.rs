@@ -1,0 +1,244 @@
+//! The demo's synthetic language world (`../shared/docs/design.md` §4), generated from a
+//! seed: short English-like review sentences over a few hundred words, some carrying
+//! sentiment; a pretraining corpus, SFT pairs (`review of the garden:` → one sentence), and a
+//! hidden **gold** reward that plays the human labeller.
+
+use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
+
+const TOPICS: &[&str] = &[
+    "garden",
+    "movie",
+    "cafe",
+    "hotel",
+    "book",
+    "concert",
+    "museum",
+    "train",
+    "bakery",
+    "park",
+    "beach",
+    "game",
+    "phone",
+    "bike",
+    "kitchen",
+    "market",
+    "school",
+    "river",
+    "library",
+    "festival",
+    "restaurant",
+    "shop",
+    "bridge",
+    "village",
+    "castle",
+    "theater",
+    "camera",
+    "album",
+    "lesson",
+    "trip",
+];
+const POSITIVE: &[&str] = &[
+    "great",
+    "lovely",
+    "wonderful",
+    "bright",
+    "friendly",
+    "delightful",
+    "charming",
+    "superb",
+    "pleasant",
+    "brilliant",
+    "warm",
+    "cheerful",
+    "excellent",
+    "fantastic",
+    "beautiful",
+    "calm",
+    "gentle",
+    "fresh",
+    "tasty",
+    "perfect",
+];
+const NEGATIVE: &[&str] = &[
+    "awful", "boring", "dull", "gloomy", "rude", "terrible", "noisy", "dirty", "bland", "broken", "cold", "dreary",
+    "horrible", "messy", "poor", "sad", "slow", "stale", "ugly", "weak",
+];
+const NEUTRAL: &[&str] = &[
+    "big", "small", "old", "new", "long", "short", "quiet", "busy", "simple", "tall", "wide", "round", "plain",
+    "local", "early", "late", "open", "full", "red", "green",
+];
+const NOUNS: &[&str] = &[
+    "staff", "food", "music", "view", "room", "price", "story", "light", "service", "crowd", "path", "menu", "sound",
+    "design", "window", "table", "garden", "street", "coffee", "bread", "painting", "seat", "door", "song", "ending",
+];
+const VERBS: &[&str] = &["was", "felt", "seemed", "looked", "stayed", "became"];
+const ADVERBS: &[&str] = &["very", "quite", "rather", "really", "truly", "so"];
+const OPENERS: &[&str] = &["i think", "honestly", "overall", "for me", "in short", "to be fair"];
+
+/// A word's sentiment in the gold reward.
+fn polarity(word: &str) -> i32 {
+    if POSITIVE.contains(&word) {
+        1
+    } else if NEGATIVE.contains(&word) {
+        -1
+    } else {
+        0
+    }
+}
+
+/// The generator.
+#[derive(Debug)]
+pub struct World {
+    rng: StdRng,
+}
+
+impl World {
+    /// A world from `seed`.
+    pub fn new(seed: u64) -> Self {
+        World { rng: StdRng::seed_from_u64(seed) }
+    }
+
+    fn pick(&mut self, words: &[&'static str]) -> &'static str {
+        words.choose(&mut self.rng).expect("non-empty word list")
+    }
+
+    /// An adjective with sentiment tilt `tilt` ∈ [−1, 1] (the chance of a positive vs a
+    /// negative word; neutral words half the time).
+    fn adjective(&mut self, tilt: f64) -> &'static str {
+        if self.rng.gen_bool(0.5) {
+            self.pick(NEUTRAL)
+        } else if self.rng.gen_bool((0.5 + 0.5 * tilt).clamp(0.0, 1.0)) {
+            self.pick(POSITIVE)
+        } else {
+            self.pick(NEGATIVE)
+        }
+    }
+
+    /// One review sentence about `topic`, ending in a period.
+    pub fn sentence(&mut self, topic: &str, tilt: f64) -> String {
+        let n = self.pick(NOUNS);
+        let s = match self.rng.gen_range(0..5) {
+            0 => format!("the {topic} {} {} {}.", self.pick(VERBS), self.pick(ADVERBS), self.adjective(tilt)),
+            1 => format!(
+                "the {n} {} {} and the {topic} {} {}.",
+                self.pick(VERBS),
+                self.adjective(tilt),
+                self.pick(VERBS),
+                self.adjective(tilt)
+            ),
+            2 => format!("{}, the {topic} {} {}.", self.pick(OPENERS), self.pick(VERBS), self.adjective(tilt)),
+            3 => format!("a {} {topic} with a {} {n}.", self.adjective(tilt), self.adjective(tilt)),
+            _ => format!(
+                "the {n} {} {} {}, but the {topic} {} {}.",
+                self.pick(VERBS),
+                self.pick(ADVERBS),
+                self.adjective(tilt),
+                self.pick(VERBS),
+                self.adjective(tilt)
+            ),
+        };
+        s
+    }
+
+    /// A random topic.
+    pub fn topic(&mut self) -> &'static str {
+        self.pick(TOPICS)
+    }
+
+    /// The pretraining corpus: `lines` reviews (prompt and sentence, one per line).
+    pub fn corpus(&mut self, lines: usize) -> String {
+        let mut out = String::new();
+        for _ in 0..lines {
+            let topic = self.topic();
+            let tilt = self.rng.gen_range(-1.0..1.0);
+            out.push_str(&format!("{} {}\n", prompt(topic), self.sentence(topic, tilt)));
+        }
+        out
+    }
+
+    /// SFT pairs `(prompt, response)`: the response is one sentence of any sentiment, with a
+    /// leading space (the prompt ends in `:`).
+    pub fn sft_pairs(&mut self, n: usize) -> Vec<(String, String)> {
+        (0..n)
+            .map(|_| {
+                let topic = self.topic();
+                let tilt = self.rng.gen_range(-1.0..1.0);
+                (prompt(topic), format!(" {}", self.sentence(topic, tilt)))
+            })
+            .collect()
+    }
+
+    /// Prompts for RL and evaluation.
+    pub fn prompts(&mut self, n: usize) -> Vec<String> {
+        (0..n).map(|_| prompt(self.topic())).collect()
+    }
+}
+
+/// `review of the {topic}:`.
+pub fn prompt(topic: &str) -> String {
+    format!("review of the {topic}:")
+}
+
+/// The hidden gold reward of a response to `prompt` — what the imaginary people like:
+///
+/// ```text
+/// gold = Σ sentiment(words) (each in −1, 0, 1; at most 4 counted each way)
+///      + 1   if it is one sentence ending in "." with only known words
+///      − 0.2 · max(0, words − 14)                 (rambling)
+/// ```
+/// (`prompt` is unused: the people in this world judge the sentence alone.)
+pub fn gold_reward(prompt: &str, response: &str) -> f32 {
+    let _ = prompt;
+    let text = response.trim();
+    let words: Vec<&str> =
+        text.trim_end_matches('.').split(|c: char| c == ' ' || c == ',').filter(|w| !w.is_empty()).collect();
+    let (mut pos, mut neg) = (0, 0);
+    for w in &words {
+        match polarity(w) {
+            1 => pos += 1,
+            -1 => neg += 1,
+            _ => {}
+        }
+    }
+    let sentiment = pos.min(4) - neg.min(4);
+    let known = |w: &&str| {
+        [TOPICS, POSITIVE, NEGATIVE, NEUTRAL, NOUNS, VERBS, ADVERBS].iter().any(|l| l.contains(w))
+            || [
+                "the", "a", "and", "with", "but", "i", "think", "honestly", "overall", "for", "me", "in", "short",
+                "to", "be", "fair",
+            ]
+            .contains(w)
+    };
+    let well_formed =
+        text.ends_with('.') && text.matches('.').count() == 1 && !words.is_empty() && words.iter().all(known);
+    sentiment as f32 + if well_formed { 1.0 } else { 0.0 } - 0.2 * (words.len() as f32 - 14.0).max(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_world_is_deterministic_and_its_sentences_are_well_formed() {
+        let (mut a, mut b) = (World::new(3), World::new(3));
+        assert_eq!(a.corpus(20), b.corpus(20));
+        for (p, r) in World::new(5).sft_pairs(200) {
+            let g = gold_reward(&p, &r);
+            assert!(g.is_finite());
+            // every generated sentence is well formed: the bonus applies
+            let sentiment: i32 = r.trim().trim_end_matches('.').split([' ', ',']).map(polarity).sum();
+            assert!(
+                (g - (sentiment.clamp(-4, 4) as f32 + 1.0)).abs() < 1e-6 || r.split(' ').count() > 14,
+                "{p} {r} {g}"
+            );
+        }
+    }
+
+    #[test]
+    fn gold_prefers_positive_well_formed_on_topic_answers() {
+        let p = "review of the cafe:";
+        assert!(gold_reward(p, " the cafe was very lovely.") > gold_reward(p, " the cafe was very awful."));
+        assert!(gold_reward(p, " the cafe was lovely.") > gold_reward(p, " the cafe was lovely"));
+        assert!(gold_reward(p, " the cafe was lovely.") > gold_reward(p, " the cafe was lovely. zzz."));
+    }
+}
