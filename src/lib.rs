@@ -11,6 +11,7 @@ pub mod demo;
 pub mod math;
 pub mod preference;
 pub mod progress;
+pub mod report;
 pub mod run;
 pub mod schedule;
 pub mod stages;

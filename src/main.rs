@@ -40,6 +40,9 @@ enum Command {
     Ppo(PpoArgs),
     /// Loss and perplexity of a checkpoint on a text file (non-overlapping blocks).
     Eval(EvalArgs),
+    /// Write RUN_DIR/report.html: plots of every stage's metrics (and the demo's table and
+    /// over-optimisation plot).
+    Report(ReportArgs),
     /// Run the fixed peer workload's benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -146,6 +149,12 @@ struct StageArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct ReportArgs {
+    /// A run folder (or the demo's folder of stages).
+    run_dir: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
 struct DemoArgs {
     /// Output folder (data, every stage's run folder, summary.json).
     #[arg(long, default_value = "runs/demo")]
@@ -244,6 +253,10 @@ fn main() -> Result<()> {
         Command::Sft(a) => sft_cmd(a),
         Command::Reward(a) => reward_cmd(a),
         Command::Demo(a) => demo_cmd(a),
+        Command::Report(a) => {
+            println!("{}", rlhf::report::write_report(&a.run_dir)?.display());
+            Ok(())
+        }
         Command::Ppo(a) => ppo_cmd(a),
         Command::Eval(a) => eval_cmd(a),
         Command::Bench(BenchCommand::Rollout(a)) => bench_rollout(a),
@@ -386,31 +399,51 @@ fn stage_config<T: serde::de::DeserializeOwned>(a: &StageArgs) -> Result<(T, boo
 }
 
 fn pretrain_cmd(a: StageArgs) -> Result<()> {
-    let (cfg, resume) = stage_config(&a)?;
+    let (cfg, resume): (rlhf::stages::pretrain::PretrainConfig, bool) = stage_config(&a)?;
+    let out = cfg.out_dir.clone();
     let report = rlhf::stages::pretrain::train(cfg, resume)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
+    write_report(&out);
     Ok(())
 }
 
 fn sft_cmd(a: StageArgs) -> Result<()> {
-    let (cfg, resume) = stage_config(&a)?;
+    let (cfg, resume): (rlhf::stages::sft::SftConfig, bool) = stage_config(&a)?;
+    let out = cfg.out_dir.clone();
     let report = rlhf::stages::sft::train(cfg, resume)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
+    write_report(&out);
     Ok(())
 }
 
 fn reward_cmd(a: StageArgs) -> Result<()> {
-    let (cfg, resume) = stage_config(&a)?;
+    let (cfg, resume): (rlhf::stages::reward::RewardConfig, bool) = stage_config(&a)?;
+    let out = cfg.out_dir.clone();
     let report = rlhf::stages::reward::train(cfg, resume)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
+    write_report(&out);
     Ok(())
+}
+
+/// The run's report.html; a failure here is reported, not fatal (the run itself succeeded).
+fn write_report(dir: &std::path::Path) {
+    match rlhf::report::write_report(dir) {
+        Ok(p) => eprintln!("report: {}", p.display()),
+        Err(e) => eprintln!("report: not written: {e:#}"),
+    }
 }
 
 fn demo_cmd(a: DemoArgs) -> Result<()> {
     let t0 = Instant::now();
     let summary = rlhf::demo::run(&a.out, a.preset, a.seed)?;
+    let report = rlhf::report::write_report(&a.out)?;
     println!("{}", rlhf::demo::table(&summary));
-    println!("({:.0} s; details in {}/summary.json)", t0.elapsed().as_secs_f64(), a.out.display());
+    println!(
+        "({:.0} s; plots in {}, numbers in {}/summary.json)",
+        t0.elapsed().as_secs_f64(),
+        report.display(),
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -419,8 +452,10 @@ fn ppo_cmd(a: PpoArgs) -> Result<()> {
     if let Some(path) = a.reward_model {
         cfg.reward = Some(rlhf::stages::ppo::RewardSpec::Model { path, normalize: true });
     }
+    let out = cfg.out_dir.clone();
     let report = rlhf::stages::ppo::train(cfg, resume)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
+    write_report(&out);
     Ok(())
 }
 
