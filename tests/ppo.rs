@@ -2,6 +2,9 @@
 //! approx-KL 0 on the first minibatch, KL 0 at iteration 0, the reference unchanged), learning
 //! a rule-based reward with bounded KL, exact resume, both critics, and the guards.
 
+mod common;
+
+use common::comparable_metrics;
 use rlhf::schedule::LrSchedule;
 use rlhf::stages::ppo::{train, train_with_reward, PpoConfig, RewardSpec};
 use rlhf::stages::ppo_models::ValueModelConfig;
@@ -117,15 +120,7 @@ fn resume_gives_the_same_metrics_with_a_separate_critic() {
     train(run(b.path()), false).unwrap();
     std::fs::remove_dir_all(b.path().join("ppo/checkpoints/step-4")).unwrap();
     train(run(b.path()), true).unwrap();
-    let strip = |m: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
-        m.into_iter()
-            .map(|mut v| {
-                v.as_object_mut().unwrap().retain(|k, _| !k.starts_with("timing/"));
-                v
-            })
-            .collect()
-    };
-    let (ma, mb) = (strip(metrics(a.path())), strip(metrics(b.path())));
+    let (ma, mb) = (comparable_metrics(&a.path().join("ppo")), comparable_metrics(&b.path().join("ppo")));
     assert_eq!(ma.len(), 4);
     assert_eq!(ma, mb);
     assert_ne!(ma[3]["objective/beta"], ma[0]["objective/beta"], "the adaptive β moved");

@@ -290,3 +290,31 @@ fn prompt_source_seek_replays_the_draws_of_its_seed() {
     let rest: Vec<usize> = (0..6).map(|_| b.next_index()).collect();
     assert_eq!(rest, first[7..]);
 }
+
+#[test]
+fn the_reward_reads_the_response_text_without_its_eos() {
+    let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let log = seen.clone();
+    let reward = FnReward::new("text", move |x: &RewardInput| {
+        log.borrow_mut().push((x.response.clone(), x.response_ids.clone()));
+        0.0
+    });
+    let mut e = TextGenEnv::new(
+        cfg(3, 0),
+        PromptSource::new(prompts(2), 1).unwrap(),
+        Bigram::new(12, 0.3, 1, 0),
+        reward,
+        Box::new(Letters),
+    )
+    .unwrap();
+    e.reset(Some(1)).unwrap();
+    e.step(act(5)).unwrap();
+    e.step(act(0)).unwrap(); // EOS: terminated
+    e.reset(None).unwrap();
+    for t in [5, 6, 7] {
+        e.step(act(t)).unwrap(); // truncated at 3 tokens
+    }
+    let seen = seen.borrow();
+    assert_eq!(seen[0], ("f".to_string(), vec![5, 0]), "the EOS is in the ids, not the text");
+    assert_eq!(seen[1], ("fgh".to_string(), vec![5, 6, 7]), "a truncated response keeps every token");
+}

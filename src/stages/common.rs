@@ -15,6 +15,22 @@ use crate::run::RunDir;
 /// A taped scalar loss on the CPU.
 pub type Loss = Tensor<Rank0, f32, Cpu, OwnedTape<f32, Cpu>>;
 
+/// Checks the config's counts: each `(name, value)` must be at least 1.
+pub fn require_counts(fields: &[(&str, usize)]) -> Result<()> {
+    match fields.iter().find(|(_, v)| *v == 0) {
+        Some((name, _)) => bail!("{name} must be at least 1"),
+        None => Ok(()),
+    }
+}
+
+/// Checks a held-out fraction: in `[0, 1)`.
+pub fn require_fraction(name: &str, v: f64) -> Result<()> {
+    if !(0.0..1.0).contains(&v) {
+        bail!("{name} must be in [0, 1), got {v}");
+    }
+    Ok(())
+}
+
 /// A non-finite loss: the optimizer step was abandoned before any update.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{what} is {value} at micro-batch {micro}")]

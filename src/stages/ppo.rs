@@ -384,7 +384,7 @@ fn read_state(dir: &std::path::Path) -> Result<PpoState> {
 }
 
 fn validate(cfg: &PpoConfig) -> Result<()> {
-    for (name, v) in [
+    crate::stages::common::require_counts(&[
         ("batch_size", cfg.batch_size),
         ("minibatch_size", cfg.minibatch_size),
         ("grad_accum", cfg.grad_accum),
@@ -393,11 +393,7 @@ fn validate(cfg: &PpoConfig) -> Result<()> {
         ("max_new_tokens", cfg.max_new_tokens),
         ("checkpoint_every", cfg.checkpoint_every),
         ("sample_every", cfg.sample_every),
-    ] {
-        if v == 0 {
-            bail!("{name} must be at least 1");
-        }
-    }
+    ])?;
     if cfg.batch_size % cfg.minibatch_size != 0 || cfg.minibatch_size % cfg.grad_accum != 0 {
         bail!(
             "batch_size ({}) must be a multiple of minibatch_size ({}), and that of grad_accum ({})",

@@ -206,7 +206,7 @@ fn validate(cfg: &PretrainConfig) -> Result<()> {
     if cfg.files.is_empty() {
         bail!("files: give at least one corpus file");
     }
-    for (name, v) in [
+    crate::stages::common::require_counts(&[
         ("block_size", cfg.block_size),
         ("batch_size", cfg.batch_size),
         ("grad_accum", cfg.grad_accum),
@@ -214,11 +214,7 @@ fn validate(cfg: &PretrainConfig) -> Result<()> {
         ("eval_every", cfg.eval_every),
         ("eval_batches", cfg.eval_batches),
         ("checkpoint_every", cfg.checkpoint_every),
-    ] {
-        if v == 0 {
-            bail!("{name} must be at least 1");
-        }
-    }
+    ])?;
     let dims = cfg.model.dims()?;
     if dims.family == rlhf_policies::Family::Gpt2 && dims.max_positions < cfg.block_size {
         bail!("model.n_positions {} is smaller than block_size {}", dims.max_positions, cfg.block_size);

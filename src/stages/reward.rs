@@ -554,24 +554,18 @@ fn fit_normalization(
 }
 
 fn validate(cfg: &RewardConfig) -> Result<()> {
-    for (name, v) in [
+    crate::stages::common::require_counts(&[
         ("batch_size", cfg.batch_size),
         ("grad_accum", cfg.grad_accum),
         ("steps", cfg.steps),
         ("eval_every", cfg.eval_every),
         ("checkpoint_every", cfg.checkpoint_every),
         ("max_len", cfg.max_len),
-    ] {
-        if v == 0 {
-            bail!("{name} must be at least 1");
-        }
-    }
+    ])?;
     if cfg.data.as_os_str().is_empty() || cfg.init.as_os_str().is_empty() {
         bail!("data and init are required (a preference JSONL file and a checkpoint folder)");
     }
-    if !(0.0..1.0).contains(&cfg.val_fraction) {
-        bail!("val_fraction must be in [0, 1), got {}", cfg.val_fraction);
-    }
+    crate::stages::common::require_fraction("val_fraction", cfg.val_fraction)?;
     if let Some(n) = &cfg.normalize {
         if n.target_std.is_nan() || n.target_std <= 0.0 {
             bail!("normalize.target_std must be positive, got {}", n.target_std);

@@ -293,24 +293,18 @@ pub fn train(cfg: SftConfig, resume: bool) -> Result<SftReport> {
 }
 
 fn validate(cfg: &SftConfig) -> Result<()> {
-    for (name, v) in [
+    crate::stages::common::require_counts(&[
         ("batch_size", cfg.batch_size),
         ("grad_accum", cfg.grad_accum),
         ("steps", cfg.steps),
         ("eval_every", cfg.eval_every),
         ("checkpoint_every", cfg.checkpoint_every),
         ("max_len", cfg.max_len),
-    ] {
-        if v == 0 {
-            bail!("{name} must be at least 1");
-        }
-    }
+    ])?;
     if cfg.data.as_os_str().is_empty() || cfg.init.as_os_str().is_empty() {
         bail!("data and init are required (a JSONL file and a checkpoint folder)");
     }
-    if !(0.0..1.0).contains(&cfg.val_fraction) {
-        bail!("val_fraction must be in [0, 1), got {}", cfg.val_fraction);
-    }
+    crate::stages::common::require_fraction("val_fraction", cfg.val_fraction)?;
     Ok(())
 }
 

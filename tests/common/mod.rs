@@ -51,3 +51,17 @@ pub fn log_softmax_ref(row: &[f32]) -> Vec<f32> {
     let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
     row.iter().map(|&x| (x as f64 - lse) as f32).collect()
 }
+
+/// A run's `metrics.jsonl` records without the wall-clock fields (`tokens_per_s`, `timing/*`),
+/// for comparing a resumed run with an uninterrupted one.
+pub fn comparable_metrics(run_dir: &std::path::Path) -> Vec<Value> {
+    let text =
+        std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap_or_else(|e| panic!("{}: {e}", run_dir.display()));
+    text.lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).expect("a JSON record");
+            v.as_object_mut().expect("an object").retain(|k, _| k != "tokens_per_s" && !k.starts_with("timing/"));
+            v
+        })
+        .collect()
+}
