@@ -13,7 +13,8 @@ fn ppo_iteration(c: &mut Criterion) {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/peers/workload.json"));
     let w = Workload::from_file(&path).expect("workload file");
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(w.threads).build().expect("thread pool");
+    // the trainer holds a non-Send detokenizer, so size the global pool instead of install()
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(w.threads).build_global();
     let mut group = c.benchmark_group("ppo_iteration");
     group.sample_size(10);
     for (name, shared) in [("tiny/shared", true), ("tiny/separate", false)] {
@@ -21,7 +22,7 @@ fn ppo_iteration(c: &mut Criterion) {
         let mut it = 0;
         group.bench_function(name, |b| {
             b.iter(|| {
-                pool.install(|| t.iteration(it).expect("iteration"));
+                t.iteration(it).expect("iteration");
                 it += 1;
             })
         });

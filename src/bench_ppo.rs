@@ -56,7 +56,12 @@ pub fn ppo_trainer(w: &Workload, model: &str, shared: bool) -> Result<PpoTrainer
     let critic = if shared {
         Critic::Shared(LearnedReward::from_backbone(policy.frozen_copy(), 0, w.seed + 2).head)
     } else {
-        Critic::Separate(LearnedReward { model: rm.model.frozen_copy(), head: rm.head.clone(), norm: None, pad_id: 0 })
+        Critic::Separate(Box::new(LearnedReward {
+            model: rm.model.frozen_copy(),
+            head: rm.head.clone(),
+            norm: None,
+            pad_id: 0,
+        }))
     };
     let optim = AdamWConfig { lr: p.lr, betas: p.betas, eps: p.eps, weight_decay: p.weight_decay, no_decay_1d: false };
     let cfg = PpoConfig {

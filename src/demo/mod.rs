@@ -285,15 +285,12 @@ fn write_jsonl(path: &Path, rows: impl Iterator<Item = serde_json::Value>) -> Re
     std::fs::write(path, text.join("\n") + "\n").with_context(|| format!("writing {}", path.display()))
 }
 
+/// A labelled pair: (prompt, chosen, rejected, gold of chosen, gold of rejected).
+type Pair = (String, String, String, f32, f32);
+
 /// `n` prompts, two SFT samples each, the chosen one drawn with P = σ(gold_a − gold_b) —
 /// noisy, like people. Returns (prompt, chosen, rejected, gold_chosen, gold_rejected).
-fn labelled_pairs(
-    model: &CausalLm<Cpu>,
-    tok: &Tokenizer,
-    w: &mut World,
-    n: usize,
-    seed: u64,
-) -> Result<Vec<(String, String, String, f32, f32)>> {
+fn labelled_pairs(model: &CausalLm<Cpu>, tok: &Tokenizer, w: &mut World, n: usize, seed: u64) -> Result<Vec<Pair>> {
     let prompts = w.prompts(n);
     let ids: Vec<Vec<u32>> = prompts.iter().flat_map(|p| [tok.encode(p), tok.encode(p)]).collect::<Result<_, _>>()?;
     let texts = sample(model, tok, &ids, seed)?.texts;
@@ -371,11 +368,7 @@ fn proxy_scores_ids(
 }
 
 /// The reward model's agreement with the gold ordering on pairs whose gold scores differ.
-fn gold_accuracy(
-    rm: &mut LearnedReward<Cpu>,
-    tok: &Tokenizer,
-    pairs: &[(String, String, String, f32, f32)],
-) -> Result<f64> {
+fn gold_accuracy(rm: &mut LearnedReward<Cpu>, tok: &Tokenizer, pairs: &[Pair]) -> Result<f64> {
     let prompts: Vec<String> = pairs.iter().flat_map(|p| [p.0.clone(), p.0.clone()]).collect();
     let responses: Vec<String> = pairs.iter().flat_map(|p| [p.1.clone(), p.2.clone()]).collect();
     let s = proxy_scores(rm, tok, &prompts, &responses)?;

@@ -190,8 +190,7 @@ pub fn prompt(topic: &str) -> String {
 pub fn gold_reward(prompt: &str, response: &str) -> f32 {
     let _ = prompt;
     let text = response.trim();
-    let words: Vec<&str> =
-        text.trim_end_matches('.').split(|c: char| c == ' ' || c == ',').filter(|w| !w.is_empty()).collect();
+    let words: Vec<&str> = text.trim_end_matches('.').split([' ', ',']).filter(|w| !w.is_empty()).collect();
     let (mut pos, mut neg) = (0, 0);
     for w in &words {
         match polarity(w) {

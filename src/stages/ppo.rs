@@ -353,8 +353,11 @@ fn build_reward(cfg: &PpoConfig) -> Result<Box<dyn RewardModel>> {
     })
 }
 
-/// Tokenized prompts (`(ids, text)`) and the number skipped as too long.
-fn read_prompts(cfg: &PpoConfig, tok: &Tokenizer) -> Result<(Vec<(Vec<u32>, String)>, usize)> {
+/// Prompts as `(ids, text)`.
+type Prompts = Vec<(Vec<u32>, String)>;
+
+/// Tokenized prompts and the number skipped as too long.
+fn read_prompts(cfg: &PpoConfig, tok: &Tokenizer) -> Result<(Prompts, usize)> {
     let (mut out, mut skipped) = (vec![], 0);
     for r in read_jsonl(&cfg.prompts)? {
         let text = cfg.prompt_template.replace("{prompt}", &r.str(&cfg.prompt_field)?);

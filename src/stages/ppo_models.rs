@@ -42,7 +42,7 @@ pub enum Critic {
     /// A value head `(C → 1)` on the policy's final hidden states.
     Shared(ScalarHead<Cpu>),
     /// Its own backbone and head (the head's bias is trained).
-    Separate(LearnedReward<Cpu>),
+    Separate(Box<LearnedReward<Cpu>>),
 }
 
 /// Policy + critic: what PPO's optimizer updates.
@@ -146,12 +146,12 @@ impl PpoModels {
                 Some(dir) => {
                     let (rm, _) = LearnedReward::load_pretrained(dir, &Cpu::default())
                         .with_context(|| format!("value model init {}", dir.display()))?;
-                    Critic::Separate(rm)
+                    Critic::Separate(Box::new(rm))
                 }
                 None => {
                     let mut rm = LearnedReward::from_backbone(policy.frozen_copy(), 0, 0);
                     rm.head = zero_head(policy.dims.d_model);
-                    Critic::Separate(rm)
+                    Critic::Separate(Box::new(rm))
                 }
             },
         };
@@ -216,7 +216,7 @@ impl Checkpointable for PpoModels {
     fn load_dir(dir: &Path) -> Result<(Self, Tokenizer)> {
         let (policy, tok) = rlhf_policies::checkpoint::load_with_tokenizer(dir, &Cpu::default())?;
         let critic = if dir.join("value").is_dir() {
-            Critic::Separate(LearnedReward::load_pretrained(&dir.join("value"), &Cpu::default())?.0)
+            Critic::Separate(Box::new(LearnedReward::load_pretrained(&dir.join("value"), &Cpu::default())?.0))
         } else {
             let file = dir.join("value_head.safetensors");
             let t = read_safetensors(&file)?;
