@@ -261,3 +261,31 @@ fn malformed_preference_records_name_file_line_and_field() {
     let e = serde_json::from_str::<PreferenceFormat>(r#"{"kind": "pairs", "chosen": "x"}"#).unwrap_err().to_string();
     assert!(e.contains("unknown field"), "{e}");
 }
+
+#[test]
+fn normalisation_on_policy_samples_and_the_checkpoint_as_ppo_critic() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = marker_cfg(d.path(), 10);
+    c.normalize = Some(
+        serde_json::from_str(r#"{"reference": {"kind": "policy_samples", "per_prompt": 4, "max_new_tokens": 8}}"#)
+            .unwrap(),
+    );
+    let report = train(c, false).unwrap();
+    let n = report.normalization.unwrap();
+    // 60 held-out comparisons share one prompt: 4 samples of it from the init policy
+    assert_eq!(n.count, 4);
+    assert!(n.reference.contains("samples") && n.gain > 0.0, "{n:?}");
+    // the reward checkpoint initialises PPO's separate critic (N+ / InstructGPT)
+    let ckpt = d.path().join("run/checkpoints/step-10");
+    let (policy, _) = rlhf_policies::checkpoint::load_with_tokenizer(&d.path().join("init"), &Cpu::default()).unwrap();
+    let models = rlhf::stages::ppo_models::PpoModels::new(
+        policy,
+        &rlhf::stages::ppo_models::ValueModelConfig::Separate { init: None },
+        Some(&ckpt),
+    )
+    .unwrap();
+    let (rm, _) = LearnedReward::load_pretrained(&ckpt, &Cpu::default()).unwrap();
+    let rlhf::stages::ppo_models::Critic::Separate(critic) = &models.critic else { panic!("separate critic") };
+    assert_eq!(critic.head.w.as_vec(), rm.head.w.as_vec());
+    assert_eq!(critic.model.wte.as_vec(), rm.model.wte.as_vec());
+}

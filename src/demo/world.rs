@@ -86,6 +86,15 @@ fn polarity(word: &str) -> i32 {
     }
 }
 
+/// Function words, which may repeat freely.
+const FUNCTION_WORDS: &[&str] = &["the", "a", "and", "with", "but", "i", "for", "me", "in", "to", "be"];
+
+/// Occurrences of content words after their first.
+fn repeats(words: &[&str]) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    words.iter().filter(|w| !FUNCTION_WORDS.contains(w) && !seen.insert(**w)).count()
+}
+
 /// The generator.
 #[derive(Debug)]
 pub struct World {
@@ -182,35 +191,61 @@ pub fn prompt(topic: &str) -> String {
 /// The hidden gold reward of a response to `prompt` — what the imaginary people like:
 ///
 /// ```text
-/// gold = Σ sentiment(words) (each in −1, 0, 1; at most 4 counted each way)
-///      + 1   if it is one sentence ending in "." with only known words
-///      − 0.2 · max(0, words − 14)                 (rambling)
+/// gold = #distinct positive words − #distinct negative words   (at most 4 each)
+///      + 1   if the sentence is grammatical (one of the world's sentence forms)
+///      − 0.5 · repeats                                         (a content word said again)
+///      − 0.2 · max(0, words − 14)                              (rambling)
 /// ```
-/// (`prompt` is unused: the people in this world judge the sentence alone.)
+/// The SFT data is always grammatical and rarely repeats a word, so the reward model learns
+/// little about either: the gap where a policy pushed far enough finds proxy reward the
+/// people would not give. (`prompt` is unused: people judge the sentence alone.)
 pub fn gold_reward(prompt: &str, response: &str) -> f32 {
     let _ = prompt;
     let text = response.trim();
     let words: Vec<&str> = text.trim_end_matches('.').split([' ', ',']).filter(|w| !w.is_empty()).collect();
-    let (mut pos, mut neg) = (0, 0);
-    for w in &words {
-        match polarity(w) {
-            1 => pos += 1,
-            -1 => neg += 1,
-            _ => {}
-        }
+    let distinct: std::collections::HashSet<&str> = words.iter().copied().collect();
+    let pos = distinct.iter().filter(|w| polarity(w) == 1).count().min(4) as f32;
+    let neg = distinct.iter().filter(|w| polarity(w) == -1).count().min(4) as f32;
+    let bonus = if grammatical(text) { 1.0 } else { 0.0 };
+    pos - neg + bonus - 0.5 * repeats(&words) as f32 - 0.2 * (words.len() as f32 - 14.0).max(0.0)
+}
+
+/// The world's sentence forms (`T` topic, `N` noun, `V` verb, `D` adverb, `J` adjective,
+/// `O` opener), as [`World::sentence`] writes them.
+const FORMS: &[&[&str]] = &[
+    &["the", "T", "V", "D", "J"],
+    &["the", "N", "V", "J", "and", "the", "T", "V", "J"],
+    &["O", ",", "the", "T", "V", "J"],
+    &["a", "J", "T", "with", "a", "J", "N"],
+    &["the", "N", "V", "D", "J", ",", "but", "the", "T", "V", "J"],
+];
+
+/// Whether `text` is exactly one sentence of one of [`FORMS`], ending in a period.
+pub fn grammatical(text: &str) -> bool {
+    let Some(body) = text.strip_suffix('.') else { return false };
+    let spaced = body.replace(',', " , ");
+    let tokens: Vec<&str> = spaced.split_whitespace().collect();
+    FORMS.iter().any(|form| matches(form, &tokens))
+}
+
+fn matches(form: &[&str], tokens: &[&str]) -> bool {
+    let Some((&sym, rest)) = form.split_first() else { return tokens.is_empty() };
+    if sym == "O" {
+        return OPENERS.iter().any(|o| {
+            let ow: Vec<&str> = o.split(' ').collect();
+            tokens.len() >= ow.len() && tokens[..ow.len()] == ow[..] && matches(rest, &tokens[ow.len()..])
+        });
     }
-    let sentiment = pos.min(4) - neg.min(4);
-    let known = |w: &&str| {
-        [TOPICS, POSITIVE, NEGATIVE, NEUTRAL, NOUNS, VERBS, ADVERBS].iter().any(|l| l.contains(w))
-            || [
-                "the", "a", "and", "with", "but", "i", "think", "honestly", "overall", "for", "me", "in", "short",
-                "to", "be", "fair",
-            ]
-            .contains(w)
+    let Some((&tok, tail)) = tokens.split_first() else { return false };
+    let ok = match sym {
+        "T" => TOPICS.contains(&tok),
+        "N" => NOUNS.contains(&tok),
+        "V" => VERBS.contains(&tok),
+        "D" => ADVERBS.contains(&tok),
+        "J" => POSITIVE.contains(&tok) || NEGATIVE.contains(&tok) || NEUTRAL.contains(&tok),
+        word => tok == word,
     };
-    let well_formed =
-        text.ends_with('.') && text.matches('.').count() == 1 && !words.is_empty() && words.iter().all(known);
-    sentiment as f32 + if well_formed { 1.0 } else { 0.0 } - 0.2 * (words.len() as f32 - 14.0).max(0.0)
+    ok && matches(rest, tail)
 }
 
 #[cfg(test)]
@@ -225,19 +260,34 @@ mod tests {
             let g = gold_reward(&p, &r);
             assert!(g.is_finite());
             // every generated sentence is well formed: the bonus applies
-            let sentiment: i32 = r.trim().trim_end_matches('.').split([' ', ',']).map(polarity).sum();
-            assert!(
-                (g - (sentiment.clamp(-4, 4) as f32 + 1.0)).abs() < 1e-6 || r.split(' ').count() > 14,
-                "{p} {r} {g}"
-            );
+            let words: Vec<&str> = r.trim().trim_end_matches('.').split([' ', ',']).filter(|w| !w.is_empty()).collect();
+            assert!(grammatical(r.trim()), "{r}");
+            let distinct: std::collections::HashSet<&str> = words.iter().copied().collect();
+            let sentiment: i32 = distinct.iter().map(|w| polarity(w)).sum();
+            let pos = distinct.iter().filter(|w| polarity(w) == 1).count().min(4) as i32;
+            let neg = distinct.iter().filter(|w| polarity(w) == -1).count().min(4) as i32;
+            assert_eq!(sentiment, pos - neg);
+            let want = (pos - neg) as f32 + 1.0 - 0.5 * repeats(&words) as f32;
+            assert!((g - want).abs() < 1e-6 || words.len() > 14, "{p} {r} {g}");
         }
     }
 
     #[test]
-    fn gold_prefers_positive_well_formed_on_topic_answers() {
+    fn gold_prefers_positive_grammatical_unrepeated_answers() {
         let p = "review of the cafe:";
         assert!(gold_reward(p, " the cafe was very lovely.") > gold_reward(p, " the cafe was very awful."));
-        assert!(gold_reward(p, " the cafe was lovely.") > gold_reward(p, " the cafe was lovely"));
-        assert!(gold_reward(p, " the cafe was lovely.") > gold_reward(p, " the cafe was lovely. zzz."));
+        assert!(gold_reward(p, " the cafe was very lovely.") > gold_reward(p, " the cafe was very lovely"));
+        assert!(gold_reward(p, " the cafe was very lovely.") > gold_reward(p, " the cafe was very lovely. zzz."));
+        assert!(
+            gold_reward(p, " a lovely cafe with a bright garden.")
+                > gold_reward(p, " a lovely cafe with a lovely cafe.")
+        );
+        // a pile of praise that is no sentence of the world
+        assert!(!grammatical("a bright castle with a bright with a bright garden."));
+        assert!(
+            gold_reward(p, " a bright castle with a bright with a bright garden.")
+                < gold_reward(p, " the cafe was very lovely.")
+        );
+        assert!(grammatical("to be fair, the cafe seemed awful."));
     }
 }

@@ -524,8 +524,10 @@ fn fit_normalization(
             let path = policy.as_ref().unwrap_or(&cfg.init);
             let (model, _) = load_with_tokenizer(path, &Cpu::default())
                 .with_context(|| format!("normalize.reference.policy {}", path.display()))?;
-            let mut prompts: Vec<Vec<u32>> = set.iter().map(|c| c.prompt_ids.clone()).collect();
-            prompts.dedup();
+            // each distinct prompt once, in order of first appearance
+            let mut seen = std::collections::HashSet::new();
+            let prompts: Vec<Vec<u32>> =
+                set.iter().map(|c| c.prompt_ids.clone()).filter(|p| seen.insert(p.clone())).collect();
             let prompts: Vec<Vec<u32>> =
                 prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), *per_prompt)).collect();
             let room = model.dims.max_positions.saturating_sub(prompts.iter().map(Vec::len).max().unwrap_or(0));
