@@ -54,3 +54,52 @@ fn user_errors_are_clear() {
     let (ok, out, _) = rlhf(&["--help"]);
     assert!(ok && out.contains("pretrain") && out.contains("generate") && out.contains("bench"));
 }
+
+#[test]
+fn reward_then_ppo_with_reward_model_then_report() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |s: &str| d.path().join(s).display().to_string();
+    // a tiny char-level policy
+    std::fs::write(d.path().join("c.txt"), "review: good food. review: bad food.\n".repeat(30)).unwrap();
+    let pre = serde_json::json!({
+        "out_dir": p("pre"), "files": [p("c.txt")], "tokenizer": {"kind": "char"},
+        "model": {"model_type": "gpt2", "vocab_size": 1, "n_positions": 48, "n_embd": 32, "n_layer": 1, "n_head": 2},
+        "block_size": 16, "batch_size": 4, "steps": 2, "eval_every": 2, "eval_batches": 1, "checkpoint_every": 2, "sample_tokens": 4
+    });
+    std::fs::write(d.path().join("pre.json"), pre.to_string()).unwrap();
+    let (ok, _, err) = rlhf(&["pretrain", "--config", &p("pre.json")]);
+    assert!(ok, "{err}");
+    let prefs: Vec<String> = (0..8)
+        .map(|_| {
+            serde_json::json!({"prompt": "review:", "chosen": " good food.", "rejected": " bad food."}).to_string()
+        })
+        .collect();
+    std::fs::write(d.path().join("prefs.jsonl"), prefs.join("\n")).unwrap();
+    let rm = serde_json::json!({"out_dir": p("rm"), "init": p("pre/checkpoints/step-2"), "data": p("prefs.jsonl"),
+        "val_fraction": 0.25, "max_len": 32, "batch_size": 2, "steps": 2, "eval_every": 2, "checkpoint_every": 2});
+    std::fs::write(d.path().join("rm.json"), rm.to_string()).unwrap();
+    let (ok, out, err) = rlhf(&["reward", "--config", &p("rm.json")]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(report["normalization"]["gain"].is_number(), "{out}");
+    assert!(d.path().join("rm/report.html").is_file(), "every stage writes its report");
+
+    std::fs::write(d.path().join("prompts.jsonl"), "{\"prompt\": \"review:\"}\n").unwrap();
+    let ppo = serde_json::json!({"out_dir": p("ppo"), "policy": p("pre/checkpoints/step-2"), "prompts": p("prompts.jsonl"),
+        "batch_size": 4, "minibatch_size": 2, "max_new_tokens": 6, "max_prompt_len": 16, "iterations": 2, "ppo_epochs": 1,
+        "checkpoint_every": 2, "sample_every": 1});
+    std::fs::write(d.path().join("ppo.json"), ppo.to_string()).unwrap();
+    let (ok, _, err) = rlhf(&["ppo", "--config", &p("ppo.json")]);
+    assert!(!ok && err.contains("reward is required"), "{err}");
+    let (ok, out, err) = rlhf(&["ppo", "--config", &p("ppo.json"), "--reward-model", &p("rm/checkpoints/step-2")]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["scores"].as_array().unwrap().len(), 2);
+    assert!(d.path().join("ppo/checkpoints/step-2/value/config.json").is_file(), "critic from the reward model");
+    let (ok, out, err) = rlhf(&["report", &p("ppo")]);
+    assert!(ok && out.trim().ends_with("report.html"), "{out} {err}");
+    let html = std::fs::read_to_string(d.path().join("ppo/report.html")).unwrap();
+    assert!(html.contains("KL to the reference") && html.contains("<svg"));
+    let (ok, _, err) = rlhf(&["ppo", "--config", &p("ppo.json"), "--set", "cliprange_typo=0.1"]);
+    assert!(!ok && err.contains("cliprange_typo"), "{err}");
+}

@@ -97,7 +97,8 @@ fn rollout_logprobs_match_the_training_forward() {
     for ep in &episodes {
         let seq = [ep.prompt_ids.as_slice(), &ep.response_ids].concat();
         for (model, got) in [(&policy, &ep.logprobs), (&reference, &ep.ref_logprobs)] {
-            let logits = model.forward(&Batch::unpadded(&[seq.clone()]).unwrap(), NoneTape).unwrap().as_vec();
+            let logits =
+                model.forward(&Batch::unpadded(std::slice::from_ref(&seq)).unwrap(), NoneTape).unwrap().as_vec();
             for (t, &lp) in got.iter().enumerate() {
                 let pos = ep.prompt_ids.len() - 1 + t;
                 let row: Vec<f32> = logits[pos * vsz..(pos + 1) * vsz].iter().map(|l| l / 0.9).collect();
@@ -131,7 +132,7 @@ fn learned_reward_scores_the_last_token_of_prompt_and_response() {
     let got = rm.score(&inputs).unwrap();
     for (x, g) in inputs.iter().zip(&got) {
         let seq = [x.prompt_ids.as_slice(), &x.response_ids].concat();
-        let h = m.forward_hidden(&Batch::unpadded(&[seq.clone()]).unwrap(), NoneTape).unwrap();
+        let h = m.forward_hidden(&Batch::unpadded(std::slice::from_ref(&seq)).unwrap(), NoneTape).unwrap();
         let raw = head.read_at(h, &[seq.len() - 1]).unwrap().as_vec()[0];
         assert!((g - (raw - 0.5) / 2.0).abs() < 1e-5);
     }

@@ -37,7 +37,7 @@ fn scalar_head_reads_the_last_real_token_under_any_padding() {
     };
     let left = score(&Batch::left_padded(&rows, 0).unwrap());
     let right = score(&Batch::right_padded(&rows, 0).unwrap());
-    let alone: Vec<f32> = rows.iter().map(|r| score(&Batch::unpadded(&[r.clone()]).unwrap())[0]).collect();
+    let alone: Vec<f32> = rows.iter().map(|r| score(&Batch::unpadded(std::slice::from_ref(r)).unwrap())[0]).collect();
     assert!(max_abs_diff(&left, &alone) < 1e-5, "{left:?} vs {alone:?}");
     assert!(max_abs_diff(&right, &alone) < 1e-5, "{right:?} vs {alone:?}");
     assert!(alone.iter().any(|&s| s.abs() > 1e-3), "scores are not trivially zero");

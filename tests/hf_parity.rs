@@ -22,7 +22,7 @@ fn check_texts(name: &str) {
     for text in exp["texts"].as_array().unwrap() {
         let ids = u32s(&text["ids"]);
         let want = f32s_2d(&text["logits"]).concat();
-        let got = model.forward(&Batch::unpadded(&[ids.clone()]).unwrap(), NoneTape).unwrap().as_vec();
+        let got = model.forward(&Batch::unpadded(std::slice::from_ref(&ids)).unwrap(), NoneTape).unwrap().as_vec();
         let diff = max_abs_diff(&got, &want);
         assert!(diff < ATOL, "{name}: logits differ by {diff}");
         let lp_want = f32s(&text["next_token_logprobs"]);

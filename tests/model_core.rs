@@ -123,8 +123,8 @@ fn engine_matches_training_forward(cfg: ModelConfig) {
     let pad: Vec<usize> = rows.iter().map(|r| batch.t - r.len()).collect();
     let mut cache = KvCache::new(&m.dims, pad.clone(), batch.t);
     let got = engine.forward(&mut cache, &batch.ids, batch.t, LogitsAt::All).unwrap();
-    for r in 0..rows.len() {
-        let real = (pad[r] * v..batch.t * v).map(|i| r * batch.t * v + i);
+    for (r, &p) in pad.iter().enumerate() {
+        let real = (p * v..batch.t * v).map(|i| r * batch.t * v + i);
         let (a, b): (Vec<f32>, Vec<f32>) = real.map(|i| (got[i], want[i])).unzip();
         assert!(max_abs_diff(&a, &b) < 1e-5, "prefill row {r}");
     }

@@ -68,7 +68,7 @@ fn loss_is_the_mean_over_response_and_eos_tokens_only() {
     let v = m.dims.vocab;
     let (mut sum, mut n) = (0.0f64, 0usize);
     for e in &ex {
-        let logits = m.forward(&Batch::unpadded(&[e.ids.clone()]).unwrap(), NoneTape).unwrap().as_vec();
+        let logits = m.forward(&Batch::unpadded(std::slice::from_ref(&e.ids)).unwrap(), NoneTape).unwrap().as_vec();
         for t in e.prompt_len..e.ids.len() {
             sum -= log_softmax_ref(&logits[(t - 1) * v..t * v])[e.ids[t] as usize] as f64;
             n += 1;
