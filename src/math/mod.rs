@@ -2,6 +2,7 @@
 //! and tested against the fixtures computed by TRL / PyTorch. The stages wire them into the
 //! tape with [`rlhf_policies::fused::host_loss`].
 
+pub mod dpo;
 pub mod ppo;
 pub mod preference;
 
