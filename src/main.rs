@@ -38,6 +38,9 @@ enum Command {
     /// Stage 3b: PPO against a reward model (or a rule / external command) with a KL penalty
     /// to the frozen SFT model.
     Ppo(PpoArgs),
+    /// Direct preference optimisation (DPO, cDPO, robust, hinge, IPO) on preference JSONL
+    /// against the frozen SFT model.
+    Dpo(StageArgs),
     /// Loss and perplexity of a checkpoint on a text file (non-overlapping blocks).
     Eval(EvalArgs),
     /// Write RUN_DIR/report.html: plots of every stage's metrics (and the demo's table and
@@ -258,6 +261,14 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Ppo(a) => ppo_cmd(a),
+        Command::Dpo(a) => {
+            let (cfg, resume): (rlhf::stages::dpo::DpoConfig, bool) = stage_config(&a)?;
+            let out = cfg.out_dir.clone();
+            let report = rlhf::stages::dpo::train(cfg, resume)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            write_report(&out);
+            Ok(())
+        }
         Command::Eval(a) => eval_cmd(a),
         Command::Bench(BenchCommand::Rollout(a)) => bench_rollout(a),
         Command::Bench(BenchCommand::Env(a)) => bench_env(a),

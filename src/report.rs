@@ -81,7 +81,10 @@ fn stage_section(html: &mut String, dir: &Path) -> Result<()> {
             ("losses", named(&["loss/policy_avg", "loss/value_avg"])),
         ]
     } else {
-        vec![("loss", named(&["loss", "val_loss", "eval/loss"])), ("accuracy", named(&["accuracy", "eval/accuracy"]))]
+        vec![
+            ("loss", named(&["loss", "val_loss", "eval/loss"])),
+            ("accuracy", named(&["accuracy", "eval/accuracy", "rewards/accuracies", "eval/rewards/accuracies"])),
+        ]
     };
     for (title, series) in plots {
         if !series.is_empty() {

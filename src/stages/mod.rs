@@ -1,6 +1,7 @@
 //! The training stages, one module each, readable top to bottom.
 
 pub mod common;
+pub mod dpo;
 pub mod ppo;
 pub mod ppo_models;
 pub mod ppo_step;

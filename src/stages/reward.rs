@@ -222,33 +222,62 @@ pub struct RewardReport {
     pub normalization: Option<RewardNormalization>,
 }
 
-/// Tokenizes comparisons; returns them with the (skipped, truncated) counts.
+/// How comparisons become tokens: `template(prompt) ⧺ response ⧺ EOS`, at most `max_len`.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenizeSpec<'a> {
+    /// Prompt template (`{prompt}` is replaced).
+    pub template: &'a str,
+    /// Longest sequence.
+    pub max_len: usize,
+    /// What to do with longer ones.
+    pub truncation: RewardTruncation,
+    /// The data file (for errors).
+    pub data: &'a std::path::Path,
+}
+
+/// Tokenizes comparisons as `cfg` says; returns them with the (skipped, truncated) counts.
 pub fn tokenize(
     cfg: &RewardConfig,
     tok: &Tokenizer,
     eos: u32,
     comparisons: &[Comparison],
 ) -> Result<(Vec<TokComparison>, usize, usize)> {
+    let spec = TokenizeSpec {
+        template: &cfg.prompt_template,
+        max_len: cfg.max_len,
+        truncation: cfg.truncation,
+        data: &cfg.data,
+    };
+    tokenize_with(spec, tok, eos, comparisons)
+}
+
+/// Tokenizes comparisons; returns them with the (skipped, truncated) counts.
+pub fn tokenize_with(
+    spec: TokenizeSpec<'_>,
+    tok: &Tokenizer,
+    eos: u32,
+    comparisons: &[Comparison],
+) -> Result<(Vec<TokComparison>, usize, usize)> {
     let (mut out, mut skipped, mut truncated) = (Vec::new(), 0, 0);
     for c in comparisons {
-        let mut prompt_ids = tok.encode(&cfg.prompt_template.replace("{prompt}", &c.prompt))?;
+        let mut prompt_ids = tok.encode(&spec.template.replace("{prompt}", &c.prompt))?;
         let responses: Vec<Vec<u32>> =
             c.responses.iter().map(|r| Ok([tok.encode(r)?, vec![eos]].concat())).collect::<Result<_>>()?;
         let longest = responses.iter().map(Vec::len).max().unwrap_or(0);
-        if prompt_ids.len() + longest > cfg.max_len {
+        if prompt_ids.len() + longest > spec.max_len {
             let too_long = || {
                 anyhow::anyhow!(
                     "{}: line {}: {} tokens exceed max_len {}",
-                    cfg.data.display(),
+                    spec.data.display(),
                     c.line,
                     prompt_ids.len() + longest,
-                    cfg.max_len
+                    spec.max_len
                 )
             };
-            match cfg.truncation {
+            match spec.truncation {
                 RewardTruncation::Error => return Err(too_long()),
-                RewardTruncation::TruncatePrompt if longest < cfg.max_len => {
-                    prompt_ids.drain(..prompt_ids.len() + longest - cfg.max_len);
+                RewardTruncation::TruncatePrompt if longest < spec.max_len => {
+                    prompt_ids.drain(..prompt_ids.len() + longest - spec.max_len);
                     truncated += 1;
                 }
                 _ => {
