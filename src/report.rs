@@ -31,7 +31,7 @@ pub fn write_report(dir: &Path) -> Result<PathBuf> {
     if dir.join("metrics.jsonl").is_file() {
         stages.push(dir.to_path_buf());
     }
-    for name in ["pretrain", "sft", "reward", "ppo"] {
+    for name in ["pretrain", "sft", "reward", "ppo", "dpo"] {
         if dir.join(name).join("metrics.jsonl").is_file() {
             stages.push(dir.join(name));
         }

@@ -54,6 +54,8 @@ pub struct Plan {
     pub ppo: (usize, usize),
     /// PPO learning rate and KL coefficient β.
     pub ppo_lr_beta: (f64, f64),
+    /// DPO steps (on the reward model's pairs, 16 per step; β 0.1).
+    pub dpo_steps: usize,
     /// Held-out evaluation prompts.
     pub eval_prompts: usize,
     /// Largest best-of-n.
@@ -73,6 +75,7 @@ impl Preset {
                 reward: (64, 20),
                 ppo: (3, 8),
                 ppo_lr_beta: (5e-5, 0.1),
+                dpo_steps: 4,
                 eval_prompts: 8,
                 bon_max: 4,
             },
@@ -85,6 +88,7 @@ impl Preset {
                 reward: (6000, 1500),
                 ppo: (60, 32),
                 ppo_lr_beta: (5e-5, 0.1),
+                dpo_steps: 300,
                 eval_prompts: 256,
                 bon_max: 32,
             },
@@ -99,6 +103,7 @@ impl Preset {
                 reward: (6000, 1500),
                 ppo: (150, 32),
                 ppo_lr_beta: (1e-4, 0.02),
+                dpo_steps: 600,
                 eval_prompts: 256,
                 bon_max: 64,
             },
@@ -277,7 +282,30 @@ pub fn run(out: &Path, preset: Preset, seed: u64) -> Result<DemoSummary> {
     let prompts: Vec<Vec<u32>> = eval_prompts.iter().map(|p| tok.encode(p)).collect::<Result<_, _>>()?;
     let (sft_eval, sft_texts) = evaluate("sft", &sft_model, &sft_model, &mut rm, &tok, &eval_prompts, &prompts, seed)?;
     let (ppo_eval, ppo_texts) = evaluate("ppo", &ppo_model, &sft_model, &mut rm, &tok, &eval_prompts, &prompts, seed)?;
-    let mut policies = vec![sft_eval, ppo_eval];
+    // DPO on the same gold-labelled pairs the reward model learned from: no reward model, no
+    // rollouts
+    eprintln!("demo: DPO on the same pairs");
+    crate::stages::dpo::train(
+        crate::stages::dpo::DpoConfig {
+            out_dir: out.join("dpo"),
+            seed,
+            init: sft_dir.clone(),
+            data: data.join("prefs.jsonl"),
+            max_len: 64,
+            batch_size: 16,
+            steps: plan.dpo_steps,
+            optim: rlhf_policies::AdamWConfig { lr: 1e-4, ..Default::default() },
+            schedule: LrSchedule::Constant { lr: 1e-4 },
+            eval_every: plan.dpo_steps,
+            checkpoint_every: plan.dpo_steps,
+            ..Default::default()
+        },
+        false,
+    )?;
+    let dpo_dir = out.join(format!("dpo/checkpoints/step-{}", plan.dpo_steps));
+    let (dpo_model, _) = rlhf_policies::checkpoint::load_with_tokenizer(&dpo_dir, &Cpu::default())?;
+    let (dpo_eval, _) = evaluate("dpo", &dpo_model, &sft_model, &mut rm, &tok, &eval_prompts, &prompts, seed)?;
+    let mut policies = vec![sft_eval, ppo_eval, dpo_eval];
     policies.extend(best_of_n(&sft_model, &mut rm, &tok, &eval_prompts, &prompts, plan.bon_max, seed)?);
     let samples = (0..4.min(eval_prompts.len()))
         .map(|i| (eval_prompts[i].clone(), sft_texts[i].clone(), ppo_texts[i].clone()))
