@@ -8,7 +8,7 @@ use anyhow::Result;
 use dfdx::prelude::Cpu;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rlhf_envs::{Detokenizer, EnvError, KlEstimator};
-use rlhf_policies::{AdamW, AdamWConfig, CausalLm, LearnedReward};
+use rlhf_policies::{AdamW, AdamWConfig, CausalLm, LearnedReward, ScalarHead};
 use serde::Serialize;
 
 use crate::bench::{median, Workload};
@@ -54,7 +54,8 @@ pub fn ppo_trainer(w: &Workload, model: &str, shared: bool) -> Result<PpoTrainer
     let reference = policy.frozen_copy();
     let rm = LearnedReward::from_backbone(CausalLm::new(w.model_config(model)?, &dev, w.seed + 1)?, 0, w.seed + 1);
     let critic = if shared {
-        Critic::Shared(LearnedReward::from_backbone(policy.frozen_copy(), 0, w.seed + 2).head)
+        let c = policy.dims.d_model;
+        Critic::Shared(ScalarHead::new(&dev, c, 1.0 / ((c + 1) as f32).sqrt(), w.seed + 2))
     } else {
         Critic::Separate(Box::new(LearnedReward {
             model: rm.model.frozen_copy(),

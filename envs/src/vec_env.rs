@@ -74,11 +74,6 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
         &mut self.prompts
     }
 
-    /// The reward model.
-    pub fn reward_model(&mut self) -> &mut M {
-        &mut self.reward
-    }
-
     /// Starts a new episode in every row (prompts drawn in row order); `seed` restarts the
     /// prompt sampler. Returns the prompts as observations.
     pub fn reset(&mut self, seed: Option<u64>) -> Result<Vec<(Obs, ResetInfo)>, EnvError> {

@@ -149,9 +149,13 @@ impl PpoModels {
                     Critic::Separate(Box::new(rm))
                 }
                 None => {
-                    let mut rm = LearnedReward::from_backbone(policy.frozen_copy(), 0, 0);
-                    rm.head = zero_head(policy.dims.d_model);
-                    Critic::Separate(Box::new(rm))
+                    let head = zero_head(policy.dims.d_model);
+                    Critic::Separate(Box::new(LearnedReward {
+                        model: policy.frozen_copy(),
+                        head,
+                        norm: None,
+                        pad_id: 0,
+                    }))
                 }
             },
         };

@@ -155,7 +155,7 @@ impl<M: RewardModel> PpoTrainer<M> {
         let beta = self.state.kl.beta;
         self.state.kl.update(if cfg.kl_unit == KlUnit::SequenceSum { kl_seq } else { kl_tok }, cfg.batch_size);
         let timing = [t_rollout, t_scoring, t_update];
-        let record = iteration_metrics(it + 1, &scored, &upd, beta, lr, self.eos, &timing);
+        let record = iteration_metrics(it + 1, &scored, &upd, (beta, kl_seq), lr, self.eos, &timing);
         Ok(Some(IterationOutput { episodes, scored, record, timing }))
     }
 }
@@ -424,7 +424,7 @@ fn iteration_metrics(
     step: usize,
     s: &Scored,
     u: &UpdateStats,
-    beta: f64,
+    (beta, kl): (f64, f64),
     lr: f64,
     eos: u32,
     timing: &[Duration; 3],
@@ -432,7 +432,6 @@ fn iteration_metrics(
     let tokens: usize = s.seqs.iter().map(Seq::resp_len).sum();
     let b = s.seqs.len() as f64;
     let mean_seq = |x: &[Vec<f32>]| x.iter().map(|r| r.iter().map(|&v| v as f64).sum::<f64>()).sum::<f64>() / b;
-    let (kl, _) = kl_means(s);
     let non_score = -beta * kl;
     let scores = s.scores.iter().map(|&x| x as f64).sum::<f64>() / b;
     let t = u.tokens.max(1) as f64;
