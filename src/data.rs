@@ -167,6 +167,14 @@ impl JsonRecord<'_> {
         }
     }
 
+    /// A required boolean.
+    pub fn bool(&self, f: &str) -> Result<bool> {
+        match self.field(f)? {
+            serde_json::Value::Bool(b) => Ok(*b),
+            other => Err(self.error(format!("field `{f}` must be true or false, found {}", json_kind(other)))),
+        }
+    }
+
     /// A required array of strings.
     pub fn str_array(&self, f: &str) -> Result<Vec<String>> {
         let serde_json::Value::Array(items) = self.field(f)? else {

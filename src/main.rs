@@ -38,9 +38,9 @@ enum Command {
     /// Stage 3b: PPO against a reward model (or a rule / external command) with a KL penalty
     /// to the frozen SFT model.
     Ppo(PpoArgs),
-    /// Direct preference optimisation (DPO, cDPO, robust, hinge, IPO) on preference JSONL
-    /// against the frozen SFT model.
-    Dpo(StageArgs),
+    /// Direct preference optimisation (DPO, cDPO, robust, hinge, IPO) on preference JSONL, or
+    /// KTO on labelled {prompt, completion, label} JSONL, against the frozen SFT model.
+    Dpo(DpoArgs),
     /// Loss and perplexity of a checkpoint on a text file (non-overlapping blocks).
     Eval(EvalArgs),
     /// Write RUN_DIR/report.html: plots of every stage's metrics (and the demo's table and
@@ -181,6 +181,27 @@ struct PpoArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct DpoArgs {
+    #[command(flatten)]
+    stage: StageArgs,
+    /// The loss with its default parameters (same as `--set loss.kind=…`; `--set loss.tau=…`
+    /// etc. still apply): dpo (sigmoid), cdpo, robust, hinge, ipo, kto.
+    #[arg(long, value_enum)]
+    loss: Option<LossChoice>,
+}
+
+/// `--loss` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LossChoice {
+    Dpo,
+    Cdpo,
+    Robust,
+    Hinge,
+    Ipo,
+    Kto,
+}
+
+#[derive(Debug, clap::Args)]
 struct PpoBenchArgs {
     #[command(flatten)]
     env: EnvArgs,
@@ -261,8 +282,19 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Ppo(a) => ppo_cmd(a),
-        Command::Dpo(a) => {
-            let (cfg, resume): (rlhf::stages::dpo::DpoConfig, bool) = stage_config(&a)?;
+        Command::Dpo(mut a) => {
+            if let Some(l) = a.loss {
+                let kind = match l {
+                    LossChoice::Dpo => "sigmoid",
+                    LossChoice::Cdpo => "cdpo",
+                    LossChoice::Robust => "robust",
+                    LossChoice::Hinge => "hinge",
+                    LossChoice::Ipo => "ipo",
+                    LossChoice::Kto => "kto",
+                };
+                a.stage.set.insert(0, format!("loss={{\"kind\": \"{kind}\"}}"));
+            }
+            let (cfg, resume): (rlhf::stages::dpo::DpoConfig, bool) = stage_config(&a.stage)?;
             let out = cfg.out_dir.clone();
             let report = rlhf::stages::dpo::train(cfg, resume)?;
             println!("{}", serde_json::to_string_pretty(&report)?);

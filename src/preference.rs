@@ -1,10 +1,11 @@
-//! Preference data: JSONL records of human choices between responses, in the three layouts
-//! users bring — `{prompt, chosen, rejected}` pairs, hh-rlhf's full conversations, and K-way
-//! rankings — read into one [`Comparison`] type (responses ranked best first).
+//! Preference data: JSONL records of human choices between responses, in the layouts users
+//! bring — `{prompt, chosen, rejected}` pairs, hh-rlhf's full conversations and K-way rankings,
+//! read into one [`Comparison`] type (responses ranked best first) — and KTO's unpaired
+//! `{prompt, completion, label}` examples, read into [`Labelled`].
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{read_jsonl, JsonRecord};
@@ -54,6 +55,19 @@ pub enum PreferenceFormat {
         #[serde(default = "default_responses")]
         responses_field: String,
     },
+    /// `{prompt, completion, label}` with a boolean label (`true` = desirable): KTO's unpaired
+    /// data. It holds no comparisons, so only the KTO loss trains on it.
+    Unpaired {
+        /// Default `prompt`.
+        #[serde(default = "default_prompt")]
+        prompt_field: String,
+        /// Default `completion`.
+        #[serde(default = "default_completion")]
+        completion_field: String,
+        /// Default `label`.
+        #[serde(default = "default_label")]
+        label_field: String,
+    },
 }
 
 fn default_prompt() -> String {
@@ -67,6 +81,12 @@ fn default_rejected() -> String {
 }
 fn default_responses() -> String {
     "responses".into()
+}
+fn default_completion() -> String {
+    "completion".into()
+}
+fn default_label() -> String {
+    "label".into()
 }
 fn default_separator() -> String {
     "\n\nAssistant:".into()
@@ -107,7 +127,64 @@ impl Comparison {
 /// Reads `path` (JSONL, optionally `.gz`) as comparisons in `format`. Every malformed record
 /// is an error naming the file, the line and the field.
 pub fn read_comparisons(path: &Path, format: &PreferenceFormat) -> Result<Vec<Comparison>> {
+    if let PreferenceFormat::Unpaired { .. } = format {
+        bail!(
+            "{}: unpaired {{prompt, completion, label}} examples hold no comparisons; only the KTO loss \
+             (`rlhf dpo --loss kto`) trains on them",
+            path.display()
+        );
+    }
     read_jsonl(path)?.iter().map(|r| comparison(r, format)).collect()
+}
+
+/// One unpaired example: a completion of a prompt labelled desirable or not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Labelled {
+    /// 1-based line of the record in its file.
+    pub line: usize,
+    /// The prompt text.
+    pub prompt: String,
+    /// The completion text.
+    pub completion: String,
+    /// `true` = desirable.
+    pub desirable: bool,
+}
+
+/// Reads `path` as labelled examples: unpaired records as they are, and pairs (or hh-rlhf
+/// conversations) unpaired as TRL's `unpair_preference_dataset` does — the chosen response
+/// desirable, the rejected one not. Rankings are an error: their middle responses have no
+/// label.
+pub fn read_labelled(path: &Path, format: &PreferenceFormat) -> Result<Vec<Labelled>> {
+    match format {
+        PreferenceFormat::Unpaired { prompt_field, completion_field, label_field } => read_jsonl(path)?
+            .iter()
+            .map(|r| {
+                Ok(Labelled {
+                    line: r.line,
+                    prompt: r.str(prompt_field)?,
+                    completion: r.str(completion_field)?,
+                    desirable: r.bool(label_field)?,
+                })
+            })
+            .collect(),
+        PreferenceFormat::Ranking { .. } => bail!(
+            "{}: rankings cannot be unpaired into desirable / undesirable examples for KTO (the middle \
+             responses have no label); use pairs, conversations or unpaired records",
+            path.display()
+        ),
+        _ => Ok(read_comparisons(path, format)?
+            .into_iter()
+            .flat_map(|c| {
+                let [chosen, rejected]: [String; 2] = c.responses.try_into().expect("pairs hold two responses");
+                [(chosen, true), (rejected, false)].map(|(completion, desirable)| Labelled {
+                    line: c.line,
+                    prompt: c.prompt.clone(),
+                    completion,
+                    desirable,
+                })
+            })
+            .collect()),
+    }
 }
 
 fn comparison(r: &JsonRecord<'_>, format: &PreferenceFormat) -> Result<Comparison> {
@@ -135,6 +212,7 @@ fn comparison(r: &JsonRecord<'_>, format: &PreferenceFormat) -> Result<Compariso
             }
             Comparison { line: r.line, prompt: r.str(prompt_field)?, responses, margin: None }
         }
+        PreferenceFormat::Unpaired { .. } => unreachable!("read_comparisons rejects unpaired data first"),
     })
 }
 

@@ -1,11 +1,15 @@
-//! DPO end to end on a tiny model: pairs whose chosen response says "good" and rejected one
-//! "bad" — the policy learns to prefer the marker, the loss starts at log 2 (policy =
-//! reference), and a resumed run logs the same metrics.
+//! DPO and KTO end to end on a tiny model: pairs whose chosen response says "good" and
+//! rejected one "bad" (or the same as unpaired labelled examples) — the policy learns to prefer
+//! the marker, the losses start at their closed-form values (policy = reference: log 2 for
+//! DPO, λ/2 for KTO with z₀ = 0), the sampled KL of an unchanged policy is exactly 0, and a
+//! resumed run logs the same metrics and samples.
 
 mod common;
 
 use common::comparable_metrics;
 use dfdx::prelude::*;
+use rlhf::math::dpo::DpoLoss;
+use rlhf::preference::PreferenceFormat;
 use rlhf::schedule::LrSchedule;
 use rlhf::stages::dpo::{train, DpoConfig};
 use rlhf::stages::ppo_models::{logprobs_and_entropy, Seq};
@@ -34,6 +38,7 @@ fn cfg(dir: &std::path::Path, steps: usize) -> DpoConfig {
         schedule: LrSchedule::Constant { lr: 3e-3 },
         eval_every: 10,
         checkpoint_every: 10,
+        sample_tokens: 8,
         ..Default::default()
     }
 }
@@ -53,7 +58,7 @@ fn dpo_raises_the_marker_and_starts_at_log_2() {
     let first = m[0]["loss"].as_f64().unwrap();
     assert!((first - std::f64::consts::LN_2).abs() < 1e-5, "the first loss is log 2 (policy = reference): {first}");
     let ev = report.eval.unwrap();
-    assert!(ev.accuracy >= 0.99 && ev.margin > 0.0, "{ev:?}");
+    assert!(ev.accuracy.unwrap() >= 0.99 && ev.margin > 0.0, "{ev:?}");
     let (reference, tok) =
         rlhf_policies::checkpoint::load_with_tokenizer(&d.path().join("init"), &Cpu::default()).unwrap();
     let (policy, _) =
@@ -73,4 +78,103 @@ fn dpo_resume_gives_the_same_metrics() {
     std::fs::remove_dir_all(b.path().join("run/checkpoints/step-20")).unwrap();
     train(cfg(b.path(), 20), true).unwrap();
     assert_eq!(comparable_metrics(&b.path().join("run")), comparable_metrics(&a.path().join("run")));
+    let samples = |d: &tempfile::TempDir| std::fs::read_to_string(d.path().join("run/samples.jsonl")).unwrap();
+    assert_eq!(samples(&b), samples(&a));
+    assert_eq!(samples(&a).lines().count(), 2 * 6, "6 held-out prompts sampled at steps 10 and 20");
+}
+
+/// The same data as unpaired KTO examples: "good." desirable, "bad." undesirable, each its
+/// own record.
+fn kto_cfg(dir: &std::path::Path, steps: usize) -> DpoConfig {
+    let mut c = cfg(dir, steps);
+    let things = ["food", "room", "view", "staff", "music", "price"];
+    let lines: Vec<String> = (0..120)
+        .map(|i| {
+            let (completion, label) = if i % 2 == 0 { (" good.", true) } else { (" bad.", false) };
+            let prompt = format!("the {}:", things[(i / 2) % things.len()]);
+            serde_json::json!({"prompt": prompt, "completion": completion, "label": label}).to_string()
+        })
+        .collect();
+    std::fs::write(dir.join("unpaired.jsonl"), lines.join("\n")).unwrap();
+    c.data = dir.join("unpaired.jsonl");
+    c.format = serde_json::from_str(r#"{"kind": "unpaired"}"#).unwrap();
+    c.loss = DpoLoss::Kto { desirable_weight: 1.0, undesirable_weight: 1.0 };
+    c.beta = 0.5;
+    c
+}
+
+#[test]
+fn kto_on_unpaired_examples_raises_the_marker_and_starts_at_half_its_weight() {
+    let d = tempfile::tempdir().unwrap();
+    let report = train(kto_cfg(d.path(), 20), false).unwrap();
+    let m = comparable_metrics(&d.path().join("run"));
+    // policy = reference: every log-ratio and z₀ are 0, so each example costs λ·(1 − σ(0))
+    assert!((m[0]["loss"].as_f64().unwrap() - 0.5).abs() < 1e-6, "{}", m[0]);
+    assert_eq!(m[0]["kl"].as_f64(), Some(0.0));
+    let ev = report.eval.unwrap();
+    assert!(ev.accuracy.is_none(), "unpaired records form no pairs: {ev:?}");
+    assert!(ev.margin > 0.0 && ev.rewards_chosen > 0.0, "{ev:?}");
+    let (reference, tok) =
+        rlhf_policies::checkpoint::load_with_tokenizer(&d.path().join("init"), &Cpu::default()).unwrap();
+    let (policy, _) =
+        rlhf_policies::checkpoint::load_with_tokenizer(&d.path().join("run/checkpoints/step-20"), &Cpu::default())
+            .unwrap();
+    let gain = logp(&policy, &tok, "the desk:", " good.") - logp(&reference, &tok, "the desk:", " good.");
+    let drop = logp(&policy, &tok, "the desk:", " bad.") - logp(&reference, &tok, "the desk:", " bad.");
+    assert!(gain > drop + 1.0, "log-ratio of the marker {gain}, of the other {drop}");
+}
+
+#[test]
+fn kto_unpairs_pairs_and_keeps_their_halves_together_for_accuracy() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = cfg(d.path(), 10);
+    c.loss = DpoLoss::Kto { desirable_weight: 1.0, undesirable_weight: 1.33 };
+    c.val_fraction = 0.15;
+    let report = train(c, false).unwrap();
+    // 60 pairs → 120 examples; 18 held out (9 whole pairs)
+    assert_eq!(report.pairs, (102, 18));
+    let ev = report.eval.unwrap();
+    assert!(ev.accuracy.unwrap() >= 0.99, "{ev:?}");
+    // rankings have unlabelled middles: a clear error
+    let mut c = cfg(d.path(), 10);
+    c.loss = DpoLoss::Kto { desirable_weight: 1.0, undesirable_weight: 1.0 };
+    c.format = serde_json::from_str(r#"{"kind": "ranking"}"#).unwrap();
+    let e = train(c, false).unwrap_err().to_string();
+    assert!(e.contains("rankings") && e.contains("pairs.jsonl"), "{e}");
+    // unpaired records with a pairwise loss: a clear error
+    let mut c = kto_cfg(d.path(), 10);
+    c.loss = DpoLoss::Sigmoid;
+    let e = train(c, false).unwrap_err().to_string();
+    assert!(e.contains("unpaired.jsonl") && e.contains("KTO"), "{e}");
+}
+
+#[test]
+fn unpaired_records_with_a_bad_label_name_file_line_and_field() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("u.jsonl");
+    std::fs::write(&p, "{\"prompt\": \"a\", \"completion\": \"b\", \"label\": true}\n{\"prompt\": \"a\", \"completion\": \"b\", \"label\": 1}\n").unwrap();
+    let format: PreferenceFormat = serde_json::from_str(r#"{"kind": "unpaired"}"#).unwrap();
+    let e = rlhf::preference::read_labelled(&p, &format).unwrap_err().to_string();
+    assert!(e.contains("u.jsonl") && e.contains("line 2") && e.contains("`label`"), "{e}");
+}
+
+#[test]
+fn an_unchanged_policy_samples_with_zero_kl_and_samples_are_logged() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = cfg(d.path(), 2);
+    c.optim.lr = 0.0;
+    c.schedule = LrSchedule::Constant { lr: 0.0 };
+    c.eval_every = 1;
+    c.eval_samples = 3;
+    c.sample_tokens = 8;
+    train(c, false).unwrap();
+    let m = comparable_metrics(&d.path().join("run"));
+    for r in &m {
+        assert_eq!(r["eval/sample_kl"].as_f64(), Some(0.0), "{r}");
+        assert_eq!(r["eval/loss"].as_f64().map(|l| (l - std::f64::consts::LN_2).abs() < 1e-6), Some(true));
+    }
+    let samples = std::fs::read_to_string(d.path().join("run/samples.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = samples.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 6, "3 prompts at each of 2 evaluations");
+    assert!(rows.iter().all(|r| r["prompt"].as_str().unwrap().starts_with("the ") && r["tokens"].as_u64() <= Some(8)));
 }

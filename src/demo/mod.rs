@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::math::sigmoid;
 use crate::schedule::LrSchedule;
 use crate::stages::ppo::{self, PpoConfig, RewardSpec};
-use crate::stages::ppo_models::{logprobs_and_entropy, Seq, ValueModelConfig};
+use crate::stages::ppo_models::{sequence_log_ratios, Seq, ValueModelConfig};
 use crate::stages::pretrain::{self, PretrainConfig, TokenizerSpec};
 use crate::stages::reward::{self, RewardConfig};
 use crate::stages::sft::{self, SftConfig};
@@ -439,10 +439,8 @@ fn evaluate(
         prompts.iter().zip(&s.ids).map(|(p, r)| Seq { ids: [p.as_slice(), r].concat(), prompt_len: p.len() }).collect();
     let refs: Vec<&Seq> = seqs.iter().collect();
     let n_tok: usize = seqs.iter().map(Seq::resp_len).sum();
-    let pad = tok.pad_id().unwrap_or(eos);
-    let lp = logprobs_and_entropy(model, &refs, pad, 1.0, NoneTape)?.as_vec();
-    let lr = logprobs_and_entropy(reference, &refs, pad, 1.0, NoneTape)?.as_vec();
-    let kl: f64 = (0..n_tok).map(|i| (lp[i] - lr[i]) as f64).sum::<f64>() / seqs.len() as f64;
+    let kls = sequence_log_ratios(model, reference, &refs, tok.pad_id().unwrap_or(eos))?;
+    let kl = kls.iter().sum::<f64>() / seqs.len() as f64;
     let eval = PolicyEval {
         name: name.into(),
         gold,

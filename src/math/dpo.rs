@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{log_sigmoid, sigmoid};
 
-/// The pairwise loss.
+/// The loss: the pairwise DPO family (through [`dpo_loss`]) or unpaired KTO (through
+/// [`kto_loss`]). Parameters left out take the documented defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum DpoLoss {
@@ -15,21 +16,58 @@ pub enum DpoLoss {
     Sigmoid,
     /// Conservative DPO: `−(1−ε)·log σ(β·h) − ε·log σ(−β·h)` (labels flipped with prob. ε).
     Cdpo {
-        /// ε.
+        /// ε. Default `0.1`.
+        #[serde(default = "default_smoothing")]
         label_smoothing: f64,
     },
     /// TRL's robust DPO: `(−(1−ε)·log σ(β·h) + ε·log σ(−β·h)) / (1 − 2ε)`.
     Robust {
-        /// ε.
+        /// ε. Default `0.1`.
+        #[serde(default = "default_smoothing")]
         label_smoothing: f64,
     },
     /// `max(0, 1 − β·h)` (SLiC-style hinge).
     Hinge,
     /// IPO (Azar et al. 2023): `(h̄ − 1/(2τ))²` with per-token averaged log-ratios, τ = `tau`.
     Ipo {
-        /// τ.
+        /// τ. Default `0.1`.
+        #[serde(default = "default_tau")]
         tau: f64,
     },
+    /// KTO (Ethayarajh et al. 2024) on unpaired `{prompt, completion, label}` examples (pairs
+    /// are unpaired: chosen desirable, rejected undesirable); see [`kto_loss`].
+    Kto {
+        /// `λ_D`. Default `1.0`.
+        #[serde(default = "one")]
+        desirable_weight: f64,
+        /// `λ_U`. Default `1.0`.
+        #[serde(default = "one")]
+        undesirable_weight: f64,
+    },
+}
+
+impl DpoLoss {
+    /// The variant's config name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DpoLoss::Sigmoid => "sigmoid",
+            DpoLoss::Cdpo { .. } => "cdpo",
+            DpoLoss::Robust { .. } => "robust",
+            DpoLoss::Hinge => "hinge",
+            DpoLoss::Ipo { .. } => "ipo",
+            DpoLoss::Kto { .. } => "kto",
+        }
+    }
+}
+
+fn default_smoothing() -> f64 {
+    0.1
+}
+fn default_tau() -> f64 {
+    0.1
+}
+fn one() -> f64 {
+    1.0
 }
 
 /// Sequence log-prob sums of a batch of pairs, and their token counts.
@@ -67,10 +105,11 @@ pub struct DpoOutput {
 }
 
 /// The DPO family on a batch: with `h = (log π_θ/π_ref)(y_w) − (log π_θ/π_ref)(y_l)`, each
-/// variant of [`DpoLoss`], averaged over pairs. The implicit rewards always use `beta`.
+/// pairwise variant of [`DpoLoss`], averaged over pairs. The implicit rewards always use `beta`.
 ///
 /// # Panics
-/// If the slices' lengths differ.
+/// If the slices' lengths differ, or for [`DpoLoss::Kto`], which is not pairwise (its batches
+/// are [`KtoBatch`]es: use [`kto_loss`]).
 pub fn dpo_loss(x: PairLogps<'_>, beta: f64, variant: DpoLoss) -> DpoOutput {
     let n = x.policy_chosen.len();
     for len in [
@@ -116,6 +155,7 @@ pub fn dpo_loss(x: PairLogps<'_>, beta: f64, variant: DpoLoss) -> DpoOutput {
                 let d = chosen_logratio / nc - rejected_logratio / nr - 1.0 / (2.0 * tau);
                 (d * d, 2.0 * d / nc, -2.0 * d / nr)
             }
+            DpoLoss::Kto { .. } => panic!("dpo_loss: KTO is not a pairwise loss, use kto_loss"),
         };
         out.loss += l / n as f64;
         out.per_pair_loss.push(l);

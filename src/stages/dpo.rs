@@ -5,7 +5,10 @@
 //! h = log π_θ/π_ref(y_w|x) − log π_θ/π_ref(y_l|x),   L = −log σ(β·h)   (or cDPO, robust, hinge, IPO)
 //! ```
 //! Sequence log-probs are sums over the response tokens (EOS included); the reference's are
-//! computed once before training. The losses are [`crate::math::dpo`].
+//! computed once before training. The losses are [`crate::math::dpo`]; with
+//! `loss.kind = "kto"` the same loop trains KTO on unpaired examples ([`crate::stages::kto`]).
+//! Each evaluation also samples completions of held-out prompts and logs the sampled KL to the
+//! reference (`eval/sample_kl`), writing the samples to `samples.jsonl`.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -14,16 +17,17 @@ use anyhow::{bail, Result};
 use dfdx::prelude::*;
 use rlhf_policies::checkpoint::load_with_tokenizer;
 use rlhf_policies::fused::host_loss;
-use rlhf_policies::{AdamW, AdamWConfig, CausalLm, Tokenizer};
+use rlhf_policies::{generate, AdamW, AdamWConfig, CausalLm, InferenceModel, SamplingConfig, Tokenizer};
 use serde::{Deserialize, Serialize};
 
-use crate::data::epoch_index;
+use crate::data::{epoch_index, mix};
 use crate::math::dpo::{dpo_loss, DpoLoss, PairLogps};
-use crate::preference::{read_comparisons, PreferenceFormat};
+use crate::preference::{read_comparisons, read_labelled, Comparison, PreferenceFormat};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
 use crate::stages::common::{optimizer_step, require_counts, require_fraction, restore_latest, save, Loss};
-use crate::stages::ppo_models::{logprobs_and_entropy, Seq};
+use crate::stages::kto::{kto_batch_loss, kto_examples, pair_accuracy, KtoExample, TokLabelled};
+use crate::stages::ppo_models::{logprobs_and_entropy, sequence_log_ratios, Seq};
 use crate::stages::reward::{tokenize_with, RewardTruncation, TokComparison, TokenizeSpec};
 
 /// `rlhf dpo` configuration.
@@ -38,11 +42,13 @@ pub struct DpoConfig {
     pub init: PathBuf,
     /// Preference JSONL (or `.jsonl.gz`). Required.
     pub data: PathBuf,
-    /// Record layout (rankings give all their pairs). Default: pairs.
+    /// Record layout (rankings give all their pairs; `unpaired` is for KTO, which also takes
+    /// pairs and conversations, unpaired). Default: pairs.
     pub format: PreferenceFormat,
     /// The loss. Default `{"kind": "sigmoid"}` (DPO).
     pub loss: DpoLoss,
-    /// β (for IPO the loss's own τ is used; β still scales the logged implicit rewards).
+    /// β (for IPO the loss's own τ is used; β still scales the logged implicit rewards; KTO
+    /// uses β).
     /// Default `0.1`.
     pub beta: f64,
     /// Fraction of the pairs (the last ones) held out. Default `0.1`.
@@ -69,6 +75,10 @@ pub struct DpoConfig {
     pub eval_every: usize,
     /// Checkpoint every this many steps (and at the end). Default `100`.
     pub checkpoint_every: usize,
+    /// Held-out prompts sampled at each evaluation for the KL estimate (0 = none). Default `8`.
+    pub eval_samples: usize,
+    /// New tokens per evaluation sample (temperature 1). Default `64`.
+    pub sample_tokens: usize,
 }
 
 impl Default for DpoConfig {
@@ -93,6 +103,8 @@ impl Default for DpoConfig {
             grad_clip: 1.0,
             eval_every: 50,
             checkpoint_every: 100,
+            eval_samples: 8,
+            sample_tokens: 64,
         }
     }
 }
@@ -108,19 +120,63 @@ pub struct Pair {
     pub ref_logps: (f64, f64),
 }
 
-/// Means over pairs of the loss and TRL's implicit-reward metrics.
+/// A split of the data in the loss's shape.
+#[derive(Debug, Clone)]
+pub enum Examples {
+    /// Preference pairs (the DPO family).
+    Pairs(Vec<Pair>),
+    /// Labelled completions (KTO).
+    Kto(Vec<KtoExample>),
+}
+
+impl Examples {
+    /// Number of pairs or examples.
+    pub fn len(&self) -> usize {
+        match self {
+            Examples::Pairs(p) => p.len(),
+            Examples::Kto(e) => e.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Distinct prompts in order.
+    fn prompts(&self) -> Vec<Vec<u32>> {
+        let seqs: Vec<&Seq> = match self {
+            Examples::Pairs(p) => p.iter().map(|p| &p.chosen).collect(),
+            Examples::Kto(e) => e.iter().map(|e| &e.seq).collect(),
+        };
+        let mut out: Vec<Vec<u32>> = vec![];
+        for s in seqs {
+            let p = &s.ids[..s.prompt_len];
+            if !out.iter().any(|q| q == p) {
+                out.push(p.to_vec());
+            }
+        }
+        out
+    }
+}
+
+/// Means of the loss and TRL's implicit-reward metrics.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DpoStats {
     /// Loss.
     pub loss: f64,
-    /// `rewards/chosen`.
+    /// `rewards/chosen` (KTO: mean over desirable examples).
     pub rewards_chosen: f64,
-    /// `rewards/rejected`.
+    /// `rewards/rejected` (KTO: mean over undesirable examples).
     pub rewards_rejected: f64,
-    /// `rewards/accuracies` (strict).
-    pub accuracy: f64,
-    /// `rewards/margins`.
+    /// `rewards/accuracies` (strict); for KTO over the pairs it was unpaired from, if any.
+    pub accuracy: Option<f64>,
+    /// `rewards/margins` (KTO: difference of the two means).
     pub margin: f64,
+    /// KTO's reference point `z₀` (`kl`), averaged over batches.
+    pub kl: Option<f64>,
+    /// Sampled KL to the reference, `Σ_t log π_θ/π_ref` per held-out sample, averaged.
+    pub sample_kl: Option<f64>,
 }
 
 /// The final numbers of a run.
@@ -128,9 +184,9 @@ pub struct DpoStats {
 pub struct DpoReport {
     /// Steps done.
     pub steps: usize,
-    /// Training / held-out pairs.
+    /// Training / held-out pairs (KTO: examples).
     pub pairs: (usize, usize),
-    /// Pairs skipped as too long, prompts cut.
+    /// Records skipped as too long, prompts cut.
     pub skipped_truncated: (usize, usize),
     /// Last training loss.
     pub train_loss: f32,
@@ -139,7 +195,7 @@ pub struct DpoReport {
 }
 
 /// Sequence log-prob sums of `seqs` under `model` (temperature 1), taped.
-fn seq_logps<T: Tape<f32, Cpu>>(
+pub(crate) fn seq_logps<T: Tape<f32, Cpu>>(
     model: &CausalLm<Cpu>,
     seqs: &[&Seq],
     pad: u32,
@@ -149,7 +205,7 @@ fn seq_logps<T: Tape<f32, Cpu>>(
 }
 
 /// Sums the per-token entries of `lpe` (`[logprobs…, entropies…]`) per sequence.
-fn sums(lpe: &[f32], seqs: &[&Seq]) -> Vec<f64> {
+pub(crate) fn sums(lpe: &[f32], seqs: &[&Seq]) -> Vec<f64> {
     let mut off = 0;
     seqs.iter()
         .map(|s| {
@@ -160,17 +216,30 @@ fn sums(lpe: &[f32], seqs: &[&Seq]) -> Vec<f64> {
         .collect()
 }
 
-/// The loss of `pairs` with the policy's taped forward; also their statistics.
+/// Per batch: the loss and, per item, its implicit rewards.
+#[derive(Debug, Clone, Default)]
+pub struct BatchOut {
+    /// Mean loss.
+    pub loss: f64,
+    /// Pairs: `(chosen, rejected)` rewards; KTO: `(reward, label)` as `(r, 1.0 | 0.0)`.
+    pub rewards: Vec<(f64, f64)>,
+    /// KTO's `z₀`.
+    pub z0: Option<f64>,
+    /// Tokens in the batch's sequences.
+    pub tokens: usize,
+}
+
+/// The loss of `pairs` with the policy's taped forward, and the pairs' implicit rewards.
 pub fn pair_loss<T: Tape<f32, Cpu>>(
     cfg: &DpoConfig,
     policy: &CausalLm<Cpu>,
     pairs: &[&Pair],
     pad: u32,
     tape: T,
-) -> Result<(Tensor<Rank0, f32, Cpu, T>, DpoStats)> {
+) -> Result<(Tensor<Rank0, f32, Cpu, T>, BatchOut)> {
     let seqs: Vec<&Seq> = pairs.iter().flat_map(|p| [&p.chosen, &p.rejected]).collect();
     let lpe = seq_logps(policy, &seqs, pad, tape)?;
-    let mut stats = DpoStats::default();
+    let mut res = BatchOut::default();
     let loss = host_loss(lpe, |x| {
         let s = sums(x, &seqs);
         let (pc, pr): (Vec<f64>, Vec<f64>) =
@@ -187,7 +256,12 @@ pub fn pair_loss<T: Tape<f32, Cpu>>(
             rejected_tokens: &rt,
         };
         let out = dpo_loss(x_pairs, cfg.beta, cfg.loss);
-        stats = stats_of(&out.chosen_rewards, &out.rejected_rewards, out.loss);
+        res = BatchOut {
+            loss: out.loss,
+            rewards: out.chosen_rewards.iter().copied().zip(out.rejected_rewards.iter().copied()).collect(),
+            z0: None,
+            tokens: seqs.iter().map(|s| s.ids.len()).sum(),
+        };
         // every token of a sequence gets its sequence's gradient; entropies get none
         let mut grad = Vec::with_capacity(x.len());
         for (k, seq) in seqs.iter().enumerate() {
@@ -197,21 +271,65 @@ pub fn pair_loss<T: Tape<f32, Cpu>>(
         grad.resize(x.len(), 0.0);
         (out.loss, grad)
     });
-    Ok((loss, stats))
+    Ok((loss, res))
 }
 
-fn stats_of(chosen: &[f64], rejected: &[f64], loss: f64) -> DpoStats {
-    let n = chosen.len().max(1) as f64;
-    DpoStats {
-        loss,
-        rewards_chosen: chosen.iter().sum::<f64>() / n,
-        rewards_rejected: rejected.iter().sum::<f64>() / n,
-        accuracy: chosen.iter().zip(rejected).filter(|(c, r)| c > r).count() as f64 / n,
-        margin: chosen.iter().zip(rejected).map(|(c, r)| c - r).sum::<f64>() / n,
+/// The loss of the items `idx` of `set` (pairs or KTO examples), and their rewards.
+pub fn batch_loss<T: Tape<f32, Cpu>>(
+    cfg: &DpoConfig,
+    policy: &CausalLm<Cpu>,
+    set: &Examples,
+    idx: &[usize],
+    pad: u32,
+    tape: T,
+) -> Result<(Tensor<Rank0, f32, Cpu, T>, BatchOut)> {
+    match (set, cfg.loss) {
+        (Examples::Pairs(p), _) => {
+            let batch: Vec<&Pair> = idx.iter().map(|&i| &p[i]).collect();
+            pair_loss(cfg, policy, &batch, pad, tape)
+        }
+        (Examples::Kto(e), DpoLoss::Kto { desirable_weight, undesirable_weight }) => {
+            let batch: Vec<&KtoExample> = idx.iter().map(|&i| &e[i]).collect();
+            let tokens = batch.iter().map(|e| e.seq.ids.len() + e.kl_seq.ids.len()).sum();
+            let weights = (cfg.beta, desirable_weight, undesirable_weight);
+            let (loss, k) = kto_batch_loss(policy, &batch, pad, weights, tape)?;
+            let rewards = k.rewards.iter().zip(&batch).map(|(&r, e)| (r, f64::from(u8::from(e.desirable)))).collect();
+            Ok((loss, BatchOut { loss: k.loss, rewards, z0: Some(k.z0), tokens }))
+        }
+        (Examples::Kto(_), _) => bail!("KTO examples need the KTO loss"),
     }
 }
 
-/// Runs (or, with `resume`, continues) DPO as configured.
+/// Statistics of batches' outputs: means over all items (not over batches).
+fn stats_of(set: &Examples, outs: &[BatchOut]) -> DpoStats {
+    let n_items: usize = outs.iter().map(|o| o.rewards.len()).sum();
+    let loss = outs.iter().map(|o| o.loss * o.rewards.len() as f64).sum::<f64>() / n_items.max(1) as f64;
+    let all: Vec<(f64, f64)> = outs.iter().flat_map(|o| o.rewards.iter().copied()).collect();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let z0s: Vec<f64> = outs.iter().filter_map(|o| o.z0).collect();
+    let (chosen, rejected, accuracy): (Vec<f64>, Vec<f64>, Option<f64>) = match set {
+        Examples::Pairs(_) => {
+            let acc = all.iter().filter(|(c, r)| c > r).count() as f64 / all.len().max(1) as f64;
+            (all.iter().map(|p| p.0).collect(), all.iter().map(|p| p.1).collect(), Some(acc))
+        }
+        Examples::Kto(e) => {
+            let rewards: Vec<f64> = all.iter().map(|p| p.0).collect();
+            let pick = |label: f64| all.iter().filter(|p| p.1 == label).map(|p| p.0).collect();
+            (pick(1.0), pick(0.0), pair_accuracy(e, &rewards))
+        }
+    };
+    DpoStats {
+        loss,
+        rewards_chosen: mean(&chosen),
+        rewards_rejected: mean(&rejected),
+        accuracy,
+        margin: mean(&chosen) - mean(&rejected),
+        kl: (!z0s.is_empty()).then(|| mean(&z0s)),
+        sample_kl: None,
+    }
+}
+
+/// Runs (or, with `resume`, continues) DPO (or KTO) as configured.
 pub fn train(cfg: DpoConfig, resume: bool) -> Result<DpoReport> {
     validate(&cfg)?;
     let run = RunDir::create(&cfg.out_dir)?;
@@ -229,68 +347,72 @@ pub fn train(cfg: DpoConfig, resume: bool) -> Result<DpoReport> {
         .or(reference.config.eos_token_id())
         .ok_or_else(|| anyhow::anyhow!("{}: no EOS token", cfg.init.display()))?;
     let pad = tok.pad_id().unwrap_or(eos);
-    // DATA: comparisons → pairs → reference log-probs (once)
-    let comparisons = read_comparisons(&cfg.data, &cfg.format)?;
-    let spec = TokenizeSpec {
-        template: &cfg.prompt_template,
-        max_len: cfg.max_len,
-        truncation: cfg.truncation,
-        data: &cfg.data,
-    };
-    let (comps, skipped, truncated) = tokenize_with(spec, &tok, eos, &comparisons)?;
-    let pairs = reference_pairs(&reference, &comps, pad, cfg.batch_size)?;
-    let n_val = ((pairs.len() as f64) * cfg.val_fraction).round() as usize;
-    let (train_set, val_set) = pairs.split_at(pairs.len() - n_val);
-    if train_set.is_empty() {
-        bail!("{}: no training pairs left ({skipped} skipped as too long)", cfg.data.display());
+    // DATA: records → tokens → train / held-out split → reference log-probs (once)
+    let data = load_examples(&cfg, &reference, &tok, eos, pad)?;
+    let (train_set, val_set) = (&data.train, &data.val);
+    let sample_prompts: Vec<Vec<u32>> = val_set
+        .prompts()
+        .into_iter()
+        .filter(|p| p.len() + cfg.sample_tokens <= policy.dims.max_positions)
+        .take(cfg.eval_samples)
+        .collect();
+    if sample_prompts.len() < cfg.eval_samples.min(val_set.prompts().len()) {
+        eprintln!(
+            "dpo: only {} held-out prompts leave room for sample_tokens {} within the model's {} positions; \
+             eval/sample_kl uses those",
+            sample_prompts.len(),
+            cfg.sample_tokens,
+            policy.dims.max_positions
+        );
     }
     let mut metrics = run.metrics()?;
-    let bar = crate::progress::bar(cfg.steps as u64, "dpo");
+    let mut samples = run.samples()?;
+    let bar = crate::progress::bar(cfg.steps as u64, cfg.loss.name());
     bar.set_position(start as u64);
     let mut report = DpoReport {
         steps: cfg.steps,
         pairs: (train_set.len(), val_set.len()),
-        skipped_truncated: (skipped, truncated),
+        skipped_truncated: data.skipped_truncated,
         train_loss: f32::NAN,
         eval: None,
     };
     for step in start..cfg.steps {
-        // ALGO: the pairwise loss over grad_accum micro-batches, one AdamW step
+        // ALGO: the loss over grad_accum micro-batches, one AdamW step
         let t0 = Instant::now();
         let lr = cfg.schedule.at(step);
-        let (mut tokens, mut batch_stats) = (0usize, vec![]);
+        let (mut tokens, mut outs) = (0usize, vec![]);
         let (loss, grad_norm) =
             optimizer_step(&mut policy, &mut opt, lr, cfg.grad_clip, cfg.grad_accum, |m, micro, tape| {
                 let first = (step * cfg.grad_accum + micro) * cfg.batch_size;
-                let batch: Vec<&Pair> = (first..first + cfg.batch_size)
-                    .map(|i| &train_set[epoch_index(train_set.len(), cfg.seed, i)])
-                    .collect();
-                tokens += batch.iter().map(|p| p.chosen.ids.len() + p.rejected.ids.len()).sum::<usize>();
-                let (loss, stats): (Loss, _) = pair_loss(&cfg, m, &batch, pad, tape)?;
-                batch_stats.push(stats);
+                let idx: Vec<usize> =
+                    (first..first + cfg.batch_size).map(|i| epoch_index(train_set.len(), cfg.seed, i)).collect();
+                let (loss, out): (Loss, _) = batch_loss(&cfg, m, train_set, &idx, pad, tape)?;
+                tokens += out.tokens;
+                outs.push(out);
                 Ok(loss)
             })?;
         report.train_loss = loss;
         let done = step + 1;
         let tok_s = tokens as f64 / t0.elapsed().as_secs_f64();
-        let acc = batch_stats.iter().map(|s| s.accuracy).sum::<f64>() / batch_stats.len() as f64;
-        let mut record = serde_json::json!({"step": done, "loss": loss, "rewards/accuracies": acc, "lr": lr,
-            "grad_norm": grad_norm, "tokens_per_s": tok_s});
+        let st = stats_of(train_set, &outs);
+        let mut record = serde_json::json!({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": tok_s});
+        put_stats(&mut record, "", &st);
         if (done % cfg.eval_every == 0 || done == cfg.steps) && !val_set.is_empty() {
-            let ev = evaluate(&cfg, &policy, val_set, pad)?;
-            for (k, v) in [
-                ("eval/loss", ev.loss),
-                ("eval/rewards/chosen", ev.rewards_chosen),
-                ("eval/rewards/rejected", ev.rewards_rejected),
-                ("eval/rewards/accuracies", ev.accuracy),
-                ("eval/rewards/margins", ev.margin),
-            ] {
-                record[k] = v.into();
+            let mut ev = evaluate(&cfg, &policy, val_set, pad)?;
+            if !sample_prompts.is_empty() {
+                let s = sample_kl(&cfg, &policy, &reference, &tok, &sample_prompts, done)?;
+                ev.sample_kl =
+                    Some(s.iter().map(|r| r["kl"].as_f64().unwrap_or(f64::NAN)).sum::<f64>() / s.len() as f64);
+                for r in s {
+                    samples.write(&r)?;
+                }
             }
+            put_stats(&mut record, "eval/", &ev);
             report.eval = Some(ev);
         }
         metrics.write(&record)?;
-        bar.set_message(format!("loss {loss:.3} acc {acc:.2} | {tok_s:.0} tok/s"));
+        bar.set_message(format!("loss {loss:.3} margin {:.3} | {tok_s:.0} tok/s", st.margin));
         bar.inc(1);
         if done % cfg.checkpoint_every == 0 || done == cfg.steps {
             save(&run, done, &policy, &tok, &mut opt)?;
@@ -298,6 +420,81 @@ pub fn train(cfg: DpoConfig, resume: bool) -> Result<DpoReport> {
     }
     bar.finish();
     Ok(report)
+}
+
+/// Writes the statistics into a metrics record under TRL's names.
+fn put_stats(record: &mut serde_json::Value, prefix: &str, st: &DpoStats) {
+    let mut put = |k: &str, v: Option<f64>| {
+        if let Some(v) = v {
+            record[format!("{prefix}{k}")] = v.into();
+        }
+    };
+    if !prefix.is_empty() {
+        put("loss", Some(st.loss));
+    }
+    put("rewards/chosen", Some(st.rewards_chosen));
+    put("rewards/rejected", Some(st.rewards_rejected));
+    put("rewards/accuracies", st.accuracy);
+    put("rewards/margins", Some(st.margin));
+    put("kl", st.kl);
+    put("sample_kl", st.sample_kl);
+}
+
+/// The data of a run, split and with the reference's log-probs.
+struct Data {
+    train: Examples,
+    val: Examples,
+    skipped_truncated: (usize, usize),
+}
+
+/// Reads, tokenizes and splits the data (the last `val_fraction` held out), then computes the
+/// reference's log-probs once.
+fn load_examples(cfg: &DpoConfig, reference: &CausalLm<Cpu>, tok: &Tokenizer, eos: u32, pad: u32) -> Result<Data> {
+    let spec = TokenizeSpec {
+        template: &cfg.prompt_template,
+        max_len: cfg.max_len,
+        truncation: cfg.truncation,
+        data: &cfg.data,
+    };
+    let (train, val, skipped, truncated) = if let DpoLoss::Kto { .. } = cfg.loss {
+        let labelled = read_labelled(&cfg.data, &cfg.format)?;
+        let (mut set, mut skipped, mut truncated) = (vec![], 0, 0);
+        for l in &labelled {
+            let c = Comparison {
+                line: l.line,
+                prompt: l.prompt.clone(),
+                responses: vec![l.completion.clone()],
+                margin: None,
+            };
+            let (mut t, s, k) = tokenize_with(spec, tok, eos, &[c])?;
+            (skipped, truncated) = (skipped + s, truncated + k);
+            if let Some(t) = t.pop() {
+                let completion = t.responses.into_iter().next().expect("one response");
+                set.push(TokLabelled { line: t.line, prompt: t.prompt_ids, completion, desirable: l.desirable });
+            }
+        }
+        // a pair's two halves stay on the same side of the split
+        let mut cut = set.len() - ((set.len() as f64) * cfg.val_fraction).round() as usize;
+        while cut > 0 && cut < set.len() && set[cut].line == set[cut - 1].line {
+            cut -= 1;
+        }
+        let train = kto_examples(reference, &set[..cut], pad, cfg.batch_size, cfg.seed)?;
+        let val = kto_examples(reference, &set[cut..], pad, cfg.batch_size, cfg.seed ^ 0x7a1)?;
+        (Examples::Kto(train), Examples::Kto(val), skipped, truncated)
+    } else {
+        let comparisons = read_comparisons(&cfg.data, &cfg.format)?;
+        let (comps, skipped, truncated) = tokenize_with(spec, tok, eos, &comparisons)?;
+        let mut pairs = reference_pairs(reference, &comps, pad, cfg.batch_size)?;
+        let val = pairs.split_off(pairs.len() - ((pairs.len() as f64) * cfg.val_fraction).round() as usize);
+        (Examples::Pairs(pairs), Examples::Pairs(val), skipped, truncated)
+    };
+    if train.is_empty() {
+        bail!("{}: no training examples left ({skipped} skipped as too long)", cfg.data.display());
+    }
+    if skipped + truncated > 0 {
+        eprintln!("dpo: {skipped} records skipped and {truncated} prompts truncated (max_len {})", cfg.max_len);
+    }
+    Ok(Data { train, val, skipped_truncated: (skipped, truncated) })
 }
 
 /// Every comparison's (better, worse) pairs with the reference's sequence log-probs.
@@ -327,21 +524,53 @@ fn reference_pairs(reference: &CausalLm<Cpu>, comps: &[TokComparison], pad: u32,
     Ok(pairs)
 }
 
-/// Loss and implicit-reward statistics over `set` (no tape): every statistic is a mean over
-/// pairs, so the chunks' means weighted by their sizes give the set's.
-pub fn evaluate(cfg: &DpoConfig, policy: &CausalLm<Cpu>, set: &[Pair], pad: u32) -> Result<DpoStats> {
-    let mut total = DpoStats::default();
-    for chunk in set.chunks(cfg.batch_size) {
-        let refs: Vec<&Pair> = chunk.iter().collect();
-        let (_, st) = pair_loss(cfg, policy, &refs, pad, NoneTape)?;
-        let w = chunk.len() as f64 / set.len() as f64;
-        total.loss += w * st.loss;
-        total.rewards_chosen += w * st.rewards_chosen;
-        total.rewards_rejected += w * st.rewards_rejected;
-        total.accuracy += w * st.accuracy;
-        total.margin += w * st.margin;
-    }
-    Ok(total)
+/// Loss and implicit-reward statistics over `set` (no tape), in batches of `batch_size`.
+pub fn evaluate(cfg: &DpoConfig, policy: &CausalLm<Cpu>, set: &Examples, pad: u32) -> Result<DpoStats> {
+    let idx: Vec<usize> = (0..set.len()).collect();
+    let outs = idx
+        .chunks(cfg.batch_size)
+        .map(|chunk| Ok(batch_loss(cfg, policy, set, chunk, pad, NoneTape)?.1))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(stats_of(set, &outs))
+}
+
+/// One sample (temperature 1) per prompt from the policy, as `samples.jsonl` records with the
+/// sequence's sampled KL `Σ_t log π_θ/π_ref` (an unbiased estimate of KL(π_θ‖π_ref) on the
+/// prompt). The seed depends on the step only, so a resumed run samples the same.
+fn sample_kl(
+    cfg: &DpoConfig,
+    policy: &CausalLm<Cpu>,
+    reference: &CausalLm<Cpu>,
+    tok: &Tokenizer,
+    prompts: &[Vec<u32>],
+    step: usize,
+) -> Result<Vec<serde_json::Value>> {
+    let eos = tok.eos_id().or(policy.config.eos_token_id()).unwrap_or(0);
+    let pad = tok.pad_id().unwrap_or(eos);
+    let scfg = SamplingConfig {
+        max_new_tokens: cfg.sample_tokens,
+        eos_ids: vec![eos],
+        seed: mix(cfg.seed, step as u64, 0x5a3),
+        ..Default::default()
+    };
+    let g = generate(&InferenceModel::from_model(policy), prompts, pad, &scfg)?;
+    let seqs: Vec<Seq> = prompts
+        .iter()
+        .zip(&g.tokens)
+        .map(|(p, r)| Seq { ids: [p.as_slice(), r].concat(), prompt_len: p.len() })
+        .collect();
+    let refs: Vec<&Seq> = seqs.iter().collect();
+    let kls = sequence_log_ratios(policy, reference, &refs, pad)?;
+    prompts
+        .iter()
+        .zip(&g.tokens)
+        .zip(kls)
+        .map(|((p, r), kl)| {
+            let body: Vec<u32> = r.iter().copied().filter(|&t| t != eos).collect();
+            Ok(serde_json::json!({"step": step, "prompt": tok.decode(p)?, "completion": tok.decode(&body)?,
+                "tokens": r.len(), "kl": kl}))
+        })
+        .collect()
 }
 
 fn validate(cfg: &DpoConfig) -> Result<()> {
@@ -353,6 +582,16 @@ fn validate(cfg: &DpoConfig) -> Result<()> {
         ("checkpoint_every", cfg.checkpoint_every),
         ("max_len", cfg.max_len),
     ])?;
+    if let DpoLoss::Ipo { tau } = cfg.loss {
+        if tau <= 0.0 {
+            bail!("loss.tau must be positive (IPO's target margin is 1/(2τ))");
+        }
+    }
+    if let DpoLoss::Cdpo { label_smoothing: e } | DpoLoss::Robust { label_smoothing: e } = cfg.loss {
+        if !(0.0..0.5).contains(&e) {
+            bail!("loss.label_smoothing must be in [0, 0.5)");
+        }
+    }
     require_fraction("val_fraction", cfg.val_fraction)?;
     if cfg.data.as_os_str().is_empty() || cfg.init.as_os_str().is_empty() {
         bail!("data and init are required (a preference JSONL file and an SFT checkpoint folder)");

@@ -2,6 +2,7 @@
 
 pub mod common;
 pub mod dpo;
+pub mod kto;
 pub mod ppo;
 pub mod ppo_models;
 pub mod ppo_step;

@@ -100,6 +100,28 @@ pub fn logprobs_and_entropy<T: Tape<f32, Cpu>>(
     Ok(Cpu::logprobs_and_entropy(model.logits(h.gather(idx)), &targets, temperature))
 }
 
+/// Per sequence, `Σ_t log π_θ(token) − log π_ref(token)` over its response tokens
+/// (temperature 1): on samples from π_θ, an unbiased estimate of the sequence-level
+/// KL(π_θ‖π_ref).
+pub fn sequence_log_ratios(
+    policy: &CausalLm<Cpu>,
+    reference: &CausalLm<Cpu>,
+    seqs: &[&Seq],
+    pad: u32,
+) -> Result<Vec<f64>> {
+    let lp = logprobs_and_entropy(policy, seqs, pad, 1.0, NoneTape)?.as_vec();
+    let lr = logprobs_and_entropy(reference, seqs, pad, 1.0, NoneTape)?.as_vec();
+    let mut off = 0;
+    Ok(seqs
+        .iter()
+        .map(|s| {
+            let n = s.resp_len();
+            off += n;
+            (off - n..off).map(|i| (lp[i] - lr[i]) as f64).sum()
+        })
+        .collect())
+}
+
 impl PpoModels {
     /// The policy's `[logprobs…, entropies…]` `(2N,)` and the critic's values `(N,)` for
     /// every response token of `seqs`, from one taped pass (two for a separate critic).

@@ -1,0 +1,176 @@
+//! KTO's data and batch loss for `rlhf dpo` with `loss.kind = "kto"` (Ethayarajh et al. 2024,
+//! as TRL's `KTOTrainer` computes it). Each example is a (prompt, completion) labelled
+//! desirable or not; its reference point comes from *mismatched* pairs — prompt i with another
+//! example's completion — whose log-ratio, averaged over the batch and clamped at 0, estimates
+//! `z₀ = KL(π_θ‖π_ref)`. As in TRL the mismatch is fixed once (here: the previous example of a
+//! seeded permutation whose prompt differs), the reference's log-probs of both sequences are
+//! computed once, and the policy's mismatched log-probs get no gradient.
+
+use anyhow::Result;
+use dfdx::prelude::*;
+use rlhf_policies::fused::host_loss;
+use rlhf_policies::CausalLm;
+
+use crate::data::epoch_index;
+use crate::math::dpo::{kto_loss, KtoBatch};
+use crate::stages::dpo::{seq_logps, sums};
+use crate::stages::ppo_models::Seq;
+
+/// One tokenized KTO example with its mismatched sequence and the reference's log-probs.
+#[derive(Debug, Clone)]
+pub struct KtoExample {
+    /// Line of the record in its file (a pair's two halves share it).
+    pub line: usize,
+    /// Prompt ⧺ completion.
+    pub seq: Seq,
+    /// Prompt ⧺ another example's completion.
+    pub kl_seq: Seq,
+    /// `true` = desirable.
+    pub desirable: bool,
+    /// log π_ref of `seq` and of `kl_seq`.
+    pub ref_logps: (f64, f64),
+}
+
+/// A labelled (prompt ids, completion ids) before the mismatch is drawn.
+#[derive(Debug, Clone)]
+pub struct TokLabelled {
+    /// Line of the record.
+    pub line: usize,
+    /// Prompt ids.
+    pub prompt: Vec<u32>,
+    /// Completion ids (EOS included).
+    pub completion: Vec<u32>,
+    /// `true` = desirable.
+    pub desirable: bool,
+}
+
+/// The examples of `set` with their mismatched sequences (drawn with `seed`) and the
+/// reference's log-probs (`batch` sequences per forward).
+pub fn kto_examples(
+    reference: &CausalLm<Cpu>,
+    set: &[TokLabelled],
+    pad: u32,
+    batch: usize,
+    seed: u64,
+) -> Result<Vec<KtoExample>> {
+    let n = set.len();
+    let order: Vec<usize> = (0..n).map(|k| epoch_index(n, seed, k)).collect();
+    let mut partner = vec![0; n];
+    for k in 0..n {
+        // the nearest earlier example (cyclically) with a different prompt; itself if none
+        let i = order[k];
+        partner[i] = (1..n).map(|d| order[(k + n - d) % n]).find(|&j| set[j].prompt != set[i].prompt).unwrap_or(i);
+    }
+    let seq = |p: &TokLabelled, c: &TokLabelled| Seq {
+        ids: [p.prompt.as_slice(), &c.completion].concat(),
+        prompt_len: p.prompt.len(),
+    };
+    let mut out: Vec<KtoExample> = set
+        .iter()
+        .zip(&partner)
+        .map(|(e, &j)| KtoExample {
+            line: e.line,
+            seq: seq(e, e),
+            kl_seq: seq(e, &set[j]),
+            desirable: e.desirable,
+            ref_logps: (0.0, 0.0),
+        })
+        .collect();
+    for chunk in out.chunks_mut(batch.max(1)) {
+        let seqs: Vec<&Seq> = chunk.iter().flat_map(|e| [&e.seq, &e.kl_seq]).collect();
+        let s = sums(&seq_logps(reference, &seqs, pad, NoneTape)?.as_vec(), &seqs);
+        for (k, e) in chunk.iter_mut().enumerate() {
+            e.ref_logps = (s[2 * k], s[2 * k + 1]);
+        }
+    }
+    Ok(out)
+}
+
+/// What one KTO batch gives besides its loss.
+#[derive(Debug, Clone, Default)]
+pub struct KtoBatchOut {
+    /// Mean loss over the batch.
+    pub loss: f64,
+    /// `β·log π_θ/π_ref` per example.
+    pub rewards: Vec<f64>,
+    /// The batch's reference point `z₀`.
+    pub z0: f64,
+}
+
+/// KTO's loss on `batch` through the policy's taped forward; the mismatched sequences go
+/// through an untaped forward (`z₀` is detached).
+pub fn kto_batch_loss<T: Tape<f32, Cpu>>(
+    policy: &CausalLm<Cpu>,
+    batch: &[&KtoExample],
+    pad: u32,
+    (beta, desirable_weight, undesirable_weight): (f64, f64, f64),
+    tape: T,
+) -> Result<(Tensor<Rank0, f32, Cpu, T>, KtoBatchOut)> {
+    let kl_seqs: Vec<&Seq> = batch.iter().map(|e| &e.kl_seq).collect();
+    let policy_kl_logps = sums(&seq_logps(policy, &kl_seqs, pad, NoneTape)?.as_vec(), &kl_seqs);
+    let seqs: Vec<&Seq> = batch.iter().map(|e| &e.seq).collect();
+    let lpe = seq_logps(policy, &seqs, pad, tape)?;
+    let labels: Vec<bool> = batch.iter().map(|e| e.desirable).collect();
+    let (ref_logps, ref_kl_logps): (Vec<f64>, Vec<f64>) = batch.iter().map(|e| e.ref_logps).unzip();
+    let mut out = KtoBatchOut::default();
+    let loss = host_loss(lpe, |x| {
+        let policy_logps = sums(x, &seqs);
+        let k = kto_loss(
+            KtoBatch {
+                labels: &labels,
+                policy_logps: &policy_logps,
+                ref_logps: &ref_logps,
+                policy_kl_logps: &policy_kl_logps,
+                ref_kl_logps: &ref_kl_logps,
+            },
+            beta,
+            desirable_weight,
+            undesirable_weight,
+        );
+        // every token of a sequence gets its sequence's gradient; entropies get none
+        let mut grad: Vec<f64> =
+            seqs.iter().zip(&k.d_policy).flat_map(|(s, &g)| std::iter::repeat_n(g, s.resp_len())).collect();
+        grad.resize(x.len(), 0.0);
+        out = KtoBatchOut { loss: k.loss, rewards: k.rewards, z0: k.z0 };
+        (k.loss, grad)
+    });
+    Ok((loss, out))
+}
+
+/// Held-out pair accuracy for examples unpaired from pairs: over the lines holding exactly
+/// one desirable and one undesirable example, how often the desirable one's implicit reward
+/// is strictly higher. `None` when no line holds such a pair (genuinely unpaired data).
+pub fn pair_accuracy(examples: &[KtoExample], rewards: &[f64]) -> Option<f64> {
+    let mut by_line: std::collections::BTreeMap<usize, Vec<(bool, f64)>> = Default::default();
+    for (e, &r) in examples.iter().zip(rewards) {
+        by_line.entry(e.line).or_default().push((e.desirable, r));
+    }
+    let (mut right, mut n) = (0, 0);
+    for v in by_line.values() {
+        if let [(a, ra), (b, rb)] = v.as_slice() {
+            if a != b {
+                let (good, bad) = if *a { (ra, rb) } else { (rb, ra) };
+                n += 1;
+                right += usize::from(good > bad);
+            }
+        }
+    }
+    (n > 0).then(|| right as f64 / n as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(line: usize, desirable: bool) -> KtoExample {
+        let seq = Seq { ids: vec![1, 2], prompt_len: 1 };
+        KtoExample { line, seq: seq.clone(), kl_seq: seq, desirable, ref_logps: (0.0, 0.0) }
+    }
+
+    #[test]
+    fn pair_accuracy_counts_only_complete_pairs() {
+        let e = [ex(1, true), ex(1, false), ex(2, false), ex(2, true), ex(3, true)];
+        assert_eq!(pair_accuracy(&e, &[1.0, 0.5, 2.0, 1.0, 9.0]), Some(0.5));
+        assert_eq!(pair_accuracy(&e[4..], &[1.0]), None);
+    }
+}
