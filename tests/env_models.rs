@@ -109,6 +109,33 @@ fn rollout_logprobs_match_the_training_forward() {
     }
 }
 
+/// Grouped rollouts prefill each shared prompt once and copy its cache row: every row's
+/// sampling and reference log-probs still equal the training forward's.
+#[test]
+fn grouped_rollouts_with_a_shared_prefill_match_the_training_forward() {
+    let tok = Tokenizer::byte_level().unwrap();
+    let (policy, reference) = (lm(3), lm(4));
+    let mut v =
+        VecEnv::new(6, env_cfg(8), source(&tok), session(&reference, 6, 0), length_reward(), Box::new(tok.clone()))
+            .unwrap();
+    let episodes = v.rollout_with(&mut session(&policy, 6, 5), Rollout { group_size: 3, reference: true }).unwrap();
+    assert!(episodes[0].prompt_ids == episodes[2].prompt_ids && episodes[3].prompt_ids == episodes[5].prompt_ids);
+    assert!(episodes[..3].iter().any(|e| e.response_ids != episodes[0].response_ids));
+    for ep in &episodes {
+        let seq = [ep.prompt_ids.as_slice(), &ep.response_ids].concat();
+        for (model, got) in [(&policy, &ep.logprobs), (&reference, &ep.ref_logprobs)] {
+            let logits =
+                model.forward(&Batch::unpadded(std::slice::from_ref(&seq)).unwrap(), NoneTape).unwrap().as_vec();
+            for (t, &lp) in got.iter().enumerate() {
+                let pos = ep.prompt_ids.len() - 1 + t;
+                let row: Vec<f32> = logits[pos * 258..(pos + 1) * 258].iter().map(|l| l / 0.9).collect();
+                let want = log_softmax_ref(&row)[seq[pos + 1] as usize];
+                assert!((lp - want).abs() < 1e-4, "t {t}: {lp} vs {want}");
+            }
+        }
+    }
+}
+
 #[test]
 fn learned_reward_scores_the_last_token_of_prompt_and_response() {
     let dev = Cpu::default();

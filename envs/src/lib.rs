@@ -44,4 +44,4 @@ pub use spaces::{Discrete, Space, TokenSeq};
 pub use text_env::{
     Action, Detokenizer, Env, Episode, LogProbModel, Obs, PromptSource, Step, StepInfo, TextEnvConfig, TextGenEnv,
 };
-pub use vec_env::{Policy, VecEnv};
+pub use vec_env::{NoReference, Policy, Rollout, VecEnv};

@@ -21,6 +21,36 @@ pub trait Policy {
     fn push(&mut self, rows: &[usize], tokens: &[u32]) -> Result<(), EnvError>;
 }
 
+/// The reference of an environment built without one: trainers that take the KL themselves
+/// roll out with `Rollout { reference: false, .. }`; any call here is an error.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoReference;
+
+impl LogProbModel for NoReference {
+    fn begin(&mut self, _: &[usize], _: &[&[u32]]) -> Result<(), EnvError> {
+        Err(EnvError::Model("this environment has no reference model (roll out with `reference: false`)".into()))
+    }
+
+    fn logprob_and_push(&mut self, _: &[usize], _: &[u32]) -> Result<Vec<f32>, EnvError> {
+        Err(EnvError::Model("this environment has no reference model (roll out with `reference: false`)".into()))
+    }
+}
+
+/// Options of [`VecEnv::rollout_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rollout {
+    /// Consecutive rows sharing a prompt (G). Default `1`.
+    pub group_size: usize,
+    /// Take the reference's log-probs (the KL terms). Default `true`.
+    pub reference: bool,
+}
+
+impl Default for Rollout {
+    fn default() -> Self {
+        Rollout { group_size: 1, reference: true }
+    }
+}
+
 /// B environments sharing one reference model (one row each) and one reward model.
 pub struct VecEnv<R, M> {
     cfg: TextEnvConfig,
@@ -225,17 +255,46 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
     /// per-token math as [`VecEnv::step`], and scores all responses in one reward call.
     /// Returns one episode per row, in row order.
     pub fn rollout<P: Policy + ?Sized>(&mut self, policy: &mut P) -> Result<Vec<Episode>, EnvError> {
+        self.rollout_with(policy, Rollout::default())
+    }
+
+    /// [`VecEnv::rollout`] with options: groups of `group_size` consecutive rows share one
+    /// prompt (group-major: row `g·G + j` is completion `j` of prompt `g`), and without the
+    /// reference pass the policy's own sampling log-probs stand in for the reference's, so
+    /// every KL term (and the KL part of the per-token reward) is exactly 0 — for trainers that
+    /// take the KL elsewhere (GRPO's loss term, RLOO's sequence KL) or use none.
+    pub fn rollout_with<P: Policy + ?Sized>(
+        &mut self,
+        policy: &mut P,
+        opts: Rollout,
+    ) -> Result<Vec<Episode>, EnvError> {
         let all: Vec<usize> = (0..self.rows.len()).collect();
-        self.draw_prompts(&all);
+        let g = opts.group_size;
+        if g == 0 || self.rows.len() % g != 0 {
+            return Err(EnvError::Config {
+                field: "group_size",
+                msg: format!("must divide the {} environments, got {g}", self.rows.len()),
+            });
+        }
+        for group in all.chunks(g) {
+            let i = self.prompts.next_index();
+            for &r in group {
+                self.rows[r] = Some(Row::new(i, self.prompts.ids(i).to_vec()));
+            }
+        }
         policy.begin(&all, &self.prompts_of(&all))?;
         let actions = self.sample_all(policy, &all)?;
-        let responses: Vec<Vec<u32>> = actions.iter().map(|a| a.iter().map(|x| x.token).collect()).collect();
-        let resp_refs: Vec<&[u32]> = responses.iter().map(Vec::as_slice).collect();
-        let prompts: Vec<Vec<u32>> = self.prompts_of(&all).iter().map(|p| p.to_vec()).collect();
-        let prompt_refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-        let ref_lps = match self.reference.score_responses(&all, &prompt_refs, &resp_refs)? {
-            Some(lps) => lps,
-            None => self.reference_step_by_step(&all, &prompt_refs, &resp_refs)?,
+        let ref_lps = if opts.reference {
+            let responses: Vec<Vec<u32>> = actions.iter().map(|a| a.iter().map(|x| x.token).collect()).collect();
+            let resp_refs: Vec<&[u32]> = responses.iter().map(Vec::as_slice).collect();
+            let prompts: Vec<Vec<u32>> = self.prompts_of(&all).iter().map(|p| p.to_vec()).collect();
+            let prompt_refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+            match self.reference.score_responses(&all, &prompt_refs, &resp_refs)? {
+                Some(lps) => lps,
+                None => self.reference_step_by_step(&all, &prompt_refs, &resp_refs)?,
+            }
+        } else {
+            actions.iter().map(|a| a.iter().map(|x| x.logprob).collect()).collect()
         };
         for (r, (acts, lps)) in actions.iter().zip(&ref_lps).enumerate() {
             if lps.len() != acts.len() {

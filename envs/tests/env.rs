@@ -214,6 +214,45 @@ fn kl_is_zero_when_the_policy_is_the_reference() {
     }
 }
 
+/// Grouped rollouts: G consecutive rows share a prompt (group-major), the groups draw
+/// prompts in the source's order, the G samples differ; without the reference pass every KL
+/// term is exactly 0 and the reference's log-probs are the sampling ones.
+#[test]
+fn grouped_rollout_shares_prompts_and_can_skip_the_reference() {
+    let (n, g) = (6, 3);
+    let mut v = VecEnv::new(
+        n,
+        cfg(8, 0),
+        PromptSource::new(prompts(7), 5).unwrap(),
+        Bigram::new(12, 0.3, n, 0),
+        rule(),
+        Box::new(Letters),
+    )
+    .unwrap();
+    let mut policy = Bigram::new(12, 0.9, n, 42);
+    let eps = v.rollout_with(&mut policy, Rollout { group_size: g, reference: false }).unwrap();
+    let mut src = PromptSource::new(prompts(7), 5).unwrap();
+    for group in eps.chunks(g) {
+        let i = src.next_index();
+        assert!(group.iter().all(|e| e.prompt_index == i && e.prompt_ids == group[0].prompt_ids));
+        assert!(group.iter().any(|e| e.response_ids != group[0].response_ids), "the samples of a group differ");
+    }
+    for ep in &eps {
+        assert_eq!(ep.ref_logprobs, ep.logprobs);
+        assert!(ep.kl.iter().all(|&k| k == 0.0));
+        assert_eq!(*ep.rewards.last().unwrap(), ep.score);
+    }
+    assert_eq!(v.prompts().draws(), n / g);
+    // an env built without a reference rolls out without one, and refuses to step
+    let mut bare =
+        VecEnv::new(n, cfg(8, 0), PromptSource::new(prompts(7), 5).unwrap(), NoReference, rule(), Box::new(Letters))
+            .unwrap();
+    assert_eq!(bare.rollout_with(&mut policy, Rollout { group_size: g, reference: false }).unwrap().len(), n);
+    assert!(bare.reset(None).unwrap_err().to_string().contains("no reference model"));
+    let e = v.rollout_with(&mut policy, Rollout { group_size: 4, reference: true }).unwrap_err().to_string();
+    assert!(e.contains("group_size"), "{e}");
+}
+
 // ---- reward shaping against shared/fixtures/ppo ----
 
 fn fixture() -> serde_json::Value {

@@ -108,6 +108,16 @@ impl KvCache {
     pub fn capacity(&self) -> usize {
         self.cap
     }
+    /// Makes row `dst` a copy of row `src` (keys, values, fill level and padding): a prompt
+    /// shared by several rows is prefilled once.
+    pub fn copy_row(&mut self, src: usize, dst: usize) {
+        let block = self.k[0].len() / self.b;
+        for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
+            layer.copy_within(src * block..(src + 1) * block, dst * block);
+        }
+        self.len[dst] = self.len[src];
+        self.pad[dst] = self.pad[src];
+    }
     /// Empties `row` to start a new sequence there, with `pad` left-pad columns (so rows
     /// restarted together can be prefilled as one left-padded batch).
     pub fn reset_row(&mut self, row: usize, pad: usize) {

@@ -48,17 +48,30 @@ impl EngineSession {
         self.engine = engine;
     }
 
-    /// Prefills `rows` with their prompts as one left-padded batch.
+    /// Prefills `rows` with their prompts as one left-padded batch. A prompt given to several
+    /// rows (GRPO's groups) is computed once and its cache row copied to the others.
     fn prefill(&mut self, rows: &[usize], prompts: &[&[u32]]) -> Result<(), EnvError> {
         if rows.len() != prompts.len() {
             return Err(EnvError::Count { what: "prompts", expected: rows.len(), got: prompts.len() });
         }
+        let mut first_of: std::collections::HashMap<&[u32], usize> = Default::default();
+        let (mut unique, mut copies) = (vec![], vec![]);
+        for (&r, &p) in rows.iter().zip(prompts) {
+            match first_of.get(p) {
+                Some(&src) => copies.push((src, r)),
+                None => {
+                    first_of.insert(p, r);
+                    unique.push((r, p));
+                }
+            }
+        }
+        let (rows, prompts): (Vec<usize>, Vec<&[u32]>) = unique.into_iter().unzip();
         if rows.is_empty() {
             return Ok(());
         }
         let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(rows.len() * t);
-        for (&r, p) in rows.iter().zip(prompts) {
+        for (&r, p) in rows.iter().zip(&prompts) {
             if p.is_empty() {
                 return Err(EnvError::Model(format!("row {r}: empty prompt")));
             }
@@ -67,8 +80,13 @@ impl EngineSession {
             ids.extend_from_slice(p);
             self.steps[r] = 0;
         }
-        let logits = self.engine.forward_rows(&mut self.cache, rows, &ids, t, LogitsAt::Last).map_err(model_err)?;
-        self.store(rows, logits);
+        let logits = self.engine.forward_rows(&mut self.cache, &rows, &ids, t, LogitsAt::Last).map_err(model_err)?;
+        self.store(&rows, logits);
+        for (src, dst) in copies {
+            self.cache.copy_row(src, dst);
+            self.logits[dst] = self.logits[src].clone();
+            self.steps[dst] = 0;
+        }
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 //! tape with [`rlhf_policies::fused::host_loss`].
 
 pub mod dpo;
+pub mod group;
 pub mod ppo;
 pub mod preference;
 

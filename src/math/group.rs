@@ -1,0 +1,308 @@
+//! Critic-free online RL's scalar math (fixtures `shared/fixtures/group`): GRPO's group
+//! baselines, RLOO's leave-one-out baseline, REINFORCE++'s returns with global whitening, and
+//! the clipped token loss all three optimise, with its aggregations. Completions are
+//! group-major — completion `j` of prompt `p` is index `p·k + j` — and per-token inputs hold the
+//! valid tokens only.
+
+use serde::{Deserialize, Serialize};
+
+/// How GRPO scales the group-centred rewards (TRL's `scale_rewards`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardScale {
+    /// Divide by the group's unbiased std (+ ε): DeepSeekMath's GRPO.
+    #[default]
+    Group,
+    /// Divide by the whole batch's unbiased std (+ ε).
+    Batch,
+    /// Do not divide: Dr. GRPO (Liu et al. 2025).
+    None,
+}
+
+/// How the per-token losses of a batch become one loss (TRL's `loss_type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossAggregation {
+    /// Mean over sequences of each sequence's token mean (DeepSeekMath).
+    Grpo,
+    /// Token mean over the micro-batch.
+    Bnpo,
+    /// Sum over tokens / (sequences · `max_completion_length`) (Dr. GRPO).
+    DrGrpo,
+    /// Token mean over the optimizer step's whole batch (DAPO; TRL's default).
+    #[default]
+    Dapo,
+}
+
+fn mean(x: &[f64]) -> f64 {
+    x.iter().sum::<f64>() / x.len().max(1) as f64
+}
+
+/// Unbiased (Bessel-corrected) standard deviation; 0 for fewer than two values.
+fn std_unbiased(x: &[f64]) -> f64 {
+    if x.len() < 2 {
+        return 0.0;
+    }
+    let m = mean(x);
+    (x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (x.len() - 1) as f64).sqrt()
+}
+
+/// GRPO's advantages (Shao et al. 2024, §4.1.2): `(r − mean_group) / (std + ε)`, with the std
+/// of the group, of the whole batch, or none (Dr. GRPO). A group of equal rewards gets
+/// advantages of exactly 0.
+///
+/// # Panics
+/// If `k` is 0 or does not divide the number of rewards.
+pub fn grpo_advantages(rewards: &[f32], k: usize, scale: RewardScale, std_eps: f64) -> Vec<f32> {
+    assert!(k > 0 && rewards.len() % k == 0, "grpo_advantages: {} rewards in groups of {k}", rewards.len());
+    let r: Vec<f64> = rewards.iter().map(|&x| x as f64).collect();
+    let batch_std = std_unbiased(&r);
+    r.chunks(k)
+        .flat_map(|g| {
+            let (m, s) = (mean(g), std_unbiased(g));
+            g.iter().map(move |&x| match scale {
+                RewardScale::Group => (x - m) / (s + std_eps),
+                RewardScale::Batch => (x - m) / (batch_std + std_eps),
+                RewardScale::None => x - m,
+            })
+        })
+        .map(|a| a as f32)
+        .collect()
+}
+
+/// RLOO's quantities for a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rloo {
+    /// `R = r − β·Σ_t (log π_old − log π_ref)`.
+    pub rewards_with_kl: Vec<f32>,
+    /// Mean of the other `k − 1` completions' `R`.
+    pub baseline: Vec<f32>,
+    /// `R − baseline` (optionally normalised over the batch).
+    pub advantages: Vec<f32>,
+}
+
+/// RLOO (Ahmadian et al. 2024, Eq. 4, as TRL's `RLOOTrainer`): the sequence KL is folded into
+/// the reward (no gradient through it) and each completion's baseline is the mean of the other
+/// `k − 1` of its prompt; `normalize` standardises the advantages over the batch with the
+/// unbiased std (+ ε).
+///
+/// # Panics
+/// If `k < 2` or `k` does not divide the number of rewards, or `kl_seq` differs in length.
+pub fn rloo_advantages(rewards: &[f32], kl_seq: &[f32], beta: f64, k: usize, normalize: Option<f64>) -> Rloo {
+    assert!(k >= 2 && rewards.len() % k == 0, "rloo: {} rewards in groups of {k} (k ≥ 2)", rewards.len());
+    assert_eq!(kl_seq.len(), rewards.len(), "rloo: one sequence KL per reward");
+    let big_r: Vec<f64> = rewards.iter().zip(kl_seq).map(|(&r, &kl)| r as f64 - beta * kl as f64).collect();
+    let baseline: Vec<f64> = big_r
+        .chunks(k)
+        .flat_map(|g| {
+            let sum: f64 = g.iter().sum();
+            g.iter().map(move |&x| (sum - x) / (k - 1) as f64)
+        })
+        .collect();
+    let mut adv: Vec<f64> = big_r.iter().zip(&baseline).map(|(r, b)| r - b).collect();
+    if let Some(eps) = normalize {
+        let (m, s) = (mean(&adv), std_unbiased(&adv));
+        adv.iter_mut().for_each(|a| *a = (*a - m) / (s + eps));
+    }
+    let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
+    Rloo { rewards_with_kl: f(big_r), baseline: f(baseline), advantages: f(adv) }
+}
+
+/// The variance REINFORCE++ whitens with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Whitening {
+    /// `(x − mean) / √max(var_biased, ε)` (OpenRLHF).
+    #[default]
+    Biased,
+    /// `(x − mean) / √(var_unbiased + ε)` (verl's `masked_whiten`).
+    Unbiased,
+}
+
+/// REINFORCE++'s per-sequence quantities.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReinforcePp {
+    /// `−β·(log π_old − log π_ref)` per token, plus the score at the last token.
+    pub token_rewards: Vec<Vec<f32>>,
+    /// Discounted returns-to-go.
+    pub returns: Vec<Vec<f32>>,
+    /// The returns whitened over every token of the batch.
+    pub advantages: Vec<Vec<f32>>,
+}
+
+/// REINFORCE++ (Hu 2025; OpenRLHF): per-token k1 KL in the reward, returns
+/// `G_t = Σ_{s≥t} γ^{s−t} r_s`, and advantages = returns whitened over all tokens of the batch
+/// (no critic, no per-prompt baseline).
+pub fn reinforce_pp_advantages(
+    old_logprobs: &[Vec<f32>],
+    ref_logprobs: &[Vec<f32>],
+    scores: &[f32],
+    beta: f64,
+    gamma: f64,
+    whitening: Whitening,
+    eps: f64,
+) -> ReinforcePp {
+    let token_rewards: Vec<Vec<f64>> = old_logprobs
+        .iter()
+        .zip(ref_logprobs)
+        .zip(scores)
+        .map(|((old, r), &score)| {
+            let mut tr: Vec<f64> = old.iter().zip(r).map(|(&o, &r)| -beta * (o as f64 - r as f64)).collect();
+            if let Some(last) = tr.last_mut() {
+                *last += score as f64;
+            }
+            tr
+        })
+        .collect();
+    let returns: Vec<Vec<f64>> = token_rewards
+        .iter()
+        .map(|tr| {
+            let mut g = 0.0;
+            let mut out: Vec<f64> = tr
+                .iter()
+                .rev()
+                .map(|&r| {
+                    g = r + gamma * g;
+                    g
+                })
+                .collect();
+            out.reverse();
+            out
+        })
+        .collect();
+    let flat: Vec<f64> = returns.concat();
+    let n = flat.len() as f64;
+    let m = mean(&flat);
+    let var_biased = flat.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n.max(1.0);
+    let scale = match whitening {
+        Whitening::Biased => 1.0 / var_biased.max(eps).sqrt(),
+        Whitening::Unbiased => 1.0 / (var_biased * n / (n - 1.0).max(1.0) + eps).sqrt(),
+    };
+    let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+    ReinforcePp {
+        advantages: returns.iter().map(|r| r.iter().map(|&x| ((x - m) * scale) as f32).collect()).collect(),
+        token_rewards: token_rewards.iter().map(|v| f(v)).collect(),
+        returns: returns.iter().map(|v| f(v)).collect(),
+    }
+}
+
+/// One batch of sequences for [`clipped_token_loss`]: per sequence, the valid tokens' values.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenBatch<'a> {
+    /// log π_θ (current).
+    pub logprobs: &'a [Vec<f32>],
+    /// log π_θ_old (rollout policy).
+    pub old_logprobs: &'a [Vec<f32>],
+    /// log π_ref; `None` when β = 0 (no KL term).
+    pub ref_logprobs: Option<&'a [Vec<f32>]>,
+    /// Advantages per token.
+    pub advantages: &'a [Vec<f32>],
+}
+
+/// The loss of a batch, its gradient and TRL's diagnostics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLoss {
+    /// The aggregated loss.
+    pub loss: f64,
+    /// `∂loss/∂logprobs`, per sequence and token.
+    pub grad: Vec<Vec<f64>>,
+    /// Per-token loss (before aggregation).
+    pub per_token_loss: Vec<Vec<f64>>,
+    /// Mean over tokens of the k3 KL (0 without a reference).
+    pub kl: f64,
+    /// Token fractions: ratio below 1 − ε_low with A < 0; above 1 + ε_high with A > 0.
+    pub clip_low: f64,
+    /// See `clip_low`.
+    pub clip_high: f64,
+}
+
+/// The clipped surrogate with clip-higher (DAPO) and GRPO's KL term, per token:
+///
+/// ```text
+/// ρ = exp(logprobs − old),   ℓ_t = −min(ρ·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A) + β·k3_t,
+/// k3_t = exp(ref − logprobs) − (ref − logprobs) − 1
+/// ```
+/// aggregated as `aggregation` says; `normalizer` is the token count of the optimizer step's
+/// batch (for `dapo`) and `max_completion_length` the `L` of `dr_grpo`.
+pub fn clipped_token_loss(
+    x: TokenBatch<'_>,
+    (eps_low, eps_high, beta): (f64, f64, f64),
+    aggregation: LossAggregation,
+    max_completion_length: usize,
+    normalizer: usize,
+) -> TokenLoss {
+    let n_seq = x.logprobs.len();
+    let n_tok: usize = x.logprobs.iter().map(Vec::len).sum();
+    let mut out = TokenLoss { loss: 0.0, grad: vec![], per_token_loss: vec![], kl: 0.0, clip_low: 0.0, clip_high: 0.0 };
+    for i in 0..n_seq {
+        let len = x.logprobs[i].len();
+        // the weight of each token's loss in the aggregate
+        let w = match aggregation {
+            LossAggregation::Grpo => 1.0 / (n_seq as f64 * len.max(1) as f64),
+            LossAggregation::Bnpo => 1.0 / n_tok.max(1) as f64,
+            LossAggregation::DrGrpo => 1.0 / (n_seq * max_completion_length).max(1) as f64,
+            LossAggregation::Dapo => 1.0 / normalizer.max(1) as f64,
+        };
+        let (mut losses, mut grads) = (Vec::with_capacity(len), Vec::with_capacity(len));
+        for t in 0..len {
+            let lp = x.logprobs[i][t] as f64;
+            let a = x.advantages[i][t] as f64;
+            let ratio = (lp - x.old_logprobs[i][t] as f64).exp();
+            let clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high);
+            let (unclipped_obj, clipped_obj) = (ratio * a, clipped * a);
+            // −min(·): the gradient flows through the unclipped branch when it is the minimum
+            let (mut l, mut g) =
+                if unclipped_obj <= clipped_obj { (-unclipped_obj, -unclipped_obj) } else { (-clipped_obj, 0.0) };
+            if let Some(r) = x.ref_logprobs {
+                let d = r[i][t] as f64 - lp;
+                let k3 = d.exp() - d - 1.0;
+                l += beta * k3;
+                g += beta * (1.0 - d.exp());
+                out.kl += k3 / n_tok.max(1) as f64;
+            }
+            out.clip_low += f64::from(u8::from(ratio < 1.0 - eps_low && a < 0.0)) / n_tok.max(1) as f64;
+            out.clip_high += f64::from(u8::from(ratio > 1.0 + eps_high && a > 0.0)) / n_tok.max(1) as f64;
+            out.loss += w * l;
+            losses.push(l);
+            grads.push(w * g);
+        }
+        out.per_token_loss.push(losses);
+        out.grad.push(grads);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clipped_loss_gradient_matches_finite_differences() {
+        let lp = vec![vec![-1.0f32, -2.0, -0.5], vec![-3.0, -0.1]];
+        let old = vec![vec![-1.1f32, -1.7, -0.9], vec![-2.9, -0.4]];
+        let rf = vec![vec![-1.3f32, -2.2, -0.4], vec![-3.5, -0.2]];
+        let adv = vec![vec![0.7f32; 3], vec![-1.2; 2]];
+        for agg in [LossAggregation::Grpo, LossAggregation::Bnpo, LossAggregation::DrGrpo, LossAggregation::Dapo] {
+            let f = |lp: &[Vec<f32>]| {
+                let x = TokenBatch { logprobs: lp, old_logprobs: &old, ref_logprobs: Some(&rf), advantages: &adv };
+                clipped_token_loss(x, (0.2, 0.28, 0.04), agg, 4, 7)
+            };
+            let out = f(&lp);
+            for (i, t) in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)] {
+                let h = 1e-3f32;
+                let (mut up, mut dn) = (lp.clone(), lp.clone());
+                up[i][t] += h;
+                dn[i][t] -= h;
+                let fd = (f(&up).loss - f(&dn).loss) / (2.0 * h as f64);
+                assert!((fd - out.grad[i][t]).abs() < 1e-4, "{agg:?} [{i},{t}]: {fd} vs {}", out.grad[i][t]);
+            }
+        }
+    }
+
+    #[test]
+    fn equal_rewards_give_zero_advantages_and_rloo_baselines_exclude_self() {
+        assert!(grpo_advantages(&[0.5; 4], 4, RewardScale::Group, 1e-4).iter().all(|&a| a == 0.0));
+        let r = rloo_advantages(&[1.0, 2.0, 3.0, 6.0], &[0.0; 4], 0.1, 4, None);
+        assert_eq!(r.baseline, vec![11.0 / 3.0, 10.0 / 3.0, 3.0, 2.0]);
+    }
+}
