@@ -41,6 +41,16 @@ enum Command {
     /// Direct preference optimisation (DPO, cDPO, robust, hinge, IPO) on preference JSONL, or
     /// KTO on labelled {prompt, completion, label} JSONL, against the frozen SFT model.
     Dpo(DpoArgs),
+    /// GRPO (group-normalised advantages, KL as a loss term) on the PPO environment: G
+    /// completions per prompt, no critic.
+    Grpo(PpoArgs),
+    /// RLOO (leave-one-out baseline, KL folded into the reward): `rlhf grpo` with
+    /// `algo.kind = rloo`.
+    Rloo(PpoArgs),
+    /// REINFORCE++ (per-token KL in the reward, globally whitened returns): `rlhf grpo` with
+    /// `algo.kind = reinforce_pp`.
+    #[command(name = "reinforce-pp")]
+    ReinforcePp(PpoArgs),
     /// Loss and perplexity of a checkpoint on a text file (non-overlapping blocks).
     Eval(EvalArgs),
     /// Write RUN_DIR/report.html: plots of every stage's metrics (and the demo's table and
@@ -301,6 +311,9 @@ fn main() -> Result<()> {
             write_report(&out);
             Ok(())
         }
+        Command::Grpo(a) => grpo_cmd(a, None),
+        Command::Rloo(a) => grpo_cmd(a, Some("rloo")),
+        Command::ReinforcePp(a) => grpo_cmd(a, Some("reinforce_pp")),
         Command::Eval(a) => eval_cmd(a),
         Command::Bench(BenchCommand::Rollout(a)) => bench_rollout(a),
         Command::Bench(BenchCommand::Env(a)) => bench_env(a),
@@ -497,6 +510,23 @@ fn ppo_cmd(a: PpoArgs) -> Result<()> {
     }
     let out = cfg.out_dir.clone();
     let report = rlhf::stages::ppo::train(cfg, resume)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    write_report(&out);
+    Ok(())
+}
+
+/// `rlhf grpo` / `rloo` / `reinforce-pp`: the latter two set `algo.kind` (a config's own
+/// parameters of that algorithm are kept).
+fn grpo_cmd(mut a: PpoArgs, algo: Option<&str>) -> Result<()> {
+    if let Some(kind) = algo {
+        a.stage.set.insert(0, format!("algo.kind={kind}"));
+    }
+    let (mut cfg, resume): (rlhf::stages::grpo::GrpoConfig, bool) = stage_config(&a.stage)?;
+    if let Some(path) = a.reward_model {
+        cfg.reward = Some(rlhf::stages::ppo::RewardSpec::Model { path, normalize: true });
+    }
+    let out = cfg.out_dir.clone();
+    let report = rlhf::stages::grpo::train(cfg, resume)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     write_report(&out);
     Ok(())

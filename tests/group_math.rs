@@ -90,7 +90,7 @@ fn the_clipped_token_loss_and_its_four_aggregations_match() {
         ("loss_dr_grpo", LossAggregation::DrGrpo),
         ("loss_dapo", LossAggregation::Dapo),
     ] {
-        let out = clipped_token_loss(batch, (eps_low, eps_high, beta), agg, l_max, n_valid);
+        let out = clipped_token_loss(batch, (eps_low, eps_high, beta), agg, l_max, n_valid as f64);
         let want = g[field].as_f64().unwrap();
         assert!(close(out.loss, want), "{field}: {} vs {want}", out.loss);
         let per_token: Vec<f32> = out.per_token_loss.concat().iter().map(|&v| v as f32).collect();

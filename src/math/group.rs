@@ -229,7 +229,7 @@ pub fn clipped_token_loss(
     (eps_low, eps_high, beta): (f64, f64, f64),
     aggregation: LossAggregation,
     max_completion_length: usize,
-    normalizer: usize,
+    normalizer: f64,
 ) -> TokenLoss {
     let n_seq = x.logprobs.len();
     let n_tok: usize = x.logprobs.iter().map(Vec::len).sum();
@@ -241,7 +241,7 @@ pub fn clipped_token_loss(
             LossAggregation::Grpo => 1.0 / (n_seq as f64 * len.max(1) as f64),
             LossAggregation::Bnpo => 1.0 / n_tok.max(1) as f64,
             LossAggregation::DrGrpo => 1.0 / (n_seq * max_completion_length).max(1) as f64,
-            LossAggregation::Dapo => 1.0 / normalizer.max(1) as f64,
+            LossAggregation::Dapo => 1.0 / normalizer.max(1.0),
         };
         let (mut losses, mut grads) = (Vec::with_capacity(len), Vec::with_capacity(len));
         for t in 0..len {
@@ -285,7 +285,7 @@ mod tests {
         for agg in [LossAggregation::Grpo, LossAggregation::Bnpo, LossAggregation::DrGrpo, LossAggregation::Dapo] {
             let f = |lp: &[Vec<f32>]| {
                 let x = TokenBatch { logprobs: lp, old_logprobs: &old, ref_logprobs: Some(&rf), advantages: &adv };
-                clipped_token_loss(x, (0.2, 0.28, 0.04), agg, 4, 7)
+                clipped_token_loss(x, (0.2, 0.28, 0.04), agg, 4, 7.0)
             };
             let out = f(&lp);
             for (i, t) in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)] {

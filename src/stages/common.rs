@@ -187,3 +187,15 @@ fn read_marker(dir: &Path) -> Result<TrainerState> {
     let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}", p.display()))?;
     serde_json::from_value(v["meta"].clone()).with_context(|| format!("{}: field meta", p.display()))
 }
+
+/// The rollouts `0..n` shuffled with `seed` into minibatches of `minibatch`, each split into
+/// `accum` micro-batches. Trainers seed it per (iteration, epoch) and walk epoch 0's layout in
+/// their scoring pass, so the first minibatch sees bit-identical inputs and its ratio is
+/// exactly 1.
+pub fn shuffled_minibatches(n: usize, minibatch: usize, accum: usize, seed: u64) -> Vec<Vec<Vec<usize>>> {
+    use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+    let mut perm: Vec<usize> = (0..n).collect();
+    perm.shuffle(&mut StdRng::seed_from_u64(seed));
+    let micro = minibatch / accum;
+    perm.chunks(minibatch).map(|mb| mb.chunks(micro).map(<[usize]>::to_vec).collect()).collect()
+}

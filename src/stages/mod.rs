@@ -2,6 +2,8 @@
 
 pub mod common;
 pub mod dpo;
+pub mod grpo;
+pub mod grpo_step;
 pub mod kto;
 pub mod ppo;
 pub mod ppo_models;

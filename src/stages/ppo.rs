@@ -259,7 +259,7 @@ pub struct PpoReport {
 
 /// Runs (or, with `resume`, continues) PPO with the reward given in the config.
 pub fn train(cfg: PpoConfig, resume: bool) -> Result<PpoReport> {
-    let reward = build_reward(&cfg)?;
+    let reward = build_reward(cfg.reward.as_ref())?;
     train_with_reward(cfg, resume, reward)
 }
 
@@ -287,7 +287,13 @@ pub fn train_with_reward(cfg: PpoConfig, resume: bool, reward: Box<dyn RewardMod
     let eos = tok.eos_id().or(reference.config.eos_token_id()).context("the policy's tokenizer has no EOS token")?;
     let pad = tok.pad_id().unwrap_or(eos);
     // DATA: prompts, the PPO-ptx corpus
-    let (prompts, skipped_prompts) = read_prompts(&cfg, &tok)?;
+    let spec = PromptSpec {
+        path: &cfg.prompts,
+        field: &cfg.prompt_field,
+        template: &cfg.prompt_template,
+        max_len: cfg.max_prompt_len,
+    };
+    let (prompts, skipped_prompts) = read_prompts(spec, &tok, "ppo")?;
     let ptx = cfg.ptx.as_ref().map(|p| read_corpus(&p.files).and_then(|t| Ok(tok.encode(&t)?))).transpose()?;
     let (iterations, every, sample_every, sample_count) =
         (cfg.iterations, cfg.checkpoint_every, cfg.sample_every, cfg.sample_count);
@@ -332,8 +338,9 @@ pub fn train_with_reward(cfg: PpoConfig, resume: bool, reward: Box<dyn RewardMod
     Ok(report)
 }
 
-fn build_reward(cfg: &PpoConfig) -> Result<Box<dyn RewardModel>> {
-    Ok(match cfg.reward.as_ref().context("reward is required (e.g. {\"kind\": \"model\", \"path\": ...})")? {
+/// The reward a config names (shared with the critic-free trainers).
+pub fn build_reward(spec: Option<&RewardSpec>) -> Result<Box<dyn RewardModel>> {
+    Ok(match spec.context("reward is required (e.g. {\"kind\": \"model\", \"path\": ...})")? {
         RewardSpec::Model { path, normalize } => {
             let (mut rm, norm) = LearnedReward::load_pretrained(path, &Cpu::default())
                 .with_context(|| format!("reward model {}", path.display()))?;
@@ -354,28 +361,41 @@ fn build_reward(cfg: &PpoConfig) -> Result<Box<dyn RewardModel>> {
 }
 
 /// Prompts as `(ids, text)`.
-type Prompts = Vec<(Vec<u32>, String)>;
+pub type Prompts = Vec<(Vec<u32>, String)>;
 
-/// Tokenized prompts and the number skipped as too long.
-fn read_prompts(cfg: &PpoConfig, tok: &Tokenizer) -> Result<(Prompts, usize)> {
+/// Where the prompts are and how they are read.
+#[derive(Debug, Clone, Copy)]
+pub struct PromptSpec<'a> {
+    /// JSONL file.
+    pub path: &'a std::path::Path,
+    /// Field holding the prompt.
+    pub field: &'a str,
+    /// Template; `{prompt}` is replaced.
+    pub template: &'a str,
+    /// Longer prompts (in tokens) are skipped and counted.
+    pub max_len: usize,
+}
+
+/// Tokenized prompts and the number skipped as too long (`stage` names the messages).
+pub fn read_prompts(spec: PromptSpec<'_>, tok: &Tokenizer, stage: &str) -> Result<(Prompts, usize)> {
     let (mut out, mut skipped) = (vec![], 0);
-    for r in read_jsonl(&cfg.prompts)? {
-        let text = cfg.prompt_template.replace("{prompt}", &r.str(&cfg.prompt_field)?);
+    for r in read_jsonl(spec.path)? {
+        let text = spec.template.replace("{prompt}", &r.str(spec.field)?);
         let ids = tok.encode(&text)?;
         if ids.is_empty() {
             return Err(r.error("the prompt encodes to no tokens"));
         }
-        if ids.len() > cfg.max_prompt_len {
+        if ids.len() > spec.max_len {
             skipped += 1;
             continue;
         }
         out.push((ids, text));
     }
     if skipped > 0 {
-        eprintln!("ppo: {skipped} prompts longer than max_prompt_len {} skipped", cfg.max_prompt_len);
+        eprintln!("{stage}: {skipped} prompts longer than max_prompt_len {} skipped", spec.max_len);
     }
     if out.is_empty() {
-        bail!("{}: no prompts left ({skipped} longer than max_prompt_len)", cfg.prompts.display());
+        bail!("{}: no prompts left ({skipped} longer than max_prompt_len)", spec.path.display());
     }
     Ok((out, skipped))
 }

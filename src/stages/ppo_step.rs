@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use dfdx::prelude::*;
-use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use rlhf_envs::kl::{kl_terms, shaped_rewards};
 use rlhf_envs::{Detokenizer, EnvError, Episode, KlConfig, PromptSource, RewardModel, TextEnvConfig, VecEnv};
 use rlhf_policies::fused::host_loss;
@@ -16,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{mix, sample_blocks};
 use crate::math::ppo::{explained_variance, gae, ppo_policy_loss, ppo_value_loss, whiten, KlController};
-use crate::stages::common::{optimizer_step, Loss, NonFinite};
+use crate::stages::common::{optimizer_step, shuffled_minibatches, Loss, NonFinite};
 use crate::stages::ppo::{KlUnit, OnNonFinite, PpoConfig};
 use crate::stages::ppo_models::{logprobs_and_entropy, PpoModels, Seq};
 
@@ -197,14 +196,9 @@ fn sampling(cfg: &PpoConfig, eos: Option<u32>, seed: u64) -> SamplingConfig {
     }
 }
 
-/// Minibatches (episode indices) of epoch `epoch` of iteration `it`, each split into
-/// `grad_accum` micro-batches. The scoring pass walks epoch 0's layout, so the first
-/// minibatch sees bit-identical inputs and its ratio is exactly 1.
+/// Minibatches of epoch `epoch` of iteration `it` ([`shuffled_minibatches`]).
 fn minibatches(cfg: &PpoConfig, it: usize, epoch: usize) -> Vec<Vec<Vec<usize>>> {
-    let mut perm: Vec<usize> = (0..cfg.batch_size).collect();
-    perm.shuffle(&mut StdRng::seed_from_u64(mix(cfg.seed, it as u64, 2 + epoch as u64)));
-    let micro = cfg.minibatch_size / cfg.grad_accum;
-    perm.chunks(cfg.minibatch_size).map(|mb| mb.chunks(micro).map(<[usize]>::to_vec).collect()).collect()
+    shuffled_minibatches(cfg.batch_size, cfg.minibatch_size, cfg.grad_accum, mix(cfg.seed, it as u64, 2 + epoch as u64))
 }
 
 /// The scoring pass over `episodes`, micro-batch by micro-batch in `layout`.

@@ -1,0 +1,317 @@
+//! Critic-free online RL on the PPO environment — GRPO, RLOO and REINFORCE++ (`rlhf grpo`,
+//! `rlhf rloo`, `rlhf reinforce-pp`). Each iteration samples G completions for each of P
+//! prompts (group-major, the shared prompt prefilled once), scores them with the reward,
+//! replaces the critic with a baseline, and takes `num_iterations` passes of the clipped token
+//! loss over minibatches:
+//!
+//! ```text
+//! GRPO:        A_i = (r_i − mean_group) / (std_group + ε),  loss term β·k3(π_θ‖π_ref)
+//! RLOO:        A_i = R_i − mean_{j≠i} R_j,   R = r − β·Σ_t (log π_old − log π_ref)
+//! REINFORCE++: A_t = whiten(Σ_{s≥t} γ^{s−t}(−β·k1_s + r·[s = last]))
+//! ```
+//! The math is [`crate::math::group`]; the iteration is [`crate::stages::grpo_step`].
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use dfdx::prelude::*;
+use rlhf_envs::{RewardModel, ScoreConfig};
+use rlhf_policies::{AdamW, AdamWConfig, CausalLm};
+use serde::{Deserialize, Serialize};
+
+use crate::math::group::{LossAggregation, RewardScale, Whitening};
+use crate::run::RunDir;
+use crate::schedule::LrSchedule;
+use crate::stages::common::{require_counts, restore_latest, save_with};
+use crate::stages::grpo_step::{GroupState, GroupTrainer};
+use crate::stages::ppo::OnNonFinite;
+use crate::stages::ppo::{build_reward, read_prompts, PromptSpec, RewardSpec};
+
+/// The algorithm and its own parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Algo {
+    /// GRPO (Shao et al. 2024) / Dr. GRPO (`scale_rewards: none`).
+    Grpo {
+        /// Divide the centred rewards by the group's std, the batch's, or not. Default `group`.
+        #[serde(default)]
+        scale_rewards: RewardScale,
+        /// ε added to the std. Default `1e-4`.
+        #[serde(default = "std_eps")]
+        std_eps: f64,
+    },
+    /// RLOO (Ahmadian et al. 2024).
+    Rloo {
+        /// Standardise the advantages over the batch. Default `false` (TRL's default).
+        #[serde(default)]
+        normalize_advantages: bool,
+        /// ε of that standardisation. Default `1e-4`.
+        #[serde(default = "std_eps")]
+        normalize_eps: f64,
+    },
+    /// REINFORCE++ (Hu 2025).
+    ReinforcePp {
+        /// γ of the returns. Default `1`.
+        #[serde(default = "one")]
+        gamma: f64,
+        /// Biased (OpenRLHF, default) or unbiased (verl) whitening.
+        #[serde(default)]
+        whitening: Whitening,
+        /// ε of the whitening. Default `1e-8`.
+        #[serde(default = "whiten_eps")]
+        whiten_eps: f64,
+    },
+}
+
+fn std_eps() -> f64 {
+    1e-4
+}
+fn one() -> f64 {
+    1.0
+}
+fn whiten_eps() -> f64 {
+    1e-8
+}
+
+impl Algo {
+    /// The command's name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Algo::Grpo { .. } => "grpo",
+            Algo::Rloo { .. } => "rloo",
+            Algo::ReinforcePp { .. } => "reinforce-pp",
+        }
+    }
+}
+
+/// `rlhf grpo` / `rloo` / `reinforce-pp` configuration. Defaults follow the workload's
+/// `trl_grpo` shapes and TRL's `GRPOConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpoConfig {
+    /// Run folder. Default `runs/grpo`.
+    pub out_dir: PathBuf,
+    /// Seed of prompts, sampling and minibatch order. Default `1337`.
+    pub seed: u64,
+    /// The algorithm. Default GRPO.
+    pub algo: Algo,
+    /// The SFT checkpoint: the initial policy and the frozen reference. Required.
+    pub policy: PathBuf,
+    /// The reward. Required.
+    pub reward: Option<RewardSpec>,
+    /// JSONL prompts. Required.
+    pub prompts: PathBuf,
+    /// Field holding the prompt. Default `prompt`.
+    pub prompt_field: String,
+    /// Prompt template; `{prompt}` is replaced. Default `{prompt}`.
+    pub prompt_template: String,
+    /// Longer prompts are skipped (counted and reported). Default `64`.
+    pub max_prompt_len: usize,
+    /// Prompts per iteration, P. Default `8`.
+    pub prompts_per_step: usize,
+    /// Completions per prompt, G (k). Default `4`.
+    pub num_generations: usize,
+    /// Response length limit. Default `64`.
+    pub max_new_tokens: usize,
+    /// Sampling temperature; log-probs everywhere use `logits / temperature`. Default `1.0`.
+    pub temperature: f32,
+    /// Iterations (generations). Default `100`.
+    pub iterations: usize,
+    /// Passes over each generation's completions (TRL's `num_iterations`). Default `4`.
+    pub num_iterations: usize,
+    /// Completions per optimizer step. Default `8`.
+    pub minibatch_size: usize,
+    /// Micro-batches per optimizer step. Default `1`.
+    pub grad_accum: usize,
+    /// ε_low of the ratio clip. Default `0.2`.
+    pub epsilon_low: f64,
+    /// ε_high (clip-higher: DAPO uses 0.28). Default `0.2`.
+    pub epsilon_high: f64,
+    /// β of the KL to the reference (GRPO: k3 loss term; RLOO: sequence k1 in the reward;
+    /// REINFORCE++: per-token k1 in the reward). `0`: no reference forward at all. Default `0.04`.
+    pub beta: f64,
+    /// How per-token losses are aggregated. Default `dapo` (TRL's default).
+    pub loss_type: LossAggregation,
+    /// Score processing (normalise, clip, missing-EOS rule). Default: raw score.
+    pub score: ScoreConfig,
+    /// AdamW. Default lr 1e-6 (TRL), no weight decay.
+    pub optim: AdamWConfig,
+    /// Learning rate per optimizer step. Default: constant 1e-6.
+    pub schedule: LrSchedule,
+    /// Global grad-norm clip. Default `1.0`.
+    pub grad_clip: f64,
+    /// NaN/Inf policy. Default `stop`.
+    pub on_nonfinite: OnNonFinite,
+    /// Checkpoint every this many iterations (and at the end). Default `20`.
+    pub checkpoint_every: usize,
+    /// Write samples every this many iterations. Default `10`.
+    pub sample_every: usize,
+    /// Samples written each time. Default `4`.
+    pub sample_count: usize,
+}
+
+impl Default for GrpoConfig {
+    fn default() -> Self {
+        GrpoConfig {
+            out_dir: "runs/grpo".into(),
+            seed: 1337,
+            algo: Algo::Grpo { scale_rewards: RewardScale::Group, std_eps: 1e-4 },
+            policy: PathBuf::new(),
+            reward: None,
+            prompts: PathBuf::new(),
+            prompt_field: "prompt".into(),
+            prompt_template: "{prompt}".into(),
+            max_prompt_len: 64,
+            prompts_per_step: 8,
+            num_generations: 4,
+            max_new_tokens: 64,
+            temperature: 1.0,
+            iterations: 100,
+            num_iterations: 4,
+            minibatch_size: 8,
+            grad_accum: 1,
+            epsilon_low: 0.2,
+            epsilon_high: 0.2,
+            beta: 0.04,
+            loss_type: LossAggregation::Dapo,
+            score: ScoreConfig::default(),
+            optim: AdamWConfig { lr: 1e-6, ..Default::default() },
+            schedule: LrSchedule::Constant { lr: 1e-6 },
+            grad_clip: 1.0,
+            on_nonfinite: OnNonFinite::Stop,
+            checkpoint_every: 20,
+            sample_every: 10,
+            sample_count: 4,
+        }
+    }
+}
+
+impl GrpoConfig {
+    /// Completions per iteration, `P · G`.
+    pub fn batch_size(&self) -> usize {
+        self.prompts_per_step * self.num_generations
+    }
+}
+
+/// The final numbers of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct GrpoReport {
+    /// Iterations done.
+    pub iterations: usize,
+    /// Mean reward of each iteration's completions.
+    pub rewards: Vec<f64>,
+    /// Batches skipped for non-finite values.
+    pub skipped_batches: usize,
+    /// Prompts skipped for being longer than `max_prompt_len`.
+    pub skipped_prompts: usize,
+}
+
+/// Runs (or, with `resume`, continues) the configured algorithm with the config's reward.
+pub fn train(cfg: GrpoConfig, resume: bool) -> Result<GrpoReport> {
+    let reward = build_reward(cfg.reward.as_ref())?;
+    train_with_reward(cfg, resume, reward)
+}
+
+/// Runs with any [`RewardModel`] as the reward.
+pub fn train_with_reward(cfg: GrpoConfig, resume: bool, reward: Box<dyn RewardModel>) -> Result<GrpoReport> {
+    validate(&cfg)?;
+    let run = RunDir::create(&cfg.out_dir)?;
+    let stage = cfg.algo.name();
+    // BOILERPLATE: policy, frozen reference (only when β > 0), optimizer (fresh or restored)
+    let (reference, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&cfg.policy, &Cpu::default())
+        .with_context(|| format!("policy {}", cfg.policy.display()))?;
+    let (policy, opt, start, state) = if resume {
+        let r = restore_latest::<CausalLm<Cpu>>(&run, &cfg.optim)?;
+        let p = run.checkpoint_dir(r.step).join("grpo_state.json");
+        let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        let state: GroupState = serde_json::from_str(&text).with_context(|| format!("{}", p.display()))?;
+        (r.model, r.opt, r.step, state)
+    } else {
+        run.write_config(&cfg)?;
+        (reference.frozen_copy(), AdamW::new(cfg.optim.clone()), 0, GroupState::default())
+    };
+    let eos = tok.eos_id().or(reference.config.eos_token_id()).context("the policy's tokenizer has no EOS token")?;
+    let pad = tok.pad_id().unwrap_or(eos);
+    let spec = PromptSpec {
+        path: &cfg.prompts,
+        field: &cfg.prompt_field,
+        template: &cfg.prompt_template,
+        max_len: cfg.max_prompt_len,
+    };
+    let (prompts, skipped_prompts) = read_prompts(spec, &tok, stage)?;
+    let reference = (cfg.beta != 0.0).then_some(reference);
+    let (iterations, every, sample_every, sample_count) =
+        (cfg.iterations, cfg.checkpoint_every, cfg.sample_every, cfg.sample_count);
+    let detok = Box::new(tok.clone());
+    let mut trainer = GroupTrainer::new(cfg, policy, reference, opt, state, prompts, reward, detok, Some(eos), pad)?;
+    let mut metrics = run.metrics()?;
+    let mut samples = run.samples()?;
+    let mut report = GrpoReport { iterations, rewards: vec![], skipped_batches: 0, skipped_prompts };
+    let bar = crate::progress::bar(iterations as u64, stage);
+    bar.set_position(start as u64);
+    for it in start..iterations {
+        if let Some(out) = trainer.iteration(it)? {
+            // BOILERPLATE: metrics, samples, progress
+            metrics.write(&out.record)?;
+            let reward = out.record["reward"].as_f64().unwrap_or(f64::NAN);
+            report.rewards.push(reward);
+            if (it + 1) % sample_every == 0 || it == start {
+                for (ep, adv) in out.episodes.iter().zip(&out.advantages).take(sample_count) {
+                    samples.write(&serde_json::json!({"step": it + 1, "prompt": tok.decode(&ep.prompt_ids)?,
+                        "completion": tok.decode(&ep.response_ids)?, "reward": ep.score, "advantage": adv}))?;
+                }
+            }
+            let rollout = out.record["timing/rollout_tokens_per_s"].as_f64().unwrap_or(0.0);
+            let kl = out.record["kl"].as_f64().unwrap_or(0.0);
+            bar.set_message(format!("reward {reward:.3} kl {kl:.3} | rollout {rollout:.0} tok/s"));
+        }
+        bar.inc(1);
+        if (it + 1) % every == 0 || it + 1 == iterations {
+            let st = trainer.state.clone();
+            save_with(&run, it + 1, &trainer.policy, &mut trainer.opt, |dir| {
+                trainer.policy.save_pretrained(dir, Some(&tok))?;
+                std::fs::write(dir.join("grpo_state.json"), serde_json::to_string_pretty(&st)?)?;
+                Ok(())
+            })?;
+        }
+    }
+    bar.finish();
+    report.skipped_batches = trainer.state.skipped_batches;
+    Ok(report)
+}
+
+fn validate(cfg: &GrpoConfig) -> Result<()> {
+    require_counts(&[
+        ("prompts_per_step", cfg.prompts_per_step),
+        ("num_generations", cfg.num_generations),
+        ("minibatch_size", cfg.minibatch_size),
+        ("grad_accum", cfg.grad_accum),
+        ("num_iterations", cfg.num_iterations),
+        ("iterations", cfg.iterations),
+        ("max_new_tokens", cfg.max_new_tokens),
+        ("checkpoint_every", cfg.checkpoint_every),
+        ("sample_every", cfg.sample_every),
+    ])?;
+    let b = cfg.batch_size();
+    if b % cfg.minibatch_size != 0 || cfg.minibatch_size % cfg.grad_accum != 0 {
+        bail!(
+            "prompts_per_step × num_generations ({b}) must be a multiple of minibatch_size ({}), and that of \
+             grad_accum ({})",
+            cfg.minibatch_size,
+            cfg.grad_accum
+        );
+    }
+    if matches!(cfg.algo, Algo::Rloo { .. }) && cfg.num_generations < 2 {
+        bail!("RLOO needs num_generations ≥ 2 (the baseline is the mean of the other completions)");
+    }
+    if cfg.policy.as_os_str().is_empty() || cfg.prompts.as_os_str().is_empty() {
+        bail!("policy and prompts are required (an SFT checkpoint folder and a JSONL file)");
+    }
+    if cfg.temperature <= 0.0 || cfg.temperature.is_nan() {
+        bail!("temperature must be positive, got {}", cfg.temperature);
+    }
+    if cfg.beta < 0.0 || cfg.epsilon_low < 0.0 || cfg.epsilon_high < 0.0 || cfg.epsilon_low >= 1.0 {
+        bail!("beta and the clip ranges must be non-negative (and epsilon_low below 1)");
+    }
+    Ok(())
+}

@@ -1,0 +1,375 @@
+//! One iteration of the critic-free trainers — grouped rollout, scoring pass, baseline
+//! advantages, `num_iterations` passes of the clipped token loss — as a [`GroupTrainer`], so
+//! `rlhf grpo` and `rlhf bench grpo` run the same code.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use dfdx::prelude::*;
+use rlhf_envs::{
+    Detokenizer, EnvError, Episode, KlConfig, KlEstimator, NoReference, PromptSource, RewardModel, Rollout,
+    TextEnvConfig, VecEnv,
+};
+use rlhf_policies::fused::host_loss;
+use rlhf_policies::{AdamW, CausalLm, EngineSession, InferenceModel, SamplingConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::data::mix;
+use crate::math::group::{clipped_token_loss, grpo_advantages, reinforce_pp_advantages, rloo_advantages, TokenBatch};
+use crate::stages::common::{optimizer_step, shuffled_minibatches, Loss, NonFinite};
+use crate::stages::grpo::{Algo, GrpoConfig};
+use crate::stages::ppo::OnNonFinite;
+use crate::stages::ppo_models::{logprobs_and_entropy, Seq};
+
+/// What a checkpoint stores besides the policy and the optimizer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GroupState {
+    /// Prompts drawn so far (the data cursor).
+    pub prompt_draws: usize,
+    /// Batches skipped for non-finite values.
+    pub skipped_batches: usize,
+}
+
+/// The policy, reference, optimizer and env of a critic-free run.
+#[derive(Debug)]
+pub struct GroupTrainer<M> {
+    /// The configuration.
+    pub cfg: GrpoConfig,
+    /// π_θ.
+    pub policy: CausalLm<Cpu>,
+    /// The frozen π_ref; `None` when β = 0 (no reference forward at all).
+    pub reference: Option<CausalLm<Cpu>>,
+    /// AdamW over the policy.
+    pub opt: AdamW<Cpu>,
+    /// The environment (no reference inside: the KL is taken in the scoring pass).
+    pub env: VecEnv<NoReference, M>,
+    /// The data cursor and skipped batches.
+    pub state: GroupState,
+    eos: u32,
+    pad: u32,
+}
+
+/// What one iteration produced.
+#[derive(Debug, Clone)]
+pub struct GroupOutput {
+    /// The rollouts, group-major.
+    pub episodes: Vec<Episode>,
+    /// Each completion's advantage (its first token's, for REINFORCE++).
+    pub advantages: Vec<f32>,
+    /// The `metrics.jsonl` record.
+    pub record: serde_json::Value,
+    /// Per-phase wall time: rollout, scoring (with advantages), update.
+    pub timing: [Duration; 3],
+}
+
+/// One generation after the scoring pass (per completion, valid tokens only).
+#[derive(Debug, Clone)]
+struct Scored {
+    seqs: Vec<Seq>,
+    old_logprobs: Vec<Vec<f32>>,
+    /// Empty when there is no reference.
+    ref_logprobs: Vec<Vec<f32>>,
+    advantages: Vec<Vec<f32>>,
+    /// Mean over completions of `Σ_t (log π_old − log π_ref)` (0 without a reference).
+    kl_seq: f64,
+}
+
+impl<M: RewardModel> GroupTrainer<M> {
+    /// Builds the env over `prompts` (`(ids, text)`) with `reward`; `eos` ends responses
+    /// (`None`: always `max_new_tokens`), `pad` pads batches.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: GrpoConfig,
+        policy: CausalLm<Cpu>,
+        reference: Option<CausalLm<Cpu>>,
+        opt: AdamW<Cpu>,
+        state: GroupState,
+        prompts: Vec<(Vec<u32>, String)>,
+        reward: M,
+        detok: Box<dyn Detokenizer>,
+        eos: Option<u32>,
+        pad: u32,
+    ) -> Result<Self> {
+        let env_cfg = TextEnvConfig {
+            vocab: policy.dims.vocab as u32,
+            max_new_tokens: cfg.max_new_tokens,
+            eos_ids: eos.into_iter().collect(),
+            stop_ids: vec![],
+            // the KL is the trainer's (scoring pass), not the env's per-token reward
+            kl: KlConfig { beta: 0.0, estimator: KlEstimator::K1 },
+            score: cfg.score.clone(),
+        };
+        let source = PromptSource::new(prompts, cfg.seed)?;
+        let mut env = VecEnv::new(cfg.batch_size(), env_cfg, source, NoReference, reward, detok)?;
+        env.prompts_mut().seek(state.prompt_draws);
+        let eos = eos.unwrap_or(pad);
+        Ok(GroupTrainer { cfg, policy, reference, opt, env, state, eos, pad })
+    }
+
+    /// Iteration `it` (0-based). `None` when the batch was skipped for a non-finite value
+    /// (`on_nonfinite = skip`).
+    pub fn iteration(&mut self, it: usize) -> Result<Option<GroupOutput>> {
+        let out = self.iteration_inner(it);
+        self.state.prompt_draws = self.env.prompts().draws();
+        out
+    }
+
+    fn iteration_inner(&mut self, it: usize) -> Result<Option<GroupOutput>> {
+        let cfg = &self.cfg;
+        // ALGO: G completions per prompt with the current policy (KV cache, shared prefill)
+        let t0 = Instant::now();
+        let engine = Arc::new(InferenceModel::from_model(&self.policy));
+        let sampler = SamplingConfig {
+            max_new_tokens: cfg.max_new_tokens,
+            temperature: cfg.temperature,
+            eos_ids: self.env.config().eos_ids.clone(),
+            seed: mix(cfg.seed, it as u64, 1),
+            ..Default::default()
+        };
+        let mut session =
+            EngineSession::new(engine, cfg.batch_size(), cfg.max_prompt_len + cfg.max_new_tokens, sampler);
+        let opts = Rollout { group_size: cfg.num_generations, reference: false };
+        let episodes = match self.env.rollout_with(&mut session, opts) {
+            Ok(e) => e,
+            Err(EnvError::NonFinite { .. }) if cfg.on_nonfinite == OnNonFinite::Skip => {
+                self.state.skipped_batches += 1;
+                return Ok(None);
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("iteration {}: rollout", it + 1))),
+        };
+        let t_rollout = t0.elapsed();
+        // ALGO: scoring pass (log π_old, log π_ref) and the algorithm's baseline advantages
+        let t1 = Instant::now();
+        let scored = score(cfg, &self.policy, self.reference.as_ref(), &episodes, self.pad, it)?;
+        if scored.advantages.iter().flatten().any(|a| !a.is_finite()) {
+            if cfg.on_nonfinite == OnNonFinite::Stop {
+                bail!("iteration {}: an advantage is not finite (check the reward)", it + 1);
+            }
+            self.state.skipped_batches += 1;
+            return Ok(None);
+        }
+        let t_scoring = t1.elapsed();
+        // ALGO: num_iterations passes of the clipped token loss over shuffled minibatches
+        let t2 = Instant::now();
+        let lr = cfg.schedule.at(it);
+        let upd = update(cfg, &mut self.policy, &mut self.opt, &scored, it, lr, self.pad, &mut self.state)?;
+        let timing = [t_rollout, t_scoring, t2.elapsed()];
+        let record = metrics(cfg, it + 1, &episodes, &scored, &upd, lr, self.eos, &timing);
+        let advantages = scored.advantages.iter().map(|a| a.first().copied().unwrap_or(0.0)).collect();
+        Ok(Some(GroupOutput { episodes, advantages, record, timing }))
+    }
+}
+
+/// Minibatches of epoch `epoch` of iteration `it`.
+fn minibatches(cfg: &GrpoConfig, it: usize, epoch: usize) -> Vec<Vec<Vec<usize>>> {
+    shuffled_minibatches(
+        cfg.batch_size(),
+        cfg.minibatch_size,
+        cfg.grad_accum,
+        mix(cfg.seed, it as u64, 2 + epoch as u64),
+    )
+}
+
+/// Old and reference log-probs (training forward, epoch 0's micro-batches) and advantages.
+fn score(
+    cfg: &GrpoConfig,
+    policy: &CausalLm<Cpu>,
+    reference: Option<&CausalLm<Cpu>>,
+    episodes: &[Episode],
+    pad: u32,
+    it: usize,
+) -> Result<Scored> {
+    let n = episodes.len();
+    let seqs: Vec<Seq> = episodes
+        .iter()
+        .map(|e| Seq { ids: [e.prompt_ids.as_slice(), &e.response_ids].concat(), prompt_len: e.prompt_ids.len() })
+        .collect();
+    let (mut old, mut refl) = (vec![vec![]; n], vec![vec![]; if reference.is_some() { n } else { 0 }]);
+    for micro in minibatches(cfg, it, 0).iter().flatten() {
+        let batch: Vec<&Seq> = micro.iter().map(|&i| &seqs[i]).collect();
+        let lp = logprobs_and_entropy(policy, &batch, pad, cfg.temperature, NoneTape)?.as_vec();
+        let rl = reference.map(|r| logprobs_and_entropy(r, &batch, pad, cfg.temperature, NoneTape)).transpose()?;
+        let mut off = 0;
+        for &i in micro {
+            let len = seqs[i].resp_len();
+            old[i] = lp[off..off + len].to_vec();
+            if let Some(rl) = &rl {
+                refl[i] = rl.as_vec()[off..off + len].to_vec();
+            }
+            off += len;
+        }
+    }
+    let kl_each: Vec<f32> = (0..n)
+        .map(|i| if refl.is_empty() { 0.0 } else { old[i].iter().zip(&refl[i]).map(|(o, r)| o - r).sum() })
+        .collect();
+    let scores: Vec<f32> = episodes.iter().map(|e| e.score).collect();
+    let g = cfg.num_generations;
+    let broadcast =
+        |a: Vec<f32>| -> Vec<Vec<f32>> { a.iter().zip(&seqs).map(|(&a, s)| vec![a; s.resp_len()]).collect() };
+    // the one place the algorithms differ
+    let advantages = match cfg.algo {
+        Algo::Grpo { scale_rewards, std_eps } => broadcast(grpo_advantages(&scores, g, scale_rewards, std_eps)),
+        Algo::Rloo { normalize_advantages, normalize_eps } => {
+            let eps = normalize_advantages.then_some(normalize_eps);
+            broadcast(rloo_advantages(&scores, &kl_each, cfg.beta, g, eps).advantages)
+        }
+        Algo::ReinforcePp { gamma, whitening, whiten_eps } => {
+            let r = if refl.is_empty() { &old } else { &refl };
+            reinforce_pp_advantages(&old, r, &scores, cfg.beta, gamma, whitening, whiten_eps).advantages
+        }
+    };
+    let kl_seq = kl_each.iter().map(|&k| k as f64).sum::<f64>() / n.max(1) as f64;
+    Ok(Scored { seqs, old_logprobs: old, ref_logprobs: refl, advantages, kl_seq })
+}
+
+/// Token-weighted sums of the update's statistics.
+#[derive(Debug, Clone, Default)]
+struct UpdateStats {
+    loss: f64,
+    minibatches: usize,
+    /// Token-weighted sums: k3 KL, clip low, clip high, entropy, ratio.
+    sums: [f64; 5],
+    tokens: usize,
+    first_ratio: Option<f64>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn update(
+    cfg: &GrpoConfig,
+    policy: &mut CausalLm<Cpu>,
+    opt: &mut AdamW<Cpu>,
+    s: &Scored,
+    it: usize,
+    lr: f64,
+    pad: u32,
+    state: &mut GroupState,
+) -> Result<UpdateStats> {
+    // DAPO's normaliser: the valid tokens of the whole generation (TRL's num_items_in_batch)
+    let gen_tokens = s.seqs.iter().map(Seq::resp_len).sum::<usize>() as f64;
+    let mut st = UpdateStats::default();
+    for epoch in 0..cfg.num_iterations {
+        for (m, mb) in minibatches(cfg, it, epoch).iter().enumerate() {
+            let mut local = UpdateStats::default();
+            let step = optimizer_step(policy, opt, lr, cfg.grad_clip, mb.len(), |p, k, tape| {
+                micro_loss(cfg, p, s, &mb[k], gen_tokens / cfg.grad_accum as f64, pad, &mut local, tape)
+            });
+            match step {
+                Ok(_) => {}
+                Err(e) if cfg.on_nonfinite == OnNonFinite::Skip && e.downcast_ref::<NonFinite>().is_some() => {
+                    state.skipped_batches += 1;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(e.context(format!("iteration {}, pass {}, minibatch {}", it + 1, epoch + 1, m + 1)))
+                }
+            }
+            if epoch == 0 && m == 0 {
+                st.first_ratio = Some(local.sums[4] / local.tokens as f64);
+            }
+            st.loss += local.loss;
+            st.minibatches += 1;
+            st.tokens += local.tokens;
+            for (a, b) in st.sums.iter_mut().zip(local.sums) {
+                *a += b;
+            }
+        }
+    }
+    Ok(st)
+}
+
+/// The clipped token loss of one micro-batch (GRPO adds β·k3; the others fold the KL into
+/// their rewards).
+#[allow(clippy::too_many_arguments)]
+fn micro_loss(
+    cfg: &GrpoConfig,
+    policy: &CausalLm<Cpu>,
+    s: &Scored,
+    micro: &[usize],
+    normalizer: f64,
+    pad: u32,
+    st: &mut UpdateStats,
+    tape: OwnedTape<f32, Cpu>,
+) -> Result<Loss> {
+    let seqs: Vec<&Seq> = micro.iter().map(|&i| &s.seqs[i]).collect();
+    let pick = |x: &[Vec<f32>]| -> Vec<Vec<f32>> { micro.iter().map(|&i| x[i].clone()).collect() };
+    let (old, adv) = (pick(&s.old_logprobs), pick(&s.advantages));
+    let kl_in_loss = matches!(cfg.algo, Algo::Grpo { .. }) && !s.ref_logprobs.is_empty();
+    let refl = kl_in_loss.then(|| pick(&s.ref_logprobs));
+    let lpe = logprobs_and_entropy(policy, &seqs, pad, cfg.temperature, tape)?;
+    Ok(host_loss(lpe, |x| {
+        let n: usize = old.iter().map(Vec::len).sum();
+        let mut off = 0;
+        let logprobs: Vec<Vec<f32>> = old
+            .iter()
+            .map(|o| {
+                off += o.len();
+                x[off - o.len()..off].to_vec()
+            })
+            .collect();
+        let batch =
+            TokenBatch { logprobs: &logprobs, old_logprobs: &old, ref_logprobs: refl.as_deref(), advantages: &adv };
+        let beta = if kl_in_loss { cfg.beta } else { 0.0 };
+        let out = clipped_token_loss(
+            batch,
+            (cfg.epsilon_low, cfg.epsilon_high, beta),
+            cfg.loss_type,
+            cfg.max_new_tokens,
+            normalizer,
+        );
+        let nf = n as f64;
+        st.loss += out.loss / cfg.grad_accum as f64;
+        st.sums[0] += out.kl * nf;
+        st.sums[1] += out.clip_low * nf;
+        st.sums[2] += out.clip_high * nf;
+        st.sums[3] += x[n..].iter().map(|&h| h as f64).sum::<f64>();
+        st.sums[4] += logprobs.concat().iter().zip(old.concat()).map(|(&l, o)| ((l - o) as f64).exp()).sum::<f64>();
+        st.tokens += n;
+        let mut grad = out.grad.concat();
+        grad.resize(x.len(), 0.0);
+        (out.loss, grad)
+    }))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn metrics(
+    cfg: &GrpoConfig,
+    step: usize,
+    episodes: &[Episode],
+    s: &Scored,
+    u: &UpdateStats,
+    lr: f64,
+    eos: u32,
+    timing: &[Duration; 3],
+) -> serde_json::Value {
+    let scores: Vec<f64> = episodes.iter().map(|e| e.score as f64).collect();
+    let b = scores.len().max(1) as f64;
+    let mean = scores.iter().sum::<f64>() / b;
+    let std = (scores.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (b - 1.0).max(1.0)).sqrt();
+    let zero_std = scores.chunks(cfg.num_generations).filter(|g| g.iter().all(|&x| x == g[0])).count();
+    let tokens: usize = s.seqs.iter().map(Seq::resp_len).sum();
+    let t = u.tokens.max(1) as f64;
+    let mut r = serde_json::json!({
+        "step": step,
+        "reward": mean,
+        "reward_std": std,
+        "frac_reward_zero_std": zero_std as f64 / (b / cfg.num_generations as f64),
+        "kl": if matches!(cfg.algo, Algo::Grpo { .. }) { u.sums[0] / t } else { s.kl_seq },
+        "kl_seq": s.kl_seq,
+        "entropy": u.sums[3] / t,
+        "clip_ratio/low_mean": u.sums[1] / t,
+        "clip_ratio/high_mean": u.sums[2] / t,
+        "clip_ratio/region_mean": (u.sums[1] + u.sums[2]) / t,
+        "loss": u.loss / u.minibatches.max(1) as f64,
+        "completions/mean_length": tokens as f64 / b,
+        "completions/clipped_ratio": episodes.iter().filter(|e| !e.terminated).count() as f64 / b,
+        "completions/num_eos": s.seqs.iter().filter(|q| q.ids.last() == Some(&eos)).count(),
+        "lr": lr,
+        "debug/first_minibatch_ratio": u.first_ratio,
+    });
+    for (d, name) in timing.iter().zip(["rollout", "scoring", "update"]) {
+        r[format!("timing/{name}")] = d.as_secs_f64().into();
+        r[format!("timing/{name}_tokens_per_s")] = (tokens as f64 / d.as_secs_f64().max(1e-9)).into();
+    }
+    r
+}
