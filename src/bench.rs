@@ -25,6 +25,33 @@ pub struct Workload {
     pub ppo: PpoSpec,
     /// One training step.
     pub train_step: TrainStepSpec,
+    /// TRL's GRPO / RLOO iteration.
+    pub trl_grpo: GrpoSpec,
+}
+
+/// `workload.trl_grpo` (the fields the benchmark uses).
+#[derive(Debug, Clone, Deserialize)]
+pub struct GrpoSpec {
+    /// Prompts per generation.
+    pub prompts_per_step: usize,
+    /// Completions per prompt.
+    pub num_generations: usize,
+    /// Prompt length (random ids).
+    pub prompt_len_words: usize,
+    /// Completion length (EOS suppressed).
+    pub max_completion_length: usize,
+    /// β.
+    pub beta: f64,
+    /// Completions per optimizer step.
+    pub per_device_train_batch_size: usize,
+    /// Passes over each generation.
+    pub num_iterations: usize,
+    /// Learning rate.
+    pub learning_rate: f64,
+    /// Untimed iterations.
+    pub warmup_iterations: usize,
+    /// Timed iterations.
+    pub repeats: usize,
 }
 
 /// `workload.train_step`.

@@ -20,7 +20,7 @@ use crate::stages::ppo_step::{PpoState, PpoTrainer};
 
 /// Random-id prompts have no text: the benchmark's reward model reads ids.
 #[derive(Debug)]
-struct NoText;
+pub(crate) struct NoText;
 
 impl Detokenizer for NoText {
     fn decode(&self, _ids: &[u32]) -> Result<String, EnvError> {

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod bench_env;
+pub mod bench_grpo;
 pub mod bench_ppo;
 pub mod config;
 pub mod data;

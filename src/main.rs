@@ -220,6 +220,24 @@ struct PpoBenchArgs {
     value: ValueChoice,
 }
 
+#[derive(Debug, clap::Args)]
+struct GrpoBenchArgs {
+    #[command(flatten)]
+    env: EnvArgs,
+    /// Algorithm: grpo, rloo, reinforce-pp, or all.
+    #[arg(long, value_enum, default_value = "all")]
+    algo: AlgoChoice,
+}
+
+/// `--algo` values.
+#[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
+enum AlgoChoice {
+    Grpo,
+    Rloo,
+    ReinforcePp,
+    All,
+}
+
 /// `--value` values.
 #[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
 enum ValueChoice {
@@ -238,6 +256,9 @@ enum BenchCommand {
     Train(EnvArgs),
     /// One PPO iteration (rollout, scoring, advantages, 4 × 4 minibatch updates) per phase.
     Ppo(PpoBenchArgs),
+    /// One GRPO / RLOO / REINFORCE++ iteration at the workload's `trl_grpo` shapes (8 prompts ×
+    /// 4 completions, 4 passes × 4 optimizer steps of 8) per phase.
+    Grpo(GrpoBenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -319,6 +340,7 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Env(a)) => bench_env(a),
         Command::Bench(BenchCommand::Train(a)) => bench_train(a),
         Command::Bench(BenchCommand::Ppo(a)) => bench_ppo(a),
+        Command::Bench(BenchCommand::Grpo(a)) => bench_grpo(a),
     }
 }
 
@@ -561,6 +583,43 @@ fn bench_ppo(a: PpoBenchArgs) -> Result<()> {
         }
     }
     print_results("ppo_iteration", &all, a.env.out.as_deref())
+}
+
+fn bench_grpo(a: GrpoBenchArgs) -> Result<()> {
+    use rlhf::stages::grpo::Algo;
+    let w = bench::Workload::from_file(&a.env.workload)?;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(a.env.threads.unwrap_or(w.threads)).build()?;
+    let models: Vec<String> =
+        a.env.model.clone().map(|m| vec![m]).unwrap_or_else(|| w.models.keys().cloned().collect());
+    // the algorithms at TRL's defaults (GRPO: group std; RLOO: no normalisation)
+    let grpo = Algo::Grpo { scale_rewards: Default::default(), std_eps: 1e-4 };
+    let rloo = Algo::Rloo { normalize_advantages: false, normalize_eps: 1e-4 };
+    let rpp = Algo::ReinforcePp { gamma: 1.0, whitening: Default::default(), whiten_eps: 1e-8 };
+    let algos = match a.algo {
+        AlgoChoice::Grpo => vec![grpo],
+        AlgoChoice::Rloo => vec![rloo],
+        AlgoChoice::ReinforcePp => vec![rpp],
+        AlgoChoice::All => vec![grpo, rloo, rpp],
+    };
+    let mut all = Vec::new();
+    for m in &models {
+        for &algo in &algos {
+            let r = pool.install(|| rlhf::bench_grpo::grpo_iteration(&w, m, algo))?;
+            eprintln!(
+                "{:>12} {:>5}: {:.2} s/iteration [{:.2}-{:.2}] (rollout {:.2}, scoring {:.2}, update {:.2})",
+                r.algo,
+                r.model,
+                r.seconds,
+                r.range[0],
+                r.range[1],
+                r.phases["rollout"],
+                r.phases["scoring"],
+                r.phases["update"]
+            );
+            all.push(r);
+        }
+    }
+    print_results("grpo_iteration", &all, a.env.out.as_deref())
 }
 
 fn eval_cmd(a: EvalArgs) -> Result<()> {

@@ -111,7 +111,7 @@ fn rloo_plain_and_normalised_match() {
         .old
         .iter()
         .zip(&x.reference)
-        .map(|(o, rf)| o.iter().zip(rf).map(|(&a, &b)| (a as f64 - b as f64)).sum::<f64>() as f32)
+        .map(|(o, rf)| o.iter().zip(rf).map(|(&a, &b)| a as f64 - b as f64).sum::<f64>() as f32)
         .collect();
     assert_all(&kl_seq, &f32s(&r["kl_seq"]), "kl_seq");
     let plain = rloo_advantages(&x.rewards, &kl_seq, beta, x.k, None);

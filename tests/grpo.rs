@@ -91,10 +91,8 @@ fn learns(algo: Algo) {
         assert!(r["loss"].as_f64().unwrap().is_finite() && r["entropy"].as_f64().unwrap() > 0.0);
     }
     // the KL-regularised objective r − β·KL rises clearly (the KL is what it costs)
-    let objective: Vec<f64> = m
-        .iter()
-        .map(|r| r["reward"].as_f64().unwrap() - c.beta * r["kl_seq"].as_f64().unwrap())
-        .collect();
+    let objective: Vec<f64> =
+        m.iter().map(|r| r["reward"].as_f64().unwrap() - c.beta * r["kl_seq"].as_f64().unwrap()).collect();
     let (first, last) = (objective[..3].iter().sum::<f64>() / 3.0, objective[9..].iter().sum::<f64>() / 3.0);
     assert!(last > first + 1.0, "{algo:?}: r − β·KL {first:.2} -> {last:.2}: {objective:?}");
     assert!(report.rewards.iter().all(|r| r.is_finite()));

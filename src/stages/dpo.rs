@@ -478,8 +478,8 @@ fn load_examples(cfg: &DpoConfig, reference: &CausalLm<Cpu>, tok: &Tokenizer, eo
         while cut > 0 && cut < set.len() && set[cut].line == set[cut - 1].line {
             cut -= 1;
         }
-        let train = kto_examples(reference, &set[..cut], pad, cfg.batch_size, cfg.seed)?;
-        let val = kto_examples(reference, &set[cut..], pad, cfg.batch_size, cfg.seed ^ 0x7a1)?;
+        let train = kto_examples(reference, &set[..cut], pad, (cfg.batch_size, cfg.max_len), cfg.seed)?;
+        let val = kto_examples(reference, &set[cut..], pad, (cfg.batch_size, cfg.max_len), cfg.seed ^ 0x7a1)?;
         (Examples::Kto(train), Examples::Kto(val), skipped, truncated)
     } else {
         let comparisons = read_comparisons(&cfg.data, &cfg.format)?;

@@ -44,26 +44,20 @@ pub struct TokLabelled {
     pub desirable: bool,
 }
 
-/// The examples of `set` with their mismatched sequences (drawn with `seed`) and the
-/// reference's log-probs (`batch` sequences per forward).
+/// The examples of `set` with their mismatched sequences (drawn with `seed`; each at most
+/// `max_len` tokens) and the reference's log-probs (`batch` sequences per forward).
 pub fn kto_examples(
     reference: &CausalLm<Cpu>,
     set: &[TokLabelled],
     pad: u32,
-    batch: usize,
+    (batch, max_len): (usize, usize),
     seed: u64,
 ) -> Result<Vec<KtoExample>> {
-    let n = set.len();
-    let order: Vec<usize> = (0..n).map(|k| epoch_index(n, seed, k)).collect();
-    let mut partner = vec![0; n];
-    for k in 0..n {
-        // the nearest earlier example (cyclically) with a different prompt; itself if none
-        let i = order[k];
-        partner[i] = (1..n).map(|d| order[(k + n - d) % n]).find(|&j| set[j].prompt != set[i].prompt).unwrap_or(i);
-    }
-    let seq = |p: &TokLabelled, c: &TokLabelled| Seq {
-        ids: [p.prompt.as_slice(), &c.completion].concat(),
-        prompt_len: p.prompt.len(),
+    let partner = partners(set, max_len, seed);
+    let seq = |p: &TokLabelled, c: &TokLabelled| {
+        let room = max_len.saturating_sub(p.prompt.len()).max(1);
+        let completion = &c.completion[..c.completion.len().min(room)];
+        Seq { ids: [p.prompt.as_slice(), completion].concat(), prompt_len: p.prompt.len() }
     };
     let mut out: Vec<KtoExample> = set
         .iter()
@@ -84,6 +78,25 @@ pub fn kto_examples(
         }
     }
     Ok(out)
+}
+
+/// For each example, the one whose completion forms its mismatched pair: the nearest earlier
+/// example (cyclically, in a permutation drawn with `seed`) with a different prompt whose
+/// completion fits after this prompt in `max_len` tokens; failing that, one with a different
+/// prompt (its completion is then cut to fit); failing that (a single prompt), itself.
+pub fn partners(set: &[TokLabelled], max_len: usize, seed: u64) -> Vec<usize> {
+    let n = set.len();
+    let order: Vec<usize> = (0..n).map(|k| epoch_index(n, seed, k)).collect();
+    let mut partner = vec![0; n];
+    for k in 0..n {
+        let i = order[k];
+        let earlier = || (1..n).map(|d| order[(k + n - d) % n]).filter(|&j| set[j].prompt != set[i].prompt);
+        partner[i] = earlier()
+            .find(|&j| set[i].prompt.len() + set[j].completion.len() <= max_len)
+            .or_else(|| earlier().next())
+            .unwrap_or(i);
+    }
+    partner
 }
 
 /// What one KTO batch gives besides its loss.
@@ -165,6 +178,22 @@ mod tests {
     fn ex(line: usize, desirable: bool) -> KtoExample {
         let seq = Seq { ids: vec![1, 2], prompt_len: 1 };
         KtoExample { line, seq: seq.clone(), kl_seq: seq, desirable, ref_logps: (0.0, 0.0) }
+    }
+
+    #[test]
+    fn mismatched_partners_have_other_prompts_and_fit() {
+        let ex =
+            |p: u32, c: usize| TokLabelled { line: 0, prompt: vec![p; 3], completion: vec![9; c], desirable: true };
+        // two examples per prompt; the completion of length 9 fits only after nothing (max 10)
+        let set = [ex(1, 2), ex(1, 3), ex(2, 9), ex(2, 2), ex(3, 4), ex(3, 1)];
+        for seed in 0..20 {
+            let p = partners(&set, 10, seed);
+            for (i, &j) in p.iter().enumerate() {
+                assert_ne!(set[i].prompt, set[j].prompt, "seed {seed}: {i} → {j}");
+                assert!(set[i].prompt.len() + set[j].completion.len() <= 10, "seed {seed}: {i} → {j}");
+            }
+        }
+        assert_eq!(partners(&set[..2], 10, 0), vec![0, 1], "a single prompt pairs with itself");
     }
 
     #[test]
