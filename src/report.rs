@@ -80,10 +80,22 @@ fn stage_section(html: &mut String, dir: &Path) -> Result<()> {
             ("response length", named(&["val/response_length"])),
             ("losses", named(&["loss/policy_avg", "loss/value_avg"])),
         ]
+    } else if m.iter().any(|r| r.get("frac_reward_zero_std").is_some()) {
+        // GRPO / RLOO / REINFORCE++
+        vec![
+            ("reward", named(&["reward", "reward_std"])),
+            ("KL to the reference", named(&["kl", "kl_seq"])),
+            ("entropy", named(&["entropy"])),
+            ("completion length", named(&["completions/mean_length"])),
+            ("clip ratio", named(&["clip_ratio/region_mean"])),
+            ("loss", named(&["loss"])),
+        ]
     } else {
         vec![
             ("loss", named(&["loss", "val_loss", "eval/loss"])),
             ("accuracy", named(&["accuracy", "eval/accuracy", "rewards/accuracies", "eval/rewards/accuracies"])),
+            ("implicit reward margin", named(&["rewards/margins", "eval/rewards/margins"])),
+            ("sampled KL to the reference", named(&["eval/sample_kl"])),
         ]
     };
     for (title, series) in plots {
