@@ -8,6 +8,9 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
+#[cfg(feature = "cuda")]
+use crate::attention::attention_composed;
+use crate::attention::{attention_cpu, AttnShape};
 use crate::kernels::{exp_inplace, gelu_tanh_with_gate};
 
 /// Ops the model uses that a device may fuse.
@@ -41,6 +44,17 @@ pub trait FusedOps: Device<f32> {
         targets: &[usize],
         temperature: f32,
     ) -> Tensor<(usize,), f32, Self, T>;
+
+    /// Causal self-attention's core: q `(B·T, H·Dh)`, k and v `(B·T, Hkv·Dh)` (the
+    /// projections' layout), additive `mask` `(B, T, T)` → `softmax(q·kᵀ/√Dh + mask)·v` as
+    /// `(B·T, H·Dh)`; see [`crate::attention`].
+    fn attention<T: Tape<f32, Self>>(
+        q: Tensor<(usize, usize), f32, Self, T>,
+        k: Tensor<(usize, usize), f32, Self, T>,
+        v: Tensor<(usize, usize), f32, Self, T>,
+        mask: &Tensor<(usize, usize, usize), f32, Self>,
+        shape: AttnShape,
+    ) -> Tensor<(usize, usize), f32, Self, T>;
 }
 
 /// A scalar loss of a vector whose math runs on the host, in f64: `f(x) = (L, ∂L/∂x)`. The
@@ -128,12 +142,31 @@ impl FusedOps for Cuda {
     ) -> Tensor<(usize,), f32, Self, T> {
         logprobs_and_entropy_composed(logits, targets, temperature)
     }
+    fn attention<T: Tape<f32, Self>>(
+        q: Tensor<(usize, usize), f32, Self, T>,
+        k: Tensor<(usize, usize), f32, Self, T>,
+        v: Tensor<(usize, usize), f32, Self, T>,
+        mask: &Tensor<(usize, usize, usize), f32, Self>,
+        shape: AttnShape,
+    ) -> Tensor<(usize, usize), f32, Self, T> {
+        attention_composed(q, k, v, mask, shape)
+    }
 }
 
 /// Elements per parallel chunk.
 const CHUNK: usize = 1 << 13;
 
 impl FusedOps for Cpu {
+    fn attention<T: Tape<f32, Self>>(
+        q: Tensor<(usize, usize), f32, Self, T>,
+        k: Tensor<(usize, usize), f32, Self, T>,
+        v: Tensor<(usize, usize), f32, Self, T>,
+        mask: &Tensor<(usize, usize, usize), f32, Self>,
+        shape: AttnShape,
+    ) -> Tensor<(usize, usize), f32, Self, T> {
+        attention_cpu(q, k, v, mask, shape)
+    }
+
     fn gelu_tanh<T: Tape<f32, Self>>(x: Tensor<(usize, usize), f32, Self, T>) -> Tensor<(usize, usize), f32, Self, T> {
         // a permuted/broadcast input becomes a row-major taped copy first (same id if already
         // row-major), so our gradient buffer has the layout we write

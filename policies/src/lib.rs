@@ -20,6 +20,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod attention;
 pub mod batch;
 pub mod checkpoint;
 pub mod config;

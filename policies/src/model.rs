@@ -12,6 +12,7 @@ use dfdx::prelude::*;
 use rand::{rngs::StdRng, SeedableRng};
 use rand_distr::Normal;
 
+use crate::attention::AttnShape;
 use crate::batch::Batch;
 use crate::config::{Dims, Family, ModelConfig, NormKind};
 use crate::error::PolicyError;
@@ -23,7 +24,6 @@ pub type T1<D> = Tensor<(usize,), f32, D>;
 pub type T2<D> = Tensor<(usize, usize), f32, D>;
 /// A `(rows, cols)` activation carrying tape `T`.
 pub type A2<D, T> = Tensor<(usize, usize), f32, D, T>;
-type A4<D, T> = Tensor<(usize, usize, usize, usize), f32, D, T>;
 
 /// Additive mask value for keys a query may not see (exp underflows to exactly 0 in f32).
 pub const MASKED: f32 = -1e9;
@@ -203,13 +203,9 @@ impl<D: FusedOps> Block<D> {
             ),
             None => (q.reshape_like(&(b * t * nh, dh)), k.reshape_like(&(b * t * nkv, dh))),
         };
-        let q = q.reshape_like(&(b, t, nh, dh)).permute::<_, Axes4<0, 2, 1, 3>>();
-        let k = repeat_kv(k.reshape_like(&(b, t, nkv, dh)), nh);
-        let v = repeat_kv(v.reshape_like(&(b, t, nkv, dh)), nh);
-        let scores = q.matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()) * (1.0 / (dh as f32).sqrt());
-        let scores = scores + ctx.mask.clone().broadcast_like::<_, Axis<1>>(&(b, nh, t, t));
-        let y = scores.softmax::<Axis<3>>().matmul(v); // (B, H, T, Dh)
-        let y = y.permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(b * t, nh * dh));
+        let shape = AttnShape { b, t, nh, nkv, dh };
+        let y =
+            D::attention(q.reshape_like(&(b * t, nh * dh)), k.reshape_like(&(b * t, nkv * dh)), v, &ctx.mask, shape);
         self.wo.forward(y)
     }
 }
@@ -219,20 +215,6 @@ fn apply_rope<D: Device<f32>, T: Tape<f32, D>>(x: A2<D, T>, cos: &T2<D>, sin: &T
     let (x, tape) = x.split_tape();
     let rotated = x.retaped::<T>().matmul(rot.clone());
     x.put_tape(tape) * cos.clone() + rotated * sin.clone()
-}
-
-/// `(B, T, Hkv, Dh)` → `(B, H, T, Dh)`, query head `j` reading KV head `j / (H / Hkv)`.
-fn repeat_kv<D: Device<f32>, T: Tape<f32, D>>(
-    x: Tensor<(usize, usize, usize, usize), f32, D, T>,
-    nh: usize,
-) -> A4<D, T> {
-    let (b, t, nkv, dh) = *x.shape();
-    let x = x.permute::<_, Axes4<0, 2, 1, 3>>(); // (B, Hkv, T, Dh)
-    if nkv == nh {
-        return x;
-    }
-    let rep = nh / nkv;
-    x.broadcast_like::<_, Axis<2>>(&(b, nkv, rep, t, dh)).reshape_like(&(b, nh, t, dh))
 }
 
 /// A causal language model with runtime sizes. The frozen reference is [`CausalLm::frozen_copy`].

@@ -1,0 +1,261 @@
+//! The attention core of the training forward, `softmax(q·kᵀ/√Dh + mask)·v` per (batch,
+//! head), as one op with its own backward pass. dfdx's composition (kept as
+//! [`attention_composed`] for other devices and as the tests' reference) materialises two
+//! permuted copies, a broadcast mask and the KV repeat, and runs its batched matmuls as a
+//! loop of tiny products; here each (batch, head) pair is one task on the thread pool that
+//! reads q, k and v in the projections' own `(B·T, heads·Dh)` layout through strided gemm
+//! calls and keeps its softmax for the backward pass.
+
+use dfdx::prelude::*;
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// `(B·T, C)` tensors.
+type A2<D, T> = Tensor<(usize, usize), f32, D, T>;
+type A4<D, T> = Tensor<(usize, usize, usize, usize), f32, D, T>;
+
+/// Sizes of an attention call: batch, time, query heads, key/value heads, head width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnShape {
+    /// Batch rows B.
+    pub b: usize,
+    /// Time steps T.
+    pub t: usize,
+    /// Query heads H.
+    pub nh: usize,
+    /// Key/value heads (H divisible by it; query head j reads KV head j / (H / Hkv)).
+    pub nkv: usize,
+    /// Head width Dh.
+    pub dh: usize,
+}
+
+/// dfdx's composition: q `(B·T, H·Dh)`, k and v `(B·T, Hkv·Dh)`, additive `mask` `(B, T, T)`
+/// → `(B·T, H·Dh)`.
+pub fn attention_composed<D: Device<f32>, T: Tape<f32, D>>(
+    q: A2<D, T>,
+    k: A2<D, T>,
+    v: A2<D, T>,
+    mask: &Tensor<(usize, usize, usize), f32, D>,
+    s: AttnShape,
+) -> A2<D, T> {
+    let AttnShape { b, t, nh, nkv, dh } = s;
+    let q = q.reshape_like(&(b, t, nh, dh)).permute::<_, Axes4<0, 2, 1, 3>>();
+    let k = repeat_kv(k.reshape_like(&(b, t, nkv, dh)), nh);
+    let v = repeat_kv(v.reshape_like(&(b, t, nkv, dh)), nh);
+    let scores = q.matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()) * (1.0 / (dh as f32).sqrt());
+    let scores = scores + mask.clone().broadcast_like::<_, Axis<1>>(&(b, nh, t, t));
+    let y = scores.softmax::<Axis<3>>().matmul(v); // (B, H, T, Dh)
+    y.permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(b * t, nh * dh))
+}
+
+/// `(B, T, Hkv, Dh)` → `(B, H, T, Dh)`, query head `j` reading KV head `j / (H / Hkv)`.
+fn repeat_kv<D: Device<f32>, T: Tape<f32, D>>(x: A4<D, T>, nh: usize) -> A4<D, T> {
+    let (b, t, nkv, dh) = *x.shape();
+    let x = x.permute::<_, Axes4<0, 2, 1, 3>>(); // (B, Hkv, T, Dh)
+    if nkv == nh {
+        return x;
+    }
+    let rep = nh / nkv;
+    x.broadcast_like::<_, Axis<2>>(&(b, nkv, rep, t, dh)).reshape_like(&(b, nh, t, dh))
+}
+
+/// A strided matrix view: offset, row stride, column stride.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    off: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> View<'a> {
+    fn new(data: &'a [f32], off: usize, rs: usize, cs: usize) -> Self {
+        View { data, off, rs, cs }
+    }
+    /// The transposed view.
+    fn t(self) -> Self {
+        View { rs: self.cs, cs: self.rs, ..self }
+    }
+}
+
+/// `dst (m×n, row-major) = alpha · a (m×k) · b (k×n)` with strided inputs, single-threaded
+/// (the callers parallelise over heads).
+fn matmul(dst: &mut [f32], (m, n, k): (usize, usize, usize), a: View<'_>, b: View<'_>, alpha: f32) {
+    let last = |v: View<'_>, r: usize, c: usize| v.off + (r - 1) * v.rs + (c - 1) * v.cs;
+    assert!(dst.len() >= m * n && m > 0 && n > 0 && k > 0, "attention matmul: shapes");
+    assert!(last(a, m, k) < a.data.len() && last(b, k, n) < b.data.len(), "attention matmul: view out of bounds");
+    // SAFETY: every index the kernel touches is bounded by the asserts above (the largest
+    // offsets of both views and the m×n destination); the slices outlive the call.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.data.as_ptr().add(a.off),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr().add(b.off),
+            b.cs as isize,
+            b.rs as isize,
+            0.0,
+            alpha,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
+/// The fused CPU attention (same contract as [`attention_composed`]).
+pub fn attention_cpu<T: Tape<f32, Cpu>>(
+    q: A2<Cpu, T>,
+    k: A2<Cpu, T>,
+    v: A2<Cpu, T>,
+    mask: &Tensor<(usize, usize, usize), f32, Cpu>,
+    s: AttnShape,
+) -> A2<Cpu, T> {
+    let AttnShape { b, t, nh, nkv, dh } = s;
+    let (hq, hk, rep, scale) = (nh * dh, nkv * dh, nh / nkv, 1.0 / (dh as f32).sqrt());
+    // row-major copies (the same tensors if already contiguous), tapes merged
+    let (q, tq) = q.contiguous().split_tape();
+    let (k, tk) = k.contiguous().split_tape();
+    let (v, tv) = v.contiguous().split_tape();
+    let mut tape = tq.merge(tk).merge(tv);
+    let (qv, kv, vv, mv) = (q.as_vec(), k.as_vec(), v.as_vec(), mask.as_vec());
+    // per (batch, head): softmax P (T×T) and output (T×Dh)
+    let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..b * nh)
+        .into_par_iter()
+        .map(|bh| {
+            let (bi, h) = (bh / nh, bh % nh);
+            let qh = View::new(&qv, bi * t * hq + h * dh, hq, 1);
+            let kh = View::new(&kv, bi * t * hk + (h / rep) * dh, hk, 1);
+            let vh = View::new(&vv, bi * t * hk + (h / rep) * dh, hk, 1);
+            let mut p = vec![0.0f32; t * t];
+            matmul(&mut p, (t, t, dh), qh, kh.t(), scale);
+            for (row, m) in p.chunks_mut(t).zip(mv[bi * t * t..(bi + 1) * t * t].chunks(t)) {
+                row.iter_mut().zip(m).for_each(|(x, m)| *x += m);
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0f32;
+                for x in row.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                row.iter_mut().for_each(|x| *x /= sum);
+            }
+            let mut o = vec![0.0f32; t * dh];
+            matmul(&mut o, (t, dh, t), View::new(&p, 0, t, 1), vh, 1.0);
+            (p, o)
+        })
+        .collect();
+    let mut y = vec![0.0f32; b * t * hq];
+    for (bh, (_, o)) in heads.iter().enumerate() {
+        let (bi, h) = (bh / nh, bh % nh);
+        for (i, row) in o.chunks(dh).enumerate() {
+            let at = (bi * t + i) * hq + h * dh;
+            y[at..at + dh].copy_from_slice(row);
+        }
+    }
+    let out = q.device().tensor_from_vec(y, (b * t, hq));
+    if T::OWNS_TAPE {
+        let (qg, kg, vg, og) = (q.ghost(), k.ghost(), v.ghost(), out.ghost());
+        tape.add_backward_op(move |grads| {
+            let dy: Vec<f32> = grads.get_or_alloc_mut(&og)?.to_vec();
+            // per (batch, head): dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P∘(dP − rowsum(dP∘P)),
+            // dQ = scale·dS·K, dK = scale·dSᵀ·Q
+            let parts: Vec<[Vec<f32>; 3]> = (0..b * nh)
+                .into_par_iter()
+                .map(|bh| {
+                    let (bi, h) = (bh / nh, bh % nh);
+                    let p = &heads[bh].0;
+                    let qh = View::new(&qv, bi * t * hq + h * dh, hq, 1);
+                    let kh = View::new(&kv, bi * t * hk + (h / rep) * dh, hk, 1);
+                    let vh = View::new(&vv, bi * t * hk + (h / rep) * dh, hk, 1);
+                    let doh = View::new(&dy, bi * t * hq + h * dh, hq, 1);
+                    let mut dv = vec![0.0f32; t * dh];
+                    matmul(&mut dv, (t, dh, t), View::new(p, 0, t, 1).t(), doh, 1.0);
+                    let mut ds = vec![0.0f32; t * t];
+                    matmul(&mut ds, (t, t, dh), doh, vh.t(), 1.0);
+                    for (dr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
+                        let dot: f32 = dr.iter().zip(pr).map(|(d, p)| d * p).sum();
+                        dr.iter_mut().zip(pr).for_each(|(d, p)| *d = p * (*d - dot));
+                    }
+                    let (mut dq, mut dk) = (vec![0.0f32; t * dh], vec![0.0f32; t * dh]);
+                    matmul(&mut dq, (t, dh, t), View::new(&ds, 0, t, 1), kh, scale);
+                    matmul(&mut dk, (t, dh, t), View::new(&ds, 0, t, 1).t(), qh, scale);
+                    [dq, dk, dv]
+                })
+                .collect();
+            for (which, (g, width)) in [(&qg, hq), (&kg, hk), (&vg, hk)].into_iter().enumerate() {
+                let dst: &mut Vec<f32> = grads.get_or_alloc_mut(g)?;
+                for (bh, part) in parts.iter().enumerate() {
+                    let (bi, h) = (bh / nh, bh % nh);
+                    let col = if which == 0 { h } else { h / rep } * dh;
+                    for (i, row) in part[which].chunks(dh).enumerate() {
+                        let at = (bi * t + i) * width + col;
+                        dst[at..at + dh].iter_mut().zip(row).for_each(|(a, r)| *a += r);
+                    }
+                }
+            }
+            Ok(())
+        });
+    }
+    out.put_tape(tape)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1.0 + y.abs())).fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn fused_attention_matches_dfdx_forward_and_gradients() {
+        let dev = Cpu::default();
+        let mut rng = StdRng::seed_from_u64(5);
+        // MHA, GQA, and a left-padded row (its first two keys masked)
+        for s in [
+            AttnShape { b: 2, t: 5, nh: 2, nkv: 2, dh: 4 },
+            AttnShape { b: 3, t: 7, nh: 4, nkv: 2, dh: 8 },
+            AttnShape { b: 1, t: 9, nh: 3, nkv: 1, dh: 16 },
+        ] {
+            let AttnShape { b, t, nh, nkv, dh } = s;
+            let mut rand = |n: usize| -> Tensor<(usize, usize), f32, Cpu> {
+                dev.tensor_from_vec((0..n).map(|_| rng.gen_range(-1.5..1.5)).collect(), (b * t, n / (b * t)))
+            };
+            let (q, k, v) = (rand(b * t * nh * dh), rand(b * t * nkv * dh), rand(b * t * nkv * dh));
+            let up = rand(b * t * nh * dh);
+            let mut m = vec![0.0f32; b * t * t];
+            for r in 0..b {
+                for i in 0..t {
+                    for j in 0..t {
+                        if j > i || (r == 0 && j < 2) {
+                            m[(r * t + i) * t + j] = crate::model::MASKED;
+                        }
+                    }
+                }
+            }
+            let mask = dev.tensor_from_vec(m, (b, t, t));
+            let run = |fused: bool| {
+                let (qt, kt, vt) = (q.leaky_trace(), k.leaky_trace(), v.leaky_trace());
+                let y =
+                    if fused { attention_cpu(qt, kt, vt, &mask, s) } else { attention_composed(qt, kt, vt, &mask, s) };
+                let yv = y.retaped::<NoneTape>().as_vec();
+                let g = (y * up.clone()).sum::<Rank0, _>().backward();
+                (yv, g.get(&q).as_vec(), g.get(&k).as_vec(), g.get(&v).as_vec())
+            };
+            let (a, b_) = (run(true), run(false));
+            assert!(max_rel(&a.0, &b_.0) < 1e-5, "{s:?}: values");
+            assert!(max_rel(&a.1, &b_.1) < 1e-5, "{s:?}: dq");
+            assert!(max_rel(&a.2, &b_.2) < 1e-5, "{s:?}: dk");
+            assert!(max_rel(&a.3, &b_.3) < 1e-5, "{s:?}: dv");
+        }
+    }
+}
