@@ -189,13 +189,15 @@ fn score(
     for micro in minibatches(cfg, it, 0).iter().flatten() {
         let batch: Vec<&Seq> = micro.iter().map(|&i| &seqs[i]).collect();
         let lp = logprobs_and_entropy(policy, &batch, pad, cfg.temperature, NoneTape)?.as_vec();
-        let rl = reference.map(|r| logprobs_and_entropy(r, &batch, pad, cfg.temperature, NoneTape)).transpose()?;
+        let rl = reference
+            .map(|r| Ok::<_, anyhow::Error>(logprobs_and_entropy(r, &batch, pad, cfg.temperature, NoneTape)?.as_vec()))
+            .transpose()?;
         let mut off = 0;
         for &i in micro {
             let len = seqs[i].resp_len();
             old[i] = lp[off..off + len].to_vec();
             if let Some(rl) = &rl {
-                refl[i] = rl.as_vec()[off..off + len].to_vec();
+                refl[i] = rl[off..off + len].to_vec();
             }
             off += len;
         }
