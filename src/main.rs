@@ -372,7 +372,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("--prompt encodes to no tokens");
     }
-    let eos = tok.eos_id().or(model.config.eos_token_id());
+    let eos = model.config.eos_token_id().or(tok.eos_id());
     let pad = tok.pad_id().or(model.config.pad_token_id()).or(eos).unwrap_or(0);
     let cfg = SamplingConfig {
         max_new_tokens: a.max_new_tokens,

@@ -244,6 +244,18 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
         Ok(model)
     }
 
+    /// Loads a Llama-architecture GGUF file (llama.cpp's format): F32, F16, Q8_0, Q4_0 and Q4_1
+    /// tensors dequantised to f32, q/k rows un-permuted, config from the metadata.
+    pub fn load_gguf(path: &Path, dev: &D) -> Result<Self, PolicyError> {
+        let g = crate::gguf::Gguf::open(path)?;
+        let config = crate::gguf::llama_config(&g)?;
+        let tensors = crate::gguf::hf_tensors(&g, &config)?;
+        drop(g);
+        let mut model = CausalLm::new(config, dev, 0)?;
+        model.load_hf_tensors(path, &tensors)?;
+        Ok(model)
+    }
+
     /// Writes `config.json`, `model.safetensors` and (if given) `tokenizer.json` into `dir`.
     pub fn save_pretrained(&self, dir: &Path, tokenizer: Option<&Tokenizer>) -> Result<(), PolicyError> {
         std::fs::create_dir_all(dir).map_err(|e| PolicyError::io(dir, e))?;
@@ -256,15 +268,28 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
     }
 }
 
-/// Loads a checkpoint folder with its tokenizer, checking that every token id the tokenizer can
-/// produce fits the model's vocabulary.
+/// Loads a checkpoint folder (or a Llama GGUF file) with its tokenizer, checking that every
+/// token id the tokenizer can produce fits the model's vocabulary.
 pub fn load_with_tokenizer<D: crate::fused::FusedOps>(
     dir: &Path,
     dev: &D,
 ) -> Result<(CausalLm<D>, Tokenizer), PolicyError> {
-    let model = CausalLm::load_pretrained(dir, dev)?;
-    let tok_path = dir.join("tokenizer.json");
-    let tok = Tokenizer::from_file(&tok_path)?;
+    let is_gguf = dir.is_file() && dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    let (model, tok, tok_path) = if is_gguf {
+        // a GGUF file: its own vocabulary, unless a tokenizer.json sits beside it
+        let model = CausalLm::load_gguf(dir, dev)?;
+        let beside = dir.with_file_name("tokenizer.json");
+        let tok = if beside.is_file() {
+            Tokenizer::from_file(&beside)?
+        } else {
+            let g = crate::gguf::Gguf::open(dir)?;
+            Tokenizer::from_json(&crate::gguf::tokenizer_json(&g)?, &dir.display().to_string())?
+        };
+        (model, tok, beside)
+    } else {
+        let tok_path = dir.join("tokenizer.json");
+        (CausalLm::load_pretrained(dir, dev)?, Tokenizer::from_file(&tok_path)?, tok_path)
+    };
     if tok.vocab_size() > model.dims.vocab {
         return Err(PolicyError::tokenizer(
             tok_path.display().to_string(),

@@ -26,6 +26,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod fused;
+pub mod gguf;
 pub mod half;
 pub mod heads;
 pub mod infer;

@@ -33,10 +33,14 @@ impl Tokenizer {
     /// Loads a `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self, PolicyError> {
         let text = std::fs::read_to_string(path).map_err(|e| PolicyError::io(path, e))?;
-        let inner = tokenizers::Tokenizer::from_bytes(text.as_bytes()).map_err(|e| {
-            PolicyError::tokenizer(path.display().to_string(), "tokenizer.json", format!("cannot parse: {e}"))
-        })?;
-        let mut tok = Tokenizer { inner, chars: None, source: path.display().to_string() };
+        Self::from_json(&text, &path.display().to_string())
+    }
+
+    /// A tokenizer from `tokenizer.json` text (`source` names it in errors).
+    pub fn from_json(text: &str, source: &str) -> Result<Self, PolicyError> {
+        let inner = tokenizers::Tokenizer::from_bytes(text.as_bytes())
+            .map_err(|e| PolicyError::tokenizer(source, "tokenizer.json", format!("cannot parse: {e}")))?;
+        let mut tok = Tokenizer { inner, chars: None, source: source.to_string() };
         tok.chars = tok.char_vocab();
         Ok(tok)
     }

@@ -1,0 +1,490 @@
+//! GGUF files (llama.cpp's format): header, metadata, tensor table, and the tensor types F32,
+//! F16, Q8_0, Q4_0 and Q4_1 dequantised to f32. A Llama-architecture file becomes an HF state
+//! dict ([`hf_tensors`]) and config ([`llama_config`]), so [`crate::CausalLm::load_gguf`] goes
+//! through the same loader as safetensors folders.
+//!
+//! Every count and offset read from the file is checked against the bytes that remain before
+//! it sizes anything: a malformed or truncated file is an error naming what is wrong (and the
+//! tensor, where there is one), never a panic or a huge allocation.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::checkpoint::HostTensor;
+use crate::config::ModelConfig;
+use crate::error::PolicyError;
+use crate::half::f16_to_f32;
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// Any integer type.
+    Int(i128),
+    /// f32 or f64.
+    Float(f64),
+    /// bool.
+    Bool(bool),
+    /// UTF-8 string (invalid UTF-8 is replaced).
+    Str(String),
+    /// Array of values.
+    Array(Vec<Value>),
+}
+
+/// One entry of the tensor table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    /// Name (`blk.0.attn_q.weight`).
+    pub name: String,
+    /// Dimensions, fastest-varying first (ggml's `ne`).
+    pub ne: Vec<u64>,
+    /// ggml type id.
+    pub ggml_type: u32,
+    /// Byte offset of the data from the start of the data section.
+    pub offset: u64,
+}
+
+/// A parsed GGUF file held in memory.
+#[derive(Debug, Clone)]
+pub struct Gguf {
+    /// Format version (2 or 3).
+    pub version: u32,
+    /// Metadata by key.
+    pub metadata: BTreeMap<String, Value>,
+    /// The tensor table in file order.
+    pub tensors: Vec<TensorInfo>,
+    bytes: Vec<u8>,
+    data_start: usize,
+    path: String,
+}
+
+/// Cursor over the file with bounds-checked reads.
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+    path: &'a Path,
+}
+
+impl<'a> Reader<'a> {
+    fn err(&self, msg: impl Into<String>) -> PolicyError {
+        PolicyError::tensor(self.path, "header", format!("{} (at byte {})", msg.into(), self.at))
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], PolicyError> {
+        if n > self.b.len() - self.at {
+            return Err(self.err(format!("truncated file: {n} bytes needed, {} left", self.b.len() - self.at)));
+        }
+        self.at += n;
+        Ok(&self.b[self.at - n..self.at])
+    }
+    fn u32(&mut self) -> Result<u32, PolicyError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, PolicyError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    /// A count of items of at least `min_size` bytes each, checked against the bytes left.
+    fn count(&mut self, min_size: usize, what: &str) -> Result<usize, PolicyError> {
+        let n = self.u64()?;
+        let left = (self.b.len() - self.at) as u64;
+        if n.saturating_mul(min_size as u64) > left {
+            return Err(
+                self.err(format!("truncated file or bad {what} count: {n} cannot fit in the {left} bytes left"))
+            );
+        }
+        Ok(n as usize)
+    }
+    fn string(&mut self) -> Result<String, PolicyError> {
+        let n = self.count(1, "string length")?;
+        Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
+    }
+    fn value(&mut self, ty: u32, depth: usize) -> Result<Value, PolicyError> {
+        let int = |b: &[u8], signed: bool| -> i128 {
+            let mut v = [0u8; 16];
+            v[..b.len()].copy_from_slice(b);
+            if signed && b[b.len() - 1] & 0x80 != 0 {
+                v[b.len()..].fill(0xff);
+            }
+            i128::from_le_bytes(v)
+        };
+        Ok(match ty {
+            0 | 2 | 4 | 10 => {
+                let n = [1, 0, 2, 0, 4, 0, 0, 0, 0, 0, 8][ty as usize];
+                Value::Int(int(self.take(n)?, false))
+            }
+            1 | 3 | 5 | 11 => {
+                let n = [0, 1, 0, 2, 0, 4, 0, 0, 0, 0, 0, 8][ty as usize];
+                Value::Int(int(self.take(n)?, true))
+            }
+            6 => Value::Float(f32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")) as f64),
+            12 => Value::Float(f64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes"))),
+            7 => Value::Bool(self.take(1)?[0] != 0),
+            8 => Value::Str(self.string()?),
+            9 if depth < 4 => {
+                let item = self.u32()?;
+                let n = self.count(1, "array")?;
+                Value::Array((0..n).map(|_| self.value(item, depth + 1)).collect::<Result<_, _>>()?)
+            }
+            other => return Err(self.err(format!("unknown metadata value type {other}"))),
+        })
+    }
+}
+
+/// Bytes per block and values per block of a ggml type we dequantise.
+fn block_layout(ggml_type: u32) -> Option<(usize, usize, &'static str)> {
+    Some(match ggml_type {
+        0 => (4, 1, "F32"),
+        1 => (2, 1, "F16"),
+        2 => (18, 32, "Q4_0"),
+        3 => (20, 32, "Q4_1"),
+        8 => (34, 32, "Q8_0"),
+        _ => return None,
+    })
+}
+
+/// ggml's name for a type id (for error messages).
+fn type_name(ggml_type: u32) -> String {
+    const NAMES: [&str; 31] = [
+        "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+        "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16",
+        "I32", "I64", "F64", "IQ1_M", "BF16",
+    ];
+    NAMES.get(ggml_type as usize).map_or_else(|| format!("type {ggml_type}"), |n| n.to_string())
+}
+
+impl Gguf {
+    /// Reads and parses `path` (the tensor data stays as bytes until [`Gguf::tensor`]).
+    pub fn open(path: &Path) -> Result<Self, PolicyError> {
+        let bytes = std::fs::read(path).map_err(|e| PolicyError::io(path, e))?;
+        Self::parse(bytes, path)
+    }
+
+    /// Parses a file already in memory (`path` names it in errors).
+    pub fn parse(bytes: Vec<u8>, path: &Path) -> Result<Self, PolicyError> {
+        let mut r = Reader { b: &bytes, at: 0, path };
+        if r.take(4).ok() != Some(b"GGUF".as_slice()) {
+            return Err(PolicyError::tensor(path, "header", "not a GGUF file (the magic bytes are not \"GGUF\")"));
+        }
+        let version = r.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(r.err(format!("GGUF version {version} is not supported (2 and 3 are)")));
+        }
+        // a tensor entry takes at least 8 + 4 + 8 + 4 + 8 bytes, a metadata entry 8 + 4 + 1
+        let n_tensors = r.count(32, "tensor")?;
+        let n_kv = r.count(13, "metadata")?;
+        let mut metadata = BTreeMap::new();
+        for _ in 0..n_kv {
+            let key = r.string()?;
+            let ty = r.u32()?;
+            let v = r.value(ty, 0)?;
+            metadata.insert(key, v);
+        }
+        let mut tensors = Vec::with_capacity(n_tensors);
+        for _ in 0..n_tensors {
+            let name = r.string()?;
+            let n_dims = r.u32()? as usize;
+            if n_dims == 0 || n_dims > 4 {
+                return Err(PolicyError::tensor(path, name, format!("{n_dims} dimensions (1 to 4 expected)")));
+            }
+            let ne = (0..n_dims).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
+            let (ggml_type, offset) = (r.u32()?, r.u64()?);
+            tensors.push(TensorInfo { name, ne, ggml_type, offset });
+        }
+        let align = match metadata.get("general.alignment") {
+            Some(Value::Int(a)) if *a > 0 && (*a as u64).is_power_of_two() && *a <= 1 << 20 => *a as usize,
+            None => 32,
+            Some(other) => return Err(r.err(format!("general.alignment {other:?} is not a power of two"))),
+        };
+        let data_start = r.at.div_ceil(align) * align;
+        let g = Gguf { version, metadata, tensors, data_start, path: path.display().to_string(), bytes: vec![] };
+        // every tensor's bytes must lie inside the file
+        for t in &g.tensors {
+            g.byte_range(t, bytes.len())?;
+        }
+        Ok(Gguf { bytes, ..g })
+    }
+
+    fn err(&self, tensor: &str, msg: impl Into<String>) -> PolicyError {
+        PolicyError::tensor(Path::new(&self.path), tensor, msg)
+    }
+
+    /// Element count and byte range of `t`'s data, checked against a file of `len` bytes.
+    fn byte_range(&self, t: &TensorInfo, len: usize) -> Result<(usize, std::ops::Range<usize>), PolicyError> {
+        let (block_bytes, block_vals, _) = block_layout(t.ggml_type).ok_or_else(|| {
+            self.err(
+                &t.name,
+                format!(
+                    "tensor type {} is not supported (F32, F16, Q8_0, Q4_0 and Q4_1 are; K-quants are not yet)",
+                    type_name(t.ggml_type)
+                ),
+            )
+        })?;
+        let n = t.ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).filter(|&n| n > 0 && n < 1 << 40);
+        let n = n.ok_or_else(|| self.err(&t.name, format!("bad dimensions {:?}", t.ne)))?;
+        if t.ne[0] % block_vals as u64 != 0 {
+            return Err(self.err(&t.name, format!("row of {} values is not a whole number of blocks", t.ne[0])));
+        }
+        let size = n / block_vals as u64 * block_bytes as u64;
+        let start = (self.data_start as u64).checked_add(t.offset);
+        let end = start.and_then(|s| s.checked_add(size));
+        match (start, end) {
+            (Some(s), Some(e)) if e <= len as u64 => Ok((n as usize, s as usize..e as usize)),
+            _ => Err(self.err(
+                &t.name,
+                format!("data (offset {}, {size} bytes) runs past the end of the file ({len} bytes)", t.offset),
+            )),
+        }
+    }
+
+    /// The tensor `name` dequantised to f32, row-major with the shape reversed from `ne`.
+    pub fn tensor(&self, name: &str) -> Result<HostTensor, PolicyError> {
+        let t = self.tensors.iter().find(|t| t.name == name).ok_or_else(|| self.err(name, "not in the file"))?;
+        let (n, range) = self.byte_range(t, self.bytes.len())?;
+        let data = dequantize(t.ggml_type, &self.bytes[range], n);
+        Ok(HostTensor { shape: t.ne.iter().rev().map(|&d| d as usize).collect(), data })
+    }
+
+    /// A required integer metadata value.
+    pub fn int(&self, key: &str) -> Result<usize, PolicyError> {
+        match self.metadata.get(key) {
+            Some(Value::Int(v)) if *v >= 0 && *v < 1 << 40 => Ok(*v as usize),
+            other => Err(self.err("metadata", format!("`{key}` must be a non-negative integer, found {other:?}"))),
+        }
+    }
+
+    /// A required float metadata value.
+    pub fn float(&self, key: &str) -> Result<f64, PolicyError> {
+        match self.metadata.get(key) {
+            Some(Value::Float(v)) => Ok(*v),
+            Some(Value::Int(v)) => Ok(*v as f64),
+            other => Err(self.err("metadata", format!("`{key}` must be a number, found {other:?}"))),
+        }
+    }
+}
+
+/// Dequantises `n` values of `ggml_type` from `b` (whose length `byte_range` checked).
+fn dequantize(ggml_type: u32, b: &[u8], n: usize) -> Vec<f32> {
+    let f16 = |x: &[u8]| f16_to_f32(u16::from_le_bytes([x[0], x[1]]));
+    let mut out = Vec::with_capacity(n);
+    match ggml_type {
+        0 => out.extend(b.chunks_exact(4).map(|x| f32::from_le_bytes(x.try_into().expect("4 bytes")))),
+        1 => out.extend(b.chunks_exact(2).map(f16)),
+        // Q4_0: d, 16 bytes of nibbles; value j = (low nibble − 8)·d, value j + 16 = (high − 8)·d
+        2 => {
+            for blk in b.chunks_exact(18) {
+                let d = f16(blk);
+                out.extend(blk[2..].iter().map(|&q| ((q & 0xf) as i32 - 8) as f32 * d));
+                out.extend(blk[2..].iter().map(|&q| ((q >> 4) as i32 - 8) as f32 * d));
+            }
+        }
+        // Q4_1: d, m, 16 bytes of nibbles; value = nibble·d + m
+        3 => {
+            for blk in b.chunks_exact(20) {
+                let (d, m) = (f16(blk), f16(&blk[2..]));
+                out.extend(blk[4..].iter().map(|&q| (q & 0xf) as f32 * d + m));
+                out.extend(blk[4..].iter().map(|&q| (q >> 4) as f32 * d + m));
+            }
+        }
+        // Q8_0: d, 32 signed bytes; value = q·d
+        8 => {
+            for blk in b.chunks_exact(34) {
+                let d = f16(blk);
+                out.extend(blk[2..].iter().map(|&q| q as i8 as f32 * d));
+            }
+        }
+        _ => unreachable!("byte_range accepts only the types above"),
+    }
+    out
+}
+
+/// The HF `LlamaForCausalLM` config of a `general.architecture = llama` file.
+pub fn llama_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
+    match g.metadata.get("general.architecture") {
+        Some(Value::Str(a)) if a == "llama" => {}
+        other => {
+            return Err(g.err("metadata", format!("general.architecture {other:?} is not supported (llama is)")));
+        }
+    }
+    let embd = g
+        .tensors
+        .iter()
+        .find(|t| t.name == "token_embd.weight")
+        .ok_or_else(|| g.err("token_embd.weight", "missing"))?;
+    let vocab = *embd.ne.get(1).ok_or_else(|| g.err("token_embd.weight", "must have 2 dimensions"))?;
+    let n_head = g.int("llama.attention.head_count")?;
+    let token = |key: &str| match g.metadata.get(key) {
+        Some(Value::Int(v)) => Some(*v as u32),
+        _ => None,
+    };
+    let cfg = serde_json::json!({
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": vocab,
+        "hidden_size": g.int("llama.embedding_length")?,
+        "intermediate_size": g.int("llama.feed_forward_length")?,
+        "num_hidden_layers": g.int("llama.block_count")?,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": g.int("llama.attention.head_count_kv").unwrap_or(n_head),
+        "rms_norm_eps": g.float("llama.attention.layer_norm_rms_epsilon")? as f32 as f64,
+        "rope_theta": g.float("llama.rope.freq_base").unwrap_or(10000.0),
+        "max_position_embeddings": g.int("llama.context_length")?,
+        "tie_word_embeddings": !g.tensors.iter().any(|t| t.name == "output.weight"),
+        "bos_token_id": token("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": token("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": token("tokenizer.ggml.padding_token_id"),
+    });
+    serde_json::from_value(cfg).map_err(|e| g.err("metadata", format!("not a valid Llama config: {e}")))
+}
+
+/// The `tokenizer.json` of a file whose vocabulary is a byte-level BPE
+/// (`tokenizer.ggml.model = gpt2`): tokens, merges, and the control tokens (type 3) as special
+/// added tokens; ByteLevel pre-tokenizer and decoder, no normaliser, nothing added on encode —
+/// what transformers builds from the same metadata.
+pub fn tokenizer_json(g: &Gguf) -> Result<String, PolicyError> {
+    let strs = |key: &str| -> Result<Vec<&str>, PolicyError> {
+        match g.metadata.get(key) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::Str(s) => Ok(s.as_str()),
+                    _ => Err(g.err("metadata", format!("`{key}` must hold strings"))),
+                })
+                .collect(),
+            _ => Err(g.err("metadata", format!("`{key}` is missing (no vocabulary in this file)"))),
+        }
+    };
+    match g.metadata.get("tokenizer.ggml.model") {
+        Some(Value::Str(m)) if m == "gpt2" => {}
+        other => return Err(g.err("metadata", format!("tokenizer.ggml.model {other:?} is not supported (gpt2 is)"))),
+    }
+    let tokens = strs("tokenizer.ggml.tokens")?;
+    let merges: Vec<[&str; 2]> = strs("tokenizer.ggml.merges")?
+        .into_iter()
+        .map(|m| m.split_once(' ').map(|(a, b)| [a, b]))
+        .collect::<Option<_>>()
+        .ok_or_else(|| g.err("metadata", "a merge in `tokenizer.ggml.merges` is not \"a b\""))?;
+    let types: Vec<i128> = match g.metadata.get("tokenizer.ggml.token_type") {
+        Some(Value::Array(items)) => items.iter().map(|v| if let Value::Int(i) = v { *i } else { 1 }).collect(),
+        _ => vec![1; tokens.len()],
+    };
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i.into())).collect();
+    let added: Vec<serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| types.get(*i) == Some(&3))
+        .map(|(i, t)| {
+            serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                "normalized": false, "special": true})
+        })
+        .collect();
+    let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+        "use_regex": true});
+    Ok(serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": byte_level,
+        "post_processor": null,
+        "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
+            "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges},
+    })
+    .to_string())
+}
+
+/// Every tensor under its HF name, with llama.cpp's permutation of the q/k rows undone (within
+/// each head, GGUF row `2i + j` is HF row `j·hd/2 + i`).
+pub fn hf_tensors(g: &Gguf, cfg: &ModelConfig) -> Result<BTreeMap<String, HostTensor>, PolicyError> {
+    let dims = cfg.dims()?;
+    let mut out = BTreeMap::new();
+    for t in &g.tensors {
+        let name = hf_name(&t.name).ok_or_else(|| g.err(&t.name, "unexpected tensor for a Llama model"))?;
+        let mut x = g.tensor(&t.name)?;
+        if t.name.ends_with("attn_q.weight") || t.name.ends_with("attn_k.weight") {
+            x.data = unpermute_rows(&x.data, x.shape[1], dims.head_dim);
+        }
+        out.insert(name, x);
+    }
+    Ok(out)
+}
+
+/// llama.cpp tensor name → transformers name.
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let hf = match part {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// Undoes the converter's interleaving of each head's rows (`cols` values per row).
+fn unpermute_rows(w: &[f32], cols: usize, hd: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; w.len()];
+    for (h, head) in w.chunks(hd * cols).enumerate() {
+        for i in 0..hd / 2 {
+            for j in 0..2 {
+                let (src, dst) = (2 * i + j, j * hd / 2 + i);
+                let at = h * hd * cols + dst * cols;
+                out[at..at + cols].copy_from_slice(&head[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermuting_inverts_the_converter() {
+        // the converter's permute: HF row j·hd/2 + i → GGUF row 2i + j
+        let (hd, cols) = (4, 2);
+        let hf: Vec<f32> = (0..2 * hd * cols).map(|x| x as f32).collect();
+        let mut gguf = vec![0.0; hf.len()];
+        for h in 0..2 {
+            for i in 0..hd / 2 {
+                for j in 0..2 {
+                    let (src, dst) = (h * hd + j * hd / 2 + i, h * hd + 2 * i + j);
+                    gguf[dst * cols..(dst + 1) * cols].copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                }
+            }
+        }
+        assert_eq!(unpermute_rows(&gguf, cols, hd), hf);
+    }
+
+    #[test]
+    fn blocks_dequantise_as_ggml_does() {
+        let half = |x: f32| crate::half::f32_to_f16(x).to_le_bytes();
+        let mut q41 = [half(0.5), half(-1.0)].concat();
+        q41.extend((0..16u8).map(|i| i | ((15 - i) << 4)));
+        let v = dequantize(3, &q41, 32);
+        assert_eq!((v[0], v[1], v[16], v[31]), (-1.0, -0.5, 6.5, -1.0));
+        let mut q80 = half(0.25).to_vec();
+        q80.extend((0..32).map(|i| (i as i8 - 16) as u8));
+        let v = dequantize(8, &q80, 32);
+        assert_eq!((v[0], v[16], v[31]), (-4.0, 0.0, 3.75));
+    }
+}

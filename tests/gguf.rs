@@ -1,0 +1,124 @@
+//! SmolLM2-135M-Instruct from its Q4_1 GGUF against `shared/fixtures/smollm2` (transformers'
+//! GGUF loader): dequantisation spot checks exact, last-position logits by id within 1e-2,
+//! the 24-token greedy continuation identical; and malformed files as errors.
+
+mod common;
+
+use common::*;
+use dfdx::prelude::*;
+use rlhf_policies::gguf::Gguf;
+use rlhf_policies::{generate, Batch, CausalLm, InferenceModel, SamplingConfig};
+use serde_json::Value;
+
+fn gguf_path() -> std::path::PathBuf {
+    shared().join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn expected() -> Value {
+    read_json(&fixture("smollm2/expected.json"))
+}
+
+#[test]
+fn dequantised_tensors_match_the_gguf_package() {
+    let g = Gguf::open(&gguf_path()).unwrap();
+    for c in expected()["gguf_dequant_checks"].as_array().unwrap() {
+        let name = c["name"].as_str().unwrap();
+        let t = g.tensor(name).unwrap();
+        let shape: Vec<usize> = u32s(&c["row_major_shape"]).iter().map(|&d| d as usize).collect();
+        assert_eq!(t.shape, shape, "{name}");
+        assert_eq!(t.data[..40], f32s(&c["first_40"])[..], "{name}: first 40");
+        assert_eq!(t.data[t.data.len() - 8..], f32s(&c["last_8"])[..], "{name}: last 8");
+        let sum: f64 = t.data.iter().map(|&x| x as f64).sum();
+        let abs: f64 = t.data.iter().map(|&x| (x as f64).abs()).sum();
+        for (got, key) in [(sum, "sum_f64"), (abs, "sum_abs_f64")] {
+            let want = c[key].as_f64().unwrap();
+            assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "{name} {key}: {got} vs {want}");
+        }
+    }
+}
+
+#[test]
+fn smollm2_logits_and_greedy_continuation_match_transformers() {
+    let dev = Cpu::default();
+    let model = CausalLm::load_gguf(&gguf_path(), &dev).unwrap();
+    assert_eq!((model.dims.n_layer, model.dims.n_head, model.dims.n_kv_head, model.dims.vocab), (30, 9, 3, 49152));
+    let e = expected();
+    let v = model.dims.vocab;
+    for s in e["strings"].as_array().unwrap() {
+        let ids = u32s(&s["ids"]);
+        let logits = model.forward(&Batch::unpadded(std::slice::from_ref(&ids)).unwrap(), NoneTape).unwrap().as_vec();
+        let last = &logits[(ids.len() - 1) * v..ids.len() * v];
+        for (ids_key, logits_key) in [("top10_ids", "top10_logits"), ("probe_ids", "probe_logits")] {
+            for (&id, &want) in u32s(&s[ids_key]).iter().zip(&f32s(&s[logits_key])) {
+                let got = last[id as usize];
+                assert!((got - want).abs() < 1e-2, "{:?} id {id}: {got} vs {want}", s["text"]);
+            }
+        }
+        let max = last.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = max + last.iter().map(|&x| ((x - max) as f64).exp()).sum::<f64>().ln() as f32;
+        assert!((lse - s["last_logsumexp"].as_f64().unwrap() as f32).abs() < 1e-2, "logsumexp {lse}");
+    }
+    let greedy = &e["greedy"];
+    let cfg = SamplingConfig { greedy: true, max_new_tokens: 24, ..Default::default() };
+    let out = generate(&InferenceModel::from_model(&model), &[u32s(&greedy["prompt_ids"])], 2, &cfg).unwrap();
+    assert_eq!(out.tokens[0], u32s(&greedy["new_ids"]));
+}
+
+/// A minimal GGUF v3: one metadata string, one tensor of `ty` with `n` values at `offset`.
+fn tiny_gguf(ty: u32, n: u64, offset: u64, data: &[u8]) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(1u64.to_le_bytes()); // tensors
+    b.extend(1u64.to_le_bytes()); // metadata
+    let s = |b: &mut Vec<u8>, x: &str| {
+        b.extend((x.len() as u64).to_le_bytes());
+        b.extend(x.as_bytes());
+    };
+    s(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes());
+    s(&mut b, "llama");
+    s(&mut b, "w");
+    b.extend(1u32.to_le_bytes());
+    b.extend(n.to_le_bytes());
+    b.extend(ty.to_le_bytes());
+    b.extend(offset.to_le_bytes());
+    b.resize(b.len().div_ceil(32) * 32, 0);
+    b.extend(data);
+    b
+}
+
+#[test]
+fn malformed_files_are_errors_naming_the_problem() {
+    let p = std::path::Path::new("bad.gguf");
+    let parse = |b: Vec<u8>| Gguf::parse(b, p).map(|g| g.tensor("w")).and_then(|r| r).map(|t| t.data);
+    let floats: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+    assert_eq!(parse(tiny_gguf(0, 2, 0, &floats)).unwrap(), vec![1.5, -2.0], "the well-formed file reads");
+    let e = parse(b"GGML and more bytes".to_vec()).unwrap_err().to_string();
+    assert!(e.contains("bad.gguf") && e.contains("magic"), "{e}");
+    let good = tiny_gguf(0, 2, 0, &floats);
+    for cut in [6, 20, 40, 60] {
+        let e = parse(good[..cut].to_vec()).unwrap_err().to_string();
+        assert!(e.contains("truncated") || e.contains("past the end"), "cut at {cut}: {e}");
+    }
+    let e = parse(tiny_gguf(12, 256, 0, &[0; 144])).unwrap_err().to_string();
+    assert!(e.contains("`w`") && e.contains("Q4_K") && e.contains("not supported"), "{e}");
+    let e = parse(tiny_gguf(0, 2, 1 << 40, &floats)).unwrap_err().to_string();
+    assert!(e.contains("past the end"), "{e}");
+    // a count that cannot fit in the file is refused before anything is allocated
+    let mut huge = good.clone();
+    huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(parse(huge).unwrap_err().to_string().contains("cannot fit"));
+}
+
+#[test]
+fn the_tokenizer_built_from_the_gguf_metadata_matches_transformers() {
+    let g = Gguf::open(&gguf_path()).unwrap();
+    let tok = rlhf_policies::Tokenizer::from_json(&rlhf_policies::gguf::tokenizer_json(&g).unwrap(), "gguf").unwrap();
+    assert_eq!(tok.vocab_size(), 49152);
+    for s in expected()["strings"].as_array().unwrap() {
+        let text = s["text"].as_str().unwrap();
+        assert_eq!(tok.encode(text).unwrap(), u32s(&s["ids"]), "{text:?}");
+        assert_eq!(tok.decode(&u32s(&s["ids"])).unwrap(), text);
+    }
+    assert_eq!((tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")), (Some(1), Some(2)));
+}
