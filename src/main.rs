@@ -89,9 +89,16 @@ struct GenerateArgs {
     /// Checkpoint folder (config.json, model.safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
-    /// Prompt text.
+    /// Prompt text (used as is).
+    #[arg(long, required_unless_present = "chat", conflicts_with = "chat")]
+    prompt: Option<String>,
+    /// A user message, formatted with the model's chat template (a GGUF file's own, or
+    /// `chat_template.jinja` / `tokenizer_config.json` beside the model).
     #[arg(long)]
-    prompt: String,
+    chat: Option<String>,
+    /// System message for --chat (default: the template's own default, if any).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
     /// Maximum number of new tokens.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
@@ -366,9 +373,32 @@ fn init(a: InitArgs) -> Result<()> {
     Ok(())
 }
 
+/// The chat-formatted prompt for `--chat` (with `--system` if given).
+fn chat_prompt(a: &GenerateArgs, model: &CausalLm<Cpu>, tok: &Tokenizer, user: &str) -> Result<String> {
+    let name = |id: Option<u32>| id.and_then(|i| tok.decode(&[i]).ok()).unwrap_or_default();
+    let (bos, eos) = (name(model.config.bos_token_id()), name(model.config.eos_token_id().or(tok.eos_id())));
+    let template = rlhf_policies::chat::ChatTemplate::find(&a.model, &bos, &eos)?.with_context(|| {
+        format!(
+            "{}: no chat template (no tokenizer.chat_template, chat_template.jinja or tokenizer_config.json)",
+            a.model.display()
+        )
+    })?;
+    let mut messages = vec![];
+    if let Some(s) = &a.system {
+        messages.push(rlhf_policies::chat::ChatMessage { role: "system".into(), content: s.clone() });
+    }
+    messages.push(rlhf_policies::chat::ChatMessage { role: "user".into(), content: user.into() });
+    Ok(template.render(&messages, true)?)
+}
+
 fn generate_cmd(a: GenerateArgs) -> Result<()> {
     let (model, tok) = load_with_tokenizer(&a.model, &Cpu::default())?;
-    let prompt = tok.encode(&a.prompt)?;
+    let text = match (&a.prompt, &a.chat) {
+        (Some(p), _) => p.clone(),
+        (None, Some(user)) => chat_prompt(&a, &model, &tok, user)?,
+        (None, None) => bail!("--prompt or --chat is required"),
+    };
+    let prompt = tok.encode(&text)?;
     if prompt.is_empty() {
         bail!("--prompt encodes to no tokens");
     }
@@ -389,7 +419,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     let out = generate(&engine, &[prompt], pad, &cfg)?;
     let secs = t0.elapsed().as_secs_f64();
     let new = &out.tokens[0];
-    println!("{}{}", a.prompt, tok.decode(new)?);
+    println!("{}{}", text, tok.decode(new)?);
     let lp: f32 = out.logprobs[0].iter().sum();
     eprintln!(
         "[{} new tokens in {:.3} s, {:.0} tok/s; sum log-prob {:.3}; {}]",

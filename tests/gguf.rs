@@ -122,3 +122,28 @@ fn the_tokenizer_built_from_the_gguf_metadata_matches_transformers() {
     }
     assert_eq!((tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")), (Some(1), Some(2)));
 }
+
+#[test]
+fn the_chat_template_renders_as_transformers_does() {
+    use rlhf_policies::chat::{ChatMessage, ChatTemplate};
+    let e = expected();
+    let messages: Vec<ChatMessage> = e["tokenizer"]["chat_messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| ChatMessage {
+            role: m["role"].as_str().unwrap().into(),
+            content: m["content"].as_str().unwrap().into(),
+        })
+        .collect();
+    let want = e["strings"][2]["text"].as_str().unwrap();
+    // the template stored in the GGUF file, and the fixture's copy of it
+    let from_gguf = ChatTemplate::find(&gguf_path(), "<|im_start|>", "<|im_end|>").unwrap().unwrap();
+    assert_eq!(from_gguf.render(&messages, true).unwrap(), want);
+    let source = std::fs::read_to_string(fixture("smollm2/chat_template.jinja")).unwrap();
+    let t = ChatTemplate::new(source, "<|im_start|>", "<|im_end|>").unwrap();
+    assert_eq!(t.render(&messages, true).unwrap(), want);
+    // with a system message the default one is not added
+    let sys = [ChatMessage { role: "system".into(), content: "Be brief.".into() }, messages[0].clone()];
+    assert!(t.render(&sys, false).unwrap().starts_with("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user"));
+}

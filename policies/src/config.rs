@@ -342,6 +342,14 @@ impl ModelConfig {
         }
     }
 
+    /// Beginning-of-sequence id, if the config names one.
+    pub fn bos_token_id(&self) -> Option<u32> {
+        match self {
+            ModelConfig::Gpt2(c) => c.bos_token_id,
+            ModelConfig::Llama(c) => c.bos_token_id,
+        }
+    }
+
     /// Pad id, if the config names one.
     pub fn pad_token_id(&self) -> Option<u32> {
         match self {

@@ -1,0 +1,87 @@
+//! Chat templates: the Jinja `chat_template` that HF tokenizers (and GGUF files, under
+//! `tokenizer.chat_template`) carry, rendered with minijinja the way transformers'
+//! `apply_chat_template` does (`messages`, `add_generation_prompt`, `bos_token`, `eos_token`).
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::error::PolicyError;
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+/// A chat template with the special tokens it may refer to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatTemplate {
+    source: String,
+    /// `bos_token` in the template.
+    pub bos_token: String,
+    /// `eos_token` in the template.
+    pub eos_token: String,
+}
+
+impl ChatTemplate {
+    /// A template from its Jinja source (checked to parse).
+    pub fn new(source: impl Into<String>, bos_token: &str, eos_token: &str) -> Result<Self, PolicyError> {
+        let t = ChatTemplate { source: source.into(), bos_token: bos_token.into(), eos_token: eos_token.into() };
+        minijinja::Environment::new()
+            .template_from_str(&t.source)
+            .map_err(|e| PolicyError::tokenizer("<chat template>", "chat_template", e.to_string()))?;
+        Ok(t)
+    }
+
+    /// The template beside a model: a GGUF file's `tokenizer.chat_template`, or a folder's
+    /// `chat_template.jinja`, or the `chat_template` string of its `tokenizer_config.json`.
+    /// `None` if there is none.
+    pub fn find(model: &Path, bos_token: &str, eos_token: &str) -> Result<Option<Self>, PolicyError> {
+        if model.is_file() {
+            let g = crate::gguf::Gguf::open(model)?;
+            return match g.metadata.get("tokenizer.chat_template") {
+                Some(crate::gguf::Value::Str(s)) => Self::new(s.clone(), bos_token, eos_token).map(Some),
+                _ => Ok(None),
+            };
+        }
+        let jinja = model.join("chat_template.jinja");
+        if jinja.is_file() {
+            let s = std::fs::read_to_string(&jinja).map_err(|e| PolicyError::io(&jinja, e))?;
+            return Self::new(s, bos_token, eos_token).map(Some);
+        }
+        let cfg = model.join("tokenizer_config.json");
+        if cfg.is_file() {
+            let text = std::fs::read_to_string(&cfg).map_err(|e| PolicyError::io(&cfg, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                PolicyError::tokenizer(cfg.display().to_string(), "tokenizer_config.json", e.to_string())
+            })?;
+            if let Some(s) = v.get("chat_template").and_then(|s| s.as_str()) {
+                return Self::new(s, bos_token, eos_token).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    /// The prompt text for `messages` (with the assistant's opening when
+    /// `add_generation_prompt`).
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, PolicyError> {
+        let mut env = minijinja::Environment::new();
+        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        let tmpl = env
+            .template_from_str(&self.source)
+            .map_err(|e| PolicyError::tokenizer("<chat template>", "chat_template", e.to_string()))?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+        })
+        .map_err(|e| PolicyError::tokenizer("<chat template>", "chat_template", e.to_string()))
+    }
+}
