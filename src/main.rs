@@ -376,7 +376,7 @@ fn init(a: InitArgs) -> Result<()> {
 /// The chat-formatted prompt for `--chat` (with `--system` if given).
 fn chat_prompt(a: &GenerateArgs, model: &CausalLm<Cpu>, tok: &Tokenizer, user: &str) -> Result<String> {
     let name = |id: Option<u32>| id.and_then(|i| tok.decode(&[i]).ok()).unwrap_or_default();
-    let (bos, eos) = (name(model.config.bos_token_id()), name(model.config.eos_token_id().or(tok.eos_id())));
+    let (bos, eos) = (name(model.config.bos_token_id()), name(tok.eos_for(&model.config)));
     let template = rlhf_policies::chat::ChatTemplate::find(&a.model, &bos, &eos)?.with_context(|| {
         format!(
             "{}: no chat template (no tokenizer.chat_template, chat_template.jinja or tokenizer_config.json)",
@@ -402,7 +402,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("--prompt encodes to no tokens");
     }
-    let eos = model.config.eos_token_id().or(tok.eos_id());
+    let eos = tok.eos_for(&model.config);
     let pad = tok.pad_id().or(model.config.pad_token_id()).or(eos).unwrap_or(0);
     let cfg = SamplingConfig {
         max_new_tokens: a.max_new_tokens,

@@ -172,6 +172,13 @@ impl Tokenizer {
         [EOS_TOKEN, "</s>", "<|im_end|>", "<eos>"].iter().find_map(|t| self.token_to_id(t))
     }
 
+    /// The end-of-sequence id for a model with `config`: the config's `eos_token_id` (what HF
+    /// generation stops at: `<|im_end|>` for chat models whose vocabulary also has
+    /// `<|endoftext|>`), else [`Tokenizer::eos_id`].
+    pub fn eos_for(&self, config: &crate::config::ModelConfig) -> Option<u32> {
+        config.eos_token_id().or(self.eos_id())
+    }
+
     /// The pad id, if the vocabulary has `<|pad|>` or `<pad>`.
     pub fn pad_id(&self) -> Option<u32> {
         [PAD_TOKEN, "<pad>"].iter().find_map(|t| self.token_to_id(t))

@@ -342,10 +342,7 @@ pub fn train(cfg: DpoConfig, resume: bool) -> Result<DpoReport> {
         run.write_config(&cfg)?;
         (reference.frozen_copy(), AdamW::new(cfg.optim.clone()), 0)
     };
-    let eos = tok
-        .eos_id()
-        .or(reference.config.eos_token_id())
-        .ok_or_else(|| anyhow::anyhow!("{}: no EOS token", cfg.init.display()))?;
+    let eos = tok.eos_for(&reference.config).ok_or_else(|| anyhow::anyhow!("{}: no EOS token", cfg.init.display()))?;
     let pad = tok.pad_id().unwrap_or(eos);
     // DATA: records → tokens → train / held-out split → reference log-probs (once)
     let data = load_examples(&cfg, &reference, &tok, eos, pad)?;
@@ -545,7 +542,7 @@ fn sample_kl(
     prompts: &[Vec<u32>],
     step: usize,
 ) -> Result<Vec<serde_json::Value>> {
-    let eos = tok.eos_id().or(policy.config.eos_token_id()).unwrap_or(0);
+    let eos = tok.eos_for(&policy.config).unwrap_or(0);
     let pad = tok.pad_id().unwrap_or(eos);
     let scfg = SamplingConfig {
         max_new_tokens: cfg.sample_tokens,

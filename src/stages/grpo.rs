@@ -230,7 +230,7 @@ pub fn train_with_reward(cfg: GrpoConfig, resume: bool, reward: Box<dyn RewardMo
         run.write_config(&cfg)?;
         (reference.frozen_copy(), AdamW::new(cfg.optim.clone()), 0, GroupState::default())
     };
-    let eos = tok.eos_id().or(reference.config.eos_token_id()).context("the policy's tokenizer has no EOS token")?;
+    let eos = tok.eos_for(&reference.config).context("the policy's tokenizer has no EOS token")?;
     let pad = tok.pad_id().unwrap_or(eos);
     let spec = PromptSpec {
         path: &cfg.prompts,

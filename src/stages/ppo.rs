@@ -284,7 +284,7 @@ pub fn train_with_reward(cfg: PpoConfig, resume: bool, reward: Box<dyn RewardMod
         let kl = KlController::new(cfg.kl_control, cfg.beta);
         (models, AdamW::new(cfg.optim.clone()), 0, PpoState { kl, prompt_draws: 0, skipped_batches: 0 })
     };
-    let eos = tok.eos_id().or(reference.config.eos_token_id()).context("the policy's tokenizer has no EOS token")?;
+    let eos = tok.eos_for(&reference.config).context("the policy's tokenizer has no EOS token")?;
     let pad = tok.pad_id().unwrap_or(eos);
     // DATA: prompts, the PPO-ptx corpus
     let spec = PromptSpec {

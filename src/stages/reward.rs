@@ -368,8 +368,7 @@ pub fn train(cfg: RewardConfig, resume: bool) -> Result<RewardReport> {
         (rm, tok, AdamW::new(cfg.optim.clone()), 0)
     };
     let eos = tok
-        .eos_id()
-        .or(rm.model.config.eos_token_id())
+        .eos_for(&rm.model.config)
         .ok_or_else(|| anyhow::anyhow!("{}: the tokenizer has no EOS token", cfg.init.display()))?;
     // DATA: records → comparisons → tokens → train / validation
     let comparisons = read_comparisons(&cfg.data, &cfg.format)?;

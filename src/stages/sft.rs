@@ -219,8 +219,7 @@ pub fn train(cfg: SftConfig, resume: bool) -> Result<SftReport> {
         (model, tok, AdamW::new(cfg.optim.clone()), 0)
     };
     let eos = tok
-        .eos_id()
-        .or(model.config.eos_token_id())
+        .eos_for(&model.config)
         .ok_or_else(|| anyhow::anyhow!("{}: the tokenizer has no EOS token", cfg.init.display()))?;
     let pad = tok.pad_id().unwrap_or(eos);
     // DATA: records → examples → train / validation
