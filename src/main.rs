@@ -377,12 +377,13 @@ fn init(a: InitArgs) -> Result<()> {
 fn chat_prompt(a: &GenerateArgs, model: &CausalLm<Cpu>, tok: &Tokenizer, user: &str) -> Result<String> {
     let name = |id: Option<u32>| id.and_then(|i| tok.decode(&[i]).ok()).unwrap_or_default();
     let (bos, eos) = (name(model.config.bos_token_id()), name(tok.eos_for(&model.config)));
-    let template = rlhf_policies::chat::ChatTemplate::find(&a.model, &bos, &eos)?.with_context(|| {
+    let source = tok.chat_template.clone().with_context(|| {
         format!(
             "{}: no chat template (no tokenizer.chat_template, chat_template.jinja or tokenizer_config.json)",
             a.model.display()
         )
     })?;
+    let template = rlhf_policies::chat::ChatTemplate::new(source, &bos, &eos)?;
     let mut messages = vec![];
     if let Some(s) = &a.system {
         messages.push(rlhf_policies::chat::ChatMessage { role: "system".into(), content: s.clone() });

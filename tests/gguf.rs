@@ -1,5 +1,5 @@
 //! SmolLM2-135M-Instruct from its Q4_1 GGUF against `shared/fixtures/smollm2` (transformers'
-//! GGUF loader): dequantisation spot checks exact, last-position logits by id within 1e-2,
+//! GGUF loader): dequantisation spot checks exact, last-position logits by id within 1e-3,
 //! the 24-token greedy continuation identical; and malformed files as errors.
 
 mod common;
@@ -44,6 +44,7 @@ fn smollm2_logits_and_greedy_continuation_match_transformers() {
     assert_eq!((model.dims.n_layer, model.dims.n_head, model.dims.n_kv_head, model.dims.vocab), (30, 9, 3, 49152));
     let e = expected();
     let v = model.dims.vocab;
+    let mut worst = 0.0f32;
     for s in e["strings"].as_array().unwrap() {
         let ids = u32s(&s["ids"]);
         let logits = model.forward(&Batch::unpadded(std::slice::from_ref(&ids)).unwrap(), NoneTape).unwrap().as_vec();
@@ -51,13 +52,15 @@ fn smollm2_logits_and_greedy_continuation_match_transformers() {
         for (ids_key, logits_key) in [("top10_ids", "top10_logits"), ("probe_ids", "probe_logits")] {
             for (&id, &want) in u32s(&s[ids_key]).iter().zip(&f32s(&s[logits_key])) {
                 let got = last[id as usize];
-                assert!((got - want).abs() < 1e-2, "{:?} id {id}: {got} vs {want}", s["text"]);
+                worst = worst.max((got - want).abs());
+                assert!((got - want).abs() < 1e-3, "{:?} id {id}: {got} vs {want}", s["text"]);
             }
         }
         let max = last.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let lse = max + last.iter().map(|&x| ((x - max) as f64).exp()).sum::<f64>().ln() as f32;
-        assert!((lse - s["last_logsumexp"].as_f64().unwrap() as f32).abs() < 1e-2, "logsumexp {lse}");
+        assert!((lse - s["last_logsumexp"].as_f64().unwrap() as f32).abs() < 1e-3, "logsumexp {lse}");
     }
+    eprintln!("largest logit difference from transformers: {worst}");
     let greedy = &e["greedy"];
     let cfg = SamplingConfig { greedy: true, max_new_tokens: 24, ..Default::default() };
     let out = generate(&InferenceModel::from_model(&model), &[u32s(&greedy["prompt_ids"])], 2, &cfg).unwrap();
@@ -138,8 +141,14 @@ fn the_chat_template_renders_as_transformers_does() {
         .collect();
     let want = e["strings"][2]["text"].as_str().unwrap();
     // the template stored in the GGUF file, and the fixture's copy of it
-    let from_gguf = ChatTemplate::find(&gguf_path(), "<|im_start|>", "<|im_end|>").unwrap().unwrap();
+    let (model, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&gguf_path(), &Cpu::default()).unwrap();
+    let from_gguf = ChatTemplate::new(tok.chat_template.clone().unwrap(), "<|im_start|>", "<|im_end|>").unwrap();
     assert_eq!(from_gguf.render(&messages, true).unwrap(), want);
+    // the template travels with checkpoints written from the model
+    let dir = tempfile::tempdir().unwrap();
+    model.save_pretrained(dir.path(), Some(&tok)).unwrap();
+    let (_, again) = rlhf_policies::checkpoint::load_with_tokenizer(dir.path(), &Cpu::default()).unwrap();
+    assert_eq!(again.chat_template, tok.chat_template);
     let source = std::fs::read_to_string(fixture("smollm2/chat_template.jinja")).unwrap();
     let t = ChatTemplate::new(source, "<|im_start|>", "<|im_end|>").unwrap();
     assert_eq!(t.render(&messages, true).unwrap(), want);

@@ -37,21 +37,21 @@ impl ChatTemplate {
         Ok(t)
     }
 
-    /// The template beside a model: a GGUF file's `tokenizer.chat_template`, or a folder's
-    /// `chat_template.jinja`, or the `chat_template` string of its `tokenizer_config.json`.
-    /// `None` if there is none.
-    pub fn find(model: &Path, bos_token: &str, eos_token: &str) -> Result<Option<Self>, PolicyError> {
+    /// The template a model's files carry: a GGUF file's `tokenizer.chat_template`, or a
+    /// folder's `chat_template.jinja`, or the `chat_template` string of its
+    /// `tokenizer_config.json`. `None` if there is none. (The loader puts it on the
+    /// [`crate::Tokenizer`], whose `save` writes it back as `chat_template.jinja`.)
+    pub fn source_of(model: &Path) -> Result<Option<String>, PolicyError> {
         if model.is_file() {
             let g = crate::gguf::Gguf::open(model)?;
-            return match g.metadata.get("tokenizer.chat_template") {
-                Some(crate::gguf::Value::Str(s)) => Self::new(s.clone(), bos_token, eos_token).map(Some),
-                _ => Ok(None),
-            };
+            return Ok(match g.metadata.get("tokenizer.chat_template") {
+                Some(crate::gguf::Value::Str(s)) => Some(s.clone()),
+                _ => None,
+            });
         }
         let jinja = model.join("chat_template.jinja");
         if jinja.is_file() {
-            let s = std::fs::read_to_string(&jinja).map_err(|e| PolicyError::io(&jinja, e))?;
-            return Self::new(s, bos_token, eos_token).map(Some);
+            return std::fs::read_to_string(&jinja).map(Some).map_err(|e| PolicyError::io(&jinja, e));
         }
         let cfg = model.join("tokenizer_config.json");
         if cfg.is_file() {
@@ -59,9 +59,7 @@ impl ChatTemplate {
             let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
                 PolicyError::tokenizer(cfg.display().to_string(), "tokenizer_config.json", e.to_string())
             })?;
-            if let Some(s) = v.get("chat_template").and_then(|s| s.as_str()) {
-                return Self::new(s, bos_token, eos_token).map(Some);
-            }
+            return Ok(v.get("chat_template").and_then(|s| s.as_str()).map(str::to_string));
         }
         Ok(None)
     }

@@ -290,6 +290,8 @@ pub fn load_with_tokenizer<D: crate::fused::FusedOps>(
         let tok_path = dir.join("tokenizer.json");
         (CausalLm::load_pretrained(dir, dev)?, Tokenizer::from_file(&tok_path)?, tok_path)
     };
+    let mut tok = tok;
+    tok.chat_template = crate::chat::ChatTemplate::source_of(dir)?;
     if tok.vocab_size() > model.dims.vocab {
         return Err(PolicyError::tokenizer(
             tok_path.display().to_string(),

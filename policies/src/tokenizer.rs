@@ -27,6 +27,9 @@ pub struct Tokenizer {
     /// (HF's BPE without an unk token would silently drop them).
     chars: Option<HashMap<char, u32>>,
     source: String,
+    /// The model's chat template (Jinja source), if it has one; saved beside `tokenizer.json`
+    /// as `chat_template.jinja` (see [`crate::chat::ChatTemplate`]).
+    pub chat_template: Option<String>,
 }
 
 impl Tokenizer {
@@ -40,7 +43,7 @@ impl Tokenizer {
     pub fn from_json(text: &str, source: &str) -> Result<Self, PolicyError> {
         let inner = tokenizers::Tokenizer::from_bytes(text.as_bytes())
             .map_err(|e| PolicyError::tokenizer(source, "tokenizer.json", format!("cannot parse: {e}")))?;
-        let mut tok = Tokenizer { inner, chars: None, source: source.to_string() };
+        let mut tok = Tokenizer { inner, chars: None, source: source.to_string(), chat_template: None };
         tok.chars = tok.char_vocab();
         Ok(tok)
     }
@@ -72,7 +75,7 @@ impl Tokenizer {
         inner.with_post_processor(Some(ByteLevel::new(false, false, true)));
         let mut trainer: TrainerWrapper = trainer.into();
         inner.train(&mut trainer, texts).map_err(|e| PolicyError::tokenizer("<training>", "bpe", e.to_string()))?;
-        Ok(Tokenizer { inner, chars: None, source: "<trained BPE>".into() })
+        Ok(Tokenizer { inner, chars: None, source: "<trained BPE>".into(), chat_template: None })
     }
 
     /// A byte-level tokenizer with no merges: the 256 byte symbols after [`EOS_TOKEN`] (id 0)
@@ -104,7 +107,7 @@ impl Tokenizer {
         });
         let inner = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes())
             .map_err(|e| PolicyError::tokenizer("<char-level>", "model", e.to_string()))?;
-        let mut tok = Tokenizer { inner, chars: None, source: "<char-level>".into() };
+        let mut tok = Tokenizer { inner, chars: None, source: "<char-level>".into(), chat_template: None };
         tok.chars = tok.char_vocab();
         Ok(tok)
     }
@@ -190,6 +193,10 @@ impl Tokenizer {
             .inner
             .to_string(true)
             .map_err(|e| PolicyError::tokenizer(path.display().to_string(), "tokenizer.json", e.to_string()))?;
-        crate::checkpoint::write_atomic(path, text.as_bytes())
+        crate::checkpoint::write_atomic(path, text.as_bytes())?;
+        if let Some(t) = &self.chat_template {
+            crate::checkpoint::write_atomic(&path.with_file_name("chat_template.jinja"), t.as_bytes())?;
+        }
+        Ok(())
     }
 }

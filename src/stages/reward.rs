@@ -463,14 +463,16 @@ pub fn train(cfg: RewardConfig, resume: bool) -> Result<RewardReport> {
 
 /// The backbone and tokenizer of `init` with a fresh head, or a reward model to continue.
 fn initial_model(cfg: &RewardConfig) -> Result<(LearnedReward<Cpu>, Tokenizer)> {
-    let is_rm = std::fs::read_to_string(cfg.init.join("config.json"))
-        .with_context(|| format!("{}: cannot read config.json", cfg.init.display()))?
-        .contains("ForSequenceClassification");
+    // a folder may hold a reward model already; a GGUF file is always a causal LM
+    let is_rm = cfg.init.is_dir()
+        && std::fs::read_to_string(cfg.init.join("config.json"))
+            .with_context(|| format!("{}: cannot read config.json", cfg.init.display()))?
+            .contains("ForSequenceClassification");
     if is_rm {
         return LearnedReward::load_dir(&cfg.init);
     }
     let (model, tok): (CausalLm<Cpu>, Tokenizer) = load_with_tokenizer(&cfg.init, &Cpu::default())?;
-    let pad = tok.pad_id().or(tok.eos_id()).or(model.config.pad_token_id()).unwrap_or(0);
+    let pad = model.config.pad_token_id().or(tok.pad_id()).or(tok.eos_for(&model.config)).unwrap_or(0);
     Ok((LearnedReward::from_backbone(model, pad, cfg.seed), tok))
 }
 
