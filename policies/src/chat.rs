@@ -43,11 +43,7 @@ impl ChatTemplate {
     /// [`crate::Tokenizer`], whose `save` writes it back as `chat_template.jinja`.)
     pub fn source_of(model: &Path) -> Result<Option<String>, PolicyError> {
         if model.is_file() {
-            let g = crate::gguf::Gguf::open(model)?;
-            return Ok(match g.metadata.get("tokenizer.chat_template") {
-                Some(crate::gguf::Value::Str(s)) => Some(s.clone()),
-                _ => None,
-            });
+            return Ok(crate::gguf::chat_template(&crate::gguf::Gguf::open(model)?));
         }
         let jinja = model.join("chat_template.jinja");
         if jinja.is_file() {

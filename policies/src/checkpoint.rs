@@ -247,10 +247,13 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
     /// Loads a Llama-architecture GGUF file (llama.cpp's format): F32, F16, Q8_0, Q4_0 and Q4_1
     /// tensors dequantised to f32, q/k rows un-permuted, config from the metadata.
     pub fn load_gguf(path: &Path, dev: &D) -> Result<Self, PolicyError> {
-        let g = crate::gguf::Gguf::open(path)?;
-        let config = crate::gguf::llama_config(&g)?;
-        let tensors = crate::gguf::hf_tensors(&g, &config)?;
-        drop(g);
+        Self::from_gguf(&crate::gguf::Gguf::open(path)?, path, dev)
+    }
+
+    /// The model of an opened GGUF file (`path` names it in errors).
+    pub fn from_gguf(g: &crate::gguf::Gguf, path: &Path, dev: &D) -> Result<Self, PolicyError> {
+        let config = crate::gguf::llama_config(g)?;
+        let tensors = crate::gguf::hf_tensors(g, &config)?;
         let mut model = CausalLm::new(config, dev, 0)?;
         model.load_hf_tensors(path, &tensors)?;
         Ok(model)
@@ -276,22 +279,24 @@ pub fn load_with_tokenizer<D: crate::fused::FusedOps>(
 ) -> Result<(CausalLm<D>, Tokenizer), PolicyError> {
     let is_gguf = dir.is_file() && dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     let (model, tok, tok_path) = if is_gguf {
-        // a GGUF file: its own vocabulary, unless a tokenizer.json sits beside it
-        let model = CausalLm::load_gguf(dir, dev)?;
+        // a GGUF file: its own vocabulary and chat template, unless a tokenizer.json sits beside it
+        let g = crate::gguf::Gguf::open(dir)?;
+        let model = CausalLm::from_gguf(&g, dir, dev)?;
         let beside = dir.with_file_name("tokenizer.json");
-        let tok = if beside.is_file() {
-            Tokenizer::from_file(&beside)?
+        let (mut tok, source) = if beside.is_file() {
+            (Tokenizer::from_file(&beside)?, beside)
         } else {
-            let g = crate::gguf::Gguf::open(dir)?;
-            Tokenizer::from_json(&crate::gguf::tokenizer_json(&g)?, &dir.display().to_string())?
+            let json = crate::gguf::tokenizer_json(&g)?;
+            (Tokenizer::from_json(&json, &dir.display().to_string())?, dir.to_path_buf())
         };
-        (model, tok, beside)
+        tok.chat_template = crate::gguf::chat_template(&g);
+        (model, tok, source)
     } else {
         let tok_path = dir.join("tokenizer.json");
-        (CausalLm::load_pretrained(dir, dev)?, Tokenizer::from_file(&tok_path)?, tok_path)
+        let mut tok = Tokenizer::from_file(&tok_path)?;
+        tok.chat_template = crate::chat::ChatTemplate::source_of(dir)?;
+        (CausalLm::load_pretrained(dir, dev)?, tok, tok_path)
     };
-    let mut tok = tok;
-    tok.chat_template = crate::chat::ChatTemplate::source_of(dir)?;
     if tok.vocab_size() > model.dims.vocab {
         return Err(PolicyError::tokenizer(
             tok_path.display().to_string(),

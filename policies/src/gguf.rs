@@ -394,6 +394,14 @@ pub fn tokenizer_json(g: &Gguf) -> Result<String, PolicyError> {
     .to_string())
 }
 
+/// The file's chat template (`tokenizer.chat_template`), if it has one.
+pub fn chat_template(g: &Gguf) -> Option<String> {
+    match g.metadata.get("tokenizer.chat_template") {
+        Some(Value::Str(s)) => Some(s.clone()),
+        _ => None,
+    }
+}
+
 /// Every tensor under its HF name, with llama.cpp's permutation of the q/k rows undone (within
 /// each head, GGUF row `2i + j` is HF row `j·hd/2 + i`).
 pub fn hf_tensors(g: &Gguf, cfg: &ModelConfig) -> Result<BTreeMap<String, HostTensor>, PolicyError> {
