@@ -6,9 +6,11 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use dfdx::prelude::Cpu;
-use rlhf::bench;
 use rlhf_policies::checkpoint::load_with_tokenizer;
 use rlhf_policies::{generate, CausalLm, InferenceModel, ModelConfig, SamplingConfig, Tokenizer, WeightDtype};
+
+mod bench_cli;
+use bench_cli::*;
 
 /// RLHF in Rust: pretraining, SFT, reward models and PPO on small language models.
 #[derive(Debug, Parser)]
@@ -218,94 +220,6 @@ enum LossChoice {
     Kto,
 }
 
-#[derive(Debug, clap::Args)]
-struct PpoBenchArgs {
-    #[command(flatten)]
-    env: EnvArgs,
-    /// Critic: shared value head, separate critic, or both.
-    #[arg(long, value_enum, default_value = "both")]
-    value: ValueChoice,
-}
-
-#[derive(Debug, clap::Args)]
-struct GrpoBenchArgs {
-    #[command(flatten)]
-    env: EnvArgs,
-    /// Algorithm: grpo, rloo, reinforce-pp, or all.
-    #[arg(long, value_enum, default_value = "all")]
-    algo: AlgoChoice,
-}
-
-/// `--algo` values.
-#[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
-enum AlgoChoice {
-    Grpo,
-    Rloo,
-    ReinforcePp,
-    All,
-}
-
-/// `--value` values.
-#[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
-enum ValueChoice {
-    Shared,
-    Separate,
-    Both,
-}
-
-#[derive(Debug, Subcommand)]
-enum BenchCommand {
-    /// Rollout tokens/s (batched sampling with the KV cache) at the workload's batch sizes.
-    Rollout(RolloutArgs),
-    /// Token-level stepping through VecEnv vs raw generation + one reference pass (PPO shapes).
-    Env(EnvArgs),
-    /// One training step (forward + cross-entropy + backward + AdamW) at the workload's shape.
-    Train(EnvArgs),
-    /// One PPO iteration (rollout, scoring, advantages, 4 × 4 minibatch updates) per phase.
-    Ppo(PpoBenchArgs),
-    /// One GRPO / RLOO / REINFORCE++ iteration at the workload's `trl_grpo` shapes (8 prompts ×
-    /// 4 completions, 4 passes × 4 optimizer steps of 8) per phase.
-    Grpo(GrpoBenchArgs),
-}
-
-#[derive(Debug, clap::Args)]
-struct EnvArgs {
-    /// The workload file (shared/peers/workload.json).
-    #[arg(long)]
-    workload: PathBuf,
-    /// Model name from the workload (tiny or small); default: every model.
-    #[arg(long)]
-    model: Option<String>,
-    /// Threads (default: the workload's).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Also write the JSON results to this file.
-    #[arg(long)]
-    out: Option<PathBuf>,
-}
-
-#[derive(Debug, clap::Args)]
-struct RolloutArgs {
-    /// The workload file (shared/peers/workload.json).
-    #[arg(long)]
-    workload: PathBuf,
-    /// Model name from the workload (tiny or small); default: every model.
-    #[arg(long)]
-    model: Option<String>,
-    /// Batch size; default: the workload's batch sizes.
-    #[arg(long)]
-    batch: Option<usize>,
-    /// Threads (default: the workload's).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Also write the JSON results to this file.
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Storage precision of the sampling engine's weights.
-    #[arg(long, value_enum, default_value = "f32")]
-    weights: Weights,
-}
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -433,67 +347,6 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench_rollout(a: RolloutArgs) -> Result<()> {
-    let w = bench::Workload::from_file(&a.workload)?;
-    let threads = a.threads.unwrap_or(w.threads);
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
-    let models: Vec<String> = match &a.model {
-        Some(m) => vec![m.clone()],
-        None => w.models.keys().cloned().collect(),
-    };
-    let batches = a.batch.map(|b| vec![b]).unwrap_or_else(|| w.rollout.batch_sizes.clone());
-    let mut all = Vec::new();
-    for m in &models {
-        let results = pool.install(|| bench::rollout(&w, m, &batches, a.weights.into()))?;
-        for r in &results {
-            eprintln!(
-                "rollout {:>5} b={:<3} {:>8.0} tok/s  [{:.0}-{:.0}]  ({} tokens/run, {} threads, {:?} weights)",
-                r.model,
-                r.batch,
-                r.tokens_per_s,
-                r.tokens_per_s_min,
-                r.tokens_per_s_max,
-                r.tokens,
-                r.threads,
-                r.weights
-            );
-        }
-        all.extend(results);
-    }
-    print_results("rollout", &all, a.out.as_deref())
-}
-
-/// Prints `{"benchmark": name, "results": [...]}` and writes it to `out` if given.
-fn print_results<T: serde::Serialize>(name: &str, results: &[T], out: Option<&std::path::Path>) -> Result<()> {
-    let json = serde_json::to_string_pretty(&serde_json::json!({ "benchmark": name, "results": results }))?;
-    println!("{json}");
-    if let Some(p) = out {
-        std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;
-    }
-    Ok(())
-}
-
-fn bench_env(a: EnvArgs) -> Result<()> {
-    let w = bench::Workload::from_file(&a.workload)?;
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(a.threads.unwrap_or(w.threads)).build()?;
-    let models: Vec<String> = match &a.model {
-        Some(m) => vec![m.clone()],
-        None => w.models.keys().cloned().collect(),
-    };
-    let mut all = Vec::new();
-    for m in &models {
-        let r = pool.install(|| rlhf::bench_env::env_step(&w, m))?;
-        eprintln!(
-            "env {:>5}: VecEnv::rollout {:.0} tok/s [{:.0}-{:.0}], raw generate + reference pass {:.0} [{:.0}-{:.0}] (rollout slowdown {:.3}x), VecEnv::step {:.0} [{:.0}-{:.0}]",
-            r.model, r.env_tokens_per_s[0], r.env_tokens_per_s[1], r.env_tokens_per_s[2],
-            r.raw_tokens_per_s[0], r.raw_tokens_per_s[1], r.raw_tokens_per_s[2], r.slowdown,
-            r.step_tokens_per_s[0], r.step_tokens_per_s[1], r.step_tokens_per_s[2]
-        );
-        all.push(r);
-    }
-    print_results("env_step", &all, a.out.as_deref())
-}
-
 /// The stage config: a fresh `--config` (+ `--set`), or the run's own `config.json` when
 /// resuming (+ `--set`, with `out_dir` pinned to the run). Returns it and whether to resume.
 fn stage_config<T: serde::de::DeserializeOwned>(a: &StageArgs) -> Result<(T, bool)> {
@@ -585,74 +438,6 @@ fn grpo_cmd(mut a: PpoArgs, algo: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-fn bench_ppo(a: PpoBenchArgs) -> Result<()> {
-    let w = bench::Workload::from_file(&a.env.workload)?;
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(a.env.threads.unwrap_or(w.threads)).build()?;
-    let models: Vec<String> =
-        a.env.model.clone().map(|m| vec![m]).unwrap_or_else(|| w.models.keys().cloned().collect());
-    let critics: &[bool] = match a.value {
-        ValueChoice::Shared => &[true],
-        ValueChoice::Separate => &[false],
-        ValueChoice::Both => &[true, false],
-    };
-    let mut all = Vec::new();
-    for m in &models {
-        for &shared in critics {
-            let r = pool.install(|| rlhf::bench_ppo::ppo_iteration(&w, m, shared))?;
-            eprintln!(
-                "ppo {:>5} {:>8}: {:.2} s/iteration [{:.2}-{:.2}] (rollout {:.2}, scoring {:.2}, update {:.2})",
-                r.model,
-                r.value_model,
-                r.seconds,
-                r.range[0],
-                r.range[1],
-                r.phases["rollout"],
-                r.phases["scoring"],
-                r.phases["update"]
-            );
-            all.push(r);
-        }
-    }
-    print_results("ppo_iteration", &all, a.env.out.as_deref())
-}
-
-fn bench_grpo(a: GrpoBenchArgs) -> Result<()> {
-    use rlhf::stages::grpo::Algo;
-    let w = bench::Workload::from_file(&a.env.workload)?;
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(a.env.threads.unwrap_or(w.threads)).build()?;
-    let models: Vec<String> =
-        a.env.model.clone().map(|m| vec![m]).unwrap_or_else(|| w.models.keys().cloned().collect());
-    // the algorithms at TRL's defaults (GRPO: group std; RLOO: no normalisation)
-    let grpo = Algo::Grpo { scale_rewards: Default::default(), std_eps: 1e-4 };
-    let rloo = Algo::Rloo { normalize_advantages: false, normalize_eps: 1e-4 };
-    let rpp = Algo::ReinforcePp { gamma: 1.0, whitening: Default::default(), whiten_eps: 1e-8 };
-    let algos = match a.algo {
-        AlgoChoice::Grpo => vec![grpo],
-        AlgoChoice::Rloo => vec![rloo],
-        AlgoChoice::ReinforcePp => vec![rpp],
-        AlgoChoice::All => vec![grpo, rloo, rpp],
-    };
-    let mut all = Vec::new();
-    for m in &models {
-        for &algo in &algos {
-            let r = pool.install(|| rlhf::bench_grpo::grpo_iteration(&w, m, algo))?;
-            eprintln!(
-                "{:>12} {:>5}: {:.2} s/iteration [{:.2}-{:.2}] (rollout {:.2}, scoring {:.2}, update {:.2})",
-                r.algo,
-                r.model,
-                r.seconds,
-                r.range[0],
-                r.range[1],
-                r.phases["rollout"],
-                r.phases["scoring"],
-                r.phases["update"]
-            );
-            all.push(r);
-        }
-    }
-    print_results("grpo_iteration", &all, a.env.out.as_deref())
-}
-
 fn eval_cmd(a: EvalArgs) -> Result<()> {
     let (model, tok) = load_with_tokenizer(&a.model, &Cpu::default())?;
     let text = rlhf::data::read_corpus(std::slice::from_ref(&a.data))?;
@@ -679,20 +464,4 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
         )?
     );
     Ok(())
-}
-
-fn bench_train(a: EnvArgs) -> Result<()> {
-    let w = bench::Workload::from_file(&a.workload)?;
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(a.threads.unwrap_or(w.threads)).build()?;
-    let models: Vec<String> = a.model.clone().map(|m| vec![m]).unwrap_or_else(|| w.models.keys().cloned().collect());
-    let mut all = Vec::new();
-    for m in &models {
-        let r = pool.install(|| bench::train_step(&w, m))?;
-        eprintln!(
-            "train_step {:>5}: {:.0} tok/s [{:.0}-{:.0}] ({} tokens/step, loss {:.3})",
-            r.model, r.tokens_per_s, r.range[0], r.range[1], r.tokens, r.loss
-        );
-        all.push(r);
-    }
-    print_results("train_step", &all, a.out.as_deref())
 }

@@ -292,10 +292,11 @@ pub fn load_with_tokenizer<D: crate::fused::FusedOps>(
         tok.chat_template = crate::gguf::chat_template(&g);
         (model, tok, source)
     } else {
+        let model = CausalLm::load_pretrained(dir, dev)?;
         let tok_path = dir.join("tokenizer.json");
         let mut tok = Tokenizer::from_file(&tok_path)?;
         tok.chat_template = crate::chat::ChatTemplate::source_of(dir)?;
-        (CausalLm::load_pretrained(dir, dev)?, tok, tok_path)
+        (model, tok, tok_path)
     };
     if tok.vocab_size() > model.dims.vocab {
         return Err(PolicyError::tokenizer(
