@@ -365,3 +365,34 @@ pub fn median(sorted: &[f64]) -> f64 {
         (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
     }
 }
+
+/// Per-phase wall times of timed iterations (rollout, scoring, update), summarised.
+#[derive(Debug, Clone, Default)]
+pub struct PhaseTimes {
+    walls: Vec<f64>,
+    phases: [Vec<f64>; 3],
+}
+
+impl PhaseTimes {
+    /// Records one iteration's phases.
+    pub fn push(&mut self, timing: &[std::time::Duration; 3]) {
+        self.walls.push(timing.iter().map(|d| d.as_secs_f64()).sum());
+        for (p, d) in self.phases.iter_mut().zip(timing) {
+            p.push(d.as_secs_f64());
+        }
+    }
+
+    /// (median seconds, [fastest, slowest], median of each phase by name).
+    pub fn summary(mut self) -> (f64, [f64; 2], std::collections::BTreeMap<String, f64>) {
+        self.walls.sort_by(f64::total_cmp);
+        let phases = ["rollout", "scoring", "update"]
+            .iter()
+            .zip(self.phases.iter_mut())
+            .map(|(n, v)| {
+                v.sort_by(f64::total_cmp);
+                (n.to_string(), median(v))
+            })
+            .collect();
+        (median(&self.walls), [self.walls[0], self.walls[self.walls.len() - 1]], phases)
+    }
+}

@@ -11,7 +11,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use rlhf_policies::{AdamW, AdamWConfig, CausalLm, LearnedReward};
 use serde::Serialize;
 
-use crate::bench::{median, Workload};
+use crate::bench::{PhaseTimes, Workload};
 use crate::bench_ppo::NoText;
 use crate::schedule::LrSchedule;
 use crate::stages::grpo::{Algo, GrpoConfig};
@@ -70,34 +70,16 @@ pub fn grpo_trainer(w: &Workload, model: &str, algo: Algo) -> Result<GroupTraine
 /// Times `workload.trl_grpo` for `model` with `algo`.
 pub fn grpo_iteration(w: &Workload, model: &str, algo: Algo) -> Result<GrpoBenchResult> {
     let mut t = grpo_trainer(w, model, algo)?;
-    let (mut walls, mut phases) = (vec![], vec![vec![]; 3]);
+    let mut times = PhaseTimes::default();
     let mut reward_mean = f64::NAN;
     let g = &w.trl_grpo;
     for it in 0..g.warmup_iterations + g.repeats.max(1) {
         let out = t.iteration(it)?.ok_or_else(|| anyhow::anyhow!("iteration {it} skipped"))?;
         if it >= g.warmup_iterations {
-            walls.push(out.timing.iter().map(|d| d.as_secs_f64()).sum::<f64>());
-            for (p, d) in phases.iter_mut().zip(out.timing) {
-                p.push(d.as_secs_f64());
-            }
+            times.push(&out.timing);
         }
         reward_mean = out.record["reward"].as_f64().unwrap_or(f64::NAN);
     }
-    walls.sort_by(f64::total_cmp);
-    let phases = ["rollout", "scoring", "update"]
-        .iter()
-        .zip(phases.iter_mut())
-        .map(|(n, v)| {
-            v.sort_by(f64::total_cmp);
-            (n.to_string(), median(v))
-        })
-        .collect();
-    Ok(GrpoBenchResult {
-        model: model.into(),
-        algo: algo.name().into(),
-        seconds: median(&walls),
-        range: [walls[0], walls[walls.len() - 1]],
-        phases,
-        reward_mean,
-    })
+    let (seconds, range, phases) = times.summary();
+    Ok(GrpoBenchResult { model: model.into(), algo: algo.name().into(), seconds, range, phases, reward_mean })
 }

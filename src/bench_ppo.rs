@@ -11,7 +11,7 @@ use rlhf_envs::{Detokenizer, EnvError, KlEstimator};
 use rlhf_policies::{AdamW, AdamWConfig, CausalLm, LearnedReward, ScalarHead};
 use serde::Serialize;
 
-use crate::bench::{median, Workload};
+use crate::bench::{PhaseTimes, Workload};
 use crate::math::ppo::{KlControl, KlController};
 use crate::schedule::LrSchedule;
 use crate::stages::ppo::PpoConfig;
@@ -100,32 +100,21 @@ pub fn ppo_trainer(w: &Workload, model: &str, shared: bool) -> Result<PpoTrainer
 /// Times `workload.ppo` for `model` with a shared or separate critic.
 pub fn ppo_iteration(w: &Workload, model: &str, shared: bool) -> Result<PpoBenchResult> {
     let mut t = ppo_trainer(w, model, shared)?;
-    let (mut walls, mut phases) = (vec![], vec![vec![]; 3]);
+    let mut times = PhaseTimes::default();
     let mut score_mean = f64::NAN;
     for it in 0..w.ppo.warmup + w.ppo.repeats.max(1) {
         let out = t.iteration(it)?.ok_or_else(|| anyhow::anyhow!("iteration {it} skipped"))?;
         if it >= w.ppo.warmup {
-            walls.push(out.timing.iter().map(|d| d.as_secs_f64()).sum::<f64>());
-            for (p, d) in phases.iter_mut().zip(out.timing) {
-                p.push(d.as_secs_f64());
-            }
+            times.push(&out.timing);
         }
         score_mean = out.record["objective/scores"].as_f64().unwrap_or(f64::NAN);
     }
-    walls.sort_by(f64::total_cmp);
-    let phases = ["rollout", "scoring", "update"]
-        .iter()
-        .zip(phases.iter_mut())
-        .map(|(n, v)| {
-            v.sort_by(f64::total_cmp);
-            (n.to_string(), median(v))
-        })
-        .collect();
+    let (seconds, range, phases) = times.summary();
     Ok(PpoBenchResult {
         model: model.into(),
         value_model: if shared { "shared" } else { "separate" }.into(),
-        seconds: median(&walls),
-        range: [walls[0], walls[walls.len() - 1]],
+        seconds,
+        range,
         phases,
         score_mean,
     })

@@ -248,11 +248,16 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 /// The dataset index for position `i` of the global example stream: shuffled epochs, each
 /// permutation drawn from `(seed, epoch)`, so the stream needs no saved state.
 pub fn epoch_index(n: usize, seed: u64, i: usize) -> usize {
+    epoch_permutation(n, seed, (i / n) as u64)[i % n]
+}
+
+/// The whole permutation of epoch `epoch` that [`epoch_index`] walks (for callers that need
+/// every index at once: one shuffle instead of one per index).
+pub fn epoch_permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     use rand::seq::SliceRandom;
-    let epoch = (i / n) as u64;
     let mut perm: Vec<usize> = (0..n).collect();
     perm.shuffle(&mut StdRng::seed_from_u64(mix(seed, epoch, 0x5f7)));
-    perm[i % n]
+    perm
 }
 
 #[cfg(test)]

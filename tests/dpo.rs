@@ -50,6 +50,17 @@ fn logp(model: &CausalLm<Cpu>, tok: &Tokenizer, prompt: &str, response: &str) ->
     lpe[..s.resp_len()].iter().sum()
 }
 
+/// On an unseen prompt, the policy at `step` raised " good." against the reference by more
+/// than 1 nat beyond " bad.".
+fn assert_marker_learned(dir: &std::path::Path, step: usize) {
+    let (reference, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&dir.join("init"), &Cpu::default()).unwrap();
+    let ckpt = dir.join(format!("run/checkpoints/step-{step}"));
+    let (policy, _) = rlhf_policies::checkpoint::load_with_tokenizer(&ckpt, &Cpu::default()).unwrap();
+    let gain = logp(&policy, &tok, "the desk:", " good.") - logp(&reference, &tok, "the desk:", " good.");
+    let drop = logp(&policy, &tok, "the desk:", " bad.") - logp(&reference, &tok, "the desk:", " bad.");
+    assert!(gain > drop + 1.0, "log-ratio of the marker {gain}, of the other {drop}");
+}
+
 #[test]
 fn dpo_raises_the_marker_and_starts_at_log_2() {
     let d = tempfile::tempdir().unwrap();
@@ -59,14 +70,7 @@ fn dpo_raises_the_marker_and_starts_at_log_2() {
     assert!((first - std::f64::consts::LN_2).abs() < 1e-5, "the first loss is log 2 (policy = reference): {first}");
     let ev = report.eval.unwrap();
     assert!(ev.accuracy.unwrap() >= 0.99 && ev.margin > 0.0, "{ev:?}");
-    let (reference, tok) =
-        rlhf_policies::checkpoint::load_with_tokenizer(&d.path().join("init"), &Cpu::default()).unwrap();
-    let (policy, _) =
-        rlhf_policies::checkpoint::load_with_tokenizer(&d.path().join("run/checkpoints/step-20"), &Cpu::default())
-            .unwrap();
-    let gain = logp(&policy, &tok, "the desk:", " good.") - logp(&reference, &tok, "the desk:", " good.");
-    let drop = logp(&policy, &tok, "the desk:", " bad.") - logp(&reference, &tok, "the desk:", " bad.");
-    assert!(gain > drop + 1.0, "log-ratio of the marker {gain}, of the other {drop}");
+    assert_marker_learned(d.path(), 20);
 }
 
 #[test]
@@ -114,14 +118,7 @@ fn kto_on_unpaired_examples_raises_the_marker_and_starts_at_half_its_weight() {
     let ev = report.eval.unwrap();
     assert!(ev.accuracy.is_none(), "unpaired records form no pairs: {ev:?}");
     assert!(ev.margin > 0.0 && ev.rewards_chosen > 0.0, "{ev:?}");
-    let (reference, tok) =
-        rlhf_policies::checkpoint::load_with_tokenizer(&d.path().join("init"), &Cpu::default()).unwrap();
-    let (policy, _) =
-        rlhf_policies::checkpoint::load_with_tokenizer(&d.path().join("run/checkpoints/step-20"), &Cpu::default())
-            .unwrap();
-    let gain = logp(&policy, &tok, "the desk:", " good.") - logp(&reference, &tok, "the desk:", " good.");
-    let drop = logp(&policy, &tok, "the desk:", " bad.") - logp(&reference, &tok, "the desk:", " bad.");
-    assert!(gain > drop + 1.0, "log-ratio of the marker {gain}, of the other {drop}");
+    assert_marker_learned(d.path(), 20);
 }
 
 #[test]

@@ -4,48 +4,13 @@
 
 mod common;
 
-use common::comparable_metrics;
+use common::{comparable_metrics, pretrained_policy};
 use rlhf::schedule::LrSchedule;
 use rlhf::stages::grpo::{train, Algo, GrpoConfig};
 use rlhf::stages::ppo::RewardSpec;
-use rlhf::stages::pretrain::{self, PretrainConfig};
-use rlhf_policies::ModelConfig;
-
-const TEXT: &str = "the cat sat on the mat. a bat and a cat sat. the rat ran to the hat.\n";
-
-/// A char-level GPT-2 pretrained for a few steps, and a prompt file.
-fn setup(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let corpus = dir.join("corpus.txt");
-    std::fs::write(&corpus, TEXT.repeat(30)).unwrap();
-    pretrain::train(
-        PretrainConfig {
-            out_dir: dir.join("pre"),
-            files: vec![corpus],
-            model: ModelConfig::gpt2_preset(1, 32, 2, 2, 48),
-            block_size: 24,
-            batch_size: 8,
-            steps: 40,
-            schedule: LrSchedule::WarmupCosine { lr: 1e-2, min_lr: 1e-3, warmup: 3, decay_steps: 40 },
-            eval_every: 40,
-            eval_batches: 1,
-            checkpoint_every: 40,
-            sample_tokens: 4,
-            ..Default::default()
-        },
-        false,
-    )
-    .unwrap();
-    let prompts = dir.join("prompts.jsonl");
-    let lines: Vec<String> = ["the ", "a cat ", "the rat ", "on the ", "sat ", "the mat"]
-        .iter()
-        .map(|p| serde_json::json!({"prompt": p}).to_string())
-        .collect();
-    std::fs::write(&prompts, lines.join("\n")).unwrap();
-    (dir.join("pre/checkpoints/step-40"), prompts)
-}
 
 fn cfg(dir: &std::path::Path, algo: Algo, iterations: usize) -> GrpoConfig {
-    let (policy, prompts) = setup(dir);
+    let (policy, prompts) = pretrained_policy(dir);
     GrpoConfig {
         out_dir: dir.join("run"),
         algo,

@@ -210,11 +210,8 @@ pub fn attention_cpu<T: Tape<f32, Cpu>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused::tests::max_rel;
     use rand::{rngs::StdRng, Rng, SeedableRng};
-
-    fn max_rel(a: &[f32], b: &[f32]) -> f32 {
-        a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1.0 + y.abs())).fold(0.0, f32::max)
-    }
 
     #[test]
     fn fused_attention_matches_dfdx_forward_and_gradients() {

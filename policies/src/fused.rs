@@ -400,11 +400,12 @@ impl FusedOps for Cpu {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
-    fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    /// Largest `|a − b| / (1 + |b|)`: the fused ops' tests compare with dfdx's composition.
+    pub(crate) fn max_rel(a: &[f32], b: &[f32]) -> f32 {
         a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1.0 + y.abs())).fold(0.0, f32::max)
     }
 

@@ -361,9 +361,15 @@ pub fn tokenizer_json(g: &Gguf) -> Result<String, PolicyError> {
         .map(|m| m.split_once(' ').map(|(a, b)| [a, b]))
         .collect::<Option<_>>()
         .ok_or_else(|| g.err("metadata", "a merge in `tokenizer.ggml.merges` is not \"a b\""))?;
+    // token types: 1 normal, 3 control (special); without the key every token is normal
     let types: Vec<i128> = match g.metadata.get("tokenizer.ggml.token_type") {
-        Some(Value::Array(items)) => items.iter().map(|v| if let Value::Int(i) = v { *i } else { 1 }).collect(),
-        _ => vec![1; tokens.len()],
+        Some(Value::Array(items)) if items.len() == tokens.len() => items
+            .iter()
+            .map(|v| if let Value::Int(i) = v { Ok(*i) } else { Err(()) })
+            .collect::<Result<_, _>>()
+            .map_err(|_| g.err("metadata", "`tokenizer.ggml.token_type` must hold integers"))?,
+        None => vec![1; tokens.len()],
+        Some(_) => return Err(g.err("metadata", "`tokenizer.ggml.token_type` must be one integer per token")),
     };
     let vocab: serde_json::Map<String, serde_json::Value> =
         tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i.into())).collect();

@@ -199,3 +199,25 @@ pub fn shuffled_minibatches(n: usize, minibatch: usize, accum: usize, seed: u64)
     let micro = minibatch / accum;
     perm.chunks(minibatch).map(|mb| mb.chunks(micro).map(<[usize]>::to_vec).collect()).collect()
 }
+
+/// An optimizer step's result under the `skip` policy for non-finite values: `Some` when it
+/// stepped, `None` when a [`NonFinite`] error was skipped (counted in `skipped`); any other
+/// error (or a non-finite value without `skip`) is returned.
+pub fn or_skip_non_finite<T>(r: Result<T>, skip: bool, skipped: &mut usize) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if skip && e.downcast_ref::<NonFinite>().is_some() => {
+            *skipped += 1;
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads the JSON state file `name` a trainer stored in its checkpoint folder `dir`.
+pub fn read_state<T: serde::de::DeserializeOwned>(dir: &std::path::Path, name: &str) -> Result<T> {
+    use anyhow::Context;
+    let p = dir.join(name);
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}", p.display()))
+}

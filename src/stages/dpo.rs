@@ -149,14 +149,8 @@ impl Examples {
             Examples::Pairs(p) => p.iter().map(|p| &p.chosen).collect(),
             Examples::Kto(e) => e.iter().map(|e| &e.seq).collect(),
         };
-        let mut out: Vec<Vec<u32>> = vec![];
-        for s in seqs {
-            let p = &s.ids[..s.prompt_len];
-            if !out.iter().any(|q| q == p) {
-                out.push(p.to_vec());
-            }
-        }
-        out
+        let mut seen = std::collections::HashSet::new();
+        seqs.into_iter().map(|s| &s.ids[..s.prompt_len]).filter(|p| seen.insert(*p)).map(<[u32]>::to_vec).collect()
     }
 }
 
@@ -347,13 +341,14 @@ pub fn train(cfg: DpoConfig, resume: bool) -> Result<DpoReport> {
     // DATA: records → tokens → train / held-out split → reference log-probs (once)
     let data = load_examples(&cfg, &reference, &tok, eos, pad)?;
     let (train_set, val_set) = (&data.train, &data.val);
-    let sample_prompts: Vec<Vec<u32>> = val_set
-        .prompts()
+    let val_prompts = val_set.prompts();
+    let n_val_prompts = val_prompts.len();
+    let sample_prompts: Vec<Vec<u32>> = val_prompts
         .into_iter()
         .filter(|p| p.len() + cfg.sample_tokens <= policy.dims.max_positions)
         .take(cfg.eval_samples)
         .collect();
-    if sample_prompts.len() < cfg.eval_samples.min(val_set.prompts().len()) {
+    if sample_prompts.len() < cfg.eval_samples.min(n_val_prompts) {
         eprintln!(
             "dpo: only {} held-out prompts leave room for sample_tokens {} within the model's {} positions; \
              eval/sample_kl uses those",

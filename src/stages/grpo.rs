@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::math::group::{LossAggregation, RewardScale, Whitening};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
-use crate::stages::common::{require_counts, restore_latest, save_with};
+use crate::stages::common::{read_state, require_counts, restore_latest, save_with};
 use crate::stages::grpo_step::{GroupState, GroupTrainer};
 use crate::stages::ppo::OnNonFinite;
 use crate::stages::ppo::{build_reward, read_prompts, PromptSpec, RewardSpec};
@@ -222,9 +222,7 @@ pub fn train_with_reward(cfg: GrpoConfig, resume: bool, reward: Box<dyn RewardMo
         .with_context(|| format!("policy {}", cfg.policy.display()))?;
     let (policy, opt, start, state) = if resume {
         let r = restore_latest::<CausalLm<Cpu>>(&run, &cfg.optim)?;
-        let p = run.checkpoint_dir(r.step).join("grpo_state.json");
-        let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-        let state: GroupState = serde_json::from_str(&text).with_context(|| format!("{}", p.display()))?;
+        let state: GroupState = read_state(&run.checkpoint_dir(r.step), "grpo_state.json")?;
         (r.model, r.opt, r.step, state)
     } else {
         run.write_config(&cfg)?;

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::mix;
 use crate::math::group::{clipped_token_loss, grpo_advantages, reinforce_pp_advantages, rloo_advantages, TokenBatch};
-use crate::stages::common::{optimizer_step, shuffled_minibatches, Loss, NonFinite};
+use crate::stages::common::{optimizer_step, or_skip_non_finite, shuffled_minibatches, Loss};
 use crate::stages::grpo::{Algo, GrpoConfig};
 use crate::stages::ppo::OnNonFinite;
 use crate::stages::ppo_models::{logprobs_and_entropy, Seq};
@@ -256,15 +256,11 @@ fn update(
             let step = optimizer_step(policy, opt, lr, cfg.grad_clip, mb.len(), |p, k, tape| {
                 micro_loss(cfg, p, s, &mb[k], gen_tokens / cfg.grad_accum as f64, pad, &mut local, tape)
             });
-            match step {
-                Ok(_) => {}
-                Err(e) if cfg.on_nonfinite == OnNonFinite::Skip && e.downcast_ref::<NonFinite>().is_some() => {
-                    state.skipped_batches += 1;
-                    continue;
-                }
-                Err(e) => {
-                    return Err(e.context(format!("iteration {}, pass {}, minibatch {}", it + 1, epoch + 1, m + 1)))
-                }
+            let skip = cfg.on_nonfinite == OnNonFinite::Skip;
+            let stepped = or_skip_non_finite(step, skip, &mut state.skipped_batches)
+                .map_err(|e| e.context(format!("iteration {}, pass {}, minibatch {}", it + 1, epoch + 1, m + 1)))?;
+            if stepped.is_none() {
+                continue;
             }
             if epoch == 0 && m == 0 {
                 st.first_ratio = Some(local.sums[4] / local.tokens as f64);

@@ -11,7 +11,7 @@ use dfdx::prelude::*;
 use rlhf_policies::fused::host_loss;
 use rlhf_policies::CausalLm;
 
-use crate::data::epoch_index;
+use crate::data::epoch_permutation;
 use crate::math::dpo::{kto_loss, KtoBatch};
 use crate::stages::dpo::{seq_logps, sums};
 use crate::stages::ppo_models::Seq;
@@ -86,7 +86,7 @@ pub fn kto_examples(
 /// prompt (its completion is then cut to fit); failing that (a single prompt), itself.
 pub fn partners(set: &[TokLabelled], max_len: usize, seed: u64) -> Vec<usize> {
     let n = set.len();
-    let order: Vec<usize> = (0..n).map(|k| epoch_index(n, seed, k)).collect();
+    let order = epoch_permutation(n, seed, 0);
     let mut partner = vec![0; n];
     for k in 0..n {
         let i = order[k];

@@ -23,7 +23,7 @@ use crate::data::{read_corpus, read_jsonl};
 use crate::math::ppo::{KlControl, KlController};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
-use crate::stages::common::{restore_latest, save_with, Checkpointable};
+use crate::stages::common::{read_state, restore_latest, save_with, Checkpointable};
 use crate::stages::ppo_models::{PpoModels, ValueModelConfig};
 use crate::stages::ppo_step::{PpoState, PpoTrainer};
 
@@ -272,7 +272,7 @@ pub fn train_with_reward(cfg: PpoConfig, resume: bool, reward: Box<dyn RewardMod
         .with_context(|| format!("policy {}", cfg.policy.display()))?;
     let (models, opt, start, state) = if resume {
         let r = restore_latest::<PpoModels>(&run, &cfg.optim)?;
-        let state: PpoState = read_state(&run.checkpoint_dir(r.step))?;
+        let state: PpoState = read_state(&run.checkpoint_dir(r.step), "ppo_state.json")?;
         (r.model, r.opt, r.step, state)
     } else {
         let rm_path = match &cfg.reward {
@@ -398,12 +398,6 @@ pub fn read_prompts(spec: PromptSpec<'_>, tok: &Tokenizer, stage: &str) -> Resul
         bail!("{}: no prompts left ({skipped} longer than max_prompt_len)", spec.path.display());
     }
     Ok((out, skipped))
-}
-
-fn read_state(dir: &std::path::Path) -> Result<PpoState> {
-    let p = dir.join("ppo_state.json");
-    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}", p.display()))
 }
 
 fn validate(cfg: &PpoConfig) -> Result<()> {

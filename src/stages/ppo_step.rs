@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{mix, sample_blocks};
 use crate::math::ppo::{explained_variance, gae, ppo_policy_loss, ppo_value_loss, whiten, KlController};
-use crate::stages::common::{optimizer_step, shuffled_minibatches, Loss, NonFinite};
+use crate::stages::common::{optimizer_step, or_skip_non_finite, shuffled_minibatches, Loss};
 use crate::stages::ppo::{KlUnit, OnNonFinite, PpoConfig};
 use crate::stages::ppo_models::{logprobs_and_entropy, PpoModels, Seq};
 
@@ -321,15 +321,11 @@ fn update(
             let step = optimizer_step(models, opt, lr, cfg.grad_clip, mb.len(), |models, k, tape| {
                 minibatch_loss(cfg, models, s, &mb[k], denom, pad, ptx, (it, epoch, m, k), &mut local, tape)
             });
-            match step {
-                Ok(_) => {}
-                Err(e) if cfg.on_nonfinite == OnNonFinite::Skip && e.downcast_ref::<NonFinite>().is_some() => {
-                    state.skipped_batches += 1;
-                    continue;
-                }
-                Err(e) => {
-                    return Err(e.context(format!("iteration {}, epoch {}, minibatch {}", it + 1, epoch + 1, m + 1)))
-                }
+            let skip = cfg.on_nonfinite == OnNonFinite::Skip;
+            let stepped = or_skip_non_finite(step, skip, &mut state.skipped_batches)
+                .map_err(|e| e.context(format!("iteration {}, epoch {}, minibatch {}", it + 1, epoch + 1, m + 1)))?;
+            if stepped.is_none() {
+                continue;
             }
             if epoch == 0 && m == 0 {
                 st.first = Some((local.sums[3] / local.tokens as f64, local.sums[2] / local.tokens as f64));

@@ -65,3 +65,37 @@ pub fn comparable_metrics(run_dir: &std::path::Path) -> Vec<Value> {
         })
         .collect()
 }
+
+const POLICY_TEXT: &str = "the cat sat on the mat. a bat and a cat sat. the rat ran to the hat.\n";
+
+/// A char-level GPT-2 pretrained for a few steps on a rhyme, and a prompt file: the small
+/// policy the online-RL tests (PPO, GRPO, …) start from. Returns (checkpoint, prompts).
+pub fn pretrained_policy(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, POLICY_TEXT.repeat(30)).unwrap();
+    rlhf::stages::pretrain::train(
+        rlhf::stages::pretrain::PretrainConfig {
+            out_dir: dir.join("pre"),
+            files: vec![corpus],
+            model: rlhf_policies::ModelConfig::gpt2_preset(1, 32, 2, 2, 48),
+            block_size: 24,
+            batch_size: 8,
+            steps: 40,
+            schedule: rlhf::schedule::LrSchedule::WarmupCosine { lr: 1e-2, min_lr: 1e-3, warmup: 3, decay_steps: 40 },
+            eval_every: 40,
+            eval_batches: 1,
+            checkpoint_every: 40,
+            sample_tokens: 4,
+            ..Default::default()
+        },
+        false,
+    )
+    .unwrap();
+    let prompts = dir.join("prompts.jsonl");
+    let lines: Vec<String> = ["the ", "a cat ", "the rat ", "on the ", "sat ", "the mat"]
+        .iter()
+        .map(|p| serde_json::json!({"prompt": p}).to_string())
+        .collect();
+    std::fs::write(&prompts, lines.join("\n")).unwrap();
+    (dir.join("pre/checkpoints/step-40"), prompts)
+}
