@@ -7,8 +7,9 @@
 //! calls and keeps its softmax for the backward pass.
 
 use dfdx::prelude::*;
-use gemm::Parallelism;
 use rayon::prelude::*;
+
+use crate::strided::{gemm_into, host_vec, View};
 
 /// `(B·T, C)` tensors.
 type A2<D, T> = Tensor<(usize, usize), f32, D, T>;
@@ -59,56 +60,10 @@ fn repeat_kv<D: Device<f32>, T: Tape<f32, D>>(x: A4<D, T>, nh: usize) -> A4<D, T
     x.broadcast_like::<_, Axis<2>>(&(b, nkv, rep, t, dh)).reshape_like(&(b, nh, t, dh))
 }
 
-/// A strided matrix view: offset, row stride, column stride.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    off: usize,
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> View<'a> {
-    fn new(data: &'a [f32], off: usize, rs: usize, cs: usize) -> Self {
-        View { data, off, rs, cs }
-    }
-    /// The transposed view.
-    fn t(self) -> Self {
-        View { rs: self.cs, cs: self.rs, ..self }
-    }
-}
-
-/// `dst (m×n, row-major) = alpha · a (m×k) · b (k×n)` with strided inputs, single-threaded
-/// (the callers parallelise over heads).
-fn matmul(dst: &mut [f32], (m, n, k): (usize, usize, usize), a: View<'_>, b: View<'_>, alpha: f32) {
-    let last = |v: View<'_>, r: usize, c: usize| v.off + (r - 1) * v.rs + (c - 1) * v.cs;
-    assert!(dst.len() >= m * n && m > 0 && n > 0 && k > 0, "attention matmul: shapes");
-    assert!(last(a, m, k) < a.data.len() && last(b, k, n) < b.data.len(), "attention matmul: view out of bounds");
-    // SAFETY: every index the kernel touches is bounded by the asserts above (the largest
-    // offsets of both views and the m×n destination); the slices outlive the call.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.data.as_ptr().add(a.off),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr().add(b.off),
-            b.cs as isize,
-            b.rs as isize,
-            0.0,
-            alpha,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
-    }
+/// `dst = alpha · a · b` for one (batch, head) pair, on the calling thread (the callers
+/// parallelise over heads).
+fn matmul(dst: &mut [f32], dims: (usize, usize, usize), a: View<'_>, b: View<'_>, alpha: f32) {
+    gemm_into(dst, dims, a, b, alpha, false, 1);
 }
 
 /// The fused CPU attention (same contract as [`attention_composed`]).
@@ -126,7 +81,8 @@ pub fn attention_cpu<T: Tape<f32, Cpu>>(
     let (k, tk) = k.contiguous().split_tape();
     let (v, tv) = v.contiguous().split_tape();
     let mut tape = tq.merge(tk).merge(tv);
-    let (qv, kv, vv, mv) = (q.as_vec(), k.as_vec(), v.as_vec(), mask.as_vec());
+    let mask = mask.clone().contiguous();
+    let (qv, kv, vv, mv) = (host_vec(&q), host_vec(&k), host_vec(&v), host_vec(&mask));
     // per (batch, head): softmax P (T×T) and output (T×Dh)
     let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..b * nh)
         .into_par_iter()

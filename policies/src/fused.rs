@@ -12,6 +12,9 @@ use rayon::prelude::*;
 use crate::attention::attention_composed;
 use crate::attention::{attention_cpu, AttnShape};
 use crate::kernels::{exp_inplace, gelu_tanh_with_gate};
+#[cfg(feature = "cuda")]
+use crate::linear::linear_composed;
+use crate::linear::{linear_cpu, Affine};
 
 /// Ops the model uses that a device may fuse.
 pub trait FusedOps: Device<f32> {
@@ -44,6 +47,12 @@ pub trait FusedOps: Device<f32> {
         targets: &[usize],
         temperature: f32,
     ) -> Tensor<(usize,), f32, Self, T>;
+
+    /// The affine map `x (N, in) → x·W + b + r (N, out)`; see [`crate::linear`].
+    fn linear<T: Tape<f32, Self>>(
+        x: Tensor<(usize, usize), f32, Self, T>,
+        a: Affine<'_, Self>,
+    ) -> Tensor<(usize, usize), f32, Self, T>;
 
     /// Causal self-attention's core: q `(B·T, H·Dh)`, k and v `(B·T, Hkv·Dh)` (the
     /// projections' layout), additive `mask` `(B, T, T)` → `softmax(q·kᵀ/√Dh + mask)·v` as
@@ -151,12 +160,25 @@ impl FusedOps for Cuda {
     ) -> Tensor<(usize, usize), f32, Self, T> {
         attention_composed(q, k, v, mask, shape)
     }
+    fn linear<T: Tape<f32, Self>>(
+        x: Tensor<(usize, usize), f32, Self, T>,
+        a: Affine<'_, Self>,
+    ) -> Tensor<(usize, usize), f32, Self, T> {
+        linear_composed(x, a)
+    }
 }
 
 /// Elements per parallel chunk.
 const CHUNK: usize = 1 << 13;
 
 impl FusedOps for Cpu {
+    fn linear<T: Tape<f32, Self>>(
+        x: Tensor<(usize, usize), f32, Self, T>,
+        a: Affine<'_, Self>,
+    ) -> Tensor<(usize, usize), f32, Self, T> {
+        linear_cpu(x, a)
+    }
+
     fn attention<T: Tape<f32, Self>>(
         q: Tensor<(usize, usize), f32, Self, T>,
         k: Tensor<(usize, usize), f32, Self, T>,

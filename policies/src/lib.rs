@@ -32,6 +32,7 @@ pub mod half;
 pub mod heads;
 pub mod infer;
 pub mod kernels;
+pub mod linear;
 pub mod model;
 pub mod optim;
 pub mod params;
@@ -39,6 +40,7 @@ pub mod reward_model;
 pub mod rope;
 pub mod sampling;
 pub mod session;
+mod strided;
 pub mod tokenizer;
 
 pub use batch::Batch;

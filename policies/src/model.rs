@@ -17,6 +17,7 @@ use crate::batch::Batch;
 use crate::config::{Dims, Family, ModelConfig, NormKind};
 use crate::error::PolicyError;
 use crate::fused::FusedOps;
+use crate::linear::{Affine, WeightLayout};
 
 /// 1-D parameter.
 pub type T1<D> = Tensor<(usize,), f32, D>;
@@ -43,16 +44,18 @@ impl<D: Device<f32>> Linear<D> {
         let w = sample_normal(dev, rng, (i, o), std);
         Linear { w, b: bias.then(|| dev.zeros_like(&(o,))) }
     }
+}
 
+impl<D: FusedOps> Linear<D> {
     /// `(N, in) → (N, out)`.
     pub fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>) -> A2<D, T> {
-        let n = x.shape().0;
-        let o = self.w.shape().1;
-        let y = x.matmul(self.w.retaped::<T>());
-        match &self.b {
-            Some(b) => y + b.retaped::<T>().broadcast_like::<_, Axis<0>>(&(n, o)),
-            None => y,
-        }
+        D::linear(x, Affine { w: &self.w, layout: WeightLayout::InOut, b: self.b.as_ref(), residual: None })
+    }
+
+    /// `(N, in) → r + x·W + b`: the block's output projections add the residual stream `r`
+    /// (untaped; its gradient is recorded by id) in the same pass.
+    pub fn forward_residual<T: Tape<f32, D>>(&self, x: A2<D, T>, r: &A2<D, NoneTape>) -> A2<D, T> {
+        D::linear(x, Affine { w: &self.w, layout: WeightLayout::InOut, b: self.b.as_ref(), residual: Some(r) })
     }
 }
 
@@ -124,16 +127,17 @@ pub enum Mlp<D: Storage<f32>> {
 }
 
 impl<D: FusedOps> Mlp<D> {
-    fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>) -> A2<D, T> {
+    /// `r + mlp(x)`.
+    fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>, r: &A2<D, NoneTape>) -> A2<D, T> {
         match self {
-            Mlp::Gelu { fc, proj } => proj.forward(D::gelu_tanh(fc.forward(x))),
+            Mlp::Gelu { fc, proj } => proj.forward_residual(D::gelu_tanh(fc.forward(x)), r),
             Mlp::SwiGlu { gate, up, down } => {
                 let (x, tape) = x.split_tape();
                 let g = gate.forward(x.clone().put_tape(tape));
                 let u = up.forward(x.retaped::<T>());
                 let (g, tape) = g.split_tape();
                 let silu = g.clone().put_tape(tape) * g.retaped::<T>().sigmoid();
-                down.forward(silu * u)
+                down.forward_residual(silu * u, r)
             }
         }
     }
@@ -179,17 +183,16 @@ struct Rope<D: Storage<f32>> {
 
 impl<D: FusedOps> Block<D> {
     fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>, dims: &Dims, ctx: &Ctx<D>) -> A2<D, T> {
-        // residual: keep an untaped handle, run the branch on the taped one, add back.
+        // residual: keep an untaped handle, run the branch on the taped one; the branch's
+        // output projection adds it back
         let (x, tape) = x.split_tape();
-        let a = self.attention(self.ln1.forward(x.clone().put_tape(tape)), dims, ctx);
-        let x = a + x;
+        let x = self.attention(self.ln1.forward(x.clone().put_tape(tape)), &x, dims, ctx);
         let (x, tape) = x.split_tape();
-        let m = self.mlp.forward(self.ln2.forward(x.clone().put_tape(tape)));
-        m + x
+        self.mlp.forward(self.ln2.forward(x.clone().put_tape(tape)), &x)
     }
 
-    /// Causal self-attention with GQA and optional RoPE. `(B·T, C) → (B·T, C)`.
-    fn attention<T: Tape<f32, D>>(&self, h: A2<D, T>, dims: &Dims, ctx: &Ctx<D>) -> A2<D, T> {
+    /// `r +` causal self-attention with GQA and optional RoPE. `(B·T, C) → (B·T, C)`.
+    fn attention<T: Tape<f32, D>>(&self, h: A2<D, T>, r: &A2<D, NoneTape>, dims: &Dims, ctx: &Ctx<D>) -> A2<D, T> {
         let (b, t) = (ctx.b, ctx.t);
         let (nh, nkv, dh) = (dims.n_head, dims.n_kv_head, dims.head_dim);
         let (h, tape) = h.split_tape();
@@ -206,7 +209,7 @@ impl<D: FusedOps> Block<D> {
         let shape = AttnShape { b, t, nh, nkv, dh };
         let y =
             D::attention(q.reshape_like(&(b * t, nh * dh)), k.reshape_like(&(b * t, nkv * dh)), v, &ctx.mask, shape);
-        self.wo.forward(y)
+        self.wo.forward_residual(y, r)
     }
 }
 
@@ -307,7 +310,7 @@ impl<D: FusedOps> CausalLm<D> {
     /// LM logits `(N, V)` from hidden states `(N, C)`: `h · headᵀ` (head = `wte` when tied).
     pub fn logits<T: Tape<f32, D>>(&self, h: A2<D, T>) -> A2<D, T> {
         let head = self.lm_head.as_ref().unwrap_or(&self.wte);
-        h.matmul(head.retaped::<T>().permute::<_, Axes2<1, 0>>())
+        D::linear(h, Affine { w: head, layout: WeightLayout::OutIn, b: None, residual: None })
     }
 
     /// Convenience: logits `(B·T, V)` for a batch, recording on `tape`.
