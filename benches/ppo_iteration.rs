@@ -9,6 +9,8 @@ use rlhf::bench::Workload;
 use rlhf::bench_ppo::ppo_trainer;
 
 fn ppo_iteration(c: &mut Criterion) {
+    // the binary's allocator settings (src/malloc.rs), so the numbers match `rlhf bench`
+    rlhf::malloc::tune_for_training();
     let path = std::env::var_os("RLHF_WORKLOAD")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/peers/workload.json"));

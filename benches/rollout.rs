@@ -16,6 +16,8 @@ fn workload() -> Workload {
 }
 
 fn rollout(c: &mut Criterion) {
+    // the binary's allocator settings (src/malloc.rs), so the numbers match `rlhf bench`
+    rlhf::malloc::tune_for_training();
     let w = workload();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(w.threads).build().expect("thread pool");
     let mut group = c.benchmark_group("rollout");

@@ -7,6 +7,8 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rlhf::bench::{TrainStepBench, Workload};
 
 fn train_step(c: &mut Criterion) {
+    // the binary's allocator settings (src/malloc.rs), so the numbers match `rlhf bench`
+    rlhf::malloc::tune_for_training();
     let path = std::env::var_os("RLHF_WORKLOAD")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/peers/workload.json"));

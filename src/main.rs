@@ -222,6 +222,7 @@ enum LossChoice {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    rlhf::malloc::tune_for_training();
     match cli.command {
         Command::Init(a) => init(a),
         Command::Generate(a) => generate_cmd(a),

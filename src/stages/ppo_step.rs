@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use dfdx::prelude::*;
 use rlhf_envs::kl::{kl_terms, shaped_rewards};
-use rlhf_envs::{Detokenizer, EnvError, Episode, KlConfig, PromptSource, RewardModel, TextEnvConfig, VecEnv};
+use rlhf_envs::{
+    Detokenizer, EnvError, Episode, KlConfig, NoReference, PromptSource, RewardModel, Rollout, TextEnvConfig, VecEnv,
+};
 use rlhf_policies::fused::host_loss;
 use rlhf_policies::{AdamW, CausalLm, EngineSession, InferenceModel, SamplingConfig};
 use serde::{Deserialize, Serialize};
@@ -41,8 +43,11 @@ pub struct PpoTrainer<M> {
     pub reference: CausalLm<Cpu>,
     /// AdamW over policy and critic.
     pub opt: AdamW<Cpu>,
-    /// The environment (its reference is π_ref's KV-cache engine).
-    pub env: VecEnv<EngineSession, M>,
+    /// The environment. It rolls out without a reference: the scoring pass computes π_ref's
+    /// log-probs with the same training forward as the policy's (so iteration 0's KL is
+    /// exactly 0), and a second reference pass in the env's KV-cache engine would be thrown
+    /// away.
+    pub env: VecEnv<NoReference, M>,
     /// β, the data cursor, skipped batches.
     pub state: PpoState,
     /// Token ids of the PPO-ptx corpus.
@@ -54,7 +59,8 @@ pub struct PpoTrainer<M> {
 /// What one iteration produced.
 #[derive(Debug, Clone)]
 pub struct IterationOutput {
-    /// The rollouts.
+    /// The rollouts (without a reference: their `kl` terms are 0 and `ref_logprobs` repeat
+    /// the policy's; π_ref's log-probs and the KL are in `scored`).
     pub episodes: Vec<Episode>,
     /// After the scoring pass.
     pub scored: Scored,
@@ -88,10 +94,8 @@ impl<M: RewardModel> PpoTrainer<M> {
             kl: KlConfig { beta: cfg.beta as f32, estimator: cfg.kl_estimator },
             score: cfg.score.clone(),
         };
-        let engine = Arc::new(InferenceModel::from_model(&reference));
-        let ref_session = EngineSession::new(engine, cfg.batch_size, capacity(&cfg), sampling(&cfg, eos, 0));
         let source = PromptSource::new(prompts, cfg.seed)?;
-        let mut env = VecEnv::new(cfg.batch_size, env_cfg, source, ref_session, reward, detok)?;
+        let mut env = VecEnv::new(cfg.batch_size, env_cfg, source, NoReference, reward, detok)?;
         env.prompts_mut().seek(state.prompt_draws);
         let eos_or_pad = eos.unwrap_or(pad);
         Ok(PpoTrainer { cfg, models, reference, opt, env, state, ptx: None, eos: eos_or_pad, pad })
@@ -113,7 +117,7 @@ impl<M: RewardModel> PpoTrainer<M> {
         let eos = (!self.env.config().eos_ids.is_empty()).then_some(self.eos);
         let sampler = sampling(cfg, eos, mix(cfg.seed, it as u64, 1));
         let mut session = EngineSession::new(engine, cfg.batch_size, capacity(cfg), sampler);
-        let episodes = match self.env.rollout(&mut session) {
+        let episodes = match self.env.rollout_with(&mut session, Rollout { group_size: 1, reference: false }) {
             Ok(e) => e,
             Err(EnvError::NonFinite { .. }) if cfg.on_nonfinite == OnNonFinite::Skip => {
                 self.state.skipped_batches += 1;
