@@ -17,6 +17,22 @@ fn tiny_gpt2(vocab: usize) -> ModelConfig {
     ModelConfig::gpt2_preset(vocab, 16, 2, 2, 32)
 }
 
+/// GPT-2 with the exact (erf) GELU: transformers' `activation_function: "gelu"`.
+fn tiny_gpt2_erf(vocab: usize) -> ModelConfig {
+    let mut cfg = tiny_gpt2(vocab);
+    let ModelConfig::Gpt2(c) = &mut cfg else { unreachable!() };
+    c.activation_function = "gelu".into();
+    cfg
+}
+
+/// GPT-2 without biases (nanoGPT's `bias = False`).
+fn tiny_gpt2_no_bias(vocab: usize) -> ModelConfig {
+    let mut cfg = tiny_gpt2(vocab);
+    let ModelConfig::Gpt2(c) = &mut cfg else { unreachable!() };
+    c.bias = false;
+    cfg
+}
+
 fn tiny_llama(vocab: usize) -> ModelConfig {
     let json = format!(
         r#"{{"model_type":"llama","vocab_size":{vocab},"hidden_size":16,"intermediate_size":24,
@@ -108,6 +124,29 @@ fn gradients_match_finite_differences_gpt2() {
 }
 
 #[test]
+fn gradients_match_finite_differences_gpt2_exact_gelu() {
+    grad_check(tiny_gpt2_erf(12));
+}
+
+#[test]
+fn gradients_match_finite_differences_gpt2_without_biases() {
+    grad_check(tiny_gpt2_no_bias(12));
+}
+
+#[test]
+fn bias_free_gpt2_has_no_bias_parameters_and_says_so_in_its_config() {
+    let m = model(tiny_gpt2_no_bias(12), 1);
+    let names: Vec<String> = m.params().into_iter().map(|(n, _)| n).collect();
+    assert!(names.iter().all(|n| !n.ends_with(".bias")), "{names:?}");
+    assert_eq!(names.len(), 2 + 2 * 8 + 1, "wte, wpe, 8 weights per block, ln_f");
+    let json = serde_json::to_value(&m.config).unwrap();
+    assert_eq!(json["bias"], false);
+    // the default stays out of config.json, as transformers writes it
+    let json = serde_json::to_value(tiny_gpt2(12)).unwrap();
+    assert!(json.get("bias").is_none());
+}
+
+#[test]
 fn gradients_match_finite_differences_llama_gqa() {
     grad_check(tiny_llama(12));
 }
@@ -148,6 +187,16 @@ fn engine_matches_training_forward(cfg: ModelConfig) {
 #[test]
 fn kv_cache_engine_equals_full_forward_gpt2() {
     engine_matches_training_forward(tiny_gpt2(40));
+}
+
+#[test]
+fn kv_cache_engine_equals_full_forward_gpt2_exact_gelu() {
+    engine_matches_training_forward(tiny_gpt2_erf(40));
+}
+
+#[test]
+fn kv_cache_engine_equals_full_forward_gpt2_without_biases() {
+    engine_matches_training_forward(tiny_gpt2_no_bias(40));
 }
 
 #[test]

@@ -55,7 +55,8 @@ pub struct Gpt2Config {
     /// MLP width; `null` means `4 * n_embd`.
     #[serde(default)]
     pub n_inner: Option<usize>,
-    /// Must be `gelu_new` (tanh approximation), `gelu_pytorch_tanh` or `gelu`.
+    /// `gelu_new` (tanh approximation; also `gelu_pytorch_tanh`, `gelu_fast`) or `gelu` (exact,
+    /// erf).
     #[serde(default = "default_gelu")]
     pub activation_function: String,
     /// LayerNorm epsilon. Defaults to `1e-5`.
@@ -67,6 +68,12 @@ pub struct Gpt2Config {
     /// GPT-2 always ties the LM head to `wte`. Defaults to `true`.
     #[serde(default = "default_true")]
     pub tie_word_embeddings: bool,
+    /// Biases in the linears and LayerNorms (GPT-2's; nanoGPT trains without: its `bias`
+    /// flag). Not a transformers field: a folder saved with `false` has no bias tensors, and
+    /// transformers, which always has them, fills them with its init (zeros) — the same
+    /// function. Defaults to `true` (and is then left out of `config.json`).
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub bias: bool,
     /// Beginning-of-sequence id.
     #[serde(default)]
     pub bos_token_id: Option<u32>,
@@ -173,6 +180,10 @@ fn default_rms_eps() -> f64 {
 fn default_init() -> f64 {
     0.02
 }
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
 fn default_true() -> bool {
     true
 }
@@ -184,6 +195,15 @@ fn gpt2_architectures() -> Vec<String> {
 }
 fn llama_architectures() -> Vec<String> {
     vec!["LlamaForCausalLM".into()]
+}
+
+/// Which GELU the GPT-2 MLP uses (transformers' `activation_function`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GeluKind {
+    /// `gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+    Tanh,
+    /// `gelu`: the exact `x·Φ(x) = 0.5·x·(1 + erf(x/√2))` (PyTorch's `nn.GELU()`, nanoGPT's).
+    Erf,
 }
 
 /// The sizes every layer needs, resolved from either family. Built by [`ModelConfig::dims`].
@@ -215,6 +235,10 @@ pub struct Dims {
     pub tied: bool,
     /// Init std.
     pub init_std: f32,
+    /// The MLP's GELU (GPT-2; Llama's SwiGLU ignores it).
+    pub gelu: GeluKind,
+    /// Whether linears and norms carry biases (GPT-2 by default; never Llama).
+    pub bias: bool,
 }
 
 impl Dims {
@@ -225,9 +249,9 @@ impl Dims {
             Family::Llama => NormKind::RmsNorm,
         }
     }
-    /// Whether linears and norms carry biases (GPT-2 yes, Llama no).
+    /// Whether linears and norms carry biases.
     pub fn has_bias(&self) -> bool {
-        self.family == Family::Gpt2
+        self.bias
     }
     /// Width of the q projection (n_head · head_dim).
     pub fn q_dim(&self) -> usize {
@@ -303,6 +327,7 @@ impl ModelConfig {
             layer_norm_epsilon: 1e-5,
             initializer_range: 0.02,
             tie_word_embeddings: true,
+            bias: true,
             bos_token_id: Some(0),
             eos_token_id: Some(0),
             pad_token_id: Some(0),
@@ -381,12 +406,16 @@ impl ModelConfig {
 }
 
 fn gpt2_dims(c: &Gpt2Config) -> Result<Dims, PolicyError> {
-    if !matches!(c.activation_function.as_str(), "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast") {
-        return Err(PolicyError::config(
-            "activation_function",
-            format!("{:?} is not supported (only the tanh GELU: gelu_new)", c.activation_function),
-        ));
-    }
+    let gelu = match c.activation_function.as_str() {
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => GeluKind::Tanh,
+        "gelu" => GeluKind::Erf,
+        other => {
+            return Err(PolicyError::config(
+                "activation_function",
+                format!("{other:?} is not supported (the tanh GELU gelu_new / gelu_pytorch_tanh, or the exact gelu)"),
+            ))
+        }
+    };
     if c.n_head == 0 || c.n_embd % c.n_head != 0 {
         return Err(PolicyError::config(
             "n_head",
@@ -413,6 +442,8 @@ fn gpt2_dims(c: &Gpt2Config) -> Result<Dims, PolicyError> {
         rope_theta: 0.0,
         tied: true,
         init_std: c.initializer_range as f32,
+        gelu,
+        bias: c.bias,
     })
 }
 
@@ -472,6 +503,8 @@ fn llama_dims(c: &LlamaConfig) -> Result<Dims, PolicyError> {
         rope_theta: theta as f32,
         tied: c.tie_word_embeddings,
         init_std: c.initializer_range as f32,
+        gelu: GeluKind::Tanh,
+        bias: false,
     })
 }
 

@@ -12,9 +12,11 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-use crate::config::{Dims, Family, NormKind};
+use crate::config::{Dims, Family, GeluKind, NormKind};
 use crate::error::PolicyError;
-use crate::kernels::{axpy, dot, exp_inplace, gelu_tanh_inplace, matmul, silu_inplace, PackedMatrix, WeightDtype};
+use crate::kernels::{
+    axpy, dot, exp_inplace, gelu_erf_inplace, gelu_tanh_inplace, matmul, silu_inplace, PackedMatrix, WeightDtype,
+};
 use crate::model::{CausalLm, Mlp, Norm};
 use crate::rope;
 
@@ -355,7 +357,7 @@ impl InferenceModel {
                 if let Some(bias) = fc_b {
                     add_bias(&mut a, bias);
                 }
-                par_apply(&mut a, gelu_tanh_inplace);
+                par_apply(&mut a, if d.gelu == GeluKind::Erf { gelu_erf_inplace } else { gelu_tanh_inplace });
                 matmul(&a, proj, x, m, true);
                 if let Some(bias) = proj_b {
                     add_bias(x, bias);

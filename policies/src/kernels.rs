@@ -460,6 +460,22 @@ pub fn gelu_tanh_with_gate(x: &[f32], y: &mut [f32], s: &mut [f32]) {
     y.iter_mut().zip(x.iter().zip(s.iter())).for_each(|(y, (x, s))| *y = x * s);
 }
 
+/// The exact GELU `x·Φ(x)`, `Φ(x) = (1 + erf(x/√2))/2`, of `x` into `y`, also writing the
+/// gate `s = Φ(x)` for the backward pass. All slices have the same length.
+pub fn gelu_erf_with_gate(x: &[f32], y: &mut [f32], s: &mut [f32]) {
+    for ((y, s), &x) in y.iter_mut().zip(s.iter_mut()).zip(x) {
+        *s = 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
+        *y = x * *s;
+    }
+}
+
+/// The exact GELU in place.
+pub fn gelu_erf_inplace(xs: &mut [f32]) {
+    for x in xs {
+        *x *= 0.5 * (1.0 + libm::erff(*x * std::f32::consts::FRAC_1_SQRT_2));
+    }
+}
+
 /// SiLU `x · σ(x)` in place.
 pub fn silu_inplace(xs: &mut [f32]) {
     map_with_exp(xs, |x| -x, |x, e| x / (1.0 + e));

@@ -46,11 +46,12 @@ impl WeightLayout {
 /// id (parameters, and a residual stream whose own tape travels down the branch).
 #[derive(Debug)]
 pub struct Affine<'a, D: Storage<f32>> {
-    /// The weight.
+    /// The weight, stored row-major as every parameter this crate builds or loads is (the
+    /// CPU op writes its gradient in that layout; debug builds check).
     pub w: &'a Tensor<(usize, usize), f32, D>,
     /// How `w` is stored.
     pub layout: WeightLayout,
-    /// Bias.
+    /// Bias (row-major like `w`).
     pub b: Option<&'a Tensor<(usize,), f32, D>>,
     /// Residual.
     pub residual: Option<&'a A2<D, NoneTape>>,
@@ -89,9 +90,11 @@ fn rows_per(cols: usize) -> usize {
 
 /// The fused CPU affine map (same contract as [`linear_composed`]).
 pub fn linear_cpu<T: Tape<f32, Cpu>>(x: A2<Cpu, T>, a: Affine<'_, Cpu>) -> A2<Cpu, T> {
-    // a strided parameter or residual would need its gradient written strided: leave such
-    // (never seen in this crate's models) to dfdx
-    if !row_major(a.w) || a.b.is_some_and(|b| !row_major(b)) || a.residual.is_some_and(|r| !row_major(r)) {
+    // parameters are row-major by construction (checking costs a gradient-sized buffer, too
+    // dear for every call on a weight); a strided residual would need its gradient written
+    // strided: leave such (never seen in this crate's models) to dfdx
+    debug_assert!(row_major(a.w) && a.b.is_none_or(row_major), "linear: a strided weight or bias");
+    if a.residual.is_some_and(|r| !row_major(r)) {
         return linear_composed(x, a);
     }
     let x = x.contiguous();

@@ -14,7 +14,7 @@ use rand_distr::Normal;
 
 use crate::attention::AttnShape;
 use crate::batch::Batch;
-use crate::config::{Dims, Family, ModelConfig, NormKind};
+use crate::config::{Dims, Family, GeluKind, ModelConfig, NormKind};
 use crate::error::PolicyError;
 use crate::fused::FusedOps;
 use crate::linear::{Affine, WeightLayout};
@@ -76,7 +76,7 @@ impl<D: FusedOps> Norm<D> {
     fn new(dev: &D, dims: &Dims) -> Self {
         let c = dims.d_model;
         let kind = dims.norm();
-        let b = (kind == NormKind::LayerNorm).then(|| dev.zeros_like(&(c,)));
+        let b = (kind == NormKind::LayerNorm && dims.has_bias()).then(|| dev.zeros_like(&(c,)));
         Norm { w: dev.ones_like(&(c,)), b, kind, eps: dims.norm_eps }
     }
 
@@ -85,10 +85,7 @@ impl<D: FusedOps> Norm<D> {
         let s = *x.shape();
         match (self.kind, &self.b) {
             // (x - mean) / sqrt(var_biased + eps) · w + b, fused on the CPU
-            (NormKind::LayerNorm, Some(b)) => D::layer_norm(x, &self.w, b, self.eps),
-            (NormKind::LayerNorm, None) => {
-                x.normalize::<Axis<1>>(self.eps) * self.w.retaped::<T>().broadcast_like::<_, Axis<0>>(&s)
-            }
+            (NormKind::LayerNorm, b) => D::layer_norm(x, &self.w, b.as_ref(), self.eps),
             // x / sqrt(mean(x²) + eps) · w; x is used twice, so split its tape.
             (NormKind::RmsNorm, _) => {
                 let (x, tape) = x.split_tape();
@@ -108,7 +105,7 @@ impl<D: FusedOps> Norm<D> {
 /// The feed-forward half of a block.
 #[derive(Debug, Clone)]
 pub enum Mlp<D: Storage<f32>> {
-    /// GPT-2: `proj(gelu_tanh(fc(x)))`.
+    /// GPT-2: `proj(gelu(fc(x)))`.
     Gelu {
         /// `(C, F)`.
         fc: Linear<D>,
@@ -128,9 +125,9 @@ pub enum Mlp<D: Storage<f32>> {
 
 impl<D: FusedOps> Mlp<D> {
     /// `r + mlp(x)`.
-    fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>, r: &A2<D, NoneTape>) -> A2<D, T> {
+    fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>, r: &A2<D, NoneTape>, gelu: GeluKind) -> A2<D, T> {
         match self {
-            Mlp::Gelu { fc, proj } => proj.forward_residual(D::gelu_tanh(fc.forward(x)), r),
+            Mlp::Gelu { fc, proj } => proj.forward_residual(D::gelu(fc.forward(x), gelu), r),
             Mlp::SwiGlu { gate, up, down } => {
                 let (x, tape) = x.split_tape();
                 let g = gate.forward(x.clone().put_tape(tape));
@@ -188,7 +185,7 @@ impl<D: FusedOps> Block<D> {
         let (x, tape) = x.split_tape();
         let x = self.attention(self.ln1.forward(x.clone().put_tape(tape)), &x, dims, ctx);
         let (x, tape) = x.split_tape();
-        self.mlp.forward(self.ln2.forward(x.clone().put_tape(tape)), &x)
+        self.mlp.forward(self.ln2.forward(x.clone().put_tape(tape)), &x, dims.gelu)
     }
 
     /// `r +` causal self-attention with GQA and optional RoPE. `(B·T, C) → (B·T, C)`.
