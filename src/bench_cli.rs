@@ -97,13 +97,7 @@ pub(crate) struct RolloutArgs {
 }
 
 pub(crate) fn bench_rollout(a: RolloutArgs) -> Result<()> {
-    let w = bench::Workload::from_file(&a.workload)?;
-    let threads = a.threads.unwrap_or(w.threads);
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
-    let models: Vec<String> = match &a.model {
-        Some(m) => vec![m.clone()],
-        None => w.models.keys().cloned().collect(),
-    };
+    let (w, pool, models) = setup(&a.workload, a.threads, a.model.as_deref())?;
     let batches = a.batch.map(|b| vec![b]).unwrap_or_else(|| w.rollout.batch_sizes.clone());
     let mut all = Vec::new();
     for m in &models {
@@ -126,6 +120,35 @@ pub(crate) fn bench_rollout(a: RolloutArgs) -> Result<()> {
     print_results("rollout", &all, a.out.as_deref())
 }
 
+/// The workload, a pool of its thread count (or `threads`), and the models to run (`model`, or
+/// every model of the workload).
+fn setup(
+    workload: &std::path::Path,
+    threads: Option<usize>,
+    model: Option<&str>,
+) -> Result<(bench::Workload, rayon::ThreadPool, Vec<String>)> {
+    let w = bench::Workload::from_file(workload)?;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.unwrap_or(w.threads)).build()?;
+    let models = match model {
+        Some(m) => vec![m.to_string()],
+        None => w.models.keys().cloned().collect(),
+    };
+    Ok((w, pool, models))
+}
+
+/// One iteration benchmark's summary line: median, range and median phases.
+fn iteration_line(
+    label: &str,
+    seconds: f64,
+    range: [f64; 2],
+    phases: &std::collections::BTreeMap<String, f64>,
+) -> String {
+    format!(
+        "{label}: {seconds:.2} s/iteration [{:.2}-{:.2}] (rollout {:.2}, scoring {:.2}, update {:.2})",
+        range[0], range[1], phases["rollout"], phases["scoring"], phases["update"]
+    )
+}
+
 /// Prints `{"benchmark": name, "results": [...]}` and writes it to `out` if given.
 pub(crate) fn print_results<T: serde::Serialize>(
     name: &str,
@@ -141,12 +164,7 @@ pub(crate) fn print_results<T: serde::Serialize>(
 }
 
 pub(crate) fn bench_env(a: EnvArgs) -> Result<()> {
-    let w = bench::Workload::from_file(&a.workload)?;
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(a.threads.unwrap_or(w.threads)).build()?;
-    let models: Vec<String> = match &a.model {
-        Some(m) => vec![m.clone()],
-        None => w.models.keys().cloned().collect(),
-    };
+    let (w, pool, models) = setup(&a.workload, a.threads, a.model.as_deref())?;
     let mut all = Vec::new();
     for m in &models {
         let r = pool.install(|| rlhf::bench_env::env_step(&w, m))?;
@@ -162,10 +180,7 @@ pub(crate) fn bench_env(a: EnvArgs) -> Result<()> {
 }
 
 pub(crate) fn bench_ppo(a: PpoBenchArgs) -> Result<()> {
-    let w = bench::Workload::from_file(&a.env.workload)?;
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(a.env.threads.unwrap_or(w.threads)).build()?;
-    let models: Vec<String> =
-        a.env.model.clone().map(|m| vec![m]).unwrap_or_else(|| w.models.keys().cloned().collect());
+    let (w, pool, models) = setup(&a.env.workload, a.env.threads, a.env.model.as_deref())?;
     let critics: &[bool] = match a.value {
         ValueChoice::Shared => &[true],
         ValueChoice::Separate => &[false],
@@ -175,17 +190,8 @@ pub(crate) fn bench_ppo(a: PpoBenchArgs) -> Result<()> {
     for m in &models {
         for &shared in critics {
             let r = pool.install(|| rlhf::bench_ppo::ppo_iteration(&w, m, shared))?;
-            eprintln!(
-                "ppo {:>5} {:>8}: {:.2} s/iteration [{:.2}-{:.2}] (rollout {:.2}, scoring {:.2}, update {:.2})",
-                r.model,
-                r.value_model,
-                r.seconds,
-                r.range[0],
-                r.range[1],
-                r.phases["rollout"],
-                r.phases["scoring"],
-                r.phases["update"]
-            );
+            let label = format!("ppo {:>5} {:>8}", r.model, r.value_model);
+            eprintln!("{}", iteration_line(&label, r.seconds, r.range, &r.phases));
             all.push(r);
         }
     }
@@ -194,10 +200,7 @@ pub(crate) fn bench_ppo(a: PpoBenchArgs) -> Result<()> {
 
 pub(crate) fn bench_grpo(a: GrpoBenchArgs) -> Result<()> {
     use rlhf::stages::grpo::Algo;
-    let w = bench::Workload::from_file(&a.env.workload)?;
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(a.env.threads.unwrap_or(w.threads)).build()?;
-    let models: Vec<String> =
-        a.env.model.clone().map(|m| vec![m]).unwrap_or_else(|| w.models.keys().cloned().collect());
+    let (w, pool, models) = setup(&a.env.workload, a.env.threads, a.env.model.as_deref())?;
     // the algorithms at TRL's defaults (GRPO: group std; RLOO: no normalisation)
     let grpo = Algo::Grpo { scale_rewards: Default::default(), std_eps: 1e-4 };
     let rloo = Algo::Rloo { normalize_advantages: false, normalize_eps: 1e-4 };
@@ -212,17 +215,8 @@ pub(crate) fn bench_grpo(a: GrpoBenchArgs) -> Result<()> {
     for m in &models {
         for &algo in &algos {
             let r = pool.install(|| rlhf::bench_grpo::grpo_iteration(&w, m, algo))?;
-            eprintln!(
-                "{:>12} {:>5}: {:.2} s/iteration [{:.2}-{:.2}] (rollout {:.2}, scoring {:.2}, update {:.2})",
-                r.algo,
-                r.model,
-                r.seconds,
-                r.range[0],
-                r.range[1],
-                r.phases["rollout"],
-                r.phases["scoring"],
-                r.phases["update"]
-            );
+            let label = format!("{:>12} {:>5}", r.algo, r.model);
+            eprintln!("{}", iteration_line(&label, r.seconds, r.range, &r.phases));
             all.push(r);
         }
     }
@@ -230,9 +224,7 @@ pub(crate) fn bench_grpo(a: GrpoBenchArgs) -> Result<()> {
 }
 
 pub(crate) fn bench_train(a: EnvArgs) -> Result<()> {
-    let w = bench::Workload::from_file(&a.workload)?;
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(a.threads.unwrap_or(w.threads)).build()?;
-    let models: Vec<String> = a.model.clone().map(|m| vec![m]).unwrap_or_else(|| w.models.keys().cloned().collect());
+    let (w, pool, models) = setup(&a.workload, a.threads, a.model.as_deref())?;
     let mut all = Vec::new();
     for m in &models {
         let r = pool.install(|| bench::train_step(&w, m))?;

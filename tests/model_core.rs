@@ -5,7 +5,7 @@ mod common;
 
 use common::max_abs_diff;
 use dfdx::prelude::*;
-use rlhf_policies::config::LlamaConfig;
+use rlhf_policies::config::{Gpt2Config, LlamaConfig};
 use rlhf_policies::params::ParamMut;
 use rlhf_policies::sampling::argmax;
 use rlhf_policies::{
@@ -17,20 +17,22 @@ fn tiny_gpt2(vocab: usize) -> ModelConfig {
     ModelConfig::gpt2_preset(vocab, 16, 2, 2, 32)
 }
 
-/// GPT-2 with the exact (erf) GELU: transformers' `activation_function: "gelu"`.
-fn tiny_gpt2_erf(vocab: usize) -> ModelConfig {
+/// The tiny GPT-2 with one field of its config changed.
+fn tiny_gpt2_with(vocab: usize, change: impl FnOnce(&mut Gpt2Config)) -> ModelConfig {
     let mut cfg = tiny_gpt2(vocab);
     let ModelConfig::Gpt2(c) = &mut cfg else { unreachable!() };
-    c.activation_function = "gelu".into();
+    change(c);
     cfg
+}
+
+/// GPT-2 with the exact (erf) GELU: transformers' `activation_function: "gelu"`.
+fn tiny_gpt2_erf(vocab: usize) -> ModelConfig {
+    tiny_gpt2_with(vocab, |c| c.activation_function = "gelu".into())
 }
 
 /// GPT-2 without biases (nanoGPT's `bias = False`).
 fn tiny_gpt2_no_bias(vocab: usize) -> ModelConfig {
-    let mut cfg = tiny_gpt2(vocab);
-    let ModelConfig::Gpt2(c) = &mut cfg else { unreachable!() };
-    c.bias = false;
-    cfg
+    tiny_gpt2_with(vocab, |c| c.bias = false)
 }
 
 fn tiny_llama(vocab: usize) -> ModelConfig {

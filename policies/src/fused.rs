@@ -487,6 +487,7 @@ pub(crate) mod tests {
 
     /// Largest `|a − b| / (1 + |b|)`: the fused ops' tests compare with dfdx's composition.
     pub(crate) fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len(), "max_rel: lengths differ");
         a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1.0 + y.abs())).fold(0.0, f32::max)
     }
 

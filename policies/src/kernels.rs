@@ -464,7 +464,7 @@ pub fn gelu_tanh_with_gate(x: &[f32], y: &mut [f32], s: &mut [f32]) {
 /// gate `s = Φ(x)` for the backward pass. All slices have the same length.
 pub fn gelu_erf_with_gate(x: &[f32], y: &mut [f32], s: &mut [f32]) {
     for ((y, s), &x) in y.iter_mut().zip(s.iter_mut()).zip(x) {
-        *s = 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
+        *s = normal_cdf(x);
         *y = x * *s;
     }
 }
@@ -472,8 +472,13 @@ pub fn gelu_erf_with_gate(x: &[f32], y: &mut [f32], s: &mut [f32]) {
 /// The exact GELU in place.
 pub fn gelu_erf_inplace(xs: &mut [f32]) {
     for x in xs {
-        *x *= 0.5 * (1.0 + libm::erff(*x * std::f32::consts::FRAC_1_SQRT_2));
+        *x *= normal_cdf(*x);
     }
+}
+
+/// The standard normal CDF `Φ(x) = (1 + erf(x/√2))/2`.
+fn normal_cdf(x: f32) -> f32 {
+    0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 /// SiLU `x · σ(x)` in place.
