@@ -6,7 +6,7 @@ mod common;
 use common::max_abs_diff;
 use dfdx::prelude::*;
 use rlhf_policies::config::{Gpt2Config, LlamaConfig};
-use rlhf_policies::params::ParamMut;
+use rlhf_policies::params::{ParamMut, ParamRef};
 use rlhf_policies::sampling::argmax;
 use rlhf_policies::{
     clip_grad_norm, generate, AdamW, AdamWConfig, Batch, CausalLm, InferenceModel, KvCache, LogitsAt, ModelConfig,
@@ -308,6 +308,41 @@ fn adamw_excludes_1d_params_from_weight_decay() {
         let factor = if p.shape().len() == 1 { 1.0 } else { 1.0 - 0.1 * 0.5 };
         for (a, b) in old.iter().zip(&new) {
             assert!((a * factor - b).abs() < 1e-6, "{name}: {a}·{factor} vs {b}");
+        }
+    }
+}
+
+/// Two AdamW steps with the same gradient g follow the closed form on every element of every
+/// parameter: m̂ = g and v̂ = g² at both steps, so p ← p − lr·(g/(|g| + ε) + λ·p) twice (λ = 0
+/// for 1-D parameters). The updates run in parallel over parameters; a moment or gradient
+/// handed to the wrong parameter, or a moment not kept for the second step, breaks the form.
+#[test]
+fn two_adamw_steps_follow_the_closed_form_on_every_parameter() {
+    let m0 = model(tiny_gpt2(20), 5);
+    let batch = Batch::unpadded(&[vec![1, 2, 3, 4, 5]]).unwrap();
+    let loss = m0.forward(&batch, OwnedTape::<f32, Cpu>::default()).unwrap().square().mean();
+    let mut grads = loss.backward();
+    let g: Vec<Vec<f32>> = m0
+        .params()
+        .iter()
+        .map(|(_, p)| match p {
+            ParamRef::V(t) => grads.get(*t).as_vec(),
+            ParamRef::M(t) => grads.get(*t).as_vec(),
+        })
+        .collect();
+    let mut m = m0.clone();
+    let (lr, wd, eps) = (0.01f64, 0.1f64, 1e-8f64);
+    let mut opt = AdamW::new(AdamWConfig { lr, weight_decay: wd, eps, no_decay_1d: true, ..Default::default() });
+    opt.step(m.params_mut(), &mut grads, lr).unwrap();
+    opt.step(m.params_mut(), &mut grads, lr).unwrap();
+    for (((name, p0), (_, p2)), g) in m0.params().iter().zip(m.params()).zip(&g) {
+        let lambda = if p0.shape().len() == 1 { 0.0 } else { wd };
+        for ((&a, &b), &g) in p0.to_vec().iter().zip(&p2.to_vec()).zip(g) {
+            let (g, mut want) = (g as f64, a as f64);
+            for _ in 0..2 {
+                want -= lr * (g / (g.abs() + eps) + lambda * want);
+            }
+            assert!((want - b as f64).abs() < 1e-6, "{name}: {b} against the closed form {want}");
         }
     }
 }

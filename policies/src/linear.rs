@@ -104,20 +104,23 @@ pub fn linear_cpu<T: Tape<f32, Cpu>>(x: A2<Cpu, T>, a: Affine<'_, Cpu>) -> A2<Cp
     let (x, mut tape) = x.split_tape();
     let xv = host_vec(&x);
     let seeded = a.b.is_some() || a.residual.is_some();
-    let mut y = match a.residual {
-        Some(r) => {
+    let bv = a.b.map(|b| host_vec(b));
+    assert!(bv.as_ref().is_none_or(|b| b.len() == o), "linear: bias length");
+    let mut y = match (a.residual, &bv) {
+        (Some(r), _) => {
             assert_eq!(*r.shape(), (n, o), "linear: residual shape");
-            host_vec(r)
+            let mut y = host_vec(r);
+            if let Some(bv) = &bv {
+                y.par_chunks_mut(rows_per(o) * o).for_each(|blk| {
+                    blk.chunks_mut(o).for_each(|row| row.iter_mut().zip(bv).for_each(|(y, b)| *y += b));
+                });
+            }
+            y
         }
-        None => vec![0.0f32; n * o],
+        // the bias rows seed the output directly (no zero fill, no second pass)
+        (None, Some(bv)) => bv.repeat(n),
+        (None, None) => vec![0.0f32; n * o],
     };
-    if let Some(b) = a.b {
-        let bv = host_vec(b);
-        assert_eq!(bv.len(), o, "linear: bias length");
-        y.par_chunks_mut(rows_per(o) * o).for_each(|blk| {
-            blk.chunks_mut(o).for_each(|row| row.iter_mut().zip(&bv).for_each(|(y, b)| *y += b));
-        });
-    }
     let threads = rayon::current_num_threads();
     {
         let wv = host_vec(a.w);

@@ -1,6 +1,7 @@
 //! AdamW over the parameter walker, and global gradient-norm clipping.
 
 use dfdx::prelude::*;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use std::collections::BTreeMap;
@@ -20,20 +21,59 @@ pub trait GradBuffers: Device<f32> {
     fn read(buf: &<Self as Storage<f32>>::Vec) -> Vec<f32>;
     /// Overwrites the buffer with `data` (same length).
     fn write(buf: &mut <Self as Storage<f32>>::Vec, data: &[f32]);
+    /// Runs the Adam update of every job. The updates touch disjoint buffers; the CPU spreads
+    /// them over the rayon pool (dfdx's Adam kernel is single-threaded, and one update step
+    /// of the tiny model's 4.2M parameters took 3.5 ms on one core).
+    fn adam_updates(t: i32, jobs: &mut [AdamJob<'_, Self>]) -> Result<(), Self::Err>;
 }
+
+/// One parameter's Adam update: the hyper-parameters, the parameter, and its moments and
+/// gradient, taken out of their maps for the duration of the step.
+pub struct AdamJob<'a, D: Storage<f32>> {
+    cfg: AdamConfig,
+    p: ParamMut<'a, D>,
+    m: <D as Storage<f32>>::Vec,
+    v: <D as Storage<f32>>::Vec,
+    g: <D as Storage<f32>>::Vec,
+}
+
+impl<D: Storage<f32>> std::fmt::Debug for AdamJob<'_, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdamJob").field("cfg", &self.cfg).field("p", &self.p).finish_non_exhaustive()
+    }
+}
+
+impl<D: Device<f32>> AdamJob<'_, D> {
+    fn run(&mut self, t: i32) -> Result<(), D::Err> {
+        let AdamJob { cfg, p, m, v, g } = self;
+        match p {
+            ParamMut::V(p) => cfg.try_update(t, *p, m, v, g),
+            ParamMut::M(p) => cfg.try_update(t, *p, m, v, g),
+        }
+    }
+}
+
+/// Chunk length of the CPU's parallel gradient reductions: fixed, so that the sum of squares
+/// adds the same partial sums in the same order whatever the thread count.
+const CHUNK: usize = 1 << 14;
 
 impl GradBuffers for Cpu {
     fn sum_sq(buf: &<Self as Storage<f32>>::Vec) -> f64 {
-        buf.iter().map(|&g| (g as f64) * (g as f64)).sum()
+        let partial: Vec<f64> =
+            buf.par_chunks(CHUNK).map(|c| c.iter().map(|&g| (g as f64) * (g as f64)).sum()).collect();
+        partial.iter().sum()
     }
     fn scale(buf: &mut <Self as Storage<f32>>::Vec, s: f32) {
-        buf.iter_mut().for_each(|g| *g *= s);
+        buf.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|g| *g *= s));
     }
     fn read(buf: &<Self as Storage<f32>>::Vec) -> Vec<f32> {
         buf.to_vec()
     }
     fn write(buf: &mut <Self as Storage<f32>>::Vec, data: &[f32]) {
         buf.copy_from_slice(data);
+    }
+    fn adam_updates(t: i32, jobs: &mut [AdamJob<'_, Self>]) -> Result<(), Self::Err> {
+        jobs.par_iter_mut().try_for_each(|j| j.run(t))
     }
 }
 
@@ -76,7 +116,9 @@ impl<D: Device<f32>> AdamW<D> {
     pub fn new(cfg: AdamWConfig) -> Self {
         AdamW { cfg, t: 0, m: Gradients::leaky(), v: Gradients::leaky() }
     }
+}
 
+impl<D: GradBuffers> AdamW<D> {
     /// One update of every parameter in `params` with the gradients in `grads`, at learning
     /// rate `lr`. A parameter absent from `grads` is updated with a zero gradient.
     pub fn step(
@@ -86,29 +128,26 @@ impl<D: Device<f32>> AdamW<D> {
         lr: f64,
     ) -> Result<(), PolicyError> {
         self.t += 1;
+        let mut jobs = Vec::with_capacity(params.len());
         for (_, p) in params {
-            let decay = |is_1d: bool| {
-                let wd = if is_1d && self.cfg.no_decay_1d { 0.0 } else { self.cfg.weight_decay };
-                (wd > 0.0).then_some(WeightDecay::Decoupled(wd))
+            let is_1d = matches!(p, ParamMut::V(_));
+            let wd = if is_1d && self.cfg.no_decay_1d { 0.0 } else { self.cfg.weight_decay };
+            let cfg = self.adam_cfg(lr, (wd > 0.0).then_some(WeightDecay::Decoupled(wd)));
+            let (g, m, v) = match &p {
+                ParamMut::V(t) => (take(grads, *t)?, take(&mut self.m, *t)?, take(&mut self.v, *t)?),
+                ParamMut::M(t) => (take(grads, *t)?, take(&mut self.m, *t)?, take(&mut self.v, *t)?),
             };
+            jobs.push(AdamJob { cfg, p, m, v, g });
+        }
+        let updated = D::adam_updates(self.t, &mut jobs).map_err(dev_err);
+        // the buffers go back whether or not the update succeeded
+        for AdamJob { p, m, v, g, .. } in jobs {
             match p {
-                ParamMut::V(p) => {
-                    let cfg = self.adam_cfg(lr, decay(true));
-                    let g = grads.get_or_alloc_mut(p).map_err(dev_err)?;
-                    let m = self.m.get_or_alloc_mut(p).map_err(dev_err)?;
-                    let v = self.v.get_or_alloc_mut(p).map_err(dev_err)?;
-                    cfg.try_update(self.t, p, m, v, g).map_err(dev_err)?;
-                }
-                ParamMut::M(p) => {
-                    let cfg = self.adam_cfg(lr, decay(false));
-                    let g = grads.get_or_alloc_mut(p).map_err(dev_err)?;
-                    let m = self.m.get_or_alloc_mut(p).map_err(dev_err)?;
-                    let v = self.v.get_or_alloc_mut(p).map_err(dev_err)?;
-                    cfg.try_update(self.t, p, m, v, g).map_err(dev_err)?;
-                }
+                ParamMut::V(t) => put(grads, t, g).and(put(&mut self.m, t, m)).and(put(&mut self.v, t, v))?,
+                ParamMut::M(t) => put(grads, t, g).and(put(&mut self.m, t, m)).and(put(&mut self.v, t, v))?,
             }
         }
-        Ok(())
+        updated
     }
 
     fn adam_cfg(&self, lr: f64, weight_decay: Option<WeightDecay>) -> AdamConfig {
@@ -194,4 +233,23 @@ fn grad_mut<'g, D: Device<f32>>(
         ParamRef::V(t) => grads.get_or_alloc_mut(*t).map_err(dev_err),
         ParamRef::M(t) => grads.get_or_alloc_mut(*t).map_err(dev_err),
     }
+}
+
+/// Moves `t`'s buffer out of `map` (allocating a zero one if absent), leaving an empty one.
+fn take<S: Shape, D: Device<f32>>(
+    map: &mut Gradients<f32, D>,
+    t: &Tensor<S, f32, D>,
+) -> Result<<D as Storage<f32>>::Vec, PolicyError> {
+    let empty = Storage::<f32>::try_alloc_len(t.device(), 0).map_err(dev_err)?;
+    Ok(std::mem::replace(map.get_or_alloc_mut(t).map_err(dev_err)?, empty))
+}
+
+/// Puts back what [`take`] moved out.
+fn put<S: Shape, D: Device<f32>>(
+    map: &mut Gradients<f32, D>,
+    t: &Tensor<S, f32, D>,
+    buf: <D as Storage<f32>>::Vec,
+) -> Result<(), PolicyError> {
+    *map.get_or_alloc_mut(t).map_err(dev_err)? = buf;
+    Ok(())
 }
