@@ -12,6 +12,9 @@ use rayon::prelude::*;
 use crate::attention::attention_composed;
 use crate::attention::{attention_cpu, AttnShape};
 use crate::config::GeluKind;
+#[cfg(feature = "cuda")]
+use crate::embed::{embed_composed, select_rows_composed};
+use crate::embed::{embed_cpu, select_rows_cpu};
 use crate::kernels::{exp_inplace, gelu_erf_with_gate, gelu_tanh_with_gate};
 #[cfg(feature = "cuda")]
 use crate::linear::linear_composed;
@@ -52,6 +55,22 @@ pub trait FusedOps: Device<f32> {
         targets: &[usize],
         temperature: f32,
     ) -> Tensor<(usize,), f32, Self, T>;
+
+    /// Embedding rows `wte[ids[r]] (+ wpe[pos[r]])` as `(N, C)`, recorded on `tape`; see
+    /// [`crate::embed`].
+    fn embed<T: Tape<f32, Self>>(
+        tape: T,
+        wte: &Tensor<(usize, usize), f32, Self>,
+        wpe: Option<&Tensor<(usize, usize), f32, Self>>,
+        ids: &[usize],
+        pos: &[usize],
+    ) -> Tensor<(usize, usize), f32, Self, T>;
+
+    /// Rows `rows` of `x` `(N, C)` as `(rows.len(), C)`, repeats allowed; see [`crate::embed`].
+    fn select_rows<T: Tape<f32, Self>>(
+        x: Tensor<(usize, usize), f32, Self, T>,
+        rows: &[usize],
+    ) -> Tensor<(usize, usize), f32, Self, T>;
 
     /// The affine map `x (N, in) → x·W + b + r (N, out)`; see [`crate::linear`].
     fn linear<T: Tape<f32, Self>>(
@@ -203,6 +222,21 @@ impl FusedOps for Cuda {
     ) -> Tensor<(usize, usize), f32, Self, T> {
         linear_composed(x, a)
     }
+    fn embed<T: Tape<f32, Self>>(
+        tape: T,
+        wte: &Tensor<(usize, usize), f32, Self>,
+        wpe: Option<&Tensor<(usize, usize), f32, Self>>,
+        ids: &[usize],
+        pos: &[usize],
+    ) -> Tensor<(usize, usize), f32, Self, T> {
+        embed_composed(tape, wte, wpe, ids, pos)
+    }
+    fn select_rows<T: Tape<f32, Self>>(
+        x: Tensor<(usize, usize), f32, Self, T>,
+        rows: &[usize],
+    ) -> Tensor<(usize, usize), f32, Self, T> {
+        select_rows_composed(x, rows)
+    }
 }
 
 /// Elements per parallel chunk.
@@ -260,6 +294,23 @@ impl FusedOps for Cpu {
         linear_cpu(x, a)
     }
 
+    fn embed<T: Tape<f32, Self>>(
+        tape: T,
+        wte: &Tensor<(usize, usize), f32, Self>,
+        wpe: Option<&Tensor<(usize, usize), f32, Self>>,
+        ids: &[usize],
+        pos: &[usize],
+    ) -> Tensor<(usize, usize), f32, Self, T> {
+        embed_cpu(tape, wte, wpe, ids, pos)
+    }
+
+    fn select_rows<T: Tape<f32, Self>>(
+        x: Tensor<(usize, usize), f32, Self, T>,
+        rows: &[usize],
+    ) -> Tensor<(usize, usize), f32, Self, T> {
+        select_rows_cpu(x, rows)
+    }
+
     fn attention<T: Tape<f32, Self>>(
         q: Tensor<(usize, usize), f32, Self, T>,
         k: Tensor<(usize, usize), f32, Self, T>,
@@ -302,28 +353,25 @@ impl FusedOps for Cpu {
         if let Some(b) = b {
             b.copy_into(&mut bv);
         }
-        // forward, keeping x̂ = (x − mean)·rstd and rstd per row for the backward pass
-        let mut xhat = vec![0.0f32; rows * c];
-        let mut rstd = vec![0.0f32; rows];
+        // forward, keeping x and (mean, rstd) per row for the backward pass, which recomputes
+        // x̂ = (x − mean)·rstd row by row (cheaper than a stored N×C x̂)
+        let mut stats = vec![(0.0f32, 0.0f32); rows];
         let mut y = vec![0.0f32; rows * c];
         let rows_per = (CHUNK / c).max(1);
-        y.par_chunks_mut(rows_per * c)
-            .zip(xhat.par_chunks_mut(rows_per * c))
-            .zip(rstd.par_chunks_mut(rows_per))
-            .zip(xv.par_chunks(rows_per * c))
-            .for_each(|(((y, xh), rs), x)| {
-                for (r, rs) in rs.iter_mut().enumerate() {
+        y.par_chunks_mut(rows_per * c).zip(stats.par_chunks_mut(rows_per)).zip(xv.par_chunks(rows_per * c)).for_each(
+            |((y, st), x)| {
+                for (r, st) in st.iter_mut().enumerate() {
                     let xr = &x[r * c..(r + 1) * c];
                     let mean = xr.iter().sum::<f32>() / c as f32;
                     let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
-                    *rs = 1.0 / (var + eps).sqrt();
+                    let rs = 1.0 / (var + eps).sqrt();
+                    *st = (mean, rs);
                     for j in 0..c {
-                        let h = (xr[j] - mean) * *rs;
-                        xh[r * c + j] = h;
-                        y[r * c + j] = h * gv[j] + bv[j];
+                        y[r * c + j] = (xr[j] - mean) * rs * gv[j] + bv[j];
                     }
                 }
-            });
+            },
+        );
         let out = x.device().tensor_from_vec(y, (rows, c));
         if T::OWNS_TAPE {
             let (xg, gg, bg, og) = (x.ghost(), g.ghost(), b.map(|b| b.ghost()), out.ghost());
@@ -334,11 +382,12 @@ impl FusedOps for Cpu {
                     let dx: &mut Vec<f32> = grads.get_or_alloc_mut(&xg)?;
                     dx.par_chunks_mut(rows_per * c)
                         .zip(dy.par_chunks(rows_per * c))
-                        .zip(xhat.par_chunks(rows_per * c).zip(rstd.par_chunks(rows_per)))
-                        .map(|((dx, dy), (xh, rs))| {
-                            let (mut dg, mut db) = (vec![0.0f32; c], vec![0.0f32; c]);
-                            for (r, &rs) in rs.iter().enumerate() {
-                                let (dyr, xhr) = (&dy[r * c..(r + 1) * c], &xh[r * c..(r + 1) * c]);
+                        .zip(xv.par_chunks(rows_per * c).zip(stats.par_chunks(rows_per)))
+                        .map(|((dx, dy), (x, st))| {
+                            let (mut dg, mut db, mut xhr) = (vec![0.0f32; c], vec![0.0f32; c], vec![0.0f32; c]);
+                            for (r, &(mean, rs)) in st.iter().enumerate() {
+                                let dyr = &dy[r * c..(r + 1) * c];
+                                xhr.iter_mut().zip(&x[r * c..(r + 1) * c]).for_each(|(h, x)| *h = (x - mean) * rs);
                                 let (mut m1, mut m2) = (0.0f32, 0.0f32);
                                 for j in 0..c {
                                     let d = dyr[j] * gv[j];

@@ -7,6 +7,7 @@ use rand::{rngs::StdRng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
 use crate::error::PolicyError;
+use crate::fused::FusedOps;
 use crate::model::{A2, T1, T2};
 use crate::params::{ParamMut, ParamRef};
 
@@ -35,6 +36,18 @@ impl<D: Device<f32>> ScalarHead<D> {
         y.reshape_like(&(n,))
     }
 
+    /// Parameters with their HF names (`score.weight`, `score.bias`).
+    pub fn params(&self) -> Vec<(String, ParamRef<'_, D>)> {
+        vec![("score.weight".into(), ParamRef::M(&self.w)), ("score.bias".into(), ParamRef::V(&self.b))]
+    }
+
+    /// Mutable parameters with their HF names.
+    pub fn params_mut(&mut self) -> Vec<(String, ParamMut<'_, D>)> {
+        vec![("score.weight".into(), ParamMut::M(&mut self.w)), ("score.bias".into(), ParamMut::V(&mut self.b))]
+    }
+}
+
+impl<D: FusedOps> ScalarHead<D> {
     /// Scores read at chosen rows of `(N, C)` hidden states, e.g. the last real token of each
     /// sequence (`row = b·T + index`). `(N, C) → (k,)`.
     pub fn read_at<T: Tape<f32, D>>(
@@ -46,17 +59,6 @@ impl<D: Device<f32>> ScalarHead<D> {
         if let Some(&r) = rows.iter().find(|&&r| r >= n) {
             return Err(PolicyError::Input(format!("scalar head row {r} is outside the {n} hidden rows")));
         }
-        let idx = h.device().tensor_from_vec(rows.to_vec(), (rows.len(),));
-        Ok(self.forward(h.gather(idx)))
-    }
-
-    /// Parameters with their HF names (`score.weight`, `score.bias`).
-    pub fn params(&self) -> Vec<(String, ParamRef<'_, D>)> {
-        vec![("score.weight".into(), ParamRef::M(&self.w)), ("score.bias".into(), ParamRef::V(&self.b))]
-    }
-
-    /// Mutable parameters with their HF names.
-    pub fn params_mut(&mut self) -> Vec<(String, ParamMut<'_, D>)> {
-        vec![("score.weight".into(), ParamMut::M(&mut self.w)), ("score.bias".into(), ParamMut::V(&mut self.b))]
+        Ok(self.forward(D::select_rows(h, rows)))
     }
 }

@@ -25,6 +25,7 @@ pub mod batch;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+pub mod embed;
 pub mod error;
 pub mod fused;
 pub mod gguf;

@@ -104,7 +104,7 @@ pub fn linear_cpu<T: Tape<f32, Cpu>>(x: A2<Cpu, T>, a: Affine<'_, Cpu>) -> A2<Cp
     let (x, mut tape) = x.split_tape();
     let xv = host_vec(&x);
     let seeded = a.b.is_some() || a.residual.is_some();
-    let bv = a.b.map(|b| host_vec(b));
+    let bv = a.b.map(host_vec);
     assert!(bv.as_ref().is_none_or(|b| b.len() == o), "linear: bias length");
     let mut y = match (a.residual, &bv) {
         (Some(r), _) => {

@@ -287,16 +287,9 @@ impl<D: FusedOps> CausalLm<D> {
     pub fn forward_hidden<T: Tape<f32, D>>(&self, batch: &Batch, tape: T) -> Result<A2<D, T>, PolicyError> {
         batch.check(self.dims.vocab, self.dims.max_positions, self.dims.family == Family::Gpt2)?;
         let (b, t, c) = (batch.b, batch.t, self.dims.d_model);
-        let ids = self.dev.tensor_from_vec(batch.ids.iter().map(|&i| i as usize).collect(), (b, t));
-        let x: Tensor<(usize, usize, usize), f32, D, T> = self.wte.clone().put_tape(tape).gather(ids);
-        let x = match &self.wpe {
-            Some(wpe) => {
-                let pos = self.dev.tensor_from_vec(batch.position_ids.clone(), (b, t));
-                x + wpe.retaped::<T>().gather(pos)
-            }
-            None => x,
-        };
-        let mut x = x.reshape_like(&(b * t, c));
+        let ids: Vec<usize> = batch.ids.iter().map(|&i| i as usize).collect();
+        let mut x = D::embed(tape, &self.wte, self.wpe.as_ref(), &ids, &batch.position_ids);
+        debug_assert_eq!(*x.shape(), (b * t, c));
         let ctx = self.context(batch);
         for block in &self.blocks {
             x = block.forward(x, &self.dims, &ctx);

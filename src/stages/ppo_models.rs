@@ -96,8 +96,7 @@ pub fn logprobs_and_entropy<T: Tape<f32, Cpu>>(
 ) -> Result<Tensor<(usize,), f32, Cpu, T>> {
     let (batch, rows, targets) = response_rows(seqs, pad)?;
     let h = model.forward_hidden(&batch, tape)?;
-    let idx = model.dev.tensor_from_vec(rows, (targets.len(),));
-    Ok(Cpu::logprobs_and_entropy(model.logits(h.gather(idx)), &targets, temperature))
+    Ok(Cpu::logprobs_and_entropy(model.logits(Cpu::select_rows(h, &rows)), &targets, temperature))
 }
 
 /// Per sequence, `Σ_t log π_θ(token) − log π_ref(token)` over its response tokens
@@ -134,10 +133,8 @@ impl PpoModels {
         tape: T,
     ) -> Result<(Tensor<(usize,), f32, Cpu, T>, Tensor<(usize,), f32, Cpu, T>)> {
         let (batch, rows, targets) = response_rows(seqs, pad)?;
-        let n = targets.len();
         let h = self.policy.forward_hidden(&batch, tape)?;
-        let idx = self.policy.dev.tensor_from_vec(rows.clone(), (n,));
-        let hr = h.gather(idx);
+        let hr = Cpu::select_rows(h, &rows);
         match &self.critic {
             Critic::Shared(head) => {
                 // the gathered hidden states feed both heads: split the tape (dfdx-notes §2)
@@ -153,8 +150,7 @@ impl PpoModels {
                 // the critic's pass continues on the same tape
                 let (lpe, tape) = lpe.split_tape();
                 let hv = critic.model.forward_hidden(&batch, tape)?;
-                let idx = self.policy.dev.tensor_from_vec(rows, (n,));
-                let values = critic.head.forward(hv.gather(idx));
+                let values = critic.head.forward(Cpu::select_rows(hv, &rows));
                 Ok((lpe.retaped::<T>(), values))
             }
         }
