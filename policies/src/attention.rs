@@ -120,7 +120,8 @@ pub fn attention_cpu<T: Tape<f32, Cpu>>(
     if T::OWNS_TAPE {
         let (qg, kg, vg, og) = (q.ghost(), k.ghost(), v.ghost(), out.ghost());
         tape.add_backward_op(move |grads| {
-            let dy: Vec<f32> = grads.get_or_alloc_mut(&og)?.to_vec();
+            // one &mut into Gradients at a time: move dy out, then put it back
+            let dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
             // per (batch, head): dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P∘(dP − rowsum(dP∘P)),
             // dQ = scale·dS·K, dK = scale·dSᵀ·Q
             let parts: Vec<[Vec<f32>; 3]> = (0..b * nh)
@@ -157,6 +158,7 @@ pub fn attention_cpu<T: Tape<f32, Cpu>>(
                     }
                 }
             }
+            **grads.get_or_alloc_mut(&og)? = dy;
             Ok(())
         });
     }
