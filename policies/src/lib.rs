@@ -33,6 +33,7 @@ pub mod half;
 pub mod heads;
 pub mod infer;
 pub mod kernels;
+pub mod layer_norm;
 pub mod linear;
 pub mod model;
 pub mod optim;
