@@ -27,14 +27,17 @@ pub trait GradBuffers: Device<f32> {
     fn adam_updates(t: i32, jobs: &mut [AdamJob<'_, Self>]) -> Result<(), Self::Err>;
 }
 
+/// A device's gradient (and moment) buffer.
+type Buf<D> = <D as Storage<f32>>::Vec;
+
 /// One parameter's Adam update: the hyper-parameters, the parameter, and its moments and
 /// gradient, taken out of their maps for the duration of the step.
 pub struct AdamJob<'a, D: Storage<f32>> {
     cfg: AdamConfig,
     p: ParamMut<'a, D>,
-    m: <D as Storage<f32>>::Vec,
-    v: <D as Storage<f32>>::Vec,
-    g: <D as Storage<f32>>::Vec,
+    m: Buf<D>,
+    v: Buf<D>,
+    g: Buf<D>,
 }
 
 impl<D: Storage<f32>> std::fmt::Debug for AdamJob<'_, D> {
@@ -127,35 +130,77 @@ impl<D: GradBuffers> AdamW<D> {
         grads: &mut Gradients<f32, D>,
         lr: f64,
     ) -> Result<(), PolicyError> {
-        self.t += 1;
         let mut jobs = Vec::with_capacity(params.len());
+        let mut taken = Ok(());
         for (_, p) in params {
             let is_1d = matches!(p, ParamMut::V(_));
             let wd = if is_1d && self.cfg.no_decay_1d { 0.0 } else { self.cfg.weight_decay };
             let cfg = self.adam_cfg(lr, (wd > 0.0).then_some(WeightDecay::Decoupled(wd)));
-            let (g, m, v) = match &p {
-                ParamMut::V(t) => (take(grads, *t)?, take(&mut self.m, *t)?, take(&mut self.v, *t)?),
-                ParamMut::M(t) => (take(grads, *t)?, take(&mut self.m, *t)?, take(&mut self.v, *t)?),
+            let buffers = match &p {
+                ParamMut::V(t) => self.take_buffers(grads, *t),
+                ParamMut::M(t) => self.take_buffers(grads, *t),
             };
-            jobs.push(AdamJob { cfg, p, m, v, g });
-        }
-        let updated = D::adam_updates(self.t, &mut jobs).map_err(dev_err);
-        // the buffers go back whether or not the update succeeded
-        for AdamJob { p, m, v, g, .. } in jobs {
-            match p {
-                ParamMut::V(t) => put(grads, t, g).and(put(&mut self.m, t, m)).and(put(&mut self.v, t, v))?,
-                ParamMut::M(t) => put(grads, t, g).and(put(&mut self.m, t, m)).and(put(&mut self.v, t, v))?,
+            match buffers {
+                Ok([g, m, v]) => jobs.push(AdamJob { cfg, p, m, v, g }),
+                Err(e) => {
+                    taken = Err(e);
+                    break;
+                }
             }
         }
-        updated
+        let updated = taken.and_then(|()| {
+            self.t += 1;
+            D::adam_updates(self.t, &mut jobs).map_err(dev_err)
+        });
+        // every buffer goes back, whatever failed
+        let mut restored = Ok(());
+        for AdamJob { p, m, v, g, .. } in jobs {
+            let r = match p {
+                ParamMut::V(t) => self.put_buffers(grads, t, [g, m, v]),
+                ParamMut::M(t) => self.put_buffers(grads, t, [g, m, v]),
+            };
+            restored = restored.and(r);
+        }
+        updated.and(restored)
     }
 
     fn adam_cfg(&self, lr: f64, weight_decay: Option<WeightDecay>) -> AdamConfig {
         AdamConfig { lr, betas: self.cfg.betas, eps: self.cfg.eps, weight_decay }
     }
-}
 
-impl<D: GradBuffers> AdamW<D> {
+    /// Moves `t`'s gradient and moments out of their maps (zero ones if absent), leaving empty
+    /// buffers. Everything is allocated before anything moves, so a failure loses nothing.
+    fn take_buffers<S: Shape>(
+        &mut self,
+        grads: &mut Gradients<f32, D>,
+        t: &Tensor<S, f32, D>,
+    ) -> Result<[Buf<D>; 3], PolicyError> {
+        let empty = || Storage::<f32>::try_alloc_len(t.device(), 0).map_err(dev_err);
+        let empties = [empty()?, empty()?, empty()?];
+        for map in [&mut *grads, &mut self.m, &mut self.v] {
+            map.try_alloc_for(t).map_err(dev_err)?;
+        }
+        let [g, m, v] = empties;
+        Ok([
+            std::mem::replace(grads.get_or_alloc_mut(t).map_err(dev_err)?, g),
+            std::mem::replace(self.m.get_or_alloc_mut(t).map_err(dev_err)?, m),
+            std::mem::replace(self.v.get_or_alloc_mut(t).map_err(dev_err)?, v),
+        ])
+    }
+
+    /// Puts back what [`AdamW::take_buffers`] moved out: gradient, first and second moment.
+    fn put_buffers<S: Shape>(
+        &mut self,
+        grads: &mut Gradients<f32, D>,
+        t: &Tensor<S, f32, D>,
+        [g, m, v]: [Buf<D>; 3],
+    ) -> Result<(), PolicyError> {
+        *grads.get_or_alloc_mut(t).map_err(dev_err)? = g;
+        *self.m.get_or_alloc_mut(t).map_err(dev_err)? = m;
+        *self.v.get_or_alloc_mut(t).map_err(dev_err)? = v;
+        Ok(())
+    }
+
     /// The optimizer state for a checkpoint: `exp_avg.<name>` and `exp_avg_sq.<name>` for
     /// every parameter (PyTorch's names), and the step count.
     pub fn state(
@@ -233,23 +278,4 @@ fn grad_mut<'g, D: Device<f32>>(
         ParamRef::V(t) => grads.get_or_alloc_mut(*t).map_err(dev_err),
         ParamRef::M(t) => grads.get_or_alloc_mut(*t).map_err(dev_err),
     }
-}
-
-/// Moves `t`'s buffer out of `map` (allocating a zero one if absent), leaving an empty one.
-fn take<S: Shape, D: Device<f32>>(
-    map: &mut Gradients<f32, D>,
-    t: &Tensor<S, f32, D>,
-) -> Result<<D as Storage<f32>>::Vec, PolicyError> {
-    let empty = Storage::<f32>::try_alloc_len(t.device(), 0).map_err(dev_err)?;
-    Ok(std::mem::replace(map.get_or_alloc_mut(t).map_err(dev_err)?, empty))
-}
-
-/// Puts back what [`take`] moved out.
-fn put<S: Shape, D: Device<f32>>(
-    map: &mut Gradients<f32, D>,
-    t: &Tensor<S, f32, D>,
-    buf: <D as Storage<f32>>::Vec,
-) -> Result<(), PolicyError> {
-    *map.get_or_alloc_mut(t).map_err(dev_err)? = buf;
-    Ok(())
 }
