@@ -22,6 +22,7 @@ use crate::layer_norm::layer_norm_cpu;
 #[cfg(feature = "cuda")]
 use crate::linear::linear_composed;
 use crate::linear::{linear_cpu, Affine};
+use crate::strided::host_vec;
 
 /// Ops the model uses that a device may fuse.
 pub trait FusedOps: Device<f32> {
@@ -241,8 +242,7 @@ fn gated<T: Tape<f32, Cpu>>(
     let x = x.contiguous();
     let shape = *x.shape();
     let (x, mut tape) = x.split_tape();
-    let mut xv = vec![0.0f32; shape.0 * shape.1];
-    x.copy_into(&mut xv);
+    let xv = host_vec(&x);
     let mut y = vec![0.0f32; xv.len()];
     let mut s = vec![0.0f32; xv.len()];
     y.par_chunks_mut(CHUNK)
@@ -344,9 +344,7 @@ impl FusedOps for Cpu {
         assert!(targets.len() == n && weights.len() == n, "weighted_nll: {n} rows need {n} targets and weights");
         assert!(targets.iter().all(|&t| t < v), "weighted_nll: target outside the vocabulary");
         let (logits, mut tape) = logits.split_tape();
-        let mut lv = vec![0.0f32; n * v];
-        logits.copy_into(&mut lv);
-        let lv = std::sync::Arc::new(lv);
+        let lv = std::sync::Arc::new(host_vec(&logits));
         // per row: lse = max + ln Σ exp(x − max); loss_i = lse − x[t]
         let lse: Vec<f32> = lv
             .par_chunks(v)
@@ -392,8 +390,7 @@ impl FusedOps for Cpu {
         assert!(targets.len() == n, "logprobs_and_entropy: {n} rows need {n} targets");
         assert!(targets.iter().all(|&t| t < v), "logprobs_and_entropy: target outside the vocabulary");
         let (logits, mut tape) = logits.split_tape();
-        let mut xv = vec![0.0f32; n * v];
-        logits.copy_into(&mut xv);
+        let mut xv = host_vec(&logits);
         let inv_t = 1.0 / temperature;
         xv.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|x| *x *= inv_t));
         let xv = std::sync::Arc::new(xv);

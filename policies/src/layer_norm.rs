@@ -4,6 +4,8 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
+use crate::strided::host_vec;
+
 /// Elements per parallel chunk.
 const CHUNK: usize = 1 << 13;
 
@@ -33,12 +35,8 @@ pub fn layer_norm_cpu<T: Tape<f32, Cpu>>(
     let x = x.contiguous();
     let (rows, c) = *x.shape();
     let (x, mut tape) = x.split_tape();
-    let (mut xv, mut gv, mut bv) = (vec![0.0f32; rows * c], vec![0.0f32; c], vec![0.0f32; c]);
-    x.copy_into(&mut xv);
-    g.copy_into(&mut gv);
-    if let Some(b) = b {
-        b.copy_into(&mut bv);
-    }
+    let (xv, gv) = (host_vec(&x), host_vec(g));
+    let bv = b.map_or_else(|| vec![0.0f32; c], host_vec);
     // forward, keeping x and (mean, rstd) per row for the backward pass, which recomputes
     // x̂ = (x − mean)·rstd row by row (cheaper than a stored N×C x̂)
     let mut stats = vec![(0.0f32, 0.0f32); rows];
