@@ -9,7 +9,7 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-use crate::strided::{gemm_into, host_vec, View};
+use crate::strided::{add_into, gemm_into, host_vec, View};
 
 /// `(B·T, C)` tensors.
 type A2<D, T> = Tensor<(usize, usize), f32, D, T>;
@@ -66,31 +66,21 @@ fn matmul(dst: &mut [f32], dims: (usize, usize, usize), a: View<'_>, b: View<'_>
     gemm_into(dst, dims, a, b, alpha, false, 1);
 }
 
-/// The fused CPU attention (same contract as [`attention_composed`]).
-pub fn attention_cpu<T: Tape<f32, Cpu>>(
-    q: A2<Cpu, T>,
-    k: A2<Cpu, T>,
-    v: A2<Cpu, T>,
-    mask: &Tensor<(usize, usize, usize), f32, Cpu>,
-    s: AttnShape,
-) -> A2<Cpu, T> {
+/// Per (batch, head) softmax probabilities `P` (T×T), kept for [`attn_backward`].
+pub(crate) type Probs = Vec<Vec<f32>>;
+
+/// The attention core on host buffers: q `(B·T, H·Dh)`, k and v `(B·T, Hkv·Dh)`, additive
+/// mask `(B, T, T)` → `(P per (batch, head), y (B·T, H·Dh))`, one (batch, head) pair per task.
+pub(crate) fn attn_forward(qv: &[f32], kv: &[f32], vv: &[f32], mv: &[f32], s: AttnShape) -> (Probs, Vec<f32>) {
     let AttnShape { b, t, nh, nkv, dh } = s;
     let (hq, hk, rep, scale) = (nh * dh, nkv * dh, nh / nkv, 1.0 / (dh as f32).sqrt());
-    // row-major copies (the same tensors if already contiguous), tapes merged
-    let (q, tq) = q.contiguous().split_tape();
-    let (k, tk) = k.contiguous().split_tape();
-    let (v, tv) = v.contiguous().split_tape();
-    let mut tape = tq.merge(tk).merge(tv);
-    let mask = mask.clone().contiguous();
-    let (qv, kv, vv, mv) = (host_vec(&q), host_vec(&k), host_vec(&v), host_vec(&mask));
-    // per (batch, head): softmax P (T×T) and output (T×Dh)
     let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..b * nh)
         .into_par_iter()
         .map(|bh| {
             let (bi, h) = (bh / nh, bh % nh);
-            let qh = View::new(&qv, bi * t * hq + h * dh, hq, 1);
-            let kh = View::new(&kv, bi * t * hk + (h / rep) * dh, hk, 1);
-            let vh = View::new(&vv, bi * t * hk + (h / rep) * dh, hk, 1);
+            let qh = View::new(qv, bi * t * hq + h * dh, hq, 1);
+            let kh = View::new(kv, bi * t * hk + (h / rep) * dh, hk, 1);
+            let vh = View::new(vv, bi * t * hk + (h / rep) * dh, hk, 1);
             let mut p = vec![0.0f32; t * t];
             matmul(&mut p, (t, t, dh), qh, kh.t(), scale);
             for (row, m) in p.chunks_mut(t).zip(mv[bi * t * t..(bi + 1) * t * t].chunks(t)) {
@@ -116,48 +106,88 @@ pub fn attention_cpu<T: Tape<f32, Cpu>>(
             y[at..at + dh].copy_from_slice(row);
         }
     }
-    let out = q.device().tensor_from_vec(y, (b * t, hq));
+    (heads.into_iter().map(|(p, _)| p).collect(), y)
+}
+
+/// The attention core's backward pass on host buffers, given the forward's inputs, its `P`
+/// and `dy` `(B·T, H·Dh)`: accumulates into `dq` `(B·T, H·Dh)`, `dk` and `dv` `(B·T, Hkv·Dh)`.
+#[allow(clippy::too_many_arguments)] // the three inputs and three outputs of one op
+pub(crate) fn attn_backward(
+    probs: &Probs,
+    (qv, kv, vv): (&[f32], &[f32], &[f32]),
+    dy: &[f32],
+    s: AttnShape,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let AttnShape { b, t, nh, nkv, dh } = s;
+    let (hq, hk, rep, scale) = (nh * dh, nkv * dh, nh / nkv, 1.0 / (dh as f32).sqrt());
+    // per (batch, head): dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P∘(dP − rowsum(dP∘P)),
+    // dQ = scale·dS·K, dK = scale·dSᵀ·Q
+    let parts: Vec<[Vec<f32>; 3]> = (0..b * nh)
+        .into_par_iter()
+        .map(|bh| {
+            let (bi, h) = (bh / nh, bh % nh);
+            let p = &probs[bh];
+            let qh = View::new(qv, bi * t * hq + h * dh, hq, 1);
+            let kh = View::new(kv, bi * t * hk + (h / rep) * dh, hk, 1);
+            let vh = View::new(vv, bi * t * hk + (h / rep) * dh, hk, 1);
+            let doh = View::new(dy, bi * t * hq + h * dh, hq, 1);
+            let mut dv = vec![0.0f32; t * dh];
+            matmul(&mut dv, (t, dh, t), View::new(p, 0, t, 1).t(), doh, 1.0);
+            let mut ds = vec![0.0f32; t * t];
+            matmul(&mut ds, (t, t, dh), doh, vh.t(), 1.0);
+            for (dr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
+                let dot: f32 = dr.iter().zip(pr).map(|(d, p)| d * p).sum();
+                dr.iter_mut().zip(pr).for_each(|(d, p)| *d = p * (*d - dot));
+            }
+            let (mut dq, mut dk) = (vec![0.0f32; t * dh], vec![0.0f32; t * dh]);
+            matmul(&mut dq, (t, dh, t), View::new(&ds, 0, t, 1), kh, scale);
+            matmul(&mut dk, (t, dh, t), View::new(&ds, 0, t, 1).t(), qh, scale);
+            [dq, dk, dv]
+        })
+        .collect();
+    for (which, (dst, width)) in [(dq, hq), (dk, hk), (dv, hk)].into_iter().enumerate() {
+        for (bh, part) in parts.iter().enumerate() {
+            let (bi, h) = (bh / nh, bh % nh);
+            let col = if which == 0 { h } else { h / rep } * dh;
+            for (i, row) in part[which].chunks(dh).enumerate() {
+                let at = (bi * t + i) * width + col;
+                dst[at..at + dh].iter_mut().zip(row).for_each(|(a, r)| *a += r);
+            }
+        }
+    }
+}
+
+/// The fused CPU attention (same contract as [`attention_composed`]).
+pub fn attention_cpu<T: Tape<f32, Cpu>>(
+    q: A2<Cpu, T>,
+    k: A2<Cpu, T>,
+    v: A2<Cpu, T>,
+    mask: &Tensor<(usize, usize, usize), f32, Cpu>,
+    s: AttnShape,
+) -> A2<Cpu, T> {
+    let AttnShape { b, t, nh, nkv, dh } = s;
+    // row-major copies (the same tensors if already contiguous), tapes merged
+    let (q, tq) = q.contiguous().split_tape();
+    let (k, tk) = k.contiguous().split_tape();
+    let (v, tv) = v.contiguous().split_tape();
+    let mut tape = tq.merge(tk).merge(tv);
+    let mask = mask.clone().contiguous();
+    let (qv, kv, vv, mv) = (host_vec(&q), host_vec(&k), host_vec(&v), host_vec(&mask));
+    let (probs, y) = attn_forward(&qv, &kv, &vv, &mv, s);
+    let out = q.device().tensor_from_vec(y, (b * t, nh * dh));
     if T::OWNS_TAPE {
         let (qg, kg, vg, og) = (q.ghost(), k.ghost(), v.ghost(), out.ghost());
+        let n_kv = b * t * nkv * dh;
         tape.add_backward_op(move |grads| {
             // one &mut into Gradients at a time: move dy out, then put it back
             let dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
-            // per (batch, head): dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P∘(dP − rowsum(dP∘P)),
-            // dQ = scale·dS·K, dK = scale·dSᵀ·Q
-            let parts: Vec<[Vec<f32>; 3]> = (0..b * nh)
-                .into_par_iter()
-                .map(|bh| {
-                    let (bi, h) = (bh / nh, bh % nh);
-                    let p = &heads[bh].0;
-                    let qh = View::new(&qv, bi * t * hq + h * dh, hq, 1);
-                    let kh = View::new(&kv, bi * t * hk + (h / rep) * dh, hk, 1);
-                    let vh = View::new(&vv, bi * t * hk + (h / rep) * dh, hk, 1);
-                    let doh = View::new(&dy, bi * t * hq + h * dh, hq, 1);
-                    let mut dv = vec![0.0f32; t * dh];
-                    matmul(&mut dv, (t, dh, t), View::new(p, 0, t, 1).t(), doh, 1.0);
-                    let mut ds = vec![0.0f32; t * t];
-                    matmul(&mut ds, (t, t, dh), doh, vh.t(), 1.0);
-                    for (dr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
-                        let dot: f32 = dr.iter().zip(pr).map(|(d, p)| d * p).sum();
-                        dr.iter_mut().zip(pr).for_each(|(d, p)| *d = p * (*d - dot));
-                    }
-                    let (mut dq, mut dk) = (vec![0.0f32; t * dh], vec![0.0f32; t * dh]);
-                    matmul(&mut dq, (t, dh, t), View::new(&ds, 0, t, 1), kh, scale);
-                    matmul(&mut dk, (t, dh, t), View::new(&ds, 0, t, 1).t(), qh, scale);
-                    [dq, dk, dv]
-                })
-                .collect();
-            for (which, (g, width)) in [(&qg, hq), (&kg, hk), (&vg, hk)].into_iter().enumerate() {
-                let dst: &mut Vec<f32> = grads.get_or_alloc_mut(g)?;
-                for (bh, part) in parts.iter().enumerate() {
-                    let (bi, h) = (bh / nh, bh % nh);
-                    let col = if which == 0 { h } else { h / rep } * dh;
-                    for (i, row) in part[which].chunks(dh).enumerate() {
-                        let at = (bi * t + i) * width + col;
-                        dst[at..at + dh].iter_mut().zip(row).for_each(|(a, r)| *a += r);
-                    }
-                }
-            }
+            let (mut dk, mut dv) = (vec![0.0f32; n_kv], vec![0.0f32; n_kv]);
+            attn_backward(&probs, (&qv, &kv, &vv), &dy, s, grads.get_or_alloc_mut(&qg)?, &mut dk, &mut dv);
+            add_into(grads.get_or_alloc_mut(&kg)?, &dk);
+            add_into(grads.get_or_alloc_mut(&vg)?, &dv);
             **grads.get_or_alloc_mut(&og)? = dy;
             Ok(())
         });

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 #[cfg(feature = "cuda")]
 use crate::attention::attention_composed;
 use crate::attention::{attention_cpu, AttnShape};
+use crate::block::gpt2_block_cpu;
 use crate::config::GeluKind;
 #[cfg(feature = "cuda")]
 use crate::embed::{embed_composed, select_rows_composed};
@@ -22,7 +23,11 @@ use crate::layer_norm::layer_norm_cpu;
 #[cfg(feature = "cuda")]
 use crate::linear::linear_composed;
 use crate::linear::{linear_cpu, Affine};
+use crate::model::Block;
 use crate::strided::host_vec;
+
+/// A `(rows, cols)` activation on device `D` with tape `T`.
+pub type Act<D, T> = Tensor<(usize, usize), f32, D, T>;
 
 /// Ops the model uses that a device may fuse.
 pub trait FusedOps: Device<f32> {
@@ -81,6 +86,21 @@ pub trait FusedOps: Device<f32> {
         x: Tensor<(usize, usize), f32, Self, T>,
         a: Affine<'_, Self>,
     ) -> Tensor<(usize, usize), f32, Self, T>;
+
+    /// A whole pre-norm GPT-2 block (LayerNorms, attention without RoPE, a GELU MLP) as one
+    /// op, where the device has one: `Err(x)` hands the input back and the caller runs the
+    /// block op by op (the default). `x` `(B·T, C)`, `mask` the additive `(B, T, T)` mask;
+    /// see [`crate::block`].
+    fn gpt2_block<T: Tape<f32, Self>>(
+        x: Act<Self, T>,
+        block: &Block<Self>,
+        mask: &Tensor<(usize, usize, usize), f32, Self>,
+        shape: AttnShape,
+        gelu: GeluKind,
+    ) -> Result<Act<Self, T>, Act<Self, T>> {
+        let _ = (block, mask, shape, gelu);
+        Err(x)
+    }
 
     /// Causal self-attention's core: q `(B·T, H·Dh)`, k and v `(B·T, Hkv·Dh)` (the
     /// projections' layout), additive `mask` `(B, T, T)` → `softmax(q·kᵀ/√Dh + mask)·v` as
@@ -230,12 +250,52 @@ impl FusedOps for Cuda {
 /// Elements per parallel chunk.
 const CHUNK: usize = 1 << 13;
 
+/// `forward` over `xv` in parallel chunks: `(y, s)`.
+pub(crate) fn gated_forward(xv: &[f32], forward: GateForward) -> (Vec<f32>, Vec<f32>) {
+    let mut y = vec![0.0f32; xv.len()];
+    let mut s = vec![0.0f32; xv.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(s.par_chunks_mut(CHUNK))
+        .zip(xv.par_chunks(CHUNK))
+        .for_each(|((y, s), x)| forward(x, y, s));
+    (y, s)
+}
+
+/// `dy ← dy · dydx(x, s)` in place: a gated activation's backward pass when its output
+/// gradient is not needed afterwards.
+pub(crate) fn gated_backward_inplace(dy: &mut [f32], xv: &[f32], s: &[f32], dydx: GateDerivative) {
+    dy.par_chunks_mut(CHUNK).zip(xv.par_chunks(CHUNK).zip(s.par_chunks(CHUNK))).for_each(|(dy, (x, s))| {
+        for i in 0..dy.len() {
+            dy[i] *= dydx(x[i], s[i]);
+        }
+    });
+}
+
+/// A gated activation's forward pass: fills `y` and the gate `s` from `x`.
+pub(crate) type GateForward = fn(&[f32], &mut [f32], &mut [f32]);
+/// A gated activation's derivative `dy/dx` from `x` and the gate `s`.
+pub(crate) type GateDerivative = fn(f32, f32) -> f32;
+
+/// GPT-2's GELU as a gated activation `y = x·s(x)`: the forward kernel and the derivative.
+pub(crate) fn gelu_gate(kind: GeluKind) -> (GateForward, GateDerivative) {
+    match kind {
+        // y = x·s with s = σ(2u), u = √(2/π)(x + 0.044715x³);
+        // d/dx [x·σ(2u)] = σ + x·σ(1−σ)·2u',  u' = √(2/π)(1 + 3·0.044715·x²)
+        GeluKind::Tanh => (gelu_tanh_with_gate, |x, s| {
+            const C: f32 = 0.797_884_6; // √(2/π)
+            let du = C * (1.0 + 3.0 * 0.044715 * x * x);
+            s + x * s * (1.0 - s) * 2.0 * du
+        }),
+        // y = x·Φ(x)
+        GeluKind::Erf => (gelu_erf_with_gate, gelu_erf_dydx),
+    }
+}
+
 /// An activation `y = x·s(x)` whose backward pass needs only `x` and the gate `s`:
 /// `forward(x, y, s)` fills `y` and `s`, `dydx(x, s)` is the derivative.
 fn gated<T: Tape<f32, Cpu>>(
     x: Tensor<(usize, usize), f32, Cpu, T>,
-    forward: fn(&[f32], &mut [f32], &mut [f32]),
-    dydx: fn(f32, f32) -> f32,
+    (forward, dydx): (GateForward, GateDerivative),
 ) -> Tensor<(usize, usize), f32, Cpu, T> {
     // a permuted/broadcast input becomes a row-major taped copy first (same id if already
     // row-major), so our gradient buffer has the layout we write
@@ -243,12 +303,7 @@ fn gated<T: Tape<f32, Cpu>>(
     let shape = *x.shape();
     let (x, mut tape) = x.split_tape();
     let xv = host_vec(&x);
-    let mut y = vec![0.0f32; xv.len()];
-    let mut s = vec![0.0f32; xv.len()];
-    y.par_chunks_mut(CHUNK)
-        .zip(s.par_chunks_mut(CHUNK))
-        .zip(xv.par_chunks(CHUNK))
-        .for_each(|((y, s), x)| forward(x, y, s));
+    let (y, s) = gated_forward(&xv, forward);
     let out = x.device().tensor_from_vec(y, shape);
     if T::OWNS_TAPE {
         let (xg, og) = (x.ghost(), out.ghost());
@@ -274,6 +329,16 @@ fn gated<T: Tape<f32, Cpu>>(
 }
 
 impl FusedOps for Cpu {
+    fn gpt2_block<T: Tape<f32, Self>>(
+        x: Act<Self, T>,
+        block: &Block<Self>,
+        mask: &Tensor<(usize, usize, usize), f32, Self>,
+        shape: AttnShape,
+        gelu: GeluKind,
+    ) -> Result<Act<Self, T>, Act<Self, T>> {
+        gpt2_block_cpu(x, block, mask, shape, gelu)
+    }
+
     fn linear<T: Tape<f32, Self>>(
         x: Tensor<(usize, usize), f32, Self, T>,
         a: Affine<'_, Self>,
@@ -312,17 +377,7 @@ impl FusedOps for Cpu {
         x: Tensor<(usize, usize), f32, Self, T>,
         kind: GeluKind,
     ) -> Tensor<(usize, usize), f32, Self, T> {
-        match kind {
-            // y = x·s with s = σ(2u), u = √(2/π)(x + 0.044715x³);
-            // d/dx [x·σ(2u)] = σ + x·σ(1−σ)·2u',  u' = √(2/π)(1 + 3·0.044715·x²)
-            GeluKind::Tanh => gated(x, gelu_tanh_with_gate, |x, s| {
-                const C: f32 = 0.797_884_6; // √(2/π)
-                let du = C * (1.0 + 3.0 * 0.044715 * x * x);
-                s + x * s * (1.0 - s) * 2.0 * du
-            }),
-            // y = x·Φ(x)
-            GeluKind::Erf => gated(x, gelu_erf_with_gate, gelu_erf_dydx),
-        }
+        gated(x, gelu_gate(kind))
     }
 
     fn layer_norm<T: Tape<f32, Self>>(

@@ -4,7 +4,7 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-use crate::strided::host_vec;
+use crate::strided::{add_into, host_vec};
 
 /// Elements per parallel chunk.
 const CHUNK: usize = 1 << 13;
@@ -25,20 +25,17 @@ pub fn layer_norm_composed<D: Device<f32>, T: Tape<f32, D>>(
     }
 }
 
-/// The CPU LayerNorm (same contract as [`crate::fused::FusedOps::layer_norm`]).
-pub fn layer_norm_cpu<T: Tape<f32, Cpu>>(
-    x: Tensor<(usize, usize), f32, Cpu, T>,
-    g: &Tensor<(usize,), f32, Cpu>,
-    b: Option<&Tensor<(usize,), f32, Cpu>>,
+/// LayerNorm of the rows of `xv` `(rows, c)` on the host: `y = (x − mean)·rstd·g + b` and the
+/// per-row `(mean, rstd)` that [`ln_backward_rows`] needs (it recomputes x̂ row by row, which
+/// is cheaper than keeping an N×C x̂).
+pub(crate) fn ln_forward_rows(
+    xv: &[f32],
+    c: usize,
+    gv: &[f32],
+    bv: Option<&[f32]>,
     eps: f32,
-) -> Tensor<(usize, usize), f32, Cpu, T> {
-    let x = x.contiguous();
-    let (rows, c) = *x.shape();
-    let (x, mut tape) = x.split_tape();
-    let (xv, gv) = (host_vec(&x), host_vec(g));
-    let bv = b.map_or_else(|| vec![0.0f32; c], host_vec);
-    // forward, keeping x and (mean, rstd) per row for the backward pass, which recomputes
-    // x̂ = (x − mean)·rstd row by row (cheaper than a stored N×C x̂)
+) -> (Vec<f32>, Vec<(f32, f32)>) {
+    let rows = xv.len() / c;
     let mut stats = vec![(0.0f32, 0.0f32); rows];
     let mut y = vec![0.0f32; rows * c];
     let rows_per = (CHUNK / c).max(1);
@@ -50,54 +47,83 @@ pub fn layer_norm_cpu<T: Tape<f32, Cpu>>(
                 let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
                 let rs = 1.0 / (var + eps).sqrt();
                 *st = (mean, rs);
-                for j in 0..c {
-                    y[r * c + j] = (xr[j] - mean) * rs * gv[j] + bv[j];
+                let yr = &mut y[r * c..(r + 1) * c];
+                match bv {
+                    Some(bv) => (0..c).for_each(|j| yr[j] = (xr[j] - mean) * rs * gv[j] + bv[j]),
+                    None => (0..c).for_each(|j| yr[j] = (xr[j] - mean) * rs * gv[j]),
                 }
             }
         },
     );
+    (y, stats)
+}
+
+/// LayerNorm's backward pass over rows: `dx += rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))` with
+/// `dx̂ = dy·g`, accumulated into `dx`; returns `(dg, db)` summed over the rows.
+pub(crate) fn ln_backward_rows(
+    dy: &[f32],
+    xv: &[f32],
+    stats: &[(f32, f32)],
+    gv: &[f32],
+    dx: &mut [f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let c = gv.len();
+    let rows_per = (CHUNK / c).max(1);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(rows_per * c)
+        .zip(dy.par_chunks(rows_per * c))
+        .zip(xv.par_chunks(rows_per * c).zip(stats.par_chunks(rows_per)))
+        .map(|((dx, dy), (x, st))| {
+            let (mut dg, mut db, mut xhr) = (vec![0.0f32; c], vec![0.0f32; c], vec![0.0f32; c]);
+            for (r, &(mean, rs)) in st.iter().enumerate() {
+                let dyr = &dy[r * c..(r + 1) * c];
+                xhr.iter_mut().zip(&x[r * c..(r + 1) * c]).for_each(|(h, x)| *h = (x - mean) * rs);
+                let (mut m1, mut m2) = (0.0f32, 0.0f32);
+                for j in 0..c {
+                    let d = dyr[j] * gv[j];
+                    m1 += d;
+                    m2 += d * xhr[j];
+                    dg[j] += dyr[j] * xhr[j];
+                    db[j] += dyr[j];
+                }
+                let (m1, m2) = (m1 / c as f32, m2 / c as f32);
+                for j in 0..c {
+                    dx[r * c + j] += rs * (dyr[j] * gv[j] - m1 - xhr[j] * m2);
+                }
+            }
+            (dg, db)
+        })
+        .collect();
+    let (mut dg, mut db) = (vec![0.0f32; c], vec![0.0f32; c]);
+    for (pg, pb) in &partials {
+        dg.iter_mut().zip(pg).for_each(|(a, v)| *a += v);
+        db.iter_mut().zip(pb).for_each(|(a, v)| *a += v);
+    }
+    (dg, db)
+}
+
+/// The CPU LayerNorm (same contract as [`crate::fused::FusedOps::layer_norm`]).
+pub fn layer_norm_cpu<T: Tape<f32, Cpu>>(
+    x: Tensor<(usize, usize), f32, Cpu, T>,
+    g: &Tensor<(usize,), f32, Cpu>,
+    b: Option<&Tensor<(usize,), f32, Cpu>>,
+    eps: f32,
+) -> Tensor<(usize, usize), f32, Cpu, T> {
+    let x = x.contiguous();
+    let (rows, c) = *x.shape();
+    let (x, mut tape) = x.split_tape();
+    let (xv, gv) = (host_vec(&x), host_vec(g));
+    let bv = b.map(host_vec);
+    let (y, stats) = ln_forward_rows(&xv, c, &gv, bv.as_deref(), eps);
     let out = x.device().tensor_from_vec(y, (rows, c));
     if T::OWNS_TAPE {
         let (xg, gg, bg, og) = (x.ghost(), g.ghost(), b.map(|b| b.ghost()), out.ghost());
         tape.add_backward_op(move |grads| {
             let dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
-            // dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)),  dx̂ = dy·g;  per-block partial dg, db
-            let partials: Vec<(Vec<f32>, Vec<f32>)> = {
-                let dx: &mut Vec<f32> = grads.get_or_alloc_mut(&xg)?;
-                dx.par_chunks_mut(rows_per * c)
-                    .zip(dy.par_chunks(rows_per * c))
-                    .zip(xv.par_chunks(rows_per * c).zip(stats.par_chunks(rows_per)))
-                    .map(|((dx, dy), (x, st))| {
-                        let (mut dg, mut db, mut xhr) = (vec![0.0f32; c], vec![0.0f32; c], vec![0.0f32; c]);
-                        for (r, &(mean, rs)) in st.iter().enumerate() {
-                            let dyr = &dy[r * c..(r + 1) * c];
-                            xhr.iter_mut().zip(&x[r * c..(r + 1) * c]).for_each(|(h, x)| *h = (x - mean) * rs);
-                            let (mut m1, mut m2) = (0.0f32, 0.0f32);
-                            for j in 0..c {
-                                let d = dyr[j] * gv[j];
-                                m1 += d;
-                                m2 += d * xhr[j];
-                                dg[j] += dyr[j] * xhr[j];
-                                db[j] += dyr[j];
-                            }
-                            let (m1, m2) = (m1 / c as f32, m2 / c as f32);
-                            for j in 0..c {
-                                dx[r * c + j] += rs * (dyr[j] * gv[j] - m1 - xhr[j] * m2);
-                            }
-                        }
-                        (dg, db)
-                    })
-                    .collect()
-            };
-            let dgv: &mut Vec<f32> = grads.get_or_alloc_mut(&gg)?;
-            for (dg, _) in &partials {
-                dgv.iter_mut().zip(dg).for_each(|(a, v)| *a += v);
-            }
+            let (dg, db) = ln_backward_rows(&dy, &xv, &stats, &gv, grads.get_or_alloc_mut(&xg)?);
+            add_into(grads.get_or_alloc_mut(&gg)?, &dg);
             if let Some(bg) = &bg {
-                let dbv: &mut Vec<f32> = grads.get_or_alloc_mut(bg)?;
-                for (_, db) in &partials {
-                    dbv.iter_mut().zip(db).for_each(|(a, v)| *a += v);
-                }
+                add_into(grads.get_or_alloc_mut(bg)?, &db);
             }
             **grads.get_or_alloc_mut(&og)? = dy;
             Ok(())

@@ -22,6 +22,7 @@
 
 pub mod attention;
 pub mod batch;
+pub mod block;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;

@@ -9,7 +9,7 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-use crate::strided::{gemm_into, host_vec, row_major, View};
+use crate::strided::{add_into, gemm_into, host_vec, row_major, View};
 
 type A2<D, T> = Tensor<(usize, usize), f32, D, T>;
 
@@ -88,6 +88,38 @@ fn rows_per(cols: usize) -> usize {
     ((1 << 13) / cols.max(1)).max(1)
 }
 
+/// The output buffer `(n, o)` an affine map accumulates its product onto: the residual (if
+/// any) plus the bias rows, or zeros. No zero fill and no second pass when either is given.
+pub(crate) fn seed_output(n: usize, o: usize, bias: Option<&[f32]>, residual: Option<Vec<f32>>) -> Vec<f32> {
+    match (residual, bias) {
+        (Some(mut y), bias) => {
+            debug_assert_eq!(y.len(), n * o);
+            if let Some(bv) = bias {
+                y.par_chunks_mut(rows_per(o) * o).for_each(|blk| {
+                    blk.chunks_mut(o).for_each(|row| row.iter_mut().zip(bv).for_each(|(y, b)| *y += b));
+                });
+            }
+            y
+        }
+        (None, Some(bv)) => bv.repeat(n),
+        (None, None) => vec![0.0f32; n * o],
+    }
+}
+
+/// `db += Σ_rows dy` for `dy` `(N, o)` (a bias gradient), with per-chunk partial sums.
+pub(crate) fn colsum_into(db: &mut [f32], dy: &[f32]) {
+    let o = db.len();
+    let parts: Vec<Vec<f32>> = dy
+        .par_chunks(rows_per(o) * o)
+        .map(|blk| {
+            let mut s = vec![0.0f32; o];
+            blk.chunks(o).for_each(|row| s.iter_mut().zip(row).for_each(|(s, d)| *s += d));
+            s
+        })
+        .collect();
+    parts.iter().for_each(|p| db.iter_mut().zip(p).for_each(|(a, d)| *a += d));
+}
+
 /// The fused CPU affine map (same contract as [`linear_composed`]).
 pub fn linear_cpu<T: Tape<f32, Cpu>>(x: A2<Cpu, T>, a: Affine<'_, Cpu>) -> A2<Cpu, T> {
     // parameters are row-major by construction (checking costs a gradient-sized buffer, too
@@ -106,21 +138,11 @@ pub fn linear_cpu<T: Tape<f32, Cpu>>(x: A2<Cpu, T>, a: Affine<'_, Cpu>) -> A2<Cp
     let seeded = a.b.is_some() || a.residual.is_some();
     let bv = a.b.map(host_vec);
     assert!(bv.as_ref().is_none_or(|b| b.len() == o), "linear: bias length");
-    let mut y = match (a.residual, &bv) {
-        (Some(r), _) => {
-            assert_eq!(*r.shape(), (n, o), "linear: residual shape");
-            let mut y = host_vec(r);
-            if let Some(bv) = &bv {
-                y.par_chunks_mut(rows_per(o) * o).for_each(|blk| {
-                    blk.chunks_mut(o).for_each(|row| row.iter_mut().zip(bv).for_each(|(y, b)| *y += b));
-                });
-            }
-            y
-        }
-        // the bias rows seed the output directly (no zero fill, no second pass)
-        (None, Some(bv)) => bv.repeat(n),
-        (None, None) => vec![0.0f32; n * o],
-    };
+    let residual = a.residual.map(|r| {
+        assert_eq!(*r.shape(), (n, o), "linear: residual shape");
+        host_vec(r)
+    });
+    let mut y = seed_output(n, o, bv.as_deref(), residual);
     let threads = rayon::current_num_threads();
     {
         let wv = host_vec(a.w);
@@ -148,22 +170,10 @@ pub fn linear_cpu<T: Tape<f32, Cpu>>(x: A2<Cpu, T>, a: Affine<'_, Cpu>) -> A2<Cp
                 WeightLayout::OutIn => gemm_into(dw, (o, i, n), dyv.t(), xm, 1.0, true, threads),
             }
             if let Some(bg) = &bg {
-                let parts: Vec<Vec<f32>> = dy
-                    .par_chunks(rows_per(o) * o)
-                    .map(|blk| {
-                        let mut s = vec![0.0f32; o];
-                        blk.chunks(o).for_each(|row| s.iter_mut().zip(row).for_each(|(s, d)| *s += d));
-                        s
-                    })
-                    .collect();
-                let db: &mut Vec<f32> = grads.get_or_alloc_mut(bg)?;
-                parts.iter().for_each(|p| db.iter_mut().zip(p).for_each(|(a, d)| *a += d));
+                colsum_into(grads.get_or_alloc_mut(bg)?, &dy);
             }
             if let Some(rg) = &rg {
-                let dr: &mut Vec<f32> = grads.get_or_alloc_mut(rg)?;
-                dr.par_chunks_mut(1 << 13)
-                    .zip(dy.par_chunks(1 << 13))
-                    .for_each(|(a, d)| a.iter_mut().zip(d).for_each(|(a, d)| *a += d));
+                add_into(grads.get_or_alloc_mut(rg)?, &dy);
             }
             **grads.get_or_alloc_mut(&og)? = dy;
             Ok(())

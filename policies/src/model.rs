@@ -160,11 +160,11 @@ pub struct Block<D: Storage<f32>> {
 }
 
 /// Per-forward constants shared by all blocks: the additive mask and RoPE tables.
-struct Ctx<D: Storage<f32>> {
+pub(crate) struct Ctx<D: Storage<f32>> {
     b: usize,
     t: usize,
     /// `(B, T, T)` additive mask: causal and key padding.
-    mask: Tensor<(usize, usize, usize), f32, D>,
+    pub(crate) mask: Tensor<(usize, usize, usize), f32, D>,
     /// RoPE `(B·T·H, Dh)` tables for queries and `(B·T·Hkv, Dh)` for keys, and the
     /// `(Dh, Dh)` matrix with `x·R = rotate_half(x)`.
     rope: Option<Rope<D>>,
@@ -179,7 +179,24 @@ struct Rope<D: Storage<f32>> {
 }
 
 impl<D: FusedOps> Block<D> {
+    /// `(B·T, C) → (B·T, C)`: the device's whole-block op where it has one for this block
+    /// (see [`FusedOps::gpt2_block`]), else [`Block::forward_ops`].
     fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>, dims: &Dims, ctx: &Ctx<D>) -> A2<D, T> {
+        let x = match ctx.rope {
+            None => {
+                let shape = AttnShape { b: ctx.b, t: ctx.t, nh: dims.n_head, nkv: dims.n_kv_head, dh: dims.head_dim };
+                match D::gpt2_block(x, self, &ctx.mask, shape, dims.gelu) {
+                    Ok(y) => return y,
+                    Err(x) => x,
+                }
+            }
+            Some(_) => x,
+        };
+        self.forward_ops(x, dims, ctx)
+    }
+
+    /// The block op by op: norm, attention (+ residual), norm, MLP (+ residual).
+    pub(crate) fn forward_ops<T: Tape<f32, D>>(&self, x: A2<D, T>, dims: &Dims, ctx: &Ctx<D>) -> A2<D, T> {
         // residual: keep an untaped handle, run the branch on the taped one; the branch's
         // output projection adds it back
         let (x, tape) = x.split_tape();
@@ -308,7 +325,7 @@ impl<D: FusedOps> CausalLm<D> {
         Ok(self.logits(self.forward_hidden(batch, tape)?))
     }
 
-    fn context(&self, batch: &Batch) -> Ctx<D> {
+    pub(crate) fn context(&self, batch: &Batch) -> Ctx<D> {
         let (b, t) = (batch.b, batch.t);
         let mut mask = vec![0.0f32; b * t * t];
         for r in 0..b {

@@ -106,6 +106,15 @@ pub(crate) fn host_vec<S: Shape, T>(t: &Tensor<S, f32, Cpu, T>) -> Vec<f32> {
     v
 }
 
+/// `dst += src` element by element, in parallel chunks.
+pub(crate) fn add_into(dst: &mut [f32], src: &[f32]) {
+    use rayon::prelude::*;
+    assert_eq!(dst.len(), src.len(), "add_into: lengths differ");
+    dst.par_chunks_mut(1 << 13).zip(src.par_chunks(1 << 13)).for_each(|(a, s)| {
+        a.iter_mut().zip(s).for_each(|(a, s)| *a += s);
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,305 @@
+//! A whole GPT-2 block — `x₂ = x + attn(LN₁(x))`, `y = x₂ + proj(gelu(fc(LN₂(x₂))))` — as one
+//! CPU op with its own backward pass.
+//!
+//! The per-op path ([`crate::model::Block::forward_ops`]) runs nine fused ops per block, and
+//! each one copies its inputs out of dfdx's storage (tensors cannot lend their buffers),
+//! allocates its output gradient zeroed and accumulates into its input's. Here every
+//! intermediate lives in a host buffer this op owns: the block input is copied once, the
+//! weights once per step, and the backward pass writes each intermediate gradient directly
+//! (`dx = dy·Wᵀ` overwrites instead of accumulating into a zeroed buffer), so the only
+//! gradient buffers dfdx sees are the block input's and the parameters'. The kernels are the
+//! per-op path's own (LayerNorm rows, the attention core, the gated GELU, the gemm calls),
+//! and a test pins the two paths to each other, values and every gradient.
+
+use dfdx::prelude::*;
+use dfdx::tensor::CpuError;
+
+use crate::attention::{attn_backward, attn_forward, AttnShape, Probs};
+use crate::config::{GeluKind, NormKind};
+use crate::fused::{gated_backward_inplace, gated_forward, gelu_gate, GateDerivative};
+use crate::layer_norm::{ln_backward_rows, ln_forward_rows};
+use crate::linear::{colsum_into, seed_output};
+use crate::model::{Block, Linear, Mlp, Norm};
+use crate::strided::{add_into, gemm_into, host_vec, View};
+
+type A2<T> = Tensor<(usize, usize), f32, Cpu, T>;
+
+/// A linear layer's weight `(in, out)` and bias, copied to the host once per call.
+struct HostLinear {
+    w: Vec<f32>,
+    b: Option<Vec<f32>>,
+    i: usize,
+    o: usize,
+}
+
+impl HostLinear {
+    fn new(l: &Linear<Cpu>) -> Self {
+        let (i, o) = *l.w.shape();
+        HostLinear { w: host_vec(&l.w), b: l.b.as_ref().map(host_vec), i, o }
+    }
+
+    /// `x (n, in) → x·W + b (+ residual)`.
+    fn forward(&self, x: &[f32], n: usize, residual: Option<Vec<f32>>) -> Vec<f32> {
+        let seeded = self.b.is_some() || residual.is_some();
+        let mut y = seed_output(n, self.o, self.b.as_deref(), residual);
+        let (xv, wv) = (View::rows(x, self.i), View::rows(&self.w, self.o));
+        gemm_into(&mut y, (n, self.o, self.i), xv, wv, 1.0, seeded, threads());
+        y
+    }
+
+    /// `dx (=|+=) dy·Wᵀ` for `dy (n, out)`.
+    fn input_grad(&self, dx: &mut [f32], dy: &[f32], n: usize, accumulate: bool) {
+        let (dyv, wt) = (View::rows(dy, self.o), View::rows(&self.w, self.o).t());
+        gemm_into(dx, (n, self.i, self.o), dyv, wt, 1.0, accumulate, threads());
+    }
+}
+
+/// `dW += xᵀ·dy` and `db += Σ_rows dy` into the gradients of `l`'s parameters.
+fn param_grads(grads: &mut Gradients<f32, Cpu>, l: &Linear<Cpu>, x: &[f32], dy: &[f32]) -> Result<(), CpuError> {
+    let (i, o) = *l.w.shape();
+    let n = x.len() / i;
+    let (xt, dyv) = (View::rows(x, i).t(), View::rows(dy, o));
+    gemm_into(grads.get_or_alloc_mut(&l.w)?, (i, o, n), xt, dyv, 1.0, true, threads());
+    if let Some(b) = &l.b {
+        colsum_into(grads.get_or_alloc_mut(b)?, dy);
+    }
+    Ok(())
+}
+
+/// A LayerNorm's gain and bias on the host.
+struct HostNorm {
+    g: Vec<f32>,
+    b: Option<Vec<f32>>,
+    eps: f32,
+}
+
+impl HostNorm {
+    fn new(n: &Norm<Cpu>) -> Self {
+        HostNorm { g: host_vec(&n.w), b: n.b.as_ref().map(host_vec), eps: n.eps }
+    }
+}
+
+/// `dg`, `db` of a LayerNorm into its parameters' gradients.
+fn norm_grads(grads: &mut Gradients<f32, Cpu>, n: &Norm<Cpu>, (dg, db): (Vec<f32>, Vec<f32>)) -> Result<(), CpuError> {
+    add_into(grads.get_or_alloc_mut(&n.w)?, &dg);
+    if let Some(b) = &n.b {
+        add_into(grads.get_or_alloc_mut(b)?, &db);
+    }
+    Ok(())
+}
+
+fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
+/// Host copies of one block's parameters.
+struct HostBlock {
+    ln1: HostNorm,
+    q: HostLinear,
+    k: HostLinear,
+    v: HostLinear,
+    o: HostLinear,
+    ln2: HostNorm,
+    fc: HostLinear,
+    proj: HostLinear,
+}
+
+/// What the forward pass keeps for the backward pass (names as in the module doc; `f` is the
+/// MLP's pre-activation, `gate` GELU's gate, `a = gelu(f)`).
+struct Saved {
+    x: Vec<f32>,
+    st1: Vec<(f32, f32)>,
+    h1: Vec<f32>,
+    qkv: [Vec<f32>; 3],
+    probs: Probs,
+    att: Vec<f32>,
+    x2: Vec<f32>,
+    st2: Vec<(f32, f32)>,
+    h2: Vec<f32>,
+    f: Vec<f32>,
+    gate: Vec<f32>,
+    a: Vec<f32>,
+}
+
+/// The block as one op when it is a GPT-2 block (LayerNorms, a GELU MLP; the caller has no
+/// RoPE); otherwise `Err(x)` hands the input back for the per-op path. `x`: `(B·T, C)`;
+/// `mask`: the additive `(B, T, T)` attention mask.
+pub fn gpt2_block_cpu<T: Tape<f32, Cpu>>(
+    x: A2<T>,
+    blk: &Block<Cpu>,
+    mask: &Tensor<(usize, usize, usize), f32, Cpu>,
+    s: AttnShape,
+    gelu: GeluKind,
+) -> Result<A2<T>, A2<T>> {
+    let Mlp::Gelu { fc, proj } = &blk.mlp else { return Err(x) };
+    if blk.ln1.kind != NormKind::LayerNorm || blk.ln2.kind != NormKind::LayerNorm {
+        return Err(x);
+    }
+    let x = x.contiguous();
+    let (n, c) = *x.shape();
+    assert_eq!(n, s.b * s.t, "block: {n} rows for a batch of {}×{}", s.b, s.t);
+    let (x, mut tape) = x.split_tape();
+    let w = HostBlock {
+        ln1: HostNorm::new(&blk.ln1),
+        q: HostLinear::new(&blk.wq),
+        k: HostLinear::new(&blk.wk),
+        v: HostLinear::new(&blk.wv),
+        o: HostLinear::new(&blk.wo),
+        ln2: HostNorm::new(&blk.ln2),
+        fc: HostLinear::new(fc),
+        proj: HostLinear::new(proj),
+    };
+    let (gate_fwd, dydx) = gelu_gate(gelu);
+    let keep = T::OWNS_TAPE;
+    let mut xv = host_vec(&x);
+    let (h1, st1) = ln_forward_rows(&xv, c, &w.ln1.g, w.ln1.b.as_deref(), w.ln1.eps);
+    let qkv = [w.q.forward(&h1, n, None), w.k.forward(&h1, n, None), w.v.forward(&h1, n, None)];
+    let mv = host_vec(&mask.clone().contiguous());
+    let (probs, att) = attn_forward(&qkv[0], &qkv[1], &qkv[2], &mv, s);
+    // the residual seeds the projection's output; the backward pass needs x again
+    let mut x2 = w.o.forward(&att, n, Some(if keep { xv.clone() } else { std::mem::take(&mut xv) }));
+    let (h2, st2) = ln_forward_rows(&x2, c, &w.ln2.g, w.ln2.b.as_deref(), w.ln2.eps);
+    let f = w.fc.forward(&h2, n, None);
+    let (a, gate) = gated_forward(&f, gate_fwd);
+    let y = w.proj.forward(&a, n, Some(if keep { x2.clone() } else { std::mem::take(&mut x2) }));
+    let out = x.device().tensor_from_vec(y, (n, c));
+    if keep {
+        let saved = Saved { x: xv, st1, h1, qkv, probs, att, x2, st2, h2, f, gate, a };
+        let (xg, og, blk) = (x.ghost(), out.ghost(), blk.clone());
+        tape.add_backward_op(move |grads| {
+            // one &mut into Gradients at a time: move dy out, then put it back
+            let dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
+            let dx = backward(grads, &blk, &w, saved, &dy, s, dydx)?;
+            add_into(grads.get_or_alloc_mut(&xg)?, &dx);
+            **grads.get_or_alloc_mut(&og)? = dy;
+            Ok(())
+        });
+    }
+    Ok(out.put_tape(tape))
+}
+
+/// The block's backward pass: parameter gradients into `grads`; returns `dx`.
+fn backward(
+    grads: &mut Gradients<f32, Cpu>,
+    blk: &Block<Cpu>,
+    w: &HostBlock,
+    sv: Saved,
+    dy: &[f32],
+    s: AttnShape,
+    dydx: GateDerivative,
+) -> Result<Vec<f32>, CpuError> {
+    let Mlp::Gelu { fc, proj } = &blk.mlp else { unreachable!("checked in the forward pass") };
+    let (n, c) = (s.b * s.t, w.ln1.g.len());
+    // MLP: y = x₂ + a·W_proj + b_proj, a = gelu(f), f = h₂·W_fc + b_fc
+    param_grads(grads, proj, &sv.a, dy)?;
+    drop(sv.a);
+    let mut df = vec![0.0f32; n * w.fc.o];
+    w.proj.input_grad(&mut df, dy, n, false);
+    gated_backward_inplace(&mut df, &sv.f, &sv.gate, dydx);
+    drop((sv.f, sv.gate));
+    param_grads(grads, fc, &sv.h2, &df)?;
+    let mut dh = vec![0.0f32; n * c];
+    w.fc.input_grad(&mut dh, &df, n, false);
+    drop(df);
+    // dx₂ = dy + LN₂'s backward pass of dh₂
+    let mut dx = dy.to_vec();
+    norm_grads(grads, &blk.ln2, ln_backward_rows(&dh, &sv.x2, &sv.st2, &w.ln2.g, &mut dx))?;
+    drop((sv.x2, sv.h2));
+    // attention: x₂ = x + att·W_o + b_o
+    param_grads(grads, &blk.wo, &sv.att, &dx)?;
+    let mut datt = sv.att;
+    w.o.input_grad(&mut datt, &dx, n, false);
+    let [q, k, v] = &sv.qkv;
+    let (mut dq, mut dk, mut dv) = (vec![0.0f32; q.len()], vec![0.0f32; k.len()], vec![0.0f32; v.len()]);
+    attn_backward(&sv.probs, (q, k, v), &datt, s, &mut dq, &mut dk, &mut dv);
+    drop((sv.probs, datt));
+    for (l, d) in [(&blk.wq, &dq), (&blk.wk, &dk), (&blk.wv, &dv)] {
+        param_grads(grads, l, &sv.h1, d)?;
+    }
+    w.q.input_grad(&mut dh, &dq, n, false);
+    w.k.input_grad(&mut dh, &dk, n, true);
+    w.v.input_grad(&mut dh, &dv, n, true);
+    // dx = dx₂ + LN₁'s backward pass of dh₁
+    norm_grads(grads, &blk.ln1, ln_backward_rows(&dh, &sv.x, &sv.st1, &w.ln1.g, &mut dx))?;
+    Ok(dx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::Batch;
+    use crate::config::ModelConfig;
+    use crate::fused::tests::max_rel;
+    use crate::model::CausalLm;
+    use crate::params::ParamRef;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// A 2-block GPT-2 with every parameter (gains and biases included) randomised, a
+    /// left-padded batch, and the same loss `Σ y·u` through both paths: values, the input's
+    /// gradient and every block parameter's gradient agree.
+    #[test]
+    fn fused_block_matches_the_per_op_path() {
+        let dev = Cpu::default();
+        for (gelu, bias) in [("gelu_new", true), ("gelu", true), ("gelu_new", false)] {
+            let mut cfg = ModelConfig::gpt2_preset(50, 16, 2, 2, 32);
+            if let ModelConfig::Gpt2(g) = &mut cfg {
+                g.activation_function = gelu.into();
+                g.bias = bias;
+            }
+            let mut model = CausalLm::<Cpu>::new(cfg, &dev, 3).unwrap();
+            let mut rng = StdRng::seed_from_u64(4);
+            let noise = std::cell::RefCell::new(move |len: usize| -> Vec<f32> {
+                (0..len).map(|_| rng.gen_range(-0.3..0.3)).collect()
+            });
+            let noise = |len: usize| (noise.borrow_mut())(len);
+            model.map_params(
+                |t| t.clone() + dev.tensor_from_vec(noise(t.shape().0), *t.shape()),
+                |t| t.clone() + dev.tensor_from_vec(noise(t.shape().0 * t.shape().1), *t.shape()),
+            );
+            let batch = Batch::left_padded(&[vec![1, 2, 3, 4, 5, 6], vec![7, 8, 9]], 0).unwrap();
+            let (b, t, c) = (batch.b, batch.t, model.dims.d_model);
+            let xs = dev.tensor_from_vec(noise(b * t * c).iter().map(|v| v * 5.0).collect(), (b * t, c));
+            let up = dev.tensor_from_vec(noise(b * t * c), (b * t, c));
+            let ctx = model.context(&batch);
+            let dims = model.dims.clone();
+            let shape = AttnShape { b, t, nh: dims.n_head, nkv: dims.n_kv_head, dh: dims.head_dim };
+            let run = |fused: bool| {
+                let mut h = xs.leaky_trace();
+                for blk in &model.blocks {
+                    h = if fused {
+                        gpt2_block_cpu(h, blk, &ctx.mask, shape, dims.gelu).unwrap_or_else(|_| panic!("a GPT-2 block"))
+                    } else {
+                        blk.forward_ops(h, &dims, &ctx)
+                    };
+                }
+                let untaped = h.retaped::<NoneTape>().as_vec();
+                let g = (h * up.clone()).sum::<Rank0, _>().backward();
+                let mut grads = vec![("x".to_string(), g.get(&xs).as_vec())];
+                for (name, p) in model.params().into_iter().filter(|(n, _)| n.starts_with("blocks.")) {
+                    grads.push((
+                        name,
+                        match p {
+                            ParamRef::V(t) => g.get(t).as_vec(),
+                            ParamRef::M(t) => g.get(t).as_vec(),
+                        },
+                    ));
+                }
+                (untaped, grads)
+            };
+            let ((yf, gf), (yo, go)) = (run(true), run(false));
+            let case = format!("{gelu}, bias {bias}");
+            assert!(max_rel(&yf, &yo) < 1e-5, "{case}: values {}", max_rel(&yf, &yo));
+            assert_eq!(gf.len(), go.len());
+            assert_eq!(gf.len(), 1 + 2 * if bias { 16 } else { 8 }, "{case}: every parameter has a gradient");
+            for ((name, a), (_, b)) in gf.iter().zip(&go) {
+                assert!(max_rel(a, b) < 1e-4, "{case}: d{name} {}", max_rel(a, b));
+            }
+            // the tape-free forward gives the same values
+            let mut h = xs.clone();
+            for blk in &model.blocks {
+                h = gpt2_block_cpu(h, blk, &ctx.mask, shape, dims.gelu).unwrap_or_else(|_| panic!("a GPT-2 block"));
+            }
+            assert_eq!(h.as_vec(), yf, "{case}: no-tape forward");
+        }
+    }
+}
