@@ -9,6 +9,7 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
+use crate::kernels::exp_inplace;
 use crate::strided::{add_into, gemm_into, host_vec, View};
 
 /// `(B·T, C)` tensors.
@@ -86,26 +87,25 @@ pub(crate) fn attn_forward(qv: &[f32], kv: &[f32], vv: &[f32], mv: &[f32], s: At
             for (row, m) in p.chunks_mut(t).zip(mv[bi * t * t..(bi + 1) * t * t].chunks(t)) {
                 row.iter_mut().zip(m).for_each(|(x, m)| *x += m);
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0f32;
-                for x in row.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
-                row.iter_mut().for_each(|x| *x /= sum);
+                row.iter_mut().for_each(|x| *x -= max);
+                exp_inplace(row); // the vectorised exp; masked keys (−1e9) underflow to 0
+                let inv = 1.0 / row.iter().sum::<f32>();
+                row.iter_mut().for_each(|x| *x *= inv);
             }
             let mut o = vec![0.0f32; t * dh];
             matmul(&mut o, (t, dh, t), View::new(&p, 0, t, 1), vh, 1.0);
             (p, o)
         })
         .collect();
+    // each batch row's block of y gathers its heads' outputs (one task per batch row)
     let mut y = vec![0.0f32; b * t * hq];
-    for (bh, (_, o)) in heads.iter().enumerate() {
-        let (bi, h) = (bh / nh, bh % nh);
-        for (i, row) in o.chunks(dh).enumerate() {
-            let at = (bi * t + i) * hq + h * dh;
-            y[at..at + dh].copy_from_slice(row);
+    y.par_chunks_mut(t * hq).enumerate().for_each(|(bi, yb)| {
+        for (h, (_, o)) in heads[bi * nh..(bi + 1) * nh].iter().enumerate() {
+            for (i, row) in o.chunks(dh).enumerate() {
+                yb[i * hq + h * dh..][..dh].copy_from_slice(row);
+            }
         }
-    }
+    });
     (heads.into_iter().map(|(p, _)| p).collect(), y)
 }
 
@@ -148,15 +148,16 @@ pub(crate) fn attn_backward(
             [dq, dk, dv]
         })
         .collect();
+    // each batch row's block of dq, dk, dv gathers its heads' parts (one task per batch row)
     for (which, (dst, width)) in [(dq, hq), (dk, hk), (dv, hk)].into_iter().enumerate() {
-        for (bh, part) in parts.iter().enumerate() {
-            let (bi, h) = (bh / nh, bh % nh);
-            let col = if which == 0 { h } else { h / rep } * dh;
-            for (i, row) in part[which].chunks(dh).enumerate() {
-                let at = (bi * t + i) * width + col;
-                dst[at..at + dh].iter_mut().zip(row).for_each(|(a, r)| *a += r);
+        dst.par_chunks_mut(t * width).enumerate().for_each(|(bi, db)| {
+            for (h, part) in parts[bi * nh..(bi + 1) * nh].iter().enumerate() {
+                let col = if which == 0 { h } else { h / rep } * dh;
+                for (i, row) in part[which].chunks(dh).enumerate() {
+                    db[i * width + col..][..dh].iter_mut().zip(row).for_each(|(a, r)| *a += r);
+                }
             }
-        }
+        });
     }
 }
 
