@@ -62,7 +62,10 @@ fn invariants_hold_and_the_reward_is_learned_with_bounded_kl() {
     let first: f64 = report.scores[..3].iter().sum::<f64>() / 3.0;
     let last: f64 = report.scores[9..].iter().sum::<f64>() / 3.0;
     assert!(last > first + 1.0, "mean score {first:.2} -> {last:.2}: {:?}", report.scores);
-    assert!(report.kl.iter().all(|&k| k.is_finite() && k < 30.0), "{:?}", report.kl);
+    // a bound against runaway, not a pinned value: after ~6 iterations at this learning rate
+    // the trajectory follows float rounding (the per-op and the fused-block forward, equal to
+    // 1e-5, end at 25.5 and 30.5 nats with scores 8.5 and 9.6)
+    assert!(report.kl.iter().all(|&k| k.is_finite() && k < 40.0), "{:?}", report.kl);
     // the reference (the SFT checkpoint) is never written
     assert_eq!(std::fs::read(ref_dir.join("model.safetensors")).unwrap(), before);
     let ckpt = d.path().join("ppo/checkpoints/step-12");
