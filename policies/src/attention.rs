@@ -10,7 +10,7 @@ use dfdx::prelude::*;
 use rayon::prelude::*;
 
 use crate::kernels::exp_inplace;
-use crate::strided::{add_into, gemm_into, host_vec, View};
+use crate::strided::{add_into, gemm_into, host_vec, zeros, View};
 
 /// `(B·T, C)` tensors.
 type A2<D, T> = Tensor<(usize, usize), f32, D, T>;
@@ -98,7 +98,7 @@ pub(crate) fn attn_forward(qv: &[f32], kv: &[f32], vv: &[f32], mv: &[f32], s: At
         })
         .collect();
     // each batch row's block of y gathers its heads' outputs (one task per batch row)
-    let mut y = vec![0.0f32; b * t * hq];
+    let mut y = zeros(b * t * hq);
     y.par_chunks_mut(t * hq).enumerate().for_each(|(bi, yb)| {
         for (h, (_, o)) in heads[bi * nh..(bi + 1) * nh].iter().enumerate() {
             for (i, row) in o.chunks(dh).enumerate() {
@@ -185,7 +185,7 @@ pub fn attention_cpu<T: Tape<f32, Cpu>>(
         tape.add_backward_op(move |grads| {
             // one &mut into Gradients at a time: move dy out, then put it back
             let dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
-            let (mut dk, mut dv) = (vec![0.0f32; n_kv], vec![0.0f32; n_kv]);
+            let (mut dk, mut dv) = (zeros(n_kv), zeros(n_kv));
             attn_backward(&probs, (&qv, &kv, &vv), &dy, s, grads.get_or_alloc_mut(&qg)?, &mut dk, &mut dv);
             add_into(grads.get_or_alloc_mut(&kg)?, &dk);
             add_into(grads.get_or_alloc_mut(&vg)?, &dv);

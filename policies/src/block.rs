@@ -20,7 +20,7 @@ use crate::fused::{gated_backward_inplace, gated_forward, gelu_gate, GateDerivat
 use crate::layer_norm::{ln_backward_rows, ln_forward_rows};
 use crate::linear::{colsum_into, seed_output};
 use crate::model::{Block, Linear, Mlp, Norm};
-use crate::strided::{add_into, gemm_into, host_vec, View};
+use crate::strided::{add_into, gemm_into, host_vec, par_copy, zeros, View};
 
 type A2<T> = Tensor<(usize, usize), f32, Cpu, T>;
 
@@ -157,11 +157,11 @@ pub fn gpt2_block_cpu<T: Tape<f32, Cpu>>(
     let mv = host_vec(&mask.clone().contiguous());
     let (probs, att) = attn_forward(&qkv[0], &qkv[1], &qkv[2], &mv, s);
     // the residual seeds the projection's output; the backward pass needs x again
-    let mut x2 = w.o.forward(&att, n, Some(if keep { xv.clone() } else { std::mem::take(&mut xv) }));
+    let mut x2 = w.o.forward(&att, n, Some(if keep { par_copy(&xv) } else { std::mem::take(&mut xv) }));
     let (h2, st2) = ln_forward_rows(&x2, c, &w.ln2.g, w.ln2.b.as_deref(), w.ln2.eps);
     let f = w.fc.forward(&h2, n, None);
     let (a, gate) = gated_forward(&f, gate_fwd);
-    let y = w.proj.forward(&a, n, Some(if keep { x2.clone() } else { std::mem::take(&mut x2) }));
+    let y = w.proj.forward(&a, n, Some(if keep { par_copy(&x2) } else { std::mem::take(&mut x2) }));
     let out = x.device().tensor_from_vec(y, (n, c));
     if keep {
         let saved = Saved { x: xv, st1, h1, qkv, probs, att, x2, st2, h2, f, gate, a };
@@ -193,16 +193,16 @@ fn backward(
     // MLP: y = x₂ + a·W_proj + b_proj, a = gelu(f), f = h₂·W_fc + b_fc
     param_grads(grads, proj, &sv.a, dy)?;
     drop(sv.a);
-    let mut df = vec![0.0f32; n * w.fc.o];
+    let mut df = zeros(n * w.fc.o);
     w.proj.input_grad(&mut df, dy, n, false);
     gated_backward_inplace(&mut df, &sv.f, &sv.gate, dydx);
     drop((sv.f, sv.gate));
     param_grads(grads, fc, &sv.h2, &df)?;
-    let mut dh = vec![0.0f32; n * c];
+    let mut dh = zeros(n * c);
     w.fc.input_grad(&mut dh, &df, n, false);
     drop(df);
     // dx₂ = dy + LN₂'s backward pass of dh₂
-    let mut dx = dy.to_vec();
+    let mut dx = par_copy(dy);
     norm_grads(grads, &blk.ln2, ln_backward_rows(&dh, &sv.x2, &sv.st2, &w.ln2.g, &mut dx))?;
     drop((sv.x2, sv.h2));
     // attention: x₂ = x + att·W_o + b_o
@@ -210,7 +210,7 @@ fn backward(
     let mut datt = sv.att;
     w.o.input_grad(&mut datt, &dx, n, false);
     let [q, k, v] = &sv.qkv;
-    let (mut dq, mut dk, mut dv) = (vec![0.0f32; q.len()], vec![0.0f32; k.len()], vec![0.0f32; v.len()]);
+    let (mut dq, mut dk, mut dv) = (zeros(q.len()), zeros(k.len()), zeros(v.len()));
     attn_backward(&sv.probs, (q, k, v), &datt, s, &mut dq, &mut dk, &mut dv);
     drop((sv.probs, datt));
     for (l, d) in [(&blk.wq, &dq), (&blk.wk, &dk), (&blk.wv, &dv)] {

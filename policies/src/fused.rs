@@ -24,7 +24,7 @@ use crate::layer_norm::layer_norm_cpu;
 use crate::linear::linear_composed;
 use crate::linear::{linear_cpu, Affine};
 use crate::model::Block;
-use crate::strided::host_vec;
+use crate::strided::{host_vec, zeros};
 
 /// A `(rows, cols)` activation on device `D` with tape `T`.
 pub type Act<D, T> = Tensor<(usize, usize), f32, D, T>;
@@ -252,8 +252,7 @@ const CHUNK: usize = 1 << 13;
 
 /// `forward` over `xv` in parallel chunks: `(y, s)`.
 pub(crate) fn gated_forward(xv: &[f32], forward: GateForward) -> (Vec<f32>, Vec<f32>) {
-    let mut y = vec![0.0f32; xv.len()];
-    let mut s = vec![0.0f32; xv.len()];
+    let (mut y, mut s) = (zeros(xv.len()), zeros(xv.len()));
     y.par_chunks_mut(CHUNK)
         .zip(s.par_chunks_mut(CHUNK))
         .zip(xv.par_chunks(CHUNK))

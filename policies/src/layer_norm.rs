@@ -4,7 +4,7 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-use crate::strided::{add_into, host_vec};
+use crate::strided::{add_into, host_vec, zeros};
 
 /// Elements per parallel chunk.
 const CHUNK: usize = 1 << 13;
@@ -37,7 +37,7 @@ pub(crate) fn ln_forward_rows(
 ) -> (Vec<f32>, Vec<(f32, f32)>) {
     let rows = xv.len() / c;
     let mut stats = vec![(0.0f32, 0.0f32); rows];
-    let mut y = vec![0.0f32; rows * c];
+    let mut y = zeros(rows * c);
     let rows_per = (CHUNK / c).max(1);
     y.par_chunks_mut(rows_per * c).zip(stats.par_chunks_mut(rows_per)).zip(xv.par_chunks(rows_per * c)).for_each(
         |((y, st), x)| {

@@ -9,7 +9,7 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-use crate::strided::{add_into, gemm_into, host_vec, row_major, View};
+use crate::strided::{add_into, gemm_into, host_vec, row_major, zeros, View};
 
 type A2<D, T> = Tensor<(usize, usize), f32, D, T>;
 
@@ -102,7 +102,7 @@ pub(crate) fn seed_output(n: usize, o: usize, bias: Option<&[f32]>, residual: Op
             y
         }
         (None, Some(bv)) => bv.repeat(n),
-        (None, None) => vec![0.0f32; n * o],
+        (None, None) => zeros(n * o),
     }
 }
 

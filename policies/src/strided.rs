@@ -101,9 +101,32 @@ pub(crate) fn row_major<S: Shape>(t: &Tensor<S, f32, Cpu>) -> bool {
 /// A row-major tensor's data in one copy (dfdx's `as_vec` walks a strided index per
 /// element). For tensors made row-major by `contiguous()` or checked by [`row_major`].
 pub(crate) fn host_vec<S: Shape, T>(t: &Tensor<S, f32, Cpu, T>) -> Vec<f32> {
-    let mut v = vec![0.0f32; t.shape().num_elements()];
+    let mut v = zeros(t.shape().num_elements());
     t.copy_into(&mut v);
     v
+}
+
+/// Buffers at least this long are filled or copied by the helpers below in parallel.
+const PAR_MIN: usize = 1 << 15;
+
+/// `len` zeros. Large buffers are filled in parallel: glibc's `calloc` zero-fills memory it
+/// reuses on the calling thread alone, while the other core waits (measured: 3 MB in 190 µs
+/// against 260–380 µs).
+pub(crate) fn zeros(len: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    if len < PAR_MIN {
+        return vec![0.0f32; len];
+    }
+    rayon::iter::repeat_n(0.0f32, len).with_min_len(PAR_MIN / 2).collect()
+}
+
+/// A copy of `src`, made in parallel when large (3 MB: 240 µs against 345 µs serially).
+pub(crate) fn par_copy(src: &[f32]) -> Vec<f32> {
+    use rayon::prelude::*;
+    if src.len() < PAR_MIN {
+        return src.to_vec();
+    }
+    src.par_iter().with_min_len(PAR_MIN / 2).copied().collect()
 }
 
 /// `dst += src` element by element, in parallel chunks.
