@@ -16,7 +16,7 @@ use dfdx::tensor::CpuError;
 
 use crate::attention::{attn_backward, attn_forward, AttnShape, Probs};
 use crate::config::{GeluKind, NormKind};
-use crate::fused::{gated_backward_inplace, gated_forward, gelu_gate, GateDerivative};
+use crate::gelu::{gated_backward_inplace, gated_forward, gelu_gate, GateDerivative};
 use crate::layer_norm::{ln_backward_rows, ln_forward_rows};
 use crate::linear::{colsum_into, seed_output};
 use crate::model::{Block, Linear, Mlp, Norm};

@@ -16,7 +16,10 @@ use crate::config::GeluKind;
 #[cfg(feature = "cuda")]
 use crate::embed::{embed_composed, select_rows_composed};
 use crate::embed::{embed_cpu, select_rows_cpu};
-use crate::kernels::{exp_inplace, gelu_erf_with_gate, gelu_tanh_with_gate};
+use crate::gelu::gated;
+#[cfg(any(feature = "cuda", test))]
+use crate::gelu::gelu_erf_composed;
+use crate::kernels::exp_inplace;
 #[cfg(feature = "cuda")]
 use crate::layer_norm::layer_norm_composed;
 use crate::layer_norm::layer_norm_cpu;
@@ -24,7 +27,7 @@ use crate::layer_norm::layer_norm_cpu;
 use crate::linear::linear_composed;
 use crate::linear::{linear_cpu, Affine};
 use crate::model::Block;
-use crate::strided::{host_vec, zeros};
+use crate::strided::host_vec;
 
 /// A `(rows, cols)` activation on device `D` with tape `T`.
 pub type Act<D, T> = Tensor<(usize, usize), f32, D, T>;
@@ -147,29 +150,6 @@ pub fn logprobs_and_entropy_composed<D: Device<f32>, T: Tape<f32, D>>(
     (logprobs, entropy).concat_along(Axis::<0>)
 }
 
-/// The exact GELU on any device, without dfdx's `accurate_gelu`, whose backward pass in 0.13
-/// drops the 1/√2 of `d erf(x/√2)/dx` (its gradient is `Φ + √2·x·φ`). Values and derivatives
-/// are computed on the host; the tape gets the linear surrogate `x ⊙ g + (y − x ⊙ g)` with
-/// `g = Φ + x·φ`, whose value is `y` and whose gradient is `g`.
-pub fn gelu_erf_composed<D: Device<f32>, T: Tape<f32, D>>(
-    x: Tensor<(usize, usize), f32, D, T>,
-) -> Tensor<(usize, usize), f32, D, T> {
-    let shape = *x.shape();
-    let xv = x.as_vec();
-    let (mut y, mut s) = (vec![0.0f32; xv.len()], vec![0.0f32; xv.len()]);
-    gelu_erf_with_gate(&xv, &mut y, &mut s);
-    let g: Vec<f32> = xv.iter().zip(&s).map(|(&x, &s)| gelu_erf_dydx(x, s)).collect();
-    let c: Vec<f32> = y.iter().zip(xv.iter().zip(&g)).map(|(y, (x, g))| y - x * g).collect();
-    let dev = x.device().clone();
-    x * dev.tensor_from_vec(g, shape) + dev.tensor_from_vec(c, shape)
-}
-
-/// `d/dx [x·Φ(x)] = Φ(x) + x·φ(x)`, `φ(x) = exp(−x²/2)/√(2π)`, given the gate `s = Φ(x)`.
-fn gelu_erf_dydx(x: f32, s: f32) -> f32 {
-    const INV_SQRT_2PI: f32 = 0.398_942_3;
-    s + x * INV_SQRT_2PI * (-0.5 * x * x).exp()
-}
-
 /// dfdx's composition of the weighted NLL (reference and fallback).
 pub fn weighted_nll_composed<D: Device<f32>, T: Tape<f32, D>>(
     logits: Tensor<(usize, usize), f32, D, T>,
@@ -250,83 +230,6 @@ impl FusedOps for Cuda {
 /// Elements per parallel chunk.
 const CHUNK: usize = 1 << 13;
 
-/// `forward` over `xv` in parallel chunks: `(y, s)`.
-pub(crate) fn gated_forward(xv: &[f32], forward: GateForward) -> (Vec<f32>, Vec<f32>) {
-    let (mut y, mut s) = (zeros(xv.len()), zeros(xv.len()));
-    y.par_chunks_mut(CHUNK)
-        .zip(s.par_chunks_mut(CHUNK))
-        .zip(xv.par_chunks(CHUNK))
-        .for_each(|((y, s), x)| forward(x, y, s));
-    (y, s)
-}
-
-/// `dy ← dy · dydx(x, s)` in place: a gated activation's backward pass when its output
-/// gradient is not needed afterwards.
-pub(crate) fn gated_backward_inplace(dy: &mut [f32], xv: &[f32], s: &[f32], dydx: GateDerivative) {
-    dy.par_chunks_mut(CHUNK).zip(xv.par_chunks(CHUNK).zip(s.par_chunks(CHUNK))).for_each(|(dy, (x, s))| {
-        for i in 0..dy.len() {
-            dy[i] *= dydx(x[i], s[i]);
-        }
-    });
-}
-
-/// A gated activation's forward pass: fills `y` and the gate `s` from `x`.
-pub(crate) type GateForward = fn(&[f32], &mut [f32], &mut [f32]);
-/// A gated activation's derivative `dy/dx` from `x` and the gate `s`.
-pub(crate) type GateDerivative = fn(f32, f32) -> f32;
-
-/// GPT-2's GELU as a gated activation `y = x·s(x)`: the forward kernel and the derivative.
-pub(crate) fn gelu_gate(kind: GeluKind) -> (GateForward, GateDerivative) {
-    match kind {
-        // y = x·s with s = σ(2u), u = √(2/π)(x + 0.044715x³);
-        // d/dx [x·σ(2u)] = σ + x·σ(1−σ)·2u',  u' = √(2/π)(1 + 3·0.044715·x²)
-        GeluKind::Tanh => (gelu_tanh_with_gate, |x, s| {
-            const C: f32 = 0.797_884_6; // √(2/π)
-            let du = C * (1.0 + 3.0 * 0.044715 * x * x);
-            s + x * s * (1.0 - s) * 2.0 * du
-        }),
-        // y = x·Φ(x)
-        GeluKind::Erf => (gelu_erf_with_gate, gelu_erf_dydx),
-    }
-}
-
-/// An activation `y = x·s(x)` whose backward pass needs only `x` and the gate `s`:
-/// `forward(x, y, s)` fills `y` and `s`, `dydx(x, s)` is the derivative.
-fn gated<T: Tape<f32, Cpu>>(
-    x: Tensor<(usize, usize), f32, Cpu, T>,
-    (forward, dydx): (GateForward, GateDerivative),
-) -> Tensor<(usize, usize), f32, Cpu, T> {
-    // a permuted/broadcast input becomes a row-major taped copy first (same id if already
-    // row-major), so our gradient buffer has the layout we write
-    let x = x.contiguous();
-    let shape = *x.shape();
-    let (x, mut tape) = x.split_tape();
-    let xv = host_vec(&x);
-    let (y, s) = gated_forward(&xv, forward);
-    let out = x.device().tensor_from_vec(y, shape);
-    if T::OWNS_TAPE {
-        let (xg, og) = (x.ghost(), out.ghost());
-        tape.add_backward_op(move |grads| {
-            // one &mut into Gradients at a time: move dy out, then put it back
-            let dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
-            {
-                let dx: &mut Vec<f32> = grads.get_or_alloc_mut(&xg)?;
-                dx.par_chunks_mut(CHUNK)
-                    .zip(dy.par_chunks(CHUNK))
-                    .zip(xv.par_chunks(CHUNK).zip(s.par_chunks(CHUNK)))
-                    .for_each(|((dx, dy), (x, s))| {
-                        for i in 0..dx.len() {
-                            dx[i] += dy[i] * dydx(x[i], s[i]);
-                        }
-                    });
-            }
-            **grads.get_or_alloc_mut(&og)? = dy;
-            Ok(())
-        });
-    }
-    out.put_tape(tape)
-}
-
 impl FusedOps for Cpu {
     fn gpt2_block<T: Tape<f32, Self>>(
         x: Act<Self, T>,
@@ -376,7 +279,7 @@ impl FusedOps for Cpu {
         x: Tensor<(usize, usize), f32, Self, T>,
         kind: GeluKind,
     ) -> Tensor<(usize, usize), f32, Self, T> {
-        gated(x, gelu_gate(kind))
+        gated(x, kind)
     }
 
     fn layer_norm<T: Tape<f32, Self>>(

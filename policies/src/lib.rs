@@ -29,6 +29,7 @@ pub mod config;
 pub mod embed;
 pub mod error;
 pub mod fused;
+pub mod gelu;
 pub mod gguf;
 pub mod half;
 pub mod heads;

@@ -1,0 +1,114 @@
+//! GPT-2's GELU as a gated activation `y = x·s(x)` (`s` = σ(2u) for the tanh form, Φ for the
+//! exact one): the CPU op with its own backward pass, the slice-level kernels the fused block
+//! shares ([`crate::block`]), and the exact GELU for other devices.
+
+use dfdx::prelude::*;
+use rayon::prelude::*;
+
+use crate::config::GeluKind;
+use crate::kernels::{gelu_erf_with_gate, gelu_tanh_with_gate};
+use crate::strided::{host_vec, zeros};
+
+/// Elements per parallel chunk.
+const CHUNK: usize = 1 << 13;
+
+/// The exact GELU on any device, without dfdx's `accurate_gelu`, whose backward pass in 0.13
+/// drops the 1/√2 of `d erf(x/√2)/dx` (its gradient is `Φ + √2·x·φ`). Values and derivatives
+/// are computed on the host; the tape gets the linear surrogate `x ⊙ g + (y − x ⊙ g)` with
+/// `g = Φ + x·φ`, whose value is `y` and whose gradient is `g`.
+pub fn gelu_erf_composed<D: Device<f32>, T: Tape<f32, D>>(
+    x: Tensor<(usize, usize), f32, D, T>,
+) -> Tensor<(usize, usize), f32, D, T> {
+    let shape = *x.shape();
+    let xv = x.as_vec();
+    let (mut y, mut s) = (vec![0.0f32; xv.len()], vec![0.0f32; xv.len()]);
+    gelu_erf_with_gate(&xv, &mut y, &mut s);
+    let g: Vec<f32> = xv.iter().zip(&s).map(|(&x, &s)| gelu_erf_dydx(x, s)).collect();
+    let c: Vec<f32> = y.iter().zip(xv.iter().zip(&g)).map(|(y, (x, g))| y - x * g).collect();
+    let dev = x.device().clone();
+    x * dev.tensor_from_vec(g, shape) + dev.tensor_from_vec(c, shape)
+}
+
+/// `d/dx [x·Φ(x)] = Φ(x) + x·φ(x)`, `φ(x) = exp(−x²/2)/√(2π)`, given the gate `s = Φ(x)`.
+fn gelu_erf_dydx(x: f32, s: f32) -> f32 {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    s + x * INV_SQRT_2PI * (-0.5 * x * x).exp()
+}
+
+/// `forward` over `xv` in parallel chunks: `(y, s)`.
+pub(crate) fn gated_forward(xv: &[f32], forward: GateForward) -> (Vec<f32>, Vec<f32>) {
+    let (mut y, mut s) = (zeros(xv.len()), zeros(xv.len()));
+    y.par_chunks_mut(CHUNK)
+        .zip(s.par_chunks_mut(CHUNK))
+        .zip(xv.par_chunks(CHUNK))
+        .for_each(|((y, s), x)| forward(x, y, s));
+    (y, s)
+}
+
+/// `dy ← dy · dydx(x, s)` in place: a gated activation's backward pass when its output
+/// gradient is not needed afterwards.
+pub(crate) fn gated_backward_inplace(dy: &mut [f32], xv: &[f32], s: &[f32], dydx: GateDerivative) {
+    dy.par_chunks_mut(CHUNK).zip(xv.par_chunks(CHUNK).zip(s.par_chunks(CHUNK))).for_each(|(dy, (x, s))| {
+        for i in 0..dy.len() {
+            dy[i] *= dydx(x[i], s[i]);
+        }
+    });
+}
+
+/// A gated activation's forward pass: fills `y` and the gate `s` from `x`.
+pub(crate) type GateForward = fn(&[f32], &mut [f32], &mut [f32]);
+/// A gated activation's derivative `dy/dx` from `x` and the gate `s`.
+pub(crate) type GateDerivative = fn(f32, f32) -> f32;
+
+/// GPT-2's GELU as a gated activation `y = x·s(x)`: the forward kernel and the derivative.
+pub(crate) fn gelu_gate(kind: GeluKind) -> (GateForward, GateDerivative) {
+    match kind {
+        // y = x·s with s = σ(2u), u = √(2/π)(x + 0.044715x³);
+        // d/dx [x·σ(2u)] = σ + x·σ(1−σ)·2u',  u' = √(2/π)(1 + 3·0.044715·x²)
+        GeluKind::Tanh => (gelu_tanh_with_gate, |x, s| {
+            const C: f32 = 0.797_884_6; // √(2/π)
+            let du = C * (1.0 + 3.0 * 0.044715 * x * x);
+            s + x * s * (1.0 - s) * 2.0 * du
+        }),
+        // y = x·Φ(x)
+        GeluKind::Erf => (gelu_erf_with_gate, gelu_erf_dydx),
+    }
+}
+
+/// The CPU GELU op: `y = x·s(x)`, whose backward pass needs only `x` and the gate `s`
+/// (`dydx(x, s)` from [`gelu_gate`]).
+pub(crate) fn gated<T: Tape<f32, Cpu>>(
+    x: Tensor<(usize, usize), f32, Cpu, T>,
+    kind: GeluKind,
+) -> Tensor<(usize, usize), f32, Cpu, T> {
+    let (forward, dydx) = gelu_gate(kind);
+    // a permuted/broadcast input becomes a row-major taped copy first (same id if already
+    // row-major), so our gradient buffer has the layout we write
+    let x = x.contiguous();
+    let shape = *x.shape();
+    let (x, mut tape) = x.split_tape();
+    let xv = host_vec(&x);
+    let (y, s) = gated_forward(&xv, forward);
+    let out = x.device().tensor_from_vec(y, shape);
+    if T::OWNS_TAPE {
+        let (xg, og) = (x.ghost(), out.ghost());
+        tape.add_backward_op(move |grads| {
+            // one &mut into Gradients at a time: move dy out, then put it back
+            let dy: Vec<f32> = std::mem::take(&mut **grads.get_or_alloc_mut(&og)?);
+            {
+                let dx: &mut Vec<f32> = grads.get_or_alloc_mut(&xg)?;
+                dx.par_chunks_mut(CHUNK)
+                    .zip(dy.par_chunks(CHUNK))
+                    .zip(xv.par_chunks(CHUNK).zip(s.par_chunks(CHUNK)))
+                    .for_each(|((dx, dy), (x, s))| {
+                        for i in 0..dx.len() {
+                            dx[i] += dy[i] * dydx(x[i], s[i]);
+                        }
+                    });
+            }
+            **grads.get_or_alloc_mut(&og)? = dy;
+            Ok(())
+        });
+    }
+    out.put_tape(tape)
+}
