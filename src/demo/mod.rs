@@ -298,6 +298,9 @@ pub fn run(out: &Path, preset: Preset, seed: u64) -> Result<DemoSummary> {
             schedule: LrSchedule::Constant { lr: 1e-4 },
             eval_every: plan.dpo_steps,
             checkpoint_every: plan.dpo_steps,
+            // the stage's own sampled-KL check, at the demo's response length (its default 64
+            // leaves no room after any prompt in this model's 64 positions)
+            sample_tokens: 24,
             ..Default::default()
         },
         false,
