@@ -123,11 +123,11 @@ struct Saved {
 
 /// The block as one op when it is a GPT-2 block (LayerNorms, a GELU MLP; the caller has no
 /// RoPE); otherwise `Err(x)` hands the input back for the per-op path. `x`: `(B·T, C)`;
-/// `mask`: the additive `(B, T, T)` attention mask.
+/// `mask`: the additive `(B, T, T)` attention mask, row-major.
 pub fn gpt2_block_cpu<T: Tape<f32, Cpu>>(
     x: A2<T>,
     blk: &Block<Cpu>,
-    mask: &Tensor<(usize, usize, usize), f32, Cpu>,
+    mask: &[f32],
     s: AttnShape,
     gelu: GeluKind,
 ) -> Result<A2<T>, A2<T>> {
@@ -154,8 +154,8 @@ pub fn gpt2_block_cpu<T: Tape<f32, Cpu>>(
     let mut xv = host_vec(&x);
     let (h1, st1) = ln_forward_rows(&xv, c, &w.ln1.g, w.ln1.b.as_deref(), w.ln1.eps);
     let qkv = [w.q.forward(&h1, n, None), w.k.forward(&h1, n, None), w.v.forward(&h1, n, None)];
-    let mv = host_vec(&mask.clone().contiguous());
-    let (probs, att) = attn_forward(&qkv[0], &qkv[1], &qkv[2], &mv, s);
+    assert_eq!(mask.len(), n * s.t, "block: the mask is not (B, T, T)");
+    let (probs, att) = attn_forward(&qkv[0], &qkv[1], &qkv[2], mask, s);
     // the residual seeds the projection's output; the backward pass needs x again
     let mut x2 = w.o.forward(&att, n, Some(if keep { par_copy(&xv) } else { std::mem::take(&mut xv) }));
     let (h2, st2) = ln_forward_rows(&x2, c, &w.ln2.g, w.ln2.b.as_deref(), w.ln2.eps);
@@ -267,7 +267,8 @@ mod tests {
                 let mut h = xs.leaky_trace();
                 for blk in &model.blocks {
                     h = if fused {
-                        gpt2_block_cpu(h, blk, &ctx.mask, shape, dims.gelu).unwrap_or_else(|_| panic!("a GPT-2 block"))
+                        gpt2_block_cpu(h, blk, &ctx.mask_host, shape, dims.gelu)
+                            .unwrap_or_else(|_| panic!("a GPT-2 block"))
                     } else {
                         blk.forward_ops(h, &dims, &ctx)
                     };
@@ -297,7 +298,8 @@ mod tests {
             // the tape-free forward gives the same values
             let mut h = xs.clone();
             for blk in &model.blocks {
-                h = gpt2_block_cpu(h, blk, &ctx.mask, shape, dims.gelu).unwrap_or_else(|_| panic!("a GPT-2 block"));
+                h = gpt2_block_cpu(h, blk, &ctx.mask_host, shape, dims.gelu)
+                    .unwrap_or_else(|_| panic!("a GPT-2 block"));
             }
             assert_eq!(h.as_vec(), yf, "{case}: no-tape forward");
         }

@@ -92,12 +92,12 @@ pub trait FusedOps: Device<f32> {
 
     /// A whole pre-norm GPT-2 block (LayerNorms, attention without RoPE, a GELU MLP) as one
     /// op, where the device has one: `Err(x)` hands the input back and the caller runs the
-    /// block op by op (the default). `x` `(B·T, C)`, `mask` the additive `(B, T, T)` mask;
-    /// see [`crate::block`].
+    /// block op by op (the default). `x` `(B·T, C)`, `mask` the additive `(B, T, T)` mask,
+    /// row-major on the host; see [`crate::block`].
     fn gpt2_block<T: Tape<f32, Self>>(
         x: Act<Self, T>,
         block: &Block<Self>,
-        mask: &Tensor<(usize, usize, usize), f32, Self>,
+        mask: &[f32],
         shape: AttnShape,
         gelu: GeluKind,
     ) -> Result<Act<Self, T>, Act<Self, T>> {
@@ -234,7 +234,7 @@ impl FusedOps for Cpu {
     fn gpt2_block<T: Tape<f32, Self>>(
         x: Act<Self, T>,
         block: &Block<Self>,
-        mask: &Tensor<(usize, usize, usize), f32, Self>,
+        mask: &[f32],
         shape: AttnShape,
         gelu: GeluKind,
     ) -> Result<Act<Self, T>, Act<Self, T>> {

@@ -165,6 +165,9 @@ pub(crate) struct Ctx<D: Storage<f32>> {
     t: usize,
     /// `(B, T, T)` additive mask: causal and key padding.
     pub(crate) mask: Tensor<(usize, usize, usize), f32, D>,
+    /// The same mask on the host, row-major, for a whole-block op (one copy per forward
+    /// instead of one per block).
+    pub(crate) mask_host: Vec<f32>,
     /// RoPE `(B·T·H, Dh)` tables for queries and `(B·T·Hkv, Dh)` for keys, and the
     /// `(Dh, Dh)` matrix with `x·R = rotate_half(x)`.
     rope: Option<Rope<D>>,
@@ -185,7 +188,7 @@ impl<D: FusedOps> Block<D> {
         let x = match ctx.rope {
             None => {
                 let shape = AttnShape { b: ctx.b, t: ctx.t, nh: dims.n_head, nkv: dims.n_kv_head, dh: dims.head_dim };
-                match D::gpt2_block(x, self, &ctx.mask, shape, dims.gelu) {
+                match D::gpt2_block(x, self, &ctx.mask_host, shape, dims.gelu) {
                     Ok(y) => return y,
                     Err(x) => x,
                 }
@@ -337,9 +340,10 @@ impl<D: FusedOps> CausalLm<D> {
                 }
             }
         }
+        let mask_host = mask.clone();
         let mask = self.dev.tensor_from_vec(mask, (b, t, t));
         let rope = (self.dims.family == Family::Llama).then(|| self.rope_tables(batch));
-        Ctx { b, t, mask, rope }
+        Ctx { b, t, mask, mask_host, rope }
     }
 
     fn rope_tables(&self, batch: &Batch) -> Rope<D> {
