@@ -208,6 +208,59 @@ fn kv_cache_engine_equals_full_forward_llama() {
 
 /// `distinct_min`: tied random GPT-2 models repeat their input (see the fixtures README), so
 /// only the untied Llama is asked for a varied continuation.
+/// `forward_hidden_rows` (the last block on the kept rows only) against the full forward
+/// followed by a row selection: the same values and the same gradient for every parameter, on
+/// a left-padded batch with rows out of order; a row past the batch is an error.
+fn hidden_rows_equal_the_selected_full_forward(cfg: ModelConfig) {
+    let dev = Cpu::default();
+    let m = model(cfg, 5);
+    let batch = Batch::left_padded(&[vec![1, 5, 2, 7, 3, 4], vec![6, 2, 9, 1]], 0).unwrap();
+    let rows = [11, 3, 4, 9, 10, 5];
+    let c = m.dims.d_model;
+    let up = dev
+        .tensor_from_vec((0..rows.len() * c).map(|i| ((i * 37) % 11) as f32 / 11.0 - 0.5).collect(), (rows.len(), c));
+    let run = |pruned: bool| {
+        let tape = OwnedTape::<f32, Cpu>::default();
+        let h = if pruned {
+            m.forward_hidden_rows(&batch, &rows, tape).unwrap()
+        } else {
+            let idx = dev.tensor_from_vec(rows.to_vec(), (rows.len(),));
+            m.forward_hidden(&batch, tape).unwrap().gather(idx)
+        };
+        let values = h.retaped::<NoneTape>().as_vec();
+        let g = (h * up.clone()).sum::<Rank0, _>().backward();
+        let grads: Vec<Vec<f32>> = m
+            .params()
+            .into_iter()
+            .filter(|(name, _)| !name.starts_with("lm_head")) // an untied head is not in the hidden states
+            .map(|(_, p)| match p {
+                rlhf_policies::ParamRef::V(t) => g.get(t).as_vec(),
+                rlhf_policies::ParamRef::M(t) => g.get(t).as_vec(),
+            })
+            .collect();
+        (values, grads)
+    };
+    let ((vp, gp), (vf, gf)) = (run(true), run(false));
+    assert!(max_abs_diff(&vp, &vf) < 1e-5, "values differ by {}", max_abs_diff(&vp, &vf));
+    let names = m.params().into_iter().map(|(n, _)| n).filter(|n| !n.starts_with("lm_head"));
+    for (name, (a, b)) in names.zip(gp.iter().zip(&gf)) {
+        assert!(max_abs_diff(a, b) < 1e-5, "d{name} differs by {}", max_abs_diff(a, b));
+    }
+    let err = m.forward_hidden_rows(&batch, &[12], NoneTape).unwrap_err().to_string();
+    assert!(err.contains("row 12"), "{err}");
+}
+
+#[test]
+fn hidden_rows_equal_the_selected_full_forward_gpt2() {
+    hidden_rows_equal_the_selected_full_forward(tiny_gpt2(12));
+    hidden_rows_equal_the_selected_full_forward(tiny_gpt2_no_bias(12));
+}
+
+#[test]
+fn hidden_rows_equal_the_selected_full_forward_llama() {
+    hidden_rows_equal_the_selected_full_forward(tiny_llama(12));
+}
+
 fn greedy_equals_reforward_loop(cfg: ModelConfig, distinct_min: usize) {
     let m = model(cfg, 9);
     let engine = InferenceModel::from_model(&m);

@@ -20,7 +20,7 @@ use crate::gelu::{gated_backward_inplace, gated_forward, gelu_gate, GateDerivati
 use crate::layer_norm::{ln_backward_rows, ln_forward_rows};
 use crate::linear::{colsum_into, seed_output};
 use crate::model::{Block, Linear, Mlp, Norm};
-use crate::strided::{add_into, gemm_into, host_vec, par_copy, zeros, View};
+use crate::strided::{add_into, add_rows, gather_rows, gemm_into, host_vec, par_copy, zeros, View};
 
 type A2<T> = Tensor<(usize, usize), f32, Cpu, T>;
 
@@ -112,7 +112,9 @@ struct Saved {
     h1: Vec<f32>,
     qkv: [Vec<f32>; 3],
     probs: Probs,
+    /// The attention output at the kept rows (all rows without `rows`).
     att: Vec<f32>,
+    rows: Option<Vec<usize>>,
     x2: Vec<f32>,
     st2: Vec<(f32, f32)>,
     h2: Vec<f32>,
@@ -123,13 +125,17 @@ struct Saved {
 
 /// The block as one op when it is a GPT-2 block (LayerNorms, a GELU MLP; the caller has no
 /// RoPE); otherwise `Err(x)` hands the input back for the per-op path. `x`: `(B·T, C)`;
-/// `mask`: the additive `(B, T, T)` attention mask, row-major.
+/// `mask`: the additive `(B, T, T)` attention mask, row-major. With `rows`, the output is
+/// those rows only, `(rows, C)`: every row's keys and values still feed the attention, but the
+/// output projection and the MLP run on the kept rows alone (the last block of a model whose
+/// caller reads a few positions, like TRL's `logits_to_keep` one layer further down).
 pub fn gpt2_block_cpu<T: Tape<f32, Cpu>>(
     x: A2<T>,
     blk: &Block<Cpu>,
     mask: &[f32],
     s: AttnShape,
     gelu: GeluKind,
+    rows: Option<&[usize]>,
 ) -> Result<A2<T>, A2<T>> {
     let Mlp::Gelu { fc, proj } = &blk.mlp else { return Err(x) };
     if blk.ln1.kind != NormKind::LayerNorm || blk.ln2.kind != NormKind::LayerNorm {
@@ -138,6 +144,7 @@ pub fn gpt2_block_cpu<T: Tape<f32, Cpu>>(
     let x = x.contiguous();
     let (n, c) = *x.shape();
     assert_eq!(n, s.b * s.t, "block: {n} rows for a batch of {}×{}", s.b, s.t);
+    assert!(rows.is_none_or(|r| r.iter().all(|&r| r < n)), "block: a kept row beyond the {n} of the input");
     let (x, mut tape) = x.split_tape();
     let w = HostBlock {
         ln1: HostNorm::new(&blk.ln1),
@@ -157,14 +164,20 @@ pub fn gpt2_block_cpu<T: Tape<f32, Cpu>>(
     assert_eq!(mask.len(), n * s.t, "block: the mask is not (B, T, T)");
     let (probs, att) = attn_forward(&qkv[0], &qkv[1], &qkv[2], mask, s);
     // the residual seeds the projection's output; the backward pass needs x again
-    let mut x2 = w.o.forward(&att, n, Some(if keep { par_copy(&xv) } else { std::mem::take(&mut xv) }));
+    let (att, residual) = match rows {
+        Some(r) => (gather_rows(&att, r, w.o.i), gather_rows(&xv, r, c)),
+        None => (att, if keep { par_copy(&xv) } else { std::mem::take(&mut xv) }),
+    };
+    let m = rows.map_or(n, <[usize]>::len);
+    let mut x2 = w.o.forward(&att, m, Some(residual));
     let (h2, st2) = ln_forward_rows(&x2, c, &w.ln2.g, w.ln2.b.as_deref(), w.ln2.eps);
-    let f = w.fc.forward(&h2, n, None);
+    let f = w.fc.forward(&h2, m, None);
     let (a, gate) = gated_forward(&f, gate_fwd);
-    let y = w.proj.forward(&a, n, Some(if keep { par_copy(&x2) } else { std::mem::take(&mut x2) }));
-    let out = x.device().tensor_from_vec(y, (n, c));
+    let y = w.proj.forward(&a, m, Some(if keep { par_copy(&x2) } else { std::mem::take(&mut x2) }));
+    let out = x.device().tensor_from_vec(y, (m, c));
     if keep {
-        let saved = Saved { x: xv, st1, h1, qkv, probs, att, x2, st2, h2, f, gate, a };
+        let rows = rows.map(<[usize]>::to_vec);
+        let saved = Saved { x: xv, st1, h1, qkv, probs, att, rows, x2, st2, h2, f, gate, a };
         let (xg, og, blk) = (x.ghost(), out.ghost(), blk.clone());
         tape.add_backward_op(move |grads| {
             // one &mut into Gradients at a time: move dy out, then put it back
@@ -178,7 +191,7 @@ pub fn gpt2_block_cpu<T: Tape<f32, Cpu>>(
     Ok(out.put_tape(tape))
 }
 
-/// The block's backward pass: parameter gradients into `grads`; returns `dx`.
+/// The block's backward pass: parameter gradients into `grads`; returns `dx` `(B·T, C)`.
 fn backward(
     grads: &mut Gradients<f32, Cpu>,
     blk: &Block<Cpu>,
@@ -190,25 +203,31 @@ fn backward(
 ) -> Result<Vec<f32>, CpuError> {
     let Mlp::Gelu { fc, proj } = &blk.mlp else { unreachable!("checked in the forward pass") };
     let (n, c) = (s.b * s.t, w.ln1.g.len());
-    // MLP: y = x₂ + a·W_proj + b_proj, a = gelu(f), f = h₂·W_fc + b_fc
+    let m = sv.rows.as_ref().map_or(n, Vec::len);
+    // MLP (kept rows): y = x₂ + a·W_proj + b_proj, a = gelu(f), f = h₂·W_fc + b_fc
     param_grads(grads, proj, &sv.a, dy)?;
     drop(sv.a);
-    let mut df = zeros(n * w.fc.o);
-    w.proj.input_grad(&mut df, dy, n, false);
+    let mut df = zeros(m * w.fc.o);
+    w.proj.input_grad(&mut df, dy, m, false);
     gated_backward_inplace(&mut df, &sv.f, &sv.gate, dydx);
     drop((sv.f, sv.gate));
     param_grads(grads, fc, &sv.h2, &df)?;
-    let mut dh = zeros(n * c);
-    w.fc.input_grad(&mut dh, &df, n, false);
+    let mut dh = zeros(m * c);
+    w.fc.input_grad(&mut dh, &df, m, false);
     drop(df);
     // dx₂ = dy + LN₂'s backward pass of dh₂
     let mut dx = par_copy(dy);
     norm_grads(grads, &blk.ln2, ln_backward_rows(&dh, &sv.x2, &sv.st2, &w.ln2.g, &mut dx))?;
     drop((sv.x2, sv.h2));
-    // attention: x₂ = x + att·W_o + b_o
+    // attention: x₂ = x + att·W_o + b_o (kept rows)
     param_grads(grads, &blk.wo, &sv.att, &dx)?;
     let mut datt = sv.att;
-    w.o.input_grad(&mut datt, &dx, n, false);
+    w.o.input_grad(&mut datt, &dx, m, false);
+    if let Some(rows) = &sv.rows {
+        // back to every row: the dropped rows' outputs had no gradient
+        (datt, dx) = (scattered(&datt, rows, n, w.o.i), scattered(&dx, rows, n, c));
+        dh = zeros(n * c);
+    }
     let [q, k, v] = &sv.qkv;
     let (mut dq, mut dk, mut dv) = (zeros(q.len()), zeros(k.len()), zeros(v.len()));
     attn_backward(&sv.probs, (q, k, v), &datt, s, &mut dq, &mut dk, &mut dv);
@@ -224,6 +243,13 @@ fn backward(
     Ok(dx)
 }
 
+/// `(n, c)` zeros with `src`'s rows added at `rows`.
+fn scattered(src: &[f32], rows: &[usize], n: usize, c: usize) -> Vec<f32> {
+    let mut out = zeros(n * c);
+    add_rows(&mut out, src, rows, c);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,7 +262,8 @@ mod tests {
 
     /// A 2-block GPT-2 with every parameter (gains and biases included) randomised, a
     /// left-padded batch, and the same loss `Σ y·u` through both paths: values, the input's
-    /// gradient and every block parameter's gradient agree.
+    /// gradient and every block parameter's gradient agree — for the whole output and for a
+    /// few kept rows of the last block (against the per-op path's output, then a selection).
     #[test]
     fn fused_block_matches_the_per_op_path() {
         let dev = Cpu::default();
@@ -259,49 +286,60 @@ mod tests {
             let batch = Batch::left_padded(&[vec![1, 2, 3, 4, 5, 6], vec![7, 8, 9]], 0).unwrap();
             let (b, t, c) = (batch.b, batch.t, model.dims.d_model);
             let xs = dev.tensor_from_vec(noise(b * t * c).iter().map(|v| v * 5.0).collect(), (b * t, c));
-            let up = dev.tensor_from_vec(noise(b * t * c), (b * t, c));
             let ctx = model.context(&batch);
             let dims = model.dims.clone();
             let shape = AttnShape { b, t, nh: dims.n_head, nkv: dims.n_kv_head, dh: dims.head_dim };
-            let run = |fused: bool| {
-                let mut h = xs.leaky_trace();
-                for blk in &model.blocks {
-                    h = if fused {
-                        gpt2_block_cpu(h, blk, &ctx.mask_host, shape, dims.gelu)
-                            .unwrap_or_else(|_| panic!("a GPT-2 block"))
-                    } else {
-                        blk.forward_ops(h, &dims, &ctx)
-                    };
+            let all: Vec<usize> = (0..b * t).collect();
+            for rows in [None, Some(&[8usize, 2, 3, 11][..])] {
+                let up = dev.tensor_from_vec(
+                    noise(rows.map_or(b * t, <[usize]>::len) * c),
+                    (rows.map_or(b * t, <[usize]>::len), c),
+                );
+                let run = |fused: bool| {
+                    let mut h = xs.leaky_trace();
+                    for (i, blk) in model.blocks.iter().enumerate() {
+                        let kept = if i + 1 == model.blocks.len() { rows } else { None };
+                        h = if fused {
+                            gpt2_block_cpu(h, blk, &ctx.mask_host, shape, dims.gelu, kept)
+                                .unwrap_or_else(|_| panic!("a GPT-2 block"))
+                        } else {
+                            blk.forward_ops(h, &dims, &ctx)
+                        };
+                    }
+                    if !fused {
+                        h = crate::embed::select_rows_composed(h, rows.unwrap_or(&all));
+                    }
+                    let untaped = h.retaped::<NoneTape>().as_vec();
+                    let g = (h * up.clone()).sum::<Rank0, _>().backward();
+                    let mut grads = vec![("x".to_string(), g.get(&xs).as_vec())];
+                    for (name, p) in model.params().into_iter().filter(|(n, _)| n.starts_with("blocks.")) {
+                        grads.push((
+                            name,
+                            match p {
+                                ParamRef::V(t) => g.get(t).as_vec(),
+                                ParamRef::M(t) => g.get(t).as_vec(),
+                            },
+                        ));
+                    }
+                    (untaped, grads)
+                };
+                let ((yf, gf), (yo, go)) = (run(true), run(false));
+                let case = format!("{gelu}, bias {bias}, rows {rows:?}");
+                assert!(max_rel(&yf, &yo) < 1e-5, "{case}: values {}", max_rel(&yf, &yo));
+                assert_eq!(gf.len(), go.len());
+                assert_eq!(gf.len(), 1 + 2 * if bias { 16 } else { 8 }, "{case}: every parameter has a gradient");
+                for ((name, a), (_, b)) in gf.iter().zip(&go) {
+                    assert!(max_rel(a, b) < 1e-4, "{case}: d{name} {}", max_rel(a, b));
                 }
-                let untaped = h.retaped::<NoneTape>().as_vec();
-                let g = (h * up.clone()).sum::<Rank0, _>().backward();
-                let mut grads = vec![("x".to_string(), g.get(&xs).as_vec())];
-                for (name, p) in model.params().into_iter().filter(|(n, _)| n.starts_with("blocks.")) {
-                    grads.push((
-                        name,
-                        match p {
-                            ParamRef::V(t) => g.get(t).as_vec(),
-                            ParamRef::M(t) => g.get(t).as_vec(),
-                        },
-                    ));
+                // the tape-free forward gives the same values
+                let mut h = xs.clone();
+                for (i, blk) in model.blocks.iter().enumerate() {
+                    let kept = if i + 1 == model.blocks.len() { rows } else { None };
+                    h = gpt2_block_cpu(h, blk, &ctx.mask_host, shape, dims.gelu, kept)
+                        .unwrap_or_else(|_| panic!("a GPT-2 block"));
                 }
-                (untaped, grads)
-            };
-            let ((yf, gf), (yo, go)) = (run(true), run(false));
-            let case = format!("{gelu}, bias {bias}");
-            assert!(max_rel(&yf, &yo) < 1e-5, "{case}: values {}", max_rel(&yf, &yo));
-            assert_eq!(gf.len(), go.len());
-            assert_eq!(gf.len(), 1 + 2 * if bias { 16 } else { 8 }, "{case}: every parameter has a gradient");
-            for ((name, a), (_, b)) in gf.iter().zip(&go) {
-                assert!(max_rel(a, b) < 1e-4, "{case}: d{name} {}", max_rel(a, b));
+                assert_eq!(h.as_vec(), yf, "{case}: no-tape forward");
             }
-            // the tape-free forward gives the same values
-            let mut h = xs.clone();
-            for blk in &model.blocks {
-                h = gpt2_block_cpu(h, blk, &ctx.mask_host, shape, dims.gelu)
-                    .unwrap_or_else(|_| panic!("a GPT-2 block"));
-            }
-            assert_eq!(h.as_vec(), yf, "{case}: no-tape forward");
         }
     }
 }

@@ -9,7 +9,7 @@
 
 use dfdx::prelude::*;
 
-use crate::strided::{host_vec, row_major};
+use crate::strided::{add_rows, gather_rows, host_vec, row_major};
 
 type A2<D, T> = Tensor<(usize, usize), f32, D, T>;
 type T2<D> = Tensor<(usize, usize), f32, D>;
@@ -90,12 +90,7 @@ pub fn select_rows_cpu<T: Tape<f32, Cpu>>(x: A2<Cpu, T>, rows: &[usize]) -> A2<C
     let (n, c) = *x.shape();
     assert!(rows.iter().all(|&r| r < n), "select_rows: a row beyond the {n} of the input");
     let (x, mut tape) = x.split_tape();
-    let xv = host_vec(&x);
-    let mut y = Vec::with_capacity(rows.len() * c);
-    for &r in rows {
-        y.extend_from_slice(&xv[r * c..(r + 1) * c]);
-    }
-    drop(xv);
+    let y = gather_rows(&host_vec(&x), rows, c);
     let out = x.device().tensor_from_vec(y, (rows.len(), c));
     if T::OWNS_TAPE {
         let (xg, og, rows) = (x.ghost(), out.ghost(), rows.to_vec());
@@ -107,13 +102,6 @@ pub fn select_rows_cpu<T: Tape<f32, Cpu>>(x: A2<Cpu, T>, rows: &[usize]) -> A2<C
         });
     }
     out.put_tape(tape)
-}
-
-/// `dst[rows[i]] += src[i]` for rows of width `c`.
-fn add_rows(dst: &mut [f32], src: &[f32], rows: &[usize], c: usize) {
-    for (s, &r) in src.chunks(c).zip(rows) {
-        dst[r * c..(r + 1) * c].iter_mut().zip(s).for_each(|(a, s)| *a += s);
-    }
 }
 
 #[cfg(test)]

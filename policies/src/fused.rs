@@ -93,15 +93,17 @@ pub trait FusedOps: Device<f32> {
     /// A whole pre-norm GPT-2 block (LayerNorms, attention without RoPE, a GELU MLP) as one
     /// op, where the device has one: `Err(x)` hands the input back and the caller runs the
     /// block op by op (the default). `x` `(B·T, C)`, `mask` the additive `(B, T, T)` mask,
-    /// row-major on the host; see [`crate::block`].
+    /// row-major on the host; with `rows`, only those rows of the output `(rows, C)`. See
+    /// [`crate::block`].
     fn gpt2_block<T: Tape<f32, Self>>(
         x: Act<Self, T>,
         block: &Block<Self>,
         mask: &[f32],
         shape: AttnShape,
         gelu: GeluKind,
+        rows: Option<&[usize]>,
     ) -> Result<Act<Self, T>, Act<Self, T>> {
-        let _ = (block, mask, shape, gelu);
+        let _ = (block, mask, shape, gelu, rows);
         Err(x)
     }
 
@@ -237,8 +239,9 @@ impl FusedOps for Cpu {
         mask: &[f32],
         shape: AttnShape,
         gelu: GeluKind,
+        rows: Option<&[usize]>,
     ) -> Result<Act<Self, T>, Act<Self, T>> {
-        gpt2_block_cpu(x, block, mask, shape, gelu)
+        gpt2_block_cpu(x, block, mask, shape, gelu, rows)
     }
 
     fn linear<T: Tape<f32, Self>>(

@@ -182,20 +182,24 @@ struct Rope<D: Storage<f32>> {
 }
 
 impl<D: FusedOps> Block<D> {
-    /// `(B·T, C) → (B·T, C)`: the device's whole-block op where it has one for this block
-    /// (see [`FusedOps::gpt2_block`]), else [`Block::forward_ops`].
-    fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>, dims: &Dims, ctx: &Ctx<D>) -> A2<D, T> {
+    /// `(B·T, C) → (B·T, C)`, or `(rows, C)` with `rows`: the device's whole-block op where it
+    /// has one for this block (see [`FusedOps::gpt2_block`]), else [`Block::forward_ops`].
+    fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>, dims: &Dims, ctx: &Ctx<D>, rows: Option<&[usize]>) -> A2<D, T> {
         let x = match ctx.rope {
             None => {
                 let shape = AttnShape { b: ctx.b, t: ctx.t, nh: dims.n_head, nkv: dims.n_kv_head, dh: dims.head_dim };
-                match D::gpt2_block(x, self, &ctx.mask_host, shape, dims.gelu) {
+                match D::gpt2_block(x, self, &ctx.mask_host, shape, dims.gelu, rows) {
                     Ok(y) => return y,
                     Err(x) => x,
                 }
             }
             Some(_) => x,
         };
-        self.forward_ops(x, dims, ctx)
+        let y = self.forward_ops(x, dims, ctx);
+        match rows {
+            Some(rows) => D::select_rows(y, rows),
+            None => y,
+        }
     }
 
     /// The block op by op: norm, attention (+ residual), norm, MLP (+ residual).
@@ -305,14 +309,40 @@ impl<D: FusedOps> CausalLm<D> {
     /// from `batch.position_ids`, so a left-padded row gives the same hidden states at its real
     /// tokens as the unpadded sequence. Rows for pad queries are finite garbage.
     pub fn forward_hidden<T: Tape<f32, D>>(&self, batch: &Batch, tape: T) -> Result<A2<D, T>, PolicyError> {
+        self.hidden(batch, None, tape)
+    }
+
+    /// Rows `rows` of [`CausalLm::forward_hidden`]'s `(B·T, C)` output, `(rows, C)`, in that
+    /// order. Cheaper than selecting them afterwards: the last block's output projection and
+    /// MLP run on these rows only (the positions a loss reads, e.g. a response's).
+    pub fn forward_hidden_rows<T: Tape<f32, D>>(
+        &self,
+        batch: &Batch,
+        rows: &[usize],
+        tape: T,
+    ) -> Result<A2<D, T>, PolicyError> {
+        if let Some(&r) = rows.iter().find(|&&r| r >= batch.b * batch.t) {
+            return Err(PolicyError::Input(format!(
+                "hidden row {r} is beyond the batch's {}x{} positions",
+                batch.b, batch.t
+            )));
+        }
+        self.hidden(batch, Some(rows), tape)
+    }
+
+    fn hidden<T: Tape<f32, D>>(&self, batch: &Batch, rows: Option<&[usize]>, tape: T) -> Result<A2<D, T>, PolicyError> {
         batch.check(self.dims.vocab, self.dims.max_positions, self.dims.family == Family::Gpt2)?;
         let (b, t, c) = (batch.b, batch.t, self.dims.d_model);
         let ids: Vec<usize> = batch.ids.iter().map(|&i| i as usize).collect();
         let mut x = D::embed(tape, &self.wte, self.wpe.as_ref(), &ids, &batch.position_ids);
         debug_assert_eq!(*x.shape(), (b * t, c));
         let ctx = self.context(batch);
-        for block in &self.blocks {
-            x = block.forward(x, &self.dims, &ctx);
+        let last = self.blocks.len().checked_sub(1);
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(x, &self.dims, &ctx, if Some(i) == last { rows } else { None });
+        }
+        if let (None, Some(rows)) = (last, rows) {
+            x = D::select_rows(x, rows);
         }
         Ok(self.ln_f.forward(x))
     }

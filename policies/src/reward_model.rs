@@ -112,8 +112,8 @@ impl<D: FusedOps> LearnedReward<D> {
             let j = j.ok_or_else(|| PolicyError::Input(format!("row {r} of the batch has no real token")))?;
             rows.push(r * batch.t + j);
         }
-        let h = self.model.forward_hidden(batch, tape)?;
-        self.head.read_at(h, &rows)
+        // only the read rows leave the last block (its MLP runs on them alone)
+        Ok(self.head.forward(self.model.forward_hidden_rows(batch, &rows, tape)?))
     }
 
     /// Scores of token sequences (prompt + response each), normalised if `norm` is set.

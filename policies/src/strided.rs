@@ -138,6 +138,22 @@ pub(crate) fn add_into(dst: &mut [f32], src: &[f32]) {
     });
 }
 
+/// Rows `rows` of the row-major `src` (rows of width `c`), in that order.
+pub(crate) fn gather_rows(src: &[f32], rows: &[usize], c: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * c);
+    for &r in rows {
+        out.extend_from_slice(&src[r * c..(r + 1) * c]);
+    }
+    out
+}
+
+/// `dst[rows[i]] += src[i]` for rows of width `c` (the backward pass of [`gather_rows`]).
+pub(crate) fn add_rows(dst: &mut [f32], src: &[f32], rows: &[usize], c: usize) {
+    for (s, &r) in src.chunks(c).zip(rows) {
+        dst[r * c..(r + 1) * c].iter_mut().zip(s).for_each(|(a, s)| *a += s);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

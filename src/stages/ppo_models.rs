@@ -95,8 +95,8 @@ pub fn logprobs_and_entropy<T: Tape<f32, Cpu>>(
     tape: T,
 ) -> Result<Tensor<(usize,), f32, Cpu, T>> {
     let (batch, rows, targets) = response_rows(seqs, pad)?;
-    let h = model.forward_hidden(&batch, tape)?;
-    Ok(Cpu::logprobs_and_entropy(model.logits(Cpu::select_rows(h, &rows)), &targets, temperature))
+    let h = model.forward_hidden_rows(&batch, &rows, tape)?;
+    Ok(Cpu::logprobs_and_entropy(model.logits(h), &targets, temperature))
 }
 
 /// Per sequence, `Σ_t log π_θ(token) − log π_ref(token)` over its response tokens
@@ -133,8 +133,7 @@ impl PpoModels {
         tape: T,
     ) -> Result<(Tensor<(usize,), f32, Cpu, T>, Tensor<(usize,), f32, Cpu, T>)> {
         let (batch, rows, targets) = response_rows(seqs, pad)?;
-        let h = self.policy.forward_hidden(&batch, tape)?;
-        let hr = Cpu::select_rows(h, &rows);
+        let hr = self.policy.forward_hidden_rows(&batch, &rows, tape)?;
         match &self.critic {
             Critic::Shared(head) => {
                 // the gathered hidden states feed both heads: split the tape (dfdx-notes §2)
@@ -149,8 +148,8 @@ impl PpoModels {
                 let lpe = Cpu::logprobs_and_entropy(self.policy.logits(hr), &targets, temperature);
                 // the critic's pass continues on the same tape
                 let (lpe, tape) = lpe.split_tape();
-                let hv = critic.model.forward_hidden(&batch, tape)?;
-                let values = critic.head.forward(Cpu::select_rows(hv, &rows));
+                let hv = critic.model.forward_hidden_rows(&batch, &rows, tape)?;
+                let values = critic.head.forward(hv);
                 Ok((lpe.retaped::<T>(), values))
             }
         }
