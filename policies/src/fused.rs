@@ -25,7 +25,8 @@ use crate::layer_norm::layer_norm_composed;
 use crate::layer_norm::layer_norm_cpu;
 #[cfg(feature = "cuda")]
 use crate::linear::linear_composed;
-use crate::linear::{linear_cpu, Affine};
+use crate::linear::{linear_cpu, Affine, WeightLayout};
+use crate::logprobs::{lm_logprobs_and_entropy_cpu, logprobs_and_entropy_cpu};
 use crate::model::Block;
 use crate::strided::host_vec;
 
@@ -67,6 +68,19 @@ pub trait FusedOps: Device<f32> {
         targets: &[usize],
         temperature: f32,
     ) -> Tensor<(usize,), f32, Self, T>;
+
+    /// [`FusedOps::logprobs_and_entropy`] of the LM head's logits `h·headᵀ` for hidden states
+    /// `h` `(N, C)` and a head weight `(V, C)`; the CPU op never builds the logits tensor
+    /// (see [`crate::logprobs`]).
+    fn lm_logprobs_and_entropy<T: Tape<f32, Self>>(
+        h: Tensor<(usize, usize), f32, Self, T>,
+        head: &Tensor<(usize, usize), f32, Self>,
+        targets: &[usize],
+        temperature: f32,
+    ) -> Tensor<(usize,), f32, Self, T> {
+        let logits = Self::linear(h, Affine { w: head, layout: WeightLayout::OutIn, b: None, residual: None });
+        Self::logprobs_and_entropy(logits, targets, temperature)
+    }
 
     /// Embedding rows `wte[ids[r]] (+ wpe[pos[r]])` as `(N, C)`, recorded on `tape`; see
     /// [`crate::embed`].
@@ -229,9 +243,6 @@ impl FusedOps for Cuda {
     }
 }
 
-/// Elements per parallel chunk.
-const CHUNK: usize = 1 << 13;
-
 impl FusedOps for Cpu {
     fn gpt2_block<T: Tape<f32, Self>>(
         x: Act<Self, T>,
@@ -345,56 +356,16 @@ impl FusedOps for Cpu {
         targets: &[usize],
         temperature: f32,
     ) -> Tensor<(usize,), f32, Self, T> {
-        let logits = logits.contiguous();
-        let (n, v) = *logits.shape();
-        assert!(targets.len() == n, "logprobs_and_entropy: {n} rows need {n} targets");
-        assert!(targets.iter().all(|&t| t < v), "logprobs_and_entropy: target outside the vocabulary");
-        let (logits, mut tape) = logits.split_tape();
-        let mut xv = host_vec(&logits);
-        let inv_t = 1.0 / temperature;
-        xv.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|x| *x *= inv_t));
-        let xv = std::sync::Arc::new(xv);
-        // per row of x = logits/T: lse, log p[target] = x[t] − lse, H = lse − Σ p·x
-        let stats: Vec<(f32, f32)> = xv
-            .par_chunks(v)
-            .map(|row| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut e: Vec<f32> = row.iter().map(|x| x - max).collect();
-                exp_inplace(&mut e);
-                let z: f64 = e.iter().map(|&x| x as f64).sum();
-                let px: f64 = e.iter().zip(row).map(|(&e, &x)| e as f64 * x as f64).sum::<f64>() / z;
-                let lse = max as f64 + z.ln();
-                (lse as f32, (lse - px) as f32)
-            })
-            .collect();
-        let mut y: Vec<f32> = (0..n).map(|i| xv[i * v + targets[i]] - stats[i].0).collect();
-        y.extend(stats.iter().map(|s| s.1));
-        let out = logits.device().tensor_from_vec(y, (2 * n,));
-        if T::OWNS_TAPE {
-            let (lg, og) = (logits.ghost(), out.ghost());
-            let targets = targets.to_vec();
-            tape.add_backward_op(move |grads| {
-                let dy: Vec<f32> = grads.get_or_alloc_mut(&og)?.to_vec();
-                let dl: &mut Vec<f32> = grads.get_or_alloc_mut(&lg)?;
-                // d/dx [log p_t] = onehot(t) − p;  d/dx [H] = −p·(log p + H);  then × 1/T
-                dl.par_chunks_mut(v).zip(xv.par_chunks(v)).enumerate().for_each(|(i, (d, row))| {
-                    let (g_lp, g_h) = (dy[i], dy[n + i]);
-                    if g_lp == 0.0 && g_h == 0.0 {
-                        return;
-                    }
-                    let (lse, h) = stats[i];
-                    let mut p: Vec<f32> = row.iter().map(|x| x - lse).collect();
-                    exp_inplace(&mut p);
-                    for (j, (d, &p)) in d.iter_mut().zip(&p).enumerate() {
-                        let log_p = row[j] - lse;
-                        *d += inv_t * (-g_lp * p - g_h * p * (log_p + h));
-                    }
-                    d[targets[i]] += inv_t * g_lp;
-                });
-                Ok(())
-            });
-        }
-        out.put_tape(tape)
+        logprobs_and_entropy_cpu(logits, targets, temperature)
+    }
+
+    fn lm_logprobs_and_entropy<T: Tape<f32, Self>>(
+        h: Tensor<(usize, usize), f32, Self, T>,
+        head: &Tensor<(usize, usize), f32, Self>,
+        targets: &[usize],
+        temperature: f32,
+    ) -> Tensor<(usize,), f32, Self, T> {
+        lm_logprobs_and_entropy_cpu(h, head, targets, temperature)
     }
 }
 
@@ -489,26 +460,5 @@ pub(crate) mod tests {
         let got = g.get(&x).as_vec();
         let ref_plus_one: Vec<f32> = want.get(&x).as_vec().iter().map(|v| v + 1.0).collect();
         assert!(max_rel(&got, &ref_plus_one) < 1e-5, "{got:?} vs {ref_plus_one:?}");
-    }
-
-    #[test]
-    fn fused_logprobs_and_entropy_match_dfdx() {
-        let dev = Cpu::default();
-        let mut rng = StdRng::seed_from_u64(3);
-        for (n, v, temp) in [(3usize, 7usize, 1.0f32), (40, 4096, 0.7)] {
-            let logits: Tensor<(usize, usize), f32, Cpu> =
-                dev.tensor_from_vec((0..n * v).map(|_| rng.gen_range(-6.0..6.0)).collect(), (n, v));
-            let targets: Vec<usize> = (0..n).map(|_| rng.gen_range(0..v)).collect();
-            let up: Tensor<(usize,), f32, Cpu> =
-                dev.tensor_from_vec((0..2 * n).map(|_| rng.gen_range(-1.0..1.0)).collect(), (2 * n,));
-            let a = Cpu::logprobs_and_entropy(logits.leaky_trace(), &targets, temp);
-            let av = a.retaped::<NoneTape>().as_vec();
-            let ga = (a * up.clone()).sum::<Rank0, _>().backward();
-            let b = logprobs_and_entropy_composed(logits.leaky_trace(), &targets, temp);
-            let bv = b.retaped::<NoneTape>().as_vec();
-            let gb = (b * up.clone()).sum::<Rank0, _>().backward();
-            assert!(max_rel(&av, &bv) < 1e-5, "{n}x{v}: values");
-            assert!(max_rel(&ga.get(&logits).as_vec(), &gb.get(&logits).as_vec()) < 1e-5, "{n}x{v}: gradient");
-        }
     }
 }

@@ -37,6 +37,7 @@ pub mod infer;
 pub mod kernels;
 pub mod layer_norm;
 pub mod linear;
+pub mod logprobs;
 pub mod model;
 pub mod optim;
 pub mod params;

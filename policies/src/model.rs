@@ -353,6 +353,18 @@ impl<D: FusedOps> CausalLm<D> {
         D::linear(h, Affine { w: head, layout: WeightLayout::OutIn, b: None, residual: None })
     }
 
+    /// Per row of hidden states `h` `(N, C)`: `[log π(targets[r])…, entropy…]` `(2N,)` of
+    /// `softmax(logits / temperature)` — the LM head and the log-probs as one device op (see
+    /// [`FusedOps::lm_logprobs_and_entropy`]).
+    pub fn logprobs_and_entropy<T: Tape<f32, D>>(
+        &self,
+        h: A2<D, T>,
+        targets: &[usize],
+        temperature: f32,
+    ) -> Tensor<(usize,), f32, D, T> {
+        D::lm_logprobs_and_entropy(h, self.lm_head.as_ref().unwrap_or(&self.wte), targets, temperature)
+    }
+
     /// Convenience: logits `(B·T, V)` for a batch, recording on `tape`.
     pub fn forward<T: Tape<f32, D>>(&self, batch: &Batch, tape: T) -> Result<A2<D, T>, PolicyError> {
         Ok(self.logits(self.forward_hidden(batch, tape)?))

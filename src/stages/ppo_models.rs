@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use dfdx::prelude::*;
 use rlhf_policies::checkpoint::{read_safetensors, write_safetensors, HostTensor};
-use rlhf_policies::{Batch, CausalLm, FusedOps, HasParams, LearnedReward, ParamMut, ParamRef, ScalarHead, Tokenizer};
+use rlhf_policies::{Batch, CausalLm, HasParams, LearnedReward, ParamMut, ParamRef, ScalarHead, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::stages::common::Checkpointable;
@@ -96,7 +96,7 @@ pub fn logprobs_and_entropy<T: Tape<f32, Cpu>>(
 ) -> Result<Tensor<(usize,), f32, Cpu, T>> {
     let (batch, rows, targets) = response_rows(seqs, pad)?;
     let h = model.forward_hidden_rows(&batch, &rows, tape)?;
-    Ok(Cpu::logprobs_and_entropy(model.logits(h), &targets, temperature))
+    Ok(model.logprobs_and_entropy(h, &targets, temperature))
 }
 
 /// Per sequence, `Σ_t log π_θ(token) − log π_ref(token)` over its response tokens
@@ -138,14 +138,13 @@ impl PpoModels {
             Critic::Shared(head) => {
                 // the gathered hidden states feed both heads: split the tape (dfdx-notes §2)
                 let (hr, tape) = hr.split_tape();
-                let lpe =
-                    Cpu::logprobs_and_entropy(self.policy.logits(hr.clone().put_tape(tape)), &targets, temperature);
+                let lpe = self.policy.logprobs_and_entropy(hr.clone().put_tape(tape), &targets, temperature);
                 let (lpe, tape) = lpe.split_tape();
                 let values = head.forward(hr.put_tape(tape));
                 Ok((lpe.retaped::<T>(), values))
             }
             Critic::Separate(critic) => {
-                let lpe = Cpu::logprobs_and_entropy(self.policy.logits(hr), &targets, temperature);
+                let lpe = self.policy.logprobs_and_entropy(hr, &targets, temperature);
                 // the critic's pass continues on the same tape
                 let (lpe, tape) = lpe.split_tape();
                 let hv = critic.model.forward_hidden_rows(&batch, &rows, tape)?;
