@@ -6,7 +6,6 @@
 //! that composition (forward and gradient).
 
 use dfdx::prelude::*;
-use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use crate::attention::attention_composed;
@@ -19,16 +18,14 @@ use crate::embed::{embed_cpu, select_rows_cpu};
 use crate::gelu::gated;
 #[cfg(any(feature = "cuda", test))]
 use crate::gelu::gelu_erf_composed;
-use crate::kernels::exp_inplace;
 #[cfg(feature = "cuda")]
 use crate::layer_norm::layer_norm_composed;
 use crate::layer_norm::layer_norm_cpu;
 #[cfg(feature = "cuda")]
 use crate::linear::linear_composed;
 use crate::linear::{linear_cpu, Affine, WeightLayout};
-use crate::logprobs::{lm_logprobs_and_entropy_cpu, logprobs_and_entropy_cpu};
+use crate::logprobs::{lm_logprobs_and_entropy_cpu, lm_weighted_nll_cpu, logprobs_and_entropy_cpu, weighted_nll_cpu};
 use crate::model::Block;
-use crate::strided::host_vec;
 
 /// A `(rows, cols)` activation on device `D` with tape `T`.
 pub type Act<D, T> = Tensor<(usize, usize), f32, D, T>;
@@ -59,6 +56,19 @@ pub trait FusedOps: Device<f32> {
         targets: &[usize],
         weights: &[f32],
     ) -> Tensor<Rank0, f32, Self, T>;
+
+    /// [`FusedOps::weighted_nll`] of the LM head's logits `h·headᵀ` for hidden states `h`
+    /// `(N, C)` and a head weight `(V, C)`; the CPU op never builds the logits tensor (see
+    /// [`crate::logprobs`]).
+    fn lm_weighted_nll<T: Tape<f32, Self>>(
+        h: Tensor<(usize, usize), f32, Self, T>,
+        head: &Tensor<(usize, usize), f32, Self>,
+        targets: &[usize],
+        weights: &[f32],
+    ) -> Tensor<Rank0, f32, Self, T> {
+        let logits = Self::linear(h, Affine { w: head, layout: WeightLayout::OutIn, b: None, residual: None });
+        Self::weighted_nll(logits, targets, weights)
+    }
 
     /// Per row of `logits / temperature` `(N, V)`: the log-prob of `targets[i]` and the
     /// entropy of the row's distribution, as one `(2N,)` tensor `[logprobs…, entropies…]`,
@@ -310,45 +320,16 @@ impl FusedOps for Cpu {
         targets: &[usize],
         weights: &[f32],
     ) -> Tensor<Rank0, f32, Self, T> {
-        let logits = logits.contiguous();
-        let (n, v) = *logits.shape();
-        assert!(targets.len() == n && weights.len() == n, "weighted_nll: {n} rows need {n} targets and weights");
-        assert!(targets.iter().all(|&t| t < v), "weighted_nll: target outside the vocabulary");
-        let (logits, mut tape) = logits.split_tape();
-        let lv = std::sync::Arc::new(host_vec(&logits));
-        // per row: lse = max + ln Σ exp(x − max); loss_i = lse − x[t]
-        let lse: Vec<f32> = lv
-            .par_chunks(v)
-            .map(|row| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut e: Vec<f32> = row.iter().map(|x| x - max).collect();
-                exp_inplace(&mut e);
-                max + (e.iter().map(|&x| x as f64).sum::<f64>() as f32).ln()
-            })
-            .collect();
-        let loss: f64 = (0..n).map(|i| weights[i] as f64 * (lse[i] - lv[i * v + targets[i]]) as f64).sum();
-        let out = logits.device().tensor_from_vec(vec![loss as f32], ());
-        if T::OWNS_TAPE {
-            let (lg, og) = (logits.ghost(), out.ghost());
-            let (targets, weights) = (targets.to_vec(), weights.to_vec());
-            tape.add_backward_op(move |grads| {
-                let g = grads.get_or_alloc_mut(&og)?[0];
-                let dl: &mut Vec<f32> = grads.get_or_alloc_mut(&lg)?;
-                // d/dx = g·wᵢ·(softmax(xᵢ) − onehot(tᵢ)), softmax recomputed from the saved lse
-                dl.par_chunks_mut(v).zip(lv.par_chunks(v)).enumerate().for_each(|(i, (d, row))| {
-                    let scale = g * weights[i];
-                    if scale == 0.0 {
-                        return;
-                    }
-                    let mut p: Vec<f32> = row.iter().map(|x| x - lse[i]).collect();
-                    exp_inplace(&mut p);
-                    d.iter_mut().zip(&p).for_each(|(d, p)| *d += scale * p);
-                    d[targets[i]] -= scale;
-                });
-                Ok(())
-            });
-        }
-        out.put_tape(tape)
+        weighted_nll_cpu(logits, targets, weights)
+    }
+
+    fn lm_weighted_nll<T: Tape<f32, Self>>(
+        h: Tensor<(usize, usize), f32, Self, T>,
+        head: &Tensor<(usize, usize), f32, Self>,
+        targets: &[usize],
+        weights: &[f32],
+    ) -> Tensor<Rank0, f32, Self, T> {
+        lm_weighted_nll_cpu(h, head, targets, weights)
     }
 
     fn logprobs_and_entropy<T: Tape<f32, Self>>(
@@ -423,26 +404,6 @@ pub(crate) mod tests {
             assert!(max_rel(&y.retaped::<NoneTape>().as_vec(), &want_y) < 1e-6, "fused {fused}: values");
             let g = y.sum::<Rank0, _>().backward();
             assert!(max_rel(&g.get(&x).as_vec(), &want_g) < 1e-6, "fused {fused}: gradient");
-        }
-    }
-
-    #[test]
-    fn fused_nll_matches_dfdx_log_softmax_select() {
-        let dev = Cpu::default();
-        let mut rng = StdRng::seed_from_u64(2);
-        for (n, v) in [(3usize, 7usize), (50, 4096)] {
-            let logits: Tensor<(usize, usize), f32, Cpu> =
-                dev.tensor_from_vec((0..n * v).map(|_| rng.gen_range(-8.0..8.0)).collect(), (n, v));
-            let targets: Vec<usize> = (0..n).map(|_| rng.gen_range(0..v)).collect();
-            let weights: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { 0.0 } else { rng.gen_range(0.0..1.0) }).collect();
-            let a = Cpu::weighted_nll(logits.leaky_trace(), &targets, &weights) * 1.5;
-            let av = a.retaped::<NoneTape>().array();
-            let ga = a.backward();
-            let b = weighted_nll_composed(logits.leaky_trace(), &targets, &weights) * 1.5;
-            let bv = b.retaped::<NoneTape>().array();
-            let gb = b.backward();
-            assert!((av - bv).abs() <= 1e-5 * (1.0 + bv.abs()), "{n}x{v}: {av} vs {bv}");
-            assert!(max_rel(&ga.get(&logits).as_vec(), &gb.get(&logits).as_vec()) < 1e-5, "{n}x{v} gradient");
         }
     }
 

@@ -1,17 +1,17 @@
 //! Token log-probabilities and entropies of `softmax(logits / T)` — what every policy-gradient
-//! and preference loss reads — as CPU ops with their own backward pass: one from given logits,
-//! and one that also runs the LM head, so the `(N, V)` logits never become a dfdx tensor.
+//! and preference loss reads — and the weighted next-token NLL of pretraining and SFT, as CPU
+//! ops with their own backward pass: each from given logits, and each with the LM head folded
+//! in, so the `(N, V)` logits never become a dfdx tensor.
 //!
 //! For `x = logits / T` per row: `lse = log Σ exp x`, `log p[t] = x[t] − lse` and the entropy
 //! `H = lse − Σ p·x`. The gradients with respect to `x`: `∂ log p[t] = onehot(t) − p` and
 //! `∂H = −p·(log p + H)`, then `× 1/T` for the logits.
 //!
-//! The fused LM-head op saves, per optimizer step at the workload's shapes (512 response rows
-//! × 4096 tokens), a copy of the 8 MB logits into the log-prob op, dfdx's zeroed 8 MB
-//! gradient buffer for them, and a second host copy of the head's weight in the backward pass:
-//! serial memory passes during which the other core waits.
-
-use std::sync::Arc;
+//! Folding the head in saves, per optimizer step, a copy of the logits into the loss op,
+//! dfdx's zeroed gradient buffer for them, and a second host copy of the head's weight in the
+//! backward pass: serial memory passes during which the other core waits (8 MB each for a
+//! GRPO micro-batch's 512 response rows × 4096 tokens, 50 MB for the pretraining step's 3072
+//! rows).
 
 use dfdx::prelude::*;
 use rayon::prelude::*;
@@ -21,6 +21,13 @@ use crate::strided::{gemm_into, host_vec, zeros, View};
 
 type A2<T> = Tensor<(usize, usize), f32, Cpu, T>;
 type A1<T> = Tensor<(usize,), f32, Cpu, T>;
+type A0<T> = Tensor<Rank0, f32, Cpu, T>;
+type W2 = Tensor<(usize, usize), f32, Cpu>;
+
+/// `log Σ exp x` of one row (the sum in f64).
+fn row_lse(row: &[f32]) -> f32 {
+    row_stats(row).0
+}
 
 /// `(lse, H)` of one row of `x = logits / T`.
 fn row_stats(row: &[f32]) -> (f32, f32) {
@@ -41,10 +48,22 @@ fn forward(x: &[f32], v: usize, targets: &[usize]) -> (Vec<(f32, f32)>, Vec<f32>
     (stats, y)
 }
 
-/// `d(g_lp·log p[t] + g_h·H)/d logits` for one row `x` of `logits / T`; written over `d`, or
-/// added to it with `accumulate`. `d` may be `x` itself (`x = None` then: the row is read
-/// from `d` before each element is overwritten).
-#[allow(clippy::too_many_arguments)] // one row's inputs and the two upstream gradients
+/// `log p = x − lse` of a row: `x`, or `d` itself when `x` is `None` (in place).
+fn log_p(d: &[f32], x: Option<&[f32]>, lse: f32) -> Vec<f32> {
+    x.unwrap_or(d).iter().map(|x| x - lse).collect()
+}
+
+/// Writes `g` over `d`, or adds it with `accumulate`.
+fn put(d: &mut [f32], g: impl Iterator<Item = f32>, accumulate: bool) {
+    if accumulate {
+        d.iter_mut().zip(g).for_each(|(d, g)| *d += g);
+    } else {
+        d.iter_mut().zip(g).for_each(|(d, g)| *d = g);
+    }
+}
+
+/// `d(g_lp·log p[t] + g_h·H)/d logits` for one row `x` of `logits / T`, over or onto `d`
+/// (`x = None`: the row is `d` itself, turned into its gradient in place).
 fn row_grad(
     d: &mut [f32],
     x: Option<&[f32]>,
@@ -52,31 +71,77 @@ fn row_grad(
     t: usize,
     (g_lp, g_h): (f32, f32),
     inv_t: f32,
-    accumulate: bool,
+    acc: bool,
 ) {
     if g_lp == 0.0 && g_h == 0.0 {
-        if !accumulate {
+        if !acc {
             d.fill(0.0);
         }
         return;
     }
-    let mut p: Vec<f32> = x.unwrap_or(d).iter().map(|x| x - lse).collect();
-    // p holds log p; keep it, then exponentiate a copy for p
-    let log_p = p.clone();
+    let lp = log_p(d, x, lse);
+    let mut p = lp.clone();
     exp_inplace(&mut p);
-    for ((d, &p), &lp) in d.iter_mut().zip(&p).zip(&log_p) {
-        let g = inv_t * (-g_lp * p - g_h * p * (lp + h));
-        *d = if accumulate { *d + g } else { g };
-    }
+    put(d, p.iter().zip(&lp).map(|(&p, &lp)| inv_t * (-g_lp * p - g_h * p * (lp + h))), acc);
     d[t] += inv_t * g_lp;
+}
+
+/// `d(−s·log p[t])/d logits = s·(p − onehot(t))` for one row, over or onto `d` (as
+/// [`row_grad`]).
+fn nll_row_grad(d: &mut [f32], x: Option<&[f32]>, lse: f32, t: usize, s: f32, acc: bool) {
+    if s == 0.0 {
+        if !acc {
+            d.fill(0.0);
+        }
+        return;
+    }
+    let mut p = log_p(d, x, lse);
+    exp_inplace(&mut p);
+    put(d, p.iter().map(|&p| s * p), acc);
+    d[t] -= s;
+}
+
+/// `−Σᵢ wᵢ·(xᵢ[tᵢ] − lseᵢ)` and the rows' `lse`.
+fn nll_forward(x: &[f32], v: usize, targets: &[usize], weights: &[f32]) -> (f64, Vec<f32>) {
+    let lse: Vec<f32> = x.par_chunks(v).map(row_lse).collect();
+    let loss = targets.iter().enumerate().map(|(i, &t)| weights[i] as f64 * (lse[i] - x[i * v + t]) as f64).sum();
+    (loss, lse)
+}
+
+fn check_targets(op: &str, n: usize, v: usize, targets: &[usize], weights: Option<&[f32]>) {
+    assert!(targets.len() == n, "{op}: {n} rows need {n} targets");
+    assert!(weights.is_none_or(|w| w.len() == n), "{op}: {n} rows need {n} weights");
+    assert!(targets.iter().all(|&t| t < v), "{op}: target outside the vocabulary");
+}
+
+/// The CPU op from given logits `(N, V)`; see [`crate::FusedOps::weighted_nll`].
+pub fn weighted_nll_cpu<T: Tape<f32, Cpu>>(logits: A2<T>, targets: &[usize], weights: &[f32]) -> A0<T> {
+    let logits = logits.contiguous();
+    let (n, v) = *logits.shape();
+    check_targets("weighted_nll", n, v, targets, Some(weights));
+    let (logits, mut tape) = logits.split_tape();
+    let xv = host_vec(&logits);
+    let (loss, lse) = nll_forward(&xv, v, targets, weights);
+    let out = logits.device().tensor_from_vec(vec![loss as f32], ());
+    if T::OWNS_TAPE {
+        let (lg, og, targets, weights) = (logits.ghost(), out.ghost(), targets.to_vec(), weights.to_vec());
+        tape.add_backward_op(move |grads| {
+            let g = grads.get_or_alloc_mut(&og)?[0];
+            let dl: &mut Vec<f32> = grads.get_or_alloc_mut(&lg)?;
+            dl.par_chunks_mut(v).zip(xv.par_chunks(v)).enumerate().for_each(|(i, (d, row))| {
+                nll_row_grad(d, Some(row), lse[i], targets[i], g * weights[i], true);
+            });
+            Ok(())
+        });
+    }
+    out.put_tape(tape)
 }
 
 /// The CPU op from given logits `(N, V)`; see [`crate::FusedOps::logprobs_and_entropy`].
 pub fn logprobs_and_entropy_cpu<T: Tape<f32, Cpu>>(logits: A2<T>, targets: &[usize], temperature: f32) -> A1<T> {
     let logits = logits.contiguous();
     let (n, v) = *logits.shape();
-    assert!(targets.len() == n, "logprobs_and_entropy: {n} rows need {n} targets");
-    assert!(targets.iter().all(|&t| t < v), "logprobs_and_entropy: target outside the vocabulary");
+    check_targets("logprobs_and_entropy", n, v, targets, None);
     let (logits, mut tape) = logits.split_tape();
     let mut xv = host_vec(&logits);
     let inv_t = 1.0 / temperature;
@@ -97,39 +162,41 @@ pub fn logprobs_and_entropy_cpu<T: Tape<f32, Cpu>>(logits: A2<T>, targets: &[usi
     out.put_tape(tape)
 }
 
-/// The LM head and [`logprobs_and_entropy_cpu`] as one op: hidden states `h` `(N, C)` and the
-/// head's weight `w` `(V, C)` (HF's `lm_head.weight` layout, or the tied `wte`) give
-/// `[log p[targets]…, H…]` `(2N,)` of `softmax(h·wᵀ / T)`. The logits live in a host buffer
-/// this op owns; the backward pass turns them into their gradient in place, then
-/// `dh += dlogits·w` and `dw += dlogitsᵀ·h`.
-pub fn lm_logprobs_and_entropy_cpu<T: Tape<f32, Cpu>>(
+/// What a loss over the LM head's logits hands back: its output, the output's shape, and its
+/// backward pass, which turns the logits buffer into their gradient in place given the
+/// output's gradient.
+type HeadLoss<S, B> = (Vec<f32>, S, B);
+
+/// The LM head followed by a loss, as one op: `x = alpha·h·wᵀ` `(N, V)` for hidden states `h`
+/// `(N, C)` and the head's weight `w` `(V, C)` (HF's `lm_head.weight` layout, or the tied
+/// `wte`) goes to `loss` in a host buffer this op owns; the backward pass has `loss`'s
+/// closure turn it into `dlogits` in place, then `dh += dlogits·w`, `dw += dlogitsᵀ·h`.
+fn lm_head_op<T, S, B>(
     h: A2<T>,
-    w: &Tensor<(usize, usize), f32, Cpu>,
-    targets: &[usize],
-    temperature: f32,
-) -> A1<T> {
+    w: &W2,
+    alpha: f32,
+    loss: impl FnOnce(&[f32]) -> HeadLoss<S, B>,
+) -> Tensor<S, f32, Cpu, T>
+where
+    T: Tape<f32, Cpu>,
+    S: Shape,
+    B: FnOnce(&mut [f32], &[f32]) + 'static,
+{
     let h = h.contiguous();
     let ((n, c), (v, wc)) = (*h.shape(), *w.shape());
     assert_eq!(c, wc, "lm head: hidden width {c} against a weight of shape {:?}", w.shape());
-    assert!(targets.len() == n, "logprobs_and_entropy: {n} rows need {n} targets");
-    assert!(targets.iter().all(|&t| t < v), "logprobs_and_entropy: target outside the vocabulary");
     let (h, mut tape) = h.split_tape();
-    let (hv, wv) = (host_vec(&h), Arc::new(host_vec(w)));
-    let inv_t = 1.0 / temperature;
+    let (hv, wv) = (host_vec(&h), host_vec(w));
     let threads = rayon::current_num_threads();
-    // x = h·wᵀ / T in one product (alpha = 1/T)
     let mut x = zeros(n * v);
-    gemm_into(&mut x, (n, v, c), View::rows(&hv, c), View::rows(&wv, c).t(), inv_t, false, threads);
-    let (stats, y) = forward(&x, v, targets);
-    let out = h.device().tensor_from_vec(y, (2 * n,));
+    gemm_into(&mut x, (n, v, c), View::rows(&hv, c), View::rows(&wv, c).t(), alpha, false, threads);
+    let (y, shape, backward) = loss(&x);
+    let out = h.device().tensor_from_vec(y, shape);
     if T::OWNS_TAPE {
-        let (hg, og, wg, targets) = (h.ghost(), out.ghost(), w.ghost(), targets.to_vec());
+        let (hg, og, wg) = (h.ghost(), out.ghost(), w.ghost());
         tape.add_backward_op(move |grads| {
             let dy: Vec<f32> = grads.get_or_alloc_mut(&og)?.to_vec();
-            // x becomes dlogits row by row
-            x.par_chunks_mut(v).enumerate().for_each(|(i, d)| {
-                row_grad(d, None, stats[i], targets[i], (dy[i], dy[n + i]), inv_t, false);
-            });
+            backward(&mut x, &dy);
             let dl = View::rows(&x, v);
             gemm_into(grads.get_or_alloc_mut(&hg)?, (n, c, v), dl, View::rows(&wv, c), 1.0, true, threads);
             gemm_into(grads.get_or_alloc_mut(&wg)?, (v, c, n), dl.t(), View::rows(&hv, c), 1.0, true, threads);
@@ -139,11 +206,44 @@ pub fn lm_logprobs_and_entropy_cpu<T: Tape<f32, Cpu>>(
     out.put_tape(tape)
 }
 
+/// [`logprobs_and_entropy_cpu`] of the LM head's logits `h·wᵀ` (see [`lm_head_op`]):
+/// `[log p[targets]…, H…]` `(2N,)` of `softmax(h·wᵀ / T)`.
+pub fn lm_logprobs_and_entropy_cpu<T: Tape<f32, Cpu>>(h: A2<T>, w: &W2, targets: &[usize], temperature: f32) -> A1<T> {
+    let (n, v) = (h.shape().0, w.shape().0);
+    check_targets("logprobs_and_entropy", n, v, targets, None);
+    let (inv_t, targets) = (1.0 / temperature, targets.to_vec());
+    lm_head_op(h, w, inv_t, |x| {
+        let (stats, y) = forward(x, v, &targets);
+        let backward = move |d: &mut [f32], dy: &[f32]| {
+            d.par_chunks_mut(v).enumerate().for_each(|(i, d)| {
+                row_grad(d, None, stats[i], targets[i], (dy[i], dy[n + i]), inv_t, false);
+            });
+        };
+        (y, (2 * n,), backward)
+    })
+}
+
+/// [`weighted_nll_cpu`] of the LM head's logits `h·wᵀ` (see [`lm_head_op`]).
+pub fn lm_weighted_nll_cpu<T: Tape<f32, Cpu>>(h: A2<T>, w: &W2, targets: &[usize], weights: &[f32]) -> A0<T> {
+    let (n, v) = (h.shape().0, w.shape().0);
+    check_targets("weighted_nll", n, v, targets, Some(weights));
+    let (targets, weights) = (targets.to_vec(), weights.to_vec());
+    lm_head_op(h, w, 1.0, |x| {
+        let (loss, lse) = nll_forward(x, v, &targets, &weights);
+        let backward = move |d: &mut [f32], dy: &[f32]| {
+            d.par_chunks_mut(v).enumerate().for_each(|(i, d)| {
+                nll_row_grad(d, None, lse[i], targets[i], dy[0] * weights[i], false);
+            });
+        };
+        (vec![loss as f32], (), backward)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fused::logprobs_and_entropy_composed;
     use crate::fused::tests::max_rel;
+    use crate::fused::{logprobs_and_entropy_composed, weighted_nll_composed};
     use crate::linear::{linear_composed, Affine, WeightLayout};
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -171,11 +271,31 @@ mod tests {
         }
     }
 
-    /// The fused head against dfdx's linear map then its log-prob composition: values and
-    /// the gradients of `h` and of the weight, with a row whose upstream gradients are zero
+    #[test]
+    fn weighted_nll_matches_dfdx_log_softmax_select() {
+        let dev = Cpu::default();
+        let mut rng = StdRng::seed_from_u64(2);
+        for (n, v) in [(3usize, 7usize), (50, 4096)] {
+            let logits: Tensor<(usize, usize), f32, Cpu> =
+                dev.tensor_from_vec((0..n * v).map(|_| rng.gen_range(-8.0..8.0)).collect(), (n, v));
+            let targets: Vec<usize> = (0..n).map(|_| rng.gen_range(0..v)).collect();
+            let weights: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { 0.0 } else { rng.gen_range(0.0..1.0) }).collect();
+            let a = weighted_nll_cpu(logits.leaky_trace(), &targets, &weights) * 1.5;
+            let av = a.retaped::<NoneTape>().array();
+            let ga = a.backward();
+            let b = weighted_nll_composed(logits.leaky_trace(), &targets, &weights) * 1.5;
+            let bv = b.retaped::<NoneTape>().array();
+            let gb = b.backward();
+            assert!((av - bv).abs() <= 1e-5 * (1.0 + bv.abs()), "{n}x{v}: {av} vs {bv}");
+            assert!(max_rel(&ga.get(&logits).as_vec(), &gb.get(&logits).as_vec()) < 1e-5, "{n}x{v} gradient");
+        }
+    }
+
+    /// The fused head against dfdx's linear map then its log-prob (and NLL) composition: values
+    /// and the gradients of `h` and of the weight, with a row whose upstream gradients are zero
     /// (its logits' gradient must be written as zeros, not left as logits).
     #[test]
-    fn fused_lm_head_logprobs_match_the_composition() {
+    fn fused_lm_head_losses_match_the_composition() {
         let dev = Cpu::default();
         let mut rng = StdRng::seed_from_u64(5);
         for (n, c, v, temp) in [(3usize, 8usize, 11usize, 1.0f32), (37, 32, 700, 0.7)] {
@@ -200,6 +320,23 @@ mod tests {
             assert!(max_rel(&f.0, &r.0) < 1e-5, "{n}x{v}: values {}", max_rel(&f.0, &r.0));
             assert!(max_rel(&f.1, &r.1) < 1e-5, "{n}x{v}: dh {}", max_rel(&f.1, &r.1));
             assert!(max_rel(&f.2, &r.2) < 1e-5, "{n}x{v}: dw {}", max_rel(&f.2, &r.2));
+            // the weighted NLL through the same head, a zero weight included
+            let weights: Vec<f32> = (0..n).map(|i| if i == 1 { 0.0 } else { rng.gen_range(0.0..1.0) }).collect();
+            let run = |fused: bool| {
+                let y = if fused {
+                    lm_weighted_nll_cpu(h.leaky_trace(), &w, &targets, &weights)
+                } else {
+                    let a = Affine { w: &w, layout: WeightLayout::OutIn, b: None, residual: None };
+                    weighted_nll_composed(linear_composed(h.leaky_trace(), a), &targets, &weights)
+                };
+                let yv = y.retaped::<NoneTape>().array();
+                let g = (y * 1.5).backward();
+                (yv, g.get(&h).as_vec(), g.get(&w).as_vec())
+            };
+            let (f, r) = (run(true), run(false));
+            assert!((f.0 - r.0).abs() <= 1e-5 * (1.0 + r.0.abs()), "{n}x{v}: NLL {} vs {}", f.0, r.0);
+            assert!(max_rel(&f.1, &r.1) < 1e-5, "{n}x{v}: NLL dh {}", max_rel(&f.1, &r.1));
+            assert!(max_rel(&f.2, &r.2) < 1e-5, "{n}x{v}: NLL dw {}", max_rel(&f.2, &r.2));
         }
     }
 }

@@ -365,6 +365,17 @@ impl<D: FusedOps> CausalLm<D> {
         D::lm_logprobs_and_entropy(h, self.lm_head.as_ref().unwrap_or(&self.wte), targets, temperature)
     }
 
+    /// `−Σᵢ wᵢ·log softmax(logitsᵢ)[targetsᵢ]` for hidden states `h` `(N, C)`: the LM head
+    /// and the weighted NLL as one device op (see [`FusedOps::lm_weighted_nll`]).
+    pub fn weighted_nll<T: Tape<f32, D>>(
+        &self,
+        h: A2<D, T>,
+        targets: &[usize],
+        weights: &[f32],
+    ) -> Tensor<Rank0, f32, D, T> {
+        D::lm_weighted_nll(h, self.lm_head.as_ref().unwrap_or(&self.wte), targets, weights)
+    }
+
     /// Convenience: logits `(B·T, V)` for a batch, recording on `tape`.
     pub fn forward<T: Tape<f32, D>>(&self, batch: &Batch, tape: T) -> Result<A2<D, T>, PolicyError> {
         Ok(self.logits(self.forward_hidden(batch, tape)?))

@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use dfdx::prelude::*;
 use rlhf_policies::{
-    generate, AdamW, AdamWConfig, Batch, CausalLm, FusedOps, InferenceModel, ModelConfig, SamplingConfig, Tokenizer,
+    generate, AdamW, AdamWConfig, Batch, CausalLm, InferenceModel, ModelConfig, SamplingConfig, Tokenizer,
 };
 use serde::{Deserialize, Serialize};
 
@@ -134,9 +134,9 @@ pub fn lm_loss<T: Tape<f32, Cpu>>(
     targets: &[usize],
     tape: T,
 ) -> Result<Tensor<Rank0, f32, Cpu, T>> {
-    let logits = model.forward(&Batch::unpadded(inputs)?, tape)?;
+    let h = model.forward_hidden(&Batch::unpadded(inputs)?, tape)?;
     let w = vec![1.0 / targets.len() as f32; targets.len()];
-    Ok(Cpu::weighted_nll(logits, targets, &w))
+    Ok(model.weighted_nll(h, targets, &w))
 }
 
 /// Runs (or, with `resume`, continues) pretraining as configured.

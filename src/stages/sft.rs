@@ -12,9 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use dfdx::prelude::*;
 use rlhf_policies::checkpoint::load_with_tokenizer;
-use rlhf_policies::{
-    generate, AdamW, AdamWConfig, Batch, CausalLm, FusedOps, InferenceModel, SamplingConfig, Tokenizer,
-};
+use rlhf_policies::{generate, AdamW, AdamWConfig, Batch, CausalLm, InferenceModel, SamplingConfig, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{epoch_index, read_jsonl_fields};
@@ -200,9 +198,12 @@ pub fn sft_loss<T: Tape<f32, Cpu>>(
     if n_resp == 0.0 {
         bail!("a batch with no response tokens");
     }
-    let logits = model.forward(&batch, tape)?;
-    let weights: Vec<f32> = weights.iter().map(|w| w / n_resp).collect();
-    Ok(Cpu::weighted_nll(logits, &targets, &weights))
+    // only the response positions reach the LM head (and the last block's MLP)
+    let rows: Vec<usize> = (0..weights.len()).filter(|&r| weights[r] > 0.0).collect();
+    let h = model.forward_hidden_rows(&batch, &rows, tape)?;
+    let targets: Vec<usize> = rows.iter().map(|&r| targets[r]).collect();
+    let weights: Vec<f32> = rows.iter().map(|&r| weights[r] / n_resp).collect();
+    Ok(model.weighted_nll(h, &targets, &weights))
 }
 
 /// Runs (or, with `resume`, continues) supervised fine-tuning as configured.
