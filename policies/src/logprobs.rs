@@ -24,17 +24,24 @@ type A1<T> = Tensor<(usize,), f32, Cpu, T>;
 type A0<T> = Tensor<Rank0, f32, Cpu, T>;
 type W2 = Tensor<(usize, usize), f32, Cpu>;
 
-/// `log Σ exp x` of one row (the sum in f64).
+/// `(max, exp(x − max), Σ exp(x − max))` of one row (the sum in f64).
+fn shifted_exp(row: &[f32]) -> (f32, Vec<f32>, f64) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut e: Vec<f32> = row.iter().map(|x| x - max).collect();
+    exp_inplace(&mut e);
+    let z = e.iter().map(|&x| x as f64).sum();
+    (max, e, z)
+}
+
+/// `log Σ exp x` of one row.
 fn row_lse(row: &[f32]) -> f32 {
-    row_stats(row).0
+    let (max, _, z) = shifted_exp(row);
+    (max as f64 + z.ln()) as f32
 }
 
 /// `(lse, H)` of one row of `x = logits / T`.
 fn row_stats(row: &[f32]) -> (f32, f32) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut e: Vec<f32> = row.iter().map(|x| x - max).collect();
-    exp_inplace(&mut e);
-    let z: f64 = e.iter().map(|&x| x as f64).sum();
+    let (max, e, z) = shifted_exp(row);
     let px: f64 = e.iter().zip(row).map(|(&e, &x)| e as f64 * x as f64).sum::<f64>() / z;
     let lse = max as f64 + z.ln();
     (lse as f32, (lse - px) as f32)

@@ -349,8 +349,7 @@ impl<D: FusedOps> CausalLm<D> {
 
     /// LM logits `(N, V)` from hidden states `(N, C)`: `h · headᵀ` (head = `wte` when tied).
     pub fn logits<T: Tape<f32, D>>(&self, h: A2<D, T>) -> A2<D, T> {
-        let head = self.lm_head.as_ref().unwrap_or(&self.wte);
-        D::linear(h, Affine { w: head, layout: WeightLayout::OutIn, b: None, residual: None })
+        D::linear(h, Affine { w: self.head(), layout: WeightLayout::OutIn, b: None, residual: None })
     }
 
     /// Per row of hidden states `h` `(N, C)`: `[log π(targets[r])…, entropy…]` `(2N,)` of
@@ -362,7 +361,7 @@ impl<D: FusedOps> CausalLm<D> {
         targets: &[usize],
         temperature: f32,
     ) -> Tensor<(usize,), f32, D, T> {
-        D::lm_logprobs_and_entropy(h, self.lm_head.as_ref().unwrap_or(&self.wte), targets, temperature)
+        D::lm_logprobs_and_entropy(h, self.head(), targets, temperature)
     }
 
     /// `−Σᵢ wᵢ·log softmax(logitsᵢ)[targetsᵢ]` for hidden states `h` `(N, C)`: the LM head
@@ -373,7 +372,12 @@ impl<D: FusedOps> CausalLm<D> {
         targets: &[usize],
         weights: &[f32],
     ) -> Tensor<Rank0, f32, D, T> {
-        D::lm_weighted_nll(h, self.lm_head.as_ref().unwrap_or(&self.wte), targets, weights)
+        D::lm_weighted_nll(h, self.head(), targets, weights)
+    }
+
+    /// The LM head's `(V, C)` weight: `lm_head`, or `wte` when tied.
+    fn head(&self) -> &Tensor<(usize, usize), f32, D> {
+        self.lm_head.as_ref().unwrap_or(&self.wte)
     }
 
     /// Convenience: logits `(B·T, V)` for a batch, recording on `tape`.
