@@ -287,7 +287,7 @@ mod tests {
             let (b, t, c) = (batch.b, batch.t, model.dims.d_model);
             let xs = dev.tensor_from_vec(noise(b * t * c).iter().map(|v| v * 5.0).collect(), (b * t, c));
             let ctx = model.context(&batch);
-            let dims = model.dims.clone();
+            let dims = model.dims;
             let shape = AttnShape { b, t, nh: dims.n_head, nkv: dims.n_kv_head, dh: dims.head_dim };
             let all: Vec<usize> = (0..b * t).collect();
             for rows in [None, Some(&[8usize, 2, 3, 11][..])] {

@@ -23,7 +23,7 @@ use crate::layer_norm::layer_norm_composed;
 use crate::layer_norm::layer_norm_cpu;
 #[cfg(feature = "cuda")]
 use crate::linear::linear_composed;
-use crate::linear::{linear_cpu, Affine, WeightLayout};
+use crate::linear::{linear_cpu, Affine};
 use crate::logprobs::{lm_logprobs_and_entropy_cpu, lm_weighted_nll_cpu, logprobs_and_entropy_cpu, weighted_nll_cpu};
 use crate::model::Block;
 
@@ -66,7 +66,7 @@ pub trait FusedOps: Device<f32> {
         targets: &[usize],
         weights: &[f32],
     ) -> Tensor<Rank0, f32, Self, T> {
-        let logits = Self::linear(h, Affine { w: head, layout: WeightLayout::OutIn, b: None, residual: None });
+        let logits = Self::linear(h, Affine::lm_head(head));
         Self::weighted_nll(logits, targets, weights)
     }
 
@@ -88,7 +88,7 @@ pub trait FusedOps: Device<f32> {
         targets: &[usize],
         temperature: f32,
     ) -> Tensor<(usize,), f32, Self, T> {
-        let logits = Self::linear(h, Affine { w: head, layout: WeightLayout::OutIn, b: None, residual: None });
+        let logits = Self::linear(h, Affine::lm_head(head));
         Self::logprobs_and_entropy(logits, targets, temperature)
     }
 

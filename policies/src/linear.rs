@@ -65,6 +65,14 @@ impl<D: Storage<f32>> Clone for Affine<'_, D> {
 }
 impl<D: Storage<f32>> Copy for Affine<'_, D> {}
 
+impl<'a, D: Storage<f32>> Affine<'a, D> {
+    /// An LM head: `h·wᵀ` for a `(V, C)` weight (HF's `lm_head.weight`, or a tied `wte`), no
+    /// bias, no residual.
+    pub fn lm_head(w: &'a Tensor<(usize, usize), f32, D>) -> Self {
+        Affine { w, layout: WeightLayout::OutIn, b: None, residual: None }
+    }
+}
+
 /// dfdx's composition: `x (N, in) → x·W + b + r (N, out)`.
 pub fn linear_composed<D: Device<f32>, T: Tape<f32, D>>(x: A2<D, T>, a: Affine<'_, D>) -> A2<D, T> {
     let n = x.shape().0;

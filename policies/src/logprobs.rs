@@ -251,7 +251,7 @@ mod tests {
     use super::*;
     use crate::fused::tests::max_rel;
     use crate::fused::{logprobs_and_entropy_composed, weighted_nll_composed};
-    use crate::linear::{linear_composed, Affine, WeightLayout};
+    use crate::linear::{linear_composed, Affine};
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     fn rand(dev: &Cpu, rng: &mut StdRng, shape: (usize, usize), scale: f32) -> Tensor<(usize, usize), f32, Cpu> {
@@ -316,7 +316,7 @@ mod tests {
                 let y = if fused {
                     lm_logprobs_and_entropy_cpu(h.leaky_trace(), &w, &targets, temp)
                 } else {
-                    let a = Affine { w: &w, layout: WeightLayout::OutIn, b: None, residual: None };
+                    let a = Affine::lm_head(&w);
                     logprobs_and_entropy_composed(linear_composed(h.leaky_trace(), a), &targets, temp)
                 };
                 let yv = y.retaped::<NoneTape>().as_vec();
@@ -333,7 +333,7 @@ mod tests {
                 let y = if fused {
                     lm_weighted_nll_cpu(h.leaky_trace(), &w, &targets, &weights)
                 } else {
-                    let a = Affine { w: &w, layout: WeightLayout::OutIn, b: None, residual: None };
+                    let a = Affine::lm_head(&w);
                     weighted_nll_composed(linear_composed(h.leaky_trace(), a), &targets, &weights)
                 };
                 let yv = y.retaped::<NoneTape>().array();

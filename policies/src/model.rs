@@ -349,7 +349,7 @@ impl<D: FusedOps> CausalLm<D> {
 
     /// LM logits `(N, V)` from hidden states `(N, C)`: `h · headᵀ` (head = `wte` when tied).
     pub fn logits<T: Tape<f32, D>>(&self, h: A2<D, T>) -> A2<D, T> {
-        D::linear(h, Affine { w: self.head(), layout: WeightLayout::OutIn, b: None, residual: None })
+        D::linear(h, Affine::lm_head(self.head()))
     }
 
     /// Per row of hidden states `h` `(N, C)`: `[log π(targets[r])…, entropy…]` `(2N,)` of
