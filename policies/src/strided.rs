@@ -36,8 +36,18 @@ impl<'a> View<'a> {
     }
 }
 
+/// Work (multiply-adds) below which a gemm runs on the calling thread: the `gemm` crate's
+/// own default threading threshold (48·48·256).
+const PAR_MIN_MACS: usize = 48 * 48 * 256;
+
 /// `dst (m×n, row-major) = [dst +] alpha · a (m×k) · b (k×n)`, on `threads` rayon threads
 /// (1: the calling thread only).
+///
+/// With several threads the output is cut into `threads` bands along its longer side, each
+/// computed by a single-threaded gemm on its own rayon task. The `gemm` crate's own rayon
+/// mode synchronises its threads inside every packed block; measured on this machine's two
+/// cores at the training step's shapes (768 × 256…1024 × 256…1024), the bands ran 2–20%
+/// faster (1.8–2.0× one thread, against 1.4–1.9×) — the same split that lets MKL scale.
 pub(crate) fn gemm_into(
     dst: &mut [f32],
     (m, n, k): (usize, usize, usize),
@@ -58,32 +68,86 @@ pub(crate) fn gemm_into(
         return;
     }
     assert!(a.last(m, k) < a.data.len() && b.last(k, n) < b.data.len(), "gemm: view out of bounds");
-    let par = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
-    // SAFETY: every index the kernel touches is bounded by the asserts above (the largest
-    // offsets of both views and the m×n destination); the slices outlive the call.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.data.as_ptr().add(a.off),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr().add(b.off),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            alpha,
-            false,
-            false,
-            false,
-            par,
-        )
+    let parts = if m * n * k < PAR_MIN_MACS { 1 } else { threads.max(1) };
+    // Bands of whole 16-row (or 16-column) strips, the kernels' register tile.
+    let along_m = m >= n;
+    let strips = (if along_m { m } else { n }).div_ceil(16);
+    let per = strips.div_ceil(parts) * 16;
+    let bands = (if along_m { m } else { n }).div_ceil(per);
+    let dp = SendPtr(dst.as_mut_ptr());
+    let band = |i: usize| {
+        let lo = i * per;
+        let hi = (lo + per).min(if along_m { m } else { n });
+        // SAFETY: the asserts above bound every element both views are read at and the
+        // m×n destination; band i writes rows (or columns) lo..hi of it, which no other
+        // band touches; the slices outlive the call.
+        unsafe {
+            if along_m {
+                let a = View { off: a.off + lo * a.rs, ..a };
+                gemm_raw(dp.get().add(lo * n), n, (hi - lo, n, k), a, b, alpha, accumulate);
+            } else {
+                let b = View { off: b.off + lo * b.cs, ..b };
+                gemm_raw(dp.get().add(lo), n, (m, hi - lo, k), a, b, alpha, accumulate);
+            }
+        }
+    };
+    if bands > 1 {
+        use rayon::prelude::*;
+        (0..bands).into_par_iter().for_each(band);
+    } else {
+        band(0);
     }
+}
+
+/// A raw pointer shared by the bands of one gemm, each writing its own part.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used to write disjoint parts of one destination from several threads.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method call makes closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// One single-threaded gemm into `dst` with row stride `dst_rs`.
+///
+/// # Safety
+/// `dst` is valid for writes at `i·dst_rs + j` for `i < m`, `j < n`; both views are in
+/// bounds for `m × k` and `k × n`.
+unsafe fn gemm_raw(
+    dst: *mut f32,
+    dst_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    a: View<'_>,
+    b: View<'_>,
+    alpha: f32,
+    accumulate: bool,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        a.data.as_ptr().add(a.off),
+        a.cs as isize,
+        a.rs as isize,
+        b.data.as_ptr().add(b.off),
+        b.cs as isize,
+        b.rs as isize,
+        1.0,
+        alpha,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    )
 }
 
 /// Whether `t` is stored row-major (its gradient buffer then has the layout we write).
@@ -172,22 +236,28 @@ mod tests {
 
     #[test]
     fn gemm_matches_naive_for_transposed_views_and_accumulation() {
-        let (m, n, k) = (37, 29, 53);
-        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
-        let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0).collect();
-        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-            let av = if ta { View::rows(&a, m).t() } else { View::rows(&a, k) };
-            let bv = if tb { View::rows(&b, k).t() } else { View::rows(&b, n) };
-            let want = naive(m, n, k, av, bv);
-            for threads in [1, 2] {
-                let mut c = vec![1.0f32; m * n];
-                gemm_into(&mut c, (m, n, k), av, bv, 0.5, true, threads);
-                for (got, w) in c.iter().zip(&want) {
-                    assert!((got - (1.0 + 0.5 * w)).abs() < 1e-4, "{ta} {tb} {threads}: {got} vs {w}");
-                }
-                gemm_into(&mut c, (m, n, k), av, bv, 1.0, false, threads);
-                for (got, w) in c.iter().zip(&want) {
-                    assert!((got - w).abs() < 1e-4);
+        // The small shape runs on one thread; the larger two are cut into bands along m and
+        // along n (uneven bands for 3 threads), with the views starting at an offset.
+        for (m, n, k) in [(37, 29, 53), (150, 70, 64), (70, 150, 64)] {
+            let a: Vec<f32> = (0..m * k + 3).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
+            let b: Vec<f32> = (0..k * n + 5).map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0).collect();
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let av = if ta { View::new(&a, 3, 1, m) } else { View::new(&a, 3, k, 1) };
+                let bv = if tb { View::new(&b, 5, 1, k) } else { View::new(&b, 5, n, 1) };
+                let want = naive(m, n, k, av, bv);
+                for threads in [1, 2, 3] {
+                    let mut c = vec![1.0f32; m * n];
+                    gemm_into(&mut c, (m, n, k), av, bv, 0.5, true, threads);
+                    for (got, w) in c.iter().zip(&want) {
+                        assert!(
+                            (got - (1.0 + 0.5 * w)).abs() < 1e-5 * (1.0 + w.abs()) * k as f32,
+                            "{m}x{n}x{k} {ta} {tb} {threads}: {got} vs {w}"
+                        );
+                    }
+                    gemm_into(&mut c, (m, n, k), av, bv, 1.0, false, threads);
+                    for (got, w) in c.iter().zip(&want) {
+                        assert!((got - w).abs() < 1e-5 * (1.0 + w.abs()) * k as f32);
+                    }
                 }
             }
         }
