@@ -18,9 +18,9 @@ use crate::attention::{attn_backward, attn_forward, AttnShape, Probs};
 use crate::config::{GeluKind, NormKind};
 use crate::gelu::{gated_backward_inplace, gated_forward, gelu_gate, GateDerivative};
 use crate::layer_norm::{ln_backward_rows, ln_forward_rows};
-use crate::linear::{colsum_into, seed_output};
+use crate::linear::{affine_output, colsum_into};
 use crate::model::{Block, Linear, Mlp, Norm};
-use crate::strided::{add_into, add_rows, gather_rows, gemm_into, host_vec, par_copy, zeros, View};
+use crate::strided::{add_into, add_rows, gather_rows, gemm_into, gemm_new, host_vec, par_copy, zeros, View};
 
 type A2<T> = Tensor<(usize, usize), f32, Cpu, T>;
 
@@ -40,17 +40,20 @@ impl HostLinear {
 
     /// `x (n, in) → x·W + b (+ residual)`.
     fn forward(&self, x: &[f32], n: usize, residual: Option<Vec<f32>>) -> Vec<f32> {
-        let seeded = self.b.is_some() || residual.is_some();
-        let mut y = seed_output(n, self.o, self.b.as_deref(), residual);
         let (xv, wv) = (View::rows(x, self.i), View::rows(&self.w, self.o));
-        gemm_into(&mut y, (n, self.o, self.i), xv, wv, 1.0, seeded, threads());
-        y
+        affine_output((n, self.i, self.o), xv, wv, self.b.as_deref(), residual, threads())
     }
 
-    /// `dx (=|+=) dy·Wᵀ` for `dy (n, out)`.
-    fn input_grad(&self, dx: &mut [f32], dy: &[f32], n: usize, accumulate: bool) {
+    /// `dx = dy·Wᵀ` for `dy (n, out)`, in a new buffer.
+    fn input_grad(&self, dy: &[f32], n: usize) -> Vec<f32> {
         let (dyv, wt) = (View::rows(dy, self.o), View::rows(&self.w, self.o).t());
-        gemm_into(dx, (n, self.i, self.o), dyv, wt, 1.0, accumulate, threads());
+        gemm_new((n, self.i, self.o), dyv, wt, 1.0, threads())
+    }
+
+    /// `dx += dy·Wᵀ` for `dy (n, out)`.
+    fn add_input_grad(&self, dx: &mut [f32], dy: &[f32], n: usize) {
+        let (dyv, wt) = (View::rows(dy, self.o), View::rows(&self.w, self.o).t());
+        gemm_into(dx, (n, self.i, self.o), dyv, wt, 1.0, true, threads());
     }
 }
 
@@ -207,13 +210,11 @@ fn backward(
     // MLP (kept rows): y = x₂ + a·W_proj + b_proj, a = gelu(f), f = h₂·W_fc + b_fc
     param_grads(grads, proj, &sv.a, dy)?;
     drop(sv.a);
-    let mut df = zeros(m * w.fc.o);
-    w.proj.input_grad(&mut df, dy, m, false);
+    let mut df = w.proj.input_grad(dy, m);
     gated_backward_inplace(&mut df, &sv.f, &sv.gate, dydx);
     drop((sv.f, sv.gate));
     param_grads(grads, fc, &sv.h2, &df)?;
-    let mut dh = zeros(m * c);
-    w.fc.input_grad(&mut dh, &df, m, false);
+    let dh = w.fc.input_grad(&df, m);
     drop(df);
     // dx₂ = dy + LN₂'s backward pass of dh₂
     let mut dx = par_copy(dy);
@@ -221,12 +222,11 @@ fn backward(
     drop((sv.x2, sv.h2));
     // attention: x₂ = x + att·W_o + b_o (kept rows)
     param_grads(grads, &blk.wo, &sv.att, &dx)?;
-    let mut datt = sv.att;
-    w.o.input_grad(&mut datt, &dx, m, false);
+    drop(sv.att);
+    let mut datt = w.o.input_grad(&dx, m);
     if let Some(rows) = &sv.rows {
         // back to every row: the dropped rows' outputs had no gradient
         (datt, dx) = (scattered(&datt, rows, n, w.o.i), scattered(&dx, rows, n, c));
-        dh = zeros(n * c);
     }
     let [q, k, v] = &sv.qkv;
     let (mut dq, mut dk, mut dv) = (zeros(q.len()), zeros(k.len()), zeros(v.len()));
@@ -235,9 +235,9 @@ fn backward(
     for (l, d) in [(&blk.wq, &dq), (&blk.wk, &dk), (&blk.wv, &dv)] {
         param_grads(grads, l, &sv.h1, d)?;
     }
-    w.q.input_grad(&mut dh, &dq, n, false);
-    w.k.input_grad(&mut dh, &dk, n, true);
-    w.v.input_grad(&mut dh, &dv, n, true);
+    let mut dh = w.q.input_grad(&dq, n);
+    w.k.add_input_grad(&mut dh, &dk, n);
+    w.v.add_input_grad(&mut dh, &dv, n);
     // dx = dx₂ + LN₁'s backward pass of dh₁
     norm_grads(grads, &blk.ln1, ln_backward_rows(&dh, &sv.x, &sv.st1, &w.ln1.g, &mut dx))?;
     Ok(dx)

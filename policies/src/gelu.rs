@@ -2,12 +2,14 @@
 //! exact one): the CPU op with its own backward pass, the slice-level kernels the fused block
 //! shares ([`crate::block`]), and the exact GELU for other devices.
 
+use std::mem::MaybeUninit;
+
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
 use crate::config::GeluKind;
 use crate::kernels::{gelu_erf_with_gate, gelu_tanh_with_gate};
-use crate::strided::{host_vec, zeros};
+use crate::strided::host_vec;
 
 /// Elements per parallel chunk.
 const CHUNK: usize = 1 << 13;
@@ -21,8 +23,7 @@ pub fn gelu_erf_composed<D: Device<f32>, T: Tape<f32, D>>(
 ) -> Tensor<(usize, usize), f32, D, T> {
     let shape = *x.shape();
     let xv = x.as_vec();
-    let (mut y, mut s) = (vec![0.0f32; xv.len()], vec![0.0f32; xv.len()]);
-    gelu_erf_with_gate(&xv, &mut y, &mut s);
+    let (y, s) = gated_forward(&xv, gelu_erf_with_gate);
     let g: Vec<f32> = xv.iter().zip(&s).map(|(&x, &s)| gelu_erf_dydx(x, s)).collect();
     let c: Vec<f32> = y.iter().zip(xv.iter().zip(&g)).map(|(y, (x, g))| y - x * g).collect();
     let dev = x.device().clone();
@@ -35,13 +36,21 @@ fn gelu_erf_dydx(x: f32, s: f32) -> f32 {
     s + x * INV_SQRT_2PI * (-0.5 * x * x).exp()
 }
 
-/// `forward` over `xv` in parallel chunks: `(y, s)`.
+/// `forward` over `xv` in parallel chunks: `(y, s)`, each written once (no zero fill).
 pub(crate) fn gated_forward(xv: &[f32], forward: GateForward) -> (Vec<f32>, Vec<f32>) {
-    let (mut y, mut s) = (zeros(xv.len()), zeros(xv.len()));
-    y.par_chunks_mut(CHUNK)
-        .zip(s.par_chunks_mut(CHUNK))
+    let len = xv.len();
+    let (mut y, mut s) = (Vec::with_capacity(len), Vec::with_capacity(len));
+    y.spare_capacity_mut()[..len]
+        .par_chunks_mut(CHUNK)
+        .zip(s.spare_capacity_mut()[..len].par_chunks_mut(CHUNK))
         .zip(xv.par_chunks(CHUNK))
         .for_each(|((y, s), x)| forward(x, y, s));
+    // SAFETY: the chunks cover all `len` elements of both buffers, and a `GateForward` writes
+    // every element of its `y` and `s`.
+    unsafe {
+        y.set_len(len);
+        s.set_len(len);
+    }
     (y, s)
 }
 
@@ -55,8 +64,9 @@ pub(crate) fn gated_backward_inplace(dy: &mut [f32], xv: &[f32], s: &[f32], dydx
     });
 }
 
-/// A gated activation's forward pass: fills `y` and the gate `s` from `x`.
-pub(crate) type GateForward = fn(&[f32], &mut [f32], &mut [f32]);
+/// A gated activation's forward pass: writes every element of `y` and of the gate `s` from
+/// `x` (neither need be initialised).
+pub(crate) type GateForward = fn(&[f32], &mut [MaybeUninit<f32>], &mut [MaybeUninit<f32>]);
 /// A gated activation's derivative `dy/dx` from `x` and the gate `s`.
 pub(crate) type GateDerivative = fn(f32, f32) -> f32;
 

@@ -4,6 +4,8 @@
 //! The hot loops have an AVX2+FMA version chosen at run time (no `-C target-cpu=native`
 //! needed) and a portable fallback; both are tested against a naive loop.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 /// Work (m·n·k multiply-adds) below which a matmul stays on one thread: a rayon fork/join
@@ -452,21 +454,35 @@ pub fn gelu_tanh_inplace(xs: &mut [f32]) {
 }
 
 /// `gelu_new` of `x` into `y`, also writing the gate `s = σ(2u)` (so `y = x·s`) that the
-/// backward pass needs. All slices have the same length.
-pub fn gelu_tanh_with_gate(x: &[f32], y: &mut [f32], s: &mut [f32]) {
+/// backward pass needs. All slices have the same length; `y` and `s` need not be initialised
+/// (every element is written).
+pub fn gelu_tanh_with_gate(x: &[f32], y: &mut [MaybeUninit<f32>], s: &mut [MaybeUninit<f32>]) {
     const C2: f32 = 2.0 * 0.797_884_6; // 2·sqrt(2/pi)
-    s.iter_mut().zip(x).for_each(|(s, &x)| *s = x);
+    let s = write_copy(s, x);
     map_with_exp(s, |x| -C2 * (x + 0.044715 * x * x * x), |_, e| 1.0 / (1.0 + e));
-    y.iter_mut().zip(x.iter().zip(s.iter())).for_each(|(y, (x, s))| *y = x * s);
+    y.iter_mut().zip(x.iter().zip(s.iter())).for_each(|(y, (x, s))| _ = y.write(x * s));
 }
 
 /// The exact GELU `x·Φ(x)`, `Φ(x) = (1 + erf(x/√2))/2`, of `x` into `y`, also writing the
-/// gate `s = Φ(x)` for the backward pass. All slices have the same length.
-pub fn gelu_erf_with_gate(x: &[f32], y: &mut [f32], s: &mut [f32]) {
+/// gate `s = Φ(x)` for the backward pass. All slices have the same length; `y` and `s` need
+/// not be initialised.
+pub fn gelu_erf_with_gate(x: &[f32], y: &mut [MaybeUninit<f32>], s: &mut [MaybeUninit<f32>]) {
+    assert!(y.len() == x.len() && s.len() == x.len(), "gelu: lengths differ");
     for ((y, s), &x) in y.iter_mut().zip(s.iter_mut()).zip(x) {
-        *s = normal_cdf(x);
-        *y = x * *s;
+        let g = normal_cdf(x);
+        s.write(g);
+        y.write(x * g);
     }
+}
+
+/// Copies `src` into the (possibly uninitialised) `dst` of the same length and returns it as
+/// initialised.
+pub fn write_copy<'a>(dst: &'a mut [MaybeUninit<f32>], src: &[f32]) -> &'a mut [f32] {
+    assert_eq!(dst.len(), src.len(), "write_copy: lengths differ");
+    dst.iter_mut().zip(src).for_each(|(d, &v)| _ = d.write(v));
+    // SAFETY: every element of `dst` was written just above; `MaybeUninit<f32>` has the
+    // layout of `f32`.
+    unsafe { &mut *(dst as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// The exact GELU in place.

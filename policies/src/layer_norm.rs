@@ -4,7 +4,7 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-use crate::strided::{add_into, host_vec, zeros};
+use crate::strided::{add_into, host_vec};
 
 /// Elements per parallel chunk.
 const CHUNK: usize = 1 << 13;
@@ -37,10 +37,13 @@ pub(crate) fn ln_forward_rows(
 ) -> (Vec<f32>, Vec<(f32, f32)>) {
     let rows = xv.len() / c;
     let mut stats = vec![(0.0f32, 0.0f32); rows];
-    let mut y = zeros(rows * c);
+    let mut y = Vec::with_capacity(rows * c);
     let rows_per = (CHUNK / c).max(1);
-    y.par_chunks_mut(rows_per * c).zip(stats.par_chunks_mut(rows_per)).zip(xv.par_chunks(rows_per * c)).for_each(
-        |((y, st), x)| {
+    y.spare_capacity_mut()[..rows * c]
+        .par_chunks_mut(rows_per * c)
+        .zip(stats.par_chunks_mut(rows_per))
+        .zip(xv.par_chunks(rows_per * c))
+        .for_each(|((y, st), x)| {
             for (r, st) in st.iter_mut().enumerate() {
                 let xr = &x[r * c..(r + 1) * c];
                 let mean = xr.iter().sum::<f32>() / c as f32;
@@ -49,12 +52,13 @@ pub(crate) fn ln_forward_rows(
                 *st = (mean, rs);
                 let yr = &mut y[r * c..(r + 1) * c];
                 match bv {
-                    Some(bv) => (0..c).for_each(|j| yr[j] = (xr[j] - mean) * rs * gv[j] + bv[j]),
-                    None => (0..c).for_each(|j| yr[j] = (xr[j] - mean) * rs * gv[j]),
+                    Some(bv) => (0..c).for_each(|j| _ = yr[j].write((xr[j] - mean) * rs * gv[j] + bv[j])),
+                    None => (0..c).for_each(|j| _ = yr[j].write((xr[j] - mean) * rs * gv[j])),
                 }
             }
-        },
-    );
+        });
+    // SAFETY: the chunks cover all rows·c elements, and every row wrote all c of its own.
+    unsafe { y.set_len(rows * c) };
     (y, stats)
 }
 

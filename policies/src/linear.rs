@@ -9,7 +9,7 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-use crate::strided::{add_into, gemm_into, host_vec, row_major, zeros, View};
+use crate::strided::{add_into, gemm_into, gemm_new, host_vec, row_major, View};
 
 type A2<D, T> = Tensor<(usize, usize), f32, D, T>;
 
@@ -96,12 +96,21 @@ fn rows_per(cols: usize) -> usize {
     ((1 << 13) / cols.max(1)).max(1)
 }
 
-/// The output buffer `(n, o)` an affine map accumulates its product onto: the residual (if
-/// any) plus the bias rows, or zeros. No zero fill and no second pass when either is given.
-pub(crate) fn seed_output(n: usize, o: usize, bias: Option<&[f32]>, residual: Option<Vec<f32>>) -> Vec<f32> {
-    match (residual, bias) {
+/// `x·W (+ bias) (+ residual)`, `(n, o)` row-major, for `x` `(n, i)`: the product is
+/// accumulated onto the residual (if any) plus the bias rows, or written into a fresh buffer
+/// when neither is given — no zero fill and no second pass in any case.
+pub(crate) fn affine_output(
+    (n, i, o): (usize, usize, usize),
+    x: View<'_>,
+    w: View<'_>,
+    bias: Option<&[f32]>,
+    residual: Option<Vec<f32>>,
+    threads: usize,
+) -> Vec<f32> {
+    let mut y = match (residual, bias) {
+        (None, None) => return gemm_new((n, o, i), x, w, 1.0, threads),
         (Some(mut y), bias) => {
-            debug_assert_eq!(y.len(), n * o);
+            assert_eq!(y.len(), n * o, "linear: residual shape");
             if let Some(bv) = bias {
                 y.par_chunks_mut(rows_per(o) * o).for_each(|blk| {
                     blk.chunks_mut(o).for_each(|row| row.iter_mut().zip(bv).for_each(|(y, b)| *y += b));
@@ -109,15 +118,20 @@ pub(crate) fn seed_output(n: usize, o: usize, bias: Option<&[f32]>, residual: Op
             }
             y
         }
+        // in parallel: a serial `bv.repeat(n)` of a (768, 1024) output kept the other core
+        // waiting for ~1% of a GRPO iteration
         (None, Some(bv)) => {
-            // in parallel: a serial `bv.repeat(n)` of a (768, 1024) output kept the other core
-            // waiting for ~1% of a GRPO iteration
-            let mut y = zeros(n * o);
-            y.par_chunks_mut(rows_per(o) * o).for_each(|blk| blk.chunks_mut(o).for_each(|row| row.copy_from_slice(bv)));
+            let mut y = Vec::with_capacity(n * o);
+            y.spare_capacity_mut()[..n * o].par_chunks_mut(rows_per(o) * o).for_each(|blk| {
+                blk.chunks_mut(o).for_each(|row| row.iter_mut().zip(bv).for_each(|(y, b)| _ = y.write(*b)));
+            });
+            // SAFETY: the chunks above cover all n·o elements, and each row wrote all o of its own.
+            unsafe { y.set_len(n * o) };
             y
         }
-        (None, None) => zeros(n * o),
-    }
+    };
+    gemm_into(&mut y, (n, o, i), x, w, 1.0, true, threads);
+    y
 }
 
 /// `db += Σ_rows dy` for `dy` `(N, o)` (a bias gradient), with per-chunk partial sums.
@@ -149,19 +163,17 @@ pub fn linear_cpu<T: Tape<f32, Cpu>>(x: A2<Cpu, T>, a: Affine<'_, Cpu>) -> A2<Cp
     assert_eq!(wi, i, "linear: input width {i} against a weight of shape {:?}", a.w.shape());
     let (x, mut tape) = x.split_tape();
     let xv = host_vec(&x);
-    let seeded = a.b.is_some() || a.residual.is_some();
     let bv = a.b.map(host_vec);
     assert!(bv.as_ref().is_none_or(|b| b.len() == o), "linear: bias length");
     let residual = a.residual.map(|r| {
         assert_eq!(*r.shape(), (n, o), "linear: residual shape");
         host_vec(r)
     });
-    let mut y = seed_output(n, o, bv.as_deref(), residual);
     let threads = rayon::current_num_threads();
-    {
+    let y = {
         let wv = host_vec(a.w);
-        gemm_into(&mut y, (n, o, i), View::rows(&xv, i), a.layout.view(&wv, (i, o)), 1.0, seeded, threads);
-    }
+        affine_output((n, i, o), View::rows(&xv, i), a.layout.view(&wv, (i, o)), bv.as_deref(), residual, threads)
+    };
     let out = x.device().tensor_from_vec(y, (n, o));
     if T::OWNS_TAPE {
         let (xg, og, layout) = (x.ghost(), out.ghost(), a.layout);

@@ -17,7 +17,7 @@ use dfdx::prelude::*;
 use rayon::prelude::*;
 
 use crate::kernels::exp_inplace;
-use crate::strided::{gemm_into, host_vec, zeros, View};
+use crate::strided::{gemm_into, gemm_new, host_vec, View};
 
 type A2<T> = Tensor<(usize, usize), f32, Cpu, T>;
 type A1<T> = Tensor<(usize,), f32, Cpu, T>;
@@ -195,8 +195,7 @@ where
     let (h, mut tape) = h.split_tape();
     let (hv, wv) = (host_vec(&h), host_vec(w));
     let threads = rayon::current_num_threads();
-    let mut x = zeros(n * v);
-    gemm_into(&mut x, (n, v, c), View::rows(&hv, c), View::rows(&wv, c).t(), alpha, false, threads);
+    let mut x = gemm_new((n, v, c), View::rows(&hv, c), View::rows(&wv, c).t(), alpha, threads);
     let (y, shape, backward) = loss(&x);
     let out = h.device().tensor_from_vec(y, shape);
     if T::OWNS_TAPE {
