@@ -303,6 +303,23 @@ mod tests {
     }
 
     #[test]
+    fn gemm_new_writes_every_element_of_a_fresh_buffer() {
+        for (m, n, k) in [(37, 29, 53), (150, 70, 64), (70, 150, 64), (5, 4, 0)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0).collect();
+            let (av, bv) = (View::rows(&a, k), View::rows(&b, n));
+            let want = naive(m, n, k, av, bv);
+            for threads in [1, 2] {
+                let got = gemm_new((m, n, k), av, bv, 2.0, threads);
+                assert_eq!(got.len(), m * n);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - 2.0 * w).abs() < 1e-5 * (1.0 + w.abs()) * k.max(1) as f32, "{m}x{n}x{k}: {g} vs {w}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn row_major_tells_views_from_stored_tensors() {
         let dev = Cpu::default();
         let m: Tensor<(usize, usize), f32, Cpu> = dev.tensor_from_vec((0..6).map(|i| i as f32).collect(), (2, 3));
