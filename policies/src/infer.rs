@@ -13,10 +13,9 @@ use dfdx::prelude::*;
 use rayon::prelude::*;
 
 use crate::config::{Dims, Family, GeluKind, NormKind};
+use crate::decode_attn::attend;
 use crate::error::PolicyError;
-use crate::kernels::{
-    axpy, dot, exp_inplace, gelu_erf_inplace, gelu_tanh_inplace, matmul, silu_inplace, PackedMatrix, WeightDtype,
-};
+use crate::kernels::{gelu_erf_inplace, gelu_tanh_inplace, matmul, silu_inplace, PackedMatrix, WeightDtype};
 use crate::model::{CausalLm, Mlp, Norm};
 use crate::rope;
 
@@ -429,22 +428,9 @@ impl InferenceModel {
                 let q_row = &qkv[(bi * n + i) * width..];
                 for h in 0..nh {
                     let base = (r * nkv + h / rep) * cap;
-                    let q = &q_row[h * dh..(h + 1) * dh];
-                    let keys = pad..=col;
-                    let mut max = f32::NEG_INFINITY;
-                    for j in keys.clone() {
-                        let s = dot(q, &kc[(base + j) * dh..(base + j + 1) * dh]) * scale;
-                        scores[j] = s;
-                        max = max.max(s);
-                    }
-                    let probs = &mut scores[pad..=col];
-                    probs.iter_mut().for_each(|s| *s -= max);
-                    exp_inplace(probs);
-                    let sum: f32 = probs.iter().sum();
+                    let keys = (base + pad) * dh..(base + col + 1) * dh;
                     let o = &mut out_r[i * nh * dh + h * dh..i * nh * dh + (h + 1) * dh];
-                    for j in keys {
-                        axpy(scores[j] / sum, &vc[(base + j) * dh..(base + j + 1) * dh], o);
-                    }
+                    attend(&q_row[h * dh..(h + 1) * dh], &kc[keys.clone()], &vc[keys], scale, &mut scores, o);
                 }
             }
         };

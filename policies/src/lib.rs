@@ -26,6 +26,7 @@ pub mod block;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+mod decode_attn;
 pub mod embed;
 pub mod error;
 pub mod fused;
