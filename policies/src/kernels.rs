@@ -330,16 +330,17 @@ impl PanelElem for u16 {
     }
 }
 
-/// A raw pointer that may cross threads; each thread writes a disjoint set of columns.
+/// A raw pointer that may cross threads; each thread writes a disjoint part of one output
+/// (the column panels of [`matmul`], the bands of the training gemm).
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only to write disjoint column ranges of one output from several threads.
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: used only to write disjoint parts of one output from several threads.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
     /// The pointer (a method call makes closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -477,7 +478,7 @@ pub fn gelu_erf_with_gate(x: &[f32], y: &mut [MaybeUninit<f32>], s: &mut [MaybeU
 
 /// Copies `src` into the (possibly uninitialised) `dst` of the same length and returns it as
 /// initialised.
-pub fn write_copy<'a>(dst: &'a mut [MaybeUninit<f32>], src: &[f32]) -> &'a mut [f32] {
+fn write_copy<'a>(dst: &'a mut [MaybeUninit<f32>], src: &[f32]) -> &'a mut [f32] {
     assert_eq!(dst.len(), src.len(), "write_copy: lengths differ");
     dst.iter_mut().zip(src).for_each(|(d, &v)| _ = d.write(v));
     // SAFETY: every element of `dst` was written just above; `MaybeUninit<f32>` has the

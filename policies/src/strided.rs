@@ -6,6 +6,8 @@
 use dfdx::prelude::*;
 use gemm::Parallelism;
 
+use crate::kernels::SendPtr;
+
 /// A strided matrix view: offset, row stride, column stride.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct View<'a> {
@@ -135,20 +137,6 @@ unsafe fn gemm_bands(
         (0..bands).into_par_iter().for_each(band);
     } else {
         band(0);
-    }
-}
-
-/// A raw pointer shared by the bands of one gemm, each writing its own part.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only used to write disjoint parts of one destination from several threads.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// The pointer (a method call makes closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 
