@@ -46,6 +46,8 @@ pub mod reward_model;
 pub mod rope;
 pub mod sampling;
 pub mod session;
+#[cfg(target_arch = "x86_64")]
+mod sgemm;
 mod strided;
 pub mod tokenizer;
 
