@@ -137,7 +137,7 @@ mod x86 {
                 a[1] = _mm256_loadu_ps(yr.add(8));
             }
         }
-        for kk in k0..k1 {
+        let step = |acc: &mut [[__m256; 2]; R], kk: usize| {
             let wr = wp.add(kk * 16);
             let (w0, w1) = (W::load8(wr), W::load8(wr.add(8)));
             for (i, a) in acc.iter_mut().enumerate() {
@@ -145,6 +145,17 @@ mod x86 {
                 a[0] = _mm256_fmadd_ps(xb, w0, a[0]);
                 a[1] = _mm256_fmadd_ps(xb, w1, a[1]);
             }
+        };
+        // unrolled four times, as the training gemm's kernel (`crate::sgemm`)
+        let mut kk = k0;
+        while kk + 4 <= k1 {
+            for u in 0..4 {
+                step(&mut acc, kk + u);
+            }
+            kk += 4;
+        }
+        for kk in kk..k1 {
+            step(&mut acc, kk);
         }
         for (i, a) in acc.iter().enumerate() {
             let yr = y.add((r0 + i) * n + j0);
