@@ -168,6 +168,10 @@ struct StageArgs {
     /// plus any --set overrides).
     #[arg(long, conflicts_with = "config")]
     resume: Option<PathBuf>,
+    /// Start afresh in an `out_dir` that holds a previous run, deleting its config.json,
+    /// metrics, samples, report and checkpoints (without it, such a folder is an error).
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -249,6 +253,7 @@ fn main() -> Result<()> {
             }
             let (cfg, resume): (rlhf::stages::dpo::DpoConfig, bool) = stage_config(&a.stage)?;
             let out = cfg.out_dir.clone();
+            overwrite(&a.stage, &out)?;
             let report = rlhf::stages::dpo::train(cfg, resume)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             write_report(&out);
@@ -364,6 +369,7 @@ fn stage_config<T: serde::de::DeserializeOwned>(a: &StageArgs) -> Result<(T, boo
 fn pretrain_cmd(a: StageArgs) -> Result<()> {
     let (cfg, resume): (rlhf::stages::pretrain::PretrainConfig, bool) = stage_config(&a)?;
     let out = cfg.out_dir.clone();
+    overwrite(&a, &out)?;
     let report = rlhf::stages::pretrain::train(cfg, resume)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     write_report(&out);
@@ -373,6 +379,7 @@ fn pretrain_cmd(a: StageArgs) -> Result<()> {
 fn sft_cmd(a: StageArgs) -> Result<()> {
     let (cfg, resume): (rlhf::stages::sft::SftConfig, bool) = stage_config(&a)?;
     let out = cfg.out_dir.clone();
+    overwrite(&a, &out)?;
     let report = rlhf::stages::sft::train(cfg, resume)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     write_report(&out);
@@ -382,9 +389,18 @@ fn sft_cmd(a: StageArgs) -> Result<()> {
 fn reward_cmd(a: StageArgs) -> Result<()> {
     let (cfg, resume): (rlhf::stages::reward::RewardConfig, bool) = stage_config(&a)?;
     let out = cfg.out_dir.clone();
+    overwrite(&a, &out)?;
     let report = rlhf::stages::reward::train(cfg, resume)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     write_report(&out);
+    Ok(())
+}
+
+/// Clears `out` for a fresh run when `--overwrite` asks for it.
+fn overwrite(a: &StageArgs, out: &std::path::Path) -> Result<()> {
+    if a.overwrite {
+        rlhf::run::RunDir::clear(out)?;
+    }
     Ok(())
 }
 
@@ -416,6 +432,7 @@ fn ppo_cmd(a: PpoArgs) -> Result<()> {
         cfg.reward = Some(rlhf::stages::ppo::RewardSpec::Model { path, normalize: true });
     }
     let out = cfg.out_dir.clone();
+    overwrite(&a.stage, &out)?;
     let report = rlhf::stages::ppo::train(cfg, resume)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     write_report(&out);
@@ -433,6 +450,7 @@ fn grpo_cmd(mut a: PpoArgs, algo: Option<&str>) -> Result<()> {
         cfg.reward = Some(rlhf::stages::ppo::RewardSpec::Model { path, normalize: true });
     }
     let out = cfg.out_dir.clone();
+    overwrite(&a.stage, &out)?;
     let report = rlhf::stages::grpo::train(cfg, resume)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     write_report(&out);

@@ -31,6 +31,58 @@ impl RunDir {
         Ok(RunDir { root })
     }
 
+    /// Opens the folder for a stage: with `resume`, as it is (the run to continue); for a fresh
+    /// run, the folder must not hold a previous run's logs or checkpoints — its metrics would
+    /// mix with the new run's, and a later `--resume` could pick up the old run's checkpoint.
+    pub fn open(root: impl Into<PathBuf>, resume: bool) -> Result<Self> {
+        let run = Self::create(root)?;
+        if !resume {
+            let left = run.previous_run()?;
+            if !left.is_empty() {
+                bail!(
+                    "{} already holds a run ({}): continue it with `--resume {0}`, replace it with \
+                     `--overwrite`, or choose another out_dir",
+                    run.root.display(),
+                    left.join(", ")
+                );
+            }
+        }
+        Ok(run)
+    }
+
+    /// What a previous run left in the folder: non-empty logs and checkpoint folders.
+    fn previous_run(&self) -> Result<Vec<String>> {
+        let mut left = vec![];
+        for name in ["metrics.jsonl", "samples.jsonl"] {
+            let path = self.root.join(name);
+            if path.metadata().is_ok_and(|m| m.len() > 0) {
+                left.push(name.to_string());
+            }
+        }
+        let dir = self.root.join("checkpoints");
+        let n = std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?.count();
+        if n > 0 {
+            left.push(format!("{n} entries in checkpoints/"));
+        }
+        Ok(left)
+    }
+
+    /// Deletes what a run writes into `root` — `config.json`, the logs, `report.html` and
+    /// `checkpoints/` — leaving anything else there alone (`--overwrite`).
+    pub fn clear(root: &Path) -> Result<()> {
+        for name in ["config.json", "metrics.jsonl", "samples.jsonl", "report.html"] {
+            let path = root.join(name);
+            if path.exists() {
+                std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
+        let dir = root.join("checkpoints");
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
     /// Writes the resolved config as `config.json` (atomically).
     pub fn write_config<T: Serialize>(&self, cfg: &T) -> Result<()> {
         write_atomic(&self.root.join("config.json"), serde_json::to_string_pretty(cfg)?.as_bytes())
@@ -200,5 +252,32 @@ mod tests {
         let text = std::fs::read_to_string(run.root.join("metrics.jsonl")).unwrap();
         assert_eq!(text.lines().count(), 4);
         assert!(text.lines().last().unwrap().contains("\"step\":4"));
+    }
+
+    #[test]
+    fn a_fresh_run_refuses_a_folder_holding_a_previous_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("r");
+        let run = RunDir::open(&root, false).unwrap();
+        run.write_config(&"cfg").unwrap();
+        // a config alone (a run that failed before its first step) is no run yet
+        RunDir::open(&root, false).unwrap();
+        run.metrics().unwrap().write(&serde_json::json!({"step": 1})).unwrap();
+        let err = format!("{:#}", RunDir::open(&root, false).unwrap_err());
+        assert!(err.contains("already holds a run (metrics.jsonl)") && err.contains("--resume"), "{err}");
+        // continuing it is what --resume does
+        RunDir::open(&root, true).unwrap();
+        // --overwrite: the run's files go, anything else stays
+        std::fs::write(root.join("notes.txt"), b"mine").unwrap();
+        RunDir::clear(&root).unwrap();
+        assert!(!root.join("metrics.jsonl").exists() && !root.join("config.json").exists());
+        assert!(root.join("notes.txt").exists());
+        RunDir::open(&root, false).unwrap();
+        // checkpoints count, complete or not
+        std::fs::create_dir_all(root.join("checkpoints/.tmp-step-5-1")).unwrap();
+        let err = format!("{:#}", RunDir::open(&root, false).unwrap_err());
+        assert!(err.contains("1 entries in checkpoints/"), "{err}");
+        RunDir::clear(&root).unwrap();
+        RunDir::open(&root, false).unwrap();
     }
 }

@@ -136,11 +136,13 @@ fn kto_unpairs_pairs_and_keeps_their_halves_together_for_accuracy() {
     let mut c = cfg(d.path(), 10);
     c.loss = DpoLoss::Kto { desirable_weight: 1.0, undesirable_weight: 1.0 };
     c.format = serde_json::from_str(r#"{"kind": "ranking"}"#).unwrap();
+    c.out_dir = d.path().join("ranking");
     let e = train(c, false).unwrap_err().to_string();
     assert!(e.contains("rankings") && e.contains("pairs.jsonl"), "{e}");
     // unpaired records with a pairwise loss: a clear error
     let mut c = kto_cfg(d.path(), 10);
     c.loss = DpoLoss::Sigmoid;
+    c.out_dir = d.path().join("unpaired");
     let e = train(c, false).unwrap_err().to_string();
     assert!(e.contains("unpaired.jsonl") && e.contains("KTO"), "{e}");
 }

@@ -159,9 +159,13 @@ impl RewardModel for GoldTracked {
     }
 }
 
-/// Runs the demo into `out` (its data, every stage's run folder, `summary.json`).
+/// Runs the demo into `out` (its data, every stage's run folder, `summary.json`). A previous
+/// demo's stage folders there are replaced.
 pub fn run(out: &Path, preset: Preset, seed: u64) -> Result<DemoSummary> {
     let plan = preset.plan();
+    for stage in ["pretrain", "sft", "reward", "ppo", "dpo"] {
+        crate::run::RunDir::clear(&out.join(stage))?;
+    }
     let data = out.join("data");
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
     // DATA: the world's corpus, SFT pairs, RL and evaluation prompts

@@ -326,7 +326,7 @@ fn stats_of(set: &Examples, outs: &[BatchOut]) -> DpoStats {
 /// Runs (or, with `resume`, continues) DPO (or KTO) as configured.
 pub fn train(cfg: DpoConfig, resume: bool) -> Result<DpoReport> {
     validate(&cfg)?;
-    let run = RunDir::create(&cfg.out_dir)?;
+    let run = RunDir::open(&cfg.out_dir, resume)?;
     // BOILERPLATE: policy (fresh or restored), the frozen reference, optimizer
     let (reference, tok): (CausalLm<Cpu>, Tokenizer) = load_with_tokenizer(&cfg.init, &Cpu::default())?;
     let (mut policy, mut opt, start) = if resume {

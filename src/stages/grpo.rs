@@ -215,7 +215,7 @@ pub fn train(cfg: GrpoConfig, resume: bool) -> Result<GrpoReport> {
 /// Runs with any [`RewardModel`] as the reward.
 pub fn train_with_reward(cfg: GrpoConfig, resume: bool, reward: Box<dyn RewardModel>) -> Result<GrpoReport> {
     validate(&cfg)?;
-    let run = RunDir::create(&cfg.out_dir)?;
+    let run = RunDir::open(&cfg.out_dir, resume)?;
     let stage = cfg.algo.name();
     // BOILERPLATE: policy, frozen reference (only when β > 0), optimizer (fresh or restored)
     let (reference, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&cfg.policy, &Cpu::default())

@@ -266,7 +266,7 @@ pub fn train(cfg: PpoConfig, resume: bool) -> Result<PpoReport> {
 /// Runs PPO with any [`RewardModel`] (closures, rules, learned, external) as the reward.
 pub fn train_with_reward(cfg: PpoConfig, resume: bool, reward: Box<dyn RewardModel>) -> Result<PpoReport> {
     validate(&cfg)?;
-    let run = RunDir::create(&cfg.out_dir)?;
+    let run = RunDir::open(&cfg.out_dir, resume)?;
     // BOILERPLATE: policy + critic, optimizer and controller (fresh, or the last checkpoint)
     let (reference, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&cfg.policy, &Cpu::default())
         .with_context(|| format!("policy {}", cfg.policy.display()))?;

@@ -142,7 +142,7 @@ pub fn lm_loss<T: Tape<f32, Cpu>>(
 /// Runs (or, with `resume`, continues) pretraining as configured.
 pub fn train(cfg: PretrainConfig, resume: bool) -> Result<PretrainReport> {
     validate(&cfg)?;
-    let run = RunDir::create(&cfg.out_dir)?;
+    let run = RunDir::open(&cfg.out_dir, resume)?;
     let dev = Cpu::default();
     // BOILERPLATE: data, tokenizer, model, optimizer (fresh or from the last checkpoint)
     let text = read_corpus(&cfg.files)?;

@@ -357,7 +357,7 @@ impl PairLayout {
 /// Runs (or, with `resume`, continues) reward-model training as configured.
 pub fn train(cfg: RewardConfig, resume: bool) -> Result<RewardReport> {
     validate(&cfg)?;
-    let run = RunDir::create(&cfg.out_dir)?;
+    let run = RunDir::open(&cfg.out_dir, resume)?;
     // BOILERPLATE: backbone + head, tokenizer, optimizer (from init, or the run's checkpoint)
     let (mut rm, tok, mut opt, start) = if resume {
         let r = restore_latest::<LearnedReward<Cpu>>(&run, &cfg.optim)?;

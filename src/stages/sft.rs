@@ -209,7 +209,7 @@ pub fn sft_loss<T: Tape<f32, Cpu>>(
 /// Runs (or, with `resume`, continues) supervised fine-tuning as configured.
 pub fn train(cfg: SftConfig, resume: bool) -> Result<SftReport> {
     validate(&cfg)?;
-    let run = RunDir::create(&cfg.out_dir)?;
+    let run = RunDir::open(&cfg.out_dir, resume)?;
     // BOILERPLATE: model, tokenizer, optimizer (from init, or from the run's last checkpoint)
     let (mut model, tok, mut opt, start) = if resume {
         let r = restore_latest(&run, &cfg.optim)?;

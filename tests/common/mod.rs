@@ -71,6 +71,21 @@ const POLICY_TEXT: &str = "the cat sat on the mat. a bat and a cat sat. the rat 
 /// A char-level GPT-2 pretrained for a few steps on a rhyme, and a prompt file: the small
 /// policy the online-RL tests (PPO, GRPO, …) start from. Returns (checkpoint, prompts).
 pub fn pretrained_policy(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let checkpoint = dir.join("pre/checkpoints/step-40");
+    // a second config for the same folder (a resumed run) reuses the policy
+    if !checkpoint.join(rlhf::run::MARKER).is_file() {
+        pretrain_policy(dir);
+    }
+    let prompts = dir.join("prompts.jsonl");
+    let lines: Vec<String> = ["the ", "a cat ", "the rat ", "on the ", "sat ", "the mat"]
+        .iter()
+        .map(|p| serde_json::json!({"prompt": p}).to_string())
+        .collect();
+    std::fs::write(&prompts, lines.join("\n")).unwrap();
+    (checkpoint, prompts)
+}
+
+fn pretrain_policy(dir: &std::path::Path) {
     let corpus = dir.join("corpus.txt");
     std::fs::write(&corpus, POLICY_TEXT.repeat(30)).unwrap();
     rlhf::stages::pretrain::train(
@@ -91,11 +106,4 @@ pub fn pretrained_policy(dir: &std::path::Path) -> (std::path::PathBuf, std::pat
         false,
     )
     .unwrap();
-    let prompts = dir.join("prompts.jsonl");
-    let lines: Vec<String> = ["the ", "a cat ", "the rat ", "on the ", "sat ", "the mat"]
-        .iter()
-        .map(|p| serde_json::json!({"prompt": p}).to_string())
-        .collect();
-    std::fs::write(&prompts, lines.join("\n")).unwrap();
-    (dir.join("pre/checkpoints/step-40"), prompts)
 }
