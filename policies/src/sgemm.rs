@@ -97,6 +97,16 @@ pub(crate) unsafe fn gemm(
     alpha: f32,
     accumulate: bool,
 ) {
+    if k == 0 {
+        // an empty sum: the product is zero
+        for i in 0..m {
+            for j in 0..n {
+                let d = dst.add(i * dst_rs + j);
+                *d = if accumulate { *d } else { 0.0 };
+            }
+        }
+        return;
+    }
     PACKS.with(|packs| {
         let mut packs = packs.borrow_mut();
         let Packs { a: pa, b: pb } = &mut *packs;
@@ -303,9 +313,11 @@ struct Tile {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn kernel(kc: usize, mut a: *const f32, mut b: *const f32, t: Tile) {
     // the tile's rows are written after ~1,500 cycles of arithmetic: fetch them meanwhile
+    // (an edge tile's row may end before the 16th column: a prefetch never faults, and the
+    // address is formed with wrapping arithmetic)
     for r in 0..t.rows {
-        _mm_prefetch::<_MM_HINT_T0>(t.c.add(r * t.rs) as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(t.c.add(r * t.rs + NR - 1) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(t.c.wrapping_add(r * t.rs) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(t.c.wrapping_add(r * t.rs + NR - 1) as *const i8);
     }
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
     // one depth: two B vectors, six broadcasts of A, twelve FMAs
@@ -393,7 +405,16 @@ mod tests {
         }
         // edges in m (mod 6), n (mod 16), k (mod 8), several depth blocks, several column
         // blocks, and a strided operand that is neither row- nor column-contiguous
-        let shapes = [(1, 1, 1), (6, 16, 8), (7, 17, 9), (101, 37, 19), (13, 40, 600), (12, 1100, 20), (200, 33, 257)];
+        let shapes = [
+            (1, 1, 1),
+            (3, 5, 0),
+            (6, 16, 8),
+            (7, 17, 9),
+            (101, 37, 19),
+            (13, 40, 600),
+            (12, 1100, 20),
+            (200, 33, 257),
+        ];
         for (m, n, k) in shapes {
             let a: Vec<f32> = (0..2 * m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
             let b: Vec<f32> = (0..2 * k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0).collect();
