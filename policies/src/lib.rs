@@ -65,3 +65,20 @@ pub use reward_model::{LearnedReward, RewardNormalization};
 pub use sampling::{filtered_logprobs, generate, sample_from_logits, Generation, SamplingConfig};
 pub use session::EngineSession;
 pub use tokenizer::Tokenizer;
+
+/// The training path's matrix product `c (m×n, row-major) = a · b` on the current rayon pool
+/// (every fused training op's gemm goes through it): `a` is `m×k`, stored row-major or, with
+/// `a_transposed`, as its `k×m` transpose; `b` likewise. Public for the `gemm` benchmark.
+#[doc(hidden)]
+pub fn training_gemm(
+    c: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    (a, a_transposed): (&[f32], bool),
+    (b, b_transposed): (&[f32], bool),
+) {
+    use strided::View;
+    assert!(a.len() == m * k && b.len() == k * n && c.len() == m * n, "training_gemm: shapes");
+    let av = if a_transposed { View::rows(a, m).t() } else { View::rows(a, k) };
+    let bv = if b_transposed { View::rows(b, k).t() } else { View::rows(b, n) };
+    strided::gemm_into(c, (m, n, k), av, bv, 1.0, false, rayon::current_num_threads());
+}

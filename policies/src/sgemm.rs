@@ -17,9 +17,9 @@
 //!
 //! Why not the `gemm` crate (which this replaced on AVX2 cores, and which remains the
 //! fallback): at the workload's 15 training-step shapes (768 rows × 256…4096, forward, input
-//! and weight gradients, cut in two bands as [`crate::strided`] does) this kernel measured
-//! 1.16–1.24× its f32 throughput on this machine (geometric mean over the shapes, four runs;
-//! 1.04–1.52× by shape, up to ~140 GFLOP/s on the two cores), from the packing of transposed
+//! and weight gradients, cut in two bands as [`crate::strided`] does; `cargo bench --bench
+//! gemm`) this kernel measured 1.23× its f32 throughput on this machine (geometric mean;
+//! up to ~150 GFLOP/s on two cores whose FMA peak is ~170), from the packing of transposed
 //! operands and a depth loop unrolled four times (1.12× over no unrolling; two: 0.98×,
 //! eight: 0.92×, both against four).
 
