@@ -81,9 +81,10 @@ pub(crate) fn gemm_new(
         return zeros(m * n);
     }
     let mut dst = Vec::with_capacity(m * n);
-    // SAFETY: the buffer has room for m·n elements. With `accumulate = false` the gemm crate
-    // treats the destination's coefficient as 0 and stores every element of the m×n output
-    // without loading it (k > 0 here), so all m·n elements are initialised when it returns.
+    // SAFETY: the buffer has room for m·n elements. With `accumulate = false` both kernels
+    // (`sgemm`, and the gemm crate, which treats the destination's coefficient as 0) store
+    // every element of the m×n output without loading it (k > 0 here), so all m·n elements
+    // are initialised when it returns.
     unsafe {
         gemm_bands(dst.as_mut_ptr(), (m, n, k), a, b, alpha, false, threads);
         dst.set_len(m * n);
