@@ -46,6 +46,20 @@ pub(crate) fn has_fma() -> bool {
     })
 }
 
+/// Whether the CPU runs AVX-512F (and AVX2 + FMA: every AVX-512 core does), unless the
+/// environment variable `RLHF_NO_AVX512` is set to anything but `0` (to compare the AVX2
+/// kernels on the same machine; the results are the same bits either way).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn has_avx512() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        let off = std::env::var_os("RLHF_NO_AVX512").is_some_and(|v| !v.is_empty() && v != "0");
+        !off && has_fma() && is_x86_feature_detected!("avx512f")
+    })
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::PanelElem;

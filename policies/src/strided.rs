@@ -157,11 +157,11 @@ unsafe fn gemm_raw(
     accumulate: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if crate::kernels::has_fma() {
+    if let Some(isa) = crate::sgemm::Isa::best() {
         use crate::sgemm::{gemm, Operand};
         let op = |v: View<'_>| Operand { ptr: v.data.as_ptr().add(v.off), rs: v.rs as isize, cs: v.cs as isize };
-        // SAFETY: AVX2 and FMA are available; the caller's bounds are the kernel's.
-        return gemm(dst, dst_rs, (m, n, k), op(a), op(b), alpha, accumulate);
+        // SAFETY: `best` checked the CPU for `isa`; the caller's bounds are the kernel's.
+        return gemm(isa, dst, dst_rs, (m, n, k), op(a), op(b), alpha, accumulate);
     }
     gemm::gemm(
         m,
