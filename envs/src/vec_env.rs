@@ -270,7 +270,7 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
     ) -> Result<Vec<Episode>, EnvError> {
         let all: Vec<usize> = (0..self.rows.len()).collect();
         let g = opts.group_size;
-        if g == 0 || self.rows.len() % g != 0 {
+        if g == 0 || !self.rows.len().is_multiple_of(g) {
             return Err(EnvError::Config {
                 field: "group_size",
                 msg: format!("must divide the {} environments, got {g}", self.rows.len()),

@@ -416,7 +416,7 @@ fn gpt2_dims(c: &Gpt2Config) -> Result<Dims, PolicyError> {
             ))
         }
     };
-    if c.n_head == 0 || c.n_embd % c.n_head != 0 {
+    if c.n_head == 0 || !c.n_embd.is_multiple_of(c.n_head) {
         return Err(PolicyError::config(
             "n_head",
             format!("n_embd {} is not divisible by n_head {}", c.n_embd, c.n_head),
@@ -470,7 +470,7 @@ fn llama_dims(c: &LlamaConfig) -> Result<Dims, PolicyError> {
     };
     let n_head = c.num_attention_heads;
     let n_kv = c.num_key_value_heads.unwrap_or(n_head);
-    if n_head == 0 || n_kv == 0 || n_head % n_kv != 0 {
+    if n_head == 0 || n_kv == 0 || !n_head.is_multiple_of(n_kv) {
         return Err(PolicyError::config(
             "num_key_value_heads",
             format!("num_attention_heads {n_head} must be a positive multiple of num_key_value_heads {n_kv}"),
@@ -478,7 +478,7 @@ fn llama_dims(c: &LlamaConfig) -> Result<Dims, PolicyError> {
     }
     let head_dim = match c.head_dim {
         Some(h) => h,
-        None if c.hidden_size % n_head == 0 => c.hidden_size / n_head,
+        None if c.hidden_size.is_multiple_of(n_head) => c.hidden_size / n_head,
         None => {
             return Err(PolicyError::config(
                 "num_attention_heads",

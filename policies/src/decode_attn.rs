@@ -37,7 +37,7 @@ pub(crate) fn attend(q: &[f32], keys: &[f32], values: &[f32], scale: f32, scores
 fn dots(q: &[f32], keys: &[f32], s: &mut [f32]) {
     let dh = q.len();
     #[cfg(target_arch = "x86_64")]
-    if dh % 8 == 0 && crate::kernels::has_fma() {
+    if dh.is_multiple_of(8) && crate::kernels::has_fma() {
         // SAFETY: AVX2 and FMA are available (checked above); `keys` holds s.len() rows of
         // dh, a multiple of 8 (checked by the caller and above).
         return unsafe { x86::dots(q, keys, s) };
@@ -50,7 +50,7 @@ fn dots(q: &[f32], keys: &[f32], s: &mut [f32]) {
 /// `out = Σ_j p[j] · v_j` for the rows `v_j` of `values`.
 fn weighted_sum(p: &[f32], values: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if out.len() % 64 == 0 && crate::kernels::has_fma() {
+    if out.len().is_multiple_of(64) && crate::kernels::has_fma() {
         // SAFETY: AVX2 and FMA are available (checked above); `values` holds p.len() rows of
         // out.len(), a multiple of 64 (checked above).
         return unsafe { x86::weighted_sum(p, values, out) };

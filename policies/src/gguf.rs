@@ -219,7 +219,7 @@ impl Gguf {
         })?;
         let n = t.ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).filter(|&n| n > 0 && n < 1 << 40);
         let n = n.ok_or_else(|| self.err(&t.name, format!("bad dimensions {:?}", t.ne)))?;
-        if t.ne[0] % block_vals as u64 != 0 {
+        if !t.ne[0].is_multiple_of(block_vals as u64) {
             return Err(self.err(&t.name, format!("row of {} values is not a whole number of blocks", t.ne[0])));
         }
         let size = n / block_vals as u64 * block_bytes as u64;

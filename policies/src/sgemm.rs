@@ -156,7 +156,7 @@ unsafe fn blocked<const MR: usize, const NR: usize>(
     b: Operand,
     kernel: Kernel,
 ) {
-    const { assert!(MC % MR == 0 && NR % 8 == 0 && NR <= NR_MAX) };
+    const { assert!(MC.is_multiple_of(MR) && NR.is_multiple_of(8) && NR <= NR_MAX) };
     // an empty product is the caller's (`strided`): with k = 0 nothing here would write
     debug_assert!(k > 0, "sgemm: k = 0");
     PACKS.with(|packs| {

@@ -54,7 +54,7 @@ fn std_unbiased(x: &[f64]) -> f64 {
 /// # Panics
 /// If `k` is 0 or does not divide the number of rewards.
 pub fn grpo_advantages(rewards: &[f32], k: usize, scale: RewardScale, std_eps: f64) -> Vec<f32> {
-    assert!(k > 0 && rewards.len() % k == 0, "grpo_advantages: {} rewards in groups of {k}", rewards.len());
+    assert!(k > 0 && rewards.len().is_multiple_of(k), "grpo_advantages: {} rewards in groups of {k}", rewards.len());
     let r: Vec<f64> = rewards.iter().map(|&x| x as f64).collect();
     let batch_std = std_unbiased(&r);
     r.chunks(k)
@@ -89,7 +89,7 @@ pub struct Rloo {
 /// # Panics
 /// If `k < 2` or `k` does not divide the number of rewards, or `kl_seq` differs in length.
 pub fn rloo_advantages(rewards: &[f32], kl_seq: &[f32], beta: f64, k: usize, normalize: Option<f64>) -> Rloo {
-    assert!(k >= 2 && rewards.len() % k == 0, "rloo: {} rewards in groups of {k} (k ≥ 2)", rewards.len());
+    assert!(k >= 2 && rewards.len().is_multiple_of(k), "rloo: {} rewards in groups of {k} (k ≥ 2)", rewards.len());
     assert_eq!(kl_seq.len(), rewards.len(), "rloo: one sequence KL per reward");
     let big_r: Vec<f64> = rewards.iter().zip(kl_seq).map(|(&r, &kl)| r as f64 - beta * kl as f64).collect();
     let baseline: Vec<f64> = big_r

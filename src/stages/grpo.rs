@@ -291,7 +291,7 @@ fn validate(cfg: &GrpoConfig) -> Result<()> {
         ("sample_every", cfg.sample_every),
     ])?;
     let b = cfg.batch_size();
-    if b % cfg.minibatch_size != 0 || cfg.minibatch_size % cfg.grad_accum != 0 {
+    if !b.is_multiple_of(cfg.minibatch_size) || !cfg.minibatch_size.is_multiple_of(cfg.grad_accum) {
         bail!(
             "prompts_per_step × num_generations ({b}) must be a multiple of minibatch_size ({}), and that of \
              grad_accum ({})",

@@ -411,7 +411,7 @@ fn validate(cfg: &PpoConfig) -> Result<()> {
         ("checkpoint_every", cfg.checkpoint_every),
         ("sample_every", cfg.sample_every),
     ])?;
-    if cfg.batch_size % cfg.minibatch_size != 0 || cfg.minibatch_size % cfg.grad_accum != 0 {
+    if !cfg.batch_size.is_multiple_of(cfg.minibatch_size) || !cfg.minibatch_size.is_multiple_of(cfg.grad_accum) {
         bail!(
             "batch_size ({}) must be a multiple of minibatch_size ({}), and that of grad_accum ({})",
             cfg.batch_size,
