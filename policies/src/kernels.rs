@@ -61,6 +61,9 @@ pub(crate) fn has_avx512() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
+mod avx512;
+
+#[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::PanelElem;
     use std::arch::x86_64::*;
@@ -239,7 +242,7 @@ mod x86 {
     }
 }
 
-/// Columns per packed panel (two AVX2 registers).
+/// Columns per packed panel (two AVX2 registers, one AVX-512 register).
 pub const PANEL: usize = 16;
 
 /// Weight elements above which even a one-row matmul uses all threads: streaming the weight
@@ -330,6 +333,12 @@ pub trait PanelElem: Copy + Send + Sync + 'static {
     /// `p` is valid for 8 reads; the CPU has AVX2, FMA and F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Sixteen consecutive elements as f32 lanes.
+    ///
+    /// # Safety
+    /// `p` is valid for 16 reads; the CPU has AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl PanelElem for f32 {
@@ -340,6 +349,11 @@ impl PanelElem for f32 {
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
     }
 }
 
@@ -352,6 +366,12 @@ impl PanelElem for u16 {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
     }
 }
 
@@ -372,8 +392,9 @@ impl SendPtr {
 
 /// `y = x·W (+ y if accumulate)` for `x: (m, k)` and `y: (m, n)` row-major, `W` packed.
 ///
-/// Register-blocked: a 6×16 block of `y` stays in registers while a K-chunk of one panel
-/// (256×16 floats, 16 KiB, in L1) is applied to it; row groups reuse the chunk from L1.
+/// Register-blocked: a 6×16 block of `y` (12×16 on AVX-512 cores, see `kernels/avx512.rs`;
+/// same bits) stays in registers while a K-chunk of one panel (256×16 floats, 16 KiB, in L1)
+/// is applied to it; row groups reuse the chunk from L1.
 /// Panels are split over the rayon threads when the work is large.
 pub fn matmul(x: &[f32], w: &PackedMatrix, y: &mut [f32], m: usize, accumulate: bool) {
     let (k, n) = (w.k, w.n);
@@ -419,6 +440,10 @@ unsafe fn panel<W: PanelElem>(
     accumulate: bool,
 ) {
     let width = PANEL.min(n - j0);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() && width == PANEL {
+        return avx512::panel(x.as_ptr(), wp.as_ptr(), y, m, k, n, j0, accumulate);
+    }
     #[cfg(target_arch = "x86_64")]
     if has_fma() && width == PANEL {
         return x86::panel(x.as_ptr(), wp.as_ptr(), y, m, k, n, j0, accumulate);
@@ -599,6 +624,41 @@ mod tests {
             matmul(&x, &packed, &mut y2, m, true);
             for (a, b) in y2.iter().zip(&want) {
                 assert!((a - (b + 1.0)).abs() < 1e-3 * (1.0 + b.abs()));
+            }
+        }
+    }
+
+    #[test]
+    fn avx512_panel_kernel_gives_the_avx2_kernels_bits() {
+        if !has_avx512() {
+            return;
+        }
+        // row counts around the blocks (12 and 6), depths around the chunk (256) and the
+        // unrolling (4); f32 and f16 panels; written into a wider y (stride 21)
+        let n = 21;
+        for (m, k) in [(1, 1), (5, 7), (12, 256), (13, 300), (25, 600), (32, 37)] {
+            let x = data(m * k, 3);
+            let w32 = data(k * PANEL, 4);
+            let w16: Vec<u16> = w32.iter().map(|&v| crate::half::f32_to_f16(v)).collect();
+            for accumulate in [false, true] {
+                let run = |avx512: bool, f16: bool| {
+                    let mut y = data(m * n, 5);
+                    // SAFETY: AVX-512F (checked above); x is (m, k), the panels (k, 16), y
+                    // has m rows of stride n ≥ 16.
+                    unsafe {
+                        let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
+                        match (avx512, f16) {
+                            (false, false) => x86::panel(xp, w32.as_ptr(), yp, m, k, n, 0, accumulate),
+                            (false, true) => x86::panel(xp, w16.as_ptr(), yp, m, k, n, 0, accumulate),
+                            (true, false) => avx512::panel(xp, w32.as_ptr(), yp, m, k, n, 0, accumulate),
+                            (true, true) => avx512::panel(xp, w16.as_ptr(), yp, m, k, n, 0, accumulate),
+                        }
+                    }
+                    y.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+                };
+                for f16 in [false, true] {
+                    assert!(run(false, f16) == run(true, f16), "{m}x{k} f16 {f16} accumulate {accumulate}");
+                }
             }
         }
     }
