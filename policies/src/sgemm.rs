@@ -386,10 +386,34 @@ impl Tile {
     }
 }
 
+/// `step(acc, a, b)` over the `kc` depths of an `MR`-row A panel at `a` and an `NR`-column B
+/// panel at `b`, unrolled four times (measured best: see the module notes).
+#[inline(always)]
+unsafe fn depths<const MR: usize, const NR: usize, A>(
+    kc: usize,
+    mut a: *const f32,
+    mut b: *const f32,
+    acc: &mut A,
+    step: impl Fn(&mut A, *const f32, *const f32),
+) {
+    for _ in 0..kc / 4 {
+        for u in 0..4 {
+            step(acc, a.add(u * MR), b.add(u * NR));
+        }
+        a = a.add(4 * MR);
+        b = b.add(4 * NR);
+    }
+    for _ in 0..kc % 4 {
+        step(acc, a, b);
+        a = a.add(MR);
+        b = b.add(NR);
+    }
+}
+
 /// The AVX2 register tile: 6 × 16, twelve accumulators over `kc` depths of one A panel and
 /// one B panel.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel_avx2(kc: usize, mut a: *const f32, mut b: *const f32, t: Tile) {
+unsafe fn kernel_avx2(kc: usize, a: *const f32, b: *const f32, t: Tile) {
     const MR: usize = 6;
     const NR: usize = 16;
     t.prefetch(NR);
@@ -404,19 +428,7 @@ unsafe fn kernel_avx2(kc: usize, mut a: *const f32, mut b: *const f32, t: Tile) 
             row[1] = _mm256_fmadd_ps(x, b1, row[1]);
         }
     };
-    // unrolled four times (measured best: see the module notes)
-    for _ in 0..kc / 4 {
-        for u in 0..4 {
-            step(&mut acc, a.add(u * MR), b.add(u * NR));
-        }
-        a = a.add(4 * MR);
-        b = b.add(4 * NR);
-    }
-    for _ in 0..kc % 4 {
-        step(&mut acc, a, b);
-        a = a.add(MR);
-        b = b.add(NR);
-    }
+    depths::<MR, NR, _>(kc, a, b, &mut acc, step);
     let alpha = _mm256_set1_ps(t.alpha);
     if t.rows == MR && t.cols == NR {
         for (r, row) in acc.iter().enumerate() {
@@ -449,7 +461,7 @@ unsafe fn kernel_avx2(kc: usize, mut a: *const f32, mut b: *const f32, t: Tile) 
 /// The AVX-512 register tile: 12 × 32, twenty-four accumulators (of the 32 registers) over
 /// `kc` depths of one A panel and one B panel; edge tiles are read and written with masks.
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel_avx512(kc: usize, mut a: *const f32, mut b: *const f32, t: Tile) {
+unsafe fn kernel_avx512(kc: usize, a: *const f32, b: *const f32, t: Tile) {
     const MR: usize = 12;
     const NR: usize = 32;
     t.prefetch(NR);
@@ -464,18 +476,7 @@ unsafe fn kernel_avx512(kc: usize, mut a: *const f32, mut b: *const f32, t: Tile
             row[1] = _mm512_fmadd_ps(x, b1, row[1]);
         }
     };
-    for _ in 0..kc / 4 {
-        for u in 0..4 {
-            step(&mut acc, a.add(u * MR), b.add(u * NR));
-        }
-        a = a.add(4 * MR);
-        b = b.add(4 * NR);
-    }
-    for _ in 0..kc % 4 {
-        step(&mut acc, a, b);
-        a = a.add(MR);
-        b = b.add(NR);
-    }
+    depths::<MR, NR, _>(kc, a, b, &mut acc, step);
     let alpha = _mm512_set1_ps(t.alpha);
     for (r, row) in acc.iter().enumerate().take(t.rows) {
         let d = t.c.add(r * t.rs);
