@@ -6,6 +6,12 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use dfdx::prelude::Cpu;
+use rlhf::stages::dpo::{self, DpoConfig};
+use rlhf::stages::grpo::{self, GrpoConfig};
+use rlhf::stages::ppo::{self, PpoConfig, RewardSpec};
+use rlhf::stages::pretrain::{self, PretrainConfig};
+use rlhf::stages::reward::{self, RewardConfig};
+use rlhf::stages::sft::{self, SftConfig};
 use rlhf_policies::checkpoint::load_with_tokenizer;
 use rlhf_policies::{generate, CausalLm, InferenceModel, ModelConfig, SamplingConfig, Tokenizer, WeightDtype};
 
@@ -230,9 +236,9 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Init(a) => init(a),
         Command::Generate(a) => generate_cmd(a),
-        Command::Pretrain(a) => pretrain_cmd(a),
-        Command::Sft(a) => sft_cmd(a),
-        Command::Reward(a) => reward_cmd(a),
+        Command::Pretrain(a) => run_stage(&a, |_| {}, |c: &PretrainConfig| c.out_dir.clone(), pretrain::train),
+        Command::Sft(a) => run_stage(&a, |_| {}, |c: &SftConfig| c.out_dir.clone(), sft::train),
+        Command::Reward(a) => run_stage(&a, |_| {}, |c: &RewardConfig| c.out_dir.clone(), reward::train),
         Command::Demo(a) => demo_cmd(a),
         Command::Report(a) => {
             println!("{}", rlhf::report::write_report(&a.run_dir)?.display());
@@ -251,13 +257,7 @@ fn main() -> Result<()> {
                 };
                 a.stage.set.insert(0, format!("loss={{\"kind\": \"{kind}\"}}"));
             }
-            let (cfg, resume): (rlhf::stages::dpo::DpoConfig, bool) = stage_config(&a.stage)?;
-            let out = cfg.out_dir.clone();
-            overwrite(&a.stage, &out)?;
-            let report = rlhf::stages::dpo::train(cfg, resume)?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            write_report(&out);
-            Ok(())
+            run_stage(&a.stage, |_| {}, |c: &DpoConfig| c.out_dir.clone(), dpo::train)
         }
         Command::Grpo(a) => grpo_cmd(a, None),
         Command::Rloo(a) => grpo_cmd(a, Some("rloo")),
@@ -366,41 +366,28 @@ fn stage_config<T: serde::de::DeserializeOwned>(a: &StageArgs) -> Result<(T, boo
     })
 }
 
-fn pretrain_cmd(a: StageArgs) -> Result<()> {
-    let (cfg, resume): (rlhf::stages::pretrain::PretrainConfig, bool) = stage_config(&a)?;
-    let out = cfg.out_dir.clone();
-    overwrite(&a, &out)?;
-    let report = rlhf::stages::pretrain::train(cfg, resume)?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    write_report(&out);
-    Ok(())
-}
-
-fn sft_cmd(a: StageArgs) -> Result<()> {
-    let (cfg, resume): (rlhf::stages::sft::SftConfig, bool) = stage_config(&a)?;
-    let out = cfg.out_dir.clone();
-    overwrite(&a, &out)?;
-    let report = rlhf::stages::sft::train(cfg, resume)?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    write_report(&out);
-    Ok(())
-}
-
-fn reward_cmd(a: StageArgs) -> Result<()> {
-    let (cfg, resume): (rlhf::stages::reward::RewardConfig, bool) = stage_config(&a)?;
-    let out = cfg.out_dir.clone();
-    overwrite(&a, &out)?;
-    let report = rlhf::stages::reward::train(cfg, resume)?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    write_report(&out);
-    Ok(())
-}
-
-/// Clears `out` for a fresh run when `--overwrite` asks for it.
-fn overwrite(a: &StageArgs, out: &std::path::Path) -> Result<()> {
+/// One training stage from the command line: its config (see [`stage_config`]), `prepare`
+/// (command-line shortcuts written into it), `--overwrite`, `train`; then the stage's report
+/// as JSON on stdout and the run's report.html.
+fn run_stage<C, R>(
+    a: &StageArgs,
+    prepare: impl FnOnce(&mut C),
+    out_dir: impl Fn(&C) -> PathBuf,
+    train: impl FnOnce(C, bool) -> Result<R>,
+) -> Result<()>
+where
+    C: serde::de::DeserializeOwned,
+    R: serde::Serialize,
+{
+    let (mut cfg, resume): (C, bool) = stage_config(a)?;
+    prepare(&mut cfg);
+    let out = out_dir(&cfg);
     if a.overwrite {
-        rlhf::run::RunDir::clear(out)?;
+        rlhf::run::RunDir::clear(&out)?;
     }
+    let report = train(cfg, resume)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    write_report(&out);
     Ok(())
 }
 
@@ -426,17 +413,19 @@ fn demo_cmd(a: DemoArgs) -> Result<()> {
     Ok(())
 }
 
+/// The reward model given by `--reward-model`, as PPO and GRPO configs take it.
+fn reward_model(path: Option<PathBuf>) -> Option<RewardSpec> {
+    path.map(|path| RewardSpec::Model { path, normalize: true })
+}
+
 fn ppo_cmd(a: PpoArgs) -> Result<()> {
-    let (mut cfg, resume): (rlhf::stages::ppo::PpoConfig, bool) = stage_config(&a.stage)?;
-    if let Some(path) = a.reward_model {
-        cfg.reward = Some(rlhf::stages::ppo::RewardSpec::Model { path, normalize: true });
-    }
-    let out = cfg.out_dir.clone();
-    overwrite(&a.stage, &out)?;
-    let report = rlhf::stages::ppo::train(cfg, resume)?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    write_report(&out);
-    Ok(())
+    let reward = reward_model(a.reward_model);
+    let prepare = |c: &mut PpoConfig| {
+        if reward.is_some() {
+            c.reward = reward;
+        }
+    };
+    run_stage(&a.stage, prepare, |c: &PpoConfig| c.out_dir.clone(), ppo::train)
 }
 
 /// `rlhf grpo` / `rloo` / `reinforce-pp`: the latter two set `algo.kind` (a config's own
@@ -445,16 +434,13 @@ fn grpo_cmd(mut a: PpoArgs, algo: Option<&str>) -> Result<()> {
     if let Some(kind) = algo {
         a.stage.set.insert(0, format!("algo.kind={kind}"));
     }
-    let (mut cfg, resume): (rlhf::stages::grpo::GrpoConfig, bool) = stage_config(&a.stage)?;
-    if let Some(path) = a.reward_model {
-        cfg.reward = Some(rlhf::stages::ppo::RewardSpec::Model { path, normalize: true });
-    }
-    let out = cfg.out_dir.clone();
-    overwrite(&a.stage, &out)?;
-    let report = rlhf::stages::grpo::train(cfg, resume)?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    write_report(&out);
-    Ok(())
+    let reward = reward_model(a.reward_model);
+    let prepare = |c: &mut GrpoConfig| {
+        if reward.is_some() {
+            c.reward = reward;
+        }
+    };
+    run_stage(&a.stage, prepare, |c: &GrpoConfig| c.out_dir.clone(), grpo::train)
 }
 
 fn eval_cmd(a: EvalArgs) -> Result<()> {
@@ -471,7 +457,7 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     for chunk in windows.chunks(a.batch.max(1)) {
         let inputs: Vec<Vec<u32>> = chunk.iter().map(|w| w[..block].to_vec()).collect();
         let targets: Vec<usize> = chunk.iter().flat_map(|w| w[1..].iter().map(|&t| t as usize)).collect();
-        let loss = rlhf::stages::pretrain::lm_loss(&model, &inputs, &targets, dfdx::prelude::NoneTape)?;
+        let loss = pretrain::lm_loss(&model, &inputs, &targets, dfdx::prelude::NoneTape)?;
         total += dfdx::prelude::AsArray::array(&loss) as f64 * targets.len() as f64;
         count += targets.len();
     }

@@ -32,6 +32,22 @@ fn init_generate_pretrain_eval() {
         serde_json::from_str(&std::fs::read_to_string(d.path().join("run/config.json")).unwrap()).unwrap();
     assert_eq!(resolved["steps"], 6, "the resolved config is saved");
 
+    // a fresh run into the same folder is refused (it would mix two runs' metrics and
+    // checkpoints); --overwrite replaces the run, and the metrics then hold one run only
+    let (ok, _, err) = rlhf(&["pretrain", "--config", &p("cfg.json"), "--set", "steps=2"]);
+    assert!(!ok && err.contains("run") && err.contains("--overwrite"), "{err}");
+    let (ok, _, err) = rlhf(&["pretrain", "--config", &p("cfg.json"), "--set", "steps=2", "--overwrite"]);
+    assert!(ok, "{err}");
+    let metrics = std::fs::read_to_string(d.path().join("run/metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert!(steps.iter().all(|&s| s <= 2), "only the new run's steps: {steps:?}");
+    assert!(!d.path().join("run/checkpoints/step-6").exists(), "the old run's checkpoints are gone");
+    let (ok, _, err) = rlhf(&["pretrain", "--config", &p("cfg.json"), "--set", "steps=6", "--overwrite"]);
+    assert!(ok, "{err}");
+
     let (ok, out, err) =
         rlhf(&["eval", "--model", &p("run/checkpoints/step-6"), "--data", &p("c.txt"), "--block", "16"]);
     assert!(ok, "{err}");
