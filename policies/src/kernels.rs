@@ -629,6 +629,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn avx512_panel_kernel_gives_the_avx2_kernels_bits() {
         if !has_avx512() {
             return;
