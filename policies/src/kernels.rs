@@ -60,12 +60,68 @@ pub(crate) fn has_avx512() -> bool {
     })
 }
 
+/// The operands of one panel product `y[.., j0..j0+16] (+)= x · panel` ([`panel`]): `x`
+/// `(m, k)` row-major, the panel `wp` `(k, 16)`, `y` `m` rows of stride `n`.
+#[cfg(target_arch = "x86_64")]
+struct PanelProduct<W> {
+    x: *const f32,
+    wp: *const W,
+    y: *mut f32,
+    m: usize,
+    k: usize,
+    n: usize,
+    j0: usize,
+    accumulate: bool,
+}
+
+/// One K-chunk `k0..k1` of a [`PanelProduct`]; `accumulate`: add onto `y` (every chunk after
+/// the first, and the first when the product accumulates).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct KChunk {
+    k0: usize,
+    k1: usize,
+    accumulate: bool,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<W> PanelProduct<W> {
+    /// The product's K-chunks in order, 256 deep: a `256 × 16` chunk of the panel (16 KiB of
+    /// f32) stays in L1 while every row block uses it.
+    #[inline(always)]
+    fn chunks(&self) -> impl Iterator<Item = KChunk> + '_ {
+        const KC: usize = 256;
+        (0..self.k).step_by(KC).map(|k0| KChunk {
+            k0,
+            k1: (k0 + KC).min(self.k),
+            accumulate: self.accumulate || k0 > 0,
+        })
+    }
+}
+
+/// `step(kk)` for every depth `kk` of the chunk in order, unrolled four times (as the
+/// training gemm's kernel, `crate::sgemm`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn depths4(c: KChunk, mut step: impl FnMut(usize)) {
+    let mut kk = c.k0;
+    while kk + 4 <= c.k1 {
+        for u in 0..4 {
+            step(kk + u);
+        }
+        kk += 4;
+    }
+    for kk in kk..c.k1 {
+        step(kk);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::PanelElem;
+    use super::{depths4, KChunk, PanelElem, PanelProduct};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
@@ -96,86 +152,52 @@ mod x86 {
         total
     }
 
-    /// Row blocks of 6 (12 accumulators) over K-chunks of 256; see [`super::panel`].
+    /// Row blocks of 6 (12 accumulators) over the product's K-chunks; see [`super::panel`].
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; the operands are as [`PanelProduct`] states.
     #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn panel<W: PanelElem>(
-        x: *const f32,
-        wp: *const W,
-        y: *mut f32,
-        m: usize,
-        k: usize,
-        n: usize,
-        j0: usize,
-        accumulate: bool,
-    ) {
-        const KC: usize = 256;
-        let mut k0 = 0;
-        while k0 < k {
-            let k1 = (k0 + KC).min(k);
-            let acc_in = accumulate || k0 > 0;
+    pub unsafe fn panel<W: PanelElem>(p: &PanelProduct<W>) {
+        for c in p.chunks() {
             let mut r = 0;
-            while r + 6 <= m {
-                block::<6, W>(x, wp, y, r, k0, k1, k, n, j0, acc_in);
+            while r + 6 <= p.m {
+                block::<6, W>(p, c, r);
                 r += 6;
             }
-            match m - r {
-                5 => block::<5, W>(x, wp, y, r, k0, k1, k, n, j0, acc_in),
-                4 => block::<4, W>(x, wp, y, r, k0, k1, k, n, j0, acc_in),
-                3 => block::<3, W>(x, wp, y, r, k0, k1, k, n, j0, acc_in),
-                2 => block::<2, W>(x, wp, y, r, k0, k1, k, n, j0, acc_in),
-                1 => block::<1, W>(x, wp, y, r, k0, k1, k, n, j0, acc_in),
+            match p.m - r {
+                5 => block::<5, W>(p, c, r),
+                4 => block::<4, W>(p, c, r),
+                3 => block::<3, W>(p, c, r),
+                2 => block::<2, W>(p, c, r),
+                1 => block::<1, W>(p, c, r),
                 _ => {}
             }
-            k0 = k1;
         }
     }
 
+    /// Rows `r0..r0+R` of `y` through one chunk, in `R` pairs of 8-wide accumulators.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn block<const R: usize, W: PanelElem>(
-        x: *const f32,
-        wp: *const W,
-        y: *mut f32,
-        r0: usize,
-        k0: usize,
-        k1: usize,
-        k: usize,
-        n: usize,
-        j0: usize,
-        accumulate: bool,
-    ) {
+    unsafe fn block<const R: usize, W: PanelElem>(p: &PanelProduct<W>, c: KChunk, r0: usize) {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        if accumulate {
+        if c.accumulate {
             for (i, a) in acc.iter_mut().enumerate() {
-                let yr = y.add((r0 + i) * n + j0);
+                let yr = p.y.add((r0 + i) * p.n + p.j0);
                 a[0] = _mm256_loadu_ps(yr);
                 a[1] = _mm256_loadu_ps(yr.add(8));
             }
         }
-        let step = |acc: &mut [[__m256; 2]; R], kk: usize| {
-            let wr = wp.add(kk * 16);
+        depths4(c, |kk| {
+            let wr = p.wp.add(kk * 16);
             let (w0, w1) = (W::load8(wr), W::load8(wr.add(8)));
             for (i, a) in acc.iter_mut().enumerate() {
-                let xb = _mm256_set1_ps(*x.add((r0 + i) * k + kk));
+                let xb = _mm256_set1_ps(*p.x.add((r0 + i) * p.k + kk));
                 a[0] = _mm256_fmadd_ps(xb, w0, a[0]);
                 a[1] = _mm256_fmadd_ps(xb, w1, a[1]);
             }
-        };
-        // unrolled four times, as the training gemm's kernel (`crate::sgemm`)
-        let mut kk = k0;
-        while kk + 4 <= k1 {
-            for u in 0..4 {
-                step(&mut acc, kk + u);
-            }
-            kk += 4;
-        }
-        for kk in kk..k1 {
-            step(&mut acc, kk);
-        }
+        });
         for (i, a) in acc.iter().enumerate() {
-            let yr = y.add((r0 + i) * n + j0);
+            let yr = p.y.add((r0 + i) * p.n + p.j0);
             _mm256_storeu_ps(yr, a[0]);
             _mm256_storeu_ps(yr.add(8), a[1]);
         }
@@ -441,12 +463,10 @@ unsafe fn panel<W: PanelElem>(
 ) {
     let width = PANEL.min(n - j0);
     #[cfg(target_arch = "x86_64")]
-    if has_avx512() && width == PANEL {
-        return avx512::panel(x.as_ptr(), wp.as_ptr(), y, m, k, n, j0, accumulate);
-    }
-    #[cfg(target_arch = "x86_64")]
     if has_fma() && width == PANEL {
-        return x86::panel(x.as_ptr(), wp.as_ptr(), y, m, k, n, j0, accumulate);
+        let p = PanelProduct { x: x.as_ptr(), wp: wp.as_ptr(), y, m, k, n, j0, accumulate };
+        // SAFETY: the CPU features are checked; the caller's contract is the product's.
+        return if has_avx512() { avx512::panel(&p) } else { x86::panel(&p) };
     }
     for r in 0..m {
         let mut acc = [0.0f32; PANEL];
@@ -647,12 +667,14 @@ mod tests {
                     // SAFETY: AVX-512F (checked above); x is (m, k), the panels (k, 16), y
                     // has m rows of stride n ≥ 16.
                     unsafe {
-                        let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
+                        let (x, y) = (x.as_ptr(), y.as_mut_ptr());
+                        let p32 = PanelProduct { x, wp: w32.as_ptr(), y, m, k, n, j0: 0, accumulate };
+                        let p16 = PanelProduct { x, wp: w16.as_ptr(), y, m, k, n, j0: 0, accumulate };
                         match (avx512, f16) {
-                            (false, false) => x86::panel(xp, w32.as_ptr(), yp, m, k, n, 0, accumulate),
-                            (false, true) => x86::panel(xp, w16.as_ptr(), yp, m, k, n, 0, accumulate),
-                            (true, false) => avx512::panel(xp, w32.as_ptr(), yp, m, k, n, 0, accumulate),
-                            (true, true) => avx512::panel(xp, w16.as_ptr(), yp, m, k, n, 0, accumulate),
+                            (false, false) => x86::panel(&p32),
+                            (false, true) => x86::panel(&p16),
+                            (true, false) => avx512::panel(&p32),
+                            (true, true) => avx512::panel(&p16),
                         }
                     }
                     y.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
