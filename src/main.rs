@@ -360,7 +360,7 @@ fn stage_config<T: serde::de::DeserializeOwned>(a: &StageArgs) -> Result<(T, boo
         Some(dir) => {
             let mut set = a.set.clone();
             set.push(format!("out_dir={}", serde_json::to_string(&dir)?));
-            (rlhf::config::load(Some(&dir.join("config.json")), &set)?, true)
+            (rlhf::config::load(Some(&dir.join(rlhf::run::CONFIG)), &set)?, true)
         }
         None => (rlhf::config::load(a.config.as_deref(), &a.set)?, false),
     })

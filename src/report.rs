@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use plotters::prelude::*;
 
+use crate::run::{METRICS, REPORT};
+
 /// One line of a plot: a name and its points.
 type Series = (String, Vec<(f64, f64)>);
 
@@ -28,11 +30,11 @@ pub fn write_report(dir: &Path) -> Result<PathBuf> {
         demo_section(&mut html, &s)?;
     }
     let mut stages: Vec<PathBuf> = vec![];
-    if dir.join("metrics.jsonl").is_file() {
+    if dir.join(METRICS).is_file() {
         stages.push(dir.to_path_buf());
     }
     for name in ["pretrain", "sft", "reward", "ppo", "dpo"] {
-        if dir.join(name).join("metrics.jsonl").is_file() {
+        if dir.join(name).join(METRICS).is_file() {
             stages.push(dir.join(name));
         }
     }
@@ -40,13 +42,13 @@ pub fn write_report(dir: &Path) -> Result<PathBuf> {
         stage_section(&mut html, stage)?;
     }
     html.push_str("</body></html>\n");
-    let out = dir.join("report.html");
+    let out = dir.join(REPORT);
     std::fs::write(&out, html).with_context(|| format!("writing {}", out.display()))?;
     Ok(out)
 }
 
 fn read_metrics(dir: &Path) -> Result<Vec<serde_json::Value>> {
-    let p = dir.join("metrics.jsonl");
+    let p = dir.join(METRICS);
     let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
     text.lines()
         .enumerate()

@@ -15,6 +15,18 @@ use serde_json::Value;
 
 /// The marker file that makes a checkpoint folder valid.
 pub const MARKER: &str = "checkpoint.json";
+/// The run's resolved config.
+pub const CONFIG: &str = "config.json";
+/// One JSON object per logged step.
+pub const METRICS: &str = "metrics.jsonl";
+/// Sample generations, one JSON object each.
+pub const SAMPLES: &str = "samples.jsonl";
+/// The run's HTML report ([`crate::report`]).
+pub const REPORT: &str = "report.html";
+/// The logs a run appends to step by step.
+const LOGS: [&str; 2] = [METRICS, SAMPLES];
+/// The folder of the run's checkpoints.
+const CHECKPOINTS: &str = "checkpoints";
 
 /// A run folder.
 #[derive(Debug, Clone)]
@@ -27,7 +39,7 @@ impl RunDir {
     /// Creates (or reopens) the folder and its `checkpoints/`.
     pub fn create(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
-        std::fs::create_dir_all(root.join("checkpoints")).with_context(|| format!("creating {}", root.display()))?;
+        std::fs::create_dir_all(root.join(CHECKPOINTS)).with_context(|| format!("creating {}", root.display()))?;
         Ok(RunDir { root })
     }
 
@@ -53,16 +65,16 @@ impl RunDir {
     /// What a previous run left in the folder: non-empty logs and checkpoint folders.
     fn previous_run(&self) -> Result<Vec<String>> {
         let mut left = vec![];
-        for name in ["metrics.jsonl", "samples.jsonl"] {
+        for name in LOGS {
             let path = self.root.join(name);
             if path.metadata().is_ok_and(|m| m.len() > 0) {
                 left.push(name.to_string());
             }
         }
-        let dir = self.root.join("checkpoints");
+        let dir = self.root.join(CHECKPOINTS);
         let n = std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?.count();
         if n > 0 {
-            left.push(format!("{n} entries in checkpoints/"));
+            left.push(format!("{n} entries in {CHECKPOINTS}/"));
         }
         Ok(left)
     }
@@ -70,13 +82,13 @@ impl RunDir {
     /// Deletes what a run writes into `root` — `config.json`, the logs, `report.html` and
     /// `checkpoints/` — leaving anything else there alone (`--overwrite`).
     pub fn clear(root: &Path) -> Result<()> {
-        for name in ["config.json", "metrics.jsonl", "samples.jsonl", "report.html"] {
+        for name in [CONFIG, REPORT].into_iter().chain(LOGS) {
             let path = root.join(name);
             if path.exists() {
                 std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
             }
         }
-        let dir = root.join("checkpoints");
+        let dir = root.join(CHECKPOINTS);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         }
@@ -85,22 +97,22 @@ impl RunDir {
 
     /// Writes the resolved config as `config.json` (atomically).
     pub fn write_config<T: Serialize>(&self, cfg: &T) -> Result<()> {
-        write_atomic(&self.root.join("config.json"), serde_json::to_string_pretty(cfg)?.as_bytes())
+        write_atomic(&self.root.join(CONFIG), serde_json::to_string_pretty(cfg)?.as_bytes())
     }
 
     /// Appends to `metrics.jsonl`.
     pub fn metrics(&self) -> Result<JsonlWriter> {
-        JsonlWriter::append(&self.root.join("metrics.jsonl"))
+        JsonlWriter::append(&self.root.join(METRICS))
     }
 
     /// Appends to `samples.jsonl`.
     pub fn samples(&self) -> Result<JsonlWriter> {
-        JsonlWriter::append(&self.root.join("samples.jsonl"))
+        JsonlWriter::append(&self.root.join(SAMPLES))
     }
 
     /// The folder of the checkpoint at `step`.
     pub fn checkpoint_dir(&self, step: usize) -> PathBuf {
-        self.root.join("checkpoints").join(format!("step-{step}"))
+        self.root.join(CHECKPOINTS).join(format!("step-{step}"))
     }
 
     /// Writes a checkpoint atomically: `write` fills a temporary folder, the marker (with
@@ -111,7 +123,7 @@ impl RunDir {
         meta: &M,
         write: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<PathBuf> {
-        let ckpts = self.root.join("checkpoints");
+        let ckpts = self.root.join(CHECKPOINTS);
         let tmp = ckpts.join(format!(".tmp-step-{step}-{}", std::process::id()));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
@@ -135,7 +147,7 @@ impl RunDir {
 
     /// The valid checkpoint with the highest step, if any.
     pub fn latest_checkpoint(&self) -> Result<Option<(usize, PathBuf)>> {
-        let dir = self.root.join("checkpoints");
+        let dir = self.root.join(CHECKPOINTS);
         if !dir.exists() {
             return Ok(None);
         }
@@ -157,7 +169,7 @@ impl RunDir {
     /// Drops `metrics.jsonl` and `samples.jsonl` lines whose `step` is past `step` (written
     /// after the checkpoint a resume restarts from), so a resumed run's logs read as one run.
     pub fn truncate_logs_after(&self, step: usize) -> Result<()> {
-        for name in ["metrics.jsonl", "samples.jsonl"] {
+        for name in LOGS {
             let path = self.root.join(name);
             if !path.exists() {
                 continue;
