@@ -33,7 +33,8 @@ pub fn write_report(dir: &Path) -> Result<PathBuf> {
     if dir.join(METRICS).is_file() {
         stages.push(dir.to_path_buf());
     }
-    for name in ["pretrain", "sft", "reward", "ppo", "dpo"] {
+    // a demo folder: its stages' runs
+    for name in crate::demo::STAGES {
         if dir.join(name).join(METRICS).is_file() {
             stages.push(dir.join(name));
         }

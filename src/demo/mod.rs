@@ -159,11 +159,14 @@ impl RewardModel for GoldTracked {
     }
 }
 
+/// The demo's stage folders inside its output folder, in the order it runs them.
+pub const STAGES: [&str; 5] = ["pretrain", "sft", "reward", "ppo", "dpo"];
+
 /// Runs the demo into `out` (its data, every stage's run folder, `summary.json`). A previous
 /// demo's stage folders there are replaced.
 pub fn run(out: &Path, preset: Preset, seed: u64) -> Result<DemoSummary> {
     let plan = preset.plan();
-    for stage in ["pretrain", "sft", "reward", "ppo", "dpo"] {
+    for stage in STAGES {
         crate::run::RunDir::clear(&out.join(stage))?;
     }
     let data = out.join("data");
