@@ -4,7 +4,8 @@
 //! `X·W`, input gradient `dY·Wᵀ`, weight gradient `Xᵀ·dY` — and the tied LM head at 512
 //! response rows. Two threads, as in the workload.
 //!
-//! `cargo bench --bench gemm`
+//! `cargo bench --bench gemm` (on an AVX-512 CPU the training path runs its 12 × 32 tile;
+//! `RLHF_NO_AVX512=1 cargo bench --bench gemm` measures the 6 × 16 AVX2 tile instead)
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rayon::prelude::*;
