@@ -17,7 +17,7 @@ fn train_step(c: &mut Criterion) {
     let mut group = c.benchmark_group("train_step");
     group.sample_size(10);
     for model in ["tiny", "small"] {
-        let mut bench = TrainStepBench::new(&w, model).expect("bench setup");
+        let mut bench = TrainStepBench::new(&w, model, &dfdx::prelude::Cpu::default()).expect("bench setup");
         group.throughput(Throughput::Elements(bench.tokens as u64));
         group.bench_function(model, |b| b.iter(|| pool.install(|| bench.step().expect("step"))));
     }

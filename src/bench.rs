@@ -5,10 +5,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use dfdx::prelude::Cpu;
+use dfdx::prelude::{Cpu, MeanTo, NoneTape, Rank0, Synchronize};
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use rlhf_policies::{generate, CausalLm, InferenceModel, ModelConfig, SamplingConfig, WeightDtype};
+use rlhf_policies::{
+    generate, Batch, CausalLm, FusedOps, GradBuffers, InferenceModel, ModelConfig, SamplingConfig, WeightDtype,
+};
 use serde::{Deserialize, Serialize};
+
+use crate::device::DeviceKind;
 
 /// The parts of the workload file the benchmarks use (other sections are ignored here).
 #[derive(Debug, Clone, Deserialize)]
@@ -25,6 +29,8 @@ pub struct Workload {
     pub ppo: PpoSpec,
     /// One training step.
     pub train_step: TrainStepSpec,
+    /// One no-grad forward with full logits.
+    pub scoring: ScoringSpec,
     /// TRL's GRPO / RLOO iteration.
     pub trl_grpo: GrpoSpec,
 }
@@ -75,27 +81,43 @@ pub struct TrainStepSpec {
     pub repeats: usize,
 }
 
-/// Timing of the training step.
+/// `workload.scoring`: one no-grad forward over `batch × seq_len` tokens returning the full
+/// logits (the cost of a reference, reward or critic pass in PPO).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ScoringSpec {
+    /// Sequences.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Untimed forwards.
+    pub warmup: usize,
+    /// Timed forwards.
+    pub repeats: usize,
+}
+
+/// Timing of the training step or the scoring forward.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainStepResult {
     /// Model name.
     pub model: String,
+    /// Where it ran.
+    pub device: DeviceKind,
     /// Tokens per step (batch · seq_len).
     pub tokens: usize,
     /// Median tokens/s.
     pub tokens_per_s: f64,
     /// Slowest / fastest step's tokens/s.
     pub range: [f64; 2],
-    /// Last loss (a sanity check that it trains).
+    /// Last loss (a sanity check that it trains; for scoring, the mean logit).
     pub loss: f32,
 }
 
 /// The workload's training step: forward, causal-LM cross-entropy over the batch·(seq−1)
 /// predicted positions, backward, AdamW (no clipping) — the pretrain stage's own step.
 #[derive(Debug)]
-pub struct TrainStepBench {
-    model: CausalLm<Cpu>,
-    opt: rlhf_policies::AdamW<Cpu>,
+pub struct TrainStepBench<D: FusedOps = Cpu> {
+    model: CausalLm<D>,
+    opt: rlhf_policies::AdamW<D>,
     inputs: Vec<Vec<u32>>,
     targets: Vec<usize>,
     lr: f64,
@@ -103,15 +125,12 @@ pub struct TrainStepBench {
     pub tokens: usize,
 }
 
-impl TrainStepBench {
-    /// The seeded model and random token batch of `workload.train_step`.
-    pub fn new(w: &Workload, model: &str) -> anyhow::Result<Self> {
+impl<D: FusedOps + GradBuffers> TrainStepBench<D> {
+    /// The seeded model and random token batch of `workload.train_step`, on `dev`.
+    pub fn new(w: &Workload, model: &str, dev: &D) -> anyhow::Result<Self> {
         let t = &w.train_step;
-        let lm = CausalLm::new(w.model_config(model)?, &Cpu::default(), w.seed)?;
-        let vocab = lm.dims.vocab as u32;
-        let mut rng = StdRng::seed_from_u64(w.seed);
-        let seqs: Vec<Vec<u32>> =
-            (0..t.batch).map(|_| (0..t.seq_len).map(|_| rng.gen_range(0..vocab)).collect()).collect();
+        let lm = CausalLm::new(w.model_config(model)?, dev, w.seed)?;
+        let seqs = random_batch(w.seed, t.batch, t.seq_len, lm.dims.vocab);
         let optim = rlhf_policies::AdamWConfig {
             lr: t.lr,
             betas: t.betas,
@@ -144,27 +163,68 @@ impl TrainStepBench {
     }
 }
 
-/// Times `workload.train_step` for `model` (warm-up, then timed repeats).
-pub fn train_step(w: &Workload, model: &str) -> anyhow::Result<TrainStepResult> {
-    let mut bench = TrainStepBench::new(w, model)?;
+/// `batch` rows of `len` uniform random ids below `vocab`, drawn from `seed`.
+fn random_batch(seed: u64, batch: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..batch).map(|_| (0..len).map(|_| rng.gen_range(0..vocab as u32)).collect()).collect()
+}
+
+/// Times `workload.train_step` for `model` on `device` (warm-up, then timed repeats).
+pub fn train_step(w: &Workload, model: &str, device: DeviceKind) -> anyhow::Result<TrainStepResult> {
+    crate::on_device!(device, dev => {
+        let mut bench = TrainStepBench::new(w, model, dev)?;
+        let (walls, loss) = time_units(dev, w.train_step.warmup, w.train_step.repeats, || bench.step())?;
+        Ok(rate_result(model, device, bench.tokens, walls, loss))
+    })
+}
+
+/// Times `workload.scoring` for `model` on `device`: the full-logits forward without a tape.
+pub fn scoring(w: &Workload, model: &str, device: DeviceKind) -> anyhow::Result<TrainStepResult> {
+    let s = &w.scoring;
+    crate::on_device!(device, dev => {
+        let lm = CausalLm::new(w.model_config(model)?, dev, w.seed)?;
+        let batch = Batch::unpadded(&random_batch(w.seed, s.batch, s.seq_len, lm.dims.vocab))?;
+        let (walls, mean) = time_units(dev, s.warmup, s.repeats, || {
+            let logits = lm.forward(&batch, NoneTape)?;
+            // a scalar read back, so the forward is finished when the clock stops
+            Ok(logits.mean::<Rank0, _>().as_vec()[0])
+        })?;
+        Ok(rate_result(model, device, s.batch * s.seq_len, walls, mean))
+    })
+}
+
+/// Wall seconds of `repeats` calls of `unit` after `warmup` untimed ones (sorted), and the last
+/// value it returned. The device is synchronised before each clock stop (a GPU runs its queue
+/// asynchronously).
+fn time_units<D: Synchronize>(
+    dev: &D,
+    warmup: usize,
+    repeats: usize,
+    mut unit: impl FnMut() -> anyhow::Result<f32>,
+) -> anyhow::Result<(Vec<f64>, f32)> {
     let mut walls = Vec::new();
-    let mut loss = f32::NAN;
-    for i in 0..w.train_step.warmup + w.train_step.repeats.max(1) {
+    let mut last = f32::NAN;
+    for i in 0..warmup + repeats.max(1) {
         let t0 = Instant::now();
-        loss = bench.step()?;
-        if i >= w.train_step.warmup {
+        last = unit()?;
+        dev.try_synchronize().map_err(|e| anyhow::anyhow!("synchronising the device: {e:?}"))?;
+        if i >= warmup {
             walls.push(t0.elapsed().as_secs_f64());
         }
     }
-    let tokens = bench.tokens;
     walls.sort_by(f64::total_cmp);
-    Ok(TrainStepResult {
+    Ok((walls, last))
+}
+
+fn rate_result(model: &str, device: DeviceKind, tokens: usize, walls: Vec<f64>, loss: f32) -> TrainStepResult {
+    TrainStepResult {
         model: model.into(),
+        device,
         tokens,
         tokens_per_s: tokens as f64 / median(&walls),
         range: [tokens as f64 / walls[walls.len() - 1], tokens as f64 / walls[0]],
         loss,
-    })
+    }
 }
 
 /// `workload.ppo` (the fields the benchmarks use so far).

@@ -50,7 +50,9 @@ pub(crate) enum BenchCommand {
     /// Token-level stepping through VecEnv vs raw generation + one reference pass (PPO shapes).
     Env(EnvArgs),
     /// One training step (forward + cross-entropy + backward + AdamW) at the workload's shape.
-    Train(EnvArgs),
+    Train(DeviceArgs),
+    /// One no-grad forward with full logits at the workload's `scoring` shape (32 × 96).
+    Scoring(DeviceArgs),
     /// One PPO iteration (rollout, scoring, advantages, 4 × 4 minibatch updates) per phase.
     Ppo(PpoBenchArgs),
     /// One GRPO / RLOO / REINFORCE++ iteration at the workload's `trl_grpo` shapes (8 prompts ×
@@ -72,6 +74,15 @@ pub(crate) struct EnvArgs {
     /// Also write the JSON results to this file.
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct DeviceArgs {
+    #[command(flatten)]
+    env: EnvArgs,
+    /// Device: cpu, or cuda (GPU 0; needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: rlhf::device::DeviceKind,
 }
 
 #[derive(Debug, clap::Args)]
@@ -223,16 +234,27 @@ pub(crate) fn bench_grpo(a: GrpoBenchArgs) -> Result<()> {
     print_results("grpo_iteration", &all, a.env.out.as_deref())
 }
 
-pub(crate) fn bench_train(a: EnvArgs) -> Result<()> {
-    let (w, pool, models) = setup(&a.workload, a.threads, a.model.as_deref())?;
+/// `rlhf bench train` (`scoring == false`) or `rlhf bench scoring`.
+pub(crate) fn bench_rate(a: DeviceArgs, scoring: bool) -> Result<()> {
+    let (w, pool, models) = setup(&a.env.workload, a.env.threads, a.env.model.as_deref())?;
+    let (name, value) = if scoring { ("scoring", "mean logit") } else { ("train_step", "loss") };
     let mut all = Vec::new();
     for m in &models {
-        let r = pool.install(|| bench::train_step(&w, m))?;
+        let r =
+            pool.install(
+                || {
+                    if scoring {
+                        bench::scoring(&w, m, a.device)
+                    } else {
+                        bench::train_step(&w, m, a.device)
+                    }
+                },
+            )?;
         eprintln!(
-            "train_step {:>5}: {:.0} tok/s [{:.0}-{:.0}] ({} tokens/step, loss {:.3})",
-            r.model, r.tokens_per_s, r.range[0], r.range[1], r.tokens, r.loss
+            "{name} {:>5} on {}: {:.0} tok/s [{:.0}-{:.0}] ({} tokens, {value} {:.3})",
+            r.model, r.device, r.tokens_per_s, r.range[0], r.range[1], r.tokens, r.loss
         );
         all.push(r);
     }
-    print_results("train_step", &all, a.out.as_deref())
+    print_results(name, &all, a.env.out.as_deref())
 }

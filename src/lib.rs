@@ -9,6 +9,7 @@ pub mod bench_ppo;
 pub mod config;
 pub mod data;
 pub mod demo;
+pub mod device;
 pub mod malloc;
 pub mod math;
 pub mod preference;

@@ -265,7 +265,8 @@ fn main() -> Result<()> {
         Command::Eval(a) => eval_cmd(a),
         Command::Bench(BenchCommand::Rollout(a)) => bench_rollout(a),
         Command::Bench(BenchCommand::Env(a)) => bench_env(a),
-        Command::Bench(BenchCommand::Train(a)) => bench_train(a),
+        Command::Bench(BenchCommand::Train(a)) => bench_rate(a, false),
+        Command::Bench(BenchCommand::Scoring(a)) => bench_rate(a, true),
         Command::Bench(BenchCommand::Ppo(a)) => bench_ppo(a),
         Command::Bench(BenchCommand::Grpo(a)) => bench_grpo(a),
     }

@@ -59,7 +59,7 @@ pub use heads::ScalarHead;
 pub use infer::{InferenceModel, KvCache, LogitsAt};
 pub use kernels::WeightDtype;
 pub use model::CausalLm;
-pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
+pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradBuffers};
 pub use params::{HasParams, ParamMut, ParamRef};
 pub use reward_model::{LearnedReward, RewardNormalization};
 pub use sampling::{filtered_logprobs, generate, sample_from_logits, Generation, SamplingConfig};

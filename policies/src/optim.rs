@@ -80,6 +80,30 @@ impl GradBuffers for Cpu {
     }
 }
 
+/// The GPU's buffers go through the host for the norm, the clip scale and checkpoints (one
+/// copy of the gradients per step, ~4 bytes per parameter each way); dfdx's own CUDA kernel
+/// runs the Adam updates. A device-side reduction is the lever if a profile shows the copies.
+#[cfg(feature = "cuda")]
+impl GradBuffers for Cuda {
+    fn sum_sq(buf: &<Self as Storage<f32>>::Vec) -> f64 {
+        Self::read(buf).iter().map(|&g| (g as f64) * (g as f64)).sum()
+    }
+    fn scale(buf: &mut <Self as Storage<f32>>::Vec, s: f32) {
+        let mut host = Self::read(buf);
+        host.iter_mut().for_each(|g| *g *= s);
+        Self::write(buf, &host);
+    }
+    fn read(buf: &<Self as Storage<f32>>::Vec) -> Vec<f32> {
+        buf.device().dtoh_sync_copy(buf).unwrap_or_else(|e| panic!("copying a gradient buffer to the host: {e:?}"))
+    }
+    fn write(buf: &mut <Self as Storage<f32>>::Vec, data: &[f32]) {
+        buf.device().htod_sync_copy_into(data, buf).unwrap_or_else(|e| panic!("copying a buffer to the GPU: {e:?}"))
+    }
+    fn adam_updates(t: i32, jobs: &mut [AdamJob<'_, Self>]) -> Result<(), Self::Err> {
+        jobs.iter_mut().try_for_each(|j| j.run(t))
+    }
+}
+
 /// AdamW hyper-parameters (Loshchilov & Hutter 2019, decoupled weight decay).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -168,14 +192,15 @@ impl<D: GradBuffers> AdamW<D> {
         AdamConfig { lr, betas: self.cfg.betas, eps: self.cfg.eps, weight_decay }
     }
 
-    /// Moves `t`'s gradient and moments out of their maps (zero ones if absent), leaving empty
+    /// Moves `t`'s gradient and moments out of their maps (zero ones if absent), leaving placeholder
     /// buffers. Everything is allocated before anything moves, so a failure loses nothing.
     fn take_buffers<S: Shape>(
         &mut self,
         grads: &mut Gradients<f32, D>,
         t: &Tensor<S, f32, D>,
     ) -> Result<[Buf<D>; 3], PolicyError> {
-        let empty = || Storage::<f32>::try_alloc_len(t.device(), 0).map_err(dev_err);
+        // one element, not zero: CUDA refuses zero-byte allocations
+        let empty = || Storage::<f32>::try_alloc_len(t.device(), 1).map_err(dev_err);
         let empties = [empty()?, empty()?, empty()?];
         for map in [&mut *grads, &mut self.m, &mut self.v] {
             map.try_alloc_for(t).map_err(dev_err)?;

@@ -7,13 +7,18 @@ use anyhow::{bail, Context, Result};
 use dfdx::prelude::*;
 use rlhf_policies::checkpoint::{read_safetensors, write_safetensors};
 use rlhf_policies::params::tensor_id;
-use rlhf_policies::{clip_grad_norm, AdamW, AdamWConfig, CausalLm, HasParams, LearnedReward, ParamRef, Tokenizer};
+use rlhf_policies::{
+    clip_grad_norm, AdamW, AdamWConfig, CausalLm, GradBuffers, HasParams, LearnedReward, ParamRef, Tokenizer,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::run::RunDir;
 
 /// A taped scalar loss on the CPU.
-pub type Loss = Tensor<Rank0, f32, Cpu, OwnedTape<f32, Cpu>>;
+pub type Loss = LossOn<Cpu>;
+
+/// A taped scalar loss on device `D`.
+pub type LossOn<D> = Tensor<Rank0, f32, D, OwnedTape<f32, D>>;
 
 /// Checks the config's counts: each `(name, value)` must be at least 1.
 pub fn require_counts(fields: &[(&str, usize)]) -> Result<()> {
@@ -112,23 +117,24 @@ pub fn restore_latest<M: Checkpointable>(run: &RunDir, optim: &AdamWConfig) -> R
 /// One optimizer step: `micro_loss(i, tape)` for each of `accum` micro-batches (each loss
 /// scaled by `1/accum`, gradients accumulated), global clipping, AdamW at `lr`. Returns the
 /// summed (scaled) loss and the gradient norm before clipping.
-pub fn optimizer_step<M: HasParams<Cpu>>(
+pub fn optimizer_step<D: GradBuffers, M: HasParams<D>>(
     model: &mut M,
-    opt: &mut AdamW<Cpu>,
+    opt: &mut AdamW<D>,
     lr: f64,
     clip: f64,
     accum: usize,
-    mut micro_loss: impl FnMut(&M, usize, OwnedTape<f32, Cpu>) -> Result<Loss>,
+    mut micro_loss: impl FnMut(&M, usize, OwnedTape<f32, D>) -> Result<LossOn<D>>,
 ) -> Result<(f32, f64)> {
     let mut grads = Gradients::leaky();
     let mut loss_sum = 0.0f32;
     let leafs = param_ids(model);
+    let dev = device_of(model)?;
     for micro in 0..accum {
         // keep recording into the same Gradients: backward accumulates (+=) into them
-        let anchor: Tensor<Rank0, f32, Cpu> = Cpu::default().zeros();
+        let anchor: Tensor<Rank0, f32, D> = dev.zeros();
         let (_, tape) = anchor.traced(grads).split_tape();
         let loss = micro_loss(model, micro, tape)? * (1.0 / accum as f32);
-        let value = loss.array();
+        let value = loss.as_vec()[0]; // `array()` needs TensorToArray, which the generic D lacks
         if !value.is_finite() {
             return Err(NonFinite { what: "loss", value, micro }.into());
         }
@@ -141,7 +147,16 @@ pub fn optimizer_step<M: HasParams<Cpu>>(
     Ok((loss_sum, grad_norm))
 }
 
-fn param_ids(model: &impl HasParams<Cpu>) -> Vec<UniqueId> {
+/// The device `model`'s parameters live on.
+pub fn device_of<D: Device<f32>>(model: &impl HasParams<D>) -> Result<D> {
+    match model.params().first() {
+        Some((_, ParamRef::V(t))) => Ok(t.device().clone()),
+        Some((_, ParamRef::M(t))) => Ok(t.device().clone()),
+        None => bail!("the model has no parameters"),
+    }
+}
+
+fn param_ids<D: Device<f32>>(model: &impl HasParams<D>) -> Vec<UniqueId> {
     model
         .params()
         .iter()

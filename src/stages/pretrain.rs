@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use dfdx::prelude::*;
 use rlhf_policies::{
-    generate, AdamW, AdamWConfig, Batch, CausalLm, InferenceModel, ModelConfig, SamplingConfig, Tokenizer,
+    generate, AdamW, AdamWConfig, Batch, CausalLm, FusedOps, InferenceModel, ModelConfig, SamplingConfig, Tokenizer,
 };
 use serde::{Deserialize, Serialize};
 
@@ -128,12 +128,12 @@ pub struct PretrainReport {
 
 /// Mean next-token cross-entropy of `inputs` (rows of `block` ids) against `targets`,
 /// recorded on `tape`.
-pub fn lm_loss<T: Tape<f32, Cpu>>(
-    model: &CausalLm<Cpu>,
+pub fn lm_loss<D: FusedOps, T: Tape<f32, D>>(
+    model: &CausalLm<D>,
     inputs: &[Vec<u32>],
     targets: &[usize],
     tape: T,
-) -> Result<Tensor<Rank0, f32, Cpu, T>> {
+) -> Result<Tensor<Rank0, f32, D, T>> {
     let h = model.forward_hidden(&Batch::unpadded(inputs)?, tape)?;
     let w = vec![1.0 / targets.len() as f32; targets.len()];
     Ok(model.weighted_nll(h, targets, &w))

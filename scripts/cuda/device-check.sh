@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# The GPU machine's check, in one go (a few minutes): what scripts/cuda/build.sh packed into
+# target/cuda-carry/ is unpacked and run here.
+#
+#   1. facts: GPU, driver, CUDA, glibc, whether cargo exists (the build happens elsewhere)
+#   2. the CUDA 13 libraries the binaries need (libnvrtc.so.13, libcublas.so.13,
+#      libcublasLt.so.13), found in the system toolkit or the Python environment's wheels
+#   3. tests/device.rs: every `cpu::` and `cuda::` test — fixture logits against transformers
+#      and the CPU (1e-4) on hf-gpt2-tiny and hf-llama-tiny, training steps and PPO log-probs
+#      against the CPU
+#   4. the workload's benchmarks on the small model, on CUDA and on 2 of this machine's cores
+#   5. a JSON summary on stdout and in $OUT/summary.json
+#
+# Usage (repository root, on the GPU machine): scripts/cuda/device-check.sh
+# Writes logs and JSON under $OUT (default target/cuda-check).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+carry=target/cuda-carry
+out=${OUT:-target/cuda-check}
+mkdir -p "$out"
+[ -f "$carry/rlhf.xz" ] || { echo "device-check.sh: no $carry (run scripts/cuda/build.sh and carry it)" >&2; exit 1; }
+
+{
+  echo "commit: $(cat "$carry/COMMIT")"
+  nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv
+  nvidia-smi | head -4 | tail -2
+  command -v nvcc >/dev/null && nvcc --version | tail -2
+  ldd --version | head -1
+  echo "cargo: $(command -v cargo || echo none)"
+  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1 | tail -1
+  nproc
+} > "$out/facts.txt" 2>&1
+cat "$out/facts.txt"
+
+# 2. CUDA 13 libraries: system toolkit folders, then every nvidia wheel folder Python knows
+dirs=$(ls -d /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib 2>/dev/null)
+dirs="$dirs $(python3 - <<'PY' 2>/dev/null
+import glob, os, site, sys
+roots = site.getsitepackages() + [site.getusersitepackages()] + sys.path
+seen = set()
+for r in roots:
+    for lib in glob.glob(os.path.join(r, "nvidia", "**", "lib"), recursive=True):
+        if lib not in seen:
+            seen.add(lib)
+            print(lib)
+PY
+)"
+libpath=""
+for so in libnvrtc.so.13 libcublas.so.13 libcublasLt.so.13; do
+  found=""
+  for d in $dirs; do
+    if [ -e "$d/$so" ]; then found=$d; break; fi
+  done
+  if [ -z "$found" ]; then
+    found=$(ldconfig -p | awk -v so="$so" '$1 == so { print $NF; exit }' | xargs -r dirname)
+  fi
+  [ -n "$found" ] || { echo "device-check.sh: $so not found (searched: $dirs, ldconfig)" >&2; exit 1; }
+  echo "$so: $found"
+  case ":$libpath:" in *":$found:"*) ;; *) libpath="$libpath:$found" ;; esac
+done
+export LD_LIBRARY_PATH="${libpath#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+bin="$out/bin"
+mkdir -p "$bin"
+xz -dc "$carry/rlhf.xz" > "$bin/rlhf" && xz -dc "$carry/device-tests.xz" > "$bin/device-tests"
+chmod +x "$bin/rlhf" "$bin/device-tests"
+if ldd "$bin/rlhf" | grep -q "not found"; then
+  ldd "$bin/rlhf" >&2
+  exit 1
+fi
+
+# 3. the device-generic tests (CPU and CUDA), one process each, so that a test that aborts
+#    (a CUDA error inside a panic) cannot hide the others
+: > "$out/tests.log"
+tests_rc=0
+for t in $("$bin/device-tests" --list 2>/dev/null | sed -n 's/: test$//p'); do
+  RLHF_SHARED="$carry/shared" RUST_BACKTRACE=1 timeout 120 "$bin/device-tests" --exact "$t" --test-threads 1 \
+    >> "$out/tests.log" 2>&1
+  rc=$?
+  if [ $rc -ne 0 ]; then
+    tests_rc=$rc
+    grep -q "^test $t \.\.\. " "$out/tests.log" || echo "test $t ... FAILED (exit $rc)" >> "$out/tests.log"
+  fi
+done
+grep -E "^test " "$out/tests.log"
+
+# 4. benchmarks: small model, CUDA then 2 CPU cores of this machine
+w="$carry/shared/peers/workload.json"
+run_bench() { # name device
+  timeout 240 "$bin/rlhf" bench "$1" --workload "$w" --model small --device "$2" --threads 2 \
+    --out "$out/$1-$2.json" > /dev/null 2>> "$out/bench.log" || echo "bench $1 on $2 failed (see bench.log)" >&2
+}
+for b in scoring train; do
+  run_bench "$b" cuda
+  run_bench "$b" cpu
+done
+tail -n 20 "$out/bench.log"
+
+# 5. summary
+python3 - "$out" "$tests_rc" <<'PY' | tee "$out/summary.json"
+import glob, json, os, re, sys
+out, rc = sys.argv[1], int(sys.argv[2])
+log = open(os.path.join(out, "tests.log")).read()
+tests = {m[0]: m[1] for m in re.findall(r"^test (\S+) \.\.\. (\w+)", log, re.M)}
+bench = {}
+for f in sorted(glob.glob(os.path.join(out, "*-*.json"))):
+    d = json.load(open(f))
+    for r in d["results"]:
+        bench[f"{d['benchmark']}/{r['model']}/{r['device']}"] = {"tokens_per_s": r["tokens_per_s"], "range": r["range"]}
+facts = open(os.path.join(out, "facts.txt")).read().splitlines()
+print(json.dumps({"facts": facts, "tests_exit": rc, "tests": tests, "bench": bench}, indent=1))
+PY
