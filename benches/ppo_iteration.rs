@@ -20,7 +20,7 @@ fn ppo_iteration(c: &mut Criterion) {
     let mut group = c.benchmark_group("ppo_iteration");
     group.sample_size(10);
     for (name, shared) in [("tiny/shared", true), ("tiny/separate", false)] {
-        let mut t = ppo_trainer(&w, "tiny", shared).expect("bench setup");
+        let mut t = ppo_trainer(&w, "tiny", shared, &dfdx::prelude::Cpu::default()).expect("bench setup");
         let mut it = 0;
         group.bench_function(name, |b| {
             b.iter(|| {

@@ -193,30 +193,30 @@ pub fn scoring(w: &Workload, model: &str, device: DeviceKind) -> anyhow::Result<
     })
 }
 
-/// Wall seconds of `repeats` calls of `unit` after `warmup` untimed ones (sorted), and the last
-/// value it returned. The device is synchronised before each clock stop (a GPU runs its queue
-/// asynchronously).
-fn time_units<D: Synchronize>(
+/// Wall seconds of `repeats` calls of `unit` after `warmup` untimed ones, in run order, and
+/// the last value it returned. The device is synchronised before each clock stop (a GPU runs
+/// its queue asynchronously).
+fn time_units<D: Synchronize, R>(
     dev: &D,
     warmup: usize,
     repeats: usize,
-    mut unit: impl FnMut() -> anyhow::Result<f32>,
-) -> anyhow::Result<(Vec<f64>, f32)> {
+    mut unit: impl FnMut() -> anyhow::Result<R>,
+) -> anyhow::Result<(Vec<f64>, R)> {
     let mut walls = Vec::new();
-    let mut last = f32::NAN;
+    let mut last = None;
     for i in 0..warmup + repeats.max(1) {
         let t0 = Instant::now();
-        last = unit()?;
+        last = Some(unit()?);
         dev.try_synchronize().map_err(|e| anyhow::anyhow!("synchronising the device: {e:?}"))?;
         if i >= warmup {
             walls.push(t0.elapsed().as_secs_f64());
         }
     }
-    walls.sort_by(f64::total_cmp);
-    Ok((walls, last))
+    Ok((walls, last.expect("at least one run")))
 }
 
-fn rate_result(model: &str, device: DeviceKind, tokens: usize, walls: Vec<f64>, loss: f32) -> TrainStepResult {
+fn rate_result(model: &str, device: DeviceKind, tokens: usize, mut walls: Vec<f64>, loss: f32) -> TrainStepResult {
+    walls.sort_by(f64::total_cmp);
     TrainStepResult {
         model: model.into(),
         device,
@@ -318,6 +318,8 @@ impl Workload {
 pub struct RolloutResult {
     /// Model name.
     pub model: String,
+    /// Where it ran.
+    pub device: DeviceKind,
     /// Batch size.
     pub batch: usize,
     /// Generated tokens per timed run (batch · max_new_tokens).
@@ -378,31 +380,40 @@ impl RolloutBench {
     }
 }
 
-/// Runs the rollout benchmark for `model` at each batch size (warm-up, then timed repeats).
+/// Runs the rollout benchmark for `model` at each batch size (warm-up, then timed repeats):
+/// on the CPU with the host engine ([`InferenceModel`], f32 or f16 weights), on a GPU with the
+/// model's own KV-cached decode ([`CausalLm::decode`], f32).
 pub fn rollout(
     w: &Workload,
     model: &str,
     batches: &[usize],
     weights: WeightDtype,
+    device: DeviceKind,
 ) -> anyhow::Result<Vec<RolloutResult>> {
     anyhow::ensure!(w.rollout.repeats > 0, "workload rollout.repeats must be at least 1");
+    anyhow::ensure!(
+        device == DeviceKind::Cpu || weights == WeightDtype::F32,
+        "--weights {weights:?} is the host engine's option; the {device} rollout decodes in f32"
+    );
+    let (warmup, repeats) = (w.rollout.warmup, w.rollout.repeats);
     let mut results = Vec::new();
     for &batch in batches {
         let bench = RolloutBench::new(w, model, batch, weights)?;
-        for _ in 0..w.rollout.warmup {
-            bench.run_once()?;
-        }
-        let mut wall = Vec::new();
-        let mut tokens = 0;
-        for _ in 0..w.rollout.repeats {
-            let t0 = Instant::now();
-            tokens = bench.run_once()?;
-            wall.push(t0.elapsed().as_secs_f64());
-        }
+        let (wall, tokens) = match device {
+            DeviceKind::Cpu => time_units(&Cpu::default(), warmup, repeats, || bench.run_once())?,
+            DeviceKind::Cuda => crate::on_device!(device, dev => {
+                let lm = CausalLm::new(w.model_config(model)?, dev, w.seed)?;
+                time_units(dev, warmup, repeats, || {
+                    let out = generate(&lm, &bench.prompts, 0, &bench.sampling)?;
+                    Ok(out.tokens.iter().map(Vec::len).sum::<usize>())
+                })
+            })?,
+        };
         let mut rates: Vec<f64> = wall.iter().map(|s| tokens as f64 / s).collect();
         rates.sort_by(f64::total_cmp);
         results.push(RolloutResult {
             model: model.to_string(),
+            device,
             batch,
             tokens,
             tokens_per_s: median(&rates),

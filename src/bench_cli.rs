@@ -15,6 +15,10 @@ pub(crate) struct PpoBenchArgs {
     /// Critic: shared value head, separate critic, or both.
     #[arg(long, value_enum, default_value = "both")]
     value: ValueChoice,
+    /// Device of the models' training and scoring: cpu, or cuda (GPU 0; needs a build with
+    /// `--features cuda`). The rollout samples on the host engine either way.
+    #[arg(long, default_value = "cpu")]
+    device: rlhf::device::DeviceKind,
 }
 
 #[derive(Debug, clap::Args)]
@@ -102,9 +106,13 @@ pub(crate) struct RolloutArgs {
     /// Also write the JSON results to this file.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Storage precision of the sampling engine's weights.
+    /// Storage precision of the sampling engine's weights (the CPU's host engine).
     #[arg(long, value_enum, default_value = "f32")]
     weights: Weights,
+    /// Device: cpu (the host engine), or cuda (the model's KV-cached decode on GPU 0; needs a
+    /// build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: rlhf::device::DeviceKind,
 }
 
 pub(crate) fn bench_rollout(a: RolloutArgs) -> Result<()> {
@@ -112,11 +120,12 @@ pub(crate) fn bench_rollout(a: RolloutArgs) -> Result<()> {
     let batches = a.batch.map(|b| vec![b]).unwrap_or_else(|| w.rollout.batch_sizes.clone());
     let mut all = Vec::new();
     for m in &models {
-        let results = pool.install(|| bench::rollout(&w, m, &batches, a.weights.into()))?;
+        let results = pool.install(|| bench::rollout(&w, m, &batches, a.weights.into(), a.device))?;
         for r in &results {
             eprintln!(
-                "rollout {:>5} b={:<3} {:>8.0} tok/s  [{:.0}-{:.0}]  ({} tokens/run, {} threads, {:?} weights)",
+                "rollout {:>5} on {} b={:<3} {:>8.0} tok/s  [{:.0}-{:.0}]  ({} tokens/run, {} threads, {:?} weights)",
                 r.model,
+                r.device,
                 r.batch,
                 r.tokens_per_s,
                 r.tokens_per_s_min,
@@ -200,8 +209,8 @@ pub(crate) fn bench_ppo(a: PpoBenchArgs) -> Result<()> {
     let mut all = Vec::new();
     for m in &models {
         for &shared in critics {
-            let r = pool.install(|| rlhf::bench_ppo::ppo_iteration(&w, m, shared))?;
-            let label = format!("ppo {:>5} {:>8}", r.model, r.value_model);
+            let r = pool.install(|| rlhf::bench_ppo::ppo_iteration(&w, m, shared, a.device))?;
+            let label = format!("ppo {:>5} {:>8} on {}", r.model, r.value_model, r.device);
             eprintln!("{}", iteration_line(&label, r.seconds, r.range, &r.phases));
             all.push(r);
         }

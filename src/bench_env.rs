@@ -128,7 +128,7 @@ impl EnvBench {
     /// The raw path: `generate`, then one batched teacher-forced reference pass over
     /// prompt + response, returning the reference log-probs of the response tokens.
     pub fn run_raw(&self) -> anyhow::Result<Vec<Vec<f32>>> {
-        let out = generate(&self.engine, &self.prompts, 0, &self.sampling)?;
+        let out = generate(self.engine.as_ref(), &self.prompts, 0, &self.sampling)?;
         let b = self.prompts.len();
         let seqs: Vec<Vec<u32>> =
             self.prompts.iter().zip(&out.tokens).map(|(p, r)| [p.as_slice(), r].concat()).collect();

@@ -5,13 +5,13 @@
 use std::collections::BTreeMap;
 
 use anyhow::Result;
-use dfdx::prelude::Cpu;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rlhf_envs::{Detokenizer, EnvError, KlEstimator};
-use rlhf_policies::{AdamW, AdamWConfig, CausalLm, LearnedReward, ScalarHead};
+use rlhf_policies::{AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers, LearnedReward, ScalarHead};
 use serde::Serialize;
 
 use crate::bench::{PhaseTimes, Workload};
+use crate::device::DeviceKind;
 use crate::math::ppo::{KlControl, KlController};
 use crate::schedule::LrSchedule;
 use crate::stages::ppo::PpoConfig;
@@ -35,6 +35,8 @@ pub struct PpoBenchResult {
     pub model: String,
     /// `shared` or `separate`.
     pub value_model: String,
+    /// Where the models train and score (the rollout samples on the host engine).
+    pub device: DeviceKind,
     /// Median seconds per iteration.
     pub seconds: f64,
     /// Fastest and slowest iteration.
@@ -46,16 +48,21 @@ pub struct PpoBenchResult {
 }
 
 /// A trainer on the workload's models: policy (seed), frozen reference, reward model (GPT-2
-/// seed + 1 with a score head) and a shared value head or a critic copied from the reward model.
-pub fn ppo_trainer(w: &Workload, model: &str, shared: bool) -> Result<PpoTrainer<LearnedReward<Cpu>>> {
+/// seed + 1 with a score head) and a shared value head or a critic copied from the reward model,
+/// all on `dev`.
+pub fn ppo_trainer<D: FusedOps + GradBuffers>(
+    w: &Workload,
+    model: &str,
+    shared: bool,
+    dev: &D,
+) -> Result<PpoTrainer<LearnedReward<D>, D>> {
     let p = &w.ppo;
-    let dev = Cpu::default();
-    let policy = CausalLm::new(w.model_config(model)?, &dev, w.seed)?;
+    let policy = CausalLm::new(w.model_config(model)?, dev, w.seed)?;
     let reference = policy.frozen_copy();
-    let rm = LearnedReward::from_backbone(CausalLm::new(w.model_config(model)?, &dev, w.seed + 1)?, 0, w.seed + 1);
+    let rm = LearnedReward::from_backbone(CausalLm::new(w.model_config(model)?, dev, w.seed + 1)?, 0, w.seed + 1);
     let critic = if shared {
         let c = policy.dims.d_model;
-        Critic::Shared(ScalarHead::new(&dev, c, 1.0 / ((c + 1) as f32).sqrt(), w.seed + 2))
+        Critic::Shared(ScalarHead::new(dev, c, 1.0 / ((c + 1) as f32).sqrt(), w.seed + 2))
     } else {
         Critic::Separate(Box::new(LearnedReward {
             model: rm.model.frozen_copy(),
@@ -97,22 +104,26 @@ pub fn ppo_trainer(w: &Workload, model: &str, shared: bool) -> Result<PpoTrainer
     PpoTrainer::new(cfg, models, reference, AdamW::new(optim), state, prompts, rm, Box::new(NoText), None, 0)
 }
 
-/// Times `workload.ppo` for `model` with a shared or separate critic.
-pub fn ppo_iteration(w: &Workload, model: &str, shared: bool) -> Result<PpoBenchResult> {
-    let mut t = ppo_trainer(w, model, shared)?;
-    let mut times = PhaseTimes::default();
-    let mut score_mean = f64::NAN;
-    for it in 0..w.ppo.warmup + w.ppo.repeats.max(1) {
-        let out = t.iteration(it)?.ok_or_else(|| anyhow::anyhow!("iteration {it} skipped"))?;
-        if it >= w.ppo.warmup {
-            times.push(&out.timing);
+/// Times `workload.ppo` for `model` with a shared or separate critic on `device`.
+pub fn ppo_iteration(w: &Workload, model: &str, shared: bool, device: DeviceKind) -> Result<PpoBenchResult> {
+    let (times, score_mean) = crate::on_device!(device, dev => {
+        let mut t = ppo_trainer(w, model, shared, dev)?;
+        let mut times = PhaseTimes::default();
+        let mut score_mean = f64::NAN;
+        for it in 0..w.ppo.warmup + w.ppo.repeats.max(1) {
+            let out = t.iteration(it)?.ok_or_else(|| anyhow::anyhow!("iteration {it} skipped"))?;
+            if it >= w.ppo.warmup {
+                times.push(&out.timing);
+            }
+            score_mean = out.record["objective/scores"].as_f64().unwrap_or(f64::NAN);
         }
-        score_mean = out.record["objective/scores"].as_f64().unwrap_or(f64::NAN);
-    }
+        Ok::<_, anyhow::Error>((times, score_mean))
+    })?;
     let (seconds, range, phases) = times.summary();
     Ok(PpoBenchResult {
         model: model.into(),
         value_model: if shared { "shared" } else { "separate" }.into(),
+        device,
         seconds,
         range,
         phases,

@@ -9,7 +9,10 @@ use common::*;
 use dfdx::prelude::*;
 use rlhf::stages::common::optimizer_step;
 use rlhf::stages::pretrain::lm_loss;
-use rlhf_policies::{AdamW, AdamWConfig, Batch, CausalLm, FusedOps, GradBuffers};
+use rlhf_policies::{
+    generate, AdamW, AdamWConfig, Batch, CausalLm, DeviceKv, DeviceSession, EngineSession, FusedOps, GradBuffers,
+    InferenceModel, KvCache, LogitsAt, SamplingConfig,
+};
 
 const ATOL: f32 = 1e-4;
 
@@ -98,6 +101,135 @@ fn logprobs_and_entropy<D: FusedOps>(name: &str, dev: &D) {
     assert!(max_abs_diff(&grad, &cpu_grad) < ATOL, "{name}: embedding gradient vs CPU");
 }
 
+/// The device's KV-cached decode ([`CausalLm::decode`]): a left-padded prompt batch, then
+/// single columns, against the host engine's logits (1e-4).
+fn decode_matches_engine<D: FusedOps>(name: &str, dev: &D) {
+    let model = load(name, dev);
+    let engine = InferenceModel::from_model(&load(name, &Cpu::default()));
+    let v = model.dims.vocab as u32;
+    let pad = vec![2, 0, 1];
+    let prompt: Vec<u32> = (0..3 * 5).map(|i| if i % 5 < pad[i / 5] { 0 } else { (i as u32 * 7 + 3) % v }).collect();
+    let mut kv = DeviceKv::new(model.dims.n_layer, pad.clone(), 9);
+    let mut cache = KvCache::new(&model.dims, pad, 9);
+    let got = model.decode(&mut kv, &prompt, 5, LogitsAt::All).unwrap();
+    let want = engine.forward(&mut cache, &prompt, 5, LogitsAt::All).unwrap();
+    // pad query rows are garbage on both sides: compare the real ones
+    for (r, i) in [(0, 2), (0, 4), (1, 0), (1, 4), (2, 1), (2, 4)] {
+        let row = |x: &[f32]| x[(r * 5 + i) * v as usize..(r * 5 + i + 1) * v as usize].to_vec();
+        let diff = max_abs_diff(&row(&got), &row(&want));
+        assert!(diff < ATOL, "{name}: prefill row {r} column {i} differs by {diff}");
+    }
+    for step in 0..4u32 {
+        let next: Vec<u32> = (0..3).map(|r| (r * 13 + step * 5 + 1) % v).collect();
+        let got = model.decode(&mut kv, &next, 1, LogitsAt::Last).unwrap();
+        let want = engine.forward(&mut cache, &next, 1, LogitsAt::Last).unwrap();
+        let diff = max_abs_diff(&got, &want);
+        assert!(diff < ATOL, "{name}: decode step {step} differs by {diff}");
+    }
+}
+
+/// `generate` through the device decode: greedy continuations equal transformers' (single
+/// prompts and the left-padded batch), and sampling at temperature 1 draws the same tokens
+/// with the same log-probs as the host engine from the same seed.
+fn generate_on_device<D: FusedOps>(name: &str, dev: &D) {
+    let exp = read_json(&fixture(name).join("expected.json"));
+    let model = load(name, dev);
+    let greedy = SamplingConfig { greedy: true, max_new_tokens: 20, ..Default::default() };
+    for g in exp["greedy"].as_array().unwrap() {
+        let out = generate(&model, &[u32s(&g["prompt_ids"])], 0, &greedy).unwrap();
+        assert_eq!(out.tokens[0], u32s(&g["new_ids"]), "{name}: greedy continuation");
+    }
+    let gb = &exp["greedy_left_padded_batch"];
+    let prompts: Vec<Vec<u32>> = gb["prompt_indices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| u32s(&exp["texts"][i.as_u64().unwrap() as usize]["ids"]))
+        .collect();
+    let out = generate(&model, &prompts, 0, &greedy).unwrap();
+    assert_eq!(out.tokens, u32s_2d(&gb["new_ids"]), "{name}: left-padded greedy batch");
+
+    let sampled = SamplingConfig { max_new_tokens: 12, seed: 5, ..Default::default() };
+    let engine = InferenceModel::from_model(&load(name, &Cpu::default()));
+    let (got, want) =
+        (generate(&model, &prompts, 0, &sampled).unwrap(), generate(&engine, &prompts, 0, &sampled).unwrap());
+    assert_eq!(got.tokens, want.tokens, "{name}: sampled tokens");
+    let diff = max_abs_diff(&got.logprobs.concat(), &want.logprobs.concat());
+    assert!(diff < ATOL, "{name}: sampled log-probs differ by {diff}");
+}
+
+/// One PPO iteration of the benchmark's trainer at toy sizes (rollout on the host engine,
+/// scoring and update on `dev`): the same metrics and weights as on the CPU, and the first
+/// minibatch's ratio is 1.
+fn ppo_iteration<D: FusedOps + GradBuffers>(shared_critic: bool, dev: &D) {
+    let mut v = read_json(&shared().join("peers/workload.json"));
+    v["models"]["toy"] = serde_json::json!({
+        "architecture": "gpt2", "vocab_size": 64, "n_positions": 32, "n_embd": 32, "n_layer": 2, "n_head": 2,
+        "initializer_range": 0.02, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0
+    });
+    for (k, n) in [("batch", 4), ("minibatch_size", 2), ("prompt_len", 5), ("response_len", 6)] {
+        v["ppo"][k] = n.into();
+    }
+    let w: rlhf::bench::Workload = serde_json::from_value(v).unwrap();
+    fn run<E: FusedOps + GradBuffers>(
+        w: &rlhf::bench::Workload,
+        shared: bool,
+        dev: &E,
+    ) -> (serde_json::Value, Vec<f32>) {
+        let mut t = rlhf::bench_ppo::ppo_trainer(w, "toy", shared, dev).unwrap();
+        let out = t.iteration(0).unwrap().expect("not skipped");
+        (out.record, t.models.policy.to_hf_tensors().into_values().flat_map(|t| t.data).collect())
+    }
+    let (record, weights) = run(&w, shared_critic, dev);
+    let (cpu_record, cpu_weights) = run(&w, shared_critic, &Cpu::default());
+    let ratio = record["debug/first_minibatch_ratio"].as_f64().unwrap();
+    assert!((ratio - 1.0).abs() < 1e-6, "first minibatch ratio {ratio}");
+    for key in
+        ["objective/kl", "objective/scores", "loss/policy_avg", "loss/value_avg", "val/ratio", "policy/entropy_avg"]
+    {
+        let (a, b) = (record[key].as_f64().unwrap(), cpu_record[key].as_f64().unwrap());
+        assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "{key}: {a} vs CPU {b}");
+    }
+    let diff = max_abs_diff(&weights, &cpu_weights);
+    assert!(diff < ATOL, "policy weights after one iteration differ from the CPU's by {diff}");
+}
+
+/// The env's policy on the device ([`DeviceSession`]) against the host engine's
+/// ([`EngineSession`]): the same tokens and sampling log-probs from the same seed, with rows of
+/// different prompt lengths and one row leaving early (it is fed pads from then on).
+fn device_session_matches_engine<D: FusedOps>(name: &str, dev: &D) {
+    use rlhf_envs::Policy;
+    let model = load(name, dev);
+    let engine = std::sync::Arc::new(InferenceModel::from_model(&load(name, &Cpu::default())));
+    let sampling = SamplingConfig { temperature: 0.9, top_k: 20, seed: 11, ..Default::default() };
+    let mut ours = DeviceSession::new(&model, 3, 16, sampling.clone());
+    let mut theirs = EngineSession::new(engine, 3, 16, sampling);
+    let prompts: [&[u32]; 3] = [&[5, 9, 2], &[7], &[3, 3, 8, 1]];
+    ours.begin(&[0, 1, 2], &prompts).unwrap();
+    theirs.begin(&[0, 1, 2], &prompts).unwrap();
+    let mut active = vec![0, 1, 2];
+    for step in 0..6 {
+        let (a, b) = (ours.act(&active).unwrap(), theirs.act(&active).unwrap());
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.token, y.token, "{name}: step {step} token");
+            assert!(
+                (x.logprob - y.logprob).abs() < ATOL,
+                "{name}: step {step} log-prob {} vs {}",
+                x.logprob,
+                y.logprob
+            );
+        }
+        let acted = active.clone();
+        if step == 2 {
+            active.retain(|&r| r != 1);
+        }
+        let tokens: Vec<u32> = active.iter().map(|r| a[acted.iter().position(|x| x == r).unwrap()].token).collect();
+        ours.push(&active, &tokens).unwrap();
+        theirs.push(&active, &tokens).unwrap();
+    }
+    assert!(ours.begin(&[1], &[&[4]]).is_err(), "a subset of rows cannot begin on the device session");
+}
+
 macro_rules! device_tests {
     ($m:ident, $dev:expr) => {
         mod $m {
@@ -133,6 +265,38 @@ macro_rules! device_tests {
             #[test]
             fn llama_logprobs_and_entropy_match_cpu() {
                 logprobs_and_entropy("hf-llama-tiny", &$dev);
+            }
+            #[test]
+            fn gpt2_decode_matches_engine() {
+                decode_matches_engine("hf-gpt2-tiny", &$dev);
+            }
+            #[test]
+            fn llama_decode_matches_engine() {
+                decode_matches_engine("hf-llama-tiny", &$dev);
+            }
+            #[test]
+            fn gpt2_generate_on_device() {
+                generate_on_device("hf-gpt2-tiny", &$dev);
+            }
+            #[test]
+            fn llama_generate_on_device() {
+                generate_on_device("hf-llama-tiny", &$dev);
+            }
+            #[test]
+            fn gpt2_device_session_matches_engine() {
+                device_session_matches_engine("hf-gpt2-tiny", &$dev);
+            }
+            #[test]
+            fn llama_device_session_matches_engine() {
+                device_session_matches_engine("hf-llama-tiny", &$dev);
+            }
+            #[test]
+            fn ppo_iteration_shared_critic_matches_cpu() {
+                ppo_iteration(true, &$dev);
+            }
+            #[test]
+            fn ppo_iteration_separate_critic_matches_cpu() {
+                ppo_iteration(false, &$dev);
             }
         }
     };

@@ -32,6 +32,11 @@ pub type Act<D, T> = Tensor<(usize, usize), f32, D, T>;
 
 /// Ops the model uses that a device may fuse.
 pub trait FusedOps: Device<f32> {
+    /// Whether rollouts sample on the host engine ([`InferenceModel`](crate::InferenceModel),
+    /// from a host copy of the weights) rather than through [`CausalLm::decode`](crate::CausalLm::decode)
+    /// on this device: true for the CPU, whose host kernels are its fast path.
+    const HOST_ROLLOUT: bool = false;
+
     /// GPT-2's GELU on `(N, C)`: `gelu_new`'s `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))` or
     /// the exact `x·Φ(x)`.
     fn gelu<T: Tape<f32, Self>>(
@@ -254,6 +259,8 @@ impl FusedOps for Cuda {
 }
 
 impl FusedOps for Cpu {
+    const HOST_ROLLOUT: bool = true;
+
     fn gpt2_block<T: Tape<f32, Self>>(
         x: Act<Self, T>,
         block: &Block<Self>,

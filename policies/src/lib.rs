@@ -27,6 +27,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 mod decode_attn;
+pub mod device_decode;
 pub mod embed;
 pub mod error;
 pub mod fused;
@@ -53,6 +54,7 @@ pub mod tokenizer;
 
 pub use batch::Batch;
 pub use config::{Dims, Family, ModelConfig};
+pub use device_decode::{DeviceKv, DeviceSession};
 pub use error::PolicyError;
 pub use fused::FusedOps;
 pub use heads::ScalarHead;
@@ -62,7 +64,7 @@ pub use model::CausalLm;
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradBuffers};
 pub use params::{HasParams, ParamMut, ParamRef};
 pub use reward_model::{LearnedReward, RewardNormalization};
-pub use sampling::{filtered_logprobs, generate, sample_from_logits, Generation, SamplingConfig};
+pub use sampling::{filtered_logprobs, generate, sample_from_logits, Decode, Generation, SamplingConfig};
 pub use session::EngineSession;
 pub use tokenizer::Tokenizer;
 

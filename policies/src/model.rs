@@ -125,7 +125,7 @@ pub enum Mlp<D: Storage<f32>> {
 
 impl<D: FusedOps> Mlp<D> {
     /// `r + mlp(x)`.
-    fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>, r: &A2<D, NoneTape>, gelu: GeluKind) -> A2<D, T> {
+    pub(crate) fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>, r: &A2<D, NoneTape>, gelu: GeluKind) -> A2<D, T> {
         match self {
             Mlp::Gelu { fc, proj } => proj.forward_residual(D::gelu(fc.forward(x), gelu), r),
             Mlp::SwiGlu { gate, up, down } => {
@@ -173,12 +173,12 @@ pub(crate) struct Ctx<D: Storage<f32>> {
     rope: Option<Rope<D>>,
 }
 
-struct Rope<D: Storage<f32>> {
-    cos_q: T2<D>,
-    sin_q: T2<D>,
-    cos_k: T2<D>,
-    sin_k: T2<D>,
-    rot: T2<D>,
+pub(crate) struct Rope<D: Storage<f32>> {
+    pub(crate) cos_q: T2<D>,
+    pub(crate) sin_q: T2<D>,
+    pub(crate) cos_k: T2<D>,
+    pub(crate) sin_k: T2<D>,
+    pub(crate) rot: T2<D>,
 }
 
 impl<D: FusedOps> Block<D> {
@@ -235,7 +235,12 @@ impl<D: FusedOps> Block<D> {
 }
 
 /// `rope(x) = x·cos + rotate_half(x)·sin` on `(N, Dh)` rows (NeoX / rotate_half layout).
-fn apply_rope<D: Device<f32>, T: Tape<f32, D>>(x: A2<D, T>, cos: &T2<D>, sin: &T2<D>, rot: &T2<D>) -> A2<D, T> {
+pub(crate) fn apply_rope<D: Device<f32>, T: Tape<f32, D>>(
+    x: A2<D, T>,
+    cos: &T2<D>,
+    sin: &T2<D>,
+    rot: &T2<D>,
+) -> A2<D, T> {
     let (x, tape) = x.split_tape();
     let rotated = x.retaped::<T>().matmul(rot.clone());
     x.put_tape(tape) * cos.clone() + rotated * sin.clone()
@@ -404,8 +409,13 @@ impl<D: FusedOps> CausalLm<D> {
     }
 
     fn rope_tables(&self, batch: &Batch) -> Rope<D> {
+        self.rope_at(&batch.position_ids)
+    }
+
+    /// RoPE tables for one row per entry of `positions`.
+    pub(crate) fn rope_at(&self, positions: &[usize]) -> Rope<D> {
         let dims = &self.dims;
-        let (cos, sin) = crate::rope::tables(&batch.position_ids, dims.head_dim, dims.rope_theta);
+        let (cos, sin) = crate::rope::tables(positions, dims.head_dim, dims.rope_theta);
         let expand = |tab: &[f32], heads: usize| {
             let dh = dims.head_dim;
             let mut out = Vec::with_capacity(tab.len() * heads);
@@ -414,7 +424,7 @@ impl<D: FusedOps> CausalLm<D> {
                     out.extend_from_slice(row);
                 }
             }
-            self.dev.tensor_from_vec(out, (batch.b * batch.t * heads, dh))
+            self.dev.tensor_from_vec(out, (positions.len() * heads, dh))
         };
         let dh = dims.head_dim;
         let half = dh / 2;

@@ -6,9 +6,55 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::config::Dims;
+use crate::device_decode::DeviceKv;
 use crate::error::PolicyError;
+use crate::fused::FusedOps;
 use crate::infer::{InferenceModel, KvCache, LogitsAt};
 use crate::kernels::exp_inplace;
+use crate::model::CausalLm;
+
+/// A model [`generate`] can sample from: a KV cache per batch, and a forward that feeds the next
+/// columns and returns each row's last logits.
+pub trait Decode {
+    /// The cache type.
+    type Cache;
+    /// Sizes.
+    fn dims(&self) -> &Dims;
+    /// An empty cache for `pad.len()` rows of at most `cap` columns, row `r` left-padded by
+    /// `pad[r]`.
+    fn new_cache(&self, pad: Vec<usize>, cap: usize) -> Self::Cache;
+    /// Feeds `ids` `(B, n)`; returns the last column's logits `(B, V)` on the host.
+    fn feed(&self, cache: &mut Self::Cache, ids: &[u32], n: usize) -> Result<Vec<f32>, PolicyError>;
+}
+
+/// The host engine: the CPU's rollout path.
+impl Decode for InferenceModel {
+    type Cache = KvCache;
+    fn dims(&self) -> &Dims {
+        &self.dims
+    }
+    fn new_cache(&self, pad: Vec<usize>, cap: usize) -> KvCache {
+        KvCache::new(&self.dims, pad, cap)
+    }
+    fn feed(&self, cache: &mut KvCache, ids: &[u32], n: usize) -> Result<Vec<f32>, PolicyError> {
+        self.forward(cache, ids, n, LogitsAt::Last)
+    }
+}
+
+/// The model itself, on its device ([`CausalLm::decode`]): the rollout path on a GPU.
+impl<D: FusedOps> Decode for CausalLm<D> {
+    type Cache = DeviceKv<D>;
+    fn dims(&self) -> &Dims {
+        &self.dims
+    }
+    fn new_cache(&self, pad: Vec<usize>, cap: usize) -> DeviceKv<D> {
+        DeviceKv::new(self.dims.n_layer, pad, cap)
+    }
+    fn feed(&self, cache: &mut DeviceKv<D>, ids: &[u32], n: usize) -> Result<Vec<f32>, PolicyError> {
+        self.decode(cache, ids, n, LogitsAt::Last)
+    }
+}
 
 /// How to pick each next token.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,8 +129,8 @@ pub struct Generation {
 }
 
 /// Samples continuations of `prompts` (left-padded with `pad_id` into one batch).
-pub fn generate(
-    model: &InferenceModel,
+pub fn generate<M: Decode>(
+    model: &M,
     prompts: &[Vec<u32>],
     pad_id: u32,
     cfg: &SamplingConfig,
@@ -95,7 +141,7 @@ pub fn generate(
     }
     let b = prompts.len();
     let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let d = &model.dims;
+    let d = model.dims();
     if d.family == crate::config::Family::Gpt2 && t + cfg.max_new_tokens > d.max_positions {
         return Err(PolicyError::Input(format!(
             "prompt of {t} tokens + max_new_tokens {} exceeds the model's {} positions (n_positions)",
@@ -105,14 +151,14 @@ pub fn generate(
     let pad: Vec<usize> = prompts.iter().map(|p| t - p.len()).collect();
     let ids: Vec<u32> =
         prompts.iter().zip(&pad).flat_map(|(p, &k)| std::iter::repeat_n(pad_id, k).chain(p.iter().copied())).collect();
-    let mut cache = KvCache::new(&model.dims, pad, t + cfg.max_new_tokens);
-    let v = model.dims.vocab;
+    let mut cache = model.new_cache(pad, t + cfg.max_new_tokens);
+    let v = d.vocab;
     let mut rngs: Vec<StdRng> = (0..b).map(|r| StdRng::seed_from_u64(row_seed(cfg.seed, r))).collect();
     let mut out = Generation { tokens: vec![vec![]; b], logprobs: vec![vec![]; b], finished: vec![false; b] };
     if cfg.max_new_tokens == 0 {
         return Ok(out);
     }
-    let mut logits = model.forward(&mut cache, &ids, t, LogitsAt::Last)?;
+    let mut logits = model.feed(&mut cache, &ids, t)?;
     for step in 0..cfg.max_new_tokens {
         let forbid_end = step < cfg.min_new_tokens;
         let picks: Vec<(u32, f32)> = if b >= 8 {
@@ -142,7 +188,7 @@ pub fn generate(
         if step + 1 == cfg.max_new_tokens || out.finished.iter().all(|&f| f) {
             break;
         }
-        logits = model.forward(&mut cache, &next, 1, LogitsAt::Last)?;
+        logits = model.feed(&mut cache, &next, 1)?;
     }
     Ok(out)
 }

@@ -227,28 +227,44 @@ impl Policy for EngineSession {
         for &r in rows {
             self.current(r)?;
         }
-        // each row draws from its own RNG, so the result does not depend on threading
-        let mut slots: Vec<Option<&mut StdRng>> = self.rngs.iter_mut().map(Some).collect();
-        let rngs: Vec<&mut StdRng> = rows
-            .iter()
-            .map(|&r| slots[r].take().ok_or_else(|| EnvError::Model(format!("row {r} repeated"))))
-            .collect::<Result<_, _>>()?;
-        let (logits, steps, sampling) = (&self.logits, &self.steps, &self.sampling);
-        let one = |(&r, rng): (&usize, &mut StdRng)| {
-            let mut l = logits[r].clone();
-            let (token, logprob) = sample_from_logits(&mut l, sampling, steps[r] < sampling.min_new_tokens, rng);
-            Action { token, logprob }
-        };
-        Ok(if rows.len() >= PAR_ROWS {
-            rows.par_iter().zip(rngs.into_par_iter()).map(one).collect()
-        } else {
-            rows.iter().zip(rngs).map(one).collect()
-        })
+        sample_rows(rows, &self.logits, &self.steps, &mut self.rngs, &self.sampling)
     }
 
     fn push(&mut self, rows: &[usize], tokens: &[u32]) -> Result<(), EnvError> {
         self.feed(rows, tokens)
     }
+}
+
+/// One token for each row in `rows` from its current `logits[r]`, drawn with the row's own RNG
+/// (so the result does not depend on threading); EOS/stop ids are masked while `steps[r]` is
+/// below `min_new_tokens`. The sessions' shared [`Policy::act`].
+pub(crate) fn sample_rows(
+    rows: &[usize],
+    logits: &[Vec<f32>],
+    steps: &[usize],
+    rngs: &mut [StdRng],
+    sampling: &SamplingConfig,
+) -> Result<Vec<Action>, EnvError> {
+    let mut slots: Vec<Option<&mut StdRng>> = rngs.iter_mut().map(Some).collect();
+    let rngs: Vec<&mut StdRng> = rows
+        .iter()
+        .map(|&r| {
+            slots
+                .get_mut(r)
+                .and_then(Option::take)
+                .ok_or_else(|| EnvError::Model(format!("row {r} repeated or out of range")))
+        })
+        .collect::<Result<_, _>>()?;
+    let one = |(&r, rng): (&usize, &mut StdRng)| {
+        let mut l = logits[r].clone();
+        let (token, logprob) = sample_from_logits(&mut l, sampling, steps[r] < sampling.min_new_tokens, rng);
+        Action { token, logprob }
+    };
+    Ok(if rows.len() >= PAR_ROWS {
+        rows.par_iter().zip(rngs.into_par_iter()).map(one).collect()
+    } else {
+        rows.iter().zip(rngs).map(one).collect()
+    })
 }
 
 impl Detokenizer for Tokenizer {

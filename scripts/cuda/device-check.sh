@@ -6,9 +6,10 @@
 #   2. the CUDA 13 libraries the binaries need (libnvrtc.so.13, libcublas.so.13,
 #      libcublasLt.so.13), found in the system toolkit or the Python environment's wheels
 #   3. tests/device.rs: every `cpu::` and `cuda::` test — fixture logits against transformers
-#      and the CPU (1e-4) on hf-gpt2-tiny and hf-llama-tiny, training steps and PPO log-probs
-#      against the CPU
-#   4. the workload's benchmarks on the small model, on CUDA and on 2 of this machine's cores
+#      and the CPU (1e-4) on hf-gpt2-tiny and hf-llama-tiny, training steps, PPO log-probs, the
+#      KV-cached decode, generation and a PPO iteration against the CPU
+#   4. the workload's scoring, train-step, rollout and PPO-iteration benchmarks on the small
+#      model, on CUDA and on 2 of this machine's cores
 #   5. a JSON summary on stdout and in $OUT/summary.json
 #
 # Usage (repository root, on the GPU machine): scripts/cuda/device-check.sh
@@ -84,17 +85,21 @@ for t in $("$bin/device-tests" --list 2>/dev/null | sed -n 's/: test$//p'); do
 done
 grep -E "^test " "$out/tests.log"
 
-# 4. benchmarks: small model, CUDA then 2 CPU cores of this machine
+# 4. the workload's benchmarks on the small model: CUDA, then 2 CPU cores of this machine
 w="$carry/shared/peers/workload.json"
-run_bench() { # name device
-  timeout 240 "$bin/rlhf" bench "$1" --workload "$w" --model small --device "$2" --threads 2 \
-    --out "$out/$1-$2.json" > /dev/null 2>> "$out/bench.log" || echo "bench $1 on $2 failed (see bench.log)" >&2
+run_bench() { # name device [extra args]
+  local name=$1 device=$2
+  shift 2
+  timeout 240 "$bin/rlhf" bench "$name" --workload "$w" --model small --device "$device" --threads 2 "$@" \
+    --out "$out/$name-$device.json" > /dev/null 2>> "$out/bench.log" || echo "bench $name on $device failed" >> "$out/bench.log"
 }
-for b in scoring train; do
-  run_bench "$b" cuda
-  run_bench "$b" cpu
+for device in cuda cpu; do
+  run_bench scoring $device
+  run_bench train $device
+  run_bench rollout $device
+  run_bench ppo $device --value shared
 done
-tail -n 20 "$out/bench.log"
+grep -v "^ \|^Stack\|^$" "$out/bench.log" | tail -n 40
 
 # 5. summary
 python3 - "$out" "$tests_rc" <<'PY' | tee "$out/summary.json"
@@ -106,7 +111,13 @@ bench = {}
 for f in sorted(glob.glob(os.path.join(out, "*-*.json"))):
     d = json.load(open(f))
     for r in d["results"]:
-        bench[f"{d['benchmark']}/{r['model']}/{r['device']}"] = {"tokens_per_s": r["tokens_per_s"], "range": r["range"]}
+        key = f"{d['benchmark']}/{r['model']}/{r['device']}"
+        if "batch" in r:  # rollout
+            bench[f"{key}/b{r['batch']}"] = {"tokens_per_s": r["tokens_per_s"], "range": [r["tokens_per_s_min"], r["tokens_per_s_max"]]}
+        elif "seconds" in r:  # PPO iteration
+            bench[f"{key}/{r['value_model']}"] = {"seconds": r["seconds"], "range": r["range"], "phases": r["phases"]}
+        else:
+            bench[key] = {"tokens_per_s": r["tokens_per_s"], "range": r["range"]}
 facts = open(os.path.join(out, "facts.txt")).read().splitlines()
 print(json.dumps({"facts": facts, "tests_exit": rc, "tests": tests, "bench": bench}, indent=1))
 PY

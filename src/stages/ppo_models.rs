@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use dfdx::prelude::*;
 use rlhf_policies::checkpoint::{read_safetensors, write_safetensors, HostTensor};
-use rlhf_policies::{Batch, CausalLm, HasParams, LearnedReward, ParamMut, ParamRef, ScalarHead, Tokenizer};
+use rlhf_policies::{Batch, CausalLm, FusedOps, HasParams, LearnedReward, ParamMut, ParamRef, ScalarHead, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::stages::common::Checkpointable;
@@ -36,22 +36,22 @@ impl Default for ValueModelConfig {
     }
 }
 
-/// The critic.
+/// The critic, on device `D`.
 #[derive(Debug)]
-pub enum Critic {
+pub enum Critic<D: Device<f32> = Cpu> {
     /// A value head `(C → 1)` on the policy's final hidden states.
-    Shared(ScalarHead<Cpu>),
+    Shared(ScalarHead<D>),
     /// Its own backbone and head (the head's bias is trained).
-    Separate(Box<LearnedReward<Cpu>>),
+    Separate(Box<LearnedReward<D>>),
 }
 
-/// Policy + critic: what PPO's optimizer updates.
+/// Policy + critic on device `D`: what PPO's optimizer updates.
 #[derive(Debug)]
-pub struct PpoModels {
+pub struct PpoModels<D: Device<f32> = Cpu> {
     /// π_θ.
-    pub policy: CausalLm<Cpu>,
+    pub policy: CausalLm<D>,
     /// V_φ.
-    pub critic: Critic,
+    pub critic: Critic<D>,
 }
 
 /// One rollout as the training forward sees it: `ids = prompt ⧺ response`.
@@ -87,13 +87,13 @@ pub fn response_rows(seqs: &[&Seq], pad: u32) -> Result<(Batch, Vec<usize>, Vec<
 
 /// Per response token of `seqs` (in order): `[log π(token)…, entropy…]` `(2N,)` of
 /// `softmax(logits / temperature)`, with `model`'s training forward.
-pub fn logprobs_and_entropy<T: Tape<f32, Cpu>>(
-    model: &CausalLm<Cpu>,
+pub fn logprobs_and_entropy<D: FusedOps, T: Tape<f32, D>>(
+    model: &CausalLm<D>,
     seqs: &[&Seq],
     pad: u32,
     temperature: f32,
     tape: T,
-) -> Result<Tensor<(usize,), f32, Cpu, T>> {
+) -> Result<Tensor<(usize,), f32, D, T>> {
     let (batch, rows, targets) = response_rows(seqs, pad)?;
     let h = model.forward_hidden_rows(&batch, &rows, tape)?;
     Ok(model.logprobs_and_entropy(h, &targets, temperature))
@@ -102,9 +102,9 @@ pub fn logprobs_and_entropy<T: Tape<f32, Cpu>>(
 /// Per sequence, `Σ_t log π_θ(token) − log π_ref(token)` over its response tokens
 /// (temperature 1): on samples from π_θ, an unbiased estimate of the sequence-level
 /// KL(π_θ‖π_ref).
-pub fn sequence_log_ratios(
-    policy: &CausalLm<Cpu>,
-    reference: &CausalLm<Cpu>,
+pub fn sequence_log_ratios<D: FusedOps>(
+    policy: &CausalLm<D>,
+    reference: &CausalLm<D>,
     seqs: &[&Seq],
     pad: u32,
 ) -> Result<Vec<f64>> {
@@ -121,17 +121,17 @@ pub fn sequence_log_ratios(
         .collect())
 }
 
-impl PpoModels {
+impl<D: FusedOps> PpoModels<D> {
     /// The policy's `[logprobs…, entropies…]` `(2N,)` and the critic's values `(N,)` for
     /// every response token of `seqs`, from one taped pass (two for a separate critic).
     #[allow(clippy::type_complexity)]
-    pub fn forward<T: Tape<f32, Cpu>>(
+    pub fn forward<T: Tape<f32, D>>(
         &self,
         seqs: &[&Seq],
         pad: u32,
         temperature: f32,
         tape: T,
-    ) -> Result<(Tensor<(usize,), f32, Cpu, T>, Tensor<(usize,), f32, Cpu, T>)> {
+    ) -> Result<(Tensor<(usize,), f32, D, T>, Tensor<(usize,), f32, D, T>)> {
         let (batch, rows, targets) = response_rows(seqs, pad)?;
         let hr = self.policy.forward_hidden_rows(&batch, &rows, tape)?;
         match &self.critic {
@@ -153,7 +153,9 @@ impl PpoModels {
             }
         }
     }
+}
 
+impl PpoModels {
     /// Builds the critic as configured: `reward_model` is the reward checkpoint, if any.
     pub fn new(policy: CausalLm<Cpu>, cfg: &ValueModelConfig, reward_model: Option<&Path>) -> Result<Self> {
         let critic = match cfg {
@@ -184,8 +186,8 @@ fn zero_head(c: usize) -> ScalarHead<Cpu> {
     ScalarHead { w: dev.zeros_like(&(c, 1)), b: dev.zeros_like(&(1,)) }
 }
 
-impl HasParams<Cpu> for PpoModels {
-    fn params(&self) -> Vec<(String, ParamRef<'_, Cpu>)> {
+impl<D: Device<f32>> HasParams<D> for PpoModels<D> {
+    fn params(&self) -> Vec<(String, ParamRef<'_, D>)> {
         let mut out: Vec<_> = self.policy.params().into_iter().map(|(n, p)| (format!("policy.{n}"), p)).collect();
         let (model, head) = match &self.critic {
             Critic::Shared(h) => (None, h),
@@ -198,7 +200,7 @@ impl HasParams<Cpu> for PpoModels {
         out.push(("value.head.bias".into(), ParamRef::V(&head.b)));
         out
     }
-    fn params_mut(&mut self) -> Vec<(String, ParamMut<'_, Cpu>)> {
+    fn params_mut(&mut self) -> Vec<(String, ParamMut<'_, D>)> {
         let mut out: Vec<_> = self.policy.params_mut().into_iter().map(|(n, p)| (format!("policy.{n}"), p)).collect();
         let (model, head) = match &mut self.critic {
             Critic::Shared(h) => (None, h),

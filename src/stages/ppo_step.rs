@@ -9,15 +9,18 @@ use anyhow::{bail, Result};
 use dfdx::prelude::*;
 use rlhf_envs::kl::{kl_terms, shaped_rewards};
 use rlhf_envs::{
-    Detokenizer, EnvError, Episode, KlConfig, NoReference, PromptSource, RewardModel, Rollout, TextEnvConfig, VecEnv,
+    Detokenizer, EnvError, Episode, KlConfig, NoReference, Policy, PromptSource, RewardModel, Rollout, TextEnvConfig,
+    VecEnv,
 };
 use rlhf_policies::fused::host_loss;
-use rlhf_policies::{AdamW, CausalLm, EngineSession, InferenceModel, SamplingConfig};
+use rlhf_policies::{
+    AdamW, CausalLm, DeviceSession, EngineSession, FusedOps, GradBuffers, InferenceModel, SamplingConfig,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{mix, sample_blocks};
 use crate::math::ppo::{explained_variance, gae, ppo_policy_loss, ppo_value_loss, whiten, KlController};
-use crate::stages::common::{optimizer_step, or_skip_non_finite, shuffled_minibatches, Loss};
+use crate::stages::common::{optimizer_step, or_skip_non_finite, shuffled_minibatches, LossOn};
 use crate::stages::ppo::{KlUnit, OnNonFinite, PpoConfig};
 use crate::stages::ppo_models::{logprobs_and_entropy, PpoModels, Seq};
 
@@ -32,17 +35,19 @@ pub struct PpoState {
     pub skipped_batches: usize,
 }
 
-/// The models, optimizer, env and controller of a PPO run.
+/// The models, optimizer, env and controller of a PPO run, on device `D`. The rollout samples
+/// on the host engine from a copy of the policy's weights on the CPU
+/// ([`FusedOps::HOST_ROLLOUT`]), through the policy's own KV-cached decode elsewhere.
 #[derive(Debug)]
-pub struct PpoTrainer<M> {
+pub struct PpoTrainer<M, D: FusedOps = Cpu> {
     /// The configuration.
     pub cfg: PpoConfig,
     /// Policy and critic.
-    pub models: PpoModels,
+    pub models: PpoModels<D>,
     /// The frozen reference π_ref (never updated).
-    pub reference: CausalLm<Cpu>,
+    pub reference: CausalLm<D>,
     /// AdamW over policy and critic.
-    pub opt: AdamW<Cpu>,
+    pub opt: AdamW<D>,
     /// The environment. It rolls out without a reference: the scoring pass computes π_ref's
     /// log-probs with the same training forward as the policy's (so iteration 0's KL is
     /// exactly 0), and a second reference pass in the env's KV-cache engine would be thrown
@@ -70,15 +75,15 @@ pub struct IterationOutput {
     pub timing: [Duration; 3],
 }
 
-impl<M: RewardModel> PpoTrainer<M> {
+impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
     /// Builds the env over `prompts` (`(ids, text)`) with `reward`; `eos` ends responses
     /// (`None`: always `max_new_tokens`), `pad` pads batches.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: PpoConfig,
-        models: PpoModels,
-        reference: CausalLm<Cpu>,
-        opt: AdamW<Cpu>,
+        models: PpoModels<D>,
+        reference: CausalLm<D>,
+        opt: AdamW<D>,
         state: PpoState,
         prompts: Vec<(Vec<u32>, String)>,
         reward: M,
@@ -113,11 +118,17 @@ impl<M: RewardModel> PpoTrainer<M> {
         let cfg = &self.cfg;
         // ALGO: rollout with the current policy (sampling engine with its KV cache)
         let t0 = Instant::now();
-        let engine = Arc::new(InferenceModel::from_model(&self.models.policy));
         let eos = (!self.env.config().eos_ids.is_empty()).then_some(self.eos);
         let sampler = sampling(cfg, eos, mix(cfg.seed, it as u64, 1));
-        let mut session = EngineSession::new(engine, cfg.batch_size, capacity(cfg), sampler);
-        let episodes = match self.env.rollout_with(&mut session, Rollout { group_size: 1, reference: false }) {
+        let mut session: Box<dyn Policy + '_> = if D::HOST_ROLLOUT {
+            let engine = Arc::new(InferenceModel::from_model(&self.models.policy));
+            Box::new(EngineSession::new(engine, cfg.batch_size, capacity(cfg), sampler))
+        } else {
+            Box::new(DeviceSession::new(&self.models.policy, cfg.batch_size, capacity(cfg), sampler))
+        };
+        let rolled = self.env.rollout_with(session.as_mut(), Rollout { group_size: 1, reference: false });
+        drop(session); // it borrows the policy, which the update changes
+        let episodes = match rolled {
             Ok(e) => e,
             Err(EnvError::NonFinite { .. }) if cfg.on_nonfinite == OnNonFinite::Skip => {
                 self.state.skipped_batches += 1;
@@ -206,10 +217,10 @@ fn minibatches(cfg: &PpoConfig, it: usize, epoch: usize) -> Vec<Vec<Vec<usize>>>
 }
 
 /// The scoring pass over `episodes`, micro-batch by micro-batch in `layout`.
-fn score(
+fn score<D: FusedOps>(
     cfg: &PpoConfig,
-    models: &PpoModels,
-    reference: &CausalLm<Cpu>,
+    models: &PpoModels<D>,
+    reference: &CausalLm<D>,
     episodes: &[Episode],
     layout: &[Vec<Vec<usize>>],
     pad: u32,
@@ -305,10 +316,10 @@ pub struct UpdateStats {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn update(
+fn update<D: FusedOps + GradBuffers>(
     cfg: &PpoConfig,
-    models: &mut PpoModels,
-    opt: &mut AdamW<Cpu>,
+    models: &mut PpoModels<D>,
+    opt: &mut AdamW<D>,
     s: &Scored,
     it: usize,
     lr: f64,
@@ -350,9 +361,9 @@ fn update(
 /// The loss of one micro-batch: clipped policy loss − entropy bonus + c_v · clipped value loss
 /// (+ γ_ptx · LM loss), each sum divided by `denom`.
 #[allow(clippy::too_many_arguments)]
-fn minibatch_loss(
+fn minibatch_loss<D: FusedOps>(
     cfg: &PpoConfig,
-    models: &PpoModels,
+    models: &PpoModels<D>,
     s: &Scored,
     micro: &[usize],
     denom: f64,
@@ -360,8 +371,8 @@ fn minibatch_loss(
     ptx: Option<&[u32]>,
     (it, epoch, m, k): (usize, usize, usize, usize),
     st: &mut UpdateStats,
-    tape: OwnedTape<f32, Cpu>,
-) -> Result<Loss> {
+    tape: OwnedTape<f32, D>,
+) -> Result<LossOn<D>> {
     let seqs: Vec<&Seq> = micro.iter().map(|&i| &s.seqs[i]).collect();
     let gather = |x: &[Vec<f32>]| -> Vec<f32> { micro.iter().flat_map(|&i| x[i].iter().copied()).collect() };
     let (old, adv, old_v, ret) =
@@ -401,8 +412,8 @@ fn minibatch_loss(
         (m * 1000 + k) as u64,
     );
     let lm = crate::stages::pretrain::lm_loss(&models.policy, &inputs, &targets, tape)?;
-    st.ptx_loss += lm.array() as f64 / cfg.grad_accum as f64;
-    Ok(lm * p.coef as f32 + loss.retaped::<OwnedTape<f32, Cpu>>())
+    st.ptx_loss += lm.as_vec()[0] as f64 / cfg.grad_accum as f64;
+    Ok(lm * p.coef as f32 + loss.retaped::<OwnedTape<f32, D>>())
 }
 
 /// (mean over sequences of Σ_t k(t), mean over tokens of k(t)).
