@@ -6,6 +6,7 @@
 #   device-tests.xz  tests/device.rs built with `--features cuda` (its `cpu::` and `cuda::` tests)
 #   shared/          the fixtures and workload those need (hf-gpt2-tiny, hf-llama-tiny,
 #                    peers/workload.json), since the GPU machine has no ../shared
+#   nvrtc-*          the headers dfdx's run-time (NVRTC) kernels include, and where
 #
 # The toolkit comes from scripts/cuda/toolkit.sh (NVIDIA's CUDA 13.0 wheels, a stub
 # nvidia-smi and a stub libcuda for the linker). The binaries need libcuda.so.1 (the driver),
@@ -17,10 +18,17 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 shared=${RLHF_SHARED:-../shared}
 scripts/cuda/toolkit.sh
-root=$PWD/target/cuda-toolkit
-export PATH="$root/bin:$PATH" CUDA_ROOT="$root"
-cargo build --release --features cuda --target-dir target/cuda --bin rlhf
-test_bin=$(cargo test --release --features cuda --target-dir target/cuda --test device --no-run \
+# dfdx compiles some kernels at run time with NVRTC, #including "cuda_fp16.h" from the build's
+# $CUDA_ROOT/include and "cuda_utils.cuh" from its build-script OUT_DIR: absolute paths baked
+# into the binary. Both live under /tmp/rlhf-cuda, which device-check.sh recreates on the GPU
+# machine from the packed headers (any machine can write /tmp).
+stage=/tmp/rlhf-cuda
+mkdir -p "$stage"
+ln -sfn "$PWD/target/cuda-toolkit" "$stage/toolkit"
+export PATH="$stage/toolkit/bin:$PATH" CUDA_ROOT="$stage/toolkit"
+target=$stage/target
+cargo build --release --features cuda --target-dir "$target" --bin rlhf
+test_bin=$(cargo test --release --features cuda --target-dir "$target" --test device --no-run \
   --message-format=json 2>/dev/null |
   python3 -c 'import json,sys
 for line in sys.stdin:
@@ -31,14 +39,21 @@ for line in sys.stdin:
 
 out=target/cuda-carry
 rm -rf "$out" && mkdir -p "$out/shared/fixtures" "$out/shared/peers"
-for pair in "target/cuda/release/rlhf:rlhf" "$test_bin:device-tests"; do
+for pair in "$target/release/rlhf:rlhf" "$test_bin:device-tests"; do
   src=${pair%%:*} name=${pair##*:}
   objcopy --strip-debug "$src" "$out/$name"
   xz -T0 -6 "$out/$name"
 done
+# NVRTC's include folders, as device-check.sh must recreate them
+tar -chJf "$out/nvrtc-include.tar.xz" -C "$stage/toolkit" include
+for dir in "$target"/release/build/dfdx-*/out; do
+  [ -f "$dir/cuda_utils.cuh" ] && echo "$dir" >> "$out/nvrtc-dirs.txt"
+done
+mkdir -p "$out/nvrtc-cuh"
+cp "$(head -1 "$out/nvrtc-dirs.txt")"/*.cuh "$out/nvrtc-cuh/"
 cp -r "$shared/fixtures/hf-gpt2-tiny" "$shared/fixtures/hf-llama-tiny" "$out/shared/fixtures/"
 cp "$shared/peers/workload.json" "$out/shared/peers/"
 git rev-parse HEAD > "$out/COMMIT"
 git status --porcelain | grep -q . && echo "(working tree had uncommitted changes)" >> "$out/COMMIT"
 du -sh "$out"
-readelf -d target/cuda/release/rlhf | grep NEEDED
+readelf -d "$target/release/rlhf" | grep NEEDED
