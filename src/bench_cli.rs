@@ -15,8 +15,8 @@ pub(crate) struct PpoBenchArgs {
     /// Critic: shared value head, separate critic, or both.
     #[arg(long, value_enum, default_value = "both")]
     value: ValueChoice,
-    /// Device of the models' training and scoring: cpu, or cuda (GPU 0; needs a build with
-    /// `--features cuda`). The rollout samples on the host engine either way.
+    /// Device: cpu, or cuda (GPU 0; needs a build with `--features cuda`; the rollout decodes
+    /// there too).
     #[arg(long, default_value = "cpu")]
     device: rlhf::device::DeviceKind,
 }
@@ -28,6 +28,9 @@ pub(crate) struct GrpoBenchArgs {
     /// Algorithm: grpo, rloo, reinforce-pp, or all.
     #[arg(long, value_enum, default_value = "all")]
     algo: AlgoChoice,
+    /// Device: cpu, or cuda (GPU 0; needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: rlhf::device::DeviceKind,
 }
 
 /// `--algo` values.
@@ -234,8 +237,8 @@ pub(crate) fn bench_grpo(a: GrpoBenchArgs) -> Result<()> {
     let mut all = Vec::new();
     for m in &models {
         for &algo in &algos {
-            let r = pool.install(|| rlhf::bench_grpo::grpo_iteration(&w, m, algo))?;
-            let label = format!("{:>12} {:>5}", r.algo, r.model);
+            let r = pool.install(|| rlhf::bench_grpo::grpo_iteration(&w, m, algo, a.device))?;
+            let label = format!("{:>12} {:>5} on {}", r.algo, r.model, r.device);
             eprintln!("{}", iteration_line(&label, r.seconds, r.range, &r.phases));
             all.push(r);
         }

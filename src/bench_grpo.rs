@@ -6,13 +6,13 @@
 use std::collections::BTreeMap;
 
 use anyhow::Result;
-use dfdx::prelude::Cpu;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use rlhf_policies::{AdamW, AdamWConfig, CausalLm, LearnedReward};
+use rlhf_policies::{AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers, LearnedReward};
 use serde::Serialize;
 
 use crate::bench::{PhaseTimes, Workload};
 use crate::bench_ppo::NoText;
+use crate::device::DeviceKind;
 use crate::schedule::LrSchedule;
 use crate::stages::grpo::{Algo, GrpoConfig};
 use crate::stages::grpo_step::{GroupState, GroupTrainer};
@@ -24,6 +24,8 @@ pub struct GrpoBenchResult {
     pub model: String,
     /// `grpo`, `rloo` or `reinforce-pp`.
     pub algo: String,
+    /// Where the models train and score.
+    pub device: DeviceKind,
     /// Median seconds per iteration.
     pub seconds: f64,
     /// Fastest and slowest iteration.
@@ -36,12 +38,16 @@ pub struct GrpoBenchResult {
 
 /// A trainer on the workload's models: policy (seed), frozen reference, reward model (GPT-2
 /// seed + 1 with a score head), as `trl_grpo.py` builds them.
-pub fn grpo_trainer(w: &Workload, model: &str, algo: Algo) -> Result<GroupTrainer<LearnedReward<Cpu>>> {
+pub fn grpo_trainer<D: FusedOps + GradBuffers>(
+    w: &Workload,
+    model: &str,
+    algo: Algo,
+    dev: &D,
+) -> Result<GroupTrainer<LearnedReward<D>, D>> {
     let g = &w.trl_grpo;
-    let dev = Cpu::default();
-    let policy = CausalLm::new(w.model_config(model)?, &dev, w.seed)?;
+    let policy = CausalLm::new(w.model_config(model)?, dev, w.seed)?;
     let reference = policy.frozen_copy();
-    let rm = LearnedReward::from_backbone(CausalLm::new(w.model_config(model)?, &dev, w.seed + 1)?, 0, w.seed + 1);
+    let rm = LearnedReward::from_backbone(CausalLm::new(w.model_config(model)?, dev, w.seed + 1)?, 0, w.seed + 1);
     let optim = AdamWConfig { lr: g.learning_rate, weight_decay: 0.0, ..Default::default() };
     let cfg = GrpoConfig {
         seed: w.seed,
@@ -67,19 +73,22 @@ pub fn grpo_trainer(w: &Workload, model: &str, algo: Algo) -> Result<GroupTraine
     GroupTrainer::new(cfg, policy, Some(reference), AdamW::new(optim), state, prompts, rm, Box::new(NoText), None, 0)
 }
 
-/// Times `workload.trl_grpo` for `model` with `algo`.
-pub fn grpo_iteration(w: &Workload, model: &str, algo: Algo) -> Result<GrpoBenchResult> {
-    let mut t = grpo_trainer(w, model, algo)?;
-    let mut times = PhaseTimes::default();
-    let mut reward_mean = f64::NAN;
+/// Times `workload.trl_grpo` for `model` with `algo` on `device`.
+pub fn grpo_iteration(w: &Workload, model: &str, algo: Algo, device: DeviceKind) -> Result<GrpoBenchResult> {
     let g = &w.trl_grpo;
-    for it in 0..g.warmup_iterations + g.repeats.max(1) {
-        let out = t.iteration(it)?.ok_or_else(|| anyhow::anyhow!("iteration {it} skipped"))?;
-        if it >= g.warmup_iterations {
-            times.push(&out.timing);
+    let (times, reward_mean) = crate::on_device!(device, dev => {
+        let mut t = grpo_trainer(w, model, algo, dev)?;
+        let mut times = PhaseTimes::default();
+        let mut reward_mean = f64::NAN;
+        for it in 0..g.warmup_iterations + g.repeats.max(1) {
+            let out = t.iteration(it)?.ok_or_else(|| anyhow::anyhow!("iteration {it} skipped"))?;
+            if it >= g.warmup_iterations {
+                times.push(&out.timing);
+            }
+            reward_mean = out.record["reward"].as_f64().unwrap_or(f64::NAN);
         }
-        reward_mean = out.record["reward"].as_f64().unwrap_or(f64::NAN);
-    }
+        Ok::<_, anyhow::Error>((times, reward_mean))
+    })?;
     let (seconds, range, phases) = times.summary();
-    Ok(GrpoBenchResult { model: model.into(), algo: algo.name().into(), seconds, range, phases, reward_mean })
+    Ok(GrpoBenchResult { model: model.into(), algo: algo.name().into(), device, seconds, range, phases, reward_mean })
 }

@@ -35,7 +35,7 @@ pub struct PpoBenchResult {
     pub model: String,
     /// `shared` or `separate`.
     pub value_model: String,
-    /// Where the models train and score (the rollout samples on the host engine).
+    /// Where the models run (on the CPU the rollout samples on the host engine).
     pub device: DeviceKind,
     /// Median seconds per iteration.
     pub seconds: f64,

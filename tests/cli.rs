@@ -69,6 +69,14 @@ fn user_errors_are_clear() {
     assert!(!ok && err.contains("config.json"), "{err}");
     let (ok, out, _) = rlhf(&["--help"]);
     assert!(ok && out.contains("pretrain") && out.contains("generate") && out.contains("bench"));
+    std::fs::write(&cfg, r#"{"files": ["x.txt"]}"#).unwrap();
+    let (ok, _, err) = rlhf(&["pretrain", "--config", cfg.to_str().unwrap(), "--set", "device=gpu"]);
+    assert!(!ok && err.contains("device") && err.contains("cuda"), "{err}");
+    #[cfg(not(feature = "cuda"))]
+    {
+        let (ok, _, err) = rlhf(&["pretrain", "--config", cfg.to_str().unwrap(), "--set", "device=cuda"]);
+        assert!(!ok && err.contains("without the `cuda` feature"), "{err}");
+    }
 }
 
 #[test]

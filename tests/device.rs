@@ -230,10 +230,58 @@ fn device_session_matches_engine<D: FusedOps>(name: &str, dev: &D) {
     assert!(ours.begin(&[1], &[&[4]]).is_err(), "a subset of rows cannot begin on the device session");
 }
 
+/// The pretrain stage (`device` in its config) on `kind` and on the CPU: the same losses at
+/// every step, and checkpoints that load back.
+fn pretrain_stage(kind: rlhf::device::DeviceKind) {
+    use rlhf::stages::pretrain::{train, PretrainConfig};
+    let d = tempfile::tempdir().unwrap();
+    let corpus = d.path().join("c.txt");
+    std::fs::write(&corpus, "to be or not to be, that is the question.\n".repeat(40)).unwrap();
+    let run = |device, name: &str| {
+        let cfg = PretrainConfig {
+            out_dir: d.path().join(name),
+            files: vec![corpus.clone()],
+            model: rlhf_policies::ModelConfig::gpt2_preset(1, 32, 2, 2, 32),
+            block_size: 16,
+            batch_size: 4,
+            steps: 4,
+            eval_every: 2,
+            eval_batches: 2,
+            checkpoint_every: 2,
+            sample_tokens: 5,
+            device,
+            ..Default::default()
+        };
+        train(cfg, false).unwrap();
+        std::fs::read_to_string(d.path().join(name).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let (ours, cpu) = (run(kind, "dev"), run(rlhf::device::DeviceKind::Cpu, "cpu"));
+    assert_eq!(ours.len(), 4);
+    for (a, b) in ours.iter().zip(&cpu) {
+        for key in ["loss", "grad_norm", "val_loss"] {
+            if let (Some(x), Some(y)) = (a[key].as_f64(), b[key].as_f64()) {
+                assert!((x - y).abs() < 1e-4 * y.abs().max(1.0), "step {}: {key} {x} vs CPU {y}", a["step"]);
+            }
+        }
+    }
+    let (model, _) =
+        rlhf_policies::checkpoint::load_with_tokenizer(&d.path().join("dev/checkpoints/step-4"), &Cpu::default())
+            .unwrap();
+    assert_eq!(model.dims.n_layer, 2);
+}
+
 macro_rules! device_tests {
-    ($m:ident, $dev:expr) => {
+    ($m:ident, $dev:expr, $kind:expr) => {
         mod $m {
             use super::*;
+            #[test]
+            fn pretrain_stage_matches_cpu() {
+                pretrain_stage($kind);
+            }
             #[test]
             fn gpt2_fixture_logits() {
                 fixture_logits("hf-gpt2-tiny", &$dev);
@@ -302,6 +350,6 @@ macro_rules! device_tests {
     };
 }
 
-device_tests!(cpu, Cpu::default());
+device_tests!(cpu, Cpu::default(), rlhf::device::DeviceKind::Cpu);
 #[cfg(feature = "cuda")]
-device_tests!(cuda, rlhf::device::cuda(0).expect("a CUDA device"));
+device_tests!(cuda, rlhf::device::cuda(0).expect("a CUDA device"), rlhf::device::DeviceKind::Cuda);

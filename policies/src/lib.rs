@@ -64,8 +64,10 @@ pub use model::CausalLm;
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradBuffers};
 pub use params::{HasParams, ParamMut, ParamRef};
 pub use reward_model::{LearnedReward, RewardNormalization};
-pub use sampling::{filtered_logprobs, generate, sample_from_logits, Decode, Generation, SamplingConfig};
-pub use session::EngineSession;
+pub use sampling::{
+    filtered_logprobs, generate, generate_from, sample_from_logits, Decode, Generation, SamplingConfig,
+};
+pub use session::{policy_session, EngineSession};
 pub use tokenizer::Tokenizer;
 
 /// The training path's matrix product `c (m×n, row-major) = a · b` on the current rayon pool

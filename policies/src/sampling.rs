@@ -193,6 +193,22 @@ pub fn generate<M: Decode>(
     Ok(out)
 }
 
+/// [`generate`] from a training model on its device's rollout path
+/// ([`FusedOps::HOST_ROLLOUT`]): the host engine from a snapshot of the weights on the CPU, the
+/// model's own KV-cached decode elsewhere.
+pub fn generate_from<D: FusedOps>(
+    model: &CausalLm<D>,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    cfg: &SamplingConfig,
+) -> Result<Generation, PolicyError> {
+    if D::HOST_ROLLOUT {
+        generate(&InferenceModel::from_model(model), prompts, pad_id, cfg)
+    } else {
+        generate(model, prompts, pad_id, cfg)
+    }
+}
+
 /// The seed of row `row`'s RNG: splitmix64 of `(seed, row)`.
 pub fn row_seed(seed: u64, row: usize) -> u64 {
     // splitmix64 of (seed, row): distinct, well-mixed streams per row.

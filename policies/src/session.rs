@@ -8,7 +8,10 @@ use rand::{rngs::StdRng, SeedableRng};
 use rayon::prelude::*;
 use rlhf_envs::{Action, Detokenizer, EnvError, LogProbModel, Policy};
 
+use crate::device_decode::DeviceSession;
+use crate::fused::FusedOps;
 use crate::infer::{InferenceModel, KvCache, LogitsAt};
+use crate::model::CausalLm;
 use crate::sampling::{logprob_at_temperature, row_seed, sample_from_logits, SamplingConfig};
 use crate::tokenizer::Tokenizer;
 
@@ -232,6 +235,23 @@ impl Policy for EngineSession {
 
     fn push(&mut self, rows: &[usize], tokens: &[u32]) -> Result<(), EnvError> {
         self.feed(rows, tokens)
+    }
+}
+
+/// The env's [`Policy`] for a training model, on its device's rollout path
+/// ([`FusedOps::HOST_ROLLOUT`]): an [`EngineSession`] over a host snapshot of the weights on the
+/// CPU, a [`DeviceSession`] on the model itself elsewhere. `rows` streams of at most `capacity`
+/// tokens.
+pub fn policy_session<'m, D: FusedOps>(
+    model: &'m CausalLm<D>,
+    rows: usize,
+    capacity: usize,
+    sampling: SamplingConfig,
+) -> Box<dyn Policy + 'm> {
+    if D::HOST_ROLLOUT {
+        Box::new(EngineSession::new(Arc::new(InferenceModel::from_model(model)), rows, capacity, sampling))
+    } else {
+        Box::new(DeviceSession::new(model, rows, capacity, sampling))
     }
 }
 

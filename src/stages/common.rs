@@ -8,7 +8,7 @@ use dfdx::prelude::*;
 use rlhf_policies::checkpoint::{read_safetensors, write_safetensors};
 use rlhf_policies::params::tensor_id;
 use rlhf_policies::{
-    clip_grad_norm, AdamW, AdamWConfig, CausalLm, GradBuffers, HasParams, LearnedReward, ParamRef, Tokenizer,
+    clip_grad_norm, AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers, HasParams, LearnedReward, ParamRef, Tokenizer,
 };
 use serde::{Deserialize, Serialize};
 
@@ -58,37 +58,37 @@ pub struct TrainerState {
 }
 
 /// What a stage trains and checkpoints as one HF folder: a language model, or a backbone
-/// with a score head.
-pub trait Checkpointable: HasParams<Cpu> + Sized {
+/// with a score head, on device `D`.
+pub trait Checkpointable<D: Device<f32> = Cpu>: HasParams<D> + Sized {
     /// Writes the model folder (config, weights, tokenizer) into `dir`.
     fn save_dir(&self, dir: &Path, tok: &Tokenizer) -> Result<()>;
-    /// Reads what [`Checkpointable::save_dir`] wrote.
-    fn load_dir(dir: &Path) -> Result<(Self, Tokenizer)>;
+    /// Reads what [`Checkpointable::save_dir`] wrote onto `dev`.
+    fn load_dir(dir: &Path, dev: &D) -> Result<(Self, Tokenizer)>;
 }
 
-impl Checkpointable for CausalLm<Cpu> {
+impl<D: FusedOps> Checkpointable<D> for CausalLm<D> {
     fn save_dir(&self, dir: &Path, tok: &Tokenizer) -> Result<()> {
         Ok(self.save_pretrained(dir, Some(tok))?)
     }
-    fn load_dir(dir: &Path) -> Result<(Self, Tokenizer)> {
-        Ok(rlhf_policies::checkpoint::load_with_tokenizer(dir, &Cpu::default())?)
+    fn load_dir(dir: &Path, dev: &D) -> Result<(Self, Tokenizer)> {
+        Ok(rlhf_policies::checkpoint::load_with_tokenizer(dir, dev)?)
     }
 }
 
-impl Checkpointable for LearnedReward<Cpu> {
+impl<D: FusedOps> Checkpointable<D> for LearnedReward<D> {
     fn save_dir(&self, dir: &Path, tok: &Tokenizer) -> Result<()> {
         Ok(self.save_pretrained(dir, Some(tok), None)?)
     }
-    fn load_dir(dir: &Path) -> Result<(Self, Tokenizer)> {
-        let (rm, _) = LearnedReward::load_pretrained(dir, &Cpu::default())?;
+    fn load_dir(dir: &Path, dev: &D) -> Result<(Self, Tokenizer)> {
+        let (rm, _) = LearnedReward::load_pretrained(dir, dev)?;
         let tok = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
         Ok((rm, tok))
     }
 }
 
-/// A model, its tokenizer and optimizer, and the step to continue from.
+/// A model, its tokenizer and optimizer (on device `D`), and the step to continue from.
 #[derive(Debug)]
-pub struct Restored<M> {
+pub struct Restored<M, D: Device<f32> = Cpu> {
     /// Steps already done.
     pub step: usize,
     /// The model.
@@ -96,16 +96,20 @@ pub struct Restored<M> {
     /// Its tokenizer.
     pub tok: Tokenizer,
     /// The optimizer with its moments.
-    pub opt: AdamW<Cpu>,
+    pub opt: AdamW<D>,
 }
 
 /// The last complete checkpoint of `run` (model, tokenizer, optimizer), with the logs written
 /// after it dropped; an error if there is none.
-pub fn restore_latest<M: Checkpointable>(run: &RunDir, optim: &AdamWConfig) -> Result<Restored<M>> {
+pub fn restore_latest<D: GradBuffers, M: Checkpointable<D>>(
+    run: &RunDir,
+    optim: &AdamWConfig,
+    dev: &D,
+) -> Result<Restored<M, D>> {
     let Some((step, dir)) = run.latest_checkpoint()? else {
         bail!("{}: no complete checkpoint to resume from", run.root.display());
     };
-    let (model, tok) = M::load_dir(&dir)?;
+    let (model, tok) = M::load_dir(&dir, dev)?;
     let state = read_marker(&dir)?;
     let file = dir.join("optimizer.safetensors");
     let mut opt = AdamW::new(optim.clone());
@@ -169,22 +173,22 @@ fn param_ids<D: Device<f32>>(model: &impl HasParams<D>) -> Vec<UniqueId> {
 
 /// Writes `checkpoints/step-N` atomically: the HF model folder with its tokenizer, and the
 /// optimizer state.
-pub fn save<M: Checkpointable>(
+pub fn save<D: GradBuffers, M: Checkpointable<D>>(
     run: &RunDir,
     step: usize,
     model: &M,
     tok: &Tokenizer,
-    opt: &mut AdamW<Cpu>,
+    opt: &mut AdamW<D>,
 ) -> Result<()> {
     save_with(run, step, model, opt, |dir| model.save_dir(dir, tok))
 }
 
 /// [`save`] with a custom writer of the model folder (e.g. extra fields in its config).
-pub fn save_with<M: HasParams<Cpu>>(
+pub fn save_with<D: GradBuffers, M: HasParams<D>>(
     run: &RunDir,
     step: usize,
     model: &M,
-    opt: &mut AdamW<Cpu>,
+    opt: &mut AdamW<D>,
     write_model: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
     let (adam_t, state) = opt.state(&model.params())?;

@@ -17,15 +17,16 @@ use anyhow::{bail, Result};
 use dfdx::prelude::*;
 use rlhf_policies::checkpoint::load_with_tokenizer;
 use rlhf_policies::fused::host_loss;
-use rlhf_policies::{generate, AdamW, AdamWConfig, CausalLm, InferenceModel, SamplingConfig, Tokenizer};
+use rlhf_policies::{generate_from, AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers, SamplingConfig, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{epoch_index, mix};
+use crate::device::DeviceKind;
 use crate::math::dpo::{dpo_loss, DpoLoss, PairLogps};
 use crate::preference::{read_comparisons, read_labelled, Comparison, PreferenceFormat};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
-use crate::stages::common::{optimizer_step, require_counts, require_fraction, restore_latest, save, Loss};
+use crate::stages::common::{optimizer_step, require_counts, require_fraction, restore_latest, save, LossOn};
 use crate::stages::kto::{kto_batch_loss, kto_examples, pair_accuracy, KtoExample, TokLabelled};
 use crate::stages::ppo_models::{logprobs_and_entropy, sequence_log_ratios, Seq};
 use crate::stages::reward::{tokenize_with, RewardTruncation, TokComparison, TokenizeSpec};
@@ -79,6 +80,9 @@ pub struct DpoConfig {
     pub eval_samples: usize,
     /// New tokens per evaluation sample (temperature 1). Default `64`.
     pub sample_tokens: usize,
+    /// Device of the policy and the reference: `cpu` (default) or `cuda` (GPU 0, a build with
+    /// `--features cuda`).
+    pub device: DeviceKind,
 }
 
 impl Default for DpoConfig {
@@ -105,6 +109,7 @@ impl Default for DpoConfig {
             checkpoint_every: 100,
             eval_samples: 8,
             sample_tokens: 64,
+            device: DeviceKind::Cpu,
         }
     }
 }
@@ -189,12 +194,12 @@ pub struct DpoReport {
 }
 
 /// Sequence log-prob sums of `seqs` under `model` (temperature 1), taped.
-pub(crate) fn seq_logps<T: Tape<f32, Cpu>>(
-    model: &CausalLm<Cpu>,
+pub(crate) fn seq_logps<D: FusedOps, T: Tape<f32, D>>(
+    model: &CausalLm<D>,
     seqs: &[&Seq],
     pad: u32,
     tape: T,
-) -> Result<Tensor<(usize,), f32, Cpu, T>> {
+) -> Result<Tensor<(usize,), f32, D, T>> {
     logprobs_and_entropy(model, seqs, pad, 1.0, tape)
 }
 
@@ -224,13 +229,13 @@ pub struct BatchOut {
 }
 
 /// The loss of `pairs` with the policy's taped forward, and the pairs' implicit rewards.
-pub fn pair_loss<T: Tape<f32, Cpu>>(
+pub fn pair_loss<D: FusedOps, T: Tape<f32, D>>(
     cfg: &DpoConfig,
-    policy: &CausalLm<Cpu>,
+    policy: &CausalLm<D>,
     pairs: &[&Pair],
     pad: u32,
     tape: T,
-) -> Result<(Tensor<Rank0, f32, Cpu, T>, BatchOut)> {
+) -> Result<(Tensor<Rank0, f32, D, T>, BatchOut)> {
     let seqs: Vec<&Seq> = pairs.iter().flat_map(|p| [&p.chosen, &p.rejected]).collect();
     let lpe = seq_logps(policy, &seqs, pad, tape)?;
     let mut res = BatchOut::default();
@@ -269,14 +274,14 @@ pub fn pair_loss<T: Tape<f32, Cpu>>(
 }
 
 /// The loss of the items `idx` of `set` (pairs or KTO examples), and their rewards.
-pub fn batch_loss<T: Tape<f32, Cpu>>(
+pub fn batch_loss<D: FusedOps, T: Tape<f32, D>>(
     cfg: &DpoConfig,
-    policy: &CausalLm<Cpu>,
+    policy: &CausalLm<D>,
     set: &Examples,
     idx: &[usize],
     pad: u32,
     tape: T,
-) -> Result<(Tensor<Rank0, f32, Cpu, T>, BatchOut)> {
+) -> Result<(Tensor<Rank0, f32, D, T>, BatchOut)> {
     match (set, cfg.loss) {
         (Examples::Pairs(p), _) => {
             let batch: Vec<&Pair> = idx.iter().map(|&i| &p[i]).collect();
@@ -326,20 +331,24 @@ fn stats_of(set: &Examples, outs: &[BatchOut]) -> DpoStats {
 /// Runs (or, with `resume`, continues) DPO (or KTO) as configured.
 pub fn train(cfg: DpoConfig, resume: bool) -> Result<DpoReport> {
     validate(&cfg)?;
+    crate::on_device!(cfg.device, dev => train_on(&cfg, resume, dev))
+}
+
+fn train_on<D: FusedOps + GradBuffers>(cfg: &DpoConfig, resume: bool, dev: &D) -> Result<DpoReport> {
     let run = RunDir::open(&cfg.out_dir, resume)?;
     // BOILERPLATE: policy (fresh or restored), the frozen reference, optimizer
-    let (reference, tok): (CausalLm<Cpu>, Tokenizer) = load_with_tokenizer(&cfg.init, &Cpu::default())?;
+    let (reference, tok): (CausalLm<D>, Tokenizer) = load_with_tokenizer(&cfg.init, dev)?;
     let (mut policy, mut opt, start) = if resume {
-        let r = restore_latest::<CausalLm<Cpu>>(&run, &cfg.optim)?;
+        let r = restore_latest::<_, CausalLm<D>>(&run, &cfg.optim, dev)?;
         (r.model, r.opt, r.step)
     } else {
-        run.write_config(&cfg)?;
+        run.write_config(cfg)?;
         (reference.frozen_copy(), AdamW::new(cfg.optim.clone()), 0)
     };
     let eos = tok.eos_for(&reference.config).ok_or_else(|| anyhow::anyhow!("{}: no EOS token", cfg.init.display()))?;
     let pad = tok.pad_id().unwrap_or(eos);
     // DATA: records → tokens → train / held-out split → reference log-probs (once)
-    let data = load_examples(&cfg, &reference, &tok, eos, pad)?;
+    let data = load_examples(cfg, &reference, &tok, eos, pad)?;
     let (train_set, val_set) = (&data.train, &data.val);
     let val_prompts = val_set.prompts();
     let n_val_prompts = val_prompts.len();
@@ -378,7 +387,7 @@ pub fn train(cfg: DpoConfig, resume: bool) -> Result<DpoReport> {
                 let first = (step * cfg.grad_accum + micro) * cfg.batch_size;
                 let idx: Vec<usize> =
                     (first..first + cfg.batch_size).map(|i| epoch_index(train_set.len(), cfg.seed, i)).collect();
-                let (loss, out): (Loss, _) = batch_loss(&cfg, m, train_set, &idx, pad, tape)?;
+                let (loss, out): (LossOn<D>, _) = batch_loss(cfg, m, train_set, &idx, pad, tape)?;
                 tokens += out.tokens;
                 outs.push(out);
                 Ok(loss)
@@ -391,9 +400,9 @@ pub fn train(cfg: DpoConfig, resume: bool) -> Result<DpoReport> {
             "tokens_per_s": tok_s});
         put_stats(&mut record, "", &st);
         if (done % cfg.eval_every == 0 || done == cfg.steps) && !val_set.is_empty() {
-            let mut ev = evaluate(&cfg, &policy, val_set, pad)?;
+            let mut ev = evaluate(cfg, &policy, val_set, pad)?;
             if !sample_prompts.is_empty() {
-                let s = sample_kl(&cfg, &policy, &reference, &tok, &sample_prompts, done)?;
+                let s = sample_kl(cfg, &policy, &reference, &tok, &sample_prompts, done)?;
                 ev.sample_kl =
                     Some(s.iter().map(|r| r["kl"].as_f64().unwrap_or(f64::NAN)).sum::<f64>() / s.len() as f64);
                 for r in s {
@@ -441,7 +450,13 @@ struct Data {
 
 /// Reads, tokenizes and splits the data (the last `val_fraction` held out), then computes the
 /// reference's log-probs once.
-fn load_examples(cfg: &DpoConfig, reference: &CausalLm<Cpu>, tok: &Tokenizer, eos: u32, pad: u32) -> Result<Data> {
+fn load_examples<D: FusedOps>(
+    cfg: &DpoConfig,
+    reference: &CausalLm<D>,
+    tok: &Tokenizer,
+    eos: u32,
+    pad: u32,
+) -> Result<Data> {
     let spec = TokenizeSpec {
         template: &cfg.prompt_template,
         max_len: cfg.max_len,
@@ -490,7 +505,12 @@ fn load_examples(cfg: &DpoConfig, reference: &CausalLm<Cpu>, tok: &Tokenizer, eo
 }
 
 /// Every comparison's (better, worse) pairs with the reference's sequence log-probs.
-fn reference_pairs(reference: &CausalLm<Cpu>, comps: &[TokComparison], pad: u32, batch: usize) -> Result<Vec<Pair>> {
+fn reference_pairs<D: FusedOps>(
+    reference: &CausalLm<D>,
+    comps: &[TokComparison],
+    pad: u32,
+    batch: usize,
+) -> Result<Vec<Pair>> {
     let seq = |c: &TokComparison, k: usize| Seq {
         ids: [c.prompt_ids.as_slice(), &c.responses[k]].concat(),
         prompt_len: c.prompt_ids.len(),
@@ -517,7 +537,7 @@ fn reference_pairs(reference: &CausalLm<Cpu>, comps: &[TokComparison], pad: u32,
 }
 
 /// Loss and implicit-reward statistics over `set` (no tape), in batches of `batch_size`.
-pub fn evaluate(cfg: &DpoConfig, policy: &CausalLm<Cpu>, set: &Examples, pad: u32) -> Result<DpoStats> {
+pub fn evaluate<D: FusedOps>(cfg: &DpoConfig, policy: &CausalLm<D>, set: &Examples, pad: u32) -> Result<DpoStats> {
     let idx: Vec<usize> = (0..set.len()).collect();
     let outs = idx
         .chunks(cfg.batch_size)
@@ -529,10 +549,10 @@ pub fn evaluate(cfg: &DpoConfig, policy: &CausalLm<Cpu>, set: &Examples, pad: u3
 /// One sample (temperature 1) per prompt from the policy, as `samples.jsonl` records with the
 /// sequence's sampled KL `Σ_t log π_θ/π_ref` (an unbiased estimate of KL(π_θ‖π_ref) on the
 /// prompt). The seed depends on the step only, so a resumed run samples the same.
-fn sample_kl(
+fn sample_kl<D: FusedOps>(
     cfg: &DpoConfig,
-    policy: &CausalLm<Cpu>,
-    reference: &CausalLm<Cpu>,
+    policy: &CausalLm<D>,
+    reference: &CausalLm<D>,
     tok: &Tokenizer,
     prompts: &[Vec<u32>],
     step: usize,
@@ -545,7 +565,7 @@ fn sample_kl(
         seed: mix(cfg.seed, step as u64, 0x5a3),
         ..Default::default()
     };
-    let g = generate(&InferenceModel::from_model(policy), prompts, pad, &scfg)?;
+    let g = generate_from(policy, prompts, pad, &scfg)?;
     let seqs: Vec<Seq> = prompts
         .iter()
         .zip(&g.tokens)

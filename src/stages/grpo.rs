@@ -14,11 +14,11 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use dfdx::prelude::*;
 use rlhf_envs::{RewardModel, ScoreConfig};
-use rlhf_policies::{AdamW, AdamWConfig, CausalLm};
+use rlhf_policies::{AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers};
 use serde::{Deserialize, Serialize};
 
+use crate::device::DeviceKind;
 use crate::math::group::{LossAggregation, RewardScale, Whitening};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
@@ -148,6 +148,9 @@ pub struct GrpoConfig {
     pub sample_every: usize,
     /// Samples written each time. Default `4`.
     pub sample_count: usize,
+    /// Device of the policy, the reference and a learned reward: `cpu` (default) or `cuda` (GPU
+    /// 0, a build with `--features cuda`; the rollout then decodes there too).
+    pub device: DeviceKind,
 }
 
 impl Default for GrpoConfig {
@@ -182,6 +185,7 @@ impl Default for GrpoConfig {
             checkpoint_every: 20,
             sample_every: 10,
             sample_count: 4,
+            device: DeviceKind::Cpu,
         }
     }
 }
@@ -208,20 +212,29 @@ pub struct GrpoReport {
 
 /// Runs (or, with `resume`, continues) the configured algorithm with the config's reward.
 pub fn train(cfg: GrpoConfig, resume: bool) -> Result<GrpoReport> {
-    let reward = build_reward(cfg.reward.as_ref())?;
+    let reward = build_reward(cfg.reward.as_ref(), cfg.device)?;
     train_with_reward(cfg, resume, reward)
 }
 
 /// Runs with any [`RewardModel`] as the reward.
 pub fn train_with_reward(cfg: GrpoConfig, resume: bool, reward: Box<dyn RewardModel>) -> Result<GrpoReport> {
     validate(&cfg)?;
+    crate::on_device!(cfg.device, dev => train_on(cfg, resume, reward, dev))
+}
+
+fn train_on<D: FusedOps + GradBuffers>(
+    cfg: GrpoConfig,
+    resume: bool,
+    reward: Box<dyn RewardModel>,
+    dev: &D,
+) -> Result<GrpoReport> {
     let run = RunDir::open(&cfg.out_dir, resume)?;
     let stage = cfg.algo.name();
     // BOILERPLATE: policy, frozen reference (only when β > 0), optimizer (fresh or restored)
-    let (reference, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&cfg.policy, &Cpu::default())
+    let (reference, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&cfg.policy, dev)
         .with_context(|| format!("policy {}", cfg.policy.display()))?;
     let (policy, opt, start, state) = if resume {
-        let r = restore_latest::<CausalLm<Cpu>>(&run, &cfg.optim)?;
+        let r = restore_latest::<_, CausalLm<D>>(&run, &cfg.optim, dev)?;
         let state: GroupState = read_state(&run.checkpoint_dir(r.step), "grpo_state.json")?;
         (r.model, r.opt, r.step, state)
     } else {

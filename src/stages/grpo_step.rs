@@ -2,7 +2,6 @@
 //! advantages, `num_iterations` passes of the clipped token loss — as a [`GroupTrainer`], so
 //! `rlhf grpo` and `rlhf bench grpo` run the same code.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -12,12 +11,12 @@ use rlhf_envs::{
     TextEnvConfig, VecEnv,
 };
 use rlhf_policies::fused::host_loss;
-use rlhf_policies::{AdamW, CausalLm, EngineSession, InferenceModel, SamplingConfig};
+use rlhf_policies::{policy_session, AdamW, CausalLm, FusedOps, GradBuffers, SamplingConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::data::mix;
 use crate::math::group::{clipped_token_loss, grpo_advantages, reinforce_pp_advantages, rloo_advantages, TokenBatch};
-use crate::stages::common::{optimizer_step, or_skip_non_finite, shuffled_minibatches, Loss};
+use crate::stages::common::{optimizer_step, or_skip_non_finite, shuffled_minibatches, LossOn};
 use crate::stages::grpo::{Algo, GrpoConfig};
 use crate::stages::ppo::OnNonFinite;
 use crate::stages::ppo_models::{logprobs_and_entropy, Seq};
@@ -31,17 +30,18 @@ pub struct GroupState {
     pub skipped_batches: usize,
 }
 
-/// The policy, reference, optimizer and env of a critic-free run.
+/// The policy, reference, optimizer and env of a critic-free run, on device `D` (the rollout
+/// path as in [`policy_session`]).
 #[derive(Debug)]
-pub struct GroupTrainer<M> {
+pub struct GroupTrainer<M, D: FusedOps = Cpu> {
     /// The configuration.
     pub cfg: GrpoConfig,
     /// π_θ.
-    pub policy: CausalLm<Cpu>,
+    pub policy: CausalLm<D>,
     /// The frozen π_ref; `None` when β = 0 (no reference forward at all).
-    pub reference: Option<CausalLm<Cpu>>,
+    pub reference: Option<CausalLm<D>>,
     /// AdamW over the policy.
-    pub opt: AdamW<Cpu>,
+    pub opt: AdamW<D>,
     /// The environment (no reference inside: the KL is taken in the scoring pass).
     pub env: VecEnv<NoReference, M>,
     /// The data cursor and skipped batches.
@@ -75,15 +75,15 @@ struct Scored {
     kl_seq: f64,
 }
 
-impl<M: RewardModel> GroupTrainer<M> {
+impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
     /// Builds the env over `prompts` (`(ids, text)`) with `reward`; `eos` ends responses
     /// (`None`: always `max_new_tokens`), `pad` pads batches.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: GrpoConfig,
-        policy: CausalLm<Cpu>,
-        reference: Option<CausalLm<Cpu>>,
-        opt: AdamW<Cpu>,
+        policy: CausalLm<D>,
+        reference: Option<CausalLm<D>>,
+        opt: AdamW<D>,
         state: GroupState,
         prompts: Vec<(Vec<u32>, String)>,
         reward: M,
@@ -119,7 +119,6 @@ impl<M: RewardModel> GroupTrainer<M> {
         let cfg = &self.cfg;
         // ALGO: G completions per prompt with the current policy (KV cache, shared prefill)
         let t0 = Instant::now();
-        let engine = Arc::new(InferenceModel::from_model(&self.policy));
         let sampler = SamplingConfig {
             max_new_tokens: cfg.max_new_tokens,
             temperature: cfg.temperature,
@@ -128,9 +127,11 @@ impl<M: RewardModel> GroupTrainer<M> {
             ..Default::default()
         };
         let mut session =
-            EngineSession::new(engine, cfg.batch_size(), cfg.max_prompt_len + cfg.max_new_tokens, sampler);
+            policy_session(&self.policy, cfg.batch_size(), cfg.max_prompt_len + cfg.max_new_tokens, sampler);
         let opts = Rollout { group_size: cfg.num_generations, reference: false };
-        let episodes = match self.env.rollout_with(&mut session, opts) {
+        let rolled = self.env.rollout_with(session.as_mut(), opts);
+        drop(session); // it borrows the policy, which the update changes
+        let episodes = match rolled {
             Ok(e) => e,
             Err(EnvError::NonFinite { .. }) if cfg.on_nonfinite == OnNonFinite::Skip => {
                 self.state.skipped_batches += 1;
@@ -172,10 +173,10 @@ fn minibatches(cfg: &GrpoConfig, it: usize, epoch: usize) -> Vec<Vec<Vec<usize>>
 }
 
 /// Old and reference log-probs (training forward, epoch 0's micro-batches) and advantages.
-fn score(
+fn score<D: FusedOps>(
     cfg: &GrpoConfig,
-    policy: &CausalLm<Cpu>,
-    reference: Option<&CausalLm<Cpu>>,
+    policy: &CausalLm<D>,
+    reference: Option<&CausalLm<D>>,
     episodes: &[Episode],
     pad: u32,
     it: usize,
@@ -237,10 +238,10 @@ struct UpdateStats {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn update(
+fn update<D: FusedOps + GradBuffers>(
     cfg: &GrpoConfig,
-    policy: &mut CausalLm<Cpu>,
-    opt: &mut AdamW<Cpu>,
+    policy: &mut CausalLm<D>,
+    opt: &mut AdamW<D>,
     s: &Scored,
     it: usize,
     lr: f64,
@@ -279,16 +280,16 @@ fn update(
 /// The clipped token loss of one micro-batch (GRPO adds β·k3; the others fold the KL into
 /// their rewards).
 #[allow(clippy::too_many_arguments)]
-fn micro_loss(
+fn micro_loss<D: FusedOps>(
     cfg: &GrpoConfig,
-    policy: &CausalLm<Cpu>,
+    policy: &CausalLm<D>,
     s: &Scored,
     micro: &[usize],
     normalizer: f64,
     pad: u32,
     st: &mut UpdateStats,
-    tape: OwnedTape<f32, Cpu>,
-) -> Result<Loss> {
+    tape: OwnedTape<f32, D>,
+) -> Result<LossOn<D>> {
     let seqs: Vec<&Seq> = micro.iter().map(|&i| &s.seqs[i]).collect();
     let pick = |x: &[Vec<f32>]| -> Vec<Vec<f32>> { micro.iter().map(|&i| x[i].clone()).collect() };
     let (old, adv) = (pick(&s.old_logprobs), pick(&s.advantages));

@@ -9,7 +9,7 @@
 use anyhow::Result;
 use dfdx::prelude::*;
 use rlhf_policies::fused::host_loss;
-use rlhf_policies::CausalLm;
+use rlhf_policies::{CausalLm, FusedOps};
 
 use crate::data::epoch_permutation;
 use crate::math::dpo::{kto_loss, KtoBatch};
@@ -46,8 +46,8 @@ pub struct TokLabelled {
 
 /// The examples of `set` with their mismatched sequences (drawn with `seed`; each at most
 /// `max_len` tokens) and the reference's log-probs (`batch` sequences per forward).
-pub fn kto_examples(
-    reference: &CausalLm<Cpu>,
+pub fn kto_examples<D: FusedOps>(
+    reference: &CausalLm<D>,
     set: &[TokLabelled],
     pad: u32,
     (batch, max_len): (usize, usize),
@@ -112,13 +112,13 @@ pub struct KtoBatchOut {
 
 /// KTO's loss on `batch` through the policy's taped forward; the mismatched sequences go
 /// through an untaped forward (`z₀` is detached).
-pub fn kto_batch_loss<T: Tape<f32, Cpu>>(
-    policy: &CausalLm<Cpu>,
+pub fn kto_batch_loss<D: FusedOps, T: Tape<f32, D>>(
+    policy: &CausalLm<D>,
     batch: &[&KtoExample],
     pad: u32,
     (beta, desirable_weight, undesirable_weight): (f64, f64, f64),
     tape: T,
-) -> Result<(Tensor<Rank0, f32, Cpu, T>, KtoBatchOut)> {
+) -> Result<(Tensor<Rank0, f32, D, T>, KtoBatchOut)> {
     let kl_seqs: Vec<&Seq> = batch.iter().map(|e| &e.kl_seq).collect();
     let policy_kl_logps = sums(&seq_logps(policy, &kl_seqs, pad, NoneTape)?.as_vec(), &kl_seqs);
     let seqs: Vec<&Seq> = batch.iter().map(|e| &e.seq).collect();

@@ -14,12 +14,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use dfdx::prelude::*;
 use rlhf_envs::{KeywordReward, KlEstimator, LengthReward, RewardModel, ScoreConfig};
-use rlhf_policies::{AdamW, AdamWConfig, LearnedReward, Tokenizer};
+use rlhf_policies::{AdamW, AdamWConfig, FusedOps, GradBuffers, LearnedReward, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{read_corpus, read_jsonl};
+use crate::device::DeviceKind;
 use crate::math::ppo::{KlControl, KlController};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
@@ -196,6 +196,9 @@ pub struct PpoConfig {
     pub sample_every: usize,
     /// Samples written each time. Default `4`.
     pub sample_count: usize,
+    /// Device of the models (policy, reference, critic, learned reward): `cpu` (default) or
+    /// `cuda` (GPU 0, a build with `--features cuda`; the rollout then decodes there too).
+    pub device: DeviceKind,
 }
 
 impl Default for PpoConfig {
@@ -238,6 +241,7 @@ impl Default for PpoConfig {
             checkpoint_every: 20,
             sample_every: 10,
             sample_count: 4,
+            device: DeviceKind::Cpu,
         }
     }
 }
@@ -259,19 +263,28 @@ pub struct PpoReport {
 
 /// Runs (or, with `resume`, continues) PPO with the reward given in the config.
 pub fn train(cfg: PpoConfig, resume: bool) -> Result<PpoReport> {
-    let reward = build_reward(cfg.reward.as_ref())?;
+    let reward = build_reward(cfg.reward.as_ref(), cfg.device)?;
     train_with_reward(cfg, resume, reward)
 }
 
 /// Runs PPO with any [`RewardModel`] (closures, rules, learned, external) as the reward.
 pub fn train_with_reward(cfg: PpoConfig, resume: bool, reward: Box<dyn RewardModel>) -> Result<PpoReport> {
     validate(&cfg)?;
+    crate::on_device!(cfg.device, dev => train_on(cfg, resume, reward, dev))
+}
+
+fn train_on<D: FusedOps + GradBuffers>(
+    cfg: PpoConfig,
+    resume: bool,
+    reward: Box<dyn RewardModel>,
+    dev: &D,
+) -> Result<PpoReport> {
     let run = RunDir::open(&cfg.out_dir, resume)?;
     // BOILERPLATE: policy + critic, optimizer and controller (fresh, or the last checkpoint)
-    let (reference, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&cfg.policy, &Cpu::default())
+    let (reference, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&cfg.policy, dev)
         .with_context(|| format!("policy {}", cfg.policy.display()))?;
     let (models, opt, start, state) = if resume {
-        let r = restore_latest::<PpoModels>(&run, &cfg.optim)?;
+        let r = restore_latest::<_, PpoModels<D>>(&run, &cfg.optim, dev)?;
         let state: PpoState = read_state(&run.checkpoint_dir(r.step), "ppo_state.json")?;
         (r.model, r.opt, r.step, state)
     } else {
@@ -338,17 +351,17 @@ pub fn train_with_reward(cfg: PpoConfig, resume: bool, reward: Box<dyn RewardMod
     Ok(report)
 }
 
-/// The reward a config names (shared with the critic-free trainers).
-pub fn build_reward(spec: Option<&RewardSpec>) -> Result<Box<dyn RewardModel>> {
+/// The reward a config names (shared with the critic-free trainers); a learned one on `device`.
+pub fn build_reward(spec: Option<&RewardSpec>, device: DeviceKind) -> Result<Box<dyn RewardModel>> {
     Ok(match spec.context("reward is required (e.g. {\"kind\": \"model\", \"path\": ...})")? {
-        RewardSpec::Model { path, normalize } => {
-            let (mut rm, norm) = LearnedReward::load_pretrained(path, &Cpu::default())
-                .with_context(|| format!("reward model {}", path.display()))?;
+        RewardSpec::Model { path, normalize } => crate::on_device!(device, dev => {
+            let (mut rm, norm) =
+                LearnedReward::load_pretrained(path, dev).with_context(|| format!("reward model {}", path.display()))?;
             if *normalize {
                 rm.norm = norm.map(|n| n.as_score_norm());
             }
-            Box::new(rm)
-        }
+            Ok::<Box<dyn RewardModel>, anyhow::Error>(Box::new(rm))
+        })?,
         RewardSpec::Keywords { keywords, weight } => {
             Box::new(KeywordReward { keywords: keywords.clone(), weight: *weight })
         }

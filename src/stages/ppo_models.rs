@@ -155,19 +155,20 @@ impl<D: FusedOps> PpoModels<D> {
     }
 }
 
-impl PpoModels {
-    /// Builds the critic as configured: `reward_model` is the reward checkpoint, if any.
-    pub fn new(policy: CausalLm<Cpu>, cfg: &ValueModelConfig, reward_model: Option<&Path>) -> Result<Self> {
+impl<D: FusedOps> PpoModels<D> {
+    /// Builds the critic as configured (on the policy's device): `reward_model` is the reward
+    /// checkpoint, if any.
+    pub fn new(policy: CausalLm<D>, cfg: &ValueModelConfig, reward_model: Option<&Path>) -> Result<Self> {
         let critic = match cfg {
-            ValueModelConfig::Shared => Critic::Shared(zero_head(policy.dims.d_model)),
+            ValueModelConfig::Shared => Critic::Shared(zero_head(&policy.dev, policy.dims.d_model)),
             ValueModelConfig::Separate { init } => match init.as_deref().or(reward_model) {
                 Some(dir) => {
-                    let (rm, _) = LearnedReward::load_pretrained(dir, &Cpu::default())
+                    let (rm, _) = LearnedReward::load_pretrained(dir, &policy.dev)
                         .with_context(|| format!("value model init {}", dir.display()))?;
                     Critic::Separate(Box::new(rm))
                 }
                 None => {
-                    let head = zero_head(policy.dims.d_model);
+                    let head = zero_head(&policy.dev, policy.dims.d_model);
                     Critic::Separate(Box::new(LearnedReward {
                         model: policy.frozen_copy(),
                         head,
@@ -181,8 +182,7 @@ impl PpoModels {
     }
 }
 
-fn zero_head(c: usize) -> ScalarHead<Cpu> {
-    let dev = Cpu::default();
+fn zero_head<D: Device<f32>>(dev: &D, c: usize) -> ScalarHead<D> {
     ScalarHead { w: dev.zeros_like(&(c, 1)), b: dev.zeros_like(&(1,)) }
 }
 
@@ -218,7 +218,7 @@ impl<D: Device<f32>> HasParams<D> for PpoModels<D> {
 /// A checkpoint holds the policy as an HF folder (with the tokenizer), and the critic under
 /// `value/` (an HF sequence-classification folder) or as `value_head.safetensors` (TRL's
 /// `v_head.summary.*` names) when shared.
-impl Checkpointable for PpoModels {
+impl<D: FusedOps> Checkpointable<D> for PpoModels<D> {
     fn save_dir(&self, dir: &Path, tok: &Tokenizer) -> Result<()> {
         self.policy.save_pretrained(dir, Some(tok))?;
         match &self.critic {
@@ -235,10 +235,10 @@ impl Checkpointable for PpoModels {
         Ok(())
     }
 
-    fn load_dir(dir: &Path) -> Result<(Self, Tokenizer)> {
-        let (policy, tok) = rlhf_policies::checkpoint::load_with_tokenizer(dir, &Cpu::default())?;
+    fn load_dir(dir: &Path, dev: &D) -> Result<(Self, Tokenizer)> {
+        let (policy, tok) = rlhf_policies::checkpoint::load_with_tokenizer(dir, dev)?;
         let critic = if dir.join("value").is_dir() {
-            Critic::Separate(Box::new(LearnedReward::load_pretrained(&dir.join("value"), &Cpu::default())?.0))
+            Critic::Separate(Box::new(LearnedReward::load_pretrained(&dir.join("value"), dev)?.0))
         } else {
             let file = dir.join("value_head.safetensors");
             let t = read_safetensors(&file)?;
@@ -246,7 +246,6 @@ impl Checkpointable for PpoModels {
                 t.get(k).map(|h| h.data.clone()).with_context(|| format!("{}: tensor `{k}` is missing", file.display()))
             };
             let (w, b) = (get("v_head.summary.weight")?, get("v_head.summary.bias")?);
-            let dev = Cpu::default();
             Critic::Shared(ScalarHead {
                 w: dev.tensor_from_vec(w, (policy.dims.d_model, 1)),
                 b: dev.tensor_from_vec(b, (1,)),

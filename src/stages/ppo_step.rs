@@ -2,20 +2,16 @@
 //! [`PpoTrainer`] that owns the models, the optimizer and the env, so `rlhf ppo` (with its run
 //! folder) and the benchmarks run exactly the same code.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use dfdx::prelude::*;
 use rlhf_envs::kl::{kl_terms, shaped_rewards};
 use rlhf_envs::{
-    Detokenizer, EnvError, Episode, KlConfig, NoReference, Policy, PromptSource, RewardModel, Rollout, TextEnvConfig,
-    VecEnv,
+    Detokenizer, EnvError, Episode, KlConfig, NoReference, PromptSource, RewardModel, Rollout, TextEnvConfig, VecEnv,
 };
 use rlhf_policies::fused::host_loss;
-use rlhf_policies::{
-    AdamW, CausalLm, DeviceSession, EngineSession, FusedOps, GradBuffers, InferenceModel, SamplingConfig,
-};
+use rlhf_policies::{policy_session, AdamW, CausalLm, FusedOps, GradBuffers, SamplingConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{mix, sample_blocks};
@@ -120,12 +116,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         let t0 = Instant::now();
         let eos = (!self.env.config().eos_ids.is_empty()).then_some(self.eos);
         let sampler = sampling(cfg, eos, mix(cfg.seed, it as u64, 1));
-        let mut session: Box<dyn Policy + '_> = if D::HOST_ROLLOUT {
-            let engine = Arc::new(InferenceModel::from_model(&self.models.policy));
-            Box::new(EngineSession::new(engine, cfg.batch_size, capacity(cfg), sampler))
-        } else {
-            Box::new(DeviceSession::new(&self.models.policy, cfg.batch_size, capacity(cfg), sampler))
-        };
+        let mut session = policy_session(&self.models.policy, cfg.batch_size, capacity(cfg), sampler);
         let rolled = self.env.rollout_with(session.as_mut(), Rollout { group_size: 1, reference: false });
         drop(session); // it borrows the policy, which the update changes
         let episodes = match rolled {

@@ -11,11 +11,12 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use dfdx::prelude::*;
 use rlhf_policies::{
-    generate, AdamW, AdamWConfig, Batch, CausalLm, FusedOps, InferenceModel, ModelConfig, SamplingConfig, Tokenizer,
+    generate_from, AdamW, AdamWConfig, Batch, CausalLm, FusedOps, GradBuffers, ModelConfig, SamplingConfig, Tokenizer,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::data::{read_corpus, sample_blocks, TokenSplit};
+use crate::device::DeviceKind;
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
 use crate::stages::common::{optimizer_step, restore_latest, save};
@@ -86,6 +87,8 @@ pub struct PretrainConfig {
     pub sample_tokens: usize,
     /// Prompt of the samples. Default `"\n"`.
     pub sample_prompt: String,
+    /// Device: `cpu` (default) or `cuda` (GPU 0, a build with `--features cuda`).
+    pub device: DeviceKind,
 }
 
 impl Default for PretrainConfig {
@@ -109,6 +112,7 @@ impl Default for PretrainConfig {
             checkpoint_every: 500,
             sample_tokens: 100,
             sample_prompt: "\n".into(),
+            device: DeviceKind::Cpu,
         }
     }
 }
@@ -142,19 +146,22 @@ pub fn lm_loss<D: FusedOps, T: Tape<f32, D>>(
 /// Runs (or, with `resume`, continues) pretraining as configured.
 pub fn train(cfg: PretrainConfig, resume: bool) -> Result<PretrainReport> {
     validate(&cfg)?;
+    crate::on_device!(cfg.device, dev => train_on(&cfg, resume, dev))
+}
+
+fn train_on<D: FusedOps + GradBuffers>(cfg: &PretrainConfig, resume: bool, dev: &D) -> Result<PretrainReport> {
     let run = RunDir::open(&cfg.out_dir, resume)?;
-    let dev = Cpu::default();
     // BOILERPLATE: data, tokenizer, model, optimizer (fresh or from the last checkpoint)
     let text = read_corpus(&cfg.files)?;
     let (mut model, tok, mut opt, start) = if resume {
-        let r = restore_latest(&run, &cfg.optim)?;
+        let r = restore_latest(&run, &cfg.optim, dev)?;
         (r.model, r.tok, r.opt, r.step)
     } else {
-        let tok = build_tokenizer(&cfg, &text)?;
+        let tok = build_tokenizer(cfg, &text)?;
         let mut model_cfg = cfg.model.clone();
         model_cfg.set_vocab_size(tok.vocab_size());
-        run.write_config(&cfg)?;
-        (CausalLm::new(model_cfg, &dev, cfg.seed)?, tok, AdamW::new(cfg.optim.clone()), 0)
+        run.write_config(cfg)?;
+        (CausalLm::new(model_cfg, dev, cfg.seed)?, tok, AdamW::new(cfg.optim.clone()), 0)
     };
     let split = TokenSplit::new(tok.encode(&text)?, cfg.val_fraction, cfg.block_size, &cfg.files[0])?;
     let mut metrics = run.metrics()?;
@@ -181,11 +188,11 @@ pub fn train(cfg: PretrainConfig, resume: bool) -> Result<PretrainReport> {
         if done % cfg.eval_every == 0 || done == cfg.steps {
             // val_fraction 0 means no validation split: samples only
             if !split.val.is_empty() {
-                let v = eval_loss(&model, &split.val, &cfg)?;
+                let v = eval_loss(&model, &split.val, cfg)?;
                 val_loss = Some(v);
                 record["val_loss"] = v.into();
             }
-            let text = sample(&model, &tok, &cfg, done)?;
+            let text = sample(&model, &tok, cfg, done)?;
             samples.write(&serde_json::json!({"step": done, "prompt": cfg.sample_prompt, "sample": text}))?;
         }
         metrics.write(&record)?;
@@ -233,16 +240,16 @@ fn build_tokenizer(cfg: &PretrainConfig, text: &str) -> Result<Tokenizer> {
 }
 
 /// Mean loss over `eval_batches` fixed validation batches (the same ones at every evaluation).
-fn eval_loss(model: &CausalLm<Cpu>, val: &[u32], cfg: &PretrainConfig) -> Result<f32> {
+fn eval_loss<D: FusedOps>(model: &CausalLm<D>, val: &[u32], cfg: &PretrainConfig) -> Result<f32> {
     let mut total = 0.0;
     for i in 0..cfg.eval_batches {
         let (x, y) = sample_blocks(val, cfg.block_size, cfg.batch_size, cfg.seed, u64::MAX, i as u64);
-        total += lm_loss(model, &x, &y, NoneTape)?.array();
+        total += lm_loss(model, &x, &y, NoneTape)?.as_vec()[0];
     }
     Ok(total / cfg.eval_batches as f32)
 }
 
-fn sample(model: &CausalLm<Cpu>, tok: &Tokenizer, cfg: &PretrainConfig, step: usize) -> Result<String> {
+fn sample<D: FusedOps>(model: &CausalLm<D>, tok: &Tokenizer, cfg: &PretrainConfig, step: usize) -> Result<String> {
     let prompt = tok.encode(&cfg.sample_prompt)?;
     if prompt.is_empty() || cfg.sample_tokens == 0 {
         return Ok(String::new());
@@ -254,6 +261,6 @@ fn sample(model: &CausalLm<Cpu>, tok: &Tokenizer, cfg: &PretrainConfig, step: us
         seed: cfg.seed ^ step as u64,
         ..Default::default()
     };
-    let out = generate(&InferenceModel::from_model(model), &[prompt], 0, &sampling)?;
+    let out = generate_from(model, &[prompt], 0, &sampling)?;
     Ok(tok.decode(&out.tokens[0])?)
 }

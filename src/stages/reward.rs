@@ -16,17 +16,18 @@ use dfdx::prelude::*;
 use rlhf_policies::checkpoint::load_with_tokenizer;
 use rlhf_policies::fused::host_loss;
 use rlhf_policies::{
-    generate, AdamW, AdamWConfig, Batch, CausalLm, InferenceModel, LearnedReward, RewardNormalization, SamplingConfig,
-    Tokenizer,
+    generate_from, AdamW, AdamWConfig, Batch, CausalLm, FusedOps, GradBuffers, LearnedReward, RewardNormalization,
+    SamplingConfig, Tokenizer,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::data::epoch_index;
+use crate::device::DeviceKind;
 use crate::math::preference::{bradley_terry_loss, preference_stats, PreferenceStats};
 use crate::preference::{read_comparisons, Comparison, PreferenceFormat};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
-use crate::stages::common::{optimizer_step, restore_latest, save, save_with, Checkpointable, Loss};
+use crate::stages::common::{optimizer_step, restore_latest, save, save_with, Checkpointable, LossOn};
 
 /// What to do with a comparison whose longest sequence exceeds `max_len` tokens.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +142,8 @@ pub struct RewardConfig {
     /// Normalisation fitted after training; `null` for none. Default: eval responses to
     /// mean 0, std 1.
     pub normalize: Option<NormalizeConfig>,
+    /// Device: `cpu` (default) or `cuda` (GPU 0, a build with `--features cuda`).
+    pub device: DeviceKind,
 }
 
 impl Default for RewardConfig {
@@ -166,12 +169,13 @@ impl Default for RewardConfig {
             checkpoint_every: 100,
             sample_count: 3,
             normalize: Some(NormalizeConfig::default()),
+            device: DeviceKind::Cpu,
         }
     }
 }
 
-/// A taped scalar.
-pub type Scalar<T> = Tensor<Rank0, f32, Cpu, T>;
+/// A taped scalar on device `D`.
+pub type Scalar<T, D = Cpu> = Tensor<Rank0, f32, D, T>;
 
 /// A comparison in tokens: each sequence is `prompt_ids ⧺ responses[k]` (responses end in EOS).
 #[derive(Debug, Clone, PartialEq)]
@@ -294,12 +298,12 @@ pub fn tokenize_with(
 /// The scores of every sequence of `comps` (one taped forward, right-padded) and the
 /// Bradley–Terry loss over all their pairs; each comparison weighs `1/len(comps)`, shared by
 /// its pairs. Also returns the raw scores.
-pub fn reward_loss<T: Tape<f32, Cpu>>(
-    rm: &LearnedReward<Cpu>,
+pub fn reward_loss<D: FusedOps, T: Tape<f32, D>>(
+    rm: &LearnedReward<D>,
     comps: &[&TokComparison],
     center_coef: f64,
     tape: T,
-) -> Result<(Scalar<T>, Vec<f32>)> {
+) -> Result<(Scalar<T, D>, Vec<f32>)> {
     let seqs: Vec<Vec<u32>> = comps.iter().flat_map(|c| c.sequences()).collect();
     let scores = rm.forward(&Batch::right_padded(&seqs, rm.pad_id)?, tape)?;
     let raw = scores.as_vec();
@@ -357,14 +361,18 @@ impl PairLayout {
 /// Runs (or, with `resume`, continues) reward-model training as configured.
 pub fn train(cfg: RewardConfig, resume: bool) -> Result<RewardReport> {
     validate(&cfg)?;
+    crate::on_device!(cfg.device, dev => train_on(&cfg, resume, dev))
+}
+
+fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D) -> Result<RewardReport> {
     let run = RunDir::open(&cfg.out_dir, resume)?;
     // BOILERPLATE: backbone + head, tokenizer, optimizer (from init, or the run's checkpoint)
     let (mut rm, tok, mut opt, start) = if resume {
-        let r = restore_latest::<LearnedReward<Cpu>>(&run, &cfg.optim)?;
+        let r = restore_latest::<_, LearnedReward<D>>(&run, &cfg.optim, dev)?;
         (r.model, r.tok, r.opt, r.step)
     } else {
-        let (rm, tok) = initial_model(&cfg)?;
-        run.write_config(&cfg)?;
+        let (rm, tok) = initial_model(cfg, dev)?;
+        run.write_config(cfg)?;
         (rm, tok, AdamW::new(cfg.optim.clone()), 0)
     };
     let eos = tok
@@ -372,7 +380,7 @@ pub fn train(cfg: RewardConfig, resume: bool) -> Result<RewardReport> {
         .ok_or_else(|| anyhow::anyhow!("{}: the tokenizer has no EOS token", cfg.init.display()))?;
     // DATA: records → comparisons → tokens → train / validation
     let comparisons = read_comparisons(&cfg.data, &cfg.format)?;
-    let (comps, skipped, truncated) = tokenize(&cfg, &tok, eos, &comparisons)?;
+    let (comps, skipped, truncated) = tokenize(cfg, &tok, eos, &comparisons)?;
     let n_val = ((comps.len() as f64) * cfg.val_fraction).round() as usize;
     let (train_set, val_set) = comps.split_at(comps.len() - n_val);
     if train_set.is_empty() {
@@ -411,7 +419,7 @@ pub fn train(cfg: RewardConfig, resume: bool) -> Result<RewardReport> {
                     .map(|i| &train_set[epoch_index(train_set.len(), cfg.seed, i)])
                     .collect();
                 tokens += batch.iter().flat_map(|c| c.sequences()).map(|s| s.len()).sum::<usize>();
-                let (loss, scores): (Loss, _) = reward_loss(m, &batch, cfg.center_coef, tape)?;
+                let (loss, scores): (LossOn<D>, _) = reward_loss(m, &batch, cfg.center_coef, tape)?;
                 batch_scores.push((batch, scores));
                 Ok(loss)
             })?;
@@ -448,7 +456,7 @@ pub fn train(cfg: RewardConfig, resume: bool) -> Result<RewardReport> {
         if done == cfg.steps {
             // ALGO: fit the normalisation on the reference set; it goes into the final config
             report.normalization = match &cfg.normalize {
-                Some(n) => Some(fit_normalization(&cfg, n, &rm, eos, train_set, val_set)?),
+                Some(n) => Some(fit_normalization(cfg, n, &rm, eos, train_set, val_set)?),
                 None => None,
             };
             let norm = report.normalization.clone();
@@ -462,16 +470,16 @@ pub fn train(cfg: RewardConfig, resume: bool) -> Result<RewardReport> {
 }
 
 /// The backbone and tokenizer of `init` with a fresh head, or a reward model to continue.
-fn initial_model(cfg: &RewardConfig) -> Result<(LearnedReward<Cpu>, Tokenizer)> {
+fn initial_model<D: FusedOps>(cfg: &RewardConfig, dev: &D) -> Result<(LearnedReward<D>, Tokenizer)> {
     // a folder may hold a reward model already; a GGUF file is always a causal LM
     let is_rm = cfg.init.is_dir()
         && std::fs::read_to_string(cfg.init.join("config.json"))
             .with_context(|| format!("{}: cannot read config.json", cfg.init.display()))?
             .contains("ForSequenceClassification");
     if is_rm {
-        return LearnedReward::load_dir(&cfg.init);
+        return LearnedReward::load_dir(&cfg.init, dev);
     }
-    let (model, tok): (CausalLm<Cpu>, Tokenizer) = load_with_tokenizer(&cfg.init, &Cpu::default())?;
+    let (model, tok): (CausalLm<D>, Tokenizer) = load_with_tokenizer(&cfg.init, dev)?;
     let pad = model.config.pad_token_id().or(tok.pad_id()).or(tok.eos_for(&model.config)).unwrap_or(0);
     Ok((LearnedReward::from_backbone(model, pad, cfg.seed), tok))
 }
@@ -497,8 +505,8 @@ fn train_accuracy(batches: &[(Vec<&TokComparison>, Vec<f32>)]) -> f64 {
 }
 
 /// Loss and statistics on `set` (no tape), and the raw scores of every sequence in order.
-pub fn evaluate(
-    rm: &LearnedReward<Cpu>,
+pub fn evaluate<D: FusedOps>(
+    rm: &LearnedReward<D>,
     set: &[TokComparison],
     center_coef: f64,
     batch: usize,
@@ -537,10 +545,10 @@ fn sample_records(
 }
 
 /// Scores the reference set and fits `r' = g·r + b` to the target mean and std.
-fn fit_normalization(
+fn fit_normalization<D: FusedOps>(
     cfg: &RewardConfig,
     n: &NormalizeConfig,
-    rm: &LearnedReward<Cpu>,
+    rm: &LearnedReward<D>,
     eos: u32,
     train: &[TokComparison],
     val: &[TokComparison],
@@ -552,7 +560,7 @@ fn fit_normalization(
         }
         NormReference::PolicySamples { policy, per_prompt, max_new_tokens, temperature } => {
             let path = policy.as_ref().unwrap_or(&cfg.init);
-            let (model, _) = load_with_tokenizer(path, &Cpu::default())
+            let (model, _) = load_with_tokenizer(path, &rm.model.dev)
                 .with_context(|| format!("normalize.reference.policy {}", path.display()))?;
             // each distinct prompt once, in order of first appearance
             let mut seen = std::collections::HashSet::new();
@@ -568,10 +576,9 @@ fn fit_normalization(
                 seed: cfg.seed,
                 ..Default::default()
             };
-            let engine = InferenceModel::from_model(&model);
             let mut seqs = Vec::new();
             for chunk in prompts.chunks(cfg.batch_size.max(8)) {
-                let out = generate(&engine, chunk, rm.pad_id, &sampling)?;
+                let out = generate_from(&model, chunk, rm.pad_id, &sampling)?;
                 seqs.extend(chunk.iter().zip(&out.tokens).map(|(p, r)| [p.as_slice(), r].concat()));
             }
             let what = format!("{} samples of {} on the {name} prompts", seqs.len(), path.display());

@@ -12,10 +12,13 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use dfdx::prelude::*;
 use rlhf_policies::checkpoint::load_with_tokenizer;
-use rlhf_policies::{generate, AdamW, AdamWConfig, Batch, CausalLm, InferenceModel, SamplingConfig, Tokenizer};
+use rlhf_policies::{
+    generate_from, AdamW, AdamWConfig, Batch, CausalLm, FusedOps, GradBuffers, SamplingConfig, Tokenizer,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{epoch_index, read_jsonl_fields};
+use crate::device::DeviceKind;
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
 use crate::stages::common::{optimizer_step, restore_latest, save};
@@ -78,6 +81,8 @@ pub struct SftConfig {
     pub sample_count: usize,
     /// Tokens per sample. Default `48`.
     pub sample_tokens: usize,
+    /// Device: `cpu` (default) or `cuda` (GPU 0, a build with `--features cuda`).
+    pub device: DeviceKind,
 }
 
 impl Default for SftConfig {
@@ -103,6 +108,7 @@ impl Default for SftConfig {
             checkpoint_every: 100,
             sample_count: 3,
             sample_tokens: 48,
+            device: DeviceKind::Cpu,
         }
     }
 }
@@ -177,12 +183,12 @@ pub fn tokenize(
 
 /// Mean negative log-likelihood of the response tokens (and EOS) of `examples`, prompt and
 /// padding masked out: `−(Σ_{t∈R} log p(x_t | x_<t)) / |R|`.
-pub fn sft_loss<T: Tape<f32, Cpu>>(
-    model: &CausalLm<Cpu>,
+pub fn sft_loss<D: FusedOps, T: Tape<f32, D>>(
+    model: &CausalLm<D>,
     examples: &[&Example],
     pad: u32,
     tape: T,
-) -> Result<Tensor<Rank0, f32, Cpu, T>> {
+) -> Result<Tensor<Rank0, f32, D, T>> {
     // inputs are ids[..n-1], targets ids[1..]; target j is a response token iff j + 1 >= prompt_len
     let inputs: Vec<Vec<u32>> = examples.iter().map(|e| e.ids[..e.ids.len() - 1].to_vec()).collect();
     let batch = Batch::right_padded(&inputs, pad)?;
@@ -209,14 +215,18 @@ pub fn sft_loss<T: Tape<f32, Cpu>>(
 /// Runs (or, with `resume`, continues) supervised fine-tuning as configured.
 pub fn train(cfg: SftConfig, resume: bool) -> Result<SftReport> {
     validate(&cfg)?;
+    crate::on_device!(cfg.device, dev => train_on(&cfg, resume, dev))
+}
+
+fn train_on<D: FusedOps + GradBuffers>(cfg: &SftConfig, resume: bool, dev: &D) -> Result<SftReport> {
     let run = RunDir::open(&cfg.out_dir, resume)?;
     // BOILERPLATE: model, tokenizer, optimizer (from init, or from the run's last checkpoint)
     let (mut model, tok, mut opt, start) = if resume {
-        let r = restore_latest(&run, &cfg.optim)?;
+        let r = restore_latest(&run, &cfg.optim, dev)?;
         (r.model, r.tok, r.opt, r.step)
     } else {
-        let (model, tok) = load_with_tokenizer(&cfg.init, &Cpu::default())?;
-        run.write_config(&cfg)?;
+        let (model, tok) = load_with_tokenizer(&cfg.init, dev)?;
+        run.write_config(cfg)?;
         (model, tok, AdamW::new(cfg.optim.clone()), 0)
     };
     let eos = tok
@@ -225,7 +235,7 @@ pub fn train(cfg: SftConfig, resume: bool) -> Result<SftReport> {
     let pad = tok.pad_id().unwrap_or(eos);
     // DATA: records → examples → train / validation
     let records = read_jsonl_fields(&cfg.data, &[&cfg.prompt_field, &cfg.response_field])?;
-    let (examples, skipped, truncated) = tokenize(&cfg, &tok, eos, &records)?;
+    let (examples, skipped, truncated) = tokenize(cfg, &tok, eos, &records)?;
     let n_val = ((examples.len() as f64) * cfg.val_fraction).round() as usize;
     let (train_set, val_set) = examples.split_at(examples.len() - n_val);
     if train_set.is_empty() {
@@ -266,7 +276,7 @@ pub fn train(cfg: SftConfig, resume: bool) -> Result<SftReport> {
             let v = eval_loss(&model, val_set, pad, cfg.batch_size)?;
             val_loss = Some(v);
             record["val_loss"] = v.into();
-            for s in sample(&model, &tok, val_set, &cfg, eos, done)? {
+            for s in sample(&model, &tok, val_set, cfg, eos, done)? {
                 samples.write(&s)?;
             }
         }
@@ -309,19 +319,19 @@ fn validate(cfg: &SftConfig) -> Result<()> {
 }
 
 /// Response-token-weighted mean loss over the whole validation set.
-fn eval_loss(model: &CausalLm<Cpu>, val: &[Example], pad: u32, batch: usize) -> Result<f32> {
+fn eval_loss<D: FusedOps>(model: &CausalLm<D>, val: &[Example], pad: u32, batch: usize) -> Result<f32> {
     let (mut total, mut count) = (0.0f64, 0.0f64);
     for chunk in val.chunks(batch) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let n: usize = chunk.iter().map(|e| e.ids.len() - e.prompt_len).sum();
-        total += sft_loss(model, &refs, pad, NoneTape)?.array() as f64 * n as f64;
+        total += sft_loss(model, &refs, pad, NoneTape)?.as_vec()[0] as f64 * n as f64;
         count += n as f64;
     }
     Ok((total / count) as f32)
 }
 
-fn sample(
-    model: &CausalLm<Cpu>,
+fn sample<D: FusedOps>(
+    model: &CausalLm<D>,
     tok: &Tokenizer,
     val: &[Example],
     cfg: &SftConfig,
@@ -344,7 +354,7 @@ fn sample(
     if sampling.max_new_tokens == 0 {
         return Ok(vec![]);
     }
-    let out = generate(&InferenceModel::from_model(model), &prompts, tok.pad_id().unwrap_or(eos), &sampling)?;
+    let out = generate_from(model, &prompts, tok.pad_id().unwrap_or(eos), &sampling)?;
     prompts
         .iter()
         .zip(&out.tokens)
