@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One interleaved benchmark sitting: rlhf, then the Python stack, then rlhf again, per
-# benchmark — the training step and rollout (around bench_torch.py), PPO for both models with
+# benchmark — the training step, scoring forward and rollout (around bench_torch.py), PPO for both models with
 # both critics, GRPO and RLOO. Usage: docs/bench/sitting.sh docs/bench/<date>-<tag>
 # (e.g. 2026-11-27-s17). Raw JSON of every run lands in that folder; its log goes to stdout
 # (keep it as sitting.log). About 10 minutes on a quiet Zen 5 host.
@@ -22,9 +22,11 @@ peer() {
 }
 echo "start $(date -u +%H:%M:%S) $(uptime)"
 rlhf train --workload $W --out "$D/rust_train_1.json"
+rlhf scoring --workload $W --out "$D/rust_scoring_1.json"
 rlhf rollout --workload $W --out "$D/rust_rollout_1.json"
 peer "bench_torch_$TAG.json" bench_torch.py
 rlhf train --workload $W --out "$D/rust_train_2.json"
+rlhf scoring --workload $W --out "$D/rust_scoring_2.json"
 rlhf rollout --workload $W --out "$D/rust_rollout_2.json"
 for model in tiny small; do
   for value in shared separate; do
