@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One interleaved benchmark sitting: rlhf, then the Python stack, then rlhf again, per
-# benchmark — the training step, scoring forward and rollout (around bench_torch.py), PPO for both models with
-# both critics, GRPO and RLOO. Usage: docs/bench/sitting.sh docs/bench/<date>-<tag>
+# benchmark — the training step, scoring forward and rollout (around bench_torch.py), PPO
+# for both models with both critics, GRPO and RLOO. Usage: docs/bench/sitting.sh docs/bench/<date>-<tag>
 # (e.g. 2026-11-27-s17). Raw JSON of every run lands in that folder; its log goes to stdout
 # (keep it as sitting.log). About 10 minutes on a quiet Zen 5 host.
 # PEER_PYTHON: the Python with the peers' requirements (default /tmp/peer-venv/bin/python).
