@@ -13,7 +13,9 @@
 #   5. a JSON summary on stdout and in $OUT/summary.json
 #
 # Usage (repository root, on the GPU machine): scripts/cuda/device-check.sh
-# Writes logs and JSON under $OUT (default target/cuda-check).
+# Writes logs and JSON under $OUT (default target/cuda-check). Through the session's device
+# tool: run scripts/cuda/build.sh here first, then run `scripts/cuda/device-check.sh` there
+# with carry ["target/cuda-carry"] (9 MB); $OUT comes back with the summary and the logs.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 carry=target/cuda-carry
@@ -98,7 +100,7 @@ w="$carry/shared/peers/workload.json"
 run_bench() { # name device [extra args]
   local name=$1 device=$2
   shift 2
-  timeout 240 "$bin/rlhf" bench "$name" --workload "$w" --model small --device "$device" --threads 2 "$@" \
+  timeout 150 "$bin/rlhf" bench "$name" --workload "$w" --model small --device "$device" --threads 2 "$@" \
     --out "$out/$name-$device.json" > /dev/null 2>> "$out/bench.log" || echo "bench $name on $device failed" >> "$out/bench.log"
 }
 for device in cuda cpu; do
