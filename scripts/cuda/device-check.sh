@@ -63,9 +63,17 @@ for so in libnvrtc.so.13 libcublas.so.13 libcublasLt.so.13; do
 done
 export LD_LIBRARY_PATH="${libpath#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
+# xz archives, with Python's lzma where the machine has no xz
+unxz_to() { # file.xz destination
+  if command -v xz > /dev/null; then xz -dc "$1" > "$2"; else
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$2"
+  fi
+}
 # the include folders dfdx's NVRTC kernels name by absolute path (see build.sh)
 if [ ! -f /tmp/rlhf-cuda/toolkit/include/cuda_fp16.h ]; then
-  mkdir -p /tmp/rlhf-cuda/toolkit && tar -xJf "$carry/nvrtc-include.tar.xz" -C /tmp/rlhf-cuda/toolkit || exit 1
+  mkdir -p /tmp/rlhf-cuda/toolkit &&
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+      "$carry/nvrtc-include.tar.xz" /tmp/rlhf-cuda/toolkit || exit 1
 fi
 while read -r dir; do
   [ -f "$dir/cuda_utils.cuh" ] || { mkdir -p "$dir" && cp "$carry"/nvrtc-cuh/*.cuh "$dir/"; } || exit 1
@@ -73,7 +81,7 @@ done < "$carry/nvrtc-dirs.txt"
 
 bin="$out/bin"
 mkdir -p "$bin"
-xz -dc "$carry/rlhf.xz" > "$bin/rlhf" && xz -dc "$carry/device-tests.xz" > "$bin/device-tests"
+unxz_to "$carry/rlhf.xz" "$bin/rlhf" && unxz_to "$carry/device-tests.xz" "$bin/device-tests" || exit 1
 chmod +x "$bin/rlhf" "$bin/device-tests"
 if ldd "$bin/rlhf" | grep -q "not found"; then
   ldd "$bin/rlhf" >&2
