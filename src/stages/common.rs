@@ -14,9 +14,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::run::RunDir;
 
-/// A taped scalar loss on the CPU.
-pub type Loss = LossOn<Cpu>;
-
 /// A taped scalar loss on device `D`.
 pub type LossOn<D> = Tensor<Rank0, f32, D, OwnedTape<f32, D>>;
 
