@@ -6,6 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use dfdx::prelude::Cpu;
+use rlhf::device::DeviceKind;
 use rlhf::stages::dpo::{self, DpoConfig};
 use rlhf::stages::grpo::{self, GrpoConfig};
 use rlhf::stages::ppo::{self, PpoConfig, RewardSpec};
@@ -13,7 +14,9 @@ use rlhf::stages::pretrain::{self, PretrainConfig};
 use rlhf::stages::reward::{self, RewardConfig};
 use rlhf::stages::sft::{self, SftConfig};
 use rlhf_policies::checkpoint::load_with_tokenizer;
-use rlhf_policies::{generate, CausalLm, InferenceModel, ModelConfig, SamplingConfig, Tokenizer, WeightDtype};
+use rlhf_policies::{
+    generate, CausalLm, FusedOps, InferenceModel, ModelConfig, SamplingConfig, Tokenizer, WeightDtype,
+};
 
 mod bench_cli;
 use bench_cli::*;
@@ -128,6 +131,10 @@ struct GenerateArgs {
     /// Storage precision of the sampling engine's weights (f16 halves the memory traffic).
     #[arg(long, value_enum, default_value = "f32")]
     weights: Weights,
+    /// Device: cpu (the host engine), or cuda (the model's KV-cached decode on GPU 0; needs a
+    /// build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceKind,
 }
 
 /// `--weights` values.
@@ -160,6 +167,9 @@ struct EvalArgs {
     /// Blocks per forward.
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// Device: cpu, or cuda (GPU 0; needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceKind,
 }
 
 #[derive(Debug, clap::Args)]
@@ -295,7 +305,7 @@ fn init(a: InitArgs) -> Result<()> {
 }
 
 /// The chat-formatted prompt for `--chat` (with `--system` if given).
-fn chat_prompt(a: &GenerateArgs, model: &CausalLm<Cpu>, tok: &Tokenizer, user: &str) -> Result<String> {
+fn chat_prompt<D: FusedOps>(a: &GenerateArgs, model: &CausalLm<D>, tok: &Tokenizer, user: &str) -> Result<String> {
     let name = |id: Option<u32>| id.and_then(|i| tok.decode(&[i]).ok()).unwrap_or_default();
     let (bos, eos) = (name(model.config.bos_token_id()), name(tok.eos_for(&model.config)));
     let source = tok.chat_template.clone().with_context(|| {
@@ -314,10 +324,17 @@ fn chat_prompt(a: &GenerateArgs, model: &CausalLm<Cpu>, tok: &Tokenizer, user: &
 }
 
 fn generate_cmd(a: GenerateArgs) -> Result<()> {
-    let (model, tok) = load_with_tokenizer(&a.model, &Cpu::default())?;
+    if a.device != DeviceKind::Cpu && !matches!(a.weights, Weights::F32) {
+        bail!("--weights is the CPU host engine's option; --device {} decodes in f32", a.device);
+    }
+    rlhf::on_device!(a.device, dev => generate_on(&a, dev))
+}
+
+fn generate_on<D: FusedOps>(a: &GenerateArgs, dev: &D) -> Result<()> {
+    let (model, tok) = load_with_tokenizer(&a.model, dev)?;
     let text = match (&a.prompt, &a.chat) {
         (Some(p), _) => p.clone(),
-        (None, Some(user)) => chat_prompt(&a, &model, &tok, user)?,
+        (None, Some(user)) => chat_prompt(a, &model, &tok, user)?,
         (None, None) => bail!("--prompt or --chat is required"),
     };
     let prompt = tok.encode(&text)?;
@@ -336,9 +353,12 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
         ..SamplingConfig::default()
     };
-    let engine = InferenceModel::from_model_with(&model, a.weights.into());
     let t0 = Instant::now();
-    let out = generate(&engine, &[prompt], pad, &cfg)?;
+    let out = if D::HOST_ROLLOUT {
+        generate(&InferenceModel::from_model_with(&model, a.weights.into()), &[prompt], pad, &cfg)?
+    } else {
+        generate(&model, &[prompt], pad, &cfg)?
+    };
     let secs = t0.elapsed().as_secs_f64();
     let new = &out.tokens[0];
     println!("{}{}", text, tok.decode(new)?);
@@ -445,7 +465,11 @@ fn grpo_cmd(mut a: PpoArgs, algo: Option<&str>) -> Result<()> {
 }
 
 fn eval_cmd(a: EvalArgs) -> Result<()> {
-    let (model, tok) = load_with_tokenizer(&a.model, &Cpu::default())?;
+    rlhf::on_device!(a.device, dev => eval_on(&a, dev))
+}
+
+fn eval_on<D: FusedOps>(a: &EvalArgs, dev: &D) -> Result<()> {
+    let (model, tok) = load_with_tokenizer(&a.model, dev)?;
     let text = rlhf::data::read_corpus(std::slice::from_ref(&a.data))?;
     let ids = tok.encode(&text)?;
     let block = a.block.unwrap_or(model.dims.max_positions.min(256)).max(1);
@@ -459,7 +483,7 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
         let inputs: Vec<Vec<u32>> = chunk.iter().map(|w| w[..block].to_vec()).collect();
         let targets: Vec<usize> = chunk.iter().flat_map(|w| w[1..].iter().map(|&t| t as usize)).collect();
         let loss = pretrain::lm_loss(&model, &inputs, &targets, dfdx::prelude::NoneTape)?;
-        total += dfdx::prelude::AsArray::array(&loss) as f64 * targets.len() as f64;
+        total += loss.as_vec()[0] as f64 * targets.len() as f64;
         count += targets.len();
     }
     let loss = total / count as f64;

@@ -7,7 +7,8 @@
 #      libcublasLt.so.13), found in the system toolkit or the Python environment's wheels
 #   3. tests/device.rs: every `cpu::` and `cuda::` test — fixture logits against transformers
 #      and the CPU (1e-4) on hf-gpt2-tiny and hf-llama-tiny, training steps, PPO log-probs, the
-#      KV-cached decode, generation and a PPO iteration against the CPU
+#      KV-cached decode, generation, a PPO iteration and the pretrain stage against the CPU;
+#      then `rlhf generate` (greedy) and `rlhf eval` on CUDA against the CPU
 #   4. the workload's scoring, train-step, rollout and PPO-iteration benchmarks on the small
 #      model, on CUDA and on 2 of this machine's cores
 #   5. a JSON summary on stdout and in $OUT/summary.json
@@ -103,6 +104,16 @@ for t in $("$bin/device-tests" --list 2>/dev/null | sed -n 's/: test$//p'); do
 done
 grep -E "^test \S+ \.\.\. " "$out/tests.log"
 
+# the CLI on CUDA against the CPU: greedy generation (same text) and eval (same loss)
+fx="$carry/shared/fixtures/hf-gpt2-tiny"
+printf 'The quick brown fox jumps over the lazy dog. %.0s' $(seq 40) > "$out/eval.txt"
+for device in cpu cuda; do
+  "$bin/rlhf" generate --model "$fx" --prompt "Hello there" --max-new-tokens 12 --greedy --device $device \
+    > "$out/generate-$device.txt" 2>> "$out/cli.log"
+  "$bin/rlhf" eval --model "$fx" --data "$out/eval.txt" --block 16 --device $device \
+    > "$out/eval-$device.json" 2>> "$out/cli.log"
+done
+
 # 4. the workload's benchmarks on the small model: CUDA, then 2 CPU cores of this machine
 w="$carry/shared/peers/workload.json"
 run_bench() { # name device [extra args]
@@ -127,7 +138,12 @@ log = open(os.path.join(out, "tests.log")).read()
 tests = {m[0]: m[1] for m in re.findall(r"^test (\S+) \.\.\. (\w+)", log, re.M)}
 bench = {}
 for f in sorted(glob.glob(os.path.join(out, "*-*.json"))):
-    d = json.load(open(f))
+    try:
+        d = json.load(open(f))
+    except ValueError:  # an empty file from a run that failed
+        continue
+    if "benchmark" not in d:  # eval-*.json
+        continue
     for r in d["results"]:
         key = f"{d['benchmark']}/{r['model']}/{r['device']}"
         if "batch" in r:  # rollout
@@ -137,5 +153,19 @@ for f in sorted(glob.glob(os.path.join(out, "*-*.json"))):
         else:
             bench[key] = {"tokens_per_s": r["tokens_per_s"], "range": r["range"]}
 facts = open(os.path.join(out, "facts.txt")).read().splitlines()
-print(json.dumps({"facts": facts, "tests_exit": rc, "tests": tests, "bench": bench}, indent=1))
+def read(name):
+    try:
+        return open(os.path.join(out, name)).read()
+    except OSError:
+        return ""
+def loss(name):
+    try:
+        return json.loads(read(name))["loss"]
+    except (ValueError, KeyError):
+        return None
+cli = {
+    "generate_cuda_equals_cpu": read("generate-cuda.txt") != "" and read("generate-cuda.txt") == read("generate-cpu.txt"),
+    "eval_loss": {"cpu": loss("eval-cpu.json"), "cuda": loss("eval-cuda.json")},
+}
+print(json.dumps({"facts": facts, "tests_exit": rc, "tests": tests, "cli": cli, "bench": bench}, indent=1))
 PY
