@@ -15,10 +15,17 @@ pub(crate) struct PpoBenchArgs {
     /// Critic: shared value head, separate critic, or both.
     #[arg(long, value_enum, default_value = "both")]
     value: ValueChoice,
-    /// Device: cpu, or cuda (GPU 0; needs a build with `--features cuda`; the rollout decodes
-    /// there too).
+    /// Device: cpu, or cuda (GPU 0; needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: rlhf::device::DeviceKind,
+    /// Where the rollout decodes: auto (the host engine on the CPU, the model's decode on a
+    /// GPU), host, or device.
+    #[arg(long, default_value = "auto", value_parser = rollout_engine)]
+    rollout_engine: rlhf_policies::RolloutEngine,
+}
+
+fn rollout_engine(s: &str) -> Result<rlhf_policies::RolloutEngine, String> {
+    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| format!("{s:?}: auto, host or device"))
 }
 
 #[derive(Debug, clap::Args)]
@@ -212,8 +219,9 @@ pub(crate) fn bench_ppo(a: PpoBenchArgs) -> Result<()> {
     let mut all = Vec::new();
     for m in &models {
         for &shared in critics {
-            let r = pool.install(|| rlhf::bench_ppo::ppo_iteration(&w, m, shared, a.device))?;
-            let label = format!("ppo {:>5} {:>8} on {}", r.model, r.value_model, r.device);
+            let r = pool.install(|| rlhf::bench_ppo::ppo_iteration(&w, m, shared, (a.device, a.rollout_engine)))?;
+            let label =
+                format!("ppo {:>5} {:>8} on {} ({:?} rollout)", r.model, r.value_model, r.device, r.rollout_engine);
             eprintln!("{}", iteration_line(&label, r.seconds, r.range, &r.phases));
             all.push(r);
         }

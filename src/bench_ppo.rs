@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rlhf_envs::{Detokenizer, EnvError, KlEstimator};
-use rlhf_policies::{AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers, LearnedReward, ScalarHead};
+use rlhf_policies::{AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers, LearnedReward, RolloutEngine, ScalarHead};
 use serde::Serialize;
 
 use crate::bench::{PhaseTimes, Workload};
@@ -35,8 +35,10 @@ pub struct PpoBenchResult {
     pub model: String,
     /// `shared` or `separate`.
     pub value_model: String,
-    /// Where the models run (on the CPU the rollout samples on the host engine).
+    /// Where the models run.
     pub device: DeviceKind,
+    /// Where the rollout decodes.
+    pub rollout_engine: RolloutEngine,
     /// Median seconds per iteration.
     pub seconds: f64,
     /// Fastest and slowest iteration.
@@ -105,9 +107,15 @@ pub fn ppo_trainer<D: FusedOps + GradBuffers>(
 }
 
 /// Times `workload.ppo` for `model` with a shared or separate critic on `device`.
-pub fn ppo_iteration(w: &Workload, model: &str, shared: bool, device: DeviceKind) -> Result<PpoBenchResult> {
+pub fn ppo_iteration(
+    w: &Workload,
+    model: &str,
+    shared: bool,
+    (device, rollout_engine): (DeviceKind, RolloutEngine),
+) -> Result<PpoBenchResult> {
     let (times, score_mean) = crate::on_device!(device, dev => {
         let mut t = ppo_trainer(w, model, shared, dev)?;
+        t.cfg.rollout_engine = rollout_engine;
         let mut times = PhaseTimes::default();
         let mut score_mean = f64::NAN;
         for it in 0..w.ppo.warmup + w.ppo.repeats.max(1) {
@@ -124,6 +132,7 @@ pub fn ppo_iteration(w: &Workload, model: &str, shared: bool, device: DeviceKind
         model: model.into(),
         value_model: if shared { "shared" } else { "separate" }.into(),
         device,
+        rollout_engine,
         seconds,
         range,
         phases,

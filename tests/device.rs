@@ -165,16 +165,7 @@ fn generate_on_device<D: FusedOps>(name: &str, dev: &D) {
 /// scoring and update on `dev`): the same metrics and weights as on the CPU, and the first
 /// minibatch's ratio is 1.
 fn ppo_iteration<D: FusedOps + GradBuffers>(shared_critic: bool, dev: &D) {
-    let mut v = read_json(&shared().join("peers/workload.json"));
-    v["models"]["toy"] = serde_json::json!({
-        "architecture": "gpt2", "vocab_size": 64, "n_positions": 32, "n_embd": 32, "n_layer": 2, "n_head": 2,
-        "initializer_range": 0.02, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0
-    });
-    for (k, n) in [("batch", 4), ("minibatch_size", 2), ("prompt_len", 5), ("response_len", 6)] {
-        v["ppo"][k] = n.into();
-    }
-    v["ppo"]["eps"] = 1e-5.into(); // see train_steps: rounding-noise gradients stay small
-    let w: rlhf::bench::Workload = serde_json::from_value(v).unwrap();
+    let w = toy_workload();
     fn run<E: FusedOps + GradBuffers>(
         w: &rlhf::bench::Workload,
         shared: bool,
@@ -276,6 +267,58 @@ fn pretrain_stage(kind: rlhf::device::DeviceKind) {
         rlhf_policies::checkpoint::load_with_tokenizer(&d.path().join("dev/checkpoints/step-4"), &Cpu::default())
             .unwrap();
     assert_eq!(model.dims.n_layer, 2);
+}
+
+/// The peer workload with a toy model (`toy`) and toy PPO / GRPO shapes.
+fn toy_workload() -> rlhf::bench::Workload {
+    let mut v = read_json(&shared().join("peers/workload.json"));
+    v["models"]["toy"] = serde_json::json!({
+        "architecture": "gpt2", "vocab_size": 64, "n_positions": 32, "n_embd": 32, "n_layer": 2, "n_head": 2,
+        "initializer_range": 0.02, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0
+    });
+    for (k, n) in [("batch", 4), ("minibatch_size", 2), ("prompt_len", 5), ("response_len", 6)] {
+        v["ppo"][k] = n.into();
+    }
+    v["ppo"]["eps"] = 1e-5.into(); // see train_steps: rounding-noise gradients stay small
+    for (k, n) in [("prompts_per_step", 2), ("num_generations", 2), ("prompt_len_words", 5)] {
+        v["trl_grpo"][k] = n.into();
+    }
+    for (k, n) in [("max_completion_length", 6), ("per_device_train_batch_size", 2)] {
+        v["trl_grpo"][k] = n.into();
+    }
+    serde_json::from_value(v).unwrap()
+}
+
+/// On the CPU, PPO and GRPO iterations with the rollout decoded by the model itself
+/// (`rollout_engine: device`, the GPU's path) and by the host engine: the same samples, so the
+/// same metrics.
+#[test]
+fn rollout_engines_agree() {
+    use rlhf_policies::RolloutEngine;
+    let (w, dev) = (toy_workload(), Cpu::default());
+    let ppo = |engine| {
+        let mut t = rlhf::bench_ppo::ppo_trainer(&w, "toy", true, &dev).unwrap();
+        t.cfg.rollout_engine = engine;
+        t.iteration(0).unwrap().expect("not skipped").record
+    };
+    let (ours, host) = (ppo(RolloutEngine::Device), ppo(RolloutEngine::Host));
+    for key in ["objective/kl", "objective/scores", "loss/policy_avg", "loss/value_avg", "val/ratio"] {
+        let (a, b) = (ours[key].as_f64().unwrap(), host[key].as_f64().unwrap());
+        assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "ppo {key}: {a} vs {b}");
+    }
+    let algo = rlhf::stages::grpo::Algo::Grpo { scale_rewards: Default::default(), std_eps: 1e-4 };
+    let grpo = |engine| {
+        let mut t = rlhf::bench_grpo::grpo_trainer(&w, "toy", algo, &dev).unwrap();
+        t.cfg.rollout_engine = engine;
+        let out = t.iteration(0).unwrap().expect("not skipped");
+        (out.episodes.iter().map(|e| e.response_ids.clone()).collect::<Vec<_>>(), out.record)
+    };
+    let ((ours_ids, ours), (host_ids, host)) = (grpo(RolloutEngine::Device), grpo(RolloutEngine::Host));
+    assert_eq!(ours_ids, host_ids, "grpo: the same completions (groups share a prompt)");
+    for key in ["reward", "kl"] {
+        let (a, b) = (ours[key].as_f64().unwrap(), host[key].as_f64().unwrap());
+        assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "grpo {key}: {a} vs {b}");
+    }
 }
 
 macro_rules! device_tests {

@@ -67,7 +67,7 @@ pub use reward_model::{LearnedReward, RewardNormalization};
 pub use sampling::{
     filtered_logprobs, generate, generate_from, sample_from_logits, Decode, Generation, SamplingConfig,
 };
-pub use session::{policy_session, EngineSession};
+pub use session::{policy_session, EngineSession, RolloutEngine};
 pub use tokenizer::Tokenizer;
 
 /// The training path's matrix product `c (m×n, row-major) = a · b` on the current rayon pool

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use rand::{rngs::StdRng, SeedableRng};
 use rayon::prelude::*;
 use rlhf_envs::{Action, Detokenizer, EnvError, LogProbModel, Policy};
+use serde::{Deserialize, Serialize};
 
 use crate::device_decode::DeviceSession;
 use crate::fused::FusedOps;
@@ -238,17 +239,37 @@ impl Policy for EngineSession {
     }
 }
 
-/// The env's [`Policy`] for a training model, on its device's rollout path
-/// ([`FusedOps::HOST_ROLLOUT`]): an [`EngineSession`] over a host snapshot of the weights on the
-/// CPU, a [`DeviceSession`] on the model itself elsewhere. `rows` streams of at most `capacity`
-/// tokens.
+/// Where a trainer's rollouts decode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RolloutEngine {
+    /// The device's own choice ([`FusedOps::HOST_ROLLOUT`]): the host engine on the CPU, the
+    /// model's decode on a GPU.
+    #[default]
+    Auto,
+    /// The host engine ([`EngineSession`]) over a snapshot of the weights, on any device (a
+    /// GPU's weights are copied to the host once per rollout).
+    Host,
+    /// The model's own KV-cached decode ([`DeviceSession`]) where its weights live.
+    Device,
+}
+
+/// The env's [`Policy`] for a training model: an [`EngineSession`] over a host snapshot of the
+/// weights, or a [`DeviceSession`] on the model itself, as `engine` says. `rows` streams of at
+/// most `capacity` tokens.
 pub fn policy_session<'m, D: FusedOps>(
     model: &'m CausalLm<D>,
     rows: usize,
     capacity: usize,
     sampling: SamplingConfig,
+    engine: RolloutEngine,
 ) -> Box<dyn Policy + 'm> {
-    if D::HOST_ROLLOUT {
+    let host = match engine {
+        RolloutEngine::Auto => D::HOST_ROLLOUT,
+        RolloutEngine::Host => true,
+        RolloutEngine::Device => false,
+    };
+    if host {
         Box::new(EngineSession::new(Arc::new(InferenceModel::from_model(model)), rows, capacity, sampling))
     } else {
         Box::new(DeviceSession::new(model, rows, capacity, sampling))

@@ -128,6 +128,10 @@ for device in cuda cpu; do
   run_bench rollout $device
   run_bench ppo $device --value shared
 done
+# PPO on the GPU with the rollout on the host engine (the CPU's decode, GPU scoring and update)
+timeout 150 "$bin/rlhf" bench ppo --workload "$w" --model small --device cuda --threads 2 --value shared \
+  --rollout-engine host --out "$out/ppo-cuda-host-rollout.json" > /dev/null 2>> "$out/bench.log" ||
+  echo "bench ppo on cuda with the host rollout failed" >> "$out/bench.log"
 grep -v "^ \|^Stack\|^$" "$out/bench.log" | tail -n 40
 
 # 5. summary
@@ -149,7 +153,8 @@ for f in sorted(glob.glob(os.path.join(out, "*-*.json"))):
         if "batch" in r:  # rollout
             bench[f"{key}/b{r['batch']}"] = {"tokens_per_s": r["tokens_per_s"], "range": [r["tokens_per_s_min"], r["tokens_per_s_max"]]}
         elif "seconds" in r:  # PPO iteration
-            bench[f"{key}/{r['value_model']}"] = {"seconds": r["seconds"], "range": r["range"], "phases": r["phases"]}
+            bench[f"{key}/{r['value_model']}/{r['rollout_engine']}-rollout"] = {
+                "seconds": r["seconds"], "range": r["range"], "phases": r["phases"]}
         else:
             bench[key] = {"tokens_per_s": r["tokens_per_s"], "range": r["range"]}
 facts = open(os.path.join(out, "facts.txt")).read().splitlines()

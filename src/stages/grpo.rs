@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use rlhf_envs::{RewardModel, ScoreConfig};
-use rlhf_policies::{AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers};
+use rlhf_policies::{AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers, RolloutEngine};
 use serde::{Deserialize, Serialize};
 
 use crate::device::DeviceKind;
@@ -151,6 +151,10 @@ pub struct GrpoConfig {
     /// Device of the policy, the reference and a learned reward: `cpu` (default) or `cuda` (GPU
     /// 0, a build with `--features cuda`; the rollout then decodes there too).
     pub device: DeviceKind,
+    /// Where rollouts decode: `auto` (default: the host engine on the CPU, the model's own
+    /// KV-cached decode on a GPU), `host` (the CPU engine from a copy of the weights, also on a
+    /// GPU) or `device`.
+    pub rollout_engine: RolloutEngine,
 }
 
 impl Default for GrpoConfig {
@@ -186,6 +190,7 @@ impl Default for GrpoConfig {
             sample_every: 10,
             sample_count: 4,
             device: DeviceKind::Cpu,
+            rollout_engine: RolloutEngine::Auto,
         }
     }
 }

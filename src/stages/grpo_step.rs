@@ -30,8 +30,8 @@ pub struct GroupState {
     pub skipped_batches: usize,
 }
 
-/// The policy, reference, optimizer and env of a critic-free run, on device `D` (the rollout
-/// path as in [`policy_session`]).
+/// The policy, reference, optimizer and env of a critic-free run, on device `D`; the rollout
+/// decodes where `cfg.rollout_engine` says ([`policy_session`]).
 #[derive(Debug)]
 pub struct GroupTrainer<M, D: FusedOps = Cpu> {
     /// The configuration.
@@ -126,8 +126,8 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
             seed: mix(cfg.seed, it as u64, 1),
             ..Default::default()
         };
-        let mut session =
-            policy_session(&self.policy, cfg.batch_size(), cfg.max_prompt_len + cfg.max_new_tokens, sampler);
+        let capacity = cfg.max_prompt_len + cfg.max_new_tokens;
+        let mut session = policy_session(&self.policy, cfg.batch_size(), capacity, sampler, cfg.rollout_engine);
         let opts = Rollout { group_size: cfg.num_generations, reference: false };
         let rolled = self.env.rollout_with(session.as_mut(), opts);
         drop(session); // it borrows the policy, which the update changes

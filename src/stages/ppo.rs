@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use rlhf_envs::{KeywordReward, KlEstimator, LengthReward, RewardModel, ScoreConfig};
-use rlhf_policies::{AdamW, AdamWConfig, FusedOps, GradBuffers, LearnedReward, Tokenizer};
+use rlhf_policies::{AdamW, AdamWConfig, FusedOps, GradBuffers, LearnedReward, RolloutEngine, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{read_corpus, read_jsonl};
@@ -199,6 +199,10 @@ pub struct PpoConfig {
     /// Device of the models (policy, reference, critic, learned reward): `cpu` (default) or
     /// `cuda` (GPU 0, a build with `--features cuda`; the rollout then decodes there too).
     pub device: DeviceKind,
+    /// Where rollouts decode: `auto` (default: the host engine on the CPU, the model's own
+    /// KV-cached decode on a GPU), `host` (the CPU engine from a copy of the weights, also on a
+    /// GPU) or `device`.
+    pub rollout_engine: RolloutEngine,
 }
 
 impl Default for PpoConfig {
@@ -242,6 +246,7 @@ impl Default for PpoConfig {
             sample_every: 10,
             sample_count: 4,
             device: DeviceKind::Cpu,
+            rollout_engine: RolloutEngine::Auto,
         }
     }
 }

@@ -31,9 +31,8 @@ pub struct PpoState {
     pub skipped_batches: usize,
 }
 
-/// The models, optimizer, env and controller of a PPO run, on device `D`. The rollout samples
-/// on the host engine from a copy of the policy's weights on the CPU
-/// ([`FusedOps::HOST_ROLLOUT`]), through the policy's own KV-cached decode elsewhere.
+/// The models, optimizer, env and controller of a PPO run, on device `D`. The rollout decodes
+/// where `cfg.rollout_engine` says ([`policy_session`]).
 #[derive(Debug)]
 pub struct PpoTrainer<M, D: FusedOps = Cpu> {
     /// The configuration.
@@ -116,7 +115,8 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         let t0 = Instant::now();
         let eos = (!self.env.config().eos_ids.is_empty()).then_some(self.eos);
         let sampler = sampling(cfg, eos, mix(cfg.seed, it as u64, 1));
-        let mut session = policy_session(&self.models.policy, cfg.batch_size, capacity(cfg), sampler);
+        let mut session =
+            policy_session(&self.models.policy, cfg.batch_size, capacity(cfg), sampler, cfg.rollout_engine);
         let rolled = self.env.rollout_with(session.as_mut(), Rollout { group_size: 1, reference: false });
         drop(session); // it borrows the policy, which the update changes
         let episodes = match rolled {
