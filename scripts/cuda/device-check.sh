@@ -4,7 +4,8 @@
 #
 #   1. facts: GPU, driver, CUDA, glibc, whether cargo exists (the build happens elsewhere)
 #   2. the CUDA 13 libraries the binaries need (libnvrtc.so.13, libcublas.so.13,
-#      libcublasLt.so.13), found in the system toolkit or the Python environment's wheels
+#      libcublasLt.so.13), found in $CUDA_LIBS, the system toolkit, the Python environment's
+#      wheels, ldconfig, or a search of /usr, /opt, /root and /home
 #   3. tests/device.rs: every `cpu::` and `cuda::` test — fixture logits against transformers
 #      and the CPU (1e-4) on hf-gpt2-tiny and hf-llama-tiny, training steps, PPO log-probs, the
 #      KV-cached decode, generation, a PPO iteration and the pretrain stage against the CPU;
@@ -37,7 +38,7 @@ mkdir -p "$out"
 cat "$out/facts.txt"
 
 # 2. CUDA 13 libraries: system toolkit folders, then every nvidia wheel folder Python knows
-dirs=$(ls -d /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib 2>/dev/null)
+dirs="${CUDA_LIBS:-} $(ls -d /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib 2>/dev/null)"
 dirs="$dirs $(python3 - <<'PY' 2>/dev/null
 import glob, os, site, sys
 roots = site.getsitepackages() + [site.getusersitepackages()] + sys.path
@@ -56,7 +57,10 @@ for so in libnvrtc.so.13 libcublas.so.13 libcublasLt.so.13; do
     if [ -e "$d/$so" ]; then found=$d; break; fi
   done
   if [ -z "$found" ]; then
-    found=$(ldconfig -p | awk -v so="$so" '$1 == so { print $NF; exit }' | xargs -r dirname)
+    found=$(ldconfig -p 2>/dev/null | awk -v so="$so" '$1 == so { print $NF; exit }' | xargs -r dirname)
+  fi
+  if [ -z "$found" ]; then # last resort: any Python environment or toolkit on the machine
+    found=$(find /usr /opt /root /home -maxdepth 9 -name "$so" 2>/dev/null | head -1 | xargs -r dirname)
   fi
   [ -n "$found" ] || { echo "device-check.sh: $so not found (searched: $dirs, ldconfig)" >&2; exit 1; }
   echo "$so: $found"
