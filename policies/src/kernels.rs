@@ -62,7 +62,6 @@ pub(crate) fn has_avx512() -> bool {
 
 /// The operands of one panel product `y[.., j0..j0+16] (+)= x · panel` ([`panel`]): `x`
 /// `(m, k)` row-major, the panel `wp` `(k, 16)`, `y` `m` rows of stride `n`.
-#[cfg(target_arch = "x86_64")]
 struct PanelProduct<W> {
     x: *const f32,
     wp: *const W,
@@ -432,9 +431,10 @@ pub fn matmul(x: &[f32], w: &PackedMatrix, y: &mut [f32], m: usize, accumulate: 
             // other part touches; x and the panel have the asserted shapes.
             let span = p * k * PANEL..(p + 1) * k * PANEL;
             unsafe {
+                let (x, y, j0) = (x.as_ptr(), yp.get(), p * PANEL);
                 match &w.data {
-                    Panels::F32(d) => panel(x, &d[span], yp.get(), m, k, n, p * PANEL, accumulate),
-                    Panels::F16(d) => panel(x, &d[span], yp.get(), m, k, n, p * PANEL, accumulate),
+                    Panels::F32(d) => panel(&PanelProduct { x, wp: d[span].as_ptr(), y, m, k, n, j0, accumulate }),
+                    Panels::F16(d) => panel(&PanelProduct { x, wp: d[span].as_ptr(), y, m, k, n, j0, accumulate }),
                 }
             };
         }
@@ -449,25 +449,16 @@ pub fn matmul(x: &[f32], w: &PackedMatrix, y: &mut [f32], m: usize, accumulate: 
 /// `y[.., j0..j0+16] (+)= x · panel` for all `m` rows (columns past `n` are not written).
 ///
 /// # Safety
-/// `x: (m,k)` row-major, `wp: (k,16)`, `y` valid for writes of `m` rows of stride `n`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn panel<W: PanelElem>(
-    x: &[f32],
-    wp: &[W],
-    y: *mut f32,
-    m: usize,
-    k: usize,
-    n: usize,
-    j0: usize,
-    accumulate: bool,
-) {
+/// `p.x: (m,k)` row-major, `p.wp: (k,16)`, `p.y` valid for writes of `m` rows of stride `n`.
+unsafe fn panel<W: PanelElem>(p: &PanelProduct<W>) {
+    let &PanelProduct { x, wp, y, m, k, n, j0, accumulate } = p;
     let width = PANEL.min(n - j0);
     #[cfg(target_arch = "x86_64")]
     if has_fma() && width == PANEL {
-        let p = PanelProduct { x: x.as_ptr(), wp: wp.as_ptr(), y, m, k, n, j0, accumulate };
         // SAFETY: the CPU features are checked; the caller's contract is the product's.
-        return if has_avx512() { avx512::panel(&p) } else { x86::panel(&p) };
+        return if has_avx512() { avx512::panel(p) } else { x86::panel(p) };
     }
+    let (x, wp) = (std::slice::from_raw_parts(x, m * k), std::slice::from_raw_parts(wp, k * PANEL));
     for r in 0..m {
         let mut acc = [0.0f32; PANEL];
         if accumulate {
