@@ -351,24 +351,8 @@ pub struct RolloutBench {
 impl RolloutBench {
     /// Builds the model (seeded init) and prompts for one batch size.
     pub fn new(w: &Workload, model: &str, batch: usize, weights: WeightDtype) -> anyhow::Result<Self> {
-        let cfg = w.model_config(model)?;
-        let eos = cfg.eos_token_id();
+        let (cfg, prompts, sampling) = rollout_inputs(w, model, batch)?;
         let lm = CausalLm::new(cfg, &Cpu::default(), w.seed)?;
-        let vocab = lm.dims.vocab as u32;
-        let mut rng = StdRng::seed_from_u64(w.seed);
-        let prompts =
-            (0..batch).map(|_| (0..w.rollout.prompt_len).map(|_| rng.gen_range(0..vocab)).collect()).collect();
-        let r = &w.rollout;
-        let sampling = SamplingConfig {
-            max_new_tokens: r.max_new_tokens,
-            min_new_tokens: r.min_new_tokens,
-            temperature: r.temperature,
-            top_k: r.top_k,
-            top_p: r.top_p,
-            eos_ids: eos.into_iter().collect(),
-            seed: w.seed,
-            ..SamplingConfig::default()
-        };
         Ok(RolloutBench { engine: InferenceModel::from_model_with(&lm, weights), prompts, sampling })
     }
 
@@ -377,6 +361,29 @@ impl RolloutBench {
         let out = generate(&self.engine, &self.prompts, 0, &self.sampling)?;
         Ok(out.tokens.iter().map(Vec::len).sum())
     }
+}
+
+/// The model config, `batch` prompts of uniform random ids and the sampling settings of
+/// `workload.rollout`.
+fn rollout_inputs(
+    w: &Workload,
+    model: &str,
+    batch: usize,
+) -> anyhow::Result<(ModelConfig, Vec<Vec<u32>>, SamplingConfig)> {
+    let cfg = w.model_config(model)?;
+    let r = &w.rollout;
+    let prompts = random_batch(w.seed, batch, r.prompt_len, cfg.dims()?.vocab);
+    let sampling = SamplingConfig {
+        max_new_tokens: r.max_new_tokens,
+        min_new_tokens: r.min_new_tokens,
+        temperature: r.temperature,
+        top_k: r.top_k,
+        top_p: r.top_p,
+        eos_ids: cfg.eos_token_id().into_iter().collect(),
+        seed: w.seed,
+        ..SamplingConfig::default()
+    };
+    Ok((cfg, prompts, sampling))
 }
 
 /// Runs the rollout benchmark for `model` at each batch size (warm-up, then timed repeats):
@@ -397,13 +404,16 @@ pub fn rollout(
     let (warmup, repeats) = (w.rollout.warmup, w.rollout.repeats);
     let mut results = Vec::new();
     for &batch in batches {
-        let bench = RolloutBench::new(w, model, batch, weights)?;
         let (wall, tokens) = match device {
-            DeviceKind::Cpu => time_units(&Cpu::default(), warmup, repeats, || bench.run_once())?,
+            DeviceKind::Cpu => {
+                let bench = RolloutBench::new(w, model, batch, weights)?;
+                time_units(&Cpu::default(), warmup, repeats, || bench.run_once())?
+            }
             DeviceKind::Cuda => crate::on_device!(device, dev => {
-                let lm = CausalLm::new(w.model_config(model)?, dev, w.seed)?;
+                let (cfg, prompts, sampling) = rollout_inputs(w, model, batch)?;
+                let lm = CausalLm::new(cfg, dev, w.seed)?;
                 time_units(dev, warmup, repeats, || {
-                    let out = generate(&lm, &bench.prompts, 0, &bench.sampling)?;
+                    let out = generate(&lm, &prompts, 0, &sampling)?;
                     Ok(out.tokens.iter().map(Vec::len).sum::<usize>())
                 })
             })?,

@@ -1,7 +1,10 @@
 //! Device-generic tests: the same checks on every dfdx device this build has — `cpu::` always,
 //! `cuda::` with `--features cuda` (on a machine with a GPU; `scripts/cuda/device-check.sh`
 //! runs them there). Each compares the device against HF's reference outputs
-//! (`shared/fixtures`) and against the CPU, within the fixtures' 1e-4.
+//! (`shared/fixtures`) or the host engine, and against the CPU, within the fixtures' 1e-4.
+//! In `cpu::` the "against the CPU" halves compare the CPU with itself and cannot fail: there
+//! they only run the generic code; their independent checks are the references, the falling
+//! loss and the first minibatch's ratio of 1. `rollout_engines_agree` is CPU-only.
 
 mod common;
 

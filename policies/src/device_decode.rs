@@ -17,7 +17,7 @@ use crate::fused::FusedOps;
 use crate::infer::LogitsAt;
 use crate::model::{apply_rope, CausalLm, MASKED};
 use crate::sampling::{row_seed, SamplingConfig};
-use crate::session::sample_rows;
+use crate::session::{model_err, sample_rows};
 
 type A2<D> = Tensor<(usize, usize), f32, D>;
 type A4<D> = Tensor<(usize, usize, usize, usize), f32, D>;
@@ -186,10 +186,6 @@ impl<'m, D: FusedOps> DeviceSession<'m, D> {
             self.logits[r] = logits[r * v..(r + 1) * v].to_vec();
         }
     }
-}
-
-fn model_err(e: PolicyError) -> EnvError {
-    EnvError::Model(e.to_string())
 }
 
 impl<D: FusedOps> Policy for DeviceSession<'_, D> {

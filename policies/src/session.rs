@@ -35,7 +35,8 @@ pub struct EngineSession {
 /// Rows from which per-row sampling and log-prob work is spread over threads.
 const PAR_ROWS: usize = 8;
 
-fn model_err(e: crate::error::PolicyError) -> EnvError {
+/// A model error as the env's error (the sessions' shared conversion).
+pub(crate) fn model_err(e: crate::error::PolicyError) -> EnvError {
     EnvError::Model(e.to_string())
 }
 
