@@ -15,7 +15,7 @@ use rlhf::stages::reward::{self, RewardConfig};
 use rlhf::stages::sft::{self, SftConfig};
 use rlhf_policies::checkpoint::load_with_tokenizer;
 use rlhf_policies::{
-    generate, CausalLm, FusedOps, InferenceModel, ModelConfig, SamplingConfig, Tokenizer, WeightDtype,
+    generate, CausalLm, FusedOps, InferenceModel, ModelConfig, RolloutEngine, SamplingConfig, Tokenizer, WeightDtype,
 };
 
 mod bench_cli;
@@ -354,7 +354,7 @@ fn generate_on<D: FusedOps>(a: &GenerateArgs, dev: &D) -> Result<()> {
         ..SamplingConfig::default()
     };
     let t0 = Instant::now();
-    let out = if D::HOST_ROLLOUT {
+    let out = if RolloutEngine::Auto.on_host::<D>() {
         generate(&InferenceModel::from_model_with(&model, a.weights.into()), &[prompt], pad, &cfg)?
     } else {
         generate(&model, &[prompt], pad, &cfg)?

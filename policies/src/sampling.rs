@@ -13,6 +13,7 @@ use crate::fused::FusedOps;
 use crate::infer::{InferenceModel, KvCache, LogitsAt};
 use crate::kernels::exp_inplace;
 use crate::model::CausalLm;
+use crate::session::RolloutEngine;
 
 /// A model [`generate`] can sample from: a KV cache per batch, and a forward that feeds the next
 /// columns and returns each row's last logits.
@@ -194,7 +195,7 @@ pub fn generate<M: Decode>(
 }
 
 /// [`generate`] from a training model on its device's rollout path
-/// ([`FusedOps::HOST_ROLLOUT`]): the host engine from a snapshot of the weights on the CPU, the
+/// ([`RolloutEngine::Auto`]): the host engine from a snapshot of the weights on the CPU, the
 /// model's own KV-cached decode elsewhere.
 pub fn generate_from<D: FusedOps>(
     model: &CausalLm<D>,
@@ -202,7 +203,7 @@ pub fn generate_from<D: FusedOps>(
     pad_id: u32,
     cfg: &SamplingConfig,
 ) -> Result<Generation, PolicyError> {
-    if D::HOST_ROLLOUT {
+    if RolloutEngine::Auto.on_host::<D>() {
         generate(&InferenceModel::from_model(model), prompts, pad_id, cfg)
     } else {
         generate(model, prompts, pad_id, cfg)

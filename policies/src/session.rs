@@ -255,6 +255,17 @@ pub enum RolloutEngine {
     Device,
 }
 
+impl RolloutEngine {
+    /// Whether a model on device `D` decodes on the host engine.
+    pub fn on_host<D: FusedOps>(self) -> bool {
+        match self {
+            RolloutEngine::Auto => D::HOST_ROLLOUT,
+            RolloutEngine::Host => true,
+            RolloutEngine::Device => false,
+        }
+    }
+}
+
 /// The env's [`Policy`] for a training model: an [`EngineSession`] over a host snapshot of the
 /// weights, or a [`DeviceSession`] on the model itself, as `engine` says. `rows` streams of at
 /// most `capacity` tokens.
@@ -265,12 +276,7 @@ pub fn policy_session<'m, D: FusedOps>(
     sampling: SamplingConfig,
     engine: RolloutEngine,
 ) -> Box<dyn Policy + 'm> {
-    let host = match engine {
-        RolloutEngine::Auto => D::HOST_ROLLOUT,
-        RolloutEngine::Host => true,
-        RolloutEngine::Device => false,
-    };
-    if host {
+    if engine.on_host::<D>() {
         Box::new(EngineSession::new(Arc::new(InferenceModel::from_model(model)), rows, capacity, sampling))
     } else {
         Box::new(DeviceSession::new(model, rows, capacity, sampling))
