@@ -169,150 +169,28 @@ pub fn run(out: &Path, preset: Preset, seed: u64) -> Result<DemoSummary> {
     for stage in STAGES {
         crate::run::RunDir::clear(&out.join(stage))?;
     }
-    let data = out.join("data");
-    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
-    // DATA: the world's corpus, SFT pairs, RL and evaluation prompts
+    let demo = Demo { out, data: out.join("data"), plan: &plan, seed };
     let mut w = World::new(seed);
-    std::fs::write(data.join("corpus.txt"), w.corpus(plan.corpus_lines))?;
-    write_jsonl(
-        &data.join("sft.jsonl"),
-        w.sft_pairs(plan.sft.0).iter().map(|(p, r)| serde_json::json!({"prompt": p, "response": r})),
-    )?;
-    write_jsonl(&data.join("prompts.jsonl"), w.prompts(256).iter().map(|p| serde_json::json!({"prompt": p})))?;
-    let eval_prompts = w.prompts(plan.eval_prompts);
-    // STAGE 1: pretraining (BPE on the corpus)
-    let (d, layers, heads) = plan.model;
+    let eval_prompts = demo.write_data(&mut w)?;
     eprintln!("demo: 1/4 pretraining");
-    pretrain::train(
-        PretrainConfig {
-            out_dir: out.join("pretrain"),
-            seed,
-            files: vec![data.join("corpus.txt")],
-            val_fraction: 0.05,
-            tokenizer: TokenizerSpec::Bpe { vocab_size: plan.vocab, min_frequency: 2 },
-            model: ModelConfig::gpt2_preset(plan.vocab, d, layers, heads, 64),
-            block_size: 48,
-            batch_size: 16,
-            steps: plan.pretrain_steps,
-            schedule: LrSchedule::WarmupCosine { lr: 3e-3, min_lr: 3e-4, warmup: 20, decay_steps: plan.pretrain_steps },
-            eval_every: plan.pretrain_steps,
-            checkpoint_every: plan.pretrain_steps,
-            sample_prompt: "review of the".into(),
-            sample_tokens: 20,
-            ..Default::default()
-        },
-        false,
-    )?;
-    let pre = out.join(format!("pretrain/checkpoints/step-{}", plan.pretrain_steps));
-    // STAGE 2: SFT on (prompt → one sentence + EOS)
+    let pre = demo.pretrain()?;
     eprintln!("demo: 2/4 supervised fine-tuning");
-    sft::train(
-        SftConfig {
-            out_dir: out.join("sft"),
-            seed,
-            init: pre,
-            data: data.join("sft.jsonl"),
-            max_len: 48,
-            batch_size: 16,
-            steps: plan.sft.1,
-            optim: rlhf_policies::AdamWConfig { lr: 1e-3, ..Default::default() },
-            schedule: LrSchedule::WarmupCosine { lr: 1e-3, min_lr: 1e-4, warmup: 10, decay_steps: plan.sft.1 },
-            eval_every: plan.sft.1,
-            checkpoint_every: plan.sft.1,
-            ..Default::default()
-        },
-        false,
-    )?;
-    let sft_dir = out.join(format!("sft/checkpoints/step-{}", plan.sft.1));
+    let sft_dir = demo.sft(pre)?;
     let (sft_model, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&sft_dir, &Cpu::default())?;
-    // STAGE 3a: preference pairs from the SFT policy, labelled by Bradley–Terry on the gold reward
     eprintln!("demo: 3/4 reward model on gold-labelled pairs");
-    let pairs = labelled_pairs(&sft_model, &tok, &mut w, plan.reward.0, seed)?;
-    write_jsonl(
-        &data.join("prefs.jsonl"),
-        pairs.iter().map(|p| serde_json::json!({"prompt": p.0, "chosen": p.1, "rejected": p.2})),
-    )?;
-    reward::train(
-        RewardConfig {
-            out_dir: out.join("reward"),
-            seed,
-            init: sft_dir.clone(),
-            data: data.join("prefs.jsonl"),
-            max_len: 64,
-            batch_size: 16,
-            steps: plan.reward.1,
-            optim: rlhf_policies::AdamWConfig { lr: 1e-3, ..Default::default() },
-            schedule: LrSchedule::WarmupCosine { lr: 1e-3, min_lr: 1e-4, warmup: 10, decay_steps: plan.reward.1 },
-            eval_every: plan.reward.1,
-            checkpoint_every: plan.reward.1,
-            ..Default::default()
-        },
-        false,
-    )?;
-    let rm_dir = out.join(format!("reward/checkpoints/step-{}", plan.reward.1));
-    let (mut rm, norm) = LearnedReward::load_pretrained(&rm_dir, &Cpu::default())?;
-    rm.norm = norm.map(|n| n.as_score_norm());
+    let rm_dir = demo.reward(&sft_model, &tok, &mut w, &sft_dir)?;
+    let mut rm = load_proxy(&rm_dir)?;
     let held_out = labelled_pairs(&sft_model, &tok, &mut w, 512, seed ^ 0xfeed)?;
     let rm_gold_accuracy = gold_accuracy(&mut rm, &tok, &held_out)?;
-    // STAGE 3b: PPO against the proxy, gold tracked on the side
     eprintln!("demo: 4/4 PPO");
-    let gold_log = Arc::new(Mutex::new(Vec::new()));
-    let (mut proxy, norm) = LearnedReward::load_pretrained(&rm_dir, &Cpu::default())?;
-    proxy.norm = norm.map(|n| n.as_score_norm());
-    let ppo_cfg = PpoConfig {
-        out_dir: out.join("ppo"),
-        seed,
-        policy: sft_dir.clone(),
-        reward: Some(RewardSpec::Model { path: rm_dir.clone(), normalize: true }),
-        value_model: ValueModelConfig::Separate { init: None },
-        prompts: data.join("prompts.jsonl"),
-        max_prompt_len: 16,
-        batch_size: plan.ppo.1,
-        max_new_tokens: 24,
-        iterations: plan.ppo.0,
-        minibatch_size: 8,
-        optim: rlhf_policies::AdamWConfig { lr: plan.ppo_lr_beta.0, ..Default::default() },
-        schedule: LrSchedule::Constant { lr: plan.ppo_lr_beta.0 },
-        beta: plan.ppo_lr_beta.1,
-        checkpoint_every: plan.ppo.0,
-        sample_every: 10,
-        ..Default::default()
-    };
-    let report = ppo::train_with_reward(ppo_cfg, false, Box::new(GoldTracked { proxy, gold: gold_log.clone() }))?;
-    let gold_curve = gold_log.lock().expect("not poisoned").clone();
-    let ppo_curve = gold_curve.iter().zip(&report.scores).zip(&report.kl).map(|((g, p), k)| (*g, *p, *k)).collect();
+    let (ppo_dir, ppo_curve) = demo.ppo(&sft_dir, &rm_dir)?;
     // EVALUATION: SFT, PPO and best-of-n on held-out prompts
-    let (ppo_model, _) = rlhf_policies::checkpoint::load_with_tokenizer(
-        &out.join(format!("ppo/checkpoints/step-{}", plan.ppo.0)),
-        &Cpu::default(),
-    )?;
+    let (ppo_model, _) = rlhf_policies::checkpoint::load_with_tokenizer(&ppo_dir, &Cpu::default())?;
     let prompts: Vec<Vec<u32>> = eval_prompts.iter().map(|p| tok.encode(p)).collect::<Result<_, _>>()?;
     let (sft_eval, sft_texts) = evaluate("sft", &sft_model, &sft_model, &mut rm, &tok, &eval_prompts, &prompts, seed)?;
     let (ppo_eval, ppo_texts) = evaluate("ppo", &ppo_model, &sft_model, &mut rm, &tok, &eval_prompts, &prompts, seed)?;
-    // DPO on the same gold-labelled pairs the reward model learned from: no reward model, no
-    // rollouts
     eprintln!("demo: DPO on the same pairs");
-    crate::stages::dpo::train(
-        crate::stages::dpo::DpoConfig {
-            out_dir: out.join("dpo"),
-            seed,
-            init: sft_dir.clone(),
-            data: data.join("prefs.jsonl"),
-            max_len: 64,
-            batch_size: 16,
-            steps: plan.dpo_steps,
-            optim: rlhf_policies::AdamWConfig { lr: 1e-4, ..Default::default() },
-            schedule: LrSchedule::Constant { lr: 1e-4 },
-            eval_every: plan.dpo_steps,
-            checkpoint_every: plan.dpo_steps,
-            // the stage's own sampled-KL check, at the demo's response length (its default 64
-            // leaves no room after any prompt in this model's 64 positions)
-            sample_tokens: 24,
-            ..Default::default()
-        },
-        false,
-    )?;
-    let dpo_dir = out.join(format!("dpo/checkpoints/step-{}", plan.dpo_steps));
+    let dpo_dir = demo.dpo(&sft_dir)?;
     let (dpo_model, _) = rlhf_policies::checkpoint::load_with_tokenizer(&dpo_dir, &Cpu::default())?;
     let (dpo_eval, _) = evaluate("dpo", &dpo_model, &sft_model, &mut rm, &tok, &eval_prompts, &prompts, seed)?;
     let mut policies = vec![sft_eval, ppo_eval, dpo_eval];
@@ -323,6 +201,184 @@ pub fn run(out: &Path, preset: Preset, seed: u64) -> Result<DemoSummary> {
     let summary = DemoSummary { plan, rm_gold_accuracy, policies, ppo_curve, samples };
     std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
     Ok(summary)
+}
+
+/// The reward model as the demo scores with it: normalised as it was trained.
+fn load_proxy(rm_dir: &Path) -> Result<LearnedReward<Cpu>> {
+    let (mut rm, norm) = LearnedReward::load_pretrained(rm_dir, &Cpu::default())?;
+    rm.norm = norm.map(|n| n.as_score_norm());
+    Ok(rm)
+}
+
+/// One demo's output folder, sizes and seed; each stage method runs the real stage and
+/// returns its final checkpoint folder.
+struct Demo<'a> {
+    out: &'a Path,
+    data: PathBuf,
+    plan: &'a Plan,
+    seed: u64,
+}
+
+impl Demo<'_> {
+    /// DATA: the world's corpus, SFT pairs and RL prompts, written under `data/`; returns the
+    /// held-out evaluation prompts.
+    fn write_data(&self, w: &mut World) -> Result<Vec<String>> {
+        let data = &self.data;
+        std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+        std::fs::write(data.join("corpus.txt"), w.corpus(self.plan.corpus_lines))?;
+        write_jsonl(
+            &data.join("sft.jsonl"),
+            w.sft_pairs(self.plan.sft.0).iter().map(|(p, r)| serde_json::json!({"prompt": p, "response": r})),
+        )?;
+        write_jsonl(&data.join("prompts.jsonl"), w.prompts(256).iter().map(|p| serde_json::json!({"prompt": p})))?;
+        Ok(w.prompts(self.plan.eval_prompts))
+    }
+
+    fn checkpoint(&self, stage: &str, step: usize) -> PathBuf {
+        self.out.join(format!("{stage}/checkpoints/step-{step}"))
+    }
+
+    /// STAGE 1: pretraining (BPE on the corpus).
+    fn pretrain(&self) -> Result<PathBuf> {
+        let (plan, (d, layers, heads)) = (self.plan, self.plan.model);
+        pretrain::train(
+            PretrainConfig {
+                out_dir: self.out.join("pretrain"),
+                seed: self.seed,
+                files: vec![self.data.join("corpus.txt")],
+                val_fraction: 0.05,
+                tokenizer: TokenizerSpec::Bpe { vocab_size: plan.vocab, min_frequency: 2 },
+                model: ModelConfig::gpt2_preset(plan.vocab, d, layers, heads, 64),
+                block_size: 48,
+                batch_size: 16,
+                steps: plan.pretrain_steps,
+                schedule: LrSchedule::WarmupCosine {
+                    lr: 3e-3,
+                    min_lr: 3e-4,
+                    warmup: 20,
+                    decay_steps: plan.pretrain_steps,
+                },
+                eval_every: plan.pretrain_steps,
+                checkpoint_every: plan.pretrain_steps,
+                sample_prompt: "review of the".into(),
+                sample_tokens: 20,
+                ..Default::default()
+            },
+            false,
+        )?;
+        Ok(self.checkpoint("pretrain", plan.pretrain_steps))
+    }
+
+    /// STAGE 2: SFT on (prompt → one sentence + EOS).
+    fn sft(&self, init: PathBuf) -> Result<PathBuf> {
+        let steps = self.plan.sft.1;
+        sft::train(
+            SftConfig {
+                out_dir: self.out.join("sft"),
+                seed: self.seed,
+                init,
+                data: self.data.join("sft.jsonl"),
+                max_len: 48,
+                batch_size: 16,
+                steps,
+                optim: rlhf_policies::AdamWConfig { lr: 1e-3, ..Default::default() },
+                schedule: LrSchedule::WarmupCosine { lr: 1e-3, min_lr: 1e-4, warmup: 10, decay_steps: steps },
+                eval_every: steps,
+                checkpoint_every: steps,
+                ..Default::default()
+            },
+            false,
+        )?;
+        Ok(self.checkpoint("sft", steps))
+    }
+
+    /// STAGE 3a: preference pairs from the SFT policy, labelled by Bradley–Terry on the gold
+    /// reward (written to `data/prefs.jsonl`), and the reward model trained on them.
+    fn reward(&self, sft_model: &CausalLm<Cpu>, tok: &Tokenizer, w: &mut World, sft_dir: &Path) -> Result<PathBuf> {
+        let (pairs, steps) = self.plan.reward;
+        let pairs = labelled_pairs(sft_model, tok, w, pairs, self.seed)?;
+        write_jsonl(
+            &self.data.join("prefs.jsonl"),
+            pairs.iter().map(|p| serde_json::json!({"prompt": p.0, "chosen": p.1, "rejected": p.2})),
+        )?;
+        reward::train(
+            RewardConfig {
+                out_dir: self.out.join("reward"),
+                seed: self.seed,
+                init: sft_dir.to_path_buf(),
+                data: self.data.join("prefs.jsonl"),
+                max_len: 64,
+                batch_size: 16,
+                steps,
+                optim: rlhf_policies::AdamWConfig { lr: 1e-3, ..Default::default() },
+                schedule: LrSchedule::WarmupCosine { lr: 1e-3, min_lr: 1e-4, warmup: 10, decay_steps: steps },
+                eval_every: steps,
+                checkpoint_every: steps,
+                ..Default::default()
+            },
+            false,
+        )?;
+        Ok(self.checkpoint("reward", steps))
+    }
+
+    /// STAGE 3b: PPO against the proxy, gold tracked on the side; returns the final
+    /// checkpoint and the (gold, proxy, KL) curve per iteration.
+    fn ppo(&self, sft_dir: &Path, rm_dir: &Path) -> Result<(PathBuf, Vec<(f64, f64, f64)>)> {
+        let (iterations, batch_size) = self.plan.ppo;
+        let (lr, beta) = self.plan.ppo_lr_beta;
+        let gold_log = Arc::new(Mutex::new(Vec::new()));
+        let proxy = load_proxy(rm_dir)?;
+        let ppo_cfg = PpoConfig {
+            out_dir: self.out.join("ppo"),
+            seed: self.seed,
+            policy: sft_dir.to_path_buf(),
+            reward: Some(RewardSpec::Model { path: rm_dir.to_path_buf(), normalize: true }),
+            value_model: ValueModelConfig::Separate { init: None },
+            prompts: self.data.join("prompts.jsonl"),
+            max_prompt_len: 16,
+            batch_size,
+            max_new_tokens: 24,
+            iterations,
+            minibatch_size: 8,
+            optim: rlhf_policies::AdamWConfig { lr, ..Default::default() },
+            schedule: LrSchedule::Constant { lr },
+            beta,
+            checkpoint_every: iterations,
+            sample_every: 10,
+            ..Default::default()
+        };
+        let report = ppo::train_with_reward(ppo_cfg, false, Box::new(GoldTracked { proxy, gold: gold_log.clone() }))?;
+        let gold_curve = gold_log.lock().expect("not poisoned").clone();
+        let curve = gold_curve.iter().zip(&report.scores).zip(&report.kl).map(|((g, p), k)| (*g, *p, *k)).collect();
+        Ok((self.checkpoint("ppo", iterations), curve))
+    }
+
+    /// DPO on the same gold-labelled pairs the reward model learned from: no reward model, no
+    /// rollouts.
+    fn dpo(&self, sft_dir: &Path) -> Result<PathBuf> {
+        let steps = self.plan.dpo_steps;
+        crate::stages::dpo::train(
+            crate::stages::dpo::DpoConfig {
+                out_dir: self.out.join("dpo"),
+                seed: self.seed,
+                init: sft_dir.to_path_buf(),
+                data: self.data.join("prefs.jsonl"),
+                max_len: 64,
+                batch_size: 16,
+                steps,
+                optim: rlhf_policies::AdamWConfig { lr: 1e-4, ..Default::default() },
+                schedule: LrSchedule::Constant { lr: 1e-4 },
+                eval_every: steps,
+                checkpoint_every: steps,
+                // the stage's own sampled-KL check, at the demo's response length (its default
+                // 64 leaves no room after any prompt in this model's 64 positions)
+                sample_tokens: 24,
+                ..Default::default()
+            },
+            false,
+        )?;
+        Ok(self.checkpoint("dpo", steps))
+    }
 }
 
 fn write_jsonl(path: &Path, rows: impl Iterator<Item = serde_json::Value>) -> Result<()> {
