@@ -136,10 +136,13 @@ pub struct DemoSummary {
     /// SFT, PPO and best-of-n.
     pub policies: Vec<PolicyEval>,
     /// Per PPO iteration: (mean gold, mean proxy, KL) of its rollouts.
-    pub ppo_curve: Vec<(f64, f64, f64)>,
+    pub ppo_curve: PpoCurve,
     /// A few held-out prompts with the SFT and PPO responses.
     pub samples: Vec<(String, String, String)>,
 }
+
+/// Per PPO iteration: (mean gold, mean proxy, KL) of its rollouts.
+pub type PpoCurve = Vec<(f64, f64, f64)>;
 
 /// The reward the PPO stage sees — the proxy — with the gold score of every rollout recorded
 /// on the side, so gold can be tracked along training.
@@ -323,7 +326,7 @@ impl Demo<'_> {
 
     /// STAGE 3b: PPO against the proxy, gold tracked on the side; returns the final
     /// checkpoint and the (gold, proxy, KL) curve per iteration.
-    fn ppo(&self, sft_dir: &Path, rm_dir: &Path) -> Result<(PathBuf, Vec<(f64, f64, f64)>)> {
+    fn ppo(&self, sft_dir: &Path, rm_dir: &Path) -> Result<(PathBuf, PpoCurve)> {
         let (iterations, batch_size) = self.plan.ppo;
         let (lr, beta) = self.plan.ppo_lr_beta;
         let gold_log = Arc::new(Mutex::new(Vec::new()));
