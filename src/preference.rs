@@ -1,11 +1,13 @@
 //! Preference data: JSONL records of human choices between responses, in the layouts users
 //! bring — `{prompt, chosen, rejected}` pairs, hh-rlhf's full conversations and K-way rankings,
 //! read into one [`Comparison`] type (responses ranked best first) — and KTO's unpaired
-//! `{prompt, completion, label}` examples, read into [`Labelled`].
+//! `{prompt, completion, label}` examples, read into [`Labelled`]. Comparisons become tokens
+//! ([`TokComparison`]) with [`tokenize_with`], for the reward model and DPO alike.
 
 use std::path::Path;
 
 use anyhow::{bail, Result};
+use rlhf_policies::Tokenizer;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{read_jsonl, JsonRecord};
@@ -226,6 +228,93 @@ pub fn split_conversations(chosen: &str, rejected: &str, separator: &str) -> Opt
         .map_or_else(|| chosen.len().min(rejected.len()), |((i, _), _)| i);
     let cut = chosen[..common].rfind(separator)? + separator.len();
     Some((chosen[..cut].to_string(), chosen[cut..].to_string(), rejected[cut..].to_string()))
+}
+
+/// What to do with a comparison whose longest sequence exceeds `max_len` tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardTruncation {
+    /// Leave it out (counted and reported).
+    #[default]
+    Skip,
+    /// Drop prompt tokens from the start (keeping the latest turns) until every response fits;
+    /// a comparison whose response alone is too long is still skipped and counted.
+    TruncatePrompt,
+    /// Stop with an error naming the record.
+    Error,
+}
+
+/// A comparison in tokens: each sequence is `prompt_ids ⧺ responses[k]` (responses end in EOS).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokComparison {
+    /// Line of the record.
+    pub line: usize,
+    /// Prompt tokens.
+    pub prompt_ids: Vec<u32>,
+    /// Response tokens (with EOS), best first.
+    pub responses: Vec<Vec<u32>>,
+    /// Margin, if any.
+    pub margin: Option<f32>,
+}
+
+impl TokComparison {
+    /// Every `prompt_ids ⧺ response`, best first.
+    pub fn sequences(&self) -> impl Iterator<Item = Vec<u32>> + '_ {
+        self.responses.iter().map(|r| [self.prompt_ids.as_slice(), r].concat())
+    }
+}
+
+/// How comparisons become tokens: `template(prompt) ⧺ response ⧺ EOS`, at most `max_len`.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenizeSpec<'a> {
+    /// Prompt template (`{prompt}` is replaced).
+    pub template: &'a str,
+    /// Longest sequence.
+    pub max_len: usize,
+    /// What to do with longer ones.
+    pub truncation: RewardTruncation,
+    /// The data file (for errors).
+    pub data: &'a std::path::Path,
+}
+
+/// Tokenizes comparisons; returns them with the (skipped, truncated) counts.
+pub fn tokenize_with(
+    spec: TokenizeSpec<'_>,
+    tok: &Tokenizer,
+    eos: u32,
+    comparisons: &[Comparison],
+) -> Result<(Vec<TokComparison>, usize, usize)> {
+    let (mut out, mut skipped, mut truncated) = (Vec::new(), 0, 0);
+    for c in comparisons {
+        let mut prompt_ids = tok.encode(&spec.template.replace("{prompt}", &c.prompt))?;
+        let responses: Vec<Vec<u32>> =
+            c.responses.iter().map(|r| Ok([tok.encode(r)?, vec![eos]].concat())).collect::<Result<_>>()?;
+        let longest = responses.iter().map(Vec::len).max().unwrap_or(0);
+        if prompt_ids.len() + longest > spec.max_len {
+            let too_long = || {
+                anyhow::anyhow!(
+                    "{}: line {}: {} tokens exceed max_len {}",
+                    spec.data.display(),
+                    c.line,
+                    prompt_ids.len() + longest,
+                    spec.max_len
+                )
+            };
+            match spec.truncation {
+                RewardTruncation::Error => return Err(too_long()),
+                RewardTruncation::TruncatePrompt if longest < spec.max_len => {
+                    prompt_ids.drain(..prompt_ids.len() + longest - spec.max_len);
+                    truncated += 1;
+                }
+                _ => {
+                    skipped += 1;
+                    continue;
+                }
+            }
+        }
+        out.push(TokComparison { line: c.line, prompt_ids, responses, margin: c.margin });
+    }
+    Ok((out, skipped, truncated))
 }
 
 #[cfg(test)]

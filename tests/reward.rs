@@ -9,9 +9,10 @@ use common::*;
 use dfdx::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rlhf::math::preference::{bradley_terry_loss, preference_stats};
+use rlhf::preference::TokComparison;
 use rlhf::preference::{read_comparisons, PreferenceFormat};
 use rlhf::schedule::LrSchedule;
-use rlhf::stages::reward::{reward_loss, train, RewardConfig, TokComparison};
+use rlhf::stages::reward::{reward_loss, train, RewardConfig};
 use rlhf_envs::{RewardInput, RewardModel};
 use rlhf_policies::{Batch, CausalLm, LearnedReward, ModelConfig, Tokenizer};
 

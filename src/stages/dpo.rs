@@ -23,13 +23,15 @@ use serde::{Deserialize, Serialize};
 use crate::data::{epoch_index, mix};
 use crate::device::DeviceKind;
 use crate::math::dpo::{dpo_loss, DpoLoss, PairLogps};
-use crate::preference::{read_comparisons, read_labelled, Comparison, PreferenceFormat};
+use crate::preference::{
+    read_comparisons, read_labelled, tokenize_with, Comparison, PreferenceFormat, RewardTruncation, TokComparison,
+    TokenizeSpec,
+};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
 use crate::stages::common::{optimizer_step, require_counts, require_fraction, restore_latest, save, LossOn};
 use crate::stages::kto::{kto_batch_loss, kto_examples, pair_accuracy, KtoExample, TokLabelled};
 use crate::stages::ppo_models::{logprobs_and_entropy, sequence_log_ratios, Seq};
-use crate::stages::reward::{tokenize_with, RewardTruncation, TokComparison, TokenizeSpec};
 
 /// `rlhf dpo` configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

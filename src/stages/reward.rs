@@ -24,24 +24,12 @@ use serde::{Deserialize, Serialize};
 use crate::data::epoch_index;
 use crate::device::DeviceKind;
 use crate::math::preference::{bradley_terry_loss, preference_stats, PreferenceStats};
-use crate::preference::{read_comparisons, Comparison, PreferenceFormat};
-use crate::run::RunDir;
+use crate::preference::{
+    read_comparisons, tokenize_with, Comparison, PreferenceFormat, RewardTruncation, TokComparison, TokenizeSpec,
+};
+use crate::run::{JsonlWriter, RunDir};
 use crate::schedule::LrSchedule;
 use crate::stages::common::{optimizer_step, restore_latest, save, save_with, Checkpointable, LossOn};
-
-/// What to do with a comparison whose longest sequence exceeds `max_len` tokens.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RewardTruncation {
-    /// Leave it out (counted and reported).
-    #[default]
-    Skip,
-    /// Drop prompt tokens from the start (keeping the latest turns) until every response fits;
-    /// a comparison whose response alone is too long is still skipped and counted.
-    TruncatePrompt,
-    /// Stop with an error naming the record.
-    Error,
-}
 
 /// Where the normalisation's reference scores come from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,25 +165,6 @@ impl Default for RewardConfig {
 /// A taped scalar on device `D`.
 pub type Scalar<T, D = Cpu> = Tensor<Rank0, f32, D, T>;
 
-/// A comparison in tokens: each sequence is `prompt_ids ⧺ responses[k]` (responses end in EOS).
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokComparison {
-    /// Line of the record.
-    pub line: usize,
-    /// Prompt tokens.
-    pub prompt_ids: Vec<u32>,
-    /// Response tokens (with EOS), best first.
-    pub responses: Vec<Vec<u32>>,
-    /// Margin, if any.
-    pub margin: Option<f32>,
-}
-
-impl TokComparison {
-    fn sequences(&self) -> impl Iterator<Item = Vec<u32>> + '_ {
-        self.responses.iter().map(|r| [self.prompt_ids.as_slice(), r].concat())
-    }
-}
-
 /// Loss and statistics of a set of comparisons.
 #[derive(Debug, Clone, Serialize)]
 pub struct RewardEval {
@@ -226,19 +195,6 @@ pub struct RewardReport {
     pub normalization: Option<RewardNormalization>,
 }
 
-/// How comparisons become tokens: `template(prompt) ⧺ response ⧺ EOS`, at most `max_len`.
-#[derive(Debug, Clone, Copy)]
-pub struct TokenizeSpec<'a> {
-    /// Prompt template (`{prompt}` is replaced).
-    pub template: &'a str,
-    /// Longest sequence.
-    pub max_len: usize,
-    /// What to do with longer ones.
-    pub truncation: RewardTruncation,
-    /// The data file (for errors).
-    pub data: &'a std::path::Path,
-}
-
 /// Tokenizes comparisons as `cfg` says; returns them with the (skipped, truncated) counts.
 pub fn tokenize(
     cfg: &RewardConfig,
@@ -253,46 +209,6 @@ pub fn tokenize(
         data: &cfg.data,
     };
     tokenize_with(spec, tok, eos, comparisons)
-}
-
-/// Tokenizes comparisons; returns them with the (skipped, truncated) counts.
-pub fn tokenize_with(
-    spec: TokenizeSpec<'_>,
-    tok: &Tokenizer,
-    eos: u32,
-    comparisons: &[Comparison],
-) -> Result<(Vec<TokComparison>, usize, usize)> {
-    let (mut out, mut skipped, mut truncated) = (Vec::new(), 0, 0);
-    for c in comparisons {
-        let mut prompt_ids = tok.encode(&spec.template.replace("{prompt}", &c.prompt))?;
-        let responses: Vec<Vec<u32>> =
-            c.responses.iter().map(|r| Ok([tok.encode(r)?, vec![eos]].concat())).collect::<Result<_>>()?;
-        let longest = responses.iter().map(Vec::len).max().unwrap_or(0);
-        if prompt_ids.len() + longest > spec.max_len {
-            let too_long = || {
-                anyhow::anyhow!(
-                    "{}: line {}: {} tokens exceed max_len {}",
-                    spec.data.display(),
-                    c.line,
-                    prompt_ids.len() + longest,
-                    spec.max_len
-                )
-            };
-            match spec.truncation {
-                RewardTruncation::Error => return Err(too_long()),
-                RewardTruncation::TruncatePrompt if longest < spec.max_len => {
-                    prompt_ids.drain(..prompt_ids.len() + longest - spec.max_len);
-                    truncated += 1;
-                }
-                _ => {
-                    skipped += 1;
-                    continue;
-                }
-            }
-        }
-        out.push(TokComparison { line: c.line, prompt_ids, responses, margin: c.margin });
-    }
-    Ok((out, skipped, truncated))
 }
 
 /// The scores of every sequence of `comps` (one taped forward, right-padded) and the
@@ -379,20 +295,8 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D
         .eos_for(&rm.model.config)
         .ok_or_else(|| anyhow::anyhow!("{}: the tokenizer has no EOS token", cfg.init.display()))?;
     // DATA: records → comparisons → tokens → train / validation
-    let comparisons = read_comparisons(&cfg.data, &cfg.format)?;
-    let (comps, skipped, truncated) = tokenize(cfg, &tok, eos, &comparisons)?;
-    let n_val = ((comps.len() as f64) * cfg.val_fraction).round() as usize;
-    let (train_set, val_set) = comps.split_at(comps.len() - n_val);
-    if train_set.is_empty() {
-        bail!(
-            "{}: no training comparisons left ({} records, {skipped} skipped as too long)",
-            cfg.data.display(),
-            comparisons.len()
-        );
-    }
-    if skipped > 0 || truncated > 0 {
-        eprintln!("reward: {skipped} comparisons skipped and {truncated} prompts truncated (max_len {})", cfg.max_len);
-    }
+    let data = Comparisons::load(cfg, &tok, eos)?;
+    let (train_set, val_set) = data.split();
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;
     let bar = crate::progress::bar(cfg.steps as u64, "reward");
@@ -401,8 +305,8 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D
         steps: cfg.steps,
         train_comparisons: train_set.len(),
         val_comparisons: val_set.len(),
-        skipped_too_long: skipped,
-        truncated,
+        skipped_too_long: data.skipped,
+        truncated: data.truncated,
         train_loss: f32::NAN,
         eval: None,
         normalization: None,
@@ -432,20 +336,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D
         });
         if done % cfg.eval_every == 0 || done == cfg.steps {
             let (eval_set, _) = eval_split(train_set, val_set);
-            let (ev, scores) = evaluate(&rm, eval_set, cfg.center_coef, cfg.batch_size)?;
-            for (k, v) in [
-                ("eval/loss", ev.loss),
-                ("eval/accuracy", ev.stats.accuracy),
-                ("eval/margin_mean", ev.stats.margin_mean),
-                ("eval/reward_mean", ev.stats.reward_mean),
-                ("eval/reward_std", ev.stats.reward_std),
-            ] {
-                record[k] = v.into();
-            }
-            for s in sample_records(&tok, eval_set, &scores, cfg.sample_count, done)? {
-                samples.write(&s)?;
-            }
-            report.eval = Some(ev);
+            report.eval = Some(periodic_eval(cfg, &rm, &tok, eval_set, done, &mut record, &mut samples)?);
         }
         metrics.write(&record)?;
         bar.set_message(format!(
@@ -482,6 +373,68 @@ fn initial_model<D: FusedOps>(cfg: &RewardConfig, dev: &D) -> Result<(LearnedRew
     let (model, tok): (CausalLm<D>, Tokenizer) = load_with_tokenizer(&cfg.init, dev)?;
     let pad = model.config.pad_token_id().or(tok.pad_id()).or(tok.eos_for(&model.config)).unwrap_or(0);
     Ok((LearnedReward::from_backbone(model, pad, cfg.seed), tok))
+}
+
+/// The tokenized comparisons of `cfg.data`, the last `val_fraction` of them held out.
+struct Comparisons {
+    all: Vec<TokComparison>,
+    n_val: usize,
+    skipped: usize,
+    truncated: usize,
+}
+
+impl Comparisons {
+    fn load(cfg: &RewardConfig, tok: &Tokenizer, eos: u32) -> Result<Self> {
+        let records = read_comparisons(&cfg.data, &cfg.format)?;
+        let (all, skipped, truncated) = tokenize(cfg, tok, eos, &records)?;
+        let n_val = ((all.len() as f64) * cfg.val_fraction).round() as usize;
+        if all.len() == n_val {
+            bail!(
+                "{}: no training comparisons left ({} records, {skipped} skipped as too long)",
+                cfg.data.display(),
+                records.len()
+            );
+        }
+        if skipped > 0 || truncated > 0 {
+            eprintln!(
+                "reward: {skipped} comparisons skipped and {truncated} prompts truncated (max_len {})",
+                cfg.max_len
+            );
+        }
+        Ok(Comparisons { all, n_val, skipped, truncated })
+    }
+
+    /// (training, held out).
+    fn split(&self) -> (&[TokComparison], &[TokComparison]) {
+        self.all.split_at(self.all.len() - self.n_val)
+    }
+}
+
+/// The evaluation at step `done`: its `eval/*` fields go into the step's metrics `record`,
+/// the first `sample_count` comparisons with their scores into `samples.jsonl`.
+fn periodic_eval<D: FusedOps>(
+    cfg: &RewardConfig,
+    rm: &LearnedReward<D>,
+    tok: &Tokenizer,
+    eval_set: &[TokComparison],
+    done: usize,
+    record: &mut serde_json::Value,
+    samples: &mut JsonlWriter,
+) -> Result<RewardEval> {
+    let (ev, scores) = evaluate(rm, eval_set, cfg.center_coef, cfg.batch_size)?;
+    for (k, v) in [
+        ("eval/loss", ev.loss),
+        ("eval/accuracy", ev.stats.accuracy),
+        ("eval/margin_mean", ev.stats.margin_mean),
+        ("eval/reward_mean", ev.stats.reward_mean),
+        ("eval/reward_std", ev.stats.reward_std),
+    ] {
+        record[k] = v.into();
+    }
+    for s in sample_records(tok, eval_set, &scores, cfg.sample_count, done)? {
+        samples.write(&s)?;
+    }
+    Ok(ev)
 }
 
 /// The evaluation set: the held-out comparisons, or the training ones if none are held out.
