@@ -237,3 +237,42 @@ pub fn read_state<T: serde::de::DeserializeOwned>(dir: &std::path::Path, name: &
     let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}", p.display()))
 }
+
+/// A stage's tokenized records, the last `val_fraction` of them (rounded) held out, with the
+/// counts of those skipped as too long and those truncated — reported on stderr, never silent.
+#[derive(Debug)]
+pub struct HeldOut<T> {
+    all: Vec<T>,
+    n_val: usize,
+    /// Records left out for being longer than `max_len`.
+    pub skipped: usize,
+    /// Records cut to fit.
+    pub truncated: usize,
+}
+
+impl<T> HeldOut<T> {
+    /// `tokenized` is (items, skipped, truncated) from `records` records of `data`; `what`
+    /// names the items in messages. Errors when no item is left to train on.
+    pub fn new(
+        stage: &str,
+        what: &str,
+        (data, records): (&Path, usize),
+        (all, skipped, truncated): (Vec<T>, usize, usize),
+        val_fraction: f64,
+        max_len: usize,
+    ) -> Result<Self> {
+        let n_val = ((all.len() as f64) * val_fraction).round() as usize;
+        if all.len() == n_val {
+            bail!("{}: no training {what} left ({records} records, {skipped} skipped as too long)", data.display());
+        }
+        if skipped > 0 || truncated > 0 {
+            eprintln!("{stage}: {skipped} {what} skipped and {truncated} truncated (max_len {max_len})");
+        }
+        Ok(HeldOut { all, n_val, skipped, truncated })
+    }
+
+    /// (training, held out).
+    pub fn split(&self) -> (&[T], &[T]) {
+        self.all.split_at(self.all.len() - self.n_val)
+    }
+}

@@ -352,22 +352,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &DpoConfig, resume: bool, dev: &D) -
     // DATA: records → tokens → train / held-out split → reference log-probs (once)
     let data = load_examples(cfg, &reference, &tok, eos, pad)?;
     let (train_set, val_set) = (&data.train, &data.val);
-    let val_prompts = val_set.prompts();
-    let n_val_prompts = val_prompts.len();
-    let sample_prompts: Vec<Vec<u32>> = val_prompts
-        .into_iter()
-        .filter(|p| p.len() + cfg.sample_tokens <= policy.dims.max_positions)
-        .take(cfg.eval_samples)
-        .collect();
-    if sample_prompts.len() < cfg.eval_samples.min(n_val_prompts) {
-        eprintln!(
-            "dpo: only {} held-out prompts leave room for sample_tokens {} within the model's {} positions; \
-             eval/sample_kl uses those",
-            sample_prompts.len(),
-            cfg.sample_tokens,
-            policy.dims.max_positions
-        );
-    }
+    let sample_prompts = kl_sample_prompts(cfg, val_set.prompts(), policy.dims.max_positions);
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;
     let bar = crate::progress::bar(cfg.steps as u64, cfg.loss.name());
@@ -423,6 +408,27 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &DpoConfig, resume: bool, dev: &D) -
     }
     bar.finish();
     Ok(report)
+}
+
+/// The held-out prompts `eval/sample_kl` samples from: the first `eval_samples` that leave
+/// room for `sample_tokens` within the model's positions (a shortfall is reported).
+fn kl_sample_prompts(cfg: &DpoConfig, val_prompts: Vec<Vec<u32>>, max_positions: usize) -> Vec<Vec<u32>> {
+    let n_val_prompts = val_prompts.len();
+    let chosen: Vec<Vec<u32>> = val_prompts
+        .into_iter()
+        .filter(|p| p.len() + cfg.sample_tokens <= max_positions)
+        .take(cfg.eval_samples)
+        .collect();
+    if chosen.len() < cfg.eval_samples.min(n_val_prompts) {
+        eprintln!(
+            "dpo: only {} held-out prompts leave room for sample_tokens {} within the model's {} positions; \
+             eval/sample_kl uses those",
+            chosen.len(),
+            cfg.sample_tokens,
+            max_positions
+        );
+    }
+    chosen
 }
 
 /// Writes the statistics into a metrics record under TRL's names.

@@ -29,7 +29,7 @@ use crate::preference::{
 };
 use crate::run::{JsonlWriter, RunDir};
 use crate::schedule::LrSchedule;
-use crate::stages::common::{optimizer_step, restore_latest, save, save_with, Checkpointable, LossOn};
+use crate::stages::common::{optimizer_step, restore_latest, save, save_with, Checkpointable, HeldOut, LossOn};
 
 /// Where the normalisation's reference scores come from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -295,7 +295,10 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D
         .eos_for(&rm.model.config)
         .ok_or_else(|| anyhow::anyhow!("{}: the tokenizer has no EOS token", cfg.init.display()))?;
     // DATA: records → comparisons → tokens → train / validation
-    let data = Comparisons::load(cfg, &tok, eos)?;
+    let records = read_comparisons(&cfg.data, &cfg.format)?;
+    let tokenized = tokenize(cfg, &tok, eos, &records)?;
+    let data =
+        HeldOut::new("reward", "comparisons", (&cfg.data, records.len()), tokenized, cfg.val_fraction, cfg.max_len)?;
     let (train_set, val_set) = data.split();
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;
@@ -373,41 +376,6 @@ fn initial_model<D: FusedOps>(cfg: &RewardConfig, dev: &D) -> Result<(LearnedRew
     let (model, tok): (CausalLm<D>, Tokenizer) = load_with_tokenizer(&cfg.init, dev)?;
     let pad = model.config.pad_token_id().or(tok.pad_id()).or(tok.eos_for(&model.config)).unwrap_or(0);
     Ok((LearnedReward::from_backbone(model, pad, cfg.seed), tok))
-}
-
-/// The tokenized comparisons of `cfg.data`, the last `val_fraction` of them held out.
-struct Comparisons {
-    all: Vec<TokComparison>,
-    n_val: usize,
-    skipped: usize,
-    truncated: usize,
-}
-
-impl Comparisons {
-    fn load(cfg: &RewardConfig, tok: &Tokenizer, eos: u32) -> Result<Self> {
-        let records = read_comparisons(&cfg.data, &cfg.format)?;
-        let (all, skipped, truncated) = tokenize(cfg, tok, eos, &records)?;
-        let n_val = ((all.len() as f64) * cfg.val_fraction).round() as usize;
-        if all.len() == n_val {
-            bail!(
-                "{}: no training comparisons left ({} records, {skipped} skipped as too long)",
-                cfg.data.display(),
-                records.len()
-            );
-        }
-        if skipped > 0 || truncated > 0 {
-            eprintln!(
-                "reward: {skipped} comparisons skipped and {truncated} prompts truncated (max_len {})",
-                cfg.max_len
-            );
-        }
-        Ok(Comparisons { all, n_val, skipped, truncated })
-    }
-
-    /// (training, held out).
-    fn split(&self) -> (&[TokComparison], &[TokComparison]) {
-        self.all.split_at(self.all.len() - self.n_val)
-    }
 }
 
 /// The evaluation at step `done`: its `eval/*` fields go into the step's metrics `record`,

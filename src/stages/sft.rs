@@ -21,7 +21,7 @@ use crate::data::{epoch_index, read_jsonl_fields};
 use crate::device::DeviceKind;
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
-use crate::stages::common::{optimizer_step, restore_latest, save};
+use crate::stages::common::{optimizer_step, restore_latest, save, HeldOut};
 
 /// What to do with an example longer than `max_len` tokens.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -235,19 +235,9 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &SftConfig, resume: bool, dev: &D) -
     let pad = tok.pad_id().unwrap_or(eos);
     // DATA: records → examples → train / validation
     let records = read_jsonl_fields(&cfg.data, &[&cfg.prompt_field, &cfg.response_field])?;
-    let (examples, skipped, truncated) = tokenize(cfg, &tok, eos, &records)?;
-    let n_val = ((examples.len() as f64) * cfg.val_fraction).round() as usize;
-    let (train_set, val_set) = examples.split_at(examples.len() - n_val);
-    if train_set.is_empty() {
-        bail!(
-            "{}: no training examples left ({} records, {skipped} skipped as too long)",
-            cfg.data.display(),
-            records.len()
-        );
-    }
-    if skipped > 0 || truncated > 0 {
-        eprintln!("sft: {skipped} examples skipped and {truncated} truncated (max_len {})", cfg.max_len);
-    }
+    let tokenized = tokenize(cfg, &tok, eos, &records)?;
+    let data = HeldOut::new("sft", "examples", (&cfg.data, records.len()), tokenized, cfg.val_fraction, cfg.max_len)?;
+    let (train_set, val_set) = data.split();
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;
     let bar = crate::progress::bar(cfg.steps as u64, "sft");
@@ -295,8 +285,8 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &SftConfig, resume: bool, dev: &D) -
         steps: cfg.steps,
         train_examples: train_set.len(),
         val_examples: val_set.len(),
-        skipped_too_long: skipped,
-        truncated,
+        skipped_too_long: data.skipped,
+        truncated: data.truncated,
         train_loss,
         val_loss,
     })
