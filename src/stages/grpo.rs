@@ -215,10 +215,14 @@ pub struct GrpoReport {
     pub skipped_prompts: usize,
 }
 
-/// Runs (or, with `resume`, continues) the configured algorithm with the config's reward.
+/// Runs (or, with `resume`, continues) the configured algorithm with the config's reward; a
+/// learned reward model runs on the trainer's device.
 pub fn train(cfg: GrpoConfig, resume: bool) -> Result<GrpoReport> {
-    let reward = build_reward(cfg.reward.as_ref(), cfg.device)?;
-    train_with_reward(cfg, resume, reward)
+    validate(&cfg)?;
+    crate::on_device!(cfg.device, dev => {
+        let reward = build_reward(cfg.reward.as_ref(), dev)?;
+        train_on(cfg, resume, reward, dev)
+    })
 }
 
 /// Runs with any [`RewardModel`] as the reward.

@@ -266,10 +266,14 @@ pub struct PpoReport {
     pub skipped_prompts: usize,
 }
 
-/// Runs (or, with `resume`, continues) PPO with the reward given in the config.
+/// Runs (or, with `resume`, continues) PPO with the reward given in the config; a learned
+/// reward model runs on the trainer's device (one device instance, one stream, on a GPU).
 pub fn train(cfg: PpoConfig, resume: bool) -> Result<PpoReport> {
-    let reward = build_reward(cfg.reward.as_ref(), cfg.device)?;
-    train_with_reward(cfg, resume, reward)
+    validate(&cfg)?;
+    crate::on_device!(cfg.device, dev => {
+        let reward = build_reward(cfg.reward.as_ref(), dev)?;
+        train_on(cfg, resume, reward, dev)
+    })
 }
 
 /// Runs PPO with any [`RewardModel`] (closures, rules, learned, external) as the reward.
@@ -356,17 +360,17 @@ fn train_on<D: FusedOps + GradBuffers>(
     Ok(report)
 }
 
-/// The reward a config names (shared with the critic-free trainers); a learned one on `device`.
-pub fn build_reward(spec: Option<&RewardSpec>, device: DeviceKind) -> Result<Box<dyn RewardModel>> {
+/// The reward a config names (shared with the critic-free trainers); a learned one on `dev`.
+pub fn build_reward<D: FusedOps>(spec: Option<&RewardSpec>, dev: &D) -> Result<Box<dyn RewardModel>> {
     Ok(match spec.context("reward is required (e.g. {\"kind\": \"model\", \"path\": ...})")? {
-        RewardSpec::Model { path, normalize } => crate::on_device!(device, dev => {
+        RewardSpec::Model { path, normalize } => {
             let (mut rm, norm) =
                 LearnedReward::load_pretrained(path, dev).with_context(|| format!("reward model {}", path.display()))?;
             if *normalize {
                 rm.norm = norm.map(|n| n.as_score_norm());
             }
-            Ok::<Box<dyn RewardModel>, anyhow::Error>(Box::new(rm))
-        })?,
+            Box::new(rm)
+        }
         RewardSpec::Keywords { keywords, weight } => {
             Box::new(KeywordReward { keywords: keywords.clone(), weight: *weight })
         }
