@@ -1,7 +1,7 @@
 //! A whole GPT-2 block — `x₂ = x + attn(LN₁(x))`, `y = x₂ + proj(gelu(fc(LN₂(x₂))))` — as one
 //! CPU op with its own backward pass.
 //!
-//! The per-op path ([`crate::model::Block::forward_ops`]) runs ten fused ops per block, and
+//! The per-op path (`Block::forward_ops` in `model.rs`) runs ten fused ops per block, and
 //! each one copies its inputs out of dfdx's storage (tensors cannot lend their buffers),
 //! allocates its output gradient zeroed and accumulates into its input's. Here every
 //! intermediate lives in a host buffer this op owns: the block input is copied once, the

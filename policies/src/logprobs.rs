@@ -212,7 +212,7 @@ where
     out.put_tape(tape)
 }
 
-/// [`logprobs_and_entropy_cpu`] of the LM head's logits `h·wᵀ` (see [`lm_head_op`]):
+/// [`logprobs_and_entropy_cpu`] of the LM head's logits `h·wᵀ` (see `lm_head_op`):
 /// `[log p[targets]…, H…]` `(2N,)` of `softmax(h·wᵀ / T)`.
 pub fn lm_logprobs_and_entropy_cpu<T: Tape<f32, Cpu>>(h: A2<T>, w: &W2, targets: &[usize], temperature: f32) -> A1<T> {
     let (n, v) = (h.shape().0, w.shape().0);
@@ -229,7 +229,7 @@ pub fn lm_logprobs_and_entropy_cpu<T: Tape<f32, Cpu>>(h: A2<T>, w: &W2, targets:
     })
 }
 
-/// [`weighted_nll_cpu`] of the LM head's logits `h·wᵀ` (see [`lm_head_op`]).
+/// [`weighted_nll_cpu`] of the LM head's logits `h·wᵀ` (see `lm_head_op`).
 pub fn lm_weighted_nll_cpu<T: Tape<f32, Cpu>>(h: A2<T>, w: &W2, targets: &[usize], weights: &[f32]) -> A0<T> {
     let (n, v) = (h.shape().0, w.shape().0);
     check_targets("weighted_nll", n, v, targets, Some(weights));

@@ -220,7 +220,7 @@ const FORMS: &[&[&str]] = &[
     &["the", "N", "V", "D", "J", ",", "but", "the", "T", "V", "J"],
 ];
 
-/// Whether `text` is exactly one sentence of one of [`FORMS`], ending in a period.
+/// Whether `text` is exactly one sentence of one of the `FORMS`, ending in a period.
 pub fn grammatical(text: &str) -> bool {
     let Some(body) = text.strip_suffix('.') else { return false };
     let spaced = body.replace(',', " , ");
