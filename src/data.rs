@@ -246,9 +246,40 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 }
 
 /// The dataset index for position `i` of the global example stream: shuffled epochs, each
-/// permutation drawn from `(seed, epoch)`, so the stream needs no saved state.
+/// permutation drawn from `(seed, epoch)`, so the stream needs no saved state. (It shuffles
+/// all `n` indices per call; training loops walk the stream with [`EpochOrder`].)
 pub fn epoch_index(n: usize, seed: u64, i: usize) -> usize {
     epoch_permutation(n, seed, (i / n) as u64)[i % n]
+}
+
+/// The stream [`epoch_index`] defines, shuffling once per epoch instead of once per index:
+/// `index(i)` equals `epoch_index(n, seed, i)` for any order of `i` (a resumed run starts
+/// mid-epoch).
+#[derive(Debug, Clone)]
+pub struct EpochOrder {
+    n: usize,
+    seed: u64,
+    /// The epoch `perm` belongs to.
+    epoch: Option<u64>,
+    perm: Vec<usize>,
+}
+
+impl EpochOrder {
+    /// The stream over `0..n` (`n` ≥ 1) drawn from `seed`.
+    pub fn new(n: usize, seed: u64) -> Self {
+        assert!(n > 0, "EpochOrder over an empty dataset");
+        EpochOrder { n, seed, epoch: None, perm: Vec::new() }
+    }
+
+    /// The dataset index at position `i` of the stream.
+    pub fn index(&mut self, i: usize) -> usize {
+        let epoch = (i / self.n) as u64;
+        if self.epoch != Some(epoch) {
+            self.perm = epoch_permutation(self.n, self.seed, epoch);
+            self.epoch = Some(epoch);
+        }
+        self.perm[i % self.n]
+    }
 }
 
 /// The whole permutation of epoch `epoch` that [`epoch_index`] walks (for callers that need
@@ -304,6 +335,18 @@ mod jsonl_tests {
             .unwrap_err()
             .to_string()
             .contains("none.jsonl"));
+    }
+
+    #[test]
+    fn epoch_order_walks_the_epoch_index_stream() {
+        for (n, seed) in [(1, 0), (7, 3), (64, 11)] {
+            let mut order = EpochOrder::new(n, seed);
+            // forwards across epochs, then a jump back (a resumed run) and forwards again
+            let positions: Vec<usize> = (0..3 * n + 2).chain(n / 2..2 * n).collect();
+            for i in positions {
+                assert_eq!(order.index(i), epoch_index(n, seed, i), "n {n}, seed {seed}, i {i}");
+            }
+        }
     }
 
     #[test]

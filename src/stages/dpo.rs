@@ -20,7 +20,7 @@ use rlhf_policies::fused::host_loss;
 use rlhf_policies::{generate_from, AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers, SamplingConfig, Tokenizer};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{epoch_index, mix};
+use crate::data::{mix, EpochOrder};
 use crate::device::DeviceKind;
 use crate::math::dpo::{dpo_loss, DpoLoss, PairLogps};
 use crate::preference::{
@@ -364,6 +364,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &DpoConfig, resume: bool, dev: &D) -
         train_loss: f32::NAN,
         eval: None,
     };
+    let mut order = EpochOrder::new(train_set.len(), cfg.seed);
     for step in start..cfg.steps {
         // ALGO: the loss over grad_accum micro-batches, one AdamW step
         let t0 = Instant::now();
@@ -372,8 +373,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &DpoConfig, resume: bool, dev: &D) -
         let (loss, grad_norm) =
             optimizer_step(&mut policy, &mut opt, lr, cfg.grad_clip, cfg.grad_accum, |m, micro, tape| {
                 let first = (step * cfg.grad_accum + micro) * cfg.batch_size;
-                let idx: Vec<usize> =
-                    (first..first + cfg.batch_size).map(|i| epoch_index(train_set.len(), cfg.seed, i)).collect();
+                let idx: Vec<usize> = (first..first + cfg.batch_size).map(|i| order.index(i)).collect();
                 let (loss, out): (LossOn<D>, _) = batch_loss(cfg, m, train_set, &idx, pad, tape)?;
                 tokens += out.tokens;
                 outs.push(out);

@@ -364,8 +364,8 @@ fn train_on<D: FusedOps + GradBuffers>(
 pub fn build_reward<D: FusedOps>(spec: Option<&RewardSpec>, dev: &D) -> Result<Box<dyn RewardModel>> {
     Ok(match spec.context("reward is required (e.g. {\"kind\": \"model\", \"path\": ...})")? {
         RewardSpec::Model { path, normalize } => {
-            let (mut rm, norm) =
-                LearnedReward::load_pretrained(path, dev).with_context(|| format!("reward model {}", path.display()))?;
+            let (mut rm, norm) = LearnedReward::load_pretrained(path, dev)
+                .with_context(|| format!("reward model {}", path.display()))?;
             if *normalize {
                 rm.norm = norm.map(|n| n.as_score_norm());
             }

@@ -21,7 +21,7 @@ use rlhf_policies::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::data::epoch_index;
+use crate::data::EpochOrder;
 use crate::device::DeviceKind;
 use crate::math::preference::{bradley_terry_loss, preference_stats, PreferenceStats};
 use crate::preference::{
@@ -314,6 +314,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D
         eval: None,
         normalization: None,
     };
+    let mut order = EpochOrder::new(train_set.len(), cfg.seed);
     for step in start..cfg.steps {
         // ALGO: Bradley–Terry over grad_accum micro-batches of comparisons, one AdamW step
         let t0 = Instant::now();
@@ -322,9 +323,8 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D
         let (loss, grad_norm) =
             optimizer_step(&mut rm, &mut opt, lr, cfg.grad_clip, cfg.grad_accum, |m, micro, tape| {
                 let first = (step * cfg.grad_accum + micro) * cfg.batch_size;
-                let batch: Vec<&TokComparison> = (first..first + cfg.batch_size)
-                    .map(|i| &train_set[epoch_index(train_set.len(), cfg.seed, i)])
-                    .collect();
+                let batch: Vec<&TokComparison> =
+                    (first..first + cfg.batch_size).map(|i| &train_set[order.index(i)]).collect();
                 tokens += batch.iter().flat_map(|c| c.sequences()).map(|s| s.len()).sum::<usize>();
                 let (loss, scores): (LossOn<D>, _) = reward_loss(m, &batch, cfg.center_coef, tape)?;
                 batch_scores.push((batch, scores));

@@ -17,7 +17,7 @@ use rlhf_policies::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::data::{epoch_index, read_jsonl_fields};
+use crate::data::{read_jsonl_fields, EpochOrder};
 use crate::device::DeviceKind;
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
@@ -243,6 +243,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &SftConfig, resume: bool, dev: &D) -
     let bar = crate::progress::bar(cfg.steps as u64, "sft");
     bar.set_position(start as u64);
     let (mut train_loss, mut val_loss) = (f32::NAN, None);
+    let mut order = EpochOrder::new(train_set.len(), cfg.seed);
     for step in start..cfg.steps {
         // ALGO: masked cross-entropy over grad_accum micro-batches, one AdamW step
         let t0 = Instant::now();
@@ -251,9 +252,8 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &SftConfig, resume: bool, dev: &D) -
         let (loss, grad_norm) =
             optimizer_step(&mut model, &mut opt, lr, cfg.grad_clip, cfg.grad_accum, |m, micro, tape| {
                 let first = (step * cfg.grad_accum + micro) * cfg.batch_size;
-                let batch: Vec<&Example> = (first..first + cfg.batch_size)
-                    .map(|i| &train_set[epoch_index(train_set.len(), cfg.seed, i)])
-                    .collect();
+                let batch: Vec<&Example> =
+                    (first..first + cfg.batch_size).map(|i| &train_set[order.index(i)]).collect();
                 tokens += batch.iter().map(|e| e.ids.len()).sum::<usize>();
                 sft_loss(m, &batch, pad, tape)
             })?;
