@@ -196,27 +196,34 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
 
     /// Fills every parameter from an HF state dict read from `file`. Every tensor must be used,
     /// except known buffers; missing tensors and shape mismatches are errors naming the tensor.
-    pub fn load_hf_tensors(&mut self, file: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<(), PolicyError> {
+    pub fn load_hf_tensors(&mut self, file: &Path, tensors: BTreeMap<String, HostTensor>) -> Result<(), PolicyError> {
         let family = self.dims.family;
         let tied = self.dims.tied;
-        let tensors = normalise_names(family, tensors);
+        let mut tensors = normalise_names(family, tensors);
         let mut used = BTreeSet::new();
         let dev = self.dev.clone();
-        for (name, p) in self.params_mut() {
-            let src = hf_source(family, &name);
-            let t = tensors
-                .get(src.name())
-                .ok_or_else(|| PolicyError::tensor(file, src.name(), "missing from the checkpoint"))?;
-            used.insert(src.name().to_string());
-            let value = match &src {
-                Source::Same(_) => t.clone(),
+        let sources: Vec<Source> = self.params_mut().iter().map(|(name, _)| hf_source(family, name)).collect();
+        // how many parameters still read each source tensor: the last one takes it (no copy)
+        let mut readers: BTreeMap<String, usize> = BTreeMap::new();
+        for src in &sources {
+            *readers.entry(src.name().to_string()).or_default() += 1;
+        }
+        for ((_, p), src) in self.params_mut().into_iter().zip(&sources) {
+            let name = src.name();
+            let left = readers.get_mut(name).expect("counted above");
+            *left -= 1;
+            let t = if *left == 0 { tensors.remove(name) } else { tensors.get(name).cloned() }
+                .ok_or_else(|| PolicyError::tensor(file, name, "missing from the checkpoint"))?;
+            used.insert(name.to_string());
+            let value = match src {
+                Source::Same(_) => t,
                 Source::Transposed(_) => {
-                    check_rank(file, src.name(), t, 2)?;
-                    transpose(t)
+                    check_rank(file, name, &t, 2)?;
+                    transpose(&t)
                 }
-                Source::Columns { part, parts, .. } => split_columns(file, src.name(), t, *part, *parts)?,
+                Source::Columns { part, parts, .. } => split_columns(file, name, &t, *part, *parts)?,
             };
-            assign(file, src.name(), p, value, &dev)?;
+            assign(file, name, p, value, &dev)?;
         }
         let unused: Vec<&String> =
             tensors.keys().filter(|n| !used.contains(*n) && !is_known_buffer(family, n, tied)).collect();
@@ -240,7 +247,7 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
         let mut model = CausalLm::new(config, dev, 0)?;
         let weights = dir.join("model.safetensors");
         let tensors = read_safetensors(&weights)?;
-        model.load_hf_tensors(&weights, &tensors)?;
+        model.load_hf_tensors(&weights, tensors)?;
         Ok(model)
     }
 
@@ -255,7 +262,7 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
         let config = crate::gguf::llama_config(g)?;
         let tensors = crate::gguf::hf_tensors(g, &config)?;
         let mut model = CausalLm::new(config, dev, 0)?;
-        model.load_hf_tensors(path, &tensors)?;
+        model.load_hf_tensors(path, tensors)?;
         Ok(model)
     }
 
@@ -313,14 +320,14 @@ pub fn load_with_tokenizer<D: crate::fused::FusedOps>(
 }
 
 /// Accepts the original GPT-2 names without the `transformer.` prefix.
-fn normalise_names(family: Family, tensors: &BTreeMap<String, HostTensor>) -> BTreeMap<String, HostTensor> {
+fn normalise_names(family: Family, tensors: BTreeMap<String, HostTensor>) -> BTreeMap<String, HostTensor> {
     let needs_prefix = family == Family::Gpt2 && !tensors.keys().any(|k| k.starts_with("transformer."));
+    if !needs_prefix {
+        return tensors;
+    }
     tensors
-        .iter()
-        .map(|(k, v)| {
-            let k = if needs_prefix && !k.starts_with("lm_head") { format!("transformer.{k}") } else { k.clone() };
-            (k, v.clone())
-        })
+        .into_iter()
+        .map(|(k, v)| (if k.starts_with("lm_head") { k } else { format!("transformer.{k}") }, v))
         .collect()
 }
 

@@ -193,7 +193,7 @@ impl<D: FusedOps> LearnedReward<D> {
             let (v, c) = (model.dims.vocab, model.dims.d_model);
             tensors.insert("lm_head.weight".into(), HostTensor { shape: vec![v, c], data: vec![0.0; v * c] });
         }
-        model.load_hf_tensors(&file, &tensors)?;
+        model.load_hf_tensors(&file, tensors)?;
         let pad_id = model.config.pad_token_id().or(model.config.eos_token_id()).unwrap_or(0);
         Ok((LearnedReward { model, head, norm: None, pad_id }, normalization))
     }
