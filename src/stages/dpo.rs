@@ -24,13 +24,12 @@ use crate::data::{mix, EpochOrder};
 use crate::device::DeviceKind;
 use crate::math::dpo::{dpo_loss, DpoLoss, PairLogps};
 use crate::preference::{
-    read_comparisons, read_labelled, tokenize_with, Comparison, PreferenceFormat, RewardTruncation, TokComparison,
-    TokenizeSpec,
+    read_comparisons, tokenize_with, PreferenceFormat, RewardTruncation, TokComparison, TokenizeSpec,
 };
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
 use crate::stages::common::{optimizer_step, require_counts, require_fraction, restore_latest, save, LossOn};
-use crate::stages::kto::{kto_batch_loss, kto_examples, pair_accuracy, KtoExample, TokLabelled};
+use crate::stages::kto::{kto_batch_loss, load_kto, pair_accuracy, KtoExample};
 use crate::stages::ppo_models::{logprobs_and_entropy, sequence_log_ratios, Seq};
 
 /// `rlhf dpo` configuration.
@@ -472,29 +471,7 @@ fn load_examples<D: FusedOps>(
         data: &cfg.data,
     };
     let (train, val, skipped, truncated) = if let DpoLoss::Kto { .. } = cfg.loss {
-        let labelled = read_labelled(&cfg.data, &cfg.format)?;
-        let (mut set, mut skipped, mut truncated) = (vec![], 0, 0);
-        for l in &labelled {
-            let c = Comparison {
-                line: l.line,
-                prompt: l.prompt.clone(),
-                responses: vec![l.completion.clone()],
-                margin: None,
-            };
-            let (mut t, s, k) = tokenize_with(spec, tok, eos, &[c])?;
-            (skipped, truncated) = (skipped + s, truncated + k);
-            if let Some(t) = t.pop() {
-                let completion = t.responses.into_iter().next().expect("one response");
-                set.push(TokLabelled { line: t.line, prompt: t.prompt_ids, completion, desirable: l.desirable });
-            }
-        }
-        // a pair's two halves stay on the same side of the split
-        let mut cut = set.len() - ((set.len() as f64) * cfg.val_fraction).round() as usize;
-        while cut > 0 && cut < set.len() && set[cut].line == set[cut - 1].line {
-            cut -= 1;
-        }
-        let train = kto_examples(reference, &set[..cut], pad, (cfg.batch_size, cfg.max_len), cfg.seed)?;
-        let val = kto_examples(reference, &set[cut..], pad, (cfg.batch_size, cfg.max_len), cfg.seed ^ 0x7a1)?;
+        let (train, val, skipped, truncated) = load_kto(cfg, spec, reference, tok, (eos, pad))?;
         (Examples::Kto(train), Examples::Kto(val), skipped, truncated)
     } else {
         let comparisons = read_comparisons(&cfg.data, &cfg.format)?;

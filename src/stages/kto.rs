@@ -9,11 +9,12 @@
 use anyhow::Result;
 use dfdx::prelude::*;
 use rlhf_policies::fused::host_loss;
-use rlhf_policies::{CausalLm, FusedOps};
+use rlhf_policies::{CausalLm, FusedOps, Tokenizer};
 
 use crate::data::epoch_permutation;
 use crate::math::dpo::{kto_loss, KtoBatch};
-use crate::stages::dpo::{seq_logps, sums};
+use crate::preference::{read_labelled, tokenize_with, Comparison, TokenizeSpec};
+use crate::stages::dpo::{seq_logps, sums, DpoConfig};
 use crate::stages::ppo_models::Seq;
 
 /// One tokenized KTO example with its mismatched sequence and the reference's log-probs.
@@ -42,6 +43,38 @@ pub struct TokLabelled {
     pub completion: Vec<u32>,
     /// `true` = desirable.
     pub desirable: bool,
+}
+
+/// KTO's data for `rlhf dpo`: the labelled records of `cfg.data` tokenized as `spec` says,
+/// split (the last `val_fraction` held out, a pair's two halves on the same side), each with
+/// its mismatch and the reference's log-probs; also the (skipped, truncated) counts.
+pub fn load_kto<D: FusedOps>(
+    cfg: &DpoConfig,
+    spec: TokenizeSpec<'_>,
+    reference: &CausalLm<D>,
+    tok: &Tokenizer,
+    (eos, pad): (u32, u32),
+) -> Result<(Vec<KtoExample>, Vec<KtoExample>, usize, usize)> {
+    let labelled = read_labelled(&cfg.data, &cfg.format)?;
+    let (mut set, mut skipped, mut truncated) = (vec![], 0, 0);
+    for l in &labelled {
+        let c =
+            Comparison { line: l.line, prompt: l.prompt.clone(), responses: vec![l.completion.clone()], margin: None };
+        let (mut t, s, k) = tokenize_with(spec, tok, eos, &[c])?;
+        (skipped, truncated) = (skipped + s, truncated + k);
+        if let Some(t) = t.pop() {
+            let completion = t.responses.into_iter().next().expect("one response");
+            set.push(TokLabelled { line: t.line, prompt: t.prompt_ids, completion, desirable: l.desirable });
+        }
+    }
+    // a pair's two halves stay on the same side of the split
+    let mut cut = set.len() - ((set.len() as f64) * cfg.val_fraction).round() as usize;
+    while cut > 0 && cut < set.len() && set[cut].line == set[cut - 1].line {
+        cut -= 1;
+    }
+    let train = kto_examples(reference, &set[..cut], pad, (cfg.batch_size, cfg.max_len), cfg.seed)?;
+    let val = kto_examples(reference, &set[cut..], pad, (cfg.batch_size, cfg.max_len), cfg.seed ^ 0x7a1)?;
+    Ok((train, val, skipped, truncated))
 }
 
 /// The examples of `set` with their mismatched sequences (drawn with `seed`; each at most
