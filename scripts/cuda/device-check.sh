@@ -38,7 +38,8 @@ mkdir -p "$out"
 cat "$out/facts.txt"
 
 # 2. CUDA 13 libraries: system toolkit folders, then every nvidia wheel folder Python knows
-dirs="${CUDA_LIBS:-} $(ls -d /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib 2>/dev/null)"
+# ($CUDA_LIBS: folders separated by colons or spaces)
+dirs="$(printf '%s' "${CUDA_LIBS:-}" | tr ':' ' ') $(ls -d /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib 2>/dev/null)"
 dirs="$dirs $(python3 - <<'PY' 2>/dev/null
 import glob, os, site, sys
 roots = site.getsitepackages() + [site.getusersitepackages()] + sys.path
