@@ -117,6 +117,22 @@ fn long_records_are_skipped_truncated_or_rejected_as_configured() {
 }
 
 #[test]
+fn skipped_records_are_counted_and_a_run_with_nothing_left_is_an_error() {
+    let d = tempfile::tempdir().unwrap();
+    // "Q:" + prompt + "A:" + response + EOS, one token per char: 24 to 26 tokens, except the
+    // grass pair's 27
+    let mut c = cfg(d.path(), 1);
+    c.max_len = 26;
+    let report = train(c.clone(), false).unwrap();
+    assert_eq!((report.train_examples, report.skipped_too_long, report.truncated), (5, 1, 0));
+    // every record too long: an error naming the file and the counts, not an empty run
+    c.max_len = 4;
+    c.out_dir = d.path().join("run-none");
+    let e = format!("{:#}", train(c.clone(), false).unwrap_err());
+    assert!(e.contains("pairs.jsonl") && e.contains("6 records, 6 skipped as too long"), "{e}");
+}
+
+#[test]
 fn malformed_data_names_file_line_and_field() {
     let d = tempfile::tempdir().unwrap();
     let c = cfg(d.path(), 2);
