@@ -261,6 +261,18 @@ impl Dims {
     pub fn kv_dim(&self) -> usize {
         self.n_kv_head * self.head_dim
     }
+
+    /// A decode step's inputs: every id inside the vocabulary and, with learned positions
+    /// (GPT-2), every position inside the table.
+    pub(crate) fn check_step(&self, ids: &[u32], positions: &[usize]) -> Result<(), PolicyError> {
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
+            return Err(PolicyError::Input(format!("token id {id} is outside the vocabulary of {}", self.vocab)));
+        }
+        if self.family == Family::Gpt2 && positions.iter().any(|&p| p >= self.max_positions) {
+            return Err(PolicyError::Input(format!("sequence longer than the model's {} positions", self.max_positions)));
+        }
+        Ok(())
+    }
 }
 
 impl ModelConfig {

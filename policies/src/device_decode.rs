@@ -68,14 +68,9 @@ impl<D: FusedOps> CausalLm<D> {
         if l0 + n > cache.cap {
             return Err(PolicyError::Input(format!("decode: {} columns exceed the cache's {}", l0 + n, cache.cap)));
         }
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= dims.vocab) {
-            return Err(PolicyError::Input(format!("token id {bad} is outside the vocabulary of {}", dims.vocab)));
-        }
         let pad = &cache.pad;
         let positions: Vec<usize> = pad.iter().flat_map(|&p| (l0..l0 + n).map(move |j| j.saturating_sub(p))).collect();
-        if dims.family == Family::Gpt2 && positions.iter().any(|&p| p >= dims.max_positions) {
-            return Err(PolicyError::Input(format!("decode: position beyond the model's {}", dims.max_positions)));
-        }
+        dims.check_step(ids, &positions)?;
         let l = l0 + n;
         // (B, n, L) additive mask: a key column is visible if it is real and not in the future
         let mut mask = vec![0.0f32; b * n * l];

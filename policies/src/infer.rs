@@ -281,12 +281,7 @@ impl InferenceModel {
                 (cache.len[r] + i % n).saturating_sub(cache.pad[r])
             })
             .collect();
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= d.vocab) {
-            return Err(PolicyError::Input(format!("token id {id} is outside the vocabulary of {}", d.vocab)));
-        }
-        if d.family == Family::Gpt2 && positions.iter().any(|&p| p >= d.max_positions) {
-            return Err(PolicyError::Input(format!("sequence longer than the model's {} positions", d.max_positions)));
-        }
+        d.check_step(ids, &positions)?;
         let mut x = vec![0.0f32; b * n * c];
         for (row, xr) in x.chunks_mut(c).enumerate() {
             let id = ids[row] as usize;
