@@ -14,9 +14,7 @@ use rlhf::stages::pretrain::{self, PretrainConfig};
 use rlhf::stages::reward::{self, RewardConfig};
 use rlhf::stages::sft::{self, SftConfig};
 use rlhf_policies::checkpoint::load_with_tokenizer;
-use rlhf_policies::{
-    generate, CausalLm, FusedOps, InferenceModel, ModelConfig, RolloutEngine, SamplingConfig, Tokenizer, WeightDtype,
-};
+use rlhf_policies::{generate_from_with, CausalLm, FusedOps, ModelConfig, SamplingConfig, Tokenizer, WeightDtype};
 
 mod bench_cli;
 use bench_cli::*;
@@ -354,11 +352,7 @@ fn generate_on<D: FusedOps>(a: &GenerateArgs, dev: &D) -> Result<()> {
         ..SamplingConfig::default()
     };
     let t0 = Instant::now();
-    let out = if RolloutEngine::Auto.on_host::<D>() {
-        generate(&InferenceModel::from_model_with(&model, a.weights.into()), &[prompt], pad, &cfg)?
-    } else {
-        generate(&model, &[prompt], pad, &cfg)?
-    };
+    let out = generate_from_with(&model, &[prompt], pad, &cfg, a.weights.into())?;
     let secs = t0.elapsed().as_secs_f64();
     let new = &out.tokens[0];
     println!("{}{}", text, tok.decode(new)?);

@@ -269,7 +269,10 @@ impl Dims {
             return Err(PolicyError::Input(format!("token id {id} is outside the vocabulary of {}", self.vocab)));
         }
         if self.family == Family::Gpt2 && positions.iter().any(|&p| p >= self.max_positions) {
-            return Err(PolicyError::Input(format!("sequence longer than the model's {} positions", self.max_positions)));
+            return Err(PolicyError::Input(format!(
+                "sequence longer than the model's {} positions",
+                self.max_positions
+            )));
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use crate::device_decode::DeviceKv;
 use crate::error::PolicyError;
 use crate::fused::FusedOps;
 use crate::infer::{InferenceModel, KvCache, LogitsAt};
-use crate::kernels::exp_inplace;
+use crate::kernels::{exp_inplace, WeightDtype};
 use crate::model::CausalLm;
 use crate::session::RolloutEngine;
 
@@ -203,8 +203,20 @@ pub fn generate_from<D: FusedOps>(
     pad_id: u32,
     cfg: &SamplingConfig,
 ) -> Result<Generation, PolicyError> {
+    generate_from_with(model, prompts, pad_id, cfg, WeightDtype::F32)
+}
+
+/// [`generate_from`] with the host engine's weights stored as `weights` (the device decode
+/// runs in f32 whatever it says).
+pub fn generate_from_with<D: FusedOps>(
+    model: &CausalLm<D>,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    cfg: &SamplingConfig,
+    weights: WeightDtype,
+) -> Result<Generation, PolicyError> {
     if RolloutEngine::Auto.on_host::<D>() {
-        generate(&InferenceModel::from_model(model), prompts, pad_id, cfg)
+        generate(&InferenceModel::from_model_with(model, weights), prompts, pad_id, cfg)
     } else {
         generate(model, prompts, pad_id, cfg)
     }
