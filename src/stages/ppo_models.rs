@@ -153,9 +153,7 @@ impl<D: FusedOps> PpoModels<D> {
             }
         }
     }
-}
 
-impl<D: FusedOps> PpoModels<D> {
     /// Builds the critic as configured (on the policy's device): `reward_model` is the reward
     /// checkpoint, if any.
     pub fn new(policy: CausalLm<D>, cfg: &ValueModelConfig, reward_model: Option<&Path>) -> Result<Self> {
