@@ -49,20 +49,27 @@ impl TokenSplit {
         if !(0.0..1.0).contains(&val_fraction) {
             bail!("data.val_fraction must be in [0, 1), got {val_fraction}");
         }
-        let n_val = (tokens.len() as f64 * val_fraction).round() as usize;
-        let cut = tokens.len() - n_val;
-        let (train, val) = (tokens[..cut].to_vec(), tokens[cut..].to_vec());
+        let total = tokens.len();
+        let cut = total - held_out_count(total, val_fraction);
+        let mut train = tokens;
+        let val = train.split_off(cut);
         if train.len() <= block_size || (val_fraction > 0.0 && val.len() <= block_size) {
             bail!(
                 "{}: {} tokens give {} train / {} validation tokens; each needs more than block_size = {block_size}",
                 source.display(),
-                tokens.len(),
+                total,
                 train.len(),
                 val.len()
             );
         }
         Ok(TokenSplit { train, val })
     }
+}
+
+/// How many of `n` items a held-out split of `val_fraction` takes (rounded): every stage holds
+/// out the *last* ones.
+pub fn held_out_count(n: usize, val_fraction: f64) -> usize {
+    (n as f64 * val_fraction).round() as usize
 }
 
 /// `batch` random windows of `block + 1` tokens from `tokens` (inputs and next-token targets),

@@ -261,7 +261,7 @@ impl<T> HeldOut<T> {
         val_fraction: f64,
         max_len: usize,
     ) -> Result<Self> {
-        let n_val = ((all.len() as f64) * val_fraction).round() as usize;
+        let n_val = crate::data::held_out_count(all.len(), val_fraction);
         if all.len() == n_val {
             bail!("{}: no training {what} left ({records} records, {skipped} skipped as too long)", data.display());
         }

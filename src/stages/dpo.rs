@@ -20,7 +20,7 @@ use rlhf_policies::fused::host_loss;
 use rlhf_policies::{generate_from, AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers, SamplingConfig, Tokenizer};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{mix, EpochOrder};
+use crate::data::{held_out_count, mix, EpochOrder};
 use crate::device::DeviceKind;
 use crate::math::dpo::{dpo_loss, DpoLoss, PairLogps};
 use crate::preference::{
@@ -477,7 +477,7 @@ fn load_examples<D: FusedOps>(
         let comparisons = read_comparisons(&cfg.data, &cfg.format)?;
         let (comps, skipped, truncated) = tokenize_with(spec, tok, eos, &comparisons)?;
         let mut pairs = reference_pairs(reference, &comps, pad, cfg.batch_size)?;
-        let val = pairs.split_off(pairs.len() - ((pairs.len() as f64) * cfg.val_fraction).round() as usize);
+        let val = pairs.split_off(pairs.len() - held_out_count(pairs.len(), cfg.val_fraction));
         (Examples::Pairs(pairs), Examples::Pairs(val), skipped, truncated)
     };
     if train.is_empty() {

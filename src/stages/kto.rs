@@ -11,7 +11,7 @@ use dfdx::prelude::*;
 use rlhf_policies::fused::host_loss;
 use rlhf_policies::{CausalLm, FusedOps, Tokenizer};
 
-use crate::data::epoch_permutation;
+use crate::data::{epoch_permutation, held_out_count};
 use crate::math::dpo::{kto_loss, KtoBatch};
 use crate::preference::{read_labelled, tokenize_with, Comparison, TokenizeSpec};
 use crate::stages::dpo::{seq_logps, sums, DpoConfig};
@@ -68,7 +68,7 @@ pub fn load_kto<D: FusedOps>(
         }
     }
     // a pair's two halves stay on the same side of the split
-    let mut cut = set.len() - ((set.len() as f64) * cfg.val_fraction).round() as usize;
+    let mut cut = set.len() - held_out_count(set.len(), cfg.val_fraction);
     while cut > 0 && cut < set.len() && set[cut].line == set[cut - 1].line {
         cut -= 1;
     }
