@@ -10,12 +10,15 @@ use serde_json::Value;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("{file}: {source}")]
+    ///
+    /// The OS error is part of the message and not also a `source()` (it would print twice in
+    /// an error chain).
+    #[error("{file}: {error}")]
     Io {
         /// The file.
         file: String,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file is not JSON.
     #[error("{file}: line {line}, column {column}: {msg}")]
@@ -51,7 +54,7 @@ pub fn load<T: DeserializeOwned>(path: Option<&Path>, overrides: &[String]) -> R
     let file = path.map_or_else(|| "<defaults>".to_string(), |p| p.display().to_string());
     let mut value = match path {
         Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Io { file: file.clone(), source })?;
+            let text = std::fs::read_to_string(p).map_err(|error| ConfigError::Io { file: file.clone(), error })?;
             serde_json::from_str(&text).map_err(|e| ConfigError::Syntax {
                 file: file.clone(),
                 line: e.line(),
@@ -64,7 +67,21 @@ pub fn load<T: DeserializeOwned>(path: Option<&Path>, overrides: &[String]) -> R
     for o in overrides {
         apply_override(&mut value, o)?;
     }
-    from_value(value, &file)
+    from_value(value, &file).map_err(|e| blame_override(e, overrides))
+}
+
+/// Names the `--set` argument behind a field error when the field came from one (the last
+/// override whose key is the field, or a field inside it, or an object holding it), so that
+/// `--set polcy=x` is not reported as a fault of the config file.
+fn blame_override(error: ConfigError, overrides: &[String]) -> ConfigError {
+    let ConfigError::Field { file, field, msg } = error else { return error };
+    let related =
+        |key: &str| key == field || field.starts_with(&format!("{key}.")) || key.starts_with(&format!("{field}."));
+    let blamed = overrides.iter().rev().find(|o| o.split_once('=').is_some_and(|(key, _)| related(key)));
+    match blamed {
+        Some(o) => ConfigError::Field { file: format!("--set {o}"), field, msg },
+        None => ConfigError::Field { file, field, msg },
+    }
 }
 
 /// Deserialises a JSON value, reporting the dotted path of the offending field.
@@ -150,5 +167,23 @@ mod tests {
         std::fs::write(&p, "{\n  \"name\": ,\n}").unwrap();
         let e = load::<Cfg>(Some(&p), &[]).unwrap_err().to_string();
         assert!(e.contains("bad.json") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn errors_from_overrides_name_the_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cfg.json");
+        std::fs::write(&p, r#"{"name": "a", "steps": 1, "optim": {"lr": 0.1}}"#).unwrap();
+        let sets = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let e = load::<Cfg>(Some(&p), &sets(&["steps=2", "stpes=3"])).unwrap_err().to_string();
+        assert!(e.starts_with("--set stpes=3: field `stpes`"), "{e}");
+        let e = load::<Cfg>(Some(&p), &sets(&["optim.lr=fast"])).unwrap_err().to_string();
+        assert!(e.starts_with("--set optim.lr=fast: field `optim.lr`"), "{e}");
+        let e = load::<Cfg>(Some(&p), &sets(&["optim={\"momentum\": 1}"])).unwrap_err().to_string();
+        assert!(e.starts_with("--set optim="), "{e}");
+        // A fault of the file itself is still the file's, whatever else is set.
+        std::fs::write(&p, r#"{"name": "a", "steps": "many", "optim": {"lr": 0.1}}"#).unwrap();
+        let e = load::<Cfg>(Some(&p), &sets(&["optim.lr=0.2"])).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}: field `steps`", p.display())), "{e}");
     }
 }

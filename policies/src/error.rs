@@ -8,12 +8,15 @@ use std::path::{Path, PathBuf};
 #[non_exhaustive]
 pub enum PolicyError {
     /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    ///
+    /// The OS error is part of the message and not also a `source()`, so that an error chain
+    /// (anyhow's `Caused by:`) does not print it twice.
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A config field is missing, malformed or unsupported.
     #[error("{file}: field `{field}`: {msg}")]
@@ -55,8 +58,8 @@ pub enum PolicyError {
 
 impl PolicyError {
     /// An I/O error on `path`.
-    pub fn io(path: &Path, source: std::io::Error) -> Self {
-        PolicyError::Io { path: path.to_path_buf(), source }
+    pub fn io(path: &Path, error: std::io::Error) -> Self {
+        PolicyError::Io { path: path.to_path_buf(), error }
     }
 
     /// A config error on `field` (the file is filled in by [`PolicyError::in_file`]).
