@@ -186,6 +186,10 @@ struct StageArgs {
     /// metrics, samples, report and checkpoints (without it, such a folder is an error).
     #[arg(long, conflicts_with = "resume")]
     overwrite: bool,
+    /// Print the resolved config (defaults, then the file or the run's config.json, then
+    /// --set and the command's own flags) as JSON, and exit without running.
+    #[arg(long)]
+    print_config: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -391,11 +395,15 @@ fn run_stage<C, R>(
     train: impl FnOnce(C, bool) -> Result<R>,
 ) -> Result<()>
 where
-    C: serde::de::DeserializeOwned,
+    C: serde::de::DeserializeOwned + serde::Serialize,
     R: serde::Serialize,
 {
     let (mut cfg, resume): (C, bool) = stage_config(a)?;
     prepare(&mut cfg);
+    if a.print_config {
+        println!("{}", serde_json::to_string_pretty(&cfg)?);
+        return Ok(());
+    }
     let out = out_dir(&cfg);
     if a.overwrite {
         rlhf::run::RunDir::clear(&out)?;

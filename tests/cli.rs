@@ -72,6 +72,8 @@ fn user_errors_are_clear() {
     std::fs::write(&cfg, r#"{"files": ["x.txt"]}"#).unwrap();
     let (ok, _, err) = rlhf(&["pretrain", "--config", cfg.to_str().unwrap(), "--set", "device=gpu"]);
     assert!(!ok && err.contains("device") && err.contains("cuda"), "{err}");
+    let (ok, _, err) = rlhf(&["pretrain", "--config", cfg.to_str().unwrap(), "--set", "stepz=3"]);
+    assert!(!ok && err.contains("--set stepz=3") && err.contains("unknown field"), "{err}");
     #[cfg(not(feature = "cuda"))]
     {
         let (ok, _, err) = rlhf(&["pretrain", "--config", cfg.to_str().unwrap(), "--set", "device=cuda"]);
@@ -126,4 +128,26 @@ fn reward_then_ppo_with_reward_model_then_report() {
     assert!(html.contains("KL to the reference") && html.contains("<svg"));
     let (ok, _, err) = rlhf(&["ppo", "--config", &p("ppo.json"), "--set", "cliprange_typo=0.1"]);
     assert!(!ok && err.contains("cliprange_typo"), "{err}");
+}
+
+#[test]
+fn print_config_shows_the_resolved_config_and_runs_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let out_dir = d.path().join("never");
+    let (ok, out, err) = rlhf(&[
+        "ppo",
+        "--print-config",
+        "--set",
+        &format!("out_dir={}", out_dir.display()),
+        "--set",
+        "optim.lr=3e-6",
+        "--reward-model",
+        "rm_dir",
+    ]);
+    assert!(ok, "{err}");
+    let cfg: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(cfg["optim"]["lr"], 3e-6, "--set applies");
+    assert_eq!(cfg["cliprange"], 0.2, "the documented default");
+    assert!(out.contains("rm_dir"), "the command's own flags are in it: {out}");
+    assert!(!out_dir.exists(), "nothing ran");
 }
