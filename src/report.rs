@@ -16,6 +16,9 @@ type Series = (String, Vec<(f64, f64)>);
 
 /// Writes `report.html` into `dir` and returns its path.
 pub fn write_report(dir: &Path) -> Result<PathBuf> {
+    if !dir.is_dir() {
+        anyhow::bail!("{}: not a folder (give a run folder or the demo's folder)", dir.display());
+    }
     let mut html = String::from(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>rlhf report</title><style>\
          body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}\
@@ -38,6 +41,13 @@ pub fn write_report(dir: &Path) -> Result<PathBuf> {
         if dir.join(name).join(METRICS).is_file() {
             stages.push(dir.join(name));
         }
+    }
+    if stages.is_empty() && !summary.is_file() {
+        anyhow::bail!(
+            "{}: no {METRICS} and no demo summary.json here or in a stage folder ({}); not a run folder",
+            dir.display(),
+            crate::demo::STAGES.join(", ")
+        );
     }
     for stage in &stages {
         stage_section(&mut html, stage)?;
