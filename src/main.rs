@@ -377,6 +377,9 @@ fn generate_on<D: FusedOps>(a: &GenerateArgs, dev: &D) -> Result<()> {
 fn stage_config<T: serde::de::DeserializeOwned>(a: &StageArgs) -> Result<(T, bool)> {
     Ok(match &a.resume {
         Some(dir) => {
+            if !dir.join(rlhf::run::CONFIG).is_file() {
+                bail!("--resume {}: no {} there, not a run folder", dir.display(), rlhf::run::CONFIG);
+            }
             let mut set = a.set.clone();
             set.push(format!("out_dir={}", serde_json::to_string(&dir)?));
             (rlhf::config::load(Some(&dir.join(rlhf::run::CONFIG)), &set)?, true)

@@ -75,6 +75,8 @@ fn user_errors_are_clear() {
     let (ok, _, err) = rlhf(&["report", d.path().to_str().unwrap()]);
     assert!(!ok && err.contains("not a run folder"), "{err}");
     assert!(!d.path().join("report.html").exists(), "no empty report");
+    let (ok, _, err) = rlhf(&["sft", "--resume", d.path().to_str().unwrap()]);
+    assert!(!ok && err.contains("--resume") && err.contains("not a run folder"), "{err}");
     let (ok, _, err) = rlhf(&["pretrain", "--config", cfg.to_str().unwrap(), "--set", "stepz=3"]);
     assert!(!ok && err.contains("--set stepz=3") && err.contains("unknown field"), "{err}");
     #[cfg(not(feature = "cuda"))]
