@@ -62,6 +62,7 @@ fn main() -> Result<()> {
             response: response.into(),
             prompt_ids: tok.encode("review:")?,
             response_ids: [tok.encode(response)?, vec![0]].concat(),
+            reference: None,
         })
     };
     let scores = rm.score(&[input(" the food was good ok")?, input(" the food was cold ok")?])?;

@@ -148,12 +148,19 @@ fn learned_reward_scores_the_last_token_of_prompt_and_response() {
         pad_id: 1,
     };
     let inputs = vec![
-        RewardInput { prompt: "ab".into(), response: "c".into(), prompt_ids: vec![3, 4], response_ids: vec![5] },
+        RewardInput {
+            prompt: "ab".into(),
+            response: "c".into(),
+            prompt_ids: vec![3, 4],
+            response_ids: vec![5],
+            reference: None,
+        },
         RewardInput {
             prompt: "a".into(),
             response: "bcde".into(),
             prompt_ids: vec![3],
             response_ids: vec![4, 5, 6, 7],
+            reference: None,
         },
     ];
     let got = rm.score(&inputs).unwrap();

@@ -189,6 +189,7 @@ fn learns_a_marker_word_and_loads_back_as_a_normalised_reward_model() {
             response_ids: [tok.encode(&r).unwrap(), vec![0]].concat(),
             prompt: p,
             response: r,
+            reference: None,
         })
         .collect();
     let scores = rm.score(&inputs).unwrap();

@@ -2,7 +2,8 @@
 //! JSON lines over stdin/stdout (`../shared/docs/design.md` §5).
 //!
 //! Request (one line): `{"id": 7, "episodes": [{"prompt": "...", "response": "...",
-//! "prompt_ids": [...], "response_ids": [...]}, ...]}`. Reply (one line):
+//! "prompt_ids": [...], "response_ids": [...]}, ...]}` (plus `"reference": "..."` when the
+//! prompts carry reference answers). Reply (one line):
 //! `{"id": 7, "scores": [0.3, ...]}`. The reply must come within the timeout, carry the same
 //! id, and hold one finite number per episode; anything else is an error naming the process,
 //! with its exit status and the tail of its stderr when it died. Never a silent zero.

@@ -9,7 +9,8 @@
 //! - [`VecEnv`]: B environments stepped together (batched reference and reward calls),
 //!   auto-reset, and [`VecEnv::rollout`], the batched path trainers and benchmarks use.
 //! - [`RewardModel`]: closures ([`FnReward`]), rules ([`LengthReward`], [`KeywordReward`],
-//!   [`RegexReward`]), external processes ([`CommandReward`]) and sums ([`Weighted`]).
+//!   [`RegexReward`]), verifiable answers against each prompt's reference ([`AnswerReward`]),
+//!   external processes ([`CommandReward`]) and sums ([`Weighted`]).
 //!
 //! Models reach this crate only through the small traits [`LogProbModel`], [`Policy`] and
 //! [`Detokenizer`]; `rlhf-policies` implements them for its dfdx models.
@@ -19,7 +20,7 @@
 //! use rlhf_envs::{FnReward, KlConfig, KlEstimator, RewardInput, RewardModel};
 //! // a reward from a closure
 //! let mut polite = FnReward::new("polite", |x: &RewardInput| x.response.contains("please") as i32 as f32);
-//! let input = RewardInput { prompt: "Ask".into(), response: "please pass the salt".into(), prompt_ids: vec![1], response_ids: vec![2, 3] };
+//! let input = RewardInput { prompt: "Ask".into(), response: "please pass the salt".into(), prompt_ids: vec![1], response_ids: vec![2, 3], reference: None };
 //! let score = polite.score(&[input]).unwrap()[0];
 //! // per-token rewards: -β·k1(t), plus the score at the last token
 //! let kl = KlConfig { beta: 0.1, estimator: KlEstimator::K1 };
@@ -28,6 +29,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod answer;
 pub mod command;
 pub mod error;
 pub mod kl;
@@ -36,6 +38,7 @@ pub mod spaces;
 pub mod text_env;
 pub mod vec_env;
 
+pub use answer::{AnswerExtraction, AnswerReward};
 pub use command::CommandReward;
 pub use error::EnvError;
 pub use kl::{KlConfig, KlEstimator, MissingEos, ScoreConfig, ScoreNorm};

@@ -18,6 +18,12 @@ pub struct RewardInput {
     pub prompt_ids: Vec<u32>,
     /// Response token ids (EOS included when the response ended on it).
     pub response_ids: Vec<u32>,
+    /// The prompt's reference answer, when the prompts carry one
+    /// ([`PromptSource::with_references`](crate::PromptSource::with_references)): what a
+    /// verifiable reward such as [`AnswerReward`](crate::AnswerReward) checks against. In a
+    /// [`crate::CommandReward`] request only when present.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
 }
 
 /// A batched, fallible scorer of finished responses.

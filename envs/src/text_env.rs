@@ -44,12 +44,13 @@ pub trait Detokenizer {
     fn decode(&self, ids: &[u32]) -> Result<String, EnvError>;
 }
 
-/// Prompts (token ids and text), drawn by a seeded sampler: a fresh shuffle per epoch, so every
-/// prompt is used once before any repeats.
+/// Prompts (token ids and text, and optionally a reference answer each), drawn by a seeded
+/// sampler: a fresh shuffle per epoch, so every prompt is used once before any repeats.
 #[derive(Debug, Clone)]
 pub struct PromptSource {
     ids: Vec<Vec<u32>>,
     texts: Vec<String>,
+    references: Option<Vec<String>>,
     order: Vec<usize>,
     cursor: usize,
     rng: StdRng,
@@ -67,10 +68,20 @@ impl PromptSource {
             return Err(EnvError::Config { field: "prompts", msg: format!("prompt {i} has no tokens") });
         }
         let (ids, texts) = prompts.into_iter().unzip();
-        let mut s =
-            PromptSource { ids, texts, order: vec![], cursor: 0, rng: StdRng::seed_from_u64(seed), seed, draws: 0 };
+        let rng = StdRng::seed_from_u64(seed);
+        let mut s = PromptSource { ids, texts, references: None, order: vec![], cursor: 0, rng, seed, draws: 0 };
         s.reseed(seed);
         Ok(s)
+    }
+
+    /// Attaches one reference answer per prompt, in prompt order (e.g. GSM8K's `answer`); the
+    /// env hands prompt `i`'s to the reward model as [`RewardInput::reference`].
+    pub fn with_references(mut self, references: Vec<String>) -> Result<Self, EnvError> {
+        if references.len() != self.ids.len() {
+            return Err(EnvError::Count { what: "reference answers", expected: self.ids.len(), got: references.len() });
+        }
+        self.references = Some(references);
+        Ok(self)
     }
 
     /// Restarts the sampler from `seed` (same seed → same prompt order).
@@ -115,6 +126,11 @@ impl PromptSource {
     /// Text of prompt `i`.
     pub fn text(&self, i: usize) -> &str {
         &self.texts[i]
+    }
+
+    /// Reference answer of prompt `i`, if the source has them.
+    pub fn reference(&self, i: usize) -> Option<&str> {
+        self.references.as_ref().map(|r| r[i].as_str())
     }
 
     /// Number of prompts.
@@ -290,12 +306,18 @@ impl Row {
         }
     }
 
-    pub(crate) fn reward_input(&self, prompt_text: &str, detok: &dyn Detokenizer) -> Result<RewardInput, EnvError> {
+    pub(crate) fn reward_input(
+        &self,
+        prompts: &PromptSource,
+        detok: &dyn Detokenizer,
+    ) -> Result<RewardInput, EnvError> {
+        let i = self.prompt_index;
         Ok(RewardInput {
-            prompt: prompt_text.to_string(),
+            prompt: prompts.text(i).to_string(),
             response: detok.decode(self.text_ids())?,
             prompt_ids: self.prompt.clone(),
             response_ids: self.ep.response_ids.clone(),
+            reference: prompts.reference(i).map(str::to_string),
         })
     }
 
@@ -412,7 +434,7 @@ impl<R: LogProbModel, M: RewardModel> Env for TextGenEnv<R, M> {
             episode: None,
         };
         if row.done {
-            let input = row.reward_input(self.prompts.text(row.prompt_index), self.detok.as_ref())?;
+            let input = row.reward_input(&self.prompts, self.detok.as_ref())?;
             let (scores, dense) = score_checked(&mut self.reward, std::slice::from_ref(&input))?;
             let score = row.finish(scores[0], dense.as_ref().map(|d| d[0].as_slice()), &self.cfg);
             reward = *row.ep.rewards.last().expect("non-empty"); // −β·k(t) (+ dense) + R

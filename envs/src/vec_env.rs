@@ -235,7 +235,7 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
             .iter()
             .map(|&r| {
                 let row = self.rows[r].as_ref().expect("stepped");
-                row.reward_input(self.prompts.text(row.prompt_index), self.detok.as_ref())
+                row.reward_input(&self.prompts, self.detok.as_ref())
             })
             .collect::<Result<Vec<_>, _>>()?;
         let (scores, dense) = score_checked(&mut self.reward, &inputs)?;

@@ -12,8 +12,20 @@ fn server(mode: &str, timeout_ms: u64) -> CommandReward {
 
 fn batch() -> Vec<RewardInput> {
     vec![
-        RewardInput { prompt: "p".into(), response: "banana".into(), prompt_ids: vec![1], response_ids: vec![2, 3] },
-        RewardInput { prompt: "q".into(), response: "xyz".into(), prompt_ids: vec![1], response_ids: vec![4] },
+        RewardInput {
+            prompt: "p".into(),
+            response: "banana".into(),
+            prompt_ids: vec![1],
+            response_ids: vec![2, 3],
+            reference: None,
+        },
+        RewardInput {
+            prompt: "q".into(),
+            response: "xyz".into(),
+            prompt_ids: vec![1],
+            response_ids: vec![4],
+            reference: None,
+        },
     ]
 }
 

@@ -357,3 +357,32 @@ fn the_reward_reads_the_response_text_without_its_eos() {
     assert_eq!(seen[0], ("f".to_string(), vec![5, 0]), "the EOS is in the ids, not the text");
     assert_eq!(seen[1], ("fgh".to_string(), vec![5, 6, 7]), "a truncated response keeps every token");
 }
+
+#[test]
+fn each_prompt_s_reference_answer_reaches_the_reward() {
+    // the reward sees prompt i's reference answer "ref i", through stepping and the rollout
+    let refs = |n: usize| (0..n).map(|i| format!("ref {i}")).collect::<Vec<_>>();
+    let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let log = seen.clone();
+    let reward = FnReward::new("refs", move |x: &RewardInput| {
+        log.borrow_mut().push((x.prompt.clone(), x.reference.clone()));
+        0.0
+    });
+    let source = PromptSource::new(prompts(5), 3).unwrap().with_references(refs(5)).unwrap();
+    assert_eq!(source.reference(4), Some("ref 4"));
+    let (n, g) = (4, 2);
+    let mut v = VecEnv::new(n, cfg(3, 0), source, Bigram::new(12, 0.3, n, 0), reward, Box::new(Letters)).unwrap();
+    let mut policy = Bigram::new(12, 0.9, n, 7);
+    let eps = v.rollout_with(&mut policy, Rollout { group_size: g, reference: true }).unwrap();
+    let texts: Vec<String> = prompts(5).into_iter().map(|(_, t)| t).collect();
+    let seen = seen.borrow();
+    assert_eq!(seen.len(), eps.len());
+    for (ep, (prompt, reference)) in eps.iter().zip(seen.iter()) {
+        assert_eq!(prompt, &texts[ep.prompt_index]);
+        assert_eq!(reference.as_deref(), Some(format!("ref {}", ep.prompt_index).as_str()));
+    }
+    // without references the field is empty; a count that does not match is an error
+    assert_eq!(PromptSource::new(prompts(2), 0).unwrap().reference(1), None);
+    let e = PromptSource::new(prompts(2), 0).unwrap().with_references(refs(3)).unwrap_err().to_string();
+    assert!(e.contains("reference answers"), "{e}");
+}

@@ -7,7 +7,13 @@ use common::*;
 use rlhf_envs::*;
 
 fn input(response: &str, ids: Vec<u32>) -> RewardInput {
-    RewardInput { prompt: "p".into(), response: response.into(), prompt_ids: vec![1], response_ids: ids }
+    RewardInput {
+        prompt: "p".into(),
+        response: response.into(),
+        prompt_ids: vec![1],
+        response_ids: ids,
+        reference: None,
+    }
 }
 
 #[test]

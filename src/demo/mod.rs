@@ -467,6 +467,7 @@ fn proxy_scores_ids(
                 response_ids: r.clone(),
                 prompt: p.clone(),
                 response: String::new(),
+                reference: None,
             })
         })
         .collect::<Result<_>>()?;
