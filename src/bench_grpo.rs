@@ -68,6 +68,7 @@ pub fn grpo_trainer<D: FusedOps + GradBuffers>(
     let prompts: Vec<(Vec<u32>, String)> = (0..g.prompts_per_step * 8)
         .map(|_| ((0..g.prompt_len_words).map(|_| rng.gen_range(0..vocab)).collect(), String::new()))
         .collect();
+    let prompts = prompts.into();
     // EOS suppressed: every completion has exactly max_completion_length tokens
     let state = GroupState::default();
     GroupTrainer::new(cfg, policy, Some(reference), AdamW::new(optim), state, prompts, rm, Box::new(NoText), None, 0)

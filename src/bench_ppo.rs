@@ -103,7 +103,7 @@ pub fn ppo_trainer<D: FusedOps + GradBuffers>(
         PpoState { kl: KlController::new(KlControl::Fixed, p.kl_coef as f64), prompt_draws: 0, skipped_batches: 0 };
     let models = PpoModels { policy, critic };
     // EOS suppressed: every response has exactly response_len tokens
-    PpoTrainer::new(cfg, models, reference, AdamW::new(optim), state, prompts, rm, Box::new(NoText), None, 0)
+    PpoTrainer::new(cfg, models, reference, AdamW::new(optim), state, prompts.into(), rm, Box::new(NoText), None, 0)
 }
 
 /// Times `workload.ppo` for `model` with a shared or separate critic on `device`.

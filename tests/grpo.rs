@@ -118,3 +118,76 @@ fn bad_shapes_are_clear_errors() {
     c.prompts_per_step = 8;
     assert!(train(c, false).unwrap_err().to_string().contains("num_generations"));
 }
+
+/// A verifiable reward: prompts `x #### ` with reference answers in their own field (GSM8K's
+/// form, `#### N`); the policy, pretrained on lines ending in a uniformly random digit, answers
+/// right ~1 time in 10, and GRPO teaches it each prompt's answer. Also: the answer reward
+/// without `reference_field` is a clear error.
+#[test]
+fn grpo_learns_verifiable_answers_from_the_reference_field() {
+    let d = tempfile::tempdir().unwrap();
+    let answers = [("a", 3), ("b", 5), ("c", 8), ("d", 1)];
+    let mut corpus = String::new();
+    for i in 0..600 {
+        corpus += &format!("{} #### {}\n", answers[i % 4].0, (i * 7 + i / 4) % 10);
+    }
+    std::fs::write(d.path().join("corpus.txt"), corpus).unwrap();
+    rlhf::stages::pretrain::train(
+        rlhf::stages::pretrain::PretrainConfig {
+            out_dir: d.path().join("pre"),
+            files: vec![d.path().join("corpus.txt")],
+            tokenizer: rlhf::stages::pretrain::TokenizerSpec::Char,
+            model: rlhf_policies::ModelConfig::gpt2_preset(1, 32, 2, 2, 32),
+            block_size: 16,
+            batch_size: 8,
+            steps: 60,
+            schedule: LrSchedule::WarmupCosine { lr: 1e-2, min_lr: 1e-3, warmup: 3, decay_steps: 60 },
+            eval_every: 60,
+            eval_batches: 1,
+            checkpoint_every: 60,
+            sample_tokens: 4,
+            ..Default::default()
+        },
+        false,
+    )
+    .unwrap();
+    let prompts: Vec<String> = answers
+        .iter()
+        .map(|(q, a)| serde_json::json!({"prompt": format!("{q} #### "), "answer": format!("#### {a}")}).to_string())
+        .collect();
+    std::fs::write(d.path().join("prompts.jsonl"), prompts.join("\n")).unwrap();
+    let c = GrpoConfig {
+        out_dir: d.path().join("run"),
+        policy: d.path().join("pre/checkpoints/step-60"),
+        prompts: d.path().join("prompts.jsonl"),
+        reward: Some(RewardSpec::Answer {
+            extraction: rlhf_envs::AnswerExtraction::Flexible,
+            score: 1.0,
+            format_score: 0.0,
+        }),
+        prompts_per_step: 4,
+        num_generations: 16,
+        minibatch_size: 32,
+        max_new_tokens: 2,
+        iterations: 40,
+        beta: 0.04,
+        optim: rlhf_policies::AdamWConfig { lr: 2e-3, ..Default::default() },
+        schedule: LrSchedule::Constant { lr: 2e-3 },
+        checkpoint_every: 40,
+        sample_every: 40,
+        ..Default::default()
+    };
+    let e = train(c.clone(), false).unwrap_err().to_string();
+    assert!(e.contains("reference_field"), "{e}");
+    let report = train(GrpoConfig { reference_field: Some("answer".into()), ..c }, false).unwrap();
+    let samples = std::fs::read_to_string(d.path().join("run/samples.jsonl")).unwrap();
+    let row: serde_json::Value = serde_json::from_str(samples.lines().next().unwrap()).unwrap();
+    let q = &row["prompt"].as_str().unwrap()[..1];
+    let a = answers.iter().find(|(p, _)| *p == q).unwrap().1;
+    assert_eq!(row["reference"], format!("#### {a}"), "samples show each prompt's reference: {row}");
+    let r = &report.rewards;
+    // accuracy over iterations 1–3 → 36–40: 0.14 → 0.94 at the default seed; 0.16–0.21 →
+    // 0.92–0.97 at seeds 1–5
+    let (first, last) = (r[..3].iter().sum::<f64>() / 3.0, r[35..].iter().sum::<f64>() / 5.0);
+    assert!(first < 0.3 && last > 0.8, "accuracy {first:.2} -> {last:.2}: {r:?}");
+}

@@ -25,7 +25,7 @@ use crate::schedule::LrSchedule;
 use crate::stages::common::{read_state, require_counts, restore_latest, save_with};
 use crate::stages::grpo_step::{GroupState, GroupTrainer};
 use crate::stages::ppo::OnNonFinite;
-use crate::stages::ppo::{build_reward, read_prompts, PromptSpec, RewardSpec};
+use crate::stages::ppo::{build_reward, check_reward_inputs, read_prompts, PromptSpec, RewardSpec};
 
 /// The algorithm and its own parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -103,6 +103,9 @@ pub struct GrpoConfig {
     pub prompts: PathBuf,
     /// Field holding the prompt. Default `prompt`.
     pub prompt_field: String,
+    /// Field holding each prompt's reference answer (e.g. `answer` in GSM8K), handed to the
+    /// reward; required by the `answer` reward. Default: none.
+    pub reference_field: Option<String>,
     /// Prompt template; `{prompt}` is replaced. Default `{prompt}`.
     pub prompt_template: String,
     /// Longer prompts are skipped (counted and reported). Default `64`.
@@ -167,6 +170,7 @@ impl Default for GrpoConfig {
             reward: None,
             prompts: PathBuf::new(),
             prompt_field: "prompt".into(),
+            reference_field: None,
             prompt_template: "{prompt}".into(),
             max_prompt_len: 64,
             prompts_per_step: 8,
@@ -255,6 +259,7 @@ fn train_on<D: FusedOps + GradBuffers>(
     let spec = PromptSpec {
         path: &cfg.prompts,
         field: &cfg.prompt_field,
+        reference_field: cfg.reference_field.as_deref(),
         template: &cfg.prompt_template,
         max_len: cfg.max_prompt_len,
     };
@@ -277,8 +282,12 @@ fn train_on<D: FusedOps + GradBuffers>(
             report.rewards.push(reward);
             if (it + 1) % sample_every == 0 || it == start {
                 for (ep, adv) in out.episodes.iter().zip(&out.advantages).take(sample_count) {
-                    samples.write(&serde_json::json!({"step": it + 1, "prompt": tok.decode(&ep.prompt_ids)?,
-                        "completion": tok.decode(&ep.response_ids)?, "reward": ep.score, "advantage": adv}))?;
+                    let mut row = serde_json::json!({"step": it + 1, "prompt": tok.decode(&ep.prompt_ids)?,
+                        "completion": tok.decode(&ep.response_ids)?, "reward": ep.score, "advantage": adv});
+                    if let Some(r) = trainer.env.prompts().reference(ep.prompt_index) {
+                        row["reference"] = r.into();
+                    }
+                    samples.write(&row)?;
                 }
             }
             let rollout = out.record["timing/rollout_tokens_per_s"].as_f64().unwrap_or(0.0);
@@ -333,5 +342,5 @@ fn validate(cfg: &GrpoConfig) -> Result<()> {
     if cfg.beta < 0.0 || cfg.epsilon_low < 0.0 || cfg.epsilon_high < 0.0 || cfg.epsilon_low >= 1.0 {
         bail!("beta and the clip ranges must be non-negative (and epsilon_low below 1)");
     }
-    Ok(())
+    check_reward_inputs(cfg.reward.as_ref(), cfg.reference_field.as_deref())
 }

@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use dfdx::prelude::*;
 use rlhf_envs::{
-    Detokenizer, EnvError, Episode, KlConfig, KlEstimator, NoReference, PromptSource, RewardModel, Rollout,
-    TextEnvConfig, VecEnv,
+    Detokenizer, EnvError, Episode, KlConfig, KlEstimator, NoReference, RewardModel, Rollout, TextEnvConfig, VecEnv,
 };
 use rlhf_policies::fused::host_loss;
 use rlhf_policies::{policy_session, AdamW, CausalLm, FusedOps, GradBuffers, SamplingConfig};
@@ -18,7 +17,7 @@ use crate::data::mix;
 use crate::math::group::{clipped_token_loss, grpo_advantages, reinforce_pp_advantages, rloo_advantages, TokenBatch};
 use crate::stages::common::{optimizer_step, or_skip_non_finite, shuffled_minibatches, LossOn};
 use crate::stages::grpo::{Algo, GrpoConfig};
-use crate::stages::ppo::OnNonFinite;
+use crate::stages::ppo::{OnNonFinite, Prompts};
 use crate::stages::ppo_models::{logprobs_and_entropy, Seq};
 
 /// What a checkpoint stores besides the policy and the optimizer.
@@ -85,7 +84,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
         reference: Option<CausalLm<D>>,
         opt: AdamW<D>,
         state: GroupState,
-        prompts: Vec<(Vec<u32>, String)>,
+        prompts: Prompts,
         reward: M,
         detok: Box<dyn Detokenizer>,
         eos: Option<u32>,
@@ -100,7 +99,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
             kl: KlConfig { beta: 0.0, estimator: KlEstimator::K1 },
             score: cfg.score.clone(),
         };
-        let source = PromptSource::new(prompts, cfg.seed)?;
+        let source = prompts.source(cfg.seed)?;
         let mut env = VecEnv::new(cfg.batch_size(), env_cfg, source, NoReference, reward, detok)?;
         env.prompts_mut().seek(state.prompt_draws);
         let eos = eos.unwrap_or(pad);

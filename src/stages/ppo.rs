@@ -14,7 +14,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use rlhf_envs::{KeywordReward, KlEstimator, LengthReward, RewardModel, ScoreConfig};
+use rlhf_envs::{
+    AnswerExtraction, AnswerReward, EnvError, KeywordReward, KlEstimator, LengthReward, PromptSource, RewardModel,
+    ScoreConfig,
+};
 use rlhf_policies::{AdamW, AdamWConfig, FusedOps, GradBuffers, LearnedReward, RolloutEngine, Tokenizer};
 use serde::{Deserialize, Serialize};
 
@@ -55,7 +58,23 @@ pub enum RewardSpec {
         #[serde(default = "tenth")]
         scale: f32,
     },
-    /// A long-lived process speaking JSON lines (see `rlhf_envs::CommandReward`).
+    /// A verifiable reward: `score` when the response's final answer equals the prompt's
+    /// reference answer (read from `reference_field`), `format_score` when an answer was found
+    /// but is wrong, 0 when none was (verl's GSM8K rule; see `rlhf_envs::answer`).
+    Answer {
+        /// `strict` (the number after `####`, GSM8K's answer line; default) or `flexible`
+        /// (the last number in the response).
+        #[serde(default)]
+        extraction: AnswerExtraction,
+        /// Reward for a right answer. Default `1`.
+        #[serde(default = "unit")]
+        score: f32,
+        /// Reward for a wrong answer in the expected form. Default `0`.
+        #[serde(default)]
+        format_score: f32,
+    },
+    /// A long-lived process speaking JSON lines (see `rlhf_envs::CommandReward`); it also
+    /// receives each prompt's reference answer when `reference_field` is set.
     Command {
         /// Program.
         program: String,
@@ -136,6 +155,9 @@ pub struct PpoConfig {
     pub prompts: PathBuf,
     /// Field holding the prompt. Default `prompt`.
     pub prompt_field: String,
+    /// Field holding each prompt's reference answer (e.g. `answer` in GSM8K), handed to the
+    /// reward; required by the `answer` reward. Default: none.
+    pub reference_field: Option<String>,
     /// Prompt template; `{prompt}` is replaced. Default `{prompt}`.
     pub prompt_template: String,
     /// Longer prompts are skipped (counted and reported). Default `64`.
@@ -215,6 +237,7 @@ impl Default for PpoConfig {
             value_model: ValueModelConfig::default(),
             prompts: PathBuf::new(),
             prompt_field: "prompt".into(),
+            reference_field: None,
             prompt_template: "{prompt}".into(),
             max_prompt_len: 64,
             batch_size: 32,
@@ -312,6 +335,7 @@ fn train_on<D: FusedOps + GradBuffers>(
     let spec = PromptSpec {
         path: &cfg.prompts,
         field: &cfg.prompt_field,
+        reference_field: cfg.reference_field.as_deref(),
         template: &cfg.prompt_template,
         max_len: cfg.max_prompt_len,
     };
@@ -338,8 +362,12 @@ fn train_on<D: FusedOps + GradBuffers>(
             if (it + 1) % sample_every == 0 || it == start {
                 for (ep, k) in out.episodes.iter().zip(&out.scored.kl).take(sample_count) {
                     let kl: f32 = k.iter().sum();
-                    samples.write(&serde_json::json!({"step": it + 1, "prompt": tok.decode(&ep.prompt_ids)?,
-                        "response": tok.decode(&ep.response_ids)?, "score": ep.score, "kl": kl}))?;
+                    let mut row = serde_json::json!({"step": it + 1, "prompt": tok.decode(&ep.prompt_ids)?,
+                        "response": tok.decode(&ep.response_ids)?, "score": ep.score, "kl": kl});
+                    if let Some(r) = trainer.env.prompts().reference(ep.prompt_index) {
+                        row["reference"] = r.into();
+                    }
+                    samples.write(&row)?;
                 }
             }
             let rollout = out.record["timing/rollout_tokens_per_s"].as_f64().unwrap_or(0.0);
@@ -375,6 +403,9 @@ pub fn build_reward<D: FusedOps>(spec: Option<&RewardSpec>, dev: &D) -> Result<B
             Box::new(KeywordReward { keywords: keywords.clone(), weight: *weight })
         }
         RewardSpec::Length { target, scale } => Box::new(LengthReward { target: *target, scale: *scale, eos_id: None }),
+        RewardSpec::Answer { extraction, score, format_score } => {
+            Box::new(AnswerReward { extraction: *extraction, score: *score, format_score: *format_score })
+        }
         RewardSpec::Command { program, args, timeout_s } => {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             Box::new(rlhf_envs::CommandReward::spawn(program, &args, Duration::from_secs(*timeout_s))?)
@@ -382,8 +413,43 @@ pub fn build_reward<D: FusedOps>(spec: Option<&RewardSpec>, dev: &D) -> Result<B
     })
 }
 
-/// Prompts as `(ids, text)`.
-pub type Prompts = Vec<(Vec<u32>, String)>;
+/// Checks that a reward that needs reference answers gets them.
+pub fn check_reward_inputs(reward: Option<&RewardSpec>, reference_field: Option<&str>) -> Result<()> {
+    if matches!(reward, Some(RewardSpec::Answer { .. })) && reference_field.is_none() {
+        bail!(
+            "reward.kind = answer needs reference_field: the prompt records' field holding the reference \
+             answer (e.g. \"answer\" for GSM8K)"
+        );
+    }
+    Ok(())
+}
+
+/// Tokenized prompts as `(ids, text)`, and each one's reference answer when the prompt data
+/// names a `reference_field`.
+#[derive(Debug, Clone, Default)]
+pub struct Prompts {
+    /// `(ids, text)` per prompt.
+    pub prompts: Vec<(Vec<u32>, String)>,
+    /// One reference answer per prompt, or none at all.
+    pub references: Option<Vec<String>>,
+}
+
+impl Prompts {
+    /// The env's seeded prompt sampler over them.
+    pub fn source(self, seed: u64) -> Result<PromptSource, EnvError> {
+        let source = PromptSource::new(self.prompts, seed)?;
+        match self.references {
+            Some(r) => source.with_references(r),
+            None => Ok(source),
+        }
+    }
+}
+
+impl From<Vec<(Vec<u32>, String)>> for Prompts {
+    fn from(prompts: Vec<(Vec<u32>, String)>) -> Self {
+        Prompts { prompts, references: None }
+    }
+}
 
 /// Where the prompts are and how they are read.
 #[derive(Debug, Clone, Copy)]
@@ -392,6 +458,8 @@ pub struct PromptSpec<'a> {
     pub path: &'a std::path::Path,
     /// Field holding the prompt.
     pub field: &'a str,
+    /// Field holding the reference answer, if the reward wants one.
+    pub reference_field: Option<&'a str>,
     /// Template; `{prompt}` is replaced.
     pub template: &'a str,
     /// Longer prompts (in tokens) are skipped and counted.
@@ -400,9 +468,10 @@ pub struct PromptSpec<'a> {
 
 /// Tokenized prompts and the number skipped as too long (`stage` names the messages).
 pub fn read_prompts(spec: PromptSpec<'_>, tok: &Tokenizer, stage: &str) -> Result<(Prompts, usize)> {
-    let (mut out, mut skipped) = (vec![], 0);
+    let (mut out, mut references, mut skipped) = (vec![], vec![], 0);
     for r in read_jsonl(spec.path)? {
         let text = spec.template.replace("{prompt}", &r.str(spec.field)?);
+        let reference = spec.reference_field.map(|f| r.str(f)).transpose()?;
         let ids = tok.encode(&text)?;
         if ids.is_empty() {
             return Err(r.error("the prompt encodes to no tokens"));
@@ -412,6 +481,7 @@ pub fn read_prompts(spec: PromptSpec<'_>, tok: &Tokenizer, stage: &str) -> Resul
             continue;
         }
         out.push((ids, text));
+        references.extend(reference);
     }
     if skipped > 0 {
         eprintln!("{stage}: {skipped} prompts longer than max_prompt_len {} skipped", spec.max_len);
@@ -419,7 +489,8 @@ pub fn read_prompts(spec: PromptSpec<'_>, tok: &Tokenizer, stage: &str) -> Resul
     if out.is_empty() {
         bail!("{}: no prompts left ({skipped} longer than max_prompt_len)", spec.path.display());
     }
-    Ok((out, skipped))
+    let references = spec.reference_field.is_some().then_some(references);
+    Ok((Prompts { prompts: out, references }, skipped))
 }
 
 fn validate(cfg: &PpoConfig) -> Result<()> {
@@ -447,6 +518,7 @@ fn validate(cfg: &PpoConfig) -> Result<()> {
     if cfg.temperature <= 0.0 || cfg.temperature.is_nan() {
         bail!("temperature must be positive, got {}", cfg.temperature);
     }
+    check_reward_inputs(cfg.reward.as_ref(), cfg.reference_field.as_deref())?;
     if !(0.0..=1.0).contains(&cfg.lam) || !(0.0..=1.0).contains(&cfg.gamma) {
         bail!("gamma and lam must be in [0, 1]");
     }

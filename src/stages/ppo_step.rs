@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use dfdx::prelude::*;
 use rlhf_envs::kl::{kl_terms, shaped_rewards};
-use rlhf_envs::{
-    Detokenizer, EnvError, Episode, KlConfig, NoReference, PromptSource, RewardModel, Rollout, TextEnvConfig, VecEnv,
-};
+use rlhf_envs::{Detokenizer, EnvError, Episode, KlConfig, NoReference, RewardModel, Rollout, TextEnvConfig, VecEnv};
 use rlhf_policies::fused::host_loss;
 use rlhf_policies::{policy_session, AdamW, CausalLm, FusedOps, GradBuffers, SamplingConfig};
 use serde::{Deserialize, Serialize};
@@ -17,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{mix, sample_blocks};
 use crate::math::ppo::{explained_variance, gae, ppo_policy_loss, ppo_value_loss, whiten, KlController};
 use crate::stages::common::{optimizer_step, or_skip_non_finite, shuffled_minibatches, LossOn};
-use crate::stages::ppo::{KlUnit, OnNonFinite, PpoConfig};
+use crate::stages::ppo::{KlUnit, OnNonFinite, PpoConfig, Prompts};
 use crate::stages::ppo_models::{logprobs_and_entropy, PpoModels, Seq};
 
 /// What a checkpoint stores besides the models and the optimizer.
@@ -80,7 +78,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         reference: CausalLm<D>,
         opt: AdamW<D>,
         state: PpoState,
-        prompts: Vec<(Vec<u32>, String)>,
+        prompts: Prompts,
         reward: M,
         detok: Box<dyn Detokenizer>,
         eos: Option<u32>,
@@ -94,7 +92,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
             kl: KlConfig { beta: cfg.beta as f32, estimator: cfg.kl_estimator },
             score: cfg.score.clone(),
         };
-        let source = PromptSource::new(prompts, cfg.seed)?;
+        let source = prompts.source(cfg.seed)?;
         let mut env = VecEnv::new(cfg.batch_size, env_cfg, source, NoReference, reward, detok)?;
         env.prompts_mut().seek(state.prompt_draws);
         let eos_or_pad = eos.unwrap_or(pad);
