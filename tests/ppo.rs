@@ -110,3 +110,36 @@ fn a_non_finite_reward_stops_with_the_iteration_or_is_skipped() {
     assert!(r.scores.is_empty());
     assert!(d.path().join("ppo-skip/checkpoints/step-2/ppo_state.json").is_file());
 }
+
+#[test]
+fn reference_answers_reach_the_reward_and_the_samples() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = cfg(d.path(), 1);
+    // each prompt's reference is its own text reversed: the reward checks the pairing
+    let lines: Vec<String> = std::fs::read_to_string(&c.prompts)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let p = serde_json::from_str::<serde_json::Value>(l).unwrap()["prompt"].as_str().unwrap().to_string();
+            serde_json::json!({"prompt": p, "answer": p.chars().rev().collect::<String>()}).to_string()
+        })
+        .collect();
+    c.prompts = d.path().join("with_answers.jsonl");
+    std::fs::write(&c.prompts, lines.join("\n")).unwrap();
+    c.reward = Some(RewardSpec::Answer { extraction: Default::default(), score: 1.0, format_score: 0.0 });
+    let e = train(c.clone(), false).unwrap_err().to_string();
+    assert!(e.contains("reference_field"), "{e}");
+    c.reference_field = Some("answer".into());
+    c.reward = None;
+    c.sample_every = 1;
+    let paired = |x: &rlhf_envs::RewardInput| {
+        let want: String = x.prompt.chars().rev().collect();
+        (x.reference.as_deref() == Some(want.as_str())) as i32 as f32
+    };
+    let r = train_with_reward(c, false, Box::new(FnReward::new("paired", paired))).unwrap();
+    assert_eq!(r.scores, vec![1.0], "every rollout's reference is its own prompt's");
+    let samples = std::fs::read_to_string(d.path().join("ppo/samples.jsonl")).unwrap();
+    let row: serde_json::Value = serde_json::from_str(samples.lines().next().unwrap()).unwrap();
+    let prompt: String = row["prompt"].as_str().unwrap().chars().rev().collect();
+    assert_eq!(row["reference"].as_str(), Some(prompt.as_str()), "{row}");
+}
