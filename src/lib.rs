@@ -14,6 +14,7 @@ pub mod malloc;
 pub mod math;
 pub mod preference;
 pub mod progress;
+pub mod prompt_format;
 pub mod report;
 pub mod run;
 pub mod schedule;

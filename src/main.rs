@@ -308,21 +308,8 @@ fn init(a: InitArgs) -> Result<()> {
 
 /// The chat-formatted prompt for `--chat` (with `--system` if given).
 fn chat_prompt<D: FusedOps>(a: &GenerateArgs, model: &CausalLm<D>, tok: &Tokenizer, user: &str) -> Result<String> {
-    let name = |id: Option<u32>| id.and_then(|i| tok.decode(&[i]).ok()).unwrap_or_default();
-    let (bos, eos) = (name(model.config.bos_token_id()), name(tok.eos_for(&model.config)));
-    let source = tok.chat_template.clone().with_context(|| {
-        format!(
-            "{}: no chat template (no tokenizer.chat_template, chat_template.jinja or tokenizer_config.json)",
-            a.model.display()
-        )
-    })?;
-    let template = rlhf_policies::chat::ChatTemplate::new(source, &bos, &eos)?;
-    let mut messages = vec![];
-    if let Some(s) = &a.system {
-        messages.push(rlhf_policies::chat::ChatMessage { role: "system".into(), content: s.clone() });
-    }
-    messages.push(rlhf_policies::chat::ChatMessage { role: "user".into(), content: user.into() });
-    Ok(template.render(&messages, true)?)
+    let template = rlhf_policies::chat::ChatTemplate::of_model(tok, &model.config, &a.model)?;
+    Ok(template.user_prompt(a.system.as_deref(), user)?)
 }
 
 fn generate_cmd(a: GenerateArgs) -> Result<()> {

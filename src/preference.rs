@@ -11,6 +11,7 @@ use rlhf_policies::Tokenizer;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{read_jsonl, JsonRecord};
+use crate::prompt_format::PromptFormat;
 
 /// How the records of a preference file are laid out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -267,8 +268,8 @@ impl TokComparison {
 /// How comparisons become tokens: `template(prompt) ⧺ response ⧺ EOS`, at most `max_len`.
 #[derive(Debug, Clone, Copy)]
 pub struct TokenizeSpec<'a> {
-    /// Prompt template (`{prompt}` is replaced).
-    pub template: &'a str,
+    /// Prompt template and chat template, if any.
+    pub prompt: &'a PromptFormat,
     /// Longest sequence.
     pub max_len: usize,
     /// What to do with longer ones.
@@ -286,7 +287,7 @@ pub fn tokenize_with(
 ) -> Result<(Vec<TokComparison>, usize, usize)> {
     let (mut out, mut skipped, mut truncated) = (Vec::new(), 0, 0);
     for c in comparisons {
-        let mut prompt_ids = tok.encode(&spec.template.replace("{prompt}", &c.prompt))?;
+        let mut prompt_ids = tok.encode(&spec.prompt.apply(&c.prompt)?)?;
         let responses: Vec<Vec<u32>> =
             c.responses.iter().map(|r| Ok([tok.encode(r)?, vec![eos]].concat())).collect::<Result<_>>()?;
         let longest = responses.iter().map(Vec::len).max().unwrap_or(0);

@@ -177,3 +177,23 @@ fn an_unchanged_policy_samples_with_zero_kl_and_samples_are_logged() {
     assert_eq!(rows.len(), 6, "3 prompts at each of 2 evaluations");
     assert!(rows.iter().all(|r| r["prompt"].as_str().unwrap().starts_with("the ") && r["tokens"].as_u64() <= Some(8)));
 }
+
+#[test]
+fn chat_prompts_reach_the_pairs_and_the_samples() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = cfg(d.path(), 1);
+    c.chat = Some(rlhf::prompt_format::ChatPrompt { system: Some("be brief".into()) });
+    (c.max_len, c.eval_every, c.eval_samples) = (48, 1, 2);
+    let e = format!("{:#}", train(c.clone(), false).unwrap_err());
+    assert!(e.contains("chat_template") && e.contains(&c.init.display().to_string()), "{e}");
+    let template = "{% for m in messages %}{{ m.role[:1] }}: {{ m.content }} {% endfor %}\
+                    {% if add_generation_prompt %}a:{% endif %}";
+    std::fs::write(c.init.join("chat_template.jinja"), template).unwrap();
+    train(c, false).unwrap();
+    let samples = std::fs::read_to_string(d.path().join("run/samples.jsonl")).unwrap();
+    assert_eq!(samples.lines().count(), 2);
+    for line in samples.lines() {
+        let p = serde_json::from_str::<serde_json::Value>(line).unwrap()["prompt"].as_str().unwrap().to_string();
+        assert!(p.starts_with("s: be brief u: the ") && p.ends_with(": a:"), "{p:?}");
+    }
+}

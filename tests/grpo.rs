@@ -191,3 +191,29 @@ fn grpo_learns_verifiable_answers_from_the_reference_field() {
     let (first, last) = (r[..3].iter().sum::<f64>() / 3.0, r[35..].iter().sum::<f64>() / 5.0);
     assert!(first < 0.3 && last > 0.8, "accuracy {first:.2} -> {last:.2}: {r:?}");
 }
+
+/// `chat`: prompts become the user turn of the policy's own chat template (here one written
+/// beside the tiny char-level policy, in its few characters), with an optional system
+/// message; a policy without a template is a clear error.
+#[test]
+fn chat_prompts_use_the_policy_s_template() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = cfg(d.path(), GRPO, 1);
+    c.chat = Some(rlhf::prompt_format::ChatPrompt { system: Some("a cat".into()) });
+    (c.max_prompt_len, c.max_new_tokens) = (44, 4); // the policy has 48 positions
+    let e = format!("{:#}", train(c.clone(), false).unwrap_err());
+    assert!(e.contains("chat_template") && e.contains(&c.policy.display().to_string()), "{e}");
+    let template = "{% for m in messages %}{% if m.role == 'system' %}the hat. {% else %}the bat. {% endif %}\
+                    {{ m.content }}. {% endfor %}{% if add_generation_prompt %}a rat. {% endif %}";
+    std::fs::write(c.policy.join("chat_template.jinja"), template).unwrap();
+    train(c, false).unwrap();
+    let samples = std::fs::read_to_string(d.path().join("run/samples.jsonl")).unwrap();
+    let prompts = ["the ", "a cat ", "the rat ", "on the ", "sat ", "the mat"];
+    assert!(samples.lines().count() > 0);
+    for line in samples.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let p = row["prompt"].as_str().unwrap();
+        let user = p.strip_prefix("the hat. a cat. the bat. ").and_then(|p| p.strip_suffix(". a rat. "));
+        assert!(user.is_some_and(|u| prompts.contains(&u)), "{p:?}");
+    }
+}

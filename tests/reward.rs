@@ -291,3 +291,15 @@ fn normalisation_on_policy_samples_and_the_checkpoint_as_ppo_critic() {
     assert_eq!(critic.head.w.as_vec(), rm.head.w.as_vec());
     assert_eq!(critic.model.wte.as_vec(), rm.model.wte.as_vec());
 }
+
+#[test]
+fn chat_prompts_need_the_model_s_chat_template() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = marker_cfg(d.path(), 1);
+    c.chat = Some(rlhf::prompt_format::ChatPrompt::default());
+    let e = format!("{:#}", train(c.clone(), false).unwrap_err());
+    assert!(e.contains("chat_template") && e.contains(&c.init.display().to_string()), "{e}");
+    let template = "{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt %} ok:{% endif %}";
+    std::fs::write(c.init.join("chat_template.jinja"), template).unwrap();
+    train(c, false).unwrap();
+}

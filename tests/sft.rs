@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use dfdx::prelude::*;
+use rlhf::prompt_format::PromptFormat;
 use rlhf::schedule::LrSchedule;
 use rlhf::stages::sft::{sft_loss, tokenize, train, Example, SftConfig, Truncation};
 use rlhf_policies::{Batch, CausalLm, ModelConfig, Tokenizer};
@@ -59,7 +60,7 @@ fn loss_is_the_mean_over_response_and_eos_tokens_only() {
     let c = cfg(d.path(), 1);
     let (m, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&c.init, &Cpu::default()).unwrap();
     let records: Vec<Vec<String>> = PAIRS[..3].iter().map(|(p, r)| vec![p.to_string(), format!(" {r}")]).collect();
-    let (ex, _, _) = tokenize(&c, &tok, 0, &records).unwrap();
+    let (ex, _, _) = tokenize(&c, &PromptFormat::plain(&c.prompt_template), &tok, 0, &records).unwrap();
     assert_eq!(ex[0].ids.last(), Some(&0), "EOS appended");
     assert_eq!(ex[0].prompt_len, tok.encode("Q:color of sky?A:").unwrap().len());
     let refs: Vec<&Example> = ex.iter().collect();
@@ -106,13 +107,13 @@ fn long_records_are_skipped_truncated_or_rejected_as_configured() {
         vec!["sky?".to_string(), " blue blue blue blue blue.".to_string()],
     ];
     c.max_len = 16;
-    let (ex, skipped, truncated) = tokenize(&c, &tok, 0, &records).unwrap();
+    let (ex, skipped, truncated) = tokenize(&c, &PromptFormat::plain(&c.prompt_template), &tok, 0, &records).unwrap();
     assert_eq!((ex.len(), skipped, truncated), (1, 1, 0));
     c.truncation = Truncation::TruncateResponse;
-    let (ex, skipped, truncated) = tokenize(&c, &tok, 0, &records).unwrap();
+    let (ex, skipped, truncated) = tokenize(&c, &PromptFormat::plain(&c.prompt_template), &tok, 0, &records).unwrap();
     assert_eq!((ex.len(), skipped, truncated, ex[1].ids.len()), (2, 0, 1, 16));
     c.truncation = Truncation::Error;
-    let e = tokenize(&c, &tok, 0, &records).unwrap_err().to_string();
+    let e = tokenize(&c, &PromptFormat::plain(&c.prompt_template), &tok, 0, &records).unwrap_err().to_string();
     assert!(e.contains("record 2") && e.contains("max_len 16"), "{e}");
 }
 
@@ -139,4 +140,25 @@ fn malformed_data_names_file_line_and_field() {
     std::fs::write(&c.data, "{\"q\": \"a\", \"a\": \"b\"}\n{\"q\": \"a\"}\n").unwrap();
     let e = train(c, false).unwrap_err().to_string();
     assert!(e.contains("pairs.jsonl") && e.contains("line 2") && e.contains("`a`"), "{e}");
+}
+
+#[test]
+fn chat_prompts_wrap_the_templated_prompt_in_the_model_s_template() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = cfg(d.path(), 2);
+    c.chat = Some(rlhf::prompt_format::ChatPrompt::default());
+    let e = format!("{:#}", train(c.clone(), false).unwrap_err());
+    assert!(e.contains("chat_template") && e.contains(&c.init.display().to_string()), "{e}");
+    // a template in the char-level vocabulary: "Q" before each message, "A" opens the answer
+    let template = "{% for m in messages %}Q{{ m.content }}{% endfor %}{% if add_generation_prompt %}A{% endif %}";
+    std::fs::write(c.init.join("chat_template.jinja"), template).unwrap();
+    let (m, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&c.init, &Cpu::default()).unwrap();
+    let format = PromptFormat::new(&c.prompt_template, c.chat.as_ref(), &tok, &m.config, &c.init).unwrap();
+    let records = vec![vec!["color of sky?".to_string(), " blue.".to_string()]];
+    let (ex, _, _) = tokenize(&c, &format, &tok, 0, &records).unwrap();
+    let prompt = tok.encode("QQ:color of sky?A:A").unwrap();
+    assert_eq!(ex[0].ids[..ex[0].prompt_len], prompt[..]);
+    assert_eq!(ex[0].ids[prompt.len()..], [tok.encode(" blue.").unwrap(), vec![0]].concat()[..]);
+    let report = train(c, false).unwrap();
+    assert!(report.train_loss.is_finite(), "{report:?}");
 }

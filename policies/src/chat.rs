@@ -60,6 +60,30 @@ impl ChatTemplate {
         Ok(None)
     }
 
+    /// The template a loaded model's tokenizer carries, with the model's BOS and EOS token
+    /// texts; an error naming `model` when it has none.
+    pub fn of_model(tok: &crate::Tokenizer, config: &crate::ModelConfig, model: &Path) -> Result<Self, PolicyError> {
+        let name = |id: Option<u32>| id.and_then(|i| tok.decode(&[i]).ok()).unwrap_or_default();
+        let (bos, eos) = (name(config.bos_token_id()), name(tok.eos_for(config)));
+        let source = tok.chat_template.clone().ok_or_else(|| {
+            PolicyError::tokenizer(
+                model.display().to_string(),
+                "chat_template",
+                "none (no tokenizer.chat_template, chat_template.jinja or tokenizer_config.json)",
+            )
+        })?;
+        ChatTemplate::new(source, &bos, &eos)
+    }
+
+    /// A prompt for the model to answer: an optional system message and `user`, with the
+    /// assistant's turn opened (a template's own default system message applies without one).
+    pub fn user_prompt(&self, system: Option<&str>, user: &str) -> Result<String, PolicyError> {
+        let message = |role: &str, content: &str| ChatMessage { role: role.into(), content: content.into() };
+        let mut messages: Vec<ChatMessage> = system.map(|s| message("system", s)).into_iter().collect();
+        messages.push(message("user", user));
+        self.render(&messages, true)
+    }
+
     /// The prompt text for `messages` (with the assistant's opening when
     /// `add_generation_prompt`).
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, PolicyError> {

@@ -26,6 +26,7 @@ use crate::math::dpo::{dpo_loss, DpoLoss, PairLogps};
 use crate::preference::{
     read_comparisons, tokenize_with, PreferenceFormat, RewardTruncation, TokComparison, TokenizeSpec,
 };
+use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
 use crate::stages::common::{optimizer_step, require_counts, require_fraction, restore_latest, save, LossOn};
@@ -57,6 +58,9 @@ pub struct DpoConfig {
     pub val_fraction: f64,
     /// Prompt template; `{prompt}` is replaced. Default `{prompt}`.
     pub prompt_template: String,
+    /// Present: each templated prompt becomes the user turn of the model's own chat template,
+    /// with the assistant's turn opened (see [`crate::prompt_format`]). Default: none.
+    pub chat: Option<ChatPrompt>,
     /// Longest sequence (prompt + response + EOS). Default `256`.
     pub max_len: usize,
     /// Longer pairs are skipped (default), their prompts cut, or an error.
@@ -98,6 +102,7 @@ impl Default for DpoConfig {
             beta: 0.1,
             val_fraction: 0.1,
             prompt_template: "{prompt}".into(),
+            chat: None,
             max_len: 256,
             truncation: RewardTruncation::Skip,
             batch_size: 8,
@@ -464,12 +469,8 @@ fn load_examples<D: FusedOps>(
     eos: u32,
     pad: u32,
 ) -> Result<Data> {
-    let spec = TokenizeSpec {
-        template: &cfg.prompt_template,
-        max_len: cfg.max_len,
-        truncation: cfg.truncation,
-        data: &cfg.data,
-    };
+    let prompt = PromptFormat::new(&cfg.prompt_template, cfg.chat.as_ref(), tok, &reference.config, &cfg.init)?;
+    let spec = TokenizeSpec { prompt: &prompt, max_len: cfg.max_len, truncation: cfg.truncation, data: &cfg.data };
     let (train, val, skipped, truncated) = if let DpoLoss::Kto { .. } = cfg.loss {
         let (train, val, skipped, truncated) = load_kto(cfg, spec, reference, tok, (eos, pad))?;
         (Examples::Kto(train), Examples::Kto(val), skipped, truncated)

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::DeviceKind;
 use crate::math::group::{LossAggregation, RewardScale, Whitening};
+use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
 use crate::stages::common::{read_state, require_counts, restore_latest, save_with};
@@ -108,6 +109,9 @@ pub struct GrpoConfig {
     pub reference_field: Option<String>,
     /// Prompt template; `{prompt}` is replaced. Default `{prompt}`.
     pub prompt_template: String,
+    /// Present: each templated prompt becomes the user turn of the policy's own chat template,
+    /// with the assistant's turn opened (as `rlhf generate --chat`). Default: none.
+    pub chat: Option<ChatPrompt>,
     /// Longer prompts are skipped (counted and reported). Default `64`.
     pub max_prompt_len: usize,
     /// Prompts per iteration, P. Default `8`.
@@ -172,6 +176,7 @@ impl Default for GrpoConfig {
             prompt_field: "prompt".into(),
             reference_field: None,
             prompt_template: "{prompt}".into(),
+            chat: None,
             max_prompt_len: 64,
             prompts_per_step: 8,
             num_generations: 4,
@@ -256,11 +261,12 @@ fn train_on<D: FusedOps + GradBuffers>(
     };
     let eos = tok.eos_for(&reference.config).context("the policy's tokenizer has no EOS token")?;
     let pad = tok.pad_id().unwrap_or(eos);
+    let format = PromptFormat::new(&cfg.prompt_template, cfg.chat.as_ref(), &tok, &reference.config, &cfg.policy)?;
     let spec = PromptSpec {
         path: &cfg.prompts,
         field: &cfg.prompt_field,
         reference_field: cfg.reference_field.as_deref(),
-        template: &cfg.prompt_template,
+        format: &format,
         max_len: cfg.max_prompt_len,
     };
     let (prompts, skipped_prompts) = read_prompts(spec, &tok, stage)?;

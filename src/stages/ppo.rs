@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{read_corpus, read_jsonl};
 use crate::device::DeviceKind;
 use crate::math::ppo::{KlControl, KlController};
+use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
 use crate::stages::common::{read_state, restore_latest, save_with, Checkpointable};
@@ -160,6 +161,9 @@ pub struct PpoConfig {
     pub reference_field: Option<String>,
     /// Prompt template; `{prompt}` is replaced. Default `{prompt}`.
     pub prompt_template: String,
+    /// Present: each templated prompt becomes the user turn of the policy's own chat template,
+    /// with the assistant's turn opened (as `rlhf generate --chat`). Default: none.
+    pub chat: Option<ChatPrompt>,
     /// Longer prompts are skipped (counted and reported). Default `64`.
     pub max_prompt_len: usize,
     /// Rollouts per iteration, B. Default `32`.
@@ -239,6 +243,7 @@ impl Default for PpoConfig {
             prompt_field: "prompt".into(),
             reference_field: None,
             prompt_template: "{prompt}".into(),
+            chat: None,
             max_prompt_len: 64,
             batch_size: 32,
             max_new_tokens: 64,
@@ -332,11 +337,12 @@ fn train_on<D: FusedOps + GradBuffers>(
     let eos = tok.eos_for(&reference.config).context("the policy's tokenizer has no EOS token")?;
     let pad = tok.pad_id().unwrap_or(eos);
     // DATA: prompts, the PPO-ptx corpus
+    let format = PromptFormat::new(&cfg.prompt_template, cfg.chat.as_ref(), &tok, &reference.config, &cfg.policy)?;
     let spec = PromptSpec {
         path: &cfg.prompts,
         field: &cfg.prompt_field,
         reference_field: cfg.reference_field.as_deref(),
-        template: &cfg.prompt_template,
+        format: &format,
         max_len: cfg.max_prompt_len,
     };
     let (prompts, skipped_prompts) = read_prompts(spec, &tok, "ppo")?;
@@ -460,8 +466,8 @@ pub struct PromptSpec<'a> {
     pub field: &'a str,
     /// Field holding the reference answer, if the reward wants one.
     pub reference_field: Option<&'a str>,
-    /// Template; `{prompt}` is replaced.
-    pub template: &'a str,
+    /// Template, and chat template, if any.
+    pub format: &'a PromptFormat,
     /// Longer prompts (in tokens) are skipped and counted.
     pub max_len: usize,
 }
@@ -470,7 +476,7 @@ pub struct PromptSpec<'a> {
 pub fn read_prompts(spec: PromptSpec<'_>, tok: &Tokenizer, stage: &str) -> Result<(Prompts, usize)> {
     let (mut out, mut references, mut skipped) = (vec![], vec![], 0);
     for r in read_jsonl(spec.path)? {
-        let text = spec.template.replace("{prompt}", &r.str(spec.field)?);
+        let text = spec.format.apply(&r.str(spec.field)?)?;
         let reference = spec.reference_field.map(|f| r.str(f)).transpose()?;
         let ids = tok.encode(&text)?;
         if ids.is_empty() {

@@ -27,6 +27,7 @@ use crate::math::preference::{bradley_terry_loss, preference_stats, PreferenceSt
 use crate::preference::{
     read_comparisons, tokenize_with, Comparison, PreferenceFormat, RewardTruncation, TokComparison, TokenizeSpec,
 };
+use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::{JsonlWriter, RunDir};
 use crate::schedule::LrSchedule;
 use crate::stages::common::{optimizer_step, restore_latest, save, save_with, Checkpointable, HeldOut, LossOn};
@@ -102,6 +103,9 @@ pub struct RewardConfig {
     pub val_fraction: f64,
     /// Prompt template; `{prompt}` is replaced by the prompt. Default `{prompt}`.
     pub prompt_template: String,
+    /// Present: each templated prompt becomes the user turn of the model's own chat template,
+    /// with the assistant's turn opened (see [`crate::prompt_format`]). Default: none.
+    pub chat: Option<ChatPrompt>,
     /// Longest sequence in tokens (prompt + response + EOS). Default `256`.
     pub max_len: usize,
     /// Longer comparisons are skipped (default), their prompts cut, or an error.
@@ -144,6 +148,7 @@ impl Default for RewardConfig {
             format: PreferenceFormat::default(),
             val_fraction: 0.1,
             prompt_template: "{prompt}".into(),
+            chat: None,
             max_len: 256,
             truncation: RewardTruncation::Skip,
             batch_size: 8,
@@ -198,16 +203,12 @@ pub struct RewardReport {
 /// Tokenizes comparisons as `cfg` says; returns them with the (skipped, truncated) counts.
 pub fn tokenize(
     cfg: &RewardConfig,
+    prompt: &PromptFormat,
     tok: &Tokenizer,
     eos: u32,
     comparisons: &[Comparison],
 ) -> Result<(Vec<TokComparison>, usize, usize)> {
-    let spec = TokenizeSpec {
-        template: &cfg.prompt_template,
-        max_len: cfg.max_len,
-        truncation: cfg.truncation,
-        data: &cfg.data,
-    };
+    let spec = TokenizeSpec { prompt, max_len: cfg.max_len, truncation: cfg.truncation, data: &cfg.data };
     tokenize_with(spec, tok, eos, comparisons)
 }
 
@@ -296,7 +297,8 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D
         .ok_or_else(|| anyhow::anyhow!("{}: the tokenizer has no EOS token", cfg.init.display()))?;
     // DATA: records → comparisons → tokens → train / validation
     let records = read_comparisons(&cfg.data, &cfg.format)?;
-    let tokenized = tokenize(cfg, &tok, eos, &records)?;
+    let format = PromptFormat::new(&cfg.prompt_template, cfg.chat.as_ref(), &tok, &rm.model.config, &cfg.init)?;
+    let tokenized = tokenize(cfg, &format, &tok, eos, &records)?;
     let data =
         HeldOut::new("reward", "comparisons", (&cfg.data, records.len()), tokenized, cfg.val_fraction, cfg.max_len)?;
     let (train_set, val_set) = data.split();

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{read_jsonl_fields, EpochOrder};
 use crate::device::DeviceKind;
+use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
 use crate::stages::common::{optimizer_step, restore_latest, save, HeldOut};
@@ -57,6 +58,9 @@ pub struct SftConfig {
     pub val_fraction: f64,
     /// Prompt template; `{prompt}` is replaced by the prompt. Default `{prompt}`.
     pub prompt_template: String,
+    /// Present: each templated prompt becomes the user turn of the model's own chat template,
+    /// with the assistant's turn opened (see [`crate::prompt_format`]). Default: none.
+    pub chat: Option<ChatPrompt>,
     /// Longest example in tokens (prompt + response + EOS). Default `256`.
     pub max_len: usize,
     /// Longer examples are skipped (default), truncated, or an error.
@@ -96,6 +100,7 @@ impl Default for SftConfig {
             response_field: "response".into(),
             val_fraction: 0.05,
             prompt_template: "{prompt}".into(),
+            chat: None,
             max_len: 256,
             truncation: Truncation::Skip,
             batch_size: 8,
@@ -144,13 +149,14 @@ pub struct SftReport {
 /// Tokenizes the records; returns the examples and the (skipped, truncated) counts.
 pub fn tokenize(
     cfg: &SftConfig,
+    format: &PromptFormat,
     tok: &Tokenizer,
     eos: u32,
     records: &[Vec<String>],
 ) -> Result<(Vec<Example>, usize, usize)> {
     let (mut out, mut skipped, mut truncated) = (Vec::new(), 0, 0);
     for (i, rec) in records.iter().enumerate() {
-        let prompt = tok.encode(&cfg.prompt_template.replace("{prompt}", &rec[0]))?;
+        let prompt = tok.encode(&format.apply(&rec[0])?)?;
         let mut ids = prompt.clone();
         ids.extend(tok.encode(&rec[1])?);
         ids.push(eos);
@@ -235,7 +241,8 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &SftConfig, resume: bool, dev: &D) -
     let pad = tok.pad_id().unwrap_or(eos);
     // DATA: records → examples → train / validation
     let records = read_jsonl_fields(&cfg.data, &[&cfg.prompt_field, &cfg.response_field])?;
-    let tokenized = tokenize(cfg, &tok, eos, &records)?;
+    let format = PromptFormat::new(&cfg.prompt_template, cfg.chat.as_ref(), &tok, &model.config, &cfg.init)?;
+    let tokenized = tokenize(cfg, &format, &tok, eos, &records)?;
     let data = HeldOut::new("sft", "examples", (&cfg.data, records.len()), tokenized, cfg.val_fraction, cfg.max_len)?;
     let (train_set, val_set) = data.split();
     let mut metrics = run.metrics()?;
