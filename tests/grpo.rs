@@ -113,6 +113,10 @@ fn bad_shapes_are_clear_errors() {
     c.minibatch_size = 5;
     assert!(train(c.clone(), false).unwrap_err().to_string().contains("multiple of minibatch_size"));
     c.minibatch_size = 8;
+    c.max_new_tokens = 48; // the policy has 48 positions
+    let e = train(c.clone(), false).unwrap_err().to_string();
+    assert!(e.contains("longest prompt") && e.contains("48 positions"), "{e}");
+    c.max_new_tokens = 12;
     c.algo = Algo::Rloo { normalize_advantages: true, normalize_eps: 1e-4 };
     c.num_generations = 1;
     c.prompts_per_step = 8;

@@ -26,7 +26,7 @@ use crate::schedule::LrSchedule;
 use crate::stages::common::{read_state, require_counts, restore_latest, save_with};
 use crate::stages::grpo_step::{GroupState, GroupTrainer};
 use crate::stages::ppo::OnNonFinite;
-use crate::stages::ppo::{build_reward, check_reward_inputs, read_prompts, PromptSpec, RewardSpec};
+use crate::stages::ppo::{build_reward, check_fits, check_reward_inputs, read_prompts, PromptSpec, RewardSpec};
 
 /// The algorithm and its own parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -270,6 +270,7 @@ fn train_on<D: FusedOps + GradBuffers>(
         max_len: cfg.max_prompt_len,
     };
     let (prompts, skipped_prompts) = read_prompts(spec, &tok, stage)?;
+    check_fits(&prompts, cfg.max_new_tokens, &reference.dims)?;
     let reference = (cfg.beta != 0.0).then_some(reference);
     let (iterations, every, sample_every, sample_count) =
         (cfg.iterations, cfg.checkpoint_every, cfg.sample_every, cfg.sample_count);

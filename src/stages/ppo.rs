@@ -346,6 +346,7 @@ fn train_on<D: FusedOps + GradBuffers>(
         max_len: cfg.max_prompt_len,
     };
     let (prompts, skipped_prompts) = read_prompts(spec, &tok, "ppo")?;
+    check_fits(&prompts, cfg.max_new_tokens, &reference.dims)?;
     let ptx = cfg.ptx.as_ref().map(|p| read_corpus(&p.files).and_then(|t| Ok(tok.encode(&t)?))).transpose()?;
     let (iterations, every, sample_every, sample_count) =
         (cfg.iterations, cfg.checkpoint_every, cfg.sample_every, cfg.sample_count);
@@ -455,6 +456,21 @@ impl From<Vec<(Vec<u32>, String)>> for Prompts {
     fn from(prompts: Vec<(Vec<u32>, String)>) -> Self {
         Prompts { prompts, references: None }
     }
+}
+
+/// Checks that the longest prompt plus `max_new_tokens` fits a policy with learned positions
+/// (GPT-2's `n_positions`): a rollout would otherwise fail at the first long prompt, and the
+/// scoring pass runs over prompt and response together.
+pub fn check_fits(prompts: &Prompts, max_new_tokens: usize, dims: &rlhf_policies::Dims) -> Result<()> {
+    let longest = prompts.prompts.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+    if dims.family == rlhf_policies::Family::Gpt2 && longest + max_new_tokens > dims.max_positions {
+        bail!(
+            "the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the policy's {} \
+             positions (n_positions); lower max_prompt_len or max_new_tokens",
+            dims.max_positions
+        );
+    }
+    Ok(())
 }
 
 /// Where the prompts are and how they are read.
