@@ -162,3 +162,15 @@ fn chat_prompts_wrap_the_templated_prompt_in_the_model_s_template() {
     let report = train(c, false).unwrap();
     assert!(report.train_loss.is_finite(), "{report:?}");
 }
+
+#[test]
+fn a_max_len_beyond_the_model_s_positions_is_refused_before_training() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = cfg(d.path(), 2);
+    c.max_len = 65; // the model has 64 positions
+    let e = train(c.clone(), false).unwrap_err().to_string();
+    assert!(e.contains("max_len 65") && e.contains("64 positions") && e.contains("init"), "{e}");
+    assert!(!d.path().join("run/metrics.jsonl").exists(), "no step ran");
+    c.max_len = 64;
+    train(c, false).unwrap();
+}

@@ -25,6 +25,19 @@ pub fn require_counts(fields: &[(&str, usize)]) -> Result<()> {
     }
 }
 
+/// Checks that `max_len` fits a model with learned positions (GPT-2's `n_positions`, which
+/// `model` names): a longer example would otherwise stop the run at the first batch holding it.
+pub fn require_fits(max_len: usize, dims: &rlhf_policies::Dims, model: &Path) -> Result<()> {
+    if dims.family == rlhf_policies::Family::Gpt2 && max_len > dims.max_positions {
+        bail!(
+            "max_len {max_len} exceeds the {} positions of {} (n_positions); set max_len to at most that",
+            dims.max_positions,
+            model.display()
+        );
+    }
+    Ok(())
+}
+
 /// Checks a held-out fraction: in `[0, 1)`.
 pub fn require_fraction(name: &str, v: f64) -> Result<()> {
     if !(0.0..1.0).contains(&v) {

@@ -351,6 +351,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &DpoConfig, resume: bool, dev: &D) -
         run.write_config(cfg)?;
         (reference.frozen_copy(), AdamW::new(cfg.optim.clone()), 0)
     };
+    crate::stages::common::require_fits(cfg.max_len, &reference.dims, &cfg.init)?;
     let eos = tok.eos_for(&reference.config).ok_or_else(|| anyhow::anyhow!("{}: no EOS token", cfg.init.display()))?;
     let pad = tok.pad_id().unwrap_or(eos);
     // DATA: records → tokens → train / held-out split → reference log-probs (once)

@@ -30,7 +30,9 @@ use crate::preference::{
 use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::{JsonlWriter, RunDir};
 use crate::schedule::LrSchedule;
-use crate::stages::common::{optimizer_step, restore_latest, save, save_with, Checkpointable, HeldOut, LossOn};
+use crate::stages::common::{
+    optimizer_step, require_fits, restore_latest, save, save_with, Checkpointable, HeldOut, LossOn,
+};
 
 /// Where the normalisation's reference scores come from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -292,6 +294,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D
         run.write_config(cfg)?;
         (rm, tok, AdamW::new(cfg.optim.clone()), 0)
     };
+    require_fits(cfg.max_len, &rm.model.dims, &cfg.init)?;
     let eos = tok
         .eos_for(&rm.model.config)
         .ok_or_else(|| anyhow::anyhow!("{}: the tokenizer has no EOS token", cfg.init.display()))?;

@@ -22,7 +22,7 @@ use crate::device::DeviceKind;
 use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
-use crate::stages::common::{optimizer_step, restore_latest, save, HeldOut};
+use crate::stages::common::{optimizer_step, require_fits, restore_latest, save, HeldOut};
 
 /// What to do with an example longer than `max_len` tokens.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -235,6 +235,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &SftConfig, resume: bool, dev: &D) -
         run.write_config(cfg)?;
         (model, tok, AdamW::new(cfg.optim.clone()), 0)
     };
+    require_fits(cfg.max_len, &model.dims, &cfg.init)?;
     let eos = tok
         .eos_for(&model.config)
         .ok_or_else(|| anyhow::anyhow!("{}: the tokenizer has no EOS token", cfg.init.display()))?;
