@@ -288,8 +288,11 @@ pub fn tokenize_with(
     let (mut out, mut skipped, mut truncated) = (Vec::new(), 0, 0);
     for c in comparisons {
         let mut prompt_ids = tok.encode(&spec.prompt.apply(&c.prompt)?)?;
-        let responses: Vec<Vec<u32>> =
-            c.responses.iter().map(|r| Ok([tok.encode(r)?, vec![eos]].concat())).collect::<Result<_>>()?;
+        let responses: Vec<Vec<u32>> = c
+            .responses
+            .iter()
+            .map(|r| Ok([tok.encode(spec.prompt.response(r))?, vec![eos]].concat()))
+            .collect::<Result<_>>()?;
         let longest = responses.iter().map(Vec::len).max().unwrap_or(0);
         if prompt_ids.len() + longest > spec.max_len {
             let too_long = || {

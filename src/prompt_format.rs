@@ -1,13 +1,15 @@
 //! How a record's prompt becomes the model's input text: the stage's `prompt_template`
 //! (`{prompt}` replaced), then, when the stage's config has `chat`, the model's own chat
 //! template around it (the templated prompt as the user turn, the assistant's turn opened, as
-//! `rlhf generate --chat` does). Responses follow as they are, then the EOS token (for a chat
-//! model, its end-of-turn token).
+//! `rlhf generate --chat` does). A prompt that is a whole conversation (hh-rlhf's
+//! `\n\nHuman: … \n\nAssistant: …` transcripts) can be laid out turn by turn instead. With a
+//! chat template, responses lose their leading white space (the template's assistant header
+//! already separates them); then comes the EOS token (for a chat model, its end of turn).
 
 use std::path::Path;
 
-use anyhow::Result;
-use rlhf_policies::chat::ChatTemplate;
+use anyhow::{bail, Result};
+use rlhf_policies::chat::{ChatMessage, ChatTemplate};
 use rlhf_policies::{ModelConfig, Tokenizer};
 use serde::{Deserialize, Serialize};
 
@@ -18,13 +20,61 @@ use serde::{Deserialize, Serialize};
 pub struct ChatPrompt {
     /// A system message. Default: none (the template's own default, if it has one).
     pub system: Option<String>,
+    /// Present: the prompt is a conversation transcript, laid out as user and assistant turns
+    /// (it must end with an open assistant turn). Default: none (the prompt is one user turn).
+    pub transcript: Option<Transcript>,
+}
+
+/// The turn markers of a conversation transcript.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Transcript {
+    /// Starts a user turn. Default `"\n\nHuman:"` (hh-rlhf).
+    pub user: String,
+    /// Starts an assistant turn. Default `"\n\nAssistant:"`.
+    pub assistant: String,
+}
+
+impl Default for Transcript {
+    fn default() -> Self {
+        Transcript { user: "\n\nHuman:".into(), assistant: "\n\nAssistant:".into() }
+    }
+}
+
+impl Transcript {
+    /// The turns of `text` (each trimmed), without the final open assistant turn; an error if
+    /// text comes before the first marker or the transcript does not end with an open
+    /// assistant turn.
+    pub fn messages(&self, text: &str) -> Result<Vec<ChatMessage>> {
+        let mut marks: Vec<(usize, &str, usize)> = [(&self.user, "user"), (&self.assistant, "assistant")]
+            .iter()
+            .flat_map(|(m, role)| text.match_indices(m.as_str()).map(move |(at, _)| (at, *role, m.len())))
+            .collect();
+        marks.sort_by_key(|m| m.0);
+        let head = &text[..marks.first().map_or(text.len(), |m| m.0)];
+        if marks.is_empty() || !head.trim().is_empty() {
+            bail!("the prompt is not a transcript: it does not start with {:?} or {:?}", self.user, self.assistant);
+        }
+        let mut messages: Vec<ChatMessage> = marks
+            .iter()
+            .enumerate()
+            .map(|(i, &(at, role, len))| {
+                let end = marks.get(i + 1).map_or(text.len(), |m| m.0);
+                ChatMessage { role: role.into(), content: text[at + len..end].trim().to_string() }
+            })
+            .collect();
+        match messages.pop() {
+            Some(last) if last.role == "assistant" && last.content.is_empty() => Ok(messages),
+            _ => bail!("the transcript does not end with an open assistant turn ({:?})", self.assistant),
+        }
+    }
 }
 
 /// A prompt template, and the chat template it is wrapped in, if any.
 #[derive(Debug, Clone)]
 pub struct PromptFormat {
     template: String,
-    chat: Option<(ChatTemplate, Option<String>)>,
+    chat: Option<(ChatTemplate, ChatPrompt)>,
 }
 
 impl PromptFormat {
@@ -43,7 +93,7 @@ impl PromptFormat {
         model: &Path,
     ) -> Result<Self> {
         let chat = match chat {
-            Some(c) => Some((ChatTemplate::of_model(tok, config, model)?, c.system.clone())),
+            Some(c) => Some((ChatTemplate::of_model(tok, config, model)?, c.clone())),
             None => None,
         };
         Ok(PromptFormat { template: template.to_string(), chat })
@@ -52,10 +102,21 @@ impl PromptFormat {
     /// The input text for `prompt`.
     pub fn apply(&self, prompt: &str) -> Result<String> {
         let text = self.template.replace("{prompt}", prompt);
-        Ok(match &self.chat {
-            Some((chat, system)) => chat.user_prompt(system.as_deref(), &text)?,
-            None => text,
-        })
+        let Some((chat, c)) = &self.chat else { return Ok(text) };
+        let Some(transcript) = &c.transcript else { return Ok(chat.user_prompt(c.system.as_deref(), &text)?) };
+        let system = c.system.iter().map(|s| ChatMessage { role: "system".into(), content: s.clone() });
+        let messages: Vec<ChatMessage> = system.chain(transcript.messages(&text)?).collect();
+        Ok(chat.render(&messages, true)?)
+    }
+
+    /// A response's text as the model sees it after the prompt: without leading white space
+    /// under a chat template, as it is otherwise.
+    pub fn response<'r>(&self, response: &'r str) -> &'r str {
+        if self.chat.is_some() {
+            response.trim_start()
+        } else {
+            response
+        }
     }
 }
 
@@ -69,9 +130,31 @@ mod tests {
         let source = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}\
                       {% if add_generation_prompt %}<assistant>{% endif %}";
         let chat = ChatTemplate::new(source, "<s>", "</s>").unwrap();
-        let f = PromptFormat { template: "Q: {prompt}".into(), chat: Some((chat.clone(), None)) };
+        let f = PromptFormat { template: "Q: {prompt}".into(), chat: Some((chat.clone(), ChatPrompt::default())) };
         assert_eq!(f.apply("2+2?").unwrap(), "<user>Q: 2+2?</s><assistant>");
-        let f = PromptFormat { template: "{prompt}".into(), chat: Some((chat, Some("Be brief.".into()))) };
+        assert_eq!(f.response(" 4."), "4.");
+        assert_eq!(PromptFormat::plain("{prompt}").response(" 4."), " 4.");
+        let brief = ChatPrompt { system: Some("Be brief.".into()), transcript: None };
+        let f = PromptFormat { template: "{prompt}".into(), chat: Some((chat.clone(), brief.clone())) };
         assert_eq!(f.apply("hi").unwrap(), "<system>Be brief.</s><user>hi</s><assistant>");
+        // a transcript, turn by turn
+        let turns = ChatPrompt { transcript: Some(Transcript::default()), ..brief };
+        let f = PromptFormat { template: "{prompt}".into(), chat: Some((chat, turns)) };
+        let hh = "\n\nHuman: hi\n\nAssistant: hello!\n\nHuman: 2+2?\n\nAssistant:";
+        assert_eq!(
+            f.apply(hh).unwrap(),
+            "<system>Be brief.</s><user>hi</s><assistant>hello!</s><user>2+2?</s><assistant>"
+        );
+    }
+
+    #[test]
+    fn transcripts_must_start_with_a_turn_and_end_open() {
+        let t = Transcript::default();
+        let m = t.messages("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:").unwrap();
+        let got: Vec<(&str, &str)> = m.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
+        assert_eq!(got, [("user", "a"), ("assistant", "b"), ("user", "c")]);
+        for bad in ["hi", "preamble\n\nHuman: a\n\nAssistant:", "\n\nHuman: a\n\nAssistant: b", "\n\nHuman: a"] {
+            assert!(t.messages(bad).is_err(), "{bad:?}");
+        }
     }
 }

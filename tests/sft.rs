@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use dfdx::prelude::*;
-use rlhf::prompt_format::PromptFormat;
+use rlhf::prompt_format::{ChatPrompt, PromptFormat, Transcript};
 use rlhf::schedule::LrSchedule;
 use rlhf::stages::sft::{sft_loss, tokenize, train, Example, SftConfig, Truncation};
 use rlhf_policies::{Batch, CausalLm, ModelConfig, Tokenizer};
@@ -146,7 +146,7 @@ fn malformed_data_names_file_line_and_field() {
 fn chat_prompts_wrap_the_templated_prompt_in_the_model_s_template() {
     let d = tempfile::tempdir().unwrap();
     let mut c = cfg(d.path(), 2);
-    c.chat = Some(rlhf::prompt_format::ChatPrompt::default());
+    c.chat = Some(ChatPrompt::default());
     let e = format!("{:#}", train(c.clone(), false).unwrap_err());
     assert!(e.contains("chat_template") && e.contains(&c.init.display().to_string()), "{e}");
     // a template in the char-level vocabulary: "Q" before each message, "A" opens the answer
@@ -158,7 +158,17 @@ fn chat_prompts_wrap_the_templated_prompt_in_the_model_s_template() {
     let (ex, _, _) = tokenize(&c, &format, &tok, 0, &records).unwrap();
     let prompt = tok.encode("QQ:color of sky?A:A").unwrap();
     assert_eq!(ex[0].ids[..ex[0].prompt_len], prompt[..]);
-    assert_eq!(ex[0].ids[prompt.len()..], [tok.encode(" blue.").unwrap(), vec![0]].concat()[..]);
+    assert_eq!(ex[0].ids[prompt.len()..], [tok.encode("blue.").unwrap(), vec![0]].concat()[..], "response trimmed");
+    // a conversation transcript as the prompt, laid out turn by turn
+    let mut t = c.clone();
+    (t.prompt_template, t.max_len) = ("{prompt}".into(), 60);
+    t.chat = Some(ChatPrompt { system: None, transcript: Some(Transcript::default()) });
+    let format = PromptFormat::new(&t.prompt_template, t.chat.as_ref(), &tok, &m.config, &t.init).unwrap();
+    let hh = "\n\nHuman: color of sky?\n\nAssistant: blue.\n\nHuman: color of snow?\n\nAssistant:";
+    let (ex, _, _) = tokenize(&t, &format, &tok, 0, &[vec![hh.to_string(), " white.".to_string()]]).unwrap();
+    assert_eq!(ex[0].ids[..ex[0].prompt_len], tok.encode("Qcolor of sky?Qblue.Qcolor of snow?A").unwrap()[..]);
+    let e = tokenize(&t, &format, &tok, 0, &[vec!["color of sky?".into(), "x".into()]]).unwrap_err().to_string();
+    assert!(e.contains("not a transcript"), "{e}");
     let report = train(c, false).unwrap();
     assert!(report.train_loss.is_finite(), "{report:?}");
 }

@@ -158,7 +158,7 @@ pub fn tokenize(
     for (i, rec) in records.iter().enumerate() {
         let prompt = tok.encode(&format.apply(&rec[0])?)?;
         let mut ids = prompt.clone();
-        ids.extend(tok.encode(&rec[1])?);
+        ids.extend(tok.encode(format.response(&rec[1]))?);
         ids.push(eos);
         if prompt.is_empty() {
             bail!("{}: record {}: the prompt encodes to no tokens", cfg.data.display(), i + 1);
