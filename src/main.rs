@@ -156,15 +156,28 @@ struct EvalArgs {
     /// Checkpoint folder (config.json, model.safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
-    /// UTF-8 text file.
+    /// UTF-8 text file (loss on every token), or `.jsonl` {prompt, response} records (loss on
+    /// the response tokens and the EOS, as SFT's).
     #[arg(long)]
     data: PathBuf,
-    /// Tokens per block (default: the model's maximum positions, at most 256).
+    /// Tokens per block (text; default: the model's maximum positions, at most 256).
     #[arg(long)]
     block: Option<usize>,
-    /// Blocks per forward.
+    /// Blocks (or records) per forward.
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// JSONL: the prompt field.
+    #[arg(long, default_value = "prompt")]
+    prompt_field: String,
+    /// JSONL: the response field.
+    #[arg(long, default_value = "response")]
+    response_field: String,
+    /// JSONL: the prompt template (`{prompt}` is replaced).
+    #[arg(long, default_value = "{prompt}")]
+    prompt_template: String,
+    /// JSONL: put prompts in the model's chat template (as a stage's `"chat": {}`).
+    #[arg(long)]
+    chat: bool,
     /// Device: cpu, or cuda (GPU 0; needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: DeviceKind,
@@ -462,6 +475,9 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
 
 fn eval_on<D: FusedOps>(a: &EvalArgs, dev: &D) -> Result<()> {
     let (model, tok) = load_with_tokenizer(&a.model, dev)?;
+    if a.data.extension().is_some_and(|e| e == "jsonl") {
+        return eval_jsonl(a, &model, &tok);
+    }
     let text = rlhf::data::read_corpus(std::slice::from_ref(&a.data))?;
     let ids = tok.encode(&text)?;
     let block = a.block.unwrap_or(model.dims.max_positions.min(256)).max(1);
@@ -485,5 +501,33 @@ fn eval_on<D: FusedOps>(a: &EvalArgs, dev: &D) -> Result<()> {
             &serde_json::json!({"data": a.data, "tokens": count, "block": block, "loss": loss, "perplexity": loss.exp()})
         )?
     );
+    Ok(())
+}
+
+/// `rlhf eval` on {prompt, response} JSONL: SFT's loss (response tokens and EOS) over every
+/// record; records longer than the model's positions are skipped and counted.
+fn eval_jsonl<D: FusedOps>(a: &EvalArgs, model: &CausalLm<D>, tok: &Tokenizer) -> Result<()> {
+    let cfg = SftConfig {
+        data: a.data.clone(),
+        prompt_template: a.prompt_template.clone(),
+        max_len: model.dims.max_positions,
+        truncation: sft::Truncation::Skip,
+        ..Default::default()
+    };
+    let chat = a.chat.then(rlhf::prompt_format::ChatPrompt::default);
+    let format =
+        rlhf::prompt_format::PromptFormat::new(&a.prompt_template, chat.as_ref(), tok, &model.config, &a.model)?;
+    let eos = tok.eos_for(&model.config).with_context(|| format!("{}: no EOS token", a.model.display()))?;
+    let records = rlhf::data::read_jsonl_fields(&a.data, &[&a.prompt_field, &a.response_field])?;
+    let (examples, skipped, _) = sft::tokenize(&cfg, &format, tok, eos, &records)?;
+    if examples.is_empty() {
+        bail!("{}: no record fits the model's {} positions ({skipped} skipped)", a.data.display(), cfg.max_len);
+    }
+    let pad = tok.pad_id().unwrap_or(eos);
+    let loss = sft::eval_loss(model, &examples, pad, a.batch.max(1))? as f64;
+    let tokens: usize = examples.iter().map(|e| e.ids.len() - e.prompt_len).sum();
+    let report = serde_json::json!({"data": a.data, "examples": examples.len(), "skipped": skipped,
+        "tokens": tokens, "loss": loss, "perplexity": loss.exp()});
+    println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }

@@ -54,6 +54,29 @@ fn init_generate_pretrain_eval() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let (loss, ppl) = (v["loss"].as_f64().unwrap(), v["perplexity"].as_f64().unwrap());
     assert!(loss > 0.0 && (ppl - loss.exp()).abs() < 1e-6 * ppl);
+
+    // JSONL: SFT's loss on the responses; a record beyond the model's 32 positions is skipped
+    let records = [("to be", " or not"), ("that is", " the question."), ("to be", &" or not".repeat(9))];
+    let lines: Vec<String> = records.iter().map(|(p, r)| serde_json::json!({"q": p, "a": r}).to_string()).collect();
+    std::fs::write(d.path().join("pairs.jsonl"), lines.join("\n")).unwrap();
+    let (ok, out, err) = rlhf(&[
+        "eval",
+        "--model",
+        &p("run/checkpoints/step-6"),
+        "--data",
+        &p("pairs.jsonl"),
+        "--prompt-field",
+        "q",
+        "--response-field",
+        "a",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tok = rlhf_policies::Tokenizer::from_file(&d.path().join("run/checkpoints/step-6/tokenizer.json")).unwrap();
+    let response_tokens: usize = records[..2].iter().map(|(_, r)| tok.encode(r).unwrap().len() + 1).sum();
+    assert_eq!((v["examples"].as_u64(), v["skipped"].as_u64()), (Some(2), Some(1)), "{v}");
+    assert_eq!(v["tokens"].as_u64(), Some(response_tokens as u64), "response tokens and EOS only");
+    assert!(v["loss"].as_f64().unwrap() > 0.0);
 }
 
 #[test]

@@ -316,8 +316,8 @@ fn validate(cfg: &SftConfig) -> Result<()> {
     Ok(())
 }
 
-/// Response-token-weighted mean loss over the whole validation set.
-fn eval_loss<D: FusedOps>(model: &CausalLm<D>, val: &[Example], pad: u32, batch: usize) -> Result<f32> {
+/// Response-token-weighted mean loss over `val` (the held-out split, or `rlhf eval` on JSONL).
+pub fn eval_loss<D: FusedOps>(model: &CausalLm<D>, val: &[Example], pad: u32, batch: usize) -> Result<f32> {
     let (mut total, mut count) = (0.0f64, 0.0f64);
     for chunk in val.chunks(batch) {
         let refs: Vec<&Example> = chunk.iter().collect();
