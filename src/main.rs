@@ -507,9 +507,9 @@ fn eval_on<D: FusedOps>(a: &EvalArgs, dev: &D) -> Result<()> {
 /// `rlhf eval` on {prompt, response} JSONL: SFT's loss (response tokens and EOS) over every
 /// record; records longer than the model's positions are skipped and counted.
 fn eval_jsonl<D: FusedOps>(a: &EvalArgs, model: &CausalLm<D>, tok: &Tokenizer) -> Result<()> {
+    // the template is the format's; the config gives the file, the length and the skip rule
     let cfg = SftConfig {
         data: a.data.clone(),
-        prompt_template: a.prompt_template.clone(),
         max_len: model.dims.max_positions,
         truncation: sft::Truncation::Skip,
         ..Default::default()

@@ -301,5 +301,14 @@ fn chat_prompts_need_the_model_s_chat_template() {
     assert!(e.contains("chat_template") && e.contains(&c.init.display().to_string()), "{e}");
     let template = "{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt %} ok:{% endif %}";
     std::fs::write(c.init.join("chat_template.jinja"), template).unwrap();
+    c.eval_every = 1;
     train(c, false).unwrap();
+    // the prompt as the template lays it out; responses without their leading space
+    let samples = std::fs::read_to_string(d.path().join("run/samples.jsonl")).unwrap();
+    assert!(samples.lines().count() > 0);
+    for line in samples.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(row["prompt"], "review: ok:", "{row}");
+        assert!(row["responses"].as_array().unwrap().iter().all(|r| !r.as_str().unwrap().starts_with(' ')), "{row}");
+    }
 }

@@ -92,8 +92,9 @@ impl Batch {
         (0..self.b).map(|r| (0..self.t).rev().find(|&j| self.is_real(r, j))).collect()
     }
 
-    /// Checks ids against the vocabulary and (for learned positions) positions against the table.
-    pub(crate) fn check(&self, vocab: usize, max_positions: usize, learned_positions: bool) -> Result<(), PolicyError> {
+    /// Checks ids against the vocabulary and positions against the model's position limit
+    /// ([`crate::Dims::position_limit`]), if it has one.
+    pub(crate) fn check(&self, vocab: usize, position_limit: Option<usize>) -> Result<(), PolicyError> {
         if self.b == 0 || self.t == 0 {
             return Err(PolicyError::Input(format!("empty batch ({}x{})", self.b, self.t)));
         }
@@ -105,9 +106,9 @@ impl Batch {
             )));
         }
         let max_pos = self.position_ids.iter().copied().max().unwrap_or(0);
-        if learned_positions && max_pos >= max_positions {
+        if let Some(limit) = position_limit.filter(|&l| max_pos >= l) {
             return Err(PolicyError::Input(format!(
-                "sequence needs position {max_pos}, but the model has only {max_positions} positions (n_positions)"
+                "sequence needs position {max_pos}, but the model has only {limit} positions (n_positions)"
             )));
         }
         Ok(())

@@ -262,17 +262,21 @@ impl Dims {
         self.n_kv_head * self.head_dim
     }
 
-    /// A decode step's inputs: every id inside the vocabulary and, with learned positions
-    /// (GPT-2), every position inside the table.
+    /// The longest sequence the model can take: its position table's size with learned
+    /// positions (GPT-2); none with rotary positions (Llama), where `max_positions` only says
+    /// what it was trained on.
+    pub fn position_limit(&self) -> Option<usize> {
+        (self.family == Family::Gpt2).then_some(self.max_positions)
+    }
+
+    /// A decode step's inputs: every id inside the vocabulary and every position inside the
+    /// [`Dims::position_limit`].
     pub(crate) fn check_step(&self, ids: &[u32], positions: &[usize]) -> Result<(), PolicyError> {
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
             return Err(PolicyError::Input(format!("token id {id} is outside the vocabulary of {}", self.vocab)));
         }
-        if self.family == Family::Gpt2 && positions.iter().any(|&p| p >= self.max_positions) {
-            return Err(PolicyError::Input(format!(
-                "sequence longer than the model's {} positions",
-                self.max_positions
-            )));
+        if let Some(limit) = self.position_limit().filter(|&l| positions.iter().any(|&p| p >= l)) {
+            return Err(PolicyError::Input(format!("sequence longer than the model's {limit} positions")));
         }
         Ok(())
     }

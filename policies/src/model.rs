@@ -336,7 +336,7 @@ impl<D: FusedOps> CausalLm<D> {
     }
 
     fn hidden<T: Tape<f32, D>>(&self, batch: &Batch, rows: Option<&[usize]>, tape: T) -> Result<A2<D, T>, PolicyError> {
-        batch.check(self.dims.vocab, self.dims.max_positions, self.dims.family == Family::Gpt2)?;
+        batch.check(self.dims.vocab, self.dims.position_limit())?;
         let (b, t, c) = (batch.b, batch.t, self.dims.d_model);
         let ids: Vec<usize> = batch.ids.iter().map(|&i| i as usize).collect();
         let mut x = D::embed(tape, &self.wte, self.wpe.as_ref(), &ids, &batch.position_ids);

@@ -143,10 +143,10 @@ pub fn generate<M: Decode>(
     let b = prompts.len();
     let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let d = model.dims();
-    if d.family == crate::config::Family::Gpt2 && t + cfg.max_new_tokens > d.max_positions {
+    if let Some(limit) = d.position_limit().filter(|&l| t + cfg.max_new_tokens > l) {
         return Err(PolicyError::Input(format!(
-            "prompt of {t} tokens + max_new_tokens {} exceeds the model's {} positions (n_positions)",
-            cfg.max_new_tokens, d.max_positions
+            "prompt of {t} tokens + max_new_tokens {} exceeds the model's {limit} positions (n_positions)",
+            cfg.max_new_tokens
         )));
     }
     let pad: Vec<usize> = prompts.iter().map(|p| t - p.len()).collect();

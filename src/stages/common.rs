@@ -28,10 +28,9 @@ pub fn require_counts(fields: &[(&str, usize)]) -> Result<()> {
 /// Checks that `max_len` fits a model with learned positions (GPT-2's `n_positions`, which
 /// `model` names): a longer example would otherwise stop the run at the first batch holding it.
 pub fn require_fits(max_len: usize, dims: &rlhf_policies::Dims, model: &Path) -> Result<()> {
-    if dims.family == rlhf_policies::Family::Gpt2 && max_len > dims.max_positions {
+    if let Some(limit) = dims.position_limit().filter(|&l| max_len > l) {
         bail!(
-            "max_len {max_len} exceeds the {} positions of {} (n_positions); set max_len to at most that",
-            dims.max_positions,
+            "max_len {max_len} exceeds the {limit} positions of {} (n_positions); set max_len to at most that",
             model.display()
         );
     }

@@ -463,11 +463,10 @@ impl From<Vec<(Vec<u32>, String)>> for Prompts {
 /// scoring pass runs over prompt and response together.
 pub fn check_fits(prompts: &Prompts, max_new_tokens: usize, dims: &rlhf_policies::Dims) -> Result<()> {
     let longest = prompts.prompts.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
-    if dims.family == rlhf_policies::Family::Gpt2 && longest + max_new_tokens > dims.max_positions {
+    if let Some(limit) = dims.position_limit().filter(|&l| longest + max_new_tokens > l) {
         bail!(
-            "the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the policy's {} \
-             positions (n_positions); lower max_prompt_len or max_new_tokens",
-            dims.max_positions
+            "the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the policy's \
+             {limit} positions (n_positions); lower max_prompt_len or max_new_tokens"
         );
     }
     Ok(())

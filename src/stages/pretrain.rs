@@ -223,8 +223,8 @@ fn validate(cfg: &PretrainConfig) -> Result<()> {
         ("checkpoint_every", cfg.checkpoint_every),
     ])?;
     let dims = cfg.model.dims()?;
-    if dims.family == rlhf_policies::Family::Gpt2 && dims.max_positions < cfg.block_size {
-        bail!("model.n_positions {} is smaller than block_size {}", dims.max_positions, cfg.block_size);
+    if let Some(limit) = dims.position_limit().filter(|&l| l < cfg.block_size) {
+        bail!("model.n_positions {limit} is smaller than block_size {}", cfg.block_size);
     }
     Ok(())
 }
