@@ -1,7 +1,7 @@
 //! The attention core of the training forward, `softmax(q·kᵀ/√Dh + mask)·v` per (batch,
 //! head), as one op with its own backward pass. dfdx's composition (kept as
 //! [`attention_composed`] for other devices and as the tests' reference) materialises two
-//! permuted copies, a broadcast mask and the KV repeat, and runs its batched matmuls as a
+//! permuted copies and a broadcast mask, and runs its batched matmuls as a
 //! loop of tiny products; here each (batch, head) pair is one task on the thread pool that
 //! reads q, k and v in the projections' own `(B·T, heads·Dh)` layout through strided gemm
 //! calls and keeps its softmax for the backward pass.
@@ -14,7 +14,6 @@ use crate::strided::{add_into, gemm_into, host_vec, zeros, View};
 
 /// `(B·T, C)` tensors.
 type A2<D, T> = Tensor<(usize, usize), f32, D, T>;
-type A4<D, T> = Tensor<(usize, usize, usize, usize), f32, D, T>;
 
 /// Sizes of an attention call: batch, time, query heads, key/value heads, head width.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +32,14 @@ pub struct AttnShape {
 
 /// dfdx's composition: q `(B·T, H·Dh)`, k and v `(B·T, Hkv·Dh)`, additive `mask` `(B, T, T)`
 /// → `(B·T, H·Dh)`.
+///
+/// GQA groups the queries by KV head — `(B, Hkv, rep·T, Dh)` against k and v
+/// `(B, Hkv, T, Dh)`, `rep = H/Hkv` — instead of repeating k and v. Besides not copying
+/// them, that keeps CUDA's gradients right: dfdx 0.13's CUDA `reshape` backward loops over
+/// the input's *stored* elements, so a reshape of a broadcast tensor (the obvious
+/// `broadcast_like(..).reshape_like(..)` repeat) loses most of its gradient there, while
+/// the CPU kernel walks the logical shape. Measured on an H200: Llama-tiny's embedding
+/// gradient and training steps differed from the CPU's until this change.
 pub fn attention_composed<D: Device<f32>, T: Tape<f32, D>>(
     q: A2<D, T>,
     k: A2<D, T>,
@@ -41,24 +48,18 @@ pub fn attention_composed<D: Device<f32>, T: Tape<f32, D>>(
     s: AttnShape,
 ) -> A2<D, T> {
     let AttnShape { b, t, nh, nkv, dh } = s;
-    let q = q.reshape_like(&(b, t, nh, dh)).permute::<_, Axes4<0, 2, 1, 3>>();
-    let k = repeat_kv(k.reshape_like(&(b, t, nkv, dh)), nh);
-    let v = repeat_kv(v.reshape_like(&(b, t, nkv, dh)), nh);
-    let scores = q.matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()) * (1.0 / (dh as f32).sqrt());
-    let scores = scores + mask.clone().broadcast_like::<_, Axis<1>>(&(b, nh, t, t));
-    let y = scores.softmax::<Axis<3>>().matmul(v); // (B, H, T, Dh)
-    y.permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(b * t, nh * dh))
-}
-
-/// `(B, T, Hkv, Dh)` → `(B, H, T, Dh)`, query head `j` reading KV head `j / (H / Hkv)`.
-fn repeat_kv<D: Device<f32>, T: Tape<f32, D>>(x: A4<D, T>, nh: usize) -> A4<D, T> {
-    let (b, t, nkv, dh) = *x.shape();
-    let x = x.permute::<_, Axes4<0, 2, 1, 3>>(); // (B, Hkv, T, Dh)
-    if nkv == nh {
-        return x;
-    }
     let rep = nh / nkv;
-    x.broadcast_like::<_, Axis<2>>(&(b, nkv, rep, t, dh)).reshape_like(&(b, nh, t, dh))
+    // query head j = g·rep + r reads KV head g
+    let q = q.reshape_like(&(b, t, nkv, rep, dh)).permute::<_, Axes5<0, 2, 3, 1, 4>>();
+    let q = q.reshape_like(&(b, nkv, rep * t, dh));
+    let k = k.reshape_like(&(b, t, nkv, dh)).permute::<_, Axes4<0, 2, 3, 1>>(); // (B, Hkv, Dh, T)
+    let v = v.reshape_like(&(b, t, nkv, dh)).permute::<_, Axes4<0, 2, 1, 3>>(); // (B, Hkv, T, Dh)
+    let scores = q.matmul(k) * (1.0 / (dh as f32).sqrt()); // (B, Hkv, rep·T, T)
+    let scores =
+        scores.reshape_like(&(b, nkv, rep, t, t)) + mask.clone().broadcast_like::<_, Axes2<1, 2>>(&(b, nkv, rep, t, t));
+    let probs = scores.softmax::<Axis<4>>().reshape_like(&(b, nkv, rep * t, t));
+    let y = probs.matmul(v).reshape_like(&(b, nkv, rep, t, dh)); // (B, Hkv, rep, T, Dh)
+    y.permute::<_, Axes5<0, 3, 1, 2, 4>>().reshape_like(&(b * t, nh * dh))
 }
 
 /// `dst = alpha · a · b` for one (batch, head) pair, on the calling thread (the callers
