@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Where the GPU's time goes (a minute or two of GPU time): Nsight Compute times one window of
+# kernels of the small model's batch-1 and batch-32 rollout and of its train step, and
+# scripts/cuda/ncu_summary.py finds the repeating period in each window (one decoded token,
+# one optimizer step), then prints the kernels per period, their GPU time against the wall
+# time the benchmark reports, and the kernels that take most of it. A GPU time far below
+# the wall time means the host's launches and copies are what to cut, not the kernels.
+#
+# Usage (repository root, on the GPU machine, after scripts/cuda/build.sh here):
+#   scripts/cuda/profile.sh     writes under $OUT (default target/cuda-profile)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+carry=target/cuda-carry
+out=${OUT:-target/cuda-profile}
+mkdir -p "$out"
+. scripts/cuda/setup.sh
+ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+[ -n "$ncu" ] || { echo "profile.sh: no ncu" >&2; exit 1; }
+w="$carry/shared/peers/workload.json"
+profile() { # name skip count bench-args...
+  local name=$1 skip=$2 count=$3
+  shift 3
+  "$bin/rlhf" bench "$@" --workload "$w" --model small --device cuda --threads 2 2>&1 | tail -1 | tee "$out/$name-wall.txt"
+  timeout 100 "$ncu" --clock-control none --metrics gpu__time_duration.sum --launch-skip "$skip" \
+    --launch-count "$count" --csv "$bin/rlhf" bench "$@" --workload "$w" --model small --device cuda \
+    --threads 2 > "$out/$name.csv" 2> "$out/$name-ncu.log" || echo "profile.sh: ncu on $name failed" >&2
+  python3 scripts/cuda/ncu_summary.py "$out/$name.csv" "$out/$name-wall.txt" | tee "$out/$name-summary.txt"
+}
+profile rollout-b1 3000 6000 rollout --batch 1
+profile rollout-b32 3000 6000 rollout --batch 32
+profile train 0 20000 train
