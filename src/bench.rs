@@ -8,7 +8,8 @@ use std::time::Instant;
 use dfdx::prelude::{Cpu, HasShape, MeanTo, NoneTape, Rank0, Synchronize};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rlhf_policies::{
-    generate, Batch, CausalLm, FusedOps, GradBuffers, InferenceModel, ModelConfig, SamplingConfig, WeightDtype,
+    generate, Batch, CausalLm, FusedOps, Generation, GradBuffers, InferenceModel, ModelConfig, RolloutEngine,
+    SamplingConfig, WeightDtype,
 };
 use serde::{Deserialize, Serialize};
 
@@ -319,6 +320,8 @@ pub struct RolloutResult {
     pub model: String,
     /// Where it ran.
     pub device: DeviceKind,
+    /// What decoded: host (the CPU engine), device (the model's decode), fused (CUDA).
+    pub rollout_engine: RolloutEngine,
     /// Batch size.
     pub batch: usize,
     /// Generated tokens per timed run (batch · max_new_tokens).
@@ -386,43 +389,28 @@ fn rollout_inputs(
     Ok((cfg, prompts, sampling))
 }
 
-/// Runs the rollout benchmark for `model` at each batch size (warm-up, then timed repeats):
-/// on the CPU with the host engine ([`InferenceModel`], f32 or f16 weights), on a GPU with the
-/// model's own KV-cached decode ([`CausalLm::decode`], f32).
+/// Runs the rollout benchmark for `model` at each batch size (warm-up, then timed repeats) on
+/// `device` with the rollout `engine` (as PPO's `rollout_engine`): auto is the host engine
+/// ([`InferenceModel`], f32 or f16 weights) on the CPU and the model's own KV-cached decode
+/// ([`CausalLm::decode`], f32) on a GPU; fused is the CUDA engine (CUDA builds).
 pub fn rollout(
     w: &Workload,
     model: &str,
     batches: &[usize],
     weights: WeightDtype,
-    device: DeviceKind,
+    (device, engine): (DeviceKind, RolloutEngine),
 ) -> anyhow::Result<Vec<RolloutResult>> {
     anyhow::ensure!(w.rollout.repeats > 0, "workload rollout.repeats must be at least 1");
-    anyhow::ensure!(
-        device == DeviceKind::Cpu || weights == WeightDtype::F32,
-        "--weights {weights:?} is the host engine's option; the {device} rollout decodes in f32"
-    );
-    let (warmup, repeats) = (w.rollout.warmup, w.rollout.repeats);
     let mut results = Vec::new();
     for &batch in batches {
-        let (wall, tokens) = match device {
-            DeviceKind::Cpu => {
-                let bench = RolloutBench::new(w, model, batch, weights)?;
-                time_units(&Cpu::default(), warmup, repeats, || bench.run_once())?
-            }
-            DeviceKind::Cuda => crate::on_device!(device, dev => {
-                let (cfg, prompts, sampling) = rollout_inputs(w, model, batch)?;
-                let lm = CausalLm::new(cfg, dev, w.seed)?;
-                time_units(dev, warmup, repeats, || {
-                    let out = generate(&lm, &prompts, 0, &sampling)?;
-                    Ok(out.tokens.iter().map(Vec::len).sum::<usize>())
-                })
-            })?,
-        };
+        let (wall, (tokens, engine)) =
+            crate::on_device!(device, dev => rollout_cell(w, model, batch, weights, engine, dev))?;
         let mut rates: Vec<f64> = wall.iter().map(|s| tokens as f64 / s).collect();
         rates.sort_by(f64::total_cmp);
         results.push(RolloutResult {
             model: model.to_string(),
             device,
+            rollout_engine: engine,
             batch,
             tokens,
             tokens_per_s: median(&rates),
@@ -434,6 +422,49 @@ pub fn rollout(
         });
     }
     Ok(results)
+}
+
+/// One rollout cell: wall seconds of the timed runs, the tokens of one run and the engine
+/// that ran (auto resolved).
+fn rollout_cell<D: FusedOps + Synchronize>(
+    w: &Workload,
+    model: &str,
+    batch: usize,
+    weights: WeightDtype,
+    engine: RolloutEngine,
+    dev: &D,
+) -> anyhow::Result<(Vec<f64>, (usize, RolloutEngine))> {
+    let (warmup, repeats) = (w.rollout.warmup, w.rollout.repeats);
+    let (cfg, prompts, sampling) = rollout_inputs(w, model, batch)?;
+    let lm = CausalLm::new(cfg, dev, w.seed)?;
+    let engine = match engine {
+        RolloutEngine::Auto if engine.on_host::<D>() => RolloutEngine::Host,
+        RolloutEngine::Auto => RolloutEngine::Device,
+        e => e,
+    };
+    anyhow::ensure!(
+        engine == RolloutEngine::Host || weights == WeightDtype::F32,
+        "--weights {weights:?} is the host engine's option; the {engine:?} engine decodes in f32"
+    );
+    let run = |m: &dyn Fn() -> Result<Generation, rlhf_policies::PolicyError>| {
+        time_units(dev, warmup, repeats, || Ok((m()?.tokens.iter().map(Vec::len).sum::<usize>(), engine)))
+    };
+    match engine {
+        RolloutEngine::Host => {
+            let host = InferenceModel::from_model_with(&lm, weights);
+            run(&|| generate(&host, &prompts, 0, &sampling))
+        }
+        RolloutEngine::Fused => {
+            #[cfg(feature = "cuda")]
+            {
+                let fused = rlhf_policies::cuda_engine::CudaEngine::from_model(&lm)?;
+                run(&|| generate(&fused, &prompts, 0, &sampling))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Err(crate::device::no_cuda())
+        }
+        _ => run(&|| generate(&lm, &prompts, 0, &sampling)),
+    }
 }
 
 /// Median of a sorted slice.

@@ -19,13 +19,14 @@ pub(crate) struct PpoBenchArgs {
     #[arg(long, default_value = "cpu")]
     device: rlhf::device::DeviceKind,
     /// Where the rollout decodes: auto (the host engine on the CPU, the model's decode on a
-    /// GPU), host, or device.
+    /// GPU), host, device, or fused (the CUDA engine).
     #[arg(long, default_value = "auto", value_parser = rollout_engine)]
     rollout_engine: rlhf_policies::RolloutEngine,
 }
 
 fn rollout_engine(s: &str) -> Result<rlhf_policies::RolloutEngine, String> {
-    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|_| format!("{s:?}: auto, host or device"))
+    serde_json::from_value(serde_json::Value::String(s.into()))
+        .map_err(|_| format!("{s:?}: auto, host, device or fused"))
 }
 
 #[derive(Debug, clap::Args)]
@@ -119,10 +120,13 @@ pub(crate) struct RolloutArgs {
     /// Storage precision of the sampling engine's weights (the CPU's host engine).
     #[arg(long, value_enum, default_value = "f32")]
     weights: Weights,
-    /// Device: cpu (the host engine), or cuda (the model's KV-cached decode on GPU 0; needs a
-    /// build with `--features cuda`).
+    /// Device: cpu, or cuda (GPU 0; needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: rlhf::device::DeviceKind,
+    /// What decodes: auto (the host engine on the CPU, the model's KV-cached decode on a GPU),
+    /// host, device, or fused (the CUDA engine).
+    #[arg(long, default_value = "auto", value_parser = rollout_engine)]
+    rollout_engine: rlhf_policies::RolloutEngine,
 }
 
 pub(crate) fn bench_rollout(a: RolloutArgs) -> Result<()> {
@@ -130,12 +134,14 @@ pub(crate) fn bench_rollout(a: RolloutArgs) -> Result<()> {
     let batches = a.batch.map(|b| vec![b]).unwrap_or_else(|| w.rollout.batch_sizes.clone());
     let mut all = Vec::new();
     for m in &models {
-        let results = pool.install(|| bench::rollout(&w, m, &batches, a.weights.into(), a.device))?;
+        let results =
+            pool.install(|| bench::rollout(&w, m, &batches, a.weights.into(), (a.device, a.rollout_engine)))?;
         for r in &results {
             eprintln!(
-                "rollout {:>5} on {} b={:<3} {:>8.0} tok/s  [{:.0}-{:.0}]  ({} tokens/run, {} threads, {:?} weights)",
+                "rollout {:>5} on {} ({:?}) b={:<3} {:>8.0} tok/s  [{:.0}-{:.0}]  ({} tokens/run, {} threads, {:?} weights)",
                 r.model,
                 r.device,
+                r.rollout_engine,
                 r.batch,
                 r.tokens_per_s,
                 r.tokens_per_s_min,

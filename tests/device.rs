@@ -4,7 +4,8 @@
 //! (`shared/fixtures`) or the host engine, and against the CPU, within the fixtures' 1e-4.
 //! In `cpu::` the "against the CPU" halves compare the CPU with itself and cannot fail: there
 //! they only run the generic code; their independent checks are the references, the falling
-//! loss and the first minibatch's ratio of 1. `rollout_engines_agree` is CPU-only.
+//! loss and the first minibatch's ratio of 1. `rollout_engines_agree` is CPU-only; `fused::`
+//! (CUDA builds) checks the fused CUDA engine against the host engine.
 
 mod common;
 
@@ -14,7 +15,7 @@ use rlhf::stages::common::optimizer_step;
 use rlhf::stages::pretrain::lm_loss;
 use rlhf_policies::{
     generate, AdamW, AdamWConfig, Batch, CausalLm, DeviceKv, DeviceSession, EngineSession, FusedOps, GradBuffers,
-    InferenceModel, KvCache, LogitsAt, SamplingConfig,
+    InferenceModel, KvCache, LogitsAt, RowEngine, SamplingConfig,
 };
 
 const ATOL: f32 = 1e-4;
@@ -321,6 +322,92 @@ fn rollout_engines_agree() {
     for key in ["reward", "kl"] {
         let (a, b) = (ours[key].as_f64().unwrap(), host[key].as_f64().unwrap());
         assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "grpo {key}: {a} vs {b}");
+    }
+}
+
+/// A script of row-engine calls, returning every call's logits: rows 0 and 2 prefilled as one
+/// left-padded batch (all positions), row 1 copied from row 0, single tokens on rows [2, 1]
+/// and [0] in turn, then two columns at once on row 0.
+fn drive<E: RowEngine>(e: &E) -> Vec<Vec<f32>> {
+    let v = e.dims().vocab as u32;
+    let ids = |k: u32, n: u32| (0..n).map(|i| (k * 13 + i * 7 + 1) % v).collect::<Vec<u32>>();
+    let mut cache = e.row_cache(3, 16);
+    let mut out = vec![];
+    e.reset_row(&mut cache, 0, 0);
+    e.reset_row(&mut cache, 2, 2);
+    let prompts = [ids(1, 6), vec![0, 0], ids(2, 4)].concat();
+    out.push(e.forward_rows(&mut cache, &[0, 2], &prompts, 6, LogitsAt::All).unwrap());
+    e.copy_row(&mut cache, 0, 1).unwrap();
+    for step in 0..3 {
+        let pair = [(step * 5 + 3) % v, (step * 11 + 2) % v];
+        out.push(e.forward_rows(&mut cache, &[2, 1], &pair, 1, LogitsAt::Last).unwrap());
+        out.push(e.forward_rows(&mut cache, &[0], &[(step * 3 + 9) % v], 1, LogitsAt::Last).unwrap());
+    }
+    out.push(e.forward_rows(&mut cache, &[0], &ids(4, 2), 2, LogitsAt::All).unwrap());
+    out
+}
+
+/// [`drive`]'s left-padded row on the host engine equals the same four tokens prefilled alone:
+/// padding and the other rows of the batch change nothing.
+#[test]
+fn host_engine_padded_row_matches_alone() {
+    let host = InferenceModel::from_model(&load("hf-gpt2-tiny", &Cpu::default()));
+    let v = host.dims.vocab;
+    let first = &drive(&host)[0];
+    let ids: Vec<u32> = (0..4).map(|i| (2 * 13 + i * 7 + 1) % v as u32).collect();
+    let mut cache = host.row_cache(1, 16);
+    let alone = RowEngine::forward_rows(&host, &mut cache, &[0], &ids, 4, LogitsAt::All).unwrap();
+    let diff = max_abs_diff(&first[(6 + 2) * v..12 * v], &alone);
+    assert!(diff < ATOL, "the padded row differs from the same tokens alone by {diff}");
+}
+
+/// The fused CUDA engine against the host engine: the same logits (1e-4) through [`drive`],
+/// the same greedy generation, and a PPO iteration with `rollout_engine: fused` that samples
+/// what the host engine samples.
+#[cfg(feature = "cuda")]
+mod fused {
+    use super::*;
+    use rlhf_policies::cuda_engine::CudaEngine;
+    use rlhf_policies::RolloutEngine;
+
+    fn engine_matches_host(name: &str) {
+        let model = load(name, &Cpu::default());
+        let (host, fused) = (InferenceModel::from_model(&model), CudaEngine::from_model(&model).unwrap());
+        let (want, got) = (drive(&host), drive(&fused));
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.len(), w.len(), "{name}: call {i}: logits length");
+            let diff = max_abs_diff(g, w);
+            assert!(diff < ATOL, "{name}: call {i}: fused logits differ from the host engine's by {diff}");
+        }
+        let prompts = vec![vec![5, 9, 2], vec![7]];
+        let cfg = SamplingConfig { greedy: true, max_new_tokens: 8, ..Default::default() };
+        let (a, b) = (generate(&fused, &prompts, 0, &cfg).unwrap(), generate(&host, &prompts, 0, &cfg).unwrap());
+        assert_eq!(a.tokens, b.tokens, "{name}: greedy tokens");
+    }
+
+    #[test]
+    fn gpt2_fused_engine_matches_host() {
+        engine_matches_host("hf-gpt2-tiny");
+    }
+
+    #[test]
+    fn llama_fused_engine_matches_host() {
+        engine_matches_host("hf-llama-tiny");
+    }
+
+    #[test]
+    fn ppo_fused_rollout_matches_host() {
+        let (w, dev) = (toy_workload(), Cpu::default());
+        let ppo = |engine| {
+            let mut t = rlhf::bench_ppo::ppo_trainer(&w, "toy", true, &dev).unwrap();
+            t.cfg.rollout_engine = engine;
+            t.iteration(0).unwrap().expect("not skipped").record
+        };
+        let (ours, host) = (ppo(RolloutEngine::Fused), ppo(RolloutEngine::Host));
+        for key in ["objective/kl", "objective/scores", "loss/policy_avg", "loss/value_avg", "val/ratio"] {
+            let (a, b) = (ours[key].as_f64().unwrap(), host[key].as_f64().unwrap());
+            assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "ppo {key}: {a} vs {b}");
+        }
     }
 }
 

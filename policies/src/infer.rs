@@ -127,6 +127,37 @@ impl KvCache {
     }
 }
 
+/// Checks a `forward_rows` call against a cache of `len.len()` rows (fill levels `len`, left
+/// padding `pad`, `cap` columns) and returns each fed token's position (its column less the
+/// row's padding); the shared check of every engine's `forward_rows`.
+pub(crate) fn row_positions(
+    d: &Dims,
+    len: &[usize],
+    pad: &[usize],
+    cap: usize,
+    rows: &[usize],
+    ids: &[u32],
+    n: usize,
+) -> Result<Vec<usize>, PolicyError> {
+    let b = rows.len();
+    if ids.len() != b * n || n == 0 || b == 0 {
+        return Err(PolicyError::Input(format!("forward needs {b}x{n} ids (n, rows > 0), got {}", ids.len())));
+    }
+    let mut seen = vec![false; len.len()];
+    for &r in rows {
+        if r >= len.len() || std::mem::replace(&mut seen[r], true) {
+            return Err(PolicyError::Input(format!("cache row {r} is out of range or repeated ({} rows)", len.len())));
+        }
+        if len[r] + n > cap {
+            return Err(PolicyError::Input(format!("KV cache row {r} of {cap} columns is full ({} + {n})", len[r])));
+        }
+    }
+    let positions: Vec<usize> =
+        (0..b * n).map(|i| (len[rows[i / n]] + i % n).saturating_sub(pad[rows[i / n]])).collect();
+    d.check_step(ids, &positions)?;
+    Ok(positions)
+}
+
 /// Which positions to compute logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogitsAt {
@@ -141,7 +172,7 @@ fn norm_w<D: Device<f32>>(n: &Norm<D>) -> NormW {
 }
 
 /// Concatenates `(k, n_i)` row-major matrices along columns.
-fn concat_cols(mats: &[(Vec<f32>, usize)], k: usize) -> Vec<f32> {
+pub(crate) fn concat_cols(mats: &[(Vec<f32>, usize)], k: usize) -> Vec<f32> {
     let total: usize = mats.iter().map(|(_, n)| n).sum();
     let mut out = Vec::with_capacity(k * total);
     for r in 0..k {
@@ -257,31 +288,7 @@ impl InferenceModel {
     ) -> Result<Vec<f32>, PolicyError> {
         let d = &self.dims;
         let (b, c) = (rows.len(), d.d_model);
-        if ids.len() != b * n || n == 0 || b == 0 {
-            return Err(PolicyError::Input(format!("forward needs {b}x{n} ids (n, rows > 0), got {}", ids.len())));
-        }
-        let mut seen = vec![false; cache.b];
-        for &r in rows {
-            if r >= cache.b || std::mem::replace(&mut seen[r], true) {
-                return Err(PolicyError::Input(format!(
-                    "cache row {r} is out of range or repeated ({} rows)",
-                    cache.b
-                )));
-            }
-            if cache.len[r] + n > cache.cap {
-                return Err(PolicyError::Input(format!(
-                    "KV cache row {r} of {} columns is full ({} + {n})",
-                    cache.cap, cache.len[r]
-                )));
-            }
-        }
-        let positions: Vec<usize> = (0..b * n)
-            .map(|i| {
-                let r = rows[i / n];
-                (cache.len[r] + i % n).saturating_sub(cache.pad[r])
-            })
-            .collect();
-        d.check_step(ids, &positions)?;
+        let positions = row_positions(d, &cache.len, &cache.pad, cache.cap, rows, ids, n)?;
         let mut x = vec![0.0f32; b * n * c];
         for (row, xr) in x.chunks_mut(c).enumerate() {
             let id = ids[row] as usize;

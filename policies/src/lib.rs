@@ -26,6 +26,8 @@ pub mod block;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda_engine;
 mod decode_attn;
 pub mod device_decode;
 pub mod embed;
@@ -68,7 +70,7 @@ pub use sampling::{
     filtered_logprobs, generate, generate_from, generate_from_with, sample_from_logits, Decode, Generation,
     SamplingConfig,
 };
-pub use session::{policy_session, EngineSession, RolloutEngine};
+pub use session::{policy_session, EngineSession, RolloutEngine, RowEngine};
 pub use tokenizer::Tokenizer;
 
 /// The training path's matrix product `c (m×n, row-major) = a · b` on the current rayon pool

@@ -9,7 +9,9 @@ use rayon::prelude::*;
 use rlhf_envs::{Action, Detokenizer, EnvError, LogProbModel, Policy};
 use serde::{Deserialize, Serialize};
 
+use crate::config::Dims;
 use crate::device_decode::DeviceSession;
+use crate::error::PolicyError;
 use crate::fused::FusedOps;
 use crate::infer::{InferenceModel, KvCache, LogitsAt};
 use crate::model::CausalLm;
@@ -23,13 +25,66 @@ use crate::tokenizer::Tokenizer;
 /// until `min_new_tokens`); as a [`LogProbModel`] it returns `log_softmax(logits / T)` of the
 /// given tokens — the reference's log-prob at the sampling temperature.
 #[derive(Debug)]
-pub struct EngineSession {
-    engine: Arc<InferenceModel>,
-    cache: KvCache,
+pub struct EngineSession<E: RowEngine = InferenceModel> {
+    engine: Arc<E>,
+    cache: E::Cache,
     logits: Vec<Vec<f32>>,
     steps: Vec<usize>,
     rngs: Vec<StdRng>,
     sampling: SamplingConfig,
+}
+
+/// A KV-cached forward over rows of a cache: what an [`EngineSession`] decodes with — the
+/// host engine ([`InferenceModel`]), or in CUDA builds the fused GPU engine
+/// (`rlhf_policies::cuda_engine::CudaEngine`).
+pub trait RowEngine: std::fmt::Debug + Send + Sync {
+    /// The KV cache.
+    type Cache: std::fmt::Debug + Send + Sync;
+    /// Sizes.
+    fn dims(&self) -> &Dims;
+    /// An empty cache of `rows` rows of at most `cap` columns.
+    fn row_cache(&self, rows: usize, cap: usize) -> Self::Cache;
+    /// Feeds `n` columns of `ids` to the cache rows `rows`; the logits `at` those rows
+    /// ([`InferenceModel::forward_rows`]).
+    fn forward_rows(
+        &self,
+        cache: &mut Self::Cache,
+        rows: &[usize],
+        ids: &[u32],
+        n: usize,
+        at: LogitsAt,
+    ) -> Result<Vec<f32>, PolicyError>;
+    /// Empties `row` for a sequence with `pad` left-pad columns.
+    fn reset_row(&self, cache: &mut Self::Cache, row: usize, pad: usize);
+    /// Makes row `dst` a copy of row `src`.
+    fn copy_row(&self, cache: &mut Self::Cache, src: usize, dst: usize) -> Result<(), PolicyError>;
+}
+
+impl RowEngine for InferenceModel {
+    type Cache = KvCache;
+    fn dims(&self) -> &Dims {
+        &self.dims
+    }
+    fn row_cache(&self, rows: usize, cap: usize) -> KvCache {
+        KvCache::new(&self.dims, vec![0; rows], cap)
+    }
+    fn forward_rows(
+        &self,
+        cache: &mut KvCache,
+        rows: &[usize],
+        ids: &[u32],
+        n: usize,
+        at: LogitsAt,
+    ) -> Result<Vec<f32>, PolicyError> {
+        InferenceModel::forward_rows(self, cache, rows, ids, n, at)
+    }
+    fn reset_row(&self, cache: &mut KvCache, row: usize, pad: usize) {
+        cache.reset_row(row, pad);
+    }
+    fn copy_row(&self, cache: &mut KvCache, src: usize, dst: usize) -> Result<(), PolicyError> {
+        cache.copy_row(src, dst);
+        Ok(())
+    }
 }
 
 /// Rows from which per-row sampling and log-prob work is spread over threads.
@@ -40,16 +95,16 @@ pub(crate) fn model_err(e: crate::error::PolicyError) -> EnvError {
     EnvError::Model(e.to_string())
 }
 
-impl EngineSession {
+impl<E: RowEngine> EngineSession<E> {
     /// `rows` streams of at most `capacity` tokens each (prompt + response).
-    pub fn new(engine: Arc<InferenceModel>, rows: usize, capacity: usize, sampling: SamplingConfig) -> Self {
-        let cache = KvCache::new(&engine.dims, vec![0; rows], capacity);
+    pub fn new(engine: Arc<E>, rows: usize, capacity: usize, sampling: SamplingConfig) -> Self {
+        let cache = engine.row_cache(rows, capacity);
         let rngs = (0..rows).map(|r| StdRng::seed_from_u64(row_seed(sampling.seed, r))).collect();
         EngineSession { engine, cache, logits: vec![vec![]; rows], steps: vec![0; rows], rngs, sampling }
     }
 
     /// Replaces the weights (after an optimizer step); rows must be begun again.
-    pub fn set_engine(&mut self, engine: Arc<InferenceModel>) {
+    pub fn set_engine(&mut self, engine: Arc<E>) {
         self.engine = engine;
     }
 
@@ -80,7 +135,7 @@ impl EngineSession {
             if p.is_empty() {
                 return Err(EnvError::Model(format!("row {r}: empty prompt")));
             }
-            self.cache.reset_row(r, t - p.len());
+            self.engine.reset_row(&mut self.cache, r, t - p.len());
             ids.extend(std::iter::repeat_n(0, t - p.len()));
             ids.extend_from_slice(p);
             self.steps[r] = 0;
@@ -88,7 +143,7 @@ impl EngineSession {
         let logits = self.engine.forward_rows(&mut self.cache, &rows, &ids, t, LogitsAt::Last).map_err(model_err)?;
         self.store(&rows, logits);
         for (src, dst) in copies {
-            self.cache.copy_row(src, dst);
+            self.engine.copy_row(&mut self.cache, src, dst).map_err(model_err)?;
             self.logits[dst] = self.logits[src].clone();
             self.steps[dst] = 0;
         }
@@ -96,7 +151,7 @@ impl EngineSession {
     }
 
     fn store(&mut self, rows: &[usize], logits: Vec<f32>) {
-        let v = self.engine.dims.vocab;
+        let v = self.engine.dims().vocab;
         for (i, &r) in rows.iter().enumerate() {
             self.logits[r] = logits[i * v..(i + 1) * v].to_vec();
         }
@@ -123,7 +178,7 @@ impl EngineSession {
     }
 }
 
-impl LogProbModel for EngineSession {
+impl<E: RowEngine> LogProbModel for EngineSession<E> {
     fn begin(&mut self, rows: &[usize], prompts: &[&[u32]]) -> Result<(), EnvError> {
         self.prefill(rows, prompts)
     }
@@ -141,7 +196,7 @@ impl LogProbModel for EngineSession {
                 got: prompts.len().min(responses.len()),
             });
         }
-        let v = self.engine.dims.vocab as u32;
+        let v = self.engine.dims().vocab as u32;
         if let Some(&tok) = responses.iter().flat_map(|r| r.iter()).find(|&&t| t >= v) {
             return Err(EnvError::InvalidAction { action: tok, n: v });
         }
@@ -170,7 +225,7 @@ impl LogProbModel for EngineSession {
     }
 }
 
-impl EngineSession {
+impl<E: RowEngine> EngineSession<E> {
     /// Teacher-forced log-probs (at the sampling temperature) of each response token, rows
     /// processed in left-padded chunks that keep the logits buffer under ~128 MiB.
     fn score_batch(
@@ -179,7 +234,7 @@ impl EngineSession {
         prompts: &[&[u32]],
         responses: &[&[u32]],
     ) -> Result<Vec<Vec<f32>>, EnvError> {
-        let v = self.engine.dims.vocab;
+        let v = self.engine.dims().vocab;
         // inputs: prompt + all response tokens but the last (nothing is predicted from it)
         let seqs: Vec<Vec<u32>> =
             prompts.iter().zip(responses).map(|(p, r)| [*p, &r[..r.len().saturating_sub(1)]].concat()).collect();
@@ -194,7 +249,7 @@ impl EngineSession {
                 if prompts[i].is_empty() {
                     return Err(EnvError::Model(format!("row {}: empty prompt", rows[i])));
                 }
-                self.cache.reset_row(rows[i], t - seqs[i].len());
+                self.engine.reset_row(&mut self.cache, rows[i], t - seqs[i].len());
                 ids.extend(std::iter::repeat_n(0, t - seqs[i].len()));
                 ids.extend_from_slice(&seqs[i]);
             }
@@ -223,7 +278,7 @@ impl EngineSession {
     }
 }
 
-impl Policy for EngineSession {
+impl<E: RowEngine> Policy for EngineSession<E> {
     fn begin(&mut self, rows: &[usize], prompts: &[&[u32]]) -> Result<(), EnvError> {
         self.prefill(rows, prompts)
     }
@@ -253,6 +308,10 @@ pub enum RolloutEngine {
     Host,
     /// The model's own KV-cached decode ([`DeviceSession`]) where its weights live.
     Device,
+    /// The fused CUDA engine (`cuda_engine::CudaEngine`, CUDA builds): custom kernels and
+    /// cuBLAS over a GPU copy of the weights, made once per rollout, sampling on the host as
+    /// the host engine does.
+    Fused,
 }
 
 impl RolloutEngine {
@@ -261,26 +320,49 @@ impl RolloutEngine {
         match self {
             RolloutEngine::Auto => D::HOST_ROLLOUT,
             RolloutEngine::Host => true,
-            RolloutEngine::Device => false,
+            RolloutEngine::Device | RolloutEngine::Fused => false,
         }
     }
 }
 
 /// The env's [`Policy`] for a training model: an [`EngineSession`] over a host snapshot of the
-/// weights, or a [`DeviceSession`] on the model itself, as `engine` says. `rows` streams of at
-/// most `capacity` tokens.
+/// weights (or, [`RolloutEngine::Fused`], a GPU copy), or a [`DeviceSession`] on the model
+/// itself, as `engine` says. `rows` streams of at most `capacity` tokens.
 pub fn policy_session<'m, D: FusedOps>(
     model: &'m CausalLm<D>,
     rows: usize,
     capacity: usize,
     sampling: SamplingConfig,
     engine: RolloutEngine,
-) -> Box<dyn Policy + 'm> {
-    if engine.on_host::<D>() {
-        Box::new(EngineSession::new(Arc::new(InferenceModel::from_model(model)), rows, capacity, sampling))
-    } else {
-        Box::new(DeviceSession::new(model, rows, capacity, sampling))
-    }
+) -> Result<Box<dyn Policy + 'm>, PolicyError> {
+    Ok(match engine {
+        RolloutEngine::Fused => fused_session(model, rows, capacity, sampling)?,
+        _ if engine.on_host::<D>() => {
+            Box::new(EngineSession::new(Arc::new(InferenceModel::from_model(model)), rows, capacity, sampling))
+        }
+        _ => Box::new(DeviceSession::new(model, rows, capacity, sampling)),
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn fused_session<'m, D: FusedOps>(
+    model: &'m CausalLm<D>,
+    rows: usize,
+    capacity: usize,
+    sampling: SamplingConfig,
+) -> Result<Box<dyn Policy + 'm>, PolicyError> {
+    let engine = crate::cuda_engine::CudaEngine::from_model(model)?;
+    Ok(Box::new(EngineSession::new(Arc::new(engine), rows, capacity, sampling)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fused_session<'m, D: FusedOps>(
+    _: &'m CausalLm<D>,
+    _: usize,
+    _: usize,
+    _: SamplingConfig,
+) -> Result<Box<dyn Policy + 'm>, PolicyError> {
+    Err(PolicyError::Input("rollout_engine \"fused\" needs a build with `--features cuda`".into()))
 }
 
 /// One token for each row in `rows` from its current `logits[r]`, drawn with the row's own RNG

@@ -11,7 +11,8 @@
 #      KV-cached decode, generation, a PPO iteration and the pretrain stage against the CPU;
 #      then `rlhf generate` (greedy) and `rlhf eval` on CUDA against the CPU
 #   4. the workload's scoring, train-step, rollout and PPO-iteration benchmarks on the small
-#      model, on CUDA and on 2 of this machine's cores
+#      model, on CUDA and on 2 of this machine's cores; the rollout and PPO again with the
+#      fused CUDA engine (`--rollout-engine fused`), and PPO with the host engine's rollout
 #   5. a JSON summary on stdout and in $OUT/summary.json
 #
 # Usage (repository root, on the GPU machine): scripts/cuda/device-check.sh
@@ -67,22 +68,23 @@ done
 
 # 4. the workload's benchmarks on the small model: CUDA, then 2 CPU cores of this machine
 w="$carry/shared/peers/workload.json"
-run_bench() { # name device [extra args]
-  local name=$1 device=$2
-  shift 2
+run_bench() { # name device tag [extra args]: writes $out/$name-$device$tag.json
+  local name=$1 device=$2 tag=$3
+  shift 3
   timeout 150 "$bin/rlhf" bench "$name" --workload "$w" --model small --device "$device" --threads 2 "$@" \
-    --out "$out/$name-$device.json" > /dev/null 2>> "$out/bench.log" || echo "bench $name on $device failed" >> "$out/bench.log"
+    --out "$out/$name-$device$tag.json" > /dev/null 2>> "$out/bench.log" ||
+    echo "bench $name$tag on $device failed" >> "$out/bench.log"
 }
 for device in cuda cpu; do
-  run_bench scoring $device
-  run_bench train $device
-  run_bench rollout $device
-  run_bench ppo $device --value shared
+  run_bench scoring $device ""
+  run_bench train $device ""
+  run_bench rollout $device ""
+  run_bench ppo $device "" --value shared
 done
-# PPO on the GPU with the rollout on the host engine (the CPU's decode, GPU scoring and update)
-timeout 150 "$bin/rlhf" bench ppo --workload "$w" --model small --device cuda --threads 2 --value shared \
-  --rollout-engine host --out "$out/ppo-cuda-host-rollout.json" > /dev/null 2>> "$out/bench.log" ||
-  echo "bench ppo on cuda with the host rollout failed" >> "$out/bench.log"
+# the fused CUDA engine's rollout, alone and in PPO; PPO with the rollout on the host engine
+run_bench rollout cuda -fused --rollout-engine fused
+run_bench ppo cuda -fused --value shared --rollout-engine fused
+run_bench ppo cuda -host-rollout --value shared --rollout-engine host
 grep -v "^ \|^Stack\|^$" "$out/bench.log" | tail -n 40
 
 # 5. summary
@@ -102,7 +104,7 @@ for f in sorted(glob.glob(os.path.join(out, "*-*.json"))):
     for r in d["results"]:
         key = f"{d['benchmark']}/{r['model']}/{r['device']}"
         if "batch" in r:  # rollout
-            bench[f"{key}/b{r['batch']}"] = {"tokens_per_s": r["tokens_per_s"], "range": [r["tokens_per_s_min"], r["tokens_per_s_max"]]}
+            bench[f"{key}/{r.get('rollout_engine', 'auto')}/b{r['batch']}"] = {"tokens_per_s": r["tokens_per_s"], "range": [r["tokens_per_s_min"], r["tokens_per_s_max"]]}
         elif "seconds" in r:  # PPO iteration
             bench[f"{key}/{r['value_model']}/{r['rollout_engine']}-rollout"] = {
                 "seconds": r["seconds"], "range": r["range"], "phases": r["phases"]}

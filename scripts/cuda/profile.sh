@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Where the GPU's time goes (a minute or two of GPU time): Nsight Compute times one window of
-# kernels of the small model's batch-1 and batch-32 rollout and of its train step, and
+# kernels of the small model's batch-1 and batch-32 rollout (dfdx's decode, and batch 1 on the
+# fused engine) and of its train step, and
 # scripts/cuda/ncu_summary.py finds the repeating period in each window (one decoded token,
 # one optimizer step), then prints the kernels per period, their GPU time against the wall
 # time the benchmark reports, and the kernels that take most of it. A GPU time far below
@@ -35,5 +36,6 @@ profile() { # name skip count bench-args...
 # ones: probably one cause, not yet understood (try --replay-mode application, or exclude
 # those kernels with --kernel-name regex:, next time).
 profile rollout-b1 3000 6000 rollout --batch 1
+profile fused-b1 3000 3000 rollout --batch 1 --rollout-engine fused
 profile rollout-b32 2000 2000 rollout --batch 32
 profile train 0 8000 train

@@ -160,7 +160,8 @@ pub struct GrpoConfig {
     pub device: DeviceKind,
     /// Where rollouts decode: `auto` (default: the host engine on the CPU, the model's own
     /// KV-cached decode on a GPU), `host` (the CPU engine from a copy of the weights, also on a
-    /// GPU) or `device`.
+    /// GPU), `device`, or `fused` (the CUDA engine: custom kernels and cuBLAS over a GPU copy of
+    /// the weights; CUDA builds).
     pub rollout_engine: RolloutEngine,
 }
 

@@ -126,7 +126,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
             ..Default::default()
         };
         let capacity = cfg.max_prompt_len + cfg.max_new_tokens;
-        let mut session = policy_session(&self.policy, cfg.batch_size(), capacity, sampler, cfg.rollout_engine);
+        let mut session = policy_session(&self.policy, cfg.batch_size(), capacity, sampler, cfg.rollout_engine)?;
         let opts = Rollout { group_size: cfg.num_generations, reference: false };
         let rolled = self.env.rollout_with(session.as_mut(), opts);
         drop(session); // it borrows the policy, which the update changes

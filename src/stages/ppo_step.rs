@@ -114,7 +114,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         let eos = (!self.env.config().eos_ids.is_empty()).then_some(self.eos);
         let sampler = sampling(cfg, eos, mix(cfg.seed, it as u64, 1));
         let mut session =
-            policy_session(&self.models.policy, cfg.batch_size, capacity(cfg), sampler, cfg.rollout_engine);
+            policy_session(&self.models.policy, cfg.batch_size, capacity(cfg), sampler, cfg.rollout_engine)?;
         let rolled = self.env.rollout_with(session.as_mut(), Rollout { group_size: 1, reference: false });
         drop(session); // it borrows the policy, which the update changes
         let episodes = match rolled {
