@@ -293,23 +293,30 @@ fn toy_workload() -> rlhf::bench::Workload {
     serde_json::from_value(v).unwrap()
 }
 
-/// On the CPU, PPO and GRPO iterations with the rollout decoded by the model itself
-/// (`rollout_engine: device`, the GPU's path) and by the host engine: the same samples, so the
-/// same metrics.
-#[test]
-fn rollout_engines_agree() {
-    use rlhf_policies::RolloutEngine;
+/// A CPU PPO iteration on the toy workload with its rollout decoded by `engine` gives the
+/// host engine's metrics (the same samples).
+fn ppo_rollout_matches_host(engine: rlhf_policies::RolloutEngine) {
     let (w, dev) = (toy_workload(), Cpu::default());
     let ppo = |engine| {
         let mut t = rlhf::bench_ppo::ppo_trainer(&w, "toy", true, &dev).unwrap();
         t.cfg.rollout_engine = engine;
         t.iteration(0).unwrap().expect("not skipped").record
     };
-    let (ours, host) = (ppo(RolloutEngine::Device), ppo(RolloutEngine::Host));
+    let (ours, host) = (ppo(engine), ppo(rlhf_policies::RolloutEngine::Host));
     for key in ["objective/kl", "objective/scores", "loss/policy_avg", "loss/value_avg", "val/ratio"] {
         let (a, b) = (ours[key].as_f64().unwrap(), host[key].as_f64().unwrap());
-        assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "ppo {key}: {a} vs {b}");
+        assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "ppo {engine:?} {key}: {a} vs {b}");
     }
+}
+
+/// On the CPU, PPO and GRPO iterations with the rollout decoded by the model itself
+/// (`rollout_engine: device`, the GPU's path) and by the host engine: the same samples, so the
+/// same metrics.
+#[test]
+fn rollout_engines_agree() {
+    use rlhf_policies::RolloutEngine;
+    ppo_rollout_matches_host(RolloutEngine::Device);
+    let (w, dev) = (toy_workload(), Cpu::default());
     let algo = rlhf::stages::grpo::Algo::Grpo { scale_rewards: Default::default(), std_eps: 1e-4 };
     let grpo = |engine| {
         let mut t = rlhf::bench_grpo::grpo_trainer(&w, "toy", algo, &dev).unwrap();
@@ -368,7 +375,6 @@ fn host_engine_padded_row_matches_alone() {
 mod fused {
     use super::*;
     use rlhf_policies::cuda_engine::CudaEngine;
-    use rlhf_policies::RolloutEngine;
 
     fn engine_matches_host(name: &str) {
         let model = load(name, &Cpu::default());
@@ -397,17 +403,7 @@ mod fused {
 
     #[test]
     fn ppo_fused_rollout_matches_host() {
-        let (w, dev) = (toy_workload(), Cpu::default());
-        let ppo = |engine| {
-            let mut t = rlhf::bench_ppo::ppo_trainer(&w, "toy", true, &dev).unwrap();
-            t.cfg.rollout_engine = engine;
-            t.iteration(0).unwrap().expect("not skipped").record
-        };
-        let (ours, host) = (ppo(RolloutEngine::Fused), ppo(RolloutEngine::Host));
-        for key in ["objective/kl", "objective/scores", "loss/policy_avg", "loss/value_avg", "val/ratio"] {
-            let (a, b) = (ours[key].as_f64().unwrap(), host[key].as_f64().unwrap());
-            assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "ppo {key}: {a} vs {b}");
-        }
+        ppo_rollout_matches_host(rlhf_policies::RolloutEngine::Fused);
     }
 }
 

@@ -5,9 +5,10 @@ use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::{dev_err, CudaEngine, CudaKvCache, MlpG, Shape, BLOCK};
-use crate::config::GeluKind;
+use crate::config::{Dims, GeluKind};
 use crate::error::PolicyError;
 use crate::infer::{row_positions, LogitsAt};
+use crate::session::RowEngine;
 
 /// Kernel indices in [`super::NAMES`].
 const EMBED: usize = 0;
@@ -44,8 +45,78 @@ impl CudaEngine {
         Ok(())
     }
 
+    /// `x += mlp(h)` over `m` rows.
+    fn mlp(&self, mlp: &MlpG, h: &CudaSlice<f32>, x: &mut CudaSlice<f32>, m: usize) -> Result<(), PolicyError> {
+        let (c, f) = (self.dims.d_model, self.dims.d_ff);
+        match mlp {
+            MlpG::Gelu { fc, fc_b, proj, proj_b } => {
+                let mut a = self.scratch(m * f)?;
+                self.matmul(h, fc, &mut a, (m, c, f), 0.0)?;
+                let act = if self.dims.gelu == GeluKind::Erf { 2 } else { 1 };
+                self.bias_act(&mut a, fc_b.as_ref(), m, f, act)?;
+                self.matmul(&a, proj, x, (m, f, c), 1.0)?;
+                self.bias_act(x, proj_b.as_ref(), m, c, 0)
+            }
+            MlpG::SwiGlu { gate_up, down } => {
+                let (mut gu, mut a) = (self.scratch(m * 2 * f)?, self.scratch(m * f)?);
+                self.matmul(h, gate_up, &mut gu, (m, c, 2 * f), 0.0)?;
+                self.launch(SWIGLU, LaunchConfig::for_num_elems((m * f) as u32), (&mut a, &gu, m as i32, f as i32))?;
+                self.matmul(&a, down, x, (m, f, c), 1.0)
+            }
+        }
+    }
+
+    /// The final norm and the LM head at the requested positions of the `(m = B·n, C)` hidden
+    /// states, copied to the host.
+    fn logits(&self, x: CudaSlice<f32>, m: usize, n: usize, at: LogitsAt) -> Result<Vec<f32>, PolicyError> {
+        let (c, v) = (self.dims.d_model, self.dims.vocab);
+        let (picked, p) = match at {
+            LogitsAt::All => (x, m),
+            LogitsAt::Last => {
+                let rows: Vec<u32> = (0..m / n).map(|r| (r * n + n - 1) as u32).collect();
+                let rows_d = self.gpu.dev.htod_copy(rows).map_err(dev_err)?;
+                let mut out = self.scratch((m / n) * c)?;
+                self.launch(GATHER_ROWS, grid(m / n, BLOCK), (&mut out, &x, &rows_d, c as i32))?;
+                (out, m / n)
+            }
+        };
+        let mut hn = self.scratch(p * c)?;
+        self.norm(&self.ln_f, &mut hn, &picked, p)?;
+        let mut logits = self.scratch(p * v)?;
+        // column-major: logitsᵀ (V×p) = head (V×C, stored as its transpose) · hnᵀ (C×p)
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: v as i32,
+            n: p as i32,
+            k: c as i32,
+            alpha: 1.0,
+            lda: c as i32,
+            ldb: c as i32,
+            beta: 0.0,
+            ldc: v as i32,
+        };
+        // SAFETY: head is V·C floats, hn p·C, logits p·V.
+        unsafe { self.gpu.blas.gemm(cfg, &self.head, &hn, &mut logits) }.map_err(dev_err)?;
+        self.gpu.dev.dtoh_sync_copy(&logits).map_err(dev_err)
+    }
+}
+
+/// The engine's rows: [`InferenceModel`](crate::InferenceModel)'s contract, on the GPU.
+impl RowEngine for CudaEngine {
+    type Cache = CudaKvCache;
+    fn dims(&self) -> &Dims {
+        &self.dims
+    }
+    fn row_cache(&self, rows: usize, cap: usize) -> CudaKvCache {
+        CudaKvCache::new(vec![0; rows], cap)
+    }
+    fn reset_row(&self, cache: &mut CudaKvCache, row: usize, pad: usize) {
+        cache.reset_row(row, pad);
+    }
+
     /// Makes cache row `dst` a copy of row `src` (keys, values, fill level, padding).
-    pub fn copy_row(&self, cache: &mut CudaKvCache, src: usize, dst: usize) -> Result<(), PolicyError> {
+    fn copy_row(&self, cache: &mut CudaKvCache, src: usize, dst: usize) -> Result<(), PolicyError> {
         self.ensure_cache(cache)?;
         let block = self.dims.n_kv_head * cache.cap * self.dims.head_dim;
         for (k, v) in cache.kv.iter_mut() {
@@ -61,7 +132,7 @@ impl CudaEngine {
 
     /// Feeds `n` new columns of ids to the cache rows `rows` (`ids`: `(rows.len(), n)`), each at
     /// its own fill level; returns the logits requested, on the host, as the host engine does.
-    pub fn forward_rows(
+    fn forward_rows(
         &self,
         cache: &mut CudaKvCache,
         rows: &[usize],
@@ -131,61 +202,5 @@ impl CudaEngine {
             cache.len[r] += n;
         }
         self.logits(x, m, n, at)
-    }
-
-    /// `x += mlp(h)` over `m` rows.
-    fn mlp(&self, mlp: &MlpG, h: &CudaSlice<f32>, x: &mut CudaSlice<f32>, m: usize) -> Result<(), PolicyError> {
-        let (c, f) = (self.dims.d_model, self.dims.d_ff);
-        match mlp {
-            MlpG::Gelu { fc, fc_b, proj, proj_b } => {
-                let mut a = self.scratch(m * f)?;
-                self.matmul(h, fc, &mut a, (m, c, f), 0.0)?;
-                let act = if self.dims.gelu == GeluKind::Erf { 2 } else { 1 };
-                self.bias_act(&mut a, fc_b.as_ref(), m, f, act)?;
-                self.matmul(&a, proj, x, (m, f, c), 1.0)?;
-                self.bias_act(x, proj_b.as_ref(), m, c, 0)
-            }
-            MlpG::SwiGlu { gate_up, down } => {
-                let (mut gu, mut a) = (self.scratch(m * 2 * f)?, self.scratch(m * f)?);
-                self.matmul(h, gate_up, &mut gu, (m, c, 2 * f), 0.0)?;
-                self.launch(SWIGLU, LaunchConfig::for_num_elems((m * f) as u32), (&mut a, &gu, m as i32, f as i32))?;
-                self.matmul(&a, down, x, (m, f, c), 1.0)
-            }
-        }
-    }
-
-    /// The final norm and the LM head at the requested positions of the `(m = B·n, C)` hidden
-    /// states, copied to the host.
-    fn logits(&self, x: CudaSlice<f32>, m: usize, n: usize, at: LogitsAt) -> Result<Vec<f32>, PolicyError> {
-        let (c, v) = (self.dims.d_model, self.dims.vocab);
-        let (picked, p) = match at {
-            LogitsAt::All => (x, m),
-            LogitsAt::Last => {
-                let rows: Vec<u32> = (0..m / n).map(|r| (r * n + n - 1) as u32).collect();
-                let rows_d = self.gpu.dev.htod_copy(rows).map_err(dev_err)?;
-                let mut out = self.scratch((m / n) * c)?;
-                self.launch(GATHER_ROWS, grid(m / n, BLOCK), (&mut out, &x, &rows_d, c as i32))?;
-                (out, m / n)
-            }
-        };
-        let mut hn = self.scratch(p * c)?;
-        self.norm(&self.ln_f, &mut hn, &picked, p)?;
-        let mut logits = self.scratch(p * v)?;
-        // column-major: logitsᵀ (V×p) = head (V×C, stored as its transpose) · hnᵀ (C×p)
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_T,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: v as i32,
-            n: p as i32,
-            k: c as i32,
-            alpha: 1.0,
-            lda: c as i32,
-            ldb: c as i32,
-            beta: 0.0,
-            ldc: v as i32,
-        };
-        // SAFETY: head is V·C floats, hn p·C, logits p·V.
-        unsafe { self.gpu.blas.gemm(cfg, &self.head, &hn, &mut logits) }.map_err(dev_err)?;
-        self.gpu.dev.dtoh_sync_copy(&logits).map_err(dev_err)
     }
 }

@@ -20,6 +20,7 @@ use crate::error::PolicyError;
 use crate::infer::LogitsAt;
 use crate::model::{CausalLm, Mlp, Norm};
 use crate::sampling::Decode;
+use crate::session::RowEngine;
 
 mod forward;
 
@@ -285,32 +286,6 @@ impl Decode for CudaEngine {
     }
     fn feed(&self, cache: &mut CudaKvCache, ids: &[u32], n: usize) -> Result<Vec<f32>, PolicyError> {
         let rows: Vec<usize> = (0..cache.rows).collect();
-        self.forward_rows(cache, &rows, ids, n, LogitsAt::Last)
-    }
-}
-
-impl crate::session::RowEngine for CudaEngine {
-    type Cache = CudaKvCache;
-    fn dims(&self) -> &Dims {
-        &self.dims
-    }
-    fn row_cache(&self, rows: usize, cap: usize) -> CudaKvCache {
-        CudaKvCache::new(vec![0; rows], cap)
-    }
-    fn forward_rows(
-        &self,
-        cache: &mut CudaKvCache,
-        rows: &[usize],
-        ids: &[u32],
-        n: usize,
-        at: LogitsAt,
-    ) -> Result<Vec<f32>, PolicyError> {
-        CudaEngine::forward_rows(self, cache, rows, ids, n, at)
-    }
-    fn reset_row(&self, cache: &mut CudaKvCache, row: usize, pad: usize) {
-        cache.reset_row(row, pad);
-    }
-    fn copy_row(&self, cache: &mut CudaKvCache, src: usize, dst: usize) -> Result<(), PolicyError> {
-        CudaEngine::copy_row(self, cache, src, dst)
+        RowEngine::forward_rows(self, cache, &rows, ids, n, LogitsAt::Last)
     }
 }
