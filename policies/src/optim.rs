@@ -80,18 +80,32 @@ impl GradBuffers for Cpu {
     }
 }
 
-/// The GPU's buffers go through the host for the norm, the clip scale and checkpoints (one
-/// copy of the gradients per step, ~4 bytes per parameter each way); dfdx's own CUDA kernel
-/// runs the Adam updates. A device-side reduction is the lever if a profile shows the copies.
+/// The GPU's gradient norm and clip scale run on the device (`optim_kernels.cu`: one 8-byte
+/// read per buffer where a copy of every gradient went through the host; the sum is in f64
+/// and in a fixed order, as on the CPU); reads and writes for checkpoints go through the host;
+/// dfdx's own CUDA kernel runs the Adam updates.
 #[cfg(feature = "cuda")]
 impl GradBuffers for Cuda {
     fn sum_sq(buf: &<Self as Storage<f32>>::Vec) -> f64 {
-        Self::read(buf).iter().map(|&g| (g as f64) * (g as f64)).sum()
+        use cudarc::driver::{DeviceSlice, LaunchAsync, LaunchConfig};
+        let dev = buf.device();
+        let [sum_sq, _] = grad_kernels(&dev);
+        let mut out = dev.alloc_zeros::<f64>(1).unwrap_or_else(|e| panic!("allocating the norm's sum: {e:?}"));
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: sum_sq_f64(const float *g, unsigned long long n, double *out) reads n floats of
+        // the buffer and writes one double.
+        unsafe { sum_sq.launch(cfg, (buf, buf.len() as u64, &mut out)) }
+            .unwrap_or_else(|e| panic!("the gradient norm kernel: {e:?}"));
+        dev.dtoh_sync_copy(&out).unwrap_or_else(|e| panic!("reading the gradient norm: {e:?}"))[0]
     }
     fn scale(buf: &mut <Self as Storage<f32>>::Vec, s: f32) {
-        let mut host = Self::read(buf);
-        host.iter_mut().for_each(|g| *g *= s);
-        Self::write(buf, &host);
+        use cudarc::driver::{DeviceSlice, LaunchAsync, LaunchConfig};
+        let [_, scale] = grad_kernels(&buf.device());
+        let n = buf.len();
+        // SAFETY: scale_f32(float *g, unsigned long long n, float s) writes the n floats of the
+        // buffer.
+        unsafe { scale.launch(LaunchConfig::for_num_elems(n as u32), (&mut *buf, n as u64, s)) }
+            .unwrap_or_else(|e| panic!("the gradient scale kernel: {e:?}"));
     }
     fn read(buf: &<Self as Storage<f32>>::Vec) -> Vec<f32> {
         buf.device().dtoh_sync_copy(buf).unwrap_or_else(|e| panic!("copying a gradient buffer to the host: {e:?}"))
@@ -102,6 +116,24 @@ impl GradBuffers for Cuda {
     fn adam_updates(t: i32, jobs: &mut [AdamJob<'_, Self>]) -> Result<(), Self::Err> {
         jobs.iter_mut().try_for_each(|j| j.run(t))
     }
+}
+
+/// `optim_kernels.cu`'s `[sum_sq_f64, scale_f32]` on `dev` (dfdx's device), compiled with
+/// NVRTC once per process and loaded once per device.
+#[cfg(feature = "cuda")]
+fn grad_kernels(dev: &std::sync::Arc<cudarc::driver::CudaDevice>) -> [cudarc::driver::CudaFunction; 2] {
+    use std::sync::OnceLock;
+    const MODULE: &str = "rlhf_grad_norm";
+    const NAMES: [&str; 2] = ["sum_sq_f64", "scale_f32"];
+    static PTX: OnceLock<Result<cudarc::nvrtc::Ptx, String>> = OnceLock::new();
+    if !dev.has_func(MODULE, NAMES[0]) {
+        let ptx = PTX
+            .get_or_init(|| cudarc::nvrtc::compile_ptx(include_str!("optim_kernels.cu")).map_err(|e| format!("{e:?}")))
+            .clone()
+            .unwrap_or_else(|e| panic!("compiling optim_kernels.cu: {e}"));
+        dev.load_ptx(ptx, MODULE, &NAMES).unwrap_or_else(|e| panic!("loading optim_kernels.cu: {e:?}"));
+    }
+    NAMES.map(|n| dev.get_func(MODULE, n).unwrap_or_else(|| panic!("kernel {n} missing")))
 }
 
 /// AdamW hyper-parameters (Loshchilov & Hutter 2019, decoupled weight decay).

@@ -27,9 +27,11 @@ mkdir -p "$stage"
 ln -sfn "$PWD/target/cuda-toolkit" "$stage/toolkit"
 export PATH="$stage/toolkit/bin:$PATH" CUDA_ROOT="$stage/toolkit"
 target=$stage/target
-# the fused engine's kernels, through NVRTC as at run time (needs no GPU)
+# our kernels (the fused engine's, the gradient norm's) through NVRTC as at run time (no GPU)
 nvrtc=$(find "$stage/toolkit/" -name libnvrtc.so.13 | head -1)
-LD_LIBRARY_PATH="$(dirname "$nvrtc")" python3 scripts/cuda/nvrtc_check.py "$nvrtc" policies/src/cuda_engine/kernels.cu
+for cu in policies/src/cuda_engine/kernels.cu policies/src/optim_kernels.cu; do
+  LD_LIBRARY_PATH="$(dirname "$nvrtc")" python3 scripts/cuda/nvrtc_check.py "$nvrtc" "$cu"
+done
 cargo build --release --features cuda --target-dir "$target" --bin rlhf
 test_bin=$(cargo test --release --features cuda --target-dir "$target" --test device --no-run \
   --message-format=json 2>/dev/null |
