@@ -8,7 +8,7 @@ use std::time::Instant;
 use dfdx::prelude::{Cpu, HasShape, MeanTo, NoneTape, Rank0, Synchronize};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rlhf_policies::{
-    generate, Batch, CausalLm, FusedOps, Generation, GradBuffers, InferenceModel, ModelConfig, RolloutEngine,
+    generate, Batch, CausalLm, Decode, FusedOps, GradBuffers, InferenceModel, ModelConfig, RolloutEngine,
     SamplingConfig, WeightDtype,
 };
 use serde::{Deserialize, Serialize};
@@ -403,7 +403,7 @@ pub fn rollout(
     anyhow::ensure!(w.rollout.repeats > 0, "workload rollout.repeats must be at least 1");
     let mut results = Vec::new();
     for &batch in batches {
-        let (wall, (tokens, engine)) =
+        let (wall, tokens, engine) =
             crate::on_device!(device, dev => rollout_cell(w, model, batch, weights, engine, dev))?;
         let mut rates: Vec<f64> = wall.iter().map(|s| tokens as f64 / s).collect();
         rates.sort_by(f64::total_cmp);
@@ -433,38 +433,44 @@ fn rollout_cell<D: FusedOps + Synchronize>(
     weights: WeightDtype,
     engine: RolloutEngine,
     dev: &D,
-) -> anyhow::Result<(Vec<f64>, (usize, RolloutEngine))> {
-    let (warmup, repeats) = (w.rollout.warmup, w.rollout.repeats);
+) -> anyhow::Result<(Vec<f64>, usize, RolloutEngine)> {
     let (cfg, prompts, sampling) = rollout_inputs(w, model, batch)?;
     let lm = CausalLm::new(cfg, dev, w.seed)?;
-    let engine = match engine {
-        RolloutEngine::Auto if engine.on_host::<D>() => RolloutEngine::Host,
-        RolloutEngine::Auto => RolloutEngine::Device,
-        e => e,
-    };
+    let engine = engine.resolved::<D>();
     anyhow::ensure!(
         engine == RolloutEngine::Host || weights == WeightDtype::F32,
         "--weights {weights:?} is the host engine's option; the {engine:?} engine decodes in f32"
     );
-    let run = |m: &dyn Fn() -> Result<Generation, rlhf_policies::PolicyError>| {
-        time_units(dev, warmup, repeats, || Ok((m()?.tokens.iter().map(Vec::len).sum::<usize>(), engine)))
-    };
-    match engine {
+    let (wall, tokens) = match engine {
         RolloutEngine::Host => {
-            let host = InferenceModel::from_model_with(&lm, weights);
-            run(&|| generate(&host, &prompts, 0, &sampling))
+            time_generate(dev, w, &InferenceModel::from_model_with(&lm, weights), &prompts, &sampling)
         }
         RolloutEngine::Fused => {
             #[cfg(feature = "cuda")]
             {
                 let fused = rlhf_policies::cuda_engine::CudaEngine::from_model(&lm)?;
-                run(&|| generate(&fused, &prompts, 0, &sampling))
+                time_generate(dev, w, &fused, &prompts, &sampling)
             }
             #[cfg(not(feature = "cuda"))]
             Err(crate::device::no_cuda())
         }
-        _ => run(&|| generate(&lm, &prompts, 0, &sampling)),
-    }
+        _ => time_generate(dev, w, &lm, &prompts, &sampling),
+    }?;
+    Ok((wall, tokens, engine))
+}
+
+/// The workload's warm-up and timed `generate` calls on `model`: wall seconds of the timed
+/// runs and the tokens of one.
+fn time_generate<M: Decode>(
+    dev: &impl Synchronize,
+    w: &Workload,
+    model: &M,
+    prompts: &[Vec<u32>],
+    sampling: &SamplingConfig,
+) -> anyhow::Result<(Vec<f64>, usize)> {
+    time_units(dev, w.rollout.warmup, w.rollout.repeats, || {
+        Ok(generate(model, prompts, 0, sampling)?.tokens.iter().map(Vec::len).sum::<usize>())
+    })
 }
 
 /// Median of a sorted slice.

@@ -215,7 +215,7 @@ pub fn generate_from_with<D: FusedOps>(
     cfg: &SamplingConfig,
     weights: WeightDtype,
 ) -> Result<Generation, PolicyError> {
-    if RolloutEngine::Auto.on_host::<D>() {
+    if RolloutEngine::Auto.resolved::<D>() == RolloutEngine::Host {
         generate(&InferenceModel::from_model_with(model, weights), prompts, pad_id, cfg)
     } else {
         generate(model, prompts, pad_id, cfg)

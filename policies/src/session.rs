@@ -315,12 +315,14 @@ pub enum RolloutEngine {
 }
 
 impl RolloutEngine {
-    /// Whether a model on device `D` decodes on the host engine.
-    pub fn on_host<D: FusedOps>(self) -> bool {
+    /// The engine that decodes for a model on device `D`: [`RolloutEngine::Auto`] becomes
+    /// `Host` where [`FusedOps::HOST_ROLLOUT`] says so (the CPU) and `Device` elsewhere; the
+    /// others stay as they are.
+    pub fn resolved<D: FusedOps>(self) -> RolloutEngine {
         match self {
-            RolloutEngine::Auto => D::HOST_ROLLOUT,
-            RolloutEngine::Host => true,
-            RolloutEngine::Device | RolloutEngine::Fused => false,
+            RolloutEngine::Auto if D::HOST_ROLLOUT => RolloutEngine::Host,
+            RolloutEngine::Auto => RolloutEngine::Device,
+            engine => engine,
         }
     }
 }
@@ -335,9 +337,9 @@ pub fn policy_session<'m, D: FusedOps>(
     sampling: SamplingConfig,
     engine: RolloutEngine,
 ) -> Result<Box<dyn Policy + 'm>, PolicyError> {
-    Ok(match engine {
+    Ok(match engine.resolved::<D>() {
         RolloutEngine::Fused => fused_session(model, rows, capacity, sampling)?,
-        _ if engine.on_host::<D>() => {
+        RolloutEngine::Host => {
             Box::new(EngineSession::new(Arc::new(InferenceModel::from_model(model)), rows, capacity, sampling))
         }
         _ => Box::new(DeviceSession::new(model, rows, capacity, sampling)),

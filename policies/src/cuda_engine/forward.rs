@@ -145,21 +145,18 @@ impl RowEngine for CudaEngine {
         self.ensure_cache(cache)?;
         let (c, m, cap, dh) = (d.d_model, rows.len() * n, cache.cap, d.head_dim);
         let width = d.q_dim() + 2 * d.kv_dim();
-        let (mut slot, mut slot0, mut col, mut pad) = (vec![], vec![], vec![], vec![]);
-        for i in 0..m {
-            let r = rows[i / n];
-            let column = cache.len[r] + i % n;
-            let base = r * d.n_kv_head * cap * dh;
-            slot0.push(base as u64);
-            slot.push((base + column * dh) as u64);
-            col.push(column as u32);
-            pad.push(cache.pad[r] as u32);
-        }
+        // per token: ids | positions | cache columns | row padding as one upload, and the
+        // cache offset of (row, kv head 0, column) as another
+        let mut ints: Vec<u32> = Vec::with_capacity(4 * m);
+        ints.extend_from_slice(ids);
+        ints.extend(positions.iter().map(|&p| p as u32));
+        ints.extend((0..m).map(|i| (cache.len[rows[i / n]] + i % n) as u32));
+        ints.extend((0..m).map(|i| cache.pad[rows[i / n]] as u32));
+        let slot: Vec<u64> =
+            (0..m).map(|i| ((rows[i / n] * d.n_kv_head * cap + ints[2 * m + i] as usize) * dh) as u64).collect();
         let dev = &self.gpu.dev;
-        let ids_d = dev.htod_copy(ids.to_vec()).map_err(dev_err)?;
-        let pos_d = dev.htod_copy(positions.iter().map(|&p| p as u32).collect()).map_err(dev_err)?;
-        let (slot_d, slot0_d) = (dev.htod_copy(slot).map_err(dev_err)?, dev.htod_copy(slot0).map_err(dev_err)?);
-        let (col_d, pad_d) = (dev.htod_copy(col).map_err(dev_err)?, dev.htod_copy(pad).map_err(dev_err)?);
+        let (ints_d, slot_d) = (dev.htod_copy(ints).map_err(dev_err)?, dev.htod_copy(slot).map_err(dev_err)?);
+        let [ids_d, pos_d, col_d, pad_d] = [0, 1, 2, 3].map(|k| ints_d.slice(k * m..(k + 1) * m));
 
         let mut x = self.scratch(m * c)?;
         let wpe = self.wpe.as_ref().unwrap_or(&self.none);
@@ -192,7 +189,7 @@ impl RowEngine for CudaEngine {
                 block_dim: (ATTN_THREADS, 1, 1),
                 shared_mem_bytes: (dh * 4) as u32,
             };
-            self.launch(ATTENTION, cfg, (&mut att, &qkv, &*kc, &*vc, &slot0_d, &col_d, &pad_d, &mut scores, shape))?;
+            self.launch(ATTENTION, cfg, (&mut att, &qkv, &*kc, &*vc, &slot_d, &col_d, &pad_d, &mut scores, shape))?;
             self.matmul(&att, &l.o, &mut x, (m, d.q_dim(), c), 1.0)?;
             self.bias_act(&mut x, l.o_b.as_ref(), m, c, 0)?;
             self.norm(&l.ln2, &mut h, &x, m)?;

@@ -119,11 +119,12 @@ extern "C" __global__ void qkv_prep(float *qkv, const float *bias, const unsigne
 }
 
 // Softmax attention of one token's query head (block (i, h)) over its row's cached keys in
-// columns [pad[i], col[i]] (the token's own column included): out[i, h·dh..] =
+// columns [pad[i], col[i]] (the token's own column included; slot[i] as in qkv_prep):
+// out[i, h·dh..] =
 // Σ_j softmax(q·k_j·scale)_j v_j. Query head h reads KV head h / (nh / nkv). `scores` is
 // global scratch of cap floats per (token, head). A pad query (col < pad) writes zeros.
 extern "C" __global__ void attention(float *out, const float *qkv, const float *kc, const float *vc,
-                                     const unsigned long long *slot0, const unsigned int *col,
+                                     const unsigned long long *slot, const unsigned int *col,
                                      const unsigned int *pad, float *scores, Shape sh) {
     int width = sh.width, nh = sh.nh, nkv = sh.nkv, dh = sh.dh, cap = sh.cap;
     float scale = sh.scale;
@@ -139,9 +140,10 @@ extern "C" __global__ void attention(float *out, const float *qkv, const float *
     }
     for (int d = threadIdx.x; d < dh; d += blockDim.x) q[d] = qkv[(size_t)i * width + h * dh + d];
     __syncthreads();
-    // slot0[i]: offset of (row, kv head 0, column 0)
-    const float *k = kc + slot0[i] + (size_t)kvh * cap * dh;
-    const float *v = vc + slot0[i] + (size_t)kvh * cap * dh;
+    // the row's (kv head 0, column 0): the token's slot less its column
+    size_t row0 = slot[i] - (size_t)hi * dh;
+    const float *k = kc + row0 + (size_t)kvh * cap * dh;
+    const float *v = vc + row0 + (size_t)kvh * cap * dh;
     float *s = scores + ((size_t)i * nh + h) * cap;
     float m = -__int_as_float(0x7f800000);  // -inf (NVRTC has no INFINITY without headers)
     for (int j = lo + threadIdx.x; j <= hi; j += blockDim.x) {
