@@ -26,7 +26,9 @@ use crate::schedule::LrSchedule;
 use crate::stages::common::{read_state, require_counts, restore_latest, save_with};
 use crate::stages::grpo_step::{GroupState, GroupTrainer};
 use crate::stages::ppo::OnNonFinite;
-use crate::stages::ppo::{build_reward, check_fits, check_reward_inputs, read_prompts, PromptSpec, RewardSpec};
+use crate::stages::ppo::{
+    build_reward, check_fits, check_reward_inputs, read_prompts, with_reference, PromptSpec, RewardSpec,
+};
 
 /// The algorithm and its own parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -290,12 +292,9 @@ fn train_on<D: FusedOps + GradBuffers>(
             report.rewards.push(reward);
             if (it + 1) % sample_every == 0 || it == start {
                 for (ep, adv) in out.episodes.iter().zip(&out.advantages).take(sample_count) {
-                    let mut row = serde_json::json!({"step": it + 1, "prompt": tok.decode(&ep.prompt_ids)?,
+                    let row = serde_json::json!({"step": it + 1, "prompt": tok.decode(&ep.prompt_ids)?,
                         "completion": tok.decode(&ep.response_ids)?, "reward": ep.score, "advantage": adv});
-                    if let Some(r) = trainer.env.prompts().reference(ep.prompt_index) {
-                        row["reference"] = r.into();
-                    }
-                    samples.write(&row)?;
+                    samples.write(&with_reference(row, trainer.env.prompts(), ep.prompt_index))?;
                 }
             }
             let rollout = out.record["timing/rollout_tokens_per_s"].as_f64().unwrap_or(0.0);

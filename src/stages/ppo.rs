@@ -370,12 +370,9 @@ fn train_on<D: FusedOps + GradBuffers>(
             if (it + 1) % sample_every == 0 || it == start {
                 for (ep, k) in out.episodes.iter().zip(&out.scored.kl).take(sample_count) {
                     let kl: f32 = k.iter().sum();
-                    let mut row = serde_json::json!({"step": it + 1, "prompt": tok.decode(&ep.prompt_ids)?,
+                    let row = serde_json::json!({"step": it + 1, "prompt": tok.decode(&ep.prompt_ids)?,
                         "response": tok.decode(&ep.response_ids)?, "score": ep.score, "kl": kl});
-                    if let Some(r) = trainer.env.prompts().reference(ep.prompt_index) {
-                        row["reference"] = r.into();
-                    }
-                    samples.write(&row)?;
+                    samples.write(&with_reference(row, trainer.env.prompts(), ep.prompt_index))?;
                 }
             }
             let rollout = out.record["timing/rollout_tokens_per_s"].as_f64().unwrap_or(0.0);
@@ -419,6 +416,14 @@ pub fn build_reward<D: FusedOps>(spec: Option<&RewardSpec>, dev: &D) -> Result<B
             Box::new(rlhf_envs::CommandReward::spawn(program, &args, Duration::from_secs(*timeout_s))?)
         }
     })
+}
+
+/// A `samples.jsonl` row with prompt `index`'s reference answer added, when it has one.
+pub fn with_reference(mut row: serde_json::Value, prompts: &PromptSource, index: usize) -> serde_json::Value {
+    if let Some(r) = prompts.reference(index) {
+        row["reference"] = r.into();
+    }
+    row
 }
 
 /// Checks that a reward that needs reference answers gets them.
