@@ -1,8 +1,10 @@
 //! The engine's forward: [`InferenceModel::forward_rows`](crate::InferenceModel::forward_rows)
 //! step for step on the GPU.
 
+use std::sync::Arc;
+
 use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::{CudaDevice, CudaSlice, DeviceRepr, DeviceSlice, LaunchConfig};
 
 use super::{dev_err, CudaEngine, CudaKvCache, MlpG, Shape, BLOCK};
 use crate::config::{Dims, GeluKind};
@@ -25,13 +27,54 @@ fn grid(blocks: usize, threads: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
 }
 
-impl CudaEngine {
-    /// An uninitialised device buffer of `n` floats (every caller writes it before reading).
-    fn scratch(&self, n: usize) -> Result<CudaSlice<f32>, PolicyError> {
-        // SAFETY: f32 has no invalid bit patterns, and the buffer is written before use.
-        unsafe { self.gpu.dev.alloc::<f32>(n.max(1)) }.map_err(dev_err)
-    }
+/// Device buffers reused by every forward, grown on demand and never shrunk, so that a decode
+/// step allocates nothing on the GPU: the per-token integers, the activations, the attention
+/// scores and the logits.
+pub(super) struct Scratch {
+    /// Per token: ids | positions | cache columns | row padding | cache rows; then the rows of
+    /// x whose logits are asked for, when not all of them.
+    ints: CudaSlice<u32>,
+    act: Acts,
+}
 
+/// The float buffers of [`Scratch`].
+struct Acts {
+    x: CudaSlice<f32>,
+    h: CudaSlice<f32>,
+    qkv: CudaSlice<f32>,
+    att: CudaSlice<f32>,
+    scores: CudaSlice<f32>,
+    /// The MLP's hidden activations, and SwiGLU's fused gate|up rows.
+    a: CudaSlice<f32>,
+    gu: CudaSlice<f32>,
+    /// The rows whose logits are asked for, and their final norm.
+    picked: CudaSlice<f32>,
+    hn: CudaSlice<f32>,
+    logits: CudaSlice<f32>,
+}
+
+impl Scratch {
+    pub(super) fn new(dev: &Arc<CudaDevice>) -> Result<Self, PolicyError> {
+        let f = || dev.alloc_zeros::<f32>(1).map_err(dev_err);
+        let ints = dev.alloc_zeros::<u32>(1).map_err(dev_err)?;
+        let (x, h, qkv, att, scores) = (f()?, f()?, f()?, f()?, f()?);
+        let act = Acts { x, h, qkv, att, scores, a: f()?, gu: f()?, picked: f()?, hn: f()?, logits: f()? };
+        Ok(Scratch { ints, act })
+    }
+}
+
+/// Makes `buf` hold at least `n` elements (its contents are not kept: every caller writes a
+/// buffer before reading it).
+fn fit<T: DeviceRepr>(dev: &Arc<CudaDevice>, buf: &mut CudaSlice<T>, n: usize) -> Result<(), PolicyError> {
+    if buf.len() < n {
+        // SAFETY: the element types here (f32, u32) have no invalid bit patterns, and the
+        // buffer is written before use.
+        *buf = unsafe { dev.alloc::<T>(n) }.map_err(dev_err)?;
+    }
+    Ok(())
+}
+
+impl CudaEngine {
     fn ensure_cache(&self, cache: &mut CudaKvCache) -> Result<(), PolicyError> {
         if cache.kv.is_empty() {
             let d = &self.dims;
@@ -45,44 +88,54 @@ impl CudaEngine {
         Ok(())
     }
 
-    /// `x += mlp(h)` over `m` rows.
-    fn mlp(&self, mlp: &MlpG, h: &CudaSlice<f32>, x: &mut CudaSlice<f32>, m: usize) -> Result<(), PolicyError> {
+    /// `x += mlp(h)` over `m` rows, except the output projection's bias, which is returned for
+    /// the next norm to add.
+    fn mlp<'w>(&self, mlp: &'w MlpG, s: &mut Acts, m: usize) -> Result<Option<&'w CudaSlice<f32>>, PolicyError> {
         let (c, f) = (self.dims.d_model, self.dims.d_ff);
+        let dev = &self.gpu.dev;
+        fit(dev, &mut s.a, m * f)?;
         match mlp {
             MlpG::Gelu { fc, fc_b, proj, proj_b } => {
-                let mut a = self.scratch(m * f)?;
-                self.matmul(h, fc, &mut a, (m, c, f), 0.0)?;
+                self.matmul(&s.h, fc, &mut s.a, (m, c, f), 0.0)?;
                 let act = if self.dims.gelu == GeluKind::Erf { 2 } else { 1 };
-                self.bias_act(&mut a, fc_b.as_ref(), m, f, act)?;
-                self.matmul(&a, proj, x, (m, f, c), 1.0)?;
-                self.bias_act(x, proj_b.as_ref(), m, c, 0)
+                self.bias_act(&mut s.a, fc_b.as_ref(), m, f, act)?;
+                self.matmul(&s.a, proj, &mut s.x, (m, f, c), 1.0)?;
+                Ok(proj_b.as_ref())
             }
             MlpG::SwiGlu { gate_up, down } => {
-                let (mut gu, mut a) = (self.scratch(m * 2 * f)?, self.scratch(m * f)?);
-                self.matmul(h, gate_up, &mut gu, (m, c, 2 * f), 0.0)?;
-                self.launch(SWIGLU, LaunchConfig::for_num_elems((m * f) as u32), (&mut a, &gu, m as i32, f as i32))?;
-                self.matmul(&a, down, x, (m, f, c), 1.0)
+                fit(dev, &mut s.gu, m * 2 * f)?;
+                self.matmul(&s.h, gate_up, &mut s.gu, (m, c, 2 * f), 0.0)?;
+                let cfg = LaunchConfig::for_num_elems((m * f) as u32);
+                self.launch(SWIGLU, cfg, (&mut s.a, &s.gu, m as i32, f as i32))?;
+                self.matmul(&s.a, down, &mut s.x, (m, f, c), 1.0)?;
+                Ok(None)
             }
         }
     }
 
-    /// The final norm and the LM head at the requested positions of the `(m = B·n, C)` hidden
-    /// states, copied to the host.
-    fn logits(&self, x: CudaSlice<f32>, m: usize, n: usize, at: LogitsAt) -> Result<Vec<f32>, PolicyError> {
+    /// The final norm (adding the residual stream's pending bias `xb`) and the LM head at the
+    /// `p` rows of the `(m, C)` hidden states in `s.x` that the forward's integers list after
+    /// their first `5·m` (all `m` rows when `p == m`), copied to the host.
+    fn logits(
+        &self,
+        sc: &mut Scratch,
+        xb: Option<&CudaSlice<f32>>,
+        m: usize,
+        p: usize,
+    ) -> Result<Vec<f32>, PolicyError> {
         let (c, v) = (self.dims.d_model, self.dims.vocab);
-        let (picked, p) = match at {
-            LogitsAt::All => (x, m),
-            LogitsAt::Last => {
-                let rows: Vec<u32> = (0..m / n).map(|r| (r * n + n - 1) as u32).collect();
-                let rows_d = self.gpu.dev.htod_copy(rows).map_err(dev_err)?;
-                let mut out = self.scratch((m / n) * c)?;
-                self.launch(GATHER_ROWS, grid(m / n, BLOCK), (&mut out, &x, &rows_d, c as i32))?;
-                (out, m / n)
-            }
-        };
-        let mut hn = self.scratch(p * c)?;
-        self.norm(&self.ln_f, &mut hn, &picked, p)?;
-        let mut logits = self.scratch(p * v)?;
+        let dev = &self.gpu.dev;
+        let s = &mut sc.act;
+        fit(dev, &mut s.hn, p * c)?;
+        fit(dev, &mut s.logits, p * v)?;
+        if p == m {
+            self.norm(&self.ln_f, &mut s.hn, &mut s.x, xb, p)?;
+        } else {
+            fit(dev, &mut s.picked, p * c)?;
+            let rows_d = sc.ints.slice(5 * m..5 * m + p);
+            self.launch(GATHER_ROWS, grid(p, BLOCK), (&mut s.picked, &s.x, &rows_d, c as i32))?;
+            self.norm(&self.ln_f, &mut s.hn, &mut s.picked, xb, p)?;
+        }
         // column-major: logitsᵀ (V×p) = head (V×C, stored as its transpose) · hnᵀ (C×p)
         let cfg = GemmConfig {
             transa: cublasOperation_t::CUBLAS_OP_T,
@@ -96,9 +149,11 @@ impl CudaEngine {
             beta: 0.0,
             ldc: v as i32,
         };
-        // SAFETY: head is V·C floats, hn p·C, logits p·V.
-        unsafe { self.gpu.blas.gemm(cfg, &self.head, &hn, &mut logits) }.map_err(dev_err)?;
-        self.gpu.dev.dtoh_sync_copy(&logits).map_err(dev_err)
+        // SAFETY: head is V·C floats, hn at least p·C, logits at least p·V.
+        unsafe { self.gpu.blas.gemm(cfg, &self.head, &s.hn, &mut s.logits) }.map_err(dev_err)?;
+        let mut out = vec![0.0f32; p * v];
+        dev.dtoh_sync_copy_into(&s.logits.slice(0..p * v), &mut out).map_err(dev_err)?;
+        Ok(out)
     }
 }
 
@@ -145,26 +200,43 @@ impl RowEngine for CudaEngine {
         self.ensure_cache(cache)?;
         let (c, m, cap, dh) = (d.d_model, rows.len() * n, cache.cap, d.head_dim);
         let width = d.q_dim() + 2 * d.kv_dim();
-        // per token: ids | positions | cache columns | row padding as one upload, and the
-        // cache offset of (row, kv head 0, column) as another
-        let mut ints: Vec<u32> = Vec::with_capacity(4 * m);
+        let mut guard =
+            self.scratch.lock().map_err(|_| dev_err("a forward panicked while holding the scratch buffers"))?;
+        let sc = &mut *guard;
+        let dev = &self.gpu.dev;
+        // the rows of x whose logits are asked for: each cache row's last column, which with one
+        // column per row is every row of x
+        let picked: Vec<u32> = match at {
+            LogitsAt::Last if n > 1 => (0..rows.len()).map(|r| (r * n + n - 1) as u32).collect(),
+            _ => vec![],
+        };
+        let p = if picked.is_empty() { m } else { picked.len() };
+        // per token: ids | positions | cache columns | row padding | cache rows; then `picked`;
+        // one upload
+        let mut ints: Vec<u32> = Vec::with_capacity(5 * m + picked.len());
         ints.extend_from_slice(ids);
-        ints.extend(positions.iter().map(|&p| p as u32));
+        ints.extend(positions.iter().map(|&pos| pos as u32));
         ints.extend((0..m).map(|i| (cache.len[rows[i / n]] + i % n) as u32));
         ints.extend((0..m).map(|i| cache.pad[rows[i / n]] as u32));
-        let slot: Vec<u64> =
-            (0..m).map(|i| ((rows[i / n] * d.n_kv_head * cap + ints[2 * m + i] as usize) * dh) as u64).collect();
-        let dev = &self.gpu.dev;
-        let (ints_d, slot_d) = (dev.htod_copy(ints).map_err(dev_err)?, dev.htod_copy(slot).map_err(dev_err)?);
-        let [ids_d, pos_d, col_d, pad_d] = [0, 1, 2, 3].map(|k| ints_d.slice(k * m..(k + 1) * m));
+        ints.extend((0..m).map(|i| rows[i / n] as u32));
+        ints.extend(picked);
+        fit(dev, &mut sc.ints, ints.len())?;
+        dev.htod_sync_copy_into(&ints, &mut sc.ints.slice_mut(0..ints.len())).map_err(dev_err)?;
+        let s = &mut sc.act;
+        for (buf, len) in [(&mut s.x, m * c), (&mut s.h, m * c), (&mut s.qkv, m * width)] {
+            fit(dev, buf, len)?;
+        }
+        fit(dev, &mut s.att, m * d.q_dim())?;
+        fit(dev, &mut s.scores, m * d.n_head * cap)?;
+        let [ids_d, pos_d, col_d, pad_d, row_d] = [0, 1, 2, 3, 4].map(|k| sc.ints.slice(k * m..(k + 1) * m));
 
-        let mut x = self.scratch(m * c)?;
         let wpe = self.wpe.as_ref().unwrap_or(&self.none);
         let has_wpe = self.wpe.is_some() as i32;
-        self.launch(EMBED, grid(m, BLOCK), (&mut x, &self.wte, wpe, &ids_d, &pos_d, c as i32, has_wpe))?;
-        let (mut h, mut qkv) = (self.scratch(m * c)?, self.scratch(m * width)?);
-        let (mut att, mut scores) = (self.scratch(m * d.q_dim())?, self.scratch(m * d.n_head * cap)?);
+        self.launch(EMBED, grid(m, BLOCK), (&mut s.x, &self.wte, wpe, &ids_d, &pos_d, c as i32, has_wpe))?;
         let rope = (d.family == crate::config::Family::Llama) as i32;
+        // the residual stream's bias not yet added (the last output projection's): the next
+        // norm adds it
+        let mut pending: Option<&CudaSlice<f32>> = None;
         for (l, (kc, vc)) in self.layers.iter().zip(cache.kv.iter_mut()) {
             let shape = Shape {
                 width: width as i32,
@@ -176,28 +248,25 @@ impl RowEngine for CudaEngine {
                 rope,
                 scale: 1.0 / (dh as f32).sqrt(),
             };
-            self.norm(&l.ln1, &mut h, &x, m)?;
-            self.matmul(&h, &l.qkv, &mut qkv, (m, c, width), 0.0)?;
+            self.norm(&l.ln1, &mut s.h, &mut s.x, pending, m)?;
+            self.matmul(&s.h, &l.qkv, &mut s.qkv, (m, c, width), 0.0)?;
             let bias = l.qkv_b.as_ref().unwrap_or(&self.none);
-            self.launch(
-                QKV_PREP,
-                grid(m, BLOCK),
-                (&mut qkv, bias, &pos_d, &slot_d, &mut *kc, &mut *vc, &self.inv_freq, shape),
-            )?;
+            let args = (&mut s.qkv, bias, &pos_d, &row_d, &col_d, &mut *kc, &mut *vc, &self.inv_freq, shape);
+            self.launch(QKV_PREP, grid(m, BLOCK), args)?;
             let cfg = LaunchConfig {
                 grid_dim: (m as u32, d.n_head as u32, 1),
                 block_dim: (ATTN_THREADS, 1, 1),
                 shared_mem_bytes: (dh * 4) as u32,
             };
-            self.launch(ATTENTION, cfg, (&mut att, &qkv, &*kc, &*vc, &slot_d, &col_d, &pad_d, &mut scores, shape))?;
-            self.matmul(&att, &l.o, &mut x, (m, d.q_dim(), c), 1.0)?;
-            self.bias_act(&mut x, l.o_b.as_ref(), m, c, 0)?;
-            self.norm(&l.ln2, &mut h, &x, m)?;
-            self.mlp(&l.mlp, &h, &mut x, m)?;
+            let args = (&mut s.att, &s.qkv, &*kc, &*vc, &row_d, &col_d, &pad_d, &mut s.scores, shape);
+            self.launch(ATTENTION, cfg, args)?;
+            self.matmul(&s.att, &l.o, &mut s.x, (m, d.q_dim(), c), 1.0)?;
+            self.norm(&l.ln2, &mut s.h, &mut s.x, l.o_b.as_ref(), m)?;
+            pending = self.mlp(&l.mlp, s, m)?;
         }
         for &r in rows {
             cache.len[r] += n;
         }
-        self.logits(x, m, n, at)
+        self.logits(sc, pending, m, p)
     }
 }

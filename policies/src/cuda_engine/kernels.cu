@@ -48,12 +48,16 @@ extern "C" __global__ void embed(float *x, const float *wte, const float *wpe, c
 }
 
 // out[i, :] = norm(x[i, :]) · w (+ b): LayerNorm (biased variance) or, with rms, RMSNorm. One
-// block per row.
-extern "C" __global__ void row_norm(float *out, const float *x, const float *w, const float *b, int c, float eps,
-                                int rms, int has_b) {
+// block per row. With has_xb, x[i, :] += xb first, in place: the residual stream's pending
+// bias (an attention or MLP output projection's) is added here rather than by its own launch.
+extern "C" __global__ void row_norm(float *out, float *x, const float *w, const float *b, int c, float eps,
+                                int rms, int has_b, const float *xb, int has_xb) {
     __shared__ float buf[BLOCK];
-    const float *xr = x + (size_t)blockIdx.x * c;
+    float *xr = x + (size_t)blockIdx.x * c;
     float *o = out + (size_t)blockIdx.x * c;
+    // each thread reads back only the columns it wrote, so no barrier is needed
+    if (has_xb)
+        for (int j = threadIdx.x; j < c; j += blockDim.x) xr[j] += xb[j];
     float mean = 0.0f;
     if (!rms) {
         float s = 0.0f;
@@ -72,16 +76,21 @@ extern "C" __global__ void row_norm(float *out, const float *x, const float *w, 
     }
 }
 
+// The element offset in a layer's KV cache `(rows, nkv, cap, dh)` of (row, kv head 0, column).
+__device__ size_t cache_slot(unsigned int row, unsigned int col, const Shape &sh) {
+    return ((size_t)row * sh.nkv * sh.cap + col) * sh.dh;
+}
+
 // One block per token of the fused q|k|v row (width = qd + 2·kvd): adds the bias, rotates q
 // and k by RoPE at the token's position (rope: inv_freq has dh/2 entries), writes k and v into
-// the layer's cache at slot[i] (the element offset of (row, kv head 0, column) for head 0;
-// heads are `cap·dh` apart) and leaves q in place for the attention kernel.
+// the layer's cache at the token's cache row and column (kv heads are `cap·dh` apart) and leaves q in place for the attention kernel.
 extern "C" __global__ void qkv_prep(float *qkv, const float *bias, const unsigned int *pos,
-                                    const unsigned long long *slot, float *kc, float *vc, const float *inv_freq,
-                                    Shape sh) {
+                                    const unsigned int *row, const unsigned int *col, float *kc, float *vc,
+                                    const float *inv_freq, Shape sh) {
     int width = sh.width, nh = sh.nh, nkv = sh.nkv, dh = sh.dh, cap = sh.cap, has_bias = sh.has_bias;
     int rope = sh.rope;
     int i = blockIdx.x;
+    size_t slot = cache_slot(row[i], col[i], sh);
     float *r = qkv + (size_t)i * width;
     int half = dh / 2, qd = nh * dh, kvd = nkv * dh;
     // q and k heads, pairs (j, j + half)
@@ -105,7 +114,7 @@ extern "C" __global__ void qkv_prep(float *qkv, const float *bias, const unsigne
             r[base + j + half] = c2;
         } else {
             int h = head - nh;
-            float *k = kc + slot[i] + (size_t)h * cap * dh;
+            float *k = kc + slot + (size_t)h * cap * dh;
             k[j] = a;
             k[j + half] = c2;
         }
@@ -114,17 +123,17 @@ extern "C" __global__ void qkv_prep(float *qkv, const float *bias, const unsigne
         int h = e / dh, j = e % dh;
         float v = r[qd + kvd + e];
         if (has_bias) v += bias[qd + kvd + e];
-        vc[slot[i] + (size_t)h * cap * dh + j] = v;
+        vc[slot + (size_t)h * cap * dh + j] = v;
     }
 }
 
 // Softmax attention of one token's query head (block (i, h)) over its row's cached keys in
-// columns [pad[i], col[i]] (the token's own column included; slot[i] as in qkv_prep):
+// columns [pad[i], col[i]] (the token's own column included; row[i] its cache row):
 // out[i, h·dh..] =
 // Σ_j softmax(q·k_j·scale)_j v_j. Query head h reads KV head h / (nh / nkv). `scores` is
 // global scratch of cap floats per (token, head). A pad query (col < pad) writes zeros.
 extern "C" __global__ void attention(float *out, const float *qkv, const float *kc, const float *vc,
-                                     const unsigned long long *slot, const unsigned int *col,
+                                     const unsigned int *row, const unsigned int *col,
                                      const unsigned int *pad, float *scores, Shape sh) {
     int width = sh.width, nh = sh.nh, nkv = sh.nkv, dh = sh.dh, cap = sh.cap;
     float scale = sh.scale;
@@ -140,8 +149,7 @@ extern "C" __global__ void attention(float *out, const float *qkv, const float *
     }
     for (int d = threadIdx.x; d < dh; d += blockDim.x) q[d] = qkv[(size_t)i * width + h * dh + d];
     __syncthreads();
-    // the row's (kv head 0, column 0): the token's slot less its column
-    size_t row0 = slot[i] - (size_t)hi * dh;
+    size_t row0 = cache_slot(row[i], 0, sh);  // the row's (kv head 0, column 0)
     const float *k = kc + row0 + (size_t)kvh * cap * dh;
     const float *v = vc + row0 + (size_t)kvh * cap * dh;
     float *s = scores + ((size_t)i * nh + h) * cap;

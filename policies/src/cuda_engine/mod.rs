@@ -1,15 +1,18 @@
 //! The fused CUDA decode engine: the host engine's ([`InferenceModel`](crate::InferenceModel))
-//! KV-cached forward on a GPU, from a device copy of the weights, in about eleven launches per
-//! layer — a norm, cuBLAS for each projection, one kernel for bias + RoPE + the KV-cache write,
-//! one attention kernel per (token, head), bias + GELU or SwiGLU — where dfdx's composed decode
-//! ([`CausalLm::decode`](crate::CausalLm::decode)) launched ~55 small kernels per layer (334
-//! per token on the workload's small model, measured on an H200; docs/BENCHMARKS.md, "CUDA").
-//! Logits come back to the host, where the sessions sample exactly as on the host engine.
+//! KV-cached forward on a GPU, from a device copy of the weights, in nine launches per GPT-2
+//! layer — two norms (each also adding the bias the residual stream owes from the previous
+//! output projection), cuBLAS for each projection, one kernel for bias + RoPE + the KV-cache
+//! write, one attention kernel per (token, head), bias + GELU (or SwiGLU) — where dfdx's
+//! composed decode ([`CausalLm::decode`](crate::CausalLm::decode)) launched ~55 small kernels
+//! per layer (334 per token on the workload's small model, measured on an H200;
+//! docs/BENCHMARKS.md, "CUDA"). Its device buffers are reused from call to call, and each
+//! forward uploads its per-token integers once. Logits come back to the host, where the
+//! sessions sample exactly as on the host engine.
 //!
 //! The kernels (`kernels.cu`) are compiled once per process with NVRTC, and share GPU 0's
 //! primary context with dfdx.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaDevice, CudaFunction, CudaSlice, DeviceRepr, LaunchAsync, LaunchConfig};
@@ -109,6 +112,8 @@ pub struct CudaEngine {
     inv_freq: CudaSlice<f32>,
     /// Bound where a kernel's optional buffer is absent.
     none: CudaSlice<f32>,
+    /// The forward's device buffers, reused from call to call.
+    scratch: Mutex<forward::Scratch>,
 }
 
 impl std::fmt::Debug for CudaEngine {
@@ -221,6 +226,7 @@ impl CudaEngine {
             head: up(model.lm_head.as_ref().unwrap_or(&model.wte).as_vec())?,
             inv_freq: up(inv_freq)?,
             none: up(vec![0.0])?,
+            scratch: Mutex::new(forward::Scratch::new(&gpu.dev)?),
             gpu,
         })
     }
@@ -251,11 +257,21 @@ impl CudaEngine {
         unsafe { self.gpu.blas.gemm(cfg, w, x, y) }.map_err(dev_err)
     }
 
-    fn norm(&self, n: &NormG, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, rows: usize) -> Result<(), PolicyError> {
+    /// `out = norm(x)` over `rows` rows, after `x += xb` in place when `xb` is given (a bias
+    /// the residual stream still owes).
+    fn norm(
+        &self,
+        n: &NormG,
+        out: &mut CudaSlice<f32>,
+        x: &mut CudaSlice<f32>,
+        xb: Option<&CudaSlice<f32>>,
+        rows: usize,
+    ) -> Result<(), PolicyError> {
         let c = self.dims.d_model as i32;
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
         let b = n.b.as_ref().unwrap_or(&self.none);
-        self.launch(1, cfg, (out, x, &n.w, b, c, n.eps, n.rms as i32, n.b.is_some() as i32))
+        let (has_b, has_xb) = (n.b.is_some() as i32, xb.is_some() as i32);
+        self.launch(1, cfg, (out, x, &n.w, b, c, n.eps, n.rms as i32, has_b, xb.unwrap_or(&self.none), has_xb))
     }
 
     /// `x += b` (if any), then the activation (0 none, 1 GELU tanh, 2 GELU erf) over `(m, n)`.
