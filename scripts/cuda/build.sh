@@ -27,7 +27,9 @@ mkdir -p "$stage"
 ln -sfn "$PWD/target/cuda-toolkit" "$stage/toolkit"
 export PATH="$stage/toolkit/bin:$PATH" CUDA_ROOT="$stage/toolkit"
 target=$stage/target
-# our kernels (the fused engine's, the gradient norm's) through NVRTC as at run time (no GPU)
+# our kernels (the fused engine's, the gradient norm's): on the CPU against plain loops, then
+# through NVRTC as at run time (no GPU)
+scripts/cuda/emulate_kernels.sh
 nvrtc=$(find "$stage/toolkit/" -name libnvrtc.so.13 | head -1)
 for cu in policies/src/cuda_engine/kernels.cu policies/src/optim_kernels.cu; do
   LD_LIBRARY_PATH="$(dirname "$nvrtc")" python3 scripts/cuda/nvrtc_check.py "$nvrtc" "$cu"
