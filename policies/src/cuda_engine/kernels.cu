@@ -83,7 +83,8 @@ __device__ size_t cache_slot(unsigned int row, unsigned int col, const Shape &sh
 
 // One block per token of the fused q|k|v row (width = qd + 2·kvd): adds the bias, rotates q
 // and k by RoPE at the token's position (rope: inv_freq has dh/2 entries), writes k and v into
-// the layer's cache at the token's cache row and column (kv heads are `cap·dh` apart) and leaves q in place for the attention kernel.
+// the layer's cache at the token's cache row and column (kv heads are `cap·dh` apart) and
+// leaves q in place for the attention kernel.
 extern "C" __global__ void qkv_prep(float *qkv, const float *bias, const unsigned int *pos,
                                     const unsigned int *row, const unsigned int *col, float *kc, float *vc,
                                     const float *inv_freq, Shape sh) {
