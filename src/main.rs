@@ -507,19 +507,14 @@ fn eval_on<D: FusedOps>(a: &EvalArgs, dev: &D) -> Result<()> {
 /// `rlhf eval` on {prompt, response} JSONL: SFT's loss (response tokens and EOS) over every
 /// record; records longer than the model's positions are skipped and counted.
 fn eval_jsonl<D: FusedOps>(a: &EvalArgs, model: &CausalLm<D>, tok: &Tokenizer) -> Result<()> {
-    // the template is the format's; the config gives the file, the length and the skip rule
-    let cfg = SftConfig {
-        data: a.data.clone(),
-        max_len: model.dims.max_positions,
-        truncation: sft::Truncation::Skip,
-        ..Default::default()
-    };
+    // the template is the format's; the config gives the length and the skip rule
+    let cfg = SftConfig { max_len: model.dims.max_positions, truncation: sft::Truncation::Skip, ..Default::default() };
     let chat = a.chat.then(rlhf::prompt_format::ChatPrompt::default);
     let format =
         rlhf::prompt_format::PromptFormat::new(&a.prompt_template, chat.as_ref(), tok, &model.config, &a.model)?;
     let eos = tok.eos_for(&model.config).with_context(|| format!("{}: no EOS token", a.model.display()))?;
     let records = rlhf::data::read_jsonl_fields(&a.data, &[&a.prompt_field, &a.response_field])?;
-    let (examples, skipped, _) = sft::tokenize(&cfg, &format, tok, eos, &records)?;
+    let (examples, skipped, _) = sft::tokenize(&cfg, &format, tok, eos, (&a.data, &records))?;
     if examples.is_empty() {
         bail!("{}: no record fits the model's {} positions ({skipped} skipped)", a.data.display(), cfg.max_len);
     }

@@ -148,6 +148,25 @@ fn kto_unpairs_pairs_and_keeps_their_halves_together_for_accuracy() {
 }
 
 #[test]
+fn a_separate_held_out_file_replaces_the_fraction_split() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = cfg(d.path(), 2);
+    let val = d.path().join("val.jsonl");
+    let pair = |t: &str| serde_json::json!({"prompt": format!("the {t}:"), "chosen": " good.", "rejected": " bad."});
+    std::fs::write(&val, ["food", "room", "view"].map(|t| pair(t).to_string()).join("\n")).unwrap();
+    c.val_data = Some(val);
+    assert_eq!(train(c, false).unwrap().pairs, (60, 3));
+    // KTO: every training record trains, the held-out file's records evaluate
+    let mut c = kto_cfg(d.path(), 2);
+    let val = d.path().join("val-unpaired.jsonl");
+    let rec = |c: &str, l: bool| serde_json::json!({"prompt": "the food:", "completion": c, "label": l}).to_string();
+    std::fs::write(&val, [rec(" good.", true), rec(" bad.", false)].join("\n")).unwrap();
+    c.val_data = Some(val);
+    c.out_dir = d.path().join("kto");
+    assert_eq!(train(c, false).unwrap().pairs, (120, 2));
+}
+
+#[test]
 fn unpaired_records_with_a_bad_label_name_file_line_and_field() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("u.jsonl");

@@ -201,6 +201,18 @@ fn learns_a_marker_word_and_loads_back_as_a_normalised_reward_model() {
 }
 
 #[test]
+fn a_separate_held_out_file_replaces_the_fraction_split() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = marker_cfg(d.path(), 2);
+    let val = d.path().join("val.jsonl");
+    marker_data(&val, 7);
+    c.val_data = Some(val);
+    let report = train(c, false).unwrap();
+    assert_eq!((report.train_comparisons, report.val_comparisons), (240, 7));
+    assert!(report.eval.is_some());
+}
+
+#[test]
 fn resume_gives_the_same_metrics_as_an_uninterrupted_run() {
     let a = tempfile::tempdir().unwrap();
     train(marker_cfg(a.path(), 50), false).unwrap();

@@ -60,7 +60,7 @@ fn loss_is_the_mean_over_response_and_eos_tokens_only() {
     let c = cfg(d.path(), 1);
     let (m, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&c.init, &Cpu::default()).unwrap();
     let records: Vec<Vec<String>> = PAIRS[..3].iter().map(|(p, r)| vec![p.to_string(), format!(" {r}")]).collect();
-    let (ex, _, _) = tokenize(&c, &PromptFormat::plain(&c.prompt_template), &tok, 0, &records).unwrap();
+    let (ex, _, _) = tokenize(&c, &PromptFormat::plain(&c.prompt_template), &tok, 0, (&c.data, &records)).unwrap();
     assert_eq!(ex[0].ids.last(), Some(&0), "EOS appended");
     assert_eq!(ex[0].prompt_len, tok.encode("Q:color of sky?A:").unwrap().len());
     let refs: Vec<&Example> = ex.iter().collect();
@@ -107,13 +107,16 @@ fn long_records_are_skipped_truncated_or_rejected_as_configured() {
         vec!["sky?".to_string(), " blue blue blue blue blue.".to_string()],
     ];
     c.max_len = 16;
-    let (ex, skipped, truncated) = tokenize(&c, &PromptFormat::plain(&c.prompt_template), &tok, 0, &records).unwrap();
+    let (ex, skipped, truncated) =
+        tokenize(&c, &PromptFormat::plain(&c.prompt_template), &tok, 0, (&c.data, &records)).unwrap();
     assert_eq!((ex.len(), skipped, truncated), (1, 1, 0));
     c.truncation = Truncation::TruncateResponse;
-    let (ex, skipped, truncated) = tokenize(&c, &PromptFormat::plain(&c.prompt_template), &tok, 0, &records).unwrap();
+    let (ex, skipped, truncated) =
+        tokenize(&c, &PromptFormat::plain(&c.prompt_template), &tok, 0, (&c.data, &records)).unwrap();
     assert_eq!((ex.len(), skipped, truncated, ex[1].ids.len()), (2, 0, 1, 16));
     c.truncation = Truncation::Error;
-    let e = tokenize(&c, &PromptFormat::plain(&c.prompt_template), &tok, 0, &records).unwrap_err().to_string();
+    let e =
+        tokenize(&c, &PromptFormat::plain(&c.prompt_template), &tok, 0, (&c.data, &records)).unwrap_err().to_string();
     assert!(e.contains("record 2") && e.contains("max_len 16"), "{e}");
 }
 
@@ -131,6 +134,30 @@ fn skipped_records_are_counted_and_a_run_with_nothing_left_is_an_error() {
     c.out_dir = d.path().join("run-none");
     let e = format!("{:#}", train(c.clone(), false).unwrap_err());
     assert!(e.contains("pairs.jsonl") && e.contains("6 records, 6 skipped as too long"), "{e}");
+}
+
+#[test]
+fn a_separate_held_out_file_replaces_the_fraction_split() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = cfg(d.path(), 2);
+    let val = d.path().join("val.jsonl");
+    let line = |p: &str, r: &str| serde_json::json!({"q": p, "a": r}).to_string();
+    std::fs::write(&val, [line("color of sky?", " blue."), line("color of sun?", " yellow.")].join("\n")).unwrap();
+    c.val_data = Some(val.clone());
+    c.val_fraction = 0.5; // not used when val_data is given
+    let report = train(c.clone(), false).unwrap();
+    assert_eq!((report.train_examples, report.val_examples), (6, 2));
+    assert!(report.val_loss.is_some_and(f32::is_finite), "{:?}", report.val_loss);
+    // a held-out file whose every record is too long: an error naming it
+    std::fs::write(&val, line("color of sky?", " blue blue blue blue blue blue blue blue.")).unwrap();
+    c.out_dir = d.path().join("run-long");
+    let e = format!("{:#}", train(c.clone(), false).unwrap_err());
+    assert!(e.contains("val.jsonl") && e.contains("no held-out examples"), "{e}");
+    // a malformed held-out file is named with its line and field
+    std::fs::write(&val, format!("{}\n{{\"q\": \"color of sky?\"}}", line("color of sun?", " yellow."))).unwrap();
+    c.out_dir = d.path().join("run-bad");
+    let e = format!("{:#}", train(c, false).unwrap_err());
+    assert!(e.contains("val.jsonl") && e.contains("line 2") && e.contains("field `a`"), "{e}");
 }
 
 #[test]
@@ -155,7 +182,7 @@ fn chat_prompts_wrap_the_templated_prompt_in_the_model_s_template() {
     let (m, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&c.init, &Cpu::default()).unwrap();
     let format = PromptFormat::new(&c.prompt_template, c.chat.as_ref(), &tok, &m.config, &c.init).unwrap();
     let records = vec![vec!["color of sky?".to_string(), " blue.".to_string()]];
-    let (ex, _, _) = tokenize(&c, &format, &tok, 0, &records).unwrap();
+    let (ex, _, _) = tokenize(&c, &format, &tok, 0, (&c.data, &records)).unwrap();
     let prompt = tok.encode("QQ:color of sky?A:A").unwrap();
     assert_eq!(ex[0].ids[..ex[0].prompt_len], prompt[..]);
     assert_eq!(ex[0].ids[prompt.len()..], [tok.encode("blue.").unwrap(), vec![0]].concat()[..], "response trimmed");
@@ -165,9 +192,10 @@ fn chat_prompts_wrap_the_templated_prompt_in_the_model_s_template() {
     t.chat = Some(ChatPrompt { system: None, transcript: Some(Transcript::default()) });
     let format = PromptFormat::new(&t.prompt_template, t.chat.as_ref(), &tok, &m.config, &t.init).unwrap();
     let hh = "\n\nHuman: color of sky?\n\nAssistant: blue.\n\nHuman: color of snow?\n\nAssistant:";
-    let (ex, _, _) = tokenize(&t, &format, &tok, 0, &[vec![hh.to_string(), " white.".to_string()]]).unwrap();
+    let (ex, _, _) = tokenize(&t, &format, &tok, 0, (&t.data, &[vec![hh.to_string(), " white.".to_string()]])).unwrap();
     assert_eq!(ex[0].ids[..ex[0].prompt_len], tok.encode("Qcolor of sky?Qblue.Qcolor of snow?A").unwrap()[..]);
-    let e = tokenize(&t, &format, &tok, 0, &[vec!["color of sky?".into(), "x".into()]]).unwrap_err().to_string();
+    let e =
+        tokenize(&t, &format, &tok, 0, (&t.data, &[vec!["color of sky?".into(), "x".into()]])).unwrap_err().to_string();
     assert!(e.contains("not a transcript"), "{e}");
     let report = train(c, false).unwrap();
     assert!(report.train_loss.is_finite(), "{report:?}");

@@ -250,8 +250,9 @@ pub fn read_state<T: serde::de::DeserializeOwned>(dir: &std::path::Path, name: &
     serde_json::from_str(&text).with_context(|| format!("{}", p.display()))
 }
 
-/// A stage's tokenized records, the last `val_fraction` of them (rounded) held out, with the
-/// counts of those skipped as too long and those truncated — reported on stderr, never silent.
+/// A stage's tokenized records, the last `val_fraction` of them (rounded) held out — or, with
+/// a separate held-out file, all of the data file trained on — with the counts of those
+/// skipped as too long and those truncated (reported on stderr, never silent).
 #[derive(Debug)]
 pub struct HeldOut<T> {
     all: Vec<T>,
@@ -262,23 +263,61 @@ pub struct HeldOut<T> {
     pub truncated: usize,
 }
 
+/// A file's records read and tokenized: (records read, (items, skipped, truncated)).
+pub type Loaded<T> = (usize, (Vec<T>, usize, usize));
+
+/// Where a stage's held-out items come from, and what to call things in messages.
+#[derive(Debug, Clone, Copy)]
+pub struct HoldOut<'a> {
+    /// The stage's name.
+    pub stage: &'a str,
+    /// What the items are ("examples", "comparisons").
+    pub what: &'a str,
+    /// The training file.
+    pub data: &'a Path,
+    /// A separate held-out file (`val_data`): when given, `val_fraction` is not used.
+    pub val_data: Option<&'a Path>,
+    /// The fraction of `data` (its last records) held out when there is no `val_data`.
+    pub val_fraction: f64,
+    /// The length limit (for the skipped/truncated message).
+    pub max_len: usize,
+}
+
+/// The held-out items read from `val_data`, announced on stderr; an error when there are none
+/// (every record skipped as too long).
+pub fn held_out_from<T>(stage: &str, val_data: &Path, val: Vec<T>, what: &str) -> Result<Vec<T>> {
+    if val.is_empty() {
+        bail!("{}: no held-out {what} left (every record skipped as too long)", val_data.display());
+    }
+    eprintln!("{stage}: {} held-out {what} from {}", val.len(), val_data.display());
+    Ok(val)
+}
+
 impl<T> HeldOut<T> {
-    /// `tokenized` is (items, skipped, truncated) from `records` records of `data`; `what`
-    /// names the items in messages. Errors when no item is left to train on.
-    pub fn new(
-        stage: &str,
-        what: &str,
-        (data, records): (&Path, usize),
-        (all, skipped, truncated): (Vec<T>, usize, usize),
-        val_fraction: f64,
-        max_len: usize,
-    ) -> Result<Self> {
-        let n_val = crate::data::held_out_count(all.len(), val_fraction);
+    /// Loads `h.data` (and `h.val_data`, if any) with `load` and splits them as `h` says.
+    /// Errors when no item is left to train on, or a held-out file leaves none to evaluate.
+    pub fn load(h: HoldOut<'_>, load: impl Fn(&Path) -> Result<Loaded<T>>) -> Result<Self> {
+        let (records, (mut all, mut skipped, mut truncated)) = load(h.data)?;
+        let n_val = match h.val_data {
+            None => crate::data::held_out_count(all.len(), h.val_fraction),
+            Some(v) => {
+                let (_, (val, s, t)) = load(v)?;
+                (skipped, truncated) = (skipped + s, truncated + t);
+                let val = held_out_from(h.stage, v, val, h.what)?;
+                let n = val.len();
+                all.extend(val);
+                n
+            }
+        };
         if all.len() == n_val {
-            bail!("{}: no training {what} left ({records} records, {skipped} skipped as too long)", data.display());
+            bail!(
+                "{}: no training {} left ({records} records, {skipped} skipped as too long)",
+                h.data.display(),
+                h.what
+            );
         }
         if skipped > 0 || truncated > 0 {
-            eprintln!("{stage}: {skipped} {what} skipped and {truncated} truncated (max_len {max_len})");
+            eprintln!("{}: {skipped} {} skipped and {truncated} truncated (max_len {})", h.stage, h.what, h.max_len);
         }
         Ok(HeldOut { all, n_val, skipped, truncated })
     }

@@ -10,7 +10,7 @@
 //! Each evaluation also samples completions of held-out prompts and logs the sampled KL to the
 //! reference (`eval/sample_kl`), writing the samples to `samples.jsonl`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -29,6 +29,7 @@ use crate::preference::{
 use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
+use crate::stages::common::held_out_from;
 use crate::stages::common::{optimizer_step, require_counts, require_fraction, restore_latest, save, LossOn};
 use crate::stages::kto::{kto_batch_loss, load_kto, pair_accuracy, KtoExample};
 use crate::stages::ppo_models::{logprobs_and_entropy, sequence_log_ratios, Seq};
@@ -56,6 +57,9 @@ pub struct DpoConfig {
     pub beta: f64,
     /// Fraction of the pairs (the last ones) held out. Default `0.1`.
     pub val_fraction: f64,
+    /// A separate preference file of held-out records (same format): when given, every
+    /// record of `data` trains and `val_fraction` is not used. Default: none.
+    pub val_data: Option<PathBuf>,
     /// Prompt template; `{prompt}` is replaced. Default `{prompt}`.
     pub prompt_template: String,
     /// Present: each templated prompt becomes the user turn of the model's own chat template,
@@ -101,6 +105,7 @@ impl Default for DpoConfig {
             loss: DpoLoss::Sigmoid,
             beta: 0.1,
             val_fraction: 0.1,
+            val_data: None,
             prompt_template: "{prompt}".into(),
             chat: None,
             max_len: 256,
@@ -461,8 +466,8 @@ struct Data {
     skipped_truncated: (usize, usize),
 }
 
-/// Reads, tokenizes and splits the data (the last `val_fraction` held out), then computes the
-/// reference's log-probs once.
+/// Reads, tokenizes and splits the data (the last `val_fraction` held out, or `val_data`),
+/// then computes the reference's log-probs once.
 fn load_examples<D: FusedOps>(
     cfg: &DpoConfig,
     reference: &CausalLm<D>,
@@ -476,10 +481,21 @@ fn load_examples<D: FusedOps>(
         let (train, val, skipped, truncated) = load_kto(cfg, spec, reference, tok, (eos, pad))?;
         (Examples::Kto(train), Examples::Kto(val), skipped, truncated)
     } else {
-        let comparisons = read_comparisons(&cfg.data, &cfg.format)?;
-        let (comps, skipped, truncated) = tokenize_with(spec, tok, eos, &comparisons)?;
-        let mut pairs = reference_pairs(reference, &comps, pad, cfg.batch_size)?;
-        let val = pairs.split_off(pairs.len() - held_out_count(pairs.len(), cfg.val_fraction));
+        let pairs_of = |file: &Path| -> Result<(Vec<Pair>, usize, usize)> {
+            let comparisons = read_comparisons(file, &cfg.format)?;
+            let (comps, skipped, truncated) =
+                tokenize_with(TokenizeSpec { data: file, ..spec }, tok, eos, &comparisons)?;
+            Ok((reference_pairs(reference, &comps, pad, cfg.batch_size)?, skipped, truncated))
+        };
+        let (mut pairs, mut skipped, mut truncated) = pairs_of(&cfg.data)?;
+        let val = match &cfg.val_data {
+            None => pairs.split_off(pairs.len() - held_out_count(pairs.len(), cfg.val_fraction)),
+            Some(v) => {
+                let (val, s, t) = pairs_of(v)?;
+                (skipped, truncated) = (skipped + s, truncated + t);
+                held_out_from("dpo", v, val, "pairs")?
+            }
+        };
         (Examples::Pairs(pairs), Examples::Pairs(val), skipped, truncated)
     };
     if train.is_empty() {

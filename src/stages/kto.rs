@@ -6,6 +6,8 @@
 //! seeded permutation whose prompt differs), the reference's log-probs of both sequences are
 //! computed once, and the policy's mismatched log-probs get no gradient.
 
+use std::path::Path;
+
 use anyhow::Result;
 use dfdx::prelude::*;
 use rlhf_policies::fused::host_loss;
@@ -45,9 +47,9 @@ pub struct TokLabelled {
     pub desirable: bool,
 }
 
-/// KTO's data for `rlhf dpo`: the labelled records of `cfg.data` tokenized as `spec` says,
-/// split (the last `val_fraction` held out, a pair's two halves on the same side), each with
-/// its mismatch and the reference's log-probs; also the (skipped, truncated) counts.
+/// KTO's data for `rlhf dpo`: the labelled records of `cfg.data` tokenized as `spec` says, split (the last `val_fraction` held out, a pair's two halves on the same side; or
+/// `cfg.val_data`'s records held out), each with its mismatch and the reference's log-probs;
+/// also the (skipped, truncated) counts.
 pub fn load_kto<D: FusedOps>(
     cfg: &DpoConfig,
     spec: TokenizeSpec<'_>,
@@ -55,26 +57,51 @@ pub fn load_kto<D: FusedOps>(
     tok: &Tokenizer,
     (eos, pad): (u32, u32),
 ) -> Result<(Vec<KtoExample>, Vec<KtoExample>, usize, usize)> {
-    let labelled = read_labelled(&cfg.data, &cfg.format)?;
+    let (mut set, mut skipped, mut truncated) = tokenize_labelled(&cfg.data, cfg, spec, tok, eos)?;
+    let cut = match &cfg.val_data {
+        None => {
+            // a pair's two halves stay on the same side of the split
+            let mut cut = set.len() - held_out_count(set.len(), cfg.val_fraction);
+            while cut > 0 && cut < set.len() && set[cut].line == set[cut - 1].line {
+                cut -= 1;
+            }
+            cut
+        }
+        Some(v) => {
+            let (val, s, t) = tokenize_labelled(v, cfg, spec, tok, eos)?;
+            (skipped, truncated) = (skipped + s, truncated + t);
+            let cut = set.len();
+            set.extend(crate::stages::common::held_out_from("dpo", v, val, "records")?);
+            cut
+        }
+    };
+    let train = kto_examples(reference, &set[..cut], pad, (cfg.batch_size, cfg.max_len), cfg.seed)?;
+    let val = kto_examples(reference, &set[cut..], pad, (cfg.batch_size, cfg.max_len), cfg.seed ^ 0x7a1)?;
+    Ok((train, val, skipped, truncated))
+}
+
+/// The labelled records of `file`, tokenized as `spec` says; with the (skipped, truncated)
+/// counts.
+fn tokenize_labelled(
+    file: &Path,
+    cfg: &DpoConfig,
+    spec: TokenizeSpec<'_>,
+    tok: &Tokenizer,
+    eos: u32,
+) -> Result<(Vec<TokLabelled>, usize, usize)> {
+    let labelled = read_labelled(file, &cfg.format)?;
     let (mut set, mut skipped, mut truncated) = (vec![], 0, 0);
     for l in &labelled {
         let c =
             Comparison { line: l.line, prompt: l.prompt.clone(), responses: vec![l.completion.clone()], margin: None };
-        let (mut t, s, k) = tokenize_with(spec, tok, eos, &[c])?;
+        let (mut t, s, k) = tokenize_with(TokenizeSpec { data: file, ..spec }, tok, eos, &[c])?;
         (skipped, truncated) = (skipped + s, truncated + k);
         if let Some(t) = t.pop() {
             let completion = t.responses.into_iter().next().expect("one response");
             set.push(TokLabelled { line: t.line, prompt: t.prompt_ids, completion, desirable: l.desirable });
         }
     }
-    // a pair's two halves stay on the same side of the split
-    let mut cut = set.len() - held_out_count(set.len(), cfg.val_fraction);
-    while cut > 0 && cut < set.len() && set[cut].line == set[cut - 1].line {
-        cut -= 1;
-    }
-    let train = kto_examples(reference, &set[..cut], pad, (cfg.batch_size, cfg.max_len), cfg.seed)?;
-    let val = kto_examples(reference, &set[cut..], pad, (cfg.batch_size, cfg.max_len), cfg.seed ^ 0x7a1)?;
-    Ok((train, val, skipped, truncated))
+    Ok((set, skipped, truncated))
 }
 
 /// The examples of `set` with their mismatched sequences (drawn with `seed`; each at most

@@ -8,7 +8,7 @@
 //! reference set fix a gain and bias (`r' = g·r + b`, target mean 0 and std 1 by default) that
 //! go into the checkpoint's `config.json`; the learned-reward adapter applies them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -31,7 +31,7 @@ use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::{JsonlWriter, RunDir};
 use crate::schedule::LrSchedule;
 use crate::stages::common::{
-    optimizer_step, require_fits, restore_latest, save, save_with, Checkpointable, HeldOut, LossOn,
+    optimizer_step, require_fits, restore_latest, save, save_with, Checkpointable, HeldOut, HoldOut, LossOn,
 };
 
 /// Where the normalisation's reference scores come from.
@@ -103,6 +103,9 @@ pub struct RewardConfig {
     pub format: PreferenceFormat,
     /// Fraction of the comparisons (the last ones) held out for evaluation. Default `0.1`.
     pub val_fraction: f64,
+    /// A separate preference file of held-out comparisons (same format): when given, every
+    /// comparison of `data` trains and `val_fraction` is not used. Default: none.
+    pub val_data: Option<PathBuf>,
     /// Prompt template; `{prompt}` is replaced by the prompt. Default `{prompt}`.
     pub prompt_template: String,
     /// Present: each templated prompt becomes the user turn of the model's own chat template,
@@ -149,6 +152,7 @@ impl Default for RewardConfig {
             data: PathBuf::new(),
             format: PreferenceFormat::default(),
             val_fraction: 0.1,
+            val_data: None,
             prompt_template: "{prompt}".into(),
             chat: None,
             max_len: 256,
@@ -202,15 +206,16 @@ pub struct RewardReport {
     pub normalization: Option<RewardNormalization>,
 }
 
-/// Tokenizes comparisons as `cfg` says; returns them with the (skipped, truncated) counts.
+/// Tokenizes the comparisons of `file` as `cfg` says; returns them with the (skipped,
+/// truncated) counts.
 pub fn tokenize(
     cfg: &RewardConfig,
     prompt: &PromptFormat,
     tok: &Tokenizer,
     eos: u32,
-    comparisons: &[Comparison],
+    (file, comparisons): (&Path, &[Comparison]),
 ) -> Result<(Vec<TokComparison>, usize, usize)> {
-    let spec = TokenizeSpec { prompt, max_len: cfg.max_len, truncation: cfg.truncation, data: &cfg.data };
+    let spec = TokenizeSpec { prompt, max_len: cfg.max_len, truncation: cfg.truncation, data: file };
     tokenize_with(spec, tok, eos, comparisons)
 }
 
@@ -299,11 +304,19 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D
         .eos_for(&rm.model.config)
         .ok_or_else(|| anyhow::anyhow!("{}: the tokenizer has no EOS token", cfg.init.display()))?;
     // DATA: records → comparisons → tokens → train / validation
-    let records = read_comparisons(&cfg.data, &cfg.format)?;
     let format = PromptFormat::new(&cfg.prompt_template, cfg.chat.as_ref(), &tok, &rm.model.config, &cfg.init)?;
-    let tokenized = tokenize(cfg, &format, &tok, eos, &records)?;
-    let data =
-        HeldOut::new("reward", "comparisons", (&cfg.data, records.len()), tokenized, cfg.val_fraction, cfg.max_len)?;
+    let hold = HoldOut {
+        stage: "reward",
+        what: "comparisons",
+        data: &cfg.data,
+        val_data: cfg.val_data.as_deref(),
+        val_fraction: cfg.val_fraction,
+        max_len: cfg.max_len,
+    };
+    let data = HeldOut::load(hold, |file| {
+        let records = read_comparisons(file, &cfg.format)?;
+        Ok((records.len(), tokenize(cfg, &format, &tok, eos, (file, &records))?))
+    })?;
     let (train_set, val_set) = data.split();
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;

@@ -6,7 +6,7 @@
 //! where `R` is the response tokens and the EOS (prompt tokens and padding are masked). The
 //! result is the initial policy and the frozen reference of RLHF.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -22,7 +22,7 @@ use crate::device::DeviceKind;
 use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
-use crate::stages::common::{optimizer_step, require_fits, restore_latest, save, HeldOut};
+use crate::stages::common::{optimizer_step, require_fits, restore_latest, save, HeldOut, HoldOut};
 
 /// What to do with an example longer than `max_len` tokens.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +56,9 @@ pub struct SftConfig {
     pub response_field: String,
     /// Fraction of the records (the last ones) held out for evaluation. Default `0.05`.
     pub val_fraction: f64,
+    /// A separate JSONL file of held-out examples (same fields): when given, every record of
+    /// `data` trains and `val_fraction` is not used. Default: none.
+    pub val_data: Option<PathBuf>,
     /// Prompt template; `{prompt}` is replaced by the prompt. Default `{prompt}`.
     pub prompt_template: String,
     /// Present: each templated prompt becomes the user turn of the model's own chat template,
@@ -99,6 +102,7 @@ impl Default for SftConfig {
             prompt_field: "prompt".into(),
             response_field: "response".into(),
             val_fraction: 0.05,
+            val_data: None,
             prompt_template: "{prompt}".into(),
             chat: None,
             max_len: 256,
@@ -152,7 +156,7 @@ pub fn tokenize(
     format: &PromptFormat,
     tok: &Tokenizer,
     eos: u32,
-    records: &[Vec<String>],
+    (file, records): (&Path, &[Vec<String>]),
 ) -> Result<(Vec<Example>, usize, usize)> {
     let (mut out, mut skipped, mut truncated) = (Vec::new(), 0, 0);
     for (i, rec) in records.iter().enumerate() {
@@ -161,7 +165,7 @@ pub fn tokenize(
         ids.extend(tok.encode(format.response(&rec[1]))?);
         ids.push(eos);
         if prompt.is_empty() {
-            bail!("{}: record {}: the prompt encodes to no tokens", cfg.data.display(), i + 1);
+            bail!("{}: record {}: the prompt encodes to no tokens", file.display(), i + 1);
         }
         if ids.len() > cfg.max_len {
             match cfg.truncation {
@@ -173,13 +177,7 @@ pub fn tokenize(
                     ids.truncate(cfg.max_len);
                     truncated += 1;
                 }
-                _ => bail!(
-                    "{}: record {}: {} tokens exceed max_len {}",
-                    cfg.data.display(),
-                    i + 1,
-                    ids.len(),
-                    cfg.max_len
-                ),
+                _ => bail!("{}: record {}: {} tokens exceed max_len {}", file.display(), i + 1, ids.len(), cfg.max_len),
             }
         }
         out.push(Example { ids, prompt_len: prompt.len() });
@@ -241,10 +239,19 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &SftConfig, resume: bool, dev: &D) -
         .ok_or_else(|| anyhow::anyhow!("{}: the tokenizer has no EOS token", cfg.init.display()))?;
     let pad = tok.pad_id().unwrap_or(eos);
     // DATA: records → examples → train / validation
-    let records = read_jsonl_fields(&cfg.data, &[&cfg.prompt_field, &cfg.response_field])?;
     let format = PromptFormat::new(&cfg.prompt_template, cfg.chat.as_ref(), &tok, &model.config, &cfg.init)?;
-    let tokenized = tokenize(cfg, &format, &tok, eos, &records)?;
-    let data = HeldOut::new("sft", "examples", (&cfg.data, records.len()), tokenized, cfg.val_fraction, cfg.max_len)?;
+    let hold = HoldOut {
+        stage: "sft",
+        what: "examples",
+        data: &cfg.data,
+        val_data: cfg.val_data.as_deref(),
+        val_fraction: cfg.val_fraction,
+        max_len: cfg.max_len,
+    };
+    let data = HeldOut::load(hold, |file| {
+        let records = read_jsonl_fields(file, &[&cfg.prompt_field, &cfg.response_field])?;
+        Ok((records.len(), tokenize(cfg, &format, &tok, eos, (file, &records))?))
+    })?;
     let (train_set, val_set) = data.split();
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;
