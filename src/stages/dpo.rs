@@ -29,8 +29,9 @@ use crate::preference::{
 use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
-use crate::stages::common::held_out_from;
-use crate::stages::common::{optimizer_step, require_counts, require_fraction, restore_latest, save, LossOn};
+use crate::stages::common::{
+    held_out_from, optimizer_step, require_counts, require_fraction, restore_latest, save, LossOn,
+};
 use crate::stages::kto::{kto_batch_loss, load_kto, pair_accuracy, KtoExample};
 use crate::stages::ppo_models::{logprobs_and_entropy, sequence_log_ratios, Seq};
 
