@@ -64,6 +64,23 @@ impl TokenSplit {
         }
         Ok(TokenSplit { train, val })
     }
+
+    /// A training stream and a separate validation stream (from `val_source`); each must hold
+    /// at least one block plus its target.
+    pub fn held_out(
+        train: Vec<u32>,
+        val: Vec<u32>,
+        block_size: usize,
+        source: &Path,
+        val_source: &Path,
+    ) -> Result<Self> {
+        for (tokens, file) in [(&train, source), (&val, val_source)] {
+            if tokens.len() <= block_size {
+                bail!("{}: {} tokens; it needs more than block_size = {block_size}", file.display(), tokens.len());
+            }
+        }
+        Ok(TokenSplit { train, val })
+    }
 }
 
 /// How many of `n` items a held-out split of `val_fraction` takes (rounded): every stage holds

@@ -72,6 +72,32 @@ fn no_validation_split_trains_without_val_loss() {
 }
 
 #[test]
+fn separate_validation_files_leave_all_of_the_corpus_to_training() {
+    let d = tempfile::tempdir().unwrap();
+    let mut whole = cfg(d.path(), 10);
+    whole.val_fraction = 0.0;
+    let whole_report = train(whole, false).unwrap();
+    let losses =
+        |dir: &std::path::Path| -> Vec<f64> { metrics(dir).iter().map(|m| m["loss"].as_f64().unwrap()).collect() };
+    let e = tempfile::tempdir().unwrap();
+    let mut c = cfg(e.path(), 10);
+    let val = e.path().join("val.txt");
+    std::fs::write(&val, "the dog jumps over the quick fox.\n".repeat(5)).unwrap();
+    c.val_files = vec![val.clone()];
+    c.val_fraction = 0.5; // not used when val_files are given
+    let report = train(c.clone(), false).unwrap();
+    // the same training stream, step for step, as with no validation split at all
+    assert_eq!(losses(e.path()), losses(d.path()));
+    assert_eq!(report.train_loss, whole_report.train_loss);
+    assert!(report.val_loss.is_some_and(f32::is_finite) && metrics(e.path())[9]["val_loss"].is_number());
+    // a validation file shorter than a block is an error naming it
+    std::fs::write(&val, "the dog.").unwrap();
+    c.out_dir = e.path().join("run-short");
+    let err = train(c, false).unwrap_err().to_string();
+    assert!(err.contains("val.txt") && err.contains("block_size = 16"), "{err}");
+}
+
+#[test]
 fn bad_inputs_are_clear_errors() {
     let d = tempfile::tempdir().unwrap();
     let mut c = cfg(d.path(), 3);

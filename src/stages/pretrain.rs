@@ -58,6 +58,9 @@ pub struct PretrainConfig {
     pub files: Vec<PathBuf>,
     /// Fraction of the token stream (its end) held out for validation. Default `0.1`.
     pub val_fraction: f64,
+    /// Separate validation files (UTF-8 text, concatenated): when given, all of `files`
+    /// trains and `val_fraction` is not used; a built tokenizer sees both. Default: none.
+    pub val_files: Vec<PathBuf>,
     /// Tokenizer. Default: character level.
     pub tokenizer: TokenizerSpec,
     /// Model config (HF fields; `vocab_size` is set from the tokenizer). Default: GPT-2 with
@@ -98,6 +101,7 @@ impl Default for PretrainConfig {
             seed: 1337,
             files: vec![],
             val_fraction: 0.1,
+            val_files: vec![],
             tokenizer: TokenizerSpec::Char,
             model: ModelConfig::gpt2_preset(65, 128, 4, 4, 64),
             block_size: 64,
@@ -153,17 +157,27 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &PretrainConfig, resume: bool, dev: 
     let run = RunDir::open(&cfg.out_dir, resume)?;
     // BOILERPLATE: data, tokenizer, model, optimizer (fresh or from the last checkpoint)
     let text = read_corpus(&cfg.files)?;
+    let val_text = if cfg.val_files.is_empty() { None } else { Some(read_corpus(&cfg.val_files)?) };
     let (mut model, tok, mut opt, start) = if resume {
         let r = restore_latest(&run, &cfg.optim, dev)?;
         (r.model, r.tok, r.opt, r.step)
     } else {
-        let tok = build_tokenizer(cfg, &text)?;
+        // a built tokenizer sees the validation text too, as with the fraction split
+        let tok = match &val_text {
+            None => build_tokenizer(cfg, &text)?,
+            Some(v) => build_tokenizer(cfg, &format!("{text}{v}"))?,
+        };
         let mut model_cfg = cfg.model.clone();
         model_cfg.set_vocab_size(tok.vocab_size());
         run.write_config(cfg)?;
         (CausalLm::new(model_cfg, dev, cfg.seed)?, tok, AdamW::new(cfg.optim.clone()), 0)
     };
-    let split = TokenSplit::new(tok.encode(&text)?, cfg.val_fraction, cfg.block_size, &cfg.files[0])?;
+    let split = match &val_text {
+        None => TokenSplit::new(tok.encode(&text)?, cfg.val_fraction, cfg.block_size, &cfg.files[0])?,
+        Some(v) => {
+            TokenSplit::held_out(tok.encode(&text)?, tok.encode(v)?, cfg.block_size, &cfg.files[0], &cfg.val_files[0])?
+        }
+    };
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;
     let bar = crate::progress::bar(cfg.steps as u64, "pretrain");
@@ -186,7 +200,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &PretrainConfig, resume: bool, dev: 
         let done = step + 1;
         let mut record = serde_json::json!({"step": done, "loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s});
         if done % cfg.eval_every == 0 || done == cfg.steps {
-            // val_fraction 0 means no validation split: samples only
+            // val_fraction 0 (and no val_files) means no validation split: samples only
             if !split.val.is_empty() {
                 let v = eval_loss(&model, &split.val, cfg)?;
                 val_loss = Some(v);
