@@ -10,6 +10,7 @@ pub mod config;
 pub mod data;
 pub mod demo;
 pub mod device;
+pub mod eval;
 pub mod malloc;
 pub mod math;
 pub mod preference;

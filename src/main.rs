@@ -153,11 +153,13 @@ impl From<Weights> for WeightDtype {
 
 #[derive(Debug, clap::Args)]
 struct EvalArgs {
-    /// Checkpoint folder (config.json, model.safetensors, tokenizer.json).
+    /// Checkpoint folder (config.json, model.safetensors, tokenizer.json): a causal LM, or a
+    /// reward model (`*ForSequenceClassification`).
     #[arg(long)]
     model: PathBuf,
-    /// UTF-8 text file (loss on every token), or `.jsonl` {prompt, response} records (loss on
-    /// the response tokens and the EOS, as SFT's).
+    /// A causal LM: a UTF-8 text file (loss on every token), or `.jsonl` {prompt, response}
+    /// records (loss on the response tokens and the EOS, as SFT's). A reward model: preference
+    /// JSONL (accuracy, margin and loss over every pair, as the reward stage's evaluation).
     #[arg(long)]
     data: PathBuf,
     /// Tokens per block (text; default: the model's maximum positions, at most 256).
@@ -178,6 +180,10 @@ struct EvalArgs {
     /// JSONL: put prompts in the model's chat template (as a stage's `"chat": {}`).
     #[arg(long)]
     chat: bool,
+    /// A reward model's preference records, as the reward stage's `format`, e.g.
+    /// `'{"kind": "conversations"}'` for hh-rlhf.
+    #[arg(long, default_value = r#"{"kind": "pairs"}"#)]
+    format: String,
     /// Device: cpu, or cuda (GPU 0; needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: DeviceKind,
@@ -474,55 +480,17 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
 }
 
 fn eval_on<D: FusedOps>(a: &EvalArgs, dev: &D) -> Result<()> {
-    let (model, tok) = load_with_tokenizer(&a.model, dev)?;
-    if a.data.extension().is_some_and(|e| e == "jsonl") {
-        return eval_jsonl(a, &model, &tok);
-    }
-    let text = rlhf::data::read_corpus(std::slice::from_ref(&a.data))?;
-    let ids = tok.encode(&text)?;
-    let block = a.block.unwrap_or(model.dims.max_positions.min(256)).max(1);
-    if ids.len() <= block {
-        bail!("{}: {} tokens, need more than one block of {block}", a.data.display(), ids.len());
-    }
-    // non-overlapping windows of block + 1 tokens (inputs and shifted targets)
-    let windows: Vec<&[u32]> = ids.windows(block + 1).step_by(block).collect();
-    let (mut total, mut count) = (0.0f64, 0usize);
-    for chunk in windows.chunks(a.batch.max(1)) {
-        let inputs: Vec<Vec<u32>> = chunk.iter().map(|w| w[..block].to_vec()).collect();
-        let targets: Vec<usize> = chunk.iter().flat_map(|w| w[1..].iter().map(|&t| t as usize)).collect();
-        let loss = pretrain::lm_loss(&model, &inputs, &targets, dfdx::prelude::NoneTape)?;
-        total += loss.as_vec()[0] as f64 * targets.len() as f64;
-        count += targets.len();
-    }
-    let loss = total / count as f64;
-    println!(
-        "{}",
-        serde_json::to_string_pretty(
-            &serde_json::json!({"data": a.data, "tokens": count, "block": block, "loss": loss, "perplexity": loss.exp()})
-        )?
-    );
-    Ok(())
-}
-
-/// `rlhf eval` on {prompt, response} JSONL: SFT's loss (response tokens and EOS) over every
-/// record; records longer than the model's positions are skipped and counted.
-fn eval_jsonl<D: FusedOps>(a: &EvalArgs, model: &CausalLm<D>, tok: &Tokenizer) -> Result<()> {
-    // the template is the format's; the config gives the length and the skip rule
-    let cfg = SftConfig { max_len: model.dims.max_positions, truncation: sft::Truncation::Skip, ..Default::default() };
-    let chat = a.chat.then(rlhf::prompt_format::ChatPrompt::default);
-    let format =
-        rlhf::prompt_format::PromptFormat::new(&a.prompt_template, chat.as_ref(), tok, &model.config, &a.model)?;
-    let eos = tok.eos_for(&model.config).with_context(|| format!("{}: no EOS token", a.model.display()))?;
-    let records = rlhf::data::read_jsonl_fields(&a.data, &[&a.prompt_field, &a.response_field])?;
-    let (examples, skipped, _) = sft::tokenize(&cfg, &format, tok, eos, (&a.data, &records))?;
-    if examples.is_empty() {
-        bail!("{}: no record fits the model's {} positions ({skipped} skipped)", a.data.display(), cfg.max_len);
-    }
-    let pad = tok.pad_id().unwrap_or(eos);
-    let loss = sft::eval_loss(model, &examples, pad, a.batch.max(1))? as f64;
-    let tokens: usize = examples.iter().map(|e| e.ids.len() - e.prompt_len).sum();
-    let report = serde_json::json!({"data": a.data, "examples": examples.len(), "skipped": skipped,
-        "tokens": tokens, "loss": loss, "perplexity": loss.exp()});
+    let data = rlhf::eval::EvalData {
+        data: a.data.clone(),
+        block: a.block,
+        batch: a.batch,
+        fields: (a.prompt_field.clone(), a.response_field.clone()),
+        prompt_template: a.prompt_template.clone(),
+        chat: a.chat,
+        format: serde_json::from_str(&a.format)
+            .with_context(|| format!("--format {}: not a preference format", a.format))?,
+    };
+    let report = rlhf::eval::evaluate(&a.model, &data, dev)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }

@@ -198,6 +198,24 @@ fn learns_a_marker_word_and_loads_back_as_a_normalised_reward_model() {
     assert!(mean.abs() < 1e-3 && (std - 1.0).abs() < 1e-3, "mean {mean} std {std}");
     // and the chosen response (with the marker) outscores the rejected one
     assert!(scores.chunks(2).filter(|p| p[0] > p[1]).count() as f64 >= 0.95 * 60.0);
+    // `rlhf eval` on the held-out records gives the run's last evaluation
+    let val = d.path().join("val.jsonl");
+    let lines: Vec<String> =
+        std::fs::read_to_string(d.path().join("prefs.jsonl")).unwrap().lines().map(String::from).collect();
+    std::fs::write(&val, lines[180..].join("\n")).unwrap();
+    let data = rlhf::eval::EvalData {
+        data: val,
+        block: None,
+        batch: 8,
+        fields: ("prompt".into(), "response".into()),
+        prompt_template: "{prompt}".into(),
+        chat: false,
+        format: PreferenceFormat::default(),
+    };
+    let got = rlhf::eval::evaluate(&ckpt, &data, &Cpu::default()).unwrap();
+    assert_eq!((got["comparisons"].as_u64(), got["pairs"].as_u64()), (Some(60), Some(60)));
+    assert_eq!(got["stats"]["accuracy"].as_f64(), Some(ev.stats.accuracy));
+    assert!((got["stats"]["margin_mean"].as_f64().unwrap() - ev.stats.margin_mean).abs() < 1e-5, "{got}");
 }
 
 #[test]

@@ -383,12 +383,8 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D
 
 /// The backbone and tokenizer of `init` with a fresh head, or a reward model to continue.
 fn initial_model<D: FusedOps>(cfg: &RewardConfig, dev: &D) -> Result<(LearnedReward<D>, Tokenizer)> {
-    // a folder may hold a reward model already; a GGUF file is always a causal LM
-    let is_rm = cfg.init.is_dir()
-        && std::fs::read_to_string(cfg.init.join("config.json"))
-            .with_context(|| format!("{}: cannot read config.json", cfg.init.display()))?
-            .contains("ForSequenceClassification");
-    if is_rm {
+    // a folder may hold a reward model already
+    if crate::eval::is_reward_model(&cfg.init)? {
         return LearnedReward::load_dir(&cfg.init, dev);
     }
     let (model, tok): (CausalLm<D>, Tokenizer) = load_with_tokenizer(&cfg.init, dev)?;
