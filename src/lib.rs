@@ -11,6 +11,7 @@ pub mod data;
 pub mod demo;
 pub mod device;
 pub mod eval;
+pub mod generate;
 pub mod malloc;
 pub mod math;
 pub mod preference;

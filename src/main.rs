@@ -99,15 +99,43 @@ struct GenerateArgs {
     #[arg(long)]
     model: PathBuf,
     /// Prompt text (used as is).
-    #[arg(long, required_unless_present = "chat", conflicts_with = "chat")]
+    #[arg(long, required_unless_present_any = ["chat", "prompts"], conflicts_with_all = ["chat", "prompts"])]
     prompt: Option<String>,
     /// A user message, formatted with the model's chat template (a GGUF file's own, or
     /// `chat_template.jinja` / `tokenizer_config.json` beside the model).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "prompts")]
     chat: Option<String>,
-    /// System message for --chat (default: the template's own default, if any).
-    #[arg(long, requires = "chat")]
+    /// System message for --chat or --in-chat (default: the template's own default, if any).
+    #[arg(long)]
     system: Option<String>,
+    /// A JSONL file of prompt records: every prompt's completions (--samples each, --batch at
+    /// a time) go out as JSON lines (record, sample, prompt, completion, tokens, logprob,
+    /// finished, and reward with --reward-model) to --out or stdout.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// --prompts: the records' prompt field.
+    #[arg(long, default_value = "prompt", requires = "prompts")]
+    prompt_field: String,
+    /// --prompts: the prompt template (`{prompt}` is replaced).
+    #[arg(long, default_value = "{prompt}", requires = "prompts")]
+    prompt_template: String,
+    /// --prompts: put each templated prompt in the model's chat template as the user turn (as
+    /// a stage's `"chat": {}`).
+    #[arg(long, requires = "prompts")]
+    in_chat: bool,
+    /// --prompts: completions per prompt.
+    #[arg(long, default_value_t = 1, requires = "prompts")]
+    samples: usize,
+    /// --prompts: sequences per batch (the output depends on --seed and --batch).
+    #[arg(long, default_value_t = 16, requires = "prompts")]
+    batch: usize,
+    /// --prompts: write the JSON lines here instead of stdout.
+    #[arg(long, requires = "prompts")]
+    out: Option<PathBuf>,
+    /// --prompts: score each completion with this reward model folder (its own tokenizer and
+    /// stored normalisation).
+    #[arg(long, requires = "prompts")]
+    reward_model: Option<PathBuf>,
     /// Maximum number of new tokens.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
@@ -326,6 +354,20 @@ fn init(a: InitArgs) -> Result<()> {
 }
 
 /// The chat-formatted prompt for `--chat` (with `--system` if given).
+/// The flags' sampling settings, stopping at `eos`.
+fn sampling_config(a: &GenerateArgs, eos: Option<u32>) -> SamplingConfig {
+    SamplingConfig {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        greedy: a.greedy,
+        eos_ids: eos.into_iter().collect(),
+        seed: a.seed,
+        ..SamplingConfig::default()
+    }
+}
+
 fn chat_prompt<D: FusedOps>(a: &GenerateArgs, model: &CausalLm<D>, tok: &Tokenizer, user: &str) -> Result<String> {
     let template = rlhf_policies::chat::ChatTemplate::of_model(tok, &model.config, &a.model)?;
     Ok(template.user_prompt(a.system.as_deref(), user)?)
@@ -339,6 +381,12 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
 }
 
 fn generate_on<D: FusedOps>(a: &GenerateArgs, dev: &D) -> Result<()> {
+    if a.system.is_some() && a.chat.is_none() && !a.in_chat {
+        bail!("--system needs --chat (or --in-chat with --prompts)");
+    }
+    if let Some(prompts) = &a.prompts {
+        return generate_file(a, prompts, dev);
+    }
     let (model, tok) = load_with_tokenizer(&a.model, dev)?;
     let text = match (&a.prompt, &a.chat) {
         (Some(p), _) => p.clone(),
@@ -351,16 +399,7 @@ fn generate_on<D: FusedOps>(a: &GenerateArgs, dev: &D) -> Result<()> {
     }
     let eos = tok.eos_for(&model.config);
     let pad = tok.pad_id().or(model.config.pad_token_id()).or(eos).unwrap_or(0);
-    let cfg = SamplingConfig {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        greedy: a.greedy,
-        eos_ids: eos.into_iter().collect(),
-        seed: a.seed,
-        ..SamplingConfig::default()
-    };
+    let cfg = sampling_config(a, eos);
     let t0 = Instant::now();
     let out = generate_from_with(&model, &[prompt], pad, &cfg, a.weights.into())?;
     let secs = t0.elapsed().as_secs_f64();
@@ -375,6 +414,31 @@ fn generate_on<D: FusedOps>(a: &GenerateArgs, dev: &D) -> Result<()> {
         lp,
         if out.finished[0] { "stopped at EOS" } else { "reached max_new_tokens" }
     );
+    Ok(())
+}
+
+/// `rlhf generate --prompts`: see [`rlhf::generate::generate_file`].
+fn generate_file<D: FusedOps>(a: &GenerateArgs, prompts: &std::path::Path, dev: &D) -> Result<()> {
+    let g = rlhf::generate::FileGeneration {
+        prompts: prompts.to_path_buf(),
+        field: a.prompt_field.clone(),
+        template: a.prompt_template.clone(),
+        chat: a.in_chat.then(|| rlhf::prompt_format::ChatPrompt { system: a.system.clone(), ..Default::default() }),
+        samples: a.samples.max(1),
+        batch: a.batch.max(1),
+        sampling: sampling_config(a, None),
+        weights: a.weights.into(),
+        reward_model: a.reward_model.clone(),
+    };
+    let mut out: Box<dyn std::io::Write> = match &a.out {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?,
+        )),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let s = rlhf::generate::generate_file(&a.model, &g, &mut out, dev)?;
+    let reward = s.mean_reward.map(|r| format!("; mean reward {r:.4}")).unwrap_or_default();
+    eprintln!("[{} completions of {} prompts, {} new tokens{reward}]", s.completions, s.prompts, s.tokens);
     Ok(())
 }
 

@@ -156,6 +156,68 @@ fn reward_then_ppo_with_reward_model_then_report() {
     assert!(html.contains("KL to the reference") && html.contains("<svg"));
     let (ok, _, err) = rlhf(&["ppo", "--config", &p("ppo.json"), "--set", "cliprange_typo=0.1"]);
     assert!(!ok && err.contains("cliprange_typo"), "{err}");
+
+    // the reward model on its preference file: every pair counted, accuracy in [0, 1]
+    let (ok, out, err) = rlhf(&["eval", "--model", &p("rm/checkpoints/step-2"), "--data", &p("prefs.jsonl")]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((v["comparisons"].as_u64(), v["pairs"].as_u64(), v["skipped"].as_u64()), (Some(8), Some(8), Some(0)));
+    assert!((0.0..=1.0).contains(&v["stats"]["accuracy"].as_f64().unwrap()), "{v}");
+
+    // the PPO policy's completions of a prompts file, scored by the reward model
+    let gen = |out: &str| {
+        rlhf(&[
+            "generate",
+            "--model",
+            &p("ppo/checkpoints/step-2"),
+            "--prompts",
+            &p("prompts.jsonl"),
+            "--samples",
+            "3",
+            "--batch",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--seed",
+            "5",
+            "--reward-model",
+            &p("rm/checkpoints/step-2"),
+            "--out",
+            &p(out),
+        ])
+    };
+    let (ok, _, err) = gen("gen.jsonl");
+    assert!(ok && err.contains("3 completions of 1 prompts"), "{err}");
+    let text = std::fs::read_to_string(d.path().join("gen.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.iter().map(|l| l["sample"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 1, 2]);
+    // each reward is the reward model's normalised score of prompt ⧺ completion (⧺ EOS if it
+    // stopped there), in the reward model's own tokens
+    let rm_dir = d.path().join("rm/checkpoints/step-2");
+    let (mut rm, norm) =
+        rlhf_policies::LearnedReward::load_pretrained(&rm_dir, &dfdx::prelude::Cpu::default()).unwrap();
+    rm.norm = norm.map(|n| n.as_score_norm());
+    let tok = rlhf_policies::Tokenizer::from_file(&rm_dir.join("tokenizer.json")).unwrap();
+    let eos = tok.eos_for(&rm.model.config).unwrap();
+    for l in &lines {
+        assert_eq!((l["record"].as_u64(), l["prompt"].as_str()), (Some(1), Some("review:")), "{l}");
+        let completion = l["completion"].as_str().unwrap();
+        let mut response_ids = tok.encode(completion).unwrap();
+        response_ids.extend(l["finished"].as_bool().unwrap().then_some(eos));
+        let input = rlhf_envs::RewardInput {
+            prompt: "review:".into(),
+            response: completion.into(),
+            prompt_ids: tok.encode("review:").unwrap(),
+            response_ids,
+            reference: None,
+        };
+        let want = rlhf_envs::RewardModel::score(&mut rm, &[input]).unwrap()[0] as f64;
+        assert!((l["reward"].as_f64().unwrap() - want).abs() < 1e-5, "{l} vs {want}");
+    }
+    // the same seed and batch size give the same lines
+    let (ok, _, err) = gen("gen2.jsonl");
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read_to_string(d.path().join("gen2.jsonl")).unwrap(), text);
 }
 
 #[test]
