@@ -241,8 +241,13 @@ struct StageArgs {
 
 #[derive(Debug, clap::Args)]
 struct ReportArgs {
-    /// A run folder (or the demo's folder of stages).
-    run_dir: PathBuf,
+    /// A run folder (or the demo's folder of stages): its report.html. Several run folders:
+    /// one page overlaying their curves (written to --out).
+    #[arg(required = true)]
+    run_dirs: Vec<PathBuf>,
+    /// The comparison page of several runs.
+    #[arg(long, default_value = "compare.html")]
+    out: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -300,7 +305,11 @@ fn main() -> Result<()> {
         Command::Reward(a) => run_stage(&a, |_| {}, |c: &RewardConfig| c.out_dir.clone(), reward::train),
         Command::Demo(a) => demo_cmd(a),
         Command::Report(a) => {
-            println!("{}", rlhf::report::write_report(&a.run_dir)?.display());
+            let page = match a.run_dirs.as_slice() {
+                [one] => rlhf::report::write_report(one)?,
+                several => rlhf::report::write_comparison(several, &a.out)?,
+            };
+            println!("{}", page.display());
             Ok(())
         }
         Command::Ppo(a) => ppo_cmd(a),

@@ -19,12 +19,7 @@ pub fn write_report(dir: &Path) -> Result<PathBuf> {
     if !dir.is_dir() {
         anyhow::bail!("{}: not a folder (give a run folder or the demo's folder)", dir.display());
     }
-    let mut html = String::from(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>rlhf report</title><style>\
-         body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}\
-         table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}\
-         .plots{display:flex;flex-wrap:wrap;gap:8px}</style></head><body>",
-    );
+    let mut html = page_head("rlhf report");
     let _ = write!(html, "<h1>rlhf report</h1><p><code>{}</code></p>", escape(&dir.display().to_string()));
     let summary = dir.join("summary.json");
     if summary.is_file() {
@@ -58,6 +53,16 @@ pub fn write_report(dir: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// The page's head (title, style) and the opening body tag.
+fn page_head(title: &str) -> String {
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title}</title><style>\
+         body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}}\
+         table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}\
+         .plots{{display:flex;flex-wrap:wrap;gap:8px}}</style></head><body>"
+    )
+}
+
 fn read_metrics(dir: &Path) -> Result<Vec<serde_json::Value>> {
     let p = dir.join(METRICS);
     let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
@@ -77,47 +82,87 @@ fn curve(metrics: &[serde_json::Value], key: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
-fn stage_section(html: &mut String, dir: &Path) -> Result<()> {
-    let m = read_metrics(dir)?;
-    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("run");
-    let _ = write!(html, "<h2>{}</h2><div class=\"plots\">", escape(name));
-    let named = |keys: &[&str]| -> Vec<Series> {
-        keys.iter().map(|k| (k.to_string(), curve(&m, k))).filter(|(_, c)| !c.is_empty()).collect()
-    };
-    let plots: Vec<(&str, Vec<Series>)> = if m.iter().any(|r| r.get("objective/scores").is_some()) {
+/// The plots of a run's metrics — (title, metric keys) — by the kind of run: PPO, the
+/// critic-free trainers, or a supervised stage (pretrain, SFT, reward, DPO).
+fn plot_specs(m: &[serde_json::Value]) -> Vec<(&'static str, &'static [&'static str])> {
+    if m.iter().any(|r| r.get("objective/scores").is_some()) {
         vec![
-            ("reward", named(&["objective/scores", "objective/rlhf_reward"])),
-            ("KL to the reference", named(&["objective/kl"])),
-            ("β", named(&["objective/beta"])),
-            ("entropy", named(&["policy/entropy_avg"])),
-            ("response length", named(&["val/response_length"])),
-            ("losses", named(&["loss/policy_avg", "loss/value_avg"])),
+            ("reward", &["objective/scores", "objective/rlhf_reward"]),
+            ("KL to the reference", &["objective/kl"]),
+            ("β", &["objective/beta"]),
+            ("entropy", &["policy/entropy_avg"]),
+            ("response length", &["val/response_length"]),
+            ("losses", &["loss/policy_avg", "loss/value_avg"]),
         ]
     } else if m.iter().any(|r| r.get("frac_reward_zero_std").is_some()) {
         // GRPO / RLOO / REINFORCE++
         vec![
-            ("reward", named(&["reward", "reward_std"])),
-            ("KL to the reference", named(&["kl", "kl_seq"])),
-            ("entropy", named(&["entropy"])),
-            ("completion length", named(&["completions/mean_length"])),
-            ("clip ratio", named(&["clip_ratio/region_mean"])),
-            ("loss", named(&["loss"])),
+            ("reward", &["reward", "reward_std"]),
+            ("KL to the reference", &["kl", "kl_seq"]),
+            ("entropy", &["entropy"]),
+            ("completion length", &["completions/mean_length"]),
+            ("clip ratio", &["clip_ratio/region_mean"]),
+            ("loss", &["loss"]),
         ]
     } else {
         vec![
-            ("loss", named(&["loss", "val_loss", "eval/loss"])),
-            ("accuracy", named(&["accuracy", "eval/accuracy", "rewards/accuracies", "eval/rewards/accuracies"])),
-            ("implicit reward margin", named(&["rewards/margins", "eval/rewards/margins"])),
-            ("sampled KL to the reference", named(&["eval/sample_kl"])),
+            ("loss", &["loss", "val_loss", "eval/loss"]),
+            ("accuracy", &["accuracy", "eval/accuracy", "rewards/accuracies", "eval/rewards/accuracies"]),
+            ("implicit reward margin", &["rewards/margins", "eval/rewards/margins"]),
+            ("sampled KL to the reference", &["eval/sample_kl"]),
         ]
-    };
-    for (title, series) in plots {
+    }
+}
+
+/// The curves of `keys` in the metrics `m`, each named `prefix` + key; absent keys left out.
+fn named_curves(m: &[serde_json::Value], keys: &[&str], prefix: &str) -> Vec<Series> {
+    keys.iter().map(|k| (format!("{prefix}{k}"), curve(m, k))).filter(|(_, c)| !c.is_empty()).collect()
+}
+
+fn stage_section(html: &mut String, dir: &Path) -> Result<()> {
+    let m = read_metrics(dir)?;
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("run");
+    let _ = write!(html, "<h2>{}</h2><div class=\"plots\">", escape(name));
+    for (title, keys) in plot_specs(&m) {
+        let series = named_curves(&m, keys, "");
         if !series.is_empty() {
             html.push_str(&line_plot(title, "step", &series, &[], &[])?);
         }
     }
     html.push_str("</div>");
     Ok(())
+}
+
+/// Writes `out`: one page that overlays the runs' curves, plot by plot (the plots of the first
+/// run's kind; each line named `run: metric`, a run by its folder's name), and returns `out`.
+pub fn write_comparison(runs: &[PathBuf], out: &Path) -> Result<PathBuf> {
+    let metrics: Vec<(String, Vec<serde_json::Value>)> = runs
+        .iter()
+        .map(|dir| {
+            if !dir.join(METRICS).is_file() {
+                anyhow::bail!("{}: no {METRICS}; not a run folder", dir.display());
+            }
+            let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("run").to_string();
+            Ok((name, read_metrics(dir)?))
+        })
+        .collect::<Result<_>>()?;
+    let Some((_, first)) = metrics.first() else { anyhow::bail!("no run folders to compare") };
+    let mut html = page_head("rlhf comparison");
+    html.push_str("<h1>rlhf comparison</h1><ul>");
+    for dir in runs {
+        let _ = write!(html, "<li><code>{}</code></li>", escape(&dir.display().to_string()));
+    }
+    html.push_str("</ul><div class=\"plots\">");
+    for (title, keys) in plot_specs(first) {
+        let series: Vec<Series> =
+            metrics.iter().flat_map(|(name, m)| named_curves(m, keys, &format!("{name}: "))).collect();
+        if !series.is_empty() {
+            html.push_str(&line_plot(title, "step", &series, &[], &[])?);
+        }
+    }
+    html.push_str("</div></body></html>\n");
+    std::fs::write(out, html).with_context(|| format!("writing {}", out.display()))?;
+    Ok(out.to_path_buf())
 }
 
 fn demo_section(html: &mut String, s: &serde_json::Value) -> Result<()> {

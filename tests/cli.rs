@@ -154,6 +154,13 @@ fn reward_then_ppo_with_reward_model_then_report() {
     assert!(ok && out.trim().ends_with("report.html"), "{out} {err}");
     let html = std::fs::read_to_string(d.path().join("ppo/report.html")).unwrap();
     assert!(html.contains("KL to the reference") && html.contains("<svg"));
+    // two runs on one page: each line named by its run
+    let (ok, out, err) = rlhf(&["report", &p("pre"), &p("rm"), "--out", &p("cmp.html")]);
+    assert!(ok && out.trim().ends_with("cmp.html"), "{out} {err}");
+    let html = std::fs::read_to_string(d.path().join("cmp.html")).unwrap();
+    assert!(html.contains("pre: loss") && html.contains("rm: loss") && html.contains("<svg"));
+    let (ok, _, err) = rlhf(&["report", &p("pre"), &p("nope"), "--out", &p("cmp2.html")]);
+    assert!(!ok && err.contains("nope") && err.contains("not a run folder"), "{err}");
     let (ok, _, err) = rlhf(&["ppo", "--config", &p("ppo.json"), "--set", "cliprange_typo=0.1"]);
     assert!(!ok && err.contains("cliprange_typo"), "{err}");
 
