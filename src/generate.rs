@@ -1,6 +1,7 @@
 //! `rlhf generate --prompts FILE.jsonl`: completions of every prompt of a JSONL file (several
-//! per prompt if asked), sampled in batches, written as JSONL — optionally scored by a reward
-//! model, as PPO's rollouts are.
+//! per prompt if asked), sampled in batches, written as JSONL — optionally scored as PPO's
+//! rollouts are, by a reward model or any of PPO's rewards (a rule, a verifiable answer
+//! against the records' reference answers, an external command).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,10 +10,12 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use rlhf_envs::{RewardInput, RewardModel};
 use rlhf_policies::checkpoint::load_with_tokenizer;
+use rlhf_policies::CausalLm;
 use rlhf_policies::{generate_from_with, FusedOps, LearnedReward, SamplingConfig, Tokenizer, WeightDtype};
 use serde_json::json;
 
 use crate::prompt_format::{ChatPrompt, PromptFormat};
+use crate::stages::ppo::{build_reward, check_reward_inputs, RewardSpec};
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -21,6 +24,8 @@ pub struct FileGeneration {
     pub prompts: PathBuf,
     /// The records' prompt field.
     pub field: String,
+    /// The records' reference-answer field, if any (handed to the reward, and written out).
+    pub reference_field: Option<String>,
     /// Prompt template (`{prompt}` is replaced).
     pub template: String,
     /// Present: each templated prompt becomes the user turn of the model's chat template.
@@ -34,9 +39,9 @@ pub struct FileGeneration {
     pub sampling: SamplingConfig,
     /// The host engine's weight precision.
     pub weights: WeightDtype,
-    /// A reward model folder to score each completion with (its own tokenizer, its stored
-    /// normalisation applied).
-    pub reward_model: Option<PathBuf>,
+    /// The reward to score each completion with, as PPO's `reward`; a reward model reads the
+    /// texts in its own tokens, so it need not share the policy's vocabulary.
+    pub reward: Option<RewardSpec>,
 }
 
 /// Totals of a run.
@@ -61,7 +66,8 @@ struct Row {
 /// Samples `g.samples` completions of every prompt in `g.prompts` from the checkpoint `model`
 /// (folder or GGUF file) on `dev`, writing one JSON line per completion to `out`: `record`
 /// (1-based), `sample`, the formatted `prompt`, `completion` (without its EOS), `tokens`,
-/// `logprob` (summed), `finished` (stopped at EOS), and `reward` when a reward model is given.
+/// `logprob` (summed), `finished` (stopped at EOS), `reference` when the records have one, and
+/// `reward` when a reward is given.
 /// The same seed and batch size give the same output.
 pub fn generate_file<D: FusedOps>(
     model: &Path,
@@ -69,30 +75,14 @@ pub fn generate_file<D: FusedOps>(
     out: &mut dyn Write,
     dev: &D,
 ) -> Result<GenerationSummary> {
+    check_reward_inputs(g.reward.as_ref(), g.reference_field.as_deref())?;
     let (lm, tok) = load_with_tokenizer(model, dev)?;
     let format = PromptFormat::new(&g.template, g.chat.as_ref(), &tok, &lm.config, model)?;
-    let records = crate::data::read_jsonl_fields(&g.prompts, &[&g.field])?;
-    let mut texts = Vec::with_capacity(records.len());
-    let mut ids = Vec::with_capacity(records.len());
-    for (i, rec) in records.iter().enumerate() {
-        let text = format.apply(&rec[0])?;
-        let p = tok.encode(&text)?;
-        let at = || format!("{}: record {}", g.prompts.display(), i + 1);
-        if p.is_empty() {
-            bail!("{}: the prompt encodes to no tokens", at());
-        }
-        if let Some(limit) = lm.dims.position_limit().filter(|&l| p.len() + g.sampling.max_new_tokens > l) {
-            bail!(
-                "{}: {} prompt tokens + {} new exceed the model's {limit} positions",
-                at(),
-                p.len(),
-                g.sampling.max_new_tokens
-            );
-        }
-        texts.push(text);
-        ids.push(p);
-    }
-    let mut scorer = g.reward_model.as_deref().map(|dir| Scorer::load(dir, dev)).transpose()?;
+    let mut fields = vec![g.field.as_str()];
+    fields.extend(g.reference_field.as_deref());
+    let records = crate::data::read_jsonl_fields(&g.prompts, &fields)?;
+    let (texts, ids) = encode_prompts(g, &records, &format, &tok, &lm)?;
+    let mut scorer = g.reward.as_ref().map(|spec| Scorer::new(spec, dev)).transpose()?;
     let eos = tok.eos_for(&lm.config);
     let pad = tok.pad_id().or(lm.config.pad_token_id()).or(eos).unwrap_or(0);
     // completions stop at the model's EOS (and any stop ids given)
@@ -109,14 +99,31 @@ pub fn generate_file<D: FusedOps>(
         let completions: Vec<String> = (0..chunk.len())
             .map(|i| tok.decode(&gen.tokens[i][..gen.tokens[i].len() - gen.finished[i] as usize]))
             .collect::<Result<_, _>>()?;
+        let reference = |r: &Row| records[r.record].get(1).cloned();
         let scores = match scorer.as_mut() {
-            Some(s) => Some(s.score(chunk.iter().map(|r| texts[r.record].as_str()), &completions, &gen.finished)?),
+            Some(s) => {
+                let inputs: Vec<RewardInput> = chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| RewardInput {
+                        prompt: texts[r.record].clone(),
+                        response: completions[i].clone(),
+                        prompt_ids: ids[r.record].clone(),
+                        response_ids: gen.tokens[i].clone(),
+                        reference: reference(r),
+                    })
+                    .collect();
+                Some(s.score(inputs, &gen.finished)?)
+            }
             None => None,
         };
         for (i, r) in chunk.iter().enumerate() {
             let mut line = json!({"record": r.record + 1, "sample": r.sample, "prompt": texts[r.record],
                 "completion": completions[i], "tokens": gen.tokens[i].len(),
                 "logprob": gen.logprobs[i].iter().map(|&l| l as f64).sum::<f64>(), "finished": gen.finished[i]});
+            if let Some(answer) = reference(r) {
+                line["reference"] = answer.into();
+            }
             if let Some(s) = &scores {
                 line["reward"] = s[i].into();
                 rewards.push(s[i] as f64);
@@ -133,42 +140,75 @@ pub fn generate_file<D: FusedOps>(
     Ok(GenerationSummary { prompts: records.len(), completions: rows.len(), tokens, mean_reward })
 }
 
-/// A reward model with its own tokenizer: texts are re-encoded, so it need not share the
-/// policy's vocabulary.
-struct Scorer<D: FusedOps> {
+/// The formatted prompt texts of `records` (field 0) and their ids; errors name the record.
+fn encode_prompts<D: FusedOps>(
+    g: &FileGeneration,
+    records: &[Vec<String>],
+    format: &PromptFormat,
+    tok: &Tokenizer,
+    lm: &CausalLm<D>,
+) -> Result<(Vec<String>, Vec<Vec<u32>>)> {
+    let (mut texts, mut ids) = (Vec::with_capacity(records.len()), Vec::with_capacity(records.len()));
+    for (i, rec) in records.iter().enumerate() {
+        let text = format.apply(&rec[0])?;
+        let p = tok.encode(&text)?;
+        let at = || format!("{}: record {}", g.prompts.display(), i + 1);
+        if p.is_empty() {
+            bail!("{}: the prompt encodes to no tokens", at());
+        }
+        let new = g.sampling.max_new_tokens;
+        if let Some(limit) = lm.dims.position_limit().filter(|&l| p.len() + new > l) {
+            bail!("{}: {} prompt tokens + {new} new exceed the model's {limit} positions", at(), p.len());
+        }
+        texts.push(text);
+        ids.push(p);
+    }
+    Ok((texts, ids))
+}
+
+/// What scores the completions: a reward model with its own tokenizer (the texts re-encoded,
+/// so it need not share the policy's vocabulary), or any other reward on the policy's ids.
+enum Scorer<D: FusedOps> {
+    Model(Box<ModelScorer<D>>),
+    Other(Box<dyn RewardModel>),
+}
+
+/// A reward model, its tokenizer and its EOS.
+struct ModelScorer<D: FusedOps> {
     rm: LearnedReward<D>,
     tok: Tokenizer,
     eos: Option<u32>,
 }
 
 impl<D: FusedOps> Scorer<D> {
-    fn load(dir: &Path, dev: &D) -> Result<Self> {
+    fn new(spec: &RewardSpec, dev: &D) -> Result<Self> {
+        let RewardSpec::Model { path, normalize } = spec else {
+            return Ok(Scorer::Other(build_reward(Some(spec), dev)?));
+        };
         let (mut rm, norm) =
-            LearnedReward::load_pretrained(dir, dev).with_context(|| format!("reward model {}", dir.display()))?;
-        rm.norm = norm.map(|n| n.as_score_norm());
-        let tok = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+            LearnedReward::load_pretrained(path, dev).with_context(|| format!("reward model {}", path.display()))?;
+        if *normalize {
+            rm.norm = norm.map(|n| n.as_score_norm());
+        }
+        let tok = Tokenizer::from_file(&path.join("tokenizer.json"))?;
         let eos = tok.eos_for(&rm.model.config);
-        Ok(Scorer { rm, tok, eos })
+        Ok(Scorer::Model(Box::new(ModelScorer { rm, tok, eos })))
     }
 
-    /// Scores of `prompts` ⧺ `completions`, each completion closed by the EOS when it
-    /// `finished` (as the reward model was trained, and as PPO scores rollouts).
-    fn score<'a>(
-        &mut self,
-        prompts: impl Iterator<Item = &'a str>,
-        completions: &[String],
-        finished: &[bool],
-    ) -> Result<Vec<f32>> {
-        let inputs = prompts
-            .zip(completions)
-            .zip(finished)
-            .map(|((p, c), &done)| {
-                let mut response_ids = self.tok.encode(c)?;
-                response_ids.extend(self.eos.filter(|_| done));
-                let prompt_ids = self.tok.encode(p)?;
-                Ok(RewardInput { prompt: p.into(), response: c.clone(), prompt_ids, response_ids, reference: None })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(self.rm.score(&inputs)?)
+    /// The rewards of `inputs`; a reward model reads each prompt ⧺ completion in its own
+    /// tokens, closed by its EOS when the completion `finished` (as it was trained, and as PPO
+    /// scores rollouts).
+    fn score(&mut self, mut inputs: Vec<RewardInput>, finished: &[bool]) -> Result<Vec<f32>> {
+        match self {
+            Scorer::Other(reward) => Ok(reward.score(&inputs)?),
+            Scorer::Model(m) => {
+                for (x, &done) in inputs.iter_mut().zip(finished) {
+                    x.prompt_ids = m.tok.encode(&x.prompt)?;
+                    x.response_ids = m.tok.encode(&x.response)?;
+                    x.response_ids.extend(m.eos.filter(|_| done));
+                }
+                Ok(m.rm.score(&inputs)?)
+            }
+        }
     }
 }

@@ -132,10 +132,17 @@ struct GenerateArgs {
     /// --prompts: write the JSON lines here instead of stdout.
     #[arg(long, requires = "prompts")]
     out: Option<PathBuf>,
+    /// --prompts: the records' reference-answer field (written out, and handed to --reward).
+    #[arg(long, requires = "prompts")]
+    reference_field: Option<String>,
     /// --prompts: score each completion with this reward model folder (its own tokenizer and
     /// stored normalisation).
-    #[arg(long, requires = "prompts")]
+    #[arg(long, requires = "prompts", conflicts_with = "reward")]
     reward_model: Option<PathBuf>,
+    /// --prompts: score each completion with a reward as PPO's config gives it, e.g.
+    /// `'{"kind": "answer", "extraction": "flexible"}'` with --reference-field answer.
+    #[arg(long, requires = "prompts")]
+    reward: Option<String>,
     /// Maximum number of new tokens.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
@@ -431,13 +438,20 @@ fn generate_file<D: FusedOps>(a: &GenerateArgs, prompts: &std::path::Path, dev: 
     let g = rlhf::generate::FileGeneration {
         prompts: prompts.to_path_buf(),
         field: a.prompt_field.clone(),
+        reference_field: a.reference_field.clone(),
         template: a.prompt_template.clone(),
         chat: a.in_chat.then(|| rlhf::prompt_format::ChatPrompt { system: a.system.clone(), ..Default::default() }),
         samples: a.samples.max(1),
         batch: a.batch.max(1),
         sampling: sampling_config(a, None),
         weights: a.weights.into(),
-        reward_model: a.reward_model.clone(),
+        reward: match (&a.reward_model, &a.reward) {
+            (Some(path), _) => Some(RewardSpec::Model { path: path.clone(), normalize: true }),
+            (None, Some(json)) => {
+                Some(serde_json::from_str(json).with_context(|| format!("--reward {json}: not a reward"))?)
+            }
+            (None, None) => None,
+        },
     };
     let mut out: Box<dyn std::io::Write> = match &a.out {
         Some(p) => Box::new(std::io::BufWriter::new(
