@@ -58,26 +58,14 @@ fn init_generate_pretrain_eval() {
     // completions of a prompts file, scored by a rule reward, each with its record's reference
     let prompts = ["to be", "that is"].map(|q| serde_json::json!({"q": q, "ans": "#### 4"}).to_string());
     std::fs::write(d.path().join("prompts.jsonl"), prompts.join("\n")).unwrap();
-    let generate = |reward: &str| {
-        rlhf(&[
-            "generate",
-            "--model",
-            &p("run/checkpoints/step-6"),
-            "--prompts",
-            &p("prompts.jsonl"),
-            "--prompt-field",
-            "q",
-            "--reference-field",
-            "ans",
-            "--samples",
-            "2",
-            "--max-new-tokens",
-            "8",
-            "--reward",
-            reward,
-        ])
+    let (model, prompts) = (p("run/checkpoints/step-6"), p("prompts.jsonl"));
+    let generate = |extra: &[&str]| {
+        let base =
+            ["generate", "--model", &model, "--prompts", &prompts, "--prompt-field", "q", "--max-new-tokens", "8"];
+        rlhf(&[&base[..], extra].concat())
     };
-    let (ok, out, err) = generate(r#"{"kind": "keywords", "keywords": ["e"], "weight": 0.5}"#);
+    let keywords = r#"{"kind": "keywords", "keywords": ["e"], "weight": 0.5}"#;
+    let (ok, out, err) = generate(&["--reference-field", "ans", "--samples", "2", "--reward", keywords]);
     assert!(ok && err.contains("4 completions of 2 prompts"), "{err}");
     let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.iter().map(|l| l["record"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 1, 2, 2]);
@@ -86,17 +74,7 @@ fn init_generate_pretrain_eval() {
         assert_eq!((l["reward"].as_f64(), l["reference"].as_str()), (Some(want), Some("#### 4")), "{l}");
     }
     // the answer reward without reference answers is refused
-    let (ok, _, err) = rlhf(&[
-        "generate",
-        "--model",
-        &p("run/checkpoints/step-6"),
-        "--prompts",
-        &p("prompts.jsonl"),
-        "--prompt-field",
-        "q",
-        "--reward",
-        r#"{"kind": "answer"}"#,
-    ]);
+    let (ok, _, err) = generate(&["--reward", r#"{"kind": "answer"}"#]);
     assert!(!ok && err.contains("reference_field"), "{err}");
 
     // JSONL: SFT's loss on the responses; a record beyond the model's 32 positions is skipped
