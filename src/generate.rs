@@ -125,6 +125,15 @@ pub fn generate_file<D: FusedOps>(
                 line["reference"] = answer.into();
             }
             if let Some(s) = &scores {
+                if !s[i].is_finite() {
+                    bail!(
+                        "{}: record {}, sample {}: the reward is {}",
+                        g.prompts.display(),
+                        r.record + 1,
+                        r.sample,
+                        s[i]
+                    );
+                }
                 line["reward"] = s[i].into();
                 rewards.push(s[i] as f64);
             }
