@@ -485,3 +485,37 @@ fn adamw_state_round_trip_gives_exact_resume() {
         AdamW::<Cpu>::new(AdamWConfig::default()).load_state(&m2.params(), t, &partial, &file).unwrap_err().to_string();
     assert!(e.contains("exp_avg.wte") && e.contains("optimizer.safetensors"), "{e}");
 }
+
+/// A packed row gives each of its sequences the logits that sequence has alone (attention and
+/// positions restart at each), for learned positions and RoPE alike.
+fn packed_rows_equal_separate_sequences(cfg: ModelConfig) {
+    let m = model(cfg, 21);
+    let (s1, s2, s3, s4): (&[u32], &[u32], &[u32], &[u32]) = (&[3, 7, 1, 9, 4], &[2, 8, 5], &[6, 6, 0, 11], &[10]);
+    let rows = vec![vec![s1, s2, s4], vec![s3]];
+    let batch = Batch::packed(&rows, 0).unwrap();
+    assert_eq!((batch.b, batch.t), (2, 9));
+    assert_eq!(&batch.position_ids[..9], &[0, 1, 2, 3, 4, 0, 1, 2, 0]);
+    assert_eq!(&batch.attention_mask[9..], &[1, 1, 1, 1, 0, 0, 0, 0, 0]);
+    let v = m.dims.vocab;
+    let packed = m.forward(&batch, NoneTape).unwrap().as_vec();
+    for (r, row) in rows.iter().enumerate() {
+        let mut col = 0;
+        for s in row {
+            let alone = m.forward(&Batch::unpadded(&[s.to_vec()]).unwrap(), NoneTape).unwrap().as_vec();
+            let at = (r * batch.t + col) * v;
+            let diff = max_abs_diff(&packed[at..at + s.len() * v], &alone);
+            assert!(diff < 1e-5, "row {r}, sequence at column {col}: {diff}");
+            col += s.len();
+        }
+    }
+}
+
+#[test]
+fn packed_rows_equal_separate_sequences_gpt2() {
+    packed_rows_equal_separate_sequences(tiny_gpt2(12));
+}
+
+#[test]
+fn packed_rows_equal_separate_sequences_llama() {
+    packed_rows_equal_separate_sequences(tiny_llama(12));
+}

@@ -6,6 +6,9 @@ use crate::error::PolicyError;
 ///
 /// Positions follow transformers 5: `cumsum(attention_mask) - 1`, and 0 at pads. So a
 /// left-padded row sees the same positions at its real tokens as the unpadded sequence.
+///
+/// A packed row ([`Batch::packed`]) holds several sequences: its mask numbers them (1, 2, …),
+/// positions restart with each, and a token attends only to its own sequence.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     /// Rows.
@@ -14,7 +17,8 @@ pub struct Batch {
     pub t: usize,
     /// Token ids `(B·T)`.
     pub ids: Vec<u32>,
-    /// 1 for real tokens, 0 for padding `(B·T)`.
+    /// 0 for padding; for real tokens 1, or in a packed row the token's sequence number
+    /// (1, 2, …) `(B·T)`.
     pub attention_mask: Vec<u8>,
     /// Position of each token `(B·T)`.
     pub position_ids: Vec<usize>,
@@ -33,15 +37,49 @@ impl Batch {
         }
         let mut position_ids = vec![0usize; b * t];
         for r in 0..b {
-            let mut seen = 0usize;
+            // positions count the real tokens of the row's current sequence
+            let (mut seen, mut seq) = (0usize, 0u8);
             for j in 0..t {
-                if attention_mask[r * t + j] != 0 {
+                let m = attention_mask[r * t + j];
+                if m != 0 {
+                    if m != seq {
+                        (seen, seq) = (0, m);
+                    }
                     position_ids[r * t + j] = seen;
                     seen += 1;
                 }
             }
         }
         Ok(Batch { b, t, ids, attention_mask, position_ids })
+    }
+
+    /// Rows that each hold several sequences one after another, right-padded with `pad_id`
+    /// to the longest row (see the type's note): at most 255 sequences per row.
+    pub fn packed(rows: &[Vec<&[u32]>], pad_id: u32) -> Result<Self, PolicyError> {
+        let t = rows.iter().map(|r| r.iter().map(|s| s.len()).sum::<usize>()).max().unwrap_or(0);
+        let (mut ids, mut mask) = (Vec::with_capacity(rows.len() * t), Vec::with_capacity(rows.len() * t));
+        for row in rows {
+            if row.len() > u8::MAX as usize {
+                return Err(PolicyError::Input(format!("a packed row holds {} sequences; at most 255", row.len())));
+            }
+            let mut len = 0;
+            for (k, s) in row.iter().enumerate() {
+                ids.extend_from_slice(s);
+                mask.extend(std::iter::repeat_n(k as u8 + 1, s.len()));
+                len += s.len();
+            }
+            let pad = t - len;
+            ids.extend(std::iter::repeat_n(pad_id, pad));
+            mask.extend(std::iter::repeat_n(0u8, pad));
+        }
+        Self::new(ids, mask, rows.len(), t)
+    }
+
+    /// Whether the real tokens at columns `i` and `j` of row `r` belong to different
+    /// sequences of a packed row.
+    pub fn other_sequence(&self, r: usize, i: usize, j: usize) -> bool {
+        let (a, b) = (self.attention_mask[r * self.t + i], self.attention_mask[r * self.t + j]);
+        a != 0 && b != 0 && a != b
     }
 
     /// Rows of equal length, no padding.

@@ -312,7 +312,8 @@ impl<D: FusedOps> CausalLm<D> {
     ///
     /// Padding: keys with `attention_mask == 0` get zero attention weight, and positions come
     /// from `batch.position_ids`, so a left-padded row gives the same hidden states at its real
-    /// tokens as the unpadded sequence. Rows for pad queries are finite garbage.
+    /// tokens as the unpadded sequence. Rows for pad queries are finite garbage. In a packed
+    /// row ([`Batch::packed`]) each sequence's tokens get the hidden states it has alone.
     pub fn forward_hidden<T: Tape<f32, D>>(&self, batch: &Batch, tape: T) -> Result<A2<D, T>, PolicyError> {
         self.hidden(batch, None, tape)
     }
@@ -396,7 +397,7 @@ impl<D: FusedOps> CausalLm<D> {
         for r in 0..b {
             for i in 0..t {
                 for j in 0..t {
-                    if j > i || !batch.is_real(r, j) {
+                    if j > i || !batch.is_real(r, j) || batch.other_sequence(r, i, j) {
                         mask[(r * t + i) * t + j] = MASKED;
                     }
                 }
