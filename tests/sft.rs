@@ -8,7 +8,7 @@ use common::*;
 use dfdx::prelude::*;
 use rlhf::prompt_format::{ChatPrompt, PromptFormat, Transcript};
 use rlhf::schedule::LrSchedule;
-use rlhf::stages::sft::{sft_loss, tokenize, train, Example, SftConfig, Truncation};
+use rlhf::stages::sft::{sft_loss, sft_loss_packed, tokenize, train, Example, SftConfig, Truncation};
 use rlhf_policies::{Batch, CausalLm, ModelConfig, Tokenizer};
 
 const PAIRS: [(&str, &str); 6] = [
@@ -77,6 +77,24 @@ fn loss_is_the_mean_over_response_and_eos_tokens_only() {
     }
     let want = (sum / n as f64) as f32;
     assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    // packed two and one to a row: the same examples, the same mean
+    let packed = sft_loss_packed(&m, &[vec![&ex[0], &ex[1]], vec![&ex[2]]], 0, NoneTape).unwrap().array();
+    assert!((packed - want).abs() < 1e-5, "{packed} vs {want}");
+}
+
+#[test]
+fn packed_training_learns_and_resumes_exactly() {
+    let packed = |dir: &std::path::Path| SftConfig { packing: true, batch_size: 2, max_len: 64, ..cfg(dir, 30) };
+    let a = tempfile::tempdir().unwrap();
+    let report = train(packed(a.path()), false).unwrap();
+    let m = comparable_metrics(&a.path().join("run"));
+    let first = m[0]["loss"].as_f64().unwrap() as f32;
+    assert!(report.train_loss < 0.3 * first, "{first} -> {}", report.train_loss);
+    let b = tempfile::tempdir().unwrap();
+    train(packed(b.path()), false).unwrap();
+    std::fs::remove_dir_all(b.path().join("run/checkpoints/step-30")).unwrap();
+    train(packed(b.path()), true).unwrap();
+    assert_eq!(comparable_metrics(&b.path().join("run")), m);
 }
 
 #[test]

@@ -68,7 +68,11 @@ pub struct SftConfig {
     pub max_len: usize,
     /// Longer examples are skipped (default), truncated, or an error.
     pub truncation: Truncation,
-    /// Examples per micro-batch (right-padded). Default `8`.
+    /// Pack consecutive examples of the shuffled stream into each row, up to `max_len` input
+    /// tokens (attention and positions restart at each example, so each is trained on as if
+    /// alone, with less padding); `batch_size` then counts rows. Default `false`.
+    pub packing: bool,
+    /// Examples (rows, when packing) per micro-batch, right-padded. Default `8`.
     pub batch_size: usize,
     /// Micro-batches per optimizer step. Default `1`.
     pub grad_accum: usize,
@@ -107,6 +111,7 @@ impl Default for SftConfig {
             chat: None,
             max_len: 256,
             truncation: Truncation::Skip,
+            packing: false,
             batch_size: 8,
             grad_accum: 1,
             steps: 200,
@@ -193,16 +198,33 @@ pub fn sft_loss<D: FusedOps, T: Tape<f32, D>>(
     pad: u32,
     tape: T,
 ) -> Result<Tensor<Rank0, f32, D, T>> {
+    let rows: Vec<Vec<&Example>> = examples.iter().map(|&e| vec![e]).collect();
+    sft_loss_packed(model, &rows, pad, tape)
+}
+
+/// [`sft_loss`] over packed rows ([`Batch::packed`]): each row holds several examples one
+/// after another, each attended to and positioned as if alone; the mean runs over every
+/// response token (and EOS) of every row, as if the examples came one per row.
+pub fn sft_loss_packed<D: FusedOps, T: Tape<f32, D>>(
+    model: &CausalLm<D>,
+    rows: &[Vec<&Example>],
+    pad: u32,
+    tape: T,
+) -> Result<Tensor<Rank0, f32, D, T>> {
     // inputs are ids[..n-1], targets ids[1..]; target j is a response token iff j + 1 >= prompt_len
-    let inputs: Vec<Vec<u32>> = examples.iter().map(|e| e.ids[..e.ids.len() - 1].to_vec()).collect();
-    let batch = Batch::right_padded(&inputs, pad)?;
+    let inputs: Vec<Vec<&[u32]>> = rows.iter().map(|r| r.iter().map(|e| &e.ids[..e.ids.len() - 1]).collect()).collect();
+    let batch = Batch::packed(&inputs, pad)?;
     let (mut targets, mut weights) = (Vec::with_capacity(batch.b * batch.t), Vec::with_capacity(batch.b * batch.t));
-    for e in examples {
-        for j in 0..batch.t {
-            let real = j + 1 < e.ids.len();
-            targets.push(if real { e.ids[j + 1] as usize } else { 0 });
-            weights.push(if real && j + 1 >= e.prompt_len { 1.0f32 } else { 0.0 });
+    for row in rows {
+        for e in row {
+            for j in 0..e.ids.len() - 1 {
+                targets.push(e.ids[j + 1] as usize);
+                weights.push(if j + 1 >= e.prompt_len { 1.0f32 } else { 0.0 });
+            }
         }
+        let pad_to = targets.len().next_multiple_of(batch.t);
+        targets.resize(pad_to, 0);
+        weights.resize(pad_to, 0.0);
     }
     let n_resp: f32 = weights.iter().sum();
     if n_resp == 0.0 {
@@ -214,6 +236,49 @@ pub fn sft_loss<D: FusedOps, T: Tape<f32, D>>(
     let targets: Vec<usize> = rows.iter().map(|&r| targets[r]).collect();
     let weights: Vec<f32> = rows.iter().map(|&r| weights[r] / n_resp).collect();
     Ok(model.weighted_nll(h, &targets, &weights))
+}
+
+/// The training stream's rows: one example each, or packed — consecutive examples of the
+/// shuffled stream while their inputs fit in `max_len` tokens (at most 255 per row, the
+/// packed mask's limit). A row's examples depend only on the seed and its index, so a
+/// resumed run packs as the uninterrupted one did.
+enum Rows {
+    Single(EpochOrder),
+    Packed { order: EpochOrder, next: usize, rows: Vec<Vec<usize>>, max_len: usize },
+}
+
+impl Rows {
+    fn new(cfg: &SftConfig, n: usize) -> Self {
+        let order = EpochOrder::new(n, cfg.seed);
+        if cfg.packing {
+            Rows::Packed { order, next: 0, rows: vec![], max_len: cfg.max_len }
+        } else {
+            Rows::Single(order)
+        }
+    }
+
+    /// The examples of row `k`, as indices into `set`.
+    fn row(&mut self, k: usize, set: &[Example]) -> Vec<usize> {
+        match self {
+            Rows::Single(order) => vec![order.index(k)],
+            Rows::Packed { order, next, rows, max_len } => {
+                while rows.len() <= k {
+                    let (mut row, mut len) = (vec![], 0);
+                    loop {
+                        let i = order.index(*next);
+                        let l = set[i].ids.len() - 1;
+                        if !row.is_empty() && (len + l > *max_len || row.len() == u8::MAX as usize) {
+                            break;
+                        }
+                        (len, *next) = (len + l, *next + 1);
+                        row.push(i);
+                    }
+                    rows.push(row);
+                }
+                rows[k].clone()
+            }
+        }
+    }
 }
 
 /// Runs (or, with `resume`, continues) supervised fine-tuning as configured.
@@ -258,7 +323,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &SftConfig, resume: bool, dev: &D) -
     let bar = crate::progress::bar(cfg.steps as u64, "sft");
     bar.set_position(start as u64);
     let (mut train_loss, mut val_loss) = (f32::NAN, None);
-    let mut order = EpochOrder::new(train_set.len(), cfg.seed);
+    let mut stream = Rows::new(cfg, train_set.len());
     for step in start..cfg.steps {
         // ALGO: masked cross-entropy over grad_accum micro-batches, one AdamW step
         let t0 = Instant::now();
@@ -267,10 +332,11 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &SftConfig, resume: bool, dev: &D) -
         let (loss, grad_norm) =
             optimizer_step(&mut model, &mut opt, lr, cfg.grad_clip, cfg.grad_accum, |m, micro, tape| {
                 let first = (step * cfg.grad_accum + micro) * cfg.batch_size;
-                let batch: Vec<&Example> =
-                    (first..first + cfg.batch_size).map(|i| &train_set[order.index(i)]).collect();
-                tokens += batch.iter().map(|e| e.ids.len()).sum::<usize>();
-                sft_loss(m, &batch, pad, tape)
+                let rows: Vec<Vec<&Example>> = (first..first + cfg.batch_size)
+                    .map(|k| stream.row(k, train_set).into_iter().map(|i| &train_set[i]).collect())
+                    .collect();
+                tokens += rows.iter().flatten().map(|e| e.ids.len()).sum::<usize>();
+                sft_loss_packed(m, &rows, pad, tape)
             })?;
         train_loss = loss;
         let done = step + 1;
@@ -365,4 +431,31 @@ fn sample<D: FusedOps>(
         .zip(&out.tokens)
         .map(|(p, r)| Ok(serde_json::json!({"step": step, "prompt": tok.decode(p)?, "response": tok.decode(r)?})))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_rows_fill_up_to_max_len_and_cover_the_stream_in_order() {
+        // inputs (ids less the last) of 9, 9, 4, 19 and 14 tokens
+        let set: Vec<Example> =
+            [10, 10, 5, 20, 15].iter().map(|&n| Example { ids: vec![1; n], prompt_len: 1 }).collect();
+        let cfg = SftConfig { packing: true, max_len: 20, seed: 7, ..Default::default() };
+        let mut rows = Rows::new(&cfg, set.len());
+        let first: Vec<Vec<usize>> = (0..8).map(|k| rows.row(k, &set)).collect();
+        let mut order = EpochOrder::new(set.len(), 7);
+        let stream: Vec<usize> = (0..first.iter().map(Vec::len).sum()).map(|i| order.index(i)).collect();
+        assert_eq!(first.concat(), stream, "rows take the shuffled stream in order");
+        let input = |i: usize| set[i].ids.len() - 1;
+        for (row, next) in first.iter().zip(&first[1..]) {
+            let len: usize = row.iter().map(|&i| input(i)).sum();
+            assert!(len <= 20 && len + input(next[0]) > 20, "full, and the next example does not fit: {row:?}");
+        }
+        assert!(first.iter().any(|r| r.len() > 1), "some rows hold several examples: {first:?}");
+        // a row is the same whether or not the rows before it were asked for first
+        let mut again = Rows::new(&cfg, set.len());
+        assert_eq!(again.row(5, &set), first[5]);
+    }
 }
