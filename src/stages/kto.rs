@@ -47,7 +47,8 @@ pub struct TokLabelled {
     pub desirable: bool,
 }
 
-/// KTO's data for `rlhf dpo`: the labelled records of `cfg.data` tokenized as `spec` says, split (the last `val_fraction` held out, a pair's two halves on the same side; or
+/// KTO's data for `rlhf dpo`: the labelled records of `cfg.data` tokenized as `spec` says,
+/// split (the last `val_fraction` held out, a pair's two halves on the same side; or
 /// `cfg.val_data`'s records held out), each with its mismatch and the reference's log-probs;
 /// also the (skipped, truncated) counts.
 pub fn load_kto<D: FusedOps>(
