@@ -33,6 +33,8 @@ const CHECKPOINTS: &str = "checkpoints";
 pub struct RunDir {
     /// `runs/<name>`.
     pub root: PathBuf,
+    /// How many complete checkpoints to keep (the newest); 0 keeps every one.
+    keep: usize,
 }
 
 impl RunDir {
@@ -40,7 +42,14 @@ impl RunDir {
     pub fn create(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
         std::fs::create_dir_all(root.join(CHECKPOINTS)).with_context(|| format!("creating {}", root.display()))?;
-        Ok(RunDir { root })
+        Ok(RunDir { root, keep: 0 })
+    }
+
+    /// Keeps only the newest `keep` complete checkpoints, deleting older ones after each new
+    /// one is written (0, the default, keeps every one).
+    pub fn keep_last(mut self, keep: usize) -> Self {
+        self.keep = keep;
+        self
     }
 
     /// Opens the folder for a stage: with `resume`, as it is (the run to continue); for a fresh
@@ -142,28 +151,49 @@ impl RunDir {
         } else {
             std::fs::rename(&tmp, &dst)?;
         }
+        self.prune()?;
         Ok(dst)
     }
 
-    /// The valid checkpoint with the highest step, if any.
-    pub fn latest_checkpoint(&self) -> Result<Option<(usize, PathBuf)>> {
+    /// The complete checkpoints, oldest first.
+    pub fn checkpoints(&self) -> Result<Vec<(usize, PathBuf)>> {
         let dir = self.root.join(CHECKPOINTS);
         if !dir.exists() {
-            return Ok(None);
+            return Ok(vec![]);
         }
-        let mut best: Option<(usize, PathBuf)> = None;
+        let mut out = vec![];
         for entry in std::fs::read_dir(&dir)? {
             let path = entry?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<usize>().ok()) else { continue };
-            if !path.join(MARKER).is_file() {
-                continue; // incomplete: a crash before the marker
-            }
-            if best.as_ref().is_none_or(|(b, _)| step > *b) {
-                best = Some((step, path));
+            if path.join(MARKER).is_file() {
+                out.push((step, path)); // without the marker: a crash mid-write, never picked up
             }
         }
-        Ok(best)
+        out.sort();
+        Ok(out)
+    }
+
+    /// Deletes all but the newest `keep` complete checkpoints (see [`RunDir::keep_last`]).
+    fn prune(&self) -> Result<()> {
+        if self.keep == 0 {
+            return Ok(());
+        }
+        let all = self.checkpoints()?;
+        for (step, path) in &all[..all.len().saturating_sub(self.keep)] {
+            // renamed first (atomic), so a crash mid-delete never leaves a partial checkpoint
+            // that still looks complete
+            let doomed = self.root.join(CHECKPOINTS).join(format!(".del-step-{step}-{}", std::process::id()));
+            std::fs::rename(path, &doomed)?;
+            std::fs::remove_dir_all(&doomed)
+                .with_context(|| format!("removing the old checkpoint {}", doomed.display()))?;
+        }
+        Ok(())
+    }
+
+    /// The valid checkpoint with the highest step, if any.
+    pub fn latest_checkpoint(&self) -> Result<Option<(usize, PathBuf)>> {
+        Ok(self.checkpoints()?.pop())
     }
 
     /// Drops `metrics.jsonl` and `samples.jsonl` lines whose `step` is past `step` (written
@@ -264,6 +294,27 @@ mod tests {
         let text = std::fs::read_to_string(run.root.join("metrics.jsonl")).unwrap();
         assert_eq!(text.lines().count(), 4);
         assert!(text.lines().last().unwrap().contains("\"step\":4"));
+    }
+
+    #[test]
+    fn keep_last_deletes_all_but_the_newest_complete_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::open(dir.path().join("r"), false).unwrap().keep_last(2);
+        // a crashed write (no marker) is neither counted nor touched
+        let crashed = run.root.join("checkpoints/.tmp-step-9-1");
+        std::fs::create_dir_all(&crashed).unwrap();
+        for step in [10, 20, 30, 40] {
+            run.save_checkpoint(step, &"meta", |d| Ok(std::fs::write(d.join("w"), b"x")?)).unwrap();
+        }
+        let left: Vec<usize> = run.checkpoints().unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(left, [30, 40]);
+        assert!(crashed.is_dir() && !run.checkpoint_dir(20).exists());
+        assert_eq!(run.latest_checkpoint().unwrap().map(|(s, _)| s), Some(40));
+        let names: Vec<String> = std::fs::read_dir(run.root.join("checkpoints"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!names.iter().any(|n| n.starts_with(".del-")), "{names:?}");
     }
 
     #[test]

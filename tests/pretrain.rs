@@ -62,6 +62,21 @@ fn loss_falls_and_resume_is_exact() {
 }
 
 #[test]
+fn keep_checkpoints_leaves_the_newest_and_resume_still_works() {
+    let d = tempfile::tempdir().unwrap();
+    let keep_one = |steps| PretrainConfig { keep_checkpoints: 1, ..cfg(d.path(), steps) };
+    train(keep_one(20), false).unwrap();
+    let left: Vec<String> = std::fs::read_dir(d.path().join("run/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["step-20"]);
+    let report = train(keep_one(30), true).unwrap();
+    assert_eq!(report.steps, 30);
+    assert!(d.path().join("run/checkpoints/step-30").is_dir() && !d.path().join("run/checkpoints/step-20").exists());
+}
+
+#[test]
 fn no_validation_split_trains_without_val_loss() {
     let d = tempfile::tempdir().unwrap();
     let mut c = cfg(d.path(), 10);

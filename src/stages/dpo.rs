@@ -86,6 +86,9 @@ pub struct DpoConfig {
     pub eval_every: usize,
     /// Checkpoint every this many steps (and at the end). Default `100`.
     pub checkpoint_every: usize,
+    /// Keep only the newest this many checkpoints, deleting older ones as new ones are
+    /// written (0 keeps every one). Default `0`.
+    pub keep_checkpoints: usize,
     /// Held-out prompts sampled at each evaluation for the KL estimate (0 = none). Default `8`.
     pub eval_samples: usize,
     /// New tokens per evaluation sample (temperature 1). Default `64`.
@@ -119,6 +122,7 @@ impl Default for DpoConfig {
             grad_clip: 1.0,
             eval_every: 50,
             checkpoint_every: 100,
+            keep_checkpoints: 0,
             eval_samples: 8,
             sample_tokens: 64,
             device: DeviceKind::Cpu,
@@ -347,7 +351,7 @@ pub fn train(cfg: DpoConfig, resume: bool) -> Result<DpoReport> {
 }
 
 fn train_on<D: FusedOps + GradBuffers>(cfg: &DpoConfig, resume: bool, dev: &D) -> Result<DpoReport> {
-    let run = RunDir::open(&cfg.out_dir, resume)?;
+    let run = RunDir::open(&cfg.out_dir, resume)?.keep_last(cfg.keep_checkpoints);
     // BOILERPLATE: policy (fresh or restored), the frozen reference, optimizer
     let (reference, tok): (CausalLm<D>, Tokenizer) = load_with_tokenizer(&cfg.init, dev)?;
     let (mut policy, mut opt, start) = if resume {

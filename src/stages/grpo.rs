@@ -153,6 +153,9 @@ pub struct GrpoConfig {
     pub on_nonfinite: OnNonFinite,
     /// Checkpoint every this many iterations (and at the end). Default `20`.
     pub checkpoint_every: usize,
+    /// Keep only the newest this many checkpoints, deleting older ones as new ones are
+    /// written (0 keeps every one). Default `0`.
+    pub keep_checkpoints: usize,
     /// Write samples every this many iterations. Default `10`.
     pub sample_every: usize,
     /// Samples written each time. Default `4`.
@@ -199,6 +202,7 @@ impl Default for GrpoConfig {
             grad_clip: 1.0,
             on_nonfinite: OnNonFinite::Stop,
             checkpoint_every: 20,
+            keep_checkpoints: 0,
             sample_every: 10,
             sample_count: 4,
             device: DeviceKind::Cpu,
@@ -249,7 +253,7 @@ fn train_on<D: FusedOps + GradBuffers>(
     reward: Box<dyn RewardModel>,
     dev: &D,
 ) -> Result<GrpoReport> {
-    let run = RunDir::open(&cfg.out_dir, resume)?;
+    let run = RunDir::open(&cfg.out_dir, resume)?.keep_last(cfg.keep_checkpoints);
     let stage = cfg.algo.name();
     // BOILERPLATE: policy, frozen reference (only when β > 0), optimizer (fresh or restored)
     let (reference, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&cfg.policy, dev)

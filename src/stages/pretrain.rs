@@ -86,6 +86,9 @@ pub struct PretrainConfig {
     pub eval_batches: usize,
     /// Checkpoint every this many steps (and at the end). Default `500`.
     pub checkpoint_every: usize,
+    /// Keep only the newest this many checkpoints, deleting older ones as new ones are
+    /// written (0 keeps every one). Default `0`.
+    pub keep_checkpoints: usize,
     /// Tokens sampled at each evaluation. Default `100`.
     pub sample_tokens: usize,
     /// Prompt of the samples. Default `"\n"`.
@@ -114,6 +117,7 @@ impl Default for PretrainConfig {
             eval_every: 250,
             eval_batches: 20,
             checkpoint_every: 500,
+            keep_checkpoints: 0,
             sample_tokens: 100,
             sample_prompt: "\n".into(),
             device: DeviceKind::Cpu,
@@ -154,7 +158,7 @@ pub fn train(cfg: PretrainConfig, resume: bool) -> Result<PretrainReport> {
 }
 
 fn train_on<D: FusedOps + GradBuffers>(cfg: &PretrainConfig, resume: bool, dev: &D) -> Result<PretrainReport> {
-    let run = RunDir::open(&cfg.out_dir, resume)?;
+    let run = RunDir::open(&cfg.out_dir, resume)?.keep_last(cfg.keep_checkpoints);
     // BOILERPLATE: data, tokenizer, model, optimizer (fresh or from the last checkpoint)
     let text = read_corpus(&cfg.files)?;
     let val_text = if cfg.val_files.is_empty() { None } else { Some(read_corpus(&cfg.val_files)?) };

@@ -133,6 +133,9 @@ pub struct RewardConfig {
     pub eval_every: usize,
     /// Checkpoint every this many steps (and at the end). Default `100`.
     pub checkpoint_every: usize,
+    /// Keep only the newest this many checkpoints, deleting older ones as new ones are
+    /// written (0 keeps every one). Default `0`.
+    pub keep_checkpoints: usize,
     /// Held-out comparisons written to `samples.jsonl` with their scores at each evaluation.
     /// Default `3`.
     pub sample_count: usize,
@@ -166,6 +169,7 @@ impl Default for RewardConfig {
             center_coef: 0.01,
             eval_every: 50,
             checkpoint_every: 100,
+            keep_checkpoints: 0,
             sample_count: 3,
             normalize: Some(NormalizeConfig::default()),
             device: DeviceKind::Cpu,
@@ -289,7 +293,7 @@ pub fn train(cfg: RewardConfig, resume: bool) -> Result<RewardReport> {
 }
 
 fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D) -> Result<RewardReport> {
-    let run = RunDir::open(&cfg.out_dir, resume)?;
+    let run = RunDir::open(&cfg.out_dir, resume)?.keep_last(cfg.keep_checkpoints);
     // BOILERPLATE: backbone + head, tokenizer, optimizer (from init, or the run's checkpoint)
     let (mut rm, tok, mut opt, start) = if resume {
         let r = restore_latest::<_, LearnedReward<D>>(&run, &cfg.optim, dev)?;

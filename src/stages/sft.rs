@@ -88,6 +88,9 @@ pub struct SftConfig {
     pub eval_every: usize,
     /// Checkpoint every this many steps (and at the end). Default `100`.
     pub checkpoint_every: usize,
+    /// Keep only the newest this many checkpoints, deleting older ones as new ones are
+    /// written (0 keeps every one). Default `0`.
+    pub keep_checkpoints: usize,
     /// Validation prompts sampled at each evaluation. Default `3`.
     pub sample_count: usize,
     /// Tokens per sample. Default `48`.
@@ -120,6 +123,7 @@ impl Default for SftConfig {
             grad_clip: 1.0,
             eval_every: 50,
             checkpoint_every: 100,
+            keep_checkpoints: 0,
             sample_count: 3,
             sample_tokens: 48,
             device: DeviceKind::Cpu,
@@ -288,7 +292,7 @@ pub fn train(cfg: SftConfig, resume: bool) -> Result<SftReport> {
 }
 
 fn train_on<D: FusedOps + GradBuffers>(cfg: &SftConfig, resume: bool, dev: &D) -> Result<SftReport> {
-    let run = RunDir::open(&cfg.out_dir, resume)?;
+    let run = RunDir::open(&cfg.out_dir, resume)?.keep_last(cfg.keep_checkpoints);
     // BOILERPLATE: model, tokenizer, optimizer (from init, or from the run's last checkpoint)
     let (mut model, tok, mut opt, start) = if resume {
         let r = restore_latest(&run, &cfg.optim, dev)?;
