@@ -124,11 +124,11 @@ struct GenerateArgs {
     #[arg(long, requires = "prompts")]
     in_chat: bool,
     /// --prompts: completions per prompt.
-    #[arg(long, default_value_t = 1, requires = "prompts")]
-    samples: usize,
+    #[arg(long, default_value_t = 1, requires = "prompts", value_parser = clap::value_parser!(u64).range(1..))]
+    samples: u64,
     /// --prompts: sequences per batch (the output depends on --seed and --batch).
-    #[arg(long, default_value_t = 16, requires = "prompts")]
-    batch: usize,
+    #[arg(long, default_value_t = 16, requires = "prompts", value_parser = clap::value_parser!(u64).range(1..))]
+    batch: u64,
     /// --prompts: write the JSON lines here instead of stdout.
     #[arg(long, requires = "prompts")]
     out: Option<PathBuf>,
@@ -441,8 +441,8 @@ fn generate_file<D: FusedOps>(a: &GenerateArgs, prompts: &std::path::Path, dev: 
         reference_field: a.reference_field.clone(),
         template: a.prompt_template.clone(),
         chat: a.in_chat.then(|| rlhf::prompt_format::ChatPrompt { system: a.system.clone(), ..Default::default() }),
-        samples: a.samples.max(1),
-        batch: a.batch.max(1),
+        samples: a.samples as usize,
+        batch: a.batch as usize,
         sampling: sampling_config(a, None),
         weights: a.weights.into(),
         reward: match (&a.reward_model, &a.reward) {
