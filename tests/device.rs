@@ -54,6 +54,28 @@ fn left_padded<D: FusedOps>(name: &str, dev: &D) {
     }
 }
 
+/// Packed rows (several fixture texts per row, [`Batch::packed`]) on `dev`: each text's logits
+/// within 1e-4 of its own unpacked forward on the CPU.
+fn packed_rows<D: FusedOps>(name: &str, dev: &D) {
+    let exp = read_json(&fixture(name).join("expected.json"));
+    let (model, cpu) = (load(name, dev), load(name, &Cpu::default()));
+    let texts: Vec<Vec<u32>> = exp["texts"].as_array().unwrap().iter().map(|t| u32s(&t["ids"])).collect();
+    let rows: Vec<Vec<&[u32]>> = vec![texts.iter().map(Vec::as_slice).collect(), vec![&texts[0]]];
+    let batch = Batch::packed(&rows, 0).unwrap();
+    let (t, v) = (batch.t, model.dims.vocab);
+    let got = model.forward(&batch, NoneTape).unwrap().as_vec();
+    for (r, row) in rows.iter().enumerate() {
+        let mut col = 0;
+        for ids in row {
+            let alone = cpu.forward(&Batch::unpadded(&[ids.to_vec()]).unwrap(), NoneTape).unwrap().as_vec();
+            let at = (r * t + col) * v;
+            let diff = max_abs_diff(&got[at..at + ids.len() * v], &alone);
+            assert!(diff < ATOL, "{name}: packed row {r}, column {col}: {diff}");
+            col += ids.len();
+        }
+    }
+}
+
 /// Three optimizer steps (LM loss, clipping at 0.5 so the clip path runs, AdamW with decay) on
 /// `dev` and on the CPU: the same losses, gradient norms and weights.
 fn train_steps<D: FusedOps + GradBuffers>(name: &str, dev: &D) {
@@ -430,6 +452,14 @@ macro_rules! device_tests {
             #[test]
             fn llama_left_padded() {
                 left_padded("hf-llama-tiny", &$dev);
+            }
+            #[test]
+            fn gpt2_packed_rows_match_cpu() {
+                packed_rows("hf-gpt2-tiny", &$dev);
+            }
+            #[test]
+            fn llama_packed_rows_match_cpu() {
+                packed_rows("hf-llama-tiny", &$dev);
             }
             #[test]
             fn gpt2_train_steps_match_cpu() {
