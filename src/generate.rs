@@ -10,12 +10,11 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use rlhf_envs::{RewardInput, RewardModel};
 use rlhf_policies::checkpoint::load_with_tokenizer;
-use rlhf_policies::CausalLm;
 use rlhf_policies::{generate_from_with, FusedOps, LearnedReward, SamplingConfig, Tokenizer, WeightDtype};
 use serde_json::json;
 
 use crate::prompt_format::{ChatPrompt, PromptFormat};
-use crate::stages::ppo::{build_reward, check_reward_inputs, RewardSpec};
+use crate::stages::ppo::{build_reward, check_fits, check_reward_inputs, read_prompts, PromptSpec, RewardSpec};
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -78,10 +77,18 @@ pub fn generate_file<D: FusedOps>(
     check_reward_inputs(g.reward.as_ref(), g.reference_field.as_deref())?;
     let (lm, tok) = load_with_tokenizer(model, dev)?;
     let format = PromptFormat::new(&g.template, g.chat.as_ref(), &tok, &lm.config, model)?;
-    let mut fields = vec![g.field.as_str()];
-    fields.extend(g.reference_field.as_deref());
-    let records = crate::data::read_jsonl_fields(&g.prompts, &fields)?;
-    let (texts, ids) = encode_prompts(g, &records, &format, &tok, &lm)?;
+    // PPO's prompt reader, skipping none: record k of the file is prompt k
+    let spec = PromptSpec {
+        path: &g.prompts,
+        field: &g.field,
+        reference_field: g.reference_field.as_deref(),
+        format: &format,
+        max_len: usize::MAX,
+    };
+    let (prompts, _) = read_prompts(spec, &tok, "generate")?;
+    check_fits(&prompts, g.sampling.max_new_tokens, &lm.dims)?;
+    let (ids, texts): (Vec<Vec<u32>>, Vec<String>) = prompts.prompts.into_iter().unzip();
+    let references = prompts.references;
     let mut scorer = g.reward.as_ref().map(|spec| Scorer::new(spec, dev)).transpose()?;
     let eos = tok.eos_for(&lm.config);
     let pad = tok.pad_id().or(lm.config.pad_token_id()).or(eos).unwrap_or(0);
@@ -89,7 +96,7 @@ pub fn generate_file<D: FusedOps>(
     let mut base = g.sampling.clone();
     base.eos_ids.extend(eos.filter(|e| !g.sampling.eos_ids.contains(e)));
     let rows: Vec<Row> =
-        (0..records.len()).flat_map(|record| (0..g.samples).map(move |sample| Row { record, sample })).collect();
+        (0..texts.len()).flat_map(|record| (0..g.samples).map(move |sample| Row { record, sample })).collect();
     let bar = crate::progress::bar(rows.len() as u64, "generate");
     let (t0, mut tokens, mut rewards) = (Instant::now(), 0usize, Vec::new());
     for (b, chunk) in rows.chunks(g.batch.max(1)).enumerate() {
@@ -99,7 +106,7 @@ pub fn generate_file<D: FusedOps>(
         let completions: Vec<String> = (0..chunk.len())
             .map(|i| tok.decode(&gen.tokens[i][..gen.tokens[i].len() - gen.finished[i] as usize]))
             .collect::<Result<_, _>>()?;
-        let reference = |r: &Row| records[r.record].get(1).cloned();
+        let reference = |r: &Row| references.as_ref().map(|a| a[r.record].clone());
         let scores = match scorer.as_mut() {
             Some(s) => {
                 let inputs: Vec<RewardInput> = chunk
@@ -146,33 +153,7 @@ pub fn generate_file<D: FusedOps>(
     out.flush()?;
     bar.finish();
     let mean_reward = (!rewards.is_empty()).then(|| rewards.iter().sum::<f64>() / rewards.len() as f64);
-    Ok(GenerationSummary { prompts: records.len(), completions: rows.len(), tokens, mean_reward })
-}
-
-/// The formatted prompt texts of `records` (field 0) and their ids; errors name the record.
-fn encode_prompts<D: FusedOps>(
-    g: &FileGeneration,
-    records: &[Vec<String>],
-    format: &PromptFormat,
-    tok: &Tokenizer,
-    lm: &CausalLm<D>,
-) -> Result<(Vec<String>, Vec<Vec<u32>>)> {
-    let (mut texts, mut ids) = (Vec::with_capacity(records.len()), Vec::with_capacity(records.len()));
-    for (i, rec) in records.iter().enumerate() {
-        let text = format.apply(&rec[0])?;
-        let p = tok.encode(&text)?;
-        let at = || format!("{}: record {}", g.prompts.display(), i + 1);
-        if p.is_empty() {
-            bail!("{}: the prompt encodes to no tokens", at());
-        }
-        let new = g.sampling.max_new_tokens;
-        if let Some(limit) = lm.dims.position_limit().filter(|&l| p.len() + new > l) {
-            bail!("{}: {} prompt tokens + {new} new exceed the model's {limit} positions", at(), p.len());
-        }
-        texts.push(text);
-        ids.push(p);
-    }
-    Ok((texts, ids))
+    Ok(GenerationSummary { prompts: texts.len(), completions: rows.len(), tokens, mean_reward })
 }
 
 /// What scores the completions: a reward model with its own tokenizer (the texts re-encoded,
