@@ -476,7 +476,7 @@ pub fn check_fits(prompts: &Prompts, max_new_tokens: usize, dims: &rlhf_policies
     if let Some(limit) = dims.position_limit().filter(|&l| longest + max_new_tokens > l) {
         bail!(
             "the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the policy's \
-             {limit} positions (n_positions); lower max_prompt_len or max_new_tokens"
+             {limit} positions (n_positions); shorten the prompts (max_prompt_len) or lower max_new_tokens"
         );
     }
     Ok(())
