@@ -268,34 +268,86 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
         policy: &mut P,
         opts: Rollout,
     ) -> Result<Vec<Episode>, EnvError> {
-        let all: Vec<usize> = (0..self.rows.len()).collect();
-        let g = opts.group_size;
+        let groups = self.groups(opts.group_size)?;
+        let indices: Vec<usize> = (0..groups).map(|_| self.prompts.next_index()).collect();
+        self.rollout_rows(policy, &indices, opts)
+    }
+
+    /// [`VecEnv::rollout_with`] over chosen prompts of another source instead of draws from the
+    /// env's own sampler (whose cursor is left as it was): prompt `indices[k]` of `prompts` on
+    /// rows `k·G .. (k+1)·G`, so at most `num_envs / G` prompts per call. The episodes'
+    /// `prompt_index` refers to `prompts`, and the reward sees its texts and reference answers.
+    /// For held-out evaluation; `prompts` is swapped in for the call and handed back unchanged.
+    pub fn rollout_prompts<P: Policy + ?Sized>(
+        &mut self,
+        policy: &mut P,
+        prompts: &mut PromptSource,
+        indices: &[usize],
+        opts: Rollout,
+    ) -> Result<Vec<Episode>, EnvError> {
+        let groups = self.groups(opts.group_size)?;
+        if indices.len() > groups {
+            return Err(EnvError::Config {
+                field: "indices",
+                msg: format!(
+                    "{} prompts of {} rows each do not fit {} environments",
+                    indices.len(),
+                    opts.group_size,
+                    self.rows.len()
+                ),
+            });
+        }
+        if let Some(&i) = indices.iter().find(|&&i| i >= prompts.len()) {
+            return Err(EnvError::Config { field: "indices", msg: format!("prompt {i} of {}", prompts.len()) });
+        }
+        std::mem::swap(&mut self.prompts, prompts);
+        let out = self.rollout_rows(policy, indices, opts);
+        std::mem::swap(&mut self.prompts, prompts);
+        out
+    }
+
+    /// How many groups of `g` rows the environments hold (`g` must divide them).
+    fn groups(&self, g: usize) -> Result<usize, EnvError> {
         if g == 0 || !self.rows.len().is_multiple_of(g) {
             return Err(EnvError::Config {
                 field: "group_size",
                 msg: format!("must divide the {} environments, got {g}", self.rows.len()),
             });
         }
-        for group in all.chunks(g) {
-            let i = self.prompts.next_index();
-            for &r in group {
-                self.rows[r] = Some(Row::new(i, self.prompts.ids(i).to_vec()));
-            }
+        Ok(self.rows.len() / g)
+    }
+
+    /// The rollout of prompts `indices` of the current source, `opts.group_size` rows each.
+    fn rollout_rows<P: Policy + ?Sized>(
+        &mut self,
+        policy: &mut P,
+        indices: &[usize],
+        opts: Rollout,
+    ) -> Result<Vec<Episode>, EnvError> {
+        let g = opts.group_size;
+        let rows: Vec<usize> = (0..indices.len() * g).collect();
+        for &r in &rows {
+            let i = indices[r / g];
+            self.rows[r] = Some(Row::new(i, self.prompts.ids(i).to_vec()));
         }
-        policy.begin(&all, &self.prompts_of(&all))?;
-        let actions = self.sample_all(policy, &all)?;
+        policy.begin(&rows, &self.prompts_of(&rows))?;
+        let mut actions = self.sample_all(policy, &rows)?;
+        actions.truncate(rows.len());
         let ref_lps = if opts.reference {
             let responses: Vec<Vec<u32>> = actions.iter().map(|a| a.iter().map(|x| x.token).collect()).collect();
             let resp_refs: Vec<&[u32]> = responses.iter().map(Vec::as_slice).collect();
-            let prompts: Vec<Vec<u32>> = self.prompts_of(&all).iter().map(|p| p.to_vec()).collect();
+            let prompts: Vec<Vec<u32>> = self.prompts_of(&rows).iter().map(|p| p.to_vec()).collect();
             let prompt_refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-            match self.reference.score_responses(&all, &prompt_refs, &resp_refs)? {
+            match self.reference.score_responses(&rows, &prompt_refs, &resp_refs)? {
                 Some(lps) => lps,
-                None => self.reference_step_by_step(&all, &prompt_refs, &resp_refs)?,
+                None => self.reference_step_by_step(&rows, &prompt_refs, &resp_refs)?,
             }
         } else {
             actions.iter().map(|a| a.iter().map(|x| x.logprob).collect()).collect()
         };
+        if ref_lps.len() != rows.len() {
+            return Err(EnvError::Count { what: "reference log-prob rows", expected: rows.len(), got: ref_lps.len() });
+        }
         for (r, (acts, lps)) in actions.iter().zip(&ref_lps).enumerate() {
             if lps.len() != acts.len() {
                 return Err(EnvError::Count { what: "reference log-probs", expected: acts.len(), got: lps.len() });
@@ -305,8 +357,8 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
                 row.push(*a, lp, &self.cfg);
             }
         }
-        self.finish_rows(&all)?;
-        Ok(self.rows.iter().map(|r| r.as_ref().expect("finished").ep.clone()).collect())
+        self.finish_rows(&rows)?;
+        Ok(rows.iter().map(|&r| self.rows[r].as_ref().expect("finished").ep.clone()).collect())
     }
 
     /// Samples every row to its end (EOS/stop id or `max_new_tokens`).

@@ -386,3 +386,44 @@ fn each_prompt_s_reference_answer_reaches_the_reward() {
     let e = PromptSource::new(prompts(2), 0).unwrap().with_references(refs(3)).unwrap_err().to_string();
     assert!(e.contains("reference answers"), "{e}");
 }
+
+/// Held-out rollouts: chosen prompts of another source, in order, on the first rows; the
+/// reward sees that source's texts and references; the env's own sampler does not move.
+#[test]
+fn rollout_prompts_takes_the_given_prompts_and_leaves_the_sampler_alone() {
+    let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let log = seen.clone();
+    let reward = FnReward::new("refs", move |x: &RewardInput| {
+        log.borrow_mut().push((x.prompt.clone(), x.reference.clone()));
+        1.0
+    });
+    let (n, g) = (6, 2);
+    let train = || PromptSource::new(prompts(7), 5).unwrap();
+    let mut v = VecEnv::new(n, cfg(4, 0), train(), Bigram::new(12, 0.3, n, 0), reward, Box::new(Letters)).unwrap();
+    let held: Vec<(Vec<u32>, String)> = (0..4).map(|i| (vec![3, 4 + i], format!("held {i}"))).collect();
+    let refs = (0..4).map(|i| format!("answer {i}")).collect();
+    let mut held = PromptSource::new(held, 0).unwrap().with_references(refs).unwrap();
+    let mut policy = Bigram::new(12, 0.9, n, 42);
+    let eps = v.rollout_prompts(&mut policy, &mut held, &[3, 1], Rollout { group_size: g, reference: true }).unwrap();
+    assert_eq!(eps.len(), 4, "two prompts of two rows each");
+    let indices: Vec<usize> = eps.iter().map(|e| e.prompt_index).collect();
+    assert_eq!(indices, [3, 3, 1, 1]);
+    assert_eq!(eps[0].prompt_ids, vec![3, 7]);
+    let seen_now: Vec<(String, Option<String>)> = seen.borrow().clone();
+    assert_eq!(seen_now[0], ("held 3".to_string(), Some("answer 3".to_string())));
+    assert_eq!(seen_now[3], ("held 1".to_string(), Some("answer 1".to_string())));
+    assert_eq!((v.prompts().draws(), held.draws()), (0, 0), "neither sampler moved");
+    assert_eq!(held.text(2), "held 2", "the held-out source is handed back");
+    // training rollouts draw exactly as they would have without the evaluation
+    let after: Vec<usize> = v.rollout(&mut policy).unwrap().iter().map(|e| e.prompt_index).collect();
+    let mut src = train();
+    assert_eq!(after, (0..n).map(|_| src.next_index()).collect::<Vec<_>>());
+    // too many prompts for the rows, an index out of range, a group size that does not divide
+    let opts = Rollout { group_size: g, reference: true };
+    let e = v.rollout_prompts(&mut policy, &mut held, &[0, 1, 2, 3], opts).unwrap_err().to_string();
+    assert!(e.contains("do not fit"), "{e}");
+    let e = v.rollout_prompts(&mut policy, &mut held, &[4], opts).unwrap_err().to_string();
+    assert!(e.contains("prompt 4 of 4"), "{e}");
+    let e = v.rollout_prompts(&mut policy, &mut held, &[0], Rollout { group_size: 4, reference: true });
+    assert!(e.unwrap_err().to_string().contains("group_size"));
+}
