@@ -87,20 +87,20 @@ fn curve(metrics: &[serde_json::Value], key: &str) -> Vec<(f64, f64)> {
 fn plot_specs(m: &[serde_json::Value]) -> Vec<(&'static str, &'static [&'static str])> {
     if m.iter().any(|r| r.get("objective/scores").is_some()) {
         vec![
-            ("reward", &["objective/scores", "objective/rlhf_reward"]),
-            ("KL to the reference", &["objective/kl"]),
+            ("reward", &["objective/scores", "objective/rlhf_reward", "eval/scores"]),
+            ("KL to the reference", &["objective/kl", "eval/kl"]),
             ("β", &["objective/beta"]),
             ("entropy", &["policy/entropy_avg"]),
-            ("response length", &["val/response_length"]),
+            ("response length", &["val/response_length", "eval/response_length"]),
             ("losses", &["loss/policy_avg", "loss/value_avg"]),
         ]
     } else if m.iter().any(|r| r.get("frac_reward_zero_std").is_some()) {
         // GRPO / RLOO / REINFORCE++
         vec![
-            ("reward", &["reward", "reward_std"]),
-            ("KL to the reference", &["kl", "kl_seq"]),
+            ("reward", &["reward", "reward_std", "eval/reward"]),
+            ("KL to the reference", &["kl", "kl_seq", "eval/kl"]),
             ("entropy", &["entropy"]),
-            ("completion length", &["completions/mean_length"]),
+            ("completion length", &["completions/mean_length", "eval/completions/mean_length"]),
             ("clip ratio", &["clip_ratio/region_mean"]),
             ("loss", &["loss"]),
         ]

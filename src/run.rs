@@ -249,6 +249,11 @@ impl JsonlWriter {
         self.file.flush()?;
         Ok(())
     }
+
+    /// Writes records in order.
+    pub fn write_all<T: Serialize>(&mut self, records: &[T]) -> Result<()> {
+        records.iter().try_for_each(|r| self.write(r))
+    }
 }
 
 /// Writes `bytes` via a temporary file and a rename (the checkpoint writer's own helper).

@@ -90,6 +90,7 @@ fn resume_gives_the_same_metrics_and_beta_zero_needs_no_reference() {
         c.beta = 0.0;
         c.epsilon_high = 0.28;
         c.loss_type = rlhf::math::group::LossAggregation::DrGrpo;
+        (c.val_fraction, c.eval_every) = (0.34, 3);
         c
     };
     let a = tempfile::tempdir().unwrap();
@@ -99,10 +100,14 @@ fn resume_gives_the_same_metrics_and_beta_zero_needs_no_reference() {
     std::fs::remove_dir_all(b.path().join("run/checkpoints/step-4")).unwrap();
     train(run(b.path()), true).unwrap();
     let (ma, mb) = (comparable_metrics(&a.path().join("run")), comparable_metrics(&b.path().join("run")));
-    assert_eq!(ma.len(), 4);
+    assert_eq!(ma.len(), 5, "four iterations and the evaluation before them");
     assert_eq!(ma, mb);
+    let evaluated: Vec<u64> =
+        ma.iter().filter(|r| r.get("eval/reward").is_some()).map(|r| r["step"].as_u64().unwrap()).collect();
+    assert_eq!(evaluated, [0, 3, 4]);
     // β = 0: no reference forward, so no KL is measured at all
-    assert!(ma.iter().all(|r| r["kl"].as_f64() == Some(0.0) && r["kl_seq"].as_f64() == Some(0.0)));
+    assert!(ma[1..].iter().all(|r| r["kl"].as_f64() == Some(0.0) && r["kl_seq"].as_f64() == Some(0.0)));
+    assert!(ma.iter().all(|r| r.get("eval/kl").is_none()));
     assert!(a.path().join("run/checkpoints/step-4/grpo_state.json").is_file());
 }
 
@@ -179,8 +184,12 @@ fn grpo_learns_verifiable_answers_from_the_reference_field() {
         schedule: LrSchedule::Constant { lr: 2e-3 },
         checkpoint_every: 40,
         sample_every: 40,
+        val_prompts: Some(d.path().join("held_out.jsonl")),
+        eval_every: 20,
         ..Default::default()
     };
+    // the same four questions, four times each, as the held-out set (one sample per line)
+    std::fs::write(d.path().join("held_out.jsonl"), vec![prompts.join("\n"); 4].join("\n")).unwrap();
     let e = train(c.clone(), false).unwrap_err().to_string();
     assert!(e.contains("reference_field"), "{e}");
     let report = train(GrpoConfig { reference_field: Some("answer".into()), ..c }, false).unwrap();
@@ -194,6 +203,12 @@ fn grpo_learns_verifiable_answers_from_the_reference_field() {
     // 0.92–0.97 at seeds 1–5
     let (first, last) = (r[..3].iter().sum::<f64>() / 3.0, r[35..].iter().sum::<f64>() / 5.0);
     assert!(first < 0.3 && last > 0.8, "accuracy {first:.2} -> {last:.2}: {r:?}");
+    // the held-out accuracy (one sample per line) at 0, 20 and 40 iterations, and its samples
+    let evals: Vec<f64> = metrics(d.path()).iter().filter_map(|r| r["eval/reward"].as_f64()).collect();
+    assert!(evals.len() == 3 && evals[0] < 0.3 && evals[2] > 0.7, "held-out accuracy {evals:?}");
+    let mut rows = samples.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap());
+    let eval_row = rows.rfind(|r| r["split"] == "eval").unwrap();
+    assert!(eval_row["reference"].as_str().unwrap().starts_with("#### ") && eval_row["step"] == 40, "{eval_row}");
 }
 
 /// `chat`: prompts become the user turn of the policy's own chat template (here one written

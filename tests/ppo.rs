@@ -77,6 +77,7 @@ fn resume_gives_the_same_metrics_with_a_separate_critic() {
     let run = |dir: &std::path::Path| {
         let mut c = cfg(dir, 4);
         c.value_model = ValueModelConfig::Separate { init: None };
+        (c.val_fraction, c.eval_every) = (0.34, 2);
         c.kl_control =
             serde_json::from_str(r#"{"kind": "adaptive", "target": 0.5, "gain": {"form": "paper", "k_beta": 0.1}}"#)
                 .unwrap();
@@ -89,9 +90,10 @@ fn resume_gives_the_same_metrics_with_a_separate_critic() {
     std::fs::remove_dir_all(b.path().join("ppo/checkpoints/step-4")).unwrap();
     train(run(b.path()), true).unwrap();
     let (ma, mb) = (comparable_metrics(&a.path().join("ppo")), comparable_metrics(&b.path().join("ppo")));
-    assert_eq!(ma.len(), 4);
+    assert_eq!(ma.len(), 5, "four iterations and the evaluation before them");
+    assert!(ma[4].get("eval/scores").is_some());
     assert_eq!(ma, mb);
-    assert_ne!(ma[3]["objective/beta"], ma[0]["objective/beta"], "the adaptive β moved");
+    assert_ne!(ma[4]["objective/beta"], ma[1]["objective/beta"], "the adaptive β moved");
     assert!(a.path().join("ppo/checkpoints/step-4/value/config.json").is_file());
 }
 
@@ -142,4 +144,89 @@ fn reference_answers_reach_the_reward_and_the_samples() {
     let row: serde_json::Value = serde_json::from_str(samples.lines().next().unwrap()).unwrap();
     let prompt: String = row["prompt"].as_str().unwrap().chars().rev().collect();
     assert_eq!(row["reference"].as_str(), Some(prompt.as_str()), "{row}");
+}
+
+fn samples(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("ppo/samples.jsonl")).unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// The eval keys of a metrics record (without the wall time).
+fn eval_part(r: &serde_json::Value) -> Vec<(String, serde_json::Value)> {
+    let obj = r.as_object().unwrap();
+    obj.iter().filter(|(k, _)| k.starts_with("eval/")).map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+#[test]
+fn held_out_prompts_are_evaluated_on_the_same_draws_and_never_trained_on() {
+    // learning rate 0: the policy never moves, so every evaluation must repeat the first one
+    // exactly (the same random numbers each time) and its KL to the reference is exactly 0
+    let d = tempfile::tempdir().unwrap();
+    let mut c = cfg(d.path(), 4);
+    c.optim.lr = 0.0;
+    c.schedule = LrSchedule::Constant { lr: 0.0 };
+    (c.val_fraction, c.eval_every, c.sample_every, c.sample_count) = (1.0 / 3.0, 3, 1, 16);
+    c.score.missing_eos = rlhf_envs::MissingEos::Subtract(1.0);
+    train(c, false).unwrap();
+    let m = metrics(d.path());
+    let steps: Vec<u64> = m.iter().map(|r| r["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [0, 1, 2, 3, 4], "a record before the first iteration");
+    assert!(m[0].get("objective/scores").is_none() && m[1].get("eval/scores").is_none());
+    let first = eval_part(&m[0]);
+    assert_eq!(first.len(), 5, "{first:?}");
+    for r in [&m[3], &m[4]] {
+        assert_eq!(eval_part(r), first, "evaluated at 0, every 3, and at the end");
+    }
+    assert_eq!(m[0]["eval/kl"].as_f64(), Some(0.0));
+    assert!(m[0]["eval/response_length"].as_f64().unwrap() > 0.0);
+    // the processed score is the raw one less 1 for each response without EOS
+    let get = |k: &str| m[0][k].as_f64().unwrap();
+    let (raw, eos_rate) = (get("eval/raw_scores"), get("eval/eos_rate"));
+    assert!(eos_rate < 1.0 && (get("eval/scores") - (raw - (1.0 - eos_rate))).abs() < 1e-6);
+    // the last third of the prompts ("sat ", "the mat") is evaluated, in order, and never trained on
+    let (eval, train): (Vec<_>, Vec<_>) = samples(d.path()).into_iter().partition(|s| s["split"] == "eval");
+    assert_eq!(eval.len(), 3 * 2);
+    let held = ["sat ", "the mat"];
+    assert!(eval.chunks(2).all(|e| e[0]["prompt"] == held[0] && e[1]["prompt"] == held[1]));
+    assert!(!train.is_empty() && train.iter().all(|s| !held.contains(&s["prompt"].as_str().unwrap())));
+}
+
+#[test]
+fn the_held_out_score_rises_as_the_reward_is_learned() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = cfg(d.path(), 12);
+    let held_out = d.path().join("held_out.jsonl");
+    std::fs::write(&held_out, "{\"prompt\": \"the cat \"}\n{\"prompt\": \"a rat \"}\n{\"prompt\": \"to the \"}\n")
+        .unwrap();
+    (c.val_prompts, c.eval_every) = (Some(held_out), 6);
+    train(c, false).unwrap();
+    let m = metrics(d.path());
+    let evals: Vec<&serde_json::Value> = m.iter().filter(|r| r.get("eval/scores").is_some()).collect();
+    assert_eq!(evals.iter().map(|r| r["step"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 6, 12]);
+    let (start, end) = (evals[0]["eval/scores"].as_f64().unwrap(), evals[2]["eval/scores"].as_f64().unwrap());
+    assert!(end > start + 1.0, "held-out score {start:.2} -> {end:.2}");
+    let kl = evals[2]["eval/kl"].as_f64().unwrap();
+    assert!(kl > 0.0 && kl.is_finite(), "{kl}");
+}
+
+#[test]
+fn held_out_settings_are_checked() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = cfg(d.path(), 1);
+    c.val_fraction = 1.0;
+    let e = train(c.clone(), false).unwrap_err().to_string();
+    assert!(e.contains("val_fraction"), "{e}");
+    (c.val_fraction, c.eval_every) = (0.2, 0);
+    let e = train(c.clone(), false).unwrap_err().to_string();
+    assert!(e.contains("eval_every"), "{e}");
+    c.eval_every = 1;
+    // every held-out prompt longer than max_prompt_len (16)
+    let long = d.path().join("long.jsonl");
+    std::fs::write(&long, "{\"prompt\": \"the cat sat on the mat and the rat\"}\n").unwrap();
+    c.val_prompts = Some(long);
+    let e = format!("{:#}", train(c.clone(), false).unwrap_err());
+    assert!(e.contains("long.jsonl") && e.contains("no prompts left"), "{e}");
+    c.val_prompts = Some(d.path().join("missing.jsonl"));
+    let e = format!("{:#}", train(c, false).unwrap_err());
+    assert!(e.contains("missing.jsonl"), "{e}");
 }

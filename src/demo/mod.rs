@@ -509,7 +509,7 @@ fn evaluate(
         prompts.iter().zip(&s.ids).map(|(p, r)| Seq { ids: [p.as_slice(), r].concat(), prompt_len: p.len() }).collect();
     let refs: Vec<&Seq> = seqs.iter().collect();
     let n_tok: usize = seqs.iter().map(Seq::resp_len).sum();
-    let kls = sequence_log_ratios(model, reference, &refs, tok.pad_id().unwrap_or(eos))?;
+    let kls = sequence_log_ratios(model, reference, &refs, tok.pad_id().unwrap_or(eos), 1.0)?;
     let kl = kls.iter().sum::<f64>() / seqs.len() as f64;
     let eval = PolicyEval {
         name: name.into(),

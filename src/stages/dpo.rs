@@ -580,7 +580,7 @@ fn sample_kl<D: FusedOps>(
         .map(|(p, r)| Seq { ids: [p.as_slice(), r].concat(), prompt_len: p.len() })
         .collect();
     let refs: Vec<&Seq> = seqs.iter().collect();
-    let kls = sequence_log_ratios(policy, reference, &refs, pad)?;
+    let kls = sequence_log_ratios(policy, reference, &refs, pad, 1.0)?;
     prompts
         .iter()
         .zip(&g.tokens)

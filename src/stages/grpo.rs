@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use rlhf_envs::{RewardModel, ScoreConfig};
-use rlhf_policies::{AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers, RolloutEngine};
+use rlhf_policies::{AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers, RolloutEngine, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::device::DeviceKind;
@@ -24,10 +24,11 @@ use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
 use crate::stages::common::{read_state, require_counts, restore_latest, save_with};
-use crate::stages::grpo_step::{GroupState, GroupTrainer};
+use crate::stages::grpo_step::{self, GroupState, GroupTrainer};
+use crate::stages::policy_eval::{load_prompts, EvalNames, EvalSchedule, EvalSetup, Evaluator};
 use crate::stages::ppo::OnNonFinite;
 use crate::stages::ppo::{
-    build_reward, check_fits, check_reward_inputs, read_prompts, with_reference, PromptSpec, RewardSpec,
+    build_reward, check_fits, check_reward_inputs, with_reference, PromptSpec, Prompts, RewardSpec,
 };
 
 /// The algorithm and its own parameters.
@@ -116,6 +117,15 @@ pub struct GrpoConfig {
     pub chat: Option<ChatPrompt>,
     /// Longer prompts are skipped (counted and reported). Default `64`.
     pub max_prompt_len: usize,
+    /// Held-out prompts (JSONL, read like `prompts`: the same field, template, chat and
+    /// length limit), each sampled once at every evaluation and never trained on. Default: none.
+    pub val_prompts: Option<PathBuf>,
+    /// Without `val_prompts`: hold out the last this fraction of `prompts` (rounded). Default
+    /// `0`, no evaluation (holding prompts out changes which ones train).
+    pub val_fraction: f64,
+    /// Evaluate on the held-out prompts before the first iteration, every this many
+    /// iterations and after the last. Default `10`.
+    pub eval_every: usize,
     /// Prompts per iteration, P. Default `8`.
     pub prompts_per_step: usize,
     /// Completions per prompt, G (k). Default `4`.
@@ -184,6 +194,9 @@ impl Default for GrpoConfig {
             prompt_template: "{prompt}".into(),
             chat: None,
             max_prompt_len: 64,
+            val_prompts: None,
+            val_fraction: 0.0,
+            eval_every: 10,
             prompts_per_step: 8,
             num_generations: 4,
             max_new_tokens: 64,
@@ -268,16 +281,7 @@ fn train_on<D: FusedOps + GradBuffers>(
     };
     let eos = tok.eos_for(&reference.config).context("the policy's tokenizer has no EOS token")?;
     let pad = tok.pad_id().unwrap_or(eos);
-    let format = PromptFormat::new(&cfg.prompt_template, cfg.chat.as_ref(), &tok, &reference.config, &cfg.policy)?;
-    let spec = PromptSpec {
-        path: &cfg.prompts,
-        field: &cfg.prompt_field,
-        reference_field: cfg.reference_field.as_deref(),
-        format: &format,
-        max_len: cfg.max_prompt_len,
-    };
-    let (prompts, skipped_prompts) = read_prompts(spec, &tok, stage)?;
-    check_fits(&prompts, cfg.max_new_tokens, &reference.dims)?;
+    let (prompts, mut eval, skipped_prompts) = prompts_and_eval(&cfg, &tok, &reference, eos, pad)?;
     let reference = (cfg.beta != 0.0).then_some(reference);
     let (iterations, every, sample_every, sample_count) =
         (cfg.iterations, cfg.checkpoint_every, cfg.sample_every, cfg.sample_count);
@@ -288,10 +292,18 @@ fn train_on<D: FusedOps + GradBuffers>(
     let mut report = GrpoReport { iterations, rewards: vec![], skipped_batches: 0, skipped_prompts };
     let bar = crate::progress::bar(iterations as u64, stage);
     bar.set_position(start as u64);
+    if start == 0 {
+        let t = &mut trainer;
+        let record = eval.record(0, None, &mut t.env, &t.policy, t.reference.as_ref(), &tok, &mut samples)?;
+        record.map(|r| metrics.write(&r)).transpose()?;
+    }
     for it in start..iterations {
-        if let Some(out) = trainer.iteration(it)? {
-            // BOILERPLATE: metrics, samples, progress
-            metrics.write(&out.record)?;
+        let out = trainer.iteration(it)?;
+        let (t, record) = (&mut trainer, out.as_ref().map(|o| o.record.clone()));
+        let record = eval.record(it + 1, record, &mut t.env, &t.policy, t.reference.as_ref(), &tok, &mut samples)?;
+        record.map(|r| metrics.write(&r)).transpose()?;
+        if let Some(out) = out {
+            // BOILERPLATE: samples, progress
             let reward = out.record["reward"].as_f64().unwrap_or(f64::NAN);
             report.rewards.push(reward);
             if (it + 1) % sample_every == 0 || it == start {
@@ -320,6 +332,49 @@ fn train_on<D: FusedOps + GradBuffers>(
     Ok(report)
 }
 
+/// The training prompts, the held-out evaluation (one that never evaluates when the config
+/// names no held-out prompts) and the number of prompts skipped as too long.
+fn prompts_and_eval(
+    cfg: &GrpoConfig,
+    tok: &Tokenizer,
+    reference: &CausalLm<impl FusedOps>,
+    eos: u32,
+    pad: u32,
+) -> Result<(Prompts, Evaluator, usize)> {
+    let format = PromptFormat::new(&cfg.prompt_template, cfg.chat.as_ref(), tok, &reference.config, &cfg.policy)?;
+    let spec = PromptSpec {
+        path: &cfg.prompts,
+        field: &cfg.prompt_field,
+        reference_field: cfg.reference_field.as_deref(),
+        format: &format,
+        max_len: cfg.max_prompt_len,
+    };
+    let stage = cfg.algo.name();
+    let (prompts, val, skipped) = load_prompts(spec, cfg.val_prompts.as_deref(), cfg.val_fraction, tok, stage)?;
+    for p in std::iter::once(&prompts).chain(&val) {
+        check_fits(p, cfg.max_new_tokens, &reference.dims)?;
+    }
+    let schedule =
+        EvalSchedule { every: cfg.eval_every, last: cfg.iterations, seed: cfg.seed, sample_count: cfg.sample_count };
+    let setup = EvalSetup {
+        sampling: grpo_step::sampling(cfg, vec![eos], 0),
+        capacity: cfg.max_prompt_len + cfg.max_new_tokens,
+        engine: cfg.rollout_engine,
+        pad,
+    };
+    Ok((prompts, Evaluator::new(val, schedule, setup, EVAL_NAMES)?, skipped))
+}
+
+/// How the critic-free trainers name their held-out evaluation (TRL's GRPO names under
+/// `eval/`).
+const EVAL_NAMES: EvalNames = EvalNames {
+    score: "reward",
+    raw_score: "raw_reward",
+    length: "completions/mean_length",
+    response: "completion",
+    sample_score: "reward",
+};
+
 fn validate(cfg: &GrpoConfig) -> Result<()> {
     require_counts(&[
         ("prompts_per_step", cfg.prompts_per_step),
@@ -331,7 +386,9 @@ fn validate(cfg: &GrpoConfig) -> Result<()> {
         ("max_new_tokens", cfg.max_new_tokens),
         ("checkpoint_every", cfg.checkpoint_every),
         ("sample_every", cfg.sample_every),
+        ("eval_every", cfg.eval_every),
     ])?;
+    crate::stages::common::require_fraction("val_fraction", cfg.val_fraction)?;
     let b = cfg.batch_size();
     if !b.is_multiple_of(cfg.minibatch_size) || !cfg.minibatch_size.is_multiple_of(cfg.grad_accum) {
         bail!(

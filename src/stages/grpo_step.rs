@@ -118,13 +118,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
         let cfg = &self.cfg;
         // ALGO: G completions per prompt with the current policy (KV cache, shared prefill)
         let t0 = Instant::now();
-        let sampler = SamplingConfig {
-            max_new_tokens: cfg.max_new_tokens,
-            temperature: cfg.temperature,
-            eos_ids: self.env.config().eos_ids.clone(),
-            seed: mix(cfg.seed, it as u64, 1),
-            ..Default::default()
-        };
+        let sampler = sampling(cfg, self.env.config().eos_ids.clone(), mix(cfg.seed, it as u64, 1));
         let capacity = cfg.max_prompt_len + cfg.max_new_tokens;
         let mut session = policy_session(&self.policy, cfg.batch_size(), capacity, sampler, cfg.rollout_engine)?;
         let opts = Rollout { group_size: cfg.num_generations, reference: false };
@@ -158,6 +152,17 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
         let record = metrics(cfg, it + 1, &episodes, &scored, &upd, lr, self.eos, &timing);
         let advantages = scored.advantages.iter().map(|a| a.first().copied().unwrap_or(0.0)).collect();
         Ok(Some(GroupOutput { episodes, advantages, record, timing }))
+    }
+}
+
+/// The rollout sampler of `cfg` with `seed`.
+pub(crate) fn sampling(cfg: &GrpoConfig, eos_ids: Vec<u32>, seed: u64) -> SamplingConfig {
+    SamplingConfig {
+        max_new_tokens: cfg.max_new_tokens,
+        temperature: cfg.temperature,
+        eos_ids,
+        seed,
+        ..Default::default()
     }
 }
 

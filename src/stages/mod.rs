@@ -5,6 +5,7 @@ pub mod dpo;
 pub mod grpo;
 pub mod grpo_step;
 pub mod kto;
+pub mod policy_eval;
 pub mod ppo;
 pub mod ppo_models;
 pub mod ppo_step;

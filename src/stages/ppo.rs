@@ -18,7 +18,7 @@ use rlhf_envs::{
     AnswerExtraction, AnswerReward, EnvError, KeywordReward, KlEstimator, LengthReward, PromptSource, RewardModel,
     ScoreConfig,
 };
-use rlhf_policies::{AdamW, AdamWConfig, FusedOps, GradBuffers, LearnedReward, RolloutEngine, Tokenizer};
+use rlhf_policies::{AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers, LearnedReward, RolloutEngine, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{read_corpus, read_jsonl};
@@ -28,8 +28,9 @@ use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
 use crate::stages::common::{read_state, restore_latest, save_with, Checkpointable};
+use crate::stages::policy_eval::{load_prompts, EvalNames, EvalSchedule, EvalSetup, Evaluator};
 use crate::stages::ppo_models::{PpoModels, ValueModelConfig};
-use crate::stages::ppo_step::{PpoState, PpoTrainer};
+use crate::stages::ppo_step::{self, IterationOutput, PpoState, PpoTrainer};
 
 /// The reward: a trained reward model, a rule, or an external command.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,6 +167,15 @@ pub struct PpoConfig {
     pub chat: Option<ChatPrompt>,
     /// Longer prompts are skipped (counted and reported). Default `64`.
     pub max_prompt_len: usize,
+    /// Held-out prompts (JSONL, read like `prompts`: the same field, template, chat and
+    /// length limit), each sampled once at every evaluation and never trained on. Default: none.
+    pub val_prompts: Option<PathBuf>,
+    /// Without `val_prompts`: hold out the last this fraction of `prompts` (rounded). Default
+    /// `0`, no evaluation (holding prompts out changes which ones train).
+    pub val_fraction: f64,
+    /// Evaluate on the held-out prompts before the first iteration, every this many
+    /// iterations and after the last. Default `10`.
+    pub eval_every: usize,
     /// Rollouts per iteration, B. Default `32`.
     pub batch_size: usize,
     /// Response length limit. Default `64`.
@@ -249,6 +259,9 @@ impl Default for PpoConfig {
             prompt_template: "{prompt}".into(),
             chat: None,
             max_prompt_len: 64,
+            val_prompts: None,
+            val_fraction: 0.0,
+            eval_every: 10,
             batch_size: 32,
             max_new_tokens: 64,
             temperature: 1.0,
@@ -341,17 +354,8 @@ fn train_on<D: FusedOps + GradBuffers>(
     };
     let eos = tok.eos_for(&reference.config).context("the policy's tokenizer has no EOS token")?;
     let pad = tok.pad_id().unwrap_or(eos);
-    // DATA: prompts, the PPO-ptx corpus
-    let format = PromptFormat::new(&cfg.prompt_template, cfg.chat.as_ref(), &tok, &reference.config, &cfg.policy)?;
-    let spec = PromptSpec {
-        path: &cfg.prompts,
-        field: &cfg.prompt_field,
-        reference_field: cfg.reference_field.as_deref(),
-        format: &format,
-        max_len: cfg.max_prompt_len,
-    };
-    let (prompts, skipped_prompts) = read_prompts(spec, &tok, "ppo")?;
-    check_fits(&prompts, cfg.max_new_tokens, &reference.dims)?;
+    // DATA: prompts (and held-out ones), the PPO-ptx corpus
+    let (prompts, mut eval, skipped_prompts) = prompts_and_eval(&cfg, &tok, &reference, eos, pad)?;
     let ptx = cfg.ptx.as_ref().map(|p| read_corpus(&p.files).and_then(|t| Ok(tok.encode(&t)?))).transpose()?;
     let (iterations, every, sample_every, sample_count) =
         (cfg.iterations, cfg.checkpoint_every, cfg.sample_every, cfg.sample_count);
@@ -363,21 +367,25 @@ fn train_on<D: FusedOps + GradBuffers>(
     let mut report = PpoReport { iterations, scores: vec![], kl: vec![], skipped_batches: 0, skipped_prompts };
     let bar = crate::progress::bar(iterations as u64, "ppo");
     bar.set_position(start as u64);
+    if start == 0 {
+        let t = &mut trainer;
+        let record = eval.record(0, None, &mut t.env, &t.models.policy, Some(&t.reference), &tok, &mut samples)?;
+        record.map(|r| metrics.write(&r)).transpose()?;
+    }
     for it in start..iterations {
-        if let Some(out) = trainer.iteration(it)? {
-            // BOILERPLATE: metrics, samples, progress
-            metrics.write(&out.record)?;
+        let out = trainer.iteration(it)?;
+        let (t, record) = (&mut trainer, out.as_ref().map(|o| o.record.clone()));
+        let record =
+            eval.record(it + 1, record, &mut t.env, &t.models.policy, Some(&t.reference), &tok, &mut samples)?;
+        record.map(|r| metrics.write(&r)).transpose()?;
+        if let Some(out) = out {
+            // BOILERPLATE: samples, progress
             let score = out.record["objective/scores"].as_f64().unwrap_or(f64::NAN);
             let kl = out.record["objective/kl"].as_f64().unwrap_or(f64::NAN);
             report.scores.push(score);
             report.kl.push(kl);
             if (it + 1) % sample_every == 0 || it == start {
-                for (ep, k) in out.episodes.iter().zip(&out.scored.kl).take(sample_count) {
-                    let kl: f32 = k.iter().sum();
-                    let row = serde_json::json!({"step": it + 1, "prompt": tok.decode(&ep.prompt_ids)?,
-                        "response": tok.decode(&ep.response_ids)?, "score": ep.score, "kl": kl});
-                    samples.write(&with_reference(row, trainer.env.prompts(), ep.prompt_index))?;
-                }
+                samples.write_all(&sample_rows(&out, it + 1, sample_count, &tok, trainer.env.prompts())?)?;
             }
             let rollout = out.record["timing/rollout_tokens_per_s"].as_f64().unwrap_or(0.0);
             bar.set_message(format!("score {score:.3} kl {kl:.3} | rollout {rollout:.0} tok/s"));
@@ -395,6 +403,65 @@ fn train_on<D: FusedOps + GradBuffers>(
     bar.finish();
     report.skipped_batches = trainer.state.skipped_batches;
     Ok(report)
+}
+
+/// The training prompts, the held-out evaluation (one that never evaluates when the config
+/// names no held-out prompts) and the number of prompts skipped as too long.
+fn prompts_and_eval(
+    cfg: &PpoConfig,
+    tok: &Tokenizer,
+    reference: &CausalLm<impl FusedOps>,
+    eos: u32,
+    pad: u32,
+) -> Result<(Prompts, Evaluator, usize)> {
+    let format = PromptFormat::new(&cfg.prompt_template, cfg.chat.as_ref(), tok, &reference.config, &cfg.policy)?;
+    let spec = PromptSpec {
+        path: &cfg.prompts,
+        field: &cfg.prompt_field,
+        reference_field: cfg.reference_field.as_deref(),
+        format: &format,
+        max_len: cfg.max_prompt_len,
+    };
+    let (prompts, val, skipped) = load_prompts(spec, cfg.val_prompts.as_deref(), cfg.val_fraction, tok, "ppo")?;
+    for p in std::iter::once(&prompts).chain(&val) {
+        check_fits(p, cfg.max_new_tokens, &reference.dims)?;
+    }
+    let schedule =
+        EvalSchedule { every: cfg.eval_every, last: cfg.iterations, seed: cfg.seed, sample_count: cfg.sample_count };
+    let setup = EvalSetup {
+        sampling: ppo_step::sampling(cfg, Some(eos), 0),
+        capacity: cfg.max_prompt_len + cfg.max_new_tokens,
+        engine: cfg.rollout_engine,
+        pad,
+    };
+    Ok((prompts, Evaluator::new(val, schedule, setup, EVAL_NAMES)?, skipped))
+}
+
+/// How PPO names its held-out evaluation (TRL's training names under `eval/`).
+const EVAL_NAMES: EvalNames = EvalNames {
+    score: "scores",
+    raw_score: "raw_scores",
+    length: "response_length",
+    response: "response",
+    sample_score: "score",
+};
+
+/// The first `count` rollouts of an iteration as `samples.jsonl` rows.
+fn sample_rows(
+    out: &IterationOutput,
+    step: usize,
+    count: usize,
+    tok: &Tokenizer,
+    prompts: &PromptSource,
+) -> Result<Vec<serde_json::Value>> {
+    let rows = out.episodes.iter().zip(&out.scored.kl).take(count);
+    rows.map(|(ep, k)| {
+        let kl: f32 = k.iter().sum();
+        let row = serde_json::json!({"step": step, "prompt": tok.decode(&ep.prompt_ids)?,
+            "response": tok.decode(&ep.response_ids)?, "score": ep.score, "kl": kl});
+        Ok(with_reference(row, prompts, ep.prompt_index))
+    })
+    .collect()
 }
 
 /// The reward a config names (shared with the critic-free trainers); a learned one on `dev`.
@@ -534,7 +601,9 @@ fn validate(cfg: &PpoConfig) -> Result<()> {
         ("max_new_tokens", cfg.max_new_tokens),
         ("checkpoint_every", cfg.checkpoint_every),
         ("sample_every", cfg.sample_every),
+        ("eval_every", cfg.eval_every),
     ])?;
+    crate::stages::common::require_fraction("val_fraction", cfg.val_fraction)?;
     if !cfg.batch_size.is_multiple_of(cfg.minibatch_size) || !cfg.minibatch_size.is_multiple_of(cfg.grad_accum) {
         bail!(
             "batch_size ({}) must be a multiple of minibatch_size ({}), and that of grad_accum ({})",

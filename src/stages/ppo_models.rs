@@ -99,17 +99,18 @@ pub fn logprobs_and_entropy<D: FusedOps, T: Tape<f32, D>>(
     Ok(model.logprobs_and_entropy(h, &targets, temperature))
 }
 
-/// Per sequence, `Σ_t log π_θ(token) − log π_ref(token)` over its response tokens
-/// (temperature 1): on samples from π_θ, an unbiased estimate of the sequence-level
-/// KL(π_θ‖π_ref).
+/// Per sequence, `Σ_t log π_θ(token) − log π_ref(token)` over its response tokens, both
+/// distributions from `logits / temperature`: on samples from π_θ at that temperature, an
+/// unbiased estimate of the sequence-level KL(π_θ‖π_ref).
 pub fn sequence_log_ratios<D: FusedOps>(
     policy: &CausalLm<D>,
     reference: &CausalLm<D>,
     seqs: &[&Seq],
     pad: u32,
+    temperature: f32,
 ) -> Result<Vec<f64>> {
-    let lp = logprobs_and_entropy(policy, seqs, pad, 1.0, NoneTape)?.as_vec();
-    let lr = logprobs_and_entropy(reference, seqs, pad, 1.0, NoneTape)?.as_vec();
+    let lp = logprobs_and_entropy(policy, seqs, pad, temperature, NoneTape)?.as_vec();
+    let lr = logprobs_and_entropy(reference, seqs, pad, temperature, NoneTape)?.as_vec();
     let mut off = 0;
     Ok(seqs
         .iter()

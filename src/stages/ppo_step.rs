@@ -190,7 +190,8 @@ pub struct Scored {
     pub scores: Vec<f32>,
 }
 
-fn sampling(cfg: &PpoConfig, eos: Option<u32>, seed: u64) -> SamplingConfig {
+/// The rollout sampler of `cfg` with `seed`.
+pub(crate) fn sampling(cfg: &PpoConfig, eos: Option<u32>, seed: u64) -> SamplingConfig {
     SamplingConfig {
         max_new_tokens: cfg.max_new_tokens,
         temperature: cfg.temperature,

@@ -1,0 +1,240 @@
+//! Held-out evaluation of the online RL policies (PPO, GRPO, RLOO, REINFORCE++). Before the
+//! first iteration and every `eval_every` iterations after it, each held-out prompt is sampled
+//! once by the current policy — at the training temperature and with the same random numbers
+//! every time, so two evaluations differ only by the policy — and scored by the run's reward
+//! through the env (the same score processing as training); with a reference model, the
+//! sampled KL of each completion,
+//!
+//! ```text
+//! KL̂(x) = Σ_t log π_θ(y_t | x, y_<t) − log π_ref(y_t | x, y_<t),   y ~ π_θ(· | x)
+//! ```
+//! (both from `logits / temperature`, the training forward), is averaged too: an unbiased
+//! estimate of KL(π_θ‖π_ref) on the held-out prompts (Ziegler et al. 2019's `objective/kl`
+//! with k1). The held-out prompts are the last `val_fraction` of the prompt file or a separate
+//! `val_prompts` file, and are never trained on.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use rlhf_envs::{Episode, NoReference, PromptSource, RewardModel, Rollout, VecEnv};
+use rlhf_policies::{policy_session, CausalLm, FusedOps, RolloutEngine, SamplingConfig, Tokenizer};
+
+use crate::data::{held_out_count, mix};
+use crate::run::JsonlWriter;
+use crate::stages::common::held_out_from;
+use crate::stages::ppo::{read_prompts, PromptSpec, Prompts};
+use crate::stages::ppo_models::{sequence_log_ratios, Seq};
+
+/// The training prompts and the held-out ones (`None`: no evaluation), and the number of
+/// prompts skipped as too long. Held out: all of `val_prompts` (read like the training prompts
+/// by `spec`), or else the last `val_fraction` (rounded) of the training file.
+pub fn load_prompts(
+    spec: PromptSpec<'_>,
+    val_prompts: Option<&Path>,
+    val_fraction: f64,
+    tok: &Tokenizer,
+    stage: &str,
+) -> Result<(Prompts, Option<Prompts>, usize)> {
+    let (mut train, mut skipped) = read_prompts(spec, tok, stage)?;
+    let val = match val_prompts {
+        Some(path) => {
+            let (val, s) = read_prompts(PromptSpec { path, ..spec }, tok, stage)?;
+            skipped += s;
+            let references = val.references;
+            let prompts = held_out_from(stage, path, val.prompts, "prompts")?;
+            Some(Prompts { prompts, references })
+        }
+        None => {
+            let n_val = held_out_count(train.prompts.len(), val_fraction);
+            (n_val > 0).then(|| {
+                let keep = train.prompts.len() - n_val;
+                let prompts = train.prompts.split_off(keep);
+                let references = train.references.as_mut().map(|r| r.split_off(keep));
+                eprintln!("{stage}: the last {n_val} prompts of {} held out for evaluation", spec.path.display());
+                Prompts { prompts, references }
+            })
+        }
+    };
+    if train.prompts.is_empty() {
+        bail!("{}: no training prompts left after holding out {val_fraction} of them", spec.path.display());
+    }
+    Ok((train, val, skipped))
+}
+
+/// How an evaluation samples: the training sampler (its seed is replaced by the evaluation's
+/// own), the KV-cache rows, the decode engine and the padding id.
+#[derive(Debug, Clone)]
+pub struct EvalSetup {
+    /// Sampling (length, temperature, EOS).
+    pub sampling: SamplingConfig,
+    /// KV-cache capacity per row (longest prompt + `max_new_tokens`).
+    pub capacity: usize,
+    /// Where the rollout decodes.
+    pub engine: RolloutEngine,
+    /// Padding id of the scoring forward.
+    pub pad: u32,
+}
+
+/// When a run evaluates, and what it writes.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalSchedule {
+    /// Evaluate every this many iterations (and before the first).
+    pub every: usize,
+    /// The last iteration (always evaluated).
+    pub last: usize,
+    /// The run's seed (the evaluation's sampling seed comes from it alone).
+    pub seed: u64,
+    /// Samples written to `samples.jsonl` per evaluation.
+    pub sample_count: usize,
+}
+
+/// A run's held-out evaluation: the prompts (none: the run does not evaluate), the schedule,
+/// the sampler and the stage's metric names.
+#[derive(Debug)]
+pub struct Evaluator {
+    prompts: Option<PromptSource>,
+    schedule: EvalSchedule,
+    setup: EvalSetup,
+    names: EvalNames,
+}
+
+/// The names one stage logs an evaluation under: its training metrics' names with `eval/`.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalNames {
+    /// The mean processed score (PPO's `scores`, GRPO's `reward`).
+    pub score: &'static str,
+    /// The mean raw score: the reward's own output, before the config's `score` processing
+    /// (normalise, clip, the missing-EOS rule).
+    pub raw_score: &'static str,
+    /// The mean response length.
+    pub length: &'static str,
+    /// A sample's response field in `samples.jsonl`.
+    pub response: &'static str,
+    /// A sample's score field in `samples.jsonl`.
+    pub sample_score: &'static str,
+}
+
+/// What one evaluation gave: an episode per held-out prompt, in order, and each one's sampled
+/// KL when there is a reference.
+#[derive(Debug, Clone)]
+pub struct PolicyEval {
+    /// The episodes (processed score, EOS, tokens).
+    pub episodes: Vec<Episode>,
+    /// `Σ_t log π_θ/π_ref` per episode.
+    pub kls: Option<Vec<f64>>,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+impl Evaluator {
+    /// An evaluator over `prompts` (`None`: one that never evaluates).
+    pub fn new(prompts: Option<Prompts>, schedule: EvalSchedule, setup: EvalSetup, names: EvalNames) -> Result<Self> {
+        let prompts = prompts.map(|p| p.source(schedule.seed)).transpose()?;
+        Ok(Evaluator { prompts, schedule, setup, names })
+    }
+
+    /// Whether iteration count `step` (0: before the first) is evaluated: every `every`-th,
+    /// and the last one.
+    pub fn due(&self, step: usize) -> bool {
+        self.prompts.is_some() && (step.is_multiple_of(self.schedule.every) || step == self.schedule.last)
+    }
+
+    /// `record` (an iteration's metrics; `None` for a skipped one) with the evaluation after
+    /// `step` iterations added when one is due (a record of its own when there is none), and
+    /// its first samples written to `samples`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record<M: RewardModel, D: FusedOps>(
+        &mut self,
+        step: usize,
+        record: Option<serde_json::Value>,
+        env: &mut VecEnv<NoReference, M>,
+        policy: &CausalLm<D>,
+        reference: Option<&CausalLm<D>>,
+        tok: &Tokenizer,
+        samples: &mut JsonlWriter,
+    ) -> Result<Option<serde_json::Value>> {
+        if !self.due(step) {
+            return Ok(record);
+        }
+        let eval = self.run(env, policy, reference).with_context(|| format!("evaluation after {step} iterations"))?;
+        let mut record = record.unwrap_or_else(|| serde_json::json!({"step": step}));
+        eval.put(&mut record, &self.names);
+        samples.write_all(&self.sample_rows(&eval, step, tok)?)?;
+        Ok(Some(record))
+    }
+
+    /// Samples every held-out prompt once with `policy` (`env.num_envs()` at a time) through
+    /// `env`'s reward, and takes each sample's KL to `reference`.
+    pub fn run<M: RewardModel, D: FusedOps>(
+        &mut self,
+        env: &mut VecEnv<NoReference, M>,
+        policy: &CausalLm<D>,
+        reference: Option<&CausalLm<D>>,
+    ) -> Result<PolicyEval> {
+        let t0 = Instant::now();
+        let (setup, rows) = (&self.setup, env.num_envs());
+        let source = self.prompts.as_mut().context("this run has no held-out prompts")?;
+        let sampling = SamplingConfig { seed: mix(self.schedule.seed, 0xe7a1, 11), ..setup.sampling.clone() };
+        let mut session = policy_session(policy, rows, setup.capacity, sampling, setup.engine)?;
+        let indices: Vec<usize> = (0..source.len()).collect();
+        let mut episodes = Vec::with_capacity(indices.len());
+        for chunk in indices.chunks(rows) {
+            let opts = Rollout { group_size: 1, reference: false };
+            episodes.extend(env.rollout_prompts(session.as_mut(), source, chunk, opts).context("evaluation rollout")?);
+        }
+        drop(session);
+        let kls = reference
+            .map(|r| {
+                let seqs: Vec<Seq> = episodes
+                    .iter()
+                    .map(|e| Seq {
+                        ids: [e.prompt_ids.as_slice(), &e.response_ids].concat(),
+                        prompt_len: e.prompt_ids.len(),
+                    })
+                    .collect();
+                let refs: Vec<&Seq> = seqs.iter().collect();
+                let chunks =
+                    refs.chunks(rows).map(|c| sequence_log_ratios(policy, r, c, setup.pad, setup.sampling.temperature));
+                chunks.collect::<Result<Vec<_>>>().map(|k| k.concat())
+            })
+            .transpose()?;
+        Ok(PolicyEval { episodes, kls, seconds: t0.elapsed().as_secs_f64() })
+    }
+
+    /// The first `sample_count` evaluated samples as `samples.jsonl` rows (`"split": "eval"`).
+    fn sample_rows(&self, eval: &PolicyEval, step: usize, tok: &Tokenizer) -> Result<Vec<serde_json::Value>> {
+        let (names, source) = (&self.names, self.prompts.as_ref().context("no held-out prompts")?);
+        eval.episodes
+            .iter()
+            .enumerate()
+            .take(self.schedule.sample_count)
+            .map(|(i, ep)| {
+                let mut row = serde_json::json!({"step": step, "split": "eval", "prompt": tok.decode(&ep.prompt_ids)?});
+                row[names.response] = tok.decode(&ep.response_ids)?.into();
+                row[names.sample_score] = ep.score.into();
+                if let Some(k) = &eval.kls {
+                    row["kl"] = k[i].into();
+                }
+                Ok(crate::stages::ppo::with_reference(row, source, ep.prompt_index))
+            })
+            .collect()
+    }
+}
+
+impl PolicyEval {
+    /// Adds the means to a metrics record: `eval/<score>`, `eval/<raw_score>`, `eval/kl` (with a
+    /// reference), `eval/<length>`, `eval/eos_rate`, and the wall time as `timing/eval`.
+    pub fn put(&self, record: &mut serde_json::Value, names: &EvalNames) {
+        let n = self.episodes.len().max(1) as f64;
+        let mean = |f: &dyn Fn(&Episode) -> f64| self.episodes.iter().map(f).sum::<f64>() / n;
+        record[format!("eval/{}", names.score)] = mean(&|e| e.score as f64).into();
+        record[format!("eval/{}", names.raw_score)] = mean(&|e| e.raw_score as f64).into();
+        if let Some(k) = &self.kls {
+            record["eval/kl"] = (k.iter().sum::<f64>() / n).into();
+        }
+        record[format!("eval/{}", names.length)] = mean(&|e| e.response_ids.len() as f64).into();
+        record["eval/eos_rate"] = mean(&|e| f64::from(u8::from(e.terminated))).into();
+        record["timing/eval"] = self.seconds.into();
+    }
+}
