@@ -15,21 +15,19 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use rlhf_envs::{RewardModel, ScoreConfig};
-use rlhf_policies::{AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers, RolloutEngine, Tokenizer};
+use rlhf_policies::{AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers, RolloutEngine};
 use serde::{Deserialize, Serialize};
 
 use crate::device::DeviceKind;
 use crate::math::group::{LossAggregation, RewardScale, Whitening};
-use crate::prompt_format::{ChatPrompt, PromptFormat};
+use crate::prompt_format::ChatPrompt;
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
 use crate::stages::common::{read_state, require_counts, restore_latest, save_with};
 use crate::stages::grpo_step::{self, GroupState, GroupTrainer};
-use crate::stages::policy_eval::{load_prompts, EvalNames, EvalSchedule, EvalSetup, Evaluator};
+use crate::stages::policy_eval::{online_prompts, prompts_and_eval, EvalNames};
 use crate::stages::ppo::OnNonFinite;
-use crate::stages::ppo::{
-    build_reward, check_fits, check_reward_inputs, with_reference, PromptSpec, Prompts, RewardSpec,
-};
+use crate::stages::ppo::{build_reward, check_reward_inputs, with_reference, RewardSpec};
 
 /// The algorithm and its own parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -281,7 +279,9 @@ fn train_on<D: FusedOps + GradBuffers>(
     };
     let eos = tok.eos_for(&reference.config).context("the policy's tokenizer has no EOS token")?;
     let pad = tok.pad_id().unwrap_or(eos);
-    let (prompts, mut eval, skipped_prompts) = prompts_and_eval(&cfg, &tok, &reference, eos, pad)?;
+    let sampling = grpo_step::sampling(&cfg, vec![eos], 0);
+    let (prompts, mut eval, skipped_prompts) =
+        prompts_and_eval(online_prompts!(cfg, stage), &tok, &reference, sampling, pad, EVAL_NAMES)?;
     let reference = (cfg.beta != 0.0).then_some(reference);
     let (iterations, every, sample_every, sample_count) =
         (cfg.iterations, cfg.checkpoint_every, cfg.sample_every, cfg.sample_count);
@@ -330,39 +330,6 @@ fn train_on<D: FusedOps + GradBuffers>(
     bar.finish();
     report.skipped_batches = trainer.state.skipped_batches;
     Ok(report)
-}
-
-/// The training prompts, the held-out evaluation (one that never evaluates when the config
-/// names no held-out prompts) and the number of prompts skipped as too long.
-fn prompts_and_eval(
-    cfg: &GrpoConfig,
-    tok: &Tokenizer,
-    reference: &CausalLm<impl FusedOps>,
-    eos: u32,
-    pad: u32,
-) -> Result<(Prompts, Evaluator, usize)> {
-    let format = PromptFormat::new(&cfg.prompt_template, cfg.chat.as_ref(), tok, &reference.config, &cfg.policy)?;
-    let spec = PromptSpec {
-        path: &cfg.prompts,
-        field: &cfg.prompt_field,
-        reference_field: cfg.reference_field.as_deref(),
-        format: &format,
-        max_len: cfg.max_prompt_len,
-    };
-    let stage = cfg.algo.name();
-    let (prompts, val, skipped) = load_prompts(spec, cfg.val_prompts.as_deref(), cfg.val_fraction, tok, stage)?;
-    for p in std::iter::once(&prompts).chain(&val) {
-        check_fits(p, cfg.max_new_tokens, &reference.dims)?;
-    }
-    let schedule =
-        EvalSchedule { every: cfg.eval_every, last: cfg.iterations, seed: cfg.seed, sample_count: cfg.sample_count };
-    let setup = EvalSetup {
-        sampling: grpo_step::sampling(cfg, vec![eos], 0),
-        capacity: cfg.max_prompt_len + cfg.max_new_tokens,
-        engine: cfg.rollout_engine,
-        pad,
-    };
-    Ok((prompts, Evaluator::new(val, schedule, setup, EVAL_NAMES)?, skipped))
 }
 
 /// How the critic-free trainers name their held-out evaluation (TRL's GRPO names under

@@ -21,9 +21,10 @@ use rlhf_envs::{Episode, NoReference, PromptSource, RewardModel, Rollout, VecEnv
 use rlhf_policies::{policy_session, CausalLm, FusedOps, RolloutEngine, SamplingConfig, Tokenizer};
 
 use crate::data::{held_out_count, mix};
+use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::JsonlWriter;
 use crate::stages::common::held_out_from;
-use crate::stages::ppo::{read_prompts, PromptSpec, Prompts};
+use crate::stages::ppo::{check_fits, read_prompts, PromptSpec, Prompts};
 use crate::stages::ppo_models::{sequence_log_ratios, Seq};
 
 /// The training prompts and the held-out ones (`None`: no evaluation), and the number of
@@ -60,6 +61,92 @@ pub fn load_prompts(
         bail!("{}: no training prompts left after holding out {val_fraction} of them", spec.path.display());
     }
     Ok((train, val, skipped))
+}
+
+/// What the configs of PPO and the critic-free trainers say about prompts and evaluation; their
+/// fields share these names, and the crate's `online_prompts!` macro reads them from either.
+#[derive(Debug, Clone, Copy)]
+pub struct OnlinePrompts<'a> {
+    /// The stage's name, for messages.
+    pub stage: &'a str,
+    /// The policy checkpoint (for the chat-template error message).
+    pub policy: &'a Path,
+    /// The prompt file.
+    pub prompts: &'a Path,
+    /// Its prompt field.
+    pub prompt_field: &'a str,
+    /// Its reference-answer field.
+    pub reference_field: Option<&'a str>,
+    /// Prompt template.
+    pub prompt_template: &'a str,
+    /// The chat template's use, if any.
+    pub chat: Option<&'a ChatPrompt>,
+    /// Longer prompts are skipped.
+    pub max_prompt_len: usize,
+    /// Response length limit.
+    pub max_new_tokens: usize,
+    /// Held-out prompt file.
+    pub val_prompts: Option<&'a Path>,
+    /// Held-out fraction of the prompt file (without `val_prompts`).
+    pub val_fraction: f64,
+    /// When to evaluate.
+    pub schedule: EvalSchedule,
+    /// Where rollouts decode.
+    pub engine: RolloutEngine,
+}
+
+/// The [`OnlinePrompts`] of a PPO or critic-free config, `$stage` naming it.
+macro_rules! online_prompts {
+    ($cfg:expr, $stage:expr) => {
+        $crate::stages::policy_eval::OnlinePrompts {
+            stage: $stage,
+            policy: &$cfg.policy,
+            prompts: &$cfg.prompts,
+            prompt_field: &$cfg.prompt_field,
+            reference_field: $cfg.reference_field.as_deref(),
+            prompt_template: &$cfg.prompt_template,
+            chat: $cfg.chat.as_ref(),
+            max_prompt_len: $cfg.max_prompt_len,
+            max_new_tokens: $cfg.max_new_tokens,
+            val_prompts: $cfg.val_prompts.as_deref(),
+            val_fraction: $cfg.val_fraction,
+            schedule: $crate::stages::policy_eval::EvalSchedule {
+                every: $cfg.eval_every,
+                last: $cfg.iterations,
+                seed: $cfg.seed,
+                sample_count: $cfg.sample_count,
+            },
+            engine: $cfg.rollout_engine,
+        }
+    };
+}
+pub(crate) use online_prompts;
+
+/// The training prompts, the held-out evaluation (one that never evaluates when `p` names no
+/// held-out prompts) sampling with `sampling` and logging under `names`, and the number of
+/// prompts skipped as too long. Every prompt must leave room for the response in the policy.
+pub fn prompts_and_eval<D: FusedOps>(
+    p: OnlinePrompts<'_>,
+    tok: &Tokenizer,
+    policy: &CausalLm<D>,
+    sampling: SamplingConfig,
+    pad: u32,
+    names: EvalNames,
+) -> Result<(Prompts, Evaluator, usize)> {
+    let format = PromptFormat::new(p.prompt_template, p.chat, tok, &policy.config, p.policy)?;
+    let spec = PromptSpec {
+        path: p.prompts,
+        field: p.prompt_field,
+        reference_field: p.reference_field,
+        format: &format,
+        max_len: p.max_prompt_len,
+    };
+    let (prompts, val, skipped) = load_prompts(spec, p.val_prompts, p.val_fraction, tok, p.stage)?;
+    for set in std::iter::once(&prompts).chain(&val) {
+        check_fits(set, p.max_new_tokens, &policy.dims)?;
+    }
+    let setup = EvalSetup { sampling, capacity: p.max_prompt_len + p.max_new_tokens, engine: p.engine, pad };
+    Ok((prompts, Evaluator::new(val, p.schedule, setup, names)?, skipped))
 }
 
 /// How an evaluation samples: the training sampler (its seed is replaced by the evaluation's

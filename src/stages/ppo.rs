@@ -18,7 +18,7 @@ use rlhf_envs::{
     AnswerExtraction, AnswerReward, EnvError, KeywordReward, KlEstimator, LengthReward, PromptSource, RewardModel,
     ScoreConfig,
 };
-use rlhf_policies::{AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers, LearnedReward, RolloutEngine, Tokenizer};
+use rlhf_policies::{AdamW, AdamWConfig, FusedOps, GradBuffers, LearnedReward, RolloutEngine, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{read_corpus, read_jsonl};
@@ -28,7 +28,7 @@ use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
 use crate::stages::common::{read_state, restore_latest, save_with, Checkpointable};
-use crate::stages::policy_eval::{load_prompts, EvalNames, EvalSchedule, EvalSetup, Evaluator};
+use crate::stages::policy_eval::{online_prompts, prompts_and_eval, EvalNames};
 use crate::stages::ppo_models::{PpoModels, ValueModelConfig};
 use crate::stages::ppo_step::{self, IterationOutput, PpoState, PpoTrainer};
 
@@ -355,7 +355,9 @@ fn train_on<D: FusedOps + GradBuffers>(
     let eos = tok.eos_for(&reference.config).context("the policy's tokenizer has no EOS token")?;
     let pad = tok.pad_id().unwrap_or(eos);
     // DATA: prompts (and held-out ones), the PPO-ptx corpus
-    let (prompts, mut eval, skipped_prompts) = prompts_and_eval(&cfg, &tok, &reference, eos, pad)?;
+    let sampling = ppo_step::sampling(&cfg, Some(eos), 0);
+    let (prompts, mut eval, skipped_prompts) =
+        prompts_and_eval(online_prompts!(cfg, "ppo"), &tok, &reference, sampling, pad, EVAL_NAMES)?;
     let ptx = cfg.ptx.as_ref().map(|p| read_corpus(&p.files).and_then(|t| Ok(tok.encode(&t)?))).transpose()?;
     let (iterations, every, sample_every, sample_count) =
         (cfg.iterations, cfg.checkpoint_every, cfg.sample_every, cfg.sample_count);
@@ -403,38 +405,6 @@ fn train_on<D: FusedOps + GradBuffers>(
     bar.finish();
     report.skipped_batches = trainer.state.skipped_batches;
     Ok(report)
-}
-
-/// The training prompts, the held-out evaluation (one that never evaluates when the config
-/// names no held-out prompts) and the number of prompts skipped as too long.
-fn prompts_and_eval(
-    cfg: &PpoConfig,
-    tok: &Tokenizer,
-    reference: &CausalLm<impl FusedOps>,
-    eos: u32,
-    pad: u32,
-) -> Result<(Prompts, Evaluator, usize)> {
-    let format = PromptFormat::new(&cfg.prompt_template, cfg.chat.as_ref(), tok, &reference.config, &cfg.policy)?;
-    let spec = PromptSpec {
-        path: &cfg.prompts,
-        field: &cfg.prompt_field,
-        reference_field: cfg.reference_field.as_deref(),
-        format: &format,
-        max_len: cfg.max_prompt_len,
-    };
-    let (prompts, val, skipped) = load_prompts(spec, cfg.val_prompts.as_deref(), cfg.val_fraction, tok, "ppo")?;
-    for p in std::iter::once(&prompts).chain(&val) {
-        check_fits(p, cfg.max_new_tokens, &reference.dims)?;
-    }
-    let schedule =
-        EvalSchedule { every: cfg.eval_every, last: cfg.iterations, seed: cfg.seed, sample_count: cfg.sample_count };
-    let setup = EvalSetup {
-        sampling: ppo_step::sampling(cfg, Some(eos), 0),
-        capacity: cfg.max_prompt_len + cfg.max_new_tokens,
-        engine: cfg.rollout_engine,
-        pad,
-    };
-    Ok((prompts, Evaluator::new(val, schedule, setup, EVAL_NAMES)?, skipped))
 }
 
 /// How PPO names its held-out evaluation (TRL's training names under `eval/`).
