@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{ensure, Context, Result};
 use rlhf_envs::{RewardInput, RewardModel};
 use rlhf_policies::checkpoint::load_with_tokenizer;
 use rlhf_policies::{generate_from_with, FusedOps, LearnedReward, SamplingConfig, Tokenizer, WeightDtype};
@@ -109,18 +109,15 @@ pub fn generate_file<D: FusedOps>(
         let reference = |r: &Row| references.as_ref().map(|a| a[r.record].clone());
         let scores = match scorer.as_mut() {
             Some(s) => {
-                let inputs: Vec<RewardInput> = chunk
-                    .iter()
-                    .enumerate()
-                    .map(|(i, r)| RewardInput {
+                let inputs =
+                    chunk.iter().zip(&completions).zip(&gen.tokens).map(|((r, completion), response)| RewardInput {
                         prompt: texts[r.record].clone(),
-                        response: completions[i].clone(),
+                        response: completion.clone(),
                         prompt_ids: ids[r.record].clone(),
-                        response_ids: gen.tokens[i].clone(),
+                        response_ids: response.clone(),
                         reference: reference(r),
-                    })
-                    .collect();
-                Some(s.score(inputs, &gen.finished)?)
+                    });
+                Some(s.score(inputs.collect(), &gen.finished)?)
             }
             None => None,
         };
@@ -132,15 +129,8 @@ pub fn generate_file<D: FusedOps>(
                 line["reference"] = answer.into();
             }
             if let Some(s) = &scores {
-                if !s[i].is_finite() {
-                    bail!(
-                        "{}: record {}, sample {}: the reward is {}",
-                        g.prompts.display(),
-                        r.record + 1,
-                        r.sample,
-                        s[i]
-                    );
-                }
+                let (file, record, sample) = (g.prompts.display(), r.record + 1, r.sample);
+                ensure!(s[i].is_finite(), "{file}: record {record}, sample {sample}: the reward is {}", s[i]);
                 line["reward"] = s[i].into();
                 rewards.push(s[i] as f64);
             }

@@ -308,19 +308,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D
         .eos_for(&rm.model.config)
         .ok_or_else(|| anyhow::anyhow!("{}: the tokenizer has no EOS token", cfg.init.display()))?;
     // DATA: records → comparisons → tokens → train / validation
-    let format = PromptFormat::new(&cfg.prompt_template, cfg.chat.as_ref(), &tok, &rm.model.config, &cfg.init)?;
-    let hold = HoldOut {
-        stage: "reward",
-        what: "comparisons",
-        data: &cfg.data,
-        val_data: cfg.val_data.as_deref(),
-        val_fraction: cfg.val_fraction,
-        max_len: cfg.max_len,
-    };
-    let data = HeldOut::load(hold, |file| {
-        let records = read_comparisons(file, &cfg.format)?;
-        Ok((records.len(), tokenize(cfg, &format, &tok, eos, (file, &records))?))
-    })?;
+    let data = load_data(cfg, &tok, &rm.model.config, eos)?;
     let (train_set, val_set) = data.split();
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;
@@ -383,6 +371,28 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D
     }
     bar.finish();
     Ok(report)
+}
+
+/// The comparisons of `data` (and `val_data`) tokenized, with the held-out ones split off.
+fn load_data(
+    cfg: &RewardConfig,
+    tok: &Tokenizer,
+    config: &rlhf_policies::ModelConfig,
+    eos: u32,
+) -> Result<HeldOut<TokComparison>> {
+    let format = PromptFormat::new(&cfg.prompt_template, cfg.chat.as_ref(), tok, config, &cfg.init)?;
+    let hold = HoldOut {
+        stage: "reward",
+        what: "comparisons",
+        data: &cfg.data,
+        val_data: cfg.val_data.as_deref(),
+        val_fraction: cfg.val_fraction,
+        max_len: cfg.max_len,
+    };
+    HeldOut::load(hold, |file| {
+        let records = read_comparisons(file, &cfg.format)?;
+        Ok((records.len(), tokenize(cfg, &format, tok, eos, (file, &records))?))
+    })
 }
 
 /// The backbone and tokenizer of `init` with a fresh head, or a reward model to continue.

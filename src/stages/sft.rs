@@ -308,19 +308,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &SftConfig, resume: bool, dev: &D) -
         .ok_or_else(|| anyhow::anyhow!("{}: the tokenizer has no EOS token", cfg.init.display()))?;
     let pad = tok.pad_id().unwrap_or(eos);
     // DATA: records → examples → train / validation
-    let format = PromptFormat::new(&cfg.prompt_template, cfg.chat.as_ref(), &tok, &model.config, &cfg.init)?;
-    let hold = HoldOut {
-        stage: "sft",
-        what: "examples",
-        data: &cfg.data,
-        val_data: cfg.val_data.as_deref(),
-        val_fraction: cfg.val_fraction,
-        max_len: cfg.max_len,
-    };
-    let data = HeldOut::load(hold, |file| {
-        let records = read_jsonl_fields(file, &[&cfg.prompt_field, &cfg.response_field])?;
-        Ok((records.len(), tokenize(cfg, &format, &tok, eos, (file, &records))?))
-    })?;
+    let data = load_data(cfg, &tok, &model.config, eos)?;
     let (train_set, val_set) = data.split();
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;
@@ -374,6 +362,28 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &SftConfig, resume: bool, dev: &D) -
         truncated: data.truncated,
         train_loss,
         val_loss,
+    })
+}
+
+/// The examples of `data` (and `val_data`) tokenized, with the held-out ones split off.
+fn load_data(
+    cfg: &SftConfig,
+    tok: &Tokenizer,
+    config: &rlhf_policies::ModelConfig,
+    eos: u32,
+) -> Result<HeldOut<Example>> {
+    let format = PromptFormat::new(&cfg.prompt_template, cfg.chat.as_ref(), tok, config, &cfg.init)?;
+    let hold = HoldOut {
+        stage: "sft",
+        what: "examples",
+        data: &cfg.data,
+        val_data: cfg.val_data.as_deref(),
+        val_fraction: cfg.val_fraction,
+        max_len: cfg.max_len,
+    };
+    HeldOut::load(hold, |file| {
+        let records = read_jsonl_fields(file, &[&cfg.prompt_field, &cfg.response_field])?;
+        Ok((records.len(), tokenize(cfg, &format, tok, eos, (file, &records))?))
     })
 }
 
