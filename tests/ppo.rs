@@ -199,10 +199,17 @@ fn the_held_out_score_rises_as_the_reward_is_learned() {
     std::fs::write(&held_out, "{\"prompt\": \"the cat \"}\n{\"prompt\": \"a rat \"}\n{\"prompt\": \"to the \"}\n")
         .unwrap();
     (c.val_prompts, c.eval_every) = (Some(held_out), 6);
-    train(c, false).unwrap();
+    let report = train(c, false).unwrap();
     let m = metrics(d.path());
     let evals: Vec<&serde_json::Value> = m.iter().filter(|r| r.get("eval/scores").is_some()).collect();
     assert_eq!(evals.iter().map(|r| r["step"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 6, 12]);
+    // the report lists the same evaluations
+    assert_eq!(report.evaluations.len(), 3);
+    for (summary, r) in report.evaluations.iter().zip(&evals) {
+        for k in ["step", "eval/scores", "eval/kl"] {
+            assert_eq!(summary[k], r[k], "{k}");
+        }
+    }
     let (start, end) = (evals[0]["eval/scores"].as_f64().unwrap(), evals[2]["eval/scores"].as_f64().unwrap());
     assert!(end > start + 1.0, "held-out score {start:.2} -> {end:.2}");
     let kl = evals[2]["eval/kl"].as_f64().unwrap();

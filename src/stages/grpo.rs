@@ -240,6 +240,8 @@ pub struct GrpoReport {
     pub skipped_batches: usize,
     /// Prompts skipped for being longer than `max_prompt_len`.
     pub skipped_prompts: usize,
+    /// The held-out evaluations of this process: `step` and the `eval/…` means.
+    pub evaluations: Vec<serde_json::Value>,
 }
 
 /// Runs (or, with `resume`, continues) the configured algorithm with the config's reward; a
@@ -289,7 +291,8 @@ fn train_on<D: FusedOps + GradBuffers>(
     let mut trainer = GroupTrainer::new(cfg, policy, reference, opt, state, prompts, reward, detok, Some(eos), pad)?;
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;
-    let mut report = GrpoReport { iterations, rewards: vec![], skipped_batches: 0, skipped_prompts };
+    let mut report =
+        GrpoReport { iterations, rewards: vec![], skipped_batches: 0, skipped_prompts, evaluations: vec![] };
     let bar = crate::progress::bar(iterations as u64, stage);
     bar.set_position(start as u64);
     if start == 0 {
@@ -329,6 +332,7 @@ fn train_on<D: FusedOps + GradBuffers>(
     }
     bar.finish();
     report.skipped_batches = trainer.state.skipped_batches;
+    report.evaluations = eval.into_summaries();
     Ok(report)
 }
 

@@ -184,6 +184,7 @@ pub struct Evaluator {
     schedule: EvalSchedule,
     setup: EvalSetup,
     names: EvalNames,
+    done: Vec<serde_json::Value>,
 }
 
 /// The names one stage logs an evaluation under: its training metrics' names with `eval/`.
@@ -218,7 +219,7 @@ impl Evaluator {
     /// An evaluator over `prompts` (`None`: one that never evaluates).
     pub fn new(prompts: Option<Prompts>, schedule: EvalSchedule, setup: EvalSetup, names: EvalNames) -> Result<Self> {
         let prompts = prompts.map(|p| p.source(schedule.seed)).transpose()?;
-        Ok(Evaluator { prompts, schedule, setup, names })
+        Ok(Evaluator { prompts, schedule, setup, names, done: vec![] })
     }
 
     /// Whether iteration count `step` (0: before the first) is evaluated: every `every`-th,
@@ -246,9 +247,19 @@ impl Evaluator {
         }
         let eval = self.run(env, policy, reference).with_context(|| format!("evaluation after {step} iterations"))?;
         let mut record = record.unwrap_or_else(|| serde_json::json!({"step": step}));
-        eval.put(&mut record, &self.names);
+        let mut summary = serde_json::json!({"step": step});
+        for r in [&mut record, &mut summary] {
+            eval.put(r, &self.names);
+        }
+        self.done.push(summary);
         samples.write_all(&self.sample_rows(&eval, step, tok)?)?;
         Ok(Some(record))
+    }
+
+    /// The evaluations this process made, in order: `step` and the `eval/…` means (the run's
+    /// report lists them).
+    pub fn into_summaries(self) -> Vec<serde_json::Value> {
+        self.done
     }
 
     /// Samples every held-out prompt once with `policy` (`env.num_envs()` at a time) through

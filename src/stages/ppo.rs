@@ -310,6 +310,8 @@ pub struct PpoReport {
     pub skipped_batches: usize,
     /// Prompts skipped for being longer than `max_prompt_len`.
     pub skipped_prompts: usize,
+    /// The held-out evaluations of this process: `step` and the `eval/…` means.
+    pub evaluations: Vec<serde_json::Value>,
 }
 
 /// Runs (or, with `resume`, continues) PPO with the reward given in the config; a learned
@@ -366,7 +368,8 @@ fn train_on<D: FusedOps + GradBuffers>(
     trainer.ptx = ptx;
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;
-    let mut report = PpoReport { iterations, scores: vec![], kl: vec![], skipped_batches: 0, skipped_prompts };
+    let mut report =
+        PpoReport { iterations, scores: vec![], kl: vec![], skipped_batches: 0, skipped_prompts, evaluations: vec![] };
     let bar = crate::progress::bar(iterations as u64, "ppo");
     bar.set_position(start as u64);
     if start == 0 {
@@ -404,6 +407,7 @@ fn train_on<D: FusedOps + GradBuffers>(
     }
     bar.finish();
     report.skipped_batches = trainer.state.skipped_batches;
+    report.evaluations = eval.into_summaries();
     Ok(report)
 }
 
