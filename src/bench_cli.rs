@@ -67,6 +67,7 @@ pub(crate) enum BenchCommand {
     /// One training step (forward + cross-entropy + backward + AdamW) at the workload's shape.
     Train(DeviceArgs),
     /// One no-grad forward with full logits at the workload's `scoring` shape (32 × 96).
+    #[command(alias = "score")]
     Scoring(DeviceArgs),
     /// One PPO iteration (rollout, scoring, advantages, 4 × 4 minibatch updates) per phase.
     Ppo(PpoBenchArgs),
