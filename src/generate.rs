@@ -14,7 +14,9 @@ use rlhf_policies::{generate_from_with, FusedOps, LearnedReward, SamplingConfig,
 use serde_json::json;
 
 use crate::prompt_format::{ChatPrompt, PromptFormat};
-use crate::stages::ppo::{build_reward, check_fits, check_reward_inputs, read_prompts, PromptSpec, RewardSpec};
+use crate::stages::ppo::{
+    build_reward, check_fits, check_reward_inputs, read_prompts, PromptSpec, Prompts, RewardSpec,
+};
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -41,6 +43,9 @@ pub struct FileGeneration {
     /// The reward to score each completion with, as PPO's `reward`; a reward model reads the
     /// texts in its own tokens, so it need not share the policy's vocabulary.
     pub reward: Option<RewardSpec>,
+    /// Prompts longer than this (in the model's tokens, after the template) are skipped and
+    /// counted; without it, a prompt that leaves no room for `max_new_tokens` is an error.
+    pub max_prompt_len: Option<usize>,
 }
 
 /// Totals of a run.
@@ -48,6 +53,8 @@ pub struct FileGeneration {
 pub struct GenerationSummary {
     /// Prompt records read.
     pub prompts: usize,
+    /// Of those, skipped as longer than `max_prompt_len`.
+    pub skipped_prompts: usize,
     /// Completions written.
     pub completions: usize,
     /// New tokens sampled.
@@ -76,19 +83,7 @@ pub fn generate_file<D: FusedOps>(
 ) -> Result<GenerationSummary> {
     check_reward_inputs(g.reward.as_ref(), g.reference_field.as_deref())?;
     let (lm, tok) = load_with_tokenizer(model, dev)?;
-    let format = PromptFormat::new(&g.template, g.chat.as_ref(), &tok, &lm.config, model)?;
-    // PPO's prompt reader, skipping none: record k of the file is prompt k
-    let spec = PromptSpec {
-        path: &g.prompts,
-        field: &g.field,
-        reference_field: g.reference_field.as_deref(),
-        format: &format,
-        max_len: usize::MAX,
-    };
-    let (prompts, _) = read_prompts(spec, &tok, "generate")?;
-    check_fits(&prompts, g.sampling.max_new_tokens, &lm.dims)?;
-    let (ids, texts): (Vec<Vec<u32>>, Vec<String>) = prompts.prompts.into_iter().unzip();
-    let references = prompts.references;
+    let (ids, texts, references, kept) = read_records(g, &tok, &lm, model)?;
     let mut scorer = g.reward.as_ref().map(|spec| Scorer::new(spec, dev)).transpose()?;
     let eos = tok.eos_for(&lm.config);
     let pad = tok.pad_id().or(lm.config.pad_token_id()).or(eos).unwrap_or(0);
@@ -96,7 +91,7 @@ pub fn generate_file<D: FusedOps>(
     let mut base = g.sampling.clone();
     base.eos_ids.extend(eos.filter(|e| !g.sampling.eos_ids.contains(e)));
     let rows: Vec<Row> =
-        (0..texts.len()).flat_map(|record| (0..g.samples).map(move |sample| Row { record, sample })).collect();
+        kept.iter().flat_map(|&record| (0..g.samples).map(move |sample| Row { record, sample })).collect();
     let bar = crate::progress::bar(rows.len() as u64, "generate");
     let (t0, mut tokens, mut rewards) = (Instant::now(), 0usize, Vec::new());
     for (b, chunk) in rows.chunks(g.batch.max(1)).enumerate() {
@@ -143,7 +138,41 @@ pub fn generate_file<D: FusedOps>(
     out.flush()?;
     bar.finish();
     let mean_reward = (!rewards.is_empty()).then(|| rewards.iter().sum::<f64>() / rewards.len() as f64);
-    Ok(GenerationSummary { prompts: texts.len(), completions: rows.len(), tokens, mean_reward })
+    let skipped_prompts = texts.len() - kept.len();
+    Ok(GenerationSummary { prompts: texts.len(), skipped_prompts, completions: rows.len(), tokens, mean_reward })
+}
+
+/// Every record's prompt ids and text (record k of the file is prompt k), their reference
+/// answers if asked for, and the records whose prompts are within `g.max_prompt_len`; those
+/// must leave room for the completion in the model.
+#[allow(clippy::type_complexity)]
+fn read_records<D: FusedOps>(
+    g: &FileGeneration,
+    tok: &Tokenizer,
+    lm: &rlhf_policies::CausalLm<D>,
+    model: &Path,
+) -> Result<(Vec<Vec<u32>>, Vec<String>, Option<Vec<String>>, Vec<usize>)> {
+    let format = PromptFormat::new(&g.template, g.chat.as_ref(), tok, &lm.config, model)?;
+    // PPO's prompt reader, skipping none, so that records keep their numbers
+    let spec = PromptSpec {
+        path: &g.prompts,
+        field: &g.field,
+        reference_field: g.reference_field.as_deref(),
+        format: &format,
+        max_len: usize::MAX,
+    };
+    let (prompts, _) = read_prompts(spec, tok, "generate")?;
+    let limit = g.max_prompt_len.unwrap_or(usize::MAX);
+    let kept: Vec<usize> = (0..prompts.prompts.len()).filter(|&k| prompts.prompts[k].0.len() <= limit).collect();
+    let skipped = prompts.prompts.len() - kept.len();
+    if skipped > 0 {
+        eprintln!("generate: {skipped} prompts longer than --max-prompt-len {limit} skipped");
+    }
+    ensure!(!kept.is_empty(), "{}: no prompt within --max-prompt-len {limit}", g.prompts.display());
+    let fitting = Prompts::from(kept.iter().map(|&k| prompts.prompts[k].clone()).collect::<Vec<_>>());
+    check_fits(&fitting, g.sampling.max_new_tokens, &lm.dims)?;
+    let (ids, texts) = prompts.prompts.into_iter().unzip();
+    Ok((ids, texts, prompts.references, kept))
 }
 
 /// What scores the completions: a reward model with its own tokenizer (the texts re-encoded,

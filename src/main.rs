@@ -135,6 +135,10 @@ struct GenerateArgs {
     /// --prompts: the records' reference-answer field (written out, and handed to --reward).
     #[arg(long, requires = "prompts")]
     reference_field: Option<String>,
+    /// --prompts: skip (and count) prompts longer than this many tokens after the template;
+    /// without it, a prompt that leaves no room for --max-new-tokens is an error.
+    #[arg(long, requires = "prompts")]
+    max_prompt_len: Option<usize>,
     /// --prompts: score each completion with this reward model folder (its own tokenizer and
     /// stored normalisation).
     #[arg(long, requires = "prompts", conflicts_with = "reward")]
@@ -452,6 +456,7 @@ fn generate_file<D: FusedOps>(a: &GenerateArgs, prompts: &std::path::Path, dev: 
             }
             (None, None) => None,
         },
+        max_prompt_len: a.max_prompt_len,
     };
     let mut out: Box<dyn std::io::Write> = match &a.out {
         Some(p) => Box::new(std::io::BufWriter::new(
@@ -461,7 +466,9 @@ fn generate_file<D: FusedOps>(a: &GenerateArgs, prompts: &std::path::Path, dev: 
     };
     let s = rlhf::generate::generate_file(&a.model, &g, &mut out, dev)?;
     let reward = s.mean_reward.map(|r| format!("; mean reward {r:.4}")).unwrap_or_default();
-    eprintln!("[{} completions of {} prompts, {} new tokens{reward}]", s.completions, s.prompts, s.tokens);
+    let skipped =
+        if s.skipped_prompts > 0 { format!(" ({} skipped as too long)", s.skipped_prompts) } else { String::new() };
+    eprintln!("[{} completions of {} prompts{skipped}, {} new tokens{reward}]", s.completions, s.prompts, s.tokens);
     Ok(())
 }
 

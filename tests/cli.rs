@@ -56,8 +56,8 @@ fn init_generate_pretrain_eval() {
     assert!(loss > 0.0 && (ppl - loss.exp()).abs() < 1e-6 * ppl);
 
     // completions of a prompts file, scored by a rule reward, each with its record's reference
-    let prompts = ["to be", "that is"].map(|q| serde_json::json!({"q": q, "ans": "#### 4"}).to_string());
-    std::fs::write(d.path().join("prompts.jsonl"), prompts.join("\n")).unwrap();
+    let prompts_json = ["to be", "that is"].map(|q| serde_json::json!({"q": q, "ans": "#### 4"}).to_string());
+    std::fs::write(d.path().join("prompts.jsonl"), prompts_json.join("\n")).unwrap();
     let (model, prompts) = (p("run/checkpoints/step-6"), p("prompts.jsonl"));
     let generate = |extra: &[&str]| {
         let base =
@@ -76,6 +76,17 @@ fn init_generate_pretrain_eval() {
     // the answer reward without reference answers is refused
     let (ok, _, err) = generate(&["--reward", r#"{"kind": "answer"}"#]);
     assert!(!ok && err.contains("reference_field"), "{err}");
+    // a prompt that leaves no room in the model's 32 positions: an error, or with
+    // --max-prompt-len skipped and counted, the others keeping their record numbers
+    let long = serde_json::json!({"q": "to be or not to be, that is the question"}).to_string();
+    std::fs::write(d.path().join("long.jsonl"), [long.as_str(), &prompts_json[0]].join("\n")).unwrap();
+    let base = ["generate", "--model", &model, "--prompts", &p("long.jsonl"), "--prompt-field", "q"];
+    let (ok, _, err) = rlhf(&[&base[..], &["--max-new-tokens", "16"]].concat());
+    assert!(!ok && err.contains("32 positions"), "{err}");
+    let (ok, out, err) = rlhf(&[&base[..], &["--max-new-tokens", "16", "--max-prompt-len", "16"]].concat());
+    assert!(ok && err.contains("1 completions of 2 prompts (1 skipped as too long)"), "{err}");
+    let line: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!((line["record"].as_u64(), line["prompt"].as_str()), (Some(2), Some("to be")), "{line}");
 
     // JSONL: SFT's loss on the responses; a record beyond the model's 32 positions is skipped
     let records = [("to be", " or not"), ("that is", " the question."), ("to be", &" or not".repeat(9))];
