@@ -9,6 +9,7 @@ use rlhf::schedule::LrSchedule;
 use rlhf::stages::ppo::{train, train_with_reward, PpoConfig, RewardSpec};
 use rlhf::stages::ppo_models::ValueModelConfig;
 use rlhf_envs::FnReward;
+use rlhf_policies::RolloutEngine;
 
 fn cfg(dir: &std::path::Path, iterations: usize) -> PpoConfig {
     let (policy, prompts) = pretrained_policy(dir);
@@ -159,10 +160,19 @@ fn eval_part(r: &serde_json::Value) -> Vec<(String, serde_json::Value)> {
 
 #[test]
 fn held_out_prompts_are_evaluated_on_the_same_draws_and_never_trained_on() {
+    // both decoders: the host engine, and the model's own KV-cached decode (CUDA's default),
+    // which begins all of a session's rows together — the last held-out chunk is narrower
+    for engine in [RolloutEngine::Host, RolloutEngine::Device] {
+        evaluations_repeat_with_a_fixed_policy(engine);
+    }
+}
+
+fn evaluations_repeat_with_a_fixed_policy(engine: RolloutEngine) {
     // learning rate 0: the policy never moves, so every evaluation must repeat the first one
     // exactly (the same random numbers each time) and its KL to the reference is exactly 0
     let d = tempfile::tempdir().unwrap();
     let mut c = cfg(d.path(), 4);
+    c.rollout_engine = engine;
     c.optim.lr = 0.0;
     c.schedule = LrSchedule::Constant { lr: 0.0 };
     (c.val_fraction, c.eval_every, c.sample_every, c.sample_count) = (1.0 / 3.0, 3, 1, 16);

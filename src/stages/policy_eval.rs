@@ -273,15 +273,17 @@ impl Evaluator {
         let t0 = Instant::now();
         let (setup, rows) = (&self.setup, env.num_envs());
         let source = self.prompts.as_mut().context("this run has no held-out prompts")?;
-        let sampling = SamplingConfig { seed: mix(self.schedule.seed, 0xe7a1, 11), ..setup.sampling.clone() };
-        let mut session = policy_session(policy, rows, setup.capacity, sampling, setup.engine)?;
         let indices: Vec<usize> = (0..source.len()).collect();
         let mut episodes = Vec::with_capacity(indices.len());
-        for chunk in indices.chunks(rows) {
+        for (c, chunk) in indices.chunks(rows).enumerate() {
+            // a session per chunk, as wide as the chunk (the device decode begins all of its
+            // rows together), seeded by the chunk's index: fresh random streams per prompt
+            let seed = mix(self.schedule.seed, 0xe7a1, 11 + c as u64);
+            let sampling = SamplingConfig { seed, ..setup.sampling.clone() };
+            let mut session = policy_session(policy, chunk.len(), setup.capacity, sampling, setup.engine)?;
             let opts = Rollout { group_size: 1, reference: false };
             episodes.extend(env.rollout_prompts(session.as_mut(), source, chunk, opts).context("evaluation rollout")?);
         }
-        drop(session);
         let kls = reference
             .map(|r| {
                 let seqs: Vec<Seq> = episodes
