@@ -295,6 +295,40 @@ fn pretrain_stage(kind: rlhf::device::DeviceKind) {
     assert_eq!(model.dims.n_layer, 2);
 }
 
+/// The PPO stage on `kind` with held-out evaluation: the 3 held-out prompts are one chunk
+/// narrower than the 4 rollout rows (the device decode begins a session of its own for it),
+/// every evaluation runs, and before the first update the policy is the reference, so the
+/// sampled KL is 0.
+fn ppo_stage_evaluates(kind: rlhf::device::DeviceKind) {
+    use rlhf::stages::ppo::{train, PpoConfig, RewardSpec};
+    let d = tempfile::tempdir().unwrap();
+    let (policy, prompts) = pretrained_policy(d.path());
+    let cfg = PpoConfig {
+        out_dir: d.path().join("ppo"),
+        policy,
+        prompts,
+        reward: Some(RewardSpec::Keywords { keywords: vec!["a".into()], weight: 1.0 }),
+        value_model: rlhf::stages::ppo_models::ValueModelConfig::Shared,
+        batch_size: 4,
+        minibatch_size: 4,
+        ppo_epochs: 1,
+        max_new_tokens: 6,
+        max_prompt_len: 16,
+        iterations: 2,
+        val_fraction: 0.5,
+        eval_every: 1,
+        checkpoint_every: 2,
+        device: kind,
+        ..Default::default()
+    };
+    let report = train(cfg, false).unwrap();
+    let steps: Vec<u64> = report.evaluations.iter().map(|e| e["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [0, 1, 2]);
+    let kl = report.evaluations[0]["eval/kl"].as_f64().unwrap();
+    assert!(kl.abs() < 1e-6, "the policy is the reference before the first update: KL {kl}");
+    assert!(report.evaluations.iter().all(|e| e["eval/response_length"].as_f64().unwrap() > 0.0));
+}
+
 /// The peer workload with a toy model (`toy`) and toy PPO / GRPO shapes.
 fn toy_workload() -> rlhf::bench::Workload {
     let mut v = read_json(&shared().join("peers/workload.json"));
@@ -500,6 +534,10 @@ macro_rules! device_tests {
             #[test]
             fn llama_device_session_matches_engine() {
                 device_session_matches_engine("hf-llama-tiny", &$dev);
+            }
+            #[test]
+            fn ppo_stage_evaluates_held_out_prompts() {
+                ppo_stage_evaluates($kind);
             }
             #[test]
             fn ppo_iteration_shared_critic_matches_cpu() {
