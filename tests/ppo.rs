@@ -183,7 +183,7 @@ fn evaluations_repeat_with_a_fixed_policy(engine: RolloutEngine) {
     assert_eq!(steps, [0, 1, 2, 3, 4], "a record before the first iteration");
     assert!(m[0].get("objective/scores").is_none() && m[1].get("eval/scores").is_none());
     let first = eval_part(&m[0]);
-    assert_eq!(first.len(), 5, "{first:?}");
+    assert_eq!(first.len(), 6, "{first:?}");
     for r in [&m[3], &m[4]] {
         assert_eq!(eval_part(r), first, "evaluated at 0, every 3, and at the end");
     }
@@ -224,6 +224,16 @@ fn the_held_out_score_rises_as_the_reward_is_learned() {
     assert!(end > start + 1.0, "held-out score {start:.2} -> {end:.2}");
     let kl = evals[2]["eval/kl"].as_f64().unwrap();
     assert!(kl > 0.0 && kl.is_finite(), "{kl}");
+    // eval/scores_std: the sample standard deviation of the three held-out scores (all in
+    // samples.jsonl: sample_count 4 ≥ 3)
+    let scores: Vec<f64> = samples(d.path())
+        .iter()
+        .filter(|r| r["split"] == "eval" && r["step"] == 12)
+        .map(|r| r["score"].as_f64().unwrap())
+        .collect();
+    let mean = scores.iter().sum::<f64>() / 3.0;
+    let std = (scores.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 2.0).sqrt();
+    assert!((evals[2]["eval/scores_std"].as_f64().unwrap() - std).abs() < 1e-9, "{scores:?}");
 }
 
 #[test]

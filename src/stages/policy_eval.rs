@@ -323,12 +323,17 @@ impl Evaluator {
 }
 
 impl PolicyEval {
-    /// Adds the means to a metrics record: `eval/<score>`, `eval/<raw_score>`, `eval/kl` (with a
-    /// reference), `eval/<length>`, `eval/eos_rate`, and the wall time as `timing/eval`.
+    /// Adds the means to a metrics record: `eval/<score>` and its sample standard deviation
+    /// `eval/<score>_std` (the mean's standard error is that over √n), `eval/<raw_score>`,
+    /// `eval/kl` (with a reference), `eval/<length>`, `eval/eos_rate`, and the wall time as
+    /// `timing/eval`.
     pub fn put(&self, record: &mut serde_json::Value, names: &EvalNames) {
         let n = self.episodes.len().max(1) as f64;
         let mean = |f: &dyn Fn(&Episode) -> f64| self.episodes.iter().map(f).sum::<f64>() / n;
-        record[format!("eval/{}", names.score)] = mean(&|e| e.score as f64).into();
+        let score = mean(&|e| e.score as f64);
+        let var = mean(&|e| (e.score as f64 - score).powi(2)) * n / (n - 1.0).max(1.0);
+        record[format!("eval/{}", names.score)] = score.into();
+        record[format!("eval/{}_std", names.score)] = var.sqrt().into();
         record[format!("eval/{}", names.raw_score)] = mean(&|e| e.raw_score as f64).into();
         if let Some(k) = &self.kls {
             record["eval/kl"] = (k.iter().sum::<f64>() / n).into();
