@@ -257,3 +257,30 @@ fn held_out_settings_are_checked() {
     let e = format!("{:#}", train(c, false).unwrap_err());
     assert!(e.contains("missing.jsonl"), "{e}");
 }
+
+#[test]
+fn greedy_evaluation_gives_the_policy_s_own_greedy_responses() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = cfg(d.path(), 1);
+    (c.val_fraction, c.eval_greedy, c.sample_count) = (1.0 / 3.0, true, 16);
+    let policy = c.policy.clone();
+    let report = train(c, false).unwrap();
+    assert_eq!(report.evaluations.len(), 2);
+    assert!(report.evaluations.iter().all(|e| e.get("eval/kl").is_none()), "no KL estimate from argmax responses");
+    // before the first update the evaluated policy is the SFT checkpoint: its responses are
+    // that model's greedy completions from the sampler, independently of the env
+    let dev = dfdx::prelude::Cpu::default();
+    let (model, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&policy, &dev).unwrap();
+    let eos = tok.eos_for(&model.config).unwrap();
+    let prompts: Vec<Vec<u32>> = ["sat ", "the mat"].iter().map(|p| tok.encode(p).unwrap()).collect();
+    let greedy =
+        rlhf_policies::SamplingConfig { max_new_tokens: 12, greedy: true, eos_ids: vec![eos], ..Default::default() };
+    let engine = rlhf_policies::InferenceModel::from_model(&model);
+    let g = rlhf_policies::generate(&engine, &prompts, tok.pad_id().unwrap_or(eos), &greedy).unwrap();
+    let eval0: Vec<serde_json::Value> =
+        samples(d.path()).into_iter().filter(|s| s["split"] == "eval" && s["step"] == 0).collect();
+    assert_eq!(eval0.len(), 2);
+    for (row, tokens) in eval0.iter().zip(&g.tokens) {
+        assert_eq!(row["response"].as_str(), Some(tok.decode(tokens).unwrap().as_str()), "{row}");
+    }
+}

@@ -124,6 +124,10 @@ pub struct GrpoConfig {
     /// Evaluate on the held-out prompts before the first iteration, every this many
     /// iterations and after the last. Default `10`.
     pub eval_every: usize,
+    /// Decode the held-out prompts greedily (argmax; verl's validation default) instead of
+    /// sampling at the training temperature. `eval/kl` is then left out: the log-ratio of a
+    /// greedy response is not a KL estimate. Default `false`.
+    pub eval_greedy: bool,
     /// Prompts per iteration, P. Default `8`.
     pub prompts_per_step: usize,
     /// Completions per prompt, G (k). Default `4`.
@@ -195,6 +199,7 @@ impl Default for GrpoConfig {
             val_prompts: None,
             val_fraction: 0.0,
             eval_every: 10,
+            eval_greedy: false,
             prompts_per_step: 8,
             num_generations: 4,
             max_new_tokens: 64,

@@ -10,8 +10,9 @@
 //! ```
 //! (both from `logits / temperature`, the training forward), is averaged too: an unbiased
 //! estimate of KL(π_θ‖π_ref) on the held-out prompts (Ziegler et al. 2019's `objective/kl`
-//! with k1). The held-out prompts are the last `val_fraction` of the prompt file or a separate
-//! `val_prompts` file, and are never trained on.
+//! with k1). With `eval_greedy` the prompts are decoded greedily instead (verl's validation
+//! default), and no KL is reported. The held-out prompts are the last `val_fraction` of the
+//! prompt file or a separate `val_prompts` file, and are never trained on.
 
 use std::path::Path;
 use std::time::Instant;
@@ -91,6 +92,8 @@ pub struct OnlinePrompts<'a> {
     pub val_fraction: f64,
     /// When to evaluate.
     pub schedule: EvalSchedule,
+    /// Decode the held-out prompts greedily.
+    pub greedy: bool,
     /// Where rollouts decode.
     pub engine: RolloutEngine,
 }
@@ -116,6 +119,7 @@ macro_rules! online_prompts {
                 seed: $cfg.seed,
                 sample_count: $cfg.sample_count,
             },
+            greedy: $cfg.eval_greedy,
             engine: $cfg.rollout_engine,
         }
     };
@@ -145,6 +149,7 @@ pub fn prompts_and_eval<D: FusedOps>(
     for set in std::iter::once(&prompts).chain(&val) {
         check_fits(set, p.max_new_tokens, &policy.dims)?;
     }
+    let sampling = SamplingConfig { greedy: p.greedy, ..sampling };
     let setup = EvalSetup { sampling, capacity: p.max_prompt_len + p.max_new_tokens, engine: p.engine, pad };
     Ok((prompts, Evaluator::new(val, p.schedule, setup, names)?, skipped))
 }
@@ -284,7 +289,9 @@ impl Evaluator {
             let opts = Rollout { group_size: 1, reference: false };
             episodes.extend(env.rollout_prompts(session.as_mut(), source, chunk, opts).context("evaluation rollout")?);
         }
+        // a greedy response's log-ratio is no KL estimate
         let kls = reference
+            .filter(|_| !setup.sampling.greedy)
             .map(|r| {
                 let seqs: Vec<Seq> = episodes
                     .iter()

@@ -176,6 +176,10 @@ pub struct PpoConfig {
     /// Evaluate on the held-out prompts before the first iteration, every this many
     /// iterations and after the last. Default `10`.
     pub eval_every: usize,
+    /// Decode the held-out prompts greedily (argmax; verl's validation default) instead of
+    /// sampling at the training temperature. `eval/kl` is then left out: the log-ratio of a
+    /// greedy response is not a KL estimate. Default `false`.
+    pub eval_greedy: bool,
     /// Rollouts per iteration, B. Default `32`.
     pub batch_size: usize,
     /// Response length limit. Default `64`.
@@ -262,6 +266,7 @@ impl Default for PpoConfig {
             val_prompts: None,
             val_fraction: 0.0,
             eval_every: 10,
+            eval_greedy: false,
             batch_size: 32,
             max_new_tokens: 64,
             temperature: 1.0,
