@@ -254,8 +254,34 @@ fn held_out_settings_are_checked() {
     let e = format!("{:#}", train(c.clone(), false).unwrap_err());
     assert!(e.contains("long.jsonl") && e.contains("no prompts left"), "{e}");
     c.val_prompts = Some(d.path().join("missing.jsonl"));
-    let e = format!("{:#}", train(c, false).unwrap_err());
+    let e = format!("{:#}", train(c.clone(), false).unwrap_err());
     assert!(e.contains("missing.jsonl"), "{e}");
+    (c.val_prompts, c.eval_samples_per_prompt) = (None, 17); // the batch is 16 rollouts
+    let e = train(c.clone(), false).unwrap_err().to_string();
+    assert!(e.contains("eval_samples_per_prompt (17)") && e.contains("16 rollout rows"), "{e}");
+    (c.eval_samples_per_prompt, c.eval_greedy) = (2, true);
+    let e = train(c, false).unwrap_err().to_string();
+    assert!(e.contains("repeat one response"), "{e}");
+}
+
+#[test]
+fn several_samples_per_held_out_prompt() {
+    // 2 held-out prompts × 5 samples on a batch of 16 rows: 3 prompts fit one chunk, so one
+    // chunk of 2 prompts (10 rows); each prompt's samples are consecutive and differ
+    let d = tempfile::tempdir().unwrap();
+    let mut c = cfg(d.path(), 1);
+    (c.val_fraction, c.eval_samples_per_prompt, c.sample_count) = (1.0 / 3.0, 5, 16);
+    let report = train(c, false).unwrap();
+    let eval0: Vec<serde_json::Value> =
+        samples(d.path()).into_iter().filter(|s| s["split"] == "eval" && s["step"] == 0).collect();
+    assert_eq!(eval0.len(), 10);
+    for (group, prompt) in eval0.chunks(5).zip(["sat ", "the mat"]) {
+        assert!(group.iter().all(|s| s["prompt"] == prompt), "{group:?}");
+        assert!(group.iter().any(|s| s["response"] != group[0]["response"]), "the samples of a prompt differ");
+    }
+    // the mean is over all ten samples
+    let mean = eval0.iter().map(|s| s["score"].as_f64().unwrap()).sum::<f64>() / 10.0;
+    assert!((report.evaluations[0]["eval/scores"].as_f64().unwrap() - mean).abs() < 1e-9);
 }
 
 #[test]

@@ -275,7 +275,8 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
 
     /// [`VecEnv::rollout_with`] over chosen prompts of another source instead of draws from the
     /// env's own sampler (whose cursor is left as it was): prompt `indices[k]` of `prompts` on
-    /// rows `k·G .. (k+1)·G`, so at most `num_envs / G` prompts per call. The episodes'
+    /// rows `k·G .. (k+1)·G`, so at most `num_envs / G` prompts per call (G need not divide
+    /// `num_envs` here). The episodes'
     /// `prompt_index` refers to `prompts`, and the reward sees its texts and reference answers.
     /// For held-out evaluation; `prompts` is swapped in for the call and handed back unchanged.
     pub fn rollout_prompts<P: Policy + ?Sized>(
@@ -285,16 +286,14 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
         indices: &[usize],
         opts: Rollout,
     ) -> Result<Vec<Episode>, EnvError> {
-        let groups = self.groups(opts.group_size)?;
-        if indices.len() > groups {
+        let g = opts.group_size;
+        if g == 0 {
+            return Err(EnvError::Config { field: "group_size", msg: "must be at least 1".into() });
+        }
+        if indices.len() * g > self.rows.len() {
             return Err(EnvError::Config {
                 field: "indices",
-                msg: format!(
-                    "{} prompts of {} rows each do not fit {} environments",
-                    indices.len(),
-                    opts.group_size,
-                    self.rows.len()
-                ),
+                msg: format!("{} prompts of {g} rows each do not fit {} environments", indices.len(), self.rows.len()),
             });
         }
         if let Some(&i) = indices.iter().find(|&&i| i >= prompts.len()) {

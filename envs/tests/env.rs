@@ -418,12 +418,15 @@ fn rollout_prompts_takes_the_given_prompts_and_leaves_the_sampler_alone() {
     let after: Vec<usize> = v.rollout(&mut policy).unwrap().iter().map(|e| e.prompt_index).collect();
     let mut src = train();
     assert_eq!(after, (0..n).map(|_| src.next_index()).collect::<Vec<_>>());
-    // too many prompts for the rows, an index out of range, a group size that does not divide
+    // a group size that does not divide the rows is fine here: one prompt on 4 of the 6 rows
+    let eps = v.rollout_prompts(&mut policy, &mut held, &[2], Rollout { group_size: 4, reference: true }).unwrap();
+    assert!(eps.len() == 4 && eps.iter().all(|e| e.prompt_index == 2));
+    // too many prompts for the rows, an index out of range, an empty group
     let opts = Rollout { group_size: g, reference: true };
     let e = v.rollout_prompts(&mut policy, &mut held, &[0, 1, 2, 3], opts).unwrap_err().to_string();
     assert!(e.contains("do not fit"), "{e}");
     let e = v.rollout_prompts(&mut policy, &mut held, &[4], opts).unwrap_err().to_string();
     assert!(e.contains("prompt 4 of 4"), "{e}");
-    let e = v.rollout_prompts(&mut policy, &mut held, &[0], Rollout { group_size: 4, reference: true });
+    let e = v.rollout_prompts(&mut policy, &mut held, &[0], Rollout { group_size: 0, reference: true });
     assert!(e.unwrap_err().to_string().contains("group_size"));
 }

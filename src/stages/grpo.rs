@@ -116,7 +116,7 @@ pub struct GrpoConfig {
     /// Longer prompts are skipped (counted and reported). Default `64`.
     pub max_prompt_len: usize,
     /// Held-out prompts (JSONL, read like `prompts`: the same field, template, chat and
-    /// length limit), each sampled once at every evaluation and never trained on. Default: none.
+    /// length limit), sampled at every evaluation and never trained on. Default: none.
     pub val_prompts: Option<PathBuf>,
     /// Without `val_prompts`: hold out the last this fraction of `prompts` (rounded). Default
     /// `0`, no evaluation (holding prompts out changes which ones train).
@@ -128,6 +128,9 @@ pub struct GrpoConfig {
     /// sampling at the training temperature. `eval/kl` is then left out: the log-ratio of a
     /// greedy response is not a KL estimate. Default `false`.
     pub eval_greedy: bool,
+    /// Samples per held-out prompt at each evaluation (the means are over all of them; more
+    /// samples, less noise). At most the rollout batch; 1 with `eval_greedy`. Default `1`.
+    pub eval_samples_per_prompt: usize,
     /// Prompts per iteration, P. Default `8`.
     pub prompts_per_step: usize,
     /// Completions per prompt, G (k). Default `4`.
@@ -200,6 +203,7 @@ impl Default for GrpoConfig {
             val_fraction: 0.0,
             eval_every: 10,
             eval_greedy: false,
+            eval_samples_per_prompt: 1,
             prompts_per_step: 8,
             num_generations: 4,
             max_new_tokens: 64,
@@ -363,7 +367,13 @@ fn validate(cfg: &GrpoConfig) -> Result<()> {
         ("checkpoint_every", cfg.checkpoint_every),
         ("sample_every", cfg.sample_every),
         ("eval_every", cfg.eval_every),
+        ("eval_samples_per_prompt", cfg.eval_samples_per_prompt),
     ])?;
+    crate::stages::policy_eval::check_samples_per_prompt(
+        cfg.eval_samples_per_prompt,
+        cfg.batch_size(),
+        cfg.eval_greedy,
+    )?;
     crate::stages::common::require_fraction("val_fraction", cfg.val_fraction)?;
     let b = cfg.batch_size();
     if !b.is_multiple_of(cfg.minibatch_size) || !cfg.minibatch_size.is_multiple_of(cfg.grad_accum) {

@@ -1,7 +1,8 @@
 //! Held-out evaluation of the online RL policies (PPO, GRPO, RLOO, REINFORCE++). Before the
 //! first iteration and every `eval_every` iterations after it, each held-out prompt is sampled
-//! once by the current policy — at the training temperature and with the same random numbers
-//! every time, so two evaluations differ only by the policy — and scored by the run's reward
+//! (`eval_samples_per_prompt` times, default once) by the current policy — at the training
+//! temperature and with the same random numbers every time, so two evaluations differ only by
+//! the policy — and scored by the run's reward
 //! through the env (the same score processing as training); with a reference model, the
 //! sampled KL of each completion,
 //!
@@ -17,7 +18,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rlhf_envs::{Episode, NoReference, PromptSource, RewardModel, Rollout, VecEnv};
 use rlhf_policies::{policy_session, CausalLm, FusedOps, RolloutEngine, SamplingConfig, Tokenizer};
 
@@ -94,6 +95,8 @@ pub struct OnlinePrompts<'a> {
     pub schedule: EvalSchedule,
     /// Decode the held-out prompts greedily.
     pub greedy: bool,
+    /// Samples per held-out prompt.
+    pub samples_per_prompt: usize,
     /// Where rollouts decode.
     pub engine: RolloutEngine,
 }
@@ -120,6 +123,7 @@ macro_rules! online_prompts {
                 sample_count: $cfg.sample_count,
             },
             greedy: $cfg.eval_greedy,
+            samples_per_prompt: $cfg.eval_samples_per_prompt,
             engine: $cfg.rollout_engine,
         }
     };
@@ -150,8 +154,17 @@ pub fn prompts_and_eval<D: FusedOps>(
         check_fits(set, p.max_new_tokens, &policy.dims)?;
     }
     let sampling = SamplingConfig { greedy: p.greedy, ..sampling };
-    let setup = EvalSetup { sampling, capacity: p.max_prompt_len + p.max_new_tokens, engine: p.engine, pad };
+    let capacity = p.max_prompt_len + p.max_new_tokens;
+    let setup = EvalSetup { sampling, capacity, engine: p.engine, pad, samples_per_prompt: p.samples_per_prompt };
     Ok((prompts, Evaluator::new(val, p.schedule, setup, names)?, skipped))
+}
+
+/// Checks `eval_samples_per_prompt`: at most the `rows` of a rollout, and 1 when decoding
+/// greedily (every sample would be the same).
+pub fn check_samples_per_prompt(k: usize, rows: usize, greedy: bool) -> Result<()> {
+    ensure!(k <= rows, "eval_samples_per_prompt ({k}) must not exceed the {rows} rollout rows");
+    ensure!(k == 1 || !greedy, "eval_samples_per_prompt ({k}) with eval_greedy would repeat one response");
+    Ok(())
 }
 
 /// How an evaluation samples: the training sampler (its seed is replaced by the evaluation's
@@ -166,6 +179,8 @@ pub struct EvalSetup {
     pub engine: RolloutEngine,
     /// Padding id of the scoring forward.
     pub pad: u32,
+    /// Samples per held-out prompt (consecutive episodes).
+    pub samples_per_prompt: usize,
 }
 
 /// When a run evaluates, and what it writes.
@@ -278,15 +293,17 @@ impl Evaluator {
         let t0 = Instant::now();
         let (setup, rows) = (&self.setup, env.num_envs());
         let source = self.prompts.as_mut().context("this run has no held-out prompts")?;
+        let k = setup.samples_per_prompt;
+        ensure!((1..=rows).contains(&k), "eval_samples_per_prompt ({k}) must be 1 to the {rows} rollout rows");
         let indices: Vec<usize> = (0..source.len()).collect();
-        let mut episodes = Vec::with_capacity(indices.len());
-        for (c, chunk) in indices.chunks(rows).enumerate() {
+        let mut episodes = Vec::with_capacity(indices.len() * k);
+        for (c, chunk) in indices.chunks(rows / k).enumerate() {
             // a session per chunk, as wide as the chunk (the device decode begins all of its
-            // rows together), seeded by the chunk's index: fresh random streams per prompt
+            // rows together), seeded by the chunk's index: fresh random streams per sample
             let seed = mix(self.schedule.seed, 0xe7a1, 11 + c as u64);
             let sampling = SamplingConfig { seed, ..setup.sampling.clone() };
-            let mut session = policy_session(policy, chunk.len(), setup.capacity, sampling, setup.engine)?;
-            let opts = Rollout { group_size: 1, reference: false };
+            let mut session = policy_session(policy, chunk.len() * k, setup.capacity, sampling, setup.engine)?;
+            let opts = Rollout { group_size: k, reference: false };
             episodes.extend(env.rollout_prompts(session.as_mut(), source, chunk, opts).context("evaluation rollout")?);
         }
         // a greedy response's log-ratio is no KL estimate

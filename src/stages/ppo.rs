@@ -168,7 +168,7 @@ pub struct PpoConfig {
     /// Longer prompts are skipped (counted and reported). Default `64`.
     pub max_prompt_len: usize,
     /// Held-out prompts (JSONL, read like `prompts`: the same field, template, chat and
-    /// length limit), each sampled once at every evaluation and never trained on. Default: none.
+    /// length limit), sampled at every evaluation and never trained on. Default: none.
     pub val_prompts: Option<PathBuf>,
     /// Without `val_prompts`: hold out the last this fraction of `prompts` (rounded). Default
     /// `0`, no evaluation (holding prompts out changes which ones train).
@@ -180,6 +180,9 @@ pub struct PpoConfig {
     /// sampling at the training temperature. `eval/kl` is then left out: the log-ratio of a
     /// greedy response is not a KL estimate. Default `false`.
     pub eval_greedy: bool,
+    /// Samples per held-out prompt at each evaluation (the means are over all of them; more
+    /// samples, less noise). At most the rollout batch; 1 with `eval_greedy`. Default `1`.
+    pub eval_samples_per_prompt: usize,
     /// Rollouts per iteration, B. Default `32`.
     pub batch_size: usize,
     /// Response length limit. Default `64`.
@@ -267,6 +270,7 @@ impl Default for PpoConfig {
             val_fraction: 0.0,
             eval_every: 10,
             eval_greedy: false,
+            eval_samples_per_prompt: 1,
             batch_size: 32,
             max_new_tokens: 64,
             temperature: 1.0,
@@ -581,7 +585,9 @@ fn validate(cfg: &PpoConfig) -> Result<()> {
         ("checkpoint_every", cfg.checkpoint_every),
         ("sample_every", cfg.sample_every),
         ("eval_every", cfg.eval_every),
+        ("eval_samples_per_prompt", cfg.eval_samples_per_prompt),
     ])?;
+    crate::stages::policy_eval::check_samples_per_prompt(cfg.eval_samples_per_prompt, cfg.batch_size, cfg.eval_greedy)?;
     crate::stages::common::require_fraction("val_fraction", cfg.val_fraction)?;
     if !cfg.batch_size.is_multiple_of(cfg.minibatch_size) || !cfg.minibatch_size.is_multiple_of(cfg.grad_accum) {
         bail!(
