@@ -310,3 +310,24 @@ fn greedy_evaluation_gives_the_policy_s_own_greedy_responses() {
         assert_eq!(row["response"].as_str(), Some(tok.decode(tokens).unwrap().as_str()), "{row}");
     }
 }
+
+#[test]
+fn evaluating_does_not_change_training() {
+    // with a separate held-out file the training prompts are the same, and the evaluation
+    // draws nothing from the training's random streams: every training metric is identical
+    let training = |dir: &std::path::Path, held_out: Option<std::path::PathBuf>| {
+        let mut c = cfg(dir, 3);
+        (c.val_prompts, c.eval_every) = (held_out, 1);
+        train(c, false).unwrap();
+        let mut m = comparable_metrics(&dir.join("ppo"));
+        m.retain(|r| r["step"] != 0);
+        m.iter_mut().for_each(|r| r.as_object_mut().unwrap().retain(|k, _| !k.starts_with("eval/")));
+        m
+    };
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let held_out = b.path().join("held_out.jsonl");
+    std::fs::write(&held_out, "{\"prompt\": \"the cat \"}\n{\"prompt\": \"a rat \"}\n").unwrap();
+    let (plain, evaluated) = (training(a.path(), None), training(b.path(), Some(held_out)));
+    assert_eq!(plain.len(), 3);
+    assert_eq!(plain, evaluated);
+}
