@@ -331,3 +331,30 @@ fn evaluating_does_not_change_training() {
     assert_eq!(plain.len(), 3);
     assert_eq!(plain, evaluated);
 }
+
+#[test]
+fn target_kl_stops_an_iteration_s_update_early() {
+    let run = |dir: &std::path::Path, target_kl: Option<f64>| {
+        let mut c = cfg(dir, 3);
+        c.target_kl = target_kl;
+        train(c, false).unwrap();
+        comparable_metrics(&dir.join("ppo"))
+    };
+    let (a, b, t) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // a target never reached changes nothing: 2 epochs × 2 minibatches, as without one
+    let plain = run(a.path(), None);
+    let mut loose = run(b.path(), Some(1e9));
+    for r in &mut loose {
+        assert_eq!((r["policy/early_stop"].as_f64(), r["policy/minibatches"].as_u64()), (Some(0.0), Some(4)));
+        r.as_object_mut().unwrap().retain(|k, _| !matches!(k.as_str(), "policy/early_stop" | "policy/minibatches"));
+    }
+    assert_eq!(plain, loose);
+    // a tiny one: the first minibatch steps (its ratio is exactly 1, its approx KL 0), the
+    // second sees the moved policy and stops the update before its own step
+    for r in run(t.path(), Some(1e-9)) {
+        assert_eq!((r["policy/early_stop"].as_f64(), r["policy/minibatches"].as_u64()), (Some(1.0), Some(1)), "{r}");
+    }
+    let mut c = cfg(t.path(), 1);
+    (c.target_kl, c.out_dir) = (Some(0.0), t.path().join("bad"));
+    assert!(train(c, false).unwrap_err().to_string().contains("target_kl"));
+}

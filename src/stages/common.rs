@@ -136,8 +136,20 @@ pub fn optimizer_step<D: GradBuffers, M: HasParams<D>>(
     lr: f64,
     clip: f64,
     accum: usize,
-    mut micro_loss: impl FnMut(&M, usize, OwnedTape<f32, D>) -> Result<LossOn<D>>,
+    micro_loss: impl FnMut(&M, usize, OwnedTape<f32, D>) -> Result<LossOn<D>>,
 ) -> Result<(f32, f64)> {
+    let (grads, loss) = accumulate_grads(model, accum, micro_loss)?;
+    Ok((loss, apply_grads(model, opt, grads, lr, clip)?))
+}
+
+/// The first half of [`optimizer_step`]: the gradients of `accum` micro-batch losses (each
+/// scaled by `1/accum`) and their summed loss, the model untouched — for a trainer that looks
+/// at the minibatch before deciding to step (PPO's `target_kl`).
+pub fn accumulate_grads<D: GradBuffers, M: HasParams<D>>(
+    model: &M,
+    accum: usize,
+    mut micro_loss: impl FnMut(&M, usize, OwnedTape<f32, D>) -> Result<LossOn<D>>,
+) -> Result<(Gradients<f32, D>, f32)> {
     let mut grads = Gradients::leaky();
     let mut loss_sum = 0.0f32;
     let leafs = param_ids(model);
@@ -155,9 +167,21 @@ pub fn optimizer_step<D: GradBuffers, M: HasParams<D>>(
         grads = loss.backward();
         grads.retain_leafs(&leafs); // free the activations' gradients between micro-batches
     }
+    Ok((grads, loss_sum))
+}
+
+/// The second half of [`optimizer_step`]: global clipping of `grads` and one AdamW step at
+/// `lr`. Returns the gradient norm before clipping.
+pub fn apply_grads<D: GradBuffers, M: HasParams<D>>(
+    model: &mut M,
+    opt: &mut AdamW<D>,
+    mut grads: Gradients<f32, D>,
+    lr: f64,
+    clip: f64,
+) -> Result<f64> {
     let grad_norm = clip_grad_norm(&model.params(), &mut grads, clip)?;
     opt.step(model.params_mut(), &mut grads, lr)?;
-    Ok((loss_sum, grad_norm))
+    Ok(grad_norm)
 }
 
 /// The device `model`'s parameters live on.

@@ -203,6 +203,11 @@ pub struct PpoConfig {
     pub cliprange_value: f64,
     /// c_v. Default `0.1`.
     pub vf_coef: f64,
+    /// Early stopping (SB3's `target_kl`, TRL's `early_stopping`): a minibatch whose approximate
+    /// KL to π_old, `½·mean((log π_θ − log π_old)²)` over its tokens before its step, exceeds
+    /// 1.5 × this is not stepped, and the iteration's remaining minibatches and epochs are
+    /// skipped (`policy/early_stop`, `policy/minibatches` in the metrics). Default: none.
+    pub target_kl: Option<f64>,
     /// c_H, the entropy bonus. Default `0`.
     pub ent_coef: f64,
     /// γ. Default `1`.
@@ -281,6 +286,7 @@ impl Default for PpoConfig {
             cliprange: 0.2,
             cliprange_value: 0.2,
             vf_coef: 0.1,
+            target_kl: None,
             ent_coef: 0.0,
             gamma: 1.0,
             lam: 0.95,
@@ -602,6 +608,9 @@ fn validate(cfg: &PpoConfig) -> Result<()> {
     }
     if cfg.temperature <= 0.0 || cfg.temperature.is_nan() {
         bail!("temperature must be positive, got {}", cfg.temperature);
+    }
+    if let Some(t) = cfg.target_kl.filter(|t| !(t.is_finite() && *t > 0.0)) {
+        bail!("target_kl must be positive, got {t}");
     }
     check_reward_inputs(cfg.reward.as_ref(), cfg.reference_field.as_deref())?;
     if !(0.0..=1.0).contains(&cfg.lam) || !(0.0..=1.0).contains(&cfg.gamma) {

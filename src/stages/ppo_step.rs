@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{mix, sample_blocks};
 use crate::math::ppo::{explained_variance, gae, ppo_policy_loss, ppo_value_loss, whiten, KlController};
-use crate::stages::common::{optimizer_step, or_skip_non_finite, shuffled_minibatches, LossOn};
+use crate::stages::common::{accumulate_grads, apply_grads, or_skip_non_finite, shuffled_minibatches, LossOn};
 use crate::stages::ppo::{KlUnit, OnNonFinite, PpoConfig, Prompts};
 use crate::stages::ppo_models::{logprobs_and_entropy, PpoModels, Seq};
 
@@ -158,7 +158,11 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         let beta = self.state.kl.beta;
         self.state.kl.update(if cfg.kl_unit == KlUnit::SequenceSum { kl_seq } else { kl_tok }, cfg.batch_size);
         let timing = [t_rollout, t_scoring, t_update];
-        let record = iteration_metrics(it + 1, &scored, &upd, (beta, kl_seq), lr, self.eos, &timing);
+        let mut record = iteration_metrics(it + 1, &scored, &upd, (beta, kl_seq), lr, self.eos, &timing);
+        if cfg.target_kl.is_some() {
+            record["policy/early_stop"] = f64::from(u8::from(upd.early_stopped)).into();
+            record["policy/minibatches"] = upd.minibatches.into();
+        }
         Ok(Some(IterationOutput { episodes, scored, record, timing }))
     }
 }
@@ -303,6 +307,8 @@ pub struct UpdateStats {
     pub tokens: usize,
     /// (ratio mean, approx-KL) of the first minibatch of the first epoch.
     pub first: Option<(f64, f64)>,
+    /// The update stopped early (`target_kl`).
+    pub early_stopped: bool,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -318,14 +324,21 @@ fn update<D: FusedOps + GradBuffers>(
     state: &mut PpoState,
 ) -> Result<UpdateStats> {
     let mut st = UpdateStats::default();
-    for epoch in 0..cfg.ppo_epochs {
+    'epochs: for epoch in 0..cfg.ppo_epochs {
         for (m, mb) in minibatches(cfg, it, epoch).iter().enumerate() {
             let mb_tokens: usize = mb.iter().flatten().map(|&i| s.seqs[i].resp_len()).sum();
             let denom = mb_tokens as f64 / cfg.grad_accum as f64;
             let mut local = UpdateStats::default();
-            let step = optimizer_step(models, opt, lr, cfg.grad_clip, mb.len(), |models, k, tape| {
+            let grads = accumulate_grads(models, mb.len(), |models, k, tape| {
                 minibatch_loss(cfg, models, s, &mb[k], denom, pad, ptx, (it, epoch, m, k), &mut local, tape)
             });
+            // early stopping (target_kl): this minibatch is not stepped, nor any after it
+            let approx_kl = local.sums[2] / local.tokens.max(1) as f64;
+            if grads.is_ok() && cfg.target_kl.is_some_and(|t| approx_kl > 1.5 * t) {
+                st.early_stopped = true;
+                break 'epochs;
+            }
+            let step = grads.and_then(|(g, loss)| Ok((loss, apply_grads(models, opt, g, lr, cfg.grad_clip)?)));
             let skip = cfg.on_nonfinite == OnNonFinite::Skip;
             let stepped = or_skip_non_finite(step, skip, &mut state.skipped_batches)
                 .map_err(|e| e.context(format!("iteration {}, epoch {}, minibatch {}", it + 1, epoch + 1, m + 1)))?;
