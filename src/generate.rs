@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use rlhf_envs::{RewardInput, RewardModel};
 use rlhf_policies::checkpoint::load_with_tokenizer;
 use rlhf_policies::{generate_from_with, FusedOps, LearnedReward, SamplingConfig, Tokenizer, WeightDtype};
@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::stages::ppo::{
-    build_reward, check_fits, check_reward_inputs, read_prompts, PromptSpec, Prompts, RewardSpec,
+    build_reward, check_fits, check_reward_inputs, load_reward_model, read_prompts, PromptSpec, RewardSpec,
 };
 
 /// What to generate from.
@@ -169,8 +169,7 @@ fn read_records<D: FusedOps>(
         eprintln!("generate: {skipped} prompts longer than --max-prompt-len {limit} skipped");
     }
     ensure!(!kept.is_empty(), "{}: no prompt within --max-prompt-len {limit}", g.prompts.display());
-    let fitting = Prompts::from(kept.iter().map(|&k| prompts.prompts[k].clone()).collect::<Vec<_>>());
-    check_fits(&fitting, g.sampling.max_new_tokens, &lm.dims)?;
+    check_fits(kept.iter().map(|&k| prompts.prompts[k].0.as_slice()), g.sampling.max_new_tokens, &lm.dims)?;
     let (ids, texts) = prompts.prompts.into_iter().unzip();
     Ok((ids, texts, prompts.references, kept))
 }
@@ -194,11 +193,7 @@ impl<D: FusedOps> Scorer<D> {
         let RewardSpec::Model { path, normalize } = spec else {
             return Ok(Scorer::Other(build_reward(Some(spec), dev)?));
         };
-        let (mut rm, norm) =
-            LearnedReward::load_pretrained(path, dev).with_context(|| format!("reward model {}", path.display()))?;
-        if *normalize {
-            rm.norm = norm.map(|n| n.as_score_norm());
-        }
+        let rm = load_reward_model(path, *normalize, dev)?;
         let tok = Tokenizer::from_file(&path.join("tokenizer.json"))?;
         let eos = tok.eos_for(&rm.model.config);
         Ok(Scorer::Model(Box::new(ModelScorer { rm, tok, eos })))

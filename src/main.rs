@@ -373,7 +373,6 @@ fn init(a: InitArgs) -> Result<()> {
     Ok(())
 }
 
-/// The chat-formatted prompt for `--chat` (with `--system` if given).
 /// The flags' sampling settings, stopping at `eos`.
 fn sampling_config(a: &GenerateArgs, eos: Option<u32>) -> SamplingConfig {
     SamplingConfig {
@@ -388,6 +387,7 @@ fn sampling_config(a: &GenerateArgs, eos: Option<u32>) -> SamplingConfig {
     }
 }
 
+/// The chat-formatted prompt for `--chat` (with `--system` if given).
 fn chat_prompt<D: FusedOps>(a: &GenerateArgs, model: &CausalLm<D>, tok: &Tokenizer, user: &str) -> Result<String> {
     let template = rlhf_policies::chat::ChatTemplate::of_model(tok, &model.config, &a.model)?;
     Ok(template.user_prompt(a.system.as_deref(), user)?)

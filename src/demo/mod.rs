@@ -208,9 +208,7 @@ pub fn run(out: &Path, preset: Preset, seed: u64) -> Result<DemoSummary> {
 
 /// The reward model as the demo scores with it: normalised as it was trained.
 fn load_proxy(rm_dir: &Path) -> Result<LearnedReward<Cpu>> {
-    let (mut rm, norm) = LearnedReward::load_pretrained(rm_dir, &Cpu::default())?;
-    rm.norm = norm.map(|n| n.as_score_norm());
-    Ok(rm)
+    crate::stages::ppo::load_reward_model(rm_dir, true, &Cpu::default())
 }
 
 /// One demo's output folder, sizes and seed; each stage method runs the real stage and

@@ -151,7 +151,7 @@ pub fn prompts_and_eval<D: FusedOps>(
     };
     let (prompts, val, skipped) = load_prompts(spec, p.val_prompts, p.val_fraction, tok, p.stage)?;
     for set in std::iter::once(&prompts).chain(&val) {
-        check_fits(set, p.max_new_tokens, &policy.dims)?;
+        check_fits(set.prompts.iter().map(|(ids, _)| ids.as_slice()), p.max_new_tokens, &policy.dims)?;
     }
     let sampling = SamplingConfig { greedy: p.greedy, ..sampling };
     let capacity = p.max_prompt_len + p.max_new_tokens;
@@ -266,10 +266,11 @@ impl Evaluator {
             return Ok(record);
         }
         let eval = self.run(env, policy, reference).with_context(|| format!("evaluation after {step} iterations"))?;
-        let mut record = record.unwrap_or_else(|| serde_json::json!({"step": step}));
         let mut summary = serde_json::json!({"step": step});
-        for r in [&mut record, &mut summary] {
-            eval.put(r, &self.names);
+        eval.put(&mut summary, &self.names);
+        let mut record = record.unwrap_or_else(|| serde_json::json!({"step": step}));
+        for (k, v) in summary.as_object().expect("an object") {
+            record[k] = v.clone();
         }
         self.done.push(summary);
         samples.write_all(&self.sample_rows(&eval, step, tok)?)?;

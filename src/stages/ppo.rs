@@ -10,7 +10,7 @@
 //! (log-probs of π_θ and π_ref and values with the training forward, rewards, GAE,
 //! whitening) → **update** (`ppo_epochs` × minibatches) → KL-controller step.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -456,14 +456,7 @@ fn sample_rows(
 /// The reward a config names (shared with the critic-free trainers); a learned one on `dev`.
 pub fn build_reward<D: FusedOps>(spec: Option<&RewardSpec>, dev: &D) -> Result<Box<dyn RewardModel>> {
     Ok(match spec.context("reward is required (e.g. {\"kind\": \"model\", \"path\": ...})")? {
-        RewardSpec::Model { path, normalize } => {
-            let (mut rm, norm) = LearnedReward::load_pretrained(path, dev)
-                .with_context(|| format!("reward model {}", path.display()))?;
-            if *normalize {
-                rm.norm = norm.map(|n| n.as_score_norm());
-            }
-            Box::new(rm)
-        }
+        RewardSpec::Model { path, normalize } => Box::new(load_reward_model(path, *normalize, dev)?),
         RewardSpec::Keywords { keywords, weight } => {
             Box::new(KeywordReward { keywords: keywords.clone(), weight: *weight })
         }
@@ -476,6 +469,17 @@ pub fn build_reward<D: FusedOps>(spec: Option<&RewardSpec>, dev: &D) -> Result<B
             Box::new(rlhf_envs::CommandReward::spawn(program, &args, Duration::from_secs(*timeout_s))?)
         }
     })
+}
+
+/// The reward model in the folder `path` on `dev`, applying the normalisation stored with it
+/// when `normalize` says so.
+pub fn load_reward_model<D: FusedOps>(path: &Path, normalize: bool, dev: &D) -> Result<LearnedReward<D>> {
+    let (mut rm, norm) =
+        LearnedReward::load_pretrained(path, dev).with_context(|| format!("reward model {}", path.display()))?;
+    if normalize {
+        rm.norm = norm.map(|n| n.as_score_norm());
+    }
+    Ok(rm)
 }
 
 /// A `samples.jsonl` row with prompt `index`'s reference answer added, when it has one.
@@ -524,11 +528,15 @@ impl From<Vec<(Vec<u32>, String)>> for Prompts {
     }
 }
 
-/// Checks that the longest prompt plus `max_new_tokens` fits a policy with learned positions
-/// (GPT-2's `n_positions`): a rollout would otherwise fail at the first long prompt, and the
-/// scoring pass runs over prompt and response together.
-pub fn check_fits(prompts: &Prompts, max_new_tokens: usize, dims: &rlhf_policies::Dims) -> Result<()> {
-    let longest = prompts.prompts.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+/// Checks that the longest of the prompts (token ids) plus `max_new_tokens` fits a policy
+/// with learned positions (GPT-2's `n_positions`): a rollout would otherwise fail at the first
+/// long prompt, and the scoring pass runs over prompt and response together.
+pub fn check_fits<'a>(
+    prompts: impl IntoIterator<Item = &'a [u32]>,
+    max_new_tokens: usize,
+    dims: &rlhf_policies::Dims,
+) -> Result<()> {
+    let longest = prompts.into_iter().map(<[u32]>::len).max().unwrap_or(0);
     if let Some(limit) = dims.position_limit().filter(|&l| longest + max_new_tokens > l) {
         bail!(
             "the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the policy's \
