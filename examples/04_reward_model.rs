@@ -11,7 +11,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use rlhf::schedule::LrSchedule;
 use rlhf::stages::reward::{train, RewardConfig};
 use rlhf_envs::{RewardInput, RewardModel};
-use rlhf_policies::{CausalLm, LearnedReward, ModelConfig, Tokenizer};
+use rlhf_policies::{AdamWConfig, CausalLm, LearnedReward, ModelConfig, Tokenizer};
 
 fn main() -> Result<()> {
     let dir = std::env::temp_dir().join("rlhf-example-04");
@@ -45,7 +45,8 @@ fn main() -> Result<()> {
             data: dir.join("prefs.jsonl"),
             max_len: 48,
             steps: 120,
-            schedule: LrSchedule::WarmupCosine { lr: 3e-3, min_lr: 3e-4, warmup: 5, decay_steps: 120 },
+            optim: AdamWConfig { lr: 3e-3, ..Default::default() },
+            schedule: LrSchedule::warmup_cosine(5),
             eval_every: 40,
             ..Default::default()
         },

@@ -86,11 +86,20 @@ fn blame_override(error: ConfigError, overrides: &[String]) -> ConfigError {
 
 /// Deserialises a JSON value, reporting the dotted path of the offending field.
 pub fn from_value<T: DeserializeOwned>(value: Value, file: &str) -> Result<T, ConfigError> {
-    serde_path_to_error::deserialize(value).map_err(|e| ConfigError::Field {
-        file: file.to_string(),
-        field: e.path().to_string(),
-        msg: e.inner().to_string(),
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let (field, msg) = (e.path().to_string(), e.inner().to_string());
+        let msg = with_hint(&field, msg);
+        ConfigError::Field { file: file.to_string(), field, msg }
     })
+}
+
+/// Adds what to do instead to the errors of fields that moved.
+fn with_hint(field: &str, msg: String) -> String {
+    let schedule = field == "schedule" || field.ends_with(".schedule");
+    if schedule && msg.starts_with("unknown field `lr`") {
+        return format!("{msg} (the peak learning rate is `optim.lr`; the schedule only shapes it)");
+    }
+    msg
 }
 
 /// Sets `a.b.c=value` inside `root`, creating objects along the way.

@@ -1,36 +1,47 @@
 //! Learning-rate schedules.
+//!
+//! The peak rate is the optimizer's `optim.lr`; a schedule only shapes it over the stage's
+//! steps (iterations for the online trainers), so `--set optim.lr=…` and `--set steps=…`
+//! change what they say and the decay still ends at the last step.
 
 use serde::{Deserialize, Serialize};
 
-/// Linear warm-up then cosine decay to `min_lr` (nanoGPT's `get_lr`), or constant.
+/// Constant, or linear warm-up then cosine decay to `min_lr` (nanoGPT's `get_lr`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum LrSchedule {
-    /// The same rate at every step.
-    Constant {
-        /// Learning rate.
-        lr: f64,
-    },
+    /// `optim.lr` at every step. (A struct variant: serde lets a unit variant of an internally
+    /// tagged enum ignore unknown fields, such as the `lr` these schedules once had.)
+    Constant {},
     /// `lr·(s+1)/warmup` for `s < warmup`; then cosine from `lr` to `min_lr` at `decay_steps`;
-    /// `min_lr` after that.
+    /// `min_lr` after that (`lr` = `optim.lr`).
     WarmupCosine {
-        /// Peak learning rate.
-        lr: f64,
-        /// Final learning rate.
-        min_lr: f64,
         /// Warm-up steps.
         warmup: usize,
-        /// Step at which the decay reaches `min_lr` (usually the total number of steps).
-        decay_steps: usize,
+        /// Final learning rate. Default `lr / 10` (nanoGPT's and Chinchilla's rule).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        min_lr: Option<f64>,
+        /// Step at which the decay reaches `min_lr`. Default: the stage's last step (so a run
+        /// resumed with more `steps` stretches its remaining decay; set this to keep the curve).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        decay_steps: Option<usize>,
     },
 }
 
 impl LrSchedule {
-    /// The learning rate at 0-based optimizer step `step`.
-    pub fn at(&self, step: usize) -> f64 {
+    /// Warm-up over `warmup` steps, then cosine to `lr / 10` at the stage's last step.
+    pub fn warmup_cosine(warmup: usize) -> Self {
+        LrSchedule::WarmupCosine { warmup, min_lr: None, decay_steps: None }
+    }
+
+    /// The learning rate at 0-based step `step` of a stage of `total` steps whose peak rate
+    /// is `lr`.
+    pub fn at(&self, lr: f64, total: usize, step: usize) -> f64 {
         match *self {
-            LrSchedule::Constant { lr } => lr,
-            LrSchedule::WarmupCosine { lr, min_lr, warmup, decay_steps } => {
+            LrSchedule::Constant {} => lr,
+            LrSchedule::WarmupCosine { warmup, min_lr, decay_steps } => {
+                let min_lr = min_lr.unwrap_or(lr / 10.0);
+                let decay_steps = decay_steps.unwrap_or(total);
                 if step < warmup {
                     return lr * (step + 1) as f64 / warmup as f64;
                 }
@@ -51,18 +62,47 @@ mod tests {
 
     #[test]
     fn warmup_cosine_at_chosen_steps() {
-        let s = LrSchedule::WarmupCosine { lr: 1e-3, min_lr: 1e-4, warmup: 10, decay_steps: 110 };
-        assert!((s.at(0) - 1e-4).abs() < 1e-15);
-        assert!((s.at(4) - 5e-4).abs() < 1e-15);
-        assert!((s.at(9) - 1e-3).abs() < 1e-15);
-        assert!((s.at(10) - 1e-3).abs() < 1e-15, "cosine starts at the peak");
-        assert!((s.at(60) - 5.5e-4).abs() < 1e-12, "halfway: (lr + min_lr) / 2");
-        assert!((s.at(110) - 1e-4).abs() < 1e-15);
-        assert!((s.at(500) - 1e-4).abs() < 1e-15);
-        assert_eq!(LrSchedule::Constant { lr: 0.5 }.at(1000), 0.5);
+        let s = LrSchedule::WarmupCosine { warmup: 10, min_lr: Some(1e-4), decay_steps: Some(110) };
+        let at = |step| s.at(1e-3, 500, step);
+        assert!((at(0) - 1e-4).abs() < 1e-15);
+        assert!((at(4) - 5e-4).abs() < 1e-15);
+        assert!((at(9) - 1e-3).abs() < 1e-15);
+        assert!((at(10) - 1e-3).abs() < 1e-15, "cosine starts at the peak");
+        assert!((at(60) - 5.5e-4).abs() < 1e-12, "halfway: (lr + min_lr) / 2");
+        assert!((at(110) - 1e-4).abs() < 1e-15);
+        assert!((at(500) - 1e-4).abs() < 1e-15);
         // monotone after warm-up
         for st in 10..110 {
-            assert!(s.at(st + 1) <= s.at(st));
+            assert!(at(st + 1) <= at(st));
         }
+        assert_eq!(LrSchedule::Constant {}.at(0.5, 10, 1000), 0.5);
+    }
+
+    #[test]
+    fn defaults_follow_the_peak_rate_and_the_stage_length() {
+        let s = LrSchedule::warmup_cosine(10);
+        // min_lr = lr/10, decay to the stage's last step: halfway at 10 + (1010 − 10)/2
+        assert!((s.at(2e-3, 1010, 510) - 1.1e-3).abs() < 1e-15);
+        assert!((s.at(2e-3, 1010, 1010) - 2e-4).abs() < 1e-18);
+        assert!(s.at(2e-3, 1010, 1009) > 2e-4, "still decaying one step before the end");
+        // the same schedule over 110 steps at lr 1e-3 is the explicit one above
+        let explicit = LrSchedule::WarmupCosine { warmup: 10, min_lr: Some(1e-4), decay_steps: Some(110) };
+        for st in 0..120 {
+            assert_eq!(s.at(1e-3, 110, st), explicit.at(1e-3, 110, st), "step {st}");
+        }
+    }
+
+    #[test]
+    fn reads_its_json_and_refuses_the_old_per_schedule_rate() {
+        let s: LrSchedule = serde_json::from_str(r#"{"kind": "warmup_cosine", "warmup": 5}"#).unwrap();
+        assert_eq!(s, LrSchedule::warmup_cosine(5));
+        assert_eq!(serde_json::to_string(&s).unwrap(), r#"{"kind":"warmup_cosine","warmup":5}"#);
+        let c: LrSchedule = serde_json::from_str(r#"{"kind": "constant"}"#).unwrap();
+        assert_eq!(c, LrSchedule::Constant {});
+        let e = serde_json::from_str::<LrSchedule>(r#"{"kind": "constant", "lr": 1e-5}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `lr`"), "{e}");
+        let e =
+            serde_json::from_str::<LrSchedule>(r#"{"kind": "warmup_cosine", "lr": 1e-3, "warmup": 5}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `lr`"), "{e}");
     }
 }

@@ -10,7 +10,6 @@ use common::comparable_metrics;
 use dfdx::prelude::*;
 use rlhf::math::dpo::DpoLoss;
 use rlhf::preference::PreferenceFormat;
-use rlhf::schedule::LrSchedule;
 use rlhf::stages::dpo::{train, DpoConfig};
 use rlhf::stages::ppo_models::{logprobs_and_entropy, Seq};
 use rlhf_policies::{CausalLm, ModelConfig, Tokenizer};
@@ -35,7 +34,6 @@ fn cfg(dir: &std::path::Path, steps: usize) -> DpoConfig {
         batch_size: 6,
         steps,
         optim: rlhf_policies::AdamWConfig { lr: 3e-3, ..Default::default() },
-        schedule: LrSchedule::Constant { lr: 3e-3 },
         eval_every: 10,
         checkpoint_every: 10,
         sample_tokens: 8,
@@ -181,7 +179,6 @@ fn an_unchanged_policy_samples_with_zero_kl_and_samples_are_logged() {
     let d = tempfile::tempdir().unwrap();
     let mut c = cfg(d.path(), 2);
     c.optim.lr = 0.0;
-    c.schedule = LrSchedule::Constant { lr: 0.0 };
     c.eval_every = 1;
     c.eval_samples = 3;
     c.sample_tokens = 8;

@@ -5,7 +5,6 @@
 mod common;
 
 use common::{comparable_metrics, pretrained_policy};
-use rlhf::schedule::LrSchedule;
 use rlhf::stages::ppo::{train, train_with_reward, PpoConfig, RewardSpec};
 use rlhf::stages::ppo_models::ValueModelConfig;
 use rlhf_envs::FnReward;
@@ -26,7 +25,6 @@ fn cfg(dir: &std::path::Path, iterations: usize) -> PpoConfig {
         iterations,
         ppo_epochs: 2,
         optim: rlhf_policies::AdamWConfig { lr: 3e-3, ..Default::default() },
-        schedule: LrSchedule::Constant { lr: 3e-3 },
         checkpoint_every: 3,
         sample_every: 3,
         ..Default::default()
@@ -174,7 +172,6 @@ fn evaluations_repeat_with_a_fixed_policy(engine: RolloutEngine) {
     let mut c = cfg(d.path(), 4);
     c.rollout_engine = engine;
     c.optim.lr = 0.0;
-    c.schedule = LrSchedule::Constant { lr: 0.0 };
     (c.val_fraction, c.eval_every, c.sample_every, c.sample_count) = (1.0 / 3.0, 3, 1, 16);
     c.score.missing_eos = rlhf_envs::MissingEos::Subtract(1.0);
     train(c, false).unwrap();

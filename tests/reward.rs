@@ -152,7 +152,8 @@ fn marker_cfg(dir: &std::path::Path, steps: usize) -> RewardConfig {
         max_len: 48,
         batch_size: 8,
         steps,
-        schedule: LrSchedule::WarmupCosine { lr: 3e-3, min_lr: 3e-4, warmup: 5, decay_steps: steps },
+        optim: rlhf_policies::AdamWConfig { lr: 3e-3, ..Default::default() },
+        schedule: LrSchedule::warmup_cosine(5),
         eval_every: 40,
         checkpoint_every: 40,
         ..Default::default()

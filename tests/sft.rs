@@ -47,7 +47,8 @@ fn cfg(dir: &std::path::Path, steps: usize) -> SftConfig {
         max_len: 40,
         batch_size: 3,
         steps,
-        schedule: LrSchedule::WarmupCosine { lr: 1e-2, min_lr: 1e-3, warmup: 2, decay_steps: steps },
+        optim: rlhf_policies::AdamWConfig { lr: 1e-2, ..Default::default() },
+        schedule: LrSchedule::warmup_cosine(2),
         eval_every: 10,
         checkpoint_every: 10,
         ..Default::default()

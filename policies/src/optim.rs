@@ -141,7 +141,7 @@ fn grad_kernels(dev: &std::sync::Arc<cudarc::driver::CudaDevice>) -> [cudarc::dr
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdamWConfig {
-    /// Learning rate. Defaults to `1e-4`; a schedule may override it per step.
+    /// Peak learning rate: the stages scale it per step by their `schedule`. Default `1e-4`.
     pub lr: f64,
     /// β₁, β₂. Default `[0.9, 0.999]`.
     pub betas: [f64; 2],

@@ -253,12 +253,9 @@ impl Demo<'_> {
                 block_size: 48,
                 batch_size: 16,
                 steps: plan.pretrain_steps,
-                schedule: LrSchedule::WarmupCosine {
-                    lr: 3e-3,
-                    min_lr: 3e-4,
-                    warmup: 20,
-                    decay_steps: plan.pretrain_steps,
-                },
+                optim: rlhf_policies::AdamWConfig { lr: 3e-3, ..PretrainConfig::default().optim },
+                // 3e-4, not the default 3e-3 / 10 (one ulp away), keeps the demo's numbers
+                schedule: LrSchedule::WarmupCosine { warmup: 20, min_lr: Some(3e-4), decay_steps: None },
                 eval_every: plan.pretrain_steps,
                 checkpoint_every: plan.pretrain_steps,
                 sample_prompt: "review of the".into(),
@@ -283,7 +280,7 @@ impl Demo<'_> {
                 batch_size: 16,
                 steps,
                 optim: rlhf_policies::AdamWConfig { lr: 1e-3, ..Default::default() },
-                schedule: LrSchedule::WarmupCosine { lr: 1e-3, min_lr: 1e-4, warmup: 10, decay_steps: steps },
+                schedule: LrSchedule::warmup_cosine(10),
                 eval_every: steps,
                 checkpoint_every: steps,
                 ..Default::default()
@@ -312,7 +309,7 @@ impl Demo<'_> {
                 batch_size: 16,
                 steps,
                 optim: rlhf_policies::AdamWConfig { lr: 1e-3, ..Default::default() },
-                schedule: LrSchedule::WarmupCosine { lr: 1e-3, min_lr: 1e-4, warmup: 10, decay_steps: steps },
+                schedule: LrSchedule::warmup_cosine(10),
                 eval_every: steps,
                 checkpoint_every: steps,
                 ..Default::default()
@@ -342,7 +339,7 @@ impl Demo<'_> {
             iterations,
             minibatch_size: 8,
             optim: rlhf_policies::AdamWConfig { lr, ..Default::default() },
-            schedule: LrSchedule::Constant { lr },
+            schedule: LrSchedule::Constant {},
             beta,
             checkpoint_every: iterations,
             sample_every: 10,
@@ -368,7 +365,7 @@ impl Demo<'_> {
                 batch_size: 16,
                 steps,
                 optim: rlhf_policies::AdamWConfig { lr: 1e-4, ..Default::default() },
-                schedule: LrSchedule::Constant { lr: 1e-4 },
+                schedule: LrSchedule::Constant {},
                 eval_every: steps,
                 checkpoint_every: steps,
                 // the stage's own sampled-KL check, at the demo's response length (its default

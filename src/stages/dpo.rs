@@ -76,9 +76,9 @@ pub struct DpoConfig {
     pub grad_accum: usize,
     /// Optimizer steps. Default `200`.
     pub steps: usize,
-    /// AdamW. Default lr 1e-5, no weight decay.
+    /// AdamW; `lr` is the peak learning rate. Default lr 1e-5, no weight decay.
     pub optim: AdamWConfig,
-    /// Learning rate per step. Default: constant 1e-5.
+    /// Shape of the learning rate over the steps (peak `optim.lr`). Default: constant.
     pub schedule: LrSchedule,
     /// Global grad-norm clip. Default `1.0`.
     pub grad_clip: f64,
@@ -118,7 +118,7 @@ impl Default for DpoConfig {
             grad_accum: 1,
             steps: 200,
             optim: AdamWConfig { lr: 1e-5, ..Default::default() },
-            schedule: LrSchedule::Constant { lr: 1e-5 },
+            schedule: LrSchedule::Constant {},
             grad_clip: 1.0,
             eval_every: 50,
             checkpoint_every: 100,
@@ -383,7 +383,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &DpoConfig, resume: bool, dev: &D) -
     for step in start..cfg.steps {
         // ALGO: the loss over grad_accum micro-batches, one AdamW step
         let t0 = Instant::now();
-        let lr = cfg.schedule.at(step);
+        let lr = cfg.schedule.at(cfg.optim.lr, cfg.steps, step);
         let (mut tokens, mut outs) = (0usize, vec![]);
         let (loss, grad_norm) =
             optimizer_step(&mut policy, &mut opt, lr, cfg.grad_clip, cfg.grad_accum, |m, micro, tape| {

@@ -158,9 +158,10 @@ pub struct GrpoConfig {
     pub loss_type: LossAggregation,
     /// Score processing (normalise, clip, missing-EOS rule). Default: raw score.
     pub score: ScoreConfig,
-    /// AdamW. Default lr 1e-6 (TRL), no weight decay.
+    /// AdamW; `lr` is the peak learning rate. Default lr 1e-6 (TRL), no weight decay.
     pub optim: AdamWConfig,
-    /// Learning rate per optimizer step. Default: constant 1e-6.
+    /// Shape of the learning rate over the iterations (peak `optim.lr`; one rate for every
+    /// step of an iteration). Default: constant.
     pub schedule: LrSchedule,
     /// Global grad-norm clip. Default `1.0`.
     pub grad_clip: f64,
@@ -218,7 +219,7 @@ impl Default for GrpoConfig {
             loss_type: LossAggregation::Dapo,
             score: ScoreConfig::default(),
             optim: AdamWConfig { lr: 1e-6, ..Default::default() },
-            schedule: LrSchedule::Constant { lr: 1e-6 },
+            schedule: LrSchedule::Constant {},
             grad_clip: 1.0,
             on_nonfinite: OnNonFinite::Stop,
             checkpoint_every: 20,

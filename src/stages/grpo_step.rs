@@ -146,7 +146,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
         let t_scoring = t1.elapsed();
         // ALGO: num_iterations passes of the clipped token loss over shuffled minibatches
         let t2 = Instant::now();
-        let lr = cfg.schedule.at(it);
+        let lr = cfg.schedule.at(cfg.optim.lr, cfg.iterations, it);
         let upd = update(cfg, &mut self.policy, &mut self.opt, &scored, it, lr, self.pad, &mut self.state)?;
         let timing = [t_rollout, t_scoring, t2.elapsed()];
         let record = metrics(cfg, it + 1, &episodes, &scored, &upd, lr, self.eos, &timing);

@@ -228,9 +228,10 @@ pub struct PpoConfig {
     pub whiten_rewards: bool,
     /// Whiten the advantages over the batch. Default `true`.
     pub whiten_advantages: bool,
-    /// AdamW. Default lr 1e-5 (TRL), no weight decay.
+    /// AdamW; `lr` is the peak learning rate. Default lr 1e-5 (TRL), no weight decay.
     pub optim: AdamWConfig,
-    /// Learning rate per optimizer step. Default: constant 1e-5.
+    /// Shape of the learning rate over the iterations (peak `optim.lr`; one rate for every
+    /// minibatch of an iteration). Default: constant.
     pub schedule: LrSchedule,
     /// Global grad-norm clip. Default `1.0`.
     pub grad_clip: f64,
@@ -298,7 +299,7 @@ impl Default for PpoConfig {
             whiten_rewards: false,
             whiten_advantages: true,
             optim: AdamWConfig { lr: 1e-5, ..Default::default() },
-            schedule: LrSchedule::Constant { lr: 1e-5 },
+            schedule: LrSchedule::Constant {},
             grad_clip: 1.0,
             ptx: None,
             on_nonfinite: OnNonFinite::Stop,

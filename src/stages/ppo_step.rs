@@ -140,7 +140,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         }
         // ALGO: ppo_epochs passes of clipped policy + value loss over shuffled minibatches
         let t2 = Instant::now();
-        let lr = cfg.schedule.at(it);
+        let lr = cfg.schedule.at(cfg.optim.lr, cfg.iterations, it);
         let upd = update(
             cfg,
             &mut self.models,

@@ -74,9 +74,11 @@ pub struct PretrainConfig {
     pub grad_accum: usize,
     /// Optimizer steps. Default `2000`.
     pub steps: usize,
-    /// AdamW. Default lr 1e-3, betas (0.9, 0.99), weight decay 0.1 (not on biases and norms).
+    /// AdamW; `lr` is the peak learning rate. Default lr 1e-3, betas (0.9, 0.99), weight decay
+    /// 0.1 (not on biases and norms).
     pub optim: AdamWConfig,
-    /// Learning rate per step. Default: warm-up 100, cosine from 1e-3 to 1e-4 at step 2000.
+    /// Shape of the learning rate over the steps (peak `optim.lr`). Default: warm-up 100,
+    /// then cosine to `optim.lr / 10` at the last step.
     pub schedule: LrSchedule,
     /// Global grad-norm clip. Default `1.0`.
     pub grad_clip: f64,
@@ -112,7 +114,7 @@ impl Default for PretrainConfig {
             grad_accum: 1,
             steps: 2000,
             optim: AdamWConfig { lr: 1e-3, betas: [0.9, 0.99], eps: 1e-8, weight_decay: 0.1, no_decay_1d: true },
-            schedule: LrSchedule::WarmupCosine { lr: 1e-3, min_lr: 1e-4, warmup: 100, decay_steps: 2000 },
+            schedule: LrSchedule::warmup_cosine(100),
             grad_clip: 1.0,
             eval_every: 250,
             eval_batches: 20,
@@ -191,7 +193,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &PretrainConfig, resume: bool, dev: 
     for step in start..cfg.steps {
         // ALGO: one optimizer step over grad_accum micro-batches
         let t0 = Instant::now();
-        let lr = cfg.schedule.at(step);
+        let lr = cfg.schedule.at(cfg.optim.lr, cfg.steps, step);
         let (loss_sum, grad_norm) =
             optimizer_step(&mut model, &mut opt, lr, cfg.grad_clip, cfg.grad_accum, |m, micro, tape| {
                 let (x, y) =

@@ -121,9 +121,10 @@ pub struct RewardConfig {
     pub grad_accum: usize,
     /// Optimizer steps. Default `200`.
     pub steps: usize,
-    /// AdamW. Default lr 1e-4, no weight decay.
+    /// AdamW; `lr` is the peak learning rate. Default lr 1e-4, no weight decay.
     pub optim: AdamWConfig,
-    /// Learning rate per step. Default: warm-up 10, cosine to 1e-5 at step 200.
+    /// Shape of the learning rate over the steps (peak `optim.lr`). Default: warm-up 10, then
+    /// cosine to `optim.lr / 10` at the last step.
     pub schedule: LrSchedule,
     /// Global grad-norm clip. Default `1.0`.
     pub grad_clip: f64,
@@ -164,7 +165,7 @@ impl Default for RewardConfig {
             grad_accum: 1,
             steps: 200,
             optim: AdamWConfig { lr: 1e-4, ..Default::default() },
-            schedule: LrSchedule::WarmupCosine { lr: 1e-4, min_lr: 1e-5, warmup: 10, decay_steps: 200 },
+            schedule: LrSchedule::warmup_cosine(10),
             grad_clip: 1.0,
             center_coef: 0.01,
             eval_every: 50,
@@ -328,7 +329,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D
     for step in start..cfg.steps {
         // ALGO: Bradley–Terry over grad_accum micro-batches of comparisons, one AdamW step
         let t0 = Instant::now();
-        let lr = cfg.schedule.at(step);
+        let lr = cfg.schedule.at(cfg.optim.lr, cfg.steps, step);
         let (mut tokens, mut batch_scores) = (0usize, Vec::new());
         let (loss, grad_norm) =
             optimizer_step(&mut rm, &mut opt, lr, cfg.grad_clip, cfg.grad_accum, |m, micro, tape| {

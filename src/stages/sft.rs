@@ -78,9 +78,10 @@ pub struct SftConfig {
     pub grad_accum: usize,
     /// Optimizer steps. Default `200`.
     pub steps: usize,
-    /// AdamW. Default lr 1e-4, no weight decay.
+    /// AdamW; `lr` is the peak learning rate. Default lr 1e-4, no weight decay.
     pub optim: AdamWConfig,
-    /// Learning rate per step. Default: warm-up 10, cosine to 1e-5 at step 200.
+    /// Shape of the learning rate over the steps (peak `optim.lr`). Default: warm-up 10, then
+    /// cosine to `optim.lr / 10` at the last step.
     pub schedule: LrSchedule,
     /// Global grad-norm clip. Default `1.0`.
     pub grad_clip: f64,
@@ -119,7 +120,7 @@ impl Default for SftConfig {
             grad_accum: 1,
             steps: 200,
             optim: AdamWConfig { lr: 1e-4, ..Default::default() },
-            schedule: LrSchedule::WarmupCosine { lr: 1e-4, min_lr: 1e-5, warmup: 10, decay_steps: 200 },
+            schedule: LrSchedule::warmup_cosine(10),
             grad_clip: 1.0,
             eval_every: 50,
             checkpoint_every: 100,
@@ -319,7 +320,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &SftConfig, resume: bool, dev: &D) -
     for step in start..cfg.steps {
         // ALGO: masked cross-entropy over grad_accum micro-batches, one AdamW step
         let t0 = Instant::now();
-        let lr = cfg.schedule.at(step);
+        let lr = cfg.schedule.at(cfg.optim.lr, cfg.steps, step);
         let mut tokens = 0usize;
         let (loss, grad_norm) =
             optimizer_step(&mut model, &mut opt, lr, cfg.grad_clip, cfg.grad_accum, |m, micro, tape| {
