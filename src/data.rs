@@ -306,6 +306,12 @@ impl EpochOrder {
     }
 }
 
+/// Passes over a training set of `n` records after `consumed` of the stream's draws (TRL's
+/// `epoch` metric: 1.5 = one pass and half of the next).
+pub fn epochs_seen(consumed: usize, n: usize) -> f64 {
+    consumed as f64 / n.max(1) as f64
+}
+
 /// The whole permutation of epoch `epoch` that [`epoch_index`] walks (for callers that need
 /// every index at once: one shuffle instead of one per index).
 pub fn epoch_permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {

@@ -166,6 +166,8 @@ fn learns_a_marker_word_and_loads_back_as_a_normalised_reward_model() {
     let report = train(marker_cfg(d.path(), 120), false).unwrap();
     let ev = report.eval.as_ref().unwrap();
     assert_eq!(report.val_comparisons, 60);
+    let last = comparable_metrics(&d.path().join("run")).pop().unwrap();
+    assert_eq!(last["epoch"].as_f64(), Some(120.0 * 8.0 / report.train_comparisons as f64), "120 steps of 8");
     assert!(ev.stats.accuracy >= 0.95, "held-out accuracy {}", ev.stats.accuracy);
     let norm = report.normalization.clone().unwrap();
     // the final checkpoint is an HF sequence-classification folder with the normalisation

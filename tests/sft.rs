@@ -91,6 +91,10 @@ fn packed_training_learns_and_resumes_exactly() {
     let m = comparable_metrics(&a.path().join("run"));
     let first = m[0]["loss"].as_f64().unwrap() as f32;
     assert!(report.train_loss < 0.3 * first, "{first} -> {}", report.train_loss);
+    // two examples (23–26 input tokens each) fit a 64-token row: 4 of the 6 per step
+    for (s, r) in m.iter().enumerate() {
+        assert_eq!(r["epoch"].as_f64(), Some((s + 1) as f64 * 4.0 / 6.0), "step {}", s + 1);
+    }
     let b = tempfile::tempdir().unwrap();
     train(packed(b.path()), false).unwrap();
     std::fs::remove_dir_all(b.path().join("run/checkpoints/step-30")).unwrap();
@@ -109,6 +113,10 @@ fn overfits_a_handful_of_pairs_and_resumes_exactly() {
         .collect();
     let first = m[0]["loss"].as_f64().unwrap() as f32;
     assert!(report.train_loss < 0.3 * first, "{first} -> {}", report.train_loss);
+    // TRL's `epoch`: 3 of the 6 pairs per step
+    for (s, r) in m.iter().enumerate() {
+        assert_eq!(r["epoch"].as_f64(), Some((s + 1) as f64 * 3.0 / 6.0), "step {}", s + 1);
+    }
     let b = tempfile::tempdir().unwrap();
     train(cfg(b.path(), 30), false).unwrap();
     std::fs::remove_dir_all(b.path().join("run/checkpoints/step-30")).unwrap();

@@ -20,7 +20,7 @@ use rlhf_policies::fused::host_loss;
 use rlhf_policies::{generate_from, AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers, SamplingConfig, Tokenizer};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{held_out_count, mix, EpochOrder};
+use crate::data::{epochs_seen, held_out_count, mix, EpochOrder};
 use crate::device::DeviceKind;
 use crate::math::dpo::{dpo_loss, DpoLoss, PairLogps};
 use crate::preference::{
@@ -398,8 +398,9 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &DpoConfig, resume: bool, dev: &D) -
         let done = step + 1;
         let tok_s = tokens as f64 / t0.elapsed().as_secs_f64();
         let st = stats_of(train_set, &outs);
-        let mut record = serde_json::json!({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-            "tokens_per_s": tok_s});
+        let epoch = epochs_seen(done * cfg.grad_accum * cfg.batch_size, train_set.len());
+        let mut record = serde_json::json!({"step": done, "epoch": epoch, "loss": loss, "lr": lr,
+            "grad_norm": grad_norm, "tokens_per_s": tok_s});
         put_stats(&mut record, "", &st);
         if (done % cfg.eval_every == 0 || done == cfg.steps) && !val_set.is_empty() {
             let mut ev = evaluate(cfg, &policy, val_set, pad)?;

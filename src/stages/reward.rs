@@ -21,7 +21,7 @@ use rlhf_policies::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::data::EpochOrder;
+use crate::data::{epochs_seen, EpochOrder};
 use crate::device::DeviceKind;
 use crate::math::preference::{bradley_terry_loss, preference_stats, PreferenceStats};
 use crate::preference::{
@@ -345,7 +345,8 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D
         let done = step + 1;
         let tok_s = tokens as f64 / t0.elapsed().as_secs_f64();
         let mut record = serde_json::json!({
-            "step": done, "loss": loss, "accuracy": train_accuracy(&batch_scores),
+            "step": done, "epoch": epochs_seen(done * cfg.grad_accum * cfg.batch_size, train_set.len()),
+            "loss": loss, "accuracy": train_accuracy(&batch_scores),
             "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s,
         });
         if done % cfg.eval_every == 0 || done == cfg.steps {

@@ -17,7 +17,7 @@ use rlhf_policies::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::data::{read_jsonl_fields, EpochOrder};
+use crate::data::{epochs_seen, read_jsonl_fields, EpochOrder};
 use crate::device::DeviceKind;
 use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::RunDir;
@@ -262,6 +262,14 @@ impl Rows {
         }
     }
 
+    /// Examples of the stream taken by the first `rows` rows (all asked for already).
+    fn examples_in(&self, rows: usize) -> usize {
+        match self {
+            Rows::Single(_) => rows,
+            Rows::Packed { rows: built, .. } => built[..rows].iter().map(Vec::len).sum(),
+        }
+    }
+
     /// The examples of row `k`, as indices into `set`.
     fn row(&mut self, k: usize, set: &[Example]) -> Vec<usize> {
         match self {
@@ -334,8 +342,9 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &SftConfig, resume: bool, dev: &D) -
         train_loss = loss;
         let done = step + 1;
         let tok_s = tokens as f64 / t0.elapsed().as_secs_f64();
-        let mut record =
-            serde_json::json!({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s});
+        let epoch = epochs_seen(stream.examples_in(done * cfg.grad_accum * cfg.batch_size), train_set.len());
+        let mut record = serde_json::json!({"step": done, "epoch": epoch, "loss": loss, "lr": lr,
+            "grad_norm": grad_norm, "tokens_per_s": tok_s});
         if (done % cfg.eval_every == 0 || done == cfg.steps) && !val_set.is_empty() {
             let v = eval_loss(&model, val_set, pad, cfg.batch_size)?;
             val_loss = Some(v);
