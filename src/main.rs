@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use dfdx::prelude::Cpu;
 use rlhf::device::DeviceKind;
+use rlhf::run::resolve_model_in;
 use rlhf::stages::dpo::{self, DpoConfig};
 use rlhf::stages::grpo::{self, GrpoConfig};
 use rlhf::stages::ppo::{self, PpoConfig, RewardSpec};
@@ -393,7 +394,11 @@ fn chat_prompt<D: FusedOps>(a: &GenerateArgs, model: &CausalLm<D>, tok: &Tokeniz
     Ok(template.user_prompt(a.system.as_deref(), user)?)
 }
 
-fn generate_cmd(a: GenerateArgs) -> Result<()> {
+fn generate_cmd(mut a: GenerateArgs) -> Result<()> {
+    resolve_model_in(&mut a.model)?;
+    if let Some(rm) = a.reward_model.as_mut() {
+        resolve_model_in(rm)?;
+    }
     if a.device != DeviceKind::Cpu && !matches!(a.weights, Weights::F32) {
         bail!("--weights is the CPU host engine's option; --device {} decodes in f32", a.device);
     }
@@ -569,7 +574,8 @@ fn grpo_cmd(mut a: PpoArgs, algo: Option<&str>) -> Result<()> {
     run_stage(&a.stage, prepare, |c: &GrpoConfig| c.out_dir.clone(), grpo::train)
 }
 
-fn eval_cmd(a: EvalArgs) -> Result<()> {
+fn eval_cmd(mut a: EvalArgs) -> Result<()> {
+    resolve_model_in(&mut a.model)?;
     rlhf::on_device!(a.device, dev => eval_on(&a, dev))
 }
 

@@ -221,6 +221,34 @@ impl RunDir {
     }
 }
 
+/// A model path as a user gives it: a model folder or file, as it is, or a training run's
+/// folder (`runs/sft`: it holds `checkpoints/` and no `config.json` of a model), which stands
+/// for its newest complete checkpoint — said on stderr, since a later run may add newer ones.
+pub fn resolve_model(path: &Path) -> Result<PathBuf> {
+    let is_model = path.is_file() || path.join("model.safetensors").exists() || path.join(MARKER).exists();
+    if is_model || !path.join(CHECKPOINTS).is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let run = RunDir { root: path.to_path_buf(), keep: 0 };
+    match run.latest_checkpoint()? {
+        Some((_, checkpoint)) => {
+            eprintln!("{}: a run folder; using its newest checkpoint {}", path.display(), checkpoint.display());
+            Ok(checkpoint)
+        }
+        None => bail!(
+            "{}: a run folder without a complete checkpoint (no {CHECKPOINTS}/step-N with its {MARKER})",
+            path.display()
+        ),
+    }
+}
+
+/// [`resolve_model`] in place (for config fields, so the run's `config.json` names the
+/// checkpoint it started from).
+pub fn resolve_model_in(path: &mut PathBuf) -> Result<()> {
+    *path = resolve_model(path)?;
+    Ok(())
+}
+
 /// Appends one JSON object per line, flushed after each.
 #[derive(Debug)]
 pub struct JsonlWriter {
@@ -264,6 +292,31 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_folder_stands_for_its_newest_complete_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::create(dir.path().join("r")).unwrap();
+        let err = resolve_model(&run.root).unwrap_err().to_string();
+        assert!(err.contains("a run folder without a complete checkpoint"), "{err}");
+        run.write_config(&serde_json::json!({"init": "x"})).unwrap();
+        for step in [2, 10] {
+            run.save_checkpoint(step, &"", |d| Ok(std::fs::write(d.join("model.safetensors"), b"w")?)).unwrap();
+        }
+        std::fs::create_dir_all(run.root.join("checkpoints/step-20")).unwrap(); // no marker: a crash
+        assert_eq!(resolve_model(&run.root).unwrap(), run.checkpoint_dir(10));
+        let mut p = run.root.clone();
+        resolve_model_in(&mut p).unwrap();
+        assert_eq!(p, run.checkpoint_dir(10));
+        // a checkpoint, a model folder, a file and a missing path stay as they are
+        for p in [run.checkpoint_dir(2), dir.path().join("missing"), run.root.join(CONFIG)] {
+            assert_eq!(resolve_model(&p).unwrap(), p);
+        }
+        let model = dir.path().join("model");
+        std::fs::create_dir_all(model.join(CHECKPOINTS)).unwrap();
+        std::fs::write(model.join("model.safetensors"), b"w").unwrap();
+        assert_eq!(resolve_model(&model).unwrap(), model);
+    }
 
     #[test]
     fn checkpoints_are_atomic_and_latest_ignores_incomplete_ones() {

@@ -162,11 +162,22 @@ fn reward_then_ppo_with_reward_model_then_report() {
         })
         .collect();
     std::fs::write(d.path().join("prefs.jsonl"), prefs.join("\n")).unwrap();
-    let rm = serde_json::json!({"out_dir": p("rm"), "init": p("pre/checkpoints/step-2"), "data": p("prefs.jsonl"),
+    // a run folder as the model: its newest checkpoint, named in the new run's config
+    let rm = serde_json::json!({"out_dir": p("rm"), "init": p("pre"), "data": p("prefs.jsonl"),
         "val_fraction": 0.25, "max_len": 32, "batch_size": 2, "steps": 2, "eval_every": 2, "checkpoint_every": 2});
     std::fs::write(d.path().join("rm.json"), rm.to_string()).unwrap();
     let (ok, out, err) = rlhf(&["reward", "--config", &p("rm.json")]);
-    assert!(ok, "{err}");
+    assert!(ok && err.contains("a run folder; using its newest checkpoint"), "{err}");
+    let resolved = |run: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.path().join(run).join("config.json")).unwrap()).unwrap()
+    };
+    assert_eq!(resolved("rm")["init"].as_str(), Some(p("pre/checkpoints/step-2").as_str()));
+    // the library's loader, given the run folder itself, says what to pass
+    let e = rlhf_policies::checkpoint::load_with_tokenizer(&d.path().join("pre"), &dfdx::tensor::Cpu::default())
+        .map(|_: (rlhf_policies::CausalLm<dfdx::tensor::Cpu>, _)| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model_type") && e.contains("checkpoints/step-N"), "{e}");
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(report["normalization"]["gain"].is_number(), "{out}");
     assert!(d.path().join("rm/report.html").is_file(), "every stage writes its report");
@@ -178,8 +189,9 @@ fn reward_then_ppo_with_reward_model_then_report() {
     std::fs::write(d.path().join("ppo.json"), ppo.to_string()).unwrap();
     let (ok, _, err) = rlhf(&["ppo", "--config", &p("ppo.json")]);
     assert!(!ok && err.contains("reward is required"), "{err}");
-    let (ok, out, err) = rlhf(&["ppo", "--config", &p("ppo.json"), "--reward-model", &p("rm/checkpoints/step-2")]);
+    let (ok, out, err) = rlhf(&["ppo", "--config", &p("ppo.json"), "--reward-model", &p("rm")]);
     assert!(ok, "{err}");
+    assert_eq!(resolved("ppo")["reward"]["path"].as_str(), Some(p("rm/checkpoints/step-2").as_str()));
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["scores"].as_array().unwrap().len(), 2);
     assert!(d.path().join("ppo/checkpoints/step-2/value/config.json").is_file(), "critic from the reward model");

@@ -286,7 +286,19 @@ impl ModelConfig {
     /// Reads and validates a `config.json`; errors name the file and the field.
     pub fn from_file(path: &std::path::Path) -> Result<Self, PolicyError> {
         let text = std::fs::read_to_string(path).map_err(|e| PolicyError::io(path, e))?;
-        Self::from_json_str(&text).map_err(|e| e.in_file(path))
+        Self::from_json_str(&text).map_err(|e| match e {
+            // a training run's folder also holds a config.json (the stage's): say what to pass
+            PolicyError::Config { field, msg, .. }
+                if field == "model_type" && path.parent().is_some_and(|d| d.join("checkpoints").is_dir()) =>
+            {
+                let msg = format!(
+                    "{msg}: this is a training run's config; pass one of its checkpoints/step-N folders \
+                     (the `rlhf` commands take the run folder for its newest)"
+                );
+                PolicyError::Config { file: path.display().to_string(), field, msg }
+            }
+            e => e.in_file(path),
+        })
     }
 
     /// Parses and validates a config from JSON text.

@@ -345,8 +345,9 @@ fn stats_of(set: &Examples, outs: &[BatchOut]) -> DpoStats {
 }
 
 /// Runs (or, with `resume`, continues) DPO (or KTO) as configured.
-pub fn train(cfg: DpoConfig, resume: bool) -> Result<DpoReport> {
+pub fn train(mut cfg: DpoConfig, resume: bool) -> Result<DpoReport> {
     validate(&cfg)?;
+    crate::run::resolve_model_in(&mut cfg.init)?;
     crate::on_device!(cfg.device, dev => train_on(&cfg, resume, dev))
 }
 

@@ -27,7 +27,7 @@ use crate::stages::common::{read_state, require_counts, restore_latest, save_wit
 use crate::stages::grpo_step::{self, GroupState, GroupTrainer};
 use crate::stages::policy_eval::{online_prompts, prompts_and_eval, EvalNames};
 use crate::stages::ppo::OnNonFinite;
-use crate::stages::ppo::{build_reward, check_reward_inputs, with_reference, RewardSpec};
+use crate::stages::ppo::{build_reward, check_reward_inputs, resolve_models, with_reference, RewardSpec};
 
 /// The algorithm and its own parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -256,8 +256,9 @@ pub struct GrpoReport {
 
 /// Runs (or, with `resume`, continues) the configured algorithm with the config's reward; a
 /// learned reward model runs on the trainer's device.
-pub fn train(cfg: GrpoConfig, resume: bool) -> Result<GrpoReport> {
+pub fn train(mut cfg: GrpoConfig, resume: bool) -> Result<GrpoReport> {
     validate(&cfg)?;
+    resolve_models(&mut cfg.policy, cfg.reward.as_mut())?;
     crate::on_device!(cfg.device, dev => {
         let reward = build_reward(cfg.reward.as_ref(), dev)?;
         train_on(cfg, resume, reward, dev)
@@ -265,8 +266,9 @@ pub fn train(cfg: GrpoConfig, resume: bool) -> Result<GrpoReport> {
 }
 
 /// Runs with any [`RewardModel`] as the reward.
-pub fn train_with_reward(cfg: GrpoConfig, resume: bool, reward: Box<dyn RewardModel>) -> Result<GrpoReport> {
+pub fn train_with_reward(mut cfg: GrpoConfig, resume: bool, reward: Box<dyn RewardModel>) -> Result<GrpoReport> {
     validate(&cfg)?;
+    resolve_models(&mut cfg.policy, cfg.reward.as_mut())?;
     crate::on_device!(cfg.device, dev => train_on(cfg, resume, reward, dev))
 }
 

@@ -332,8 +332,8 @@ pub struct PpoReport {
 
 /// Runs (or, with `resume`, continues) PPO with the reward given in the config; a learned
 /// reward model runs on the trainer's device (one device instance, one stream, on a GPU).
-pub fn train(cfg: PpoConfig, resume: bool) -> Result<PpoReport> {
-    validate(&cfg)?;
+pub fn train(mut cfg: PpoConfig, resume: bool) -> Result<PpoReport> {
+    prepare(&mut cfg)?;
     crate::on_device!(cfg.device, dev => {
         let reward = build_reward(cfg.reward.as_ref(), dev)?;
         train_on(cfg, resume, reward, dev)
@@ -341,9 +341,30 @@ pub fn train(cfg: PpoConfig, resume: bool) -> Result<PpoReport> {
 }
 
 /// Runs PPO with any [`RewardModel`] (closures, rules, learned, external) as the reward.
-pub fn train_with_reward(cfg: PpoConfig, resume: bool, reward: Box<dyn RewardModel>) -> Result<PpoReport> {
-    validate(&cfg)?;
+pub fn train_with_reward(mut cfg: PpoConfig, resume: bool, reward: Box<dyn RewardModel>) -> Result<PpoReport> {
+    prepare(&mut cfg)?;
     crate::on_device!(cfg.device, dev => train_on(cfg, resume, reward, dev))
+}
+
+/// Validates the config and turns run folders among its model paths into their newest
+/// checkpoints ([`crate::run::resolve_model`]).
+fn prepare(cfg: &mut PpoConfig) -> Result<()> {
+    validate(cfg)?;
+    resolve_models(&mut cfg.policy, cfg.reward.as_mut())?;
+    if let ValueModelConfig::Separate { init: Some(init) } = &mut cfg.value_model {
+        crate::run::resolve_model_in(init)?;
+    }
+    Ok(())
+}
+
+/// The policy and a learned reward's folder through [`crate::run::resolve_model`] (shared with
+/// the critic-free trainers).
+pub fn resolve_models(policy: &mut PathBuf, reward: Option<&mut RewardSpec>) -> Result<()> {
+    crate::run::resolve_model_in(policy)?;
+    if let Some(RewardSpec::Model { path, .. }) = reward {
+        crate::run::resolve_model_in(path)?;
+    }
+    Ok(())
 }
 
 fn train_on<D: FusedOps + GradBuffers>(

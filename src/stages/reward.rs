@@ -288,8 +288,14 @@ impl PairLayout {
 }
 
 /// Runs (or, with `resume`, continues) reward-model training as configured.
-pub fn train(cfg: RewardConfig, resume: bool) -> Result<RewardReport> {
+pub fn train(mut cfg: RewardConfig, resume: bool) -> Result<RewardReport> {
     validate(&cfg)?;
+    crate::run::resolve_model_in(&mut cfg.init)?;
+    if let Some(NormalizeConfig { reference: NormReference::PolicySamples { policy: Some(p), .. }, .. }) =
+        cfg.normalize.as_mut()
+    {
+        crate::run::resolve_model_in(p)?;
+    }
     crate::on_device!(cfg.device, dev => train_on(&cfg, resume, dev))
 }
 

@@ -295,8 +295,9 @@ impl Rows {
 }
 
 /// Runs (or, with `resume`, continues) supervised fine-tuning as configured.
-pub fn train(cfg: SftConfig, resume: bool) -> Result<SftReport> {
+pub fn train(mut cfg: SftConfig, resume: bool) -> Result<SftReport> {
     validate(&cfg)?;
+    crate::run::resolve_model_in(&mut cfg.init)?;
     crate::on_device!(cfg.device, dev => train_on(&cfg, resume, dev))
 }
 
