@@ -174,13 +174,34 @@ impl RunDir {
         Ok(out)
     }
 
-    /// Deletes all but the newest `keep` complete checkpoints (see [`RunDir::keep_last`]).
+    /// The complete checkpoint with the lowest held-out loss recorded in its marker (the
+    /// earliest of equals), with that loss; `None` when no marker records one.
+    pub fn best_checkpoint(&self) -> Result<Option<(usize, PathBuf, f64)>> {
+        let mut best: Option<(usize, PathBuf, f64)> = None;
+        for (step, path) in self.checkpoints()? {
+            let marker = path.join(MARKER);
+            let text = std::fs::read_to_string(&marker).with_context(|| format!("reading {}", marker.display()))?;
+            let v: Value = serde_json::from_str(&text).with_context(|| format!("{}", marker.display()))?;
+            let Some(loss) = v["meta"]["held_out_loss"].as_f64() else { continue };
+            if best.as_ref().is_none_or(|b| loss < b.2) {
+                best = Some((step, path, loss));
+            }
+        }
+        Ok(best)
+    }
+
+    /// Deletes all but the newest `keep` complete checkpoints (see [`RunDir::keep_last`]),
+    /// sparing the one with the lowest held-out loss ([`RunDir::best_checkpoint`]).
     fn prune(&self) -> Result<()> {
         if self.keep == 0 {
             return Ok(());
         }
         let all = self.checkpoints()?;
+        let best = self.best_checkpoint()?.map(|b| b.0);
         for (step, path) in &all[..all.len().saturating_sub(self.keep)] {
+            if Some(*step) == best {
+                continue;
+            }
             // renamed first (atomic), so a crash mid-delete never leaves a partial checkpoint
             // that still looks complete
             let doomed = self.root.join(CHECKPOINTS).join(format!(".del-step-{step}-{}", std::process::id()));
@@ -292,6 +313,28 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keep_last_spares_the_checkpoint_with_the_lowest_held_out_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::create(dir.path().join("r")).unwrap().keep_last(2);
+        let save = |step: usize, loss: Option<f64>| {
+            let meta = serde_json::json!({ "held_out_loss": loss });
+            run.save_checkpoint(step, &meta, |d| Ok(std::fs::write(d.join("w.bin"), b"w")?)).unwrap();
+        };
+        assert!(run.best_checkpoint().unwrap().is_none());
+        save(1, None);
+        save(2, Some(0.5));
+        save(3, Some(0.5)); // a tie: the earlier stays the best
+        save(4, Some(0.9));
+        save(5, None);
+        let steps = |run: &RunDir| run.checkpoints().unwrap().into_iter().map(|c| c.0).collect::<Vec<_>>();
+        assert_eq!(steps(&run), [2, 4, 5], "the newest two and the best");
+        assert_eq!(run.best_checkpoint().unwrap(), Some((2, run.checkpoint_dir(2), 0.5)));
+        save(6, Some(0.25));
+        assert_eq!(steps(&run), [5, 6], "the best is among the newest: nothing else kept");
+        assert_eq!(run.best_checkpoint().unwrap().map(|b| b.0), Some(6));
+    }
 
     #[test]
     fn a_run_folder_stands_for_its_newest_complete_checkpoint() {

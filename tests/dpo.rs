@@ -67,6 +67,8 @@ fn dpo_raises_the_marker_and_starts_at_log_2() {
     let first = m[0]["loss"].as_f64().unwrap();
     assert!((first - std::f64::consts::LN_2).abs() < 1e-5, "the first loss is log 2 (policy = reference): {first}");
     assert_eq!(m[19]["epoch"].as_f64(), Some(20.0 * 6.0 / report.pairs.0 as f64), "20 steps of 6 pairs");
+    let marker = common::read_json(&d.path().join("run/checkpoints/step-20/checkpoint.json"));
+    assert_eq!(marker["meta"]["held_out_loss"], m[19]["eval/loss"], "the held-out loss in the marker");
     let ev = report.eval.unwrap();
     assert!(ev.accuracy.unwrap() >= 0.99 && ev.margin > 0.0, "{ev:?}");
     assert_marker_learned(d.path(), 20);

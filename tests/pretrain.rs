@@ -50,6 +50,18 @@ fn loss_falls_and_resume_is_exact() {
     assert!(full[9]["val_loss"].is_number() && full[29]["val_loss"].is_number() && full[10].get("val_loss").is_none());
     let samples = std::fs::read_to_string(a.path().join("run/samples.jsonl")).unwrap();
     assert_eq!(samples.lines().count(), 3);
+    // each checkpoint's marker holds its step's held-out loss; the best is their argmin
+    let run = rlhf::run::RunDir::create(a.path().join("run")).unwrap();
+    let mut lowest = (0, f64::INFINITY);
+    for step in [10, 20, 30] {
+        let marker = common::read_json(&run.checkpoint_dir(step).join("checkpoint.json"));
+        let val_loss = full[step - 1]["val_loss"].as_f64().unwrap();
+        assert_eq!(marker["meta"]["held_out_loss"].as_f64(), Some(val_loss), "step {step}");
+        if val_loss < lowest.1 {
+            lowest = (step, val_loss);
+        }
+    }
+    assert_eq!(run.best_checkpoint().unwrap(), Some((lowest.0, run.checkpoint_dir(lowest.0), lowest.1)));
 
     // interrupted run: a crash after step 20's checkpoint, in the middle of writing step
     // 30's (its folder has no marker; log lines past step 20 are stale), then resume

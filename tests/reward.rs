@@ -168,6 +168,8 @@ fn learns_a_marker_word_and_loads_back_as_a_normalised_reward_model() {
     assert_eq!(report.val_comparisons, 60);
     let last = comparable_metrics(&d.path().join("run")).pop().unwrap();
     assert_eq!(last["epoch"].as_f64(), Some(120.0 * 8.0 / report.train_comparisons as f64), "120 steps of 8");
+    let marker = read_json(&d.path().join("run/checkpoints/step-120/checkpoint.json"));
+    assert_eq!(marker["meta"]["held_out_loss"], last["eval/loss"], "the held-out loss in the marker");
     assert!(ev.stats.accuracy >= 0.95, "held-out accuracy {}", ev.stats.accuracy);
     let norm = report.normalization.clone().unwrap();
     // the final checkpoint is an HF sequence-classification folder with the normalisation

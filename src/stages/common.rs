@@ -64,6 +64,10 @@ pub struct TrainerState {
     pub step: usize,
     /// AdamW's step count.
     pub adam_t: i32,
+    /// The held-out loss evaluated at this step, if one was (what `keep_checkpoints` spares
+    /// the lowest of, see [`RunDir::best_checkpoint`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_out_loss: Option<f64>,
 }
 
 /// What a stage trains and checkpoints as one HF folder: a language model, or a backbone
@@ -205,31 +209,47 @@ fn param_ids<D: Device<f32>>(model: &impl HasParams<D>) -> Vec<UniqueId> {
 }
 
 /// Writes `checkpoints/step-N` atomically: the HF model folder with its tokenizer, and the
-/// optimizer state.
+/// optimizer state; `held_out_loss` (the step's held-out loss, if evaluated) goes into the
+/// marker.
 pub fn save<D: GradBuffers, M: Checkpointable<D>>(
     run: &RunDir,
-    step: usize,
+    (step, held_out_loss): (usize, Option<f64>),
     model: &M,
     tok: &Tokenizer,
     opt: &mut AdamW<D>,
 ) -> Result<()> {
-    save_with(run, step, model, opt, |dir| model.save_dir(dir, tok))
+    save_with(run, (step, held_out_loss), model, opt, |dir| model.save_dir(dir, tok))
 }
 
 /// [`save`] with a custom writer of the model folder (e.g. extra fields in its config).
 pub fn save_with<D: GradBuffers, M: HasParams<D>>(
     run: &RunDir,
-    step: usize,
+    (step, held_out_loss): (usize, Option<f64>),
     model: &M,
     opt: &mut AdamW<D>,
     write_model: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
     let (adam_t, state) = opt.state(&model.params())?;
-    run.save_checkpoint(step, &TrainerState { step, adam_t }, |dir| {
+    run.save_checkpoint(step, &TrainerState { step, adam_t, held_out_loss }, |dir| {
         write_model(dir)?;
         write_safetensors(&dir.join("optimizer.safetensors"), &state)?;
         Ok(())
     })?;
+    Ok(())
+}
+
+/// The number `record` holds under `key` (a step's held-out loss, for [`save`]).
+pub fn held_out(record: &serde_json::Value, key: &str) -> Option<f64> {
+    record.get(key).and_then(serde_json::Value::as_f64)
+}
+
+/// Says on stderr which checkpoint has the lowest held-out loss when it is not the last one
+/// (a run folder given as a model stands for the last).
+pub fn announce_best(run: &RunDir, stage: &str) -> Result<()> {
+    let last = run.latest_checkpoint()?.map(|c| c.0);
+    if let Some((step, path, loss)) = run.best_checkpoint()?.filter(|b| Some(b.0) != last) {
+        eprintln!("{stage}: the lowest held-out loss, {loss:.4}, is at step {step} ({}), not the last", path.display());
+    }
     Ok(())
 }
 

@@ -30,7 +30,8 @@ use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
 use crate::stages::common::{
-    held_out_from, optimizer_step, require_counts, require_fraction, restore_latest, save, LossOn,
+    announce_best, held_out, held_out_from, optimizer_step, require_counts, require_fraction, restore_latest, save,
+    LossOn,
 };
 use crate::stages::kto::{kto_batch_loss, load_kto, pair_accuracy, KtoExample};
 use crate::stages::ppo_models::{logprobs_and_entropy, sequence_log_ratios, Seq};
@@ -86,8 +87,9 @@ pub struct DpoConfig {
     pub eval_every: usize,
     /// Checkpoint every this many steps (and at the end). Default `100`.
     pub checkpoint_every: usize,
-    /// Keep only the newest this many checkpoints, deleting older ones as new ones are
-    /// written (0 keeps every one). Default `0`.
+    /// Keep only the newest this many checkpoints, and the one with the lowest held-out loss
+    /// (recorded when a checkpoint's step is an evaluation's), deleting older ones as new ones
+    /// are written (0 keeps every one). Default `0`.
     pub keep_checkpoints: usize,
     /// Held-out prompts sampled at each evaluation for the KL estimate (0 = none). Default `8`.
     pub eval_samples: usize,
@@ -420,10 +422,11 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &DpoConfig, resume: bool, dev: &D) -
         bar.set_message(format!("loss {loss:.3} margin {:.3} | {tok_s:.0} tok/s", st.margin));
         bar.inc(1);
         if done % cfg.checkpoint_every == 0 || done == cfg.steps {
-            save(&run, done, &policy, &tok, &mut opt)?;
+            save(&run, (done, held_out(&record, "eval/loss")), &policy, &tok, &mut opt)?;
         }
     }
     bar.finish();
+    announce_best(&run, "dpo")?;
     Ok(report)
 }
 

@@ -335,7 +335,7 @@ fn train_on<D: FusedOps + GradBuffers>(
         bar.inc(1);
         if (it + 1) % every == 0 || it + 1 == iterations {
             let st = trainer.state.clone();
-            save_with(&run, it + 1, &trainer.policy, &mut trainer.opt, |dir| {
+            save_with(&run, (it + 1, None), &trainer.policy, &mut trainer.opt, |dir| {
                 trainer.policy.save_pretrained(dir, Some(&tok))?;
                 std::fs::write(dir.join("grpo_state.json"), serde_json::to_string_pretty(&st)?)?;
                 Ok(())

@@ -435,7 +435,7 @@ fn train_on<D: FusedOps + GradBuffers>(
         bar.inc(1);
         if (it + 1) % every == 0 || it + 1 == iterations {
             let (models, st) = (&trainer.models, trainer.state.clone());
-            save_with(&run, it + 1, models, &mut trainer.opt, |dir| {
+            save_with(&run, (it + 1, None), models, &mut trainer.opt, |dir| {
                 models.save_dir(dir, &tok)?;
                 std::fs::write(dir.join("ppo_state.json"), serde_json::to_string_pretty(&st)?)?;
                 Ok(())

@@ -19,7 +19,7 @@ use crate::data::{read_corpus, sample_blocks, TokenSplit};
 use crate::device::DeviceKind;
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
-use crate::stages::common::{optimizer_step, restore_latest, save};
+use crate::stages::common::{announce_best, held_out, optimizer_step, restore_latest, save};
 
 /// How to get the tokenizer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -88,8 +88,9 @@ pub struct PretrainConfig {
     pub eval_batches: usize,
     /// Checkpoint every this many steps (and at the end). Default `500`.
     pub checkpoint_every: usize,
-    /// Keep only the newest this many checkpoints, deleting older ones as new ones are
-    /// written (0 keeps every one). Default `0`.
+    /// Keep only the newest this many checkpoints, and the one with the lowest held-out loss
+    /// (recorded when a checkpoint's step is an evaluation's), deleting older ones as new ones
+    /// are written (0 keeps every one). Default `0`.
     pub keep_checkpoints: usize,
     /// Tokens sampled at each evaluation. Default `100`.
     pub sample_tokens: usize,
@@ -222,10 +223,11 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &PretrainConfig, resume: bool, dev: 
         ));
         bar.inc(1);
         if done % cfg.checkpoint_every == 0 || done == cfg.steps {
-            save(&run, done, &model, &tok, &mut opt)?;
+            save(&run, (done, held_out(&record, "val_loss")), &model, &tok, &mut opt)?;
         }
     }
     bar.finish();
+    announce_best(&run, "pretrain")?;
     Ok(PretrainReport { steps: cfg.steps, train_loss, val_loss, wall_s: t_run.elapsed().as_secs_f64() })
 }
 

@@ -31,7 +31,8 @@ use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::{JsonlWriter, RunDir};
 use crate::schedule::LrSchedule;
 use crate::stages::common::{
-    optimizer_step, require_fits, restore_latest, save, save_with, Checkpointable, HeldOut, HoldOut, LossOn,
+    announce_best, held_out, optimizer_step, require_fits, restore_latest, save, save_with, Checkpointable, HeldOut,
+    HoldOut, LossOn,
 };
 
 /// Where the normalisation's reference scores come from.
@@ -134,8 +135,9 @@ pub struct RewardConfig {
     pub eval_every: usize,
     /// Checkpoint every this many steps (and at the end). Default `100`.
     pub checkpoint_every: usize,
-    /// Keep only the newest this many checkpoints, deleting older ones as new ones are
-    /// written (0 keeps every one). Default `0`.
+    /// Keep only the newest this many checkpoints, and the one with the lowest held-out loss
+    /// (recorded when a checkpoint's step is an evaluation's), deleting older ones as new ones
+    /// are written (0 keeps every one). Default `0`.
     pub keep_checkpoints: usize,
     /// Held-out comparisons written to `samples.jsonl` with their scores at each evaluation.
     /// Default `3`.
@@ -360,6 +362,8 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D
             report.eval = Some(periodic_eval(cfg, &rm, &tok, eval_set, done, &mut record, &mut samples)?);
         }
         metrics.write(&record)?;
+        // without held-out comparisons the evaluation is on the training ones: not held out
+        let held_out_loss = if val_set.is_empty() { None } else { held_out(&record, "eval/loss") };
         bar.set_message(format!(
             "loss {loss:.3}{} | {tok_s:.0} tok/s",
             report.eval.as_ref().map(|e| format!(" acc {:.3}", e.stats.accuracy)).unwrap_or_default()
@@ -372,12 +376,15 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D
                 None => None,
             };
             let norm = report.normalization.clone();
-            save_with(&run, done, &rm, &mut opt, |dir| Ok(rm.save_pretrained(dir, Some(&tok), norm.as_ref())?))?;
+            save_with(&run, (done, held_out_loss), &rm, &mut opt, |dir| {
+                Ok(rm.save_pretrained(dir, Some(&tok), norm.as_ref())?)
+            })?;
         } else if done % cfg.checkpoint_every == 0 {
-            save(&run, done, &rm, &tok, &mut opt)?;
+            save(&run, (done, held_out_loss), &rm, &tok, &mut opt)?;
         }
     }
     bar.finish();
+    announce_best(&run, "reward")?;
     Ok(report)
 }
 

@@ -22,7 +22,9 @@ use crate::device::DeviceKind;
 use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
-use crate::stages::common::{optimizer_step, require_fits, restore_latest, save, HeldOut, HoldOut};
+use crate::stages::common::{
+    announce_best, held_out, optimizer_step, require_fits, restore_latest, save, HeldOut, HoldOut,
+};
 
 /// What to do with an example longer than `max_len` tokens.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,8 +91,9 @@ pub struct SftConfig {
     pub eval_every: usize,
     /// Checkpoint every this many steps (and at the end). Default `100`.
     pub checkpoint_every: usize,
-    /// Keep only the newest this many checkpoints, deleting older ones as new ones are
-    /// written (0 keeps every one). Default `0`.
+    /// Keep only the newest this many checkpoints, and the one with the lowest held-out loss
+    /// (recorded when a checkpoint's step is an evaluation's), deleting older ones as new ones
+    /// are written (0 keeps every one). Default `0`.
     pub keep_checkpoints: usize,
     /// Validation prompts sampled at each evaluation. Default `3`.
     pub sample_count: usize,
@@ -361,10 +364,11 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &SftConfig, resume: bool, dev: &D) -
         ));
         bar.inc(1);
         if done % cfg.checkpoint_every == 0 || done == cfg.steps {
-            save(&run, done, &model, &tok, &mut opt)?;
+            save(&run, (done, held_out(&record, "val_loss")), &model, &tok, &mut opt)?;
         }
     }
     bar.finish();
+    announce_best(&run, "sft")?;
     Ok(SftReport {
         steps: cfg.steps,
         train_examples: train_set.len(),
