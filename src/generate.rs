@@ -14,9 +14,8 @@ use rlhf_policies::{generate_from_with, FusedOps, LearnedReward, SamplingConfig,
 use serde_json::json;
 
 use crate::prompt_format::{ChatPrompt, PromptFormat};
-use crate::stages::ppo::{
-    build_reward, check_fits, check_reward_inputs, load_reward_model, read_prompts, PromptSpec, RewardSpec,
-};
+use crate::stages::ppo::{check_fits, read_prompts, PromptSpec};
+use crate::stages::reward_spec::{build_reward, check_reward_inputs, load_reward_model, RewardSpec};
 
 /// What to generate from.
 #[derive(Debug, Clone)]

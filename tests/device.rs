@@ -300,7 +300,8 @@ fn pretrain_stage(kind: rlhf::device::DeviceKind) {
 /// every evaluation runs, and before the first update the policy is the reference, so the
 /// sampled KL is 0.
 fn ppo_stage_evaluates(kind: rlhf::device::DeviceKind) {
-    use rlhf::stages::ppo::{train, PpoConfig, RewardSpec};
+    use rlhf::stages::ppo::{train, PpoConfig};
+    use rlhf::stages::reward_spec::RewardSpec;
     let d = tempfile::tempdir().unwrap();
     let (policy, prompts) = pretrained_policy(d.path());
     let cfg = PpoConfig {

@@ -75,6 +75,16 @@ fn dpo_raises_the_marker_and_starts_at_log_2() {
 }
 
 #[test]
+fn one_epoch_is_as_many_steps_as_the_training_pairs_fill() {
+    let d = tempfile::tempdir().unwrap();
+    let report = train(DpoConfig { epochs: Some(1.0), eval_every: 100, ..cfg(d.path(), 1) }, false).unwrap();
+    // 60 pairs, 6 held out: 54 in steps of 6
+    assert_eq!((report.pairs.0, report.steps), (54, 9));
+    assert_eq!(comparable_metrics(&d.path().join("run")).last().unwrap()["epoch"].as_f64(), Some(1.0));
+    assert_eq!(common::read_json(&d.path().join("run/config.json"))["steps"].as_u64(), Some(9));
+}
+
+#[test]
 fn dpo_resume_gives_the_same_metrics() {
     let a = tempfile::tempdir().unwrap();
     train(cfg(a.path(), 20), false).unwrap();

@@ -7,7 +7,7 @@ mod common;
 use common::{comparable_metrics, pretrained_policy};
 use rlhf::schedule::LrSchedule;
 use rlhf::stages::grpo::{train, Algo, GrpoConfig};
-use rlhf::stages::ppo::RewardSpec;
+use rlhf::stages::reward_spec::RewardSpec;
 
 fn cfg(dir: &std::path::Path, algo: Algo, iterations: usize) -> GrpoConfig {
     let (policy, prompts) = pretrained_policy(dir);

@@ -5,8 +5,9 @@
 mod common;
 
 use common::{comparable_metrics, pretrained_policy};
-use rlhf::stages::ppo::{train, train_with_reward, PpoConfig, RewardSpec};
+use rlhf::stages::ppo::{train, train_with_reward, PpoConfig};
 use rlhf::stages::ppo_models::ValueModelConfig;
+use rlhf::stages::reward_spec::RewardSpec;
 use rlhf_envs::FnReward;
 use rlhf_policies::RolloutEngine;
 

@@ -103,6 +103,29 @@ fn packed_training_learns_and_resumes_exactly() {
 }
 
 #[test]
+fn epochs_set_the_steps_one_example_or_one_packed_row_at_a_time() {
+    let d = tempfile::tempdir().unwrap();
+    let steps_of = |c: SftConfig| {
+        let out = c.out_dir.clone();
+        let report = train(c, false).unwrap();
+        let saved: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        let m = comparable_metrics(&out);
+        assert_eq!((saved["steps"].as_u64(), m.len()), (Some(report.steps as u64), report.steps), "recorded");
+        (report.steps, m.last().unwrap()["epoch"].as_f64().unwrap())
+    };
+    let two_and_a_half = |sub: &str| SftConfig { epochs: Some(2.5), out_dir: d.path().join(sub), ..cfg(d.path(), 1) };
+    // 2.5 × 6 pairs = 15 examples, 3 per step: 5 steps
+    assert_eq!(steps_of(two_and_a_half("a")), (5, 2.5));
+    // packed two to a row: 8 rows take the first 15 (and one more), 2 rows per step: 4 steps
+    let packed = SftConfig { packing: true, batch_size: 2, max_len: 64, ..two_and_a_half("b") };
+    assert_eq!(steps_of(packed), (4, 16.0 / 6.0));
+    let bad = SftConfig { epochs: Some(0.0), ..two_and_a_half("c") };
+    let e = train(bad, false).unwrap_err().to_string();
+    assert!(e.contains("epochs must be a positive number"), "{e}");
+}
+
+#[test]
 fn overfits_a_handful_of_pairs_and_resumes_exactly() {
     let a = tempfile::tempdir().unwrap();
     let report = train(cfg(a.path(), 30), false).unwrap();

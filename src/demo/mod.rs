@@ -16,10 +16,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::math::sigmoid;
 use crate::schedule::LrSchedule;
-use crate::stages::ppo::{self, PpoConfig, RewardSpec};
+use crate::stages::ppo::{self, PpoConfig};
 use crate::stages::ppo_models::{sequence_log_ratios, Seq, ValueModelConfig};
 use crate::stages::pretrain::{self, PretrainConfig, TokenizerSpec};
 use crate::stages::reward::{self, RewardConfig};
+use crate::stages::reward_spec::RewardSpec;
 use crate::stages::sft::{self, SftConfig};
 use world::{gold_reward, World};
 
@@ -208,7 +209,7 @@ pub fn run(out: &Path, preset: Preset, seed: u64) -> Result<DemoSummary> {
 
 /// The reward model as the demo scores with it: normalised as it was trained.
 fn load_proxy(rm_dir: &Path) -> Result<LearnedReward<Cpu>> {
-    crate::stages::ppo::load_reward_model(rm_dir, true, &Cpu::default())
+    crate::stages::reward_spec::load_reward_model(rm_dir, true, &Cpu::default())
 }
 
 /// One demo's output folder, sizes and seed; each stage method runs the real stage and

@@ -131,6 +131,22 @@ pub fn restore_latest<D: GradBuffers, M: Checkpointable<D>>(
     Ok(Restored { step, model, tok, opt })
 }
 
+/// What a stage starts from: the run's last complete checkpoint when resuming
+/// ([`restore_latest`]), else the model `fresh` gives, a new optimizer and step 0.
+pub fn restore_or_init<D: GradBuffers, M: Checkpointable<D>>(
+    run: &RunDir,
+    resume: bool,
+    optim: &AdamWConfig,
+    dev: &D,
+    fresh: impl FnOnce() -> Result<(M, Tokenizer)>,
+) -> Result<Restored<M, D>> {
+    if resume {
+        return restore_latest(run, optim, dev);
+    }
+    let (model, tok) = fresh()?;
+    Ok(Restored { step: 0, model, tok, opt: AdamW::new(optim.clone()) })
+}
+
 /// One optimizer step: `micro_loss(i, tape)` for each of `accum` micro-batches (each loss
 /// scaled by `1/accum`, gradients accumulated), global clipping, AdamW at `lr`. Returns the
 /// summed (scaled) loss and the gradient norm before clipping.
@@ -236,6 +252,40 @@ pub fn save_with<D: GradBuffers, M: HasParams<D>>(
         Ok(())
     })?;
     Ok(())
+}
+
+/// The steps a dataset stage runs: `steps`, or, with `epochs` set, enough whole steps of
+/// `per_step` batch units to cover `epochs` passes over the `n` training records, where
+/// `units(k)` is how many units (examples, or packed rows) take the stream's first `k`
+/// records. The last step may reach into the next pass (the stream runs on); said on stderr.
+pub fn steps_for_epochs(
+    stage: &str,
+    (epochs, steps): (Option<f64>, usize),
+    n: usize,
+    per_step: usize,
+    units: impl FnOnce(usize) -> usize,
+) -> usize {
+    let Some(epochs) = epochs else { return steps };
+    let steps = units((epochs * n as f64).ceil() as usize).div_ceil(per_step).max(1);
+    eprintln!("{stage}: {epochs} epochs of {n} training records = {steps} steps");
+    steps
+}
+
+/// `cfg`, written as the run's `config.json` when the run is fresh (a resumed run keeps its
+/// own): the config as resolved (model paths, steps from `epochs`).
+pub fn record_config<C: Serialize>(run: &RunDir, resume: bool, cfg: C) -> Result<C> {
+    if !resume {
+        run.write_config(&cfg)?;
+    }
+    Ok(cfg)
+}
+
+/// `epochs`, when set, is a positive finite number.
+pub fn require_epochs(epochs: Option<f64>) -> Result<()> {
+    match epochs {
+        Some(e) if !(e.is_finite() && e > 0.0) => bail!("epochs must be a positive number, got {e}"),
+        _ => Ok(()),
+    }
 }
 
 /// The number `record` holds under `key` (a step's held-out loss, for [`save`]).

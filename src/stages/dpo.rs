@@ -17,7 +17,7 @@ use anyhow::{bail, Result};
 use dfdx::prelude::*;
 use rlhf_policies::checkpoint::load_with_tokenizer;
 use rlhf_policies::fused::host_loss;
-use rlhf_policies::{generate_from, AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers, SamplingConfig, Tokenizer};
+use rlhf_policies::{generate_from, AdamWConfig, CausalLm, FusedOps, GradBuffers, SamplingConfig, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{epochs_seen, held_out_count, mix, EpochOrder};
@@ -30,8 +30,8 @@ use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
 use crate::stages::common::{
-    announce_best, held_out, held_out_from, optimizer_step, require_counts, require_fraction, restore_latest, save,
-    LossOn,
+    announce_best, held_out, held_out_from, optimizer_step, record_config, require_counts, require_epochs,
+    require_fraction, restore_or_init, save, steps_for_epochs, LossOn, Restored,
 };
 use crate::stages::kto::{kto_batch_loss, load_kto, pair_accuracy, KtoExample};
 use crate::stages::ppo_models::{logprobs_and_entropy, sequence_log_ratios, Seq};
@@ -75,8 +75,11 @@ pub struct DpoConfig {
     pub batch_size: usize,
     /// Micro-batches per optimizer step. Default `1`.
     pub grad_accum: usize,
-    /// Optimizer steps. Default `200`.
+    /// Optimizer steps (unless `epochs` is set). Default `200`.
     pub steps: usize,
+    /// Passes over the training pairs (examples, for KTO) instead of `steps`: the run takes enough whole steps
+    /// to cover them and `config.json` records that number as `steps`. Default: none.
+    pub epochs: Option<f64>,
     /// AdamW; `lr` is the peak learning rate. Default lr 1e-5, no weight decay.
     pub optim: AdamWConfig,
     /// Shape of the learning rate over the steps (peak `optim.lr`). Default: constant.
@@ -119,6 +122,7 @@ impl Default for DpoConfig {
             batch_size: 8,
             grad_accum: 1,
             steps: 200,
+            epochs: None,
             optim: AdamWConfig { lr: 1e-5, ..Default::default() },
             schedule: LrSchedule::Constant {},
             grad_clip: 1.0,
@@ -357,19 +361,22 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &DpoConfig, resume: bool, dev: &D) -
     let run = RunDir::open(&cfg.out_dir, resume)?.keep_last(cfg.keep_checkpoints);
     // BOILERPLATE: policy (fresh or restored), the frozen reference, optimizer
     let (reference, tok): (CausalLm<D>, Tokenizer) = load_with_tokenizer(&cfg.init, dev)?;
-    let (mut policy, mut opt, start) = if resume {
-        let r = restore_latest::<_, CausalLm<D>>(&run, &cfg.optim, dev)?;
-        (r.model, r.opt, r.step)
-    } else {
-        run.write_config(cfg)?;
-        (reference.frozen_copy(), AdamW::new(cfg.optim.clone()), 0)
-    };
+    let Restored { model: mut policy, mut opt, step: start, .. } =
+        restore_or_init(&run, resume, &cfg.optim, dev, || Ok((reference.frozen_copy(), tok.clone())))?;
     crate::stages::common::require_fits(cfg.max_len, &reference.dims, &cfg.init)?;
     let eos = tok.eos_for(&reference.config).ok_or_else(|| anyhow::anyhow!("{}: no EOS token", cfg.init.display()))?;
     let pad = tok.pad_id().unwrap_or(eos);
     // DATA: records → tokens → train / held-out split → reference log-probs (once)
     let data = load_examples(cfg, &reference, &tok, eos, pad)?;
     let (train_set, val_set) = (&data.train, &data.val);
+    let steps = steps_for_epochs(
+        cfg.loss.name(),
+        (cfg.epochs, cfg.steps),
+        train_set.len(),
+        cfg.batch_size * cfg.grad_accum,
+        |k| k,
+    );
+    let cfg = &record_config(&run, resume, DpoConfig { steps, ..cfg.clone() })?;
     let sample_prompts = kl_sample_prompts(cfg, val_set.prompts(), policy.dims.max_positions);
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;
@@ -618,6 +625,7 @@ fn validate(cfg: &DpoConfig) -> Result<()> {
         }
     }
     require_fraction("val_fraction", cfg.val_fraction)?;
+    require_epochs(cfg.epochs)?;
     if cfg.data.as_os_str().is_empty() || cfg.init.as_os_str().is_empty() {
         bail!("data and init are required (a preference JSONL file and an SFT checkpoint folder)");
     }

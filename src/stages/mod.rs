@@ -11,4 +11,5 @@ pub mod ppo_models;
 pub mod ppo_step;
 pub mod pretrain;
 pub mod reward;
+pub mod reward_spec;
 pub mod sft;

@@ -10,15 +10,11 @@
 //! (log-probs of π_θ and π_ref and values with the training forward, rewards, GAE,
 //! whitening) → **update** (`ppo_epochs` × minibatches) → KL-controller step.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use rlhf_envs::{
-    AnswerExtraction, AnswerReward, EnvError, KeywordReward, KlEstimator, LengthReward, PromptSource, RewardModel,
-    ScoreConfig,
-};
-use rlhf_policies::{AdamW, AdamWConfig, FusedOps, GradBuffers, LearnedReward, RolloutEngine, Tokenizer};
+use rlhf_envs::{EnvError, KlEstimator, PromptSource, RewardModel, ScoreConfig};
+use rlhf_policies::{AdamW, AdamWConfig, FusedOps, GradBuffers, RolloutEngine, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{read_corpus, read_jsonl};
@@ -31,76 +27,7 @@ use crate::stages::common::{read_state, restore_latest, save_with, Checkpointabl
 use crate::stages::policy_eval::{online_prompts, prompts_and_eval, EvalNames};
 use crate::stages::ppo_models::{PpoModels, ValueModelConfig};
 use crate::stages::ppo_step::{self, IterationOutput, PpoState, PpoTrainer};
-
-/// The reward: a trained reward model, a rule, or an external command.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum RewardSpec {
-    /// A checkpoint from `rlhf reward` (or any HF sequence-classification folder).
-    Model {
-        /// Its folder.
-        path: PathBuf,
-        /// Apply its stored normalisation (gain and bias). Default `true`.
-        #[serde(default = "yes")]
-        normalize: bool,
-    },
-    /// `weight ·` occurrences of the keywords in the response text.
-    Keywords {
-        /// Words or phrases.
-        keywords: Vec<String>,
-        /// Reward per occurrence. Default `1`.
-        #[serde(default = "unit")]
-        weight: f32,
-    },
-    /// `−scale · |length − target|` in tokens.
-    Length {
-        /// Preferred length.
-        target: usize,
-        /// Penalty per token. Default `0.1`.
-        #[serde(default = "tenth")]
-        scale: f32,
-    },
-    /// A verifiable reward: `score` when the response's final answer equals the prompt's
-    /// reference answer (read from `reference_field`), `format_score` when an answer was found
-    /// but is wrong, 0 when none was (verl's GSM8K rule; see `rlhf_envs::answer`).
-    Answer {
-        /// `strict` (the number after `####`, GSM8K's answer line; default) or `flexible`
-        /// (the last number in the response).
-        #[serde(default)]
-        extraction: AnswerExtraction,
-        /// Reward for a right answer. Default `1`.
-        #[serde(default = "unit")]
-        score: f32,
-        /// Reward for a wrong answer in the expected form. Default `0`.
-        #[serde(default)]
-        format_score: f32,
-    },
-    /// A long-lived process speaking JSON lines (see `rlhf_envs::CommandReward`); it also
-    /// receives each prompt's reference answer when `reference_field` is set.
-    Command {
-        /// Program.
-        program: String,
-        /// Arguments.
-        #[serde(default)]
-        args: Vec<String>,
-        /// Seconds to wait for each reply. Default `60`.
-        #[serde(default = "sixty")]
-        timeout_s: u64,
-    },
-}
-
-fn yes() -> bool {
-    true
-}
-fn unit() -> f32 {
-    1.0
-}
-fn tenth() -> f32 {
-    0.1
-}
-fn sixty() -> u64 {
-    60
-}
+use crate::stages::reward_spec::{build_reward, check_reward_inputs, resolve_models, RewardSpec};
 
 /// The unit of the KL the adaptive controller compares with its target.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -357,16 +284,6 @@ fn prepare(cfg: &mut PpoConfig) -> Result<()> {
     Ok(())
 }
 
-/// The policy and a learned reward's folder through [`crate::run::resolve_model`] (shared with
-/// the critic-free trainers).
-pub fn resolve_models(policy: &mut PathBuf, reward: Option<&mut RewardSpec>) -> Result<()> {
-    crate::run::resolve_model_in(policy)?;
-    if let Some(RewardSpec::Model { path, .. }) = reward {
-        crate::run::resolve_model_in(path)?;
-    }
-    Ok(())
-}
-
 fn train_on<D: FusedOps + GradBuffers>(
     cfg: PpoConfig,
     resume: bool,
@@ -475,52 +392,12 @@ fn sample_rows(
     .collect()
 }
 
-/// The reward a config names (shared with the critic-free trainers); a learned one on `dev`.
-pub fn build_reward<D: FusedOps>(spec: Option<&RewardSpec>, dev: &D) -> Result<Box<dyn RewardModel>> {
-    Ok(match spec.context("reward is required (e.g. {\"kind\": \"model\", \"path\": ...})")? {
-        RewardSpec::Model { path, normalize } => Box::new(load_reward_model(path, *normalize, dev)?),
-        RewardSpec::Keywords { keywords, weight } => {
-            Box::new(KeywordReward { keywords: keywords.clone(), weight: *weight })
-        }
-        RewardSpec::Length { target, scale } => Box::new(LengthReward { target: *target, scale: *scale, eos_id: None }),
-        RewardSpec::Answer { extraction, score, format_score } => {
-            Box::new(AnswerReward { extraction: *extraction, score: *score, format_score: *format_score })
-        }
-        RewardSpec::Command { program, args, timeout_s } => {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            Box::new(rlhf_envs::CommandReward::spawn(program, &args, Duration::from_secs(*timeout_s))?)
-        }
-    })
-}
-
-/// The reward model in the folder `path` on `dev`, applying the normalisation stored with it
-/// when `normalize` says so.
-pub fn load_reward_model<D: FusedOps>(path: &Path, normalize: bool, dev: &D) -> Result<LearnedReward<D>> {
-    let (mut rm, norm) =
-        LearnedReward::load_pretrained(path, dev).with_context(|| format!("reward model {}", path.display()))?;
-    if normalize {
-        rm.norm = norm.map(|n| n.as_score_norm());
-    }
-    Ok(rm)
-}
-
 /// A `samples.jsonl` row with prompt `index`'s reference answer added, when it has one.
 pub fn with_reference(mut row: serde_json::Value, prompts: &PromptSource, index: usize) -> serde_json::Value {
     if let Some(r) = prompts.reference(index) {
         row["reference"] = r.into();
     }
     row
-}
-
-/// Checks that a reward that needs reference answers gets them.
-pub fn check_reward_inputs(reward: Option<&RewardSpec>, reference_field: Option<&str>) -> Result<()> {
-    if matches!(reward, Some(RewardSpec::Answer { .. })) && reference_field.is_none() {
-        bail!(
-            "reward.kind = answer needs reference_field: the prompt records' field holding the reference \
-             answer (e.g. \"answer\" for GSM8K)"
-        );
-    }
-    Ok(())
 }
 
 /// Tokenized prompts as `(ids, text)`, and each one's reference answer when the prompt data

@@ -16,7 +16,7 @@ use dfdx::prelude::*;
 use rlhf_policies::checkpoint::load_with_tokenizer;
 use rlhf_policies::fused::host_loss;
 use rlhf_policies::{
-    generate_from, AdamW, AdamWConfig, Batch, CausalLm, FusedOps, GradBuffers, LearnedReward, RewardNormalization,
+    generate_from, AdamWConfig, Batch, CausalLm, FusedOps, GradBuffers, LearnedReward, RewardNormalization,
     SamplingConfig, Tokenizer,
 };
 use serde::{Deserialize, Serialize};
@@ -31,8 +31,8 @@ use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::{JsonlWriter, RunDir};
 use crate::schedule::LrSchedule;
 use crate::stages::common::{
-    announce_best, held_out, optimizer_step, require_fits, restore_latest, save, save_with, Checkpointable, HeldOut,
-    HoldOut, LossOn,
+    announce_best, held_out, optimizer_step, record_config, require_fits, restore_or_init, save, save_with,
+    steps_for_epochs, Checkpointable, HeldOut, HoldOut, LossOn, Restored,
 };
 
 /// Where the normalisation's reference scores come from.
@@ -120,8 +120,11 @@ pub struct RewardConfig {
     pub batch_size: usize,
     /// Micro-batches per optimizer step. Default `1`.
     pub grad_accum: usize,
-    /// Optimizer steps. Default `200`.
+    /// Optimizer steps (unless `epochs` is set). Default `200`.
     pub steps: usize,
+    /// Passes over the training comparisons instead of `steps`: the run takes enough whole steps
+    /// to cover them and `config.json` records that number as `steps`. Default: none.
+    pub epochs: Option<f64>,
     /// AdamW; `lr` is the peak learning rate. Default lr 1e-4, no weight decay.
     pub optim: AdamWConfig,
     /// Shape of the learning rate over the steps (peak `optim.lr`). Default: warm-up 10, then
@@ -166,6 +169,7 @@ impl Default for RewardConfig {
             batch_size: 8,
             grad_accum: 1,
             steps: 200,
+            epochs: None,
             optim: AdamWConfig { lr: 1e-4, ..Default::default() },
             schedule: LrSchedule::warmup_cosine(10),
             grad_clip: 1.0,
@@ -301,17 +305,28 @@ pub fn train(mut cfg: RewardConfig, resume: bool) -> Result<RewardReport> {
     crate::on_device!(cfg.device, dev => train_on(&cfg, resume, dev))
 }
 
+impl RewardReport {
+    /// The report of a run of `steps` on `data` before its first step.
+    fn before_training(steps: usize, data: &HeldOut<TokComparison>) -> Self {
+        let (train, val) = data.split();
+        RewardReport {
+            steps,
+            train_comparisons: train.len(),
+            val_comparisons: val.len(),
+            skipped_too_long: data.skipped,
+            truncated: data.truncated,
+            train_loss: f32::NAN,
+            eval: None,
+            normalization: None,
+        }
+    }
+}
+
 fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D) -> Result<RewardReport> {
     let run = RunDir::open(&cfg.out_dir, resume)?.keep_last(cfg.keep_checkpoints);
     // BOILERPLATE: backbone + head, tokenizer, optimizer (from init, or the run's checkpoint)
-    let (mut rm, tok, mut opt, start) = if resume {
-        let r = restore_latest::<_, LearnedReward<D>>(&run, &cfg.optim, dev)?;
-        (r.model, r.tok, r.opt, r.step)
-    } else {
-        let (rm, tok) = initial_model(cfg, dev)?;
-        run.write_config(cfg)?;
-        (rm, tok, AdamW::new(cfg.optim.clone()), 0)
-    };
+    let Restored { model: mut rm, tok, mut opt, step: start } =
+        restore_or_init(&run, resume, &cfg.optim, dev, || initial_model(cfg, dev))?;
     require_fits(cfg.max_len, &rm.model.dims, &cfg.init)?;
     let eos = tok
         .eos_for(&rm.model.config)
@@ -319,20 +334,14 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D
     // DATA: records → comparisons → tokens → train / validation
     let data = load_data(cfg, &tok, &rm.model.config, eos)?;
     let (train_set, val_set) = data.split();
+    let steps =
+        steps_for_epochs("reward", (cfg.epochs, cfg.steps), train_set.len(), cfg.batch_size * cfg.grad_accum, |k| k);
+    let cfg = &record_config(&run, resume, RewardConfig { steps, ..cfg.clone() })?;
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;
     let bar = crate::progress::bar(cfg.steps as u64, "reward");
     bar.set_position(start as u64);
-    let mut report = RewardReport {
-        steps: cfg.steps,
-        train_comparisons: train_set.len(),
-        val_comparisons: val_set.len(),
-        skipped_too_long: data.skipped,
-        truncated: data.truncated,
-        train_loss: f32::NAN,
-        eval: None,
-        normalization: None,
-    };
+    let mut report = RewardReport::before_training(cfg.steps, &data);
     let mut order = EpochOrder::new(train_set.len(), cfg.seed);
     for step in start..cfg.steps {
         // ALGO: Bradley–Terry over grad_accum micro-batches of comparisons, one AdamW step
@@ -371,10 +380,8 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D
         bar.inc(1);
         if done == cfg.steps {
             // ALGO: fit the normalisation on the reference set; it goes into the final config
-            report.normalization = match &cfg.normalize {
-                Some(n) => Some(fit_normalization(cfg, n, &rm, eos, train_set, val_set)?),
-                None => None,
-            };
+            report.normalization =
+                cfg.normalize.as_ref().map(|n| fit_normalization(cfg, n, &rm, eos, train_set, val_set)).transpose()?;
             let norm = report.normalization.clone();
             save_with(&run, (done, held_out_loss), &rm, &mut opt, |dir| {
                 Ok(rm.save_pretrained(dir, Some(&tok), norm.as_ref())?)
@@ -569,6 +576,7 @@ fn validate(cfg: &RewardConfig) -> Result<()> {
         bail!("data and init are required (a preference JSONL file and a checkpoint folder)");
     }
     crate::stages::common::require_fraction("val_fraction", cfg.val_fraction)?;
+    crate::stages::common::require_epochs(cfg.epochs)?;
     if let Some(n) = &cfg.normalize {
         if n.target_std.is_nan() || n.target_std <= 0.0 {
             bail!("normalize.target_std must be positive, got {}", n.target_std);

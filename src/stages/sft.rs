@@ -12,9 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use dfdx::prelude::*;
 use rlhf_policies::checkpoint::load_with_tokenizer;
-use rlhf_policies::{
-    generate_from, AdamW, AdamWConfig, Batch, CausalLm, FusedOps, GradBuffers, SamplingConfig, Tokenizer,
-};
+use rlhf_policies::{generate_from, AdamWConfig, Batch, CausalLm, FusedOps, GradBuffers, SamplingConfig, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{epochs_seen, read_jsonl_fields, EpochOrder};
@@ -23,7 +21,7 @@ use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
 use crate::stages::common::{
-    announce_best, held_out, optimizer_step, require_fits, restore_latest, save, HeldOut, HoldOut,
+    self, announce_best, held_out, optimizer_step, require_fits, restore_or_init, save, HeldOut, HoldOut, Restored,
 };
 
 /// What to do with an example longer than `max_len` tokens.
@@ -78,8 +76,12 @@ pub struct SftConfig {
     pub batch_size: usize,
     /// Micro-batches per optimizer step. Default `1`.
     pub grad_accum: usize,
-    /// Optimizer steps. Default `200`.
+    /// Optimizer steps (unless `epochs` is set). Default `200`.
     pub steps: usize,
+    /// Passes over the training examples instead of `steps`: the run takes enough whole steps
+    /// to cover them (rows, when packing) and `config.json` records that number as `steps`.
+    /// Default: none.
+    pub epochs: Option<f64>,
     /// AdamW; `lr` is the peak learning rate. Default lr 1e-4, no weight decay.
     pub optim: AdamWConfig,
     /// Shape of the learning rate over the steps (peak `optim.lr`). Default: warm-up 10, then
@@ -122,6 +124,7 @@ impl Default for SftConfig {
             batch_size: 8,
             grad_accum: 1,
             steps: 200,
+            epochs: None,
             optim: AdamWConfig { lr: 1e-4, ..Default::default() },
             schedule: LrSchedule::warmup_cosine(10),
             grad_clip: 1.0,
@@ -297,6 +300,21 @@ impl Rows {
     }
 }
 
+/// The run's steps: `steps`, or those `epochs` take (see [`common::steps_for_epochs`]).
+fn steps_for_epochs(cfg: &SftConfig, train_set: &[Example]) -> usize {
+    let mut rows = Rows::new(cfg, train_set.len());
+    let rows_taking = |records: usize| {
+        let mut k = 0;
+        while rows.examples_in(k) < records {
+            rows.row(k, train_set);
+            k += 1;
+        }
+        k
+    };
+    let per_step = cfg.batch_size * cfg.grad_accum;
+    common::steps_for_epochs("sft", (cfg.epochs, cfg.steps), train_set.len(), per_step, rows_taking)
+}
+
 /// Runs (or, with `resume`, continues) supervised fine-tuning as configured.
 pub fn train(mut cfg: SftConfig, resume: bool) -> Result<SftReport> {
     validate(&cfg)?;
@@ -307,14 +325,8 @@ pub fn train(mut cfg: SftConfig, resume: bool) -> Result<SftReport> {
 fn train_on<D: FusedOps + GradBuffers>(cfg: &SftConfig, resume: bool, dev: &D) -> Result<SftReport> {
     let run = RunDir::open(&cfg.out_dir, resume)?.keep_last(cfg.keep_checkpoints);
     // BOILERPLATE: model, tokenizer, optimizer (from init, or from the run's last checkpoint)
-    let (mut model, tok, mut opt, start) = if resume {
-        let r = restore_latest(&run, &cfg.optim, dev)?;
-        (r.model, r.tok, r.opt, r.step)
-    } else {
-        let (model, tok) = load_with_tokenizer(&cfg.init, dev)?;
-        run.write_config(cfg)?;
-        (model, tok, AdamW::new(cfg.optim.clone()), 0)
-    };
+    let Restored { mut model, tok, mut opt, step: start } =
+        restore_or_init(&run, resume, &cfg.optim, dev, || Ok(load_with_tokenizer(&cfg.init, dev)?))?;
     require_fits(cfg.max_len, &model.dims, &cfg.init)?;
     let eos = tok
         .eos_for(&model.config)
@@ -323,6 +335,8 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &SftConfig, resume: bool, dev: &D) -
     // DATA: records → examples → train / validation
     let data = load_data(cfg, &tok, &model.config, eos)?;
     let (train_set, val_set) = data.split();
+    let cfg =
+        &common::record_config(&run, resume, SftConfig { steps: steps_for_epochs(cfg, train_set), ..cfg.clone() })?;
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;
     let bar = crate::progress::bar(cfg.steps as u64, "sft");
@@ -415,7 +429,7 @@ fn validate(cfg: &SftConfig) -> Result<()> {
         bail!("data and init are required (a JSONL file and a checkpoint folder)");
     }
     crate::stages::common::require_fraction("val_fraction", cfg.val_fraction)?;
-    Ok(())
+    crate::stages::common::require_epochs(cfg.epochs)
 }
 
 /// Response-token-weighted mean loss over `val` (the held-out split, or `rlhf eval` on JSONL).

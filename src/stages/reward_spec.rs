@@ -1,0 +1,131 @@
+//! The reward a PPO or critic-free run is given by its config: a trained reward model (a
+//! checkpoint folder, or a run folder for its newest checkpoint), a rule (keywords, length,
+//! a verifiable answer), or an external command; built into the env's [`RewardModel`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use rlhf_envs::{AnswerExtraction, AnswerReward, KeywordReward, LengthReward, RewardModel};
+use rlhf_policies::{FusedOps, LearnedReward};
+use serde::{Deserialize, Serialize};
+
+/// The reward: a trained reward model, a rule, or an external command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RewardSpec {
+    /// A checkpoint from `rlhf reward` (or any HF sequence-classification folder).
+    Model {
+        /// Its folder.
+        path: PathBuf,
+        /// Apply its stored normalisation (gain and bias). Default `true`.
+        #[serde(default = "yes")]
+        normalize: bool,
+    },
+    /// `weight ·` occurrences of the keywords in the response text.
+    Keywords {
+        /// Words or phrases.
+        keywords: Vec<String>,
+        /// Reward per occurrence. Default `1`.
+        #[serde(default = "unit")]
+        weight: f32,
+    },
+    /// `−scale · |length − target|` in tokens.
+    Length {
+        /// Preferred length.
+        target: usize,
+        /// Penalty per token. Default `0.1`.
+        #[serde(default = "tenth")]
+        scale: f32,
+    },
+    /// A verifiable reward: `score` when the response's final answer equals the prompt's
+    /// reference answer (read from `reference_field`), `format_score` when an answer was found
+    /// but is wrong, 0 when none was (verl's GSM8K rule; see `rlhf_envs::answer`).
+    Answer {
+        /// `strict` (the number after `####`, GSM8K's answer line; default) or `flexible`
+        /// (the last number in the response).
+        #[serde(default)]
+        extraction: AnswerExtraction,
+        /// Reward for a right answer. Default `1`.
+        #[serde(default = "unit")]
+        score: f32,
+        /// Reward for a wrong answer in the expected form. Default `0`.
+        #[serde(default)]
+        format_score: f32,
+    },
+    /// A long-lived process speaking JSON lines (see `rlhf_envs::CommandReward`); it also
+    /// receives each prompt's reference answer when `reference_field` is set.
+    Command {
+        /// Program.
+        program: String,
+        /// Arguments.
+        #[serde(default)]
+        args: Vec<String>,
+        /// Seconds to wait for each reply. Default `60`.
+        #[serde(default = "sixty")]
+        timeout_s: u64,
+    },
+}
+
+fn yes() -> bool {
+    true
+}
+fn unit() -> f32 {
+    1.0
+}
+fn tenth() -> f32 {
+    0.1
+}
+fn sixty() -> u64 {
+    60
+}
+
+/// The reward a config names (shared with the critic-free trainers); a learned one on `dev`.
+pub fn build_reward<D: FusedOps>(spec: Option<&RewardSpec>, dev: &D) -> Result<Box<dyn RewardModel>> {
+    Ok(match spec.context("reward is required (e.g. {\"kind\": \"model\", \"path\": ...})")? {
+        RewardSpec::Model { path, normalize } => Box::new(load_reward_model(path, *normalize, dev)?),
+        RewardSpec::Keywords { keywords, weight } => {
+            Box::new(KeywordReward { keywords: keywords.clone(), weight: *weight })
+        }
+        RewardSpec::Length { target, scale } => Box::new(LengthReward { target: *target, scale: *scale, eos_id: None }),
+        RewardSpec::Answer { extraction, score, format_score } => {
+            Box::new(AnswerReward { extraction: *extraction, score: *score, format_score: *format_score })
+        }
+        RewardSpec::Command { program, args, timeout_s } => {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Box::new(rlhf_envs::CommandReward::spawn(program, &args, Duration::from_secs(*timeout_s))?)
+        }
+    })
+}
+
+/// The reward model in the folder `path` on `dev`, applying the normalisation stored with it
+/// when `normalize` says so.
+pub fn load_reward_model<D: FusedOps>(path: &Path, normalize: bool, dev: &D) -> Result<LearnedReward<D>> {
+    let (mut rm, norm) =
+        LearnedReward::load_pretrained(path, dev).with_context(|| format!("reward model {}", path.display()))?;
+    if normalize {
+        rm.norm = norm.map(|n| n.as_score_norm());
+    }
+    Ok(rm)
+}
+
+/// The policy and a learned reward's folder through [`crate::run::resolve_model`] (shared with
+/// the critic-free trainers).
+pub fn resolve_models(policy: &mut PathBuf, reward: Option<&mut RewardSpec>) -> Result<()> {
+    crate::run::resolve_model_in(policy)?;
+    if let Some(RewardSpec::Model { path, .. }) = reward {
+        crate::run::resolve_model_in(path)?;
+    }
+    Ok(())
+}
+
+/// Checks that a reward that needs reference answers gets them.
+pub fn check_reward_inputs(reward: Option<&RewardSpec>, reference_field: Option<&str>) -> Result<()> {
+    if matches!(reward, Some(RewardSpec::Answer { .. })) && reference_field.is_none() {
+        bail!(
+            "reward.kind = answer needs reference_field: the prompt records' field holding the reference \
+             answer (e.g. \"answer\" for GSM8K)"
+        );
+    }
+    Ok(())
+}
