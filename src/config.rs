@@ -55,7 +55,7 @@ pub fn load<T: DeserializeOwned>(path: Option<&Path>, overrides: &[String]) -> R
     let mut value = match path {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|error| ConfigError::Io { file: file.clone(), error })?;
-            serde_json::from_str(&text).map_err(|e| ConfigError::Syntax {
+            serde_json::from_str(crate::data::strip_bom(&text)).map_err(|e| ConfigError::Syntax {
                 file: file.clone(),
                 line: e.line(),
                 column: e.column(),
@@ -194,5 +194,13 @@ mod tests {
         std::fs::write(&p, r#"{"name": "a", "steps": "many", "optim": {"lr": 0.1}}"#).unwrap();
         let e = load::<Cfg>(Some(&p), &sets(&["optim.lr=0.2"])).unwrap_err().to_string();
         assert!(e.starts_with(&format!("{}: field `steps`", p.display())), "{e}");
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cfg.json");
+        std::fs::write(&p, "\u{feff}{\"name\": \"a\", \"steps\": 1, \"optim\": {\"lr\": 0.1}}\r\n").unwrap();
+        assert_eq!(load::<Cfg>(Some(&p), &[]).unwrap().steps, 1);
     }
 }

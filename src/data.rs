@@ -7,8 +7,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-/// Reads UTF-8 text files and concatenates them; errors name the file, and for invalid UTF-8
-/// the line and column of the first bad byte.
+/// `text` without a leading UTF-8 byte-order mark (editors on Windows write one; it is not
+/// part of the text, and JSON parsers refuse it).
+pub fn strip_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
+/// Reads UTF-8 text files and concatenates them, with a leading byte-order mark dropped and
+/// Windows line ends (`\r\n`) read as `\n`, as Python's text mode reads them (nanoGPT's
+/// `open(path).read()`); errors name the file, and for invalid UTF-8 the line and column of
+/// the first bad byte.
 pub fn read_corpus(files: &[PathBuf]) -> Result<String> {
     if files.is_empty() {
         bail!("data.files: no corpus files given");
@@ -29,7 +37,12 @@ pub fn read_corpus(files: &[PathBuf]) -> Result<String> {
         if s.trim().is_empty() {
             bail!("{}: the file is empty", f.display());
         }
-        text.push_str(&s);
+        let s = strip_bom(&s);
+        if s.contains("\r\n") {
+            text.push_str(&s.replace("\r\n", "\n"));
+        } else {
+            text.push_str(s);
+        }
     }
     Ok(text)
 }
@@ -140,6 +153,20 @@ mod tests {
     }
 
     #[test]
+    fn byte_order_marks_and_windows_line_ends_read_as_plain_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.txt"), dir.path().join("b.txt"));
+        std::fs::write(&a, "\u{feff}one\r\ntwo\r\n").unwrap();
+        std::fs::write(&b, "\u{feff}three\rfour\n").unwrap();
+        assert_eq!(read_corpus(&[a, b]).unwrap(), "one\ntwo\nthree\rfour\n", "a lone \\r stays");
+        let j = dir.path().join("d.jsonl");
+        std::fs::write(&j, "\u{feff}{\"p\": \"x\"}\r\n\r\n{\"p\": \"y\\r\\n\"}\r\n").unwrap();
+        let records = read_jsonl(&j).unwrap();
+        assert_eq!(records.iter().map(|r| r.str("p").unwrap()).collect::<Vec<_>>(), ["x", "y\r\n"]);
+        assert_eq!(records[1].line, 3, "line numbers count the blank line");
+    }
+
+    #[test]
     fn blocks_are_deterministic_and_targets_shifted() {
         let toks: Vec<u32> = (0..100).collect();
         let (x, y) = sample_blocks(&toks, 8, 3, 1, 5, 0);
@@ -217,7 +244,8 @@ impl JsonRecord<'_> {
     }
 }
 
-/// Reads a JSONL file (`.gz` files are decompressed) into records. Blank lines are skipped;
+/// Reads a JSONL file (`.gz` files are decompressed; a leading byte-order mark dropped; `\n` or
+/// `\r\n` line ends) into records. Blank lines are skipped;
 /// every other problem — an unreadable, non-UTF-8 or empty file, a malformed line, a line that
 /// is not an object — is an error naming the file and the line.
 pub fn read_jsonl(path: &Path) -> Result<Vec<JsonRecord<'_>>> {
@@ -234,7 +262,7 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<JsonRecord<'_>>> {
         anyhow::anyhow!("{}: line {line}: not valid UTF-8", path.display())
     })?;
     let mut out = Vec::new();
-    for (i, text) in text.lines().enumerate() {
+    for (i, text) in strip_bom(&text).lines().enumerate() {
         if text.trim().is_empty() {
             continue;
         }

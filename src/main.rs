@@ -361,8 +361,7 @@ fn init(a: InitArgs) -> Result<()> {
     let tok = match (&a.tokenizer, &a.corpus) {
         (Some(p), _) => Tokenizer::from_file(p)?,
         (None, Some(corpus)) => {
-            let text =
-                std::fs::read_to_string(corpus).with_context(|| format!("reading corpus {}", corpus.display()))?;
+            let text = rlhf::data::read_corpus(std::slice::from_ref(corpus))?;
             Tokenizer::train_bpe(text.lines(), cfg.vocab_size(), 2)?
         }
         (None, None) => Tokenizer::byte_level()?,
