@@ -245,7 +245,11 @@ impl RunDir {
 /// A model path as a user gives it: a model folder or file, as it is, or a training run's
 /// folder (`runs/sft`: it holds `checkpoints/` and no `config.json` of a model), which stands
 /// for its newest complete checkpoint — said on stderr, since a later run may add newer ones.
+/// A path that does not exist is an error saying so.
 pub fn resolve_model(path: &Path) -> Result<PathBuf> {
+    if !path.exists() {
+        bail!("{}: no such model folder or file", path.display());
+    }
     let is_model = path.is_file() || path.join("model.safetensors").exists() || path.join(MARKER).exists();
     if is_model || !path.join(CHECKPOINTS).is_dir() {
         return Ok(path.to_path_buf());
@@ -351,10 +355,12 @@ mod tests {
         let mut p = run.root.clone();
         resolve_model_in(&mut p).unwrap();
         assert_eq!(p, run.checkpoint_dir(10));
-        // a checkpoint, a model folder, a file and a missing path stay as they are
-        for p in [run.checkpoint_dir(2), dir.path().join("missing"), run.root.join(CONFIG)] {
+        // a checkpoint, a model folder and a file stay as they are; a missing path is an error
+        for p in [run.checkpoint_dir(2), run.root.join(CONFIG)] {
             assert_eq!(resolve_model(&p).unwrap(), p);
         }
+        let err = resolve_model(&dir.path().join("missing")).unwrap_err().to_string();
+        assert!(err.ends_with("missing: no such model folder or file"), "{err}");
         let model = dir.path().join("model");
         std::fs::create_dir_all(model.join(CHECKPOINTS)).unwrap();
         std::fs::write(model.join("model.safetensors"), b"w").unwrap();
