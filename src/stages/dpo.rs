@@ -77,8 +77,9 @@ pub struct DpoConfig {
     pub grad_accum: usize,
     /// Optimizer steps (unless `epochs` is set). Default `200`.
     pub steps: usize,
-    /// Passes over the training pairs (examples, for KTO) instead of `steps`: the run takes enough whole steps
-    /// to cover them and `config.json` records that number as `steps`. Default: none.
+    /// Passes over the training pairs (examples, for KTO) instead of `steps`: the run takes
+    /// enough whole steps to cover them and `config.json` records that number as `steps`.
+    /// Default: none.
     pub epochs: Option<f64>,
     /// AdamW; `lr` is the peak learning rate. Default lr 1e-5, no weight decay.
     pub optim: AdamWConfig,
