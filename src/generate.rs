@@ -45,6 +45,10 @@ pub struct FileGeneration {
     /// Prompts longer than this (in the model's tokens, after the template) are skipped and
     /// counted; without it, a prompt that leaves no room for `max_new_tokens` is an error.
     pub max_prompt_len: Option<usize>,
+    /// Write only each prompt's highest-reward completion of its `samples` (the first of
+    /// equals), marked `"best_of": samples` — rejection-sampling data (Llama 2's rejection
+    /// sampling, RAFT) that `rlhf sft` reads with `response_field = completion`. Needs `reward`.
+    pub best_of: bool,
 }
 
 /// Totals of a run.
@@ -58,8 +62,49 @@ pub struct GenerationSummary {
     pub completions: usize,
     /// New tokens sampled.
     pub tokens: usize,
-    /// Mean reward, when scored.
+    /// Mean reward over every completion, when scored.
     pub mean_reward: Option<f64>,
+    /// With `best_of`: the mean reward of the completions written (each prompt's best).
+    pub mean_best_reward: Option<f64>,
+}
+
+/// Where the completion lines go: every one, or (best-of) each record's highest-reward one,
+/// held until the record's last sample has been seen (a record's samples are consecutive).
+struct Sink<'a> {
+    out: &'a mut dyn Write,
+    best_of: Option<usize>,
+    held: Option<(usize, f64, serde_json::Value)>,
+    written: Vec<Option<f64>>,
+}
+
+impl Sink<'_> {
+    /// Takes sample line `line` of `record` with its `reward`.
+    fn put(&mut self, record: usize, reward: Option<f64>, mut line: serde_json::Value) -> Result<()> {
+        let Some(n) = self.best_of else { return self.write(reward, line) };
+        let reward = reward.expect("best-of needs a reward (checked before sampling)");
+        if self.held.as_ref().is_some_and(|h| h.0 != record) {
+            self.flush()?;
+        }
+        if self.held.as_ref().is_none_or(|h| reward > h.1) {
+            line["best_of"] = n.into();
+            self.held = Some((record, reward, line));
+        }
+        Ok(())
+    }
+
+    /// Writes the held line, if any.
+    fn flush(&mut self) -> Result<()> {
+        match self.held.take() {
+            Some((_, reward, line)) => self.write(Some(reward), line),
+            None => Ok(()),
+        }
+    }
+
+    fn write(&mut self, reward: Option<f64>, line: serde_json::Value) -> Result<()> {
+        writeln!(self.out, "{line}")?;
+        self.written.push(reward);
+        Ok(())
+    }
 }
 
 /// Which record, and which of its samples, a row of a batch is.
@@ -81,6 +126,7 @@ pub fn generate_file<D: FusedOps>(
     dev: &D,
 ) -> Result<GenerationSummary> {
     check_reward_inputs(g.reward.as_ref(), g.reference_field.as_deref())?;
+    ensure!(!g.best_of || g.reward.is_some(), "best-of needs a reward to choose by (--reward-model or --reward)");
     let (lm, tok) = load_with_tokenizer(model, dev)?;
     let (ids, texts, references, kept) = read_records(g, &tok, &lm, model)?;
     let mut scorer = g.reward.as_ref().map(|spec| Scorer::new(spec, dev)).transpose()?;
@@ -93,6 +139,7 @@ pub fn generate_file<D: FusedOps>(
         kept.iter().flat_map(|&record| (0..g.samples).map(move |sample| Row { record, sample })).collect();
     let bar = crate::progress::bar(rows.len() as u64, "generate");
     let (t0, mut tokens, mut rewards) = (Instant::now(), 0usize, Vec::new());
+    let mut sink = Sink { out, best_of: g.best_of.then_some(g.samples), held: None, written: vec![] };
     for (b, chunk) in rows.chunks(g.batch.max(1)).enumerate() {
         let cfg = SamplingConfig { seed: crate::data::mix(base.seed, b as u64, 0), ..base.clone() };
         let prompts: Vec<Vec<u32>> = chunk.iter().map(|r| ids[r.record].clone()).collect();
@@ -122,23 +169,32 @@ pub fn generate_file<D: FusedOps>(
             if let Some(answer) = reference(r) {
                 line["reference"] = answer.into();
             }
-            if let Some(s) = &scores {
+            let reward = scores.as_ref().map(|s| s[i] as f64);
+            if let Some(s) = reward {
                 let (file, record, sample) = (g.prompts.display(), r.record + 1, r.sample);
-                ensure!(s[i].is_finite(), "{file}: record {record}, sample {sample}: the reward is {}", s[i]);
-                line["reward"] = s[i].into();
-                rewards.push(s[i] as f64);
+                ensure!(s.is_finite(), "{file}: record {record}, sample {sample}: the reward is {s}");
+                line["reward"] = s.into();
+                rewards.push(s);
             }
-            writeln!(out, "{line}")?;
+            sink.put(r.record, reward, line)?;
             tokens += gen.tokens[i].len();
         }
         bar.inc(chunk.len() as u64);
         bar.set_message(format!("{:.0} tok/s", tokens as f64 / t0.elapsed().as_secs_f64()));
     }
-    out.flush()?;
+    sink.flush()?;
+    sink.out.flush()?;
     bar.finish();
-    let mean_reward = (!rewards.is_empty()).then(|| rewards.iter().sum::<f64>() / rewards.len() as f64);
-    let skipped_prompts = texts.len() - kept.len();
-    Ok(GenerationSummary { prompts: texts.len(), skipped_prompts, completions: rows.len(), tokens, mean_reward })
+    let mean = |r: &[f64]| (!r.is_empty()).then(|| r.iter().sum::<f64>() / r.len() as f64);
+    let best: Vec<f64> = sink.written.iter().flatten().copied().collect();
+    Ok(GenerationSummary {
+        prompts: texts.len(),
+        skipped_prompts: texts.len() - kept.len(),
+        completions: sink.written.len(),
+        tokens,
+        mean_reward: mean(&rewards),
+        mean_best_reward: if g.best_of { mean(&best) } else { None },
+    })
 }
 
 /// Every record's prompt ids and text (record k of the file is prompt k), their reference

@@ -128,6 +128,10 @@ struct GenerateArgs {
     /// --prompts: completions per prompt.
     #[arg(long, default_value_t = 1, requires = "prompts", value_parser = clap::value_parser!(u64).range(1..))]
     samples: u64,
+    /// --prompts: write only each prompt's highest-reward completion of its --samples
+    /// (rejection sampling; `rlhf sft --set response_field=completion` trains on the file).
+    #[arg(long, requires = "prompts")]
+    best_of: bool,
     /// --prompts: sequences per batch (the output depends on --seed and --batch).
     #[arg(long, default_value_t = 16, requires = "prompts", value_parser = clap::value_parser!(u64).range(1..))]
     batch: u64,
@@ -462,6 +466,7 @@ fn generate_file<D: FusedOps>(a: &GenerateArgs, prompts: &std::path::Path, dev: 
             (None, None) => None,
         },
         max_prompt_len: a.max_prompt_len,
+        best_of: a.best_of,
     };
     let mut out: Box<dyn std::io::Write> = match &a.out {
         Some(p) => Box::new(std::io::BufWriter::new(
@@ -470,7 +475,10 @@ fn generate_file<D: FusedOps>(a: &GenerateArgs, prompts: &std::path::Path, dev: 
         None => Box::new(std::io::stdout().lock()),
     };
     let s = rlhf::generate::generate_file(&a.model, &g, &mut out, dev)?;
-    let reward = s.mean_reward.map(|r| format!("; mean reward {r:.4}")).unwrap_or_default();
+    let mut reward = s.mean_reward.map(|r| format!("; mean reward {r:.4}")).unwrap_or_default();
+    if let Some(best) = s.mean_best_reward {
+        reward += &format!(", best of {} {best:.4}", a.samples);
+    }
     let skipped =
         if s.skipped_prompts > 0 { format!(" ({} skipped as too long)", s.skipped_prompts) } else { String::new() };
     eprintln!("[{} completions of {} prompts{skipped}, {} new tokens{reward}]", s.completions, s.prompts, s.tokens);

@@ -73,6 +73,23 @@ fn init_generate_pretrain_eval() {
         let want = 0.5 * l["completion"].as_str().unwrap().matches('e').count() as f64;
         assert_eq!((l["reward"].as_f64(), l["reference"].as_str()), (Some(want), Some("#### 4")), "{l}");
     }
+    // best-of: the same samples (same seed and batch), each prompt's first highest-reward one
+    let all = |extra: &[&str]| -> Vec<serde_json::Value> {
+        let (ok, out, err) = generate(&[&["--samples", "3", "--reward", keywords], extra].concat());
+        assert!(ok, "{err}");
+        out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let (every, best) = (all(&[]), all(&["--best-of"]));
+    assert_eq!(best.len(), 2, "one line per prompt");
+    for (record, b) in [1u64, 2].iter().zip(&best) {
+        let samples: Vec<&serde_json::Value> = every.iter().filter(|l| l["record"] == *record).collect();
+        let top = samples.iter().map(|l| l["reward"].as_f64().unwrap()).fold(f64::MIN, f64::max);
+        let mut want = (*samples.iter().find(|l| l["reward"].as_f64() == Some(top)).unwrap()).clone();
+        want["best_of"] = 3.into();
+        assert_eq!(b, &want);
+    }
+    let (ok, _, err) = generate(&["--best-of", "--samples", "2"]);
+    assert!(!ok && err.contains("best-of needs a reward"), "{err}");
     // the answer reward without reference answers is refused
     let (ok, _, err) = generate(&["--reward", r#"{"kind": "answer"}"#]);
     assert!(!ok && err.contains("reference_field"), "{err}");
