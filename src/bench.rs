@@ -138,6 +138,7 @@ impl<D: FusedOps + GradBuffers> TrainStepBench<D> {
             eps: t.eps,
             weight_decay: t.weight_decay,
             no_decay_1d: false,
+            freeze: vec![],
         };
         Ok(TrainStepBench {
             model: lm,

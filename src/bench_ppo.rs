@@ -73,7 +73,14 @@ pub fn ppo_trainer<D: FusedOps + GradBuffers>(
             pad_id: 0,
         }))
     };
-    let optim = AdamWConfig { lr: p.lr, betas: p.betas, eps: p.eps, weight_decay: p.weight_decay, no_decay_1d: false };
+    let optim = AdamWConfig {
+        lr: p.lr,
+        betas: p.betas,
+        eps: p.eps,
+        weight_decay: p.weight_decay,
+        no_decay_1d: false,
+        freeze: vec![],
+    };
     let cfg = PpoConfig {
         seed: w.seed,
         batch_size: p.batch,

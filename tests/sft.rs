@@ -126,6 +126,35 @@ fn epochs_set_the_steps_one_example_or_one_packed_row_at_a_time() {
 }
 
 #[test]
+fn frozen_parameters_stay_as_they_were_and_the_rest_train() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = cfg(d.path(), 10);
+    c.optim.freeze = vec!["wte".into(), "wpe".into(), "blocks.0".into()];
+    let report = train(c.clone(), false).unwrap();
+    assert!(report.train_loss.is_finite());
+    let read =
+        |dir: &std::path::Path| rlhf_policies::checkpoint::read_safetensors(&dir.join("model.safetensors")).unwrap();
+    let (before, after) = (read(&c.init), read(&d.path().join("run/checkpoints/step-10")));
+    let (mut same, mut moved) = (vec![], vec![]);
+    for (name, t) in &before {
+        if after[name].data == t.data {
+            same.push(name.as_str())
+        } else {
+            moved.push(name.as_str())
+        }
+    }
+    assert!(same.iter().all(|n| n.contains("wte") || n.contains("wpe") || n.contains(".h.0.")), "{same:?}");
+    assert!(same.iter().any(|n| n.contains(".h.0.")) && same.len() == 2 + 12, "embeddings and block 0: {same:?}");
+    assert!(moved.iter().all(|n| n.contains(".h.1.") || n.contains("ln_f")) && moved.len() == 12 + 2, "{moved:?}");
+    // a name that matches nothing is refused at the first step
+    let mut typo = cfg(d.path(), 1);
+    typo.out_dir = d.path().join("typo");
+    typo.optim.freeze = vec!["blocks.5".into()];
+    let e = train(typo, false).unwrap_err().to_string();
+    assert!(e.contains("\"blocks.5\" matches no parameter"), "{e}");
+}
+
+#[test]
 fn overfits_a_handful_of_pairs_and_resumes_exactly() {
     let a = tempfile::tempdir().unwrap();
     let report = train(cfg(a.path(), 30), false).unwrap();

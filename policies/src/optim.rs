@@ -152,11 +152,45 @@ pub struct AdamWConfig {
     /// Exclude 1-D parameters (biases and norm gains) from weight decay, as nanoGPT does.
     /// Default `true`.
     pub no_decay_1d: bool,
+    /// Parameters left as they are (not stepped, not counted in the gradient norm), by name or
+    /// by a prefix of whole dot-separated parts: `wte`, `blocks.0` (not `blocks.10`), and in
+    /// PPO `policy.blocks.0` — the names in `optimizer.safetensors` (`exp_avg.<name>`). trlx's
+    /// `num_layers_unfrozen = 2` on a 4-layer GPT-2 is `["wte", "wpe", "blocks.0",
+    /// "blocks.1"]` (the tied LM head is `wte`). Each must match some parameter. Default: none.
+    pub freeze: Vec<String>,
 }
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { lr: 1e-4, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0, no_decay_1d: true }
+        AdamWConfig { lr: 1e-4, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0, no_decay_1d: true, freeze: vec![] }
+    }
+}
+
+/// Whether `prefix` is parameter `name` or a prefix of its whole dot-separated parts.
+fn covers(prefix: &str, name: &str) -> bool {
+    name.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+}
+
+impl AdamWConfig {
+    /// Whether `freeze` holds parameter `name`: the name itself, or a prefix of whole parts.
+    pub fn is_frozen(&self, name: &str) -> bool {
+        self.freeze.iter().any(|p| covers(p, name))
+    }
+
+    /// Checks `freeze` against a model's parameter names: each entry must match one, and one
+    /// must be left to train.
+    pub fn check_freeze<'a>(&self, names: impl IntoIterator<Item = &'a str> + Clone) -> Result<(), PolicyError> {
+        let config = |msg: String| PolicyError::Config { file: "optim".into(), field: "freeze".into(), msg };
+        for p in &self.freeze {
+            if !names.clone().into_iter().any(|n| covers(p, n)) {
+                let some: Vec<&str> = names.clone().into_iter().take(6).collect();
+                return Err(config(format!("{p:?} matches no parameter (they are named like {})", some.join(", "))));
+            }
+        }
+        if names.into_iter().all(|n| self.is_frozen(n)) {
+            return Err(config("freezes every parameter: nothing would train".into()));
+        }
+        Ok(())
     }
 }
 
@@ -189,7 +223,10 @@ impl<D: GradBuffers> AdamW<D> {
     ) -> Result<(), PolicyError> {
         let mut jobs = Vec::with_capacity(params.len());
         let mut taken = Ok(());
-        for (_, p) in params {
+        for (name, p) in params {
+            if self.cfg.is_frozen(&name) {
+                continue;
+            }
             let is_1d = matches!(p, ParamMut::V(_));
             let wd = if is_1d && self.cfg.no_decay_1d { 0.0 } else { self.cfg.weight_decay };
             let cfg = self.adam_cfg(lr, (wd > 0.0).then_some(WeightDecay::Decoupled(wd)));
@@ -335,5 +372,27 @@ fn grad_mut<'g, D: Device<f32>>(
     match p {
         ParamRef::V(t) => grads.get_or_alloc_mut(*t).map_err(dev_err),
         ParamRef::M(t) => grads.get_or_alloc_mut(*t).map_err(dev_err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn freeze_matches_names_and_prefixes_of_whole_parts() {
+        let cfg = AdamWConfig { freeze: vec!["wte".into(), "blocks.1".into()], ..Default::default() };
+        let names = ["wte", "wpe", "blocks.1.ln1.weight", "blocks.10.ln1.weight", "blocks.1x", "ln_f.weight"];
+        let frozen: Vec<&str> = names.iter().copied().filter(|n| cfg.is_frozen(n)).collect();
+        assert_eq!(frozen, ["wte", "blocks.1.ln1.weight"]);
+        assert!(cfg.check_freeze(names).is_ok());
+        let typo = AdamWConfig { freeze: vec!["block.1".into()], ..Default::default() };
+        let e = typo.check_freeze(names).unwrap_err().to_string();
+        assert!(
+            e.contains("freeze") && e.contains("\"block.1\" matches no parameter") && e.contains("wte, wpe"),
+            "{e}"
+        );
+        let all = AdamWConfig { freeze: vec!["wte".into(), "wpe".into(), "blocks".into(), "ln_f".into()], ..cfg };
+        assert!(all.check_freeze(names).unwrap_err().to_string().contains("nothing would train"));
     }
 }

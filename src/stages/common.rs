@@ -199,7 +199,10 @@ pub fn apply_grads<D: GradBuffers, M: HasParams<D>>(
     lr: f64,
     clip: f64,
 ) -> Result<f64> {
-    let grad_norm = clip_grad_norm(&model.params(), &mut grads, clip)?;
+    let params = model.params();
+    opt.cfg.check_freeze(params.iter().map(|(n, _)| n.as_str()))?;
+    let trainable: Vec<_> = params.into_iter().filter(|(n, _)| !opt.cfg.is_frozen(n)).collect();
+    let grad_norm = clip_grad_norm(&trainable, &mut grads, clip)?;
     opt.step(model.params_mut(), &mut grads, lr)?;
     Ok(grad_norm)
 }

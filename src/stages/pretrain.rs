@@ -114,7 +114,7 @@ impl Default for PretrainConfig {
             batch_size: 12,
             grad_accum: 1,
             steps: 2000,
-            optim: AdamWConfig { lr: 1e-3, betas: [0.9, 0.99], eps: 1e-8, weight_decay: 0.1, no_decay_1d: true },
+            optim: AdamWConfig { lr: 1e-3, betas: [0.9, 0.99], weight_decay: 0.1, ..Default::default() },
             schedule: LrSchedule::warmup_cosine(100),
             grad_clip: 1.0,
             eval_every: 250,
