@@ -6,7 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Constant, or linear warm-up then cosine decay to `min_lr` (nanoGPT's `get_lr`).
+/// Constant, or linear warm-up then cosine (nanoGPT's `get_lr`) or linear (HF's and TRL's
+/// default `linear`, cleanrl's `anneal_lr`) decay to `min_lr`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum LrSchedule {
@@ -26,6 +27,19 @@ pub enum LrSchedule {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         decay_steps: Option<usize>,
     },
+    /// `lr·(s+1)/warmup` for `s < warmup`; then a straight line from `lr` to `min_lr` at
+    /// `decay_steps`; `min_lr` after that. With the defaults, `lr·(1 − s/steps)`.
+    Linear {
+        /// Warm-up steps. Default `0`.
+        #[serde(default)]
+        warmup: usize,
+        /// Final learning rate. Default `0` (HF's and TRL's `linear`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        min_lr: Option<f64>,
+        /// Step at which the decay reaches `min_lr`. Default: the stage's last step.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        decay_steps: Option<usize>,
+    },
 }
 
 impl LrSchedule {
@@ -37,22 +51,23 @@ impl LrSchedule {
     /// The learning rate at 0-based step `step` of a stage of `total` steps whose peak rate
     /// is `lr`.
     pub fn at(&self, lr: f64, total: usize, step: usize) -> f64 {
-        match *self {
-            LrSchedule::Constant {} => lr,
+        let (warmup, min_lr, decay_steps, cosine) = match *self {
+            LrSchedule::Constant {} => return lr,
             LrSchedule::WarmupCosine { warmup, min_lr, decay_steps } => {
-                let min_lr = min_lr.unwrap_or(lr / 10.0);
-                let decay_steps = decay_steps.unwrap_or(total);
-                if step < warmup {
-                    return lr * (step + 1) as f64 / warmup as f64;
-                }
-                if step >= decay_steps || decay_steps <= warmup {
-                    return min_lr;
-                }
-                let ratio = (step - warmup) as f64 / (decay_steps - warmup) as f64;
-                let coeff = 0.5 * (1.0 + (std::f64::consts::PI * ratio).cos());
-                min_lr + coeff * (lr - min_lr)
+                (warmup, min_lr.unwrap_or(lr / 10.0), decay_steps, true)
             }
+            LrSchedule::Linear { warmup, min_lr, decay_steps } => (warmup, min_lr.unwrap_or(0.0), decay_steps, false),
+        };
+        let decay_steps = decay_steps.unwrap_or(total);
+        if step < warmup {
+            return lr * (step + 1) as f64 / warmup as f64;
         }
+        if step >= decay_steps || decay_steps <= warmup {
+            return min_lr;
+        }
+        let ratio = (step - warmup) as f64 / (decay_steps - warmup) as f64;
+        let coeff = if cosine { 0.5 * (1.0 + (std::f64::consts::PI * ratio).cos()) } else { 1.0 - ratio };
+        min_lr + coeff * (lr - min_lr)
     }
 }
 
@@ -90,6 +105,21 @@ mod tests {
         for st in 0..120 {
             assert_eq!(s.at(1e-3, 110, st), explicit.at(1e-3, 110, st), "step {st}");
         }
+    }
+
+    #[test]
+    fn linear_decays_to_zero_by_default_as_cleanrl_anneals() {
+        let s: LrSchedule = serde_json::from_str(r#"{"kind": "linear"}"#).unwrap();
+        // cleanrl: lr · (1 − (update − 1) / num_updates) at 1-based update = step + 1
+        for step in 0..=100 {
+            let want = 3e-4 * (1.0 - step as f64 / 100.0);
+            assert!((s.at(3e-4, 100, step) - want).abs() < 1e-15, "step {step}");
+        }
+        let w = LrSchedule::Linear { warmup: 4, min_lr: Some(1e-5), decay_steps: Some(24) };
+        assert!((w.at(1e-4, 50, 1) - 5e-5).abs() < 1e-15, "warm-up as the cosine's");
+        assert!((w.at(1e-4, 50, 4) - 1e-4).abs() < 1e-15);
+        assert!((w.at(1e-4, 50, 14) - 5.5e-5).abs() < 1e-15, "halfway");
+        assert_eq!(w.at(1e-4, 50, 30), 1e-5);
     }
 
     #[test]
