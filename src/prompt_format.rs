@@ -92,6 +92,10 @@ impl PromptFormat {
         config: &ModelConfig,
         model: &Path,
     ) -> Result<Self> {
+        anyhow::ensure!(
+            template.contains("{prompt}"),
+            "prompt template {template:?} has no {{prompt}}: every record's prompt would be left out"
+        );
         let chat = match chat {
             Some(c) => Some((ChatTemplate::of_model(tok, config, model)?, c.clone())),
             None => None,

@@ -155,6 +155,14 @@ fn frozen_parameters_stay_as_they_were_and_the_rest_train() {
 }
 
 #[test]
+fn a_template_without_the_prompt_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let c = SftConfig { prompt_template: "Q: A:".into(), ..cfg(d.path(), 1) };
+    let e = train(c, false).unwrap_err().to_string();
+    assert!(e.contains("\"Q: A:\" has no {prompt}"), "{e}");
+}
+
+#[test]
 fn overfits_a_handful_of_pairs_and_resumes_exactly() {
     let a = tempfile::tempdir().unwrap();
     let report = train(cfg(a.path(), 30), false).unwrap();
