@@ -49,6 +49,10 @@ pub struct ScoreConfig {
     pub clip: Option<f32>,
     /// What a response that never emitted EOS (truncated) gets. Default: nothing.
     pub missing_eos: MissingEos,
+    /// DAPO's overlong reward shaping (Yu et al. 2025, eq. 13), applied last: a response of
+    /// |y| tokens within `overlong_cache` tokens of the limit L_max (`max_new_tokens`) loses
+    /// `(|y| − (L_max − cache)) / cache`, rising linearly to 1 at the limit. Default: none.
+    pub overlong_cache: Option<usize>,
 }
 
 /// Mean and standard deviation used to normalise scores.
@@ -75,8 +79,21 @@ pub enum MissingEos {
 }
 
 impl ScoreConfig {
-    /// The terminal reward for a raw score.
-    pub fn process(&self, raw: f32, has_eos: bool) -> f32 {
+    /// The terminal reward for a raw score of a response of `len` tokens (the limit being
+    /// `max_len`) that did or did not end with EOS.
+    pub fn process(&self, raw: f32, has_eos: bool, (len, max_len): (usize, usize)) -> f32 {
+        let s = self.process_score(raw, has_eos);
+        match self.overlong_cache {
+            Some(cache) if cache > 0 && len + cache > max_len => {
+                let over = (len + cache - max_len).min(cache);
+                s - over as f32 / cache as f32
+            }
+            _ => s,
+        }
+    }
+
+    /// Normalisation, clipping and the missing-EOS rule.
+    fn process_score(&self, raw: f32, has_eos: bool) -> f32 {
         let mut s = raw;
         if let Some(n) = self.normalize {
             s = (s - n.mean) / n.std;
@@ -154,12 +171,28 @@ mod tests {
             normalize: Some(ScoreNorm { mean: 1.0, std: 2.0 }),
             clip: Some(1.0),
             missing_eos: MissingEos::Subtract(0.5),
+            overlong_cache: None,
         };
-        assert_eq!(cfg.process(2.0, true), 0.5);
-        assert_eq!(cfg.process(9.0, true), 1.0);
-        assert_eq!(cfg.process(9.0, false), 0.5);
+        let len = (3, 64);
+        assert_eq!(cfg.process(2.0, true, len), 0.5);
+        assert_eq!(cfg.process(9.0, true, len), 1.0);
+        assert_eq!(cfg.process(9.0, false, len), 0.5);
         let replace = ScoreConfig { missing_eos: MissingEos::Replace(-1.0), ..Default::default() };
-        assert_eq!(replace.process(3.0, false), -1.0);
-        assert_eq!(replace.process(3.0, true), 3.0);
+        assert_eq!(replace.process(3.0, false, len), -1.0);
+        assert_eq!(replace.process(3.0, true, len), 3.0);
+    }
+
+    #[test]
+    fn overlong_shaping_is_dapo_s_linear_ramp_over_the_cache() {
+        // DAPO eq. 13 with L_max = 20, L_cache = 4: 0 up to 16 tokens, then (16 − |y|) / 4
+        let cfg = ScoreConfig { overlong_cache: Some(4), ..Default::default() };
+        let dapo = |len: usize| if len <= 16 { 0.0 } else { (16.0 - len as f32) / 4.0 };
+        for len in 0..=20 {
+            assert_eq!(cfg.process(1.0, true, (len, 20)), 1.0 + dapo(len), "|y| = {len}");
+        }
+        // after the missing-EOS rule: a truncated response at the limit loses both
+        let both = ScoreConfig { missing_eos: MissingEos::Replace(-1.0), ..cfg };
+        assert_eq!(both.process(5.0, false, (20, 20)), -2.0);
+        assert_eq!(ScoreConfig::default().process(1.0, true, (20, 20)), 1.0);
     }
 }

@@ -323,7 +323,7 @@ impl Row {
 
     /// Adds the processed score at the last token (and dense rewards, if any); returns `R`.
     pub(crate) fn finish(&mut self, raw: f32, dense: Option<&[f32]>, cfg: &TextEnvConfig) -> f32 {
-        let score = cfg.score.process(raw, self.ep.terminated);
+        let score = cfg.score.process(raw, self.ep.terminated, (self.ep.response_ids.len(), cfg.max_new_tokens));
         self.ep.raw_score = raw;
         self.ep.score = score;
         if let Some(d) = dense {
@@ -468,6 +468,10 @@ pub(crate) fn validate(cfg: &TextEnvConfig) -> Result<(), EnvError> {
         if !(n.std > 0.0 && n.std.is_finite()) {
             return Err(EnvError::Config { field: "score.normalize.std", msg: format!("must be > 0, got {}", n.std) });
         }
+    }
+    if let Some(cache) = cfg.score.overlong_cache.filter(|&c| c == 0 || c > cfg.max_new_tokens) {
+        let msg = format!("must be in 1..=max_new_tokens ({}), got {cache}", cfg.max_new_tokens);
+        return Err(EnvError::Config { field: "score.overlong_cache", msg });
     }
     Ok(())
 }

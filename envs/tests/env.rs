@@ -104,6 +104,38 @@ fn missing_eos_penalty_applies_only_to_truncated_episodes() {
 }
 
 #[test]
+fn overlong_shaping_reaches_the_episode_s_score() {
+    // L_max 4, cache 2: responses of 1–2 tokens keep their score, 3 loses 0.5, 4 loses 1
+    let mut c = cfg(4, 0);
+    c.score.overlong_cache = Some(2);
+    let mut e = TextGenEnv::new(
+        c,
+        PromptSource::new(prompts(2), 1).unwrap(),
+        Bigram::new(12, 0.3, 1, 0),
+        rule(),
+        Box::new(Letters),
+    )
+    .unwrap();
+    for (tokens, want) in [(vec![0], 3.5), (vec![4, 0], 4.0), (vec![4, 4, 0], 4.5 - 0.5), (vec![4, 4, 4, 4], 2.0 - 1.0)]
+    {
+        e.reset(None).unwrap();
+        let last = tokens.iter().map(|&t| e.step(act(t)).unwrap()).last().unwrap();
+        assert_eq!(last.info.score, Some(want), "{tokens:?}");
+    }
+    let mut c = cfg(4, 0);
+    c.score.overlong_cache = Some(5);
+    let e = TextGenEnv::new(
+        c,
+        PromptSource::new(prompts(2), 1).unwrap(),
+        Bigram::new(12, 0.3, 1, 0),
+        rule(),
+        Box::new(Letters),
+    );
+    let err = e.err().unwrap().to_string();
+    assert!(err.contains("score.overlong_cache") && err.contains("1..=max_new_tokens (4), got 5"), "{err}");
+}
+
+#[test]
 fn seeded_prompt_order_and_epochs() {
     let mut a = PromptSource::new(prompts(5), 9).unwrap();
     let mut b = PromptSource::new(prompts(5), 9).unwrap();
@@ -307,7 +339,7 @@ fn kl_estimators_and_shaped_rewards_match_the_ppo_fixture() {
         let sc = ScoreConfig { missing_eos: missing, ..Default::default() };
         let want = rows_f32(&f["rewards"][field]);
         for b in 0..lengths.len() {
-            let score = sc.process(scores[b], has_eos[b]);
+            let score = sc.process(scores[b], has_eos[b], (lengths[b], usize::MAX));
             let got = shaped_rewards(&old[b][..lengths[b]], &refl[b][..lengths[b]], &kl, score);
             for t in 0..want[b].len() {
                 let g = if t < lengths[b] { got[t] } else { 0.0 };
