@@ -111,6 +111,28 @@ fn resume_gives_the_same_metrics_and_beta_zero_needs_no_reference() {
 }
 
 #[test]
+fn masked_truncated_completions_leave_the_policy_as_it_was() {
+    // the char-level policy has no EOS: every completion runs to max_new_tokens
+    let d = tempfile::tempdir().unwrap();
+    let c = GrpoConfig { mask_truncated_completions: true, checkpoint_every: 2, ..cfg(d.path(), GRPO, 2) };
+    let read =
+        |p: std::path::PathBuf| rlhf_policies::checkpoint::read_safetensors(&p.join("model.safetensors")).unwrap();
+    let before = read(c.policy.clone());
+    train(c, false).unwrap();
+    for m in metrics(d.path()) {
+        assert_eq!(m["completions/clipped_ratio"], 1.0, "{m}");
+        assert_eq!((m["loss"].as_f64(), m["debug/first_minibatch_ratio"].as_f64()), (Some(0.0), None), "{m}");
+    }
+    let after = read(d.path().join("run/checkpoints/step-2"));
+    assert!(before.iter().all(|(k, t)| after[k].data == t.data), "no completion counted: no update");
+    // without the mask the same completions train the policy
+    let e = tempfile::tempdir().unwrap();
+    train(GrpoConfig { checkpoint_every: 2, ..cfg(e.path(), GRPO, 2) }, false).unwrap();
+    let trained = read(e.path().join("run/checkpoints/step-2"));
+    assert!(before.iter().any(|(k, t)| trained[k].data != t.data));
+}
+
+#[test]
 fn bad_shapes_are_clear_errors() {
     let d = tempfile::tempdir().unwrap();
     let mut c = cfg(d.path(), GRPO, 1);

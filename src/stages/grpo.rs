@@ -157,6 +157,10 @@ pub struct GrpoConfig {
     pub beta: f64,
     /// How per-token losses are aggregated. Default `dapo` (TRL's default).
     pub loss_type: LossAggregation,
+    /// Leave completions that hit `max_new_tokens` without EOS out of the loss (DAPO's overlong
+    /// filtering, TRL's `mask_truncated_completions`): their tokens count nowhere, not even in
+    /// the normalisers; they still take part in their group's baseline. Default `false`.
+    pub mask_truncated_completions: bool,
     /// Score processing (normalise, clip, missing-EOS rule). Default: raw score.
     pub score: ScoreConfig,
     /// AdamW; `lr` is the peak learning rate. Default lr 1e-6 (TRL), no weight decay.
@@ -218,6 +222,7 @@ impl Default for GrpoConfig {
             epsilon_high: 0.2,
             beta: 0.04,
             loss_type: LossAggregation::Dapo,
+            mask_truncated_completions: false,
             score: ScoreConfig::default(),
             optim: AdamWConfig { lr: 1e-6, ..Default::default() },
             schedule: LrSchedule::Constant {},

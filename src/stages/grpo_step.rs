@@ -72,6 +72,15 @@ struct Scored {
     advantages: Vec<Vec<f32>>,
     /// Mean over completions of `Σ_t (log π_old − log π_ref)` (0 without a reference).
     kl_seq: f64,
+    /// Per completion: left out of the loss (`mask_truncated_completions` and no EOS).
+    masked: Vec<bool>,
+}
+
+impl Scored {
+    /// Tokens the loss counts: those of the completions not masked.
+    fn loss_tokens(&self, rows: impl Iterator<Item = usize>) -> usize {
+        rows.filter(|&i| !self.masked[i]).map(|i| self.seqs[i].resp_len()).sum()
+    }
 }
 
 impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
@@ -227,7 +236,8 @@ fn score<D: FusedOps>(
         }
     };
     let kl_seq = kl_each.iter().map(|&k| k as f64).sum::<f64>() / n.max(1) as f64;
-    Ok(Scored { seqs, old_logprobs: old, ref_logprobs: refl, advantages, kl_seq })
+    let masked = episodes.iter().map(|e| cfg.mask_truncated_completions && !e.terminated).collect();
+    Ok(Scored { seqs, old_logprobs: old, ref_logprobs: refl, advantages, kl_seq, masked })
 }
 
 /// Token-weighted sums of the update's statistics.
@@ -253,7 +263,7 @@ fn update<D: FusedOps + GradBuffers>(
     state: &mut GroupState,
 ) -> Result<UpdateStats> {
     // DAPO's normaliser: the valid tokens of the whole generation (TRL's num_items_in_batch)
-    let gen_tokens = s.seqs.iter().map(Seq::resp_len).sum::<usize>() as f64;
+    let gen_tokens = s.loss_tokens(0..s.seqs.len()) as f64;
     let mut st = UpdateStats::default();
     for epoch in 0..cfg.num_iterations {
         for (m, mb) in minibatches(cfg, it, epoch).iter().enumerate() {
@@ -267,7 +277,7 @@ fn update<D: FusedOps + GradBuffers>(
             if stepped.is_none() {
                 continue;
             }
-            if epoch == 0 && m == 0 {
+            if epoch == 0 && m == 0 && local.tokens > 0 {
                 st.first_ratio = Some(local.sums[4] / local.tokens as f64);
             }
             st.loss += local.loss;
@@ -295,21 +305,19 @@ fn micro_loss<D: FusedOps>(
     tape: OwnedTape<f32, D>,
 ) -> Result<LossOn<D>> {
     let seqs: Vec<&Seq> = micro.iter().map(|&i| &s.seqs[i]).collect();
-    let pick = |x: &[Vec<f32>]| -> Vec<Vec<f32>> { micro.iter().map(|&i| x[i].clone()).collect() };
+    // a masked completion enters the loss with no tokens (its rows of the gradient stay 0)
+    let pick = |x: &[Vec<f32>]| -> Vec<Vec<f32>> {
+        micro.iter().map(|&i| if s.masked[i] { vec![] } else { x[i].clone() }).collect()
+    };
     let (old, adv) = (pick(&s.old_logprobs), pick(&s.advantages));
     let kl_in_loss = matches!(cfg.algo, Algo::Grpo { .. }) && !s.ref_logprobs.is_empty();
     let refl = kl_in_loss.then(|| pick(&s.ref_logprobs));
+    let lens: Vec<usize> = seqs.iter().map(|q| q.resp_len()).collect();
     let lpe = logprobs_and_entropy(policy, &seqs, pad, cfg.temperature, tape)?;
     Ok(host_loss(lpe, |x| {
-        let n: usize = old.iter().map(Vec::len).sum();
-        let mut off = 0;
-        let logprobs: Vec<Vec<f32>> = old
-            .iter()
-            .map(|o| {
-                off += o.len();
-                x[off - o.len()..off].to_vec()
-            })
-            .collect();
+        let (all, n) = (lens.iter().sum::<usize>(), old.iter().map(Vec::len).sum::<usize>());
+        let starts: Vec<usize> = lens.iter().scan(0, |o, &l| Some(std::mem::replace(o, *o + l))).collect();
+        let logprobs: Vec<Vec<f32>> = old.iter().zip(&starts).map(|(o, &at)| x[at..at + o.len()].to_vec()).collect();
         let batch =
             TokenBatch { logprobs: &logprobs, old_logprobs: &old, ref_logprobs: refl.as_deref(), advantages: &adv };
         let beta = if kl_in_loss { cfg.beta } else { 0.0 };
@@ -325,11 +333,15 @@ fn micro_loss<D: FusedOps>(
         st.sums[0] += out.kl * nf;
         st.sums[1] += out.clip_low * nf;
         st.sums[2] += out.clip_high * nf;
-        st.sums[3] += x[n..].iter().map(|&h| h as f64).sum::<f64>();
+        let entropy = &x[all..];
+        st.sums[3] +=
+            old.iter().zip(&starts).flat_map(|(o, &at)| &entropy[at..at + o.len()]).map(|&h| h as f64).sum::<f64>();
         st.sums[4] += logprobs.concat().iter().zip(old.concat()).map(|(&l, o)| ((l - o) as f64).exp()).sum::<f64>();
         st.tokens += n;
-        let mut grad = out.grad.concat();
-        grad.resize(x.len(), 0.0);
+        let mut grad = vec![0.0; x.len()];
+        for (g, &at) in out.grad.iter().zip(&starts) {
+            grad[at..at + g.len()].copy_from_slice(g);
+        }
         (out.loss, grad)
     }))
 }
