@@ -202,6 +202,11 @@ impl JsonRecord<'_> {
         self.obj.get(f).ok_or_else(|| self.error(format!("field `{f}` is missing")))
     }
 
+    /// A required field of any JSON shape `T` reads (e.g. a list of chat messages).
+    pub fn parse<T: serde::de::DeserializeOwned>(&self, f: &str) -> Result<T> {
+        serde_json::from_value(self.field(f)?.clone()).map_err(|e| self.error(format!("field `{f}`: {e}")))
+    }
+
     /// A required string field.
     pub fn str(&self, f: &str) -> Result<String> {
         match self.field(f)? {

@@ -155,6 +155,54 @@ fn frozen_parameters_stay_as_they_were_and_the_rest_train() {
 }
 
 #[test]
+fn conversations_train_as_the_same_prompts_in_the_chat_template() {
+    let d = tempfile::tempdir().unwrap();
+    let base = SftConfig { prompt_template: "{prompt}".into(), ..cfg(d.path(), 6) };
+    let template = "{% for m in messages %}Q{{ m.content }}{% endfor %}{% if add_generation_prompt %}A{% endif %}";
+    std::fs::write(base.init.join("chat_template.jinja"), template).unwrap();
+    // the pairs as conversations: one user message, then the assistant's
+    let conversations = d.path().join("conversations.jsonl");
+    let lines: Vec<String> = PAIRS
+        .iter()
+        .map(|(p, r)| {
+            let m = [
+                serde_json::json!({"role": "user", "content": p}),
+                serde_json::json!({"role": "assistant", "content": r}),
+            ];
+            serde_json::json!({"m": m}).to_string()
+        })
+        .collect();
+    std::fs::write(&conversations, lines.join("\n")).unwrap();
+    let run = |sub: &str, c: SftConfig| {
+        let out = d.path().join(sub);
+        train(SftConfig { out_dir: out.clone(), ..c }, false).unwrap();
+        comparable_metrics(&out)
+    };
+    let pairs = run("pairs", SftConfig { chat: Some(ChatPrompt::default()), ..base.clone() });
+    let chats = SftConfig { data: conversations.clone(), messages_field: Some("m".into()), ..base.clone() };
+    assert_eq!(run("conversations", chats.clone()), pairs, "the same examples, the same run");
+    // what is refused, by file, line and field
+    let bad = d.path().join("bad.jsonl");
+    let cases = [
+        (r#"{"m": [{"role": "user", "content": "a"}]}"#, "must end with an assistant message"),
+        (
+            r#"{"m": [{"role": "user", "content": "a", "name": "x"}, {"role": "assistant", "content": "b"}]}"#,
+            "unknown field `name`",
+        ),
+        (r#"{"m": "a b"}"#, "field `m`"),
+    ];
+    for (line, want) in cases {
+        std::fs::write(&bad, line).unwrap();
+        let e =
+            train(SftConfig { data: bad.clone(), out_dir: d.path().join("bad"), ..chats.clone() }, false).unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("bad.jsonl: line 1") && e.contains(want), "{e}");
+    }
+    let mixed = SftConfig { prompt_template: "Q:{prompt}".into(), out_dir: d.path().join("mixed"), ..chats };
+    assert!(train(mixed, false).unwrap_err().to_string().contains("leave out prompt_template and chat"));
+}
+
+#[test]
 fn a_template_without_the_prompt_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let c = SftConfig { prompt_template: "Q: A:".into(), ..cfg(d.path(), 1) };

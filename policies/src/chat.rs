@@ -9,7 +9,8 @@ use serde::Serialize;
 use crate::error::PolicyError;
 
 /// One chat message.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChatMessage {
     /// `system`, `user` or `assistant`.
     pub role: String,

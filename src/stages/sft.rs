@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use dfdx::prelude::*;
+use rlhf_policies::chat::{ChatMessage, ChatTemplate};
 use rlhf_policies::checkpoint::load_with_tokenizer;
 use rlhf_policies::{generate_from, AdamWConfig, Batch, CausalLm, FusedOps, GradBuffers, SamplingConfig, Tokenizer};
 use serde::{Deserialize, Serialize};
@@ -54,6 +55,12 @@ pub struct SftConfig {
     pub prompt_field: String,
     /// Field holding the response. Default `response`.
     pub response_field: String,
+    /// Read each record's conversation from this field instead (TRL's conversational format:
+    /// `[{"role": "system" | "user" | "assistant", "content": …}, …]`, ending with the assistant's
+    /// message): the last message is the response, the ones before it the prompt, rendered
+    /// with the model's chat template up to the assistant's turn. `prompt_template` and `chat`
+    /// then do not apply. Default: none (`prompt_field` and `response_field`).
+    pub messages_field: Option<String>,
     /// Fraction of the records (the last ones) held out for evaluation. Default `0.05`.
     pub val_fraction: f64,
     /// A separate JSONL file of held-out examples (same fields): when given, every record of
@@ -114,6 +121,7 @@ impl Default for SftConfig {
             data: PathBuf::new(),
             prompt_field: "prompt".into(),
             response_field: "response".into(),
+            messages_field: None,
             val_fraction: 0.05,
             val_data: None,
             prompt_template: "{prompt}".into(),
@@ -410,10 +418,37 @@ fn load_data(
         val_fraction: cfg.val_fraction,
         max_len: cfg.max_len,
     };
+    let chat = match &cfg.messages_field {
+        Some(_) => Some(ChatTemplate::of_model(tok, config, &cfg.init)?),
+        None => None,
+    };
     HeldOut::load(hold, |file| {
-        let records = read_jsonl_fields(file, &[&cfg.prompt_field, &cfg.response_field])?;
+        let records = match (&cfg.messages_field, &chat) {
+            (Some(field), Some(chat)) => read_conversations(file, field, chat)?,
+            _ => read_jsonl_fields(file, &[&cfg.prompt_field, &cfg.response_field])?,
+        };
         Ok((records.len(), tokenize(cfg, &format, tok, eos, (file, &records))?))
     })
+}
+
+/// Each record's conversation in `field` as `[prompt, response]`: the messages before the last
+/// rendered with `chat` up to the assistant's turn, and the last (the assistant's) text.
+fn read_conversations(file: &Path, field: &str, chat: &ChatTemplate) -> Result<Vec<Vec<String>>> {
+    let records = crate::data::read_jsonl(file)?;
+    records
+        .iter()
+        .map(|r| {
+            let mut messages: Vec<ChatMessage> = r.parse(field)?;
+            let last = messages.pop().filter(|m| m.role == "assistant");
+            let (Some(last), false) = (last, messages.is_empty()) else {
+                return Err(
+                    r.error(format!("field `{field}` must end with an assistant message after at least one other"))
+                );
+            };
+            let prompt = chat.render(&messages, true).map_err(|e| r.error(format!("field `{field}`: {e}")))?;
+            Ok(vec![prompt, last.content.trim_start().to_string()])
+        })
+        .collect()
 }
 
 fn validate(cfg: &SftConfig) -> Result<()> {
@@ -429,6 +464,11 @@ fn validate(cfg: &SftConfig) -> Result<()> {
         bail!("data and init are required (a JSONL file and a checkpoint folder)");
     }
     crate::stages::common::require_fraction("val_fraction", cfg.val_fraction)?;
+    if cfg.messages_field.is_some() && (cfg.chat.is_some() || cfg.prompt_template != "{prompt}") {
+        bail!(
+            "messages_field renders conversations with the model's chat template: leave out prompt_template and chat"
+        );
+    }
     crate::stages::common::require_epochs(cfg.epochs)
 }
 
