@@ -10,7 +10,7 @@ use dfdx::prelude::NoneTape;
 use rlhf_policies::{CausalLm, FusedOps, LearnedReward, Tokenizer};
 use serde_json::{json, Value};
 
-use crate::preference::{read_comparisons, PreferenceFormat, RewardTruncation};
+use crate::preference::{chat_for, read_comparisons, PreferenceFormat, RewardTruncation};
 use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::stages::common::Checkpointable;
 use crate::stages::reward::{self, RewardConfig};
@@ -117,7 +117,8 @@ fn preferences<D: FusedOps>(rm: &LearnedReward<D>, tok: &Tokenizer, dir: &Path, 
     let chat = d.chat.then(ChatPrompt::default);
     let format = PromptFormat::new(&d.prompt_template, chat.as_ref(), tok, &rm.model.config, dir)?;
     let eos = tok.eos_for(&rm.model.config).with_context(|| format!("{}: no EOS token", dir.display()))?;
-    let records = read_comparisons(&d.data, &d.format)?;
+    let template = chat_for(&d.format, (&d.prompt_template, d.chat), tok, &rm.model.config, dir)?;
+    let records = read_comparisons(&d.data, &d.format, template.as_ref())?;
     let (comps, skipped, _) = reward::tokenize(&cfg, &format, tok, eos, (&d.data, &records))?;
     if comps.is_empty() {
         bail!("{}: no comparison fits the model's {} positions ({skipped} skipped)", d.data.display(), cfg.max_len);

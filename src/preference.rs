@@ -7,7 +7,8 @@
 use std::path::Path;
 
 use anyhow::{bail, Result};
-use rlhf_policies::Tokenizer;
+use rlhf_policies::chat::{ChatMessage, ChatTemplate};
+use rlhf_policies::{ModelConfig, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{read_jsonl, JsonRecord};
@@ -57,6 +58,22 @@ pub enum PreferenceFormat {
         /// Default `responses`.
         #[serde(default = "default_responses")]
         responses_field: String,
+    },
+    /// TRL's conversational pairs: `{chosen, rejected}` lists of `{role, content}` messages
+    /// that share every message but their last, the assistant's responses (UltraFeedback's
+    /// layout) — or, with `prompt_field`, a prompt list and one assistant message in each of
+    /// `chosen` and `rejected`. The prompt turns are rendered with the model's chat template up
+    /// to the assistant's turn (`prompt_template` and `chat` then do not apply).
+    Messages {
+        /// Default: none (the prompt is the conversations' shared messages).
+        #[serde(default)]
+        prompt_field: Option<String>,
+        /// Default `chosen`.
+        #[serde(default = "default_chosen")]
+        chosen_field: String,
+        /// Default `rejected`.
+        #[serde(default = "default_rejected")]
+        rejected_field: String,
     },
     /// `{prompt, completion, label}` with a boolean label (`true` = desirable): KTO's unpaired
     /// data. It holds no comparisons, so only the KTO loss trains on it.
@@ -127,9 +144,31 @@ impl Comparison {
     }
 }
 
-/// Reads `path` (JSONL, optionally `.gz`) as comparisons in `format`. Every malformed record
-/// is an error naming the file, the line and the field.
-pub fn read_comparisons(path: &Path, format: &PreferenceFormat) -> Result<Vec<Comparison>> {
+/// The chat template `format` renders its prompts with: the model's, for `messages`; none
+/// otherwise. With it, `prompt_template` must be `{prompt}` and `chat` absent.
+pub fn chat_for(
+    format: &PreferenceFormat,
+    (prompt_template, chat): (&str, bool),
+    tok: &Tokenizer,
+    config: &ModelConfig,
+    model: &Path,
+) -> Result<Option<ChatTemplate>> {
+    if !matches!(format, PreferenceFormat::Messages { .. }) {
+        return Ok(None);
+    }
+    if chat || prompt_template != "{prompt}" {
+        bail!("format messages renders its prompts with the model's chat template: leave out prompt_template and chat");
+    }
+    Ok(Some(ChatTemplate::of_model(tok, config, model)?))
+}
+
+/// Reads `path` (JSONL, optionally `.gz`) as comparisons in `format` (`chat`: the template of
+/// [`chat_for`]). Every malformed record is an error naming the file, the line and the field.
+pub fn read_comparisons(
+    path: &Path,
+    format: &PreferenceFormat,
+    chat: Option<&ChatTemplate>,
+) -> Result<Vec<Comparison>> {
     if let PreferenceFormat::Unpaired { .. } = format {
         bail!(
             "{}: unpaired {{prompt, completion, label}} examples hold no comparisons; only the KTO loss \
@@ -137,7 +176,7 @@ pub fn read_comparisons(path: &Path, format: &PreferenceFormat) -> Result<Vec<Co
             path.display()
         );
     }
-    read_jsonl(path)?.iter().map(|r| comparison(r, format)).collect()
+    read_jsonl(path)?.iter().map(|r| comparison(r, format, chat)).collect()
 }
 
 /// One unpaired example: a completion of a prompt labelled desirable or not.
@@ -157,7 +196,7 @@ pub struct Labelled {
 /// conversations) unpaired as TRL's `unpair_preference_dataset` does — the chosen response
 /// desirable, the rejected one not. Rankings are an error: their middle responses have no
 /// label.
-pub fn read_labelled(path: &Path, format: &PreferenceFormat) -> Result<Vec<Labelled>> {
+pub fn read_labelled(path: &Path, format: &PreferenceFormat, chat: Option<&ChatTemplate>) -> Result<Vec<Labelled>> {
     match format {
         PreferenceFormat::Unpaired { prompt_field, completion_field, label_field } => read_jsonl(path)?
             .iter()
@@ -175,7 +214,7 @@ pub fn read_labelled(path: &Path, format: &PreferenceFormat) -> Result<Vec<Label
              responses have no label); use pairs, conversations or unpaired records",
             path.display()
         ),
-        _ => Ok(read_comparisons(path, format)?
+        _ => Ok(read_comparisons(path, format, chat)?
             .into_iter()
             .flat_map(|c| {
                 let [chosen, rejected]: [String; 2] = c.responses.try_into().expect("pairs hold two responses");
@@ -190,8 +229,14 @@ pub fn read_labelled(path: &Path, format: &PreferenceFormat) -> Result<Vec<Label
     }
 }
 
-fn comparison(r: &JsonRecord<'_>, format: &PreferenceFormat) -> Result<Comparison> {
+fn comparison(r: &JsonRecord<'_>, format: &PreferenceFormat, chat: Option<&ChatTemplate>) -> Result<Comparison> {
     Ok(match format {
+        PreferenceFormat::Messages { prompt_field, chosen_field, rejected_field } => {
+            let chat = chat.expect("chat_for gives messages a template");
+            let (prompt, responses) = conversation_pair(r, prompt_field.as_deref(), (chosen_field, rejected_field))?;
+            let prompt = chat.render(&prompt, true).map_err(|e| r.error(e))?;
+            Comparison { line: r.line, prompt, responses, margin: None }
+        }
         PreferenceFormat::Pairs { prompt_field, chosen_field, rejected_field, margin_field } => Comparison {
             line: r.line,
             prompt: r.str(prompt_field)?,
@@ -217,6 +262,37 @@ fn comparison(r: &JsonRecord<'_>, format: &PreferenceFormat) -> Result<Compariso
         }
         PreferenceFormat::Unpaired { .. } => unreachable!("read_comparisons rejects unpaired data first"),
     })
+}
+
+/// A conversational pair's prompt messages and its two responses' texts (see
+/// [`PreferenceFormat::Messages`]).
+fn conversation_pair(
+    r: &JsonRecord<'_>,
+    prompt_field: Option<&str>,
+    (chosen_field, rejected_field): (&str, &str),
+) -> Result<(Vec<ChatMessage>, Vec<String>)> {
+    let (mut chosen, mut rejected): (Vec<ChatMessage>, Vec<ChatMessage>) =
+        (r.parse(chosen_field)?, r.parse(rejected_field)?);
+    let last = |list: &mut Vec<ChatMessage>, f: &str| match list.pop() {
+        Some(m) if m.role == "assistant" => Ok(m.content.trim_start().to_string()),
+        _ => Err(r.error(format!("field `{f}` must end with an assistant message"))),
+    };
+    let responses = vec![last(&mut chosen, chosen_field)?, last(&mut rejected, rejected_field)?];
+    let prompt = match prompt_field {
+        Some(p) if chosen.is_empty() && rejected.is_empty() => r.parse(p)?,
+        Some(p) => {
+            return Err(r.error(format!(
+                "with `{p}` given, `{chosen_field}` and `{rejected_field}` hold one assistant message each"
+            )))
+        }
+        None if chosen == rejected && !chosen.is_empty() => chosen,
+        None => {
+            return Err(r.error(format!(
+                "`{chosen_field}` and `{rejected_field}` must share every message but their last (the prompt)"
+            )))
+        }
+    };
+    Ok((prompt, responses))
 }
 
 /// Splits two conversations into `(prompt, chosen response, rejected response)` at the last

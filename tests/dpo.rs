@@ -85,6 +85,33 @@ fn one_epoch_is_as_many_steps_as_the_training_pairs_fill() {
 }
 
 #[test]
+fn conversational_pairs_train_as_the_same_pairs_in_the_chat_template() {
+    let d = tempfile::tempdir().unwrap();
+    let base = cfg(d.path(), 4);
+    let template = "{% for m in messages %}:{{ m.content }}{% endfor %}{% if add_generation_prompt %}:{% endif %}";
+    std::fs::write(base.init.join("chat_template.jinja"), template).unwrap();
+    let pairs: Vec<serde_json::Value> =
+        std::fs::read_to_string(&base.data).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let as_chat = |p: &serde_json::Value, r: &str| serde_json::json!([{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p[r]}]);
+    let lines: Vec<String> = pairs
+        .iter()
+        .map(|p| serde_json::json!({"chosen": as_chat(p, "chosen"), "rejected": as_chat(p, "rejected")}).to_string())
+        .collect();
+    let chats = d.path().join("chats.jsonl");
+    std::fs::write(&chats, lines.join("\n")).unwrap();
+    let run = |sub: &str, c: DpoConfig| {
+        train(DpoConfig { out_dir: d.path().join(sub), ..c }, false).unwrap();
+        comparable_metrics(&d.path().join(sub))
+    };
+    let plain = run("plain", DpoConfig { chat: Some(Default::default()), ..base.clone() });
+    let messages = serde_json::from_str(r#"{"kind": "messages"}"#).unwrap();
+    let conversational = DpoConfig { data: chats, format: messages, ..base.clone() };
+    assert_eq!(run("chats", conversational.clone()), plain);
+    let e = train(DpoConfig { chat: Some(Default::default()), out_dir: d.path().join("x"), ..conversational }, false);
+    assert!(e.unwrap_err().to_string().contains("leave out prompt_template and chat"));
+}
+
+#[test]
 fn dpo_resume_gives_the_same_metrics() {
     let a = tempfile::tempdir().unwrap();
     train(cfg(a.path(), 20), false).unwrap();
@@ -183,7 +210,7 @@ fn unpaired_records_with_a_bad_label_name_file_line_and_field() {
     let p = d.path().join("u.jsonl");
     std::fs::write(&p, "{\"prompt\": \"a\", \"completion\": \"b\", \"label\": true}\n{\"prompt\": \"a\", \"completion\": \"b\", \"label\": 1}\n").unwrap();
     let format: PreferenceFormat = serde_json::from_str(r#"{"kind": "unpaired"}"#).unwrap();
-    let e = rlhf::preference::read_labelled(&p, &format).unwrap_err().to_string();
+    let e = rlhf::preference::read_labelled(&p, &format, None).unwrap_err().to_string();
     assert!(e.contains("u.jsonl") && e.contains("line 2") && e.contains("`label`"), "{e}");
 }
 

@@ -185,7 +185,7 @@ fn learns_a_marker_word_and_loads_back_as_a_normalised_reward_model() {
     assert_eq!(stored.as_ref(), Some(&norm));
     rm.norm = Some(norm.as_score_norm());
     let tok = Tokenizer::from_file(&ckpt.join("tokenizer.json")).unwrap();
-    let comps = read_comparisons(&d.path().join("prefs.jsonl"), &PreferenceFormat::default()).unwrap();
+    let comps = read_comparisons(&d.path().join("prefs.jsonl"), &PreferenceFormat::default(), None).unwrap();
     let inputs: Vec<RewardInput> = comps[180..]
         .iter()
         .flat_map(|c| c.responses.iter().map(|r| (c.prompt.clone(), r.clone())))
@@ -257,19 +257,71 @@ fn conversations_are_split_and_a_bad_record_is_named_by_line() {
     let bad = serde_json::json!({"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: x"});
     let format: PreferenceFormat = serde_json::from_str(r#"{"kind": "conversations"}"#).unwrap();
     std::fs::write(&p, format!("{ok}\n")).unwrap();
-    let c = read_comparisons(&p, &format).unwrap();
+    let c = read_comparisons(&p, &format, None).unwrap();
     assert_eq!(c[0].prompt, "\n\nHuman: hi\n\nAssistant:");
     assert_eq!(c[0].responses, vec![" Hello there.", " Go away."]);
     std::fs::write(&p, format!("{ok}\n{bad}\n")).unwrap();
-    let e = read_comparisons(&p, &format).unwrap_err().to_string();
+    let e = read_comparisons(&p, &format, None).unwrap_err().to_string();
     assert!(e.contains("hh.jsonl: line 2") && e.contains("cannot be split"), "{e}");
+}
+
+#[test]
+fn conversational_pairs_render_their_shared_turns_as_the_prompt() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("chats.jsonl");
+    let chat = rlhf_policies::chat::ChatTemplate::new(
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
+        "",
+        "",
+    )
+    .unwrap();
+    let msg = |role: &str, content: &str| serde_json::json!({"role": role, "content": content});
+    let (user, sys) = (msg("user", "hi"), msg("system", "be kind"));
+    let implicit = serde_json::json!({"chosen": [sys, user, msg("assistant", " Hello.")],
+        "rejected": [sys, user, msg("assistant", "Go away.")]});
+    let explicit =
+        serde_json::json!({"q": [user], "chosen": [msg("assistant", "Hello.")], "rejected": [msg("assistant", "No.")]});
+    std::fs::write(&p, implicit.to_string()).unwrap();
+    let format: PreferenceFormat = serde_json::from_str(r#"{"kind": "messages"}"#).unwrap();
+    let c = read_comparisons(&p, &format, Some(&chat)).unwrap();
+    assert_eq!(
+        (c[0].prompt.as_str(), &c[0].responses[..]),
+        ("<system>be kind<user>hi<assistant>", &["Hello.".to_string(), "Go away.".to_string()][..])
+    );
+    std::fs::write(&p, explicit.to_string()).unwrap();
+    let with_prompt: PreferenceFormat = serde_json::from_str(r#"{"kind": "messages", "prompt_field": "q"}"#).unwrap();
+    let c = read_comparisons(&p, &with_prompt, Some(&chat)).unwrap();
+    assert_eq!((c[0].prompt.as_str(), c[0].responses[1].as_str()), ("<user>hi<assistant>", "No."));
+    // errors name the file, line and field
+    let cases = [
+        (
+            &format,
+            serde_json::json!({"chosen": [user, msg("assistant", "a")], "rejected": [msg("user", "yo"), msg("assistant", "b")]}),
+            "must share every message but their last",
+        ),
+        (
+            &format,
+            serde_json::json!({"chosen": [user], "rejected": [user]}),
+            "`chosen` must end with an assistant message",
+        ),
+        (
+            &with_prompt,
+            serde_json::json!({"q": [user], "chosen": [user, msg("assistant", "a")], "rejected": [msg("assistant", "b")]}),
+            "hold one assistant message each",
+        ),
+    ];
+    for (f, record, want) in cases {
+        std::fs::write(&p, format!("\n{record}")).unwrap();
+        let e = read_comparisons(&p, f, Some(&chat)).unwrap_err().to_string();
+        assert!(e.contains("chats.jsonl: line 2") && e.contains(want), "{e}");
+    }
 }
 
 #[test]
 fn the_real_hh_rlhf_file_splits_cleanly() {
     let path = shared().join("data/hh-rlhf/helpful-base/test.jsonl.gz");
     let format: PreferenceFormat = serde_json::from_str(r#"{"kind": "conversations"}"#).unwrap();
-    let c = read_comparisons(&path, &format).unwrap();
+    let c = read_comparisons(&path, &format, None).unwrap();
     assert_eq!(c.len(), 2354);
     assert!(c.iter().all(|c| c.prompt.ends_with("\n\nAssistant:") && c.prompt.starts_with("\n\nHuman:")));
 }
@@ -292,7 +344,7 @@ fn malformed_preference_records_name_file_line_and_field() {
     ];
     for (text, format, want) in cases {
         std::fs::write(&p, text).unwrap();
-        let e = read_comparisons(&p, format).unwrap_err().to_string();
+        let e = read_comparisons(&p, format, None).unwrap_err().to_string();
         assert!(e.contains("p.jsonl") && e.contains(want), "{e}");
     }
     let e = serde_json::from_str::<PreferenceFormat>(r#"{"kind": "pairs", "chosen": "x"}"#).unwrap_err().to_string();

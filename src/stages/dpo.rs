@@ -24,7 +24,7 @@ use crate::data::{epochs_seen, held_out_count, mix, EpochOrder};
 use crate::device::DeviceKind;
 use crate::math::dpo::{dpo_loss, DpoLoss, PairLogps};
 use crate::preference::{
-    read_comparisons, tokenize_with, PreferenceFormat, RewardTruncation, TokComparison, TokenizeSpec,
+    chat_for, read_comparisons, tokenize_with, PreferenceFormat, RewardTruncation, TokComparison, TokenizeSpec,
 };
 use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::RunDir;
@@ -499,8 +499,10 @@ fn load_examples<D: FusedOps>(
         let (train, val, skipped, truncated) = load_kto(cfg, spec, reference, tok, (eos, pad))?;
         (Examples::Kto(train), Examples::Kto(val), skipped, truncated)
     } else {
+        let template =
+            chat_for(&cfg.format, (&cfg.prompt_template, cfg.chat.is_some()), tok, &reference.config, &cfg.init)?;
         let pairs_of = |file: &Path| -> Result<(Vec<Pair>, usize, usize)> {
-            let comparisons = read_comparisons(file, &cfg.format)?;
+            let comparisons = read_comparisons(file, &cfg.format, template.as_ref())?;
             let (comps, skipped, truncated) =
                 tokenize_with(TokenizeSpec { data: file, ..spec }, tok, eos, &comparisons)?;
             Ok((reference_pairs(reference, &comps, pad, cfg.batch_size)?, skipped, truncated))

@@ -15,9 +15,10 @@ use rlhf_policies::{CausalLm, FusedOps, Tokenizer};
 
 use crate::data::{epoch_permutation, held_out_count};
 use crate::math::dpo::{kto_loss, KtoBatch};
-use crate::preference::{read_labelled, tokenize_with, Comparison, TokenizeSpec};
+use crate::preference::{chat_for, read_labelled, tokenize_with, Comparison, TokenizeSpec};
 use crate::stages::dpo::{seq_logps, sums, DpoConfig};
 use crate::stages::ppo_models::Seq;
+use rlhf_policies::chat::ChatTemplate;
 
 /// One tokenized KTO example with its mismatched sequence and the reference's log-probs.
 #[derive(Debug, Clone)]
@@ -58,7 +59,10 @@ pub fn load_kto<D: FusedOps>(
     tok: &Tokenizer,
     (eos, pad): (u32, u32),
 ) -> Result<(Vec<KtoExample>, Vec<KtoExample>, usize, usize)> {
-    let (mut set, mut skipped, mut truncated) = tokenize_labelled(&cfg.data, cfg, spec, tok, eos)?;
+    let template =
+        chat_for(&cfg.format, (&cfg.prompt_template, cfg.chat.is_some()), tok, &reference.config, &cfg.init)?;
+    let read = |file: &Path| tokenize_labelled(file, cfg, spec, (tok, template.as_ref()), eos);
+    let (mut set, mut skipped, mut truncated) = read(&cfg.data)?;
     let cut = match &cfg.val_data {
         None => {
             // a pair's two halves stay on the same side of the split
@@ -69,7 +73,7 @@ pub fn load_kto<D: FusedOps>(
             cut
         }
         Some(v) => {
-            let (val, s, t) = tokenize_labelled(v, cfg, spec, tok, eos)?;
+            let (val, s, t) = read(v)?;
             (skipped, truncated) = (skipped + s, truncated + t);
             let cut = set.len();
             set.extend(crate::stages::common::held_out_from("dpo", v, val, "records")?);
@@ -87,10 +91,10 @@ fn tokenize_labelled(
     file: &Path,
     cfg: &DpoConfig,
     spec: TokenizeSpec<'_>,
-    tok: &Tokenizer,
+    (tok, template): (&Tokenizer, Option<&ChatTemplate>),
     eos: u32,
 ) -> Result<(Vec<TokLabelled>, usize, usize)> {
-    let labelled = read_labelled(file, &cfg.format)?;
+    let labelled = read_labelled(file, &cfg.format, template)?;
     let (mut set, mut skipped, mut truncated) = (vec![], 0, 0);
     for l in &labelled {
         let c =

@@ -25,7 +25,8 @@ use crate::data::{epochs_seen, EpochOrder};
 use crate::device::DeviceKind;
 use crate::math::preference::{bradley_terry_loss, preference_stats, PreferenceStats};
 use crate::preference::{
-    read_comparisons, tokenize_with, Comparison, PreferenceFormat, RewardTruncation, TokComparison, TokenizeSpec,
+    chat_for, read_comparisons, tokenize_with, Comparison, PreferenceFormat, RewardTruncation, TokComparison,
+    TokenizeSpec,
 };
 use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::{JsonlWriter, RunDir};
@@ -411,8 +412,9 @@ fn load_data(
         val_fraction: cfg.val_fraction,
         max_len: cfg.max_len,
     };
+    let template = chat_for(&cfg.format, (&cfg.prompt_template, cfg.chat.is_some()), tok, config, &cfg.init)?;
     HeldOut::load(hold, |file| {
-        let records = read_comparisons(file, &cfg.format)?;
+        let records = read_comparisons(file, &cfg.format, template.as_ref())?;
         Ok((records.len(), tokenize(cfg, &format, tok, eos, (file, &records))?))
     })
 }
