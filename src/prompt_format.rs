@@ -113,6 +113,24 @@ impl PromptFormat {
         Ok(chat.render(&messages, true)?)
     }
 
+    /// The input text for a conversation (TRL's conversational prompt): its messages, after
+    /// the configured system message if it has none of its own, rendered with the chat
+    /// template up to the assistant's turn. Needs `chat` (for the template) and the plain
+    /// `{prompt}` template (a conversation is not text to put in one).
+    pub fn apply_messages(&self, messages: &[ChatMessage]) -> Result<String> {
+        let Some((chat, c)) = &self.chat else {
+            bail!("a conversation needs \"chat\": {{}} in the config, to render it with the model's chat template")
+        };
+        if self.template != "{prompt}" {
+            bail!("a conversation cannot go into prompt_template {:?}; leave it at {{prompt}}", self.template);
+        }
+        let own_system = messages.first().is_some_and(|m| m.role == "system");
+        let system =
+            c.system.iter().filter(|_| !own_system).map(|s| ChatMessage { role: "system".into(), content: s.clone() });
+        let all: Vec<ChatMessage> = system.chain(messages.iter().cloned()).collect();
+        Ok(chat.render(&all, true)?)
+    }
+
     /// A response's text as the model sees it after the prompt: without leading white space
     /// under a chat template, as it is otherwise.
     pub fn response<'r>(&self, response: &'r str) -> &'r str {
@@ -141,6 +159,16 @@ mod tests {
         let brief = ChatPrompt { system: Some("Be brief.".into()), transcript: None };
         let f = PromptFormat { template: "{prompt}".into(), chat: Some((chat.clone(), brief.clone())) };
         assert_eq!(f.apply("hi").unwrap(), "<system>Be brief.</s><user>hi</s><assistant>");
+        // a conversation: the configured system message unless it brings its own
+        let m = |role: &str, content: &str| ChatMessage { role: role.into(), content: content.into() };
+        assert_eq!(f.apply_messages(&[m("user", "hi")]).unwrap(), "<system>Be brief.</s><user>hi</s><assistant>");
+        assert_eq!(
+            f.apply_messages(&[m("system", "Be kind."), m("user", "hi")]).unwrap(),
+            "<system>Be kind.</s><user>hi</s><assistant>"
+        );
+        let templated = PromptFormat { template: "Q: {prompt}".into(), chat: Some((chat.clone(), brief.clone())) };
+        assert!(templated.apply_messages(&[m("user", "hi")]).unwrap_err().to_string().contains("prompt_template"));
+        assert!(PromptFormat::plain("{prompt}").apply_messages(&[m("user", "hi")]).is_err());
         // a transcript, turn by turn
         let turns = ChatPrompt { transcript: Some(Transcript::default()), ..brief };
         let f = PromptFormat { template: "{prompt}".into(), chat: Some((chat, turns)) };

@@ -246,7 +246,7 @@ fn chat_prompts_use_the_policy_s_template() {
     let template = "{% for m in messages %}{% if m.role == 'system' %}the hat. {% else %}the bat. {% endif %}\
                     {{ m.content }}. {% endfor %}{% if add_generation_prompt %}a rat. {% endif %}";
     std::fs::write(c.policy.join("chat_template.jinja"), template).unwrap();
-    train(c, false).unwrap();
+    train(c.clone(), false).unwrap();
     let samples = std::fs::read_to_string(d.path().join("run/samples.jsonl")).unwrap();
     let prompts = ["the ", "a cat ", "the rat ", "on the ", "sat ", "the mat"];
     assert!(samples.lines().count() > 0);
@@ -256,4 +256,15 @@ fn chat_prompts_use_the_policy_s_template() {
         let user = p.strip_prefix("the hat. a cat. the bat. ").and_then(|p| p.strip_suffix(". a rat. "));
         assert!(user.is_some_and(|u| prompts.contains(&u)), "{p:?}");
     }
+    // the same prompts as conversations (TRL's conversational prompts): the same run
+    let chats = d.path().join("chats.jsonl");
+    let lines: Vec<String> =
+        prompts.iter().map(|p| serde_json::json!({"prompt": [{"role": "user", "content": p}]}).to_string()).collect();
+    std::fs::write(&chats, lines.join("\n")).unwrap();
+    let conversational = GrpoConfig { prompts: chats, out_dir: d.path().join("chats"), ..c.clone() };
+    train(conversational.clone(), false).unwrap();
+    assert_eq!(comparable_metrics(&d.path().join("chats")), comparable_metrics(&d.path().join("run")));
+    let plain = GrpoConfig { chat: None, out_dir: d.path().join("plain"), ..conversational };
+    let e = train(plain, false).unwrap_err().to_string();
+    assert!(e.contains("chats.jsonl: line 1") && e.contains("needs \"chat\": {}"), "{e}");
 }

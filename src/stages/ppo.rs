@@ -464,7 +464,14 @@ pub struct PromptSpec<'a> {
 pub fn read_prompts(spec: PromptSpec<'_>, tok: &Tokenizer, stage: &str) -> Result<(Prompts, usize)> {
     let (mut out, mut references, mut skipped) = (vec![], vec![], 0);
     for r in read_jsonl(spec.path)? {
-        let text = spec.format.apply(&r.str(spec.field)?)?;
+        // a prompt is text, or a conversation (TRL's conversational prompts) for the chat template
+        let text = match r.obj.get(spec.field) {
+            Some(serde_json::Value::Array(_)) => {
+                let messages: Vec<rlhf_policies::chat::ChatMessage> = r.parse(spec.field)?;
+                spec.format.apply_messages(&messages).map_err(|e| r.error(format!("field `{}`: {e}", spec.field)))?
+            }
+            _ => spec.format.apply(&r.str(spec.field)?)?,
+        };
         let reference = spec.reference_field.map(|f| r.str(f)).transpose()?;
         let ids = tok.encode(&text)?;
         if ids.is_empty() {
