@@ -28,6 +28,8 @@ pub struct EvalData {
     pub batch: usize,
     /// JSONL {prompt, response}: the two field names.
     pub fields: (String, String),
+    /// JSONL: each record's conversation is in this field instead (SFT's `messages_field`).
+    pub messages_field: Option<String>,
     /// The prompt template (`{prompt}` is replaced).
     pub prompt_template: String,
     /// Put prompts in the model's chat template.
@@ -91,7 +93,13 @@ fn responses<D: FusedOps>(model: &CausalLm<D>, tok: &Tokenizer, dir: &Path, d: &
     let chat = d.chat.then(ChatPrompt::default);
     let format = PromptFormat::new(&d.prompt_template, chat.as_ref(), tok, &model.config, dir)?;
     let eos = tok.eos_for(&model.config).with_context(|| format!("{}: no EOS token", dir.display()))?;
-    let records = crate::data::read_jsonl_fields(&d.data, &[&d.fields.0, &d.fields.1])?;
+    let records = match &d.messages_field {
+        Some(field) => {
+            let chat = rlhf_policies::chat::ChatTemplate::of_model(tok, &model.config, dir)?;
+            sft::read_conversations(&d.data, field, &chat)?
+        }
+        None => crate::data::read_jsonl_fields(&d.data, &[&d.fields.0, &d.fields.1])?,
+    };
     let (examples, skipped, _) = sft::tokenize(&cfg, &format, tok, eos, (&d.data, &records))?;
     if examples.is_empty() {
         bail!("{}: no record fits the model's {} positions ({skipped} skipped)", d.data.display(), cfg.max_len);

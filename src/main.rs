@@ -219,6 +219,10 @@ struct EvalArgs {
     /// JSONL: the response field.
     #[arg(long, default_value = "response")]
     response_field: String,
+    /// JSONL: read each record's conversation from this field instead (as SFT's
+    /// `messages_field`: the loss is on its last, assistant message).
+    #[arg(long, conflicts_with_all = ["prompt_field", "response_field", "prompt_template", "chat"])]
+    messages_field: Option<String>,
     /// JSONL: the prompt template (`{prompt}` is replaced).
     #[arg(long, default_value = "{prompt}")]
     prompt_template: String,
@@ -593,6 +597,7 @@ fn eval_on<D: FusedOps>(a: &EvalArgs, dev: &D) -> Result<()> {
         block: a.block,
         batch: a.batch,
         fields: (a.prompt_field.clone(), a.response_field.clone()),
+        messages_field: a.messages_field.clone(),
         prompt_template: a.prompt_template.clone(),
         chat: a.chat,
         format: serde_json::from_str(&a.format)

@@ -213,6 +213,7 @@ fn learns_a_marker_word_and_loads_back_as_a_normalised_reward_model() {
         block: None,
         batch: 8,
         fields: ("prompt".into(), "response".into()),
+        messages_field: None,
         prompt_template: "{prompt}".into(),
         chat: false,
         format: PreferenceFormat::default(),

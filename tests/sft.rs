@@ -181,6 +181,26 @@ fn conversations_train_as_the_same_prompts_in_the_chat_template() {
     let pairs = run("pairs", SftConfig { chat: Some(ChatPrompt::default()), ..base.clone() });
     let chats = SftConfig { data: conversations.clone(), messages_field: Some("m".into()), ..base.clone() };
     assert_eq!(run("conversations", chats.clone()), pairs, "the same examples, the same run");
+    // rlhf eval's response loss reads them the same way
+    let eval = |data: &std::path::Path, messages_field: Option<&str>, chat: bool| {
+        let d = rlhf::eval::EvalData {
+            data: data.to_path_buf(),
+            block: None,
+            batch: 4,
+            fields: ("q".into(), "a".into()),
+            messages_field: messages_field.map(String::from),
+            prompt_template: "{prompt}".into(),
+            chat,
+            format: Default::default(),
+        };
+        rlhf::eval::evaluate(&d.data.parent().unwrap().join("conversations/checkpoints/step-6"), &d, &Cpu::default())
+            .unwrap()
+    };
+    let (by_messages, by_pairs) = (eval(&conversations, Some("m"), false), eval(&base.data, None, true));
+    assert_eq!(
+        (by_messages["loss"].clone(), by_messages["tokens"].clone()),
+        (by_pairs["loss"].clone(), by_pairs["tokens"].clone())
+    );
     // what is refused, by file, line and field
     let bad = d.path().join("bad.jsonl");
     let cases = [

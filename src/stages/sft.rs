@@ -433,7 +433,7 @@ fn load_data(
 
 /// Each record's conversation in `field` as `[prompt, response]`: the messages before the last
 /// rendered with `chat` up to the assistant's turn, and the last (the assistant's) text.
-fn read_conversations(file: &Path, field: &str, chat: &ChatTemplate) -> Result<Vec<Vec<String>>> {
+pub fn read_conversations(file: &Path, field: &str, chat: &ChatTemplate) -> Result<Vec<Vec<String>>> {
     let records = crate::data::read_jsonl(file)?;
     records
         .iter()
