@@ -36,6 +36,11 @@ fn env(max_new: usize) -> TextGenEnv<Bigram, FnReward<impl FnMut(&RewardInput) -
     .unwrap()
 }
 
+/// An env over two prompts with `c`.
+fn env_with(c: TextEnvConfig) -> Result<TextGenEnv<Bigram, FnReward<impl FnMut(&RewardInput) -> f32>>, EnvError> {
+    TextGenEnv::new(c, PromptSource::new(prompts(2), 1).unwrap(), Bigram::new(12, 0.3, 1, 0), rule(), Box::new(Letters))
+}
+
 fn act(tok: u32) -> Action {
     Action { token: tok, logprob: -1.0 }
 }
@@ -86,14 +91,7 @@ fn errors_before_reset_and_for_invalid_actions() {
 fn missing_eos_penalty_applies_only_to_truncated_episodes() {
     let mut c = cfg(2, 0);
     c.score.missing_eos = MissingEos::Subtract(1.0);
-    let mut e = TextGenEnv::new(
-        c,
-        PromptSource::new(prompts(2), 1).unwrap(),
-        Bigram::new(12, 0.3, 1, 0),
-        rule(),
-        Box::new(Letters),
-    )
-    .unwrap();
+    let mut e = env_with(c).unwrap();
     e.reset(None).unwrap();
     e.step(act(4)).unwrap();
     let s = e.step(act(4)).unwrap();
@@ -108,14 +106,7 @@ fn overlong_shaping_reaches_the_episode_s_score() {
     // L_max 4, cache 2: responses of 1–2 tokens keep their score, 3 loses 0.5, 4 loses 1
     let mut c = cfg(4, 0);
     c.score.overlong_cache = Some(2);
-    let mut e = TextGenEnv::new(
-        c,
-        PromptSource::new(prompts(2), 1).unwrap(),
-        Bigram::new(12, 0.3, 1, 0),
-        rule(),
-        Box::new(Letters),
-    )
-    .unwrap();
+    let mut e = env_with(c).unwrap();
     for (tokens, want) in [(vec![0], 3.5), (vec![4, 0], 4.0), (vec![4, 4, 0], 4.5 - 0.5), (vec![4, 4, 4, 4], 2.0 - 1.0)]
     {
         e.reset(None).unwrap();
@@ -124,14 +115,7 @@ fn overlong_shaping_reaches_the_episode_s_score() {
     }
     let mut c = cfg(4, 0);
     c.score.overlong_cache = Some(5);
-    let e = TextGenEnv::new(
-        c,
-        PromptSource::new(prompts(2), 1).unwrap(),
-        Bigram::new(12, 0.3, 1, 0),
-        rule(),
-        Box::new(Letters),
-    );
-    let err = e.err().unwrap().to_string();
+    let err = env_with(c).err().unwrap().to_string();
     assert!(err.contains("score.overlong_cache") && err.contains("1..=max_new_tokens (4), got 5"), "{err}");
 }
 
