@@ -98,7 +98,7 @@ pub fn ppo_trainer<D: FusedOps + GradBuffers>(
         grad_clip: p.max_grad_norm,
         optim: optim.clone(),
         schedule: LrSchedule::Constant {},
-        value_model: if shared { ValueModelConfig::Shared } else { ValueModelConfig::Separate { init: None } },
+        value_model: if shared { ValueModelConfig::Shared {} } else { ValueModelConfig::Separate { init: None } },
         ..Default::default()
     };
     let vocab = policy.dims.vocab as u32;
@@ -107,7 +107,7 @@ pub fn ppo_trainer<D: FusedOps + GradBuffers>(
         .map(|_| ((0..p.prompt_len).map(|_| rng.gen_range(0..vocab)).collect(), String::new()))
         .collect();
     let state =
-        PpoState { kl: KlController::new(KlControl::Fixed, p.kl_coef as f64), prompt_draws: 0, skipped_batches: 0 };
+        PpoState { kl: KlController::new(KlControl::Fixed {}, p.kl_coef as f64), prompt_draws: 0, skipped_batches: 0 };
     let models = PpoModels { policy, critic };
     // EOS suppressed: every response has exactly response_len tokens
     PpoTrainer::new(cfg, models, reference, AdamW::new(optim), state, prompts.into(), rm, Box::new(NoText), None, 0)

@@ -58,3 +58,30 @@ fn a_schedule_with_its_own_rate_is_an_error_naming_the_field() {
     assert!(e.contains("the peak learning rate is `optim.lr`"), "{e}");
     assert_eq!(load::<DpoConfig>(None, &[]).unwrap().schedule, LrSchedule::Constant {});
 }
+
+#[test]
+fn a_field_beside_a_variant_that_takes_none_is_an_error_not_ignored() {
+    // serde lets a unit variant of an internally tagged enum drop unknown fields silently: a
+    // `label_smoothing` beside `sigmoid` would train plain DPO. Every such variant refuses them.
+    let refused = |r: Result<(), serde_json::Error>, what: &str| {
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("unknown field"), "{what}: {e}");
+    };
+    use rlhf::math::dpo::DpoLoss;
+    use rlhf::math::ppo::KlControl;
+    use rlhf::stages::{ppo_models::ValueModelConfig, pretrain::TokenizerSpec, reward::NormReference};
+    let json = |s: &str| -> serde_json::Value { serde_json::from_str(s).unwrap() };
+    refused(
+        serde_json::from_value::<DpoLoss>(json(r#"{"kind": "sigmoid", "label_smoothing": 0.1}"#)).map(drop),
+        "sigmoid",
+    );
+    refused(serde_json::from_value::<DpoLoss>(json(r#"{"kind": "hinge", "tau": 0.1}"#)).map(drop), "hinge");
+    refused(serde_json::from_value::<KlControl>(json(r#"{"kind": "fixed", "target": 6}"#)).map(drop), "fixed");
+    refused(serde_json::from_value::<ValueModelConfig>(json(r#"{"kind": "shared", "init": "x"}"#)).map(drop), "shared");
+    refused(serde_json::from_value::<TokenizerSpec>(json(r#"{"kind": "char", "vocab_size": 9}"#)).map(drop), "char");
+    refused(serde_json::from_value::<NormReference>(json(r#"{"kind": "eval_responses", "x": 1}"#)).map(drop), "eval");
+    refused(serde_json::from_value::<LrSchedule>(json(r#"{"kind": "constant", "lr": 1}"#)).map(drop), "constant");
+    // and they still read without fields, as before
+    assert_eq!(serde_json::from_value::<DpoLoss>(json(r#"{"kind": "sigmoid"}"#)).unwrap(), DpoLoss::Sigmoid {});
+    assert_eq!(serde_json::to_value(ValueModelConfig::Shared {}).unwrap(), json(r#"{"kind": "shared"}"#));
+}

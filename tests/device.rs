@@ -309,7 +309,7 @@ fn ppo_stage_evaluates(kind: rlhf::device::DeviceKind) {
         policy,
         prompts,
         reward: Some(RewardSpec::Keywords { keywords: vec!["a".into()], weight: 1.0 }),
-        value_model: rlhf::stages::ppo_models::ValueModelConfig::Shared,
+        value_model: rlhf::stages::ppo_models::ValueModelConfig::Shared {},
         batch_size: 4,
         minibatch_size: 4,
         ppo_epochs: 1,

@@ -179,7 +179,7 @@ fn kto_unpairs_pairs_and_keeps_their_halves_together_for_accuracy() {
     assert!(e.contains("rankings") && e.contains("pairs.jsonl"), "{e}");
     // unpaired records with a pairwise loss: a clear error
     let mut c = kto_cfg(d.path(), 10);
-    c.loss = DpoLoss::Sigmoid;
+    c.loss = DpoLoss::Sigmoid {};
     c.out_dir = d.path().join("unpaired");
     let e = train(c, false).unwrap_err().to_string();
     assert!(e.contains("unpaired.jsonl") && e.contains("KTO"), "{e}");

@@ -44,10 +44,10 @@ fn dpo_cdpo_robust_hinge_and_ipo_match() {
     let beta = p["beta"].as_f64().unwrap();
     let eps = p["label_smoothing"].as_f64().unwrap();
     let cases = [
-        ("sigmoid", beta, DpoLoss::Sigmoid),
+        ("sigmoid", beta, DpoLoss::Sigmoid {}),
         ("cdpo", beta, DpoLoss::Cdpo { label_smoothing: eps }),
         ("robust", beta, DpoLoss::Robust { label_smoothing: eps }),
-        ("hinge", beta, DpoLoss::Hinge),
+        ("hinge", beta, DpoLoss::Hinge {}),
         ("ipo", p["ipo_tau"].as_f64().unwrap(), DpoLoss::Ipo { tau: p["ipo_tau"].as_f64().unwrap() }),
     ];
     for (name, b, v) in cases {
@@ -55,7 +55,7 @@ fn dpo_cdpo_robust_hinge_and_ipo_match() {
         assert_all(&out.per_pair_loss, &f64s(&o[name]["per_pair_loss"]), name);
         assert!(close(out.loss, o[name]["loss"].as_f64().unwrap()), "{name} loss {}", out.loss);
     }
-    let out = dpo_loss(x, beta, DpoLoss::Sigmoid);
+    let out = dpo_loss(x, beta, DpoLoss::Sigmoid {});
     assert_all(&out.chosen_rewards, &f64s(&o["chosen_rewards"]), "chosen_rewards");
     assert_all(&out.rejected_rewards, &f64s(&o["rejected_rewards"]), "rejected_rewards");
     let n = pc.len() as f64;

@@ -166,7 +166,7 @@ fn grpo_learns_verifiable_answers_from_the_reference_field() {
         rlhf::stages::pretrain::PretrainConfig {
             out_dir: d.path().join("pre"),
             files: vec![d.path().join("corpus.txt")],
-            tokenizer: rlhf::stages::pretrain::TokenizerSpec::Char,
+            tokenizer: rlhf::stages::pretrain::TokenizerSpec::Char {},
             model: rlhf_policies::ModelConfig::gpt2_preset(1, 32, 2, 2, 32),
             block_size: 16,
             batch_size: 8,

@@ -18,7 +18,7 @@ fn cfg(dir: &std::path::Path, iterations: usize) -> PpoConfig {
         policy,
         prompts,
         reward: Some(RewardSpec::Keywords { keywords: vec!["a".into()], weight: 1.0 }),
-        value_model: ValueModelConfig::Shared,
+        value_model: ValueModelConfig::Shared {},
         batch_size: 16,
         minibatch_size: 8,
         max_new_tokens: 12,

@@ -148,7 +148,7 @@ fn adaptive_kl_controller_follows_both_forms() {
         assert_close(&betas, &f32s(&f[key]), key);
         assert_close(&errors, &f32s(&f["proportional_error"]), "proportional_error");
     }
-    let mut fixed = KlController::new(KlControl::Fixed, 0.1);
+    let mut fixed = KlController::new(KlControl::Fixed {}, 0.1);
     fixed.update(100.0, 512);
     assert_eq!(fixed.beta, 0.1);
 }

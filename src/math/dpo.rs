@@ -13,7 +13,7 @@ use super::{log_sigmoid, sigmoid};
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum DpoLoss {
     /// `−log σ(β·h)` (Rafailov et al. 2023, Eq. 7).
-    Sigmoid,
+    Sigmoid {},
     /// Conservative DPO: `−(1−ε)·log σ(β·h) − ε·log σ(−β·h)` (labels flipped with prob. ε).
     Cdpo {
         /// ε. Default `0.1`.
@@ -27,7 +27,7 @@ pub enum DpoLoss {
         label_smoothing: f64,
     },
     /// `max(0, 1 − β·h)` (SLiC-style hinge).
-    Hinge,
+    Hinge {},
     /// IPO (Azar et al. 2023): `(h̄ − 1/(2τ))²` with per-token averaged log-ratios, τ = `tau`.
     Ipo {
         /// τ. Default `0.1`.
@@ -50,10 +50,10 @@ impl DpoLoss {
     /// The variant's config name.
     pub fn name(&self) -> &'static str {
         match self {
-            DpoLoss::Sigmoid => "sigmoid",
+            DpoLoss::Sigmoid {} => "sigmoid",
             DpoLoss::Cdpo { .. } => "cdpo",
             DpoLoss::Robust { .. } => "robust",
-            DpoLoss::Hinge => "hinge",
+            DpoLoss::Hinge {} => "hinge",
             DpoLoss::Ipo { .. } => "ipo",
             DpoLoss::Kto { .. } => "kto",
         }
@@ -135,7 +135,7 @@ pub fn dpo_loss(x: PairLogps<'_>, beta: f64, variant: DpoLoss) -> DpoOutput {
         let h = beta * (chosen_logratio - rejected_logratio);
         // (loss, ∂loss/∂chosen_logratio, ∂loss/∂rejected_logratio)
         let (l, dc, dr) = match variant {
-            DpoLoss::Sigmoid => (-log_sigmoid(h), -beta * sigmoid(-h), beta * sigmoid(-h)),
+            DpoLoss::Sigmoid {} => (-log_sigmoid(h), -beta * sigmoid(-h), beta * sigmoid(-h)),
             DpoLoss::Cdpo { label_smoothing: e } => {
                 let l = -(1.0 - e) * log_sigmoid(h) - e * log_sigmoid(-h);
                 let g = -beta * ((1.0 - e) * sigmoid(-h) - e * sigmoid(h));
@@ -146,7 +146,7 @@ pub fn dpo_loss(x: PairLogps<'_>, beta: f64, variant: DpoLoss) -> DpoOutput {
                 let g = beta * (-(1.0 - e) * sigmoid(-h) - e * sigmoid(h)) / (1.0 - 2.0 * e);
                 (l, g, -g)
             }
-            DpoLoss::Hinge => {
+            DpoLoss::Hinge {} => {
                 let g = if h < 1.0 { -beta } else { 0.0 };
                 ((1.0 - h).max(0.0), g, -g)
             }
@@ -245,7 +245,7 @@ mod tests {
     #[test]
     fn with_the_policy_at_the_reference_dpo_is_log_2_and_rewards_are_zero() {
         let lp = [-3.0, -7.5];
-        let out = dpo_loss(pairs(&lp, &lp, &lp, &lp, &[3, 4]), 0.1, DpoLoss::Sigmoid);
+        let out = dpo_loss(pairs(&lp, &lp, &lp, &lp, &[3, 4]), 0.1, DpoLoss::Sigmoid {});
         assert!((out.loss - std::f64::consts::LN_2).abs() < 1e-12);
         assert!(out.chosen_rewards.iter().chain(&out.rejected_rewards).all(|&r| r == 0.0));
     }
@@ -254,7 +254,7 @@ mod tests {
     fn the_dpo_gradient_is_the_closed_form() {
         // ∂L/∂h_logratio = −β·σ(−β·h) for one pair
         let (beta, c, r) = (0.3, [-2.0], [-4.5]);
-        let out = dpo_loss(pairs(&c, &r, &[-2.5], &[-3.0], &[1]), beta, DpoLoss::Sigmoid);
+        let out = dpo_loss(pairs(&c, &r, &[-2.5], &[-3.0], &[1]), beta, DpoLoss::Sigmoid {});
         let h = (c[0] - -2.5) - (r[0] - -3.0);
         assert!((out.d_policy_chosen[0] - (-beta * sigmoid(-beta * h))).abs() < 1e-12);
         assert!((out.d_policy_rejected[0] - beta * sigmoid(-beta * h)).abs() < 1e-12);
@@ -265,10 +265,10 @@ mod tests {
         let (c, r, rc, rr, t) =
             ([-5.0, -9.0, -3.0], [-6.0, -8.0, -7.0], [-5.5, -8.0, -3.5], [-5.0, -9.5, -6.0], [4usize, 7, 2]);
         let variants = [
-            DpoLoss::Sigmoid,
+            DpoLoss::Sigmoid {},
             DpoLoss::Cdpo { label_smoothing: 0.1 },
             DpoLoss::Robust { label_smoothing: 0.1 },
-            DpoLoss::Hinge,
+            DpoLoss::Hinge {},
             DpoLoss::Ipo { tau: 0.1 },
         ];
         let h = 1e-6;

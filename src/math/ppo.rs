@@ -191,8 +191,9 @@ pub fn entropy(logits: &[f32]) -> f64 {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum KlControl {
-    /// β stays at its initial value.
-    Fixed,
+    /// β stays at its initial value. (Struct variants throughout: serde lets a unit variant of
+    /// an internally tagged enum ignore unknown fields.)
+    Fixed {},
     /// Ziegler et al. 2019 §2.2: `e = clip(KL/target − 1, −0.2, 0.2)` and
     /// `β ← β·(1 + K_β·e)`, where `K_β` is `k_beta` (paper form) or `n_steps/horizon` (the
     /// form in lm-human-preferences, TRL 0.x and OpenRLHF code; `n_steps` = rollouts per

@@ -112,7 +112,7 @@ impl Default for DpoConfig {
             init: PathBuf::new(),
             data: PathBuf::new(),
             format: PreferenceFormat::default(),
-            loss: DpoLoss::Sigmoid,
+            loss: DpoLoss::Sigmoid {},
             beta: 0.1,
             val_fraction: 0.1,
             val_data: None,

@@ -220,7 +220,7 @@ impl Default for PpoConfig {
             lam: 0.95,
             beta: 0.05,
             kl_estimator: KlEstimator::K1,
-            kl_control: KlControl::Fixed,
+            kl_control: KlControl::Fixed {},
             kl_unit: KlUnit::SequenceSum,
             score: ScoreConfig::default(),
             whiten_rewards: false,

@@ -27,7 +27,7 @@ pub enum ValueModelConfig {
     },
     /// A value head on the policy's trunk (shared weights), zero-initialised
     /// (lm-human-preferences).
-    Shared,
+    Shared {},
 }
 
 impl Default for ValueModelConfig {
@@ -159,7 +159,7 @@ impl<D: FusedOps> PpoModels<D> {
     /// checkpoint, if any.
     pub fn new(policy: CausalLm<D>, cfg: &ValueModelConfig, reward_model: Option<&Path>) -> Result<Self> {
         let critic = match cfg {
-            ValueModelConfig::Shared => Critic::Shared(zero_head(&policy.dev, policy.dims.d_model)),
+            ValueModelConfig::Shared {} => Critic::Shared(zero_head(&policy.dev, policy.dims.d_model)),
             ValueModelConfig::Separate { init } => match init.as_deref().or(reward_model) {
                 Some(dir) => {
                     let (rm, _) = LearnedReward::load_pretrained(dir, &policy.dev)

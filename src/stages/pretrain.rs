@@ -26,7 +26,7 @@ use crate::stages::common::{announce_best, held_out, optimizer_step, restore_lat
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum TokenizerSpec {
     /// One token per character of the corpus (nanoGPT's Shakespeare), plus `<|endoftext|>`.
-    Char,
+    Char {},
     /// A byte-level BPE trained on the corpus.
     Bpe {
         /// Vocabulary size, special tokens included.
@@ -108,7 +108,7 @@ impl Default for PretrainConfig {
             files: vec![],
             val_fraction: 0.1,
             val_files: vec![],
-            tokenizer: TokenizerSpec::Char,
+            tokenizer: TokenizerSpec::Char {},
             model: ModelConfig::gpt2_preset(65, 128, 4, 4, 64),
             block_size: 64,
             batch_size: 12,
@@ -253,7 +253,7 @@ fn validate(cfg: &PretrainConfig) -> Result<()> {
 
 fn build_tokenizer(cfg: &PretrainConfig, text: &str) -> Result<Tokenizer> {
     Ok(match &cfg.tokenizer {
-        TokenizerSpec::Char => Tokenizer::char_level(text)?,
+        TokenizerSpec::Char {} => Tokenizer::char_level(text)?,
         TokenizerSpec::Bpe { vocab_size, min_frequency } => {
             Tokenizer::train_bpe(text.lines(), *vocab_size, *min_frequency)?
         }

@@ -41,7 +41,7 @@ use crate::stages::common::{
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum NormReference {
     /// Every response of the held-out comparisons (the training ones if none are held out).
-    EvalResponses,
+    EvalResponses {},
     /// Responses sampled from a policy (lm-human-preferences: the reference policy) for the
     /// held-out prompts.
     PolicySamples {
@@ -84,7 +84,7 @@ pub struct NormalizeConfig {
 
 impl Default for NormalizeConfig {
     fn default() -> Self {
-        NormalizeConfig { reference: NormReference::EvalResponses, target_mean: 0.0, target_std: 1.0 }
+        NormalizeConfig { reference: NormReference::EvalResponses {}, target_mean: 0.0, target_std: 1.0 }
     }
 }
 
@@ -528,7 +528,7 @@ fn fit_normalization<D: FusedOps>(
 ) -> Result<RewardNormalization> {
     let (set, name) = eval_split(train, val);
     let (seqs, reference): (Vec<Vec<u32>>, String) = match &n.reference {
-        NormReference::EvalResponses => {
+        NormReference::EvalResponses {} => {
             (set.iter().flat_map(|c| c.sequences()).collect(), format!("{name} chosen and rejected responses"))
         }
         NormReference::PolicySamples { policy, per_prompt, max_new_tokens, temperature } => {
