@@ -146,7 +146,9 @@ fn bad_shapes_are_clear_errors() {
     c.algo = Algo::Rloo { normalize_advantages: true, normalize_eps: 1e-4 };
     c.num_generations = 1;
     c.prompts_per_step = 8;
-    assert!(train(c, false).unwrap_err().to_string().contains("num_generations"));
+    assert!(train(c.clone(), false).unwrap_err().to_string().contains("num_generations"));
+    c.algo = GRPO;
+    assert!(train(c, false).unwrap_err().to_string().contains("GRPO needs num_generations ≥ 2"));
 }
 
 /// A verifiable reward: prompts `x #### ` with reference answers in their own field (GSM8K's

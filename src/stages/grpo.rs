@@ -396,6 +396,9 @@ fn validate(cfg: &GrpoConfig) -> Result<()> {
     if matches!(cfg.algo, Algo::Rloo { .. }) && cfg.num_generations < 2 {
         bail!("RLOO needs num_generations ≥ 2 (the baseline is the mean of the other completions)");
     }
+    if matches!(cfg.algo, Algo::Grpo { .. }) && cfg.num_generations < 2 {
+        bail!("GRPO needs num_generations ≥ 2 (a group of one is its own mean: every advantage would be 0)");
+    }
     if cfg.policy.as_os_str().is_empty() || cfg.prompts.as_os_str().is_empty() {
         bail!("policy and prompts are required (an SFT checkpoint folder and a JSONL file)");
     }
