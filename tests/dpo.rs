@@ -253,3 +253,12 @@ fn chat_prompts_reach_the_pairs_and_the_samples() {
         assert!(p.starts_with("s: be brief u: the ") && p.ends_with(": a:"), "{p:?}");
     }
 }
+
+#[test]
+fn a_beta_or_clip_that_would_train_nothing_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let e = train(DpoConfig { beta: 0.0, ..cfg(d.path(), 1) }, false).unwrap_err().to_string();
+    assert!(e.contains("beta must be positive, got 0"), "{e}");
+    let e = train(DpoConfig { grad_clip: f64::NAN, ..cfg(d.path(), 1) }, false).unwrap_err().to_string();
+    assert!(e.contains("grad_clip must be positive, got NaN"), "{e}");
+}

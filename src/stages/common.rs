@@ -45,6 +45,14 @@ pub fn require_fraction(name: &str, v: f64) -> Result<()> {
     Ok(())
 }
 
+/// Each `(name, value)` is a positive number (`inf` allowed: e.g. no gradient clipping).
+pub fn require_positive(fields: &[(&str, f64)]) -> Result<()> {
+    match fields.iter().find(|(_, v)| v.is_nan() || *v <= 0.0) {
+        Some((name, v)) => bail!("{name} must be positive, got {v}"),
+        None => Ok(()),
+    }
+}
+
 /// A non-finite loss: the optimizer step was abandoned before any update.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{what} is {value} at micro-batch {micro}")]

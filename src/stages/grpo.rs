@@ -384,6 +384,7 @@ fn validate(cfg: &GrpoConfig) -> Result<()> {
         cfg.eval_greedy,
     )?;
     crate::stages::common::require_fraction("val_fraction", cfg.val_fraction)?;
+    crate::stages::common::require_positive(&[("grad_clip", cfg.grad_clip)])?;
     let b = cfg.batch_size();
     if !b.is_multiple_of(cfg.minibatch_size) || !cfg.minibatch_size.is_multiple_of(cfg.grad_accum) {
         bail!(

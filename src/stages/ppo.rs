@@ -509,6 +509,14 @@ fn validate(cfg: &PpoConfig) -> Result<()> {
     ])?;
     crate::stages::policy_eval::check_samples_per_prompt(cfg.eval_samples_per_prompt, cfg.batch_size, cfg.eval_greedy)?;
     crate::stages::common::require_fraction("val_fraction", cfg.val_fraction)?;
+    crate::stages::common::require_positive(&[
+        ("cliprange", cfg.cliprange),
+        ("cliprange_value", cfg.cliprange_value),
+        ("grad_clip", cfg.grad_clip),
+    ])?;
+    if !(cfg.vf_coef >= 0.0 && cfg.ent_coef.is_finite() && cfg.beta >= 0.0) {
+        bail!("vf_coef and beta must be non-negative and ent_coef finite");
+    }
     if !cfg.batch_size.is_multiple_of(cfg.minibatch_size) || !cfg.minibatch_size.is_multiple_of(cfg.grad_accum) {
         bail!(
             "batch_size ({}) must be a multiple of minibatch_size ({}), and that of grad_accum ({})",

@@ -244,6 +244,7 @@ fn validate(cfg: &PretrainConfig) -> Result<()> {
         ("eval_batches", cfg.eval_batches),
         ("checkpoint_every", cfg.checkpoint_every),
     ])?;
+    crate::stages::common::require_positive(&[("grad_clip", cfg.grad_clip)])?;
     let dims = cfg.model.dims()?;
     if let Some(limit) = dims.position_limit().filter(|&l| l < cfg.block_size) {
         bail!("model.n_positions {limit} is smaller than block_size {}", cfg.block_size);

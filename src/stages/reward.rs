@@ -578,6 +578,7 @@ fn validate(cfg: &RewardConfig) -> Result<()> {
         bail!("data and init are required (a preference JSONL file and a checkpoint folder)");
     }
     crate::stages::common::require_fraction("val_fraction", cfg.val_fraction)?;
+    crate::stages::common::require_positive(&[("grad_clip", cfg.grad_clip)])?;
     crate::stages::common::require_epochs(cfg.epochs)?;
     if let Some(n) = &cfg.normalize {
         if n.target_std.is_nan() || n.target_std <= 0.0 {
