@@ -177,10 +177,24 @@ impl AdamWConfig {
         self.freeze.iter().any(|p| covers(p, name))
     }
 
-    /// Checks `freeze` against a model's parameter names: each entry must match one, and one
-    /// must be left to train.
-    pub fn check_freeze<'a>(&self, names: impl IntoIterator<Item = &'a str> + Clone) -> Result<(), PolicyError> {
-        let config = |msg: String| PolicyError::Config { file: "optim".into(), field: "freeze".into(), msg };
+    /// Checks the numbers (`lr` finite and ≥ 0, each β in [0, 1), `eps` > 0, `weight_decay`
+    /// finite and ≥ 0) and `freeze` against a model's parameter names: each entry must match
+    /// one, and one must be left to train.
+    pub fn check<'a>(&self, names: impl IntoIterator<Item = &'a str> + Clone) -> Result<(), PolicyError> {
+        let field =
+            |f: &str, msg: String| PolicyError::Config { file: "config".into(), field: format!("optim.{f}"), msg };
+        let [b1, b2] = self.betas;
+        let in_unit = |b: f64| (0.0..1.0).contains(&b);
+        let bad = [
+            ("lr", self.lr.is_finite() && self.lr >= 0.0, self.lr, "[0, inf)"),
+            ("betas", in_unit(b1) && in_unit(b2), if in_unit(b1) { b2 } else { b1 }, "[0, 1)"),
+            ("eps", self.eps > 0.0 && self.eps.is_finite(), self.eps, "(0, inf)"),
+            ("weight_decay", self.weight_decay.is_finite() && self.weight_decay >= 0.0, self.weight_decay, "[0, inf)"),
+        ];
+        if let Some((f, _, v, range)) = bad.iter().find(|b| !b.1) {
+            return Err(field(f, format!("{v} is out of range {range}")));
+        }
+        let config = |msg: String| field("freeze", msg);
         for p in &self.freeze {
             if !names.clone().into_iter().any(|n| covers(p, n)) {
                 let some: Vec<&str> = names.clone().into_iter().take(6).collect();
@@ -385,14 +399,24 @@ mod tests {
         let names = ["wte", "wpe", "blocks.1.ln1.weight", "blocks.10.ln1.weight", "blocks.1x", "ln_f.weight"];
         let frozen: Vec<&str> = names.iter().copied().filter(|n| cfg.is_frozen(n)).collect();
         assert_eq!(frozen, ["wte", "blocks.1.ln1.weight"]);
-        assert!(cfg.check_freeze(names).is_ok());
+        assert!(cfg.check(names).is_ok());
         let typo = AdamWConfig { freeze: vec!["block.1".into()], ..Default::default() };
-        let e = typo.check_freeze(names).unwrap_err().to_string();
+        let e = typo.check(names).unwrap_err().to_string();
         assert!(
-            e.contains("freeze") && e.contains("\"block.1\" matches no parameter") && e.contains("wte, wpe"),
+            e.contains("`optim.freeze`") && e.contains("\"block.1\" matches no parameter") && e.contains("wte, wpe"),
             "{e}"
         );
         let all = AdamWConfig { freeze: vec!["wte".into(), "wpe".into(), "blocks".into(), "ln_f".into()], ..cfg };
-        assert!(all.check_freeze(names).unwrap_err().to_string().contains("nothing would train"));
+        assert!(all.check(names).unwrap_err().to_string().contains("nothing would train"));
+        for (bad, field) in [
+            (AdamWConfig { lr: f64::NAN, ..Default::default() }, "lr"),
+            (AdamWConfig { betas: [0.9, 1.0], ..Default::default() }, "betas"),
+            (AdamWConfig { eps: 0.0, ..Default::default() }, "eps"),
+            (AdamWConfig { weight_decay: -0.1, ..Default::default() }, "weight_decay"),
+        ] {
+            let e = bad.check(names).unwrap_err().to_string();
+            assert!(e.contains(&format!("`optim.{field}`")) && e.contains("out of range"), "{e}");
+        }
+        assert!(AdamWConfig { lr: 0.0, ..Default::default() }.check(names).is_ok(), "lr 0 freezes a run on purpose");
     }
 }

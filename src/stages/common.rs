@@ -208,7 +208,7 @@ pub fn apply_grads<D: GradBuffers, M: HasParams<D>>(
     clip: f64,
 ) -> Result<f64> {
     let params = model.params();
-    opt.cfg.check_freeze(params.iter().map(|(n, _)| n.as_str()))?;
+    opt.cfg.check(params.iter().map(|(n, _)| n.as_str()))?;
     let trainable: Vec<_> = params.into_iter().filter(|(n, _)| !opt.cfg.is_frozen(n)).collect();
     let grad_norm = clip_grad_norm(&trainable, &mut grads, clip)?;
     opt.step(model.params_mut(), &mut grads, lr)?;
