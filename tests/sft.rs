@@ -228,6 +228,10 @@ fn a_template_without_the_prompt_is_refused() {
     let c = SftConfig { prompt_template: "Q: A:".into(), ..cfg(d.path(), 1) };
     let e = train(c, false).unwrap_err().to_string();
     assert!(e.contains("\"Q: A:\" has no {prompt}"), "{e}");
+    // and a schedule given its warm-up twice
+    let schedule = serde_json::from_str(r#"{"kind": "warmup_cosine", "warmup": 2, "warmup_ratio": 0.1}"#).unwrap();
+    let e = train(SftConfig { schedule, ..cfg(d.path(), 1) }, false).unwrap_err().to_string();
+    assert!(e.contains("warmup or warmup_ratio, not both"), "{e}");
 }
 
 #[test]

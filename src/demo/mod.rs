@@ -256,7 +256,12 @@ impl Demo<'_> {
                 steps: plan.pretrain_steps,
                 optim: rlhf_policies::AdamWConfig { lr: 3e-3, ..PretrainConfig::default().optim },
                 // 3e-4, not the default 3e-3 / 10 (one ulp away), keeps the demo's numbers
-                schedule: LrSchedule::WarmupCosine { warmup: 20, min_lr: Some(3e-4), decay_steps: None },
+                schedule: LrSchedule::WarmupCosine {
+                    warmup: 20,
+                    warmup_ratio: None,
+                    min_lr: Some(3e-4),
+                    decay_steps: None,
+                },
                 eval_every: plan.pretrain_steps,
                 checkpoint_every: plan.pretrain_steps,
                 sample_prompt: "review of the".into(),

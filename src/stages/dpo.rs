@@ -629,6 +629,7 @@ fn validate(cfg: &DpoConfig) -> Result<()> {
     }
     require_fraction("val_fraction", cfg.val_fraction)?;
     crate::stages::common::require_positive(&[("beta", cfg.beta), ("grad_clip", cfg.grad_clip)])?;
+    cfg.schedule.validate().map_err(anyhow::Error::msg)?;
     require_epochs(cfg.epochs)?;
     if cfg.data.as_os_str().is_empty() || cfg.init.as_os_str().is_empty() {
         bail!("data and init are required (a preference JSONL file and an SFT checkpoint folder)");

@@ -385,6 +385,7 @@ fn validate(cfg: &GrpoConfig) -> Result<()> {
     )?;
     crate::stages::common::require_fraction("val_fraction", cfg.val_fraction)?;
     crate::stages::common::require_positive(&[("grad_clip", cfg.grad_clip)])?;
+    cfg.schedule.validate().map_err(anyhow::Error::msg)?;
     let b = cfg.batch_size();
     if !b.is_multiple_of(cfg.minibatch_size) || !cfg.minibatch_size.is_multiple_of(cfg.grad_accum) {
         bail!(

@@ -514,6 +514,7 @@ fn validate(cfg: &PpoConfig) -> Result<()> {
         ("cliprange_value", cfg.cliprange_value),
         ("grad_clip", cfg.grad_clip),
     ])?;
+    cfg.schedule.validate().map_err(anyhow::Error::msg)?;
     if !(cfg.vf_coef >= 0.0 && cfg.ent_coef.is_finite() && cfg.beta >= 0.0) {
         bail!("vf_coef and beta must be non-negative and ent_coef finite");
     }

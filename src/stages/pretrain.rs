@@ -245,6 +245,7 @@ fn validate(cfg: &PretrainConfig) -> Result<()> {
         ("checkpoint_every", cfg.checkpoint_every),
     ])?;
     crate::stages::common::require_positive(&[("grad_clip", cfg.grad_clip)])?;
+    cfg.schedule.validate().map_err(anyhow::Error::msg)?;
     let dims = cfg.model.dims()?;
     if let Some(limit) = dims.position_limit().filter(|&l| l < cfg.block_size) {
         bail!("model.n_positions {limit} is smaller than block_size {}", cfg.block_size);

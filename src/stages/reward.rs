@@ -579,6 +579,7 @@ fn validate(cfg: &RewardConfig) -> Result<()> {
     }
     crate::stages::common::require_fraction("val_fraction", cfg.val_fraction)?;
     crate::stages::common::require_positive(&[("grad_clip", cfg.grad_clip)])?;
+    cfg.schedule.validate().map_err(anyhow::Error::msg)?;
     crate::stages::common::require_epochs(cfg.epochs)?;
     if let Some(n) = &cfg.normalize {
         if n.target_std.is_nan() || n.target_std <= 0.0 {

@@ -465,6 +465,7 @@ fn validate(cfg: &SftConfig) -> Result<()> {
     }
     crate::stages::common::require_fraction("val_fraction", cfg.val_fraction)?;
     crate::stages::common::require_positive(&[("grad_clip", cfg.grad_clip)])?;
+    cfg.schedule.validate().map_err(anyhow::Error::msg)?;
     if cfg.messages_field.is_some() && (cfg.chat.is_some() || cfg.prompt_template != "{prompt}") {
         bail!(
             "messages_field renders conversations with the model's chat template: leave out prompt_template and chat"
