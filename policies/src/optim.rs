@@ -217,30 +217,44 @@ pub struct AdamW<D: Storage<f32>> {
     pub t: i32,
     m: Gradients<f32, D>,
     v: Gradients<f32, D>,
+    /// Per parameter, in the model's order: not frozen (set by the first step, see
+    /// [`AdamW::trainable`]).
+    trainable: Option<Vec<bool>>,
 }
 
 impl<D: Device<f32>> AdamW<D> {
     /// Fresh state.
     pub fn new(cfg: AdamWConfig) -> Self {
-        AdamW { cfg, t: 0, m: Gradients::leaky(), v: Gradients::leaky() }
+        AdamW { cfg, t: 0, m: Gradients::leaky(), v: Gradients::leaky(), trainable: None }
+    }
+
+    /// Which of the parameters `names` (the model's, in its order) train: those `freeze`
+    /// leaves out. Checked ([`AdamWConfig::check`]) and worked out on the first call, then kept:
+    /// the names are the same at every step.
+    pub fn trainable<'a>(&mut self, names: impl IntoIterator<Item = &'a str> + Clone) -> Result<&[bool], PolicyError> {
+        let n = names.clone().into_iter().count();
+        if self.trainable.as_ref().is_none_or(|t| t.len() != n) {
+            self.cfg.check(names.clone())?;
+            self.trainable = Some(names.into_iter().map(|name| !self.cfg.is_frozen(name)).collect());
+        }
+        Ok(self.trainable.as_deref().expect("set above"))
     }
 }
 
 impl<D: GradBuffers> AdamW<D> {
     /// One update of every parameter in `params` with the gradients in `grads`, at learning
-    /// rate `lr`. A parameter absent from `grads` is updated with a zero gradient.
+    /// rate `lr`; frozen ones ([`AdamW::trainable`]) are left. A parameter absent from `grads`
+    /// is updated with a zero gradient.
     pub fn step(
         &mut self,
         params: Vec<(String, ParamMut<'_, D>)>,
         grads: &mut Gradients<f32, D>,
         lr: f64,
     ) -> Result<(), PolicyError> {
+        let trainable = self.trainable(params.iter().map(|(n, _)| n.as_str()))?.to_vec();
         let mut jobs = Vec::with_capacity(params.len());
         let mut taken = Ok(());
-        for (name, p) in params {
-            if self.cfg.is_frozen(&name) {
-                continue;
-            }
+        for ((_, p), _) in params.into_iter().zip(trainable).filter(|(_, t)| *t) {
             let is_1d = matches!(p, ParamMut::V(_));
             let wd = if is_1d && self.cfg.no_decay_1d { 0.0 } else { self.cfg.weight_decay };
             let cfg = self.adam_cfg(lr, (wd > 0.0).then_some(WeightDecay::Decoupled(wd)));

@@ -208,8 +208,8 @@ pub fn apply_grads<D: GradBuffers, M: HasParams<D>>(
     clip: f64,
 ) -> Result<f64> {
     let params = model.params();
-    opt.cfg.check(params.iter().map(|(n, _)| n.as_str()))?;
-    let trainable: Vec<_> = params.into_iter().filter(|(n, _)| !opt.cfg.is_frozen(n)).collect();
+    let mask = opt.trainable(params.iter().map(|(n, _)| n.as_str()))?.to_vec();
+    let trainable: Vec<_> = params.into_iter().zip(mask).filter_map(|(p, t)| t.then_some(p)).collect();
     let grad_norm = clip_grad_norm(&trainable, &mut grads, clip)?;
     opt.step(model.params_mut(), &mut grads, lr)?;
     Ok(grad_norm)
