@@ -11,7 +11,7 @@ use rlhf_policies::{CausalLm, FusedOps, LearnedReward, Tokenizer};
 use serde_json::{json, Value};
 
 use crate::preference::{chat_for, read_comparisons, PreferenceFormat, RewardTruncation};
-use crate::prompt_format::{ChatPrompt, PromptFormat};
+use crate::prompt_format::{conversation_template, ChatPrompt, PromptFormat};
 use crate::stages::common::Checkpointable;
 use crate::stages::reward::{self, RewardConfig};
 use crate::stages::{pretrain, sft};
@@ -95,8 +95,8 @@ fn responses<D: FusedOps>(model: &CausalLm<D>, tok: &Tokenizer, dir: &Path, d: &
     let eos = tok.eos_for(&model.config).with_context(|| format!("{}: no EOS token", dir.display()))?;
     let records = match &d.messages_field {
         Some(field) => {
-            let chat = rlhf_policies::chat::ChatTemplate::of_model(tok, &model.config, dir)?;
-            sft::read_conversations(&d.data, field, &chat)?
+            let chat = conversation_template(true, (&d.prompt_template, d.chat), tok, &model.config, dir)?;
+            sft::read_conversations(&d.data, field, &chat.expect("asked for"))?
         }
         None => crate::data::read_jsonl_fields(&d.data, &[&d.fields.0, &d.fields.1])?,
     };

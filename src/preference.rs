@@ -12,7 +12,7 @@ use rlhf_policies::{ModelConfig, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{read_jsonl, JsonRecord};
-use crate::prompt_format::PromptFormat;
+use crate::prompt_format::{conversation_template, split_reply, PromptFormat};
 
 /// How the records of a preference file are laid out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -144,22 +144,17 @@ impl Comparison {
     }
 }
 
-/// The chat template `format` renders its prompts with: the model's, for `messages`; none
-/// otherwise. With it, `prompt_template` must be `{prompt}` and `chat` absent.
+/// The chat template `format` renders its prompts with: the model's, for `messages`
+/// ([`conversation_template`]); none otherwise.
 pub fn chat_for(
     format: &PreferenceFormat,
-    (prompt_template, chat): (&str, bool),
+    template_and_chat: (&str, bool),
     tok: &Tokenizer,
     config: &ModelConfig,
     model: &Path,
 ) -> Result<Option<ChatTemplate>> {
-    if !matches!(format, PreferenceFormat::Messages { .. }) {
-        return Ok(None);
-    }
-    if chat || prompt_template != "{prompt}" {
-        bail!("format messages renders its prompts with the model's chat template: leave out prompt_template and chat");
-    }
-    Ok(Some(ChatTemplate::of_model(tok, config, model)?))
+    let messages = matches!(format, PreferenceFormat::Messages { .. });
+    conversation_template(messages, template_and_chat, tok, config, model)
 }
 
 /// Reads `path` (JSONL, optionally `.gz`) as comparisons in `format` (`chat`: the template of
@@ -271,13 +266,11 @@ fn conversation_pair(
     prompt_field: Option<&str>,
     (chosen_field, rejected_field): (&str, &str),
 ) -> Result<(Vec<ChatMessage>, Vec<String>)> {
-    let (mut chosen, mut rejected): (Vec<ChatMessage>, Vec<ChatMessage>) =
-        (r.parse(chosen_field)?, r.parse(rejected_field)?);
-    let last = |list: &mut Vec<ChatMessage>, f: &str| match list.pop() {
-        Some(m) if m.role == "assistant" => Ok(m.content.trim_start().to_string()),
-        _ => Err(r.error(format!("field `{f}` must end with an assistant message"))),
+    let reply = |f: &str| {
+        split_reply(r.parse(f)?).ok_or_else(|| r.error(format!("field `{f}` must end with an assistant message")))
     };
-    let responses = vec![last(&mut chosen, chosen_field)?, last(&mut rejected, rejected_field)?];
+    let ((chosen, c), (rejected, j)) = (reply(chosen_field)?, reply(rejected_field)?);
+    let responses = vec![c, j];
     let prompt = match prompt_field {
         Some(p) if chosen.is_empty() && rejected.is_empty() => r.parse(p)?,
         Some(p) => {

@@ -70,6 +70,33 @@ impl Transcript {
     }
 }
 
+/// The model's chat template for records that are conversations (`conversations`): they are
+/// rendered with it as they are, so `prompt_template` must be `{prompt}` and `chat` absent.
+/// `None` for text records.
+pub fn conversation_template(
+    conversations: bool,
+    (prompt_template, chat): (&str, bool),
+    tok: &Tokenizer,
+    config: &ModelConfig,
+    model: &Path,
+) -> Result<Option<ChatTemplate>> {
+    if !conversations {
+        return Ok(None);
+    }
+    if chat || prompt_template != "{prompt}" {
+        bail!("conversations are rendered with the model's chat template: leave out prompt_template and chat");
+    }
+    Ok(Some(ChatTemplate::of_model(tok, config, model)?))
+}
+
+/// A conversation split into the messages before its reply and the reply's text (leading
+/// white space trimmed, as a response under a chat template is); `None` unless it ends with
+/// an assistant message.
+pub fn split_reply(mut messages: Vec<ChatMessage>) -> Option<(Vec<ChatMessage>, String)> {
+    let reply = messages.pop().filter(|m| m.role == "assistant")?;
+    Some((messages, reply.content.trim_start().to_string()))
+}
+
 /// A prompt template, and the chat template it is wrapped in, if any.
 #[derive(Debug, Clone)]
 pub struct PromptFormat {

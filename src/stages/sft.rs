@@ -11,14 +11,14 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use dfdx::prelude::*;
-use rlhf_policies::chat::{ChatMessage, ChatTemplate};
+use rlhf_policies::chat::ChatTemplate;
 use rlhf_policies::checkpoint::load_with_tokenizer;
 use rlhf_policies::{generate_from, AdamWConfig, Batch, CausalLm, FusedOps, GradBuffers, SamplingConfig, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{epochs_seen, read_jsonl_fields, EpochOrder};
 use crate::device::DeviceKind;
-use crate::prompt_format::{ChatPrompt, PromptFormat};
+use crate::prompt_format::{conversation_template, split_reply, ChatPrompt, PromptFormat};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
 use crate::stages::common::{
@@ -418,10 +418,8 @@ fn load_data(
         val_fraction: cfg.val_fraction,
         max_len: cfg.max_len,
     };
-    let chat = match &cfg.messages_field {
-        Some(_) => Some(ChatTemplate::of_model(tok, config, &cfg.init)?),
-        None => None,
-    };
+    let template_and_chat = (cfg.prompt_template.as_str(), cfg.chat.is_some());
+    let chat = conversation_template(cfg.messages_field.is_some(), template_and_chat, tok, config, &cfg.init)?;
     HeldOut::load(hold, |file| {
         let records = match (&cfg.messages_field, &chat) {
             (Some(field), Some(chat)) => read_conversations(file, field, chat)?,
@@ -438,15 +436,13 @@ pub fn read_conversations(file: &Path, field: &str, chat: &ChatTemplate) -> Resu
     records
         .iter()
         .map(|r| {
-            let mut messages: Vec<ChatMessage> = r.parse(field)?;
-            let last = messages.pop().filter(|m| m.role == "assistant");
-            let (Some(last), false) = (last, messages.is_empty()) else {
+            let Some((messages, reply)) = split_reply(r.parse(field)?).filter(|(m, _)| !m.is_empty()) else {
                 return Err(
                     r.error(format!("field `{field}` must end with an assistant message after at least one other"))
                 );
             };
             let prompt = chat.render(&messages, true).map_err(|e| r.error(format!("field `{field}`: {e}")))?;
-            Ok(vec![prompt, last.content.trim_start().to_string()])
+            Ok(vec![prompt, reply])
         })
         .collect()
 }
@@ -466,11 +462,6 @@ fn validate(cfg: &SftConfig) -> Result<()> {
     crate::stages::common::require_fraction("val_fraction", cfg.val_fraction)?;
     crate::stages::common::require_positive(&[("grad_clip", cfg.grad_clip)])?;
     cfg.schedule.validate().map_err(anyhow::Error::msg)?;
-    if cfg.messages_field.is_some() && (cfg.chat.is_some() || cfg.prompt_template != "{prompt}") {
-        bail!(
-            "messages_field renders conversations with the model's chat template: leave out prompt_template and chat"
-        );
-    }
     crate::stages::common::require_epochs(cfg.epochs)
 }
 
