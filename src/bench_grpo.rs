@@ -60,7 +60,7 @@ pub fn grpo_trainer<D: FusedOps + GradBuffers>(
         minibatch_size: g.per_device_train_batch_size,
         beta: g.beta,
         optim: optim.clone(),
-        schedule: LrSchedule::Constant {},
+        schedule: LrSchedule::constant(),
         ..Default::default()
     };
     let vocab = policy.dims.vocab as u32;

@@ -97,7 +97,7 @@ pub fn ppo_trainer<D: FusedOps + GradBuffers>(
         kl_estimator: KlEstimator::K1,
         grad_clip: p.max_grad_norm,
         optim: optim.clone(),
-        schedule: LrSchedule::Constant {},
+        schedule: LrSchedule::constant(),
         value_model: if shared { ValueModelConfig::Shared {} } else { ValueModelConfig::Separate { init: None } },
         ..Default::default()
     };

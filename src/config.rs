@@ -95,8 +95,8 @@ pub fn from_value<T: DeserializeOwned>(value: Value, file: &str) -> Result<T, Co
 
 /// Adds what to do instead to the errors of fields that moved.
 fn with_hint(field: &str, msg: String) -> String {
-    let schedule = field == "schedule" || field.ends_with(".schedule");
-    if schedule && msg.starts_with("unknown field `lr`") {
+    let schedule_lr = field == "schedule.lr" || field.ends_with(".schedule.lr");
+    if schedule_lr && msg.starts_with("unknown field `lr`") {
         return format!("{msg} (the peak learning rate is `optim.lr`; the schedule only shapes it)");
     }
     msg

@@ -6,73 +6,75 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Constant, or linear warm-up then cosine (nanoGPT's `get_lr`) or linear (HF's and TRL's
-/// default `linear`, cleanrl's `anneal_lr`) decay to `min_lr`.
+/// The shape of the rate over the steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrShape {
+    /// `optim.lr` at every step.
+    Constant,
+    /// Linear warm-up, then cosine down to `min_lr` (nanoGPT's `get_lr`).
+    WarmupCosine,
+    /// Linear warm-up, then a straight line down to `min_lr` (HF's and TRL's default `linear`,
+    /// cleanrl's `anneal_lr`).
+    Linear,
+}
+
+/// A learning-rate schedule: `lr·(s+1)/warmup` for `s < warmup`; then the `kind`'s decay from
+/// `lr` (= `optim.lr`) to `min_lr` at `decay_steps`; `min_lr` after that. `constant` takes none
+/// of the other fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum LrSchedule {
-    /// `optim.lr` at every step. (A struct variant: serde lets a unit variant of an internally
-    /// tagged enum ignore unknown fields, such as the `lr` these schedules once had.)
-    Constant {},
-    /// `lr·(s+1)/warmup` for `s < warmup`; then cosine from `lr` to `min_lr` at `decay_steps`;
-    /// `min_lr` after that (`lr` = `optim.lr`).
-    WarmupCosine {
-        /// Warm-up steps. Default `0`.
-        #[serde(default)]
-        warmup: usize,
-        /// Warm-up as a fraction of the stage's steps, rounded up (TRL's `warmup_ratio`), in
-        /// place of `warmup`. Default: none.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        warmup_ratio: Option<f64>,
-        /// Final learning rate. Default `lr / 10` (nanoGPT's and Chinchilla's rule).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        min_lr: Option<f64>,
-        /// Step at which the decay reaches `min_lr`. Default: the stage's last step (so a run
-        /// resumed with more `steps` stretches its remaining decay; set this to keep the curve).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        decay_steps: Option<usize>,
-    },
-    /// `lr·(s+1)/warmup` for `s < warmup`; then a straight line from `lr` to `min_lr` at
-    /// `decay_steps`; `min_lr` after that. With the defaults, `lr·(1 − s/steps)`.
-    Linear {
-        /// Warm-up steps. Default `0`.
-        #[serde(default)]
-        warmup: usize,
-        /// Warm-up as a fraction of the stage's steps, rounded up, in place of `warmup`.
-        /// Default: none.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        warmup_ratio: Option<f64>,
-        /// Final learning rate. Default `0` (HF's and TRL's `linear`).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        min_lr: Option<f64>,
-        /// Step at which the decay reaches `min_lr`. Default: the stage's last step.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        decay_steps: Option<usize>,
-    },
+#[serde(deny_unknown_fields)]
+pub struct LrSchedule {
+    /// `constant`, `warmup_cosine` or `linear`.
+    pub kind: LrShape,
+    /// Warm-up steps. Default `0`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub warmup: usize,
+    /// Warm-up as a fraction of the stage's steps, rounded up (TRL's `warmup_ratio`), in place
+    /// of `warmup`. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_ratio: Option<f64>,
+    /// Final learning rate. Default `lr / 10` for `warmup_cosine` (nanoGPT's and Chinchilla's
+    /// rule), `0` for `linear` (HF's and TRL's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_lr: Option<f64>,
+    /// Step at which the decay reaches `min_lr`. Default: the stage's last step (so a run
+    /// resumed with more `steps` stretches its remaining decay; set this to keep the curve).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decay_steps: Option<usize>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl LrSchedule {
-    /// Warm-up over `warmup` steps, then cosine to `lr / 10` at the stage's last step.
-    pub fn warmup_cosine(warmup: usize) -> Self {
-        LrSchedule::WarmupCosine { warmup, warmup_ratio: None, min_lr: None, decay_steps: None }
+    /// `optim.lr` at every step.
+    pub fn constant() -> Self {
+        LrSchedule { kind: LrShape::Constant, warmup: 0, warmup_ratio: None, min_lr: None, decay_steps: None }
     }
 
-    /// Checks that the warm-up is given one way (steps or a ratio in [0, 1]) and `min_lr`, if
-    /// given, is finite and non-negative.
+    /// Warm-up over `warmup` steps, then cosine to `lr / 10` at the stage's last step.
+    pub fn warmup_cosine(warmup: usize) -> Self {
+        LrSchedule { kind: LrShape::WarmupCosine, warmup, ..Self::constant() }
+    }
+
+    /// Checks that `constant` has no other field, the warm-up is given one way (steps or a
+    /// ratio in [0, 1]) and `min_lr`, if given, is finite and non-negative.
     pub fn validate(&self) -> Result<(), String> {
-        let (LrSchedule::WarmupCosine { warmup, warmup_ratio, min_lr, .. }
-        | LrSchedule::Linear { warmup, warmup_ratio, min_lr, .. }) = *self
-        else {
-            return Ok(());
-        };
-        match warmup_ratio {
-            Some(_) if warmup > 0 => return Err("schedule: give warmup or warmup_ratio, not both".into()),
+        let shaped =
+            self.warmup > 0 || self.warmup_ratio.is_some() || self.min_lr.is_some() || self.decay_steps.is_some();
+        if self.kind == LrShape::Constant && shaped {
+            return Err("schedule: constant takes no warmup, warmup_ratio, min_lr or decay_steps".into());
+        }
+        match self.warmup_ratio {
+            Some(_) if self.warmup > 0 => return Err("schedule: give warmup or warmup_ratio, not both".into()),
             Some(r) if !(0.0..=1.0).contains(&r) => {
                 return Err(format!("schedule.warmup_ratio must be in [0, 1], got {r}"))
             }
             _ => {}
         }
-        match min_lr {
+        match self.min_lr {
             Some(m) if !(m.is_finite() && m >= 0.0) => Err(format!("schedule.min_lr must be non-negative, got {m}")),
             _ => Ok(()),
         }
@@ -81,17 +83,13 @@ impl LrSchedule {
     /// The learning rate at 0-based step `step` of a stage of `total` steps whose peak rate
     /// is `lr`.
     pub fn at(&self, lr: f64, total: usize, step: usize) -> f64 {
-        let (warmup, ratio, min_lr, decay_steps, cosine) = match *self {
-            LrSchedule::Constant {} => return lr,
-            LrSchedule::WarmupCosine { warmup, warmup_ratio, min_lr, decay_steps } => {
-                (warmup, warmup_ratio, min_lr.unwrap_or(lr / 10.0), decay_steps, true)
-            }
-            LrSchedule::Linear { warmup, warmup_ratio, min_lr, decay_steps } => {
-                (warmup, warmup_ratio, min_lr.unwrap_or(0.0), decay_steps, false)
-            }
+        let min_lr = match self.kind {
+            LrShape::Constant => return lr,
+            LrShape::WarmupCosine => self.min_lr.unwrap_or(lr / 10.0),
+            LrShape::Linear => self.min_lr.unwrap_or(0.0),
         };
-        let warmup = ratio.map_or(warmup, |r| (r * total as f64).ceil() as usize);
-        let decay_steps = decay_steps.unwrap_or(total);
+        let warmup = self.warmup_ratio.map_or(self.warmup, |r| (r * total as f64).ceil() as usize);
+        let decay_steps = self.decay_steps.unwrap_or(total);
         if step < warmup {
             return lr * (step + 1) as f64 / warmup as f64;
         }
@@ -99,7 +97,10 @@ impl LrSchedule {
             return min_lr;
         }
         let ratio = (step - warmup) as f64 / (decay_steps - warmup) as f64;
-        let coeff = if cosine { 0.5 * (1.0 + (std::f64::consts::PI * ratio).cos()) } else { 1.0 - ratio };
+        let coeff = match self.kind {
+            LrShape::WarmupCosine => 0.5 * (1.0 + (std::f64::consts::PI * ratio).cos()),
+            _ => 1.0 - ratio,
+        };
         min_lr + coeff * (lr - min_lr)
     }
 }
@@ -110,7 +111,7 @@ mod tests {
 
     #[test]
     fn warmup_cosine_at_chosen_steps() {
-        let s = LrSchedule::WarmupCosine { warmup: 10, warmup_ratio: None, min_lr: Some(1e-4), decay_steps: Some(110) };
+        let s = LrSchedule { min_lr: Some(1e-4), decay_steps: Some(110), ..LrSchedule::warmup_cosine(10) };
         let at = |step| s.at(1e-3, 500, step);
         assert!((at(0) - 1e-4).abs() < 1e-15);
         assert!((at(4) - 5e-4).abs() < 1e-15);
@@ -123,7 +124,7 @@ mod tests {
         for st in 10..110 {
             assert!(at(st + 1) <= at(st));
         }
-        assert_eq!(LrSchedule::Constant {}.at(0.5, 10, 1000), 0.5);
+        assert_eq!(LrSchedule::constant().at(0.5, 10, 1000), 0.5);
     }
 
     #[test]
@@ -134,8 +135,7 @@ mod tests {
         assert!((s.at(2e-3, 1010, 1010) - 2e-4).abs() < 1e-18);
         assert!(s.at(2e-3, 1010, 1009) > 2e-4, "still decaying one step before the end");
         // the same schedule over 110 steps at lr 1e-3 is the explicit one above
-        let explicit =
-            LrSchedule::WarmupCosine { warmup: 10, warmup_ratio: None, min_lr: Some(1e-4), decay_steps: Some(110) };
+        let explicit = LrSchedule { min_lr: Some(1e-4), decay_steps: Some(110), ..LrSchedule::warmup_cosine(10) };
         for st in 0..120 {
             assert_eq!(s.at(1e-3, 110, st), explicit.at(1e-3, 110, st), "step {st}");
         }
@@ -149,7 +149,12 @@ mod tests {
             let want = 3e-4 * (1.0 - step as f64 / 100.0);
             assert!((s.at(3e-4, 100, step) - want).abs() < 1e-15, "step {step}");
         }
-        let w = LrSchedule::Linear { warmup: 4, warmup_ratio: None, min_lr: Some(1e-5), decay_steps: Some(24) };
+        let w = LrSchedule {
+            kind: LrShape::Linear,
+            min_lr: Some(1e-5),
+            decay_steps: Some(24),
+            ..LrSchedule::warmup_cosine(4)
+        };
         assert!((w.at(1e-4, 50, 1) - 5e-5).abs() < 1e-15, "warm-up as the cosine's");
         assert!((w.at(1e-4, 50, 4) - 1e-4).abs() < 1e-15);
         assert!((w.at(1e-4, 50, 14) - 5.5e-5).abs() < 1e-15, "halfway");
@@ -171,6 +176,8 @@ mod tests {
         assert!(big.validate().unwrap_err().contains("[0, 1]"));
         let neg: LrSchedule = serde_json::from_str(r#"{"kind": "linear", "min_lr": -1}"#).unwrap();
         assert!(neg.validate().unwrap_err().contains("min_lr"));
+        let shaped: LrSchedule = serde_json::from_str(r#"{"kind": "constant", "warmup": 3}"#).unwrap();
+        assert!(shaped.validate().unwrap_err().contains("constant takes no warmup"));
     }
 
     #[test]
@@ -179,7 +186,7 @@ mod tests {
         assert_eq!(s, LrSchedule::warmup_cosine(5));
         assert_eq!(serde_json::to_string(&s).unwrap(), r#"{"kind":"warmup_cosine","warmup":5}"#);
         let c: LrSchedule = serde_json::from_str(r#"{"kind": "constant"}"#).unwrap();
-        assert_eq!(c, LrSchedule::Constant {});
+        assert_eq!(c, LrSchedule::constant());
         let e = serde_json::from_str::<LrSchedule>(r#"{"kind": "constant", "lr": 1e-5}"#).unwrap_err();
         assert!(e.to_string().contains("unknown field `lr`"), "{e}");
         let e =

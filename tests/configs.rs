@@ -56,7 +56,7 @@ fn a_schedule_with_its_own_rate_is_an_error_naming_the_field() {
     let e = load::<DpoConfig>(Some(&f), &[]).unwrap_err().to_string();
     assert!(e.contains("old.json") && e.contains("schedule") && e.contains("unknown field `lr`"), "{e}");
     assert!(e.contains("the peak learning rate is `optim.lr`"), "{e}");
-    assert_eq!(load::<DpoConfig>(None, &[]).unwrap().schedule, LrSchedule::Constant {});
+    assert_eq!(load::<DpoConfig>(None, &[]).unwrap().schedule, LrSchedule::constant());
 }
 
 #[test]

@@ -256,12 +256,7 @@ impl Demo<'_> {
                 steps: plan.pretrain_steps,
                 optim: rlhf_policies::AdamWConfig { lr: 3e-3, ..PretrainConfig::default().optim },
                 // 3e-4, not the default 3e-3 / 10 (one ulp away), keeps the demo's numbers
-                schedule: LrSchedule::WarmupCosine {
-                    warmup: 20,
-                    warmup_ratio: None,
-                    min_lr: Some(3e-4),
-                    decay_steps: None,
-                },
+                schedule: LrSchedule { min_lr: Some(3e-4), ..LrSchedule::warmup_cosine(20) },
                 eval_every: plan.pretrain_steps,
                 checkpoint_every: plan.pretrain_steps,
                 sample_prompt: "review of the".into(),
@@ -345,7 +340,7 @@ impl Demo<'_> {
             iterations,
             minibatch_size: 8,
             optim: rlhf_policies::AdamWConfig { lr, ..Default::default() },
-            schedule: LrSchedule::Constant {},
+            schedule: LrSchedule::constant(),
             beta,
             checkpoint_every: iterations,
             sample_every: 10,
@@ -371,7 +366,7 @@ impl Demo<'_> {
                 batch_size: 16,
                 steps,
                 optim: rlhf_policies::AdamWConfig { lr: 1e-4, ..Default::default() },
-                schedule: LrSchedule::Constant {},
+                schedule: LrSchedule::constant(),
                 eval_every: steps,
                 checkpoint_every: steps,
                 // the stage's own sampled-KL check, at the demo's response length (its default

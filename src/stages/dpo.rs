@@ -125,7 +125,7 @@ impl Default for DpoConfig {
             steps: 200,
             epochs: None,
             optim: AdamWConfig { lr: 1e-5, ..Default::default() },
-            schedule: LrSchedule::Constant {},
+            schedule: LrSchedule::constant(),
             grad_clip: 1.0,
             eval_every: 50,
             checkpoint_every: 100,

@@ -225,7 +225,7 @@ impl Default for GrpoConfig {
             mask_truncated_completions: false,
             score: ScoreConfig::default(),
             optim: AdamWConfig { lr: 1e-6, ..Default::default() },
-            schedule: LrSchedule::Constant {},
+            schedule: LrSchedule::constant(),
             grad_clip: 1.0,
             on_nonfinite: OnNonFinite::Stop,
             checkpoint_every: 20,

@@ -226,7 +226,7 @@ impl Default for PpoConfig {
             whiten_rewards: false,
             whiten_advantages: true,
             optim: AdamWConfig { lr: 1e-5, ..Default::default() },
-            schedule: LrSchedule::Constant {},
+            schedule: LrSchedule::constant(),
             grad_clip: 1.0,
             ptx: None,
             on_nonfinite: OnNonFinite::Stop,
