@@ -148,26 +148,30 @@ fn bad_shapes_are_clear_errors() {
     c.prompts_per_step = 8;
     assert!(train(c.clone(), false).unwrap_err().to_string().contains("num_generations"));
     c.algo = GRPO;
-    assert!(train(c, false).unwrap_err().to_string().contains("GRPO needs num_generations ≥ 2"));
+    assert!(train(c.clone(), false).unwrap_err().to_string().contains("GRPO needs num_generations ≥ 2"));
+    c.dynamic_sampling = Some(rlhf::stages::grpo::DynamicSampling { max_generation_batches: 0 });
+    let e = train(c, false).unwrap_err().to_string();
+    assert!(e.contains("dynamic_sampling.max_generation_batches must be at least 1"), "{e}");
+    let e = serde_json::from_str::<GrpoConfig>(r#"{"dynamic_sampling": {"max_batches": 4}}"#).unwrap_err();
+    assert!(e.to_string().contains("unknown field `max_batches`"), "{e}");
 }
 
-/// A verifiable reward: prompts `x #### ` with reference answers in their own field (GSM8K's
-/// form, `#### N`); the policy, pretrained on lines ending in a uniformly random digit, answers
-/// right ~1 time in 10, and GRPO teaches it each prompt's answer. Also: the answer reward
-/// without `reference_field` is a clear error.
-#[test]
-fn grpo_learns_verifiable_answers_from_the_reference_field() {
-    let d = tempfile::tempdir().unwrap();
-    let answers = [("a", 3), ("b", 5), ("c", 8), ("d", 1)];
+const ANSWERS: [(&str, u32); 4] = [("a", 3), ("b", 5), ("c", 8), ("d", 1)];
+
+/// A char-level policy pretrained on lines `x #### N` ending in a uniformly random digit (so
+/// it answers right ~1 time in 10), in `dir/pre`, and the four questions with their
+/// reference answers (GSM8K's form) as JSONL lines.
+fn answer_policy(dir: &std::path::Path) -> (std::path::PathBuf, Vec<String>) {
+    let answers = ANSWERS;
     let mut corpus = String::new();
     for i in 0..600 {
         corpus += &format!("{} #### {}\n", answers[i % 4].0, (i * 7 + i / 4) % 10);
     }
-    std::fs::write(d.path().join("corpus.txt"), corpus).unwrap();
+    std::fs::write(dir.join("corpus.txt"), corpus).unwrap();
     rlhf::stages::pretrain::train(
         rlhf::stages::pretrain::PretrainConfig {
-            out_dir: d.path().join("pre"),
-            files: vec![d.path().join("corpus.txt")],
+            out_dir: dir.join("pre"),
+            files: vec![dir.join("corpus.txt")],
             tokenizer: rlhf::stages::pretrain::TokenizerSpec::Char {},
             model: rlhf_policies::ModelConfig::gpt2_preset(1, 32, 2, 2, 32),
             block_size: 16,
@@ -188,10 +192,22 @@ fn grpo_learns_verifiable_answers_from_the_reference_field() {
         .iter()
         .map(|(q, a)| serde_json::json!({"prompt": format!("{q} #### "), "answer": format!("#### {a}")}).to_string())
         .collect();
-    std::fs::write(d.path().join("prompts.jsonl"), prompts.join("\n")).unwrap();
+    std::fs::write(dir.join("prompts.jsonl"), prompts.join("\n")).unwrap();
+    (dir.join("pre/checkpoints/step-60"), prompts)
+}
+
+/// A verifiable reward: prompts `x #### ` with reference answers in their own field (GSM8K's
+/// form, `#### N`); the policy, pretrained on lines ending in a uniformly random digit, answers
+/// right ~1 time in 10, and GRPO teaches it each prompt's answer. Also: the answer reward
+/// without `reference_field` is a clear error.
+#[test]
+fn grpo_learns_verifiable_answers_from_the_reference_field() {
+    let d = tempfile::tempdir().unwrap();
+    let (policy, prompts) = answer_policy(d.path());
+    let answers = ANSWERS;
     let c = GrpoConfig {
         out_dir: d.path().join("run"),
-        policy: d.path().join("pre/checkpoints/step-60"),
+        policy,
         prompts: d.path().join("prompts.jsonl"),
         reward: Some(RewardSpec::Answer {
             extraction: rlhf_envs::AnswerExtraction::Flexible,
@@ -269,4 +285,69 @@ fn chat_prompts_use_the_policy_s_template() {
     let plain = GrpoConfig { chat: None, out_dir: d.path().join("plain"), ..conversational };
     let e = train(plain, false).unwrap_err().to_string();
     assert!(e.contains("chats.jsonl: line 1") && e.contains("needs \"chat\": {}"), "{e}");
+}
+
+/// DAPO's dynamic sampling on the verifiable answers (at first ~2 in 3 groups of four are all
+/// wrong): every iteration trains on groups that are not all right or all wrong, rolling out
+/// more prompts as it must (all of them drawn from the data cursor, so a resumed run logs the
+/// same metrics); with one rollout allowed it is exactly plain GRPO.
+#[test]
+fn dynamic_sampling_trains_on_informative_groups_only() {
+    let d = tempfile::tempdir().unwrap();
+    let (policy, _) = answer_policy(d.path());
+    let run = |out: &str, dynamic: Option<usize>| GrpoConfig {
+        out_dir: d.path().join(out),
+        policy: policy.clone(),
+        prompts: d.path().join("prompts.jsonl"),
+        reference_field: Some("answer".into()),
+        reward: Some(RewardSpec::Answer {
+            extraction: rlhf_envs::AnswerExtraction::Flexible,
+            score: 1.0,
+            format_score: 0.0,
+        }),
+        prompts_per_step: 4,
+        num_generations: 4,
+        minibatch_size: 8,
+        max_new_tokens: 2,
+        iterations: 6,
+        optim: rlhf_policies::AdamWConfig { lr: 2e-3, ..Default::default() },
+        checkpoint_every: 3,
+        dynamic_sampling: dynamic.map(|m| rlhf::stages::grpo::DynamicSampling { max_generation_batches: m }),
+        ..Default::default()
+    };
+    train(run("dynamic", Some(8)), false).unwrap();
+    let m = comparable_metrics(&d.path().join("dynamic"));
+    assert_eq!(m.len(), 6);
+    let batches: Vec<u64> = m.iter().map(|r| r["dynamic_sampling/generation_batches"].as_u64().unwrap()).collect();
+    for r in &m {
+        let uninformative = r["dynamic_sampling/uninformative_groups"].as_f64().unwrap();
+        assert_eq!(r["frac_reward_zero_std"].as_f64().unwrap() * 4.0, uninformative, "{r}");
+        let fraction = r["dynamic_sampling/informative_fraction"].as_f64().unwrap();
+        assert!(uninformative == 0.0 || r["dynamic_sampling/generation_batches"] == 8, "{r}");
+        assert!(fraction > 0.0 && fraction <= 1.0, "{r}");
+    }
+    assert!(batches.iter().any(|&b| b > 1), "all-wrong groups were replaced: {batches:?}");
+    assert!(m.iter().filter(|r| r["frac_reward_zero_std"] == 0.0).count() >= 5, "{m:?}");
+    // every rollout drew its prompts from the data
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.path().join("dynamic/checkpoints/step-6/grpo_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["prompt_draws"].as_u64(), Some(4 * batches.iter().sum::<u64>()), "{state}");
+    // resume from step 3: the same metrics
+    train(run("resumed", Some(8)), false).unwrap();
+    std::fs::remove_dir_all(d.path().join("resumed/checkpoints/step-6")).unwrap();
+    train(run("resumed", Some(8)), true).unwrap();
+    assert_eq!(comparable_metrics(&d.path().join("resumed")), m);
+    // one rollout per iteration: plain GRPO's batches, and so its metrics
+    train(run("plain", None), false).unwrap();
+    train(run("once", Some(1)), false).unwrap();
+    let mut once = comparable_metrics(&d.path().join("once"));
+    let filled: Vec<f64> = once.iter().map(|r| r["dynamic_sampling/uninformative_groups"].as_f64().unwrap()).collect();
+    assert!(once.iter().zip(&filled).all(|(r, &f)| r["frac_reward_zero_std"].as_f64().unwrap() * 4.0 == f));
+    assert!(filled.iter().any(|&f| f > 0.0), "the batch was filled with uninformative groups: {filled:?}");
+    for r in &mut once {
+        r.as_object_mut().unwrap().retain(|k, _| !k.starts_with("dynamic_sampling/"));
+    }
+    assert_eq!(once, comparable_metrics(&d.path().join("plain")));
 }

@@ -186,6 +186,35 @@ pub fn reinforce_pp_advantages(
     }
 }
 
+/// Whether a group can teach anything: DAPO's dynamic-sampling condition (Yu et al. 2025,
+/// eq. 11: `0 < |{o_i : is_equivalent(a, o_i)}| < G`, generalised to any reward as verl's
+/// `filter_groups` does): not all of its rewards are equal. A group of equal rewards has
+/// GRPO advantages of exactly 0.
+pub fn is_informative(group_rewards: &[f32]) -> bool {
+    group_rewards.iter().any(|&r| r != group_rewards[0])
+}
+
+/// DAPO's dynamic sampling: which of the generated groups (in generation order,
+/// `informative[g]` from [`is_informative`]) make a batch of `needed` groups. The first
+/// `needed` informative ones; when there are fewer, the earliest uninformative ones fill the
+/// rest (the batch plain GRPO would train on, where DAPO's sampler gave up). The chosen
+/// indices come back in generation order, so when every group is chosen the batch is exactly
+/// the generated one.
+pub fn dynamic_batch(informative: &[bool], needed: usize) -> Vec<usize> {
+    let mut chosen = vec![false; informative.len()];
+    let mut left = needed;
+    for want in [true, false] {
+        for (g, _) in informative.iter().enumerate().filter(|&(_, &i)| i == want) {
+            if left == 0 {
+                break;
+            }
+            chosen[g] = true;
+            left -= 1;
+        }
+    }
+    (0..informative.len()).filter(|&g| chosen[g]).collect()
+}
+
 /// One batch of sequences for [`clipped_token_loss`]: per sequence, the valid tokens' values.
 #[derive(Debug, Clone, Copy)]
 pub struct TokenBatch<'a> {
@@ -304,5 +333,35 @@ mod tests {
         assert!(grpo_advantages(&[0.5; 4], 4, RewardScale::Group, 1e-4).iter().all(|&a| a == 0.0));
         let r = rloo_advantages(&[1.0, 2.0, 3.0, 6.0], &[0.0; 4], 0.1, 4, None);
         assert_eq!(r.baseline, vec![11.0 / 3.0, 10.0 / 3.0, 3.0, 2.0]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn dynamic_batches_prefer_informative_groups_in_generation_order(
+            informative in proptest::collection::vec(proptest::bool::ANY, 0..40),
+            needed in 0usize..20,
+        ) {
+            let chosen = dynamic_batch(&informative, needed);
+            proptest::prop_assert_eq!(chosen.len(), needed.min(informative.len()));
+            proptest::prop_assert!(chosen.windows(2).all(|w| w[0] < w[1]));
+            let taken = chosen.iter().filter(|&&g| informative[g]).count();
+            let available = informative.iter().filter(|&&i| i).count();
+            proptest::prop_assert_eq!(taken, needed.min(available));
+            // informative groups are taken earliest first, and so are the ones that fill up
+            for want in [true, false] {
+                let of: Vec<usize> = chosen.iter().copied().filter(|&g| informative[g] == want).collect();
+                let first: Vec<usize> = (0..informative.len()).filter(|&g| informative[g] == want).take(of.len()).collect();
+                proptest::prop_assert_eq!(of, first);
+            }
+        }
+    }
+
+    #[test]
+    fn a_group_is_informative_unless_its_rewards_are_all_equal() {
+        assert!(!is_informative(&[1.0, 1.0, 1.0]) && !is_informative(&[0.0]));
+        assert!(is_informative(&[1.0, 1.0, 0.0]));
+        assert_eq!(dynamic_batch(&[false, true, false, true], 4), [0, 1, 2, 3], "all chosen: the batch as generated");
+        assert_eq!(dynamic_batch(&[false, true, false, true, true], 2), [1, 3]);
+        assert_eq!(dynamic_batch(&[false, true, false, false], 2), [0, 1]);
     }
 }

@@ -9,7 +9,9 @@
 //! RLOO:        A_i = R_i − mean_{j≠i} R_j,   R = r − β·Σ_t (log π_old − log π_ref)
 //! REINFORCE++: A_t = whiten(Σ_{s≥t} γ^{s−t}(−β·k1_s + r·[s = last]))
 //! ```
-//! The math is [`crate::math::group`]; the iteration is [`crate::stages::grpo_step`].
+//! With DAPO's dynamic sampling, groups whose rewards are all equal are replaced by more
+//! prompts' groups. The math is [`crate::math::group`]; the iteration is
+//! [`crate::stages::grpo_step`].
 
 use std::path::PathBuf;
 
@@ -87,6 +89,25 @@ impl Algo {
     }
 }
 
+/// DAPO's dynamic sampling (Yu et al. 2025, §3.2; verl's `filter_groups`): an iteration keeps
+/// rolling out `prompts_per_step` more prompts until it has that many groups whose rewards are
+/// not all equal, and trains on those (the first ones, in generation order).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DynamicSampling {
+    /// The most rollouts of `prompts_per_step` prompts an iteration makes (verl's
+    /// `max_num_gen_batches`; DAPO's recipe uses 10). When they hold too few informative groups,
+    /// the earliest uninformative ones fill the batch (counted in
+    /// `dynamic_sampling/uninformative_groups`) — where verl stops the run with an error, this
+    /// trains on the batch plain GRPO would. Default `10`.
+    #[serde(default = "ten")]
+    pub max_generation_batches: usize,
+}
+
+fn ten() -> usize {
+    10
+}
+
 /// `rlhf grpo` / `rloo` / `reinforce-pp` configuration. Defaults follow the workload's
 /// `trl_grpo` shapes and TRL's `GRPOConfig`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -161,6 +182,10 @@ pub struct GrpoConfig {
     /// filtering, TRL's `mask_truncated_completions`): their tokens count nowhere, not even in
     /// the normalisers; they still take part in their group's baseline. Default `false`.
     pub mask_truncated_completions: bool,
+    /// Present: DAPO's dynamic sampling, e.g. `{}` or `{"max_generation_batches": 4}`: groups
+    /// whose completions all score the same (all right or all wrong) are replaced by fresh
+    /// prompts' groups. Each rollout draws from the prompt data. Default: none.
+    pub dynamic_sampling: Option<DynamicSampling>,
     /// Score processing (normalise, clip, missing-EOS rule). Default: raw score.
     pub score: ScoreConfig,
     /// AdamW; `lr` is the peak learning rate. Default lr 1e-6 (TRL), no weight decay.
@@ -223,6 +248,7 @@ impl Default for GrpoConfig {
             beta: 0.04,
             loss_type: LossAggregation::Dapo,
             mask_truncated_completions: false,
+            dynamic_sampling: None,
             score: ScoreConfig::default(),
             optim: AdamWConfig { lr: 1e-6, ..Default::default() },
             schedule: LrSchedule::constant(),
@@ -377,6 +403,7 @@ fn validate(cfg: &GrpoConfig) -> Result<()> {
         ("sample_every", cfg.sample_every),
         ("eval_every", cfg.eval_every),
         ("eval_samples_per_prompt", cfg.eval_samples_per_prompt),
+        ("dynamic_sampling.max_generation_batches", cfg.dynamic_sampling.map_or(1, |d| d.max_generation_batches)),
     ])?;
     crate::stages::policy_eval::check_samples_per_prompt(
         cfg.eval_samples_per_prompt,

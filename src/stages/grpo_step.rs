@@ -14,7 +14,10 @@ use rlhf_policies::{policy_session, AdamW, CausalLm, FusedOps, GradBuffers, Samp
 use serde::{Deserialize, Serialize};
 
 use crate::data::mix;
-use crate::math::group::{clipped_token_loss, grpo_advantages, reinforce_pp_advantages, rloo_advantages, TokenBatch};
+use crate::math::group::{
+    clipped_token_loss, dynamic_batch, grpo_advantages, is_informative, reinforce_pp_advantages, rloo_advantages,
+    TokenBatch,
+};
 use crate::stages::common::{optimizer_step, or_skip_non_finite, shuffled_minibatches, LossOn};
 use crate::stages::grpo::{Algo, GrpoConfig};
 use crate::stages::ppo::{OnNonFinite, Prompts};
@@ -124,24 +127,11 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
     }
 
     fn iteration_inner(&mut self, it: usize) -> Result<Option<GroupOutput>> {
-        let cfg = &self.cfg;
         // ALGO: G completions per prompt with the current policy (KV cache, shared prefill)
         let t0 = Instant::now();
-        let sampler = sampling(cfg, self.env.config().eos_ids.clone(), mix(cfg.seed, it as u64, 1));
-        let capacity = cfg.max_prompt_len + cfg.max_new_tokens;
-        let mut session = policy_session(&self.policy, cfg.batch_size(), capacity, sampler, cfg.rollout_engine)?;
-        let opts = Rollout { group_size: cfg.num_generations, reference: false };
-        let rolled = self.env.rollout_with(session.as_mut(), opts);
-        drop(session); // it borrows the policy, which the update changes
-        let episodes = match rolled {
-            Ok(e) => e,
-            Err(EnvError::NonFinite { .. }) if cfg.on_nonfinite == OnNonFinite::Skip => {
-                self.state.skipped_batches += 1;
-                return Ok(None);
-            }
-            Err(e) => return Err(anyhow::Error::new(e).context(format!("iteration {}: rollout", it + 1))),
-        };
+        let Some((episodes, generated)) = self.generate(it)? else { return Ok(None) };
         let t_rollout = t0.elapsed();
+        let cfg = &self.cfg;
         // ALGO: scoring pass (log π_old, log π_ref) and the algorithm's baseline advantages
         let t1 = Instant::now();
         let scored = score(cfg, &self.policy, self.reference.as_ref(), &episodes, self.pad, it)?;
@@ -158,9 +148,73 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
         let lr = cfg.schedule.at(cfg.optim.lr, cfg.iterations, it);
         let upd = update(cfg, &mut self.policy, &mut self.opt, &scored, it, lr, self.pad, &mut self.state)?;
         let timing = [t_rollout, t_scoring, t2.elapsed()];
-        let record = metrics(cfg, it + 1, &episodes, &scored, &upd, lr, self.eos, &timing);
+        let mut record = metrics(cfg, it + 1, &episodes, &scored, &upd, lr, self.eos, &timing);
+        generated.record(cfg, &timing[0], &mut record);
         let advantages = scored.advantages.iter().map(|a| a.first().copied().unwrap_or(0.0)).collect();
         Ok(Some(GroupOutput { episodes, advantages, record, timing }))
+    }
+
+    /// The iteration's groups: one rollout of `prompts_per_step` prompts, or with dynamic
+    /// sampling as many as it takes (up to its limit) to hold that many informative groups, of
+    /// which the batch is made ([`dynamic_batch`]). `None` when a rollout was skipped for a
+    /// non-finite value.
+    fn generate(&mut self, it: usize) -> Result<Option<(Vec<Episode>, Generated)>> {
+        let cfg = &self.cfg;
+        let sampler = sampling(cfg, self.env.config().eos_ids.clone(), mix(cfg.seed, it as u64, 1));
+        let capacity = cfg.max_prompt_len + cfg.max_new_tokens;
+        // later rollouts of the iteration continue the session's random streams
+        let mut session = policy_session(&self.policy, cfg.batch_size(), capacity, sampler, cfg.rollout_engine)?;
+        let opts = Rollout { group_size: cfg.num_generations, reference: false };
+        let (g, needed) = (cfg.num_generations, cfg.prompts_per_step);
+        let (mut episodes, mut informative) = (vec![], vec![]);
+        for _ in 0..cfg.dynamic_sampling.map_or(1, |d| d.max_generation_batches) {
+            match self.env.rollout_with(session.as_mut(), opts) {
+                Ok(e) => episodes.extend(e),
+                Err(EnvError::NonFinite { .. }) if cfg.on_nonfinite == OnNonFinite::Skip => {
+                    self.state.skipped_batches += 1;
+                    return Ok(None);
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context(format!("iteration {}: rollout", it + 1))),
+            }
+            let scores: Vec<f32> = episodes.iter().map(|e| e.score).collect();
+            informative = scores.chunks(g).map(is_informative).collect();
+            if informative.iter().filter(|&&i| i).count() >= needed {
+                break;
+            }
+        }
+        let generated = Generated {
+            groups: informative.len(),
+            informative: informative.iter().filter(|&&i| i).count(),
+            tokens: episodes.iter().map(|e| e.response_ids.len()).sum(),
+        };
+        if cfg.dynamic_sampling.is_some() {
+            let batch = dynamic_batch(&informative, needed);
+            episodes = batch.into_iter().flat_map(|k| episodes[k * g..(k + 1) * g].to_vec()).collect();
+        }
+        Ok(Some((episodes, generated)))
+    }
+}
+
+/// What an iteration's rollouts generated, trained on or not.
+#[derive(Debug, Clone, Copy)]
+struct Generated {
+    groups: usize,
+    informative: usize,
+    /// Response tokens of every rollout.
+    tokens: usize,
+}
+
+impl Generated {
+    /// The rollout throughput over everything generated and, with dynamic sampling, its
+    /// counts.
+    fn record(&self, cfg: &GrpoConfig, rollout: &Duration, record: &mut serde_json::Value) {
+        record["timing/rollout_tokens_per_s"] = (self.tokens as f64 / rollout.as_secs_f64().max(1e-9)).into();
+        if cfg.dynamic_sampling.is_some() {
+            let trained_informative = self.informative.min(cfg.prompts_per_step);
+            record["dynamic_sampling/generation_batches"] = (self.groups / cfg.prompts_per_step).into();
+            record["dynamic_sampling/informative_fraction"] = (self.informative as f64 / self.groups as f64).into();
+            record["dynamic_sampling/uninformative_groups"] = (cfg.prompts_per_step - trained_informative).into();
+        }
     }
 }
 
