@@ -8,9 +8,10 @@
 //! computed once before training. The losses are [`crate::math::dpo`]; with
 //! `loss.kind = "kto"` the same loop trains KTO on unpaired examples ([`crate::stages::kto`]).
 //! Each evaluation also samples completions of held-out prompts and logs the sampled KL to the
-//! reference (`eval/sample_kl`), writing the samples to `samples.jsonl`.
+//! reference (`eval/sample_kl`), writing the samples to `samples.jsonl`. Reading the data and
+//! the reference's log-probs is [`crate::stages::dpo_data`].
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -20,20 +21,20 @@ use rlhf_policies::fused::host_loss;
 use rlhf_policies::{generate_from, AdamWConfig, CausalLm, FusedOps, GradBuffers, SamplingConfig, Tokenizer};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{epochs_seen, held_out_count, mix, EpochOrder};
+use crate::data::{epochs_seen, mix, EpochOrder};
 use crate::device::DeviceKind;
 use crate::math::dpo::{dpo_loss, DpoLoss, PairLogps};
-use crate::preference::{
-    chat_for, read_comparisons, tokenize_with, PreferenceFormat, RewardTruncation, TokComparison, TokenizeSpec,
-};
-use crate::prompt_format::{ChatPrompt, PromptFormat};
+use crate::preference::{PreferenceFormat, RewardTruncation};
+use crate::prompt_format::ChatPrompt;
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
 use crate::stages::common::{
-    announce_best, held_out, held_out_from, optimizer_step, record_config, require_counts, require_epochs,
-    require_fraction, restore_or_init, save, steps_for_epochs, LossOn, Restored,
+    announce_best, held_out, optimizer_step, record_config, require_counts, require_epochs, require_fraction,
+    restore_or_init, save, steps_for_epochs, LossOn, Restored,
 };
-use crate::stages::kto::{kto_batch_loss, load_kto, pair_accuracy, KtoExample};
+use crate::stages::dpo_data::{kl_sample_prompts, load_examples};
+pub use crate::stages::dpo_data::{Examples, Pair};
+use crate::stages::kto::{kto_batch_loss, pair_accuracy, KtoExample};
 use crate::stages::ppo_models::{logprobs_and_entropy, sequence_log_ratios, Seq};
 
 /// `rlhf dpo` configuration.
@@ -134,51 +135,6 @@ impl Default for DpoConfig {
             sample_tokens: 64,
             device: DeviceKind::Cpu,
         }
-    }
-}
-
-/// A pair in tokens with the reference's sequence log-probs.
-#[derive(Debug, Clone)]
-pub struct Pair {
-    /// Prompt ⧺ chosen.
-    pub chosen: Seq,
-    /// Prompt ⧺ rejected.
-    pub rejected: Seq,
-    /// log π_ref of (chosen, rejected).
-    pub ref_logps: (f64, f64),
-}
-
-/// A split of the data in the loss's shape.
-#[derive(Debug, Clone)]
-pub enum Examples {
-    /// Preference pairs (the DPO family).
-    Pairs(Vec<Pair>),
-    /// Labelled completions (KTO).
-    Kto(Vec<KtoExample>),
-}
-
-impl Examples {
-    /// Number of pairs or examples.
-    pub fn len(&self) -> usize {
-        match self {
-            Examples::Pairs(p) => p.len(),
-            Examples::Kto(e) => e.len(),
-        }
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Distinct prompts in order.
-    fn prompts(&self) -> Vec<Vec<u32>> {
-        let seqs: Vec<&Seq> = match self {
-            Examples::Pairs(p) => p.iter().map(|p| &p.chosen).collect(),
-            Examples::Kto(e) => e.iter().map(|e| &e.seq).collect(),
-        };
-        let mut seen = std::collections::HashSet::new();
-        seqs.into_iter().map(|s| &s.ids[..s.prompt_len]).filter(|p| seen.insert(*p)).map(<[u32]>::to_vec).collect()
     }
 }
 
@@ -438,27 +394,6 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &DpoConfig, resume: bool, dev: &D) -
     Ok(report)
 }
 
-/// The held-out prompts `eval/sample_kl` samples from: the first `eval_samples` that leave
-/// room for `sample_tokens` within the model's positions (a shortfall is reported).
-fn kl_sample_prompts(cfg: &DpoConfig, val_prompts: Vec<Vec<u32>>, max_positions: usize) -> Vec<Vec<u32>> {
-    let n_val_prompts = val_prompts.len();
-    let chosen: Vec<Vec<u32>> = val_prompts
-        .into_iter()
-        .filter(|p| p.len() + cfg.sample_tokens <= max_positions)
-        .take(cfg.eval_samples)
-        .collect();
-    if chosen.len() < cfg.eval_samples.min(n_val_prompts) {
-        eprintln!(
-            "dpo: only {} held-out prompts leave room for sample_tokens {} within the model's {} positions; \
-             eval/sample_kl uses those",
-            chosen.len(),
-            cfg.sample_tokens,
-            max_positions
-        );
-    }
-    chosen
-}
-
 /// Writes the statistics into a metrics record under TRL's names.
 fn put_stats(record: &mut serde_json::Value, prefix: &str, st: &DpoStats) {
     let mut put = |k: &str, v: Option<f64>| {
@@ -475,88 +410,6 @@ fn put_stats(record: &mut serde_json::Value, prefix: &str, st: &DpoStats) {
     put("rewards/margins", Some(st.margin));
     put("kl", st.kl);
     put("sample_kl", st.sample_kl);
-}
-
-/// The data of a run, split and with the reference's log-probs.
-struct Data {
-    train: Examples,
-    val: Examples,
-    skipped_truncated: (usize, usize),
-}
-
-/// Reads, tokenizes and splits the data (the last `val_fraction` held out, or `val_data`),
-/// then computes the reference's log-probs once.
-fn load_examples<D: FusedOps>(
-    cfg: &DpoConfig,
-    reference: &CausalLm<D>,
-    tok: &Tokenizer,
-    eos: u32,
-    pad: u32,
-) -> Result<Data> {
-    let prompt = PromptFormat::new(&cfg.prompt_template, cfg.chat.as_ref(), tok, &reference.config, &cfg.init)?;
-    let spec = TokenizeSpec { prompt: &prompt, max_len: cfg.max_len, truncation: cfg.truncation, data: &cfg.data };
-    let (train, val, skipped, truncated) = if let DpoLoss::Kto { .. } = cfg.loss {
-        let (train, val, skipped, truncated) = load_kto(cfg, spec, reference, tok, (eos, pad))?;
-        (Examples::Kto(train), Examples::Kto(val), skipped, truncated)
-    } else {
-        let template =
-            chat_for(&cfg.format, (&cfg.prompt_template, cfg.chat.is_some()), tok, &reference.config, &cfg.init)?;
-        let pairs_of = |file: &Path| -> Result<(Vec<Pair>, usize, usize)> {
-            let comparisons = read_comparisons(file, &cfg.format, template.as_ref())?;
-            let (comps, skipped, truncated) =
-                tokenize_with(TokenizeSpec { data: file, ..spec }, tok, eos, &comparisons)?;
-            Ok((reference_pairs(reference, &comps, pad, cfg.batch_size)?, skipped, truncated))
-        };
-        let (mut pairs, mut skipped, mut truncated) = pairs_of(&cfg.data)?;
-        let val = match &cfg.val_data {
-            None => pairs.split_off(pairs.len() - held_out_count(pairs.len(), cfg.val_fraction)),
-            Some(v) => {
-                let (val, s, t) = pairs_of(v)?;
-                (skipped, truncated) = (skipped + s, truncated + t);
-                held_out_from("dpo", v, val, "pairs")?
-            }
-        };
-        (Examples::Pairs(pairs), Examples::Pairs(val), skipped, truncated)
-    };
-    if train.is_empty() {
-        bail!("{}: no training examples left ({skipped} skipped as too long)", cfg.data.display());
-    }
-    if skipped + truncated > 0 {
-        eprintln!("dpo: {skipped} records skipped and {truncated} prompts truncated (max_len {})", cfg.max_len);
-    }
-    Ok(Data { train, val, skipped_truncated: (skipped, truncated) })
-}
-
-/// Every comparison's (better, worse) pairs with the reference's sequence log-probs.
-fn reference_pairs<D: FusedOps>(
-    reference: &CausalLm<D>,
-    comps: &[TokComparison],
-    pad: u32,
-    batch: usize,
-) -> Result<Vec<Pair>> {
-    let seq = |c: &TokComparison, k: usize| Seq {
-        ids: [c.prompt_ids.as_slice(), &c.responses[k]].concat(),
-        prompt_len: c.prompt_ids.len(),
-    };
-    let mut pairs: Vec<Pair> = comps
-        .iter()
-        .flat_map(|c| {
-            let k = c.responses.len();
-            (0..k).flat_map(move |i| (i + 1..k).map(move |j| (i, j))).map(move |(i, j)| Pair {
-                chosen: seq(c, i),
-                rejected: seq(c, j),
-                ref_logps: (0.0, 0.0),
-            })
-        })
-        .collect();
-    for chunk in pairs.chunks_mut(batch.max(1)) {
-        let seqs: Vec<&Seq> = chunk.iter().flat_map(|p| [&p.chosen, &p.rejected]).collect();
-        let s = sums(&seq_logps(reference, &seqs, pad, NoneTape)?.as_vec(), &seqs);
-        for (k, p) in chunk.iter_mut().enumerate() {
-            p.ref_logps = (s[2 * k], s[2 * k + 1]);
-        }
-    }
-    Ok(pairs)
 }
 
 /// Loss and implicit-reward statistics over `set` (no tape), in batches of `batch_size`.

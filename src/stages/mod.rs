@@ -2,6 +2,7 @@
 
 pub mod common;
 pub mod dpo;
+pub mod dpo_data;
 pub mod grpo;
 pub mod grpo_step;
 pub mod kto;
