@@ -1,7 +1,8 @@
 //! Preference data: JSONL records of human choices between responses, in the layouts users
 //! bring — `{prompt, chosen, rejected}` pairs, hh-rlhf's full conversations and K-way rankings,
 //! read into one [`Comparison`] type (responses ranked best first) — and KTO's unpaired
-//! `{prompt, completion, label}` examples, read into [`Labelled`]. Comparisons become tokens
+//! `{prompt, completion, label}` examples, read into [`Labelled`]; TRL's conversational
+//! layouts of both (message lists) are rendered with the model's chat template. Comparisons become tokens
 //! ([`TokComparison`]) with [`tokenize_with`], for the reward model and DPO alike.
 
 use std::path::Path;
@@ -88,6 +89,22 @@ pub enum PreferenceFormat {
         #[serde(default = "default_label")]
         label_field: String,
     },
+    /// TRL's conversational unpaired data (kto-mix's layout): `{prompt, completion, label}`
+    /// with `prompt` a list of `{role, content}` messages and `completion` a list holding one
+    /// assistant message. The prompt is rendered with the model's chat template up to the
+    /// assistant's turn (`prompt_template` and `chat` then do not apply). Only KTO trains on
+    /// it.
+    UnpairedMessages {
+        /// Default `prompt`.
+        #[serde(default = "default_prompt")]
+        prompt_field: String,
+        /// Default `completion`.
+        #[serde(default = "default_completion")]
+        completion_field: String,
+        /// Default `label`.
+        #[serde(default = "default_label")]
+        label_field: String,
+    },
 }
 
 fn default_prompt() -> String {
@@ -144,8 +161,8 @@ impl Comparison {
     }
 }
 
-/// The chat template `format` renders its prompts with: the model's, for `messages`
-/// ([`conversation_template`]); none otherwise.
+/// The chat template `format` renders its prompts with: the model's, for `messages` and
+/// `unpaired_messages` ([`conversation_template`]); none otherwise.
 pub fn chat_for(
     format: &PreferenceFormat,
     template_and_chat: (&str, bool),
@@ -153,7 +170,7 @@ pub fn chat_for(
     config: &ModelConfig,
     model: &Path,
 ) -> Result<Option<ChatTemplate>> {
-    let messages = matches!(format, PreferenceFormat::Messages { .. });
+    let messages = matches!(format, PreferenceFormat::Messages { .. } | PreferenceFormat::UnpairedMessages { .. });
     conversation_template(messages, template_and_chat, tok, config, model)
 }
 
@@ -164,7 +181,7 @@ pub fn read_comparisons(
     format: &PreferenceFormat,
     chat: Option<&ChatTemplate>,
 ) -> Result<Vec<Comparison>> {
-    if let PreferenceFormat::Unpaired { .. } = format {
+    if let PreferenceFormat::Unpaired { .. } | PreferenceFormat::UnpairedMessages { .. } = format {
         bail!(
             "{}: unpaired {{prompt, completion, label}} examples hold no comparisons; only the KTO loss \
              (`rlhf dpo --loss kto`) trains on them",
@@ -204,6 +221,21 @@ pub fn read_labelled(path: &Path, format: &PreferenceFormat, chat: Option<&ChatT
                 })
             })
             .collect(),
+        PreferenceFormat::UnpairedMessages { prompt_field, completion_field, label_field } => {
+            let chat = chat.expect("chat_for gives messages a template");
+            read_jsonl(path)?
+                .iter()
+                .map(|r| {
+                    let completion = match split_reply(r.parse(completion_field)?) {
+                        Some((before, reply)) if before.is_empty() => reply,
+                        _ => return Err(r.error(format!("field `{completion_field}` must hold one assistant message"))),
+                    };
+                    let prompt: Vec<ChatMessage> = r.parse(prompt_field)?;
+                    let prompt = chat.render(&prompt, true).map_err(|e| r.error(e))?;
+                    Ok(Labelled { line: r.line, prompt, completion, desirable: r.bool(label_field)? })
+                })
+                .collect()
+        }
         PreferenceFormat::Ranking { .. } => bail!(
             "{}: rankings cannot be unpaired into desirable / undesirable examples for KTO (the middle \
              responses have no label); use pairs, conversations or unpaired records",
@@ -255,7 +287,9 @@ fn comparison(r: &JsonRecord<'_>, format: &PreferenceFormat, chat: Option<&ChatT
             }
             Comparison { line: r.line, prompt: r.str(prompt_field)?, responses, margin: None }
         }
-        PreferenceFormat::Unpaired { .. } => unreachable!("read_comparisons rejects unpaired data first"),
+        PreferenceFormat::Unpaired { .. } | PreferenceFormat::UnpairedMessages { .. } => {
+            unreachable!("read_comparisons rejects unpaired data first")
+        }
     })
 }
 

@@ -159,6 +159,44 @@ fn kto_on_unpaired_examples_raises_the_marker_and_starts_at_half_its_weight() {
     assert_marker_learned(d.path(), 20);
 }
 
+/// TRL's conversational unpaired records (kto-mix's layout) train exactly as the same records
+/// as text under `chat: {}`; a completion that is not one assistant message is an error
+/// naming its line.
+#[test]
+fn kto_on_conversational_unpaired_records_is_the_same_run_in_the_chat_template() {
+    let d = tempfile::tempdir().unwrap();
+    let base = kto_cfg(d.path(), 4);
+    let template = "{% for m in messages %}:{{ m.content }}{% endfor %}{% if add_generation_prompt %}:{% endif %}";
+    std::fs::write(base.init.join("chat_template.jinja"), template).unwrap();
+    let records: Vec<serde_json::Value> =
+        std::fs::read_to_string(&base.data).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let as_chat = |r: &serde_json::Value| {
+        serde_json::json!({"prompt": [{"role": "user", "content": r["prompt"]}],
+            "completion": [{"role": "assistant", "content": r["completion"]}], "label": r["label"]})
+    };
+    let chats = d.path().join("chats.jsonl");
+    std::fs::write(&chats, records.iter().map(|r| as_chat(r).to_string()).collect::<Vec<_>>().join("\n")).unwrap();
+    let run = |sub: &str, c: DpoConfig| {
+        train(DpoConfig { out_dir: d.path().join(sub), ..c }, false).unwrap();
+        comparable_metrics(&d.path().join(sub))
+    };
+    let plain = run("plain", DpoConfig { chat: Some(Default::default()), ..base.clone() });
+    let format: PreferenceFormat = serde_json::from_str(r#"{"kind": "unpaired_messages"}"#).unwrap();
+    let conversational = DpoConfig { data: chats.clone(), format, ..base.clone() };
+    assert_eq!(run("chats", conversational.clone()), plain);
+    // a completion of two messages, and the format under a pairwise loss
+    let mut bad = records.iter().map(|r| as_chat(r).to_string()).collect::<Vec<_>>();
+    bad[2] = serde_json::json!({"prompt": [{"role": "user", "content": "the food:"}], "label": true,
+        "completion": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " good."}]})
+    .to_string();
+    std::fs::write(&chats, bad.join("\n")).unwrap();
+    let e =
+        format!("{:#}", train(DpoConfig { out_dir: d.path().join("x"), ..conversational.clone() }, false).unwrap_err());
+    assert!(e.contains("chats.jsonl") && e.contains("line 3") && e.contains("one assistant message"), "{e}");
+    let pairwise = DpoConfig { loss: DpoLoss::Sigmoid {}, out_dir: d.path().join("y"), ..conversational };
+    assert!(train(pairwise, false).unwrap_err().to_string().contains("KTO"));
+}
+
 #[test]
 fn kto_unpairs_pairs_and_keeps_their_halves_together_for_accuracy() {
     let d = tempfile::tempdir().unwrap();
