@@ -102,6 +102,8 @@ fn plot_specs(m: &[serde_json::Value]) -> Vec<(&'static str, &'static [&'static 
             ("entropy", &["entropy"]),
             ("completion length", &["completions/mean_length", "eval/completions/mean_length"]),
             ("clip ratio", &["clip_ratio/region_mean"]),
+            ("groups", &["frac_reward_zero_std", "dynamic_sampling/informative_fraction"]),
+            ("rollouts per iteration", &["dynamic_sampling/generation_batches"]),
             ("loss", &["loss"]),
         ]
     } else {

@@ -328,6 +328,8 @@ fn dynamic_sampling_trains_on_informative_groups_only() {
     }
     assert!(batches.iter().any(|&b| b > 1), "all-wrong groups were replaced: {batches:?}");
     assert!(m.iter().filter(|r| r["frac_reward_zero_std"] == 0.0).count() >= 5, "{m:?}");
+    let html = std::fs::read_to_string(rlhf::report::write_report(&d.path().join("dynamic")).unwrap()).unwrap();
+    assert!(html.contains("rollouts per iteration") && html.contains("informative_fraction"));
     // every rollout drew its prompts from the data
     let state: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(d.path().join("dynamic/checkpoints/step-6/grpo_state.json")).unwrap(),
