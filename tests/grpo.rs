@@ -348,6 +348,8 @@ fn dynamic_sampling_trains_on_informative_groups_only() {
     let filled: Vec<f64> = once.iter().map(|r| r["dynamic_sampling/uninformative_groups"].as_f64().unwrap()).collect();
     assert!(once.iter().zip(&filled).all(|(r, &f)| r["frac_reward_zero_std"].as_f64().unwrap() * 4.0 == f));
     assert!(filled.iter().any(|&f| f > 0.0), "the batch was filled with uninformative groups: {filled:?}");
+    // one rollout: the batch is everything generated
+    assert!(once.iter().all(|r| r["reward"] == r["dynamic_sampling/generated_reward"]), "{once:?}");
     for r in &mut once {
         r.as_object_mut().unwrap().retain(|k, _| !k.starts_with("dynamic_sampling/"));
     }

@@ -186,6 +186,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
             groups: informative.len(),
             informative: informative.iter().filter(|&&i| i).count(),
             tokens: episodes.iter().map(|e| e.response_ids.len()).sum(),
+            mean_reward: episodes.iter().map(|e| e.score as f64).sum::<f64>() / episodes.len().max(1) as f64,
         };
         if cfg.dynamic_sampling.is_some() {
             let batch = dynamic_batch(&informative, needed);
@@ -202,6 +203,8 @@ struct Generated {
     informative: usize,
     /// Response tokens of every rollout.
     tokens: usize,
+    /// The mean reward of every completion (`reward` is the trained batch's).
+    mean_reward: f64,
 }
 
 impl Generated {
@@ -214,6 +217,7 @@ impl Generated {
             record["dynamic_sampling/generation_batches"] = (self.groups / cfg.prompts_per_step).into();
             record["dynamic_sampling/informative_fraction"] = (self.informative as f64 / self.groups as f64).into();
             record["dynamic_sampling/uninformative_groups"] = (cfg.prompts_per_step - trained_informative).into();
+            record["dynamic_sampling/generated_reward"] = self.mean_reward.into();
         }
     }
 }
