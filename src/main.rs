@@ -49,7 +49,7 @@ enum Command {
     /// Stage 3b: PPO against a reward model (or a rule / external command) with a KL penalty
     /// to the frozen SFT model.
     Ppo(PpoArgs),
-    /// Direct preference optimisation (DPO, cDPO, robust, hinge, IPO) on preference JSONL, or
+    /// Direct preference optimisation (DPO, cDPO, robust, hinge, IPO; reference-free SimPO, ORPO) on preference JSONL, or
     /// KTO on labelled {prompt, completion, label} JSONL, against the frozen SFT model.
     Dpo(DpoArgs),
     /// GRPO (group-normalised advantages, KL as a loss term) on the PPO environment: G
@@ -299,7 +299,7 @@ struct DpoArgs {
     #[command(flatten)]
     stage: StageArgs,
     /// The loss with its default parameters (same as `--set loss.kind=…`; `--set loss.tau=…`
-    /// etc. still apply): dpo (sigmoid), cdpo, robust, hinge, ipo, kto.
+    /// etc. still apply): dpo (sigmoid), cdpo, robust, hinge, ipo, simpo, orpo, kto.
     #[arg(long, value_enum)]
     loss: Option<LossChoice>,
 }
@@ -312,6 +312,8 @@ enum LossChoice {
     Robust,
     Hinge,
     Ipo,
+    Simpo,
+    Orpo,
     Kto,
 }
 
@@ -342,6 +344,8 @@ fn main() -> Result<()> {
                     LossChoice::Robust => "robust",
                     LossChoice::Hinge => "hinge",
                     LossChoice::Ipo => "ipo",
+                    LossChoice::Simpo => "simpo",
+                    LossChoice::Orpo => "orpo",
                     LossChoice::Kto => "kto",
                 };
                 a.stage.set.insert(0, format!("loss={{\"kind\": \"{kind}\"}}"));

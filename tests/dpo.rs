@@ -74,6 +74,30 @@ fn dpo_raises_the_marker_and_starts_at_log_2() {
     assert_marker_learned(d.path(), 20);
 }
 
+/// The reference-free losses learn the marker too; their implicit rewards are β × the mean
+/// token log-prob (negative), and ORPO's NLL term makes the chosen response likelier in
+/// absolute terms, not only relative to the rejected one.
+#[test]
+fn simpo_and_orpo_raise_the_marker_without_a_reference() {
+    for (loss, beta) in [(DpoLoss::Simpo { gamma: 0.5 }, 2.0), (DpoLoss::Orpo {}, 0.1)] {
+        let d = tempfile::tempdir().unwrap();
+        let report = train(DpoConfig { loss, beta, ..cfg(d.path(), 20) }, false).unwrap();
+        let m = comparable_metrics(&d.path().join("run"));
+        assert!(m.iter().all(|r| r["rewards/chosen"].as_f64().unwrap() < 0.0), "{loss:?}: {m:?}");
+        assert!(report.eval.unwrap().accuracy.unwrap() >= 0.99, "{loss:?}");
+        assert_marker_learned(d.path(), 20);
+        if loss == (DpoLoss::Orpo {}) {
+            let (first, last) = (m[0]["rewards/chosen"].as_f64().unwrap(), m[19]["rewards/chosen"].as_f64().unwrap());
+            assert!(last > first + 0.05, "the chosen mean log-prob rises: {first} -> {last}");
+        }
+    }
+    let e = train(
+        DpoConfig { loss: DpoLoss::Simpo { gamma: f64::NAN }, ..cfg(tempfile::tempdir().unwrap().path(), 1) },
+        false,
+    );
+    assert!(e.unwrap_err().to_string().contains("loss.gamma"));
+}
+
 #[test]
 fn one_epoch_is_as_many_steps_as_the_training_pairs_fill() {
     let d = tempfile::tempdir().unwrap();

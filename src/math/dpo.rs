@@ -34,6 +34,19 @@ pub enum DpoLoss {
         #[serde(default = "default_tau")]
         tau: f64,
     },
+    /// SimPO (Meng et al. 2024, eq. 6), reference-free:
+    /// `−log σ(β/|y_w|·log π_θ(y_w|x) − β/|y_l|·log π_θ(y_l|x) − γ)`, γ = `gamma` (TRL's
+    /// `simpo_gamma`). The paper's β is larger than DPO's (2–2.5).
+    Simpo {
+        /// γ, the target reward margin. Default `0.5` (TRL).
+        #[serde(default = "default_gamma")]
+        gamma: f64,
+    },
+    /// ORPO (Hong et al. 2024, eq. 6–7), reference-free, with β as its λ:
+    /// `NLL(y_w) − β·log σ(log odds_θ(y_w|x) − log odds_θ(y_l|x))`, where
+    /// `odds(y|x) = P/(1 − P)` with `P = exp(mean token log π_θ(y|x))`, and the NLL is the mean
+    /// over the batch's chosen tokens (TRL's `ORPOTrainer`).
+    Orpo {},
     /// KTO (Ethayarajh et al. 2024) on unpaired `{prompt, completion, label}` examples (pairs
     /// are unpaired: chosen desirable, rejected undesirable); see [`kto_loss`].
     Kto {
@@ -55,9 +68,21 @@ impl DpoLoss {
             DpoLoss::Robust { .. } => "robust",
             DpoLoss::Hinge {} => "hinge",
             DpoLoss::Ipo { .. } => "ipo",
+            DpoLoss::Simpo { .. } => "simpo",
+            DpoLoss::Orpo {} => "orpo",
             DpoLoss::Kto { .. } => "kto",
         }
     }
+
+    /// Whether the loss leaves the reference model out (SimPO, ORPO): its sequence log-probs
+    /// are then never computed.
+    pub fn reference_free(&self) -> bool {
+        matches!(self, DpoLoss::Simpo { .. } | DpoLoss::Orpo {})
+    }
+}
+
+fn default_gamma() -> f64 {
+    0.5
 }
 
 fn default_smoothing() -> f64 {
@@ -98,14 +123,16 @@ pub struct DpoOutput {
     pub d_policy_chosen: Vec<f64>,
     /// `∂loss/∂ log π_θ(y_l|x)` per pair.
     pub d_policy_rejected: Vec<f64>,
-    /// `β·(log π_θ − log π_ref)(y_w)`.
+    /// `β·(log π_θ − log π_ref)(y_w)`; reference-free losses: `β·log π_θ(y_w|x)/|y_w|` (TRL's).
     pub chosen_rewards: Vec<f64>,
-    /// `β·(log π_θ − log π_ref)(y_l)`.
+    /// `β·(log π_θ − log π_ref)(y_l)`; reference-free losses: `β·log π_θ(y_l|x)/|y_l|`.
     pub rejected_rewards: Vec<f64>,
 }
 
 /// The DPO family on a batch: with `h = (log π_θ/π_ref)(y_w) − (log π_θ/π_ref)(y_l)`, each
-/// pairwise variant of [`DpoLoss`], averaged over pairs. The implicit rewards always use `beta`.
+/// pairwise variant of [`DpoLoss`], averaged over pairs (ORPO's NLL term over the batch's
+/// chosen tokens). The implicit rewards always use `beta`. The reference-free variants ignore
+/// `ref_chosen` and `ref_rejected`.
 ///
 /// # Panics
 /// If the slices' lengths differ, or for [`DpoLoss::Kto`], which is not pairwise (its batches
@@ -129,7 +156,21 @@ pub fn dpo_loss(x: PairLogps<'_>, beta: f64, variant: DpoLoss) -> DpoOutput {
         chosen_rewards: vec![],
         rejected_rewards: vec![],
     };
+    let chosen_tokens = x.chosen_tokens.iter().map(|&t| t.max(1)).sum::<usize>() as f64;
     for i in 0..n {
+        if variant.reference_free() {
+            let (nc, nr) = (x.chosen_tokens[i].max(1) as f64, x.rejected_tokens[i].max(1) as f64);
+            let chosen = (x.policy_chosen[i], nc);
+            let (l, dc, dr) =
+                reference_free(variant, beta, chosen, (x.policy_rejected[i], nr), n as f64 / chosen_tokens);
+            out.loss += l / n as f64;
+            out.per_pair_loss.push(l);
+            out.d_policy_chosen.push(dc / n as f64);
+            out.d_policy_rejected.push(dr / n as f64);
+            out.chosen_rewards.push(beta * x.policy_chosen[i] / nc);
+            out.rejected_rewards.push(beta * x.policy_rejected[i] / nr);
+            continue;
+        }
         let chosen_logratio = x.policy_chosen[i] - x.ref_chosen[i];
         let rejected_logratio = x.policy_rejected[i] - x.ref_rejected[i];
         let h = beta * (chosen_logratio - rejected_logratio);
@@ -155,6 +196,7 @@ pub fn dpo_loss(x: PairLogps<'_>, beta: f64, variant: DpoLoss) -> DpoOutput {
                 let d = chosen_logratio / nc - rejected_logratio / nr - 1.0 / (2.0 * tau);
                 (d * d, 2.0 * d / nc, -2.0 * d / nr)
             }
+            DpoLoss::Simpo { .. } | DpoLoss::Orpo {} => unreachable!("reference-free losses are above"),
             DpoLoss::Kto { .. } => panic!("dpo_loss: KTO is not a pairwise loss, use kto_loss"),
         };
         out.loss += l / n as f64;
@@ -165,6 +207,35 @@ pub fn dpo_loss(x: PairLogps<'_>, beta: f64, variant: DpoLoss) -> DpoOutput {
         out.rejected_rewards.push(beta * rejected_logratio);
     }
     out
+}
+
+/// One pair's SimPO or ORPO loss and its gradients with respect to `log π_θ(y_w|x)` and
+/// `log π_θ(y_l|x)`, from each sum and its token count; `nll_share` is ORPO's weight of the
+/// chosen sum in the batch's NLL (pairs / chosen tokens), so the pairs' mean is the NLL.
+fn reference_free(
+    variant: DpoLoss,
+    beta: f64,
+    (sc, nc): (f64, f64),
+    (sr, nr): (f64, f64),
+    nll_share: f64,
+) -> (f64, f64, f64) {
+    let (ac, ar) = (sc / nc, sr / nr);
+    match variant {
+        DpoLoss::Simpo { gamma } => {
+            let h = beta * (ac - ar) - gamma;
+            let g = beta * sigmoid(-h);
+            (-log_sigmoid(h), -g / nc, g / nr)
+        }
+        DpoLoss::Orpo {} => {
+            // log odds = a − log(1 − e^a), whose derivative is 1/(1 − e^a)
+            let log_odds = |a: f64| a - (-a.exp()).ln_1p();
+            let z = log_odds(ac) - log_odds(ar);
+            let g = beta * sigmoid(-z);
+            let l = -sc * nll_share - beta * log_sigmoid(z);
+            (l, -g / (1.0 - ac.exp()) / nc - nll_share, g / (1.0 - ar.exp()) / nr)
+        }
+        _ => unreachable!("reference_free: {variant:?} uses the reference"),
+    }
 }
 
 /// Unpaired examples for KTO: sequence log-prob sums of each (prompt, completion) and of the
@@ -261,6 +332,32 @@ mod tests {
     }
 
     #[test]
+    fn simpo_and_orpo_are_their_closed_forms_without_a_reference() {
+        // y_w: sum −2 over 2 tokens (mean −1); y_l: sum −6 over 3 tokens (mean −2); the
+        // reference values are garbage that must not matter
+        let x = PairLogps {
+            policy_chosen: &[-2.0],
+            policy_rejected: &[-6.0],
+            ref_chosen: &[123.0],
+            ref_rejected: &[-77.0],
+            chosen_tokens: &[2],
+            rejected_tokens: &[3],
+        };
+        let simpo = dpo_loss(x, 2.0, DpoLoss::Simpo { gamma: 0.5 });
+        let want = (1.0 + (-(2.0 * (-1.0 - -2.0) - 0.5f64)).exp()).ln();
+        assert!((simpo.loss - want).abs() < 1e-12, "{} vs {want}", simpo.loss);
+        assert_eq!((simpo.chosen_rewards[0], simpo.rejected_rewards[0]), (-2.0, -4.0), "β × mean log-prob");
+        let odds = |a: f64| a.exp() / (1.0 - a.exp());
+        let ratio = (odds(-1.0) / odds(-2.0)).ln();
+        let want = 1.0 + 0.1 * (1.0 + (-ratio).exp()).ln(); // NLL −(−2)/2, then −λ·log σ
+        let orpo = dpo_loss(x, 0.1, DpoLoss::Orpo {});
+        assert!((orpo.loss - want).abs() < 1e-12, "{} vs {want}", orpo.loss);
+        // equal means and γ = 0: log 2, as DPO at the reference
+        let same = PairLogps { policy_rejected: &[-3.0], rejected_tokens: &[3], ..x };
+        assert!((dpo_loss(same, 2.0, DpoLoss::Simpo { gamma: 0.0 }).loss - std::f64::consts::LN_2).abs() < 1e-12);
+    }
+
+    #[test]
     fn every_gradient_matches_finite_differences() {
         let (c, r, rc, rr, t) =
             ([-5.0, -9.0, -3.0], [-6.0, -8.0, -7.0], [-5.5, -8.0, -3.5], [-5.0, -9.5, -6.0], [4usize, 7, 2]);
@@ -270,6 +367,8 @@ mod tests {
             DpoLoss::Robust { label_smoothing: 0.1 },
             DpoLoss::Hinge {},
             DpoLoss::Ipo { tau: 0.1 },
+            DpoLoss::Simpo { gamma: 0.5 },
+            DpoLoss::Orpo {},
         ];
         let h = 1e-6;
         for v in variants {

@@ -5,7 +5,7 @@
 //! h = log π_θ/π_ref(y_w|x) − log π_θ/π_ref(y_l|x),   L = −log σ(β·h)   (or cDPO, robust, hinge, IPO)
 //! ```
 //! Sequence log-probs are sums over the response tokens (EOS included); the reference's are
-//! computed once before training. The losses are [`crate::math::dpo`]; with
+//! computed once before training (SimPO and ORPO need none: they are reference-free). The losses are [`crate::math::dpo`]; with
 //! `loss.kind = "kto"` the same loop trains KTO on unpaired examples ([`crate::stages::kto`]).
 //! Each evaluation also samples completions of held-out prompts and logs the sampled KL to the
 //! reference (`eval/sample_kl`), writing the samples to `samples.jsonl`. Reading the data and
@@ -52,7 +52,8 @@ pub struct DpoConfig {
     /// Record layout (rankings give all their pairs; `unpaired` is for KTO, which also takes
     /// pairs and conversations, unpaired). Default: pairs.
     pub format: PreferenceFormat,
-    /// The loss. Default `{"kind": "sigmoid"}` (DPO).
+    /// The loss: `sigmoid` (DPO), `cdpo`, `robust`, `hinge`, `ipo`, `simpo`, `orpo` or `kto`.
+    /// Default `{"kind": "sigmoid"}` (DPO).
     pub loss: DpoLoss,
     /// β (for IPO the loss's own τ is used; β still scales the logged implicit rewards; KTO
     /// uses β).
@@ -473,6 +474,11 @@ fn validate(cfg: &DpoConfig) -> Result<()> {
     if let DpoLoss::Ipo { tau } = cfg.loss {
         if tau <= 0.0 {
             bail!("loss.tau must be positive (IPO's target margin is 1/(2τ))");
+        }
+    }
+    if let DpoLoss::Simpo { gamma } = cfg.loss {
+        if !gamma.is_finite() {
+            bail!("loss.gamma must be a finite number (SimPO's target margin)");
         }
     }
     if let DpoLoss::Cdpo { label_smoothing: e } | DpoLoss::Robust { label_smoothing: e } = cfg.loss {

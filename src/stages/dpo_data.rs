@@ -90,6 +90,7 @@ pub(crate) fn load_examples<D: FusedOps>(
             let comparisons = read_comparisons(file, &cfg.format, template.as_ref())?;
             let (comps, skipped, truncated) =
                 tokenize_with(TokenizeSpec { data: file, ..spec }, tok, eos, &comparisons)?;
+            let reference = (!cfg.loss.reference_free()).then_some(reference);
             Ok((reference_pairs(reference, &comps, pad, cfg.batch_size)?, skipped, truncated))
         };
         let (mut pairs, mut skipped, mut truncated) = pairs_of(&cfg.data)?;
@@ -112,9 +113,10 @@ pub(crate) fn load_examples<D: FusedOps>(
     Ok(Data { train, val, skipped_truncated: (skipped, truncated) })
 }
 
-/// Every comparison's (better, worse) pairs with the reference's sequence log-probs.
+/// Every comparison's (better, worse) pairs with the reference's sequence log-probs (0 for a
+/// reference-free loss: `None`, no forward).
 fn reference_pairs<D: FusedOps>(
-    reference: &CausalLm<D>,
+    reference: Option<&CausalLm<D>>,
     comps: &[TokComparison],
     pad: u32,
     batch: usize,
@@ -134,6 +136,7 @@ fn reference_pairs<D: FusedOps>(
             })
         })
         .collect();
+    let Some(reference) = reference else { return Ok(pairs) };
     for chunk in pairs.chunks_mut(batch.max(1)) {
         let seqs: Vec<&Seq> = chunk.iter().flat_map(|p| [&p.chosen, &p.rejected]).collect();
         let s = sums(&seq_logps(reference, &seqs, pad, NoneTape)?.as_vec(), &seqs);
