@@ -242,7 +242,7 @@ pub(crate) fn bench_grpo(a: GrpoBenchArgs) -> Result<()> {
     // the algorithms at TRL's defaults (GRPO: group std; RLOO: no normalisation)
     let grpo = Algo::Grpo { scale_rewards: Default::default(), std_eps: 1e-4 };
     let rloo = Algo::Rloo { normalize_advantages: false, normalize_eps: 1e-4 };
-    let rpp = Algo::ReinforcePp { gamma: 1.0, whitening: Default::default(), whiten_eps: 1e-8 };
+    let rpp = Algo::ReinforcePp { gamma: 1.0, whitening: Default::default(), whiten_eps: 1e-8, baseline: false };
     let algos = match a.algo {
         AlgoChoice::Grpo => vec![grpo],
         AlgoChoice::Rloo => vec![rloo],

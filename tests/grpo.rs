@@ -79,7 +79,18 @@ fn rloo_learns_the_rule() {
 
 #[test]
 fn reinforce_pp_learns_the_rule() {
-    learns(Algo::ReinforcePp { gamma: 1.0, whitening: rlhf::math::group::Whitening::Biased, whiten_eps: 1e-8 });
+    learns(Algo::ReinforcePp {
+        gamma: 1.0,
+        whitening: rlhf::math::group::Whitening::Biased,
+        whiten_eps: 1e-8,
+        baseline: false,
+    });
+}
+
+#[test]
+fn reinforce_pp_baseline_learns_the_rule() {
+    let whitening = rlhf::math::group::Whitening::Biased;
+    learns(Algo::ReinforcePp { gamma: 1.0, whitening, whiten_eps: 1e-8, baseline: true });
 }
 
 #[test]
@@ -149,6 +160,10 @@ fn bad_shapes_are_clear_errors() {
     assert!(train(c.clone(), false).unwrap_err().to_string().contains("num_generations"));
     c.algo = GRPO;
     assert!(train(c.clone(), false).unwrap_err().to_string().contains("GRPO needs num_generations ≥ 2"));
+    let whitening = rlhf::math::group::Whitening::Biased;
+    c.algo = Algo::ReinforcePp { gamma: 1.0, whitening, whiten_eps: 1e-8, baseline: true };
+    assert!(train(c.clone(), false).unwrap_err().to_string().contains("REINFORCE++-baseline needs num_generations"));
+    c.algo = GRPO;
     c.dynamic_sampling = Some(rlhf::stages::grpo::DynamicSampling { max_generation_batches: 0 });
     let e = train(c, false).unwrap_err().to_string();
     assert!(e.contains("dynamic_sampling.max_generation_batches must be at least 1"), "{e}");

@@ -7,7 +7,7 @@
 //! ```text
 //! GRPO:        A_i = (r_i − mean_group) / (std_group + ε),  loss term β·k3(π_θ‖π_ref)
 //! RLOO:        A_i = R_i − mean_{j≠i} R_j,   R = r − β·Σ_t (log π_old − log π_ref)
-//! REINFORCE++: A_t = whiten(Σ_{s≥t} γ^{s−t}(−β·k1_s + r·[s = last]))
+//! REINFORCE++: A_t = whiten(Σ_{s≥t} γ^{s−t}(−β·k1_s + r·[s = last]))   (−baseline: r − mean_group)
 //! ```
 //! With DAPO's dynamic sampling, groups whose rewards are all equal are replaced by more
 //! prompts' groups. The math is [`crate::math::group`]; the iteration is
@@ -65,6 +65,11 @@ pub enum Algo {
         /// ε of the whitening. Default `1e-8`.
         #[serde(default = "whiten_eps")]
         whiten_eps: f64,
+        /// REINFORCE++-baseline (OpenRLHF's `reinforce_baseline`): each score minus its
+        /// group's mean before the KL shaping and the global whitening. Needs
+        /// `num_generations` ≥ 2. Default `false`.
+        #[serde(default)]
+        baseline: bool,
     },
 }
 
@@ -424,6 +429,11 @@ fn validate(cfg: &GrpoConfig) -> Result<()> {
     }
     if matches!(cfg.algo, Algo::Rloo { .. }) && cfg.num_generations < 2 {
         bail!("RLOO needs num_generations ≥ 2 (the baseline is the mean of the other completions)");
+    }
+    if matches!(cfg.algo, Algo::ReinforcePp { baseline: true, .. }) && cfg.num_generations < 2 {
+        bail!(
+            "REINFORCE++-baseline needs num_generations ≥ 2 (a group of one is its own mean: every score would be 0)"
+        );
     }
     if matches!(cfg.algo, Algo::Grpo { .. }) && cfg.num_generations < 2 {
         bail!("GRPO needs num_generations ≥ 2 (a group of one is its own mean: every advantage would be 0)");

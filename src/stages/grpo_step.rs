@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::mix;
 use crate::math::group::{
     clipped_token_loss, dynamic_batch, grpo_advantages, is_informative, reinforce_pp_advantages, rloo_advantages,
-    TokenBatch,
+    RewardScale, TokenBatch,
 };
 use crate::stages::common::{optimizer_step, or_skip_non_finite, shuffled_minibatches, LossOn};
 use crate::stages::grpo::{Algo, GrpoConfig};
@@ -288,8 +288,10 @@ fn score<D: FusedOps>(
             let eps = normalize_advantages.then_some(normalize_eps);
             broadcast(rloo_advantages(&scores, &kl_each, cfg.beta, g, eps).advantages)
         }
-        Algo::ReinforcePp { gamma, whitening, whiten_eps } => {
+        Algo::ReinforcePp { gamma, whitening, whiten_eps, baseline } => {
             let r = if refl.is_empty() { &old } else { &refl };
+            // the baseline variant: scores centred in their group (GRPO's advantages unscaled)
+            let scores = if baseline { grpo_advantages(&scores, g, RewardScale::None, 0.0) } else { scores };
             reinforce_pp_advantages(&old, r, &scores, cfg.beta, gamma, whitening, whiten_eps).advantages
         }
     };
