@@ -94,6 +94,30 @@ fn reinforce_pp_baseline_learns_the_rule() {
 }
 
 #[test]
+fn remax_learns_the_rule() {
+    learns(Algo::Remax {});
+}
+
+/// ReMax in the paper's setting, one sample per prompt against the greedy response: the
+/// baseline is logged, a resumed run logs the same metrics, and the env's prompt cursor only
+/// counts the sampled prompts (the greedy decode reuses them).
+#[test]
+fn remax_with_one_sample_per_prompt_resumes_exactly() {
+    let run =
+        |dir: &std::path::Path| GrpoConfig { num_generations: 1, prompts_per_step: 8, ..cfg(dir, Algo::Remax {}, 4) };
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    train(run(a.path()), false).unwrap();
+    train(run(b.path()), false).unwrap();
+    std::fs::remove_dir_all(b.path().join("run/checkpoints/step-4")).unwrap();
+    train(run(b.path()), true).unwrap();
+    let m = comparable_metrics(&a.path().join("run"));
+    assert_eq!(m, comparable_metrics(&b.path().join("run")));
+    assert!(m.iter().all(|r| r["remax/greedy_reward"].as_f64().is_some_and(f64::is_finite)), "{m:?}");
+    let state = common::read_json(&a.path().join("run/checkpoints/step-4/grpo_state.json"));
+    assert_eq!(state["prompt_draws"].as_u64(), Some(4 * 8));
+}
+
+#[test]
 fn resume_gives_the_same_metrics_and_beta_zero_needs_no_reference() {
     let run = |dir: &std::path::Path| {
         let mut c = cfg(dir, GRPO, 4);

@@ -186,6 +186,15 @@ pub fn reinforce_pp_advantages(
     }
 }
 
+/// ReMax's advantages (Li et al. 2023, Alg. 1, as verl's `compute_remax_outcome_advantage`):
+/// each token's return of the KL-shaped reward ([`reinforce_pp_advantages`]' `returns`, γ = 1)
+/// minus its completion's baseline `b(x)`, the score of the prompt's greedy response; no
+/// whitening. A sampled completion that scores as the greedy one (with no KL) gets 0.
+pub fn remax_advantages(returns: &[Vec<f32>], baselines: &[f32]) -> Vec<Vec<f32>> {
+    assert_eq!(returns.len(), baselines.len(), "remax_advantages: one baseline per completion");
+    returns.iter().zip(baselines).map(|(r, &b)| r.iter().map(|&g| g - b).collect()).collect()
+}
+
 /// Whether a group can teach anything: DAPO's dynamic-sampling condition (Yu et al. 2025,
 /// eq. 11: `0 < |{o_i : is_equivalent(a, o_i)}| < G`, generalised to any reward as verl's
 /// `filter_groups` does): not all of its rewards are equal. A group of equal rewards has
@@ -354,6 +363,15 @@ mod tests {
                 proptest::prop_assert_eq!(of, first);
             }
         }
+    }
+
+    #[test]
+    fn remax_subtracts_the_greedy_score_from_each_return() {
+        // β = 0: the return of every token is the score; a completion scoring as the greedy
+        // response gets advantage 0
+        let old = vec![vec![-1.0f32, -2.0], vec![-0.5]];
+        let rpp = reinforce_pp_advantages(&old, &old, &[1.0, 0.25], 0.0, 1.0, Whitening::Biased, 1e-8);
+        assert_eq!(remax_advantages(&rpp.returns, &[0.25, 0.25]), vec![vec![0.75, 0.75], vec![0.0]]);
     }
 
     #[test]

@@ -1,13 +1,14 @@
-//! Critic-free online RL on the PPO environment — GRPO, RLOO and REINFORCE++ (`rlhf grpo`,
-//! `rlhf rloo`, `rlhf reinforce-pp`). Each iteration samples G completions for each of P
-//! prompts (group-major, the shared prompt prefilled once), scores them with the reward,
-//! replaces the critic with a baseline, and takes `num_iterations` passes of the clipped token
-//! loss over minibatches:
+//! Critic-free online RL on the PPO environment — GRPO, RLOO, REINFORCE++ and ReMax (`rlhf
+//! grpo`, `rlhf rloo`, `rlhf reinforce-pp`, `rlhf remax`). Each iteration samples G
+//! completions for each of P prompts (group-major, the shared prompt prefilled once), scores
+//! them with the reward, replaces the critic with a baseline, and takes `num_iterations`
+//! passes of the clipped token loss over minibatches:
 //!
 //! ```text
 //! GRPO:        A_i = (r_i − mean_group) / (std_group + ε),  loss term β·k3(π_θ‖π_ref)
 //! RLOO:        A_i = R_i − mean_{j≠i} R_j,   R = r − β·Σ_t (log π_old − log π_ref)
 //! REINFORCE++: A_t = whiten(Σ_{s≥t} γ^{s−t}(−β·k1_s + r·[s = last]))   (−baseline: r − mean_group)
+//! ReMax:       A_t = Σ_{s≥t} (−β·k1_s + r·[s = last]) − r(x, ȳ_greedy)
 //! ```
 //! With DAPO's dynamic sampling, groups whose rewards are all equal are replaced by more
 //! prompts' groups. The math is [`crate::math::group`]; the iteration is
@@ -71,6 +72,11 @@ pub enum Algo {
         #[serde(default)]
         baseline: bool,
     },
+    /// ReMax (Li et al. 2023): the baseline of a prompt's completions is the reward of its
+    /// greedy response, decoded by the current policy each iteration (one more rollout of
+    /// `prompts_per_step` rows); per-token returns of the KL-shaped reward (as REINFORCE++'s,
+    /// γ = 1) minus it, not whitened. Works with `num_generations` 1 (the paper's setting).
+    Remax {},
 }
 
 fn std_eps() -> f64 {
@@ -90,6 +96,7 @@ impl Algo {
             Algo::Grpo { .. } => "grpo",
             Algo::Rloo { .. } => "rloo",
             Algo::ReinforcePp { .. } => "reinforce-pp",
+            Algo::Remax {} => "remax",
         }
     }
 }

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use dfdx::prelude::*;
 use rlhf_envs::{
-    Detokenizer, EnvError, Episode, KlConfig, KlEstimator, NoReference, RewardModel, Rollout, TextEnvConfig, VecEnv,
+    Detokenizer, EnvError, Episode, KlConfig, KlEstimator, NoReference, PromptSource, RewardModel, Rollout,
+    TextEnvConfig, VecEnv,
 };
 use rlhf_policies::fused::host_loss;
 use rlhf_policies::{policy_session, AdamW, CausalLm, FusedOps, GradBuffers, SamplingConfig};
@@ -15,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::mix;
 use crate::math::group::{
-    clipped_token_loss, dynamic_batch, grpo_advantages, is_informative, reinforce_pp_advantages, rloo_advantages,
-    RewardScale, TokenBatch,
+    clipped_token_loss, dynamic_batch, grpo_advantages, is_informative, reinforce_pp_advantages, remax_advantages,
+    rloo_advantages, RewardScale, TokenBatch, Whitening,
 };
 use crate::stages::common::{optimizer_step, or_skip_non_finite, shuffled_minibatches, LossOn};
 use crate::stages::grpo::{Algo, GrpoConfig};
@@ -48,6 +49,8 @@ pub struct GroupTrainer<M, D: FusedOps = Cpu> {
     pub env: VecEnv<NoReference, M>,
     /// The data cursor and skipped batches.
     pub state: GroupState,
+    /// ReMax: a copy of the prompts its greedy baselines decode (the env's cursor untouched).
+    greedy_prompts: Option<PromptSource>,
     eos: u32,
     pad: u32,
 }
@@ -115,7 +118,8 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
         let mut env = VecEnv::new(cfg.batch_size(), env_cfg, source, NoReference, reward, detok)?;
         env.prompts_mut().seek(state.prompt_draws);
         let eos = eos.unwrap_or(pad);
-        Ok(GroupTrainer { cfg, policy, reference, opt, env, state, eos, pad })
+        let greedy_prompts = matches!(cfg.algo, Algo::Remax {}).then(|| env.prompts().clone());
+        Ok(GroupTrainer { cfg, policy, reference, opt, env, state, greedy_prompts, eos, pad })
     }
 
     /// Iteration `it` (0-based). `None` when the batch was skipped for a non-finite value
@@ -134,7 +138,8 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
         let cfg = &self.cfg;
         // ALGO: scoring pass (log π_old, log π_ref) and the algorithm's baseline advantages
         let t1 = Instant::now();
-        let scored = score(cfg, &self.policy, self.reference.as_ref(), &episodes, self.pad, it)?;
+        let greedy = generated.greedy.as_deref();
+        let scored = score(cfg, &self.policy, self.reference.as_ref(), (&episodes, greedy), self.pad, it)?;
         if scored.advantages.iter().flatten().any(|a| !a.is_finite()) {
             if cfg.on_nonfinite == OnNonFinite::Stop {
                 bail!("iteration {}: an advantage is not finite (check the reward)", it + 1);
@@ -168,36 +173,69 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
         let (g, needed) = (cfg.num_generations, cfg.prompts_per_step);
         let (mut episodes, mut informative) = (vec![], vec![]);
         for _ in 0..cfg.dynamic_sampling.map_or(1, |d| d.max_generation_batches) {
-            match self.env.rollout_with(session.as_mut(), opts) {
-                Ok(e) => episodes.extend(e),
-                Err(EnvError::NonFinite { .. }) if cfg.on_nonfinite == OnNonFinite::Skip => {
-                    self.state.skipped_batches += 1;
-                    return Ok(None);
-                }
-                Err(e) => return Err(anyhow::Error::new(e).context(format!("iteration {}: rollout", it + 1))),
-            }
+            let rolled = self.env.rollout_with(session.as_mut(), opts);
+            let Some(e) = or_skip(rolled, cfg, &mut self.state, it)? else { return Ok(None) };
+            episodes.extend(e);
             let scores: Vec<f32> = episodes.iter().map(|e| e.score).collect();
             informative = scores.chunks(g).map(is_informative).collect();
             if informative.iter().filter(|&&i| i).count() >= needed {
                 break;
             }
         }
-        let generated = Generated {
+        let mut generated = Generated {
             groups: informative.len(),
             informative: informative.iter().filter(|&&i| i).count(),
             tokens: episodes.iter().map(|e| e.response_ids.len()).sum(),
             mean_reward: episodes.iter().map(|e| e.score as f64).sum::<f64>() / episodes.len().max(1) as f64,
+            greedy: None,
         };
+        drop(session);
         if cfg.dynamic_sampling.is_some() {
             let batch = dynamic_batch(&informative, needed);
             episodes = batch.into_iter().flat_map(|k| episodes[k * g..(k + 1) * g].to_vec()).collect();
         }
+        if self.greedy_prompts.is_some() {
+            let Some(greedy) = self.greedy_scores(&episodes, it)? else { return Ok(None) };
+            generated.greedy = Some(greedy);
+        }
         Ok(Some((episodes, generated)))
+    }
+
+    /// ReMax's baselines: the score of each group's prompt decoded greedily by the current
+    /// policy. `None` when that rollout was skipped for a non-finite value.
+    fn greedy_scores(&mut self, episodes: &[Episode], it: usize) -> Result<Option<Vec<f32>>> {
+        let cfg = &self.cfg;
+        let source = self.greedy_prompts.as_mut().expect("ReMax keeps its prompts");
+        let indices: Vec<usize> = episodes.chunks(cfg.num_generations).map(|g| g[0].prompt_index).collect();
+        let sampler = SamplingConfig { greedy: true, ..sampling(cfg, self.env.config().eos_ids.clone(), 0) };
+        let capacity = cfg.max_prompt_len + cfg.max_new_tokens;
+        let mut session = policy_session(&self.policy, cfg.batch_size(), capacity, sampler, cfg.rollout_engine)?;
+        let opts = Rollout { group_size: 1, reference: false };
+        let rolled = self.env.rollout_prompts(session.as_mut(), source, &indices, opts);
+        Ok(or_skip(rolled, cfg, &mut self.state, it)?.map(|e| e.iter().map(|e| e.score).collect()))
+    }
+}
+
+/// A rollout's episodes; `None` (the batch counted as skipped) for a non-finite value under
+/// `on_nonfinite = skip`; an error otherwise.
+fn or_skip(
+    rolled: Result<Vec<Episode>, EnvError>,
+    cfg: &GrpoConfig,
+    state: &mut GroupState,
+    it: usize,
+) -> Result<Option<Vec<Episode>>> {
+    match rolled {
+        Ok(e) => Ok(Some(e)),
+        Err(EnvError::NonFinite { .. }) if cfg.on_nonfinite == OnNonFinite::Skip => {
+            state.skipped_batches += 1;
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("iteration {}: rollout", it + 1))),
     }
 }
 
 /// What an iteration's rollouts generated, trained on or not.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Generated {
     groups: usize,
     informative: usize,
@@ -205,6 +243,8 @@ struct Generated {
     tokens: usize,
     /// The mean reward of every completion (`reward` is the trained batch's).
     mean_reward: f64,
+    /// ReMax: each trained group's greedy score.
+    greedy: Option<Vec<f32>>,
 }
 
 impl Generated {
@@ -212,6 +252,9 @@ impl Generated {
     /// counts.
     fn record(&self, cfg: &GrpoConfig, rollout: &Duration, record: &mut serde_json::Value) {
         record["timing/rollout_tokens_per_s"] = (self.tokens as f64 / rollout.as_secs_f64().max(1e-9)).into();
+        if let Some(g) = &self.greedy {
+            record["remax/greedy_reward"] = (g.iter().map(|&x| x as f64).sum::<f64>() / g.len().max(1) as f64).into();
+        }
         if cfg.dynamic_sampling.is_some() {
             let trained_informative = self.informative.min(cfg.prompts_per_step);
             record["dynamic_sampling/generation_batches"] = (self.groups / cfg.prompts_per_step).into();
@@ -248,7 +291,7 @@ fn score<D: FusedOps>(
     cfg: &GrpoConfig,
     policy: &CausalLm<D>,
     reference: Option<&CausalLm<D>>,
-    episodes: &[Episode],
+    (episodes, greedy): (&[Episode], Option<&[f32]>),
     pad: u32,
     it: usize,
 ) -> Result<Scored> {
@@ -293,6 +336,13 @@ fn score<D: FusedOps>(
             // the baseline variant: scores centred in their group (GRPO's advantages unscaled)
             let scores = if baseline { grpo_advantages(&scores, g, RewardScale::None, 0.0) } else { scores };
             reinforce_pp_advantages(&old, r, &scores, cfg.beta, gamma, whitening, whiten_eps).advantages
+        }
+        Algo::Remax {} => {
+            let r = if refl.is_empty() { &old } else { &refl };
+            let returns = reinforce_pp_advantages(&old, r, &scores, cfg.beta, 1.0, Whitening::Biased, 1e-8).returns;
+            let greedy: Vec<f32> =
+                greedy.expect("ReMax decodes its baselines").iter().flat_map(|&b| vec![b; g]).collect();
+            remax_advantages(&returns, &greedy)
         }
     };
     let kl_seq = kl_each.iter().map(|&k| k as f64).sum::<f64>() / n.max(1) as f64;
