@@ -125,7 +125,7 @@ struct GenerateArgs {
     #[arg(long, default_value = "{prompt}", requires = "prompts")]
     prompt_template: String,
     /// --prompts: put each templated prompt in the model's chat template as the user turn (as
-    /// a stage's `"chat": {}`).
+    /// a stage's `"chat": {}`; prompts that are message lists take the template without it).
     #[arg(long, requires = "prompts")]
     in_chat: bool,
     /// --prompts: completions per prompt.

@@ -2,7 +2,8 @@
 //! (`{prompt}` replaced), then, when the stage's config has `chat`, the model's own chat
 //! template around it (the templated prompt as the user turn, the assistant's turn opened, as
 //! `rlhf generate --chat` does). A prompt that is a whole conversation (hh-rlhf's
-//! `\n\nHuman: … \n\nAssistant: …` transcripts) can be laid out turn by turn instead. With a
+//! `\n\nHuman: … \n\nAssistant: …` transcripts) can be laid out turn by turn instead; a
+//! prompt given as a list of messages always takes the model's chat template. With a
 //! chat template, responses lose their leading white space (the template's assistant header
 //! already separates them); then comes the EOS token (for a chat model, its end of turn).
 
@@ -102,12 +103,15 @@ pub fn split_reply(mut messages: Vec<ChatMessage>) -> Option<(Vec<ChatMessage>, 
 pub struct PromptFormat {
     template: String,
     chat: Option<(ChatTemplate, ChatPrompt)>,
+    /// Without `chat`: the model's chat template for conversation prompts, or why it has none
+    /// (an error only when a conversation comes).
+    conversations: Result<ChatTemplate, String>,
 }
 
 impl PromptFormat {
     /// `template` alone.
     pub fn plain(template: &str) -> Self {
-        PromptFormat { template: template.to_string(), chat: None }
+        PromptFormat { template: template.to_string(), chat: None, conversations: Err("no model".into()) }
     }
 
     /// `template`, inside the chat template of the model at `model` (its tokenizer `tok` and
@@ -123,11 +127,11 @@ impl PromptFormat {
             template.contains("{prompt}"),
             "prompt template {template:?} has no {{prompt}}: every record's prompt would be left out"
         );
-        let chat = match chat {
-            Some(c) => Some((ChatTemplate::of_model(tok, config, model)?, c.clone())),
-            None => None,
+        let (chat, conversations) = match chat {
+            Some(c) => (Some((ChatTemplate::of_model(tok, config, model)?, c.clone())), Err(String::new())),
+            None => (None, ChatTemplate::of_model(tok, config, model).map_err(|e| e.to_string())),
         };
-        Ok(PromptFormat { template: template.to_string(), chat })
+        Ok(PromptFormat { template: template.to_string(), chat, conversations })
     }
 
     /// The input text for `prompt`.
@@ -141,20 +145,24 @@ impl PromptFormat {
     }
 
     /// The input text for a conversation (TRL's conversational prompt): its messages, after
-    /// the configured system message if it has none of its own, rendered with the chat
-    /// template up to the assistant's turn. Needs `chat` (for the template) and the plain
-    /// `{prompt}` template (a conversation is not text to put in one).
+    /// `chat`'s system message (if set) when it has none of its own, rendered with the model's
+    /// chat template up to the assistant's turn, as TRL renders conversational prompts, with or
+    /// without `chat`. Needs the plain `{prompt}` template (a conversation is not text to put
+    /// in one).
     pub fn apply_messages(&self, messages: &[ChatMessage]) -> Result<String> {
-        let Some((chat, c)) = &self.chat else {
-            bail!("a conversation needs \"chat\": {{}} in the config, to render it with the model's chat template")
+        let (chat, configured_system) = match (&self.chat, &self.conversations) {
+            (Some((chat, c)), _) => (chat, c.system.as_ref()),
+            (None, Ok(chat)) => (chat, None),
+            (None, Err(e)) => bail!("a conversation is rendered with the model's chat template, but {e}"),
         };
         if self.template != "{prompt}" {
             bail!("a conversation cannot go into prompt_template {:?}; leave it at {{prompt}}", self.template);
         }
         let own_system = messages.first().is_some_and(|m| m.role == "system");
-        let system =
-            c.system.iter().filter(|_| !own_system).map(|s| ChatMessage { role: "system".into(), content: s.clone() });
-        let all: Vec<ChatMessage> = system.chain(messages.iter().cloned()).collect();
+        let system = configured_system
+            .filter(|_| !own_system)
+            .map(|s| ChatMessage { role: "system".into(), content: s.clone() });
+        let all: Vec<ChatMessage> = system.into_iter().chain(messages.iter().cloned()).collect();
         Ok(chat.render(&all, true)?)
     }
 
@@ -179,12 +187,20 @@ mod tests {
         let source = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}\
                       {% if add_generation_prompt %}<assistant>{% endif %}";
         let chat = ChatTemplate::new(source, "<s>", "</s>").unwrap();
-        let f = PromptFormat { template: "Q: {prompt}".into(), chat: Some((chat.clone(), ChatPrompt::default())) };
+        let f = PromptFormat {
+            template: "Q: {prompt}".into(),
+            chat: Some((chat.clone(), ChatPrompt::default())),
+            conversations: Err(String::new()),
+        };
         assert_eq!(f.apply("2+2?").unwrap(), "<user>Q: 2+2?</s><assistant>");
         assert_eq!(f.response(" 4."), "4.");
         assert_eq!(PromptFormat::plain("{prompt}").response(" 4."), " 4.");
         let brief = ChatPrompt { system: Some("Be brief.".into()), transcript: None };
-        let f = PromptFormat { template: "{prompt}".into(), chat: Some((chat.clone(), brief.clone())) };
+        let f = PromptFormat {
+            template: "{prompt}".into(),
+            chat: Some((chat.clone(), brief.clone())),
+            conversations: Err(String::new()),
+        };
         assert_eq!(f.apply("hi").unwrap(), "<system>Be brief.</s><user>hi</s><assistant>");
         // a conversation: the configured system message unless it brings its own
         let m = |role: &str, content: &str| ChatMessage { role: role.into(), content: content.into() };
@@ -193,12 +209,21 @@ mod tests {
             f.apply_messages(&[m("system", "Be kind."), m("user", "hi")]).unwrap(),
             "<system>Be kind.</s><user>hi</s><assistant>"
         );
-        let templated = PromptFormat { template: "Q: {prompt}".into(), chat: Some((chat.clone(), brief.clone())) };
+        let templated = PromptFormat {
+            template: "Q: {prompt}".into(),
+            chat: Some((chat.clone(), brief.clone())),
+            conversations: Err(String::new()),
+        };
         assert!(templated.apply_messages(&[m("user", "hi")]).unwrap_err().to_string().contains("prompt_template"));
         assert!(PromptFormat::plain("{prompt}").apply_messages(&[m("user", "hi")]).is_err());
+        // without `chat`: text stays text, a conversation takes the model's template as it is
+        let no_chat = PromptFormat { template: "{prompt}".into(), chat: None, conversations: Ok(chat.clone()) };
+        assert_eq!(no_chat.apply("hi").unwrap(), "hi");
+        assert_eq!(no_chat.apply_messages(&[m("user", "hi")]).unwrap(), "<user>hi</s><assistant>");
         // a transcript, turn by turn
         let turns = ChatPrompt { transcript: Some(Transcript::default()), ..brief };
-        let f = PromptFormat { template: "{prompt}".into(), chat: Some((chat, turns)) };
+        let f =
+            PromptFormat { template: "{prompt}".into(), chat: Some((chat, turns)), conversations: Err(String::new()) };
         let hh = "\n\nHuman: hi\n\nAssistant: hello!\n\nHuman: 2+2?\n\nAssistant:";
         assert_eq!(
             f.apply(hh).unwrap(),

@@ -90,7 +90,9 @@ pub struct PpoConfig {
     /// Prompt template; `{prompt}` is replaced. Default `{prompt}`.
     pub prompt_template: String,
     /// Present: each templated prompt becomes the user turn of the policy's own chat template,
-    /// with the assistant's turn opened (as `rlhf generate --chat`). Default: none.
+    /// with the assistant's turn opened (as `rlhf generate --chat`). Prompts that are
+    /// conversations (lists of `{role, content}`) take the chat template with or without it;
+    /// its `system` is added to those without a system message. Default: none.
     pub chat: Option<ChatPrompt>,
     /// Longer prompts are skipped (counted and reported). Default `64`.
     pub max_prompt_len: usize,
