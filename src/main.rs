@@ -65,6 +65,11 @@ enum Command {
     /// ReMax (the greedy response's reward as the baseline, KL folded into the reward): `rlhf
     /// grpo` with `algo.kind = remax`.
     Remax(PpoArgs),
+    /// Online DPO (two completions per prompt from the current policy, the better-scored one
+    /// chosen, a DPO loss against the frozen reference): `rlhf grpo` with `algo.kind =
+    /// online_dpo`.
+    #[command(name = "online-dpo")]
+    OnlineDpo(PpoArgs),
     /// Loss and perplexity of a checkpoint on a text file (non-overlapping blocks).
     Eval(EvalArgs),
     /// Write RUN_DIR/report.html: plots of every stage's metrics (and the demo's table and
@@ -359,6 +364,7 @@ fn main() -> Result<()> {
         Command::Rloo(a) => grpo_cmd(a, Some("rloo")),
         Command::ReinforcePp(a) => grpo_cmd(a, Some("reinforce_pp")),
         Command::Remax(a) => grpo_cmd(a, Some("remax")),
+        Command::OnlineDpo(a) => grpo_cmd(a, Some("online_dpo")),
         Command::Eval(a) => eval_cmd(a),
         Command::Bench(BenchCommand::Rollout(a)) => bench_rollout(a),
         Command::Bench(BenchCommand::Env(a)) => bench_env(a),
@@ -579,7 +585,7 @@ fn ppo_cmd(a: PpoArgs) -> Result<()> {
     run_stage(&a.stage, prepare, |c: &PpoConfig| c.out_dir.clone(), ppo::train)
 }
 
-/// `rlhf grpo` / `rloo` / `reinforce-pp` / `remax`: the latter three set `algo.kind` (a config's own
+/// `rlhf grpo` / `rloo` / `reinforce-pp` / `remax` / `online-dpo`: all but the first set `algo.kind` (a config's own
 /// parameters of that algorithm are kept).
 fn grpo_cmd(mut a: PpoArgs, algo: Option<&str>) -> Result<()> {
     if let Some(kind) = algo {

@@ -104,6 +104,7 @@ fn plot_specs(m: &[serde_json::Value]) -> Vec<(&'static str, &'static [&'static 
             ("clip ratio", &["clip_ratio/region_mean"]),
             ("groups", &["frac_reward_zero_std", "dynamic_sampling/informative_fraction"]),
             ("rollouts per iteration", &["dynamic_sampling/generation_batches"]),
+            ("implicit reward margin", &["rewards/margins"]),
             ("loss", &["loss"]),
         ]
     } else {

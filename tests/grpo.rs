@@ -117,6 +117,49 @@ fn remax_with_one_sample_per_prompt_resumes_exactly() {
     assert_eq!(state["prompt_draws"].as_u64(), Some(4 * 8));
 }
 
+/// Online DPO: pairs of completions ranked by the reward, the DPO loss against the reference.
+/// At the first iteration the policy is the reference, so the loss is exactly log 2 and the
+/// implicit rewards 0; the reward then rises; a resumed run logs the same metrics; shapes
+/// that would split pairs are errors.
+#[test]
+fn online_dpo_starts_at_log_2_and_learns_the_rule() {
+    let online = Algo::OnlineDpo { loss: rlhf::math::dpo::DpoLoss::Sigmoid {} };
+    let run = |dir: &std::path::Path, iterations: usize| GrpoConfig {
+        num_generations: 2,
+        prompts_per_step: 8,
+        minibatch_size: 16,
+        num_iterations: 1,
+        beta: 0.1,
+        ..cfg(dir, online, iterations)
+    };
+    let d = tempfile::tempdir().unwrap();
+    train(run(d.path(), 12), false).unwrap();
+    let m = comparable_metrics(&d.path().join("run"));
+    assert!((m[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-9, "{}", m[0]);
+    assert_eq!((m[0]["rewards/chosen"].as_f64(), m[0]["rewards/margins"].as_f64()), (Some(0.0), Some(0.0)));
+    assert!(m.iter().all(|r| r["debug/first_minibatch_ratio"].as_f64() == Some(1.0)), "{m:?}");
+    let reward: Vec<f64> = m.iter().map(|r| r["reward"].as_f64().unwrap()).collect();
+    let (first, last) = (reward[..3].iter().sum::<f64>() / 3.0, reward[9..].iter().sum::<f64>() / 3.0);
+    assert!(last > first + 1.0, "reward {first:.2} -> {last:.2}: {reward:?}");
+    assert!(m[11]["rewards/margins"].as_f64().unwrap() > 0.0, "{}", m[11]);
+    // resume
+    let b = tempfile::tempdir().unwrap();
+    train(run(b.path(), 4), false).unwrap();
+    std::fs::remove_dir_all(b.path().join("run/checkpoints/step-4")).unwrap();
+    train(run(b.path(), 4), true).unwrap();
+    let c = tempfile::tempdir().unwrap();
+    train(run(c.path(), 4), false).unwrap();
+    assert_eq!(comparable_metrics(&b.path().join("run")), comparable_metrics(&c.path().join("run")));
+    // pairs stay whole, and only pairwise losses apply
+    let e = tempfile::tempdir().unwrap();
+    let err = |c: GrpoConfig| train(c, false).unwrap_err().to_string();
+    assert!(err(GrpoConfig { num_generations: 4, ..run(e.path(), 1) }).contains("num_generations must be 2"));
+    assert!(err(GrpoConfig { minibatch_size: 8, grad_accum: 8, ..run(e.path(), 1) }).contains("pairs whole"));
+    let kto =
+        Algo::OnlineDpo { loss: rlhf::math::dpo::DpoLoss::Kto { desirable_weight: 1.0, undesirable_weight: 1.0 } };
+    assert!(err(GrpoConfig { algo: kto, ..run(e.path(), 1) }).contains("not kto"));
+}
+
 #[test]
 fn resume_gives_the_same_metrics_and_beta_zero_needs_no_reference() {
     let run = |dir: &std::path::Path| {

@@ -9,6 +9,7 @@
 //! RLOO:        A_i = R_i − mean_{j≠i} R_j,   R = r − β·Σ_t (log π_old − log π_ref)
 //! REINFORCE++: A_t = whiten(Σ_{s≥t} γ^{s−t}(−β·k1_s + r·[s = last]))   (−baseline: r − mean_group)
 //! ReMax:       A_t = Σ_{s≥t} (−β·k1_s + r·[s = last]) − r(x, ȳ_greedy)
+//! Online DPO:  the better-scored of 2 completions chosen, −log σ(β·h) (no advantages)
 //! ```
 //! With DAPO's dynamic sampling, groups whose rewards are all equal are replaced by more
 //! prompts' groups. The math is [`crate::math::group`]; the iteration is
@@ -22,6 +23,7 @@ use rlhf_policies::{AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers, Rollout
 use serde::{Deserialize, Serialize};
 
 use crate::device::DeviceKind;
+use crate::math::dpo::DpoLoss;
 use crate::math::group::{LossAggregation, RewardScale, Whitening};
 use crate::prompt_format::ChatPrompt;
 use crate::run::RunDir;
@@ -77,6 +79,20 @@ pub enum Algo {
     /// `prompts_per_step` rows); per-token returns of the KL-shaped reward (as REINFORCE++'s,
     /// γ = 1) minus it, not whitened. Works with `num_generations` 1 (the paper's setting).
     Remax {},
+    /// Online DPO (Guo et al. 2024; TRL's `OnlineDPOTrainer`): `num_generations` 2, the
+    /// better-scored completion chosen, and `loss` (any pairwise loss of `rlhf dpo`; `beta` is
+    /// its β — TRL's default is 0.1) against the frozen reference instead of the clipped token
+    /// loss ([`crate::stages::online_dpo`]). TRL takes one step per generation:
+    /// `num_iterations` 1 and `minibatch_size` the whole batch.
+    OnlineDpo {
+        /// The pairwise loss. Default `{"kind": "sigmoid"}` (DPO).
+        #[serde(default = "sigmoid")]
+        loss: DpoLoss,
+    },
+}
+
+fn sigmoid() -> DpoLoss {
+    DpoLoss::Sigmoid {}
 }
 
 fn std_eps() -> f64 {
@@ -97,6 +113,7 @@ impl Algo {
             Algo::Rloo { .. } => "rloo",
             Algo::ReinforcePp { .. } => "reinforce-pp",
             Algo::Remax {} => "remax",
+            Algo::OnlineDpo { .. } => "online-dpo",
         }
     }
 }
@@ -444,6 +461,9 @@ fn validate(cfg: &GrpoConfig) -> Result<()> {
             "REINFORCE++-baseline needs num_generations ≥ 2 (a group of one is its own mean: every score would be 0)"
         );
     }
+    if let Algo::OnlineDpo { loss } = cfg.algo {
+        validate_online_dpo(cfg, loss)?;
+    }
     if matches!(cfg.algo, Algo::Grpo { .. }) && cfg.num_generations < 2 {
         bail!("GRPO needs num_generations ≥ 2 (a group of one is its own mean: every advantage would be 0)");
     }
@@ -457,4 +477,20 @@ fn validate(cfg: &GrpoConfig) -> Result<()> {
         bail!("beta and the clip ranges must be non-negative (and epsilon_low below 1)");
     }
     check_reward_inputs(cfg.reward.as_ref(), cfg.reference_field.as_deref())
+}
+
+fn validate_online_dpo(cfg: &GrpoConfig, loss: DpoLoss) -> Result<()> {
+    if cfg.num_generations != 2 {
+        bail!("online DPO compares two completions per prompt: num_generations must be 2, got {}", cfg.num_generations);
+    }
+    if !cfg.minibatch_size.is_multiple_of(2 * cfg.grad_accum) {
+        bail!("online DPO keeps pairs whole: minibatch_size must be a multiple of 2 × grad_accum");
+    }
+    if matches!(loss, DpoLoss::Kto { .. }) {
+        bail!("online DPO takes a pairwise loss (sigmoid, cdpo, robust, hinge, ipo, simpo, orpo), not kto");
+    }
+    if cfg.beta <= 0.0 || cfg.mask_truncated_completions {
+        bail!("online DPO needs beta > 0 (DPO's β) and no mask_truncated_completions (use score.missing_eos)");
+    }
+    Ok(())
 }

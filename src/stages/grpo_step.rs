@@ -21,6 +21,7 @@ use crate::math::group::{
 };
 use crate::stages::common::{optimizer_step, or_skip_non_finite, shuffled_minibatches, LossOn};
 use crate::stages::grpo::{Algo, GrpoConfig};
+use crate::stages::online_dpo;
 use crate::stages::ppo::{OnNonFinite, Prompts};
 use crate::stages::ppo_models::{logprobs_and_entropy, Seq};
 
@@ -60,7 +61,8 @@ pub struct GroupTrainer<M, D: FusedOps = Cpu> {
 pub struct GroupOutput {
     /// The rollouts, group-major.
     pub episodes: Vec<Episode>,
-    /// Each completion's advantage (its first token's, for REINFORCE++).
+    /// Each completion's advantage (its first token's, for REINFORCE++ and ReMax); for online
+    /// DPO, +1 for a chosen completion and −1 for a rejected one.
     pub advantages: Vec<f32>,
     /// The `metrics.jsonl` record.
     pub record: serde_json::Value,
@@ -70,16 +72,18 @@ pub struct GroupOutput {
 
 /// One generation after the scoring pass (per completion, valid tokens only).
 #[derive(Debug, Clone)]
-struct Scored {
-    seqs: Vec<Seq>,
-    old_logprobs: Vec<Vec<f32>>,
+pub(crate) struct Scored {
+    pub(crate) seqs: Vec<Seq>,
+    pub(crate) old_logprobs: Vec<Vec<f32>>,
     /// Empty when there is no reference.
-    ref_logprobs: Vec<Vec<f32>>,
+    pub(crate) ref_logprobs: Vec<Vec<f32>>,
     advantages: Vec<Vec<f32>>,
     /// Mean over completions of `Σ_t (log π_old − log π_ref)` (0 without a reference).
     kl_seq: f64,
     /// Per completion: left out of the loss (`mask_truncated_completions` and no EOS).
     masked: Vec<bool>,
+    /// Online DPO: whether each completion is its pair's chosen one (empty otherwise).
+    pub(crate) chosen: Vec<bool>,
 }
 
 impl Scored {
@@ -278,12 +282,11 @@ pub(crate) fn sampling(cfg: &GrpoConfig, eos_ids: Vec<u32>, seed: u64) -> Sampli
 
 /// Minibatches of epoch `epoch` of iteration `it`.
 fn minibatches(cfg: &GrpoConfig, it: usize, epoch: usize) -> Vec<Vec<Vec<usize>>> {
-    shuffled_minibatches(
-        cfg.batch_size(),
-        cfg.minibatch_size,
-        cfg.grad_accum,
-        mix(cfg.seed, it as u64, 2 + epoch as u64),
-    )
+    let seed = mix(cfg.seed, it as u64, 2 + epoch as u64);
+    if let Algo::OnlineDpo { .. } = cfg.algo {
+        return online_dpo::pair_minibatches(cfg.prompts_per_step, cfg.minibatch_size, cfg.grad_accum, seed);
+    }
+    shuffled_minibatches(cfg.batch_size(), cfg.minibatch_size, cfg.grad_accum, seed)
 }
 
 /// Old and reference log-probs (training forward, epoch 0's micro-batches) and advantages.
@@ -321,6 +324,7 @@ fn score<D: FusedOps>(
         .map(|i| if refl.is_empty() { 0.0 } else { old[i].iter().zip(&refl[i]).map(|(o, r)| o - r).sum() })
         .collect();
     let scores: Vec<f32> = episodes.iter().map(|e| e.score).collect();
+    let chosen = if let Algo::OnlineDpo { .. } = cfg.algo { online_dpo::chosen(&scores) } else { vec![] };
     let g = cfg.num_generations;
     let broadcast =
         |a: Vec<f32>| -> Vec<Vec<f32>> { a.iter().zip(&seqs).map(|(&a, s)| vec![a; s.resp_len()]).collect() };
@@ -344,20 +348,23 @@ fn score<D: FusedOps>(
                 greedy.expect("ReMax decodes its baselines").iter().flat_map(|&b| vec![b; g]).collect();
             remax_advantages(&returns, &greedy)
         }
+        // no advantages: the sign marks the chosen (+1) and rejected (−1) completions
+        Algo::OnlineDpo { .. } => broadcast(chosen.iter().map(|&c| if c { 1.0 } else { -1.0 }).collect()),
     };
+
     let kl_seq = kl_each.iter().map(|&k| k as f64).sum::<f64>() / n.max(1) as f64;
     let masked = episodes.iter().map(|e| cfg.mask_truncated_completions && !e.terminated).collect();
-    Ok(Scored { seqs, old_logprobs: old, ref_logprobs: refl, advantages, kl_seq, masked })
+    Ok(Scored { seqs, old_logprobs: old, ref_logprobs: refl, advantages, kl_seq, masked, chosen })
 }
 
 /// Token-weighted sums of the update's statistics.
 #[derive(Debug, Clone, Default)]
-struct UpdateStats {
-    loss: f64,
+pub(crate) struct UpdateStats {
+    pub(crate) loss: f64,
     minibatches: usize,
     /// Token-weighted sums: k3 KL, clip low, clip high, entropy, ratio.
-    sums: [f64; 5],
-    tokens: usize,
+    pub(crate) sums: [f64; 5],
+    pub(crate) tokens: usize,
     first_ratio: Option<f64>,
 }
 
@@ -378,8 +385,9 @@ fn update<D: FusedOps + GradBuffers>(
     for epoch in 0..cfg.num_iterations {
         for (m, mb) in minibatches(cfg, it, epoch).iter().enumerate() {
             let mut local = UpdateStats::default();
-            let step = optimizer_step(policy, opt, lr, cfg.grad_clip, mb.len(), |p, k, tape| {
-                micro_loss(cfg, p, s, &mb[k], gen_tokens / cfg.grad_accum as f64, pad, &mut local, tape)
+            let step = optimizer_step(policy, opt, lr, cfg.grad_clip, mb.len(), |p, k, tape| match cfg.algo {
+                Algo::OnlineDpo { loss } => online_dpo::micro_loss(cfg, loss, p, s, &mb[k], pad, &mut local, tape),
+                _ => micro_loss(cfg, p, s, &mb[k], gen_tokens / cfg.grad_accum as f64, pad, &mut local, tape),
             });
             let skip = cfg.on_nonfinite == OnNonFinite::Skip;
             let stepped = or_skip_non_finite(step, skip, &mut state.skipped_batches)
@@ -492,6 +500,9 @@ fn metrics(
         "lr": lr,
         "debug/first_minibatch_ratio": u.first_ratio,
     });
+    if let Algo::OnlineDpo { .. } = cfg.algo {
+        online_dpo::reward_metrics(cfg.beta, s, &mut r);
+    }
     for (d, name) in timing.iter().zip(["rollout", "scoring", "update"]) {
         r[format!("timing/{name}")] = d.as_secs_f64().into();
         r[format!("timing/{name}_tokens_per_s")] = (tokens as f64 / d.as_secs_f64().max(1e-9)).into();
