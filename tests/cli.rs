@@ -310,3 +310,20 @@ fn print_config_shows_the_resolved_config_and_runs_nothing() {
     assert!(out.contains("rm_dir"), "the command's own flags are in it: {out}");
     assert!(!out_dir.exists(), "nothing ran");
 }
+
+#[test]
+fn algorithm_commands_and_loss_flags_pick_their_variant() {
+    for (command, kind) in
+        [("rloo", "rloo"), ("reinforce-pp", "reinforce_pp"), ("remax", "remax"), ("online-dpo", "online_dpo")]
+    {
+        let (ok, out, err) = rlhf(&[command, "--print-config"]);
+        assert!(ok, "{command}: {err}");
+        let cfg: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(cfg["algo"]["kind"], kind, "{command}");
+    }
+    for loss in ["simpo", "orpo", "ipo"] {
+        let (ok, out, err) = rlhf(&["dpo", "--loss", loss, "--print-config"]);
+        assert!(ok, "{loss}: {err}");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["loss"]["kind"], loss);
+    }
+}
