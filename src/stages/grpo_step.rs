@@ -351,7 +351,6 @@ fn score<D: FusedOps>(
         // no advantages: the sign marks the chosen (+1) and rejected (−1) completions
         Algo::OnlineDpo { .. } => broadcast(chosen.iter().map(|&c| if c { 1.0 } else { -1.0 }).collect()),
     };
-
     let kl_seq = kl_each.iter().map(|&k| k as f64).sum::<f64>() / n.max(1) as f64;
     let masked = episodes.iter().map(|e| cfg.mask_truncated_completions && !e.terminated).collect();
     Ok(Scored { seqs, old_logprobs: old, ref_logprobs: refl, advantages, kl_seq, masked, chosen })
