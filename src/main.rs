@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// The main job: pretrain → SFT → reward model → PPO on an embedded task, then SFT vs PPO
-    /// (and best-of-n) on gold reward, proxy reward and KL.
+    /// (and DPO, GRPO, best-of-n) on gold reward, proxy reward and KL.
     Demo(DemoArgs),
     /// Write a freshly initialised model (HF folder: config.json, model.safetensors,
     /// tokenizer.json).

@@ -9,7 +9,7 @@ fn the_demo_runs_every_stage_and_writes_the_report() {
     let s = run(d.path(), Preset::Test, 1).unwrap();
     assert!(s.rm_gold_accuracy.is_finite());
     let names: Vec<&str> = s.policies.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(names[..4], ["sft", "ppo", "dpo", "best-of-1"]);
+    assert_eq!(names[..5], ["sft", "ppo", "dpo", "grpo", "best-of-1"]);
     for p in &s.policies {
         for v in [p.gold, p.proxy, p.kl, p.length] {
             assert!(v.is_finite(), "{p:?}");
@@ -22,7 +22,7 @@ fn the_demo_runs_every_stage_and_writes_the_report() {
     for field in ["gold reward", "proxy reward", "KL to SFT", "response length", "| sft |", "| ppo |"] {
         assert!(t.contains(field), "{field} missing from\n{t}");
     }
-    for stage in ["pretrain", "sft", "reward", "ppo", "dpo"] {
+    for stage in ["pretrain", "sft", "reward", "ppo", "dpo", "grpo"] {
         assert!(d.path().join(stage).join("metrics.jsonl").is_file(), "{stage}");
     }
     let report = rlhf::report::write_report(d.path()).unwrap();

@@ -1,6 +1,7 @@
 //! `rlhf demo`: the whole seed on an embedded task, with the real stage code — pretrain → SFT →
 //! preference pairs labelled by a hidden gold reward → reward model (the proxy) → PPO — then
-//! SFT vs PPO (and best-of-n) on held-out prompts: gold reward, proxy reward, KL, length.
+//! SFT vs PPO (and DPO on the same pairs, GRPO against the same proxy, best-of-n) on held-out
+//! prompts: gold reward, proxy reward, KL, length.
 
 pub mod world;
 
@@ -164,7 +165,7 @@ impl RewardModel for GoldTracked {
 }
 
 /// The demo's stage folders inside its output folder, in the order it runs them.
-pub const STAGES: [&str; 5] = ["pretrain", "sft", "reward", "ppo", "dpo"];
+pub const STAGES: [&str; 6] = ["pretrain", "sft", "reward", "ppo", "dpo", "grpo"];
 
 /// Runs the demo into `out` (its data, every stage's run folder, `summary.json`). A previous
 /// demo's stage folders there are replaced.
@@ -197,7 +198,11 @@ pub fn run(out: &Path, preset: Preset, seed: u64) -> Result<DemoSummary> {
     let dpo_dir = demo.dpo(&sft_dir)?;
     let (dpo_model, _) = rlhf_policies::checkpoint::load_with_tokenizer(&dpo_dir, &Cpu::default())?;
     let (dpo_eval, _) = evaluate("dpo", &dpo_model, &sft_model, &mut rm, &tok, &eval_prompts, &prompts, seed)?;
-    let mut policies = vec![sft_eval, ppo_eval, dpo_eval];
+    eprintln!("demo: GRPO against the same proxy");
+    let grpo_dir = demo.grpo(&sft_dir, &rm_dir)?;
+    let (grpo_model, _) = rlhf_policies::checkpoint::load_with_tokenizer(&grpo_dir, &Cpu::default())?;
+    let (grpo_eval, _) = evaluate("grpo", &grpo_model, &sft_model, &mut rm, &tok, &eval_prompts, &prompts, seed)?;
+    let mut policies = vec![sft_eval, ppo_eval, dpo_eval, grpo_eval];
     policies.extend(best_of_n(&sft_model, &mut rm, &tok, &eval_prompts, &prompts, plan.bon_max, seed)?);
     let samples = (0..4.min(eval_prompts.len()))
         .map(|i| (eval_prompts[i].clone(), sft_texts[i].clone(), ppo_texts[i].clone()))
@@ -350,6 +355,37 @@ impl Demo<'_> {
         let gold_curve = gold_log.lock().expect("not poisoned").clone();
         let curve = gold_curve.iter().zip(&report.scores).zip(&report.kl).map(|((g, p), k)| (*g, *p, *k)).collect();
         Ok((self.checkpoint("ppo", iterations), curve))
+    }
+
+    /// GRPO against the same proxy as PPO, with PPO's budget: as many iterations and rollouts
+    /// (groups of 4), passes, minibatches, learning rate and β (here the k3 loss term's), and no
+    /// critic.
+    fn grpo(&self, sft_dir: &Path, rm_dir: &Path) -> Result<PathBuf> {
+        let (iterations, batch_size) = self.plan.ppo;
+        let (lr, beta) = self.plan.ppo_lr_beta;
+        crate::stages::grpo::train(
+            crate::stages::grpo::GrpoConfig {
+                out_dir: self.out.join("grpo"),
+                seed: self.seed,
+                policy: sft_dir.to_path_buf(),
+                reward: Some(RewardSpec::Model { path: rm_dir.to_path_buf(), normalize: true }),
+                prompts: self.data.join("prompts.jsonl"),
+                max_prompt_len: 16,
+                prompts_per_step: batch_size / 4,
+                num_generations: 4,
+                max_new_tokens: 24,
+                iterations,
+                num_iterations: 4,
+                minibatch_size: 8,
+                beta,
+                optim: rlhf_policies::AdamWConfig { lr, ..Default::default() },
+                checkpoint_every: iterations,
+                sample_every: 10,
+                ..Default::default()
+            },
+            false,
+        )?;
+        Ok(self.checkpoint("grpo", iterations))
     }
 
     /// DPO on the same gold-labelled pairs the reward model learned from: no reward model, no
