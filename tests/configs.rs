@@ -22,7 +22,8 @@ fn every_shipped_config_loads_into_its_stage() {
     assert!(files.len() >= 8, "{files:?}");
     for f in &files {
         let name = f.file_stem().unwrap().to_str().unwrap();
-        let stages = ["pretrain", "sft", "reward", "dpo", "ppo", "grpo"];
+        // the name's first stage word; `online` (rlhf online-dpo) is the GRPO family's config
+        let stages = ["pretrain", "sft", "reward", "online", "dpo", "ppo", "grpo"];
         let stage = name.split('_').find(|w| stages.contains(w)).unwrap_or(name);
         let schedule = match stage {
             "pretrain" => load::<PretrainConfig>(Some(f), &[]).map(|c| c.schedule),
@@ -30,7 +31,7 @@ fn every_shipped_config_loads_into_its_stage() {
             "reward" => load::<RewardConfig>(Some(f), &[]).map(|c| c.schedule),
             "dpo" => load::<DpoConfig>(Some(f), &[]).map(|c| c.schedule),
             "ppo" => load::<PpoConfig>(Some(f), &[]).map(|c| c.schedule),
-            "grpo" => load::<GrpoConfig>(Some(f), &[]).map(|c| c.schedule),
+            "grpo" | "online" => load::<GrpoConfig>(Some(f), &[]).map(|c| c.schedule),
             other => panic!("{}: no stage named {other:?}", f.display()),
         };
         schedule.unwrap_or_else(|e| panic!("{e}"));

@@ -232,8 +232,12 @@ fn bad_shapes_are_clear_errors() {
     assert!(train(c.clone(), false).unwrap_err().to_string().contains("REINFORCE++-baseline needs num_generations"));
     c.algo = GRPO;
     c.dynamic_sampling = Some(rlhf::stages::grpo::DynamicSampling { max_generation_batches: 0 });
-    let e = train(c, false).unwrap_err().to_string();
+    let e = train(c.clone(), false).unwrap_err().to_string();
     assert!(e.contains("dynamic_sampling.max_generation_batches must be at least 1"), "{e}");
+    c.dynamic_sampling = Some(rlhf::stages::grpo::DynamicSampling { max_generation_batches: 2 });
+    c.algo = Algo::Remax {};
+    let e = train(c, false).unwrap_err().to_string();
+    assert!(e.contains("dynamic_sampling needs num_generations ≥ 2"), "{e}");
     let e = serde_json::from_str::<GrpoConfig>(r#"{"dynamic_sampling": {"max_batches": 4}}"#).unwrap_err();
     assert!(e.to_string().contains("unknown field `max_batches`"), "{e}");
 }

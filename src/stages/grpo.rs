@@ -461,6 +461,9 @@ fn validate(cfg: &GrpoConfig) -> Result<()> {
             "REINFORCE++-baseline needs num_generations ≥ 2 (a group of one is its own mean: every score would be 0)"
         );
     }
+    if cfg.dynamic_sampling.is_some() && cfg.num_generations < 2 {
+        bail!("dynamic_sampling needs num_generations ≥ 2 (a group of one never has two different rewards)");
+    }
     if let Algo::OnlineDpo { loss } = cfg.algo {
         validate_online_dpo(cfg, loss)?;
     }
