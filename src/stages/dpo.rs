@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{epochs_seen, mix, EpochOrder};
 use crate::device::DeviceKind;
-use crate::math::dpo::{dpo_loss, DpoLoss, PairLogps};
+use crate::math::dpo::{dpo_loss, DpoLoss, DpoOutput, PairLogps};
 use crate::preference::{PreferenceFormat, RewardTruncation};
 use crate::prompt_format::ChatPrompt;
 use crate::run::RunDir;
@@ -195,6 +195,40 @@ pub(crate) fn sums(lpe: &[f32], seqs: &[&Seq]) -> Vec<f64> {
         .collect()
 }
 
+/// A pairwise loss of [`dpo_loss`] over sequences whose per-token log-probs lie back to back
+/// in `lpe` (as [`sums`] reads them): pair `j` is the sequences `pairs[j]` = (chosen,
+/// rejected), with the reference's sums `ref_logps[j]`. Returns the loss's output and its
+/// gradient with respect to `lpe`: every token its sequence's derivative times `scale`, the
+/// entropies none.
+pub(crate) fn pairwise_loss(
+    lpe: &[f32],
+    seqs: &[&Seq],
+    (pairs, ref_logps): (&[(usize, usize)], &[(f64, f64)]),
+    (beta, loss, scale): (f64, DpoLoss, f64),
+) -> (DpoOutput, Vec<f64>) {
+    let s = sums(lpe, seqs);
+    let (pc, pr): (Vec<f64>, Vec<f64>) = pairs.iter().map(|&(c, r)| (s[c], s[r])).unzip();
+    let (rc, rr): (Vec<f64>, Vec<f64>) = ref_logps.iter().copied().unzip();
+    let (ct, rt): (Vec<usize>, Vec<usize>) =
+        pairs.iter().map(|&(c, r)| (seqs[c].resp_len(), seqs[r].resp_len())).unzip();
+    let x_pairs = PairLogps {
+        policy_chosen: &pc,
+        policy_rejected: &pr,
+        ref_chosen: &rc,
+        ref_rejected: &rr,
+        chosen_tokens: &ct,
+        rejected_tokens: &rt,
+    };
+    let out = dpo_loss(x_pairs, beta, loss);
+    let mut d = vec![0.0; seqs.len()];
+    for (j, &(c, r)) in pairs.iter().enumerate() {
+        (d[c], d[r]) = (out.d_policy_chosen[j] * scale, out.d_policy_rejected[j] * scale);
+    }
+    let mut grad: Vec<f64> = seqs.iter().zip(&d).flat_map(|(q, &g)| std::iter::repeat_n(g, q.resp_len())).collect();
+    grad.resize(lpe.len(), 0.0);
+    (out, grad)
+}
+
 /// Per batch: the loss and, per item, its implicit rewards.
 #[derive(Debug, Clone, Default)]
 pub struct BatchOut {
@@ -220,34 +254,15 @@ pub fn pair_loss<D: FusedOps, T: Tape<f32, D>>(
     let lpe = seq_logps(policy, &seqs, pad, tape)?;
     let mut res = BatchOut::default();
     let loss = host_loss(lpe, |x| {
-        let s = sums(x, &seqs);
-        let (pc, pr): (Vec<f64>, Vec<f64>) =
-            (s.iter().step_by(2).copied().collect(), s.iter().skip(1).step_by(2).copied().collect());
-        let (rc, rr): (Vec<f64>, Vec<f64>) = pairs.iter().map(|p| p.ref_logps).unzip();
-        let (ct, rt): (Vec<usize>, Vec<usize>) =
-            pairs.iter().map(|p| (p.chosen.resp_len(), p.rejected.resp_len())).unzip();
-        let x_pairs = PairLogps {
-            policy_chosen: &pc,
-            policy_rejected: &pr,
-            ref_chosen: &rc,
-            ref_rejected: &rr,
-            chosen_tokens: &ct,
-            rejected_tokens: &rt,
-        };
-        let out = dpo_loss(x_pairs, cfg.beta, cfg.loss);
+        let chosen_rejected: Vec<(usize, usize)> = (0..pairs.len()).map(|j| (2 * j, 2 * j + 1)).collect();
+        let ref_logps: Vec<(f64, f64)> = pairs.iter().map(|p| p.ref_logps).collect();
+        let (out, grad) = pairwise_loss(x, &seqs, (&chosen_rejected, &ref_logps), (cfg.beta, cfg.loss, 1.0));
         res = BatchOut {
             loss: out.loss,
             rewards: out.chosen_rewards.iter().copied().zip(out.rejected_rewards.iter().copied()).collect(),
             z0: None,
             tokens: seqs.iter().map(|s| s.ids.len()).sum(),
         };
-        // every token of a sequence gets its sequence's gradient; entropies get none
-        let mut grad = Vec::with_capacity(x.len());
-        for (k, seq) in seqs.iter().enumerate() {
-            let g = if k % 2 == 0 { out.d_policy_chosen[k / 2] } else { out.d_policy_rejected[k / 2] };
-            grad.extend(std::iter::repeat_n(g, seq.resp_len()));
-        }
-        grad.resize(x.len(), 0.0);
         (out.loss, grad)
     });
     Ok((loss, res))

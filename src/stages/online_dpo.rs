@@ -16,8 +16,9 @@ use dfdx::prelude::*;
 use rlhf_policies::fused::host_loss;
 use rlhf_policies::{CausalLm, FusedOps};
 
-use crate::math::dpo::{dpo_loss, DpoLoss, PairLogps};
+use crate::math::dpo::DpoLoss;
 use crate::stages::common::{shuffled_minibatches, LossOn};
+use crate::stages::dpo::pairwise_loss;
 use crate::stages::grpo::GrpoConfig;
 use crate::stages::grpo_step::{Scored, UpdateStats};
 use crate::stages::ppo_models::{logprobs_and_entropy, Seq};
@@ -58,40 +59,17 @@ pub(crate) fn micro_loss<D: FusedOps>(
     tape: OwnedTape<f32, D>,
 ) -> Result<LossOn<D>> {
     let seqs: Vec<&Seq> = micro.iter().map(|&i| &s.seqs[i]).collect();
-    let lens: Vec<usize> = seqs.iter().map(|q| q.resp_len()).collect();
-    let starts: Vec<usize> = lens.iter().scan(0, |o, &l| Some(std::mem::replace(o, *o + l))).collect();
-    let all: usize = lens.iter().sum();
+    let all: usize = seqs.iter().map(|q| q.resp_len()).sum();
+    // (chosen, rejected) positions in the micro-batch, and the reference's sums
+    let pairs: Vec<(usize, usize)> = (0..micro.len() / 2)
+        .map(|j| if s.chosen[micro[2 * j]] { (2 * j, 2 * j + 1) } else { (2 * j + 1, 2 * j) })
+        .collect();
+    let ref_sum = |k: usize| s.ref_logprobs[micro[k]].iter().map(|&v| v as f64).sum::<f64>();
+    let ref_logps: Vec<(f64, f64)> = pairs.iter().map(|&(c, r)| (ref_sum(c), ref_sum(r))).collect();
     let lpe = logprobs_and_entropy(policy, &seqs, pad, cfg.temperature, tape)?;
     let scale = 1.0 / cfg.grad_accum as f64;
     Ok(host_loss(lpe, |x| {
-        let sum = |k: usize| x[starts[k]..starts[k] + lens[k]].iter().map(|&v| v as f64).sum::<f64>();
-        let ref_sum = |k: usize| s.ref_logprobs[micro[k]].iter().map(|&v| v as f64).sum::<f64>();
-        // (chosen, rejected) positions in the micro-batch
-        let pairs: Vec<(usize, usize)> = (0..micro.len() / 2)
-            .map(|j| if s.chosen[micro[2 * j]] { (2 * j, 2 * j + 1) } else { (2 * j + 1, 2 * j) })
-            .collect();
-        let mut cols: [Vec<f64>; 4] = Default::default();
-        for &(a, b) in &pairs {
-            for (c, v) in cols.iter_mut().zip([sum(a), sum(b), ref_sum(a), ref_sum(b)]) {
-                c.push(v);
-            }
-        }
-        let [pc, pr, rc, rr] = cols;
-        let (ct, rt): (Vec<usize>, Vec<usize>) = pairs.iter().map(|&(a, b)| (lens[a], lens[b])).unzip();
-        let x_pairs = PairLogps {
-            policy_chosen: &pc,
-            policy_rejected: &pr,
-            ref_chosen: &rc,
-            ref_rejected: &rr,
-            chosen_tokens: &ct,
-            rejected_tokens: &rt,
-        };
-        let out = dpo_loss(x_pairs, cfg.beta, loss);
-        let mut grad = vec![0.0; x.len()];
-        for (j, &(a, b)) in pairs.iter().enumerate() {
-            grad[starts[a]..starts[a] + lens[a]].fill(out.d_policy_chosen[j] * scale);
-            grad[starts[b]..starts[b] + lens[b]].fill(out.d_policy_rejected[j] * scale);
-        }
+        let (out, grad) = pairwise_loss(x, &seqs, (&pairs, &ref_logps), (cfg.beta, loss, scale));
         st.loss += out.loss * scale;
         st.tokens += all;
         st.sums[3] += x[all..].iter().map(|&h| h as f64).sum::<f64>();
