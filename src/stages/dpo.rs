@@ -203,7 +203,8 @@ pub(crate) fn sums(lpe: &[f32], seqs: &[&Seq]) -> Vec<f64> {
 pub(crate) fn pairwise_loss(
     lpe: &[f32],
     seqs: &[&Seq],
-    (pairs, ref_logps): (&[(usize, usize)], &[(f64, f64)]),
+    pairs: &[(usize, usize)],
+    ref_logps: &[(f64, f64)],
     (beta, loss, scale): (f64, DpoLoss, f64),
 ) -> (DpoOutput, Vec<f64>) {
     let s = sums(lpe, seqs);
@@ -256,7 +257,7 @@ pub fn pair_loss<D: FusedOps, T: Tape<f32, D>>(
     let loss = host_loss(lpe, |x| {
         let chosen_rejected: Vec<(usize, usize)> = (0..pairs.len()).map(|j| (2 * j, 2 * j + 1)).collect();
         let ref_logps: Vec<(f64, f64)> = pairs.iter().map(|p| p.ref_logps).collect();
-        let (out, grad) = pairwise_loss(x, &seqs, (&chosen_rejected, &ref_logps), (cfg.beta, cfg.loss, 1.0));
+        let (out, grad) = pairwise_loss(x, &seqs, &chosen_rejected, &ref_logps, (cfg.beta, cfg.loss, 1.0));
         res = BatchOut {
             loss: out.loss,
             rewards: out.chosen_rewards.iter().copied().zip(out.rejected_rewards.iter().copied()).collect(),

@@ -69,7 +69,7 @@ pub(crate) fn micro_loss<D: FusedOps>(
     let lpe = logprobs_and_entropy(policy, &seqs, pad, cfg.temperature, tape)?;
     let scale = 1.0 / cfg.grad_accum as f64;
     Ok(host_loss(lpe, |x| {
-        let (out, grad) = pairwise_loss(x, &seqs, (&pairs, &ref_logps), (cfg.beta, loss, scale));
+        let (out, grad) = pairwise_loss(x, &seqs, &pairs, &ref_logps, (cfg.beta, loss, scale));
         st.loss += out.loss * scale;
         st.tokens += all;
         st.sums[3] += x[all..].iter().map(|&h| h as f64).sum::<f64>();
