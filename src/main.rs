@@ -15,11 +15,12 @@ use rlhf::stages::pretrain::{self, PretrainConfig};
 use rlhf::stages::reward::{self, RewardConfig};
 use rlhf::stages::reward_spec::RewardSpec;
 use rlhf::stages::sft::{self, SftConfig};
-use rlhf_policies::checkpoint::load_with_tokenizer;
-use rlhf_policies::{generate_from_with, CausalLm, FusedOps, ModelConfig, SamplingConfig, Tokenizer, WeightDtype};
+use rlhf_policies::{CausalLm, FusedOps, ModelConfig, Tokenizer};
 
 mod bench_cli;
+mod generate_cli;
 use bench_cli::*;
+use generate_cli::{chat_cmd, generate_cmd, ChatArgs, GenerateArgs, Weights};
 
 /// RLHF in Rust: pretraining, SFT, reward models and PPO on small language models.
 #[derive(Debug, Parser)]
@@ -70,6 +71,9 @@ enum Command {
     /// online_dpo`.
     #[command(name = "online-dpo")]
     OnlineDpo(PpoArgs),
+    /// Talk to a chat model at the terminal: each line is a user message, the reply follows
+    /// (the whole conversation in the model's chat template).
+    Chat(ChatArgs),
     /// Loss and perplexity of a checkpoint on a text file (non-overlapping blocks).
     Eval(EvalArgs),
     /// Write RUN_DIR/report.html: plots of every stage's metrics (and the demo's table and
@@ -101,107 +105,6 @@ struct InitArgs {
     /// Seed of the weight init.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-}
-
-#[derive(Debug, clap::Args)]
-struct GenerateArgs {
-    /// Checkpoint folder (config.json, model.safetensors, tokenizer.json).
-    #[arg(long)]
-    model: PathBuf,
-    /// Prompt text (used as is).
-    #[arg(long, required_unless_present_any = ["chat", "prompts"], conflicts_with_all = ["chat", "prompts"])]
-    prompt: Option<String>,
-    /// A user message, formatted with the model's chat template (a GGUF file's own, or
-    /// `chat_template.jinja` / `tokenizer_config.json` beside the model).
-    #[arg(long, conflicts_with = "prompts")]
-    chat: Option<String>,
-    /// System message for --chat or --in-chat (default: the template's own default, if any).
-    #[arg(long)]
-    system: Option<String>,
-    /// A JSONL file of prompt records: every prompt's completions (--samples each, --batch at
-    /// a time) go out as JSON lines (record, sample, prompt, completion, tokens, logprob,
-    /// finished, and reward with --reward-model) to --out or stdout.
-    #[arg(long)]
-    prompts: Option<PathBuf>,
-    /// --prompts: the records' prompt field.
-    #[arg(long, default_value = "prompt", requires = "prompts")]
-    prompt_field: String,
-    /// --prompts: the prompt template (`{prompt}` is replaced).
-    #[arg(long, default_value = "{prompt}", requires = "prompts")]
-    prompt_template: String,
-    /// --prompts: put each templated prompt in the model's chat template as the user turn (as
-    /// a stage's `"chat": {}`; prompts that are message lists take the template without it).
-    #[arg(long, requires = "prompts")]
-    in_chat: bool,
-    /// --prompts: completions per prompt.
-    #[arg(long, default_value_t = 1, requires = "prompts", value_parser = clap::value_parser!(u64).range(1..))]
-    samples: u64,
-    /// --prompts: write only each prompt's highest-reward completion of its --samples
-    /// (rejection sampling; `rlhf sft --set response_field=completion` trains on the file).
-    #[arg(long, requires = "prompts")]
-    best_of: bool,
-    /// --prompts: sequences per batch (the output depends on --seed and --batch).
-    #[arg(long, default_value_t = 16, requires = "prompts", value_parser = clap::value_parser!(u64).range(1..))]
-    batch: u64,
-    /// --prompts: write the JSON lines here instead of stdout.
-    #[arg(long, requires = "prompts")]
-    out: Option<PathBuf>,
-    /// --prompts: the records' reference-answer field (written out, and handed to --reward).
-    #[arg(long, requires = "prompts")]
-    reference_field: Option<String>,
-    /// --prompts: skip (and count) prompts longer than this many tokens after the template;
-    /// without it, a prompt that leaves no room for --max-new-tokens is an error.
-    #[arg(long, requires = "prompts")]
-    max_prompt_len: Option<usize>,
-    /// --prompts: score each completion with this reward model folder (its own tokenizer and
-    /// stored normalisation).
-    #[arg(long, requires = "prompts", conflicts_with = "reward")]
-    reward_model: Option<PathBuf>,
-    /// --prompts: score each completion with a reward as PPO's config gives it, e.g.
-    /// `'{"kind": "answer", "extraction": "flexible"}'` with --reference-field answer.
-    #[arg(long, requires = "prompts")]
-    reward: Option<String>,
-    /// Maximum number of new tokens.
-    #[arg(long, default_value_t = 64)]
-    max_new_tokens: usize,
-    /// Sampling temperature.
-    #[arg(long, default_value_t = 1.0)]
-    temperature: f32,
-    /// Keep only the k most likely tokens (0 = off).
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    /// Nucleus sampling mass (1 = off).
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// Seed of the sampler.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Greedy decoding (argmax) instead of sampling.
-    #[arg(long)]
-    greedy: bool,
-    /// Storage precision of the sampling engine's weights (f16 halves the memory traffic).
-    #[arg(long, value_enum, default_value = "f32")]
-    weights: Weights,
-    /// Device: cpu (the host engine), or cuda (the model's KV-cached decode on GPU 0; needs a
-    /// build with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
-    device: DeviceKind,
-}
-
-/// `--weights` values.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum Weights {
-    F32,
-    F16,
-}
-
-impl From<Weights> for WeightDtype {
-    fn from(w: Weights) -> Self {
-        match w {
-            Weights::F32 => WeightDtype::F32,
-            Weights::F16 => WeightDtype::F16,
-        }
-    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -331,6 +234,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Init(a) => init(a),
         Command::Generate(a) => generate_cmd(a),
+        Command::Chat(a) => chat_cmd(a),
         Command::Pretrain(a) => run_stage(&a, |_| {}, |c: &PretrainConfig| c.out_dir.clone(), pretrain::train),
         Command::Sft(a) => run_stage(&a, |_| {}, |c: &SftConfig| c.out_dir.clone(), sft::train),
         Command::Reward(a) => run_stage(&a, |_| {}, |c: &RewardConfig| c.out_dir.clone(), reward::train),
@@ -397,112 +301,6 @@ fn init(a: InitArgs) -> Result<()> {
 }
 
 /// The flags' sampling settings, stopping at `eos`.
-fn sampling_config(a: &GenerateArgs, eos: Option<u32>) -> SamplingConfig {
-    SamplingConfig {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        greedy: a.greedy,
-        eos_ids: eos.into_iter().collect(),
-        seed: a.seed,
-        ..SamplingConfig::default()
-    }
-}
-
-/// The chat-formatted prompt for `--chat` (with `--system` if given).
-fn chat_prompt<D: FusedOps>(a: &GenerateArgs, model: &CausalLm<D>, tok: &Tokenizer, user: &str) -> Result<String> {
-    let template = rlhf_policies::chat::ChatTemplate::of_model(tok, &model.config, &a.model)?;
-    Ok(template.user_prompt(a.system.as_deref(), user)?)
-}
-
-fn generate_cmd(mut a: GenerateArgs) -> Result<()> {
-    resolve_model_in(&mut a.model)?;
-    if let Some(rm) = a.reward_model.as_mut() {
-        resolve_model_in(rm)?;
-    }
-    if a.device != DeviceKind::Cpu && !matches!(a.weights, Weights::F32) {
-        bail!("--weights is the CPU host engine's option; --device {} decodes in f32", a.device);
-    }
-    rlhf::on_device!(a.device, dev => generate_on(&a, dev))
-}
-
-fn generate_on<D: FusedOps>(a: &GenerateArgs, dev: &D) -> Result<()> {
-    if a.system.is_some() && a.chat.is_none() && !a.in_chat {
-        bail!("--system needs --chat (or --in-chat with --prompts)");
-    }
-    if let Some(prompts) = &a.prompts {
-        return generate_file(a, prompts, dev);
-    }
-    let (model, tok) = load_with_tokenizer(&a.model, dev)?;
-    let text = match (&a.prompt, &a.chat) {
-        (Some(p), _) => p.clone(),
-        (None, Some(user)) => chat_prompt(a, &model, &tok, user)?,
-        (None, None) => bail!("--prompt or --chat is required"),
-    };
-    let prompt = tok.encode(&text)?;
-    if prompt.is_empty() {
-        bail!("--prompt encodes to no tokens");
-    }
-    let eos = tok.eos_for(&model.config);
-    let pad = tok.pad_id().or(model.config.pad_token_id()).or(eos).unwrap_or(0);
-    let cfg = sampling_config(a, eos);
-    let t0 = Instant::now();
-    let out = generate_from_with(&model, &[prompt], pad, &cfg, a.weights.into())?;
-    let secs = t0.elapsed().as_secs_f64();
-    let new = &out.tokens[0];
-    println!("{}{}", text, tok.decode(new)?);
-    let lp: f32 = out.logprobs[0].iter().sum();
-    eprintln!(
-        "[{} new tokens in {:.3} s, {:.0} tok/s; sum log-prob {:.3}; {}]",
-        new.len(),
-        secs,
-        new.len() as f64 / secs,
-        lp,
-        if out.finished[0] { "stopped at EOS" } else { "reached max_new_tokens" }
-    );
-    Ok(())
-}
-
-/// `rlhf generate --prompts`: see [`rlhf::generate::generate_file`].
-fn generate_file<D: FusedOps>(a: &GenerateArgs, prompts: &std::path::Path, dev: &D) -> Result<()> {
-    let g = rlhf::generate::FileGeneration {
-        prompts: prompts.to_path_buf(),
-        field: a.prompt_field.clone(),
-        reference_field: a.reference_field.clone(),
-        template: a.prompt_template.clone(),
-        chat: a.in_chat.then(|| rlhf::prompt_format::ChatPrompt { system: a.system.clone(), ..Default::default() }),
-        samples: a.samples as usize,
-        batch: a.batch as usize,
-        sampling: sampling_config(a, None),
-        weights: a.weights.into(),
-        reward: match (&a.reward_model, &a.reward) {
-            (Some(path), _) => Some(RewardSpec::Model { path: path.clone(), normalize: true }),
-            (None, Some(json)) => {
-                Some(serde_json::from_str(json).with_context(|| format!("--reward {json}: not a reward"))?)
-            }
-            (None, None) => None,
-        },
-        max_prompt_len: a.max_prompt_len,
-        best_of: a.best_of,
-    };
-    let mut out: Box<dyn std::io::Write> = match &a.out {
-        Some(p) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?,
-        )),
-        None => Box::new(std::io::stdout().lock()),
-    };
-    let s = rlhf::generate::generate_file(&a.model, &g, &mut out, dev)?;
-    let mut reward = s.mean_reward.map(|r| format!("; mean reward {r:.4}")).unwrap_or_default();
-    if let Some(best) = s.mean_best_reward {
-        reward += &format!(", best of {} {best:.4}", a.samples);
-    }
-    let skipped =
-        if s.skipped_prompts > 0 { format!(" ({} skipped as too long)", s.skipped_prompts) } else { String::new() };
-    eprintln!("[{} completions of {} prompts{skipped}, {} new tokens{reward}]", s.completions, s.prompts, s.tokens);
-    Ok(())
-}
-
 /// The stage config: a fresh `--config` (+ `--set`), or the run's own `config.json` when
 /// resuming (+ `--set`, with `out_dir` pinned to the run). Returns it and whether to resume.
 fn stage_config<T: serde::de::DeserializeOwned>(a: &StageArgs) -> Result<(T, bool)> {

@@ -327,3 +327,47 @@ fn algorithm_commands_and_loss_flags_pick_their_variant() {
         assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["loss"]["kind"], loss);
     }
 }
+
+/// `rlhf chat`: each input line is a user message answered in the model's chat template, the
+/// conversation carried from turn to turn (here visible as a growing prompt that eventually
+/// no longer fits and loses its oldest exchange); `/reset` forgets it, a message too long for
+/// the model is an error that leaves the conversation going, and a model without a template
+/// is an error.
+#[test]
+fn chat_answers_line_by_line_in_the_template() {
+    use std::io::Write;
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    let (ok, _, err) = rlhf(&["init", "--preset", "tiny", "--out", &m.display().to_string(), "--seed", "1"]);
+    assert!(ok, "{err}");
+    let chat = |input: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+            .args(["chat", "--model", &m.display().to_string(), "--greedy", "--max-new-tokens", "8"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, _, err) = chat("hi\n");
+    assert!(!ok && err.contains("chat_template"), "{err}");
+    let template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
+    std::fs::write(m.join("chat_template.jinja"), template).unwrap();
+    let long = "x".repeat(300);
+    let turn = "a message of about sixty characters, to fill the positions..";
+    let input = format!("hi\n/reset\n{long}\nhello\n{}/quit\nnever read\n", format!("{turn}\n").repeat(4));
+    let (ok, out, err) = chat(&input);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 6, "one reply per message that fits: {out:?}");
+    assert!(err.contains("[the conversation is forgotten]"), "{err}");
+    assert!(err.contains("error: the message takes") && err.contains("256 positions"), "{err}");
+    assert!(err.contains("[the oldest exchange is forgotten"), "the growing conversation outgrew 256 positions: {err}");
+    assert_eq!(err.matches(" tok/s").count(), 6, "{err}");
+}
