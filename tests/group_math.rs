@@ -5,8 +5,8 @@ mod common;
 
 use common::*;
 use rlhf::math::group::{
-    clipped_token_loss, grpo_advantages, reinforce_pp_advantages, rloo_advantages, LossAggregation, RewardScale,
-    TokenBatch, Whitening,
+    clipped_token_loss, grpo_advantages, reinforce_pp_advantages, rloo_advantages, ImportanceLevel, LossAggregation,
+    RewardScale, TokenBatch, Whitening,
 };
 use serde_json::Value;
 
@@ -90,7 +90,8 @@ fn the_clipped_token_loss_and_its_four_aggregations_match() {
         ("loss_dr_grpo", LossAggregation::DrGrpo),
         ("loss_dapo", LossAggregation::Dapo),
     ] {
-        let out = clipped_token_loss(batch, (eps_low, eps_high, beta), agg, l_max, n_valid as f64);
+        let out =
+            clipped_token_loss(batch, (eps_low, eps_high, beta), (agg, ImportanceLevel::Token), l_max, n_valid as f64);
         let want = g[field].as_f64().unwrap();
         assert!(close(out.loss, want), "{field}: {} vs {want}", out.loss);
         let per_token: Vec<f32> = out.per_token_loss.concat().iter().map(|&v| v as f32).collect();

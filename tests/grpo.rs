@@ -43,8 +43,13 @@ fn metrics(dir: &std::path::Path) -> Vec<serde_json::Value> {
 const GRPO: Algo = Algo::Grpo { scale_rewards: rlhf::math::group::RewardScale::Group, std_eps: 1e-4 };
 
 fn learns(algo: Algo) {
+    learns_with(algo, |_| {});
+}
+
+fn learns_with(algo: Algo, tweak: impl Fn(&mut GrpoConfig)) {
     let d = tempfile::tempdir().unwrap();
-    let c = cfg(d.path(), algo, 12);
+    let mut c = cfg(d.path(), algo, 12);
+    tweak(&mut c);
     let before = std::fs::read(c.policy.join("model.safetensors")).unwrap();
     let report = train(c.clone(), false).unwrap();
     let m = metrics(d.path());
@@ -70,6 +75,12 @@ fn learns(algo: Algo) {
 #[test]
 fn grpo_learns_the_rule_with_its_invariants() {
     learns(GRPO);
+}
+
+/// GSPO: one clipped ratio per completion (TRL's `importance_sampling_level = sequence`).
+#[test]
+fn gspo_learns_the_rule_with_sequence_ratios() {
+    learns_with(GRPO, |c| c.importance_sampling_level = rlhf::math::group::ImportanceLevel::Sequence);
 }
 
 #[test]

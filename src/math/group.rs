@@ -224,6 +224,19 @@ pub fn dynamic_batch(informative: &[bool], needed: usize) -> Vec<usize> {
     (0..informative.len()).filter(|&g| chosen[g]).collect()
 }
 
+/// Which importance ratio the clipped loss uses (TRL's `importance_sampling_level`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImportanceLevel {
+    /// Each token's own `exp(log π_θ − log π_old)` (GRPO, PPO).
+    #[default]
+    Token,
+    /// GSPO (Zheng et al. 2025, eq. 7): one ratio per sequence, the geometric mean of its
+    /// tokens' `exp(mean_t(log π_θ − log π_old))`, clipped as a whole (the paper's ε are ~1e-4
+    /// wide).
+    Sequence,
+}
+
 /// One batch of sequences for [`clipped_token_loss`]: per sequence, the valid tokens' values.
 #[derive(Debug, Clone, Copy)]
 pub struct TokenBatch<'a> {
@@ -261,11 +274,13 @@ pub struct TokenLoss {
 /// k3_t = exp(ref − logprobs) − (ref − logprobs) − 1
 /// ```
 /// aggregated as `aggregation` says; `normalizer` is the token count of the optimizer step's
-/// batch (for `dapo`) and `max_completion_length` the `L` of `dr_grpo`.
+/// batch (for `dapo`) and `max_completion_length` the `L` of `dr_grpo`. At the `sequence`
+/// level ρ is the sequence's `exp(mean_t(logprobs − old))` for each of its tokens (GSPO), so
+/// every token's surrogate term reaches every token of its sequence through the mean.
 pub fn clipped_token_loss(
     x: TokenBatch<'_>,
     (eps_low, eps_high, beta): (f64, f64, f64),
-    aggregation: LossAggregation,
+    (aggregation, level): (LossAggregation, ImportanceLevel),
     max_completion_length: usize,
     normalizer: f64,
 ) -> TokenLoss {
@@ -282,15 +297,24 @@ pub fn clipped_token_loss(
             LossAggregation::Dapo => 1.0 / normalizer.max(1.0),
         };
         let (mut losses, mut grads) = (Vec::with_capacity(len), Vec::with_capacity(len));
+        let log_ratio = |t: usize| x.logprobs[i][t] as f64 - x.old_logprobs[i][t] as f64;
+        let sequence_ratio = (level == ImportanceLevel::Sequence)
+            .then(|| ((0..len).map(log_ratio).sum::<f64>() / len.max(1) as f64).exp());
+        // GSPO: the surrogate's gradient with respect to the sequence's mean log-ratio
+        let mut sequence_grad = 0.0;
         for t in 0..len {
             let lp = x.logprobs[i][t] as f64;
             let a = x.advantages[i][t] as f64;
-            let ratio = (lp - x.old_logprobs[i][t] as f64).exp();
+            let ratio = sequence_ratio.unwrap_or_else(|| log_ratio(t).exp());
             let clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high);
             let (unclipped_obj, clipped_obj) = (ratio * a, clipped * a);
             // −min(·): the gradient flows through the unclipped branch when it is the minimum
             let (mut l, mut g) =
                 if unclipped_obj <= clipped_obj { (-unclipped_obj, -unclipped_obj) } else { (-clipped_obj, 0.0) };
+            if sequence_ratio.is_some() {
+                sequence_grad += w * g;
+                g = 0.0;
+            }
             if let Some(r) = x.ref_logprobs {
                 let d = r[i][t] as f64 - lp;
                 let k3 = d.exp() - d - 1.0;
@@ -303,6 +327,9 @@ pub fn clipped_token_loss(
             out.loss += w * l;
             losses.push(l);
             grads.push(w * g);
+        }
+        for g in grads.iter_mut().filter(|_| sequence_ratio.is_some()) {
+            *g += sequence_grad / len as f64;
         }
         out.per_token_loss.push(losses);
         out.grad.push(grads);
@@ -320,10 +347,14 @@ mod tests {
         let old = vec![vec![-1.1f32, -1.7, -0.9], vec![-2.9, -0.4]];
         let rf = vec![vec![-1.3f32, -2.2, -0.4], vec![-3.5, -0.2]];
         let adv = vec![vec![0.7f32; 3], vec![-1.2; 2]];
-        for agg in [LossAggregation::Grpo, LossAggregation::Bnpo, LossAggregation::DrGrpo, LossAggregation::Dapo] {
+        let aggregations =
+            [LossAggregation::Grpo, LossAggregation::Bnpo, LossAggregation::DrGrpo, LossAggregation::Dapo];
+        for (agg, level) in
+            aggregations.into_iter().flat_map(|a| [(a, ImportanceLevel::Token), (a, ImportanceLevel::Sequence)])
+        {
             let f = |lp: &[Vec<f32>]| {
                 let x = TokenBatch { logprobs: lp, old_logprobs: &old, ref_logprobs: Some(&rf), advantages: &adv };
-                clipped_token_loss(x, (0.2, 0.28, 0.04), agg, 4, 7.0)
+                clipped_token_loss(x, (0.2, 0.28, 0.04), (agg, level), 4, 7.0)
             };
             let out = f(&lp);
             for (i, t) in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)] {
@@ -332,9 +363,34 @@ mod tests {
                 up[i][t] += h;
                 dn[i][t] -= h;
                 let fd = (f(&up).loss - f(&dn).loss) / (2.0 * h as f64);
-                assert!((fd - out.grad[i][t]).abs() < 1e-4, "{agg:?} [{i},{t}]: {fd} vs {}", out.grad[i][t]);
+                assert!((fd - out.grad[i][t]).abs() < 1e-4, "{agg:?} {level:?} [{i},{t}]: {fd} vs {}", out.grad[i][t]);
             }
         }
+    }
+
+    #[test]
+    fn sequence_ratios_are_token_ratios_for_one_token_and_share_the_gradient_at_the_start() {
+        let agg = (LossAggregation::Bnpo, ImportanceLevel::Token);
+        let seq = (LossAggregation::Bnpo, ImportanceLevel::Sequence);
+        // one token per sequence: the two levels are the same loss
+        let (lp, old, adv) =
+            (vec![vec![-1.0f32], vec![-2.0]], vec![vec![-1.2f32], vec![-1.9]], vec![vec![0.5f32], vec![-1.0]]);
+        let x = TokenBatch { logprobs: &lp, old_logprobs: &old, ref_logprobs: None, advantages: &adv };
+        let (a, b) =
+            (clipped_token_loss(x, (0.2, 0.2, 0.0), agg, 1, 2.0), clipped_token_loss(x, (0.2, 0.2, 0.0), seq, 1, 2.0));
+        assert!(
+            (a.loss - b.loss).abs() < 1e-12
+                && a.grad.iter().flatten().zip(b.grad.iter().flatten()).all(|(g, h)| (g - h).abs() < 1e-12)
+        );
+        // π_θ = π_old: ratio 1 at both levels, the same loss, and the sequence level spreads each
+        // sequence's gradient evenly over its tokens
+        let lp = vec![vec![-1.0f32, -2.0, -0.5]];
+        let adv = vec![vec![0.5f32, 1.0, 1.5]];
+        let x = TokenBatch { logprobs: &lp, old_logprobs: &lp, ref_logprobs: None, advantages: &adv };
+        let (a, b) =
+            (clipped_token_loss(x, (0.2, 0.2, 0.0), agg, 3, 3.0), clipped_token_loss(x, (0.2, 0.2, 0.0), seq, 3, 3.0));
+        assert!((a.loss - b.loss).abs() < 1e-12);
+        assert!(b.grad[0].iter().all(|&g| (g - a.grad[0].iter().sum::<f64>() / 3.0).abs() < 1e-12), "{:?}", b.grad);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::DeviceKind;
 use crate::math::dpo::DpoLoss;
-use crate::math::group::{LossAggregation, RewardScale, Whitening};
+use crate::math::group::{ImportanceLevel, LossAggregation, RewardScale, Whitening};
 use crate::prompt_format::ChatPrompt;
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
@@ -209,6 +209,10 @@ pub struct GrpoConfig {
     pub beta: f64,
     /// How per-token losses are aggregated. Default `dapo` (TRL's default).
     pub loss_type: LossAggregation,
+    /// The importance ratio of the clipped loss: `token` (default) or `sequence` (GSPO, TRL's
+    /// `importance_sampling_level`: one length-normalised ratio per completion; the paper
+    /// clips it with ε_low 3e-4 and ε_high 4e-4).
+    pub importance_sampling_level: ImportanceLevel,
     /// Leave completions that hit `max_new_tokens` without EOS out of the loss (DAPO's overlong
     /// filtering, TRL's `mask_truncated_completions`): their tokens count nowhere, not even in
     /// the normalisers; they still take part in their group's baseline. Default `false`.
@@ -278,6 +282,7 @@ impl Default for GrpoConfig {
             epsilon_high: 0.2,
             beta: 0.04,
             loss_type: LossAggregation::Dapo,
+            importance_sampling_level: ImportanceLevel::Token,
             mask_truncated_completions: false,
             dynamic_sampling: None,
             score: ScoreConfig::default(),

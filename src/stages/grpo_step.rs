@@ -441,7 +441,7 @@ fn micro_loss<D: FusedOps>(
         let out = clipped_token_loss(
             batch,
             (cfg.epsilon_low, cfg.epsilon_high, beta),
-            cfg.loss_type,
+            (cfg.loss_type, cfg.importance_sampling_level),
             cfg.max_new_tokens,
             normalizer,
         );
