@@ -12,7 +12,7 @@ use rlhf::stages::reward_spec::RewardSpec;
 use rlhf_policies::chat::{ChatMessage, ChatTemplate};
 use rlhf_policies::checkpoint::load_with_tokenizer;
 use rlhf_policies::{
-    generate, generate_from_with, CausalLm, FusedOps, InferenceModel, SamplingConfig, Tokenizer, WeightDtype,
+    generate_from_with, generate_observed, CausalLm, FusedOps, InferenceModel, SamplingConfig, Tokenizer, WeightDtype,
 };
 
 #[derive(Debug, clap::Args)]
@@ -287,14 +287,13 @@ pub(crate) fn chat_cmd(mut a: ChatArgs) -> Result<()> {
                 chat.reset();
                 eprintln!("[the conversation is forgotten]");
             }
-            text => match chat.reply(text, a.seed.wrapping_add(turn)) {
-                Ok(reply) => {
-                    println!("{reply}");
-                    std::io::stdout().flush()?;
+            // the reply is streamed to stdout; after an error the conversation goes on
+            // without the message
+            text => {
+                if let Err(e) = chat.reply(text, a.seed.wrapping_add(turn)) {
+                    eprintln!("error: {e:#}");
                 }
-                // the conversation goes on without the message
-                Err(e) => eprintln!("error: {e:#}"),
-            },
+            }
         }
     }
     Ok(())
@@ -319,8 +318,8 @@ impl Conversation<'_> {
         self.messages = system.collect();
     }
 
-    /// The model's reply to `text` (sampled with `seed`), after which both join the
-    /// conversation. Turns are forgotten from the oldest on when the conversation and the reply
+    /// The model's reply to `text` (sampled with `seed`), printed as it comes, after which
+    /// both join the conversation. Turns are forgotten from the oldest on when the conversation and the reply
     /// would not fit the model's positions.
     fn reply(&mut self, text: &str, seed: u64) -> Result<String> {
         self.messages.push(ChatMessage { role: "user".into(), content: text.into() });
@@ -349,14 +348,49 @@ impl Conversation<'_> {
             ..SamplingConfig::default()
         };
         let t0 = Instant::now();
-        let out = generate(&self.engine, &[prompt], self.pad, &cfg)?;
+        let mut stream = Stream { tok: self.tok, shown: String::new() };
+        let out = generate_observed(&self.engine, &[prompt], self.pad, &cfg, &mut |g| stream.show(g))?;
+        stream.show(&out);
+        println!();
+        std::io::stdout().flush()?;
         let new = &out.tokens[0];
-        let ids = if out.finished[0] { &new[..new.len().saturating_sub(1)] } else { &new[..] };
-        let reply = self.tok.decode(ids)?.trim().to_string();
+        let reply = self.tok.decode(reply_ids(&out))?.trim().to_string();
         let secs = t0.elapsed().as_secs_f64();
         let end = if out.finished[0] { "" } else { "; cut at --max-new-tokens" };
         eprintln!("[{} tokens in {secs:.2} s, {:.0} tok/s{end}]", new.len(), new.len() as f64 / secs.max(1e-9));
         self.messages.push(ChatMessage { role: "assistant".into(), content: reply.clone() });
         Ok(reply)
+    }
+}
+
+/// The reply's tokens without the EOS that ended it.
+fn reply_ids(g: &rlhf_policies::Generation) -> &[u32] {
+    let new = &g.tokens[0];
+    if g.finished[0] {
+        &new[..new.len().saturating_sub(1)]
+    } else {
+        new
+    }
+}
+
+/// Prints a reply as it is decoded: after each step, the new whole characters (leading white
+/// space left out, as the stored reply trims it).
+struct Stream<'a> {
+    tok: &'a Tokenizer,
+    /// The (left-trimmed) text printed so far.
+    shown: String,
+}
+
+impl Stream<'_> {
+    fn show(&mut self, g: &rlhf_policies::Generation) {
+        let Ok(text) = self.tok.decode(reply_ids(g)) else { return };
+        // a token that ends inside a character decodes to U+FFFD: wait for the next one
+        let whole = text.trim_start().trim_end_matches('\u{FFFD}');
+        // (a decoder that rewrites earlier text as tokens arrive prints only what extends it)
+        if let Some(more) = whole.strip_prefix(self.shown.as_str()).filter(|m| !m.is_empty()) {
+            print!("{more}");
+            let _ = std::io::stdout().flush();
+            self.shown = whole.to_string();
+        }
     }
 }

@@ -67,8 +67,8 @@ pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradBuffers};
 pub use params::{HasParams, ParamMut, ParamRef};
 pub use reward_model::{LearnedReward, RewardNormalization};
 pub use sampling::{
-    filtered_logprobs, generate, generate_from, generate_from_with, sample_from_logits, Decode, Generation,
-    SamplingConfig,
+    filtered_logprobs, generate, generate_from, generate_from_with, generate_observed, sample_from_logits, Decode,
+    Generation, SamplingConfig,
 };
 pub use session::{policy_session, EngineSession, RolloutEngine, RowEngine};
 pub use tokenizer::Tokenizer;

@@ -136,6 +136,18 @@ pub fn generate<M: Decode>(
     pad_id: u32,
     cfg: &SamplingConfig,
 ) -> Result<Generation, PolicyError> {
+    generate_observed(model, prompts, pad_id, cfg, &mut |_| {})
+}
+
+/// [`generate`], calling `on_step` with the generation so far after every decode step (to
+/// stream the text as it comes).
+pub fn generate_observed<M: Decode>(
+    model: &M,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    cfg: &SamplingConfig,
+    on_step: &mut dyn FnMut(&Generation),
+) -> Result<Generation, PolicyError> {
     cfg.validate()?;
     if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
         return Err(PolicyError::Input("every prompt needs at least one token".into()));
@@ -186,6 +198,7 @@ pub fn generate<M: Decode>(
             out.finished[r] = cfg.ends_row(tok);
             next.push(tok);
         }
+        on_step(&out);
         if step + 1 == cfg.max_new_tokens || out.finished.iter().all(|&f| f) {
             break;
         }
