@@ -2,8 +2,8 @@
 //! bring — `{prompt, chosen, rejected}` pairs, hh-rlhf's full conversations and K-way rankings,
 //! read into one [`Comparison`] type (responses ranked best first) — and KTO's unpaired
 //! `{prompt, completion, label}` examples, read into [`Labelled`]; TRL's conversational
-//! layouts of both (message lists) are rendered with the model's chat template. Comparisons become tokens
-//! ([`TokComparison`]) with [`tokenize_with`], for the reward model and DPO alike.
+//! layouts of both (message lists) are rendered with the model's chat template. Comparisons
+//! become tokens ([`TokComparison`]) with [`tokenize_with`], for the reward model and DPO alike.
 
 use std::path::Path;
 

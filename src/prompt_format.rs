@@ -102,16 +102,17 @@ pub fn split_reply(mut messages: Vec<ChatMessage>) -> Option<(Vec<ChatMessage>, 
 #[derive(Debug, Clone)]
 pub struct PromptFormat {
     template: String,
-    chat: Option<(ChatTemplate, ChatPrompt)>,
-    /// Without `chat`: the model's chat template for conversation prompts, or why it has none
-    /// (an error only when a conversation comes).
-    conversations: Result<ChatTemplate, String>,
+    /// The stage's `chat` setting: text prompts go into the chat template.
+    chat: Option<ChatPrompt>,
+    /// The model's chat template, or why it has none (an error when `chat` is set, or when a
+    /// conversation comes).
+    chat_template: Result<ChatTemplate, String>,
 }
 
 impl PromptFormat {
     /// `template` alone.
     pub fn plain(template: &str) -> Self {
-        PromptFormat { template: template.to_string(), chat: None, conversations: Err("no model".into()) }
+        PromptFormat { template: template.to_string(), chat: None, chat_template: Err("no model was given".into()) }
     }
 
     /// `template`, inside the chat template of the model at `model` (its tokenizer `tok` and
@@ -127,17 +128,17 @@ impl PromptFormat {
             template.contains("{prompt}"),
             "prompt template {template:?} has no {{prompt}}: every record's prompt would be left out"
         );
-        let (chat, conversations) = match chat {
-            Some(c) => (Some((ChatTemplate::of_model(tok, config, model)?, c.clone())), Err(String::new())),
-            None => (None, ChatTemplate::of_model(tok, config, model).map_err(|e| e.to_string())),
-        };
-        Ok(PromptFormat { template: template.to_string(), chat, conversations })
+        let chat_template = ChatTemplate::of_model(tok, config, model).map_err(|e| e.to_string());
+        if let (Some(_), Err(e)) = (chat, &chat_template) {
+            bail!("{e}");
+        }
+        Ok(PromptFormat { template: template.to_string(), chat: chat.cloned(), chat_template })
     }
 
     /// The input text for `prompt`.
     pub fn apply(&self, prompt: &str) -> Result<String> {
         let text = self.template.replace("{prompt}", prompt);
-        let Some((chat, c)) = &self.chat else { return Ok(text) };
+        let (Some(c), Ok(chat)) = (&self.chat, &self.chat_template) else { return Ok(text) };
         let Some(transcript) = &c.transcript else { return Ok(chat.user_prompt(c.system.as_deref(), &text)?) };
         let system = c.system.iter().map(|s| ChatMessage { role: "system".into(), content: s.clone() });
         let messages: Vec<ChatMessage> = system.chain(transcript.messages(&text)?).collect();
@@ -150,11 +151,11 @@ impl PromptFormat {
     /// without `chat`. Needs the plain `{prompt}` template (a conversation is not text to put
     /// in one).
     pub fn apply_messages(&self, messages: &[ChatMessage]) -> Result<String> {
-        let (chat, configured_system) = match (&self.chat, &self.conversations) {
-            (Some((chat, c)), _) => (chat, c.system.as_ref()),
-            (None, Ok(chat)) => (chat, None),
-            (None, Err(e)) => bail!("a conversation is rendered with the model's chat template, but {e}"),
+        let chat = match &self.chat_template {
+            Ok(chat) => chat,
+            Err(e) => bail!("a conversation is rendered with the model's chat template, but {e}"),
         };
+        let configured_system = self.chat.as_ref().and_then(|c| c.system.as_ref());
         if self.template != "{prompt}" {
             bail!("a conversation cannot go into prompt_template {:?}; leave it at {{prompt}}", self.template);
         }
@@ -189,18 +190,15 @@ mod tests {
         let chat = ChatTemplate::new(source, "<s>", "</s>").unwrap();
         let f = PromptFormat {
             template: "Q: {prompt}".into(),
-            chat: Some((chat.clone(), ChatPrompt::default())),
-            conversations: Err(String::new()),
+            chat: Some(ChatPrompt::default()),
+            chat_template: Ok(chat.clone()),
         };
         assert_eq!(f.apply("2+2?").unwrap(), "<user>Q: 2+2?</s><assistant>");
         assert_eq!(f.response(" 4."), "4.");
         assert_eq!(PromptFormat::plain("{prompt}").response(" 4."), " 4.");
         let brief = ChatPrompt { system: Some("Be brief.".into()), transcript: None };
-        let f = PromptFormat {
-            template: "{prompt}".into(),
-            chat: Some((chat.clone(), brief.clone())),
-            conversations: Err(String::new()),
-        };
+        let f =
+            PromptFormat { template: "{prompt}".into(), chat: Some(brief.clone()), chat_template: Ok(chat.clone()) };
         assert_eq!(f.apply("hi").unwrap(), "<system>Be brief.</s><user>hi</s><assistant>");
         // a conversation: the configured system message unless it brings its own
         let m = |role: &str, content: &str| ChatMessage { role: role.into(), content: content.into() };
@@ -209,21 +207,17 @@ mod tests {
             f.apply_messages(&[m("system", "Be kind."), m("user", "hi")]).unwrap(),
             "<system>Be kind.</s><user>hi</s><assistant>"
         );
-        let templated = PromptFormat {
-            template: "Q: {prompt}".into(),
-            chat: Some((chat.clone(), brief.clone())),
-            conversations: Err(String::new()),
-        };
+        let templated =
+            PromptFormat { template: "Q: {prompt}".into(), chat: Some(brief.clone()), chat_template: Ok(chat.clone()) };
         assert!(templated.apply_messages(&[m("user", "hi")]).unwrap_err().to_string().contains("prompt_template"));
         assert!(PromptFormat::plain("{prompt}").apply_messages(&[m("user", "hi")]).is_err());
         // without `chat`: text stays text, a conversation takes the model's template as it is
-        let no_chat = PromptFormat { template: "{prompt}".into(), chat: None, conversations: Ok(chat.clone()) };
+        let no_chat = PromptFormat { template: "{prompt}".into(), chat: None, chat_template: Ok(chat.clone()) };
         assert_eq!(no_chat.apply("hi").unwrap(), "hi");
         assert_eq!(no_chat.apply_messages(&[m("user", "hi")]).unwrap(), "<user>hi</s><assistant>");
         // a transcript, turn by turn
         let turns = ChatPrompt { transcript: Some(Transcript::default()), ..brief };
-        let f =
-            PromptFormat { template: "{prompt}".into(), chat: Some((chat, turns)), conversations: Err(String::new()) };
+        let f = PromptFormat { template: "{prompt}".into(), chat: Some(turns), chat_template: Ok(chat) };
         let hh = "\n\nHuman: hi\n\nAssistant: hello!\n\nHuman: 2+2?\n\nAssistant:";
         assert_eq!(
             f.apply(hh).unwrap(),
