@@ -96,7 +96,7 @@ fn responses<D: FusedOps>(model: &CausalLm<D>, tok: &Tokenizer, dir: &Path, d: &
     let records = match &d.messages_field {
         Some(field) => {
             let chat = conversation_template(true, (&d.prompt_template, d.chat), tok, &model.config, dir)?;
-            sft::read_conversations(&d.data, field, &chat.expect("asked for"))?
+            sft::read_conversations(&d.data, field, &chat.expect("asked for"), sft::AssistantTurns::Last)?
         }
         None => crate::data::read_jsonl_fields(&d.data, &[&d.fields.0, &d.fields.1])?,
     };

@@ -8,7 +8,7 @@ use common::*;
 use dfdx::prelude::*;
 use rlhf::prompt_format::{ChatPrompt, PromptFormat, Transcript};
 use rlhf::schedule::LrSchedule;
-use rlhf::stages::sft::{sft_loss, sft_loss_packed, tokenize, train, Example, SftConfig, Truncation};
+use rlhf::stages::sft::{sft_loss, sft_loss_packed, tokenize, train, AssistantTurns, Example, SftConfig, Truncation};
 use rlhf_policies::{Batch, CausalLm, ModelConfig, Tokenizer};
 
 const PAIRS: [(&str, &str); 6] = [
@@ -152,6 +152,41 @@ fn frozen_parameters_stay_as_they_were_and_the_rest_train() {
     typo.optim.freeze = vec!["blocks.5".into()];
     let e = train(typo, false).unwrap_err().to_string();
     assert!(e.contains("\"blocks.5\" matches no parameter"), "{e}");
+}
+
+/// `assistant_turns: all`: a two-exchange conversation trains on both assistant messages —
+/// exactly as its two prefixes ending at each assistant message would under `last`; without
+/// `messages_field` the setting is an error.
+#[test]
+fn every_assistant_turn_trains_as_its_own_prefix() {
+    let d = tempfile::tempdir().unwrap();
+    let base = SftConfig { prompt_template: "{prompt}".into(), max_len: 60, ..cfg(d.path(), 4) };
+    let template = "{% for m in messages %}Q{{ m.content }}{% endfor %}{% if add_generation_prompt %}A{% endif %}";
+    std::fs::write(base.init.join("chat_template.jinja"), template).unwrap();
+    let m = |role: &str, content: &str| serde_json::json!({"role": role, "content": content});
+    let exchange = |i: usize| [m("user", PAIRS[i].0), m("assistant", PAIRS[i].1)];
+    let (whole, prefixes) = (d.path().join("whole.jsonl"), d.path().join("prefixes.jsonl"));
+    let (mut w, mut p) = (vec![], vec![]);
+    for i in (0..PAIRS.len()).step_by(2) {
+        let (a, b) = (exchange(i), exchange(i + 1));
+        w.push(serde_json::json!({"m": [&a[0], &a[1], &b[0], &b[1]]}).to_string());
+        p.push(serde_json::json!({"m": [&a[0], &a[1]]}).to_string());
+        p.push(serde_json::json!({"m": [&a[0], &a[1], &b[0], &b[1]]}).to_string());
+    }
+    std::fs::write(&whole, w.join("\n")).unwrap();
+    std::fs::write(&prefixes, p.join("\n")).unwrap();
+    let run = |sub: &str, c: SftConfig| {
+        let out = d.path().join(sub);
+        let report = train(SftConfig { out_dir: out.clone(), messages_field: Some("m".into()), ..c }, false).unwrap();
+        (report.train_examples, comparable_metrics(&out))
+    };
+    let all = run("all", SftConfig { data: whole.clone(), assistant_turns: AssistantTurns::All, ..base.clone() });
+    let last = run("last", SftConfig { data: prefixes, ..base.clone() });
+    assert_eq!(all.0, 6, "three conversations of two assistant turns");
+    assert_eq!(all, last);
+    assert_ne!(run("whole-last", SftConfig { data: whole, ..base.clone() }).0, 6, "last: one example each");
+    let e = train(SftConfig { assistant_turns: AssistantTurns::All, ..base }, false).unwrap_err().to_string();
+    assert!(e.contains("messages_field"), "{e}");
 }
 
 #[test]

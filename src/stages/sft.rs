@@ -61,6 +61,11 @@ pub struct SftConfig {
     /// with the model's chat template up to the assistant's turn. `prompt_template` and `chat`
     /// then do not apply. Default: none (`prompt_field` and `response_field`).
     pub messages_field: Option<String>,
+    /// With `messages_field`: which assistant messages the loss is on — `last` (default) or
+    /// `all` (TRL's `assistant_only_loss`: every assistant turn, each with the conversation
+    /// before it as its prompt; a conversation of n assistant turns becomes n examples, so
+    /// each assistant token is trained once, in its full context).
+    pub assistant_turns: AssistantTurns,
     /// Fraction of the records (the last ones) held out for evaluation. Default `0.05`.
     pub val_fraction: f64,
     /// A separate JSONL file of held-out examples (same fields): when given, every record of
@@ -122,6 +127,7 @@ impl Default for SftConfig {
             prompt_field: "prompt".into(),
             response_field: "response".into(),
             messages_field: None,
+            assistant_turns: AssistantTurns::Last,
             val_fraction: 0.05,
             val_data: None,
             prompt_template: "{prompt}".into(),
@@ -422,29 +428,51 @@ fn load_data(
     let chat = conversation_template(cfg.messages_field.is_some(), template_and_chat, tok, config, &cfg.init)?;
     HeldOut::load(hold, |file| {
         let records = match (&cfg.messages_field, &chat) {
-            (Some(field), Some(chat)) => read_conversations(file, field, chat)?,
+            (Some(field), Some(chat)) => read_conversations(file, field, chat, cfg.assistant_turns)?,
             _ => read_jsonl_fields(file, &[&cfg.prompt_field, &cfg.response_field])?,
         };
         Ok((records.len(), tokenize(cfg, &format, tok, eos, (file, &records))?))
     })
 }
 
-/// Each record's conversation in `field` as `[prompt, response]`: the messages before the last
-/// rendered with `chat` up to the assistant's turn, and the last (the assistant's) text.
-pub fn read_conversations(file: &Path, field: &str, chat: &ChatTemplate) -> Result<Vec<Vec<String>>> {
-    let records = crate::data::read_jsonl(file)?;
-    records
-        .iter()
-        .map(|r| {
-            let Some((messages, reply)) = split_reply(r.parse(field)?).filter(|(m, _)| !m.is_empty()) else {
-                return Err(
-                    r.error(format!("field `{field}` must end with an assistant message after at least one other"))
-                );
-            };
-            let prompt = chat.render(&messages, true).map_err(|e| r.error(format!("field `{field}`: {e}")))?;
-            Ok(vec![prompt, reply])
-        })
-        .collect()
+/// Which assistant messages of a conversation SFT trains on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AssistantTurns {
+    /// The last message (the conversation must end with it).
+    #[default]
+    Last,
+    /// Every assistant message after the first message.
+    All,
+}
+
+/// Each record's conversation in `field` as `[prompt, response]` pairs: the messages before an
+/// assistant message rendered with `chat` up to the assistant's turn, and that message's text —
+/// for the last message, or (`AssistantTurns::All`) for every assistant message.
+pub fn read_conversations(
+    file: &Path,
+    field: &str,
+    chat: &ChatTemplate,
+    turns: AssistantTurns,
+) -> Result<Vec<Vec<String>>> {
+    let mut out = vec![];
+    for r in crate::data::read_jsonl(file)? {
+        let messages: Vec<rlhf_policies::chat::ChatMessage> = r.parse(field)?;
+        let Some((before, reply)) = split_reply(messages.clone()).filter(|(m, _)| !m.is_empty()) else {
+            return Err(r.error(format!("field `{field}` must end with an assistant message after at least one other")));
+        };
+        let mut pairs = vec![(before, reply)];
+        if turns == AssistantTurns::All {
+            pairs = (1..messages.len())
+                .filter_map(|k| split_reply(messages[..=k].to_vec()).filter(|(m, _)| !m.is_empty()))
+                .collect();
+        }
+        for (before, reply) in pairs {
+            let prompt = chat.render(&before, true).map_err(|e| r.error(format!("field `{field}`: {e}")))?;
+            out.push(vec![prompt, reply]);
+        }
+    }
+    Ok(out)
 }
 
 fn validate(cfg: &SftConfig) -> Result<()> {
@@ -456,6 +484,9 @@ fn validate(cfg: &SftConfig) -> Result<()> {
         ("checkpoint_every", cfg.checkpoint_every),
         ("max_len", cfg.max_len),
     ])?;
+    if cfg.assistant_turns == AssistantTurns::All && cfg.messages_field.is_none() {
+        bail!("assistant_turns applies to conversations: set messages_field");
+    }
     if cfg.data.as_os_str().is_empty() || cfg.init.as_os_str().is_empty() {
         bail!("data and init are required (a JSONL file and a checkpoint folder)");
     }
