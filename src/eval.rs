@@ -30,6 +30,9 @@ pub struct EvalData {
     pub fields: (String, String),
     /// JSONL: each record's conversation is in this field instead (SFT's `messages_field`).
     pub messages_field: Option<String>,
+    /// With `messages_field`: the loss on the last assistant message or on all of them (SFT's
+    /// `assistant_turns`).
+    pub assistant_turns: crate::stages::sft::AssistantTurns,
     /// The prompt template (`{prompt}` is replaced).
     pub prompt_template: String,
     /// Put prompts in the model's chat template.
@@ -96,7 +99,7 @@ fn responses<D: FusedOps>(model: &CausalLm<D>, tok: &Tokenizer, dir: &Path, d: &
     let records = match &d.messages_field {
         Some(field) => {
             let chat = conversation_template(true, (&d.prompt_template, d.chat), tok, &model.config, dir)?;
-            sft::read_conversations(&d.data, field, &chat.expect("asked for"), sft::AssistantTurns::Last)?
+            sft::read_conversations(&d.data, field, &chat.expect("asked for"), d.assistant_turns)?
         }
         None => crate::data::read_jsonl_fields(&d.data, &[&d.fields.0, &d.fields.1])?,
     };

@@ -134,6 +134,10 @@ struct EvalArgs {
     /// `messages_field`: the loss is on its last, assistant message).
     #[arg(long, conflicts_with_all = ["prompt_field", "response_field", "prompt_template", "chat"])]
     messages_field: Option<String>,
+    /// --messages-field: the loss on the `last` assistant message or on `all` of them (as SFT's
+    /// `assistant_turns`).
+    #[arg(long, value_enum, default_value = "last", requires = "messages_field")]
+    assistant_turns: rlhf::stages::sft::AssistantTurns,
     /// JSONL: the prompt template (`{prompt}` is replaced).
     #[arg(long, default_value = "{prompt}")]
     prompt_template: String,
@@ -410,6 +414,7 @@ fn eval_on<D: FusedOps>(a: &EvalArgs, dev: &D) -> Result<()> {
         batch: a.batch,
         fields: (a.prompt_field.clone(), a.response_field.clone()),
         messages_field: a.messages_field.clone(),
+        assistant_turns: a.assistant_turns,
         prompt_template: a.prompt_template.clone(),
         chat: a.chat,
         format: serde_json::from_str(&a.format)

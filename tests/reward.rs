@@ -214,6 +214,7 @@ fn learns_a_marker_word_and_loads_back_as_a_normalised_reward_model() {
         batch: 8,
         fields: ("prompt".into(), "response".into()),
         messages_field: None,
+        assistant_turns: Default::default(),
         prompt_template: "{prompt}".into(),
         chat: false,
         format: PreferenceFormat::default(),

@@ -184,7 +184,24 @@ fn every_assistant_turn_trains_as_its_own_prefix() {
     let last = run("last", SftConfig { data: prefixes, ..base.clone() });
     assert_eq!(all.0, 6, "three conversations of two assistant turns");
     assert_eq!(all, last);
-    assert_ne!(run("whole-last", SftConfig { data: whole, ..base.clone() }).0, 6, "last: one example each");
+    assert_ne!(run("whole-last", SftConfig { data: whole.clone(), ..base.clone() }).0, 6, "last: one example each");
+    // rlhf eval --assistant-turns all reads them the same way
+    let eval = |data: &std::path::Path, assistant_turns| {
+        let e = rlhf::eval::EvalData {
+            data: data.to_path_buf(),
+            block: None,
+            batch: 4,
+            fields: ("q".into(), "a".into()),
+            messages_field: Some("m".into()),
+            assistant_turns,
+            prompt_template: "{prompt}".into(),
+            chat: false,
+            format: Default::default(),
+        };
+        let r = rlhf::eval::evaluate(&d.path().join("all/checkpoints/step-4"), &e, &Cpu::default()).unwrap();
+        (r["loss"].clone(), r["tokens"].clone())
+    };
+    assert_eq!(eval(&whole, AssistantTurns::All), eval(&d.path().join("prefixes.jsonl"), AssistantTurns::Last));
     let e = train(SftConfig { assistant_turns: AssistantTurns::All, ..base }, false).unwrap_err().to_string();
     assert!(e.contains("messages_field"), "{e}");
 }
@@ -224,6 +241,7 @@ fn conversations_train_as_the_same_prompts_in_the_chat_template() {
             batch: 4,
             fields: ("q".into(), "a".into()),
             messages_field: messages_field.map(String::from),
+            assistant_turns: Default::default(),
             prompt_template: "{prompt}".into(),
             chat,
             format: Default::default(),

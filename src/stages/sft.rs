@@ -436,7 +436,7 @@ fn load_data(
 }
 
 /// Which assistant messages of a conversation SFT trains on.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum AssistantTurns {
     /// The last message (the conversation must end with it).
