@@ -64,7 +64,9 @@ pub struct SftConfig {
     /// With `messages_field`: which assistant messages the loss is on — `last` (default) or
     /// `all` (TRL's `assistant_only_loss`: every assistant turn, each with the conversation
     /// before it as its prompt; a conversation of n assistant turns becomes n examples, so
-    /// each assistant token is trained once, in its full context).
+    /// each assistant token is trained once, in its full context). `val_fraction` then holds
+    /// out the last examples, so one conversation's turns may fall on both sides of the split;
+    /// `val_data` keeps them apart.
     pub assistant_turns: AssistantTurns,
     /// Fraction of the records (the last ones) held out for evaluation. Default `0.05`.
     pub val_fraction: f64,
