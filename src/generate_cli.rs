@@ -79,6 +79,18 @@ pub(crate) struct GenerateArgs {
     /// Sampling temperature.
     #[arg(long, default_value_t = 1.0)]
     temperature: f32,
+    #[command(flatten)]
+    sampling: SamplingFlags,
+    /// Device: cpu (the host engine), or cuda (the model's KV-cached decode on GPU 0; needs a
+    /// build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceKind,
+}
+
+/// The sampling flags `generate` and `chat` share (each has its own length and temperature
+/// defaults).
+#[derive(Debug, clap::Args)]
+pub(crate) struct SamplingFlags {
     /// Keep only the k most likely tokens (0 = off).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
@@ -94,10 +106,22 @@ pub(crate) struct GenerateArgs {
     /// Storage precision of the sampling engine's weights (f16 halves the memory traffic).
     #[arg(long, value_enum, default_value = "f32")]
     weights: Weights,
-    /// Device: cpu (the host engine), or cuda (the model's KV-cached decode on GPU 0; needs a
-    /// build with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
-    device: DeviceKind,
+}
+
+impl SamplingFlags {
+    /// The sampler: these flags with `max_new_tokens`, `temperature`, the EOS and `seed`.
+    fn config(&self, (max_new_tokens, temperature): (usize, f32), eos: Option<u32>, seed: u64) -> SamplingConfig {
+        SamplingConfig {
+            max_new_tokens,
+            temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            greedy: self.greedy,
+            eos_ids: eos.into_iter().collect(),
+            seed,
+            ..SamplingConfig::default()
+        }
+    }
 }
 
 /// `--weights` values.
@@ -117,16 +141,7 @@ impl From<Weights> for WeightDtype {
 }
 
 fn sampling_config(a: &GenerateArgs, eos: Option<u32>) -> SamplingConfig {
-    SamplingConfig {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        greedy: a.greedy,
-        eos_ids: eos.into_iter().collect(),
-        seed: a.seed,
-        ..SamplingConfig::default()
-    }
+    a.sampling.config((a.max_new_tokens, a.temperature), eos, a.sampling.seed)
 }
 
 /// The chat-formatted prompt for `--chat` (with `--system` if given).
@@ -140,7 +155,7 @@ pub(crate) fn generate_cmd(mut a: GenerateArgs) -> Result<()> {
     if let Some(rm) = a.reward_model.as_mut() {
         resolve_model_in(rm)?;
     }
-    if a.device != DeviceKind::Cpu && !matches!(a.weights, Weights::F32) {
+    if a.device != DeviceKind::Cpu && !matches!(a.sampling.weights, Weights::F32) {
         bail!("--weights is the CPU host engine's option; --device {} decodes in f32", a.device);
     }
     rlhf::on_device!(a.device, dev => generate_on(&a, dev))
@@ -167,7 +182,7 @@ fn generate_on<D: FusedOps>(a: &GenerateArgs, dev: &D) -> Result<()> {
     let pad = tok.pad_id().or(model.config.pad_token_id()).or(eos).unwrap_or(0);
     let cfg = sampling_config(a, eos);
     let t0 = Instant::now();
-    let out = generate_from_with(&model, &[prompt], pad, &cfg, a.weights.into())?;
+    let out = generate_from_with(&model, &[prompt], pad, &cfg, a.sampling.weights.into())?;
     let secs = t0.elapsed().as_secs_f64();
     let new = &out.tokens[0];
     println!("{}{}", text, tok.decode(new)?);
@@ -194,7 +209,7 @@ fn generate_file<D: FusedOps>(a: &GenerateArgs, prompts: &std::path::Path, dev: 
         samples: a.samples as usize,
         batch: a.batch as usize,
         sampling: sampling_config(a, None),
-        weights: a.weights.into(),
+        weights: a.sampling.weights.into(),
         reward: match (&a.reward_model, &a.reward) {
             (Some(path), _) => Some(RewardSpec::Model { path: path.clone(), normalize: true }),
             (None, Some(json)) => {
@@ -237,21 +252,9 @@ pub(crate) struct ChatArgs {
     /// Sampling temperature.
     #[arg(long, default_value_t = 0.7)]
     temperature: f32,
-    /// Keep only the k most likely tokens (0 = off).
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    /// Nucleus sampling mass (1 = off).
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// Seed of the sampler (reply n uses seed + n).
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Greedy decoding (argmax) instead of sampling.
-    #[arg(long)]
-    greedy: bool,
-    /// Storage precision of the sampling engine's weights.
-    #[arg(long, value_enum, default_value = "f32")]
-    weights: Weights,
+    // reply n is sampled with --seed + n
+    #[command(flatten)]
+    sampling: SamplingFlags,
 }
 
 pub(crate) fn chat_cmd(mut a: ChatArgs) -> Result<()> {
@@ -269,7 +272,7 @@ pub(crate) fn chat_cmd(mut a: ChatArgs) -> Result<()> {
     let pad = tok.pad_id().or(model.config.pad_token_id()).or(eos).unwrap_or(0);
     let limit = model.dims.position_limit().unwrap_or(usize::MAX);
     // the sampling engine, built once (the weights converted for decoding)
-    let engine = InferenceModel::from_model_with(&model, a.weights.into());
+    let engine = InferenceModel::from_model_with(&model, a.sampling.weights.into());
     drop(model);
     let mut chat = Conversation { a: &a, engine, tok: &tok, template, messages: vec![], eos, pad, limit };
     chat.reset();
@@ -290,7 +293,7 @@ pub(crate) fn chat_cmd(mut a: ChatArgs) -> Result<()> {
             // the reply is streamed to stdout; after an error the conversation goes on
             // without the message
             text => {
-                if let Err(e) = chat.reply(text, a.seed.wrapping_add(turn)) {
+                if let Err(e) = chat.reply(text, a.sampling.seed.wrapping_add(turn)) {
                     eprintln!("error: {e:#}");
                 }
             }
@@ -337,16 +340,7 @@ impl Conversation<'_> {
             self.messages.drain(first_turn..first_turn + 2);
             eprintln!("[the oldest exchange is forgotten: the conversation no longer fits {limit} positions]");
         };
-        let cfg = SamplingConfig {
-            max_new_tokens: self.a.max_new_tokens,
-            temperature: self.a.temperature,
-            top_k: self.a.top_k,
-            top_p: self.a.top_p,
-            greedy: self.a.greedy,
-            eos_ids: self.eos.into_iter().collect(),
-            seed,
-            ..SamplingConfig::default()
-        };
+        let cfg = self.a.sampling.config((self.a.max_new_tokens, self.a.temperature), self.eos, seed);
         let t0 = Instant::now();
         let mut stream = Stream { tok: self.tok, shown: String::new() };
         let out = generate_observed(&self.engine, &[prompt], self.pad, &cfg, &mut |g| stream.show(g))?;

@@ -72,7 +72,7 @@ enum Command {
     #[command(name = "online-dpo")]
     OnlineDpo(PpoArgs),
     /// Talk to a chat model at the terminal: each line is a user message, the reply follows
-    /// (the whole conversation in the model's chat template).
+    /// (the whole conversation in the model's chat template; reply n sampled with --seed + n).
     Chat(ChatArgs),
     /// Loss and perplexity of a checkpoint on a text file (non-overlapping blocks).
     Eval(EvalArgs),
