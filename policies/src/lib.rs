@@ -70,7 +70,7 @@ pub use sampling::{
     filtered_logprobs, generate, generate_from, generate_from_with, generate_observed, sample_from_logits, Decode,
     Generation, SamplingConfig,
 };
-pub use session::{policy_session, EngineSession, RolloutEngine, RowEngine};
+pub use session::{policy_session, policy_sessions, EngineSession, RolloutEngine, RowEngine};
 pub use tokenizer::Tokenizer;
 
 /// The training path's matrix product `c (m×n, row-major) = a · b` on the current rayon pool

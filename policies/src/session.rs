@@ -337,33 +337,40 @@ pub fn policy_session<'m, D: FusedOps>(
     sampling: SamplingConfig,
     engine: RolloutEngine,
 ) -> Result<Box<dyn Policy + 'm>, PolicyError> {
+    Ok(policy_sessions(model, rows, capacity, vec![sampling], engine)?.remove(0))
+}
+
+/// [`policy_session`]s with different samplers (e.g. sampled and greedy) over one snapshot of
+/// the weights: the host or GPU copy is made once and shared.
+pub fn policy_sessions<'m, D: FusedOps>(
+    model: &'m CausalLm<D>,
+    rows: usize,
+    capacity: usize,
+    samplings: Vec<SamplingConfig>,
+    engine: RolloutEngine,
+) -> Result<Vec<Box<dyn Policy + 'm>>, PolicyError> {
+    fn over<'m, E: RowEngine + 'static>(
+        engine: Arc<E>,
+        (rows, capacity): (usize, usize),
+        samplings: Vec<SamplingConfig>,
+    ) -> Vec<Box<dyn Policy + 'm>> {
+        let session = |s| Box::new(EngineSession::new(engine.clone(), rows, capacity, s)) as Box<dyn Policy + 'm>;
+        samplings.into_iter().map(session).collect()
+    }
     Ok(match engine.resolved::<D>() {
-        RolloutEngine::Fused => fused_session(model, rows, capacity, sampling)?,
-        RolloutEngine::Host => {
-            Box::new(EngineSession::new(Arc::new(InferenceModel::from_model(model)), rows, capacity, sampling))
-        }
-        _ => Box::new(DeviceSession::new(model, rows, capacity, sampling)),
+        RolloutEngine::Fused => over(fused_engine(model)?, (rows, capacity), samplings),
+        RolloutEngine::Host => over(Arc::new(InferenceModel::from_model(model)), (rows, capacity), samplings),
+        _ => samplings.into_iter().map(|s| Box::new(DeviceSession::new(model, rows, capacity, s)) as _).collect(),
     })
 }
 
 #[cfg(feature = "cuda")]
-fn fused_session<'m, D: FusedOps>(
-    model: &'m CausalLm<D>,
-    rows: usize,
-    capacity: usize,
-    sampling: SamplingConfig,
-) -> Result<Box<dyn Policy + 'm>, PolicyError> {
-    let engine = crate::cuda_engine::CudaEngine::from_model(model)?;
-    Ok(Box::new(EngineSession::new(Arc::new(engine), rows, capacity, sampling)))
+fn fused_engine<D: FusedOps>(model: &CausalLm<D>) -> Result<Arc<crate::cuda_engine::CudaEngine>, PolicyError> {
+    Ok(Arc::new(crate::cuda_engine::CudaEngine::from_model(model)?))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn fused_session<'m, D: FusedOps>(
-    _: &'m CausalLm<D>,
-    _: usize,
-    _: usize,
-    _: SamplingConfig,
-) -> Result<Box<dyn Policy + 'm>, PolicyError> {
+fn fused_engine<D: FusedOps>(_: &CausalLm<D>) -> Result<Arc<InferenceModel>, PolicyError> {
     Err(PolicyError::Input("rollout_engine \"fused\" needs a build with `--features cuda`".into()))
 }
 

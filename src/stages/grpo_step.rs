@@ -11,7 +11,7 @@ use rlhf_envs::{
     TextEnvConfig, VecEnv,
 };
 use rlhf_policies::fused::host_loss;
-use rlhf_policies::{policy_session, AdamW, CausalLm, FusedOps, GradBuffers, SamplingConfig};
+use rlhf_policies::{policy_sessions, AdamW, CausalLm, FusedOps, GradBuffers, SamplingConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::data::mix;
@@ -35,7 +35,7 @@ pub struct GroupState {
 }
 
 /// The policy, reference, optimizer and env of a critic-free run, on device `D`; the rollout
-/// decodes where `cfg.rollout_engine` says ([`policy_session`]).
+/// decodes where `cfg.rollout_engine` says ([`policy_sessions`]).
 #[derive(Debug)]
 pub struct GroupTrainer<M, D: FusedOps = Cpu> {
     /// The configuration.
@@ -165,23 +165,28 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
 
     /// The iteration's groups: one rollout of `prompts_per_step` prompts, or with dynamic
     /// sampling as many as it takes (up to its limit) to hold that many informative groups, of
-    /// which the batch is made ([`dynamic_batch`]). `None` when a rollout was skipped for a
-    /// non-finite value.
+    /// which the batch is made ([`dynamic_batch`]); for ReMax, also each group's greedy score.
+    /// `None` when a rollout was skipped for a non-finite value.
     fn generate(&mut self, it: usize) -> Result<Option<(Vec<Episode>, Generated)>> {
         let cfg = &self.cfg;
-        let sampler = sampling(cfg, self.env.config().eos_ids.clone(), mix(cfg.seed, it as u64, 1));
+        let eos_ids = self.env.config().eos_ids.clone();
+        // the sampler (later rollouts of the iteration continue its random streams) and, for
+        // ReMax, a greedy one over the same snapshot of the weights
+        let mut samplers = vec![sampling(cfg, eos_ids.clone(), mix(cfg.seed, it as u64, 1))];
+        if self.greedy_prompts.is_some() {
+            samplers.push(SamplingConfig { greedy: true, ..sampling(cfg, eos_ids, 0) });
+        }
         let capacity = cfg.max_prompt_len + cfg.max_new_tokens;
-        // later rollouts of the iteration continue the session's random streams
-        let mut session = policy_session(&self.policy, cfg.batch_size(), capacity, sampler, cfg.rollout_engine)?;
+        let mut sessions = policy_sessions(&self.policy, cfg.batch_size(), capacity, samplers, cfg.rollout_engine)?;
         let opts = Rollout { group_size: cfg.num_generations, reference: false };
         let (g, needed) = (cfg.num_generations, cfg.prompts_per_step);
         let (mut episodes, mut informative) = (vec![], vec![]);
         for _ in 0..cfg.dynamic_sampling.map_or(1, |d| d.max_generation_batches) {
-            let rolled = self.env.rollout_with(session.as_mut(), opts);
+            let rolled = self.env.rollout_with(sessions[0].as_mut(), opts);
             let Some(e) = or_skip(rolled, cfg, &mut self.state, it)? else { return Ok(None) };
+            let scores: Vec<f32> = e.iter().map(|e| e.score).collect();
+            informative.extend(scores.chunks(g).map(is_informative));
             episodes.extend(e);
-            let scores: Vec<f32> = episodes.iter().map(|e| e.score).collect();
-            informative = scores.chunks(g).map(is_informative).collect();
             if informative.iter().filter(|&&i| i).count() >= needed {
                 break;
             }
@@ -193,30 +198,19 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
             mean_reward: episodes.iter().map(|e| e.score as f64).sum::<f64>() / episodes.len().max(1) as f64,
             greedy: None,
         };
-        drop(session);
         if cfg.dynamic_sampling.is_some() {
             let batch = dynamic_batch(&informative, needed);
             episodes = batch.into_iter().flat_map(|k| episodes[k * g..(k + 1) * g].to_vec()).collect();
         }
-        if self.greedy_prompts.is_some() {
-            let Some(greedy) = self.greedy_scores(&episodes, it)? else { return Ok(None) };
-            generated.greedy = Some(greedy);
+        if let (Some(source), Some(session)) = (self.greedy_prompts.as_mut(), sessions.get_mut(1)) {
+            // ReMax's baselines: each trained group's prompt decoded greedily
+            let indices: Vec<usize> = episodes.chunks(g).map(|grp| grp[0].prompt_index).collect();
+            let greedy = Rollout { group_size: 1, reference: false };
+            let rolled = self.env.rollout_prompts(session.as_mut(), source, &indices, greedy);
+            let Some(e) = or_skip(rolled, cfg, &mut self.state, it)? else { return Ok(None) };
+            generated.greedy = Some(e.iter().map(|e| e.score).collect());
         }
         Ok(Some((episodes, generated)))
-    }
-
-    /// ReMax's baselines: the score of each group's prompt decoded greedily by the current
-    /// policy. `None` when that rollout was skipped for a non-finite value.
-    fn greedy_scores(&mut self, episodes: &[Episode], it: usize) -> Result<Option<Vec<f32>>> {
-        let cfg = &self.cfg;
-        let source = self.greedy_prompts.as_mut().expect("ReMax keeps its prompts");
-        let indices: Vec<usize> = episodes.chunks(cfg.num_generations).map(|g| g[0].prompt_index).collect();
-        let sampler = SamplingConfig { greedy: true, ..sampling(cfg, self.env.config().eos_ids.clone(), 0) };
-        let capacity = cfg.max_prompt_len + cfg.max_new_tokens;
-        let mut session = policy_session(&self.policy, cfg.batch_size(), capacity, sampler, cfg.rollout_engine)?;
-        let opts = Rollout { group_size: 1, reference: false };
-        let rolled = self.env.rollout_prompts(session.as_mut(), source, &indices, opts);
-        Ok(or_skip(rolled, cfg, &mut self.state, it)?.map(|e| e.iter().map(|e| e.score).collect()))
     }
 }
 
