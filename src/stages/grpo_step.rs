@@ -246,8 +246,8 @@ struct Generated {
 }
 
 impl Generated {
-    /// The rollout throughput over everything generated and, with dynamic sampling, its
-    /// counts.
+    /// The rollout throughput over everything generated (with dynamic sampling, more than the
+    /// batch), ReMax's greedy reward and dynamic sampling's counts.
     fn record(&self, cfg: &GrpoConfig, rollout: &Duration, record: &mut serde_json::Value) {
         record["timing/rollout_tokens_per_s"] = (self.tokens as f64 / rollout.as_secs_f64().max(1e-9)).into();
         if let Some(g) = &self.greedy {
@@ -496,9 +496,12 @@ fn metrics(
     if let Algo::OnlineDpo { .. } = cfg.algo {
         online_dpo::reward_metrics(cfg.beta, s, &mut r);
     }
+    // the rollout's throughput is over everything it generated ([`Generated::record`])
     for (d, name) in timing.iter().zip(["rollout", "scoring", "update"]) {
         r[format!("timing/{name}")] = d.as_secs_f64().into();
-        r[format!("timing/{name}_tokens_per_s")] = (tokens as f64 / d.as_secs_f64().max(1e-9)).into();
+        if name != "rollout" {
+            r[format!("timing/{name}_tokens_per_s")] = (tokens as f64 / d.as_secs_f64().max(1e-9)).into();
+        }
     }
     r
 }
