@@ -98,7 +98,7 @@ fn responses<D: FusedOps>(model: &CausalLm<D>, tok: &Tokenizer, dir: &Path, d: &
     let eos = tok.eos_for(&model.config).with_context(|| format!("{}: no EOS token", dir.display()))?;
     let records = match &d.messages_field {
         Some(field) => {
-            let chat = conversation_template(true, (&d.prompt_template, d.chat), tok, &model.config, dir)?;
+            let chat = conversation_template(true, &format)?;
             sft::read_conversations(&d.data, field, &chat.expect("asked for"), d.assistant_turns)?
         }
         None => crate::data::read_jsonl_fields(&d.data, &[&d.fields.0, &d.fields.1])?,
@@ -128,7 +128,7 @@ fn preferences<D: FusedOps>(rm: &LearnedReward<D>, tok: &Tokenizer, dir: &Path, 
     let chat = d.chat.then(ChatPrompt::default);
     let format = PromptFormat::new(&d.prompt_template, chat.as_ref(), tok, &rm.model.config, dir)?;
     let eos = tok.eos_for(&rm.model.config).with_context(|| format!("{}: no EOS token", dir.display()))?;
-    let template = chat_for(&d.format, (&d.prompt_template, d.chat), tok, &rm.model.config, dir)?;
+    let template = chat_for(&d.format, &format)?;
     let records = read_comparisons(&d.data, &d.format, template.as_ref())?;
     let (comps, skipped, _) = reward::tokenize(&cfg, &format, tok, eos, (&d.data, &records))?;
     if comps.is_empty() {

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 use rlhf_policies::chat::{ChatMessage, ChatTemplate};
-use rlhf_policies::{ModelConfig, Tokenizer};
+use rlhf_policies::Tokenizer;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{read_jsonl, JsonRecord};
@@ -163,15 +163,9 @@ impl Comparison {
 
 /// The chat template `format` renders its prompts with: the model's, for `messages` and
 /// `unpaired_messages` ([`conversation_template`]); none otherwise.
-pub fn chat_for(
-    format: &PreferenceFormat,
-    template_and_chat: (&str, bool),
-    tok: &Tokenizer,
-    config: &ModelConfig,
-    model: &Path,
-) -> Result<Option<ChatTemplate>> {
+pub fn chat_for(format: &PreferenceFormat, prompt: &PromptFormat) -> Result<Option<ChatTemplate>> {
     let messages = matches!(format, PreferenceFormat::Messages { .. } | PreferenceFormat::UnpairedMessages { .. });
-    conversation_template(messages, template_and_chat, tok, config, model)
+    conversation_template(messages, prompt)
 }
 
 /// Reads `path` (JSONL, optionally `.gz`) as comparisons in `format` (`chat`: the template of

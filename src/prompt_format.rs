@@ -71,23 +71,17 @@ impl Transcript {
     }
 }
 
-/// The model's chat template for records that are conversations (`conversations`): they are
-/// rendered with it as they are, so `prompt_template` must be `{prompt}` and `chat` absent.
-/// `None` for text records.
-pub fn conversation_template(
-    conversations: bool,
-    (prompt_template, chat): (&str, bool),
-    tok: &Tokenizer,
-    config: &ModelConfig,
-    model: &Path,
-) -> Result<Option<ChatTemplate>> {
+/// The model's chat template for records that are conversations (`conversations`), from
+/// `format` (which loaded it): they are rendered with it as they are, so `prompt_template`
+/// must be `{prompt}` and `chat` absent. `None` for text records.
+pub fn conversation_template(conversations: bool, format: &PromptFormat) -> Result<Option<ChatTemplate>> {
     if !conversations {
         return Ok(None);
     }
-    if chat || prompt_template != "{prompt}" {
+    if format.chat.is_some() || format.template != "{prompt}" {
         bail!("conversations are rendered with the model's chat template: leave out prompt_template and chat");
     }
-    Ok(Some(ChatTemplate::of_model(tok, config, model)?))
+    format.chat_template.clone().map(Some).map_err(anyhow::Error::msg)
 }
 
 /// A conversation split into the messages before its reply and the reply's text (leading

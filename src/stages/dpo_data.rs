@@ -84,8 +84,7 @@ pub(crate) fn load_examples<D: FusedOps>(
         let (train, val, skipped, truncated) = load_kto(cfg, spec, reference, tok, (eos, pad))?;
         (Examples::Kto(train), Examples::Kto(val), skipped, truncated)
     } else {
-        let template =
-            chat_for(&cfg.format, (&cfg.prompt_template, cfg.chat.is_some()), tok, &reference.config, &cfg.init)?;
+        let template = chat_for(&cfg.format, &prompt)?;
         let pairs_of = |file: &Path| -> Result<(Vec<Pair>, usize, usize)> {
             let comparisons = read_comparisons(file, &cfg.format, template.as_ref())?;
             let (comps, skipped, truncated) =

@@ -59,8 +59,7 @@ pub fn load_kto<D: FusedOps>(
     tok: &Tokenizer,
     (eos, pad): (u32, u32),
 ) -> Result<(Vec<KtoExample>, Vec<KtoExample>, usize, usize)> {
-    let template =
-        chat_for(&cfg.format, (&cfg.prompt_template, cfg.chat.is_some()), tok, &reference.config, &cfg.init)?;
+    let template = chat_for(&cfg.format, spec.prompt)?;
     let read = |file: &Path| tokenize_labelled(file, cfg, spec, (tok, template.as_ref()), eos);
     let (mut set, mut skipped, mut truncated) = read(&cfg.data)?;
     let cut = match &cfg.val_data {

@@ -412,7 +412,7 @@ fn load_data(
         val_fraction: cfg.val_fraction,
         max_len: cfg.max_len,
     };
-    let template = chat_for(&cfg.format, (&cfg.prompt_template, cfg.chat.is_some()), tok, config, &cfg.init)?;
+    let template = chat_for(&cfg.format, &format)?;
     HeldOut::load(hold, |file| {
         let records = read_comparisons(file, &cfg.format, template.as_ref())?;
         Ok((records.len(), tokenize(cfg, &format, tok, eos, (file, &records))?))

@@ -426,8 +426,7 @@ fn load_data(
         val_fraction: cfg.val_fraction,
         max_len: cfg.max_len,
     };
-    let template_and_chat = (cfg.prompt_template.as_str(), cfg.chat.is_some());
-    let chat = conversation_template(cfg.messages_field.is_some(), template_and_chat, tok, config, &cfg.init)?;
+    let chat = conversation_template(cfg.messages_field.is_some(), &format)?;
     HeldOut::load(hold, |file| {
         let records = match (&cfg.messages_field, &chat) {
             (Some(field), Some(chat)) => read_conversations(file, field, chat, cfg.assistant_turns)?,
