@@ -459,16 +459,15 @@ pub fn read_conversations(
     let mut out = vec![];
     for r in crate::data::read_jsonl(file)? {
         let messages: Vec<rlhf_policies::chat::ChatMessage> = r.parse(field)?;
-        let Some((before, reply)) = split_reply(messages.clone()).filter(|(m, _)| !m.is_empty()) else {
+        if messages.len() < 2 || messages[messages.len() - 1].role != "assistant" {
             return Err(r.error(format!("field `{field}` must end with an assistant message after at least one other")));
-        };
-        let mut pairs = vec![(before, reply)];
-        if turns == AssistantTurns::All {
-            pairs = (1..messages.len())
-                .filter_map(|k| split_reply(messages[..=k].to_vec()).filter(|(m, _)| !m.is_empty()))
-                .collect();
         }
-        for (before, reply) in pairs {
+        // each conversation prefix that ends with a trained assistant message, after another
+        let ends = match turns {
+            AssistantTurns::Last => messages.len()..=messages.len(),
+            AssistantTurns::All => 2..=messages.len(),
+        };
+        for (before, reply) in ends.filter_map(|k| split_reply(messages[..k].to_vec()).filter(|(m, _)| !m.is_empty())) {
             let prompt = chat.render(&before, true).map_err(|e| r.error(format!("field `{field}`: {e}")))?;
             out.push(vec![prompt, reply]);
         }
