@@ -15,7 +15,7 @@ use rlhf::stages::common::optimizer_step;
 use rlhf::stages::pretrain::lm_loss;
 use rlhf_policies::{
     generate, AdamW, AdamWConfig, Batch, CausalLm, DeviceKv, DeviceSession, EngineSession, FusedOps, GradBuffers,
-    InferenceModel, KvCache, LogitsAt, RowEngine, SamplingConfig,
+    InferenceModel, KvCache, LogitsAt, RowEngine, SamplingConfig, TokenMask,
 };
 
 const ATOL: f32 = 1e-4;
@@ -110,24 +110,39 @@ fn train_steps<D: FusedOps + GradBuffers>(name: &str, dev: &D) {
     assert!(diff < ATOL, "{name}: weights after three steps differ from the CPU's by {diff}");
 }
 
-/// PPO's per-token log-probs and entropies, and their gradient, on `dev` and on the CPU.
+/// PPO's per-token log-probs and entropies, and their gradient, on `dev` and on the CPU; and
+/// NLPO's, over a mask of about half the vocabulary per row.
 fn logprobs_and_entropy<D: FusedOps>(name: &str, dev: &D) {
-    fn run<E: FusedOps>(name: &str, dev: &E) -> (Vec<f32>, Vec<f32>) {
+    fn run<E: FusedOps>(name: &str, dev: &E, masked: bool) -> (Vec<f32>, Vec<f32>) {
         let model = load(name, dev);
         let v = model.dims.vocab as u32;
         let rows: Vec<Vec<u32>> = (0..2).map(|r| (0..6).map(|i| (r * 3 + i * 11 + 1) % v).collect()).collect();
         let targets: Vec<usize> = rows.iter().flat_map(|s| s.iter().map(|&x| (x as usize + 1) % v as usize)).collect();
         let h = model.forward_hidden(&Batch::unpadded(&rows).unwrap(), OwnedTape::default()).unwrap();
-        let out = model.logprobs_and_entropy(h, &targets, 0.7);
+        let out = if masked {
+            let masks: Vec<TokenMask> = (0..targets.len())
+                .map(|i| {
+                    let mut m = TokenMask::none(v as usize);
+                    (0..v as usize).filter(|t| (t * 7 + i) % 3 != 0).for_each(|t| m.allow(t));
+                    m.allow(targets[i]);
+                    m
+                })
+                .collect();
+            model.logprobs_and_entropy_masked(h, &targets, 0.7, &masks)
+        } else {
+            model.logprobs_and_entropy(h, &targets, 0.7)
+        };
         let values = out.as_vec();
         let grads = out.sum::<Rank0, _>().backward();
         let g = grads.get(&model.wte).as_vec();
         (values, g)
     }
-    let (values, grad) = run(name, dev);
-    let (cpu_values, cpu_grad) = run(name, &Cpu::default());
-    assert!(max_abs_diff(&values, &cpu_values) < ATOL, "{name}: log-probs/entropies vs CPU");
-    assert!(max_abs_diff(&grad, &cpu_grad) < ATOL, "{name}: embedding gradient vs CPU");
+    for masked in [false, true] {
+        let (values, grad) = run(name, dev, masked);
+        let (cpu_values, cpu_grad) = run(name, &Cpu::default(), masked);
+        assert!(max_abs_diff(&values, &cpu_values) < ATOL, "{name} (masked {masked}): log-probs/entropies vs CPU");
+        assert!(max_abs_diff(&grad, &cpu_grad) < ATOL, "{name} (masked {masked}): embedding gradient vs CPU");
+    }
 }
 
 /// The device's KV-cached decode ([`CausalLm::decode`]): a left-padded prompt batch, then

@@ -16,6 +16,7 @@ use crate::error::PolicyError;
 use crate::fused::FusedOps;
 use crate::infer::LogitsAt;
 use crate::model::{apply_rope, CausalLm, MASKED};
+use crate::nucleus::RowLogits;
 use crate::sampling::{row_seed, SamplingConfig};
 use crate::session::{model_err, sample_rows};
 
@@ -179,6 +180,15 @@ impl<'m, D: FusedOps> DeviceSession<'m, D> {
         let v = self.model.dims.vocab;
         for &r in rows {
             self.logits[r] = logits[r * v..(r + 1) * v].to_vec();
+        }
+    }
+}
+
+impl<D: FusedOps> RowLogits for DeviceSession<'_, D> {
+    fn row_logits(&self, row: usize) -> Result<&[f32], EnvError> {
+        match self.logits.get(row) {
+            Some(l) if !l.is_empty() => Ok(l),
+            _ => Err(EnvError::Model(format!("row {row} has not begun"))),
         }
     }
 }

@@ -24,8 +24,12 @@ use crate::layer_norm::layer_norm_cpu;
 #[cfg(feature = "cuda")]
 use crate::linear::linear_composed;
 use crate::linear::{linear_cpu, Affine};
-use crate::logprobs::{lm_logprobs_and_entropy_cpu, lm_weighted_nll_cpu, logprobs_and_entropy_cpu, weighted_nll_cpu};
+use crate::logprobs::{
+    lm_logprobs_and_entropy_cpu, lm_logprobs_and_entropy_masked_cpu, lm_weighted_nll_cpu, logprobs_and_entropy_cpu,
+    weighted_nll_cpu,
+};
 use crate::model::Block;
+use crate::nucleus::{TokenMask, MASKED_LOGIT};
 
 /// A `(rows, cols)` activation on device `D` with tape `T`.
 pub type Act<D, T> = Tensor<(usize, usize), f32, D, T>;
@@ -95,6 +99,20 @@ pub trait FusedOps: Device<f32> {
     ) -> Tensor<(usize,), f32, Self, T> {
         let logits = Self::linear(h, Affine::lm_head(head));
         Self::logprobs_and_entropy(logits, targets, temperature)
+    }
+
+    /// [`FusedOps::lm_logprobs_and_entropy`] of NLPO's masked policy: row `i`'s logits outside
+    /// `masks[i]` are set to [`MASKED_LOGIT`] first, so the log-probs and entropies are those of
+    /// the softmax over the allowed tokens (whose gradients the masked logits do not get).
+    /// Every target must be allowed by its row's mask.
+    fn lm_logprobs_and_entropy_masked<T: Tape<f32, Self>>(
+        h: Tensor<(usize, usize), f32, Self, T>,
+        head: &Tensor<(usize, usize), f32, Self>,
+        targets: &[usize],
+        temperature: f32,
+        masks: &[TokenMask],
+    ) -> Tensor<(usize,), f32, Self, T> {
+        lm_logprobs_and_entropy_masked_composed(h, head, targets, temperature, masks)
     }
 
     /// Embedding rows `wte[ids[r]] (+ wpe[pos[r]])` as `(N, C)`, recorded on `tape`; see
@@ -179,6 +197,25 @@ pub fn logprobs_and_entropy_composed<D: Device<f32>, T: Tape<f32, D>>(
     let logprobs = lsm.clone().put_tape(tape).select(dev.tensor_from_vec(targets.to_vec(), (n,)));
     let entropy = (lsm.retaped::<T>().exp() * lsm.clone()).sum::<(usize,), Axis<1>>().negate();
     (logprobs, entropy).concat_along(Axis::<0>)
+}
+
+/// The composition of [`FusedOps::lm_logprobs_and_entropy_masked`] (the devices' default,
+/// and the CPU op's reference): the head, plus a bias of 0 or [`MASKED_LOGIT`] per logit, then
+/// [`FusedOps::logprobs_and_entropy`].
+pub fn lm_logprobs_and_entropy_masked_composed<D: FusedOps, T: Tape<f32, D>>(
+    h: Tensor<(usize, usize), f32, D, T>,
+    head: &Tensor<(usize, usize), f32, D>,
+    targets: &[usize],
+    temperature: f32,
+    masks: &[TokenMask],
+) -> Tensor<(usize,), f32, D, T> {
+    let v = head.shape().0;
+    crate::logprobs::check_masks(v, targets, masks);
+    let logits = D::linear(h, Affine::lm_head(head));
+    let mut bias = vec![0.0; masks.len() * v];
+    bias.chunks_mut(v).zip(masks).for_each(|(row, m)| m.apply(row, MASKED_LOGIT));
+    let bias = logits.device().tensor_from_vec(bias, (masks.len(), v));
+    D::logprobs_and_entropy(logits + bias, targets, temperature)
 }
 
 /// dfdx's composition of the weighted NLL (reference and fallback).
@@ -354,6 +391,16 @@ impl FusedOps for Cpu {
         temperature: f32,
     ) -> Tensor<(usize,), f32, Self, T> {
         lm_logprobs_and_entropy_cpu(h, head, targets, temperature)
+    }
+
+    fn lm_logprobs_and_entropy_masked<T: Tape<f32, Self>>(
+        h: Tensor<(usize, usize), f32, Self, T>,
+        head: &Tensor<(usize, usize), f32, Self>,
+        targets: &[usize],
+        temperature: f32,
+        masks: &[TokenMask],
+    ) -> Tensor<(usize,), f32, Self, T> {
+        lm_logprobs_and_entropy_masked_cpu(h, head, targets, temperature, masks)
     }
 }
 

@@ -43,6 +43,7 @@ pub mod layer_norm;
 pub mod linear;
 pub mod logprobs;
 pub mod model;
+pub mod nucleus;
 pub mod optim;
 pub mod params;
 pub mod reward_model;
@@ -63,6 +64,7 @@ pub use heads::ScalarHead;
 pub use infer::{InferenceModel, KvCache, LogitsAt};
 pub use kernels::WeightDtype;
 pub use model::CausalLm;
+pub use nucleus::{nucleus_mask, Nucleus, NucleusMaskedSession, RowLogits, TokenMask};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradBuffers};
 pub use params::{HasParams, ParamMut, ParamRef};
 pub use reward_model::{LearnedReward, RewardNormalization};
@@ -70,7 +72,9 @@ pub use sampling::{
     filtered_logprobs, generate, generate_from, generate_from_with, generate_observed, sample_from_logits, Decode,
     Generation, SamplingConfig,
 };
-pub use session::{policy_session, policy_sessions, EngineSession, RolloutEngine, RowEngine};
+pub use session::{
+    logits_sessions, nucleus_masked_session, policy_session, policy_sessions, EngineSession, RolloutEngine, RowEngine,
+};
 pub use tokenizer::Tokenizer;
 
 /// The training path's matrix product `c (m×n, row-major) = a · b` on the current rayon pool

@@ -17,6 +17,7 @@ use dfdx::prelude::*;
 use rayon::prelude::*;
 
 use crate::kernels::exp_inplace;
+use crate::nucleus::{TokenMask, MASKED_LOGIT};
 use crate::strided::{gemm_into, gemm_new, host_vec, View};
 
 type A2<T> = Tensor<(usize, usize), f32, Cpu, T>;
@@ -176,13 +177,14 @@ type HeadLoss<S, B> = (Vec<f32>, S, B);
 
 /// The LM head followed by a loss, as one op: `x = alpha·h·wᵀ` `(N, V)` for hidden states `h`
 /// `(N, C)` and the head's weight `w` `(V, C)` (HF's `lm_head.weight` layout, or the tied
-/// `wte`) goes to `loss` in a host buffer this op owns; the backward pass has `loss`'s
+/// `wte`) goes to `loss` in a host buffer this op owns (which `loss` may change first, e.g.
+/// to mask tokens); the backward pass has `loss`'s
 /// closure turn it into `dlogits` in place, then `dh += dlogits·w`, `dw += dlogitsᵀ·h`.
 fn lm_head_op<T, S, B>(
     h: A2<T>,
     w: &W2,
     alpha: f32,
-    loss: impl FnOnce(&[f32]) -> HeadLoss<S, B>,
+    loss: impl FnOnce(&mut [f32]) -> HeadLoss<S, B>,
 ) -> Tensor<S, f32, Cpu, T>
 where
     T: Tape<f32, Cpu>,
@@ -196,7 +198,7 @@ where
     let (hv, wv) = (host_vec(&h), host_vec(w));
     let threads = rayon::current_num_threads();
     let mut x = gemm_new((n, v, c), View::rows(&hv, c), View::rows(&wv, c).t(), alpha, threads);
-    let (y, shape, backward) = loss(&x);
+    let (y, shape, backward) = loss(&mut x);
     let out = h.device().tensor_from_vec(y, shape);
     if T::OWNS_TAPE {
         let (hg, og, wg) = (h.ghost(), out.ghost(), w.ghost());
@@ -227,6 +229,40 @@ pub fn lm_logprobs_and_entropy_cpu<T: Tape<f32, Cpu>>(h: A2<T>, w: &W2, targets:
         };
         (y, (2 * n,), backward)
     })
+}
+
+/// [`lm_logprobs_and_entropy_cpu`] of π^mask (NLPO): each row's logits outside its mask are
+/// set to [`MASKED_LOGIT`] before the softmax, so the log-probs and entropies are those of the
+/// softmax over the allowed tokens, and the masked logits get no gradient.
+pub fn lm_logprobs_and_entropy_masked_cpu<T: Tape<f32, Cpu>>(
+    h: A2<T>,
+    w: &W2,
+    targets: &[usize],
+    temperature: f32,
+    masks: &[TokenMask],
+) -> A1<T> {
+    let (n, v) = (h.shape().0, w.shape().0);
+    check_targets("logprobs_and_entropy", n, v, targets, None);
+    check_masks(v, targets, masks);
+    let (inv_t, targets) = (1.0 / temperature, targets.to_vec());
+    lm_head_op(h, w, inv_t, |x| {
+        x.par_chunks_mut(v).zip(masks).for_each(|(row, m)| m.apply(row, MASKED_LOGIT));
+        let (stats, y) = forward(x, v, &targets);
+        let backward = move |d: &mut [f32], dy: &[f32]| {
+            d.par_chunks_mut(v).enumerate().for_each(|(i, d)| {
+                row_grad(d, None, stats[i], targets[i], (dy[i], dy[n + i]), inv_t, false);
+            });
+        };
+        (y, (2 * n,), backward)
+    })
+}
+
+/// One mask per row, over the vocabulary, each allowing its row's target.
+pub(crate) fn check_masks(v: usize, targets: &[usize], masks: &[TokenMask]) {
+    assert!(masks.len() == targets.len(), "masked log-probs: {} rows need {} masks", targets.len(), masks.len());
+    assert!(masks.iter().all(|m| m.vocab() == v), "masked log-probs: a mask is not over the {v}-token vocabulary");
+    let outside = targets.iter().zip(masks).position(|(&t, m)| !m.allows(t));
+    assert!(outside.is_none(), "masked log-probs: row {outside:?}'s target is outside its mask");
 }
 
 /// [`weighted_nll_cpu`] of the LM head's logits `h·wᵀ` (see `lm_head_op`).
@@ -344,5 +380,82 @@ mod tests {
             assert!(max_rel(&f.1, &r.1) < 1e-5, "{n}x{v}: NLL dh {}", max_rel(&f.1, &r.1));
             assert!(max_rel(&f.2, &r.2) < 1e-5, "{n}x{v}: NLL dw {}", max_rel(&f.2, &r.2));
         }
+    }
+
+    /// Random masks (about half the vocabulary) that allow each row's target.
+    fn random_masks(rng: &mut StdRng, v: usize, targets: &[usize]) -> Vec<TokenMask> {
+        targets
+            .iter()
+            .map(|&t| {
+                let mut m = TokenMask::none(v);
+                (0..v).filter(|_| rng.gen_bool(0.5)).for_each(|i| m.allow(i));
+                m.allow(t);
+                m
+            })
+            .collect()
+    }
+
+    #[test]
+    fn masked_logprobs_are_the_softmax_over_the_allowed_tokens() {
+        let dev = Cpu::default();
+        let mut rng = StdRng::seed_from_u64(11);
+        for (n, c, v, temp) in [(3usize, 8usize, 11usize, 1.0f32), (29, 32, 700, 0.7)] {
+            let h = rand(&dev, &mut rng, (n, c), 1.0);
+            let w = rand(&dev, &mut rng, (v, c), 1.0);
+            let targets: Vec<usize> = (0..n).map(|_| rng.gen_range(0..v)).collect();
+            let masks = random_masks(&mut rng, v, &targets);
+            let up: Tensor<(usize,), f32, Cpu> =
+                dev.tensor_from_vec((0..2 * n).map(|_| rng.gen_range(-1.0..1.0)).collect(), (2 * n,));
+            let run = |fused: bool| {
+                let y = if fused {
+                    lm_logprobs_and_entropy_masked_cpu(h.leaky_trace(), &w, &targets, temp, &masks)
+                } else {
+                    crate::fused::lm_logprobs_and_entropy_masked_composed(h.leaky_trace(), &w, &targets, temp, &masks)
+                };
+                let yv = y.retaped::<NoneTape>().as_vec();
+                let g = (y * up.clone()).sum::<Rank0, _>().backward();
+                (yv, g.get(&h).as_vec(), g.get(&w).as_vec())
+            };
+            let (f, r) = (run(true), run(false));
+            assert!(max_rel(&f.0, &r.0) < 1e-5, "{n}x{v}: values {}", max_rel(&f.0, &r.0));
+            assert!(max_rel(&f.1, &r.1) < 1e-5, "{n}x{v}: dh {}", max_rel(&f.1, &r.1));
+            assert!(max_rel(&f.2, &r.2) < 1e-5, "{n}x{v}: dw {}", max_rel(&f.2, &r.2));
+            // against f64 arithmetic over the allowed tokens only
+            let (hv, wv) = (h.as_vec(), w.as_vec());
+            for i in 0..n {
+                let z: Vec<f64> = (0..v)
+                    .filter(|&t| masks[i].allows(t))
+                    .map(|t| (0..c).map(|k| hv[i * c + k] as f64 * wv[t * c + k] as f64).sum::<f64>() / temp as f64)
+                    .collect();
+                let ids: Vec<usize> = (0..v).filter(|&t| masks[i].allows(t)).collect();
+                let lse = z.iter().map(|x| x.exp()).sum::<f64>().ln();
+                let lp = z[ids.iter().position(|&t| t == targets[i]).unwrap()] - lse;
+                let entropy = -z.iter().map(|x| (x - lse).exp() * (x - lse)).sum::<f64>();
+                assert!((f.0[i] as f64 - lp).abs() < 1e-5, "row {i}: log p {} vs {lp}", f.0[i]);
+                assert!((f.0[n + i] as f64 - entropy).abs() < 1e-5, "row {i}: H {} vs {entropy}", f.0[n + i]);
+            }
+        }
+    }
+
+    #[test]
+    fn a_mask_of_every_token_changes_no_bit() {
+        let dev = Cpu::default();
+        let mut rng = StdRng::seed_from_u64(12);
+        let (n, c, v, temp) = (17usize, 16usize, 300usize, 0.8f32);
+        let h = rand(&dev, &mut rng, (n, c), 1.0);
+        let w = rand(&dev, &mut rng, (v, c), 1.0);
+        let targets: Vec<usize> = (0..n).map(|_| rng.gen_range(0..v)).collect();
+        let masks = vec![TokenMask::all(v); n];
+        let run = |masked: bool| {
+            let y = if masked {
+                lm_logprobs_and_entropy_masked_cpu(h.leaky_trace(), &w, &targets, temp, &masks)
+            } else {
+                lm_logprobs_and_entropy_cpu(h.leaky_trace(), &w, &targets, temp)
+            };
+            let yv = y.retaped::<NoneTape>().as_vec();
+            let g = (y * 0.5).sum::<Rank0, _>().backward();
+            (yv, g.get(&h).as_vec(), g.get(&w).as_vec())
+        };
+        assert_eq!(run(true), run(false));
     }
 }

@@ -370,6 +370,18 @@ impl<D: FusedOps> CausalLm<D> {
         D::lm_logprobs_and_entropy(h, self.head(), targets, temperature)
     }
 
+    /// [`CausalLm::logprobs_and_entropy`] of NLPO's π^mask: row `i` over the tokens
+    /// `masks[i]` allows (see [`FusedOps::lm_logprobs_and_entropy_masked`]).
+    pub fn logprobs_and_entropy_masked<T: Tape<f32, D>>(
+        &self,
+        h: A2<D, T>,
+        targets: &[usize],
+        temperature: f32,
+        masks: &[crate::TokenMask],
+    ) -> Tensor<(usize,), f32, D, T> {
+        D::lm_logprobs_and_entropy_masked(h, self.head(), targets, temperature, masks)
+    }
+
     /// `−Σᵢ wᵢ·log softmax(logitsᵢ)[targetsᵢ]` for hidden states `h` `(N, C)`: the LM head
     /// and the weighted NLL as one device op (see [`FusedOps::lm_weighted_nll`]).
     pub fn weighted_nll<T: Tape<f32, D>>(

@@ -15,6 +15,7 @@ use crate::error::PolicyError;
 use crate::fused::FusedOps;
 use crate::infer::{InferenceModel, KvCache, LogitsAt};
 use crate::model::CausalLm;
+use crate::nucleus::{Nucleus, NucleusMaskedSession, RowLogits};
 use crate::sampling::{logprob_at_temperature, row_seed, sample_from_logits, SamplingConfig};
 use crate::tokenizer::Tokenizer;
 
@@ -278,6 +279,12 @@ impl<E: RowEngine> EngineSession<E> {
     }
 }
 
+impl<E: RowEngine> RowLogits for EngineSession<E> {
+    fn row_logits(&self, row: usize) -> Result<&[f32], EnvError> {
+        self.current(row)
+    }
+}
+
 impl<E: RowEngine> Policy for EngineSession<E> {
     fn begin(&mut self, rows: &[usize], prompts: &[&[u32]]) -> Result<(), EnvError> {
         self.prefill(rows, prompts)
@@ -349,12 +356,24 @@ pub fn policy_sessions<'m, D: FusedOps>(
     samplings: Vec<SamplingConfig>,
     engine: RolloutEngine,
 ) -> Result<Vec<Box<dyn Policy + 'm>>, PolicyError> {
+    let sessions = logits_sessions(model, rows, capacity, samplings, engine)?;
+    Ok(sessions.into_iter().map(|s| s as Box<dyn Policy + 'm>).collect())
+}
+
+/// [`policy_sessions`] whose next-token logits can be read ([`RowLogits`]).
+pub fn logits_sessions<'m, D: FusedOps>(
+    model: &'m CausalLm<D>,
+    rows: usize,
+    capacity: usize,
+    samplings: Vec<SamplingConfig>,
+    engine: RolloutEngine,
+) -> Result<Vec<Box<dyn RowLogits + 'm>>, PolicyError> {
     fn over<'m, E: RowEngine + 'static>(
         engine: Arc<E>,
         (rows, capacity): (usize, usize),
         samplings: Vec<SamplingConfig>,
-    ) -> Vec<Box<dyn Policy + 'm>> {
-        let session = |s| Box::new(EngineSession::new(engine.clone(), rows, capacity, s)) as Box<dyn Policy + 'm>;
+    ) -> Vec<Box<dyn RowLogits + 'm>> {
+        let session = |s| Box::new(EngineSession::new(engine.clone(), rows, capacity, s)) as Box<dyn RowLogits + 'm>;
         samplings.into_iter().map(session).collect()
     }
     Ok(match engine.resolved::<D>() {
@@ -362,6 +381,20 @@ pub fn policy_sessions<'m, D: FusedOps>(
         RolloutEngine::Host => over(Arc::new(InferenceModel::from_model(model)), (rows, capacity), samplings),
         _ => samplings.into_iter().map(|s| Box::new(DeviceSession::new(model, rows, capacity, s)) as _).collect(),
     })
+}
+
+/// NLPO's rollout policy ([`NucleusMaskedSession`]): `policy` samples within the nucleus of
+/// `mask_policy`, both decoding on `engine`.
+pub fn nucleus_masked_session<'m, D: FusedOps>(
+    policy: &'m CausalLm<D>,
+    mask_policy: &'m CausalLm<D>,
+    (rows, capacity): (usize, usize),
+    nucleus: Nucleus,
+    sampling: SamplingConfig,
+    engine: RolloutEngine,
+) -> Result<NucleusMaskedSession<'m>, PolicyError> {
+    let session = |m| logits_sessions(m, rows, capacity, vec![sampling.clone()], engine).map(|mut s| s.remove(0));
+    Ok(NucleusMaskedSession::new(session(policy)?, session(mask_policy)?, rows, nucleus, sampling))
 }
 
 #[cfg(feature = "cuda")]
