@@ -24,6 +24,7 @@ use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
 use crate::stages::common::{read_state, restore_latest, save_with, Checkpointable};
+use crate::stages::nlpo::{self, NlpoConfig};
 use crate::stages::policy_eval::{online_prompts, prompts_and_eval, EvalNames};
 use crate::stages::ppo_models::{PpoModels, ValueModelConfig};
 use crate::stages::ppo_step::{self, IterationOutput, PpoState, PpoTrainer};
@@ -166,6 +167,9 @@ pub struct PpoConfig {
     pub grad_clip: f64,
     /// PPO-ptx. Default: off.
     pub ptx: Option<PtxConfig>,
+    /// NLPO: sample and train within the top-p nucleus of a periodically synced copy of the
+    /// policy ([`crate::stages::nlpo`]); `{}` takes RL4LMs' settings. Default: off (PPO).
+    pub nlpo: Option<NlpoConfig>,
     /// NaN/Inf policy. Default `stop`.
     pub on_nonfinite: OnNonFinite,
     /// Checkpoint every this many iterations (and at the end). Default `20`.
@@ -231,6 +235,7 @@ impl Default for PpoConfig {
             schedule: LrSchedule::constant(),
             grad_clip: 1.0,
             ptx: None,
+            nlpo: None,
             on_nonfinite: OnNonFinite::Stop,
             checkpoint_every: 20,
             keep_checkpoints: 0,
@@ -296,10 +301,12 @@ fn train_on<D: FusedOps + GradBuffers>(
     // BOILERPLATE: policy + critic, optimizer and controller (fresh, or the last checkpoint)
     let (reference, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&cfg.policy, dev)
         .with_context(|| format!("policy {}", cfg.policy.display()))?;
-    let (models, opt, start, state) = if resume {
+    let (models, opt, start, state, mask_policy) = if resume {
         let r = restore_latest::<_, PpoModels<D>>(&run, &cfg.optim, dev)?;
         let state: PpoState = read_state(&run.checkpoint_dir(r.step), "ppo_state.json")?;
-        (r.model, r.opt, r.step, state)
+        let mask_policy =
+            cfg.nlpo.is_some().then(|| nlpo::load_mask_policy(&run.checkpoint_dir(r.step), dev)).transpose()?;
+        (r.model, r.opt, r.step, state, mask_policy)
     } else {
         let rm_path = match &cfg.reward {
             Some(RewardSpec::Model { path, .. }) => Some(path.as_path()),
@@ -308,7 +315,7 @@ fn train_on<D: FusedOps + GradBuffers>(
         let models = PpoModels::new(reference.frozen_copy(), &cfg.value_model, rm_path)?;
         run.write_config(&cfg)?;
         let kl = KlController::new(cfg.kl_control, cfg.beta);
-        (models, AdamW::new(cfg.optim.clone()), 0, PpoState { kl, prompt_draws: 0, skipped_batches: 0 })
+        (models, AdamW::new(cfg.optim.clone()), 0, PpoState { kl, prompt_draws: 0, skipped_batches: 0 }, None)
     };
     let eos = tok.eos_for(&reference.config).context("the policy's tokenizer has no EOS token")?;
     let pad = tok.pad_id().unwrap_or(eos);
@@ -321,7 +328,7 @@ fn train_on<D: FusedOps + GradBuffers>(
         (cfg.iterations, cfg.checkpoint_every, cfg.sample_every, cfg.sample_count);
     let detok = Box::new(tok.clone());
     let mut trainer = PpoTrainer::new(cfg, models, reference, opt, state, prompts, reward, detok, Some(eos), pad)?;
-    trainer.ptx = ptx;
+    (trainer.ptx, trainer.mask_policy) = (ptx, mask_policy);
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;
     let mut report =
@@ -353,9 +360,10 @@ fn train_on<D: FusedOps + GradBuffers>(
         }
         bar.inc(1);
         if (it + 1) % every == 0 || it + 1 == iterations {
-            let (models, st) = (&trainer.models, trainer.state.clone());
+            let (models, st, mask_policy) = (&trainer.models, trainer.state.clone(), trainer.mask_policy.as_ref());
             save_with(&run, (it + 1, None), models, &mut trainer.opt, |dir| {
                 models.save_dir(dir, &tok)?;
+                mask_policy.map(|m| m.save_pretrained(&dir.join(nlpo::MASK_POLICY_DIR), None)).transpose()?;
                 std::fs::write(dir.join("ppo_state.json"), serde_json::to_string_pretty(&st)?)?;
                 Ok(())
             })?;
@@ -538,6 +546,7 @@ fn validate(cfg: &PpoConfig) -> Result<()> {
         bail!("target_kl must be positive, got {t}");
     }
     check_reward_inputs(cfg.reward.as_ref(), cfg.reference_field.as_deref())?;
+    cfg.nlpo.as_ref().map(NlpoConfig::validate).transpose()?;
     if !(0.0..=1.0).contains(&cfg.lam) || !(0.0..=1.0).contains(&cfg.gamma) {
         bail!("gamma and lam must be in [0, 1]");
     }

@@ -8,7 +8,9 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use dfdx::prelude::*;
 use rlhf_policies::checkpoint::{read_safetensors, write_safetensors, HostTensor};
-use rlhf_policies::{Batch, CausalLm, FusedOps, HasParams, LearnedReward, ParamMut, ParamRef, ScalarHead, Tokenizer};
+use rlhf_policies::{
+    Batch, CausalLm, FusedOps, HasParams, LearnedReward, ParamMut, ParamRef, ScalarHead, TokenMask, Tokenizer,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::stages::common::Checkpointable;
@@ -124,28 +126,35 @@ pub fn sequence_log_ratios<D: FusedOps>(
 
 impl<D: FusedOps> PpoModels<D> {
     /// The policy's `[logprobs…, entropies…]` `(2N,)` and the critic's values `(N,)` for
-    /// every response token of `seqs`, from one taped pass (two for a separate critic).
+    /// every response token of `seqs`, from one taped pass (two for a separate critic). With
+    /// `masks` (NLPO, one per response token in order) the log-probs and entropies are those
+    /// of the policy restricted to each token's mask.
     #[allow(clippy::type_complexity)]
     pub fn forward<T: Tape<f32, D>>(
         &self,
         seqs: &[&Seq],
+        masks: Option<&[TokenMask]>,
         pad: u32,
         temperature: f32,
         tape: T,
     ) -> Result<(Tensor<(usize,), f32, D, T>, Tensor<(usize,), f32, D, T>)> {
         let (batch, rows, targets) = response_rows(seqs, pad)?;
         let hr = self.policy.forward_hidden_rows(&batch, &rows, tape)?;
+        let policy = |h| match masks {
+            Some(m) => self.policy.logprobs_and_entropy_masked(h, &targets, temperature, m),
+            None => self.policy.logprobs_and_entropy(h, &targets, temperature),
+        };
         match &self.critic {
             Critic::Shared(head) => {
                 // the gathered hidden states feed both heads: split the tape (dfdx-notes §2)
                 let (hr, tape) = hr.split_tape();
-                let lpe = self.policy.logprobs_and_entropy(hr.clone().put_tape(tape), &targets, temperature);
+                let lpe = policy(hr.clone().put_tape(tape));
                 let (lpe, tape) = lpe.split_tape();
                 let values = head.forward(hr.put_tape(tape));
                 Ok((lpe.retaped::<T>(), values))
             }
             Critic::Separate(critic) => {
-                let lpe = self.policy.logprobs_and_entropy(hr, &targets, temperature);
+                let lpe = policy(hr);
                 // the critic's pass continues on the same tape
                 let (lpe, tape) = lpe.split_tape();
                 let hv = critic.model.forward_hidden_rows(&batch, &rows, tape)?;

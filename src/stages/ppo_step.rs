@@ -4,17 +4,18 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use dfdx::prelude::*;
 use rlhf_envs::kl::{kl_terms, shaped_rewards};
 use rlhf_envs::{Detokenizer, EnvError, Episode, KlConfig, NoReference, RewardModel, Rollout, TextEnvConfig, VecEnv};
 use rlhf_policies::fused::host_loss;
-use rlhf_policies::{policy_session, AdamW, CausalLm, FusedOps, GradBuffers, SamplingConfig};
+use rlhf_policies::{policy_session, AdamW, CausalLm, FusedOps, GradBuffers, SamplingConfig, TokenMask};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{mix, sample_blocks};
 use crate::math::ppo::{explained_variance, gae, ppo_policy_loss, ppo_value_loss, whiten, KlController};
 use crate::stages::common::{accumulate_grads, apply_grads, or_skip_non_finite, shuffled_minibatches, LossOn};
+use crate::stages::nlpo;
 use crate::stages::ppo::{KlUnit, OnNonFinite, PpoConfig, Prompts};
 use crate::stages::ppo_models::{logprobs_and_entropy, PpoModels, Seq};
 
@@ -50,6 +51,10 @@ pub struct PpoTrainer<M, D: FusedOps = Cpu> {
     pub state: PpoState,
     /// Token ids of the PPO-ptx corpus.
     pub ptx: Option<Vec<u32>>,
+    /// NLPO's masking policy π_ψ (with `cfg.nlpo`): a frozen copy of the policy, taken at the
+    /// iterations [`NlpoConfig::syncs_at`](crate::stages::nlpo::NlpoConfig::syncs_at) names (a
+    /// resumed run loads the checkpoint's).
+    pub mask_policy: Option<CausalLm<D>>,
     eos: u32,
     pad: u32,
 }
@@ -96,7 +101,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         let mut env = VecEnv::new(cfg.batch_size, env_cfg, source, NoReference, reward, detok)?;
         env.prompts_mut().seek(state.prompt_draws);
         let eos_or_pad = eos.unwrap_or(pad);
-        Ok(PpoTrainer { cfg, models, reference, opt, env, state, ptx: None, eos: eos_or_pad, pad })
+        Ok(PpoTrainer { cfg, models, reference, opt, env, state, ptx: None, mask_policy: None, eos: eos_or_pad, pad })
     }
 
     /// Iteration `it` (0-based): rollout → scoring → update → KL control. `None` when the
@@ -108,16 +113,11 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
     }
 
     fn iteration_inner(&mut self, it: usize) -> Result<Option<IterationOutput>> {
-        let cfg = &self.cfg;
-        // ALGO: rollout with the current policy (sampling engine with its KV cache)
+        // ALGO: rollout with the current policy (sampling engine with its KV cache; NLPO: masked)
         let t0 = Instant::now();
-        let eos = (!self.env.config().eos_ids.is_empty()).then_some(self.eos);
-        let sampler = sampling(cfg, eos, mix(cfg.seed, it as u64, 1));
-        let mut session =
-            policy_session(&self.models.policy, cfg.batch_size, capacity(cfg), sampler, cfg.rollout_engine)?;
-        let rolled = self.env.rollout_with(session.as_mut(), Rollout { group_size: 1, reference: false });
-        drop(session); // it borrows the policy, which the update changes
-        let episodes = match rolled {
+        let (rolled, nlpo_metrics) = self.rollout(it)?;
+        let cfg = &self.cfg;
+        let (episodes, masks) = match rolled {
             Ok(e) => e,
             Err(EnvError::NonFinite { .. }) if cfg.on_nonfinite == OnNonFinite::Skip => {
                 self.state.skipped_batches += 1;
@@ -129,7 +129,8 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         // ALGO: scoring pass — log-probs, values, rewards, GAE, whitening
         let t1 = Instant::now();
         let layout = minibatches(cfg, it, 0);
-        let scored = score(cfg, &self.models, &self.reference, &episodes, &layout, self.pad, self.state.kl.beta)?;
+        let scored =
+            score(cfg, &self.models, &self.reference, (&episodes, masks), &layout, self.pad, self.state.kl.beta)?;
         let t_scoring = t1.elapsed();
         if let Some(what) = non_finite(&scored) {
             if cfg.on_nonfinite == OnNonFinite::Stop {
@@ -163,7 +164,35 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
             record["policy/early_stop"] = f64::from(u8::from(upd.early_stopped)).into();
             record["policy/minibatches"] = upd.minibatches.into();
         }
+        for (k, v) in nlpo_metrics.into_iter().flatten() {
+            record[k] = v.into();
+        }
         Ok(Some(IterationOutput { episodes, scored, record, timing }))
+    }
+
+    /// The iteration's rollout with the current policy (the sampling engine with its KV cache),
+    /// or with NLPO's π_θ^mask and its per-token masks (syncing π_ψ first when due); the
+    /// `nlpo/…` metrics with it. The env's error is handed back for `on_nonfinite`.
+    #[allow(clippy::type_complexity)]
+    fn rollout(&mut self, it: usize) -> Result<(Result<(Vec<Episode>, Option<Masks>), EnvError>, Option<NlpoMetrics>)> {
+        let cfg = &self.cfg;
+        let eos = (!self.env.config().eos_ids.is_empty()).then_some(self.eos);
+        let sampler = sampling(cfg, eos, mix(cfg.seed, it as u64, 1));
+        let (policy, engine) = (&self.models.policy, cfg.rollout_engine);
+        let Some(n) = cfg.nlpo else {
+            // the session borrows the policy, which the update changes: dropped here
+            let mut session = policy_session(policy, cfg.batch_size, capacity(cfg), sampler, engine)?;
+            let rolled = self.env.rollout_with(session.as_mut(), Rollout { group_size: 1, reference: false });
+            return Ok((rolled.map(|e| (e, None)), None));
+        };
+        let synced = n.syncs_at(it);
+        if synced {
+            self.mask_policy = Some(policy.frozen_copy());
+        }
+        let mask_policy = self.mask_policy.as_ref().context("NLPO: no masking policy to roll out with")?;
+        let rolled = nlpo::rollout(&mut self.env, policy, mask_policy, &n, capacity(cfg), sampler, engine);
+        let metrics = rolled.as_ref().ok().map(|r| nlpo::metrics(r, synced));
+        Ok((rolled.map(|r| (r.episodes, Some(r.masks))), metrics))
     }
 }
 
@@ -192,6 +221,20 @@ pub struct Scored {
     pub returns: Vec<Vec<f32>>,
     /// Processed scores R.
     pub scores: Vec<f32>,
+    /// NLPO: each response token's nucleus V_p, over which `old_logprobs` (and the update's
+    /// log-probs) are taken.
+    pub masks: Option<Masks>,
+}
+
+/// NLPO's nucleus of every response token of every episode.
+pub type Masks = Vec<Vec<TokenMask>>;
+
+/// The `nlpo/…` metrics of an iteration.
+type NlpoMetrics = [(&'static str, f64); 3];
+
+/// The masks of the response tokens of episodes `micro`, in the training forward's order.
+fn gather_masks(masks: Option<&Masks>, micro: &[usize]) -> Option<Vec<TokenMask>> {
+    masks.map(|m| micro.iter().flat_map(|&i| m[i].iter().cloned()).collect())
 }
 
 /// The rollout sampler of `cfg` with `seed`.
@@ -215,7 +258,7 @@ fn score<D: FusedOps>(
     cfg: &PpoConfig,
     models: &PpoModels<D>,
     reference: &CausalLm<D>,
-    episodes: &[Episode],
+    (episodes, masks): (&[Episode], Option<Masks>),
     layout: &[Vec<Vec<usize>>],
     pad: u32,
     beta: f64,
@@ -235,10 +278,12 @@ fn score<D: FusedOps>(
         advantages: vec![],
         returns: vec![],
         scores: episodes.iter().map(|e| e.score).collect(),
+        masks,
     };
     for micro in layout.iter().flatten() {
         let batch: Vec<&Seq> = micro.iter().map(|&i| &s.seqs[i]).collect();
-        let (lpe, values) = models.forward(&batch, pad, cfg.temperature, NoneTape)?;
+        let masks = gather_masks(s.masks.as_ref(), micro);
+        let (lpe, values) = models.forward(&batch, masks.as_deref(), pad, cfg.temperature, NoneTape)?;
         let ref_lpe = logprobs_and_entropy(reference, &batch, pad, cfg.temperature, NoneTape)?.as_vec();
         let (lpe, values) = (lpe.as_vec(), values.as_vec());
         let mut off = 0;
@@ -381,7 +426,8 @@ fn minibatch_loss<D: FusedOps>(
     let (old, adv, old_v, ret) =
         (gather(&s.old_logprobs), gather(&s.advantages), gather(&s.values), gather(&s.returns));
     let n = old.len();
-    let (lpe, values) = models.forward(&seqs, pad, cfg.temperature, tape)?;
+    let masks = gather_masks(s.masks.as_ref(), micro);
+    let (lpe, values) = models.forward(&seqs, masks.as_deref(), pad, cfg.temperature, tape)?;
     let pg = host_loss(lpe, |x| {
         let pl = ppo_policy_loss(&x[..n], &old, &adv, cfg.cliprange, denom);
         let entropy: f64 = x[n..].iter().map(|&h| h as f64).sum();
