@@ -360,19 +360,30 @@ fn train_on<D: FusedOps + GradBuffers>(
         }
         bar.inc(1);
         if (it + 1) % every == 0 || it + 1 == iterations {
-            let (models, st, mask_policy) = (&trainer.models, trainer.state.clone(), trainer.mask_policy.as_ref());
-            save_with(&run, (it + 1, None), models, &mut trainer.opt, |dir| {
-                models.save_dir(dir, &tok)?;
-                mask_policy.map(|m| m.save_pretrained(&dir.join(nlpo::MASK_POLICY_DIR), None)).transpose()?;
-                std::fs::write(dir.join("ppo_state.json"), serde_json::to_string_pretty(&st)?)?;
-                Ok(())
-            })?;
+            save_checkpoint(&run, it + 1, &mut trainer, &tok)?;
         }
     }
     bar.finish();
     report.skipped_batches = trainer.state.skipped_batches;
     report.evaluations = eval.into_summaries();
     Ok(report)
+}
+
+/// Checkpoint `step`: policy and critic, optimizer, `ppo_state.json` (β, data cursor) and
+/// NLPO's masking policy.
+fn save_checkpoint<M, D: FusedOps + GradBuffers>(
+    run: &RunDir,
+    step: usize,
+    trainer: &mut PpoTrainer<M, D>,
+    tok: &Tokenizer,
+) -> Result<()> {
+    let (models, st, mask_policy) = (&trainer.models, &trainer.state, trainer.mask_policy.as_ref());
+    save_with(run, (step, None), models, &mut trainer.opt, |dir| {
+        models.save_dir(dir, tok)?;
+        mask_policy.map(|m| m.save_pretrained(&dir.join(nlpo::MASK_POLICY_DIR), None)).transpose()?;
+        std::fs::write(dir.join("ppo_state.json"), serde_json::to_string_pretty(st)?)?;
+        Ok(())
+    })
 }
 
 /// How PPO names its held-out evaluation (TRL's training names under `eval/`).
