@@ -101,7 +101,7 @@ fn responses<D: FusedOps>(model: &CausalLm<D>, tok: &Tokenizer, dir: &Path, d: &
             let chat = conversation_template(true, &format)?;
             sft::read_conversations(&d.data, field, &chat.expect("asked for"), d.assistant_turns)?
         }
-        None => crate::data::read_jsonl_fields(&d.data, &[&d.fields.0, &d.fields.1])?,
+        None => sft::read_records(&d.data, &d.fields.0, &d.fields.1)?,
     };
     let (examples, skipped, _) = sft::tokenize(&cfg, &format, tok, eos, (&d.data, &records))?;
     if examples.is_empty() {

@@ -8,7 +8,9 @@ use common::*;
 use dfdx::prelude::*;
 use rlhf::prompt_format::{ChatPrompt, PromptFormat, Transcript};
 use rlhf::schedule::LrSchedule;
-use rlhf::stages::sft::{sft_loss, sft_loss_packed, tokenize, train, AssistantTurns, Example, SftConfig, Truncation};
+use rlhf::stages::sft::{
+    sft_loss, sft_loss_packed, tokenize, train, AssistantTurns, Example, SftConfig, SftRecord, Truncation,
+};
 use rlhf_policies::{Batch, CausalLm, ModelConfig, Tokenizer};
 
 const PAIRS: [(&str, &str); 6] = [
@@ -55,12 +57,18 @@ fn cfg(dir: &std::path::Path, steps: usize) -> SftConfig {
     }
 }
 
+/// A record read from `line`.
+fn rec(line: usize, prompt: &str, response: &str) -> SftRecord {
+    SftRecord { line, prompt: prompt.into(), response: response.into() }
+}
+
 #[test]
 fn loss_is_the_mean_over_response_and_eos_tokens_only() {
     let d = tempfile::tempdir().unwrap();
     let c = cfg(d.path(), 1);
     let (m, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&c.init, &Cpu::default()).unwrap();
-    let records: Vec<Vec<String>> = PAIRS[..3].iter().map(|(p, r)| vec![p.to_string(), format!(" {r}")]).collect();
+    let records: Vec<SftRecord> =
+        PAIRS[..3].iter().enumerate().map(|(i, (p, r))| rec(i + 1, p, &format!(" {r}"))).collect();
     let (ex, _, _) = tokenize(&c, &PromptFormat::plain(&c.prompt_template), &tok, 0, (&c.data, &records)).unwrap();
     assert_eq!(ex[0].ids.last(), Some(&0), "EOS appended");
     assert_eq!(ex[0].prompt_len, tok.encode("Q:color of sky?A:").unwrap().len());
@@ -185,6 +193,18 @@ fn every_assistant_turn_trains_as_its_own_prefix() {
     assert_eq!(all.0, 6, "three conversations of two assistant turns");
     assert_eq!(all, last);
     assert_ne!(run("whole-last", SftConfig { data: whole.clone(), ..base.clone() }).0, 6, "last: one example each");
+    // val_fraction keeps a conversation's turns on one side: half of the 6 examples would cut
+    // the second conversation in two, so it is held out whole with the third
+    let split = SftConfig {
+        out_dir: d.path().join("split"),
+        data: whole.clone(),
+        messages_field: Some("m".into()),
+        assistant_turns: AssistantTurns::All,
+        val_fraction: 0.5,
+        ..base.clone()
+    };
+    let r = train(split, false).unwrap();
+    assert_eq!((r.train_examples, r.val_examples), (2, 4));
     // rlhf eval --assistant-turns all reads them the same way
     let eval = |data: &std::path::Path, assistant_turns| {
         let e = rlhf::eval::EvalData {
@@ -314,10 +334,7 @@ fn long_records_are_skipped_truncated_or_rejected_as_configured() {
     let d = tempfile::tempdir().unwrap();
     let mut c = cfg(d.path(), 2);
     let (_, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&c.init, &Cpu::default()).unwrap();
-    let records = vec![
-        vec!["sky?".to_string(), " blue.".to_string()],
-        vec!["sky?".to_string(), " blue blue blue blue blue.".to_string()],
-    ];
+    let records = vec![rec(1, "sky?", " blue."), rec(3, "sky?", " blue blue blue blue blue.")];
     c.max_len = 16;
     let (ex, skipped, truncated) =
         tokenize(&c, &PromptFormat::plain(&c.prompt_template), &tok, 0, (&c.data, &records)).unwrap();
@@ -329,7 +346,7 @@ fn long_records_are_skipped_truncated_or_rejected_as_configured() {
     c.truncation = Truncation::Error;
     let e =
         tokenize(&c, &PromptFormat::plain(&c.prompt_template), &tok, 0, (&c.data, &records)).unwrap_err().to_string();
-    assert!(e.contains("record 2") && e.contains("max_len 16"), "{e}");
+    assert!(e.contains("line 3") && e.contains("max_len 16"), "{e}");
 }
 
 #[test]
@@ -393,7 +410,7 @@ fn chat_prompts_wrap_the_templated_prompt_in_the_model_s_template() {
     std::fs::write(c.init.join("chat_template.jinja"), template).unwrap();
     let (m, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&c.init, &Cpu::default()).unwrap();
     let format = PromptFormat::new(&c.prompt_template, c.chat.as_ref(), &tok, &m.config, &c.init).unwrap();
-    let records = vec![vec!["color of sky?".to_string(), " blue.".to_string()]];
+    let records = vec![rec(1, "color of sky?", " blue.")];
     let (ex, _, _) = tokenize(&c, &format, &tok, 0, (&c.data, &records)).unwrap();
     let prompt = tok.encode("QQ:color of sky?A:A").unwrap();
     assert_eq!(ex[0].ids[..ex[0].prompt_len], prompt[..]);
@@ -404,10 +421,9 @@ fn chat_prompts_wrap_the_templated_prompt_in_the_model_s_template() {
     t.chat = Some(ChatPrompt { system: None, transcript: Some(Transcript::default()) });
     let format = PromptFormat::new(&t.prompt_template, t.chat.as_ref(), &tok, &m.config, &t.init).unwrap();
     let hh = "\n\nHuman: color of sky?\n\nAssistant: blue.\n\nHuman: color of snow?\n\nAssistant:";
-    let (ex, _, _) = tokenize(&t, &format, &tok, 0, (&t.data, &[vec![hh.to_string(), " white.".to_string()]])).unwrap();
+    let (ex, _, _) = tokenize(&t, &format, &tok, 0, (&t.data, &[rec(1, hh, " white.")])).unwrap();
     assert_eq!(ex[0].ids[..ex[0].prompt_len], tok.encode("Qcolor of sky?Qblue.Qcolor of snow?A").unwrap()[..]);
-    let e =
-        tokenize(&t, &format, &tok, 0, (&t.data, &[vec!["color of sky?".into(), "x".into()]])).unwrap_err().to_string();
+    let e = tokenize(&t, &format, &tok, 0, (&t.data, &[rec(1, "color of sky?", "x")])).unwrap_err().to_string();
     assert!(e.contains("not a transcript"), "{e}");
     let report = train(c, false).unwrap();
     assert!(report.train_loss.is_finite(), "{report:?}");

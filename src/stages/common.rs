@@ -362,6 +362,8 @@ pub fn read_state<T: serde::de::DeserializeOwned>(dir: &std::path::Path, name: &
 pub struct HeldOut<T> {
     all: Vec<T>,
     n_val: usize,
+    /// The held-out items are the data file's last ones (`val_fraction`), not a second file's.
+    by_fraction: bool,
     /// Records left out for being longer than `max_len`.
     pub skipped: usize,
     /// Records cut to fit.
@@ -386,6 +388,14 @@ pub struct HoldOut<'a> {
     pub val_fraction: f64,
     /// The length limit (for the skipped/truncated message).
     pub max_len: usize,
+}
+
+/// `cut` moved back (towards 0) until it does not fall between two items of one group.
+pub fn group_boundary<T>(items: &[T], mut cut: usize, same_group: impl Fn(&T, &T) -> bool) -> usize {
+    while cut > 0 && cut < items.len() && same_group(&items[cut - 1], &items[cut]) {
+        cut -= 1;
+    }
+    cut
 }
 
 /// The held-out items read from `val_data`, announced on stderr; an error when there are none
@@ -424,11 +434,42 @@ impl<T> HeldOut<T> {
         if skipped > 0 || truncated > 0 {
             eprintln!("{}: {skipped} {} skipped and {truncated} truncated (max_len {})", h.stage, h.what, h.max_len);
         }
-        Ok(HeldOut { all, n_val, skipped, truncated })
+        Ok(HeldOut { all, n_val, skipped, truncated, by_fraction: h.val_data.is_none() })
+    }
+
+    /// Keeps each group of consecutive items with the same `key` (a conversation's examples) on
+    /// one side of a `val_fraction` split: the held-out part then begins at the first item of
+    /// the group the cut fell in. An error when that leaves nothing to train on.
+    pub fn keep_groups_whole(mut self, key: impl Fn(&T) -> usize, data: &Path, what: &str) -> Result<Self> {
+        if self.by_fraction && self.n_val > 0 {
+            let cut = group_boundary(&self.all, self.all.len() - self.n_val, |a, b| key(a) == key(b));
+            if cut == 0 {
+                bail!(
+                    "{}: no training {what} left once the held-out part is widened to whole conversations; \
+                     lower val_fraction or give val_data",
+                    data.display()
+                );
+            }
+            self.n_val = self.all.len() - cut;
+        }
+        Ok(self)
     }
 
     /// (training, held out).
     pub fn split(&self) -> (&[T], &[T]) {
         self.all.split_at(self.all.len() - self.n_val)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::group_boundary;
+
+    #[test]
+    fn a_cut_moves_back_to_the_start_of_the_group_it_falls_in() {
+        let groups = [1, 1, 2, 2, 2, 3, 4, 4];
+        let at = |cut| group_boundary(&groups, cut, |a, b| a == b);
+        let want = [0, 0, 2, 2, 2, 5, 6, 6, 8];
+        assert_eq!((0..=groups.len()).map(at).collect::<Vec<_>>(), want);
     }
 }

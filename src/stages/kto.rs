@@ -65,11 +65,8 @@ pub fn load_kto<D: FusedOps>(
     let cut = match &cfg.val_data {
         None => {
             // a pair's two halves stay on the same side of the split
-            let mut cut = set.len() - held_out_count(set.len(), cfg.val_fraction);
-            while cut > 0 && cut < set.len() && set[cut].line == set[cut - 1].line {
-                cut -= 1;
-            }
-            cut
+            let cut = set.len() - held_out_count(set.len(), cfg.val_fraction);
+            crate::stages::common::group_boundary(&set, cut, |a, b| a.line == b.line)
         }
         Some(v) => {
             let (val, s, t) = read(v)?;

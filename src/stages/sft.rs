@@ -16,7 +16,7 @@ use rlhf_policies::checkpoint::load_with_tokenizer;
 use rlhf_policies::{generate_from, AdamWConfig, Batch, CausalLm, FusedOps, GradBuffers, SamplingConfig, Tokenizer};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{epochs_seen, read_jsonl_fields, EpochOrder};
+use crate::data::{epochs_seen, EpochOrder};
 use crate::device::DeviceKind;
 use crate::prompt_format::{conversation_template, split_reply, ChatPrompt, PromptFormat};
 use crate::run::RunDir;
@@ -64,9 +64,9 @@ pub struct SftConfig {
     /// With `messages_field`: which assistant messages the loss is on — `last` (default) or
     /// `all` (TRL's `assistant_only_loss`: every assistant turn, each with the conversation
     /// before it as its prompt; a conversation of n assistant turns becomes n examples, so
-    /// each assistant token is trained once, in its full context). `val_fraction` then holds
-    /// out the last examples, so one conversation's turns may fall on both sides of the split;
-    /// `val_data` keeps them apart.
+    /// each assistant token is trained once, in its full context). `val_fraction` keeps each
+    /// conversation's examples on one side of the split (the held-out part begins with a whole
+    /// conversation).
     pub assistant_turns: AssistantTurns,
     /// Fraction of the records (the last ones) held out for evaluation. Default `0.05`.
     pub val_fraction: f64,
@@ -161,6 +161,28 @@ pub struct Example {
     pub ids: Vec<u32>,
     /// How many of them are prompt.
     pub prompt_len: usize,
+    /// The 1-based line of its record (a conversation's examples share it).
+    pub line: usize,
+}
+
+/// One {prompt, response} example as read, before tokenization.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SftRecord {
+    /// The 1-based line of the record in its file.
+    pub line: usize,
+    /// The prompt text (before the prompt template).
+    pub prompt: String,
+    /// The response text.
+    pub response: String,
+}
+
+/// The `{prompt_field, response_field}` records of a JSONL file (errors naming the file, line
+/// and field).
+pub fn read_records(file: &Path, prompt_field: &str, response_field: &str) -> Result<Vec<SftRecord>> {
+    let read = |r: &crate::data::JsonRecord<'_>| {
+        Ok(SftRecord { line: r.line, prompt: r.str(prompt_field)?, response: r.str(response_field)? })
+    };
+    crate::data::read_jsonl(file)?.iter().map(read).collect()
 }
 
 /// The final numbers of a run.
@@ -188,16 +210,17 @@ pub fn tokenize(
     format: &PromptFormat,
     tok: &Tokenizer,
     eos: u32,
-    (file, records): (&Path, &[Vec<String>]),
+    (file, records): (&Path, &[SftRecord]),
 ) -> Result<(Vec<Example>, usize, usize)> {
     let (mut out, mut skipped, mut truncated) = (Vec::new(), 0, 0);
-    for (i, rec) in records.iter().enumerate() {
-        let prompt = tok.encode(&format.apply(&rec[0])?)?;
+    for rec in records {
+        let prompt = tok.encode(&format.apply(&rec.prompt)?)?;
         let mut ids = prompt.clone();
-        ids.extend(tok.encode(format.response(&rec[1]))?);
+        ids.extend(tok.encode(format.response(&rec.response))?);
         ids.push(eos);
+        let line = rec.line;
         if prompt.is_empty() {
-            bail!("{}: record {}: the prompt encodes to no tokens", file.display(), i + 1);
+            bail!("{}: line {line}: the prompt encodes to no tokens", file.display());
         }
         if ids.len() > cfg.max_len {
             match cfg.truncation {
@@ -209,10 +232,10 @@ pub fn tokenize(
                     ids.truncate(cfg.max_len);
                     truncated += 1;
                 }
-                _ => bail!("{}: record {}: {} tokens exceed max_len {}", file.display(), i + 1, ids.len(), cfg.max_len),
+                _ => bail!("{}: line {line}: {} tokens exceed max_len {}", file.display(), ids.len(), cfg.max_len),
             }
         }
-        out.push(Example { ids, prompt_len: prompt.len() });
+        out.push(Example { ids, prompt_len: prompt.len(), line });
     }
     Ok((out, skipped, truncated))
 }
@@ -427,13 +450,15 @@ fn load_data(
         max_len: cfg.max_len,
     };
     let chat = conversation_template(cfg.messages_field.is_some(), &format)?;
-    HeldOut::load(hold, |file| {
+    let data = HeldOut::load(hold, |file| {
         let records = match (&cfg.messages_field, &chat) {
             (Some(field), Some(chat)) => read_conversations(file, field, chat, cfg.assistant_turns)?,
-            _ => read_jsonl_fields(file, &[&cfg.prompt_field, &cfg.response_field])?,
+            _ => read_records(file, &cfg.prompt_field, &cfg.response_field)?,
         };
         Ok((records.len(), tokenize(cfg, &format, tok, eos, (file, &records))?))
-    })
+    })?;
+    // a conversation's examples (assistant_turns all) stay on one side of the split
+    data.keep_groups_whole(|e| e.line, &cfg.data, "examples")
 }
 
 /// Which assistant messages of a conversation SFT trains on.
@@ -447,15 +472,16 @@ pub enum AssistantTurns {
     All,
 }
 
-/// Each record's conversation in `field` as `[prompt, response]` pairs: the messages before an
+/// Each record's conversation in `field` as {prompt, response} examples: the messages before an
 /// assistant message rendered with `chat` up to the assistant's turn, and that message's text —
-/// for the last message, or (`AssistantTurns::All`) for every assistant message.
+/// for the last message, or (`AssistantTurns::All`) for every assistant message (the examples
+/// of one conversation share its line).
 pub fn read_conversations(
     file: &Path,
     field: &str,
     chat: &ChatTemplate,
     turns: AssistantTurns,
-) -> Result<Vec<Vec<String>>> {
+) -> Result<Vec<SftRecord>> {
     let mut out = vec![];
     for r in crate::data::read_jsonl(file)? {
         let messages: Vec<rlhf_policies::chat::ChatMessage> = r.parse(field)?;
@@ -469,7 +495,7 @@ pub fn read_conversations(
         };
         for (before, reply) in ends.filter_map(|k| split_reply(messages[..k].to_vec()).filter(|(m, _)| !m.is_empty())) {
             let prompt = chat.render(&before, true).map_err(|e| r.error(format!("field `{field}`: {e}")))?;
-            out.push(vec![prompt, reply]);
+            out.push(SftRecord { line: r.line, prompt, response: reply });
         }
     }
     Ok(out)
@@ -548,7 +574,7 @@ mod tests {
     fn packed_rows_fill_up_to_max_len_and_cover_the_stream_in_order() {
         // inputs (ids less the last) of 9, 9, 4, 19 and 14 tokens
         let set: Vec<Example> =
-            [10, 10, 5, 20, 15].iter().map(|&n| Example { ids: vec![1; n], prompt_len: 1 }).collect();
+            [10, 10, 5, 20, 15].iter().map(|&n| Example { ids: vec![1; n], prompt_len: 1, line: 1 }).collect();
         let cfg = SftConfig { packing: true, max_len: 20, seed: 7, ..Default::default() };
         let mut rows = Rows::new(&cfg, set.len());
         let first: Vec<Vec<usize>> = (0..8).map(|k| rows.row(k, &set)).collect();
