@@ -7,15 +7,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use rlhf_envs::{RewardInput, RewardModel};
 use rlhf_policies::checkpoint::load_with_tokenizer;
-use rlhf_policies::{generate_from_with, FusedOps, LearnedReward, SamplingConfig, Tokenizer, WeightDtype};
+use rlhf_policies::{generate_from_with, FusedOps, Retokenized, SamplingConfig, Tokenizer, WeightDtype};
 use serde_json::json;
 
 use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::stages::ppo::{check_fits, read_prompts, PromptSpec};
-use crate::stages::reward_spec::{build_reward, check_reward_inputs, load_reward_model, RewardSpec};
+use crate::stages::reward_spec::{build_reward, check_reward_inputs, Reward, RewardSpec};
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -129,12 +129,13 @@ pub fn generate_file<D: FusedOps>(
     ensure!(!g.best_of || g.reward.is_some(), "best-of needs a reward to choose by (--reward-model or --reward)");
     let (lm, tok) = load_with_tokenizer(model, dev)?;
     let (ids, texts, references, kept) = read_records(g, &tok, &lm, model)?;
-    let mut scorer = g.reward.as_ref().map(|spec| Scorer::new(spec, dev)).transpose()?;
     let eos = tok.eos_for(&lm.config);
     let pad = tok.pad_id().or(lm.config.pad_token_id()).or(eos).unwrap_or(0);
     // completions stop at the model's EOS (and any stop ids given)
     let mut base = g.sampling.clone();
     base.eos_ids.extend(eos.filter(|e| !g.sampling.eos_ids.contains(e)));
+    let end_ids = [base.eos_ids.as_slice(), &base.stop_ids].concat();
+    let mut scorer = g.reward.as_ref().map(|spec| scorer(spec, dev, end_ids)).transpose()?;
     let rows: Vec<Row> =
         kept.iter().flat_map(|&record| (0..g.samples).map(move |sample| Row { record, sample })).collect();
     let bar = crate::progress::bar(rows.len() as u64, "generate");
@@ -158,7 +159,7 @@ pub fn generate_file<D: FusedOps>(
                         response_ids: response.clone(),
                         reference: reference(r),
                     });
-                Some(s.score(inputs.collect(), &gen.finished)?)
+                Some(s.score(&inputs.collect::<Vec<_>>())?)
             }
             None => None,
         };
@@ -229,45 +230,16 @@ fn read_records<D: FusedOps>(
     Ok((ids, texts, prompts.references, kept))
 }
 
-/// What scores the completions: a reward model with its own tokenizer (the texts re-encoded,
-/// so it need not share the policy's vocabulary), or any other reward on the policy's ids.
-enum Scorer<D: FusedOps> {
-    Model(Box<ModelScorer<D>>),
-    Other(Box<dyn RewardModel>),
-}
-
-/// A reward model, its tokenizer and its EOS.
-struct ModelScorer<D: FusedOps> {
-    rm: LearnedReward<D>,
-    tok: Tokenizer,
-    eos: Option<u32>,
-}
-
-impl<D: FusedOps> Scorer<D> {
-    fn new(spec: &RewardSpec, dev: &D) -> Result<Self> {
-        let RewardSpec::Model { path, normalize } = spec else {
-            return Ok(Scorer::Other(build_reward(Some(spec), dev)?));
-        };
-        let rm = load_reward_model(path, *normalize, dev)?;
-        let tok = Tokenizer::from_file(&path.join("tokenizer.json"))?;
-        let eos = tok.eos_for(&rm.model.config);
-        Ok(Scorer::Model(Box::new(ModelScorer { rm, tok, eos })))
-    }
-
-    /// The rewards of `inputs`; a reward model reads each prompt ⧺ completion in its own
-    /// tokens, closed by its EOS when the completion `finished` (as it was trained, and as PPO
-    /// scores rollouts).
-    fn score(&mut self, mut inputs: Vec<RewardInput>, finished: &[bool]) -> Result<Vec<f32>> {
-        match self {
-            Scorer::Other(reward) => Ok(reward.score(&inputs)?),
-            Scorer::Model(m) => {
-                for (x, &done) in inputs.iter_mut().zip(finished) {
-                    x.prompt_ids = m.tok.encode(&x.prompt)?;
-                    x.response_ids = m.tok.encode(&x.response)?;
-                    x.response_ids.extend(m.eos.filter(|_| done));
-                }
-                Ok(m.rm.score(&inputs)?)
-            }
+/// What scores the completions: a reward model reads each prompt ⧺ completion as text in its
+/// own tokenizer (so it need not share the policy's vocabulary), closed by its EOS when the
+/// completion ended on one of `end_ids` (as it was trained); any other reward reads the
+/// policy's ids.
+fn scorer<D: FusedOps>(spec: &RewardSpec, dev: &D, end_ids: Vec<u32>) -> Result<Box<dyn RewardModel>> {
+    Ok(match build_reward(Some(spec), dev)? {
+        Reward::Learned { rm, tok, path } => {
+            let tok = tok.with_context(|| format!("reward model {}: no tokenizer.json", path.display()))?;
+            Box::new(Retokenized::new(*rm, *tok, end_ids))
         }
-    }
+        Reward::Other(reward) => reward,
+    })
 }

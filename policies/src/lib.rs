@@ -67,7 +67,7 @@ pub use model::CausalLm;
 pub use nucleus::{nucleus_mask, Nucleus, NucleusMaskedSession, RowLogits, TokenMask};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradBuffers};
 pub use params::{HasParams, ParamMut, ParamRef};
-pub use reward_model::{LearnedReward, RewardNormalization};
+pub use reward_model::{LearnedReward, Retokenized, RewardNormalization};
 pub use sampling::{
     filtered_logprobs, generate, generate_from, generate_from_with, generate_observed, sample_from_logits, Decode,
     Generation, SamplingConfig,

@@ -240,6 +240,49 @@ impl<D: Device<f32>> HasParams<D> for LearnedReward<D> {
     }
 }
 
+/// A [`LearnedReward`] that reads the texts in its own tokenizer: each input's prompt and
+/// response are encoded with `tok`, and the response closed by the reward model's `eos` when
+/// it ended on one of `end_ids` (the policy's EOS and stop ids) — the layout reward training
+/// gives its sequences. For a reward model whose vocabulary is not the policy's.
+#[derive(Debug)]
+pub struct Retokenized<D: FusedOps = Cpu> {
+    /// The reward model.
+    pub rm: LearnedReward<D>,
+    /// Its tokenizer.
+    pub tok: Tokenizer,
+    /// Its EOS (`None`: responses are never closed).
+    pub eos: Option<u32>,
+    /// The ids that end the policy's responses.
+    pub end_ids: Vec<u32>,
+}
+
+impl<D: FusedOps> Retokenized<D> {
+    /// `rm` reading texts with `tok` (its EOS from `tok` and the model's config).
+    pub fn new(rm: LearnedReward<D>, tok: Tokenizer, end_ids: Vec<u32>) -> Self {
+        let eos = tok.eos_for(&rm.model.config);
+        Retokenized { rm, tok, eos, end_ids }
+    }
+
+    fn encode(&self, x: &RewardInput) -> Result<RewardInput, PolicyError> {
+        let finished = x.response_ids.last().is_some_and(|t| self.end_ids.contains(t));
+        let mut response_ids = self.tok.encode(&x.response)?;
+        response_ids.extend(self.eos.filter(|_| finished));
+        Ok(RewardInput { prompt_ids: self.tok.encode(&x.prompt)?, response_ids, ..x.clone() })
+    }
+}
+
+impl<D: FusedOps> RewardModel for Retokenized<D> {
+    fn name(&self) -> String {
+        "learned (own tokenizer)".into()
+    }
+
+    fn score(&mut self, batch: &[RewardInput]) -> Result<Vec<f32>, EnvError> {
+        let err = |e: PolicyError| EnvError::reward("learned", e.to_string());
+        let inputs: Vec<RewardInput> = batch.iter().map(|x| self.encode(x)).collect::<Result<_, _>>().map_err(err)?;
+        self.rm.score(&inputs)
+    }
+}
+
 impl<D: FusedOps> RewardModel for LearnedReward<D> {
     fn name(&self) -> String {
         "learned".into()

@@ -165,6 +165,12 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Whether `other` maps the same token strings to the same ids (added tokens included):
+    /// then one model can read the other's token ids.
+    pub fn same_vocabulary(&self, other: &Tokenizer) -> bool {
+        self.inner.get_vocab(true) == other.inner.get_vocab(true)
+    }
+
     /// Id of a token string.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

@@ -33,7 +33,7 @@ use crate::stages::grpo_step::{self, GroupState, GroupTrainer};
 use crate::stages::policy_eval::{online_prompts, prompts_and_eval, EvalNames};
 use crate::stages::ppo::with_reference;
 use crate::stages::ppo::OnNonFinite;
-use crate::stages::reward_spec::{build_reward, check_reward_inputs, resolve_models, RewardSpec};
+use crate::stages::reward_spec::{build_reward, check_reward_inputs, resolve_models, Reward, RewardSpec};
 
 /// The algorithm and its own parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -337,13 +337,13 @@ pub fn train(mut cfg: GrpoConfig, resume: bool) -> Result<GrpoReport> {
 pub fn train_with_reward(mut cfg: GrpoConfig, resume: bool, reward: Box<dyn RewardModel>) -> Result<GrpoReport> {
     validate(&cfg)?;
     resolve_models(&mut cfg.policy, cfg.reward.as_mut())?;
-    crate::on_device!(cfg.device, dev => train_on(cfg, resume, reward, dev))
+    crate::on_device!(cfg.device, dev => train_on(cfg, resume, Reward::Other(reward), dev))
 }
 
 fn train_on<D: FusedOps + GradBuffers>(
     cfg: GrpoConfig,
     resume: bool,
-    reward: Box<dyn RewardModel>,
+    reward: Reward<D>,
     dev: &D,
 ) -> Result<GrpoReport> {
     let run = RunDir::open(&cfg.out_dir, resume)?.keep_last(cfg.keep_checkpoints);
@@ -368,6 +368,7 @@ fn train_on<D: FusedOps + GradBuffers>(
     let (iterations, every, sample_every, sample_count) =
         (cfg.iterations, cfg.checkpoint_every, cfg.sample_every, cfg.sample_count);
     let detok = Box::new(tok.clone());
+    let reward = reward.for_policy(&tok, &[eos])?;
     let mut trainer = GroupTrainer::new(cfg, policy, reference, opt, state, prompts, reward, detok, Some(eos), pad)?;
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use rlhf_envs::{EnvError, KlEstimator, PromptSource, RewardModel, ScoreConfig};
-use rlhf_policies::{AdamW, AdamWConfig, FusedOps, GradBuffers, RolloutEngine, Tokenizer};
+use rlhf_policies::{AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers, RolloutEngine, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{read_corpus, read_jsonl};
@@ -28,7 +28,9 @@ use crate::stages::nlpo::{self, NlpoConfig};
 use crate::stages::policy_eval::{online_prompts, prompts_and_eval, EvalNames};
 use crate::stages::ppo_models::{PpoModels, ValueModelConfig};
 use crate::stages::ppo_step::{self, IterationOutput, PpoState, PpoTrainer};
-use crate::stages::reward_spec::{build_reward, check_reward_inputs, resolve_models, RewardSpec};
+use crate::stages::reward_spec::{
+    build_reward, check_reward_inputs, check_same_vocabulary, resolve_models, Reward, RewardSpec,
+};
 
 /// The unit of the KL the adaptive controller compares with its target.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -277,7 +279,7 @@ pub fn train(mut cfg: PpoConfig, resume: bool) -> Result<PpoReport> {
 /// Runs PPO with any [`RewardModel`] (closures, rules, learned, external) as the reward.
 pub fn train_with_reward(mut cfg: PpoConfig, resume: bool, reward: Box<dyn RewardModel>) -> Result<PpoReport> {
     prepare(&mut cfg)?;
-    crate::on_device!(cfg.device, dev => train_on(cfg, resume, reward, dev))
+    crate::on_device!(cfg.device, dev => train_on(cfg, resume, Reward::Other(reward), dev))
 }
 
 /// Validates the config and turns run folders among its model paths into their newest
@@ -291,12 +293,7 @@ fn prepare(cfg: &mut PpoConfig) -> Result<()> {
     Ok(())
 }
 
-fn train_on<D: FusedOps + GradBuffers>(
-    cfg: PpoConfig,
-    resume: bool,
-    reward: Box<dyn RewardModel>,
-    dev: &D,
-) -> Result<PpoReport> {
+fn train_on<D: FusedOps + GradBuffers>(cfg: PpoConfig, resume: bool, reward: Reward<D>, dev: &D) -> Result<PpoReport> {
     let run = RunDir::open(&cfg.out_dir, resume)?.keep_last(cfg.keep_checkpoints);
     // BOILERPLATE: policy + critic, optimizer and controller (fresh, or the last checkpoint)
     let (reference, tok) = rlhf_policies::checkpoint::load_with_tokenizer(&cfg.policy, dev)
@@ -308,11 +305,7 @@ fn train_on<D: FusedOps + GradBuffers>(
             cfg.nlpo.is_some().then(|| nlpo::load_mask_policy(&run.checkpoint_dir(r.step), dev)).transpose()?;
         (r.model, r.opt, r.step, state, mask_policy)
     } else {
-        let rm_path = match &cfg.reward {
-            Some(RewardSpec::Model { path, .. }) => Some(path.as_path()),
-            _ => None,
-        };
-        let models = PpoModels::new(reference.frozen_copy(), &cfg.value_model, rm_path)?;
+        let models = new_models(&cfg, &reference, &tok)?;
         run.write_config(&cfg)?;
         let kl = KlController::new(cfg.kl_control, cfg.beta);
         (models, AdamW::new(cfg.optim.clone()), 0, PpoState { kl, prompt_draws: 0, skipped_batches: 0 }, None)
@@ -327,6 +320,7 @@ fn train_on<D: FusedOps + GradBuffers>(
     let (iterations, every, sample_every, sample_count) =
         (cfg.iterations, cfg.checkpoint_every, cfg.sample_every, cfg.sample_count);
     let detok = Box::new(tok.clone());
+    let reward = reward.for_policy(&tok, &[eos])?;
     let mut trainer = PpoTrainer::new(cfg, models, reference, opt, state, prompts, reward, detok, Some(eos), pad)?;
     (trainer.ptx, trainer.mask_policy) = (ptx, mask_policy);
     let mut metrics = run.metrics()?;
@@ -367,6 +361,21 @@ fn train_on<D: FusedOps + GradBuffers>(
     report.skipped_batches = trainer.state.skipped_batches;
     report.evaluations = eval.into_summaries();
     Ok(report)
+}
+
+/// A fresh policy (a copy of the reference) and critic: a separate critic starts from
+/// `value_model.init` or the reward model, which must then share the policy's tokenizer.
+fn new_models<D: FusedOps>(cfg: &PpoConfig, reference: &CausalLm<D>, tok: &Tokenizer) -> Result<PpoModels<D>> {
+    let rm_path = match &cfg.reward {
+        Some(RewardSpec::Model { path, .. }) => Some(path.as_path()),
+        _ => None,
+    };
+    if let ValueModelConfig::Separate { init } = &cfg.value_model {
+        if let Some(dir) = init.as_deref().or(rm_path) {
+            check_same_vocabulary(dir, tok, "the value model's initial checkpoint")?;
+        }
+    }
+    PpoModels::new(reference.frozen_copy(), &cfg.value_model, rm_path)
 }
 
 /// Checkpoint `step`: policy and critic, optimizer, `ppo_state.json` (β, data cursor) and

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use rlhf_envs::{AnswerExtraction, AnswerReward, KeywordReward, LengthReward, RewardModel};
-use rlhf_policies::{FusedOps, LearnedReward};
+use rlhf_policies::{FusedOps, LearnedReward, Retokenized, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 /// The reward: a trained reward model, a rule, or an external command.
@@ -80,20 +80,97 @@ fn sixty() -> u64 {
     60
 }
 
-/// The reward a config names (shared with the critic-free trainers); a learned one on `dev`.
-pub fn build_reward<D: FusedOps>(spec: Option<&RewardSpec>, dev: &D) -> Result<Box<dyn RewardModel>> {
-    Ok(match spec.context("reward is required (e.g. {\"kind\": \"model\", \"path\": ...})")? {
-        RewardSpec::Model { path, normalize } => Box::new(load_reward_model(path, *normalize, dev)?),
-        RewardSpec::Keywords { keywords, weight } => {
-            Box::new(KeywordReward { keywords: keywords.clone(), weight: *weight })
+/// A reward as built from a config: a learned reward model, which reads the policy's tokens
+/// or the texts depending on the policy's tokenizer ([`Reward::for_policy`]), or any other
+/// [`RewardModel`].
+pub enum Reward<D: FusedOps> {
+    /// A reward model, with its folder's `tokenizer.json` when it has one.
+    Learned {
+        /// The model.
+        rm: Box<LearnedReward<D>>,
+        /// Its tokenizer.
+        tok: Option<Box<Tokenizer>>,
+        /// Its folder (for messages).
+        path: PathBuf,
+    },
+    /// Rules, commands, closures: they read what the env hands them.
+    Other(Box<dyn RewardModel>),
+}
+
+impl<D: FusedOps> std::fmt::Debug for Reward<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reward::Learned { path, .. } => write!(f, "Reward::Learned({})", path.display()),
+            Reward::Other(r) => write!(f, "Reward::Other({})", r.name()),
         }
-        RewardSpec::Length { target, scale } => Box::new(LengthReward { target: *target, scale: *scale, eos_id: None }),
+    }
+}
+
+impl<D: FusedOps> Reward<D> {
+    /// The env's reward for a policy with tokenizer `tok` whose responses end on `end_ids`: a
+    /// reward model with the policy's vocabulary reads the policy's token ids (as TRL and
+    /// OpenRLHF do); one with another tokenizer reads prompt and response as text in its own
+    /// tokens ([`Retokenized`]), announced on stderr. A reward model without a tokenizer must
+    /// be able to read the policy's ids.
+    pub fn for_policy(self, tok: &Tokenizer, end_ids: &[u32]) -> Result<Box<dyn RewardModel>> {
+        Ok(match self {
+            Reward::Other(reward) => reward,
+            Reward::Learned { rm, tok: Some(own), path } if !own.same_vocabulary(tok) => {
+                eprintln!(
+                    "reward model {}: its tokenizer is not the policy's, so it reads prompts and responses as \
+                     text in its own tokens",
+                    path.display()
+                );
+                Box::new(Retokenized::new(*rm, *own, end_ids.to_vec()))
+            }
+            Reward::Learned { rm, tok: None, path } if rm.model.dims.vocab < tok.vocab_size() => bail!(
+                "reward model {}: no tokenizer.json, and its {} token ids cannot read the policy's {}; put its \
+                 tokenizer.json in the folder",
+                path.display(),
+                rm.model.dims.vocab,
+                tok.vocab_size()
+            ),
+            Reward::Learned { rm, .. } => rm,
+        })
+    }
+}
+
+/// Fails when the checkpoint `dir` has a `tokenizer.json` whose vocabulary is not `tok`'s: a
+/// model that reads the policy's token ids (the critic) must share it. `what` names it.
+pub fn check_same_vocabulary(dir: &Path, tok: &Tokenizer, what: &str) -> Result<()> {
+    let file = dir.join("tokenizer.json");
+    if file.is_file() && !Tokenizer::from_file(&file)?.same_vocabulary(tok) {
+        bail!(
+            "{what} {}: its tokenizer is not the policy's, and it would read the policy's tokens; start it \
+             from a checkpoint with the policy's tokenizer (value_model.init, e.g. the policy itself) or use \
+             {{\"kind\": \"shared\"}}",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The reward a config names (shared with the critic-free trainers); a learned one on `dev`.
+pub fn build_reward<D: FusedOps>(spec: Option<&RewardSpec>, dev: &D) -> Result<Reward<D>> {
+    let other = |r: Box<dyn RewardModel>| Reward::Other(r);
+    Ok(match spec.context("reward is required (e.g. {\"kind\": \"model\", \"path\": ...})")? {
+        RewardSpec::Model { path, normalize } => {
+            let file = path.join("tokenizer.json");
+            let tok = file.is_file().then(|| Tokenizer::from_file(&file).map(Box::new)).transpose()?;
+            Reward::Learned { rm: Box::new(load_reward_model(path, *normalize, dev)?), tok, path: path.clone() }
+        }
+        RewardSpec::Keywords { keywords, weight } => {
+            other(Box::new(KeywordReward { keywords: keywords.clone(), weight: *weight }))
+        }
+        RewardSpec::Length { target, scale } => {
+            other(Box::new(LengthReward { target: *target, scale: *scale, eos_id: None }))
+        }
         RewardSpec::Answer { extraction, score, format_score } => {
-            Box::new(AnswerReward { extraction: *extraction, score: *score, format_score: *format_score })
+            other(Box::new(AnswerReward { extraction: *extraction, score: *score, format_score: *format_score }))
         }
         RewardSpec::Command { program, args, timeout_s } => {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            Box::new(rlhf_envs::CommandReward::spawn(program, &args, Duration::from_secs(*timeout_s))?)
+            other(Box::new(rlhf_envs::CommandReward::spawn(program, &args, Duration::from_secs(*timeout_s))?))
         }
     })
 }
