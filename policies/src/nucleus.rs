@@ -17,6 +17,7 @@ use rand::{rngs::StdRng, SeedableRng};
 use rayon::prelude::*;
 use rlhf_envs::{Action, EnvError, Policy};
 
+use crate::kernels::exp_inplace;
 use crate::sampling::{row_seed, SamplingConfig};
 use crate::session::sample_rows;
 
@@ -84,25 +85,53 @@ pub fn nucleus_mask(logits: &[f32], temperature: f32, top_p: f32, min_keep: usiz
     if top_p >= 1.0 || min_keep >= v {
         return TokenMask::all(v);
     }
-    let inv_t = 1.0 / temperature as f64;
-    let z: Vec<f64> = logits.iter().map(|&l| l as f64 * inv_t).collect();
-    let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let w: Vec<f64> = z.iter().map(|&z| (z - max).exp()).collect();
-    let total: f64 = w.iter().sum();
-    let mut order: Vec<usize> = (0..v).collect();
-    order.sort_unstable_by(|&a, &b| z[b].total_cmp(&z[a]).then(a.cmp(&b)));
+    let inv_t = 1.0 / temperature;
+    let z: Vec<f32> = logits.iter().map(|&l| l * inv_t).collect();
+    let (lo, hi) = z.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+    let mut w: Vec<f32> = z.iter().map(|&x| x - hi).collect();
+    exp_inplace(&mut w);
+    let target = top_p as f64 * w.iter().map(|&x| x as f64).sum::<f64>();
+    // Instead of sorting the vocabulary: buckets of equal width in z, highest first; the walk
+    // down the order can only stop inside the first bucket after which both limits are met,
+    // so only that bucket's tokens are sorted.
+    let scale = if hi > lo { BUCKETS as f32 / (hi - lo) } else { 0.0 };
+    let buckets: Vec<u16> = z.iter().map(|&x| (((hi - x) * scale) as usize).min(BUCKETS - 1) as u16).collect();
+    let (mut count, mut mass) = (vec![0usize; BUCKETS], vec![0f64; BUCKETS]);
+    for (&b, &wt) in buckets.iter().zip(&w) {
+        count[b as usize] += 1;
+        mass[b as usize] += wt as f64;
+    }
+    let (mut n, mut m, mut last) = (0, 0.0, BUCKETS - 1);
+    for b in 0..BUCKETS {
+        if n + count[b] >= min_keep && m + mass[b] >= target {
+            last = b;
+            break;
+        }
+        (n, m) = (n + count[b], m + mass[b]);
+    }
     let mut mask = TokenMask::none(v);
-    let mut mass = 0.0;
-    for (rank, &t) in order.iter().enumerate() {
-        if rank >= min_keep && mass >= top_p as f64 {
+    let mut members = vec![];
+    for (t, &b) in buckets.iter().enumerate() {
+        match (b as usize).cmp(&last) {
+            std::cmp::Ordering::Less => mask.allow(t),
+            std::cmp::Ordering::Equal => members.push(t),
+            std::cmp::Ordering::Greater => {}
+        }
+    }
+    members.sort_unstable_by(|&a, &b| z[b].total_cmp(&z[a]).then(a.cmp(&b)));
+    for (k, &t) in members.iter().enumerate() {
+        if n + k >= min_keep && m >= target {
             break;
         }
         mask.allow(t);
-        mass += w[t] / total;
+        m += w[t] as f64;
     }
     always.iter().for_each(|&t| mask.allow(t as usize));
     mask
 }
+
+/// Buckets of [`nucleus_mask`]'s partial order.
+const BUCKETS: usize = 1024;
 
 /// The nucleus settings of [`NucleusMaskedSession`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -284,10 +313,10 @@ mod tests {
             let highest_out = (0..v).filter(|&i| !m.allows(i)).map(|i| probs[i]).fold(0.0, f64::max);
             assert!(lowest_in >= highest_out, "case {case}");
             assert!(m.count() >= keep.min(v), "case {case}: at least min_keep");
-            assert!(inside >= p as f64 - 1e-9, "case {case}: mass {inside} < {p}");
+            assert!(inside >= p as f64 - 1e-5, "case {case}: mass {inside} < {p}");
             // the smallest such set: without its least likely member the mass falls short
             if m.count() > keep {
-                assert!(inside - lowest_in < p as f64 + 1e-9, "case {case}: not the smallest");
+                assert!(inside - lowest_in < p as f64 + 1e-5, "case {case}: not the smallest");
             }
             // the end ids join it
             let eos = rng.gen_range(0..v);
@@ -295,6 +324,45 @@ mod tests {
             with_eos.allow(eos);
             assert_eq!(nucleus_mask(&logits, t, p, keep, &[eos as u32]), with_eos, "case {case}");
         }
+    }
+
+    /// The definition as written: sort the whole vocabulary, walk down it.
+    fn by_sorting(logits: &[f32], t: f32, p: f32, min_keep: usize) -> TokenMask {
+        let z: Vec<f32> = logits.iter().map(|&l| l * (1.0 / t)).collect();
+        let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut w: Vec<f32> = z.iter().map(|&x| x - max).collect();
+        exp_inplace(&mut w);
+        let target = p as f64 * w.iter().map(|&x| x as f64).sum::<f64>();
+        let mut order: Vec<usize> = (0..z.len()).collect();
+        order.sort_unstable_by(|&a, &b| z[b].total_cmp(&z[a]).then(a.cmp(&b)));
+        let (mut mask, mut mass) = (TokenMask::none(z.len()), 0.0);
+        for (rank, &i) in order.iter().enumerate() {
+            if rank >= min_keep && mass >= target {
+                break;
+            }
+            mask.allow(i);
+            mass += w[i] as f64;
+        }
+        mask
+    }
+
+    #[test]
+    fn the_bucketed_walk_equals_sorting_the_vocabulary() {
+        let mut rng = StdRng::seed_from_u64(8);
+        for case in 0..300 {
+            let v = rng.gen_range(2..5000);
+            let spread = [0.5f32, 4.0, 30.0][case % 3];
+            // ties too: logits rounded to a coarse grid in a third of the cases
+            let logits: Vec<f32> = (0..v)
+                .map(|_| rng.gen_range(-spread..spread))
+                .map(|x: f32| if case % 3 == 1 { (x * 2.0).round() / 2.0 } else { x })
+                .collect();
+            let (t, p, keep) = (rng.gen_range(0.5..2.0), rng.gen_range(0.05..0.99), rng.gen_range(1..300));
+            let want = if keep >= v { TokenMask::all(v) } else { by_sorting(&logits, t, p, keep) };
+            assert_eq!(nucleus_mask(&logits, t, p, keep, &[]), want, "case {case}");
+        }
+        let flat = vec![0.25f32; 300];
+        assert_eq!(nucleus_mask(&flat, 1.0, 0.5, 10, &[]), by_sorting(&flat, 1.0, 0.5, 10));
     }
 
     #[test]
