@@ -73,7 +73,8 @@ pub use sampling::{
     Generation, SamplingConfig,
 };
 pub use session::{
-    logits_sessions, nucleus_masked_session, policy_session, policy_sessions, EngineSession, RolloutEngine, RowEngine,
+    logits_sessions, nucleus_masked_session, policy_session, policy_sessions, EngineSession, PolicySnapshot,
+    RolloutEngine, RowEngine,
 };
 pub use tokenizer::Tokenizer;
 

@@ -368,19 +368,46 @@ pub fn logits_sessions<'m, D: FusedOps>(
     samplings: Vec<SamplingConfig>,
     engine: RolloutEngine,
 ) -> Result<Vec<Box<dyn RowLogits + 'm>>, PolicyError> {
-    fn over<'m, E: RowEngine + 'static>(
-        engine: Arc<E>,
-        (rows, capacity): (usize, usize),
-        samplings: Vec<SamplingConfig>,
-    ) -> Vec<Box<dyn RowLogits + 'm>> {
-        let session = |s| Box::new(EngineSession::new(engine.clone(), rows, capacity, s)) as Box<dyn RowLogits + 'm>;
-        samplings.into_iter().map(session).collect()
+    let snapshot = PolicySnapshot::new(model, engine)?;
+    Ok(samplings.into_iter().map(|s| snapshot.session(rows, capacity, s)).collect())
+}
+
+/// The weights a training model decodes with, taken once: the host engine's copy, the fused
+/// CUDA engine's GPU copy, or the model itself for its own KV-cached decode (as `engine`
+/// resolves on `D`). Sessions of any size are made from it without copying again (e.g. one
+/// per chunk of held-out prompts).
+pub struct PolicySnapshot<'m> {
+    make: Box<dyn Fn(usize, usize, SamplingConfig) -> Box<dyn RowLogits + 'm> + 'm>,
+}
+
+impl std::fmt::Debug for PolicySnapshot<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PolicySnapshot")
     }
-    Ok(match engine.resolved::<D>() {
-        RolloutEngine::Fused => over(fused_engine(model)?, (rows, capacity), samplings),
-        RolloutEngine::Host => over(Arc::new(InferenceModel::from_model(model)), (rows, capacity), samplings),
-        _ => samplings.into_iter().map(|s| Box::new(DeviceSession::new(model, rows, capacity, s)) as _).collect(),
-    })
+}
+
+impl<'m> PolicySnapshot<'m> {
+    /// The snapshot of `model` for `engine`.
+    pub fn new<D: FusedOps>(model: &'m CausalLm<D>, engine: RolloutEngine) -> Result<Self, PolicyError> {
+        fn over<'m, E: RowEngine + 'static>(engine: Arc<E>) -> PolicySnapshot<'m> {
+            let make = move |rows, capacity, s| {
+                Box::new(EngineSession::new(engine.clone(), rows, capacity, s)) as Box<dyn RowLogits + 'm>
+            };
+            PolicySnapshot { make: Box::new(make) }
+        }
+        Ok(match engine.resolved::<D>() {
+            RolloutEngine::Fused => over(fused_engine(model)?),
+            RolloutEngine::Host => over(Arc::new(InferenceModel::from_model(model))),
+            _ => PolicySnapshot {
+                make: Box::new(move |rows, capacity, s| Box::new(DeviceSession::new(model, rows, capacity, s))),
+            },
+        })
+    }
+
+    /// A session of `rows` streams of at most `capacity` tokens, sampling with `sampling`.
+    pub fn session(&self, rows: usize, capacity: usize, sampling: SamplingConfig) -> Box<dyn RowLogits + 'm> {
+        (self.make)(rows, capacity, sampling)
+    }
 }
 
 /// NLPO's rollout policy ([`NucleusMaskedSession`]): `policy` samples within the nucleus of

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use rlhf_envs::{Episode, NoReference, PromptSource, RewardModel, Rollout, VecEnv};
-use rlhf_policies::{policy_session, CausalLm, FusedOps, RolloutEngine, SamplingConfig, Tokenizer};
+use rlhf_policies::{CausalLm, FusedOps, PolicySnapshot, RolloutEngine, SamplingConfig, Tokenizer};
 
 use crate::data::{held_out_count, mix};
 use crate::prompt_format::{ChatPrompt, PromptFormat};
@@ -298,12 +298,13 @@ impl Evaluator {
         ensure!((1..=rows).contains(&k), "eval_samples_per_prompt ({k}) must be 1 to the {rows} rollout rows");
         let indices: Vec<usize> = (0..source.len()).collect();
         let mut episodes = Vec::with_capacity(indices.len() * k);
+        let snapshot = PolicySnapshot::new(policy, setup.engine)?;
         for (c, chunk) in indices.chunks(rows / k).enumerate() {
             // a session per chunk, as wide as the chunk (the device decode begins all of its
             // rows together), seeded by the chunk's index: fresh random streams per sample
             let seed = mix(self.schedule.seed, 0xe7a1, 11 + c as u64);
             let sampling = SamplingConfig { seed, ..setup.sampling.clone() };
-            let mut session = policy_session(policy, chunk.len() * k, setup.capacity, sampling, setup.engine)?;
+            let mut session = snapshot.session(chunk.len() * k, setup.capacity, sampling);
             let opts = Rollout { group_size: k, reference: false };
             episodes.extend(env.rollout_prompts(session.as_mut(), source, chunk, opts).context("evaluation rollout")?);
         }
