@@ -50,6 +50,9 @@ enum Command {
     /// Stage 3b: PPO against a reward model (or a rule / external command) with a KL penalty
     /// to the frozen SFT model.
     Ppo(PpoArgs),
+    /// NLPO (PPO within the top-p nucleus of a periodically synced copy of the policy):
+    /// `rlhf ppo` with `nlpo` set (RL4LMs' settings unless the config has its own).
+    Nlpo(PpoArgs),
     /// Direct preference optimisation (DPO, cDPO, robust, hinge, IPO; reference-free SimPO, ORPO) on preference JSONL, or
     /// KTO on labelled {prompt, completion, label} JSONL, against the frozen SFT model.
     Dpo(DpoArgs),
@@ -251,7 +254,8 @@ fn main() -> Result<()> {
             println!("{}", page.display());
             Ok(())
         }
-        Command::Ppo(a) => ppo_cmd(a),
+        Command::Ppo(a) => ppo_cmd(a, false),
+        Command::Nlpo(a) => ppo_cmd(a, true),
         Command::Dpo(mut a) => {
             if let Some(l) = a.loss {
                 let kind = match l {
@@ -377,11 +381,16 @@ fn reward_model(path: Option<PathBuf>) -> Option<RewardSpec> {
     path.map(|path| RewardSpec::Model { path, normalize: true })
 }
 
-fn ppo_cmd(a: PpoArgs) -> Result<()> {
+/// `rlhf ppo` / `nlpo`: the second turns NLPO on (with its defaults, unless the config or a
+/// `--set` gives `nlpo`).
+fn ppo_cmd(a: PpoArgs, nlpo: bool) -> Result<()> {
     let reward = reward_model(a.reward_model);
     let prepare = |c: &mut PpoConfig| {
         if reward.is_some() {
             c.reward = reward;
+        }
+        if nlpo && c.nlpo.is_none() {
+            c.nlpo = Some(Default::default());
         }
     };
     run_stage(&a.stage, prepare, |c: &PpoConfig| c.out_dir.clone(), ppo::train)

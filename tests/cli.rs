@@ -326,6 +326,16 @@ fn algorithm_commands_and_loss_flags_pick_their_variant() {
         assert!(ok, "{loss}: {err}");
         assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["loss"]["kind"], loss);
     }
+    // rlhf nlpo: PPO with NLPO's defaults, or the settings given
+    let nlpo = |extra: &[&str]| {
+        let (ok, out, err) = rlhf(&[&["nlpo", "--print-config"], extra].concat());
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["nlpo"].clone()
+    };
+    assert_eq!(nlpo(&[])["top_mask"], 0.9);
+    assert_eq!(nlpo(&["--set", r#"nlpo={"top_mask": 0.5}"#])["top_mask"], 0.5);
+    let (ok, out, _) = rlhf(&["ppo", "--print-config"]);
+    assert!(ok && serde_json::from_str::<serde_json::Value>(&out).unwrap()["nlpo"].is_null());
 }
 
 /// `rlhf chat`: each input line is a user message answered in the model's chat template, the
