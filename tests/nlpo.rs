@@ -5,12 +5,10 @@
 
 mod common;
 
-use common::{comparable_metrics, pretrained_policy};
+use common::comparable_metrics;
 use dfdx::prelude::*;
 use rlhf::stages::nlpo::NlpoConfig;
 use rlhf::stages::ppo::{train, PpoConfig};
-use rlhf::stages::ppo_models::ValueModelConfig;
-use rlhf::stages::reward_spec::RewardSpec;
 use rlhf_envs::Policy;
 use rlhf_policies::{
     nucleus_masked_session, policy_session, Batch, CausalLm, ModelConfig, Nucleus, RolloutEngine, SamplingConfig,
@@ -82,24 +80,7 @@ fn masked_rollouts_sample_inside_the_nucleus_with_the_training_forward_s_log_pro
 }
 
 fn cfg(dir: &std::path::Path, iterations: usize, nlpo: Option<NlpoConfig>) -> PpoConfig {
-    let (policy, prompts) = pretrained_policy(dir);
-    PpoConfig {
-        out_dir: dir.join("ppo"),
-        policy,
-        prompts,
-        reward: Some(RewardSpec::Keywords { keywords: vec!["a".into()], weight: 1.0 }),
-        value_model: ValueModelConfig::Shared {},
-        batch_size: 16,
-        minibatch_size: 8,
-        max_new_tokens: 12,
-        max_prompt_len: 16,
-        iterations,
-        ppo_epochs: 2,
-        optim: rlhf_policies::AdamWConfig { lr: 3e-3, ..Default::default() },
-        checkpoint_every: 3,
-        nlpo,
-        ..Default::default()
-    }
+    PpoConfig { nlpo, ..common::ppo_config(dir, iterations) }
 }
 
 fn without_nlpo(mut m: Vec<serde_json::Value>) -> Vec<serde_json::Value> {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{comparable_metrics, pretrained_policy};
+use common::comparable_metrics;
 use rlhf::stages::ppo::{train, train_with_reward, PpoConfig};
 use rlhf::stages::ppo_models::ValueModelConfig;
 use rlhf::stages::reward_spec::RewardSpec;
@@ -12,24 +12,7 @@ use rlhf_envs::FnReward;
 use rlhf_policies::RolloutEngine;
 
 fn cfg(dir: &std::path::Path, iterations: usize) -> PpoConfig {
-    let (policy, prompts) = pretrained_policy(dir);
-    PpoConfig {
-        out_dir: dir.join("ppo"),
-        policy,
-        prompts,
-        reward: Some(RewardSpec::Keywords { keywords: vec!["a".into()], weight: 1.0 }),
-        value_model: ValueModelConfig::Shared {},
-        batch_size: 16,
-        minibatch_size: 8,
-        max_new_tokens: 12,
-        max_prompt_len: 16,
-        iterations,
-        ppo_epochs: 2,
-        optim: rlhf_policies::AdamWConfig { lr: 3e-3, ..Default::default() },
-        checkpoint_every: 3,
-        sample_every: 3,
-        ..Default::default()
-    }
+    common::ppo_config(dir, iterations)
 }
 
 fn metrics(dir: &std::path::Path) -> Vec<serde_json::Value> {

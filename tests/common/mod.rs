@@ -108,3 +108,26 @@ fn pretrain_policy(dir: &std::path::Path) {
     )
     .unwrap();
 }
+
+/// The PPO tests' run: the tiny pretrained policy ([`pretrained_policy`]) learning to write
+/// "a" (a keyword reward) with a shared critic, 16 rollouts of 12 tokens per iteration.
+pub fn ppo_config(dir: &std::path::Path, iterations: usize) -> rlhf::stages::ppo::PpoConfig {
+    let (policy, prompts) = pretrained_policy(dir);
+    rlhf::stages::ppo::PpoConfig {
+        out_dir: dir.join("ppo"),
+        policy,
+        prompts,
+        reward: Some(rlhf::stages::reward_spec::RewardSpec::Keywords { keywords: vec!["a".into()], weight: 1.0 }),
+        value_model: rlhf::stages::ppo_models::ValueModelConfig::Shared {},
+        batch_size: 16,
+        minibatch_size: 8,
+        max_new_tokens: 12,
+        max_prompt_len: 16,
+        iterations,
+        ppo_epochs: 2,
+        optim: rlhf_policies::AdamWConfig { lr: 3e-3, ..Default::default() },
+        checkpoint_every: 3,
+        sample_every: 3,
+        ..Default::default()
+    }
+}
