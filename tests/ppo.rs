@@ -339,3 +339,46 @@ fn target_kl_stops_an_iteration_s_update_early() {
     (c.target_kl, c.out_dir) = (Some(0.0), t.path().join("bad"));
     assert!(train(c, false).unwrap_err().to_string().contains("target_kl"));
 }
+
+/// `critic_lr`: the critic's parameters step at their own rate, the policy's as before. One
+/// minibatch, so one Adam step: its first update is `−lr·g/(|g| + ε)`, proportional to the
+/// rate — 0 leaves the critic as it started, twice the rate moves it twice as far.
+#[test]
+fn critic_lr_sets_the_critic_s_step_and_leaves_the_policy_s() {
+    use rlhf_policies::checkpoint::read_safetensors;
+    let run = |dir: &std::path::Path, critic_lr: Option<f64>| {
+        let mut c = cfg(dir, 1);
+        (c.value_model, c.ppo_epochs, c.minibatch_size, c.critic_lr) =
+            (ValueModelConfig::Separate { init: None }, 1, 16, critic_lr);
+        train(c, false).unwrap();
+        let step = dir.join("ppo/checkpoints/step-1");
+        (
+            read_safetensors(&step.join("model.safetensors")).unwrap(),
+            read_safetensors(&step.join("value/model.safetensors")).unwrap(),
+        )
+    };
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (policy, critic) = run(dirs[0].path(), None); // optim.lr = 3e-3
+    let (policy_0, critic_0) = run(dirs[1].path(), Some(0.0));
+    let (policy_2, critic_2) = run(dirs[2].path(), Some(6e-3));
+    assert_eq!(policy, policy_0);
+    assert_eq!(policy, policy_2);
+    // the critic started as the policy's backbone (the SFT checkpoint) and a zero head
+    let start = read_safetensors(&dirs[1].path().join("pre/checkpoints/step-40/model.safetensors")).unwrap();
+    let (mut moved, mut checked) = (0.0f32, 0);
+    // (a zero score.bias is not written)
+    let get = |m: &std::collections::BTreeMap<String, rlhf_policies::checkpoint::HostTensor>, name: &str, n: usize| {
+        m.get(name).map_or(vec![0.0; n], |t| t.data.clone())
+    };
+    for (name, t) in &critic {
+        let n = t.data.len();
+        let (t0, t2, init) = (get(&critic_0, name, n), get(&critic_2, name, n), get(&start, name, n));
+        assert_eq!(t0, init, "{name}: critic_lr 0 leaves it");
+        for ((&a, &b), &i) in t.data.iter().zip(&t2).zip(&init) {
+            assert!(((b - i) - 2.0 * (a - i)).abs() <= 1e-6 + 1e-5 * (a - i).abs(), "{name}: {a} {b} from {i}");
+            moved = moved.max((a - i).abs());
+        }
+        checked += 1;
+    }
+    assert!(checked > 5 && moved > 1e-4, "{checked} tensors, largest step {moved}");
+}

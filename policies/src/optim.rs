@@ -251,13 +251,24 @@ impl<D: GradBuffers> AdamW<D> {
         grads: &mut Gradients<f32, D>,
         lr: f64,
     ) -> Result<(), PolicyError> {
+        self.step_with(params, grads, |_| lr)
+    }
+
+    /// [`AdamW::step`] with each parameter's learning rate given by its name (parameter
+    /// groups, e.g. a critic's own rate beside the policy's).
+    pub fn step_with(
+        &mut self,
+        params: Vec<(String, ParamMut<'_, D>)>,
+        grads: &mut Gradients<f32, D>,
+        lr_of: impl Fn(&str) -> f64,
+    ) -> Result<(), PolicyError> {
         let trainable = self.trainable(params.iter().map(|(n, _)| n.as_str()))?.to_vec();
         let mut jobs = Vec::with_capacity(params.len());
         let mut taken = Ok(());
-        for ((_, p), _) in params.into_iter().zip(trainable).filter(|(_, t)| *t) {
+        for ((name, p), _) in params.into_iter().zip(trainable).filter(|(_, t)| *t) {
             let is_1d = matches!(p, ParamMut::V(_));
             let wd = if is_1d && self.cfg.no_decay_1d { 0.0 } else { self.cfg.weight_decay };
-            let cfg = self.adam_cfg(lr, (wd > 0.0).then_some(WeightDecay::Decoupled(wd)));
+            let cfg = self.adam_cfg(lr_of(&name), (wd > 0.0).then_some(WeightDecay::Decoupled(wd)));
             let buffers = match &p {
                 ParamMut::V(t) => self.take_buffers(grads, *t),
                 ParamMut::M(t) => self.take_buffers(grads, *t),

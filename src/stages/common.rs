@@ -203,15 +203,26 @@ pub fn accumulate_grads<D: GradBuffers, M: HasParams<D>>(
 pub fn apply_grads<D: GradBuffers, M: HasParams<D>>(
     model: &mut M,
     opt: &mut AdamW<D>,
-    mut grads: Gradients<f32, D>,
+    grads: Gradients<f32, D>,
     lr: f64,
+    clip: f64,
+) -> Result<f64> {
+    apply_grads_with(model, opt, grads, |_| lr, clip)
+}
+
+/// [`apply_grads`] with each parameter's learning rate given by its name.
+pub fn apply_grads_with<D: GradBuffers, M: HasParams<D>>(
+    model: &mut M,
+    opt: &mut AdamW<D>,
+    mut grads: Gradients<f32, D>,
+    lr_of: impl Fn(&str) -> f64,
     clip: f64,
 ) -> Result<f64> {
     let params = model.params();
     let mask = opt.trainable(params.iter().map(|(n, _)| n.as_str()))?.to_vec();
     let trainable: Vec<_> = params.into_iter().zip(mask).filter_map(|(p, t)| t.then_some(p)).collect();
     let grad_norm = clip_grad_norm(&trainable, &mut grads, clip)?;
-    opt.step(model.params_mut(), &mut grads, lr)?;
+    opt.step_with(model.params_mut(), &mut grads, lr_of)?;
     Ok(grad_norm)
 }
 

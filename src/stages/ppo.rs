@@ -162,6 +162,10 @@ pub struct PpoConfig {
     pub whiten_advantages: bool,
     /// AdamW; `lr` is the peak learning rate. Default lr 1e-5 (TRL), no weight decay.
     pub optim: AdamWConfig,
+    /// The critic's own peak learning rate (its parameters, `value.*`: a separate critic's
+    /// whole model, or a shared critic's head), on the same schedule — OpenRLHF's and verl's
+    /// separate critic rate (e.g. 9e-6 beside the policy's 5e-7). Default: `optim.lr`.
+    pub critic_lr: Option<f64>,
     /// Shape of the learning rate over the iterations (peak `optim.lr`; one rate for every
     /// minibatch of an iteration). Default: constant.
     pub schedule: LrSchedule,
@@ -234,6 +238,7 @@ impl Default for PpoConfig {
             whiten_rewards: false,
             whiten_advantages: true,
             optim: AdamWConfig { lr: 1e-5, ..Default::default() },
+            critic_lr: None,
             schedule: LrSchedule::constant(),
             grad_clip: 1.0,
             ptx: None,
@@ -561,6 +566,9 @@ fn validate(cfg: &PpoConfig) -> Result<()> {
     }
     if cfg.temperature <= 0.0 || cfg.temperature.is_nan() {
         bail!("temperature must be positive, got {}", cfg.temperature);
+    }
+    if let Some(c) = cfg.critic_lr.filter(|c| !(c.is_finite() && *c >= 0.0)) {
+        bail!("critic_lr must be finite and non-negative, got {c}");
     }
     if let Some(t) = cfg.target_kl.filter(|t| !(t.is_finite() && *t > 0.0)) {
         bail!("target_kl must be positive, got {t}");

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{mix, sample_blocks};
 use crate::math::ppo::{explained_variance, gae, ppo_policy_loss, ppo_value_loss, whiten, KlController};
-use crate::stages::common::{accumulate_grads, apply_grads, or_skip_non_finite, shuffled_minibatches, LossOn};
+use crate::stages::common::{accumulate_grads, apply_grads_with, or_skip_non_finite, shuffled_minibatches, LossOn};
 use crate::stages::nlpo;
 use crate::stages::ppo::{KlUnit, OnNonFinite, PpoConfig, Prompts};
 use crate::stages::ppo_models::{logprobs_and_entropy, PpoModels, Seq};
@@ -160,6 +160,9 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         self.state.kl.update(if cfg.kl_unit == KlUnit::SequenceSum { kl_seq } else { kl_tok }, cfg.batch_size);
         let timing = [t_rollout, t_scoring, t_update];
         let mut record = iteration_metrics(it + 1, &scored, &upd, (beta, kl_seq), lr, self.eos, &timing);
+        if let Some(c) = cfg.critic_lr {
+            record["lr_critic"] = cfg.schedule.at(c, cfg.iterations, it).into();
+        }
         if cfg.target_kl.is_some() {
             record["policy/early_stop"] = f64::from(u8::from(upd.early_stopped)).into();
             record["policy/minibatches"] = upd.minibatches.into();
@@ -369,6 +372,11 @@ fn update<D: FusedOps + GradBuffers>(
     state: &mut PpoState,
 ) -> Result<UpdateStats> {
     let mut st = UpdateStats::default();
+    let critic_lr = cfg.critic_lr.map(|c| cfg.schedule.at(c, cfg.iterations, it));
+    let lr_of = |name: &str| match critic_lr {
+        Some(c) if name.starts_with("value.") => c,
+        _ => lr,
+    };
     'epochs: for epoch in 0..cfg.ppo_epochs {
         for (m, mb) in minibatches(cfg, it, epoch).iter().enumerate() {
             let mb_tokens: usize = mb.iter().flatten().map(|&i| s.seqs[i].resp_len()).sum();
@@ -383,7 +391,7 @@ fn update<D: FusedOps + GradBuffers>(
                 st.early_stopped = true;
                 break 'epochs;
             }
-            let step = grads.and_then(|(g, loss)| Ok((loss, apply_grads(models, opt, g, lr, cfg.grad_clip)?)));
+            let step = grads.and_then(|(g, loss)| Ok((loss, apply_grads_with(models, opt, g, lr_of, cfg.grad_clip)?)));
             let skip = cfg.on_nonfinite == OnNonFinite::Skip;
             let stepped = or_skip_non_finite(step, skip, &mut state.skipped_batches)
                 .map_err(|e| e.context(format!("iteration {}, epoch {}, minibatch {}", it + 1, epoch + 1, m + 1)))?;
