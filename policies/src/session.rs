@@ -420,7 +420,7 @@ pub fn nucleus_masked_session<'m, D: FusedOps>(
     sampling: SamplingConfig,
     engine: RolloutEngine,
 ) -> Result<NucleusMaskedSession<'m>, PolicyError> {
-    let session = |m| logits_sessions(m, rows, capacity, vec![sampling.clone()], engine).map(|mut s| s.remove(0));
+    let session = |m| PolicySnapshot::new(m, engine).map(|s| s.session(rows, capacity, sampling.clone()));
     Ok(NucleusMaskedSession::new(session(policy)?, session(mask_policy)?, rows, nucleus, sampling))
 }
 
