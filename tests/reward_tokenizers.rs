@@ -106,3 +106,42 @@ fn ppo_trains_on_it_and_refuses_a_critic_that_would_read_the_wrong_vocabulary() 
     let report = train(PpoConfig { value_model: ValueModelConfig::Shared {}, ..cfg }, false).unwrap();
     assert!(report.scores.iter().all(|s| s.is_finite()) && report.scores.len() == 2, "{report:?}");
 }
+
+#[test]
+fn grpo_scores_its_samples_in_the_reward_model_s_tokens() {
+    let d = tempfile::tempdir().unwrap();
+    let (policy, prompts) = pretrained_policy(d.path());
+    let bytes = Tokenizer::byte_level().unwrap();
+    let rm_dir = d.path().join("rm-bytes");
+    let rm = reward_model(&rm_dir, Some(&bytes), 258);
+    let cfg = rlhf::stages::grpo::GrpoConfig {
+        out_dir: d.path().join("grpo"),
+        policy,
+        prompts,
+        reward: Some(RewardSpec::Model { path: rm_dir, normalize: false }),
+        prompts_per_step: 2,
+        num_generations: 4,
+        minibatch_size: 8,
+        max_new_tokens: 8,
+        max_prompt_len: 16,
+        iterations: 1,
+        sample_every: 1,
+        sample_count: 8,
+        ..Default::default()
+    };
+    rlhf::stages::grpo::train(cfg, false).unwrap();
+    let text = std::fs::read_to_string(d.path().join("grpo/samples.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 8);
+    for r in rows {
+        let completion = r["completion"].as_str().unwrap();
+        let (text, finished) = match completion.strip_suffix(rlhf_policies::tokenizer::EOS_TOKEN) {
+            Some(t) => (t, true),
+            None => (completion, false),
+        };
+        let mut ids = [bytes.encode(r["prompt"].as_str().unwrap()).unwrap(), bytes.encode(text).unwrap()].concat();
+        ids.extend(finished.then_some(0));
+        let want = rm.score_ids(&[ids]).unwrap()[0] as f64;
+        assert!((r["reward"].as_f64().unwrap() - want).abs() < 1e-5, "{r} vs {want}");
+    }
+}
