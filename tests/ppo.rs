@@ -382,3 +382,31 @@ fn critic_lr_sets_the_critic_s_step_and_leaves_the_policy_s() {
     }
     assert!(checked > 5 && moved > 1e-4, "{checked} tensors, largest step {moved}");
 }
+
+/// `critic_warmup_iterations`: the policy keeps the SFT weights through the warm-up (so the
+/// KL is exactly 0 up to the first rollout after it) while the critic learns; then PPO goes on.
+#[test]
+fn the_critic_warms_up_alone_then_the_policy_trains() {
+    use rlhf_policies::checkpoint::read_safetensors;
+    let d = tempfile::tempdir().unwrap();
+    let mut c = cfg(d.path(), 4);
+    (c.value_model, c.critic_warmup_iterations, c.checkpoint_every) = (ValueModelConfig::Separate { init: None }, 2, 2);
+    let sft = read_safetensors(&c.policy.join("model.safetensors")).unwrap();
+    train(c.clone(), false).unwrap();
+    let m = metrics(d.path());
+    let f = |i: usize, k: &str| m[i][k].as_f64().unwrap_or_else(|| panic!("{k} at {i}"));
+    assert_eq!((f(0, "lr"), f(1, "lr")), (0.0, 0.0));
+    assert!(f(2, "lr") > 0.0 && (0..4).all(|i| f(i, "lr_critic") > 0.0));
+    assert_eq!([f(0, "objective/kl"), f(1, "objective/kl"), f(2, "objective/kl")], [0.0; 3]);
+    assert!(f(3, "objective/kl") > 0.0, "the policy moved at iteration 3");
+    let step =
+        |s: usize, file: &str| read_safetensors(&d.path().join(format!("ppo/checkpoints/step-{s}/{file}"))).unwrap();
+    let weights = |t: &std::collections::BTreeMap<String, rlhf_policies::checkpoint::HostTensor>| {
+        t.iter().map(|(k, v)| (k.clone(), v.data.clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(weights(&step(2, "model.safetensors")), weights(&sft), "the policy is the SFT model after the warm-up");
+    assert_ne!(weights(&step(4, "model.safetensors")), weights(&sft));
+    assert!(step(2, "value/model.safetensors")["score.weight"].data.iter().any(|&w| w != 0.0), "the critic learned");
+    c.critic_warmup_iterations = 4;
+    assert!(train(c, false).unwrap_err().to_string().contains("critic_warmup_iterations"));
+}

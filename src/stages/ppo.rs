@@ -166,6 +166,11 @@ pub struct PpoConfig {
     /// whole model, or a shared critic's head), on the same schedule — OpenRLHF's and verl's
     /// separate critic rate (e.g. 9e-6 beside the policy's 5e-7). Default: `optim.lr`.
     pub critic_lr: Option<f64>,
+    /// Critic warm-up (verl's `critic_warmup`, OpenRLHF's `freezing_actor_steps`): for this
+    /// many first iterations only the critic learns — the policy's rate is 0 (its Adam moments
+    /// still see its gradients, so its first real step is bias-corrected as usual), so the
+    /// rollouts keep coming from the SFT policy while the values catch up. Default `0`.
+    pub critic_warmup_iterations: usize,
     /// Shape of the learning rate over the iterations (peak `optim.lr`; one rate for every
     /// minibatch of an iteration). Default: constant.
     pub schedule: LrSchedule,
@@ -239,6 +244,7 @@ impl Default for PpoConfig {
             whiten_advantages: true,
             optim: AdamWConfig { lr: 1e-5, ..Default::default() },
             critic_lr: None,
+            critic_warmup_iterations: 0,
             schedule: LrSchedule::constant(),
             grad_clip: 1.0,
             ptx: None,
@@ -566,6 +572,13 @@ fn validate(cfg: &PpoConfig) -> Result<()> {
     }
     if cfg.temperature <= 0.0 || cfg.temperature.is_nan() {
         bail!("temperature must be positive, got {}", cfg.temperature);
+    }
+    if cfg.critic_warmup_iterations >= cfg.iterations {
+        bail!(
+            "critic_warmup_iterations ({}) must be below iterations ({}): the policy would never train",
+            cfg.critic_warmup_iterations,
+            cfg.iterations
+        );
     }
     if let Some(c) = cfg.critic_lr.filter(|c| !(c.is_finite() && *c >= 0.0)) {
         bail!("critic_lr must be finite and non-negative, got {c}");

@@ -141,7 +141,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         }
         // ALGO: ppo_epochs passes of clipped policy + value loss over shuffled minibatches
         let t2 = Instant::now();
-        let lr = cfg.schedule.at(cfg.optim.lr, cfg.iterations, it);
+        let lr = rates(cfg, it);
         let upd = update(
             cfg,
             &mut self.models,
@@ -159,9 +159,9 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         let beta = self.state.kl.beta;
         self.state.kl.update(if cfg.kl_unit == KlUnit::SequenceSum { kl_seq } else { kl_tok }, cfg.batch_size);
         let timing = [t_rollout, t_scoring, t_update];
-        let mut record = iteration_metrics(it + 1, &scored, &upd, (beta, kl_seq), lr, self.eos, &timing);
-        if let Some(c) = cfg.critic_lr {
-            record["lr_critic"] = cfg.schedule.at(c, cfg.iterations, it).into();
+        let mut record = iteration_metrics(it + 1, &scored, &upd, (beta, kl_seq), lr.0, self.eos, &timing);
+        if cfg.critic_lr.is_some() || cfg.critic_warmup_iterations > 0 {
+            record["lr_critic"] = lr.1.into();
         }
         if cfg.target_kl.is_some() {
             record["policy/early_stop"] = f64::from(u8::from(upd.early_stopped)).into();
@@ -197,6 +197,14 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         let metrics = rolled.as_ref().ok().map(|r| nlpo::metrics(r, synced));
         Ok((rolled.map(|r| (r.episodes, Some(r.masks))), metrics))
     }
+}
+
+/// Iteration `it`'s (policy, critic) learning rates: the schedule at `optim.lr` and at
+/// `critic_lr` (or `optim.lr`); the policy's is 0 during the critic warm-up.
+fn rates(cfg: &PpoConfig, it: usize) -> (f64, f64) {
+    let at = |peak| cfg.schedule.at(peak, cfg.iterations, it);
+    let policy = if it < cfg.critic_warmup_iterations { 0.0 } else { at(cfg.optim.lr) };
+    (policy, at(cfg.critic_lr.unwrap_or(cfg.optim.lr)))
 }
 
 fn capacity(cfg: &PpoConfig) -> usize {
@@ -366,17 +374,13 @@ fn update<D: FusedOps + GradBuffers>(
     opt: &mut AdamW<D>,
     s: &Scored,
     it: usize,
-    lr: f64,
+    lr: (f64, f64),
     pad: u32,
     ptx: Option<&[u32]>,
     state: &mut PpoState,
 ) -> Result<UpdateStats> {
     let mut st = UpdateStats::default();
-    let critic_lr = cfg.critic_lr.map(|c| cfg.schedule.at(c, cfg.iterations, it));
-    let lr_of = |name: &str| match critic_lr {
-        Some(c) if name.starts_with("value.") => c,
-        _ => lr,
-    };
+    let lr_of = |name: &str| if name.starts_with("value.") { lr.1 } else { lr.0 };
     'epochs: for epoch in 0..cfg.ppo_epochs {
         for (m, mb) in minibatches(cfg, it, epoch).iter().enumerate() {
             let mb_tokens: usize = mb.iter().flatten().map(|&i| s.seqs[i].resp_len()).sum();
