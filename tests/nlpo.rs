@@ -48,7 +48,7 @@ fn masked_rollouts_sample_inside_the_nucleus_with_the_training_forward_s_log_pro
     let nucleus = Nucleus { top_p: 0.6, min_keep: 3 };
     for engine in [RolloutEngine::Host, RolloutEngine::Device] {
         let mut session =
-            nucleus_masked_session(&policy, &mask_policy, (4, 32), nucleus, sampling.clone(), engine).unwrap();
+            nucleus_masked_session(&policy, Some(&mask_policy), (4, 32), nucleus, sampling.clone(), engine).unwrap();
         let actions = decode(&mut session);
         let masks = session.take_masks();
         let masses = session.take_masses();
@@ -71,10 +71,19 @@ fn masked_rollouts_sample_inside_the_nucleus_with_the_training_forward_s_log_pro
             }
         }
     }
+    // a masking policy that is a copy of the policy: the same as none (its own logits)
+    let copy = policy.frozen_copy();
+    let mut by_copy =
+        nucleus_masked_session(&policy, Some(&copy), (4, 32), nucleus, sampling.clone(), RolloutEngine::Host).unwrap();
+    let mut by_itself =
+        nucleus_masked_session(&policy, None, (4, 32), nucleus, sampling.clone(), RolloutEngine::Host).unwrap();
+    assert_eq!(decode(&mut by_copy), decode(&mut by_itself));
+    assert_eq!(by_copy.take_masks(), by_itself.take_masks());
     // the whole vocabulary: exactly the policy's own samples
     let all = Nucleus { top_p: 1.0, min_keep: 1 };
     let mut masked =
-        nucleus_masked_session(&policy, &mask_policy, (4, 32), all, sampling.clone(), RolloutEngine::Host).unwrap();
+        nucleus_masked_session(&policy, Some(&mask_policy), (4, 32), all, sampling.clone(), RolloutEngine::Host)
+            .unwrap();
     let mut plain = policy_session(&policy, 4, 32, sampling, RolloutEngine::Host).unwrap();
     assert_eq!(decode(&mut masked), decode(plain.as_mut()));
 }

@@ -157,7 +157,7 @@ pub trait RowLogits: Policy {
 /// log-prob is under π_θ^mask; each row keeps its steps' masks until it begins again.
 pub struct NucleusMaskedSession<'m> {
     policy: Box<dyn RowLogits + 'm>,
-    mask_policy: Box<dyn RowLogits + 'm>,
+    mask_policy: Option<Box<dyn RowLogits + 'm>>,
     nucleus: Nucleus,
     sampling: SamplingConfig,
     rngs: Vec<StdRng>,
@@ -174,10 +174,11 @@ impl std::fmt::Debug for NucleusMaskedSession<'_> {
 
 impl<'m> NucleusMaskedSession<'m> {
     /// `rows` rows decoded by `policy` and `mask_policy` (sessions of the same vocabulary and
-    /// rows), sampled with `sampling`.
+    /// rows), sampled with `sampling`. `mask_policy: None`: the masking policy is the policy
+    /// itself (NLPO's sync iterations), whose logits serve both without a second decode.
     pub fn new(
         policy: Box<dyn RowLogits + 'm>,
-        mask_policy: Box<dyn RowLogits + 'm>,
+        mask_policy: Option<Box<dyn RowLogits + 'm>>,
         rows: usize,
         nucleus: Nucleus,
         sampling: SamplingConfig,
@@ -226,7 +227,9 @@ impl Policy for NucleusMaskedSession<'_> {
     fn begin(&mut self, rows: &[usize], prompts: &[&[u32]]) -> Result<(), EnvError> {
         rows.iter().try_for_each(|&r| self.row(r))?;
         self.policy.begin(rows, prompts)?;
-        self.mask_policy.begin(rows, prompts)?;
+        if let Some(m) = &mut self.mask_policy {
+            m.begin(rows, prompts)?;
+        }
         for &r in rows {
             self.steps[r] = 0;
             self.masks[r].clear();
@@ -241,7 +244,10 @@ impl Policy for NucleusMaskedSession<'_> {
         let always: Vec<u32> = s.eos_ids.iter().chain(&s.stop_ids).copied().collect();
         let inputs: Vec<(&[f32], &[f32])> = rows
             .iter()
-            .map(|&r| Ok((self.policy.row_logits(r)?, self.mask_policy.row_logits(r)?)))
+            .map(|&r| {
+                let policy = self.policy.row_logits(r)?;
+                Ok((policy, self.mask_policy.as_ref().map_or(Ok(policy), |m| m.row_logits(r))?))
+            })
             .collect::<Result<_, EnvError>>()?;
         let one = |&(policy, mask): &(&[f32], &[f32])| {
             if policy.len() != mask.len() {
@@ -278,7 +284,9 @@ impl Policy for NucleusMaskedSession<'_> {
     fn push(&mut self, rows: &[usize], tokens: &[u32]) -> Result<(), EnvError> {
         rows.iter().try_for_each(|&r| self.row(r))?;
         self.policy.push(rows, tokens)?;
-        self.mask_policy.push(rows, tokens)?;
+        if let Some(m) = &mut self.mask_policy {
+            m.push(rows, tokens)?;
+        }
         rows.iter().for_each(|&r| self.steps[r] += 1);
         Ok(())
     }

@@ -411,17 +411,18 @@ impl<'m> PolicySnapshot<'m> {
 }
 
 /// NLPO's rollout policy ([`NucleusMaskedSession`]): `policy` samples within the nucleus of
-/// `mask_policy`, both decoding on `engine`.
+/// `mask_policy` (`None`: of its own distribution), both decoding on `engine`.
 pub fn nucleus_masked_session<'m, D: FusedOps>(
     policy: &'m CausalLm<D>,
-    mask_policy: &'m CausalLm<D>,
+    mask_policy: Option<&'m CausalLm<D>>,
     (rows, capacity): (usize, usize),
     nucleus: Nucleus,
     sampling: SamplingConfig,
     engine: RolloutEngine,
 ) -> Result<NucleusMaskedSession<'m>, PolicyError> {
     let session = |m| PolicySnapshot::new(m, engine).map(|s| s.session(rows, capacity, sampling.clone()));
-    Ok(NucleusMaskedSession::new(session(policy)?, session(mask_policy)?, rows, nucleus, sampling))
+    let mask = mask_policy.map(session).transpose()?;
+    Ok(NucleusMaskedSession::new(session(policy)?, mask, rows, nucleus, sampling))
 }
 
 #[cfg(feature = "cuda")]

@@ -83,12 +83,13 @@ pub struct MaskedRollout {
     pub masses: Vec<Vec<f32>>,
 }
 
-/// Rolls out every env row with π_θ^mask (`policy` within `mask_policy`'s nucleus).
+/// Rolls out every env row with π_θ^mask (`policy` within `mask_policy`'s nucleus; `None`
+/// when π_ψ is a fresh copy of the policy, whose own logits then serve as the mask's).
 #[allow(clippy::too_many_arguments)]
 pub fn rollout<M: RewardModel, D: FusedOps>(
     env: &mut VecEnv<NoReference, M>,
     policy: &CausalLm<D>,
-    mask_policy: &CausalLm<D>,
+    mask_policy: Option<&CausalLm<D>>,
     cfg: &NlpoConfig,
     capacity: usize,
     sampling: SamplingConfig,

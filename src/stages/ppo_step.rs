@@ -193,6 +193,8 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
             self.mask_policy = Some(policy.frozen_copy());
         }
         let mask_policy = self.mask_policy.as_ref().context("NLPO: no masking policy to roll out with")?;
+        // just synced, π_ψ's logits are π_θ's: no second decode
+        let mask_policy = (!synced).then_some(mask_policy);
         let rolled = nlpo::rollout(&mut self.env, policy, mask_policy, &n, capacity(cfg), sampler, engine);
         let metrics = rolled.as_ref().ok().map(|r| nlpo::metrics(r, synced));
         Ok((rolled.map(|r| (r.episodes, Some(r.masks))), metrics))
