@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use rlhf_envs::{Detokenizer, EnvError, KlEstimator};
+use rlhf_envs::{Detokenizer, EnvError};
 use rlhf_policies::{AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers, LearnedReward, RolloutEngine, ScalarHead};
 use serde::Serialize;
 
@@ -94,7 +94,7 @@ pub fn ppo_trainer<D: FusedOps + GradBuffers>(
         gamma: p.gamma,
         lam: p.lam,
         beta: p.kl_coef as f64,
-        kl_estimator: KlEstimator::K1,
+        kl_estimator: crate::math::ppo::KlPenalty::K1,
         grad_clip: p.max_grad_norm,
         optim: optim.clone(),
         schedule: LrSchedule::constant(),

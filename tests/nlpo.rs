@@ -153,3 +153,19 @@ fn nlpo_settings_are_checked() {
     assert_eq!(parsed.nlpo, Some(NlpoConfig { top_mask: 0.9, min_tokens_to_keep: 100, target_update_iterations: 5 }));
     assert!(serde_json::from_str::<PpoConfig>(r#"{"nlpo": {"top_p": 0.9}}"#).is_err());
 }
+
+/// NLPO with the exact KL: while the policy is the reference, π_θ^mask = π_ref/π_ref(V_p) on
+/// the nucleus, so each token's KL is −log π_ref(V_p) > 0: positive from the first iteration,
+/// and never negative.
+#[test]
+fn the_full_kl_of_the_masked_policy_is_positive_from_the_start() {
+    let nlpo = NlpoConfig { top_mask: 0.5, min_tokens_to_keep: 2, target_update_iterations: 2 };
+    let d = tempfile::tempdir().unwrap();
+    let c = PpoConfig { kl_estimator: serde_json::from_str("\"full\"").unwrap(), ..cfg(d.path(), 3, Some(nlpo)) };
+    train(c, false).unwrap();
+    let m = comparable_metrics(&d.path().join("ppo"));
+    let kl: Vec<f64> = m.iter().map(|r| r["objective/kl"].as_f64().unwrap()).collect();
+    // at most 12 tokens of −log(mass) each, the mass at least the nucleus' 0.5
+    assert!(kl[0] > 0.0 && kl[0] <= 12.0 * 2f64.ln() + 1e-4, "{kl:?}");
+    assert!(kl.iter().all(|&k| k > 0.0), "{kl:?}");
+}

@@ -187,6 +187,53 @@ pub fn entropy(logits: &[f32]) -> f64 {
     lse - logits.iter().map(|&l| (l as f64 - max).exp() / z * l as f64).sum::<f64>()
 }
 
+/// The per-token KL term `k(t)` of PPO's reward: one of Schulman's estimators from the sampled
+/// token's log-probs (`k1` = log π/π_ref, `k2`, `k3`; see `rlhf_envs::KlEstimator`), or
+/// `full`, the exact `KL(π(·|s_t) ‖ π_ref(·|s_t))` over the vocabulary ([`full_kl`]; TRL's
+/// `kl_penalty = "full"`): never negative, with no sampling noise, at the cost of both
+/// models' logits at every response token.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KlPenalty {
+    /// `log π − log π_ref` of the sampled token (InstructGPT's).
+    #[default]
+    K1,
+    /// `½(log π_ref − log π)²`.
+    K2,
+    /// `(ρ − 1) − log ρ`, `ρ = π_ref/π`.
+    K3,
+    /// The exact KL over the vocabulary.
+    Full,
+}
+
+impl KlPenalty {
+    /// The sampled-token estimator, `None` for `Full`.
+    pub fn sampled(self) -> Option<rlhf_envs::KlEstimator> {
+        match self {
+            KlPenalty::K1 => Some(rlhf_envs::KlEstimator::K1),
+            KlPenalty::K2 => Some(rlhf_envs::KlEstimator::K2),
+            KlPenalty::K3 => Some(rlhf_envs::KlEstimator::K3),
+            KlPenalty::Full => None,
+        }
+    }
+}
+
+/// `KL(p ‖ q) = Σ_v p_v·(log p_v − log q_v)` for `p = softmax(policy_logits / T)` and
+/// `q = softmax(ref_logits / T)`, in f64. Tokens with `−∞` policy logits (NLPO's masked ones)
+/// have `p_v = 0` and add nothing.
+pub fn full_kl(policy_logits: &[f32], ref_logits: &[f32], temperature: f32) -> f64 {
+    assert_eq!(policy_logits.len(), ref_logits.len(), "full_kl: the two rows differ in length");
+    let inv_t = 1.0 / temperature as f64;
+    let log_softmax = |row: &[f32]| -> Vec<f64> {
+        let z: Vec<f64> = row.iter().map(|&l| l as f64 * inv_t).collect();
+        let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + z.iter().map(|&x| (x - max).exp()).sum::<f64>().ln();
+        z.iter().map(|&x| x - lse).collect()
+    };
+    let (lp, lq) = (log_softmax(policy_logits), log_softmax(ref_logits));
+    lp.iter().zip(&lq).filter(|(p, _)| p.is_finite()).map(|(&p, &q)| p.exp() * (p - q)).sum()
+}
+
 /// How β, the KL coefficient, evolves.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
@@ -254,6 +301,45 @@ impl KlController {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn the_full_kl_is_nonnegative_zero_at_equality_and_the_expected_k1(
+            pq in proptest::collection::vec((-4.0f32..4.0, -4.0f32..4.0), 2..40),
+            t in 0.5f32..2.0,
+        ) {
+            let (p, q): (Vec<f32>, Vec<f32>) = pq.into_iter().unzip();
+            let kl = full_kl(&p, &q, t);
+            prop_assert!(kl >= -1e-12);
+            prop_assert!(full_kl(&p, &p, t).abs() < 1e-12);
+            // E_{a~p}[log p(a) − log q(a)], written out with the estimator the env uses
+            let lsm = |row: &[f32]| -> Vec<f32> {
+                let z: Vec<f32> = row.iter().map(|x| x / t).collect();
+                let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let lse = m + z.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
+                z.iter().map(|x| x - lse).collect()
+            };
+            let (lp, lq) = (lsm(&p), lsm(&q));
+            let expected_k1: f64 = (0..p.len())
+                .map(|a| lp[a].exp() as f64 * rlhf_envs::KlEstimator::K1.estimate(lp[a], lq[a]) as f64)
+                .sum();
+            prop_assert!((kl - expected_k1).abs() < 1e-4 * (1.0 + kl));
+        }
+    }
+
+    #[test]
+    fn masked_policy_tokens_add_nothing_to_the_full_kl() {
+        // p restricted to the first two tokens: KL of the renormalised distribution
+        let (p, q) = ([1.0f32, 0.0, f32::NEG_INFINITY], [0.5f32, 0.5, 2.0]);
+        let (p2, q3) = (softmax(&[1.0, 0.0]), softmax(&[0.5, 0.5, 2.0]));
+        let want: f64 = (0..2).map(|i| p2[i] * (p2[i].ln() - q3[i].ln())).sum();
+        assert!((full_kl(&p, &q, 1.0) - want).abs() < 1e-12);
+    }
+
+    fn softmax(x: &[f64]) -> Vec<f64> {
+        let z: f64 = x.iter().map(|v| v.exp()).sum();
+        x.iter().map(|v| v.exp() / z).collect()
+    }
 
     fn discounted(r: &[f32], gamma: f32, next_value: f32, t: usize) -> f32 {
         let tail = r[t..].iter().enumerate().map(|(k, x)| gamma.powi(k as i32) * x).sum::<f32>();

@@ -13,13 +13,13 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use rlhf_envs::{EnvError, KlEstimator, PromptSource, RewardModel, ScoreConfig};
+use rlhf_envs::{EnvError, PromptSource, RewardModel, ScoreConfig};
 use rlhf_policies::{AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers, RolloutEngine, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{read_corpus, read_jsonl};
 use crate::device::DeviceKind;
-use crate::math::ppo::{KlControl, KlController};
+use crate::math::ppo::{KlControl, KlController, KlPenalty};
 use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
@@ -148,8 +148,10 @@ pub struct PpoConfig {
     pub lam: f32,
     /// Initial β. Default `0.05`.
     pub beta: f64,
-    /// KL estimator in the reward. Default `k1`.
-    pub kl_estimator: KlEstimator,
+    /// The per-token KL term in the reward: `k1`, `k2`, `k3` (from the sampled token's
+    /// log-probs) or `full` (the exact KL over the vocabulary, TRL's `kl_penalty = "full"`;
+    /// see [`KlPenalty`]). Default `k1`.
+    pub kl_estimator: KlPenalty,
     /// Fixed β (default) or the adaptive controller.
     pub kl_control: KlControl,
     /// Unit of the KL the controller sees. Default `sequence_sum`.
@@ -236,7 +238,7 @@ impl Default for PpoConfig {
             gamma: 1.0,
             lam: 0.95,
             beta: 0.05,
-            kl_estimator: KlEstimator::K1,
+            kl_estimator: KlPenalty::K1,
             kl_control: KlControl::Fixed {},
             kl_unit: KlUnit::SequenceSum,
             score: ScoreConfig::default(),

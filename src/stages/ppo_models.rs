@@ -7,6 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use dfdx::prelude::*;
+use rayon::prelude::*;
 use rlhf_policies::checkpoint::{read_safetensors, write_safetensors, HostTensor};
 use rlhf_policies::{
     Batch, CausalLm, FusedOps, HasParams, LearnedReward, ParamMut, ParamRef, ScalarHead, TokenMask, Tokenizer,
@@ -99,6 +100,29 @@ pub fn logprobs_and_entropy<D: FusedOps, T: Tape<f32, D>>(
     let (batch, rows, targets) = response_rows(seqs, pad)?;
     let h = model.forward_hidden_rows(&batch, &rows, tape)?;
     Ok(model.logprobs_and_entropy(h, &targets, temperature))
+}
+
+/// Per response token of `seqs` (in order): the exact `KL(π(·|s_t) ‖ π_ref(·|s_t))` of
+/// `softmax(logits / temperature)` ([`crate::math::ppo::full_kl`]), the policy restricted to
+/// each token's mask when `masks` are given (NLPO).
+pub fn full_kl_terms<D: FusedOps>(
+    policy: &CausalLm<D>,
+    reference: &CausalLm<D>,
+    seqs: &[&Seq],
+    masks: Option<&[TokenMask]>,
+    pad: u32,
+    temperature: f32,
+) -> Result<Vec<f32>> {
+    let (batch, rows, _) = response_rows(seqs, pad)?;
+    let logits = |m: &CausalLm<D>| -> Result<Vec<f32>> {
+        Ok(m.logits(m.forward_hidden_rows(&batch, &rows, NoneTape)?).as_vec())
+    };
+    let (mut lp, lq, v) = (logits(policy)?, logits(reference)?, policy.dims.vocab);
+    if let Some(masks) = masks {
+        lp.chunks_mut(v).zip(masks).for_each(|(row, m)| m.apply(row, f32::NEG_INFINITY));
+    }
+    let kl = |(p, q): (&[f32], &[f32])| crate::math::ppo::full_kl(p, q, temperature) as f32;
+    Ok(lp.par_chunks(v).zip(lq.par_chunks(v)).map(kl).collect())
 }
 
 /// Per sequence, `Σ_t log π_θ(token) − log π_ref(token)` over its response tokens, both

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use dfdx::prelude::*;
-use rlhf_envs::kl::{kl_terms, shaped_rewards};
+use rlhf_envs::kl::kl_terms;
 use rlhf_envs::{Detokenizer, EnvError, Episode, KlConfig, NoReference, RewardModel, Rollout, TextEnvConfig, VecEnv};
 use rlhf_policies::fused::host_loss;
 use rlhf_policies::{policy_session, AdamW, CausalLm, FusedOps, GradBuffers, SamplingConfig, TokenMask};
@@ -17,7 +17,7 @@ use crate::math::ppo::{explained_variance, gae, ppo_policy_loss, ppo_value_loss,
 use crate::stages::common::{accumulate_grads, apply_grads_with, or_skip_non_finite, shuffled_minibatches, LossOn};
 use crate::stages::nlpo;
 use crate::stages::ppo::{KlUnit, OnNonFinite, PpoConfig, Prompts};
-use crate::stages::ppo_models::{logprobs_and_entropy, PpoModels, Seq};
+use crate::stages::ppo_models::{full_kl_terms, logprobs_and_entropy, PpoModels, Seq};
 
 /// What a checkpoint stores besides the models and the optimizer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,7 +94,8 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
             max_new_tokens: cfg.max_new_tokens,
             eos_ids: eos.into_iter().collect(),
             stop_ids: vec![],
-            kl: KlConfig { beta: cfg.beta as f32, estimator: cfg.kl_estimator },
+            // the env rolls out without a reference: its estimator is never used
+            kl: KlConfig { beta: cfg.beta as f32, estimator: cfg.kl_estimator.sampled().unwrap_or_default() },
             score: cfg.score.clone(),
         };
         let source = prompts.source(cfg.seed)?;
@@ -308,9 +309,18 @@ fn score<D: FusedOps>(
             off += len;
         }
     }
-    let kl_cfg = KlConfig { beta: beta as f32, estimator: cfg.kl_estimator };
-    s.kl = (0..n).map(|i| kl_terms(&s.old_logprobs[i], &s.ref_logprobs[i], cfg.kl_estimator)).collect();
-    s.rewards = (0..n).map(|i| shaped_rewards(&s.old_logprobs[i], &s.ref_logprobs[i], &kl_cfg, s.scores[i])).collect();
+    s.kl = match cfg.kl_estimator.sampled() {
+        Some(e) => (0..n).map(|i| kl_terms(&s.old_logprobs[i], &s.ref_logprobs[i], e)).collect(),
+        None => full_kls(cfg, models, reference, &s, layout, pad)?,
+    };
+    // r_t = −β·k(t), plus the score at the last token
+    s.rewards = (0..n)
+        .map(|i| {
+            let mut r: Vec<f32> = s.kl[i].iter().map(|k| -(beta as f32) * k).collect();
+            *r.last_mut().expect("a response has a token") += s.scores[i];
+            r
+        })
+        .collect();
     if cfg.whiten_rewards {
         s.rewards = unflatten(&whiten(&s.rewards.concat(), true, 1e-8, false), &s.rewards);
     }
@@ -323,6 +333,31 @@ fn score<D: FusedOps>(
         s.advantages = unflatten(&whiten(&s.advantages.concat(), true, 1e-8, true), &s.advantages);
     }
     Ok(s)
+}
+
+/// `kl_estimator = full`: the exact per-token KL of π_θ (over each token's nucleus, with NLPO)
+/// to π_ref, micro-batch by micro-batch.
+fn full_kls<D: FusedOps>(
+    cfg: &PpoConfig,
+    models: &PpoModels<D>,
+    reference: &CausalLm<D>,
+    s: &Scored,
+    layout: &[Vec<Vec<usize>>],
+    pad: u32,
+) -> Result<Vec<Vec<f32>>> {
+    let mut kl = vec![vec![]; s.seqs.len()];
+    for micro in layout.iter().flatten() {
+        let batch: Vec<&Seq> = micro.iter().map(|&i| &s.seqs[i]).collect();
+        let masks = gather_masks(s.masks.as_ref(), micro);
+        let terms = full_kl_terms(&models.policy, reference, &batch, masks.as_deref(), pad, cfg.temperature)?;
+        let mut off = 0;
+        for &i in micro {
+            let len = s.seqs[i].resp_len();
+            kl[i] = terms[off..off + len].to_vec();
+            off += len;
+        }
+    }
+    Ok(kl)
 }
 
 fn unflatten(flat: &[f32], like: &[Vec<f32>]) -> Vec<Vec<f32>> {
