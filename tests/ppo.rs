@@ -413,15 +413,17 @@ fn the_critic_warms_up_alone_then_the_policy_trains() {
 
 /// `kl_estimator: full`: the exact per-token KL over the vocabulary is exactly 0 while the
 /// policy is the reference, never negative, and grows as the policy learns (that it is k1's
-/// expectation is `math::ppo`'s property test).
+/// expectation is `math::ppo`'s property test); `abs` alike.
 #[test]
-fn the_full_kl_penalty_is_exact_and_never_negative() {
-    let d = tempfile::tempdir().unwrap();
-    let mut c = cfg(d.path(), 6);
-    c.kl_estimator = serde_json::from_str("\"full\"").unwrap();
-    train(c, false).unwrap();
-    let m = metrics(d.path());
-    let kl: Vec<f64> = m.iter().map(|r| r["objective/kl"].as_f64().unwrap()).collect();
-    assert_eq!(kl[0], 0.0, "{kl:?}");
-    assert!(kl.iter().all(|&k| k >= 0.0) && kl[5] > 0.01, "{kl:?}");
+fn the_full_and_abs_kl_penalties_are_zero_at_the_start_and_never_negative() {
+    for estimator in ["full", "abs"] {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = cfg(d.path(), 6);
+        c.kl_estimator = serde_json::from_str(&format!("\"{estimator}\"")).unwrap();
+        train(c, false).unwrap();
+        let m = metrics(d.path());
+        let kl: Vec<f64> = m.iter().map(|r| r["objective/kl"].as_f64().unwrap()).collect();
+        assert_eq!(kl[0], 0.0, "{estimator}: {kl:?}");
+        assert!(kl.iter().all(|&k| k >= 0.0) && kl[5] > 0.01, "{estimator}: {kl:?}");
+    }
 }

@@ -23,6 +23,8 @@ pub enum KlEstimator {
     K2,
     /// `k3 = (ρ − 1) − log ρ` with `ρ = π_ref / π` (unbiased, ≥ 0).
     K3,
+    /// `|log π − log π_ref|` (biased, ≥ 0; TRL's `kl_penalty = "abs"`).
+    Abs,
 }
 
 impl KlEstimator {
@@ -33,6 +35,7 @@ impl KlEstimator {
             KlEstimator::K1 => -log_r,
             KlEstimator::K2 => 0.5 * log_r * log_r,
             KlEstimator::K3 => log_r.exp_m1() - log_r,
+            KlEstimator::Abs => log_r.abs(),
         };
         k as f32
     }
@@ -147,10 +150,11 @@ mod tests {
 
     proptest! {
         #[test]
-        fn k2_and_k3_are_nonnegative_and_all_vanish_at_equality(lp in -20.0f32..0.0, rlp in -20.0f32..0.0) {
+        fn k2_k3_and_abs_are_nonnegative_and_all_vanish_at_equality(lp in -20.0f32..0.0, rlp in -20.0f32..0.0) {
             prop_assert!(KlEstimator::K2.estimate(lp, rlp) >= 0.0);
             prop_assert!(KlEstimator::K3.estimate(lp, rlp) >= 0.0);
-            for e in [KlEstimator::K1, KlEstimator::K2, KlEstimator::K3] {
+            prop_assert_eq!(KlEstimator::Abs.estimate(lp, rlp), KlEstimator::K1.estimate(lp, rlp).abs());
+            for e in [KlEstimator::K1, KlEstimator::K2, KlEstimator::K3, KlEstimator::Abs] {
                 prop_assert_eq!(e.estimate(lp, lp), 0.0);
             }
         }

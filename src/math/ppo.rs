@@ -188,7 +188,7 @@ pub fn entropy(logits: &[f32]) -> f64 {
 }
 
 /// The per-token KL term `k(t)` of PPO's reward: one of Schulman's estimators from the sampled
-/// token's log-probs (`k1` = log π/π_ref, `k2`, `k3`; see `rlhf_envs::KlEstimator`), or
+/// token's log-probs (`k1` = log π/π_ref, `k2`, `k3`, `abs`; see `rlhf_envs::KlEstimator`), or
 /// `full`, the exact `KL(π(·|s_t) ‖ π_ref(·|s_t))` over the vocabulary ([`full_kl`]; TRL's
 /// `kl_penalty = "full"`): never negative, with no sampling noise, at the cost of both
 /// models' logits at every response token.
@@ -202,6 +202,8 @@ pub enum KlPenalty {
     K2,
     /// `(ρ − 1) − log ρ`, `ρ = π_ref/π`.
     K3,
+    /// `|log π − log π_ref|`.
+    Abs,
     /// The exact KL over the vocabulary.
     Full,
 }
@@ -213,6 +215,7 @@ impl KlPenalty {
             KlPenalty::K1 => Some(rlhf_envs::KlEstimator::K1),
             KlPenalty::K2 => Some(rlhf_envs::KlEstimator::K2),
             KlPenalty::K3 => Some(rlhf_envs::KlEstimator::K3),
+            KlPenalty::Abs => Some(rlhf_envs::KlEstimator::Abs),
             KlPenalty::Full => None,
         }
     }

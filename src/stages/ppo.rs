@@ -148,7 +148,7 @@ pub struct PpoConfig {
     pub lam: f32,
     /// Initial β. Default `0.05`.
     pub beta: f64,
-    /// The per-token KL term in the reward: `k1`, `k2`, `k3` (from the sampled token's
+    /// The per-token KL term in the reward: `k1`, `k2`, `k3`, `abs` (from the sampled token's
     /// log-probs) or `full` (the exact KL over the vocabulary, TRL's `kl_penalty = "full"`;
     /// see [`KlPenalty`]). Default `k1`.
     pub kl_estimator: KlPenalty,
