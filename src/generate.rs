@@ -7,15 +7,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use rlhf_envs::{RewardInput, RewardModel};
 use rlhf_policies::checkpoint::load_with_tokenizer;
-use rlhf_policies::{generate_from_with, FusedOps, Retokenized, SamplingConfig, Tokenizer, WeightDtype};
+use rlhf_policies::{generate_from_with, FusedOps, SamplingConfig, Tokenizer, WeightDtype};
 use serde_json::json;
 
 use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::stages::ppo::{check_fits, read_prompts, PromptSpec};
-use crate::stages::reward_spec::{build_reward, check_reward_inputs, Reward, RewardSpec};
+use crate::stages::reward_spec::{build_reward, check_reward_inputs, RewardSpec};
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -135,7 +135,7 @@ pub fn generate_file<D: FusedOps>(
     let mut base = g.sampling.clone();
     base.eos_ids.extend(eos.filter(|e| !g.sampling.eos_ids.contains(e)));
     let end_ids = [base.eos_ids.as_slice(), &base.stop_ids].concat();
-    let mut scorer = g.reward.as_ref().map(|spec| scorer(spec, dev, end_ids)).transpose()?;
+    let mut scorer = g.reward.as_ref().map(|spec| scorer(spec, dev, &tok, &end_ids)).transpose()?;
     let rows: Vec<Row> =
         kept.iter().flat_map(|&record| (0..g.samples).map(move |sample| Row { record, sample })).collect();
     let bar = crate::progress::bar(rows.len() as u64, "generate");
@@ -230,16 +230,10 @@ fn read_records<D: FusedOps>(
     Ok((ids, texts, prompts.references, kept))
 }
 
-/// What scores the completions: a reward model reads each prompt ⧺ completion as text in its
-/// own tokenizer (so it need not share the policy's vocabulary), closed by its EOS when the
-/// completion ended on one of `end_ids` (as it was trained); any other reward reads the
-/// policy's ids.
-fn scorer<D: FusedOps>(spec: &RewardSpec, dev: &D, end_ids: Vec<u32>) -> Result<Box<dyn RewardModel>> {
-    Ok(match build_reward(Some(spec), dev)? {
-        Reward::Learned { rm, tok, path } => {
-            let tok = tok.with_context(|| format!("reward model {}: no tokenizer.json", path.display()))?;
-            Box::new(Retokenized::new(*rm, *tok, end_ids))
-        }
-        Reward::Other(reward) => reward,
-    })
+/// What scores the completions: the reward as PPO would see it
+/// ([`Reward::for_policy`](crate::stages::reward_spec::Reward::for_policy)) — a
+/// reward model with the policy's vocabulary reads its ids, one with its own tokenizer the
+/// texts in its tokens, closed by its EOS when the completion ended on one of `end_ids`.
+fn scorer<D: FusedOps>(spec: &RewardSpec, dev: &D, tok: &Tokenizer, end_ids: &[u32]) -> Result<Box<dyn RewardModel>> {
+    build_reward(Some(spec), dev)?.for_policy(tok, end_ids)
 }

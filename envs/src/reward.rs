@@ -207,7 +207,7 @@ impl RewardModel for RegexReward {
 
 /// `Σ wᵢ · rᵢ`: a weighted composition of reward models (dense rewards combine the same way).
 pub struct Weighted {
-    parts: Vec<(f32, Box<dyn RewardModel + Send>)>,
+    parts: Vec<(f32, Box<dyn RewardModel>)>,
 }
 
 impl std::fmt::Debug for Weighted {
@@ -222,8 +222,13 @@ impl Weighted {
         Weighted { parts: Vec::new() }
     }
     /// Adds `weight · model`.
-    pub fn with(mut self, weight: f32, model: impl RewardModel + Send + 'static) -> Self {
+    pub fn with(mut self, weight: f32, model: impl RewardModel + 'static) -> Self {
         self.parts.push((weight, Box::new(model)));
+        self
+    }
+    /// Adds `weight · model` for a model already boxed.
+    pub fn with_boxed(mut self, weight: f32, model: Box<dyn RewardModel>) -> Self {
+        self.parts.push((weight, model));
         self
     }
 }

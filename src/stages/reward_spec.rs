@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use rlhf_envs::{AnswerExtraction, AnswerReward, KeywordReward, LengthReward, RewardModel};
+use rlhf_envs::{AnswerExtraction, AnswerReward, KeywordReward, LengthReward, RewardModel, Weighted};
 use rlhf_policies::{FusedOps, LearnedReward, Retokenized, Tokenizer};
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +53,13 @@ pub enum RewardSpec {
         #[serde(default)]
         format_score: f32,
     },
+    /// A weighted sum of rewards, e.g. a reward model plus a length penalty against its length
+    /// bias, or a verifiable answer plus a format reward; each term is any reward here
+    /// (`rlhf_envs::Weighted`).
+    Sum {
+        /// The terms.
+        terms: Vec<RewardTerm>,
+    },
     /// A long-lived process speaking JSON lines (see `rlhf_envs::CommandReward`); it also
     /// receives each prompt's reference answer when `reference_field` is set.
     Command {
@@ -65,6 +72,36 @@ pub enum RewardSpec {
         #[serde(default = "sixty")]
         timeout_s: u64,
     },
+}
+
+/// One term of [`RewardSpec::Sum`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardTerm {
+    /// Its weight. Default `1`.
+    #[serde(default = "unit")]
+    pub weight: f32,
+    /// The reward.
+    pub reward: RewardSpec,
+}
+
+impl RewardSpec {
+    /// This reward and every term inside it.
+    fn walk<'a>(&'a self, out: &mut Vec<&'a RewardSpec>) {
+        out.push(self);
+        if let RewardSpec::Sum { terms } = self {
+            terms.iter().for_each(|t| t.reward.walk(out));
+        }
+    }
+
+    /// Every learned reward model's folder in it.
+    fn model_paths_mut(&mut self) -> Vec<&mut PathBuf> {
+        match self {
+            RewardSpec::Model { path, .. } => vec![path],
+            RewardSpec::Sum { terms } => terms.iter_mut().flat_map(|t| t.reward.model_paths_mut()).collect(),
+            _ => vec![],
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -95,6 +132,8 @@ pub enum Reward<D: FusedOps> {
     },
     /// Rules, commands, closures: they read what the env hands them.
     Other(Box<dyn RewardModel>),
+    /// A weighted sum.
+    Sum(Vec<(f32, Reward<D>)>),
 }
 
 impl<D: FusedOps> std::fmt::Debug for Reward<D> {
@@ -102,6 +141,7 @@ impl<D: FusedOps> std::fmt::Debug for Reward<D> {
         match self {
             Reward::Learned { path, .. } => write!(f, "Reward::Learned({})", path.display()),
             Reward::Other(r) => write!(f, "Reward::Other({})", r.name()),
+            Reward::Sum(terms) => f.debug_list().entries(terms).finish(),
         }
     }
 }
@@ -115,6 +155,13 @@ impl<D: FusedOps> Reward<D> {
     pub fn for_policy(self, tok: &Tokenizer, end_ids: &[u32]) -> Result<Box<dyn RewardModel>> {
         Ok(match self {
             Reward::Other(reward) => reward,
+            Reward::Sum(terms) => {
+                let mut sum = Weighted::new();
+                for (w, r) in terms {
+                    sum = sum.with_boxed(w, r.for_policy(tok, end_ids)?);
+                }
+                Box::new(sum)
+            }
             Reward::Learned { rm, tok: Some(own), path } if !own.same_vocabulary(tok) => {
                 eprintln!(
                     "reward model {}: its tokenizer is not the policy's, so it reads prompts and responses as \
@@ -172,6 +219,13 @@ pub fn build_reward<D: FusedOps>(spec: Option<&RewardSpec>, dev: &D) -> Result<R
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             other(Box::new(rlhf_envs::CommandReward::spawn(program, &args, Duration::from_secs(*timeout_s))?))
         }
+        RewardSpec::Sum { terms } => {
+            if terms.is_empty() {
+                bail!("reward.kind = sum needs at least one term");
+            }
+            let built = terms.iter().map(|t| Ok((t.weight, build_reward(Some(&t.reward), dev)?)));
+            Reward::Sum(built.collect::<Result<_>>()?)
+        }
     })
 }
 
@@ -190,7 +244,7 @@ pub fn load_reward_model<D: FusedOps>(path: &Path, normalize: bool, dev: &D) -> 
 /// the critic-free trainers).
 pub fn resolve_models(policy: &mut PathBuf, reward: Option<&mut RewardSpec>) -> Result<()> {
     crate::run::resolve_model_in(policy)?;
-    if let Some(RewardSpec::Model { path, .. }) = reward {
+    for path in reward.map(RewardSpec::model_paths_mut).unwrap_or_default() {
         crate::run::resolve_model_in(path)?;
     }
     Ok(())
@@ -198,7 +252,9 @@ pub fn resolve_models(policy: &mut PathBuf, reward: Option<&mut RewardSpec>) -> 
 
 /// Checks that a reward that needs reference answers gets them.
 pub fn check_reward_inputs(reward: Option<&RewardSpec>, reference_field: Option<&str>) -> Result<()> {
-    if matches!(reward, Some(RewardSpec::Answer { .. })) && reference_field.is_none() {
+    let mut all = vec![];
+    reward.inspect(|r| r.walk(&mut all));
+    if all.iter().any(|r| matches!(r, RewardSpec::Answer { .. })) && reference_field.is_none() {
         bail!(
             "reward.kind = answer needs reference_field: the prompt records' field holding the reference \
              answer (e.g. \"answer\" for GSM8K)"
