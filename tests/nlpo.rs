@@ -169,3 +169,27 @@ fn the_full_kl_of_the_masked_policy_is_positive_from_the_start() {
     assert!(kl[0] > 0.0 && kl[0] <= 12.0 * 2f64.ln() + 1e-4, "{kl:?}");
     assert!(kl.iter().all(|&k| k > 0.0), "{kl:?}");
 }
+
+/// While `min_new_tokens` forbids the end ids, the nucleus is taken over the other tokens:
+/// a nucleus of nothing but the (forbidden) EOS would leave nothing to sample.
+#[test]
+fn the_nucleus_leaves_something_to_sample_while_eos_is_forbidden() {
+    let policy = model(1);
+    // make the first step's most likely token "EOS", with a nucleus of one token
+    let h = policy.forward_hidden(&Batch::unpadded(&[PROMPTS[0].to_vec()]).unwrap(), NoneTape).unwrap();
+    let logits = policy.logits(h).as_vec();
+    let last = &logits[logits.len() - 50..];
+    let top = (0..50).max_by(|&a, &b| last[a].total_cmp(&last[b])).unwrap() as u32;
+    let sampling = SamplingConfig { eos_ids: vec![top], min_new_tokens: 3, seed: 2, ..Default::default() };
+    let nucleus = Nucleus { top_p: 0.01, min_keep: 1 };
+    let mut session = nucleus_masked_session(&policy, None, (4, 32), nucleus, sampling, RolloutEngine::Host).unwrap();
+    let rows: Vec<usize> = (0..PROMPTS.len()).collect();
+    session.begin(&rows, &PROMPTS).unwrap();
+    for _ in 0..3 {
+        let actions = session.act(&rows).unwrap();
+        assert!(actions.iter().all(|a| a.token != top && a.logprob.is_finite()));
+        session.push(&rows, &actions.iter().map(|a| a.token).collect::<Vec<_>>()).unwrap();
+    }
+    let masks = session.take_masks();
+    assert!(masks.iter().flatten().all(|m| m.allows(top as usize) && m.count() == 2), "the top other token and EOS");
+}

@@ -242,14 +242,15 @@ impl Policy for NucleusMaskedSession<'_> {
         rows.iter().try_for_each(|&r| self.row(r))?;
         let (s, nucleus) = (&self.sampling, self.nucleus);
         let always: Vec<u32> = s.eos_ids.iter().chain(&s.stop_ids).copied().collect();
-        let inputs: Vec<(&[f32], &[f32])> = rows
+        let inputs: Vec<(&[f32], &[f32], bool)> = rows
             .iter()
             .map(|&r| {
                 let policy = self.policy.row_logits(r)?;
-                Ok((policy, self.mask_policy.as_ref().map_or(Ok(policy), |m| m.row_logits(r))?))
+                let mask = self.mask_policy.as_ref().map_or(Ok(policy), |m| m.row_logits(r))?;
+                Ok((policy, mask, self.steps[r] < s.min_new_tokens))
             })
             .collect::<Result<_, EnvError>>()?;
-        let one = |&(policy, mask): &(&[f32], &[f32])| {
+        let one = |&(policy, mask, forbid_end): &(&[f32], &[f32], bool)| {
             if policy.len() != mask.len() {
                 return Err(EnvError::Model(format!(
                     "the policy has {} tokens and the masking policy {}",
@@ -257,7 +258,17 @@ impl Policy for NucleusMaskedSession<'_> {
                     mask.len()
                 )));
             }
-            let m = nucleus_mask(mask, s.temperature, nucleus.top_p, nucleus.min_keep, &always);
+            // while the end ids are forbidden (min_new_tokens), the nucleus is over the others
+            let mut mask = std::borrow::Cow::Borrowed(mask);
+            if forbid_end {
+                let row = mask.to_mut();
+                for &t in &always {
+                    if let Some(l) = row.get_mut(t as usize) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            let m = nucleus_mask(&mask, s.temperature, nucleus.top_p, nucleus.min_keep, &always);
             let z: Vec<f32> = policy.iter().map(|&l| l / s.temperature).collect();
             let mass = (lse_where(&z, |t| m.allows(t)) - lse_where(&z, |_| true)).exp() as f32;
             let mut masked = policy.to_vec();
