@@ -4,16 +4,12 @@
 
 mod common;
 
-use common::comparable_metrics;
-use rlhf::stages::ppo::{train, train_with_reward, PpoConfig};
+use common::{comparable_metrics, ppo_config};
+use rlhf::stages::ppo::{train, train_with_reward};
 use rlhf::stages::ppo_models::ValueModelConfig;
 use rlhf::stages::reward_spec::RewardSpec;
 use rlhf_envs::FnReward;
 use rlhf_policies::RolloutEngine;
-
-fn cfg(dir: &std::path::Path, iterations: usize) -> PpoConfig {
-    common::ppo_config(dir, iterations)
-}
 
 fn metrics(dir: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("ppo/metrics.jsonl"))
@@ -26,7 +22,7 @@ fn metrics(dir: &std::path::Path) -> Vec<serde_json::Value> {
 #[test]
 fn invariants_hold_and_the_reward_is_learned_with_bounded_kl() {
     let d = tempfile::tempdir().unwrap();
-    let c = cfg(d.path(), 12);
+    let c = ppo_config(d.path(), 12);
     let ref_dir = c.policy.clone();
     let before = std::fs::read(ref_dir.join("model.safetensors")).unwrap();
     let report = train(c, false).unwrap();
@@ -58,7 +54,7 @@ fn invariants_hold_and_the_reward_is_learned_with_bounded_kl() {
 #[test]
 fn resume_gives_the_same_metrics_with_a_separate_critic() {
     let run = |dir: &std::path::Path| {
-        let mut c = cfg(dir, 4);
+        let mut c = ppo_config(dir, 4);
         c.value_model = ValueModelConfig::Separate { init: None };
         (c.val_fraction, c.eval_every) = (0.34, 2);
         c.kl_control =
@@ -83,7 +79,7 @@ fn resume_gives_the_same_metrics_with_a_separate_critic() {
 #[test]
 fn a_non_finite_reward_stops_with_the_iteration_or_is_skipped() {
     let d = tempfile::tempdir().unwrap();
-    let mut c = cfg(d.path(), 2);
+    let mut c = ppo_config(d.path(), 2);
     c.reward = None;
     let nan = || Box::new(FnReward::new("nan", |_x: &rlhf_envs::RewardInput| f32::NAN));
     let e = format!("{:#}", train_with_reward(c.clone(), false, nan()).unwrap_err());
@@ -99,7 +95,7 @@ fn a_non_finite_reward_stops_with_the_iteration_or_is_skipped() {
 #[test]
 fn reference_answers_reach_the_reward_and_the_samples() {
     let d = tempfile::tempdir().unwrap();
-    let mut c = cfg(d.path(), 1);
+    let mut c = ppo_config(d.path(), 1);
     // each prompt's reference is its own text reversed: the reward checks the pairing
     let lines: Vec<String> = std::fs::read_to_string(&c.prompts)
         .unwrap()
@@ -153,7 +149,7 @@ fn evaluations_repeat_with_a_fixed_policy(engine: RolloutEngine) {
     // learning rate 0: the policy never moves, so every evaluation must repeat the first one
     // exactly (the same random numbers each time) and its KL to the reference is exactly 0
     let d = tempfile::tempdir().unwrap();
-    let mut c = cfg(d.path(), 4);
+    let mut c = ppo_config(d.path(), 4);
     c.rollout_engine = engine;
     c.optim.lr = 0.0;
     (c.val_fraction, c.eval_every, c.sample_every, c.sample_count) = (1.0 / 3.0, 3, 1, 16);
@@ -185,7 +181,7 @@ fn evaluations_repeat_with_a_fixed_policy(engine: RolloutEngine) {
 #[test]
 fn the_held_out_score_rises_as_the_reward_is_learned() {
     let d = tempfile::tempdir().unwrap();
-    let mut c = cfg(d.path(), 12);
+    let mut c = ppo_config(d.path(), 12);
     let held_out = d.path().join("held_out.jsonl");
     std::fs::write(&held_out, "{\"prompt\": \"the cat \"}\n{\"prompt\": \"a rat \"}\n{\"prompt\": \"to the \"}\n")
         .unwrap();
@@ -220,7 +216,7 @@ fn the_held_out_score_rises_as_the_reward_is_learned() {
 #[test]
 fn held_out_settings_are_checked() {
     let d = tempfile::tempdir().unwrap();
-    let mut c = cfg(d.path(), 1);
+    let mut c = ppo_config(d.path(), 1);
     c.val_fraction = 1.0;
     let e = train(c.clone(), false).unwrap_err().to_string();
     assert!(e.contains("val_fraction"), "{e}");
@@ -250,7 +246,7 @@ fn several_samples_per_held_out_prompt() {
     // 2 held-out prompts × 5 samples on a batch of 16 rows: 3 prompts fit one chunk, so one
     // chunk of 2 prompts (10 rows); each prompt's samples are consecutive and differ
     let d = tempfile::tempdir().unwrap();
-    let mut c = cfg(d.path(), 1);
+    let mut c = ppo_config(d.path(), 1);
     (c.val_fraction, c.eval_samples_per_prompt, c.sample_count) = (1.0 / 3.0, 5, 16);
     let report = train(c, false).unwrap();
     let eval0: Vec<serde_json::Value> =
@@ -268,7 +264,7 @@ fn several_samples_per_held_out_prompt() {
 #[test]
 fn greedy_evaluation_gives_the_policy_s_own_greedy_responses() {
     let d = tempfile::tempdir().unwrap();
-    let mut c = cfg(d.path(), 1);
+    let mut c = ppo_config(d.path(), 1);
     (c.val_fraction, c.eval_greedy, c.sample_count) = (1.0 / 3.0, true, 16);
     let policy = c.policy.clone();
     let report = train(c, false).unwrap();
@@ -297,7 +293,7 @@ fn evaluating_does_not_change_training() {
     // with a separate held-out file the training prompts are the same, and the evaluation
     // draws nothing from the training's random streams: every training metric is identical
     let training = |dir: &std::path::Path, held_out: Option<std::path::PathBuf>| {
-        let mut c = cfg(dir, 3);
+        let mut c = ppo_config(dir, 3);
         (c.val_prompts, c.eval_every) = (held_out, 1);
         train(c, false).unwrap();
         let mut m = comparable_metrics(&dir.join("ppo"));
@@ -316,7 +312,7 @@ fn evaluating_does_not_change_training() {
 #[test]
 fn target_kl_stops_an_iteration_s_update_early() {
     let run = |dir: &std::path::Path, target_kl: Option<f64>| {
-        let mut c = cfg(dir, 3);
+        let mut c = ppo_config(dir, 3);
         c.target_kl = target_kl;
         train(c, false).unwrap();
         comparable_metrics(&dir.join("ppo"))
@@ -335,7 +331,7 @@ fn target_kl_stops_an_iteration_s_update_early() {
     for r in run(t.path(), Some(1e-9)) {
         assert_eq!((r["policy/early_stop"].as_f64(), r["policy/minibatches"].as_u64()), (Some(1.0), Some(1)), "{r}");
     }
-    let mut c = cfg(t.path(), 1);
+    let mut c = ppo_config(t.path(), 1);
     (c.target_kl, c.out_dir) = (Some(0.0), t.path().join("bad"));
     assert!(train(c, false).unwrap_err().to_string().contains("target_kl"));
 }
@@ -347,7 +343,7 @@ fn target_kl_stops_an_iteration_s_update_early() {
 fn critic_lr_sets_the_critic_s_step_and_leaves_the_policy_s() {
     use rlhf_policies::checkpoint::read_safetensors;
     let run = |dir: &std::path::Path, critic_lr: Option<f64>| {
-        let mut c = cfg(dir, 1);
+        let mut c = ppo_config(dir, 1);
         (c.value_model, c.ppo_epochs, c.minibatch_size, c.critic_lr) =
             (ValueModelConfig::Separate { init: None }, 1, 16, critic_lr);
         train(c, false).unwrap();
@@ -389,7 +385,7 @@ fn critic_lr_sets_the_critic_s_step_and_leaves_the_policy_s() {
 fn the_critic_warms_up_alone_then_the_policy_trains() {
     use rlhf_policies::checkpoint::read_safetensors;
     let d = tempfile::tempdir().unwrap();
-    let mut c = cfg(d.path(), 4);
+    let mut c = ppo_config(d.path(), 4);
     (c.value_model, c.critic_warmup_iterations, c.checkpoint_every) = (ValueModelConfig::Separate { init: None }, 2, 2);
     let sft = read_safetensors(&c.policy.join("model.safetensors")).unwrap();
     train(c.clone(), false).unwrap();
@@ -418,7 +414,7 @@ fn the_critic_warms_up_alone_then_the_policy_trains() {
 fn the_full_and_abs_kl_penalties_are_zero_at_the_start_and_never_negative() {
     for estimator in ["full", "abs"] {
         let d = tempfile::tempdir().unwrap();
-        let mut c = cfg(d.path(), 6);
+        let mut c = ppo_config(d.path(), 6);
         c.kl_estimator = serde_json::from_str(&format!("\"{estimator}\"")).unwrap();
         train(c, false).unwrap();
         let m = metrics(d.path());
