@@ -151,7 +151,8 @@ impl<D: FusedOps> Reward<D> {
     /// reward model with the policy's vocabulary reads the policy's token ids (as TRL and
     /// OpenRLHF do); one with another tokenizer reads prompt and response as text in its own
     /// tokens ([`Retokenized`]), announced on stderr. A reward model without a tokenizer must
-    /// be able to read the policy's ids.
+    /// be able to read the policy's ids, and is assumed to share its vocabulary (said on
+    /// stderr: nothing here can check it).
     pub fn for_policy(self, tok: &Tokenizer, end_ids: &[u32]) -> Result<Box<dyn RewardModel>> {
         Ok(match self {
             Reward::Other(reward) => reward,
@@ -177,6 +178,14 @@ impl<D: FusedOps> Reward<D> {
                 rm.model.dims.vocab,
                 tok.vocab_size()
             ),
+            Reward::Learned { rm, tok: None, path } => {
+                eprintln!(
+                    "reward model {}: no tokenizer.json; it reads the policy's token ids as if it shared the \
+                     policy's vocabulary",
+                    path.display()
+                );
+                rm
+            }
             Reward::Learned { rm, .. } => rm,
         })
     }
