@@ -400,6 +400,64 @@ fn two_adamw_steps_follow_the_closed_form_on_every_parameter() {
     }
 }
 
+/// A parameter given no rate sits a step out: it and its moments stay, and its own step count
+/// does not advance, so its first real step is Adam's first step (p − lr·(g/(|g| + ε) + λ·p))
+/// however many steps the others took; the counts survive a save and load, and a bad one is
+/// an error naming it.
+#[test]
+fn a_parameter_sitting_steps_out_keeps_its_own_step_count() {
+    let m0 = model(tiny_gpt2(20), 6);
+    let batch = Batch::unpadded(&[vec![1, 2, 3, 4, 5]]).unwrap();
+    let mut grads = m0.forward(&batch, OwnedTape::<f32, Cpu>::default()).unwrap().square().mean().backward();
+    let (lr, wd, eps) = (0.01f64, 0.1f64, 1e-8f64);
+    let cfg = AdamWConfig { lr, weight_decay: wd, eps, ..Default::default() };
+    let (mut m, mut opt) = (m0.clone(), AdamW::new(cfg.clone()));
+    let waits = |name: &str| name.starts_with("blocks.0.");
+    for _ in 0..3 {
+        opt.step_with(m.params_mut(), &mut grads, |n| (!waits(n)).then_some(lr)).unwrap();
+    }
+    let (t, state) = opt.state(&m.params()).unwrap();
+    let mut waited = 0;
+    for ((name, p0), (_, p)) in m0.params().iter().zip(m.params()) {
+        if waits(name) {
+            assert_eq!(p0.to_vec(), p.to_vec(), "{name} sat out");
+            assert!(state[&format!("exp_avg.{name}")].data.iter().all(|&x| x == 0.0), "{name}'s moments untouched");
+            assert_eq!(state[&format!("step.{name}")].data, [0.0], "{name} took no step");
+            waited += 1;
+        } else {
+            assert!(!state.contains_key(&format!("step.{name}")), "{name} took every step");
+        }
+    }
+    assert!(t == 3 && waited > 3, "{t} steps, {waited} parameters waiting");
+    // its first step, from a state saved and loaded
+    let file = std::path::Path::new("optimizer.safetensors");
+    let mut loaded = AdamW::new(cfg.clone());
+    loaded.load_state(&m.params(), t, &state, file).unwrap();
+    let before = m.clone();
+    loaded.step(m.params_mut(), &mut grads, lr).unwrap();
+    for (((name, p0), (_, p1)), (_, gp)) in
+        before.params().iter().zip(m.params()).zip(m0.params()).filter(|x| waits(&x.0 .0 .0))
+    {
+        let g = match gp {
+            ParamRef::V(t) => grads.get(t).as_vec(),
+            ParamRef::M(t) => grads.get(t).as_vec(),
+        };
+        let lambda = if p0.shape().len() == 1 { 0.0 } else { wd };
+        for ((&a, &b), &g) in p0.to_vec().iter().zip(&p1.to_vec()).zip(&g) {
+            let want = a as f64 - lr * (g as f64 / ((g as f64).abs() + eps) + lambda * a as f64);
+            assert!((want - b as f64).abs() < 1e-6, "{name}: {b} against Adam's first step {want}");
+        }
+    }
+    for (key, data, says) in
+        [("step.blocks.0.ln1.weight", vec![4.0], "0..=3"), ("step.nothing", vec![1.0], "no parameter")]
+    {
+        let mut bad = state.clone();
+        bad.insert(key.into(), rlhf_policies::checkpoint::HostTensor { shape: vec![1], data });
+        let e = AdamW::new(cfg.clone()).load_state(&m.params(), t, &bad, file).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains(says) && e.contains("optimizer.safetensors"), "{e}");
+    }
+}
+
 /// Rows of one cache advance and restart independently (what a vector env with auto-reset
 /// needs), and each row's logits equal the training forward of its own sequence.
 #[test]

@@ -57,6 +57,8 @@ fn resume_gives_the_same_metrics_with_a_separate_critic() {
         let mut c = ppo_config(dir, 4);
         c.value_model = ValueModelConfig::Separate { init: None };
         (c.val_fraction, c.eval_every) = (0.34, 2);
+        // resumed at step 3, the policy's first step needs its own Adam step count back
+        c.critic_warmup_iterations = 3;
         c.kl_control =
             serde_json::from_str(r#"{"kind": "adaptive", "target": 0.5, "gain": {"form": "paper", "k_beta": 0.1}}"#)
                 .unwrap();
@@ -401,6 +403,30 @@ fn the_critic_warms_up_alone_then_the_policy_trains() {
         t.iter().map(|(k, v)| (k.clone(), v.data.clone())).collect::<Vec<_>>()
     };
     assert_eq!(weights(&step(2, "model.safetensors")), weights(&sft), "the policy is the SFT model after the warm-up");
+    // the policy sat the steps out: its moments untouched, its own step count 0 (OpenRLHF's
+    // frozen actor); the critic took every step
+    let opt = step(2, "optimizer.safetensors");
+    let (mut waited, mut moments) = (0, 0);
+    for (k, v) in &opt {
+        if let Some(name) = k.strip_prefix("step.") {
+            assert!(name.starts_with("policy.") && v.data == [0.0], "{k}: {:?}", v.data);
+            waited += 1;
+        } else if k.starts_with("exp_avg.policy.") || k.starts_with("exp_avg_sq.policy.") {
+            assert!(v.data.iter().all(|&x| x == 0.0), "{k}");
+            moments += 1;
+        }
+    }
+    assert!(waited > 3 && moments == 2 * waited, "{waited} waiting, {moments} moments");
+    // then it stepped: its own count is the steps since, one for all its parameters
+    let counts: Vec<f32> = step(4, "optimizer.safetensors")
+        .iter()
+        .filter(|(k, _)| k.starts_with("step."))
+        .map(|(k, v)| {
+            assert!(k.starts_with("step.policy."), "{k}");
+            v.data[0]
+        })
+        .collect();
+    assert!(counts.len() == waited && counts[0] > 0.0 && counts.iter().all(|&c| c == counts[0]), "{counts:?}");
     assert_ne!(weights(&step(4, "model.safetensors")), weights(&sft));
     assert!(step(2, "value/model.safetensors")["score.weight"].data.iter().any(|&w| w != 0.0), "the critic learned");
     c.critic_warmup_iterations = 4;

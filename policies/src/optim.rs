@@ -23,17 +23,20 @@ pub trait GradBuffers: Device<f32> {
     fn write(buf: &mut <Self as Storage<f32>>::Vec, data: &[f32]);
     /// Runs the Adam update of every job. The updates touch disjoint buffers; the CPU spreads
     /// them over the rayon pool (dfdx's Adam kernel is single-threaded, and one update step
-    /// of the tiny model's 4.2M parameters took 3.5 ms on one core).
-    fn adam_updates(t: i32, jobs: &mut [AdamJob<'_, Self>]) -> Result<(), Self::Err>;
+    /// of the tiny model's 4.2M parameters took 3.5 ms on one core). Each job carries its
+    /// parameter's own step count.
+    fn adam_updates(jobs: &mut [AdamJob<'_, Self>]) -> Result<(), Self::Err>;
 }
 
 /// A device's gradient (and moment) buffer.
 type Buf<D> = <D as Storage<f32>>::Vec;
 
-/// One parameter's Adam update: the hyper-parameters, the parameter, and its moments and
-/// gradient, taken out of their maps for the duration of the step.
+/// One parameter's Adam update: the hyper-parameters, the parameter's step count (this step
+/// included), the parameter, and its moments and gradient, taken out of their maps for the
+/// duration of the step.
 pub struct AdamJob<'a, D: Storage<f32>> {
     cfg: AdamConfig,
+    t: i32,
     p: ParamMut<'a, D>,
     m: Buf<D>,
     v: Buf<D>,
@@ -42,16 +45,20 @@ pub struct AdamJob<'a, D: Storage<f32>> {
 
 impl<D: Storage<f32>> std::fmt::Debug for AdamJob<'_, D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AdamJob").field("cfg", &self.cfg).field("p", &self.p).finish_non_exhaustive()
+        f.debug_struct("AdamJob")
+            .field("cfg", &self.cfg)
+            .field("t", &self.t)
+            .field("p", &self.p)
+            .finish_non_exhaustive()
     }
 }
 
 impl<D: Device<f32>> AdamJob<'_, D> {
-    fn run(&mut self, t: i32) -> Result<(), D::Err> {
-        let AdamJob { cfg, p, m, v, g } = self;
+    fn run(&mut self) -> Result<(), D::Err> {
+        let AdamJob { cfg, t, p, m, v, g } = self;
         match p {
-            ParamMut::V(p) => cfg.try_update(t, *p, m, v, g),
-            ParamMut::M(p) => cfg.try_update(t, *p, m, v, g),
+            ParamMut::V(p) => cfg.try_update(*t, *p, m, v, g),
+            ParamMut::M(p) => cfg.try_update(*t, *p, m, v, g),
         }
     }
 }
@@ -75,8 +82,8 @@ impl GradBuffers for Cpu {
     fn write(buf: &mut <Self as Storage<f32>>::Vec, data: &[f32]) {
         buf.copy_from_slice(data);
     }
-    fn adam_updates(t: i32, jobs: &mut [AdamJob<'_, Self>]) -> Result<(), Self::Err> {
-        jobs.par_iter_mut().try_for_each(|j| j.run(t))
+    fn adam_updates(jobs: &mut [AdamJob<'_, Self>]) -> Result<(), Self::Err> {
+        jobs.par_iter_mut().try_for_each(|j| j.run())
     }
 }
 
@@ -114,8 +121,8 @@ impl GradBuffers for Cuda {
     fn write(buf: &mut <Self as Storage<f32>>::Vec, data: &[f32]) {
         buf.device().htod_sync_copy_into(data, buf).unwrap_or_else(|e| panic!("copying a buffer to the GPU: {e:?}"))
     }
-    fn adam_updates(t: i32, jobs: &mut [AdamJob<'_, Self>]) -> Result<(), Self::Err> {
-        jobs.iter_mut().try_for_each(|j| j.run(t))
+    fn adam_updates(jobs: &mut [AdamJob<'_, Self>]) -> Result<(), Self::Err> {
+        jobs.iter_mut().try_for_each(|j| j.run())
     }
 }
 
@@ -208,13 +215,17 @@ impl AdamWConfig {
     }
 }
 
-/// AdamW state: step count and first/second moments keyed by parameter id.
+/// AdamW state: step counts and first/second moments keyed by parameter id.
 #[derive(Debug)]
 pub struct AdamW<D: Storage<f32>> {
     /// Hyper-parameters.
     pub cfg: AdamWConfig,
     /// Steps taken.
     pub t: i32,
+    /// Steps each parameter sat out ([`AdamW::step_with`] without a rate for it), by name;
+    /// absent: none. A parameter's own step count, which its bias correction uses, is `t`
+    /// minus these — as if it had its own optimizer (OpenRLHF's actor beside its critic).
+    sat_out: BTreeMap<String, i32>,
     m: Gradients<f32, D>,
     v: Gradients<f32, D>,
     /// Per parameter, in the model's order: not frozen (set by the first step, see
@@ -225,7 +236,7 @@ pub struct AdamW<D: Storage<f32>> {
 impl<D: Device<f32>> AdamW<D> {
     /// Fresh state.
     pub fn new(cfg: AdamWConfig) -> Self {
-        AdamW { cfg, t: 0, m: Gradients::leaky(), v: Gradients::leaky(), trainable: None }
+        AdamW { cfg, t: 0, sat_out: BTreeMap::new(), m: Gradients::leaky(), v: Gradients::leaky(), trainable: None }
     }
 
     /// Which of the parameters `names` (the model's, in its order) train: those `freeze`
@@ -251,30 +262,37 @@ impl<D: GradBuffers> AdamW<D> {
         grads: &mut Gradients<f32, D>,
         lr: f64,
     ) -> Result<(), PolicyError> {
-        self.step_with(params, grads, |_| lr)
+        self.step_with(params, grads, |_| Some(lr))
     }
 
     /// [`AdamW::step`] with each parameter's learning rate given by its name (parameter
-    /// groups, e.g. a critic's own rate beside the policy's).
+    /// groups, e.g. a critic's own rate beside the policy's). A parameter given no rate sits
+    /// the step out: it, its moments and its own step count stay as they are (a policy
+    /// waiting out a critic warm-up).
     pub fn step_with(
         &mut self,
         params: Vec<(String, ParamMut<'_, D>)>,
         grads: &mut Gradients<f32, D>,
-        lr_of: impl Fn(&str) -> f64,
+        lr_of: impl Fn(&str) -> Option<f64>,
     ) -> Result<(), PolicyError> {
         let trainable = self.trainable(params.iter().map(|(n, _)| n.as_str()))?.to_vec();
         let mut jobs = Vec::with_capacity(params.len());
-        let mut taken = Ok(());
+        let (mut taken, mut sitting_out) = (Ok(()), vec![]);
         for ((name, p), _) in params.into_iter().zip(trainable).filter(|(_, t)| *t) {
+            let Some(lr) = lr_of(&name) else {
+                sitting_out.push(name);
+                continue;
+            };
             let is_1d = matches!(p, ParamMut::V(_));
             let wd = if is_1d && self.cfg.no_decay_1d { 0.0 } else { self.cfg.weight_decay };
-            let cfg = self.adam_cfg(lr_of(&name), (wd > 0.0).then_some(WeightDecay::Decoupled(wd)));
+            let cfg = self.adam_cfg(lr, (wd > 0.0).then_some(WeightDecay::Decoupled(wd)));
+            let own_t = self.t + 1 - self.sat_out.get(&name).copied().unwrap_or(0);
             let buffers = match &p {
                 ParamMut::V(t) => self.take_buffers(grads, *t),
                 ParamMut::M(t) => self.take_buffers(grads, *t),
             };
             match buffers {
-                Ok([g, m, v]) => jobs.push(AdamJob { cfg, p, m, v, g }),
+                Ok([g, m, v]) => jobs.push(AdamJob { cfg, t: own_t, p, m, v, g }),
                 Err(e) => {
                     taken = Err(e);
                     break;
@@ -283,7 +301,10 @@ impl<D: GradBuffers> AdamW<D> {
         }
         let updated = taken.and_then(|()| {
             self.t += 1;
-            D::adam_updates(self.t, &mut jobs).map_err(dev_err)
+            for name in sitting_out {
+                *self.sat_out.entry(name).or_insert(0) += 1;
+            }
+            D::adam_updates(&mut jobs).map_err(dev_err)
         });
         // every buffer goes back, whatever failed
         let mut restored = Ok(());
@@ -336,7 +357,9 @@ impl<D: GradBuffers> AdamW<D> {
     }
 
     /// The optimizer state for a checkpoint: `exp_avg.<name>` and `exp_avg_sq.<name>` for
-    /// every parameter (PyTorch's names), and the step count.
+    /// every parameter (PyTorch's names), `step.<name>` (a one-element tensor, as PyTorch
+    /// keeps it) for a parameter whose own step count is not the optimizer's, and the step
+    /// count.
     pub fn state(
         &mut self,
         params: &[(String, ParamRef<'_, D>)],
@@ -349,6 +372,9 @@ impl<D: GradBuffers> AdamW<D> {
                 HostTensor { shape: shape.clone(), data: D::read(grad_mut(p, &mut self.m)?) },
             );
             out.insert(format!("exp_avg_sq.{name}"), HostTensor { shape, data: D::read(grad_mut(p, &mut self.v)?) });
+        }
+        for (name, sat_out) in &self.sat_out {
+            out.insert(format!("step.{name}"), HostTensor { shape: vec![1], data: vec![(self.t - sat_out) as f32] });
         }
         Ok((self.t, out))
     }
@@ -377,9 +403,33 @@ impl<D: GradBuffers> AdamW<D> {
                 D::write(grad_mut(p, moments)?, &h.data);
             }
         }
+        self.sat_out = sat_out_counts(params, t, tensors, file)?;
         self.t = t;
         Ok(())
     }
+}
+
+/// How many of `t` steps each parameter sat out, from the `step.<name>` entries of a saved
+/// state: each must name a parameter and hold a whole count in `0..=t`.
+fn sat_out_counts<D: Device<f32>>(
+    params: &[(String, ParamRef<'_, D>)],
+    t: i32,
+    tensors: &BTreeMap<String, HostTensor>,
+    file: &std::path::Path,
+) -> Result<BTreeMap<String, i32>, PolicyError> {
+    let mut sat_out = BTreeMap::new();
+    for (key, h) in tensors.iter().filter(|(k, _)| k.starts_with("step.")) {
+        let name = &key["step.".len()..];
+        if !params.iter().any(|(n, _)| n == name) {
+            return Err(PolicyError::tensor(file, key, "names no parameter of the model"));
+        }
+        let own = match h.data[..] {
+            [s] if s.fract() == 0.0 && (0.0..=t as f32).contains(&s) => s as i32,
+            _ => return Err(PolicyError::tensor(file, key, format!("{:?} is not one step count in 0..={t}", h.data))),
+        };
+        sat_out.insert(name.to_string(), t - own);
+    }
+    Ok(sat_out)
 }
 
 /// Global L2 norm of the gradients of `params`; if it exceeds `max_norm`, scales every gradient

@@ -207,21 +207,23 @@ pub fn apply_grads<D: GradBuffers, M: HasParams<D>>(
     lr: f64,
     clip: f64,
 ) -> Result<f64> {
-    apply_grads_with(model, opt, grads, |_| lr, clip)
+    apply_grads_with(model, opt, grads, |_| Some(lr), clip)
 }
 
-/// [`apply_grads`] with each parameter's learning rate given by its name.
+/// [`apply_grads`] with each parameter's learning rate given by its name; a parameter given
+/// none sits the step out ([`AdamW::step_with`]) and is left out of the gradient norm.
 pub fn apply_grads_with<D: GradBuffers, M: HasParams<D>>(
     model: &mut M,
     opt: &mut AdamW<D>,
     mut grads: Gradients<f32, D>,
-    lr_of: impl Fn(&str) -> f64,
+    lr_of: impl Fn(&str) -> Option<f64>,
     clip: f64,
 ) -> Result<f64> {
     let params = model.params();
     let mask = opt.trainable(params.iter().map(|(n, _)| n.as_str()))?.to_vec();
-    let trainable: Vec<_> = params.into_iter().zip(mask).filter_map(|(p, t)| t.then_some(p)).collect();
-    let grad_norm = clip_grad_norm(&trainable, &mut grads, clip)?;
+    let stepped: Vec<_> =
+        params.into_iter().zip(mask).filter_map(|(p, t)| (t && lr_of(&p.0).is_some()).then_some(p)).collect();
+    let grad_norm = clip_grad_norm(&stepped, &mut grads, clip)?;
     opt.step_with(model.params_mut(), &mut grads, lr_of)?;
     Ok(grad_norm)
 }

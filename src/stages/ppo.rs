@@ -169,9 +169,12 @@ pub struct PpoConfig {
     /// separate critic rate (e.g. 9e-6 beside the policy's 5e-7). Default: `optim.lr`.
     pub critic_lr: Option<f64>,
     /// Critic warm-up (verl's `critic_warmup`, OpenRLHF's `freezing_actor_steps`): for this
-    /// many first iterations only the critic learns — the policy's rate is 0 (its Adam moments
-    /// still see its gradients, so its first real step is bias-corrected as usual), so the
-    /// rollouts keep coming from the SFT policy while the values catch up. Default `0`.
+    /// many first iterations only the critic learns, so the rollouts keep coming from the SFT
+    /// policy while the values catch up. The policy's parameters sit the steps out as
+    /// OpenRLHF's frozen actor does: not stepped, not in the gradient norm, their Adam moments
+    /// and step count untouched, so its first step after is Adam's first. (With a shared
+    /// critic only its head, `value.*`, learns meanwhile: the trunk is the policy's.) The
+    /// logged `lr` is 0 meanwhile. Default `0`.
     pub critic_warmup_iterations: usize,
     /// Shape of the learning rate over the iterations (peak `optim.lr`; one rate for every
     /// minibatch of an iteration). Default: constant.

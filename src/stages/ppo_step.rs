@@ -203,7 +203,8 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
 }
 
 /// Iteration `it`'s (policy, critic) learning rates: the schedule at `optim.lr` and at
-/// `critic_lr` (or `optim.lr`); the policy's is 0 during the critic warm-up.
+/// `critic_lr` (or `optim.lr`); the policy's is 0 during the critic warm-up (when its
+/// parameters sit the steps out, see `update`).
 fn rates(cfg: &PpoConfig, it: usize) -> (f64, f64) {
     let at = |peak| cfg.schedule.at(peak, cfg.iterations, it);
     let policy = if it < cfg.critic_warmup_iterations { 0.0 } else { at(cfg.optim.lr) };
@@ -417,7 +418,13 @@ fn update<D: FusedOps + GradBuffers>(
     state: &mut PpoState,
 ) -> Result<UpdateStats> {
     let mut st = UpdateStats::default();
-    let lr_of = |name: &str| if name.starts_with("value.") { lr.1 } else { lr.0 };
+    // during the critic warm-up the policy's parameters sit the steps out (OpenRLHF's
+    // frozen actor): not stepped, not in the gradient norm, their Adam moments untouched
+    let warming_up = it < cfg.critic_warmup_iterations;
+    let lr_of = |name: &str| match name.starts_with("value.") {
+        true => Some(lr.1),
+        false => (!warming_up).then_some(lr.0),
+    };
     'epochs: for epoch in 0..cfg.ppo_epochs {
         for (m, mb) in minibatches(cfg, it, epoch).iter().enumerate() {
             let mb_tokens: usize = mb.iter().flatten().map(|&i| s.seqs[i].resp_len()).sum();
