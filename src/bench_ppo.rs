@@ -106,8 +106,12 @@ pub fn ppo_trainer<D: FusedOps + GradBuffers>(
     let prompts: Vec<(Vec<u32>, String)> = (0..p.batch * 8)
         .map(|_| ((0..p.prompt_len).map(|_| rng.gen_range(0..vocab)).collect(), String::new()))
         .collect();
-    let state =
-        PpoState { kl: KlController::new(KlControl::Fixed {}, p.kl_coef as f64), prompt_draws: 0, skipped_batches: 0 };
+    let state = PpoState {
+        kl: KlController::new(KlControl::Fixed {}, p.kl_coef as f64),
+        prompt_draws: 0,
+        skipped_batches: 0,
+        score_moments: Default::default(),
+    };
     let models = PpoModels { policy, critic };
     // EOS suppressed: every response has exactly response_len tokens
     PpoTrainer::new(cfg, models, reference, AdamW::new(optim), state, prompts.into(), rm, Box::new(NoText), None, 0)

@@ -449,3 +449,31 @@ fn the_full_and_abs_kl_penalties_are_zero_at_the_start_and_never_negative() {
         assert!(kl.iter().all(|&k| k >= 0.0) && kl[5] > 0.01, "{estimator}: {kl:?}");
     }
 }
+
+/// `score.running_norm`: with `center`, the first batch's scores are its own z-scores (mean
+/// 0); the statistics are in the metrics and travel in the checkpoint, so a resumed run equals
+/// an uninterrupted one.
+#[test]
+fn running_score_norm_is_logged_and_resumes_exactly() {
+    let run = |dir: &std::path::Path| {
+        let mut c = ppo_config(dir, 4);
+        c.score.running_norm = Some(rlhf_envs::RunningNorm { center: true });
+        c
+    };
+    let a = tempfile::tempdir().unwrap();
+    train(run(a.path()), false).unwrap();
+    let m = metrics(a.path());
+    let f = |i: usize, k: &str| m[i][k].as_f64().unwrap_or_else(|| panic!("{k} at {i}: {}", m[i]));
+    assert!(f(0, "objective/scores").abs() < 1e-6, "z-scores of the first batch: {}", f(0, "objective/scores"));
+    assert!(f(0, "score/running_std") > 0.0 && f(3, "score/running_std") > 0.0);
+    assert_ne!(f(0, "score/running_mean"), f(3, "score/running_mean"), "every batch adds to them");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.path().join("ppo/checkpoints/step-3/ppo_state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["score_moments"]["count"], 48, "three batches of 16");
+    let b = tempfile::tempdir().unwrap();
+    train(run(b.path()), false).unwrap();
+    std::fs::remove_dir_all(b.path().join("ppo/checkpoints/step-4")).unwrap();
+    train(run(b.path()), true).unwrap();
+    assert_eq!(comparable_metrics(&a.path().join("ppo")), comparable_metrics(&b.path().join("ppo")));
+}

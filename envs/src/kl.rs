@@ -48,6 +48,9 @@ pub struct ScoreConfig {
     /// Normalise first: `(score − mean) / std` (e.g. the reward model's stored statistics).
     /// Default: none.
     pub normalize: Option<ScoreNorm>,
+    /// Or normalise by running statistics of every raw score so far ([`RunningNorm`]; not
+    /// with `normalize`). Default: none.
+    pub running_norm: Option<RunningNorm>,
     /// Then clip to `[−clip, clip]`. Default: none.
     pub clip: Option<f32>,
     /// What a response that never emitted EOS (truncated) gets. Default: nothing.
@@ -68,6 +71,64 @@ pub struct ScoreNorm {
     pub std: f32,
 }
 
+/// Normalisation by running statistics of the raw scores (trlx's `scale_reward: "running"`,
+/// TRL's `use_score_scaling`; the fix for DeepSpeedExamples#556's ever-growing critic loss):
+/// each training batch's raw scores first update the [`RunningMoments`], then every score of
+/// the batch is divided by their standard deviation — after subtracting their mean too with
+/// `center` (TRL's `use_score_norm`). Held-out evaluations use the statistics without adding
+/// to them. Until two scores differ, scores pass unscaled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunningNorm {
+    /// Subtract the running mean as well. Default `false` (trlx's scaling only, which keeps
+    /// each score's sign).
+    pub center: bool,
+}
+
+/// Count, mean and sum of squared deviations `M2` of the scores seen, in f64, one batch at a
+/// time (the parallel update of Chan, Golub & LeVeque, 1979).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunningMoments {
+    /// Scores seen.
+    pub count: u64,
+    /// Their mean.
+    pub mean: f64,
+    /// Σ (x − mean)² over them.
+    pub m2: f64,
+}
+
+impl RunningMoments {
+    /// Adds a batch `xs`: with its size n, mean x̄ and `M2_B = Σ (x − x̄)²`, `δ = x̄ − mean`
+    /// and `N = count + n`: `mean += δ·n/N`, `M2 += M2_B + δ²·count·n/N`.
+    pub fn update(&mut self, xs: &[f32]) {
+        if xs.is_empty() {
+            return;
+        }
+        let n = xs.len() as f64;
+        let batch_mean = xs.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let batch_m2 = xs.iter().map(|&x| (x as f64 - batch_mean).powi(2)).sum::<f64>();
+        let (count, total) = (self.count as f64, self.count as f64 + n);
+        let delta = batch_mean - self.mean;
+        self.mean += delta * n / total;
+        self.m2 += batch_m2 + delta * delta * count * n / total;
+        self.count += xs.len() as u64;
+    }
+
+    /// The sample standard deviation `√(M2 / (count − 1))` (Bessel-corrected, as trlx's);
+    /// `None` below two scores.
+    pub fn std(&self) -> Option<f64> {
+        (self.count >= 2).then(|| (self.m2.max(0.0) / (self.count - 1) as f64).sqrt())
+    }
+
+    /// The normalisation they give — `(x − mean) / std` with `center`, else `x / std` — or
+    /// `None` (scores unscaled) while the standard deviation is undefined or 0.
+    pub fn norm(&self, center: bool) -> Option<ScoreNorm> {
+        let std = self.std().filter(|&s| s > 0.0 && s.is_finite())?;
+        Some(ScoreNorm { mean: if center { self.mean as f32 } else { 0.0 }, std: std as f32 })
+    }
+}
+
 /// The missing-EOS rule, applied last (after normalisation and clipping).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind", content = "value")]
@@ -82,10 +143,19 @@ pub enum MissingEos {
 }
 
 impl ScoreConfig {
+    /// The normalisation in force: `normalize`, or what `running_norm` takes from `moments`.
+    pub fn normalization(&self, moments: &RunningMoments) -> Option<ScoreNorm> {
+        match self.running_norm {
+            Some(r) => moments.norm(r.center),
+            None => self.normalize,
+        }
+    }
+
     /// The terminal reward for a raw score of a response of `len` tokens (the limit being
-    /// `max_len`) that did or did not end with EOS.
-    pub fn process(&self, raw: f32, has_eos: bool, (len, max_len): (usize, usize)) -> f32 {
-        let s = self.process_score(raw, has_eos);
+    /// `max_len`) that did or did not end with EOS, normalised by `norm` (see
+    /// [`ScoreConfig::normalization`]).
+    pub fn process(&self, norm: Option<ScoreNorm>, raw: f32, has_eos: bool, (len, max_len): (usize, usize)) -> f32 {
+        let s = self.process_score(norm, raw, has_eos);
         match self.overlong_cache {
             Some(cache) if cache > 0 && len + cache > max_len => {
                 let over = (len + cache - max_len).min(cache);
@@ -96,9 +166,9 @@ impl ScoreConfig {
     }
 
     /// Normalisation, clipping and the missing-EOS rule.
-    fn process_score(&self, raw: f32, has_eos: bool) -> f32 {
+    fn process_score(&self, norm: Option<ScoreNorm>, raw: f32, has_eos: bool) -> f32 {
         let mut s = raw;
-        if let Some(n) = self.normalize {
+        if let Some(n) = norm {
             s = (s - n.mean) / n.std;
         }
         if let Some(c) = self.clip {
@@ -169,6 +239,56 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// Batch by batch, the running moments are the two-pass mean and sample standard
+        /// deviation of everything seen, however it was split into batches.
+        #[test]
+        fn running_moments_equal_the_statistics_of_all_scores(
+            batches in proptest::collection::vec(proptest::collection::vec(-50.0f32..50.0, 0..9), 1..8),
+        ) {
+            let mut m = RunningMoments::default();
+            for b in &batches {
+                m.update(b);
+            }
+            let all: Vec<f64> = batches.concat().iter().map(|&x| x as f64).collect();
+            let n = all.len() as f64;
+            prop_assert_eq!(m.count, all.len() as u64);
+            if all.is_empty() {
+                return Ok(());
+            }
+            let mean = all.iter().sum::<f64>() / n;
+            prop_assert!((m.mean - mean).abs() < 1e-9 * (1.0 + mean.abs()), "{} against {mean}", m.mean);
+            let std = (all.len() >= 2).then(|| (all.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt());
+            match (m.std(), std) {
+                (Some(a), Some(b)) => prop_assert!((a - b).abs() < 1e-9 * (1.0 + b), "{a} against {b}"),
+                (a, b) => prop_assert_eq!(a, b),
+            }
+        }
+    }
+
+    #[test]
+    fn running_norm_scales_by_the_running_std_and_centres_on_request() {
+        let mut m = RunningMoments::default();
+        let scaled = ScoreConfig { running_norm: Some(RunningNorm { center: false }), ..Default::default() };
+        let centred = ScoreConfig { running_norm: Some(RunningNorm { center: true }), ..Default::default() };
+        // nothing seen, one score, equal scores: unscaled
+        for batch in [&[][..], &[3.0], &[3.0]] {
+            m.update(batch);
+            assert_eq!(scaled.normalization(&m), None, "after {batch:?}");
+        }
+        m.update(&[5.0, 7.0]); // 3, 3, 5, 7: mean 4.5, sample variance 11/3
+        let std = (11.0f64 / 3.0).sqrt() as f32;
+        let norm = scaled.normalization(&m);
+        assert_eq!(norm, Some(ScoreNorm { mean: 0.0, std }));
+        assert_eq!(scaled.process(norm, 2.0 * std, true, (1, 8)), 2.0);
+        let norm = centred.normalization(&m);
+        assert_eq!(norm, Some(ScoreNorm { mean: 4.5, std }));
+        assert_eq!(centred.process(norm, 4.5, true, (1, 8)), 0.0);
+        // a fixed normalisation ignores the moments
+        let fixed = ScoreConfig { normalize: Some(ScoreNorm { mean: 1.0, std: 2.0 }), ..Default::default() };
+        assert_eq!(fixed.normalization(&m), fixed.normalize);
+    }
+
     #[test]
     fn score_processing_order() {
         let cfg = ScoreConfig {
@@ -176,14 +296,15 @@ mod tests {
             clip: Some(1.0),
             missing_eos: MissingEos::Subtract(0.5),
             overlong_cache: None,
+            running_norm: None,
         };
-        let len = (3, 64);
-        assert_eq!(cfg.process(2.0, true, len), 0.5);
-        assert_eq!(cfg.process(9.0, true, len), 1.0);
-        assert_eq!(cfg.process(9.0, false, len), 0.5);
+        let (len, norm) = ((3, 64), cfg.normalization(&RunningMoments::default()));
+        assert_eq!(cfg.process(norm, 2.0, true, len), 0.5);
+        assert_eq!(cfg.process(norm, 9.0, true, len), 1.0);
+        assert_eq!(cfg.process(norm, 9.0, false, len), 0.5);
         let replace = ScoreConfig { missing_eos: MissingEos::Replace(-1.0), ..Default::default() };
-        assert_eq!(replace.process(3.0, false, len), -1.0);
-        assert_eq!(replace.process(3.0, true, len), 3.0);
+        assert_eq!(replace.process(None, 3.0, false, len), -1.0);
+        assert_eq!(replace.process(None, 3.0, true, len), 3.0);
     }
 
     #[test]
@@ -192,11 +313,11 @@ mod tests {
         let cfg = ScoreConfig { overlong_cache: Some(4), ..Default::default() };
         let dapo = |len: usize| if len <= 16 { 0.0 } else { (16.0 - len as f32) / 4.0 };
         for len in 0..=20 {
-            assert_eq!(cfg.process(1.0, true, (len, 20)), 1.0 + dapo(len), "|y| = {len}");
+            assert_eq!(cfg.process(None, 1.0, true, (len, 20)), 1.0 + dapo(len), "|y| = {len}");
         }
         // after the missing-EOS rule: a truncated response at the limit loses both
         let both = ScoreConfig { missing_eos: MissingEos::Replace(-1.0), ..cfg };
-        assert_eq!(both.process(5.0, false, (20, 20)), -2.0);
-        assert_eq!(ScoreConfig::default().process(1.0, true, (20, 20)), 1.0);
+        assert_eq!(both.process(None, 5.0, false, (20, 20)), -2.0);
+        assert_eq!(ScoreConfig::default().process(None, 1.0, true, (20, 20)), 1.0);
     }
 }

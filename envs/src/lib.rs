@@ -41,7 +41,7 @@ pub mod vec_env;
 pub use answer::{AnswerExtraction, AnswerReward};
 pub use command::CommandReward;
 pub use error::EnvError;
-pub use kl::{KlConfig, KlEstimator, MissingEos, ScoreConfig, ScoreNorm};
+pub use kl::{KlConfig, KlEstimator, MissingEos, RunningMoments, RunningNorm, ScoreConfig, ScoreNorm};
 pub use reward::{FnReward, KeywordReward, LengthReward, RegexReward, RewardInput, RewardModel, Weighted};
 pub use spaces::{Discrete, Space, TokenSeq};
 pub use text_env::{

@@ -11,7 +11,7 @@ use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::EnvError;
-use crate::kl::{KlConfig, ScoreConfig};
+use crate::kl::{KlConfig, RunningMoments, ScoreConfig, ScoreNorm};
 use crate::reward::{score_checked, RewardInput, RewardModel};
 use crate::spaces::{Discrete, Space, TokenSeq};
 
@@ -321,9 +321,17 @@ impl Row {
         })
     }
 
-    /// Adds the processed score at the last token (and dense rewards, if any); returns `R`.
-    pub(crate) fn finish(&mut self, raw: f32, dense: Option<&[f32]>, cfg: &TextEnvConfig) -> f32 {
-        let score = cfg.score.process(raw, self.ep.terminated, (self.ep.response_ids.len(), cfg.max_new_tokens));
+    /// Adds the processed score (normalised by `norm`) at the last token, and dense rewards if
+    /// any; returns `R`.
+    pub(crate) fn finish(
+        &mut self,
+        raw: f32,
+        dense: Option<&[f32]>,
+        cfg: &TextEnvConfig,
+        norm: Option<ScoreNorm>,
+    ) -> f32 {
+        let len = (self.ep.response_ids.len(), cfg.max_new_tokens);
+        let score = cfg.score.process(norm, raw, self.ep.terminated, len);
         self.ep.raw_score = raw;
         self.ep.score = score;
         if let Some(d) = dense {
@@ -367,6 +375,7 @@ pub struct TextGenEnv<R, M> {
     reward: M,
     detok: Box<dyn Detokenizer>,
     row: Option<Row>,
+    moments: RunningMoments,
 }
 
 impl<R, M> std::fmt::Debug for TextGenEnv<R, M> {
@@ -385,12 +394,22 @@ impl<R: LogProbModel, M: RewardModel> TextGenEnv<R, M> {
         detok: Box<dyn Detokenizer>,
     ) -> Result<Self, EnvError> {
         validate(&cfg)?;
-        Ok(TextGenEnv { cfg, prompts, reference, reward, detok, row: None })
+        Ok(TextGenEnv { cfg, prompts, reference, reward, detok, row: None, moments: RunningMoments::default() })
     }
 
     /// The action space: the vocabulary.
     pub fn action_space(&self) -> Discrete {
         Discrete { n: self.cfg.vocab }
+    }
+
+    /// The statistics of the scores seen (`score.running_norm`), for a checkpoint.
+    pub fn score_moments(&self) -> RunningMoments {
+        self.moments
+    }
+
+    /// Restores [`TextGenEnv::score_moments`].
+    pub fn set_score_moments(&mut self, moments: RunningMoments) {
+        self.moments = moments;
     }
 
     /// The observation space.
@@ -436,7 +455,8 @@ impl<R: LogProbModel, M: RewardModel> Env for TextGenEnv<R, M> {
         if row.done {
             let input = row.reward_input(&self.prompts, self.detok.as_ref())?;
             let (scores, dense) = score_checked(&mut self.reward, std::slice::from_ref(&input))?;
-            let score = row.finish(scores[0], dense.as_ref().map(|d| d[0].as_slice()), &self.cfg);
+            let norm = learn_scores(&self.cfg.score, &mut self.moments, &scores);
+            let score = row.finish(scores[0], dense.as_ref().map(|d| d[0].as_slice()), &self.cfg, norm);
             reward = *row.ep.rewards.last().expect("non-empty"); // −β·k(t) (+ dense) + R
             info.raw_score = Some(scores[0]);
             info.score = Some(score);
@@ -454,6 +474,15 @@ impl TextEnvConfig {
     }
 }
 
+/// Adds a training batch's raw scores (finite: [`score_checked`]) to `moments` when
+/// `score.running_norm` asks for them; returns the normalisation for the batch.
+pub(crate) fn learn_scores(score: &ScoreConfig, moments: &mut RunningMoments, raw: &[f32]) -> Option<ScoreNorm> {
+    if score.running_norm.is_some() {
+        moments.update(raw);
+    }
+    score.normalization(moments)
+}
+
 pub(crate) fn validate(cfg: &TextEnvConfig) -> Result<(), EnvError> {
     if cfg.max_new_tokens == 0 {
         return Err(EnvError::Config { field: "max_new_tokens", msg: "must be at least 1".into() });
@@ -467,6 +496,10 @@ pub(crate) fn validate(cfg: &TextEnvConfig) -> Result<(), EnvError> {
     if let Some(n) = cfg.score.normalize {
         if !(n.std > 0.0 && n.std.is_finite()) {
             return Err(EnvError::Config { field: "score.normalize.std", msg: format!("must be > 0, got {}", n.std) });
+        }
+        if cfg.score.running_norm.is_some() {
+            let msg = "set `normalize` (fixed statistics) or `running_norm`, not both".into();
+            return Err(EnvError::Config { field: "score.running_norm", msg });
         }
     }
     if let Some(cache) = cfg.score.overlong_cache.filter(|&c| c == 0 || c > cfg.max_new_tokens) {

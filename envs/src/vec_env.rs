@@ -3,11 +3,12 @@
 //! rollout that trainers and benchmarks use.
 
 use crate::error::EnvError;
+use crate::kl::RunningMoments;
 use crate::reward::{score_checked, RewardModel};
 use crate::spaces::{Discrete, Space};
 use crate::text_env::{
-    validate, Action, Detokenizer, Episode, LogProbModel, Obs, PromptSource, ResetInfo, Row, Step, StepInfo,
-    TextEnvConfig,
+    learn_scores, validate, Action, Detokenizer, Episode, LogProbModel, Obs, PromptSource, ResetInfo, Row, Step,
+    StepInfo, TextEnvConfig,
 };
 
 /// A policy over rows of token streams (implemented by the sampling engine in
@@ -59,6 +60,7 @@ pub struct VecEnv<R, M> {
     reward: M,
     detok: Box<dyn Detokenizer>,
     rows: Vec<Option<Row>>,
+    moments: RunningMoments,
 }
 
 impl<R, M> std::fmt::Debug for VecEnv<R, M> {
@@ -81,7 +83,8 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
         if num_envs == 0 {
             return Err(EnvError::Config { field: "num_envs", msg: "must be at least 1".into() });
         }
-        Ok(VecEnv { cfg, prompts, reference, reward, detok, rows: (0..num_envs).map(|_| None).collect() })
+        let rows = (0..num_envs).map(|_| None).collect();
+        Ok(VecEnv { cfg, prompts, reference, reward, detok, rows, moments: RunningMoments::default() })
     }
 
     /// Number of environments.
@@ -102,6 +105,16 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
     /// The prompt sampler, to seek it on resume.
     pub fn prompts_mut(&mut self) -> &mut PromptSource {
         &mut self.prompts
+    }
+
+    /// The statistics of the training scores seen (`score.running_norm`), for a checkpoint.
+    pub fn score_moments(&self) -> RunningMoments {
+        self.moments
+    }
+
+    /// Restores [`VecEnv::score_moments`].
+    pub fn set_score_moments(&mut self, moments: RunningMoments) {
+        self.moments = moments;
     }
 
     /// Starts a new episode in every row (prompts drawn in row order); `seed` restarts the
@@ -216,7 +229,7 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
 
     fn score_rows(&mut self, rows: &[usize], ending: &[usize], steps: &mut [Step]) -> Result<(), EnvError> {
         let ended: Vec<usize> = ending.iter().map(|&i| rows[i]).collect();
-        let scores = self.finish_rows(&ended)?;
+        let scores = self.finish_rows(&ended, true)?;
         for (&i, (raw, score)) in ending.iter().zip(scores) {
             let row = self.rows[rows[i]].as_ref().expect("stepped");
             let s = &mut steps[i];
@@ -228,9 +241,10 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
         Ok(())
     }
 
-    /// One batched reward call for rows whose episodes just ended; adds the processed scores.
-    /// Returns `(raw, processed)` per row.
-    fn finish_rows(&mut self, rows: &[usize]) -> Result<Vec<(f32, f32)>, EnvError> {
+    /// One batched reward call for rows whose episodes just ended; adds the processed scores,
+    /// the raw ones first adding to the running statistics if `learn` (training, not held-out
+    /// evaluation). Returns `(raw, processed)` per row.
+    fn finish_rows(&mut self, rows: &[usize], learn: bool) -> Result<Vec<(f32, f32)>, EnvError> {
         let inputs = rows
             .iter()
             .map(|&r| {
@@ -239,12 +253,16 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let (scores, dense) = score_checked(&mut self.reward, &inputs)?;
+        let norm = match learn {
+            true => learn_scores(&self.cfg.score, &mut self.moments, &scores),
+            false => self.cfg.score.normalization(&self.moments),
+        };
         Ok(rows
             .iter()
             .enumerate()
             .map(|(k, &r)| {
                 let row = self.rows[r].as_mut().expect("stepped");
-                (scores[k], row.finish(scores[k], dense.as_ref().map(|d| d[k].as_slice()), &self.cfg))
+                (scores[k], row.finish(scores[k], dense.as_ref().map(|d| d[k].as_slice()), &self.cfg, norm))
             })
             .collect())
     }
@@ -270,7 +288,7 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
     ) -> Result<Vec<Episode>, EnvError> {
         let groups = self.groups(opts.group_size)?;
         let indices: Vec<usize> = (0..groups).map(|_| self.prompts.next_index()).collect();
-        self.rollout_rows(policy, &indices, opts)
+        self.rollout_rows(policy, &indices, opts, true)
     }
 
     /// [`VecEnv::rollout_with`] over chosen prompts of another source instead of draws from the
@@ -278,7 +296,8 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
     /// rows `k·G .. (k+1)·G`, so at most `num_envs / G` prompts per call (G need not divide
     /// `num_envs` here). The episodes'
     /// `prompt_index` refers to `prompts`, and the reward sees its texts and reference answers.
-    /// For held-out evaluation; `prompts` is swapped in for the call and handed back unchanged.
+    /// For held-out evaluation; `prompts` is swapped in for the call and handed back unchanged,
+    /// and the scores do not add to the running statistics (`score.running_norm`).
     pub fn rollout_prompts<P: Policy + ?Sized>(
         &mut self,
         policy: &mut P,
@@ -300,7 +319,7 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
             return Err(EnvError::Config { field: "indices", msg: format!("prompt {i} of {}", prompts.len()) });
         }
         std::mem::swap(&mut self.prompts, prompts);
-        let out = self.rollout_rows(policy, indices, opts);
+        let out = self.rollout_rows(policy, indices, opts, false);
         std::mem::swap(&mut self.prompts, prompts);
         out
     }
@@ -316,12 +335,14 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
         Ok(self.rows.len() / g)
     }
 
-    /// The rollout of prompts `indices` of the current source, `opts.group_size` rows each.
+    /// The rollout of prompts `indices` of the current source, `opts.group_size` rows each;
+    /// `learn`: its scores add to the running statistics.
     fn rollout_rows<P: Policy + ?Sized>(
         &mut self,
         policy: &mut P,
         indices: &[usize],
         opts: Rollout,
+        learn: bool,
     ) -> Result<Vec<Episode>, EnvError> {
         let g = opts.group_size;
         let rows: Vec<usize> = (0..indices.len() * g).collect();
@@ -356,7 +377,7 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
                 row.push(*a, lp, &self.cfg);
             }
         }
-        self.finish_rows(&rows)?;
+        self.finish_rows(&rows, learn)?;
         Ok(rows.iter().map(|&r| self.rows[r].as_ref().expect("finished").ep.clone()).collect())
     }
 

@@ -323,7 +323,7 @@ fn kl_estimators_and_shaped_rewards_match_the_ppo_fixture() {
         let sc = ScoreConfig { missing_eos: missing, ..Default::default() };
         let want = rows_f32(&f["rewards"][field]);
         for b in 0..lengths.len() {
-            let score = sc.process(scores[b], has_eos[b], (lengths[b], usize::MAX));
+            let score = sc.process(None, scores[b], has_eos[b], (lengths[b], usize::MAX));
             let got = shaped_rewards(&old[b][..lengths[b]], &refl[b][..lengths[b]], &kl, score);
             for t in 0..want[b].len() {
                 let g = if t < lengths[b] { got[t] } else { 0.0 };
@@ -445,4 +445,77 @@ fn rollout_prompts_takes_the_given_prompts_and_leaves_the_sampler_alone() {
     assert!(e.contains("prompt 4 of 4"), "{e}");
     let e = v.rollout_prompts(&mut policy, &mut held, &[0], Rollout { group_size: 0, reference: true });
     assert!(e.unwrap_err().to_string().contains("group_size"));
+}
+
+/// `score.running_norm`: each training batch's raw scores join the running statistics before
+/// the batch is scaled by them; held-out rollouts use them without adding to them; the single
+/// env learns episode by episode (its first score passes unscaled); they can be restored.
+#[test]
+fn running_norm_scales_each_batch_by_the_statistics_of_every_training_score_so_far() {
+    let mut c = cfg(4, 0);
+    c.score.running_norm = Some(RunningNorm { center: true });
+    let n = 6;
+    let mut v = VecEnv::new(
+        n,
+        c.clone(),
+        PromptSource::new(prompts(7), 5).unwrap(),
+        Bigram::new(12, 0.3, n, 0),
+        rule(),
+        Box::new(Letters),
+    )
+    .unwrap();
+    let mut policy = Bigram::new(12, 0.9, n, 42);
+    let (mut all, mut raw_seen) = (RunningMoments::default(), Vec::<f32>::new());
+    for _ in 0..3 {
+        let eps = v.rollout(&mut policy).unwrap();
+        let raw: Vec<f32> = eps.iter().map(|e| e.raw_score).collect();
+        raw_seen.extend(&raw);
+        all.update(&raw);
+        assert_eq!(v.score_moments(), all);
+        let (mean, std) = (all.mean as f32, all.std().unwrap() as f32);
+        assert!(std > 0.0, "the rule's scores vary: {raw_seen:?}");
+        for e in &eps {
+            assert_eq!(e.score, (e.raw_score - mean) / std);
+            assert_eq!(*e.rewards.last().unwrap(), e.score - 0.1 * e.kl.last().unwrap());
+        }
+        // held-out: scaled by the same statistics, not added to them
+        let mut held = PromptSource::new(prompts(3), 0).unwrap();
+        let eps = v.rollout_prompts(&mut policy, &mut held, &[0, 1], Rollout::default()).unwrap();
+        assert_eq!(v.score_moments(), all);
+        assert!(eps.iter().all(|e| e.score == (e.raw_score - mean) / std));
+    }
+    let mut restored = VecEnv::new(
+        n,
+        c.clone(),
+        PromptSource::new(prompts(7), 5).unwrap(),
+        Bigram::new(12, 0.3, n, 0),
+        rule(),
+        Box::new(Letters),
+    )
+    .unwrap();
+    restored.set_score_moments(all);
+    assert_eq!(restored.score_moments(), all);
+    // one env, episode by episode: k tokens, then EOS (raw 3.5, 4, 4.5)
+    let mut e = env_with(c.clone()).unwrap();
+    let mut seen = RunningMoments::default();
+    for k in 0..3 {
+        e.reset(None).unwrap();
+        for _ in 0..k {
+            assert!(e.step(act(5)).unwrap().info.score.is_none());
+        }
+        let s = e.step(act(0)).unwrap();
+        let (raw, score) = (s.info.raw_score.unwrap(), s.info.score.unwrap());
+        seen.update(&[raw]);
+        assert_eq!(e.score_moments(), seen);
+        if k == 0 {
+            assert_eq!(score, raw, "one score seen: unscaled");
+        } else {
+            let n = seen.norm(true).unwrap();
+            assert_eq!(score, (raw - n.mean) / n.std);
+        }
+    }
+    // not with a fixed normalisation
+    c.score.normalize = Some(ScoreNorm { mean: 0.0, std: 1.0 });
+    let err = env_with(c).unwrap_err().to_string();
+    assert!(err.contains("score.running_norm") && err.contains("not both"), "{err}");
 }

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use dfdx::prelude::*;
+use rlhf_envs::{RunningMoments, ScoreConfig};
 use rlhf_policies::checkpoint::{read_safetensors, write_safetensors};
 use rlhf_policies::params::tensor_id;
 use rlhf_policies::{
@@ -226,6 +227,16 @@ pub fn apply_grads_with<D: GradBuffers, M: HasParams<D>>(
     let grad_norm = clip_grad_norm(&stepped, &mut grads, clip)?;
     opt.step_with(model.params_mut(), &mut grads, lr_of)?;
     Ok(grad_norm)
+}
+
+/// `score/running_mean` and `score/running_std` (trlx's `exp_scores/running_*`) of a run
+/// with `score.running_norm`: the statistics the next batch starts from (the std is null
+/// until two scores were seen).
+pub fn running_score_metrics(score: &ScoreConfig, moments: &RunningMoments, record: &mut serde_json::Value) {
+    if score.running_norm.is_some() {
+        record["score/running_mean"] = moments.mean.into();
+        record["score/running_std"] = moments.std().into();
+    }
 }
 
 /// The device `model`'s parameters live on.

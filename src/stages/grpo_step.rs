@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use dfdx::prelude::*;
 use rlhf_envs::{
     Detokenizer, EnvError, Episode, KlConfig, KlEstimator, NoReference, PromptSource, RewardModel, Rollout,
-    TextEnvConfig, VecEnv,
+    RunningMoments, TextEnvConfig, VecEnv,
 };
 use rlhf_policies::fused::host_loss;
 use rlhf_policies::{policy_sessions, AdamW, CausalLm, FusedOps, GradBuffers, SamplingConfig};
@@ -19,7 +19,7 @@ use crate::math::group::{
     clipped_token_loss, dynamic_batch, grpo_advantages, is_informative, reinforce_pp_advantages, remax_advantages,
     rloo_advantages, RewardScale, TokenBatch, Whitening,
 };
-use crate::stages::common::{optimizer_step, or_skip_non_finite, shuffled_minibatches, LossOn};
+use crate::stages::common::{optimizer_step, or_skip_non_finite, running_score_metrics, shuffled_minibatches, LossOn};
 use crate::stages::grpo::{Algo, GrpoConfig};
 use crate::stages::online_dpo;
 use crate::stages::ppo::{OnNonFinite, Prompts};
@@ -32,6 +32,9 @@ pub struct GroupState {
     pub prompt_draws: usize,
     /// Batches skipped for non-finite values.
     pub skipped_batches: usize,
+    /// The running statistics of the training scores (`score.running_norm`).
+    #[serde(default)]
+    pub score_moments: RunningMoments,
 }
 
 /// The policy, reference, optimizer and env of a critic-free run, on device `D`; the rollout
@@ -121,6 +124,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
         let source = prompts.source(cfg.seed)?;
         let mut env = VecEnv::new(cfg.batch_size(), env_cfg, source, NoReference, reward, detok)?;
         env.prompts_mut().seek(state.prompt_draws);
+        env.set_score_moments(state.score_moments);
         let eos = eos.unwrap_or(pad);
         let greedy_prompts = matches!(cfg.algo, Algo::Remax {}).then(|| env.prompts().clone());
         Ok(GroupTrainer { cfg, policy, reference, opt, env, state, greedy_prompts, eos, pad })
@@ -131,6 +135,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
     pub fn iteration(&mut self, it: usize) -> Result<Option<GroupOutput>> {
         let out = self.iteration_inner(it);
         self.state.prompt_draws = self.env.prompts().draws();
+        self.state.score_moments = self.env.score_moments();
         out
     }
 
@@ -159,6 +164,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
         let timing = [t_rollout, t_scoring, t2.elapsed()];
         let mut record = metrics(cfg, it + 1, &episodes, &scored, &upd, lr, self.eos, &timing);
         generated.record(cfg, &timing[0], &mut record);
+        running_score_metrics(&cfg.score, &self.env.score_moments(), &mut record);
         let advantages = scored.advantages.iter().map(|a| a.first().copied().unwrap_or(0.0)).collect();
         Ok(Some(GroupOutput { episodes, advantages, record, timing }))
     }

@@ -324,7 +324,13 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: PpoConfig, resume: bool, reward: Rew
         let models = new_models(&cfg, &reference, &tok)?;
         run.write_config(&cfg)?;
         let kl = KlController::new(cfg.kl_control, cfg.beta);
-        (models, AdamW::new(cfg.optim.clone()), 0, PpoState { kl, prompt_draws: 0, skipped_batches: 0 }, None)
+        (
+            models,
+            AdamW::new(cfg.optim.clone()),
+            0,
+            PpoState { kl, prompt_draws: 0, skipped_batches: 0, score_moments: Default::default() },
+            None,
+        )
     };
     let eos = tok.eos_for(&reference.config).context("the policy's tokenizer has no EOS token")?;
     let pad = tok.pad_id().unwrap_or(eos);

@@ -7,14 +7,18 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use dfdx::prelude::*;
 use rlhf_envs::kl::kl_terms;
-use rlhf_envs::{Detokenizer, EnvError, Episode, KlConfig, NoReference, RewardModel, Rollout, TextEnvConfig, VecEnv};
+use rlhf_envs::{
+    Detokenizer, EnvError, Episode, KlConfig, NoReference, RewardModel, Rollout, RunningMoments, TextEnvConfig, VecEnv,
+};
 use rlhf_policies::fused::host_loss;
 use rlhf_policies::{policy_session, AdamW, CausalLm, FusedOps, GradBuffers, SamplingConfig, TokenMask};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{mix, sample_blocks};
 use crate::math::ppo::{explained_variance, gae, ppo_policy_loss, ppo_value_loss, whiten, KlController};
-use crate::stages::common::{accumulate_grads, apply_grads_with, or_skip_non_finite, shuffled_minibatches, LossOn};
+use crate::stages::common::{
+    accumulate_grads, apply_grads_with, or_skip_non_finite, running_score_metrics, shuffled_minibatches, LossOn,
+};
 use crate::stages::nlpo;
 use crate::stages::ppo::{KlUnit, OnNonFinite, PpoConfig, Prompts};
 use crate::stages::ppo_models::{full_kl_terms, logprobs_and_entropy, PpoModels, Seq};
@@ -28,6 +32,9 @@ pub struct PpoState {
     pub prompt_draws: usize,
     /// Batches skipped for non-finite values.
     pub skipped_batches: usize,
+    /// The running statistics of the training scores (`score.running_norm`).
+    #[serde(default)]
+    pub score_moments: RunningMoments,
 }
 
 /// The models, optimizer, env and controller of a PPO run, on device `D`. The rollout decodes
@@ -101,6 +108,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         let source = prompts.source(cfg.seed)?;
         let mut env = VecEnv::new(cfg.batch_size, env_cfg, source, NoReference, reward, detok)?;
         env.prompts_mut().seek(state.prompt_draws);
+        env.set_score_moments(state.score_moments);
         let eos_or_pad = eos.unwrap_or(pad);
         Ok(PpoTrainer { cfg, models, reference, opt, env, state, ptx: None, mask_policy: None, eos: eos_or_pad, pad })
     }
@@ -110,6 +118,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
     pub fn iteration(&mut self, it: usize) -> Result<Option<IterationOutput>> {
         let out = self.iteration_inner(it);
         self.state.prompt_draws = self.env.prompts().draws();
+        self.state.score_moments = self.env.score_moments();
         out
     }
 
@@ -168,6 +177,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
             record["policy/early_stop"] = f64::from(u8::from(upd.early_stopped)).into();
             record["policy/minibatches"] = upd.minibatches.into();
         }
+        running_score_metrics(&cfg.score, &self.env.score_moments(), &mut record);
         for (k, v) in nlpo_metrics.into_iter().flatten() {
             record[k] = v.into();
         }
