@@ -111,11 +111,16 @@ fn remax_learns_the_rule() {
 
 /// ReMax in the paper's setting, one sample per prompt against the greedy response: the
 /// baseline is logged, a resumed run logs the same metrics, and the env's prompt cursor only
-/// counts the sampled prompts (the greedy decode reuses them).
+/// counts the sampled prompts (the greedy decode reuses them). With `score.running_norm` the
+/// statistics travel in the checkpoint and count the sampled scores only (the greedy ones are
+/// scaled by them, not added).
 #[test]
 fn remax_with_one_sample_per_prompt_resumes_exactly() {
-    let run =
-        |dir: &std::path::Path| GrpoConfig { num_generations: 1, prompts_per_step: 8, ..cfg(dir, Algo::Remax {}, 4) };
+    let run = |dir: &std::path::Path| {
+        let mut c = GrpoConfig { num_generations: 1, prompts_per_step: 8, ..cfg(dir, Algo::Remax {}, 4) };
+        c.score.running_norm = Some(rlhf_envs::RunningNorm { center: false });
+        c
+    };
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     train(run(a.path()), false).unwrap();
     train(run(b.path()), false).unwrap();
@@ -126,6 +131,8 @@ fn remax_with_one_sample_per_prompt_resumes_exactly() {
     assert!(m.iter().all(|r| r["remax/greedy_reward"].as_f64().is_some_and(f64::is_finite)), "{m:?}");
     let state = common::read_json(&a.path().join("run/checkpoints/step-4/grpo_state.json"));
     assert_eq!(state["prompt_draws"].as_u64(), Some(4 * 8));
+    assert_eq!(state["score_moments"]["count"].as_u64(), Some(4 * 8));
+    assert!(m.iter().all(|r| r["score/running_std"].as_f64().is_some_and(|s| s > 0.0)), "{m:?}");
 }
 
 /// Online DPO: pairs of completions ranked by the reward, the DPO loss against the reference.
