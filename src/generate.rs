@@ -14,7 +14,7 @@ use rlhf_policies::{generate_from_with, FusedOps, SamplingConfig, Tokenizer, Wei
 use serde_json::json;
 
 use crate::prompt_format::{ChatPrompt, PromptFormat};
-use crate::stages::ppo::{check_fits, read_prompts, PromptSpec};
+use crate::stages::prompts::{check_fits, read_prompts, PromptSpec};
 use crate::stages::reward_spec::{build_reward, check_reward_inputs, RewardSpec};
 
 /// What to generate from.

@@ -31,8 +31,8 @@ use crate::schedule::LrSchedule;
 use crate::stages::common::{read_state, require_counts, restore_latest, save_with};
 use crate::stages::grpo_step::{self, GroupState, GroupTrainer};
 use crate::stages::policy_eval::{online_prompts, prompts_and_eval, EvalNames};
-use crate::stages::ppo::with_reference;
 use crate::stages::ppo::OnNonFinite;
+use crate::stages::prompts::with_reference;
 use crate::stages::reward_spec::{build_reward, check_reward_inputs, resolve_models, Reward, RewardSpec};
 
 /// The algorithm and its own parameters.

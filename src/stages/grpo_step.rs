@@ -22,8 +22,9 @@ use crate::math::group::{
 use crate::stages::common::{optimizer_step, or_skip_non_finite, running_score_metrics, shuffled_minibatches, LossOn};
 use crate::stages::grpo::{Algo, GrpoConfig};
 use crate::stages::online_dpo;
-use crate::stages::ppo::{OnNonFinite, Prompts};
+use crate::stages::ppo::OnNonFinite;
 use crate::stages::ppo_models::{logprobs_and_entropy, Seq};
+use crate::stages::prompts::Prompts;
 
 /// What a checkpoint stores besides the policy and the optimizer.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

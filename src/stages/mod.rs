@@ -13,6 +13,7 @@ pub mod ppo;
 pub mod ppo_models;
 pub mod ppo_step;
 pub mod pretrain;
+pub mod prompts;
 pub mod reward;
 pub mod reward_spec;
 pub mod sft;

@@ -26,8 +26,8 @@ use crate::data::{held_out_count, mix};
 use crate::prompt_format::{ChatPrompt, PromptFormat};
 use crate::run::JsonlWriter;
 use crate::stages::common::held_out_from;
-use crate::stages::ppo::{check_fits, read_prompts, PromptSpec, Prompts};
 use crate::stages::ppo_models::{sequence_log_ratios, Seq};
+use crate::stages::prompts::{check_fits, read_prompts, with_reference, PromptSpec, Prompts};
 
 /// The training prompts and the held-out ones (`None`: no evaluation), and the number of
 /// prompts skipped as too long. Held out: all of `val_prompts` (read like the training prompts
@@ -342,7 +342,7 @@ impl Evaluator {
                 if let Some(k) = &eval.kls {
                     row["kl"] = k[i].into();
                 }
-                Ok(crate::stages::ppo::with_reference(row, source, ep.prompt_index))
+                Ok(with_reference(row, source, ep.prompt_index))
             })
             .collect()
     }

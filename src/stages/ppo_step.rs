@@ -20,8 +20,9 @@ use crate::stages::common::{
     accumulate_grads, apply_grads_with, or_skip_non_finite, running_score_metrics, shuffled_minibatches, LossOn,
 };
 use crate::stages::nlpo;
-use crate::stages::ppo::{KlUnit, OnNonFinite, PpoConfig, Prompts};
+use crate::stages::ppo::{KlUnit, OnNonFinite, PpoConfig};
 use crate::stages::ppo_models::{full_kl_terms, logprobs_and_entropy, PpoModels, Seq};
+use crate::stages::prompts::Prompts;
 
 /// What a checkpoint stores besides the models and the optimizer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
