@@ -88,6 +88,7 @@ fn plot_specs(m: &[serde_json::Value]) -> Vec<(&'static str, &'static [&'static 
     if m.iter().any(|r| r.get("objective/scores").is_some()) {
         vec![
             ("reward", &["objective/scores", "objective/rlhf_reward", "eval/scores"]),
+            ("running score statistics", &["score/running_mean", "score/running_std"]),
             ("KL to the reference", &["objective/kl", "eval/kl"]),
             ("β", &["objective/beta"]),
             ("entropy", &["policy/entropy_avg"]),
@@ -98,6 +99,7 @@ fn plot_specs(m: &[serde_json::Value]) -> Vec<(&'static str, &'static [&'static 
         // GRPO / RLOO / REINFORCE++
         vec![
             ("reward", &["reward", "reward_std", "eval/reward"]),
+            ("running score statistics", &["score/running_mean", "score/running_std"]),
             ("KL to the reference", &["kl", "kl_seq", "eval/kl"]),
             ("entropy", &["entropy"]),
             ("completion length", &["completions/mean_length", "eval/completions/mean_length"]),

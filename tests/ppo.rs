@@ -451,8 +451,8 @@ fn the_full_and_abs_kl_penalties_are_zero_at_the_start_and_never_negative() {
 }
 
 /// `score.running_norm`: with `center`, the first batch's scores are its own z-scores (mean
-/// 0); the statistics are in the metrics and travel in the checkpoint, so a resumed run equals
-/// an uninterrupted one.
+/// 0); the statistics are in the metrics and the report and travel in the checkpoint, so a
+/// resumed run equals an uninterrupted one.
 #[test]
 fn running_score_norm_is_logged_and_resumes_exactly() {
     let run = |dir: &std::path::Path| {
@@ -471,6 +471,8 @@ fn running_score_norm_is_logged_and_resumes_exactly() {
         serde_json::from_str(&std::fs::read_to_string(a.path().join("ppo/checkpoints/step-3/ppo_state.json")).unwrap())
             .unwrap();
     assert_eq!(state["score_moments"]["count"], 48, "three batches of 16");
+    let html = std::fs::read_to_string(rlhf::report::write_report(&a.path().join("ppo")).unwrap()).unwrap();
+    assert!(html.contains("running score statistics"), "the report plots them");
     let b = tempfile::tempdir().unwrap();
     train(run(b.path()), false).unwrap();
     std::fs::remove_dir_all(b.path().join("ppo/checkpoints/step-4")).unwrap();
