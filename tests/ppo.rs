@@ -479,3 +479,27 @@ fn running_score_norm_is_logged_and_resumes_exactly() {
     train(run(b.path()), true).unwrap();
     assert_eq!(comparable_metrics(&a.path().join("ppo")), comparable_metrics(&b.path().join("ppo")));
 }
+
+/// A reward ensemble drives PPO: each sampled response is scored by the members' minimum
+/// (here the counts of "a" and of "e" in its text; the unit tests check each combination).
+#[test]
+fn ppo_trains_on_an_ensemble_s_combined_score() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = ppo_config(d.path(), 3);
+    c.reward = Some(
+        serde_json::from_str(
+            r#"{"kind": "ensemble", "combine": {"kind": "min"}, "members": [
+                {"kind": "keywords", "keywords": ["a"]}, {"kind": "keywords", "keywords": ["e"]}]}"#,
+        )
+        .unwrap(),
+    );
+    train(c, false).unwrap();
+    let (rows, mut kinds) = (samples(d.path()), [false; 2]);
+    for row in &rows {
+        let text = row["response"].as_str().unwrap().replace("<|endoftext|>", "");
+        let (a, e) = (text.matches('a').count(), text.matches('e').count());
+        assert_eq!(row["score"].as_f64(), Some(a.min(e) as f64), "{row}");
+        kinds[usize::from(a > 0 && e == 0)] = true;
+    }
+    assert_eq!(kinds, [true; 2], "rows with \"a\" but no \"e\" (one member pays, the minimum does not), and others");
+}

@@ -10,7 +10,8 @@
 //!   auto-reset, and [`VecEnv::rollout`], the batched path trainers and benchmarks use.
 //! - [`RewardModel`]: closures ([`FnReward`]), rules ([`LengthReward`], [`KeywordReward`],
 //!   [`RegexReward`]), verifiable answers against each prompt's reference ([`AnswerReward`]),
-//!   external processes ([`CommandReward`]) and sums ([`Weighted`]).
+//!   external processes ([`CommandReward`]), sums ([`Weighted`]) and ensembles against
+//!   over-optimisation ([`Ensemble`]).
 //!
 //! Models reach this crate only through the small traits [`LogProbModel`], [`Policy`] and
 //! [`Detokenizer`]; `rlhf-policies` implements them for its dfdx models.
@@ -31,6 +32,7 @@
 
 pub mod answer;
 pub mod command;
+pub mod ensemble;
 pub mod error;
 pub mod kl;
 pub mod reward;
@@ -40,6 +42,7 @@ pub mod vec_env;
 
 pub use answer::{AnswerExtraction, AnswerReward};
 pub use command::CommandReward;
+pub use ensemble::{Combine, Ensemble};
 pub use error::EnvError;
 pub use kl::{KlConfig, KlEstimator, MissingEos, RunningMoments, RunningNorm, ScoreConfig, ScoreNorm};
 pub use reward::{FnReward, KeywordReward, LengthReward, RegexReward, RewardInput, RewardModel, Weighted};

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use rlhf_envs::{AnswerExtraction, AnswerReward, KeywordReward, LengthReward, RewardModel, Weighted};
+use rlhf_envs::{
+    AnswerExtraction, AnswerReward, Combine, Ensemble, KeywordReward, LengthReward, RewardModel, Weighted,
+};
 use rlhf_policies::{FusedOps, LearnedReward, Retokenized, Tokenizer};
 use serde::{Deserialize, Serialize};
 
@@ -60,6 +62,17 @@ pub enum RewardSpec {
         /// The terms.
         terms: Vec<RewardTerm>,
     },
+    /// An ensemble against over-optimisation (Coste et al. 2024; `rlhf_envs::ensemble`):
+    /// every member — typically reward models trained with different seeds, each with its
+    /// stored normalisation so they share a scale — scores each response, and `combine` makes
+    /// one score of theirs: `{"kind": "mean"}`, `{"kind": "min"}` (worst-case optimisation) or
+    /// `{"kind": "uwo", "lambda": λ}` (the mean minus λ · the members' variance).
+    Ensemble {
+        /// The members (any rewards here).
+        members: Vec<RewardSpec>,
+        /// How their scores combine.
+        combine: Combine,
+    },
     /// A long-lived process speaking JSON lines (see `rlhf_envs::CommandReward`); it also
     /// receives each prompt's reference answer when `reference_field` is set.
     Command {
@@ -89,8 +102,10 @@ impl RewardSpec {
     /// This reward and every term inside it.
     fn walk<'a>(&'a self, out: &mut Vec<&'a RewardSpec>) {
         out.push(self);
-        if let RewardSpec::Sum { terms } = self {
-            terms.iter().for_each(|t| t.reward.walk(out));
+        match self {
+            RewardSpec::Sum { terms } => terms.iter().for_each(|t| t.reward.walk(out)),
+            RewardSpec::Ensemble { members, .. } => members.iter().for_each(|m| m.walk(out)),
+            _ => {}
         }
     }
 
@@ -99,6 +114,7 @@ impl RewardSpec {
         match self {
             RewardSpec::Model { path, .. } => vec![path],
             RewardSpec::Sum { terms } => terms.iter_mut().flat_map(|t| t.reward.model_paths_mut()).collect(),
+            RewardSpec::Ensemble { members, .. } => members.iter_mut().flat_map(|m| m.model_paths_mut()).collect(),
             _ => vec![],
         }
     }
@@ -134,6 +150,8 @@ pub enum Reward<D: FusedOps> {
     Other(Box<dyn RewardModel>),
     /// A weighted sum.
     Sum(Vec<(f32, Reward<D>)>),
+    /// An ensemble.
+    Ensemble(Vec<Reward<D>>, Combine),
 }
 
 impl<D: FusedOps> std::fmt::Debug for Reward<D> {
@@ -142,6 +160,7 @@ impl<D: FusedOps> std::fmt::Debug for Reward<D> {
             Reward::Learned { path, .. } => write!(f, "Reward::Learned({})", path.display()),
             Reward::Other(r) => write!(f, "Reward::Other({})", r.name()),
             Reward::Sum(terms) => f.debug_list().entries(terms).finish(),
+            Reward::Ensemble(members, combine) => write!(f, "Reward::Ensemble({combine:?}, {members:?})"),
         }
     }
 }
@@ -162,6 +181,10 @@ impl<D: FusedOps> Reward<D> {
                     sum = sum.with_boxed(w, r.for_policy(tok, end_ids)?);
                 }
                 Box::new(sum)
+            }
+            Reward::Ensemble(members, combine) => {
+                let members = members.into_iter().map(|m| m.for_policy(tok, end_ids)).collect::<Result<_>>()?;
+                Box::new(Ensemble::new(members, combine)?)
             }
             Reward::Learned { rm, tok: Some(own), path } if !own.same_vocabulary(tok) => {
                 eprintln!(
@@ -234,6 +257,13 @@ pub fn build_reward<D: FusedOps>(spec: Option<&RewardSpec>, dev: &D) -> Result<R
             }
             let built = terms.iter().map(|t| Ok((t.weight, build_reward(Some(&t.reward), dev)?)));
             Reward::Sum(built.collect::<Result<_>>()?)
+        }
+        RewardSpec::Ensemble { members, combine } => {
+            if members.is_empty() {
+                bail!("reward.kind = ensemble needs at least one member");
+            }
+            let built = members.iter().map(|m| build_reward(Some(m), dev));
+            Reward::Ensemble(built.collect::<Result<_>>()?, *combine)
         }
     })
 }
