@@ -89,6 +89,7 @@ fn plot_specs(m: &[serde_json::Value]) -> Vec<(&'static str, &'static [&'static 
         vec![
             ("reward", &["objective/scores", "objective/rlhf_reward", "eval/scores"]),
             ("running score statistics", &["score/running_mean", "score/running_std"]),
+            ("reward-model ensemble disagreement", &["reward/ensemble_std"]),
             ("KL to the reference", &["objective/kl", "eval/kl"]),
             ("β", &["objective/beta"]),
             ("entropy", &["policy/entropy_avg"]),
@@ -100,6 +101,7 @@ fn plot_specs(m: &[serde_json::Value]) -> Vec<(&'static str, &'static [&'static 
         vec![
             ("reward", &["reward", "reward_std", "eval/reward"]),
             ("running score statistics", &["score/running_mean", "score/running_std"]),
+            ("reward-model ensemble disagreement", &["reward/ensemble_std"]),
             ("KL to the reference", &["kl", "kl_seq", "eval/kl"]),
             ("entropy", &["entropy"]),
             ("completion length", &["completions/mean_length", "eval/completions/mean_length"]),

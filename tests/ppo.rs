@@ -481,7 +481,8 @@ fn running_score_norm_is_logged_and_resumes_exactly() {
 }
 
 /// A reward ensemble drives PPO: each sampled response is scored by the members' minimum
-/// (here the counts of "a" and of "e" in its text; the unit tests check each combination).
+/// (here the counts of "a" and of "e" in its text; the unit tests check each combination),
+/// and each iteration logs the members' disagreement.
 #[test]
 fn ppo_trains_on_an_ensemble_s_combined_score() {
     let d = tempfile::tempdir().unwrap();
@@ -502,4 +503,6 @@ fn ppo_trains_on_an_ensemble_s_combined_score() {
         kinds[usize::from(a > 0 && e == 0)] = true;
     }
     assert_eq!(kinds, [true; 2], "rows with \"a\" but no \"e\" (one member pays, the minimum does not), and others");
+    let m = metrics(d.path());
+    assert!(m.iter().all(|r| r["reward/ensemble_std"].as_f64().is_some_and(|s| s > 0.0)), "{m:?}");
 }

@@ -11,7 +11,10 @@
 //!
 //! The conservative forms (`min`, `uwo`) pay less where the members disagree — where a policy
 //! is exploiting one member's errors. Members should score on one scale (reward models with
-//! their stored normalisation do).
+//! their stored normalisation do). The disagreement itself, the members' standard deviation
+//! `√((1/k) Σ_i (r_i − r̄)²)` averaged over responses, is logged as `reward/ensemble_std`
+//! ([`RewardModel::take_stats`]): rising, it says the policy is reaching where the members
+//! part ways.
 
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +65,9 @@ impl Combine {
 pub struct Ensemble {
     members: Vec<Box<dyn RewardModel>>,
     combine: Combine,
+    /// Σ over the responses scored since the last [`RewardModel::take_stats`] of the
+    /// members' standard deviation, and their count.
+    disagreement: (f64, usize),
 }
 
 impl std::fmt::Debug for Ensemble {
@@ -84,7 +90,7 @@ impl Ensemble {
                 return Err(EnvError::Config { field: "combine.lambda", msg: format!("must be >= 0, got {lambda}") });
             }
         }
-        Ok(Ensemble { members, combine })
+        Ok(Ensemble { members, combine, disagreement: (0.0, 0) })
     }
 }
 
@@ -105,6 +111,10 @@ impl RewardModel for Ensemble {
         Ok((0..batch.len())
             .map(|i| {
                 row.iter_mut().zip(&by_member).for_each(|(r, s)| *r = s[i]);
+                let mean = Combine::Mean.apply(&row) as f64;
+                let var = row.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / row.len() as f64;
+                self.disagreement.0 += var.sqrt();
+                self.disagreement.1 += 1;
                 self.combine.apply(&row)
             })
             .collect())
@@ -121,6 +131,15 @@ impl RewardModel for Ensemble {
             }
         }
         Ok(None)
+    }
+
+    /// `reward/ensemble_std` (the members' standard deviation, averaged over the responses
+    /// scored since the last call), then the members' own statistics; none if nothing was
+    /// scored.
+    fn take_stats(&mut self) -> Vec<(String, f64)> {
+        let (sum, n) = std::mem::take(&mut self.disagreement);
+        let own = (n > 0).then(|| ("reward/ensemble_std".to_string(), sum / n as f64));
+        own.into_iter().chain(self.members.iter_mut().flat_map(|m| m.take_stats())).collect()
     }
 }
 
@@ -166,6 +185,11 @@ mod tests {
         };
         assert_eq!(e.score(&[input("ab"), input("abcdefgh")]).unwrap(), [2.0, 2.0]);
         assert_eq!(e.name(), "min[len, minus]");
+        // members (2, 8) and (8, 2): standard deviation 3 each; taken, the sums restart
+        assert_eq!(e.take_stats(), [("reward/ensemble_std".to_string(), 3.0)]);
+        assert_eq!(e.take_stats(), []);
+        e.score(&[input("abcde")]).unwrap();
+        assert_eq!(e.take_stats(), [("reward/ensemble_std".to_string(), 0.0)]);
         assert_eq!(e.dense(&[input("ab")]).unwrap(), None);
     }
 

@@ -40,6 +40,13 @@ pub trait RewardModel {
         let _ = batch;
         Ok(None)
     }
+
+    /// Statistics of the scores given since the last call, as `(metric name, value)` (e.g. an
+    /// [`Ensemble`](crate::Ensemble)'s disagreement); the trainers take them around their
+    /// training rollouts and log them with the iteration. Default: none.
+    fn take_stats(&mut self) -> Vec<(String, f64)> {
+        Vec::new()
+    }
 }
 
 impl<R: RewardModel + ?Sized> RewardModel for Box<R> {
@@ -51,6 +58,9 @@ impl<R: RewardModel + ?Sized> RewardModel for Box<R> {
     }
     fn dense(&mut self, batch: &[RewardInput]) -> Result<Option<Vec<Vec<f32>>>, EnvError> {
         (**self).dense(batch)
+    }
+    fn take_stats(&mut self) -> Vec<(String, f64)> {
+        (**self).take_stats()
     }
 }
 
@@ -264,5 +274,8 @@ impl RewardModel for Weighted {
             }
         }
         Ok(total)
+    }
+    fn take_stats(&mut self) -> Vec<(String, f64)> {
+        self.parts.iter_mut().flat_map(|(_, m)| m.take_stats()).collect()
     }
 }

@@ -117,6 +117,11 @@ impl<R: LogProbModel, M: RewardModel> VecEnv<R, M> {
         self.moments = moments;
     }
 
+    /// The reward's statistics since the last call ([`RewardModel::take_stats`]).
+    pub fn take_reward_stats(&mut self) -> Vec<(String, f64)> {
+        self.reward.take_stats()
+    }
+
     /// Starts a new episode in every row (prompts drawn in row order); `seed` restarts the
     /// prompt sampler. Returns the prompts as observations.
     pub fn reset(&mut self, seed: Option<u64>) -> Result<Vec<(Obs, ResetInfo)>, EnvError> {

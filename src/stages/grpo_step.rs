@@ -185,6 +185,8 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
         }
         let capacity = cfg.max_prompt_len + cfg.max_new_tokens;
         let mut sessions = policy_sessions(&self.policy, cfg.batch_size(), capacity, samplers, cfg.rollout_engine)?;
+        // the reward's statistics of the sampled rollouts alone (no evaluation, no greedy decode)
+        let _ = self.env.take_reward_stats();
         let opts = Rollout { group_size: cfg.num_generations, reference: false };
         let (g, needed) = (cfg.num_generations, cfg.prompts_per_step);
         let (mut episodes, mut informative) = (vec![], vec![]);
@@ -204,6 +206,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
             tokens: episodes.iter().map(|e| e.response_ids.len()).sum(),
             mean_reward: episodes.iter().map(|e| e.score as f64).sum::<f64>() / episodes.len().max(1) as f64,
             greedy: None,
+            reward_stats: self.env.take_reward_stats(),
         };
         if cfg.dynamic_sampling.is_some() {
             let batch = dynamic_batch(&informative, needed);
@@ -248,15 +251,20 @@ struct Generated {
     tokens: usize,
     /// The mean reward of every completion (`reward` is the trained batch's).
     mean_reward: f64,
+    /// The reward's statistics over every completion ([`rlhf_envs::RewardModel::take_stats`]).
+    reward_stats: Vec<(String, f64)>,
     /// ReMax: each trained group's greedy score.
     greedy: Option<Vec<f32>>,
 }
 
 impl Generated {
     /// The rollout throughput over everything generated (with dynamic sampling, more than the
-    /// batch), ReMax's greedy reward and dynamic sampling's counts.
+    /// batch), the reward's statistics, ReMax's greedy reward and dynamic sampling's counts.
     fn record(&self, cfg: &GrpoConfig, rollout: &Duration, record: &mut serde_json::Value) {
         record["timing/rollout_tokens_per_s"] = (self.tokens as f64 / rollout.as_secs_f64().max(1e-9)).into();
+        for (k, v) in &self.reward_stats {
+            record[k] = (*v).into();
+        }
         if let Some(g) = &self.greedy {
             record["remax/greedy_reward"] = (g.iter().map(|&x| x as f64).sum::<f64>() / g.len().max(1) as f64).into();
         }

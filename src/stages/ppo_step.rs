@@ -126,7 +126,10 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
     fn iteration_inner(&mut self, it: usize) -> Result<Option<IterationOutput>> {
         // ALGO: rollout with the current policy (sampling engine with its KV cache; NLPO: masked)
         let t0 = Instant::now();
+        // the reward's statistics of this rollout alone (not of an evaluation before it)
+        let _ = self.env.take_reward_stats();
         let (rolled, nlpo_metrics) = self.rollout(it)?;
+        let reward_stats = self.env.take_reward_stats();
         let cfg = &self.cfg;
         let (episodes, masks) = match rolled {
             Ok(e) => e,
@@ -180,6 +183,9 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         }
         running_score_metrics(&cfg.score, &self.env.score_moments(), &mut record);
         for (k, v) in nlpo_metrics.into_iter().flatten() {
+            record[k] = v.into();
+        }
+        for (k, v) in reward_stats {
             record[k] = v.into();
         }
         Ok(Some(IterationOutput { episodes, scored, record, timing }))
