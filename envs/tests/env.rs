@@ -41,6 +41,15 @@ fn env_with(c: TextEnvConfig) -> Result<TextGenEnv<Bigram, FnReward<impl FnMut(&
     TextGenEnv::new(c, PromptSource::new(prompts(2), 1).unwrap(), Bigram::new(12, 0.3, 1, 0), rule(), Box::new(Letters))
 }
 
+/// `n` environments over `prompts` against the bigram reference, scored by [`rule`].
+fn vec_env(
+    n: usize,
+    c: TextEnvConfig,
+    prompts: PromptSource,
+) -> VecEnv<Bigram, FnReward<impl FnMut(&RewardInput) -> f32>> {
+    VecEnv::new(n, c, prompts, Bigram::new(12, 0.3, n, 0), rule(), Box::new(Letters)).unwrap()
+}
+
 fn act(tok: u32) -> Action {
     Action { token: tok, logprob: -1.0 }
 }
@@ -137,15 +146,7 @@ fn seeded_prompt_order_and_epochs() {
 
 #[test]
 fn vec_env_auto_resets_finished_rows() {
-    let mut v = VecEnv::new(
-        3,
-        cfg(2, 0),
-        PromptSource::new(prompts(6), 2).unwrap(),
-        Bigram::new(12, 0.3, 3, 0),
-        rule(),
-        Box::new(Letters),
-    )
-    .unwrap();
+    let mut v = vec_env(3, cfg(2, 0), PromptSource::new(prompts(6), 2).unwrap());
     let obs = v.reset(Some(2)).unwrap();
     assert_eq!(obs.len(), 3);
     // row 1 ends on EOS; rows 0 and 2 continue
@@ -165,15 +166,7 @@ fn vec_env_auto_resets_finished_rows() {
 #[test]
 fn stepping_equals_batched_rollout() {
     let n = 4;
-    let mut v = VecEnv::new(
-        n,
-        cfg(8, 0),
-        PromptSource::new(prompts(7), 5).unwrap(),
-        Bigram::new(12, 0.3, n, 0),
-        rule(),
-        Box::new(Letters),
-    )
-    .unwrap();
+    let mut v = vec_env(n, cfg(8, 0), PromptSource::new(prompts(7), 5).unwrap());
     let mut policy = Bigram::new(12, 0.9, n, 42);
     let episodes = v.rollout(&mut policy).unwrap();
     assert!(
@@ -211,15 +204,7 @@ fn stepping_equals_batched_rollout() {
 #[test]
 fn kl_is_zero_when_the_policy_is_the_reference() {
     let n = 3;
-    let mut v = VecEnv::new(
-        n,
-        cfg(6, 0),
-        PromptSource::new(prompts(3), 1).unwrap(),
-        Bigram::new(12, 0.3, n, 0),
-        rule(),
-        Box::new(Letters),
-    )
-    .unwrap();
+    let mut v = vec_env(n, cfg(6, 0), PromptSource::new(prompts(3), 1).unwrap());
     let mut same = Bigram::new(12, 0.3, n, 7);
     for ep in v.rollout(&mut same).unwrap() {
         assert!(ep.kl.iter().all(|&k| k == 0.0), "{:?}", ep.kl);
@@ -236,15 +221,7 @@ fn kl_is_zero_when_the_policy_is_the_reference() {
 #[test]
 fn grouped_rollout_shares_prompts_and_can_skip_the_reference() {
     let (n, g) = (6, 3);
-    let mut v = VecEnv::new(
-        n,
-        cfg(8, 0),
-        PromptSource::new(prompts(7), 5).unwrap(),
-        Bigram::new(12, 0.3, n, 0),
-        rule(),
-        Box::new(Letters),
-    )
-    .unwrap();
+    let mut v = vec_env(n, cfg(8, 0), PromptSource::new(prompts(7), 5).unwrap());
     let mut policy = Bigram::new(12, 0.9, n, 42);
     let eps = v.rollout_with(&mut policy, Rollout { group_size: g, reference: false }).unwrap();
     let mut src = PromptSource::new(prompts(7), 5).unwrap();
@@ -456,15 +433,7 @@ fn running_norm_scales_each_batch_by_the_statistics_of_every_training_score_so_f
     let mut c = cfg(4, 0);
     c.score.running_norm = Some(RunningNorm { center: true });
     let n = 6;
-    let mut v = VecEnv::new(
-        n,
-        c.clone(),
-        PromptSource::new(prompts(7), 5).unwrap(),
-        Bigram::new(12, 0.3, n, 0),
-        rule(),
-        Box::new(Letters),
-    )
-    .unwrap();
+    let mut v = vec_env(n, c.clone(), PromptSource::new(prompts(7), 5).unwrap());
     let mut policy = Bigram::new(12, 0.9, n, 42);
     let (mut all, mut raw_seen) = (RunningMoments::default(), Vec::<f32>::new());
     for _ in 0..3 {
