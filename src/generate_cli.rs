@@ -213,7 +213,9 @@ fn generate_file<D: FusedOps>(a: &GenerateArgs, prompts: &std::path::Path, dev: 
         reward: match (&a.reward_model, &a.reward) {
             (Some(path), _) => Some(RewardSpec::Model { path: path.clone(), normalize: true }),
             (None, Some(json)) => {
-                Some(serde_json::from_str(json).with_context(|| format!("--reward {json}: not a reward"))?)
+                let mut spec = serde_json::from_str(json).with_context(|| format!("--reward {json}: not a reward"))?;
+                rlhf::stages::reward_spec::resolve_reward_models(&mut spec)?;
+                Some(spec)
             }
             (None, None) => None,
         },

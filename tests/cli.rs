@@ -287,6 +287,24 @@ fn reward_then_ppo_with_reward_model_then_report() {
     let (ok, _, err) = gen("gen2.jsonl");
     assert!(ok, "{err}");
     assert_eq!(std::fs::read_to_string(d.path().join("gen2.jsonl")).unwrap(), text);
+    // --reward takes run folders inside a spec too: an ensemble of the run twice, its mean the
+    // same rewards
+    let spec = format!(
+        r#"{{"kind": "ensemble", "combine": {{"kind": "mean"}}, "members": [{{"kind": "model", "path": {0:?}}},
+            {{"kind": "model", "path": {0:?}}}]}}"#,
+        p("rm")
+    );
+    let args = [&p("ppo/checkpoints/step-2"), "--prompts", &p("prompts.jsonl"), "--samples", "3", "--batch", "2"];
+    let more = ["--max-new-tokens", "6", "--seed", "5", "--reward", &spec, "--out", &p("gen3.jsonl")];
+    let (ok, _, err) = rlhf(&[&["generate", "--model"], &args[..], &more[..]].concat());
+    assert!(ok && err.contains("a run folder; using its newest checkpoint"), "{err}");
+    let rewards = |f: &str| -> Vec<f64> {
+        let text = std::fs::read_to_string(d.path().join(f)).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["reward"].as_f64().unwrap())
+            .collect()
+    };
+    assert_eq!(rewards("gen3.jsonl"), rewards("gen.jsonl"));
 }
 
 #[test]

@@ -283,7 +283,14 @@ pub fn load_reward_model<D: FusedOps>(path: &Path, normalize: bool, dev: &D) -> 
 /// the critic-free trainers).
 pub fn resolve_models(policy: &mut PathBuf, reward: Option<&mut RewardSpec>) -> Result<()> {
     crate::run::resolve_model_in(policy)?;
-    for path in reward.map(RewardSpec::model_paths_mut).unwrap_or_default() {
+    reward.map(resolve_reward_models).transpose()?;
+    Ok(())
+}
+
+/// Every reward model's folder in `reward` (a sum's terms and an ensemble's members too)
+/// through [`crate::run::resolve_model`]: a run folder becomes its newest checkpoint.
+pub fn resolve_reward_models(reward: &mut RewardSpec) -> Result<()> {
+    for path in reward.model_paths_mut() {
         crate::run::resolve_model_in(path)?;
     }
     Ok(())
