@@ -173,7 +173,8 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         let beta = self.state.kl.beta;
         self.state.kl.update(if cfg.kl_unit == KlUnit::SequenceSum { kl_seq } else { kl_tok }, cfg.batch_size);
         let timing = [t_rollout, t_scoring, t_update];
-        let mut record = iteration_metrics(it + 1, &scored, &upd, (beta, kl_seq), lr.0, self.eos, &timing);
+        let policy_lr = lr.0.unwrap_or(0.0);
+        let mut record = iteration_metrics(it + 1, &scored, &upd, (beta, kl_seq), policy_lr, self.eos, &timing);
         if cfg.critic_lr.is_some() || cfg.critic_warmup_iterations > 0 {
             record["lr_critic"] = lr.1.into();
         }
@@ -220,11 +221,12 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
 }
 
 /// Iteration `it`'s (policy, critic) learning rates: the schedule at `optim.lr` and at
-/// `critic_lr` (or `optim.lr`); the policy's is 0 during the critic warm-up (when its
-/// parameters sit the steps out, see `update`).
-fn rates(cfg: &PpoConfig, it: usize) -> (f64, f64) {
+/// `critic_lr` (or `optim.lr`); the policy has none during the critic warm-up, when its
+/// parameters sit the steps out (OpenRLHF's frozen actor: not stepped, not in the gradient
+/// norm, their Adam moments untouched; logged as rate 0).
+fn rates(cfg: &PpoConfig, it: usize) -> (Option<f64>, f64) {
     let at = |peak| cfg.schedule.at(peak, cfg.iterations, it);
-    let policy = if it < cfg.critic_warmup_iterations { 0.0 } else { at(cfg.optim.lr) };
+    let policy = (it >= cfg.critic_warmup_iterations).then(|| at(cfg.optim.lr));
     (policy, at(cfg.critic_lr.unwrap_or(cfg.optim.lr)))
 }
 
@@ -429,19 +431,14 @@ fn update<D: FusedOps + GradBuffers>(
     opt: &mut AdamW<D>,
     s: &Scored,
     it: usize,
-    lr: (f64, f64),
+    lr: (Option<f64>, f64),
     pad: u32,
     ptx: Option<&[u32]>,
     state: &mut PpoState,
 ) -> Result<UpdateStats> {
     let mut st = UpdateStats::default();
-    // during the critic warm-up the policy's parameters sit the steps out (OpenRLHF's
-    // frozen actor): not stepped, not in the gradient norm, their Adam moments untouched
-    let warming_up = it < cfg.critic_warmup_iterations;
-    let lr_of = |name: &str| match name.starts_with("value.") {
-        true => Some(lr.1),
-        false => (!warming_up).then_some(lr.0),
-    };
+    // no policy rate (critic warm-up): its parameters sit the steps out
+    let lr_of = |name: &str| if name.starts_with("value.") { Some(lr.1) } else { lr.0 };
     'epochs: for epoch in 0..cfg.ppo_epochs {
         for (m, mb) in minibatches(cfg, it, epoch).iter().enumerate() {
             let mb_tokens: usize = mb.iter().flatten().map(|&i| s.seqs[i].resp_len()).sum();
