@@ -314,24 +314,34 @@ fn score<D: FusedOps>(
         scores: episodes.iter().map(|e| e.score).collect(),
         masks,
     };
+    // kl_estimator = full: the exact per-token KL of π_θ (over each token's nucleus, with
+    // NLPO) to π_ref, from both models' logits
+    let full = cfg.kl_estimator.sampled().is_none();
+    let mut full_kl = vec![vec![]; if full { n } else { 0 }];
     for micro in layout.iter().flatten() {
         let batch: Vec<&Seq> = micro.iter().map(|&i| &s.seqs[i]).collect();
         let masks = gather_masks(s.masks.as_ref(), micro);
         let (lpe, values) = models.forward(&batch, masks.as_deref(), pad, cfg.temperature, NoneTape)?;
         let ref_lpe = logprobs_and_entropy(reference, &batch, pad, cfg.temperature, NoneTape)?.as_vec();
         let (lpe, values) = (lpe.as_vec(), values.as_vec());
+        let kl = full
+            .then(|| full_kl_terms(&models.policy, reference, &batch, masks.as_deref(), pad, cfg.temperature))
+            .transpose()?;
         let mut off = 0;
         for &i in micro {
             let len = s.seqs[i].resp_len();
             s.old_logprobs[i] = lpe[off..off + len].to_vec();
             s.ref_logprobs[i] = ref_lpe[off..off + len].to_vec();
             s.values[i] = values[off..off + len].to_vec();
+            if let Some(kl) = &kl {
+                full_kl[i] = kl[off..off + len].to_vec();
+            }
             off += len;
         }
     }
     s.kl = match cfg.kl_estimator.sampled() {
         Some(e) => (0..n).map(|i| kl_terms(&s.old_logprobs[i], &s.ref_logprobs[i], e)).collect(),
-        None => full_kls(cfg, models, reference, &s, layout, pad)?,
+        None => full_kl,
     };
     // r_t = −β·k(t), plus the score at the last token
     s.rewards = (0..n)
@@ -353,31 +363,6 @@ fn score<D: FusedOps>(
         s.advantages = unflatten(&whiten(&s.advantages.concat(), true, 1e-8, true), &s.advantages);
     }
     Ok(s)
-}
-
-/// `kl_estimator = full`: the exact per-token KL of π_θ (over each token's nucleus, with NLPO)
-/// to π_ref, micro-batch by micro-batch.
-fn full_kls<D: FusedOps>(
-    cfg: &PpoConfig,
-    models: &PpoModels<D>,
-    reference: &CausalLm<D>,
-    s: &Scored,
-    layout: &[Vec<Vec<usize>>],
-    pad: u32,
-) -> Result<Vec<Vec<f32>>> {
-    let mut kl = vec![vec![]; s.seqs.len()];
-    for micro in layout.iter().flatten() {
-        let batch: Vec<&Seq> = micro.iter().map(|&i| &s.seqs[i]).collect();
-        let masks = gather_masks(s.masks.as_ref(), micro);
-        let terms = full_kl_terms(&models.policy, reference, &batch, masks.as_deref(), pad, cfg.temperature)?;
-        let mut off = 0;
-        for &i in micro {
-            let len = s.seqs[i].resp_len();
-            kl[i] = terms[off..off + len].to_vec();
-            off += len;
-        }
-    }
-    Ok(kl)
 }
 
 fn unflatten(flat: &[f32], like: &[Vec<f32>]) -> Vec<Vec<f32>> {
