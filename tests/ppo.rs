@@ -497,7 +497,7 @@ fn ppo_trains_on_an_ensemble_s_combined_score() {
     train(c, false).unwrap();
     let (rows, mut kinds) = (samples(d.path()), [false; 2]);
     for row in &rows {
-        let text = row["response"].as_str().unwrap().replace("<|endoftext|>", "");
+        let text = row["response"].as_str().unwrap().replace(rlhf_policies::tokenizer::EOS_TOKEN, "");
         let (a, e) = (text.matches('a').count(), text.matches('e').count());
         assert_eq!(row["score"].as_f64(), Some(a.min(e) as f64), "{row}");
         kinds[usize::from(a > 0 && e == 0)] = true;
