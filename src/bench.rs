@@ -138,7 +138,7 @@ impl<D: FusedOps + GradBuffers> TrainStepBench<D> {
             eps: t.eps,
             weight_decay: t.weight_decay,
             no_decay_1d: false,
-            freeze: vec![],
+            ..Default::default()
         };
         Ok(TrainStepBench {
             model: lm,

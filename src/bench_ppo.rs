@@ -79,7 +79,7 @@ pub fn ppo_trainer<D: FusedOps + GradBuffers>(
         eps: p.eps,
         weight_decay: p.weight_decay,
         no_decay_1d: false,
-        freeze: vec![],
+        ..Default::default()
     };
     let cfg = PpoConfig {
         seed: w.seed,

@@ -11,7 +11,7 @@ use rlhf::schedule::LrSchedule;
 use rlhf::stages::sft::{
     sft_loss, sft_loss_packed, tokenize, train, AssistantTurns, Example, SftConfig, SftRecord, Truncation,
 };
-use rlhf_policies::{Batch, CausalLm, ModelConfig, Tokenizer};
+use rlhf_policies::{AdamWConfig, Batch, CausalLm, ModelConfig, Tokenizer};
 
 const PAIRS: [(&str, &str); 6] = [
     ("color of sky?", "blue."),
@@ -154,6 +154,12 @@ fn frozen_parameters_stay_as_they_were_and_the_rest_train() {
     assert!(same.iter().all(|n| n.contains("wte") || n.contains("wpe") || n.contains(".h.0.")), "{same:?}");
     assert!(same.iter().any(|n| n.contains(".h.0.")) && same.len() == 2 + 12, "embeddings and block 0: {same:?}");
     assert!(moved.iter().all(|n| n.contains(".h.1.") || n.contains("ln_f")) && moved.len() == 12 + 2, "{moved:?}");
+    // trlx's `num_layers_unfrozen: 1` on the 2-block model is the same list: the same run
+    let top = SftConfig { out_dir: d.path().join("top"), ..c.clone() };
+    let top =
+        SftConfig { optim: AdamWConfig { freeze: vec![], num_layers_unfrozen: Some(1), ..c.optim.clone() }, ..top };
+    train(top, false).unwrap();
+    assert_eq!(comparable_metrics(&d.path().join("top")), comparable_metrics(&d.path().join("run")));
     // a name that matches nothing is refused at the first step
     let mut typo = cfg(d.path(), 1);
     typo.out_dir = d.path().join("typo");

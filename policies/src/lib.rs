@@ -32,6 +32,7 @@ mod decode_attn;
 pub mod device_decode;
 pub mod embed;
 pub mod error;
+pub mod freeze;
 pub mod fused;
 pub mod gelu;
 pub mod gguf;

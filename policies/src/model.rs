@@ -265,6 +265,10 @@ pub struct CausalLm<D: Storage<f32>> {
     pub lm_head: Option<T2<D>>,
     /// The device.
     pub dev: D,
+    /// How many leading blocks a taped forward runs untaped, with the embeddings: their
+    /// parameters are frozen, so nothing below needs a gradient ([`CausalLm::set_frozen_trunk`]).
+    /// 0 for a new model or a copy.
+    pub(crate) frozen_blocks: usize,
 }
 
 impl<D: FusedOps> CausalLm<D> {
@@ -305,7 +309,8 @@ impl<D: FusedOps> CausalLm<D> {
             })
             .collect();
         let lm_head = (!dims.tied).then(|| sample_normal(dev, &mut rng, (dims.vocab, c), std));
-        Ok(CausalLm { ln_f: Norm::new(dev, &dims), config, dims, wte, wpe, blocks, lm_head, dev: dev.clone() })
+        let ln_f = Norm::new(dev, &dims);
+        Ok(CausalLm { ln_f, config, dims, wte, wpe, blocks, lm_head, dev: dev.clone(), frozen_blocks: 0 })
     }
 
     /// Final hidden states `(B·T, C)` (after the last norm) for a batch, recording on `tape`.
@@ -340,17 +345,37 @@ impl<D: FusedOps> CausalLm<D> {
         batch.check(self.dims.vocab, self.dims.position_limit())?;
         let (b, t, c) = (batch.b, batch.t, self.dims.d_model);
         let ids: Vec<usize> = batch.ids.iter().map(|&i| i as usize).collect();
-        let mut x = D::embed(tape, &self.wte, self.wpe.as_ref(), &ids, &batch.position_ids);
-        debug_assert_eq!(*x.shape(), (b * t, c));
         let ctx = self.context(batch);
-        let last = self.blocks.len().checked_sub(1);
-        for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(x, &self.dims, &ctx, if Some(i) == last { rows } else { None });
-        }
-        if let (None, Some(rows)) = (last, rows) {
+        // the frozen bottom runs untaped: no gradient is recorded below the first block that trains
+        let untaped = if T::OWNS_TAPE { self.frozen_blocks } else { 0 };
+        let x = if untaped > 0 {
+            let x = D::embed(NoneTape, &self.wte, self.wpe.as_ref(), &ids, &batch.position_ids);
+            self.run_blocks(x, 0..untaped, &ctx, rows).put_tape(tape)
+        } else {
+            D::embed(tape, &self.wte, self.wpe.as_ref(), &ids, &batch.position_ids)
+        };
+        debug_assert_eq!(x.shape().1, c);
+        let mut x = self.run_blocks(x, untaped..self.blocks.len(), &ctx, rows);
+        if let (true, Some(rows)) = (self.blocks.is_empty(), rows) {
             x = D::select_rows(x, rows);
         }
+        debug_assert_eq!(x.shape().0, rows.map_or(b * t, <[usize]>::len));
         Ok(self.ln_f.forward(x))
+    }
+
+    /// Blocks `range` in order; the last block of the model keeps only `rows`.
+    fn run_blocks<T: Tape<f32, D>>(
+        &self,
+        mut x: A2<D, T>,
+        range: std::ops::Range<usize>,
+        ctx: &Ctx<D>,
+        rows: Option<&[usize]>,
+    ) -> A2<D, T> {
+        let last = self.blocks.len().checked_sub(1);
+        for i in range {
+            x = self.blocks[i].forward(x, &self.dims, ctx, if Some(i) == last { rows } else { None });
+        }
+        x
     }
 
     /// LM logits `(N, V)` from hidden states `(N, C)`: `h · headᵀ` (head = `wte` when tied).
@@ -461,6 +486,7 @@ impl<D: FusedOps> CausalLm<D> {
     pub fn frozen_copy(&self) -> Self {
         let mut copy = self.clone();
         copy.map_params(|t| t.clone() + 0.0f32, |t| t.clone() + 0.0f32);
+        copy.frozen_blocks = 0;
         copy
     }
 

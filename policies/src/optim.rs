@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use crate::checkpoint::HostTensor;
 use crate::error::{dev_err, PolicyError};
+use crate::freeze::frozen_mask;
 use crate::params::{ParamMut, ParamRef};
 
 /// What a device must offer the optimizer beyond dfdx's `Device`: in-place access to gradient
@@ -161,33 +162,36 @@ pub struct AdamWConfig {
     pub no_decay_1d: bool,
     /// Parameters left as they are (not stepped, not counted in the gradient norm), by name or
     /// by a prefix of whole dot-separated parts: `wte`, `blocks.0` (not `blocks.10`), and in
-    /// PPO `policy.blocks.0` — the names in `optimizer.safetensors` (`exp_avg.<name>`). trlx's
-    /// `num_layers_unfrozen = 2` on a 4-layer GPT-2 is `["wte", "wpe", "blocks.0",
-    /// "blocks.1"]` (the tied LM head is `wte`). Each must match some parameter. Default: none.
+    /// PPO `policy.blocks.0` — the names in `optimizer.safetensors` (`exp_avg.<name>`). Each
+    /// must match some parameter. Default: none.
     pub freeze: Vec<String>,
+    /// trlx's `num_layers_unfrozen`: in every transformer the run trains (PPO: the policy and
+    /// a separate critic), only the top N blocks, the final norm and an untied LM head train;
+    /// the other blocks and the embeddings (hence a tied head) are frozen, and their backward
+    /// pass is skipped (see [`crate::freeze::frozen_mask`]). Adds to `freeze`. Default: none
+    /// (all train).
+    pub num_layers_unfrozen: Option<usize>,
 }
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { lr: 1e-4, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0, no_decay_1d: true, freeze: vec![] }
+        AdamWConfig {
+            lr: 1e-4,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            weight_decay: 0.0,
+            no_decay_1d: true,
+            freeze: vec![],
+            num_layers_unfrozen: None,
+        }
     }
-}
-
-/// Whether `prefix` is parameter `name` or a prefix of its whole dot-separated parts.
-fn covers(prefix: &str, name: &str) -> bool {
-    name.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
 }
 
 impl AdamWConfig {
-    /// Whether `freeze` holds parameter `name`: the name itself, or a prefix of whole parts.
-    pub fn is_frozen(&self, name: &str) -> bool {
-        self.freeze.iter().any(|p| covers(p, name))
-    }
-
     /// Checks the numbers (`lr` finite and ≥ 0, each β in [0, 1), `eps` > 0, `weight_decay`
-    /// finite and ≥ 0) and `freeze` against a model's parameter names: each entry must match
-    /// one, and one must be left to train.
-    pub fn check<'a>(&self, names: impl IntoIterator<Item = &'a str> + Clone) -> Result<(), PolicyError> {
+    /// finite and ≥ 0) and returns, per parameter of `names` (a model's, in its order), whether
+    /// `freeze` and `num_layers_unfrozen` leave it as it is ([`crate::freeze::frozen_mask`]).
+    pub fn frozen(&self, names: &[&str]) -> Result<Vec<bool>, PolicyError> {
         let field =
             |f: &str, msg: String| PolicyError::Config { file: "config".into(), field: format!("optim.{f}"), msg };
         let [b1, b2] = self.betas;
@@ -201,17 +205,7 @@ impl AdamWConfig {
         if let Some((f, _, v, range)) = bad.iter().find(|b| !b.1) {
             return Err(field(f, format!("{v} is out of range {range}")));
         }
-        let config = |msg: String| field("freeze", msg);
-        for p in &self.freeze {
-            if !names.clone().into_iter().any(|n| covers(p, n)) {
-                let some: Vec<&str> = names.clone().into_iter().take(6).collect();
-                return Err(config(format!("{p:?} matches no parameter (they are named like {})", some.join(", "))));
-            }
-        }
-        if names.into_iter().all(|n| self.is_frozen(n)) {
-            return Err(config("freezes every parameter: nothing would train".into()));
-        }
-        Ok(())
+        frozen_mask(&self.freeze, self.num_layers_unfrozen, names)
     }
 }
 
@@ -245,8 +239,8 @@ impl<D: Device<f32>> AdamW<D> {
     pub fn trainable<'a>(&mut self, names: impl IntoIterator<Item = &'a str> + Clone) -> Result<&[bool], PolicyError> {
         let n = names.clone().into_iter().count();
         if self.trainable.as_ref().is_none_or(|t| t.len() != n) {
-            self.cfg.check(names.clone())?;
-            self.trainable = Some(names.into_iter().map(|name| !self.cfg.is_frozen(name)).collect());
+            let names: Vec<&str> = names.into_iter().collect();
+            self.trainable = Some(self.cfg.frozen(&names)?.into_iter().map(|f| !f).collect());
         }
         Ok(self.trainable.as_deref().expect("set above"))
     }
@@ -469,29 +463,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn freeze_matches_names_and_prefixes_of_whole_parts() {
-        let cfg = AdamWConfig { freeze: vec!["wte".into(), "blocks.1".into()], ..Default::default() };
-        let names = ["wte", "wpe", "blocks.1.ln1.weight", "blocks.10.ln1.weight", "blocks.1x", "ln_f.weight"];
-        let frozen: Vec<&str> = names.iter().copied().filter(|n| cfg.is_frozen(n)).collect();
-        assert_eq!(frozen, ["wte", "blocks.1.ln1.weight"]);
-        assert!(cfg.check(names).is_ok());
-        let typo = AdamWConfig { freeze: vec!["block.1".into()], ..Default::default() };
-        let e = typo.check(names).unwrap_err().to_string();
-        assert!(
-            e.contains("`optim.freeze`") && e.contains("\"block.1\" matches no parameter") && e.contains("wte, wpe"),
-            "{e}"
-        );
-        let all = AdamWConfig { freeze: vec!["wte".into(), "wpe".into(), "blocks".into(), "ln_f".into()], ..cfg };
-        assert!(all.check(names).unwrap_err().to_string().contains("nothing would train"));
+    fn out_of_range_numbers_name_their_field() {
+        let names = ["wte", "blocks.0.ln1.weight", "ln_f.weight"];
         for (bad, field) in [
             (AdamWConfig { lr: f64::NAN, ..Default::default() }, "lr"),
             (AdamWConfig { betas: [0.9, 1.0], ..Default::default() }, "betas"),
             (AdamWConfig { eps: 0.0, ..Default::default() }, "eps"),
             (AdamWConfig { weight_decay: -0.1, ..Default::default() }, "weight_decay"),
         ] {
-            let e = bad.check(names).unwrap_err().to_string();
+            let e = bad.frozen(&names).unwrap_err().to_string();
             assert!(e.contains(&format!("`optim.{field}`")) && e.contains("out of range"), "{e}");
         }
-        assert!(AdamWConfig { lr: 0.0, ..Default::default() }.check(names).is_ok(), "lr 0 freezes a run on purpose");
+        let lr0 = AdamWConfig { lr: 0.0, ..Default::default() };
+        assert_eq!(lr0.frozen(&names).unwrap(), [false; 3], "lr 0 freezes a run on purpose, not by the mask");
     }
 }

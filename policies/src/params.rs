@@ -119,6 +119,24 @@ impl<D: Device<f32>> CausalLm<D> {
             }
         }
     }
+
+    /// Lets a taped forward run the embeddings and the longest run of leading blocks whose
+    /// parameters are all `frozen` (by name, as [`CausalLm::params`] gives them) without a
+    /// tape: they get no gradient, and the backward pass stops at the first block that trains.
+    /// Nothing changes while the embeddings train. Returns the number of blocks run untaped.
+    pub fn set_frozen_trunk(&mut self, frozen: impl Fn(&str) -> bool) -> usize {
+        let params = self.params();
+        let all_frozen =
+            |part: &str| params.iter().filter(|(n, _)| crate::freeze::covers(part, n)).all(|(n, _)| frozen(n));
+        let k = if all_frozen("wte") && all_frozen("wpe") {
+            (0..self.blocks.len()).take_while(|i| all_frozen(&format!("blocks.{i}"))).count()
+        } else {
+            0
+        };
+        drop(params);
+        self.frozen_blocks = k;
+        k
+    }
 }
 
 /// The id dfdx keys a tensor's gradient by (dfdx has no public getter; `UnusedTensors::add`
@@ -136,6 +154,12 @@ pub trait HasParams<D: Device<f32>> {
     fn params(&self) -> Vec<(String, ParamRef<'_, D>)>;
     /// The same parameters, mutable, in the same order.
     fn params_mut(&mut self) -> Vec<(String, ParamMut<'_, D>)>;
+    /// The transformers among them, each with the prefix its parameters' names carry here
+    /// (`""` for a bare model), so a trainer can tell each which of its blocks are frozen
+    /// ([`CausalLm::set_frozen_trunk`]). Default: none.
+    fn trunks_mut(&mut self) -> Vec<(&'static str, &mut CausalLm<D>)> {
+        vec![]
+    }
 }
 
 impl<D: Device<f32>> HasParams<D> for CausalLm<D> {
@@ -144,5 +168,8 @@ impl<D: Device<f32>> HasParams<D> for CausalLm<D> {
     }
     fn params_mut(&mut self) -> Vec<(String, ParamMut<'_, D>)> {
         CausalLm::params_mut(self)
+    }
+    fn trunks_mut(&mut self) -> Vec<(&'static str, &mut CausalLm<D>)> {
+        vec![("", self)]
     }
 }

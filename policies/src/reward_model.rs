@@ -238,6 +238,9 @@ impl<D: Device<f32>> HasParams<D> for LearnedReward<D> {
         out.push(("score.weight".into(), ParamMut::M(&mut self.head.w)));
         out
     }
+    fn trunks_mut(&mut self) -> Vec<(&'static str, &mut CausalLm<D>)> {
+        vec![("", &mut self.model)]
+    }
 }
 
 /// A [`LearnedReward`] that reads the texts in its own tokenizer: each input's prompt and

@@ -1,6 +1,7 @@
 //! What every training stage shares: restoring from the last checkpoint, one optimizer step
 //! over accumulated micro-batches, and writing checkpoints.
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -167,8 +168,31 @@ pub fn optimizer_step<D: GradBuffers, M: HasParams<D>>(
     accum: usize,
     micro_loss: impl FnMut(&M, usize, OwnedTape<f32, D>) -> Result<LossOn<D>>,
 ) -> Result<(f32, f64)> {
+    untape_frozen(model, opt, |_| true)?;
     let (grads, loss) = accumulate_grads(model, accum, micro_loss)?;
     Ok((loss, apply_grads(model, opt, grads, lr, clip)?))
+}
+
+/// Tells each transformer in `model` which of its leading blocks need no gradient at this
+/// step: those `opt` freezes (`optim.freeze`, `optim.num_layers_unfrozen`) and those that sit
+/// the step out (`steps(name)` false: PPO's policy during the critic warm-up). Their backward
+/// pass is skipped ([`CausalLm::set_frozen_trunk`]); the gradients of the parameters that step
+/// are the same.
+///
+/// [`CausalLm::set_frozen_trunk`]: rlhf_policies::CausalLm::set_frozen_trunk
+pub fn untape_frozen<D: GradBuffers, M: HasParams<D>>(
+    model: &mut M,
+    opt: &mut AdamW<D>,
+    steps: impl Fn(&str) -> bool,
+) -> Result<()> {
+    let names: Vec<String> = model.params().into_iter().map(|(n, _)| n).collect();
+    let trainable = opt.trainable(names.iter().map(String::as_str))?;
+    let still: HashSet<&str> =
+        names.iter().zip(trainable).filter(|(n, &t)| !t || !steps(n)).map(|(n, _)| n.as_str()).collect();
+    for (prefix, lm) in model.trunks_mut() {
+        lm.set_frozen_trunk(|name| still.contains(format!("{prefix}{name}").as_str()));
+    }
+    Ok(())
 }
 
 /// The first half of [`optimizer_step`]: the gradients of `accum` micro-batch losses (each

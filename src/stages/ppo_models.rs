@@ -245,6 +245,13 @@ impl<D: Device<f32>> HasParams<D> for PpoModels<D> {
         out.push(("value.head.bias".into(), ParamMut::V(&mut head.b)));
         out
     }
+    fn trunks_mut(&mut self) -> Vec<(&'static str, &mut CausalLm<D>)> {
+        let mut out = vec![("policy.", &mut self.policy)];
+        if let Critic::Separate(c) = &mut self.critic {
+            out.push(("value.", &mut c.model));
+        }
+        out
+    }
 }
 
 /// A checkpoint holds the policy as an HF folder (with the tokenizer), and the critic under

@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 use crate::data::{mix, sample_blocks};
 use crate::math::ppo::{explained_variance, gae, ppo_policy_loss, ppo_value_loss, whiten, KlController};
 use crate::stages::common::{
-    accumulate_grads, apply_grads_with, or_skip_non_finite, running_score_metrics, shuffled_minibatches, LossOn,
+    accumulate_grads, apply_grads_with, or_skip_non_finite, running_score_metrics, shuffled_minibatches, untape_frozen,
+    LossOn,
 };
 use crate::stages::nlpo;
 use crate::stages::ppo::{KlUnit, OnNonFinite, PpoConfig};
@@ -424,6 +425,7 @@ fn update<D: FusedOps + GradBuffers>(
     let mut st = UpdateStats::default();
     // no policy rate (critic warm-up): its parameters sit the steps out
     let lr_of = |name: &str| if name.starts_with("value.") { Some(lr.1) } else { lr.0 };
+    untape_frozen(models, opt, |name| lr_of(name).is_some())?;
     'epochs: for epoch in 0..cfg.ppo_epochs {
         for (m, mb) in minibatches(cfg, it, epoch).iter().enumerate() {
             let mb_tokens: usize = mb.iter().flatten().map(|&i| s.seqs[i].resp_len()).sum();

@@ -1,0 +1,107 @@
+//! Frozen parameters: a model whose embeddings and first blocks are frozen runs them untaped,
+//! and the parameters that train get exactly the gradients of the whole backward pass; PPO's
+//! `num_layers_unfrozen` holds the bottom of the policy and of the critic.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use dfdx::prelude::*;
+use rlhf::stages::ppo_models::ValueModelConfig;
+use rlhf_policies::checkpoint::{read_safetensors, HostTensor};
+use rlhf_policies::params::ParamRef;
+use rlhf_policies::{Batch, CausalLm, ModelConfig};
+
+fn gpt2() -> ModelConfig {
+    ModelConfig::gpt2_preset(23, 16, 3, 2, 32)
+}
+
+fn llama() -> ModelConfig {
+    let json = r#"{"model_type":"llama","vocab_size":23,"hidden_size":16,"intermediate_size":24,
+        "num_hidden_layers":3,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":4,
+        "rms_norm_eps":1e-5,"rope_theta":500.0,"max_position_embeddings":64,"tie_word_embeddings":false}"#;
+    ModelConfig::from_json_str(json).unwrap()
+}
+
+/// Each parameter's gradient of a loss over some rows of the hidden states (the last block
+/// keeps only those), `None` where the backward pass recorded none.
+fn gradients(m: &CausalLm<Cpu>) -> Vec<(String, Option<Vec<f32>>)> {
+    let batch = Batch::right_padded(&[vec![3, 1, 4, 1, 5, 9], vec![2, 6, 5]], 0).unwrap();
+    let rows = [2, 4, 5, 7, 8];
+    let h = m.forward_hidden_rows(&batch, &rows, OwnedTape::<f32, Cpu>::default()).unwrap();
+    let grads = m.logits(h).square().mean().backward();
+    let read = |p: &ParamRef<'_, Cpu>| match p {
+        ParamRef::V(t) => grads.get(*t).as_vec(),
+        ParamRef::M(t) => grads.get(*t).as_vec(),
+    };
+    // `get` panics on a parameter without a gradient: quietly, here
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let out = m.params().into_iter().map(|(n, p)| (n, catch_unwind(AssertUnwindSafe(|| read(&p))).ok())).collect();
+    std::panic::set_hook(hook);
+    out
+}
+
+#[test]
+fn an_untaped_frozen_bottom_leaves_the_gradients_that_train_unchanged() {
+    for (family, cfg, tied) in [("gpt2", gpt2(), true), ("llama", llama(), false)] {
+        let mut m = CausalLm::new(cfg, &Cpu::default(), 5).unwrap();
+        let whole = gradients(&m);
+        assert!(whole.iter().all(|(_, g)| g.is_some()), "{family}: every parameter has a gradient");
+        for k in 1..=3 {
+            let bottom = |n: &str| n == "wte" || n == "wpe" || (0..k).any(|i| n.starts_with(&format!("blocks.{i}.")));
+            assert_eq!(m.set_frozen_trunk(bottom), k, "{family}: {k} blocks run untaped");
+            for ((name, want), (_, got)) in whole.iter().zip(gradients(&m)) {
+                if !bottom(name) {
+                    assert_eq!(
+                        got.as_ref(),
+                        want.as_ref(),
+                        "{family}, {k} frozen: {name} trains with the same gradient"
+                    );
+                } else if name == "wte" && tied {
+                    assert!(got.is_some(), "{family}: the tied head still reads wte");
+                } else {
+                    assert!(got.is_none(), "{family}, {k} frozen: {name} got a gradient");
+                }
+            }
+        }
+        // a frozen block above a training one, or training embeddings, change nothing
+        assert_eq!(m.set_frozen_trunk(|n| n.starts_with("blocks.")), 0, "{family}: embeddings train");
+        assert_eq!(m.set_frozen_trunk(|n| n == "wte" || n == "wpe" || n.starts_with("blocks.1.")), 0, "{family}");
+        assert_eq!(gradients(&m), whole, "{family}: the whole backward pass again");
+        m.set_frozen_trunk(|n| n == "wte" || n == "wpe" || n.starts_with("blocks.0."));
+        assert_eq!(gradients(&m.frozen_copy()).iter().filter(|(_, g)| g.is_none()).count(), 0, "a copy starts whole");
+    }
+}
+
+/// `optim.num_layers_unfrozen: 1` in PPO with a separate critic (both 2-block GPT-2s started
+/// from the SFT model): the embeddings and block 0 of each stay as they were, block 1 and the
+/// final norm train.
+#[test]
+fn ppo_trains_only_the_top_block_of_the_policy_and_the_critic() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = common::ppo_config(d.path(), 2);
+    (c.value_model, c.checkpoint_every) = (ValueModelConfig::Separate { init: None }, 2);
+    c.optim.num_layers_unfrozen = Some(1);
+    let sft = read_safetensors(&c.policy.join("model.safetensors")).unwrap();
+    rlhf::stages::ppo::train(c, false).unwrap();
+    let step = d.path().join("ppo/checkpoints/step-2");
+    for (who, file) in [("policy", "model.safetensors"), ("critic", "value/model.safetensors")] {
+        let after: BTreeMap<String, HostTensor> = read_safetensors(&step.join(file)).unwrap();
+        let (mut held, mut moved) = (vec![], vec![]);
+        for (name, t) in &sft {
+            // the critic's file names its backbone's tensors without the LM head's prefix
+            let key = if who == "critic" { name.strip_prefix("transformer.").unwrap_or(name) } else { name };
+            let Some(a) = after.get(key).or_else(|| after.get(name)) else { continue };
+            if a.data == t.data {
+                held.push(name.as_str())
+            } else {
+                moved.push(name.as_str())
+            }
+        }
+        let bottom = |n: &str| n.contains(".wte.") || n.contains(".wpe.") || n.contains(".h.0.");
+        assert!(held.iter().all(|n| bottom(n)) && held.len() == 2 + 12, "{who} held {held:?}");
+        assert!(moved.iter().all(|n| !bottom(n)) && moved.len() == 12 + 2, "{who} moved {moved:?}");
+    }
+}
