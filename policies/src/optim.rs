@@ -233,9 +233,9 @@ impl<D: Device<f32>> AdamW<D> {
         AdamW { cfg, t: 0, sat_out: BTreeMap::new(), m: Gradients::leaky(), v: Gradients::leaky(), trainable: None }
     }
 
-    /// Which of the parameters `names` (the model's, in its order) train: those `freeze`
-    /// leaves out. Checked ([`AdamWConfig::check`]) and worked out on the first call, then kept:
-    /// the names are the same at every step.
+    /// Which of the parameters `names` (the model's, in its order) train: those `freeze` and
+    /// `num_layers_unfrozen` leave out. Checked and worked out ([`AdamWConfig::frozen`]) on the
+    /// first call, then kept: the names are the same at every step.
     pub fn trainable<'a>(&mut self, names: impl IntoIterator<Item = &'a str> + Clone) -> Result<&[bool], PolicyError> {
         let n = names.clone().into_iter().count();
         if self.trainable.as_ref().is_none_or(|t| t.len() != n) {
