@@ -32,7 +32,9 @@ impl KlEstimator {
     pub fn estimate(self, logprob: f32, ref_logprob: f32) -> f32 {
         let log_r = (ref_logprob - logprob) as f64; // log π_ref/π
         let k = match self {
-            KlEstimator::K1 => -log_r,
+            // log π/π_ref subtracted that way round: −log_r would be −0.0 at equality, a
+            // "negative KL" in the logs
+            KlEstimator::K1 => (logprob - ref_logprob) as f64,
             KlEstimator::K2 => 0.5 * log_r * log_r,
             KlEstimator::K3 => log_r.exp_m1() - log_r,
             KlEstimator::Abs => log_r.abs(),
@@ -225,7 +227,7 @@ mod tests {
             prop_assert!(KlEstimator::K3.estimate(lp, rlp) >= 0.0);
             prop_assert_eq!(KlEstimator::Abs.estimate(lp, rlp), KlEstimator::K1.estimate(lp, rlp).abs());
             for e in [KlEstimator::K1, KlEstimator::K2, KlEstimator::K3, KlEstimator::Abs] {
-                prop_assert_eq!(e.estimate(lp, lp), 0.0);
+                prop_assert_eq!(e.estimate(lp, lp).to_bits(), 0, "{:?}: +0, never -0", e);
             }
         }
 
