@@ -225,6 +225,25 @@ fn learns_a_marker_word_and_loads_back_as_a_normalised_reward_model() {
     assert!((got["stats"]["margin_mean"].as_f64().unwrap() - ev.stats.margin_mean).abs() < 1e-5, "{got}");
 }
 
+/// `optim.num_layers_unfrozen: 1` on the 2-block backbone: the embeddings and block 0 stay
+/// as they were (their backward pass skipped), block 1, the final norm and the head train.
+#[test]
+fn only_the_top_block_and_the_head_train_with_num_layers_unfrozen() {
+    use rlhf_policies::checkpoint::read_safetensors;
+    let d = tempfile::tempdir().unwrap();
+    let mut c = marker_cfg(d.path(), 3);
+    (c.optim.num_layers_unfrozen, c.checkpoint_every) = (Some(1), 3);
+    train(c.clone(), false).unwrap();
+    let before = read_safetensors(&c.init.join("model.safetensors")).unwrap();
+    let after = read_safetensors(&d.path().join("run/checkpoints/step-3/model.safetensors")).unwrap();
+    let bottom = |n: &str| n.contains(".wte.") || n.contains(".wpe.") || n.contains(".h.0.");
+    for (name, t) in &before {
+        assert_eq!(after[name].data == t.data, bottom(name), "{name}");
+    }
+    assert_eq!(before.keys().filter(|n| bottom(n)).count(), 2 + 12);
+    assert!(after.contains_key("score.weight"));
+}
+
 #[test]
 fn a_separate_held_out_file_replaces_the_fraction_split() {
     let d = tempfile::tempdir().unwrap();
