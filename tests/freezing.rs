@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use dfdx::prelude::*;
-use rlhf::stages::ppo_models::ValueModelConfig;
+use rlhf::stages::ppo_models::{policy_and_reference_logprobs, Seq, ValueModelConfig};
 use rlhf_policies::checkpoint::{read_safetensors, HostTensor};
 use rlhf_policies::params::ParamRef;
 use rlhf_policies::{Batch, CausalLm, ModelConfig};
@@ -72,6 +72,33 @@ fn an_untaped_frozen_bottom_leaves_the_gradients_that_train_unchanged() {
         assert_eq!(gradients(&m), whole, "{family}: the whole backward pass again");
         m.set_frozen_trunk(|n| n == "wte" || n == "wpe" || n.starts_with("blocks.0."));
         assert_eq!(gradients(&m.frozen_copy()).iter().filter(|(_, g)| g.is_none()).count(), 0, "a copy starts whole");
+    }
+}
+
+/// trlx's hydra reference: a policy and a reference that share their embeddings and first
+/// blocks run those once ([`CausalLm::bottom`]) and their tops apart — the same numbers as two
+/// whole forwards, and each model's own top (the policy's differs from the reference's here).
+#[test]
+fn a_shared_bottom_gives_both_models_their_own_log_probs_exactly() {
+    for (family, cfg) in [("gpt2", gpt2()), ("llama", llama())] {
+        let reference = CausalLm::new(cfg, &Cpu::default(), 7).unwrap();
+        let mut policy = reference.frozen_copy();
+        let top = policy.blocks.len() - 1;
+        policy.blocks[top].wo.w = policy.blocks[top].wo.w.clone() * 1.5;
+        assert_eq!(reference.shared_bottom(&policy, 9), 2, "{family}: all but the top block");
+        assert_eq!(reference.shared_bottom(&policy, 1), 1, "{family}: at most the limit");
+        let seqs = [Seq { ids: vec![3, 1, 4, 1, 5, 9], prompt_len: 2 }, Seq { ids: vec![2, 6, 5], prompt_len: 1 }];
+        let seqs: Vec<&Seq> = seqs.iter().collect();
+        let whole = policy_and_reference_logprobs(&policy, Some(&reference), 0, &seqs, 0, 0.7).unwrap();
+        assert_ne!(Some(&whole.0), whole.1.as_ref(), "{family}: the tops differ");
+        for k in 1..=2 {
+            let split = policy_and_reference_logprobs(&policy, Some(&reference), k, &seqs, 0, 0.7).unwrap();
+            assert_eq!(split, whole, "{family}: a bottom of {k} blocks");
+        }
+        let e = policy_and_reference_logprobs(&policy, Some(&reference), 3, &seqs, 0, 0.7).unwrap_err();
+        assert!(e.to_string().contains("leaves none of 3 above it"), "{e}");
+        policy.blocks[0].ln1.w = policy.blocks[0].ln1.w.clone() + 0.1;
+        assert_eq!(reference.shared_bottom(&policy, 9), 0, "{family}: block 0 differs");
     }
 }
 

@@ -26,6 +26,16 @@ pub type T2<D> = Tensor<(usize, usize), f32, D>;
 /// A `(rows, cols)` activation carrying tape `T`.
 pub type A2<D, T> = Tensor<(usize, usize), f32, D, T>;
 
+/// An error for a row beyond `batch`'s positions.
+fn check_rows(batch: &Batch, rows: &[usize]) -> Result<(), PolicyError> {
+    match rows.iter().find(|&&r| r >= batch.b * batch.t) {
+        Some(r) => {
+            Err(PolicyError::Input(format!("hidden row {r} is beyond the batch's {}x{} positions", batch.b, batch.t)))
+        }
+        None => Ok(()),
+    }
+}
+
 /// Additive mask value for keys a query may not see (exp underflows to exactly 0 in f32).
 pub const MASKED: f32 = -1e9;
 
@@ -332,13 +342,54 @@ impl<D: FusedOps> CausalLm<D> {
         rows: &[usize],
         tape: T,
     ) -> Result<A2<D, T>, PolicyError> {
-        if let Some(&r) = rows.iter().find(|&&r| r >= batch.b * batch.t) {
+        check_rows(batch, rows)?;
+        self.hidden(batch, Some(rows), tape)
+    }
+
+    /// The input of block `k` for `batch`, untaped: the embeddings and blocks `0..k` at every
+    /// position. With [`CausalLm::hidden_rows_above`] it lets two models that share their
+    /// embeddings and first `k` blocks (a policy with a frozen bottom and its reference,
+    /// [`CausalLm::shared_bottom`]: trlx's hydra) run that part once. `k` must leave a block
+    /// above it.
+    pub fn bottom(&self, batch: &Batch, k: usize) -> Result<A2<D, NoneTape>, PolicyError> {
+        self.check_split(k)?;
+        batch.check(self.dims.vocab, self.dims.position_limit())?;
+        let ids: Vec<usize> = batch.ids.iter().map(|&i| i as usize).collect();
+        let x = D::embed(NoneTape, &self.wte, self.wpe.as_ref(), &ids, &batch.position_ids);
+        Ok(self.run_blocks(x, 0..k, &self.context(batch), None))
+    }
+
+    /// [`CausalLm::forward_hidden_rows`], untaped, from `x`: what [`CausalLm::bottom`] gave for
+    /// `batch` and `k`, from this model or one with the same embeddings and first `k` blocks.
+    /// The same numbers as the whole forward (the same ops on the same inputs).
+    pub fn hidden_rows_above(
+        &self,
+        x: A2<D, NoneTape>,
+        k: usize,
+        batch: &Batch,
+        rows: &[usize],
+    ) -> Result<A2<D, NoneTape>, PolicyError> {
+        self.check_split(k)?;
+        check_rows(batch, rows)?;
+        if *x.shape() != (batch.b * batch.t, self.dims.d_model) {
             return Err(PolicyError::Input(format!(
-                "hidden row {r} is beyond the batch's {}x{} positions",
-                batch.b, batch.t
+                "a bottom of shape {:?} for a {}x{} batch",
+                x.shape(),
+                batch.b,
+                batch.t
             )));
         }
-        self.hidden(batch, Some(rows), tape)
+        let x = self.run_blocks(x, k..self.blocks.len(), &self.context(batch), Some(rows));
+        Ok(self.ln_f.forward(x))
+    }
+
+    fn check_split(&self, k: usize) -> Result<(), PolicyError> {
+        match k < self.blocks.len() {
+            true => Ok(()),
+            false => {
+                Err(PolicyError::Input(format!("a bottom of {k} blocks leaves none of {} above it", self.blocks.len())))
+            }
+        }
     }
 
     fn hidden<T: Tape<f32, D>>(&self, batch: &Batch, rows: Option<&[usize]>, tape: T) -> Result<A2<D, T>, PolicyError> {

@@ -137,6 +137,30 @@ impl<D: Device<f32>> CausalLm<D> {
         self.frozen_blocks = k;
         k
     }
+
+    /// The leading blocks a taped forward runs untaped ([`CausalLm::set_frozen_trunk`]).
+    pub fn frozen_blocks(&self) -> usize {
+        self.frozen_blocks
+    }
+
+    /// How many leading blocks `self` and `other` share with their embeddings: the longest
+    /// run, at most `limit` and leaving a block above, whose parameters are bitwise equal (0
+    /// when the embeddings or the shapes differ). Reads those weights to the host once.
+    pub fn shared_bottom(&self, other: &Self, limit: usize) -> usize {
+        if self.dims != other.dims {
+            return 0;
+        }
+        let (mine, theirs) = (self.params(), other.params());
+        let same = |part: &str| {
+            let mut pairs = mine.iter().zip(&theirs).filter(|((n, _), _)| crate::freeze::covers(part, n));
+            pairs.all(|((n, a), (m, b))| n == m && a.to_vec() == b.to_vec())
+        };
+        if !(same("wte") && same("wpe")) {
+            return 0;
+        }
+        let most = limit.min(self.blocks.len().saturating_sub(1));
+        (0..most).take_while(|i| same(&format!("blocks.{i}"))).count()
+    }
 }
 
 /// The id dfdx keys a tensor's gradient by (dfdx has no public getter; `UnusedTensors::add`

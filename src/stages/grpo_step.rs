@@ -19,11 +19,13 @@ use crate::math::group::{
     clipped_token_loss, dynamic_batch, grpo_advantages, is_informative, reinforce_pp_advantages, remax_advantages,
     rloo_advantages, RewardScale, TokenBatch, Whitening,
 };
-use crate::stages::common::{optimizer_step, or_skip_non_finite, running_score_metrics, shuffled_minibatches, LossOn};
+use crate::stages::common::{
+    optimizer_step, or_skip_non_finite, running_score_metrics, shuffled_minibatches, untape_frozen, LossOn,
+};
 use crate::stages::grpo::{Algo, GrpoConfig};
 use crate::stages::online_dpo;
 use crate::stages::ppo::OnNonFinite;
-use crate::stages::ppo_models::{logprobs_and_entropy, Seq};
+use crate::stages::ppo_models::{logprobs_and_entropy, policy_and_reference_logprobs, Seq};
 use crate::stages::prompts::Prompts;
 
 /// What a checkpoint stores besides the policy and the optimizer.
@@ -56,6 +58,9 @@ pub struct GroupTrainer<M, D: FusedOps = Cpu> {
     pub state: GroupState,
     /// ReMax: a copy of the prompts its greedy baselines decode (the env's cursor untouched).
     greedy_prompts: Option<PromptSource>,
+    /// Leading blocks the policy keeps frozen and shares, bitwise, with the reference: the
+    /// scoring pass runs them once for both (found in [`GroupTrainer::new`]).
+    shared_bottom: usize,
     eos: u32,
     pad: u32,
 }
@@ -128,7 +133,11 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
         env.set_score_moments(state.score_moments);
         let eos = eos.unwrap_or(pad);
         let greedy_prompts = matches!(cfg.algo, Algo::Remax {}).then(|| env.prompts().clone());
-        Ok(GroupTrainer { cfg, policy, reference, opt, env, state, greedy_prompts, eos, pad })
+        let (mut policy, mut opt) = (policy, opt);
+        // a frozen bottom stays the reference's for the whole run when it starts equal
+        untape_frozen(&mut policy, &mut opt, |_| true)?;
+        let shared_bottom = reference.as_ref().map_or(0, |r| r.shared_bottom(&policy, policy.frozen_blocks()));
+        Ok(GroupTrainer { cfg, policy, reference, opt, env, state, greedy_prompts, shared_bottom, eos, pad })
     }
 
     /// Iteration `it` (0-based). `None` when the batch was skipped for a non-finite value
@@ -149,7 +158,8 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
         // ALGO: scoring pass (log π_old, log π_ref) and the algorithm's baseline advantages
         let t1 = Instant::now();
         let greedy = generated.greedy.as_deref();
-        let scored = score(cfg, &self.policy, self.reference.as_ref(), (&episodes, greedy), self.pad, it)?;
+        let models = (&self.policy, self.reference.as_ref(), self.shared_bottom);
+        let scored = score(cfg, models, (&episodes, greedy), self.pad, it)?;
         if scored.advantages.iter().flatten().any(|a| !a.is_finite()) {
             if cfg.on_nonfinite == OnNonFinite::Stop {
                 bail!("iteration {}: an advantage is not finite (check the reward)", it + 1);
@@ -301,8 +311,7 @@ fn minibatches(cfg: &GrpoConfig, it: usize, epoch: usize) -> Vec<Vec<Vec<usize>>
 /// Old and reference log-probs (training forward, epoch 0's micro-batches) and advantages.
 fn score<D: FusedOps>(
     cfg: &GrpoConfig,
-    policy: &CausalLm<D>,
-    reference: Option<&CausalLm<D>>,
+    (policy, reference, shared): (&CausalLm<D>, Option<&CausalLm<D>>, usize),
     (episodes, greedy): (&[Episode], Option<&[f32]>),
     pad: u32,
     it: usize,
@@ -315,10 +324,7 @@ fn score<D: FusedOps>(
     let (mut old, mut refl) = (vec![vec![]; n], vec![vec![]; if reference.is_some() { n } else { 0 }]);
     for micro in minibatches(cfg, it, 0).iter().flatten() {
         let batch: Vec<&Seq> = micro.iter().map(|&i| &seqs[i]).collect();
-        let lp = logprobs_and_entropy(policy, &batch, pad, cfg.temperature, NoneTape)?.as_vec();
-        let rl = reference
-            .map(|r| Ok::<_, anyhow::Error>(logprobs_and_entropy(r, &batch, pad, cfg.temperature, NoneTape)?.as_vec()))
-            .transpose()?;
+        let (lp, rl) = policy_and_reference_logprobs(policy, reference, shared, &batch, pad, cfg.temperature)?;
         let mut off = 0;
         for &i in micro {
             let len = seqs[i].resp_len();

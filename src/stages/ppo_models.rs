@@ -102,6 +102,33 @@ pub fn logprobs_and_entropy<D: FusedOps, T: Tape<f32, D>>(
     Ok(model.logprobs_and_entropy(h, &targets, temperature))
 }
 
+/// [`logprobs_and_entropy`] of `seqs` under `policy` and, when given, `reference`, untaped.
+/// With `shared` > 0 the two models' common bottom (embeddings and first `shared` blocks,
+/// [`CausalLm::shared_bottom`]) runs once and only the blocks above it run for each — trlx's
+/// hydra reference, with the same numbers as two whole forwards.
+pub fn policy_and_reference_logprobs<D: FusedOps>(
+    policy: &CausalLm<D>,
+    reference: Option<&CausalLm<D>>,
+    shared: usize,
+    seqs: &[&Seq],
+    pad: u32,
+    temperature: f32,
+) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    let Some(r) = reference.filter(|_| shared > 0) else {
+        let lpe = |m: &CausalLm<D>| {
+            Ok::<_, anyhow::Error>(logprobs_and_entropy(m, seqs, pad, temperature, NoneTape)?.as_vec())
+        };
+        return Ok((lpe(policy)?, reference.map(lpe).transpose()?));
+    };
+    let (batch, rows, targets) = response_rows(seqs, pad)?;
+    let x = policy.bottom(&batch, shared)?;
+    let lpe = |m: &CausalLm<D>, x| -> Result<Vec<f32>> {
+        let h = m.hidden_rows_above(x, shared, &batch, &rows)?;
+        Ok(m.logprobs_and_entropy(h, &targets, temperature).as_vec())
+    };
+    Ok((lpe(policy, x.clone())?, Some(lpe(r, x)?)))
+}
+
 /// Per response token of `seqs` (in order): the exact `KL(π(·|s_t) ‖ π_ref(·|s_t))` of
 /// `softmax(logits / temperature)` ([`crate::math::ppo::full_kl`]), the policy restricted to
 /// each token's mask when `masks` are given (NLPO).
