@@ -112,7 +112,7 @@ pub fn ppo_trainer<D: FusedOps + GradBuffers>(
         skipped_batches: 0,
         score_moments: Default::default(),
     };
-    let models = PpoModels { policy, critic };
+    let models = PpoModels { policy, critic, shares: Default::default() };
     // EOS suppressed: every response has exactly response_len tokens
     PpoTrainer::new(cfg, models, reference, AdamW::new(optim), state, prompts.into(), rm, Box::new(NoText), None, 0)
 }

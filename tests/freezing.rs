@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use dfdx::prelude::*;
-use rlhf::stages::ppo_models::{policy_and_reference_logprobs, Seq, ValueModelConfig};
+use rlhf::stages::ppo_models::{
+    policy_and_reference_logprobs, Critic, PpoModels, Seq, SharedBottoms, ValueModelConfig,
+};
 use rlhf_policies::checkpoint::{read_safetensors, HostTensor};
 use rlhf_policies::params::ParamRef;
 use rlhf_policies::{Batch, CausalLm, ModelConfig};
@@ -102,9 +104,40 @@ fn a_shared_bottom_gives_both_models_their_own_log_probs_exactly() {
     }
 }
 
+/// PPO's scoring pass with a separate critic started from the policy: policy, critic and
+/// reference share the frozen bottom and run it once — log-probs, values and the reference's
+/// log-probs bit-identical to three whole forwards, taped or not.
+#[test]
+fn ppo_models_share_the_frozen_bottom_exactly() {
+    let bottom = |n: &str| n == "wte" || n == "wpe" || n.starts_with("blocks.0.") || n.starts_with("blocks.1.");
+    for (family, cfg) in [("gpt2", gpt2()), ("llama", llama())] {
+        let reference = CausalLm::new(cfg, &Cpu::default(), 8).unwrap();
+        let mut models =
+            PpoModels::new(reference.frozen_copy(), &ValueModelConfig::Separate { init: None }, None).unwrap();
+        let Critic::Separate(critic) = &mut models.critic else { unreachable!() };
+        critic.head.w = critic.head.w.clone() + 0.3;
+        assert_eq!((critic.model.set_frozen_trunk(bottom), models.policy.set_frozen_trunk(bottom)), (2, 2));
+        models.policy.blocks[2].wo.w = models.policy.blocks[2].wo.w.clone() * 1.5;
+        models.shares = SharedBottoms::of(&models, &reference);
+        assert_eq!(models.shares, SharedBottoms { critic: 2, reference: 2 }, "{family}");
+        let seqs = [Seq { ids: vec![3, 1, 4, 1, 5, 9], prompt_len: 2 }, Seq { ids: vec![2, 6, 5], prompt_len: 1 }];
+        let seqs: Vec<&Seq> = seqs.iter().collect();
+        let run = |m: &PpoModels<Cpu>| {
+            let (lpe, values, rl) = m.forward_with(Some(&reference), &seqs, None, (0, 0.7), NoneTape).unwrap();
+            let (tlpe, tvalues) = m.forward(&seqs, None, 0, 0.7, OwnedTape::<f32, Cpu>::default()).unwrap();
+            (lpe.as_vec(), values.as_vec(), rl.unwrap(), tlpe.as_vec(), tvalues.as_vec())
+        };
+        let shared = run(&models);
+        models.shares = SharedBottoms::default();
+        let whole = run(&models);
+        assert_eq!(shared, whole, "{family}");
+        assert!(whole.0 != whole.2 && whole.0 == whole.3 && whole.1 == whole.4, "{family}: own tops, taped alike");
+    }
+}
+
 /// `optim.num_layers_unfrozen: 1` in PPO with a separate critic (both 2-block GPT-2s started
 /// from the SFT model): the embeddings and block 0 of each stay as they were, block 1 and the
-/// final norm train.
+/// final norm train; the first minibatch's ratio is exactly 1 and the KL 0 at iteration 1.
 #[test]
 fn ppo_trains_only_the_top_block_of_the_policy_and_the_critic() {
     let d = tempfile::tempdir().unwrap();
@@ -113,6 +146,15 @@ fn ppo_trains_only_the_top_block_of_the_policy_and_the_critic() {
     c.optim.num_layers_unfrozen = Some(1);
     let sft = read_safetensors(&c.policy.join("model.safetensors")).unwrap();
     rlhf::stages::ppo::train(c, false).unwrap();
+    // scored through the shared bottom: the invariants of iteration 1 hold exactly
+    let m: Vec<serde_json::Value> = std::fs::read_to_string(d.path().join("ppo/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!((m[0]["objective/kl"].as_f64(), m[0]["debug/first_minibatch_ratio"].as_f64()), (Some(0.0), Some(1.0)));
+    assert_eq!(m[1]["debug/first_minibatch_ratio"].as_f64(), Some(1.0));
+    assert!(m[1]["objective/kl"].as_f64().unwrap() != 0.0, "the policy moved");
     let step = d.path().join("ppo/checkpoints/step-2");
     for (who, file) in [("policy", "model.safetensors"), ("critic", "value/model.safetensors")] {
         let after: BTreeMap<String, HostTensor> = read_safetensors(&step.join(file)).unwrap();

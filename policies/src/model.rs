@@ -359,27 +359,28 @@ impl<D: FusedOps> CausalLm<D> {
         Ok(self.run_blocks(x, 0..k, &self.context(batch), None))
     }
 
-    /// [`CausalLm::forward_hidden_rows`], untaped, from `x`: what [`CausalLm::bottom`] gave for
-    /// `batch` and `k`, from this model or one with the same embeddings and first `k` blocks.
-    /// The same numbers as the whole forward (the same ops on the same inputs).
-    pub fn hidden_rows_above(
+    /// [`CausalLm::forward_hidden_rows`] from `x`: what [`CausalLm::bottom`] gave for `batch`
+    /// and `k`, from this model or one with the same embeddings and first `k` blocks. The same
+    /// numbers as the whole forward (the same ops on the same inputs); a taped pass records
+    /// from the first block above `k` that trains ([`CausalLm::set_frozen_trunk`]).
+    pub fn hidden_rows_above<T: Tape<f32, D>>(
         &self,
         x: A2<D, NoneTape>,
         k: usize,
         batch: &Batch,
         rows: &[usize],
-    ) -> Result<A2<D, NoneTape>, PolicyError> {
+        tape: T,
+    ) -> Result<A2<D, T>, PolicyError> {
         self.check_split(k)?;
         check_rows(batch, rows)?;
         if *x.shape() != (batch.b * batch.t, self.dims.d_model) {
-            return Err(PolicyError::Input(format!(
-                "a bottom of shape {:?} for a {}x{} batch",
-                x.shape(),
-                batch.b,
-                batch.t
-            )));
+            let (b, t) = (batch.b, batch.t);
+            return Err(PolicyError::Input(format!("a bottom of shape {:?} for a {b}x{t} batch", x.shape())));
         }
-        let x = self.run_blocks(x, k..self.blocks.len(), &self.context(batch), Some(rows));
+        let ctx = self.context(batch);
+        let untaped = if T::OWNS_TAPE { self.frozen_blocks.max(k) } else { k };
+        let x = self.run_blocks(x, k..untaped, &ctx, Some(rows)).put_tape(tape);
+        let x = self.run_blocks(x, untaped..self.blocks.len(), &ctx, Some(rows));
         Ok(self.ln_f.forward(x))
     }
 

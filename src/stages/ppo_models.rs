@@ -55,6 +55,9 @@ pub struct PpoModels<D: Device<f32> = Cpu> {
     pub policy: CausalLm<D>,
     /// V_φ.
     pub critic: Critic<D>,
+    /// The bottoms the critic and the reference share with the policy, run once per batch
+    /// (set by the PPO trainer when it starts; default none).
+    pub shares: SharedBottoms,
 }
 
 /// One rollout as the training forward sees it: `ids = prompt ⧺ response`.
@@ -123,7 +126,7 @@ pub fn policy_and_reference_logprobs<D: FusedOps>(
     let (batch, rows, targets) = response_rows(seqs, pad)?;
     let x = policy.bottom(&batch, shared)?;
     let lpe = |m: &CausalLm<D>, x| -> Result<Vec<f32>> {
-        let h = m.hidden_rows_above(x, shared, &batch, &rows)?;
+        let h = m.hidden_rows_above(x, shared, &batch, &rows, NoneTape)?;
         Ok(m.logprobs_and_entropy(h, &targets, temperature).as_vec())
     };
     Ok((lpe(policy, x.clone())?, Some(lpe(r, x)?)))
@@ -179,7 +182,8 @@ impl<D: FusedOps> PpoModels<D> {
     /// The policy's `[logprobs…, entropies…]` `(2N,)` and the critic's values `(N,)` for
     /// every response token of `seqs`, from one taped pass (two for a separate critic). With
     /// `masks` (NLPO, one per response token in order) the log-probs and entropies are those
-    /// of the policy restricted to each token's mask.
+    /// of the policy restricted to each token's mask. A separate critic that shares the
+    /// policy's frozen bottom ([`PpoModels::shares`]) runs above it only.
     #[allow(clippy::type_complexity)]
     pub fn forward<T: Tape<f32, D>>(
         &self,
@@ -189,8 +193,39 @@ impl<D: FusedOps> PpoModels<D> {
         temperature: f32,
         tape: T,
     ) -> Result<(Tensor<(usize,), f32, D, T>, Tensor<(usize,), f32, D, T>)> {
+        let (lpe, values, _) = self.forward_with(None, seqs, masks, (pad, temperature), tape)?;
+        Ok((lpe, values))
+    }
+
+    /// [`PpoModels::forward`], and with `reference` also its `[logprobs…, entropies…]` (the
+    /// scoring pass), all from one run of the bottom the models share with the policy.
+    #[allow(clippy::type_complexity)]
+    pub fn forward_with<T: Tape<f32, D>>(
+        &self,
+        reference: Option<&CausalLm<D>>,
+        seqs: &[&Seq],
+        masks: Option<&[TokenMask]>,
+        (pad, temperature): (u32, f32),
+        tape: T,
+    ) -> Result<(Tensor<(usize,), f32, D, T>, Tensor<(usize,), f32, D, T>, Option<Vec<f32>>)> {
         let (batch, rows, targets) = response_rows(seqs, pad)?;
-        let hr = self.policy.forward_hidden_rows(&batch, &rows, tape)?;
+        let shares = self.shares;
+        let separate = matches!(self.critic, Critic::Separate(_));
+        // the depth every sharer can start from: the shallowest of the shares in use
+        let depth = [(separate, shares.critic), (reference.is_some(), shares.reference)]
+            .iter()
+            .filter(|&&(used, k)| used && k > 0)
+            .map(|&(_, k)| k)
+            .min();
+        let bottom = depth.map(|k| Ok::<_, anyhow::Error>((self.policy.bottom(&batch, k)?, k))).transpose()?;
+        let (bottom, batch, rows) = (bottom.as_ref(), &batch, rows.as_slice());
+        let ref_lpe = reference
+            .map(|r| {
+                let h = hidden_rows(r, (bottom, shares.reference), batch, rows, NoneTape)?;
+                Ok::<_, anyhow::Error>(r.logprobs_and_entropy(h, &targets, temperature).as_vec())
+            })
+            .transpose()?;
+        let hr = hidden_rows(&self.policy, (bottom, usize::MAX), batch, rows, tape)?;
         let policy = |h| match masks {
             Some(m) => self.policy.logprobs_and_entropy_masked(h, &targets, temperature, m),
             None => self.policy.logprobs_and_entropy(h, &targets, temperature),
@@ -202,15 +237,15 @@ impl<D: FusedOps> PpoModels<D> {
                 let lpe = policy(hr.clone().put_tape(tape));
                 let (lpe, tape) = lpe.split_tape();
                 let values = head.forward(hr.put_tape(tape));
-                Ok((lpe.retaped::<T>(), values))
+                Ok((lpe.retaped::<T>(), values, ref_lpe))
             }
             Critic::Separate(critic) => {
                 let lpe = policy(hr);
                 // the critic's pass continues on the same tape
                 let (lpe, tape) = lpe.split_tape();
-                let hv = critic.model.forward_hidden_rows(&batch, &rows, tape)?;
+                let hv = hidden_rows(&critic.model, (bottom, shares.critic), batch, rows, tape)?;
                 let values = critic.head.forward(hv);
-                Ok((lpe.retaped::<T>(), values))
+                Ok((lpe.retaped::<T>(), values, ref_lpe))
             }
         }
     }
@@ -237,8 +272,51 @@ impl<D: FusedOps> PpoModels<D> {
                 }
             },
         };
-        Ok(PpoModels { policy, critic })
+        Ok(PpoModels { policy, critic, shares: SharedBottoms::default() })
     }
+}
+
+/// How many leading blocks, with the embeddings, the critic and the reference share with the
+/// policy — frozen in both and bitwise equal ([`CausalLm::shared_bottom`]) — so that PPO runs
+/// them once per batch (trlx's hydra). 0: not shared.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SharedBottoms {
+    /// A separate critic's (one started from the policy); 0 for a value head on the policy.
+    pub critic: usize,
+    /// π_ref's (the scoring pass only).
+    pub reference: usize,
+}
+
+impl SharedBottoms {
+    /// The bottoms `models`' critic and `reference` share with the policy, each at most as
+    /// deep as the frozen bottom of both ([`CausalLm::frozen_blocks`], set by the optimizer's
+    /// freezing): those stay equal for the whole run.
+    pub fn of<D: FusedOps>(models: &PpoModels<D>, reference: &CausalLm<D>) -> Self {
+        let policy = &models.policy;
+        let critic = match &models.critic {
+            Critic::Separate(c) => c.model.shared_bottom(policy, policy.frozen_blocks().min(c.model.frozen_blocks())),
+            Critic::Shared(_) => 0,
+        };
+        SharedBottoms { critic, reference: reference.shared_bottom(policy, policy.frozen_blocks()) }
+    }
+}
+
+/// The input of block `k` ([`CausalLm::bottom`]) and `k`.
+type Bottom<D> = (Tensor<(usize, usize), f32, D>, usize);
+
+/// `m`'s hidden states at `rows` of `batch`: from `bottom` (the input of block `k`) when `m`
+/// shares at least `k` blocks with the model that ran it, else from the embeddings.
+fn hidden_rows<D: FusedOps, T: Tape<f32, D>>(
+    m: &CausalLm<D>,
+    (bottom, share): (Option<&Bottom<D>>, usize),
+    batch: &Batch,
+    rows: &[usize],
+    tape: T,
+) -> Result<Tensor<(usize, usize), f32, D, T>> {
+    Ok(match bottom {
+        Some((x, k)) if share >= *k => m.hidden_rows_above(x.clone(), *k, batch, rows, tape)?,
+        _ => m.forward_hidden_rows(batch, rows, tape)?,
+    })
 }
 
 fn zero_head<D: Device<f32>>(dev: &D, c: usize) -> ScalarHead<D> {
@@ -317,6 +395,6 @@ impl<D: FusedOps> Checkpointable<D> for PpoModels<D> {
                 b: dev.tensor_from_vec(b, (1,)),
             })
         };
-        Ok((PpoModels { policy, critic }, tok))
+        Ok((PpoModels { policy, critic, shares: SharedBottoms::default() }, tok))
     }
 }

@@ -22,7 +22,7 @@ use crate::stages::common::{
 };
 use crate::stages::nlpo;
 use crate::stages::ppo::{KlUnit, OnNonFinite, PpoConfig};
-use crate::stages::ppo_models::{full_kl_terms, logprobs_and_entropy, PpoModels, Seq};
+use crate::stages::ppo_models::{full_kl_terms, PpoModels, Seq, SharedBottoms};
 use crate::stages::prompts::Prompts;
 
 /// What a checkpoint stores besides the models and the optimizer.
@@ -112,6 +112,11 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         env.prompts_mut().seek(state.prompt_draws);
         env.set_score_moments(state.score_moments);
         let eos_or_pad = eos.unwrap_or(pad);
+        let (mut models, mut opt) = (models, opt);
+        // a frozen bottom stays the reference's (and a critic's started from the policy) for
+        // the whole run when it starts equal: run it once per batch
+        untape_frozen(&mut models, &mut opt, |_| true)?;
+        models.shares = SharedBottoms::of(&models, &reference);
         Ok(PpoTrainer { cfg, models, reference, opt, env, state, ptx: None, mask_policy: None, eos: eos_or_pad, pad })
     }
 
@@ -322,9 +327,9 @@ fn score<D: FusedOps>(
     for micro in layout.iter().flatten() {
         let batch: Vec<&Seq> = micro.iter().map(|&i| &s.seqs[i]).collect();
         let masks = gather_masks(s.masks.as_ref(), micro);
-        let (lpe, values) = models.forward(&batch, masks.as_deref(), pad, cfg.temperature, NoneTape)?;
-        let ref_lpe = logprobs_and_entropy(reference, &batch, pad, cfg.temperature, NoneTape)?.as_vec();
-        let (lpe, values) = (lpe.as_vec(), values.as_vec());
+        let (lpe, values, ref_lpe) =
+            models.forward_with(Some(reference), &batch, masks.as_deref(), (pad, cfg.temperature), NoneTape)?;
+        let (lpe, values, ref_lpe) = (lpe.as_vec(), values.as_vec(), ref_lpe.expect("asked for"));
         let kl = full
             .then(|| full_kl_terms(&models.policy, reference, &batch, masks.as_deref(), pad, cfg.temperature))
             .transpose()?;
