@@ -117,19 +117,16 @@ pub fn policy_and_reference_logprobs<D: FusedOps>(
     pad: u32,
     temperature: f32,
 ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
-    let Some(r) = reference.filter(|_| shared > 0) else {
-        let lpe = |m: &CausalLm<D>| {
-            Ok::<_, anyhow::Error>(logprobs_and_entropy(m, seqs, pad, temperature, NoneTape)?.as_vec())
-        };
-        return Ok((lpe(policy)?, reference.map(lpe).transpose()?));
-    };
     let (batch, rows, targets) = response_rows(seqs, pad)?;
-    let x = policy.bottom(&batch, shared)?;
-    let lpe = |m: &CausalLm<D>, x| -> Result<Vec<f32>> {
-        let h = m.hidden_rows_above(x, shared, &batch, &rows, NoneTape)?;
+    let bottom = match (reference, shared) {
+        (Some(_), k) if k > 0 => Some((policy.bottom(&batch, k)?, k)),
+        _ => None,
+    };
+    let lpe = |m: &CausalLm<D>, share| -> Result<Vec<f32>> {
+        let h = hidden_rows(m, (bottom.as_ref(), share), &batch, &rows, NoneTape)?;
         Ok(m.logprobs_and_entropy(h, &targets, temperature).as_vec())
     };
-    Ok((lpe(policy, x.clone())?, Some(lpe(r, x)?)))
+    Ok((lpe(policy, usize::MAX)?, reference.map(|r| lpe(r, shared)).transpose()?))
 }
 
 /// Per response token of `seqs` (in order): the exact `KL(π(·|s_t) ‖ π_ref(·|s_t))` of
