@@ -147,7 +147,8 @@ impl<D: Device<f32>> CausalLm<D> {
     /// run, at most `limit` and leaving a block above, whose parameters are bitwise equal (0
     /// when the embeddings or the shapes differ). Reads those weights to the host once.
     pub fn shared_bottom(&self, other: &Self, limit: usize) -> usize {
-        if self.dims != other.dims {
+        let most = limit.min(self.blocks.len().saturating_sub(1));
+        if most == 0 || self.dims != other.dims {
             return 0;
         }
         let (mine, theirs) = (self.params(), other.params());
@@ -158,7 +159,6 @@ impl<D: Device<f32>> CausalLm<D> {
         if !(same("wte") && same("wpe")) {
             return 0;
         }
-        let most = limit.min(self.blocks.len().saturating_sub(1));
         (0..most).take_while(|i| same(&format!("blocks.{i}"))).count()
     }
 }
