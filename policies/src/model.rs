@@ -323,7 +323,9 @@ impl<D: FusedOps> CausalLm<D> {
         Ok(CausalLm { ln_f, config, dims, wte, wpe, blocks, lm_head, dev: dev.clone(), frozen_blocks: 0 })
     }
 
-    /// Final hidden states `(B·T, C)` (after the last norm) for a batch, recording on `tape`.
+    /// Final hidden states `(B·T, C)` (after the last norm) for a batch, recording on `tape`
+    /// from the first block above the frozen bottom ([`CausalLm::set_frozen_trunk`]; none by
+    /// default).
     ///
     /// Padding: keys with `attention_mask == 0` get zero attention weight, and positions come
     /// from `batch.position_ids`, so a left-padded row gives the same hidden states at its real
