@@ -379,11 +379,22 @@ impl<D: FusedOps> CausalLm<D> {
             let (b, t) = (batch.b, batch.t);
             return Err(PolicyError::Input(format!("a bottom of shape {:?} for a {b}x{t} batch", x.shape())));
         }
-        let ctx = self.context(batch);
+        Ok(self.above(x, k, &self.context(batch), Some(rows), tape))
+    }
+
+    /// Blocks `k..` and the final norm on `x`, the (untaped) input of block `k`: the frozen
+    /// ones below the first that trains without a tape, the rest recording on `tape`.
+    fn above<T: Tape<f32, D>>(
+        &self,
+        x: A2<D, NoneTape>,
+        k: usize,
+        ctx: &Ctx<D>,
+        rows: Option<&[usize]>,
+        tape: T,
+    ) -> A2<D, T> {
         let untaped = if T::OWNS_TAPE { self.frozen_blocks.max(k) } else { k };
-        let x = self.run_blocks(x, k..untaped, &ctx, Some(rows)).put_tape(tape);
-        let x = self.run_blocks(x, untaped..self.blocks.len(), &ctx, Some(rows));
-        Ok(self.ln_f.forward(x))
+        let x = self.run_blocks(x, k..untaped, ctx, rows).put_tape(tape);
+        self.ln_f.forward(self.run_blocks(x, untaped..self.blocks.len(), ctx, rows))
     }
 
     fn check_split(&self, k: usize) -> Result<(), PolicyError> {
@@ -400,20 +411,17 @@ impl<D: FusedOps> CausalLm<D> {
         let (b, t, c) = (batch.b, batch.t, self.dims.d_model);
         let ids: Vec<usize> = batch.ids.iter().map(|&i| i as usize).collect();
         let ctx = self.context(batch);
-        // the frozen bottom runs untaped: no gradient is recorded below the first block that trains
-        let untaped = if T::OWNS_TAPE { self.frozen_blocks } else { 0 };
-        let x = if untaped > 0 {
+        if T::OWNS_TAPE && self.frozen_blocks > 0 {
+            // the frozen bottom runs untaped: no gradient is recorded below the first block that trains
             let x = D::embed(NoneTape, &self.wte, self.wpe.as_ref(), &ids, &batch.position_ids);
-            self.run_blocks(x, 0..untaped, &ctx, rows).put_tape(tape)
-        } else {
-            D::embed(tape, &self.wte, self.wpe.as_ref(), &ids, &batch.position_ids)
-        };
-        debug_assert_eq!(x.shape().1, c);
-        let mut x = self.run_blocks(x, untaped..self.blocks.len(), &ctx, rows);
+            return Ok(self.above(x, 0, &ctx, rows, tape));
+        }
+        let x = D::embed(tape, &self.wte, self.wpe.as_ref(), &ids, &batch.position_ids);
+        debug_assert_eq!(*x.shape(), (b * t, c));
+        let mut x = self.run_blocks(x, 0..self.blocks.len(), &ctx, rows);
         if let (true, Some(rows)) = (self.blocks.is_empty(), rows) {
             x = D::select_rows(x, rows);
         }
-        debug_assert_eq!(x.shape().0, rows.map_or(b * t, <[usize]>::len));
         Ok(self.ln_f.forward(x))
     }
 

@@ -133,7 +133,6 @@ impl<D: Device<f32>> CausalLm<D> {
         } else {
             0
         };
-        drop(params);
         self.frozen_blocks = k;
         k
     }
