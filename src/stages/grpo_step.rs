@@ -108,9 +108,9 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: GrpoConfig,
-        policy: CausalLm<D>,
+        mut policy: CausalLm<D>,
         reference: Option<CausalLm<D>>,
-        opt: AdamW<D>,
+        mut opt: AdamW<D>,
         state: GroupState,
         prompts: Prompts,
         reward: M,
@@ -133,7 +133,6 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
         env.set_score_moments(state.score_moments);
         let eos = eos.unwrap_or(pad);
         let greedy_prompts = matches!(cfg.algo, Algo::Remax {}).then(|| env.prompts().clone());
-        let (mut policy, mut opt) = (policy, opt);
         // a frozen bottom stays the reference's for the whole run when it starts equal
         untape_frozen(&mut policy, &mut opt, |_| true)?;
         let shared_bottom = reference.as_ref().map_or(0, |r| r.shared_bottom(&policy, policy.frozen_blocks()));

@@ -88,9 +88,9 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: PpoConfig,
-        models: PpoModels<D>,
+        mut models: PpoModels<D>,
         reference: CausalLm<D>,
-        opt: AdamW<D>,
+        mut opt: AdamW<D>,
         state: PpoState,
         prompts: Prompts,
         reward: M,
@@ -112,7 +112,6 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         env.prompts_mut().seek(state.prompt_draws);
         env.set_score_moments(state.score_moments);
         let eos_or_pad = eos.unwrap_or(pad);
-        let (mut models, mut opt) = (models, opt);
         // a frozen bottom stays the reference's (and a critic's started from the policy) for
         // the whole run when it starts equal: run it once per batch
         untape_frozen(&mut models, &mut opt, |_| true)?;
