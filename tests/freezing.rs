@@ -26,13 +26,14 @@ fn llama() -> ModelConfig {
     ModelConfig::from_json_str(json).unwrap()
 }
 
-/// Each parameter's gradient of a loss over some rows of the hidden states (the last block
-/// keeps only those), `None` where the backward pass recorded none.
+/// Each parameter's gradient of a loss over the log-probs and entropies (the fused head op) of
+/// some rows of the hidden states (the last block keeps only those), `None` where the backward
+/// pass recorded none.
 fn gradients(m: &CausalLm<Cpu>) -> Vec<(String, Option<Vec<f32>>)> {
     let batch = Batch::right_padded(&[vec![3, 1, 4, 1, 5, 9], vec![2, 6, 5]], 0).unwrap();
     let rows = [2, 4, 5, 7, 8];
     let h = m.forward_hidden_rows(&batch, &rows, OwnedTape::<f32, Cpu>::default()).unwrap();
-    let grads = m.logits(h).square().mean().backward();
+    let grads = m.logprobs_and_entropy(h, &[1, 5, 9, 6, 5], 0.9).square().mean().backward();
     let read = |p: &ParamRef<'_, Cpu>| match p {
         ParamRef::V(t) => grads.get(*t).as_vec(),
         ParamRef::M(t) => grads.get(*t).as_vec(),
@@ -52,7 +53,13 @@ fn an_untaped_frozen_bottom_leaves_the_gradients_that_train_unchanged() {
         let whole = gradients(&m);
         assert!(whole.iter().all(|(_, g)| g.is_some()), "{family}: every parameter has a gradient");
         for k in 1..=3 {
-            let bottom = |n: &str| n == "wte" || n == "wpe" || (0..k).any(|i| n.starts_with(&format!("blocks.{i}.")));
+            // with all blocks frozen, an untied head too
+            let bottom = |n: &str| {
+                n == "wte"
+                    || n == "wpe"
+                    || (0..k).any(|i| n.starts_with(&format!("blocks.{i}.")))
+                    || k == 3 && n == "lm_head"
+            };
             assert_eq!(m.set_frozen_trunk(bottom), k, "{family}: {k} blocks run untaped");
             for ((name, want), (_, got)) in whole.iter().zip(gradients(&m)) {
                 if !bottom(name) {
@@ -61,17 +68,29 @@ fn an_untaped_frozen_bottom_leaves_the_gradients_that_train_unchanged() {
                         want.as_ref(),
                         "{family}, {k} frozen: {name} trains with the same gradient"
                     );
-                } else if name == "wte" && tied {
-                    assert!(got.is_some(), "{family}: the tied head still reads wte");
                 } else {
+                    // a frozen head (the tied wte, or lm_head) gets no weight gradient either
                     assert!(got.is_none(), "{family}, {k} frozen: {name} got a gradient");
                 }
             }
         }
+        if !tied {
+            // a frozen head alone: its gradient is skipped, everything else unchanged
+            assert_eq!(m.set_frozen_trunk(|n| n == "lm_head"), 0, "{family}: embeddings train");
+            for ((name, want), (_, got)) in whole.iter().zip(gradients(&m)) {
+                assert_eq!(got.as_ref(), if name == "lm_head" { None } else { want.as_ref() }, "{family}: {name}");
+            }
+        }
         // a frozen block above a training one, or training embeddings, change nothing
         assert_eq!(m.set_frozen_trunk(|n| n.starts_with("blocks.")), 0, "{family}: embeddings train");
-        assert_eq!(m.set_frozen_trunk(|n| n == "wte" || n == "wpe" || n.starts_with("blocks.1.")), 0, "{family}");
         assert_eq!(gradients(&m), whole, "{family}: the whole backward pass again");
+        assert_eq!(m.set_frozen_trunk(|n| n == "wte" || n == "wpe" || n.starts_with("blocks.1.")), 0, "{family}");
+        for ((name, want), (_, got)) in whole.iter().zip(gradients(&m)) {
+            // a frozen tied wte keeps only its embedding's part: the head's is skipped
+            if name != "wte" || !tied {
+                assert_eq!(got.as_ref(), want.as_ref(), "{family}: {name} as in the whole backward pass");
+            }
+        }
         m.set_frozen_trunk(|n| n == "wte" || n == "wpe" || n.starts_with("blocks.0."));
         assert_eq!(gradients(&m.frozen_copy()).iter().filter(|(_, g)| g.is_none()).count(), 0, "a copy starts whole");
     }

@@ -26,7 +26,7 @@ use crate::linear::linear_composed;
 use crate::linear::{linear_cpu, Affine};
 use crate::logprobs::{
     lm_logprobs_and_entropy_cpu, lm_logprobs_and_entropy_masked_cpu, lm_weighted_nll_cpu, logprobs_and_entropy_cpu,
-    weighted_nll_cpu,
+    weighted_nll_cpu, Head,
 };
 use crate::model::Block;
 use crate::nucleus::{TokenMask, MASKED_LOGIT};
@@ -71,11 +71,11 @@ pub trait FusedOps: Device<f32> {
     /// [`crate::logprobs`]).
     fn lm_weighted_nll<T: Tape<f32, Self>>(
         h: Tensor<(usize, usize), f32, Self, T>,
-        head: &Tensor<(usize, usize), f32, Self>,
+        head: Head<'_, Self>,
         targets: &[usize],
         weights: &[f32],
     ) -> Tensor<Rank0, f32, Self, T> {
-        let logits = Self::linear(h, Affine::lm_head(head));
+        let logits = Self::linear(h, Affine::lm_head(head.w));
         Self::weighted_nll(logits, targets, weights)
     }
 
@@ -93,11 +93,11 @@ pub trait FusedOps: Device<f32> {
     /// (see [`crate::logprobs`]).
     fn lm_logprobs_and_entropy<T: Tape<f32, Self>>(
         h: Tensor<(usize, usize), f32, Self, T>,
-        head: &Tensor<(usize, usize), f32, Self>,
+        head: Head<'_, Self>,
         targets: &[usize],
         temperature: f32,
     ) -> Tensor<(usize,), f32, Self, T> {
-        let logits = Self::linear(h, Affine::lm_head(head));
+        let logits = Self::linear(h, Affine::lm_head(head.w));
         Self::logprobs_and_entropy(logits, targets, temperature)
     }
 
@@ -107,7 +107,7 @@ pub trait FusedOps: Device<f32> {
     /// Every target must be allowed by its row's mask.
     fn lm_logprobs_and_entropy_masked<T: Tape<f32, Self>>(
         h: Tensor<(usize, usize), f32, Self, T>,
-        head: &Tensor<(usize, usize), f32, Self>,
+        head: Head<'_, Self>,
         targets: &[usize],
         temperature: f32,
         masks: &[TokenMask],
@@ -204,14 +204,14 @@ pub fn logprobs_and_entropy_composed<D: Device<f32>, T: Tape<f32, D>>(
 /// [`FusedOps::logprobs_and_entropy`].
 pub fn lm_logprobs_and_entropy_masked_composed<D: FusedOps, T: Tape<f32, D>>(
     h: Tensor<(usize, usize), f32, D, T>,
-    head: &Tensor<(usize, usize), f32, D>,
+    head: Head<'_, D>,
     targets: &[usize],
     temperature: f32,
     masks: &[TokenMask],
 ) -> Tensor<(usize,), f32, D, T> {
-    let v = head.shape().0;
+    let v = head.w.shape().0;
     crate::logprobs::check_masks(v, targets, masks);
-    let logits = D::linear(h, Affine::lm_head(head));
+    let logits = D::linear(h, Affine::lm_head(head.w));
     let mut bias = vec![0.0; masks.len() * v];
     bias.chunks_mut(v).zip(masks).for_each(|(row, m)| m.apply(row, MASKED_LOGIT));
     let bias = logits.device().tensor_from_vec(bias, (masks.len(), v));
@@ -369,7 +369,7 @@ impl FusedOps for Cpu {
 
     fn lm_weighted_nll<T: Tape<f32, Self>>(
         h: Tensor<(usize, usize), f32, Self, T>,
-        head: &Tensor<(usize, usize), f32, Self>,
+        head: Head<'_, Self>,
         targets: &[usize],
         weights: &[f32],
     ) -> Tensor<Rank0, f32, Self, T> {
@@ -386,7 +386,7 @@ impl FusedOps for Cpu {
 
     fn lm_logprobs_and_entropy<T: Tape<f32, Self>>(
         h: Tensor<(usize, usize), f32, Self, T>,
-        head: &Tensor<(usize, usize), f32, Self>,
+        head: Head<'_, Self>,
         targets: &[usize],
         temperature: f32,
     ) -> Tensor<(usize,), f32, Self, T> {
@@ -395,7 +395,7 @@ impl FusedOps for Cpu {
 
     fn lm_logprobs_and_entropy_masked<T: Tape<f32, Self>>(
         h: Tensor<(usize, usize), f32, Self, T>,
-        head: &Tensor<(usize, usize), f32, Self>,
+        head: Head<'_, Self>,
         targets: &[usize],
         temperature: f32,
         masks: &[TokenMask],

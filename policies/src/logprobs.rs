@@ -23,7 +23,33 @@ use crate::strided::{gemm_into, gemm_new, host_vec, View};
 type A2<T> = Tensor<(usize, usize), f32, Cpu, T>;
 type A1<T> = Tensor<(usize,), f32, Cpu, T>;
 type A0<T> = Tensor<Rank0, f32, Cpu, T>;
-type W2 = Tensor<(usize, usize), f32, Cpu>;
+
+/// The LM head as the head ops take it: its `(V, C)` weight (HF's `lm_head.weight` layout, or
+/// the tied `wte`) and whether that weight trains. A frozen head gets no weight gradient: the
+/// CPU ops skip `dW += dlogitsᵀ·h`, one of the head's three `N·V·C` products (dfdx's
+/// composition, the other devices' path, computes it anyway; nothing steps a frozen weight).
+#[derive(Debug)]
+pub struct Head<'a, D: Storage<f32>> {
+    /// The weight `(V, C)`.
+    pub w: &'a Tensor<(usize, usize), f32, D>,
+    /// Whether the backward pass writes the weight's gradient.
+    pub trains: bool,
+}
+
+// by hand: a derive would ask `D: Copy`
+impl<D: Storage<f32>> Clone for Head<'_, D> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<D: Storage<f32>> Copy for Head<'_, D> {}
+
+impl<'a, D: Storage<f32>> Head<'a, D> {
+    /// A head whose weight trains.
+    pub fn training(w: &'a Tensor<(usize, usize), f32, D>) -> Self {
+        Head { w, trains: true }
+    }
+}
 
 /// `(max, exp(x − max), Σ exp(x − max))` of one row (the sum in f64).
 fn shifted_exp(row: &[f32]) -> (f32, Vec<f32>, f64) {
@@ -176,13 +202,13 @@ pub fn logprobs_and_entropy_cpu<T: Tape<f32, Cpu>>(logits: A2<T>, targets: &[usi
 type HeadLoss<S, B> = (Vec<f32>, S, B);
 
 /// The LM head followed by a loss, as one op: `x = alpha·h·wᵀ` `(N, V)` for hidden states `h`
-/// `(N, C)` and the head's weight `w` `(V, C)` (HF's `lm_head.weight` layout, or the tied
-/// `wte`) goes to `loss` in a host buffer this op owns (which `loss` may change first, e.g.
-/// to mask tokens); the backward pass has `loss`'s
-/// closure turn it into `dlogits` in place, then `dh += dlogits·w`, `dw += dlogitsᵀ·h`.
+/// `(N, C)` and the head's weight `w` `(V, C)` goes to `loss` in a host buffer this op owns
+/// (which `loss` may change first, e.g. to mask tokens); the backward pass has `loss`'s
+/// closure turn it into `dlogits` in place, then `dh += dlogits·w` and, when the head
+/// trains, `dw += dlogitsᵀ·h`.
 fn lm_head_op<T, S, B>(
     h: A2<T>,
-    w: &W2,
+    head: Head<'_, Cpu>,
     alpha: f32,
     loss: impl FnOnce(&mut [f32]) -> HeadLoss<S, B>,
 ) -> Tensor<S, f32, Cpu, T>
@@ -191,7 +217,7 @@ where
     S: Shape,
     B: FnOnce(&mut [f32], &[f32]) + 'static,
 {
-    let h = h.contiguous();
+    let (h, w) = (h.contiguous(), head.w);
     let ((n, c), (v, wc)) = (*h.shape(), *w.shape());
     assert_eq!(c, wc, "lm head: hidden width {c} against a weight of shape {:?}", w.shape());
     let (h, mut tape) = h.split_tape();
@@ -201,13 +227,15 @@ where
     let (y, shape, backward) = loss(&mut x);
     let out = h.device().tensor_from_vec(y, shape);
     if T::OWNS_TAPE {
-        let (hg, og, wg) = (h.ghost(), out.ghost(), w.ghost());
+        let (hg, og, wg) = (h.ghost(), out.ghost(), head.trains.then(|| w.ghost()));
         tape.add_backward_op(move |grads| {
             let dy: Vec<f32> = grads.get_or_alloc_mut(&og)?.to_vec();
             backward(&mut x, &dy);
             let dl = View::rows(&x, v);
             gemm_into(grads.get_or_alloc_mut(&hg)?, (n, c, v), dl, View::rows(&wv, c), 1.0, true, threads);
-            gemm_into(grads.get_or_alloc_mut(&wg)?, (v, c, n), dl.t(), View::rows(&hv, c), 1.0, true, threads);
+            if let Some(wg) = &wg {
+                gemm_into(grads.get_or_alloc_mut(wg)?, (v, c, n), dl.t(), View::rows(&hv, c), 1.0, true, threads);
+            }
             Ok(())
         });
     }
@@ -216,11 +244,16 @@ where
 
 /// [`logprobs_and_entropy_cpu`] of the LM head's logits `h·wᵀ` (see `lm_head_op`):
 /// `[log p[targets]…, H…]` `(2N,)` of `softmax(h·wᵀ / T)`.
-pub fn lm_logprobs_and_entropy_cpu<T: Tape<f32, Cpu>>(h: A2<T>, w: &W2, targets: &[usize], temperature: f32) -> A1<T> {
-    let (n, v) = (h.shape().0, w.shape().0);
+pub fn lm_logprobs_and_entropy_cpu<T: Tape<f32, Cpu>>(
+    h: A2<T>,
+    head: Head<'_, Cpu>,
+    targets: &[usize],
+    temperature: f32,
+) -> A1<T> {
+    let (n, v) = (h.shape().0, head.w.shape().0);
     check_targets("logprobs_and_entropy", n, v, targets, None);
     let (inv_t, targets) = (1.0 / temperature, targets.to_vec());
-    lm_head_op(h, w, inv_t, |x| {
+    lm_head_op(h, head, inv_t, |x| {
         let (stats, y) = forward(x, v, &targets);
         let backward = move |d: &mut [f32], dy: &[f32]| {
             d.par_chunks_mut(v).enumerate().for_each(|(i, d)| {
@@ -236,16 +269,16 @@ pub fn lm_logprobs_and_entropy_cpu<T: Tape<f32, Cpu>>(h: A2<T>, w: &W2, targets:
 /// softmax over the allowed tokens, and the masked logits get no gradient.
 pub fn lm_logprobs_and_entropy_masked_cpu<T: Tape<f32, Cpu>>(
     h: A2<T>,
-    w: &W2,
+    head: Head<'_, Cpu>,
     targets: &[usize],
     temperature: f32,
     masks: &[TokenMask],
 ) -> A1<T> {
-    let (n, v) = (h.shape().0, w.shape().0);
+    let (n, v) = (h.shape().0, head.w.shape().0);
     check_targets("logprobs_and_entropy", n, v, targets, None);
     check_masks(v, targets, masks);
     let (inv_t, targets) = (1.0 / temperature, targets.to_vec());
-    lm_head_op(h, w, inv_t, |x| {
+    lm_head_op(h, head, inv_t, |x| {
         x.par_chunks_mut(v).zip(masks).for_each(|(row, m)| m.apply(row, MASKED_LOGIT));
         let (stats, y) = forward(x, v, &targets);
         let backward = move |d: &mut [f32], dy: &[f32]| {
@@ -266,11 +299,16 @@ pub(crate) fn check_masks(v: usize, targets: &[usize], masks: &[TokenMask]) {
 }
 
 /// [`weighted_nll_cpu`] of the LM head's logits `h·wᵀ` (see `lm_head_op`).
-pub fn lm_weighted_nll_cpu<T: Tape<f32, Cpu>>(h: A2<T>, w: &W2, targets: &[usize], weights: &[f32]) -> A0<T> {
-    let (n, v) = (h.shape().0, w.shape().0);
+pub fn lm_weighted_nll_cpu<T: Tape<f32, Cpu>>(
+    h: A2<T>,
+    head: Head<'_, Cpu>,
+    targets: &[usize],
+    weights: &[f32],
+) -> A0<T> {
+    let (n, v) = (h.shape().0, head.w.shape().0);
     check_targets("weighted_nll", n, v, targets, Some(weights));
     let (targets, weights) = (targets.to_vec(), weights.to_vec());
-    lm_head_op(h, w, 1.0, |x| {
+    lm_head_op(h, head, 1.0, |x| {
         let (loss, lse) = nll_forward(x, v, &targets, &weights);
         let backward = move |d: &mut [f32], dy: &[f32]| {
             d.par_chunks_mut(v).enumerate().for_each(|(i, d)| {
@@ -349,7 +387,7 @@ mod tests {
             let up: Tensor<(usize,), f32, Cpu> = dev.tensor_from_vec(upv, (2 * n,));
             let run = |fused: bool| {
                 let y = if fused {
-                    lm_logprobs_and_entropy_cpu(h.leaky_trace(), &w, &targets, temp)
+                    lm_logprobs_and_entropy_cpu(h.leaky_trace(), Head::training(&w), &targets, temp)
                 } else {
                     let a = Affine::lm_head(&w);
                     logprobs_and_entropy_composed(linear_composed(h.leaky_trace(), a), &targets, temp)
@@ -366,7 +404,7 @@ mod tests {
             let weights: Vec<f32> = (0..n).map(|i| if i == 1 { 0.0 } else { rng.gen_range(0.0..1.0) }).collect();
             let run = |fused: bool| {
                 let y = if fused {
-                    lm_weighted_nll_cpu(h.leaky_trace(), &w, &targets, &weights)
+                    lm_weighted_nll_cpu(h.leaky_trace(), Head::training(&w), &targets, &weights)
                 } else {
                     let a = Affine::lm_head(&w);
                     weighted_nll_composed(linear_composed(h.leaky_trace(), a), &targets, &weights)
@@ -379,6 +417,38 @@ mod tests {
             assert!((f.0 - r.0).abs() <= 1e-5 * (1.0 + r.0.abs()), "{n}x{v}: NLL {} vs {}", f.0, r.0);
             assert!(max_rel(&f.1, &r.1) < 1e-5, "{n}x{v}: NLL dh {}", max_rel(&f.1, &r.1));
             assert!(max_rel(&f.2, &r.2) < 1e-5, "{n}x{v}: NLL dw {}", max_rel(&f.2, &r.2));
+        }
+    }
+
+    /// A frozen head changes no bit of the values or of `dh`, and leaves the weight without a
+    /// gradient (its buffer is only allocated, as zeros, when asked for), for each head op.
+    #[test]
+    fn a_frozen_head_writes_no_weight_gradient() {
+        let dev = Cpu::default();
+        let mut rng = StdRng::seed_from_u64(6);
+        let (n, c, v) = (9usize, 16usize, 300usize);
+        let h = rand(&dev, &mut rng, (n, c), 1.0);
+        let w = rand(&dev, &mut rng, (v, c), 1.0);
+        let targets: Vec<usize> = (0..n).map(|_| rng.gen_range(0..v)).collect();
+        let weights: Vec<f32> = (0..n).map(|_| rng.gen_range(0.0..1.0)).collect();
+        let masks = random_masks(&mut rng, v, &targets);
+        for op in 0..3 {
+            let run = |trains: bool| {
+                let head = Head { w: &w, trains };
+                let y = match op {
+                    0 => lm_logprobs_and_entropy_cpu(h.leaky_trace(), head, &targets, 0.7),
+                    1 => lm_logprobs_and_entropy_masked_cpu(h.leaky_trace(), head, &targets, 0.7, &masks),
+                    _ => lm_weighted_nll_cpu(h.leaky_trace(), head, &targets, &weights).broadcast_like(&(1,)),
+                };
+                let yv = y.retaped::<NoneTape>().as_vec();
+                let mut g = (y * 0.5).sum::<Rank0, _>().backward();
+                let dw = g.get_or_alloc_mut(&w).unwrap().clone();
+                (yv, g.get(&h).as_vec(), dw)
+            };
+            let (trained, frozen) = (run(true), run(false));
+            assert_eq!((&trained.0, &trained.1), (&frozen.0, &frozen.1), "op {op}: values and dh");
+            assert!(trained.2.iter().any(|&g| g != 0.0), "op {op}: a training head gets a gradient");
+            assert!(frozen.2.iter().all(|&g| g == 0.0), "op {op}: a frozen head gets none");
         }
     }
 
@@ -408,9 +478,15 @@ mod tests {
                 dev.tensor_from_vec((0..2 * n).map(|_| rng.gen_range(-1.0..1.0)).collect(), (2 * n,));
             let run = |fused: bool| {
                 let y = if fused {
-                    lm_logprobs_and_entropy_masked_cpu(h.leaky_trace(), &w, &targets, temp, &masks)
+                    lm_logprobs_and_entropy_masked_cpu(h.leaky_trace(), Head::training(&w), &targets, temp, &masks)
                 } else {
-                    crate::fused::lm_logprobs_and_entropy_masked_composed(h.leaky_trace(), &w, &targets, temp, &masks)
+                    crate::fused::lm_logprobs_and_entropy_masked_composed(
+                        h.leaky_trace(),
+                        Head::training(&w),
+                        &targets,
+                        temp,
+                        &masks,
+                    )
                 };
                 let yv = y.retaped::<NoneTape>().as_vec();
                 let g = (y * up.clone()).sum::<Rank0, _>().backward();
@@ -448,9 +524,9 @@ mod tests {
         let masks = vec![TokenMask::all(v); n];
         let run = |masked: bool| {
             let y = if masked {
-                lm_logprobs_and_entropy_masked_cpu(h.leaky_trace(), &w, &targets, temp, &masks)
+                lm_logprobs_and_entropy_masked_cpu(h.leaky_trace(), Head::training(&w), &targets, temp, &masks)
             } else {
-                lm_logprobs_and_entropy_cpu(h.leaky_trace(), &w, &targets, temp)
+                lm_logprobs_and_entropy_cpu(h.leaky_trace(), Head::training(&w), &targets, temp)
             };
             let yv = y.retaped::<NoneTape>().as_vec();
             let g = (y * 0.5).sum::<Rank0, _>().backward();

@@ -18,6 +18,7 @@ use crate::config::{Dims, Family, GeluKind, ModelConfig, NormKind};
 use crate::error::PolicyError;
 use crate::fused::FusedOps;
 use crate::linear::{Affine, WeightLayout};
+use crate::logprobs::Head;
 
 /// 1-D parameter.
 pub type T1<D> = Tensor<(usize,), f32, D>;
@@ -275,10 +276,20 @@ pub struct CausalLm<D: Storage<f32>> {
     pub lm_head: Option<T2<D>>,
     /// The device.
     pub dev: D,
-    /// How many leading blocks a taped forward runs untaped, with the embeddings: their
-    /// parameters are frozen, so nothing below needs a gradient ([`CausalLm::set_frozen_trunk`]).
-    /// 0 for a new model or a copy.
-    pub(crate) frozen_blocks: usize,
+    /// What a taped forward leaves off the tape because its parameters are frozen
+    /// ([`CausalLm::set_frozen_trunk`]); nothing for a new model or a copy.
+    pub(crate) frozen: FrozenTrunk,
+}
+
+/// The parts of a [`CausalLm`] whose gradients a taped forward does not compute.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct FrozenTrunk {
+    /// How many leading blocks run untaped, with the embeddings: nothing below the first block
+    /// that trains needs a gradient.
+    pub(crate) blocks: usize,
+    /// Whether the LM head's weight (`lm_head`, or the tied `wte`) is frozen: the head ops skip
+    /// its gradient `dW = dlogitsᵀ·h` (see [`crate::logprobs::Head`]).
+    pub(crate) head: bool,
 }
 
 impl<D: FusedOps> CausalLm<D> {
@@ -320,7 +331,7 @@ impl<D: FusedOps> CausalLm<D> {
             .collect();
         let lm_head = (!dims.tied).then(|| sample_normal(dev, &mut rng, (dims.vocab, c), std));
         let ln_f = Norm::new(dev, &dims);
-        Ok(CausalLm { ln_f, config, dims, wte, wpe, blocks, lm_head, dev: dev.clone(), frozen_blocks: 0 })
+        Ok(CausalLm { ln_f, config, dims, wte, wpe, blocks, lm_head, dev: dev.clone(), frozen: FrozenTrunk::default() })
     }
 
     /// Final hidden states `(B·T, C)` (after the last norm) for a batch, recording on `tape`
@@ -392,7 +403,7 @@ impl<D: FusedOps> CausalLm<D> {
         rows: Option<&[usize]>,
         tape: T,
     ) -> A2<D, T> {
-        let untaped = if T::OWNS_TAPE { self.frozen_blocks.max(k) } else { k };
+        let untaped = if T::OWNS_TAPE { self.frozen.blocks.max(k) } else { k };
         let x = self.run_blocks(x, k..untaped, ctx, rows).put_tape(tape);
         self.ln_f.forward(self.run_blocks(x, untaped..self.blocks.len(), ctx, rows))
     }
@@ -411,7 +422,7 @@ impl<D: FusedOps> CausalLm<D> {
         let (b, t, c) = (batch.b, batch.t, self.dims.d_model);
         let ids: Vec<usize> = batch.ids.iter().map(|&i| i as usize).collect();
         let ctx = self.context(batch);
-        if T::OWNS_TAPE && self.frozen_blocks > 0 {
+        if T::OWNS_TAPE && self.frozen.blocks > 0 {
             // the frozen bottom runs untaped: no gradient is recorded below the first block that trains
             let x = D::embed(NoneTape, &self.wte, self.wpe.as_ref(), &ids, &batch.position_ids);
             return Ok(self.above(x, 0, &ctx, rows, tape));
@@ -454,7 +465,7 @@ impl<D: FusedOps> CausalLm<D> {
         targets: &[usize],
         temperature: f32,
     ) -> Tensor<(usize,), f32, D, T> {
-        D::lm_logprobs_and_entropy(h, self.head(), targets, temperature)
+        D::lm_logprobs_and_entropy(h, self.head_op(), targets, temperature)
     }
 
     /// [`CausalLm::logprobs_and_entropy`] of NLPO's π^mask: row `i` over the tokens
@@ -466,7 +477,7 @@ impl<D: FusedOps> CausalLm<D> {
         temperature: f32,
         masks: &[crate::TokenMask],
     ) -> Tensor<(usize,), f32, D, T> {
-        D::lm_logprobs_and_entropy_masked(h, self.head(), targets, temperature, masks)
+        D::lm_logprobs_and_entropy_masked(h, self.head_op(), targets, temperature, masks)
     }
 
     /// `−Σᵢ wᵢ·log softmax(logitsᵢ)[targetsᵢ]` for hidden states `h` `(N, C)`: the LM head
@@ -477,12 +488,17 @@ impl<D: FusedOps> CausalLm<D> {
         targets: &[usize],
         weights: &[f32],
     ) -> Tensor<Rank0, f32, D, T> {
-        D::lm_weighted_nll(h, self.head(), targets, weights)
+        D::lm_weighted_nll(h, self.head_op(), targets, weights)
     }
 
     /// The LM head's `(V, C)` weight: `lm_head`, or `wte` when tied.
     fn head(&self) -> &Tensor<(usize, usize), f32, D> {
         self.lm_head.as_ref().unwrap_or(&self.wte)
+    }
+
+    /// The LM head for the head ops: its weight, and whether it trains (see [`FrozenTrunk`]).
+    fn head_op(&self) -> Head<'_, D> {
+        Head { w: self.head(), trains: !self.frozen.head }
     }
 
     /// Convenience: logits `(B·T, V)` for a batch, recording on `tape`.
@@ -548,7 +564,7 @@ impl<D: FusedOps> CausalLm<D> {
     pub fn frozen_copy(&self) -> Self {
         let mut copy = self.clone();
         copy.map_params(|t| t.clone() + 0.0f32, |t| t.clone() + 0.0f32);
-        copy.frozen_blocks = 0;
+        copy.frozen = FrozenTrunk::default();
         copy
     }
 

@@ -123,7 +123,8 @@ impl<D: Device<f32>> CausalLm<D> {
     /// Lets a taped forward run the embeddings and the longest run of leading blocks whose
     /// parameters are all `frozen` (by name, as [`CausalLm::params`] gives them) without a
     /// tape: they get no gradient, and the backward pass stops at the first block that trains.
-    /// Nothing changes while the embeddings train. Returns the number of blocks run untaped.
+    /// Nothing changes while the embeddings train. A frozen LM head (`lm_head`, or the tied
+    /// `wte`) gets no weight gradient either. Returns the number of blocks run untaped.
     pub fn set_frozen_trunk(&mut self, frozen: impl Fn(&str) -> bool) -> usize {
         let params = self.params();
         let all_frozen =
@@ -133,13 +134,14 @@ impl<D: Device<f32>> CausalLm<D> {
         } else {
             0
         };
-        self.frozen_blocks = k;
+        let head = all_frozen(if self.lm_head.is_some() { "lm_head" } else { "wte" });
+        self.frozen = crate::model::FrozenTrunk { blocks: k, head };
         k
     }
 
     /// The leading blocks a taped forward runs untaped ([`CausalLm::set_frozen_trunk`]).
     pub fn frozen_blocks(&self) -> usize {
-        self.frozen_blocks
+        self.frozen.blocks
     }
 
     /// How many leading blocks `self` and `other` share with their embeddings: the longest
