@@ -154,6 +154,22 @@ fn frozen_parameters_stay_as_they_were_and_the_rest_train() {
     assert!(same.iter().all(|n| n.contains("wte") || n.contains("wpe") || n.contains(".h.0.")), "{same:?}");
     assert!(same.iter().any(|n| n.contains(".h.0.")) && same.len() == 2 + 12, "embeddings and block 0: {same:?}");
     assert!(moved.iter().all(|n| n.contains(".h.1.") || n.contains("ln_f")) && moved.len() == 12 + 2, "{moved:?}");
+    // the optimizer keeps moments of the parameters that train only (PyTorch's frozen
+    // parameters are not the optimizer's), and a resume from such a state is exact
+    let opt =
+        rlhf_policies::checkpoint::read_safetensors(&d.path().join("run/checkpoints/step-10/optimizer.safetensors"))
+            .unwrap();
+    assert!(
+        opt.keys().all(|k| k.starts_with("exp_avg") && (k.contains(".blocks.1.") || k.contains(".ln_f."))),
+        "{opt:?}"
+    );
+    // block 1: two norms, q, k, v, o and the MLP's two maps, each with a bias (16); ln_f (2)
+    assert_eq!(opt.len(), 2 * (16 + 2), "two moments of each parameter of block 1 and ln_f");
+    let resumed = SftConfig { out_dir: d.path().join("resumed"), checkpoint_every: 4, ..c.clone() };
+    train(resumed.clone(), false).unwrap();
+    std::fs::remove_dir_all(d.path().join("resumed/checkpoints/step-10")).unwrap();
+    train(resumed, true).unwrap();
+    assert_eq!(comparable_metrics(&d.path().join("resumed")), comparable_metrics(&d.path().join("run")));
     // trlx's `num_layers_unfrozen: 1` on the 2-block model is the same list: the same run
     let top = SftConfig { out_dir: d.path().join("top"), ..c.clone() };
     let top =

@@ -139,24 +139,43 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>, Pol
 }
 
 /// Writes f32 tensors to a safetensors file (with transformers' `{"format": "pt"}` metadata),
-/// through a temporary file and a rename so a crash never leaves a half-written file.
+/// through a temporary file and a rename so a crash never leaves a half-written file. The
+/// tensors stream to the file one at a time: besides `tensors`, only the largest one's bytes
+/// are held (a whole-file buffer was three copies of a model at its peak).
 pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<(), PolicyError> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(n, t)| (n.clone(), t.shape.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect()))
-        .collect();
-    let views = bytes
-        .iter()
-        .map(|(n, s, b)| {
-            ::safetensors::tensor::TensorView::new(::safetensors::Dtype::F32, s.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| PolicyError::tensor(path, n, format!("{e:?}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    for (name, t) in tensors {
+        if t.shape.iter().product::<usize>() != t.data.len() {
+            let why = format!("{} values for shape {:?}", t.data.len(), t.shape);
+            return Err(PolicyError::tensor(path, name, why));
+        }
+    }
+    let views = tensors.iter().map(|(n, t)| (n.as_str(), F32View(t)));
     let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-    let data = ::safetensors::tensor::serialize(views, &meta)
-        .map_err(|e| PolicyError::tensor(path, "<all>", format!("serialising failed: {e:?}")))?;
-    write_atomic(path, &data)
+    let tmp = path.with_extension("tmp");
+    ::safetensors::serialize_to_file(views, &meta, &tmp).map_err(|e| match e {
+        ::safetensors::SafeTensorError::IoError(e) => PolicyError::io(&tmp, e),
+        e => PolicyError::tensor(path, "<all>", format!("serialising failed: {e:?}")),
+    })?;
+    std::fs::rename(&tmp, path).map_err(|e| PolicyError::io(path, e))
+}
+
+/// An f32 [`HostTensor`] as safetensors writes it: its little-endian bytes, made when the
+/// writer reaches it.
+struct F32View<'a>(&'a HostTensor);
+
+impl ::safetensors::View for F32View<'_> {
+    fn dtype(&self) -> ::safetensors::Dtype {
+        ::safetensors::Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.0.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        self.0.data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into()
+    }
+    fn data_len(&self) -> usize {
+        4 * self.0.data.len()
+    }
 }
 
 /// Writes `bytes` to `path` via `path.tmp` + rename.

@@ -244,6 +244,15 @@ impl<D: Device<f32>> AdamW<D> {
         }
         Ok(self.trainable.as_deref().expect("set above"))
     }
+
+    /// The parameters of `params` that train ([`AdamW::trainable`]).
+    fn training<'p, 'a>(
+        &mut self,
+        params: &'p [(String, ParamRef<'a, D>)],
+    ) -> Result<Vec<&'p (String, ParamRef<'a, D>)>, PolicyError> {
+        let trainable = self.trainable(params.iter().map(|(n, _)| n.as_str()))?;
+        Ok(params.iter().zip(trainable).filter(|(_, &t)| t).map(|(p, _)| p).collect())
+    }
 }
 
 impl<D: GradBuffers> AdamW<D> {
@@ -351,15 +360,16 @@ impl<D: GradBuffers> AdamW<D> {
     }
 
     /// The optimizer state for a checkpoint: `exp_avg.<name>` and `exp_avg_sq.<name>` for
-    /// every parameter (PyTorch's names), `step.<name>` (a one-element tensor, as PyTorch
-    /// keeps it) for a parameter whose own step count is not the optimizer's, and the step
-    /// count.
+    /// every parameter that trains (PyTorch's names; a frozen one has no moments, as in
+    /// PyTorch, where it is not the optimizer's), `step.<name>` (a one-element tensor, as
+    /// PyTorch keeps it) for a parameter whose own step count is not the optimizer's, and the
+    /// step count.
     pub fn state(
         &mut self,
         params: &[(String, ParamRef<'_, D>)],
     ) -> Result<(i32, BTreeMap<String, HostTensor>), PolicyError> {
         let mut out = BTreeMap::new();
-        for (name, p) in params {
+        for (name, p) in self.training(params)? {
             let shape = p.shape();
             out.insert(
                 format!("exp_avg.{name}"),
@@ -373,7 +383,8 @@ impl<D: GradBuffers> AdamW<D> {
         Ok((self.t, out))
     }
 
-    /// Restores what [`AdamW::state`] saved (`file` names the source in errors).
+    /// Restores what [`AdamW::state`] saved (`file` names the source in errors). Moments of
+    /// frozen parameters are not needed, and ignored if there (older checkpoints kept zeros).
     pub fn load_state(
         &mut self,
         params: &[(String, ParamRef<'_, D>)],
@@ -381,12 +392,12 @@ impl<D: GradBuffers> AdamW<D> {
         tensors: &BTreeMap<String, HostTensor>,
         file: &std::path::Path,
     ) -> Result<(), PolicyError> {
-        for (name, p) in params {
+        for (name, p) in self.training(params)? {
             for (prefix, moments) in [("exp_avg", &mut self.m), ("exp_avg_sq", &mut self.v)] {
                 let key = format!("{prefix}.{name}");
-                let h = tensors
-                    .get(&key)
-                    .ok_or_else(|| PolicyError::tensor(file, &key, "missing from the optimizer state"))?;
+                let h = tensors.get(&key).ok_or_else(|| {
+                    PolicyError::tensor(file, &key, "missing from the optimizer state (was it frozen when saved?)")
+                })?;
                 if h.shape != p.shape() {
                     return Err(PolicyError::tensor(
                         file,
