@@ -190,3 +190,43 @@ fn ppo_trains_only_the_top_block_of_the_policy_and_the_critic() {
         assert!(moved.iter().all(|n| !bottom(n)) && moved.len() == 12 + 2, "{who} moved {moved:?}");
     }
 }
+
+/// The weights frozen in the policy are stored once for the policy and its reference
+/// ([`CausalLm::share_storage`]): the same buffer and tensor id, nothing shared that differs
+/// or that `share` leaves out, and training the policy gives the same weights as without
+/// sharing while the reference's logits stay as they were.
+#[test]
+fn frozen_weights_are_stored_once_and_change_nothing() {
+    use rlhf_policies::params::tensor_id;
+    use rlhf_policies::{AdamW, AdamWConfig};
+    let frozen = |n: &str| n == "wte" || n == "wpe" || n.starts_with("blocks.0.");
+    let policy = CausalLm::new(gpt2(), &Cpu::default(), 9).unwrap();
+    let mut reference = policy.frozen_copy();
+    reference.blocks[0].ln2.w = reference.blocks[0].ln2.w.clone() + 0.25;
+    let mut shared = reference.frozen_copy();
+    let n = shared.share_storage(&policy, frozen);
+    let (c, p) = (16, 32);
+    // wte (23 × 16), wpe (32 × 16) and block 0 (attention 4c² + 4c, MLP 8c² + 5c, norms 4c)
+    assert_eq!(n, 23 * c + p * c + (12 * c * c + 13 * c) - c, "all but the changed norm");
+    assert_eq!(tensor_id(&shared.wte), tensor_id(&policy.wte), "the same tensor");
+    assert_ne!(tensor_id(&shared.blocks[0].ln2.w), tensor_id(&policy.blocks[0].ln2.w), "it differs: its own");
+    assert_ne!(tensor_id(&shared.blocks[1].wq.w), tensor_id(&policy.blocks[1].wq.w), "not frozen: its own");
+    let batch = Batch::right_padded(&[vec![3, 1, 4, 1, 5, 9], vec![2, 6, 5]], 0).unwrap();
+    let logits = |m: &CausalLm<Cpu>| m.forward(&batch, NoneTape).unwrap().as_vec();
+    assert_eq!(logits(&shared), logits(&reference));
+    let train = |mut m: CausalLm<Cpu>| {
+        let mut opt = AdamW::new(AdamWConfig {
+            lr: 1e-2,
+            freeze: vec!["wte".into(), "wpe".into(), "blocks.0".into()],
+            ..Default::default()
+        });
+        for _ in 0..3 {
+            let mut grads = m.forward(&batch, OwnedTape::<f32, Cpu>::default()).unwrap().square().mean().backward();
+            opt.step(m.params_mut(), &mut grads, 1e-2).unwrap();
+        }
+        m.params().into_iter().map(|(n, p)| (n, p.to_vec())).collect::<Vec<_>>()
+    };
+    let alone = train(policy.frozen_copy());
+    assert_eq!(train(policy), alone, "the policy trains as it would alone");
+    assert_eq!(logits(&shared), logits(&reference), "the reference is untouched");
+}

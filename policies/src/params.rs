@@ -162,6 +162,37 @@ impl<D: Device<f32>> CausalLm<D> {
         }
         (0..most).take_while(|i| same(&format!("blocks.{i}"))).count()
     }
+
+    /// Makes each parameter of `self` that `share` names and that is bitwise equal to
+    /// `source`'s parameter of the same name a clone of `source`'s — the same buffer and the
+    /// same tensor id — and frees `self`'s own copy. Only for parameters neither model ever
+    /// changes (frozen in both; a reference's): an update would copy the buffer before writing
+    /// (dfdx's copy-on-write), but gradients are keyed by the id, which is shared. Returns the
+    /// number of values shared.
+    pub fn share_storage(&mut self, source: &Self, share: impl Fn(&str) -> bool) -> usize {
+        if self.dims != source.dims {
+            return 0;
+        }
+        let same = |a: Vec<f32>, b: Vec<f32>| a.iter().map(|x| x.to_bits()).eq(b.iter().map(|x| x.to_bits()));
+        let mut shared = 0;
+        for ((name, mine), (theirs_name, theirs)) in self.params_mut().into_iter().zip(source.params()) {
+            if name != theirs_name || !share(&name) {
+                continue;
+            }
+            shared += match (mine, theirs) {
+                (ParamMut::V(a), ParamRef::V(b)) if a.shape() == b.shape() && same(a.as_vec(), b.as_vec()) => {
+                    *a = b.clone();
+                    b.shape().0
+                }
+                (ParamMut::M(a), ParamRef::M(b)) if a.shape() == b.shape() && same(a.as_vec(), b.as_vec()) => {
+                    *a = b.clone();
+                    b.shape().0 * b.shape().1
+                }
+                _ => 0,
+            };
+        }
+        shared
+    }
 }
 
 /// The id dfdx keys a tensor's gradient by (dfdx has no public getter; `UnusedTensors::add`

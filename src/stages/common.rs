@@ -195,6 +195,29 @@ pub fn untape_frozen<D: GradBuffers, M: HasParams<D>>(
     Ok(())
 }
 
+/// The names (as `model.params()` gives them) of the parameters `opt` leaves frozen.
+pub fn frozen_names<D: GradBuffers, M: HasParams<D>>(model: &M, opt: &mut AdamW<D>) -> Result<HashSet<String>> {
+    let names: Vec<String> = model.params().into_iter().map(|(n, _)| n).collect();
+    let trainable = opt.trainable(names.iter().map(String::as_str))?;
+    Ok(names.iter().zip(trainable).filter(|(_, &t)| !t).map(|(n, _)| n.clone()).collect())
+}
+
+/// Points `target`'s parameters (`what`: the reference, a critic) that `share` names and that
+/// equal the policy's at the policy's storage ([`CausalLm::share_storage`]); `share` must name
+/// only parameters frozen in both, so that one copy serves both for the whole run. Says on
+/// stderr how much it shared.
+pub fn share_frozen<D: FusedOps>(
+    (stage, what): (&str, &str),
+    target: &mut CausalLm<D>,
+    policy: &CausalLm<D>,
+    share: impl Fn(&str) -> bool,
+) {
+    let shared = target.share_storage(policy, share);
+    if shared > 0 {
+        eprintln!("{stage}: {what} shares {:.0} MB of frozen weights with the policy", shared as f64 * 4e-6);
+    }
+}
+
 /// The first half of [`optimizer_step`]: the gradients of `accum` micro-batch losses (each
 /// scaled by `1/accum`) and their summed loss, the model untouched — for a trainer that looks
 /// at the minibatch before deciding to step (PPO's `target_kl`).

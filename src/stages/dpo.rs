@@ -29,8 +29,8 @@ use crate::prompt_format::ChatPrompt;
 use crate::run::RunDir;
 use crate::schedule::LrSchedule;
 use crate::stages::common::{
-    announce_best, held_out, optimizer_step, record_config, require_counts, require_epochs, require_fraction,
-    restore_or_init, save, steps_for_epochs, LossOn, Restored,
+    announce_best, frozen_names, held_out, optimizer_step, record_config, require_counts, require_epochs,
+    require_fraction, restore_or_init, save, share_frozen, steps_for_epochs, LossOn, Restored,
 };
 use crate::stages::dpo_data::{kl_sample_prompts, load_examples};
 pub use crate::stages::dpo_data::{Examples, Pair};
@@ -334,9 +334,12 @@ pub fn train(mut cfg: DpoConfig, resume: bool) -> Result<DpoReport> {
 fn train_on<D: FusedOps + GradBuffers>(cfg: &DpoConfig, resume: bool, dev: &D) -> Result<DpoReport> {
     let run = RunDir::open(&cfg.out_dir, resume)?.keep_last(cfg.keep_checkpoints);
     // BOILERPLATE: policy (fresh or restored), the frozen reference, optimizer
-    let (reference, tok): (CausalLm<D>, Tokenizer) = load_with_tokenizer(&cfg.init, dev)?;
+    let (mut reference, tok): (CausalLm<D>, Tokenizer) = load_with_tokenizer(&cfg.init, dev)?;
     let Restored { model: mut policy, mut opt, step: start, .. } =
         restore_or_init(&run, resume, &cfg.optim, dev, || Ok((reference.frozen_copy(), tok.clone())))?;
+    // one copy of the weights frozen in the policy serves the reference too
+    let frozen = frozen_names(&policy, &mut opt)?;
+    share_frozen(("dpo", "the reference"), &mut reference, &policy, |n| frozen.contains(n));
     crate::stages::common::require_fits(cfg.max_len, &reference.dims, &cfg.init)?;
     let eos = tok.eos_for(&reference.config).ok_or_else(|| anyhow::anyhow!("{}: no EOS token", cfg.init.display()))?;
     let pad = tok.pad_id().unwrap_or(eos);

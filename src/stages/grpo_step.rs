@@ -20,7 +20,8 @@ use crate::math::group::{
     rloo_advantages, RewardScale, TokenBatch, Whitening,
 };
 use crate::stages::common::{
-    optimizer_step, or_skip_non_finite, running_score_metrics, shuffled_minibatches, untape_frozen, LossOn,
+    frozen_names, optimizer_step, or_skip_non_finite, running_score_metrics, share_frozen, shuffled_minibatches,
+    untape_frozen, LossOn,
 };
 use crate::stages::grpo::{Algo, GrpoConfig};
 use crate::stages::online_dpo;
@@ -109,7 +110,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
     pub fn new(
         cfg: GrpoConfig,
         mut policy: CausalLm<D>,
-        reference: Option<CausalLm<D>>,
+        mut reference: Option<CausalLm<D>>,
         mut opt: AdamW<D>,
         state: GroupState,
         prompts: Prompts,
@@ -135,6 +136,11 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
         let greedy_prompts = matches!(cfg.algo, Algo::Remax {}).then(|| env.prompts().clone());
         // a frozen bottom stays the reference's for the whole run when it starts equal
         untape_frozen(&mut policy, &mut opt, |_| true)?;
+        // and one copy of the weights frozen in the policy serves the reference too
+        if let Some(r) = reference.as_mut() {
+            let frozen = frozen_names(&policy, &mut opt)?;
+            share_frozen((cfg.algo.name(), "the reference"), r, &policy, |n| frozen.contains(n));
+        }
         let shared_bottom = reference.as_ref().map_or(0, |r| r.shared_bottom(&policy, policy.frozen_blocks()));
         Ok(GroupTrainer { cfg, policy, reference, opt, env, state, greedy_prompts, shared_bottom, eos, pad })
     }

@@ -17,12 +17,12 @@ use serde::{Deserialize, Serialize};
 use crate::data::{mix, sample_blocks};
 use crate::math::ppo::{explained_variance, gae, ppo_policy_loss, ppo_value_loss, whiten, KlController};
 use crate::stages::common::{
-    accumulate_grads, apply_grads_with, or_skip_non_finite, running_score_metrics, shuffled_minibatches, untape_frozen,
-    LossOn,
+    accumulate_grads, apply_grads_with, frozen_names, or_skip_non_finite, running_score_metrics, share_frozen,
+    shuffled_minibatches, untape_frozen, LossOn,
 };
 use crate::stages::nlpo;
 use crate::stages::ppo::{KlUnit, OnNonFinite, PpoConfig};
-use crate::stages::ppo_models::{full_kl_terms, PpoModels, Seq, SharedBottoms};
+use crate::stages::ppo_models::{full_kl_terms, Critic, PpoModels, Seq, SharedBottoms};
 use crate::stages::prompts::Prompts;
 
 /// What a checkpoint stores besides the models and the optimizer.
@@ -89,7 +89,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
     pub fn new(
         cfg: PpoConfig,
         mut models: PpoModels<D>,
-        reference: CausalLm<D>,
+        mut reference: CausalLm<D>,
         mut opt: AdamW<D>,
         state: PpoState,
         prompts: Prompts,
@@ -116,6 +116,14 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         // the whole run when it starts equal: run it once per batch
         untape_frozen(&mut models, &mut opt, |_| true)?;
         models.shares = SharedBottoms::of(&models, &reference);
+        // and one copy of the weights frozen in the policy serves the reference (and the critic)
+        let frozen = frozen_names(&models, &mut opt)?;
+        let policy_frozen = |n: &str| frozen.contains(&format!("policy.{n}"));
+        share_frozen(("ppo", "the reference"), &mut reference, &models.policy, policy_frozen);
+        if let Critic::Separate(c) = &mut models.critic {
+            let both = |n: &str| policy_frozen(n) && frozen.contains(&format!("value.{n}"));
+            share_frozen(("ppo", "the critic"), &mut c.model, &models.policy, both);
+        }
         Ok(PpoTrainer { cfg, models, reference, opt, env, state, ptx: None, mask_policy: None, eos: eos_or_pad, pad })
     }
 
