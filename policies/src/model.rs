@@ -51,9 +51,23 @@ pub struct Linear<D: Storage<f32>> {
 }
 
 impl<D: Device<f32>> Linear<D> {
-    fn new(dev: &D, rng: &mut StdRng, i: usize, o: usize, std: f32, bias: bool) -> Self {
-        let w = sample_normal(dev, rng, (i, o), std);
+    fn new(dev: &D, init: &mut Init, i: usize, o: usize, std: f32, bias: bool) -> Self {
+        let w = init.matrix(dev, (i, o), std);
         Linear { w, b: bias.then(|| dev.zeros_like(&(o,))) }
+    }
+}
+
+/// How [`CausalLm::build`] fills the weight matrices: normal samples from one seeded stream
+/// (a new model), or zeros (a model whose weights are about to be loaded: sampling them cost
+/// as much as reading a checkpoint).
+struct Init(Option<StdRng>);
+
+impl Init {
+    fn matrix<D: Device<f32>>(&mut self, dev: &D, shape: (usize, usize), std: f32) -> T2<D> {
+        match &mut self.0 {
+            Some(rng) => sample_normal(dev, rng, shape, std),
+            None => dev.zeros_like(&shape),
+        }
     }
 }
 
@@ -296,40 +310,49 @@ impl<D: FusedOps> CausalLm<D> {
     /// A freshly initialised model: normal(0, initializer_range) weights, zero biases, unit
     /// norms, and GPT-2's scaled init (std / sqrt(2·layers)) on the residual projections.
     pub fn new(config: ModelConfig, dev: &D, seed: u64) -> Result<Self, PolicyError> {
+        Self::build(config, dev, Init(Some(StdRng::seed_from_u64(seed))))
+    }
+
+    /// A model of `config` with zero weight matrices (unit norms), for a loader to fill.
+    pub(crate) fn zeroed(config: ModelConfig, dev: &D) -> Result<Self, PolicyError> {
+        Self::build(config, dev, Init(None))
+    }
+
+    fn build(config: ModelConfig, dev: &D, mut init: Init) -> Result<Self, PolicyError> {
         let dims = config.dims()?;
-        let mut rng = StdRng::seed_from_u64(seed);
         let (c, std, bias) = (dims.d_model, dims.init_std, dims.has_bias());
         let resid_std = match dims.family {
             Family::Gpt2 => std / (2.0 * dims.n_layer as f32).sqrt(),
             Family::Llama => std,
         };
-        let wte = sample_normal(dev, &mut rng, (dims.vocab, c), std);
-        let wpe = (dims.family == Family::Gpt2).then(|| sample_normal(dev, &mut rng, (dims.max_positions, c), std));
+        let wte = init.matrix(dev, (dims.vocab, c), std);
+        let wpe = (dims.family == Family::Gpt2).then(|| init.matrix(dev, (dims.max_positions, c), std));
         let blocks = (0..dims.n_layer)
             .map(|_| {
-                let lin = |rng: &mut StdRng, i, o, s| Linear::new(dev, rng, i, o, s, bias);
+                let lin = |init: &mut Init, i, o, s| Linear::new(dev, init, i, o, s, bias);
                 let mlp = match dims.family {
-                    Family::Gpt2 => {
-                        Mlp::Gelu { fc: lin(&mut rng, c, dims.d_ff, std), proj: lin(&mut rng, dims.d_ff, c, resid_std) }
-                    }
+                    Family::Gpt2 => Mlp::Gelu {
+                        fc: lin(&mut init, c, dims.d_ff, std),
+                        proj: lin(&mut init, dims.d_ff, c, resid_std),
+                    },
                     Family::Llama => Mlp::SwiGlu {
-                        gate: lin(&mut rng, c, dims.d_ff, std),
-                        up: lin(&mut rng, c, dims.d_ff, std),
-                        down: lin(&mut rng, dims.d_ff, c, resid_std),
+                        gate: lin(&mut init, c, dims.d_ff, std),
+                        up: lin(&mut init, c, dims.d_ff, std),
+                        down: lin(&mut init, dims.d_ff, c, resid_std),
                     },
                 };
                 Block {
                     ln1: Norm::new(dev, &dims),
-                    wq: lin(&mut rng, c, dims.q_dim(), std),
-                    wk: lin(&mut rng, c, dims.kv_dim(), std),
-                    wv: lin(&mut rng, c, dims.kv_dim(), std),
-                    wo: lin(&mut rng, dims.q_dim(), c, resid_std),
+                    wq: lin(&mut init, c, dims.q_dim(), std),
+                    wk: lin(&mut init, c, dims.kv_dim(), std),
+                    wv: lin(&mut init, c, dims.kv_dim(), std),
+                    wo: lin(&mut init, dims.q_dim(), c, resid_std),
                     ln2: Norm::new(dev, &dims),
                     mlp,
                 }
             })
             .collect();
-        let lm_head = (!dims.tied).then(|| sample_normal(dev, &mut rng, (dims.vocab, c), std));
+        let lm_head = (!dims.tied).then(|| init.matrix(dev, (dims.vocab, c), std));
         let ln_f = Norm::new(dev, &dims);
         Ok(CausalLm { ln_f, config, dims, wte, wpe, blocks, lm_head, dev: dev.clone(), frozen: FrozenTrunk::default() })
     }

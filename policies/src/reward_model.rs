@@ -185,7 +185,7 @@ impl<D: FusedOps> LearnedReward<D> {
                 msg: e.to_string(),
             })?),
         };
-        let mut model = CausalLm::new(config, dev, 0)?;
+        let mut model = CausalLm::zeroed(config, dev)?;
         let file = dir.join("model.safetensors");
         let mut tensors = read_safetensors(&file)?;
         let head = take_head(&file, &mut tensors, model.dims.d_model, dev)?;
