@@ -19,6 +19,7 @@ use crate::error::PolicyError;
 use crate::fused::FusedOps;
 use crate::linear::{Affine, WeightLayout};
 use crate::logprobs::Head;
+use crate::params::FrozenTrunk;
 
 /// 1-D parameter.
 pub type T1<D> = Tensor<(usize,), f32, D>;
@@ -293,17 +294,6 @@ pub struct CausalLm<D: Storage<f32>> {
     /// What a taped forward leaves off the tape because its parameters are frozen
     /// ([`CausalLm::set_frozen_trunk`]); nothing for a new model or a copy.
     pub(crate) frozen: FrozenTrunk,
-}
-
-/// The parts of a [`CausalLm`] whose gradients a taped forward does not compute.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct FrozenTrunk {
-    /// How many leading blocks run untaped, with the embeddings: nothing below the first block
-    /// that trains needs a gradient.
-    pub(crate) blocks: usize,
-    /// Whether the LM head's weight (`lm_head`, or the tied `wte`) is frozen: the head ops skip
-    /// its gradient `dW = dlogitsᵀ·h` (see [`crate::logprobs::Head`]).
-    pub(crate) head: bool,
 }
 
 impl<D: FusedOps> CausalLm<D> {

@@ -135,7 +135,7 @@ impl<D: Device<f32>> CausalLm<D> {
             0
         };
         let head = all_frozen(if self.lm_head.is_some() { "lm_head" } else { "wte" });
-        self.frozen = crate::model::FrozenTrunk { blocks: k, head };
+        self.frozen = FrozenTrunk { blocks: k, head };
         k
     }
 
@@ -193,6 +193,17 @@ impl<D: Device<f32>> CausalLm<D> {
         }
         shared
     }
+}
+
+/// The parts of a [`CausalLm`] whose gradients a taped forward does not compute.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct FrozenTrunk {
+    /// How many leading blocks run untaped, with the embeddings: nothing below the first block
+    /// that trains needs a gradient.
+    pub(crate) blocks: usize,
+    /// Whether the LM head's weight (`lm_head`, or the tied `wte`) is frozen: the head ops skip
+    /// its gradient `dW = dlogitsᵀ·h` (see [`crate::logprobs::Head`]).
+    pub(crate) head: bool,
 }
 
 /// The id dfdx keys a tensor's gradient by (dfdx has no public getter; `UnusedTensors::add`
