@@ -49,6 +49,19 @@ impl<D: Device<f32>> ParamRef<'_, D> {
             ParamRef::M(t) => vec![t.shape().0, t.shape().1],
         }
     }
+    /// The id its gradient is keyed by ([`tensor_id`]).
+    pub fn id(&self) -> UniqueId {
+        match self {
+            ParamRef::V(t) => tensor_id(*t),
+            ParamRef::M(t) => tensor_id(*t),
+        }
+    }
+    /// Whether `other` holds the same values bit for bit: at once when both are one tensor
+    /// (as after [`CausalLm::share_storage`]), else by reading both to the host.
+    pub fn bitwise_eq(&self, other: &Self) -> bool {
+        let bits = |p: &Self| p.to_vec().into_iter().map(f32::to_bits);
+        self.id() == other.id() || (self.shape() == other.shape() && bits(self).eq(bits(other)))
+    }
 }
 
 /// Generates `params` (shared) and `params_mut` (mutable) from one list of fields, so the two
@@ -146,7 +159,8 @@ impl<D: Device<f32>> CausalLm<D> {
 
     /// How many leading blocks `self` and `other` share with their embeddings: the longest
     /// run, at most `limit` and leaving a block above, whose parameters are bitwise equal (0
-    /// when the embeddings or the shapes differ). Reads those weights to the host once.
+    /// when the embeddings or the shapes differ). Reads those weights to the host once, unless
+    /// they are already one tensor ([`CausalLm::share_storage`]).
     pub fn shared_bottom(&self, other: &Self, limit: usize) -> usize {
         let most = limit.min(self.blocks.len().saturating_sub(1));
         if most == 0 || self.dims != other.dims {
@@ -155,7 +169,7 @@ impl<D: Device<f32>> CausalLm<D> {
         let (mine, theirs) = (self.params(), other.params());
         let same = |part: &str| {
             let mut pairs = mine.iter().zip(&theirs).filter(|((n, _), _)| crate::freeze::covers(part, n));
-            pairs.all(|((n, a), (m, b))| n == m && a.to_vec() == b.to_vec())
+            pairs.all(|((n, a), (m, b))| n == m && a.bitwise_eq(b))
         };
         if !(same("wte") && same("wpe")) {
             return 0;
@@ -173,23 +187,18 @@ impl<D: Device<f32>> CausalLm<D> {
         if self.dims != source.dims {
             return 0;
         }
-        let same = |a: Vec<f32>, b: Vec<f32>| a.iter().map(|x| x.to_bits()).eq(b.iter().map(|x| x.to_bits()));
+        let theirs = source.params();
+        let equal: Vec<bool> =
+            self.params().iter().zip(&theirs).map(|((n, a), (m, b))| n == m && share(n) && a.bitwise_eq(b)).collect();
         let mut shared = 0;
-        for ((name, mine), (theirs_name, theirs)) in self.params_mut().into_iter().zip(source.params()) {
-            if name != theirs_name || !share(&name) {
-                continue;
+        for (((_, mine), (_, theirs)), equal) in self.params_mut().into_iter().zip(theirs).zip(equal) {
+            let n = theirs.len();
+            match (mine, theirs) {
+                (ParamMut::V(a), ParamRef::V(b)) if equal => *a = b.clone(),
+                (ParamMut::M(a), ParamRef::M(b)) if equal => *a = b.clone(),
+                _ => continue,
             }
-            shared += match (mine, theirs) {
-                (ParamMut::V(a), ParamRef::V(b)) if a.shape() == b.shape() && same(a.as_vec(), b.as_vec()) => {
-                    *a = b.clone();
-                    b.shape().0
-                }
-                (ParamMut::M(a), ParamRef::M(b)) if a.shape() == b.shape() && same(a.as_vec(), b.as_vec()) => {
-                    *a = b.clone();
-                    b.shape().0 * b.shape().1
-                }
-                _ => 0,
-            };
+            shared += n;
         }
         shared
     }

@@ -8,7 +8,6 @@ use anyhow::{bail, Context, Result};
 use dfdx::prelude::*;
 use rlhf_envs::{RunningMoments, ScoreConfig};
 use rlhf_policies::checkpoint::{read_safetensors, write_safetensors};
-use rlhf_policies::params::tensor_id;
 use rlhf_policies::{
     clip_grad_norm, AdamW, AdamWConfig, CausalLm, FusedOps, GradBuffers, HasParams, LearnedReward, ParamRef, Tokenizer,
 };
@@ -296,14 +295,7 @@ pub fn device_of<D: Device<f32>>(model: &impl HasParams<D>) -> Result<D> {
 }
 
 fn param_ids<D: Device<f32>>(model: &impl HasParams<D>) -> Vec<UniqueId> {
-    model
-        .params()
-        .iter()
-        .map(|(_, p)| match p {
-            ParamRef::V(t) => tensor_id(*t),
-            ParamRef::M(t) => tensor_id(*t),
-        })
-        .collect()
+    model.params().iter().map(|(_, p)| p.id()).collect()
 }
 
 /// Writes `checkpoints/step-N` atomically: the HF model folder with its tokenizer, and the

@@ -134,9 +134,9 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
         env.set_score_moments(state.score_moments);
         let eos = eos.unwrap_or(pad);
         let greedy_prompts = matches!(cfg.algo, Algo::Remax {}).then(|| env.prompts().clone());
-        // a frozen bottom stays the reference's for the whole run when it starts equal
         untape_frozen(&mut policy, &mut opt, |_| true)?;
-        // and one copy of the weights frozen in the policy serves the reference too
+        // one copy of the weights frozen in the policy serves the reference, and a frozen
+        // bottom they share runs once per batch (it stays equal all run)
         if let Some(r) = reference.as_mut() {
             let frozen = frozen_names(&policy, &mut opt)?;
             share_frozen((cfg.algo.name(), "the reference"), r, &policy, |n| frozen.contains(n));

@@ -112,11 +112,9 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         env.prompts_mut().seek(state.prompt_draws);
         env.set_score_moments(state.score_moments);
         let eos_or_pad = eos.unwrap_or(pad);
-        // a frozen bottom stays the reference's (and a critic's started from the policy) for
-        // the whole run when it starts equal: run it once per batch
         untape_frozen(&mut models, &mut opt, |_| true)?;
-        models.shares = SharedBottoms::of(&models, &reference);
-        // and one copy of the weights frozen in the policy serves the reference (and the critic)
+        // one copy of the weights frozen in the policy serves the reference (and a critic
+        // started from the policy) ...
         let frozen = frozen_names(&models, &mut opt)?;
         let policy_frozen = |n: &str| frozen.contains(&format!("policy.{n}"));
         share_frozen(("ppo", "the reference"), &mut reference, &models.policy, policy_frozen);
@@ -124,6 +122,8 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
             let both = |n: &str| policy_frozen(n) && frozen.contains(&format!("value.{n}"));
             share_frozen(("ppo", "the critic"), &mut c.model, &models.policy, both);
         }
+        // ... and a frozen bottom they share runs once per batch (it stays equal all run)
+        models.shares = SharedBottoms::of(&models, &reference);
         Ok(PpoTrainer { cfg, models, reference, opt, env, state, ptx: None, mask_policy: None, eos: eos_or_pad, pad })
     }
 
