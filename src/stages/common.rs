@@ -184,12 +184,12 @@ pub fn untape_frozen<D: GradBuffers, M: HasParams<D>>(
     opt: &mut AdamW<D>,
     steps: impl Fn(&str) -> bool,
 ) -> Result<()> {
-    let names: Vec<String> = model.params().into_iter().map(|(n, _)| n).collect();
-    let trainable = opt.trainable(names.iter().map(String::as_str))?;
-    let still: HashSet<&str> =
-        names.iter().zip(trainable).filter(|(n, &t)| !t || !steps(n)).map(|(n, _)| n.as_str()).collect();
+    let frozen = frozen_names(model, opt)?;
     for (prefix, lm) in model.trunks_mut() {
-        lm.set_frozen_trunk(|name| still.contains(format!("{prefix}{name}").as_str()));
+        lm.set_frozen_trunk(|name| {
+            let name = format!("{prefix}{name}");
+            frozen.contains(&name) || !steps(&name)
+        });
     }
     Ok(())
 }
