@@ -122,10 +122,7 @@ pub fn policy_and_reference_logprobs<D: FusedOps>(
         (Some(_), k) if k > 0 => Some((policy.bottom(&batch, k)?, k)),
         _ => None,
     };
-    let lpe = |m: &CausalLm<D>, share| -> Result<Vec<f32>> {
-        let h = hidden_rows(m, (bottom.as_ref(), share), &batch, &rows, NoneTape)?;
-        Ok(m.logprobs_and_entropy(h, &targets, temperature).as_vec())
-    };
+    let lpe = |m, share| untaped_logprobs(m, (bottom.as_ref(), share), (&batch, &rows, &targets), temperature);
     Ok((lpe(policy, usize::MAX)?, reference.map(|r| lpe(r, shared)).transpose()?))
 }
 
@@ -217,10 +214,7 @@ impl<D: FusedOps> PpoModels<D> {
         let bottom = depth.map(|k| Ok::<_, anyhow::Error>((self.policy.bottom(&batch, k)?, k))).transpose()?;
         let (bottom, batch, rows) = (bottom.as_ref(), &batch, rows.as_slice());
         let ref_lpe = reference
-            .map(|r| {
-                let h = hidden_rows(r, (bottom, shares.reference), batch, rows, NoneTape)?;
-                Ok::<_, anyhow::Error>(r.logprobs_and_entropy(h, &targets, temperature).as_vec())
-            })
+            .map(|r| untaped_logprobs(r, (bottom, shares.reference), (batch, rows, &targets), temperature))
             .transpose()?;
         let hr = hidden_rows(&self.policy, (bottom, usize::MAX), batch, rows, tape)?;
         let policy = |h| match masks {
@@ -314,6 +308,18 @@ fn hidden_rows<D: FusedOps, T: Tape<f32, D>>(
         Some((x, k)) if share >= *k => m.hidden_rows_above(x.clone(), *k, batch, rows, tape)?,
         _ => m.forward_hidden_rows(batch, rows, tape)?,
     })
+}
+
+/// `m`'s untaped `[logprobs…, entropies…]` of `targets` at `rows` of `batch` ([`hidden_rows`]
+/// from `bottom` when `m` shares it).
+fn untaped_logprobs<D: FusedOps>(
+    m: &CausalLm<D>,
+    from: (Option<&Bottom<D>>, usize),
+    (batch, rows, targets): (&Batch, &[usize], &[usize]),
+    temperature: f32,
+) -> Result<Vec<f32>> {
+    let h = hidden_rows(m, from, batch, rows, NoneTape)?;
+    Ok(m.logprobs_and_entropy(h, targets, temperature).as_vec())
 }
 
 fn zero_head<D: Device<f32>>(dev: &D, c: usize) -> ScalarHead<D> {
