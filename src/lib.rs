@@ -21,3 +21,4 @@ pub mod report;
 pub mod run;
 pub mod schedule;
 pub mod stages;
+pub mod stop;

@@ -348,7 +348,18 @@ where
     if a.overwrite {
         rlhf::run::RunDir::clear(&out)?;
     }
-    let report = train(cfg, resume)?;
+    rlhf::stop::install_handler().context("installing the Ctrl-C / SIGTERM handler")?;
+    let report = match train(cfg, resume) {
+        Ok(report) => report,
+        Err(e) => match e.downcast_ref::<rlhf::stop::Interrupted>() {
+            Some(stop) => {
+                write_report(&out);
+                eprintln!("{stop}\ncontinue it with: rlhf {} --resume {}", stop.stage, stop.run_dir.display());
+                std::process::exit(rlhf::stop::EXIT_STATUS);
+            }
+            None => return Err(e),
+        },
+    };
     println!("{}", serde_json::to_string_pretty(&report)?);
     write_report(&out);
     Ok(())

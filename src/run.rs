@@ -27,6 +27,8 @@ pub const REPORT: &str = "report.html";
 const LOGS: [&str; 2] = [METRICS, SAMPLES];
 /// The folder of the run's checkpoints.
 const CHECKPOINTS: &str = "checkpoints";
+/// How a checkpoint's folder is named while it is written.
+const TMP_PREFIX: &str = ".tmp-step-";
 
 /// A run folder.
 #[derive(Debug, Clone)]
@@ -57,7 +59,9 @@ impl RunDir {
     /// mix with the new run's, and a later `--resume` could pick up the old run's checkpoint.
     pub fn open(root: impl Into<PathBuf>, resume: bool) -> Result<Self> {
         let run = Self::create(root)?;
-        if !resume {
+        if resume {
+            run.remove_incomplete()?;
+        } else {
             let left = run.previous_run()?;
             if !left.is_empty() {
                 bail!(
@@ -69,6 +73,20 @@ impl RunDir {
             }
         }
         Ok(run)
+    }
+
+    /// Deletes the temporary folders of checkpoints whose writing was cut off (a crash, a
+    /// second Ctrl-C): never valid, they would only take up disk; said on stderr.
+    fn remove_incomplete(&self) -> Result<()> {
+        let dir = self.root.join(CHECKPOINTS);
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(TMP_PREFIX)) {
+                std::fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+                eprintln!("removed {}: a checkpoint whose writing was cut off", path.display());
+            }
+        }
+        Ok(())
     }
 
     /// What a previous run left in the folder: non-empty logs and checkpoint folders.
@@ -133,7 +151,7 @@ impl RunDir {
         write: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<PathBuf> {
         let ckpts = self.root.join(CHECKPOINTS);
-        let tmp = ckpts.join(format!(".tmp-step-{step}-{}", std::process::id()));
+        let tmp = ckpts.join(format!("{TMP_PREFIX}{step}-{}", std::process::id()));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
         }
@@ -387,6 +405,11 @@ mod tests {
         // overwriting a step replaces it whole
         run.save_checkpoint(10, &"b2", |d| Ok(std::fs::write(d.join("w.bin"), b"new")?)).unwrap();
         assert_eq!(std::fs::read(run.checkpoint_dir(10).join("w.bin")).unwrap(), b"new");
+        // resuming clears the cut-off temporary folder (never a checkpoint), nothing else
+        let reopened = RunDir::open(&run.root, true).unwrap();
+        assert!(!run.root.join("checkpoints/.tmp-step-15-1").exists());
+        assert!(run.checkpoint_dir(20).join("w.bin").is_file());
+        assert_eq!(reopened.latest_checkpoint().unwrap().map(|c| c.0), Some(10));
     }
 
     #[test]

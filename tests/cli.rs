@@ -399,3 +399,71 @@ fn chat_answers_line_by_line_in_the_template() {
     assert!(err.contains("[the oldest exchange is forgotten"), "the growing conversation outgrew 256 positions: {err}");
     assert_eq!(err.matches(" tok/s").count(), 6, "{err}");
 }
+
+/// Starts `rlhf pretrain` with `args`, waits until its metrics log has a line, sends `signal`,
+/// and returns (exit status, stderr).
+#[cfg(unix)]
+fn signalled_pretrain(args: &[&str], metrics: &std::path::Path, signal: i32) -> (Option<i32>, String) {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .arg("pretrain")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run rlhf");
+    let lines = || std::fs::read_to_string(metrics).map(|t| t.lines().count()).unwrap_or(0);
+    let start = (lines(), Instant::now());
+    // a step past the ones already logged: the loop (and the handler installed before it) runs
+    while lines() <= start.0 {
+        assert!(child.try_wait().unwrap().is_none(), "rlhf ended before it was signalled");
+        assert!(start.1.elapsed() < Duration::from_secs(300), "no step logged in 5 minutes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on the child's pid, which is still ours to wait for
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    (status.code(), err)
+}
+
+/// Ctrl-C (SIGINT) or SIGTERM: the step finishes, a checkpoint is written there, the process
+/// exits with 130 and says how to continue; `--resume` then carries on from that step.
+#[cfg(unix)]
+#[test]
+fn a_signal_stops_a_run_at_a_checkpoint_and_resume_carries_on() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |s: &str| d.path().join(s).display().to_string();
+    std::fs::write(d.path().join("c.txt"), "to be or not to be, that is the question.\n".repeat(30)).unwrap();
+    let cfg = serde_json::json!({
+        "out_dir": p("run"), "files": [p("c.txt")],
+        "model": {"model_type": "gpt2", "vocab_size": 1, "n_positions": 32, "n_embd": 32, "n_layer": 1, "n_head": 2},
+        "block_size": 16, "batch_size": 4, "steps": 100_000_000, "eval_every": 1000, "eval_batches": 1,
+        "checkpoint_every": 1_000_000, "sample_tokens": 5
+    });
+    std::fs::write(d.path().join("cfg.json"), cfg.to_string()).unwrap();
+    let metrics = d.path().join("run/metrics.jsonl");
+    let stopped_at = |err: &str| -> usize {
+        let (_, rest) = err.split_once("stopped after step ").unwrap_or_else(|| panic!("{err}"));
+        rest.split(' ').next().unwrap().parse().unwrap()
+    };
+    let run = rlhf::run::RunDir::create(d.path().join("run")).unwrap();
+    let mut last = 0;
+    for (signal, args) in [(libc::SIGINT, ["--config", &p("cfg.json")]), (libc::SIGTERM, ["--resume", &p("run")])] {
+        let (code, err) = signalled_pretrain(&args, &metrics, signal);
+        assert_eq!(code, Some(130), "{err}");
+        assert!(err.contains(&format!("continue it with: rlhf pretrain --resume {}", p("run"))), "{err}");
+        let step = stopped_at(&err);
+        assert!(step > last, "{step} after {last}");
+        assert_eq!(run.latest_checkpoint().unwrap().map(|c| c.0), Some(step));
+        let logged: Vec<u64> = std::fs::read_to_string(&metrics)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(logged, (1..=step as u64).collect::<Vec<_>>(), "one line per step, resumed where it stopped");
+        last = step;
+    }
+}

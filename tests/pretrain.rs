@@ -72,6 +72,7 @@ fn loss_falls_and_resume_is_exact() {
     train(cfg(b.path(), 30), true).unwrap();
     assert_eq!(comparable_metrics(&b.path().join("run")), comparable_metrics(&a.path().join("run")));
     assert!(b.path().join("run/checkpoints/step-30/checkpoint.json").is_file());
+    assert!(!b.path().join("run/checkpoints/.tmp-step-30-99").exists(), "the cut-off write is cleared on resume");
 }
 
 #[test]

@@ -7,12 +7,10 @@ mod common;
 
 use common::*;
 use dfdx::prelude::*;
-use rand::{rngs::StdRng, Rng, SeedableRng};
 use rlhf::math::preference::{bradley_terry_loss, preference_stats};
 use rlhf::preference::TokComparison;
 use rlhf::preference::{read_comparisons, PreferenceFormat};
-use rlhf::schedule::LrSchedule;
-use rlhf::stages::reward::{reward_loss, train, RewardConfig};
+use rlhf::stages::reward::{reward_loss, train};
 use rlhf_envs::{RewardInput, RewardModel};
 use rlhf_policies::{Batch, CausalLm, LearnedReward, ModelConfig, Tokenizer};
 
@@ -117,47 +115,6 @@ fn the_loss_gradient_reaches_the_backbone_and_the_head() {
     let up = reward_loss(&bumped, &[&c], 0.01, NoneTape).unwrap().0.array();
     let base = reward_loss(&rm, &[&c], 0.01, NoneTape).unwrap().0.array();
     assert!(((up - base) / h - gw[3]).abs() < 2e-3, "{} vs {}", (up - base) / h, gw[3]);
-}
-
-/// Comparisons whose chosen response contains the word "good" and rejected one does not
-/// (five words each: length gives nothing away).
-fn marker_data(path: &std::path::Path, n: usize) {
-    let words = ["the", "food", "was", "fine", "cold", "hot", "nice", "slow", "fast", "ok"];
-    let mut rng = StdRng::seed_from_u64(11);
-    let phrase = |rng: &mut StdRng| -> Vec<&str> { (0..5).map(|_| words[rng.gen_range(0..words.len())]).collect() };
-    let lines: Vec<String> = (0..n)
-        .map(|_| {
-            let mut chosen = phrase(&mut rng);
-            chosen[rng.gen_range(0..5)] = "good";
-            let rejected = phrase(&mut rng);
-            serde_json::json!({"prompt": "review:", "chosen": format!(" {}", chosen.join(" ")), "rejected": format!(" {}", rejected.join(" "))})
-                .to_string()
-        })
-        .collect();
-    std::fs::write(path, lines.join("\n")).unwrap();
-}
-
-fn marker_cfg(dir: &std::path::Path, steps: usize) -> RewardConfig {
-    let data = dir.join("prefs.jsonl");
-    marker_data(&data, 240);
-    let tok = Tokenizer::char_level("abcdefghijklmnopqrstuvwxyz :").unwrap();
-    let model = CausalLm::new(ModelConfig::gpt2_preset(tok.vocab_size(), 32, 2, 2, 64), &Cpu::default(), 3).unwrap();
-    let init = dir.join("init");
-    model.save_pretrained(&init, Some(&tok)).unwrap();
-    RewardConfig {
-        out_dir: dir.join("run"),
-        init,
-        data,
-        val_fraction: 0.25,
-        max_len: 48,
-        batch_size: 8,
-        steps,
-        optim: rlhf_policies::AdamWConfig { lr: 3e-3, ..Default::default() },
-        schedule: LrSchedule::warmup_cosine(5),
-        eval_every: 40,
-        checkpoint_every: 40,
-        ..Default::default()
-    }
 }
 
 #[test]

@@ -405,9 +405,9 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &DpoConfig, resume: bool, dev: &D) -
         metrics.write(&record)?;
         bar.set_message(format!("loss {loss:.3} margin {:.3} | {tok_s:.0} tok/s", st.margin));
         bar.inc(1);
-        if done % cfg.checkpoint_every == 0 || done == cfg.steps {
-            save(&run, (done, held_out(&record, "eval/loss")), &policy, &tok, &mut opt)?;
-        }
+        crate::stop::end_step("dpo", &run, (done, cfg.steps, cfg.checkpoint_every), || {
+            save(&run, (done, held_out(&record, "eval/loss")), &policy, &tok, &mut opt)
+        })?;
     }
     bar.finish();
     announce_best(&run, "dpo")?;

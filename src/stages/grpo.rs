@@ -402,14 +402,14 @@ fn train_on<D: FusedOps + GradBuffers>(
             bar.set_message(format!("reward {reward:.3} kl {kl:.3} | rollout {rollout:.0} tok/s"));
         }
         bar.inc(1);
-        if (it + 1) % every == 0 || it + 1 == iterations {
+        crate::stop::end_step(stage, &run, (it + 1, iterations, every), || {
             let st = trainer.state.clone();
             save_with(&run, (it + 1, None), &trainer.policy, &mut trainer.opt, |dir| {
                 trainer.policy.save_pretrained(dir, Some(&tok))?;
                 std::fs::write(dir.join("grpo_state.json"), serde_json::to_string_pretty(&st)?)?;
                 Ok(())
-            })?;
-        }
+            })
+        })?;
     }
     bar.finish();
     report.skipped_batches = trainer.state.skipped_batches;

@@ -376,9 +376,9 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: PpoConfig, resume: bool, reward: Rew
             bar.set_message(format!("score {score:.3} kl {kl:.3} | rollout {rollout:.0} tok/s"));
         }
         bar.inc(1);
-        if (it + 1) % every == 0 || it + 1 == iterations {
-            save_checkpoint(&run, it + 1, &mut trainer, &tok)?;
-        }
+        crate::stop::end_step("ppo", &run, (it + 1, iterations, every), || {
+            save_checkpoint(&run, it + 1, &mut trainer, &tok)
+        })?;
     }
     bar.finish();
     report.skipped_batches = trainer.state.skipped_batches;

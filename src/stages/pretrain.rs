@@ -222,9 +222,9 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &PretrainConfig, resume: bool, dev: 
             val_loss.map(|v| format!(" val {v:.3}")).unwrap_or_default()
         ));
         bar.inc(1);
-        if done % cfg.checkpoint_every == 0 || done == cfg.steps {
-            save(&run, (done, held_out(&record, "val_loss")), &model, &tok, &mut opt)?;
-        }
+        crate::stop::end_step("pretrain", &run, (done, cfg.steps, cfg.checkpoint_every), || {
+            save(&run, (done, held_out(&record, "val_loss")), &model, &tok, &mut opt)
+        })?;
     }
     bar.finish();
     announce_best(&run, "pretrain")?;

@@ -379,17 +379,18 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D
             report.eval.as_ref().map(|e| format!(" acc {:.3}", e.stats.accuracy)).unwrap_or_default()
         ));
         bar.inc(1);
-        if done == cfg.steps {
+        crate::stop::end_step("reward", &run, (done, cfg.steps, cfg.checkpoint_every), || {
+            if done < cfg.steps {
+                return save(&run, (done, held_out_loss), &rm, &tok, &mut opt);
+            }
             // ALGO: fit the normalisation on the reference set; it goes into the final config
             report.normalization =
                 cfg.normalize.as_ref().map(|n| fit_normalization(cfg, n, &rm, eos, train_set, val_set)).transpose()?;
             let norm = report.normalization.clone();
             save_with(&run, (done, held_out_loss), &rm, &mut opt, |dir| {
                 Ok(rm.save_pretrained(dir, Some(&tok), norm.as_ref())?)
-            })?;
-        } else if done % cfg.checkpoint_every == 0 {
-            save(&run, (done, held_out_loss), &rm, &tok, &mut opt)?;
-        }
+            })
+        })?;
     }
     bar.finish();
     announce_best(&run, "reward")?;

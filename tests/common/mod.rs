@@ -131,3 +131,52 @@ pub fn ppo_config(dir: &std::path::Path, iterations: usize) -> rlhf::stages::ppo
         ..Default::default()
     }
 }
+
+/// Reward-model data: comparisons whose chosen response contains the word "good" and rejected
+/// one does not (five words each: length gives nothing away).
+pub fn marker_data(path: &std::path::Path, n: usize) {
+    use rand::{Rng, SeedableRng};
+    let words = ["the", "food", "was", "fine", "cold", "hot", "nice", "slow", "fast", "ok"];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let phrase =
+        |rng: &mut rand::rngs::StdRng| -> Vec<&str> { (0..5).map(|_| words[rng.gen_range(0..words.len())]).collect() };
+    let lines: Vec<String> = (0..n)
+        .map(|_| {
+            let mut chosen = phrase(&mut rng);
+            chosen[rng.gen_range(0..5)] = "good";
+            let rejected = phrase(&mut rng);
+            serde_json::json!({"prompt": "review:", "chosen": format!(" {}", chosen.join(" ")), "rejected": format!(" {}", rejected.join(" "))})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n")).unwrap();
+}
+
+/// The reward tests' run: a tiny char-level GPT-2 learning [`marker_data`]'s word.
+pub fn marker_cfg(dir: &std::path::Path, steps: usize) -> rlhf::stages::reward::RewardConfig {
+    let data = dir.join("prefs.jsonl");
+    marker_data(&data, 240);
+    let tok = rlhf_policies::Tokenizer::char_level("abcdefghijklmnopqrstuvwxyz :").unwrap();
+    let model = rlhf_policies::CausalLm::new(
+        rlhf_policies::ModelConfig::gpt2_preset(tok.vocab_size(), 32, 2, 2, 64),
+        &dfdx::prelude::Cpu::default(),
+        3,
+    )
+    .unwrap();
+    let init = dir.join("init");
+    model.save_pretrained(&init, Some(&tok)).unwrap();
+    rlhf::stages::reward::RewardConfig {
+        out_dir: dir.join("run"),
+        init,
+        data,
+        val_fraction: 0.25,
+        max_len: 48,
+        batch_size: 8,
+        steps,
+        optim: rlhf_policies::AdamWConfig { lr: 3e-3, ..Default::default() },
+        schedule: rlhf::schedule::LrSchedule::warmup_cosine(5),
+        eval_every: 40,
+        checkpoint_every: 40,
+        ..Default::default()
+    }
+}
