@@ -7,6 +7,10 @@
 //! `{"id": 7, "scores": [0.3, ...]}`. The reply must come within the timeout, carry the same
 //! id, and hold one finite number per episode; anything else is an error naming the process,
 //! with its exit status and the tail of its stderr when it died. Never a silent zero.
+//!
+//! On Unix the process runs in a process group of its own, so a Ctrl-C typed at the terminal
+//! reaches the trainer (which finishes its step, scores included, and writes a checkpoint) and
+//! not the reward process; it ends when its stdin is closed.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
@@ -51,13 +55,14 @@ impl CommandReward {
     /// Starts `program args…` and waits at most `timeout` for each reply.
     pub fn spawn(program: &str, args: &[&str], timeout: Duration) -> Result<Self, EnvError> {
         let name = std::iter::once(program).chain(args.iter().copied()).collect::<Vec<_>>().join(" ");
-        let mut child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| EnvError::reward(&name, format!("cannot start: {e}")))?;
+        let mut command = Command::new(program);
+        command.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // its own process group: a Ctrl-C at the terminal goes to the foreground group, and the
+        // trainer stops cleanly after the step (which may still need this process's scores);
+        // the process ends when the trainer closes its stdin, or is killed (`Drop`)
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let mut child = command.spawn().map_err(|e| EnvError::reward(&name, format!("cannot start: {e}")))?;
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
         let (tx, lines) = mpsc::channel();

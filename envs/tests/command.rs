@@ -72,3 +72,12 @@ fn a_missing_program_is_an_error() {
     let e = CommandReward::spawn("/nonexistent/reward-program", &[], Duration::from_secs(1)).unwrap_err();
     assert!(matches!(e, EnvError::Reward { .. }) && e.to_string().contains("cannot start"), "{e}");
 }
+
+/// A Ctrl-C at the terminal goes to the foreground process group; the reward process is not in
+/// it, so the trainer can finish its step with the scores and stop cleanly.
+#[cfg(unix)]
+#[test]
+fn the_process_leads_a_process_group_of_its_own() {
+    let mut s = server("pgid", 10_000);
+    assert_eq!(s.score(&batch()).unwrap(), vec![1.0, 1.0]);
+}

@@ -1,8 +1,9 @@
 """A JSON-lines reward process for CommandReward tests. Mode from argv[1]:
 ok (score = number of 'a' in the response + 0.5 * len(response_ids)), crash, hang, count,
-nan, malformed, wrong_id."""
+nan, malformed, wrong_id; pgid (score 1 when the process leads its own process group)."""
 import json
 import math
+import os
 import sys
 import time
 
@@ -16,6 +17,8 @@ for line in sys.stdin:
         sys.exit(3)
     if mode == "hang":
         time.sleep(60)
+    if mode == "pgid":
+        scores = [float(os.getpgrp() == os.getpid())] * len(eps)
     if mode == "count":
         scores = scores[:-1]
     if mode == "nan":
