@@ -138,7 +138,7 @@ pub fn generate_file<D: FusedOps>(
     let mut scorer = g.reward.as_ref().map(|spec| scorer(spec, dev, &tok, &end_ids)).transpose()?;
     let rows: Vec<Row> =
         kept.iter().flat_map(|&record| (0..g.samples).map(move |sample| Row { record, sample })).collect();
-    let bar = crate::progress::bar(rows.len() as u64, "generate");
+    let mut bar = crate::progress::bar(rows.len() as u64, "generate");
     let (t0, mut tokens, mut rewards) = (Instant::now(), 0usize, Vec::new());
     let mut sink = Sink { out, best_of: g.best_of.then_some(g.samples), held: None, written: vec![] };
     for (b, chunk) in rows.chunks(g.batch.max(1)).enumerate() {
@@ -180,8 +180,8 @@ pub fn generate_file<D: FusedOps>(
             sink.put(r.record, reward, line)?;
             tokens += gen.tokens[i].len();
         }
-        bar.inc(chunk.len() as u64);
         bar.set_message(format!("{:.0} tok/s", tokens as f64 / t0.elapsed().as_secs_f64()));
+        bar.inc(chunk.len() as u64);
     }
     sink.flush()?;
     sink.out.flush()?;

@@ -1,8 +1,8 @@
 //! Stopping a run cleanly. Ctrl-C (SIGINT), SIGTERM (a scheduler's pre-emption, `kill`) or
 //! SIGHUP ask the running stage to finish its current step (a PPO or GRPO iteration), write a
 //! checkpoint there — an ordinary one, so `--resume` continues the run exactly, metrics step
-//! for step as if it had not stopped — and return [`Interrupted`]. A second signal ends the
-//! process at once (exit status 130) without a checkpoint; one it cuts off mid-write is never
+//! for step as if it had not stopped — and return [`Interrupted`]. Another signal, a second or
+//! more later, ends the process at once (exit status 130) without a checkpoint; one it cuts off mid-write is never
 //! taken for a checkpoint ([`crate::run::RunDir::save_checkpoint`]).
 //!
 //! The `rlhf` binary installs the handler ([`install_handler`]) for its training commands; a
@@ -39,18 +39,50 @@ pub struct Interrupted {
 }
 
 /// Installs the signal handler: the first SIGINT / SIGTERM / SIGHUP calls [`request`] and says
-/// so on stderr, the next one exits the process with [`EXIT_STATUS`].
+/// so on stderr; one more, a second or more later, exits the process with [`EXIT_STATUS`]
+/// ([`on_signal`]).
 pub fn install_handler() -> Result<(), ctrlc::Error> {
-    ctrlc::set_handler(|| {
-        if REQUESTED.swap(true, Ordering::SeqCst) {
-            eprintln!("\nstopping now, without a checkpoint");
-            std::process::exit(EXIT_STATUS);
+    let first = std::sync::Mutex::new(None);
+    ctrlc::set_handler(move || {
+        let mut first = first.lock().unwrap_or_else(|p| p.into_inner());
+        match on_signal(&mut first, std::time::Instant::now()) {
+            Signal::Stop => eprintln!(
+                "\nstop requested: the current step finishes, then a checkpoint is written \
+                 (signal again to stop at once, without one)"
+            ),
+            Signal::Repeat => {}
+            Signal::Exit => {
+                eprintln!("\nstopping now, without a checkpoint");
+                std::process::exit(EXIT_STATUS);
+            }
         }
-        eprintln!(
-            "\nstop requested: the current step finishes, then a checkpoint is written \
-             (signal again to stop at once, without one)"
-        );
     })
+}
+
+/// What a signal does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// The first: stop after the current step.
+    Stop,
+    /// Within a second of the first: the same request delivered twice (GNU `timeout` signals
+    /// its child and then the child's process group; a job may get SIGHUP with SIGTERM).
+    Repeat,
+    /// A later one: the user insists.
+    Exit,
+}
+
+/// The handler's decision for a signal at `now`, given when the first one came (`first`, set
+/// by the first): the first requests the stop ([`request`]).
+pub fn on_signal(first: &mut Option<std::time::Instant>, now: std::time::Instant) -> Signal {
+    match *first {
+        None => {
+            *first = Some(now);
+            request();
+            Signal::Stop
+        }
+        Some(t) if now.saturating_duration_since(t) < std::time::Duration::from_secs(1) => Signal::Repeat,
+        Some(_) => Signal::Exit,
+    }
 }
 
 /// Asks the running stage to stop after its current step.

@@ -145,3 +145,15 @@ fn a_stopped_grpo_run_resumes_exactly() {
     train(run, true).unwrap();
     assert_eq!(comparable_metrics(&b.path().join("run")), comparable_metrics(&a.path().join("run")));
 }
+
+#[test]
+fn a_second_signal_exits_unless_it_repeats_the_first_within_a_second() {
+    use std::time::{Duration, Instant};
+    let _turn = FLAG.lock().unwrap_or_else(|e| e.into_inner());
+    let (t0, mut first) = (Instant::now(), None);
+    assert_eq!(stop::on_signal(&mut first, t0), stop::Signal::Stop);
+    assert!(stop::requested());
+    assert_eq!(stop::on_signal(&mut first, t0 + Duration::from_millis(300)), stop::Signal::Repeat);
+    assert_eq!(stop::on_signal(&mut first, t0 + Duration::from_millis(1500)), stop::Signal::Exit);
+    stop::clear();
+}

@@ -357,7 +357,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &DpoConfig, resume: bool, dev: &D) -
     let sample_prompts = kl_sample_prompts(cfg, val_set.prompts(), policy.dims.max_positions);
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;
-    let bar = crate::progress::bar(cfg.steps as u64, cfg.loss.name());
+    let mut bar = crate::progress::bar(cfg.steps as u64, cfg.loss.name());
     bar.set_position(start as u64);
     let mut report = DpoReport {
         steps: cfg.steps,

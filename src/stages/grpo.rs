@@ -374,7 +374,7 @@ fn train_on<D: FusedOps + GradBuffers>(
     let mut samples = run.samples()?;
     let mut report =
         GrpoReport { iterations, rewards: vec![], skipped_batches: 0, skipped_prompts, evaluations: vec![] };
-    let bar = crate::progress::bar(iterations as u64, stage);
+    let mut bar = crate::progress::bar(iterations as u64, stage);
     bar.set_position(start as u64);
     if start == 0 {
         let t = &mut trainer;

@@ -350,7 +350,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: PpoConfig, resume: bool, reward: Rew
     let mut samples = run.samples()?;
     let mut report =
         PpoReport { iterations, scores: vec![], kl: vec![], skipped_batches: 0, skipped_prompts, evaluations: vec![] };
-    let bar = crate::progress::bar(iterations as u64, "ppo");
+    let mut bar = crate::progress::bar(iterations as u64, "ppo");
     bar.set_position(start as u64);
     if start == 0 {
         let t = &mut trainer;

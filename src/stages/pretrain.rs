@@ -187,7 +187,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &PretrainConfig, resume: bool, dev: 
     };
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;
-    let bar = crate::progress::bar(cfg.steps as u64, "pretrain");
+    let mut bar = crate::progress::bar(cfg.steps as u64, "pretrain");
     bar.set_position(start as u64);
     let t_run = Instant::now();
     let (mut train_loss, mut val_loss) = (f32::NAN, None);

@@ -340,7 +340,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D
     let cfg = &record_config(&run, resume, RewardConfig { steps, ..cfg.clone() })?;
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;
-    let bar = crate::progress::bar(cfg.steps as u64, "reward");
+    let mut bar = crate::progress::bar(cfg.steps as u64, "reward");
     bar.set_position(start as u64);
     let mut report = RewardReport::before_training(cfg.steps, &data);
     let mut order = EpochOrder::new(train_set.len(), cfg.seed);

@@ -378,7 +378,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &SftConfig, resume: bool, dev: &D) -
         &common::record_config(&run, resume, SftConfig { steps: steps_for_epochs(cfg, train_set), ..cfg.clone() })?;
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;
-    let bar = crate::progress::bar(cfg.steps as u64, "sft");
+    let mut bar = crate::progress::bar(cfg.steps as u64, "sft");
     bar.set_position(start as u64);
     let (mut train_loss, mut val_loss) = (f32::NAN, None);
     let mut stream = Rows::new(cfg, train_set.len());
