@@ -156,7 +156,11 @@ impl RunDir {
             std::fs::remove_dir_all(&tmp)?;
         }
         std::fs::create_dir_all(&tmp)?;
-        write(&tmp).with_context(|| format!("writing checkpoint {step} into {}", tmp.display()))?;
+        if let Err(e) = write(&tmp) {
+            // a failed write (a full disk, say) leaves nothing behind to take up space
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e.context(format!("writing checkpoint {step} into {}", tmp.display())));
+        }
         let marker = serde_json::json!({ "step": step, "meta": meta });
         std::fs::write(tmp.join(MARKER), serde_json::to_string_pretty(&marker)?)?;
         let dst = self.checkpoint_dir(step);
@@ -397,8 +401,15 @@ mod tests {
         std::fs::create_dir_all(run.root.join("checkpoints/step-20")).unwrap();
         std::fs::write(run.root.join("checkpoints/step-20/w.bin"), b"partial").unwrap();
         // a writer that fails leaves no step folder
-        assert!(run.save_checkpoint(25, &"c", |_| bail!("disk full")).is_err());
-        assert!(!run.checkpoint_dir(25).exists());
+        let tmp_25 = run.root.join(format!("checkpoints/.tmp-step-25-{}", std::process::id()));
+        let err = run
+            .save_checkpoint(25, &"c", |d| {
+                std::fs::write(d.join("w.bin"), b"half")?;
+                bail!("disk full")
+            })
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("writing checkpoint 25") && format!("{err:#}").contains("disk full"));
+        assert!(!run.checkpoint_dir(25).exists() && !tmp_25.exists(), "nothing of the failed write is left");
         let (step, path) = run.latest_checkpoint().unwrap().unwrap();
         assert_eq!(step, 10);
         assert_eq!(std::fs::read(path.join("w.bin")).unwrap(), b"10");
