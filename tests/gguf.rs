@@ -1,6 +1,7 @@
 //! SmolLM2-135M-Instruct from its Q4_1 GGUF against `shared/fixtures/smollm2` (transformers'
 //! GGUF loader): dequantisation spot checks exact, last-position logits by id within 1e-3,
-//! the 24-token greedy continuation identical; and malformed files as errors.
+//! the 24-token greedy continuation identical; every other supported tensor type against
+//! llama.cpp's Python package; and malformed files as errors.
 
 mod common;
 
@@ -90,6 +91,30 @@ fn tiny_gguf(ty: u32, n: u64, offset: u64, data: &[u8]) -> Vec<u8> {
     b
 }
 
+/// BF16, Q5_0, Q5_1 and the K-quants (what `Q4_K_M`-style files hold) read from a file equal
+/// llama.cpp's own Python dequantisation of the same random blocks (made by
+/// `scripts/fixtures/gguf_quants.py`), to the bit.
+#[test]
+fn every_quantisation_type_dequantises_as_llama_cpp_s_package_does() {
+    let fixture = read_json(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf_quants.json"));
+    let cases = fixture["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 8);
+    for case in cases {
+        let name = case["type"].as_str().unwrap();
+        let hex = case["bytes_hex"].as_str().unwrap();
+        let bytes: Vec<u8> =
+            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+        let n = case["values"].as_u64().unwrap();
+        let g = Gguf::parse(tiny_gguf(case["type_id"].as_u64().unwrap() as u32, n, 0, &bytes), "q.gguf".as_ref());
+        let got = g.and_then(|g| g.tensor("w")).unwrap_or_else(|e| panic!("{name}: {e}")).data;
+        let want = f32s(&case["expected"]);
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(g.to_bits() == w.to_bits(), "{name} value {i}: {g} vs {w}");
+        }
+    }
+}
+
 #[test]
 fn malformed_files_are_errors_naming_the_problem() {
     let p = std::path::Path::new("bad.gguf");
@@ -103,8 +128,8 @@ fn malformed_files_are_errors_naming_the_problem() {
         let e = parse(good[..cut].to_vec()).unwrap_err().to_string();
         assert!(e.contains("truncated") || e.contains("past the end"), "cut at {cut}: {e}");
     }
-    let e = parse(tiny_gguf(12, 256, 0, &[0; 144])).unwrap_err().to_string();
-    assert!(e.contains("`w`") && e.contains("Q4_K") && e.contains("not supported"), "{e}");
+    let e = parse(tiny_gguf(23, 256, 0, &[0; 136])).unwrap_err().to_string();
+    assert!(e.contains("`w`") && e.contains("IQ4_XS") && e.contains("not supported") && e.contains("Q6_K"), "{e}");
     let e = parse(tiny_gguf(0, 2, 1 << 40, &floats)).unwrap_err().to_string();
     assert!(e.contains("past the end"), "{e}");
     // a count that cannot fit in the file is refused before anything is allocated

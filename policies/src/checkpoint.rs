@@ -270,8 +270,8 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
         Ok(model)
     }
 
-    /// Loads a Llama-architecture GGUF file (llama.cpp's format): F32, F16, Q8_0, Q4_0 and Q4_1
-    /// tensors dequantised to f32, q/k rows un-permuted, config from the metadata.
+    /// Loads a Llama-architecture GGUF file (llama.cpp's format): its tensors dequantised to
+    /// f32 ([`crate::gguf_quants`]), q/k rows un-permuted, config from the metadata.
     pub fn load_gguf(path: &Path, dev: &D) -> Result<Self, PolicyError> {
         Self::from_gguf(&crate::gguf::Gguf::open(path)?, path, dev)
     }

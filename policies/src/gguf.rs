@@ -1,5 +1,6 @@
-//! GGUF files (llama.cpp's format): header, metadata, tensor table, and the tensor types F32,
-//! F16, Q8_0, Q4_0 and Q4_1 dequantised to f32. A Llama-architecture file becomes an HF state
+//! GGUF files (llama.cpp's format): header, metadata, tensor table, and the tensors
+//! dequantised to f32 ([`crate::gguf_quants`]: F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0 and the
+//! K-quants Q2_K–Q6_K). A Llama-architecture file becomes an HF state
 //! dict ([`hf_tensors`]) and config ([`llama_config`]), so [`crate::CausalLm::load_gguf`] goes
 //! through the same loader as safetensors folders.
 //!
@@ -13,7 +14,7 @@ use std::path::Path;
 use crate::checkpoint::HostTensor;
 use crate::config::ModelConfig;
 use crate::error::PolicyError;
-use crate::half::f16_to_f32;
+use crate::gguf_quants::{block_layout, dequantize, SUPPORTED};
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -128,18 +129,6 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Bytes per block and values per block of a ggml type we dequantise.
-fn block_layout(ggml_type: u32) -> Option<(usize, usize, &'static str)> {
-    Some(match ggml_type {
-        0 => (4, 1, "F32"),
-        1 => (2, 1, "F16"),
-        2 => (18, 32, "Q4_0"),
-        3 => (20, 32, "Q4_1"),
-        8 => (34, 32, "Q8_0"),
-        _ => return None,
-    })
-}
-
 /// ggml's name for a type id (for error messages).
 fn type_name(ggml_type: u32) -> String {
     const NAMES: [&str; 31] = [
@@ -208,14 +197,8 @@ impl Gguf {
 
     /// Element count and byte range of `t`'s data, checked against a file of `len` bytes.
     fn byte_range(&self, t: &TensorInfo, len: usize) -> Result<(usize, std::ops::Range<usize>), PolicyError> {
-        let (block_bytes, block_vals, _) = block_layout(t.ggml_type).ok_or_else(|| {
-            self.err(
-                &t.name,
-                format!(
-                    "tensor type {} is not supported (F32, F16, Q8_0, Q4_0 and Q4_1 are; K-quants are not yet)",
-                    type_name(t.ggml_type)
-                ),
-            )
+        let (block_bytes, block_vals) = block_layout(t.ggml_type).ok_or_else(|| {
+            self.err(&t.name, format!("tensor type {} is not supported ({SUPPORTED} are)", type_name(t.ggml_type)))
         })?;
         let n = t.ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).filter(|&n| n > 0 && n < 1 << 40);
         let n = n.ok_or_else(|| self.err(&t.name, format!("bad dimensions {:?}", t.ne)))?;
@@ -258,41 +241,6 @@ impl Gguf {
             other => Err(self.err("metadata", format!("`{key}` must be a number, found {other:?}"))),
         }
     }
-}
-
-/// Dequantises `n` values of `ggml_type` from `b` (whose length `byte_range` checked).
-fn dequantize(ggml_type: u32, b: &[u8], n: usize) -> Vec<f32> {
-    let f16 = |x: &[u8]| f16_to_f32(u16::from_le_bytes([x[0], x[1]]));
-    let mut out = Vec::with_capacity(n);
-    match ggml_type {
-        0 => out.extend(b.chunks_exact(4).map(|x| f32::from_le_bytes(x.try_into().expect("4 bytes")))),
-        1 => out.extend(b.chunks_exact(2).map(f16)),
-        // Q4_0: d, 16 bytes of nibbles; value j = (low nibble − 8)·d, value j + 16 = (high − 8)·d
-        2 => {
-            for blk in b.chunks_exact(18) {
-                let d = f16(blk);
-                out.extend(blk[2..].iter().map(|&q| ((q & 0xf) as i32 - 8) as f32 * d));
-                out.extend(blk[2..].iter().map(|&q| ((q >> 4) as i32 - 8) as f32 * d));
-            }
-        }
-        // Q4_1: d, m, 16 bytes of nibbles; value = nibble·d + m
-        3 => {
-            for blk in b.chunks_exact(20) {
-                let (d, m) = (f16(blk), f16(&blk[2..]));
-                out.extend(blk[4..].iter().map(|&q| (q & 0xf) as f32 * d + m));
-                out.extend(blk[4..].iter().map(|&q| (q >> 4) as f32 * d + m));
-            }
-        }
-        // Q8_0: d, 32 signed bytes; value = q·d
-        8 => {
-            for blk in b.chunks_exact(34) {
-                let d = f16(blk);
-                out.extend(blk[2..].iter().map(|&q| q as i8 as f32 * d));
-            }
-        }
-        _ => unreachable!("byte_range accepts only the types above"),
-    }
-    out
 }
 
 /// The HF `LlamaForCausalLM` config of a `general.architecture = llama` file.
@@ -487,18 +435,5 @@ mod tests {
             }
         }
         assert_eq!(unpermute_rows(&gguf, cols, hd), hf);
-    }
-
-    #[test]
-    fn blocks_dequantise_as_ggml_does() {
-        let half = |x: f32| crate::half::f32_to_f16(x).to_le_bytes();
-        let mut q41 = [half(0.5), half(-1.0)].concat();
-        q41.extend((0..16u8).map(|i| i | ((15 - i) << 4)));
-        let v = dequantize(3, &q41, 32);
-        assert_eq!((v[0], v[1], v[16], v[31]), (-1.0, -0.5, 6.5, -1.0));
-        let mut q80 = half(0.25).to_vec();
-        q80.extend((0..32).map(|i| (i as i8 - 16) as u8));
-        let v = dequantize(8, &q80, 32);
-        assert_eq!((v[0], v[16], v[31]), (-4.0, 0.0, 3.75));
     }
 }

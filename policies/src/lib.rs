@@ -36,6 +36,7 @@ pub mod freeze;
 pub mod fused;
 pub mod gelu;
 pub mod gguf;
+pub mod gguf_quants;
 pub mod half;
 pub mod heads;
 pub mod infer;
