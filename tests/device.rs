@@ -474,6 +474,11 @@ mod fused {
     }
 
     #[test]
+    fn qwen2_fused_engine_matches_host() {
+        engine_matches_host("hf-qwen2-tiny");
+    }
+
+    #[test]
     fn ppo_fused_rollout_matches_host() {
         ppo_rollout_matches_host(rlhf_policies::RolloutEngine::Fused);
     }
@@ -494,6 +499,19 @@ macro_rules! device_tests {
             #[test]
             fn llama_fixture_logits() {
                 fixture_logits("hf-llama-tiny", &$dev);
+            }
+            #[test]
+            fn qwen2_fixture_logits() {
+                fixture_logits("hf-qwen2-tiny", &$dev);
+            }
+            #[test]
+            fn qwen2_decode_and_session_match_engine() {
+                decode_matches_engine("hf-qwen2-tiny", &$dev);
+                device_session_matches_engine("hf-qwen2-tiny", &$dev);
+            }
+            #[test]
+            fn qwen2_train_steps_match_cpu() {
+                train_steps("hf-qwen2-tiny", &$dev);
             }
             #[test]
             fn gpt2_left_padded() {

@@ -1,5 +1,5 @@
 //! Parity with HF transformers on the tiny GPT-2 and Llama fixtures (`shared/fixtures`, see its
-//! README): logits per position, next-token log-probs, the left-padded batch, greedy decoding,
+//! README) and this repository's tiny Qwen2 (random q/k/v biases, `tests/fixtures`): logits per position, next-token log-probs, the left-padded batch, greedy decoding,
 //! and the KV-cache path fed one token at a time.
 
 mod common;
@@ -120,6 +120,13 @@ fn llama_greedy() {
     check_greedy("hf-llama-tiny");
 }
 #[test]
+fn qwen2_logits_left_padded_batch_greedy_and_kv_cache() {
+    check_texts("hf-qwen2-tiny");
+    check_left_padded("hf-qwen2-tiny");
+    check_greedy("hf-qwen2-tiny");
+    check_incremental("hf-qwen2-tiny");
+}
+#[test]
 fn gpt2_kv_cache_incremental() {
     check_incremental("hf-gpt2-tiny");
 }
@@ -133,7 +140,7 @@ fn llama_kv_cache_incremental() {
 #[test]
 fn f16_weights_stay_close_to_f32() {
     use rlhf_policies::WeightDtype;
-    for name in ["hf-gpt2-tiny", "hf-llama-tiny"] {
+    for name in ["hf-gpt2-tiny", "hf-llama-tiny", "hf-qwen2-tiny"] {
         let (model, exp) = load(name);
         let f32e = InferenceModel::from_model(&model);
         let f16e = InferenceModel::from_model_with(&model, WeightDtype::F16);

@@ -51,7 +51,7 @@ fn model(cfg: ModelConfig, seed: u64) -> CausalLm<Cpu> {
     let mut cfg = cfg;
     match &mut cfg {
         ModelConfig::Gpt2(c) => c.initializer_range = 0.3,
-        ModelConfig::Llama(c) => c.initializer_range = 0.3,
+        ModelConfig::Llama(c) | ModelConfig::Qwen2(c) => c.initializer_range = 0.3,
     }
     CausalLm::new(cfg, &Cpu::default(), seed).unwrap()
 }

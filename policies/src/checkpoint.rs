@@ -71,7 +71,11 @@ fn hf_source(family: Family, canonical: &str) -> Source {
             ("blocks", Some(i), Some(rest)) => {
                 let p = format!("model.layers.{i}");
                 let (module, x) = rest.rsplit_once('.').unwrap_or((rest, ""));
-                let lin = |n: &str| Source::Transposed(format!("{p}.{n}.{x}"));
+                // weights are stored (out, in); biases (Qwen2's q/k/v) as they are
+                let lin = |n: &str| match x {
+                    "bias" => Source::Same(format!("{p}.{n}.{x}")),
+                    _ => Source::Transposed(format!("{p}.{n}.{x}")),
+                };
                 match module {
                     "ln1" => Source::Same(format!("{p}.input_layernorm.{x}")),
                     "ln2" => Source::Same(format!("{p}.post_attention_layernorm.{x}")),

@@ -1,6 +1,7 @@
 //! Model configuration: one serde type that reads Hugging Face `config.json` files directly.
 //!
-//! The `model_type` field selects the family (`"gpt2"` or `"llama"`); every other field keeps the
+//! The `model_type` field selects the family (`"gpt2"`, or `"llama"` and `"qwen2"`: Qwen2 is Llama
+//! with biases on the q, k and v projections); every other field keeps the
 //! name transformers uses, so an HF config deserialises unchanged and our saved configs load back
 //! in transformers. Unknown HF fields (`architectures`, `torch_dtype`, …) are accepted and ignored
 //! on purpose: they describe the checkpoint, not the network.
@@ -14,7 +15,8 @@ use crate::error::PolicyError;
 pub enum Family {
     /// GPT-2: learned positions, LayerNorm, GELU (tanh), biases, fused `c_attn`.
     Gpt2,
-    /// Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases.
+    /// Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases (Qwen2: biases on q, k
+    /// and v, [`Dims::qkv_bias`]).
     Llama,
 }
 
@@ -37,6 +39,10 @@ pub enum ModelConfig {
     /// Llama family (`LlamaForCausalLM`), also SmolLM2.
     #[serde(rename = "llama")]
     Llama(LlamaConfig),
+    /// Qwen2 family (`Qwen2ForCausalLM`, Qwen2.5): Llama's fields and layout, with biases on the
+    /// q, k and v projections.
+    #[serde(rename = "qwen2")]
+    Qwen2(LlamaConfig),
 }
 
 /// `GPT2Config` fields (transformers names).
@@ -103,10 +109,11 @@ pub struct LlamaConfig {
     /// Query heads.
     pub num_attention_heads: usize,
     /// Key/value heads (grouped-query attention); defaults to `num_attention_heads`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_key_value_heads: Option<usize>,
-    /// Per-head width; defaults to `hidden_size / num_attention_heads`.
-    #[serde(default)]
+    /// Per-head width; defaults to `hidden_size / num_attention_heads`. Left out of a saved
+    /// config when unset: transformers' Qwen2 takes a `null` for a width.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
     /// Must be `silu`.
     #[serde(default = "default_silu")]
@@ -129,9 +136,12 @@ pub struct LlamaConfig {
     /// Whether `lm_head` shares `embed_tokens`. Defaults to `false`.
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    /// Biases on q/k/v/o. Must be `false`.
+    /// Biases on q/k/v/o. Must be `false` (Qwen2's q/k/v biases come with its `model_type`).
     #[serde(default)]
     pub attention_bias: bool,
+    /// Qwen2's sliding-window attention. Must be `false` (what Qwen2.5's configs say).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub use_sliding_window: bool,
     /// Biases on the MLP. Must be `false`.
     #[serde(default)]
     pub mlp_bias: bool,
@@ -182,6 +192,9 @@ fn default_init() -> f64 {
 }
 fn is_true(b: &bool) -> bool {
     *b
+}
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn default_true() -> bool {
@@ -239,6 +252,8 @@ pub struct Dims {
     pub gelu: GeluKind,
     /// Whether linears and norms carry biases (GPT-2 by default; never Llama).
     pub bias: bool,
+    /// Whether the q, k and v projections carry biases (Qwen2), whatever `bias` says.
+    pub qkv_bias: bool,
 }
 
 impl Dims {
@@ -306,11 +321,11 @@ impl ModelConfig {
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| PolicyError::config("<json>", format!("not valid JSON: {e}")))?;
         match value.get("model_type").and_then(|v| v.as_str()) {
-            Some("gpt2") | Some("llama") => {}
+            Some("gpt2") | Some("llama") | Some("qwen2") => {}
             Some(other) => {
                 return Err(PolicyError::config(
                     "model_type",
-                    format!("unsupported model_type {other:?} (expected \"gpt2\" or \"llama\")"),
+                    format!("unsupported model_type {other:?} (expected \"gpt2\", \"llama\" or \"qwen2\")"),
                 ))
             }
             None => return Err(PolicyError::config("model_type", "missing or not a string".into())),
@@ -370,7 +385,7 @@ impl ModelConfig {
     pub fn family(&self) -> Family {
         match self {
             ModelConfig::Gpt2(_) => Family::Gpt2,
-            ModelConfig::Llama(_) => Family::Llama,
+            ModelConfig::Llama(_) | ModelConfig::Qwen2(_) => Family::Llama,
         }
     }
 
@@ -378,7 +393,7 @@ impl ModelConfig {
     pub fn vocab_size(&self) -> usize {
         match self {
             ModelConfig::Gpt2(c) => c.vocab_size,
-            ModelConfig::Llama(c) => c.vocab_size,
+            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) => c.vocab_size,
         }
     }
 
@@ -386,7 +401,7 @@ impl ModelConfig {
     pub fn set_vocab_size(&mut self, v: usize) {
         match self {
             ModelConfig::Gpt2(c) => c.vocab_size = v,
-            ModelConfig::Llama(c) => c.vocab_size = v,
+            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) => c.vocab_size = v,
         }
     }
 
@@ -394,7 +409,7 @@ impl ModelConfig {
     pub fn eos_token_id(&self) -> Option<u32> {
         match self {
             ModelConfig::Gpt2(c) => c.eos_token_id,
-            ModelConfig::Llama(c) => c.eos_token_id,
+            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) => c.eos_token_id,
         }
     }
 
@@ -402,7 +417,7 @@ impl ModelConfig {
     pub fn bos_token_id(&self) -> Option<u32> {
         match self {
             ModelConfig::Gpt2(c) => c.bos_token_id,
-            ModelConfig::Llama(c) => c.bos_token_id,
+            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) => c.bos_token_id,
         }
     }
 
@@ -410,7 +425,7 @@ impl ModelConfig {
     pub fn pad_token_id(&self) -> Option<u32> {
         match self {
             ModelConfig::Gpt2(c) => c.pad_token_id,
-            ModelConfig::Llama(c) => c.pad_token_id,
+            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) => c.pad_token_id,
         }
     }
 
@@ -418,7 +433,8 @@ impl ModelConfig {
     pub fn dims(&self) -> Result<Dims, PolicyError> {
         let d = match self {
             ModelConfig::Gpt2(c) => gpt2_dims(c)?,
-            ModelConfig::Llama(c) => llama_dims(c)?,
+            ModelConfig::Llama(c) => llama_dims(c, false)?,
+            ModelConfig::Qwen2(c) => llama_dims(c, true)?,
         };
         for (name, v) in [
             ("vocab_size", d.vocab),
@@ -475,15 +491,20 @@ fn gpt2_dims(c: &Gpt2Config) -> Result<Dims, PolicyError> {
         init_std: c.initializer_range as f32,
         gelu,
         bias: c.bias,
+        qkv_bias: false,
     })
 }
 
-fn llama_dims(c: &LlamaConfig) -> Result<Dims, PolicyError> {
+/// Llama's sizes; `qkv_bias` for Qwen2.
+fn llama_dims(c: &LlamaConfig, qkv_bias: bool) -> Result<Dims, PolicyError> {
     if c.hidden_act != "silu" {
         return Err(PolicyError::config("hidden_act", format!("{:?} is not supported (only silu)", c.hidden_act)));
     }
     if c.attention_bias || c.mlp_bias {
         return Err(PolicyError::config("attention_bias", "Llama checkpoints with biases are not supported".into()));
+    }
+    if c.use_sliding_window {
+        return Err(PolicyError::config("use_sliding_window", "sliding-window attention is not supported".into()));
     }
     if c.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
         return Err(PolicyError::config("rope_scaling", "RoPE scaling is not supported".into()));
@@ -536,6 +557,7 @@ fn llama_dims(c: &LlamaConfig) -> Result<Dims, PolicyError> {
         init_std: c.initializer_range as f32,
         gelu: GeluKind::Tanh,
         bias: false,
+        qkv_bias,
     })
 }
 

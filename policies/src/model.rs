@@ -331,11 +331,12 @@ impl<D: FusedOps> CausalLm<D> {
                         down: lin(&mut init, dims.d_ff, c, resid_std),
                     },
                 };
+                let qkv = |init: &mut Init, o| Linear::new(dev, init, c, o, std, bias || dims.qkv_bias);
                 Block {
                     ln1: Norm::new(dev, &dims),
-                    wq: lin(&mut init, c, dims.q_dim(), std),
-                    wk: lin(&mut init, c, dims.kv_dim(), std),
-                    wv: lin(&mut init, c, dims.kv_dim(), std),
+                    wq: qkv(&mut init, dims.q_dim()),
+                    wk: qkv(&mut init, dims.kv_dim()),
+                    wv: qkv(&mut init, dims.kv_dim()),
                     wo: lin(&mut init, dims.q_dim(), c, resid_std),
                     ln2: Norm::new(dev, &dims),
                     mlp,

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::Batch;
 use crate::checkpoint::{read_safetensors, write_atomic, write_safetensors, HostTensor};
-use crate::config::{Family, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::PolicyError;
 use crate::fused::FusedOps;
 use crate::heads::ScalarHead;
@@ -136,9 +136,10 @@ impl<D: FusedOps> LearnedReward<D> {
     ) -> Result<(), PolicyError> {
         std::fs::create_dir_all(dir).map_err(|e| PolicyError::io(dir, e))?;
         let mut config = serde_json::to_value(&self.model.config).expect("ModelConfig serialises: plain data");
-        let class = match self.model.dims.family {
-            Family::Gpt2 => "GPT2ForSequenceClassification",
-            Family::Llama => "LlamaForSequenceClassification",
+        let class = match self.model.config {
+            ModelConfig::Gpt2(_) => "GPT2ForSequenceClassification",
+            ModelConfig::Llama(_) => "LlamaForSequenceClassification",
+            ModelConfig::Qwen2(_) => "Qwen2ForSequenceClassification",
         };
         config["architectures"] = serde_json::json!([class]);
         config["id2label"] = serde_json::json!({"0": "LABEL_0"});
