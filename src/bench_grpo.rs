@@ -71,7 +71,7 @@ pub fn grpo_trainer<D: FusedOps + GradBuffers>(
     let prompts = prompts.into();
     // EOS suppressed: every completion has exactly max_completion_length tokens
     let state = GroupState::default();
-    GroupTrainer::new(cfg, policy, Some(reference), AdamW::new(optim), state, prompts, rm, Box::new(NoText), None, 0)
+    GroupTrainer::new(cfg, policy, Some(reference), AdamW::new(optim), state, prompts, rm, Box::new(NoText), vec![], 0)
 }
 
 /// Times `workload.trl_grpo` for `model` with `algo` on `device`.

@@ -114,7 +114,7 @@ pub fn ppo_trainer<D: FusedOps + GradBuffers>(
     };
     let models = PpoModels { policy, critic, shares: Default::default() };
     // EOS suppressed: every response has exactly response_len tokens
-    PpoTrainer::new(cfg, models, reference, AdamW::new(optim), state, prompts.into(), rm, Box::new(NoText), None, 0)
+    PpoTrainer::new(cfg, models, reference, AdamW::new(optim), state, prompts.into(), rm, Box::new(NoText), vec![], 0)
 }
 
 /// Times `workload.ppo` for `model` with a shared or separate critic on `device`.

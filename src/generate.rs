@@ -129,11 +129,11 @@ pub fn generate_file<D: FusedOps>(
     ensure!(!g.best_of || g.reward.is_some(), "best-of needs a reward to choose by (--reward-model or --reward)");
     let (lm, tok) = load_with_tokenizer(model, dev)?;
     let (ids, texts, references, kept) = read_records(g, &tok, &lm, model)?;
-    let eos = tok.eos_for(&lm.config);
-    let pad = tok.pad_id().or(lm.config.pad_token_id()).or(eos).unwrap_or(0);
+    let eos_ids = tok.eos_ids_for(&lm.config);
+    let pad = tok.pad_id().or(lm.config.pad_token_id()).or(eos_ids.first().copied()).unwrap_or(0);
     // completions stop at the model's EOS (and any stop ids given)
     let mut base = g.sampling.clone();
-    base.eos_ids.extend(eos.filter(|e| !g.sampling.eos_ids.contains(e)));
+    base.eos_ids.extend(eos_ids.into_iter().filter(|e| !g.sampling.eos_ids.contains(e)));
     let end_ids = [base.eos_ids.as_slice(), &base.stop_ids].concat();
     let mut scorer = g.reward.as_ref().map(|spec| scorer(spec, dev, &tok, &end_ids)).transpose()?;
     let rows: Vec<Row> =

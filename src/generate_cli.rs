@@ -109,15 +109,15 @@ pub(crate) struct SamplingFlags {
 }
 
 impl SamplingFlags {
-    /// The sampler: these flags with `max_new_tokens`, `temperature`, the EOS and `seed`.
-    fn config(&self, (max_new_tokens, temperature): (usize, f32), eos: Option<u32>, seed: u64) -> SamplingConfig {
+    /// The sampler: these flags with `max_new_tokens`, `temperature`, the EOS ids and `seed`.
+    fn config(&self, (max_new_tokens, temperature): (usize, f32), eos_ids: &[u32], seed: u64) -> SamplingConfig {
         SamplingConfig {
             max_new_tokens,
             temperature,
             top_k: self.top_k,
             top_p: self.top_p,
             greedy: self.greedy,
-            eos_ids: eos.into_iter().collect(),
+            eos_ids: eos_ids.to_vec(),
             seed,
             ..SamplingConfig::default()
         }
@@ -140,8 +140,8 @@ impl From<Weights> for WeightDtype {
     }
 }
 
-fn sampling_config(a: &GenerateArgs, eos: Option<u32>) -> SamplingConfig {
-    a.sampling.config((a.max_new_tokens, a.temperature), eos, a.sampling.seed)
+fn sampling_config(a: &GenerateArgs, eos_ids: &[u32]) -> SamplingConfig {
+    a.sampling.config((a.max_new_tokens, a.temperature), eos_ids, a.sampling.seed)
 }
 
 /// The chat-formatted prompt for `--chat` (with `--system` if given).
@@ -178,9 +178,9 @@ fn generate_on<D: FusedOps>(a: &GenerateArgs, dev: &D) -> Result<()> {
     if prompt.is_empty() {
         bail!("--prompt encodes to no tokens");
     }
-    let eos = tok.eos_for(&model.config);
-    let pad = tok.pad_id().or(model.config.pad_token_id()).or(eos).unwrap_or(0);
-    let cfg = sampling_config(a, eos);
+    let eos_ids = tok.eos_ids_for(&model.config);
+    let pad = tok.pad_id().or(model.config.pad_token_id()).or(eos_ids.first().copied()).unwrap_or(0);
+    let cfg = sampling_config(a, &eos_ids);
     let t0 = Instant::now();
     let out = generate_from_with(&model, &[prompt], pad, &cfg, a.sampling.weights.into())?;
     let secs = t0.elapsed().as_secs_f64();
@@ -208,7 +208,7 @@ fn generate_file<D: FusedOps>(a: &GenerateArgs, prompts: &std::path::Path, dev: 
         chat: a.in_chat.then(|| rlhf::prompt_format::ChatPrompt { system: a.system.clone(), ..Default::default() }),
         samples: a.samples as usize,
         batch: a.batch as usize,
-        sampling: sampling_config(a, None),
+        sampling: sampling_config(a, &[]),
         weights: a.sampling.weights.into(),
         reward: match (&a.reward_model, &a.reward) {
             (Some(path), _) => Some(RewardSpec::Model { path: path.clone(), normalize: true }),
@@ -270,13 +270,13 @@ pub(crate) fn chat_cmd(mut a: ChatArgs) -> Result<()> {
         "[chat with {}: one line per message; /reset forgets the conversation, /quit or the end of input ends it]",
         a.model.display()
     );
-    let eos = tok.eos_for(&model.config);
-    let pad = tok.pad_id().or(model.config.pad_token_id()).or(eos).unwrap_or(0);
+    let eos_ids = tok.eos_ids_for(&model.config);
+    let pad = tok.pad_id().or(model.config.pad_token_id()).or(eos_ids.first().copied()).unwrap_or(0);
     let limit = model.dims.position_limit().unwrap_or(usize::MAX);
     // the sampling engine, built once (the weights converted for decoding)
     let engine = InferenceModel::from_model_with(&model, a.sampling.weights.into());
     drop(model);
-    let mut chat = Conversation { a: &a, engine, tok: &tok, template, messages: vec![], eos, pad, limit };
+    let mut chat = Conversation { a: &a, engine, tok: &tok, template, messages: vec![], eos_ids, pad, limit };
     chat.reset();
     let mut lines = stdin.lock().lines();
     for turn in 0u64.. {
@@ -311,7 +311,7 @@ struct Conversation<'a> {
     tok: &'a Tokenizer,
     template: ChatTemplate,
     messages: Vec<ChatMessage>,
-    eos: Option<u32>,
+    eos_ids: Vec<u32>,
     pad: u32,
     /// The model's positions (GPT-2's `n_positions`; no limit for RoPE models).
     limit: usize,
@@ -342,7 +342,7 @@ impl Conversation<'_> {
             self.messages.drain(first_turn..first_turn + 2);
             eprintln!("[the oldest exchange is forgotten: the conversation no longer fits {limit} positions]");
         };
-        let cfg = self.a.sampling.config((self.a.max_new_tokens, self.a.temperature), self.eos, seed);
+        let cfg = self.a.sampling.config((self.a.max_new_tokens, self.a.temperature), &self.eos_ids, seed);
         let t0 = Instant::now();
         let mut stream = Stream { tok: self.tok, shown: String::new() };
         let out = generate_observed(&self.engine, &[prompt], self.pad, &cfg, &mut |g| stream.show(g))?;

@@ -479,6 +479,11 @@ mod fused {
     }
 
     #[test]
+    fn llama3_fused_engine_matches_host() {
+        engine_matches_host("hf-llama3-tiny");
+    }
+
+    #[test]
     fn ppo_fused_rollout_matches_host() {
         ppo_rollout_matches_host(rlhf_policies::RolloutEngine::Fused);
     }
@@ -508,6 +513,12 @@ macro_rules! device_tests {
             fn qwen2_decode_and_session_match_engine() {
                 decode_matches_engine("hf-qwen2-tiny", &$dev);
                 device_session_matches_engine("hf-qwen2-tiny", &$dev);
+            }
+            #[test]
+            fn llama3_fixture_logits_decode_and_session() {
+                fixture_logits("hf-llama3-tiny", &$dev);
+                decode_matches_engine("hf-llama3-tiny", &$dev);
+                device_session_matches_engine("hf-llama3-tiny", &$dev);
             }
             #[test]
             fn qwen2_train_steps_match_cpu() {

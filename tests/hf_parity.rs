@@ -1,5 +1,6 @@
 //! Parity with HF transformers on the tiny GPT-2 and Llama fixtures (`shared/fixtures`, see its
-//! README) and this repository's tiny Qwen2 (random q/k/v biases, `tests/fixtures`): logits per position, next-token log-probs, the left-padded batch, greedy decoding,
+//! README) and this repository's tiny Qwen2 (random q/k/v biases) and Llama 3 (scaled RoPE) from
+//! `tests/fixtures`: logits per position, next-token log-probs, the left-padded batch, greedy decoding,
 //! and the KV-cache path fed one token at a time.
 
 mod common;
@@ -126,6 +127,17 @@ fn qwen2_logits_left_padded_batch_greedy_and_kv_cache() {
     check_greedy("hf-qwen2-tiny");
     check_incremental("hf-qwen2-tiny");
 }
+/// Llama 3's RoPE scaling (all three bands of frequencies) and a list of EOS ids.
+#[test]
+fn llama3_rope_scaling_logits_left_padded_batch_greedy_and_kv_cache() {
+    let (model, _) = load("hf-llama3-tiny");
+    assert!(model.dims.rope_scaling.is_some());
+    assert_eq!((model.config.eos_token_id(), model.config.eos_token_ids()), (Some(0), vec![0, 1]));
+    check_texts("hf-llama3-tiny");
+    check_left_padded("hf-llama3-tiny");
+    check_greedy("hf-llama3-tiny");
+    check_incremental("hf-llama3-tiny");
+}
 #[test]
 fn gpt2_kv_cache_incremental() {
     check_incremental("hf-gpt2-tiny");
@@ -140,7 +152,7 @@ fn llama_kv_cache_incremental() {
 #[test]
 fn f16_weights_stay_close_to_f32() {
     use rlhf_policies::WeightDtype;
-    for name in ["hf-gpt2-tiny", "hf-llama-tiny", "hf-qwen2-tiny"] {
+    for name in ["hf-gpt2-tiny", "hf-llama-tiny", "hf-qwen2-tiny", "hf-llama3-tiny"] {
         let (model, exp) = load(name);
         let f32e = InferenceModel::from_model(&model);
         let f16e = InferenceModel::from_model_with(&model, WeightDtype::F16);

@@ -127,7 +127,7 @@ pub struct LlamaConfig {
     /// RoPE parameters (transformers 5 layout). Only `rope_type = "default"` is supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<RopeParameters>,
-    /// RoPE scaling (transformers 4). Only `null` is supported.
+    /// RoPE scaling (transformers 4): `null`, or Llama 3's (`rope_type` or `type` `"llama3"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
     /// Maximum sequence length.
@@ -151,9 +151,9 @@ pub struct LlamaConfig {
     /// Beginning-of-sequence id.
     #[serde(default)]
     pub bos_token_id: Option<u32>,
-    /// End-of-sequence id.
+    /// End-of-sequence id, or ids (Llama 3's configs list each token that ends a turn).
     #[serde(default)]
-    pub eos_token_id: Option<u32>,
+    pub eos_token_id: Option<TokenIds>,
     /// Padding id.
     #[serde(default)]
     pub pad_token_id: Option<u32>,
@@ -162,14 +162,38 @@ pub struct LlamaConfig {
     pub architectures: Vec<String>,
 }
 
+/// One token id or several, as HF configs give `eos_token_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    /// A single id.
+    One(u32),
+    /// A list (the first is the main one).
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    /// Every id, in order.
+    pub fn ids(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(id) => vec![*id],
+            TokenIds::Many(ids) => ids.clone(),
+        }
+    }
+}
+
 /// transformers 5 `rope_parameters`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RopeParameters {
-    /// Only `"default"` is supported.
+    /// `"default"`, or `"llama3"` (Llama 3.1+: [`crate::rope::Llama3Scaling`], whose numbers
+    /// are in `scaling`).
     #[serde(default = "default_rope_type")]
     pub rope_type: String,
     /// RoPE base.
     pub rope_theta: f64,
+    /// The scaling's parameters (`factor`, `low_freq_factor`, …), kept as they are.
+    #[serde(flatten)]
+    pub scaling: serde_json::Map<String, serde_json::Value>,
 }
 
 fn default_gelu() -> String {
@@ -244,6 +268,8 @@ pub struct Dims {
     pub norm_eps: f32,
     /// RoPE base (Llama only).
     pub rope_theta: f32,
+    /// Llama 3's scaling of the RoPE frequencies, if the config has it.
+    pub rope_scaling: Option<crate::rope::Llama3Scaling>,
     /// LM head tied to the token embedding.
     pub tied: bool,
     /// Init std.
@@ -405,11 +431,18 @@ impl ModelConfig {
         }
     }
 
-    /// EOS id, if the config names one.
+    /// The EOS id, if the config names one (the first, when it lists several).
     pub fn eos_token_id(&self) -> Option<u32> {
+        self.eos_token_ids().first().copied()
+    }
+
+    /// Every EOS id the config names (generation stops at any of them).
+    pub fn eos_token_ids(&self) -> Vec<u32> {
         match self {
-            ModelConfig::Gpt2(c) => c.eos_token_id,
-            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) => c.eos_token_id,
+            ModelConfig::Gpt2(c) => c.eos_token_id.into_iter().collect(),
+            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) => {
+                c.eos_token_id.as_ref().map(TokenIds::ids).unwrap_or_default()
+            }
         }
     }
 
@@ -487,6 +520,7 @@ fn gpt2_dims(c: &Gpt2Config) -> Result<Dims, PolicyError> {
         max_positions: c.n_positions,
         norm_eps: c.layer_norm_epsilon as f32,
         rope_theta: 0.0,
+        rope_scaling: None,
         tied: true,
         init_std: c.initializer_range as f32,
         gelu,
@@ -506,20 +540,7 @@ fn llama_dims(c: &LlamaConfig, qkv_bias: bool) -> Result<Dims, PolicyError> {
     if c.use_sliding_window {
         return Err(PolicyError::config("use_sliding_window", "sliding-window attention is not supported".into()));
     }
-    if c.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-        return Err(PolicyError::config("rope_scaling", "RoPE scaling is not supported".into()));
-    }
-    let theta = match (&c.rope_parameters, c.rope_theta) {
-        (Some(p), _) if p.rope_type != "default" => {
-            return Err(PolicyError::config(
-                "rope_parameters.rope_type",
-                format!("{:?} is not supported (only \"default\")", p.rope_type),
-            ))
-        }
-        (Some(p), _) => p.rope_theta,
-        (None, Some(t)) => t,
-        (None, None) => 10000.0,
-    };
+    let (theta, rope_scaling) = crate::rope::base_and_scaling(c)?;
     let n_head = c.num_attention_heads;
     let n_kv = c.num_key_value_heads.unwrap_or(n_head);
     if n_head == 0 || n_kv == 0 || !n_head.is_multiple_of(n_kv) {
@@ -553,6 +574,7 @@ fn llama_dims(c: &LlamaConfig, qkv_bias: bool) -> Result<Dims, PolicyError> {
         max_positions: c.max_position_embeddings,
         norm_eps: c.rms_norm_eps as f32,
         rope_theta: theta as f32,
+        rope_scaling,
         tied: c.tie_word_embeddings,
         init_std: c.initializer_range as f32,
         gelu: GeluKind::Tanh,

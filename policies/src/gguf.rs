@@ -362,6 +362,11 @@ pub fn hf_tensors(g: &Gguf, cfg: &ModelConfig) -> Result<BTreeMap<String, HostTe
     let dims = cfg.dims()?;
     let mut out = BTreeMap::new();
     for t in &g.tensors {
+        if t.name == "rope_freqs.weight" {
+            let msg = "Llama 3's scaled RoPE frequencies are not read from GGUF files: load the model's HF \
+                       folder instead (its config.json's rope_scaling is supported)";
+            return Err(g.err(&t.name, msg));
+        }
         let name = hf_name(&t.name).ok_or_else(|| g.err(&t.name, "unexpected tensor for a Llama model"))?;
         let mut x = g.tensor(&t.name)?;
         if t.name.ends_with("attn_q.weight") || t.name.ends_with("attn_k.weight") {

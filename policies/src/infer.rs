@@ -261,11 +261,7 @@ impl InferenceModel {
                 dims.vocab,
                 dtype,
             ),
-            inv_freq: if dims.family == Family::Llama {
-                rope::inv_freq(dims.head_dim, dims.rope_theta)
-            } else {
-                vec![]
-            },
+            inv_freq: if dims.family == Family::Llama { rope::inv_freq(&dims) } else { vec![] },
         }
     }
 

@@ -545,7 +545,7 @@ impl<D: FusedOps> CausalLm<D> {
     /// RoPE tables for one row per entry of `positions`.
     pub(crate) fn rope_at(&self, positions: &[usize]) -> Rope<D> {
         let dims = &self.dims;
-        let (cos, sin) = crate::rope::tables(positions, dims.head_dim, dims.rope_theta);
+        let (cos, sin) = crate::rope::tables(positions, dims);
         let expand = |tab: &[f32], heads: usize| {
             let dh = dims.head_dim;
             let mut out = Vec::with_capacity(tab.len() * heads);

@@ -188,6 +188,17 @@ impl Tokenizer {
         config.eos_token_id().or(self.eos_id())
     }
 
+    /// Every id that ends a generation: all the config's EOS ids (Llama 3 lists each token that
+    /// ends a turn), else the tokenizer's EOS.
+    pub fn eos_ids_for(&self, config: &crate::config::ModelConfig) -> Vec<u32> {
+        let ids = config.eos_token_ids();
+        if ids.is_empty() {
+            self.eos_id().into_iter().collect()
+        } else {
+            ids
+        }
+    }
+
     /// The pad id, if the vocabulary has `<|pad|>` or `<pad>`.
     pub fn pad_id(&self) -> Option<u32> {
         [PAD_TOKEN, "<pad>"].iter().find_map(|t| self.token_to_id(t))

@@ -453,11 +453,11 @@ fn sample_kl<D: FusedOps>(
     prompts: &[Vec<u32>],
     step: usize,
 ) -> Result<Vec<serde_json::Value>> {
-    let eos = tok.eos_for(&policy.config).unwrap_or(0);
-    let pad = tok.pad_id().unwrap_or(eos);
+    let eos_ids = tok.eos_ids_for(&policy.config);
+    let pad = tok.pad_id().or(eos_ids.first().copied()).unwrap_or(0);
     let scfg = SamplingConfig {
         max_new_tokens: cfg.sample_tokens,
-        eos_ids: vec![eos],
+        eos_ids: eos_ids.clone(),
         seed: mix(cfg.seed, step as u64, 0x5a3),
         ..Default::default()
     };
@@ -474,7 +474,7 @@ fn sample_kl<D: FusedOps>(
         .zip(&g.tokens)
         .zip(kls)
         .map(|((p, r), kl)| {
-            let body: Vec<u32> = r.iter().copied().filter(|&t| t != eos).collect();
+            let body: Vec<u32> = r.iter().copied().filter(|t| !eos_ids.contains(t)).collect();
             Ok(serde_json::json!({"step": step, "prompt": tok.decode(p)?, "completion": tok.decode(&body)?,
                 "tokens": r.len(), "kl": kl}))
         })

@@ -360,16 +360,16 @@ fn train_on<D: FusedOps + GradBuffers>(
         (reference.frozen_copy(), AdamW::new(cfg.optim.clone()), 0, GroupState::default())
     };
     let eos = tok.eos_for(&reference.config).context("the policy's tokenizer has no EOS token")?;
-    let pad = tok.pad_id().unwrap_or(eos);
-    let sampling = grpo_step::sampling(&cfg, vec![eos], 0);
+    let (eos_ids, pad) = (tok.eos_ids_for(&reference.config), tok.pad_id().unwrap_or(eos));
+    let sampling = grpo_step::sampling(&cfg, eos_ids.clone(), 0);
     let (prompts, mut eval, skipped_prompts) =
         prompts_and_eval(online_prompts!(cfg, stage), &tok, &reference, sampling, pad, EVAL_NAMES)?;
     let reference = (cfg.beta != 0.0).then_some(reference);
     let (iterations, every, sample_every, sample_count) =
         (cfg.iterations, cfg.checkpoint_every, cfg.sample_every, cfg.sample_count);
     let detok = Box::new(tok.clone());
-    let reward = reward.for_policy(&tok, &[eos])?;
-    let mut trainer = GroupTrainer::new(cfg, policy, reference, opt, state, prompts, reward, detok, Some(eos), pad)?;
+    let reward = reward.for_policy(&tok, &eos_ids)?;
+    let mut trainer = GroupTrainer::new(cfg, policy, reference, opt, state, prompts, reward, detok, eos_ids, pad)?;
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;
     let mut report =

@@ -62,7 +62,8 @@ pub struct GroupTrainer<M, D: FusedOps = Cpu> {
     /// Leading blocks the policy keeps frozen and shares, bitwise, with the reference: the
     /// scoring pass runs them once for both (found in [`GroupTrainer::new`]).
     shared_bottom: usize,
-    eos: u32,
+    /// The ids that end a completion (none: every completion runs to `max_new_tokens`).
+    eos_ids: Vec<u32>,
     pad: u32,
 }
 
@@ -116,13 +117,13 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
         prompts: Prompts,
         reward: M,
         detok: Box<dyn Detokenizer>,
-        eos: Option<u32>,
+        eos_ids: Vec<u32>,
         pad: u32,
     ) -> Result<Self> {
         let env_cfg = TextEnvConfig {
             vocab: policy.dims.vocab as u32,
             max_new_tokens: cfg.max_new_tokens,
-            eos_ids: eos.into_iter().collect(),
+            eos_ids: eos_ids.clone(),
             stop_ids: vec![],
             // the KL is the trainer's (scoring pass), not the env's per-token reward
             kl: KlConfig { beta: 0.0, estimator: KlEstimator::K1 },
@@ -132,7 +133,6 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
         let mut env = VecEnv::new(cfg.batch_size(), env_cfg, source, NoReference, reward, detok)?;
         env.prompts_mut().seek(state.prompt_draws);
         env.set_score_moments(state.score_moments);
-        let eos = eos.unwrap_or(pad);
         let greedy_prompts = matches!(cfg.algo, Algo::Remax {}).then(|| env.prompts().clone());
         untape_frozen(&mut policy, &mut opt, |_| true)?;
         // one copy of the weights frozen in the policy serves the reference, and a frozen
@@ -142,7 +142,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
             share_frozen((cfg.algo.name(), "the reference"), r, &policy, |n| frozen.contains(n));
         }
         let shared_bottom = reference.as_ref().map_or(0, |r| r.shared_bottom(&policy, policy.frozen_blocks()));
-        Ok(GroupTrainer { cfg, policy, reference, opt, env, state, greedy_prompts, shared_bottom, eos, pad })
+        Ok(GroupTrainer { cfg, policy, reference, opt, env, state, greedy_prompts, shared_bottom, eos_ids, pad })
     }
 
     /// Iteration `it` (0-based). `None` when the batch was skipped for a non-finite value
@@ -178,7 +178,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> GroupTrainer<M, D> {
         let lr = cfg.schedule.at(cfg.optim.lr, cfg.iterations, it);
         let upd = update(cfg, &mut self.policy, &mut self.opt, &scored, it, lr, self.pad, &mut self.state)?;
         let timing = [t_rollout, t_scoring, t2.elapsed()];
-        let mut record = metrics(cfg, it + 1, &episodes, &scored, &upd, lr, self.eos, &timing);
+        let mut record = metrics(cfg, it + 1, &episodes, &scored, &upd, lr, &self.eos_ids, &timing);
         generated.record(cfg, &timing[0], &mut record);
         running_score_metrics(&cfg.score, &self.env.score_moments(), &mut record);
         let advantages = scored.advantages.iter().map(|a| a.first().copied().unwrap_or(0.0)).collect();
@@ -491,7 +491,7 @@ fn metrics(
     s: &Scored,
     u: &UpdateStats,
     lr: f64,
-    eos: u32,
+    eos_ids: &[u32],
     timing: &[Duration; 3],
 ) -> serde_json::Value {
     let scores: Vec<f64> = episodes.iter().map(|e| e.score as f64).collect();
@@ -515,7 +515,7 @@ fn metrics(
         "loss": u.loss / u.minibatches.max(1) as f64,
         "completions/mean_length": tokens as f64 / b,
         "completions/clipped_ratio": episodes.iter().filter(|e| !e.terminated).count() as f64 / b,
-        "completions/num_eos": s.seqs.iter().filter(|q| q.ids.last() == Some(&eos)).count(),
+        "completions/num_eos": s.seqs.iter().filter(|q| q.ids.last().is_some_and(|t| eos_ids.contains(t))).count(),
         "lr": lr,
         "debug/first_minibatch_ratio": u.first_ratio,
     });

@@ -334,17 +334,17 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: PpoConfig, resume: bool, reward: Rew
         )
     };
     let eos = tok.eos_for(&reference.config).context("the policy's tokenizer has no EOS token")?;
-    let pad = tok.pad_id().unwrap_or(eos);
+    let (eos_ids, pad) = (tok.eos_ids_for(&reference.config), tok.pad_id().unwrap_or(eos));
     // DATA: prompts (and held-out ones), the PPO-ptx corpus
-    let sampling = ppo_step::sampling(&cfg, Some(eos), 0);
+    let sampling = ppo_step::sampling(&cfg, eos_ids.clone(), 0);
     let (prompts, mut eval, skipped_prompts) =
         prompts_and_eval(online_prompts!(cfg, "ppo"), &tok, &reference, sampling, pad, EVAL_NAMES)?;
     let ptx = cfg.ptx.as_ref().map(|p| read_corpus(&p.files).and_then(|t| Ok(tok.encode(&t)?))).transpose()?;
     let (iterations, every, sample_every, sample_count) =
         (cfg.iterations, cfg.checkpoint_every, cfg.sample_every, cfg.sample_count);
     let detok = Box::new(tok.clone());
-    let reward = reward.for_policy(&tok, &[eos])?;
-    let mut trainer = PpoTrainer::new(cfg, models, reference, opt, state, prompts, reward, detok, Some(eos), pad)?;
+    let reward = reward.for_policy(&tok, &eos_ids)?;
+    let mut trainer = PpoTrainer::new(cfg, models, reference, opt, state, prompts, reward, detok, eos_ids, pad)?;
     (trainer.ptx, trainer.mask_policy) = (ptx, mask_policy);
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;

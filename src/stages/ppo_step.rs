@@ -64,7 +64,8 @@ pub struct PpoTrainer<M, D: FusedOps = Cpu> {
     /// iterations [`NlpoConfig::syncs_at`](crate::stages::nlpo::NlpoConfig::syncs_at) names (a
     /// resumed run loads the checkpoint's).
     pub mask_policy: Option<CausalLm<D>>,
-    eos: u32,
+    /// The ids that end a response (none: every response runs to `max_new_tokens`).
+    eos_ids: Vec<u32>,
     pad: u32,
 }
 
@@ -83,8 +84,8 @@ pub struct IterationOutput {
 }
 
 impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
-    /// Builds the env over `prompts` (`(ids, text)`) with `reward`; `eos` ends responses
-    /// (`None`: always `max_new_tokens`), `pad` pads batches.
+    /// Builds the env over `prompts` (`(ids, text)`) with `reward`; any of `eos_ids` ends a
+    /// response (none: always `max_new_tokens`), `pad` pads batches.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: PpoConfig,
@@ -95,13 +96,13 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         prompts: Prompts,
         reward: M,
         detok: Box<dyn Detokenizer>,
-        eos: Option<u32>,
+        eos_ids: Vec<u32>,
         pad: u32,
     ) -> Result<Self> {
         let env_cfg = TextEnvConfig {
             vocab: reference.dims.vocab as u32,
             max_new_tokens: cfg.max_new_tokens,
-            eos_ids: eos.into_iter().collect(),
+            eos_ids: eos_ids.clone(),
             stop_ids: vec![],
             // the env rolls out without a reference: its estimator is never used
             kl: KlConfig { beta: cfg.beta as f32, estimator: cfg.kl_estimator.sampled().unwrap_or_default() },
@@ -111,7 +112,6 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         let mut env = VecEnv::new(cfg.batch_size, env_cfg, source, NoReference, reward, detok)?;
         env.prompts_mut().seek(state.prompt_draws);
         env.set_score_moments(state.score_moments);
-        let eos_or_pad = eos.unwrap_or(pad);
         untape_frozen(&mut models, &mut opt, |_| true)?;
         // one copy of the weights frozen in the policy serves the reference (and a critic
         // started from the policy) ...
@@ -124,7 +124,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         }
         // ... and a frozen bottom they share runs once per batch (it stays equal all run)
         models.shares = SharedBottoms::of(&models, &reference);
-        Ok(PpoTrainer { cfg, models, reference, opt, env, state, ptx: None, mask_policy: None, eos: eos_or_pad, pad })
+        Ok(PpoTrainer { cfg, models, reference, opt, env, state, ptx: None, mask_policy: None, eos_ids, pad })
     }
 
     /// Iteration `it` (0-based): rollout → scoring → update → KL control. `None` when the
@@ -187,7 +187,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
         self.state.kl.update(if cfg.kl_unit == KlUnit::SequenceSum { kl_seq } else { kl_tok }, cfg.batch_size);
         let timing = [t_rollout, t_scoring, t_update];
         let policy_lr = lr.0.unwrap_or(0.0);
-        let mut record = iteration_metrics(it + 1, &scored, &upd, (beta, kl_seq), policy_lr, self.eos, &timing);
+        let mut record = iteration_metrics(it + 1, &scored, &upd, (beta, kl_seq), policy_lr, &self.eos_ids, &timing);
         if cfg.critic_lr.is_some() || cfg.critic_warmup_iterations > 0 {
             record["lr_critic"] = lr.1.into();
         }
@@ -211,8 +211,7 @@ impl<M: RewardModel, D: FusedOps + GradBuffers> PpoTrainer<M, D> {
     #[allow(clippy::type_complexity)]
     fn rollout(&mut self, it: usize) -> Result<(Result<(Vec<Episode>, Option<Masks>), EnvError>, Option<NlpoMetrics>)> {
         let cfg = &self.cfg;
-        let eos = (!self.env.config().eos_ids.is_empty()).then_some(self.eos);
-        let sampler = sampling(cfg, eos, mix(cfg.seed, it as u64, 1));
+        let sampler = sampling(cfg, self.eos_ids.clone(), mix(cfg.seed, it as u64, 1));
         let (policy, engine) = (&self.models.policy, cfg.rollout_engine);
         let Some(n) = cfg.nlpo else {
             // the session borrows the policy, which the update changes: dropped here
@@ -285,11 +284,11 @@ fn gather_masks(masks: Option<&Masks>, micro: &[usize]) -> Option<Vec<TokenMask>
 }
 
 /// The rollout sampler of `cfg` with `seed`.
-pub(crate) fn sampling(cfg: &PpoConfig, eos: Option<u32>, seed: u64) -> SamplingConfig {
+pub(crate) fn sampling(cfg: &PpoConfig, eos_ids: Vec<u32>, seed: u64) -> SamplingConfig {
     SamplingConfig {
         max_new_tokens: cfg.max_new_tokens,
         temperature: cfg.temperature,
-        eos_ids: eos.into_iter().collect(),
+        eos_ids,
         seed,
         ..Default::default()
     }
@@ -549,7 +548,7 @@ fn iteration_metrics(
     u: &UpdateStats,
     (beta, kl): (f64, f64),
     lr: f64,
-    eos: u32,
+    eos_ids: &[u32],
     timing: &[Duration; 3],
 ) -> serde_json::Value {
     let tokens: usize = s.seqs.iter().map(Seq::resp_len).sum();
@@ -576,7 +575,7 @@ fn iteration_metrics(
         "val/ratio": ratio,
         "val/ratio_var": u.sums[4] / t - ratio * ratio,
         "val/clipfrac_avg": u.sums[1] / t,
-        "val/num_eos_tokens": s.seqs.iter().filter(|q| q.ids.last() == Some(&eos)).count(),
+        "val/num_eos_tokens": s.seqs.iter().filter(|q| q.ids.last().is_some_and(|t| eos_ids.contains(t))).count(),
         "val/explained_variance": explained_variance(&s.values.concat(), &s.returns.concat()),
         "val/response_length": tokens as f64 / b,
         "objective/beta": beta,

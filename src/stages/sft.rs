@@ -542,6 +542,8 @@ fn sample<D: FusedOps>(
     eos: u32,
     step: usize,
 ) -> Result<Vec<serde_json::Value>> {
+    // the samples stop at any of the model's EOS ids (the training targets end with `eos`)
+    let eos_ids = tok.eos_ids_for(&model.config);
     let prompts: Vec<Vec<u32>> = val.iter().take(cfg.sample_count).map(|e| e.ids[..e.prompt_len].to_vec()).collect();
     if prompts.is_empty() {
         return Ok(vec![]);
@@ -551,7 +553,7 @@ fn sample<D: FusedOps>(
     let sampling = SamplingConfig {
         max_new_tokens: cfg.sample_tokens.min(room),
         temperature: 0.7,
-        eos_ids: vec![eos],
+        eos_ids,
         seed: cfg.seed ^ step as u64,
         ..Default::default()
     };

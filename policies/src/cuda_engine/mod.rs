@@ -212,11 +212,7 @@ impl CudaEngine {
                 mlp,
             });
         }
-        let inv_freq = if dims.family == Family::Llama {
-            crate::rope::inv_freq(dims.head_dim, dims.rope_theta)
-        } else {
-            vec![0.0]
-        };
+        let inv_freq = if dims.family == Family::Llama { crate::rope::inv_freq(&dims) } else { vec![0.0] };
         Ok(CudaEngine {
             dims,
             wte: up(model.wte.as_vec())?,
