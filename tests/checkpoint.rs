@@ -60,6 +60,24 @@ fn hf_fixtures_resave_to_the_same_state_dict() {
     }
 }
 
+/// Llama 3's and Qwen2's pre-tokenizers (regular expressions with look-ahead and `(?i:…)`),
+/// on small BPEs made by `scripts/fixtures/pre_tokenizers_fixture.py`: the ids Hugging Face's Python
+/// `tokenizers` gives, and the text back.
+#[test]
+fn llama3_and_qwen2_pre_tokenizers_encode_as_the_python_library_does() {
+    let dir = fixture("tokenizers");
+    let expected = read_json(&dir.join("expected.json"));
+    for name in ["llama3", "qwen2"] {
+        let tok = Tokenizer::from_file(&dir.join(format!("{name}.json"))).unwrap();
+        for case in expected[name].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let ids = tok.encode(text).unwrap();
+            assert_eq!(ids, u32s(&case["ids"]), "{name}: {text:?}");
+            assert_eq!(tok.decode(&ids).unwrap(), text, "{name}");
+        }
+    }
+}
+
 #[test]
 fn fixture_tokenizer_encodes_like_hf_and_round_trips() {
     let dir = fixture("hf-gpt2-tiny");
