@@ -174,7 +174,7 @@ fn generate_on<D: FusedOps>(a: &GenerateArgs, dev: &D) -> Result<()> {
         (None, Some(user)) => chat_prompt(a, &model, &tok, user)?,
         (None, None) => bail!("--prompt or --chat is required"),
     };
-    let prompt = tok.encode(&text)?;
+    let prompt = tok.encode_prompt(&text)?;
     if prompt.is_empty() {
         bail!("--prompt encodes to no tokens");
     }
@@ -331,7 +331,7 @@ impl Conversation<'_> {
         let first_turn = usize::from(self.messages.first().is_some_and(|m| m.role == "system"));
         let limit = self.limit;
         let prompt = loop {
-            let ids = self.tok.encode(&self.template.render(&self.messages, true)?)?;
+            let ids = self.tok.encode_prompt(&self.template.render(&self.messages, true)?)?;
             if ids.len() + self.a.max_new_tokens <= limit {
                 break ids;
             }

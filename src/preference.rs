@@ -384,7 +384,7 @@ pub fn tokenize_with(
 ) -> Result<(Vec<TokComparison>, usize, usize)> {
     let (mut out, mut skipped, mut truncated) = (Vec::new(), 0, 0);
     for c in comparisons {
-        let mut prompt_ids = tok.encode(&spec.prompt.apply(&c.prompt)?)?;
+        let mut prompt_ids = tok.encode_prompt(&spec.prompt.apply(&c.prompt)?)?;
         let responses: Vec<Vec<u32>> = c
             .responses
             .iter()

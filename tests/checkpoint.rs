@@ -61,20 +61,25 @@ fn hf_fixtures_resave_to_the_same_state_dict() {
 }
 
 /// Llama 3's and Qwen2's pre-tokenizers (regular expressions with look-ahead and `(?i:…)`),
-/// on small BPEs made by `scripts/fixtures/pre_tokenizers_fixture.py`: the ids Hugging Face's Python
-/// `tokenizers` gives, and the text back.
+/// on small BPEs made by `scripts/fixtures/pre_tokenizers_fixture.py`: the ids Hugging Face's
+/// Python `tokenizers` gives, and the text back; a prompt gets Llama 3's BOS as `tokenizer(text)`
+/// gives it (Qwen2 adds none), once even when the text starts with it (a chat template's).
 #[test]
 fn llama3_and_qwen2_pre_tokenizers_encode_as_the_python_library_does() {
     let dir = fixture("tokenizers");
     let expected = read_json(&dir.join("expected.json"));
-    for name in ["llama3", "qwen2"] {
+    for (name, bos) in [("llama3", Some(0)), ("qwen2", None)] {
         let tok = Tokenizer::from_file(&dir.join(format!("{name}.json"))).unwrap();
+        assert_eq!(tok.bos_prefix(), bos, "{name}");
         for case in expected[name].as_array().unwrap() {
             let text = case["text"].as_str().unwrap();
             let ids = tok.encode(text).unwrap();
             assert_eq!(ids, u32s(&case["ids"]), "{name}: {text:?}");
             assert_eq!(tok.decode(&ids).unwrap(), text, "{name}");
+            assert_eq!(tok.encode_prompt(text).unwrap(), u32s(&case["ids_with_special"]), "{name}: {text:?}");
         }
+        let templated = tok.encode_prompt("<|begin_of_text|>Hello").unwrap();
+        assert_eq!(templated.iter().filter(|&&t| t == 0).count(), 1, "{name}: {templated:?}");
     }
 }
 

@@ -462,3 +462,18 @@ fn a_max_len_beyond_the_model_s_positions_is_refused_before_training() {
     c.max_len = 64;
     train(c, false).unwrap();
 }
+
+/// A tokenizer whose post-processor puts a BOS before a text (Llama 3's, fixture from
+/// `scripts/fixtures/pre_tokenizers_fixture.py`): each example starts with it, as
+/// transformers' `tokenizer(prompt)` does, and it counts as prompt (no loss on it).
+#[test]
+fn a_llama_style_tokenizer_s_bos_starts_each_prompt() {
+    let d = tempfile::tempdir().unwrap();
+    let c = cfg(d.path(), 1);
+    let tok = Tokenizer::from_file(&common::fixture("tokenizers").join("llama3.json")).unwrap();
+    let records = [rec(1, "Q: to be or not?", " A: to be.")];
+    let (ex, _, _) = tokenize(&c, &PromptFormat::plain("{prompt}"), &tok, 1, (&c.data, &records)).unwrap();
+    let prompt = tok.encode("Q: to be or not?").unwrap();
+    assert_eq!(ex[0].ids, [vec![0], prompt.clone(), tok.encode(" A: to be.").unwrap(), vec![1]].concat());
+    assert_eq!(ex[0].prompt_len, 1 + prompt.len());
+}

@@ -271,7 +271,7 @@ impl<D: FusedOps> Retokenized<D> {
         let finished = x.response_ids.last().is_some_and(|t| self.end_ids.contains(t));
         let mut response_ids = self.tok.encode(&x.response)?;
         response_ids.extend(self.eos.filter(|_| finished));
-        Ok(RewardInput { prompt_ids: self.tok.encode(&x.prompt)?, response_ids, ..x.clone() })
+        Ok(RewardInput { prompt_ids: self.tok.encode_prompt(&x.prompt)?, response_ids, ..x.clone() })
     }
 }
 

@@ -30,6 +30,9 @@ pub struct Tokenizer {
     /// The model's chat template (Jinja source), if it has one; saved beside `tokenizer.json`
     /// as `chat_template.jinja` (see [`crate::chat::ChatTemplate`]).
     pub chat_template: Option<String>,
+    /// The token the tokenizer's post-processor puts before a text (Llama's BOS), which
+    /// [`Tokenizer::encode_prompt`] adds as transformers' `tokenizer(text)` does.
+    bos_prefix: Option<u32>,
 }
 
 impl Tokenizer {
@@ -43,9 +46,36 @@ impl Tokenizer {
     pub fn from_json(text: &str, source: &str) -> Result<Self, PolicyError> {
         let inner = tokenizers::Tokenizer::from_bytes(text.as_bytes())
             .map_err(|e| PolicyError::tokenizer(source, "tokenizer.json", format!("cannot parse: {e}")))?;
-        let mut tok = Tokenizer { inner, chars: None, source: source.to_string(), chat_template: None };
+        let mut tok =
+            Tokenizer { inner, chars: None, source: source.to_string(), chat_template: None, bos_prefix: None };
         tok.chars = tok.char_vocab();
+        tok.bos_prefix = tok.post_processor_prefix();
         Ok(tok)
+    }
+
+    /// The id the post-processor adds in front of a single text (encoding with special tokens
+    /// gives it, then the plain encoding), if it adds one.
+    fn post_processor_prefix(&self) -> Option<u32> {
+        let with = self.inner.encode("a", true).ok()?;
+        let plain = self.inner.encode("a", false).ok()?;
+        let (with, plain) = (with.get_ids(), plain.get_ids());
+        (with.len() > plain.len() && with[1..].starts_with(plain)).then(|| with[0])
+    }
+
+    /// The id a prompt starts with, if the tokenizer's post-processor adds one (Llama's BOS).
+    pub fn bos_prefix(&self) -> Option<u32> {
+        self.bos_prefix
+    }
+
+    /// A prompt's ids: [`Tokenizer::encode`] with the tokenizer's BOS in front when its
+    /// post-processor adds one (as transformers' `tokenizer(text)` does) and the text does not
+    /// already start with it (a chat template with `bos_token` puts it in the text).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, PolicyError> {
+        let mut ids = self.encode(text)?;
+        if let Some(bos) = self.bos_prefix.filter(|b| ids.first() != Some(b)) {
+            ids.insert(0, bos);
+        }
+        Ok(ids)
     }
 
     /// Trains a byte-level BPE (GPT-2 style) of `vocab_size` tokens on `texts`, reserving
@@ -75,7 +105,7 @@ impl Tokenizer {
         inner.with_post_processor(Some(ByteLevel::new(false, false, true)));
         let mut trainer: TrainerWrapper = trainer.into();
         inner.train(&mut trainer, texts).map_err(|e| PolicyError::tokenizer("<training>", "bpe", e.to_string()))?;
-        Ok(Tokenizer { inner, chars: None, source: "<trained BPE>".into(), chat_template: None })
+        Ok(Tokenizer { inner, chars: None, source: "<trained BPE>".into(), chat_template: None, bos_prefix: None })
     }
 
     /// A byte-level tokenizer with no merges: the 256 byte symbols after [`EOS_TOKEN`] (id 0)
@@ -107,7 +137,8 @@ impl Tokenizer {
         });
         let inner = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes())
             .map_err(|e| PolicyError::tokenizer("<char-level>", "model", e.to_string()))?;
-        let mut tok = Tokenizer { inner, chars: None, source: "<char-level>".into(), chat_template: None };
+        let mut tok =
+            Tokenizer { inner, chars: None, source: "<char-level>".into(), chat_template: None, bos_prefix: None };
         tok.chars = tok.char_vocab();
         Ok(tok)
     }

@@ -90,7 +90,7 @@ pub fn read_prompts(spec: PromptSpec<'_>, tok: &Tokenizer, stage: &str) -> Resul
             _ => spec.format.apply(&r.str(spec.field)?)?,
         };
         let reference = spec.reference_field.map(|f| r.str(f)).transpose()?;
-        let ids = tok.encode(&text)?;
+        let ids = tok.encode_prompt(&text)?;
         if ids.is_empty() {
             return Err(r.error("the prompt encodes to no tokens"));
         }

@@ -214,7 +214,7 @@ pub fn tokenize(
 ) -> Result<(Vec<Example>, usize, usize)> {
     let (mut out, mut skipped, mut truncated) = (Vec::new(), 0, 0);
     for rec in records {
-        let prompt = tok.encode(&format.apply(&rec.prompt)?)?;
+        let prompt = tok.encode_prompt(&format.apply(&rec.prompt)?)?;
         let mut ids = prompt.clone();
         ids.extend(tok.encode(format.response(&rec.response))?);
         ids.push(eos);
