@@ -2,8 +2,8 @@
 //! SIGHUP ask the running stage to finish its current step (a PPO or GRPO iteration), write a
 //! checkpoint there — an ordinary one, so `--resume` continues the run exactly, metrics step
 //! for step as if it had not stopped — and return [`Interrupted`]. Another signal, a second or
-//! more later, ends the process at once (exit status 130) without a checkpoint; one it cuts off mid-write is never
-//! taken for a checkpoint ([`crate::run::RunDir::save_checkpoint`]).
+//! more later, ends the process at once (exit status 130) without a checkpoint; one it cuts off
+//! mid-write is never taken for a checkpoint ([`crate::run::RunDir::save_checkpoint`]).
 //!
 //! The `rlhf` binary installs the handler ([`install_handler`]) for its training commands; a
 //! program using the library can do the same, or call [`request`] itself.
