@@ -150,3 +150,22 @@ fn char_level_tokenizer_round_trips_and_rejects_unknown_chars() {
     assert_eq!(back.encode("the world").unwrap(), ids);
     assert!(back.encode("xyz").is_err());
 }
+
+/// Chat templates in the styles of popular models (block tags on their own lines, Python
+/// string methods, loop controls, Llama 3's and Qwen2.5's shapes) render as transformers'
+/// `apply_chat_template` renders them (`scripts/fixtures/chat_templates.py`).
+#[test]
+fn chat_templates_render_as_transformers_renders_them() {
+    use rlhf_policies::chat::{ChatMessage, ChatTemplate};
+    let fixture = read_json(&fixture("chat_templates.json"));
+    let token = |k: &str| fixture[k].as_str().unwrap().to_string();
+    for case in fixture["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let template = ChatTemplate::new(case["template"].as_str().unwrap(), &token("bos_token"), &token("eos_token"))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone()).unwrap();
+        let gen = case["add_generation_prompt"].as_bool().unwrap();
+        let got = template.render(&messages, gen).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(got, case["expected"].as_str().unwrap(), "{name}, add_generation_prompt {gen}");
+    }
+}

@@ -32,7 +32,7 @@ impl ChatTemplate {
     /// A template from its Jinja source (checked to parse).
     pub fn new(source: impl Into<String>, bos_token: &str, eos_token: &str) -> Result<Self, PolicyError> {
         let t = ChatTemplate { source: source.into(), bos_token: bos_token.into(), eos_token: eos_token.into() };
-        minijinja::Environment::new()
+        environment()
             .template_from_str(&t.source)
             .map_err(|e| PolicyError::tokenizer("<chat template>", "chat_template", e.to_string()))?;
         Ok(t)
@@ -88,10 +88,7 @@ impl ChatTemplate {
     /// The prompt text for `messages` (with the assistant's opening when
     /// `add_generation_prompt`).
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, PolicyError> {
-        let mut env = minijinja::Environment::new();
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        let env = environment();
         let tmpl = env
             .template_from_str(&self.source)
             .map_err(|e| PolicyError::tokenizer("<chat template>", "chat_template", e.to_string()))?;
@@ -103,4 +100,20 @@ impl ChatTemplate {
         })
         .map_err(|e| PolicyError::tokenizer("<chat template>", "chat_template", e.to_string()))
     }
+}
+
+/// The Jinja environment transformers renders chat templates in: block tags take their line's
+/// indentation and newline with them (`trim_blocks`, `lstrip_blocks`), `break` / `continue`,
+/// Python's string methods, `raise_exception`. Unlike transformers, no `strftime_now`: a
+/// template that asks `strftime_now is defined` (Llama 3.1+) then takes its fixed fallback
+/// date, so prompts — and a resumed run — do not change with the day.
+fn environment() -> minijinja::Environment<'static> {
+    let mut env = minijinja::Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    env
 }

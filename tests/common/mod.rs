@@ -12,12 +12,12 @@ pub fn shared() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"))
 }
 
-/// A fixture folder: this repository's `tests/fixtures/NAME` (made by `scripts/fixtures`) when
+/// A fixture (folder or file): this repository's `tests/fixtures/NAME` (made by `scripts/fixtures`) when
 /// there is one — found from the checkout the tests were built in, or from the working
 /// directory (a test binary carried to another machine runs in its copy of the repository) —
 /// else `shared/fixtures/NAME`.
 pub fn fixture(name: &str) -> PathBuf {
-    let local = |root: PathBuf| Some(root.join("tests/fixtures").join(name)).filter(|d| d.is_dir());
+    let local = |root: PathBuf| Some(root.join("tests/fixtures").join(name)).filter(|p| p.exists());
     local(PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .or_else(|| local(PathBuf::new()))
         .unwrap_or_else(|| shared().join("fixtures").join(name))
