@@ -272,7 +272,10 @@ pub fn resolve_model(path: &Path) -> Result<PathBuf> {
     if !path.exists() {
         bail!("{}: no such model folder or file", path.display());
     }
-    let is_model = path.is_file() || path.join("model.safetensors").exists() || path.join(MARKER).exists();
+    let is_model = path.is_file()
+        || path.join("model.safetensors").exists()
+        || path.join(rlhf_policies::checkpoint::SHARD_INDEX).exists()
+        || path.join(MARKER).exists();
     if is_model || !path.join(CHECKPOINTS).is_dir() {
         return Ok(path.to_path_buf());
     }

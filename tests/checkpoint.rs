@@ -169,3 +169,38 @@ fn chat_templates_render_as_transformers_renders_them() {
         assert_eq!(got, case["expected"].as_str().unwrap(), "{name}, add_generation_prompt {gen}");
     }
 }
+
+/// A sharded checkpoint (transformers' layout for large models: `model.safetensors.index.json`
+/// mapping each tensor to its shard) loads as the single file does; a tensor the index names
+/// but its shard lacks is an error naming both.
+#[test]
+fn a_sharded_checkpoint_loads_as_the_single_file() {
+    use rlhf_policies::checkpoint::{write_safetensors, SHARD_INDEX};
+    let src = fixture("hf-qwen2-tiny");
+    let d = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), d.path().join("config.json")).unwrap();
+    let all = read_safetensors(&src.join("model.safetensors")).unwrap();
+    let names: Vec<&String> = all.keys().collect();
+    let mut weight_map = serde_json::Map::new();
+    for (k, half) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", k + 1);
+        let part: std::collections::BTreeMap<String, _> = half.iter().map(|&n| (n.clone(), all[n].clone())).collect();
+        write_safetensors(&d.path().join(&file), &part).unwrap();
+        for n in half {
+            weight_map.insert(n.to_string(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+    std::fs::write(d.path().join(SHARD_INDEX), index.to_string()).unwrap();
+    let sharded = CausalLm::load_pretrained(d.path(), &Cpu::default()).unwrap();
+    let single = CausalLm::load_pretrained(&src, &Cpu::default()).unwrap();
+    assert_eq!(sharded.to_hf_tensors(), single.to_hf_tensors());
+    let mut index = index;
+    index["weight_map"]["model.norm.bias"] = "model-00001-of-00002.safetensors".into();
+    std::fs::write(d.path().join(SHARD_INDEX), index.to_string()).unwrap();
+    let e = CausalLm::load_pretrained(d.path(), &Cpu::default()).unwrap_err().to_string();
+    assert!(
+        e.contains("model.norm.bias") && e.contains("model-00001-of-00002") && e.contains("not in the shard"),
+        "{e}"
+    );
+}

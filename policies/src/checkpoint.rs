@@ -7,7 +7,7 @@
 //! written here loads with `AutoModelForCausalLM.from_pretrained`, and an HF folder loads here.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use dfdx::prelude::*;
 
@@ -109,6 +109,38 @@ pub struct HostTensor {
     pub shape: Vec<usize>,
     /// Row-major values.
     pub data: Vec<f32>,
+}
+
+/// A sharded checkpoint's index (transformers' layout for large models: `weight_map` names each
+/// tensor's shard file).
+pub const SHARD_INDEX: &str = "model.safetensors.index.json";
+
+/// Every tensor of an HF folder's weights, with the file to name in errors:
+/// `model.safetensors`, or else the shards [`SHARD_INDEX`] lists (each read once; every tensor
+/// the index names must be in its shard).
+pub fn read_weights(dir: &Path) -> Result<(PathBuf, BTreeMap<String, HostTensor>), PolicyError> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join(SHARD_INDEX);
+    if single.is_file() || !index.is_file() {
+        return Ok((single.clone(), read_safetensors(&single)?));
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| PolicyError::io(&index, e))?;
+    let bad = |msg: String| PolicyError::tensor(&index, "weight_map", msg);
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let map: BTreeMap<String, String> = serde_json::from_value(v["weight_map"].clone())
+        .map_err(|e| bad(format!("must map tensor names to shard files: {e}")))?;
+    let mut out = BTreeMap::new();
+    for shard in map.values().collect::<BTreeSet<_>>() {
+        out.extend(read_safetensors(&dir.join(shard))?);
+    }
+    if let Some((name, shard)) = map.iter().find(|(name, _)| !out.contains_key(*name)) {
+        return Err(PolicyError::tensor(
+            &dir.join(shard),
+            name,
+            format!("listed in {SHARD_INDEX} but not in the shard"),
+        ));
+    }
+    Ok((index, out))
 }
 
 /// Reads every tensor of a safetensors file as f32 (F32, F16 and BF16 are accepted).
@@ -264,12 +296,12 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
         Ok(())
     }
 
-    /// Loads an HF-layout folder (`config.json` + `model.safetensors`).
+    /// Loads an HF-layout folder (`config.json` + `model.safetensors`, or its shards and
+    /// [`SHARD_INDEX`]).
     pub fn load_pretrained(dir: &Path, dev: &D) -> Result<Self, PolicyError> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let mut model = CausalLm::zeroed(config, dev)?;
-        let weights = dir.join("model.safetensors");
-        let tensors = read_safetensors(&weights)?;
+        let (weights, tensors) = read_weights(dir)?;
         model.load_hf_tensors(&weights, tensors)?;
         Ok(model)
     }

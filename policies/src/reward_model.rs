@@ -15,7 +15,7 @@ use rlhf_envs::{EnvError, RewardInput, RewardModel, ScoreNorm};
 use serde::{Deserialize, Serialize};
 
 use crate::batch::Batch;
-use crate::checkpoint::{read_safetensors, write_atomic, write_safetensors, HostTensor};
+use crate::checkpoint::{read_weights, write_atomic, write_safetensors, HostTensor};
 use crate::config::ModelConfig;
 use crate::error::PolicyError;
 use crate::fused::FusedOps;
@@ -187,8 +187,7 @@ impl<D: FusedOps> LearnedReward<D> {
             })?),
         };
         let mut model = CausalLm::zeroed(config, dev)?;
-        let file = dir.join("model.safetensors");
-        let mut tensors = read_safetensors(&file)?;
+        let (file, mut tensors) = read_weights(dir)?;
         let head = take_head(&file, &mut tensors, model.dims.d_model, dev)?;
         if !model.dims.tied && !tensors.contains_key("lm_head.weight") {
             let (v, c) = (model.dims.vocab, model.dims.d_model);
