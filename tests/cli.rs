@@ -8,6 +8,20 @@ fn rlhf(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
+/// Writes `dir/c.txt` (a short corpus) and `dir/cfg.json`: a 1-layer char-level GPT-2
+/// pretraining into `dir/run` for (steps, eval_every, checkpoint_every).
+fn tiny_pretrain_config(dir: &std::path::Path, (steps, eval_every, checkpoint_every): (u64, u64, u64)) {
+    let p = |s: &str| dir.join(s).display().to_string();
+    std::fs::write(dir.join("c.txt"), "to be or not to be, that is the question.\n".repeat(30)).unwrap();
+    let cfg = serde_json::json!({
+        "out_dir": p("run"), "files": [p("c.txt")],
+        "model": {"model_type": "gpt2", "vocab_size": 1, "n_positions": 32, "n_embd": 32, "n_layer": 1, "n_head": 2},
+        "block_size": 16, "batch_size": 4, "steps": steps, "eval_every": eval_every, "eval_batches": 1,
+        "checkpoint_every": checkpoint_every, "sample_tokens": 5
+    });
+    std::fs::write(dir.join("cfg.json"), cfg.to_string()).unwrap();
+}
+
 #[test]
 fn init_generate_pretrain_eval() {
     let d = tempfile::tempdir().unwrap();
@@ -17,13 +31,7 @@ fn init_generate_pretrain_eval() {
     let (ok, out, err) = rlhf(&["generate", "--model", &p("m"), "--prompt", "Hi", "--max-new-tokens", "5", "--greedy"]);
     assert!(ok && out.starts_with("Hi") && err.contains("5 new tokens"), "{out} {err}");
 
-    std::fs::write(d.path().join("c.txt"), "to be or not to be, that is the question.\n".repeat(30)).unwrap();
-    let cfg = serde_json::json!({
-        "out_dir": p("run"), "files": [p("c.txt")],
-        "model": {"model_type": "gpt2", "vocab_size": 1, "n_positions": 32, "n_embd": 32, "n_layer": 1, "n_head": 2},
-        "block_size": 16, "batch_size": 4, "steps": 4, "eval_every": 2, "eval_batches": 1, "checkpoint_every": 2, "sample_tokens": 5
-    });
-    std::fs::write(d.path().join("cfg.json"), cfg.to_string()).unwrap();
+    tiny_pretrain_config(d.path(), (4, 2, 2));
     let (ok, out, err) = rlhf(&["pretrain", "--config", &p("cfg.json"), "--set", "steps=6"]);
     assert!(ok, "{err}");
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -436,14 +444,7 @@ fn signalled_pretrain(args: &[&str], metrics: &std::path::Path, signal: i32) -> 
 fn a_signal_stops_a_run_at_a_checkpoint_and_resume_carries_on() {
     let d = tempfile::tempdir().unwrap();
     let p = |s: &str| d.path().join(s).display().to_string();
-    std::fs::write(d.path().join("c.txt"), "to be or not to be, that is the question.\n".repeat(30)).unwrap();
-    let cfg = serde_json::json!({
-        "out_dir": p("run"), "files": [p("c.txt")],
-        "model": {"model_type": "gpt2", "vocab_size": 1, "n_positions": 32, "n_embd": 32, "n_layer": 1, "n_head": 2},
-        "block_size": 16, "batch_size": 4, "steps": 100_000_000, "eval_every": 1000, "eval_batches": 1,
-        "checkpoint_every": 1_000_000, "sample_tokens": 5
-    });
-    std::fs::write(d.path().join("cfg.json"), cfg.to_string()).unwrap();
+    tiny_pretrain_config(d.path(), (100_000_000, 1000, 1_000_000));
     let metrics = d.path().join("run/metrics.jsonl");
     let stopped_at = |err: &str| -> usize {
         let (_, rest) = err.split_once("stopped after step ").unwrap_or_else(|| panic!("{err}"));
