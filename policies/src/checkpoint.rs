@@ -306,15 +306,16 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
         Ok(model)
     }
 
-    /// Loads a Llama-architecture GGUF file (llama.cpp's format): its tensors dequantised to
-    /// f32 ([`crate::gguf_quants`]), q/k rows un-permuted, config from the metadata.
+    /// Loads a `llama` or `qwen2` GGUF file (llama.cpp's format): its tensors dequantised to
+    /// f32 ([`crate::gguf_quants`]), a Llama file's q/k rows un-permuted, config from the
+    /// metadata ([`crate::gguf::model_config`]).
     pub fn load_gguf(path: &Path, dev: &D) -> Result<Self, PolicyError> {
         Self::from_gguf(&crate::gguf::Gguf::open(path)?, path, dev)
     }
 
     /// The model of an opened GGUF file (`path` names it in errors).
     pub fn from_gguf(g: &crate::gguf::Gguf, path: &Path, dev: &D) -> Result<Self, PolicyError> {
-        let config = crate::gguf::llama_config(g)?;
+        let config = crate::gguf::model_config(g)?;
         let tensors = crate::gguf::hf_tensors(g, &config)?;
         let mut model = CausalLm::zeroed(config, dev)?;
         model.load_hf_tensors(path, tensors)?;
@@ -333,7 +334,7 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
     }
 }
 
-/// Loads a checkpoint folder (or a Llama GGUF file) with its tokenizer, checking that every
+/// Loads a checkpoint folder (or a `llama`/`qwen2` GGUF file) with its tokenizer, checking that every
 /// token id the tokenizer can produce fits the model's vocabulary.
 pub fn load_with_tokenizer<D: crate::fused::FusedOps>(
     dir: &Path,

@@ -1,8 +1,9 @@
 //! GGUF files (llama.cpp's format): header, metadata, tensor table, and the tensors
 //! dequantised to f32 ([`crate::gguf_quants`]: F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0 and the
-//! K-quants Q2_K–Q6_K). A Llama-architecture file becomes an HF state
-//! dict ([`hf_tensors`]) and config ([`llama_config`]), so [`crate::CausalLm::load_gguf`] goes
-//! through the same loader as safetensors folders.
+//! K-quants Q2_K–Q6_K). A `llama` or `qwen2` file ([`Arch`]) becomes an HF state dict
+//! ([`hf_tensors`]) and config ([`model_config`]), so [`crate::CausalLm::load_gguf`] goes
+//! through the same loader as safetensors folders; its vocabulary becomes a `tokenizer.json`
+//! ([`tokenizer_json`]).
 //!
 //! Every count and offset read from the file is checked against the bytes that remain before
 //! it sizes anything: a malformed or truncated file is an error naming what is wrong (and the
@@ -15,6 +16,8 @@ use crate::checkpoint::HostTensor;
 use crate::config::ModelConfig;
 use crate::error::PolicyError;
 use crate::gguf_quants::{block_layout, dequantize, SUPPORTED};
+pub use crate::gguf_tokenizer::{chat_template, tokenizer_json};
+use crate::rope::Llama3Scaling;
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -191,7 +194,7 @@ impl Gguf {
         Ok(Gguf { bytes, ..g })
     }
 
-    fn err(&self, tensor: &str, msg: impl Into<String>) -> PolicyError {
+    pub(crate) fn err(&self, tensor: &str, msg: impl Into<String>) -> PolicyError {
         PolicyError::tensor(Path::new(&self.path), tensor, msg)
     }
 
@@ -243,133 +246,131 @@ impl Gguf {
     }
 }
 
-/// The HF `LlamaForCausalLM` config of a `general.architecture = llama` file.
-pub fn llama_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
-    match g.metadata.get("general.architecture") {
-        Some(Value::Str(a)) if a == "llama" => {}
-        other => {
-            return Err(g.err("metadata", format!("general.architecture {other:?} is not supported (llama is)")));
+/// The architectures read from GGUF files (`general.architecture`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// `llama`: Llama 1–3, SmolLM, Mistral-style dense models. llama.cpp's converter interleaves
+    /// the q/k rows of each head (its RoPE rotates adjacent pairs), undone on load.
+    Llama,
+    /// `qwen2`: Qwen2/Qwen2.5, Llama with q/k/v biases. llama.cpp rotates Qwen2 in the NeoX
+    /// layout, transformers' own, so nothing is permuted.
+    Qwen2,
+}
+
+impl Arch {
+    /// The metadata key prefix (`llama.block_count`).
+    fn prefix(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
         }
     }
+}
+
+impl Gguf {
+    /// The file's architecture, an error for one not supported.
+    pub fn arch(&self) -> Result<Arch, PolicyError> {
+        match self.metadata.get("general.architecture") {
+            Some(Value::Str(a)) if a == "llama" => Ok(Arch::Llama),
+            Some(Value::Str(a)) if a == "qwen2" => Ok(Arch::Qwen2),
+            other => {
+                Err(self
+                    .err("metadata", format!("general.architecture {other:?} is not supported (llama and qwen2 are)")))
+            }
+        }
+    }
+
+    /// An optional integer metadata value (present but not an integer is an error).
+    fn int_opt(&self, key: &str) -> Result<Option<usize>, PolicyError> {
+        self.metadata.get(key).map(|_| self.int(key)).transpose()
+    }
+}
+
+/// The HF config (`LlamaForCausalLM` or `Qwen2ForCausalLM`) of a `llama` or `qwen2` file:
+/// sizes from the `<arch>.*` metadata, the head width from `attention.key_length` when given,
+/// tied embeddings when there is no `output.weight`, the special ids from `tokenizer.ggml.*`
+/// (EOS together with the end-of-turn and end-of-message ids, which end a generation in
+/// llama.cpp too), and Llama 3's RoPE scaling recovered from a `rope_freqs.weight` tensor
+/// ([`crate::rope::Llama3Scaling::from_freq_factors`]).
+pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
+    let arch = g.arch()?;
+    let key = |k: &str| format!("{}.{k}", arch.prefix());
     let embd = g
         .tensors
         .iter()
         .find(|t| t.name == "token_embd.weight")
         .ok_or_else(|| g.err("token_embd.weight", "missing"))?;
     let vocab = *embd.ne.get(1).ok_or_else(|| g.err("token_embd.weight", "must have 2 dimensions"))?;
-    let n_head = g.int("llama.attention.head_count")?;
+    let (hidden, n_head) = (g.int(&key("embedding_length"))?, g.int(&key("attention.head_count"))?);
+    if n_head == 0 {
+        return Err(g.err("metadata", format!("`{}` must be positive", key("attention.head_count"))));
+    }
+    let head_dim = g.int_opt(&key("attention.key_length"))?.unwrap_or(hidden / n_head);
+    if let Some(rot) = g.int_opt(&key("rope.dimension_count"))?.filter(|&r| r != head_dim) {
+        let msg = format!("RoPE on {rot} of each head's {head_dim} dimensions (partial rotary) is not supported");
+        return Err(g.err("metadata", msg));
+    }
+    let rope_theta = g.float(&key("rope.freq_base")).unwrap_or(10000.0);
     let token = |key: &str| match g.metadata.get(key) {
         Some(Value::Int(v)) => Some(*v as u32),
         _ => None,
     };
-    let cfg = serde_json::json!({
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+    let mut eos: Vec<u32> =
+        ["eos", "eot", "eom"].iter().filter_map(|k| token(&format!("tokenizer.ggml.{k}_token_id"))).collect();
+    eos.dedup();
+    let mut cfg = serde_json::json!({
+        "model_type": arch.prefix(),
+        "architectures": [match arch { Arch::Llama => "LlamaForCausalLM", Arch::Qwen2 => "Qwen2ForCausalLM" }],
         "vocab_size": vocab,
-        "hidden_size": g.int("llama.embedding_length")?,
-        "intermediate_size": g.int("llama.feed_forward_length")?,
-        "num_hidden_layers": g.int("llama.block_count")?,
+        "hidden_size": hidden,
+        "intermediate_size": g.int(&key("feed_forward_length"))?,
+        "num_hidden_layers": g.int(&key("block_count"))?,
         "num_attention_heads": n_head,
-        "num_key_value_heads": g.int("llama.attention.head_count_kv").unwrap_or(n_head),
-        "rms_norm_eps": g.float("llama.attention.layer_norm_rms_epsilon")? as f32 as f64,
-        "rope_theta": g.float("llama.rope.freq_base").unwrap_or(10000.0),
-        "max_position_embeddings": g.int("llama.context_length")?,
+        "num_key_value_heads": g.int_opt(&key("attention.head_count_kv"))?.unwrap_or(n_head),
+        "head_dim": head_dim,
+        "rms_norm_eps": g.float(&key("attention.layer_norm_rms_epsilon"))? as f32 as f64,
+        "rope_theta": rope_theta,
+        "max_position_embeddings": g.int(&key("context_length"))?,
         "tie_word_embeddings": !g.tensors.iter().any(|t| t.name == "output.weight"),
         "bos_token_id": token("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": token("tokenizer.ggml.eos_token_id"),
+        "eos_token_id": if eos.len() > 1 { serde_json::json!(eos) } else { serde_json::json!(eos.first()) },
         "pad_token_id": token("tokenizer.ggml.padding_token_id"),
     });
-    serde_json::from_value(cfg).map_err(|e| g.err("metadata", format!("not a valid Llama config: {e}")))
-}
-
-/// The `tokenizer.json` of a file whose vocabulary is a byte-level BPE
-/// (`tokenizer.ggml.model = gpt2`): tokens, merges, and the control tokens (type 3) as special
-/// added tokens; ByteLevel pre-tokenizer and decoder, no normaliser, nothing added on encode —
-/// what transformers builds from the same metadata.
-pub fn tokenizer_json(g: &Gguf) -> Result<String, PolicyError> {
-    let strs = |key: &str| -> Result<Vec<&str>, PolicyError> {
-        match g.metadata.get(key) {
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| match v {
-                    Value::Str(s) => Ok(s.as_str()),
-                    _ => Err(g.err("metadata", format!("`{key}` must hold strings"))),
-                })
-                .collect(),
-            _ => Err(g.err("metadata", format!("`{key}` is missing (no vocabulary in this file)"))),
-        }
-    };
-    match g.metadata.get("tokenizer.ggml.model") {
-        Some(Value::Str(m)) if m == "gpt2" => {}
-        other => return Err(g.err("metadata", format!("tokenizer.ggml.model {other:?} is not supported (gpt2 is)"))),
+    if let Some(s) = rope_scaling(g, head_dim, rope_theta as f32)? {
+        cfg["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings});
     }
-    let tokens = strs("tokenizer.ggml.tokens")?;
-    let merges: Vec<[&str; 2]> = strs("tokenizer.ggml.merges")?
-        .into_iter()
-        .map(|m| m.split_once(' ').map(|(a, b)| [a, b]))
-        .collect::<Option<_>>()
-        .ok_or_else(|| g.err("metadata", "a merge in `tokenizer.ggml.merges` is not \"a b\""))?;
-    // token types: 1 normal, 3 control (special); without the key every token is normal
-    let types: Vec<i128> = match g.metadata.get("tokenizer.ggml.token_type") {
-        Some(Value::Array(items)) if items.len() == tokens.len() => items
-            .iter()
-            .map(|v| if let Value::Int(i) = v { Ok(*i) } else { Err(()) })
-            .collect::<Result<_, _>>()
-            .map_err(|_| g.err("metadata", "`tokenizer.ggml.token_type` must hold integers"))?,
-        None => vec![1; tokens.len()],
-        Some(_) => return Err(g.err("metadata", "`tokenizer.ggml.token_type` must be one integer per token")),
-    };
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i.into())).collect();
-    let added: Vec<serde_json::Value> = tokens
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| types.get(*i) == Some(&3))
-        .map(|(i, t)| {
-            serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-                "normalized": false, "special": true})
-        })
-        .collect();
-    let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
-        "use_regex": true});
-    Ok(serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": byte_level,
-        "post_processor": null,
-        "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
-            "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-            "vocab": vocab, "merges": merges},
-    })
-    .to_string())
+    let cfg: ModelConfig = serde_json::from_value(cfg)
+        .map_err(|e| g.err("metadata", format!("not a valid {} config: {e}", arch.prefix())))?;
+    cfg.dims().map_err(|e| g.err("metadata", e.to_string()))?;
+    Ok(cfg)
 }
 
-/// The file's chat template (`tokenizer.chat_template`), if it has one.
-pub fn chat_template(g: &Gguf) -> Option<String> {
-    match g.metadata.get("tokenizer.chat_template") {
-        Some(Value::Str(s)) => Some(s.clone()),
-        _ => None,
+/// Llama 3's RoPE scaling from the `rope_freqs.weight` tensor, if the file has one.
+fn rope_scaling(g: &Gguf, head_dim: usize, theta: f32) -> Result<Option<Llama3Scaling>, PolicyError> {
+    const NAME: &str = "rope_freqs.weight";
+    if !g.tensors.iter().any(|t| t.name == NAME) {
+        return Ok(None);
     }
+    let factors = g.tensor(NAME)?.data;
+    let inv_freq: Vec<f32> = (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
+    Llama3Scaling::from_freq_factors(&inv_freq, &factors).map_err(|e| g.err(NAME, e))
 }
 
-/// Every tensor under its HF name, with llama.cpp's permutation of the q/k rows undone (within
-/// each head, GGUF row `2i + j` is HF row `j·hd/2 + i`).
+/// Every tensor under its HF name, with llama.cpp's permutation of a Llama file's q/k rows
+/// undone (within each head, GGUF row `2i + j` is HF row `j·hd/2 + i`).
 pub fn hf_tensors(g: &Gguf, cfg: &ModelConfig) -> Result<BTreeMap<String, HostTensor>, PolicyError> {
-    let dims = cfg.dims()?;
+    let (dims, arch) = (cfg.dims()?, g.arch()?);
     let mut out = BTreeMap::new();
     for t in &g.tensors {
         if t.name == "rope_freqs.weight" {
-            let msg = "Llama 3's scaled RoPE frequencies are not read from GGUF files: load the model's HF \
-                       folder instead (its config.json's rope_scaling is supported)";
-            return Err(g.err(&t.name, msg));
+            continue; // read into the config's rope_scaling by model_config
         }
-        let name = hf_name(&t.name).ok_or_else(|| g.err(&t.name, "unexpected tensor for a Llama model"))?;
+        let name = hf_name(&t.name, arch)
+            .ok_or_else(|| g.err(&t.name, format!("unexpected tensor for a {} model", arch.prefix())))?;
         let mut x = g.tensor(&t.name)?;
-        if t.name.ends_with("attn_q.weight") || t.name.ends_with("attn_k.weight") {
+        if arch == Arch::Llama && (t.name.ends_with("attn_q.weight") || t.name.ends_with("attn_k.weight")) {
             x.data = unpermute_rows(&x.data, x.shape[1], dims.head_dim);
         }
         out.insert(name, x);
@@ -377,8 +378,8 @@ pub fn hf_tensors(g: &Gguf, cfg: &ModelConfig) -> Result<BTreeMap<String, HostTe
     Ok(out)
 }
 
-/// llama.cpp tensor name → transformers name.
-fn hf_name(gguf: &str) -> Option<String> {
+/// llama.cpp tensor name → transformers name (the q/k/v biases only for Qwen2).
+fn hf_name(gguf: &str, arch: Arch) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -401,6 +402,9 @@ fn hf_name(gguf: &str) -> Option<String> {
         "ffn_gate.weight" => "mlp.gate_proj.weight",
         "ffn_up.weight" => "mlp.up_proj.weight",
         "ffn_down.weight" => "mlp.down_proj.weight",
+        "attn_q.bias" if arch == Arch::Qwen2 => "self_attn.q_proj.bias",
+        "attn_k.bias" if arch == Arch::Qwen2 => "self_attn.k_proj.bias",
+        "attn_v.bias" if arch == Arch::Qwen2 => "self_attn.v_proj.bias",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}"))

@@ -37,6 +37,7 @@ pub mod fused;
 pub mod gelu;
 pub mod gguf;
 pub mod gguf_quants;
+pub mod gguf_tokenizer;
 pub mod half;
 pub mod heads;
 pub mod infer;

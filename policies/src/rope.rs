@@ -78,6 +78,79 @@ impl Llama3Scaling {
         Ok(s)
     }
 
+    /// The scaling that divides each of `inv_freq` by the matching `factors` (llama.cpp's
+    /// `rope_freqs.weight`, the only trace of the scaling its converter writes), or `None` when
+    /// every factor is 1.
+    ///
+    /// The factors fix `factor` (the largest) and, through `x = L / wavelength`, the band edges
+    /// `low_freq_factor` and `high_freq_factor` on the x axis, where the smoothing weight
+    /// `s = (x − low) / (high − low)` is linear. Only `L / low` and `L / high` are determined,
+    /// so `L` is set to 8192 (Meta's, and the converter's default). Two or more smoothed
+    /// frequencies give the line; with one or none the edges are placed anywhere consistent
+    /// between the neighbouring kept and divided frequencies, which gives the same factors. The
+    /// result is checked to reproduce every factor (to 1e-5); factors that Llama 3's rule
+    /// cannot give are an error.
+    pub fn from_freq_factors(inv_freq: &[f32], factors: &[f32]) -> Result<Option<Self>, String> {
+        if factors.len() != inv_freq.len() {
+            return Err(format!("{} factors for a head with {} frequencies", factors.len(), inv_freq.len()));
+        }
+        if let Some(r) = factors.iter().find(|r| !(r.is_finite() && **r >= 1.0 - 1e-6)) {
+            return Err(format!("factor {r} is not a finite number ≥ 1 (Llama 3's scaling only divides)"));
+        }
+        let factor = factors.iter().copied().fold(1.0f32, f32::max);
+        if factor <= 1.0 + 1e-6 {
+            return Ok(None);
+        }
+        const L: f64 = 8192.0;
+        let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * b;
+        // x of each frequency, and the smoothing weight of those strictly between the bands
+        let xs: Vec<f64> = inv_freq.iter().map(|&f| L * f as f64 / std::f64::consts::TAU).collect();
+        let (mut kept_min, mut divided_max, mut band) = (f64::INFINITY, 0.0f64, vec![]);
+        for (&x, &r) in xs.iter().zip(factors) {
+            if close(r, 1.0) {
+                kept_min = kept_min.min(x);
+            } else if close(r, factor) {
+                divided_max = divided_max.max(x);
+            } else {
+                let s = (1.0 / r as f64 - 1.0 / factor as f64) / (1.0 - 1.0 / factor as f64);
+                band.push((x, s));
+            }
+        }
+        band.sort_by(|a, b| a.0.total_cmp(&b.0));
+        // (low, width) of the band on the x axis
+        let (low, width) = match band.as_slice() {
+            [] if kept_min.is_finite() => {
+                let gap = kept_min - divided_max;
+                (divided_max + gap / 3.0, gap / 3.0)
+            }
+            [] => (2.0 * divided_max, 2.0 * divided_max),
+            [(x, s)] => {
+                let room = ((x - divided_max) / s).min((kept_min - x) / (1.0 - s));
+                let width = if room.is_finite() { room / 2.0 } else { *x };
+                (x - s * width, width)
+            }
+            [(x0, s0), .., (x1, s1)] => {
+                let width = (x1 - x0) / (s1 - s0);
+                (x0 - s0 * width, width)
+            }
+        };
+        let snap = |v: f64| if (v - v.round()).abs() < 1e-4 * v.abs().max(1.0) { v.round() } else { v };
+        let scaling = Llama3Scaling {
+            factor,
+            low_freq_factor: snap(low) as f32,
+            high_freq_factor: snap(low + width) as f32,
+            original_max_position_embeddings: L as f32,
+        };
+        let mut scaled = inv_freq.to_vec();
+        scaling.apply(&mut scaled);
+        let reproduced =
+            scaled.iter().zip(inv_freq).zip(factors).all(|((s, f), r)| (s - f / r).abs() <= 1e-5 * (f / r));
+        if !(width > 0.0 && low > 0.0 && reproduced) {
+            return Err(format!("the factors {factors:?} do not follow Llama 3's RoPE scaling"));
+        }
+        Ok(Some(scaling))
+    }
+
     /// Scales `inv_freq` in place, in f32 as transformers does.
     pub fn apply(&self, inv_freq: &mut [f32]) {
         let l = self.original_max_position_embeddings;
@@ -193,5 +266,57 @@ mod tests {
         assert!(e.contains("rope_scaling.rope_type") && e.contains("yarn"), "{e}");
         let e = config(r#"{"rope_type": "llama3", "factor": 8.0}"#).unwrap_err().to_string();
         assert!(e.contains("rope_scaling.low_freq_factor"), "{e}");
+    }
+
+    /// llama.cpp's converter: the divisor of each frequency, computed in f64 from the
+    /// scaling's four numbers (`convert_hf_to_gguf.py`, `generate_extra_tensors`).
+    fn converter_factors(inv_freq: &[f32], factor: f64, low: f64, high: f64, l: f64) -> Vec<f32> {
+        let (low_wavelen, high_wavelen) = (l / low, l / high);
+        let factor_of = |f: f32| {
+            let wavelen = std::f64::consts::TAU / f as f64;
+            if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor
+            } else {
+                let smooth = (l / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        };
+        inv_freq.iter().map(|&f| factor_of(f) as f32).collect()
+    }
+
+    fn base(head_dim: usize, theta: f32) -> Vec<f32> {
+        (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect()
+    }
+
+    /// Meta's Llama 3.1 numbers come back from the factors alone; tiny heads with one or no
+    /// smoothed frequency give a scaling that reproduces the factors; all ones is no scaling.
+    #[test]
+    fn llama3_scaling_is_recovered_from_the_converter_s_factors() {
+        let inv = base(128, 500000.0);
+        let got = Llama3Scaling::from_freq_factors(&inv, &converter_factors(&inv, 8.0, 1.0, 4.0, 8192.0)).unwrap();
+        let meta = Llama3Scaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        };
+        assert_eq!(got, Some(meta));
+        // a 16-wide head: one smoothed frequency (L = 64), none (L = 20), no divided one (L = 10⁶)
+        for (l, factor) in [(64.0, 8.0), (20.0, 8.0), (1.0e6, 32.0), (64.0, 1.5)] {
+            let inv = base(16, 500000.0);
+            let factors = converter_factors(&inv, factor, 1.0, 4.0, l);
+            let s = Llama3Scaling::from_freq_factors(&inv, &factors).unwrap().unwrap();
+            let mut scaled = inv.clone();
+            s.apply(&mut scaled);
+            for ((a, f), r) in scaled.iter().zip(&inv).zip(&factors) {
+                assert!((a - f / r).abs() <= 1e-6 * (f / r), "L {l}: {a} vs {}", f / r);
+            }
+        }
+        assert_eq!(Llama3Scaling::from_freq_factors(&inv, &[1.0; 64]).unwrap(), None);
+        for bad in [vec![1.0; 63], vec![0.5; 64], [vec![2.0; 32], vec![1.0; 32]].concat()] {
+            assert!(Llama3Scaling::from_freq_factors(&inv, &bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -1,0 +1,215 @@
+//! The `tokenizer.json` a GGUF file's vocabulary describes (`tokenizer.ggml.*` metadata), and its
+//! chat template.
+//!
+//! A byte-level BPE file (`tokenizer.ggml.model = gpt2`) stores tokens, merges and token types,
+//! and names in `tokenizer.ggml.pre` how text is split before the merges. The split is what the
+//! model's own `tokenizer.json` does — the one the vocabulary was trained with, which llama.cpp
+//! and transformers' GGUF loader rebuild from the name: GPT-2's byte-level regex, Llama 3's and
+//! Qwen2's `Split` regexes (digits in threes, digits one by one), SmolLM's digits-first. A name
+//! outside these is an error rather than a guess, since a wrong split tokenizes text the model
+//! never saw.
+
+use crate::error::PolicyError;
+use crate::gguf::{Gguf, Value};
+
+/// Llama 3's split (its `tokenizer.json`): contractions, letters, digits in runs of up to three,
+/// punctuation, newlines, spaces.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Qwen2's split: Llama 3's with each digit on its own.
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// How a `tokenizer.ggml.pre` name splits text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Split {
+    /// GPT-2's byte-level regex (the `ByteLevel` pre-tokenizer's own).
+    Gpt2,
+    /// Every digit alone, then GPT-2's regex (SmolLM).
+    DigitsThenGpt2,
+    /// A `Split` regex, then byte-level mapping without a regex of its own.
+    Regex(&'static str),
+}
+
+/// The split for a `tokenizer.ggml.pre` name (llama.cpp's names, as its converter writes them
+/// from the hash of how a tokenizer splits a fixed text).
+fn split_for(pre: Option<&str>) -> Option<Split> {
+    Some(match pre {
+        None | Some("default" | "gpt-2" | "gpt2") => Split::Gpt2,
+        Some("smollm") => Split::DigitsThenGpt2,
+        Some("llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "smaug-bpe" | "dbrx" | "pixtral") => {
+            Split::Regex(LLAMA3_SPLIT)
+        }
+        Some("qwen2" | "deepseek-r1-qwen" | "megrez") => Split::Regex(QWEN2_SPLIT),
+        Some(_) => return None,
+    })
+}
+
+/// Known `tokenizer.ggml.pre` names, for the error on another.
+const KNOWN_PRE: &str = "default, gpt-2, smollm, llama3, llama-v3, llama-bpe, falcon3, smaug-bpe, dbrx, pixtral, \
+                         qwen2, deepseek-r1-qwen, megrez";
+
+impl Split {
+    fn pre_tokenizer(self) -> serde_json::Value {
+        let byte_level = |use_regex: bool| {
+            serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                "use_regex": use_regex})
+        };
+        match self {
+            Split::Gpt2 => byte_level(true),
+            Split::DigitsThenGpt2 => serde_json::json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+            Split::Regex(re) => serde_json::json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
+                byte_level(false)]}),
+        }
+    }
+}
+
+/// The strings of the array metadata `key`.
+fn strings<'a>(g: &'a Gguf, key: &str) -> Result<Vec<&'a str>, PolicyError> {
+    match g.metadata.get(key) {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| match v {
+                Value::Str(s) => Ok(s.as_str()),
+                _ => Err(g.err("metadata", format!("`{key}` must hold strings"))),
+            })
+            .collect(),
+        _ => Err(g.err("metadata", format!("`{key}` is missing (no vocabulary in this file)"))),
+    }
+}
+
+/// llama.cpp's token types, one per token: 1 normal, 3 control (special), 4 user-defined (added
+/// but not special, like `<think>`); without the key every token is normal.
+fn token_types(g: &Gguf, n: usize) -> Result<Vec<i128>, PolicyError> {
+    match g.metadata.get("tokenizer.ggml.token_type") {
+        Some(Value::Array(items)) if items.len() == n => items
+            .iter()
+            .map(|v| if let Value::Int(i) = v { Ok(*i) } else { Err(()) })
+            .collect::<Result<_, _>>()
+            .map_err(|_| g.err("metadata", "`tokenizer.ggml.token_type` must hold integers")),
+        None => Ok(vec![1; n]),
+        Some(_) => Err(g.err("metadata", "`tokenizer.ggml.token_type` must be one integer per token")),
+    }
+}
+
+/// Whether every character of `token` is one of the 256 byte-level symbols (GPT-2's
+/// `bytes_to_unicode`): a byte-level vocabulary spells every real token so.
+fn byte_level_spelling(token: &str) -> bool {
+    token.chars().all(|c| {
+        let c = c as u32;
+        (0x21..=0x7e).contains(&c)
+            || (0xa1..=0xac).contains(&c)
+            || (0xae..=0xff).contains(&c)
+            || (0x100..0x144).contains(&c)
+    })
+}
+
+/// The `tokenizer.json` of a file whose vocabulary is a byte-level BPE (`tokenizer.ggml.model =
+/// gpt2`): tokens and merges; control tokens (type 3) as special added tokens and user-defined
+/// ones (type 4) as plain added tokens, so text holding them keeps them whole; the split its
+/// `tokenizer.ggml.pre` names ([module docs](self)); a ByteLevel decoder, no normaliser; and
+/// BOS in front of each text when `tokenizer.ggml.add_bos_token` says so (Llama 3).
+///
+/// A control token spelled outside the byte-level alphabet (a space in it, say) could never
+/// come out of the merges; llama.cpp files mislabel such tokens, and like transformers this
+/// leaves them out of the added tokens.
+pub fn tokenizer_json(g: &Gguf) -> Result<String, PolicyError> {
+    match g.metadata.get("tokenizer.ggml.model") {
+        Some(Value::Str(m)) if m == "gpt2" => {}
+        other => return Err(g.err("metadata", format!("tokenizer.ggml.model {other:?} is not supported (gpt2 is)"))),
+    }
+    let pre = match g.metadata.get("tokenizer.ggml.pre") {
+        Some(Value::Str(p)) => Some(p.as_str()),
+        None => None,
+        Some(other) => return Err(g.err("metadata", format!("`tokenizer.ggml.pre` must be a string, found {other:?}"))),
+    };
+    let split = split_for(pre).ok_or_else(|| {
+        let msg = format!(
+            "tokenizer.ggml.pre {pre:?} names a pre-tokenizer this loader does not know ({KNOWN_PRE} are known): \
+             put the model's tokenizer.json beside the file, and it is used instead"
+        );
+        g.err("metadata", msg)
+    })?;
+    let tokens = strings(g, "tokenizer.ggml.tokens")?;
+    let merges: Vec<[&str; 2]> = strings(g, "tokenizer.ggml.merges")?
+        .into_iter()
+        .map(|m| m.split_once(' ').map(|(a, b)| [a, b]))
+        .collect::<Option<_>>()
+        .ok_or_else(|| g.err("metadata", "a merge in `tokenizer.ggml.merges` is not \"a b\""))?;
+    let types = token_types(g, tokens.len())?;
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i.into())).collect();
+    let added: Vec<serde_json::Value> = tokens
+        .iter()
+        .zip(&types)
+        .enumerate()
+        .filter(|(_, (t, &ty))| (ty == 3 && byte_level_spelling(t)) || ty == 4)
+        .map(|(i, (t, &ty))| {
+            serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                "normalized": false, "special": ty == 3})
+        })
+        .collect();
+    let post_processor = bos_post_processor(g, &tokens)?;
+    let decoder = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+        "use_regex": true});
+    Ok(serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": split.pre_tokenizer(),
+        "post_processor": post_processor,
+        "decoder": decoder,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
+            "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges},
+    })
+    .to_string())
+}
+
+/// A post-processor putting BOS in front of each text when `tokenizer.ggml.add_bos_token` is
+/// true (Llama 3's `TemplateProcessing`), else none.
+fn bos_post_processor(g: &Gguf, tokens: &[&str]) -> Result<serde_json::Value, PolicyError> {
+    match g.metadata.get("tokenizer.ggml.add_bos_token") {
+        None | Some(Value::Bool(false)) => return Ok(serde_json::Value::Null),
+        Some(Value::Bool(true)) => {}
+        Some(other) => {
+            return Err(g.err("metadata", format!("`tokenizer.ggml.add_bos_token` must be a bool, found {other:?}")))
+        }
+    }
+    let id = g.int("tokenizer.ggml.bos_token_id")?;
+    let bos = tokens.get(id).ok_or_else(|| {
+        g.err("metadata", format!("tokenizer.ggml.bos_token_id {id} is past the {} tokens", tokens.len()))
+    })?;
+    let seq = |id: &str, type_id: u32| serde_json::json!({"Sequence": {"id": id, "type_id": type_id}});
+    let special = |type_id: u32| serde_json::json!({"SpecialToken": {"id": bos, "type_id": type_id}});
+    Ok(serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [special(0), seq("A", 0)],
+        "pair": [special(0), seq("A", 0), special(1), seq("B", 1)],
+        "special_tokens": {*bos: {"id": bos, "ids": [id], "tokens": [bos]}},
+    }))
+}
+
+/// The file's chat template (`tokenizer.chat_template`), if it has one.
+pub fn chat_template(g: &Gguf) -> Option<String> {
+    match g.metadata.get("tokenizer.chat_template") {
+        Some(Value::Str(s)) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_byte_level_alphabet_has_256_symbols() {
+        let n = (0..0x200u32).filter_map(char::from_u32).filter(|c| byte_level_spelling(&c.to_string())).count();
+        assert_eq!(n, 256);
+        assert!(byte_level_spelling("ĠHello<|im_end|>") && !byte_level_spelling("a b"));
+    }
+}

@@ -1,0 +1,96 @@
+//! Qwen2 and Llama 3 GGUF files, written by llama.cpp's own converter from the tiny HF fixtures
+//! (`scripts/fixtures/gguf_tiny.py`, f32): the model loads with the logits transformers gives
+//! the HF folder (Qwen2's biases, Llama 3's RoPE scaling recovered from `rope_freqs.weight`),
+//! the vocabulary tokenizes as the model's own tokenizer.json does (Qwen2's and Llama 3's digit
+//! splits, added tokens kept whole, Llama 3's BOS), and a checkpoint written from the GGUF model
+//! loads back with the same logits.
+
+mod common;
+
+use common::*;
+use dfdx::prelude::*;
+use rlhf_policies::checkpoint::load_with_tokenizer;
+use rlhf_policies::{Batch, CausalLm};
+use serde_json::Value;
+
+fn case(name: &str) -> Value {
+    let all = read_json(&fixture("gguf_tiny.json"));
+    all["cases"].as_array().unwrap().iter().find(|c| c["file"] == format!("gguf-{name}.gguf")).unwrap().clone()
+}
+
+/// The largest logit difference from transformers' on the HF fixture's texts.
+fn worst_logit_difference(model: &CausalLm<Cpu>, name: &str) -> f32 {
+    let expected = read_json(&fixture(&format!("hf-{name}/expected.json")));
+    let mut worst = 0.0f32;
+    for text in expected["texts"].as_array().unwrap() {
+        let ids = u32s(&text["ids"]);
+        let got = model.forward(&Batch::unpadded(std::slice::from_ref(&ids)).unwrap(), NoneTape).unwrap().as_vec();
+        worst = worst.max(max_abs_diff(&got, &f32s_2d(&text["logits"]).concat()));
+    }
+    worst
+}
+
+fn check(name: &str) -> (CausalLm<Cpu>, rlhf_policies::Tokenizer) {
+    let c = case(name);
+    let path = fixture(c["file"].as_str().unwrap());
+    let (model, tok) = load_with_tokenizer(&path, &Cpu::default()).unwrap();
+    let diff = worst_logit_difference(&model, name);
+    assert!(diff < 1e-4, "{name}: logits differ from transformers' by {diff}");
+    for s in c["strings"].as_array().unwrap() {
+        let (text, mut ids) = (s["text"].as_str().unwrap(), u32s(&s["ids"]));
+        assert_eq!(tok.decode(&ids).unwrap(), s["decoded"].as_str().unwrap(), "{name}: decoding {text:?}");
+        // the original tokenizer's ids include the BOS its post-processor adds
+        if let Some(bos) = tok.bos_prefix() {
+            assert_eq!(ids.remove(0), bos, "{name}: {text:?} starts with BOS");
+        }
+        assert_eq!(tok.encode(text).unwrap(), ids, "{name}: {text:?}");
+    }
+    // a checkpoint written from the GGUF model reads back as the same model
+    let dir = tempfile::tempdir().unwrap();
+    model.save_pretrained(dir.path(), Some(&tok)).unwrap();
+    let (again, again_tok) = load_with_tokenizer(dir.path(), &Cpu::default()).unwrap();
+    assert_eq!(again.config, model.config, "{name}: config.json round trip");
+    assert_eq!(worst_logit_difference(&again, name), diff, "{name}: saved checkpoint");
+    assert!(again_tok.same_vocabulary(&tok) && again_tok.bos_prefix() == tok.bos_prefix());
+    (model, tok)
+}
+
+#[test]
+fn qwen2_gguf_matches_transformers_with_its_biases_and_digit_split() {
+    let (model, tok) = check("qwen2-tiny");
+    assert!(model.dims.qkv_bias && model.dims.rope_scaling.is_none());
+    assert_eq!(tok.bos_prefix(), None);
+    // digits one by one; `<think>` an added token that is not special, kept whole
+    assert_eq!(tok.encode("12").unwrap().len(), 2);
+    let think = tok.token_to_id("<think>").unwrap();
+    assert_eq!(tok.encode("<think>").unwrap(), [think]);
+}
+
+#[test]
+fn llama3_gguf_recovers_the_rope_scaling_and_adds_bos() {
+    let (model, tok) = check("llama3-tiny");
+    let scaling = model.dims.rope_scaling.expect("rope_freqs.weight read as Llama 3's scaling");
+    assert_eq!(scaling.factor, 8.0);
+    // the file's divisors, reproduced
+    let freqs = rlhf_policies::rope::inv_freq(&model.dims);
+    let base = rlhf_policies::rope::inv_freq(&rlhf_policies::config::Dims { rope_scaling: None, ..model.dims });
+    for ((f, b), r) in freqs.iter().zip(&base).zip(f32s(&case("llama3-tiny")["rope_freqs"])) {
+        assert!((b / f - r).abs() < 1e-5 * r, "divisor {} vs {r}", b / f);
+    }
+    assert_eq!(tok.bos_prefix(), Some(0));
+    // digits in threes
+    assert_eq!(tok.encode("123456").unwrap().len(), tok.encode("123").unwrap().len() * 2);
+    assert_eq!(model.config.eos_token_ids(), [1]);
+}
+
+#[test]
+fn unknown_pre_tokenizers_and_architectures_are_errors_naming_them() {
+    use rlhf_policies::gguf::{model_config, tokenizer_json, Gguf, Value as Meta};
+    let mut g = Gguf::open(&fixture("gguf-qwen2-tiny.gguf")).unwrap();
+    g.metadata.insert("tokenizer.ggml.pre".into(), Meta::Str("deepseek-llm".into()));
+    let e = tokenizer_json(&g).unwrap_err().to_string();
+    assert!(e.contains("gguf-qwen2-tiny.gguf") && e.contains("deepseek-llm") && e.contains("tokenizer.json beside"));
+    g.metadata.insert("general.architecture".into(), Meta::Str("phi3".into()));
+    let e = model_config(&g).unwrap_err().to_string();
+    assert!(e.contains("\"phi3\"") && e.contains("llama and qwen2"), "{e}");
+}
