@@ -170,6 +170,28 @@ fn chat_templates_render_as_transformers_renders_them() {
     }
 }
 
+/// `tokenizer_config.json`'s `chat_template` as a string, or as transformers' list of named
+/// templates (the one named `default` is used); a list without one, or another type, is an
+/// error naming the file and the field.
+#[test]
+fn a_list_of_named_chat_templates_gives_the_default_one() {
+    use rlhf_policies::chat::ChatTemplate;
+    let d = tempfile::tempdir().unwrap();
+    let with = |template: serde_json::Value| {
+        let cfg = serde_json::json!({"chat_template": template, "eos_token": "</s>"});
+        std::fs::write(d.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
+        ChatTemplate::source_of(d.path())
+    };
+    assert_eq!(with("{{ x }}".into()).unwrap().as_deref(), Some("{{ x }}"));
+    let named = serde_json::json!([{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]);
+    assert_eq!(with(named).unwrap().as_deref(), Some("D"));
+    assert_eq!(with(serde_json::Value::Null).unwrap(), None);
+    let e = with(serde_json::json!([{"name": "tool_use", "template": "T"}])).unwrap_err().to_string();
+    assert!(e.contains("tokenizer_config.json") && e.contains("chat_template") && e.contains("tool_use"), "{e}");
+    let e = with(7.into()).unwrap_err().to_string();
+    assert!(e.contains("must be a string or a list"), "{e}");
+}
+
 /// A sharded checkpoint (transformers' layout for large models: `model.safetensors.index.json`
 /// mapping each tensor to its shard) loads as the single file does; a tensor the index names
 /// but its shard lacks is an error naming both.

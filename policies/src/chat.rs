@@ -39,8 +39,8 @@ impl ChatTemplate {
     }
 
     /// The template a model's files carry: a GGUF file's `tokenizer.chat_template`, or a
-    /// folder's `chat_template.jinja`, or the `chat_template` string of its
-    /// `tokenizer_config.json`. `None` if there is none. (The loader puts it on the
+    /// folder's `chat_template.jinja`, or the `chat_template` of its `tokenizer_config.json` (a
+    /// string, or the `default` one of a list of named templates). `None` if there is none. (The loader puts it on the
     /// [`crate::Tokenizer`], whose `save` writes it back as `chat_template.jinja`.)
     pub fn source_of(model: &Path) -> Result<Option<String>, PolicyError> {
         if model.is_file() {
@@ -56,7 +56,7 @@ impl ChatTemplate {
             let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
                 PolicyError::tokenizer(cfg.display().to_string(), "tokenizer_config.json", e.to_string())
             })?;
-            return Ok(v.get("chat_template").and_then(|s| s.as_str()).map(str::to_string));
+            return config_template(&v, &cfg);
         }
         Ok(None)
     }
@@ -99,6 +99,29 @@ impl ChatTemplate {
             eos_token => &self.eos_token,
         })
         .map_err(|e| PolicyError::tokenizer("<chat template>", "chat_template", e.to_string()))
+    }
+}
+
+/// `tokenizer_config.json`'s `chat_template` (read from `path`): a string, or — as transformers
+/// writes a tokenizer with several — a list of `{"name", "template"}` of which the one named
+/// `default` is the chat template (transformers' choice when no other is asked for).
+fn config_template(config: &serde_json::Value, path: &Path) -> Result<Option<String>, PolicyError> {
+    let err = |msg: String| PolicyError::tokenizer(path.display().to_string(), "chat_template", msg);
+    match config.get("chat_template") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(serde_json::Value::Array(named)) => {
+            let name = |t: &serde_json::Value| t.get("name").and_then(|n| n.as_str()).map(str::to_string);
+            let names: Vec<String> = named.iter().map(|t| name(t).unwrap_or_else(|| "(no name)".into())).collect();
+            let default = named.iter().find(|t| name(t).as_deref() == Some("default")).ok_or_else(|| {
+                err(format!("a list of named templates ({}) without one named \"default\"", names.join(", ")))
+            })?;
+            match default.get("template") {
+                Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+                _ => Err(err("the template named \"default\" has no string `template`".into())),
+            }
+        }
+        Some(other) => Err(err(format!("must be a string or a list of named templates, found {other}"))),
     }
 }
 
