@@ -65,10 +65,12 @@ pub fn evaluate<D: FusedOps>(model: &Path, d: &EvalData, dev: &D) -> Result<Valu
     }
 }
 
-/// Next-token loss over non-overlapping blocks of the text file.
+/// Next-token loss over non-overlapping blocks of the text file, tokenized as transformers'
+/// `tokenizer(text)` does (the BOS of a tokenizer that adds one in front: Llama's first
+/// prediction is conditioned on it, as in HF's perplexity recipe).
 fn text<D: FusedOps>(model: &CausalLm<D>, tok: &Tokenizer, d: &EvalData) -> Result<Value> {
     let text = crate::data::read_corpus(std::slice::from_ref(&d.data))?;
-    let ids = tok.encode(&text)?;
+    let ids = tok.encode_prompt(&text)?;
     let block = d.block.unwrap_or(model.dims.max_positions.min(256)).max(1);
     if ids.len() <= block {
         bail!("{}: {} tokens, need more than one block of {block}", d.data.display(), ids.len());

@@ -94,3 +94,37 @@ fn unknown_pre_tokenizers_and_architectures_are_errors_naming_them() {
     let e = model_config(&g).unwrap_err().to_string();
     assert!(e.contains("\"phi3\"") && e.contains("llama and qwen2"), "{e}");
 }
+
+/// `rlhf eval` on text scores the file as transformers' `tokenizer(text)` gives it: with
+/// Llama 3's BOS in front, the first token predicted from it.
+#[test]
+fn text_evaluation_puts_the_bos_in_front() {
+    let path = fixture("gguf-llama3-tiny.gguf");
+    let (model, tok) = load_with_tokenizer(&path, &Cpu::default()).unwrap();
+    let text = "First Citizen:\nBefore we proceed any further, hear me speak.\n";
+    let ids = [vec![tok.bos_prefix().unwrap()], tok.encode(text).unwrap()].concat();
+    let logits = model.forward(&Batch::unpadded(std::slice::from_ref(&ids)).unwrap(), NoneTape).unwrap().as_vec();
+    let v = model.dims.vocab;
+    let want: f64 = (0..ids.len() - 1)
+        .map(|t| -log_softmax_ref(&logits[t * v..(t + 1) * v])[ids[t + 1] as usize] as f64)
+        .sum::<f64>()
+        / (ids.len() - 1) as f64;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("text.txt");
+    std::fs::write(&data, text).unwrap();
+    let d = rlhf::eval::EvalData {
+        data,
+        block: Some(ids.len() - 1),
+        batch: 1,
+        fields: ("prompt".into(), "response".into()),
+        messages_field: None,
+        assistant_turns: Default::default(),
+        prompt_template: "{prompt}".into(),
+        chat: false,
+        format: Default::default(),
+    };
+    let report = rlhf::eval::evaluate(&path, &d, &Cpu::default()).unwrap();
+    assert_eq!(report["tokens"], ids.len() - 1);
+    let got = report["loss"].as_f64().unwrap();
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+}
