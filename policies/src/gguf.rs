@@ -1,7 +1,7 @@
 //! GGUF files (llama.cpp's format): header, metadata, tensor table, and the tensors
-//! dequantised to f32 ([`crate::gguf_quants`]: F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0 and the
-//! K-quants Q2_K–Q6_K). A `llama` or `qwen2` file ([`Arch`]) becomes an HF state dict
-//! ([`hf_tensors`]) and config ([`model_config`]), so [`crate::CausalLm::load_gguf`] goes
+//! dequantised to f32 ([`crate::gguf_quants`]: F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, the
+//! K-quants Q2_K–Q6_K, IQ4_NL and IQ4_XS). A `llama` or `qwen2` file ([`Arch`]) becomes an HF
+//! state dict ([`hf_tensors`]) and config ([`model_config`]), so [`crate::CausalLm::load_gguf`] goes
 //! through the same loader as safetensors folders; its vocabulary becomes a `tokenizer.json`
 //! ([`tokenizer_json`]).
 //!

@@ -1,6 +1,7 @@
 //! The GGUF tensor types [`crate::gguf`] reads, dequantised to f32: F32, F16, BF16, the
 //! 32-value blocks Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and the 256-value "K-quant" super-blocks
-//! Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (what llama.cpp's `Q4_K_M`-style files are made of). Block
+//! Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (what llama.cpp's `Q4_K_M`-style files are made of), and the
+//! non-linear IQ4_NL (32 values) and IQ4_XS (256, with 6-bit sub-block scales). Block
 //! layouts as ggml defines them (`ggml-common.h`); the values equal those of llama.cpp's own
 //! Python package (`tests/gguf.rs` against `tests/fixtures/gguf_quants.json`).
 //!
@@ -27,11 +28,14 @@ mod id {
     pub const Q4_K: u32 = 12;
     pub const Q5_K: u32 = 13;
     pub const Q6_K: u32 = 14;
+    pub const IQ4_NL: u32 = 20;
+    pub const IQ4_XS: u32 = 23;
     pub const BF16: u32 = 30;
 }
 
 /// The types this module reads, for error messages.
-pub const SUPPORTED: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K";
+pub const SUPPORTED: &str =
+    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL and IQ4_XS";
 
 /// Bytes per block and values per block of a type we dequantise.
 pub fn block_layout(ggml_type: u32) -> Option<(usize, usize)> {
@@ -48,6 +52,8 @@ pub fn block_layout(ggml_type: u32) -> Option<(usize, usize)> {
         id::Q4_K => (144, QK_K),
         id::Q5_K => (176, QK_K),
         id::Q6_K => (210, QK_K),
+        id::IQ4_NL => (18, 32),
+        id::IQ4_XS => (136, QK_K),
         _ => return None,
     })
 }
@@ -91,6 +97,8 @@ pub fn dequantize(ggml_type: u32, b: &[u8], n: usize) -> Vec<f32> {
         id::Q4_K => blocks.for_each(|blk| q4_k(blk, &mut out)),
         id::Q5_K => blocks.for_each(|blk| q5_k(blk, &mut out)),
         id::Q6_K => blocks.for_each(|blk| q6_k(blk, &mut out)),
+        id::IQ4_NL => blocks.for_each(|blk| iq4_nibbles(f16(blk), &blk[2..], &mut out)),
+        id::IQ4_XS => blocks.for_each(|blk| iq4_xs(blk, &mut out)),
         _ => unreachable!("block_layout accepted the type"),
     }
     out
@@ -215,6 +223,28 @@ fn q6_k(blk: &[u8], out: &mut Vec<f32>) {
                 out.push(d * f32::from(sc[l / 16 + 2 * k] as i8) * q as f32);
             }
         }
+    }
+}
+
+/// The 16 levels of the IQ4 types' non-linear 4-bit grid (ggml's `kvalues_iq4nl`).
+const IQ4_LEVELS: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+
+/// 32 values from 16 bytes of grid indices scaled by `d`: value j from the low nibble of
+/// byte j, value j + 16 from its high nibble (IQ4_NL's block after its f16 `d`).
+fn iq4_nibbles(d: f32, qs: &[u8], out: &mut Vec<f32>) {
+    out.extend(qs[..16].iter().map(|&q| d * f32::from(IQ4_LEVELS[usize::from(q & 0xf)])));
+    out.extend(qs[..16].iter().map(|&q| d * f32::from(IQ4_LEVELS[usize::from(q >> 4)])));
+}
+
+/// IQ4_XS: d, a u16 of the sub-block scales' high bits (two per sub-block), 4 bytes of their
+/// low nibbles (two per byte), then eight 32-value sub-blocks of IQ4_NL nibbles, each scaled by
+/// `d·(scale − 32)` with its 6-bit scale.
+fn iq4_xs(blk: &[u8], out: &mut Vec<f32>) {
+    let (d, high) = (f16(blk), u16::from_le_bytes([blk[2], blk[3]]));
+    for (ib, qs) in blk[8..].chunks_exact(16).enumerate() {
+        let low = (blk[4 + ib / 2] >> (4 * (ib % 2))) & 0xf;
+        let scale = i32::from(low) | (i32::from((high >> (2 * ib)) & 3) << 4);
+        iq4_nibbles(d * (scale - 32) as f32, qs, out);
     }
 }
 
