@@ -41,7 +41,7 @@ fn save_load_is_bit_identical_llama_tied_and_untied() {
 /// shapes, values): our files are what transformers wrote, so transformers reads them back.
 #[test]
 fn hf_fixtures_resave_to_the_same_state_dict() {
-    for name in ["hf-gpt2-tiny", "hf-llama-tiny", "hf-qwen2-tiny", "hf-llama3-tiny"] {
+    for name in ["hf-gpt2-tiny", "hf-llama-tiny", "hf-qwen2-tiny", "hf-llama3-tiny", "hf-qwen3-tiny"] {
         let dir = fixture(name);
         let m = CausalLm::load_pretrained(&dir, &Cpu::default()).unwrap();
         let out = tempfile::tempdir().unwrap();

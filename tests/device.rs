@@ -510,19 +510,23 @@ macro_rules! device_tests {
                 fixture_logits("hf-qwen2-tiny", &$dev);
             }
             #[test]
-            fn qwen2_decode_and_session_match_engine() {
+            fn qwen2_decode_session_and_train_steps() {
                 decode_matches_engine("hf-qwen2-tiny", &$dev);
                 device_session_matches_engine("hf-qwen2-tiny", &$dev);
+                train_steps("hf-qwen2-tiny", &$dev);
+            }
+            #[test]
+            fn qwen3_fixture_logits_decode_session_and_train_steps() {
+                fixture_logits("hf-qwen3-tiny", &$dev);
+                decode_matches_engine("hf-qwen3-tiny", &$dev);
+                device_session_matches_engine("hf-qwen3-tiny", &$dev);
+                train_steps("hf-qwen3-tiny", &$dev);
             }
             #[test]
             fn llama3_fixture_logits_decode_and_session() {
                 fixture_logits("hf-llama3-tiny", &$dev);
                 decode_matches_engine("hf-llama3-tiny", &$dev);
                 device_session_matches_engine("hf-llama3-tiny", &$dev);
-            }
-            #[test]
-            fn qwen2_train_steps_match_cpu() {
-                train_steps("hf-qwen2-tiny", &$dev);
             }
             #[test]
             fn gpt2_left_padded() {

@@ -1,6 +1,7 @@
-//! Qwen2 and Llama 3 GGUF files, written by llama.cpp's own converter from the tiny HF fixtures
-//! (`scripts/fixtures/gguf_tiny.py`, f32): the model loads with the logits transformers gives
-//! the HF folder (Qwen2's biases, Llama 3's RoPE scaling recovered from `rope_freqs.weight`),
+//! Qwen2, Qwen3 and Llama 3 GGUF files, written by llama.cpp's own converter from the tiny HF
+//! fixtures (`scripts/fixtures/gguf_tiny.py`, f32): the model loads with the logits transformers
+//! gives the HF folder (Qwen2's biases, Qwen3's head norms, Llama 3's RoPE scaling recovered
+//! from `rope_freqs.weight`),
 //! the vocabulary tokenizes as the model's own tokenizer.json does (Qwen2's and Llama 3's digit
 //! splits, added tokens kept whole, Llama 3's BOS), and a checkpoint written from the GGUF model
 //! loads back with the same logits.
@@ -67,6 +68,13 @@ fn qwen2_gguf_matches_transformers_with_its_biases_and_digit_split() {
 }
 
 #[test]
+fn qwen3_gguf_matches_transformers_with_its_head_norms() {
+    let (model, _) = check("qwen3-tiny");
+    assert!(model.dims.qk_norm && model.dims.head_dim == 24);
+    assert!(matches!(model.config, rlhf_policies::ModelConfig::Qwen3(_)));
+}
+
+#[test]
 fn llama3_gguf_recovers_the_rope_scaling_and_adds_bos() {
     let (model, tok) = check("llama3-tiny");
     let scaling = model.dims.rope_scaling.expect("rope_freqs.weight read as Llama 3's scaling");
@@ -92,7 +100,7 @@ fn unknown_pre_tokenizers_and_architectures_are_errors_naming_them() {
     assert!(e.contains("gguf-qwen2-tiny.gguf") && e.contains("deepseek-llm") && e.contains("tokenizer.json beside"));
     g.metadata.insert("general.architecture".into(), Meta::Str("phi3".into()));
     let e = model_config(&g).unwrap_err().to_string();
-    assert!(e.contains("\"phi3\"") && e.contains("llama and qwen2"), "{e}");
+    assert!(e.contains("\"phi3\"") && e.contains("llama, qwen2 and qwen3"), "{e}");
 }
 
 /// `rlhf eval` on text scores the file as transformers' `tokenizer(text)` gives it: with

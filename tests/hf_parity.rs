@@ -127,6 +127,17 @@ fn qwen2_logits_left_padded_batch_greedy_and_kv_cache() {
     check_greedy("hf-qwen2-tiny");
     check_incremental("hf-qwen2-tiny");
 }
+/// Qwen3's RMSNorms over each head's queries and keys, and a head width apart from
+/// hidden_size / heads.
+#[test]
+fn qwen3_logits_left_padded_batch_greedy_and_kv_cache() {
+    let (model, _) = load("hf-qwen3-tiny");
+    assert!(model.dims.qk_norm && model.dims.q_dim() != model.dims.d_model);
+    check_texts("hf-qwen3-tiny");
+    check_left_padded("hf-qwen3-tiny");
+    check_greedy("hf-qwen3-tiny");
+    check_incremental("hf-qwen3-tiny");
+}
 /// Llama 3's RoPE scaling (all three bands of frequencies) and a list of EOS ids.
 #[test]
 fn llama3_rope_scaling_logits_left_padded_batch_greedy_and_kv_cache() {
@@ -152,7 +163,7 @@ fn llama_kv_cache_incremental() {
 #[test]
 fn f16_weights_stay_close_to_f32() {
     use rlhf_policies::WeightDtype;
-    for name in ["hf-gpt2-tiny", "hf-llama-tiny", "hf-qwen2-tiny", "hf-llama3-tiny"] {
+    for name in ["hf-gpt2-tiny", "hf-llama-tiny", "hf-qwen2-tiny", "hf-llama3-tiny", "hf-qwen3-tiny"] {
         let (model, exp) = load(name);
         let f32e = InferenceModel::from_model(&model);
         let f16e = InferenceModel::from_model_with(&model, WeightDtype::F16);

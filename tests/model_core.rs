@@ -51,7 +51,7 @@ fn model(cfg: ModelConfig, seed: u64) -> CausalLm<Cpu> {
     let mut cfg = cfg;
     match &mut cfg {
         ModelConfig::Gpt2(c) => c.initializer_range = 0.3,
-        ModelConfig::Llama(c) | ModelConfig::Qwen2(c) => c.initializer_range = 0.3,
+        ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) => c.initializer_range = 0.3,
     }
     CausalLm::new(cfg, &Cpu::default(), seed).unwrap()
 }
@@ -151,6 +151,16 @@ fn bias_free_gpt2_has_no_bias_parameters_and_says_so_in_its_config() {
 #[test]
 fn gradients_match_finite_differences_llama_gqa() {
     grad_check(tiny_llama(12));
+}
+
+/// Qwen3: the q/k head norms' gains get gradients, and those through them are right.
+#[test]
+fn gradients_match_finite_differences_qwen3_head_norms() {
+    let json =
+        serde_json::to_string(&tiny_llama(12)).unwrap().replace(r#""model_type":"llama""#, r#""model_type":"qwen3""#);
+    let cfg = ModelConfig::from_json_str(&json).unwrap();
+    assert!(model(cfg.clone(), 1).params().iter().any(|(n, _)| n == "blocks.1.attn.k_norm.weight"));
+    grad_check(cfg);
 }
 
 fn engine_matches_training_forward(cfg: ModelConfig) {

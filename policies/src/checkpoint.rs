@@ -83,6 +83,8 @@ fn hf_source(family: Family, canonical: &str) -> Source {
                     "attn.k" => lin("self_attn.k_proj"),
                     "attn.v" => lin("self_attn.v_proj"),
                     "attn.o" => lin("self_attn.o_proj"),
+                    "attn.q_norm" => Source::Same(format!("{p}.self_attn.q_norm.{x}")),
+                    "attn.k_norm" => Source::Same(format!("{p}.self_attn.k_norm.{x}")),
                     "mlp.gate" => lin("mlp.gate_proj"),
                     "mlp.up" => lin("mlp.up_proj"),
                     "mlp.down" => lin("mlp.down_proj"),

@@ -1,7 +1,8 @@
 //! Model configuration: one serde type that reads Hugging Face `config.json` files directly.
 //!
-//! The `model_type` field selects the family (`"gpt2"`, or `"llama"` and `"qwen2"`: Qwen2 is Llama
-//! with biases on the q, k and v projections); every other field keeps the
+//! The `model_type` field selects the family (`"gpt2"`, or `"llama"`, `"qwen2"` and `"qwen3"`:
+//! Qwen2 is Llama with biases on the q, k and v projections, Qwen3 Llama with an RMSNorm over
+//! each head's queries and keys); every other field keeps the
 //! name transformers uses, so an HF config deserialises unchanged and our saved configs load back
 //! in transformers. Unknown HF fields (`architectures`, `torch_dtype`, …) are accepted and ignored
 //! on purpose: they describe the checkpoint, not the network.
@@ -16,7 +17,7 @@ pub enum Family {
     /// GPT-2: learned positions, LayerNorm, GELU (tanh), biases, fused `c_attn`.
     Gpt2,
     /// Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases (Qwen2: biases on q, k
-    /// and v, [`Dims::qkv_bias`]).
+    /// and v, [`Dims::qkv_bias`]; Qwen3: q/k head norms, [`Dims::qk_norm`]).
     Llama,
 }
 
@@ -43,6 +44,10 @@ pub enum ModelConfig {
     /// q, k and v projections.
     #[serde(rename = "qwen2")]
     Qwen2(LlamaConfig),
+    /// Qwen3 family (`Qwen3ForCausalLM`): Llama's fields and layout, with an RMSNorm over each
+    /// head's queries and keys before RoPE (`q_norm`, `k_norm`).
+    #[serde(rename = "qwen3")]
+    Qwen3(LlamaConfig),
 }
 
 /// `GPT2Config` fields (transformers names).
@@ -280,6 +285,8 @@ pub struct Dims {
     pub bias: bool,
     /// Whether the q, k and v projections carry biases (Qwen2), whatever `bias` says.
     pub qkv_bias: bool,
+    /// Whether each head's queries and keys pass an RMSNorm (gain `(Dh,)`) before RoPE (Qwen3).
+    pub qk_norm: bool,
 }
 
 impl Dims {
@@ -347,12 +354,11 @@ impl ModelConfig {
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| PolicyError::config("<json>", format!("not valid JSON: {e}")))?;
         match value.get("model_type").and_then(|v| v.as_str()) {
-            Some("gpt2") | Some("llama") | Some("qwen2") => {}
+            Some("gpt2" | "llama" | "qwen2" | "qwen3") => {}
             Some(other) => {
-                return Err(PolicyError::config(
-                    "model_type",
-                    format!("unsupported model_type {other:?} (expected \"gpt2\", \"llama\" or \"qwen2\")"),
-                ))
+                let msg =
+                    format!("unsupported model_type {other:?} (\"gpt2\", \"llama\", \"qwen2\" and \"qwen3\" are)");
+                return Err(PolicyError::config("model_type", msg));
             }
             None => return Err(PolicyError::config("model_type", "missing or not a string".into())),
         }
@@ -411,7 +417,7 @@ impl ModelConfig {
     pub fn family(&self) -> Family {
         match self {
             ModelConfig::Gpt2(_) => Family::Gpt2,
-            ModelConfig::Llama(_) | ModelConfig::Qwen2(_) => Family::Llama,
+            ModelConfig::Llama(_) | ModelConfig::Qwen2(_) | ModelConfig::Qwen3(_) => Family::Llama,
         }
     }
 
@@ -419,7 +425,7 @@ impl ModelConfig {
     pub fn vocab_size(&self) -> usize {
         match self {
             ModelConfig::Gpt2(c) => c.vocab_size,
-            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) => c.vocab_size,
+            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) => c.vocab_size,
         }
     }
 
@@ -427,7 +433,7 @@ impl ModelConfig {
     pub fn set_vocab_size(&mut self, v: usize) {
         match self {
             ModelConfig::Gpt2(c) => c.vocab_size = v,
-            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) => c.vocab_size = v,
+            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) => c.vocab_size = v,
         }
     }
 
@@ -440,7 +446,7 @@ impl ModelConfig {
     pub fn eos_token_ids(&self) -> Vec<u32> {
         match self {
             ModelConfig::Gpt2(c) => c.eos_token_id.into_iter().collect(),
-            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) => {
+            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) => {
                 c.eos_token_id.as_ref().map(TokenIds::ids).unwrap_or_default()
             }
         }
@@ -450,7 +456,7 @@ impl ModelConfig {
     pub fn bos_token_id(&self) -> Option<u32> {
         match self {
             ModelConfig::Gpt2(c) => c.bos_token_id,
-            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) => c.bos_token_id,
+            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) => c.bos_token_id,
         }
     }
 
@@ -458,7 +464,7 @@ impl ModelConfig {
     pub fn pad_token_id(&self) -> Option<u32> {
         match self {
             ModelConfig::Gpt2(c) => c.pad_token_id,
-            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) => c.pad_token_id,
+            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) => c.pad_token_id,
         }
     }
 
@@ -466,8 +472,9 @@ impl ModelConfig {
     pub fn dims(&self) -> Result<Dims, PolicyError> {
         let d = match self {
             ModelConfig::Gpt2(c) => gpt2_dims(c)?,
-            ModelConfig::Llama(c) => llama_dims(c, false)?,
-            ModelConfig::Qwen2(c) => llama_dims(c, true)?,
+            ModelConfig::Llama(c) => llama_dims(c, false, false)?,
+            ModelConfig::Qwen2(c) => llama_dims(c, true, false)?,
+            ModelConfig::Qwen3(c) => llama_dims(c, false, true)?,
         };
         for (name, v) in [
             ("vocab_size", d.vocab),
@@ -526,11 +533,12 @@ fn gpt2_dims(c: &Gpt2Config) -> Result<Dims, PolicyError> {
         gelu,
         bias: c.bias,
         qkv_bias: false,
+        qk_norm: false,
     })
 }
 
-/// Llama's sizes; `qkv_bias` for Qwen2.
-fn llama_dims(c: &LlamaConfig, qkv_bias: bool) -> Result<Dims, PolicyError> {
+/// Llama's sizes; `qkv_bias` for Qwen2, `qk_norm` for Qwen3.
+fn llama_dims(c: &LlamaConfig, qkv_bias: bool, qk_norm: bool) -> Result<Dims, PolicyError> {
     if c.hidden_act != "silu" {
         return Err(PolicyError::config("hidden_act", format!("{:?} is not supported (only silu)", c.hidden_act)));
     }
@@ -580,6 +588,7 @@ fn llama_dims(c: &LlamaConfig, qkv_bias: bool) -> Result<Dims, PolicyError> {
         gelu: GeluKind::Tanh,
         bias: false,
         qkv_bias,
+        qk_norm,
     })
 }
 

@@ -94,13 +94,16 @@ impl<D: FusedOps> CausalLm<D> {
             let q = blk.wq.forward(h.clone());
             let k = blk.wk.forward(h.clone());
             let v = blk.wv.forward(h);
-            let (q, k) = match &rope {
-                Some(r) => (
-                    apply_rope(q.reshape_like(&(b * n * nh, dh)), &r.cos_q, &r.sin_q, &r.rot),
-                    apply_rope(k.reshape_like(&(b * n * nkv, dh)), &r.cos_k, &r.sin_k, &r.rot),
-                ),
+            let (q, k) = (q.reshape_like(&(b * n * nh, dh)), k.reshape_like(&(b * n * nkv, dh)));
+            let (q, k) = match &blk.qk_norm {
+                Some([q_norm, k_norm]) => (q_norm.forward(q), k_norm.forward(k)),
                 None => (q, k),
             };
+            let (q, k) = match &rope {
+                Some(r) => (apply_rope(q, &r.cos_q, &r.sin_q, &r.rot), apply_rope(k, &r.cos_k, &r.sin_k, &r.rot)),
+                None => (q, k),
+            };
+            let (q, k) = (q.reshape_like(&(b * n, nh * dh)), k.reshape_like(&(b * n, nkv * dh)));
             let heads = |t: A2<D>, hs: usize| -> A4<D> {
                 // (B·n, hs·Dh) → (B, hs, n, Dh), made contiguous
                 let t = t.reshape_like(&(b, n, hs, dh)).permute::<_, Axes4<0, 2, 1, 3>>();

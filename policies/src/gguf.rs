@@ -1,9 +1,9 @@
 //! GGUF files (llama.cpp's format): header, metadata, tensor table, and the tensors
 //! dequantised to f32 ([`crate::gguf_quants`]: F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, the
-//! K-quants Q2_K–Q6_K, IQ4_NL and IQ4_XS). A `llama` or `qwen2` file ([`Arch`]) becomes an HF
-//! state dict ([`hf_tensors`]) and config ([`model_config`]), so [`crate::CausalLm::load_gguf`] goes
-//! through the same loader as safetensors folders; its vocabulary becomes a `tokenizer.json`
-//! ([`tokenizer_json`]).
+//! K-quants Q2_K–Q6_K, IQ4_NL and IQ4_XS). A `llama`, `qwen2` or `qwen3` file ([`Arch`])
+//! becomes an HF state dict ([`hf_tensors`]) and config ([`model_config`]), so
+//! [`crate::CausalLm::load_gguf`] goes through the same loader as safetensors folders; its
+//! vocabulary becomes a `tokenizer.json` ([`tokenizer_json`]).
 //!
 //! Every count and offset read from the file is checked against the bytes that remain before
 //! it sizes anything: a malformed or truncated file is an error naming what is wrong (and the
@@ -255,6 +255,8 @@ pub enum Arch {
     /// `qwen2`: Qwen2/Qwen2.5, Llama with q/k/v biases. llama.cpp rotates Qwen2 in the NeoX
     /// layout, transformers' own, so nothing is permuted.
     Qwen2,
+    /// `qwen3`: Qwen3, Llama with RMSNorms over each head's queries and keys; NeoX layout too.
+    Qwen3,
 }
 
 impl Arch {
@@ -263,6 +265,7 @@ impl Arch {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
         }
     }
 }
@@ -273,9 +276,10 @@ impl Gguf {
         match self.metadata.get("general.architecture") {
             Some(Value::Str(a)) if a == "llama" => Ok(Arch::Llama),
             Some(Value::Str(a)) if a == "qwen2" => Ok(Arch::Qwen2),
+            Some(Value::Str(a)) if a == "qwen3" => Ok(Arch::Qwen3),
             other => {
-                Err(self
-                    .err("metadata", format!("general.architecture {other:?} is not supported (llama and qwen2 are)")))
+                let msg = format!("general.architecture {other:?} is not supported (llama, qwen2 and qwen3 are)");
+                Err(self.err("metadata", msg))
             }
         }
     }
@@ -286,7 +290,7 @@ impl Gguf {
     }
 }
 
-/// The HF config (`LlamaForCausalLM` or `Qwen2ForCausalLM`) of a `llama` or `qwen2` file:
+/// The HF config (`LlamaForCausalLM`, `Qwen2ForCausalLM` or `Qwen3ForCausalLM`) of a file:
 /// sizes from the `<arch>.*` metadata, the head width from `attention.key_length` when given,
 /// tied embeddings when there is no `output.weight`, the special ids from `tokenizer.ggml.*`
 /// (EOS together with the end-of-turn and end-of-message ids, which end a generation in
@@ -320,7 +324,11 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
     eos.dedup();
     let mut cfg = serde_json::json!({
         "model_type": arch.prefix(),
-        "architectures": [match arch { Arch::Llama => "LlamaForCausalLM", Arch::Qwen2 => "Qwen2ForCausalLM" }],
+        "architectures": [match arch {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
+        }],
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": g.int(&key("feed_forward_length"))?,
@@ -378,7 +386,8 @@ pub fn hf_tensors(g: &Gguf, cfg: &ModelConfig) -> Result<BTreeMap<String, HostTe
     Ok(out)
 }
 
-/// llama.cpp tensor name → transformers name (the q/k/v biases only for Qwen2).
+/// llama.cpp tensor name → transformers name (the q/k/v biases only for Qwen2, the q/k head
+/// norms only for Qwen3).
 fn hf_name(gguf: &str, arch: Arch) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
@@ -405,6 +414,8 @@ fn hf_name(gguf: &str, arch: Arch) -> Option<String> {
         "attn_q.bias" if arch == Arch::Qwen2 => "self_attn.q_proj.bias",
         "attn_k.bias" if arch == Arch::Qwen2 => "self_attn.k_proj.bias",
         "attn_v.bias" if arch == Arch::Qwen2 => "self_attn.v_proj.bias",
+        "attn_q_norm.weight" if arch == Arch::Qwen3 => "self_attn.q_norm.weight",
+        "attn_k_norm.weight" if arch == Arch::Qwen3 => "self_attn.k_norm.weight",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}"))

@@ -50,6 +50,8 @@ struct LayerW {
     qkv_b: Option<Vec<f32>>,
     o: PackedMatrix,
     o_b: Option<Vec<f32>>,
+    /// Qwen3's RMSNorms over each head's queries and keys.
+    qk_norm: Option<[NormW; 2]>,
     ln2: NormW,
     mlp: MlpW,
 }
@@ -240,6 +242,7 @@ impl InferenceModel {
                     qkv_b,
                     o: pack(&blk.wo.w),
                     o_b: blk.wo.b.as_ref().map(|b| b.as_vec()),
+                    qk_norm: blk.qk_norm.as_ref().map(|[q, k]| [norm_w(q), norm_w(k)]),
                     ln2: norm_w(&blk.ln2),
                     mlp,
                 }
@@ -333,6 +336,12 @@ impl InferenceModel {
         matmul(&h, &l.qkv, &mut qkv, m, false);
         if let Some(bias) = &l.qkv_b {
             add_bias(&mut qkv, bias);
+        }
+        if let Some([q_norm, k_norm]) = &l.qk_norm {
+            for row in qkv.chunks_mut(width) {
+                apply_norm(q_norm, &mut row[..qd], d.head_dim);
+                apply_norm(k_norm, &mut row[qd..qd + kvd], d.head_dim);
+            }
         }
         if d.family == Family::Llama {
             self.rope_rows(&mut qkv, positions, width);

@@ -106,6 +106,11 @@ impl<D: FusedOps> Norm<D> {
         Norm { w: dev.ones_like(&(c,)), b, kind, eps: dims.norm_eps }
     }
 
+    /// Qwen3's RMSNorm over one head's `Dh` values (unit gain).
+    fn head(dev: &D, dims: &Dims) -> Self {
+        Norm { w: dev.ones_like(&(dims.head_dim,)), b: None, kind: NormKind::RmsNorm, eps: dims.norm_eps }
+    }
+
     /// `(N, C) → (N, C)`.
     pub fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>) -> A2<D, T> {
         let s = *x.shape();
@@ -179,6 +184,8 @@ pub struct Block<D: Storage<f32>> {
     pub wv: Linear<D>,
     /// Output projection `(H·Dh, C)`.
     pub wo: Linear<D>,
+    /// Qwen3's RMSNorms over each head's queries and keys before RoPE ([`Dims::qk_norm`]).
+    pub qk_norm: Option<[Norm<D>; 2]>,
     /// Norm before the MLP.
     pub ln2: Norm<D>,
     /// Feed-forward.
@@ -238,7 +245,8 @@ impl<D: FusedOps> Block<D> {
         self.mlp.forward(self.ln2.forward(x.clone().put_tape(tape)), &x, dims.gelu)
     }
 
-    /// `r +` causal self-attention with GQA and optional RoPE. `(B·T, C) → (B·T, C)`.
+    /// `r +` causal self-attention with GQA, optional q/k head norms and optional RoPE.
+    /// `(B·T, C) → (B·T, C)`.
     fn attention<T: Tape<f32, D>>(&self, h: A2<D, T>, r: &A2<D, NoneTape>, dims: &Dims, ctx: &Ctx<D>) -> A2<D, T> {
         let (b, t) = (ctx.b, ctx.t);
         let (nh, nkv, dh) = (dims.n_head, dims.n_kv_head, dims.head_dim);
@@ -246,12 +254,14 @@ impl<D: FusedOps> Block<D> {
         let q = self.wq.forward(h.clone().put_tape(tape));
         let k = self.wk.forward(h.retaped::<T>());
         let v = self.wv.forward(h.retaped::<T>());
+        let (q, k) = (q.reshape_like(&(b * t * nh, dh)), k.reshape_like(&(b * t * nkv, dh)));
+        let (q, k) = match &self.qk_norm {
+            Some([q_norm, k_norm]) => (q_norm.forward(q), k_norm.forward(k)),
+            None => (q, k),
+        };
         let (q, k) = match &ctx.rope {
-            Some(r) => (
-                apply_rope(q.reshape_like(&(b * t * nh, dh)), &r.cos_q, &r.sin_q, &r.rot),
-                apply_rope(k.reshape_like(&(b * t * nkv, dh)), &r.cos_k, &r.sin_k, &r.rot),
-            ),
-            None => (q.reshape_like(&(b * t * nh, dh)), k.reshape_like(&(b * t * nkv, dh))),
+            Some(r) => (apply_rope(q, &r.cos_q, &r.sin_q, &r.rot), apply_rope(k, &r.cos_k, &r.sin_k, &r.rot)),
+            None => (q, k),
         };
         let shape = AttnShape { b, t, nh, nkv, dh };
         let y =
@@ -338,6 +348,7 @@ impl<D: FusedOps> CausalLm<D> {
                     wk: qkv(&mut init, dims.kv_dim()),
                     wv: qkv(&mut init, dims.kv_dim()),
                     wo: lin(&mut init, dims.q_dim(), c, resid_std),
+                    qk_norm: dims.qk_norm.then(|| [Norm::head(dev, &dims), Norm::head(dev, &dims)]),
                     ln2: Norm::new(dev, &dims),
                     mlp,
                 }
@@ -571,20 +582,6 @@ impl<D: FusedOps> CausalLm<D> {
             sin_k: expand(&sin, dims.n_kv_head),
             rot: self.dev.tensor_from_vec(rot, (dh, dh)),
         }
-    }
-
-    /// A deep copy whose parameters have fresh tensor ids: a taped forward through it can never
-    /// write gradients onto the original's ids (`clone()` would share them).
-    pub fn frozen_copy(&self) -> Self {
-        let mut copy = self.clone();
-        copy.map_params(|t| t.clone() + 0.0f32, |t| t.clone() + 0.0f32);
-        copy.frozen = FrozenTrunk::default();
-        copy
-    }
-
-    /// Number of parameters.
-    pub fn num_params(&self) -> usize {
-        self.params().iter().map(|(_, p)| p.len()).sum()
     }
 }
 

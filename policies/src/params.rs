@@ -83,6 +83,10 @@ macro_rules! walker {
                     linear(&format!("{p}.attn.k"), &$($m)? blk.wk, &mut out);
                     linear(&format!("{p}.attn.v"), &$($m)? blk.wv, &mut out);
                     linear(&format!("{p}.attn.o"), &$($m)? blk.wo, &mut out);
+                    if let Some([q_norm, k_norm]) = &$($m)? blk.qk_norm {
+                        norm(&format!("{p}.attn.q_norm"), q_norm, &mut out);
+                        norm(&format!("{p}.attn.k_norm"), k_norm, &mut out);
+                    }
                     norm(&format!("{p}.ln2"), &$($m)? blk.ln2, &mut out);
                     match &$($m)? blk.mlp {
                         Mlp::Gelu { fc, proj } => {
@@ -131,6 +135,20 @@ impl<D: Device<f32>> CausalLm<D> {
                 ParamMut::M(t) => *t = fm(t),
             }
         }
+    }
+
+    /// A deep copy whose parameters have fresh tensor ids: a taped forward through it can never
+    /// write gradients onto the original's ids (`clone()` would share them).
+    pub fn frozen_copy(&self) -> Self {
+        let mut copy = self.clone();
+        copy.map_params(|t| t.clone() + 0.0f32, |t| t.clone() + 0.0f32);
+        copy.frozen = FrozenTrunk::default();
+        copy
+    }
+
+    /// Number of parameters.
+    pub fn num_params(&self) -> usize {
+        self.params().iter().map(|(_, p)| p.len()).sum()
     }
 
     /// Lets a taped forward run the embeddings and the longest run of leading blocks whose

@@ -140,6 +140,7 @@ impl<D: FusedOps> LearnedReward<D> {
             ModelConfig::Gpt2(_) => "GPT2ForSequenceClassification",
             ModelConfig::Llama(_) => "LlamaForSequenceClassification",
             ModelConfig::Qwen2(_) => "Qwen2ForSequenceClassification",
+            ModelConfig::Qwen3(_) => "Qwen3ForSequenceClassification",
         };
         config["architectures"] = serde_json::json!([class]);
         config["id2label"] = serde_json::json!({"0": "LABEL_0"});

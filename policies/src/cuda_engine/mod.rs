@@ -153,12 +153,17 @@ impl CudaKvCache {
 
 impl CudaEngine {
     /// Copies `model`'s weights (on any device) to GPU 0. Needs an even head width (RoPE's
-    /// halves; every supported config has one).
+    /// halves; every supported config has one), and no q/k head norms (Qwen3).
     pub fn from_model<D: Device<f32>>(model: &CausalLm<D>) -> Result<Self, PolicyError> {
         let gpu = gpu()?;
         let dims = model.dims;
         if !dims.head_dim.is_multiple_of(2) {
             return Err(PolicyError::Input(format!("the CUDA engine needs an even head_dim, got {}", dims.head_dim)));
+        }
+        if dims.qk_norm {
+            let msg = "the fused CUDA engine has no kernel for Qwen3's q/k head norms: use rollout_engine \"device\" \
+                       (the default on a GPU)";
+            return Err(PolicyError::Input(msg.into()));
         }
         let up = |v: Vec<f32>| gpu.dev.htod_copy(v).map_err(dev_err);
         let up_t = |t: &Tensor<(usize,), f32, D>| up(t.as_vec());
