@@ -152,7 +152,7 @@ fn char_level_tokenizer_round_trips_and_rejects_unknown_chars() {
 }
 
 /// Chat templates in the styles of popular models (block tags on their own lines, Python
-/// string methods, loop controls, Llama 3's and Qwen2.5's shapes) render as transformers'
+/// string methods, loop controls, Llama 3's, Qwen2.5's and Qwen3's shapes) render as transformers'
 /// `apply_chat_template` renders them (`scripts/fixtures/chat_templates.py`).
 #[test]
 fn chat_templates_render_as_transformers_renders_them() {
