@@ -30,6 +30,10 @@ pub(crate) struct GenerateArgs {
     /// System message for --chat or --in-chat (default: the template's own default, if any).
     #[arg(long)]
     system: Option<String>,
+    /// Further chat-template variables for --chat or --in-chat, a JSON object (e.g.
+    /// '{"enable_thinking": false}' for Qwen3).
+    #[arg(long, value_parser = template_kwargs)]
+    template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     /// A JSONL file of prompt records: every prompt's completions (--samples each, --batch at
     /// a time) go out as JSON lines (record, sample, prompt, completion, tokens, logprob,
     /// finished, and reward with --reward-model) to --out or stdout.
@@ -144,9 +148,19 @@ fn sampling_config(a: &GenerateArgs, eos_ids: &[u32]) -> SamplingConfig {
     a.sampling.config((a.max_new_tokens, a.temperature), eos_ids, a.sampling.seed)
 }
 
-/// The chat-formatted prompt for `--chat` (with `--system` if given).
+/// `--template-kwargs`: a JSON object.
+fn template_kwargs(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    match serde_json::from_str(s) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        Ok(other) => Err(format!("must be a JSON object, found {other}")),
+        Err(e) => Err(format!("not valid JSON: {e}")),
+    }
+}
+
+/// The chat-formatted prompt for `--chat` (with `--system` and `--template-kwargs` if given).
 fn chat_prompt<D: FusedOps>(a: &GenerateArgs, model: &CausalLm<D>, tok: &Tokenizer, user: &str) -> Result<String> {
-    let template = rlhf_policies::chat::ChatTemplate::of_model(tok, &model.config, &a.model)?;
+    let template = rlhf_policies::chat::ChatTemplate::of_model(tok, &model.config, &a.model)?
+        .with_kwargs(a.template_kwargs.clone().unwrap_or_default())?;
     Ok(template.user_prompt(a.system.as_deref(), user)?)
 }
 
@@ -162,8 +176,8 @@ pub(crate) fn generate_cmd(mut a: GenerateArgs) -> Result<()> {
 }
 
 fn generate_on<D: FusedOps>(a: &GenerateArgs, dev: &D) -> Result<()> {
-    if a.system.is_some() && a.chat.is_none() && !a.in_chat {
-        bail!("--system needs --chat (or --in-chat with --prompts)");
+    if (a.system.is_some() || a.template_kwargs.is_some()) && a.chat.is_none() && !a.in_chat {
+        bail!("--system and --template-kwargs need --chat (or --in-chat with --prompts)");
     }
     if let Some(prompts) = &a.prompts {
         return generate_file(a, prompts, dev);
@@ -205,7 +219,11 @@ fn generate_file<D: FusedOps>(a: &GenerateArgs, prompts: &std::path::Path, dev: 
         field: a.prompt_field.clone(),
         reference_field: a.reference_field.clone(),
         template: a.prompt_template.clone(),
-        chat: a.in_chat.then(|| rlhf::prompt_format::ChatPrompt { system: a.system.clone(), ..Default::default() }),
+        chat: a.in_chat.then(|| rlhf::prompt_format::ChatPrompt {
+            system: a.system.clone(),
+            template_kwargs: a.template_kwargs.clone().unwrap_or_default(),
+            ..Default::default()
+        }),
         samples: a.samples as usize,
         batch: a.batch as usize,
         sampling: sampling_config(a, &[]),
@@ -248,6 +266,10 @@ pub(crate) struct ChatArgs {
     /// System message (default: the template's own default, if any).
     #[arg(long)]
     system: Option<String>,
+    /// Further chat-template variables, a JSON object (e.g. '{"enable_thinking": false}' for
+    /// Qwen3).
+    #[arg(long, value_parser = template_kwargs)]
+    template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     /// Maximum number of new tokens per reply.
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
@@ -263,7 +285,8 @@ pub(crate) fn chat_cmd(mut a: ChatArgs) -> Result<()> {
     resolve_model_in(&mut a.model)?;
     let dev = dfdx::prelude::Cpu::default();
     let (model, tok) = load_with_tokenizer(&a.model, &dev)?;
-    let template = ChatTemplate::of_model(&tok, &model.config, &a.model)?;
+    let template = ChatTemplate::of_model(&tok, &model.config, &a.model)?
+        .with_kwargs(a.template_kwargs.clone().unwrap_or_default())?;
     let stdin = std::io::stdin();
     let interactive = std::io::IsTerminal::is_terminal(&stdin);
     eprintln!(

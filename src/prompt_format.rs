@@ -24,6 +24,11 @@ pub struct ChatPrompt {
     /// Present: the prompt is a conversation transcript, laid out as user and assistant turns
     /// (it must end with an open assistant turn). Default: none (the prompt is one user turn).
     pub transcript: Option<Transcript>,
+    /// Further variables for the chat template, as TRL's `chat_template_kwargs`: e.g.
+    /// `{"enable_thinking": false}` for Qwen3's answers without a reasoning block. Default:
+    /// none. Conversational data takes them too.
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub template_kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
 /// The turn markers of a conversation transcript.
@@ -78,8 +83,12 @@ pub fn conversation_template(conversations: bool, format: &PromptFormat) -> Resu
     if !conversations {
         return Ok(None);
     }
-    if format.chat.is_some() || format.template != "{prompt}" {
-        bail!("conversations are rendered with the model's chat template: leave out prompt_template and chat");
+    let laid_out = format.chat.as_ref().is_some_and(|c| c.system.is_some() || c.transcript.is_some());
+    if laid_out || format.template != "{prompt}" {
+        bail!(
+            "conversations are rendered with the model's chat template as they are: leave out prompt_template, \
+             and chat's system and transcript (its template_kwargs apply)"
+        );
     }
     format.chat_template.clone().map(Some).map_err(anyhow::Error::msg)
 }
@@ -122,7 +131,9 @@ impl PromptFormat {
             template.contains("{prompt}"),
             "prompt template {template:?} has no {{prompt}}: every record's prompt would be left out"
         );
-        let chat_template = ChatTemplate::of_model(tok, config, model).map_err(|e| e.to_string());
+        let kwargs = chat.map(|c| c.template_kwargs.clone()).unwrap_or_default();
+        let chat_template =
+            ChatTemplate::of_model(tok, config, model).and_then(|t| t.with_kwargs(kwargs)).map_err(|e| e.to_string());
         if let (Some(_), Err(e)) = (chat, &chat_template) {
             bail!("{e}");
         }
@@ -190,7 +201,7 @@ mod tests {
         assert_eq!(f.apply("2+2?").unwrap(), "<user>Q: 2+2?</s><assistant>");
         assert_eq!(f.response(" 4."), "4.");
         assert_eq!(PromptFormat::plain("{prompt}").response(" 4."), " 4.");
-        let brief = ChatPrompt { system: Some("Be brief.".into()), transcript: None };
+        let brief = ChatPrompt { system: Some("Be brief.".into()), ..Default::default() };
         let f =
             PromptFormat { template: "{prompt}".into(), chat: Some(brief.clone()), chat_template: Ok(chat.clone()) };
         assert_eq!(f.apply("hi").unwrap(), "<system>Be brief.</s><user>hi</s><assistant>");
@@ -217,6 +228,26 @@ mod tests {
             f.apply(hh).unwrap(),
             "<system>Be brief.</s><user>hi</s><assistant>hello!</s><user>2+2?</s><assistant>"
         );
+    }
+
+    /// `template_kwargs` reach the template (text prompts and conversations); `system` and
+    /// `transcript` stay for text prompts; the render's own variables are refused.
+    #[test]
+    fn template_kwargs_reach_the_template() {
+        let c: ChatPrompt = serde_json::from_str(r#"{"template_kwargs": {"enable_thinking": false}}"#).unwrap();
+        let source = "{% for m in messages %}{{ m.content }}{% endfor %}\
+                      {% if enable_thinking is defined and enable_thinking is false %}/no_think{% endif %}";
+        let chat = ChatTemplate::new(source, "", "").unwrap().with_kwargs(c.template_kwargs.clone()).unwrap();
+        let f = PromptFormat { template: "{prompt}".into(), chat: Some(c), chat_template: Ok(chat) };
+        assert_eq!(f.apply("hi").unwrap(), "hi/no_think");
+        let m = ChatMessage { role: "user".into(), content: "yo".into() };
+        let conversations = conversation_template(true, &f).unwrap().unwrap();
+        assert_eq!(conversations.render(&[m], true).unwrap(), "yo/no_think");
+        let system = ChatPrompt { system: Some("S".into()), ..Default::default() };
+        assert!(conversation_template(true, &PromptFormat { chat: Some(system), ..f.clone() }).is_err());
+        let own: serde_json::Map<_, _> = serde_json::from_str(r#"{"messages": []}"#).unwrap();
+        assert!(ChatTemplate::new(source, "", "").unwrap().with_kwargs(own).is_err());
+        assert!(serde_json::from_str::<ChatPrompt>(r#"{"kwargs": {}}"#).is_err());
     }
 
     #[test]

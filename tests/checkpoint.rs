@@ -153,7 +153,8 @@ fn char_level_tokenizer_round_trips_and_rejects_unknown_chars() {
 
 /// Chat templates in the styles of popular models (block tags on their own lines, Python
 /// string methods, loop controls, Llama 3's, Qwen2.5's and Qwen3's shapes) render as transformers'
-/// `apply_chat_template` renders them (`scripts/fixtures/chat_templates.py`).
+/// `apply_chat_template` renders them (`scripts/fixtures/chat_templates.py`), also with a template
+/// variable passed through (Qwen3's `enable_thinking`).
 #[test]
 fn chat_templates_render_as_transformers_renders_them() {
     use rlhf_policies::chat::{ChatMessage, ChatTemplate};
@@ -161,7 +162,9 @@ fn chat_templates_render_as_transformers_renders_them() {
     let token = |k: &str| fixture[k].as_str().unwrap().to_string();
     for case in fixture["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
+        let kwargs = case.get("kwargs").and_then(|k| k.as_object()).cloned().unwrap_or_default();
         let template = ChatTemplate::new(case["template"].as_str().unwrap(), &token("bos_token"), &token("eos_token"))
+            .and_then(|t| t.with_kwargs(kwargs))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone()).unwrap();
         let gen = case["add_generation_prompt"].as_bool().unwrap();

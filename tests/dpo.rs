@@ -300,7 +300,7 @@ fn an_unchanged_policy_samples_with_zero_kl_and_samples_are_logged() {
 fn chat_prompts_reach_the_pairs_and_the_samples() {
     let d = tempfile::tempdir().unwrap();
     let mut c = cfg(d.path(), 1);
-    c.chat = Some(rlhf::prompt_format::ChatPrompt { system: Some("be brief".into()), transcript: None });
+    c.chat = Some(rlhf::prompt_format::ChatPrompt { system: Some("be brief".into()), ..Default::default() });
     (c.max_len, c.eval_every, c.eval_samples) = (48, 1, 2);
     let e = format!("{:#}", train(c.clone(), false).unwrap_err());
     assert!(e.contains("chat_template") && e.contains(&c.init.display().to_string()), "{e}");

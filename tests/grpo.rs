@@ -369,7 +369,7 @@ fn grpo_learns_verifiable_answers_from_the_reference_field() {
 fn chat_prompts_use_the_policy_s_template() {
     let d = tempfile::tempdir().unwrap();
     let mut c = cfg(d.path(), GRPO, 1);
-    c.chat = Some(rlhf::prompt_format::ChatPrompt { system: Some("a cat".into()), transcript: None });
+    c.chat = Some(rlhf::prompt_format::ChatPrompt { system: Some("a cat".into()), ..Default::default() });
     (c.max_prompt_len, c.max_new_tokens) = (44, 4); // the policy has 48 positions
     let e = format!("{:#}", train(c.clone(), false).unwrap_err());
     assert!(e.contains("chat_template") && e.contains(&c.policy.display().to_string()), "{e}");

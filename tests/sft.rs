@@ -440,7 +440,7 @@ fn chat_prompts_wrap_the_templated_prompt_in_the_model_s_template() {
     // a conversation transcript as the prompt, laid out turn by turn
     let mut t = c.clone();
     (t.prompt_template, t.max_len) = ("{prompt}".into(), 60);
-    t.chat = Some(ChatPrompt { system: None, transcript: Some(Transcript::default()) });
+    t.chat = Some(ChatPrompt { transcript: Some(Transcript::default()), ..Default::default() });
     let format = PromptFormat::new(&t.prompt_template, t.chat.as_ref(), &tok, &m.config, &t.init).unwrap();
     let hh = "\n\nHuman: color of sky?\n\nAssistant: blue.\n\nHuman: color of snow?\n\nAssistant:";
     let (ex, _, _) = tokenize(&t, &format, &tok, 0, (&t.data, &[rec(1, hh, " white.")])).unwrap();

@@ -1,6 +1,7 @@
 //! Chat templates: the Jinja `chat_template` that HF tokenizers (and GGUF files, under
 //! `tokenizer.chat_template`) carry, rendered with minijinja the way transformers'
-//! `apply_chat_template` does (`messages`, `add_generation_prompt`, `bos_token`, `eos_token`).
+//! `apply_chat_template` does (`messages`, `add_generation_prompt`, `bos_token`, `eos_token`,
+//! and any further variables the caller passes, as TRL's `chat_template_kwargs`).
 
 use std::path::Path;
 
@@ -26,12 +27,20 @@ pub struct ChatTemplate {
     pub bos_token: String,
     /// `eos_token` in the template.
     pub eos_token: String,
+    /// Further variables for the template (transformers' `apply_chat_template(**kwargs)`):
+    /// Qwen3's `enable_thinking`, a date string, … They may override `bos_token`/`eos_token`.
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ChatTemplate {
     /// A template from its Jinja source (checked to parse).
     pub fn new(source: impl Into<String>, bos_token: &str, eos_token: &str) -> Result<Self, PolicyError> {
-        let t = ChatTemplate { source: source.into(), bos_token: bos_token.into(), eos_token: eos_token.into() };
+        let t = ChatTemplate {
+            source: source.into(),
+            bos_token: bos_token.into(),
+            eos_token: eos_token.into(),
+            kwargs: Default::default(),
+        };
         environment()
             .template_from_str(&t.source)
             .map_err(|e| PolicyError::tokenizer("<chat template>", "chat_template", e.to_string()))?;
@@ -59,6 +68,17 @@ impl ChatTemplate {
             return config_template(&v, &cfg);
         }
         Ok(None)
+    }
+
+    /// The template with further variables (`kwargs`); `messages` and `add_generation_prompt`
+    /// are the render's own, and an error.
+    pub fn with_kwargs(mut self, kwargs: serde_json::Map<String, serde_json::Value>) -> Result<Self, PolicyError> {
+        if let Some(k) = kwargs.keys().find(|k| ["messages", "add_generation_prompt"].contains(&k.as_str())) {
+            let msg = format!("`{k}` is set by the render itself, not a template variable to pass");
+            return Err(PolicyError::tokenizer("<chat template>", "template_kwargs", msg));
+        }
+        self.kwargs = kwargs;
+        Ok(self)
     }
 
     /// The template a loaded model's tokenizer carries, with the model's BOS and EOS token
@@ -92,11 +112,14 @@ impl ChatTemplate {
         let tmpl = env
             .template_from_str(&self.source)
             .map_err(|e| PolicyError::tokenizer("<chat template>", "chat_template", e.to_string()))?;
+        let mut vars = serde_json::Map::new();
+        vars.insert("bos_token".into(), self.bos_token.clone().into());
+        vars.insert("eos_token".into(), self.eos_token.clone().into());
+        vars.extend(self.kwargs.clone());
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
-            bos_token => &self.bos_token,
-            eos_token => &self.eos_token,
+            ..minijinja::Value::from_serialize(&vars)
         })
         .map_err(|e| PolicyError::tokenizer("<chat template>", "chat_template", e.to_string()))
     }
