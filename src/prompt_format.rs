@@ -26,7 +26,7 @@ pub struct ChatPrompt {
     pub transcript: Option<Transcript>,
     /// Further variables for the chat template, as TRL's `chat_template_kwargs`: e.g.
     /// `{"enable_thinking": false}` for Qwen3's answers without a reasoning block. Default:
-    /// none. Conversational data takes them too.
+    /// none.
     #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
     pub template_kwargs: serde_json::Map<String, serde_json::Value>,
 }
@@ -83,12 +83,8 @@ pub fn conversation_template(conversations: bool, format: &PromptFormat) -> Resu
     if !conversations {
         return Ok(None);
     }
-    let laid_out = format.chat.as_ref().is_some_and(|c| c.system.is_some() || c.transcript.is_some());
-    if laid_out || format.template != "{prompt}" {
-        bail!(
-            "conversations are rendered with the model's chat template as they are: leave out prompt_template, \
-             and chat's system and transcript (its template_kwargs apply)"
-        );
+    if format.chat.is_some() || format.template != "{prompt}" {
+        bail!("conversations are rendered with the model's chat template: leave out prompt_template and chat");
     }
     format.chat_template.clone().map(Some).map_err(anyhow::Error::msg)
 }
@@ -230,8 +226,7 @@ mod tests {
         );
     }
 
-    /// `template_kwargs` reach the template (text prompts and conversations); `system` and
-    /// `transcript` stay for text prompts; the render's own variables are refused.
+    /// `template_kwargs` reach the template; the render's own variables are refused.
     #[test]
     fn template_kwargs_reach_the_template() {
         let c: ChatPrompt = serde_json::from_str(r#"{"template_kwargs": {"enable_thinking": false}}"#).unwrap();
@@ -240,11 +235,6 @@ mod tests {
         let chat = ChatTemplate::new(source, "", "").unwrap().with_kwargs(c.template_kwargs.clone()).unwrap();
         let f = PromptFormat { template: "{prompt}".into(), chat: Some(c), chat_template: Ok(chat) };
         assert_eq!(f.apply("hi").unwrap(), "hi/no_think");
-        let m = ChatMessage { role: "user".into(), content: "yo".into() };
-        let conversations = conversation_template(true, &f).unwrap().unwrap();
-        assert_eq!(conversations.render(&[m], true).unwrap(), "yo/no_think");
-        let system = ChatPrompt { system: Some("S".into()), ..Default::default() };
-        assert!(conversation_template(true, &PromptFormat { chat: Some(system), ..f.clone() }).is_err());
         let own: serde_json::Map<_, _> = serde_json::from_str(r#"{"messages": []}"#).unwrap();
         assert!(ChatTemplate::new(source, "", "").unwrap().with_kwargs(own).is_err());
         assert!(serde_json::from_str::<ChatPrompt>(r#"{"kwargs": {}}"#).is_err());
