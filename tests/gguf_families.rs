@@ -81,7 +81,7 @@ fn llama3_gguf_recovers_the_rope_scaling_and_adds_bos() {
     assert_eq!(scaling.factor, 8.0);
     // the file's divisors, reproduced
     let freqs = rlhf_policies::rope::inv_freq(&model.dims);
-    let base = rlhf_policies::rope::inv_freq(&rlhf_policies::config::Dims { rope_scaling: None, ..model.dims });
+    let base = rlhf_policies::rope::unscaled_inv_freq(model.dims.head_dim, model.dims.rope_theta);
     for ((f, b), r) in freqs.iter().zip(&base).zip(f32s(&case("llama3-tiny")["rope_freqs"])) {
         assert!((b / f - r).abs() < 1e-5 * r, "divisor {} vs {r}", b / f);
     }
@@ -135,4 +135,15 @@ fn text_evaluation_puts_the_bos_in_front() {
     assert_eq!(report["tokens"], ids.len() - 1);
     let got = report["loss"].as_f64().unwrap();
     assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+}
+
+/// llama.cpp ends a generation at EOS, end-of-turn or end-of-message: the config lists each once.
+#[test]
+fn end_of_turn_ids_join_the_eos_list_once() {
+    use rlhf_policies::gguf::{model_config, Gguf, Value as Meta};
+    let mut g = Gguf::open(&fixture("gguf-qwen2-tiny.gguf")).unwrap();
+    assert_eq!(model_config(&g).unwrap().eos_token_ids(), [0]);
+    g.metadata.insert("tokenizer.ggml.eot_token_id".into(), Meta::Int(2));
+    g.metadata.insert("tokenizer.ggml.eom_token_id".into(), Meta::Int(0));
+    assert_eq!(model_config(&g).unwrap().eos_token_ids(), [0, 2]);
 }

@@ -49,8 +49,9 @@ impl ChatTemplate {
 
     /// The template a model's files carry: a GGUF file's `tokenizer.chat_template`, or a
     /// folder's `chat_template.jinja`, or the `chat_template` of its `tokenizer_config.json` (a
-    /// string, or the `default` one of a list of named templates). `None` if there is none. (The loader puts it on the
-    /// [`crate::Tokenizer`], whose `save` writes it back as `chat_template.jinja`.)
+    /// string, or the `default` one of a list of named templates). `None` if there is none.
+    /// (The loader puts it on the [`crate::Tokenizer`], whose `save` writes it back as
+    /// `chat_template.jinja`.)
     pub fn source_of(model: &Path) -> Result<Option<String>, PolicyError> {
         if model.is_file() {
             return Ok(crate::gguf::chat_template(&crate::gguf::Gguf::open(model)?));

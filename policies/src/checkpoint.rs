@@ -308,9 +308,9 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
         Ok(model)
     }
 
-    /// Loads a `llama` or `qwen2` GGUF file (llama.cpp's format): its tensors dequantised to
-    /// f32 ([`crate::gguf_quants`]), a Llama file's q/k rows un-permuted, config from the
-    /// metadata ([`crate::gguf::model_config`]).
+    /// Loads a `llama`, `qwen2` or `qwen3` GGUF file (llama.cpp's format): its tensors
+    /// dequantised to f32 ([`crate::gguf_quants`]), a Llama file's q/k rows un-permuted, config
+    /// from the metadata ([`crate::gguf::model_config`]).
     pub fn load_gguf(path: &Path, dev: &D) -> Result<Self, PolicyError> {
         Self::from_gguf(&crate::gguf::Gguf::open(path)?, path, dev)
     }
@@ -336,8 +336,8 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
     }
 }
 
-/// Loads a checkpoint folder (or a `llama`/`qwen2` GGUF file) with its tokenizer, checking that every
-/// token id the tokenizer can produce fits the model's vocabulary.
+/// Loads a checkpoint folder (or a GGUF file, [`crate::gguf`]) with its tokenizer, checking that
+/// every token id the tokenizer can produce fits the model's vocabulary.
 pub fn load_with_tokenizer<D: crate::fused::FusedOps>(
     dir: &Path,
     dev: &D,

@@ -319,9 +319,12 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
         Some(Value::Int(v)) => Some(*v as u32),
         _ => None,
     };
-    let mut eos: Vec<u32> =
-        ["eos", "eot", "eom"].iter().filter_map(|k| token(&format!("tokenizer.ggml.{k}_token_id"))).collect();
-    eos.dedup();
+    let mut eos: Vec<u32> = vec![];
+    for id in ["eos", "eot", "eom"].iter().filter_map(|k| token(&format!("tokenizer.ggml.{k}_token_id"))) {
+        if !eos.contains(&id) {
+            eos.push(id);
+        }
+    }
     let mut cfg = serde_json::json!({
         "model_type": arch.prefix(),
         "architectures": [match arch {
@@ -362,8 +365,8 @@ fn rope_scaling(g: &Gguf, head_dim: usize, theta: f32) -> Result<Option<Llama3Sc
         return Ok(None);
     }
     let factors = g.tensor(NAME)?.data;
-    let inv_freq: Vec<f32> = (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
-    Llama3Scaling::from_freq_factors(&inv_freq, &factors).map_err(|e| g.err(NAME, e))
+    Llama3Scaling::from_freq_factors(&crate::rope::unscaled_inv_freq(head_dim, theta), &factors)
+        .map_err(|e| g.err(NAME, e))
 }
 
 /// Every tensor under its HF name, with llama.cpp's permutation of a Llama file's q/k rows

@@ -27,12 +27,16 @@ pub fn tables(positions: &[usize], dims: &Dims) -> (Vec<f32>, Vec<f32>) {
 /// The model's frequencies: `1 / theta^(2i / Dh)` for `i < Dh/2`, then Llama 3's scaling when
 /// the config has it.
 pub fn inv_freq(dims: &Dims) -> Vec<f32> {
-    let (head_dim, theta) = (dims.head_dim, dims.rope_theta);
-    let mut f: Vec<f32> = (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
+    let mut f = unscaled_inv_freq(dims.head_dim, dims.rope_theta);
     if let Some(s) = &dims.rope_scaling {
         s.apply(&mut f);
     }
     f
+}
+
+/// RoPE's frequencies before any scaling: `1 / theta^(2i / head_dim)` for `i < head_dim / 2`.
+pub fn unscaled_inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
+    (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect()
 }
 
 /// Llama 3's RoPE scaling (Meta's Llama 3.1 release; transformers' `_compute_llama3_parameters`):
@@ -286,15 +290,11 @@ mod tests {
         inv_freq.iter().map(|&f| factor_of(f) as f32).collect()
     }
 
-    fn base(head_dim: usize, theta: f32) -> Vec<f32> {
-        (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect()
-    }
-
     /// Meta's Llama 3.1 numbers come back from the factors alone; tiny heads with one or no
     /// smoothed frequency give a scaling that reproduces the factors; all ones is no scaling.
     #[test]
     fn llama3_scaling_is_recovered_from_the_converter_s_factors() {
-        let inv = base(128, 500000.0);
+        let inv = unscaled_inv_freq(128, 500000.0);
         let got = Llama3Scaling::from_freq_factors(&inv, &converter_factors(&inv, 8.0, 1.0, 4.0, 8192.0)).unwrap();
         let meta = Llama3Scaling {
             factor: 8.0,
@@ -305,7 +305,7 @@ mod tests {
         assert_eq!(got, Some(meta));
         // a 16-wide head: one smoothed frequency (L = 64), none (L = 20), no divided one (L = 10⁶)
         for (l, factor) in [(64.0, 8.0), (20.0, 8.0), (1.0e6, 32.0), (64.0, 1.5)] {
-            let inv = base(16, 500000.0);
+            let inv = unscaled_inv_freq(16, 500000.0);
             let factors = converter_factors(&inv, factor, 1.0, 4.0, l);
             let s = Llama3Scaling::from_freq_factors(&inv, &factors).unwrap().unwrap();
             let mut scaled = inv.clone();
