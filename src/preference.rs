@@ -147,6 +147,9 @@ pub struct Comparison {
     pub line: usize,
     /// The prompt text.
     pub prompt: String,
+    /// Whether `prompt` is already chat-template text (a conversation's), which the stage's
+    /// prompt format leaves as it is ([`PromptFormat::input`]).
+    pub rendered: bool,
     /// Responses, best first.
     pub responses: Vec<String>,
     /// Margin of a pair (`m`), if the data has one.
@@ -192,6 +195,8 @@ pub struct Labelled {
     pub line: usize,
     /// The prompt text.
     pub prompt: String,
+    /// Whether `prompt` is already chat-template text (a conversation's).
+    pub rendered: bool,
     /// The completion text.
     pub completion: String,
     /// `true` = desirable.
@@ -210,6 +215,7 @@ pub fn read_labelled(path: &Path, format: &PreferenceFormat, chat: Option<&ChatT
                 Ok(Labelled {
                     line: r.line,
                     prompt: r.str(prompt_field)?,
+                    rendered: false,
                     completion: r.str(completion_field)?,
                     desirable: r.bool(label_field)?,
                 })
@@ -226,7 +232,7 @@ pub fn read_labelled(path: &Path, format: &PreferenceFormat, chat: Option<&ChatT
                     };
                     let prompt: Vec<ChatMessage> = r.parse(prompt_field)?;
                     let prompt = chat.render(&prompt, true).map_err(|e| r.error(e))?;
-                    Ok(Labelled { line: r.line, prompt, completion, desirable: r.bool(label_field)? })
+                    Ok(Labelled { line: r.line, prompt, rendered: true, completion, desirable: r.bool(label_field)? })
                 })
                 .collect()
         }
@@ -242,6 +248,7 @@ pub fn read_labelled(path: &Path, format: &PreferenceFormat, chat: Option<&ChatT
                 [(chosen, true), (rejected, false)].map(|(completion, desirable)| Labelled {
                     line: c.line,
                     prompt: c.prompt.clone(),
+                    rendered: c.rendered,
                     completion,
                     desirable,
                 })
@@ -256,11 +263,12 @@ fn comparison(r: &JsonRecord<'_>, format: &PreferenceFormat, chat: Option<&ChatT
             let chat = chat.expect("chat_for gives messages a template");
             let (prompt, responses) = conversation_pair(r, prompt_field.as_deref(), (chosen_field, rejected_field))?;
             let prompt = chat.render(&prompt, true).map_err(|e| r.error(e))?;
-            Comparison { line: r.line, prompt, responses, margin: None }
+            Comparison { line: r.line, prompt, rendered: true, responses, margin: None }
         }
         PreferenceFormat::Pairs { prompt_field, chosen_field, rejected_field, margin_field } => Comparison {
             line: r.line,
             prompt: r.str(prompt_field)?,
+            rendered: false,
             responses: vec![r.str(chosen_field)?, r.str(rejected_field)?],
             margin: margin_field.as_deref().map(|f| r.f32(f)).transpose()?,
         },
@@ -272,14 +280,14 @@ fn comparison(r: &JsonRecord<'_>, format: &PreferenceFormat, chat: Option<&ChatT
                      prompt cannot be split off (the conversations differ before the last assistant turn)"
                 ))
             })?;
-            Comparison { line: r.line, prompt, responses: vec![c, j], margin: None }
+            Comparison { line: r.line, prompt, rendered: false, responses: vec![c, j], margin: None }
         }
         PreferenceFormat::Ranking { prompt_field, responses_field } => {
             let responses = r.str_array(responses_field)?;
             if responses.len() < 2 {
                 return Err(r.error(format!("field `{responses_field}` needs at least 2 ranked responses")));
             }
-            Comparison { line: r.line, prompt: r.str(prompt_field)?, responses, margin: None }
+            Comparison { line: r.line, prompt: r.str(prompt_field)?, rendered: false, responses, margin: None }
         }
         PreferenceFormat::Unpaired { .. } | PreferenceFormat::UnpairedMessages { .. } => {
             unreachable!("read_comparisons rejects unpaired data first")
@@ -384,7 +392,7 @@ pub fn tokenize_with(
 ) -> Result<(Vec<TokComparison>, usize, usize)> {
     let (mut out, mut skipped, mut truncated) = (Vec::new(), 0, 0);
     for c in comparisons {
-        let mut prompt_ids = tok.encode_prompt(&spec.prompt.apply(&c.prompt)?)?;
+        let mut prompt_ids = tok.encode_prompt(&spec.prompt.input(&c.prompt, c.rendered)?)?;
         let responses: Vec<Vec<u32>> = c
             .responses
             .iter()
@@ -451,6 +459,7 @@ mod tests {
         let c = Comparison {
             line: 1,
             prompt: "p".into(),
+            rendered: false,
             responses: vec!["a".into(), "b".into(), "c".into()],
             margin: None,
         };

@@ -26,7 +26,7 @@ pub struct ChatPrompt {
     pub transcript: Option<Transcript>,
     /// Further variables for the chat template, as TRL's `chat_template_kwargs`: e.g.
     /// `{"enable_thinking": false}` for Qwen3's answers without a reasoning block. Default:
-    /// none.
+    /// none. Conversational data takes them too.
     #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
     pub template_kwargs: serde_json::Map<String, serde_json::Value>,
 }
@@ -77,14 +77,20 @@ impl Transcript {
 }
 
 /// The model's chat template for records that are conversations (`conversations`), from
-/// `format` (which loaded it): they are rendered with it as they are, so `prompt_template`
-/// must be `{prompt}` and `chat` absent. `None` for text records.
+/// `format` (which loaded it, with `chat`'s `template_kwargs`): they are rendered with it as
+/// they are, so `prompt_template` must be `{prompt}` and `chat` hold no system message or
+/// transcript; their prompts then pass the prompt format untouched ([`PromptFormat::input`]).
+/// `None` for text records.
 pub fn conversation_template(conversations: bool, format: &PromptFormat) -> Result<Option<ChatTemplate>> {
     if !conversations {
         return Ok(None);
     }
-    if format.chat.is_some() || format.template != "{prompt}" {
-        bail!("conversations are rendered with the model's chat template: leave out prompt_template and chat");
+    let laid_out = format.chat.as_ref().is_some_and(|c| c.system.is_some() || c.transcript.is_some());
+    if laid_out || format.template != "{prompt}" {
+        bail!(
+            "conversations are rendered with the model's chat template as they are: leave out prompt_template, \
+             and chat's system and transcript (its template_kwargs apply)"
+        );
     }
     format.chat_template.clone().map(Some).map_err(anyhow::Error::msg)
 }
@@ -144,6 +150,16 @@ impl PromptFormat {
         let system = c.system.iter().map(|s| ChatMessage { role: "system".into(), content: s.clone() });
         let messages: Vec<ChatMessage> = system.chain(transcript.messages(&text)?).collect();
         Ok(chat.render(&messages, true)?)
+    }
+
+    /// The input text for a record's prompt: [`PromptFormat::apply`], or the prompt as it is when
+    /// it was `rendered` from a conversation with the chat template already.
+    pub fn input(&self, prompt: &str, rendered: bool) -> Result<String> {
+        if rendered {
+            Ok(prompt.to_string())
+        } else {
+            self.apply(prompt)
+        }
     }
 
     /// The input text for a conversation (TRL's conversational prompt): its messages, after

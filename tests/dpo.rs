@@ -131,8 +131,12 @@ fn conversational_pairs_train_as_the_same_pairs_in_the_chat_template() {
     let messages = serde_json::from_str(r#"{"kind": "messages"}"#).unwrap();
     let conversational = DpoConfig { data: chats, format: messages, ..base.clone() };
     assert_eq!(run("chats", conversational.clone()), plain);
-    let e = train(DpoConfig { chat: Some(Default::default()), out_dir: d.path().join("x"), ..conversational }, false);
-    assert!(e.unwrap_err().to_string().contains("leave out prompt_template and chat"));
+    // `chat` with no system message or transcript (only template variables) changes nothing;
+    // a system message is for text prompts
+    assert_eq!(run("chats_chat", DpoConfig { chat: Some(Default::default()), ..conversational.clone() }), plain);
+    let system = rlhf::prompt_format::ChatPrompt { system: Some("S".into()), ..Default::default() };
+    let e = train(DpoConfig { chat: Some(system), out_dir: d.path().join("x"), ..conversational }, false);
+    assert!(e.unwrap_err().to_string().contains("chat's system and transcript"));
 }
 
 #[test]

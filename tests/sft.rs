@@ -59,7 +59,7 @@ fn cfg(dir: &std::path::Path, steps: usize) -> SftConfig {
 
 /// A record read from `line`.
 fn rec(line: usize, prompt: &str, response: &str) -> SftRecord {
-    SftRecord { line, prompt: prompt.into(), response: response.into() }
+    SftRecord { line, prompt: prompt.into(), rendered: false, response: response.into() }
 }
 
 #[test]
@@ -252,7 +252,8 @@ fn every_assistant_turn_trains_as_its_own_prefix() {
 fn conversations_train_as_the_same_prompts_in_the_chat_template() {
     let d = tempfile::tempdir().unwrap();
     let base = SftConfig { prompt_template: "{prompt}".into(), ..cfg(d.path(), 6) };
-    let template = "{% for m in messages %}Q{{ m.content }}{% endfor %}{% if add_generation_prompt %}A{% endif %}";
+    let template = "{% for m in messages %}Q{{ m.content }}{% endfor %}\
+                    {% if add_generation_prompt %}A{{ x if x is defined else '' }}{% endif %}";
     std::fs::write(base.init.join("chat_template.jinja"), template).unwrap();
     // the pairs as conversations: one user message, then the assistant's
     let conversations = d.path().join("conversations.jsonl");
@@ -275,6 +276,11 @@ fn conversations_train_as_the_same_prompts_in_the_chat_template() {
     let pairs = run("pairs", SftConfig { chat: Some(ChatPrompt::default()), ..base.clone() });
     let chats = SftConfig { data: conversations.clone(), messages_field: Some("m".into()), ..base.clone() };
     assert_eq!(run("conversations", chats.clone()), pairs, "the same examples, the same run");
+    // a template variable reaches both the same way, and changes the run
+    let x = ChatPrompt { template_kwargs: serde_json::from_str(r#"{"x": "Q"}"#).unwrap(), ..Default::default() };
+    let pairs_x = run("pairs_x", SftConfig { chat: Some(x.clone()), ..base.clone() });
+    assert_eq!(run("conversations_x", SftConfig { chat: Some(x), ..chats.clone() }), pairs_x);
+    assert_ne!(pairs_x, pairs);
     // rlhf eval's response loss reads them the same way
     let eval = |data: &std::path::Path, messages_field: Option<&str>, chat: bool| {
         let d = rlhf::eval::EvalData {
@@ -314,7 +320,7 @@ fn conversations_train_as_the_same_prompts_in_the_chat_template() {
         assert!(e.contains("bad.jsonl: line 1") && e.contains(want), "{e}");
     }
     let mixed = SftConfig { prompt_template: "Q:{prompt}".into(), out_dir: d.path().join("mixed"), ..chats };
-    assert!(train(mixed, false).unwrap_err().to_string().contains("leave out prompt_template and chat"));
+    assert!(train(mixed, false).unwrap_err().to_string().contains("leave out prompt_template"));
 }
 
 #[test]

@@ -93,8 +93,8 @@ fn tokenize_labelled(
     let labelled = read_labelled(file, &cfg.format, template)?;
     let (mut set, mut skipped, mut truncated) = (vec![], 0, 0);
     for l in &labelled {
-        let c =
-            Comparison { line: l.line, prompt: l.prompt.clone(), responses: vec![l.completion.clone()], margin: None };
+        let (line, prompt, rendered) = (l.line, l.prompt.clone(), l.rendered);
+        let c = Comparison { line, prompt, rendered, responses: vec![l.completion.clone()], margin: None };
         let (mut t, s, k) = tokenize_with(TokenizeSpec { data: file, ..spec }, tok, eos, &[c])?;
         (skipped, truncated) = (skipped + s, truncated + k);
         if let Some(t) = t.pop() {

@@ -172,6 +172,9 @@ pub struct SftRecord {
     pub line: usize,
     /// The prompt text (before the prompt template).
     pub prompt: String,
+    /// Whether `prompt` is already chat-template text (a conversation's), which the prompt
+    /// format leaves as it is ([`PromptFormat::input`]).
+    pub rendered: bool,
     /// The response text.
     pub response: String,
 }
@@ -180,7 +183,8 @@ pub struct SftRecord {
 /// and field).
 pub fn read_records(file: &Path, prompt_field: &str, response_field: &str) -> Result<Vec<SftRecord>> {
     let read = |r: &crate::data::JsonRecord<'_>| {
-        Ok(SftRecord { line: r.line, prompt: r.str(prompt_field)?, response: r.str(response_field)? })
+        let (prompt, response) = (r.str(prompt_field)?, r.str(response_field)?);
+        Ok(SftRecord { line: r.line, prompt, rendered: false, response })
     };
     crate::data::read_jsonl(file)?.iter().map(read).collect()
 }
@@ -214,7 +218,7 @@ pub fn tokenize(
 ) -> Result<(Vec<Example>, usize, usize)> {
     let (mut out, mut skipped, mut truncated) = (Vec::new(), 0, 0);
     for rec in records {
-        let prompt = tok.encode_prompt(&format.apply(&rec.prompt)?)?;
+        let prompt = tok.encode_prompt(&format.input(&rec.prompt, rec.rendered)?)?;
         let mut ids = prompt.clone();
         ids.extend(tok.encode(format.response(&rec.response))?);
         ids.push(eos);
@@ -495,7 +499,7 @@ pub fn read_conversations(
         };
         for (before, reply) in ends.filter_map(|k| split_reply(messages[..k].to_vec()).filter(|(m, _)| !m.is_empty())) {
             let prompt = chat.render(&before, true).map_err(|e| r.error(format!("field `{field}`: {e}")))?;
-            out.push(SftRecord { line: r.line, prompt, response: reply });
+            out.push(SftRecord { line: r.line, prompt, rendered: true, response: reply });
         }
     }
     Ok(out)
