@@ -5,7 +5,8 @@
 //! and names in `tokenizer.ggml.pre` how text is split before the merges. The split is what the
 //! model's own `tokenizer.json` does — the one the vocabulary was trained with, which llama.cpp
 //! and transformers' GGUF loader rebuild from the name: GPT-2's byte-level regex, Llama 3's and
-//! Qwen2's `Split` regexes (digits in threes, digits one by one), SmolLM's digits-first. A name
+//! Qwen2's `Split` regexes (digits in threes, digits one by one; Qwen2's after NFC normalisation,
+//! which llama.cpp and transformers' GGUF loader leave out), SmolLM's digits-first. A name
 //! outside these is an error rather than a guess, since a wrong split tokenizes text the model
 //! never saw.
 
@@ -32,8 +33,9 @@ enum Split {
     Gpt2,
     /// Every digit alone, then GPT-2's regex (SmolLM).
     DigitsThenGpt2,
-    /// A `Split` regex, then byte-level mapping without a regex of its own.
-    Regex(&'static str),
+    /// A `Split` regex, then byte-level mapping without a regex of its own; `nfc`: the text is
+    /// NFC-normalised first (Qwen2's tokenizer, as transformers' `Qwen2Tokenizer` builds it).
+    Regex { pattern: &'static str, nfc: bool },
 }
 
 /// The split for a `tokenizer.ggml.pre` name (llama.cpp's names, as its converter writes them
@@ -43,9 +45,10 @@ fn split_for(pre: Option<&str>) -> Option<Split> {
         None | Some("default" | "gpt-2" | "gpt2") => Split::Gpt2,
         Some("smollm") => Split::DigitsThenGpt2,
         Some("llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "smaug-bpe" | "dbrx" | "pixtral") => {
-            Split::Regex(LLAMA3_SPLIT)
+            Split::Regex { pattern: LLAMA3_SPLIT, nfc: false }
         }
-        Some("qwen2" | "deepseek-r1-qwen" | "megrez") => Split::Regex(QWEN2_SPLIT),
+        Some("qwen2") => Split::Regex { pattern: QWEN2_SPLIT, nfc: true },
+        Some("deepseek-r1-qwen" | "megrez") => Split::Regex { pattern: QWEN2_SPLIT, nfc: false },
         Some(_) => return None,
     })
 }
@@ -64,9 +67,16 @@ impl Split {
             Split::Gpt2 => byte_level(true),
             Split::DigitsThenGpt2 => serde_json::json!({"type": "Sequence", "pretokenizers": [
                 {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
-            Split::Regex(re) => serde_json::json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
+            Split::Regex { pattern, .. } => serde_json::json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
                 byte_level(false)]}),
+        }
+    }
+
+    fn normalizer(self) -> serde_json::Value {
+        match self {
+            Split::Regex { nfc: true, .. } => serde_json::json!({"type": "NFC"}),
+            _ => serde_json::Value::Null,
         }
     }
 }
@@ -114,7 +124,7 @@ fn byte_level_spelling(token: &str) -> bool {
 /// The `tokenizer.json` of a file whose vocabulary is a byte-level BPE (`tokenizer.ggml.model =
 /// gpt2`): tokens and merges; control tokens (type 3) as special added tokens and user-defined
 /// ones (type 4) as plain added tokens, so text holding them keeps them whole; the split its
-/// `tokenizer.ggml.pre` names ([module docs](self)); a ByteLevel decoder, no normaliser; and
+/// `tokenizer.ggml.pre` names ([module docs](self)); a ByteLevel decoder, NFC for Qwen2 only; and
 /// BOS in front of each text when `tokenizer.ggml.add_bos_token` says so (Llama 3).
 ///
 /// A control token spelled outside the byte-level alphabet (a space in it, say) could never
@@ -164,7 +174,7 @@ pub fn tokenizer_json(g: &Gguf) -> Result<String, PolicyError> {
         "truncation": null,
         "padding": null,
         "added_tokens": added,
-        "normalizer": null,
+        "normalizer": split.normalizer(),
         "pre_tokenizer": split.pre_tokenizer(),
         "post_processor": post_processor,
         "decoder": decoder,
