@@ -147,6 +147,14 @@ fn logprobs_and_entropy<D: FusedOps>(name: &str, dev: &D) {
 
 /// The device's KV-cached decode ([`CausalLm::decode`]): a left-padded prompt batch, then
 /// single columns, against the host engine's logits (1e-4).
+/// A fixture's logits, KV-cached decode, decode session and train steps on `dev`.
+fn every_check<D: FusedOps + GradBuffers>(name: &str, dev: &D) {
+    fixture_logits(name, dev);
+    decode_matches_engine(name, dev);
+    device_session_matches_engine(name, dev);
+    train_steps(name, dev);
+}
+
 fn decode_matches_engine<D: FusedOps>(name: &str, dev: &D) {
     let model = load(name, dev);
     let engine = InferenceModel::from_model(&load(name, &Cpu::default()));
@@ -506,21 +514,12 @@ macro_rules! device_tests {
                 fixture_logits("hf-llama-tiny", &$dev);
             }
             #[test]
-            fn qwen2_fixture_logits() {
-                fixture_logits("hf-qwen2-tiny", &$dev);
-            }
-            #[test]
-            fn qwen2_decode_session_and_train_steps() {
-                decode_matches_engine("hf-qwen2-tiny", &$dev);
-                device_session_matches_engine("hf-qwen2-tiny", &$dev);
-                train_steps("hf-qwen2-tiny", &$dev);
+            fn qwen2_fixture_logits_decode_session_and_train_steps() {
+                every_check("hf-qwen2-tiny", &$dev);
             }
             #[test]
             fn qwen3_fixture_logits_decode_session_and_train_steps() {
-                fixture_logits("hf-qwen3-tiny", &$dev);
-                decode_matches_engine("hf-qwen3-tiny", &$dev);
-                device_session_matches_engine("hf-qwen3-tiny", &$dev);
-                train_steps("hf-qwen3-tiny", &$dev);
+                every_check("hf-qwen3-tiny", &$dev);
             }
             #[test]
             fn llama3_fixture_logits_decode_and_session() {

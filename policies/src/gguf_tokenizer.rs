@@ -38,31 +38,30 @@ enum Split {
     Regex { pattern: &'static str, nfc: bool },
 }
 
-/// The split for a `tokenizer.ggml.pre` name (llama.cpp's names, as its converter writes them
-/// from the hash of how a tokenizer splits a fixed text).
-fn split_for(pre: Option<&str>) -> Option<Split> {
-    Some(match pre {
-        None | Some("default" | "gpt-2" | "gpt2") => Split::Gpt2,
-        Some("smollm") => Split::DigitsThenGpt2,
-        Some("llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "smaug-bpe" | "dbrx" | "pixtral") => {
-            Split::Regex { pattern: LLAMA3_SPLIT, nfc: false }
-        }
-        Some("qwen2") => Split::Regex { pattern: QWEN2_SPLIT, nfc: true },
-        Some("deepseek-r1-qwen" | "megrez") => Split::Regex { pattern: QWEN2_SPLIT, nfc: false },
-        Some(_) => return None,
-    })
-}
+const LLAMA3: Split = Split::Regex { pattern: LLAMA3_SPLIT, nfc: false };
 
-/// Known `tokenizer.ggml.pre` names, for the error on another.
-const KNOWN_PRE: &str = "default, gpt-2, smollm, llama3, llama-v3, llama-bpe, falcon3, smaug-bpe, dbrx, pixtral, \
-                         qwen2, deepseek-r1-qwen, megrez";
+/// The `tokenizer.ggml.pre` names known here (llama.cpp's, as its converter writes them from the
+/// hash of how a tokenizer splits a fixed text) and their splits; a file without the key splits
+/// as GPT-2.
+const PRE_SPLITS: [(&str, Split); 14] = [
+    ("default", Split::Gpt2),
+    ("gpt-2", Split::Gpt2),
+    ("gpt2", Split::Gpt2),
+    ("smollm", Split::DigitsThenGpt2),
+    ("llama3", LLAMA3),
+    ("llama-v3", LLAMA3),
+    ("llama-bpe", LLAMA3),
+    ("falcon3", LLAMA3),
+    ("smaug-bpe", LLAMA3),
+    ("dbrx", LLAMA3),
+    ("pixtral", LLAMA3),
+    ("qwen2", Split::Regex { pattern: QWEN2_SPLIT, nfc: true }),
+    ("deepseek-r1-qwen", Split::Regex { pattern: QWEN2_SPLIT, nfc: false }),
+    ("megrez", Split::Regex { pattern: QWEN2_SPLIT, nfc: false }),
+];
 
 impl Split {
     fn pre_tokenizer(self) -> serde_json::Value {
-        let byte_level = |use_regex: bool| {
-            serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
-                "use_regex": use_regex})
-        };
         match self {
             Split::Gpt2 => byte_level(true),
             Split::DigitsThenGpt2 => serde_json::json!({"type": "Sequence", "pretokenizers": [
@@ -73,12 +72,18 @@ impl Split {
         }
     }
 
+    /// The split's tokenizer.json `normalizer`.
     fn normalizer(self) -> serde_json::Value {
         match self {
             Split::Regex { nfc: true, .. } => serde_json::json!({"type": "NFC"}),
             _ => serde_json::Value::Null,
         }
     }
+}
+
+/// tokenizer.json's `ByteLevel` (pre-tokenizer with or without GPT-2's regex, or decoder).
+fn byte_level(use_regex: bool) -> serde_json::Value {
+    serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
 }
 
 /// The strings of the array metadata `key`.
@@ -140,13 +145,18 @@ pub fn tokenizer_json(g: &Gguf) -> Result<String, PolicyError> {
         None => None,
         Some(other) => return Err(g.err("metadata", format!("`tokenizer.ggml.pre` must be a string, found {other:?}"))),
     };
-    let split = split_for(pre).ok_or_else(|| {
-        let msg = format!(
-            "tokenizer.ggml.pre {pre:?} names a pre-tokenizer this loader does not know ({KNOWN_PRE} are known): \
-             put the model's tokenizer.json beside the file, and it is used instead"
-        );
-        g.err("metadata", msg)
-    })?;
+    let split = match pre {
+        None => Split::Gpt2,
+        Some(pre) => PRE_SPLITS.iter().find(|(name, _)| *name == pre).map(|&(_, split)| split).ok_or_else(|| {
+            let known: Vec<&str> = PRE_SPLITS.iter().map(|(name, _)| *name).collect();
+            let msg = format!(
+                "tokenizer.ggml.pre {pre:?} names a pre-tokenizer this loader does not know ({} are known): \
+                 put the model's tokenizer.json beside the file, and it is used instead",
+                known.join(", ")
+            );
+            g.err("metadata", msg)
+        })?,
+    };
     let tokens = strings(g, "tokenizer.ggml.tokens")?;
     let merges: Vec<[&str; 2]> = strings(g, "tokenizer.ggml.merges")?
         .into_iter()
@@ -167,8 +177,6 @@ pub fn tokenizer_json(g: &Gguf) -> Result<String, PolicyError> {
         })
         .collect();
     let post_processor = bos_post_processor(g, &tokens)?;
-    let decoder = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
-        "use_regex": true});
     Ok(serde_json::json!({
         "version": "1.0",
         "truncation": null,
@@ -177,7 +185,7 @@ pub fn tokenizer_json(g: &Gguf) -> Result<String, PolicyError> {
         "normalizer": split.normalizer(),
         "pre_tokenizer": split.pre_tokenizer(),
         "post_processor": post_processor,
-        "decoder": decoder,
+        "decoder": byte_level(true),
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
             "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
             "vocab": vocab, "merges": merges},
