@@ -522,6 +522,12 @@ macro_rules! device_tests {
                 every_check("hf-qwen3-tiny", &$dev);
             }
             #[test]
+            fn gemma3_fixture_logits_decode_session_train_steps_and_generate() {
+                every_check("hf-gemma3-tiny", &$dev);
+                // greedy continuations 20 tokens past prompts of 28-33, window 8
+                generate_on_device("hf-gemma3-tiny", &$dev);
+            }
+            #[test]
             fn llama3_fixture_logits_decode_and_session() {
                 fixture_logits("hf-llama3-tiny", &$dev);
                 decode_matches_engine("hf-llama3-tiny", &$dev);

@@ -1,6 +1,6 @@
 //! Parity with HF transformers on the tiny GPT-2 and Llama fixtures (`shared/fixtures`, see its
-//! README) and this repository's tiny Qwen2 (random q/k/v biases) and Llama 3 (scaled RoPE) from
-//! `tests/fixtures`: logits per position, next-token log-probs, the left-padded batch, greedy decoding,
+//! README) and this repository's tiny Qwen2 (random q/k/v biases), Llama 3 (scaled RoPE), Qwen3
+//! and Gemma 3 from `tests/fixtures`: logits per position, next-token log-probs, the left-padded batch, greedy decoding,
 //! and the KV-cache path fed one token at a time.
 
 mod common;
@@ -138,6 +138,22 @@ fn qwen3_logits_left_padded_batch_greedy_and_kv_cache() {
     check_greedy("hf-qwen3-tiny");
     check_incremental("hf-qwen3-tiny");
 }
+/// Gemma 3: the scaled embedding, `1 + w` norm gains, four norms per block, q/k head norms, the
+/// GELU-gated MLP, `query_pre_attn_scalar`, and sliding-window layers (window 8, shorter than
+/// every text and every greedy continuation) with their own RoPE base between full ones.
+#[test]
+fn gemma3_logits_left_padded_batch_greedy_and_kv_cache() {
+    let (model, _) = load("hf-gemma3-tiny");
+    let d = model.dims;
+    assert!(d.post_norms && d.norm_unit_offset && d.qk_norm && d.query_scale != 1.0 && d.embed_scale == 8.0);
+    assert_eq!((d.sliding_window, d.rope_local_theta), (Some(8), 100.0));
+    let windows: Vec<Option<usize>> = model.blocks.iter().map(|b| b.window).collect();
+    assert_eq!(windows, [Some(8), None, Some(8), Some(8)]);
+    check_texts("hf-gemma3-tiny");
+    check_left_padded("hf-gemma3-tiny");
+    check_greedy("hf-gemma3-tiny");
+    check_incremental("hf-gemma3-tiny");
+}
 /// Llama 3's RoPE scaling (all three bands of frequencies) and a list of EOS ids.
 #[test]
 fn llama3_rope_scaling_logits_left_padded_batch_greedy_and_kv_cache() {
@@ -158,12 +174,13 @@ fn llama_kv_cache_incremental() {
     check_incremental("hf-llama-tiny");
 }
 
-/// f16 rollout weights: logits stay within 1e-3 of the f32 engine on both fixtures (measured
-/// 2.1e-4 and 2.4e-4: f16 rounds each weight by at most 2^-11 relative).
+/// f16 rollout weights: logits stay within 1e-3 of the f32 engine (measured 1.8e-4 to 3.7e-4:
+/// f16 rounds each weight by at most 2^-11 relative), 2e-3 for Gemma 3 (measured 1.1e-3).
 #[test]
 fn f16_weights_stay_close_to_f32() {
     use rlhf_policies::WeightDtype;
-    for name in ["hf-gpt2-tiny", "hf-llama-tiny", "hf-qwen2-tiny", "hf-llama3-tiny", "hf-qwen3-tiny"] {
+    for name in ["hf-gpt2-tiny", "hf-llama-tiny", "hf-qwen2-tiny", "hf-llama3-tiny", "hf-qwen3-tiny", "hf-gemma3-tiny"]
+    {
         let (model, exp) = load(name);
         let f32e = InferenceModel::from_model(&model);
         let f16e = InferenceModel::from_model_with(&model, WeightDtype::F16);
@@ -177,6 +194,9 @@ fn f16_weights_stay_close_to_f32() {
             worst = worst.max(max_abs_diff(&run(&f32e), &run(&f16e)));
         }
         eprintln!("{name}: max |logit(f16) - logit(f32)| = {worst:e}");
-        assert!(worst < 1e-3, "{name}: f16 logits differ by {worst}");
+        // Gemma's post-branch norms scale each branch's output (and its f16 rounding) up to the
+        // residual stream's size, where the other random tiny models' branches stay small
+        let tol = if name == "hf-gemma3-tiny" { 2e-3 } else { 1e-3 };
+        assert!(worst < tol, "{name}: f16 logits differ by {worst}");
     }
 }

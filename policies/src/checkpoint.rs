@@ -36,8 +36,10 @@ impl Source {
     }
 }
 
-/// Maps a canonical parameter name (see [`CausalLm::params`]) to its HF source.
-fn hf_source(family: Family, canonical: &str) -> Source {
+/// Maps a canonical parameter name (see [`CausalLm::params`]) to its HF source; `post_norms`:
+/// Gemma's four norms per block, whose names move the pre-MLP norm off Llama's
+/// `post_attention_layernorm`.
+fn hf_source(family: Family, post_norms: bool, canonical: &str) -> Source {
     let mut parts = canonical.splitn(3, '.');
     let (head, layer, rest) = (parts.next().unwrap_or(""), parts.next(), parts.next());
     match family {
@@ -78,7 +80,10 @@ fn hf_source(family: Family, canonical: &str) -> Source {
                 };
                 match module {
                     "ln1" => Source::Same(format!("{p}.input_layernorm.{x}")),
+                    "ln2" if post_norms => Source::Same(format!("{p}.pre_feedforward_layernorm.{x}")),
                     "ln2" => Source::Same(format!("{p}.post_attention_layernorm.{x}")),
+                    "attn.post_norm" => Source::Same(format!("{p}.post_attention_layernorm.{x}")),
+                    "mlp.post_norm" => Source::Same(format!("{p}.post_feedforward_layernorm.{x}")),
                     "attn.q" => lin("self_attn.q_proj"),
                     "attn.k" => lin("self_attn.k_proj"),
                     "attn.v" => lin("self_attn.v_proj"),
@@ -231,7 +236,7 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
         let mut fused: BTreeMap<String, Vec<Option<HostTensor>>> = BTreeMap::new();
         for (name, p) in self.params() {
             let t = HostTensor { shape: p.shape(), data: p.to_vec() };
-            match hf_source(family, &name) {
+            match hf_source(family, self.dims.post_norms, &name) {
                 Source::Same(n) => {
                     out.insert(n, t);
                 }
@@ -259,7 +264,9 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
         let mut tensors = normalise_names(family, tensors);
         let mut used = BTreeSet::new();
         let dev = self.dev.clone();
-        let sources: Vec<Source> = self.params_mut().iter().map(|(name, _)| hf_source(family, name)).collect();
+        let post_norms = self.dims.post_norms;
+        let sources: Vec<Source> =
+            self.params_mut().iter().map(|(name, _)| hf_source(family, post_norms, name)).collect();
         // how many parameters still read each source tensor: the last one takes it (no copy)
         let mut readers: BTreeMap<String, usize> = BTreeMap::new();
         for src in &sources {

@@ -1,34 +1,18 @@
 //! Model configuration: one serde type that reads Hugging Face `config.json` files directly.
 //!
-//! The `model_type` field selects the family (`"gpt2"`, or `"llama"`, `"qwen2"` and `"qwen3"`:
-//! Qwen2 is Llama with biases on the q, k and v projections, Qwen3 Llama with an RMSNorm over
-//! each head's queries and keys); every other field keeps the
+//! The `model_type` field selects the family (`"gpt2"`, or `"llama"`, `"qwen2"`, `"qwen3"` and
+//! `"gemma3_text"`: Qwen2 is Llama with biases on the q, k and v projections, Qwen3 Llama with
+//! an RMSNorm over each head's queries and keys, Gemma 3 see [`crate::gemma3`]); every other
+//! field keeps the
 //! name transformers uses, so an HF config deserialises unchanged and our saved configs load back
 //! in transformers. Unknown HF fields (`architectures`, `torch_dtype`, …) are accepted and ignored
 //! on purpose: they describe the checkpoint, not the network.
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::dims::{Dims, Family, GeluKind, Glu, NormKind};
 use crate::error::PolicyError;
-
-/// Which transformer family a checkpoint belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    /// GPT-2: learned positions, LayerNorm, GELU (tanh), biases, fused `c_attn`.
-    Gpt2,
-    /// Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases (Qwen2: biases on q, k
-    /// and v, [`Dims::qkv_bias`]; Qwen3: q/k head norms, [`Dims::qk_norm`]).
-    Llama,
-}
-
-/// Normalisation layer kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NormKind {
-    /// `(x - mean) / sqrt(var + eps) * w + b`
-    LayerNorm,
-    /// `x / sqrt(mean(x²) + eps) * w`
-    RmsNorm,
-}
+pub use crate::gemma3::Gemma3Config;
 
 /// A model configuration in Hugging Face's `config.json` shape, tagged by `model_type`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,6 +32,9 @@ pub enum ModelConfig {
     /// head's queries and keys before RoPE (`q_norm`, `k_norm`).
     #[serde(rename = "qwen3")]
     Qwen3(LlamaConfig),
+    /// Gemma 3's text model (`Gemma3ForCausalLM`): see [`crate::gemma3`].
+    #[serde(rename = "gemma3_text")]
+    Gemma3Text(Gemma3Config),
 }
 
 /// `GPT2Config` fields (transformers names).
@@ -239,97 +226,6 @@ fn llama_architectures() -> Vec<String> {
     vec!["LlamaForCausalLM".into()]
 }
 
-/// Which GELU the GPT-2 MLP uses (transformers' `activation_function`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GeluKind {
-    /// `gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
-    Tanh,
-    /// `gelu`: the exact `x·Φ(x) = 0.5·x·(1 + erf(x/√2))` (PyTorch's `nn.GELU()`, nanoGPT's).
-    Erf,
-}
-
-/// The sizes every layer needs, resolved from either family. Built by [`ModelConfig::dims`].
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Dims {
-    /// Family.
-    pub family: Family,
-    /// Vocabulary size V.
-    pub vocab: usize,
-    /// Width d.
-    pub d_model: usize,
-    /// Blocks.
-    pub n_layer: usize,
-    /// Query heads.
-    pub n_head: usize,
-    /// Key/value heads.
-    pub n_kv_head: usize,
-    /// Per-head width.
-    pub head_dim: usize,
-    /// MLP width.
-    pub d_ff: usize,
-    /// Maximum positions.
-    pub max_positions: usize,
-    /// Norm epsilon.
-    pub norm_eps: f32,
-    /// RoPE base (Llama only).
-    pub rope_theta: f32,
-    /// Llama 3's scaling of the RoPE frequencies, if the config has it.
-    pub rope_scaling: Option<crate::rope::Llama3Scaling>,
-    /// LM head tied to the token embedding.
-    pub tied: bool,
-    /// Init std.
-    pub init_std: f32,
-    /// The MLP's GELU (GPT-2; Llama's SwiGLU ignores it).
-    pub gelu: GeluKind,
-    /// Whether linears and norms carry biases (GPT-2 by default; never Llama).
-    pub bias: bool,
-    /// Whether the q, k and v projections carry biases (Qwen2), whatever `bias` says.
-    pub qkv_bias: bool,
-    /// Whether each head's queries and keys pass an RMSNorm (gain `(Dh,)`) before RoPE (Qwen3).
-    pub qk_norm: bool,
-}
-
-impl Dims {
-    /// Normalisation kind of this family.
-    pub fn norm(&self) -> NormKind {
-        match self.family {
-            Family::Gpt2 => NormKind::LayerNorm,
-            Family::Llama => NormKind::RmsNorm,
-        }
-    }
-    /// Whether linears and norms carry biases.
-    pub fn has_bias(&self) -> bool {
-        self.bias
-    }
-    /// Width of the q projection (n_head · head_dim).
-    pub fn q_dim(&self) -> usize {
-        self.n_head * self.head_dim
-    }
-    /// Width of the k and v projections (n_kv_head · head_dim).
-    pub fn kv_dim(&self) -> usize {
-        self.n_kv_head * self.head_dim
-    }
-
-    /// The longest sequence the model can take: its position table's size with learned
-    /// positions (GPT-2); none with rotary positions (Llama), where `max_positions` only says
-    /// what it was trained on.
-    pub fn position_limit(&self) -> Option<usize> {
-        (self.family == Family::Gpt2).then_some(self.max_positions)
-    }
-
-    /// A decode step's inputs: every id inside the vocabulary and every position inside the
-    /// [`Dims::position_limit`].
-    pub(crate) fn check_step(&self, ids: &[u32], positions: &[usize]) -> Result<(), PolicyError> {
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
-            return Err(PolicyError::Input(format!("token id {id} is outside the vocabulary of {}", self.vocab)));
-        }
-        if let Some(limit) = self.position_limit().filter(|&l| positions.iter().any(|&p| p >= l)) {
-            return Err(PolicyError::Input(format!("sequence longer than the model's {limit} positions")));
-        }
-        Ok(())
-    }
-}
-
 impl ModelConfig {
     /// Reads and validates a `config.json`; errors name the file and the field.
     pub fn from_file(path: &std::path::Path) -> Result<Self, PolicyError> {
@@ -354,10 +250,11 @@ impl ModelConfig {
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| PolicyError::config("<json>", format!("not valid JSON: {e}")))?;
         match value.get("model_type").and_then(|v| v.as_str()) {
-            Some("gpt2" | "llama" | "qwen2" | "qwen3") => {}
+            Some("gpt2" | "llama" | "qwen2" | "qwen3" | "gemma3_text") => {}
             Some(other) => {
-                let msg =
-                    format!("unsupported model_type {other:?} (\"gpt2\", \"llama\", \"qwen2\" and \"qwen3\" are)");
+                let msg = format!(
+                    "unsupported model_type {other:?} (\"gpt2\", \"llama\", \"qwen2\", \"qwen3\" and \"gemma3_text\" are)"
+                );
                 return Err(PolicyError::config("model_type", msg));
             }
             None => return Err(PolicyError::config("model_type", "missing or not a string".into())),
@@ -417,7 +314,9 @@ impl ModelConfig {
     pub fn family(&self) -> Family {
         match self {
             ModelConfig::Gpt2(_) => Family::Gpt2,
-            ModelConfig::Llama(_) | ModelConfig::Qwen2(_) | ModelConfig::Qwen3(_) => Family::Llama,
+            ModelConfig::Llama(_) | ModelConfig::Qwen2(_) | ModelConfig::Qwen3(_) | ModelConfig::Gemma3Text(_) => {
+                Family::Llama
+            }
         }
     }
 
@@ -426,6 +325,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(c) => c.vocab_size,
             ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) => c.vocab_size,
+            ModelConfig::Gemma3Text(c) => c.vocab_size,
         }
     }
 
@@ -434,6 +334,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(c) => c.vocab_size = v,
             ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) => c.vocab_size = v,
+            ModelConfig::Gemma3Text(c) => c.vocab_size = v,
         }
     }
 
@@ -449,6 +350,7 @@ impl ModelConfig {
             ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) => {
                 c.eos_token_id.as_ref().map(TokenIds::ids).unwrap_or_default()
             }
+            ModelConfig::Gemma3Text(c) => c.eos_token_id.as_ref().map(TokenIds::ids).unwrap_or_default(),
         }
     }
 
@@ -457,6 +359,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(c) => c.bos_token_id,
             ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) => c.bos_token_id,
+            ModelConfig::Gemma3Text(c) => c.bos_token_id,
         }
     }
 
@@ -465,6 +368,16 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(c) => c.pad_token_id,
             ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) => c.pad_token_id,
+            ModelConfig::Gemma3Text(c) => c.pad_token_id,
+        }
+    }
+
+    /// Each layer's attention window: `None` for full attention (every layer but Gemma 3's
+    /// sliding ones), `Some(w)` for a layer whose queries see their last `w` positions.
+    pub fn layer_windows(&self) -> Result<Vec<Option<usize>>, PolicyError> {
+        match self {
+            ModelConfig::Gemma3Text(c) => c.layer_windows(),
+            _ => Ok(vec![None; self.dims()?.n_layer]),
         }
     }
 
@@ -475,6 +388,7 @@ impl ModelConfig {
             ModelConfig::Llama(c) => llama_dims(c, false, false)?,
             ModelConfig::Qwen2(c) => llama_dims(c, true, false)?,
             ModelConfig::Qwen3(c) => llama_dims(c, false, true)?,
+            ModelConfig::Gemma3Text(c) => c.dims()?,
         };
         for (name, v) in [
             ("vocab_size", d.vocab),
@@ -534,6 +448,7 @@ fn gpt2_dims(c: &Gpt2Config) -> Result<Dims, PolicyError> {
         bias: c.bias,
         qkv_bias: false,
         qk_norm: false,
+        ..Dims::PLAIN
     })
 }
 
@@ -589,6 +504,7 @@ fn llama_dims(c: &LlamaConfig, qkv_bias: bool, qk_norm: bool) -> Result<Dims, Po
         bias: false,
         qkv_bias,
         qk_norm,
+        ..Dims::PLAIN
     })
 }
 

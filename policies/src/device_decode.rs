@@ -13,9 +13,10 @@ use rlhf_envs::{Action, EnvError, Policy};
 
 use crate::config::Family;
 use crate::error::PolicyError;
+use crate::forward_ctx::{apply_rope, outside_window};
 use crate::fused::FusedOps;
 use crate::infer::LogitsAt;
-use crate::model::{apply_rope, CausalLm, MASKED};
+use crate::model::{CausalLm, MASKED};
 use crate::nucleus::RowLogits;
 use crate::sampling::{row_seed, SamplingConfig};
 use crate::session::{model_err, sample_rows};
@@ -73,21 +74,26 @@ impl<D: FusedOps> CausalLm<D> {
         let positions: Vec<usize> = pad.iter().flat_map(|&p| (l0..l0 + n).map(move |j| j.saturating_sub(p))).collect();
         dims.check_step(ids, &positions)?;
         let l = l0 + n;
-        // (B, n, L) additive mask: a key column is visible if it is real and not in the future
-        let mut mask = vec![0.0f32; b * n * l];
-        for r in 0..b {
-            for i in 0..n {
-                for j in 0..l {
-                    if j < pad[r] || j > l0 + i {
-                        mask[(r * n + i) * l + j] = MASKED;
+        // (B, n, L) additive mask: a key column is visible if it is real, not in the future and
+        // (local layers) inside the window
+        let masks = |window: Option<usize>| {
+            let mut mask = vec![0.0f32; b * n * l];
+            for r in 0..b {
+                for i in 0..n {
+                    for j in 0..l {
+                        if j < pad[r] || j > l0 + i || outside_window(window, l0 + i, j) {
+                            mask[(r * n + i) * l + j] = MASKED;
+                        }
                     }
                 }
             }
-        }
-        let mask = self.dev.tensor_from_vec(mask, (b, n, l));
+            self.dev.tensor_from_vec(mask, (b, n, l))
+        };
+        let mask = masks(None);
         let rope = (dims.family == Family::Llama).then(|| self.rope_at(&positions));
+        let local = self.local_window().map(|w| (masks(Some(w)), self.rope_with(&positions, &dims.local_rope())));
         let ids: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
-        let mut x = D::embed(NoneTape, &self.wte, self.wpe.as_ref(), &ids, &positions);
+        let mut x = self.embed(NoneTape, &ids, &positions);
         let (nh, nkv, dh) = (dims.n_head, dims.n_kv_head, dims.head_dim);
         for (layer, blk) in self.blocks.iter().enumerate() {
             let h = blk.ln1.forward(x.clone());
@@ -99,10 +105,15 @@ impl<D: FusedOps> CausalLm<D> {
                 Some([q_norm, k_norm]) => (q_norm.forward(q), k_norm.forward(k)),
                 None => (q, k),
             };
-            let (q, k) = match &rope {
+            let (mask, rope) = match (&local, blk.window) {
+                (Some((mask, rope)), Some(_)) => (mask, Some(rope)),
+                _ => (&mask, rope.as_ref()),
+            };
+            let (q, k) = match rope {
                 Some(r) => (apply_rope(q, &r.cos_q, &r.sin_q, &r.rot), apply_rope(k, &r.cos_k, &r.sin_k, &r.rot)),
                 None => (q, k),
             };
+            let q = if dims.query_scale != 1.0 { q * dims.query_scale } else { q };
             let (q, k) = (q.reshape_like(&(b * n, nh * dh)), k.reshape_like(&(b * n, nkv * dh)));
             let heads = |t: A2<D>, hs: usize| -> A4<D> {
                 // (B·n, hs·Dh) → (B, hs, n, Dh), made contiguous
@@ -116,8 +127,8 @@ impl<D: FusedOps> CausalLm<D> {
             let scores = scores + mask.clone().broadcast_like::<_, Axis<1>>(&(b, nh, n, l));
             let y = scores.softmax::<Axis<3>>().matmul(values); // (B, H, n, Dh)
             let y = y.permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(b * n, nh * dh));
-            let x1 = blk.wo.forward_residual(y, &x);
-            x = blk.mlp.forward(blk.ln2.forward(x1.clone()), &x1, dims.gelu);
+            let x1 = blk.attn_out(y, &x);
+            x = blk.mlp_out(x1.clone(), &x1, dims);
         }
         cache.len = l;
         if at == LogitsAt::Last {

@@ -12,7 +12,7 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-use crate::config::{Dims, Family, GeluKind, NormKind};
+use crate::config::{Dims, Family, GeluKind, Glu, NormKind};
 use crate::decode_attn::attend;
 use crate::error::PolicyError;
 use crate::kernels::{gelu_erf_inplace, gelu_tanh_inplace, matmul, silu_inplace, PackedMatrix, WeightDtype};
@@ -54,6 +54,10 @@ struct LayerW {
     qk_norm: Option<[NormW; 2]>,
     ln2: NormW,
     mlp: MlpW,
+    /// Gemma's norms on the attention's and the MLP's outputs.
+    post_norms: Option<[NormW; 2]>,
+    /// The attention window of a local layer.
+    window: Option<usize>,
 }
 
 /// A weight snapshot for fast, tape-free inference.
@@ -69,6 +73,8 @@ pub struct InferenceModel {
     /// small-m matmul instead of a strided gemm that repacks the embedding every step.
     head_t: PackedMatrix,
     inv_freq: Vec<f32>,
+    /// Local layers' RoPE frequencies (empty without local layers).
+    inv_freq_local: Vec<f32>,
 }
 
 /// Per-layer keys and values for every row, `[B][Hkv][cap][Dh]`. Each row has its own fill
@@ -169,8 +175,13 @@ pub enum LogitsAt {
     Last,
 }
 
+/// A norm's gain, bias and kind; Gemma's `1 + w` gain stored as that sum.
 fn norm_w<D: Device<f32>>(n: &Norm<D>) -> NormW {
-    NormW { w: n.w.as_vec(), b: n.b.as_ref().map(|b| b.as_vec()), kind: n.kind, eps: n.eps }
+    let mut w = n.w.as_vec();
+    if n.unit_offset {
+        w.iter_mut().for_each(|w| *w += 1.0);
+    }
+    NormW { w, b: n.b.as_ref().map(|b| b.as_vec()), kind: n.kind, eps: n.eps }
 }
 
 /// Concatenates `(k, n_i)` row-major matrices along columns.
@@ -245,6 +256,8 @@ impl InferenceModel {
                     qk_norm: blk.qk_norm.as_ref().map(|[q, k]| [norm_w(q), norm_w(k)]),
                     ln2: norm_w(&blk.ln2),
                     mlp,
+                    post_norms: blk.post_norms.as_ref().map(|[a, m]| [norm_w(a), norm_w(m)]),
+                    window: blk.window,
                 }
             })
             .collect();
@@ -265,6 +278,10 @@ impl InferenceModel {
                 dtype,
             ),
             inv_freq: if dims.family == Family::Llama { rope::inv_freq(&dims) } else { vec![] },
+            inv_freq_local: match model.local_window() {
+                Some(_) => rope::inv_freq(&dims.local_rope()),
+                None => vec![],
+            },
         }
     }
 
@@ -292,6 +309,9 @@ impl InferenceModel {
         for (row, xr) in x.chunks_mut(c).enumerate() {
             let id = ids[row] as usize;
             xr.copy_from_slice(&self.wte[id * c..(id + 1) * c]);
+            if d.embed_scale != 1.0 {
+                xr.iter_mut().for_each(|x| *x *= d.embed_scale);
+            }
             if let Some(wpe) = &self.wpe {
                 let p = positions[row];
                 xr.iter_mut().zip(&wpe[p * c..(p + 1) * c]).for_each(|(x, w)| *x += w);
@@ -344,22 +364,55 @@ impl InferenceModel {
             }
         }
         if d.family == Family::Llama {
-            self.rope_rows(&mut qkv, positions, width);
+            let inv_freq = if l.window.is_some() { &self.inv_freq_local } else { &self.inv_freq };
+            rope_rows(d, inv_freq, &mut qkv, positions, width);
+        }
+        if d.query_scale != 1.0 {
+            qkv.chunks_mut(width).for_each(|row| row[..qd].iter_mut().for_each(|q| *q *= d.query_scale));
         }
         self.write_cache(li, cache, rows, &qkv, n, width);
-        let att = self.attention(li, cache, rows, &qkv, n, width);
-        matmul(&att, &l.o, x, m, true);
-        if let Some(bias) = &l.o_b {
-            add_bias(x, bias);
+        let att = self.attention(li, l.window, cache, rows, &qkv, n, width);
+        match &l.post_norms {
+            None => {
+                matmul(&att, &l.o, x, m, true);
+                if let Some(bias) = &l.o_b {
+                    add_bias(x, bias);
+                }
+            }
+            Some([post, _]) => {
+                let mut y = vec![0.0f32; m * c];
+                matmul(&att, &l.o, &mut y, m, false);
+                if let Some(bias) = &l.o_b {
+                    add_bias(&mut y, bias);
+                }
+                apply_norm(post, &mut y, c);
+                x.iter_mut().zip(&y).for_each(|(x, y)| *x += y);
+            }
         }
         // MLP
         h.copy_from_slice(x);
         apply_norm(&l.ln2, &mut h, c);
+        let mut y = match &l.post_norms {
+            Some(_) => vec![0.0f32; m * c],
+            None => vec![],
+        };
+        // the MLP adds into the residual stream x, or (post norm) into y first
+        let out: &mut [f32] = if l.post_norms.is_some() { &mut y } else { x };
+        self.mlp_forward(&l.mlp, &h, out, m);
+        if let Some([_, post]) = &l.post_norms {
+            apply_norm(post, &mut y, c);
+            x.iter_mut().zip(&y).for_each(|(x, y)| *x += y);
+        }
+    }
+
+    /// `x += mlp(h)` for `m` rows.
+    fn mlp_forward(&self, mlp: &MlpW, h: &[f32], x: &mut [f32], m: usize) {
+        let d = &self.dims;
         let f = d.d_ff;
-        match &l.mlp {
+        match mlp {
             MlpW::Gelu { fc, fc_b, proj, proj_b } => {
                 let mut a = vec![0.0f32; m * f];
-                matmul(&h, fc, &mut a, m, false);
+                matmul(h, fc, &mut a, m, false);
                 if let Some(bias) = fc_b {
                     add_bias(&mut a, bias);
                 }
@@ -371,29 +424,13 @@ impl InferenceModel {
             }
             MlpW::SwiGlu { gate_up, down } => {
                 let mut gu = vec![0.0f32; m * 2 * f];
-                matmul(&h, gate_up, &mut gu, m, false);
+                matmul(h, gate_up, &mut gu, m, false);
                 let mut a: Vec<f32> = gu.chunks(2 * f).flat_map(|r| r[..f].iter().copied()).collect();
-                par_apply(&mut a, silu_inplace);
+                par_apply(&mut a, if d.glu == Glu::GeluTanh { gelu_tanh_inplace } else { silu_inplace });
                 for (a, r) in a.chunks_mut(f).zip(gu.chunks(2 * f)) {
                     a.iter_mut().zip(&r[f..]).for_each(|(g, u)| *g *= u);
                 }
                 matmul(&a, down, x, m, true);
-            }
-        }
-    }
-
-    fn rope_rows(&self, qkv: &mut [f32], positions: &[usize], width: usize) {
-        let d = &self.dims;
-        let (dh, half) = (d.head_dim, d.head_dim / 2);
-        let (mut cos, mut sin) = (vec![0.0f32; dh], vec![0.0f32; dh]);
-        for (row, &p) in positions.iter().enumerate() {
-            for i in 0..half {
-                let (s, co) = (p as f32 * self.inv_freq[i]).sin_cos();
-                (cos[i], cos[i + half], sin[i], sin[i + half]) = (co, co, s, s);
-            }
-            let r = &mut qkv[row * width..row * width + d.q_dim() + d.kv_dim()];
-            for head in r.chunks_mut(dh) {
-                rope::apply(head, &cos, &sin);
             }
         }
     }
@@ -415,8 +452,19 @@ impl InferenceModel {
         }
     }
 
-    /// Softmax attention of the `n` new queries of each row over its cached, non-pad keys.
-    fn attention(&self, li: usize, cache: &KvCache, rows: &[usize], qkv: &[f32], n: usize, width: usize) -> Vec<f32> {
+    /// Softmax attention of the `n` new queries of each row over its cached, non-pad keys (the
+    /// last `window` of them in a local layer).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        li: usize,
+        window: Option<usize>,
+        cache: &KvCache,
+        rows: &[usize],
+        qkv: &[f32],
+        n: usize,
+        width: usize,
+    ) -> Vec<f32> {
         let d = &self.dims;
         let (dh, nh, nkv, cap) = (d.head_dim, d.n_head, d.n_kv_head, cache.cap);
         let rep = nh / nkv;
@@ -435,7 +483,8 @@ impl InferenceModel {
                 let q_row = &qkv[(bi * n + i) * width..];
                 for h in 0..nh {
                     let base = (r * nkv + h / rep) * cap;
-                    let keys = (base + pad) * dh..(base + col + 1) * dh;
+                    let first = window.map_or(pad, |w| pad.max((col + 1).saturating_sub(w)));
+                    let keys = (base + first) * dh..(base + col + 1) * dh;
                     let o = &mut out_r[i * nh * dh + h * dh..i * nh * dh + (h + 1) * dh];
                     attend(&q_row[h * dh..(h + 1) * dh], &kc[keys.clone()], &vc[keys], scale, &mut scores, o);
                 }
@@ -448,6 +497,23 @@ impl InferenceModel {
             out.chunks_mut(chunk).enumerate().for_each(row_fn);
         }
         out
+    }
+}
+
+/// RoPE at `positions` on the q and k columns of `qkv`'s rows (`width` wide), with frequencies
+/// `inv_freq`.
+fn rope_rows(d: &Dims, inv_freq: &[f32], qkv: &mut [f32], positions: &[usize], width: usize) {
+    let (dh, half) = (d.head_dim, d.head_dim / 2);
+    let (mut cos, mut sin) = (vec![0.0f32; dh], vec![0.0f32; dh]);
+    for (row, &p) in positions.iter().enumerate() {
+        for i in 0..half {
+            let (s, co) = (p as f32 * inv_freq[i]).sin_cos();
+            (cos[i], cos[i + half], sin[i], sin[i + half]) = (co, co, s, s);
+        }
+        let r = &mut qkv[row * width..row * width + d.q_dim() + d.kv_dim()];
+        for head in r.chunks_mut(dh) {
+            rope::apply(head, &cos, &sin);
+        }
     }
 }
 

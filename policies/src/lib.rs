@@ -1,7 +1,8 @@
 //! `rlhf-policies`: the language models that act as policies, references, critics and reward
 //! models, on dfdx with runtime shapes.
 //!
-//! - [`ModelConfig`]: HF `config.json` for the GPT-2 and Llama families, presets `tiny`/`small`.
+//! - [`ModelConfig`]: HF `config.json` for GPT-2, Llama, Qwen2, Qwen3 and Gemma 3 (text), presets
+//!   `tiny`/`small`.
 //! - [`CausalLm`]: the training forward (dfdx ops and tape), [`ScalarHead`] for values/rewards,
 //!   the parameter walker, [`AdamW`] and [`clip_grad_norm`], [`CausalLm::frozen_copy`].
 //! - [`InferenceModel`]: a tape-free, KV-cached forward for rollouts, pinned to the training
@@ -30,11 +31,14 @@ pub mod config;
 pub mod cuda_engine;
 mod decode_attn;
 pub mod device_decode;
+pub mod dims;
 pub mod embed;
 pub mod error;
+mod forward_ctx;
 pub mod freeze;
 pub mod fused;
 pub mod gelu;
+pub mod gemma3;
 pub mod gguf;
 pub mod gguf_quants;
 pub mod gguf_tokenizer;

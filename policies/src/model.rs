@@ -14,8 +14,9 @@ use rand_distr::Normal;
 
 use crate::attention::AttnShape;
 use crate::batch::Batch;
-use crate::config::{Dims, Family, GeluKind, ModelConfig, NormKind};
+use crate::config::{Dims, Family, GeluKind, Glu, ModelConfig, NormKind};
 use crate::error::PolicyError;
+use crate::forward_ctx::{apply_rope, Ctx};
 use crate::fused::FusedOps;
 use crate::linear::{Affine, WeightLayout};
 use crate::logprobs::Head;
@@ -75,20 +76,25 @@ impl Init {
 impl<D: FusedOps> Linear<D> {
     /// `(N, in) → (N, out)`.
     pub fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>) -> A2<D, T> {
-        D::linear(x, Affine { w: &self.w, layout: WeightLayout::InOut, b: self.b.as_ref(), residual: None })
+        self.forward_plus(x, None)
     }
 
     /// `(N, in) → r + x·W + b`: the block's output projections add the residual stream `r`
     /// (untaped; its gradient is recorded by id) in the same pass.
     pub fn forward_residual<T: Tape<f32, D>>(&self, x: A2<D, T>, r: &A2<D, NoneTape>) -> A2<D, T> {
-        D::linear(x, Affine { w: &self.w, layout: WeightLayout::InOut, b: self.b.as_ref(), residual: Some(r) })
+        self.forward_plus(x, Some(r))
+    }
+
+    /// [`Linear::forward_residual`] with the residual optional.
+    fn forward_plus<T: Tape<f32, D>>(&self, x: A2<D, T>, r: Option<&A2<D, NoneTape>>) -> A2<D, T> {
+        D::linear(x, Affine { w: &self.w, layout: WeightLayout::InOut, b: self.b.as_ref(), residual: r })
     }
 }
 
 /// LayerNorm (GPT-2) or RMSNorm (Llama).
 #[derive(Debug, Clone)]
 pub struct Norm<D: Storage<f32>> {
-    /// Gain `(C,)`.
+    /// Gain `(C,)`, or with `unit_offset` the `w` of the gain `1 + w`.
     pub w: T1<D>,
     /// Bias `(C,)` (LayerNorm only).
     pub b: Option<T1<D>>,
@@ -96,6 +102,8 @@ pub struct Norm<D: Storage<f32>> {
     pub kind: NormKind,
     /// Epsilon inside the square root.
     pub eps: f32,
+    /// The gain is `1 + w` (Gemma's RMSNorm, [`Dims::norm_unit_offset`]).
+    pub unit_offset: bool,
 }
 
 impl<D: FusedOps> Norm<D> {
@@ -103,12 +111,18 @@ impl<D: FusedOps> Norm<D> {
         let c = dims.d_model;
         let kind = dims.norm();
         let b = (kind == NormKind::LayerNorm && dims.has_bias()).then(|| dev.zeros_like(&(c,)));
-        Norm { w: dev.ones_like(&(c,)), b, kind, eps: dims.norm_eps }
+        Self::unit(dev, dims, c, kind, b)
     }
 
-    /// Qwen3's RMSNorm over one head's `Dh` values (unit gain).
+    /// Qwen3's and Gemma 3's RMSNorm over one head's `Dh` values.
     fn head(dev: &D, dims: &Dims) -> Self {
-        Norm { w: dev.ones_like(&(dims.head_dim,)), b: None, kind: NormKind::RmsNorm, eps: dims.norm_eps }
+        Self::unit(dev, dims, dims.head_dim, NormKind::RmsNorm, None)
+    }
+
+    /// A norm of width `c` with unit gain (`w` = 1, or 0 under a unit offset).
+    fn unit(dev: &D, dims: &Dims, c: usize, kind: NormKind, b: Option<T1<D>>) -> Self {
+        let w = if dims.norm_unit_offset { dev.zeros_like(&(c,)) } else { dev.ones_like(&(c,)) };
+        Norm { w, b, kind, eps: dims.norm_eps, unit_offset: dims.norm_unit_offset }
     }
 
     /// `(N, C) → (N, C)`.
@@ -123,7 +137,8 @@ impl<D: FusedOps> Norm<D> {
                 let ms = x.retaped::<T>().square().mean::<(usize,), Axis<1>>();
                 let inv = (ms + self.eps).sqrt().recip();
                 let y = x.put_tape(tape) * inv.broadcast_like::<_, Axis<1>>(&s);
-                let y = y * self.w.retaped::<T>().broadcast_like::<_, Axis<0>>(&s);
+                let gain = if self.unit_offset { self.w.retaped::<T>() + 1.0 } else { self.w.retaped::<T>() };
+                let y = y * gain.broadcast_like::<_, Axis<0>>(&s);
                 match &self.b {
                     Some(b) => y + b.retaped::<T>().broadcast_like::<_, Axis<0>>(&s),
                     None => y,
@@ -143,7 +158,8 @@ pub enum Mlp<D: Storage<f32>> {
         /// `(F, C)`.
         proj: Linear<D>,
     },
-    /// Llama: `down(silu(gate(x)) * up(x))`.
+    /// Llama: `down(silu(gate(x)) * up(x))`; Gemma's GeGLU with the tanh GELU for SiLU
+    /// ([`Dims::glu`]).
     SwiGlu {
         /// `(C, F)`.
         gate: Linear<D>,
@@ -155,17 +171,23 @@ pub enum Mlp<D: Storage<f32>> {
 }
 
 impl<D: FusedOps> Mlp<D> {
-    /// `r + mlp(x)`.
-    pub(crate) fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>, r: &A2<D, NoneTape>, gelu: GeluKind) -> A2<D, T> {
+    /// `r + mlp(x)`, or `mlp(x)` without `r`.
+    pub(crate) fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>, r: Option<&A2<D, NoneTape>>, dims: &Dims) -> A2<D, T> {
+        let out = |l: &Linear<D>, a| l.forward_plus(a, r);
         match self {
-            Mlp::Gelu { fc, proj } => proj.forward_residual(D::gelu(fc.forward(x), gelu), r),
+            Mlp::Gelu { fc, proj } => out(proj, D::gelu(fc.forward(x), dims.gelu)),
             Mlp::SwiGlu { gate, up, down } => {
                 let (x, tape) = x.split_tape();
                 let g = gate.forward(x.clone().put_tape(tape));
                 let u = up.forward(x.retaped::<T>());
-                let (g, tape) = g.split_tape();
-                let silu = g.clone().put_tape(tape) * g.retaped::<T>().sigmoid();
-                down.forward_residual(silu * u, r)
+                let act = match dims.glu {
+                    Glu::Silu => {
+                        let (g, tape) = g.split_tape();
+                        g.clone().put_tape(tape) * g.retaped::<T>().sigmoid()
+                    }
+                    Glu::GeluTanh => D::gelu(g, GeluKind::Tanh),
+                };
+                out(down, act * u)
             }
         }
     }
@@ -190,28 +212,12 @@ pub struct Block<D: Storage<f32>> {
     pub ln2: Norm<D>,
     /// Feed-forward.
     pub mlp: Mlp<D>,
-}
-
-/// Per-forward constants shared by all blocks: the additive mask and RoPE tables.
-pub(crate) struct Ctx<D: Storage<f32>> {
-    b: usize,
-    t: usize,
-    /// `(B, T, T)` additive mask: causal and key padding.
-    pub(crate) mask: Tensor<(usize, usize, usize), f32, D>,
-    /// The same mask on the host, row-major, for a whole-block op (one copy per forward
-    /// instead of one per block).
-    pub(crate) mask_host: Vec<f32>,
-    /// RoPE `(B·T·H, Dh)` tables for queries and `(B·T·Hkv, Dh)` for keys, and the
-    /// `(Dh, Dh)` matrix with `x·R = rotate_half(x)`.
-    rope: Option<Rope<D>>,
-}
-
-pub(crate) struct Rope<D: Storage<f32>> {
-    pub(crate) cos_q: T2<D>,
-    pub(crate) sin_q: T2<D>,
-    pub(crate) cos_k: T2<D>,
-    pub(crate) sin_k: T2<D>,
-    pub(crate) rot: T2<D>,
+    /// Gemma's norms on the attention's and the MLP's outputs, before each residual add
+    /// ([`Dims::post_norms`]).
+    pub post_norms: Option<[Norm<D>; 2]>,
+    /// This layer's attention window ([`ModelConfig::layer_windows`]); `None`: every earlier
+    /// position.
+    pub window: Option<usize>,
 }
 
 impl<D: FusedOps> Block<D> {
@@ -242,7 +248,24 @@ impl<D: FusedOps> Block<D> {
         let (x, tape) = x.split_tape();
         let x = self.attention(self.ln1.forward(x.clone().put_tape(tape)), &x, dims, ctx);
         let (x, tape) = x.split_tape();
-        self.mlp.forward(self.ln2.forward(x.clone().put_tape(tape)), &x, dims.gelu)
+        self.mlp_out(x.clone().put_tape(tape), &x, dims)
+    }
+
+    /// `r + o(y)` for the attention heads' output `y` `(N, H·Dh)`, with Gemma's norm on `o(y)`.
+    pub(crate) fn attn_out<T: Tape<f32, D>>(&self, y: A2<D, T>, r: &A2<D, NoneTape>) -> A2<D, T> {
+        match &self.post_norms {
+            None => self.wo.forward_residual(y, r),
+            Some([post, _]) => post.forward(self.wo.forward(y)) + r.clone(),
+        }
+    }
+
+    /// `r + mlp(ln2(x))`, with Gemma's norm on `mlp(…)`.
+    pub(crate) fn mlp_out<T: Tape<f32, D>>(&self, x: A2<D, T>, r: &A2<D, NoneTape>, dims: &Dims) -> A2<D, T> {
+        let h = self.ln2.forward(x);
+        match &self.post_norms {
+            None => self.mlp.forward(h, Some(r), dims),
+            Some([_, post]) => post.forward(self.mlp.forward(h, None, dims)) + r.clone(),
+        }
     }
 
     /// `r +` causal self-attention with GQA, optional q/k head norms and optional RoPE.
@@ -259,27 +282,16 @@ impl<D: FusedOps> Block<D> {
             Some([q_norm, k_norm]) => (q_norm.forward(q), k_norm.forward(k)),
             None => (q, k),
         };
-        let (q, k) = match &ctx.rope {
+        let (mask, rope) = ctx.for_layer(self.window.is_some());
+        let (q, k) = match rope {
             Some(r) => (apply_rope(q, &r.cos_q, &r.sin_q, &r.rot), apply_rope(k, &r.cos_k, &r.sin_k, &r.rot)),
             None => (q, k),
         };
+        let q = if dims.query_scale != 1.0 { q * dims.query_scale } else { q };
         let shape = AttnShape { b, t, nh, nkv, dh };
-        let y =
-            D::attention(q.reshape_like(&(b * t, nh * dh)), k.reshape_like(&(b * t, nkv * dh)), v, &ctx.mask, shape);
-        self.wo.forward_residual(y, r)
+        let y = D::attention(q.reshape_like(&(b * t, nh * dh)), k.reshape_like(&(b * t, nkv * dh)), v, mask, shape);
+        self.attn_out(y, r)
     }
-}
-
-/// `rope(x) = x·cos + rotate_half(x)·sin` on `(N, Dh)` rows (NeoX / rotate_half layout).
-pub(crate) fn apply_rope<D: Device<f32>, T: Tape<f32, D>>(
-    x: A2<D, T>,
-    cos: &T2<D>,
-    sin: &T2<D>,
-    rot: &T2<D>,
-) -> A2<D, T> {
-    let (x, tape) = x.split_tape();
-    let rotated = x.retaped::<T>().matmul(rot.clone());
-    x.put_tape(tape) * cos.clone() + rotated * sin.clone()
 }
 
 /// A causal language model with runtime sizes. The frozen reference is [`CausalLm::frozen_copy`].
@@ -327,8 +339,10 @@ impl<D: FusedOps> CausalLm<D> {
         };
         let wte = init.matrix(dev, (dims.vocab, c), std);
         let wpe = (dims.family == Family::Gpt2).then(|| init.matrix(dev, (dims.max_positions, c), std));
-        let blocks = (0..dims.n_layer)
-            .map(|_| {
+        let windows = config.layer_windows()?;
+        let blocks = windows
+            .into_iter()
+            .map(|window| {
                 let lin = |init: &mut Init, i, o, s| Linear::new(dev, init, i, o, s, bias);
                 let mlp = match dims.family {
                     Family::Gpt2 => Mlp::Gelu {
@@ -351,6 +365,8 @@ impl<D: FusedOps> CausalLm<D> {
                     qk_norm: dims.qk_norm.then(|| [Norm::head(dev, &dims), Norm::head(dev, &dims)]),
                     ln2: Norm::new(dev, &dims),
                     mlp,
+                    post_norms: dims.post_norms.then(|| [Norm::new(dev, &dims), Norm::new(dev, &dims)]),
+                    window,
                 }
             })
             .collect();
@@ -393,7 +409,7 @@ impl<D: FusedOps> CausalLm<D> {
         self.check_split(k)?;
         batch.check(self.dims.vocab, self.dims.position_limit())?;
         let ids: Vec<usize> = batch.ids.iter().map(|&i| i as usize).collect();
-        let x = D::embed(NoneTape, &self.wte, self.wpe.as_ref(), &ids, &batch.position_ids);
+        let x = self.embed(NoneTape, &ids, &batch.position_ids);
         Ok(self.run_blocks(x, 0..k, &self.context(batch), None))
     }
 
@@ -449,10 +465,10 @@ impl<D: FusedOps> CausalLm<D> {
         let ctx = self.context(batch);
         if T::OWNS_TAPE && self.frozen.blocks > 0 {
             // the frozen bottom runs untaped: no gradient is recorded below the first block that trains
-            let x = D::embed(NoneTape, &self.wte, self.wpe.as_ref(), &ids, &batch.position_ids);
+            let x = self.embed(NoneTape, &ids, &batch.position_ids);
             return Ok(self.above(x, 0, &ctx, rows, tape));
         }
-        let x = D::embed(tape, &self.wte, self.wpe.as_ref(), &ids, &batch.position_ids);
+        let x = self.embed(tape, &ids, &batch.position_ids);
         debug_assert_eq!(*x.shape(), (b * t, c));
         let mut x = self.run_blocks(x, 0..self.blocks.len(), &ctx, rows);
         if let (true, Some(rows)) = (self.blocks.is_empty(), rows) {
@@ -474,6 +490,17 @@ impl<D: FusedOps> CausalLm<D> {
             x = self.blocks[i].forward(x, &self.dims, ctx, if Some(i) == last { rows } else { None });
         }
         x
+    }
+
+    /// The embeddings of `ids` at `positions` `(N, C)`: the token's row (plus the position's,
+    /// GPT-2), times [`Dims::embed_scale`] (Gemma's `√d`).
+    pub(crate) fn embed<T: Tape<f32, D>>(&self, tape: T, ids: &[usize], positions: &[usize]) -> A2<D, T> {
+        let x = D::embed(tape, &self.wte, self.wpe.as_ref(), ids, positions);
+        if self.dims.embed_scale != 1.0 {
+            x * self.dims.embed_scale
+        } else {
+            x
+        }
     }
 
     /// LM logits `(N, V)` from hidden states `(N, C)`: `h · headᵀ` (head = `wte` when tied).
@@ -529,59 +556,6 @@ impl<D: FusedOps> CausalLm<D> {
     /// Convenience: logits `(B·T, V)` for a batch, recording on `tape`.
     pub fn forward<T: Tape<f32, D>>(&self, batch: &Batch, tape: T) -> Result<A2<D, T>, PolicyError> {
         Ok(self.logits(self.forward_hidden(batch, tape)?))
-    }
-
-    pub(crate) fn context(&self, batch: &Batch) -> Ctx<D> {
-        let (b, t) = (batch.b, batch.t);
-        let mut mask = vec![0.0f32; b * t * t];
-        for r in 0..b {
-            for i in 0..t {
-                for j in 0..t {
-                    if j > i || !batch.is_real(r, j) || batch.other_sequence(r, i, j) {
-                        mask[(r * t + i) * t + j] = MASKED;
-                    }
-                }
-            }
-        }
-        let mask_host = mask.clone();
-        let mask = self.dev.tensor_from_vec(mask, (b, t, t));
-        let rope = (self.dims.family == Family::Llama).then(|| self.rope_tables(batch));
-        Ctx { b, t, mask, mask_host, rope }
-    }
-
-    fn rope_tables(&self, batch: &Batch) -> Rope<D> {
-        self.rope_at(&batch.position_ids)
-    }
-
-    /// RoPE tables for one row per entry of `positions`.
-    pub(crate) fn rope_at(&self, positions: &[usize]) -> Rope<D> {
-        let dims = &self.dims;
-        let (cos, sin) = crate::rope::tables(positions, dims);
-        let expand = |tab: &[f32], heads: usize| {
-            let dh = dims.head_dim;
-            let mut out = Vec::with_capacity(tab.len() * heads);
-            for row in tab.chunks(dh) {
-                for _ in 0..heads {
-                    out.extend_from_slice(row);
-                }
-            }
-            self.dev.tensor_from_vec(out, (positions.len() * heads, dh))
-        };
-        let dh = dims.head_dim;
-        let half = dh / 2;
-        // x·R = rotate_half(x) = [-x[half:], x[:half]]
-        let mut rot = vec![0.0f32; dh * dh];
-        for i in 0..half {
-            rot[(i + half) * dh + i] = -1.0; // out[i] = -x[i + half]
-            rot[i * dh + (i + half)] = 1.0; // out[i + half] = x[i]
-        }
-        Rope {
-            cos_q: expand(&cos, dims.n_head),
-            sin_q: expand(&sin, dims.n_head),
-            cos_k: expand(&cos, dims.n_kv_head),
-            sin_k: expand(&sin, dims.n_kv_head),
-            rot: self.dev.tensor_from_vec(rot, (dh, dh)),
-        }
     }
 }
 

@@ -99,6 +99,10 @@ macro_rules! walker {
                             linear(&format!("{p}.mlp.down"), down, &mut out);
                         }
                     }
+                    if let Some([attn, mlp]) = &$($m)? blk.post_norms {
+                        norm(&format!("{p}.attn.post_norm"), attn, &mut out);
+                        norm(&format!("{p}.mlp.post_norm"), mlp, &mut out);
+                    }
                 }
                 norm("ln_f", &$($m)? self.ln_f, &mut out);
                 if let Some(w) = &$($m)? self.lm_head {

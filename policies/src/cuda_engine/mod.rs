@@ -153,16 +153,18 @@ impl CudaKvCache {
 
 impl CudaEngine {
     /// Copies `model`'s weights (on any device) to GPU 0. Needs an even head width (RoPE's
-    /// halves; every supported config has one), and no q/k head norms (Qwen3).
+    /// halves; every supported config has one), and none of Qwen3's or Gemma 3's extras (q/k head norms, …).
     pub fn from_model<D: Device<f32>>(model: &CausalLm<D>) -> Result<Self, PolicyError> {
         let gpu = gpu()?;
         let dims = model.dims;
         if !dims.head_dim.is_multiple_of(2) {
             return Err(PolicyError::Input(format!("the CUDA engine needs an even head_dim, got {}", dims.head_dim)));
         }
-        if dims.qk_norm {
-            let msg = "the fused CUDA engine has no kernel for Qwen3's q/k head norms: use rollout_engine \"device\" \
-                       (the default on a GPU)";
+        let gemma =
+            dims.post_norms || dims.sliding_window.is_some() || dims.embed_scale != 1.0 || dims.query_scale != 1.0;
+        if dims.qk_norm || gemma || dims.glu != crate::config::Glu::Silu {
+            let msg = "the fused CUDA engine has no kernels for Qwen3's and Gemma 3's q/k head norms, nor for Gemma's \
+                       other parts: use rollout_engine \"device\" (the default on a GPU)";
             return Err(PolicyError::Input(msg.into()));
         }
         let up = |v: Vec<f32>| gpu.dev.htod_copy(v).map_err(dev_err);

@@ -1,0 +1,176 @@
+//! The sizes and switches every layer reads, resolved from any family's config
+//! ([`crate::config::ModelConfig::dims`]).
+
+use crate::error::PolicyError;
+
+/// Which transformer family a checkpoint belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// GPT-2: learned positions, LayerNorm, GELU (tanh), biases, fused `c_attn`.
+    Gpt2,
+    /// Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases (Qwen2: biases on q, k
+    /// and v, [`Dims::qkv_bias`]; Qwen3: q/k head norms, [`Dims::qk_norm`]; Gemma 3: see
+    /// [`crate::gemma3`]).
+    Llama,
+}
+
+/// Normalisation layer kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormKind {
+    /// `(x - mean) / sqrt(var + eps) * w + b`
+    LayerNorm,
+    /// `x / sqrt(mean(x²) + eps) * w`
+    RmsNorm,
+}
+
+/// Which GELU the GPT-2 MLP uses (transformers' `activation_function`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GeluKind {
+    /// `gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+    Tanh,
+    /// `gelu`: the exact `x·Φ(x) = 0.5·x·(1 + erf(x/√2))` (PyTorch's `nn.GELU()`, nanoGPT's).
+    Erf,
+}
+
+/// The activation of a gated MLP's gate (Llama family): `down(act(gate(x)) · up(x))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Glu {
+    /// SiLU (SwiGLU: Llama, Qwen).
+    Silu,
+    /// The tanh GELU (GeGLU: Gemma).
+    GeluTanh,
+}
+
+/// The sizes every layer needs, resolved from either family. Built by [`crate::config::ModelConfig::dims`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dims {
+    /// Family.
+    pub family: Family,
+    /// Vocabulary size V.
+    pub vocab: usize,
+    /// Width d.
+    pub d_model: usize,
+    /// Blocks.
+    pub n_layer: usize,
+    /// Query heads.
+    pub n_head: usize,
+    /// Key/value heads.
+    pub n_kv_head: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+    /// MLP width.
+    pub d_ff: usize,
+    /// Maximum positions.
+    pub max_positions: usize,
+    /// Norm epsilon.
+    pub norm_eps: f32,
+    /// RoPE base (Llama only).
+    pub rope_theta: f32,
+    /// Llama 3's scaling of the RoPE frequencies, if the config has it.
+    pub rope_scaling: Option<crate::rope::Llama3Scaling>,
+    /// LM head tied to the token embedding.
+    pub tied: bool,
+    /// Init std.
+    pub init_std: f32,
+    /// The MLP's GELU (GPT-2; Llama's SwiGLU ignores it).
+    pub gelu: GeluKind,
+    /// Whether linears and norms carry biases (GPT-2 by default; never Llama).
+    pub bias: bool,
+    /// Whether the q, k and v projections carry biases (Qwen2), whatever `bias` says.
+    pub qkv_bias: bool,
+    /// Whether each head's queries and keys pass an RMSNorm (gain `(Dh,)`) before RoPE (Qwen3,
+    /// Gemma 3).
+    pub qk_norm: bool,
+    /// Multiplier on the token embeddings (Gemma: `√d`; 1 elsewhere).
+    pub embed_scale: f32,
+    /// RMSNorm weights `w` act as the gain `1 + w` (Gemma; transformers initialises `w` to 0).
+    pub norm_unit_offset: bool,
+    /// A norm on each branch's output too, before its residual add (Gemma 2 and 3).
+    pub post_norms: bool,
+    /// The gated MLP's activation (Llama family).
+    pub glu: Glu,
+    /// Multiplier on the queries before `q·kᵀ/√Dh`: `√(Dh / query_pre_attn_scalar)` for Gemma
+    /// (scores scaled by `query_pre_attn_scalar^-½`), 1 elsewhere.
+    pub query_scale: f32,
+    /// The attention window of local layers (Gemma 3's sliding layers; which layers are local
+    /// is [`crate::config::ModelConfig::layer_windows`]): a query sees its last `w` positions, itself included.
+    pub sliding_window: Option<usize>,
+    /// The RoPE base of local layers.
+    pub rope_local_theta: f32,
+}
+
+impl Dims {
+    /// The fields only Gemma sets, at their values for every other family (spread into the
+    /// GPT-2 and Llama constructors).
+    pub(crate) const PLAIN: Dims = Dims {
+        family: Family::Llama,
+        vocab: 0,
+        d_model: 0,
+        n_layer: 0,
+        n_head: 0,
+        n_kv_head: 0,
+        head_dim: 0,
+        d_ff: 0,
+        max_positions: 0,
+        norm_eps: 0.0,
+        rope_theta: 0.0,
+        rope_scaling: None,
+        tied: false,
+        init_std: 0.0,
+        gelu: GeluKind::Tanh,
+        bias: false,
+        qkv_bias: false,
+        qk_norm: false,
+        embed_scale: 1.0,
+        norm_unit_offset: false,
+        post_norms: false,
+        glu: Glu::Silu,
+        query_scale: 1.0,
+        sliding_window: None,
+        rope_local_theta: 0.0,
+    };
+
+    /// The sizes a local (sliding-window) layer's RoPE uses: its own base, no scaling.
+    pub fn local_rope(&self) -> Dims {
+        Dims { rope_theta: self.rope_local_theta, rope_scaling: None, ..*self }
+    }
+
+    /// Normalisation kind of this family.
+    pub fn norm(&self) -> NormKind {
+        match self.family {
+            Family::Gpt2 => NormKind::LayerNorm,
+            Family::Llama => NormKind::RmsNorm,
+        }
+    }
+    /// Whether linears and norms carry biases.
+    pub fn has_bias(&self) -> bool {
+        self.bias
+    }
+    /// Width of the q projection (n_head · head_dim).
+    pub fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+    /// Width of the k and v projections (n_kv_head · head_dim).
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_head * self.head_dim
+    }
+
+    /// The longest sequence the model can take: its position table's size with learned
+    /// positions (GPT-2); none with rotary positions (Llama), where `max_positions` only says
+    /// what it was trained on.
+    pub fn position_limit(&self) -> Option<usize> {
+        (self.family == Family::Gpt2).then_some(self.max_positions)
+    }
+
+    /// A decode step's inputs: every id inside the vocabulary and every position inside the
+    /// [`Dims::position_limit`].
+    pub(crate) fn check_step(&self, ids: &[u32], positions: &[usize]) -> Result<(), PolicyError> {
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
+            return Err(PolicyError::Input(format!("token id {id} is outside the vocabulary of {}", self.vocab)));
+        }
+        if let Some(limit) = self.position_limit().filter(|&l| positions.iter().any(|&p| p >= l)) {
+            return Err(PolicyError::Input(format!("sequence longer than the model's {limit} positions")));
+        }
+        Ok(())
+    }
+}
