@@ -528,6 +528,11 @@ macro_rules! device_tests {
                 generate_on_device("hf-gemma3-tiny", &$dev);
             }
             #[test]
+            fn mistral_sliding_window_decode_and_generate() {
+                decode_matches_engine("hf-mistral-tiny", &$dev);
+                generate_on_device("hf-mistral-tiny", &$dev);
+            }
+            #[test]
             fn llama3_fixture_logits_decode_and_session() {
                 fixture_logits("hf-llama3-tiny", &$dev);
                 decode_matches_engine("hf-llama3-tiny", &$dev);

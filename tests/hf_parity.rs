@@ -1,6 +1,6 @@
 //! Parity with HF transformers on the tiny GPT-2 and Llama fixtures (`shared/fixtures`, see its
 //! README) and this repository's tiny Qwen2 (random q/k/v biases), Llama 3 (scaled RoPE), Qwen3
-//! and Gemma 3 from `tests/fixtures`: logits per position, next-token log-probs, the left-padded batch, greedy decoding,
+//! Gemma 3 and Mistral (sliding window) from `tests/fixtures`: logits per position, next-token log-probs, the left-padded batch, greedy decoding,
 //! and the KV-cache path fed one token at a time.
 
 mod common;
@@ -146,13 +146,23 @@ fn gemma3_logits_left_padded_batch_greedy_and_kv_cache() {
     let (model, _) = load("hf-gemma3-tiny");
     let d = model.dims;
     assert!(d.post_norms && d.norm_unit_offset && d.qk_norm && d.query_scale != 1.0 && d.embed_scale == 8.0);
-    assert_eq!((d.sliding_window, d.rope_local_theta), (Some(8), 100.0));
+    assert_eq!((d.sliding_window, d.rope_local_theta), (Some(8), Some(100.0)));
     let windows: Vec<Option<usize>> = model.blocks.iter().map(|b| b.window).collect();
     assert_eq!(windows, [Some(8), None, Some(8), Some(8)]);
     check_texts("hf-gemma3-tiny");
     check_left_padded("hf-gemma3-tiny");
     check_greedy("hf-gemma3-tiny");
     check_incremental("hf-gemma3-tiny");
+}
+/// Mistral: every layer's queries see their last 8 positions (the texts are 28–33 long).
+#[test]
+fn mistral_sliding_window_logits_left_padded_batch_greedy_and_kv_cache() {
+    let (model, _) = load("hf-mistral-tiny");
+    assert!(model.blocks.iter().all(|b| b.window == Some(8)));
+    check_texts("hf-mistral-tiny");
+    check_left_padded("hf-mistral-tiny");
+    check_greedy("hf-mistral-tiny");
+    check_incremental("hf-mistral-tiny");
 }
 /// Llama 3's RoPE scaling (all three bands of frequencies) and a list of EOS ids.
 #[test]
@@ -179,8 +189,15 @@ fn llama_kv_cache_incremental() {
 #[test]
 fn f16_weights_stay_close_to_f32() {
     use rlhf_policies::WeightDtype;
-    for name in ["hf-gpt2-tiny", "hf-llama-tiny", "hf-qwen2-tiny", "hf-llama3-tiny", "hf-qwen3-tiny", "hf-gemma3-tiny"]
-    {
+    for name in [
+        "hf-gpt2-tiny",
+        "hf-llama-tiny",
+        "hf-qwen2-tiny",
+        "hf-llama3-tiny",
+        "hf-qwen3-tiny",
+        "hf-gemma3-tiny",
+        "hf-mistral-tiny",
+    ] {
         let (model, exp) = load(name);
         let f32e = InferenceModel::from_model(&model);
         let f16e = InferenceModel::from_model_with(&model, WeightDtype::F16);

@@ -63,7 +63,9 @@ fn model(cfg: ModelConfig, seed: u64) -> CausalLm<Cpu> {
     let mut cfg = cfg;
     match &mut cfg {
         ModelConfig::Gpt2(c) => c.initializer_range = 0.3,
-        ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) => c.initializer_range = 0.3,
+        ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) | ModelConfig::Mistral(c) => {
+            c.initializer_range = 0.3
+        }
         ModelConfig::Gemma3Text(c) => c.initializer_range = 0.3,
     }
     CausalLm::new(cfg, &Cpu::default(), seed).unwrap()
@@ -179,6 +181,24 @@ fn gradients_match_finite_differences_qwen3_head_norms() {
     let cfg = ModelConfig::from_json_str(&json).unwrap();
     assert!(model(cfg.clone(), 1).params().iter().any(|(n, _)| n == "blocks.1.attn.k_norm.weight"));
     grad_check(cfg);
+}
+
+/// Mistral's window: transformers' 4096 when the config has none, no window for `null`, the
+/// number given otherwise; what a config says is what it saves.
+#[test]
+fn mistral_windows_follow_the_config() {
+    let base =
+        serde_json::to_string(&tiny_llama(12)).unwrap().replace(r#""model_type":"llama""#, r#""model_type":"mistral""#);
+    let windows = |json: &str| ModelConfig::from_json_str(json).unwrap().layer_windows().unwrap();
+    assert_eq!(windows(&base), [Some(4096), Some(4096)]);
+    let with = |w: &str| base.replacen('{', &format!(r#"{{"sliding_window":{w},"#), 1);
+    assert_eq!(windows(&with("null")), [None, None]);
+    assert_eq!(windows(&with("3")), [Some(3), Some(3)]);
+    assert!(ModelConfig::from_json_str(&with("0")).unwrap_err().to_string().contains("sliding_window"));
+    let cfg = ModelConfig::from_json_str(&with("3")).unwrap();
+    assert_eq!(ModelConfig::from_json_str(&cfg.to_json_pretty()).unwrap(), cfg);
+    // a window shorter than the test rows: the KV-cache engine still equals the training forward
+    engine_matches_training_forward(cfg);
 }
 
 /// Gemma 3: gradients through the `1 + w` norm gains (all four per block and the head norms),

@@ -1,9 +1,9 @@
 //! Model configuration: one serde type that reads Hugging Face `config.json` files directly.
 //!
-//! The `model_type` field selects the family (`"gpt2"`, or `"llama"`, `"qwen2"`, `"qwen3"` and
-//! `"gemma3_text"`: Qwen2 is Llama with biases on the q, k and v projections, Qwen3 Llama with
-//! an RMSNorm over each head's queries and keys, Gemma 3 see [`crate::gemma3`]); every other
-//! field keeps the
+//! The `model_type` field selects the family (`"gpt2"`, or `"llama"`, `"qwen2"`, `"qwen3"`,
+//! `"mistral"` and `"gemma3_text"`: Qwen2 is Llama with biases on the q, k and v projections,
+//! Qwen3 Llama with an RMSNorm over each head's queries and keys, Mistral Llama with a sliding
+//! attention window, Gemma 3 see [`crate::gemma3`]); every other field keeps the
 //! name transformers uses, so an HF config deserialises unchanged and our saved configs load back
 //! in transformers. Unknown HF fields (`architectures`, `torch_dtype`, …) are accepted and ignored
 //! on purpose: they describe the checkpoint, not the network.
@@ -32,6 +32,10 @@ pub enum ModelConfig {
     /// head's queries and keys before RoPE (`q_norm`, `k_norm`).
     #[serde(rename = "qwen3")]
     Qwen3(LlamaConfig),
+    /// Mistral (`MistralForCausalLM`): Llama's fields and layout, every layer attending to its
+    /// last `sliding_window` positions (none when `null`; transformers' 4096 when absent).
+    #[serde(rename = "mistral")]
+    Mistral(LlamaConfig),
     /// Gemma 3's text model (`Gemma3ForCausalLM`): see [`crate::gemma3`].
     #[serde(rename = "gemma3_text")]
     Gemma3Text(Gemma3Config),
@@ -134,6 +138,11 @@ pub struct LlamaConfig {
     /// Qwen2's sliding-window attention. Must be `false` (what Qwen2.5's configs say).
     #[serde(default, skip_serializing_if = "is_false")]
     pub use_sliding_window: bool,
+    /// Mistral's attention window (every layer): a query sees its last `w` positions. Read for
+    /// `model_type: mistral` only (Qwen2 and Qwen3 configs carry one that `use_sliding_window:
+    /// false` switches off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
     /// Biases on the MLP. Must be `false`.
     #[serde(default)]
     pub mlp_bias: bool,
@@ -247,13 +256,19 @@ impl ModelConfig {
 
     /// Parses and validates a config from JSON text.
     pub fn from_json_str(text: &str) -> Result<Self, PolicyError> {
-        let value: serde_json::Value =
+        let mut value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| PolicyError::config("<json>", format!("not valid JSON: {e}")))?;
         match value.get("model_type").and_then(|v| v.as_str()) {
             Some("gpt2" | "llama" | "qwen2" | "qwen3" | "gemma3_text") => {}
+            // transformers' MistralConfig has a window of 4096 unless the file says otherwise
+            Some("mistral") if value.get("sliding_window").is_none() => {
+                value["sliding_window"] = serde_json::json!(MISTRAL_WINDOW);
+            }
+            Some("mistral") => {}
             Some(other) => {
                 let msg = format!(
-                    "unsupported model_type {other:?} (\"gpt2\", \"llama\", \"qwen2\", \"qwen3\" and \"gemma3_text\" are)"
+                    "unsupported model_type {other:?} (\"gpt2\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\" and \
+                     \"gemma3_text\" are)"
                 );
                 return Err(PolicyError::config("model_type", msg));
             }
@@ -314,26 +329,41 @@ impl ModelConfig {
     pub fn family(&self) -> Family {
         match self {
             ModelConfig::Gpt2(_) => Family::Gpt2,
-            ModelConfig::Llama(_) | ModelConfig::Qwen2(_) | ModelConfig::Qwen3(_) | ModelConfig::Gemma3Text(_) => {
-                Family::Llama
+            _ => Family::Llama,
+        }
+    }
+
+    /// The fields every family has, under its own names.
+    fn shared(&self) -> Shared {
+        let ids = |t: &Option<TokenIds>| t.as_ref().map(TokenIds::ids).unwrap_or_default();
+        match self {
+            ModelConfig::Gpt2(c) => Shared {
+                vocab: c.vocab_size,
+                bos: c.bos_token_id,
+                eos: c.eos_token_id.into_iter().collect(),
+                pad: c.pad_token_id,
+            },
+            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) | ModelConfig::Mistral(c) => {
+                Shared { vocab: c.vocab_size, bos: c.bos_token_id, eos: ids(&c.eos_token_id), pad: c.pad_token_id }
+            }
+            ModelConfig::Gemma3Text(c) => {
+                Shared { vocab: c.vocab_size, bos: c.bos_token_id, eos: ids(&c.eos_token_id), pad: c.pad_token_id }
             }
         }
     }
 
     /// Vocabulary size.
     pub fn vocab_size(&self) -> usize {
-        match self {
-            ModelConfig::Gpt2(c) => c.vocab_size,
-            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) => c.vocab_size,
-            ModelConfig::Gemma3Text(c) => c.vocab_size,
-        }
+        self.shared().vocab
     }
 
     /// Sets the vocabulary size (used when a tokenizer is trained for a fresh model).
     pub fn set_vocab_size(&mut self, v: usize) {
         match self {
             ModelConfig::Gpt2(c) => c.vocab_size = v,
-            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) => c.vocab_size = v,
+            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) | ModelConfig::Mistral(c) => {
+                c.vocab_size = v
+            }
             ModelConfig::Gemma3Text(c) => c.vocab_size = v,
         }
     }
@@ -345,39 +375,29 @@ impl ModelConfig {
 
     /// Every EOS id the config names (generation stops at any of them).
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        match self {
-            ModelConfig::Gpt2(c) => c.eos_token_id.into_iter().collect(),
-            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) => {
-                c.eos_token_id.as_ref().map(TokenIds::ids).unwrap_or_default()
-            }
-            ModelConfig::Gemma3Text(c) => c.eos_token_id.as_ref().map(TokenIds::ids).unwrap_or_default(),
-        }
+        self.shared().eos
     }
 
     /// Beginning-of-sequence id, if the config names one.
     pub fn bos_token_id(&self) -> Option<u32> {
-        match self {
-            ModelConfig::Gpt2(c) => c.bos_token_id,
-            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) => c.bos_token_id,
-            ModelConfig::Gemma3Text(c) => c.bos_token_id,
-        }
+        self.shared().bos
     }
 
     /// Pad id, if the config names one.
     pub fn pad_token_id(&self) -> Option<u32> {
-        match self {
-            ModelConfig::Gpt2(c) => c.pad_token_id,
-            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) => c.pad_token_id,
-            ModelConfig::Gemma3Text(c) => c.pad_token_id,
-        }
+        self.shared().pad
     }
 
-    /// Each layer's attention window: `None` for full attention (every layer but Gemma 3's
-    /// sliding ones), `Some(w)` for a layer whose queries see their last `w` positions.
+    /// Each layer's attention window: `None` for full attention, `Some(w)` for a layer whose
+    /// queries see their last `w` positions (Gemma 3's sliding layers; every Mistral layer with
+    /// a `sliding_window`).
     pub fn layer_windows(&self) -> Result<Vec<Option<usize>>, PolicyError> {
         match self {
             ModelConfig::Gemma3Text(c) => c.layer_windows(),
-            _ => Ok(vec![None; self.dims()?.n_layer]),
+            _ => {
+                let d = self.dims()?;
+                Ok(vec![d.sliding_window; d.n_layer])
+            }
         }
     }
 
@@ -388,6 +408,7 @@ impl ModelConfig {
             ModelConfig::Llama(c) => llama_dims(c, false, false)?,
             ModelConfig::Qwen2(c) => llama_dims(c, true, false)?,
             ModelConfig::Qwen3(c) => llama_dims(c, false, true)?,
+            ModelConfig::Mistral(c) => mistral_dims(c)?,
             ModelConfig::Gemma3Text(c) => c.dims()?,
         };
         for (name, v) in [
@@ -450,6 +471,25 @@ fn gpt2_dims(c: &Gpt2Config) -> Result<Dims, PolicyError> {
         qk_norm: false,
         ..Dims::PLAIN
     })
+}
+
+/// What [`ModelConfig::shared`] gives.
+struct Shared {
+    vocab: usize,
+    bos: Option<u32>,
+    eos: Vec<u32>,
+    pad: Option<u32>,
+}
+
+/// transformers' `MistralConfig.sliding_window` default.
+const MISTRAL_WINDOW: usize = 4096;
+
+/// Mistral's sizes: Llama's, with every layer's window `sliding_window` (no window when `null`).
+fn mistral_dims(c: &LlamaConfig) -> Result<Dims, PolicyError> {
+    if c.sliding_window == Some(0) {
+        return Err(PolicyError::config("sliding_window", "must be > 0 (or null for none)".into()));
+    }
+    Ok(Dims { sliding_window: c.sliding_window, ..llama_dims(c, false, false)? })
 }
 
 /// Llama's sizes; `qkv_bias` for Qwen2, `qk_norm` for Qwen3.

@@ -95,8 +95,8 @@ pub struct Dims {
     /// The attention window of local layers (Gemma 3's sliding layers; which layers are local
     /// is [`crate::config::ModelConfig::layer_windows`]): a query sees its last `w` positions, itself included.
     pub sliding_window: Option<usize>,
-    /// The RoPE base of local layers.
-    pub rope_local_theta: f32,
+    /// The RoPE base of local layers (Gemma 3's, unscaled); `None`: the global RoPE (Mistral).
+    pub rope_local_theta: Option<f32>,
 }
 
 impl Dims {
@@ -127,12 +127,16 @@ impl Dims {
         glu: Glu::Silu,
         query_scale: 1.0,
         sliding_window: None,
-        rope_local_theta: 0.0,
+        rope_local_theta: None,
     };
 
-    /// The sizes a local (sliding-window) layer's RoPE uses: its own base, no scaling.
+    /// The sizes a local (sliding-window) layer's RoPE uses: its own base without scaling where
+    /// it has one, else the global RoPE.
     pub fn local_rope(&self) -> Dims {
-        Dims { rope_theta: self.rope_local_theta, rope_scaling: None, ..*self }
+        match self.rope_local_theta {
+            Some(theta) => Dims { rope_theta: theta, rope_scaling: None, ..*self },
+            None => *self,
+        }
     }
 
     /// Normalisation kind of this family.

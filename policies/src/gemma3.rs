@@ -277,7 +277,7 @@ impl Gemma3Config {
             glu: Glu::GeluTanh,
             query_scale: (head_dim as f64 / self.query_pre_attn_scalar as f64).sqrt() as f32,
             sliding_window: windows.iter().flatten().next().copied(),
-            rope_local_theta: local_theta as f32,
+            rope_local_theta: Some(local_theta as f32),
         })
     }
 }
@@ -307,7 +307,7 @@ mod tests {
         let cfg = ModelConfig::from_json_str(GEMMA3_270M).unwrap();
         let d = cfg.dims().unwrap();
         assert_eq!((d.d_model, d.n_head, d.n_kv_head, d.head_dim, d.d_ff), (640, 4, 1, 256, 2048));
-        assert_eq!((d.rope_theta, d.rope_local_theta, d.sliding_window), (1e6, 1e4, Some(512)));
+        assert_eq!((d.rope_theta, d.rope_local_theta, d.sliding_window), (1e6, Some(1e4), Some(512)));
         assert_eq!((d.query_scale, d.embed_scale), (1.0, 640f32.sqrt()));
         assert!(d.tied && d.qk_norm && d.post_norms && d.norm_unit_offset);
         let windows = cfg.layer_windows().unwrap();

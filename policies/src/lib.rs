@@ -1,7 +1,7 @@
 //! `rlhf-policies`: the language models that act as policies, references, critics and reward
 //! models, on dfdx with runtime shapes.
 //!
-//! - [`ModelConfig`]: HF `config.json` for GPT-2, Llama, Qwen2, Qwen3 and Gemma 3 (text), presets
+//! - [`ModelConfig`]: HF `config.json` for GPT-2, Llama, Qwen2, Qwen3, Mistral and Gemma 3 (text), presets
 //!   `tiny`/`small`.
 //! - [`CausalLm`]: the training forward (dfdx ops and tape), [`ScalarHead`] for values/rewards,
 //!   the parameter walker, [`AdamW`] and [`clip_grad_norm`], [`CausalLm::frozen_copy`].

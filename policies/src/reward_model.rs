@@ -141,6 +141,7 @@ impl<D: FusedOps> LearnedReward<D> {
             ModelConfig::Llama(_) => "LlamaForSequenceClassification",
             ModelConfig::Qwen2(_) => "Qwen2ForSequenceClassification",
             ModelConfig::Qwen3(_) => "Qwen3ForSequenceClassification",
+            ModelConfig::Mistral(_) => "MistralForSequenceClassification",
             ModelConfig::Gemma3Text(_) => "Gemma3TextForSequenceClassification",
         };
         config["architectures"] = serde_json::json!([class]);

@@ -18,7 +18,7 @@ use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaDevice, CudaFunction, CudaSlice, DeviceRepr, LaunchAsync, LaunchConfig};
 use dfdx::prelude::*;
 
-use crate::config::{Dims, Family, NormKind};
+use crate::config::{Dims, Family, Glu, NormKind};
 use crate::error::PolicyError;
 use crate::infer::LogitsAt;
 use crate::model::{CausalLm, Mlp, Norm};
@@ -160,11 +160,10 @@ impl CudaEngine {
         if !dims.head_dim.is_multiple_of(2) {
             return Err(PolicyError::Input(format!("the CUDA engine needs an even head_dim, got {}", dims.head_dim)));
         }
-        let gemma =
-            dims.post_norms || dims.sliding_window.is_some() || dims.embed_scale != 1.0 || dims.query_scale != 1.0;
-        if dims.qk_norm || gemma || dims.glu != crate::config::Glu::Silu {
-            let msg = "the fused CUDA engine has no kernels for Qwen3's and Gemma 3's q/k head norms, nor for Gemma's \
-                       other parts: use rollout_engine \"device\" (the default on a GPU)";
+        let gemma = dims.post_norms || dims.embed_scale != 1.0 || dims.query_scale != 1.0 || dims.glu != Glu::Silu;
+        if dims.qk_norm || gemma || dims.sliding_window.is_some() {
+            let msg = "the fused CUDA engine has no kernels for Qwen3's and Gemma 3's q/k head norms, Gemma's other \
+                       parts or sliding windows: use rollout_engine \"device\" (the default on a GPU)";
             return Err(PolicyError::Input(msg.into()));
         }
         let up = |v: Vec<f32>| gpu.dev.htod_copy(v).map_err(dev_err);
