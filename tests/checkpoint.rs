@@ -41,16 +41,7 @@ fn save_load_is_bit_identical_llama_tied_and_untied() {
 /// shapes, values): our files are what transformers wrote, so transformers reads them back.
 #[test]
 fn hf_fixtures_resave_to_the_same_state_dict() {
-    let names = [
-        "hf-gpt2-tiny",
-        "hf-llama-tiny",
-        "hf-qwen2-tiny",
-        "hf-llama3-tiny",
-        "hf-qwen3-tiny",
-        "hf-gemma3-tiny",
-        "hf-mistral-tiny",
-    ];
-    for name in names {
+    for name in HF_FIXTURES {
         let dir = fixture(name);
         let m = CausalLm::load_pretrained(&dir, &Cpu::default()).unwrap();
         let out = tempfile::tempdir().unwrap();

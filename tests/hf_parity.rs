@@ -189,15 +189,7 @@ fn llama_kv_cache_incremental() {
 #[test]
 fn f16_weights_stay_close_to_f32() {
     use rlhf_policies::WeightDtype;
-    for name in [
-        "hf-gpt2-tiny",
-        "hf-llama-tiny",
-        "hf-qwen2-tiny",
-        "hf-llama3-tiny",
-        "hf-qwen3-tiny",
-        "hf-gemma3-tiny",
-        "hf-mistral-tiny",
-    ] {
+    for name in HF_FIXTURES {
         let (model, exp) = load(name);
         let f32e = InferenceModel::from_model(&model);
         let f16e = InferenceModel::from_model_with(&model, WeightDtype::F16);

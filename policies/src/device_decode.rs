@@ -11,12 +11,10 @@ use dfdx::prelude::*;
 use rand::{rngs::StdRng, SeedableRng};
 use rlhf_envs::{Action, EnvError, Policy};
 
-use crate::config::Family;
 use crate::error::PolicyError;
-use crate::forward_ctx::{apply_rope, outside_window};
 use crate::fused::FusedOps;
 use crate::infer::LogitsAt;
-use crate::model::{CausalLm, MASKED};
+use crate::model::CausalLm;
 use crate::nucleus::RowLogits;
 use crate::sampling::{row_seed, SamplingConfig};
 use crate::session::{model_err, sample_rows};
@@ -74,24 +72,9 @@ impl<D: FusedOps> CausalLm<D> {
         let positions: Vec<usize> = pad.iter().flat_map(|&p| (l0..l0 + n).map(move |j| j.saturating_sub(p))).collect();
         dims.check_step(ids, &positions)?;
         let l = l0 + n;
-        // (B, n, L) additive mask: a key column is visible if it is real, not in the future and
-        // (local layers) inside the window
-        let masks = |window: Option<usize>| {
-            let mut mask = vec![0.0f32; b * n * l];
-            for r in 0..b {
-                for i in 0..n {
-                    for j in 0..l {
-                        if j < pad[r] || j > l0 + i || outside_window(window, l0 + i, j) {
-                            mask[(r * n + i) * l + j] = MASKED;
-                        }
-                    }
-                }
-            }
-            self.dev.tensor_from_vec(mask, (b, n, l))
-        };
-        let mask = masks(None);
-        let rope = (dims.family == Family::Llama).then(|| self.rope_at(&positions));
-        let local = self.local_window().map(|w| (masks(Some(w)), self.rope_with(&positions, &dims.local_rope())));
+        // (B, n, L) masks: a key column is visible if it is real and not in the future
+        let hidden = |r: usize, i: usize, j: usize| j < pad[r] || j > l0 + i;
+        let (_, inputs) = self.layer_inputs((b, n, l), l0, &positions, hidden);
         let ids: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
         let mut x = self.embed(NoneTape, &ids, &positions);
         let (nh, nkv, dh) = (dims.n_head, dims.n_kv_head, dims.head_dim);
@@ -100,21 +83,8 @@ impl<D: FusedOps> CausalLm<D> {
             let q = blk.wq.forward(h.clone());
             let k = blk.wk.forward(h.clone());
             let v = blk.wv.forward(h);
-            let (q, k) = (q.reshape_like(&(b * n * nh, dh)), k.reshape_like(&(b * n * nkv, dh)));
-            let (q, k) = match &blk.qk_norm {
-                Some([q_norm, k_norm]) => (q_norm.forward(q), k_norm.forward(k)),
-                None => (q, k),
-            };
-            let (mask, rope) = match (&local, blk.window) {
-                (Some((mask, rope)), Some(_)) => (mask, Some(rope)),
-                _ => (&mask, rope.as_ref()),
-            };
-            let (q, k) = match rope {
-                Some(r) => (apply_rope(q, &r.cos_q, &r.sin_q, &r.rot), apply_rope(k, &r.cos_k, &r.sin_k, &r.rot)),
-                None => (q, k),
-            };
-            let q = if dims.query_scale != 1.0 { q * dims.query_scale } else { q };
-            let (q, k) = (q.reshape_like(&(b * n, nh * dh)), k.reshape_like(&(b * n, nkv * dh)));
+            let (mask, rope) = inputs.for_layer(blk.window);
+            let (q, k) = blk.positioned_qk(q, k, rope, dims);
             let heads = |t: A2<D>, hs: usize| -> A4<D> {
                 // (B·n, hs·Dh) → (B, hs, n, Dh), made contiguous
                 let t = t.reshape_like(&(b, n, hs, dh)).permute::<_, Axes4<0, 2, 1, 3>>();

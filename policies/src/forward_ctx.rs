@@ -12,27 +12,33 @@ use crate::model::{CausalLm, A2, MASKED, T2};
 /// A `(B, T, T)` additive attention mask.
 pub(crate) type Mask<D> = Tensor<(usize, usize, usize), f32, D>;
 
-/// Per-forward constants shared by all blocks: the additive mask and RoPE tables.
+/// Per-forward constants shared by all blocks: the additive masks and RoPE tables.
 pub(crate) struct Ctx<D: Storage<f32>> {
     pub(crate) b: usize,
     pub(crate) t: usize,
-    /// `(B, T, T)` additive mask: causal and key padding.
-    pub(crate) mask: Mask<D>,
-    /// The same mask on the host, row-major, for a whole-block op (one copy per forward
-    /// instead of one per block).
+    /// The global layers' `(B, T, T)` mask on the host, row-major, for a whole-block op (one
+    /// copy per forward instead of one per block).
     pub(crate) mask_host: Vec<f32>,
-    /// RoPE `(B·T·H, Dh)` tables for queries and `(B·T·Hkv, Dh)` for keys, and the
-    /// `(Dh, Dh)` matrix with `x·R = rotate_half(x)`.
-    pub(crate) rope: Option<Rope<D>>,
-    /// The local layers' mask and RoPE tables, when the model has local layers.
-    pub(crate) local: Option<(Mask<D>, Rope<D>)>,
+    /// The masks and RoPE tables each layer reads.
+    pub(crate) layers: LayerInputs<D>,
 }
 
-impl<D: Storage<f32>> Ctx<D> {
-    /// The mask and RoPE tables of a local (`true`) or a global layer.
-    pub(crate) fn for_layer(&self, local: bool) -> (&Mask<D>, Option<&Rope<D>>) {
-        match (&self.local, local) {
-            (Some((mask, rope)), true) => (mask, Some(rope)),
+/// What a layer's attention reads besides its input: the additive mask `(B, Q, K)` (causal,
+/// key padding, packing) and, with rotary positions, the RoPE tables of the queries' rows —
+/// for local layers their own, with the window in the mask and the local RoPE base.
+pub(crate) struct LayerInputs<D: Storage<f32>> {
+    mask: Mask<D>,
+    /// `None` with learned positions (GPT-2).
+    pub(crate) rope: Option<Rope<D>>,
+    /// The local layers' mask and RoPE tables, when the model has local layers.
+    local: Option<(Mask<D>, Rope<D>)>,
+}
+
+impl<D: Storage<f32>> LayerInputs<D> {
+    /// The mask and RoPE tables of a layer with attention window `window` (`None`: global).
+    pub(crate) fn for_layer(&self, window: Option<usize>) -> (&Mask<D>, Option<&Rope<D>>) {
+        match (&self.local, window) {
+            (Some((mask, rope)), Some(_)) => (mask, Some(rope)),
             _ => (&self.mask, self.rope.as_ref()),
         }
     }
@@ -61,42 +67,53 @@ pub(crate) fn apply_rope<D: Device<f32>, T: Tape<f32, D>>(
 
 /// Whether query column `i` may not see key column `j`: a window of `w` columns ends at the
 /// query (transformers' `sliding_window_overlay`: `j > i − w`).
-pub(crate) fn outside_window(window: Option<usize>, i: usize, j: usize) -> bool {
-    window.is_some_and(|w| j + w <= i)
+fn outside_window(w: usize, i: usize, j: usize) -> bool {
+    j + w <= i
 }
 
-impl<D: Storage<f32>> CausalLm<D> {
-    /// The window of the model's local layers, if it has any.
-    pub(crate) fn local_window(&self) -> Option<usize> {
-        self.blocks.iter().find_map(|b| b.window)
+/// A `(B, Q, K)` additive mask, row-major: [`MASKED`] where `hidden(r, i, j)` hides key `j`
+/// from query `i` of row `r`.
+fn mask_values((b, q, k): (usize, usize, usize), hidden: impl Fn(usize, usize, usize) -> bool) -> Vec<f32> {
+    let mut mask = vec![0.0f32; b * q * k];
+    for r in 0..b {
+        for i in 0..q {
+            for j in 0..k {
+                if hidden(r, i, j) {
+                    mask[(r * q + i) * k + j] = MASKED;
+                }
+            }
+        }
     }
+    mask
 }
 
 impl<D: FusedOps> CausalLm<D> {
     pub(crate) fn context(&self, batch: &Batch) -> Ctx<D> {
         let (b, t) = (batch.b, batch.t);
-        let build = |window: Option<usize>| {
-            let mut mask = vec![0.0f32; b * t * t];
-            for r in 0..b {
-                for i in 0..t {
-                    for j in 0..t {
-                        let hidden = j > i || !batch.is_real(r, j) || batch.other_sequence(r, i, j);
-                        if hidden || outside_window(window, i, j) {
-                            mask[(r * t + i) * t + j] = MASKED;
-                        }
-                    }
-                }
-            }
-            mask
-        };
-        let mask_host = build(None);
-        let mask = self.dev.tensor_from_vec(mask_host.clone(), (b, t, t));
-        let rope = (self.dims.family == Family::Llama).then(|| self.rope_at(&batch.position_ids));
-        let local = self.local_window().map(|w| {
-            let mask = self.dev.tensor_from_vec(build(Some(w)), (b, t, t));
-            (mask, self.rope_with(&batch.position_ids, &self.dims.local_rope()))
+        let hidden = |r, i, j| j > i || !batch.is_real(r, j) || batch.other_sequence(r, i, j);
+        let (mask_host, layers) = self.layer_inputs((b, t, t), 0, &batch.position_ids, hidden);
+        Ctx { b, t, mask_host, layers }
+    }
+
+    /// The [`LayerInputs`] of `Q` queries per row at `positions` (`(B·Q)` entries) against `K`
+    /// keys: `hidden` as for [`mask_values`], and in a local layer's mask also the keys outside
+    /// the window of query `i`, which sits at key column `q0 + i`. Also returns the global
+    /// mask's host values.
+    pub(crate) fn layer_inputs(
+        &self,
+        shape: (usize, usize, usize),
+        q0: usize,
+        positions: &[usize],
+        hidden: impl Fn(usize, usize, usize) -> bool,
+    ) -> (Vec<f32>, LayerInputs<D>) {
+        let host = mask_values(shape, &hidden);
+        let mask = self.dev.tensor_from_vec(host.clone(), shape);
+        let rope = (self.dims.family == Family::Llama).then(|| self.rope_at(positions));
+        let local = self.dims.sliding_window.map(|w| {
+            let local = mask_values(shape, |r, i, j| hidden(r, i, j) || outside_window(w, q0 + i, j));
+            (self.dev.tensor_from_vec(local, shape), self.rope_with(positions, &self.dims.local_rope()))
         });
-        Ctx { b, t, mask, mask_host, rope, local }
+        (host, LayerInputs { mask, rope, local })
     }
 
     /// RoPE tables for one row per entry of `positions`.

@@ -84,7 +84,7 @@ pub struct Gemma3Config {
     #[serde(default)]
     pub attn_logit_softcapping: Option<f64>,
     /// EmbeddingGemma's bidirectional attention. Must be `false`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_bidirectional_attention: Option<bool>,
     /// Biases on q/k/v/o. Must be `false`.
     #[serde(default)]

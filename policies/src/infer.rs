@@ -278,7 +278,7 @@ impl InferenceModel {
                 dtype,
             ),
             inv_freq: if dims.family == Family::Llama { rope::inv_freq(&dims) } else { vec![] },
-            inv_freq_local: match model.local_window() {
+            inv_freq_local: match dims.sliding_window {
                 Some(_) => rope::inv_freq(&dims.local_rope()),
                 None => vec![],
             },
@@ -385,23 +385,19 @@ impl InferenceModel {
                 if let Some(bias) = &l.o_b {
                     add_bias(&mut y, bias);
                 }
-                apply_norm(post, &mut y, c);
-                x.iter_mut().zip(&y).for_each(|(x, y)| *x += y);
+                add_normed(x, y, post);
             }
         }
         // MLP
         h.copy_from_slice(x);
         apply_norm(&l.ln2, &mut h, c);
-        let mut y = match &l.post_norms {
-            Some(_) => vec![0.0f32; m * c],
-            None => vec![],
-        };
-        // the MLP adds into the residual stream x, or (post norm) into y first
-        let out: &mut [f32] = if l.post_norms.is_some() { &mut y } else { x };
-        self.mlp_forward(&l.mlp, &h, out, m);
-        if let Some([_, post]) = &l.post_norms {
-            apply_norm(post, &mut y, c);
-            x.iter_mut().zip(&y).for_each(|(x, y)| *x += y);
+        match &l.post_norms {
+            None => self.mlp_forward(&l.mlp, &h, x, m),
+            Some([_, post]) => {
+                let mut y = vec![0.0f32; m * c];
+                self.mlp_forward(&l.mlp, &h, &mut y, m);
+                add_normed(x, y, post);
+            }
         }
     }
 
@@ -515,6 +511,12 @@ fn rope_rows(d: &Dims, inv_freq: &[f32], qkv: &mut [f32], positions: &[usize], w
             rope::apply(head, &cos, &sin);
         }
     }
+}
+
+/// `x += norm(y)`: a branch's output `y` through Gemma's post norm into the residual stream.
+fn add_normed(x: &mut [f32], mut y: Vec<f32>, norm: &NormW) {
+    apply_norm(norm, &mut y, norm.w.len());
+    x.iter_mut().zip(&y).for_each(|(x, y)| *x += y);
 }
 
 fn add_bias(x: &mut [f32], bias: &[f32]) {

@@ -16,7 +16,7 @@ use crate::attention::AttnShape;
 use crate::batch::Batch;
 use crate::config::{Dims, Family, GeluKind, Glu, ModelConfig, NormKind};
 use crate::error::PolicyError;
-use crate::forward_ctx::{apply_rope, Ctx};
+use crate::forward_ctx::{apply_rope, Ctx, Rope};
 use crate::fused::FusedOps;
 use crate::linear::{Affine, WeightLayout};
 use crate::logprobs::Head;
@@ -224,7 +224,7 @@ impl<D: FusedOps> Block<D> {
     /// `(B·T, C) → (B·T, C)`, or `(rows, C)` with `rows`: the device's whole-block op where it
     /// has one for this block (see [`FusedOps::gpt2_block`]), else [`Block::forward_ops`].
     fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>, dims: &Dims, ctx: &Ctx<D>, rows: Option<&[usize]>) -> A2<D, T> {
-        let x = match ctx.rope {
+        let x = match ctx.layers.rope {
             None => {
                 let shape = AttnShape { b: ctx.b, t: ctx.t, nh: dims.n_head, nkv: dims.n_kv_head, dh: dims.head_dim };
                 match D::gpt2_block(x, self, &ctx.mask_host, shape, dims.gelu, rows) {
@@ -277,20 +277,35 @@ impl<D: FusedOps> Block<D> {
         let q = self.wq.forward(h.clone().put_tape(tape));
         let k = self.wk.forward(h.retaped::<T>());
         let v = self.wv.forward(h.retaped::<T>());
-        let (q, k) = (q.reshape_like(&(b * t * nh, dh)), k.reshape_like(&(b * t * nkv, dh)));
+        let (mask, rope) = ctx.layers.for_layer(self.window);
+        let (q, k) = self.positioned_qk(q, k, rope, dims);
+        let shape = AttnShape { b, t, nh, nkv, dh };
+        let y = D::attention(q, k, v, mask, shape);
+        self.attn_out(y, r)
+    }
+
+    /// The projected queries `(N, H·Dh)` and keys `(N, Hkv·Dh)` as attention takes them: each
+    /// head's through its norm (Qwen3, Gemma 3), rotated by `rope`, the queries scaled by
+    /// [`Dims::query_scale`].
+    pub(crate) fn positioned_qk<T: Tape<f32, D>, U: Tape<f32, D>>(
+        &self,
+        q: A2<D, T>,
+        k: A2<D, U>,
+        rope: Option<&Rope<D>>,
+        dims: &Dims,
+    ) -> (A2<D, T>, A2<D, U>) {
+        let ((n, qw), (_, kw), dh) = (*q.shape(), *k.shape(), dims.head_dim);
+        let (q, k) = (q.reshape_like(&(n * qw / dh, dh)), k.reshape_like(&(n * kw / dh, dh)));
         let (q, k) = match &self.qk_norm {
             Some([q_norm, k_norm]) => (q_norm.forward(q), k_norm.forward(k)),
             None => (q, k),
         };
-        let (mask, rope) = ctx.for_layer(self.window.is_some());
         let (q, k) = match rope {
             Some(r) => (apply_rope(q, &r.cos_q, &r.sin_q, &r.rot), apply_rope(k, &r.cos_k, &r.sin_k, &r.rot)),
             None => (q, k),
         };
         let q = if dims.query_scale != 1.0 { q * dims.query_scale } else { q };
-        let shape = AttnShape { b, t, nh, nkv, dh };
-        let y = D::attention(q.reshape_like(&(b * t, nh * dh)), k.reshape_like(&(b * t, nkv * dh)), v, mask, shape);
-        self.attn_out(y, r)
+        (q.reshape_like(&(n, qw)), k.reshape_like(&(n, kw)))
     }
 }
 

@@ -23,6 +23,18 @@ pub fn fixture(name: &str) -> PathBuf {
         .unwrap_or_else(|| shared().join("fixtures").join(name))
 }
 
+/// Every HF transformers fixture (a folder with `config.json`, `model.safetensors` and
+/// `expected.json`): the two in `shared/fixtures` and those `scripts/fixtures/hf_tiny.py` writes.
+pub const HF_FIXTURES: [&str; 7] = [
+    "hf-gpt2-tiny",
+    "hf-llama-tiny",
+    "hf-qwen2-tiny",
+    "hf-llama3-tiny",
+    "hf-qwen3-tiny",
+    "hf-gemma3-tiny",
+    "hf-mistral-tiny",
+];
+
 /// Parses a JSON file.
 pub fn read_json(path: &std::path::Path) -> Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
