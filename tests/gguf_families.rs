@@ -1,10 +1,10 @@
-//! Qwen2, Qwen3 and Llama 3 GGUF files, written by llama.cpp's own converter from the tiny HF
-//! fixtures (`scripts/fixtures/gguf_tiny.py`, f32): the model loads with the logits transformers
-//! gives the HF folder (Qwen2's biases, Qwen3's head norms, Llama 3's RoPE scaling recovered
-//! from `rope_freqs.weight`),
-//! the vocabulary tokenizes as the model's own tokenizer.json does (Qwen2's and Llama 3's digit
-//! splits, added tokens kept whole, Llama 3's BOS), and a checkpoint written from the GGUF model
-//! loads back with the same logits.
+//! Qwen2, Qwen3, Llama 3 and Llama 2 GGUF files, written by llama.cpp's own converter from the
+//! tiny HF fixtures (`scripts/fixtures/gguf_tiny.py` and `gguf_spm_tiny.py`, f32): the model loads
+//! with the logits transformers gives the HF folder (Qwen2's biases, Qwen3's head norms, Llama 3's
+//! RoPE scaling recovered from `rope_freqs.weight`), the vocabulary tokenizes as the model's own
+//! tokenizer does (Qwen2's and Llama 3's digit splits, added tokens kept whole, Llama 3's BOS;
+//! Llama 2's SentencePiece vocabulary as llama.cpp tokenizes with it), and a checkpoint written
+//! from the GGUF model loads back with the same logits.
 
 mod common;
 
@@ -15,13 +15,20 @@ use rlhf_policies::{Batch, CausalLm};
 use serde_json::Value;
 
 fn case(name: &str) -> Value {
+    if name == LLAMA2 {
+        return read_json(&fixture("gguf_spm_tiny.json"))["case"].clone();
+    }
     let all = read_json(&fixture("gguf_tiny.json"));
     all["cases"].as_array().unwrap().iter().find(|c| c["file"] == format!("gguf-{name}.gguf")).unwrap().clone()
 }
 
+/// The SentencePiece-vocabulary file: `hf-llama-tiny`'s weights.
+const LLAMA2: &str = "llama2-tiny";
+
 /// The largest logit difference from transformers' on the HF fixture's texts.
 fn worst_logit_difference(model: &CausalLm<Cpu>, name: &str) -> f32 {
-    let expected = read_json(&fixture(&format!("hf-{name}/expected.json")));
+    let hf = if name == LLAMA2 { "llama-tiny" } else { name };
+    let expected = read_json(&fixture(&format!("hf-{hf}/expected.json")));
     let mut worst = 0.0f32;
     for text in expected["texts"].as_array().unwrap() {
         let ids = u32s(&text["ids"]);
@@ -90,6 +97,57 @@ fn llama3_gguf_recovers_the_rope_scaling_and_adds_bos() {
     let id = |t: &str| tok.token_to_id(t).unwrap();
     assert_eq!(tok.encode("1000000").unwrap(), [id("1"), id("00"), id("00"), id("0"), id("0")]);
     assert_eq!(model.config.eos_token_ids(), [1]);
+}
+
+/// Llama 2's vocabulary (SentencePiece BPE: scores, no merges) tokenizes as llama.cpp does with
+/// it: a space in front of the text and of each stretch after a special token, BPE by score,
+/// byte fallback for characters outside the vocabulary, control and user-defined tokens whole.
+#[test]
+fn llama2_gguf_tokenizes_its_sentencepiece_vocabulary_as_llama_cpp() {
+    let (model, tok) = check(LLAMA2);
+    assert_eq!((tok.bos_prefix(), model.config.eos_token_ids()), (Some(1), vec![2]));
+    let id = |t: &str| tok.token_to_id(t).unwrap();
+    assert_eq!(tok.encode("[INST]<think>").unwrap(), [id("[INST]"), id("<think>")]);
+    // 東 is outside the vocabulary: its three UTF-8 bytes
+    let ids = tok.encode("東").unwrap();
+    assert_eq!(ids[1..], [id("<0xE6>"), id("<0x9D>"), id("<0xB1>")]);
+    assert_eq!(tok.decode(&ids).unwrap(), "東");
+    // what transformers' Metaspace tokenizer and its GGUF loader give differs only where a stretch
+    // of text starts with a space (the fixture script checks the rest)
+    let c = case(LLAMA2);
+    let differs: Vec<&str> = c["strings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["ids"] != s["transformers_ids"])
+        .map(|s| s["text"].as_str().unwrap())
+        .collect();
+    let led_by_a_space = ["  leading spaces,\ttabs\t\tand\n\n\nnewlines  \n  end ", " a leading space"];
+    assert_eq!(differs, [led_by_a_space[0], led_by_a_space[1], "[INST] Who art thou? [/INST] A citizen.</s>"]);
+}
+
+/// Without the space prefix (Gemma's vocabulary) the text starts as it is, and decoding keeps
+/// its first character; without `add_bos_token` llama.cpp still adds BOS to a SentencePiece text.
+#[test]
+fn sentencepiece_flags_change_the_prefix_and_the_bos() {
+    use rlhf_policies::gguf::{tokenizer_json, Gguf, Value as Meta};
+    let mut g = Gguf::open(&fixture("gguf-llama2-tiny.gguf")).unwrap();
+    let build = |g: &Gguf| rlhf_policies::Tokenizer::from_json(&tokenizer_json(g).unwrap(), "gguf").unwrap();
+    let with_prefix = build(&g);
+    g.metadata.insert("tokenizer.ggml.add_space_prefix".into(), Meta::Bool(false));
+    g.metadata.remove("tokenizer.ggml.add_bos_token");
+    let plain = build(&g);
+    let space = with_prefix.token_to_id("▁").unwrap();
+    assert_eq!(with_prefix.encode("x").unwrap(), [space, with_prefix.token_to_id("x").unwrap()]);
+    assert_eq!(plain.encode("x").unwrap(), [plain.token_to_id("x").unwrap()]);
+    assert_eq!(plain.decode(&plain.encode(" said he").unwrap()).unwrap(), " said he");
+    assert_eq!(with_prefix.decode(&with_prefix.encode(" said he").unwrap()).unwrap(), " said he");
+    assert_eq!(plain.bos_prefix(), Some(1));
+    g.metadata.insert("tokenizer.ggml.add_bos_token".into(), Meta::Bool(false));
+    assert_eq!(build(&g).bos_prefix(), None);
+    g.metadata.remove("tokenizer.ggml.scores");
+    let e = tokenizer_json(&g).unwrap_err().to_string();
+    assert!(e.contains("gguf-llama2-tiny.gguf") && e.contains("tokenizer.ggml.scores"), "{e}");
 }
 
 #[test]

@@ -294,7 +294,7 @@ impl Gguf {
 /// sizes from the `<arch>.*` metadata, the head width from `attention.key_length` when given,
 /// tied embeddings when there is no `output.weight`, the special ids from `tokenizer.ggml.*`
 /// (EOS together with the end-of-turn and end-of-message ids, which end a generation in
-/// llama.cpp too), and Llama 3's RoPE scaling recovered from a `rope_freqs.weight` tensor
+/// llama.cpp too; a SentencePiece vocabulary's BOS 1 and EOS 2 unless named), and Llama 3's RoPE scaling recovered from a `rope_freqs.weight` tensor
 /// ([`crate::rope::Llama3Scaling::from_freq_factors`]).
 pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
     let arch = g.arch()?;
@@ -325,6 +325,12 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
             eos.push(id);
         }
     }
+    // llama.cpp's defaults for a SentencePiece vocabulary that names neither: `<s>` 1, `</s>` 2
+    let sentencepiece = matches!(g.metadata.get("tokenizer.ggml.model"), Some(Value::Str(m)) if m == "llama");
+    let bos = token("tokenizer.ggml.bos_token_id").or(sentencepiece.then_some(1));
+    if eos.is_empty() && sentencepiece {
+        eos.push(2);
+    }
     let mut cfg = serde_json::json!({
         "model_type": arch.prefix(),
         "architectures": [match arch {
@@ -343,7 +349,7 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
         "rope_theta": rope_theta,
         "max_position_embeddings": g.int(&key("context_length"))?,
         "tie_word_embeddings": !g.tensors.iter().any(|t| t.name == "output.weight"),
-        "bos_token_id": token("tokenizer.ggml.bos_token_id"),
+        "bos_token_id": bos,
         "eos_token_id": if eos.len() > 1 { serde_json::json!(eos) } else { serde_json::json!(eos.first()) },
         "pad_token_id": token("tokenizer.ggml.padding_token_id"),
     });

@@ -1,14 +1,23 @@
 //! The `tokenizer.json` a GGUF file's vocabulary describes (`tokenizer.ggml.*` metadata), and its
 //! chat template.
 //!
-//! A byte-level BPE file (`tokenizer.ggml.model = gpt2`) stores tokens, merges and token types,
-//! and names in `tokenizer.ggml.pre` how text is split before the merges. The split is what the
+//! Two kinds of vocabulary are read. A byte-level BPE file (`tokenizer.ggml.model = gpt2`) stores
+//! tokens, merges and token types, and names in `tokenizer.ggml.pre` how text is split before the
+//! merges. The split is what the
 //! model's own `tokenizer.json` does — the one the vocabulary was trained with, which llama.cpp
 //! and transformers' GGUF loader rebuild from the name: GPT-2's byte-level regex, Llama 3's and
 //! Qwen2's `Split` regexes (digits in threes, digits one by one; Qwen2's after NFC normalisation,
 //! which llama.cpp and transformers' GGUF loader leave out), SmolLM's digits-first. A name
 //! outside these is an error rather than a guess, since a wrong split tokenizes text the model
 //! never saw.
+//!
+//! A SentencePiece BPE file (`tokenizer.ggml.model = llama`: Llama 2, TinyLlama, Mistral 7B,
+//! Gemma) stores tokens with scores and types but no merges: llama.cpp joins, again and again, the
+//! neighbouring pair whose join is the vocabulary's highest-scoring token, after a space in front
+//! of the text and `▁` for every space, and spells what no token covers in `<0xNN>` byte tokens.
+//! The same result comes from a BPE whose merges are every split of a token into two tokens,
+//! ranked by the joined token's score (as transformers' GGUF loader and tokenizers' SentencePiece
+//! converters build it), with byte fallback.
 
 use crate::error::PolicyError;
 use crate::gguf::{Gguf, Value};
@@ -126,6 +135,19 @@ fn byte_level_spelling(token: &str) -> bool {
     })
 }
 
+/// The `tokenizer.json` a GGUF file's vocabulary describes: byte-level BPE
+/// (`tokenizer.ggml.model = gpt2`, [`byte_level_bpe`]) or SentencePiece BPE (`llama`,
+/// [`sentencepiece_bpe`]).
+pub fn tokenizer_json(g: &Gguf) -> Result<String, PolicyError> {
+    match g.metadata.get("tokenizer.ggml.model") {
+        Some(Value::Str(m)) if m == "gpt2" => byte_level_bpe(g),
+        Some(Value::Str(m)) if m == "llama" => sentencepiece_bpe(g),
+        other => {
+            Err(g.err("metadata", format!("tokenizer.ggml.model {other:?} is not supported (gpt2 and llama are)")))
+        }
+    }
+}
+
 /// The `tokenizer.json` of a file whose vocabulary is a byte-level BPE (`tokenizer.ggml.model =
 /// gpt2`): tokens and merges; control tokens (type 3) as special added tokens and user-defined
 /// ones (type 4) as plain added tokens, so text holding them keeps them whole; the split its
@@ -135,11 +157,7 @@ fn byte_level_spelling(token: &str) -> bool {
 /// A control token spelled outside the byte-level alphabet (a space in it, say) could never
 /// come out of the merges; llama.cpp files mislabel such tokens, and like transformers this
 /// leaves them out of the added tokens.
-pub fn tokenizer_json(g: &Gguf) -> Result<String, PolicyError> {
-    match g.metadata.get("tokenizer.ggml.model") {
-        Some(Value::Str(m)) if m == "gpt2" => {}
-        other => return Err(g.err("metadata", format!("tokenizer.ggml.model {other:?} is not supported (gpt2 is)"))),
-    }
+fn byte_level_bpe(g: &Gguf) -> Result<String, PolicyError> {
     let pre = match g.metadata.get("tokenizer.ggml.pre") {
         Some(Value::Str(p)) => Some(p.as_str()),
         None => None,
@@ -164,19 +182,8 @@ pub fn tokenizer_json(g: &Gguf) -> Result<String, PolicyError> {
         .collect::<Option<_>>()
         .ok_or_else(|| g.err("metadata", "a merge in `tokenizer.ggml.merges` is not \"a b\""))?;
     let types = token_types(g, tokens.len())?;
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i.into())).collect();
-    let added: Vec<serde_json::Value> = tokens
-        .iter()
-        .zip(&types)
-        .enumerate()
-        .filter(|(_, (t, &ty))| (ty == 3 && byte_level_spelling(t)) || ty == 4)
-        .map(|(i, (t, &ty))| {
-            serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-                "normalized": false, "special": ty == 3})
-        })
-        .collect();
-    let post_processor = bos_post_processor(g, &tokens)?;
+    let added = added_tokens(&tokens, &types, |t, ty| (ty == CONTROL && byte_level_spelling(t)) || ty == USER_DEFINED);
+    let post_processor = bos_post_processor(g, &tokens, false)?;
     Ok(serde_json::json!({
         "version": "1.0",
         "truncation": null,
@@ -188,22 +195,22 @@ pub fn tokenizer_json(g: &Gguf) -> Result<String, PolicyError> {
         "decoder": byte_level(true),
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
             "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-            "vocab": vocab, "merges": merges},
+            "vocab": vocab(&tokens), "merges": merges},
     })
     .to_string())
 }
 
 /// A post-processor putting BOS in front of each text when `tokenizer.ggml.add_bos_token` is
-/// true (Llama 3's `TemplateProcessing`), else none.
-fn bos_post_processor(g: &Gguf, tokens: &[&str]) -> Result<serde_json::Value, PolicyError> {
-    match g.metadata.get("tokenizer.ggml.add_bos_token") {
-        None | Some(Value::Bool(false)) => return Ok(serde_json::Value::Null),
-        Some(Value::Bool(true)) => {}
-        Some(other) => {
-            return Err(g.err("metadata", format!("`tokenizer.ggml.add_bos_token` must be a bool, found {other:?}")))
-        }
+/// true (Llama 3's `TemplateProcessing`), else none; `default` when the key is absent
+/// (llama.cpp's: true for SentencePiece vocabularies, whose BOS is id 1 unless named).
+fn bos_post_processor(g: &Gguf, tokens: &[&str], default: bool) -> Result<serde_json::Value, PolicyError> {
+    if !flag(g, "tokenizer.ggml.add_bos_token", default)? {
+        return Ok(serde_json::Value::Null);
     }
-    let id = g.int("tokenizer.ggml.bos_token_id")?;
+    let id = match g.metadata.get("tokenizer.ggml.bos_token_id") {
+        None if default => 1,
+        _ => g.int("tokenizer.ggml.bos_token_id")?,
+    };
     let bos = tokens.get(id).ok_or_else(|| {
         g.err("metadata", format!("tokenizer.ggml.bos_token_id {id} is past the {} tokens", tokens.len()))
     })?;
@@ -217,6 +224,126 @@ fn bos_post_processor(g: &Gguf, tokens: &[&str]) -> Result<serde_json::Value, Po
     }))
 }
 
+/// tokenizer.json's `vocab`: each token and its id.
+fn vocab(tokens: &[&str]) -> serde_json::Map<String, serde_json::Value> {
+    tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i.into())).collect()
+}
+
+/// tokenizer.json's `added_tokens`: the tokens `keep` picks (by spelling and type), matched in
+/// the text as written; user-defined ones are not special, the rest are.
+fn added_tokens(tokens: &[&str], types: &[i128], keep: impl Fn(&str, i128) -> bool) -> Vec<serde_json::Value> {
+    let picked = tokens.iter().zip(types).enumerate().filter(|(_, (t, &ty))| keep(t, ty));
+    picked
+        .map(|(i, (t, &ty))| {
+            serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                "normalized": false, "special": ty != USER_DEFINED})
+        })
+        .collect()
+}
+
+/// A boolean metadata value, `default` when absent.
+fn flag(g: &Gguf, key: &str, default: bool) -> Result<bool, PolicyError> {
+    match g.metadata.get(key) {
+        None => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(g.err("metadata", format!("`{key}` must be a bool, found {other:?}"))),
+    }
+}
+
+/// llama.cpp's token types ([`token_types`]): a piece of text, the unknown token, a control
+/// token, a user-defined one; the last three are taken out of the text before it is tokenized.
+const NORMAL: i128 = 1;
+const UNKNOWN: i128 = 2;
+const CONTROL: i128 = 3;
+const USER_DEFINED: i128 = 4;
+
+/// The `tokenizer.json` of a SentencePiece BPE vocabulary (`tokenizer.ggml.model = llama`), as
+/// llama.cpp tokenizes with it ([module docs](self)): `▁` for each space and one in front of
+/// each stretch of text unless `tokenizer.ggml.add_space_prefix` is false (llama.cpp prefixes the
+/// text after every special token too, as the `Prepend` normaliser does for each stretch between
+/// added tokens — transformers' `Metaspace` skips it when the text already starts with a space,
+/// SentencePiece and llama.cpp do not); merges from the scores ([`score_merges`]); byte fallback
+/// and the unknown token; unknown and control tokens as special added tokens, user-defined ones
+/// as plain added tokens (both taken out of the text first, as llama.cpp does); a decoder that
+/// turns `▁` back into spaces, joins byte tokens and drops the prefixed space; BOS in front
+/// unless `tokenizer.ggml.add_bos_token` is false.
+fn sentencepiece_bpe(g: &Gguf) -> Result<String, PolicyError> {
+    let tokens = strings(g, "tokenizer.ggml.tokens")?;
+    let types = token_types(g, tokens.len())?;
+    let scores = token_scores(g, tokens.len())?;
+    let prefix = flag(g, "tokenizer.ggml.add_space_prefix", true)?;
+    let added = added_tokens(&tokens, &types, |_, ty| [UNKNOWN, CONTROL, USER_DEFINED].contains(&ty));
+    let unk = match g.metadata.get("tokenizer.ggml.unknown_token_id") {
+        Some(_) => Some(g.int("tokenizer.ggml.unknown_token_id")?),
+        None => types.iter().position(|&t| t == UNKNOWN),
+    };
+    let unk = unk
+        .map(|id| {
+            tokens
+                .get(id)
+                .copied()
+                .ok_or_else(|| g.err("metadata", format!("unknown token id {id} is past the vocabulary")))
+        })
+        .transpose()?;
+    let replace =
+        |from: &str, to: &str| serde_json::json!({"type": "Replace", "pattern": {"String": from}, "content": to});
+    let mut normalizers = vec![replace(" ", "▁")];
+    let mut decoders =
+        vec![replace("▁", " "), serde_json::json!({"type": "ByteFallback"}), serde_json::json!({"type": "Fuse"})];
+    if prefix {
+        normalizers.insert(0, serde_json::json!({"type": "Prepend", "prepend": "▁"}));
+        decoders.push(serde_json::json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    Ok(serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": null,
+        "post_processor": bos_post_processor(g, &tokens, true)?,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab(&tokens), "merges": score_merges(&tokens, &types, &scores)},
+    })
+    .to_string())
+}
+
+/// SentencePiece BPE's merges from its scores: each normal token that splits into two normal
+/// tokens gives one merge per split, ranked by the token's score (highest first; equal scores by
+/// id). llama.cpp joins the neighbouring pair whose join scores highest, and since a pair's
+/// pieces are what earlier joins left, the ranked merges reproduce its choices.
+pub fn score_merges(tokens: &[&str], types: &[i128], scores: &[f32]) -> Vec<[String; 2]> {
+    let normal: std::collections::HashSet<&str> =
+        tokens.iter().zip(types).filter(|(_, &ty)| ty == NORMAL).map(|(t, _)| *t).collect();
+    let mut order: Vec<usize> = (0..tokens.len()).filter(|&i| types[i] == NORMAL).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    let mut merges = vec![];
+    for i in order {
+        let t = tokens[i];
+        for (k, _) in t.char_indices().skip(1) {
+            let (left, right) = t.split_at(k);
+            if normal.contains(left) && normal.contains(right) {
+                merges.push([left.to_string(), right.to_string()]);
+            }
+        }
+    }
+    merges
+}
+
+/// `tokenizer.ggml.scores`, one per token.
+fn token_scores(g: &Gguf, n: usize) -> Result<Vec<f32>, PolicyError> {
+    match g.metadata.get("tokenizer.ggml.scores") {
+        Some(Value::Array(items)) if items.len() == n => items
+            .iter()
+            .map(|v| if let Value::Float(x) = v { Ok(*x as f32) } else { Err(()) })
+            .collect::<Result<_, _>>()
+            .map_err(|_| g.err("metadata", "`tokenizer.ggml.scores` must hold numbers")),
+        _ => Err(g.err("metadata", format!("`tokenizer.ggml.scores` must be one number per token ({n})"))),
+    }
+}
+
 /// The file's chat template (`tokenizer.chat_template`), if it has one.
 pub fn chat_template(g: &Gguf) -> Option<String> {
     match g.metadata.get("tokenizer.chat_template") {
@@ -228,6 +355,19 @@ pub fn chat_template(g: &Gguf) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Merges ranked by the joined token's score, one per split into two normal tokens: `bc`
+    /// (-0.5) before `ab` (-1) before `abc` (-2, two splits), and nothing joins into or out of
+    /// the control token.
+    #[test]
+    fn sentencepiece_merges_follow_the_scores() {
+        let tokens = ["a", "b", "c", "ab", "bc", "abc", "<s>", "s"];
+        let types = [NORMAL, NORMAL, NORMAL, NORMAL, NORMAL, NORMAL, CONTROL, NORMAL];
+        let scores = [-3.0, -4.0, -5.0, -1.0, -0.5, -2.0, 0.0, -6.0];
+        let merges = score_merges(&tokens, &types, &scores);
+        let want = [["b", "c"], ["a", "b"], ["a", "bc"], ["ab", "c"]];
+        assert_eq!(merges, want.map(|[l, r]| [l.to_string(), r.to_string()]));
+    }
 
     #[test]
     fn the_byte_level_alphabet_has_256_symbols() {
