@@ -15,20 +15,24 @@ use rlhf_policies::{Batch, CausalLm};
 use serde_json::Value;
 
 fn case(name: &str) -> Value {
-    if name == LLAMA2 {
-        return read_json(&fixture("gguf_spm_tiny.json"))["case"].clone();
-    }
-    let all = read_json(&fixture("gguf_tiny.json"));
+    let all =
+        read_json(&fixture(if [LLAMA2, GEMMA3].contains(&name) { "gguf_spm_tiny.json" } else { "gguf_tiny.json" }));
     all["cases"].as_array().unwrap().iter().find(|c| c["file"] == format!("gguf-{name}.gguf")).unwrap().clone()
 }
 
-/// The SentencePiece-vocabulary file: `hf-llama-tiny`'s weights.
+/// The SentencePiece-vocabulary files: `hf-llama-tiny`'s weights, and a Gemma 3 whose
+/// transformers logits the fixture records itself.
 const LLAMA2: &str = "llama2-tiny";
+const GEMMA3: &str = "gemma3-tiny";
 
-/// The largest logit difference from transformers' on the HF fixture's texts.
+/// The largest logit difference from transformers' on the HF fixture's texts (the GGUF
+/// fixture's own for Gemma 3).
 fn worst_logit_difference(model: &CausalLm<Cpu>, name: &str) -> f32 {
-    let hf = if name == LLAMA2 { "llama-tiny" } else { name };
-    let expected = read_json(&fixture(&format!("hf-{hf}/expected.json")));
+    let expected = match name {
+        GEMMA3 => case(name),
+        LLAMA2 => read_json(&fixture("hf-llama-tiny/expected.json")),
+        _ => read_json(&fixture(&format!("hf-{name}/expected.json"))),
+    };
     let mut worst = 0.0f32;
     for text in expected["texts"].as_array().unwrap() {
         let ids = u32s(&text["ids"]);
@@ -126,6 +130,45 @@ fn llama2_gguf_tokenizes_its_sentencepiece_vocabulary_as_llama_cpp() {
     assert_eq!(differs, [led_by_a_space[0], led_by_a_space[1], "[INST] Who art thou? [/INST] A citizen.</s>"]);
 }
 
+/// Gemma 3 from llama.cpp's converter: the norms stored as `1 + w` come back as `w`, five
+/// sliding-window layers (window 8, RoPE base 100) then a full one, the query scale of the head
+/// width, a vocabulary without the space prefix and with Gemma's BOS 2 / EOS 1.
+#[test]
+fn gemma3_gguf_matches_transformers_with_its_windows_and_norm_gains() {
+    let (model, tok) = check(GEMMA3);
+    let d = &model.dims;
+    assert!(d.norm_unit_offset && d.post_norms && d.qk_norm);
+    // query_pre_attn_scalar = the head width: no change to `1/√Dh`
+    assert_eq!((d.sliding_window, d.rope_local_theta, d.query_scale), (Some(8), Some(100.0), 1.0));
+    let windows = model.config.layer_windows().unwrap();
+    assert_eq!(windows, [Some(8), Some(8), Some(8), Some(8), Some(8), None]);
+    assert_eq!((tok.bos_prefix(), model.config.eos_token_ids()), (Some(2), vec![1]));
+    assert_eq!(tok.encode("x").unwrap(), [tok.token_to_id("x").unwrap()]);
+}
+
+/// What a `gemma3` file may say beyond the fixture: another layer pattern (a period, or one flag
+/// per layer), no window; RoPE scaling and a final logit softcap are refused by name.
+#[test]
+fn gemma3_gguf_layer_patterns_and_refusals() {
+    use rlhf_policies::gguf::{model_config, Gguf, Value as Meta};
+    let mut g = Gguf::open(&fixture("gguf-gemma3-tiny.gguf")).unwrap();
+    let windows = |g: &Gguf| model_config(g).unwrap().layer_windows().unwrap();
+    g.metadata.insert("gemma3.attention.sliding_window_pattern".into(), Meta::Int(2));
+    assert_eq!(windows(&g), [Some(8), None, Some(8), None, Some(8), None]);
+    let flags = [true, false, false, true, true, false].map(Meta::Bool).to_vec();
+    g.metadata.insert("gemma3.attention.sliding_window_pattern".into(), Meta::Array(flags));
+    assert_eq!(windows(&g), [Some(8), None, None, Some(8), Some(8), None]);
+    g.metadata.remove("gemma3.attention.sliding_window");
+    assert_eq!(windows(&g), [None; 6]);
+    g.metadata.insert("gemma3.rope.scaling.type".into(), Meta::Str("linear".into()));
+    let e = model_config(&g).unwrap_err().to_string();
+    assert!(e.contains("gguf-gemma3-tiny.gguf") && e.contains("linear") && e.contains("rope.scaling.type"), "{e}");
+    g.metadata.remove("gemma3.rope.scaling.type");
+    g.metadata.insert("gemma3.final_logit_softcapping".into(), Meta::Float(30.0));
+    let e = model_config(&g).unwrap_err().to_string();
+    assert!(e.contains("final_logit_softcapping"), "{e}");
+}
+
 /// Without the space prefix (Gemma's vocabulary) the text starts as it is, and decoding keeps
 /// its first character; without `add_bos_token` llama.cpp still adds BOS to a SentencePiece text.
 #[test]
@@ -159,7 +202,7 @@ fn unknown_pre_tokenizers_and_architectures_are_errors_naming_them() {
     assert!(e.contains("gguf-qwen2-tiny.gguf") && e.contains("deepseek-llm") && e.contains("tokenizer.json beside"));
     g.metadata.insert("general.architecture".into(), Meta::Str("phi3".into()));
     let e = model_config(&g).unwrap_err().to_string();
-    assert!(e.contains("\"phi3\"") && e.contains("llama, qwen2 and qwen3"), "{e}");
+    assert!(e.contains("\"phi3\"") && e.contains("llama, qwen2, qwen3 and gemma3"), "{e}");
 }
 
 /// `rlhf eval` on text scores the file as transformers' `tokenizer(text)` gives it: with

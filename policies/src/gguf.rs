@@ -1,6 +1,6 @@
 //! GGUF files (llama.cpp's format): header, metadata, tensor table, and the tensors
 //! dequantised to f32 ([`crate::gguf_quants`]: F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, the
-//! K-quants Q2_K–Q6_K, IQ4_NL and IQ4_XS). A `llama`, `qwen2` or `qwen3` file ([`Arch`])
+//! K-quants Q2_K–Q6_K, IQ4_NL and IQ4_XS). A `llama`, `qwen2`, `qwen3` or `gemma3` file ([`Arch`])
 //! becomes an HF state dict ([`hf_tensors`]) and config ([`model_config`]), so
 //! [`crate::CausalLm::load_gguf`] goes through the same loader as safetensors folders; its
 //! vocabulary becomes a `tokenizer.json` ([`tokenizer_json`]).
@@ -257,6 +257,11 @@ pub enum Arch {
     Qwen2,
     /// `qwen3`: Qwen3, Llama with RMSNorms over each head's queries and keys; NeoX layout too.
     Qwen3,
+    /// `gemma3`: Gemma 3's text model. The converter stores each RMSNorm's gain `1 + w` (undone on
+    /// load) and leaves out what llama.cpp derives: the layer pattern (five sliding-window layers,
+    /// then a full one, unless `attention.sliding_window_pattern` says otherwise) and the query
+    /// scale (`head_dim^-½`, the 27B's `(hidden / heads)^-½`).
+    Gemma3,
 }
 
 impl Arch {
@@ -266,6 +271,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3",
         }
     }
 }
@@ -277,8 +283,10 @@ impl Gguf {
             Some(Value::Str(a)) if a == "llama" => Ok(Arch::Llama),
             Some(Value::Str(a)) if a == "qwen2" => Ok(Arch::Qwen2),
             Some(Value::Str(a)) if a == "qwen3" => Ok(Arch::Qwen3),
+            Some(Value::Str(a)) if a == "gemma3" => Ok(Arch::Gemma3),
             other => {
-                let msg = format!("general.architecture {other:?} is not supported (llama, qwen2 and qwen3 are)");
+                let msg =
+                    format!("general.architecture {other:?} is not supported (llama, qwen2, qwen3 and gemma3 are)");
                 Err(self.err("metadata", msg))
             }
         }
@@ -290,7 +298,8 @@ impl Gguf {
     }
 }
 
-/// The HF config (`LlamaForCausalLM`, `Qwen2ForCausalLM` or `Qwen3ForCausalLM`) of a file:
+/// The HF config (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM` or
+/// `Gemma3ForCausalLM`, [`gemma3_fields`]) of a file:
 /// sizes from the `<arch>.*` metadata, the head width from `attention.key_length` when given,
 /// tied embeddings when there is no `output.weight`, the special ids from `tokenizer.ggml.*`
 /// (EOS together with the end-of-turn and end-of-message ids, which end a generation in
@@ -315,6 +324,14 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
         return Err(g.err("metadata", msg));
     }
     let rope_theta = g.float(&key("rope.freq_base")).unwrap_or(10000.0);
+    match g.metadata.get(&key("rope.scaling.type")) {
+        None => {}
+        Some(Value::Str(t)) if t == "none" => {}
+        Some(other) => {
+            let msg = format!("RoPE scaling {other:?} (`{}`) is not supported", key("rope.scaling.type"));
+            return Err(g.err("metadata", msg));
+        }
+    }
     let token = |key: &str| match g.metadata.get(key) {
         Some(Value::Int(v)) => Some(*v as u32),
         _ => None,
@@ -337,6 +354,7 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
+            Arch::Gemma3 => "Gemma3ForCausalLM",
         }],
         "vocab_size": vocab,
         "hidden_size": hidden,
@@ -353,6 +371,9 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
         "eos_token_id": if eos.len() > 1 { serde_json::json!(eos) } else { serde_json::json!(eos.first()) },
         "pad_token_id": token("tokenizer.ggml.padding_token_id"),
     });
+    if arch == Arch::Gemma3 {
+        gemma3_fields(g, &mut cfg)?;
+    }
     if let Some(s) = rope_scaling(g, head_dim, rope_theta as f32)? {
         cfg["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": s.factor,
             "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
@@ -362,6 +383,48 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
         .map_err(|e| g.err("metadata", format!("not a valid {} config: {e}", arch.prefix())))?;
     cfg.dims().map_err(|e| g.err("metadata", e.to_string()))?;
     Ok(cfg)
+}
+
+/// A `gemma3` file's own fields on top of the Llama ones in `cfg`: `gemma3_text`, the tanh GELU,
+/// the local layers' window and RoPE base (`rope.freq_base_swa`, llama.cpp's 10000 when absent),
+/// the layer pattern and query scale as llama.cpp derives them ([`Arch::Gemma3`]), and a final
+/// logit softcap if the file has one (which the Gemma 3 config then refuses by name).
+fn gemma3_fields(g: &Gguf, cfg: &mut serde_json::Value) -> Result<(), PolicyError> {
+    let layers = g.int("gemma3.block_count")?;
+    let head_dim = cfg["head_dim"].as_u64().unwrap_or_default() as usize;
+    let width_per_head = g.int("gemma3.embedding_length")? / g.int("gemma3.attention.head_count")?;
+    let window = g.int_opt("gemma3.attention.sliding_window")?.filter(|&w| w > 0);
+    let local: Vec<bool> = match (window, g.metadata.get("gemma3.attention.sliding_window_pattern")) {
+        (None, _) => vec![false; layers],
+        (Some(_), Some(Value::Array(flags))) if flags.len() == layers => flags
+            .iter()
+            .map(|f| if let Value::Bool(b) = f { Ok(*b) } else { Err(()) })
+            .collect::<Result<_, _>>()
+            .map_err(|_| g.err("metadata", "`gemma3.attention.sliding_window_pattern` must hold bools"))?,
+        (Some(_), Some(Value::Array(_))) => {
+            return Err(g.err("metadata", "`gemma3.attention.sliding_window_pattern` must have one bool per layer"))
+        }
+        (Some(_), pattern) => {
+            let n = if pattern.is_some() { g.int("gemma3.attention.sliding_window_pattern")? } else { 6 };
+            (0..layers).map(|il| n == 0 || il % n < n - 1).collect()
+        }
+    };
+    let layer_types: Vec<&str> =
+        local.iter().map(|&l| if l { "sliding_attention" } else { "full_attention" }).collect();
+    let obj = cfg.as_object_mut().expect("a JSON object");
+    obj.insert("model_type".into(), "gemma3_text".into());
+    obj.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
+    obj.insert("sliding_window".into(), window.into());
+    obj.insert("layer_types".into(), layer_types.into());
+    obj.insert("rope_local_base_freq".into(), g.float("gemma3.rope.freq_base_swa").unwrap_or(10000.0).into());
+    // llama.cpp: `n_embd / n_head` for the 27B (62 layers), the head width otherwise
+    obj.insert("query_pre_attn_scalar".into(), (if layers == 62 { width_per_head } else { head_dim }).into());
+    // llama.cpp reads 0 as no softcap
+    let cap = g.metadata.get("gemma3.final_logit_softcapping").map(|_| g.float("gemma3.final_logit_softcapping"));
+    if let Some(cap) = cap.transpose()?.filter(|&c| c != 0.0) {
+        obj.insert("final_logit_softcapping".into(), cap.into());
+    }
+    Ok(())
 }
 
 /// Llama 3's RoPE scaling from the `rope_freqs.weight` tensor, if the file has one.
@@ -390,13 +453,17 @@ pub fn hf_tensors(g: &Gguf, cfg: &ModelConfig) -> Result<BTreeMap<String, HostTe
         if arch == Arch::Llama && (t.name.ends_with("attn_q.weight") || t.name.ends_with("attn_k.weight")) {
             x.data = unpermute_rows(&x.data, x.shape[1], dims.head_dim);
         }
+        if arch == Arch::Gemma3 && t.name.ends_with("norm.weight") {
+            x.data.iter_mut().for_each(|w| *w -= 1.0); // stored as the gain 1 + w
+        }
         out.insert(name, x);
     }
     Ok(out)
 }
 
 /// llama.cpp tensor name → transformers name (the q/k/v biases only for Qwen2, the q/k head
-/// norms only for Qwen3).
+/// norms for Qwen3 and Gemma 3, the norms after each branch for Gemma 3, whose norm before the
+/// MLP transformers calls `pre_feedforward_layernorm`).
 fn hf_name(gguf: &str, arch: Arch) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
@@ -416,6 +483,9 @@ fn hf_name(gguf: &str, arch: Arch) -> Option<String> {
         "attn_k.weight" => "self_attn.k_proj.weight",
         "attn_v.weight" => "self_attn.v_proj.weight",
         "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_norm.weight" if arch == Arch::Gemma3 => "pre_feedforward_layernorm.weight",
+        "post_attention_norm.weight" if arch == Arch::Gemma3 => "post_attention_layernorm.weight",
+        "post_ffw_norm.weight" if arch == Arch::Gemma3 => "post_feedforward_layernorm.weight",
         "ffn_norm.weight" => "post_attention_layernorm.weight",
         "ffn_gate.weight" => "mlp.gate_proj.weight",
         "ffn_up.weight" => "mlp.up_proj.weight",
@@ -423,8 +493,8 @@ fn hf_name(gguf: &str, arch: Arch) -> Option<String> {
         "attn_q.bias" if arch == Arch::Qwen2 => "self_attn.q_proj.bias",
         "attn_k.bias" if arch == Arch::Qwen2 => "self_attn.k_proj.bias",
         "attn_v.bias" if arch == Arch::Qwen2 => "self_attn.v_proj.bias",
-        "attn_q_norm.weight" if arch == Arch::Qwen3 => "self_attn.q_norm.weight",
-        "attn_k_norm.weight" if arch == Arch::Qwen3 => "self_attn.k_norm.weight",
+        "attn_q_norm.weight" if matches!(arch, Arch::Qwen3 | Arch::Gemma3) => "self_attn.q_norm.weight",
+        "attn_k_norm.weight" if matches!(arch, Arch::Qwen3 | Arch::Gemma3) => "self_attn.k_norm.weight",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}"))
