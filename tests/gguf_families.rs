@@ -188,6 +188,14 @@ fn sentencepiece_flags_change_the_prefix_and_the_bos() {
     assert_eq!(plain.bos_prefix(), Some(1));
     g.metadata.insert("tokenizer.ggml.add_bos_token".into(), Meta::Bool(false));
     assert_eq!(build(&g).bos_prefix(), None);
+    // a character outside a vocabulary with neither byte tokens nor an unknown token could
+    // only be dropped: refused
+    g.metadata.remove("tokenizer.ggml.unknown_token_id");
+    build(&g); // <unk> is typed as a control token here, so nothing names it; the bytes serve
+    let Some(Meta::Array(tokens)) = g.metadata.get_mut("tokenizer.ggml.tokens") else { panic!("tokens") };
+    tokens[6] = Meta::Str("<0x00>?".into());
+    let e = tokenizer_json(&g).unwrap_err().to_string();
+    assert!(e.contains("gguf-llama2-tiny.gguf") && e.contains("byte tokens nor an unknown token"), "{e}");
     g.metadata.remove("tokenizer.ggml.scores");
     let e = tokenizer_json(&g).unwrap_err().to_string();
     assert!(e.contains("gguf-llama2-tiny.gguf") && e.contains("tokenizer.ggml.scores"), "{e}");

@@ -285,6 +285,13 @@ fn sentencepiece_bpe(g: &Gguf) -> Result<String, PolicyError> {
                 .ok_or_else(|| g.err("metadata", format!("unknown token id {id} is past the vocabulary")))
         })
         .transpose()?;
+    let known: std::collections::HashSet<&str> = tokens.iter().copied().collect();
+    let has_bytes = (0..=255u8).all(|b| known.contains(format!("<0x{b:02X}>").as_str()));
+    if unk.is_none() && !has_bytes {
+        let msg = "the vocabulary has neither the 256 `<0xNN>` byte tokens nor an unknown token: \
+                   text outside it could not be tokenized";
+        return Err(g.err("metadata", msg));
+    }
     let replace =
         |from: &str, to: &str| serde_json::json!({"type": "Replace", "pattern": {"String": from}, "content": to});
     let mut normalizers = vec![replace(" ", "▁")];
@@ -314,7 +321,7 @@ fn sentencepiece_bpe(g: &Gguf) -> Result<String, PolicyError> {
 /// tokens gives one merge per split, ranked by the token's score (highest first; equal scores by
 /// id). llama.cpp joins the neighbouring pair whose join scores highest, and since a pair's
 /// pieces are what earlier joins left, the ranked merges reproduce its choices.
-pub fn score_merges(tokens: &[&str], types: &[i128], scores: &[f32]) -> Vec<[String; 2]> {
+fn score_merges(tokens: &[&str], types: &[i128], scores: &[f32]) -> Vec<[String; 2]> {
     let normal: std::collections::HashSet<&str> =
         tokens.iter().zip(types).filter(|(_, &ty)| ty == NORMAL).map(|(t, _)| *t).collect();
     let mut order: Vec<usize> = (0..tokens.len()).filter(|&i| types[i] == NORMAL).collect();
