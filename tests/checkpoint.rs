@@ -231,3 +231,44 @@ fn a_sharded_checkpoint_loads_as_the_single_file() {
         "{e}"
     );
 }
+
+/// `generation_config.json`'s `eos_token_id` joins the config's EOS among the ids that end a
+/// generation (as in transformers' `generate`): greedy decoding of the Llama fixture stops at the
+/// third new token once that token is listed there, and not before; the file travels unchanged
+/// with a saved checkpoint; a malformed one, or an id past the vocabulary, is an error naming it.
+#[test]
+fn generation_config_eos_ids_end_generations_and_travel_with_checkpoints() {
+    use rlhf_policies::{generate, InferenceModel, SamplingConfig};
+    let src = fixture("hf-llama-tiny");
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let greedy = &read_json(&src.join("expected.json"))["greedy"][0];
+    let (prompt, new) = (u32s(&greedy["prompt_ids"]), u32s(&greedy["new_ids"]));
+    let stop = new[2];
+    assert!(!new[..2].contains(&stop) && stop != 0, "the fixture's third greedy token first appears there");
+    let text = format!("{{\n  \"eos_token_id\": [0, {stop}],\n  \"temperature\": 0.7\n}}\n");
+    std::fs::write(dir.path().join("generation_config.json"), &text).unwrap();
+    let (model, tok) = load_with_tokenizer(dir.path(), &Cpu::default()).unwrap();
+    assert_eq!((model.config.eos_token_ids(), tok.eos_ids_for(&model.config)), (vec![0], vec![0, stop]));
+    let run = |eos_ids: Vec<u32>| {
+        let cfg = SamplingConfig { greedy: true, max_new_tokens: 20, eos_ids, ..Default::default() };
+        generate(&InferenceModel::from_model(&model), std::slice::from_ref(&prompt), 0, &cfg).unwrap().tokens[0].clone()
+    };
+    assert_eq!(run(model.config.eos_token_ids()), new, "the config's EOS alone: all 20 tokens");
+    assert_eq!(run(tok.eos_ids_for(&model.config)), new[..3], "stopped at the listed id");
+    // saved with the checkpoint, byte for byte, and read back
+    let saved = tempfile::tempdir().unwrap();
+    model.save_pretrained(saved.path(), Some(&tok)).unwrap();
+    assert_eq!(std::fs::read_to_string(saved.path().join("generation_config.json")).unwrap(), text);
+    let (_, again) = load_with_tokenizer(saved.path(), &Cpu::default()).unwrap();
+    assert_eq!(again.generation, tok.generation);
+    for (bad, field) in
+        [("{\"eos_token_id\": \"</s>\"}", "eos_token_id"), ("{oops", "json"), ("{\"eos_token_id\": 512}", "512")]
+    {
+        std::fs::write(dir.path().join("generation_config.json"), bad).unwrap();
+        let e = load_with_tokenizer(dir.path(), &Cpu::default()).unwrap_err().to_string();
+        assert!(e.contains("generation_config.json") && e.contains(field), "{bad}: {e}");
+    }
+}

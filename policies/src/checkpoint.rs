@@ -368,8 +368,14 @@ pub fn load_with_tokenizer<D: crate::fused::FusedOps>(
         let tok_path = dir.join("tokenizer.json");
         let mut tok = Tokenizer::from_file(&tok_path)?;
         tok.chat_template = crate::chat::ChatTemplate::source_of(dir)?;
+        tok.generation = crate::tokenizer::GenerationConfig::read(dir)?;
         (model, tok, tok_path)
     };
+    if let Some(&id) = tok.generation.iter().flat_map(|g| &g.eos_ids).find(|&&id| id as usize >= model.dims.vocab) {
+        let file = dir.join("generation_config.json").display().to_string();
+        let msg = format!("{id} is past the model's vocab_size {}", model.dims.vocab);
+        return Err(PolicyError::tokenizer(file, "eos_token_id", msg));
+    }
     if tok.vocab_size() > model.dims.vocab {
         return Err(PolicyError::tokenizer(
             tok_path.display().to_string(),

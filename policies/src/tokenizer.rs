@@ -33,6 +33,42 @@ pub struct Tokenizer {
     /// The token the tokenizer's post-processor puts before a text (Llama's BOS), which
     /// [`Tokenizer::encode_prompt`] adds as transformers' `tokenizer(text)` does.
     bos_prefix: Option<u32>,
+    /// The model folder's `generation_config.json`, if it has one; saved beside `tokenizer.json`
+    /// unchanged.
+    pub generation: Option<GenerationConfig>,
+}
+
+/// A model folder's `generation_config.json`: the text, written back unchanged with the
+/// tokenizer, and the ids its `eos_token_id` names — transformers' `generate` stops at those,
+/// and an instruction model may list its end-of-turn token there beside the config's EOS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationConfig {
+    /// The file's text.
+    pub text: String,
+    /// `eos_token_id` (one id or a list; empty when absent or `null`).
+    pub eos_ids: Vec<u32>,
+}
+
+impl GenerationConfig {
+    /// `dir/generation_config.json`, if there is one; malformed JSON or an `eos_token_id` that is
+    /// not an id or a list of ids is an error naming the file and field.
+    pub fn read(dir: &Path) -> Result<Option<Self>, PolicyError> {
+        let path = dir.join("generation_config.json");
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| PolicyError::io(&path, e))?;
+        let err = |field: &str, msg: String| PolicyError::tokenizer(path.display().to_string(), field, msg);
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| err("json", e.to_string()))?;
+        let id = |v: &serde_json::Value| v.as_u64().and_then(|i| u32::try_from(i).ok());
+        let bad = || err("eos_token_id", "must be a token id or a list of token ids".into());
+        let eos_ids = match &json["eos_token_id"] {
+            serde_json::Value::Null => vec![],
+            serde_json::Value::Array(items) => items.iter().map(|v| id(v).ok_or_else(bad)).collect::<Result<_, _>>()?,
+            v => vec![id(v).ok_or_else(bad)?],
+        };
+        Ok(Some(GenerationConfig { text, eos_ids }))
+    }
 }
 
 impl Tokenizer {
@@ -46,11 +82,16 @@ impl Tokenizer {
     pub fn from_json(text: &str, source: &str) -> Result<Self, PolicyError> {
         let inner = tokenizers::Tokenizer::from_bytes(text.as_bytes())
             .map_err(|e| PolicyError::tokenizer(source, "tokenizer.json", format!("cannot parse: {e}")))?;
-        let mut tok =
-            Tokenizer { inner, chars: None, source: source.to_string(), chat_template: None, bos_prefix: None };
+        let mut tok = Self::wrap(inner, source);
         tok.chars = tok.char_vocab();
         tok.bos_prefix = tok.post_processor_prefix();
         Ok(tok)
+    }
+
+    /// `inner` with nothing else known yet (no template, BOS prefix or generation config).
+    fn wrap(inner: tokenizers::Tokenizer, source: &str) -> Self {
+        let source = source.to_string();
+        Tokenizer { inner, chars: None, source, chat_template: None, bos_prefix: None, generation: None }
     }
 
     /// The id the post-processor adds in front of a single text (encoding with special tokens
@@ -105,7 +146,7 @@ impl Tokenizer {
         inner.with_post_processor(Some(ByteLevel::new(false, false, true)));
         let mut trainer: TrainerWrapper = trainer.into();
         inner.train(&mut trainer, texts).map_err(|e| PolicyError::tokenizer("<training>", "bpe", e.to_string()))?;
-        Ok(Tokenizer { inner, chars: None, source: "<trained BPE>".into(), chat_template: None, bos_prefix: None })
+        Ok(Self::wrap(inner, "<trained BPE>"))
     }
 
     /// A byte-level tokenizer with no merges: the 256 byte symbols after [`EOS_TOKEN`] (id 0)
@@ -137,8 +178,7 @@ impl Tokenizer {
         });
         let inner = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes())
             .map_err(|e| PolicyError::tokenizer("<char-level>", "model", e.to_string()))?;
-        let mut tok =
-            Tokenizer { inner, chars: None, source: "<char-level>".into(), chat_template: None, bos_prefix: None };
+        let mut tok = Self::wrap(inner, "<char-level>");
         tok.chars = tok.char_vocab();
         Ok(tok)
     }
@@ -220,9 +260,15 @@ impl Tokenizer {
     }
 
     /// Every id that ends a generation: all the config's EOS ids (Llama 3 lists each token that
-    /// ends a turn), else the tokenizer's EOS.
+    /// ends a turn), then those of `generation_config.json` not among them (as transformers'
+    /// `generate`), else the tokenizer's EOS.
     pub fn eos_ids_for(&self, config: &crate::config::ModelConfig) -> Vec<u32> {
-        let ids = config.eos_token_ids();
+        let mut ids = config.eos_token_ids();
+        for &id in self.generation.iter().flat_map(|g| &g.eos_ids) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
         if ids.is_empty() {
             self.eos_id().into_iter().collect()
         } else {
@@ -235,7 +281,7 @@ impl Tokenizer {
         [PAD_TOKEN, "<pad>"].iter().find_map(|t| self.token_to_id(t))
     }
 
-    /// Writes `tokenizer.json` (atomically).
+    /// Writes `tokenizer.json` (atomically), with the chat template and generation config beside it.
     pub fn save(&self, path: &Path) -> Result<(), PolicyError> {
         let text = self
             .inner
@@ -244,6 +290,9 @@ impl Tokenizer {
         crate::checkpoint::write_atomic(path, text.as_bytes())?;
         if let Some(t) = &self.chat_template {
             crate::checkpoint::write_atomic(&path.with_file_name("chat_template.jinja"), t.as_bytes())?;
+        }
+        if let Some(g) = &self.generation {
+            crate::checkpoint::write_atomic(&path.with_file_name("generation_config.json"), g.text.as_bytes())?;
         }
         Ok(())
     }
