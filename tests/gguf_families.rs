@@ -169,6 +169,53 @@ fn gemma3_gguf_layer_patterns_and_refusals() {
     assert!(e.contains("final_logit_softcapping"), "{e}");
 }
 
+/// llama.cpp's own test vectors for Phi-3's vocabulary (Llama 2's SentencePiece tokens and
+/// Phi-3's chat tokens, `tests/fixtures/llama.cpp-vocab`): 46 texts — spaces, tabs and newlines
+/// in runs, accents, CJK, emoji, code — give the ids of the model's own tokenizer, and decode
+/// back to the text.
+#[test]
+fn phi3_vocabulary_matches_llama_cpp_test_vectors() {
+    use rlhf_policies::gguf::{tokenizer_json, Gguf};
+    let dir = fixture("llama.cpp-vocab");
+    let g = Gguf::open(&dir.join("ggml-vocab-phi-3.gguf")).unwrap();
+    let tok = rlhf_policies::Tokenizer::from_json(&tokenizer_json(&g).unwrap(), "phi-3").unwrap();
+    assert_eq!((tok.vocab_size(), tok.bos_prefix()), (32064, Some(1)));
+    let inputs = std::fs::read_to_string(dir.join("ggml-vocab-phi-3.gguf.inp")).unwrap();
+    let outputs = std::fs::read_to_string(dir.join("ggml-vocab-phi-3.gguf.out")).unwrap();
+    let texts: Vec<&str> = inputs.split("\n__ggml_vocab_test__\n").collect();
+    let want: Vec<Vec<u32>> =
+        outputs.lines().map(|l| l.split_whitespace().map(|x| x.parse().unwrap()).collect()).collect();
+    assert_eq!(want.len(), 46);
+    for (text, want) in texts.iter().zip(&want) {
+        let ids = tok.encode(text).unwrap();
+        assert_eq!(&ids, want, "{text:?}");
+        assert_eq!(tok.decode(&ids).unwrap(), *text, "decoding {text:?}");
+    }
+}
+
+/// llama.cpp's Llama 3 pre-tokenizer takes a word that is itself a token whole, even where the
+/// merges would not reach it (Llama 3's tokenizer.json sets `ignore_merges`), and adds BOS when
+/// the file does not say; DBRX's name, with the same split, merges as usual.
+#[test]
+fn llama3_pre_tokenizer_takes_whole_word_tokens() {
+    use rlhf_policies::gguf::{tokenizer_json, Gguf, Value as Meta};
+    let mut g = Gguf::open(&fixture("gguf-llama3-tiny.gguf")).unwrap();
+    // a token no merge makes, appended (a normal token)
+    for (key, value) in [("tokens", Meta::Str("Ġzqxj".into())), ("token_type", Meta::Int(1))] {
+        let Some(Meta::Array(items)) = g.metadata.get_mut(&format!("tokenizer.ggml.{key}")) else { panic!("{key}") };
+        items.push(value);
+    }
+    let last = 512;
+    g.metadata.remove("tokenizer.ggml.add_bos_token");
+    let build = |g: &Gguf| rlhf_policies::Tokenizer::from_json(&tokenizer_json(g).unwrap(), "gguf").unwrap();
+    let llama3 = build(&g);
+    assert_eq!(llama3.encode("a zqxj").unwrap()[1..], [last]);
+    assert_eq!(llama3.bos_prefix(), Some(0));
+    g.metadata.insert("tokenizer.ggml.pre".into(), Meta::Str("dbrx".into()));
+    let dbrx = build(&g);
+    assert!(dbrx.encode("a zqxj").unwrap().len() > 2 && dbrx.bos_prefix().is_none());
+}
+
 /// Without the space prefix (Gemma's vocabulary) the text starts as it is, and decoding keeps
 /// its first character; without `add_bos_token` llama.cpp still adds BOS to a SentencePiece text.
 #[test]

@@ -43,11 +43,17 @@ enum Split {
     /// Every digit alone, then GPT-2's regex (SmolLM).
     DigitsThenGpt2,
     /// A `Split` regex, then byte-level mapping without a regex of its own; `nfc`: the text is
-    /// NFC-normalised first (Qwen2's tokenizer, as transformers' `Qwen2Tokenizer` builds it).
-    Regex { pattern: &'static str, nfc: bool },
+    /// NFC-normalised first (Qwen2's tokenizer, as transformers' `Qwen2Tokenizer` builds it);
+    /// `llama3`: llama.cpp's Llama 3 pre-type — a word that is itself a token is taken whole
+    /// rather than merged up to (Llama 3's tokenizer.json has `ignore_merges`; some such tokens
+    /// cannot be reached by the merges at all), and BOS goes in front unless
+    /// `tokenizer.ggml.add_bos_token` says otherwise.
+    Regex { pattern: &'static str, nfc: bool, llama3: bool },
 }
 
-const LLAMA3: Split = Split::Regex { pattern: LLAMA3_SPLIT, nfc: false };
+const LLAMA3: Split = Split::Regex { pattern: LLAMA3_SPLIT, nfc: false, llama3: true };
+/// DBRX's and Smaug's: Llama 3's regex, merges as usual.
+const LLAMA3_REGEX: Split = Split::Regex { pattern: LLAMA3_SPLIT, nfc: false, llama3: false };
 
 /// The `tokenizer.ggml.pre` names known here (llama.cpp's, as its converter writes them from the
 /// hash of how a tokenizer splits a fixed text) and their splits; a file without the key splits
@@ -61,12 +67,12 @@ const PRE_SPLITS: [(&str, Split); 14] = [
     ("llama-v3", LLAMA3),
     ("llama-bpe", LLAMA3),
     ("falcon3", LLAMA3),
-    ("smaug-bpe", LLAMA3),
-    ("dbrx", LLAMA3),
+    ("smaug-bpe", LLAMA3_REGEX),
+    ("dbrx", LLAMA3_REGEX),
     ("pixtral", LLAMA3),
-    ("qwen2", Split::Regex { pattern: QWEN2_SPLIT, nfc: true }),
-    ("deepseek-r1-qwen", Split::Regex { pattern: QWEN2_SPLIT, nfc: false }),
-    ("megrez", Split::Regex { pattern: QWEN2_SPLIT, nfc: false }),
+    ("qwen2", Split::Regex { pattern: QWEN2_SPLIT, nfc: true, llama3: false }),
+    ("deepseek-r1-qwen", Split::Regex { pattern: QWEN2_SPLIT, nfc: false, llama3: false }),
+    ("megrez", Split::Regex { pattern: QWEN2_SPLIT, nfc: false, llama3: false }),
 ];
 
 impl Split {
@@ -79,6 +85,11 @@ impl Split {
                 {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
                 byte_level(false)]}),
         }
+    }
+
+    /// Whether this is llama.cpp's Llama 3 pre-type ([`Split::Regex`]).
+    fn llama3(self) -> bool {
+        matches!(self, Split::Regex { llama3: true, .. })
     }
 
     /// The split's tokenizer.json `normalizer`.
@@ -151,8 +162,9 @@ pub fn tokenizer_json(g: &Gguf) -> Result<String, PolicyError> {
 /// The `tokenizer.json` of a file whose vocabulary is a byte-level BPE (`tokenizer.ggml.model =
 /// gpt2`): tokens and merges; control tokens (type 3) as special added tokens and user-defined
 /// ones (type 4) as plain added tokens, so text holding them keeps them whole; the split its
-/// `tokenizer.ggml.pre` names ([module docs](self)); a ByteLevel decoder, NFC for Qwen2 only; and
-/// BOS in front of each text when `tokenizer.ggml.add_bos_token` says so (Llama 3).
+/// `tokenizer.ggml.pre` names ([module docs](self)), with Llama 3's whole-word tokens; a ByteLevel
+/// decoder, NFC for Qwen2 only; and BOS in front of each text when `tokenizer.ggml.add_bos_token`
+/// says so (by default for Llama 3's pre-tokenizer, as llama.cpp).
 ///
 /// A control token spelled outside the byte-level alphabet (a space in it, say) could never
 /// come out of the merges; llama.cpp files mislabel such tokens, and like transformers this
@@ -183,7 +195,7 @@ fn byte_level_bpe(g: &Gguf) -> Result<String, PolicyError> {
         .ok_or_else(|| g.err("metadata", "a merge in `tokenizer.ggml.merges` is not \"a b\""))?;
     let types = token_types(g, tokens.len())?;
     let added = added_tokens(&tokens, &types, |t, ty| (ty == CONTROL && byte_level_spelling(t)) || ty == USER_DEFINED);
-    let post_processor = bos_post_processor(g, &tokens, false)?;
+    let post_processor = bos_post_processor(g, &tokens, split.llama3(), None)?;
     Ok(serde_json::json!({
         "version": "1.0",
         "truncation": null,
@@ -194,21 +206,27 @@ fn byte_level_bpe(g: &Gguf) -> Result<String, PolicyError> {
         "post_processor": post_processor,
         "decoder": byte_level(true),
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
-            "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": split.llama3(),
             "vocab": vocab(&tokens), "merges": merges},
     })
     .to_string())
 }
 
 /// A post-processor putting BOS in front of each text when `tokenizer.ggml.add_bos_token` is
-/// true (Llama 3's `TemplateProcessing`), else none; `default` when the key is absent
-/// (llama.cpp's: true for SentencePiece vocabularies, whose BOS is id 1 unless named).
-fn bos_post_processor(g: &Gguf, tokens: &[&str], default: bool) -> Result<serde_json::Value, PolicyError> {
-    if !flag(g, "tokenizer.ggml.add_bos_token", default)? {
+/// true (Llama 3's `TemplateProcessing`), else none; `add` when the key is absent, and BOS
+/// `default_id` when `tokenizer.ggml.bos_token_id` is (llama.cpp's defaults: BOS added, id 1,
+/// for SentencePiece vocabularies; added for Llama 3's pre-tokenizer, whose files name it).
+fn bos_post_processor(
+    g: &Gguf,
+    tokens: &[&str],
+    add: bool,
+    default_id: Option<usize>,
+) -> Result<serde_json::Value, PolicyError> {
+    if !flag(g, "tokenizer.ggml.add_bos_token", add)? {
         return Ok(serde_json::Value::Null);
     }
-    let id = match g.metadata.get("tokenizer.ggml.bos_token_id") {
-        None if default => 1,
+    let id = match (g.metadata.get("tokenizer.ggml.bos_token_id"), default_id) {
+        (None, Some(id)) => id,
         _ => g.int("tokenizer.ggml.bos_token_id")?,
     };
     let bos = tokens.get(id).ok_or_else(|| {
@@ -308,7 +326,7 @@ fn sentencepiece_bpe(g: &Gguf) -> Result<String, PolicyError> {
         "added_tokens": added,
         "normalizer": {"type": "Sequence", "normalizers": normalizers},
         "pre_tokenizer": null,
-        "post_processor": bos_post_processor(g, &tokens, true)?,
+        "post_processor": bos_post_processor(g, &tokens, true, Some(1))?,
         "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
             "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
