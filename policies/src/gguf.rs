@@ -299,7 +299,7 @@ impl Gguf {
 }
 
 /// The HF config (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM` or
-/// `Gemma3ForCausalLM`, [`gemma3_fields`]) of a file:
+/// `Gemma3ForCausalLM`, whose own fields [`Arch::Gemma3`] describes) of a file:
 /// sizes from the `<arch>.*` metadata, the head width from `attention.key_length` when given,
 /// tied embeddings when there is no `output.weight`, the special ids from `tokenizer.ggml.*`
 /// (EOS together with the end-of-turn and end-of-message ids, which end a generation in

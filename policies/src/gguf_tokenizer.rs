@@ -147,8 +147,8 @@ fn byte_level_spelling(token: &str) -> bool {
 }
 
 /// The `tokenizer.json` a GGUF file's vocabulary describes: byte-level BPE
-/// (`tokenizer.ggml.model = gpt2`, [`byte_level_bpe`]) or SentencePiece BPE (`llama`,
-/// [`sentencepiece_bpe`]).
+/// (`tokenizer.ggml.model = gpt2`) or SentencePiece BPE (`llama`), as the [module docs](self)
+/// say.
 pub fn tokenizer_json(g: &Gguf) -> Result<String, PolicyError> {
     match g.metadata.get("tokenizer.ggml.model") {
         Some(Value::Str(m)) if m == "gpt2" => byte_level_bpe(g),
