@@ -1,10 +1,11 @@
-//! Qwen2, Qwen3, Llama 3 and Llama 2 GGUF files, written by llama.cpp's own converter from the
-//! tiny HF fixtures (`scripts/fixtures/gguf_tiny.py` and `gguf_spm_tiny.py`, f32): the model loads
-//! with the logits transformers gives the HF folder (Qwen2's biases, Qwen3's head norms, Llama 3's
-//! RoPE scaling recovered from `rope_freqs.weight`), the vocabulary tokenizes as the model's own
-//! tokenizer does (Qwen2's and Llama 3's digit splits, added tokens kept whole, Llama 3's BOS;
-//! Llama 2's SentencePiece vocabulary as llama.cpp tokenizes with it), and a checkpoint written
-//! from the GGUF model loads back with the same logits.
+//! Qwen2, Qwen3, Llama 3, Llama 2 and Gemma 3 GGUF files, written by llama.cpp's own converter
+//! from tiny HF models (`scripts/fixtures/gguf_tiny.py` and `gguf_spm_tiny.py`, f32): the model
+//! loads with the logits transformers gives (Qwen2's biases, Qwen3's head norms, Llama 3's RoPE
+//! scaling recovered from `rope_freqs.weight`, Gemma 3's norms and windows), the vocabulary
+//! tokenizes as the model's own tokenizer does (Qwen2's and Llama 3's digit splits, added tokens
+//! kept whole, Llama 3's BOS; SentencePiece vocabularies as llama.cpp tokenizes with them, Phi-3's
+//! real one against llama.cpp's test vectors), and a checkpoint written from the GGUF model loads
+//! back with the same logits.
 
 mod common;
 
@@ -116,8 +117,8 @@ fn llama2_gguf_tokenizes_its_sentencepiece_vocabulary_as_llama_cpp() {
     let ids = tok.encode("東").unwrap();
     assert_eq!(ids[1..], [id("<0xE6>"), id("<0x9D>"), id("<0xB1>")]);
     assert_eq!(tok.decode(&ids).unwrap(), "東");
-    // what transformers' Metaspace tokenizer and its GGUF loader give differs only where a stretch
-    // of text starts with a space (the fixture script checks the rest)
+    // transformers' own tokenizer (its Metaspace) differs only where a stretch of text starts
+    // with a space (the fixture script checks the rest)
     let c = case(LLAMA2);
     let differs: Vec<&str> = c["strings"]
         .as_array()

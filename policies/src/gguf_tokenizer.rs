@@ -3,18 +3,18 @@
 //!
 //! Two kinds of vocabulary are read. A byte-level BPE file (`tokenizer.ggml.model = gpt2`) stores
 //! tokens, merges and token types, and names in `tokenizer.ggml.pre` how text is split before the
-//! merges. The split is what the
-//! model's own `tokenizer.json` does — the one the vocabulary was trained with, which llama.cpp
-//! and transformers' GGUF loader rebuild from the name: GPT-2's byte-level regex, Llama 3's and
-//! Qwen2's `Split` regexes (digits in threes, digits one by one; Qwen2's after NFC normalisation,
-//! which llama.cpp and transformers' GGUF loader leave out), SmolLM's digits-first. A name
-//! outside these is an error rather than a guess, since a wrong split tokenizes text the model
-//! never saw.
+//! merges. The split is what the model's own `tokenizer.json` does — the one the vocabulary was
+//! trained with, which llama.cpp and transformers' GGUF loader rebuild from the name: GPT-2's
+//! byte-level regex, Llama 3's and Qwen2's `Split` regexes (digits in threes, digits one by one;
+//! Qwen2's after NFC normalisation, which llama.cpp and transformers' GGUF loader leave out; Llama
+//! 3's words that are tokens taken whole), SmolLM's digits-first. A name outside these is an error
+//! rather than a guess, since a wrong split tokenizes text the model never saw.
 //!
 //! A SentencePiece BPE file (`tokenizer.ggml.model = llama`: Llama 2, TinyLlama, Mistral 7B,
 //! Gemma) stores tokens with scores and types but no merges: llama.cpp joins, again and again, the
-//! neighbouring pair whose join is the vocabulary's highest-scoring token, after a space in front
-//! of the text and `▁` for every space, and spells what no token covers in `<0xNN>` byte tokens.
+//! neighbouring pair whose join is the vocabulary's highest-scoring token, after `▁` for every
+//! space (and one in front of the text unless the file says not to), and spells what no token
+//! covers in `<0xNN>` byte tokens.
 //! The same result comes from a BPE whose merges are every split of a token into two tokens,
 //! ranked by the joined token's score (as transformers' GGUF loader and tokenizers' SentencePiece
 //! converters build it), with byte fallback.
