@@ -44,7 +44,8 @@ impl<D: Storage<f32>> LayerInputs<D> {
     }
 }
 
-/// RoPE tables for a run of rows (see [`Ctx::rope`]).
+/// RoPE tables for a run of rows (see [`CausalLm::rope_at`]); cloning shares the tensors.
+#[derive(Clone)]
 pub(crate) struct Rope<D: Storage<f32>> {
     pub(crate) cos_q: T2<D>,
     pub(crate) sin_q: T2<D>,
@@ -111,7 +112,12 @@ impl<D: FusedOps> CausalLm<D> {
         let rope = (self.dims.family == Family::Llama).then(|| self.rope_at(positions));
         let local = self.dims.sliding_window.map(|w| {
             let local = mask_values(shape, |r, i, j| hidden(r, i, j) || outside_window(w, q0 + i, j));
-            (self.dev.tensor_from_vec(local, shape), self.rope_with(positions, &self.dims.local_rope()))
+            // local layers without a RoPE base of their own (Mistral) share the global tables
+            let local_rope = match (self.dims.rope_local_theta, &rope) {
+                (None, Some(global)) => global.clone(),
+                _ => self.rope_with(positions, &self.dims.local_rope()),
+            };
+            (self.dev.tensor_from_vec(local, shape), local_rope)
         });
         (host, LayerInputs { mask, rope, local })
     }
