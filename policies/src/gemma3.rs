@@ -149,6 +149,12 @@ fn architectures() -> Vec<String> {
     vec!["Gemma3ForCausalLM".into()]
 }
 
+/// `n` layers in periods of `pattern` (> 0): `pattern − 1` sliding layers, then a full one
+/// (transformers' `sliding_window_pattern`, llama.cpp's default for Gemma 3 files).
+pub(crate) fn periodic_sliding(n: usize, pattern: usize) -> Vec<bool> {
+    (0..n).map(|i| (i + 1) % pattern != 0).collect()
+}
+
 /// transformers' RoPE bases when a config names none: full layers, sliding layers.
 const DEFAULT_THETAS: (f64, f64) = (1_000_000.0, 10_000.0);
 
@@ -178,7 +184,7 @@ impl Gemma3Config {
                 if pattern == 0 {
                     return Err(PolicyError::config("sliding_window_pattern", "must be > 0".into()));
                 }
-                (0..n).map(|i| (i + 1) % pattern != 0).collect()
+                periodic_sliding(n, pattern)
             }
         };
         match (self.sliding_window, sliding.contains(&true)) {

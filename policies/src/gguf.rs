@@ -17,6 +17,7 @@ use crate::config::ModelConfig;
 use crate::error::PolicyError;
 use crate::gguf_quants::{block_layout, dequantize, SUPPORTED};
 pub use crate::gguf_tokenizer::{chat_template, tokenizer_json};
+use crate::gguf_tokenizer::{SENTENCEPIECE_BOS, SENTENCEPIECE_EOS};
 use crate::rope::Llama3Scaling;
 
 /// A metadata value.
@@ -296,6 +297,11 @@ impl Gguf {
     fn int_opt(&self, key: &str) -> Result<Option<usize>, PolicyError> {
         self.metadata.get(key).map(|_| self.int(key)).transpose()
     }
+
+    /// An optional number (present but not a number is an error).
+    fn float_opt(&self, key: &str) -> Result<Option<f64>, PolicyError> {
+        self.metadata.get(key).map(|_| self.float(key)).transpose()
+    }
 }
 
 /// The HF config (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM` or
@@ -323,7 +329,7 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
         let msg = format!("RoPE on {rot} of each head's {head_dim} dimensions (partial rotary) is not supported");
         return Err(g.err("metadata", msg));
     }
-    let rope_theta = g.float(&key("rope.freq_base")).unwrap_or(10000.0);
+    let rope_theta = g.float_opt(&key("rope.freq_base"))?.unwrap_or(10000.0);
     match g.metadata.get(&key("rope.scaling.type")) {
         None => {}
         Some(Value::Str(t)) if t == "none" => {}
@@ -332,21 +338,18 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
             return Err(g.err("metadata", msg));
         }
     }
-    let token = |key: &str| match g.metadata.get(key) {
-        Some(Value::Int(v)) => Some(*v as u32),
-        _ => None,
-    };
+    let token = |key: &str| g.int_opt(key).map(|id| id.map(|id| id as u32));
     let mut eos: Vec<u32> = vec![];
-    for id in ["eos", "eot", "eom"].iter().filter_map(|k| token(&format!("tokenizer.ggml.{k}_token_id"))) {
-        if !eos.contains(&id) {
+    for k in ["eos", "eot", "eom"] {
+        if let Some(id) = token(&format!("tokenizer.ggml.{k}_token_id"))?.filter(|id| !eos.contains(id)) {
             eos.push(id);
         }
     }
-    // llama.cpp's defaults for a SentencePiece vocabulary that names neither: `<s>` 1, `</s>` 2
-    let sentencepiece = matches!(g.metadata.get("tokenizer.ggml.model"), Some(Value::Str(m)) if m == "llama");
-    let bos = token("tokenizer.ggml.bos_token_id").or(sentencepiece.then_some(1));
+    // llama.cpp's defaults for a SentencePiece vocabulary that names neither
+    let sentencepiece = crate::gguf_tokenizer::is_sentencepiece(g);
+    let bos = token("tokenizer.ggml.bos_token_id")?.or(sentencepiece.then_some(SENTENCEPIECE_BOS as u32));
     if eos.is_empty() && sentencepiece {
-        eos.push(2);
+        eos.push(SENTENCEPIECE_EOS);
     }
     let mut cfg = serde_json::json!({
         "model_type": arch.prefix(),
@@ -369,10 +372,10 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
         "tie_word_embeddings": !g.tensors.iter().any(|t| t.name == "output.weight"),
         "bos_token_id": bos,
         "eos_token_id": if eos.len() > 1 { serde_json::json!(eos) } else { serde_json::json!(eos.first()) },
-        "pad_token_id": token("tokenizer.ggml.padding_token_id"),
+        "pad_token_id": token("tokenizer.ggml.padding_token_id")?,
     });
     if arch == Arch::Gemma3 {
-        gemma3_fields(g, &mut cfg)?;
+        gemma3_fields(g, head_dim, &mut cfg)?;
     }
     if let Some(s) = rope_scaling(g, head_dim, rope_theta as f32)? {
         cfg["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": s.factor,
@@ -389,9 +392,8 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
 /// the local layers' window and RoPE base (`rope.freq_base_swa`, llama.cpp's 10000 when absent),
 /// the layer pattern and query scale as llama.cpp derives them ([`Arch::Gemma3`]), and a final
 /// logit softcap if the file has one (which the Gemma 3 config then refuses by name).
-fn gemma3_fields(g: &Gguf, cfg: &mut serde_json::Value) -> Result<(), PolicyError> {
+fn gemma3_fields(g: &Gguf, head_dim: usize, cfg: &mut serde_json::Value) -> Result<(), PolicyError> {
     let layers = g.int("gemma3.block_count")?;
-    let head_dim = cfg["head_dim"].as_u64().unwrap_or_default() as usize;
     let width_per_head = g.int("gemma3.embedding_length")? / g.int("gemma3.attention.head_count")?;
     let window = g.int_opt("gemma3.attention.sliding_window")?.filter(|&w| w > 0);
     let local: Vec<bool> = match (window, g.metadata.get("gemma3.attention.sliding_window_pattern")) {
@@ -404,10 +406,11 @@ fn gemma3_fields(g: &Gguf, cfg: &mut serde_json::Value) -> Result<(), PolicyErro
         (Some(_), Some(Value::Array(_))) => {
             return Err(g.err("metadata", "`gemma3.attention.sliding_window_pattern` must have one bool per layer"))
         }
-        (Some(_), pattern) => {
-            let n = if pattern.is_some() { g.int("gemma3.attention.sliding_window_pattern")? } else { 6 };
-            (0..layers).map(|il| n == 0 || il % n < n - 1).collect()
-        }
+        // llama.cpp's period (6 when absent; 0: every layer sliding)
+        (Some(_), _) => match g.int_opt("gemma3.attention.sliding_window_pattern")?.unwrap_or(6) {
+            0 => vec![true; layers],
+            n => crate::gemma3::periodic_sliding(layers, n),
+        },
     };
     let layer_types: Vec<&str> =
         local.iter().map(|&l| if l { "sliding_attention" } else { "full_attention" }).collect();
@@ -416,12 +419,12 @@ fn gemma3_fields(g: &Gguf, cfg: &mut serde_json::Value) -> Result<(), PolicyErro
     obj.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
     obj.insert("sliding_window".into(), window.into());
     obj.insert("layer_types".into(), layer_types.into());
-    obj.insert("rope_local_base_freq".into(), g.float("gemma3.rope.freq_base_swa").unwrap_or(10000.0).into());
+    let local_base = g.float_opt("gemma3.rope.freq_base_swa")?.unwrap_or(10000.0);
+    obj.insert("rope_local_base_freq".into(), local_base.into());
     // llama.cpp: `n_embd / n_head` for the 27B (62 layers), the head width otherwise
     obj.insert("query_pre_attn_scalar".into(), (if layers == 62 { width_per_head } else { head_dim }).into());
     // llama.cpp reads 0 as no softcap
-    let cap = g.metadata.get("gemma3.final_logit_softcapping").map(|_| g.float("gemma3.final_logit_softcapping"));
-    if let Some(cap) = cap.transpose()?.filter(|&c| c != 0.0) {
+    if let Some(cap) = g.float_opt("gemma3.final_logit_softcapping")?.filter(|&c| c != 0.0) {
         obj.insert("final_logit_softcapping".into(), cap.into());
     }
     Ok(())

@@ -123,14 +123,28 @@ fn strings<'a>(g: &'a Gguf, key: &str) -> Result<Vec<&'a str>, PolicyError> {
 /// llama.cpp's token types, one per token: 1 normal, 3 control (special), 4 user-defined (added
 /// but not special, like `<think>`); without the key every token is normal.
 fn token_types(g: &Gguf, n: usize) -> Result<Vec<i128>, PolicyError> {
-    match g.metadata.get("tokenizer.ggml.token_type") {
+    let types = per_token(g, "token_type", "integer", n, |v| if let Value::Int(i) = v { Some(*i) } else { None })?;
+    Ok(types.unwrap_or_else(|| vec![NORMAL; n]))
+}
+
+/// `tokenizer.ggml.<key>`: one `what` per token (`pick` reads each), or `None` when absent.
+fn per_token<T>(
+    g: &Gguf,
+    key: &str,
+    what: &str,
+    n: usize,
+    pick: impl Fn(&Value) -> Option<T>,
+) -> Result<Option<Vec<T>>, PolicyError> {
+    let full = format!("tokenizer.ggml.{key}");
+    match g.metadata.get(&full) {
+        None => Ok(None),
         Some(Value::Array(items)) if items.len() == n => items
             .iter()
-            .map(|v| if let Value::Int(i) = v { Ok(*i) } else { Err(()) })
-            .collect::<Result<_, _>>()
-            .map_err(|_| g.err("metadata", "`tokenizer.ggml.token_type` must hold integers")),
-        None => Ok(vec![1; n]),
-        Some(_) => Err(g.err("metadata", "`tokenizer.ggml.token_type` must be one integer per token")),
+            .map(&pick)
+            .collect::<Option<_>>()
+            .map(Some)
+            .ok_or_else(|| g.err("metadata", format!("`{full}` must hold {what}s"))),
+        Some(_) => Err(g.err("metadata", format!("`{full}` must be one {what} per token ({n})"))),
     }
 }
 
@@ -259,6 +273,15 @@ fn added_tokens(tokens: &[&str], types: &[i128], keep: impl Fn(&str, i128) -> bo
         .collect()
 }
 
+/// llama.cpp's BOS and EOS ids for a SentencePiece vocabulary whose file names none.
+pub(crate) const SENTENCEPIECE_BOS: usize = 1;
+pub(crate) const SENTENCEPIECE_EOS: u32 = 2;
+
+/// Whether the file's vocabulary is SentencePiece BPE (`tokenizer.ggml.model = llama`).
+pub(crate) fn is_sentencepiece(g: &Gguf) -> bool {
+    matches!(g.metadata.get("tokenizer.ggml.model"), Some(Value::Str(m)) if m == "llama")
+}
+
 /// A boolean metadata value, `default` when absent.
 fn flag(g: &Gguf, key: &str, default: bool) -> Result<bool, PolicyError> {
     match g.metadata.get(key) {
@@ -326,7 +349,7 @@ fn sentencepiece_bpe(g: &Gguf) -> Result<String, PolicyError> {
         "added_tokens": added,
         "normalizer": {"type": "Sequence", "normalizers": normalizers},
         "pre_tokenizer": null,
-        "post_processor": bos_post_processor(g, &tokens, true, Some(1))?,
+        "post_processor": bos_post_processor(g, &tokens, true, Some(SENTENCEPIECE_BOS))?,
         "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
             "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
@@ -357,16 +380,10 @@ fn score_merges(tokens: &[&str], types: &[i128], scores: &[f32]) -> Vec<[String;
     merges
 }
 
-/// `tokenizer.ggml.scores`, one per token.
+/// `tokenizer.ggml.scores`, one per token (required).
 fn token_scores(g: &Gguf, n: usize) -> Result<Vec<f32>, PolicyError> {
-    match g.metadata.get("tokenizer.ggml.scores") {
-        Some(Value::Array(items)) if items.len() == n => items
-            .iter()
-            .map(|v| if let Value::Float(x) = v { Ok(*x as f32) } else { Err(()) })
-            .collect::<Result<_, _>>()
-            .map_err(|_| g.err("metadata", "`tokenizer.ggml.scores` must hold numbers")),
-        _ => Err(g.err("metadata", format!("`tokenizer.ggml.scores` must be one number per token ({n})"))),
-    }
+    per_token(g, "scores", "number", n, |v| if let Value::Float(x) = v { Some(*x as f32) } else { None })?
+        .ok_or_else(|| g.err("metadata", format!("`tokenizer.ggml.scores` must be one number per token ({n})")))
 }
 
 /// The file's chat template (`tokenizer.chat_template`), if it has one.
