@@ -168,6 +168,14 @@ fn gemma3_gguf_layer_patterns_and_refusals() {
     g.metadata.insert("gemma3.final_logit_softcapping".into(), Meta::Float(30.0));
     let e = model_config(&g).unwrap_err().to_string();
     assert!(e.contains("final_logit_softcapping"), "{e}");
+    g.metadata.remove("gemma3.final_logit_softcapping");
+    // a value of the wrong kind is an error naming it, not the default
+    for key in ["gemma3.rope.freq_base_swa", "tokenizer.ggml.bos_token_id"] {
+        let mut bad = Gguf::open(&fixture("gguf-gemma3-tiny.gguf")).unwrap();
+        bad.metadata.insert(key.into(), Meta::Str("ten".into()));
+        let e = model_config(&bad).unwrap_err().to_string();
+        assert!(e.contains(key), "{key}: {e}");
+    }
 }
 
 /// llama.cpp's own test vectors for Phi-3's vocabulary (Llama 2's SentencePiece tokens and
