@@ -62,6 +62,93 @@ fn hf_fixtures_resave_to_the_same_state_dict() {
     }
 }
 
+/// A Pythia checkpoint as transformers 4.2x saved it: per layer the causal mask `attention.bias`
+/// (bool; uint8 in older files), `attention.masked_bias` and `rotary_emb.inv_freq` beside the
+/// weights, which load and give transformers' logits; the head under transformers 5's in-memory
+/// name `lm_head.weight` reads as `embed_out.weight`. A bool tensor that is not a mask buffer
+/// is an error naming it.
+#[test]
+fn pythia_legacy_buffers_and_the_lm_head_name_load() {
+    use ::safetensors::{tensor::TensorView, Dtype};
+    let src = fixture("hf-pythia-tiny");
+    let exp = read_json(&src.join("expected.json"));
+    let ids = u32s(&exp["texts"][0]["ids"]);
+    let want = f32s_2d(&exp["texts"][0]["logits"]).concat();
+    let weights = read_safetensors(&src.join("model.safetensors")).unwrap();
+    let f32_bytes = |t: &rlhf_policies::checkpoint::HostTensor| -> Vec<u8> {
+        t.data.iter().flat_map(|v| v.to_le_bytes()).collect()
+    };
+    let write = |extra: &[(&str, Dtype, Vec<usize>, Vec<u8>)], head: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = weights
+            .iter()
+            .map(|(n, t)| {
+                let name = if n == "embed_out.weight" { head.to_string() } else { n.clone() };
+                (name, Dtype::F32, t.shape.clone(), f32_bytes(t))
+            })
+            .collect();
+        owned.extend(extra.iter().map(|(n, d, s, b)| (n.to_string(), *d, s.clone(), b.clone())));
+        let views: Vec<(String, TensorView<'_>)> =
+            owned.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+        ::safetensors::serialize_to_file(views, &None, &dir.path().join("model.safetensors")).unwrap();
+        dir
+    };
+    let p = 128;
+    let mask: Vec<u8> = (0..p * p).map(|k| ((k % p) <= (k / p)) as u8).collect();
+    let mut legacy = vec![];
+    for i in 0..2 {
+        let l = format!("gpt_neox.layers.{i}.attention");
+        legacy.push((
+            format!("{l}.bias"),
+            if i == 0 { Dtype::BOOL } else { Dtype::U8 },
+            vec![1, 1, p, p],
+            mask.clone(),
+        ));
+        legacy.push((format!("{l}.masked_bias"), Dtype::F32, vec![], (-1e9f32).to_le_bytes().to_vec()));
+        let inv: Vec<u8> = [1.0f32, 0.01].iter().flat_map(|v| v.to_le_bytes()).collect();
+        legacy.push((format!("{l}.rotary_emb.inv_freq"), Dtype::F32, vec![2], inv));
+    }
+    let legacy: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> =
+        legacy.iter().map(|(n, d, s, b)| (n.as_str(), *d, s.clone(), b.clone())).collect();
+    for (extra, head) in [(&legacy[..], "embed_out.weight"), (&[][..], "lm_head.weight")] {
+        let dir = write(extra, head);
+        let m = CausalLm::load_pretrained(dir.path(), &Cpu::default()).unwrap();
+        let got = m.forward(&Batch::unpadded(std::slice::from_ref(&ids)).unwrap(), NoneTape).unwrap().as_vec();
+        assert!(max_abs_diff(&got, &want) < 1e-4, "{head}: logits differ by {}", max_abs_diff(&got, &want));
+    }
+    let stray = [("gpt_neox.layers.0.attention.flags", Dtype::BOOL, vec![2], vec![1u8, 0])];
+    let dir = write(&stray, "embed_out.weight");
+    let err = CausalLm::load_pretrained(dir.path(), &Cpu::default()).unwrap_err().to_string();
+    assert!(err.contains("gpt_neox.layers.0.attention.flags") && err.contains("BOOL"), "{err}");
+}
+
+/// A reward model on the untied GPT-NeoX saves as `GPTNeoXForSequenceClassification` and loads
+/// back with the same scores, and without its `embed_out.weight` (which a reward model never
+/// reads) too.
+#[test]
+fn gpt_neox_reward_model_round_trips() {
+    use rlhf_policies::{LearnedReward, ScalarHead};
+    let dev = Cpu::default();
+    let model = CausalLm::load_pretrained(&fixture("hf-pythia-tiny"), &dev).unwrap();
+    let rm = LearnedReward { model, head: ScalarHead::new(&dev, 64, 0.5, 4), norm: None, pad_id: 0 };
+    let seqs = vec![vec![5, 9, 2, 7], vec![11, 3]];
+    let want = rm.score_ids(&seqs).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    rm.save_pretrained(dir.path(), None, None).unwrap();
+    assert_eq!(read_json(&dir.path().join("config.json"))["architectures"][0], "GPTNeoXForSequenceClassification");
+    let weights = dir.path().join("model.safetensors");
+    for drop_head in [false, true] {
+        if drop_head {
+            let mut t = read_safetensors(&weights).unwrap();
+            t.remove("embed_out.weight").unwrap();
+            rlhf_policies::checkpoint::write_safetensors(&weights, &t).unwrap();
+        }
+        let (back, _) = LearnedReward::load_pretrained(dir.path(), &dev).unwrap();
+        assert_eq!(back.score_ids(&seqs).unwrap(), want, "without embed_out: {drop_head}");
+    }
+}
+
 /// Llama 3's and Qwen2's pre-tokenizers (regular expressions with look-ahead and `(?i:…)`),
 /// on small BPEs made by `scripts/fixtures/pre_tokenizers_fixture.py`: the ids Hugging Face's
 /// Python `tokenizers` gives, and the text back; a prompt gets Llama 3's BOS as `tokenizer(text)`

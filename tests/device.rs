@@ -528,6 +528,13 @@ macro_rules! device_tests {
                 generate_on_device("hf-gemma3-tiny", &$dev);
             }
             #[test]
+            fn gpt_neox_fixtures_logits_decode_session_train_steps_and_generate() {
+                for name in ["hf-pythia-tiny", "hf-gpt-neox-seq-tiny"] {
+                    every_check(name, &$dev);
+                    generate_on_device(name, &$dev);
+                }
+            }
+            #[test]
             fn mistral_sliding_window_decode_and_generate() {
                 decode_matches_engine("hf-mistral-tiny", &$dev);
                 generate_on_device("hf-mistral-tiny", &$dev);

@@ -1,7 +1,8 @@
 //! Parity with HF transformers on the tiny GPT-2 and Llama fixtures (`shared/fixtures`, see its
-//! README) and this repository's tiny Qwen2 (random q/k/v biases), Llama 3 (scaled RoPE), Qwen3
-//! Gemma 3 and Mistral (sliding window) from `tests/fixtures`: logits per position, next-token log-probs, the left-padded batch, greedy decoding,
-//! and the KV-cache path fed one token at a time.
+//! README) and this repository's tiny Qwen2 (random q/k/v biases), Llama 3 (scaled RoPE), Qwen3,
+//! Gemma 3, Mistral (sliding window) and GPT-NeoX (Pythia's partial RoPE and parallel residual,
+//! and the sequential variant) from `tests/fixtures`: logits per position, next-token log-probs,
+//! the left-padded batch, greedy decoding, and the KV-cache path fed one token at a time.
 
 mod common;
 
@@ -163,6 +164,21 @@ fn mistral_sliding_window_logits_left_padded_batch_greedy_and_kv_cache() {
     check_left_padded("hf-mistral-tiny");
     check_greedy("hf-mistral-tiny");
     check_incremental("hf-mistral-tiny");
+}
+/// GPT-NeoX as Pythia has it: RoPE on the first 4 of each head's 16 dimensions, the parallel
+/// residual, q/k/v fused head by head, an untied `embed_out`; and the sequential variant
+/// (RedPajama-INCITE's) with RoPE on the whole head, the tanh GELU and a tied head.
+#[test]
+fn gpt_neox_logits_left_padded_batch_greedy_and_kv_cache() {
+    for (name, rotary, parallel) in [("hf-pythia-tiny", Some(4), true), ("hf-gpt-neox-seq-tiny", None, false)] {
+        let (model, _) = load(name);
+        let d = model.dims;
+        assert_eq!((d.partial_rotary, d.parallel_residual, d.tied), (rotary, parallel, !parallel), "{name}");
+        check_texts(name);
+        check_left_padded(name);
+        check_greedy(name);
+        check_incremental(name);
+    }
 }
 /// Llama 3's RoPE scaling (all three bands of frequencies) and a list of EOS ids.
 #[test]

@@ -1,144 +1,18 @@
 //! The transformer against independent references: finite-difference gradients, the tape-free
-//! KV-cache engine against the training forward, and the frozen copy under an optimizer step.
+//! KV-cache engine against the training forward, and the frozen copy under an optimizer step
+//! (GPT-2 and Llama here; the other families' own parts in `model_families.rs`).
 
 mod common;
 
 use common::max_abs_diff;
+use common::models::*;
 use dfdx::prelude::*;
-use rlhf_policies::config::{Gpt2Config, LlamaConfig};
-use rlhf_policies::params::{ParamMut, ParamRef};
+use rlhf_policies::params::ParamRef;
 use rlhf_policies::sampling::argmax;
 use rlhf_policies::{
     clip_grad_norm, generate, AdamW, AdamWConfig, Batch, CausalLm, InferenceModel, KvCache, LogitsAt, ModelConfig,
     SamplingConfig,
 };
-
-fn tiny_gpt2(vocab: usize) -> ModelConfig {
-    ModelConfig::gpt2_preset(vocab, 16, 2, 2, 32)
-}
-
-/// The tiny GPT-2 with one field of its config changed.
-fn tiny_gpt2_with(vocab: usize, change: impl FnOnce(&mut Gpt2Config)) -> ModelConfig {
-    let mut cfg = tiny_gpt2(vocab);
-    let ModelConfig::Gpt2(c) = &mut cfg else { unreachable!() };
-    change(c);
-    cfg
-}
-
-/// GPT-2 with the exact (erf) GELU: transformers' `activation_function: "gelu"`.
-fn tiny_gpt2_erf(vocab: usize) -> ModelConfig {
-    tiny_gpt2_with(vocab, |c| c.activation_function = "gelu".into())
-}
-
-/// GPT-2 without biases (nanoGPT's `bias = False`).
-fn tiny_gpt2_no_bias(vocab: usize) -> ModelConfig {
-    tiny_gpt2_with(vocab, |c| c.bias = false)
-}
-
-fn tiny_llama(vocab: usize) -> ModelConfig {
-    let json = format!(
-        r#"{{"model_type":"llama","vocab_size":{vocab},"hidden_size":16,"intermediate_size":24,
-            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":4,
-            "rms_norm_eps":1e-5,"rope_theta":500.0,"max_position_embeddings":64,"tie_word_embeddings":false}}"#
-    );
-    let cfg = ModelConfig::from_json_str(&json).unwrap();
-    assert!(matches!(cfg, ModelConfig::Llama(LlamaConfig { .. })));
-    cfg
-}
-
-/// Gemma 3 with a window (3) shorter than the test batches, a local RoPE base, a head width
-/// apart from d / heads and `query_pre_attn_scalar` apart from it.
-fn tiny_gemma3(vocab: usize) -> ModelConfig {
-    let json = format!(
-        r#"{{"model_type":"gemma3_text","vocab_size":{vocab},"hidden_size":16,"intermediate_size":24,
-            "num_hidden_layers":2,"num_attention_heads":2,"num_key_value_heads":1,"head_dim":6,
-            "query_pre_attn_scalar":5,"sliding_window":3,"layer_types":["sliding_attention","full_attention"],
-            "rope_theta":500.0,"rope_local_base_freq":50.0,"max_position_embeddings":64}}"#
-    );
-    ModelConfig::from_json_str(&json).unwrap()
-}
-
-/// Random init with a larger std, so logits are far from uniform and greedy is non-degenerate.
-fn model(cfg: ModelConfig, seed: u64) -> CausalLm<Cpu> {
-    let mut cfg = cfg;
-    match &mut cfg {
-        ModelConfig::Gpt2(c) => c.initializer_range = 0.3,
-        ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) | ModelConfig::Mistral(c) => {
-            c.initializer_range = 0.3
-        }
-        ModelConfig::Gemma3Text(c) => c.initializer_range = 0.3,
-    }
-    CausalLm::new(cfg, &Cpu::default(), seed).unwrap()
-}
-
-/// Mean next-token cross-entropy over the real positions of a right-padded batch.
-fn loss_value(m: &CausalLm<Cpu>, batch: &Batch, targets: &[usize], weights: &[f32]) -> f32 {
-    let dev = Cpu::default();
-    let logits = m.forward(batch, NoneTape).unwrap();
-    let n = targets.len();
-    let lp = logits.log_softmax::<Axis<1>>().select(dev.tensor_from_vec(targets.to_vec(), (n,)));
-    -(lp * dev.tensor_from_vec(weights.to_vec(), (n,))).sum::<Rank0, _>().array()
-}
-
-fn grad_check(cfg: ModelConfig) {
-    grad_check_with(cfg, 1e-2)
-}
-
-/// Central differences with step `eps` against the tape's gradient, three entries per tensor.
-fn grad_check_with(cfg: ModelConfig, eps: f32) {
-    let dev = Cpu::default();
-    let m = model(cfg, 3);
-    let batch = Batch::right_padded(&[vec![1, 5, 2, 7, 3, 4], vec![6, 2, 9, 1]], 0).unwrap();
-    // predict the next token at real positions; weight 0 on pads and on each row's last token
-    let (mut targets, mut weights) = (vec![], vec![]);
-    for r in 0..batch.b {
-        for j in 0..batch.t {
-            let next_real = j + 1 < batch.t && batch.is_real(r, j + 1);
-            targets.push(if next_real { batch.ids[r * batch.t + j + 1] as usize } else { 0 });
-            weights.push(if next_real { 1.0 / 8.0 } else { 0.0 });
-        }
-    }
-    let n = targets.len();
-    let logits = m.forward(&batch, OwnedTape::<f32, Cpu>::default()).unwrap();
-    let lp = logits.log_softmax::<Axis<1>>().select(dev.tensor_from_vec(targets.clone(), (n,)));
-    let loss = (lp * dev.tensor_from_vec(weights.clone(), (n,))).sum::<Rank0, _>().negate();
-    let grads = loss.backward();
-    let base = m.clone();
-    let mut checked = 0;
-    for (pi, (name, p)) in base.params().into_iter().enumerate() {
-        let analytic = match p {
-            rlhf_policies::ParamRef::V(t) => grads.get(t).as_vec(),
-            rlhf_policies::ParamRef::M(t) => grads.get(t).as_vec(),
-        };
-        // three entries per tensor, spread over it
-        for k in 0..3 {
-            let idx = (k * 7919 + pi * 31) % analytic.len();
-
-            let f = |delta: f32| {
-                let mut mm = base.clone();
-                let (_, q) = mm.params_mut().into_iter().nth(pi).unwrap();
-                match q {
-                    ParamMut::V(t) => {
-                        let mut v = t.as_vec();
-                        v[idx] += delta;
-                        *t = dev.tensor_from_vec(v, *t.shape());
-                    }
-                    ParamMut::M(t) => {
-                        let mut v = t.as_vec();
-                        v[idx] += delta;
-                        *t = dev.tensor_from_vec(v, *t.shape());
-                    }
-                }
-                loss_value(&mm, &batch, &targets, &weights) as f64
-            };
-            let fd = ((f(eps) - f(-eps)) / (2.0 * eps as f64)) as f32;
-            let g = analytic[idx];
-            assert!((fd - g).abs() <= 2e-3 + 3e-2 * g.abs(), "{name}[{idx}]: analytic {g} vs finite difference {fd}");
-            checked += 1;
-        }
-    }
-    assert!(checked > 30);
-}
 
 #[test]
 fn gradients_match_finite_differences_gpt2() {
@@ -173,81 +47,6 @@ fn gradients_match_finite_differences_llama_gqa() {
     grad_check(tiny_llama(12));
 }
 
-/// Qwen3: the q/k head norms' gains get gradients, and those through them are right.
-#[test]
-fn gradients_match_finite_differences_qwen3_head_norms() {
-    let json =
-        serde_json::to_string(&tiny_llama(12)).unwrap().replace(r#""model_type":"llama""#, r#""model_type":"qwen3""#);
-    let cfg = ModelConfig::from_json_str(&json).unwrap();
-    assert!(model(cfg.clone(), 1).params().iter().any(|(n, _)| n == "blocks.1.attn.k_norm.weight"));
-    grad_check(cfg);
-}
-
-/// Mistral's window: transformers' 4096 when the config has none, no window for `null`, the
-/// number given otherwise; what a config says is what it saves.
-#[test]
-fn mistral_windows_follow_the_config() {
-    let base =
-        serde_json::to_string(&tiny_llama(12)).unwrap().replace(r#""model_type":"llama""#, r#""model_type":"mistral""#);
-    let windows = |json: &str| ModelConfig::from_json_str(json).unwrap().layer_windows().unwrap();
-    assert_eq!(windows(&base), [Some(4096), Some(4096)]);
-    let with = |w: &str| base.replacen('{', &format!(r#"{{"sliding_window":{w},"#), 1);
-    assert_eq!(windows(&with("null")), [None, None]);
-    assert_eq!(windows(&with("3")), [Some(3), Some(3)]);
-    assert!(ModelConfig::from_json_str(&with("0")).unwrap_err().to_string().contains("sliding_window"));
-    let cfg = ModelConfig::from_json_str(&with("3")).unwrap();
-    assert_eq!(ModelConfig::from_json_str(&cfg.to_json_pretty()).unwrap(), cfg);
-    // a window shorter than the test rows: the KV-cache engine still equals the training forward
-    engine_matches_training_forward(cfg);
-}
-
-/// Gemma 3: gradients through the `1 + w` norm gains (all four per block and the head norms),
-/// the GELU gate, the scaled embedding and queries, and the windowed layer's mask.
-#[test]
-fn gradients_match_finite_differences_gemma3() {
-    let m = model(tiny_gemma3(12), 1);
-    let names: Vec<String> = m.params().into_iter().map(|(n, _)| n).collect();
-    for n in ["blocks.0.attn.post_norm.weight", "blocks.1.mlp.post_norm.weight", "blocks.0.attn.q_norm.weight"] {
-        assert!(names.iter().any(|m| m == n), "{n}");
-    }
-    // a step of 1e-2 on wte moves the embedding by 4e-2 (×√16) and the tied head as well:
-    // central differences there see the curvature (4% off at 1e-2; within 1% at 3e-3)
-    grad_check_with(tiny_gemma3(12), 3e-3);
-}
-
-fn engine_matches_training_forward(cfg: ModelConfig) {
-    let m = model(cfg, 5);
-    let engine = InferenceModel::from_model(&m);
-    let v = m.dims.vocab;
-    let rows = vec![vec![3u32, 1, 4, 1, 5, 9, 2, 6], vec![5, 3, 5], vec![8, 9, 7, 9, 3]];
-    let batch = Batch::left_padded(&rows, 0).unwrap();
-    let want = m.forward(&batch, NoneTape).unwrap().as_vec();
-    // prefill over the whole padded batch
-    let pad: Vec<usize> = rows.iter().map(|r| batch.t - r.len()).collect();
-    let mut cache = KvCache::new(&m.dims, pad.clone(), batch.t);
-    let got = engine.forward(&mut cache, &batch.ids, batch.t, LogitsAt::All).unwrap();
-    for (r, &p) in pad.iter().enumerate() {
-        let real = (p * v..batch.t * v).map(|i| r * batch.t * v + i);
-        let (a, b): (Vec<f32>, Vec<f32>) = real.map(|i| (got[i], want[i])).unzip();
-        assert!(max_abs_diff(&a, &b) < 1e-5, "prefill row {r}");
-    }
-    // prefill 2 columns, then one column at a time
-    let mut cache = KvCache::new(&m.dims, pad.clone(), batch.t);
-    let col = |j: usize| (0..rows.len()).map(|r| batch.ids[r * batch.t + j]).collect::<Vec<u32>>();
-    let two: Vec<u32> = (0..rows.len()).flat_map(|r| batch.ids[r * batch.t..r * batch.t + 2].to_vec()).collect();
-    engine.forward(&mut cache, &two, 2, LogitsAt::Last).unwrap();
-    for j in 2..batch.t {
-        let got = engine.forward(&mut cache, &col(j), 1, LogitsAt::Last).unwrap();
-        for r in 0..rows.len() {
-            if j < pad[r] {
-                continue;
-            }
-            let w = &want[(r * batch.t + j) * v..(r * batch.t + j + 1) * v];
-            assert!(max_abs_diff(&got[r * v..(r + 1) * v], w) < 1e-5, "step {j} row {r}");
-        }
-    }
-}
-
 #[test]
 fn kv_cache_engine_equals_full_forward_gpt2() {
     engine_matches_training_forward(tiny_gpt2(40));
@@ -269,55 +68,6 @@ fn kv_cache_engine_equals_full_forward_llama() {
 }
 
 #[test]
-fn kv_cache_engine_equals_full_forward_gemma3() {
-    engine_matches_training_forward(tiny_gemma3(40));
-}
-
-/// `distinct_min`: tied random GPT-2 models repeat their input (see the fixtures README), so
-/// only the untied Llama is asked for a varied continuation.
-/// `forward_hidden_rows` (the last block on the kept rows only) against the full forward
-/// followed by a row selection: the same values and the same gradient for every parameter, on
-/// a left-padded batch with rows out of order; a row past the batch is an error.
-fn hidden_rows_equal_the_selected_full_forward(cfg: ModelConfig) {
-    let dev = Cpu::default();
-    let m = model(cfg, 5);
-    let batch = Batch::left_padded(&[vec![1, 5, 2, 7, 3, 4], vec![6, 2, 9, 1]], 0).unwrap();
-    let rows = [11, 3, 4, 9, 10, 5];
-    let c = m.dims.d_model;
-    let up = dev
-        .tensor_from_vec((0..rows.len() * c).map(|i| ((i * 37) % 11) as f32 / 11.0 - 0.5).collect(), (rows.len(), c));
-    let run = |pruned: bool| {
-        let tape = OwnedTape::<f32, Cpu>::default();
-        let h = if pruned {
-            m.forward_hidden_rows(&batch, &rows, tape).unwrap()
-        } else {
-            let idx = dev.tensor_from_vec(rows.to_vec(), (rows.len(),));
-            m.forward_hidden(&batch, tape).unwrap().gather(idx)
-        };
-        let values = h.retaped::<NoneTape>().as_vec();
-        let g = (h * up.clone()).sum::<Rank0, _>().backward();
-        let grads: Vec<Vec<f32>> = m
-            .params()
-            .into_iter()
-            .filter(|(name, _)| !name.starts_with("lm_head")) // an untied head is not in the hidden states
-            .map(|(_, p)| match p {
-                rlhf_policies::ParamRef::V(t) => g.get(t).as_vec(),
-                rlhf_policies::ParamRef::M(t) => g.get(t).as_vec(),
-            })
-            .collect();
-        (values, grads)
-    };
-    let ((vp, gp), (vf, gf)) = (run(true), run(false));
-    assert!(max_abs_diff(&vp, &vf) < 1e-5, "values differ by {}", max_abs_diff(&vp, &vf));
-    let names = m.params().into_iter().map(|(n, _)| n).filter(|n| !n.starts_with("lm_head"));
-    for (name, (a, b)) in names.zip(gp.iter().zip(&gf)) {
-        assert!(max_abs_diff(a, b) < 1e-5, "d{name} differs by {}", max_abs_diff(a, b));
-    }
-    let err = m.forward_hidden_rows(&batch, &[12], NoneTape).unwrap_err().to_string();
-    assert!(err.contains("row 12"), "{err}");
-}
-
-#[test]
 fn hidden_rows_equal_the_selected_full_forward_gpt2() {
     hidden_rows_equal_the_selected_full_forward(tiny_gpt2(12));
     hidden_rows_equal_the_selected_full_forward(tiny_gpt2_no_bias(12));
@@ -328,6 +78,8 @@ fn hidden_rows_equal_the_selected_full_forward_llama() {
     hidden_rows_equal_the_selected_full_forward(tiny_llama(12));
 }
 
+/// `distinct_min`: tied random GPT-2 models repeat their input (see the fixtures README), so
+/// only the untied Llama is asked for a varied continuation.
 fn greedy_equals_reforward_loop(cfg: ModelConfig, distinct_min: usize) {
     let m = model(cfg, 9);
     let engine = InferenceModel::from_model(&m);

@@ -1,113 +1,22 @@
 //! Checkpoints in Hugging Face layout: a folder with `config.json`, `model.safetensors` and
 //! (optionally) `tokenizer.json`.
 //!
-//! Tensor names follow transformers exactly, per family: GPT-2's fused `c_attn` (Conv1D,
-//! `(in, out)`) is split into our q/k/v on load and re-fused on save; Llama's `nn.Linear`
-//! weights (`(out, in)`) are transposed into our `(in, out)` layout and back. So a folder
-//! written here loads with `AutoModelForCausalLM.from_pretrained`, and an HF folder loads here.
+//! Tensor names follow transformers exactly, per family (the `hf_names` module): fused q/k/v
+//! tensors are split on load and re-fused on save, `nn.Linear` weights transposed into our
+//! `(in, out)` layout and back. So a folder written here loads with
+//! `AutoModelForCausalLM.from_pretrained`, and an HF folder loads here.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use dfdx::prelude::*;
 
-use crate::config::{Family, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::PolicyError;
+use crate::hf_names::{hf_source, is_known_buffer, normalise_names, Source};
 use crate::model::CausalLm;
 use crate::params::ParamMut;
 use crate::tokenizer::Tokenizer;
-
-/// Where one of our parameters lives in an HF state dict.
-#[derive(Debug, Clone, PartialEq)]
-enum Source {
-    /// Same layout.
-    Same(String),
-    /// Stored transposed (`nn.Linear`'s `(out, in)`).
-    Transposed(String),
-    /// Columns `part·w .. (part+1)·w` of a fused tensor with `parts` equal column blocks.
-    Columns { name: String, part: usize, parts: usize },
-}
-
-impl Source {
-    fn name(&self) -> &str {
-        match self {
-            Source::Same(n) | Source::Transposed(n) | Source::Columns { name: n, .. } => n,
-        }
-    }
-}
-
-/// Maps a canonical parameter name (see [`CausalLm::params`]) to its HF source; `post_norms`:
-/// Gemma's four norms per block, whose names move the pre-MLP norm off Llama's
-/// `post_attention_layernorm`.
-fn hf_source(family: Family, post_norms: bool, canonical: &str) -> Source {
-    let mut parts = canonical.splitn(3, '.');
-    let (head, layer, rest) = (parts.next().unwrap_or(""), parts.next(), parts.next());
-    match family {
-        Family::Gpt2 => match (head, layer, rest) {
-            ("wte", None, None) => Source::Same("transformer.wte.weight".into()),
-            ("wpe", None, None) => Source::Same("transformer.wpe.weight".into()),
-            ("ln_f", Some(x), None) => Source::Same(format!("transformer.ln_f.{x}")),
-            ("blocks", Some(i), Some(rest)) => {
-                let p = format!("transformer.h.{i}");
-                let (module, x) = rest.rsplit_once('.').unwrap_or((rest, ""));
-                match module {
-                    "ln1" => Source::Same(format!("{p}.ln_1.{x}")),
-                    "ln2" => Source::Same(format!("{p}.ln_2.{x}")),
-                    "attn.q" | "attn.k" | "attn.v" => Source::Columns {
-                        name: format!("{p}.attn.c_attn.{x}"),
-                        part: ["attn.q", "attn.k", "attn.v"].iter().position(|m| *m == module).unwrap_or(0),
-                        parts: 3,
-                    },
-                    "attn.o" => Source::Same(format!("{p}.attn.c_proj.{x}")),
-                    "mlp.fc" => Source::Same(format!("{p}.mlp.c_fc.{x}")),
-                    "mlp.proj" => Source::Same(format!("{p}.mlp.c_proj.{x}")),
-                    _ => Source::Same(canonical.into()),
-                }
-            }
-            _ => Source::Same(canonical.into()),
-        },
-        Family::Llama => match (head, layer, rest) {
-            ("wte", None, None) => Source::Same("model.embed_tokens.weight".into()),
-            ("lm_head", None, None) => Source::Same("lm_head.weight".into()),
-            ("ln_f", Some(x), None) => Source::Same(format!("model.norm.{x}")),
-            ("blocks", Some(i), Some(rest)) => {
-                let p = format!("model.layers.{i}");
-                let (module, x) = rest.rsplit_once('.').unwrap_or((rest, ""));
-                // weights are stored (out, in); biases (Qwen2's q/k/v) as they are
-                let lin = |n: &str| match x {
-                    "bias" => Source::Same(format!("{p}.{n}.{x}")),
-                    _ => Source::Transposed(format!("{p}.{n}.{x}")),
-                };
-                match module {
-                    "ln1" => Source::Same(format!("{p}.input_layernorm.{x}")),
-                    "ln2" if post_norms => Source::Same(format!("{p}.pre_feedforward_layernorm.{x}")),
-                    "ln2" => Source::Same(format!("{p}.post_attention_layernorm.{x}")),
-                    "attn.post_norm" => Source::Same(format!("{p}.post_attention_layernorm.{x}")),
-                    "mlp.post_norm" => Source::Same(format!("{p}.post_feedforward_layernorm.{x}")),
-                    "attn.q" => lin("self_attn.q_proj"),
-                    "attn.k" => lin("self_attn.k_proj"),
-                    "attn.v" => lin("self_attn.v_proj"),
-                    "attn.o" => lin("self_attn.o_proj"),
-                    "attn.q_norm" => Source::Same(format!("{p}.self_attn.q_norm.{x}")),
-                    "attn.k_norm" => Source::Same(format!("{p}.self_attn.k_norm.{x}")),
-                    "mlp.gate" => lin("mlp.gate_proj"),
-                    "mlp.up" => lin("mlp.up_proj"),
-                    "mlp.down" => lin("mlp.down_proj"),
-                    _ => Source::Same(canonical.into()),
-                }
-            }
-            _ => Source::Same(canonical.into()),
-        },
-    }
-}
-
-/// Tensors HF checkpoints may carry that are buffers, not parameters (safe to ignore).
-fn is_known_buffer(family: Family, name: &str, tied: bool) -> bool {
-    match family {
-        Family::Gpt2 => name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") || name == "lm_head.weight",
-        Family::Llama => name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight"),
-    }
-}
 
 /// A dense f32 tensor read from a weights file.
 #[derive(Debug, Clone, PartialEq)]
@@ -150,7 +59,16 @@ pub fn read_weights(dir: &Path) -> Result<(PathBuf, BTreeMap<String, HostTensor>
     Ok((index, out))
 }
 
-/// Reads every tensor of a safetensors file as f32 (F32, F16 and BF16 are accepted).
+/// Whether `name` is a causal-mask buffer older transformers saved with the weights (GPT-2's
+/// `attn.bias`, GPT-NeoX's `attention.bias` and `masked_bias`): the masks are built per
+/// forward here, so these are never read, whatever their dtype (Pythia's are bool or uint8).
+fn is_mask_buffer(name: &str) -> bool {
+    [".attn.bias", ".attention.bias", ".attn.masked_bias", ".attention.masked_bias"].iter().any(|s| name.ends_with(s))
+}
+
+/// Reads every tensor of a safetensors file as f32 (F32, F16 and BF16 are accepted); a
+/// causal-mask buffer of another dtype (bool, integers) is left out, any other such tensor is
+/// an error.
 pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>, PolicyError> {
     let buf = std::fs::read(path).map_err(|e| PolicyError::io(path, e))?;
     let st = ::safetensors::SafeTensors::deserialize(&buf)
@@ -168,6 +86,7 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>, Pol
             ::safetensors::Dtype::BF16 => {
                 bytes.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect()
             }
+            _ if is_mask_buffer(&name) => continue,
             other => {
                 return Err(PolicyError::tensor(
                     path,
@@ -231,42 +150,46 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PolicyError> {
 impl<D: crate::fused::FusedOps> CausalLm<D> {
     /// The model's weights as an HF state dict.
     pub fn to_hf_tensors(&self) -> BTreeMap<String, HostTensor> {
-        let family = self.dims.family;
+        let d = &self.dims;
         let mut out: BTreeMap<String, HostTensor> = BTreeMap::new();
-        let mut fused: BTreeMap<String, Vec<Option<HostTensor>>> = BTreeMap::new();
+        let mut fused: BTreeMap<String, (Source, Vec<Option<HostTensor>>)> = BTreeMap::new();
         for (name, p) in self.params() {
             let t = HostTensor { shape: p.shape(), data: p.to_vec() };
-            match hf_source(family, self.dims.post_norms, &name) {
-                Source::Same(n) => {
-                    out.insert(n, t);
+            let src = hf_source(d.family, d.post_norms, d.head_dim, &name);
+            match src.fused() {
+                Some((name, part, parts)) => {
+                    let entry = fused.entry(name.to_string()).or_insert_with(|| (src.clone(), vec![None; parts]));
+                    entry.1[part] = Some(t);
                 }
-                Source::Transposed(n) => {
-                    out.insert(n, transpose(&t));
-                }
-                Source::Columns { name, part, parts } => {
-                    fused.entry(name).or_insert_with(|| vec![None; parts])[part] = Some(t);
+                None => {
+                    out.insert(src.name().to_string(), src.to_hf(&[t]));
                 }
             }
         }
-        for (name, parts) in fused {
+        for (name, (src, parts)) in fused {
             let parts: Vec<HostTensor> =
                 parts.into_iter().map(|p| p.expect("q, k and v are always walked together")).collect();
-            out.insert(name, concat_columns(&parts));
+            out.insert(name, src.to_hf(&parts));
         }
         out
+    }
+
+    /// The HF state dict's name of the tensor our parameter `canonical` is read from (see
+    /// [`CausalLm::params`]): `"lm_head"` is `lm_head.weight`, or GPT-NeoX's `embed_out.weight`.
+    pub fn hf_name(&self, canonical: &str) -> String {
+        hf_source(self.dims.family, self.dims.post_norms, self.dims.head_dim, canonical).name().to_string()
     }
 
     /// Fills every parameter from an HF state dict read from `file`. Every tensor must be used,
     /// except known buffers; missing tensors and shape mismatches are errors naming the tensor.
     pub fn load_hf_tensors(&mut self, file: &Path, tensors: BTreeMap<String, HostTensor>) -> Result<(), PolicyError> {
-        let family = self.dims.family;
-        let tied = self.dims.tied;
+        let d = self.dims;
+        let (family, tied) = (d.family, d.tied);
         let mut tensors = normalise_names(family, tensors);
         let mut used = BTreeSet::new();
         let dev = self.dev.clone();
-        let post_norms = self.dims.post_norms;
         let sources: Vec<Source> =
-            self.params_mut().iter().map(|(name, _)| hf_source(family, post_norms, name)).collect();
+            self.params_mut().iter().map(|(name, _)| hf_source(family, d.post_norms, d.head_dim, name)).collect();
         // how many parameters still read each source tensor: the last one takes it (no copy)
         let mut readers: BTreeMap<String, usize> = BTreeMap::new();
         for src in &sources {
@@ -279,14 +202,7 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
             let t = if *left == 0 { tensors.remove(name) } else { tensors.get(name).cloned() }
                 .ok_or_else(|| PolicyError::tensor(file, name, "missing from the checkpoint"))?;
             used.insert(name.to_string());
-            let value = match src {
-                Source::Same(_) => t,
-                Source::Transposed(_) => {
-                    check_rank(file, name, &t, 2)?;
-                    transpose(&t)
-                }
-                Source::Columns { part, parts, .. } => split_columns(file, name, &t, *part, *parts)?,
-            };
+            let value = src.to_ours(file, t)?;
             assign(file, name, p, value, &dev)?;
         }
         let unused: Vec<&String> =
@@ -390,18 +306,6 @@ pub fn load_with_tokenizer<D: crate::fused::FusedOps>(
     Ok((model, tok))
 }
 
-/// Accepts the original GPT-2 names without the `transformer.` prefix.
-fn normalise_names(family: Family, tensors: BTreeMap<String, HostTensor>) -> BTreeMap<String, HostTensor> {
-    let needs_prefix = family == Family::Gpt2 && !tensors.keys().any(|k| k.starts_with("transformer."));
-    if !needs_prefix {
-        return tensors;
-    }
-    tensors
-        .into_iter()
-        .map(|(k, v)| (if k.starts_with("lm_head") { k } else { format!("transformer.{k}") }, v))
-        .collect()
-}
-
 fn assign<D: Device<f32>>(
     file: &Path,
     name: &str,
@@ -428,96 +332,4 @@ fn assign<D: Device<f32>>(
         }
     }
     Ok(())
-}
-
-fn check_rank(file: &Path, name: &str, t: &HostTensor, rank: usize) -> Result<(), PolicyError> {
-    if t.shape.len() != rank {
-        return Err(PolicyError::tensor(
-            file,
-            name,
-            format!("rank {} (shape {:?}), expected rank {rank}", t.shape.len(), t.shape),
-        ));
-    }
-    Ok(())
-}
-
-fn transpose(t: &HostTensor) -> HostTensor {
-    let (r, c) = (t.shape[0], t.shape[1]);
-    HostTensor { shape: vec![c, r], data: transpose_rows(&t.data, r, c) }
-}
-
-/// `(r, c)` row-major → `(c, r)` row-major, in square tiles written a row at a time: the
-/// element-by-element loop strode through the output (a 49152-row LM head at 8 ns a value,
-/// its stride a multiple of the page size) and took a quarter of a checkpoint's loading.
-pub(crate) fn transpose_rows(a: &[f32], r: usize, c: usize) -> Vec<f32> {
-    const TILE: usize = 32;
-    assert_eq!(a.len(), r * c, "transpose: {} values for {r}x{c}", a.len());
-    let mut t = vec![0.0f32; r * c];
-    for i0 in (0..r).step_by(TILE) {
-        for j0 in (0..c).step_by(TILE) {
-            for j in j0..(j0 + TILE).min(c) {
-                let out = &mut t[j * r..(j + 1) * r];
-                for i in i0..(i0 + TILE).min(r) {
-                    out[i] = a[i * c + j];
-                }
-            }
-        }
-    }
-    t
-}
-
-/// Columns `part` of `parts` equal blocks; a 1-D tensor is treated as one row.
-fn split_columns(
-    file: &Path,
-    name: &str,
-    t: &HostTensor,
-    part: usize,
-    parts: usize,
-) -> Result<HostTensor, PolicyError> {
-    let (rows, cols) = match t.shape.as_slice() {
-        [n] => (1, *n),
-        [r, c] => (*r, *c),
-        s => return Err(PolicyError::tensor(file, name, format!("shape {s:?}, expected 1-D or 2-D"))),
-    };
-    if cols % parts != 0 {
-        return Err(PolicyError::tensor(file, name, format!("{cols} columns do not split into {parts} equal parts")));
-    }
-    let w = cols / parts;
-    let data = (0..rows).flat_map(|r| t.data[r * cols + part * w..r * cols + (part + 1) * w].iter().copied()).collect();
-    let shape = if t.shape.len() == 1 { vec![w] } else { vec![rows, w] };
-    Ok(HostTensor { shape, data })
-}
-
-fn concat_columns(parts: &[HostTensor]) -> HostTensor {
-    let rows = if parts[0].shape.len() == 1 { 1 } else { parts[0].shape[0] };
-    let widths: Vec<usize> = parts.iter().map(|p| *p.shape.last().expect("non-empty shape")).collect();
-    let mut data = Vec::with_capacity(rows * widths.iter().sum::<usize>());
-    for r in 0..rows {
-        for (p, &w) in parts.iter().zip(&widths) {
-            data.extend_from_slice(&p.data[r * w..(r + 1) * w]);
-        }
-    }
-    let total: usize = widths.iter().sum();
-    let shape = if parts[0].shape.len() == 1 { vec![total] } else { vec![rows, total] };
-    HostTensor { shape, data }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::transpose_rows;
-
-    /// The tiled transpose against the definition, for shapes around and between tiles.
-    #[test]
-    fn transpose_rows_is_the_transpose() {
-        for (r, c) in [(1, 1), (3, 70), (32, 32), (33, 31), (100, 7), (0, 5), (65, 96)] {
-            let a: Vec<f32> = (0..r * c).map(|i| i as f32 * 0.5 - 3.0).collect();
-            let t = transpose_rows(&a, r, c);
-            for i in 0..r {
-                for j in 0..c {
-                    assert_eq!(t[j * r + i], a[i * c + j], "{r}x{c} at ({i}, {j})");
-                }
-            }
-            assert_eq!(transpose_rows(&t, c, r), a, "{r}x{c} twice");
-        }
-    }
 }

@@ -1,9 +1,10 @@
 //! Model configuration: one serde type that reads Hugging Face `config.json` files directly.
 //!
 //! The `model_type` field selects the family (`"gpt2"`, or `"llama"`, `"qwen2"`, `"qwen3"`,
-//! `"mistral"` and `"gemma3_text"`: Qwen2 is Llama with biases on the q, k and v projections,
-//! Qwen3 Llama with an RMSNorm over each head's queries and keys, Mistral Llama with a sliding
-//! attention window, Gemma 3 see [`crate::gemma3`]); every other field keeps the
+//! `"mistral"`, `"gemma3_text"` and `"gpt_neox"`: Qwen2 is Llama with biases on the q, k and v
+//! projections, Qwen3 Llama with an RMSNorm over each head's queries and keys, Mistral Llama with
+//! a sliding attention window, Gemma 3 see [`crate::gemma3`], GPT-NeoX (Pythia) see
+//! [`crate::gpt_neox`]); every other field keeps the
 //! name transformers uses, so an HF config deserialises unchanged and our saved configs load back
 //! in transformers. Unknown HF fields (`architectures`, `torch_dtype`, …) are accepted and ignored
 //! on purpose: they describe the checkpoint, not the network.
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::dims::{Dims, Family, GeluKind, Glu, NormKind};
 use crate::error::PolicyError;
 pub use crate::gemma3::Gemma3Config;
+pub use crate::gpt_neox::GptNeoxConfig;
 
 /// A model configuration in Hugging Face's `config.json` shape, tagged by `model_type`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +41,9 @@ pub enum ModelConfig {
     /// Gemma 3's text model (`Gemma3ForCausalLM`): see [`crate::gemma3`].
     #[serde(rename = "gemma3_text")]
     Gemma3Text(Gemma3Config),
+    /// GPT-NeoX (`GPTNeoXForCausalLM`: Pythia): see [`crate::gpt_neox`].
+    #[serde(rename = "gpt_neox")]
+    GptNeox(GptNeoxConfig),
 }
 
 /// `GPT2Config` fields (transformers names).
@@ -259,7 +264,7 @@ impl ModelConfig {
         let mut value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| PolicyError::config("<json>", format!("not valid JSON: {e}")))?;
         match value.get("model_type").and_then(|v| v.as_str()) {
-            Some("gpt2" | "llama" | "qwen2" | "qwen3" | "gemma3_text") => {}
+            Some("gpt2" | "llama" | "qwen2" | "qwen3" | "gemma3_text" | "gpt_neox") => {}
             // transformers' MistralConfig has a window of 4096 unless the file says otherwise
             Some("mistral") if value.get("sliding_window").is_none() => {
                 value["sliding_window"] = serde_json::json!(MISTRAL_WINDOW);
@@ -267,8 +272,8 @@ impl ModelConfig {
             Some("mistral") => {}
             Some(other) => {
                 let msg = format!(
-                    "unsupported model_type {other:?} (\"gpt2\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\" and \
-                     \"gemma3_text\" are)"
+                    "unsupported model_type {other:?} (\"gpt2\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\", \
+                     \"gemma3_text\" and \"gpt_neox\" are)"
                 );
                 return Err(PolicyError::config("model_type", msg));
             }
@@ -329,6 +334,7 @@ impl ModelConfig {
     pub fn family(&self) -> Family {
         match self {
             ModelConfig::Gpt2(_) => Family::Gpt2,
+            ModelConfig::GptNeox(_) => Family::GptNeox,
             _ => Family::Llama,
         }
     }
@@ -349,6 +355,9 @@ impl ModelConfig {
             ModelConfig::Gemma3Text(c) => {
                 Shared { vocab: c.vocab_size, bos: c.bos_token_id, eos: ids(&c.eos_token_id), pad: c.pad_token_id }
             }
+            ModelConfig::GptNeox(c) => {
+                Shared { vocab: c.vocab_size, bos: c.bos_token_id, eos: ids(&c.eos_token_id), pad: c.pad_token_id }
+            }
         }
     }
 
@@ -365,6 +374,7 @@ impl ModelConfig {
                 c.vocab_size = v
             }
             ModelConfig::Gemma3Text(c) => c.vocab_size = v,
+            ModelConfig::GptNeox(c) => c.vocab_size = v,
         }
     }
 
@@ -410,6 +420,7 @@ impl ModelConfig {
             ModelConfig::Qwen3(c) => llama_dims(c, false, true)?,
             ModelConfig::Mistral(c) => mistral_dims(c)?,
             ModelConfig::Gemma3Text(c) => c.dims()?,
+            ModelConfig::GptNeox(c) => c.dims()?,
         };
         for (name, v) in [
             ("vocab_size", d.vocab),

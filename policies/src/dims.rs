@@ -12,6 +12,10 @@ pub enum Family {
     /// and v, [`Dims::qkv_bias`]; Qwen3: q/k head norms, [`Dims::qk_norm`]; Gemma 3: see
     /// [`crate::gemma3`]).
     Llama,
+    /// GPT-NeoX (Pythia): GPT-2's LayerNorms, GELU MLP and biases with RoPE on part of each
+    /// head ([`Dims::partial_rotary`]) and, in most checkpoints, a parallel residual
+    /// ([`Dims::parallel_residual`]); see [`crate::gpt_neox`].
+    GptNeox,
 }
 
 /// Normalisation layer kind.
@@ -64,7 +68,7 @@ pub struct Dims {
     pub max_positions: usize,
     /// Norm epsilon.
     pub norm_eps: f32,
-    /// RoPE base (Llama only).
+    /// RoPE base (rotary families).
     pub rope_theta: f32,
     /// Llama 3's scaling of the RoPE frequencies, if the config has it.
     pub rope_scaling: Option<crate::rope::Llama3Scaling>,
@@ -72,9 +76,9 @@ pub struct Dims {
     pub tied: bool,
     /// Init std.
     pub init_std: f32,
-    /// The MLP's GELU (GPT-2; Llama's SwiGLU ignores it).
+    /// The MLP's GELU (GPT-2, GPT-NeoX; Llama's SwiGLU ignores it).
     pub gelu: GeluKind,
-    /// Whether linears and norms carry biases (GPT-2 by default; never Llama).
+    /// Whether linears and norms carry biases (GPT-2 by default, GPT-NeoX; never Llama).
     pub bias: bool,
     /// Whether the q, k and v projections carry biases (Qwen2), whatever `bias` says.
     pub qkv_bias: bool,
@@ -97,11 +101,17 @@ pub struct Dims {
     pub sliding_window: Option<usize>,
     /// The RoPE base of local layers (Gemma 3's, unscaled); `None`: the global RoPE (Mistral).
     pub rope_local_theta: Option<f32>,
+    /// RoPE turns only the first `n` dimensions of each head, passing the rest through
+    /// (GPT-NeoX's `rotary_pct`); `None`: the whole head.
+    pub partial_rotary: Option<usize>,
+    /// The MLP reads the block's input instead of the attention's output:
+    /// `y = x + attn(ln₁(x)) + mlp(ln₂(x))` (GPT-NeoX's `use_parallel_residual`).
+    pub parallel_residual: bool,
 }
 
 impl Dims {
-    /// The fields only Gemma sets, at their values for every other family (spread into the
-    /// GPT-2 and Llama constructors).
+    /// The fields only some families set, at their values for every other family (spread into
+    /// each family's constructor).
     pub(crate) const PLAIN: Dims = Dims {
         family: Family::Llama,
         vocab: 0,
@@ -128,6 +138,8 @@ impl Dims {
         query_scale: 1.0,
         sliding_window: None,
         rope_local_theta: None,
+        partial_rotary: None,
+        parallel_residual: false,
     };
 
     /// The sizes a local (sliding-window) layer's RoPE uses: its own base without scaling where
@@ -142,9 +154,19 @@ impl Dims {
     /// Normalisation kind of this family.
     pub fn norm(&self) -> NormKind {
         match self.family {
-            Family::Gpt2 => NormKind::LayerNorm,
+            Family::Gpt2 | Family::GptNeox => NormKind::LayerNorm,
             Family::Llama => NormKind::RmsNorm,
         }
+    }
+
+    /// Whether positions enter through RoPE (every family but GPT-2, whose table is learned).
+    pub fn rotary(&self) -> bool {
+        self.family != Family::Gpt2
+    }
+
+    /// How many of each head's dimensions RoPE turns: [`Dims::partial_rotary`], else all.
+    pub fn rotary_dim(&self) -> usize {
+        self.partial_rotary.unwrap_or(self.head_dim)
     }
     /// Whether linears and norms carry biases.
     pub fn has_bias(&self) -> bool {
@@ -160,10 +182,10 @@ impl Dims {
     }
 
     /// The longest sequence the model can take: its position table's size with learned
-    /// positions (GPT-2); none with rotary positions (Llama), where `max_positions` only says
-    /// what it was trained on.
+    /// positions (GPT-2); none with rotary positions, where `max_positions` only says what it
+    /// was trained on.
     pub fn position_limit(&self) -> Option<usize> {
-        (self.family == Family::Gpt2).then_some(self.max_positions)
+        (!self.rotary()).then_some(self.max_positions)
     }
 
     /// A decode step's inputs: every id inside the vocabulary and every position inside the

@@ -5,7 +5,7 @@
 use dfdx::prelude::*;
 
 use crate::batch::Batch;
-use crate::config::{Dims, Family};
+use crate::config::Dims;
 use crate::fused::FusedOps;
 use crate::model::{CausalLm, A2, MASKED, T2};
 
@@ -109,7 +109,7 @@ impl<D: FusedOps> CausalLm<D> {
     ) -> (Vec<f32>, LayerInputs<D>) {
         let host = mask_values(shape, &hidden);
         let mask = self.dev.tensor_from_vec(host.clone(), shape);
-        let rope = (self.dims.family == Family::Llama).then(|| self.rope_at(positions));
+        let rope = self.dims.rotary().then(|| self.rope_at(positions));
         let local = self.dims.sliding_window.map(|w| {
             let local = mask_values(shape, |r, i, j| hidden(r, i, j) || outside_window(w, q0 + i, j));
             // local layers without a RoPE base of their own (Mistral) share the global tables
@@ -142,8 +142,9 @@ impl<D: FusedOps> CausalLm<D> {
             self.dev.tensor_from_vec(out, (positions.len() * heads, dh))
         };
         let dh = dims.head_dim;
-        let half = dh / 2;
-        // x·R = rotate_half(x) = [-x[half:], x[:half]]
+        let half = dims.rotary_dim() / 2;
+        // x·R = rotate_half(x) = [-x[half:], x[:half]] over the turned dimensions, 0 past them
+        // (where the tables' sin is 0 and cos 1)
         let mut rot = vec![0.0f32; dh * dh];
         for i in 0..half {
             rot[(i + half) * dh + i] = -1.0; // out[i] = -x[i + half]

@@ -284,6 +284,7 @@ impl Gemma3Config {
             query_scale: (head_dim as f64 / self.query_pre_attn_scalar as f64).sqrt() as f32,
             sliding_window: windows.iter().flatten().next().copied(),
             rope_local_theta: Some(local_theta as f32),
+            ..Dims::PLAIN
         })
     }
 }

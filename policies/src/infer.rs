@@ -12,7 +12,7 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-use crate::config::{Dims, Family, GeluKind, Glu, NormKind};
+use crate::config::{Dims, GeluKind, Glu, NormKind};
 use crate::decode_attn::attend;
 use crate::error::PolicyError;
 use crate::kernels::{gelu_erf_inplace, gelu_tanh_inplace, matmul, silu_inplace, PackedMatrix, WeightDtype};
@@ -268,16 +268,12 @@ impl InferenceModel {
             layers,
             ln_f: norm_w(&model.ln_f),
             head_t: PackedMatrix::with_dtype(
-                &crate::checkpoint::transpose_rows(
-                    &model.lm_head.as_ref().unwrap_or(&model.wte).as_vec(),
-                    dims.vocab,
-                    c,
-                ),
+                &crate::hf_names::transpose_rows(&model.lm_head.as_ref().unwrap_or(&model.wte).as_vec(), dims.vocab, c),
                 c,
                 dims.vocab,
                 dtype,
             ),
-            inv_freq: if dims.family == Family::Llama { rope::inv_freq(&dims) } else { vec![] },
+            inv_freq: if dims.rotary() { rope::inv_freq(&dims) } else { vec![] },
             inv_freq_local: match dims.sliding_window {
                 Some(_) => rope::inv_freq(&dims.local_rope()),
                 None => vec![],
@@ -349,7 +345,8 @@ impl InferenceModel {
         let (c, m) = (d.d_model, x.len() / d.d_model);
         let (qd, kvd) = (d.q_dim(), d.kv_dim());
         let width = qd + 2 * kvd;
-        // attention
+        // attention; GPT-NeoX's parallel residual keeps the block's input for the MLP
+        let x0 = d.parallel_residual.then(|| x.to_vec());
         let mut h = x.to_vec();
         apply_norm(&l.ln1, &mut h, c);
         let mut qkv = vec![0.0f32; m * width];
@@ -363,7 +360,7 @@ impl InferenceModel {
                 apply_norm(k_norm, &mut row[qd..qd + kvd], d.head_dim);
             }
         }
-        if d.family == Family::Llama {
+        if d.rotary() {
             let inv_freq = if l.window.is_some() { &self.inv_freq_local } else { &self.inv_freq };
             rope_rows(d, inv_freq, &mut qkv, positions, width);
         }
@@ -389,7 +386,7 @@ impl InferenceModel {
             }
         }
         // MLP
-        h.copy_from_slice(x);
+        h.copy_from_slice(x0.as_deref().unwrap_or(x));
         apply_norm(&l.ln2, &mut h, c);
         match &l.post_norms {
             None => self.mlp_forward(&l.mlp, &h, x, m),
@@ -497,10 +494,11 @@ impl InferenceModel {
 }
 
 /// RoPE at `positions` on the q and k columns of `qkv`'s rows (`width` wide), with frequencies
-/// `inv_freq`.
+/// `inv_freq`, over each head's first [`Dims::rotary_dim`] dimensions.
 fn rope_rows(d: &Dims, inv_freq: &[f32], qkv: &mut [f32], positions: &[usize], width: usize) {
-    let (dh, half) = (d.head_dim, d.head_dim / 2);
-    let (mut cos, mut sin) = (vec![0.0f32; dh], vec![0.0f32; dh]);
+    let (dh, rotary) = (d.head_dim, d.rotary_dim());
+    let half = rotary / 2;
+    let (mut cos, mut sin) = (vec![0.0f32; rotary], vec![0.0f32; rotary]);
     for (row, &p) in positions.iter().enumerate() {
         for i in 0..half {
             let (s, co) = (p as f32 * inv_freq[i]).sin_cos();
@@ -508,7 +506,7 @@ fn rope_rows(d: &Dims, inv_freq: &[f32], qkv: &mut [f32], positions: &[usize], w
         }
         let r = &mut qkv[row * width..row * width + d.q_dim() + d.kv_dim()];
         for head in r.chunks_mut(dh) {
-            rope::apply(head, &cos, &sin);
+            rope::apply(&mut head[..rotary], &cos, &sin);
         }
     }
 }

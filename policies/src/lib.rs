@@ -1,8 +1,8 @@
 //! `rlhf-policies`: the language models that act as policies, references, critics and reward
 //! models, on dfdx with runtime shapes.
 //!
-//! - [`ModelConfig`]: HF `config.json` for GPT-2, Llama, Qwen2, Qwen3, Mistral and Gemma 3 (text), presets
-//!   `tiny`/`small`.
+//! - [`ModelConfig`]: HF `config.json` for GPT-2, Llama, Qwen2, Qwen3, Mistral, Gemma 3 (text)
+//!   and GPT-NeoX (Pythia), presets `tiny`/`small`.
 //! - [`CausalLm`]: the training forward (dfdx ops and tape), [`ScalarHead`] for values/rewards,
 //!   the parameter walker, [`AdamW`] and [`clip_grad_norm`], [`CausalLm::frozen_copy`].
 //! - [`InferenceModel`]: a tape-free, KV-cached forward for rollouts, pinned to the training
@@ -42,8 +42,10 @@ pub mod gemma3;
 pub mod gguf;
 pub mod gguf_quants;
 pub mod gguf_tokenizer;
+pub mod gpt_neox;
 pub mod half;
 pub mod heads;
+mod hf_names;
 pub mod infer;
 pub mod kernels;
 pub mod layer_norm;

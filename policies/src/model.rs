@@ -1,4 +1,4 @@
-//! The runtime-shaped decoder-only transformer on dfdx: GPT-2 and Llama families.
+//! The runtime-shaped decoder-only transformer on dfdx: GPT-2, Llama and GPT-NeoX families.
 //!
 //! This is the *training* forward: every op is a dfdx op, so gradients flow through the tape
 //! that travels with the tensors (see `../shared/docs/dfdx-notes.md` §2). The rollout path uses
@@ -91,7 +91,7 @@ impl<D: FusedOps> Linear<D> {
     }
 }
 
-/// LayerNorm (GPT-2) or RMSNorm (Llama).
+/// LayerNorm (GPT-2, GPT-NeoX) or RMSNorm (Llama).
 #[derive(Debug, Clone)]
 pub struct Norm<D: Storage<f32>> {
     /// Gain `(C,)`, or with `unit_offset` the `w` of the gain `1 + w`.
@@ -151,7 +151,7 @@ impl<D: FusedOps> Norm<D> {
 /// The feed-forward half of a block.
 #[derive(Debug, Clone)]
 pub enum Mlp<D: Storage<f32>> {
-    /// GPT-2: `proj(gelu(fc(x)))`.
+    /// GPT-2 and GPT-NeoX: `proj(gelu(fc(x)))`.
     Gelu {
         /// `(C, F)`.
         fc: Linear<D>,
@@ -246,9 +246,19 @@ impl<D: FusedOps> Block<D> {
         // residual: keep an untaped handle, run the branch on the taped one; the branch's
         // output projection adds it back
         let (x, tape) = x.split_tape();
-        let x = self.attention(self.ln1.forward(x.clone().put_tape(tape)), &x, dims, ctx);
-        let (x, tape) = x.split_tape();
-        self.mlp_out(x.clone().put_tape(tape), &x, dims)
+        let x1 = self.attention(self.ln1.forward(x.clone().put_tape(tape)), &x, dims, ctx);
+        let (x1, tape) = x1.split_tape();
+        self.mlp_out(Self::mlp_input(x, &x1, dims).put_tape(tape), &x1, dims)
+    }
+
+    /// What the MLP half reads: the attention half's output `x₁`, or with GPT-NeoX's parallel
+    /// residual ([`Dims::parallel_residual`]) the block's input `x` (the output is then
+    /// `x₁ + mlp(ln₂(x)) = x + attn(ln₁(x)) + mlp(ln₂(x))`).
+    pub(crate) fn mlp_input(x: A2<D, NoneTape>, x1: &A2<D, NoneTape>, dims: &Dims) -> A2<D, NoneTape> {
+        match dims.parallel_residual {
+            true => x,
+            false => x1.clone(),
+        }
     }
 
     /// `r + o(y)` for the attention heads' output `y` `(N, H·Dh)`, with Gemma's norm on `o(y)`.
@@ -350,7 +360,7 @@ impl<D: FusedOps> CausalLm<D> {
         let (c, std, bias) = (dims.d_model, dims.init_std, dims.has_bias());
         let resid_std = match dims.family {
             Family::Gpt2 => std / (2.0 * dims.n_layer as f32).sqrt(),
-            Family::Llama => std,
+            Family::Llama | Family::GptNeox => std,
         };
         let wte = init.matrix(dev, (dims.vocab, c), std);
         let wpe = (dims.family == Family::Gpt2).then(|| init.matrix(dev, (dims.max_positions, c), std));
@@ -360,7 +370,7 @@ impl<D: FusedOps> CausalLm<D> {
             .map(|window| {
                 let lin = |init: &mut Init, i, o, s| Linear::new(dev, init, i, o, s, bias);
                 let mlp = match dims.family {
-                    Family::Gpt2 => Mlp::Gelu {
+                    Family::Gpt2 | Family::GptNeox => Mlp::Gelu {
                         fc: lin(&mut init, c, dims.d_ff, std),
                         proj: lin(&mut init, dims.d_ff, c, resid_std),
                     },

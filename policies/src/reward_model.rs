@@ -143,6 +143,7 @@ impl<D: FusedOps> LearnedReward<D> {
             ModelConfig::Qwen3(_) => "Qwen3ForSequenceClassification",
             ModelConfig::Mistral(_) => "MistralForSequenceClassification",
             ModelConfig::Gemma3Text(_) => "Gemma3TextForSequenceClassification",
+            ModelConfig::GptNeox(_) => "GPTNeoXForSequenceClassification",
         };
         config["architectures"] = serde_json::json!([class]);
         config["id2label"] = serde_json::json!({"0": "LABEL_0"});
@@ -173,8 +174,8 @@ impl<D: FusedOps> LearnedReward<D> {
 
     /// Loads what [`LearnedReward::save_pretrained`] wrote, or any HF sequence-classification
     /// folder with one label. The normalisation is returned, not applied (`norm` is `None`).
-    /// An untied model saved without `lm_head.weight` gets a zero LM head (a reward model never
-    /// uses it).
+    /// An untied model saved without its LM head (`lm_head.weight`, GPT-NeoX's
+    /// `embed_out.weight`) gets a zero one (a reward model never uses it).
     pub fn load_pretrained(dir: &Path, dev: &D) -> Result<(Self, Option<RewardNormalization>), PolicyError> {
         let config_path = dir.join("config.json");
         let config = ModelConfig::from_file(&config_path)?;
@@ -192,9 +193,10 @@ impl<D: FusedOps> LearnedReward<D> {
         let mut model = CausalLm::zeroed(config, dev)?;
         let (file, mut tensors) = read_weights(dir)?;
         let head = take_head(&file, &mut tensors, model.dims.d_model, dev)?;
-        if !model.dims.tied && !tensors.contains_key("lm_head.weight") {
+        let lm_head = model.hf_name("lm_head");
+        if !model.dims.tied && !tensors.contains_key(&lm_head) {
             let (v, c) = (model.dims.vocab, model.dims.d_model);
-            tensors.insert("lm_head.weight".into(), HostTensor { shape: vec![v, c], data: vec![0.0; v * c] });
+            tensors.insert(lm_head, HostTensor { shape: vec![v, c], data: vec![0.0; v * c] });
         }
         model.load_hf_tensors(&file, tensors)?;
         let pad_id = model.config.pad_token_id().or(model.config.eos_token_id()).unwrap_or(0);

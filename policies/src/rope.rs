@@ -5,12 +5,14 @@ use crate::config::{Dims, LlamaConfig};
 use crate::error::PolicyError;
 
 /// `cos` and `sin` tables, `(N, Dh)` row-major for `N` positions, computed in f32 as transformers
-/// does: `angle = pos · inv_freq[i]` ([`inv_freq`]), both halves repeated.
+/// does: `angle = pos · inv_freq[i]` ([`inv_freq`]), both halves repeated over the
+/// [`Dims::rotary_dim`] turned dimensions; a dimension past them (GPT-NeoX's partial rotary)
+/// has `cos = 1`, `sin = 0` and passes through.
 pub fn tables(positions: &[usize], dims: &Dims) -> (Vec<f32>, Vec<f32>) {
-    let head_dim = dims.head_dim;
-    let half = head_dim / 2;
+    let (head_dim, rotary) = (dims.head_dim, dims.rotary_dim());
+    let half = rotary / 2;
     let inv_freq = inv_freq(dims);
-    let (mut cos, mut sin) = (vec![0.0; positions.len() * head_dim], vec![0.0; positions.len() * head_dim]);
+    let (mut cos, mut sin) = (vec![1.0; positions.len() * head_dim], vec![0.0; positions.len() * head_dim]);
     for (n, &p) in positions.iter().enumerate() {
         for i in 0..half {
             let ang = p as f32 * inv_freq[i];
@@ -24,10 +26,11 @@ pub fn tables(positions: &[usize], dims: &Dims) -> (Vec<f32>, Vec<f32>) {
     (cos, sin)
 }
 
-/// The model's frequencies: `1 / theta^(2i / Dh)` for `i < Dh/2`, then Llama 3's scaling when
-/// the config has it.
+/// The model's frequencies: `1 / theta^(2i / r)` for `i < r/2` with `r` the
+/// [`Dims::rotary_dim`] (the head width but for GPT-NeoX's partial rotary), then Llama 3's
+/// scaling when the config has it.
 pub fn inv_freq(dims: &Dims) -> Vec<f32> {
-    let mut f = unscaled_inv_freq(dims.head_dim, dims.rope_theta);
+    let mut f = unscaled_inv_freq(dims.rotary_dim(), dims.rope_theta);
     if let Some(s) = &dims.rope_scaling {
         s.apply(&mut f);
     }
@@ -193,7 +196,8 @@ pub(crate) fn base_and_scaling(c: &LlamaConfig) -> Result<(f64, Option<Llama3Sca
     }
 }
 
-/// Rotates one head vector in place: `x·cos + rotate_half(x)·sin`.
+/// Rotates one head vector in place: `x·cos + rotate_half(x)·sin` (with partial rotary, pass
+/// the turned dimensions only).
 pub fn apply(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     let half = x.len() / 2;
     for i in 0..half {

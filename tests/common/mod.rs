@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
+pub mod models;
+
 /// `../shared` beside the checkout (override with `RLHF_SHARED`).
 pub fn shared() -> PathBuf {
     std::env::var_os("RLHF_SHARED")
@@ -25,7 +27,7 @@ pub fn fixture(name: &str) -> PathBuf {
 
 /// Every HF transformers fixture (a folder with `config.json`, `model.safetensors` and
 /// `expected.json`): the two in `shared/fixtures` and those `scripts/fixtures/hf_tiny.py` writes.
-pub const HF_FIXTURES: [&str; 7] = [
+pub const HF_FIXTURES: [&str; 9] = [
     "hf-gpt2-tiny",
     "hf-llama-tiny",
     "hf-qwen2-tiny",
@@ -33,6 +35,8 @@ pub const HF_FIXTURES: [&str; 7] = [
     "hf-qwen3-tiny",
     "hf-gemma3-tiny",
     "hf-mistral-tiny",
+    "hf-pythia-tiny",
+    "hf-gpt-neox-seq-tiny",
 ];
 
 /// Parses a JSON file.

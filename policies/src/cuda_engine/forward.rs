@@ -233,7 +233,7 @@ impl RowEngine for CudaEngine {
         let wpe = self.wpe.as_ref().unwrap_or(&self.none);
         let has_wpe = self.wpe.is_some() as i32;
         self.launch(EMBED, grid(m, BLOCK), (&mut s.x, &self.wte, wpe, &ids_d, &pos_d, c as i32, has_wpe))?;
-        let rope = (d.family == crate::config::Family::Llama) as i32;
+        let rope = d.rotary() as i32;
         // the residual stream's bias not yet added (the last output projection's): the next
         // norm adds it
         let mut pending: Option<&CudaSlice<f32>> = None;

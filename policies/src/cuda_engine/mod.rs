@@ -153,7 +153,8 @@ impl CudaKvCache {
 
 impl CudaEngine {
     /// Copies `model`'s weights (on any device) to GPU 0. Needs an even head width (RoPE's
-    /// halves; every supported config has one), and none of Qwen3's or Gemma 3's extras (q/k head norms, …).
+    /// halves; every supported config has one), and none of Qwen3's, Gemma 3's or GPT-NeoX's
+    /// extras (q/k head norms, …).
     pub fn from_model<D: Device<f32>>(model: &CausalLm<D>) -> Result<Self, PolicyError> {
         let gpu = gpu()?;
         let dims = model.dims;
@@ -161,9 +162,11 @@ impl CudaEngine {
             return Err(PolicyError::Input(format!("the CUDA engine needs an even head_dim, got {}", dims.head_dim)));
         }
         let gemma = dims.post_norms || dims.embed_scale != 1.0 || dims.query_scale != 1.0 || dims.glu != Glu::Silu;
-        if dims.qk_norm || gemma || dims.sliding_window.is_some() {
+        let neox = dims.family == Family::GptNeox;
+        if dims.qk_norm || gemma || dims.sliding_window.is_some() || neox {
             let msg = "the fused CUDA engine has no kernels for Qwen3's and Gemma 3's q/k head norms, Gemma's other \
-                       parts or sliding windows: use rollout_engine \"device\" (the default on a GPU)";
+                       parts, sliding windows or GPT-NeoX's partial RoPE and parallel residual: use rollout_engine \
+                       \"device\" (the default on a GPU)";
             return Err(PolicyError::Input(msg.into()));
         }
         let up = |v: Vec<f32>| gpu.dev.htod_copy(v).map_err(dev_err);
@@ -218,7 +221,7 @@ impl CudaEngine {
                 mlp,
             });
         }
-        let inv_freq = if dims.family == Family::Llama { crate::rope::inv_freq(&dims) } else { vec![0.0] };
+        let inv_freq = if dims.rotary() { crate::rope::inv_freq(&dims) } else { vec![0.0] };
         Ok(CudaEngine {
             dims,
             wte: up(model.wte.as_vec())?,
