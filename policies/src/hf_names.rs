@@ -94,98 +94,119 @@ fn split_name(canonical: &str) -> (&str, Option<&str>, Option<&str>) {
 
 /// Maps a canonical parameter name (see [`crate::CausalLm::params`]) to its HF source; `post_norms`:
 /// Gemma's four norms per block, whose names move the pre-MLP norm off Llama's
-/// `post_attention_layernorm`.
+/// `post_attention_layernorm`; `head_dim`: GPT-NeoX's head groups in `query_key_value`.
 pub(crate) fn hf_source(family: Family, post_norms: bool, head_dim: usize, canonical: &str) -> Source {
-    let (head, layer, rest) = split_name(canonical);
-    match family {
+    let named = match family {
+        Family::Gpt2 => gpt2_source(canonical),
+        Family::Llama => llama_source(post_norms, canonical),
         Family::GptNeox => neox_source(head_dim, canonical),
-        Family::Gpt2 => match (head, layer, rest) {
-            ("wte", None, None) => Source::Same("transformer.wte.weight".into()),
-            ("wpe", None, None) => Source::Same("transformer.wpe.weight".into()),
-            ("ln_f", Some(x), None) => Source::Same(format!("transformer.ln_f.{x}")),
-            ("blocks", Some(i), Some(rest)) => {
-                let p = format!("transformer.h.{i}");
-                let (module, x) = rest.rsplit_once('.').unwrap_or((rest, ""));
-                match module {
-                    "ln1" => Source::Same(format!("{p}.ln_1.{x}")),
-                    "ln2" => Source::Same(format!("{p}.ln_2.{x}")),
-                    "attn.q" | "attn.k" | "attn.v" => Source::Columns {
-                        name: format!("{p}.attn.c_attn.{x}"),
-                        part: ["attn.q", "attn.k", "attn.v"].iter().position(|m| *m == module).unwrap_or(0),
-                        parts: 3,
-                    },
-                    "attn.o" => Source::Same(format!("{p}.attn.c_proj.{x}")),
-                    "mlp.fc" => Source::Same(format!("{p}.mlp.c_fc.{x}")),
-                    "mlp.proj" => Source::Same(format!("{p}.mlp.c_proj.{x}")),
-                    _ => Source::Same(canonical.into()),
+    };
+    named.unwrap_or_else(|| Source::Same(canonical.into()))
+}
+
+/// A block parameter's `(module, weight or bias)` from the rest of its name after
+/// `blocks.{i}.`: `attn.q.weight` is `("attn.q", "weight")`.
+fn block_param(rest: &str) -> (&str, &str) {
+    rest.rsplit_once('.').unwrap_or((rest, ""))
+}
+
+/// Which of q, k and v `module` (`attn.q`, …) is, in a fused tensor's order.
+fn qkv_part(module: &str) -> usize {
+    ["attn.q", "attn.k", "attn.v"].iter().position(|m| *m == module).unwrap_or(0)
+}
+
+/// An `nn.Linear`'s tensor `{p}.{n}.{x}`: the weight stored `(out, in)`, the bias as it is.
+fn linear(p: &str, n: &str, x: &str) -> Source {
+    match x {
+        "bias" => Source::Same(format!("{p}.{n}.{x}")),
+        _ => Source::Transposed(format!("{p}.{n}.{x}")),
+    }
+}
+
+/// [`hf_source`] for GPT-2 (`GPT2LMHeadModel`: Conv1D weights, stored `(in, out)` as ours).
+fn gpt2_source(canonical: &str) -> Option<Source> {
+    let same = |n: String| Some(Source::Same(n));
+    match split_name(canonical) {
+        ("wte", None, None) => same("transformer.wte.weight".into()),
+        ("wpe", None, None) => same("transformer.wpe.weight".into()),
+        ("ln_f", Some(x), None) => same(format!("transformer.ln_f.{x}")),
+        ("blocks", Some(i), Some(rest)) => {
+            let (p, (module, x)) = (format!("transformer.h.{i}"), block_param(rest));
+            match module {
+                "ln1" => same(format!("{p}.ln_1.{x}")),
+                "ln2" => same(format!("{p}.ln_2.{x}")),
+                "attn.q" | "attn.k" | "attn.v" => {
+                    Some(Source::Columns { name: format!("{p}.attn.c_attn.{x}"), part: qkv_part(module), parts: 3 })
                 }
+                "attn.o" => same(format!("{p}.attn.c_proj.{x}")),
+                "mlp.fc" => same(format!("{p}.mlp.c_fc.{x}")),
+                "mlp.proj" => same(format!("{p}.mlp.c_proj.{x}")),
+                _ => None,
             }
-            _ => Source::Same(canonical.into()),
-        },
-        Family::Llama => match (head, layer, rest) {
-            ("wte", None, None) => Source::Same("model.embed_tokens.weight".into()),
-            ("lm_head", None, None) => Source::Same("lm_head.weight".into()),
-            ("ln_f", Some(x), None) => Source::Same(format!("model.norm.{x}")),
-            ("blocks", Some(i), Some(rest)) => {
-                let p = format!("model.layers.{i}");
-                let (module, x) = rest.rsplit_once('.').unwrap_or((rest, ""));
-                // weights are stored (out, in); biases (Qwen2's q/k/v) as they are
-                let lin = |n: &str| match x {
-                    "bias" => Source::Same(format!("{p}.{n}.{x}")),
-                    _ => Source::Transposed(format!("{p}.{n}.{x}")),
-                };
-                match module {
-                    "ln1" => Source::Same(format!("{p}.input_layernorm.{x}")),
-                    "ln2" if post_norms => Source::Same(format!("{p}.pre_feedforward_layernorm.{x}")),
-                    "ln2" => Source::Same(format!("{p}.post_attention_layernorm.{x}")),
-                    "attn.post_norm" => Source::Same(format!("{p}.post_attention_layernorm.{x}")),
-                    "mlp.post_norm" => Source::Same(format!("{p}.post_feedforward_layernorm.{x}")),
-                    "attn.q" => lin("self_attn.q_proj"),
-                    "attn.k" => lin("self_attn.k_proj"),
-                    "attn.v" => lin("self_attn.v_proj"),
-                    "attn.o" => lin("self_attn.o_proj"),
-                    "attn.q_norm" => Source::Same(format!("{p}.self_attn.q_norm.{x}")),
-                    "attn.k_norm" => Source::Same(format!("{p}.self_attn.k_norm.{x}")),
-                    "mlp.gate" => lin("mlp.gate_proj"),
-                    "mlp.up" => lin("mlp.up_proj"),
-                    "mlp.down" => lin("mlp.down_proj"),
-                    _ => Source::Same(canonical.into()),
-                }
+        }
+        _ => None,
+    }
+}
+
+/// [`hf_source`] for the Llama family (`LlamaForCausalLM` and the Qwen, Mistral and Gemma 3
+/// layouts on it).
+fn llama_source(post_norms: bool, canonical: &str) -> Option<Source> {
+    let same = |n: String| Some(Source::Same(n));
+    match split_name(canonical) {
+        ("wte", None, None) => same("model.embed_tokens.weight".into()),
+        ("lm_head", None, None) => same("lm_head.weight".into()),
+        ("ln_f", Some(x), None) => same(format!("model.norm.{x}")),
+        ("blocks", Some(i), Some(rest)) => {
+            let (p, (module, x)) = (format!("model.layers.{i}"), block_param(rest));
+            let lin = |n: &str| Some(linear(&p, n, x));
+            match module {
+                "ln1" => same(format!("{p}.input_layernorm.{x}")),
+                "ln2" if post_norms => same(format!("{p}.pre_feedforward_layernorm.{x}")),
+                "ln2" => same(format!("{p}.post_attention_layernorm.{x}")),
+                "attn.post_norm" => same(format!("{p}.post_attention_layernorm.{x}")),
+                "mlp.post_norm" => same(format!("{p}.post_feedforward_layernorm.{x}")),
+                "attn.q" => lin("self_attn.q_proj"),
+                "attn.k" => lin("self_attn.k_proj"),
+                "attn.v" => lin("self_attn.v_proj"),
+                "attn.o" => lin("self_attn.o_proj"),
+                "attn.q_norm" => same(format!("{p}.self_attn.q_norm.{x}")),
+                "attn.k_norm" => same(format!("{p}.self_attn.k_norm.{x}")),
+                "mlp.gate" => lin("mlp.gate_proj"),
+                "mlp.up" => lin("mlp.up_proj"),
+                "mlp.down" => lin("mlp.down_proj"),
+                _ => None,
             }
-            _ => Source::Same(canonical.into()),
-        },
+        }
+        _ => None,
     }
 }
 
 /// [`hf_source`] for GPT-NeoX (`GPTNeoXForCausalLM`'s names; its untied head is `embed_out`).
-fn neox_source(head_dim: usize, canonical: &str) -> Source {
+fn neox_source(head_dim: usize, canonical: &str) -> Option<Source> {
+    let same = |n: String| Some(Source::Same(n));
     match split_name(canonical) {
-        ("wte", None, None) => Source::Same("gpt_neox.embed_in.weight".into()),
-        ("lm_head", None, None) => Source::Same("embed_out.weight".into()),
-        ("ln_f", Some(x), None) => Source::Same(format!("gpt_neox.final_layer_norm.{x}")),
+        ("wte", None, None) => same("gpt_neox.embed_in.weight".into()),
+        ("lm_head", None, None) => same("embed_out.weight".into()),
+        ("ln_f", Some(x), None) => same(format!("gpt_neox.final_layer_norm.{x}")),
         ("blocks", Some(i), Some(rest)) => {
-            let p = format!("gpt_neox.layers.{i}");
-            let (module, x) = rest.rsplit_once('.').unwrap_or((rest, ""));
-            let lin = |n: &str| match x {
-                "bias" => Source::Same(format!("{p}.{n}.{x}")),
-                _ => Source::Transposed(format!("{p}.{n}.{x}")),
-            };
+            let (p, (module, x)) = (format!("gpt_neox.layers.{i}"), block_param(rest));
+            let lin = |n: &str| Some(linear(&p, n, x));
             match module {
-                "ln1" => Source::Same(format!("{p}.input_layernorm.{x}")),
-                "ln2" => Source::Same(format!("{p}.post_attention_layernorm.{x}")),
-                "attn.q" | "attn.k" | "attn.v" => Source::HeadRows {
+                "ln1" => same(format!("{p}.input_layernorm.{x}")),
+                "ln2" => same(format!("{p}.post_attention_layernorm.{x}")),
+                "attn.q" | "attn.k" | "attn.v" => Some(Source::HeadRows {
                     name: format!("{p}.attention.query_key_value.{x}"),
-                    part: ["attn.q", "attn.k", "attn.v"].iter().position(|m| *m == module).unwrap_or(0),
+                    part: qkv_part(module),
                     parts: 3,
                     head_dim,
-                },
+                }),
                 "attn.o" => lin("attention.dense"),
                 "mlp.fc" => lin("mlp.dense_h_to_4h"),
                 "mlp.proj" => lin("mlp.dense_4h_to_h"),
-                _ => Source::Same(canonical.into()),
+                _ => None,
             }
         }
-        _ => Source::Same(canonical.into()),
+        _ => None,
     }
 }
 
