@@ -211,13 +211,13 @@ fn default_silu() -> String {
 fn default_rope_type() -> String {
     "default".into()
 }
-fn default_ln_eps() -> f64 {
+pub(crate) fn default_ln_eps() -> f64 {
     1e-5
 }
 fn default_rms_eps() -> f64 {
     1e-6
 }
-fn default_init() -> f64 {
+pub(crate) fn default_init() -> f64 {
     0.02
 }
 fn is_true(b: &bool) -> bool {
@@ -227,10 +227,10 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
-fn default_true() -> bool {
+pub(crate) fn default_true() -> bool {
     true
 }
-fn default_max_pos() -> usize {
+pub(crate) fn default_max_pos() -> usize {
     2048
 }
 fn gpt2_architectures() -> Vec<String> {

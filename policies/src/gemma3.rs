@@ -90,10 +90,10 @@ pub struct Gemma3Config {
     #[serde(default)]
     pub attention_bias: bool,
     /// Whether the LM head shares the embedding. Defaults to `true`.
-    #[serde(default = "default_true")]
+    #[serde(default = "crate::config::default_true")]
     pub tie_word_embeddings: bool,
     /// Std of the normal init. Defaults to `0.02`.
-    #[serde(default = "default_init")]
+    #[serde(default = "crate::config::default_init")]
     pub initializer_range: f64,
     /// Beginning-of-sequence id. Defaults to `2`.
     #[serde(default = "default_bos")]
@@ -129,12 +129,6 @@ fn default_query_pre_attn_scalar() -> usize {
 }
 fn default_window() -> Option<usize> {
     Some(4096)
-}
-fn default_true() -> bool {
-    true
-}
-fn default_init() -> f64 {
-    0.02
 }
 fn default_bos() -> Option<u32> {
     Some(2)

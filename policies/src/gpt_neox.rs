@@ -37,10 +37,10 @@ pub struct GptNeoxConfig {
     #[serde(default = "default_act")]
     pub hidden_act: String,
     /// Maximum sequence length. Defaults to `2048`.
-    #[serde(default = "default_max_pos")]
+    #[serde(default = "crate::config::default_max_pos")]
     pub max_position_embeddings: usize,
     /// LayerNorm epsilon. Defaults to `1e-5`.
-    #[serde(default = "default_eps")]
+    #[serde(default = "crate::config::default_ln_eps")]
     pub layer_norm_eps: f64,
     /// The share of each head's dimensions RoPE turns (transformers 4). Defaults to `0.25`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -56,16 +56,16 @@ pub struct GptNeoxConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
     /// `y = x + attn(ln₁(x)) + mlp(ln₂(x))` instead of the sequential block. Defaults to `true`.
-    #[serde(default = "default_true")]
+    #[serde(default = "crate::config::default_true")]
     pub use_parallel_residual: bool,
     /// Whether the LM head shares the embedding. Defaults to `false`.
     #[serde(default)]
     pub tie_word_embeddings: bool,
     /// Biases on `query_key_value` and `dense`. Must be `true` (the default).
-    #[serde(default = "default_true")]
+    #[serde(default = "crate::config::default_true")]
     pub attention_bias: bool,
     /// Std of the normal init. Defaults to `0.02`.
-    #[serde(default = "default_init")]
+    #[serde(default = "crate::config::default_init")]
     pub initializer_range: f64,
     /// Beginning-of-sequence id. Defaults to `0`.
     #[serde(default = "default_bos")]
@@ -83,18 +83,6 @@ pub struct GptNeoxConfig {
 
 fn default_act() -> String {
     "gelu".into()
-}
-fn default_max_pos() -> usize {
-    2048
-}
-fn default_eps() -> f64 {
-    1e-5
-}
-fn default_true() -> bool {
-    true
-}
-fn default_init() -> f64 {
-    0.02
 }
 fn default_bos() -> Option<u32> {
     Some(0)
