@@ -1,5 +1,6 @@
 //! A whole GPT-2 block — `x₂ = x + attn(LN₁(x))`, `y = x₂ + proj(gelu(fc(LN₂(x₂))))` — as one
-//! CPU op with its own backward pass.
+//! CPU op with its own backward pass; also GPT-NeoX's, whose queries and keys are turned by
+//! RoPE and whose MLP, with the parallel residual, reads `LN₂(x)` instead of `LN₂(x₂)`.
 //!
 //! The per-op path (`Block::forward_ops` in `model.rs`) runs ten fused ops per block, and
 //! each one copies its inputs out of dfdx's storage (tensors cannot lend their buffers),
@@ -20,9 +21,26 @@ use crate::gelu::{gated_backward_inplace, gated_forward, gelu_gate, GateDerivati
 use crate::layer_norm::{ln_backward_rows, ln_forward_rows};
 use crate::linear::{affine_output, colsum_into};
 use crate::model::{Block, Linear, Mlp, Norm};
+use crate::rope;
 use crate::strided::{add_into, add_rows, gather_rows, gemm_into, gemm_new, host_vec, par_copy, zeros, View};
 
 type A2<T> = Tensor<(usize, usize), f32, Cpu, T>;
+
+/// What a whole-block op reads besides the block and its input.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockInputs<'a> {
+    /// The additive `(B, T, T)` attention mask, row-major.
+    pub mask: &'a [f32],
+    /// The attention's sizes.
+    pub shape: AttnShape,
+    /// The MLP's GELU.
+    pub gelu: GeluKind,
+    /// GPT-NeoX's RoPE: the `(B·T, Dh)` cos and sin [`rope::tables`] of the rows' positions,
+    /// and how many of each head's dimensions turn ([`crate::Dims::rotary_dim`]).
+    pub rope: Option<(&'a [f32], &'a [f32], usize)>,
+    /// GPT-NeoX's parallel residual ([`crate::Dims::parallel_residual`]).
+    pub parallel: bool,
+}
 
 /// A linear layer's weight `(in, out)` and bias, copied to the host once per call.
 struct HostLinear {
@@ -113,12 +131,17 @@ struct Saved {
     x: Vec<f32>,
     st1: Vec<(f32, f32)>,
     h1: Vec<f32>,
+    /// q (turned), k (turned) and v.
     qkv: [Vec<f32>; 3],
     probs: Probs,
     /// The attention output at the kept rows (all rows without `rows`).
     att: Vec<f32>,
     rows: Option<Vec<usize>>,
-    x2: Vec<f32>,
+    /// `LN₂`'s input at the kept rows: `x₂`, or the block input `x` with the parallel residual.
+    ln2_in: Vec<f32>,
+    /// The RoPE tables and turned width ([`BlockInputs::rope`]).
+    rope: Option<(Vec<f32>, Vec<f32>, usize)>,
+    parallel: bool,
     st2: Vec<(f32, f32)>,
     h2: Vec<f32>,
     f: Vec<f32>,
@@ -126,24 +149,24 @@ struct Saved {
     a: Vec<f32>,
 }
 
-/// The block as one op when it is a GPT-2 block (LayerNorms, a GELU MLP; the caller has no
-/// RoPE); otherwise `Err(x)` hands the input back for the per-op path. `x`: `(B·T, C)`;
-/// `mask`: the additive `(B, T, T)` attention mask, row-major. With `rows`, the output is
-/// those rows only, `(rows, C)`: every row's keys and values still feed the attention, but the
-/// output projection and the MLP run on the kept rows alone (the last block of a model whose
-/// caller reads a few positions, like TRL's `logits_to_keep` one layer further down).
+/// The block as one op when it is a GPT-2 block (LayerNorms, a GELU MLP) or a GPT-NeoX one
+/// (the same with [`BlockInputs::rope`] and [`BlockInputs::parallel`]); otherwise `Err(x)` hands
+/// the input back for the per-op path. `x`: `(B·T, C)`. With `rows`, the output is those rows
+/// only, `(rows, C)`: every row's keys and values still feed the attention, but the output
+/// projection and the MLP run on the kept rows alone (the last block of a model whose caller
+/// reads a few positions, like TRL's `logits_to_keep` one layer further down).
 pub fn gpt2_block_cpu<T: Tape<f32, Cpu>>(
     x: A2<T>,
     blk: &Block<Cpu>,
-    mask: &[f32],
-    s: AttnShape,
-    gelu: GeluKind,
+    inputs: BlockInputs<'_>,
     rows: Option<&[usize]>,
 ) -> Result<A2<T>, A2<T>> {
     let Mlp::Gelu { fc, proj } = &blk.mlp else { return Err(x) };
-    if blk.ln1.kind != NormKind::LayerNorm || blk.ln2.kind != NormKind::LayerNorm {
+    let plain = blk.qk_norm.is_none() && blk.post_norms.is_none() && blk.window.is_none();
+    if blk.ln1.kind != NormKind::LayerNorm || blk.ln2.kind != NormKind::LayerNorm || !plain {
         return Err(x);
     }
+    let s = inputs.shape;
     let x = x.contiguous();
     let (n, c) = *x.shape();
     assert_eq!(n, s.b * s.t, "block: {n} rows for a batch of {}×{}", s.b, s.t);
@@ -159,13 +182,20 @@ pub fn gpt2_block_cpu<T: Tape<f32, Cpu>>(
         fc: HostLinear::new(fc),
         proj: HostLinear::new(proj),
     };
-    let (gate_fwd, dydx) = gelu_gate(gelu);
+    let (gate_fwd, dydx) = gelu_gate(inputs.gelu);
     let keep = T::OWNS_TAPE;
     let mut xv = host_vec(&x);
     let (h1, st1) = ln_forward_rows(&xv, c, &w.ln1.g, w.ln1.b.as_deref(), w.ln1.eps);
-    let qkv = [w.q.forward(&h1, n, None), w.k.forward(&h1, n, None), w.v.forward(&h1, n, None)];
-    assert_eq!(mask.len(), n * s.t, "block: the mask is not (B, T, T)");
-    let (probs, att) = attn_forward(&qkv[0], &qkv[1], &qkv[2], mask, s);
+    let mut qkv = [w.q.forward(&h1, n, None), w.k.forward(&h1, n, None), w.v.forward(&h1, n, None)];
+    if let Some((cos, sin, rotary)) = inputs.rope {
+        for q_or_k in &mut qkv[..2] {
+            rope::apply_rows(q_or_k, (cos, sin), s.dh, rotary, false);
+        }
+    }
+    assert_eq!(inputs.mask.len(), n * s.t, "block: the mask is not (B, T, T)");
+    let (probs, att) = attn_forward(&qkv[0], &qkv[1], &qkv[2], inputs.mask, s);
+    // the parallel residual's MLP reads the block input at the kept rows
+    let x_par = inputs.parallel.then(|| rows.map_or_else(|| par_copy(&xv), |r| gather_rows(&xv, r, c)));
     // the residual seeds the projection's output; the backward pass needs x again
     let (att, residual) = match rows {
         Some(r) => (gather_rows(&att, r, w.o.i), gather_rows(&xv, r, c)),
@@ -173,14 +203,18 @@ pub fn gpt2_block_cpu<T: Tape<f32, Cpu>>(
     };
     let m = rows.map_or(n, <[usize]>::len);
     let mut x2 = w.o.forward(&att, m, Some(residual));
-    let (h2, st2) = ln_forward_rows(&x2, c, &w.ln2.g, w.ln2.b.as_deref(), w.ln2.eps);
+    let (h2, st2) = ln_forward_rows(x_par.as_deref().unwrap_or(&x2), c, &w.ln2.g, w.ln2.b.as_deref(), w.ln2.eps);
     let f = w.fc.forward(&h2, m, None);
     let (a, gate) = gated_forward(&f, gate_fwd);
-    let y = w.proj.forward(&a, m, Some(if keep { par_copy(&x2) } else { std::mem::take(&mut x2) }));
+    let save_x2 = keep && x_par.is_none();
+    let y = w.proj.forward(&a, m, Some(if save_x2 { par_copy(&x2) } else { std::mem::take(&mut x2) }));
     let out = x.device().tensor_from_vec(y, (m, c));
     if keep {
         let rows = rows.map(<[usize]>::to_vec);
-        let saved = Saved { x: xv, st1, h1, qkv, probs, att, rows, x2, st2, h2, f, gate, a };
+        let rope = inputs.rope.map(|(cos, sin, r)| (cos.to_vec(), sin.to_vec(), r));
+        let ln2_in = x_par.unwrap_or(x2);
+        let parallel = inputs.parallel;
+        let saved = Saved { x: xv, st1, h1, qkv, probs, att, rows, ln2_in, rope, parallel, st2, h2, f, gate, a };
         let (xg, og, blk) = (x.ghost(), out.ghost(), blk.clone());
         tape.add_backward_op(move |grads| {
             // one &mut into Gradients at a time: move dy out, then put it back
@@ -216,10 +250,13 @@ fn backward(
     param_grads(grads, fc, &sv.h2, &df)?;
     let dh = w.fc.input_grad(&df, m);
     drop(df);
-    // dx₂ = dy + LN₂'s backward pass of dh₂
+    // dx₂ = dy + LN₂'s backward pass of dh₂; with the parallel residual LN₂ read the block
+    // input, so that part waits for dx
     let mut dx = par_copy(dy);
-    norm_grads(grads, &blk.ln2, ln_backward_rows(&dh, &sv.x2, &sv.st2, &w.ln2.g, &mut dx))?;
-    drop((sv.x2, sv.h2));
+    let mut dx_par = if sv.parallel { zeros(m * c) } else { vec![] };
+    let ln2_dx = if sv.parallel { &mut dx_par } else { &mut dx };
+    norm_grads(grads, &blk.ln2, ln_backward_rows(&dh, &sv.ln2_in, &sv.st2, &w.ln2.g, ln2_dx))?;
+    drop((sv.ln2_in, sv.h2));
     // attention: x₂ = x + att·W_o + b_o (kept rows)
     param_grads(grads, &blk.wo, &sv.att, &dx)?;
     drop(sv.att);
@@ -232,14 +269,26 @@ fn backward(
     let (mut dq, mut dk, mut dv) = (zeros(q.len()), zeros(k.len()), zeros(v.len()));
     attn_backward(&sv.probs, (q, k, v), &datt, s, &mut dq, &mut dk, &mut dv);
     drop((sv.probs, datt));
+    if let Some((cos, sin, rotary)) = &sv.rope {
+        // RoPE is a rotation: its backward pass turns the gradients back
+        for d in [&mut dq, &mut dk] {
+            rope::apply_rows(d, (cos, sin), s.dh, *rotary, true);
+        }
+    }
     for (l, d) in [(&blk.wq, &dq), (&blk.wk, &dk), (&blk.wv, &dv)] {
         param_grads(grads, l, &sv.h1, d)?;
     }
     let mut dh = w.q.input_grad(&dq, n);
     w.k.add_input_grad(&mut dh, &dk, n);
     w.v.add_input_grad(&mut dh, &dv, n);
-    // dx = dx₂ + LN₁'s backward pass of dh₁
+    // dx = dx₂ + LN₁'s backward pass of dh₁ (+ LN₂'s with the parallel residual)
     norm_grads(grads, &blk.ln1, ln_backward_rows(&dh, &sv.x, &sv.st1, &w.ln1.g, &mut dx))?;
+    if sv.parallel {
+        match &sv.rows {
+            Some(rows) => add_rows(&mut dx, &dx_par, rows, c),
+            None => add_into(&mut dx, &dx_par),
+        }
+    }
     Ok(dx)
 }
 
@@ -260,19 +309,42 @@ mod tests {
     use crate::params::ParamRef;
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
-    /// A 2-block GPT-2 with every parameter (gains and biases included) randomised, a
-    /// left-padded batch, and the same loss `Σ y·u` through both paths: values, the input's
-    /// gradient and every block parameter's gradient agree — for the whole output and for a
-    /// few kept rows of the last block (against the per-op path's output, then a selection).
-    #[test]
-    fn fused_block_matches_the_per_op_path() {
-        let dev = Cpu::default();
+    /// The GPT-2 variants (each GELU, with and without biases) and GPT-NeoX's (RoPE on part
+    /// of each head with the parallel residual; on the whole head with the sequential block).
+    fn block_configs() -> Vec<(String, ModelConfig, bool)> {
+        let mut out = vec![];
         for (gelu, bias) in [("gelu_new", true), ("gelu", true), ("gelu_new", false)] {
             let mut cfg = ModelConfig::gpt2_preset(50, 16, 2, 2, 32);
             if let ModelConfig::Gpt2(g) = &mut cfg {
                 g.activation_function = gelu.into();
                 g.bias = bias;
             }
+            out.push((format!("gpt2 {gelu}, bias {bias}"), cfg, bias));
+        }
+        for (pct, parallel) in [(0.5, true), (1.0, false)] {
+            let json = format!(
+                r#"{{"model_type": "gpt_neox", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 64,
+                    "num_hidden_layers": 2, "num_attention_heads": 2, "rotary_pct": {pct}, "rotary_emb_base": 100,
+                    "use_parallel_residual": {parallel}}}"#
+            );
+            out.push((
+                format!("gpt_neox rotary {pct}, parallel {parallel}"),
+                ModelConfig::from_json_str(&json).unwrap(),
+                true,
+            ));
+        }
+        out
+    }
+
+    /// A 2-block GPT-2 (or GPT-NeoX) with every parameter (gains and biases included)
+    /// randomised, a left-padded batch, and the same loss `Σ y·u` through both paths: values,
+    /// the input's gradient and every block parameter's gradient agree — for the whole output
+    /// and for a few kept rows of the last block (against the per-op path's output, then a
+    /// selection).
+    #[test]
+    fn fused_block_matches_the_per_op_path() {
+        let dev = Cpu::default();
+        for (case, cfg, bias) in block_configs() {
             let mut model = CausalLm::<Cpu>::new(cfg, &dev, 3).unwrap();
             let mut rng = StdRng::seed_from_u64(4);
             let noise = std::cell::RefCell::new(move |len: usize| -> Vec<f32> {
@@ -288,7 +360,7 @@ mod tests {
             let xs = dev.tensor_from_vec(noise(b * t * c).iter().map(|v| v * 5.0).collect(), (b * t, c));
             let ctx = model.context(&batch);
             let dims = model.dims;
-            let shape = AttnShape { b, t, nh: dims.n_head, nkv: dims.n_kv_head, dh: dims.head_dim };
+            let inputs = ctx.block_inputs(&dims).expect("GPT-2 and GPT-NeoX blocks run whole");
             let all: Vec<usize> = (0..b * t).collect();
             for rows in [None, Some(&[8usize, 2, 3, 11][..])] {
                 let up = dev.tensor_from_vec(
@@ -300,8 +372,7 @@ mod tests {
                     for (i, blk) in model.blocks.iter().enumerate() {
                         let kept = if i + 1 == model.blocks.len() { rows } else { None };
                         h = if fused {
-                            gpt2_block_cpu(h, blk, &ctx.mask_host, shape, dims.gelu, kept)
-                                .unwrap_or_else(|_| panic!("a GPT-2 block"))
+                            gpt2_block_cpu(h, blk, inputs, kept).unwrap_or_else(|_| panic!("a whole-block op"))
                         } else {
                             blk.forward_ops(h, &dims, &ctx)
                         };
@@ -324,7 +395,7 @@ mod tests {
                     (untaped, grads)
                 };
                 let ((yf, gf), (yo, go)) = (run(true), run(false));
-                let case = format!("{gelu}, bias {bias}, rows {rows:?}");
+                let case = format!("{case}, rows {rows:?}");
                 assert!(max_rel(&yf, &yo) < 1e-5, "{case}: values {}", max_rel(&yf, &yo));
                 assert_eq!(gf.len(), go.len());
                 assert_eq!(gf.len(), 1 + 2 * if bias { 16 } else { 8 }, "{case}: every parameter has a gradient");
@@ -335,8 +406,7 @@ mod tests {
                 let mut h = xs.clone();
                 for (i, blk) in model.blocks.iter().enumerate() {
                     let kept = if i + 1 == model.blocks.len() { rows } else { None };
-                    h = gpt2_block_cpu(h, blk, &ctx.mask_host, shape, dims.gelu, kept)
-                        .unwrap_or_else(|_| panic!("a GPT-2 block"));
+                    h = gpt2_block_cpu(h, blk, inputs, kept).unwrap_or_else(|_| panic!("a whole-block op"));
                 }
                 assert_eq!(h.as_vec(), yf, "{case}: no-tape forward");
             }

@@ -4,8 +4,10 @@
 
 use dfdx::prelude::*;
 
+use crate::attention::AttnShape;
 use crate::batch::Batch;
-use crate::config::Dims;
+use crate::block::BlockInputs;
+use crate::config::{Dims, Family};
 use crate::fused::FusedOps;
 use crate::model::{CausalLm, A2, MASKED, T2};
 
@@ -21,6 +23,23 @@ pub(crate) struct Ctx<D: Storage<f32>> {
     pub(crate) mask_host: Vec<f32>,
     /// The masks and RoPE tables each layer reads.
     pub(crate) layers: LayerInputs<D>,
+    /// GPT-NeoX's RoPE tables on the host, `(B·T, Dh)` cos and sin, for the whole-block op.
+    rope_host: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl<D: Storage<f32>> Ctx<D> {
+    /// What a whole-block op ([`FusedOps::gpt2_block`]) reads: for GPT-2 (no RoPE) and GPT-NeoX
+    /// (RoPE from the host tables); `None` for the other families, which run op by op.
+    pub(crate) fn block_inputs(&self, dims: &Dims) -> Option<BlockInputs<'_>> {
+        let rope = match (&self.layers.rope, &self.rope_host) {
+            (None, _) => None,
+            (Some(_), Some((cos, sin))) => Some((&cos[..], &sin[..], dims.rotary_dim())),
+            (Some(_), None) => return None,
+        };
+        let (b, t) = (self.b, self.t);
+        let shape = AttnShape { b, t, nh: dims.n_head, nkv: dims.n_kv_head, dh: dims.head_dim };
+        Some(BlockInputs { mask: &self.mask_host, shape, gelu: dims.gelu, rope, parallel: dims.parallel_residual })
+    }
 }
 
 /// What a layer's attention reads besides its input: the additive mask `(B, Q, K)` (causal,
@@ -93,7 +112,9 @@ impl<D: FusedOps> CausalLm<D> {
         let (b, t) = (batch.b, batch.t);
         let hidden = |r, i, j| j > i || !batch.is_real(r, j) || batch.other_sequence(r, i, j);
         let (mask_host, layers) = self.layer_inputs((b, t, t), 0, &batch.position_ids, hidden);
-        Ctx { b, t, mask_host, layers }
+        let neox = self.dims.family == Family::GptNeox;
+        let rope_host = neox.then(|| crate::rope::tables(&batch.position_ids, &self.dims));
+        Ctx { b, t, mask_host, layers, rope_host }
     }
 
     /// The [`LayerInputs`] of `Q` queries per row at `positions` (`(B·Q)` entries) against `K`

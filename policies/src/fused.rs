@@ -10,7 +10,7 @@ use dfdx::prelude::*;
 #[cfg(feature = "cuda")]
 use crate::attention::attention_composed;
 use crate::attention::{attention_cpu, AttnShape};
-use crate::block::gpt2_block_cpu;
+use crate::block::{gpt2_block_cpu, BlockInputs};
 use crate::config::GeluKind;
 #[cfg(feature = "cuda")]
 use crate::embed::{embed_composed, select_rows_composed};
@@ -137,20 +137,18 @@ pub trait FusedOps: Device<f32> {
         a: Affine<'_, Self>,
     ) -> Tensor<(usize, usize), f32, Self, T>;
 
-    /// A whole pre-norm GPT-2 block (LayerNorms, attention without RoPE, a GELU MLP) as one
-    /// op, where the device has one: `Err(x)` hands the input back and the caller runs the
-    /// block op by op (the default). `x` `(B·T, C)`, `mask` the additive `(B, T, T)` mask,
-    /// row-major on the host; with `rows`, only those rows of the output `(rows, C)`. See
-    /// [`crate::block`].
+    /// A whole pre-norm GPT-2 block (LayerNorms, attention, a GELU MLP; GPT-NeoX's with RoPE
+    /// and the parallel residual) as one op, where the device has one: `Err(x)` hands the input
+    /// back and the caller runs the block op by op (the default). `x` `(B·T, C)`; `inputs` the
+    /// host-side mask and RoPE tables; with `rows`, only those rows of the output `(rows, C)`.
+    /// See [`crate::block`].
     fn gpt2_block<T: Tape<f32, Self>>(
         x: Act<Self, T>,
         block: &Block<Self>,
-        mask: &[f32],
-        shape: AttnShape,
-        gelu: GeluKind,
+        inputs: BlockInputs<'_>,
         rows: Option<&[usize]>,
     ) -> Result<Act<Self, T>, Act<Self, T>> {
-        let _ = (block, mask, shape, gelu, rows);
+        let _ = (block, inputs, rows);
         Err(x)
     }
 
@@ -301,12 +299,10 @@ impl FusedOps for Cpu {
     fn gpt2_block<T: Tape<f32, Self>>(
         x: Act<Self, T>,
         block: &Block<Self>,
-        mask: &[f32],
-        shape: AttnShape,
-        gelu: GeluKind,
+        inputs: BlockInputs<'_>,
         rows: Option<&[usize]>,
     ) -> Result<Act<Self, T>, Act<Self, T>> {
-        gpt2_block_cpu(x, block, mask, shape, gelu, rows)
+        gpt2_block_cpu(x, block, inputs, rows)
     }
 
     fn linear<T: Tape<f32, Self>>(

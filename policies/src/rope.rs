@@ -207,9 +207,62 @@ pub fn apply(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
+/// The transpose of [`apply`] (its inverse, a rotation): the gradient of the input from the
+/// gradient `dy` of the output, in place.
+pub fn apply_transposed(dy: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = dy.len() / 2;
+    for i in 0..half {
+        let (a, b) = (dy[i], dy[i + half]);
+        dy[i] = a * cos[i] + b * sin[i + half];
+        dy[i + half] = b * cos[i + half] - a * sin[i];
+    }
+}
+
+/// [`apply`] (or with `transposed` [`apply_transposed`]) on every head of `x`'s rows `(N, H·Dh)`:
+/// row `n` at the angles of row `n` of the `(N, Dh)` [`tables`], over each head's first
+/// `rotary` dimensions.
+pub fn apply_rows(x: &mut [f32], (cos, sin): (&[f32], &[f32]), dh: usize, rotary: usize, transposed: bool) {
+    use rayon::prelude::*;
+    let rows = cos.len() / dh;
+    let width = x.len() / rows.max(1);
+    x.par_chunks_mut(width).enumerate().for_each(|(n, row)| {
+        let (c, s) = (&cos[n * dh..n * dh + rotary], &sin[n * dh..n * dh + rotary]);
+        for head in row.chunks_mut(dh) {
+            match transposed {
+                false => apply(&mut head[..rotary], c, s),
+                true => apply_transposed(&mut head[..rotary], c, s),
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The transposed rotation undoes the rotation, and is its transpose: `⟨apply(x), y⟩ =
+    /// ⟨x, apply_transposed(y)⟩`, for whole and partial heads.
+    #[test]
+    fn transposed_rotation_is_the_inverse_and_the_adjoint() {
+        let dims = Dims { head_dim: 8, rope_theta: 100.0, partial_rotary: Some(4), ..Dims::PLAIN };
+        for dims in [dims, Dims { partial_rotary: None, ..dims }] {
+            let (cos, sin) = tables(&[0, 3, 7], &dims);
+            let x: Vec<f32> = (0..3 * 16).map(|i| (i as f32 * 0.37).sin()).collect();
+            let y: Vec<f32> = (0..3 * 16).map(|i| (i as f32 * 0.91).cos()).collect();
+            let r = dims.rotary_dim();
+            let (mut rx, mut ty) = (x.clone(), y.clone());
+            apply_rows(&mut rx, (&cos, &sin), 8, r, false);
+            apply_rows(&mut ty, (&cos, &sin), 8, r, true);
+            let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| a * b).sum::<f32>();
+            assert!((dot(&rx, &y) - dot(&x, &ty)).abs() < 1e-5, "adjoint, rotary {r}");
+            apply_rows(&mut rx, (&cos, &sin), 8, r, true);
+            assert!(rx.iter().zip(&x).all(|(a, b)| (a - b).abs() < 1e-6), "inverse, rotary {r}");
+            // position 0 and the dimensions past `rotary` are left as they are
+            let mut first = x[..16].to_vec();
+            apply_rows(&mut first, (&cos[..8], &sin[..8]), 8, r, false);
+            assert_eq!(first, x[..16]);
+        }
+    }
 
     /// Meta's Llama 3.1 settings on a 128-wide head: the short wavelengths kept, the long ones
     /// divided by 8, the band between interpolated (so the result falls between the two).
