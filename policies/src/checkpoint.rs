@@ -162,14 +162,14 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
                     entry.1[part] = Some(t);
                 }
                 None => {
-                    out.insert(src.name().to_string(), src.to_hf(&[t]));
+                    out.insert(src.name().to_string(), src.to_hf(vec![t]));
                 }
             }
         }
         for (name, (src, parts)) in fused {
             let parts: Vec<HostTensor> =
                 parts.into_iter().map(|p| p.expect("q, k and v are always walked together")).collect();
-            out.insert(name, src.to_hf(&parts));
+            out.insert(name, src.to_hf(parts));
         }
         out
     }

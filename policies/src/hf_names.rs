@@ -45,9 +45,7 @@ impl Source {
             _ => None,
         }
     }
-}
 
-impl Source {
     /// Our parameter from the HF tensor `t` it lives in (`file` names it in errors).
     pub(crate) fn to_ours(&self, file: &Path, t: HostTensor) -> Result<HostTensor, PolicyError> {
         let name = self.name();
@@ -69,13 +67,13 @@ impl Source {
         })
     }
 
-    /// The HF tensor of our parameter `t` ([`Source::Same`] and [`Source::Transposed`]), or of
-    /// the parameters `parts` gathered in order (the others, see [`Source::fused`]).
-    pub(crate) fn to_hf(&self, parts: &[HostTensor]) -> HostTensor {
+    /// The HF tensor of our parameters `parts`: the one parameter of [`Source::Same`] and
+    /// [`Source::Transposed`], or those gathered in order (the others, see [`Source::fused`]).
+    pub(crate) fn to_hf(&self, mut parts: Vec<HostTensor>) -> HostTensor {
         match self {
-            Source::Same(_) => parts[0].clone(),
+            Source::Same(_) => parts.swap_remove(0),
             Source::Transposed(_) => transpose(&parts[0]),
-            Source::Columns { .. } => concat_columns(parts),
+            Source::Columns { .. } => concat_columns(&parts),
             Source::HeadRows { head_dim, .. } => {
                 // our weights are (in, out): back to nn.Linear's (out, in) before the rows interleave
                 let rows: Vec<HostTensor> =
