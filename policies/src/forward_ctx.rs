@@ -2,14 +2,17 @@
 //! RoPE tables, built once per batch — a second mask and table set for local (sliding-window)
 //! layers where the model has them (Gemma 3).
 
+use std::sync::Arc;
+
 use dfdx::prelude::*;
 
 use crate::attention::AttnShape;
 use crate::batch::Batch;
 use crate::block::BlockInputs;
-use crate::config::{Dims, Family};
+use crate::config::Dims;
 use crate::fused::FusedOps;
 use crate::model::{CausalLm, A2, MASKED, T2};
+use crate::rope::RopeTables;
 
 /// A `(B, T, T)` additive attention mask.
 pub(crate) type Mask<D> = Tensor<(usize, usize, usize), f32, D>;
@@ -23,22 +26,16 @@ pub(crate) struct Ctx<D: Storage<f32>> {
     pub(crate) mask_host: Vec<f32>,
     /// The masks and RoPE tables each layer reads.
     pub(crate) layers: LayerInputs<D>,
-    /// GPT-NeoX's RoPE tables on the host, `(B·T, Dh)` cos and sin, for the whole-block op.
-    rope_host: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl<D: Storage<f32>> Ctx<D> {
-    /// What a whole-block op ([`FusedOps::gpt2_block`]) reads: for GPT-2 (no RoPE) and GPT-NeoX
-    /// (RoPE from the host tables); `None` for the other families, which run op by op.
-    pub(crate) fn block_inputs(&self, dims: &Dims) -> Option<BlockInputs<'_>> {
-        let rope = match (&self.layers.rope, &self.rope_host) {
-            (None, _) => None,
-            (Some(_), Some((cos, sin))) => Some((&cos[..], &sin[..], dims.rotary_dim())),
-            (Some(_), None) => return None,
-        };
+    /// What a whole-block op ([`FusedOps::gpt2_block`]) reads: the global layers' mask and, with
+    /// rotary positions, their RoPE tables on the host (the op refuses the blocks it cannot run).
+    pub(crate) fn block_inputs(&self, dims: &Dims) -> BlockInputs<'_> {
+        let rope = self.layers.rope.as_ref().map(|r| (&r.host, dims.rotary_dim()));
         let (b, t) = (self.b, self.t);
         let shape = AttnShape { b, t, nh: dims.n_head, nkv: dims.n_kv_head, dh: dims.head_dim };
-        Some(BlockInputs { mask: &self.mask_host, shape, gelu: dims.gelu, rope, parallel: dims.parallel_residual })
+        BlockInputs { mask: &self.mask_host, shape, gelu: dims.gelu, rope, parallel: dims.parallel_residual }
     }
 }
 
@@ -71,6 +68,8 @@ pub(crate) struct Rope<D: Storage<f32>> {
     pub(crate) cos_k: T2<D>,
     pub(crate) sin_k: T2<D>,
     pub(crate) rot: T2<D>,
+    /// The `(N, Dh)` tables before the per-head expansion, on the host (a whole-block op's).
+    pub(crate) host: Arc<RopeTables>,
 }
 
 /// `rope(x) = x·cos + rotate_half(x)·sin` on `(N, Dh)` rows (NeoX / rotate_half layout).
@@ -112,9 +111,7 @@ impl<D: FusedOps> CausalLm<D> {
         let (b, t) = (batch.b, batch.t);
         let hidden = |r, i, j| j > i || !batch.is_real(r, j) || batch.other_sequence(r, i, j);
         let (mask_host, layers) = self.layer_inputs((b, t, t), 0, &batch.position_ids, hidden);
-        let neox = self.dims.family == Family::GptNeox;
-        let rope_host = neox.then(|| crate::rope::tables(&batch.position_ids, &self.dims));
-        Ctx { b, t, mask_host, layers, rope_host }
+        Ctx { b, t, mask_host, layers }
     }
 
     /// The [`LayerInputs`] of `Q` queries per row at `positions` (`(B·Q)` entries) against `K`
@@ -177,6 +174,7 @@ impl<D: FusedOps> CausalLm<D> {
             cos_k: expand(&cos, dims.n_kv_head),
             sin_k: expand(&sin, dims.n_kv_head),
             rot: self.dev.tensor_from_vec(rot, (dh, dh)),
+            host: Arc::new(RopeTables { cos, sin }),
         }
     }
 }

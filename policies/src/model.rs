@@ -224,12 +224,9 @@ impl<D: FusedOps> Block<D> {
     /// `(B·T, C) → (B·T, C)`, or `(rows, C)` with `rows`: the device's whole-block op where it
     /// has one for this block (see [`FusedOps::gpt2_block`]), else [`Block::forward_ops`].
     fn forward<T: Tape<f32, D>>(&self, x: A2<D, T>, dims: &Dims, ctx: &Ctx<D>, rows: Option<&[usize]>) -> A2<D, T> {
-        let x = match ctx.block_inputs(dims) {
-            Some(inputs) => match D::gpt2_block(x, self, inputs, rows) {
-                Ok(y) => return y,
-                Err(x) => x,
-            },
-            None => x,
+        let x = match D::gpt2_block(x, self, ctx.block_inputs(dims), rows) {
+            Ok(y) => return y,
+            Err(x) => x,
         };
         let y = self.forward_ops(x, dims, ctx);
         match rows {

@@ -4,6 +4,15 @@
 use crate::config::{Dims, LlamaConfig};
 use crate::error::PolicyError;
 
+/// [`tables`] kept together: `(N, Dh)` cos and sin, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeTables {
+    /// `cos(pos · inv_freq)`, 1 past the turned dimensions.
+    pub cos: Vec<f32>,
+    /// `sin(pos · inv_freq)`, 0 past the turned dimensions.
+    pub sin: Vec<f32>,
+}
+
 /// `cos` and `sin` tables, `(N, Dh)` row-major for `N` positions, computed in f32 as transformers
 /// does: `angle = pos · inv_freq[i]` ([`inv_freq`]), both halves repeated over the
 /// [`Dims::rotary_dim`] turned dimensions; a dimension past them (GPT-NeoX's partial rotary)
