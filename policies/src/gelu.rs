@@ -8,7 +8,7 @@ use dfdx::prelude::*;
 use rayon::prelude::*;
 
 use crate::config::GeluKind;
-use crate::kernels::{gelu_erf_with_gate, gelu_tanh_with_gate};
+use crate::kernels::{gelu_erf_derivative, gelu_erf_with_gate, gelu_tanh_derivative, gelu_tanh_with_gate};
 use crate::strided::host_vec;
 
 /// Elements per parallel chunk.
@@ -24,16 +24,13 @@ pub fn gelu_erf_composed<D: Device<f32>, T: Tape<f32, D>>(
     let shape = *x.shape();
     let xv = x.as_vec();
     let (y, s) = gated_forward(&xv, gelu_erf_with_gate);
-    let g: Vec<f32> = xv.iter().zip(&s).map(|(&x, &s)| gelu_erf_dydx(x, s)).collect();
+    let mut g = vec![0.0; xv.len()];
+    g.par_chunks_mut(CHUNK)
+        .zip(xv.par_chunks(CHUNK).zip(s.par_chunks(CHUNK)))
+        .for_each(|(g, (x, s))| gelu_erf_derivative(x, s, g));
     let c: Vec<f32> = y.iter().zip(xv.iter().zip(&g)).map(|(y, (x, g))| y - x * g).collect();
     let dev = x.device().clone();
     x * dev.tensor_from_vec(g, shape) + dev.tensor_from_vec(c, shape)
-}
-
-/// `d/dx [x·Φ(x)] = Φ(x) + x·φ(x)`, `φ(x) = exp(−x²/2)/√(2π)`, given the gate `s = Φ(x)`.
-fn gelu_erf_dydx(x: f32, s: f32) -> f32 {
-    const INV_SQRT_2PI: f32 = 0.398_942_3;
-    s + x * INV_SQRT_2PI * (-0.5 * x * x).exp()
 }
 
 /// `forward` over `xv` in parallel chunks: `(y, s)`, each written once (no zero fill).
@@ -58,30 +55,39 @@ pub(crate) fn gated_forward(xv: &[f32], forward: GateForward) -> (Vec<f32>, Vec<
 /// gradient is not needed afterwards.
 pub(crate) fn gated_backward_inplace(dy: &mut [f32], xv: &[f32], s: &[f32], dydx: GateDerivative) {
     dy.par_chunks_mut(CHUNK).zip(xv.par_chunks(CHUNK).zip(s.par_chunks(CHUNK))).for_each(|(dy, (x, s))| {
-        for i in 0..dy.len() {
-            dy[i] *= dydx(x[i], s[i]);
-        }
+        with_derivative(x, s, dydx, |at, g| dy[at..at + g.len()].iter_mut().zip(g).for_each(|(d, g)| *d *= g));
     });
 }
+
+/// Calls `f(at, g)` for consecutive runs of at most [`RUN`] elements, with `g` the derivative
+/// `dydx` over `x[at..]`, `s[at..]` (a stack buffer, so the kernel and the product each stay
+/// one vectorised loop).
+fn with_derivative(x: &[f32], s: &[f32], dydx: GateDerivative, mut f: impl FnMut(usize, &[f32])) {
+    let mut buf = [0.0f32; RUN];
+    for (i, (x, s)) in x.chunks(RUN).zip(s.chunks(RUN)).enumerate() {
+        let g = &mut buf[..x.len()];
+        dydx(x, s, g);
+        f(i * RUN, g);
+    }
+}
+
+/// Elements per derivative run in [`with_derivative`].
+const RUN: usize = 512;
 
 /// A gated activation's forward pass: writes every element of `y` and of the gate `s` from
 /// `x` (neither need be initialised).
 pub(crate) type GateForward = fn(&[f32], &mut [MaybeUninit<f32>], &mut [MaybeUninit<f32>]);
-/// A gated activation's derivative `dy/dx` from `x` and the gate `s`.
-pub(crate) type GateDerivative = fn(f32, f32) -> f32;
+/// A gated activation's derivative `dy/dx` from `x` and the gate `s`, written into the last
+/// slice (all three of one length).
+pub(crate) type GateDerivative = fn(&[f32], &[f32], &mut [f32]);
 
 /// GPT-2's GELU as a gated activation `y = x·s(x)`: the forward kernel and the derivative.
 pub(crate) fn gelu_gate(kind: GeluKind) -> (GateForward, GateDerivative) {
     match kind {
-        // y = x·s with s = σ(2u), u = √(2/π)(x + 0.044715x³);
-        // d/dx [x·σ(2u)] = σ + x·σ(1−σ)·2u',  u' = √(2/π)(1 + 3·0.044715·x²)
-        GeluKind::Tanh => (gelu_tanh_with_gate, |x, s| {
-            const C: f32 = 0.797_884_6; // √(2/π)
-            let du = C * (1.0 + 3.0 * 0.044715 * x * x);
-            s + x * s * (1.0 - s) * 2.0 * du
-        }),
+        // y = x·s with s = σ(2u), u = √(2/π)(x + 0.044715x³)
+        GeluKind::Tanh => (gelu_tanh_with_gate, gelu_tanh_derivative),
         // y = x·Φ(x)
-        GeluKind::Erf => (gelu_erf_with_gate, gelu_erf_dydx),
+        GeluKind::Erf => (gelu_erf_with_gate, gelu_erf_derivative),
     }
 }
 
@@ -111,9 +117,10 @@ pub(crate) fn gated<T: Tape<f32, Cpu>>(
                     .zip(dy.par_chunks(CHUNK))
                     .zip(xv.par_chunks(CHUNK).zip(s.par_chunks(CHUNK)))
                     .for_each(|((dx, dy), (x, s))| {
-                        for i in 0..dx.len() {
-                            dx[i] += dy[i] * dydx(x[i], s[i]);
-                        }
+                        with_derivative(x, s, dydx, |at, g| {
+                            let (dx, dy) = (&mut dx[at..at + g.len()], &dy[at..at + g.len()]);
+                            dx.iter_mut().zip(dy.iter().zip(g)).for_each(|(dx, (dy, g))| *dx += dy * g);
+                        });
                     });
             }
             **grads.get_or_alloc_mut(&og)? = dy;

@@ -4,8 +4,6 @@
 //! The hot loops have an AVX2+FMA version chosen at run time (no `-C target-cpu=native`
 //! needed) and a portable fallback; both are tested against a naive loop.
 
-use std::mem::MaybeUninit;
-
 use rayon::prelude::*;
 
 /// Work (m·n·k multiply-adds) below which a matmul stays on one thread: a rayon fork/join
@@ -120,6 +118,12 @@ mod avx512;
 
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+mod activation;
+pub use activation::{
+    exp_fast, exp_inplace, gelu_erf_derivative, gelu_erf_inplace, gelu_erf_with_gate, gelu_tanh, gelu_tanh_derivative,
+    gelu_tanh_inplace, gelu_tanh_with_gate, silu_inplace,
+};
 
 /// Columns per packed panel (two AVX2 registers, one AVX-512 register).
 pub const PANEL: usize = 16;
@@ -336,116 +340,6 @@ unsafe fn panel<W: PanelElem>(p: &PanelProduct<W>) {
     }
 }
 
-/// `e^x` for f32 to about 2 ulp (Cephes `expf`: range reduction by ln 2, degree-6
-/// polynomial, exponent by integer add). Inputs below −87.3 give 0, above 88.7 give +∞.
-#[inline]
-pub fn exp_fast(x: f32) -> f32 {
-    if x < -87.33 {
-        return 0.0;
-    }
-    if x > 88.72 {
-        return f32::INFINITY;
-    }
-    let n = (x * std::f32::consts::LOG2_E).round();
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = exp_poly(r);
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
-const EXP_C: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
-
-#[inline]
-fn exp_poly(r: f32) -> f32 {
-    let mut p = EXP_C[0];
-    for c in &EXP_C[1..] {
-        p = p * r + c;
-    }
-    p * r * r + r + 1.0
-}
-
-/// GPT-2's `gelu_new`, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, written as
-/// `x · σ(2·√(2/π)·(x + 0.044715·x³))` (the same function, with no cancellation) and applied
-/// in place with the vectorised [`exp_fast`].
-pub fn gelu_tanh_inplace(xs: &mut [f32]) {
-    const C2: f32 = 2.0 * 0.797_884_6; // 2·sqrt(2/pi)
-    map_with_exp(xs, |x| -C2 * (x + 0.044715 * x * x * x), |x, e| x / (1.0 + e));
-}
-
-/// `gelu_new` of `x` into `y`, also writing the gate `s = σ(2u)` (so `y = x·s`) that the
-/// backward pass needs. All slices have the same length; `y` and `s` need not be initialised
-/// (every element is written).
-pub fn gelu_tanh_with_gate(x: &[f32], y: &mut [MaybeUninit<f32>], s: &mut [MaybeUninit<f32>]) {
-    const C2: f32 = 2.0 * 0.797_884_6; // 2·sqrt(2/pi)
-    let s = write_copy(s, x);
-    map_with_exp(s, |x| -C2 * (x + 0.044715 * x * x * x), |_, e| 1.0 / (1.0 + e));
-    y.iter_mut().zip(x.iter().zip(s.iter())).for_each(|(y, (x, s))| _ = y.write(x * s));
-}
-
-/// The exact GELU `x·Φ(x)`, `Φ(x) = (1 + erf(x/√2))/2`, of `x` into `y`, also writing the
-/// gate `s = Φ(x)` for the backward pass. All slices have the same length; `y` and `s` need
-/// not be initialised.
-pub fn gelu_erf_with_gate(x: &[f32], y: &mut [MaybeUninit<f32>], s: &mut [MaybeUninit<f32>]) {
-    assert!(y.len() == x.len() && s.len() == x.len(), "gelu: lengths differ");
-    for ((y, s), &x) in y.iter_mut().zip(s.iter_mut()).zip(x) {
-        let g = normal_cdf(x);
-        s.write(g);
-        y.write(x * g);
-    }
-}
-
-/// Copies `src` into the (possibly uninitialised) `dst` of the same length and returns it as
-/// initialised.
-fn write_copy<'a>(dst: &'a mut [MaybeUninit<f32>], src: &[f32]) -> &'a mut [f32] {
-    assert_eq!(dst.len(), src.len(), "write_copy: lengths differ");
-    dst.iter_mut().zip(src).for_each(|(d, &v)| _ = d.write(v));
-    // SAFETY: every element of `dst` was written just above; `MaybeUninit<f32>` has the
-    // layout of `f32`.
-    unsafe { &mut *(dst as *mut [MaybeUninit<f32>] as *mut [f32]) }
-}
-
-/// The exact GELU in place.
-pub fn gelu_erf_inplace(xs: &mut [f32]) {
-    for x in xs {
-        *x *= normal_cdf(*x);
-    }
-}
-
-/// The standard normal CDF `Φ(x) = (1 + erf(x/√2))/2`.
-fn normal_cdf(x: f32) -> f32 {
-    0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
-}
-
-/// SiLU `x · σ(x)` in place.
-pub fn silu_inplace(xs: &mut [f32]) {
-    map_with_exp(xs, |x| -x, |x, e| x / (1.0 + e));
-}
-
-/// `x ← e^x` in place.
-pub fn exp_inplace(xs: &mut [f32]) {
-    map_with_exp(xs, |x| x, |_, e| e);
-}
-
-/// `x ← post(x, exp(pre(x)))`, vectorised when AVX2+FMA is available.
-#[inline]
-fn map_with_exp(xs: &mut [f32], pre: impl Fn(f32) -> f32 + Copy, post: impl Fn(f32, f32) -> f32 + Copy) {
-    #[cfg(target_arch = "x86_64")]
-    if has_fma() {
-        // SAFETY: AVX2 and FMA are available (checked above).
-        unsafe { x86::map_with_exp(xs, pre, post) };
-        return;
-    }
-    xs.iter_mut().for_each(|x| *x = post(*x, exp_fast(pre(*x))));
-}
-
-/// Scalar `gelu_new` (reference for tests).
-#[inline]
-pub fn gelu_tanh(x: f32) -> f32 {
-    const C: f32 = 0.797_884_6; // sqrt(2/pi)
-    0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -548,38 +442,6 @@ mod tests {
             for (a, b) in y.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-3 * (1.0 + b.abs()), "{m}x{k}x{n}: {a} vs {b}");
             }
-        }
-    }
-
-    #[test]
-    fn fast_exp_gelu_silu_match_libm() {
-        let xs: Vec<f32> = (-2000..=2000)
-            .map(|i| i as f32 * 0.01)
-            .chain([-100.0, -88.0, -87.0, 0.0, 80.0, 88.0, 89.0, 100.0])
-            .collect();
-        for &x in &xs {
-            let (got, want) = (exp_fast(x), x.exp());
-            assert!(got == want || (got - want).abs() <= 4e-7 * want + 1e-37, "exp({x}) = {got}, libm {want}");
-        }
-        let mut e = xs.clone();
-        e.push(f32::NEG_INFINITY);
-        exp_inplace(&mut e);
-        assert_eq!(e.pop(), Some(0.0), "exp(-inf) is exactly 0");
-        for (&x, &got) in xs.iter().zip(&e) {
-            let want = x.exp();
-            assert!(got == want || (got - want).abs() <= 4e-7 * want + 1e-37, "exp8({x}) = {got}, libm {want}");
-        }
-        let mut g = xs.clone();
-        gelu_tanh_inplace(&mut g);
-        for (&x, &got) in xs.iter().zip(&g) {
-            let want = gelu_tanh(x);
-            assert!((got - want).abs() <= 1e-6 * (1.0 + want.abs()), "gelu({x}) = {got} vs {want}");
-        }
-        let mut si = xs.clone();
-        silu_inplace(&mut si);
-        for (&x, &got) in xs.iter().zip(&si) {
-            let want = x / (1.0 + (-x).exp());
-            assert!((got - want).abs() <= 1e-6 * (1.0 + want.abs()), "silu({x}) = {got} vs {want}");
         }
     }
 

@@ -1,5 +1,5 @@
 //! AVX2 + FMA versions of the hot loops, eight lanes wide: `dot`, `axpy`, the inference
-//! matmul's panel kernel, and the vectorised `exp` behind the activations. The parent module
+//! matmul's panel kernel, and the vectorised `exp` and `Φ` behind the activations. The parent module
 //! picks them at run time (`has_fma`); `avx512` holds the 16-wide panel kernel.
 
 use super::{depths4, KChunk, PanelElem, PanelProduct};
@@ -88,7 +88,7 @@ unsafe fn block<const R: usize, W: PanelElem>(p: &PanelProduct<W>, c: KChunk, r0
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn exp8(x: __m256) -> __m256 {
-    use super::{EXP_C, LN2_HI, LN2_LO};
+    use super::activation::{EXP_C, LN2_HI, LN2_LO};
     // below the smallest normal result: exactly 0 (so exp(-inf) = 0 for masked tokens)
     let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(-87.33));
     let x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.72)), _mm256_set1_ps(-87.33));
@@ -125,6 +125,42 @@ pub unsafe fn map_with_exp(xs: &mut [f32], pre: impl Fn(f32) -> f32 + Copy, post
     for x in chunks.into_remainder() {
         *x = post(*x, super::exp_fast(pre(*x)));
     }
+}
+
+/// `x ← Φ(x)`, or `x ← x·Φ(x)` (the exact GELU) with `gelu`, 8 lanes at a time: the forms and
+/// polynomials of [`super::activation`]'s scalar `normal_cdf`, selected per lane.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn normal_cdf(xs: &mut [f32], gelu: bool) {
+    let mut chunks = xs.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let x = _mm256_loadu_ps(c.as_ptr());
+        let phi = normal_cdf8(x);
+        _mm256_storeu_ps(c.as_mut_ptr(), if gelu { _mm256_mul_ps(x, phi) } else { phi });
+    }
+    for x in chunks.into_remainder() {
+        *x = if gelu { *x * super::activation::normal_cdf(*x) } else { super::activation::normal_cdf(*x) };
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn normal_cdf8(x: __m256) -> __m256 {
+    use super::activation::{CDF_FAR, CDF_NEAR, CDF_Z_MAX, CDF_Z_NEAR};
+    let set = _mm256_set1_ps;
+    let horner = |c: &[f32], v: __m256| {
+        c[..c.len() - 1].iter().rev().fold(set(c[c.len() - 1]), |a, &c| _mm256_fmadd_ps(a, v, set(c)))
+    };
+    let abs = _mm256_andnot_ps(set(-0.0), x);
+    let z = _mm256_min_ps(_mm256_mul_ps(abs, set(std::f32::consts::FRAC_1_SQRT_2)), set(CDF_Z_MAX));
+    let t = _mm256_div_ps(set(1.0), _mm256_fmadd_ps(set(0.5), z, set(1.0)));
+    let zz = _mm256_mul_ps(z, z);
+    let e = exp8(_mm256_sub_ps(horner(&CDF_FAR, _mm256_fmsub_ps(set(2.4), t, set(1.4))), zz));
+    let half_erfc = _mm256_mul_ps(set(0.5), _mm256_mul_ps(t, e));
+    let half_erf = _mm256_mul_ps(set(0.5), _mm256_mul_ps(z, horner(&CDF_NEAR, zz)));
+    let negative = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_setzero_ps());
+    let near = _mm256_blendv_ps(_mm256_add_ps(set(0.5), half_erf), _mm256_sub_ps(set(0.5), half_erf), negative);
+    let far = _mm256_blendv_ps(_mm256_sub_ps(set(1.0), half_erfc), half_erfc, negative);
+    _mm256_blendv_ps(far, near, _mm256_cmp_ps::<_CMP_LT_OQ>(z, set(CDF_Z_NEAR)))
 }
 
 #[target_feature(enable = "avx2,fma")]
