@@ -535,6 +535,13 @@ macro_rules! device_tests {
                 }
             }
             #[test]
+            fn phi3_fixtures_logits_decode_session_train_steps_and_generate() {
+                for name in ["hf-phi3-tiny", "hf-phi4-mini-tiny"] {
+                    every_check(name, &$dev);
+                    generate_on_device(name, &$dev);
+                }
+            }
+            #[test]
             fn mistral_sliding_window_decode_and_generate() {
                 decode_matches_engine("hf-mistral-tiny", &$dev);
                 generate_on_device("hf-mistral-tiny", &$dev);

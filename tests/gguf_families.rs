@@ -1,7 +1,8 @@
-//! Qwen2, Qwen3, Llama 3, Llama 2 and Gemma 3 GGUF files, written by llama.cpp's own converter
-//! from tiny HF models (`scripts/fixtures/gguf_tiny.py` and `gguf_spm_tiny.py`, f32): the model
-//! loads with the logits transformers gives (Qwen2's biases, Qwen3's head norms, Llama 3's RoPE
-//! scaling recovered from `rope_freqs.weight`, Gemma 3's norms and windows), the vocabulary
+//! Qwen2, Qwen3, Llama 3, Llama 2, Gemma 3 and Phi-3 GGUF files, written by llama.cpp's own
+//! converter from tiny HF models (`scripts/fixtures/gguf_tiny.py` and `gguf_spm_tiny.py`, f32):
+//! the model loads with the logits transformers gives (Qwen2's biases, Qwen3's head norms, Llama
+//! 3's RoPE scaling recovered from `rope_freqs.weight`, Gemma 3's norms and windows, Phi-3's fused
+//! projections, window and partial RoPE), the vocabulary
 //! tokenizes as the model's own tokenizer does (Qwen2's and Llama 3's digit splits, added tokens
 //! kept whole, Llama 3's BOS; SentencePiece vocabularies as llama.cpp tokenizes with them, Phi-3's
 //! real one against llama.cpp's test vectors), and a checkpoint written from the GGUF model loads
@@ -102,6 +103,25 @@ fn llama3_gguf_recovers_the_rope_scaling_and_adds_bos() {
     let id = |t: &str| tok.token_to_id(t).unwrap();
     assert_eq!(tok.encode("1000000").unwrap(), [id("1"), id("00"), id("00"), id("0"), id("0")]);
     assert_eq!(model.config.eos_token_ids(), [1]);
+}
+
+/// Phi-3's `attn_qkv` and `ffn_up` (gate | up) split as transformers' fused projections, its
+/// window from `attention.sliding_window` (0: none) and Phi-4-mini's partial RoPE from
+/// `rope.dimension_count`; the `longrope` factors of the 128k models are refused by name.
+#[test]
+fn phi3_gguf_matches_transformers_with_its_fused_projections() {
+    for (name, window, rotary) in [("phi3-tiny", Some(8), None), ("phi4-mini-tiny", None, Some(12))] {
+        let (model, _) = check(name);
+        let d = model.dims;
+        assert!(matches!(model.config, rlhf_policies::ModelConfig::Phi3(_)) && d.fused_projections, "{name}");
+        assert_eq!((d.sliding_window, d.partial_rotary, d.tied), (window, rotary, rotary.is_some()), "{name}");
+    }
+    let mut g = rlhf_policies::gguf::Gguf::open(&fixture("gguf-phi3-tiny.gguf")).unwrap();
+    let mut factors = g.tensors[0].clone();
+    factors.name = "rope_factors_long.weight".into();
+    g.tensors.push(factors);
+    let err = rlhf_policies::gguf::model_config(&g).unwrap_err().to_string();
+    assert!(err.contains("rope_factors_long.weight") && err.contains("longrope"), "{err}");
 }
 
 /// Llama 2's vocabulary (SentencePiece BPE: scores, no merges) tokenizes as llama.cpp does with
@@ -264,9 +284,9 @@ fn unknown_pre_tokenizers_and_architectures_are_errors_naming_them() {
     g.metadata.insert("tokenizer.ggml.pre".into(), Meta::Str("deepseek-llm".into()));
     let e = tokenizer_json(&g).unwrap_err().to_string();
     assert!(e.contains("gguf-qwen2-tiny.gguf") && e.contains("deepseek-llm") && e.contains("tokenizer.json beside"));
-    g.metadata.insert("general.architecture".into(), Meta::Str("phi3".into()));
+    g.metadata.insert("general.architecture".into(), Meta::Str("gpt2".into()));
     let e = model_config(&g).unwrap_err().to_string();
-    assert!(e.contains("\"phi3\"") && e.contains("llama, qwen2, qwen3 and gemma3"), "{e}");
+    assert!(e.contains("\"gpt2\"") && e.contains("llama, qwen2, qwen3, gemma3 and phi3"), "{e}");
 }
 
 /// `rlhf eval` on text scores the file as transformers' `tokenizer(text)` gives it: with

@@ -180,6 +180,24 @@ fn gpt_neox_logits_left_padded_batch_greedy_and_kv_cache() {
         check_incremental(name);
     }
 }
+/// Phi-3: q|k|v and gate|up fused in the checkpoint; Phi-3-mini's window on every layer (8
+/// here), and Phi-4-mini's RoPE on 12 of each head's 16 dimensions with a tied head.
+#[test]
+fn phi3_logits_left_padded_batch_greedy_and_kv_cache() {
+    for (name, window, rotary) in [("hf-phi3-tiny", Some(8), None), ("hf-phi4-mini-tiny", None, Some(12))] {
+        let (model, _) = load(name);
+        let d = model.dims;
+        assert!(d.fused_projections && d.tied == rotary.is_some(), "{name}");
+        assert_eq!(
+            (d.partial_rotary, model.blocks.iter().map(|b| b.window).collect::<Vec<_>>()),
+            (rotary, vec![window; 2])
+        );
+        check_texts(name);
+        check_left_padded(name);
+        check_greedy(name);
+        check_incremental(name);
+    }
+}
 /// Llama 3's RoPE scaling (all three bands of frequencies) and a list of EOS ids.
 #[test]
 fn llama3_rope_scaling_logits_left_padded_batch_greedy_and_kv_cache() {

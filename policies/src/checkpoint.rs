@@ -155,7 +155,7 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
         let mut fused: BTreeMap<String, (Source, Vec<Option<HostTensor>>)> = BTreeMap::new();
         for (name, p) in self.params() {
             let t = HostTensor { shape: p.shape(), data: p.to_vec() };
-            let src = hf_source(d.family, d.post_norms, d.head_dim, &name);
+            let src = hf_source(d, &name);
             match src.fused() {
                 Some((name, part, parts)) => {
                     let entry = fused.entry(name.to_string()).or_insert_with(|| (src.clone(), vec![None; parts]));
@@ -177,7 +177,7 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
     /// The HF state dict's name of the tensor our parameter `canonical` is read from (see
     /// [`CausalLm::params`]): `"lm_head"` is `lm_head.weight`, or GPT-NeoX's `embed_out.weight`.
     pub fn hf_name(&self, canonical: &str) -> String {
-        hf_source(self.dims.family, self.dims.post_norms, self.dims.head_dim, canonical).name().to_string()
+        hf_source(&self.dims, canonical).name().to_string()
     }
 
     /// Fills every parameter from an HF state dict read from `file`. Every tensor must be used,
@@ -188,8 +188,7 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
         let mut tensors = normalise_names(family, tensors);
         let mut used = BTreeSet::new();
         let dev = self.dev.clone();
-        let sources: Vec<Source> =
-            self.params_mut().iter().map(|(name, _)| hf_source(family, d.post_norms, d.head_dim, name)).collect();
+        let sources: Vec<Source> = self.params_mut().iter().map(|(name, _)| hf_source(&d, name)).collect();
         // how many parameters still read each source tensor: the last one takes it (no copy)
         let mut readers: BTreeMap<String, usize> = BTreeMap::new();
         for src in &sources {

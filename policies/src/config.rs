@@ -1,10 +1,10 @@
 //! Model configuration: one serde type that reads Hugging Face `config.json` files directly.
 //!
 //! The `model_type` field selects the family (`"gpt2"`, or `"llama"`, `"qwen2"`, `"qwen3"`,
-//! `"mistral"`, `"gemma3_text"` and `"gpt_neox"`: Qwen2 is Llama with biases on the q, k and v
-//! projections, Qwen3 Llama with an RMSNorm over each head's queries and keys, Mistral Llama with
-//! a sliding attention window, Gemma 3 see [`crate::gemma3`], GPT-NeoX (Pythia) see
-//! [`crate::gpt_neox`]); every other field keeps the
+//! `"mistral"`, `"gemma3_text"`, `"gpt_neox"` and `"phi3"`: Qwen2 is Llama with biases on the q, k
+//! and v projections, Qwen3 Llama with an RMSNorm over each head's queries and keys, Mistral Llama
+//! with a sliding attention window, Gemma 3 see [`crate::gemma3`], GPT-NeoX (Pythia) see
+//! [`crate::gpt_neox`], Phi-3 see [`crate::phi3`]); every other field keeps the
 //! name transformers uses, so an HF config deserialises unchanged and our saved configs load back
 //! in transformers. Unknown HF fields (`architectures`, `torch_dtype`, …) are accepted and ignored
 //! on purpose: they describe the checkpoint, not the network.
@@ -44,6 +44,10 @@ pub enum ModelConfig {
     /// GPT-NeoX (`GPTNeoXForCausalLM`: Pythia): see [`crate::gpt_neox`].
     #[serde(rename = "gpt_neox")]
     GptNeox(GptNeoxConfig),
+    /// Phi-3 (`Phi3ForCausalLM`): Llama's fields and network in a fused checkpoint layout, see
+    /// [`crate::phi3`].
+    #[serde(rename = "phi3")]
+    Phi3(LlamaConfig),
 }
 
 /// `GPT2Config` fields (transformers names).
@@ -148,6 +152,11 @@ pub struct LlamaConfig {
     /// false` switches off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<usize>,
+    /// The share of each head RoPE turns, for `model_type: phi3` (transformers 4 layout; in
+    /// `rope_parameters` in transformers 5); the other families turn the whole head, as
+    /// transformers' do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
     /// Biases on the MLP. Must be `false`.
     #[serde(default)]
     pub mlp_bias: bool,
@@ -270,10 +279,14 @@ impl ModelConfig {
                 value["sliding_window"] = serde_json::json!(MISTRAL_WINDOW);
             }
             Some("mistral") => {}
+            Some("phi3") if value.get("rms_norm_eps").is_none() => {
+                value["rms_norm_eps"] = serde_json::json!(crate::phi3::RMS_NORM_EPS);
+            }
+            Some("phi3") => {}
             Some(other) => {
                 let msg = format!(
                     "unsupported model_type {other:?} (\"gpt2\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\", \
-                     \"gemma3_text\" and \"gpt_neox\" are)"
+                     \"gemma3_text\", \"gpt_neox\" and \"phi3\" are)"
                 );
                 return Err(PolicyError::config("model_type", msg));
             }
@@ -349,7 +362,11 @@ impl ModelConfig {
                 eos: c.eos_token_id.into_iter().collect(),
                 pad: c.pad_token_id,
             },
-            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) | ModelConfig::Mistral(c) => {
+            ModelConfig::Llama(c)
+            | ModelConfig::Qwen2(c)
+            | ModelConfig::Qwen3(c)
+            | ModelConfig::Mistral(c)
+            | ModelConfig::Phi3(c) => {
                 Shared { vocab: c.vocab_size, bos: c.bos_token_id, eos: ids(&c.eos_token_id), pad: c.pad_token_id }
             }
             ModelConfig::Gemma3Text(c) => {
@@ -370,9 +387,11 @@ impl ModelConfig {
     pub fn set_vocab_size(&mut self, v: usize) {
         match self {
             ModelConfig::Gpt2(c) => c.vocab_size = v,
-            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) | ModelConfig::Mistral(c) => {
-                c.vocab_size = v
-            }
+            ModelConfig::Llama(c)
+            | ModelConfig::Qwen2(c)
+            | ModelConfig::Qwen3(c)
+            | ModelConfig::Mistral(c)
+            | ModelConfig::Phi3(c) => c.vocab_size = v,
             ModelConfig::Gemma3Text(c) => c.vocab_size = v,
             ModelConfig::GptNeox(c) => c.vocab_size = v,
         }
@@ -421,6 +440,7 @@ impl ModelConfig {
             ModelConfig::Mistral(c) => mistral_dims(c)?,
             ModelConfig::Gemma3Text(c) => c.dims()?,
             ModelConfig::GptNeox(c) => c.dims()?,
+            ModelConfig::Phi3(c) => crate::phi3::dims(c)?,
         };
         for (name, v) in [
             ("vocab_size", d.vocab),
@@ -504,7 +524,7 @@ fn mistral_dims(c: &LlamaConfig) -> Result<Dims, PolicyError> {
 }
 
 /// Llama's sizes; `qkv_bias` for Qwen2, `qk_norm` for Qwen3.
-fn llama_dims(c: &LlamaConfig, qkv_bias: bool, qk_norm: bool) -> Result<Dims, PolicyError> {
+pub(crate) fn llama_dims(c: &LlamaConfig, qkv_bias: bool, qk_norm: bool) -> Result<Dims, PolicyError> {
     if c.hidden_act != "silu" {
         return Err(PolicyError::config("hidden_act", format!("{:?} is not supported (only silu)", c.hidden_act)));
     }

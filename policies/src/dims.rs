@@ -107,6 +107,10 @@ pub struct Dims {
     /// The MLP reads the block's input instead of the attention's output:
     /// `y = x + attn(ln₁(x)) + mlp(ln₂(x))` (GPT-NeoX's `use_parallel_residual`).
     pub parallel_residual: bool,
+    /// q, k and v stored as one `nn.Linear` (`qkv_proj`, rows `q | k | v`) and the MLP's gate and
+    /// up as another (`gate_up_proj`, rows `gate | up`): Phi-3's checkpoint layout (the network
+    /// is Llama's).
+    pub fused_projections: bool,
 }
 
 impl Dims {
@@ -140,6 +144,7 @@ impl Dims {
         rope_local_theta: None,
         partial_rotary: None,
         parallel_residual: false,
+        fused_projections: false,
     };
 
     /// The sizes a local (sliding-window) layer's RoPE uses: its own base without scaling where
@@ -199,4 +204,18 @@ impl Dims {
         }
         Ok(())
     }
+}
+
+/// The number of each head's dimensions RoPE turns for a `partial_rotary_factor` of `pct`
+/// (transformers: `int(head_dim · pct)`), as [`Dims::partial_rotary`]: `None` for the whole
+/// head; an error naming `field` unless it is even and from 2 to `head_dim`.
+pub(crate) fn partial_rotary(head_dim: usize, pct: f64, field: &str) -> Result<Option<usize>, PolicyError> {
+    let rotary = (head_dim as f64 * pct) as usize;
+    if rotary == 0 || !rotary.is_multiple_of(2) || rotary > head_dim {
+        let msg = format!(
+            "{pct} of a {head_dim}-wide head turns {rotary} dimensions: RoPE needs an even number from 2 to {head_dim}"
+        );
+        return Err(PolicyError::config(field, msg));
+    }
+    Ok((rotary < head_dim).then_some(rotary))
 }

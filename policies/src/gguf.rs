@@ -1,6 +1,6 @@
 //! GGUF files (llama.cpp's format): header, metadata, tensor table, and the tensors
 //! dequantised to f32 ([`crate::gguf_quants`]: F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, the
-//! K-quants Q2_K–Q6_K, IQ4_NL and IQ4_XS). A `llama`, `qwen2`, `qwen3` or `gemma3` file ([`Arch`])
+//! K-quants Q2_K–Q6_K, IQ4_NL and IQ4_XS). A `llama`, `qwen2`, `qwen3`, `gemma3` or `phi3` file ([`Arch`])
 //! becomes an HF state dict ([`hf_tensors`]) and config ([`model_config`]), so
 //! [`crate::CausalLm::load_gguf`] goes through the same loader as safetensors folders; its
 //! vocabulary becomes a `tokenizer.json` ([`tokenizer_json`]).
@@ -263,6 +263,11 @@ pub enum Arch {
     /// then a full one, unless `attention.sliding_window_pattern` says otherwise) and the query
     /// scale (`head_dim^-½`, the 27B's `(hidden / heads)^-½`).
     Gemma3,
+    /// `phi3`: Phi-3 and Phi-4-mini ([`crate::phi3`]): q|k|v fused in `attn_qkv` and gate|up in
+    /// `ffn_up`, as transformers stores them; NeoX layout; Phi-4-mini's partial RoPE in
+    /// `rope.dimension_count`; an `attention.sliding_window` of 0 for none. The `longrope`
+    /// factors of the 128k models (`rope_factors_long.weight`) are refused.
+    Phi3,
 }
 
 impl Arch {
@@ -273,6 +278,7 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Gemma3 => "gemma3",
+            Arch::Phi3 => "phi3",
         }
     }
 }
@@ -285,9 +291,11 @@ impl Gguf {
             Some(Value::Str(a)) if a == "qwen2" => Ok(Arch::Qwen2),
             Some(Value::Str(a)) if a == "qwen3" => Ok(Arch::Qwen3),
             Some(Value::Str(a)) if a == "gemma3" => Ok(Arch::Gemma3),
+            Some(Value::Str(a)) if a == "phi3" => Ok(Arch::Phi3),
             other => {
-                let msg =
-                    format!("general.architecture {other:?} is not supported (llama, qwen2, qwen3 and gemma3 are)");
+                let msg = format!(
+                    "general.architecture {other:?} is not supported (llama, qwen2, qwen3, gemma3 and phi3 are)"
+                );
                 Err(self.err("metadata", msg))
             }
         }
@@ -304,8 +312,9 @@ impl Gguf {
     }
 }
 
-/// The HF config (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM` or
-/// `Gemma3ForCausalLM`, whose own fields [`Arch::Gemma3`] describes) of a file:
+/// The HF config (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`,
+/// `Gemma3ForCausalLM` or `Phi3ForCausalLM`, whose own fields [`Arch::Gemma3`] and [`Arch::Phi3`]
+/// describe) of a file:
 /// sizes from the `<arch>.*` metadata, the head width from `attention.key_length` when given,
 /// tied embeddings when there is no `output.weight`, the special ids from `tokenizer.ggml.*`
 /// (EOS together with the end-of-turn and end-of-message ids, which end a generation in
@@ -325,7 +334,8 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
         return Err(g.err("metadata", format!("`{}` must be positive", key("attention.head_count"))));
     }
     let head_dim = g.int_opt(&key("attention.key_length"))?.unwrap_or(hidden / n_head);
-    if let Some(rot) = g.int_opt(&key("rope.dimension_count"))?.filter(|&r| r != head_dim) {
+    let rotary = g.int_opt(&key("rope.dimension_count"))?.filter(|&r| r != head_dim);
+    if let Some(rot) = rotary.filter(|_| arch != Arch::Phi3) {
         let msg = format!("RoPE on {rot} of each head's {head_dim} dimensions (partial rotary) is not supported");
         return Err(g.err("metadata", msg));
     }
@@ -358,6 +368,7 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
+            Arch::Phi3 => "Phi3ForCausalLM",
         }],
         "vocab_size": vocab,
         "hidden_size": hidden,
@@ -376,6 +387,9 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
     });
     if arch == Arch::Gemma3 {
         gemma3_fields(g, head_dim, &mut cfg)?;
+    }
+    if arch == Arch::Phi3 {
+        phi3_fields(g, head_dim, rotary, &mut cfg)?;
     }
     if let Some(s) = rope_scaling(g, head_dim, rope_theta as f32)? {
         cfg["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": s.factor,
@@ -430,6 +444,32 @@ fn gemma3_fields(g: &Gguf, head_dim: usize, cfg: &mut serde_json::Value) -> Resu
     Ok(())
 }
 
+/// A `phi3` file's own fields on top of the Llama ones in `cfg`: the window (none for 0, as
+/// the converter writes Phi-4-mini's) and the share of each head RoPE turns; a file with
+/// `longrope` factors is an error naming them.
+fn phi3_fields(
+    g: &Gguf,
+    head_dim: usize,
+    rotary: Option<usize>,
+    cfg: &mut serde_json::Value,
+) -> Result<(), PolicyError> {
+    if let Some(t) = g.tensors.iter().find(|t| t.name.starts_with("rope_factors_")) {
+        let msg = "the longrope RoPE scaling (Phi-3's 128k models, Phi-3.5, Phi-4-mini) is not supported";
+        return Err(g.err(&t.name, msg));
+    }
+    let obj = cfg.as_object_mut().expect("a JSON object");
+    obj.insert("sliding_window".into(), g.int_opt("phi3.attention.sliding_window")?.filter(|&w| w > 0).into());
+    if let Some(rot) = rotary {
+        let pct = rot as f64 / head_dim as f64;
+        // transformers turns int(head_dim · pct) dimensions: it must give `rot` back
+        if (head_dim as f64 * pct) as usize != rot {
+            return Err(g.err("metadata", format!("RoPE on {rot} of {head_dim} dimensions has no exact share")));
+        }
+        obj.insert("partial_rotary_factor".into(), pct.into());
+    }
+    Ok(())
+}
+
 /// Llama 3's RoPE scaling from the `rope_freqs.weight` tensor, if the file has one.
 fn rope_scaling(g: &Gguf, head_dim: usize, theta: f32) -> Result<Option<Llama3Scaling>, PolicyError> {
     const NAME: &str = "rope_freqs.weight";
@@ -466,7 +506,7 @@ pub fn hf_tensors(g: &Gguf, cfg: &ModelConfig) -> Result<BTreeMap<String, HostTe
 
 /// llama.cpp tensor name → transformers name (the q/k/v biases only for Qwen2, the q/k head
 /// norms for Qwen3 and Gemma 3, the norms after each branch for Gemma 3, whose norm before the
-/// MLP transformers calls `pre_feedforward_layernorm`).
+/// MLP transformers calls `pre_feedforward_layernorm`, Phi-3's fused projections).
 fn hf_name(gguf: &str, arch: Arch) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
@@ -486,6 +526,8 @@ fn hf_name(gguf: &str, arch: Arch) -> Option<String> {
         "attn_k.weight" => "self_attn.k_proj.weight",
         "attn_v.weight" => "self_attn.v_proj.weight",
         "attn_output.weight" => "self_attn.o_proj.weight",
+        "attn_qkv.weight" if arch == Arch::Phi3 => "self_attn.qkv_proj.weight",
+        "ffn_up.weight" if arch == Arch::Phi3 => "mlp.gate_up_proj.weight",
         "ffn_norm.weight" if arch == Arch::Gemma3 => "pre_feedforward_layernorm.weight",
         "post_attention_norm.weight" if arch == Arch::Gemma3 => "post_attention_layernorm.weight",
         "post_ffw_norm.weight" if arch == Arch::Gemma3 => "post_feedforward_layernorm.weight",

@@ -17,6 +17,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Dims, Family, GeluKind, TokenIds};
+use crate::dims::partial_rotary;
 use crate::error::PolicyError;
 
 /// `GPTNeoXConfig` fields (transformers names and defaults).
@@ -149,14 +150,8 @@ impl GptNeoxConfig {
         }
         let head_dim = d / n_head;
         let (theta, pct) = self.rope()?;
-        // transformers: `int(head_size * partial_rotary_factor)`
-        let rotary = (head_dim as f64 * pct) as usize;
-        if rotary == 0 || !rotary.is_multiple_of(2) || rotary > head_dim {
-            let field =
-                if self.rope_parameters.is_some() { "rope_parameters.partial_rotary_factor" } else { "rotary_pct" };
-            let msg = format!("{pct} of a {head_dim}-wide head turns {rotary} dimensions: RoPE needs an even number from 2 to {head_dim}");
-            return Err(PolicyError::config(field, msg));
-        }
+        let field = if self.rope_parameters.is_some() { "rope_parameters.partial_rotary_factor" } else { "rotary_pct" };
+        let partial_rotary = partial_rotary(head_dim, pct, field)?;
         Ok(Dims {
             family: Family::GptNeox,
             vocab: self.vocab_size,
@@ -173,7 +168,7 @@ impl GptNeoxConfig {
             init_std: self.initializer_range as f32,
             gelu,
             bias: true,
-            partial_rotary: (rotary < head_dim).then_some(rotary),
+            partial_rotary,
             parallel_residual: self.use_parallel_residual,
             ..Dims::PLAIN
         })

@@ -1,13 +1,14 @@
 //! Where each of our parameters lives in a Hugging Face state dict, per family, and the
 //! reshaping between the two: GPT-2's fused `c_attn` (Conv1D, `(in, out)`) split into our q/k/v
-//! by columns, GPT-NeoX's `query_key_value` by head groups of rows, `nn.Linear`'s `(out, in)`
-//! weights (Llama, GPT-NeoX) transposed into our `(in, out)`; and back for saving.
+//! by columns, GPT-NeoX's `query_key_value` by head groups of rows, Phi-3's `qkv_proj` and
+//! `gate_up_proj` by blocks of rows, `nn.Linear`'s `(out, in)` weights (Llama, GPT-NeoX, Phi-3)
+//! transposed into our `(in, out)`; and back for saving.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::checkpoint::HostTensor;
-use crate::config::Family;
+use crate::config::{Dims, Family};
 use crate::error::PolicyError;
 
 /// Where one of our parameters lives in an HF state dict.
@@ -23,6 +24,9 @@ pub(crate) enum Source {
     /// of `head_dim`, `[q₀ k₀ v₀ q₁ k₁ v₁ …]`; ours is block `part` of every group, a weight
     /// then transposed.
     HeadRows { name: String, part: usize, parts: usize, head_dim: usize },
+    /// Phi-3's fused `nn.Linear`s: rows stacked in blocks of `rows[0]`, `rows[1]`, … (`q | k | v`,
+    /// `gate | up`); ours is block `part`, transposed.
+    Rows { name: String, part: usize, rows: Vec<usize> },
 }
 
 impl Source {
@@ -31,7 +35,8 @@ impl Source {
             Source::Same(n)
             | Source::Transposed(n)
             | Source::Columns { name: n, .. }
-            | Source::HeadRows { name: n, .. } => n,
+            | Source::HeadRows { name: n, .. }
+            | Source::Rows { name: n, .. } => n,
         }
     }
 
@@ -42,6 +47,7 @@ impl Source {
             Source::Columns { name, part, parts } | Source::HeadRows { name, part, parts, .. } => {
                 Some((name, *part, *parts))
             }
+            Source::Rows { name, part, rows } => Some((name, *part, rows.len())),
             _ => None,
         }
     }
@@ -64,6 +70,10 @@ impl Source {
                     rows
                 }
             }
+            Source::Rows { part, rows, .. } => {
+                check_rank(file, name, &t, 2)?;
+                transpose(&row_block(file, name, &t, *part, rows)?)
+            }
         })
     }
 
@@ -80,6 +90,11 @@ impl Source {
                     parts.iter().map(|p| if p.shape.len() == 2 { transpose(p) } else { p.clone() }).collect();
                 interleave_head_rows(&rows, *head_dim)
             }
+            Source::Rows { .. } => {
+                let rows: Vec<HostTensor> = parts.iter().map(transpose).collect();
+                let shape = vec![rows.iter().map(|r| r.shape[0]).sum(), rows[0].shape[1]];
+                HostTensor { shape, data: rows.into_iter().flat_map(|r| r.data).collect() }
+            }
         }
     }
 }
@@ -90,14 +105,15 @@ fn split_name(canonical: &str) -> (&str, Option<&str>, Option<&str>) {
     (parts.next().unwrap_or(""), parts.next(), parts.next())
 }
 
-/// Maps a canonical parameter name (see [`crate::CausalLm::params`]) to its HF source; `post_norms`:
-/// Gemma's four norms per block, whose names move the pre-MLP norm off Llama's
-/// `post_attention_layernorm`; `head_dim`: GPT-NeoX's head groups in `query_key_value`.
-pub(crate) fn hf_source(family: Family, post_norms: bool, head_dim: usize, canonical: &str) -> Source {
-    let named = match family {
+/// Maps a canonical parameter name (see [`crate::CausalLm::params`]) to its HF source for a
+/// model of sizes `d` (Gemma's four norms per block move the pre-MLP norm off Llama's
+/// `post_attention_layernorm`; GPT-NeoX's `query_key_value` is in head groups; Phi-3 fuses
+/// projections).
+pub(crate) fn hf_source(d: &Dims, canonical: &str) -> Source {
+    let named = match d.family {
         Family::Gpt2 => gpt2_source(canonical),
-        Family::Llama => llama_source(post_norms, canonical),
-        Family::GptNeox => neox_source(head_dim, canonical),
+        Family::Llama => llama_source(d, canonical),
+        Family::GptNeox => neox_source(d.head_dim, canonical),
     };
     named.unwrap_or_else(|| Source::Same(canonical.into()))
 }
@@ -146,10 +162,11 @@ fn gpt2_source(canonical: &str) -> Option<Source> {
     }
 }
 
-/// [`hf_source`] for the Llama family (`LlamaForCausalLM` and the Qwen, Mistral and Gemma 3
-/// layouts on it).
-fn llama_source(post_norms: bool, canonical: &str) -> Option<Source> {
+/// [`hf_source`] for the Llama family (`LlamaForCausalLM` and the Qwen, Mistral, Gemma 3 and
+/// Phi-3 layouts on it).
+fn llama_source(d: &Dims, canonical: &str) -> Option<Source> {
     let same = |n: String| Some(Source::Same(n));
+    let post_norms = d.post_norms;
     match split_name(canonical) {
         ("wte", None, None) => same("model.embed_tokens.weight".into()),
         ("lm_head", None, None) => same("lm_head.weight".into()),
@@ -157,7 +174,16 @@ fn llama_source(post_norms: bool, canonical: &str) -> Option<Source> {
         ("blocks", Some(i), Some(rest)) => {
             let (p, (module, x)) = (format!("model.layers.{i}"), block_param(rest));
             let lin = |n: &str| Some(linear(&p, n, x));
+            let rows = |n: &str, part: usize, rows: Vec<usize>| {
+                Some(Source::Rows { name: format!("{p}.{n}.{x}"), part, rows })
+            };
+            let (q, kv, ff) = (d.q_dim(), d.kv_dim(), d.d_ff);
             match module {
+                "attn.q" | "attn.k" | "attn.v" if d.fused_projections => {
+                    rows("self_attn.qkv_proj", qkv_part(module), vec![q, kv, kv])
+                }
+                "mlp.gate" if d.fused_projections => rows("mlp.gate_up_proj", 0, vec![ff, ff]),
+                "mlp.up" if d.fused_projections => rows("mlp.gate_up_proj", 1, vec![ff, ff]),
                 "ln1" => same(format!("{p}.input_layernorm.{x}")),
                 "ln2" if post_norms => same(format!("{p}.pre_feedforward_layernorm.{x}")),
                 "ln2" => same(format!("{p}.post_attention_layernorm.{x}")),
@@ -328,6 +354,19 @@ fn head_rows(
     let mut shape = t.shape.clone();
     shape[0] = rows / parts;
     Ok(HostTensor { shape, data })
+}
+
+/// Rows block `part` of a 2-D tensor stacked from blocks of `rows[0]`, `rows[1]`, … rows:
+/// [`Source::Rows`].
+fn row_block(file: &Path, name: &str, t: &HostTensor, part: usize, rows: &[usize]) -> Result<HostTensor, PolicyError> {
+    let (total, cols) = (t.shape[0], t.shape[1]);
+    if rows.iter().sum::<usize>() != total {
+        let msg = format!("{total} rows, expected {} (blocks of {rows:?})", rows.iter().sum::<usize>());
+        return Err(PolicyError::tensor(file, name, msg));
+    }
+    let start: usize = rows[..part].iter().sum();
+    let data = t.data[start * cols..(start + rows[part]) * cols].to_vec();
+    Ok(HostTensor { shape: vec![rows[part], cols], data })
 }
 
 /// The inverse of [`head_rows`]: `parts` tensors of equal shape interleaved head by head.

@@ -55,6 +55,7 @@ pub mod model;
 pub mod nucleus;
 pub mod optim;
 pub mod params;
+pub mod phi3;
 pub mod reward_model;
 pub mod rope;
 pub mod sampling;

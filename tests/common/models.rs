@@ -70,9 +70,11 @@ pub fn model(cfg: ModelConfig, seed: u64) -> CausalLm<Cpu> {
     let mut cfg = cfg;
     match &mut cfg {
         ModelConfig::Gpt2(c) => c.initializer_range = 0.3,
-        ModelConfig::Llama(c) | ModelConfig::Qwen2(c) | ModelConfig::Qwen3(c) | ModelConfig::Mistral(c) => {
-            c.initializer_range = 0.3
-        }
+        ModelConfig::Llama(c)
+        | ModelConfig::Qwen2(c)
+        | ModelConfig::Qwen3(c)
+        | ModelConfig::Mistral(c)
+        | ModelConfig::Phi3(c) => c.initializer_range = 0.3,
         ModelConfig::Gemma3Text(c) => c.initializer_range = 0.3,
         ModelConfig::GptNeox(c) => c.initializer_range = 0.3,
     }

@@ -153,8 +153,8 @@ impl CudaKvCache {
 
 impl CudaEngine {
     /// Copies `model`'s weights (on any device) to GPU 0. Needs an even head width (RoPE's
-    /// halves; every supported config has one), and none of Qwen3's, Gemma 3's or GPT-NeoX's
-    /// extras (q/k head norms, …).
+    /// halves; every supported config has one), and none of Qwen3's, Gemma 3's, GPT-NeoX's or
+    /// Phi-4-mini's extras (q/k head norms, …).
     pub fn from_model<D: Device<f32>>(model: &CausalLm<D>) -> Result<Self, PolicyError> {
         let gpu = gpu()?;
         let dims = model.dims;
@@ -162,11 +162,11 @@ impl CudaEngine {
             return Err(PolicyError::Input(format!("the CUDA engine needs an even head_dim, got {}", dims.head_dim)));
         }
         let gemma = dims.post_norms || dims.embed_scale != 1.0 || dims.query_scale != 1.0 || dims.glu != Glu::Silu;
-        let neox = dims.family == Family::GptNeox;
+        let neox = dims.family == Family::GptNeox || dims.partial_rotary.is_some();
         if dims.qk_norm || gemma || dims.sliding_window.is_some() || neox {
             let msg = "the fused CUDA engine has no kernels for Qwen3's and Gemma 3's q/k head norms, Gemma's other \
-                       parts, sliding windows or GPT-NeoX's partial RoPE and parallel residual: use rollout_engine \
-                       \"device\" (the default on a GPU)";
+                       parts, sliding windows, or GPT-NeoX's and Phi-4-mini's partial RoPE and GPT-NeoX's parallel \
+                       residual: use rollout_engine \"device\" (the default on a GPU)";
             return Err(PolicyError::Input(msg.into()));
         }
         let up = |v: Vec<f32>| gpu.dev.htod_copy(v).map_err(dev_err);

@@ -1,0 +1,99 @@
+//! Phi-3 (`Phi3ForCausalLM`, `model_type: "phi3"`: Phi-3-mini-4k, Phi-3-medium-4k, Phi-4-mini's
+//! network): Llama's network — RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases — stored
+//! with q, k and v fused into one `qkv_proj` and the MLP's gate and up into one `gate_up_proj`
+//! ([`Dims::fused_projections`]), every layer attending to its last `sliding_window` positions
+//! when the config sets one (as Mistral's; Phi-3-mini-4k's is 2047), and RoPE on the first
+//! `partial_rotary_factor · head_dim` dimensions of each head ([`Dims::partial_rotary`];
+//! Phi-4-mini's 0.75). The config is Llama's ([`LlamaConfig`]) with transformers' Phi-3 defaults
+//! (`rms_norm_eps` 1e-5, no window).
+//!
+//! Left out: `longrope` RoPE scaling (the 128k Phi-3 models, Phi-3.5, Phi-4-mini), refused by
+//! name with the other unsupported `rope_type`s.
+
+use crate::config::{llama_dims, Dims, LlamaConfig};
+use crate::dims::partial_rotary;
+use crate::error::PolicyError;
+
+/// transformers' `Phi3Config.rms_norm_eps` default (Llama's is 1e-6).
+pub(crate) const RMS_NORM_EPS: f64 = 1e-5;
+
+/// Phi-3's sizes: Llama's, with the fused checkpoint layout, the window and the partial RoPE.
+pub(crate) fn dims(c: &LlamaConfig) -> Result<Dims, PolicyError> {
+    if c.sliding_window == Some(0) {
+        return Err(PolicyError::config("sliding_window", "must be > 0 (or null for none)".into()));
+    }
+    let d = llama_dims(c, false, false)?;
+    // transformers 5 keeps it in `rope_parameters`, transformers 4 at the top level
+    let in_params = c.rope_parameters.as_ref().and_then(|p| p.scaling.get("partial_rotary_factor"));
+    let (pct, field) = match (in_params, c.partial_rotary_factor) {
+        (Some(v), _) => {
+            let field = "rope_parameters.partial_rotary_factor";
+            (v.as_f64().ok_or_else(|| PolicyError::config(field, format!("{v} is not a number")))?, field)
+        }
+        (None, Some(pct)) => (pct, "partial_rotary_factor"),
+        (None, None) => (1.0, "partial_rotary_factor"),
+    };
+    Ok(Dims {
+        sliding_window: c.sliding_window,
+        partial_rotary: partial_rotary(d.head_dim, pct, field)?,
+        fused_projections: true,
+        ..d
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::ModelConfig;
+
+    /// microsoft/Phi-3-mini-4k-instruct's config.json (transformers 4 layout), abridged to the
+    /// fields that matter here.
+    const PHI3_MINI: &str = r#"{"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "vocab_size": 32064,
+        "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 32, "hidden_act": "silu", "max_position_embeddings": 4096,
+        "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "rope_scaling": null,
+        "rope_theta": 10000.0, "sliding_window": 2047, "tie_word_embeddings": false, "bos_token_id": 1,
+        "eos_token_id": 32000, "pad_token_id": 32000, "resid_pdrop": 0.0, "embd_pdrop": 0.0}"#;
+
+    #[test]
+    fn phi3_mini_config() {
+        let d = ModelConfig::from_json_str(PHI3_MINI).unwrap().dims().unwrap();
+        assert_eq!((d.d_model, d.head_dim, d.n_kv_head, d.d_ff), (3072, 96, 32, 8192));
+        assert_eq!((d.sliding_window, d.partial_rotary, d.rope_theta, d.norm_eps), (Some(2047), None, 10000.0, 1e-5));
+        assert!(d.fused_projections && !d.tied && !d.bias);
+        // transformers' Phi-3 defaults when the file leaves them out
+        let bare = PHI3_MINI.replace(r#""rms_norm_eps": 1e-05,"#, "").replace(r#""sliding_window": 2047,"#, "");
+        let d = ModelConfig::from_json_str(&bare).unwrap().dims().unwrap();
+        assert_eq!((d.norm_eps, d.sliding_window), (1e-5, None));
+    }
+
+    /// Phi-4-mini's partial RoPE, in either layout; longrope and bad shares are refused by name.
+    #[test]
+    fn partial_rotary_and_refusals() {
+        let t4 =
+            PHI3_MINI.replace(r#""rope_theta": 10000.0,"#, r#""rope_theta": 10000.0, "partial_rotary_factor": 0.75,"#);
+        let t5 = PHI3_MINI.replace(
+            r#""rope_theta": 10000.0,"#,
+            r#""rope_parameters": {"rope_type": "default", "rope_theta": 250000.0, "partial_rotary_factor": 0.75},"#,
+        );
+        for (text, theta) in [(t4, 10000.0), (t5, 250000.0)] {
+            let d = ModelConfig::from_json_str(&text).unwrap().dims().unwrap();
+            assert_eq!((d.partial_rotary, d.rotary_dim(), d.rope_theta), (Some(72), 72, theta));
+        }
+        for (from, to, field) in [
+            (
+                r#""rope_scaling": null"#,
+                r#""rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}"#,
+                "rope_scaling.rope_type",
+            ),
+            (
+                r#""rope_theta": 10000.0,"#,
+                r#""rope_theta": 10000.0, "partial_rotary_factor": 0.01,"#,
+                "partial_rotary_factor",
+            ),
+            (r#""sliding_window": 2047"#, r#""sliding_window": 0"#, "sliding_window"),
+        ] {
+            let err = ModelConfig::from_json_str(&PHI3_MINI.replace(from, to)).unwrap_err().to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
+    }
+}
