@@ -147,9 +147,9 @@ pub struct LlamaConfig {
     /// Qwen2's sliding-window attention. Must be `false` (what Qwen2.5's configs say).
     #[serde(default, skip_serializing_if = "is_false")]
     pub use_sliding_window: bool,
-    /// Mistral's attention window (every layer): a query sees its last `w` positions. Read for
-    /// `model_type: mistral` only (Qwen2 and Qwen3 configs carry one that `use_sliding_window:
-    /// false` switches off).
+    /// Mistral's and Phi-3's attention window (every layer): a query sees its last `w`
+    /// positions. Read for `model_type: mistral` and `phi3` only (Qwen2 and Qwen3 configs carry
+    /// one that `use_sliding_window: false` switches off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<usize>,
     /// The share of each head RoPE turns, for `model_type: phi3` (transformers 4 layout; in
