@@ -515,8 +515,9 @@ struct Shared {
 /// transformers' `MistralConfig.sliding_window` default.
 const MISTRAL_WINDOW: usize = 4096;
 
-/// Mistral's sizes: Llama's, with every layer's window `sliding_window` (no window when `null`).
-fn mistral_dims(c: &LlamaConfig) -> Result<Dims, PolicyError> {
+/// Mistral's sizes: Llama's, with every layer's window `sliding_window` (no window when `null`);
+/// Phi-3's start from them too.
+pub(crate) fn mistral_dims(c: &LlamaConfig) -> Result<Dims, PolicyError> {
     if c.sliding_window == Some(0) {
         return Err(PolicyError::config("sliding_window", "must be > 0 (or null for none)".into()));
     }
@@ -524,7 +525,7 @@ fn mistral_dims(c: &LlamaConfig) -> Result<Dims, PolicyError> {
 }
 
 /// Llama's sizes; `qkv_bias` for Qwen2, `qk_norm` for Qwen3.
-pub(crate) fn llama_dims(c: &LlamaConfig, qkv_bias: bool, qk_norm: bool) -> Result<Dims, PolicyError> {
+fn llama_dims(c: &LlamaConfig, qkv_bias: bool, qk_norm: bool) -> Result<Dims, PolicyError> {
     if c.hidden_act != "silu" {
         return Err(PolicyError::config("hidden_act", format!("{:?} is not supported (only silu)", c.hidden_act)));
     }

@@ -10,7 +10,7 @@
 //! Left out: `longrope` RoPE scaling (the 128k Phi-3 models, Phi-3.5, Phi-4-mini), refused by
 //! name with the other unsupported `rope_type`s.
 
-use crate::config::{llama_dims, Dims, LlamaConfig};
+use crate::config::{mistral_dims, Dims, LlamaConfig};
 use crate::dims::partial_rotary;
 use crate::error::PolicyError;
 
@@ -19,10 +19,8 @@ pub(crate) const RMS_NORM_EPS: f64 = 1e-5;
 
 /// Phi-3's sizes: Llama's, with the fused checkpoint layout, the window and the partial RoPE.
 pub(crate) fn dims(c: &LlamaConfig) -> Result<Dims, PolicyError> {
-    if c.sliding_window == Some(0) {
-        return Err(PolicyError::config("sliding_window", "must be > 0 (or null for none)".into()));
-    }
-    let d = llama_dims(c, false, false)?;
+    // Mistral's: Llama's with the window on every layer
+    let d = mistral_dims(c)?;
     // transformers 5 keeps it in `rope_parameters`, transformers 4 at the top level
     let in_params = c.rope_parameters.as_ref().and_then(|p| p.scaling.get("partial_rotary_factor"));
     let (pct, field) = match (in_params, c.partial_rotary_factor) {
@@ -33,12 +31,7 @@ pub(crate) fn dims(c: &LlamaConfig) -> Result<Dims, PolicyError> {
         (None, Some(pct)) => (pct, "partial_rotary_factor"),
         (None, None) => (1.0, "partial_rotary_factor"),
     };
-    Ok(Dims {
-        sliding_window: c.sliding_window,
-        partial_rotary: partial_rotary(d.head_dim, pct, field)?,
-        fused_projections: true,
-        ..d
-    })
+    Ok(Dims { partial_rotary: partial_rotary(d.head_dim, pct, field)?, fused_projections: true, ..d })
 }
 
 #[cfg(test)]
