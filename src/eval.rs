@@ -71,7 +71,7 @@ pub fn evaluate<D: FusedOps>(model: &Path, d: &EvalData, dev: &D) -> Result<Valu
 fn text<D: FusedOps>(model: &CausalLm<D>, tok: &Tokenizer, d: &EvalData) -> Result<Value> {
     let text = crate::data::read_corpus(std::slice::from_ref(&d.data))?;
     let ids = tok.encode_prompt(&text)?;
-    let block = d.block.unwrap_or(model.dims.max_positions.min(256)).max(1);
+    let block = d.block.unwrap_or(model.dims.usable_positions().min(256)).max(1);
     if ids.len() <= block {
         bail!("{}: {} tokens, need more than one block of {block}", d.data.display(), ids.len());
     }
@@ -93,8 +93,11 @@ fn text<D: FusedOps>(model: &CausalLm<D>, tok: &Tokenizer, d: &EvalData) -> Resu
 /// than the model's positions are skipped and counted.
 fn responses<D: FusedOps>(model: &CausalLm<D>, tok: &Tokenizer, dir: &Path, d: &EvalData) -> Result<Value> {
     // the template is the format's; the config gives the length and the skip rule
-    let cfg =
-        sft::SftConfig { max_len: model.dims.max_positions, truncation: sft::Truncation::Skip, ..Default::default() };
+    let cfg = sft::SftConfig {
+        max_len: model.dims.usable_positions(),
+        truncation: sft::Truncation::Skip,
+        ..Default::default()
+    };
     let chat = d.chat.then(ChatPrompt::default);
     let format = PromptFormat::new(&d.prompt_template, chat.as_ref(), tok, &model.config, dir)?;
     let eos = tok.eos_for(&model.config).with_context(|| format!("{}: no EOS token", dir.display()))?;
@@ -123,7 +126,7 @@ fn preferences<D: FusedOps>(rm: &LearnedReward<D>, tok: &Tokenizer, dir: &Path, 
     let cfg = RewardConfig {
         data: d.data.clone(),
         format: d.format.clone(),
-        max_len: rm.model.dims.max_positions,
+        max_len: rm.model.dims.usable_positions(),
         truncation: RewardTruncation::Skip,
         ..Default::default()
     };

@@ -89,7 +89,9 @@ fn qwen3_gguf_matches_transformers_with_its_head_norms() {
 #[test]
 fn llama3_gguf_recovers_the_rope_scaling_and_adds_bos() {
     let (model, tok) = check("llama3-tiny");
-    let scaling = model.dims.rope_scaling.expect("rope_freqs.weight read as Llama 3's scaling");
+    let Some(rlhf_policies::rope::RopeScaling::Llama3(scaling)) = model.dims.rope_scaling else {
+        panic!("rope_freqs.weight not read as Llama 3's scaling: {:?}", model.dims.rope_scaling);
+    };
     assert_eq!(scaling.factor, 8.0);
     // the file's divisors, reproduced
     let freqs = rlhf_policies::rope::inv_freq(&model.dims);
@@ -106,8 +108,10 @@ fn llama3_gguf_recovers_the_rope_scaling_and_adds_bos() {
 }
 
 /// Phi-3's `attn_qkv` and `ffn_up` (gate | up) split as transformers' fused projections, its
-/// window from `attention.sliding_window` (0: none) and Phi-4-mini's partial RoPE from
-/// `rope.dimension_count`; the `longrope` factors of the 128k models are refused by name.
+/// window from `attention.sliding_window` (0: none), Phi-4-mini's partial RoPE from
+/// `rope.dimension_count` and its LongRoPE from the `rope_factors_*` tensors and
+/// `rope.scaling.*` metadata (the same scaling as transformers' config gives); a file with
+/// one of the two factor tensors is refused by name.
 #[test]
 fn phi3_gguf_matches_transformers_with_its_fused_projections() {
     for (name, window, rotary) in [("phi3-tiny", Some(8), None), ("phi4-mini-tiny", None, Some(12))] {
@@ -115,13 +119,14 @@ fn phi3_gguf_matches_transformers_with_its_fused_projections() {
         let d = model.dims;
         assert!(matches!(model.config, rlhf_policies::ModelConfig::Phi3(_)) && d.fused_projections, "{name}");
         assert_eq!((d.sliding_window, d.partial_rotary, d.tied), (window, rotary, rotary.is_some()), "{name}");
+        let hf = rlhf_policies::ModelConfig::from_file(&fixture(&format!("hf-{name}")).join("config.json"));
+        let hf = hf.unwrap().dims().unwrap();
+        assert_eq!((d.rope_scaling, d.position_limit()), (hf.rope_scaling, hf.position_limit()), "{name}");
     }
-    let mut g = rlhf_policies::gguf::Gguf::open(&fixture("gguf-phi3-tiny.gguf")).unwrap();
-    let mut factors = g.tensors[0].clone();
-    factors.name = "rope_factors_long.weight".into();
-    g.tensors.push(factors);
+    let mut g = rlhf_policies::gguf::Gguf::open(&fixture("gguf-phi4-mini-tiny.gguf")).unwrap();
+    g.tensors.retain(|t| t.name != "rope_factors_short.weight");
     let err = rlhf_policies::gguf::model_config(&g).unwrap_err().to_string();
-    assert!(err.contains("rope_factors_long.weight") && err.contains("longrope"), "{err}");
+    assert!(err.contains("rope_factors_long.weight") && err.contains("short and the long"), "{err}");
 }
 
 /// Llama 2's vocabulary (SentencePiece BPE: scores, no merges) tokenizes as llama.cpp does with

@@ -181,7 +181,8 @@ fn gpt_neox_logits_left_padded_batch_greedy_and_kv_cache() {
     }
 }
 /// Phi-3: q|k|v and gate|up fused in the checkpoint; Phi-3-mini's window on every layer (8
-/// here), and Phi-4-mini's RoPE on 12 of each head's 16 dimensions with a tied head.
+/// here), and Phi-4-mini's RoPE on 12 of each head's 16 dimensions, scaled by LongRoPE, with a
+/// tied head.
 #[test]
 fn phi3_logits_left_padded_batch_greedy_and_kv_cache() {
     for (name, window, rotary) in [("hf-phi3-tiny", Some(8), None), ("hf-phi4-mini-tiny", None, Some(12))] {
@@ -198,6 +199,26 @@ fn phi3_logits_left_padded_batch_greedy_and_kv_cache() {
         check_incremental(name);
     }
 }
+
+/// LongRoPE runs within the pretrained context only (past it transformers switches to the long
+/// factors): a 64-position Phi-4-mini-shaped model takes 64 positions, and a 65th is refused
+/// by name by the training forward, the decoding engine and the sampler.
+#[test]
+fn longrope_stops_at_the_pretrained_context() {
+    let (model, _) = load("hf-phi4-mini-tiny");
+    assert!(matches!(model.dims.rope_scaling, Some(rlhf_policies::rope::RopeScaling::LongRope(_))));
+    assert_eq!((model.dims.max_positions, model.dims.position_limit()), (256, Some(64)));
+    let ids: Vec<u32> = (0..65).map(|i| (i * 7 % 500) as u32).collect();
+    model.forward(&Batch::unpadded(&[ids[..64].to_vec()]).unwrap(), NoneTape).unwrap();
+    let named = |e: String| assert!(e.contains("64") && e.contains("original_max_position_embeddings"), "{e}");
+    named(model.forward(&Batch::unpadded(std::slice::from_ref(&ids)).unwrap(), NoneTape).unwrap_err().to_string());
+    let engine = InferenceModel::from_model(&model);
+    let mut cache = KvCache::new(&model.dims, vec![0], 65);
+    named(engine.forward(&mut cache, &ids, 65, LogitsAt::Last).unwrap_err().to_string());
+    let cfg = SamplingConfig { max_new_tokens: 10, ..Default::default() };
+    named(generate(&engine, &[ids[..60].to_vec()], 0, &cfg).unwrap_err().to_string());
+}
+
 /// Llama 3's RoPE scaling (all three bands of frequencies) and a list of EOS ids.
 #[test]
 fn llama3_rope_scaling_logits_left_padded_batch_greedy_and_kv_cache() {

@@ -130,9 +130,10 @@ impl Batch {
         (0..self.b).map(|r| (0..self.t).rev().find(|&j| self.is_real(r, j))).collect()
     }
 
-    /// Checks ids against the vocabulary and positions against the model's position limit
+    /// Checks ids against the model's vocabulary and positions against its position limit
     /// ([`crate::Dims::position_limit`]), if it has one.
-    pub(crate) fn check(&self, vocab: usize, position_limit: Option<usize>) -> Result<(), PolicyError> {
+    pub(crate) fn check(&self, dims: &crate::Dims) -> Result<(), PolicyError> {
+        let vocab = dims.vocab;
         if self.b == 0 || self.t == 0 {
             return Err(PolicyError::Input(format!("empty batch ({}x{})", self.b, self.t)));
         }
@@ -144,9 +145,10 @@ impl Batch {
             )));
         }
         let max_pos = self.position_ids.iter().copied().max().unwrap_or(0);
-        if let Some(limit) = position_limit.filter(|&l| max_pos >= l) {
+        if let Some(limit) = dims.position_limit().filter(|&l| max_pos >= l) {
             return Err(PolicyError::Input(format!(
-                "sequence needs position {max_pos}, but the model has only {limit} positions (n_positions)"
+                "sequence needs position {max_pos}, but the model has only {limit} positions ({})",
+                dims.position_limit_field()
             )));
         }
         Ok(())

@@ -138,6 +138,11 @@ pub struct LlamaConfig {
     /// Maximum sequence length.
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
+    /// The context a `longrope` model was pretrained on (Phi-3 keeps it here; 4096 when a
+    /// `phi3` config leaves it out, as in transformers), which rlhf does not run past
+    /// ([`crate::rope::LongRope`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_max_position_embeddings: Option<usize>,
     /// Whether `lm_head` shares `embed_tokens`. Defaults to `false`.
     #[serde(default)]
     pub tie_word_embeddings: bool,
@@ -279,10 +284,7 @@ impl ModelConfig {
                 value["sliding_window"] = serde_json::json!(MISTRAL_WINDOW);
             }
             Some("mistral") => {}
-            Some("phi3") if value.get("rms_norm_eps").is_none() => {
-                value["rms_norm_eps"] = serde_json::json!(crate::phi3::RMS_NORM_EPS);
-            }
-            Some("phi3") => {}
+            Some("phi3") => crate::phi3::fill_defaults(&mut value),
             Some(other) => {
                 let msg = format!(
                     "unsupported model_type {other:?} (\"gpt2\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\", \
@@ -453,6 +455,9 @@ impl ModelConfig {
             if v == 0 {
                 return Err(PolicyError::config(name, "must be > 0".into()));
             }
+        }
+        if let Some(crate::rope::RopeScaling::LongRope(l)) = &d.rope_scaling {
+            l.check(&d)?;
         }
         Ok(d)
     }

@@ -70,8 +70,8 @@ pub struct Dims {
     pub norm_eps: f32,
     /// RoPE base (rotary families).
     pub rope_theta: f32,
-    /// Llama 3's scaling of the RoPE frequencies, if the config has it.
-    pub rope_scaling: Option<crate::rope::Llama3Scaling>,
+    /// The scaling of the RoPE frequencies (Llama 3's, LongRoPE's), if the config has one.
+    pub rope_scaling: Option<crate::rope::RopeScaling>,
     /// LM head tied to the token embedding.
     pub tied: bool,
     /// Init std.
@@ -187,10 +187,31 @@ impl Dims {
     }
 
     /// The longest sequence the model can take: its position table's size with learned
-    /// positions (GPT-2); none with rotary positions, where `max_positions` only says what it
-    /// was trained on.
+    /// positions (GPT-2); with LongRoPE, the pretrained context whose frequencies rlhf runs
+    /// ([`crate::rope::LongRope`]); none with other rotary positions, where `max_positions`
+    /// only says what it was trained on.
     pub fn position_limit(&self) -> Option<usize> {
-        (!self.rotary()).then_some(self.max_positions)
+        match self.rope_scaling {
+            Some(crate::rope::RopeScaling::LongRope(l)) => Some(l.original_max_position_embeddings),
+            _ => (!self.rotary()).then_some(self.max_positions),
+        }
+    }
+
+    /// The config field behind [`Dims::position_limit`], for errors.
+    pub fn position_limit_field(&self) -> &'static str {
+        match self.rope_scaling {
+            Some(crate::rope::RopeScaling::LongRope(_)) => {
+                "original_max_position_embeddings: past it transformers switches to longrope's long_factor, which \
+                 rlhf does not run"
+            }
+            _ => "n_positions",
+        }
+    }
+
+    /// How many positions a generation may fill: the [`Dims::position_limit`], else
+    /// `max_positions`.
+    pub fn usable_positions(&self) -> usize {
+        self.position_limit().unwrap_or(self.max_positions)
     }
 
     /// A decode step's inputs: every id inside the vocabulary and every position inside the
@@ -200,7 +221,8 @@ impl Dims {
             return Err(PolicyError::Input(format!("token id {id} is outside the vocabulary of {}", self.vocab)));
         }
         if let Some(limit) = self.position_limit().filter(|&l| positions.iter().any(|&p| p >= l)) {
-            return Err(PolicyError::Input(format!("sequence longer than the model's {limit} positions")));
+            let field = self.position_limit_field();
+            return Err(PolicyError::Input(format!("sequence longer than the model's {limit} positions ({field})")));
         }
         Ok(())
     }

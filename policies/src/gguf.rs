@@ -445,20 +445,26 @@ fn gemma3_fields(g: &Gguf, head_dim: usize, cfg: &mut serde_json::Value) -> Resu
 }
 
 /// A `phi3` file's own fields on top of the Llama ones in `cfg`: the window (none for 0, as
-/// the converter writes Phi-4-mini's) and the share of each head RoPE turns; a file with
-/// `longrope` factors is an error naming them.
+/// the converter writes Phi-4-mini's), the share of each head RoPE turns, the pretrained context
+/// `rope.scaling.original_context_length` (the context length when absent, as llama.cpp reads
+/// it), and LongRoPE where the file has its `rope_factors_short.weight` and
+/// `rope_factors_long.weight` tensors, with `rope.scaling.attn_factor` (1 when absent, as
+/// llama.cpp reads it).
 fn phi3_fields(
     g: &Gguf,
     head_dim: usize,
     rotary: Option<usize>,
     cfg: &mut serde_json::Value,
 ) -> Result<(), PolicyError> {
-    if let Some(t) = g.tensors.iter().find(|t| t.name.starts_with("rope_factors_")) {
-        let msg = "the longrope RoPE scaling (Phi-3's 128k models, Phi-3.5, Phi-4-mini) is not supported";
-        return Err(g.err(&t.name, msg));
-    }
+    let window = g.int_opt("phi3.attention.sliding_window")?.filter(|&w| w > 0);
+    let original = match g.int_opt("phi3.rope.scaling.original_context_length")? {
+        Some(n) => n,
+        None => g.int("phi3.context_length")?,
+    };
+    let longrope = longrope_scaling(g)?;
     let obj = cfg.as_object_mut().expect("a JSON object");
-    obj.insert("sliding_window".into(), g.int_opt("phi3.attention.sliding_window")?.filter(|&w| w > 0).into());
+    obj.insert("sliding_window".into(), window.into());
+    obj.insert("original_max_position_embeddings".into(), original.into());
     if let Some(rot) = rotary {
         let pct = rot as f64 / head_dim as f64;
         // transformers turns int(head_dim · pct) dimensions: it must give `rot` back
@@ -467,8 +473,29 @@ fn phi3_fields(
         }
         obj.insert("partial_rotary_factor".into(), pct.into());
     }
+    if let Some(scaling) = longrope {
+        obj.insert("rope_scaling".into(), scaling);
+    }
     Ok(())
 }
+
+/// The LongRoPE tensors and attention factor of a `phi3` file, as the config's `rope_scaling`;
+/// `None` without the tensors.
+fn longrope_scaling(g: &Gguf) -> Result<Option<serde_json::Value>, PolicyError> {
+    let has = |name: &str| g.tensors.iter().any(|t| t.name == name);
+    match (has(LONGROPE_TENSORS[0]), has(LONGROPE_TENSORS[1])) {
+        (false, false) => return Ok(None),
+        (true, true) => {}
+        _ => return Err(g.err("rope_factors_long.weight", "LongRoPE needs both the short and the long factors")),
+    }
+    let [short, long] = LONGROPE_TENSORS.map(|name| g.tensor(name).map(|t| t.data));
+    let attention_factor = g.float_opt("phi3.rope.scaling.attn_factor")?.unwrap_or(1.0);
+    Ok(Some(serde_json::json!({"rope_type": "longrope", "short_factor": short?, "long_factor": long?,
+        "attention_factor": attention_factor})))
+}
+
+/// The tensors llama.cpp's converter writes LongRoPE's factors in: short, long.
+const LONGROPE_TENSORS: [&str; 2] = ["rope_factors_short.weight", "rope_factors_long.weight"];
 
 /// Llama 3's RoPE scaling from the `rope_freqs.weight` tensor, if the file has one.
 fn rope_scaling(g: &Gguf, head_dim: usize, theta: f32) -> Result<Option<Llama3Scaling>, PolicyError> {
@@ -487,7 +514,7 @@ pub fn hf_tensors(g: &Gguf, cfg: &ModelConfig) -> Result<BTreeMap<String, HostTe
     let (dims, arch) = (cfg.dims()?, g.arch()?);
     let mut out = BTreeMap::new();
     for t in &g.tensors {
-        if t.name == "rope_freqs.weight" {
+        if t.name == "rope_freqs.weight" || LONGROPE_TENSORS.contains(&t.name.as_str()) {
             continue; // read into the config's rope_scaling by model_config
         }
         let name = hf_name(&t.name, arch)

@@ -361,8 +361,11 @@ impl InferenceModel {
             }
         }
         if d.rotary() {
-            let inv_freq = if l.window.is_some() { &self.inv_freq_local } else { &self.inv_freq };
-            rope_rows(d, inv_freq, &mut qkv, positions, width);
+            let (inv_freq, rope) = match l.window {
+                Some(_) => (&self.inv_freq_local, d.local_rope()),
+                None => (&self.inv_freq, *d),
+            };
+            rope_rows(&rope, inv_freq, &mut qkv, positions, width);
         }
         if d.query_scale != 1.0 {
             qkv.chunks_mut(width).for_each(|row| row[..qd].iter_mut().for_each(|q| *q *= d.query_scale));
@@ -494,14 +497,17 @@ impl InferenceModel {
 }
 
 /// RoPE at `positions` on the q and k columns of `qkv`'s rows (`width` wide), with frequencies
-/// `inv_freq`, over each head's first [`Dims::rotary_dim`] dimensions.
+/// `inv_freq` (those of `d`'s RoPE, [`rope::inv_freq`]), over each head's first
+/// [`Dims::rotary_dim`] dimensions, cos and sin multiplied by [`rope::attention_factor`] as
+/// [`rope::tables`] has them.
 fn rope_rows(d: &Dims, inv_freq: &[f32], qkv: &mut [f32], positions: &[usize], width: usize) {
-    let (dh, rotary) = (d.head_dim, d.rotary_dim());
+    let (dh, rotary, scale) = (d.head_dim, d.rotary_dim(), rope::attention_factor(d));
     let half = rotary / 2;
     let (mut cos, mut sin) = (vec![0.0f32; rotary], vec![0.0f32; rotary]);
     for (row, &p) in positions.iter().enumerate() {
         for i in 0..half {
             let (s, co) = (p as f32 * inv_freq[i]).sin_cos();
+            let (s, co) = (s * scale, co * scale);
             (cos[i], cos[i + half], sin[i], sin[i + half]) = (co, co, s, s);
         }
         let r = &mut qkv[row * width..row * width + d.q_dim() + d.kv_dim()];

@@ -51,6 +51,7 @@ pub mod kernels;
 pub mod layer_norm;
 pub mod linear;
 pub mod logprobs;
+pub mod longrope;
 pub mod model;
 pub mod nucleus;
 pub mod optim;

@@ -426,7 +426,7 @@ impl<D: FusedOps> CausalLm<D> {
     /// above it.
     pub fn bottom(&self, batch: &Batch, k: usize) -> Result<A2<D, NoneTape>, PolicyError> {
         self.check_split(k)?;
-        batch.check(self.dims.vocab, self.dims.position_limit())?;
+        batch.check(&self.dims)?;
         let ids: Vec<usize> = batch.ids.iter().map(|&i| i as usize).collect();
         let x = self.embed(NoneTape, &ids, &batch.position_ids);
         Ok(self.run_blocks(x, 0..k, &self.context(batch), None))
@@ -478,7 +478,7 @@ impl<D: FusedOps> CausalLm<D> {
     }
 
     fn hidden<T: Tape<f32, D>>(&self, batch: &Batch, rows: Option<&[usize]>, tape: T) -> Result<A2<D, T>, PolicyError> {
-        batch.check(self.dims.vocab, self.dims.position_limit())?;
+        batch.check(&self.dims)?;
         let (b, t, c) = (batch.b, batch.t, self.dims.d_model);
         let ids: Vec<usize> = batch.ids.iter().map(|&i| i as usize).collect();
         let ctx = self.context(batch);

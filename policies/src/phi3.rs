@@ -4,18 +4,30 @@
 //! ([`Dims::fused_projections`]), every layer attending to its last `sliding_window` positions
 //! when the config sets one (as Mistral's; Phi-3-mini-4k's is 2047), and RoPE on the first
 //! `partial_rotary_factor · head_dim` dimensions of each head ([`Dims::partial_rotary`];
-//! Phi-4-mini's 0.75). The config is Llama's ([`LlamaConfig`]) with transformers' Phi-3 defaults
-//! (`rms_norm_eps` 1e-5, no window).
-//!
-//! Left out: `longrope` RoPE scaling (the 128k Phi-3 models, Phi-3.5, Phi-4-mini), refused by
-//! name with the other unsupported `rope_type`s.
+//! Phi-4-mini's 0.75), scaled by LongRoPE where the config says `longrope` (the 128k Phi-3
+//! models, Phi-3.5, Phi-4-mini: [`crate::rope::LongRope`], up to the pretrained 4096 positions).
+//! The config is Llama's ([`LlamaConfig`]) with transformers' Phi-3 defaults (`rms_norm_eps`
+//! 1e-5, no window, `original_max_position_embeddings` 4096).
 
 use crate::config::{mistral_dims, Dims, LlamaConfig};
 use crate::dims::partial_rotary;
 use crate::error::PolicyError;
 
 /// transformers' `Phi3Config.rms_norm_eps` default (Llama's is 1e-6).
-pub(crate) const RMS_NORM_EPS: f64 = 1e-5;
+const RMS_NORM_EPS: f64 = 1e-5;
+
+/// transformers' `Phi3Config.original_max_position_embeddings` default.
+const ORIGINAL_MAX_POSITIONS: usize = 4096;
+
+/// Writes transformers' Phi-3 defaults into a `phi3` config object where it leaves them out.
+pub(crate) fn fill_defaults(config: &mut serde_json::Value) {
+    if config.get("rms_norm_eps").is_none() {
+        config["rms_norm_eps"] = RMS_NORM_EPS.into();
+    }
+    if config.get("original_max_position_embeddings").is_none() {
+        config["original_max_position_embeddings"] = ORIGINAL_MAX_POSITIONS.into();
+    }
+}
 
 /// Phi-3's sizes: Llama's, with the fused checkpoint layout, the window and the partial RoPE.
 pub(crate) fn dims(c: &LlamaConfig) -> Result<Dims, PolicyError> {
@@ -59,7 +71,7 @@ mod tests {
         assert_eq!((d.norm_eps, d.sliding_window), (1e-5, None));
     }
 
-    /// Phi-4-mini's partial RoPE, in either layout; longrope and bad shares are refused by name.
+    /// Phi-4-mini's partial RoPE, in either layout; bad shares and windows are refused by name.
     #[test]
     fn partial_rotary_and_refusals() {
         let t4 =
@@ -73,11 +85,6 @@ mod tests {
             assert_eq!((d.partial_rotary, d.rotary_dim(), d.rope_theta), (Some(72), 72, theta));
         }
         for (from, to, field) in [
-            (
-                r#""rope_scaling": null"#,
-                r#""rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}"#,
-                "rope_scaling.rope_type",
-            ),
             (
                 r#""rope_theta": 10000.0,"#,
                 r#""rope_theta": 10000.0, "partial_rotary_factor": 0.01,"#,

@@ -1,8 +1,10 @@
 //! Rotary position embedding tables (NeoX / rotate_half layout): transformers' "default" rope
-//! type, and Llama 3's frequency scaling (`rope_type: "llama3"`).
+//! type, Llama 3's frequency scaling (`rope_type: "llama3"`) and LongRoPE's within the
+//! pretrained context (`rope_type: "longrope"`: Phi-3's 128k models, Phi-3.5, Phi-4-mini).
 
 use crate::config::{Dims, LlamaConfig};
 use crate::error::PolicyError;
+pub use crate::longrope::LongRope;
 
 /// [`tables`] kept together: `(N, Dh)` cos and sin, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -15,17 +17,18 @@ pub struct RopeTables {
 
 /// `cos` and `sin` tables, `(N, Dh)` row-major for `N` positions, computed in f32 as transformers
 /// does: `angle = pos · inv_freq[i]` ([`inv_freq`]), both halves repeated over the
-/// [`Dims::rotary_dim`] turned dimensions; a dimension past them (GPT-NeoX's partial rotary)
-/// has `cos = 1`, `sin = 0` and passes through.
+/// [`Dims::rotary_dim`] turned dimensions and multiplied by the [`attention_factor`]; a
+/// dimension past them (partial rotary) has `cos = 1`, `sin = 0` and passes through.
 pub fn tables(positions: &[usize], dims: &Dims) -> (Vec<f32>, Vec<f32>) {
     let (head_dim, rotary) = (dims.head_dim, dims.rotary_dim());
     let half = rotary / 2;
-    let inv_freq = inv_freq(dims);
+    let (inv_freq, scale) = (inv_freq(dims), attention_factor(dims));
     let (mut cos, mut sin) = (vec![1.0; positions.len() * head_dim], vec![0.0; positions.len() * head_dim]);
     for (n, &p) in positions.iter().enumerate() {
         for i in 0..half {
             let ang = p as f32 * inv_freq[i];
             let (s, c) = ang.sin_cos();
+            let (s, c) = (s * scale, c * scale);
             cos[n * head_dim + i] = c;
             cos[n * head_dim + i + half] = c;
             sin[n * head_dim + i] = s;
@@ -36,14 +39,40 @@ pub fn tables(positions: &[usize], dims: &Dims) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// The model's frequencies: `1 / theta^(2i / r)` for `i < r/2` with `r` the
-/// [`Dims::rotary_dim`] (the head width but for GPT-NeoX's partial rotary), then Llama 3's
-/// scaling when the config has it.
+/// [`Dims::rotary_dim`] (the head width but for a partial rotary), then the config's scaling:
+/// Llama 3's, or LongRoPE's short factors.
 pub fn inv_freq(dims: &Dims) -> Vec<f32> {
-    let mut f = unscaled_inv_freq(dims.rotary_dim(), dims.rope_theta);
-    if let Some(s) = &dims.rope_scaling {
-        s.apply(&mut f);
+    let (rotary, theta) = (dims.rotary_dim(), dims.rope_theta);
+    match &dims.rope_scaling {
+        None => unscaled_inv_freq(rotary, theta),
+        Some(RopeScaling::Llama3(s)) => {
+            let mut f = unscaled_inv_freq(rotary, theta);
+            s.apply(&mut f);
+            f
+        }
+        Some(RopeScaling::LongRope(l)) => l.inv_freq(rotary, theta),
     }
-    f
+}
+
+/// What cos and sin are multiplied by (transformers' `attention_scaling`): LongRoPE's
+/// [`LongRope::attention_factor`], 1 otherwise.
+pub fn attention_factor(dims: &Dims) -> f32 {
+    match &dims.rope_scaling {
+        Some(RopeScaling::LongRope(l)) => l.attention_factor,
+        _ => 1.0,
+    }
+}
+
+/// A config's RoPE scaling.
+// LongRoPE's factors sit inline (half a kilobyte) so that `Dims` stays `Copy`; a `Dims` is
+// copied at most once per layer of a forward, nanoseconds beside the layer itself.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// `rope_type: "llama3"`.
+    Llama3(Llama3Scaling),
+    /// `rope_type: "longrope"`.
+    LongRope(LongRope),
 }
 
 /// RoPE's frequencies before any scaling: `1 / theta^(2i / head_dim)` for `i < head_dim / 2`.
@@ -185,21 +214,28 @@ impl Llama3Scaling {
 
 /// RoPE's base and scaling: transformers 5's `rope_parameters`, or transformers 4's top-level
 /// `rope_theta` (default 10000) with `rope_scaling`.
-pub(crate) fn base_and_scaling(c: &LlamaConfig) -> Result<(f64, Option<Llama3Scaling>), PolicyError> {
-    let scaling = |kind: &str, params: &serde_json::Map<String, serde_json::Value>, field: &str| match kind {
+pub(crate) fn base_and_scaling(c: &LlamaConfig) -> Result<(f64, Option<RopeScaling>), PolicyError> {
+    type Params = serde_json::Map<String, serde_json::Value>;
+    let scaling = |kind: &str, params: &Params, field: &'static str| match kind {
         "default" => Ok(None),
-        "llama3" => Llama3Scaling::from_json(params, field).map(Some),
+        "llama3" => Llama3Scaling::from_json(params, field).map(|s| Some(RopeScaling::Llama3(s))),
+        "longrope" => LongRope::from_json(params, field, c).map(|s| Some(RopeScaling::LongRope(s))),
         other => Err(PolicyError::config(
             format!("{field}.rope_type"),
-            format!("{other:?} is not supported (\"default\" and \"llama3\" are)"),
+            format!("{other:?} is not supported (\"default\", \"llama3\" and \"longrope\" are)"),
         )),
     };
+    // transformers reads `type` where `rope_type` is absent
+    let kind_of = |v: &Params| v.get("rope_type").or(v.get("type")).and_then(|t| t.as_str()).map(str::to_owned);
     match (&c.rope_parameters, &c.rope_scaling) {
-        (Some(p), _) => Ok((p.rope_theta, scaling(&p.rope_type, &p.scaling, "rope_parameters")?)),
+        (Some(p), _) => {
+            let kind = if p.rope_type == "default" { kind_of(&p.scaling) } else { None };
+            Ok((p.rope_theta, scaling(kind.as_deref().unwrap_or(&p.rope_type), &p.scaling, "rope_parameters")?))
+        }
         (None, None | Some(serde_json::Value::Null)) => Ok((c.rope_theta.unwrap_or(10000.0), None)),
         (None, Some(serde_json::Value::Object(v))) => {
-            let kind = v.get("rope_type").or(v.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
-            Ok((c.rope_theta.unwrap_or(10000.0), scaling(kind, v, "rope_scaling")?))
+            let kind = kind_of(v).unwrap_or_else(|| "default".into());
+            Ok((c.rope_theta.unwrap_or(10000.0), scaling(&kind, v, "rope_scaling")?))
         }
         (None, Some(other)) => Err(PolicyError::config("rope_scaling", format!("{other} is not an object"))),
     }
@@ -216,8 +252,8 @@ pub fn apply(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
-/// The transpose of [`apply`] (its inverse, a rotation): the gradient of the input from the
-/// gradient `dy` of the output, in place.
+/// The transpose of [`apply`] (its inverse too, a rotation, unless LongRoPE's attention factor
+/// scales the tables): the gradient of the input from the gradient `dy` of the output, in place.
 pub fn apply_transposed(dy: &mut [f32], cos: &[f32], sin: &[f32]) {
     let half = dy.len() / 2;
     for i in 0..half {
@@ -250,7 +286,8 @@ mod tests {
     use super::*;
 
     /// The transposed rotation undoes the rotation, and is its transpose: `⟨apply(x), y⟩ =
-    /// ⟨x, apply_transposed(y)⟩`, for whole and partial heads.
+    /// ⟨x, apply_transposed(y)⟩`, for whole and partial heads, and stays the transpose of
+    /// scaled tables.
     #[test]
     fn transposed_rotation_is_the_inverse_and_the_adjoint() {
         let dims = Dims { head_dim: 8, rope_theta: 100.0, partial_rotary: Some(4), ..Dims::PLAIN };
@@ -270,6 +307,16 @@ mod tests {
             let mut first = x[..16].to_vec();
             apply_rows(&mut first, (&cos[..8], &sin[..8]), 8, r, false);
             assert_eq!(first, x[..16]);
+            // tables scaled as LongRoPE's attention factor scales them (the turned dimensions
+            // only): still the adjoint, which is what the backward pass needs
+            let scaled = |t: &[f32]| -> Vec<f32> {
+                t.iter().enumerate().map(|(i, v)| if i % 8 < r { v * 1.19 } else { *v }).collect()
+            };
+            let (cos, sin) = (scaled(&cos), scaled(&sin));
+            let (mut rx, mut ty) = (x.clone(), y.clone());
+            apply_rows(&mut rx, (&cos, &sin), 8, r, false);
+            apply_rows(&mut ty, (&cos, &sin), 8, r, true);
+            assert!((dot(&rx, &y) - dot(&x, &ty)).abs() < 1e-5, "scaled adjoint, rotary {r}");
         }
     }
 
@@ -323,12 +370,12 @@ mod tests {
         assert_eq!(d.rope_theta, 500000.0);
         assert_eq!(
             d.rope_scaling,
-            Some(Llama3Scaling {
+            Some(RopeScaling::Llama3(Llama3Scaling {
                 factor: 32.0,
                 low_freq_factor: 1.0,
                 high_freq_factor: 4.0,
                 original_max_position_embeddings: 8192.0
-            })
+            }))
         );
         assert_eq!(c.eos_token_ids(), [128001, 128008, 128009]);
         assert!(config("null").unwrap().dims().unwrap().rope_scaling.is_none());

@@ -157,8 +157,9 @@ pub fn generate_observed<M: Decode>(
     let d = model.dims();
     if let Some(limit) = d.position_limit().filter(|&l| t + cfg.max_new_tokens > l) {
         return Err(PolicyError::Input(format!(
-            "prompt of {t} tokens + max_new_tokens {} exceeds the model's {limit} positions (n_positions)",
-            cfg.max_new_tokens
+            "prompt of {t} tokens + max_new_tokens {} exceeds the model's {limit} positions ({})",
+            cfg.max_new_tokens,
+            d.position_limit_field()
         )));
     }
     let pad: Vec<usize> = prompts.iter().map(|p| t - p.len()).collect();

@@ -26,13 +26,15 @@ pub fn require_counts(fields: &[(&str, usize)]) -> Result<()> {
     }
 }
 
-/// Checks that `max_len` fits a model with learned positions (GPT-2's `n_positions`, which
-/// `model` names): a longer example would otherwise stop the run at the first batch holding it.
+/// Checks that `max_len` fits a model with a position limit (GPT-2's `n_positions`, a
+/// LongRoPE model's pretrained context; `model` names it): a longer example would otherwise stop
+/// the run at the first batch holding it.
 pub fn require_fits(max_len: usize, dims: &rlhf_policies::Dims, model: &Path) -> Result<()> {
     if let Some(limit) = dims.position_limit().filter(|&l| max_len > l) {
         bail!(
-            "max_len {max_len} exceeds the {limit} positions of {} (n_positions); set max_len to at most that",
-            model.display()
+            "max_len {max_len} exceeds the {limit} positions of {} ({}); set max_len to at most that",
+            model.display(),
+            dims.position_limit_field()
         );
     }
     Ok(())

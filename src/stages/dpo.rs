@@ -354,7 +354,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &DpoConfig, resume: bool, dev: &D) -
         |k| k,
     );
     let cfg = &record_config(&run, resume, DpoConfig { steps, ..cfg.clone() })?;
-    let sample_prompts = kl_sample_prompts(cfg, val_set.prompts(), policy.dims.max_positions);
+    let sample_prompts = kl_sample_prompts(cfg, val_set.prompts(), policy.dims.usable_positions());
     let mut metrics = run.metrics()?;
     let mut samples = run.samples()?;
     let mut bar = crate::progress::bar(cfg.steps as u64, cfg.loss.name());

@@ -278,7 +278,7 @@ fn sample<D: FusedOps>(model: &CausalLm<D>, tok: &Tokenizer, cfg: &PretrainConfi
     if prompt.is_empty() || cfg.sample_tokens == 0 {
         return Ok(String::new());
     }
-    let max_new = cfg.sample_tokens.min(model.dims.max_positions.saturating_sub(prompt.len()));
+    let max_new = cfg.sample_tokens.min(model.dims.usable_positions().saturating_sub(prompt.len()));
     let sampling = SamplingConfig {
         max_new_tokens: max_new,
         temperature: 0.8,

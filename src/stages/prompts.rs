@@ -56,7 +56,8 @@ pub fn check_fits<'a>(
     if let Some(limit) = dims.position_limit().filter(|&l| longest + max_new_tokens > l) {
         bail!(
             "the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the policy's \
-             {limit} positions (n_positions); shorten the prompts (max_prompt_len) or lower max_new_tokens"
+             {limit} positions ({}); shorten the prompts (max_prompt_len) or lower max_new_tokens",
+            dims.position_limit_field()
         );
     }
     Ok(())

@@ -542,7 +542,7 @@ fn fit_normalization<D: FusedOps>(
                 set.iter().map(|c| c.prompt_ids.clone()).filter(|p| seen.insert(p.clone())).collect();
             let prompts: Vec<Vec<u32>> =
                 prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), *per_prompt)).collect();
-            let room = model.dims.max_positions.saturating_sub(prompts.iter().map(Vec::len).max().unwrap_or(0));
+            let room = model.dims.usable_positions().saturating_sub(prompts.iter().map(Vec::len).max().unwrap_or(0));
             let sampling = SamplingConfig {
                 max_new_tokens: (*max_new_tokens).min(room).max(1),
                 temperature: *temperature,

@@ -553,7 +553,7 @@ fn sample<D: FusedOps>(
         return Ok(vec![]);
     }
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let room = model.dims.max_positions.saturating_sub(longest);
+    let room = model.dims.usable_positions().saturating_sub(longest);
     let sampling = SamplingConfig {
         max_new_tokens: cfg.sample_tokens.min(room),
         temperature: 0.7,

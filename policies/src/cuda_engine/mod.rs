@@ -163,10 +163,11 @@ impl CudaEngine {
         }
         let gemma = dims.post_norms || dims.embed_scale != 1.0 || dims.query_scale != 1.0 || dims.glu != Glu::Silu;
         let neox = dims.family == Family::GptNeox || dims.partial_rotary.is_some();
-        if dims.qk_norm || gemma || dims.sliding_window.is_some() || neox {
+        let longrope = crate::rope::attention_factor(&dims) != 1.0;
+        if dims.qk_norm || gemma || dims.sliding_window.is_some() || neox || longrope {
             let msg = "the fused CUDA engine has no kernels for Qwen3's and Gemma 3's q/k head norms, Gemma's other \
-                       parts, sliding windows, or GPT-NeoX's and Phi-4-mini's partial RoPE and GPT-NeoX's parallel \
-                       residual: use rollout_engine \"device\" (the default on a GPU)";
+                       parts, sliding windows, GPT-NeoX's and Phi-4-mini's partial RoPE, LongRoPE's attention \
+                       factor, or GPT-NeoX's parallel residual: use rollout_engine \"device\" (the default on a GPU)";
             return Err(PolicyError::Input(msg.into()));
         }
         let up = |v: Vec<f32>| gpu.dev.htod_copy(v).map_err(dev_err);
