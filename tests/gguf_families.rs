@@ -1,8 +1,9 @@
-//! Qwen2, Qwen3, Llama 3, Llama 2, Gemma 3 and Phi-3 GGUF files, written by llama.cpp's own
-//! converter from tiny HF models (`scripts/fixtures/gguf_tiny.py` and `gguf_spm_tiny.py`, f32):
-//! the model loads with the logits transformers gives (Qwen2's biases, Qwen3's head norms, Llama
-//! 3's RoPE scaling recovered from `rope_freqs.weight`, Gemma 3's norms and windows, Phi-3's fused
-//! projections, window and partial RoPE), the vocabulary
+//! Qwen2, Qwen3, Llama 3, Llama 2, Gemma 3, Phi-3 and GPT-NeoX GGUF files, written by llama.cpp's
+//! own converter from tiny HF models (`scripts/fixtures/gguf_tiny.py` and `gguf_spm_tiny.py`,
+//! f32): the model loads with the logits transformers gives (Qwen2's biases, Qwen3's head norms,
+//! Llama 3's RoPE scaling recovered from `rope_freqs.weight`, Gemma 3's norms and windows,
+//! Phi-3's fused projections, window, partial RoPE and LongRoPE, GPT-NeoX's reordered q|k|v),
+//! the vocabulary
 //! tokenizes as the model's own tokenizer does (Qwen2's and Llama 3's digit splits, added tokens
 //! kept whole, Llama 3's BOS; SentencePiece vocabularies as llama.cpp tokenizes with them, Phi-3's
 //! real one against llama.cpp's test vectors), and a checkpoint written from the GGUF model loads
@@ -13,6 +14,7 @@ mod common;
 use common::*;
 use dfdx::prelude::*;
 use rlhf_policies::checkpoint::load_with_tokenizer;
+use rlhf_policies::dims::GeluKind;
 use rlhf_policies::{Batch, CausalLm};
 use serde_json::Value;
 
@@ -127,6 +129,18 @@ fn phi3_gguf_matches_transformers_with_its_fused_projections() {
     g.tensors.retain(|t| t.name != "rope_factors_short.weight");
     let err = rlhf_policies::gguf::model_config(&g).unwrap_err().to_string();
     assert!(err.contains("rope_factors_long.weight") && err.contains("short and the long"), "{err}");
+}
+
+/// GPT-NeoX (Pythia) as llama.cpp's converter writes it: `attn_qkv` back head by head, RoPE on
+/// 4 of each head's 16 dimensions, the parallel residual, the untied `output.weight`, the exact
+/// GELU; its `olmo` vocabulary split as GPT-2's.
+#[test]
+fn gpt_neox_gguf_matches_transformers() {
+    let (model, tok) = check("pythia-tiny");
+    let d = model.dims;
+    assert!(matches!(model.config, rlhf_policies::ModelConfig::GptNeox(_)));
+    assert_eq!((d.partial_rotary, d.parallel_residual, d.tied, d.gelu), (Some(4), true, false, GeluKind::Erf));
+    assert_eq!((tok.bos_prefix(), model.config.eos_token_ids()), (None, vec![0]));
 }
 
 /// Llama 2's vocabulary (SentencePiece BPE: scores, no merges) tokenizes as llama.cpp does with
@@ -291,7 +305,7 @@ fn unknown_pre_tokenizers_and_architectures_are_errors_naming_them() {
     assert!(e.contains("gguf-qwen2-tiny.gguf") && e.contains("deepseek-llm") && e.contains("tokenizer.json beside"));
     g.metadata.insert("general.architecture".into(), Meta::Str("gpt2".into()));
     let e = model_config(&g).unwrap_err().to_string();
-    assert!(e.contains("\"gpt2\"") && e.contains("llama, qwen2, qwen3, gemma3 and phi3"), "{e}");
+    assert!(e.contains("\"gpt2\"") && e.contains("llama, qwen2, qwen3, gemma3, phi3 and gptneox"), "{e}");
 }
 
 /// `rlhf eval` on text scores the file as transformers' `tokenizer(text)` gives it: with

@@ -265,9 +265,13 @@ pub enum Arch {
     Gemma3,
     /// `phi3`: Phi-3 and Phi-4-mini ([`crate::phi3`]): q|k|v fused in `attn_qkv` and gate|up in
     /// `ffn_up`, as transformers stores them; NeoX layout; Phi-4-mini's partial RoPE in
-    /// `rope.dimension_count`; an `attention.sliding_window` of 0 for none. The `longrope`
-    /// factors of the 128k models (`rope_factors_long.weight`) are refused.
+    /// `rope.dimension_count`; an `attention.sliding_window` of 0 for none; the `longrope`
+    /// scaling of the 128k models, Phi-3.5 and Phi-4-mini in `rope_factors_short.weight`,
+    /// `rope_factors_long.weight` and `rope.scaling.*`.
     Phi3,
+    /// `gptneox`: GPT-NeoX (Pythia, RedPajama-INCITE; [`crate::gguf_neox`]): LayerNorms and
+    /// biases, q|k|v in `attn_qkv` with the heads apart, partial RoPE.
+    GptNeox,
 }
 
 impl Arch {
@@ -279,6 +283,7 @@ impl Arch {
             Arch::Qwen3 => "qwen3",
             Arch::Gemma3 => "gemma3",
             Arch::Phi3 => "phi3",
+            Arch::GptNeox => "gptneox",
         }
     }
 }
@@ -292,9 +297,11 @@ impl Gguf {
             Some(Value::Str(a)) if a == "qwen3" => Ok(Arch::Qwen3),
             Some(Value::Str(a)) if a == "gemma3" => Ok(Arch::Gemma3),
             Some(Value::Str(a)) if a == "phi3" => Ok(Arch::Phi3),
+            Some(Value::Str(a)) if a == "gptneox" => Ok(Arch::GptNeox),
             other => {
                 let msg = format!(
-                    "general.architecture {other:?} is not supported (llama, qwen2, qwen3, gemma3 and phi3 are)"
+                    "general.architecture {other:?} is not supported (llama, qwen2, qwen3, gemma3, phi3 and gptneox \
+                     are)"
                 );
                 Err(self.err("metadata", msg))
             }
@@ -302,26 +309,29 @@ impl Gguf {
     }
 
     /// An optional integer metadata value (present but not an integer is an error).
-    fn int_opt(&self, key: &str) -> Result<Option<usize>, PolicyError> {
+    pub(crate) fn int_opt(&self, key: &str) -> Result<Option<usize>, PolicyError> {
         self.metadata.get(key).map(|_| self.int(key)).transpose()
     }
 
     /// An optional number (present but not a number is an error).
-    fn float_opt(&self, key: &str) -> Result<Option<f64>, PolicyError> {
+    pub(crate) fn float_opt(&self, key: &str) -> Result<Option<f64>, PolicyError> {
         self.metadata.get(key).map(|_| self.float(key)).transpose()
     }
 }
 
 /// The HF config (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`,
-/// `Gemma3ForCausalLM` or `Phi3ForCausalLM`, whose own fields [`Arch::Gemma3`] and [`Arch::Phi3`]
-/// describe) of a file:
-/// sizes from the `<arch>.*` metadata, the head width from `attention.key_length` when given,
-/// tied embeddings when there is no `output.weight`, the special ids from `tokenizer.ggml.*`
-/// (EOS together with the end-of-turn and end-of-message ids, which end a generation in
-/// llama.cpp too; a SentencePiece vocabulary's BOS 1 and EOS 2 unless named), and Llama 3's RoPE scaling recovered from a `rope_freqs.weight` tensor
-/// ([`crate::rope::Llama3Scaling::from_freq_factors`]).
+/// `Gemma3ForCausalLM`, `Phi3ForCausalLM` or `GPTNeoXForCausalLM`, whose own fields
+/// [`Arch::Gemma3`], [`Arch::Phi3`] and [`Arch::GptNeox`] describe) of a file: sizes from the
+/// `<arch>.*` metadata, the head width from `attention.key_length` when given, tied embeddings
+/// when there is no `output.weight`, the special ids from `tokenizer.ggml.*` (EOS together with
+/// the end-of-turn and end-of-message ids, which end a generation in llama.cpp too; a
+/// SentencePiece vocabulary's BOS 1 and EOS 2 unless named), and Llama 3's RoPE scaling
+/// recovered from a `rope_freqs.weight` tensor ([`crate::rope::Llama3Scaling::from_freq_factors`]).
 pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
     let arch = g.arch()?;
+    if arch == Arch::GptNeox {
+        return checked_config(g, arch, crate::gguf_neox::model_config(g, special_ids(g)?)?);
+    }
     let key = |k: &str| format!("{}.{k}", arch.prefix());
     let embd = g
         .tensors
@@ -348,19 +358,7 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
             return Err(g.err("metadata", msg));
         }
     }
-    let token = |key: &str| g.int_opt(key).map(|id| id.map(|id| id as u32));
-    let mut eos: Vec<u32> = vec![];
-    for k in ["eos", "eot", "eom"] {
-        if let Some(id) = token(&format!("tokenizer.ggml.{k}_token_id"))?.filter(|id| !eos.contains(id)) {
-            eos.push(id);
-        }
-    }
-    // llama.cpp's defaults for a SentencePiece vocabulary that names neither
-    let sentencepiece = crate::gguf_tokenizer::is_sentencepiece(g);
-    let bos = token("tokenizer.ggml.bos_token_id")?.or(sentencepiece.then_some(SENTENCEPIECE_BOS as u32));
-    if eos.is_empty() && sentencepiece {
-        eos.push(SENTENCEPIECE_EOS);
-    }
+    let special = special_ids(g)?;
     let mut cfg = serde_json::json!({
         "model_type": arch.prefix(),
         "architectures": [match arch {
@@ -369,6 +367,7 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
             Arch::Qwen3 => "Qwen3ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
             Arch::Phi3 => "Phi3ForCausalLM",
+            Arch::GptNeox => unreachable!("read by gguf_neox::model_config"),
         }],
         "vocab_size": vocab,
         "hidden_size": hidden,
@@ -381,25 +380,51 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
         "rope_theta": rope_theta,
         "max_position_embeddings": g.int(&key("context_length"))?,
         "tie_word_embeddings": !g.tensors.iter().any(|t| t.name == "output.weight"),
-        "bos_token_id": bos,
-        "eos_token_id": if eos.len() > 1 { serde_json::json!(eos) } else { serde_json::json!(eos.first()) },
-        "pad_token_id": token("tokenizer.ggml.padding_token_id")?,
     });
+    cfg.as_object_mut().expect("a JSON object").extend(special.as_object().expect("an object").clone());
     if arch == Arch::Gemma3 {
         gemma3_fields(g, head_dim, &mut cfg)?;
     }
     if arch == Arch::Phi3 {
-        phi3_fields(g, head_dim, rotary, &mut cfg)?;
+        crate::phi3::gguf_fields(g, head_dim, rotary, &mut cfg)?;
     }
     if let Some(s) = rope_scaling(g, head_dim, rope_theta as f32)? {
         cfg["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": s.factor,
             "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
             "original_max_position_embeddings": s.original_max_position_embeddings});
     }
+    checked_config(g, arch, cfg)
+}
+
+/// `cfg` read as a config and checked, its errors naming the file.
+fn checked_config(g: &Gguf, arch: Arch, cfg: serde_json::Value) -> Result<ModelConfig, PolicyError> {
     let cfg: ModelConfig = serde_json::from_value(cfg)
         .map_err(|e| g.err("metadata", format!("not a valid {} config: {e}", arch.prefix())))?;
     cfg.dims().map_err(|e| g.err("metadata", e.to_string()))?;
     Ok(cfg)
+}
+
+/// `bos_token_id`, `eos_token_id` and `pad_token_id` from `tokenizer.ggml.*`: EOS together with
+/// the end-of-turn and end-of-message ids (a list when more than one), and llama.cpp's
+/// defaults for a SentencePiece vocabulary that names neither BOS nor EOS.
+fn special_ids(g: &Gguf) -> Result<serde_json::Value, PolicyError> {
+    let token = |key: &str| g.int_opt(key).map(|id| id.map(|id| id as u32));
+    let mut eos: Vec<u32> = vec![];
+    for k in ["eos", "eot", "eom"] {
+        if let Some(id) = token(&format!("tokenizer.ggml.{k}_token_id"))?.filter(|id| !eos.contains(id)) {
+            eos.push(id);
+        }
+    }
+    let sentencepiece = crate::gguf_tokenizer::is_sentencepiece(g);
+    let bos = token("tokenizer.ggml.bos_token_id")?.or(sentencepiece.then_some(SENTENCEPIECE_BOS as u32));
+    if eos.is_empty() && sentencepiece {
+        eos.push(SENTENCEPIECE_EOS);
+    }
+    Ok(serde_json::json!({
+        "bos_token_id": bos,
+        "eos_token_id": if eos.len() > 1 { serde_json::json!(eos) } else { serde_json::json!(eos.first()) },
+        "pad_token_id": token("tokenizer.ggml.padding_token_id")?,
+    }))
 }
 
 /// A `gemma3` file's own fields on top of the Llama ones in `cfg`: `gemma3_text`, the tanh GELU,
@@ -444,59 +469,6 @@ fn gemma3_fields(g: &Gguf, head_dim: usize, cfg: &mut serde_json::Value) -> Resu
     Ok(())
 }
 
-/// A `phi3` file's own fields on top of the Llama ones in `cfg`: the window (none for 0, as
-/// the converter writes Phi-4-mini's), the share of each head RoPE turns, the pretrained context
-/// `rope.scaling.original_context_length` (the context length when absent, as llama.cpp reads
-/// it), and LongRoPE where the file has its `rope_factors_short.weight` and
-/// `rope_factors_long.weight` tensors, with `rope.scaling.attn_factor` (1 when absent, as
-/// llama.cpp reads it).
-fn phi3_fields(
-    g: &Gguf,
-    head_dim: usize,
-    rotary: Option<usize>,
-    cfg: &mut serde_json::Value,
-) -> Result<(), PolicyError> {
-    let window = g.int_opt("phi3.attention.sliding_window")?.filter(|&w| w > 0);
-    let original = match g.int_opt("phi3.rope.scaling.original_context_length")? {
-        Some(n) => n,
-        None => g.int("phi3.context_length")?,
-    };
-    let longrope = longrope_scaling(g)?;
-    let obj = cfg.as_object_mut().expect("a JSON object");
-    obj.insert("sliding_window".into(), window.into());
-    obj.insert("original_max_position_embeddings".into(), original.into());
-    if let Some(rot) = rotary {
-        let pct = rot as f64 / head_dim as f64;
-        // transformers turns int(head_dim · pct) dimensions: it must give `rot` back
-        if (head_dim as f64 * pct) as usize != rot {
-            return Err(g.err("metadata", format!("RoPE on {rot} of {head_dim} dimensions has no exact share")));
-        }
-        obj.insert("partial_rotary_factor".into(), pct.into());
-    }
-    if let Some(scaling) = longrope {
-        obj.insert("rope_scaling".into(), scaling);
-    }
-    Ok(())
-}
-
-/// The LongRoPE tensors and attention factor of a `phi3` file, as the config's `rope_scaling`;
-/// `None` without the tensors.
-fn longrope_scaling(g: &Gguf) -> Result<Option<serde_json::Value>, PolicyError> {
-    let has = |name: &str| g.tensors.iter().any(|t| t.name == name);
-    match (has(LONGROPE_TENSORS[0]), has(LONGROPE_TENSORS[1])) {
-        (false, false) => return Ok(None),
-        (true, true) => {}
-        _ => return Err(g.err("rope_factors_long.weight", "LongRoPE needs both the short and the long factors")),
-    }
-    let [short, long] = LONGROPE_TENSORS.map(|name| g.tensor(name).map(|t| t.data));
-    let attention_factor = g.float_opt("phi3.rope.scaling.attn_factor")?.unwrap_or(1.0);
-    Ok(Some(serde_json::json!({"rope_type": "longrope", "short_factor": short?, "long_factor": long?,
-        "attention_factor": attention_factor})))
-}
-
-/// The tensors llama.cpp's converter writes LongRoPE's factors in: short, long.
-const LONGROPE_TENSORS: [&str; 2] = ["rope_factors_short.weight", "rope_factors_long.weight"];
-
 /// Llama 3's RoPE scaling from the `rope_freqs.weight` tensor, if the file has one.
 fn rope_scaling(g: &Gguf, head_dim: usize, theta: f32) -> Result<Option<Llama3Scaling>, PolicyError> {
     const NAME: &str = "rope_freqs.weight";
@@ -509,17 +481,25 @@ fn rope_scaling(g: &Gguf, head_dim: usize, theta: f32) -> Result<Option<Llama3Sc
 }
 
 /// Every tensor under its HF name, with llama.cpp's permutation of a Llama file's q/k rows
-/// undone (within each head, GGUF row `2i + j` is HF row `j·hd/2 + i`).
+/// undone (within each head, GGUF row `2i + j` is HF row `j·hd/2 + i`), and a GPT-NeoX file's
+/// `attn_qkv` rows back head by head ([`crate::gguf_neox::heads_together`]).
 pub fn hf_tensors(g: &Gguf, cfg: &ModelConfig) -> Result<BTreeMap<String, HostTensor>, PolicyError> {
     let (dims, arch) = (cfg.dims()?, g.arch()?);
     let mut out = BTreeMap::new();
     for t in &g.tensors {
-        if t.name == "rope_freqs.weight" || LONGROPE_TENSORS.contains(&t.name.as_str()) {
+        if t.name == "rope_freqs.weight" || crate::phi3::LONGROPE_TENSORS.contains(&t.name.as_str()) {
             continue; // read into the config's rope_scaling by model_config
         }
-        let name = hf_name(&t.name, arch)
-            .ok_or_else(|| g.err(&t.name, format!("unexpected tensor for a {} model", arch.prefix())))?;
+        let name = match arch {
+            Arch::GptNeox => crate::gguf_neox::hf_name(&t.name),
+            _ => hf_name(&t.name, arch),
+        };
+        let name = name.ok_or_else(|| g.err(&t.name, format!("unexpected tensor for a {} model", arch.prefix())))?;
         let mut x = g.tensor(&t.name)?;
+        if arch == Arch::GptNeox && t.name.contains(".attn_qkv.") {
+            let cols = if x.shape.len() == 2 { x.shape[1] } else { 1 };
+            x.data = crate::gguf_neox::heads_together(&x.data, cols, dims.n_head, dims.head_dim);
+        }
         if arch == Arch::Llama && (t.name.ends_with("attn_q.weight") || t.name.ends_with("attn_k.weight")) {
             x.data = unpermute_rows(&x.data, x.shape[1], dims.head_dim);
         }

@@ -58,10 +58,13 @@ const LLAMA3_REGEX: Split = Split::Regex { pattern: LLAMA3_SPLIT, nfc: false, ll
 /// The `tokenizer.ggml.pre` names known here (llama.cpp's, as its converter writes them from the
 /// hash of how a tokenizer splits a fixed text) and their splits; a file without the key splits
 /// as GPT-2.
-const PRE_SPLITS: [(&str, Split); 14] = [
+const PRE_SPLITS: [(&str, Split); 16] = [
     ("default", Split::Gpt2),
     ("gpt-2", Split::Gpt2),
     ("gpt2", Split::Gpt2),
+    // GPT-NeoX's vocabulary (Pythia, OLMo) and MPT's: GPT-2's split in llama.cpp
+    ("olmo", Split::Gpt2),
+    ("mpt", Split::Gpt2),
     ("smollm", Split::DigitsThenGpt2),
     ("llama3", LLAMA3),
     ("llama-v3", LLAMA3),

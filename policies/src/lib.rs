@@ -40,6 +40,7 @@ pub mod fused;
 pub mod gelu;
 pub mod gemma3;
 pub mod gguf;
+mod gguf_neox;
 pub mod gguf_quants;
 pub mod gguf_tokenizer;
 pub mod gpt_neox;

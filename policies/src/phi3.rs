@@ -46,6 +46,59 @@ pub(crate) fn dims(c: &LlamaConfig) -> Result<Dims, PolicyError> {
     Ok(Dims { partial_rotary: partial_rotary(d.head_dim, pct, field)?, fused_projections: true, ..d })
 }
 
+/// A `phi3` file's own fields on top of the Llama ones in `cfg`: the window (none for 0, as
+/// the converter writes Phi-4-mini's), the share of each head RoPE turns, the pretrained context
+/// `rope.scaling.original_context_length` (the context length when absent, as llama.cpp reads
+/// it), and LongRoPE where the file has its `rope_factors_short.weight` and
+/// `rope_factors_long.weight` tensors, with `rope.scaling.attn_factor` (1 when absent, as
+/// llama.cpp reads it).
+pub(crate) fn gguf_fields(
+    g: &crate::gguf::Gguf,
+    head_dim: usize,
+    rotary: Option<usize>,
+    cfg: &mut serde_json::Value,
+) -> Result<(), PolicyError> {
+    let window = g.int_opt("phi3.attention.sliding_window")?.filter(|&w| w > 0);
+    let original = match g.int_opt("phi3.rope.scaling.original_context_length")? {
+        Some(n) => n,
+        None => g.int("phi3.context_length")?,
+    };
+    let longrope = longrope_scaling(g)?;
+    let obj = cfg.as_object_mut().expect("a JSON object");
+    obj.insert("sliding_window".into(), window.into());
+    obj.insert("original_max_position_embeddings".into(), original.into());
+    if let Some(rot) = rotary {
+        let pct = rot as f64 / head_dim as f64;
+        // transformers turns int(head_dim · pct) dimensions: it must give `rot` back
+        if (head_dim as f64 * pct) as usize != rot {
+            return Err(g.err("metadata", format!("RoPE on {rot} of {head_dim} dimensions has no exact share")));
+        }
+        obj.insert("partial_rotary_factor".into(), pct.into());
+    }
+    if let Some(scaling) = longrope {
+        obj.insert("rope_scaling".into(), scaling);
+    }
+    Ok(())
+}
+
+/// The LongRoPE tensors and attention factor of a `phi3` file, as the config's `rope_scaling`;
+/// `None` without the tensors.
+fn longrope_scaling(g: &crate::gguf::Gguf) -> Result<Option<serde_json::Value>, PolicyError> {
+    let has = |name: &str| g.tensors.iter().any(|t| t.name == name);
+    match (has(LONGROPE_TENSORS[0]), has(LONGROPE_TENSORS[1])) {
+        (false, false) => return Ok(None),
+        (true, true) => {}
+        _ => return Err(g.err("rope_factors_long.weight", "LongRoPE needs both the short and the long factors")),
+    }
+    let [short, long] = LONGROPE_TENSORS.map(|name| g.tensor(name).map(|t| t.data));
+    let attention_factor = g.float_opt("phi3.rope.scaling.attn_factor")?.unwrap_or(1.0);
+    Ok(Some(serde_json::json!({"rope_type": "longrope", "short_factor": short?, "long_factor": long?,
+        "attention_factor": attention_factor})))
+}
+
+/// The tensors llama.cpp's converter writes LongRoPE's factors in: short, long.
+pub(crate) const LONGROPE_TENSORS: [&str; 2] = ["rope_factors_short.weight", "rope_factors_long.weight"];
+
 #[cfg(test)]
 mod tests {
     use crate::config::ModelConfig;
