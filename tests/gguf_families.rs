@@ -217,27 +217,43 @@ fn gemma3_gguf_layer_patterns_and_refusals() {
     }
 }
 
-/// llama.cpp's own test vectors for Phi-3's vocabulary (Llama 2's SentencePiece tokens and
-/// Phi-3's chat tokens, `tests/fixtures/llama.cpp-vocab`): 46 texts — spaces, tabs and newlines
-/// in runs, accents, CJK, emoji, code — give the ids of the model's own tokenizer, and decode
-/// back to the text.
-#[test]
-fn phi3_vocabulary_matches_llama_cpp_test_vectors() {
+/// llama.cpp's own test vectors for a vocabulary (`tests/fixtures/llama.cpp-vocab`): its 46
+/// texts — spaces, tabs and newlines in runs, accents, CJK, emoji, code — give the ids of the
+/// model's own tokenizer (`encode` adds no BOS), and decode back to the text. Returns the tokenizer.
+fn llama_cpp_vectors(name: &str) -> rlhf_policies::Tokenizer {
     use rlhf_policies::gguf::{tokenizer_json, Gguf};
     let dir = fixture("llama.cpp-vocab");
-    let g = Gguf::open(&dir.join("ggml-vocab-phi-3.gguf")).unwrap();
-    let tok = rlhf_policies::Tokenizer::from_json(&tokenizer_json(&g).unwrap(), "phi-3").unwrap();
-    assert_eq!((tok.vocab_size(), tok.bos_prefix()), (32064, Some(1)));
-    let inputs = std::fs::read_to_string(dir.join("ggml-vocab-phi-3.gguf.inp")).unwrap();
-    let outputs = std::fs::read_to_string(dir.join("ggml-vocab-phi-3.gguf.out")).unwrap();
+    let g = Gguf::open(&dir.join(format!("ggml-vocab-{name}.gguf"))).unwrap();
+    let tok = rlhf_policies::Tokenizer::from_json(&tokenizer_json(&g).unwrap(), name).unwrap();
+    let inputs = std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.inp"))).unwrap();
+    let outputs = std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.out"))).unwrap();
+    // each text is followed by the separator line
     let texts: Vec<&str> = inputs.split("\n__ggml_vocab_test__\n").collect();
     let want: Vec<Vec<u32>> =
         outputs.lines().map(|l| l.split_whitespace().map(|x| x.parse().unwrap()).collect()).collect();
-    assert_eq!(want.len(), 46);
+    assert_eq!((texts.len(), texts.last(), want.len()), (47, Some(&""), 46), "{name}");
     for (text, want) in texts.iter().zip(&want) {
         let ids = tok.encode(text).unwrap();
-        assert_eq!(&ids, want, "{text:?}");
-        assert_eq!(tok.decode(&ids).unwrap(), *text, "decoding {text:?}");
+        assert_eq!(&ids, want, "{name}: {text:?}");
+        assert_eq!(tok.decode(&ids).unwrap(), *text, "{name}: decoding {text:?}");
+    }
+    tok
+}
+
+/// Phi-3's vocabulary: Llama 2's SentencePiece tokens and Phi-3's chat tokens, BOS added.
+#[test]
+fn phi3_vocabulary_matches_llama_cpp_test_vectors() {
+    let tok = llama_cpp_vectors("phi-3");
+    assert_eq!((tok.vocab_size(), tok.bos_prefix()), (32064, Some(1)));
+}
+
+/// GPT-NeoX-20B's byte-level vocabulary (Pythia's and OLMo's, here under MPT's `mpt` name), and
+/// Falcon's (punctuation runs apart, digits in threes): llama.cpp's test vectors.
+#[test]
+fn gpt_neox_and_falcon_vocabularies_match_llama_cpp_test_vectors() {
+    for (name, vocab) in [("mpt", 50432), ("falcon", 65024)] {
+        let tok = llama_cpp_vectors(name);
+        assert_eq!((tok.vocab_size(), tok.bos_prefix()), (vocab, None), "{name}");
     }
 }
 

@@ -5,10 +5,12 @@
 //! tokens, merges and token types, and names in `tokenizer.ggml.pre` how text is split before the
 //! merges. The split is what the model's own `tokenizer.json` does — the one the vocabulary was
 //! trained with, which llama.cpp and transformers' GGUF loader rebuild from the name: GPT-2's
-//! byte-level regex, Llama 3's and Qwen2's `Split` regexes (digits in threes, digits one by one;
-//! Qwen2's after NFC normalisation, which llama.cpp and transformers' GGUF loader leave out; Llama
-//! 3's words that are tokens taken whole), SmolLM's digits-first. A name outside these is an error
-//! rather than a guess, since a wrong split tokenizes text the model never saw.
+//! byte-level regex (GPT-2, GPT-NeoX's vocabulary, MPT), Llama 3's, Qwen2's, GPT-4o's and
+//! Tekken's `Split` regexes (digits in threes, digits one by one; Qwen2's after NFC
+//! normalisation, which llama.cpp and transformers' GGUF loader leave out; Llama 3's and
+//! Tekken's words that are tokens taken whole), the digits-first split of SmolLM, StarCoder and
+//! Command-R, and Falcon's. A name outside these is an error rather than a guess, since a wrong
+//! split tokenizes text the model never saw.
 //!
 //! A SentencePiece BPE file (`tokenizer.ggml.model = llama`: Llama 2, TinyLlama, Mistral 7B,
 //! Gemma) stores tokens with scores and types but no merges: llama.cpp joins, again and again, the
@@ -29,6 +31,22 @@ const LLAMA3_SPLIT: &str = concat!(
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 );
 
+/// GPT-4o's split (`o200k_base`: Phi-4, Phi-4-mini, Llama 4), as its tokenizer.json has it:
+/// words with their case runs apart, contractions kept on, digits in runs of up to three.
+const GPT4O_SPLIT: &str = concat!(
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+);
+
+/// Mistral's Tekken split (Mistral NeMo, Ministral): GPT-4o's without the contractions, each
+/// digit on its own.
+const TEKKEN_SPLIT: &str = concat!(
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+",
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*",
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+);
+
 /// Qwen2's split: Llama 3's with each digit on its own.
 const QWEN2_SPLIT: &str = concat!(
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}",
@@ -40,11 +58,13 @@ const QWEN2_SPLIT: &str = concat!(
 enum Split {
     /// GPT-2's byte-level regex (the `ByteLevel` pre-tokenizer's own).
     Gpt2,
-    /// Every digit alone, then GPT-2's regex (SmolLM).
+    /// Every digit alone, then GPT-2's regex (SmolLM, StarCoder, Command-R).
     DigitsThenGpt2,
+    /// Falcon's: runs of punctuation apart, GPT-2's regex, digits in threes.
+    Falcon,
     /// A `Split` regex, then byte-level mapping without a regex of its own; `nfc`: the text is
     /// NFC-normalised first (Qwen2's tokenizer, as transformers' `Qwen2Tokenizer` builds it);
-    /// `llama3`: llama.cpp's Llama 3 pre-type — a word that is itself a token is taken whole
+    /// `llama3`: llama.cpp's Llama 3 (and Tekken) pre-type — a word that is itself a token is taken whole
     /// rather than merged up to (Llama 3's tokenizer.json has `ignore_merges`; some such tokens
     /// cannot be reached by the merges at all), and BOS goes in front unless
     /// `tokenizer.ggml.add_bos_token` says otherwise.
@@ -58,7 +78,7 @@ const LLAMA3_REGEX: Split = Split::Regex { pattern: LLAMA3_SPLIT, nfc: false, ll
 /// The `tokenizer.ggml.pre` names known here (llama.cpp's, as its converter writes them from the
 /// hash of how a tokenizer splits a fixed text) and their splits; a file without the key splits
 /// as GPT-2.
-const PRE_SPLITS: [(&str, Split); 16] = [
+const PRE_SPLITS: [(&str, Split); 25] = [
     ("default", Split::Gpt2),
     ("gpt-2", Split::Gpt2),
     ("gpt2", Split::Gpt2),
@@ -66,6 +86,15 @@ const PRE_SPLITS: [(&str, Split); 16] = [
     ("olmo", Split::Gpt2),
     ("mpt", Split::Gpt2),
     ("smollm", Split::DigitsThenGpt2),
+    ("starcoder", Split::DigitsThenGpt2),
+    ("refact", Split::DigitsThenGpt2),
+    ("command-r", Split::DigitsThenGpt2),
+    ("codeshell", Split::DigitsThenGpt2),
+    ("exaone", Split::DigitsThenGpt2),
+    ("falcon", Split::Falcon),
+    ("gpt-4o", Split::Regex { pattern: GPT4O_SPLIT, nfc: false, llama3: false }),
+    ("llama4", Split::Regex { pattern: GPT4O_SPLIT, nfc: false, llama3: false }),
+    ("tekken", Split::Regex { pattern: TEKKEN_SPLIT, nfc: false, llama3: true }),
     ("llama3", LLAMA3),
     ("llama-v3", LLAMA3),
     ("llama-bpe", LLAMA3),
@@ -84,6 +113,10 @@ impl Split {
             Split::Gpt2 => byte_level(true),
             Split::DigitsThenGpt2 => serde_json::json!({"type": "Sequence", "pretokenizers": [
                 {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+            Split::Falcon => serde_json::json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Punctuation", "behavior": "Contiguous"}, byte_level(true),
+                {"type": "Digits", "individual_digits": false},
+                {"type": "Split", "pattern": {"Regex": "[0-9][0-9][0-9]"}, "behavior": "Isolated", "invert": false}]}),
             Split::Regex { pattern, .. } => serde_json::json!({"type": "Sequence", "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
                 byte_level(false)]}),
@@ -419,5 +452,28 @@ mod tests {
         let n = (0..0x200u32).filter_map(char::from_u32).filter(|c| byte_level_spelling(&c.to_string())).count();
         assert_eq!(n, 256);
         assert!(byte_level_spelling("ĠHello<|im_end|>") && !byte_level_spelling("a b"));
+    }
+
+    /// The pieces `split` cuts `text` into (before the byte-level mapping).
+    fn pieces(split: &str, text: &str) -> Vec<String> {
+        use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, PreTokenizerWrapper};
+        let json = serde_json::json!({"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated",
+            "invert": false});
+        let pre: PreTokenizerWrapper = serde_json::from_value(json).unwrap();
+        let mut s = PreTokenizedString::from(text);
+        pre.pre_tokenize(&mut s).unwrap();
+        s.get_splits(OffsetReferential::Original, OffsetType::Char).into_iter().map(|(p, _, _)| p.to_string()).collect()
+    }
+
+    /// GPT-4o's split (no llama.cpp test vectors here): case runs apart with the contraction kept
+    /// on, a capitals run before its lower-case tail, digits in threes, a space left alone
+    /// before digits, newline runs together; Tekken's without contractions, digit by digit.
+    #[test]
+    fn gpt4o_and_tekken_splits() {
+        let text = "HelloWorld's CAPSLock 12345 naïve café\n\n  x";
+        let want = ["Hello", "World's", " CAPSLock", " ", "123", "45", " naïve", " café", "\n\n", " ", " x"];
+        assert_eq!(pieces(GPT4O_SPLIT, text), want);
+        let want = ["Hello", "World", "'s", " CAPSLock", " ", "1", "2", "3", "4", "5"];
+        assert_eq!(pieces(TEKKEN_SPLIT, "HelloWorld's CAPSLock 12345"), want);
     }
 }
