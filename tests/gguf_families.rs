@@ -187,10 +187,12 @@ fn gemma3_gguf_matches_transformers_with_its_windows_and_norm_gains() {
 }
 
 /// What a `gemma3` file may say beyond the fixture: another layer pattern (a period, or one flag
-/// per layer), no window; RoPE scaling and a final logit softcap are refused by name.
+/// per layer), no window, linear RoPE scaling; other scalings and a final logit softcap are
+/// refused by name.
 #[test]
 fn gemma3_gguf_layer_patterns_and_refusals() {
     use rlhf_policies::gguf::{model_config, Gguf, Value as Meta};
+    use rlhf_policies::rope::RopeScaling;
     let mut g = Gguf::open(&fixture("gguf-gemma3-tiny.gguf")).unwrap();
     let windows = |g: &Gguf| model_config(g).unwrap().layer_windows().unwrap();
     g.metadata.insert("gemma3.attention.sliding_window_pattern".into(), Meta::Int(2));
@@ -200,9 +202,14 @@ fn gemma3_gguf_layer_patterns_and_refusals() {
     assert_eq!(windows(&g), [Some(8), None, None, Some(8), Some(8), None]);
     g.metadata.remove("gemma3.attention.sliding_window");
     assert_eq!(windows(&g), [None; 6]);
+    // gemma-3-4b's linear scaling, on the full layers only; another kind is refused by name
     g.metadata.insert("gemma3.rope.scaling.type".into(), Meta::Str("linear".into()));
+    g.metadata.insert("gemma3.rope.scaling.factor".into(), Meta::Float(8.0));
+    let d = model_config(&g).unwrap().dims().unwrap();
+    assert_eq!((d.rope_scaling, d.local_rope().rope_scaling), (Some(RopeScaling::Linear { factor: 8.0 }), None));
+    g.metadata.insert("gemma3.rope.scaling.type".into(), Meta::Str("yarn".into()));
     let e = model_config(&g).unwrap_err().to_string();
-    assert!(e.contains("gguf-gemma3-tiny.gguf") && e.contains("linear") && e.contains("rope.scaling.type"), "{e}");
+    assert!(e.contains("gguf-gemma3-tiny.gguf") && e.contains("yarn") && e.contains("rope.scaling.type"), "{e}");
     g.metadata.remove("gemma3.rope.scaling.type");
     g.metadata.insert("gemma3.final_logit_softcapping".into(), Meta::Float(30.0));
     let e = model_config(&g).unwrap_err().to_string();

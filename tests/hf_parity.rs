@@ -200,6 +200,60 @@ fn phi3_logits_left_padded_batch_greedy_and_kv_cache() {
     }
 }
 
+/// Gemma 3's multimodal checkpoint (gemma-3-4b's layout: `text_config`, `language_model.*`
+/// beside a vision tower and projector) loads as its text model — linear RoPE scaling on the
+/// full layers, the multimodal config's EOS list — with the multimodal model's logits on text;
+/// transformers 5's in-memory names load too, and a saved checkpoint is the text model alone.
+#[test]
+fn gemma3_multimodal_checkpoint_loads_its_text_model() {
+    use rlhf_policies::checkpoint::{read_safetensors, write_safetensors};
+    let name = "hf-gemma3-mm-tiny";
+    let (model, exp) = load(name);
+    assert!(matches!(model.config, rlhf_policies::ModelConfig::Gemma3Text(_)));
+    assert_eq!(model.dims.rope_scaling, Some(rlhf_policies::rope::RopeScaling::Linear { factor: 8.0 }));
+    assert_eq!(model.config.eos_token_ids(), [0, 1]);
+    check_texts(name);
+    check_left_padded(name);
+    check_greedy(name);
+    check_incremental(name);
+    let logits = |m: &CausalLm<Cpu>| {
+        let ids = u32s(&exp["texts"][0]["ids"]);
+        m.forward(&Batch::unpadded(&[ids]).unwrap(), NoneTape).unwrap().as_vec()
+    };
+    // transformers 5's names: model.language_model.*, model.vision_tower.*, …
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture(name).join("config.json"), dir.path().join("config.json")).unwrap();
+    let tensors = read_safetensors(&fixture(name).join("model.safetensors")).unwrap();
+    let renamed = tensors
+        .into_iter()
+        .map(|(k, v)| match k.strip_prefix("language_model.model.") {
+            Some(rest) => (format!("model.language_model.{rest}"), v),
+            None => (format!("model.{k}"), v),
+        })
+        .collect();
+    write_safetensors(&dir.path().join("model.safetensors"), &renamed).unwrap();
+    let again = CausalLm::load_pretrained(dir.path(), &Cpu::default()).unwrap();
+    assert_eq!(logits(&again), logits(&model));
+    // saved: Gemma3ForCausalLM's config and names, no vision tensors
+    let saved = tempfile::tempdir().unwrap();
+    model.save_pretrained(saved.path(), None).unwrap();
+    let config = read_json(&saved.path().join("config.json"));
+    assert_eq!(
+        (config["model_type"].as_str(), config["architectures"][0].as_str()),
+        (Some("gemma3_text"), Some("Gemma3ForCausalLM"))
+    );
+    let names = read_safetensors(&saved.path().join("model.safetensors")).unwrap();
+    assert!(
+        names
+            .keys()
+            .all(|k| k.starts_with("model.layers.") || k.starts_with("model.embed") || k == "model.norm.weight"),
+        "{:?}",
+        names.keys()
+    );
+    let reloaded = CausalLm::load_pretrained(saved.path(), &Cpu::default()).unwrap();
+    assert_eq!(logits(&reloaded), logits(&model));
+}
+
 /// LongRoPE runs within the pretrained context only (past it transformers switches to the long
 /// factors): a 64-position Phi-4-mini-shaped model takes 64 positions, and a 65th is refused
 /// by name by the training forward, the decoding engine and the sampler.

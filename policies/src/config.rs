@@ -285,10 +285,11 @@ impl ModelConfig {
             }
             Some("mistral") => {}
             Some("phi3") => crate::phi3::fill_defaults(&mut value),
+            Some("gemma3") => value = crate::gemma3::text_of_multimodal(&value)?,
             Some(other) => {
                 let msg = format!(
                     "unsupported model_type {other:?} (\"gpt2\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\", \
-                     \"gemma3_text\", \"gpt_neox\" and \"phi3\" are)"
+                     \"gemma3_text\", \"gemma3\" (its text model), \"gpt_neox\" and \"phi3\" are)"
                 );
                 return Err(PolicyError::config("model_type", msg));
             }

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Dims, Family, GeluKind, Glu, TokenIds};
 use crate::error::PolicyError;
+use crate::rope::RopeScaling;
 
 /// `Gemma3TextConfig` fields (transformers names and defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -188,38 +189,47 @@ impl Gemma3Config {
         }
     }
 
-    /// The RoPE bases of the full and the sliding layers, from either layout.
-    fn rope_bases(&self) -> Result<(f64, f64), PolicyError> {
+    /// The RoPE bases of the full and the sliding layers, from either layout, and the full
+    /// layers' linear scaling (gemma-3-4b and up; transformers scales those layers only).
+    fn rope_bases(&self) -> Result<(f64, Option<RopeScaling>, f64), PolicyError> {
         let Some(params) = &self.rope_parameters else {
-            if self.rope_scaling.as_ref().is_some_and(|s| !s.is_null()) {
-                return Err(PolicyError::config("rope_scaling", "RoPE scaling is not supported for Gemma 3".into()));
-            }
+            let scaling = match &self.rope_scaling {
+                None | Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::Object(s)) => full_scaling(s, "rope_scaling")?,
+                Some(other) => return Err(PolicyError::config("rope_scaling", format!("{other} is not an object"))),
+            };
             let (full, local) = DEFAULT_THETAS;
-            return Ok((self.rope_theta.unwrap_or(full), self.rope_local_base_freq.unwrap_or(local)));
+            return Ok((self.rope_theta.unwrap_or(full), scaling, self.rope_local_base_freq.unwrap_or(local)));
         };
         let obj = params.as_object().filter(|o| o.keys().all(|k| k == "full_attention" || k == "sliding_attention"));
         let Some(obj) = obj else {
             let msg = format!("{params}: expected an object of \"full_attention\" and \"sliding_attention\" entries");
             return Err(PolicyError::config("rope_parameters", msg));
         };
-        let base = |kind: &str, default: f64| -> Result<f64, PolicyError> {
-            let Some(entry) = obj.get(kind) else { return Ok(default) };
+        let base = |kind: &str, default: f64| -> Result<(f64, Option<RopeScaling>), PolicyError> {
+            let Some(entry) = obj.get(kind).and_then(|e| e.as_object()) else { return Ok((default, None)) };
             let field = format!("rope_parameters.{kind}");
-            match entry.get("rope_type").and_then(|t| t.as_str()).unwrap_or("default") {
-                "default" => {}
-                other => {
-                    let msg = format!("{other:?} is not supported for Gemma 3 (only \"default\")");
-                    return Err(PolicyError::config(format!("{field}.rope_type"), msg));
-                }
-            }
-            match entry.get("rope_theta") {
-                None => Ok(default),
+            let scaling = match kind {
+                "full_attention" => full_scaling(entry, &field)?,
+                _ => match entry.get("rope_type").and_then(|t| t.as_str()).unwrap_or("default") {
+                    "default" => None,
+                    other => {
+                        let msg = format!("{other:?} is not supported for Gemma 3's sliding layers (only \"default\")");
+                        return Err(PolicyError::config(format!("{field}.rope_type"), msg));
+                    }
+                },
+            };
+            let theta = match entry.get("rope_theta") {
+                None => default,
                 Some(t) => t.as_f64().filter(|t| *t > 0.0).ok_or_else(|| {
                     PolicyError::config(format!("{field}.rope_theta"), format!("{t} is not a positive number"))
-                }),
-            }
+                })?,
+            };
+            Ok((theta, scaling))
         };
-        Ok((base("full_attention", DEFAULT_THETAS.0)?, base("sliding_attention", DEFAULT_THETAS.1)?))
+        let ((full, scaling), (local, _)) =
+            (base("full_attention", DEFAULT_THETAS.0)?, base("sliding_attention", DEFAULT_THETAS.1)?);
+        Ok((full, scaling, local))
     }
 
     /// The resolved sizes; the error names the offending field.
@@ -249,7 +259,7 @@ impl Gemma3Config {
         if self.query_pre_attn_scalar == 0 {
             return Err(PolicyError::config("query_pre_attn_scalar", "must be > 0".into()));
         }
-        let (theta, local_theta) = self.rope_bases()?;
+        let (theta, rope_scaling, local_theta) = self.rope_bases()?;
         let windows = self.layer_windows()?;
         Ok(Dims {
             family: Family::Llama,
@@ -263,7 +273,7 @@ impl Gemma3Config {
             max_positions: self.max_position_embeddings,
             norm_eps: self.rms_norm_eps as f32,
             rope_theta: theta as f32,
-            rope_scaling: None,
+            rope_scaling,
             tied: self.tie_word_embeddings,
             init_std: self.initializer_range as f32,
             gelu: GeluKind::Tanh,
@@ -281,6 +291,55 @@ impl Gemma3Config {
             ..Dims::PLAIN
         })
     }
+}
+
+/// The full layers' RoPE scaling from a config object (named `field` in errors): none for
+/// `"default"`, a stretch for `"linear"`; other kinds are errors.
+fn full_scaling(
+    params: &serde_json::Map<String, serde_json::Value>,
+    field: &str,
+) -> Result<Option<RopeScaling>, PolicyError> {
+    match params.get("rope_type").or(params.get("type")).and_then(|t| t.as_str()).unwrap_or("default") {
+        "default" => Ok(None),
+        "linear" => RopeScaling::linear(params, field).map(Some),
+        other => {
+            let msg = format!("{other:?} is not supported for Gemma 3 (\"default\" and \"linear\" are)");
+            Err(PolicyError::config(format!("{field}.rope_type"), msg))
+        }
+    }
+}
+
+/// transformers' `Gemma3TextConfig` sizes, for a multimodal config's `text_config` that leaves
+/// them out (gemma-3-4b's lists only what differs).
+const TEXT_DEFAULTS: [(&str, usize); 5] = [
+    ("vocab_size", 262_208),
+    ("hidden_size", 2304),
+    ("intermediate_size", 9216),
+    ("num_hidden_layers", 26),
+    ("num_attention_heads", 8),
+];
+
+/// The text model of a `Gemma3ForConditionalGeneration` config (`model_type: "gemma3"`:
+/// gemma-3-4b, -12b, -27b), as the `gemma3_text` config of a `Gemma3ForCausalLM`: its
+/// `text_config`, with transformers' sizes where it leaves them out and the multimodal config's
+/// special ids (gemma-3-4b-it's EOS list names `<end_of_turn>`) and initialisation. rlhf
+/// trains the text model: the checkpoint's vision tower and projector are not loaded
+/// (`hf_names::normalise_names`), and a saved checkpoint is the text model alone.
+pub(crate) fn text_of_multimodal(config: &serde_json::Value) -> Result<serde_json::Value, PolicyError> {
+    let Some(mut text) = config.get("text_config").and_then(|t| t.as_object()).cloned() else {
+        return Err(PolicyError::config("text_config", "a gemma3 (multimodal) config needs it as an object".into()));
+    };
+    for (key, value) in TEXT_DEFAULTS {
+        text.entry(key).or_insert(value.into());
+    }
+    for key in ["bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "tie_word_embeddings"] {
+        if let Some(v) = config.get(key).filter(|v| !v.is_null()) {
+            text.insert(key.into(), v.clone());
+        }
+    }
+    text.insert("model_type".into(), "gemma3_text".into());
+    text.insert("architectures".into(), serde_json::json!(["Gemma3ForCausalLM"]));
+    Ok(serde_json::Value::Object(text))
 }
 
 #[cfg(test)]
@@ -333,7 +392,7 @@ mod tests {
     fn refuses_what_it_does_not_run() {
         for (from, to, field) in [
             (r#""final_logit_softcapping": null"#, r#""final_logit_softcapping": 30.0"#, "final_logit_softcapping"),
-            (r#""rope_scaling": null"#, r#""rope_scaling": {"rope_type": "linear", "factor": 8.0}"#, "rope_scaling"),
+            (r#""rope_scaling": null"#, r#""rope_scaling": {"rope_type": "yarn", "factor": 8.0}"#, "rope_scaling"),
             (r#""hidden_activation": "gelu_pytorch_tanh""#, r#""hidden_activation": "silu""#, "hidden_activation"),
             (r#""sliding_window": 512"#, r#""sliding_window": null"#, "sliding_window"),
             (r#""use_bidirectional_attention": false"#, r#""use_bidirectional_attention": true"#, "use_bidirectional"),
@@ -344,5 +403,30 @@ mod tests {
         }
         let tf5 = GEMMA3_270M.replace(r#""rope_scaling": null"#, r#""rope_parameters": {"rope_theta": 5.0}"#);
         assert!(ModelConfig::from_json_str(&tf5).unwrap_err().to_string().contains("rope_parameters"));
+    }
+
+    /// gemma-3-4b-it's `config.json` (transformers 4.50), its vision config left out: the text
+    /// config lists only what differs from transformers' defaults.
+    const GEMMA3_4B: &str = r#"{"architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999,
+        "eoi_token_index": 256000, "eos_token_id": [1, 106], "image_token_index": 262144,
+        "initializer_range": 0.02, "mm_tokens_per_image": 256, "model_type": "gemma3",
+        "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+            "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024},
+        "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0"}"#;
+
+    /// The multimodal config reads as its text model: transformers' defaults for the sizes it
+    /// leaves out, the full layers' linear scaling, the EOS list with `<end_of_turn>`.
+    #[test]
+    fn reads_gemma3_4b_multimodal_config_as_its_text_model() {
+        let cfg = ModelConfig::from_json_str(GEMMA3_4B).unwrap();
+        let d = cfg.dims().unwrap();
+        assert_eq!((d.vocab, d.d_model, d.n_layer, d.n_head, d.n_kv_head, d.head_dim), (262208, 2560, 34, 8, 4, 256));
+        assert_eq!((d.rope_theta, d.rope_local_theta, d.sliding_window), (1e6, Some(1e4), Some(1024)));
+        assert_eq!(d.rope_scaling, Some(crate::rope::RopeScaling::Linear { factor: 8.0 }));
+        assert_eq!(d.local_rope().rope_scaling, None);
+        assert_eq!((cfg.bos_token_id(), cfg.eos_token_ids()), (Some(2), vec![1, 106]));
+        assert_eq!(cfg.layer_windows().unwrap().iter().filter(|w| w.is_none()).count(), 5);
+        let e = ModelConfig::from_json_str(r#"{"model_type": "gemma3"}"#).unwrap_err().to_string();
+        assert!(e.contains("text_config"), "{e}");
     }
 }

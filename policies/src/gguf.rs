@@ -350,14 +350,17 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
         return Err(g.err("metadata", msg));
     }
     let rope_theta = g.float_opt(&key("rope.freq_base"))?.unwrap_or(10000.0);
-    match g.metadata.get(&key("rope.scaling.type")) {
-        None => {}
-        Some(Value::Str(t)) if t == "none" => {}
+    // linear scaling (gemma-3-4b and up: llama.cpp, as transformers, leaves the sliding layers
+    // unscaled)
+    let linear = match g.metadata.get(&key("rope.scaling.type")) {
+        None => None,
+        Some(Value::Str(t)) if t == "none" => None,
+        Some(Value::Str(t)) if t == "linear" => Some(g.float(&key("rope.scaling.factor"))?),
         Some(other) => {
             let msg = format!("RoPE scaling {other:?} (`{}`) is not supported", key("rope.scaling.type"));
             return Err(g.err("metadata", msg));
         }
-    }
+    };
     let special = special_ids(g)?;
     let mut cfg = serde_json::json!({
         "model_type": arch.prefix(),
@@ -388,7 +391,10 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
     if arch == Arch::Phi3 {
         crate::phi3::gguf_fields(g, head_dim, rotary, &mut cfg)?;
     }
-    if let Some(s) = rope_scaling(g, head_dim, rope_theta as f32)? {
+    if let Some(factor) = linear {
+        cfg["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": factor});
+    }
+    if let Some(s) = rope_scaling(g, head_dim, rope_theta as f32)?.filter(|_| linear.is_none()) {
         cfg["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": s.factor,
             "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
             "original_max_position_embeddings": s.original_max_position_embeddings});

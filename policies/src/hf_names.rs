@@ -249,12 +249,16 @@ pub(crate) fn is_known_buffer(family: Family, name: &str, tied: bool) -> bool {
     }
 }
 
-/// Accepts the original GPT-2 names without the `transformer.` prefix, and a GPT-NeoX head
-/// named `lm_head` (transformers 5's name in memory; its files keep `embed_out`).
+/// Accepts the original GPT-2 names without the `transformer.` prefix, a GPT-NeoX head named
+/// `lm_head` (transformers 5's name in memory; its files keep `embed_out`), and the text model
+/// of a Gemma 3 multimodal checkpoint ([`text_model_names`]).
 pub(crate) fn normalise_names(
     family: Family,
     mut tensors: BTreeMap<String, HostTensor>,
 ) -> BTreeMap<String, HostTensor> {
+    if family == Family::Llama {
+        tensors = text_model_names(tensors);
+    }
     if family == Family::GptNeox && !tensors.contains_key("embed_out.weight") {
         if let Some(head) = tensors.remove("lm_head.weight") {
             tensors.insert("embed_out.weight".into(), head);
@@ -267,6 +271,33 @@ pub(crate) fn normalise_names(
     tensors
         .into_iter()
         .map(|(k, v)| (if k.starts_with("lm_head") { k } else { format!("transformer.{k}") }, v))
+        .collect()
+}
+
+/// A `Gemma3ForConditionalGeneration` checkpoint's text model under `Gemma3ForCausalLM`'s names:
+/// `language_model.model.*` and `language_model.lm_head.*` (transformers 4's files) or
+/// `model.language_model.*` (transformers 5's) as `model.*` and `lm_head.*`. Its vision tower
+/// and projector (`vision_tower.*`, `multi_modal_projector.*`, with or without `model.`) are
+/// left out: rlhf trains the text model ([`crate::gemma3::text_of_multimodal`]). A checkpoint
+/// without language-model names is returned as it is.
+fn text_model_names(tensors: BTreeMap<String, HostTensor>) -> BTreeMap<String, HostTensor> {
+    const TEXT: [(&str, &str); 3] = [
+        ("language_model.model.", "model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("model.language_model.", "model."),
+    ];
+    const VISION: [&str; 4] =
+        ["vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."];
+    if !tensors.keys().any(|k| TEXT.iter().any(|(from, _)| k.starts_with(from))) {
+        return tensors;
+    }
+    tensors
+        .into_iter()
+        .filter(|(k, _)| !VISION.iter().any(|v| k.starts_with(v)))
+        .map(|(k, v)| match TEXT.iter().find(|(from, _)| k.starts_with(from)) {
+            Some((from, to)) => (format!("{to}{}", &k[from.len()..]), v),
+            None => (k, v),
+        })
         .collect()
 }
 

@@ -40,7 +40,7 @@ pub fn tables(positions: &[usize], dims: &Dims) -> (Vec<f32>, Vec<f32>) {
 
 /// The model's frequencies: `1 / theta^(2i / r)` for `i < r/2` with `r` the
 /// [`Dims::rotary_dim`] (the head width but for a partial rotary), then the config's scaling:
-/// Llama 3's, or LongRoPE's short factors.
+/// Llama 3's, LongRoPE's short factors, or a linear stretch.
 pub fn inv_freq(dims: &Dims) -> Vec<f32> {
     let (rotary, theta) = (dims.rotary_dim(), dims.rope_theta);
     match &dims.rope_scaling {
@@ -51,6 +51,9 @@ pub fn inv_freq(dims: &Dims) -> Vec<f32> {
             f
         }
         Some(RopeScaling::LongRope(l)) => l.inv_freq(rotary, theta),
+        Some(RopeScaling::Linear { factor }) => {
+            unscaled_inv_freq(rotary, theta).into_iter().map(|f| f / factor).collect()
+        }
     }
 }
 
@@ -73,6 +76,28 @@ pub enum RopeScaling {
     Llama3(Llama3Scaling),
     /// `rope_type: "longrope"`.
     LongRope(LongRope),
+    /// `rope_type: "linear"` (position interpolation; Gemma 3's 4B–27B models on their global
+    /// layers): every frequency divided by `factor`.
+    Linear {
+        /// The stretch of the context.
+        factor: f32,
+    },
+}
+
+impl RopeScaling {
+    /// Linear scaling from a config object (named `field` in errors): its positive `factor`.
+    pub(crate) fn linear(
+        params: &serde_json::Map<String, serde_json::Value>,
+        field: &str,
+    ) -> Result<Self, PolicyError> {
+        match params.get("factor").and_then(serde_json::Value::as_f64) {
+            Some(f) if f.is_finite() && f > 0.0 => Ok(RopeScaling::Linear { factor: f as f32 }),
+            _ => Err(PolicyError::config(
+                format!("{field}.factor"),
+                "rope_type linear needs it as a positive number".into(),
+            )),
+        }
+    }
 }
 
 /// RoPE's frequencies before any scaling: `1 / theta^(2i / head_dim)` for `i < head_dim / 2`.
@@ -220,9 +245,10 @@ pub(crate) fn base_and_scaling(c: &LlamaConfig) -> Result<(f64, Option<RopeScali
         "default" => Ok(None),
         "llama3" => Llama3Scaling::from_json(params, field).map(|s| Some(RopeScaling::Llama3(s))),
         "longrope" => LongRope::from_json(params, field, c).map(|s| Some(RopeScaling::LongRope(s))),
+        "linear" => RopeScaling::linear(params, field).map(Some),
         other => Err(PolicyError::config(
             format!("{field}.rope_type"),
-            format!("{other:?} is not supported (\"default\", \"llama3\" and \"longrope\" are)"),
+            format!("{other:?} is not supported (\"default\", \"linear\", \"llama3\" and \"longrope\" are)"),
         )),
     };
     // transformers reads `type` where `rope_type` is absent
@@ -379,6 +405,11 @@ mod tests {
         );
         assert_eq!(c.eos_token_ids(), [128001, 128008, 128009]);
         assert!(config("null").unwrap().dims().unwrap().rope_scaling.is_none());
+        // linear: every frequency divided by the factor
+        let d = config(r#"{"type": "linear", "factor": 4.0}"#).unwrap().dims().unwrap();
+        assert_eq!(d.rope_scaling, Some(RopeScaling::Linear { factor: 4.0 }));
+        let plain = unscaled_inv_freq(d.head_dim, d.rope_theta);
+        assert!(inv_freq(&d).iter().zip(&plain).all(|(f, p)| *f == p / 4.0));
         let e = config(r#"{"type": "yarn", "factor": 4.0}"#).unwrap_err().to_string();
         assert!(e.contains("rope_scaling.rope_type") && e.contains("yarn"), "{e}");
         let e = config(r#"{"rope_type": "llama3", "factor": 8.0}"#).unwrap_err().to_string();
