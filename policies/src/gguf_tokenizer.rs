@@ -9,8 +9,8 @@
 //! Tekken's `Split` regexes (digits in threes, digits one by one; Qwen2's after NFC
 //! normalisation, which llama.cpp and transformers' GGUF loader leave out; Llama 3's and
 //! Tekken's words that are tokens taken whole), the digits-first split of SmolLM, StarCoder and
-//! Command-R, and Falcon's. A name outside these is an error rather than a guess, since a wrong
-//! split tokenizes text the model never saw.
+//! Command-R, Falcon's and DeepSeek Coder's. A name outside these is an error rather than a
+//! guess, since a wrong split tokenizes text the model never saw.
 //!
 //! A SentencePiece BPE file (`tokenizer.ggml.model = llama`: Llama 2, TinyLlama, Mistral 7B,
 //! Gemma) stores tokens with scores and types but no merges: llama.cpp joins, again and again, the
@@ -62,6 +62,9 @@ enum Split {
     DigitsThenGpt2,
     /// Falcon's: runs of punctuation apart, GPT-2's regex, digits in threes.
     Falcon,
+    /// DeepSeek Coder's: newlines, letter runs and punctuation runs (each with a space in
+    /// front), CJK runs and single digits apart.
+    DeepseekCoder,
     /// A `Split` regex, then byte-level mapping without a regex of its own; `nfc`: the text is
     /// NFC-normalised first (Qwen2's tokenizer, as transformers' `Qwen2Tokenizer` builds it);
     /// `llama3`: llama.cpp's Llama 3 (and Tekken) pre-type — a word that is itself a token is taken whole
@@ -78,7 +81,7 @@ const LLAMA3_REGEX: Split = Split::Regex { pattern: LLAMA3_SPLIT, nfc: false, ll
 /// The `tokenizer.ggml.pre` names known here (llama.cpp's, as its converter writes them from the
 /// hash of how a tokenizer splits a fixed text) and their splits; a file without the key splits
 /// as GPT-2.
-const PRE_SPLITS: [(&str, Split); 25] = [
+const PRE_SPLITS: [(&str, Split); 26] = [
     ("default", Split::Gpt2),
     ("gpt-2", Split::Gpt2),
     ("gpt2", Split::Gpt2),
@@ -92,6 +95,7 @@ const PRE_SPLITS: [(&str, Split); 25] = [
     ("codeshell", Split::DigitsThenGpt2),
     ("exaone", Split::DigitsThenGpt2),
     ("falcon", Split::Falcon),
+    ("deepseek-coder", Split::DeepseekCoder),
     ("gpt-4o", Split::Regex { pattern: GPT4O_SPLIT, nfc: false, llama3: false }),
     ("llama4", Split::Regex { pattern: GPT4O_SPLIT, nfc: false, llama3: false }),
     ("tekken", Split::Regex { pattern: TEKKEN_SPLIT, nfc: false, llama3: true }),
@@ -113,6 +117,15 @@ impl Split {
             Split::Gpt2 => byte_level(true),
             Split::DigitsThenGpt2 => serde_json::json!({"type": "Sequence", "pretokenizers": [
                 {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+            Split::DeepseekCoder => {
+                let split = |pattern: &str| {
+                    serde_json::json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
+                        "invert": false})
+                };
+                serde_json::json!({"type": "Sequence", "pretokenizers": [
+                    split(r"[\r\n]"), split(r"\s?\p{L}+"), split(r"\s?\p{P}+"), split("[一-龥ࠀ-一가-퟿]+"),
+                    {"type": "Digits", "individual_digits": true}, byte_level(false)]})
+            }
             Split::Falcon => serde_json::json!({"type": "Sequence", "pretokenizers": [
                 {"type": "Punctuation", "behavior": "Contiguous"}, byte_level(true),
                 {"type": "Digits", "individual_digits": false},
@@ -463,6 +476,24 @@ mod tests {
         let mut s = PreTokenizedString::from(text);
         pre.pre_tokenize(&mut s).unwrap();
         s.get_splits(OffsetReferential::Original, OffsetType::Char).into_iter().map(|(p, _, _)| p.to_string()).collect()
+    }
+
+    /// DeepSeek Coder's split (its llama.cpp test vectors pass too, not vendored: the vocabulary
+    /// is under DeepSeek's licence): newlines alone, letter and punctuation runs each with one
+    /// space in front, single digits; a space before a digit or another space stands alone.
+    #[test]
+    fn deepseek_coder_split() {
+        use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, PreTokenizerWrapper};
+        let pre: PreTokenizerWrapper = serde_json::from_value(Split::DeepseekCoder.pre_tokenizer()).unwrap();
+        let mut s = PreTokenizedString::from("def f(x):\n  return x+12");
+        pre.pre_tokenize(&mut s).unwrap();
+        let pieces: Vec<String> = s
+            .get_splits(OffsetReferential::Original, OffsetType::Char)
+            .into_iter()
+            .map(|(p, _, _)| p.replace('Ġ', " ").replace('Ċ', "\n"))
+            .collect();
+        let want = ["def", " f", "(", "x", "):", "\n", " ", " return", " x", "+", "1", "2"];
+        assert_eq!(pieces, want);
     }
 
     /// GPT-4o's split (no llama.cpp test vectors here): case runs apart with the contraction kept
