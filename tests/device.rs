@@ -542,6 +542,11 @@ macro_rules! device_tests {
                 }
             }
             #[test]
+            fn smollm3_fixture_logits_decode_session_train_steps_and_generate() {
+                every_check("hf-smollm3-tiny", &$dev);
+                generate_on_device("hf-smollm3-tiny", &$dev);
+            }
+            #[test]
             fn mistral_sliding_window_decode_and_generate() {
                 decode_matches_engine("hf-mistral-tiny", &$dev);
                 generate_on_device("hf-mistral-tiny", &$dev);

@@ -1,4 +1,4 @@
-//! Qwen2, Qwen3, Llama 3, Llama 2, Gemma 3, Phi-3 and GPT-NeoX GGUF files, written by llama.cpp's
+//! Qwen2, Qwen3, Llama 3, Llama 2, Gemma 3, Phi-3, SmolLM3 and GPT-NeoX GGUF files, written by llama.cpp's
 //! own converter from tiny HF models (`scripts/fixtures/gguf_tiny.py` and `gguf_spm_tiny.py`,
 //! f32): the model loads with the logits transformers gives (Qwen2's biases, Qwen3's head norms,
 //! Llama 3's RoPE scaling recovered from `rope_freqs.weight`, Gemma 3's norms and windows,
@@ -129,6 +129,16 @@ fn phi3_gguf_matches_transformers_with_its_fused_projections() {
     g.tensors.retain(|t| t.name != "rope_factors_short.weight");
     let err = rlhf_policies::gguf::model_config(&g).unwrap_err().to_string();
     assert!(err.contains("rope_factors_long.weight") && err.contains("short and the long"), "{err}");
+}
+
+/// SmolLM3 as llama.cpp's converter writes it: Llama's file (q/k rows un-permuted), RoPE left
+/// out of every fourth layer as llama.cpp does (no key records it), Llama 3's vocabulary.
+#[test]
+fn smollm3_gguf_matches_transformers() {
+    let (model, tok) = check("smollm3-tiny");
+    assert!(matches!(model.config, rlhf_policies::ModelConfig::Smollm3(_)));
+    assert_eq!(model.blocks.iter().map(|b| b.rope).collect::<Vec<_>>(), [true, true, true, false]);
+    assert_eq!(tok.bos_prefix(), Some(0));
 }
 
 /// GPT-NeoX (Pythia) as llama.cpp's converter writes it: `attn_qkv` back head by head, RoPE on
@@ -328,7 +338,7 @@ fn unknown_pre_tokenizers_and_architectures_are_errors_naming_them() {
     assert!(e.contains("gguf-qwen2-tiny.gguf") && e.contains("deepseek-llm") && e.contains("tokenizer.json beside"));
     g.metadata.insert("general.architecture".into(), Meta::Str("gpt2".into()));
     let e = model_config(&g).unwrap_err().to_string();
-    assert!(e.contains("\"gpt2\"") && e.contains("llama, qwen2, qwen3, gemma3, phi3 and gptneox"), "{e}");
+    assert!(e.contains("\"gpt2\"") && e.contains("llama, qwen2, qwen3, gemma3, phi3, smollm3 and gptneox"), "{e}");
 }
 
 /// `rlhf eval` on text scores the file as transformers' `tokenizer(text)` gives it: with

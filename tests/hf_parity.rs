@@ -200,6 +200,19 @@ fn phi3_logits_left_padded_batch_greedy_and_kv_cache() {
     }
 }
 
+/// SmolLM3: RoPE left out of every fourth layer (NoPE), in the training forward, the
+/// batched and cached decoding alike; the fused CUDA engine refuses it.
+#[test]
+fn smollm3_nope_layers_logits_left_padded_batch_greedy_and_kv_cache() {
+    let (model, _) = load("hf-smollm3-tiny");
+    assert_eq!(model.blocks.iter().map(|b| b.rope).collect::<Vec<_>>(), [true, true, true, false]);
+    assert!(matches!(model.config, rlhf_policies::ModelConfig::Smollm3(_)) && model.dims.tied);
+    check_texts("hf-smollm3-tiny");
+    check_left_padded("hf-smollm3-tiny");
+    check_greedy("hf-smollm3-tiny");
+    check_incremental("hf-smollm3-tiny");
+}
+
 /// Gemma 3's multimodal checkpoint (gemma-3-4b's layout: `text_config`, `language_model.*`
 /// beside a vision tower and projector) loads as its text model — linear RoPE scaling on the
 /// full layers, the multimodal config's EOS list — with the multimodal model's logits on text;

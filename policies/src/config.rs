@@ -48,6 +48,10 @@ pub enum ModelConfig {
     /// [`crate::phi3`].
     #[serde(rename = "phi3")]
     Phi3(LlamaConfig),
+    /// SmolLM3 (`SmolLM3ForCausalLM`): Llama's fields and network, RoPE left out on some
+    /// layers; see [`crate::smollm3`].
+    #[serde(rename = "smollm3")]
+    Smollm3(LlamaConfig),
 }
 
 /// `GPT2Config` fields (transformers names).
@@ -162,6 +166,13 @@ pub struct LlamaConfig {
     /// transformers' do.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partial_rotary_factor: Option<f64>,
+    /// SmolLM3's layers with RoPE (1) and without (0), for `model_type: smollm3`
+    /// ([`crate::smollm3`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_rope_layers: Option<Vec<u8>>,
+    /// SmolLM3: without `no_rope_layers`, every `n`-th layer has no RoPE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_rope_layer_interval: Option<usize>,
     /// Biases on the MLP. Must be `false`.
     #[serde(default)]
     pub mlp_bias: bool,
@@ -285,11 +296,12 @@ impl ModelConfig {
             }
             Some("mistral") => {}
             Some("phi3") => crate::phi3::fill_defaults(&mut value),
+            Some("smollm3") => crate::smollm3::fill_defaults(&mut value),
             Some("gemma3") => value = crate::gemma3::text_of_multimodal(&value)?,
             Some(other) => {
                 let msg = format!(
                     "unsupported model_type {other:?} (\"gpt2\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\", \
-                     \"gemma3_text\", \"gemma3\" (its text model), \"gpt_neox\" and \"phi3\" are)"
+                     \"gemma3_text\", \"gemma3\" (its text model), \"gpt_neox\", \"phi3\" and \"smollm3\" are)"
                 );
                 return Err(PolicyError::config("model_type", msg));
             }
@@ -369,7 +381,8 @@ impl ModelConfig {
             | ModelConfig::Qwen2(c)
             | ModelConfig::Qwen3(c)
             | ModelConfig::Mistral(c)
-            | ModelConfig::Phi3(c) => {
+            | ModelConfig::Phi3(c)
+            | ModelConfig::Smollm3(c) => {
                 Shared { vocab: c.vocab_size, bos: c.bos_token_id, eos: ids(&c.eos_token_id), pad: c.pad_token_id }
             }
             ModelConfig::Gemma3Text(c) => {
@@ -394,7 +407,8 @@ impl ModelConfig {
             | ModelConfig::Qwen2(c)
             | ModelConfig::Qwen3(c)
             | ModelConfig::Mistral(c)
-            | ModelConfig::Phi3(c) => c.vocab_size = v,
+            | ModelConfig::Phi3(c)
+            | ModelConfig::Smollm3(c) => c.vocab_size = v,
             ModelConfig::Gemma3Text(c) => c.vocab_size = v,
             ModelConfig::GptNeox(c) => c.vocab_size = v,
         }
@@ -433,6 +447,15 @@ impl ModelConfig {
         }
     }
 
+    /// Whether each layer rotates its queries and keys: all of them, but SmolLM3's NoPE layers.
+    pub fn layer_ropes(&self) -> Result<Vec<bool>, PolicyError> {
+        let d = self.dims()?;
+        match self {
+            ModelConfig::Smollm3(c) => crate::smollm3::layer_ropes(c, &d),
+            _ => Ok(vec![d.rotary(); d.n_layer]),
+        }
+    }
+
     /// Resolves and validates the sizes; the error names the offending field.
     pub fn dims(&self) -> Result<Dims, PolicyError> {
         let d = match self {
@@ -444,6 +467,11 @@ impl ModelConfig {
             ModelConfig::Gemma3Text(c) => c.dims()?,
             ModelConfig::GptNeox(c) => c.dims()?,
             ModelConfig::Phi3(c) => crate::phi3::dims(c)?,
+            ModelConfig::Smollm3(c) => {
+                let d = llama_dims(c, false, false)?;
+                crate::smollm3::layer_ropes(c, &d)?;
+                d
+            }
         };
         for (name, v) in [
             ("vocab_size", d.vocab),

@@ -83,7 +83,7 @@ impl<D: FusedOps> CausalLm<D> {
             let q = blk.wq.forward(h.clone());
             let k = blk.wk.forward(h.clone());
             let v = blk.wv.forward(h);
-            let (mask, rope) = inputs.for_layer(blk.window);
+            let (mask, rope) = inputs.for_layer(blk.window, blk.rope);
             let (q, k) = blk.positioned_qk(q, k, rope, dims);
             let heads = |t: A2<D>, hs: usize| -> A4<D> {
                 // (B·n, hs·Dh) → (B, hs, n, Dh), made contiguous

@@ -51,12 +51,14 @@ pub(crate) struct LayerInputs<D: Storage<f32>> {
 }
 
 impl<D: Storage<f32>> LayerInputs<D> {
-    /// The mask and RoPE tables of a layer with attention window `window` (`None`: global).
-    pub(crate) fn for_layer(&self, window: Option<usize>) -> (&Mask<D>, Option<&Rope<D>>) {
-        match (&self.local, window) {
+    /// The mask and RoPE tables of a layer with attention window `window` (`None`: global);
+    /// no tables for a layer without RoPE (`rotary` false: SmolLM3's NoPE layers).
+    pub(crate) fn for_layer(&self, window: Option<usize>, rotary: bool) -> (&Mask<D>, Option<&Rope<D>>) {
+        let (mask, rope) = match (&self.local, window) {
             (Some((mask, rope)), Some(_)) => (mask, Some(rope)),
             _ => (&self.mask, self.rope.as_ref()),
-        }
+        };
+        (mask, rope.filter(|_| rotary))
     }
 }
 

@@ -269,6 +269,9 @@ pub enum Arch {
     /// scaling of the 128k models, Phi-3.5 and Phi-4-mini in `rope_factors_short.weight`,
     /// `rope_factors_long.weight` and `rope.scaling.*`.
     Phi3,
+    /// `smollm3`: SmolLM3 ([`crate::smollm3`]): Llama's file (q/k rows interleaved) whose every
+    /// fourth layer has no RoPE, which llama.cpp fixes rather than records.
+    Smollm3,
     /// `gptneox`: GPT-NeoX (Pythia, RedPajama-INCITE; [`crate::gguf_neox`]): LayerNorms and
     /// biases, q|k|v in `attn_qkv` with the heads apart, partial RoPE.
     GptNeox,
@@ -279,6 +282,7 @@ impl Arch {
     fn prefix(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
+            Arch::Smollm3 => "smollm3",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Gemma3 => "gemma3",
@@ -293,6 +297,7 @@ impl Gguf {
     pub fn arch(&self) -> Result<Arch, PolicyError> {
         match self.metadata.get("general.architecture") {
             Some(Value::Str(a)) if a == "llama" => Ok(Arch::Llama),
+            Some(Value::Str(a)) if a == "smollm3" => Ok(Arch::Smollm3),
             Some(Value::Str(a)) if a == "qwen2" => Ok(Arch::Qwen2),
             Some(Value::Str(a)) if a == "qwen3" => Ok(Arch::Qwen3),
             Some(Value::Str(a)) if a == "gemma3" => Ok(Arch::Gemma3),
@@ -300,8 +305,8 @@ impl Gguf {
             Some(Value::Str(a)) if a == "gptneox" => Ok(Arch::GptNeox),
             other => {
                 let msg = format!(
-                    "general.architecture {other:?} is not supported (llama, qwen2, qwen3, gemma3, phi3 and gptneox \
-                     are)"
+                    "general.architecture {other:?} is not supported (llama, qwen2, qwen3, gemma3, phi3, smollm3 and \
+                     gptneox are)"
                 );
                 Err(self.err("metadata", msg))
             }
@@ -366,6 +371,7 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
         "model_type": arch.prefix(),
         "architectures": [match arch {
             Arch::Llama => "LlamaForCausalLM",
+            Arch::Smollm3 => "SmolLM3ForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
@@ -390,6 +396,9 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
     }
     if arch == Arch::Phi3 {
         crate::phi3::gguf_fields(g, head_dim, rotary, &mut cfg)?;
+    }
+    if arch == Arch::Smollm3 {
+        cfg["no_rope_layer_interval"] = 4.into(); // llama.cpp's, fixed
     }
     if let Some(factor) = linear {
         cfg["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": factor});
@@ -506,7 +515,8 @@ pub fn hf_tensors(g: &Gguf, cfg: &ModelConfig) -> Result<BTreeMap<String, HostTe
             let cols = if x.shape.len() == 2 { x.shape[1] } else { 1 };
             x.data = crate::gguf_neox::heads_together(&x.data, cols, dims.n_head, dims.head_dim);
         }
-        if arch == Arch::Llama && (t.name.ends_with("attn_q.weight") || t.name.ends_with("attn_k.weight")) {
+        let permuted = matches!(arch, Arch::Llama | Arch::Smollm3);
+        if permuted && (t.name.ends_with("attn_q.weight") || t.name.ends_with("attn_k.weight")) {
             x.data = unpermute_rows(&x.data, x.shape[1], dims.head_dim);
         }
         if arch == Arch::Gemma3 && t.name.ends_with("norm.weight") {

@@ -58,6 +58,8 @@ struct LayerW {
     post_norms: Option<[NormW; 2]>,
     /// The attention window of a local layer.
     window: Option<usize>,
+    /// Whether the layer rotates its queries and keys (not SmolLM3's NoPE layers).
+    rope: bool,
 }
 
 /// A weight snapshot for fast, tape-free inference.
@@ -258,6 +260,7 @@ impl InferenceModel {
                     mlp,
                     post_norms: blk.post_norms.as_ref().map(|[a, m]| [norm_w(a), norm_w(m)]),
                     window: blk.window,
+                    rope: blk.rope,
                 }
             })
             .collect();
@@ -360,7 +363,7 @@ impl InferenceModel {
                 apply_norm(k_norm, &mut row[qd..qd + kvd], d.head_dim);
             }
         }
-        if d.rotary() {
+        if d.rotary() && l.rope {
             let (inv_freq, rope) = match l.window {
                 Some(_) => (&self.inv_freq_local, d.local_rope()),
                 None => (&self.inv_freq, *d),

@@ -64,6 +64,7 @@ pub mod sampling;
 pub mod session;
 #[cfg(target_arch = "x86_64")]
 mod sgemm;
+pub mod smollm3;
 mod strided;
 pub mod tokenizer;
 

@@ -218,6 +218,9 @@ pub struct Block<D: Storage<f32>> {
     /// This layer's attention window ([`ModelConfig::layer_windows`]); `None`: every earlier
     /// position.
     pub window: Option<usize>,
+    /// Whether this layer rotates its queries and keys ([`ModelConfig::layer_ropes`]: not
+    /// SmolLM3's NoPE layers, nor GPT-2's).
+    pub rope: bool,
 }
 
 impl<D: FusedOps> Block<D> {
@@ -281,7 +284,7 @@ impl<D: FusedOps> Block<D> {
         let q = self.wq.forward(h.clone().put_tape(tape));
         let k = self.wk.forward(h.retaped::<T>());
         let v = self.wv.forward(h.retaped::<T>());
-        let (mask, rope) = ctx.layers.for_layer(self.window);
+        let (mask, rope) = ctx.layers.for_layer(self.window, self.rope);
         let (q, k) = self.positioned_qk(q, k, rope, dims);
         let shape = AttnShape { b, t, nh, nkv, dh };
         let y = D::attention(q, k, v, mask, shape);
@@ -361,7 +364,8 @@ impl<D: FusedOps> CausalLm<D> {
         let windows = config.layer_windows()?;
         let blocks = windows
             .into_iter()
-            .map(|window| {
+            .zip(config.layer_ropes()?)
+            .map(|(window, rope)| {
                 let lin = |init: &mut Init, i, o, s| Linear::new(dev, init, i, o, s, bias);
                 let mlp = match dims.family {
                     Family::Gpt2 | Family::GptNeox => Mlp::Gelu {
@@ -386,6 +390,7 @@ impl<D: FusedOps> CausalLm<D> {
                     mlp,
                     post_norms: dims.post_norms.then(|| [Norm::new(dev, &dims), Norm::new(dev, &dims)]),
                     window,
+                    rope,
                 }
             })
             .collect();

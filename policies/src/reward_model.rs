@@ -145,6 +145,7 @@ impl<D: FusedOps> LearnedReward<D> {
             ModelConfig::Gemma3Text(_) => "Gemma3TextForSequenceClassification",
             ModelConfig::GptNeox(_) => "GPTNeoXForSequenceClassification",
             ModelConfig::Phi3(_) => "Phi3ForSequenceClassification",
+            ModelConfig::Smollm3(_) => "SmolLM3ForSequenceClassification",
         };
         config["architectures"] = serde_json::json!([class]);
         config["id2label"] = serde_json::json!({"0": "LABEL_0"});

@@ -27,7 +27,7 @@ pub fn fixture(name: &str) -> PathBuf {
 
 /// Every HF transformers fixture (a folder with `config.json`, `model.safetensors` and
 /// `expected.json`): the two in `shared/fixtures` and those `scripts/fixtures/hf_tiny.py` writes.
-pub const HF_FIXTURES: [&str; 11] = [
+pub const HF_FIXTURES: [&str; 12] = [
     "hf-gpt2-tiny",
     "hf-llama-tiny",
     "hf-qwen2-tiny",
@@ -39,6 +39,7 @@ pub const HF_FIXTURES: [&str; 11] = [
     "hf-gpt-neox-seq-tiny",
     "hf-phi3-tiny",
     "hf-phi4-mini-tiny",
+    "hf-smollm3-tiny",
 ];
 
 /// Parses a JSON file.

@@ -74,7 +74,8 @@ pub fn model(cfg: ModelConfig, seed: u64) -> CausalLm<Cpu> {
         | ModelConfig::Qwen2(c)
         | ModelConfig::Qwen3(c)
         | ModelConfig::Mistral(c)
-        | ModelConfig::Phi3(c) => c.initializer_range = 0.3,
+        | ModelConfig::Phi3(c)
+        | ModelConfig::Smollm3(c) => c.initializer_range = 0.3,
         ModelConfig::Gemma3Text(c) => c.initializer_range = 0.3,
         ModelConfig::GptNeox(c) => c.initializer_range = 0.3,
     }
