@@ -272,7 +272,7 @@ pub enum Arch {
     /// `smollm3`: SmolLM3 ([`crate::smollm3`]): Llama's file (q/k rows interleaved) whose every
     /// fourth layer has no RoPE, which llama.cpp fixes rather than records.
     Smollm3,
-    /// `gptneox`: GPT-NeoX (Pythia, RedPajama-INCITE; [`crate::gguf_neox`]): LayerNorms and
+    /// `gptneox`: GPT-NeoX (Pythia, RedPajama-INCITE; `gguf_neox.rs`): LayerNorms and
     /// biases, q|k|v in `attn_qkv` with the heads apart, partial RoPE.
     GptNeox,
 }
@@ -497,7 +497,7 @@ fn rope_scaling(g: &Gguf, head_dim: usize, theta: f32) -> Result<Option<Llama3Sc
 
 /// Every tensor under its HF name, with llama.cpp's permutation of a Llama file's q/k rows
 /// undone (within each head, GGUF row `2i + j` is HF row `j·hd/2 + i`), and a GPT-NeoX file's
-/// `attn_qkv` rows back head by head ([`crate::gguf_neox::heads_together`]).
+/// `attn_qkv` rows back head by head (`gguf_neox.rs`).
 pub fn hf_tensors(g: &Gguf, cfg: &ModelConfig) -> Result<BTreeMap<String, HostTensor>, PolicyError> {
     let (dims, arch) = (cfg.dims()?, g.arch()?);
     let mut out = BTreeMap::new();
