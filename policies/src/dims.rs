@@ -70,7 +70,8 @@ pub struct Dims {
     pub norm_eps: f32,
     /// RoPE base (rotary families).
     pub rope_theta: f32,
-    /// The scaling of the RoPE frequencies (Llama 3's, LongRoPE's), if the config has one.
+    /// The scaling of the RoPE frequencies (Llama 3's, LongRoPE's, linear), if the config has
+    /// one.
     pub rope_scaling: Option<crate::rope::RopeScaling>,
     /// LM head tied to the token embedding.
     pub tied: bool,

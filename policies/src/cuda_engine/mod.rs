@@ -168,7 +168,8 @@ impl CudaEngine {
         if dims.qk_norm || gemma || dims.sliding_window.is_some() || neox || longrope || nope {
             let msg = "the fused CUDA engine has no kernels for Qwen3's and Gemma 3's q/k head norms, Gemma's other \
                        parts, sliding windows, GPT-NeoX's and Phi-4-mini's partial RoPE, LongRoPE's attention \
-                       factor, SmolLM3's NoPE layers, or GPT-NeoX's parallel residual: use rollout_engine \"device\" (the default on a GPU)";
+                       factor, SmolLM3's NoPE layers, or GPT-NeoX's parallel residual: use rollout_engine \
+                       \"device\" (the default on a GPU)";
             return Err(PolicyError::Input(msg.into()));
         }
         let up = |v: Vec<f32>| gpu.dev.htod_copy(v).map_err(dev_err);
