@@ -167,6 +167,9 @@ mod tests {
             assert!((f * short(i) as f32 - p).abs() <= 1e-6 * p, "frequency {i}: {f} vs {p}");
         }
         // a given attention_factor and factor win; no stretch gives 1
+        // the early 128k configs' name for it, read as transformers' Phi3Config reads it
+        let su = ModelConfig::from_json_str(&text.replace(r#""type": "longrope""#, r#""type": "su""#)).unwrap();
+        assert_eq!(su.dims().unwrap(), d);
         let explicit = text.replace(r#""type": "longrope","#, r#""type": "longrope", "attention_factor": 1.5,"#);
         let d = ModelConfig::from_json_str(&explicit).unwrap().dims().unwrap();
         assert_eq!(crate::rope::attention_factor(&d), 1.5);

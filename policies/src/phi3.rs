@@ -19,8 +19,18 @@ const RMS_NORM_EPS: f64 = 1e-5;
 /// transformers' `Phi3Config.original_max_position_embeddings` default.
 const ORIGINAL_MAX_POSITIONS: usize = 4096;
 
-/// Writes transformers' Phi-3 defaults into a `phi3` config object where it leaves them out.
+/// Writes transformers' Phi-3 defaults into a `phi3` config object where it leaves them out, and
+/// reads the early 128k configs' scaling kinds `su` and `yarn` as `longrope`, as transformers'
+/// `Phi3Config` does.
 pub(crate) fn fill_defaults(config: &mut serde_json::Value) {
+    for field in ["rope_scaling", "rope_parameters"] {
+        let Some(scaling) = config.get_mut(field).and_then(|s| s.as_object_mut()) else { continue };
+        for key in ["type", "rope_type"] {
+            if scaling.get(key).and_then(|t| t.as_str()).is_some_and(|t| t == "su" || t == "yarn") {
+                scaling.insert(key.into(), "longrope".into());
+            }
+        }
+    }
     if config.get("rms_norm_eps").is_none() {
         config["rms_norm_eps"] = RMS_NORM_EPS.into();
     }
