@@ -169,7 +169,9 @@ struct StageArgs {
     #[arg(long, conflicts_with = "config")]
     resume: Option<PathBuf>,
     /// Start afresh in an `out_dir` that holds a previous run, deleting its config.json,
-    /// metrics, samples, report and checkpoints (without it, such a folder is an error).
+    /// metrics, samples, report and checkpoints (without it, such a folder is an error) once
+    /// the new run writes its first metrics or checkpoint: a run that stops before that (a
+    /// config or data error) leaves the previous one in place.
     #[arg(long, conflicts_with = "resume")]
     overwrite: bool,
     /// Print the resolved config (defaults, then the file or the run's config.json, then
@@ -346,10 +348,20 @@ where
     }
     let out = out_dir(&cfg);
     if a.overwrite {
-        rlhf::run::RunDir::clear(&out)?;
+        rlhf::run::RunDir::set_aside(&out)?;
     }
     rlhf::stop::install_handler().context("installing the Ctrl-C / SIGTERM handler")?;
-    let report = match train(cfg, resume) {
+    let result = train(cfg, resume);
+    if a.overwrite {
+        match rlhf::run::RunDir::settle_overwrite(&out) {
+            Ok(true) => {
+                eprintln!("--overwrite: the new run wrote nothing; {} holds the previous run again", out.display())
+            }
+            Ok(false) => {}
+            Err(e) => eprintln!("--overwrite: settling {}: {e:#}", out.display()),
+        }
+    }
+    let report = match result {
         Ok(report) => report,
         Err(e) => match e.downcast_ref::<rlhf::stop::Interrupted>() {
             Some(stop) => {

@@ -29,6 +29,22 @@ const LOGS: [&str; 2] = [METRICS, SAMPLES];
 const CHECKPOINTS: &str = "checkpoints";
 /// How a checkpoint's folder is named while it is written.
 const TMP_PREFIX: &str = ".tmp-step-";
+/// Where `--overwrite` keeps the previous run's files while the new run starts
+/// ([`RunDir::set_aside`]).
+const SET_ASIDE: &str = ".overwritten";
+/// What a run writes into its folder: what `--overwrite` replaces.
+const RUN_FILES: [&str; 5] = [CONFIG, REPORT, METRICS, SAMPLES, CHECKPOINTS];
+
+/// Moves each of [`RUN_FILES`] that `from` holds into `to`.
+fn move_run_files(from: &Path, to: &Path) -> Result<()> {
+    for name in RUN_FILES {
+        let (src, dst) = (from.join(name), to.join(name));
+        if src.exists() {
+            std::fs::rename(&src, &dst).with_context(|| format!("moving {} to {}", src.display(), dst.display()))?;
+        }
+    }
+    Ok(())
+}
 
 /// A run folder.
 #[derive(Debug, Clone)]
@@ -120,6 +136,40 @@ impl RunDir {
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         }
         Ok(())
+    }
+
+    /// `--overwrite`, first half: moves what a run writes into `root` (config, logs, report,
+    /// checkpoints) into `root/.overwritten/`, anything else staying, so that a new run that
+    /// stops before it writes anything — a config, model or data error — can give the previous
+    /// run back ([`RunDir::settle_overwrite`]). A set-aside left by a crash is deleted first.
+    pub fn set_aside(root: &Path) -> Result<()> {
+        let aside = root.join(SET_ASIDE);
+        if aside.exists() {
+            std::fs::remove_dir_all(&aside).with_context(|| format!("removing {}", aside.display()))?;
+        }
+        std::fs::create_dir_all(&aside).with_context(|| format!("creating {}", aside.display()))?;
+        move_run_files(root, &aside)
+    }
+
+    /// `--overwrite`, second half, once the new run has stopped (done, failed or interrupted):
+    /// if it left no logs and no checkpoints, the previous run's files go back in place of its
+    /// config and report, and this returns `true`; otherwise the previous run is deleted.
+    pub fn settle_overwrite(root: &Path) -> Result<bool> {
+        let aside = root.join(SET_ASIDE);
+        if !aside.is_dir() {
+            return Ok(false);
+        }
+        let checkpoints = root.join(CHECKPOINTS);
+        let wrote = LOGS.iter().any(|name| root.join(name).metadata().is_ok_and(|m| m.len() > 0))
+            || std::fs::read_dir(&checkpoints).is_ok_and(|mut entries| entries.next().is_some());
+        if wrote {
+            std::fs::remove_dir_all(&aside).with_context(|| format!("removing {}", aside.display()))?;
+            return Ok(false);
+        }
+        Self::clear(root)?;
+        move_run_files(&aside, root)?;
+        std::fs::remove_dir(&aside).with_context(|| format!("removing {}", aside.display()))?;
+        Ok(true)
     }
 
     /// Writes the resolved config as `config.json` (atomically).
@@ -486,5 +536,40 @@ mod tests {
         assert!(err.contains("1 entries in checkpoints/"), "{err}");
         RunDir::clear(&root).unwrap();
         RunDir::open(&root, false).unwrap();
+    }
+
+    /// `--overwrite` keeps the previous run until the new one writes a log line or a checkpoint:
+    /// a new run that stops before gives it back; one that wrote replaces it.
+    #[test]
+    fn overwrite_gives_the_previous_run_back_when_the_new_one_wrote_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("r");
+        let old = RunDir::open(&root, false).unwrap();
+        old.write_config(&"old").unwrap();
+        old.metrics().unwrap().write(&serde_json::json!({"step": 1})).unwrap();
+        std::fs::create_dir_all(old.checkpoint_dir(1)).unwrap();
+        std::fs::write(root.join("notes.txt"), b"mine").unwrap();
+        let config = || std::fs::read_to_string(root.join("config.json")).unwrap();
+        // the new run writes its config, then stops on an error
+        RunDir::set_aside(&root).unwrap();
+        let new = RunDir::open(&root, false).unwrap();
+        new.write_config(&"new").unwrap();
+        assert!(RunDir::settle_overwrite(&root).unwrap());
+        assert_eq!(config(), "\"old\"");
+        assert!(
+            old.checkpoint_dir(1).is_dir() && root.join("metrics.jsonl").exists() && root.join("notes.txt").exists()
+        );
+        assert!(!root.join(".overwritten").exists());
+        // the new run writes a step: the previous run is gone
+        RunDir::set_aside(&root).unwrap();
+        let new = RunDir::open(&root, false).unwrap();
+        new.write_config(&"new").unwrap();
+        new.metrics().unwrap().write(&serde_json::json!({"step": 7})).unwrap();
+        assert!(!RunDir::settle_overwrite(&root).unwrap());
+        assert_eq!(config(), "\"new\"");
+        assert!(!old.checkpoint_dir(1).exists() && !root.join(".overwritten").exists());
+        assert!(root.join("notes.txt").exists());
+        // nothing set aside: nothing to settle
+        assert!(!RunDir::settle_overwrite(&root).unwrap());
     }
 }

@@ -55,6 +55,13 @@ fn init_generate_pretrain_eval() {
     assert!(!d.path().join("run/checkpoints/step-6").exists(), "the old run's checkpoints are gone");
     let (ok, _, err) = rlhf(&["pretrain", "--config", &p("cfg.json"), "--set", "steps=6", "--overwrite"]);
     assert!(ok, "{err}");
+    // an --overwrite run that stops before its first step leaves the previous run in place
+    let missing = format!("files=[{:?}]", p("missing.txt"));
+    let (ok, _, err) = rlhf(&["pretrain", "--config", &p("cfg.json"), "--set", &missing, "--overwrite"]);
+    assert!(!ok && err.contains("missing.txt") && err.contains("holds the previous run again"), "{err}");
+    assert!(d.path().join("run/checkpoints/step-6").is_dir() && !d.path().join("run/.overwritten").exists());
+    let resolved = std::fs::read_to_string(d.path().join("run/config.json")).unwrap();
+    assert!(!resolved.contains("missing.txt"), "the previous run's config is back");
 
     let (ok, out, err) =
         rlhf(&["eval", "--model", &p("run/checkpoints/step-6"), "--data", &p("c.txt"), "--block", "16"]);
