@@ -105,7 +105,8 @@ impl RunDir {
         Ok(())
     }
 
-    /// What a previous run left in the folder: non-empty logs and checkpoint folders.
+    /// What a previous run left in the folder: non-empty logs and checkpoint folders (none when
+    /// `checkpoints/` is missing).
     fn previous_run(&self) -> Result<Vec<String>> {
         let mut left = vec![];
         for name in LOGS {
@@ -115,7 +116,11 @@ impl RunDir {
             }
         }
         let dir = self.root.join(CHECKPOINTS);
-        let n = std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?.count();
+        let n = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries.count(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+        };
         if n > 0 {
             left.push(format!("{n} entries in {CHECKPOINTS}/"));
         }
@@ -159,10 +164,8 @@ impl RunDir {
         if !aside.is_dir() {
             return Ok(false);
         }
-        let checkpoints = root.join(CHECKPOINTS);
-        let wrote = LOGS.iter().any(|name| root.join(name).metadata().is_ok_and(|m| m.len() > 0))
-            || std::fs::read_dir(&checkpoints).is_ok_and(|mut entries| entries.next().is_some());
-        if wrote {
+        let new_run = RunDir { root: root.to_path_buf(), keep: 0 };
+        if !new_run.previous_run()?.is_empty() {
             std::fs::remove_dir_all(&aside).with_context(|| format!("removing {}", aside.display()))?;
             return Ok(false);
         }
