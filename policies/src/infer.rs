@@ -74,9 +74,24 @@ pub struct InferenceModel {
     /// The LM head transposed to `(C, V)` (a copy of `wte` when tied), so the head is one more
     /// small-m matmul instead of a strided gemm that repacks the embedding every step.
     head_t: PackedMatrix,
+    /// The global layers' RoPE.
+    rope: Frequencies,
+    /// Local layers' RoPE (no frequencies without local layers).
+    rope_local: Frequencies,
+}
+
+/// A RoPE's frequencies ([`rope::inv_freq`]) and the factor on its cos and sin
+/// ([`rope::attention_factor`]), computed once per engine.
+#[derive(Debug, Clone, Default)]
+struct Frequencies {
     inv_freq: Vec<f32>,
-    /// Local layers' RoPE frequencies (empty without local layers).
-    inv_freq_local: Vec<f32>,
+    scale: f32,
+}
+
+impl Frequencies {
+    fn of(dims: &Dims) -> Self {
+        Frequencies { inv_freq: rope::inv_freq(dims), scale: rope::attention_factor(dims) }
+    }
 }
 
 /// Per-layer keys and values for every row, `[B][Hkv][cap][Dh]`. Each row has its own fill
@@ -276,10 +291,10 @@ impl InferenceModel {
                 dims.vocab,
                 dtype,
             ),
-            inv_freq: if dims.rotary() { rope::inv_freq(&dims) } else { vec![] },
-            inv_freq_local: match dims.sliding_window {
-                Some(_) => rope::inv_freq(&dims.local_rope()),
-                None => vec![],
+            rope: if dims.rotary() { Frequencies::of(&dims) } else { Frequencies::default() },
+            rope_local: match dims.sliding_window {
+                Some(_) => Frequencies::of(&dims.local_rope()),
+                None => Frequencies::default(),
             },
         }
     }
@@ -364,11 +379,8 @@ impl InferenceModel {
             }
         }
         if d.rotary() && l.rope {
-            let (inv_freq, rope) = match l.window {
-                Some(_) => (&self.inv_freq_local, d.local_rope()),
-                None => (&self.inv_freq, *d),
-            };
-            rope_rows(&rope, inv_freq, &mut qkv, positions, width);
+            let rope = if l.window.is_some() { &self.rope_local } else { &self.rope };
+            rope_rows(d, rope, &mut qkv, positions, width);
         }
         if d.query_scale != 1.0 {
             qkv.chunks_mut(width).for_each(|row| row[..qd].iter_mut().for_each(|q| *q *= d.query_scale));
@@ -499,12 +511,11 @@ impl InferenceModel {
     }
 }
 
-/// RoPE at `positions` on the q and k columns of `qkv`'s rows (`width` wide), with frequencies
-/// `inv_freq` (those of `d`'s RoPE, [`rope::inv_freq`]), over each head's first
-/// [`Dims::rotary_dim`] dimensions, cos and sin multiplied by [`rope::attention_factor`] as
+/// RoPE at `positions` on the q and k columns of `qkv`'s rows (`width` wide) over each head's
+/// first [`Dims::rotary_dim`] dimensions, cos and sin multiplied by the RoPE's factor as
 /// [`rope::tables`] has them.
-fn rope_rows(d: &Dims, inv_freq: &[f32], qkv: &mut [f32], positions: &[usize], width: usize) {
-    let (dh, rotary, scale) = (d.head_dim, d.rotary_dim(), rope::attention_factor(d));
+fn rope_rows(d: &Dims, rope: &Frequencies, qkv: &mut [f32], positions: &[usize], width: usize) {
+    let (dh, rotary, inv_freq, scale) = (d.head_dim, d.rotary_dim(), &rope.inv_freq, rope.scale);
     let half = rotary / 2;
     let (mut cos, mut sin) = (vec![0.0f32; rotary], vec![0.0f32; rotary]);
     for (row, &p) in positions.iter().enumerate() {
