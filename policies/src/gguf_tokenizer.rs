@@ -117,22 +117,15 @@ impl Split {
             Split::Gpt2 => byte_level(true),
             Split::DigitsThenGpt2 => serde_json::json!({"type": "Sequence", "pretokenizers": [
                 {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
-            Split::DeepseekCoder => {
-                let split = |pattern: &str| {
-                    serde_json::json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
-                        "invert": false})
-                };
-                serde_json::json!({"type": "Sequence", "pretokenizers": [
-                    split(r"[\r\n]"), split(r"\s?\p{L}+"), split(r"\s?\p{P}+"), split("[一-龥ࠀ-一가-퟿]+"),
-                    {"type": "Digits", "individual_digits": true}, byte_level(false)]})
-            }
+            Split::DeepseekCoder => serde_json::json!({"type": "Sequence", "pretokenizers": [
+                isolated(r"[\r\n]"), isolated(r"\s?\p{L}+"), isolated(r"\s?\p{P}+"), isolated("[一-龥ࠀ-一가-퟿]+"),
+                {"type": "Digits", "individual_digits": true}, byte_level(false)]}),
             Split::Falcon => serde_json::json!({"type": "Sequence", "pretokenizers": [
                 {"type": "Punctuation", "behavior": "Contiguous"}, byte_level(true),
-                {"type": "Digits", "individual_digits": false},
-                {"type": "Split", "pattern": {"Regex": "[0-9][0-9][0-9]"}, "behavior": "Isolated", "invert": false}]}),
-            Split::Regex { pattern, .. } => serde_json::json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
-                byte_level(false)]}),
+                {"type": "Digits", "individual_digits": false}, isolated("[0-9][0-9][0-9]")]}),
+            Split::Regex { pattern, .. } => {
+                serde_json::json!({"type": "Sequence", "pretokenizers": [isolated(pattern), byte_level(false)]})
+            }
         }
     }
 
@@ -148,6 +141,11 @@ impl Split {
             _ => serde_json::Value::Null,
         }
     }
+}
+
+/// tokenizer.json's `Split` pre-tokenizer keeping each match of `pattern` as a piece of its own.
+fn isolated(pattern: &str) -> serde_json::Value {
+    serde_json::json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false})
 }
 
 /// tokenizer.json's `ByteLevel` (pre-tokenizer with or without GPT-2's regex, or decoder).
@@ -469,13 +467,18 @@ mod tests {
 
     /// The pieces `split` cuts `text` into (before the byte-level mapping).
     fn pieces(split: &str, text: &str) -> Vec<String> {
+        pre_tokenized(isolated(split), text)
+    }
+
+    /// The pieces the tokenizer.json pre-tokenizer `pre` cuts `text` into, byte-level spaces and
+    /// newlines (`Ġ`, `Ċ`) read back as themselves.
+    fn pre_tokenized(pre: serde_json::Value, text: &str) -> Vec<String> {
         use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, PreTokenizerWrapper};
-        let json = serde_json::json!({"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated",
-            "invert": false});
-        let pre: PreTokenizerWrapper = serde_json::from_value(json).unwrap();
+        let pre: PreTokenizerWrapper = serde_json::from_value(pre).unwrap();
         let mut s = PreTokenizedString::from(text);
         pre.pre_tokenize(&mut s).unwrap();
-        s.get_splits(OffsetReferential::Original, OffsetType::Char).into_iter().map(|(p, _, _)| p.to_string()).collect()
+        let splits = s.get_splits(OffsetReferential::Original, OffsetType::Char);
+        splits.into_iter().map(|(p, _, _)| p.replace('Ġ', " ").replace('Ċ', "\n")).collect()
     }
 
     /// DeepSeek Coder's split (its llama.cpp test vectors pass too, not vendored: the vocabulary
@@ -483,15 +486,7 @@ mod tests {
     /// space in front, single digits; a space before a digit or another space stands alone.
     #[test]
     fn deepseek_coder_split() {
-        use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, PreTokenizerWrapper};
-        let pre: PreTokenizerWrapper = serde_json::from_value(Split::DeepseekCoder.pre_tokenizer()).unwrap();
-        let mut s = PreTokenizedString::from("def f(x):\n  return x+12");
-        pre.pre_tokenize(&mut s).unwrap();
-        let pieces: Vec<String> = s
-            .get_splits(OffsetReferential::Original, OffsetType::Char)
-            .into_iter()
-            .map(|(p, _, _)| p.replace('Ġ', " ").replace('Ċ', "\n"))
-            .collect();
+        let pieces = pre_tokenized(Split::DeepseekCoder.pre_tokenizer(), "def f(x):\n  return x+12");
         let want = ["def", " f", "(", "x", "):", "\n", " ", " return", " x", "+", "1", "2"];
         assert_eq!(pieces, want);
     }
