@@ -242,3 +242,14 @@ pub(crate) fn partial_rotary(head_dim: usize, pct: f64, field: &str) -> Result<O
     }
     Ok((rotary < head_dim).then_some(rotary))
 }
+
+/// The inverse of [`partial_rotary`]: the `partial_rotary_factor` that turns `rotary` of a
+/// `head_dim`-wide head's dimensions (a GGUF file's `rope.dimension_count`), an error when
+/// transformers' `int(head_dim · pct)` would not give `rotary` back.
+pub(crate) fn rotary_share(rotary: usize, head_dim: usize) -> Result<f64, String> {
+    let pct = rotary as f64 / head_dim as f64;
+    match (head_dim as f64 * pct) as usize == rotary {
+        true => Ok(pct),
+        false => Err(format!("RoPE on {rotary} of {head_dim} dimensions has no exact share")),
+    }
+}

@@ -313,6 +313,13 @@ impl Gguf {
         }
     }
 
+    /// The vocabulary size: the rows of `token_embd.weight`.
+    pub(crate) fn vocab_size(&self) -> Result<u64, PolicyError> {
+        let embd = self.tensors.iter().find(|t| t.name == "token_embd.weight");
+        let embd = embd.ok_or_else(|| self.err("token_embd.weight", "missing"))?;
+        embd.ne.get(1).copied().ok_or_else(|| self.err("token_embd.weight", "must have 2 dimensions"))
+    }
+
     /// An optional integer metadata value (present but not an integer is an error).
     pub(crate) fn int_opt(&self, key: &str) -> Result<Option<usize>, PolicyError> {
         self.metadata.get(key).map(|_| self.int(key)).transpose()
@@ -338,12 +345,7 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
         return checked_config(g, arch, crate::gguf_neox::model_config(g, special_ids(g)?)?);
     }
     let key = |k: &str| format!("{}.{k}", arch.prefix());
-    let embd = g
-        .tensors
-        .iter()
-        .find(|t| t.name == "token_embd.weight")
-        .ok_or_else(|| g.err("token_embd.weight", "missing"))?;
-    let vocab = *embd.ne.get(1).ok_or_else(|| g.err("token_embd.weight", "must have 2 dimensions"))?;
+    let vocab = g.vocab_size()?;
     let (hidden, n_head) = (g.int(&key("embedding_length"))?, g.int(&key("attention.head_count"))?);
     if n_head == 0 {
         return Err(g.err("metadata", format!("`{}` must be positive", key("attention.head_count"))));

@@ -16,23 +16,14 @@ use crate::gguf::{Gguf, Value};
 /// parallel, when absent), a tied head when there is no `output.weight`, and `special`'s
 /// ids (`bos_token_id`, `eos_token_id`, `pad_token_id`).
 pub(crate) fn model_config(g: &Gguf, special: serde_json::Value) -> Result<serde_json::Value, PolicyError> {
-    let vocab = g
-        .tensors
-        .iter()
-        .find(|t| t.name == "token_embd.weight")
-        .and_then(|t| t.ne.get(1).copied())
-        .ok_or_else(|| g.err("token_embd.weight", "missing, or not 2-dimensional"))?;
+    let vocab = g.vocab_size()?;
     let (hidden, n_head) = (g.int("gptneox.embedding_length")?, g.int("gptneox.attention.head_count")?);
     if n_head == 0 || !hidden.is_multiple_of(n_head) {
         return Err(g.err("metadata", format!("{hidden} wide in {n_head} heads: not a whole head width")));
     }
     let head_dim = hidden / n_head;
     let rotary = g.int_opt("gptneox.rope.dimension_count")?.unwrap_or(head_dim);
-    let pct = rotary as f64 / head_dim as f64;
-    // transformers turns int(head_dim · pct) dimensions: it must give `rotary` back
-    if (head_dim as f64 * pct) as usize != rotary {
-        return Err(g.err("metadata", format!("RoPE on {rotary} of {head_dim} dimensions has no exact share")));
-    }
+    let pct = crate::dims::rotary_share(rotary, head_dim).map_err(|e| g.err("metadata", e))?;
     let parallel = match g.metadata.get("gptneox.use_parallel_residual") {
         None => true,
         Some(Value::Bool(b)) => *b,

@@ -78,11 +78,7 @@ pub(crate) fn gguf_fields(
     obj.insert("sliding_window".into(), window.into());
     obj.insert("original_max_position_embeddings".into(), original.into());
     if let Some(rot) = rotary {
-        let pct = rot as f64 / head_dim as f64;
-        // transformers turns int(head_dim · pct) dimensions: it must give `rot` back
-        if (head_dim as f64 * pct) as usize != rot {
-            return Err(g.err("metadata", format!("RoPE on {rot} of {head_dim} dimensions has no exact share")));
-        }
+        let pct = crate::dims::rotary_share(rot, head_dim).map_err(|e| g.err("metadata", e))?;
         obj.insert("partial_rotary_factor".into(), pct.into());
     }
     if let Some(scaling) = longrope {
