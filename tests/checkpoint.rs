@@ -52,7 +52,11 @@ fn hf_fixtures_resave_to_the_same_state_dict() {
         // the config keeps the HF field names and values
         let cfg_orig = read_json(&dir.join("config.json"));
         let cfg_ours = read_json(&out.path().join("config.json"));
-        let gemma: &[&str] = if name == "hf-gemma3-tiny" { &["layer_types", "query_pre_attn_scalar"] } else { &[] };
+        let gemma: &[&str] = match name {
+            "hf-gemma3-tiny" => &["layer_types", "query_pre_attn_scalar"],
+            "hf-gemma2-tiny" => &["query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"],
+            _ => &[],
+        };
         let keys = [
             "model_type",
             "vocab_size",

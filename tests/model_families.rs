@@ -55,6 +55,29 @@ fn kv_cache_engine_equals_full_forward_gemma3() {
     engine_matches_training_forward(tiny_gemma3(40));
 }
 
+/// Gemma 2: gradients through both soft caps (the scores' inside the fused attention, the
+/// logits' inside the fused LM-head loss) and the alternating windows; the KV-cache engine caps
+/// the same way.
+#[test]
+fn gradients_match_finite_differences_and_kv_cache_gemma2() {
+    let m = model(tiny_gemma2(12), 1);
+    assert_eq!((m.dims.attn_softcap, m.dims.final_softcap), (Some(1.5), Some(2.0)));
+    assert_eq!(m.blocks.iter().map(|b| b.window).collect::<Vec<_>>(), [Some(3), None]);
+    assert!(m.blocks.iter().all(|b| b.qk_norm.is_none() && b.post_norms.is_some()));
+    grad_check_with(tiny_gemma2(12), 3e-3);
+    engine_matches_training_forward(tiny_gemma2(40));
+    // the model's fused head ops cap their logits as `logits` does
+    use dfdx::prelude::*;
+    let batch = rlhf_policies::Batch::unpadded(&[vec![1, 5, 2, 7, 3, 4]]).unwrap();
+    let h = m.forward_hidden(&batch, NoneTape).unwrap();
+    let targets = [5, 2, 7, 3, 4, 0];
+    let logits = m.logits(h.clone());
+    assert!(logits.as_vec().iter().all(|z| z.abs() < 2.0));
+    let want: Vec<f32> = logits.log_softmax::<Axis<1>>().as_vec().chunks(12).zip(targets).map(|(r, t)| r[t]).collect();
+    let got = m.logprobs_and_entropy(h, &targets, 1.0).as_vec();
+    assert!(want.iter().zip(&got).all(|(w, g)| (w - g).abs() < 1e-5), "{want:?} vs {got:?}");
+}
+
 /// GPT-NeoX: gradients through the parallel residual (the block's input reaching the MLP's
 /// norm as well as the attention's) and through RoPE on part of each head, and the sequential
 /// variant with a tied head; the KV-cache engine equals the training forward for both, and the

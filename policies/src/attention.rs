@@ -4,19 +4,22 @@
 //! permuted copies and a broadcast mask, and runs its batched matmuls as a
 //! loop of tiny products; here each (batch, head) pair is one task on the thread pool that
 //! reads q, k and v in the projections' own `(B·T, heads·Dh)` layout through strided gemm
-//! calls and keeps its softmax for the backward pass.
+//! calls and keeps its softmax for the backward pass. Gemma 2's soft cap on the scores
+//! ([`crate::softcap`]) is part of the op: `softmax(c·tanh(q·kᵀ/(c·√Dh)) + mask)·v`.
 
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
 use crate::kernels::exp_inplace;
+use crate::softcap::{softcap_backward, softcap_inplace, softcap_tensor};
 use crate::strided::{add_into, gemm_into, host_vec, zeros, View};
 
 /// `(B·T, C)` tensors.
 type A2<D, T> = Tensor<(usize, usize), f32, D, T>;
 
-/// Sizes of an attention call: batch, time, query heads, key/value heads, head width.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Sizes of an attention call: batch, time, query heads, key/value heads, head width; and the
+/// scores' soft cap, if any.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AttnShape {
     /// Batch rows B.
     pub b: usize,
@@ -28,6 +31,9 @@ pub struct AttnShape {
     pub nkv: usize,
     /// Head width Dh.
     pub dh: usize,
+    /// Gemma 2's cap `c` on the scaled scores, `c·tanh(s/c)` before the mask ([`crate::softcap`]);
+    /// `None`: uncapped.
+    pub softcap: Option<f32>,
 }
 
 /// dfdx's composition: q `(B·T, H·Dh)`, k and v `(B·T, Hkv·Dh)`, additive `mask` `(B, T, T)`
@@ -47,14 +53,14 @@ pub fn attention_composed<D: Device<f32>, T: Tape<f32, D>>(
     mask: &Tensor<(usize, usize, usize), f32, D>,
     s: AttnShape,
 ) -> A2<D, T> {
-    let AttnShape { b, t, nh, nkv, dh } = s;
+    let AttnShape { b, t, nh, nkv, dh, softcap } = s;
     let rep = nh / nkv;
     // query head j = g·rep + r reads KV head g
     let q = q.reshape_like(&(b, t, nkv, rep, dh)).permute::<_, Axes5<0, 2, 3, 1, 4>>();
     let q = q.reshape_like(&(b, nkv, rep * t, dh));
     let k = k.reshape_like(&(b, t, nkv, dh)).permute::<_, Axes4<0, 2, 3, 1>>(); // (B, Hkv, Dh, T)
     let v = v.reshape_like(&(b, t, nkv, dh)).permute::<_, Axes4<0, 2, 1, 3>>(); // (B, Hkv, T, Dh)
-    let scores = q.matmul(k) * (1.0 / (dh as f32).sqrt()); // (B, Hkv, rep·T, T)
+    let scores = softcap_tensor(q.matmul(k) * (1.0 / (dh as f32).sqrt()), softcap); // (B, Hkv, rep·T, T)
     let scores =
         scores.reshape_like(&(b, nkv, rep, t, t)) + mask.clone().broadcast_like::<_, Axes2<1, 2>>(&(b, nkv, rep, t, t));
     let probs = scores.softmax::<Axis<4>>().reshape_like(&(b, nkv, rep * t, t));
@@ -68,15 +74,22 @@ fn matmul(dst: &mut [f32], dims: (usize, usize, usize), a: View<'_>, b: View<'_>
     gemm_into(dst, dims, a, b, alpha, false, 1);
 }
 
-/// Per (batch, head) softmax probabilities `P` (T×T), kept for [`attn_backward`].
-pub(crate) type Probs = Vec<Vec<f32>>;
+/// What the backward pass needs of one (batch, head) pair's forward: the softmax
+/// probabilities `P` (T×T) and, with a soft cap, the capped scores (T×T).
+pub(crate) struct HeadProbs {
+    p: Vec<f32>,
+    capped: Option<Vec<f32>>,
+}
+
+/// Per (batch, head) [`HeadProbs`], kept for [`attn_backward`].
+pub(crate) type Probs = Vec<HeadProbs>;
 
 /// The attention core on host buffers: q `(B·T, H·Dh)`, k and v `(B·T, Hkv·Dh)`, additive
 /// mask `(B, T, T)` → `(P per (batch, head), y (B·T, H·Dh))`, one (batch, head) pair per task.
 pub(crate) fn attn_forward(qv: &[f32], kv: &[f32], vv: &[f32], mv: &[f32], s: AttnShape) -> (Probs, Vec<f32>) {
-    let AttnShape { b, t, nh, nkv, dh } = s;
+    let AttnShape { b, t, nh, nkv, dh, softcap } = s;
     let (hq, hk, rep, scale) = (nh * dh, nkv * dh, nh / nkv, 1.0 / (dh as f32).sqrt());
-    let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..b * nh)
+    let heads: Vec<(HeadProbs, Vec<f32>)> = (0..b * nh)
         .into_par_iter()
         .map(|bh| {
             let (bi, h) = (bh / nh, bh % nh);
@@ -85,6 +98,10 @@ pub(crate) fn attn_forward(qv: &[f32], kv: &[f32], vv: &[f32], mv: &[f32], s: At
             let vh = View::new(vv, bi * t * hk + (h / rep) * dh, hk, 1);
             let mut p = vec![0.0f32; t * t];
             matmul(&mut p, (t, t, dh), qh, kh.t(), scale);
+            let capped = softcap.map(|c| {
+                softcap_inplace(&mut p, c);
+                p.clone()
+            });
             for (row, m) in p.chunks_mut(t).zip(mv[bi * t * t..(bi + 1) * t * t].chunks(t)) {
                 row.iter_mut().zip(m).for_each(|(x, m)| *x += m);
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -95,7 +112,7 @@ pub(crate) fn attn_forward(qv: &[f32], kv: &[f32], vv: &[f32], mv: &[f32], s: At
             }
             let mut o = vec![0.0f32; t * dh];
             matmul(&mut o, (t, dh, t), View::new(&p, 0, t, 1), vh, 1.0);
-            (p, o)
+            (HeadProbs { p, capped }, o)
         })
         .collect();
     // each batch row's block of y gathers its heads' outputs (one task per batch row)
@@ -122,15 +139,15 @@ pub(crate) fn attn_backward(
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
-    let AttnShape { b, t, nh, nkv, dh } = s;
+    let AttnShape { b, t, nh, nkv, dh, softcap } = s;
     let (hq, hk, rep, scale) = (nh * dh, nkv * dh, nh / nkv, 1.0 / (dh as f32).sqrt());
-    // per (batch, head): dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P∘(dP − rowsum(dP∘P)),
-    // dQ = scale·dS·K, dK = scale·dSᵀ·Q
+    // per (batch, head): dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P∘(dP − rowsum(dP∘P)) (times
+    // 1 − (Y/c)² of the capped scores Y with a soft cap), dQ = scale·dS·K, dK = scale·dSᵀ·Q
     let parts: Vec<[Vec<f32>; 3]> = (0..b * nh)
         .into_par_iter()
         .map(|bh| {
             let (bi, h) = (bh / nh, bh % nh);
-            let p = &probs[bh];
+            let HeadProbs { p, capped } = &probs[bh];
             let qh = View::new(qv, bi * t * hq + h * dh, hq, 1);
             let kh = View::new(kv, bi * t * hk + (h / rep) * dh, hk, 1);
             let vh = View::new(vv, bi * t * hk + (h / rep) * dh, hk, 1);
@@ -142,6 +159,9 @@ pub(crate) fn attn_backward(
             for (dr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
                 let dot: f32 = dr.iter().zip(pr).map(|(d, p)| d * p).sum();
                 dr.iter_mut().zip(pr).for_each(|(d, p)| *d = p * (*d - dot));
+            }
+            if let (Some(y), Some(c)) = (capped, softcap) {
+                softcap_backward(&mut ds, y, c);
             }
             let (mut dq, mut dk) = (vec![0.0f32; t * dh], vec![0.0f32; t * dh]);
             matmul(&mut dq, (t, dh, t), View::new(&ds, 0, t, 1), kh, scale);
@@ -170,7 +190,7 @@ pub fn attention_cpu<T: Tape<f32, Cpu>>(
     mask: &Tensor<(usize, usize, usize), f32, Cpu>,
     s: AttnShape,
 ) -> A2<Cpu, T> {
-    let AttnShape { b, t, nh, nkv, dh } = s;
+    let AttnShape { b, t, nh, nkv, dh, .. } = s;
     // row-major copies (the same tensors if already contiguous), tapes merged
     let (q, tq) = q.contiguous().split_tape();
     let (k, tk) = k.contiguous().split_tape();
@@ -207,13 +227,15 @@ mod tests {
     fn fused_attention_matches_dfdx_forward_and_gradients() {
         let dev = Cpu::default();
         let mut rng = StdRng::seed_from_u64(5);
-        // MHA, GQA, and a left-padded row (its first two keys masked)
+        // MHA, GQA, and a left-padded row (its first two keys masked); Gemma 2's soft cap,
+        // tight enough to bend most scores
         for s in [
-            AttnShape { b: 2, t: 5, nh: 2, nkv: 2, dh: 4 },
-            AttnShape { b: 3, t: 7, nh: 4, nkv: 2, dh: 8 },
-            AttnShape { b: 1, t: 9, nh: 3, nkv: 1, dh: 16 },
+            AttnShape { b: 2, t: 5, nh: 2, nkv: 2, dh: 4, softcap: None },
+            AttnShape { b: 3, t: 7, nh: 4, nkv: 2, dh: 8, softcap: None },
+            AttnShape { b: 1, t: 9, nh: 3, nkv: 1, dh: 16, softcap: None },
+            AttnShape { b: 2, t: 6, nh: 4, nkv: 2, dh: 8, softcap: Some(0.8) },
         ] {
-            let AttnShape { b, t, nh, nkv, dh } = s;
+            let AttnShape { b, t, nh, nkv, dh, .. } = s;
             let mut rand = |n: usize| -> Tensor<(usize, usize), f32, Cpu> {
                 dev.tensor_from_vec((0..n).map(|_| rng.gen_range(-1.5..1.5)).collect(), (b * t, n / (b * t)))
             };

@@ -1,9 +1,10 @@
 //! Model configuration: one serde type that reads Hugging Face `config.json` files directly.
 //!
 //! The `model_type` field selects the family (`"gpt2"`, or `"llama"`, `"qwen2"`, `"qwen3"`,
-//! `"mistral"`, `"gemma3_text"`, `"gpt_neox"` and `"phi3"`: Qwen2 is Llama with biases on the q, k
-//! and v projections, Qwen3 Llama with an RMSNorm over each head's queries and keys, Mistral Llama
-//! with a sliding attention window, Gemma 3 see [`crate::gemma3`], GPT-NeoX (Pythia) see
+//! `"mistral"`, `"gemma2"`, `"gemma3_text"`, `"gpt_neox"`, `"phi3"` and `"smollm3"`: Qwen2 is Llama
+//! with biases on the q, k and v projections, Qwen3 Llama with an RMSNorm over each head's queries
+//! and keys, Mistral Llama with a sliding attention window, Gemma 2 and 3 see [`crate::gemma2`]
+//! and [`crate::gemma3`], SmolLM3 see [`crate::smollm3`], GPT-NeoX (Pythia) see
 //! [`crate::gpt_neox`], Phi-3 see [`crate::phi3`]); every other field keeps the
 //! name transformers uses, so an HF config deserialises unchanged and our saved configs load back
 //! in transformers. Unknown HF fields (`architectures`, `torch_dtype`, …) are accepted and ignored
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::dims::{Dims, Family, GeluKind, Glu, NormKind};
 use crate::error::PolicyError;
+pub use crate::gemma2::Gemma2Config;
 pub use crate::gemma3::Gemma3Config;
 pub use crate::gpt_neox::GptNeoxConfig;
 
@@ -38,6 +40,9 @@ pub enum ModelConfig {
     /// last `sliding_window` positions (none when `null`; transformers' 4096 when absent).
     #[serde(rename = "mistral")]
     Mistral(LlamaConfig),
+    /// Gemma 2 (`Gemma2ForCausalLM`): see [`crate::gemma2`].
+    #[serde(rename = "gemma2")]
+    Gemma2(Gemma2Config),
     /// Gemma 3's text model (`Gemma3ForCausalLM`): see [`crate::gemma3`].
     #[serde(rename = "gemma3_text")]
     Gemma3Text(Gemma3Config),
@@ -289,7 +294,7 @@ impl ModelConfig {
         let mut value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| PolicyError::config("<json>", format!("not valid JSON: {e}")))?;
         match value.get("model_type").and_then(|v| v.as_str()) {
-            Some("gpt2" | "llama" | "qwen2" | "qwen3" | "gemma3_text" | "gpt_neox") => {}
+            Some("gpt2" | "llama" | "qwen2" | "qwen3" | "gemma2" | "gemma3_text" | "gpt_neox") => {}
             // transformers' MistralConfig has a window of 4096 unless the file says otherwise
             Some("mistral") if value.get("sliding_window").is_none() => {
                 value["sliding_window"] = serde_json::json!(MISTRAL_WINDOW);
@@ -301,7 +306,8 @@ impl ModelConfig {
             Some(other) => {
                 let msg = format!(
                     "unsupported model_type {other:?} (\"gpt2\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\", \
-                     \"gemma3_text\", \"gemma3\" (its text model), \"gpt_neox\", \"phi3\" and \"smollm3\" are)"
+                     \"gemma2\", \"gemma3_text\", \"gemma3\" (its text model), \"gpt_neox\", \"phi3\" and \"smollm3\" \
+                     are)"
                 );
                 return Err(PolicyError::config("model_type", msg));
             }
@@ -385,6 +391,9 @@ impl ModelConfig {
             | ModelConfig::Smollm3(c) => {
                 Shared { vocab: c.vocab_size, bos: c.bos_token_id, eos: ids(&c.eos_token_id), pad: c.pad_token_id }
             }
+            ModelConfig::Gemma2(c) => {
+                Shared { vocab: c.vocab_size, bos: c.bos_token_id, eos: ids(&c.eos_token_id), pad: c.pad_token_id }
+            }
             ModelConfig::Gemma3Text(c) => {
                 Shared { vocab: c.vocab_size, bos: c.bos_token_id, eos: ids(&c.eos_token_id), pad: c.pad_token_id }
             }
@@ -409,6 +418,7 @@ impl ModelConfig {
             | ModelConfig::Mistral(c)
             | ModelConfig::Phi3(c)
             | ModelConfig::Smollm3(c) => c.vocab_size = v,
+            ModelConfig::Gemma2(c) => c.vocab_size = v,
             ModelConfig::Gemma3Text(c) => c.vocab_size = v,
             ModelConfig::GptNeox(c) => c.vocab_size = v,
         }
@@ -435,10 +445,11 @@ impl ModelConfig {
     }
 
     /// Each layer's attention window: `None` for full attention, `Some(w)` for a layer whose
-    /// queries see their last `w` positions (Gemma 3's sliding layers; every Mistral layer with
+    /// queries see their last `w` positions (Gemma 2's and 3's sliding layers; every Mistral layer with
     /// a `sliding_window`).
     pub fn layer_windows(&self) -> Result<Vec<Option<usize>>, PolicyError> {
         match self {
+            ModelConfig::Gemma2(c) => c.layer_windows(),
             ModelConfig::Gemma3Text(c) => c.layer_windows(),
             _ => {
                 let d = self.dims()?;
@@ -464,6 +475,7 @@ impl ModelConfig {
             ModelConfig::Qwen2(c) => llama_dims(c, true, false)?,
             ModelConfig::Qwen3(c) => llama_dims(c, false, true)?,
             ModelConfig::Mistral(c) => mistral_dims(c)?,
+            ModelConfig::Gemma2(c) => c.dims()?,
             ModelConfig::Gemma3Text(c) => c.dims()?,
             ModelConfig::GptNeox(c) => c.dims()?,
             ModelConfig::Phi3(c) => crate::phi3::dims(c)?,

@@ -10,9 +10,16 @@
 use crate::kernels::{axpy, dot, exp_inplace};
 
 /// `out = Σ_j softmax_j(scale · q·k_j) · v_j` over the `n = keys.len() / q.len()` keys (the
-/// rows of `keys` and `values`, each `q.len()` wide). `scores` is scratch of at least `n`
-/// elements.
-pub(crate) fn attend(q: &[f32], keys: &[f32], values: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+/// rows of `keys` and `values`, each `q.len()` wide), the scaled scores soft-capped first with
+/// a `softcap` (Gemma 2, [`crate::softcap`]). `scores` is scratch of at least `n` elements.
+pub(crate) fn attend(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    (scale, softcap): (f32, Option<f32>),
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     let dh = q.len();
     let n = keys.len() / dh.max(1);
     assert!(
@@ -21,11 +28,11 @@ pub(crate) fn attend(q: &[f32], keys: &[f32], values: &[f32], scale: f32, scores
     );
     let p = &mut scores[..n];
     dots(q, keys, p);
-    let mut max = f32::NEG_INFINITY;
-    for s in p.iter_mut() {
-        *s *= scale;
-        max = max.max(*s);
+    p.iter_mut().for_each(|s| *s *= scale);
+    if let Some(c) = softcap {
+        crate::softcap::softcap_inplace(p, c);
     }
+    let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     p.iter_mut().for_each(|s| *s -= max);
     exp_inplace(p);
     let inv = 1.0 / p.iter().sum::<f32>();
@@ -116,11 +123,12 @@ mod x86 {
 mod tests {
     use super::*;
 
-    fn naive(q: &[f32], keys: &[f32], values: &[f32], scale: f32) -> Vec<f32> {
+    fn naive(q: &[f32], keys: &[f32], values: &[f32], scale: f32, cap: Option<f32>) -> Vec<f32> {
         let dh = q.len();
+        let capped = |s: f64| cap.map_or(s, |c| c as f64 * (s / c as f64).tanh());
         let s: Vec<f64> = keys
             .chunks(dh)
-            .map(|k| q.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale as f64)
+            .map(|k| capped(q.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale as f64))
             .collect();
         let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
@@ -143,11 +151,15 @@ mod tests {
                 };
                 let (q, keys, values) = (f(dh, 1), f(n * dh, 2), f(n * dh, 3));
                 let scale = 1.0 / (dh as f32).sqrt();
-                let mut scores = vec![0.0; n + 5];
-                let mut out = vec![f32::NAN; dh];
-                attend(&q, &keys, &values, scale, &mut scores, &mut out);
-                for (got, want) in out.iter().zip(naive(&q, &keys, &values, scale)) {
-                    assert!((got - want).abs() < 1e-5 * (1.0 + want.abs()), "dh {dh}, n {n}: {got} vs {want}");
+                // uncapped, and Gemma 2's cap tight enough to bend most scores
+                for cap in [None, Some(1.0)] {
+                    let mut scores = vec![0.0; n + 5];
+                    let mut out = vec![f32::NAN; dh];
+                    attend(&q, &keys, &values, (scale, cap), &mut scores, &mut out);
+                    for (got, want) in out.iter().zip(naive(&q, &keys, &values, scale, cap)) {
+                        let msg = format!("dh {dh}, n {n}, cap {cap:?}: {got} vs {want}");
+                        assert!((got - want).abs() < 1e-5 * (1.0 + want.abs()), "{msg}");
+                    }
                 }
             }
         }

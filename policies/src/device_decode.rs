@@ -94,6 +94,7 @@ impl<D: FusedOps> CausalLm<D> {
             let values = append(&mut cache.v[layer], heads(v, nkv));
             let (keys, values) = (repeat_heads(keys, nh), repeat_heads(values, nh));
             let scores = heads(q, nh).matmul(keys.permute::<_, Axes4<0, 1, 3, 2>>()) * (1.0 / (dh as f32).sqrt());
+            let scores = crate::softcap::softcap_tensor(scores, dims.attn_softcap);
             let scores = scores + mask.clone().broadcast_like::<_, Axis<1>>(&(b, nh, n, l));
             let y = scores.softmax::<Axis<3>>().matmul(values); // (B, H, n, Dh)
             let y = y.permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(b * n, nh * dh));

@@ -9,8 +9,8 @@ pub enum Family {
     /// GPT-2: learned positions, LayerNorm, GELU (tanh), biases, fused `c_attn`.
     Gpt2,
     /// Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases (Qwen2: biases on q, k
-    /// and v, [`Dims::qkv_bias`]; Qwen3: q/k head norms, [`Dims::qk_norm`]; Gemma 3: see
-    /// [`crate::gemma3`]).
+    /// and v, [`Dims::qkv_bias`]; Qwen3: q/k head norms, [`Dims::qk_norm`]; Gemma 2 and 3:
+    /// see [`crate::gemma2`] and [`crate::gemma3`]).
     Llama,
     /// GPT-NeoX (Pythia): GPT-2's LayerNorms, GELU MLP and biases with RoPE on part of each
     /// head ([`Dims::partial_rotary`]) and, in most checkpoints, a parallel residual
@@ -97,7 +97,7 @@ pub struct Dims {
     /// Multiplier on the queries before `q·kᵀ/√Dh`: `√(Dh / query_pre_attn_scalar)` for Gemma
     /// (scores scaled by `query_pre_attn_scalar^-½`), 1 elsewhere.
     pub query_scale: f32,
-    /// The attention window of local layers (Gemma 3's sliding layers; which layers are local
+    /// The attention window of local layers (Gemma 2's and 3's sliding layers; which layers are local
     /// is [`crate::config::ModelConfig::layer_windows`]): a query sees its last `w` positions, itself included.
     pub sliding_window: Option<usize>,
     /// The RoPE base of local layers (Gemma 3's, unscaled); `None`: the global RoPE (Mistral).
@@ -112,6 +112,12 @@ pub struct Dims {
     /// up as another (`gate_up_proj`, rows `gate | up`): Phi-3's checkpoint layout (the network
     /// is Llama's).
     pub fused_projections: bool,
+    /// Gemma 2's soft cap on the attention scores: `c·tanh(s/c)` of the scaled scores before the
+    /// mask and softmax ([`crate::softcap`]); `None`: uncapped.
+    pub attn_softcap: Option<f32>,
+    /// Gemma 2's soft cap on the LM logits, `c·tanh(z/c)` before any temperature; `None`:
+    /// uncapped.
+    pub final_softcap: Option<f32>,
 }
 
 impl Dims {
@@ -146,6 +152,8 @@ impl Dims {
         partial_rotary: None,
         parallel_residual: false,
         fused_projections: false,
+        attn_softcap: None,
+        final_softcap: None,
     };
 
     /// The sizes a local (sliding-window) layer's RoPE uses: its own base without scaling where

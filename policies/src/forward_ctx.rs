@@ -34,7 +34,8 @@ impl<D: Storage<f32>> Ctx<D> {
     pub(crate) fn block_inputs(&self, dims: &Dims) -> BlockInputs<'_> {
         let rope = self.layers.rope.as_ref().map(|r| (&r.host, dims.rotary_dim()));
         let (b, t) = (self.b, self.t);
-        let shape = AttnShape { b, t, nh: dims.n_head, nkv: dims.n_kv_head, dh: dims.head_dim };
+        let (nh, nkv, dh, softcap) = (dims.n_head, dims.n_kv_head, dims.head_dim, dims.attn_softcap);
+        let shape = AttnShape { b, t, nh, nkv, dh, softcap };
         BlockInputs { mask: &self.mask_host, shape, gelu: dims.gelu, rope, parallel: dims.parallel_residual }
     }
 }

@@ -75,7 +75,7 @@ pub trait FusedOps: Device<f32> {
         targets: &[usize],
         weights: &[f32],
     ) -> Tensor<Rank0, f32, Self, T> {
-        let logits = Self::linear(h, Affine::lm_head(head.w));
+        let logits = head_logits(h, head);
         Self::weighted_nll(logits, targets, weights)
     }
 
@@ -97,7 +97,7 @@ pub trait FusedOps: Device<f32> {
         targets: &[usize],
         temperature: f32,
     ) -> Tensor<(usize,), f32, Self, T> {
-        let logits = Self::linear(h, Affine::lm_head(head.w));
+        let logits = head_logits(h, head);
         Self::logprobs_and_entropy(logits, targets, temperature)
     }
 
@@ -197,6 +197,15 @@ pub fn logprobs_and_entropy_composed<D: Device<f32>, T: Tape<f32, D>>(
     (logprobs, entropy).concat_along(Axis::<0>)
 }
 
+/// The LM head's logits `h·headᵀ` `(N, V)` for hidden states `h` `(N, C)`, soft-capped when the
+/// head has a cap ([`Head::softcap`]).
+pub fn head_logits<D: FusedOps, T: Tape<f32, D>>(
+    h: Tensor<(usize, usize), f32, D, T>,
+    head: Head<'_, D>,
+) -> Tensor<(usize, usize), f32, D, T> {
+    crate::softcap::softcap_tensor(D::linear(h, Affine::lm_head(head.w)), head.softcap)
+}
+
 /// The composition of [`FusedOps::lm_logprobs_and_entropy_masked`] (the devices' default,
 /// and the CPU op's reference): the head, plus a bias of 0 or [`MASKED_LOGIT`] per logit, then
 /// [`FusedOps::logprobs_and_entropy`].
@@ -209,7 +218,7 @@ pub fn lm_logprobs_and_entropy_masked_composed<D: FusedOps, T: Tape<f32, D>>(
 ) -> Tensor<(usize,), f32, D, T> {
     let v = head.w.shape().0;
     crate::logprobs::check_masks(v, targets, masks);
-    let logits = D::linear(h, Affine::lm_head(head.w));
+    let logits = head_logits(h, head);
     let mut bias = vec![0.0; masks.len() * v];
     bias.chunks_mut(v).zip(masks).for_each(|(row, m)| m.apply(row, MASKED_LOGIT));
     let bias = logits.device().tensor_from_vec(bias, (masks.len(), v));

@@ -153,40 +153,126 @@ pub(crate) fn periodic_sliding(n: usize, pattern: usize) -> Vec<bool> {
 /// transformers' RoPE bases when a config names none: full layers, sliding layers.
 const DEFAULT_THETAS: (f64, f64) = (1_000_000.0, 10_000.0);
 
+/// Each layer's attention window from a Gemma config's `layer_types` (`"sliding_attention"` or
+/// `"full_attention"` per layer) or, without them, the `periodic` sliding flags; `window` is
+/// `sliding_window`.
+pub(crate) fn windows_of(
+    layer_types: Option<&[String]>,
+    n: usize,
+    periodic: impl FnOnce() -> Result<Vec<bool>, PolicyError>,
+    window: Option<usize>,
+) -> Result<Vec<Option<usize>>, PolicyError> {
+    let sliding: Vec<bool> = match layer_types {
+        Some(types) => {
+            if types.len() != n {
+                let msg = format!("{} entries for {n} layers", types.len());
+                return Err(PolicyError::config("layer_types", msg));
+            }
+            let kind = |(i, t): (usize, &String)| match t.as_str() {
+                "sliding_attention" => Ok(true),
+                "full_attention" => Ok(false),
+                other => Err(PolicyError::config(
+                    format!("layer_types[{i}]"),
+                    format!("{other:?} (\"sliding_attention\" or \"full_attention\")"),
+                )),
+            };
+            types.iter().enumerate().map(kind).collect::<Result<_, _>>()?
+        }
+        None => periodic()?,
+    };
+    match (window, sliding.contains(&true)) {
+        (Some(0), true) => Err(PolicyError::config("sliding_window", "must be > 0".into())),
+        (None, true) => Err(PolicyError::config("sliding_window", "null, but some layers are sliding".into())),
+        (w, _) => Ok(sliding.into_iter().map(|s| if s { w } else { None }).collect()),
+    }
+}
+
+/// The fields Gemma 2's and Gemma 3's configs share, under transformers' names.
+pub(crate) struct GemmaSizes<'a> {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub hidden_activation: &'a str,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub query_pre_attn_scalar: usize,
+    pub use_bidirectional_attention: Option<bool>,
+    pub attention_bias: bool,
+    pub tie_word_embeddings: bool,
+    pub initializer_range: f64,
+}
+
+impl GemmaSizes<'_> {
+    /// The [`Dims`] both generations share (no q/k norms, no sliding window, one RoPE base,
+    /// which the callers set); the error names the offending field.
+    pub(crate) fn dims(&self, rope_theta: f64, rope_scaling: Option<RopeScaling>) -> Result<Dims, PolicyError> {
+        if !matches!(self.hidden_activation, "gelu_pytorch_tanh" | "gelu_new") {
+            let msg = format!("{:?} is not supported (gelu_pytorch_tanh)", self.hidden_activation);
+            return Err(PolicyError::config("hidden_activation", msg));
+        }
+        for (field, set) in [
+            ("use_bidirectional_attention", self.use_bidirectional_attention == Some(true)),
+            ("attention_bias", self.attention_bias),
+        ] {
+            if set {
+                return Err(PolicyError::config(field, "is not supported (Gemma's causal LMs leave it off)".into()));
+            }
+        }
+        let (n_head, n_kv, head_dim) = (self.num_attention_heads, self.num_key_value_heads, self.head_dim);
+        if n_head == 0 || n_kv == 0 || !n_head.is_multiple_of(n_kv) {
+            let msg = format!("num_attention_heads {n_head} must be a positive multiple of num_key_value_heads {n_kv}");
+            return Err(PolicyError::config("num_key_value_heads", msg));
+        }
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(PolicyError::config("head_dim", format!("{head_dim} must be even and > 0 for RoPE")));
+        }
+        if self.query_pre_attn_scalar == 0 {
+            return Err(PolicyError::config("query_pre_attn_scalar", "must be > 0".into()));
+        }
+        Ok(Dims {
+            family: Family::Llama,
+            vocab: self.vocab_size,
+            d_model: self.hidden_size,
+            n_layer: self.num_hidden_layers,
+            n_head,
+            n_kv_head: n_kv,
+            head_dim,
+            d_ff: self.intermediate_size,
+            max_positions: self.max_position_embeddings,
+            norm_eps: self.rms_norm_eps as f32,
+            rope_theta: rope_theta as f32,
+            rope_scaling,
+            tied: self.tie_word_embeddings,
+            init_std: self.initializer_range as f32,
+            gelu: GeluKind::Tanh,
+            // transformers: `torch.tensor(hidden_size ** 0.5)`, the f32 nearest √d, as here
+            embed_scale: (self.hidden_size as f32).sqrt(),
+            norm_unit_offset: true,
+            post_norms: true,
+            glu: Glu::GeluTanh,
+            query_scale: (head_dim as f64 / self.query_pre_attn_scalar as f64).sqrt() as f32,
+            ..Dims::PLAIN
+        })
+    }
+}
+
 impl Gemma3Config {
     /// Each layer's attention window: `Some(sliding_window)` for a sliding layer, `None` for a
     /// full one.
     pub fn layer_windows(&self) -> Result<Vec<Option<usize>>, PolicyError> {
         let n = self.num_hidden_layers;
-        let sliding: Vec<bool> = match &self.layer_types {
-            Some(types) => {
-                if types.len() != n {
-                    let msg = format!("{} entries for {n} layers", types.len());
-                    return Err(PolicyError::config("layer_types", msg));
-                }
-                let kind = |(i, t): (usize, &String)| match t.as_str() {
-                    "sliding_attention" => Ok(true),
-                    "full_attention" => Ok(false),
-                    other => Err(PolicyError::config(
-                        format!("layer_types[{i}]"),
-                        format!("{other:?} (\"sliding_attention\" or \"full_attention\")"),
-                    )),
-                };
-                types.iter().enumerate().map(kind).collect::<Result<_, _>>()?
+        let periodic = || {
+            let pattern = self.sliding_window_pattern.or(self.sliding_window_pattern_).unwrap_or(6);
+            if pattern == 0 {
+                return Err(PolicyError::config("sliding_window_pattern", "must be > 0".into()));
             }
-            None => {
-                let pattern = self.sliding_window_pattern.or(self.sliding_window_pattern_).unwrap_or(6);
-                if pattern == 0 {
-                    return Err(PolicyError::config("sliding_window_pattern", "must be > 0".into()));
-                }
-                periodic_sliding(n, pattern)
-            }
+            Ok(periodic_sliding(n, pattern))
         };
-        match (self.sliding_window, sliding.contains(&true)) {
-            (Some(0), true) => Err(PolicyError::config("sliding_window", "must be > 0".into())),
-            (None, true) => Err(PolicyError::config("sliding_window", "null, but some layers are sliding".into())),
-            (w, _) => Ok(sliding.into_iter().map(|s| if s { w } else { None }).collect()),
-        }
+        windows_of(self.layer_types.as_deref(), n, periodic, self.sliding_window)
     }
 
     /// The RoPE bases of the full and the sliding layers, from either layout, and the full
@@ -234,68 +320,45 @@ impl Gemma3Config {
 
     /// The resolved sizes; the error names the offending field.
     pub(crate) fn dims(&self) -> Result<Dims, PolicyError> {
-        if !matches!(self.hidden_activation.as_str(), "gelu_pytorch_tanh" | "gelu_new") {
-            let msg = format!("{:?} is not supported (gelu_pytorch_tanh)", self.hidden_activation);
-            return Err(PolicyError::config("hidden_activation", msg));
-        }
         for (field, set) in [
             ("final_logit_softcapping", self.final_logit_softcapping.is_some()),
             ("attn_logit_softcapping", self.attn_logit_softcapping.is_some()),
-            ("use_bidirectional_attention", self.use_bidirectional_attention == Some(true)),
-            ("attention_bias", self.attention_bias),
         ] {
             if set {
                 return Err(PolicyError::config(field, "is not supported (Gemma 3's configs leave it off)".into()));
             }
         }
-        let (n_head, n_kv, head_dim) = (self.num_attention_heads, self.num_key_value_heads, self.head_dim);
-        if n_head == 0 || n_kv == 0 || !n_head.is_multiple_of(n_kv) {
-            let msg = format!("num_attention_heads {n_head} must be a positive multiple of num_key_value_heads {n_kv}");
-            return Err(PolicyError::config("num_key_value_heads", msg));
-        }
-        if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(PolicyError::config("head_dim", format!("{head_dim} must be even and > 0 for RoPE")));
-        }
-        if self.query_pre_attn_scalar == 0 {
-            return Err(PolicyError::config("query_pre_attn_scalar", "must be > 0".into()));
-        }
         let (theta, rope_scaling, local_theta) = self.rope_bases()?;
         let windows = self.layer_windows()?;
+        let sizes = GemmaSizes {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads,
+            head_dim: self.head_dim,
+            hidden_activation: &self.hidden_activation,
+            max_position_embeddings: self.max_position_embeddings,
+            rms_norm_eps: self.rms_norm_eps,
+            query_pre_attn_scalar: self.query_pre_attn_scalar,
+            use_bidirectional_attention: self.use_bidirectional_attention,
+            attention_bias: self.attention_bias,
+            tie_word_embeddings: self.tie_word_embeddings,
+            initializer_range: self.initializer_range,
+        };
         Ok(Dims {
-            family: Family::Llama,
-            vocab: self.vocab_size,
-            d_model: self.hidden_size,
-            n_layer: self.num_hidden_layers,
-            n_head,
-            n_kv_head: n_kv,
-            head_dim,
-            d_ff: self.intermediate_size,
-            max_positions: self.max_position_embeddings,
-            norm_eps: self.rms_norm_eps as f32,
-            rope_theta: theta as f32,
-            rope_scaling,
-            tied: self.tie_word_embeddings,
-            init_std: self.initializer_range as f32,
-            gelu: GeluKind::Tanh,
-            bias: false,
-            qkv_bias: false,
             qk_norm: true,
-            // transformers: `torch.tensor(hidden_size ** 0.5)`, the f32 nearest √d, as here
-            embed_scale: (self.hidden_size as f32).sqrt(),
-            norm_unit_offset: true,
-            post_norms: true,
-            glu: Glu::GeluTanh,
-            query_scale: (head_dim as f64 / self.query_pre_attn_scalar as f64).sqrt() as f32,
             sliding_window: windows.iter().flatten().next().copied(),
             rope_local_theta: Some(local_theta as f32),
-            ..Dims::PLAIN
+            ..sizes.dims(theta, rope_scaling)?
         })
     }
 }
 
 /// The full layers' RoPE scaling from a config object (named `field` in errors): none for
 /// `"default"`, a stretch for `"linear"`; other kinds are errors.
-fn full_scaling(
+pub(crate) fn full_scaling(
     params: &serde_json::Map<String, serde_json::Value>,
     field: &str,
 ) -> Result<Option<RopeScaling>, PolicyError> {
@@ -303,7 +366,7 @@ fn full_scaling(
         "default" => Ok(None),
         "linear" => RopeScaling::linear(params, field).map(Some),
         other => {
-            let msg = format!("{other:?} is not supported for Gemma 3 (\"default\" and \"linear\" are)");
+            let msg = format!("{other:?} is not supported for Gemma (\"default\" and \"linear\" are)");
             Err(PolicyError::config(format!("{field}.rope_type"), msg))
         }
     }

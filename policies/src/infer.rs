@@ -345,6 +345,9 @@ impl InferenceModel {
         apply_norm(&self.ln_f, &mut h, c);
         let mut logits = vec![0.0f32; picked.len() * d.vocab];
         matmul(&h, &self.head_t, &mut logits, picked.len(), false);
+        if let Some(cap) = d.final_softcap {
+            crate::softcap::softcap_inplace(&mut logits, cap);
+        }
         Ok(logits)
     }
 
@@ -497,7 +500,8 @@ impl InferenceModel {
                     let first = window.map_or(pad, |w| pad.max((col + 1).saturating_sub(w)));
                     let keys = (base + first) * dh..(base + col + 1) * dh;
                     let o = &mut out_r[i * nh * dh + h * dh..i * nh * dh + (h + 1) * dh];
-                    attend(&q_row[h * dh..(h + 1) * dh], &kc[keys.clone()], &vc[keys], scale, &mut scores, o);
+                    let q = &q_row[h * dh..(h + 1) * dh];
+                    attend(q, &kc[keys.clone()], &vc[keys], (scale, d.attn_softcap), &mut scores, o);
                 }
             }
         };

@@ -1,8 +1,8 @@
 //! `rlhf-policies`: the language models that act as policies, references, critics and reward
 //! models, on dfdx with runtime shapes.
 //!
-//! - [`ModelConfig`]: HF `config.json` for GPT-2, Llama, Qwen2, Qwen3, Mistral, Gemma 3 (text)
-//!   and GPT-NeoX (Pythia), presets `tiny`/`small`.
+//! - [`ModelConfig`]: HF `config.json` for GPT-2, Llama, Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3
+//!   (text), GPT-NeoX (Pythia), Phi-3 and SmolLM3, presets `tiny`/`small`.
 //! - [`CausalLm`]: the training forward (dfdx ops and tape), [`ScalarHead`] for values/rewards,
 //!   the parameter walker, [`AdamW`] and [`clip_grad_norm`], [`CausalLm::frozen_copy`].
 //! - [`InferenceModel`]: a tape-free, KV-cached forward for rollouts, pinned to the training
@@ -38,6 +38,7 @@ mod forward_ctx;
 pub mod freeze;
 pub mod fused;
 pub mod gelu;
+pub mod gemma2;
 pub mod gemma3;
 pub mod gguf;
 mod gguf_neox;
@@ -65,6 +66,7 @@ pub mod session;
 #[cfg(target_arch = "x86_64")]
 mod sgemm;
 pub mod smollm3;
+pub mod softcap;
 mod strided;
 pub mod tokenizer;
 

@@ -18,6 +18,7 @@ use rayon::prelude::*;
 
 use crate::kernels::exp_inplace;
 use crate::nucleus::{TokenMask, MASKED_LOGIT};
+use crate::softcap::{softcap_backward, softcap_inplace};
 use crate::strided::{gemm_into, gemm_new, host_vec, View};
 
 type A2<T> = Tensor<(usize, usize), f32, Cpu, T>;
@@ -34,6 +35,9 @@ pub struct Head<'a, D: Storage<f32>> {
     pub w: &'a Tensor<(usize, usize), f32, D>,
     /// Whether the backward pass writes the weight's gradient.
     pub trains: bool,
+    /// Gemma 2's cap on the logits, `c·tanh(z/c)` before the temperature ([`crate::softcap`]);
+    /// `None`: uncapped.
+    pub softcap: Option<f32>,
 }
 
 // by hand: a derive would ask `D: Copy`
@@ -47,7 +51,7 @@ impl<D: Storage<f32>> Copy for Head<'_, D> {}
 impl<'a, D: Storage<f32>> Head<'a, D> {
     /// A head whose weight trains.
     pub fn training(w: &'a Tensor<(usize, usize), f32, D>) -> Self {
-        Head { w, trains: true }
+        Head { w, trains: true, softcap: None }
     }
 }
 
@@ -205,7 +209,8 @@ type HeadLoss<S, B> = (Vec<f32>, S, B);
 /// `(N, C)` and the head's weight `w` `(V, C)` goes to `loss` in a host buffer this op owns
 /// (which `loss` may change first, e.g. to mask tokens); the backward pass has `loss`'s
 /// closure turn it into `dlogits` in place, then `dh += dlogits·w` and, when the head
-/// trains, `dw += dlogitsᵀ·h`.
+/// trains, `dw += dlogitsᵀ·h`. With a soft cap `c` the logits are `x = alpha·c·tanh(h·wᵀ/c)`,
+/// and the op keeps the capped logits (one more `(N, V)` buffer) for the chain rule.
 fn lm_head_op<T, S, B>(
     h: A2<T>,
     head: Head<'_, Cpu>,
@@ -223,7 +228,22 @@ where
     let (h, mut tape) = h.split_tape();
     let (hv, wv) = (host_vec(&h), host_vec(w));
     let threads = rayon::current_num_threads();
-    let mut x = gemm_new((n, v, c), View::rows(&hv, c), View::rows(&wv, c).t(), alpha, threads);
+    let cap = head.softcap;
+    let mut x = gemm_new(
+        (n, v, c),
+        View::rows(&hv, c),
+        View::rows(&wv, c).t(),
+        if cap.is_some() { 1.0 } else { alpha },
+        threads,
+    );
+    let capped = cap.map(|c| {
+        softcap_inplace(&mut x, c);
+        let capped = x.clone();
+        if alpha != 1.0 {
+            x.par_chunks_mut(1 << 13).for_each(|ch| ch.iter_mut().for_each(|x| *x *= alpha));
+        }
+        capped
+    });
     let (y, shape, backward) = loss(&mut x);
     let out = h.device().tensor_from_vec(y, shape);
     if T::OWNS_TAPE {
@@ -231,6 +251,9 @@ where
         tape.add_backward_op(move |grads| {
             let dy: Vec<f32> = grads.get_or_alloc_mut(&og)?.to_vec();
             backward(&mut x, &dy);
+            if let (Some(y), Some(c)) = (&capped, cap) {
+                x.par_chunks_mut(1 << 13).zip(y.par_chunks(1 << 13)).for_each(|(d, y)| softcap_backward(d, y, c));
+            }
             let dl = View::rows(&x, v);
             gemm_into(grads.get_or_alloc_mut(&hg)?, (n, c, v), dl, View::rows(&wv, c), 1.0, true, threads);
             if let Some(wg) = &wg {
@@ -373,12 +396,16 @@ mod tests {
 
     /// The fused head against dfdx's linear map then its log-prob (and NLL) composition: values
     /// and the gradients of `h` and of the weight, with a row whose upstream gradients are zero
-    /// (its logits' gradient must be written as zeros, not left as logits).
+    /// (its logits' gradient must be written as zeros, not left as logits); and with Gemma 2's
+    /// soft cap, tight enough to bend most logits, against `softcap_tensor`'s composition.
     #[test]
     fn fused_lm_head_losses_match_the_composition() {
         let dev = Cpu::default();
         let mut rng = StdRng::seed_from_u64(5);
-        for (n, c, v, temp) in [(3usize, 8usize, 11usize, 1.0f32), (37, 32, 700, 0.7)] {
+        let cases = [(3usize, 8usize, 11usize, 1.0f32, None), (37, 32, 700, 0.7, None), (6, 16, 90, 0.8, Some(1.5f32))];
+        for (n, c, v, temp, cap) in cases {
+            let head = |w| Head { w, trains: true, softcap: cap };
+            let composed_logits = |h, w| crate::softcap::softcap_tensor(linear_composed(h, Affine::lm_head(w)), cap);
             let h = rand(&dev, &mut rng, (n, c), 1.0);
             let w = rand(&dev, &mut rng, (v, c), 1.0);
             let targets: Vec<usize> = (0..n).map(|_| rng.gen_range(0..v)).collect();
@@ -387,10 +414,9 @@ mod tests {
             let up: Tensor<(usize,), f32, Cpu> = dev.tensor_from_vec(upv, (2 * n,));
             let run = |fused: bool| {
                 let y = if fused {
-                    lm_logprobs_and_entropy_cpu(h.leaky_trace(), Head::training(&w), &targets, temp)
+                    lm_logprobs_and_entropy_cpu(h.leaky_trace(), head(&w), &targets, temp)
                 } else {
-                    let a = Affine::lm_head(&w);
-                    logprobs_and_entropy_composed(linear_composed(h.leaky_trace(), a), &targets, temp)
+                    logprobs_and_entropy_composed(composed_logits(h.leaky_trace(), &w), &targets, temp)
                 };
                 let yv = y.retaped::<NoneTape>().as_vec();
                 let g = (y * up.clone()).sum::<Rank0, _>().backward();
@@ -404,10 +430,9 @@ mod tests {
             let weights: Vec<f32> = (0..n).map(|i| if i == 1 { 0.0 } else { rng.gen_range(0.0..1.0) }).collect();
             let run = |fused: bool| {
                 let y = if fused {
-                    lm_weighted_nll_cpu(h.leaky_trace(), Head::training(&w), &targets, &weights)
+                    lm_weighted_nll_cpu(h.leaky_trace(), head(&w), &targets, &weights)
                 } else {
-                    let a = Affine::lm_head(&w);
-                    weighted_nll_composed(linear_composed(h.leaky_trace(), a), &targets, &weights)
+                    weighted_nll_composed(composed_logits(h.leaky_trace(), &w), &targets, &weights)
                 };
                 let yv = y.retaped::<NoneTape>().array();
                 let g = (y * 1.5).backward();
@@ -434,7 +459,7 @@ mod tests {
         let masks = random_masks(&mut rng, v, &targets);
         for op in 0..3 {
             let run = |trains: bool| {
-                let head = Head { w: &w, trains };
+                let head = Head { w: &w, trains, softcap: None };
                 let y = match op {
                     0 => lm_logprobs_and_entropy_cpu(h.leaky_trace(), head, &targets, 0.7),
                     1 => lm_logprobs_and_entropy_masked_cpu(h.leaky_trace(), head, &targets, 0.7, &masks),

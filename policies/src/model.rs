@@ -286,7 +286,7 @@ impl<D: FusedOps> Block<D> {
         let v = self.wv.forward(h.retaped::<T>());
         let (mask, rope) = ctx.layers.for_layer(self.window, self.rope);
         let (q, k) = self.positioned_qk(q, k, rope, dims);
-        let shape = AttnShape { b, t, nh, nkv, dh };
+        let shape = AttnShape { b, t, nh, nkv, dh, softcap: dims.attn_softcap };
         let y = D::attention(q, k, v, mask, shape);
         self.attn_out(y, r)
     }
@@ -527,9 +527,10 @@ impl<D: FusedOps> CausalLm<D> {
         }
     }
 
-    /// LM logits `(N, V)` from hidden states `(N, C)`: `h · headᵀ` (head = `wte` when tied).
+    /// LM logits `(N, V)` from hidden states `(N, C)`: `h · headᵀ` (head = `wte` when tied),
+    /// soft-capped where the model caps them ([`Dims::final_softcap`], Gemma 2).
     pub fn logits<T: Tape<f32, D>>(&self, h: A2<D, T>) -> A2<D, T> {
-        D::linear(h, Affine::lm_head(self.head()))
+        crate::fused::head_logits(h, self.head_op())
     }
 
     /// Per row of hidden states `h` `(N, C)`: `[log π(targets[r])…, entropy…]` `(2N,)` of
@@ -572,9 +573,10 @@ impl<D: FusedOps> CausalLm<D> {
         self.lm_head.as_ref().unwrap_or(&self.wte)
     }
 
-    /// The LM head for the head ops: its weight, and whether it trains (see [`FrozenTrunk`]).
+    /// The LM head for the head ops: its weight, whether it trains (see [`FrozenTrunk`]), and
+    /// its logits' soft cap.
     fn head_op(&self) -> Head<'_, D> {
-        Head { w: self.head(), trains: !self.frozen.head }
+        Head { w: self.head(), trains: !self.frozen.head, softcap: self.dims.final_softcap }
     }
 
     /// Convenience: logits `(B·T, V)` for a batch, recording on `tape`.

@@ -142,6 +142,7 @@ impl<D: FusedOps> LearnedReward<D> {
             ModelConfig::Qwen2(_) => "Qwen2ForSequenceClassification",
             ModelConfig::Qwen3(_) => "Qwen3ForSequenceClassification",
             ModelConfig::Mistral(_) => "MistralForSequenceClassification",
+            ModelConfig::Gemma2(_) => "Gemma2ForSequenceClassification",
             ModelConfig::Gemma3Text(_) => "Gemma3TextForSequenceClassification",
             ModelConfig::GptNeox(_) => "GPTNeoXForSequenceClassification",
             ModelConfig::Phi3(_) => "Phi3ForSequenceClassification",

@@ -53,6 +53,19 @@ pub fn tiny_gemma3(vocab: usize) -> ModelConfig {
     ModelConfig::from_json_str(&json).unwrap()
 }
 
+/// Gemma 2 with a window (3) shorter than the test batches on its first layer, a head width
+/// apart from d / heads, and soft caps tight enough (1.5 on the scores, 2 on the logits) that
+/// the model's init bends most values through them.
+pub fn tiny_gemma2(vocab: usize) -> ModelConfig {
+    let json = format!(
+        r#"{{"model_type":"gemma2","vocab_size":{vocab},"hidden_size":16,"intermediate_size":24,
+            "num_hidden_layers":2,"num_attention_heads":2,"num_key_value_heads":1,"head_dim":6,
+            "query_pre_attn_scalar":5,"sliding_window":3,"rope_theta":500.0,"max_position_embeddings":64,
+            "attn_logit_softcapping":1.5,"final_logit_softcapping":2.0}}"#
+    );
+    ModelConfig::from_json_str(&json).unwrap()
+}
+
 /// GPT-NeoX with RoPE on half of each head (4 of 8 dimensions) and, with `parallel`, Pythia's
 /// parallel residual; without it the sequential block and a tied head.
 pub fn tiny_neox(vocab: usize, parallel: bool) -> ModelConfig {
@@ -76,6 +89,7 @@ pub fn model(cfg: ModelConfig, seed: u64) -> CausalLm<Cpu> {
         | ModelConfig::Mistral(c)
         | ModelConfig::Phi3(c)
         | ModelConfig::Smollm3(c) => c.initializer_range = 0.3,
+        ModelConfig::Gemma2(c) => c.initializer_range = 0.3,
         ModelConfig::Gemma3Text(c) => c.initializer_range = 0.3,
         ModelConfig::GptNeox(c) => c.initializer_range = 0.3,
     }
