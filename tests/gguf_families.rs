@@ -19,21 +19,25 @@ use rlhf_policies::{Batch, CausalLm};
 use serde_json::Value;
 
 fn case(name: &str) -> Value {
-    let all =
-        read_json(&fixture(if [LLAMA2, GEMMA3].contains(&name) { "gguf_spm_tiny.json" } else { "gguf_tiny.json" }));
+    let all = read_json(&fixture(if [LLAMA2, GEMMA3, GEMMA2].contains(&name) {
+        "gguf_spm_tiny.json"
+    } else {
+        "gguf_tiny.json"
+    }));
     all["cases"].as_array().unwrap().iter().find(|c| c["file"] == format!("gguf-{name}.gguf")).unwrap().clone()
 }
 
-/// The SentencePiece-vocabulary files: `hf-llama-tiny`'s weights, and a Gemma 3 whose
-/// transformers logits the fixture records itself.
+/// The SentencePiece-vocabulary files: `hf-llama-tiny`'s weights, and a Gemma 3 and a Gemma 2
+/// whose transformers logits the fixture records itself.
 const LLAMA2: &str = "llama2-tiny";
 const GEMMA3: &str = "gemma3-tiny";
+const GEMMA2: &str = "gemma2-tiny";
 
 /// The largest logit difference from transformers' on the HF fixture's texts (the GGUF
-/// fixture's own for Gemma 3).
+/// fixture's own for the Gemmas).
 fn worst_logit_difference(model: &CausalLm<Cpu>, name: &str) -> f32 {
     let expected = match name {
-        GEMMA3 => case(name),
+        GEMMA3 | GEMMA2 => case(name),
         LLAMA2 => read_json(&fixture("hf-llama-tiny/expected.json")),
         _ => read_json(&fixture(&format!("hf-{name}/expected.json"))),
     };
@@ -234,6 +238,33 @@ fn gemma3_gguf_layer_patterns_and_refusals() {
     }
 }
 
+/// Gemma 2 from llama.cpp's converter: the gains stored as `1 + w` come back as `w`, local and
+/// global layers alternate (window 8) with one RoPE base, the soft caps (tight here: 1 and 2)
+/// come from the file; the pattern and caps llama.cpp assumes when a file leaves them out.
+#[test]
+fn gemma2_gguf_matches_transformers_with_its_soft_caps_and_alternating_windows() {
+    use rlhf_policies::gguf::{model_config, Gguf, Value as Meta};
+    let (model, tok) = check(GEMMA2);
+    let d = &model.dims;
+    assert!(d.norm_unit_offset && d.post_norms && !d.qk_norm && d.query_scale == 1.0);
+    assert_eq!((d.attn_softcap, d.final_softcap, d.rope_local_theta), (Some(1.0), Some(2.0), None));
+    assert_eq!(model.config.layer_windows().unwrap(), [Some(8), None, Some(8), None]);
+    assert_eq!((tok.bos_prefix(), model.config.eos_token_ids()), (Some(2), vec![1]));
+    let mut g = Gguf::open(&fixture("gguf-gemma2-tiny.gguf")).unwrap();
+    for key in ["gemma2.attn_logit_softcapping", "gemma2.final_logit_softcapping", "gemma2.attention.sliding_window"] {
+        g.metadata.remove(key);
+    }
+    let cfg = model_config(&g).unwrap();
+    let d = cfg.dims().unwrap();
+    assert_eq!((d.attn_softcap, d.final_softcap), (Some(50.0), Some(30.0)));
+    assert_eq!(cfg.layer_windows().unwrap(), [Some(4096), None, Some(4096), None]);
+    g.metadata.insert("gemma2.attention.sliding_window_pattern".into(), Meta::Int(4));
+    assert_eq!(model_config(&g).unwrap().layer_windows().unwrap(), [Some(4096), Some(4096), Some(4096), None]);
+    g.metadata.insert("gemma2.rope.freq_base_swa".into(), Meta::Float(100.0));
+    let e = model_config(&g).unwrap_err().to_string();
+    assert!(e.contains("gguf-gemma2-tiny.gguf") && e.contains("freq_base_swa"), "{e}");
+}
+
 /// llama.cpp's own test vectors for a vocabulary (`tests/fixtures/llama.cpp-vocab`): its 46
 /// texts — spaces, tabs and newlines in runs, accents, CJK, emoji, code — give the ids of the
 /// model's own tokenizer (`encode` adds no BOS), and decode back to the text. Returns the tokenizer.
@@ -338,7 +369,10 @@ fn unknown_pre_tokenizers_and_architectures_are_errors_naming_them() {
     assert!(e.contains("gguf-qwen2-tiny.gguf") && e.contains("deepseek-llm") && e.contains("tokenizer.json beside"));
     g.metadata.insert("general.architecture".into(), Meta::Str("gpt2".into()));
     let e = model_config(&g).unwrap_err().to_string();
-    assert!(e.contains("\"gpt2\"") && e.contains("llama, qwen2, qwen3, gemma3, phi3, smollm3 and gptneox"), "{e}");
+    assert!(
+        e.contains("\"gpt2\"") && e.contains("llama, qwen2, qwen3, gemma2, gemma3, phi3, smollm3 and gptneox"),
+        "{e}"
+    );
 }
 
 /// `rlhf eval` on text scores the file as transformers' `tokenizer(text)` gives it: with

@@ -1,7 +1,8 @@
 //! GGUF files (llama.cpp's format): header, metadata, tensor table, and the tensors
 //! dequantised to f32 ([`crate::gguf_quants`]: F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, the
-//! K-quants Q2_K–Q6_K, IQ4_NL and IQ4_XS). A `llama`, `qwen2`, `qwen3`, `gemma3` or `phi3` file ([`Arch`])
-//! becomes an HF state dict ([`hf_tensors`]) and config ([`model_config`]), so
+//! K-quants Q2_K–Q6_K, IQ4_NL and IQ4_XS). A `llama`, `qwen2`, `qwen3`, `gemma2`, `gemma3`,
+//! `phi3`, `smollm3` or `gptneox` file ([`Arch`]) becomes an HF state dict ([`hf_tensors`]) and
+//! config ([`model_config`]), so
 //! [`crate::CausalLm::load_gguf`] goes through the same loader as safetensors folders; its
 //! vocabulary becomes a `tokenizer.json` ([`tokenizer_json`]).
 //!
@@ -258,6 +259,10 @@ pub enum Arch {
     Qwen2,
     /// `qwen3`: Qwen3, Llama with RMSNorms over each head's queries and keys; NeoX layout too.
     Qwen3,
+    /// `gemma2`: Gemma 2 ([`crate::gemma2`]). As `gemma3`, the gains stored as `1 + w` and the
+    /// layer pattern (here alternating, local first) and query scale left to llama.cpp; the soft
+    /// caps in `attn_logit_softcapping` and `final_logit_softcapping` (50 and 30 when absent).
+    Gemma2,
     /// `gemma3`: Gemma 3's text model. The converter stores each RMSNorm's gain `1 + w` (undone on
     /// load) and leaves out what llama.cpp derives: the layer pattern (five sliding-window layers,
     /// then a full one, unless `attention.sliding_window_pattern` says otherwise) and the query
@@ -278,6 +283,11 @@ pub enum Arch {
 }
 
 impl Arch {
+    /// Gemma 2 or 3: RMSNorm gains stored as `1 + w`, a norm after each branch.
+    fn gemma(self) -> bool {
+        matches!(self, Arch::Gemma2 | Arch::Gemma3)
+    }
+
     /// The metadata key prefix (`llama.block_count`).
     fn prefix(self) -> &'static str {
         match self {
@@ -285,6 +295,7 @@ impl Arch {
             Arch::Smollm3 => "smollm3",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3",
             Arch::Phi3 => "phi3",
             Arch::GptNeox => "gptneox",
@@ -300,13 +311,14 @@ impl Gguf {
             Some(Value::Str(a)) if a == "smollm3" => Ok(Arch::Smollm3),
             Some(Value::Str(a)) if a == "qwen2" => Ok(Arch::Qwen2),
             Some(Value::Str(a)) if a == "qwen3" => Ok(Arch::Qwen3),
+            Some(Value::Str(a)) if a == "gemma2" => Ok(Arch::Gemma2),
             Some(Value::Str(a)) if a == "gemma3" => Ok(Arch::Gemma3),
             Some(Value::Str(a)) if a == "phi3" => Ok(Arch::Phi3),
             Some(Value::Str(a)) if a == "gptneox" => Ok(Arch::GptNeox),
             other => {
                 let msg = format!(
-                    "general.architecture {other:?} is not supported (llama, qwen2, qwen3, gemma3, phi3, smollm3 and \
-                     gptneox are)"
+                    "general.architecture {other:?} is not supported (llama, qwen2, qwen3, gemma2, gemma3, phi3, \
+                     smollm3 and gptneox are)"
                 );
                 Err(self.err("metadata", msg))
             }
@@ -332,8 +344,8 @@ impl Gguf {
 }
 
 /// The HF config (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`,
-/// `Gemma3ForCausalLM`, `Phi3ForCausalLM` or `GPTNeoXForCausalLM`, whose own fields
-/// [`Arch::Gemma3`], [`Arch::Phi3`] and [`Arch::GptNeox`] describe) of a file: sizes from the
+/// `Gemma2ForCausalLM`, `Gemma3ForCausalLM`, `Phi3ForCausalLM` or `GPTNeoXForCausalLM`, whose
+/// own fields [`Arch::Gemma2`], [`Arch::Gemma3`], [`Arch::Phi3`] and [`Arch::GptNeox`] describe) of a file: sizes from the
 /// `<arch>.*` metadata, the head width from `attention.key_length` when given, tied embeddings
 /// when there is no `output.weight`, the special ids from `tokenizer.ggml.*` (EOS together with
 /// the end-of-turn and end-of-message ids, which end a generation in llama.cpp too; a
@@ -376,6 +388,7 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
             Arch::Smollm3 => "SmolLM3ForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
+            Arch::Gemma2 => "Gemma2ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
             Arch::Phi3 => "Phi3ForCausalLM",
             Arch::GptNeox => unreachable!("read by gguf_neox::model_config"),
@@ -393,8 +406,10 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
         "tie_word_embeddings": !g.tensors.iter().any(|t| t.name == "output.weight"),
     });
     cfg.as_object_mut().expect("a JSON object").extend(special.as_object().expect("an object").clone());
-    if arch == Arch::Gemma3 {
-        gemma3_fields(g, head_dim, &mut cfg)?;
+    match arch {
+        Arch::Gemma2 => crate::gguf_gemma::gemma2_fields(g, head_dim, &mut cfg)?,
+        Arch::Gemma3 => crate::gguf_gemma::gemma3_fields(g, head_dim, &mut cfg)?,
+        _ => {}
     }
     if arch == Arch::Phi3 {
         crate::phi3::gguf_fields(g, head_dim, rotary, &mut cfg)?;
@@ -444,48 +459,6 @@ fn special_ids(g: &Gguf) -> Result<serde_json::Value, PolicyError> {
     }))
 }
 
-/// A `gemma3` file's own fields on top of the Llama ones in `cfg`: `gemma3_text`, the tanh GELU,
-/// the local layers' window and RoPE base (`rope.freq_base_swa`, llama.cpp's 10000 when absent),
-/// the layer pattern and query scale as llama.cpp derives them ([`Arch::Gemma3`]), and a final
-/// logit softcap if the file has one (which the Gemma 3 config then refuses by name).
-fn gemma3_fields(g: &Gguf, head_dim: usize, cfg: &mut serde_json::Value) -> Result<(), PolicyError> {
-    let layers = g.int("gemma3.block_count")?;
-    let width_per_head = g.int("gemma3.embedding_length")? / g.int("gemma3.attention.head_count")?;
-    let window = g.int_opt("gemma3.attention.sliding_window")?.filter(|&w| w > 0);
-    let local: Vec<bool> = match (window, g.metadata.get("gemma3.attention.sliding_window_pattern")) {
-        (None, _) => vec![false; layers],
-        (Some(_), Some(Value::Array(flags))) if flags.len() == layers => flags
-            .iter()
-            .map(|f| if let Value::Bool(b) = f { Ok(*b) } else { Err(()) })
-            .collect::<Result<_, _>>()
-            .map_err(|_| g.err("metadata", "`gemma3.attention.sliding_window_pattern` must hold bools"))?,
-        (Some(_), Some(Value::Array(_))) => {
-            return Err(g.err("metadata", "`gemma3.attention.sliding_window_pattern` must have one bool per layer"))
-        }
-        // llama.cpp's period (6 when absent; 0: every layer sliding)
-        (Some(_), _) => match g.int_opt("gemma3.attention.sliding_window_pattern")?.unwrap_or(6) {
-            0 => vec![true; layers],
-            n => crate::gemma3::periodic_sliding(layers, n),
-        },
-    };
-    let layer_types: Vec<&str> =
-        local.iter().map(|&l| if l { "sliding_attention" } else { "full_attention" }).collect();
-    let obj = cfg.as_object_mut().expect("a JSON object");
-    obj.insert("model_type".into(), "gemma3_text".into());
-    obj.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
-    obj.insert("sliding_window".into(), window.into());
-    obj.insert("layer_types".into(), layer_types.into());
-    let local_base = g.float_opt("gemma3.rope.freq_base_swa")?.unwrap_or(10000.0);
-    obj.insert("rope_local_base_freq".into(), local_base.into());
-    // llama.cpp: `n_embd / n_head` for the 27B (62 layers), the head width otherwise
-    obj.insert("query_pre_attn_scalar".into(), (if layers == 62 { width_per_head } else { head_dim }).into());
-    // llama.cpp reads 0 as no softcap
-    if let Some(cap) = g.float_opt("gemma3.final_logit_softcapping")?.filter(|&c| c != 0.0) {
-        obj.insert("final_logit_softcapping".into(), cap.into());
-    }
-    Ok(())
-}
-
 /// Llama 3's RoPE scaling from the `rope_freqs.weight` tensor, if the file has one.
 fn rope_scaling(g: &Gguf, head_dim: usize, theta: f32) -> Result<Option<Llama3Scaling>, PolicyError> {
     const NAME: &str = "rope_freqs.weight";
@@ -521,7 +494,7 @@ pub fn hf_tensors(g: &Gguf, cfg: &ModelConfig) -> Result<BTreeMap<String, HostTe
         if permuted && (t.name.ends_with("attn_q.weight") || t.name.ends_with("attn_k.weight")) {
             x.data = unpermute_rows(&x.data, x.shape[1], dims.head_dim);
         }
-        if arch == Arch::Gemma3 && t.name.ends_with("norm.weight") {
+        if arch.gemma() && t.name.ends_with("norm.weight") {
             x.data.iter_mut().for_each(|w| *w -= 1.0); // stored as the gain 1 + w
         }
         out.insert(name, x);
@@ -530,8 +503,8 @@ pub fn hf_tensors(g: &Gguf, cfg: &ModelConfig) -> Result<BTreeMap<String, HostTe
 }
 
 /// llama.cpp tensor name → transformers name (the q/k/v biases only for Qwen2, the q/k head
-/// norms for Qwen3 and Gemma 3, the norms after each branch for Gemma 3, whose norm before the
-/// MLP transformers calls `pre_feedforward_layernorm`, Phi-3's fused projections).
+/// norms for Qwen3 and Gemma 3, the norms after each branch for Gemma 2 and 3, whose norm before
+/// the MLP transformers calls `pre_feedforward_layernorm`, Phi-3's fused projections).
 fn hf_name(gguf: &str, arch: Arch) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
@@ -553,9 +526,9 @@ fn hf_name(gguf: &str, arch: Arch) -> Option<String> {
         "attn_output.weight" => "self_attn.o_proj.weight",
         "attn_qkv.weight" if arch == Arch::Phi3 => "self_attn.qkv_proj.weight",
         "ffn_up.weight" if arch == Arch::Phi3 => "mlp.gate_up_proj.weight",
-        "ffn_norm.weight" if arch == Arch::Gemma3 => "pre_feedforward_layernorm.weight",
-        "post_attention_norm.weight" if arch == Arch::Gemma3 => "post_attention_layernorm.weight",
-        "post_ffw_norm.weight" if arch == Arch::Gemma3 => "post_feedforward_layernorm.weight",
+        "ffn_norm.weight" if arch.gemma() => "pre_feedforward_layernorm.weight",
+        "post_attention_norm.weight" if arch.gemma() => "post_attention_layernorm.weight",
+        "post_ffw_norm.weight" if arch.gemma() => "post_feedforward_layernorm.weight",
         "ffn_norm.weight" => "post_attention_layernorm.weight",
         "ffn_gate.weight" => "mlp.gate_proj.weight",
         "ffn_up.weight" => "mlp.up_proj.weight",

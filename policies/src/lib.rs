@@ -41,6 +41,7 @@ pub mod gelu;
 pub mod gemma2;
 pub mod gemma3;
 pub mod gguf;
+mod gguf_gemma;
 mod gguf_neox;
 pub mod gguf_quants;
 pub mod gguf_tokenizer;
