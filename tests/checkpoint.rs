@@ -274,7 +274,8 @@ fn chat_templates_render_as_transformers_renders_them() {
 
 /// `tokenizer_config.json`'s `chat_template` as a string, or as transformers' list of named
 /// templates (the one named `default` is used); a list without one, or another type, is an
-/// error naming the file and the field.
+/// error naming the file and the field; a processor's `chat_template.json` where
+/// `tokenizer_config.json` has none.
 #[test]
 fn a_list_of_named_chat_templates_gives_the_default_one() {
     use rlhf_policies::chat::ChatTemplate;
@@ -292,6 +293,17 @@ fn a_list_of_named_chat_templates_gives_the_default_one() {
     assert!(e.contains("tokenizer_config.json") && e.contains("chat_template") && e.contains("tool_use"), "{e}");
     let e = with(7.into()).unwrap_err().to_string();
     assert!(e.contains("must be a string or a list"), "{e}");
+    // a processor's chat_template.json (multimodal checkpoints) when tokenizer_config.json has
+    // none; chat_template.jinja first of all
+    std::fs::write(d.path().join("chat_template.json"), r#"{"chat_template": "P"}"#).unwrap();
+    assert_eq!(with("{{ x }}".into()).unwrap().as_deref(), Some("{{ x }}"));
+    assert_eq!(with(serde_json::Value::Null).unwrap().as_deref(), Some("P"));
+    std::fs::write(d.path().join("chat_template.jinja"), "J").unwrap();
+    assert_eq!(with(serde_json::Value::Null).unwrap().as_deref(), Some("J"));
+    std::fs::remove_file(d.path().join("chat_template.jinja")).unwrap();
+    std::fs::write(d.path().join("chat_template.json"), "{").unwrap();
+    let e = with(serde_json::Value::Null).unwrap_err().to_string();
+    assert!(e.contains("chat_template.json"), "{e}");
 }
 
 /// A sharded checkpoint (transformers' layout for large models: `model.safetensors.index.json`

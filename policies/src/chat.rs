@@ -49,9 +49,10 @@ impl ChatTemplate {
 
     /// The template a model's files carry: a GGUF file's `tokenizer.chat_template`, or a
     /// folder's `chat_template.jinja`, or the `chat_template` of its `tokenizer_config.json` (a
-    /// string, or the `default` one of a list of named templates). `None` if there is none.
-    /// (The loader puts it on the [`crate::Tokenizer`], whose `save` writes it back as
-    /// `chat_template.jinja`.)
+    /// string, or the `default` one of a list of named templates), or that of the
+    /// `chat_template.json` transformers 4 wrote beside a processor (multimodal checkpoints such
+    /// as gemma-3-4b-it). `None` if there is none. (The loader puts it on the [`crate::Tokenizer`],
+    /// whose `save` writes it back as `chat_template.jinja`.)
     pub fn source_of(model: &Path) -> Result<Option<String>, PolicyError> {
         if model.is_file() {
             return Ok(crate::gguf::chat_template(&crate::gguf::Gguf::open(model)?));
@@ -60,13 +61,17 @@ impl ChatTemplate {
         if jinja.is_file() {
             return std::fs::read_to_string(&jinja).map(Some).map_err(|e| PolicyError::io(&jinja, e));
         }
-        let cfg = model.join("tokenizer_config.json");
-        if cfg.is_file() {
-            let text = std::fs::read_to_string(&cfg).map_err(|e| PolicyError::io(&cfg, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-                PolicyError::tokenizer(cfg.display().to_string(), "tokenizer_config.json", e.to_string())
-            })?;
-            return config_template(&v, &cfg);
+        for name in ["tokenizer_config.json", "chat_template.json"] {
+            let path = model.join(name);
+            if !path.is_file() {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).map_err(|e| PolicyError::io(&path, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| PolicyError::tokenizer(path.display().to_string(), name, e.to_string()))?;
+            if let Some(template) = config_template(&v, &path)? {
+                return Ok(Some(template));
+            }
         }
         Ok(None)
     }
@@ -126,7 +131,8 @@ impl ChatTemplate {
     }
 }
 
-/// `tokenizer_config.json`'s `chat_template` (read from `path`): a string, or — as transformers
+/// The `chat_template` of `tokenizer_config.json` or `chat_template.json` (read from `path`): a
+/// string, or — as transformers
 /// writes a tokenizer with several — a list of `{"name", "template"}` of which the one named
 /// `default` is the chat template (transformers' choice when no other is asked for).
 fn config_template(config: &serde_json::Value, path: &Path) -> Result<Option<String>, PolicyError> {
