@@ -55,6 +55,9 @@ fn hf_fixtures_resave_to_the_same_state_dict() {
         let gemma: &[&str] = match name {
             "hf-gemma3-tiny" => &["layer_types", "query_pre_attn_scalar"],
             "hf-gemma2-tiny" => &["query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"],
+            "hf-granite-tiny" => {
+                &["embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling"]
+            }
             _ => &[],
         };
         let keys = [

@@ -171,6 +171,19 @@ fn gemma2_soft_caps_logits_left_padded_batch_greedy_and_kv_cache() {
     check_greedy("hf-gemma2-tiny");
     check_incremental("hf-gemma2-tiny");
 }
+/// Granite: Llama with its four multipliers (embeddings × 4, attention scale 1, branches × 0.5,
+/// logits ÷ 3), each moving this fixture's logits by far more than the tolerance.
+#[test]
+fn granite_multipliers_logits_left_padded_batch_greedy_and_kv_cache() {
+    let (model, _) = load("hf-granite-tiny");
+    let d = model.dims;
+    assert_eq!((d.embed_scale, d.query_scale, d.residual_scale), (4.0, 4.0, 0.5));
+    assert!((d.logit_scale - 1.0 / 3.0).abs() < 1e-7);
+    check_texts("hf-granite-tiny");
+    check_left_padded("hf-granite-tiny");
+    check_greedy("hf-granite-tiny");
+    check_incremental("hf-granite-tiny");
+}
 /// Mistral: every layer's queries see their last 8 positions (the texts are 28–33 long).
 #[test]
 fn mistral_sliding_window_logits_left_padded_batch_greedy_and_kv_cache() {

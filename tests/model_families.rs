@@ -55,6 +55,27 @@ fn kv_cache_engine_equals_full_forward_gemma3() {
     engine_matches_training_forward(tiny_gemma3(40));
 }
 
+/// Granite: gradients through its four multipliers (the embeddings', the attention scale, the
+/// residual branches', the logits' inside the fused LM-head loss); the KV-cache engine applies
+/// them the same way, and the head ops scale their logits as `logits` does.
+#[test]
+fn gradients_match_finite_differences_and_kv_cache_granite() {
+    let m = model(tiny_granite(12), 1);
+    let d = m.dims;
+    assert_eq!((d.embed_scale, d.residual_scale, d.logit_scale), (3.0, 0.4, 0.4));
+    assert!((d.query_scale - 0.7 * 2.0).abs() < 1e-6);
+    grad_check_with(tiny_granite(12), 3e-3);
+    engine_matches_training_forward(tiny_granite(40));
+    use dfdx::prelude::*;
+    let batch = rlhf_policies::Batch::unpadded(&[vec![1, 5, 2, 7, 3, 4]]).unwrap();
+    let h = m.forward_hidden(&batch, NoneTape).unwrap();
+    let targets = [5, 2, 7, 3, 4, 0];
+    let want = m.logits(h.clone()).log_softmax::<Axis<1>>().as_vec();
+    let want: Vec<f32> = want.chunks(12).zip(targets).map(|(r, t)| r[t]).collect();
+    let got = m.logprobs_and_entropy(h, &targets, 1.0).as_vec();
+    assert!(want.iter().zip(&got).all(|(w, g)| (w - g).abs() < 1e-5), "{want:?} vs {got:?}");
+}
+
 /// Gemma 2: gradients through both soft caps (the scores' inside the fused attention, the
 /// logits' inside the fused LM-head loss) and the alternating windows; the KV-cache engine caps
 /// the same way.

@@ -1,10 +1,11 @@
 //! Model configuration: one serde type that reads Hugging Face `config.json` files directly.
 //!
 //! The `model_type` field selects the family (`"gpt2"`, or `"llama"`, `"qwen2"`, `"qwen3"`,
-//! `"mistral"`, `"gemma2"`, `"gemma3_text"`, `"gpt_neox"`, `"phi3"` and `"smollm3"`: Qwen2 is Llama
-//! with biases on the q, k and v projections, Qwen3 Llama with an RMSNorm over each head's queries
-//! and keys, Mistral Llama with a sliding attention window, Gemma 2 and 3 see [`crate::gemma2`]
-//! and [`crate::gemma3`], SmolLM3 see [`crate::smollm3`], GPT-NeoX (Pythia) see
+//! `"mistral"`, `"gemma2"`, `"gemma3_text"`, `"gpt_neox"`, `"phi3"`, `"smollm3"` and `"granite"`:
+//! Qwen2 is Llama with biases on the q, k and v projections, Qwen3 Llama with an RMSNorm over each
+//! head's queries and keys, Mistral Llama with a sliding attention window, Gemma 2 and 3 see
+//! [`crate::gemma2`] and [`crate::gemma3`], SmolLM3 see [`crate::smollm3`], Granite see
+//! [`crate::granite`], GPT-NeoX (Pythia) see
 //! [`crate::gpt_neox`], Phi-3 see [`crate::phi3`]); every other field keeps the
 //! name transformers uses, so an HF config deserialises unchanged and our saved configs load back
 //! in transformers. Unknown HF fields (`architectures`, `torch_dtype`, …) are accepted and ignored
@@ -57,6 +58,10 @@ pub enum ModelConfig {
     /// layers; see [`crate::smollm3`].
     #[serde(rename = "smollm3")]
     Smollm3(LlamaConfig),
+    /// Granite (`GraniteForCausalLM`: IBM's granite-3.x): Llama's fields and network with four
+    /// multipliers; see [`crate::granite`].
+    #[serde(rename = "granite")]
+    Granite(LlamaConfig),
 }
 
 /// `GPT2Config` fields (transformers names).
@@ -181,6 +186,19 @@ pub struct LlamaConfig {
     /// Biases on the MLP. Must be `false`.
     #[serde(default)]
     pub mlp_bias: bool,
+    /// Granite's multiplier on the token embeddings, for `model_type: granite` only (as are the
+    /// next three; [`crate::granite`]). Defaults to `1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding_multiplier: Option<f64>,
+    /// Granite's multiplier on each branch's output before its residual add. Defaults to `1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residual_multiplier: Option<f64>,
+    /// Granite's attention score scale, in place of `head_dim^-½`. Defaults to `1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_multiplier: Option<f64>,
+    /// Granite divides the logits by it. Defaults to `1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logits_scaling: Option<f64>,
     /// Std of the normal init. Defaults to `0.02`.
     #[serde(default = "default_init")]
     pub initializer_range: f64,
@@ -302,12 +320,13 @@ impl ModelConfig {
             Some("mistral") => {}
             Some("phi3") => crate::phi3::fill_defaults(&mut value),
             Some("smollm3") => crate::smollm3::fill_defaults(&mut value),
+            Some("granite") => crate::granite::fill_defaults(&mut value),
             Some("gemma3") => value = crate::gemma3::text_of_multimodal(&value)?,
             Some(other) => {
                 let msg = format!(
                     "unsupported model_type {other:?} (\"gpt2\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\", \
-                     \"gemma2\", \"gemma3_text\", \"gemma3\" (its text model), \"gpt_neox\", \"phi3\" and \"smollm3\" \
-                     are)"
+                     \"gemma2\", \"gemma3_text\", \"gemma3\" (its text model), \"gpt_neox\", \"phi3\", \"smollm3\" \
+                     and \"granite\" are)"
                 );
                 return Err(PolicyError::config("model_type", msg));
             }
@@ -388,7 +407,8 @@ impl ModelConfig {
             | ModelConfig::Qwen3(c)
             | ModelConfig::Mistral(c)
             | ModelConfig::Phi3(c)
-            | ModelConfig::Smollm3(c) => {
+            | ModelConfig::Smollm3(c)
+            | ModelConfig::Granite(c) => {
                 Shared { vocab: c.vocab_size, bos: c.bos_token_id, eos: ids(&c.eos_token_id), pad: c.pad_token_id }
             }
             ModelConfig::Gemma2(c) => {
@@ -417,7 +437,8 @@ impl ModelConfig {
             | ModelConfig::Qwen3(c)
             | ModelConfig::Mistral(c)
             | ModelConfig::Phi3(c)
-            | ModelConfig::Smollm3(c) => c.vocab_size = v,
+            | ModelConfig::Smollm3(c)
+            | ModelConfig::Granite(c) => c.vocab_size = v,
             ModelConfig::Gemma2(c) => c.vocab_size = v,
             ModelConfig::Gemma3Text(c) => c.vocab_size = v,
             ModelConfig::GptNeox(c) => c.vocab_size = v,
@@ -479,6 +500,7 @@ impl ModelConfig {
             ModelConfig::Gemma3Text(c) => c.dims()?,
             ModelConfig::GptNeox(c) => c.dims()?,
             ModelConfig::Phi3(c) => crate::phi3::dims(c)?,
+            ModelConfig::Granite(c) => crate::granite::dims(c)?,
             ModelConfig::Smollm3(c) => {
                 let d = llama_dims(c, false, false)?;
                 crate::smollm3::layer_ropes(c, &d)?;
@@ -571,7 +593,7 @@ pub(crate) fn mistral_dims(c: &LlamaConfig) -> Result<Dims, PolicyError> {
 }
 
 /// Llama's sizes; `qkv_bias` for Qwen2, `qk_norm` for Qwen3.
-fn llama_dims(c: &LlamaConfig, qkv_bias: bool, qk_norm: bool) -> Result<Dims, PolicyError> {
+pub(crate) fn llama_dims(c: &LlamaConfig, qkv_bias: bool, qk_norm: bool) -> Result<Dims, PolicyError> {
     if c.hidden_act != "silu" {
         return Err(PolicyError::config("hidden_act", format!("{:?} is not supported (only silu)", c.hidden_act)));
     }

@@ -98,7 +98,7 @@ impl<D: FusedOps> CausalLm<D> {
             let scores = scores + mask.clone().broadcast_like::<_, Axis<1>>(&(b, nh, n, l));
             let y = scores.softmax::<Axis<3>>().matmul(values); // (B, H, n, Dh)
             let y = y.permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(b * n, nh * dh));
-            let x1 = blk.attn_out(y, &x);
+            let x1 = blk.attn_out(y, &x, dims);
             x = blk.mlp_out(crate::model::Block::mlp_input(x, &x1, dims), &x1, dims);
         }
         cache.len = l;

@@ -86,7 +86,8 @@ pub struct Dims {
     /// Whether each head's queries and keys pass an RMSNorm (gain `(Dh,)`) before RoPE (Qwen3,
     /// Gemma 3).
     pub qk_norm: bool,
-    /// Multiplier on the token embeddings (Gemma: `√d`; 1 elsewhere).
+    /// Multiplier on the token embeddings (Gemma: `√d`; Granite's `embedding_multiplier`; 1
+    /// elsewhere).
     pub embed_scale: f32,
     /// RMSNorm weights `w` act as the gain `1 + w` (Gemma; transformers initialises `w` to 0).
     pub norm_unit_offset: bool,
@@ -95,7 +96,8 @@ pub struct Dims {
     /// The gated MLP's activation (Llama family).
     pub glu: Glu,
     /// Multiplier on the queries before `q·kᵀ/√Dh`: `√(Dh / query_pre_attn_scalar)` for Gemma
-    /// (scores scaled by `query_pre_attn_scalar^-½`), 1 elsewhere.
+    /// (scores scaled by `query_pre_attn_scalar^-½`), `attention_multiplier·√Dh` for Granite, 1
+    /// elsewhere.
     pub query_scale: f32,
     /// The attention window of local layers (Gemma 2's and 3's sliding layers; which layers are local
     /// is [`crate::config::ModelConfig::layer_windows`]): a query sees its last `w` positions, itself included.
@@ -112,6 +114,12 @@ pub struct Dims {
     /// up as another (`gate_up_proj`, rows `gate | up`): Phi-3's checkpoint layout (the network
     /// is Llama's).
     pub fused_projections: bool,
+    /// Multiplier on each branch's output before its residual add (Granite's
+    /// `residual_multiplier`; 1 elsewhere).
+    pub residual_scale: f32,
+    /// Multiplier on the LM logits before any cap or temperature (Granite's `1 /
+    /// logits_scaling`; 1 elsewhere).
+    pub logit_scale: f32,
     /// Gemma 2's soft cap on the attention scores: `c·tanh(s/c)` of the scaled scores before the
     /// mask and softmax ([`crate::softcap`]); `None`: uncapped.
     pub attn_softcap: Option<f32>,
@@ -152,6 +160,8 @@ impl Dims {
         partial_rotary: None,
         parallel_residual: false,
         fused_projections: false,
+        residual_scale: 1.0,
+        logit_scale: 1.0,
         attn_softcap: None,
         final_softcap: None,
     };

@@ -197,13 +197,15 @@ pub fn logprobs_and_entropy_composed<D: Device<f32>, T: Tape<f32, D>>(
     (logprobs, entropy).concat_along(Axis::<0>)
 }
 
-/// The LM head's logits `h·headᵀ` `(N, V)` for hidden states `h` `(N, C)`, soft-capped when the
-/// head has a cap ([`Head::softcap`]).
+/// The LM head's logits `h·headᵀ` `(N, V)` for hidden states `h` `(N, C)`, times the head's
+/// [`Head::scale`], then soft-capped when the head has a cap ([`Head::softcap`]).
 pub fn head_logits<D: FusedOps, T: Tape<f32, D>>(
     h: Tensor<(usize, usize), f32, D, T>,
     head: Head<'_, D>,
 ) -> Tensor<(usize, usize), f32, D, T> {
-    crate::softcap::softcap_tensor(D::linear(h, Affine::lm_head(head.w)), head.softcap)
+    let z = D::linear(h, Affine::lm_head(head.w));
+    let z = if head.scale != 1.0 { z * head.scale } else { z };
+    crate::softcap::softcap_tensor(z, head.softcap)
 }
 
 /// The composition of [`FusedOps::lm_logprobs_and_entropy_masked`] (the devices' default,

@@ -345,6 +345,9 @@ impl InferenceModel {
         apply_norm(&self.ln_f, &mut h, c);
         let mut logits = vec![0.0f32; picked.len() * d.vocab];
         matmul(&h, &self.head_t, &mut logits, picked.len(), false);
+        if d.logit_scale != 1.0 {
+            logits.iter_mut().for_each(|z| *z *= d.logit_scale);
+        }
         if let Some(cap) = d.final_softcap {
             crate::softcap::softcap_inplace(&mut logits, cap);
         }
@@ -390,32 +393,30 @@ impl InferenceModel {
         }
         self.write_cache(li, cache, rows, &qkv, n, width);
         let att = self.attention(li, l.window, cache, rows, &qkv, n, width);
-        match &l.post_norms {
-            None => {
-                matmul(&att, &l.o, x, m, true);
-                if let Some(bias) = &l.o_b {
-                    add_bias(x, bias);
-                }
-            }
-            Some([post, _]) => {
-                let mut y = vec![0.0f32; m * c];
-                matmul(&att, &l.o, &mut y, m, false);
-                if let Some(bias) = &l.o_b {
-                    add_bias(&mut y, bias);
-                }
-                add_normed(x, y, post);
-            }
+        let (post_attn, post_mlp) = match &l.post_norms {
+            Some([a, m]) => (Some(a), Some(m)),
+            None => (None, None),
+        };
+        // the branch's output straight into x when nothing comes between
+        let direct = post_attn.is_none() && d.residual_scale == 1.0;
+        let mut y = if direct { vec![] } else { vec![0.0f32; m * c] };
+        let out: &mut [f32] = if direct { x } else { &mut y };
+        matmul(&att, &l.o, out, m, direct);
+        if let Some(bias) = &l.o_b {
+            add_bias(out, bias);
+        }
+        if !direct {
+            add_branch(x, &mut y, post_attn, d.residual_scale);
         }
         // MLP
         h.copy_from_slice(x0.as_deref().unwrap_or(x));
         apply_norm(&l.ln2, &mut h, c);
-        match &l.post_norms {
-            None => self.mlp_forward(&l.mlp, &h, x, m),
-            Some([_, post]) => {
-                let mut y = vec![0.0f32; m * c];
-                self.mlp_forward(&l.mlp, &h, &mut y, m);
-                add_normed(x, y, post);
-            }
+        if direct {
+            self.mlp_forward(&l.mlp, &h, x, m);
+        } else {
+            y.fill(0.0);
+            self.mlp_forward(&l.mlp, &h, &mut y, m);
+            add_branch(x, &mut y, post_mlp, d.residual_scale);
         }
     }
 
@@ -535,10 +536,13 @@ fn rope_rows(d: &Dims, rope: &Frequencies, qkv: &mut [f32], positions: &[usize],
     }
 }
 
-/// `x += norm(y)`: a branch's output `y` through Gemma's post norm into the residual stream.
-fn add_normed(x: &mut [f32], mut y: Vec<f32>, norm: &NormW) {
-    apply_norm(norm, &mut y, norm.w.len());
-    x.iter_mut().zip(&y).for_each(|(x, y)| *x += y);
+/// `x += scale · norm(y)`: a branch's output `y` through Gemma's post norm (if any) and times
+/// Granite's residual multiplier into the residual stream.
+fn add_branch(x: &mut [f32], y: &mut [f32], norm: Option<&NormW>, scale: f32) {
+    if let Some(norm) = norm {
+        apply_norm(norm, y, norm.w.len());
+    }
+    x.iter_mut().zip(y.iter()).for_each(|(x, y)| *x += scale * y);
 }
 
 fn add_bias(x: &mut [f32], bias: &[f32]) {

@@ -2,7 +2,7 @@
 //! models, on dfdx with runtime shapes.
 //!
 //! - [`ModelConfig`]: HF `config.json` for GPT-2, Llama, Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3
-//!   (text), GPT-NeoX (Pythia), Phi-3 and SmolLM3, presets `tiny`/`small`.
+//!   (text), GPT-NeoX (Pythia), Phi-3, SmolLM3 and Granite, presets `tiny`/`small`.
 //! - [`CausalLm`]: the training forward (dfdx ops and tape), [`ScalarHead`] for values/rewards,
 //!   the parameter walker, [`AdamW`] and [`clip_grad_norm`], [`CausalLm::frozen_copy`].
 //! - [`InferenceModel`]: a tape-free, KV-cached forward for rollouts, pinned to the training
@@ -46,6 +46,7 @@ mod gguf_neox;
 pub mod gguf_quants;
 pub mod gguf_tokenizer;
 pub mod gpt_neox;
+pub mod granite;
 pub mod half;
 pub mod heads;
 mod hf_names;

@@ -35,6 +35,8 @@ pub struct Head<'a, D: Storage<f32>> {
     pub w: &'a Tensor<(usize, usize), f32, D>,
     /// Whether the backward pass writes the weight's gradient.
     pub trains: bool,
+    /// Multiplier on the logits `h·wᵀ` (Granite's `1 / logits_scaling`; 1 elsewhere).
+    pub scale: f32,
     /// Gemma 2's cap on the logits, `c·tanh(z/c)` before the temperature ([`crate::softcap`]);
     /// `None`: uncapped.
     pub softcap: Option<f32>,
@@ -51,7 +53,7 @@ impl<D: Storage<f32>> Copy for Head<'_, D> {}
 impl<'a, D: Storage<f32>> Head<'a, D> {
     /// A head whose weight trains.
     pub fn training(w: &'a Tensor<(usize, usize), f32, D>) -> Self {
-        Head { w, trains: true, softcap: None }
+        Head { w, trains: true, scale: 1.0, softcap: None }
     }
 }
 
@@ -209,8 +211,9 @@ type HeadLoss<S, B> = (Vec<f32>, S, B);
 /// `(N, C)` and the head's weight `w` `(V, C)` goes to `loss` in a host buffer this op owns
 /// (which `loss` may change first, e.g. to mask tokens); the backward pass has `loss`'s
 /// closure turn it into `dlogits` in place, then `dh += dlogits·w` and, when the head
-/// trains, `dw += dlogitsᵀ·h`. With a soft cap `c` the logits are `x = alpha·c·tanh(h·wᵀ/c)`,
-/// and the op keeps the capped logits (one more `(N, V)` buffer) for the chain rule.
+/// trains, `dw += dlogitsᵀ·h`. With the head's scale `s` and soft cap `c` the logits are
+/// `x = alpha·c·tanh(s·h·wᵀ/c)` (`alpha·s·h·wᵀ` without a cap), and the op keeps the capped
+/// logits (one more `(N, V)` buffer) for the chain rule.
 fn lm_head_op<T, S, B>(
     h: A2<T>,
     head: Head<'_, Cpu>,
@@ -228,12 +231,12 @@ where
     let (h, mut tape) = h.split_tape();
     let (hv, wv) = (host_vec(&h), host_vec(w));
     let threads = rayon::current_num_threads();
-    let cap = head.softcap;
+    let (cap, s) = (head.softcap, head.scale);
     let mut x = gemm_new(
         (n, v, c),
         View::rows(&hv, c),
         View::rows(&wv, c).t(),
-        if cap.is_some() { 1.0 } else { alpha },
+        if cap.is_some() { s } else { alpha * s },
         threads,
     );
     let capped = cap.map(|c| {
@@ -254,10 +257,11 @@ where
             if let (Some(y), Some(c)) = (&capped, cap) {
                 x.par_chunks_mut(1 << 13).zip(y.par_chunks(1 << 13)).for_each(|(d, y)| softcap_backward(d, y, c));
             }
+            // the loss closures' gradient is that of `s·h·wᵀ`: `s` joins the products
             let dl = View::rows(&x, v);
-            gemm_into(grads.get_or_alloc_mut(&hg)?, (n, c, v), dl, View::rows(&wv, c), 1.0, true, threads);
+            gemm_into(grads.get_or_alloc_mut(&hg)?, (n, c, v), dl, View::rows(&wv, c), s, true, threads);
             if let Some(wg) = &wg {
-                gemm_into(grads.get_or_alloc_mut(wg)?, (v, c, n), dl.t(), View::rows(&hv, c), 1.0, true, threads);
+                gemm_into(grads.get_or_alloc_mut(wg)?, (v, c, n), dl.t(), View::rows(&hv, c), s, true, threads);
             }
             Ok(())
         });
@@ -397,15 +401,23 @@ mod tests {
     /// The fused head against dfdx's linear map then its log-prob (and NLL) composition: values
     /// and the gradients of `h` and of the weight, with a row whose upstream gradients are zero
     /// (its logits' gradient must be written as zeros, not left as logits); and with Gemma 2's
-    /// soft cap, tight enough to bend most logits, against `softcap_tensor`'s composition.
+    /// soft cap, tight enough to bend most logits, against `softcap_tensor`'s composition, and
+    /// Granite's logit scale, with and without a cap.
     #[test]
     fn fused_lm_head_losses_match_the_composition() {
         let dev = Cpu::default();
         let mut rng = StdRng::seed_from_u64(5);
-        let cases = [(3usize, 8usize, 11usize, 1.0f32, None), (37, 32, 700, 0.7, None), (6, 16, 90, 0.8, Some(1.5f32))];
-        for (n, c, v, temp, cap) in cases {
-            let head = |w| Head { w, trains: true, softcap: cap };
-            let composed_logits = |h, w| crate::softcap::softcap_tensor(linear_composed(h, Affine::lm_head(w)), cap);
+        let cases = [
+            (3usize, 8usize, 11usize, 1.0f32, 1.0f32, None),
+            (37, 32, 700, 0.7, 1.0, None),
+            (6, 16, 90, 0.8, 1.0, Some(1.5f32)),
+            (9, 16, 60, 1.3, 0.125, None),
+            (5, 8, 40, 0.9, 3.0, Some(2.0)),
+        ];
+        for (n, c, v, temp, scale, cap) in cases {
+            let head = |w| Head { w, trains: true, scale, softcap: cap };
+            let composed_logits =
+                |h, w| crate::softcap::softcap_tensor(linear_composed(h, Affine::lm_head(w)) * scale, cap);
             let h = rand(&dev, &mut rng, (n, c), 1.0);
             let w = rand(&dev, &mut rng, (v, c), 1.0);
             let targets: Vec<usize> = (0..n).map(|_| rng.gen_range(0..v)).collect();
@@ -459,7 +471,7 @@ mod tests {
         let masks = random_masks(&mut rng, v, &targets);
         for op in 0..3 {
             let run = |trains: bool| {
-                let head = Head { w: &w, trains, softcap: None };
+                let head = Head { w: &w, trains, scale: 1.0, softcap: None };
                 let y = match op {
                     0 => lm_logprobs_and_entropy_cpu(h.leaky_trace(), head, &targets, 0.7),
                     1 => lm_logprobs_and_entropy_masked_cpu(h.leaky_trace(), head, &targets, 0.7, &masks),

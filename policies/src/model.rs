@@ -258,20 +258,23 @@ impl<D: FusedOps> Block<D> {
         }
     }
 
-    /// `r + o(y)` for the attention heads' output `y` `(N, H·Dh)`, with Gemma's norm on `o(y)`.
-    pub(crate) fn attn_out<T: Tape<f32, D>>(&self, y: A2<D, T>, r: &A2<D, NoneTape>) -> A2<D, T> {
+    /// `r + o(y)` for the attention heads' output `y` `(N, H·Dh)`, with Gemma's norm on `o(y)`
+    /// and Granite's multiplier ([`Dims::residual_scale`]).
+    pub(crate) fn attn_out<T: Tape<f32, D>>(&self, y: A2<D, T>, r: &A2<D, NoneTape>, dims: &Dims) -> A2<D, T> {
         match &self.post_norms {
-            None => self.wo.forward_residual(y, r),
-            Some([post, _]) => post.forward(self.wo.forward(y)) + r.clone(),
+            None if dims.residual_scale == 1.0 => self.wo.forward_residual(y, r),
+            None => self.wo.forward(y) * dims.residual_scale + r.clone(),
+            Some([post, _]) => scaled(post.forward(self.wo.forward(y)), dims.residual_scale) + r.clone(),
         }
     }
 
-    /// `r + mlp(ln2(x))`, with Gemma's norm on `mlp(…)`.
+    /// `r + mlp(ln2(x))`, with Gemma's norm on `mlp(…)` and Granite's multiplier.
     pub(crate) fn mlp_out<T: Tape<f32, D>>(&self, x: A2<D, T>, r: &A2<D, NoneTape>, dims: &Dims) -> A2<D, T> {
         let h = self.ln2.forward(x);
         match &self.post_norms {
-            None => self.mlp.forward(h, Some(r), dims),
-            Some([_, post]) => post.forward(self.mlp.forward(h, None, dims)) + r.clone(),
+            None if dims.residual_scale == 1.0 => self.mlp.forward(h, Some(r), dims),
+            None => self.mlp.forward(h, None, dims) * dims.residual_scale + r.clone(),
+            Some([_, post]) => scaled(post.forward(self.mlp.forward(h, None, dims)), dims.residual_scale) + r.clone(),
         }
     }
 
@@ -288,7 +291,7 @@ impl<D: FusedOps> Block<D> {
         let (q, k) = self.positioned_qk(q, k, rope, dims);
         let shape = AttnShape { b, t, nh, nkv, dh, softcap: dims.attn_softcap };
         let y = D::attention(q, k, v, mask, shape);
-        self.attn_out(y, r)
+        self.attn_out(y, r, dims)
     }
 
     /// The projected queries `(N, H·Dh)` and keys `(N, Hkv·Dh)` as attention takes them: each
@@ -519,16 +522,12 @@ impl<D: FusedOps> CausalLm<D> {
     /// The embeddings of `ids` at `positions` `(N, C)`: the token's row (plus the position's,
     /// GPT-2), times [`Dims::embed_scale`] (Gemma's `√d`).
     pub(crate) fn embed<T: Tape<f32, D>>(&self, tape: T, ids: &[usize], positions: &[usize]) -> A2<D, T> {
-        let x = D::embed(tape, &self.wte, self.wpe.as_ref(), ids, positions);
-        if self.dims.embed_scale != 1.0 {
-            x * self.dims.embed_scale
-        } else {
-            x
-        }
+        scaled(D::embed(tape, &self.wte, self.wpe.as_ref(), ids, positions), self.dims.embed_scale)
     }
 
     /// LM logits `(N, V)` from hidden states `(N, C)`: `h · headᵀ` (head = `wte` when tied),
-    /// soft-capped where the model caps them ([`Dims::final_softcap`], Gemma 2).
+    /// scaled and soft-capped where the model does ([`Dims::logit_scale`], Granite;
+    /// [`Dims::final_softcap`], Gemma 2).
     pub fn logits<T: Tape<f32, D>>(&self, h: A2<D, T>) -> A2<D, T> {
         crate::fused::head_logits(h, self.head_op())
     }
@@ -574,14 +573,24 @@ impl<D: FusedOps> CausalLm<D> {
     }
 
     /// The LM head for the head ops: its weight, whether it trains (see [`FrozenTrunk`]), and
-    /// its logits' soft cap.
+    /// its logits' scale and soft cap.
     fn head_op(&self) -> Head<'_, D> {
-        Head { w: self.head(), trains: !self.frozen.head, softcap: self.dims.final_softcap }
+        let (scale, softcap) = (self.dims.logit_scale, self.dims.final_softcap);
+        Head { w: self.head(), trains: !self.frozen.head, scale, softcap }
     }
 
     /// Convenience: logits `(B·T, V)` for a batch, recording on `tape`.
     pub fn forward<T: Tape<f32, D>>(&self, batch: &Batch, tape: T) -> Result<A2<D, T>, PolicyError> {
         Ok(self.logits(self.forward_hidden(batch, tape)?))
+    }
+}
+
+/// `x · s`, or `x` itself for `s = 1`.
+fn scaled<D: Device<f32>, T: Tape<f32, D>>(x: A2<D, T>, s: f32) -> A2<D, T> {
+    if s != 1.0 {
+        x * s
+    } else {
+        x
     }
 }
 

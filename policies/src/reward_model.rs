@@ -147,6 +147,8 @@ impl<D: FusedOps> LearnedReward<D> {
             ModelConfig::GptNeox(_) => "GPTNeoXForSequenceClassification",
             ModelConfig::Phi3(_) => "Phi3ForSequenceClassification",
             ModelConfig::Smollm3(_) => "SmolLM3ForSequenceClassification",
+            // transformers has none: rlhf's own name, which only rlhf loads (see crate::granite)
+            ModelConfig::Granite(_) => "GraniteForSequenceClassification",
         };
         config["architectures"] = serde_json::json!([class]);
         config["id2label"] = serde_json::json!({"0": "LABEL_0"});

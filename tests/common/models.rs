@@ -66,6 +66,17 @@ pub fn tiny_gemma2(vocab: usize) -> ModelConfig {
     ModelConfig::from_json_str(&json).unwrap()
 }
 
+/// Granite with every multiplier away from 1 (the attention's 0.7 against 1/√4 = 0.5).
+pub fn tiny_granite(vocab: usize) -> ModelConfig {
+    let json = format!(
+        r#"{{"model_type":"granite","vocab_size":{vocab},"hidden_size":16,"intermediate_size":24,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"rope_theta":500.0,
+            "max_position_embeddings":64,"tie_word_embeddings":true,"embedding_multiplier":3.0,
+            "attention_multiplier":0.7,"residual_multiplier":0.4,"logits_scaling":2.5}}"#
+    );
+    ModelConfig::from_json_str(&json).unwrap()
+}
+
 /// GPT-NeoX with RoPE on half of each head (4 of 8 dimensions) and, with `parallel`, Pythia's
 /// parallel residual; without it the sequential block and a tied head.
 pub fn tiny_neox(vocab: usize, parallel: bool) -> ModelConfig {
@@ -88,7 +99,8 @@ pub fn model(cfg: ModelConfig, seed: u64) -> CausalLm<Cpu> {
         | ModelConfig::Qwen3(c)
         | ModelConfig::Mistral(c)
         | ModelConfig::Phi3(c)
-        | ModelConfig::Smollm3(c) => c.initializer_range = 0.3,
+        | ModelConfig::Smollm3(c)
+        | ModelConfig::Granite(c) => c.initializer_range = 0.3,
         ModelConfig::Gemma2(c) => c.initializer_range = 0.3,
         ModelConfig::Gemma3Text(c) => c.initializer_range = 0.3,
         ModelConfig::GptNeox(c) => c.initializer_range = 0.3,

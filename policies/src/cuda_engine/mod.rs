@@ -163,12 +163,13 @@ impl CudaEngine {
         }
         let gemma = dims.post_norms || dims.embed_scale != 1.0 || dims.query_scale != 1.0 || dims.glu != Glu::Silu;
         let gemma = gemma || dims.attn_softcap.is_some() || dims.final_softcap.is_some();
+        let granite = dims.residual_scale != 1.0 || dims.logit_scale != 1.0;
         let neox = dims.family == Family::GptNeox || dims.partial_rotary.is_some();
         let longrope = crate::rope::attention_factor(&dims) != 1.0;
         let nope = model.blocks.iter().any(|b| !b.rope) && dims.rotary();
-        if dims.qk_norm || gemma || dims.sliding_window.is_some() || neox || longrope || nope {
+        if dims.qk_norm || gemma || granite || dims.sliding_window.is_some() || neox || longrope || nope {
             let msg = "the fused CUDA engine has no kernels for Qwen3's and Gemma 3's q/k head norms, Gemma's other \
-                       parts (Gemma 2's soft caps among them), sliding windows, GPT-NeoX's and Phi-4-mini's partial RoPE, LongRoPE's attention \
+                       parts (Gemma 2's soft caps among them), Granite's multipliers, sliding windows, GPT-NeoX's and Phi-4-mini's partial RoPE, LongRoPE's attention \
                        factor, SmolLM3's NoPE layers, or GPT-NeoX's parallel residual: use rollout_engine \
                        \"device\" (the default on a GPU)";
             return Err(PolicyError::Input(msg.into()));
