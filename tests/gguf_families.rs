@@ -145,6 +145,29 @@ fn smollm3_gguf_matches_transformers() {
     assert_eq!(tok.bos_prefix(), Some(0));
 }
 
+/// Granite as llama.cpp's converter writes it: Llama's file (q/k rows un-permuted) with the four
+/// multipliers; without `attention.scale` llama.cpp scales the scores by `head_dim^-½`, and
+/// `logit_scale` it requires.
+#[test]
+fn granite_gguf_matches_transformers_with_its_multipliers() {
+    use rlhf_policies::gguf::{model_config, Gguf};
+    let (model, tok) = check("granite-tiny");
+    let d = model.dims;
+    assert!(matches!(model.config, rlhf_policies::ModelConfig::Granite(_)));
+    assert_eq!((d.embed_scale, d.query_scale, d.residual_scale), (4.0, 4.0, 0.5));
+    assert!((d.logit_scale - 1.0 / 3.0).abs() < 1e-7);
+    assert_eq!(tok.bos_prefix(), Some(0));
+    let mut g = Gguf::open(&fixture("gguf-granite-tiny.gguf")).unwrap();
+    for key in ["granite.attention.scale", "granite.embedding_scale", "granite.residual_scale"] {
+        g.metadata.remove(key);
+    }
+    let d = model_config(&g).unwrap().dims().unwrap();
+    assert_eq!((d.embed_scale, d.query_scale, d.residual_scale), (1.0, 1.0, 1.0));
+    g.metadata.remove("granite.logit_scale");
+    let e = model_config(&g).unwrap_err().to_string();
+    assert!(e.contains("gguf-granite-tiny.gguf") && e.contains("granite.logit_scale"), "{e}");
+}
+
 /// GPT-NeoX (Pythia) as llama.cpp's converter writes it: `attn_qkv` back head by head, RoPE on
 /// 4 of each head's 16 dimensions, the parallel residual, the untied `output.weight`, the exact
 /// GELU; its `olmo` vocabulary split as GPT-2's.
@@ -370,7 +393,7 @@ fn unknown_pre_tokenizers_and_architectures_are_errors_naming_them() {
     g.metadata.insert("general.architecture".into(), Meta::Str("gpt2".into()));
     let e = model_config(&g).unwrap_err().to_string();
     assert!(
-        e.contains("\"gpt2\"") && e.contains("llama, qwen2, qwen3, gemma2, gemma3, phi3, smollm3 and gptneox"),
+        e.contains("\"gpt2\"") && e.contains("llama, qwen2, qwen3, gemma2, gemma3, phi3, smollm3, granite and gptneox"),
         "{e}"
     );
 }

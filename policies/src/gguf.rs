@@ -1,7 +1,7 @@
 //! GGUF files (llama.cpp's format): header, metadata, tensor table, and the tensors
 //! dequantised to f32 ([`crate::gguf_quants`]: F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, the
 //! K-quants Q2_K–Q6_K, IQ4_NL and IQ4_XS). A `llama`, `qwen2`, `qwen3`, `gemma2`, `gemma3`,
-//! `phi3`, `smollm3` or `gptneox` file ([`Arch`]) becomes an HF state dict ([`hf_tensors`]) and
+//! `phi3`, `smollm3`, `granite` or `gptneox` file ([`Arch`]) becomes an HF state dict ([`hf_tensors`]) and
 //! config ([`model_config`]), so
 //! [`crate::CausalLm::load_gguf`] goes through the same loader as safetensors folders; its
 //! vocabulary becomes a `tokenizer.json` ([`tokenizer_json`]).
@@ -277,6 +277,10 @@ pub enum Arch {
     /// `smollm3`: SmolLM3 ([`crate::smollm3`]): Llama's file (q/k rows interleaved) whose every
     /// fourth layer has no RoPE, which llama.cpp fixes rather than records.
     Smollm3,
+    /// `granite`: Granite ([`crate::granite`]): Llama's file (q/k rows interleaved) with the
+    /// four multipliers in `attention.scale`, `embedding_scale`, `residual_scale` and
+    /// `logit_scale`, read as llama.cpp does.
+    Granite,
     /// `gptneox`: GPT-NeoX (Pythia, RedPajama-INCITE; `gguf_neox.rs`): LayerNorms and
     /// biases, q|k|v in `attn_qkv` with the heads apart, partial RoPE.
     GptNeox,
@@ -293,6 +297,7 @@ impl Arch {
         match self {
             Arch::Llama => "llama",
             Arch::Smollm3 => "smollm3",
+            Arch::Granite => "granite",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Gemma2 => "gemma2",
@@ -309,6 +314,7 @@ impl Gguf {
         match self.metadata.get("general.architecture") {
             Some(Value::Str(a)) if a == "llama" => Ok(Arch::Llama),
             Some(Value::Str(a)) if a == "smollm3" => Ok(Arch::Smollm3),
+            Some(Value::Str(a)) if a == "granite" => Ok(Arch::Granite),
             Some(Value::Str(a)) if a == "qwen2" => Ok(Arch::Qwen2),
             Some(Value::Str(a)) if a == "qwen3" => Ok(Arch::Qwen3),
             Some(Value::Str(a)) if a == "gemma2" => Ok(Arch::Gemma2),
@@ -318,7 +324,7 @@ impl Gguf {
             other => {
                 let msg = format!(
                     "general.architecture {other:?} is not supported (llama, qwen2, qwen3, gemma2, gemma3, phi3, \
-                     smollm3 and gptneox are)"
+                     smollm3, granite and gptneox are)"
                 );
                 Err(self.err("metadata", msg))
             }
@@ -386,6 +392,7 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
         "architectures": [match arch {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Smollm3 => "SmolLM3ForCausalLM",
+            Arch::Granite => "GraniteForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
             Arch::Gemma2 => "Gemma2ForCausalLM",
@@ -409,6 +416,7 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
     match arch {
         Arch::Gemma2 => crate::gguf_gemma::gemma2_fields(g, head_dim, &mut cfg)?,
         Arch::Gemma3 => crate::gguf_gemma::gemma3_fields(g, head_dim, &mut cfg)?,
+        Arch::Granite => crate::granite::gguf_fields(g, head_dim, &mut cfg)?,
         _ => {}
     }
     if arch == Arch::Phi3 {
@@ -490,7 +498,7 @@ pub fn hf_tensors(g: &Gguf, cfg: &ModelConfig) -> Result<BTreeMap<String, HostTe
             let cols = if x.shape.len() == 2 { x.shape[1] } else { 1 };
             x.data = crate::gguf_neox::heads_together(&x.data, cols, dims.n_head, dims.head_dim);
         }
-        let permuted = matches!(arch, Arch::Llama | Arch::Smollm3);
+        let permuted = matches!(arch, Arch::Llama | Arch::Smollm3 | Arch::Granite);
         if permuted && (t.name.ends_with("attn_q.weight") || t.name.ends_with("attn_k.weight")) {
             x.data = unpermute_rows(&x.data, x.shape[1], dims.head_dim);
         }

@@ -52,6 +52,25 @@ pub(crate) fn dims(c: &LlamaConfig) -> Result<Dims, PolicyError> {
     })
 }
 
+/// A `granite` GGUF file's multipliers on top of the Llama fields in `cfg`, as llama.cpp reads
+/// them: `granite.logit_scale` required, the others optional with 0 or absence meaning none —
+/// for `attention.scale` that is the usual `head_dim^-½`, not transformers' default of 1.
+pub(crate) fn gguf_fields(
+    g: &crate::gguf::Gguf,
+    head_dim: usize,
+    cfg: &mut serde_json::Value,
+) -> Result<(), PolicyError> {
+    let set = |key: &str| -> Result<Option<f64>, PolicyError> {
+        Ok(g.float_opt(&format!("granite.{key}"))?.filter(|&v| v != 0.0))
+    };
+    let attention = set("attention.scale")?.unwrap_or(1.0 / (head_dim as f64).sqrt());
+    cfg["attention_multiplier"] = attention.into();
+    cfg["embedding_multiplier"] = set("embedding_scale")?.unwrap_or(1.0).into();
+    cfg["residual_multiplier"] = set("residual_scale")?.unwrap_or(1.0).into();
+    cfg["logits_scaling"] = g.float("granite.logit_scale")?.into();
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use crate::config::ModelConfig;
