@@ -538,6 +538,11 @@ macro_rules! device_tests {
                 generate_on_device("hf-granite-tiny", &$dev);
             }
             #[test]
+            fn olmo2_fixture_post_norms_logits_decode_session_train_steps_and_generate() {
+                every_check("hf-olmo2-tiny", &$dev);
+                generate_on_device("hf-olmo2-tiny", &$dev);
+            }
+            #[test]
             fn gpt_neox_fixtures_logits_decode_session_train_steps_and_generate() {
                 for name in ["hf-pythia-tiny", "hf-gpt-neox-seq-tiny"] {
                     every_check(name, &$dev);

@@ -118,7 +118,8 @@ fn a_shared_bottom_gives_both_models_their_own_log_probs_exactly() {
         }
         let e = policy_and_reference_logprobs(&policy, Some(&reference), 3, &seqs, 0, 0.7).unwrap_err();
         assert!(e.to_string().contains("leaves none of 3 above it"), "{e}");
-        policy.blocks[0].ln1.w = policy.blocks[0].ln1.w.clone() + 0.1;
+        let ln1 = policy.blocks[0].ln1.as_mut().unwrap();
+        ln1.w = ln1.w.clone() + 0.1;
         assert_eq!(reference.shared_bottom(&policy, 9), 0, "{family}: block 0 differs");
     }
 }
@@ -202,14 +203,16 @@ fn frozen_weights_are_stored_once_and_change_nothing() {
     let frozen = |n: &str| n == "wte" || n == "wpe" || n.starts_with("blocks.0.");
     let policy = CausalLm::new(gpt2(), &Cpu::default(), 9).unwrap();
     let mut reference = policy.frozen_copy();
-    reference.blocks[0].ln2.w = reference.blocks[0].ln2.w.clone() + 0.25;
+    let ln2 = reference.blocks[0].ln2.as_mut().unwrap();
+    ln2.w = ln2.w.clone() + 0.25;
     let mut shared = reference.frozen_copy();
     let n = shared.share_storage(&policy, frozen);
     let (c, p) = (16, 32);
     // wte (23 × 16), wpe (32 × 16) and block 0 (attention 4c² + 4c, MLP 8c² + 5c, norms 4c)
     assert_eq!(n, 23 * c + p * c + (12 * c * c + 13 * c) - c, "all but the changed norm");
     assert_eq!(tensor_id(&shared.wte), tensor_id(&policy.wte), "the same tensor");
-    assert_ne!(tensor_id(&shared.blocks[0].ln2.w), tensor_id(&policy.blocks[0].ln2.w), "it differs: its own");
+    let ln2_w = |m: &CausalLm<Cpu>| tensor_id(&m.blocks[0].ln2.as_ref().unwrap().w);
+    assert_ne!(ln2_w(&shared), ln2_w(&policy), "it differs: its own");
     assert_ne!(tensor_id(&shared.blocks[1].wq.w), tensor_id(&policy.blocks[1].wq.w), "not frozen: its own");
     let batch = Batch::right_padded(&[vec![3, 1, 4, 1, 5, 9], vec![2, 6, 5]], 0).unwrap();
     let logits = |m: &CausalLm<Cpu>| m.forward(&batch, NoneTape).unwrap().as_vec();

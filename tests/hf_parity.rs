@@ -184,6 +184,18 @@ fn granite_multipliers_logits_left_padded_batch_greedy_and_kv_cache() {
     check_greedy("hf-granite-tiny");
     check_incremental("hf-granite-tiny");
 }
+/// OLMo 2: no norm on the branches' inputs, one on each output, and q/k norms over the whole
+/// projections (64 and 32 wide here) before the heads split.
+#[test]
+fn olmo2_post_norms_logits_left_padded_batch_greedy_and_kv_cache() {
+    let (model, _) = load("hf-olmo2-tiny");
+    let d = model.dims;
+    assert!(!d.pre_norms && d.post_norms && d.qk_norm_full && model.blocks.iter().all(|b| b.ln1.is_none()));
+    check_texts("hf-olmo2-tiny");
+    check_left_padded("hf-olmo2-tiny");
+    check_greedy("hf-olmo2-tiny");
+    check_incremental("hf-olmo2-tiny");
+}
 /// Mistral: every layer's queries see their last 8 positions (the texts are 28–33 long).
 #[test]
 fn mistral_sliding_window_logits_left_padded_batch_greedy_and_kv_cache() {

@@ -55,6 +55,19 @@ fn kv_cache_engine_equals_full_forward_gemma3() {
     engine_matches_training_forward(tiny_gemma3(40));
 }
 
+/// OLMo 2: gradients through the post-branch norms (no pre-norms) and the q/k norms over
+/// whole rows; the KV-cache engine runs the same block.
+#[test]
+fn gradients_match_finite_differences_and_kv_cache_olmo2() {
+    let m = model(tiny_olmo2(12), 1);
+    let names: Vec<String> = m.params().into_iter().map(|(n, _)| n).collect();
+    assert!(!names.iter().any(|n| n.ends_with("ln1.weight") || n.ends_with("ln2.weight")), "{names:?}");
+    let widths: Vec<usize> = m.blocks[0].qk_norm.as_ref().unwrap().iter().map(|n| n.w.as_vec().len()).collect();
+    assert_eq!(widths, [16, 8]);
+    grad_check_with(tiny_olmo2(12), 3e-3);
+    engine_matches_training_forward(tiny_olmo2(40));
+}
+
 /// Granite: gradients through its four multipliers (the embeddings', the attention scale, the
 /// residual branches', the logits' inside the fused LM-head loss); the KV-cache engine applies
 /// them the same way, and the head ops scale their logits as `logits` does.

@@ -163,8 +163,9 @@ pub fn gpt2_block_cpu<T: Tape<f32, Cpu>>(
     rows: Option<&[usize]>,
 ) -> Result<A2<T>, A2<T>> {
     let Mlp::Gelu { fc, proj } = &blk.mlp else { return Err(x) };
+    let (Some(ln1), Some(ln2)) = (&blk.ln1, &blk.ln2) else { return Err(x) };
     let plain = blk.qk_norm.is_none() && blk.post_norms.is_none() && blk.window.is_none();
-    if blk.ln1.kind != NormKind::LayerNorm || blk.ln2.kind != NormKind::LayerNorm || !plain {
+    if ln1.kind != NormKind::LayerNorm || ln2.kind != NormKind::LayerNorm || !plain {
         return Err(x);
     }
     let s = inputs.shape;
@@ -174,12 +175,12 @@ pub fn gpt2_block_cpu<T: Tape<f32, Cpu>>(
     assert!(rows.is_none_or(|r| r.iter().all(|&r| r < n)), "block: a kept row beyond the {n} of the input");
     let (x, mut tape) = x.split_tape();
     let w = HostBlock {
-        ln1: HostNorm::new(&blk.ln1),
+        ln1: HostNorm::new(ln1),
         q: HostLinear::new(&blk.wq),
         k: HostLinear::new(&blk.wk),
         v: HostLinear::new(&blk.wv),
         o: HostLinear::new(&blk.wo),
-        ln2: HostNorm::new(&blk.ln2),
+        ln2: HostNorm::new(ln2),
         fc: HostLinear::new(fc),
         proj: HostLinear::new(proj),
     };
@@ -239,7 +240,9 @@ fn backward(
     s: AttnShape,
     dydx: GateDerivative,
 ) -> Result<Vec<f32>, CpuError> {
-    let Mlp::Gelu { fc, proj } = &blk.mlp else { unreachable!("checked in the forward pass") };
+    let (Mlp::Gelu { fc, proj }, Some(ln1), Some(ln2)) = (&blk.mlp, &blk.ln1, &blk.ln2) else {
+        unreachable!("checked in the forward pass")
+    };
     let (n, c) = (s.b * s.t, w.ln1.g.len());
     let m = sv.rows.as_ref().map_or(n, Vec::len);
     // MLP (kept rows): y = x₂ + a·W_proj + b_proj, a = gelu(f), f = h₂·W_fc + b_fc
@@ -256,7 +259,7 @@ fn backward(
     let mut dx = par_copy(dy);
     let mut dx_par = if sv.parallel { zeros(m * c) } else { vec![] };
     let ln2_dx = if sv.parallel { &mut dx_par } else { &mut dx };
-    norm_grads(grads, &blk.ln2, ln_backward_rows(&dh, &sv.ln2_in, &sv.st2, &w.ln2.g, ln2_dx))?;
+    norm_grads(grads, ln2, ln_backward_rows(&dh, &sv.ln2_in, &sv.st2, &w.ln2.g, ln2_dx))?;
     drop((sv.ln2_in, sv.h2));
     // attention: x₂ = x + att·W_o + b_o (kept rows)
     param_grads(grads, &blk.wo, &sv.att, &dx)?;
@@ -283,7 +286,7 @@ fn backward(
     w.k.add_input_grad(&mut dh, &dk, n);
     w.v.add_input_grad(&mut dh, &dv, n);
     // dx = dx₂ + LN₁'s backward pass of dh₁ (+ LN₂'s with the parallel residual)
-    norm_grads(grads, &blk.ln1, ln_backward_rows(&dh, &sv.x, &sv.st1, &w.ln1.g, &mut dx))?;
+    norm_grads(grads, ln1, ln_backward_rows(&dh, &sv.x, &sv.st1, &w.ln1.g, &mut dx))?;
     if sv.parallel {
         match &sv.rows {
             Some(rows) => add_rows(&mut dx, &dx_par, rows, c),

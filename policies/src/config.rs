@@ -1,11 +1,12 @@
 //! Model configuration: one serde type that reads Hugging Face `config.json` files directly.
 //!
 //! The `model_type` field selects the family (`"gpt2"`, or `"llama"`, `"qwen2"`, `"qwen3"`,
-//! `"mistral"`, `"gemma2"`, `"gemma3_text"`, `"gpt_neox"`, `"phi3"`, `"smollm3"` and `"granite"`:
+//! `"mistral"`, `"gemma2"`, `"gemma3_text"`, `"gpt_neox"`, `"phi3"`, `"smollm3"`, `"granite"` and
+//! `"olmo2"`:
 //! Qwen2 is Llama with biases on the q, k and v projections, Qwen3 Llama with an RMSNorm over each
 //! head's queries and keys, Mistral Llama with a sliding attention window, Gemma 2 and 3 see
 //! [`crate::gemma2`] and [`crate::gemma3`], SmolLM3 see [`crate::smollm3`], Granite see
-//! [`crate::granite`], GPT-NeoX (Pythia) see
+//! [`crate::granite`], OLMo 2 see [`crate::olmo2`], GPT-NeoX (Pythia) see
 //! [`crate::gpt_neox`], Phi-3 see [`crate::phi3`]); every other field keeps the
 //! name transformers uses, so an HF config deserialises unchanged and our saved configs load back
 //! in transformers. Unknown HF fields (`architectures`, `torch_dtype`, …) are accepted and ignored
@@ -62,6 +63,10 @@ pub enum ModelConfig {
     /// multipliers; see [`crate::granite`].
     #[serde(rename = "granite")]
     Granite(LlamaConfig),
+    /// OLMo 2 (`Olmo2ForCausalLM`): Llama's fields, its norms on the branches' outputs; see
+    /// [`crate::olmo2`].
+    #[serde(rename = "olmo2")]
+    Olmo2(LlamaConfig),
 }
 
 /// `GPT2Config` fields (transformers names).
@@ -321,12 +326,13 @@ impl ModelConfig {
             Some("phi3") => crate::phi3::fill_defaults(&mut value),
             Some("smollm3") => crate::smollm3::fill_defaults(&mut value),
             Some("granite") => crate::granite::fill_defaults(&mut value),
+            Some("olmo2") => crate::olmo2::fill_defaults(&mut value),
             Some("gemma3") => value = crate::gemma3::text_of_multimodal(&value)?,
             Some(other) => {
                 let msg = format!(
                     "unsupported model_type {other:?} (\"gpt2\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\", \
-                     \"gemma2\", \"gemma3_text\", \"gemma3\" (its text model), \"gpt_neox\", \"phi3\", \"smollm3\" \
-                     and \"granite\" are)"
+                     \"gemma2\", \"gemma3_text\", \"gemma3\" (its text model), \"gpt_neox\", \"phi3\", \"smollm3\", \
+                     \"granite\" and \"olmo2\" are)"
                 );
                 return Err(PolicyError::config("model_type", msg));
             }
@@ -408,7 +414,8 @@ impl ModelConfig {
             | ModelConfig::Mistral(c)
             | ModelConfig::Phi3(c)
             | ModelConfig::Smollm3(c)
-            | ModelConfig::Granite(c) => {
+            | ModelConfig::Granite(c)
+            | ModelConfig::Olmo2(c) => {
                 Shared { vocab: c.vocab_size, bos: c.bos_token_id, eos: ids(&c.eos_token_id), pad: c.pad_token_id }
             }
             ModelConfig::Gemma2(c) => {
@@ -438,7 +445,8 @@ impl ModelConfig {
             | ModelConfig::Mistral(c)
             | ModelConfig::Phi3(c)
             | ModelConfig::Smollm3(c)
-            | ModelConfig::Granite(c) => c.vocab_size = v,
+            | ModelConfig::Granite(c)
+            | ModelConfig::Olmo2(c) => c.vocab_size = v,
             ModelConfig::Gemma2(c) => c.vocab_size = v,
             ModelConfig::Gemma3Text(c) => c.vocab_size = v,
             ModelConfig::GptNeox(c) => c.vocab_size = v,
@@ -501,6 +509,7 @@ impl ModelConfig {
             ModelConfig::GptNeox(c) => c.dims()?,
             ModelConfig::Phi3(c) => crate::phi3::dims(c)?,
             ModelConfig::Granite(c) => crate::granite::dims(c)?,
+            ModelConfig::Olmo2(c) => crate::olmo2::dims(c)?,
             ModelConfig::Smollm3(c) => {
                 let d = llama_dims(c, false, false)?;
                 crate::smollm3::layer_ropes(c, &d)?;

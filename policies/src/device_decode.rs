@@ -79,7 +79,7 @@ impl<D: FusedOps> CausalLm<D> {
         let mut x = self.embed(NoneTape, &ids, &positions);
         let (nh, nkv, dh) = (dims.n_head, dims.n_kv_head, dims.head_dim);
         for (layer, blk) in self.blocks.iter().enumerate() {
-            let h = blk.ln1.forward(x.clone());
+            let h = blk.ln1.as_ref().map_or_else(|| x.clone(), |n| n.forward(x.clone()));
             let q = blk.wq.forward(h.clone());
             let k = blk.wk.forward(h.clone());
             let v = blk.wv.forward(h);

@@ -91,8 +91,14 @@ pub struct Dims {
     pub embed_scale: f32,
     /// RMSNorm weights `w` act as the gain `1 + w` (Gemma; transformers initialises `w` to 0).
     pub norm_unit_offset: bool,
-    /// A norm on each branch's output too, before its residual add (Gemma 2 and 3).
+    /// A norm on each branch's output too, before its residual add (Gemma 2 and 3, OLMo 2).
     pub post_norms: bool,
+    /// A norm on each branch's input (every family but OLMo 2, whose norms are all on the
+    /// branches' outputs: [`Dims::post_norms`]).
+    pub pre_norms: bool,
+    /// The q/k norms ([`Dims::qk_norm`]) run over each row's whole projection (gains `(H·Dh,)`
+    /// and `(Hkv·Dh,)`, OLMo 2) instead of over each head (gain `(Dh,)`, Qwen3, Gemma 3).
+    pub qk_norm_full: bool,
     /// The gated MLP's activation (Llama family).
     pub glu: Glu,
     /// Multiplier on the queries before `q·kᵀ/√Dh`: `√(Dh / query_pre_attn_scalar)` for Gemma
@@ -153,6 +159,8 @@ impl Dims {
         embed_scale: 1.0,
         norm_unit_offset: false,
         post_norms: false,
+        pre_norms: true,
+        qk_norm_full: false,
         glu: Glu::Silu,
         query_scale: 1.0,
         sliding_window: None,

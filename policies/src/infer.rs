@@ -44,15 +44,16 @@ enum MlpW {
 
 #[derive(Debug, Clone)]
 struct LayerW {
-    ln1: NormW,
+    /// The branches' input norms (none in OLMo 2).
+    ln1: Option<NormW>,
     /// `(C, H·Dh + 2·Hkv·Dh)`: q, k, v columns.
     qkv: PackedMatrix,
     qkv_b: Option<Vec<f32>>,
     o: PackedMatrix,
     o_b: Option<Vec<f32>>,
-    /// Qwen3's RMSNorms over each head's queries and keys.
+    /// Qwen3's RMSNorms over each head's queries and keys (OLMo 2's over the whole rows).
     qk_norm: Option<[NormW; 2]>,
-    ln2: NormW,
+    ln2: Option<NormW>,
     mlp: MlpW,
     /// Gemma's norms on the attention's and the MLP's outputs.
     post_norms: Option<[NormW; 2]>,
@@ -265,13 +266,13 @@ impl InferenceModel {
                     },
                 };
                 LayerW {
-                    ln1: norm_w(&blk.ln1),
+                    ln1: blk.ln1.as_ref().map(norm_w),
                     qkv,
                     qkv_b,
                     o: pack(&blk.wo.w),
                     o_b: blk.wo.b.as_ref().map(|b| b.as_vec()),
                     qk_norm: blk.qk_norm.as_ref().map(|[q, k]| [norm_w(q), norm_w(k)]),
-                    ln2: norm_w(&blk.ln2),
+                    ln2: blk.ln2.as_ref().map(norm_w),
                     mlp,
                     post_norms: blk.post_norms.as_ref().map(|[a, m]| [norm_w(a), norm_w(m)]),
                     window: blk.window,
@@ -372,16 +373,19 @@ impl InferenceModel {
         // attention; GPT-NeoX's parallel residual keeps the block's input for the MLP
         let x0 = d.parallel_residual.then(|| x.to_vec());
         let mut h = x.to_vec();
-        apply_norm(&l.ln1, &mut h, c);
+        if let Some(ln1) = &l.ln1 {
+            apply_norm(ln1, &mut h, c);
+        }
         let mut qkv = vec![0.0f32; m * width];
         matmul(&h, &l.qkv, &mut qkv, m, false);
         if let Some(bias) = &l.qkv_b {
             add_bias(&mut qkv, bias);
         }
         if let Some([q_norm, k_norm]) = &l.qk_norm {
+            let (q_width, k_width) = if d.qk_norm_full { (qd, kvd) } else { (d.head_dim, d.head_dim) };
             for row in qkv.chunks_mut(width) {
-                apply_norm(q_norm, &mut row[..qd], d.head_dim);
-                apply_norm(k_norm, &mut row[qd..qd + kvd], d.head_dim);
+                apply_norm(q_norm, &mut row[..qd], q_width);
+                apply_norm(k_norm, &mut row[qd..qd + kvd], k_width);
             }
         }
         if d.rotary() && l.rope {
@@ -410,7 +414,9 @@ impl InferenceModel {
         }
         // MLP
         h.copy_from_slice(x0.as_deref().unwrap_or(x));
-        apply_norm(&l.ln2, &mut h, c);
+        if let Some(ln2) = &l.ln2 {
+            apply_norm(ln2, &mut h, c);
+        }
         if direct {
             self.mlp_forward(&l.mlp, &h, x, m);
         } else {

@@ -2,7 +2,7 @@
 //! models, on dfdx with runtime shapes.
 //!
 //! - [`ModelConfig`]: HF `config.json` for GPT-2, Llama, Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3
-//!   (text), GPT-NeoX (Pythia), Phi-3, SmolLM3 and Granite, presets `tiny`/`small`.
+//!   (text), GPT-NeoX (Pythia), Phi-3, SmolLM3, Granite and OLMo 2, presets `tiny`/`small`.
 //! - [`CausalLm`]: the training forward (dfdx ops and tape), [`ScalarHead`] for values/rewards,
 //!   the parameter walker, [`AdamW`] and [`clip_grad_norm`], [`CausalLm::frozen_copy`].
 //! - [`InferenceModel`]: a tape-free, KV-cached forward for rollouts, pinned to the training
@@ -58,6 +58,7 @@ pub mod logprobs;
 pub mod longrope;
 pub mod model;
 pub mod nucleus;
+pub mod olmo2;
 pub mod optim;
 pub mod params;
 pub mod phi3;

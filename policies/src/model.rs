@@ -114,11 +114,6 @@ impl<D: FusedOps> Norm<D> {
         Self::unit(dev, dims, c, kind, b)
     }
 
-    /// Qwen3's and Gemma 3's RMSNorm over one head's `Dh` values.
-    fn head(dev: &D, dims: &Dims) -> Self {
-        Self::unit(dev, dims, dims.head_dim, NormKind::RmsNorm, None)
-    }
-
     /// A norm of width `c` with unit gain (`w` = 1, or 0 under a unit offset).
     fn unit(dev: &D, dims: &Dims, c: usize, kind: NormKind, b: Option<T1<D>>) -> Self {
         let w = if dims.norm_unit_offset { dev.zeros_like(&(c,)) } else { dev.ones_like(&(c,)) };
@@ -193,11 +188,11 @@ impl<D: FusedOps> Mlp<D> {
     }
 }
 
-/// One pre-norm transformer block.
+/// One transformer block: pre-norm, with Gemma's post norms as well, or post-norm only (OLMo 2).
 #[derive(Debug, Clone)]
 pub struct Block<D: Storage<f32>> {
-    /// Norm before attention.
-    pub ln1: Norm<D>,
+    /// Norm before attention (none in OLMo 2, [`Dims::pre_norms`]).
+    pub ln1: Option<Norm<D>>,
     /// Query projection `(C, H·Dh)`.
     pub wq: Linear<D>,
     /// Key projection `(C, Hkv·Dh)`.
@@ -206,14 +201,15 @@ pub struct Block<D: Storage<f32>> {
     pub wv: Linear<D>,
     /// Output projection `(H·Dh, C)`.
     pub wo: Linear<D>,
-    /// Qwen3's RMSNorms over each head's queries and keys before RoPE ([`Dims::qk_norm`]).
+    /// Qwen3's RMSNorms over each head's queries and keys before RoPE ([`Dims::qk_norm`]), or
+    /// OLMo 2's over the whole projections ([`Dims::qk_norm_full`]).
     pub qk_norm: Option<[Norm<D>; 2]>,
-    /// Norm before the MLP.
-    pub ln2: Norm<D>,
+    /// Norm before the MLP (none in OLMo 2).
+    pub ln2: Option<Norm<D>>,
     /// Feed-forward.
     pub mlp: Mlp<D>,
-    /// Gemma's norms on the attention's and the MLP's outputs, before each residual add
-    /// ([`Dims::post_norms`]).
+    /// Gemma's and OLMo 2's norms on the attention's and the MLP's outputs, before each
+    /// residual add ([`Dims::post_norms`]).
     pub post_norms: Option<[Norm<D>; 2]>,
     /// This layer's attention window ([`ModelConfig::layer_windows`]); `None`: every earlier
     /// position.
@@ -243,7 +239,7 @@ impl<D: FusedOps> Block<D> {
         // residual: keep an untaped handle, run the branch on the taped one; the branch's
         // output projection adds it back
         let (x, tape) = x.split_tape();
-        let x1 = self.attention(self.ln1.forward(x.clone().put_tape(tape)), &x, dims, ctx);
+        let x1 = self.attention(pre_norm(&self.ln1, x.clone().put_tape(tape)), &x, dims, ctx);
         let (x1, tape) = x1.split_tape();
         self.mlp_out(Self::mlp_input(x, &x1, dims).put_tape(tape), &x1, dims)
     }
@@ -270,7 +266,7 @@ impl<D: FusedOps> Block<D> {
 
     /// `r + mlp(ln2(x))`, with Gemma's norm on `mlp(…)` and Granite's multiplier.
     pub(crate) fn mlp_out<T: Tape<f32, D>>(&self, x: A2<D, T>, r: &A2<D, NoneTape>, dims: &Dims) -> A2<D, T> {
-        let h = self.ln2.forward(x);
+        let h = pre_norm(&self.ln2, x);
         match &self.post_norms {
             None if dims.residual_scale == 1.0 => self.mlp.forward(h, Some(r), dims),
             None => self.mlp.forward(h, None, dims) * dims.residual_scale + r.clone(),
@@ -305,11 +301,14 @@ impl<D: FusedOps> Block<D> {
         dims: &Dims,
     ) -> (A2<D, T>, A2<D, U>) {
         let ((n, qw), (_, kw), dh) = (*q.shape(), *k.shape(), dims.head_dim);
-        let (q, k) = (q.reshape_like(&(n * qw / dh, dh)), k.reshape_like(&(n * kw / dh, dh)));
-        let (q, k) = match &self.qk_norm {
+        let norms = |q, k| match &self.qk_norm {
             Some([q_norm, k_norm]) => (q_norm.forward(q), k_norm.forward(k)),
             None => (q, k),
         };
+        // OLMo 2 normalises whole rows, the others each head
+        let (q, k) = if dims.qk_norm_full { norms(q, k) } else { (q, k) };
+        let (q, k) = (q.reshape_like(&(n * qw / dh, dh)), k.reshape_like(&(n * kw / dh, dh)));
+        let (q, k) = if dims.qk_norm_full { (q, k) } else { norms(q, k) };
         let (q, k) = match rope {
             Some(r) => (apply_rope(q, &r.cos_q, &r.sin_q, &r.rot), apply_rope(k, &r.cos_k, &r.sin_k, &r.rot)),
             None => (q, k),
@@ -382,14 +381,19 @@ impl<D: FusedOps> CausalLm<D> {
                     },
                 };
                 let qkv = |init: &mut Init, o| Linear::new(dev, init, c, o, std, bias || dims.qkv_bias);
+                let qk_norm = |width| Norm::unit(dev, &dims, width, NormKind::RmsNorm, None);
+                let (q_norm, k_norm) = match dims.qk_norm_full {
+                    true => (dims.q_dim(), dims.kv_dim()),
+                    false => (dims.head_dim, dims.head_dim),
+                };
                 Block {
-                    ln1: Norm::new(dev, &dims),
+                    ln1: dims.pre_norms.then(|| Norm::new(dev, &dims)),
                     wq: qkv(&mut init, dims.q_dim()),
                     wk: qkv(&mut init, dims.kv_dim()),
                     wv: qkv(&mut init, dims.kv_dim()),
                     wo: lin(&mut init, dims.q_dim(), c, resid_std),
-                    qk_norm: dims.qk_norm.then(|| [Norm::head(dev, &dims), Norm::head(dev, &dims)]),
-                    ln2: Norm::new(dev, &dims),
+                    qk_norm: dims.qk_norm.then(|| [qk_norm(q_norm), qk_norm(k_norm)]),
+                    ln2: dims.pre_norms.then(|| Norm::new(dev, &dims)),
                     mlp,
                     post_norms: dims.post_norms.then(|| [Norm::new(dev, &dims), Norm::new(dev, &dims)]),
                     window,
@@ -582,6 +586,14 @@ impl<D: FusedOps> CausalLm<D> {
     /// Convenience: logits `(B·T, V)` for a batch, recording on `tape`.
     pub fn forward<T: Tape<f32, D>>(&self, batch: &Batch, tape: T) -> Result<A2<D, T>, PolicyError> {
         Ok(self.logits(self.forward_hidden(batch, tape)?))
+    }
+}
+
+/// `norm(x)`, or `x` itself without a norm (OLMo 2's branches).
+fn pre_norm<D: FusedOps, T: Tape<f32, D>>(norm: &Option<Norm<D>>, x: A2<D, T>) -> A2<D, T> {
+    match norm {
+        Some(n) => n.forward(x),
+        None => x,
     }
 }
 

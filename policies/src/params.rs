@@ -78,7 +78,9 @@ macro_rules! walker {
                 }
                 for (i, blk) in self.blocks.$iter().enumerate() {
                     let p = format!("blocks.{i}");
-                    norm(&format!("{p}.ln1"), &$($m)? blk.ln1, &mut out);
+                    if let Some(ln1) = &$($m)? blk.ln1 {
+                        norm(&format!("{p}.ln1"), ln1, &mut out);
+                    }
                     linear(&format!("{p}.attn.q"), &$($m)? blk.wq, &mut out);
                     linear(&format!("{p}.attn.k"), &$($m)? blk.wk, &mut out);
                     linear(&format!("{p}.attn.v"), &$($m)? blk.wv, &mut out);
@@ -87,7 +89,9 @@ macro_rules! walker {
                         norm(&format!("{p}.attn.q_norm"), q_norm, &mut out);
                         norm(&format!("{p}.attn.k_norm"), k_norm, &mut out);
                     }
-                    norm(&format!("{p}.ln2"), &$($m)? blk.ln2, &mut out);
+                    if let Some(ln2) = &$($m)? blk.ln2 {
+                        norm(&format!("{p}.ln2"), ln2, &mut out);
+                    }
                     match &$($m)? blk.mlp {
                         Mlp::Gelu { fc, proj } => {
                             linear(&format!("{p}.mlp.fc"), fc, &mut out);

@@ -77,6 +77,17 @@ pub fn tiny_granite(vocab: usize) -> ModelConfig {
     ModelConfig::from_json_str(&json).unwrap()
 }
 
+/// OLMo 2: norms on the branches' outputs only, q/k norms over whole rows, grouped-query
+/// attention (so the two norms differ in width), an untied head.
+pub fn tiny_olmo2(vocab: usize) -> ModelConfig {
+    let json = format!(
+        r#"{{"model_type":"olmo2","vocab_size":{vocab},"hidden_size":16,"intermediate_size":24,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"rope_theta":500.0,
+            "max_position_embeddings":64}}"#
+    );
+    ModelConfig::from_json_str(&json).unwrap()
+}
+
 /// GPT-NeoX with RoPE on half of each head (4 of 8 dimensions) and, with `parallel`, Pythia's
 /// parallel residual; without it the sequential block and a tied head.
 pub fn tiny_neox(vocab: usize, parallel: bool) -> ModelConfig {
@@ -100,7 +111,8 @@ pub fn model(cfg: ModelConfig, seed: u64) -> CausalLm<Cpu> {
         | ModelConfig::Mistral(c)
         | ModelConfig::Phi3(c)
         | ModelConfig::Smollm3(c)
-        | ModelConfig::Granite(c) => c.initializer_range = 0.3,
+        | ModelConfig::Granite(c)
+        | ModelConfig::Olmo2(c) => c.initializer_range = 0.3,
         ModelConfig::Gemma2(c) => c.initializer_range = 0.3,
         ModelConfig::Gemma3Text(c) => c.initializer_range = 0.3,
         ModelConfig::GptNeox(c) => c.initializer_range = 0.3,

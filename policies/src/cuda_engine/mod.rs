@@ -167,15 +167,17 @@ impl CudaEngine {
         let neox = dims.family == Family::GptNeox || dims.partial_rotary.is_some();
         let longrope = crate::rope::attention_factor(&dims) != 1.0;
         let nope = model.blocks.iter().any(|b| !b.rope) && dims.rotary();
-        if dims.qk_norm || gemma || granite || dims.sliding_window.is_some() || neox || longrope || nope {
+        let olmo2 = !dims.pre_norms;
+        if dims.qk_norm || gemma || granite || olmo2 || dims.sliding_window.is_some() || neox || longrope || nope {
             let msg = "the fused CUDA engine has no kernels for Qwen3's and Gemma 3's q/k head norms, Gemma's other \
-                       parts (Gemma 2's soft caps among them), Granite's multipliers, sliding windows, GPT-NeoX's and Phi-4-mini's partial RoPE, LongRoPE's attention \
+                       parts (Gemma 2's soft caps among them), Granite's multipliers, OLMo 2's post-norm blocks, sliding windows, GPT-NeoX's and Phi-4-mini's partial RoPE, LongRoPE's attention \
                        factor, SmolLM3's NoPE layers, or GPT-NeoX's parallel residual: use rollout_engine \
                        \"device\" (the default on a GPU)";
             return Err(PolicyError::Input(msg.into()));
         }
         let up = |v: Vec<f32>| gpu.dev.htod_copy(v).map_err(dev_err);
         let up_t = |t: &Tensor<(usize,), f32, D>| up(t.as_vec());
+        let pre_norms = || PolicyError::Input("the CUDA engine runs pre-norm blocks only".into());
         let norm = |n: &Norm<D>| -> Result<NormG, PolicyError> {
             let b = n.b.as_ref().map(up_t).transpose()?;
             Ok(NormG { w: up_t(&n.w)?, b, rms: n.kind == NormKind::RmsNorm, eps: n.eps })
@@ -217,12 +219,12 @@ impl CudaEngine {
                 },
             };
             layers.push(LayerG {
-                ln1: norm(&blk.ln1)?,
+                ln1: norm(blk.ln1.as_ref().ok_or_else(pre_norms)?)?,
                 qkv: up(qkv)?,
                 qkv_b,
                 o: up(blk.wo.w.as_vec())?,
                 o_b: blk.wo.b.as_ref().map(up_t).transpose()?,
-                ln2: norm(&blk.ln2)?,
+                ln2: norm(blk.ln2.as_ref().ok_or_else(pre_norms)?)?,
                 mlp,
             });
         }
