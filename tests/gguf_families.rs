@@ -168,6 +168,20 @@ fn granite_gguf_matches_transformers_with_its_multipliers() {
     assert!(e.contains("gguf-granite-tiny.gguf") && e.contains("granite.logit_scale"), "{e}");
 }
 
+/// OLMo 2 as llama.cpp's converter writes it: no input norms, the output norms and whole-row q/k
+/// norms under llama.cpp's names, rows not permuted; OLMo 3's windows are refused by name.
+#[test]
+fn olmo2_gguf_matches_transformers_with_its_post_norms() {
+    use rlhf_policies::gguf::{model_config, Gguf, Value as Meta};
+    let (model, _) = check("olmo2-tiny");
+    assert!(matches!(model.config, rlhf_policies::ModelConfig::Olmo2(_)));
+    assert!(!model.dims.pre_norms && model.dims.qk_norm_full && !model.dims.tied);
+    let mut g = Gguf::open(&fixture("gguf-olmo2-tiny.gguf")).unwrap();
+    g.metadata.insert("olmo2.attention.sliding_window".into(), Meta::Int(4096));
+    let e = model_config(&g).unwrap_err().to_string();
+    assert!(e.contains("gguf-olmo2-tiny.gguf") && e.contains("sliding_window"), "{e}");
+}
+
 /// GPT-NeoX (Pythia) as llama.cpp's converter writes it: `attn_qkv` back head by head, RoPE on
 /// 4 of each head's 16 dimensions, the parallel residual, the untied `output.weight`, the exact
 /// GELU; its `olmo` vocabulary split as GPT-2's.
@@ -393,7 +407,8 @@ fn unknown_pre_tokenizers_and_architectures_are_errors_naming_them() {
     g.metadata.insert("general.architecture".into(), Meta::Str("gpt2".into()));
     let e = model_config(&g).unwrap_err().to_string();
     assert!(
-        e.contains("\"gpt2\"") && e.contains("llama, qwen2, qwen3, gemma2, gemma3, phi3, smollm3, granite and gptneox"),
+        e.contains("\"gpt2\"")
+            && e.contains("llama, qwen2, qwen3, gemma2, gemma3, phi3, smollm3, granite, olmo2 and gptneox"),
         "{e}"
     );
 }

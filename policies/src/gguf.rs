@@ -1,7 +1,7 @@
 //! GGUF files (llama.cpp's format): header, metadata, tensor table, and the tensors
 //! dequantised to f32 ([`crate::gguf_quants`]: F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, the
 //! K-quants Q2_K–Q6_K, IQ4_NL and IQ4_XS). A `llama`, `qwen2`, `qwen3`, `gemma2`, `gemma3`,
-//! `phi3`, `smollm3`, `granite` or `gptneox` file ([`Arch`]) becomes an HF state dict ([`hf_tensors`]) and
+//! `phi3`, `smollm3`, `granite`, `olmo2` or `gptneox` file ([`Arch`]) becomes an HF state dict ([`hf_tensors`]) and
 //! config ([`model_config`]), so
 //! [`crate::CausalLm::load_gguf`] goes through the same loader as safetensors folders; its
 //! vocabulary becomes a `tokenizer.json` ([`tokenizer_json`]).
@@ -281,6 +281,10 @@ pub enum Arch {
     /// four multipliers in `attention.scale`, `embedding_scale`, `residual_scale` and
     /// `logit_scale`, read as llama.cpp does.
     Granite,
+    /// `olmo2`: OLMo 2 ([`crate::olmo2`]): no `attn_norm` or `ffn_norm`, the branches' output
+    /// norms in `post_attention_norm` and `post_ffw_norm`, whole-row q/k norms; NeoX layout.
+    /// OLMo 3's windows (`attention.sliding_window`) are refused.
+    Olmo2,
     /// `gptneox`: GPT-NeoX (Pythia, RedPajama-INCITE; `gguf_neox.rs`): LayerNorms and
     /// biases, q|k|v in `attn_qkv` with the heads apart, partial RoPE.
     GptNeox,
@@ -288,8 +292,13 @@ pub enum Arch {
 
 impl Arch {
     /// Gemma 2 or 3: RMSNorm gains stored as `1 + w`, a norm after each branch.
-    fn gemma(self) -> bool {
+    pub(crate) fn gemma(self) -> bool {
         matches!(self, Arch::Gemma2 | Arch::Gemma3)
+    }
+
+    /// A norm after each branch: Gemma 2 and 3, OLMo 2.
+    pub(crate) fn post_norms(self) -> bool {
+        self.gemma() || self == Arch::Olmo2
     }
 
     /// The metadata key prefix (`llama.block_count`).
@@ -298,6 +307,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Smollm3 => "smollm3",
             Arch::Granite => "granite",
+            Arch::Olmo2 => "olmo2",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Gemma2 => "gemma2",
@@ -315,6 +325,7 @@ impl Gguf {
             Some(Value::Str(a)) if a == "llama" => Ok(Arch::Llama),
             Some(Value::Str(a)) if a == "smollm3" => Ok(Arch::Smollm3),
             Some(Value::Str(a)) if a == "granite" => Ok(Arch::Granite),
+            Some(Value::Str(a)) if a == "olmo2" => Ok(Arch::Olmo2),
             Some(Value::Str(a)) if a == "qwen2" => Ok(Arch::Qwen2),
             Some(Value::Str(a)) if a == "qwen3" => Ok(Arch::Qwen3),
             Some(Value::Str(a)) if a == "gemma2" => Ok(Arch::Gemma2),
@@ -324,7 +335,7 @@ impl Gguf {
             other => {
                 let msg = format!(
                     "general.architecture {other:?} is not supported (llama, qwen2, qwen3, gemma2, gemma3, phi3, \
-                     smollm3, granite and gptneox are)"
+                     smollm3, granite, olmo2 and gptneox are)"
                 );
                 Err(self.err("metadata", msg))
             }
@@ -393,6 +404,7 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Smollm3 => "SmolLM3ForCausalLM",
             Arch::Granite => "GraniteForCausalLM",
+            Arch::Olmo2 => "Olmo2ForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
             Arch::Gemma2 => "Gemma2ForCausalLM",
@@ -417,6 +429,9 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
         Arch::Gemma2 => crate::gguf_gemma::gemma2_fields(g, head_dim, &mut cfg)?,
         Arch::Gemma3 => crate::gguf_gemma::gemma3_fields(g, head_dim, &mut cfg)?,
         Arch::Granite => crate::granite::gguf_fields(g, head_dim, &mut cfg)?,
+        Arch::Olmo2 if g.metadata.contains_key("olmo2.attention.sliding_window") => {
+            return Err(g.err("olmo2.attention.sliding_window", "OLMo 3's sliding windows are not supported"));
+        }
         _ => {}
     }
     if arch == Arch::Phi3 {
@@ -490,7 +505,7 @@ pub fn hf_tensors(g: &Gguf, cfg: &ModelConfig) -> Result<BTreeMap<String, HostTe
         }
         let name = match arch {
             Arch::GptNeox => crate::gguf_neox::hf_name(&t.name),
-            _ => hf_name(&t.name, arch),
+            _ => crate::gguf_names::hf_name(&t.name, arch),
         };
         let name = name.ok_or_else(|| g.err(&t.name, format!("unexpected tensor for a {} model", arch.prefix())))?;
         let mut x = g.tensor(&t.name)?;
@@ -500,7 +515,7 @@ pub fn hf_tensors(g: &Gguf, cfg: &ModelConfig) -> Result<BTreeMap<String, HostTe
         }
         let permuted = matches!(arch, Arch::Llama | Arch::Smollm3 | Arch::Granite);
         if permuted && (t.name.ends_with("attn_q.weight") || t.name.ends_with("attn_k.weight")) {
-            x.data = unpermute_rows(&x.data, x.shape[1], dims.head_dim);
+            x.data = crate::gguf_names::unpermute_rows(&x.data, x.shape[1], dims.head_dim);
         }
         if arch.gemma() && t.name.ends_with("norm.weight") {
             x.data.iter_mut().for_each(|w| *w -= 1.0); // stored as the gain 1 + w
@@ -508,82 +523,4 @@ pub fn hf_tensors(g: &Gguf, cfg: &ModelConfig) -> Result<BTreeMap<String, HostTe
         out.insert(name, x);
     }
     Ok(out)
-}
-
-/// llama.cpp tensor name → transformers name (the q/k/v biases only for Qwen2, the q/k head
-/// norms for Qwen3 and Gemma 3, the norms after each branch for Gemma 2 and 3, whose norm before
-/// the MLP transformers calls `pre_feedforward_layernorm`, Phi-3's fused projections).
-fn hf_name(gguf: &str, arch: Arch) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let hf = match part {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "attn_qkv.weight" if arch == Arch::Phi3 => "self_attn.qkv_proj.weight",
-        "ffn_up.weight" if arch == Arch::Phi3 => "mlp.gate_up_proj.weight",
-        "ffn_norm.weight" if arch.gemma() => "pre_feedforward_layernorm.weight",
-        "post_attention_norm.weight" if arch.gemma() => "post_attention_layernorm.weight",
-        "post_ffw_norm.weight" if arch.gemma() => "post_feedforward_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        "attn_q.bias" if arch == Arch::Qwen2 => "self_attn.q_proj.bias",
-        "attn_k.bias" if arch == Arch::Qwen2 => "self_attn.k_proj.bias",
-        "attn_v.bias" if arch == Arch::Qwen2 => "self_attn.v_proj.bias",
-        "attn_q_norm.weight" if matches!(arch, Arch::Qwen3 | Arch::Gemma3) => "self_attn.q_norm.weight",
-        "attn_k_norm.weight" if matches!(arch, Arch::Qwen3 | Arch::Gemma3) => "self_attn.k_norm.weight",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}"))
-}
-
-/// Undoes the converter's interleaving of each head's rows (`cols` values per row).
-fn unpermute_rows(w: &[f32], cols: usize, hd: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; w.len()];
-    for (h, head) in w.chunks(hd * cols).enumerate() {
-        for i in 0..hd / 2 {
-            for j in 0..2 {
-                let (src, dst) = (2 * i + j, j * hd / 2 + i);
-                let at = h * hd * cols + dst * cols;
-                out[at..at + cols].copy_from_slice(&head[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unpermuting_inverts_the_converter() {
-        // the converter's permute: HF row j·hd/2 + i → GGUF row 2i + j
-        let (hd, cols) = (4, 2);
-        let hf: Vec<f32> = (0..2 * hd * cols).map(|x| x as f32).collect();
-        let mut gguf = vec![0.0; hf.len()];
-        for h in 0..2 {
-            for i in 0..hd / 2 {
-                for j in 0..2 {
-                    let (src, dst) = (h * hd + j * hd / 2 + i, h * hd + 2 * i + j);
-                    gguf[dst * cols..(dst + 1) * cols].copy_from_slice(&hf[src * cols..(src + 1) * cols]);
-                }
-            }
-        }
-        assert_eq!(unpermute_rows(&gguf, cols, hd), hf);
-    }
 }

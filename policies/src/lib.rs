@@ -42,6 +42,7 @@ pub mod gemma2;
 pub mod gemma3;
 pub mod gguf;
 mod gguf_gemma;
+mod gguf_names;
 mod gguf_neox;
 pub mod gguf_quants;
 pub mod gguf_tokenizer;
