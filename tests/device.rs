@@ -520,6 +520,7 @@ macro_rules! device_tests {
             #[test]
             fn qwen3_fixture_logits_decode_session_and_train_steps() {
                 every_check("hf-qwen3-tiny", &$dev);
+                every_check("hf-qwen3-yarn-tiny", &$dev);
             }
             #[test]
             fn gemma3_fixture_logits_decode_session_train_steps_and_generate() {

@@ -139,6 +139,25 @@ fn qwen3_logits_left_padded_batch_greedy_and_kv_cache() {
     check_greedy("hf-qwen3-tiny");
     check_incremental("hf-qwen3-tiny");
 }
+/// YaRN's RoPE scaling on Qwen3 (factor 4 over a pretrained 1024: three frequencies kept, four
+/// blended, five divided by 4) with its derived attention factor on cos and sin.
+#[test]
+fn qwen3_yarn_logits_left_padded_batch_greedy_and_kv_cache() {
+    let (model, _) = load("hf-qwen3-yarn-tiny");
+    let Some(rlhf_policies::rope::RopeScaling::Yarn(y)) = model.dims.rope_scaling else { panic!("not YaRN") };
+    assert_eq!((y.factor, y.original_max_position_embeddings), (4.0, 1024));
+    let ratios: Vec<f32> = rlhf_policies::rope::inv_freq(&model.dims)
+        .iter()
+        .zip(rlhf_policies::rope::unscaled_inv_freq(24, 10000.0))
+        .map(|(f, p)| f / p)
+        .collect();
+    assert_eq!(ratios.iter().filter(|&&r| r == 1.0).count(), 3, "{ratios:?}");
+    assert_eq!(ratios.iter().filter(|&&r| (r - 0.25).abs() < 1e-6).count(), 5, "{ratios:?}");
+    check_texts("hf-qwen3-yarn-tiny");
+    check_left_padded("hf-qwen3-yarn-tiny");
+    check_greedy("hf-qwen3-yarn-tiny");
+    check_incremental("hf-qwen3-yarn-tiny");
+}
 /// Gemma 3: the scaled embedding, `1 + w` norm gains, four norms per block, q/k head norms, the
 /// GELU-gated MLP, `query_pre_attn_scalar`, and sliding-window layers (window 8, shorter than
 /// every text and every greedy continuation) with their own RoPE base between full ones.

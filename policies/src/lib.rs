@@ -73,6 +73,7 @@ pub mod smollm3;
 pub mod softcap;
 mod strided;
 pub mod tokenizer;
+pub mod yarn;
 
 pub use batch::Batch;
 pub use config::{Dims, Family, ModelConfig};

@@ -51,6 +51,36 @@ impl std::fmt::Debug for LongRope {
     }
 }
 
+/// A scaling's optional positive number `key` (`null` as absent); an error names `field.key`.
+pub(crate) fn positive(
+    params: &serde_json::Map<String, serde_json::Value>,
+    field: &str,
+    key: &str,
+) -> Result<Option<f64>, PolicyError> {
+    match params.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => match v.as_f64() {
+            Some(x) if x.is_finite() && x > 0.0 => Ok(Some(x)),
+            _ => Err(PolicyError::config(format!("{field}.{key}"), format!("{v} is not a positive number"))),
+        },
+    }
+}
+
+/// The context a scaled RoPE was pretrained on, as transformers resolves it: the config's
+/// top-level `original_max_position_embeddings` (Phi-3 keeps it there), else the scaling's,
+/// else `max_position_embeddings`.
+pub(crate) fn original_context(
+    params: &serde_json::Map<String, serde_json::Value>,
+    field: &str,
+    c: &LlamaConfig,
+) -> Result<usize, PolicyError> {
+    let in_params = positive(params, field, "original_max_position_embeddings")?.map(|x| x as usize);
+    match c.original_max_position_embeddings.or(in_params).unwrap_or(c.max_position_embeddings) {
+        0 => Err(PolicyError::config(format!("{field}.original_max_position_embeddings"), "must be > 0".into())),
+        n => Ok(n),
+    }
+}
+
 impl LongRope {
     /// Reads the scaling object `params` (named `field` in errors) of config `c`.
     pub(crate) fn from_json(
@@ -73,18 +103,8 @@ impl LongRope {
             let msg = format!("{} short and {} long factors (at most {MAX_FREQUENCIES} each)", short.len(), long.len());
             return Err(err("long_factor", msg));
         }
-        let number = |key: &str| match params.get(key) {
-            None | Some(serde_json::Value::Null) => Ok(None),
-            Some(v) => match v.as_f64() {
-                Some(x) if x.is_finite() && x > 0.0 => Ok(Some(x)),
-                _ => Err(err(key, format!("{v} is not a positive number"))),
-            },
-        };
-        let in_params = number("original_max_position_embeddings")?.map(|x| x as usize);
-        let original = c.original_max_position_embeddings.or(in_params).unwrap_or(c.max_position_embeddings);
-        if original == 0 {
-            return Err(err("original_max_position_embeddings", "must be > 0".into()));
-        }
+        let number = |key: &str| positive(params, field, key);
+        let original = original_context(params, field, c)?;
         let factor = number("factor")?.unwrap_or(c.max_position_embeddings as f64 / original as f64);
         let attention_factor = match number("attention_factor")? {
             Some(a) => a,

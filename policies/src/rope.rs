@@ -1,10 +1,12 @@
 //! Rotary position embedding tables (NeoX / rotate_half layout): transformers' "default" rope
-//! type, Llama 3's frequency scaling (`rope_type: "llama3"`) and LongRoPE's within the
-//! pretrained context (`rope_type: "longrope"`: Phi-3's 128k models, Phi-3.5, Phi-4-mini).
+//! type, Llama 3's frequency scaling (`rope_type: "llama3"`), LongRoPE's within the pretrained
+//! context (`rope_type: "longrope"`: Phi-3's 128k models, Phi-3.5, Phi-4-mini), YaRN's
+//! (`rope_type: "yarn"`, [`crate::yarn`]) and a linear stretch.
 
 use crate::config::{Dims, LlamaConfig};
 use crate::error::PolicyError;
 pub use crate::longrope::LongRope;
+pub use crate::yarn::Yarn;
 
 /// [`tables`] kept together: `(N, Dh)` cos and sin, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,7 +42,7 @@ pub fn tables(positions: &[usize], dims: &Dims) -> (Vec<f32>, Vec<f32>) {
 
 /// The model's frequencies: `1 / theta^(2i / r)` for `i < r/2` with `r` the
 /// [`Dims::rotary_dim`] (the head width but for a partial rotary), then the config's scaling:
-/// Llama 3's, LongRoPE's short factors, or a linear stretch.
+/// Llama 3's, LongRoPE's short factors, YaRN's, or a linear stretch.
 pub fn inv_freq(dims: &Dims) -> Vec<f32> {
     let (rotary, theta) = (dims.rotary_dim(), dims.rope_theta);
     match &dims.rope_scaling {
@@ -51,6 +53,7 @@ pub fn inv_freq(dims: &Dims) -> Vec<f32> {
             f
         }
         Some(RopeScaling::LongRope(l)) => l.inv_freq(rotary, theta),
+        Some(RopeScaling::Yarn(y)) => y.inv_freq(rotary, theta),
         Some(RopeScaling::Linear { factor }) => {
             unscaled_inv_freq(rotary, theta).into_iter().map(|f| f / factor).collect()
         }
@@ -58,10 +61,11 @@ pub fn inv_freq(dims: &Dims) -> Vec<f32> {
 }
 
 /// What cos and sin are multiplied by (transformers' `attention_scaling`): LongRoPE's
-/// [`LongRope::attention_factor`], 1 otherwise.
+/// [`LongRope::attention_factor`], YaRN's [`Yarn::attention_factor`], 1 otherwise.
 pub fn attention_factor(dims: &Dims) -> f32 {
     match &dims.rope_scaling {
         Some(RopeScaling::LongRope(l)) => l.attention_factor,
+        Some(RopeScaling::Yarn(y)) => y.attention_factor,
         _ => 1.0,
     }
 }
@@ -76,6 +80,8 @@ pub enum RopeScaling {
     Llama3(Llama3Scaling),
     /// `rope_type: "longrope"`.
     LongRope(LongRope),
+    /// `rope_type: "yarn"`.
+    Yarn(Yarn),
     /// `rope_type: "linear"` (position interpolation; Gemma 3's 4B–27B models on their global
     /// layers): every frequency divided by `factor`.
     Linear {
@@ -245,10 +251,11 @@ pub(crate) fn base_and_scaling(c: &LlamaConfig) -> Result<(f64, Option<RopeScali
         "default" => Ok(None),
         "llama3" => Llama3Scaling::from_json(params, field).map(|s| Some(RopeScaling::Llama3(s))),
         "longrope" => LongRope::from_json(params, field, c).map(|s| Some(RopeScaling::LongRope(s))),
+        "yarn" => Yarn::from_json(params, field, c).map(|s| Some(RopeScaling::Yarn(s))),
         "linear" => RopeScaling::linear(params, field).map(Some),
         other => Err(PolicyError::config(
             format!("{field}.rope_type"),
-            format!("{other:?} is not supported (\"default\", \"linear\", \"llama3\" and \"longrope\" are)"),
+            format!("{other:?} is not supported (\"default\", \"linear\", \"llama3\", \"longrope\" and \"yarn\" are)"),
         )),
     };
     // transformers reads `type` where `rope_type` is absent
@@ -377,7 +384,8 @@ mod tests {
     }
 
     /// A transformers 4 Llama 3.2 config (`rope_scaling` beside a top-level `rope_theta`) reads
-    /// as transformers 5's `rope_parameters` do; other scalings are refused by name.
+    /// as transformers 5's `rope_parameters` do, `type` naming the kind as `rope_type` does;
+    /// unknown kinds are refused by name.
     #[test]
     fn transformers_4_rope_scaling_reads_and_other_kinds_are_refused() {
         let config = |scaling: &str| {
@@ -410,8 +418,11 @@ mod tests {
         assert_eq!(d.rope_scaling, Some(RopeScaling::Linear { factor: 4.0 }));
         let plain = unscaled_inv_freq(d.head_dim, d.rope_theta);
         assert!(inv_freq(&d).iter().zip(&plain).all(|(f, p)| *f == p / 4.0));
-        let e = config(r#"{"type": "yarn", "factor": 4.0}"#).unwrap_err().to_string();
-        assert!(e.contains("rope_scaling.rope_type") && e.contains("yarn"), "{e}");
+        // transformers 4's `type` names YaRN too; an unknown kind is refused by name
+        let d = config(r#"{"type": "yarn", "factor": 4.0}"#).unwrap().dims().unwrap();
+        assert!(matches!(d.rope_scaling, Some(RopeScaling::Yarn(Yarn { factor: 4.0, .. }))));
+        let e = config(r#"{"type": "dynamic", "factor": 4.0}"#).unwrap_err().to_string();
+        assert!(e.contains("rope_scaling.rope_type") && e.contains("dynamic"), "{e}");
         let e = config(r#"{"rope_type": "llama3", "factor": 8.0}"#).unwrap_err().to_string();
         assert!(e.contains("rope_scaling.low_freq_factor"), "{e}");
     }

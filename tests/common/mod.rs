@@ -27,12 +27,13 @@ pub fn fixture(name: &str) -> PathBuf {
 
 /// Every HF transformers fixture (a folder with `config.json`, `model.safetensors` and
 /// `expected.json`): the two in `shared/fixtures` and those `scripts/fixtures/hf_tiny.py` writes.
-pub const HF_FIXTURES: [&str; 15] = [
+pub const HF_FIXTURES: [&str; 16] = [
     "hf-gpt2-tiny",
     "hf-llama-tiny",
     "hf-qwen2-tiny",
     "hf-llama3-tiny",
     "hf-qwen3-tiny",
+    "hf-qwen3-yarn-tiny",
     "hf-gemma3-tiny",
     "hf-gemma2-tiny",
     "hf-mistral-tiny",
