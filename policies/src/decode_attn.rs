@@ -28,11 +28,14 @@ pub(crate) fn attend(
     );
     let p = &mut scores[..n];
     dots(q, keys, p);
-    p.iter_mut().for_each(|s| *s *= scale);
-    if let Some(c) = softcap {
-        crate::softcap::softcap_inplace(p, c);
+    let mut max = f32::NEG_INFINITY;
+    for s in p.iter_mut() {
+        *s *= scale;
+        if let Some(c) = softcap {
+            *s = crate::softcap::softcap(*s, c);
+        }
+        max = max.max(*s);
     }
-    let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     p.iter_mut().for_each(|s| *s -= max);
     exp_inplace(p);
     let inv = 1.0 / p.iter().sum::<f32>();
