@@ -18,6 +18,7 @@ pub use crate::dims::{Dims, Family, GeluKind, Glu, NormKind};
 use crate::error::PolicyError;
 pub use crate::gemma2::Gemma2Config;
 pub use crate::gemma3::Gemma3Config;
+pub use crate::gpt2::Gpt2Config;
 pub use crate::gpt_neox::GptNeoxConfig;
 
 /// A model configuration in Hugging Face's `config.json` shape, tagged by `model_type`.
@@ -67,55 +68,6 @@ pub enum ModelConfig {
     /// [`crate::olmo2`].
     #[serde(rename = "olmo2")]
     Olmo2(LlamaConfig),
-}
-
-/// `GPT2Config` fields (transformers names).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Gpt2Config {
-    /// Vocabulary size V.
-    pub vocab_size: usize,
-    /// Maximum sequence length (learned position table size).
-    pub n_positions: usize,
-    /// Model width d.
-    pub n_embd: usize,
-    /// Number of transformer blocks.
-    pub n_layer: usize,
-    /// Attention heads (head_dim = n_embd / n_head).
-    pub n_head: usize,
-    /// MLP width; `null` means `4 * n_embd`.
-    #[serde(default)]
-    pub n_inner: Option<usize>,
-    /// `gelu_new` (tanh approximation; also `gelu_pytorch_tanh`, `gelu_fast`) or `gelu` (exact,
-    /// erf).
-    #[serde(default = "default_gelu")]
-    pub activation_function: String,
-    /// LayerNorm epsilon. Defaults to `1e-5`.
-    #[serde(default = "default_ln_eps")]
-    pub layer_norm_epsilon: f64,
-    /// Std of the normal init. Defaults to `0.02`.
-    #[serde(default = "default_init")]
-    pub initializer_range: f64,
-    /// GPT-2 always ties the LM head to `wte`. Defaults to `true`.
-    #[serde(default = "default_true")]
-    pub tie_word_embeddings: bool,
-    /// Biases in the linears and LayerNorms (GPT-2's; nanoGPT trains without: its `bias`
-    /// flag). Not a transformers field: a folder saved with `false` has no bias tensors, and
-    /// transformers, which always has them, fills them with its init (zeros) — the same
-    /// function. Defaults to `true` (and is then left out of `config.json`).
-    #[serde(default = "default_true", skip_serializing_if = "is_true")]
-    pub bias: bool,
-    /// Beginning-of-sequence id.
-    #[serde(default)]
-    pub bos_token_id: Option<u32>,
-    /// End-of-sequence id.
-    #[serde(default)]
-    pub eos_token_id: Option<u32>,
-    /// Padding id.
-    #[serde(default)]
-    pub pad_token_id: Option<u32>,
-    /// Class names transformers uses to pick the model class when loading.
-    #[serde(default = "gpt2_architectures")]
-    pub architectures: Vec<String>,
 }
 
 /// `LlamaConfig` fields (transformers names; `rope_theta` top-level as in transformers 4, or inside
@@ -255,9 +207,6 @@ pub struct RopeParameters {
     pub scaling: serde_json::Map<String, serde_json::Value>,
 }
 
-fn default_gelu() -> String {
-    "gelu_new".into()
-}
 fn default_silu() -> String {
     "silu".into()
 }
@@ -273,9 +222,6 @@ fn default_rms_eps() -> f64 {
 pub(crate) fn default_init() -> f64 {
     0.02
 }
-fn is_true(b: &bool) -> bool {
-    *b
-}
 fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -285,9 +231,6 @@ pub(crate) fn default_true() -> bool {
 }
 pub(crate) fn default_max_pos() -> usize {
     2048
-}
-fn gpt2_architectures() -> Vec<String> {
-    vec!["GPT2LMHeadModel".into()]
 }
 fn llama_architectures() -> Vec<String> {
     vec!["LlamaForCausalLM".into()]
@@ -377,7 +320,7 @@ impl ModelConfig {
             n_layer: layers,
             n_head: heads,
             n_inner: None,
-            activation_function: default_gelu(),
+            activation_function: crate::gpt2::default_gelu(),
             layer_norm_epsilon: 1e-5,
             initializer_range: 0.02,
             tie_word_embeddings: true,
@@ -385,7 +328,7 @@ impl ModelConfig {
             bos_token_id: Some(0),
             eos_token_id: Some(0),
             pad_token_id: Some(0),
-            architectures: gpt2_architectures(),
+            architectures: crate::gpt2::architectures(),
         })
     }
 
@@ -499,7 +442,7 @@ impl ModelConfig {
     /// Resolves and validates the sizes; the error names the offending field.
     pub fn dims(&self) -> Result<Dims, PolicyError> {
         let d = match self {
-            ModelConfig::Gpt2(c) => gpt2_dims(c)?,
+            ModelConfig::Gpt2(c) => crate::gpt2::dims(c)?,
             ModelConfig::Llama(c) => llama_dims(c, false, false)?,
             ModelConfig::Qwen2(c) => llama_dims(c, true, false)?,
             ModelConfig::Qwen3(c) => llama_dims(c, false, true)?,
@@ -533,52 +476,6 @@ impl ModelConfig {
         }
         Ok(d)
     }
-}
-
-fn gpt2_dims(c: &Gpt2Config) -> Result<Dims, PolicyError> {
-    let gelu = match c.activation_function.as_str() {
-        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => GeluKind::Tanh,
-        "gelu" => GeluKind::Erf,
-        other => {
-            return Err(PolicyError::config(
-                "activation_function",
-                format!("{other:?} is not supported (the tanh GELU gelu_new / gelu_pytorch_tanh, or the exact gelu)"),
-            ))
-        }
-    };
-    if c.n_head == 0 || !c.n_embd.is_multiple_of(c.n_head) {
-        return Err(PolicyError::config(
-            "n_head",
-            format!("n_embd {} is not divisible by n_head {}", c.n_embd, c.n_head),
-        ));
-    }
-    if !c.tie_word_embeddings {
-        return Err(PolicyError::config(
-            "tie_word_embeddings",
-            "GPT-2 checkpoints with an untied head are not supported".into(),
-        ));
-    }
-    Ok(Dims {
-        family: Family::Gpt2,
-        vocab: c.vocab_size,
-        d_model: c.n_embd,
-        n_layer: c.n_layer,
-        n_head: c.n_head,
-        n_kv_head: c.n_head,
-        head_dim: c.n_embd / c.n_head,
-        d_ff: c.n_inner.unwrap_or(4 * c.n_embd),
-        max_positions: c.n_positions,
-        norm_eps: c.layer_norm_epsilon as f32,
-        rope_theta: 0.0,
-        rope_scaling: None,
-        tied: true,
-        init_std: c.initializer_range as f32,
-        gelu,
-        bias: c.bias,
-        qkv_bias: false,
-        qk_norm: false,
-        ..Dims::PLAIN
-    })
 }
 
 /// What [`ModelConfig::shared`] gives.
@@ -655,6 +552,23 @@ pub(crate) fn llama_dims(c: &LlamaConfig, qkv_bias: bool, qk_norm: bool) -> Resu
         qk_norm,
         ..Dims::PLAIN
     })
+}
+
+/// Writes a family's transformers defaults that differ from Llama's into a config object where
+/// it leaves them out, and `architectures` as `[architecture]` where it has none.
+pub(crate) fn fill_defaults<V: Into<serde_json::Value>>(
+    config: &mut serde_json::Value,
+    defaults: impl IntoIterator<Item = (&'static str, V)>,
+    architecture: &str,
+) {
+    for (key, value) in defaults {
+        if config.get(key).is_none() {
+            config[key] = value.into();
+        }
+    }
+    if config.get("architectures").is_none() {
+        config["architectures"] = serde_json::json!([architecture]);
+    }
 }
 
 /// Best-effort field name from a serde error message ("missing field `n_embd`").

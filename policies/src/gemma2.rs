@@ -33,20 +33,20 @@ pub struct Gemma2Config {
     /// Query heads.
     pub num_attention_heads: usize,
     /// Key/value heads. Defaults to `4`.
-    #[serde(default = "default_kv_heads")]
+    #[serde(default = "crate::gemma3::default_kv_heads")]
     pub num_key_value_heads: usize,
     /// Per-head width. Defaults to `256`.
-    #[serde(default = "default_head_dim")]
+    #[serde(default = "crate::gemma3::default_head_dim")]
     pub head_dim: usize,
     /// The MLP gate's activation: the tanh GELU (`gelu_pytorch_tanh`, the default, or
     /// `gelu_new`).
-    #[serde(default = "default_activation")]
+    #[serde(default = "crate::gemma3::default_activation")]
     pub hidden_activation: String,
     /// Maximum sequence length. Defaults to `8192`.
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
     /// RMSNorm epsilon. Defaults to `1e-6`.
-    #[serde(default = "default_eps")]
+    #[serde(default = "crate::gemma3::default_eps")]
     pub rms_norm_eps: f64,
     /// The RoPE base (transformers 4). Defaults to `10000`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -58,10 +58,10 @@ pub struct Gemma2Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
     /// The attention scores are scaled by its inverse square root. Defaults to `256`.
-    #[serde(default = "default_query_pre_attn_scalar")]
+    #[serde(default = "crate::gemma3::default_query_pre_attn_scalar")]
     pub query_pre_attn_scalar: usize,
     /// How many positions a sliding layer's query sees, itself included. Defaults to `4096`.
-    #[serde(default = "default_window")]
+    #[serde(default = "crate::gemma3::default_window")]
     pub sliding_window: Option<usize>,
     /// `"sliding_attention"` or `"full_attention"` per layer; without it, even layers slide.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -85,54 +85,27 @@ pub struct Gemma2Config {
     #[serde(default = "crate::config::default_init")]
     pub initializer_range: f64,
     /// Beginning-of-sequence id. Defaults to `2`.
-    #[serde(default = "default_bos")]
+    #[serde(default = "crate::gemma3::default_bos")]
     pub bos_token_id: Option<u32>,
     /// End-of-sequence id or ids. Defaults to `1`.
-    #[serde(default = "default_eos")]
+    #[serde(default = "crate::gemma3::default_eos")]
     pub eos_token_id: Option<TokenIds>,
     /// Padding id. Defaults to `0`.
-    #[serde(default = "default_pad")]
+    #[serde(default = "crate::gemma3::default_pad")]
     pub pad_token_id: Option<u32>,
     /// Class names transformers uses to pick the model class when loading.
     #[serde(default = "architectures")]
     pub architectures: Vec<String>,
 }
 
-fn default_kv_heads() -> usize {
-    4
-}
-fn default_head_dim() -> usize {
-    256
-}
-fn default_activation() -> String {
-    "gelu_pytorch_tanh".into()
-}
 fn default_max_pos() -> usize {
     8192
-}
-fn default_eps() -> f64 {
-    1e-6
-}
-fn default_query_pre_attn_scalar() -> usize {
-    256
-}
-fn default_window() -> Option<usize> {
-    Some(4096)
 }
 fn default_final_cap() -> Option<f64> {
     Some(30.0)
 }
 fn default_attn_cap() -> Option<f64> {
     Some(50.0)
-}
-fn default_bos() -> Option<u32> {
-    Some(2)
-}
-fn default_eos() -> Option<TokenIds> {
-    Some(TokenIds::One(1))
-}
-fn default_pad() -> Option<u32> {
-    Some(0)
 }
 fn architectures() -> Vec<String> {
     vec!["Gemma2ForCausalLM".into()]

@@ -110,34 +110,35 @@ pub struct Gemma3Config {
     pub architectures: Vec<String>,
 }
 
-fn default_kv_heads() -> usize {
+// transformers' defaults, Gemma 2's as well (`crate::gemma2` reads them from here)
+pub(crate) fn default_kv_heads() -> usize {
     4
 }
-fn default_head_dim() -> usize {
+pub(crate) fn default_head_dim() -> usize {
     256
 }
-fn default_activation() -> String {
+pub(crate) fn default_activation() -> String {
     "gelu_pytorch_tanh".into()
 }
 fn default_max_pos() -> usize {
     131_072
 }
-fn default_eps() -> f64 {
+pub(crate) fn default_eps() -> f64 {
     1e-6
 }
-fn default_query_pre_attn_scalar() -> usize {
+pub(crate) fn default_query_pre_attn_scalar() -> usize {
     256
 }
-fn default_window() -> Option<usize> {
+pub(crate) fn default_window() -> Option<usize> {
     Some(4096)
 }
-fn default_bos() -> Option<u32> {
+pub(crate) fn default_bos() -> Option<u32> {
     Some(2)
 }
-fn default_eos() -> Option<TokenIds> {
+pub(crate) fn default_eos() -> Option<TokenIds> {
     Some(TokenIds::One(1))
 }
-fn default_pad() -> Option<u32> {
+pub(crate) fn default_pad() -> Option<u32> {
     Some(0)
 }
 fn architectures() -> Vec<String> {

@@ -19,14 +19,7 @@ use crate::error::PolicyError;
 
 /// Writes transformers' Granite defaults into a `granite` config object where it leaves them out.
 pub(crate) fn fill_defaults(config: &mut serde_json::Value) {
-    for (key, value) in [("bos_token_id", 1), ("eos_token_id", 2)] {
-        if config.get(key).is_none() {
-            config[key] = value.into();
-        }
-    }
-    if config.get("architectures").is_none() {
-        config["architectures"] = serde_json::json!(["GraniteForCausalLM"]);
-    }
+    crate::config::fill_defaults(config, [("bos_token_id", 1), ("eos_token_id", 2)], "GraniteForCausalLM");
 }
 
 /// Llama's sizes with Granite's multipliers; an error names a multiplier that is not a positive

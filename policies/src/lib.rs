@@ -46,6 +46,7 @@ mod gguf_names;
 mod gguf_neox;
 pub mod gguf_quants;
 pub mod gguf_tokenizer;
+pub mod gpt2;
 pub mod gpt_neox;
 pub mod granite;
 pub mod half;

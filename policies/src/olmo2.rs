@@ -12,14 +12,7 @@ use crate::error::PolicyError;
 /// Writes transformers' `Olmo2Config` defaults into an `olmo2` config object where it leaves
 /// them out.
 pub(crate) fn fill_defaults(config: &mut serde_json::Value) {
-    for (key, value) in [("pad_token_id", 1), ("eos_token_id", 50279)] {
-        if config.get(key).is_none() {
-            config[key] = value.into();
-        }
-    }
-    if config.get("architectures").is_none() {
-        config["architectures"] = serde_json::json!(["Olmo2ForCausalLM"]);
-    }
+    crate::config::fill_defaults(config, [("pad_token_id", 1), ("eos_token_id", 50279)], "Olmo2ForCausalLM");
 }
 
 /// Llama's sizes with OLMo 2's norms.

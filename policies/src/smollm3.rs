@@ -23,17 +23,8 @@ const DEFAULTS: [(&str, u32); 6] = [
 
 /// Writes transformers' SmolLM3 defaults into a `smollm3` config object where it leaves them out.
 pub(crate) fn fill_defaults(config: &mut serde_json::Value) {
-    for (key, value) in DEFAULTS {
-        if config.get(key).is_none() {
-            config[key] = value.into();
-        }
-    }
-    if config.get("tie_word_embeddings").is_none() {
-        config["tie_word_embeddings"] = true.into();
-    }
-    if config.get("architectures").is_none() {
-        config["architectures"] = serde_json::json!(["SmolLM3ForCausalLM"]);
-    }
+    crate::config::fill_defaults(config, DEFAULTS, "SmolLM3ForCausalLM");
+    crate::config::fill_defaults(config, [("tie_word_embeddings", true)], "SmolLM3ForCausalLM");
 }
 
 /// Whether each layer rotates its queries and keys: `no_rope_layers` (1: RoPE, 0: NoPE), or
