@@ -1,13 +1,14 @@
 //! YaRN's RoPE scaling (`rope_type: "yarn"`; Peng et al., "YaRN: Efficient Context Window
-//! Extension of Large Language Models", 2023, §3.2–3.4; transformers'
-//! `_compute_yarn_parameters`): Qwen3's and OLMo 3's long-context configs among others.
+//! Extension of Large Language Models", 2023: "NTK-by-parts" interpolation and the attention
+//! temperature; transformers' `_compute_yarn_parameters`): Qwen3's and OLMo 3's long-context
+//! configs among others.
 //!
 //! With `L = original_max_position_embeddings`, `s = factor` and `r` turned dimensions, the
 //! frequencies whose index lies below `low = r·ln(L / (2π·β_fast)) / (2 ln θ)` (more than
 //! `β_fast` turns over `L`) are kept, those above `high` (computed with `β_slow`) are divided by
 //! `s`, and those between are blended by a linear ramp ("NTK-by-parts"); `low` and `high` are
 //! floored and ceiled unless `truncate` is false. cos and sin are multiplied by the attention
-//! factor, `0.1·ln s + 1` by default ("length scaling", §3.4). The scaling does not depend on the
+//! factor, `0.1·ln s + 1` by default (the paper's `√(1/t)`). The scaling does not depend on the
 //! sequence length, so one table serves every position.
 
 use crate::config::LlamaConfig;
