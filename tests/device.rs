@@ -542,6 +542,8 @@ macro_rules! device_tests {
             fn olmo2_fixture_post_norms_logits_decode_session_train_steps_and_generate() {
                 every_check("hf-olmo2-tiny", &$dev);
                 generate_on_device("hf-olmo2-tiny", &$dev);
+                every_check("hf-olmo3-tiny", &$dev);
+                generate_on_device("hf-olmo3-tiny", &$dev);
             }
             #[test]
             fn gpt_neox_fixtures_logits_decode_session_train_steps_and_generate() {

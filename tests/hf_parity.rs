@@ -215,6 +215,21 @@ fn olmo2_post_norms_logits_left_padded_batch_greedy_and_kv_cache() {
     check_greedy("hf-olmo2-tiny");
     check_incremental("hf-olmo2-tiny");
 }
+/// OLMo 3: OLMo 2's block with three local layers (window 8, the plain RoPE) to every global
+/// one (YaRN), read from transformers 5's per-layer-type `rope_parameters`.
+#[test]
+fn olmo3_local_layers_and_yarn_logits_left_padded_batch_greedy_and_kv_cache() {
+    let (model, _) = load("hf-olmo3-tiny");
+    let d = model.dims;
+    assert!(matches!(d.rope_scaling, Some(rlhf_policies::rope::RopeScaling::Yarn(_))));
+    assert_eq!((d.sliding_window, d.rope_local_theta, d.local_rope().rope_scaling), (Some(8), Some(1e4), None));
+    let windows: Vec<Option<usize>> = model.blocks.iter().map(|b| b.window).collect();
+    assert_eq!(windows, [Some(8), Some(8), Some(8), None]);
+    check_texts("hf-olmo3-tiny");
+    check_left_padded("hf-olmo3-tiny");
+    check_greedy("hf-olmo3-tiny");
+    check_incremental("hf-olmo3-tiny");
+}
 /// Mistral: every layer's queries see their last 8 positions (the texts are 28–33 long).
 #[test]
 fn mistral_sliding_window_logits_left_padded_batch_greedy_and_kv_cache() {
@@ -366,9 +381,9 @@ fn llama_kv_cache_incremental() {
     check_incremental("hf-llama-tiny");
 }
 
-/// f16 rollout weights: logits stay within 1e-3 of the f32 engine (measured 1.8e-4 to 3.7e-4:
-/// f16 rounds each weight by at most 2^-11 relative), 2e-3 for Gemma 3 (measured 1.1e-3), 6e-3
-/// for Gemma 2 (measured 4.3e-3).
+/// f16 rollout weights: logits stay within 1e-3 of the f32 engine (measured 1.3e-4 to 7.7e-4:
+/// f16 rounds each weight by at most 2^-11 relative), 2e-3 for Gemma 3 and OLMo 3 (measured
+/// 1.1e-3 and 1.2e-3), 6e-3 for Gemma 2 (measured 4.3e-3).
 #[test]
 fn f16_weights_stay_close_to_f32() {
     use rlhf_policies::WeightDtype;
@@ -386,11 +401,12 @@ fn f16_weights_stay_close_to_f32() {
             worst = worst.max(max_abs_diff(&run(&f32e), &run(&f16e)));
         }
         eprintln!("{name}: max |logit(f16) - logit(f32)| = {worst:e}");
-        // Gemma's post-branch norms scale each branch's output (and its f16 rounding) up to the
-        // residual stream's size, where the other random tiny models' branches stay small; the
-        // Gemma 2 fixture's init is 5× wider still (std 0.1, so that its soft caps bend)
+        // Gemma's and OLMo's post-branch norms scale each branch's output (and its f16
+        // rounding) up to the residual stream's size, where the other random tiny models'
+        // branches stay small; the Gemma 2 fixture's init is 5× wider still (std 0.1, so that its
+        // soft caps bend)
         let tol = match name {
-            "hf-gemma3-tiny" => 2e-3,
+            "hf-gemma3-tiny" | "hf-olmo3-tiny" => 2e-3,
             "hf-gemma2-tiny" => 6e-3,
             _ => 1e-3,
         };

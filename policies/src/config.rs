@@ -68,6 +68,9 @@ pub enum ModelConfig {
     /// [`crate::olmo2`].
     #[serde(rename = "olmo2")]
     Olmo2(LlamaConfig),
+    /// OLMo 3 (`Olmo3ForCausalLM`): OLMo 2 with local layers; see [`crate::olmo3`].
+    #[serde(rename = "olmo3")]
+    Olmo3(crate::olmo3::Olmo3Config),
 }
 
 /// `LlamaConfig` fields (transformers names; `rope_theta` top-level as in transformers 4, or inside
@@ -270,12 +273,13 @@ impl ModelConfig {
             Some("smollm3") => crate::smollm3::fill_defaults(&mut value),
             Some("granite") => crate::granite::fill_defaults(&mut value),
             Some("olmo2") => crate::olmo2::fill_defaults(&mut value),
+            Some("olmo3") => crate::olmo3::fill_defaults(&mut value),
             Some("gemma3") => value = crate::gemma3::text_of_multimodal(&value)?,
             Some(other) => {
                 let msg = format!(
                     "unsupported model_type {other:?} (\"gpt2\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\", \
                      \"gemma2\", \"gemma3_text\", \"gemma3\" (its text model), \"gpt_neox\", \"phi3\", \"smollm3\", \
-                     \"granite\" and \"olmo2\" are)"
+                     \"granite\", \"olmo2\" and \"olmo3\" are)"
                 );
                 return Err(PolicyError::config("model_type", msg));
             }
@@ -370,6 +374,10 @@ impl ModelConfig {
             ModelConfig::GptNeox(c) => {
                 Shared { vocab: c.vocab_size, bos: c.bos_token_id, eos: ids(&c.eos_token_id), pad: c.pad_token_id }
             }
+            // a config that does not read (which `dims` reports) has none of them
+            ModelConfig::Olmo3(c) => c.olmo2().map_or(Shared { vocab: 0, bos: None, eos: vec![], pad: None }, |c| {
+                Shared { vocab: c.vocab_size, bos: c.bos_token_id, eos: ids(&c.eos_token_id), pad: c.pad_token_id }
+            }),
         }
     }
 
@@ -393,6 +401,9 @@ impl ModelConfig {
             ModelConfig::Gemma2(c) => c.vocab_size = v,
             ModelConfig::Gemma3Text(c) => c.vocab_size = v,
             ModelConfig::GptNeox(c) => c.vocab_size = v,
+            ModelConfig::Olmo3(c) => {
+                c.0.insert("vocab_size".into(), v.into());
+            }
         }
     }
 
@@ -422,6 +433,7 @@ impl ModelConfig {
     pub fn layer_windows(&self) -> Result<Vec<Option<usize>>, PolicyError> {
         match self {
             ModelConfig::Gemma2(c) => c.layer_windows(),
+            ModelConfig::Olmo3(c) => c.layer_windows(),
             ModelConfig::Gemma3Text(c) => c.layer_windows(),
             _ => {
                 let d = self.dims()?;
@@ -453,6 +465,7 @@ impl ModelConfig {
             ModelConfig::Phi3(c) => crate::phi3::dims(c)?,
             ModelConfig::Granite(c) => crate::granite::dims(c)?,
             ModelConfig::Olmo2(c) => crate::olmo2::dims(c)?,
+            ModelConfig::Olmo3(c) => c.dims()?,
             ModelConfig::Smollm3(c) => {
                 let d = llama_dims(c, false, false)?;
                 crate::smollm3::layer_ropes(c, &d)?;

@@ -283,7 +283,7 @@ pub enum Arch {
     Granite,
     /// `olmo2`: OLMo 2 ([`crate::olmo2`]): no `attn_norm` or `ffn_norm`, the branches' output
     /// norms in `post_attention_norm` and `post_ffw_norm`, whole-row q/k norms; NeoX layout.
-    /// OLMo 3's windows (`attention.sliding_window`) are refused.
+    /// OLMo 3's files (the same arch with `attention.sliding_window`) are refused.
     Olmo2,
     /// `gptneox`: GPT-NeoX (Pythia, RedPajama-INCITE; `gguf_neox.rs`): LayerNorms and
     /// biases, q|k|v in `attn_qkv` with the heads apart, partial RoPE.
@@ -430,7 +430,8 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
         Arch::Gemma3 => crate::gguf_gemma::gemma3_fields(g, head_dim, &mut cfg)?,
         Arch::Granite => crate::granite::gguf_fields(g, head_dim, &mut cfg)?,
         Arch::Olmo2 if g.metadata.contains_key("olmo2.attention.sliding_window") => {
-            return Err(g.err("olmo2.attention.sliding_window", "OLMo 3's sliding windows are not supported"));
+            let msg = "OLMo 3 (local layers) is not read from GGUF files; its HF checkpoints load";
+            return Err(g.err("olmo2.attention.sliding_window", msg));
         }
         _ => {}
     }

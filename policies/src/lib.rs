@@ -61,6 +61,7 @@ pub mod longrope;
 pub mod model;
 pub mod nucleus;
 pub mod olmo2;
+pub mod olmo3;
 pub mod optim;
 pub mod params;
 pub mod phi3;

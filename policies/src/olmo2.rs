@@ -4,7 +4,8 @@
 //! an RMSNorm before the residual add, `x + norm(attn(x))` then `x + norm(mlp(x))`
 //! ([`Dims::pre_norms`] off, [`Dims::post_norms`] on); and the queries and keys pass an RMSNorm
 //! over each row's whole projection, `(H·Dh,)` and `(Hkv·Dh,)` gains, before the split into
-//! heads and RoPE ([`Dims::qk_norm_full`]). transformers' defaults: pad 1, EOS 50279, no BOS.
+//! heads and RoPE ([`Dims::qk_norm_full`]). transformers' defaults: pad 1, EOS 50279, no BOS,
+//! RMSNorm epsilon 1e-5.
 
 use crate::config::{Dims, LlamaConfig};
 use crate::error::PolicyError;
@@ -12,7 +13,9 @@ use crate::error::PolicyError;
 /// Writes transformers' `Olmo2Config` defaults into an `olmo2` config object where it leaves
 /// them out.
 pub(crate) fn fill_defaults(config: &mut serde_json::Value) {
-    crate::config::fill_defaults(config, [("pad_token_id", 1), ("eos_token_id", 50279)], "Olmo2ForCausalLM");
+    let defaults: [(&str, serde_json::Value); 3] =
+        [("pad_token_id", 1.into()), ("eos_token_id", 50279.into()), ("rms_norm_eps", 1e-5.into())];
+    crate::config::fill_defaults(config, defaults, "Olmo2ForCausalLM");
 }
 
 /// Llama's sizes with OLMo 2's norms.

@@ -150,6 +150,7 @@ impl<D: FusedOps> LearnedReward<D> {
             // transformers has none: rlhf's own name, which only rlhf loads (see crate::granite)
             ModelConfig::Granite(_) => "GraniteForSequenceClassification",
             ModelConfig::Olmo2(_) => "Olmo2ForSequenceClassification",
+            ModelConfig::Olmo3(_) => "Olmo3ForSequenceClassification",
         };
         config["architectures"] = serde_json::json!([class]);
         config["id2label"] = serde_json::json!({"0": "LABEL_0"});

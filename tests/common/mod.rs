@@ -27,7 +27,7 @@ pub fn fixture(name: &str) -> PathBuf {
 
 /// Every HF transformers fixture (a folder with `config.json`, `model.safetensors` and
 /// `expected.json`): the two in `shared/fixtures` and those `scripts/fixtures/hf_tiny.py` writes.
-pub const HF_FIXTURES: [&str; 16] = [
+pub const HF_FIXTURES: [&str; 17] = [
     "hf-gpt2-tiny",
     "hf-llama-tiny",
     "hf-qwen2-tiny",
@@ -44,6 +44,7 @@ pub const HF_FIXTURES: [&str; 16] = [
     "hf-smollm3-tiny",
     "hf-granite-tiny",
     "hf-olmo2-tiny",
+    "hf-olmo3-tiny",
 ];
 
 /// Parses a JSON file.
