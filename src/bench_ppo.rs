@@ -66,12 +66,7 @@ pub fn ppo_trainer<D: FusedOps + GradBuffers>(
         let c = policy.dims.d_model;
         Critic::Shared(ScalarHead::new(dev, c, 1.0 / ((c + 1) as f32).sqrt(), w.seed + 2))
     } else {
-        Critic::Separate(Box::new(LearnedReward {
-            model: rm.model.frozen_copy(),
-            head: rm.head.clone(),
-            norm: None,
-            pad_id: 0,
-        }))
+        Critic::Separate(Box::new(LearnedReward::with_head(rm.model.frozen_copy(), rm.head.clone(), 0)))
     };
     let optim = AdamWConfig {
         lr: p.lr,

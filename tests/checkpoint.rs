@@ -137,11 +137,11 @@ fn pythia_legacy_buffers_and_the_lm_head_name_load() {
 }
 
 /// A reward model on the untied GPT-NeoX saves as `GPTNeoXForSequenceClassification` and loads
-/// back with the same scores, and without its `embed_out.weight` (which a reward model never
-/// reads) too.
+/// back with the same scores; its checkpoint leaves the untied `embed_out.weight` out (a reward
+/// model never reads it) and one in the file, as older rlhf checkpoints had, is skipped.
 #[test]
 fn gpt_neox_reward_model_round_trips() {
-    use rlhf_policies::{LearnedReward, ScalarHead};
+    use rlhf_policies::{HasParams, LearnedReward, ScalarHead};
     let dev = Cpu::default();
     let model = CausalLm::load_pretrained(&fixture("hf-pythia-tiny"), &dev).unwrap();
     let rm = LearnedReward { model, head: ScalarHead::new(&dev, 64, 0.5, 4), norm: None, pad_id: 0 };
@@ -151,14 +151,19 @@ fn gpt_neox_reward_model_round_trips() {
     rm.save_pretrained(dir.path(), None, None).unwrap();
     assert_eq!(read_json(&dir.path().join("config.json"))["architectures"][0], "GPTNeoXForSequenceClassification");
     let weights = dir.path().join("model.safetensors");
-    for drop_head in [false, true] {
-        if drop_head {
+    assert!(!read_safetensors(&weights).unwrap().contains_key("embed_out.weight"), "the LM head is left out");
+    let (v, c) = (rm.model.dims.vocab, rm.model.dims.d_model);
+    for old_layout in [false, true] {
+        if old_layout {
+            // what older rlhf checkpoints carried: skipped on load
             let mut t = read_safetensors(&weights).unwrap();
-            t.remove("embed_out.weight").unwrap();
+            let head = rlhf_policies::checkpoint::HostTensor { shape: vec![v, c], data: vec![0.5; v * c] };
+            t.insert("embed_out.weight".into(), head);
             rlhf_policies::checkpoint::write_safetensors(&weights, &t).unwrap();
         }
         let (back, _) = LearnedReward::load_pretrained(dir.path(), &dev).unwrap();
-        assert_eq!(back.score_ids(&seqs).unwrap(), want, "without embed_out: {drop_head}");
+        assert_eq!(back.score_ids(&seqs).unwrap(), want, "with embed_out in the file: {old_layout}");
+        assert!(back.model.lm_head.is_none() && !back.params().iter().any(|(n, _)| n == "lm_head"));
     }
 }
 

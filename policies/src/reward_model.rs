@@ -31,7 +31,8 @@ pub const NORMALIZATION_KEY: &str = "reward_normalization";
 /// prompt + response, optionally normalised (`(r − mean) / std`).
 #[derive(Debug)]
 pub struct LearnedReward<D: Device<f32>> {
-    /// Backbone.
+    /// Backbone. It never reads its LM head: the constructors and the loader drop an untied one
+    /// ([`LearnedReward::with_head`]), and the checkpoint leaves it out either way.
     pub model: CausalLm<D>,
     /// Score head.
     pub head: ScalarHead<D>,
@@ -101,6 +102,15 @@ impl<D: FusedOps> LearnedReward<D> {
     pub fn from_backbone(model: CausalLm<D>, pad_id: u32, seed: u64) -> Self {
         let c = model.dims.d_model;
         let head = ScalarHead::new(&model.dev, c, 1.0 / ((c + 1) as f32).sqrt(), seed);
+        Self::with_head(model, head, pad_id)
+    }
+
+    /// `head` on `model`, whose untied LM head is dropped: a reward or value model reads hidden
+    /// states only, and an untied `lm_head` (`V × C`: 205M numbers for OLMo-2-1B) would only
+    /// cost memory, a gradient buffer and optimizer moments (transformers'
+    /// sequence-classification checkpoints have none).
+    pub fn with_head(mut model: CausalLm<D>, head: ScalarHead<D>, pad_id: u32) -> Self {
+        model.lm_head = None;
         LearnedReward { model, head, norm: None, pad_id }
     }
 
@@ -164,6 +174,7 @@ impl<D: FusedOps> LearnedReward<D> {
         let text = serde_json::to_string_pretty(&config).expect("JSON value serialises");
         write_atomic(&dir.join("config.json"), text.as_bytes())?;
         let mut tensors = self.model.to_hf_tensors();
+        tensors.remove(&self.model.hf_name("lm_head")); // a model built by hand may still hold one
         tensors.insert(
             "score.weight".into(),
             HostTensor { shape: vec![1, self.model.dims.d_model], data: self.head.w.as_vec() },
@@ -181,8 +192,8 @@ impl<D: FusedOps> LearnedReward<D> {
 
     /// Loads what [`LearnedReward::save_pretrained`] wrote, or any HF sequence-classification
     /// folder with one label. The normalisation is returned, not applied (`norm` is `None`).
-    /// An untied model saved without its LM head (`lm_head.weight`, GPT-NeoX's
-    /// `embed_out.weight`) gets a zero one (a reward model never uses it).
+    /// An untied LM head in the folder (`lm_head.weight`, GPT-NeoX's `embed_out.weight`: older
+    /// rlhf checkpoints wrote it) is skipped, as [`LearnedReward::with_head`] drops it.
     pub fn load_pretrained(dir: &Path, dev: &D) -> Result<(Self, Option<RewardNormalization>), PolicyError> {
         let config_path = dir.join("config.json");
         let config = ModelConfig::from_file(&config_path)?;
@@ -200,14 +211,13 @@ impl<D: FusedOps> LearnedReward<D> {
         let mut model = CausalLm::zeroed(config, dev)?;
         let (file, mut tensors) = read_weights(dir)?;
         let head = take_head(&file, &mut tensors, model.dims.d_model, dev)?;
-        let lm_head = model.hf_name("lm_head");
-        if !model.dims.tied && !tensors.contains_key(&lm_head) {
-            let (v, c) = (model.dims.vocab, model.dims.d_model);
-            tensors.insert(lm_head, HostTensor { shape: vec![v, c], data: vec![0.0; v * c] });
+        if !model.dims.tied {
+            tensors.remove(&model.hf_name("lm_head"));
+            model.lm_head = None;
         }
         model.load_hf_tensors(&file, tensors)?;
         let pad_id = model.config.pad_token_id().or(model.config.eos_token_id()).unwrap_or(0);
-        Ok((LearnedReward { model, head, norm: None, pad_id }, normalization))
+        Ok((Self::with_head(model, head, pad_id), normalization))
     }
 }
 

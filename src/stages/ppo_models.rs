@@ -254,12 +254,7 @@ impl<D: FusedOps> PpoModels<D> {
                 }
                 None => {
                     let head = zero_head(&policy.dev, policy.dims.d_model);
-                    Critic::Separate(Box::new(LearnedReward {
-                        model: policy.frozen_copy(),
-                        head,
-                        norm: None,
-                        pad_id: 0,
-                    }))
+                    Critic::Separate(Box::new(LearnedReward::with_head(policy.frozen_copy(), head, 0)))
                 }
             },
         };
