@@ -585,7 +585,7 @@ pub(crate) fn fill_defaults<V: Into<serde_json::Value>>(
 }
 
 /// Best-effort field name from a serde error message ("missing field `n_embd`").
-fn field_of_serde_error(e: &serde_json::Error) -> String {
+pub(crate) fn field_of_serde_error(e: &serde_json::Error) -> String {
     let msg = e.to_string();
     match (msg.find('`'), msg.rfind('`')) {
         (Some(a), Some(b)) if b > a => msg[a + 1..b].to_string(),

@@ -50,7 +50,8 @@ impl Olmo3Config {
                 let theta = |p: Option<&Value>| p.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64);
                 let kind = local.and_then(|p| p.get("rope_type")).and_then(Value::as_str).unwrap_or("default");
                 if kind != "default" || theta(local) != theta(global) {
-                    let msg = format!("{local:?}: the local layers take the global base without scaling");
+                    let local = local.map(Value::to_string).unwrap_or_else(|| "none".into());
+                    let msg = format!("{local}: the local layers take the global base without scaling");
                     return Err(PolicyError::config("rope_parameters.sliding_attention", msg));
                 }
                 match global {
@@ -59,7 +60,8 @@ impl Olmo3Config {
                 };
             }
         }
-        serde_json::from_value(Value::Object(c)).map_err(|e| PolicyError::config("olmo3", e.to_string()))
+        serde_json::from_value(Value::Object(c))
+            .map_err(|e| PolicyError::config(crate::config::field_of_serde_error(&e), e.to_string()))
     }
 
     /// Each layer's attention window: `Some(sliding_window)` for a local layer, `None` for a
@@ -134,6 +136,8 @@ mod tests {
             1,
         );
         let e = ModelConfig::from_json_str(&bad).unwrap_err().to_string();
-        assert!(e.contains("rope_parameters.sliding_attention"), "{e}");
+        assert!(e.contains("rope_parameters.sliding_attention") && e.contains("10000"), "{e}");
+        let e = ModelConfig::from_json_str(&OLMO3_7B.replace(r#""hidden_size": 4096,"#, "")).unwrap_err().to_string();
+        assert!(e.contains("hidden_size"), "{e}");
     }
 }
