@@ -168,6 +168,26 @@ fn granite_gguf_matches_transformers_with_its_multipliers() {
     assert!(e.contains("gguf-granite-tiny.gguf") && e.contains("granite.logit_scale"), "{e}");
 }
 
+/// YaRN as llama.cpp's converter writes it (`rope.scaling.type = yarn`, the factor and the
+/// pretrained context) on a Qwen3 file: the logits of transformers' YaRN model; the betas and
+/// the attention factor when a file gives them; an extrapolation factor other than 1 refused.
+#[test]
+fn qwen3_yarn_gguf_matches_transformers() {
+    use rlhf_policies::gguf::{model_config, Gguf, Value as Meta};
+    use rlhf_policies::rope::RopeScaling;
+    let (model, _) = check("qwen3-yarn-tiny");
+    let Some(RopeScaling::Yarn(y)) = model.dims.rope_scaling else { panic!("{:?}", model.dims.rope_scaling) };
+    assert_eq!((y.factor, y.original_max_position_embeddings, y.beta_fast), (4.0, 1024, 32.0));
+    let mut g = Gguf::open(&fixture("gguf-qwen3-yarn-tiny.gguf")).unwrap();
+    g.metadata.insert("qwen3.rope.scaling.yarn_beta_fast".into(), Meta::Float(16.0));
+    g.metadata.insert("qwen3.rope.scaling.yarn_attn_factor".into(), Meta::Float(1.5));
+    let Some(RopeScaling::Yarn(y)) = model_config(&g).unwrap().dims().unwrap().rope_scaling else { panic!() };
+    assert_eq!((y.beta_fast, y.attention_factor), (16.0, 1.5));
+    g.metadata.insert("qwen3.rope.scaling.yarn_ext_factor".into(), Meta::Float(0.5));
+    let e = model_config(&g).unwrap_err().to_string();
+    assert!(e.contains("gguf-qwen3-yarn-tiny.gguf") && e.contains("yarn_ext_factor"), "{e}");
+}
+
 /// OLMo 2 as llama.cpp's converter writes it: no input norms, the output norms and whole-row q/k
 /// norms under llama.cpp's names, rows not permuted; OLMo 3's windows are refused by name.
 #[test]

@@ -388,10 +388,14 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
     let rope_theta = g.float_opt(&key("rope.freq_base"))?.unwrap_or(10000.0);
     // linear scaling (gemma-3-4b and up: llama.cpp, as transformers, leaves the sliding layers
     // unscaled)
-    let linear = match g.metadata.get(&key("rope.scaling.type")) {
+    let scaling = match g.metadata.get(&key("rope.scaling.type")) {
         None => None,
         Some(Value::Str(t)) if t == "none" => None,
-        Some(Value::Str(t)) if t == "linear" => Some(g.float(&key("rope.scaling.factor"))?),
+        Some(Value::Str(t)) if t == "linear" => {
+            Some(serde_json::json!({"rope_type": "linear", "factor": g.float(&key("rope.scaling.factor"))?}))
+        }
+        // Gemma's configs take linear scaling only
+        Some(Value::Str(t)) if t == "yarn" && !arch.gemma() => Some(yarn_scaling(g, &key)?),
         Some(other) => {
             let msg = format!("RoPE scaling {other:?} (`{}`) is not supported", key("rope.scaling.type"));
             return Err(g.err("metadata", msg));
@@ -441,10 +445,11 @@ pub fn model_config(g: &Gguf) -> Result<ModelConfig, PolicyError> {
     if arch == Arch::Smollm3 {
         cfg["no_rope_layer_interval"] = 4.into(); // llama.cpp's, fixed
     }
-    if let Some(factor) = linear {
-        cfg["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": factor});
+    let scaled = scaling.is_some();
+    if let Some(scaling) = scaling {
+        cfg["rope_scaling"] = scaling;
     }
-    if let Some(s) = rope_scaling(g, head_dim, rope_theta as f32)?.filter(|_| linear.is_none()) {
+    if let Some(s) = rope_scaling(g, head_dim, rope_theta as f32)?.filter(|_| !scaled) {
         cfg["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": s.factor,
             "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
             "original_max_position_embeddings": s.original_max_position_embeddings});
@@ -481,6 +486,31 @@ fn special_ids(g: &Gguf) -> Result<serde_json::Value, PolicyError> {
         "eos_token_id": if eos.len() > 1 { serde_json::json!(eos) } else { serde_json::json!(eos.first()) },
         "pad_token_id": token("tokenizer.ggml.padding_token_id")?,
     }))
+}
+
+/// A `yarn` scaling's transformers config (see [`crate::yarn`]) from the converter's keys:
+/// `rope.scaling.factor` and `original_context_length`, and where given the betas and the
+/// attention factor (transformers' `attention_factor`, which the converter copies). An
+/// extrapolation factor other than YaRN's 1 is refused, as is DeepSeek's `yarn_log_multiplier`.
+fn yarn_scaling(g: &Gguf, key: &dyn Fn(&str) -> String) -> Result<serde_json::Value, PolicyError> {
+    for (k, plain) in [("rope.scaling.yarn_ext_factor", 1.0), ("rope.scaling.yarn_log_multiplier", 0.0)] {
+        if let Some(v) = g.float_opt(&key(k))?.filter(|&v| v != plain) {
+            return Err(g.err("metadata", format!("`{}` = {v} is not supported", key(k))));
+        }
+    }
+    let mut yarn = serde_json::json!({
+        "rope_type": "yarn",
+        "factor": g.float(&key("rope.scaling.factor"))?,
+        "original_max_position_embeddings": g.int(&key("rope.scaling.original_context_length"))?,
+    });
+    for (k, hf) in
+        [("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"), ("yarn_attn_factor", "attention_factor")]
+    {
+        if let Some(v) = g.float_opt(&key(&format!("rope.scaling.{k}")))? {
+            yarn[hf] = v.into();
+        }
+    }
+    Ok(yarn)
 }
 
 /// Llama 3's RoPE scaling from the `rope_freqs.weight` tensor, if the file has one.
