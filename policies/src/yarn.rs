@@ -82,12 +82,12 @@ impl Yarn {
         if low == high {
             high += 0.001; // transformers' guard against a zero-width ramp
         }
-        (0..rotary / 2)
-            .map(|i| {
-                let pos_freq = theta.powf((2 * i) as f32 / rotary as f32);
-                let (extrapolated, interpolated) = (1.0 / pos_freq, 1.0 / (self.factor * pos_freq));
+        crate::rope::unscaled_inv_freq(rotary, theta)
+            .into_iter()
+            .enumerate()
+            .map(|(i, extrapolated)| {
                 let kept = 1.0 - ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
-                interpolated * (1.0 - kept) + extrapolated * kept
+                extrapolated / self.factor * (1.0 - kept) + extrapolated * kept
             })
             .collect()
     }
