@@ -374,10 +374,10 @@ impl ModelConfig {
             ModelConfig::GptNeox(c) => {
                 Shared { vocab: c.vocab_size, bos: c.bos_token_id, eos: ids(&c.eos_token_id), pad: c.pad_token_id }
             }
-            // a config that does not read (which `dims` reports) has none of them
-            ModelConfig::Olmo3(c) => c.olmo2().map_or(Shared { vocab: 0, bos: None, eos: vec![], pad: None }, |c| {
+            ModelConfig::Olmo3(c) => {
+                let c = c.olmo2();
                 Shared { vocab: c.vocab_size, bos: c.bos_token_id, eos: ids(&c.eos_token_id), pad: c.pad_token_id }
-            }),
+            }
         }
     }
 
@@ -402,7 +402,7 @@ impl ModelConfig {
             ModelConfig::Gemma3Text(c) => c.vocab_size = v,
             ModelConfig::GptNeox(c) => c.vocab_size = v,
             ModelConfig::Olmo3(c) => {
-                c.0.insert("vocab_size".into(), v.into());
+                c.set("vocab_size", v.into()).expect("a vocabulary size keeps the config readable")
             }
         }
     }

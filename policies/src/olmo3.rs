@@ -10,19 +10,34 @@
 //! The config is kept as read and saved back so; the sizes go through OLMo 2's ([`LlamaConfig`]).
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::config::{Dims, LlamaConfig};
 use crate::error::PolicyError;
 
-/// `Olmo3Config`: OLMo 2's fields ([`LlamaConfig`]'s names, kept as JSON) with the layer
-/// types, and RoPE either flat (transformers 4) or per layer type (transformers 5).
+/// `Olmo3Config`: OLMo 2's fields ([`LlamaConfig`]'s names) with the layer types, and RoPE
+/// either flat (transformers 4) or per layer type (transformers 5). The JSON object is kept as
+/// read and saved back so; its OLMo 2 reading is made once, when it is read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Olmo3Config(
-    /// The config object as read, `model_type` aside.
-    pub serde_json::Map<String, Value>,
-);
+#[serde(try_from = "Map<String, Value>", into = "Map<String, Value>")]
+pub struct Olmo3Config {
+    raw: Map<String, Value>,
+    olmo2: LlamaConfig,
+}
+
+impl TryFrom<Map<String, Value>> for Olmo3Config {
+    type Error = PolicyError;
+    fn try_from(raw: Map<String, Value>) -> Result<Self, PolicyError> {
+        let olmo2 = olmo2_of(&raw)?;
+        Ok(Olmo3Config { raw, olmo2 })
+    }
+}
+
+impl From<Olmo3Config> for Map<String, Value> {
+    fn from(c: Olmo3Config) -> Self {
+        c.raw
+    }
+}
 
 /// Writes transformers' `Olmo3Config` defaults that differ from Llama's into an `olmo3` config
 /// object where it leaves them out.
@@ -36,45 +51,63 @@ pub(crate) fn fill_defaults(config: &mut Value) {
     crate::config::fill_defaults(config, defaults, "Olmo3ForCausalLM");
 }
 
+/// The config object read as OLMo 2's, with the global layers' RoPE.
+fn olmo2_of(raw: &Map<String, Value>) -> Result<LlamaConfig, PolicyError> {
+    let mut c = raw.clone();
+    for key in ["layer_types", "sliding_window"] {
+        c.remove(key);
+    }
+    if let Some(Value::Object(params)) = c.get("rope_parameters").cloned() {
+        if params.contains_key("full_attention") || params.contains_key("sliding_attention") {
+            let (global, local) = (params.get("full_attention"), params.get("sliding_attention"));
+            let theta = |p: Option<&Value>| p.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64);
+            let kind = local.and_then(|p| p.get("rope_type")).and_then(Value::as_str).unwrap_or("default");
+            if kind != "default" || theta(local) != theta(global) {
+                let local = local.map(Value::to_string).unwrap_or_else(|| "none".into());
+                let msg = format!("{local}: the local layers take the global base without scaling");
+                return Err(PolicyError::config("rope_parameters.sliding_attention", msg));
+            }
+            match global {
+                Some(g) => c.insert("rope_parameters".into(), g.clone()),
+                None => c.remove("rope_parameters"),
+            };
+        }
+    }
+    serde_json::from_value(Value::Object(c))
+        .map_err(|e| PolicyError::config(crate::config::field_of_serde_error(&e), e.to_string()))
+}
+
 impl Olmo3Config {
     /// The config as OLMo 2's, with the global layers' RoPE: what the sizes and the special ids
     /// are read from.
-    pub(crate) fn olmo2(&self) -> Result<LlamaConfig, PolicyError> {
-        let mut c = self.0.clone();
-        for key in ["layer_types", "sliding_window"] {
-            c.remove(key);
-        }
-        if let Some(Value::Object(params)) = c.get("rope_parameters").cloned() {
-            if params.contains_key("full_attention") || params.contains_key("sliding_attention") {
-                let (global, local) = (params.get("full_attention"), params.get("sliding_attention"));
-                let theta = |p: Option<&Value>| p.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64);
-                let kind = local.and_then(|p| p.get("rope_type")).and_then(Value::as_str).unwrap_or("default");
-                if kind != "default" || theta(local) != theta(global) {
-                    let local = local.map(Value::to_string).unwrap_or_else(|| "none".into());
-                    let msg = format!("{local}: the local layers take the global base without scaling");
-                    return Err(PolicyError::config("rope_parameters.sliding_attention", msg));
-                }
-                match global {
-                    Some(g) => c.insert("rope_parameters".into(), g.clone()),
-                    None => c.remove("rope_parameters"),
-                };
-            }
-        }
-        serde_json::from_value(Value::Object(c))
-            .map_err(|e| PolicyError::config(crate::config::field_of_serde_error(&e), e.to_string()))
+    pub fn olmo2(&self) -> &LlamaConfig {
+        &self.olmo2
+    }
+
+    /// The config object as read.
+    pub fn raw(&self) -> &Map<String, Value> {
+        &self.raw
+    }
+
+    /// Sets one field of the config object, which must still read.
+    pub fn set(&mut self, key: &str, value: Value) -> Result<(), PolicyError> {
+        let mut raw = self.raw.clone();
+        raw.insert(key.into(), value);
+        *self = Self::try_from(raw)?;
+        Ok(())
     }
 
     /// Each layer's attention window: `Some(sliding_window)` for a local layer, `None` for a
     /// global one (every fourth by default).
     pub fn layer_windows(&self) -> Result<Vec<Option<usize>>, PolicyError> {
-        let n = self.olmo2()?.num_hidden_layers;
-        let types: Option<Vec<String>> = match self.0.get("layer_types") {
+        let n = self.olmo2.num_hidden_layers;
+        let types: Option<Vec<String>> = match self.raw.get("layer_types") {
             None | Some(Value::Null) => None,
             Some(v) => {
                 Some(serde_json::from_value(v.clone()).map_err(|e| PolicyError::config("layer_types", e.to_string()))?)
             }
         };
-        let window = match self.0.get("sliding_window") {
+        let window = match self.raw.get("sliding_window") {
             None | Some(Value::Null) => None,
             Some(v) => {
                 Some(v.as_u64().ok_or_else(|| PolicyError::config("sliding_window", format!("{v} is not a count")))?
@@ -87,7 +120,7 @@ impl Olmo3Config {
 
     /// The resolved sizes; the error names the offending field.
     pub(crate) fn dims(&self) -> Result<Dims, PolicyError> {
-        let d = crate::olmo2::dims(&self.olmo2()?)?;
+        let d = crate::olmo2::dims(&self.olmo2)?;
         let windows = self.layer_windows()?;
         Ok(Dims { sliding_window: windows.iter().flatten().next().copied(), rope_local_theta: Some(d.rope_theta), ..d })
     }

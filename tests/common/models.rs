@@ -116,9 +116,7 @@ pub fn model(cfg: ModelConfig, seed: u64) -> CausalLm<Cpu> {
         ModelConfig::Gemma2(c) => c.initializer_range = 0.3,
         ModelConfig::Gemma3Text(c) => c.initializer_range = 0.3,
         ModelConfig::GptNeox(c) => c.initializer_range = 0.3,
-        ModelConfig::Olmo3(c) => {
-            c.0.insert("initializer_range".into(), 0.3.into());
-        }
+        ModelConfig::Olmo3(c) => c.set("initializer_range", 0.3.into()).unwrap(),
     }
     CausalLm::new(cfg, &Cpu::default(), seed).unwrap()
 }
