@@ -59,6 +59,27 @@ pub fn read_weights(dir: &Path) -> Result<(PathBuf, BTreeMap<String, HostTensor>
     Ok((index, out))
 }
 
+/// A model folder's weights: the folder whose `config.json` describes them (the folder itself,
+/// or a PEFT adapter's base), the file to name in errors, and the HF state dict (an adapter's
+/// merged into its base's, [`crate::peft::read_merged`]).
+pub fn read_model(dir: &Path) -> Result<(PathBuf, PathBuf, BTreeMap<String, HostTensor>), PolicyError> {
+    if crate::peft::is_adapter(dir) {
+        return crate::peft::read_merged(dir);
+    }
+    let (file, tensors) = read_weights(dir)?;
+    Ok((dir.to_path_buf(), file, tensors))
+}
+
+/// The folder holding a model folder's tokenizer files: the folder, or for a PEFT adapter saved
+/// without them, its base's.
+pub fn tokenizer_dir(dir: &Path) -> Result<PathBuf, PolicyError> {
+    if crate::peft::is_adapter(dir) && !dir.join("tokenizer.json").is_file() {
+        let cfg = crate::peft::AdapterConfig::read(&dir.join(crate::peft::ADAPTER_CONFIG))?;
+        return crate::peft::resolve_base(dir, &cfg);
+    }
+    Ok(dir.to_path_buf())
+}
+
 /// Whether `name` is a causal-mask buffer older transformers saved with the weights (GPT-2's
 /// `attn.bias`, GPT-NeoX's `attention.bias` and `masked_bias`): the masks are built per
 /// forward here, so these are never read, whatever their dtype (Pythia's are bool or uint8).
@@ -221,11 +242,12 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
     }
 
     /// Loads an HF-layout folder (`config.json` + `model.safetensors`, or its shards and
-    /// [`SHARD_INDEX`]).
+    /// [`SHARD_INDEX`]), or a PEFT LoRA adapter folder as its base with the adapter merged
+    /// ([`crate::peft`]).
     pub fn load_pretrained(dir: &Path, dev: &D) -> Result<Self, PolicyError> {
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let (config_dir, weights, tensors) = read_model(dir)?;
+        let config = ModelConfig::from_file(&config_dir.join("config.json"))?;
         let mut model = CausalLm::zeroed(config, dev)?;
-        let (weights, tensors) = read_weights(dir)?;
         model.load_hf_tensors(&weights, tensors)?;
         Ok(model)
     }
@@ -280,10 +302,11 @@ pub fn load_with_tokenizer<D: crate::fused::FusedOps>(
         (model, tok, source)
     } else {
         let model = CausalLm::load_pretrained(dir, dev)?;
-        let tok_path = dir.join("tokenizer.json");
+        let files = tokenizer_dir(dir)?;
+        let tok_path = files.join("tokenizer.json");
         let mut tok = Tokenizer::from_file(&tok_path)?;
-        tok.chat_template = crate::chat::ChatTemplate::source_of(dir)?;
-        tok.generation = crate::tokenizer::GenerationConfig::read(dir)?;
+        tok.chat_template = crate::chat::ChatTemplate::source_of(&files)?;
+        tok.generation = crate::tokenizer::GenerationConfig::read(&files)?;
         (model, tok, tok_path)
     };
     if let Some(&id) = tok.generation.iter().flat_map(|g| &g.eos_ids).find(|&&id| id as usize >= model.dims.vocab) {

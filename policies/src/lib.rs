@@ -64,6 +64,7 @@ pub mod olmo2;
 pub mod olmo3;
 pub mod optim;
 pub mod params;
+pub mod peft;
 pub mod phi3;
 pub mod reward_model;
 pub mod rope;

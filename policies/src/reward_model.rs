@@ -15,7 +15,7 @@ use rlhf_envs::{EnvError, RewardInput, RewardModel, ScoreNorm};
 use serde::{Deserialize, Serialize};
 
 use crate::batch::Batch;
-use crate::checkpoint::{read_weights, write_atomic, write_safetensors, HostTensor};
+use crate::checkpoint::{write_atomic, write_safetensors, HostTensor};
 use crate::config::ModelConfig;
 use crate::error::PolicyError;
 use crate::fused::FusedOps;
@@ -195,7 +195,8 @@ impl<D: FusedOps> LearnedReward<D> {
     /// An untied LM head in the folder (`lm_head.weight`, GPT-NeoX's `embed_out.weight`: older
     /// rlhf checkpoints wrote it) is skipped, as [`LearnedReward::with_head`] drops it.
     pub fn load_pretrained(dir: &Path, dev: &D) -> Result<(Self, Option<RewardNormalization>), PolicyError> {
-        let config_path = dir.join("config.json");
+        let (config_dir, file, mut tensors) = crate::checkpoint::read_model(dir)?;
+        let config_path = config_dir.join("config.json");
         let config = ModelConfig::from_file(&config_path)?;
         let raw: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&config_path).map_err(|e| PolicyError::io(&config_path, e))?)
@@ -209,7 +210,6 @@ impl<D: FusedOps> LearnedReward<D> {
             })?),
         };
         let mut model = CausalLm::zeroed(config, dev)?;
-        let (file, mut tensors) = read_weights(dir)?;
         let head = take_head(&file, &mut tensors, model.dims.d_model, dev)?;
         if !model.dims.tied {
             tensors.remove(&model.hf_name("lm_head"));

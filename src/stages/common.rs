@@ -105,7 +105,7 @@ impl<D: FusedOps> Checkpointable<D> for LearnedReward<D> {
     }
     fn load_dir(dir: &Path, dev: &D) -> Result<(Self, Tokenizer)> {
         let (rm, _) = LearnedReward::load_pretrained(dir, dev)?;
-        let tok = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+        let tok = Tokenizer::from_file(&rlhf_policies::checkpoint::tokenizer_dir(dir)?.join("tokenizer.json"))?;
         Ok((rm, tok))
     }
 }

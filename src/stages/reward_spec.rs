@@ -217,7 +217,7 @@ impl<D: FusedOps> Reward<D> {
 /// Fails when the checkpoint `dir` has a `tokenizer.json` whose vocabulary is not `tok`'s: a
 /// model that reads the policy's token ids (the critic) must share it. `what` names it.
 pub fn check_same_vocabulary(dir: &Path, tok: &Tokenizer, what: &str) -> Result<()> {
-    let file = dir.join("tokenizer.json");
+    let file = rlhf_policies::checkpoint::tokenizer_dir(dir)?.join("tokenizer.json");
     if file.is_file() && !Tokenizer::from_file(&file)?.same_vocabulary(tok) {
         bail!(
             "{what} {}: its tokenizer is not the policy's, and it would read the policy's tokens; start it \
@@ -234,7 +234,7 @@ pub fn build_reward<D: FusedOps>(spec: Option<&RewardSpec>, dev: &D) -> Result<R
     let other = |r: Box<dyn RewardModel>| Reward::Other(r);
     Ok(match spec.context("reward is required (e.g. {\"kind\": \"model\", \"path\": ...})")? {
         RewardSpec::Model { path, normalize } => {
-            let file = path.join("tokenizer.json");
+            let file = rlhf_policies::checkpoint::tokenizer_dir(path)?.join("tokenizer.json");
             let tok = file.is_file().then(|| Tokenizer::from_file(&file).map(Box::new)).transpose()?;
             Reward::Learned { rm: Box::new(load_reward_model(path, *normalize, dev)?), tok, path: path.clone() }
         }
