@@ -164,7 +164,9 @@ pub fn gpt2_block_cpu<T: Tape<f32, Cpu>>(
 ) -> Result<A2<T>, A2<T>> {
     let Mlp::Gelu { fc, proj } = &blk.mlp else { return Err(x) };
     let (Some(ln1), Some(ln2)) = (&blk.ln1, &blk.ln2) else { return Err(x) };
-    let plain = blk.qk_norm.is_none() && blk.post_norms.is_none() && blk.window.is_none();
+    // a LoRA layer (crate::lora) runs its update in the per-op path
+    let lora = [&blk.wq, &blk.wk, &blk.wv, &blk.wo, fc, proj].iter().any(|l| l.lora.is_some());
+    let plain = blk.qk_norm.is_none() && blk.post_norms.is_none() && blk.window.is_none() && !lora;
     if ln1.kind != NormKind::LayerNorm || ln2.kind != NormKind::LayerNorm || !plain {
         return Err(x);
     }

@@ -59,25 +59,37 @@ pub fn read_weights(dir: &Path) -> Result<(PathBuf, BTreeMap<String, HostTensor>
     Ok((index, out))
 }
 
-/// A model folder's weights: the folder whose `config.json` describes them (the folder itself,
-/// or a PEFT adapter's base), the file to name in errors, and the HF state dict (an adapter's
-/// merged into its base's, [`crate::peft::read_merged`]).
-pub fn read_model(dir: &Path) -> Result<(PathBuf, PathBuf, BTreeMap<String, HostTensor>), PolicyError> {
-    if crate::peft::is_adapter(dir) {
-        return crate::peft::read_merged(dir);
+/// The folder whose `config.json` describes the model in `dir`: `dir`, or a PEFT adapter's base.
+pub fn config_dir(dir: &Path) -> Result<PathBuf, PolicyError> {
+    match crate::peft::is_adapter(dir) {
+        true => {
+            crate::peft::resolve_base(dir, &crate::peft::AdapterConfig::read(&dir.join(crate::peft::ADAPTER_CONFIG))?)
+        }
+        false => Ok(dir.to_path_buf()),
     }
-    let (file, tensors) = read_weights(dir)?;
-    Ok((dir.to_path_buf(), file, tensors))
+}
+
+/// A model folder's weights: the file to name in errors and the HF state dict ([`read_weights`],
+/// or a PEFT adapter's merged into its base's, [`crate::peft::read_merged`]).
+pub fn read_model(dir: &Path) -> Result<(PathBuf, BTreeMap<String, HostTensor>), PolicyError> {
+    match crate::peft::is_adapter(dir) {
+        true => crate::peft::read_merged(dir),
+        false => read_weights(dir),
+    }
 }
 
 /// The folder holding a model folder's tokenizer files: the folder, or for a PEFT adapter saved
 /// without them, its base's.
 pub fn tokenizer_dir(dir: &Path) -> Result<PathBuf, PolicyError> {
-    if crate::peft::is_adapter(dir) && !dir.join("tokenizer.json").is_file() {
-        let cfg = crate::peft::AdapterConfig::read(&dir.join(crate::peft::ADAPTER_CONFIG))?;
-        return crate::peft::resolve_base(dir, &cfg);
+    match dir.join("tokenizer.json").is_file() {
+        true => Ok(dir.to_path_buf()),
+        false => config_dir(dir),
     }
-    Ok(dir.to_path_buf())
+}
+
+/// Whether the parameter `name` is a LoRA update's `A` or `B` ([`crate::lora`]).
+pub fn is_lora(name: &str) -> bool {
+    name.ends_with(".lora_a") || name.ends_with(".lora_b")
 }
 
 /// Whether `name` is a causal-mask buffer older transformers saved with the weights (GPT-2's
@@ -174,8 +186,19 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
         let d = &self.dims;
         let mut out: BTreeMap<String, HostTensor> = BTreeMap::new();
         let mut fused: BTreeMap<String, (Source, Vec<Option<HostTensor>>)> = BTreeMap::new();
+        // a LoRA layer's weight as it applies it, `W + s·A·B` (crate::lora); A and B not stored
+        let merged: HashMap<String, Vec<f32>> = self
+            .linears()
+            .into_iter()
+            .filter(|(_, l)| l.lora.is_some())
+            .map(|(n, l)| (format!("{n}.weight"), l.merged_w()))
+            .collect();
         for (name, p) in self.params() {
-            let t = HostTensor { shape: p.shape(), data: p.to_vec() };
+            if is_lora(&name) {
+                continue;
+            }
+            let data = merged.get(&name).cloned().unwrap_or_else(|| p.to_vec());
+            let t = HostTensor { shape: p.shape(), data };
             let src = hf_source(d, &name);
             match src.fused() {
                 Some((name, part, parts)) => {
@@ -209,13 +232,16 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
         let mut tensors = normalise_names(family, tensors);
         let mut used = BTreeSet::new();
         let dev = self.dev.clone();
-        let sources: Vec<Source> = self.params_mut().iter().map(|(name, _)| hf_source(&d, name)).collect();
+        // a LoRA update is not in an HF state dict: it keeps its values
+        let sources: Vec<Option<Source>> =
+            self.params_mut().iter().map(|(name, _)| (!is_lora(name)).then(|| hf_source(&d, name))).collect();
         // how many parameters still read each source tensor: the last one takes it (no copy)
         let mut readers: BTreeMap<String, usize> = BTreeMap::new();
-        for src in &sources {
+        for src in sources.iter().flatten() {
             *readers.entry(src.name().to_string()).or_default() += 1;
         }
         for ((_, p), src) in self.params_mut().into_iter().zip(&sources) {
+            let Some(src) = src else { continue };
             let name = src.name();
             let left = readers.get_mut(name).expect("counted above");
             *left -= 1;
@@ -245,8 +271,8 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
     /// [`SHARD_INDEX`]), or a PEFT LoRA adapter folder as its base with the adapter merged
     /// ([`crate::peft`]).
     pub fn load_pretrained(dir: &Path, dev: &D) -> Result<Self, PolicyError> {
-        let (config_dir, weights, tensors) = read_model(dir)?;
-        let config = ModelConfig::from_file(&config_dir.join("config.json"))?;
+        let config = ModelConfig::from_file(&config_dir(dir)?.join("config.json"))?;
+        let (weights, tensors) = read_model(dir)?;
         let mut model = CausalLm::zeroed(config, dev)?;
         model.load_hf_tensors(&weights, tensors)?;
         Ok(model)

@@ -91,6 +91,31 @@ pub fn frozen_mask(
     Ok(mask)
 }
 
+/// With `optim.lora`: freezes every parameter of every trunk in `names` but the LoRA updates'
+/// (`….lora_a`, `….lora_b`); parameters outside the trunks (heads) keep their setting. An error
+/// when the model carries no update or nothing is left to train.
+pub fn freeze_all_but_lora(names: &[&str], mask: &mut [bool]) -> Result<(), PolicyError> {
+    let err = |msg: &str| PolicyError::Config { file: "config".into(), field: "optim.lora".into(), msg: msg.into() };
+    let trunks = trunks(names);
+    let in_trunk = |name: &str| {
+        trunks.iter().any(|(p, _)| {
+            name.strip_prefix(p).is_some_and(|rest| {
+                ["wte", "wpe", "lm_head"].contains(&rest) || rest.starts_with("blocks.") || rest.starts_with("ln_f.")
+            })
+        })
+    };
+    if !names.iter().any(|n| crate::checkpoint::is_lora(n)) {
+        return Err(err("the model carries no LoRA update (it is added when a run starts)"));
+    }
+    for (name, frozen) in names.iter().zip(mask.iter_mut()) {
+        *frozen |= in_trunk(name) && !crate::checkpoint::is_lora(name);
+    }
+    if mask.iter().all(|&f| f) {
+        return Err(err("with `freeze` and `num_layers_unfrozen` it freezes every parameter: nothing would train"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -223,9 +223,9 @@ impl InferenceModel {
     /// Snapshots the weights of `model`, storing the matmul weights (and the LM head) as
     /// `dtype`. Norms, biases and the embedding lookup stay f32; arithmetic is always f32.
     pub fn from_model_with<D: Device<f32>>(model: &CausalLm<D>, dtype: WeightDtype) -> Self {
-        let pack = |w: &crate::model::T2<D>| {
-            let (k, n) = *w.shape();
-            PackedMatrix::with_dtype(&w.as_vec(), k, n, dtype)
+        let pack = |l: &crate::model::Linear<D>| {
+            let (k, n) = *l.w.shape();
+            PackedMatrix::with_dtype(&l.merged_w(), k, n, dtype)
         };
         let dims = model.dims;
         let c = dims.d_model;
@@ -235,9 +235,9 @@ impl InferenceModel {
             .map(|blk| {
                 let qkv = concat_cols(
                     &[
-                        (blk.wq.w.as_vec(), dims.q_dim()),
-                        (blk.wk.w.as_vec(), dims.kv_dim()),
-                        (blk.wv.w.as_vec(), dims.kv_dim()),
+                        (blk.wq.merged_w(), dims.q_dim()),
+                        (blk.wk.merged_w(), dims.kv_dim()),
+                        (blk.wv.merged_w(), dims.kv_dim()),
                     ],
                     c,
                 );
@@ -250,26 +250,26 @@ impl InferenceModel {
                 });
                 let mlp = match &blk.mlp {
                     Mlp::Gelu { fc, proj } => MlpW::Gelu {
-                        fc: pack(&fc.w),
+                        fc: pack(fc),
                         fc_b: fc.b.as_ref().map(|b| b.as_vec()),
-                        proj: pack(&proj.w),
+                        proj: pack(proj),
                         proj_b: proj.b.as_ref().map(|b| b.as_vec()),
                     },
                     Mlp::SwiGlu { gate, up, down } => MlpW::SwiGlu {
                         gate_up: PackedMatrix::with_dtype(
-                            &concat_cols(&[(gate.w.as_vec(), dims.d_ff), (up.w.as_vec(), dims.d_ff)], c),
+                            &concat_cols(&[(gate.merged_w(), dims.d_ff), (up.merged_w(), dims.d_ff)], c),
                             c,
                             2 * dims.d_ff,
                             dtype,
                         ),
-                        down: pack(&down.w),
+                        down: pack(down),
                     },
                 };
                 LayerW {
                     ln1: blk.ln1.as_ref().map(norm_w),
                     qkv,
                     qkv_b,
-                    o: pack(&blk.wo.w),
+                    o: pack(&blk.wo),
                     o_b: blk.wo.b.as_ref().map(|b| b.as_vec()),
                     qk_norm: blk.qk_norm.as_ref().map(|[q, k]| [norm_w(q), norm_w(k)]),
                     ln2: blk.ln2.as_ref().map(norm_w),

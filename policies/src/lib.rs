@@ -58,6 +58,7 @@ pub mod layer_norm;
 pub mod linear;
 pub mod logprobs;
 pub mod longrope;
+pub mod lora;
 pub mod model;
 pub mod nucleus;
 pub mod olmo2;

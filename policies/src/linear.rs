@@ -55,6 +55,9 @@ pub struct Affine<'a, D: Storage<f32>> {
     pub b: Option<&'a Tensor<(usize,), f32, D>>,
     /// Residual.
     pub residual: Option<&'a A2<D, NoneTape>>,
+    /// The weight and bias get no gradient (a LoRA layer's frozen base, [`crate::lora`]): the
+    /// backward pass skips `dW = xᵀ·dy` and `db`.
+    pub frozen: bool,
 }
 
 // by hand: a derive would ask `D: Copy`
@@ -69,21 +72,24 @@ impl<'a, D: Storage<f32>> Affine<'a, D> {
     /// An LM head: `h·wᵀ` for a `(V, C)` weight (HF's `lm_head.weight`, or a tied `wte`), no
     /// bias, no residual.
     pub fn lm_head(w: &'a Tensor<(usize, usize), f32, D>) -> Self {
-        Affine { w, layout: WeightLayout::OutIn, b: None, residual: None }
+        Affine { w, layout: WeightLayout::OutIn, b: None, residual: None, frozen: false }
     }
 }
 
 /// dfdx's composition: `x (N, in) → x·W + b + r (N, out)`.
 pub fn linear_composed<D: Device<f32>, T: Tape<f32, D>>(x: A2<D, T>, a: Affine<'_, D>) -> A2<D, T> {
     let n = x.shape().0;
-    let y = match a.layout {
-        WeightLayout::InOut => x.matmul(a.w.retaped::<T>()),
-        WeightLayout::OutIn => x.matmul(a.w.retaped::<T>().permute::<_, Axes2<1, 0>>()),
+    let y = match (a.layout, a.frozen) {
+        (WeightLayout::InOut, false) => x.matmul(a.w.retaped::<T>()),
+        (WeightLayout::OutIn, false) => x.matmul(a.w.retaped::<T>().permute::<_, Axes2<1, 0>>()),
+        (WeightLayout::InOut, true) => x.matmul(a.w.clone()),
+        (WeightLayout::OutIn, true) => x.matmul(a.w.clone().permute::<_, Axes2<1, 0>>()),
     };
     let o = y.shape().1;
-    let y = match a.b {
-        Some(b) => y + b.retaped::<T>().broadcast_like::<_, Axis<0>>(&(n, o)),
-        None => y,
+    let y = match (a.b, a.frozen) {
+        (Some(b), false) => y + b.retaped::<T>().broadcast_like::<_, Axis<0>>(&(n, o)),
+        (Some(b), true) => y + b.clone().broadcast_like::<_, Axis<0>>(&(n, o)),
+        (None, _) => y,
     };
     match a.residual {
         Some(r) => y + r.clone(),
@@ -176,7 +182,7 @@ pub fn linear_cpu<T: Tape<f32, Cpu>>(x: A2<Cpu, T>, a: Affine<'_, Cpu>) -> A2<Cp
     };
     let out = x.device().tensor_from_vec(y, (n, o));
     if T::OWNS_TAPE {
-        let (xg, og, layout) = (x.ghost(), out.ghost(), a.layout);
+        let (xg, og, layout, frozen) = (x.ghost(), out.ghost(), a.layout, a.frozen);
         // the weight's data is shared, not copied, until the backward pass reads it
         let w = a.w.clone();
         let bg = a.b.map(|b| b.ghost());
@@ -189,14 +195,16 @@ pub fn linear_cpu<T: Tape<f32, Cpu>>(x: A2<Cpu, T>, a: Affine<'_, Cpu>) -> A2<Cp
             // dx += dy·Wᵀ
             gemm_into(grads.get_or_alloc_mut(&xg)?, (n, i, o), dyv, layout.view(&wv, (i, o)).t(), 1.0, true, threads);
             drop(wv);
-            // dW += xᵀ·dy, stored in the weight's own layout
-            let dw: &mut Vec<f32> = grads.get_or_alloc_mut(&w.ghost())?;
-            match layout {
-                WeightLayout::InOut => gemm_into(dw, (i, o, n), xm.t(), dyv, 1.0, true, threads),
-                WeightLayout::OutIn => gemm_into(dw, (o, i, n), dyv.t(), xm, 1.0, true, threads),
-            }
-            if let Some(bg) = &bg {
-                colsum_into(grads.get_or_alloc_mut(bg)?, &dy);
+            if !frozen {
+                // dW += xᵀ·dy, stored in the weight's own layout
+                let dw: &mut Vec<f32> = grads.get_or_alloc_mut(&w.ghost())?;
+                match layout {
+                    WeightLayout::InOut => gemm_into(dw, (i, o, n), xm.t(), dyv, 1.0, true, threads),
+                    WeightLayout::OutIn => gemm_into(dw, (o, i, n), dyv.t(), xm, 1.0, true, threads),
+                }
+                if let Some(bg) = &bg {
+                    colsum_into(grads.get_or_alloc_mut(bg)?, &dy);
+                }
             }
             if let Some(rg) = &rg {
                 add_into(grads.get_or_alloc_mut(rg)?, &dy);
@@ -231,7 +239,7 @@ mod tests {
         for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
             let w = rand(&dev, &mut rng, if layout == WeightLayout::InOut { (i, o) } else { (o, i) });
             for (bias, res) in [(false, false), (true, false), (false, true), (true, true)] {
-                let a = Affine { w: &w, layout, b: bias.then_some(&b), residual: res.then_some(&r) };
+                let a = Affine { w: &w, layout, b: bias.then_some(&b), residual: res.then_some(&r), frozen: false };
                 let run = |fused: bool| {
                     let y = if fused { linear_cpu(x.leaky_trace(), a) } else { linear_composed(x.leaky_trace(), a) };
                     let yv = y.retaped::<NoneTape>().as_vec();
@@ -258,7 +266,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(12);
         let xt = rand(&dev, &mut rng, (6, 5));
         let w = rand(&dev, &mut rng, (6, 3));
-        let a = Affine { w: &w, layout: WeightLayout::InOut, b: None, residual: None };
+        let a = Affine { w: &w, layout: WeightLayout::InOut, b: None, residual: None, frozen: false };
         let run = |fused: bool| {
             let x = xt.leaky_trace().permute::<_, Axes2<1, 0>>();
             let y = if fused { linear_cpu(x, a) } else { linear_composed(x, a) };
@@ -277,7 +285,7 @@ mod tests {
         let x = rand(&dev, &mut rng, (4, 3));
         let w = rand(&dev, &mut rng, (3, 5));
         let r = rand(&dev, &mut rng, (5, 4)).permute::<_, Axes2<1, 0>>();
-        let a = Affine { w: &w, layout: WeightLayout::InOut, b: None, residual: Some(&r) };
+        let a = Affine { w: &w, layout: WeightLayout::InOut, b: None, residual: Some(&r), frozen: false };
         let run = |fused: bool| {
             let y = if fused { linear_cpu(x.leaky_trace(), a) } else { linear_composed(x.leaky_trace(), a) };
             let yv = y.retaped::<NoneTape>().as_vec();

@@ -50,12 +50,14 @@ pub struct Linear<D: Storage<f32>> {
     pub w: T2<D>,
     /// Optional bias `(out,)`.
     pub b: Option<T1<D>>,
+    /// A LoRA update trained in place of `w` and `b` ([`crate::lora`]); `None` as loaded.
+    pub lora: Option<crate::lora::Lora<D>>,
 }
 
 impl<D: Device<f32>> Linear<D> {
     fn new(dev: &D, init: &mut Init, i: usize, o: usize, std: f32, bias: bool) -> Self {
         let w = init.matrix(dev, (i, o), std);
-        Linear { w, b: bias.then(|| dev.zeros_like(&(o,))) }
+        Linear { w, b: bias.then(|| dev.zeros_like(&(o,))), lora: None }
     }
 }
 
@@ -87,7 +89,13 @@ impl<D: FusedOps> Linear<D> {
 
     /// [`Linear::forward_residual`] with the residual optional.
     fn forward_plus<T: Tape<f32, D>>(&self, x: A2<D, T>, r: Option<&A2<D, NoneTape>>) -> A2<D, T> {
-        D::linear(x, Affine { w: &self.w, layout: WeightLayout::InOut, b: self.b.as_ref(), residual: r })
+        match &self.lora {
+            None => D::linear(
+                x,
+                Affine { w: &self.w, layout: WeightLayout::InOut, b: self.b.as_ref(), residual: r, frozen: false },
+            ),
+            Some(lora) => lora.forward(self, x, r),
+        }
     }
 }
 

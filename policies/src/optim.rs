@@ -171,6 +171,12 @@ pub struct AdamWConfig {
     /// pass is skipped (see [`crate::freeze::frozen_mask`]). Adds to `freeze`. Default: none
     /// (all train).
     pub num_layers_unfrozen: Option<usize>,
+    /// Train a LoRA update instead of the weights ([`crate::lora`]): in every transformer the
+    /// run trains, the targeted layers get `A`, `B` and everything else of the transformer is
+    /// frozen (heads outside it — a reward model's `score`, PPO's value head — still train, as
+    /// PEFT's `modules_to_save`). Combines with `freeze` and `num_layers_unfrozen` (a parameter
+    /// either freezes stays frozen). Default: none.
+    pub lora: Option<crate::lora::LoraConfig>,
 }
 
 impl Default for AdamWConfig {
@@ -183,6 +189,7 @@ impl Default for AdamWConfig {
             no_decay_1d: true,
             freeze: vec![],
             num_layers_unfrozen: None,
+            lora: None,
         }
     }
 }
@@ -205,7 +212,12 @@ impl AdamWConfig {
         if let Some((f, _, v, range)) = bad.iter().find(|b| !b.1) {
             return Err(field(f, format!("{v} is out of range {range}")));
         }
-        frozen_mask(&self.freeze, self.num_layers_unfrozen, names)
+        let mut mask = frozen_mask(&self.freeze, self.num_layers_unfrozen, names)?;
+        if let Some(lora) = &self.lora {
+            lora.validate()?;
+            crate::freeze::freeze_all_but_lora(names, &mut mask)?;
+        }
+        Ok(mask)
     }
 }
 

@@ -119,6 +119,10 @@ macro_rules! walker {
                     if let Some(b) = &$($m)? l.b {
                         out.push((format!("{p}.bias"), $P::V(b)));
                     }
+                    if let Some(lora) = &$($m)? l.lora {
+                        out.push((format!("{p}.lora_a"), $P::M(&$($m)? lora.a)));
+                        out.push((format!("{p}.lora_b"), $P::M(&$($m)? lora.b)));
+                    }
                 }
                 fn norm<'a, D: Device<f32>>(p: &str, n: &'a $($m)? Norm<D>, out: &mut Vec<(String, $P<'a, D>)>) {
                     out.push((format!("{p}.weight"), $P::V(&$($m)? n.w)));
@@ -213,18 +217,19 @@ impl<D: Device<f32>> CausalLm<D> {
         if self.dims != source.dims {
             return 0;
         }
-        let theirs = source.params();
+        // by name: a model with LoRA updates (crate::lora) has parameters the other lacks
+        let theirs: std::collections::HashMap<String, ParamRef<'_, D>> = source.params().into_iter().collect();
         let equal: Vec<bool> =
-            self.params().iter().zip(&theirs).map(|((n, a), (m, b))| n == m && share(n) && a.bitwise_eq(b)).collect();
+            self.params().iter().map(|(n, a)| share(n) && theirs.get(n).is_some_and(|b| a.bitwise_eq(b))).collect();
         let mut shared = 0;
-        for (((_, mine), (_, theirs)), equal) in self.params_mut().into_iter().zip(theirs).zip(equal) {
-            let n = theirs.len();
+        for ((name, mine), equal) in self.params_mut().into_iter().zip(equal) {
+            let Some(theirs) = theirs.get(&name).filter(|_| equal) else { continue };
             match (mine, theirs) {
-                (ParamMut::V(a), ParamRef::V(b)) if equal => *a = b.clone(),
-                (ParamMut::M(a), ParamRef::M(b)) if equal => *a = b.clone(),
+                (ParamMut::V(a), ParamRef::V(b)) => *a = (*b).clone(),
+                (ParamMut::M(a), ParamRef::M(b)) => *a = (*b).clone(),
                 _ => continue,
             }
-            shared += n;
+            shared += theirs.len();
         }
         shared
     }

@@ -177,10 +177,9 @@ pub fn resolve_base_in(dir: &Path, cfg: &AdapterConfig, hub_cache: Option<&Path>
     .in_file(&dir.join(ADAPTER_CONFIG)))
 }
 
-/// The weights of the adapter folder `dir` merged into its base's: the base's folder (its
-/// `config.json` describes the model), the adapter's weights file (for errors) and the merged
-/// HF state dict.
-pub fn read_merged(dir: &Path) -> Result<(PathBuf, PathBuf, BTreeMap<String, HostTensor>), PolicyError> {
+/// The weights of the adapter folder `dir` merged into its base's: the adapter's weights file
+/// (for errors) and the merged HF state dict. The base's `config.json` describes the model.
+pub fn read_merged(dir: &Path) -> Result<(PathBuf, BTreeMap<String, HostTensor>), PolicyError> {
     let cfg = AdapterConfig::read(&dir.join(ADAPTER_CONFIG))?;
     let file = dir.join(ADAPTER_WEIGHTS);
     if !file.is_file() && dir.join("adapter_model.bin").is_file() {
@@ -193,7 +192,7 @@ pub fn read_merged(dir: &Path) -> Result<(PathBuf, PathBuf, BTreeMap<String, Hos
     let base = resolve_base(dir, &cfg)?;
     let (_, mut tensors) = read_weights(&base)?;
     merge(&mut tensors, &file, read_safetensors(&file)?, &cfg)?;
-    Ok((base, file, tensors))
+    Ok((file, tensors))
 }
 
 /// Merges the adapter's tensors (read from `file`) into the base state dict `base`.

@@ -195,8 +195,7 @@ impl<D: FusedOps> LearnedReward<D> {
     /// An untied LM head in the folder (`lm_head.weight`, GPT-NeoX's `embed_out.weight`: older
     /// rlhf checkpoints wrote it) is skipped, as [`LearnedReward::with_head`] drops it.
     pub fn load_pretrained(dir: &Path, dev: &D) -> Result<(Self, Option<RewardNormalization>), PolicyError> {
-        let (config_dir, file, mut tensors) = crate::checkpoint::read_model(dir)?;
-        let config_path = config_dir.join("config.json");
+        let config_path = crate::checkpoint::config_dir(dir)?.join("config.json");
         let config = ModelConfig::from_file(&config_path)?;
         let raw: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&config_path).map_err(|e| PolicyError::io(&config_path, e))?)
@@ -210,6 +209,7 @@ impl<D: FusedOps> LearnedReward<D> {
             })?),
         };
         let mut model = CausalLm::zeroed(config, dev)?;
+        let (file, mut tensors) = crate::checkpoint::read_model(dir)?;
         let head = take_head(&file, &mut tensors, model.dims.d_model, dev)?;
         if !model.dims.tied {
             tensors.remove(&model.hf_name("lm_head"));

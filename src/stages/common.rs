@@ -14,6 +14,7 @@ use rlhf_policies::{
 use serde::{Deserialize, Serialize};
 
 use crate::run::RunDir;
+use crate::stages::lora_state;
 
 /// A taped scalar loss on device `D`.
 pub type LossOn<D> = Tensor<Rank0, f32, D, OwnedTape<f32, D>>;
@@ -125,7 +126,7 @@ pub struct Restored<M, D: Device<f32> = Cpu> {
 
 /// The last complete checkpoint of `run` (model, tokenizer, optimizer), with the logs written
 /// after it dropped; an error if there is none.
-pub fn restore_latest<D: GradBuffers, M: Checkpointable<D>>(
+pub fn restore_latest<D: GradBuffers + FusedOps, M: Checkpointable<D>>(
     run: &RunDir,
     optim: &AdamWConfig,
     dev: &D,
@@ -133,7 +134,8 @@ pub fn restore_latest<D: GradBuffers, M: Checkpointable<D>>(
     let Some((step, dir)) = run.latest_checkpoint()? else {
         bail!("{}: no complete checkpoint to resume from", run.root.display());
     };
-    let (model, tok) = M::load_dir(&dir, dev)?;
+    let (mut model, tok) = M::load_dir(&dir, dev)?;
+    lora_state::restore(&mut model, optim, &dir)?;
     let state = read_marker(&dir)?;
     let file = dir.join("optimizer.safetensors");
     let mut opt = AdamW::new(optim.clone());
@@ -143,18 +145,20 @@ pub fn restore_latest<D: GradBuffers, M: Checkpointable<D>>(
 }
 
 /// What a stage starts from: the run's last complete checkpoint when resuming
-/// ([`restore_latest`]), else the model `fresh` gives, a new optimizer and step 0.
-pub fn restore_or_init<D: GradBuffers, M: Checkpointable<D>>(
+/// ([`restore_latest`]), else the model `fresh` gives (with `optim.lora`'s update, its `A`
+/// drawn from `seed`), a new optimizer and step 0.
+pub fn restore_or_init<D: GradBuffers + FusedOps, M: Checkpointable<D>>(
     run: &RunDir,
     resume: bool,
-    optim: &AdamWConfig,
+    (optim, seed): (&AdamWConfig, u64),
     dev: &D,
     fresh: impl FnOnce() -> Result<(M, Tokenizer)>,
 ) -> Result<Restored<M, D>> {
     if resume {
         return restore_latest(run, optim, dev);
     }
-    let (model, tok) = fresh()?;
+    let (mut model, tok) = fresh()?;
+    lora_state::attach(&mut model, optim, seed)?;
     Ok(Restored { step: 0, model, tok, opt: AdamW::new(optim.clone()) })
 }
 
@@ -324,6 +328,7 @@ pub fn save_with<D: GradBuffers, M: HasParams<D>>(
     let (adam_t, state) = opt.state(&model.params())?;
     run.save_checkpoint(step, &TrainerState { step, adam_t, held_out_loss }, |dir| {
         write_model(dir)?;
+        lora_state::save(model, dir)?;
         write_safetensors(&dir.join("optimizer.safetensors"), &state)?;
         Ok(())
     })?;

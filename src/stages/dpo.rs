@@ -336,7 +336,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &DpoConfig, resume: bool, dev: &D) -
     // BOILERPLATE: policy (fresh or restored), the frozen reference, optimizer
     let (mut reference, tok): (CausalLm<D>, Tokenizer) = load_with_tokenizer(&cfg.init, dev)?;
     let Restored { model: mut policy, mut opt, step: start, .. } =
-        restore_or_init(&run, resume, &cfg.optim, dev, || Ok((reference.frozen_copy(), tok.clone())))?;
+        restore_or_init(&run, resume, (&cfg.optim, cfg.seed), dev, || Ok((reference.frozen_copy(), tok.clone())))?;
     // one copy of the weights frozen in the policy serves the reference too
     let frozen = frozen_names(&policy, &mut opt)?;
     share_frozen(("dpo", "the reference"), &mut reference, &policy, |n| frozen.contains(n));

@@ -356,8 +356,10 @@ fn train_on<D: FusedOps + GradBuffers>(
         let state: GroupState = read_state(&run.checkpoint_dir(r.step), "grpo_state.json")?;
         (r.model, r.opt, r.step, state)
     } else {
+        let mut policy = reference.frozen_copy();
+        crate::stages::lora_state::attach(&mut policy, &cfg.optim, cfg.seed)?;
         run.write_config(&cfg)?;
-        (reference.frozen_copy(), AdamW::new(cfg.optim.clone()), 0, GroupState::default())
+        (policy, AdamW::new(cfg.optim.clone()), 0, GroupState::default())
     };
     let eos = tok.eos_for(&reference.config).context("the policy's tokenizer has no EOS token")?;
     let (eos_ids, pad) = (tok.eos_ids_for(&reference.config), tok.pad_id().unwrap_or(eos));

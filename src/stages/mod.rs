@@ -6,6 +6,7 @@ pub mod dpo_data;
 pub mod grpo;
 pub mod grpo_step;
 pub mod kto;
+pub mod lora_state;
 pub mod nlpo;
 pub mod online_dpo;
 pub mod policy_eval;

@@ -322,7 +322,8 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: PpoConfig, resume: bool, reward: Rew
             cfg.nlpo.is_some().then(|| nlpo::load_mask_policy(&run.checkpoint_dir(r.step), dev)).transpose()?;
         (r.model, r.opt, r.step, state, mask_policy)
     } else {
-        let models = new_models(&cfg, &reference, &tok)?;
+        let mut models = new_models(&cfg, &reference, &tok)?;
+        crate::stages::lora_state::attach(&mut models, &cfg.optim, cfg.seed)?;
         run.write_config(&cfg)?;
         let kl = KlController::new(cfg.kl_control, cfg.beta);
         (

@@ -232,6 +232,9 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &PretrainConfig, resume: bool, dev: 
 }
 
 fn validate(cfg: &PretrainConfig) -> Result<()> {
+    if cfg.optim.lora.is_some() {
+        anyhow::bail!("optim.lora: LoRA adapts a trained model; pretraining trains every weight from scratch");
+    }
     if cfg.files.is_empty() {
         bail!("files: give at least one corpus file");
     }

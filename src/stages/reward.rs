@@ -327,7 +327,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &RewardConfig, resume: bool, dev: &D
     let run = RunDir::open(&cfg.out_dir, resume)?.keep_last(cfg.keep_checkpoints);
     // BOILERPLATE: backbone + head, tokenizer, optimizer (from init, or the run's checkpoint)
     let Restored { model: mut rm, tok, mut opt, step: start } =
-        restore_or_init(&run, resume, &cfg.optim, dev, || initial_model(cfg, dev))?;
+        restore_or_init(&run, resume, (&cfg.optim, cfg.seed), dev, || initial_model(cfg, dev))?;
     require_fits(cfg.max_len, &rm.model.dims, &cfg.init)?;
     let eos = tok
         .eos_for(&rm.model.config)

@@ -369,7 +369,7 @@ fn train_on<D: FusedOps + GradBuffers>(cfg: &SftConfig, resume: bool, dev: &D) -
     let run = RunDir::open(&cfg.out_dir, resume)?.keep_last(cfg.keep_checkpoints);
     // BOILERPLATE: model, tokenizer, optimizer (from init, or from the run's last checkpoint)
     let Restored { mut model, tok, mut opt, step: start } =
-        restore_or_init(&run, resume, &cfg.optim, dev, || Ok(load_with_tokenizer(&cfg.init, dev)?))?;
+        restore_or_init(&run, resume, (&cfg.optim, cfg.seed), dev, || Ok(load_with_tokenizer(&cfg.init, dev)?))?;
     require_fits(cfg.max_len, &model.dims, &cfg.init)?;
     let eos = tok
         .eos_for(&model.config)

@@ -187,9 +187,9 @@ impl CudaEngine {
         for blk in &model.blocks {
             let qkv = crate::infer::concat_cols(
                 &[
-                    (blk.wq.w.as_vec(), dims.q_dim()),
-                    (blk.wk.w.as_vec(), dims.kv_dim()),
-                    (blk.wv.w.as_vec(), dims.kv_dim()),
+                    (blk.wq.merged_w(), dims.q_dim()),
+                    (blk.wk.merged_w(), dims.kv_dim()),
+                    (blk.wv.merged_w(), dims.kv_dim()),
                 ],
                 c,
             );
@@ -205,24 +205,24 @@ impl CudaEngine {
             };
             let mlp = match &blk.mlp {
                 Mlp::Gelu { fc, proj } => MlpG::Gelu {
-                    fc: up(fc.w.as_vec())?,
+                    fc: up(fc.merged_w())?,
                     fc_b: fc.b.as_ref().map(up_t).transpose()?,
-                    proj: up(proj.w.as_vec())?,
+                    proj: up(proj.merged_w())?,
                     proj_b: proj.b.as_ref().map(up_t).transpose()?,
                 },
                 Mlp::SwiGlu { gate, up: u, down } => MlpG::SwiGlu {
                     gate_up: up(crate::infer::concat_cols(
-                        &[(gate.w.as_vec(), dims.d_ff), (u.w.as_vec(), dims.d_ff)],
+                        &[(gate.merged_w(), dims.d_ff), (u.merged_w(), dims.d_ff)],
                         c,
                     ))?,
-                    down: up(down.w.as_vec())?,
+                    down: up(down.merged_w())?,
                 },
             };
             layers.push(LayerG {
                 ln1: norm(blk.ln1.as_ref().ok_or_else(pre_norms)?)?,
                 qkv: up(qkv)?,
                 qkv_b,
-                o: up(blk.wo.w.as_vec())?,
+                o: up(blk.wo.merged_w())?,
                 o_b: blk.wo.b.as_ref().map(up_t).transpose()?,
                 ln2: norm(blk.ln2.as_ref().ok_or_else(pre_norms)?)?,
                 mlp,

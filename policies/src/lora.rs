@@ -1,0 +1,255 @@
+//! Training with LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models",
+//! eq. 3): each adapted linear layer computes `h = x·W + b + s·(x·A)·B` with the pretrained
+//! `W`, `b` frozen, `A` `(in, r)` and `B` `(r, out)` trained, and `s = lora_alpha / r`
+//! (rsLoRA, Kalajdzievski 2023: `lora_alpha / √r`). `A` starts as PEFT's does (Kaiming-uniform,
+//! `U(−1/√in, 1/√in)`) and `B` at zero, so the adapted model starts as the pretrained one.
+//!
+//! The frozen `W` gets no gradient (the linear op skips `dW = xᵀ·dy`, a third of a layer's
+//! backward flops), and the optimizer keeps moments for `A` and `B` only. Everything that reads
+//! weights outside the training forward — a checkpoint's `model.safetensors`, the rollout
+//! engines — sees the merged `W + s·A·B`, so a checkpoint is a plain model for every later
+//! stage and for transformers. The parameters are named `<linear>.lora_a` / `.lora_b` beside
+//! the linear's `weight` (`blocks.0.attn.q.lora_a`).
+
+use dfdx::prelude::*;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::error::PolicyError;
+use crate::fused::FusedOps;
+use crate::linear::{Affine, WeightLayout};
+use crate::model::{CausalLm, Linear, Mlp, A2, T2};
+use crate::strided::{gemm_into, View};
+
+/// Which linear layers a LoRA config adapts, and how (PEFT's `LoraConfig` field names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraConfig {
+    /// Rank `r`. Default 8 (PEFT's).
+    pub r: usize,
+    /// `lora_alpha`: the update is scaled by `lora_alpha / r`. Default 8 (PEFT's).
+    pub lora_alpha: f64,
+    /// rsLoRA's scale `lora_alpha / √r`. Default `false`.
+    pub use_rslora: bool,
+    /// The layers to adapt: `"all-linear"` (every attention and MLP projection; not the LM
+    /// head, as PEFT's), or a list of module names matched as PEFT matches them — a layer is
+    /// adapted when its transformers module name (`model.layers.0.self_attn.q_proj`,
+    /// `transformer.h.0.attn.c_attn`) or its name here (`blocks.0.attn.q`) is the entry or ends
+    /// with `.` and the entry: `["q_proj", "v_proj"]`, `["c_attn"]` (GPT-2's fused q|k|v: each
+    /// of q, k and v gets its own pair), `["attn.q", "mlp"]`. Default `"all-linear"`.
+    pub target_modules: TargetModules,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig { r: 8, lora_alpha: 8.0, use_rslora: false, target_modules: TargetModules::default() }
+    }
+}
+
+/// [`LoraConfig::target_modules`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// `"all-linear"` (the only string accepted).
+    All(AllLinear),
+    /// Module names.
+    Names(Vec<String>),
+}
+
+impl Default for TargetModules {
+    fn default() -> Self {
+        TargetModules::All(AllLinear::AllLinear)
+    }
+}
+
+/// The one string [`TargetModules`] takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AllLinear {
+    /// Every linear layer of the blocks.
+    #[serde(rename = "all-linear")]
+    AllLinear,
+}
+
+impl LoraConfig {
+    /// The update's scale `s`.
+    pub fn scale(&self) -> f32 {
+        let r = self.r as f64;
+        (if self.use_rslora { self.lora_alpha / r.sqrt() } else { self.lora_alpha / r }) as f32
+    }
+
+    /// Checks the numbers.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        let err = |f: &str, msg: String| optim_error(f, msg);
+        if self.r == 0 {
+            return Err(err("r", "must be at least 1".into()));
+        }
+        if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
+            return Err(err("lora_alpha", format!("{} must be finite and positive", self.lora_alpha)));
+        }
+        if matches!(&self.target_modules, TargetModules::Names(n) if n.is_empty()) {
+            return Err(err("target_modules", "is empty: name the layers to adapt, or \"all-linear\"".into()));
+        }
+        Ok(())
+    }
+}
+
+/// An error in the stage config's `optim.lora.<field>`.
+fn optim_error(field: &str, msg: String) -> PolicyError {
+    PolicyError::Config { file: "config".into(), field: format!("optim.lora.{field}"), msg }
+}
+
+/// One layer's low-rank update.
+#[derive(Debug, Clone)]
+pub struct Lora<D: Storage<f32>> {
+    /// `A` `(in, r)`.
+    pub a: T2<D>,
+    /// `B` `(r, out)`.
+    pub b: T2<D>,
+    /// `s`.
+    pub scale: f32,
+}
+
+impl<D: FusedOps> Lora<D> {
+    /// `x·W + b (+ r) + s·(x·A)·B` for the frozen `base`: the base map without its weight's
+    /// gradient, then the update through `r` columns, added onto it in the last gemm.
+    pub(crate) fn forward<T: Tape<f32, D>>(
+        &self,
+        base: &Linear<D>,
+        x: A2<D, T>,
+        r: Option<&A2<D, NoneTape>>,
+    ) -> A2<D, T> {
+        let (x, tape) = x.split_tape();
+        let frozen = Affine { w: &base.w, layout: WeightLayout::InOut, b: base.b.as_ref(), residual: r, frozen: true };
+        let (y, tape) = D::linear(x.clone().put_tape(tape), frozen).split_tape();
+        let plain = |w| Affine { w, layout: WeightLayout::InOut, b: None, residual: None, frozen: false };
+        let h = D::linear(x.put_tape(tape), plain(&self.a)) * self.scale;
+        D::linear(h, Affine { residual: Some(&y), ..plain(&self.b) })
+    }
+}
+
+impl<D: Device<f32>> Linear<D> {
+    /// The weight the layer applies, `(in, out)` on the host: `W`, or with an update
+    /// `W + s·A·B` (what checkpoints store and the rollout engines run).
+    pub fn merged_w(&self) -> Vec<f32> {
+        let mut w = self.w.as_vec();
+        if let Some(l) = &self.lora {
+            let ((i, r), (_, o)) = (*l.a.shape(), *l.b.shape());
+            let (a, b) = (l.a.as_vec(), l.b.as_vec());
+            gemm_into(
+                &mut w,
+                (i, o, r),
+                View::rows(&a, r),
+                View::rows(&b, o),
+                l.scale,
+                true,
+                rayon::current_num_threads(),
+            );
+        }
+        w
+    }
+}
+
+/// Generates `linears` and `linears_mut`: every linear layer of the blocks with its name here
+/// (`blocks.0.attn.q`), in [`CausalLm::params`]'s order.
+macro_rules! linear_walker {
+    ($fn_name:ident, $iter:ident, $($m:ident)?) => {
+        impl<D: Storage<f32>> CausalLm<D> {
+            /// Every linear layer of the blocks, named as in [`CausalLm::params`] without the
+            /// `.weight`.
+            pub fn $fn_name(&$($m)? self) -> Vec<(String, &$($m)? Linear<D>)> {
+                let mut out = Vec::new();
+                for (i, blk) in self.blocks.$iter().enumerate() {
+                    let p = format!("blocks.{i}");
+                    out.push((format!("{p}.attn.q"), &$($m)? blk.wq));
+                    out.push((format!("{p}.attn.k"), &$($m)? blk.wk));
+                    out.push((format!("{p}.attn.v"), &$($m)? blk.wv));
+                    out.push((format!("{p}.attn.o"), &$($m)? blk.wo));
+                    match &$($m)? blk.mlp {
+                        Mlp::Gelu { fc, proj } => {
+                            out.push((format!("{p}.mlp.fc"), fc));
+                            out.push((format!("{p}.mlp.proj"), proj));
+                        }
+                        Mlp::SwiGlu { gate, up, down } => {
+                            out.push((format!("{p}.mlp.gate"), gate));
+                            out.push((format!("{p}.mlp.up"), up));
+                            out.push((format!("{p}.mlp.down"), down));
+                        }
+                    }
+                }
+                out
+            }
+        }
+    };
+}
+
+linear_walker!(linears, iter,);
+linear_walker!(linears_mut, iter_mut, mut);
+
+impl<D: FusedOps> CausalLm<D> {
+    /// Adds a fresh update (`A` Kaiming-uniform from `seed`, `B` zero) to every layer `cfg`
+    /// targets; the model computes what it did. Returns how many layers were adapted. An entry
+    /// of `target_modules` that matches no layer is an error naming it.
+    pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<usize, PolicyError> {
+        cfg.validate()?;
+        let hf: Vec<String> = self
+            .linears()
+            .iter()
+            .map(|(n, _)| self.hf_name(&format!("{n}.weight")).trim_end_matches(".weight").to_string())
+            .collect();
+        let matches = |entry: &str, name: &str| name == entry || name.ends_with(&format!(".{entry}"));
+        let targeted = |ours: &str, theirs: &str, entry: &str| matches(entry, ours) || matches(entry, theirs);
+        if let TargetModules::Names(entries) = &cfg.target_modules {
+            let names = self.linears().into_iter().map(|(n, _)| n).zip(&hf).collect::<Vec<_>>();
+            if let Some(e) = entries.iter().find(|e| !names.iter().any(|(o, t)| targeted(o, t, e))) {
+                let some: Vec<&str> = hf.iter().take(7).map(String::as_str).collect();
+                let msg = format!(
+                    "{e:?} matches no linear layer (they are named like {}, or blocks.0.attn.q)",
+                    some.join(", ")
+                );
+                return Err(optim_error("target_modules", msg));
+            }
+        }
+        let (mut rng, scale, r, dev) = (StdRng::seed_from_u64(seed), cfg.scale(), cfg.r, self.dev.clone());
+        let mut adapted = 0;
+        for ((name, lin), theirs) in self.linears_mut().into_iter().zip(&hf) {
+            let on = match &cfg.target_modules {
+                TargetModules::All(_) => true,
+                TargetModules::Names(entries) => entries.iter().any(|e| targeted(&name, theirs, e)),
+            };
+            if !on {
+                continue;
+            }
+            let (i, o) = *lin.w.shape();
+            let bound = 1.0 / (i as f32).sqrt();
+            let a: Vec<f32> = (0..i * r).map(|_| rng.gen_range(-bound..bound)).collect();
+            lin.lora = Some(Lora { a: dev.tensor_from_vec(a, (i, r)), b: dev.zeros_like(&(r, o)), scale });
+            adapted += 1;
+        }
+        Ok(adapted)
+    }
+
+    /// Whether any layer carries an update.
+    pub fn has_lora(&self) -> bool {
+        self.linears().iter().any(|(_, l)| l.lora.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_peft_names_and_checks_them() {
+        let c: LoraConfig =
+            serde_json::from_str(r#"{"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"]}"#).unwrap();
+        assert_eq!((c.r, c.scale()), (16, 2.0));
+        assert_eq!(c.target_modules, TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]));
+        let d: LoraConfig =
+            serde_json::from_str(r#"{"target_modules": "all-linear", "use_rslora": true, "r": 4}"#).unwrap();
+        assert_eq!((d.scale(), d.target_modules), (4.0, TargetModules::default()));
+        assert!(serde_json::from_str::<LoraConfig>(r#"{"target_modules": "all"}"#).is_err());
+        assert!(serde_json::from_str::<LoraConfig>(r#"{"lora_dropout": 0.1}"#).is_err());
+        let zero = LoraConfig { r: 0, ..LoraConfig::default() };
+        assert!(zero.validate().unwrap_err().to_string().contains("optim.lora.r"));
+    }
+}

@@ -1,0 +1,88 @@
+//! A LoRA run (`optim.lora`, `rlhf_policies::lora`) in its checkpoints. The model folder holds
+//! the merged weights `W + s·A·B` — a plain model for every later stage and for transformers —
+//! which cannot give back `W` exactly; so each checkpoint also keeps `lora.safetensors`: every
+//! update's `A` and `B` and the frozen base weight of each adapted layer, by parameter name
+//! (`policy.blocks.0.attn.q.lora_a`, `….weight`). Resuming loads the merged folder, puts the
+//! updates back on the same layers and restores those tensors, so the run continues bit for bit.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use dfdx::prelude::*;
+use rlhf_policies::checkpoint::{is_lora, read_safetensors, write_safetensors, HostTensor};
+use rlhf_policies::{AdamWConfig, FusedOps, HasParams, ParamMut};
+
+/// The checkpoint file with the updates and the adapted layers' base weights.
+pub const LORA_STATE: &str = "lora.safetensors";
+
+/// Adds `optim.lora`'s update to every transformer `model` trains (the `i`-th's `A` drawn from
+/// `seed + i`); nothing without `optim.lora`. Says on stderr how many layers each got.
+pub fn attach<D: FusedOps, M: HasParams<D>>(model: &mut M, optim: &AdamWConfig, seed: u64) -> Result<()> {
+    let Some(cfg) = &optim.lora else { return Ok(()) };
+    for (i, (prefix, lm)) in model.trunks_mut().into_iter().enumerate() {
+        let n = lm.add_lora(cfg, seed.wrapping_add(i as u64))?;
+        let which =
+            if prefix.is_empty() { "the model".to_string() } else { format!("`{}`", prefix.trim_end_matches('.')) };
+        eprintln!("LoRA: rank {} on {n} linear layers of {which} (scale {})", cfg.r, cfg.scale());
+    }
+    Ok(())
+}
+
+/// What [`LORA_STATE`] holds for `model` (empty without updates).
+fn state<D: Device<f32>>(model: &impl HasParams<D>) -> BTreeMap<String, HostTensor> {
+    let params = model.params();
+    let adapted: Vec<&str> = params.iter().filter_map(|(n, _)| n.strip_suffix(".lora_a")).collect();
+    let keep = |n: &str| is_lora(n) || n.strip_suffix(".weight").is_some_and(|m| adapted.contains(&m));
+    params
+        .iter()
+        .filter(|(n, _)| keep(n))
+        .map(|(n, p)| (n.clone(), HostTensor { shape: p.shape(), data: p.to_vec() }))
+        .collect()
+}
+
+/// Writes [`LORA_STATE`] into the checkpoint folder `dir` when `model` carries updates.
+pub fn save<D: Device<f32>>(model: &impl HasParams<D>, dir: &Path) -> Result<()> {
+    let tensors = state(model);
+    if !tensors.is_empty() {
+        write_safetensors(&dir.join(LORA_STATE), &tensors)?;
+    }
+    Ok(())
+}
+
+/// Puts a resumed LoRA run's updates back: `model` as read from the checkpoint `dir` (merged
+/// weights) gets `optim.lora`'s layers, and their `A`, `B` and base weights from [`LORA_STATE`].
+/// Every tensor of the file must find its parameter, and every update its tensors.
+pub fn restore<D: FusedOps, M: HasParams<D>>(model: &mut M, optim: &AdamWConfig, dir: &Path) -> Result<()> {
+    if optim.lora.is_none() {
+        return Ok(());
+    }
+    let file = dir.join(LORA_STATE);
+    let mut tensors = read_safetensors(&file).with_context(|| format!("resuming a LoRA run from {}", dir.display()))?;
+    attach(model, optim, 0)?;
+    for (name, p) in model.params_mut() {
+        let Some(t) = tensors.remove(&name) else {
+            if is_lora(&name) {
+                bail!("{}: tensor `{name}` is missing (written by another optim.lora?)", file.display());
+            }
+            continue;
+        };
+        let ParamMut::M(w) = p else { bail!("{}: `{name}` is not a matrix here", file.display()) };
+        if t.shape != [w.shape().0, w.shape().1] {
+            bail!(
+                "{}: `{name}` has shape {:?}, the model's is {:?} (another optim.lora?)",
+                file.display(),
+                t.shape,
+                w.shape()
+            );
+        }
+        *w = w.device().tensor_from_vec(t.data, *w.shape());
+    }
+    if let Some(name) = tensors.keys().next() {
+        bail!(
+            "{}: tensor `{name}` matches no parameter of the model (another optim.lora.target_modules?)",
+            file.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,241 @@
+//! LoRA training (`optim.lora`, `rlhf_policies::lora`): the adapted forward equals the merged
+//! weights' forward (what checkpoints and the rollout engines hold), the update's gradients
+//! match finite differences while the frozen base gets none, and the stages train the update
+//! alone, save a plain merged model and resume exactly.
+
+mod common;
+
+use common::models::*;
+use common::*;
+use dfdx::prelude::*;
+use rlhf_policies::lora::{LoraConfig, TargetModules};
+use rlhf_policies::{Batch, CausalLm, InferenceModel, KvCache, LogitsAt, ParamMut, ParamRef};
+
+/// `m` with an update on `targets` whose `B` is random too (a fresh one is zero).
+fn adapted(mut m: CausalLm<Cpu>, targets: TargetModules) -> CausalLm<Cpu> {
+    let cfg = LoraConfig { r: 3, lora_alpha: 6.0, target_modules: targets, ..LoraConfig::default() };
+    assert!(m.add_lora(&cfg, 7).unwrap() > 0);
+    let dev = Cpu::default();
+    let mut k = 0.0f32;
+    for (name, p) in m.params_mut() {
+        if let (true, ParamMut::M(t)) = (name.ends_with(".lora_b"), p) {
+            k += 1.0;
+            let v: Vec<f32> = (0..t.shape().0 * t.shape().1).map(|i| ((i as f32 * 0.37 + k).sin()) * 0.3).collect();
+            *t = dev.tensor_from_vec(v, *t.shape());
+        }
+    }
+    m
+}
+
+fn logits(m: &CausalLm<Cpu>, batch: &Batch) -> Vec<f32> {
+    m.forward(batch, NoneTape).unwrap().as_vec()
+}
+
+fn check_merged(cfg: rlhf_policies::ModelConfig, targets: TargetModules) {
+    let base = model(cfg, 4);
+    let m = adapted(base.clone(), targets);
+    let batch = Batch::left_padded(&[vec![3, 1, 4, 1, 5, 9], vec![2, 6, 5]], 0).unwrap();
+    let (plain, got) = (logits(&base, &batch), logits(&m, &batch));
+    assert!(max_abs_diff(&plain, &got) > 1e-2, "the update moves the logits");
+    // the saved checkpoint is the merged model
+    let dir = tempfile::tempdir().unwrap();
+    m.save_pretrained(dir.path(), None).unwrap();
+    let merged = CausalLm::load_pretrained(dir.path(), &Cpu::default()).unwrap();
+    assert!(!merged.has_lora());
+    let diff = max_abs_diff(&logits(&merged, &batch), &got);
+    assert!(diff < 1e-5, "merged checkpoint against the adapted forward: {diff}");
+    // the rollout engine runs the merged weights
+    let engine = InferenceModel::from_model(&m);
+    let pad: Vec<usize> = vec![0, 3];
+    let mut cache = KvCache::new(&m.dims, pad, batch.t);
+    let all = engine.forward(&mut cache, &batch.ids, batch.t, LogitsAt::All).unwrap();
+    let v = m.dims.vocab;
+    assert!(max_abs_diff(&all[..batch.t * v], &got[..batch.t * v]) < 1e-5, "engine row 0");
+}
+
+#[test]
+fn adapted_forward_is_the_merged_models() {
+    check_merged(tiny_llama(64), TargetModules::default());
+    check_merged(tiny_gpt2(64), TargetModules::default());
+    check_merged(tiny_neox(64, true), TargetModules::Names(vec!["query_key_value".into(), "dense_4h_to_h".into()]));
+    check_merged(tiny_llama(64), TargetModules::Names(vec!["q_proj".into(), "mlp.down".into()]));
+}
+
+#[test]
+fn targets_match_as_peft_matches_them() {
+    let count = |cfg: rlhf_policies::ModelConfig, t: &[&str]| {
+        let mut m = model(cfg, 1);
+        let c = LoraConfig {
+            target_modules: TargetModules::Names(t.iter().map(|s| s.to_string()).collect()),
+            ..Default::default()
+        };
+        m.add_lora(&c, 0)
+            .map(|_| m.linears().iter().filter(|(_, l)| l.lora.is_some()).map(|(n, _)| n.clone()).collect::<Vec<_>>())
+    };
+    // GPT-2's c_attn is q, k and v; its c_proj both the attention's and the MLP's
+    let q = count(tiny_gpt2(32), &["c_attn"]).unwrap();
+    assert_eq!(q.len(), 3 * 2, "{q:?}");
+    let p = count(tiny_gpt2(32), &["c_proj"]).unwrap();
+    assert!(p.contains(&"blocks.0.attn.o".to_string()) && p.contains(&"blocks.1.mlp.proj".to_string()), "{p:?}");
+    assert_eq!(count(tiny_llama(32), &["v_proj"]).unwrap(), vec!["blocks.0.attn.v", "blocks.1.attn.v"]);
+    assert_eq!(count(tiny_llama(32), &["blocks.1.mlp.up"]).unwrap(), vec!["blocks.1.mlp.up"]);
+    let err = count(tiny_llama(32), &["q_proj", "qproj"]).unwrap_err().to_string();
+    assert!(err.contains("optim.lora.target_modules") && err.contains("\"qproj\" matches no linear layer"), "{err}");
+    assert!(err.contains("model.layers.0.self_attn.q_proj"), "names the layers: {err}");
+}
+
+#[test]
+fn update_gradients_match_finite_differences_and_the_base_gets_none() {
+    let dev = Cpu::default();
+    let m = adapted(model(tiny_llama(48), 3), TargetModules::default());
+    let batch = Batch::right_padded(&[vec![1, 5, 2, 7, 3, 4], vec![6, 2, 9, 1]], 0).unwrap();
+    let (mut targets, mut weights) = (vec![], vec![]);
+    for r in 0..batch.b {
+        for j in 0..batch.t {
+            let next = j + 1 < batch.t && batch.is_real(r, j + 1);
+            targets.push(if next { batch.ids[r * batch.t + j + 1] as usize } else { 0 });
+            weights.push(if next { 0.125 } else { 0.0 });
+        }
+    }
+    let n = targets.len();
+    let lp = m
+        .forward(&batch, OwnedTape::<f32, Cpu>::default())
+        .unwrap()
+        .log_softmax::<Axis<1>>()
+        .select(dev.tensor_from_vec(targets.clone(), (n,)));
+    let grads = (lp * dev.tensor_from_vec(weights.clone(), (n,))).sum::<Rank0, _>().negate().backward();
+    let mut checked = 0;
+    for (pi, (name, p)) in m.params().into_iter().enumerate() {
+        let ParamRef::M(t) = p else { continue };
+        if name.ends_with(".weight") && name.starts_with("blocks.") {
+            // a frozen base weight: its gradient was never formed
+            let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| grads.get(t)));
+            assert!(got.is_err(), "{name} has a gradient");
+            continue;
+        }
+        if !name.contains(".lora_") {
+            continue;
+        }
+        let analytic = grads.get(t).as_vec();
+        for k in 0..3 {
+            let idx = (k * 7919 + pi * 31) % analytic.len();
+            let f = |delta: f32| {
+                let mut mm = m.clone();
+                if let (_, ParamMut::M(t)) = mm.params_mut().into_iter().nth(pi).unwrap() {
+                    let mut v = t.as_vec();
+                    v[idx] += delta;
+                    *t = dev.tensor_from_vec(v, *t.shape());
+                }
+                loss_value(&mm, &batch, &targets, &weights) as f64
+            };
+            let fd = ((f(1e-2) - f(-1e-2)) / 2e-2) as f32;
+            let g = analytic[idx];
+            assert!((fd - g).abs() <= 2e-3 + 3e-2 * g.abs(), "{name}[{idx}]: analytic {g} vs finite difference {fd}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 3 * 2 * 7 * 2, "every update tensor of both blocks");
+}
+
+/// A char-level GPT-2 and {prompt, response} pairs for SFT.
+fn sft_config(dir: &std::path::Path, steps: usize) -> rlhf::stages::sft::SftConfig {
+    let pairs = [("sky?", "blue."), ("grass?", "green."), ("snow?", "white."), ("coal?", "black.")];
+    let all: String = pairs.iter().map(|(p, r)| format!("{p} {r}")).collect::<Vec<_>>().join("\n");
+    let tok = rlhf_policies::Tokenizer::char_level(&format!("{all} Q:A")).unwrap();
+    // std 0.3 (not 0.02): the frozen tied head can then give confident logits
+    let model = model(rlhf_policies::ModelConfig::gpt2_preset(tok.vocab_size(), 32, 2, 2, 64), 3);
+    let init = dir.join("init");
+    model.save_pretrained(&init, Some(&tok)).unwrap();
+    let data = dir.join("pairs.jsonl");
+    let lines: Vec<String> =
+        pairs.iter().map(|(p, r)| serde_json::json!({"prompt": p, "response": format!(" {r}")}).to_string()).collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let lora = LoraConfig { r: 4, lora_alpha: 8.0, ..LoraConfig::default() };
+    rlhf::stages::sft::SftConfig {
+        out_dir: dir.join("run"),
+        init,
+        data,
+        val_fraction: 0.0,
+        prompt_template: "Q:{prompt}A:".into(),
+        max_len: 40,
+        batch_size: 4,
+        steps,
+        optim: rlhf_policies::AdamWConfig { lr: 3e-2, lora: Some(lora), ..Default::default() },
+        eval_every: 100,
+        checkpoint_every: steps,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn sft_trains_the_update_alone_saves_the_merged_model_and_resumes_exactly() {
+    use rlhf_policies::checkpoint::read_safetensors;
+    let d = tempfile::tempdir().unwrap();
+    let c = sft_config(d.path(), 24);
+    let report = rlhf::stages::sft::train(c.clone(), false).unwrap();
+    let m = comparable_metrics(&d.path().join("run"));
+    let (first, last) = (m[0]["loss"].as_f64().unwrap(), report.train_loss as f64);
+    assert!(last < 0.1 * first, "the update learns: loss {first} -> {last}");
+    let ckpt = d.path().join("run/checkpoints/step-24");
+    let (before, after) = (
+        read_safetensors(&c.init.join("model.safetensors")).unwrap(),
+        read_safetensors(&ckpt.join("model.safetensors")).unwrap(),
+    );
+    assert_eq!(before.keys().collect::<Vec<_>>(), after.keys().collect::<Vec<_>>(), "a plain model: no LoRA tensors");
+    for (name, t) in &before {
+        // GPT-2's Conv1D weights of the blocks are adapted (merged); embeddings, norms, biases stay
+        let adapted = name.contains(".h.") && name.ends_with(".weight") && !name.contains(".ln_");
+        assert_eq!(after[name].data != t.data, adapted, "{name}");
+    }
+    // the optimizer holds the updates' moments only; lora.safetensors the updates and the bases
+    let opt = read_safetensors(&ckpt.join("optimizer.safetensors")).unwrap();
+    assert!(opt.len() == 2 * 2 * 6 * 2 && opt.keys().all(|k| k.contains(".lora_")), "{:?}", opt.keys());
+    let state = read_safetensors(&ckpt.join("lora.safetensors")).unwrap();
+    assert_eq!(state.len(), 3 * 6 * 2, "A, B and the base weight of 6 layers in 2 blocks");
+    let base = CausalLm::load_pretrained(&c.init, &Cpu::default()).unwrap();
+    for (name, p) in base.params() {
+        if let Some(t) = state.get(&name) {
+            assert_eq!(t.data, p.to_vec(), "{name}: the base weight, exactly");
+        }
+    }
+    // the merged checkpoint computes what the adapted model did: resumed, it goes on the same
+    let resumed = rlhf::stages::sft::SftConfig { out_dir: d.path().join("resumed"), checkpoint_every: 5, ..c.clone() };
+    rlhf::stages::sft::train(resumed.clone(), false).unwrap();
+    std::fs::remove_dir_all(d.path().join("resumed/checkpoints/step-24")).unwrap();
+    std::fs::remove_dir_all(d.path().join("resumed/checkpoints/step-20")).unwrap();
+    rlhf::stages::sft::train(resumed, true).unwrap();
+    assert_eq!(comparable_metrics(&d.path().join("resumed")), m);
+    // pretraining refuses it
+    let pre = rlhf::stages::pretrain::PretrainConfig { optim: c.optim.clone(), ..Default::default() };
+    let e = rlhf::stages::pretrain::train(pre, false).unwrap_err().to_string();
+    assert!(e.contains("optim.lora"), "{e}");
+}
+
+#[test]
+fn ppo_with_lora_starts_at_the_reference_and_resumes_exactly() {
+    let run = |dir: &std::path::Path| {
+        let mut c = ppo_config(dir, 3);
+        c.optim.lora = Some(LoraConfig { r: 4, lora_alpha: 16.0, ..LoraConfig::default() });
+        c.value_model = rlhf::stages::ppo_models::ValueModelConfig::Separate { init: None };
+        c.checkpoint_every = 1;
+        c
+    };
+    let a = tempfile::tempdir().unwrap();
+    rlhf::stages::ppo::train(run(a.path()), false).unwrap();
+    let ma = comparable_metrics(&a.path().join("ppo"));
+    assert!(ma[0]["objective/kl"].as_f64().unwrap().abs() < 1e-4, "the update starts at zero");
+    for r in &ma {
+        assert_eq!(r["debug/first_minibatch_ratio"].as_f64().unwrap(), 1.0);
+    }
+    assert!(ma[2]["objective/kl"].as_f64().unwrap().abs() > 1e-3, "the policy moved");
+    let opt =
+        rlhf_policies::checkpoint::read_safetensors(&a.path().join("ppo/checkpoints/step-3/optimizer.safetensors"))
+            .unwrap();
+    assert!(opt.keys().any(|k| k.contains("value.head")), "the critic's head trains whole: {:?}", opt.keys());
+    assert!(opt.keys().all(|k| k.contains(".lora_") || k.contains("value.head")), "{:?}", opt.keys());
+    let b = tempfile::tempdir().unwrap();
+    rlhf::stages::ppo::train(run(b.path()), false).unwrap();
+    std::fs::remove_dir_all(b.path().join("ppo/checkpoints/step-3")).unwrap();
+    rlhf::stages::ppo::train(run(b.path()), true).unwrap();
+    assert_eq!(comparable_metrics(&b.path().join("ppo")), ma);
+}
