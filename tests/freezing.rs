@@ -81,14 +81,25 @@ fn an_untaped_frozen_bottom_leaves_the_gradients_that_train_unchanged() {
                 assert_eq!(got.as_ref(), if name == "lm_head" { None } else { want.as_ref() }, "{family}: {name}");
             }
         }
-        // a frozen block above a training one, or training embeddings, change nothing
+        // a frozen block above a training one, or training embeddings, run taped: their
+        // frozen linear layers form no weight or bias gradient in the per-op path (Llama's;
+        // GPT-2's whole-block op forms all of its block's), everything else is unchanged
+        let skipped = |n: &str| {
+            family == "llama"
+                && n.starts_with("blocks.")
+                && (n.contains(".attn.") || n.contains(".mlp."))
+                && !n.contains("norm")
+        };
         assert_eq!(m.set_frozen_trunk(|n| n.starts_with("blocks.")), 0, "{family}: embeddings train");
-        assert_eq!(gradients(&m), whole, "{family}: the whole backward pass again");
+        for ((name, want), (_, got)) in whole.iter().zip(gradients(&m)) {
+            assert_eq!(got.as_ref(), if skipped(name) { None } else { want.as_ref() }, "{family}: {name}");
+        }
         assert_eq!(m.set_frozen_trunk(|n| n == "wte" || n == "wpe" || n.starts_with("blocks.1.")), 0, "{family}");
         for ((name, want), (_, got)) in whole.iter().zip(gradients(&m)) {
             // a frozen tied wte keeps only its embedding's part: the head's is skipped
             if name != "wte" || !tied {
-                assert_eq!(got.as_ref(), want.as_ref(), "{family}: {name} as in the whole backward pass");
+                let none = skipped(name) && name.starts_with("blocks.1.");
+                assert_eq!(got.as_ref(), if none { None } else { want.as_ref() }, "{family}: {name}");
             }
         }
         m.set_frozen_trunk(|n| n == "wte" || n == "wpe" || n.starts_with("blocks.0."));

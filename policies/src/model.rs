@@ -52,12 +52,15 @@ pub struct Linear<D: Storage<f32>> {
     pub b: Option<T1<D>>,
     /// A LoRA update trained in place of `w` and `b` ([`crate::lora`]); `None` as loaded.
     pub lora: Option<crate::lora::Lora<D>>,
+    /// `w` and `b` are frozen ([`CausalLm::set_frozen_trunk`]): a taped forward forms no
+    /// gradient for them. Always so under a LoRA update.
+    pub(crate) frozen: bool,
 }
 
 impl<D: Device<f32>> Linear<D> {
     fn new(dev: &D, init: &mut Init, i: usize, o: usize, std: f32, bias: bool) -> Self {
         let w = init.matrix(dev, (i, o), std);
-        Linear { w, b: bias.then(|| dev.zeros_like(&(o,))), lora: None }
+        Linear { w, b: bias.then(|| dev.zeros_like(&(o,))), lora: None, frozen: false }
     }
 }
 
@@ -92,7 +95,13 @@ impl<D: FusedOps> Linear<D> {
         match &self.lora {
             None => D::linear(
                 x,
-                Affine { w: &self.w, layout: WeightLayout::InOut, b: self.b.as_ref(), residual: r, frozen: false },
+                Affine {
+                    w: &self.w,
+                    layout: WeightLayout::InOut,
+                    b: self.b.as_ref(),
+                    residual: r,
+                    frozen: self.frozen,
+                },
             ),
             Some(lora) => lora.forward(self, x, r),
         }

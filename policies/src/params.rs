@@ -155,6 +155,7 @@ impl<D: Device<f32>> CausalLm<D> {
         let mut copy = self.clone();
         copy.map_params(|t| t.clone() + 0.0f32, |t| t.clone() + 0.0f32);
         copy.frozen = FrozenTrunk::default();
+        copy.linears_mut().into_iter().for_each(|(_, l)| l.frozen = false);
         copy
     }
 
@@ -167,7 +168,9 @@ impl<D: Device<f32>> CausalLm<D> {
     /// parameters are all `frozen` (by name, as [`CausalLm::params`] gives them) without a
     /// tape: they get no gradient, and the backward pass stops at the first block that trains.
     /// Nothing changes while the embeddings train. A frozen LM head (`lm_head`, or the tied
-    /// `wte`) gets no weight gradient either. Returns the number of blocks run untaped.
+    /// `wte`) gets no weight gradient either, nor does a frozen linear layer above them
+    /// (its weight and bias: [`crate::linear::Affine::frozen`]). Returns the number of blocks
+    /// run untaped.
     pub fn set_frozen_trunk(&mut self, frozen: impl Fn(&str) -> bool) -> usize {
         let params = self.params();
         let all_frozen =
@@ -179,6 +182,10 @@ impl<D: Device<f32>> CausalLm<D> {
         };
         let head = all_frozen(if self.lm_head.is_some() { "lm_head" } else { "wte" });
         self.frozen = FrozenTrunk { blocks: k, head };
+        for (name, lin) in self.linears_mut() {
+            let bias_frozen = lin.b.is_none() || frozen(&format!("{name}.bias"));
+            lin.frozen = frozen(&format!("{name}.weight")) && bias_frozen;
+        }
         k
     }
 
