@@ -21,7 +21,9 @@ use crate::linear::{Affine, WeightLayout};
 use crate::model::{CausalLm, Linear, Mlp, A2, T2};
 use crate::strided::{gemm_into, View};
 
-/// Which linear layers a LoRA config adapts, and how (PEFT's `LoraConfig` field names).
+/// Which linear layers a LoRA config adapts, and how (PEFT's `LoraConfig` field names). There is
+/// no `lora_dropout`: rlhf's models run without dropout, so that log-probs are reproducible and
+/// PPO's first ratio is exactly 1 (the N+ implementation details, item 7).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoraConfig {
