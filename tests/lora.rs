@@ -205,6 +205,19 @@ fn sft_trains_the_update_alone_saves_the_merged_model_and_resumes_exactly() {
     std::fs::remove_dir_all(d.path().join("resumed/checkpoints/step-20")).unwrap();
     rlhf::stages::sft::train(resumed, true).unwrap();
     assert_eq!(comparable_metrics(&d.path().join("resumed")), m);
+    // the PEFT adapter beside the merged model: over the initial model, also once resumed
+    let init = c.init.canonicalize().unwrap().display().to_string();
+    for run in ["run", "resumed"] {
+        let adapter = d.path().join(run).join("checkpoints/step-24/adapter");
+        let cfg = read_json(&adapter.join("adapter_config.json"));
+        assert_eq!(cfg["base_model_name_or_path"].as_str(), Some(init.as_str()), "{run}");
+        let (via_adapter, merged) = (
+            CausalLm::load_pretrained(&adapter, &Cpu::default()).unwrap(),
+            CausalLm::load_pretrained(&ckpt, &Cpu::default()).unwrap(),
+        );
+        let batch = Batch::unpadded(&[vec![1, 2, 3, 4, 5]]).unwrap();
+        assert!(max_abs_diff(&logits(&via_adapter, &batch), &logits(&merged, &batch)) < 1e-5, "{run}");
+    }
     // pretraining refuses it
     let pre = rlhf::stages::pretrain::PretrainConfig { optim: c.optim.clone(), ..Default::default() };
     let e = rlhf::stages::pretrain::train(pre, false).unwrap_err().to_string();
@@ -238,4 +251,45 @@ fn ppo_with_lora_starts_at_the_reference_and_resumes_exactly() {
     std::fs::remove_dir_all(b.path().join("ppo/checkpoints/step-3")).unwrap();
     rlhf::stages::ppo::train(run(b.path()), true).unwrap();
     assert_eq!(comparable_metrics(&b.path().join("ppo")), ma);
+}
+
+/// `m`'s updates exported as a PEFT adapter over `m_base` saved beside it, read back through
+/// the adapter loader: the adapted model's logits.
+fn export_round_trip(base: CausalLm<Cpu>, targets: TargetModules) -> serde_json::Value {
+    let m = adapted(base.clone(), targets);
+    let d = tempfile::tempdir().unwrap();
+    base.save_pretrained(&d.path().join("base"), None).unwrap();
+    let (tensors, config) = rlhf_policies::peft_export::adapter_of(&m, "../base").unwrap();
+    let adapter = d.path().join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    std::fs::write(adapter.join("adapter_config.json"), &config).unwrap();
+    rlhf_policies::checkpoint::write_safetensors(&adapter.join("adapter_model.safetensors"), &tensors).unwrap();
+    let read = CausalLm::load_pretrained(&adapter, &Cpu::default()).unwrap();
+    let batch = Batch::left_padded(&[vec![3, 1, 4, 1, 5, 9], vec![2, 6, 5]], 0).unwrap();
+    let diff = max_abs_diff(&logits(&read, &batch), &logits(&m, &batch));
+    assert!(diff < 1e-5, "exported adapter against the adapted model: {diff}");
+    assert!(max_abs_diff(&logits(&base, &batch), &logits(&m, &batch)) > 1e-2);
+    serde_json::from_str(&config).unwrap()
+}
+
+#[test]
+fn updates_export_as_a_peft_adapter() {
+    let names = |v: &[&str]| TargetModules::Names(v.iter().map(|s| s.to_string()).collect());
+    let c = export_round_trip(model(tiny_llama(64), 4), TargetModules::default());
+    assert_eq!(
+        (c["r"].as_u64(), c["lora_alpha"].as_f64(), c["fan_in_fan_out"].as_bool()),
+        (Some(3), Some(6.0), Some(false))
+    );
+    assert_eq!(c["target_modules"].as_array().unwrap().len(), 2 * 7);
+    // GPT-2's fused c_attn: all three parts (rank 9, alpha keeping the scale), or q alone
+    let c = export_round_trip(model(tiny_gpt2(64), 4), TargetModules::default());
+    assert_eq!(c["fan_in_fan_out"], true);
+    assert_eq!(c["rank_pattern"][r"transformer\.h\.0\.attn\.c_attn"], 9, "{c}");
+    assert_eq!(c["alpha_pattern"][r"transformer\.h\.0\.attn\.c_attn"], 18.0, "{c}");
+    export_round_trip(model(tiny_gpt2(64), 4), names(&["attn.q", "mlp.proj"]));
+    // GPT-NeoX's query_key_value in head groups
+    export_round_trip(model(tiny_neox(64, true), 4), TargetModules::default());
+    // Phi-3's fused qkv_proj and gate_up_proj
+    let phi3 = CausalLm::load_pretrained(&fixture("hf-phi3-tiny"), &Cpu::default()).unwrap();
+    export_round_trip(phi3, names(&["qkv_proj", "gate_up_proj", "o_proj"]));
 }

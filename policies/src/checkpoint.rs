@@ -275,6 +275,7 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
         let (weights, tensors) = read_model(dir)?;
         let mut model = CausalLm::zeroed(config, dev)?;
         model.load_hf_tensors(&weights, tensors)?;
+        model.origin = Some(dir.to_path_buf());
         Ok(model)
     }
 
@@ -291,6 +292,7 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
         let tensors = crate::gguf::hf_tensors(g, &config)?;
         let mut model = CausalLm::zeroed(config, dev)?;
         model.load_hf_tensors(path, tensors)?;
+        model.origin = Some(path.to_path_buf());
         Ok(model)
     }
 

@@ -312,7 +312,7 @@ fn check_rank(file: &Path, name: &str, t: &HostTensor, rank: usize) -> Result<()
     Ok(())
 }
 
-fn transpose(t: &HostTensor) -> HostTensor {
+pub(crate) fn transpose(t: &HostTensor) -> HostTensor {
     let (r, c) = (t.shape[0], t.shape[1]);
     HostTensor { shape: vec![c, r], data: transpose_rows(&t.data, r, c) }
 }

@@ -66,6 +66,7 @@ pub mod olmo3;
 pub mod optim;
 pub mod params;
 pub mod peft;
+pub mod peft_export;
 pub mod phi3;
 pub mod reward_model;
 pub mod rope;

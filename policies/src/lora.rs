@@ -229,7 +229,9 @@ impl<D: FusedOps> CausalLm<D> {
         }
         Ok(adapted)
     }
+}
 
+impl<D: Storage<f32>> CausalLm<D> {
     /// Whether any layer carries an update.
     pub fn has_lora(&self) -> bool {
         self.linears().iter().any(|(_, l)| l.lora.is_some())

@@ -357,6 +357,9 @@ pub struct CausalLm<D: Storage<f32>> {
     /// What a taped forward leaves off the tape because its parameters are frozen
     /// ([`CausalLm::set_frozen_trunk`]); nothing for a new model or a copy.
     pub(crate) frozen: FrozenTrunk,
+    /// The folder or file the weights were read from (`None` for a new model): a LoRA run's
+    /// checkpoints name it as their PEFT adapter's base ([`crate::peft_export`]).
+    pub origin: Option<std::path::PathBuf>,
 }
 
 impl<D: FusedOps> CausalLm<D> {
@@ -420,7 +423,18 @@ impl<D: FusedOps> CausalLm<D> {
             .collect();
         let lm_head = (!dims.tied).then(|| init.matrix(dev, (dims.vocab, c), std));
         let ln_f = Norm::new(dev, &dims);
-        Ok(CausalLm { ln_f, config, dims, wte, wpe, blocks, lm_head, dev: dev.clone(), frozen: FrozenTrunk::default() })
+        Ok(CausalLm {
+            ln_f,
+            config,
+            dims,
+            wte,
+            wpe,
+            blocks,
+            lm_head,
+            dev: dev.clone(),
+            frozen: FrozenTrunk::default(),
+            origin: None,
+        })
     }
 
     /// Final hidden states `(B·T, C)` (after the last norm) for a batch, recording on `tape`

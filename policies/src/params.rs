@@ -274,6 +274,11 @@ pub trait HasParams<D: Device<f32>> {
     fn trunks_mut(&mut self) -> Vec<(&'static str, &mut CausalLm<D>)> {
         vec![]
     }
+    /// The language model the unit is built around (a policy, not its critic), if any: what a
+    /// LoRA run exports as its PEFT adapter. Default: none.
+    fn language_model(&self) -> Option<&CausalLm<D>> {
+        None
+    }
 }
 
 impl<D: Device<f32>> HasParams<D> for CausalLm<D> {
@@ -285,5 +290,8 @@ impl<D: Device<f32>> HasParams<D> for CausalLm<D> {
     }
     fn trunks_mut(&mut self) -> Vec<(&'static str, &mut CausalLm<D>)> {
         vec![("", self)]
+    }
+    fn language_model(&self) -> Option<&CausalLm<D>> {
+        Some(self)
     }
 }

@@ -216,6 +216,7 @@ impl<D: FusedOps> LearnedReward<D> {
             model.lm_head = None;
         }
         model.load_hf_tensors(&file, tensors)?;
+        model.origin = Some(dir.to_path_buf());
         let pad_id = model.config.pad_token_id().or(model.config.eos_token_id()).unwrap_or(0);
         Ok((Self::with_head(model, head, pad_id), normalization))
     }

@@ -4,6 +4,8 @@
 //! update's `A` and `B` and the frozen base weight of each adapted layer, by parameter name
 //! (`policy.blocks.0.attn.q.lora_a`, `….weight`). Resuming loads the merged folder, puts the
 //! updates back on the same layers and restores those tensors, so the run continues bit for bit.
+//! The language model's updates are also written as a PEFT adapter (`adapter/`, see
+//! `rlhf_policies::peft_export`) over the model the run started from.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -41,14 +43,28 @@ fn state<D: Device<f32>>(model: &impl HasParams<D>) -> BTreeMap<String, HostTens
         .collect()
 }
 
-/// Writes [`LORA_STATE`] into the checkpoint folder `dir` when `model` carries updates.
+/// Writes [`LORA_STATE`] into the checkpoint folder `dir` when `model` carries updates, and the
+/// language model's updates as a PEFT adapter in [`ADAPTER_DIR`] when its base is a model
+/// folder (a GGUF file is not a base PEFT loads).
 pub fn save<D: Device<f32>>(model: &impl HasParams<D>, dir: &Path) -> Result<()> {
     let tensors = state(model);
-    if !tensors.is_empty() {
-        write_safetensors(&dir.join(LORA_STATE), &tensors)?;
+    if tensors.is_empty() {
+        return Ok(());
     }
+    write_safetensors(&dir.join(LORA_STATE), &tensors)?;
+    let Some(lm) = model.language_model().filter(|m| m.has_lora()) else { return Ok(()) };
+    let Some(base) = lm.origin.as_deref().filter(|b| b.is_dir()) else { return Ok(()) };
+    let base = std::fs::canonicalize(base).with_context(|| format!("{}: the LoRA base", base.display()))?;
+    let (tensors, config) = rlhf_policies::peft_export::adapter_of(lm, &base.display().to_string())?;
+    let out = dir.join(ADAPTER_DIR);
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join(rlhf_policies::peft::ADAPTER_CONFIG), config)?;
+    write_safetensors(&out.join(rlhf_policies::peft::ADAPTER_WEIGHTS), &tensors)?;
     Ok(())
 }
+
+/// The checkpoint's PEFT adapter folder (the language model's updates over its base).
+pub const ADAPTER_DIR: &str = "adapter";
 
 /// Puts a resumed LoRA run's updates back: `model` as read from the checkpoint `dir` (merged
 /// weights) gets `optim.lora`'s layers, and their `A`, `B` and base weights from [`LORA_STATE`].
@@ -59,6 +75,15 @@ pub fn restore<D: FusedOps, M: HasParams<D>>(model: &mut M, optim: &AdamWConfig,
     }
     let file = dir.join(LORA_STATE);
     let mut tensors = read_safetensors(&file).with_context(|| format!("resuming a LoRA run from {}", dir.display()))?;
+    // the adapter's base is the run's, not this checkpoint (its weights are merged)
+    let adapter = dir.join(ADAPTER_DIR).join(rlhf_policies::peft::ADAPTER_CONFIG);
+    let base = match adapter.is_file() {
+        true => Some(rlhf_policies::peft::AdapterConfig::read(&adapter)?.base.into()),
+        false => None,
+    };
+    if let Some((_, lm)) = model.trunks_mut().into_iter().next() {
+        lm.origin = base;
+    }
     attach(model, optim, 0)?;
     for (name, p) in model.params_mut() {
         let Some(t) = tensors.remove(&name) else {

@@ -348,6 +348,9 @@ impl<D: Device<f32>> HasParams<D> for PpoModels<D> {
         out.push(("value.head.bias".into(), ParamMut::V(&mut head.b)));
         out
     }
+    fn language_model(&self) -> Option<&CausalLm<D>> {
+        Some(&self.policy)
+    }
     fn trunks_mut(&mut self) -> Vec<(&'static str, &mut CausalLm<D>)> {
         let mut out = vec![("policy.", &mut self.policy)];
         if let Critic::Separate(c) = &mut self.critic {

@@ -1,0 +1,130 @@
+//! A model's LoRA updates ([`crate::lora`]) as a PEFT adapter folder: `adapter_config.json` and
+//! `adapter_model.safetensors` that PEFT's `PeftModel.from_pretrained(base, folder)` (and
+//! [`crate::peft`]) load onto the base model.
+//!
+//! Our update of a layer is `s·(x·A)·B` with `A` `(in, r)`, `B` `(r, out)`; PEFT's is
+//! `s·(x·A_pᵀ)·B_pᵀ` with `lora_A.weight` `(r, in)` and `lora_B.weight` `(out, r)`, so
+//! `A_p = Aᵀ` and `B_p = Bᵀ` in transformers' row order. Where transformers fuses several of our
+//! layers into one module (GPT-2's `c_attn`, GPT-NeoX's `query_key_value`, Phi-3's `qkv_proj`
+//! and `gate_up_proj`), the module gets the pairs stacked: `A_p` is the parts' `Aᵀ` one above
+//! the other and `B_p` block-diagonal (each part's output rows read only its own rank rows),
+//! a rank `Σ r` pair whose `rank_pattern`/`alpha_pattern` entry keeps the scale `s` — exactly
+//! the sum of the parts' updates. The output rows are placed by the same code that fuses the
+//! weights on save, so the rows land where the module's own weights do.
+
+use std::collections::BTreeMap;
+
+use dfdx::prelude::*;
+use serde_json::{json, Value};
+
+use crate::checkpoint::HostTensor;
+use crate::config::Family;
+use crate::error::PolicyError;
+use crate::hf_names::{hf_source, Source};
+use crate::model::CausalLm;
+
+/// One transformers module's parts: `(part index, rank, A (in, r) row-major, B (r, out), out)`.
+type Parts = Vec<(usize, usize, Vec<f32>, Vec<f32>, usize)>;
+
+/// The PEFT adapter of `model`'s updates over the base model at `base`: the tensors of
+/// `adapter_model.safetensors` and the `adapter_config.json` text. An error when `model` has
+/// no update or its updates' scales differ.
+pub fn adapter_of<D: Device<f32>>(
+    model: &CausalLm<D>,
+    base: &str,
+) -> Result<(BTreeMap<String, HostTensor>, String), PolicyError> {
+    let d = &model.dims;
+    let mut modules: BTreeMap<String, (Source, usize, Parts, usize)> = BTreeMap::new();
+    let mut scale = None;
+    for (name, lin) in model.linears() {
+        let Some(lora) = &lin.lora else { continue };
+        if scale.is_some_and(|s| s != lora.scale) {
+            return Err(PolicyError::Input("LoRA updates with different scales cannot share one adapter".into()));
+        }
+        scale = Some(lora.scale);
+        let src = hf_source(d, &format!("{name}.weight"));
+        let (module, part, parts) = match src.fused() {
+            Some((n, part, parts)) => (n.to_string(), part, parts),
+            None => (src.name().to_string(), 0, 1),
+        };
+        let ((i, r), (_, o)) = (*lora.a.shape(), *lora.b.shape());
+        let entry = modules.entry(module).or_insert_with(|| (src.clone(), parts, vec![], i));
+        entry.2.push((part, r, lora.a.as_vec(), lora.b.as_vec(), o));
+    }
+    let Some(s) = scale else { return Err(PolicyError::Input("the model has no LoRA update to export".into())) };
+    let widths = part_widths(model);
+    let mut tensors = BTreeMap::new();
+    let (mut rank_pattern, mut alpha_pattern, mut targets) = (json!({}), json!({}), vec![]);
+    let r0 = modules.values().map(|m| m.2[0].1).min().unwrap_or(1);
+    for (weight, (src, parts, mine, i)) in modules {
+        let module = weight.strip_suffix(".weight").unwrap_or(&weight).to_string();
+        let rank: usize = mine.iter().map(|p| p.1).sum();
+        // A_p: each part's Aᵀ, stacked
+        let mut a = Vec::with_capacity(rank * i);
+        for (_, r, av, _, _) in &mine {
+            a.extend((0..*r).flat_map(|k| (0..i).map(move |q| av[q * r + k])));
+        }
+        // B_p: each part as a pseudo weight (rank, out_j) holding its B in its own rank rows,
+        // fused and laid out as the module's weight is
+        let mut pseudo: Vec<HostTensor> = (0..parts)
+            .map(|p| {
+                let o = widths(&module, p, &src);
+                HostTensor { shape: vec![rank, o], data: vec![0.0; rank * o] }
+            })
+            .collect();
+        let mut offset = 0;
+        for (part, r, _, bv, o) in &mine {
+            pseudo[*part].data[offset * o..(offset + r) * o].copy_from_slice(bv);
+            offset += r;
+        }
+        let hf = src.to_hf(pseudo);
+        // GPT-2's Conv1D modules store (in, out): their B_p is the transpose
+        let b = match matches!(src, Source::Same(_) | Source::Columns { .. }) {
+            true => crate::hf_names::transpose(&hf),
+            false => hf,
+        };
+        tensors
+            .insert(format!("base_model.model.{module}.lora_A.weight"), HostTensor { shape: vec![rank, i], data: a });
+        tensors.insert(format!("base_model.model.{module}.lora_B.weight"), b);
+        if rank != r0 {
+            let key = module.replace('.', r"\.");
+            rank_pattern[&key] = rank.into();
+            alpha_pattern[&key] = (s as f64 * rank as f64).into();
+        }
+        targets.push(module);
+    }
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": r0,
+        "lora_alpha": s as f64 * r0 as f64,
+        "use_rslora": false,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": d.family == Family::Gpt2,
+        "target_modules": targets,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": Value::Null,
+        "revision": Value::Null,
+    });
+    Ok((tensors, serde_json::to_string_pretty(&config).expect("JSON values serialise")))
+}
+
+/// The output width of part `p` of a fused module (every part's, whether it has an update).
+fn part_widths<D: Device<f32>>(model: &CausalLm<D>) -> impl Fn(&str, usize, &Source) -> usize + '_ {
+    move |module: &str, p: usize, src: &Source| {
+        model
+            .linears()
+            .into_iter()
+            .find(|(n, _)| {
+                let s = hf_source(&model.dims, &format!("{n}.weight"));
+                s.name().trim_end_matches(".weight") == module && s.fused().is_none_or(|f| f.1 == p)
+            })
+            .map(|(_, l)| l.w.shape().1)
+            .unwrap_or_else(|| panic!("{module}: part {p} of {src:?} is a layer of the model"))
+    }
+}
