@@ -88,15 +88,7 @@ fn targets_match_as_peft_matches_them() {
 fn update_gradients_match_finite_differences_and_the_base_gets_none() {
     let dev = Cpu::default();
     let m = adapted(model(tiny_llama(48), 3), TargetModules::default());
-    let batch = Batch::right_padded(&[vec![1, 5, 2, 7, 3, 4], vec![6, 2, 9, 1]], 0).unwrap();
-    let (mut targets, mut weights) = (vec![], vec![]);
-    for r in 0..batch.b {
-        for j in 0..batch.t {
-            let next = j + 1 < batch.t && batch.is_real(r, j + 1);
-            targets.push(if next { batch.ids[r * batch.t + j + 1] as usize } else { 0 });
-            weights.push(if next { 0.125 } else { 0.0 });
-        }
-    }
+    let (batch, targets, weights) = grad_check_batch();
     let n = targets.len();
     let lp = m
         .forward(&batch, OwnedTape::<f32, Cpu>::default())

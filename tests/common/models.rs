@@ -134,12 +134,10 @@ pub fn grad_check(cfg: ModelConfig) {
     grad_check_with(cfg, 1e-2)
 }
 
-/// Central differences with step `eps` against the tape's gradient, three entries per tensor.
-pub fn grad_check_with(cfg: ModelConfig, eps: f32) {
-    let dev = Cpu::default();
-    let m = model(cfg, 3);
+/// The gradient checks' right-padded batch, with next-token targets at real positions (weight
+/// 1/8 each; 0 on pads and on each row's last token).
+pub fn grad_check_batch() -> (Batch, Vec<usize>, Vec<f32>) {
     let batch = Batch::right_padded(&[vec![1, 5, 2, 7, 3, 4], vec![6, 2, 9, 1]], 0).unwrap();
-    // predict the next token at real positions; weight 0 on pads and on each row's last token
     let (mut targets, mut weights) = (vec![], vec![]);
     for r in 0..batch.b {
         for j in 0..batch.t {
@@ -148,6 +146,14 @@ pub fn grad_check_with(cfg: ModelConfig, eps: f32) {
             weights.push(if next_real { 1.0 / 8.0 } else { 0.0 });
         }
     }
+    (batch, targets, weights)
+}
+
+/// Central differences with step `eps` against the tape's gradient, three entries per tensor.
+pub fn grad_check_with(cfg: ModelConfig, eps: f32) {
+    let dev = Cpu::default();
+    let m = model(cfg, 3);
+    let (batch, targets, weights) = grad_check_batch();
     let n = targets.len();
     let logits = m.forward(&batch, OwnedTape::<f32, Cpu>::default()).unwrap();
     let lp = logits.log_softmax::<Axis<1>>().select(dev.tensor_from_vec(targets.clone(), (n,)));
