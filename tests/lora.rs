@@ -79,6 +79,9 @@ fn targets_match_as_peft_matches_them() {
     assert!(p.contains(&"blocks.0.attn.o".to_string()) && p.contains(&"blocks.1.mlp.proj".to_string()), "{p:?}");
     assert_eq!(count(tiny_llama(32), &["v_proj"]).unwrap(), vec!["blocks.0.attn.v", "blocks.1.attn.v"]);
     assert_eq!(count(tiny_llama(32), &["blocks.1.mlp.up"]).unwrap(), vec!["blocks.1.mlp.up"]);
+    assert_eq!(count(tiny_llama(32), &["mlp.down"]).unwrap(), vec!["blocks.0.mlp.down", "blocks.1.mlp.down"]);
+    // whole trailing parts only, as PEFT: `mlp` is no layer's name
+    assert!(count(tiny_llama(32), &["mlp"]).is_err());
     let err = count(tiny_llama(32), &["q_proj", "qproj"]).unwrap_err().to_string();
     assert!(err.contains("optim.lora.target_modules") && err.contains("\"qproj\" matches no linear layer"), "{err}");
     assert!(err.contains("model.layers.0.self_attn.q_proj"), "names the layers: {err}");

@@ -4,8 +4,8 @@
 //! (rsLoRA, Kalajdzievski 2023: `lora_alpha / √r`). `A` starts as PEFT's does (Kaiming-uniform,
 //! `U(−1/√in, 1/√in)`) and `B` at zero, so the adapted model starts as the pretrained one.
 //!
-//! The frozen `W` gets no gradient (the linear op skips `dW = xᵀ·dy`, a third of a layer's
-//! backward flops), and the optimizer keeps moments for `A` and `B` only. Everything that reads
+//! The frozen `W` gets no gradient (the linear op skips `dW = xᵀ·dy`, half of the layer's
+//! backward gemm work), and the optimizer keeps moments for `A` and `B` only. Everything that reads
 //! weights outside the training forward — a checkpoint's `model.safetensors`, the rollout
 //! engines — sees the merged `W + s·A·B`, so a checkpoint is a plain model for every later
 //! stage and for transformers. The parameters are named `<linear>.lora_a` / `.lora_b` beside
@@ -38,7 +38,7 @@ pub struct LoraConfig {
     /// adapted when its transformers module name (`model.layers.0.self_attn.q_proj`,
     /// `transformer.h.0.attn.c_attn`) or its name here (`blocks.0.attn.q`) is the entry or ends
     /// with `.` and the entry: `["q_proj", "v_proj"]`, `["c_attn"]` (GPT-2's fused q|k|v: each
-    /// of q, k and v gets its own pair), `["attn.q", "mlp"]`. Default `"all-linear"`.
+    /// of q, k and v gets its own pair), `["attn.q", "mlp.down"]`. Default `"all-linear"`.
     pub target_modules: TargetModules,
 }
 
