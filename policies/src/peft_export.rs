@@ -23,8 +23,16 @@ use crate::error::PolicyError;
 use crate::hf_names::{hf_source, Source};
 use crate::model::CausalLm;
 
-/// One transformers module's parts: `(part index, rank, A (in, r) row-major, B (r, out), out)`.
-type Parts = Vec<(usize, usize, Vec<f32>, Vec<f32>, usize)>;
+/// One transformers module: where its weight lives, each part's output width (every part's,
+/// adapted or not) and the adapted parts' updates.
+struct Module {
+    src: Source,
+    widths: Vec<usize>,
+    /// `(part, rank, A (in, r) row-major, B (r, out) row-major)`, in part order.
+    updates: Vec<(usize, usize, Vec<f32>, Vec<f32>)>,
+    /// The layers' input width.
+    input: usize,
+}
 
 /// The PEFT adapter of `model`'s updates over the base model at `base`: the tensors of
 /// `adapter_model.safetensors` and the `adapter_config.json` text. An error when `model` has
@@ -34,46 +42,44 @@ pub fn adapter_of<D: Device<f32>>(
     base: &str,
 ) -> Result<(BTreeMap<String, HostTensor>, String), PolicyError> {
     let d = &model.dims;
-    let mut modules: BTreeMap<String, (Source, usize, Parts, usize)> = BTreeMap::new();
+    let mut modules: BTreeMap<String, Module> = BTreeMap::new();
     let mut scale = None;
     for (name, lin) in model.linears() {
+        let src = hf_source(d, &format!("{name}.weight"));
+        let (weight, part, parts) = match src.fused() {
+            Some((n, part, parts)) => (n.to_string(), part, parts),
+            None => (src.name().to_string(), 0, 1),
+        };
+        let (input, out) = *lin.w.shape();
+        let m = modules.entry(weight).or_insert_with(|| Module { src, widths: vec![0; parts], updates: vec![], input });
+        m.widths[part] = out;
         let Some(lora) = &lin.lora else { continue };
         if scale.is_some_and(|s| s != lora.scale) {
             return Err(PolicyError::Input("LoRA updates with different scales cannot share one adapter".into()));
         }
         scale = Some(lora.scale);
-        let src = hf_source(d, &format!("{name}.weight"));
-        let (module, part, parts) = match src.fused() {
-            Some((n, part, parts)) => (n.to_string(), part, parts),
-            None => (src.name().to_string(), 0, 1),
-        };
-        let ((i, r), (_, o)) = (*lora.a.shape(), *lora.b.shape());
-        let entry = modules.entry(module).or_insert_with(|| (src.clone(), parts, vec![], i));
-        entry.2.push((part, r, lora.a.as_vec(), lora.b.as_vec(), o));
+        m.updates.push((part, lora.a.shape().1, lora.a.as_vec(), lora.b.as_vec()));
     }
     let Some(s) = scale else { return Err(PolicyError::Input("the model has no LoRA update to export".into())) };
-    let widths = part_widths(model);
+    modules.retain(|_, m| !m.updates.is_empty());
     let mut tensors = BTreeMap::new();
     let (mut rank_pattern, mut alpha_pattern, mut targets) = (json!({}), json!({}), vec![]);
-    let r0 = modules.values().map(|m| m.2[0].1).min().unwrap_or(1);
-    for (weight, (src, parts, mine, i)) in modules {
+    let r0 = modules.values().map(|m| m.updates[0].1).min().unwrap_or(1);
+    for (weight, Module { src, widths, updates, input: i }) in modules {
         let module = weight.strip_suffix(".weight").unwrap_or(&weight).to_string();
-        let rank: usize = mine.iter().map(|p| p.1).sum();
+        let rank: usize = updates.iter().map(|u| u.1).sum();
         // A_p: each part's Aᵀ, stacked
         let mut a = Vec::with_capacity(rank * i);
-        for (_, r, av, _, _) in &mine {
+        for (_, r, av, _) in &updates {
             a.extend((0..*r).flat_map(|k| (0..i).map(move |q| av[q * r + k])));
         }
         // B_p: each part as a pseudo weight (rank, out_j) holding its B in its own rank rows,
         // fused and laid out as the module's weight is
-        let mut pseudo: Vec<HostTensor> = (0..parts)
-            .map(|p| {
-                let o = widths(&module, p, &src);
-                HostTensor { shape: vec![rank, o], data: vec![0.0; rank * o] }
-            })
-            .collect();
+        let mut pseudo: Vec<HostTensor> =
+            widths.iter().map(|&o| HostTensor { shape: vec![rank, o], data: vec![0.0; rank * o] }).collect();
         let mut offset = 0;
-        for (part, r, _, bv, o) in &mine {
+        for (part, r, _, bv) in &updates {
+            let o = widths[*part];
             pseudo[*part].data[offset * o..(offset + r) * o].copy_from_slice(bv);
             offset += r;
         }
@@ -112,19 +118,4 @@ pub fn adapter_of<D: Device<f32>>(
         "revision": Value::Null,
     });
     Ok((tensors, serde_json::to_string_pretty(&config).expect("JSON values serialise")))
-}
-
-/// The output width of part `p` of a fused module (every part's, whether it has an update).
-fn part_widths<D: Device<f32>>(model: &CausalLm<D>) -> impl Fn(&str, usize, &Source) -> usize + '_ {
-    move |module: &str, p: usize, src: &Source| {
-        model
-            .linears()
-            .into_iter()
-            .find(|(n, _)| {
-                let s = hf_source(&model.dims, &format!("{n}.weight"));
-                s.name().trim_end_matches(".weight") == module && s.fused().is_none_or(|f| f.1 == p)
-            })
-            .map(|(_, l)| l.w.shape().1)
-            .unwrap_or_else(|| panic!("{module}: part {p} of {src:?} is a layer of the model"))
-    }
 }
