@@ -37,7 +37,7 @@ pub fn is_adapter(dir: &Path) -> bool {
 }
 
 /// What an adapter's config says about merging it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct AdapterConfig {
     /// `base_model_name_or_path`.
     pub base: String,
@@ -49,8 +49,9 @@ pub struct AdapterConfig {
     pub rslora: bool,
     /// `fan_in_fan_out`: the adapted weights are stored `(in, out)` (GPT-2's Conv1D).
     pub fan_in_fan_out: bool,
-    /// `alpha_pattern`: per-module alphas, keyed by a regex on the module name's tail.
-    pub alpha_pattern: Vec<(String, f64)>,
+    /// `alpha_pattern`: per-module alphas, each key compiled as PEFT matches it against a
+    /// module's name: `(.*\.)?(key)$`.
+    pub alpha_pattern: Vec<(fancy_regex::Regex, f64)>,
 }
 
 impl AdapterConfig {
@@ -93,10 +94,9 @@ impl AdapterConfig {
             Value::Object(m) => m
                 .iter()
                 .map(|(k, a)| {
-                    Ok((
-                        k.clone(),
-                        a.as_f64().ok_or_else(|| err("alpha_pattern", format!("{k}: {a} is not a number")))?,
-                    ))
+                    let re = fancy_regex::Regex::new(&format!(r"^(.*\.)?({k})$"))
+                        .map_err(|e| err("alpha_pattern", format!("{k}: {e}")))?;
+                    Ok((re, a.as_f64().ok_or_else(|| err("alpha_pattern", format!("{k}: {a} is not a number")))?))
                 })
                 .collect::<Result<_, PolicyError>>()?,
             other => return Err(err("alpha_pattern", format!("{other}: expected an object"))),
@@ -112,22 +112,15 @@ impl AdapterConfig {
     }
 
     /// The scale `s` of the module `module` (its name in the base model) with rank `r`: PEFT's
-    /// `alpha_pattern` lookup (the first key `k` with `module` matching `(.*\.)?(k)$`), then
-    /// `alpha / r` or rsLoRA's `alpha / √r`.
-    pub fn scale(&self, module: &str, r: usize, file: &Path) -> Result<f64, PolicyError> {
-        let mut alpha = self.alpha;
-        for (key, a) in &self.alpha_pattern {
-            let re = fancy_regex::Regex::new(&format!(r"^(.*\.)?({key})$"))
-                .map_err(|e| PolicyError::config("alpha_pattern", format!("{key}: {e}")).in_file(file))?;
-            if re.is_match(module).unwrap_or(false) {
-                alpha = *a;
-                break;
-            }
-        }
-        Ok(match self.rslora {
+    /// `alpha_pattern` lookup (the first key whose pattern matches), then `alpha / r` or
+    /// rsLoRA's `alpha / √r`.
+    pub fn scale(&self, module: &str, r: usize) -> f64 {
+        let alpha =
+            self.alpha_pattern.iter().find(|(re, _)| re.is_match(module).unwrap_or(false)).map_or(self.alpha, |p| p.1);
+        match self.rslora {
             true => alpha / (r as f64).sqrt(),
             false => alpha / r as f64,
-        })
+        }
     }
 }
 
@@ -275,7 +268,7 @@ fn apply_pair(
     if two(&w.shape) != Some(want) {
         return Err(bad(format!("a rank-{r} delta of shape {want:?} does not fit `{name}` of shape {:?}", w.shape)));
     }
-    let s = cfg.scale(module, r, file)? as f32;
+    let s = cfg.scale(module, r) as f32;
     let (av, bv) = (View::rows(&a.data, i), View::rows(&b.data, r));
     let threads = rayon::current_num_threads();
     match transposed {
