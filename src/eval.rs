@@ -48,11 +48,8 @@ pub fn is_reward_model(dir: &Path) -> Result<bool> {
     }
     if rlhf_policies::peft::is_adapter(dir) {
         // PEFT names a reward model's adapter by its task (its base may be a causal LM)
-        let path = dir.join(rlhf_policies::peft::ADAPTER_CONFIG);
-        let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
-        return Ok(v["task_type"] == "SEQ_CLS");
+        let cfg = rlhf_policies::peft::AdapterConfig::read(&dir.join(rlhf_policies::peft::ADAPTER_CONFIG))?;
+        return Ok(cfg.task_type.as_deref() == Some("SEQ_CLS"));
     }
     let config = dir.join("config.json");
     let text = std::fs::read_to_string(&config).with_context(|| format!("{}: cannot read", config.display()))?;

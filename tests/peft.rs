@@ -79,6 +79,7 @@ fn base_found_beside_the_adapter_and_in_the_hub_cache() {
     let cfg = |b: &str, revision: Option<&str>| AdapterConfig {
         base: b.into(),
         revision: revision.map(Into::into),
+        task_type: None,
         alpha: 8.0,
         rslora: false,
         fan_in_fan_out: false,

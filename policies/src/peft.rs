@@ -43,6 +43,8 @@ pub struct AdapterConfig {
     pub base: String,
     /// `revision` of a Hub base.
     pub revision: Option<String>,
+    /// `task_type`: `CAUSAL_LM`, or `SEQ_CLS` for a reward model's adapter.
+    pub task_type: Option<String>,
     /// `lora_alpha`.
     pub alpha: f64,
     /// `use_rslora`: the scale is `alpha / √r`.
@@ -104,6 +106,7 @@ impl AdapterConfig {
         Ok(AdapterConfig {
             base: base.to_string(),
             revision: v["revision"].as_str().map(str::to_string),
+            task_type: v["task_type"].as_str().map(str::to_string),
             alpha,
             rslora: flag("use_rslora")?,
             fan_in_fan_out: flag("fan_in_fan_out")?,
