@@ -87,6 +87,50 @@ fn targets_match_as_peft_matches_them() {
     assert!(err.contains("model.layers.0.self_attn.q_proj"), "names the layers: {err}");
 }
 
+/// PEFT's `layers_to_transform`, and `optim.num_layers_unfrozen` keeping the update in the
+/// blocks that train.
+#[test]
+fn updates_go_to_the_blocks_named_or_the_unfrozen_top() {
+    let adapted_names = |m: &CausalLm<Cpu>| -> Vec<String> {
+        m.linears().iter().filter(|(_, l)| l.lora.is_some()).map(|(n, _)| n.clone()).collect()
+    };
+    let with = |layers: &str, keep: Option<usize>| {
+        let text = format!(r#"{{"target_modules": ["q_proj"], "layers_to_transform": {layers}}}"#);
+        let c: LoraConfig = serde_json::from_str(&text).unwrap();
+        let mut m = model(tiny_llama(32), 1);
+        let c = c.within_top(keep, m.blocks.len())?;
+        m.add_lora(&c, 0).map(|_| adapted_names(&m))
+    };
+    assert_eq!(with("1", None).unwrap(), vec!["blocks.1.attn.q"]);
+    assert_eq!(with("[0, 1]", None).unwrap(), vec!["blocks.0.attn.q", "blocks.1.attn.q"]);
+    assert_eq!(with("null", Some(1)).unwrap(), vec!["blocks.1.attn.q"], "the top block only");
+    assert_eq!(with("null", None).unwrap().len(), 2);
+    let below = with("[0]", Some(1)).unwrap_err().to_string();
+    assert!(
+        below.contains("optim.lora.layers_to_transform") && below.contains("block 0 is below the top 1"),
+        "{below}"
+    );
+    let beyond = with("[2]", None).unwrap_err().to_string();
+    assert!(beyond.contains("block 2 is not in the model (it has 2 blocks"), "{beyond}");
+    assert!(with("[]", None).unwrap_err().to_string().contains("is empty"));
+
+    // in PPO: the bottom (embeddings, block 0) carries no update, so the policy, its critic and
+    // the reference share it as without LoRA — stored once, run once per batch
+    use rlhf::stages::ppo_models::{PpoModels, SharedBottoms, ValueModelConfig};
+    let reference = model(tiny_llama(32), 3);
+    let mut models = PpoModels::new(reference.frozen_copy(), &ValueModelConfig::Separate { init: None }, None).unwrap();
+    let optim = rlhf_policies::AdamWConfig {
+        lora: Some(LoraConfig::default()),
+        num_layers_unfrozen: Some(1),
+        ..Default::default()
+    };
+    rlhf::stages::lora_state::attach(&mut models, &optim, 0).unwrap();
+    let mut opt = rlhf_policies::AdamW::new(optim);
+    rlhf::stages::common::untape_frozen(&mut models, &mut opt, |_| true).unwrap();
+    assert!(adapted_names(&models.policy).iter().all(|n| n.starts_with("blocks.1.")));
+    assert_eq!(SharedBottoms::of(&models, &reference), SharedBottoms { critic: 1, reference: 1 });
+}
+
 #[test]
 fn update_gradients_match_finite_differences_and_the_base_gets_none() {
     let dev = Cpu::default();

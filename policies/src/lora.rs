@@ -40,11 +40,43 @@ pub struct LoraConfig {
     /// with `.` and the entry: `["q_proj", "v_proj"]`, `["c_attn"]` (GPT-2's fused q|k|v: each
     /// of q, k and v gets its own pair), `["attn.q", "mlp.down"]`. Default `"all-linear"`.
     pub target_modules: TargetModules,
+    /// PEFT's `layers_to_transform`: adapt the targeted layers of these blocks only (0-based; a
+    /// number is one block). Default: every block — or, with `optim.num_layers_unfrozen: N`,
+    /// the top N, the ones that train: an update below them would be frozen with its block,
+    /// and the untouched bottom stays the reference's, stored once and run once per batch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers_to_transform: Option<Layers>,
 }
 
 impl Default for LoraConfig {
     fn default() -> Self {
-        LoraConfig { r: 8, lora_alpha: 8.0, use_rslora: false, target_modules: TargetModules::default() }
+        LoraConfig {
+            r: 8,
+            lora_alpha: 8.0,
+            use_rslora: false,
+            target_modules: TargetModules::default(),
+            layers_to_transform: None,
+        }
+    }
+}
+
+/// [`LoraConfig::layers_to_transform`]: one block or a list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Layers {
+    /// One block.
+    One(usize),
+    /// These blocks.
+    Many(Vec<usize>),
+}
+
+impl Layers {
+    /// The blocks, in the order given.
+    pub fn blocks(&self) -> Vec<usize> {
+        match self {
+            Layers::One(i) => vec![*i],
+            Layers::Many(v) => v.clone(),
+        }
     }
 }
 
@@ -91,7 +123,32 @@ impl LoraConfig {
         if matches!(&self.target_modules, TargetModules::Names(n) if n.is_empty()) {
             return Err(err("target_modules", "is empty: name the layers to adapt, or \"all-linear\"".into()));
         }
+        if matches!(&self.layers_to_transform, Some(Layers::Many(v)) if v.is_empty()) {
+            return Err(err("layers_to_transform", "is empty: name the blocks to adapt, or leave it out".into()));
+        }
         Ok(())
+    }
+
+    /// This config for a model of `blocks` blocks of which `optim.num_layers_unfrozen` (`keep`)
+    /// trains the top ones: without `layers_to_transform`, those blocks; with it, an error when
+    /// it names a block below them (its update would be frozen with the block).
+    pub fn within_top(&self, keep: Option<usize>, blocks: usize) -> Result<LoraConfig, PolicyError> {
+        let Some(keep) = keep else { return Ok(self.clone()) };
+        let first = blocks.saturating_sub(keep);
+        let Some(layers) = &self.layers_to_transform else {
+            return Ok(LoraConfig {
+                layers_to_transform: Some(Layers::Many((first..blocks).collect())),
+                ..self.clone()
+            });
+        };
+        if let Some(i) = layers.blocks().into_iter().find(|&i| i < first) {
+            let msg = format!(
+                "block {i} is below the top {keep} that `optim.num_layers_unfrozen` trains (blocks {first}..{blocks}): \
+                 its update would stay frozen"
+            );
+            return Err(optim_error("layers_to_transform", msg));
+        }
+        Ok(self.clone())
     }
 }
 
@@ -211,13 +268,23 @@ impl<D: FusedOps> CausalLm<D> {
                 return Err(optim_error("target_modules", msg));
             }
         }
+        let blocks = cfg.layers_to_transform.as_ref().map(Layers::blocks);
+        if let Some(i) = blocks.iter().flatten().find(|&&i| i >= self.blocks.len()) {
+            let msg = format!("block {i} is not in the model (it has {} blocks, from 0)", self.blocks.len());
+            return Err(optim_error("layers_to_transform", msg));
+        }
+        let in_blocks = |name: &str| {
+            let block = name.strip_prefix("blocks.").and_then(|r| r.split('.').next()).and_then(|i| i.parse().ok());
+            blocks.as_ref().is_none_or(|b| block.is_some_and(|i| b.contains(&i)))
+        };
         let (mut rng, scale, r, dev) = (StdRng::seed_from_u64(seed), cfg.scale(), cfg.r, self.dev.clone());
         let mut adapted = 0;
         for ((name, lin), theirs) in self.linears_mut().into_iter().zip(&hf) {
-            let on = match &cfg.target_modules {
-                TargetModules::All(_) => true,
-                TargetModules::Names(entries) => entries.iter().any(|e| targeted(&name, theirs, e)),
-            };
+            let on = in_blocks(&name)
+                && match &cfg.target_modules {
+                    TargetModules::All(_) => true,
+                    TargetModules::Names(entries) => entries.iter().any(|e| targeted(&name, theirs, e)),
+                };
             if !on {
                 continue;
             }

@@ -19,11 +19,13 @@ use rlhf_policies::{AdamWConfig, FusedOps, HasParams, ParamMut};
 pub const LORA_STATE: &str = "lora.safetensors";
 
 /// Adds `optim.lora`'s update to every transformer `model` trains (the `i`-th's `A` drawn from
-/// `seed + i`); nothing without `optim.lora`. Says on stderr how many layers each got.
+/// `seed + i`; with `optim.num_layers_unfrozen`, in its top blocks only); nothing without
+/// `optim.lora`. Says on stderr how many layers each got.
 pub fn attach<D: FusedOps, M: HasParams<D>>(model: &mut M, optim: &AdamWConfig, seed: u64) -> Result<()> {
-    let Some(cfg) = &optim.lora else { return Ok(()) };
+    let Some(lora) = &optim.lora else { return Ok(()) };
     for (i, (prefix, lm)) in model.trunks_mut().into_iter().enumerate() {
-        let n = lm.add_lora(cfg, seed.wrapping_add(i as u64))?;
+        let cfg = lora.within_top(optim.num_layers_unfrozen, lm.blocks.len())?;
+        let n = lm.add_lora(&cfg, seed.wrapping_add(i as u64))?;
         let which =
             if prefix.is_empty() { "the model".to_string() } else { format!("`{}`", prefix.trim_end_matches('.')) };
         eprintln!("LoRA: rank {} on {n} linear layers of {which} (scale {})", cfg.r, cfg.scale());
