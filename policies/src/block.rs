@@ -76,8 +76,12 @@ impl HostLinear {
     }
 }
 
-/// `dW += xᵀ·dy` and `db += Σ_rows dy` into the gradients of `l`'s parameters.
+/// `dW += xᵀ·dy` and `db += Σ_rows dy` into the gradients of `l`'s parameters; nothing for a
+/// frozen layer ([`crate::CausalLm::set_frozen_trunk`]), as in the per-op path.
 fn param_grads(grads: &mut Gradients<f32, Cpu>, l: &Linear<Cpu>, x: &[f32], dy: &[f32]) -> Result<(), CpuError> {
+    if l.frozen {
+        return Ok(());
+    }
     let (i, o) = *l.w.shape();
     let n = x.len() / i;
     let (xt, dyv) = (View::rows(x, i).t(), View::rows(dy, o));
