@@ -1,8 +1,8 @@
 //! PEFT LoRA adapters load as their base with the adapter merged: the logits PEFT's own
 //! (unmerged) forward gives on `tests/fixtures/peft-*-tiny` (`scripts/fixtures/peft_tiny.py`:
 //! a Llama adapter with an embedding LoRA, per-module rank/alpha and a whole new `lm_head`; a
-//! GPT-2 one with rsLoRA on Conv1D layers, c_attn's fused q|k|v and trained biases), and the
-//! errors for what is not read.
+//! GPT-2 one with rsLoRA on Conv1D layers, c_attn's fused q|k|v and trained biases; DoRA
+//! adapters over both), and the errors for what is not read.
 
 mod common;
 
@@ -14,6 +14,11 @@ use rlhf_policies::checkpoint::load_with_tokenizer;
 use rlhf_policies::peft::{resolve_base_in, AdapterConfig, ADAPTER_CONFIG};
 use rlhf_policies::{Batch, CausalLm};
 
+/// The shared fixture the adapter fixture `name` adapts (`peft-llama-dora-tiny` → `hf-llama-tiny`).
+fn base_of(name: &str) -> String {
+    name.replace("peft-", "hf-").replace("-dora", "")
+}
+
 /// A copy of the adapter fixture `name` in a temporary folder, its base named by `base` (the
 /// shared fixture's absolute path unless given), with `edit` applied to its config.
 fn adapter_copy(name: &str, base: Option<&str>, edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
@@ -23,7 +28,7 @@ fn adapter_copy(name: &str, base: Option<&str>, edit: impl FnOnce(&mut serde_jso
     }
     let path = dir.path().join(ADAPTER_CONFIG);
     let mut cfg = read_json(&path);
-    let shared_base = || shared().join("fixtures").join(name.replace("peft-", "hf-")).canonicalize().unwrap();
+    let shared_base = || shared().join("fixtures").join(base_of(name)).canonicalize().unwrap();
     cfg["base_model_name_or_path"] =
         base.map(str::to_string).unwrap_or_else(|| shared_base().display().to_string()).into();
     edit(&mut cfg);
@@ -35,20 +40,20 @@ fn logits(model: &CausalLm<Cpu>, ids: &[u32]) -> Vec<f32> {
     model.forward(&Batch::unpadded(&[ids.to_vec()]).unwrap(), NoneTape).unwrap().as_vec()
 }
 
-fn check_against_peft(name: &str) {
+/// The adapter fixture `name` loads with logits within 1e-4 of PEFT's, which are at least
+/// `moves` from the base model's.
+fn check_against_peft(name: &str, moves: f32) {
     let dir = adapter_copy(name, None, |_| {});
     let (model, tok) = load_with_tokenizer(dir.path(), &Cpu::default()).expect("adapter loads");
     assert_eq!(tok.vocab_size(), 512, "the base's tokenizer");
-    let base =
-        CausalLm::load_pretrained(&shared().join("fixtures").join(name.replace("peft-", "hf-")), &Cpu::default())
-            .unwrap();
+    let base = CausalLm::load_pretrained(&shared().join("fixtures").join(base_of(name)), &Cpu::default()).unwrap();
     for text in read_json(&fixture(name).join("expected.json"))["texts"].as_array().unwrap() {
         let ids = u32s(&text["ids"]);
         let (got, want) = (logits(&model, &ids), f32s_2d(&text["logits"]).concat());
         let diff = max_abs_diff(&got, &want);
         assert!(diff < 1e-4, "{name}: merged logits differ from PEFT's by {diff}");
         let moved = max_abs_diff(&logits(&base, &ids), &want);
-        assert!(moved > 1.0, "{name}: the adapter moves the logits by only {moved}");
+        assert!(moved > moves, "{name}: the adapter moves the logits by only {moved}");
     }
     // the merged model saves as a plain checkpoint and reads back the same
     let out = tempfile::tempdir().unwrap();
@@ -60,12 +65,42 @@ fn check_against_peft(name: &str) {
 
 #[test]
 fn llama_adapter_matches_peft() {
-    check_against_peft("peft-llama-tiny");
+    check_against_peft("peft-llama-tiny", 1.0);
 }
 
 #[test]
 fn gpt2_conv1d_rslora_adapter_matches_peft() {
-    check_against_peft("peft-gpt2-tiny");
+    check_against_peft("peft-gpt2-tiny", 1.0);
+}
+
+/// DoRA: each adapted output's weights rescaled to its magnitude — on Llama's linear layers and
+/// embedding, and GPT-2's `(in, out)` Conv1D layers. Merged as plain LoRA (the magnitudes
+/// dropped) the logits miss PEFT's by far more than the tolerance.
+#[test]
+fn dora_adapters_match_peft() {
+    use rlhf_policies::checkpoint::{read_safetensors, write_safetensors};
+    for name in ["peft-llama-dora-tiny", "peft-gpt2-dora-tiny"] {
+        check_against_peft(name, 0.5);
+        let plain = adapter_copy(name, None, |c| c["use_dora"] = false.into());
+        let file = plain.path().join("adapter_model.safetensors");
+        let mut tensors = read_safetensors(&file).unwrap();
+        tensors.retain(|k, _| !k.ends_with("lora_magnitude_vector"));
+        write_safetensors(&file, &tensors).unwrap();
+        let (model, _) = load_with_tokenizer(plain.path(), &Cpu::default()).unwrap();
+        let text = &read_json(&fixture(name).join("expected.json"))["texts"][0];
+        let off = max_abs_diff(&logits(&model, &u32s(&text["ids"])), &f32s_2d(&text["logits"]).concat());
+        assert!(off > 0.3, "{name}: without its magnitudes the adapter is off by only {off}");
+    }
+    // a magnitude the config does not call for, or the other way round
+    let err = load_err(adapter_copy("peft-gpt2-dora-tiny", None, |c| c["use_dora"] = false.into()).path());
+    assert!(err.contains("c_attn") && err.contains("has no `use_dora`"), "{err}");
+    let dir = adapter_copy("peft-gpt2-dora-tiny", None, |_| {});
+    let file = dir.path().join("adapter_model.safetensors");
+    let mut tensors = read_safetensors(&file).unwrap();
+    tensors.retain(|k, _| !k.ends_with("h.1.mlp.c_fc.lora_magnitude_vector"));
+    write_safetensors(&file, &tensors).unwrap();
+    let err = load_err(dir.path());
+    assert!(err.contains("h.1.mlp.c_fc") && err.contains("no DoRA magnitude"), "{err}");
 }
 
 #[test]
@@ -83,6 +118,7 @@ fn base_found_beside_the_adapter_and_in_the_hub_cache() {
         alpha: 8.0,
         rslora: false,
         fan_in_fan_out: false,
+        dora: false,
         alpha_pattern: vec![],
     };
     assert_eq!(resolve_base_in(&adapter, &cfg("../base", None), None).unwrap(), adapter.join("../base"));
@@ -112,7 +148,6 @@ fn what_is_not_read_is_refused_by_name() {
     let set = |field: &'static str, v: serde_json::Value| move |c: &mut serde_json::Value| c[field] = v;
     for (field, value, says) in [
         ("peft_type", serde_json::json!("IA3"), "only LoRA adapters"),
-        ("use_dora", serde_json::json!(true), "DoRA"),
         ("alora_invocation_tokens", serde_json::json!([5, 6]), "aLoRA"),
         ("layer_replication", serde_json::json!([[0, 2]]), "replicated layers"),
         ("lora_alpha", serde_json::Value::Null, "missing or not a number"),

@@ -2,6 +2,9 @@
 //! merged in: `W' = W + s·B·A` for each adapted layer (`A` `(r, in)`, `B` `(out, r)`,
 //! `s = lora_alpha / r`, or `lora_alpha / √r` with rsLoRA), which is what PEFT's
 //! `merge_and_unload()` computes and what its unmerged forward `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` equals.
+//! A DoRA adapter (`use_dora`; Liu et al. 2024, "DoRA", eq. 5) also holds each layer's magnitude
+//! vector `m` (one number per output): `W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖_c`, each output's
+//! row of weights rescaled to norm `m_j` (the norm over that output's inputs), as PEFT merges it.
 //!
 //! A folder holding `adapter_config.json` and `adapter_model.safetensors` but no weights of its
 //! own is such an adapter. Its base is `base_model_name_or_path`: a folder (as given, or relative
@@ -14,7 +17,8 @@
 //! (`lora_embedding_A/B`) `(B·A)ᵀ`. Whole tensors in the adapter (`modules_to_save`, such as a new
 //! `lm_head` or a reward model's `score`; biases trained under `bias: "all"/"lora_only"`, stored as
 //! `….base_layer.bias`) replace the base's. What PEFT cannot merge, or what this does not read,
-//! is refused by name: DoRA, aLoRA, layer replication, other PEFT types, pickled `.bin` files.
+//! is refused by name: aLoRA, layer replication, QA-LoRA, trainable tokens, other PEFT types,
+//! pickled `.bin` files.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -51,6 +55,8 @@ pub struct AdapterConfig {
     pub rslora: bool,
     /// `fan_in_fan_out`: the adapted weights are stored `(in, out)` (GPT-2's Conv1D).
     pub fan_in_fan_out: bool,
+    /// `use_dora`: every adapted module has a magnitude vector (DoRA).
+    pub dora: bool,
     /// `alpha_pattern`: per-module alphas, each key compiled as PEFT matches it against a
     /// module's name: `(.*\.)?(key)$`.
     pub alpha_pattern: Vec<(fancy_regex::Regex, f64)>,
@@ -68,7 +74,6 @@ impl AdapterConfig {
         }
         let truthy = |f: &str| !matches!(&v[f], Value::Null | Value::Bool(false));
         for (field, why) in [
-            ("use_dora", "DoRA's magnitude vectors"),
             ("alora_invocation_tokens", "an aLoRA adapter, active only after its invocation tokens"),
             ("layer_replication", "replicated layers"),
             ("use_qalora", "QA-LoRA's pooled inputs"),
@@ -110,6 +115,7 @@ impl AdapterConfig {
             alpha,
             rslora: flag("use_rslora")?,
             fan_in_fan_out: flag("fan_in_fan_out")?,
+            dora: flag("use_dora")?,
             alpha_pattern,
         })
     }
@@ -201,19 +207,22 @@ pub fn merge(
     let mut pairs: BTreeMap<String, Pair> = BTreeMap::new();
     for (key, t) in adapter {
         let name = key.strip_prefix("base_model.model.").unwrap_or(&key).to_string();
-        const PARTS: [(&str, bool, usize); 5] = [
+        // DoRA's magnitude: `lora_magnitude_vector` as PEFT saves it, `.weight` as older ones did
+        const PARTS: [(&str, bool, usize); 7] = [
             (".lora_A.weight", false, 0),
             (".lora_B.weight", false, 1),
             (".lora_embedding_A", true, 0),
             (".lora_embedding_B", true, 1),
             (".lora_B.bias", false, 2),
+            (".lora_magnitude_vector", false, 3),
+            (".lora_magnitude_vector.weight", false, 3),
         ];
         if let Some((m, embedding, part)) =
             PARTS.iter().find_map(|(suffix, e, p)| name.strip_suffix(suffix).map(|m| (m, *e, *p)))
         {
             let pair = pairs.entry(m.to_string()).or_default();
             pair.embedding |= embedding;
-            *[&mut pair.a, &mut pair.b, &mut pair.bias][part] = Some(t);
+            *[&mut pair.a, &mut pair.b, &mut pair.bias, &mut pair.magnitude][part] = Some(t);
         } else if name.contains("lora_") || name.contains("magnitude") {
             return Err(PolicyError::tensor(file, key.as_str(), "not a LoRA A/B matrix this reads"));
         } else {
@@ -238,12 +247,15 @@ struct Pair {
     a: Option<HostTensor>,
     b: Option<HostTensor>,
     bias: Option<HostTensor>,
+    /// DoRA's magnitude vector `m` `(out,)`.
+    magnitude: Option<HostTensor>,
     /// `lora_embedding_A/B`: the weight is `(vocab, width)`, the delta `(B·A)ᵀ`.
     embedding: bool,
 }
 
 /// `W += s·B·A`, transposed where `W` is stored `(in, out)` (a Conv1D under `fan_in_fan_out`,
-/// an embedding), and `bias += s·b` for a LoRA bias (`lora_bias`).
+/// an embedding), then with DoRA each output's weights rescaled to its magnitude; and
+/// `bias += s·b` for a LoRA bias (`lora_bias`).
 fn apply_pair(
     base: &mut BTreeMap<String, HostTensor>,
     file: &Path,
@@ -278,6 +290,13 @@ fn apply_pair(
         false => gemm_into(&mut w.data, (o, i, r), bv, av, s, true, threads),
         true => gemm_into(&mut w.data, (i, o, r), av.t(), bv.t(), s, true, threads),
     }
+    match (&pair.magnitude, cfg.dora) {
+        (Some(m), true) if m.data.len() == o => rescale_outputs(&mut w.data, &m.data, transposed),
+        (Some(m), true) => return Err(bad(format!("a DoRA magnitude of shape {:?} for {o} outputs", m.shape))),
+        (None, true) => return Err(bad("has no DoRA magnitude vector, but the config says `use_dora`".into())),
+        (Some(_), false) => return Err(bad("has a DoRA magnitude vector, but the config has no `use_dora`".into())),
+        (None, false) => {}
+    }
     if let Some(bb) = &pair.bias {
         let name = format!("{module}.bias");
         let dst = base.get_mut(&name).ok_or_else(|| bad(format!("has a LoRA bias but the base has no `{name}`")))?;
@@ -287,6 +306,22 @@ fn apply_pair(
         dst.data.iter_mut().zip(&bb.data).for_each(|(d, v)| *d += s * v);
     }
     Ok(())
+}
+
+/// DoRA's merge (eq. 5, PEFT's `dora_factor`): scales output `j`'s weights by `m_j / ‖w_j‖`,
+/// `w_j` its weights over all inputs — row `j` of an `(out, in)` matrix, column `j` of an
+/// `(in, out)` one (`transposed`).
+fn rescale_outputs(w: &mut [f32], m: &[f32], transposed: bool) {
+    let o = m.len();
+    let mut norms = vec![0f64; o];
+    for (k, v) in w.iter().enumerate() {
+        norms[if transposed { k % o } else { k / (w.len() / o) }] += f64::from(*v) * f64::from(*v);
+    }
+    let factor: Vec<f32> = m.iter().zip(&norms).map(|(m, n)| m / n.sqrt() as f32).collect();
+    let per = w.len() / o;
+    for (k, v) in w.iter_mut().enumerate() {
+        *v *= factor[if transposed { k % o } else { k / per }];
+    }
 }
 
 fn two(shape: &[usize]) -> Option<[usize; 2]> {
