@@ -11,17 +11,26 @@ use dfdx::prelude::*;
 use rlhf_policies::lora::{LoraConfig, TargetModules};
 use rlhf_policies::{Batch, CausalLm, InferenceModel, KvCache, LogitsAt, ParamMut, ParamRef};
 
-/// `m` with an update on `targets` whose `B` is random too (a fresh one is zero).
-fn adapted(mut m: CausalLm<Cpu>, targets: TargetModules) -> CausalLm<Cpu> {
-    let cfg = LoraConfig { r: 3, lora_alpha: 6.0, target_modules: targets, ..LoraConfig::default() };
+/// `m` with an update on `targets` whose `B` is random too (a fresh one is zero); with `dora`,
+/// its magnitudes each moved off their column norms by up to 20%.
+fn adapted_with(mut m: CausalLm<Cpu>, targets: TargetModules, dora: bool) -> CausalLm<Cpu> {
+    let cfg = LoraConfig { r: 3, lora_alpha: 6.0, target_modules: targets, use_dora: dora, ..LoraConfig::default() };
     assert!(m.add_lora(&cfg, 7).unwrap() > 0);
     let dev = Cpu::default();
     let mut k = 0.0f32;
     for (name, p) in m.params_mut() {
-        if let (true, ParamMut::M(t)) = (name.ends_with(".lora_b"), p) {
-            k += 1.0;
-            let v: Vec<f32> = (0..t.shape().0 * t.shape().1).map(|i| ((i as f32 * 0.37 + k).sin()) * 0.3).collect();
-            *t = dev.tensor_from_vec(v, *t.shape());
+        k += 1.0;
+        match (name.ends_with(".lora_b"), p) {
+            (true, ParamMut::M(t)) => {
+                let v: Vec<f32> = (0..t.shape().0 * t.shape().1).map(|i| ((i as f32 * 0.37 + k).sin()) * 0.3).collect();
+                *t = dev.tensor_from_vec(v, *t.shape());
+            }
+            (false, ParamMut::V(t)) if name.ends_with(".lora_magnitude") => {
+                let v: Vec<f32> =
+                    t.as_vec().iter().enumerate().map(|(i, m)| m * (1.0 + 0.2 * (i as f32 * 0.71 + k).sin())).collect();
+                *t = dev.tensor_from_vec(v, *t.shape());
+            }
+            _ => {}
         }
     }
     m
@@ -32,8 +41,12 @@ fn logits(m: &CausalLm<Cpu>, batch: &Batch) -> Vec<f32> {
 }
 
 fn check_merged(cfg: rlhf_policies::ModelConfig, targets: TargetModules) {
+    check_merged_with(cfg, targets, false)
+}
+
+fn check_merged_with(cfg: rlhf_policies::ModelConfig, targets: TargetModules, dora: bool) {
     let base = model(cfg, 4);
-    let m = adapted(base.clone(), targets);
+    let m = adapted_with(base.clone(), targets, dora);
     let batch = Batch::left_padded(&[vec![3, 1, 4, 1, 5, 9], vec![2, 6, 5]], 0).unwrap();
     let (plain, got) = (logits(&base, &batch), logits(&m, &batch));
     assert!(max_abs_diff(&plain, &got) > 1e-2, "the update moves the logits");
@@ -59,6 +72,23 @@ fn adapted_forward_is_the_merged_models() {
     check_merged(tiny_gpt2(64), TargetModules::default());
     check_merged(tiny_neox(64, true), TargetModules::Names(vec!["query_key_value".into(), "dense_4h_to_h".into()]));
     check_merged(tiny_llama(64), TargetModules::Names(vec!["q_proj".into(), "mlp.down".into()]));
+}
+
+/// DoRA: the adapted forward (columns rescaled to their magnitudes) is the merged weights'
+/// forward, and a fresh update leaves the model exactly as it was.
+#[test]
+fn dora_forward_is_the_merged_models_and_starts_as_the_base() {
+    check_merged_with(tiny_llama(64), TargetModules::default(), true);
+    check_merged_with(tiny_gpt2(64), TargetModules::default(), true);
+    check_merged_with(tiny_neox(64, true), TargetModules::Names(vec!["query_key_value".into()]), true);
+    let base = model(tiny_llama(64), 4);
+    let mut fresh = base.clone();
+    fresh.add_lora(&LoraConfig { use_dora: true, ..LoraConfig::default() }, 3).unwrap();
+    let batch = Batch::left_padded(&[vec![3, 1, 4, 1, 5, 9], vec![2, 6, 5]], 0).unwrap();
+    let diff = max_abs_diff(&logits(&fresh, &batch), &logits(&base, &batch));
+    assert!(diff < 1e-5, "a fresh DoRA update moves the logits by {diff}");
+    let (merged, plain) = (&fresh.linears()[0].1.merged_w(), &base.linears()[0].1.w.as_vec());
+    assert_eq!(merged, plain, "m / ‖W‖_c is exactly 1");
 }
 
 #[test]
@@ -133,8 +163,34 @@ fn updates_go_to_the_blocks_named_or_the_unfrozen_top() {
 
 #[test]
 fn update_gradients_match_finite_differences_and_the_base_gets_none() {
+    check_update_gradients(false);
+}
+
+/// DoRA's gradients, the column norm `‖W + s·A·B‖_c` held constant as PEFT holds it: the
+/// magnitudes' match the loss's finite differences; `A`'s and `B`'s match them with each
+/// output's magnitude moved along with its norm (so that `m / ‖·‖_c` stays as it was).
+#[test]
+fn dora_gradients_match_finite_differences() {
+    check_update_gradients(true);
+}
+
+/// `(in, out)` column norms of `W + s·A·B` for `l`'s update, on the host.
+fn column_norms(l: &rlhf_policies::model::Linear<Cpu>) -> Vec<f32> {
+    let lora = l.lora.as_ref().unwrap();
+    let mut w = l.w.as_vec();
+    let ((i, r), (_, o)) = (*lora.a.shape(), *lora.b.shape());
+    let (a, b) = (lora.a.as_vec(), lora.b.as_vec());
+    for p in 0..i {
+        for q in 0..o {
+            w[p * o + q] += lora.scale * (0..r).map(|k| a[p * r + k] * b[k * o + q]).sum::<f32>();
+        }
+    }
+    (0..o).map(|q| (0..i).map(|p| w[p * o + q] * w[p * o + q]).sum::<f32>().sqrt()).collect()
+}
+
+fn check_update_gradients(dora: bool) {
     let dev = Cpu::default();
-    let m = adapted(model(tiny_llama(48), 3), TargetModules::default());
+    let m = adapted_with(model(tiny_llama(48), 3), TargetModules::default(), dora);
     let (batch, targets, weights) = grad_check_batch();
     let n = targets.len();
     let lp = m
@@ -145,9 +201,9 @@ fn update_gradients_match_finite_differences_and_the_base_gets_none() {
     let grads = (lp * dev.tensor_from_vec(weights.clone(), (n,))).sum::<Rank0, _>().negate().backward();
     let mut checked = 0;
     for (pi, (name, p)) in m.params().into_iter().enumerate() {
-        let ParamRef::M(t) = p else { continue };
         if name.ends_with(".weight") && name.starts_with("blocks.") {
             // a frozen base weight: its gradient was never formed
+            let ParamRef::M(t) = p else { continue };
             let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| grads.get(t)));
             assert!(got.is_err(), "{name} has a gradient");
             continue;
@@ -155,15 +211,36 @@ fn update_gradients_match_finite_differences_and_the_base_gets_none() {
         if !name.contains(".lora_") {
             continue;
         }
-        let analytic = grads.get(t).as_vec();
+        let analytic = match p {
+            ParamRef::M(t) => grads.get(t).as_vec(),
+            ParamRef::V(t) => grads.get(t).as_vec(),
+        };
+        let layer = name.rsplit_once('.').unwrap().0;
         for k in 0..3 {
             let idx = (k * 7919 + pi * 31) % analytic.len();
             let f = |delta: f32| {
                 let mut mm = m.clone();
-                if let (_, ParamMut::M(t)) = mm.params_mut().into_iter().nth(pi).unwrap() {
-                    let mut v = t.as_vec();
-                    v[idx] += delta;
-                    *t = dev.tensor_from_vec(v, *t.shape());
+                match mm.params_mut().into_iter().nth(pi).unwrap().1 {
+                    ParamMut::M(t) => {
+                        let mut v = t.as_vec();
+                        v[idx] += delta;
+                        *t = dev.tensor_from_vec(v, *t.shape());
+                    }
+                    ParamMut::V(t) => {
+                        let mut v = t.as_vec();
+                        v[idx] += delta;
+                        *t = dev.tensor_from_vec(v, *t.shape());
+                    }
+                }
+                if dora && !name.ends_with(".lora_magnitude") {
+                    let before = column_norms(m.linears().into_iter().find(|(n, _)| n == layer).unwrap().1);
+                    let lin = mm.linears_mut().into_iter().find(|(n, _)| n == layer).unwrap().1;
+                    let after = column_norms(lin);
+                    let lora = lin.lora.as_mut().unwrap();
+                    let mag = lora.magnitude.as_ref().unwrap().as_vec();
+                    let held: Vec<f32> =
+                        mag.iter().zip(after.iter().zip(&before)).map(|(m, (a, b))| m * a / b).collect();
+                    lora.magnitude = Some(dev.tensor_from_vec(held, (mag.len(),)));
                 }
                 loss_value(&mm, &batch, &targets, &weights) as f64
             };
@@ -173,7 +250,8 @@ fn update_gradients_match_finite_differences_and_the_base_gets_none() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 3 * 2 * 7 * 2, "every update tensor of both blocks");
+    let per_layer = if dora { 3 } else { 2 };
+    assert_eq!(checked, 3 * per_layer * 7 * 2, "every update tensor of both blocks");
 }
 
 /// A char-level GPT-2 and {prompt, response} pairs for SFT.
@@ -292,10 +370,46 @@ fn ppo_with_lora_starts_at_the_reference_and_resumes_exactly() {
     assert_eq!(comparable_metrics(&b.path().join("ppo")), ma);
 }
 
+/// SFT with DoRA: it learns, the magnitudes train beside `A` and `B` (their moments in the
+/// optimizer, their values in `lora.safetensors`), a resumed run goes on the same, and the PEFT
+/// adapter (`use_dora`) reads back as the merged checkpoint.
+#[test]
+fn sft_with_dora_trains_the_magnitudes_and_resumes_exactly() {
+    use rlhf_policies::checkpoint::read_safetensors;
+    let d = tempfile::tempdir().unwrap();
+    let mut c = sft_config(d.path(), 24);
+    c.optim.lora.as_mut().unwrap().use_dora = true;
+    c.checkpoint_every = 12;
+    let report = rlhf::stages::sft::train(c.clone(), false).unwrap();
+    let m = comparable_metrics(&d.path().join("run"));
+    let (first, last) = (m[0]["loss"].as_f64().unwrap(), report.train_loss as f64);
+    assert!(last < 0.1 * first, "the update learns: loss {first} -> {last}");
+    let ckpt = d.path().join("run/checkpoints/step-24");
+    let opt = read_safetensors(&ckpt.join("optimizer.safetensors")).unwrap();
+    assert_eq!(opt.keys().filter(|k| k.contains(".lora_magnitude")).count(), 2 * 6 * 2, "{:?}", opt.keys());
+    let state = read_safetensors(&ckpt.join("lora.safetensors")).unwrap();
+    assert_eq!(state.len(), 4 * 6 * 2, "A, B, m and the base weight of 6 layers in 2 blocks");
+    let adapter = ckpt.join("adapter");
+    assert_eq!(read_json(&adapter.join("adapter_config.json"))["use_dora"], true);
+    let (via_adapter, merged) = (
+        CausalLm::load_pretrained(&adapter, &Cpu::default()).unwrap(),
+        CausalLm::load_pretrained(&ckpt, &Cpu::default()).unwrap(),
+    );
+    let batch = Batch::unpadded(&[vec![1, 2, 3, 4, 5]]).unwrap();
+    assert!(max_abs_diff(&logits(&via_adapter, &batch), &logits(&merged, &batch)) < 1e-5);
+    std::fs::remove_dir_all(&ckpt).unwrap();
+    rlhf::stages::sft::train(c, true).unwrap();
+    assert_eq!(comparable_metrics(&d.path().join("run")), m);
+}
+
 /// `m`'s updates exported as a PEFT adapter over `m_base` saved beside it, read back through
 /// the adapter loader: the adapted model's logits.
 fn export_round_trip(base: CausalLm<Cpu>, targets: TargetModules) -> serde_json::Value {
-    let m = adapted(base.clone(), targets);
+    export_round_trip_with(base, targets, false)
+}
+
+fn export_round_trip_with(base: CausalLm<Cpu>, targets: TargetModules, dora: bool) -> serde_json::Value {
+    let m = adapted_with(base.clone(), targets, dora);
     let d = tempfile::tempdir().unwrap();
     base.save_pretrained(&d.path().join("base"), None).unwrap();
     let (tensors, config) = rlhf_policies::peft_export::adapter_of(&m, "../base").unwrap();
@@ -330,5 +444,12 @@ fn updates_export_as_a_peft_adapter() {
     export_round_trip(model(tiny_neox(64, true), 4), TargetModules::default());
     // Phi-3's fused qkv_proj and gate_up_proj
     let phi3 = CausalLm::load_pretrained(&fixture("hf-phi3-tiny"), &Cpu::default()).unwrap();
-    export_round_trip(phi3, names(&["qkv_proj", "gate_up_proj", "o_proj"]));
+    export_round_trip(phi3.clone(), names(&["qkv_proj", "gate_up_proj", "o_proj"]));
+    // DoRA: the magnitudes laid out as the modules' outputs; a fused module's part without an
+    // update (GPT-2's k and v beside q) keeps its weight's norms
+    let c = export_round_trip_with(model(tiny_llama(64), 4), TargetModules::default(), true);
+    assert_eq!(c["use_dora"], true);
+    export_round_trip_with(model(tiny_gpt2(64), 4), names(&["attn.q", "mlp.proj"]), true);
+    export_round_trip_with(model(tiny_neox(64, true), 4), TargetModules::default(), true);
+    export_round_trip_with(phi3, names(&["qkv_proj", "gate_up_proj"]), true);
 }

@@ -87,9 +87,10 @@ pub fn tokenizer_dir(dir: &Path) -> Result<PathBuf, PolicyError> {
     }
 }
 
-/// Whether the parameter `name` is a LoRA update's `A` or `B` ([`crate::lora`]).
+/// Whether the parameter `name` is a LoRA update's `A` or `B`, or DoRA's magnitude
+/// ([`crate::lora`]).
 pub fn is_lora(name: &str) -> bool {
-    name.ends_with(".lora_a") || name.ends_with(".lora_b")
+    name.ends_with(".lora_a") || name.ends_with(".lora_b") || name.ends_with(".lora_magnitude")
 }
 
 /// Whether `name` is a causal-mask buffer older transformers saved with the weights (GPT-2's

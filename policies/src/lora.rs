@@ -10,6 +10,12 @@
 //! engines — sees the merged `W + s·A·B`, so a checkpoint is a plain model for every later
 //! stage and for transformers. The parameters are named `<linear>.lora_a` / `.lora_b` beside
 //! the linear's `weight` (`blocks.0.attn.q.lora_a`).
+//!
+//! DoRA (`use_dora`; Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", eq. 5)
+//! also trains a magnitude `m` per output (`<linear>.lora_magnitude`, starting at the norms of
+//! `W`'s columns): `h = (x·W + s·(x·A)·B) ⊙ m / ‖W + s·A·B‖_c + b`, the column norm `‖·‖_c`
+//! (over the inputs) treated as a constant in the backward pass (the paper's §4.3, as PEFT
+//! does). It starts as the pretrained layer (`m / ‖W‖_c` is exactly 1).
 
 use dfdx::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -18,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::PolicyError;
 use crate::fused::FusedOps;
 use crate::linear::{Affine, WeightLayout};
-use crate::model::{CausalLm, Linear, Mlp, A2, T2};
+use crate::model::{CausalLm, Linear, Mlp, A2, T1, T2};
 use crate::strided::{gemm_into, View};
 
 /// Which linear layers a LoRA config adapts, and how (PEFT's `LoraConfig` field names). There is
@@ -33,6 +39,8 @@ pub struct LoraConfig {
     pub lora_alpha: f64,
     /// rsLoRA's scale `lora_alpha / √r`. Default `false`.
     pub use_rslora: bool,
+    /// DoRA: train a magnitude per output as well (see the module doc). Default `false`.
+    pub use_dora: bool,
     /// The layers to adapt: `"all-linear"` (every attention and MLP projection; not the LM
     /// head, as PEFT's), or a list of module names matched as PEFT matches them — a layer is
     /// adapted when its transformers module name (`model.layers.0.self_attn.q_proj`,
@@ -54,6 +62,7 @@ impl Default for LoraConfig {
             r: 8,
             lora_alpha: 8.0,
             use_rslora: false,
+            use_dora: false,
             target_modules: TargetModules::default(),
             layers_to_transform: None,
         }
@@ -166,6 +175,16 @@ pub struct Lora<D: Storage<f32>> {
     pub b: T2<D>,
     /// `s`.
     pub scale: f32,
+    /// DoRA's magnitude `m` `(out,)`; `None` for plain LoRA.
+    pub magnitude: Option<T1<D>>,
+}
+
+impl<D: Device<f32>> Lora<D> {
+    /// `‖W + s·A·B‖_c`: each output's column norm over the inputs, untaped (DoRA's constant).
+    fn column_norms(&self, w: &T2<D>) -> T1<D> {
+        let merged = w.clone() + self.a.clone().matmul(self.b.clone()) * self.scale;
+        merged.square().sum::<(usize,), Axis<0>>().sqrt()
+    }
 }
 
 impl<D: FusedOps> Lora<D> {
@@ -177,18 +196,42 @@ impl<D: FusedOps> Lora<D> {
         x: A2<D, T>,
         r: Option<&A2<D, NoneTape>>,
     ) -> A2<D, T> {
+        let Some(m) = &self.magnitude else {
+            let (x, tape) = x.split_tape();
+            let frozen =
+                Affine { w: &base.w, layout: WeightLayout::InOut, b: base.b.as_ref(), residual: r, frozen: true };
+            let (y, tape) = D::linear(x.clone().put_tape(tape), frozen).split_tape();
+            let plain = |w| Affine { w, layout: WeightLayout::InOut, b: None, residual: None, frozen: false };
+            let h = D::linear(x.put_tape(tape), plain(&self.a)) * self.scale;
+            return D::linear(h, Affine { residual: Some(&y), ..plain(&self.b) });
+        };
+        // DoRA: z = x·W + s·(x·A)·B, then each column times m / ‖W + s·A·B‖_c, then b and r
         let (x, tape) = x.split_tape();
-        let frozen = Affine { w: &base.w, layout: WeightLayout::InOut, b: base.b.as_ref(), residual: r, frozen: true };
-        let (y, tape) = D::linear(x.clone().put_tape(tape), frozen).split_tape();
+        let frozen = Affine { w: &base.w, layout: WeightLayout::InOut, b: None, residual: None, frozen: true };
+        let (z, tape) = D::linear(x.clone().put_tape(tape), frozen).split_tape();
         let plain = |w| Affine { w, layout: WeightLayout::InOut, b: None, residual: None, frozen: false };
         let h = D::linear(x.put_tape(tape), plain(&self.a)) * self.scale;
-        D::linear(h, Affine { residual: Some(&y), ..plain(&self.b) })
+        let z = D::linear(h, Affine { residual: Some(&z), ..plain(&self.b) });
+        let s = *z.shape();
+        // m / ‖·‖_c by division, so that it is exactly 1 where m is the norm (a fresh update)
+        let factor = m.clone().retaped::<T>() / self.column_norms(&base.w);
+        let y = z * factor.broadcast_like::<_, Axis<0>>(&s);
+        let y = match &base.b {
+            Some(b) => y + b.clone().broadcast_like::<_, Axis<0>>(&s),
+            None => y,
+        };
+        match r {
+            // the residual's gradient is recorded under its id, as the fused ops do
+            Some(r) => y + r.clone().retaped::<T>(),
+            None => y,
+        }
     }
 }
 
 impl<D: Device<f32>> Linear<D> {
     /// The weight the layer applies, `(in, out)` on the host: `W`, or with an update
-    /// `W + s·A·B` (what checkpoints store and the rollout engines run).
+    /// `W + s·A·B` — with DoRA each column `j` times `m_j / ‖W + s·A·B‖_c` — (what checkpoints
+    /// store and the rollout engines run).
     pub fn merged_w(&self) -> Vec<f32> {
         let mut w = self.w.as_vec();
         if let Some(l) = &self.lora {
@@ -203,6 +246,12 @@ impl<D: Device<f32>> Linear<D> {
                 true,
                 rayon::current_num_threads(),
             );
+            if let Some(m) = &l.magnitude {
+                // the forward pass's factor, computed as it computes it
+                let factor: Vec<f32> =
+                    m.as_vec().iter().zip(l.column_norms(&self.w).as_vec()).map(|(m, n)| m / n).collect();
+                w.iter_mut().enumerate().for_each(|(k, v)| *v *= factor[k % o]);
+            }
         }
         w
     }
@@ -291,7 +340,12 @@ impl<D: FusedOps> CausalLm<D> {
             let (i, o) = *lin.w.shape();
             let bound = 1.0 / (i as f32).sqrt();
             let a: Vec<f32> = (0..i * r).map(|_| rng.gen_range(-bound..bound)).collect();
-            lin.lora = Some(Lora { a: dev.tensor_from_vec(a, (i, r)), b: dev.zeros_like(&(r, o)), scale });
+            let mut lora =
+                Lora { a: dev.tensor_from_vec(a, (i, r)), b: dev.zeros_like(&(r, o)), scale, magnitude: None };
+            if cfg.use_dora {
+                lora.magnitude = Some(lora.column_norms(&lin.w));
+            }
+            lin.lora = Some(Box::new(lora));
             adapted += 1;
         }
         Ok(adapted)

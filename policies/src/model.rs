@@ -51,7 +51,7 @@ pub struct Linear<D: Storage<f32>> {
     /// Optional bias `(out,)`.
     pub b: Option<T1<D>>,
     /// A LoRA update trained in place of `w` and `b` ([`crate::lora`]); `None` as loaded.
-    pub lora: Option<crate::lora::Lora<D>>,
+    pub lora: Option<Box<crate::lora::Lora<D>>>,
     /// `w` and `b` are frozen ([`CausalLm::set_frozen_trunk`]): a taped forward forms no
     /// gradient for them. Always so under a LoRA update.
     pub(crate) frozen: bool,

@@ -122,6 +122,9 @@ macro_rules! walker {
                     if let Some(lora) = &$($m)? l.lora {
                         out.push((format!("{p}.lora_a"), $P::M(&$($m)? lora.a)));
                         out.push((format!("{p}.lora_b"), $P::M(&$($m)? lora.b)));
+                        if let Some(m) = &$($m)? lora.magnitude {
+                            out.push((format!("{p}.lora_magnitude"), $P::V(m)));
+                        }
                     }
                 }
                 fn norm<'a, D: Device<f32>>(p: &str, n: &'a $($m)? Norm<D>, out: &mut Vec<(String, $P<'a, D>)>) {

@@ -10,7 +10,9 @@
 //! the other and `B_p` block-diagonal (each part's output rows read only its own rank rows),
 //! a rank `Σ r` pair whose `rank_pattern`/`alpha_pattern` entry keeps the scale `s` — exactly
 //! the sum of the parts' updates. The output rows are placed by the same code that fuses the
-//! weights on save, so the rows land where the module's own weights do.
+//! weights on save, so the rows land where the module's own weights do. DoRA's magnitudes
+//! (`lora_magnitude_vector`, one per output) are laid out the same way; a fused module's part
+//! without an update gets its weight's column norms, which leave it as it is.
 
 use std::collections::BTreeMap;
 
@@ -28,6 +30,8 @@ use crate::model::CausalLm;
 struct Module {
     src: Source,
     widths: Vec<usize>,
+    /// Each part's DoRA magnitude: its update's, or its weight's column norms.
+    magnitudes: Vec<Vec<f32>>,
     /// `(part, rank, A (in, r) row-major, B (r, out) row-major)`, in part order.
     updates: Vec<(usize, usize, Vec<f32>, Vec<f32>)>,
     /// The layers' input width.
@@ -42,6 +46,7 @@ pub fn adapter_of<D: Device<f32>>(
     base: &str,
 ) -> Result<(BTreeMap<String, HostTensor>, String), PolicyError> {
     let d = &model.dims;
+    let dora = model.linears().iter().any(|(_, l)| l.lora.as_ref().is_some_and(|l| l.magnitude.is_some()));
     let mut modules: BTreeMap<String, Module> = BTreeMap::new();
     let mut scale = None;
     for (name, lin) in model.linears() {
@@ -51,8 +56,19 @@ pub fn adapter_of<D: Device<f32>>(
             None => (src.name().to_string(), 0, 1),
         };
         let (input, out) = *lin.w.shape();
-        let m = modules.entry(weight).or_insert_with(|| Module { src, widths: vec![0; parts], updates: vec![], input });
+        let m = modules.entry(weight).or_insert_with(|| Module {
+            src,
+            widths: vec![0; parts],
+            magnitudes: vec![vec![]; parts],
+            updates: vec![],
+            input,
+        });
         m.widths[part] = out;
+        m.magnitudes[part] = match lin.lora.as_ref().and_then(|l| l.magnitude.as_ref()) {
+            Some(mag) => mag.as_vec(),
+            None if dora => lin.w.clone().square().sum::<(usize,), Axis<0>>().sqrt().as_vec(),
+            None => vec![],
+        };
         let Some(lora) = &lin.lora else { continue };
         if scale.is_some_and(|s| s != lora.scale) {
             return Err(PolicyError::Input("LoRA updates with different scales cannot share one adapter".into()));
@@ -65,7 +81,7 @@ pub fn adapter_of<D: Device<f32>>(
     let mut tensors = BTreeMap::new();
     let (mut rank_pattern, mut alpha_pattern, mut targets) = (json!({}), json!({}), vec![]);
     let r0 = modules.values().map(|m| m.updates[0].1).min().unwrap_or(1);
-    for (weight, Module { src, widths, updates, input: i }) in modules {
+    for (weight, Module { src, widths, magnitudes, updates, input: i }) in modules {
         let module = weight.strip_suffix(".weight").unwrap_or(&weight).to_string();
         let rank: usize = updates.iter().map(|u| u.1).sum();
         // A_p: each part's Aᵀ, stacked
@@ -92,6 +108,15 @@ pub fn adapter_of<D: Device<f32>>(
         tensors
             .insert(format!("base_model.model.{module}.lora_A.weight"), HostTensor { shape: vec![rank, i], data: a });
         tensors.insert(format!("base_model.model.{module}.lora_B.weight"), b);
+        if dora {
+            // each part's (1, out) laid out as the module's weight is: the outputs in its order
+            let parts = magnitudes.into_iter().map(|m| HostTensor { shape: vec![1, m.len()], data: m }).collect();
+            let m = src.to_hf(parts).data;
+            tensors.insert(
+                format!("base_model.model.{module}.lora_magnitude_vector"),
+                HostTensor { shape: vec![m.len()], data: m },
+            );
+        }
         if rank != r0 {
             let key = module.replace('.', r"\.");
             rank_pattern[&key] = rank.into();
@@ -106,6 +131,7 @@ pub fn adapter_of<D: Device<f32>>(
         "r": r0,
         "lora_alpha": s as f64 * r0 as f64,
         "use_rslora": false,
+        "use_dora": dora,
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": d.family == Family::Gpt2,

@@ -1,7 +1,7 @@
 //! A LoRA run (`optim.lora`, `rlhf_policies::lora`) in its checkpoints. The model folder holds
 //! the merged weights `W + s·A·B` — a plain model for every later stage and for transformers —
 //! which cannot give back `W` exactly; so each checkpoint also keeps `lora.safetensors`: every
-//! update's `A` and `B` and the frozen base weight of each adapted layer, by parameter name
+//! update's `A` and `B` (and DoRA's magnitude) and the frozen base weight of each adapted layer, by parameter name
 //! (`policy.blocks.0.attn.q.lora_a`, `….weight`). Resuming loads the merged folder, puts the
 //! updates back on the same layers and restores those tensors, so the run continues bit for bit.
 //! The language model's updates are also written as a PEFT adapter (`adapter/`, see
@@ -28,7 +28,8 @@ pub fn attach<D: FusedOps, M: HasParams<D>>(model: &mut M, optim: &AdamWConfig, 
         let n = lm.add_lora(&cfg, seed.wrapping_add(i as u64))?;
         let which =
             if prefix.is_empty() { "the model".to_string() } else { format!("`{}`", prefix.trim_end_matches('.')) };
-        eprintln!("LoRA: rank {} on {n} linear layers of {which} (scale {})", cfg.r, cfg.scale());
+        let kind = if cfg.use_dora { "DoRA" } else { "LoRA" };
+        eprintln!("{kind}: rank {} on {n} linear layers of {which} (scale {})", cfg.r, cfg.scale());
     }
     Ok(())
 }
@@ -94,16 +95,21 @@ pub fn restore<D: FusedOps, M: HasParams<D>>(model: &mut M, optim: &AdamWConfig,
             }
             continue;
         };
-        let ParamMut::M(w) = p else { bail!("{}: `{name}` is not a matrix here", file.display()) };
-        if t.shape != [w.shape().0, w.shape().1] {
+        let shape = match &p {
+            ParamMut::M(w) => vec![w.shape().0, w.shape().1],
+            ParamMut::V(v) => vec![v.shape().0],
+        };
+        if t.shape != shape {
             bail!(
-                "{}: `{name}` has shape {:?}, the model's is {:?} (another optim.lora?)",
+                "{}: `{name}` has shape {:?}, the model's is {shape:?} (another optim.lora?)",
                 file.display(),
-                t.shape,
-                w.shape()
+                t.shape
             );
         }
-        *w = w.device().tensor_from_vec(t.data, *w.shape());
+        match p {
+            ParamMut::M(w) => *w = w.device().tensor_from_vec(t.data, *w.shape()),
+            ParamMut::V(v) => *v = v.device().tensor_from_vec(t.data, *v.shape()),
+        }
     }
     if let Some(name) = tensors.keys().next() {
         bail!(
