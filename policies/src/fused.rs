@@ -12,6 +12,7 @@ use crate::attention::attention_composed;
 use crate::attention::{attention_cpu, AttnShape};
 use crate::block::{gpt2_block_cpu, BlockInputs};
 use crate::config::GeluKind;
+use crate::dora::{dora_scale_composed, dora_scale_cpu, DoraScale};
 #[cfg(feature = "cuda")]
 use crate::embed::{embed_composed, select_rows_composed};
 use crate::embed::{embed_cpu, select_rows_cpu};
@@ -28,6 +29,7 @@ use crate::logprobs::{
     lm_logprobs_and_entropy_cpu, lm_logprobs_and_entropy_masked_cpu, lm_weighted_nll_cpu, logprobs_and_entropy_cpu,
     weighted_nll_cpu, Head,
 };
+use crate::lora::{column_norms_host, Lora};
 use crate::model::Block;
 use crate::nucleus::{TokenMask, MASKED_LOGIT};
 
@@ -136,6 +138,18 @@ pub trait FusedOps: Device<f32> {
         x: Tensor<(usize, usize), f32, Self, T>,
         a: Affine<'_, Self>,
     ) -> Tensor<(usize, usize), f32, Self, T>;
+
+    /// DoRA's column norms `‖W + s·A·B‖_c` of a layer's weight `w` and update `lora`, untaped.
+    /// Default: dfdx's composition ([`Lora::column_norms`]).
+    fn dora_norms(w: &Tensor<(usize, usize), f32, Self>, lora: &Lora<Self>) -> Tensor<(usize,), f32, Self> {
+        lora.column_norms(w)
+    }
+
+    /// DoRA's `z ⊙ m / n + b + r` over an adapted layer's output `z` `(N, out)`; see
+    /// [`crate::dora`]. Default: dfdx's composition.
+    fn dora_scale<T: Tape<f32, Self>>(z: Act<Self, T>, a: DoraScale<'_, Self>) -> Act<Self, T> {
+        dora_scale_composed(z, a)
+    }
 
     /// A whole pre-norm GPT-2 block (LayerNorms, attention, a GELU MLP; GPT-NeoX's with RoPE
     /// and the parallel residual) as one op, where the device has one: `Err(x)` hands the input
@@ -306,6 +320,15 @@ impl FusedOps for Cuda {
 
 impl FusedOps for Cpu {
     const HOST_ROLLOUT: bool = true;
+
+    fn dora_scale<T: Tape<f32, Self>>(z: Act<Self, T>, a: DoraScale<'_, Self>) -> Act<Self, T> {
+        dora_scale_cpu(z, a)
+    }
+
+    fn dora_norms(w: &Tensor<(usize, usize), f32, Self>, lora: &Lora<Self>) -> Tensor<(usize,), f32, Self> {
+        let n = column_norms_host(w, lora);
+        w.device().tensor_from_vec(n, (lora.b.shape().1,))
+    }
 
     fn gpt2_block<T: Tape<f32, Self>>(
         x: Act<Self, T>,

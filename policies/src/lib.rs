@@ -32,6 +32,7 @@ pub mod cuda_engine;
 mod decode_attn;
 pub mod device_decode;
 pub mod dims;
+pub mod dora;
 pub mod embed;
 pub mod error;
 mod forward_ctx;

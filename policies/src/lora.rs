@@ -21,6 +21,7 @@ use dfdx::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::dora::DoraScale;
 use crate::error::PolicyError;
 use crate::fused::FusedOps;
 use crate::linear::{Affine, WeightLayout};
@@ -180,11 +181,45 @@ pub struct Lora<D: Storage<f32>> {
 }
 
 impl<D: Device<f32>> Lora<D> {
-    /// `‖W + s·A·B‖_c`: each output's column norm over the inputs, untaped (DoRA's constant).
-    fn column_norms(&self, w: &T2<D>) -> T1<D> {
+    /// `‖W + s·A·B‖_c`: each output's column norm over the inputs, untaped (DoRA's constant),
+    /// as dfdx composes it (the default of [`FusedOps::dora_norms`]).
+    pub fn column_norms(&self, w: &T2<D>) -> T1<D> {
         let merged = w.clone() + self.a.clone().matmul(self.b.clone()) * self.scale;
         merged.square().sum::<(usize,), Axis<0>>().sqrt()
     }
+
+    /// `W + s·A·B` `(in, out)` on the host.
+    fn merged_host(&self, w: &T2<D>) -> Vec<f32> {
+        let mut w = w.as_vec();
+        let ((i, r), (_, o)) = (*self.a.shape(), *self.b.shape());
+        let (a, b) = (self.a.as_vec(), self.b.as_vec());
+        let threads = rayon::current_num_threads();
+        gemm_into(&mut w, (i, o, r), View::rows(&a, r), View::rows(&b, o), self.scale, true, threads);
+        w
+    }
+}
+
+/// The column norms of `W + s·A·B` computed on the host (the CPU's [`FusedOps::dora_norms`]):
+/// per-chunk partial sums of squares in a fixed order, so the same numbers on every call.
+pub(crate) fn column_norms_host(w: &T2<Cpu>, lora: &Lora<Cpu>) -> Vec<f32> {
+    norms_of(&lora.merged_host(w), lora.b.shape().1)
+}
+
+/// `‖w_j‖` of each column of the row-major `(in, o)` matrix `w`.
+fn norms_of(w: &[f32], o: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let rows = ((1 << 14) / o.max(1)).max(1);
+    let parts: Vec<Vec<f32>> = w
+        .par_chunks(rows * o)
+        .map(|blk| {
+            let mut s = vec![0.0f32; o];
+            blk.chunks(o).for_each(|row| s.iter_mut().zip(row).for_each(|(s, v)| *s += v * v));
+            s
+        })
+        .collect();
+    let mut total = vec![0.0f32; o];
+    parts.iter().for_each(|p| total.iter_mut().zip(p).for_each(|(t, s)| *t += s));
+    total.iter().map(|t| t.sqrt()).collect()
 }
 
 impl<D: FusedOps> Lora<D> {
@@ -212,19 +247,8 @@ impl<D: FusedOps> Lora<D> {
         let plain = |w| Affine { w, layout: WeightLayout::InOut, b: None, residual: None, frozen: false };
         let h = D::linear(x.put_tape(tape), plain(&self.a)) * self.scale;
         let z = D::linear(h, Affine { residual: Some(&z), ..plain(&self.b) });
-        let s = *z.shape();
-        // m / ‖·‖_c by division, so that it is exactly 1 where m is the norm (a fresh update)
-        let factor = m.clone().retaped::<T>() / self.column_norms(&base.w);
-        let y = z * factor.broadcast_like::<_, Axis<0>>(&s);
-        let y = match &base.b {
-            Some(b) => y + b.clone().broadcast_like::<_, Axis<0>>(&s),
-            None => y,
-        };
-        match r {
-            // the residual's gradient is recorded under its id, as the fused ops do
-            Some(r) => y + r.clone().retaped::<T>(),
-            None => y,
-        }
+        let norms = D::dora_norms(&base.w, self);
+        D::dora_scale(z, DoraScale { m, norms: &norms, b: base.b.as_ref(), residual: r })
     }
 }
 
@@ -233,25 +257,14 @@ impl<D: Device<f32>> Linear<D> {
     /// `W + s·A·B` — with DoRA each column `j` times `m_j / ‖W + s·A·B‖_c` — (what checkpoints
     /// store and the rollout engines run).
     pub fn merged_w(&self) -> Vec<f32> {
-        let mut w = self.w.as_vec();
-        if let Some(l) = &self.lora {
-            let ((i, r), (_, o)) = (*l.a.shape(), *l.b.shape());
-            let (a, b) = (l.a.as_vec(), l.b.as_vec());
-            gemm_into(
-                &mut w,
-                (i, o, r),
-                View::rows(&a, r),
-                View::rows(&b, o),
-                l.scale,
-                true,
-                rayon::current_num_threads(),
-            );
-            if let Some(m) = &l.magnitude {
-                // the forward pass's factor, computed as it computes it
-                let factor: Vec<f32> =
-                    m.as_vec().iter().zip(l.column_norms(&self.w).as_vec()).map(|(m, n)| m / n).collect();
-                w.iter_mut().enumerate().for_each(|(k, v)| *v *= factor[k % o]);
-            }
+        let Some(l) = &self.lora else { return self.w.as_vec() };
+        let mut w = l.merged_host(&self.w);
+        if let Some(m) = &l.magnitude {
+            // the CPU forward pass's factor, computed as it computes it (CUDA's norms are
+            // dfdx's, within rounding of these)
+            let o = m.shape().0;
+            let factor: Vec<f32> = m.as_vec().iter().zip(norms_of(&w, o)).map(|(m, n)| m / n).collect();
+            w.iter_mut().enumerate().for_each(|(k, v)| *v *= factor[k % o]);
         }
         w
     }
@@ -343,7 +356,7 @@ impl<D: FusedOps> CausalLm<D> {
             let mut lora =
                 Lora { a: dev.tensor_from_vec(a, (i, r)), b: dev.zeros_like(&(r, o)), scale, magnitude: None };
             if cfg.use_dora {
-                lora.magnitude = Some(lora.column_norms(&lin.w));
+                lora.magnitude = Some(D::dora_norms(&lin.w, &lora));
             }
             lin.lora = Some(Box::new(lora));
             adapted += 1;
