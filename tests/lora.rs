@@ -402,6 +402,33 @@ fn sft_with_dora_trains_the_magnitudes_and_resumes_exactly() {
     assert_eq!(comparable_metrics(&d.path().join("run")), m);
 }
 
+/// A reward model trained with LoRA: its checkpoint's PEFT adapter is a `SEQ_CLS` one with the
+/// `score` head whole and the normalisation beside it, and loads back as the merged checkpoint.
+#[test]
+fn reward_lora_exports_a_sequence_classification_adapter() {
+    use rlhf_policies::LearnedReward;
+    let d = tempfile::tempdir().unwrap();
+    let mut c = marker_cfg(d.path(), 40);
+    c.optim.lora = Some(LoraConfig { r: 4, lora_alpha: 8.0, ..LoraConfig::default() });
+    rlhf::stages::reward::train(c, false).unwrap();
+    let ckpt = d.path().join("run/checkpoints/step-40");
+    let adapter = ckpt.join("adapter");
+    let cfg = read_json(&adapter.join("adapter_config.json"));
+    assert_eq!(
+        (cfg["task_type"].as_str(), cfg["modules_to_save"].clone()),
+        (Some("SEQ_CLS"), serde_json::json!(["score"]))
+    );
+    let tensors = rlhf_policies::checkpoint::read_safetensors(&adapter.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(tensors["base_model.model.score.weight"].shape, vec![1, 32]);
+    assert!(rlhf::eval::is_reward_model(&adapter).unwrap());
+    let (merged, norm) = LearnedReward::load_pretrained(&ckpt, &Cpu::default()).unwrap();
+    let (via_adapter, adapter_norm) = LearnedReward::load_pretrained(&adapter, &Cpu::default()).unwrap();
+    assert!(norm.is_some() && adapter_norm == norm, "{adapter_norm:?} against {norm:?}");
+    let seqs = vec![vec![1, 5, 9, 2, 14, 3], vec![7, 7, 1]];
+    let (a, b) = (via_adapter.score_ids(&seqs).unwrap(), merged.score_ids(&seqs).unwrap());
+    assert!(max_abs_diff(&a, &b) < 1e-5, "{a:?} against {b:?}");
+}
+
 /// `m`'s updates exported as a PEFT adapter over `m_base` saved beside it, read back through
 /// the adapter loader: the adapted model's logits.
 fn export_round_trip(base: CausalLm<Cpu>, targets: TargetModules) -> serde_json::Value {
@@ -412,7 +439,7 @@ fn export_round_trip_with(base: CausalLm<Cpu>, targets: TargetModules, dora: boo
     let m = adapted_with(base.clone(), targets, dora);
     let d = tempfile::tempdir().unwrap();
     base.save_pretrained(&d.path().join("base"), None).unwrap();
-    let (tensors, config) = rlhf_policies::peft_export::adapter_of(&m, "../base").unwrap();
+    let (tensors, config) = rlhf_policies::peft_export::adapter_of(&m, "../base", None).unwrap();
     let adapter = d.path().join("adapter");
     std::fs::create_dir_all(&adapter).unwrap();
     std::fs::write(adapter.join("adapter_config.json"), &config).unwrap();

@@ -282,6 +282,12 @@ pub trait HasParams<D: Device<f32>> {
     fn language_model(&self) -> Option<&CausalLm<D>> {
         None
     }
+    /// What a LoRA run's PEFT adapter holds whole beside the language model's updates, by HF
+    /// name: a reward model's `score` head, making it a `SEQ_CLS` adapter. Default: none (a
+    /// causal LM's adapter).
+    fn adapter_head(&self) -> Option<std::collections::BTreeMap<String, crate::checkpoint::HostTensor>> {
+        None
+    }
 }
 
 impl<D: Device<f32>> HasParams<D> for CausalLm<D> {

@@ -39,11 +39,14 @@ struct Module {
 }
 
 /// The PEFT adapter of `model`'s updates over the base model at `base`: the tensors of
-/// `adapter_model.safetensors` and the `adapter_config.json` text. An error when `model` has
-/// no update or its updates' scales differ.
+/// `adapter_model.safetensors` and the `adapter_config.json` text. With `head` (a reward model's
+/// `score` tensors by HF name) it is a `SEQ_CLS` adapter holding the head whole
+/// (`modules_to_save`), as TRL's reward trainer leaves one. An error when `model` has no
+/// update or its updates' scales differ.
 pub fn adapter_of<D: Device<f32>>(
     model: &CausalLm<D>,
     base: &str,
+    head: Option<BTreeMap<String, HostTensor>>,
 ) -> Result<(BTreeMap<String, HostTensor>, String), PolicyError> {
     let d = &model.dims;
     let dora = model.linears().iter().any(|(_, l)| l.lora.as_ref().is_some_and(|l| l.magnitude.is_some()));
@@ -124,9 +127,16 @@ pub fn adapter_of<D: Device<f32>>(
         }
         targets.push(module);
     }
+    let task = if head.is_some() { "SEQ_CLS" } else { "CAUSAL_LM" };
+    let mut whole = vec![];
+    for (name, t) in head.into_iter().flatten() {
+        whole.push(name.split('.').next().unwrap_or(&name).to_string());
+        tensors.insert(format!("base_model.model.{name}"), t);
+    }
+    whole.dedup();
     let config = json!({
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task,
         "base_model_name_or_path": base,
         "r": r0,
         "lora_alpha": s as f64 * r0 as f64,
@@ -140,7 +150,7 @@ pub fn adapter_of<D: Device<f32>>(
         "alpha_pattern": alpha_pattern,
         "inference_mode": true,
         "init_lora_weights": true,
-        "modules_to_save": Value::Null,
+        "modules_to_save": if whole.is_empty() { Value::Null } else { json!(whole) },
         "revision": Value::Null,
     });
     Ok((tensors, serde_json::to_string_pretty(&config).expect("JSON values serialise")))

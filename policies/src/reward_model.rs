@@ -27,6 +27,10 @@ use crate::tokenizer::Tokenizer;
 /// Key of the normalisation block in a reward model's `config.json`.
 pub const NORMALIZATION_KEY: &str = "reward_normalization";
 
+/// The file of a reward model's PEFT adapter folder holding its normalisation (the adapter has
+/// no `config.json` of its own).
+pub const ADAPTER_NORMALIZATION: &str = "reward_normalization.json";
+
 /// A learned reward model: a transformer backbone and a scalar head read at the last token of
 /// prompt + response, optionally normalised (`(r − mean) / std`).
 #[derive(Debug)]
@@ -175,14 +179,7 @@ impl<D: FusedOps> LearnedReward<D> {
         write_atomic(&dir.join("config.json"), text.as_bytes())?;
         let mut tensors = self.model.to_hf_tensors();
         tensors.remove(&self.model.hf_name("lm_head")); // a model built by hand may still hold one
-        tensors.insert(
-            "score.weight".into(),
-            HostTensor { shape: vec![1, self.model.dims.d_model], data: self.head.w.as_vec() },
-        );
-        let bias = self.head.b.as_vec();
-        if bias[0] != 0.0 {
-            tensors.insert("score.bias".into(), HostTensor { shape: vec![1], data: bias });
-        }
+        tensors.extend(self.head_tensors());
         write_safetensors(&dir.join("model.safetensors"), &tensors)?;
         if let Some(tok) = tokenizer {
             tok.save(&dir.join("tokenizer.json"))?;
@@ -200,10 +197,21 @@ impl<D: FusedOps> LearnedReward<D> {
         let raw: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&config_path).map_err(|e| PolicyError::io(&config_path, e))?)
                 .map_err(|e| PolicyError::config("(file)", e.to_string()).in_file(&config_path))?;
-        let normalization = match raw.get(NORMALIZATION_KEY) {
+        // a PEFT adapter keeps the reward model's normalisation in a file of its own
+        let beside = dir.join(ADAPTER_NORMALIZATION);
+        let (source, stored) = match crate::peft::is_adapter(dir) && beside.is_file() {
+            true => {
+                let text = std::fs::read(&beside).map_err(|e| PolicyError::io(&beside, e))?;
+                let v: serde_json::Value = serde_json::from_slice(&text)
+                    .map_err(|e| PolicyError::config("(file)", e.to_string()).in_file(&beside))?;
+                (beside, Some(v))
+            }
+            false => (config_path.clone(), raw.get(NORMALIZATION_KEY).cloned()),
+        };
+        let normalization = match stored {
             None | Some(serde_json::Value::Null) => None,
-            Some(v) => Some(serde_json::from_value(v.clone()).map_err(|e| PolicyError::Config {
-                file: config_path.display().to_string(),
+            Some(v) => Some(serde_json::from_value(v).map_err(|e| PolicyError::Config {
+                file: source.display().to_string(),
                 field: NORMALIZATION_KEY.into(),
                 msg: e.to_string(),
             })?),
@@ -248,6 +256,22 @@ fn take_head<D: Device<f32>>(
     Ok(ScalarHead { w: dev.tensor_from_vec(w.data, (c, 1)), b: dev.tensor_from_vec(vec![b], (1,)) })
 }
 
+impl<D: Device<f32>> LearnedReward<D> {
+    /// The head as HF tensors: `score.weight` `(1, C)`, and `score.bias` when it is not zero.
+    fn head_tensors(&self) -> BTreeMap<String, HostTensor> {
+        let mut out = BTreeMap::new();
+        out.insert(
+            "score.weight".into(),
+            HostTensor { shape: vec![1, self.model.dims.d_model], data: self.head.w.as_vec() },
+        );
+        let bias = self.head.b.as_vec();
+        if bias[0] != 0.0 {
+            out.insert("score.bias".into(), HostTensor { shape: vec![1], data: bias });
+        }
+        out
+    }
+}
+
 /// The trained parameters: the backbone and `score.weight` (the bias stays fixed; see the
 /// module doc).
 impl<D: Device<f32>> HasParams<D> for LearnedReward<D> {
@@ -263,6 +287,12 @@ impl<D: Device<f32>> HasParams<D> for LearnedReward<D> {
     }
     fn trunks_mut(&mut self) -> Vec<(&'static str, &mut CausalLm<D>)> {
         vec![("", &mut self.model)]
+    }
+    fn language_model(&self) -> Option<&CausalLm<D>> {
+        Some(&self.model)
+    }
+    fn adapter_head(&self) -> Option<BTreeMap<String, HostTensor>> {
+        Some(self.head_tensors())
     }
 }
 

@@ -13,6 +13,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use dfdx::prelude::*;
 use rlhf_policies::checkpoint::{is_lora, read_safetensors, write_safetensors, HostTensor};
+use rlhf_policies::reward_model::{ADAPTER_NORMALIZATION, NORMALIZATION_KEY};
 use rlhf_policies::{AdamWConfig, FusedOps, HasParams, ParamMut};
 
 /// The checkpoint file with the updates and the adapted layers' base weights.
@@ -48,7 +49,8 @@ fn state<D: Device<f32>>(model: &impl HasParams<D>) -> BTreeMap<String, HostTens
 
 /// Writes [`LORA_STATE`] into the checkpoint folder `dir` when `model` carries updates, and the
 /// language model's updates as a PEFT adapter in [`ADAPTER_DIR`] when its base is a model
-/// folder (a GGUF file is not a base PEFT loads).
+/// folder (a GGUF file is not a base PEFT loads): a reward model's as a `SEQ_CLS` adapter
+/// with its head, and its normalisation beside it.
 pub fn save<D: Device<f32>>(model: &impl HasParams<D>, dir: &Path) -> Result<()> {
     let tensors = state(model);
     if tensors.is_empty() {
@@ -58,11 +60,20 @@ pub fn save<D: Device<f32>>(model: &impl HasParams<D>, dir: &Path) -> Result<()>
     let Some(lm) = model.language_model().filter(|m| m.has_lora()) else { return Ok(()) };
     let Some(base) = lm.origin.as_deref().filter(|b| b.is_dir()) else { return Ok(()) };
     let base = std::fs::canonicalize(base).with_context(|| format!("{}: the LoRA base", base.display()))?;
-    let (tensors, config) = rlhf_policies::peft_export::adapter_of(lm, &base.display().to_string())?;
+    let head = model.adapter_head();
+    let (tensors, config) = rlhf_policies::peft_export::adapter_of(lm, &base.display().to_string(), head)?;
     let out = dir.join(ADAPTER_DIR);
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join(rlhf_policies::peft::ADAPTER_CONFIG), config)?;
     write_safetensors(&out.join(rlhf_policies::peft::ADAPTER_WEIGHTS), &tensors)?;
+    // a reward model's normalisation, written into the checkpoint's config.json
+    let written: serde_json::Value = match std::fs::read(dir.join("config.json")) {
+        Ok(text) => serde_json::from_slice(&text).context("the checkpoint's config.json")?,
+        Err(_) => serde_json::Value::Null,
+    };
+    if let Some(n) = written.get(NORMALIZATION_KEY).filter(|n| !n.is_null()) {
+        std::fs::write(out.join(ADAPTER_NORMALIZATION), serde_json::to_string_pretty(n)?)?;
+    }
     Ok(())
 }
 
