@@ -18,6 +18,7 @@ use rlhf::stages::sft::{self, SftConfig};
 use rlhf_policies::{CausalLm, FusedOps, ModelConfig, Tokenizer};
 
 mod bench_cli;
+mod export_cli;
 mod generate_cli;
 use bench_cli::*;
 use generate_cli::{chat_cmd, generate_cmd, ChatArgs, GenerateArgs, Weights};
@@ -79,6 +80,9 @@ enum Command {
     Chat(ChatArgs),
     /// Loss and perplexity of a checkpoint on a text file (non-overlapping blocks).
     Eval(EvalArgs),
+    /// Write a model as a plain HF folder (config.json, model.safetensors, tokenizer.json): a
+    /// PEFT adapter merged into its base, a GGUF file dequantised, a run's newest checkpoint.
+    Export(export_cli::ExportArgs),
     /// Write RUN_DIR/report.html: plots of every stage's metrics (and the demo's table and
     /// over-optimisation plot).
     Report(ReportArgs),
@@ -280,6 +284,7 @@ fn main() -> Result<()> {
         Command::Remax(a) => grpo_cmd(a, Some("remax")),
         Command::OnlineDpo(a) => grpo_cmd(a, Some("online_dpo")),
         Command::Eval(a) => eval_cmd(a),
+        Command::Export(a) => export_cli::export_cmd(a),
         Command::Bench(BenchCommand::Rollout(a)) => bench_rollout(a),
         Command::Bench(BenchCommand::Env(a)) => bench_env(a),
         Command::Bench(BenchCommand::Train(a)) => bench_rate(a, false),

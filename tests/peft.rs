@@ -103,6 +103,40 @@ fn dora_adapters_match_peft() {
     assert!(err.contains("h.1.mlp.c_fc") && err.contains("no DoRA magnitude"), "{err}");
 }
 
+/// `rlhf export`: an adapter merged into a plain HF folder (PEFT's logits), a GGUF file
+/// dequantised (the same logits as read from the GGUF), and no folder overwritten.
+#[test]
+fn export_writes_plain_model_folders() {
+    let export = |model: &Path, out: &Path| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
+            .args(["export", "--model", &model.display().to_string(), "--out", &out.display().to_string()])
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let d = tempfile::tempdir().unwrap();
+    let adapter = adapter_copy("peft-llama-dora-tiny", None, |_| {});
+    let (ok, stdout, stderr) = export(adapter.path(), &d.path().join("merged"));
+    assert!(ok && stdout.contains("a llama causal LM"), "{stdout}{stderr}");
+    let merged = CausalLm::load_pretrained(&d.path().join("merged"), &Cpu::default()).unwrap();
+    let text = &read_json(&fixture("peft-llama-dora-tiny").join("expected.json"))["texts"][0];
+    let diff = max_abs_diff(&logits(&merged, &u32s(&text["ids"])), &f32s_2d(&text["logits"]).concat());
+    assert!(diff < 1e-4, "the exported folder against PEFT's logits: {diff}");
+    assert!(d.path().join("merged/tokenizer.json").is_file());
+    let gguf = fixture("gguf-llama3-tiny.gguf");
+    let (ok, stdout, stderr) = export(&gguf, &d.path().join("from-gguf"));
+    assert!(ok, "{stdout}{stderr}");
+    let (a, _) = load_with_tokenizer(&gguf, &Cpu::default()).unwrap();
+    let (b, _) = load_with_tokenizer(&d.path().join("from-gguf"), &Cpu::default()).unwrap();
+    assert_eq!(logits(&a, &[1, 2, 3, 4]), logits(&b, &[1, 2, 3, 4]));
+    let (ok, _, stderr) = export(&gguf, &d.path().join("merged"));
+    assert!(!ok && stderr.contains("already holds a model"), "{stderr}");
+}
+
 #[test]
 fn base_found_beside_the_adapter_and_in_the_hub_cache() {
     let root = tempfile::tempdir().unwrap();
