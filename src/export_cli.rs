@@ -8,7 +8,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use dfdx::prelude::Cpu;
-use rlhf_policies::checkpoint::{load_with_tokenizer, tokenizer_dir};
+use rlhf_policies::checkpoint::{
+    load_with_tokenizer, read_safetensors, tokenizer_dir, write_atomic, write_safetensors_as, WeightDtype,
+};
 use rlhf_policies::{LearnedReward, Tokenizer};
 
 #[derive(Debug, clap::Args)]
@@ -21,6 +23,18 @@ pub struct ExportArgs {
     /// The folder to write (it must not hold a model already).
     #[arg(long)]
     pub out: PathBuf,
+    /// The weights' number format: f32 (exact), bf16 or f16 (half the size, rounded to
+    /// nearest even; `torch_dtype` in config.json says which).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Dtype,
+}
+
+/// `--dtype` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Dtype {
+    F32,
+    Bf16,
+    F16,
 }
 
 pub fn export_cmd(a: ExportArgs) -> Result<()> {
@@ -41,7 +55,21 @@ pub fn export_cmd(a: ExportArgs) -> Result<()> {
         let family = serde_json::to_value(&lm.config)?["model_type"].as_str().unwrap_or("").to_string();
         format!("a {family} causal LM of {} parameters", count(&lm))
     };
-    println!("{}: {what}, from {}", a.out.display(), src.display());
+    let dtype = match a.dtype {
+        Dtype::F32 => WeightDtype::F32,
+        Dtype::Bf16 => WeightDtype::Bf16,
+        Dtype::F16 => WeightDtype::F16,
+    };
+    if dtype != WeightDtype::F32 {
+        // written exactly above; now in the smaller format, and the config saying so
+        let file = a.out.join("model.safetensors");
+        write_safetensors_as(&file, &read_safetensors(&file)?, dtype)?;
+        let path = a.out.join("config.json");
+        let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        config["torch_dtype"] = dtype.torch_name().into();
+        write_atomic(&path, serde_json::to_string_pretty(&config)?.as_bytes())?;
+    }
+    println!("{}: {what} in {}, from {}", a.out.display(), dtype.torch_name(), src.display());
     Ok(())
 }
 

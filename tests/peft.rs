@@ -10,7 +10,8 @@ use std::path::Path;
 
 use common::*;
 use dfdx::prelude::*;
-use rlhf_policies::checkpoint::load_with_tokenizer;
+use rlhf_policies::checkpoint::{load_with_tokenizer, read_safetensors};
+use rlhf_policies::half::f32_to_bf16;
 use rlhf_policies::peft::{resolve_base_in, AdapterConfig, ADAPTER_CONFIG};
 use rlhf_policies::{Batch, CausalLm};
 
@@ -107,17 +108,16 @@ fn dora_adapters_match_peft() {
 /// dequantised (the same logits as read from the GGUF), and no folder overwritten.
 #[test]
 fn export_writes_plain_model_folders() {
-    let export = |model: &Path, out: &Path| {
+    let export_as = |model: &Path, out: &Path, dtype: &str| {
+        let (model, out) = (model.display().to_string(), out.display().to_string());
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
-            .args(["export", "--model", &model.display().to_string(), "--out", &out.display().to_string()])
+            .args(["export", "--model", &model, "--out", &out, "--dtype", dtype])
             .output()
             .unwrap();
-        (
-            o.status.success(),
-            String::from_utf8_lossy(&o.stdout).to_string(),
-            String::from_utf8_lossy(&o.stderr).to_string(),
-        )
+        let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+        (o.status.success(), text(&o.stdout), text(&o.stderr))
     };
+    let export = |model: &Path, out: &Path| export_as(model, out, "f32");
     let d = tempfile::tempdir().unwrap();
     let adapter = adapter_copy("peft-llama-dora-tiny", None, |_| {});
     let (ok, stdout, stderr) = export(adapter.path(), &d.path().join("merged"));
@@ -135,6 +135,18 @@ fn export_writes_plain_model_folders() {
     assert_eq!(logits(&a, &[1, 2, 3, 4]), logits(&b, &[1, 2, 3, 4]));
     let (ok, _, stderr) = export(&gguf, &d.path().join("merged"));
     assert!(!ok && stderr.contains("already holds a model"), "{stderr}");
+    // bf16: every value the f32 export's rounded to nearest even, and the config says so
+    let (ok, stdout, stderr) = export_as(&gguf, &d.path().join("bf16"), "bf16");
+    assert!(ok && stdout.contains("in bfloat16"), "{stdout}{stderr}");
+    assert_eq!(read_json(&d.path().join("bf16/config.json"))["torch_dtype"], "bfloat16");
+    let read = |dir: &str| read_safetensors(&d.path().join(dir).join("model.safetensors")).unwrap();
+    let (full, half) = (read("from-gguf"), read("bf16"));
+    for (name, t) in &full {
+        let want: Vec<f32> = t.data.iter().map(|v| f32::from_bits((f32_to_bf16(*v) as u32) << 16)).collect();
+        assert_eq!(half[name].data, want, "{name}");
+    }
+    let bytes = |dir: &str| std::fs::metadata(d.path().join(dir).join("model.safetensors")).unwrap().len();
+    assert!(bytes("bf16") * 2 < bytes("from-gguf") + 4096, "half the size");
 }
 
 #[test]

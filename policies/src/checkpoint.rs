@@ -139,13 +139,51 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>, Pol
 /// tensors stream to the file one at a time: besides `tensors`, only the largest one's bytes
 /// are held (a whole-file buffer was three copies of a model at its peak).
 pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<(), PolicyError> {
+    write_safetensors_as(path, tensors, WeightDtype::F32)
+}
+
+/// The number format of a written safetensors file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightDtype {
+    /// 32-bit floats, exact.
+    #[default]
+    F32,
+    /// IEEE half precision (rounded to nearest even; a value beyond ±65504 is an error).
+    F16,
+    /// bfloat16 (rounded to nearest even).
+    Bf16,
+}
+
+impl WeightDtype {
+    /// transformers' name of the dtype (`config.json`'s `torch_dtype`).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "float32",
+            WeightDtype::F16 => "float16",
+            WeightDtype::Bf16 => "bfloat16",
+        }
+    }
+}
+
+/// [`write_safetensors`] in `dtype`. A finite value that F16 cannot hold is an error naming
+/// the tensor (it would turn into infinity).
+pub fn write_safetensors_as(
+    path: &Path,
+    tensors: &BTreeMap<String, HostTensor>,
+    dtype: WeightDtype,
+) -> Result<(), PolicyError> {
     for (name, t) in tensors {
         if t.shape.iter().product::<usize>() != t.data.len() {
             let why = format!("{} values for shape {:?}", t.data.len(), t.shape);
             return Err(PolicyError::tensor(path, name, why));
         }
+        if dtype == WeightDtype::F16 {
+            if let Some(v) = t.data.iter().find(|v| v.is_finite() && v.abs() > 65504.0) {
+                return Err(PolicyError::tensor(path, name, format!("{v} is beyond F16's range (±65504)")));
+            }
+        }
     }
-    let views = tensors.iter().map(|(n, t)| (n.as_str(), F32View(t)));
+    let views = tensors.iter().map(|(n, t)| (n.as_str(), F32View(t, dtype)));
     let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     let tmp = path.with_extension("tmp");
     ::safetensors::serialize_to_file(views, &meta, &tmp).map_err(|e| match e {
@@ -155,22 +193,35 @@ pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, HostTensor>) ->
     std::fs::rename(&tmp, path).map_err(|e| PolicyError::io(path, e))
 }
 
-/// An f32 [`HostTensor`] as safetensors writes it: its little-endian bytes, made when the
-/// writer reaches it.
-struct F32View<'a>(&'a HostTensor);
+/// An f32 [`HostTensor`] as safetensors writes it in a dtype: its little-endian bytes, made
+/// when the writer reaches it.
+struct F32View<'a>(&'a HostTensor, WeightDtype);
 
 impl ::safetensors::View for F32View<'_> {
     fn dtype(&self) -> ::safetensors::Dtype {
-        ::safetensors::Dtype::F32
+        match self.1 {
+            WeightDtype::F32 => ::safetensors::Dtype::F32,
+            WeightDtype::F16 => ::safetensors::Dtype::F16,
+            WeightDtype::Bf16 => ::safetensors::Dtype::BF16,
+        }
     }
     fn shape(&self) -> &[usize] {
         &self.0.shape
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        self.0.data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into()
+        let d = &self.0.data;
+        match self.1 {
+            WeightDtype::F32 => d.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into(),
+            WeightDtype::F16 => {
+                d.iter().flat_map(|v| crate::half::f32_to_f16(*v).to_le_bytes()).collect::<Vec<u8>>().into()
+            }
+            WeightDtype::Bf16 => {
+                d.iter().flat_map(|v| crate::half::f32_to_bf16(*v).to_le_bytes()).collect::<Vec<u8>>().into()
+            }
+        }
     }
     fn data_len(&self) -> usize {
-        4 * self.0.data.len()
+        self.0.data.len() * if self.1 == WeightDtype::F32 { 4 } else { 2 }
     }
 }
 
@@ -383,4 +434,38 @@ fn assign<D: Device<f32>>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// F16 and BF16 files read back as the values rounded to nearest even; a value F16 cannot
+    /// hold is an error naming its tensor, not an infinity.
+    #[test]
+    fn half_precision_files_round_and_refuse_what_they_cannot_hold() {
+        let path = std::env::temp_dir().join(format!("rlhf-half-{}.safetensors", std::process::id()));
+        let values = vec![1.0f32, -2.5, 1.0 + 1.0 / 1024.0 + 1e-7, 3.0e-3, 60000.0, 0.0];
+        let t = BTreeMap::from([("w".to_string(), HostTensor { shape: vec![2, 3], data: values.clone() })]);
+        for (dtype, round) in [
+            (WeightDtype::F16, (|v: f32| crate::half::f16_to_f32(crate::half::f32_to_f16(v))) as fn(f32) -> f32),
+            (WeightDtype::Bf16, |v: f32| f32::from_bits((crate::half::f32_to_bf16(v) as u32) << 16)),
+        ] {
+            write_safetensors_as(&path, &t, dtype).unwrap();
+            let back = read_safetensors(&path).unwrap();
+            assert_eq!(back["w"].data, values.iter().map(|v| round(*v)).collect::<Vec<_>>(), "{dtype:?}");
+            assert_eq!(std::fs::metadata(&path).unwrap().len() as usize, 8 + header_len(&path) + 2 * 6);
+        }
+        let big = BTreeMap::from([("big".to_string(), HostTensor { shape: vec![1], data: vec![70000.0] })]);
+        let err = write_safetensors_as(&path, &big, WeightDtype::F16).unwrap_err().to_string();
+        assert!(err.contains("big") && err.contains("beyond F16's range"), "{err}");
+        write_safetensors_as(&path, &big, WeightDtype::Bf16).unwrap();
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// The JSON header's length, from a safetensors file's first 8 bytes.
+    fn header_len(path: &Path) -> usize {
+        let b = std::fs::read(path).unwrap();
+        u64::from_le_bytes(b[..8].try_into().unwrap()) as usize
+    }
 }

@@ -50,9 +50,31 @@ pub fn f32_to_f16(x: f32) -> u16 {
     sign | (half + round) as u16 // a carry into the exponent is the correct rounding
 }
 
+/// Converts f32 to bfloat16 bits (the top half of its f32 bits), rounding to nearest even
+/// (overflow → ±∞, NaN kept quiet).
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) as u16) | 0x40;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{f16_to_f32, f32_to_f16};
+    use super::{f16_to_f32, f32_to_bf16, f32_to_f16};
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        assert_eq!(f32_to_bf16(1.0), 0x3f80);
+        assert_eq!(f32_to_bf16(f32::from_bits(0x3f80_8000)), 0x3f80, "a tie, to the even 1.0");
+        assert_eq!(f32_to_bf16(f32::from_bits(0x3f81_8000)), 0x3f82, "a tie, to the even neighbour above");
+        assert_eq!(f32_to_bf16(f32::from_bits(0x3f80_8001)), 0x3f81, "above the tie");
+        assert_eq!(f32_to_bf16(-2.5), 0xc020);
+        assert_eq!(f32_to_bf16(f32::MAX), 0x7f80, "overflow to +inf");
+        assert_eq!(f32_to_bf16(f32::NEG_INFINITY), 0xff80);
+        assert!(f32::from_bits((f32_to_bf16(f32::NAN) as u32) << 16).is_nan());
+    }
 
     #[test]
     fn f32_to_f16_rounds_to_nearest_even_and_round_trips() {
