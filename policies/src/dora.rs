@@ -11,6 +11,7 @@
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
+use crate::linear::rows_per;
 use crate::strided::{host_vec, row_major};
 
 type A2<D, T> = Tensor<(usize, usize), f32, D, T>;
@@ -52,11 +53,6 @@ pub fn dora_scale_composed<D: Device<f32>, T: Tape<f32, D>>(z: A2<D, T>, a: Dora
         Some(r) => y + r.clone().retaped::<T>(),
         None => y,
     }
-}
-
-/// Rows per parallel chunk of a pass over `(N, cols)`.
-fn rows_per(cols: usize) -> usize {
-    ((1 << 13) / cols.max(1)).max(1)
 }
 
 /// The fused CPU op (the same contract as [`dora_scale_composed`]).

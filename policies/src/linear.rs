@@ -98,7 +98,7 @@ pub fn linear_composed<D: Device<f32>, T: Tape<f32, D>>(x: A2<D, T>, a: Affine<'
 }
 
 /// Rows per parallel chunk of an element-wise pass over `(N, cols)`.
-fn rows_per(cols: usize) -> usize {
+pub(crate) fn rows_per(cols: usize) -> usize {
     ((1 << 13) / cols.max(1)).max(1)
 }
 

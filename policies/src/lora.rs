@@ -224,31 +224,28 @@ fn norms_of(w: &[f32], o: usize) -> Vec<f32> {
 
 impl<D: FusedOps> Lora<D> {
     /// `x·W + b (+ r) + s·(x·A)·B` for the frozen `base`: the base map without its weight's
-    /// gradient, then the update through `r` columns, added onto it in the last gemm.
+    /// gradient, then the update through `r` columns, added onto it in the last gemm; with
+    /// DoRA, `(x·W + s·(x·A)·B) ⊙ m / ‖W + s·A·B‖_c + b (+ r)` ([`crate::dora`]).
     pub(crate) fn forward<T: Tape<f32, D>>(
         &self,
         base: &Linear<D>,
         x: A2<D, T>,
         r: Option<&A2<D, NoneTape>>,
     ) -> A2<D, T> {
-        let Some(m) = &self.magnitude else {
-            let (x, tape) = x.split_tape();
-            let frozen =
-                Affine { w: &base.w, layout: WeightLayout::InOut, b: base.b.as_ref(), residual: r, frozen: true };
-            let (y, tape) = D::linear(x.clone().put_tape(tape), frozen).split_tape();
-            let plain = |w| Affine { w, layout: WeightLayout::InOut, b: None, residual: None, frozen: false };
-            let h = D::linear(x.put_tape(tape), plain(&self.a)) * self.scale;
-            return D::linear(h, Affine { residual: Some(&y), ..plain(&self.b) });
+        // DoRA rescales x·W + s·(x·A)·B before the bias and the residual are added
+        let (b, residual) = match &self.magnitude {
+            Some(_) => (None, None),
+            None => (base.b.as_ref(), r),
         };
-        // DoRA: z = x·W + s·(x·A)·B, then each column times m / ‖W + s·A·B‖_c, then b and r
         let (x, tape) = x.split_tape();
-        let frozen = Affine { w: &base.w, layout: WeightLayout::InOut, b: None, residual: None, frozen: true };
-        let (z, tape) = D::linear(x.clone().put_tape(tape), frozen).split_tape();
+        let frozen = Affine { w: &base.w, layout: WeightLayout::InOut, b, residual, frozen: true };
+        let (y, tape) = D::linear(x.clone().put_tape(tape), frozen).split_tape();
         let plain = |w| Affine { w, layout: WeightLayout::InOut, b: None, residual: None, frozen: false };
         let h = D::linear(x.put_tape(tape), plain(&self.a)) * self.scale;
-        let z = D::linear(h, Affine { residual: Some(&z), ..plain(&self.b) });
+        let y = D::linear(h, Affine { residual: Some(&y), ..plain(&self.b) });
+        let Some(m) = &self.magnitude else { return y };
         let norms = D::dora_norms(&base.w, self);
-        D::dora_scale(z, DoraScale { m, norms: &norms, b: base.b.as_ref(), residual: r })
+        D::dora_scale(y, DoraScale { m, norms: &norms, b: base.b.as_ref(), residual: r })
     }
 }
 

@@ -1,8 +1,8 @@
 //! A LoRA run (`optim.lora`, `rlhf_policies::lora`) in its checkpoints. The model folder holds
 //! the merged weights `W + s·A·B` — a plain model for every later stage and for transformers —
 //! which cannot give back `W` exactly; so each checkpoint also keeps `lora.safetensors`: every
-//! update's `A` and `B` (and DoRA's magnitude) and the frozen base weight of each adapted layer, by parameter name
-//! (`policy.blocks.0.attn.q.lora_a`, `….weight`). Resuming loads the merged folder, puts the
+//! update's `A` and `B` (and DoRA's magnitude) and the frozen base weight of each adapted
+//! layer, by parameter name (`policy.blocks.0.attn.q.lora_a`, `….weight`). Resuming loads the merged folder, puts the
 //! updates back on the same layers and restores those tensors, so the run continues bit for bit.
 //! The language model's updates are also written as a PEFT adapter (`adapter/`, see
 //! `rlhf_policies::peft_export`) over the model the run started from.
