@@ -79,12 +79,33 @@ fn packed_rows<D: FusedOps>(name: &str, dev: &D) {
 /// Three optimizer steps (LM loss, clipping at 0.5 so the clip path runs, AdamW with decay) on
 /// `dev` and on the CPU: the same losses, gradient norms and weights.
 fn train_steps<D: FusedOps + GradBuffers>(name: &str, dev: &D) {
-    fn run<E: FusedOps + GradBuffers>(name: &str, dev: &E) -> (Vec<(f32, f64)>, Vec<f32>) {
+    train_steps_with(name, dev, None)
+}
+
+/// [`train_steps`] training a LoRA (or DoRA) update of every linear layer instead: the merged
+/// weights after three steps agree.
+fn lora_train_steps<D: FusedOps + GradBuffers>(name: &str, dev: &D) {
+    for use_dora in [false, true] {
+        let lora = rlhf_policies::lora::LoraConfig { r: 4, lora_alpha: 8.0, use_dora, ..Default::default() };
+        train_steps_with(name, dev, Some(lora));
+    }
+}
+
+fn train_steps_with<D: FusedOps + GradBuffers>(name: &str, dev: &D, lora: Option<rlhf_policies::lora::LoraConfig>) {
+    let lora = &lora;
+    fn run<E: FusedOps + GradBuffers>(
+        name: &str,
+        dev: &E,
+        lora: &Option<rlhf_policies::lora::LoraConfig>,
+    ) -> (Vec<(f32, f64)>, Vec<f32>) {
         let mut model = load(name, dev);
+        if let Some(l) = lora {
+            model.add_lora(l, 7).unwrap();
+        }
         // ε 1e-5, not 1e-8: a gradient that is zero in exact arithmetic (GPT-2's key bias:
         // softmax ignores a shift shared by all keys) is rounding noise of ~1e-9 whose sign
         // differs between devices, and Adam would scale it up to ±lr
-        let cfg = AdamWConfig { lr: 1e-3, weight_decay: 0.1, eps: 1e-5, ..Default::default() };
+        let cfg = AdamWConfig { lr: 1e-3, weight_decay: 0.1, eps: 1e-5, lora: lora.clone(), ..Default::default() };
         let mut opt = AdamW::new(cfg);
         let v = model.dims.vocab as u32;
         let seqs: Vec<Vec<u32>> = (0..3).map(|r| (0..9).map(|i| (r * 7 + i * 5) % v).collect()).collect();
@@ -99,8 +120,8 @@ fn train_steps<D: FusedOps + GradBuffers>(name: &str, dev: &D) {
         let weights = model.to_hf_tensors().into_values().flat_map(|t| t.data).collect();
         (steps, weights)
     }
-    let (steps, weights) = run(name, dev);
-    let (cpu_steps, cpu_weights) = run(name, &Cpu::default());
+    let (steps, weights) = run(name, dev, lora);
+    let (cpu_steps, cpu_weights) = run(name, &Cpu::default(), lora);
     for (i, ((l, n), (cl, cn))) in steps.iter().zip(&cpu_steps).enumerate() {
         assert!((l - cl).abs() < ATOL * cl.abs().max(1.0), "{name}: step {i} loss {l} vs CPU {cl}");
         assert!((n - cn).abs() < 1e-3 * cn.max(1.0), "{name}: step {i} grad norm {n} vs CPU {cn}");
@@ -598,6 +619,11 @@ macro_rules! device_tests {
             #[test]
             fn llama_train_steps_match_cpu() {
                 train_steps("hf-llama-tiny", &$dev);
+            }
+            #[test]
+            fn lora_and_dora_train_steps_match_cpu() {
+                lora_train_steps("hf-llama-tiny", &$dev);
+                lora_train_steps("hf-gpt2-tiny", &$dev);
             }
             #[test]
             fn gpt2_logprobs_and_entropy_match_cpu() {
