@@ -28,9 +28,7 @@ use crate::linear::{Affine, WeightLayout};
 use crate::model::{CausalLm, Linear, Mlp, A2, T1, T2};
 use crate::strided::{gemm_into, View};
 
-/// Which linear layers a LoRA config adapts, and how (PEFT's `LoraConfig` field names). There is
-/// no `lora_dropout`: rlhf's models run without dropout, so that log-probs are reproducible and
-/// PPO's first ratio is exactly 1 (the N+ implementation details, item 7).
+/// Which linear layers a LoRA config adapts, and how (PEFT's `LoraConfig` field names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoraConfig {
@@ -42,6 +40,12 @@ pub struct LoraConfig {
     pub use_rslora: bool,
     /// DoRA: train a magnitude per output as well (see the module doc). Default `false`.
     pub use_dora: bool,
+    /// PEFT's `lora_dropout`, read so that a PEFT config can be pasted: only 0 is accepted.
+    /// rlhf's models run without dropout, so that log-probs are reproducible and PPO's first
+    /// ratio is exactly 1 (the N+ implementation details, item 7; TRL's trainers switch dropout
+    /// off for the same reason). Default 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub lora_dropout: f64,
     /// The layers to adapt: `"all-linear"` (every attention and MLP projection; not the LM
     /// head, as PEFT's), or a list of module names matched as PEFT matches them — a layer is
     /// adapted when its transformers module name (`model.layers.0.self_attn.q_proj`,
@@ -64,6 +68,7 @@ impl Default for LoraConfig {
             lora_alpha: 8.0,
             use_rslora: false,
             use_dora: false,
+            lora_dropout: 0.0,
             target_modules: TargetModules::default(),
             layers_to_transform: None,
         }
@@ -133,6 +138,14 @@ impl LoraConfig {
         if matches!(&self.target_modules, TargetModules::Names(n) if n.is_empty()) {
             return Err(err("target_modules", "is empty: name the layers to adapt, or \"all-linear\"".into()));
         }
+        if self.lora_dropout != 0.0 {
+            let msg = format!(
+                "{}: rlhf's models run without dropout (reproducible log-probs, PPO's first ratio exactly 1); \
+                 set it to 0 or leave it out",
+                self.lora_dropout
+            );
+            return Err(err("lora_dropout", msg));
+        }
         if matches!(&self.layers_to_transform, Some(Layers::Many(v)) if v.is_empty()) {
             return Err(err("layers_to_transform", "is empty: name the blocks to adapt, or leave it out".into()));
         }
@@ -160,6 +173,10 @@ impl LoraConfig {
         }
         Ok(self.clone())
     }
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// An error in the stage config's `optim.lora.<field>`.
@@ -383,7 +400,12 @@ mod tests {
             serde_json::from_str(r#"{"target_modules": "all-linear", "use_rslora": true, "r": 4}"#).unwrap();
         assert_eq!((d.scale(), d.target_modules), (4.0, TargetModules::default()));
         assert!(serde_json::from_str::<LoraConfig>(r#"{"target_modules": "all"}"#).is_err());
-        assert!(serde_json::from_str::<LoraConfig>(r#"{"lora_dropout": 0.1}"#).is_err());
+        let dropout: LoraConfig = serde_json::from_str(r#"{"lora_dropout": 0.05}"#).unwrap();
+        let e = dropout.validate().unwrap_err().to_string();
+        assert!(e.contains("optim.lora.lora_dropout") && e.contains("without dropout"), "{e}");
+        let zero: LoraConfig = serde_json::from_str(r#"{"lora_dropout": 0.0}"#).unwrap();
+        assert!(zero.validate().is_ok());
+        assert!(!serde_json::to_string(&zero).unwrap().contains("lora_dropout"), "0 is not written back");
         let zero = LoraConfig { r: 0, ..LoraConfig::default() };
         assert!(zero.validate().unwrap_err().to_string().contains("optim.lora.r"));
     }
