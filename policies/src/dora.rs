@@ -55,6 +55,39 @@ pub fn dora_scale_composed<D: Device<f32>, T: Tape<f32, D>>(z: A2<D, T>, a: Dora
     }
 }
 
+/// `‖w_j‖` of each column of the row-major `(in, o)` matrix `w`, from per-chunk partial sums
+/// in a fixed order (the same numbers on every call and thread count).
+pub(crate) fn column_norms(w: &[f32], o: usize) -> Vec<f32> {
+    let rows = ((1 << 14) / o.max(1)).max(1);
+    let parts: Vec<Vec<f32>> = w
+        .par_chunks(rows * o)
+        .map(|blk| {
+            let mut s = vec![0.0f32; o];
+            blk.chunks(o).for_each(|row| s.iter_mut().zip(row).for_each(|(s, v)| *s += v * v));
+            s
+        })
+        .collect();
+    let mut total = vec![0.0f32; o];
+    parts.iter().for_each(|p| total.iter_mut().zip(p).for_each(|(t, s)| *t += s));
+    total.iter().map(|t| t.sqrt()).collect()
+}
+
+/// DoRA's merge (eq. 5, PEFT's `dora_factor`): scales output `j`'s weights by `m_j / ‖w_j‖`,
+/// `w_j` its weights over all inputs — column `j` of an `(in, out)` matrix (`columns`), else
+/// row `j` of an `(out, in)` one.
+pub(crate) fn rescale_outputs(w: &mut [f32], m: &[f32], columns: bool) {
+    let o = m.len();
+    let norms = match columns {
+        true => column_norms(w, o),
+        false => w.chunks(w.len() / o).map(|row| row.iter().map(|v| v * v).sum::<f32>().sqrt()).collect(),
+    };
+    let factor: Vec<f32> = m.iter().zip(&norms).map(|(m, n)| m / n).collect();
+    match columns {
+        true => w.chunks_mut(o).for_each(|row| row.iter_mut().zip(&factor).for_each(|(v, f)| *v *= f)),
+        false => w.chunks_mut(w.len() / o).zip(&factor).for_each(|(row, f)| row.iter_mut().for_each(|v| *v *= f)),
+    }
+}
+
 /// The fused CPU op (the same contract as [`dora_scale_composed`]).
 pub fn dora_scale_cpu<T: Tape<f32, Cpu>>(z: A2<Cpu, T>, a: DoraScale<'_, Cpu>) -> A2<Cpu, T> {
     if a.residual.is_some_and(|r| !row_major(r)) {

@@ -92,7 +92,7 @@ pub fn frozen_mask(
 }
 
 /// With `optim.lora`: freezes every parameter of every trunk in `names` but the LoRA updates'
-/// (`….lora_a`, `….lora_b`); parameters outside the trunks (heads) keep their setting. An error
+/// (`….lora_a`, `….lora_b`, DoRA's `….lora_magnitude`: [`crate::checkpoint::is_lora`]); parameters outside the trunks (heads) keep their setting. An error
 /// when the model carries no update or nothing is left to train.
 pub fn freeze_all_but_lora(names: &[&str], mask: &mut [bool]) -> Result<(), PolicyError> {
     let err = |msg: &str| PolicyError::Config { file: "config".into(), field: "optim.lora".into(), msg: msg.into() };

@@ -219,24 +219,7 @@ impl<D: Device<f32>> Lora<D> {
 /// The column norms of `W + s·A·B` computed on the host (the CPU's [`FusedOps::dora_norms`]):
 /// per-chunk partial sums of squares in a fixed order, so the same numbers on every call.
 pub(crate) fn column_norms_host(w: &T2<Cpu>, lora: &Lora<Cpu>) -> Vec<f32> {
-    norms_of(&lora.merged_host(w), lora.b.shape().1)
-}
-
-/// `‖w_j‖` of each column of the row-major `(in, o)` matrix `w`.
-fn norms_of(w: &[f32], o: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    let rows = ((1 << 14) / o.max(1)).max(1);
-    let parts: Vec<Vec<f32>> = w
-        .par_chunks(rows * o)
-        .map(|blk| {
-            let mut s = vec![0.0f32; o];
-            blk.chunks(o).for_each(|row| s.iter_mut().zip(row).for_each(|(s, v)| *s += v * v));
-            s
-        })
-        .collect();
-    let mut total = vec![0.0f32; o];
-    parts.iter().for_each(|p| total.iter_mut().zip(p).for_each(|(t, s)| *t += s));
-    total.iter().map(|t| t.sqrt()).collect()
+    crate::dora::column_norms(&lora.merged_host(w), lora.b.shape().1)
 }
 
 impl<D: FusedOps> Lora<D> {
@@ -276,9 +259,7 @@ impl<D: Device<f32>> Linear<D> {
         if let Some(m) = &l.magnitude {
             // the CPU forward pass's factor, computed as it computes it (CUDA's norms are
             // dfdx's, within rounding of these)
-            let o = m.shape().0;
-            let factor: Vec<f32> = m.as_vec().iter().zip(norms_of(&w, o)).map(|(m, n)| m / n).collect();
-            w.iter_mut().enumerate().for_each(|(k, v)| *v *= factor[k % o]);
+            crate::dora::rescale_outputs(&mut w, &m.as_vec(), true);
         }
         w
     }

@@ -291,7 +291,7 @@ fn apply_pair(
         true => gemm_into(&mut w.data, (i, o, r), av.t(), bv.t(), s, true, threads),
     }
     match (&pair.magnitude, cfg.dora) {
-        (Some(m), true) if m.data.len() == o => rescale_outputs(&mut w.data, &m.data, transposed),
+        (Some(m), true) if m.data.len() == o => crate::dora::rescale_outputs(&mut w.data, &m.data, transposed),
         (Some(m), true) => return Err(bad(format!("a DoRA magnitude of shape {:?} for {o} outputs", m.shape))),
         (None, true) => return Err(bad("has no DoRA magnitude vector, but the config says `use_dora`".into())),
         (Some(_), false) => return Err(bad("has a DoRA magnitude vector, but the config has no `use_dora`".into())),
@@ -306,22 +306,6 @@ fn apply_pair(
         dst.data.iter_mut().zip(&bb.data).for_each(|(d, v)| *d += s * v);
     }
     Ok(())
-}
-
-/// DoRA's merge (eq. 5, PEFT's `dora_factor`): scales output `j`'s weights by `m_j / ‖w_j‖`,
-/// `w_j` its weights over all inputs — row `j` of an `(out, in)` matrix, column `j` of an
-/// `(in, out)` one (`transposed`).
-fn rescale_outputs(w: &mut [f32], m: &[f32], transposed: bool) {
-    let o = m.len();
-    let mut norms = vec![0f64; o];
-    for (k, v) in w.iter().enumerate() {
-        norms[if transposed { k % o } else { k / (w.len() / o) }] += f64::from(*v) * f64::from(*v);
-    }
-    let factor: Vec<f32> = m.iter().zip(&norms).map(|(m, n)| m / n.sqrt() as f32).collect();
-    let per = w.len() / o;
-    for (k, v) in w.iter_mut().enumerate() {
-        *v *= factor[if transposed { k % o } else { k / per }];
-    }
 }
 
 fn two(shape: &[usize]) -> Option<[usize; 2]> {

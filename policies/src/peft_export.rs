@@ -69,7 +69,7 @@ pub fn adapter_of<D: Device<f32>>(
         m.widths[part] = out;
         m.magnitudes[part] = match lin.lora.as_ref().and_then(|l| l.magnitude.as_ref()) {
             Some(mag) => mag.as_vec(),
-            None if dora => lin.w.clone().square().sum::<(usize,), Axis<0>>().sqrt().as_vec(),
+            None if dora => crate::dora::column_norms(&lin.w.as_vec(), out),
             None => vec![],
         };
         let Some(lora) = &lin.lora else { continue };
