@@ -8,9 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use dfdx::prelude::Cpu;
-use rlhf_policies::checkpoint::{
-    load_with_tokenizer, read_safetensors, tokenizer_dir, write_atomic, write_safetensors_as, WeightDtype,
-};
+use rlhf_policies::checkpoint::{load_with_tokenizer, tokenizer_dir, WeightDtype};
 use rlhf_policies::{LearnedReward, Tokenizer};
 
 #[derive(Debug, clap::Args)]
@@ -42,33 +40,24 @@ pub fn export_cmd(a: ExportArgs) -> Result<()> {
     if ["config.json", "model.safetensors", "adapter_config.json"].iter().any(|f| a.out.join(f).exists()) {
         bail!("{}: already holds a model; give --out a new folder", a.out.display());
     }
-    let dev = Cpu::default();
-    let what = if rlhf::eval::is_reward_model(&src)? {
-        let (rm, norm) = LearnedReward::load_pretrained(&src, &dev)?;
-        let tok = Tokenizer::from_file(&tokenizer_dir(&src)?.join("tokenizer.json"))?;
-        rm.save_pretrained(&a.out, Some(&tok), norm.as_ref())?;
-        let with = if norm.is_some() { ", with its normalisation" } else { "" };
-        format!("a reward model of {} parameters{with}", count(&rm.model) + rm.model.dims.d_model)
-    } else {
-        let (lm, tok) = load_with_tokenizer(&src, &dev)?;
-        lm.save_pretrained(&a.out, Some(&tok))?;
-        let family = serde_json::to_value(&lm.config)?["model_type"].as_str().unwrap_or("").to_string();
-        format!("a {family} causal LM of {} parameters", count(&lm))
-    };
     let dtype = match a.dtype {
         Dtype::F32 => WeightDtype::F32,
         Dtype::Bf16 => WeightDtype::Bf16,
         Dtype::F16 => WeightDtype::F16,
     };
-    if dtype != WeightDtype::F32 {
-        // written exactly above; now in the smaller format, and the config saying so
-        let file = a.out.join("model.safetensors");
-        write_safetensors_as(&file, &read_safetensors(&file)?, dtype)?;
-        let path = a.out.join("config.json");
-        let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
-        config["torch_dtype"] = dtype.torch_name().into();
-        write_atomic(&path, serde_json::to_string_pretty(&config)?.as_bytes())?;
-    }
+    let dev = Cpu::default();
+    let what = if rlhf::eval::is_reward_model(&src)? {
+        let (rm, norm) = LearnedReward::load_pretrained(&src, &dev)?;
+        let tok = Tokenizer::from_file(&tokenizer_dir(&src)?.join("tokenizer.json"))?;
+        rm.save_pretrained_as(&a.out, Some(&tok), norm.as_ref(), dtype)?;
+        let with = if norm.is_some() { ", with its normalisation" } else { "" };
+        format!("a reward model of {} parameters{with}", count(&rm.model) + rm.model.dims.d_model)
+    } else {
+        let (lm, tok) = load_with_tokenizer(&src, &dev)?;
+        lm.save_pretrained_as(&a.out, Some(&tok), dtype)?;
+        let family = serde_json::to_value(&lm.config)?["model_type"].as_str().unwrap_or("").to_string();
+        format!("a {family} causal LM of {} parameters", count(&lm))
+    };
     println!("{}: {what} in {}, from {}", a.out.display(), dtype.torch_name(), src.display());
     Ok(())
 }

@@ -163,6 +163,14 @@ impl WeightDtype {
             WeightDtype::Bf16 => "bfloat16",
         }
     }
+
+    /// Sets a `config.json` value's `torch_dtype` to this dtype, unless it is f32 (the files
+    /// rlhf writes otherwise, which leave it out).
+    pub fn mark(self, config: &mut serde_json::Value) {
+        if self != WeightDtype::F32 {
+            config["torch_dtype"] = self.torch_name().into();
+        }
+    }
 }
 
 /// [`write_safetensors`] in `dtype`. A finite value that F16 cannot hold is an error naming
@@ -350,9 +358,29 @@ impl<D: crate::fused::FusedOps> CausalLm<D> {
 
     /// Writes `config.json`, `model.safetensors` and (if given) `tokenizer.json` into `dir`.
     pub fn save_pretrained(&self, dir: &Path, tokenizer: Option<&Tokenizer>) -> Result<(), PolicyError> {
+        self.save_pretrained_as(dir, tokenizer, WeightDtype::F32)
+    }
+
+    /// [`CausalLm::save_pretrained`] with the weights in `dtype` (and `config.json`'s
+    /// `torch_dtype` saying so when it is not f32).
+    pub fn save_pretrained_as(
+        &self,
+        dir: &Path,
+        tokenizer: Option<&Tokenizer>,
+        dtype: WeightDtype,
+    ) -> Result<(), PolicyError> {
         std::fs::create_dir_all(dir).map_err(|e| PolicyError::io(dir, e))?;
-        write_atomic(&dir.join("config.json"), self.config.to_json_pretty().as_bytes())?;
-        write_safetensors(&dir.join("model.safetensors"), &self.to_hf_tensors())?;
+        let text = match dtype {
+            // the config's own field order (a JSON value would sort the keys)
+            WeightDtype::F32 => self.config.to_json_pretty(),
+            _ => {
+                let mut config = serde_json::to_value(&self.config).expect("ModelConfig serialises: plain data");
+                dtype.mark(&mut config);
+                serde_json::to_string_pretty(&config).expect("JSON value serialises")
+            }
+        };
+        write_atomic(&dir.join("config.json"), text.as_bytes())?;
+        write_safetensors_as(&dir.join("model.safetensors"), &self.to_hf_tensors(), dtype)?;
         if let Some(tok) = tokenizer {
             tok.save(&dir.join("tokenizer.json"))?;
         }

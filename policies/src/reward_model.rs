@@ -15,7 +15,7 @@ use rlhf_envs::{EnvError, RewardInput, RewardModel, ScoreNorm};
 use serde::{Deserialize, Serialize};
 
 use crate::batch::Batch;
-use crate::checkpoint::{write_atomic, write_safetensors, HostTensor};
+use crate::checkpoint::{write_atomic, write_safetensors_as, HostTensor, WeightDtype};
 use crate::config::ModelConfig;
 use crate::error::PolicyError;
 use crate::fused::FusedOps;
@@ -148,6 +148,18 @@ impl<D: FusedOps> LearnedReward<D> {
         tokenizer: Option<&Tokenizer>,
         normalization: Option<&RewardNormalization>,
     ) -> Result<(), PolicyError> {
+        self.save_pretrained_as(dir, tokenizer, normalization, WeightDtype::F32)
+    }
+
+    /// [`LearnedReward::save_pretrained`] with the weights in `dtype`
+    /// ([`CausalLm::save_pretrained_as`]).
+    pub fn save_pretrained_as(
+        &self,
+        dir: &Path,
+        tokenizer: Option<&Tokenizer>,
+        normalization: Option<&RewardNormalization>,
+        dtype: WeightDtype,
+    ) -> Result<(), PolicyError> {
         std::fs::create_dir_all(dir).map_err(|e| PolicyError::io(dir, e))?;
         let mut config = serde_json::to_value(&self.model.config).expect("ModelConfig serialises: plain data");
         let class = match self.model.config {
@@ -175,12 +187,13 @@ impl<D: FusedOps> LearnedReward<D> {
         if let Some(n) = normalization {
             config[NORMALIZATION_KEY] = serde_json::to_value(n).expect("plain data");
         }
+        dtype.mark(&mut config);
         let text = serde_json::to_string_pretty(&config).expect("JSON value serialises");
         write_atomic(&dir.join("config.json"), text.as_bytes())?;
         let mut tensors = self.model.to_hf_tensors();
         tensors.remove(&self.model.hf_name("lm_head")); // a model built by hand may still hold one
         tensors.extend(self.head_tensors());
-        write_safetensors(&dir.join("model.safetensors"), &tensors)?;
+        write_safetensors_as(&dir.join("model.safetensors"), &tensors, dtype)?;
         if let Some(tok) = tokenizer {
             tok.save(&dir.join("tokenizer.json"))?;
         }
